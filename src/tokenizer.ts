@@ -1,0 +1,352 @@
+/**
+ * The tokenizer of a Mamba model: HF `tokenizer.json` (+ `tokenizer_config.json`)
+ * through `@huggingface/tokenizers`, with strict id checks, and a
+ * {@link StreamingDecoder} that turns generated ids into text deltas that are
+ * always complete UTF-8.
+ *
+ * @example Encode, decode and stream
+ * ```ts
+ * import { MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
+ *
+ * const dir = new URL("../models/tiny-shakespeare/", import.meta.url);
+ * const read = async (name: string) => JSON.parse(await Deno.readTextFile(new URL(name, dir)));
+ * const tokenizer = MambaTokenizer.fromJSON(
+ *   await read("tokenizer.json"),
+ *   await read("tokenizer_config.json"),
+ *   new URL("tokenizer.json", dir).href,
+ * );
+ * const ids = tokenizer.encode("ROMEO: 🌹");
+ * console.log(tokenizer.decode(ids)); // "ROMEO: 🌹"
+ *
+ * const decoder = new StreamingDecoder(tokenizer);
+ * let text = "";
+ * for (const id of ids) text += decoder.push(id); // "" while the rose is half-decoded
+ * text += decoder.flush();
+ * ```
+ *
+ * @module
+ */
+
+// A full specifier: the library is imported by URL, where no import map applies.
+// deno-lint-ignore no-import-prefix
+import { Tokenizer } from "npm:@huggingface/tokenizers@0.2.0";
+import { ModelFileError } from "./errors.ts";
+
+/** Keys of tokenizer_config.json that name a special token (a string or `{content}`). */
+const SPECIAL_TOKEN_KEYS = [
+  "bos_token",
+  "eos_token",
+  "unk_token",
+  "sep_token",
+  "pad_token",
+  "cls_token",
+  "mask_token",
+] as const;
+
+/** Keys the library requires in tokenizer.json; a missing one means "none". */
+const OPTIONAL_COMPONENTS = ["normalizer", "pre_tokenizer", "post_processor", "decoder"] as const;
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function describe(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  if (typeof value === "string") return `the string ${JSON.stringify(value)}`;
+  return `${typeof value === "object" ? "an" : "a"} ${typeof value} (${String(value)})`;
+}
+
+/** A special token as tokenizer_config.json writes it: a string, `{content}`, or null. */
+function tokenContent(value: unknown, key: string, file: string): string | undefined {
+  if (value === undefined || value === null) return undefined;
+  if (typeof value === "string") return value;
+  if (isObject(value) && typeof value.content === "string") return value.content;
+  throw new ModelFileError(
+    file,
+    `The tokenizer config's ${key} must be a string or an object with a string "content", got ${
+      describe(value)
+    }`,
+  );
+}
+
+/**
+ * A Mamba model's tokenizer. Build one with {@link MambaTokenizer.fromJSON}.
+ *
+ * Encoding adds no special tokens unless tokenizer_config.json sets
+ * `add_bos_token: true` (then the BOS id is prepended). Decoding keeps special
+ * tokens and applies the config's `clean_up_tokenization_spaces` only when it
+ * is explicitly `true`, so by default `decode(encode(text)) === text` for
+ * byte-level BPE tokenizers.
+ */
+export class MambaTokenizer {
+  /** Number of ids the tokenizer knows: the largest id + 1, added tokens included. */
+  readonly vocabSize: number;
+  /** The end-of-sequence id (tokenizer_config's `eos_token`), if it names a known token. */
+  readonly eosTokenId: number | undefined;
+  /** The beginning-of-sequence id (tokenizer_config's `bos_token`), if it names a known token. */
+  readonly bosTokenId: number | undefined;
+
+  readonly #tokenizer: Tokenizer;
+  readonly #file: string;
+  readonly #addBos: boolean;
+  readonly #cleanUp: boolean;
+  /** known[id] is 1 when id has a token (vocabularies may have holes). */
+  readonly #known: Uint8Array;
+
+  private constructor(
+    tokenizer: Tokenizer,
+    file: string,
+    config: Record<string, unknown>,
+  ) {
+    this.#tokenizer = tokenizer;
+    this.#file = file;
+    const vocab = tokenizer.model?.vocab ?? [];
+    this.vocabSize = vocab.length;
+    this.#known = new Uint8Array(vocab.length);
+    for (let id = 0; id < vocab.length; id++) {
+      if (typeof vocab[id] === "string") this.#known[id] = 1;
+    }
+    const idOf = (token: unknown) => {
+      if (typeof token !== "string") return undefined;
+      const id = tokenizer.token_to_id(token);
+      return id !== undefined && this.#isKnown(id) ? id : undefined;
+    };
+    this.bosTokenId = idOf(config.bos_token);
+    this.eosTokenId = idOf(config.eos_token);
+    this.#addBos = config.add_bos_token === true;
+    this.#cleanUp = config.clean_up_tokenization_spaces === true;
+    if (this.#addBos && this.bosTokenId === undefined) {
+      throw new ModelFileError(
+        file,
+        `The tokenizer config sets add_bos_token but its bos_token (${
+          describe(config.bos_token)
+        }) is not in the vocabulary`,
+      );
+    }
+  }
+
+  /**
+   * Builds a tokenizer from the parsed contents of `tokenizer.json` and, if
+   * there is one, `tokenizer_config.json` (pass `undefined` otherwise).
+   *
+   * @param tokenizerJson The parsed tokenizer.json.
+   * @param tokenizerConfig The parsed tokenizer_config.json, or `undefined`.
+   * @param file Path or URL of tokenizer.json, used in error messages.
+   * @throws {ModelFileError} When either object is malformed or the library rejects it.
+   */
+  static fromJSON(
+    tokenizerJson: unknown,
+    tokenizerConfig: unknown | undefined,
+    file: string,
+  ): MambaTokenizer {
+    if (!isObject(tokenizerJson)) {
+      throw new ModelFileError(file, `Expected a JSON object, got ${describe(tokenizerJson)}`);
+    }
+    if (!isObject(tokenizerJson.model)) {
+      throw new ModelFileError(
+        file,
+        `Expected a "model" object, got ${
+          "model" in tokenizerJson ? describe(tokenizerJson.model) : "none"
+        }`,
+      );
+    }
+    const addedTokens = tokenizerJson.added_tokens ?? [];
+    if (!Array.isArray(addedTokens)) {
+      throw new ModelFileError(
+        file,
+        `"added_tokens" must be an array, got ${describe(addedTokens)}`,
+      );
+    }
+    addedTokens.forEach((token, i) => {
+      if (
+        !isObject(token) || !Number.isInteger(token.id) || (token.id as number) < 0 ||
+        typeof token.content !== "string"
+      ) {
+        throw new ModelFileError(
+          file,
+          `added_tokens[${i}] must have a non-negative integer "id" and a string "content"`,
+        );
+      }
+    });
+    const json: Record<string, unknown> = { ...tokenizerJson, added_tokens: addedTokens };
+    for (const key of OPTIONAL_COMPONENTS) json[key] ??= null;
+
+    if (tokenizerConfig !== undefined && !isObject(tokenizerConfig)) {
+      throw new ModelFileError(
+        file,
+        `The tokenizer config (tokenizer_config.json) must be a JSON object, got ${
+          describe(tokenizerConfig)
+        }`,
+      );
+    }
+    const config: Record<string, unknown> = { ...tokenizerConfig };
+    for (const key of SPECIAL_TOKEN_KEYS) {
+      const content = tokenContent(config[key], key, file);
+      if (content === undefined) delete config[key];
+      else config[key] = content;
+    }
+    if (config.additional_special_tokens !== undefined) {
+      if (!Array.isArray(config.additional_special_tokens)) {
+        throw new ModelFileError(
+          file,
+          `The tokenizer config's additional_special_tokens must be an array, got ${
+            describe(config.additional_special_tokens)
+          }`,
+        );
+      }
+      config.additional_special_tokens = config.additional_special_tokens.map((token, i) =>
+        tokenContent(token, `additional_special_tokens[${i}]`, file)
+      ).filter((token) => token !== undefined);
+    }
+    for (const key of ["add_bos_token", "clean_up_tokenization_spaces"]) {
+      if (config[key] !== undefined && typeof config[key] !== "boolean") {
+        throw new ModelFileError(
+          file,
+          `The tokenizer config's ${key} must be true or false, got ${describe(config[key])}`,
+        );
+      }
+    }
+
+    let tokenizer: Tokenizer;
+    try {
+      tokenizer = new Tokenizer(json, config);
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      throw new ModelFileError(file, `Cannot build the tokenizer: ${message}`, { cause: error });
+    }
+    if (!Array.isArray(tokenizer.model?.vocab)) {
+      throw new ModelFileError(file, "Cannot build the tokenizer: the model has no vocabulary");
+    }
+    return new MambaTokenizer(tokenizer, file, config);
+  }
+
+  /**
+   * Turns text into ids. No special tokens are added, except the BOS id when
+   * tokenizer_config.json sets `add_bos_token: true`. Special tokens written
+   * in the text (e.g. `<|endoftext|>`) become their ids.
+   */
+  encode(text: string): number[] {
+    const prefix = this.#addBos ? [this.bosTokenId as number] : [];
+    if (text.length === 0) return prefix;
+    const { ids, tokens } = this.#tokenizer.encode(text, { add_special_tokens: false });
+    for (let i = 0; i < ids.length; i++) {
+      if (!Number.isInteger(ids[i])) {
+        throw new ModelFileError(
+          this.#file,
+          `Cannot encode ${JSON.stringify(tokens[i])}: it is not in the vocabulary and ` +
+            "there is no unknown token",
+        );
+      }
+    }
+    return [...prefix, ...ids];
+  }
+
+  /**
+   * Turns ids back into text, special tokens included.
+   *
+   * @throws {RangeError} For an id the tokenizer does not know (negative,
+   *   not an integer, or past the vocabulary).
+   */
+  decode(ids: readonly number[]): string {
+    for (const id of ids) this.#check(id);
+    if (ids.length === 0) return "";
+    return this.#tokenizer.decode(Array.from(ids), {
+      clean_up_tokenization_spaces: this.#cleanUp,
+    });
+  }
+
+  #isKnown(id: number): boolean {
+    return Number.isInteger(id) && id >= 0 && id < this.vocabSize && this.#known[id] === 1;
+  }
+
+  #check(id: number): void {
+    if (this.#isKnown(id)) return;
+    const known = this.vocabSize > 0 ? `ids 0 to ${this.vocabSize - 1}` : "no ids";
+    throw new RangeError(`Unknown token id ${id}: the tokenizer knows ${known}`);
+  }
+}
+
+/** Prompt ids kept as context for the first generated token. */
+const PROMPT_CONTEXT = 5;
+
+/**
+ * Turns a stream of ids into text deltas that are always complete UTF-8.
+ *
+ * Byte-level BPE can split one character across several tokens; while the
+ * decoded tail ends with U+FFFD the text is held back, and released once the
+ * character is complete (or by {@link StreamingDecoder.flush}). Each delta is
+ * the difference between decoding a short window of ids with and without the
+ * new ones, so context-dependent decoders (leading spaces) come out right and
+ * the cost per id stays constant.
+ *
+ * Concatenating every `push` and the final `flush` gives `decode(ids)`,
+ * exactly when the tokenizer does not clean up tokenization spaces (the
+ * default): with clean-up on, a space already streamed cannot be taken back.
+ */
+export class StreamingDecoder {
+  readonly #tokenizer: MambaTokenizer;
+  /** Ids from the start of the context window on. */
+  #ids: number[];
+  /** Ids of #ids already turned into text. */
+  #read: number;
+  /** The decode of #ids[0, #read). */
+  #prefixText: string;
+
+  /**
+   * Starts a stream, optionally after prompt ids.
+   *
+   * @param tokenizer The tokenizer the ids come from.
+   * @param promptIds Ids before the first pushed one: their tail gives
+   *   context (e.g. for leading-space handling) but their text is not emitted.
+   * @throws {RangeError} For a prompt id the tokenizer does not know.
+   */
+  constructor(tokenizer: MambaTokenizer, promptIds: readonly number[] = []) {
+    this.#tokenizer = tokenizer;
+    this.#ids = promptIds.slice(Math.max(0, promptIds.length - PROMPT_CONTEXT));
+    this.#read = this.#ids.length;
+    this.#prefixText = tokenizer.decode(this.#ids);
+  }
+
+  /**
+   * Adds one id; returns the text it completes, possibly "" while a character
+   * is still split.
+   *
+   * @throws {RangeError} For an id the tokenizer does not know (nothing is added).
+   */
+  push(id: number): string {
+    const text = this.#tokenizer.decode([...this.#ids, id]);
+    this.#ids.push(id);
+    if (text.endsWith("\uFFFD")) return "";
+    return this.#advance(text);
+  }
+
+  /** Returns whatever is held back (an incomplete character comes out as U+FFFD). */
+  flush(): string {
+    if (this.#read === this.#ids.length) return "";
+    return this.#advance(this.#tokenizer.decode(this.#ids));
+  }
+
+  /** Emits what `text` (the decode of #ids) adds to #prefixText and slides the window. */
+  #advance(text: string): string {
+    let delta: string;
+    if (text.startsWith(this.#prefixText)) {
+      delta = text.slice(this.#prefixText.length);
+    } else {
+      // The new ids changed already-decoded text (e.g. completed a character
+      // split at the end of the prompt): emit from where the two differ.
+      let common = 0;
+      const max = Math.min(text.length, this.#prefixText.length);
+      while (common < max && text.charCodeAt(common) === this.#prefixText.charCodeAt(common)) {
+        common++;
+      }
+      const code = text.charCodeAt(common - 1);
+      if (common > 0 && code >= 0xd800 && code <= 0xdbff) common--;
+      delta = text.slice(common);
+    }
+    this.#ids = this.#ids.slice(this.#read);
+    this.#read = this.#ids.length;
+    this.#prefixText = this.#tokenizer.decode(this.#ids);
+    return delta;
+  }
+}
