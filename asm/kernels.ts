@@ -1,0 +1,788 @@
+// AssemblyScript kernels of the "wasm" backend (src/backends/wasm.ts), built
+// with SIMD by `deno task build` into src/generated/kernels_wasm.ts.
+//
+// Every pointer is a byte offset into the (imported, possibly shared) memory;
+// every buffer holds f32 in the token-major layouts of src/backend.ts. A null
+// optional buffer is passed as pointer 0 (the allocator never hands out 0).
+// Kernels that split across threads take a range [from, to) of output columns
+// or channels, so that each thread writes a disjoint part of the output.
+
+// ---------------------------------------------------------------- math ----
+
+// exp(x) for f32x4, Cephes-style: x = n·ln2 + r with |r| <= ln2/2, e^r by a
+// degree-6 polynomial, 2^n put straight into the exponent bits. Inputs are
+// clamped to [-87.3, 88.3] (results stay normal floats, no inf/NaN).
+// Measured max relative error against f64 Math.exp, over 2^20 evenly spaced
+// f32 inputs in [-87, 88]: 8.0e-8 (under one f32 ulp at 2^-23 = 1.19e-7);
+// checked by tests/wasm_kernels_test.ts. Used by silu (the conv's output and
+// the scan's z gate); the scan's own exp(dt·A) is the f64 exp2d below.
+
+// The polynomial's constants, splatted, as mutable globals: V8 materializes a
+// v128.const in about four instructions inside every loop iteration, while a
+// global is one load that folds into the arithmetic. (setConstants, which
+// nobody needs to call, keeps the optimizer from folding them back.)
+let LOG2E = f32x4.splat(1.44269504088896341);
+let MAGIC = f32x4.splat(12582912.0); // 1.5·2^23
+let LN2_HI = f32x4.splat(0.693359375);
+let LN2_LO = f32x4.splat(-2.12194440e-4);
+let P0 = f32x4.splat(1.9875691500e-4);
+let P1 = f32x4.splat(1.3981999507e-3);
+let P2 = f32x4.splat(8.3334519073e-3);
+let P3 = f32x4.splat(4.1665795894e-2);
+let P4 = f32x4.splat(1.6666665459e-1);
+let P5 = f32x4.splat(5.0000001201e-1);
+let ONE = f32x4.splat(1);
+let TWO = f32x4.splat(2);
+let ZERO = f32x4.splat(0);
+let LO = f32x4.splat(-87.3);
+let HI = f32x4.splat(88.3);
+let BIAS127 = i32x4.splat(127);
+
+/** Re-initializes the math constants (there only to keep them globals). */
+export function setConstants(scale: f32): void {
+  LOG2E = f32x4.splat(<f32>1.44269504088896341 * scale);
+  MAGIC = f32x4.splat(<f32>12582912.0 * scale);
+  LN2_HI = f32x4.splat(<f32>0.693359375 * scale);
+  LN2_LO = f32x4.splat(<f32>-2.12194440e-4 * scale);
+  P0 = f32x4.splat(<f32>1.9875691500e-4 * scale);
+  P1 = f32x4.splat(<f32>1.3981999507e-3 * scale);
+  P2 = f32x4.splat(<f32>8.3334519073e-3 * scale);
+  P3 = f32x4.splat(<f32>4.1665795894e-2 * scale);
+  P4 = f32x4.splat(<f32>1.6666665459e-1 * scale);
+  P5 = f32x4.splat(<f32>5.0000001201e-1 * scale);
+  ONE = f32x4.splat(scale);
+  TWO = f32x4.splat(2 * scale);
+  ZERO = f32x4.splat(0 * scale);
+  LO = f32x4.splat(<f32>-87.3 * scale);
+  HI = f32x4.splat(<f32>88.3 * scale);
+  BIAS127 = i32x4.splat(<i32>(<f32>127 * scale));
+}
+
+// @ts-ignore: decorator
+@inline
+function exp4(x0: v128): v128 {
+  // pmin/pmax are single instructions (min/max propagate NaN at a cost).
+  const x1 = f32x4.pmin(f32x4.pmax(x0, LO), HI);
+  // Round x·log2(e) to the nearest integer n by adding 1.5·2^23: n then sits in
+  // t's low mantissa bits, and (bits(t) + 127) << 23 is 2^n's bit pattern (the
+  // shift drops t's exponent), without a float-to-int conversion.
+  const t = f32x4.add(f32x4.mul(x1, LOG2E), MAGIC);
+  const n = f32x4.sub(t, MAGIC);
+  const r = f32x4.sub(f32x4.sub(x1, f32x4.mul(n, LN2_HI)), f32x4.mul(n, LN2_LO));
+  let p = f32x4.add(f32x4.mul(P0, r), P1);
+  p = f32x4.add(f32x4.mul(p, r), P2);
+  p = f32x4.add(f32x4.mul(p, r), P3);
+  p = f32x4.add(f32x4.mul(p, r), P4);
+  p = f32x4.add(f32x4.mul(p, r), P5);
+  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE);
+  const scale = i32x4.shl(i32x4.add(t, BIAS127), 23);
+  return f32x4.mul(p, scale);
+}
+
+// The same exp on one float (lane 0), for tails.
+// @ts-ignore: decorator
+@inline
+function exp1(x: f32): f32 {
+  return f32x4.extract_lane(exp4(f32x4.splat(x)), 0);
+}
+
+// softplus(x) = max(x, 0) + log1p(e^-|x|), with log1p(e) for e in (0, 1] as
+// 2·atanh(s) = 2(s + s³/3 + ... + s¹⁵/15), s = e / (2 + e) <= 1/3: the series
+// truncation error is below 1.4e-9 relative, so the result is f32-accurate
+// without the cancellation of log(1 + e). Matches PyTorch's softplus (which
+// returns x above 20) to within rounding.
+// @ts-ignore: decorator
+@inline
+function softplus4(x: v128): v128 {
+  const e = exp4(f32x4.neg(f32x4.abs(x)));
+  const s = f32x4.div(e, f32x4.add(e, TWO));
+  const s2 = f32x4.mul(s, s);
+  let p = f32x4.add(f32x4.mul(s2, f32x4.splat(<f32> (1.0 / 15))), f32x4.splat(<f32> (1.0 / 13)));
+  p = f32x4.add(f32x4.mul(p, s2), f32x4.splat(<f32> (1.0 / 11)));
+  p = f32x4.add(f32x4.mul(p, s2), f32x4.splat(<f32> (1.0 / 9)));
+  p = f32x4.add(f32x4.mul(p, s2), f32x4.splat(<f32> (1.0 / 7)));
+  p = f32x4.add(f32x4.mul(p, s2), f32x4.splat(<f32> (1.0 / 5)));
+  p = f32x4.add(f32x4.mul(p, s2), f32x4.splat(<f32> (1.0 / 3)));
+  p = f32x4.add(f32x4.mul(p, s2), ONE);
+  const log1p = f32x4.mul(f32x4.mul(p, s), TWO);
+  return f32x4.add(f32x4.pmax(x, ZERO), log1p);
+}
+
+// silu(x) = x / (1 + e^-x).
+// @ts-ignore: decorator
+@inline
+function silu4(x: v128): v128 {
+  return f32x4.div(x, f32x4.add(exp4(f32x4.neg(x)), ONE));
+}
+
+// @ts-ignore: decorator
+@inline
+function hsum(v: v128): f32 {
+  const s = f32x4.add(v, v128.shuffle<f32>(v, v, 2, 3, 0, 1));
+  return f32x4.extract_lane(f32x4.add(s, v128.shuffle<f32>(s, s, 1, 0, 3, 2)), 0);
+}
+
+// Exposed for the accuracy test of exp4 and softplus4: out[i] = f(x[i]),
+// `which` 0 = exp, 1 = softplus, 2 = silu; n a multiple of 4.
+export function mathTest(out: usize, x: usize, n: i32, which: i32): void {
+  for (let i = 0; i < n; i += 4) {
+    const p = <usize> i << 2;
+    const v = v128.load(x + p);
+    v128.store(out + p, which == 0 ? exp4(v) : which == 1 ? softplus4(v) : silu4(v));
+  }
+}
+
+// ---------------------------------------------------------------- scan ----
+
+// The scan runs in f64. mamba_ssm's reference (and the fixtures in ../shared)
+// is a float64 recurrence whose outputs cancel to near zero in places; keeping
+// any of dt, exp(dt·A) or h in f32 (even with a correctly rounded exp) puts y
+// off by up to 4e-4 relative there, measured. So dt, exp(dt·A) and the state
+// are f64 inside a call; the state buffer between calls stays f32 (the Backend
+// layout), and silu(z) stays f32 (its error is relative and tiny on y).
+
+// exp(x) for f64x2: x = n·ln2 + r, |r| <= ln2/2, e^r = 1 + r + r²·q(r) with q
+// of degree 5, fitted (weighted least squares on the relative error of e^r at
+// Chebyshev nodes): max relative error 6.0e-11 on [-ln2/2, ln2/2], evaluated
+// in f64 (Taylor to r^9 did 1e-12 with two more terms, no need: an f32-accurate
+// exp, 6e-8, is what breaks the fixtures, by 1.6x, so 6e-11 leaves 1000x).
+// 2^n goes straight into the exponent bits.
+let D_LOG2E = f64x2.splat(1.4426950408889634);
+let D_MAGIC = f64x2.splat(6755399441055744.0); // 1.5·2^52
+let D_LN2_HI = f64x2.splat(0.6931471803691238);
+let D_LN2_LO = f64x2.splat(1.9082149292705877e-10);
+let D_LO = f64x2.splat(-708);
+let D_HI = f64x2.splat(709);
+let D_ONE = f64x2.splat(1);
+let D_TWO = f64x2.splat(2);
+let D_ZERO = f64x2.splat(0);
+let D_BIAS1023 = i64x2.splat(1023);
+let D_C2 = f64x2.splat(0.5000000078145282);
+let D_C3 = f64x2.splat(0.1666666616382993);
+let D_C4 = f64x2.splat(0.04166627023443081);
+let D_C5 = f64x2.splat(0.00833342997708324);
+let D_C6 = f64x2.splat(0.0013946024441268932);
+let D_C7 = f64x2.splat(0.00019826502132408485);
+
+/** Like setConstants, for the f64 constants. */
+export function setConstants64(scale: f64): void {
+  D_LOG2E = f64x2.splat(1.4426950408889634 * scale);
+  D_MAGIC = f64x2.splat(6755399441055744.0 * scale);
+  D_LN2_HI = f64x2.splat(0.6931471803691238 * scale);
+  D_LN2_LO = f64x2.splat(1.9082149292705877e-10 * scale);
+  D_LO = f64x2.splat(-708 * scale);
+  D_HI = f64x2.splat(709 * scale);
+  D_ONE = f64x2.splat(scale);
+  D_TWO = f64x2.splat(2 * scale);
+  D_ZERO = f64x2.splat(0 * scale);
+  D_BIAS1023 = i64x2.splat(<i64>(<f64>1023 * scale));
+  D_C2 = f64x2.splat(0.5000000078145282 * scale);
+  D_C3 = f64x2.splat(0.1666666616382993 * scale);
+  D_C4 = f64x2.splat(0.04166627023443081 * scale);
+  D_C5 = f64x2.splat(0.00833342997708324 * scale);
+  D_C6 = f64x2.splat(0.0013946024441268932 * scale);
+  D_C7 = f64x2.splat(0.00019826502132408485 * scale);
+}
+
+// @ts-ignore: decorator
+@inline
+function exp2d(x0: v128): v128 {
+  const x = f64x2.pmin(f64x2.pmax(x0, D_LO), D_HI);
+  const t = f64x2.add(f64x2.mul(x, D_LOG2E), D_MAGIC);
+  const n = f64x2.sub(t, D_MAGIC);
+  const r = f64x2.sub(f64x2.sub(x, f64x2.mul(n, D_LN2_HI)), f64x2.mul(n, D_LN2_LO));
+  // Estrin's scheme: a shorter dependency chain than Horner's.
+  const r2 = f64x2.mul(r, r);
+  const r4 = f64x2.mul(r2, r2);
+  const q = f64x2.add(
+    f64x2.add(f64x2.add(f64x2.mul(D_C3, r), D_C2), f64x2.mul(r2, f64x2.add(f64x2.mul(D_C5, r), D_C4))),
+    f64x2.mul(r4, f64x2.add(f64x2.mul(D_C7, r), D_C6)),
+  );
+  const p = f64x2.add(f64x2.add(f64x2.mul(r2, q), r), D_ONE);
+  return f64x2.mul(p, i64x2.shl(i64x2.add(t, D_BIAS1023), 52));
+}
+
+// softplus in f64: max(x, 0) + log1p(e^-|x|), log1p(e) = 2·atanh(s) with
+// s = e / (2 + e) <= 1/3, series to s^21/21 (truncation below 1.2e-12).
+// @ts-ignore: decorator
+@inline
+function softplus2d(x: v128): v128 {
+  const e = exp2d(f64x2.neg(f64x2.abs(x)));
+  const s = f64x2.div(e, f64x2.add(e, D_TWO));
+  const s2 = f64x2.mul(s, s);
+  let p = f64x2.splat(1.0 / 21);
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 19));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 17));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 15));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 13));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 11));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 9));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 7));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 5));
+  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 3));
+  p = f64x2.add(f64x2.mul(p, s2), D_ONE);
+  return f64x2.add(f64x2.pmax(x, D_ZERO), f64x2.mul(f64x2.mul(p, s), D_TWO));
+}
+
+// Exposed for the accuracy test of exp2d and softplus2d: out[i] (f64) = f(x[i])
+// for f64 x[i], `which` 0 = exp, 1 = softplus; n even.
+export function mathTest64(out: usize, x: usize, n: i32, which: i32): void {
+  for (let i = 0; i < n; i += 2) {
+    const p = <usize>i << 3;
+    const v = v128.load(x + p);
+    v128.store(out + p, which == 0 ? exp2d(v) : softplus2d(v));
+  }
+}
+
+// Two f32 at p, as f64x2.
+// @ts-ignore: decorator
+@inline
+function load2(p: usize): v128 {
+  return f64x2.promote_low_f32x4(v128.load64_zero(p));
+}
+
+// Channels per tile of the prefill scan. For each tile the kernel walks the
+// whole sequence; the tile's f64 state (TILE·N·8 bytes: 16 KiB for N = 16,
+// a third of L1d here) stays in L1 throughout, its slices of u/delta/z/y
+// (TILE·4 = 512 bytes per token each, whole cache lines) stream through once,
+// and each token's B and C rows (2·N·4 bytes) are re-read once per tile, so
+// fewer, wider tiles re-read less of B/C (2 MiB at L = 16384, more than L2).
+// Measured with one thread, N = 16, dim 1536, elements (L·dim) per second, best
+// of 7, AMD EPYC with 48 KiB L1d and 1 MiB L2 per core (a tuning script that
+// recompiles this file per TILE and calls scan directly):
+//   final f64 kernel, L = 2048:  TILE 4: 19.8M, 16: 20.3M, 32: 17.1M, 64: 19.1M,
+//                                128: 20.2M, 1536 (untiled): 20.4M
+//   final f64 kernel, L = 16384: TILE 16: 18.3M, 128: 20.3M, 1536: 20.3M
+//   (the earlier f32 kernel, L = 16384: TILE 8: 20.2M, 16: 31.5M, 128: 34.7M,
+//    1536: 28.8M: there the B/C re-reads showed)
+// The kernel is compute-bound (exp), so tiles matter little; 128 is at or near
+// the best everywhere, avoids the reproducible dip at 32 (likely 4 KiB
+// aliasing of the four streams, whose rows are 6 KiB apart) and the untiled
+// case's 24 KiB·N/16 of state, which spills out of L1 for N > 32. The machine
+// is a shared VM: repeated runs vary by ±10%.
+const TILE: i32 = 128;
+
+/** Bytes of f64 scratch one thread's scan needs for state size N. */
+export function scanScratchBytes(N: i32): i32 {
+  return TILE * N * 8;
+}
+
+// One channel at one token, SIMD (f64x2) over N; h (f64) updated in place.
+// @ts-ignore: decorator
+@inline
+function scanChannel(hp: usize, ap: usize, bRow: usize, cRow: usize, N: i32, dt: f64, dtu: f64): f64 {
+  const dtv = f64x2.splat(dt);
+  const dtuv = f64x2.splat(dtu);
+  let acc = D_ZERO;
+  let acc2 = D_ZERO;
+  let n = 0;
+  // Four states per step: two independent exp chains in flight.
+  for (; n + 4 <= N; n += 4) {
+    const o = <usize>n << 2;
+    const hq = hp + (<usize>n << 3);
+    const h0 = f64x2.add(
+      f64x2.mul(exp2d(f64x2.mul(dtv, load2(ap + o))), v128.load(hq)),
+      f64x2.mul(dtuv, load2(bRow + o)),
+    );
+    const h1 = f64x2.add(
+      f64x2.mul(exp2d(f64x2.mul(dtv, load2(ap + o + 8))), v128.load(hq, 16)),
+      f64x2.mul(dtuv, load2(bRow + o + 8)),
+    );
+    v128.store(hq, h0);
+    v128.store(hq, h1, 16);
+    acc = f64x2.add(acc, f64x2.mul(h0, load2(cRow + o)));
+    acc2 = f64x2.add(acc2, f64x2.mul(h1, load2(cRow + o + 8)));
+  }
+  acc = f64x2.add(acc, acc2);
+  for (; n + 2 <= N; n += 2) {
+    const o = <usize>n << 2;
+    const hq = hp + (<usize>n << 3);
+    const h = f64x2.add(
+      f64x2.mul(exp2d(f64x2.mul(dtv, load2(ap + o))), v128.load(hq)),
+      f64x2.mul(dtuv, load2(bRow + o)),
+    );
+    v128.store(hq, h);
+    acc = f64x2.add(acc, f64x2.mul(h, load2(cRow + o)));
+  }
+  let sum = f64x2.extract_lane(acc, 0) + f64x2.extract_lane(acc, 1);
+  if (n < N) {
+    const o = <usize>n << 2;
+    const hq = hp + (<usize>n << 3);
+    const dA = f64x2.extract_lane(exp2d(f64x2.splat(dt * <f64>load<f32>(ap + o))), 0);
+    const h = dA * load<f64>(hq) + dtu * <f64>load<f32>(bRow + o);
+    store<f64>(hq, h);
+    sum += h * <f64>load<f32>(cRow + o);
+  }
+  return sum;
+}
+
+// The selective scan over channels [d0, d1), with `scratch` holding
+// scanScratchBytes(N) bytes for this thread. See ScanArgs in src/backend.ts.
+export function scan(
+  y: usize,
+  u: usize,
+  delta: usize,
+  A: usize,
+  B: usize,
+  C: usize,
+  D: usize,
+  z: usize,
+  bias: usize,
+  softplus: i32,
+  state: usize,
+  len: i32,
+  dim: i32,
+  N: i32,
+  d0: i32,
+  d1: i32,
+  scratch: usize,
+): void {
+  const rowBytes = <usize>dim << 2;
+  const nBytes = <usize>N << 2;
+  const hBytes = <usize>N << 3;
+  for (let tile = d0; tile < d1; tile += TILE) {
+    const tileEnd = min(tile + TILE, d1);
+    const count = (tileEnd - tile) * N;
+    const tileState = state + <usize>tile * nBytes;
+    for (let i = 0; i < count; i++) {
+      store<f64>(scratch + (<usize>i << 3), <f64>load<f32>(tileState + (<usize>i << 2)));
+    }
+    for (let t = 0; t < len; t++) {
+      const row = <usize>t * rowBytes;
+      const bRow = B + <usize>t * nBytes;
+      const cRow = C + <usize>t * nBytes;
+      let d = tile;
+      for (; d + 4 <= tileEnd; d += 4) {
+        const col = <usize>d << 2;
+        const dv = v128.load(delta + row + col);
+        let dt0 = f64x2.promote_low_f32x4(dv);
+        let dt1 = f64x2.promote_low_f32x4(v128.shuffle<f32>(dv, dv, 2, 3, 0, 1));
+        if (bias) {
+          const bv = v128.load(bias + col);
+          dt0 = f64x2.add(dt0, f64x2.promote_low_f32x4(bv));
+          dt1 = f64x2.add(dt1, f64x2.promote_low_f32x4(v128.shuffle<f32>(bv, bv, 2, 3, 0, 1)));
+        }
+        if (softplus) {
+          dt0 = softplus2d(dt0);
+          dt1 = softplus2d(dt1);
+        }
+        const uv = v128.load(u + row + col);
+        const u0 = f64x2.promote_low_f32x4(uv);
+        const u1 = f64x2.promote_low_f32x4(v128.shuffle<f32>(uv, uv, 2, 3, 0, 1));
+        const dtu0 = f64x2.mul(dt0, u0);
+        const dtu1 = f64x2.mul(dt1, u1);
+        const hp = scratch + <usize>(d - tile) * hBytes;
+        const ap = A + <usize>d * nBytes;
+        let y0 = scanChannel(hp, ap, bRow, cRow, N, f64x2.extract_lane(dt0, 0), f64x2.extract_lane(dtu0, 0));
+        let y1 = scanChannel(hp + hBytes, ap + nBytes, bRow, cRow, N, f64x2.extract_lane(dt0, 1), f64x2.extract_lane(dtu0, 1));
+        let y2 = scanChannel(hp + 2 * hBytes, ap + 2 * nBytes, bRow, cRow, N, f64x2.extract_lane(dt1, 0), f64x2.extract_lane(dtu1, 0));
+        let y3 = scanChannel(hp + 3 * hBytes, ap + 3 * nBytes, bRow, cRow, N, f64x2.extract_lane(dt1, 1), f64x2.extract_lane(dtu1, 1));
+        if (D) {
+          y0 += <f64>load<f32>(D + col) * f64x2.extract_lane(u0, 0);
+          y1 += <f64>load<f32>(D + col, 4) * f64x2.extract_lane(u0, 1);
+          y2 += <f64>load<f32>(D + col, 8) * f64x2.extract_lane(u1, 0);
+          y3 += <f64>load<f32>(D + col, 12) * f64x2.extract_lane(u1, 1);
+        }
+        let out = f32x4(<f32>y0, <f32>y1, <f32>y2, <f32>y3);
+        if (z) out = f32x4.mul(out, silu4(v128.load(z + row + col)));
+        v128.store(y + row + col, out);
+      }
+      // Channel tail (dim not a multiple of 4): one lane of the same math.
+      for (; d < tileEnd; d++) {
+        const col = <usize>d << 2;
+        let dt = f64x2.splat(<f64>load<f32>(delta + row + col));
+        if (bias) dt = f64x2.add(dt, f64x2.splat(<f64>load<f32>(bias + col)));
+        if (softplus) dt = softplus2d(dt);
+        const dt1 = f64x2.extract_lane(dt, 0);
+        const u1 = <f64>load<f32>(u + row + col);
+        let out = scanChannel(
+          scratch + <usize>(d - tile) * hBytes,
+          A + <usize>d * nBytes,
+          bRow,
+          cRow,
+          N,
+          dt1,
+          dt1 * u1,
+        );
+        if (D) out += <f64>load<f32>(D + col) * u1;
+        let o32 = <f32>out;
+        if (z) o32 *= f32x4.extract_lane(silu4(f32x4.splat(load<f32>(z + row + col))), 0);
+        store<f32>(y + row + col, o32);
+      }
+    }
+    for (let i = 0; i < count; i++) {
+      store<f32>(tileState + (<usize>i << 2), <f32>load<f64>(scratch + (<usize>i << 3)));
+    }
+  }
+}
+
+// -------------------------------------------------------------- linear ----
+
+// GEMV (rows = 1): out[o] = x · w[o] + bias[o] for o in [o0, o1), one weight
+// row at a time, 16 floats per step into four accumulators, so the weights
+// stream strictly sequentially, which every thread reads once. Measured on
+// 768 → 50280 (154 MB of weights, from DRAM), one thread: 31 GB/s this way;
+// 15 GB/s with four rows at a time (4 × 4 floats per step, one x load shared)
+// and 18 GB/s with four rows × 8 floats: interleaved streams defeat the
+// hardware prefetcher more than the shared x loads save.
+function gemv(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
+  const rowBytes = <usize>inDim << 2;
+  const k16 = inDim & ~15;
+  const k4 = inDim & ~3;
+  for (let o = o0; o < o1; o++) {
+    const w0 = w + <usize>o * rowBytes;
+    let a0 = f32x4.splat(0);
+    let a1 = f32x4.splat(0);
+    let a2 = f32x4.splat(0);
+    let a3 = f32x4.splat(0);
+    let k = 0;
+    for (; k < k16; k += 16) {
+      const p = <usize>k << 2;
+      a0 = f32x4.add(a0, f32x4.mul(v128.load(x + p), v128.load(w0 + p)));
+      a1 = f32x4.add(a1, f32x4.mul(v128.load(x + p, 16), v128.load(w0 + p, 16)));
+      a2 = f32x4.add(a2, f32x4.mul(v128.load(x + p, 32), v128.load(w0 + p, 32)));
+      a3 = f32x4.add(a3, f32x4.mul(v128.load(x + p, 48), v128.load(w0 + p, 48)));
+    }
+    for (; k < k4; k += 4) {
+      const p = <usize>k << 2;
+      a0 = f32x4.add(a0, f32x4.mul(v128.load(x + p), v128.load(w0 + p)));
+    }
+    let s0 = hsum(f32x4.add(f32x4.add(a0, a1), f32x4.add(a2, a3)));
+    for (; k < inDim; k++) {
+      const p = <usize>k << 2;
+      s0 += load<f32>(x + p) * load<f32>(w0 + p);
+    }
+    if (bias) s0 += load<f32>(bias + (<usize>o << 2));
+    store<f32>(out + (<usize>o << 2), s0);
+  }
+}
+
+// Output columns per cache block of the matmul: OB weight rows (OB·inDim·4
+// bytes: 192 KiB for inDim 768, 384 KiB for 1536) stay in L2 while every
+// group of 4 input rows (4·inDim·4 bytes, in L1) passes over them.
+const OB: i32 = 64;
+
+// One 4×4 register block: out[r0..r0+4, o..o+4] over the full inner dimension.
+// @ts-ignore: decorator
+@inline
+function block4x4(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  inDim: i32,
+  outDim: i32,
+  r: i32,
+  o: i32,
+): void {
+  const rowBytes = <usize> inDim << 2;
+  const x0 = x + <usize> r * rowBytes;
+  const x1 = x0 + rowBytes;
+  const x2 = x1 + rowBytes;
+  const x3 = x2 + rowBytes;
+  const w0 = w + <usize> o * rowBytes;
+  const w1 = w0 + rowBytes;
+  const w2 = w1 + rowBytes;
+  const w3 = w2 + rowBytes;
+  let a00 = f32x4.splat(0), a01 = f32x4.splat(0), a02 = f32x4.splat(0), a03 = f32x4.splat(0);
+  let a10 = f32x4.splat(0), a11 = f32x4.splat(0), a12 = f32x4.splat(0), a13 = f32x4.splat(0);
+  let a20 = f32x4.splat(0), a21 = f32x4.splat(0), a22 = f32x4.splat(0), a23 = f32x4.splat(0);
+  let a30 = f32x4.splat(0), a31 = f32x4.splat(0), a32 = f32x4.splat(0), a33 = f32x4.splat(0);
+  const k4 = inDim & ~3;
+  let k = 0;
+  for (; k < k4; k += 4) {
+    const p = <usize> k << 2;
+    const v0 = v128.load(w0 + p);
+    const v1 = v128.load(w1 + p);
+    const v2 = v128.load(w2 + p);
+    const v3 = v128.load(w3 + p);
+    let xv = v128.load(x0 + p);
+    a00 = f32x4.add(a00, f32x4.mul(xv, v0));
+    a01 = f32x4.add(a01, f32x4.mul(xv, v1));
+    a02 = f32x4.add(a02, f32x4.mul(xv, v2));
+    a03 = f32x4.add(a03, f32x4.mul(xv, v3));
+    xv = v128.load(x1 + p);
+    a10 = f32x4.add(a10, f32x4.mul(xv, v0));
+    a11 = f32x4.add(a11, f32x4.mul(xv, v1));
+    a12 = f32x4.add(a12, f32x4.mul(xv, v2));
+    a13 = f32x4.add(a13, f32x4.mul(xv, v3));
+    xv = v128.load(x2 + p);
+    a20 = f32x4.add(a20, f32x4.mul(xv, v0));
+    a21 = f32x4.add(a21, f32x4.mul(xv, v1));
+    a22 = f32x4.add(a22, f32x4.mul(xv, v2));
+    a23 = f32x4.add(a23, f32x4.mul(xv, v3));
+    xv = v128.load(x3 + p);
+    a30 = f32x4.add(a30, f32x4.mul(xv, v0));
+    a31 = f32x4.add(a31, f32x4.mul(xv, v1));
+    a32 = f32x4.add(a32, f32x4.mul(xv, v2));
+    a33 = f32x4.add(a33, f32x4.mul(xv, v3));
+  }
+  // Transpose-reduce: row i's four sums as one vector.
+  let s0 = reduce4(a00, a01, a02, a03);
+  let s1 = reduce4(a10, a11, a12, a13);
+  let s2 = reduce4(a20, a21, a22, a23);
+  let s3 = reduce4(a30, a31, a32, a33);
+  for (; k < inDim; k++) {
+    const p = <usize> k << 2;
+    const wv = f32x4(
+      load<f32>(w0 + p),
+      load<f32>(w1 + p),
+      load<f32>(w2 + p),
+      load<f32>(w3 + p),
+    );
+    s0 = f32x4.add(s0, f32x4.mul(f32x4.splat(load<f32>(x0 + p)), wv));
+    s1 = f32x4.add(s1, f32x4.mul(f32x4.splat(load<f32>(x1 + p)), wv));
+    s2 = f32x4.add(s2, f32x4.mul(f32x4.splat(load<f32>(x2 + p)), wv));
+    s3 = f32x4.add(s3, f32x4.mul(f32x4.splat(load<f32>(x3 + p)), wv));
+  }
+  if (bias) {
+    const b = v128.load(bias + (<usize> o << 2));
+    s0 = f32x4.add(s0, b);
+    s1 = f32x4.add(s1, b);
+    s2 = f32x4.add(s2, b);
+    s3 = f32x4.add(s3, b);
+  }
+  const outRow = <usize> outDim << 2;
+  const op = out + <usize> r * outRow + (<usize> o << 2);
+  v128.store(op, s0);
+  v128.store(op + outRow, s1);
+  v128.store(op + 2 * outRow, s2);
+  v128.store(op + 3 * outRow, s3);
+}
+
+// [hsum(a), hsum(b), hsum(c), hsum(d)]
+// @ts-ignore: decorator
+@inline
+function reduce4(a: v128, b: v128, c: v128, d: v128): v128 {
+  const ab = f32x4.add(v128.shuffle<f32>(a, b, 0, 2, 4, 6), v128.shuffle<f32>(a, b, 1, 3, 5, 7));
+  const cd = f32x4.add(v128.shuffle<f32>(c, d, 0, 2, 4, 6), v128.shuffle<f32>(c, d, 1, 3, 5, 7));
+  return f32x4.add(
+    v128.shuffle<f32>(ab, cd, 0, 2, 4, 6),
+    v128.shuffle<f32>(ab, cd, 1, 3, 5, 7),
+  );
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias, output columns [o0, o1).
+export function linear(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+): void {
+  if (rows == 1) {
+    gemv(out, x, w, bias, inDim, o0, o1);
+    return;
+  }
+  const rowBytes = <usize> inDim << 2;
+  const outRow = <usize> outDim << 2;
+  for (let ob = o0; ob < o1; ob += OB) {
+    const obEnd = min(ob + OB, o1);
+    const o4 = ob + ((obEnd - ob) & ~3);
+    let r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      for (let o = ob; o < o4; o += 4) block4x4(out, x, w, bias, inDim, outDim, r, o);
+    }
+    // Leftover rows (rows % 4) through the GEMV, one row at a time.
+    for (; r < rows; r++) {
+      gemv(out + <usize> r * outRow, x + <usize> r * rowBytes, w, bias, inDim, ob, o4);
+    }
+    // Leftover columns (block width % 4): each row's GEMV tail.
+    if (o4 < obEnd) {
+      for (let rr = 0; rr < rows; rr++) {
+        gemv(out + <usize> rr * outRow, x + <usize> rr * rowBytes, w, bias, inDim, o4, obEnd);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------- the rest ----
+
+// out [rows, dim] = x / sqrt(mean(x²) + eps) * weight; out may alias x.
+export function rmsNorm(out: usize, x: usize, weight: usize, rows: i32, dim: i32, eps: f32): void {
+  const d4 = dim & ~3;
+  for (let r = 0; r < rows; r++) {
+    const xr = x + <usize> r * (<usize> dim << 2);
+    const or = out + <usize> r * (<usize> dim << 2);
+    let acc = f32x4.splat(0);
+    let i = 0;
+    for (; i < d4; i += 4) {
+      const v = v128.load(xr + (<usize> i << 2));
+      acc = f32x4.add(acc, f32x4.mul(v, v));
+    }
+    let sum = <f64> hsum(acc);
+    for (; i < dim; i++) {
+      const v = <f64> load<f32>(xr + (<usize> i << 2));
+      sum += v * v;
+    }
+    const scale = <f32> (1 / Math.sqrt(sum / <f64> dim + <f64> eps));
+    const sv = f32x4.splat(scale);
+    i = 0;
+    for (; i < d4; i += 4) {
+      const p = <usize> i << 2;
+      v128.store(or + p, f32x4.mul(f32x4.mul(v128.load(xr + p), sv), v128.load(weight + p)));
+    }
+    for (; i < dim; i++) {
+      const p = <usize> i << 2;
+      store<f32>(or + p, load<f32>(xr + p) * scale * load<f32>(weight + p));
+    }
+  }
+}
+
+// acc[i] += x[i] for n floats.
+export function addInPlace(acc: usize, x: usize, n: i32): void {
+  const n4 = n & ~3;
+  let i = 0;
+  for (; i < n4; i += 4) {
+    const p = <usize> i << 2;
+    v128.store(acc + p, f32x4.add(v128.load(acc + p), v128.load(x + p)));
+  }
+  for (; i < n; i++) {
+    const p = <usize> i << 2;
+    store<f32>(acc + p, load<f32>(acc + p) + load<f32>(x + p));
+  }
+}
+
+// Input of the convolution at token p (p < 0 reaches into the state) for 4 channels.
+// @ts-ignore: decorator
+@inline
+function convInput(
+  x: usize,
+  state: usize,
+  p: i32,
+  history: i32,
+  rowBytes: usize,
+  col: usize,
+): usize {
+  return p >= 0 ? x + <usize> p * rowBytes + col : state + <usize> (history + p) * rowBytes + col;
+}
+
+// Causal depthwise conv with SiLU over channels [c0, c1), then the state update.
+// `scratch` holds kernel·4 floats per group of 4 channels: the weights
+// transposed to [kernel][4], so each tap is one vector load.
+export function causalConv(
+  out: usize,
+  x: usize,
+  weight: usize,
+  bias: usize,
+  state: usize,
+  len: i32,
+  channels: i32,
+  kernel: i32,
+  scratch: usize,
+): void {
+  const history = kernel - 1;
+  const rowBytes = <usize> channels << 2;
+  const c4 = channels & ~3;
+  for (let c = 0; c < c4; c += 4) {
+    const col = <usize> c << 2;
+    for (let k = 0; k < kernel; k++) {
+      for (let j = 0; j < 4; j++) {
+        store<f32>(
+          scratch + (<usize> (k * 4 + j) << 2),
+          load<f32>(weight + (<usize> ((c + j) * kernel + k) << 2)),
+        );
+      }
+    }
+    const b = bias ? v128.load(bias + col) : f32x4.splat(0);
+    for (let t = 0; t < len; t++) {
+      let sum = b;
+      for (let k = 0; k < kernel; k++) {
+        const xp = convInput(x, state, t - history + k, history, rowBytes, col);
+        sum = f32x4.add(sum, f32x4.mul(v128.load(scratch + (<usize> k << 4)), v128.load(xp)));
+      }
+      v128.store(out + <usize> t * rowBytes + col, silu4(sum));
+    }
+  }
+  for (let c = c4; c < channels; c++) {
+    const col = <usize> c << 2;
+    for (let t = 0; t < len; t++) {
+      let sum: f32 = bias ? load<f32>(bias + col) : 0;
+      for (let k = 0; k < kernel; k++) {
+        const xp = convInput(x, state, t - history + k, history, rowBytes, col);
+        sum += load<f32>(weight + (<usize> (c * kernel + k) << 2)) * load<f32>(xp);
+      }
+      store<f32>(out + <usize> t * rowBytes + col, f32x4.extract_lane(silu4(f32x4.splat(sum)), 0));
+    }
+  }
+  // New state: the last `history` inputs. Ascending j reads rows at or after
+  // the one it writes, so the update can run in place.
+  for (let j = 0; j < history; j++) {
+    const p = len - history + j;
+    const dst = state + <usize> j * rowBytes;
+    const src = p >= 0 ? x + <usize> p * rowBytes : state + <usize> (history + p) * rowBytes;
+    if (src != dst) memory.copy(dst, src, rowBytes);
+  }
+}
+
+// --------------------------------------------------------- thread jobs ----
+
+// A job for the worker threads, written by src/backends/wasm.ts into a control
+// block of i32 words at `ctrl`: [0] generation, [1] done count, [2] op,
+// [3..] arguments. Each of `parts` threads runs part `part`.
+const OP_LINEAR = 1;
+const OP_SCAN = 2;
+
+// @ts-ignore: decorator
+@inline
+function arg(ctrl: usize, i: i32): i32 {
+  return load<i32>(ctrl + (<usize> (3 + i) << 2));
+}
+
+// The range of part `part` of `parts` over [0, n), in multiples of `align`.
+// @ts-ignore: decorator
+@inline
+function splitStart(n: i32, part: i32, parts: i32, align: i32): i32 {
+  const units = (n + align - 1) / align;
+  return min(n, <i32> ((<i64> units * part) / parts) * align);
+}
+
+export function runJob(ctrl: usize, part: i32, parts: i32): void {
+  const op = load<i32>(ctrl, 8);
+  if (op == OP_LINEAR) {
+    const outDim = arg(ctrl, 6);
+    // Blocks of OB columns when there are enough rows to use them, else 4.
+    const align = arg(ctrl, 4) > 1 ? OB : 4;
+    linear(
+      arg(ctrl, 0),
+      arg(ctrl, 1),
+      arg(ctrl, 2),
+      arg(ctrl, 3),
+      arg(ctrl, 4),
+      arg(ctrl, 5),
+      outDim,
+      splitStart(outDim, part, parts, align),
+      splitStart(outDim, part + 1, parts, align),
+    );
+  } else if (op == OP_SCAN) {
+    const dim = arg(ctrl, 12);
+    scan(
+      arg(ctrl, 0),
+      arg(ctrl, 1),
+      arg(ctrl, 2),
+      arg(ctrl, 3),
+      arg(ctrl, 4),
+      arg(ctrl, 5),
+      arg(ctrl, 6),
+      arg(ctrl, 7),
+      arg(ctrl, 8),
+      arg(ctrl, 9),
+      arg(ctrl, 10),
+      arg(ctrl, 11),
+      dim,
+      arg(ctrl, 13),
+      splitStart(dim, part, parts, 4),
+      splitStart(dim, part + 1, parts, 4),
+      arg(ctrl, 14) + part * scanScratchBytes(arg(ctrl, 13)),
+    );
+  }
+}
+
+// The first byte past the module's own static data: the allocator starts here.
+export function heapBase(): usize {
+  return __heap_base;
+}

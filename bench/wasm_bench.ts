@@ -1,0 +1,150 @@
+/**
+ * Speed of the wasm backend: the selective scan kernel on its own (elements
+ * B·D·L per second, N = 16) against the JS reference, and end to end on a
+ * mamba-130m-shaped random model (prefill of a 512-token prompt, decode of
+ * 128 tokens) with 1 and 2 threads.
+ *
+ * `deno bench -A bench/wasm_bench.ts` (or through `deno task bench`). The
+ * 130m model is read from `$MAMBA_BENCH_MODEL` (written by `deno task
+ * make-random-model <dir>`), else written to a temp dir first. Each bench's
+ * name says how much work one iteration does: rate = work / time per iteration.
+ *
+ * @module
+ */
+
+import type { Backend } from "../src/backend.ts";
+import { JsBackend } from "../src/backends/js.ts";
+import { WasmBackend } from "../src/backends/wasm.ts";
+import { loadCheckpoint } from "../src/load.ts";
+import { MambaModel } from "../src/model.ts";
+import { Session } from "../src/session.ts";
+import { MAMBA_130M, writeRandomModel } from "./make_random_model.ts";
+
+const N = 16;
+
+/** Uniform values in [lo, hi) from a fixed seed. */
+function uniform(length: number, lo: number, hi: number, seed = 1): Float32Array {
+  let s = seed;
+  const out = new Float32Array(length);
+  for (let i = 0; i < length; i++) {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    out[i] = lo + ((s >>> 0) / 4294967296) * (hi - lo);
+  }
+  return out;
+}
+
+/** A scan of `batch` sequences of `len` tokens over `dim` channels, as one bench fn. */
+function scanBench<Buf>(be: Backend<Buf>, batch: number, dim: number, len: number) {
+  const up = (a: Float32Array) => be.upload(a);
+  const args = {
+    y: be.zeros(len * dim),
+    u: up(uniform(len * dim, -1, 1, 1)),
+    delta: up(uniform(len * dim, -3, 1, 2)),
+    A: up(uniform(dim * N, -16, -1, 3)),
+    B: up(uniform(len * N, -1, 1, 4)),
+    C: up(uniform(len * N, -1, 1, 5)),
+    D: up(uniform(dim, 0, 1, 6)),
+    z: up(uniform(len * dim, -2, 2, 7)),
+    deltaBias: up(uniform(dim, -4, -1, 8)),
+    deltaSoftplus: true,
+    len,
+    dim,
+    dState: N,
+  };
+  const states = Array.from({ length: batch }, () => be.zeros(dim * N));
+  return async () => {
+    for (const state of states) be.selectiveScan({ ...args, state });
+    await be.read(args.y, 0, 1);
+  };
+}
+
+const wasm1 = await WasmBackend.create({ threads: 1 });
+const wasm2 = await WasmBackend.create({ threads: 2 });
+const js = new JsBackend();
+
+const SCAN_SHAPES: [number, number, number][] = [[1, 1536, 2048], [1, 1536, 16384], [
+  8,
+  1536,
+  2048,
+]];
+for (const [batch, dim, len] of SCAN_SHAPES) {
+  const group = `scan (${batch},${dim},${len}) = ${batch * dim * len} elements`;
+  Deno.bench({
+    name: `wasm 1 thread: ${batch * dim * len} elements`,
+    group,
+    baseline: true,
+    n: 5,
+    warmup: 1,
+    fn: scanBench(wasm1, batch, dim, len),
+  });
+  Deno.bench({
+    name: `wasm 2 threads: ${batch * dim * len} elements`,
+    group,
+    n: 5,
+    warmup: 1,
+    fn: scanBench(wasm2, batch, dim, len),
+  });
+}
+// The JS reference on a shorter sequence (it is ~100x slower): compare per-element rates.
+Deno.bench({
+  name: `js reference: ${1536 * 256} elements`,
+  group: "scan (1,1536,256) JS reference",
+  baseline: true,
+  n: 3,
+  warmup: 1,
+  fn: scanBench(js, 1, 1536, 256),
+});
+Deno.bench({
+  name: `wasm 1 thread: ${1536 * 256} elements`,
+  group: "scan (1,1536,256) JS reference",
+  n: 10,
+  warmup: 2,
+  fn: scanBench(wasm1, 1, 1536, 256),
+});
+
+async function randomModelDir(): Promise<string> {
+  const fromEnv = Deno.env.get("MAMBA_BENCH_MODEL");
+  if (fromEnv) return fromEnv;
+  const dir = await Deno.makeTempDir({ prefix: "mamba-bench-" });
+  await writeRandomModel(dir, MAMBA_130M);
+  return dir;
+}
+
+const PREFILL = 512;
+const DECODE = 128;
+const checkpoint = await loadCheckpoint(await randomModelDir());
+const vocab = checkpoint.config.vocabSize;
+const prompt = Int32Array.from({ length: PREFILL }, (_, i) => (i * 7919 + 13) % vocab);
+for (const threads of [1, 2]) {
+  const backend = threads === 1 ? wasm1 : wasm2;
+  const model = new MambaModel(backend, checkpoint.config, checkpoint.weights);
+  Deno.bench({
+    name: `wasm ${threads} thread(s): prefill ${PREFILL} tokens`,
+    group: "130m-shaped prefill",
+    baseline: threads === 1,
+    n: 3,
+    warmup: 1,
+    async fn() {
+      const session = new Session(model);
+      await session.prefill(prompt);
+      session.dispose();
+    },
+  });
+  Deno.bench({
+    name: `wasm ${threads} thread(s): decode ${DECODE} tokens`,
+    group: "130m-shaped decode",
+    baseline: threads === 1,
+    n: 3,
+    warmup: 1,
+    async fn(b) {
+      const session = new Session(model);
+      await session.prefill(prompt.subarray(0, 1));
+      b.start();
+      for (let i = 0; i < DECODE; i++) await session.step(prompt[i]);
+      b.end();
+      session.dispose();
+    },
+  });
+}

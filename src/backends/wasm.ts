@@ -1,0 +1,642 @@
+/**
+ * The WebAssembly SIMD backend: AssemblyScript kernels (asm/kernels.ts, built
+ * into src/generated/kernels_wasm.ts) over buffers that are ranges of one
+ * `WebAssembly.Memory`, optionally split across worker threads that share it.
+ *
+ * Threads: with `threads > 1` the memory is shared and `threads - 1` workers
+ * instantiate the same module on it. The large operations (matmuls, GEMVs and
+ * the scan) are split over output columns / channels; the main thread writes
+ * the job into a control block in the shared memory, bumps a generation
+ * counter and runs its own part, and workers, which spin briefly and then
+ * `Atomics.wait` on that counter, run theirs and count themselves done. No
+ * message is posted per operation. In Deno and Node the workers are
+ * `node:worker_threads` workers, unref'd, so they never keep the process
+ * alive; elsewhere they are module workers from a blob URL. {@link
+ * WasmBackend.dispose} stops them at once.
+ *
+ * `threads: 1` uses no workers and no SharedArrayBuffer (edge runtimes).
+ *
+ * @module
+ */
+
+import type { Backend, ConvArgs, ScanArgs } from "../backend.ts";
+import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
+
+/** Options of the wasm backend. */
+export interface WasmBackendOptions {
+  /** Threads, the calling one included; default `navigator.hardwareConcurrency`. */
+  threads?: number;
+}
+
+/** A buffer of the wasm backend: `length` floats at byte offset `ptr` of its memory. */
+export class WasmBuffer {
+  /** Byte offset in the module's memory (64-byte aligned). */
+  ptr: number;
+  /** Length in floats. */
+  readonly length: number;
+  /** Bytes reserved (the allocator's size class). */
+  readonly bytes: number;
+
+  constructor(ptr: number, length: number, bytes: number) {
+    this.ptr = ptr;
+    this.length = length;
+    this.bytes = bytes;
+  }
+}
+
+interface Kernels {
+  scan(
+    y: number,
+    u: number,
+    delta: number,
+    A: number,
+    B: number,
+    C: number,
+    D: number,
+    z: number,
+    bias: number,
+    softplus: number,
+    state: number,
+    len: number,
+    dim: number,
+    dState: number,
+    d0: number,
+    d1: number,
+    scratch: number,
+  ): void;
+  scanScratchBytes(dState: number): number;
+  linear(
+    out: number,
+    x: number,
+    w: number,
+    bias: number,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    o0: number,
+    o1: number,
+  ): void;
+  rmsNorm(out: number, x: number, weight: number, rows: number, dim: number, eps: number): void;
+  addInPlace(acc: number, x: number, n: number): void;
+  causalConv(
+    out: number,
+    x: number,
+    weight: number,
+    bias: number,
+    state: number,
+    len: number,
+    channels: number,
+    kernel: number,
+    scratch: number,
+  ): void;
+  runJob(ctrl: number, part: number, parts: number): void;
+  mathTest(out: number, x: number, n: number, which: number): void;
+  mathTest64(out: number, x: number, n: number, which: number): void;
+  heapBase(): number;
+}
+
+// Control block (i32 words) shared with the workers; see runJob in asm/kernels.ts.
+const GEN = 0;
+const DONE = 1;
+const OP = 2;
+const ARGS = 3;
+const ERROR = 31;
+const CTRL_WORDS = 32;
+const OP_LINEAR = 1;
+const OP_SCAN = 2;
+const OP_EXIT = -1;
+
+/** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
+const MIN_PARALLEL_LINEAR = 1 << 15;
+const MIN_PARALLEL_SCAN = 1 << 13;
+
+const PAGE = 65536;
+/** 4 GiB: all a wasm32 memory can address. */
+const MAX_PAGES = 65536;
+/** Grow by at least this many pages (16 MiB) at a time. */
+const MIN_GROW_PAGES = 256;
+const ALIGN = 64;
+
+/**
+ * A tiny module using a SIMD instruction (i8x16.popcnt); validates only where
+ * WebAssembly SIMD is supported.
+ */
+const SIMD_PROBE = new Uint8Array([
+  0,
+  97,
+  115,
+  109,
+  1,
+  0,
+  0,
+  0,
+  1,
+  5,
+  1,
+  96,
+  0,
+  1,
+  123,
+  3,
+  2,
+  1,
+  0,
+  10,
+  10,
+  1,
+  8,
+  0,
+  65,
+  0,
+  253,
+  15,
+  253,
+  98,
+  11,
+]);
+
+/** Whether this runtime supports WebAssembly SIMD (fixed-width, 128-bit). */
+export function wasmSimdSupported(): boolean {
+  try {
+    return typeof WebAssembly === "object" && WebAssembly.validate(SIMD_PROBE);
+  } catch {
+    return false;
+  }
+}
+
+function decodeBase64(text: string): Uint8Array<ArrayBuffer> {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+let compiled: { shared?: Promise<WebAssembly.Module>; single?: Promise<WebAssembly.Module> } = {};
+
+function kernelModule(shared: boolean): Promise<WebAssembly.Module> {
+  const key = shared ? "shared" : "single";
+  compiled[key] ??= WebAssembly.compile(
+    decodeBase64(shared ? KERNELS_SHARED_BASE64 : KERNELS_SINGLE_BASE64),
+  ).catch((error) => {
+    compiled = {};
+    throw error;
+  });
+  return compiled[key]!;
+}
+
+/**
+ * The worker's source: instantiates the kernels on the shared memory, then
+ * loops on the control block. Written to run both as a web module worker and
+ * as a `node:worker_threads` eval worker (CommonJS).
+ */
+const WORKER_SOURCE = `
+"use strict";
+const SPIN_MS = 2;
+function start(data, post) {
+  const { module, memory, ctrl, part, parts } = data;
+  const kernels = new WebAssembly.Instance(module, { env: { memory } }).exports;
+  const c = new Int32Array(memory.buffer, ctrl, ${CTRL_WORDS});
+  let seen = Atomics.load(c, ${GEN});
+  post("ready");
+  for (;;) {
+    let spins = 0;
+    let since = 0;
+    while (Atomics.load(c, ${GEN}) === seen) {
+      if ((++spins & 1023) === 0) {
+        const now = performance.now();
+        if (since === 0) since = now;
+        else if (now - since > SPIN_MS) Atomics.wait(c, ${GEN}, seen);
+      }
+    }
+    seen = Atomics.load(c, ${GEN});
+    if (Atomics.load(c, ${OP}) === ${OP_EXIT}) break;
+    try {
+      kernels.runJob(ctrl, part, parts);
+    } catch (_) {
+      Atomics.store(c, ${ERROR}, 1);
+    }
+    if (Atomics.add(c, ${DONE}, 1) === parts - 2) Atomics.notify(c, ${DONE});
+  }
+}
+if (typeof require === "function") {
+  const { parentPort } = require("node:worker_threads");
+  parentPort.once("message", (data) => start(data, (m) => parentPort.postMessage(m)));
+} else {
+  self.onmessage = (event) => start(event.data, (m) => self.postMessage(m));
+}
+`;
+
+/** What a worker handle must offer, whichever kind of worker it is. */
+interface ThreadHandle {
+  terminate(): void;
+  unref?(): void;
+}
+
+interface NodeWorker {
+  once(event: string, listener: (value: unknown) => void): void;
+  postMessage(value: unknown): void;
+  unref(): void;
+  terminate(): unknown;
+}
+
+function isServerRuntime(): boolean {
+  const g = globalThis as { Deno?: unknown; process?: { versions?: { node?: string } } };
+  return g.Deno !== undefined || g.process?.versions?.node !== undefined;
+}
+
+async function startWorkers(
+  module: WebAssembly.Module,
+  memory: WebAssembly.Memory,
+  ctrl: number,
+  parts: number,
+): Promise<ThreadHandle[]> {
+  const message = (part: number) => ({ module, memory, ctrl, part, parts });
+  const ready: Promise<unknown>[] = [];
+  const handles: ThreadHandle[] = [];
+  let url: string | undefined;
+  if (isServerRuntime()) {
+    // A computed specifier keeps bundlers for the web from resolving it.
+    const specifier = ["node", "worker_threads"].join(":");
+    const { Worker } = await import(specifier) as {
+      Worker: new (source: string, options: { eval: boolean }) => NodeWorker;
+    };
+    for (let part = 1; part < parts; part++) {
+      const worker = new Worker(WORKER_SOURCE, { eval: true });
+      ready.push(
+        new Promise((resolve, reject) => {
+          worker.once("message", resolve);
+          worker.once("error", reject);
+        }),
+      );
+      worker.postMessage(message(part));
+      // Unref'd once started (awaiting "ready" needs them referenced).
+      handles.push({ terminate: () => void worker.terminate(), unref: () => worker.unref() });
+    }
+  } else {
+    url = URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
+    for (let part = 1; part < parts; part++) {
+      const worker = new Worker(url, { type: "module" });
+      ready.push(
+        new Promise((resolve, reject) => {
+          worker.onmessage = resolve;
+          worker.onerror = reject;
+        }),
+      );
+      worker.postMessage(message(part));
+      handles.push(worker);
+    }
+  }
+  try {
+    await Promise.all(ready);
+  } catch (error) {
+    for (const handle of handles) handle.terminate();
+    throw new Error(`A wasm backend worker failed to start: ${error}`);
+  } finally {
+    if (url) URL.revokeObjectURL(url);
+  }
+  for (const handle of handles) handle.unref?.();
+  return handles;
+}
+
+/** Stops the workers of a backend that is disposed or garbage collected. */
+function stopWorkers(ctrl: Int32Array, handles: ThreadHandle[]): void {
+  Atomics.store(ctrl, OP, OP_EXIT);
+  Atomics.add(ctrl, GEN, 1);
+  Atomics.notify(ctrl, GEN);
+  for (const handle of handles) handle.terminate();
+}
+
+const finalizer = new FinalizationRegistry<{ ctrl: Int32Array; handles: ThreadHandle[] }>(
+  ({ ctrl, handles }) => stopWorkers(ctrl, handles),
+);
+
+/** Whether this thread may block in Atomics.wait (not a browser's main thread). */
+function canBlock(ctrl: Int32Array): boolean {
+  try {
+    Atomics.wait(ctrl, ERROR, 12345, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The WebAssembly SIMD backend. Create it with {@link WasmBackend.create}. */
+export class WasmBackend implements Backend<WasmBuffer> {
+  readonly name = "wasm";
+  /** Threads that split the large operations, the calling one included. */
+  readonly threads: number;
+
+  readonly #memory: WebAssembly.Memory;
+  readonly #kernels: Kernels;
+  #heap: Float32Array;
+  #top: number;
+  readonly #free = new Map<number, number[]>();
+  #ctrlPtr = 0;
+  #ctrl: Int32Array | null = null;
+  #workers: ThreadHandle[] = [];
+  #canBlock = false;
+  #convScratch: WasmBuffer | null = null;
+  #scanScratch: WasmBuffer | null = null;
+  #disposed = false;
+
+  private constructor(memory: WebAssembly.Memory, instance: WebAssembly.Instance, threads: number) {
+    this.#memory = memory;
+    this.#kernels = instance.exports as unknown as Kernels;
+    this.#heap = new Float32Array(memory.buffer);
+    this.#top = Math.max(ALIGN, align(this.#kernels.heapBase()));
+    this.threads = threads;
+  }
+
+  /** Compiles the kernels and starts `threads - 1` workers. */
+  static async create(options: WasmBackendOptions = {}): Promise<WasmBackend> {
+    if (!wasmSimdSupported()) {
+      throw new Error(
+        'The "wasm" backend needs WebAssembly SIMD, which this runtime lacks: use backend "js" ' +
+          '(or "auto", which picks "js" here).',
+      );
+    }
+    const threads = options.threads ?? defaultThreads();
+    if (!Number.isInteger(threads) || threads < 1) {
+      throw new RangeError(`threads must be a positive integer, got ${threads}`);
+    }
+    const shared = threads > 1;
+    if (shared && typeof SharedArrayBuffer === "undefined") {
+      throw new Error(
+        `threads: ${threads} needs SharedArrayBuffer, which this runtime lacks: use threads: 1`,
+      );
+    }
+    const module = await kernelModule(shared);
+    const memory = new WebAssembly.Memory(
+      shared ? { initial: 1, maximum: MAX_PAGES, shared: true } : { initial: 1 },
+    );
+    const instance = await WebAssembly.instantiate(module, { env: { memory } });
+    const backend = new WasmBackend(memory, instance, threads);
+    if (shared) await backend.#startThreads(module);
+    return backend;
+  }
+
+  async #startThreads(module: WebAssembly.Module): Promise<void> {
+    const block = this.#alloc(CTRL_WORDS);
+    this.#heap.fill(0, block.ptr >>> 2, (block.ptr >>> 2) + CTRL_WORDS);
+    this.#ctrlPtr = block.ptr;
+    const ctrl = new Int32Array(this.#memory.buffer, block.ptr, CTRL_WORDS);
+    this.#ctrl = ctrl;
+    this.#canBlock = canBlock(ctrl);
+    this.#workers = await startWorkers(module, this.#memory, block.ptr, this.threads);
+    finalizer.register(this, { ctrl, handles: this.#workers }, this);
+  }
+
+  /** Stops the worker threads; the backend must not be used afterwards. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    if (this.#ctrl) {
+      finalizer.unregister(this);
+      stopWorkers(this.#ctrl, this.#workers);
+      this.#workers = [];
+      this.#ctrl = null; // Nothing may wait on the stopped workers.
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  // ------------------------------------------------------------ memory ----
+
+  #alloc(length: number): WasmBuffer {
+    if (this.#disposed) throw new Error("The wasm backend was disposed");
+    const bytes = align(Math.max(length, 1) * 4);
+    const list = this.#free.get(bytes);
+    const reused = list?.pop();
+    if (reused !== undefined) return new WasmBuffer(reused, length, bytes);
+    const ptr = this.#top;
+    const end = ptr + bytes;
+    const size = this.#memory.buffer.byteLength;
+    if (end > size) {
+      const needed = Math.ceil((end - size) / PAGE);
+      const pages = size / PAGE;
+      const grow = Math.min(Math.max(needed, MIN_GROW_PAGES, pages >>> 3), MAX_PAGES - pages);
+      if (grow < needed) {
+        throw new RangeError(
+          `The wasm backend's memory is full (4 GiB, wasm32's limit): cannot allocate ${bytes} bytes`,
+        );
+      }
+      this.#memory.grow(grow);
+      this.#heap = new Float32Array(this.#memory.buffer);
+    }
+    this.#top = end;
+    return new WasmBuffer(ptr, length, bytes);
+  }
+
+  /** The float view of memory; re-created after the memory grows. */
+  #view(): Float32Array {
+    if (this.#heap.buffer.byteLength !== this.#memory.buffer.byteLength) {
+      this.#heap = new Float32Array(this.#memory.buffer);
+    }
+    return this.#heap;
+  }
+
+  upload(data: Float32Array): WasmBuffer {
+    const buf = this.#alloc(data.length);
+    this.#view().set(data, buf.ptr >>> 2);
+    return buf;
+  }
+
+  zeros(length: number): WasmBuffer {
+    const buf = this.#alloc(length);
+    this.#view().fill(0, buf.ptr >>> 2, (buf.ptr >>> 2) + length);
+    return buf;
+  }
+
+  write(buf: WasmBuffer, data: Float32Array, offset = 0): void {
+    checkRange(buf, offset, data.length);
+    this.#view().set(data, (buf.ptr >>> 2) + offset);
+  }
+
+  read(buf: WasmBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    checkRange(buf, offset, length);
+    const start = (buf.ptr >>> 2) + offset;
+    return Promise.resolve(this.#view().slice(start, start + length));
+  }
+
+  copy(dst: WasmBuffer, dstOffset: number, src: WasmBuffer, srcOffset: number, length: number) {
+    checkRange(dst, dstOffset, length);
+    checkRange(src, srcOffset, length);
+    const from = (src.ptr >>> 2) + srcOffset;
+    this.#view().copyWithin((dst.ptr >>> 2) + dstOffset, from, from + length);
+  }
+
+  release(buf: WasmBuffer): void {
+    if (buf.ptr < 0) throw new Error("Buffer released twice");
+    let list = this.#free.get(buf.bytes);
+    if (!list) this.#free.set(buf.bytes, list = []);
+    list.push(buf.ptr);
+    buf.ptr = -1;
+  }
+
+  // -------------------------------------------------------- operations ----
+
+  embed(out: WasmBuffer, table: WasmBuffer, ids: Int32Array, dim: number): void {
+    const heap = this.#view();
+    const base = table.ptr >>> 2;
+    const rows = table.length / dim;
+    for (let t = 0; t < ids.length; t++) {
+      const id = ids[t];
+      if (!(id >= 0 && id < rows)) throw new RangeError(`Token id ${id} outside [0, ${rows})`);
+      heap.copyWithin((out.ptr >>> 2) + t * dim, base + id * dim, base + (id + 1) * dim);
+    }
+  }
+
+  rmsNorm(
+    out: WasmBuffer,
+    x: WasmBuffer,
+    weight: WasmBuffer,
+    rows: number,
+    dim: number,
+    eps: number,
+  ): void {
+    this.#kernels.rmsNorm(out.ptr, x.ptr, weight.ptr, rows, dim, eps);
+  }
+
+  linear(
+    out: WasmBuffer,
+    x: WasmBuffer,
+    weight: WasmBuffer,
+    bias: WasmBuffer | null,
+    rows: number,
+    inDim: number,
+    outDim: number,
+  ): void {
+    const biasPtr = bias ? bias.ptr : 0;
+    if (this.#ctrl && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8) {
+      this.#parallel(OP_LINEAR, [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim]);
+    } else {
+      this.#kernels.linear(out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim, 0, outDim);
+    }
+  }
+
+  addInPlace(acc: WasmBuffer, x: WasmBuffer, length: number): void {
+    this.#kernels.addInPlace(acc.ptr, x.ptr, length);
+  }
+
+  causalConv(
+    { out, x, weight, bias, state, len, channels, kernel }: ConvArgs<WasmBuffer>,
+  ): void {
+    if (!this.#convScratch || this.#convScratch.length < kernel * 4) {
+      if (this.#convScratch) this.release(this.#convScratch);
+      this.#convScratch = this.#alloc(kernel * 4);
+    }
+    this.#kernels.causalConv(
+      out.ptr,
+      x.ptr,
+      weight.ptr,
+      bias ? bias.ptr : 0,
+      state.ptr,
+      len,
+      channels,
+      kernel,
+      this.#convScratch.ptr,
+    );
+  }
+
+  selectiveScan(args: ScanArgs<WasmBuffer>): void {
+    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
+    // f64 state of one tile per thread.
+    const scratchFloats = (this.#kernels.scanScratchBytes(dState) / 4) * this.threads;
+    if (!this.#scanScratch || this.#scanScratch.length < scratchFloats) {
+      if (this.#scanScratch) this.release(this.#scanScratch);
+      this.#scanScratch = this.#alloc(scratchFloats);
+    }
+    const scratch = this.#scanScratch.ptr;
+    const ptrs = [
+      y.ptr,
+      u.ptr,
+      delta.ptr,
+      A.ptr,
+      B.ptr,
+      C.ptr,
+      D ? D.ptr : 0,
+      z ? z.ptr : 0,
+      deltaBias ? deltaBias.ptr : 0,
+      deltaSoftplus ? 1 : 0,
+      state.ptr,
+      len,
+      dim,
+      dState,
+    ] as const;
+    if (this.#ctrl && len * dim * dState >= MIN_PARALLEL_SCAN && dim >= 8) {
+      this.#parallel(OP_SCAN, [...ptrs, scratch]);
+    } else {
+      this.#kernels.scan(...ptrs, 0, dim, scratch);
+    }
+  }
+
+  /** Runs a job on every thread: part 0 here, the others on the workers. */
+  #parallel(op: number, args: readonly number[]): void {
+    const c = this.#ctrl!;
+    for (let i = 0; i < args.length; i++) c[ARGS + i] = args[i];
+    c[OP] = op;
+    Atomics.store(c, DONE, 0);
+    Atomics.add(c, GEN, 1);
+    Atomics.notify(c, GEN);
+    const parts = this.threads;
+    let failure: unknown;
+    try {
+      this.#kernels.runJob(this.#ctrlPtr, 0, parts);
+    } catch (error) {
+      failure = error;
+    }
+    // Wait for the workers: spin (they finish about when we do), then block.
+    let spins = 0;
+    for (;;) {
+      const done = Atomics.load(c, DONE);
+      if (done === parts - 1) break;
+      if (++spins > 20000 && this.#canBlock) Atomics.wait(c, DONE, done, 1);
+    }
+    if (failure) throw failure;
+    if (Atomics.exchange(c, ERROR, 0) !== 0) throw new Error("A wasm backend worker failed");
+  }
+
+  // ------------------------------------------------------------- tests ----
+
+  /** Applies a kernel math function to `x` (length a multiple of 4): 0 exp, 1 softplus, 2 silu. */
+  mathTest(x: Float32Array, which: 0 | 1 | 2): Float32Array {
+    const input = this.upload(x);
+    const out = this.zeros(x.length);
+    this.#kernels.mathTest(out.ptr, input.ptr, x.length, which);
+    const result = this.#view().slice(out.ptr >>> 2, (out.ptr >>> 2) + x.length);
+    this.release(input);
+    this.release(out);
+    return result;
+  }
+
+  /** Applies the scan's f64 math to `x` (even length): 0 exp, 1 softplus. */
+  mathTest64(x: Float64Array, which: 0 | 1): Float64Array {
+    const input = this.#alloc(x.length * 2);
+    const out = this.#alloc(x.length * 2);
+    new Float64Array(this.#memory.buffer, input.ptr, x.length).set(x);
+    this.#kernels.mathTest64(out.ptr, input.ptr, x.length, which);
+    const result = new Float64Array(this.#memory.buffer, out.ptr, x.length).slice();
+    this.release(input);
+    this.release(out);
+    return result;
+  }
+}
+
+function align(bytes: number): number {
+  return Math.ceil(bytes / ALIGN) * ALIGN;
+}
+
+function defaultThreads(): number {
+  const n = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator
+    ?.hardwareConcurrency;
+  return typeof n === "number" && n >= 1 ? Math.floor(n) : 1;
+}
+
+function checkRange(buf: WasmBuffer, offset: number, length: number): void {
+  if (buf.ptr < 0) throw new Error("Buffer used after release");
+  if (offset < 0 || length < 0 || offset + length > buf.length) {
+    throw new RangeError(`Range [${offset}, ${offset + length}) outside a buffer of ${buf.length}`);
+  }
+}

@@ -1,0 +1,311 @@
+/**
+ * Kernel-level tests of the wasm backend against the JS reference, on odd
+ * sizes (not multiples of 4 or of the kernels' tiles), single- and
+ * multi-threaded, plus the accuracy of its exp and softplus.
+ */
+
+import { assert } from "@std/assert";
+import type { Backend } from "../src/backend.ts";
+import { JsBackend, silu, softplus } from "../src/backends/js.ts";
+import { WasmBackend, type WasmBuffer } from "../src/backends/wasm.ts";
+import { maxRelDiff } from "./helpers.ts";
+
+/**
+ * max |a - b| / max |b|: error relative to the output's scale, for sums whose
+ * terms cancel (float32 against the reference's float64 accumulation).
+ */
+function maxScaledDiff(a: Float32Array, b: Float32Array): number {
+  let scale = 1e-30;
+  for (const v of b) scale = Math.max(scale, Math.abs(v));
+  let max = 0;
+  for (let i = 0; i < a.length; i++) {
+    const diff = Math.abs(a[i] - b[i]);
+    if (!(diff <= max)) max = Number.isNaN(diff) ? Infinity : diff;
+  }
+  return max / scale;
+}
+
+/** A deterministic generator of uniform values in [lo, hi). */
+function random(seed: number) {
+  let s = seed >>> 0 || 1;
+  return (length: number, lo = -1, hi = 1) => {
+    const out = new Float32Array(length);
+    for (let i = 0; i < length; i++) {
+      s ^= s << 13;
+      s ^= s >>> 17;
+      s ^= s << 5;
+      out[i] = lo + ((s >>> 0) / 4294967296) * (hi - lo);
+    }
+    return out;
+  };
+}
+
+/** Runs `op` on both backends with the same inputs and compares every output buffer. */
+async function compare(
+  wasm: WasmBackend,
+  inputs: Record<string, Float32Array | null>,
+  outputs: string[],
+  op: <Buf>(be: Backend<Buf>, bufs: Record<string, Buf | null>) => void,
+  tolerance: number,
+  label: string,
+  metric: (a: Float32Array, b: Float32Array, key: string) => number = maxRelDiff,
+) {
+  const js = new JsBackend();
+  const jsBufs: Record<string, Float32Array | null> = {};
+  const wasmBufs: Record<string, WasmBuffer | null> = {};
+  for (const [key, value] of Object.entries(inputs)) {
+    jsBufs[key] = value ? js.upload(value.slice()) : null;
+    wasmBufs[key] = value ? wasm.upload(value) : null;
+  }
+  op(js, jsBufs);
+  op(wasm, wasmBufs);
+  for (const key of outputs) {
+    const got = await wasm.read(wasmBufs[key]!);
+    const diff = metric(got, jsBufs[key]!, key);
+    assert(diff <= tolerance, `${label}: ${key} max relative diff ${diff}`);
+  }
+  for (const buf of Object.values(wasmBufs)) if (buf) wasm.release(buf);
+}
+
+for (const threads of [1, 2, 3]) {
+  Deno.test(`[wasm ${threads}t] linear: GEMV and matmul on odd sizes`, async () => {
+    using wasm = await WasmBackend.create({ threads });
+    const rand = random(threads);
+    for (
+      const [rows, inDim, outDim] of [
+        [1, 1, 1],
+        [1, 7, 5],
+        [1, 768, 1536],
+        [1, 1537, 67],
+        [2, 33, 9],
+        [5, 130, 71],
+        [7, 48, 1536],
+        [13, 769, 131],
+        [64, 256, 200],
+      ]
+    ) {
+      for (const withBias of [false, true]) {
+        await compare(
+          wasm,
+          {
+            out: new Float32Array(rows * outDim),
+            x: rand(rows * inDim),
+            w: rand(outDim * inDim),
+            bias: withBias ? rand(outDim) : null,
+          },
+          ["out"],
+          (be, b) => be.linear(b.out!, b.x!, b.w!, b.bias, rows, inDim, outDim),
+          1e-5,
+          `linear ${rows}x${inDim}x${outDim} bias=${withBias}`,
+          maxScaledDiff,
+        );
+      }
+    }
+  });
+
+  Deno.test(`[wasm ${threads}t] selectiveScan: N = 16, 5, 1; odd dims; len 1`, async () => {
+    using wasm = await WasmBackend.create({ threads });
+    const rand = random(100 + threads);
+    for (
+      const [len, dim, dState] of [
+        [1, 1536, 16],
+        [1, 5, 16],
+        [37, 67, 16],
+        [3, 1000, 16],
+        [20, 13, 5],
+        [9, 70, 1],
+        [4, 33, 8],
+        [1, 3, 7],
+      ]
+    ) {
+      for (const full of [true, false]) {
+        const A = rand(dim * dState, -2, -0.1);
+        await compare(
+          wasm,
+          {
+            y: new Float32Array(len * dim),
+            u: rand(len * dim),
+            delta: rand(len * dim, full ? -3 : 0, full ? 1 : 0.5),
+            A,
+            B: rand(len * dState),
+            C: rand(len * dState),
+            D: full ? rand(dim) : null,
+            z: full ? rand(len * dim, -4, 4) : null,
+            bias: full ? rand(dim, -1, 0) : null,
+            state: rand(dim * dState),
+          },
+          ["y", "state"],
+          (be, b) =>
+            be.selectiveScan({
+              y: b.y!,
+              u: b.u!,
+              delta: b.delta!,
+              A: b.A!,
+              B: b.B!,
+              C: b.C!,
+              D: b.D,
+              z: b.z,
+              deltaBias: b.bias,
+              deltaSoftplus: full,
+              state: b.state!,
+              len,
+              dim,
+              dState,
+            }),
+          1e-5,
+          `scan len=${len} dim=${dim} N=${dState} full=${full}`,
+          // The state elementwise; y = C·h + ..., whose terms cancel, to its scale.
+          (a, b, key) => key === "state" ? maxRelDiff(a, b) / 10 : maxScaledDiff(a, b),
+        );
+      }
+    }
+  });
+
+  Deno.test(`[wasm ${threads}t] causalConv, rmsNorm, addInPlace, embed, copy`, async () => {
+    using wasm = await WasmBackend.create({ threads });
+    const rand = random(200 + threads);
+    for (
+      const [len, channels, kernel] of [[1, 1536, 4], [7, 13, 4], [2, 9, 4], [5, 6, 3], [3, 5, 1]]
+    ) {
+      await compare(
+        wasm,
+        {
+          out: new Float32Array(len * channels),
+          x: rand(len * channels),
+          w: rand(channels * kernel),
+          bias: len % 2 ? rand(channels) : null,
+          state: rand((kernel - 1) * channels),
+        },
+        ["out", "state"],
+        (be, b) =>
+          be.causalConv({
+            out: b.out!,
+            x: b.x!,
+            weight: b.w!,
+            bias: b.bias,
+            state: b.state!,
+            len,
+            channels,
+            kernel,
+          }),
+        1e-5,
+        `conv len=${len} channels=${channels} kernel=${kernel}`,
+        maxScaledDiff,
+      );
+    }
+    for (const [rows, dim] of [[1, 768], [3, 7], [5, 1]]) {
+      await compare(
+        wasm,
+        { out: new Float32Array(rows * dim), x: rand(rows * dim, -3, 3), w: rand(dim) },
+        ["out", "x"],
+        (be, b) => {
+          be.rmsNorm(b.out!, b.x!, b.w!, rows, dim, 1e-5);
+          be.rmsNorm(b.x!, b.x!, b.w!, rows, dim, 1e-5); // in place
+        },
+        1e-5,
+        `rmsNorm ${rows}x${dim}`,
+      );
+    }
+    await compare(
+      wasm,
+      { acc: rand(1027), x: rand(1027), table: rand(10 * 7), out: new Float32Array(3 * 7) },
+      ["acc", "out"],
+      (be, b) => {
+        be.addInPlace(b.acc!, b.x!, 1027);
+        be.embed(b.out!, b.table!, Int32Array.of(9, 0, 4), 7);
+        be.copy(b.acc!, 5, b.out!, 2, 11);
+      },
+      0,
+      "addInPlace, embed, copy",
+    );
+  });
+}
+
+Deno.test("[wasm] exp, softplus and silu accuracy", async () => {
+  using wasm = await WasmBackend.create({ threads: 1 });
+  const count = 1 << 20;
+  const x = new Float32Array(count);
+  for (let i = 0; i < count; i++) x[i] = -87 + (175 * i) / count;
+  const exp = wasm.mathTest(x, 0);
+  let worst = 0;
+  for (let i = 0; i < count; i++) {
+    worst = Math.max(worst, Math.abs(exp[i] - Math.exp(x[i])) / Math.exp(x[i]));
+  }
+  // The documented bound of exp4 in asm/kernels.ts.
+  assert(worst < 1.5e-7, `exp: max relative error ${worst}`);
+  const y = new Float32Array(count);
+  for (let i = 0; i < count; i++) y[i] = -30 + (60 * i) / count;
+  const sp = wasm.mathTest(y, 1);
+  const si = wasm.mathTest(y, 2);
+  let worstSoftplus = 0;
+  let worstSilu = 0;
+  for (let i = 0; i < count; i++) {
+    const want = softplus(y[i]);
+    worstSoftplus = Math.max(worstSoftplus, Math.abs(sp[i] - want) / want);
+    const wantSilu = silu(y[i]);
+    worstSilu = Math.max(
+      worstSilu,
+      Math.abs(si[i] - wantSilu) / Math.max(Math.abs(wantSilu), 1e-30),
+    );
+  }
+  assert(worstSoftplus < 1e-6, `softplus: max relative error ${worstSoftplus}`);
+  assert(worstSilu < 1e-6, `silu: max relative error ${worstSilu}`);
+  // The scan's f64 exp and softplus (documented bound of exp: 6.0e-11).
+  const z = new Float64Array(count);
+  for (let i = 0; i < count; i++) z[i] = -700 + (1400 * i) / count;
+  const exp64 = wasm.mathTest64(z, 0);
+  let worst64 = 0;
+  for (let i = 0; i < count; i++) {
+    worst64 = Math.max(worst64, Math.abs(exp64[i] - Math.exp(z[i])) / Math.exp(z[i]));
+  }
+  assert(worst64 < 1e-10, `f64 exp: max relative error ${worst64}`);
+  const sp64 = wasm.mathTest64(Float64Array.from(y), 1);
+  let worstSoftplus64 = 0;
+  for (let i = 0; i < count; i++) {
+    const want = softplus(y[i]);
+    worstSoftplus64 = Math.max(worstSoftplus64, Math.abs(sp64[i] - want) / want);
+  }
+  assert(worstSoftplus64 < 2e-10, `f64 softplus: max relative error ${worstSoftplus64}`);
+  console.log(
+    `exp ${worst}, softplus ${worstSoftplus}, silu ${worstSilu}; ` +
+      `f64 exp ${worst64}, f64 softplus ${worstSoftplus64}`,
+  );
+});
+
+Deno.test("[wasm] auto picks wasm where SIMD runs; threads are validated", async () => {
+  const { createBackend } = await import("../src/backends/registry.ts");
+  const auto = await createBackend("auto", { threads: 1 });
+  assert(auto.name === "wasm", `auto gave ${auto.name}`);
+  auto.dispose?.();
+  let error: unknown;
+  try {
+    await WasmBackend.create({ threads: 0 });
+  } catch (e) {
+    error = e;
+  }
+  assert(error instanceof RangeError, `threads: 0 gave ${error}`);
+});
+
+Deno.test("[wasm] undisposed worker threads do not keep the process alive", async () => {
+  const module = new URL("../src/backends/wasm.ts", import.meta.url).href;
+  const code = `
+    const { WasmBackend } = await import(${JSON.stringify(module)});
+    const be = await WasmBackend.create({ threads: 2 });
+    const w = be.upload(new Float32Array(256 * 256).fill(1));
+    const x = be.upload(new Float32Array(4 * 256).fill(2));
+    const out = be.zeros(4 * 256);
+    be.linear(out, x, w, null, 4, 256, 256);
+    console.log((await be.read(out, 0, 1))[0]);
+  `;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--no-config", code],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const timer = setTimeout(() => child.kill("SIGKILL"), 20_000);
+  const { code: exitCode, stdout, stderr } = await child.output();
+  clearTimeout(timer);
+  const text = new TextDecoder().decode(stdout).trim();
+  assert(exitCode === 0, `exit ${exitCode}: ${new TextDecoder().decode(stderr)}`);
+  assert(text === "512", `printed ${text}`);
+});
