@@ -1,0 +1,376 @@
+/**
+ * Benchmarks of the "webgpu" backend, printed as one JSON object:
+ *
+ * - `scan`: the fused selective scan kernel (fp32, N = 16, with z, D, delta bias
+ *   and softplus) over mamba_ssm's benchmark shapes: elements/s (batch·dim·len
+ *   per second, wall time around submit + onSubmittedWorkDone over several
+ *   repetitions) and the bandwidth that implies (u, delta, z, y: 4 bytes per
+ *   element; B, C: 4 bytes per (batch, len, N)), against mamba_ssm's CUDA figures;
+ * - `model`: a mamba-130m-shaped model with random F32 weights built in memory:
+ *   prefill tok/s for 2048 tokens, decode tok/s over 128 steps at batch 1 and
+ *   compute dispatches per decoded token, against mamba_ssm's 88,000 and 900 tok/s.
+ *
+ * ```sh
+ * deno run -A bench/webgpu_bench.ts                 # everything (needs a large GPU)
+ * deno run -A bench/webgpu_bench.ts --quick         # small shapes, e.g. on llvmpipe
+ * deno run -A bench/webgpu_bench.ts --only=scan --targets=65536,262144
+ * ```
+ *
+ * On the GPU machine it runs bundled: `deno bundle --platform deno -o
+ * .device/gpu_bench.js bench/webgpu_bench.ts` (see ../shared/device/README.md).
+ *
+ * @module
+ */
+
+import { type GpuBuffer, WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu.ts";
+import type { MambaConfig } from "../src/config.ts";
+import { MambaModel } from "../src/model.ts";
+import type { LayerWeights, MambaWeights } from "../src/weights.ts";
+
+/** mamba_ssm's CUDA selective scan, G elements/s, by "batch,dim,len". */
+const CUDA_SCAN: Record<string, number> = {
+  "1,1536,2048": 25.0,
+  "1,1536,16384": 25.3,
+  "8,1536,2048": 29.0,
+  "1,5120,4096": 27.2,
+  "16,2048,2048": 29.5,
+  "1,1536,131072": 25.4,
+};
+const CUDA_PREFILL_TOKS = 88_000;
+const CUDA_DECODE_TOKS = 900;
+const N = 16;
+
+function flag(name: string): string | undefined {
+  const arg = Deno.args.find((a) => a === `--${name}` || a.startsWith(`--${name}=`));
+  return arg === undefined ? undefined : (arg.split("=")[1] ?? "");
+}
+
+/** Deterministic uniform values in [lo, hi) (xorshift32), fast enough for 100M floats. */
+function randomArray(n: number, lo: number, hi: number, seed: number): Float32Array {
+  const out = new Float32Array(n);
+  let s = seed >>> 0 || 1;
+  const scale = (hi - lo) / 4294967296;
+  for (let i = 0; i < n; i++) {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    out[i] = lo + s * scale;
+  }
+  return out;
+}
+
+/** A GPU buffer of `length` floats filled by tiling a random block (no host array that large). */
+function gpuRandom(
+  gpu: WebGpuBackend,
+  length: number,
+  lo: number,
+  hi: number,
+  seed: number,
+): GpuBuffer {
+  const block = Math.min(length, 1 << 20);
+  const src = gpu.upload(randomArray(block, lo, hi, seed));
+  const buf = gpu.zeros(length);
+  for (let offset = 0; offset < length; offset += block) {
+    gpu.copy(buf, offset, src, 0, Math.min(block, length - offset));
+  }
+  gpu.release(src);
+  return buf;
+}
+
+async function benchScan(
+  gpu: WebGpuBackend,
+  batch: number,
+  dim: number,
+  len: number,
+  reps: number,
+) {
+  const elems = batch * dim * len;
+  const bufs = {
+    u: gpuRandom(gpu, elems, -1, 1, 1),
+    delta: gpuRandom(gpu, elems, -5, -2, 2), // softplus(delta + bias) ≈ 0.001 … 0.1
+    z: gpuRandom(gpu, elems, -2, 2, 3),
+    y: gpu.zeros(elems),
+    B: gpuRandom(gpu, batch * len * N, -1, 1, 4),
+    C: gpuRandom(gpu, batch * len * N, -1, 1, 5),
+    A: gpu.upload(randomArray(dim * N, -16, -1, 6)),
+    D: gpu.upload(randomArray(dim, 0.5, 1.5, 7)),
+    deltaBias: gpu.upload(randomArray(dim, -0.5, 0.5, 8)),
+    state: gpu.zeros(batch * dim * N),
+  };
+  const run = () =>
+    gpu.selectiveScanBatch({
+      ...bufs,
+      deltaSoftplus: true,
+      len,
+      dim,
+      dState: N,
+    }, batch);
+  run();
+  await gpu.sync(); // warm-up: pipelines, first touch of the buffers
+  const t0 = performance.now();
+  for (let i = 0; i < reps; i++) {
+    run();
+    gpu.flush();
+  }
+  await gpu.sync();
+  const seconds = (performance.now() - t0) / 1000 / reps;
+  const check = await gpu.read(bufs.y, elems - 4, 4);
+  for (const b of Object.values(bufs)) gpu.release(b);
+  const bytes = 4 * (4 * elems + 2 * batch * len * N);
+  const gElems = elems / seconds / 1e9;
+  const cuda = CUDA_SCAN[`${batch},${dim},${len}`];
+  return {
+    batch,
+    dim,
+    len,
+    chunkLen: gpu.scanChunkLen(batch, dim, len),
+    reps,
+    ms: +(seconds * 1000).toFixed(3),
+    gElemsPerS: +gElems.toFixed(2),
+    gbPerS: +(bytes / seconds / 1e9).toFixed(1),
+    cudaGElemsPerS: cuda ?? null,
+    ratioVsCuda: cuda ? +(gElems / cuda).toFixed(3) : null,
+    finite: check.every(Number.isFinite),
+  };
+}
+
+/** mamba-130m's shape (or a small one), with random F32 weights. */
+function randomModel(quick: boolean): { config: MambaConfig; weights: MambaWeights<Float32Array> } {
+  const dModel = quick ? 64 : 768;
+  const nLayer = quick ? 2 : 24;
+  const vocabSize = quick ? 1000 : 50280;
+  const dInner = 2 * dModel;
+  const dtRank = Math.ceil(dModel / 16);
+  const config: MambaConfig = {
+    dModel,
+    nLayer,
+    dState: N,
+    dConv: 4,
+    expand: 2,
+    dInner,
+    dtRank,
+    vocabSize,
+    eps: 1e-5,
+    projBias: false,
+    convBias: true,
+    tieEmbeddings: true,
+  };
+  let seed = 100;
+  const w = (n: number, scale: number) => randomArray(n, -scale, scale, seed++);
+  const layers: LayerWeights<Float32Array>[] = [];
+  for (let l = 0; l < nLayer; l++) {
+    const A = new Float32Array(dInner * N);
+    for (let i = 0; i < A.length; i++) A[i] = -((i % N) + 1);
+    layers.push({
+      norm: new Float32Array(dModel).fill(1),
+      inProjX: w(dInner * dModel, 1 / Math.sqrt(dModel)),
+      inProjZ: w(dInner * dModel, 1 / Math.sqrt(dModel)),
+      inProjXBias: null,
+      inProjZBias: null,
+      convWeight: w(dInner * 4, 0.5),
+      convBias: w(dInner, 0.1),
+      xProjDt: w(dtRank * dInner, 1 / Math.sqrt(dInner)),
+      xProjB: w(N * dInner, 1 / Math.sqrt(dInner)),
+      xProjC: w(N * dInner, 1 / Math.sqrt(dInner)),
+      dtProj: w(dInner * dtRank, 1 / Math.sqrt(dtRank)),
+      dtProjBias: randomArray(dInner, -6, -2.5, seed++),
+      A,
+      D: new Float32Array(dInner).fill(1),
+      outProj: w(dModel * dInner, 1 / Math.sqrt(dInner) / nLayer),
+      outProjBias: null,
+    });
+  }
+  const embedding = w(vocabSize * dModel, 1);
+  return {
+    config,
+    weights: { embedding, layers, normF: new Float32Array(dModel).fill(1), lmHead: embedding },
+  };
+}
+
+async function benchModel(gpu: WebGpuBackend, quick: boolean) {
+  const { config, weights } = randomModel(quick);
+  const model = new MambaModel(gpu, config, weights);
+  const promptLen = quick ? 256 : 2048;
+  const steps = quick ? 16 : 128;
+  const ids = Int32Array.from(randomArray(promptLen, 0, config.vocabSize, 9), Math.floor);
+
+  // Warm-up: compiles every pipeline of prefill (chunks of 512 and a tail) and decode.
+  let state = model.newState();
+  await model.run(state, ids.subarray(0, Math.min(600, promptLen)), "last");
+  await model.run(state, Int32Array.of(1), "last");
+  model.releaseState(state);
+
+  const prefillMs: number[] = [];
+  for (let rep = 0; rep < 3; rep++) {
+    state = model.newState();
+    await gpu.sync();
+    const t0 = performance.now();
+    await model.run(state, ids, "last");
+    prefillMs.push(performance.now() - t0);
+    if (rep < 2) model.releaseState(state);
+  }
+  const bestPrefill = Math.min(...prefillMs);
+
+  let token = 1;
+  const d0 = gpu.dispatches;
+  const s0 = gpu.submissions;
+  const t0 = performance.now();
+  for (let i = 0; i < steps; i++) {
+    const logits = await model.run(state, Int32Array.of(token), "last");
+    token = logits.indexOf(Math.max(...logits.subarray(0, 50))); // cheap, data-dependent
+  }
+  const decodeS = (performance.now() - t0) / 1000;
+  const prefillToks = promptLen / (bestPrefill / 1000);
+  const decodeToks = steps / decodeS;
+  return {
+    config: {
+      dModel: config.dModel,
+      nLayer: config.nLayer,
+      vocab: config.vocabSize,
+      dState: N,
+      dConv: 4,
+      dtRank: config.dtRank,
+    },
+    prefillTokens: promptLen,
+    prefillMs: prefillMs.map((m) => +m.toFixed(1)),
+    prefillTokPerS: Math.round(prefillToks),
+    prefillRatioVsCuda: quick ? null : +(prefillToks / CUDA_PREFILL_TOKS).toFixed(3),
+    decodeSteps: steps,
+    decodeTokPerS: +decodeToks.toFixed(1),
+    decodeMsPerToken: +((decodeS * 1000) / steps).toFixed(3),
+    decodeRatioVsCuda: quick ? null : +(decodeToks / CUDA_DECODE_TOKS).toFixed(3),
+    dispatchesPerDecodeToken: (gpu.dispatches - d0) / steps,
+    submissionsPerDecodeToken: (gpu.submissions - s0) / steps,
+  };
+}
+
+/** Microseconds per call of single operations at mamba-130m's shapes (prefill chunk 512, decode 1). */
+async function benchOps(gpu: WebGpuBackend) {
+  const r = (n: number, seed: number) => gpuRandom(gpu, n, -1, 1, seed);
+  const [L, D, E, V] = [512, 768, 1536, 50280];
+  const x = r(L * E, 1);
+  const w = r(E * D, 2);
+  const lm = r(V * D, 3);
+  const out = gpu.zeros(L * E);
+  const logits = gpu.zeros(V);
+  const st = gpu.zeros(E * N);
+  const conv = gpu.zeros(3 * E);
+  const small = r(16, 4);
+  const B = r(L * N, 5);
+  const A = gpu.upload(randomArray(E * N, -16, -1, 6));
+  const scan = (len: number) => () =>
+    gpu.selectiveScan({
+      y: out,
+      u: x,
+      delta: x,
+      A,
+      B,
+      C: B,
+      D: w,
+      z: x,
+      deltaBias: w,
+      deltaSoftplus: true,
+      state: st,
+      len,
+      dim: E,
+      dState: N,
+    });
+  const cases: [string, number, () => void][] = [
+    ["matmul 512x768->1536", 20, () => gpu.linear(out, x, w, null, L, D, E)],
+    ["matmul 512x1536->768", 20, () => gpu.linear(out, x, w, null, L, E, D)],
+    ["matmul 512x1536->16", 20, () => gpu.linear(out, x, w, null, L, E, 16)],
+    ["gemv 1x768->1536", 50, () => gpu.linear(out, x, w, null, 1, D, E)],
+    ["gemv 1x1536->16", 50, () => gpu.linear(out, x, w, null, 1, E, 16)],
+    ["gemv 1x768->50280", 10, () => gpu.linear(logits, x, lm, null, 1, D, V)],
+    ["scan len 512 dim 1536", 20, scan(L)],
+    ["scan len 1 dim 1536", 50, scan(1)],
+    [
+      "conv len 512",
+      20,
+      () =>
+        gpu.causalConv({ out, x, weight: w, bias: w, state: conv, len: L, channels: E, kernel: 4 }),
+    ],
+    [
+      "conv len 1",
+      50,
+      () =>
+        gpu.causalConv({ out, x, weight: w, bias: w, state: conv, len: 1, channels: E, kernel: 4 }),
+    ],
+    ["rmsNorm 512x768", 20, () => gpu.rmsNorm(out, x, w, L, D, 1e-5)],
+    ["add 512x768", 20, () => gpu.addInPlace(out, x, L * D)],
+    ["add 16 (dispatch overhead)", 200, () => gpu.addInPlace(out, small, 16)],
+  ];
+  const results: Record<string, number> = {};
+  for (const [name, reps, fn] of cases) {
+    fn();
+    await gpu.sync();
+    const t0 = performance.now();
+    for (let i = 0; i < reps; i++) fn();
+    await gpu.sync();
+    results[name] = +(((performance.now() - t0) * 1000) / reps).toFixed(1);
+  }
+  const t0 = performance.now();
+  for (let i = 0; i < 20; i++) await gpu.read(small, 0, 4);
+  results["read 4 floats (submit + map round trip)"] = +(((performance.now() - t0) * 1000) / 20)
+    .toFixed(1);
+  const t1 = performance.now();
+  for (let i = 0; i < 20; i++) {
+    gpu.addInPlace(out, small, 16);
+    await gpu.sync();
+  }
+  results["dispatch + submit + onSubmittedWorkDone"] = +(((performance.now() - t1) * 1000) / 20)
+    .toFixed(1);
+  return results;
+}
+
+async function main(): Promise<void> {
+  const quick = flag("quick") !== undefined;
+  const only = flag("only");
+  const reps = Number(flag("reps") ?? (quick ? 2 : 5));
+  const targets = (flag("targets") ?? "").split(",").filter(Boolean).map(Number);
+  const report: Record<string, unknown> = {};
+  const open = (options: WebGpuOptions = {}) =>
+    WebGpuBackend.create({ powerPreference: "high-performance", ...options });
+
+  if (only === undefined || only === "scan") {
+    const shapes = quick
+      ? [[1, 256, 512], [2, 96, 300]]
+      : [[1, 1536, 2048], [1, 1536, 16384], [8, 1536, 2048], [1, 5120, 4096], [16, 2048, 2048], [
+        1,
+        1536,
+        131072,
+      ]];
+    const scan: unknown[] = [];
+    for (const target of targets.length ? targets : [undefined]) {
+      const gpu = await open({ scanTargetThreads: target });
+      report.adapter = gpu.adapterInfo;
+      for (const [batch, dim, len] of shapes) {
+        // Enough repetitions that the ~10 ms completion latency of Deno's WebGPU is amortised.
+        const n = Math.min(200, Math.max(reps, Math.ceil(4e8 / (batch * dim * len))));
+        const result = await benchScan(gpu, batch, dim, len, n);
+        scan.push({ targetThreads: target ?? "default", ...result });
+        console.error(JSON.stringify(scan.at(-1)));
+      }
+      gpu.dispose();
+    }
+    report.scan = scan;
+  }
+  if (only === undefined || only === "ops") {
+    const gpu = await open();
+    report.opsMicroseconds = await benchOps(gpu);
+    console.error(JSON.stringify(report.opsMicroseconds));
+    gpu.dispose();
+  }
+  if (only === undefined || only === "model") {
+    const gpu = await open();
+    report.adapter = gpu.adapterInfo;
+    report.model = await benchModel(gpu, quick);
+    console.error(JSON.stringify(report.model));
+    gpu.dispose();
+  }
+  console.log(JSON.stringify(report, null, 2));
+}
+
+if (import.meta.main) await main();

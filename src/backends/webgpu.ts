@@ -1,0 +1,692 @@
+/**
+ * The WebGPU backend: every operation is a WGSL compute kernel (see `wgsl/`,
+ * embedded by `deno task build:wgsl`), weights and states stay on the GPU.
+ *
+ * Organisation, after tfjs-backend-webgpu: each kernel is a small
+ * {@link Program} with a cache key (shader, entry point and the constants it is
+ * specialised with) behind a pipeline cache; buffers come from a
+ * {@link BufferPool}. Operations are recorded into one command encoder (inside
+ * one compute pass where possible) and submitted when a result is read, so a
+ * decode step is a single submission that reads back only the logits row.
+ * Per-dispatch parameters go into a uniform arena written once per submission.
+ *
+ * @module
+ */
+
+import type { Backend, ConvArgs, ScanArgs } from "../backend.ts";
+import { WGSL } from "../generated/wgsl.ts";
+
+/** A float32 buffer on the GPU. */
+export class GpuBuffer {
+  constructor(
+    /** The underlying buffer (possibly larger than `length` floats). */
+    readonly buffer: GPUBuffer,
+    /** Number of floats. */
+    readonly length: number,
+  ) {}
+}
+
+/** Tuning knobs of {@link WebGpuBackend}; the defaults suit large GPUs. */
+export interface WebGpuOptions {
+  /** Tokens per scan chunk; by default chosen so that ~`scanTargetThreads` threads run. */
+  scanChunkLen?: number;
+  /** Threads (sequences × channels × chunks) the chunked scan aims for (default 131072). */
+  scanTargetThreads?: number;
+  /** Adapter preference passed to `requestAdapter`. */
+  powerPreference?: GPUPowerPreference;
+}
+
+/** Raised when WebGPU is missing or refuses what the backend needs. */
+export class WebGpuUnavailableError extends Error {
+  override name = "WebGpuUnavailableError";
+}
+
+const STORAGE_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+const PARAM_SLOT = 256; // bytes per dispatch's uniform block (≥ minUniformBufferOffsetAlignment)
+const PARAM_CHUNK = 65536; // bytes per uniform arena buffer
+const MAX_GROUPS = 65535;
+const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
+/** Bindings each shader declares `read_write` (the rest of 1.. are read-only, 0 is uniform). */
+const WRITABLE: Readonly<Record<string, readonly number[]>> = {
+  embed: [3],
+  rmsnorm: [3],
+  gemv: [4],
+  gemv4: [4],
+  matmul: [4],
+  add: [2],
+  conv: [4, 5],
+  scan: [9, 10, 11, 12],
+};
+const GEMV_MAX_ROWS = 4;
+const CONV_SEQUENTIAL_MAX_LEN = 4;
+const CONV_MAX_KERNEL = 9;
+const SCAN_WG = 128;
+const SCAN_TILE = 16;
+
+/** One kernel: a shader, its entry point, its specialisation and the bindings it uses. */
+export class Program {
+  /** Identifies the pipeline in the cache. */
+  readonly key: string;
+  constructor(
+    /** Key of the shader in {@link WGSL}. */
+    readonly shader: string,
+    /** Entry point. */
+    readonly entry: string,
+    /** Binding indices of group 0 that the entry point uses (0 is the uniform block). */
+    readonly bindings: readonly number[],
+    /** `const NAME: u32 = …u;` declarations replaced in the source. */
+    readonly constants: Readonly<Record<string, number>> = {},
+  ) {
+    this.key = `${shader}:${entry}:${JSON.stringify(constants)}`;
+  }
+
+  /** The WGSL source with the constants substituted. */
+  source(): string {
+    let text = WGSL[this.shader];
+    if (text === undefined) throw new Error(`No WGSL kernel named ${this.shader}`);
+    for (const [name, value] of Object.entries(this.constants)) {
+      const pattern = new RegExp(`const ${name}: u32 = \\d+u;`);
+      if (!pattern.test(text)) throw new Error(`${this.shader}.wgsl has no constant ${name}`);
+      text = text.replace(pattern, `const ${name}: u32 = ${value}u;`);
+    }
+    return text;
+  }
+}
+
+/**
+ * Storage buffers by exact byte size. A buffer released while commands that use
+ * it are still being recorded may be reused at once by recorded GPU work (which
+ * runs in order), but not for a host write (`queue.writeBuffer` would overtake
+ * the recorded commands): those wait for the next submission.
+ */
+export class BufferPool {
+  readonly #device: GPUDevice;
+  readonly #free = new Map<number, GPUBuffer[]>();
+  readonly #recycled = new Map<number, GPUBuffer[]>();
+  /** Buffers created so far. */
+  created = 0;
+
+  constructor(device: GPUDevice) {
+    this.#device = device;
+  }
+
+  /** A buffer of `bytes`; `hostWrite` when the caller writes it with `queue.writeBuffer`. */
+  acquire(bytes: number, hostWrite: boolean): GPUBuffer {
+    const recycled = hostWrite ? undefined : this.#recycled.get(bytes);
+    const buffer = recycled?.length ? recycled.pop() : this.#free.get(bytes)?.pop();
+    if (buffer) return buffer;
+    this.created++;
+    return this.#device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
+  }
+
+  /** Takes a buffer back. */
+  release(buffer: GPUBuffer): void {
+    const list = this.#recycled.get(buffer.size);
+    if (list) list.push(buffer);
+    else this.#recycled.set(buffer.size, [buffer]);
+  }
+
+  /** After a submission every released buffer is safe for host writes too. */
+  submitted(): void {
+    for (const [size, list] of this.#recycled) {
+      const free = this.#free.get(size);
+      if (free) free.push(...list);
+      else this.#free.set(size, list);
+    }
+    this.#recycled.clear();
+  }
+}
+
+function byteSize(floats: number): number {
+  return Math.max(16, Math.ceil((floats * 4) / 16) * 16);
+}
+
+/** The array itself, or a copy where it views shared memory (writeBuffer takes no such view). */
+function unshared<T extends Float32Array | Int32Array>(data: T): T & { buffer: ArrayBuffer } {
+  return (data.buffer instanceof ArrayBuffer ? data : data.slice()) as T & { buffer: ArrayBuffer };
+}
+
+/** Workgroup counts for `groups` one-dimensional groups, split over y beyond 65535. */
+function grid(groups: number): [number, number, number] {
+  const n = Math.max(1, groups);
+  if (n <= MAX_GROUPS) return [n, 1, 1];
+  const y = Math.ceil(n / MAX_GROUPS);
+  return [Math.ceil(n / y), y, 1];
+}
+
+/** The WebGPU backend; see the module documentation. */
+export class WebGpuBackend implements Backend<GpuBuffer> {
+  readonly name = "webgpu";
+  /** The device; destroyed by {@link dispose}. */
+  readonly device: GPUDevice;
+  /** Description of the adapter, for reports. */
+  readonly adapterInfo: string;
+  /** Compute dispatches recorded so far (for benchmarks). */
+  dispatches = 0;
+  /** Submissions so far. */
+  submissions = 0;
+
+  readonly #options: WebGpuOptions;
+  readonly #pool: BufferPool;
+  readonly #modules = new Map<string, GPUShaderModule>();
+  readonly #pipelines = new Map<string, GPUComputePipeline>();
+  readonly #layouts = new Map<string, GPUBindGroupLayout>();
+  readonly #bindGroups = new Map<string, GPUBindGroup>();
+  readonly #ids = new WeakMap<GPUBuffer, number>();
+  #nextId = 0;
+  readonly #dummy: GPUBuffer; // stands for absent read-only inputs
+  readonly #dummyOut: GPUBuffer; // stands for unused read-write scratch
+  #encoder: GPUCommandEncoder | null = null;
+  #pass: GPUComputePassEncoder | null = null;
+  readonly #paramBuffers: GPUBuffer[] = [];
+  readonly #paramData: ArrayBuffer[] = [];
+  #paramSlots = 0;
+  #error: unknown = null;
+  #disposed = false;
+
+  /** Wraps an existing device (the caller keeps no other use of it). */
+  constructor(device: GPUDevice, adapterInfo = "", options: WebGpuOptions = {}) {
+    this.device = device;
+    this.adapterInfo = adapterInfo;
+    this.#options = options;
+    this.#pool = new BufferPool(device);
+    this.#dummy = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
+    this.#dummyOut = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
+    device.addEventListener("uncapturederror", (event) => {
+      this.#error ??= (event as GPUUncapturedErrorEvent).error;
+    });
+  }
+
+  /** Opens the default adapter with raised limits; fails clearly without WebGPU. */
+  static async create(options: WebGpuOptions = {}): Promise<WebGpuBackend> {
+    const alternatives = 'use backend "wasm" or "js" instead';
+    const gpu = (globalThis.navigator as Navigator | undefined)?.gpu;
+    if (!gpu) {
+      throw new WebGpuUnavailableError(
+        `WebGPU is not available here (no navigator.gpu): ${alternatives}`,
+      );
+    }
+    const adapter = await gpu.requestAdapter({ powerPreference: options.powerPreference });
+    if (!adapter) {
+      throw new WebGpuUnavailableError(`No WebGPU adapter was found: ${alternatives}`);
+    }
+    const limits = adapter.limits;
+    const requiredLimits: Record<string, number> = {
+      maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
+      maxBufferSize: limits.maxBufferSize,
+      maxStorageBuffersPerShaderStage: limits.maxStorageBuffersPerShaderStage,
+      maxComputeWorkgroupStorageSize: limits.maxComputeWorkgroupStorageSize,
+      maxComputeInvocationsPerWorkgroup: limits.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupSizeX: limits.maxComputeWorkgroupSizeX,
+    };
+    if (limits.maxStorageBuffersPerShaderStage < 12) {
+      throw new WebGpuUnavailableError(
+        `The WebGPU adapter allows ${limits.maxStorageBuffersPerShaderStage} storage buffers ` +
+          `per shader stage; the scan kernel needs 12: ${alternatives}`,
+      );
+    }
+    let device: GPUDevice;
+    try {
+      device = await adapter.requestDevice({ requiredLimits });
+    } catch (error) {
+      throw new WebGpuUnavailableError(`The WebGPU device could not be opened: ${alternatives}`, {
+        cause: error,
+      });
+    }
+    const info = adapter.info;
+    const name = info.description || [info.vendor, info.architecture, info.device].join(" ");
+    return new WebGpuBackend(device, name.trim(), options);
+  }
+
+  // ---- buffers ----------------------------------------------------------------------------
+
+  upload(data: Float32Array): GpuBuffer {
+    const bytes = byteSize(data.length);
+    this.#checkSize(bytes);
+    const buffer = this.device.createBuffer({
+      size: bytes,
+      usage: STORAGE_USAGE,
+      mappedAtCreation: true,
+    });
+    new Float32Array(buffer.getMappedRange(), 0, data.length).set(data);
+    buffer.unmap();
+    return new GpuBuffer(buffer, data.length);
+  }
+
+  zeros(length: number): GpuBuffer {
+    const bytes = byteSize(length);
+    this.#checkSize(bytes);
+    const buffer = this.#pool.acquire(bytes, false);
+    this.#commandEncoder().clearBuffer(buffer);
+    return new GpuBuffer(buffer, length);
+  }
+
+  write(buf: GpuBuffer, data: Float32Array, offset = 0): void {
+    if (offset + data.length > buf.length) throw new RangeError("write past the end of the buffer");
+    this.flush(); // recorded work that uses `buf` must run before the write
+    this.device.queue.writeBuffer(buf.buffer, offset * 4, unshared(data));
+  }
+
+  async read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    if (offset < 0 || length < 0 || offset + length > buf.length) {
+      throw new RangeError(
+        `read of [${offset}, ${offset + length}) from a buffer of ${buf.length}`,
+      );
+    }
+    const bytes = Math.max(4, length * 4);
+    const staging = this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    if (length > 0) {
+      this.#commandEncoder().copyBufferToBuffer(buf.buffer, offset * 4, staging, 0, length * 4);
+    }
+    this.flush();
+    try {
+      await staging.mapAsync(GPUMapMode.READ);
+      const out = new Float32Array(staging.getMappedRange().slice(0, length * 4));
+      staging.unmap();
+      this.#throwIfFailed();
+      return out;
+    } finally {
+      staging.destroy();
+    }
+  }
+
+  copy(dst: GpuBuffer, dstOffset: number, src: GpuBuffer, srcOffset: number, length: number): void {
+    if (length <= 0) return;
+    if (dstOffset + length > dst.length || srcOffset + length > src.length) {
+      throw new RangeError("copy past the end of a buffer");
+    }
+    const encoder = this.#commandEncoder();
+    if (dst.buffer === src.buffer) {
+      const tmp = this.#pool.acquire(byteSize(length), false);
+      encoder.copyBufferToBuffer(src.buffer, srcOffset * 4, tmp, 0, length * 4);
+      encoder.copyBufferToBuffer(tmp, 0, dst.buffer, dstOffset * 4, length * 4);
+      this.#pool.release(tmp);
+    } else {
+      encoder.copyBufferToBuffer(src.buffer, srcOffset * 4, dst.buffer, dstOffset * 4, length * 4);
+    }
+  }
+
+  release(buf: GpuBuffer): void {
+    this.#pool.release(buf.buffer);
+  }
+
+  // ---- operations -------------------------------------------------------------------------
+
+  embed(out: GpuBuffer, table: GpuBuffer, ids: Int32Array, dim: number): void {
+    if (ids.length === 0) return;
+    const idBuffer = this.#pool.acquire(byteSize(ids.length), true);
+    this.device.queue.writeBuffer(idBuffer, 0, unshared(ids));
+    this.#run(
+      new Program("embed", "main", [0, 1, 2, 3]),
+      [dim, ids.length],
+      [],
+      { 1: idBuffer, 2: table.buffer, 3: out.buffer },
+      grid(Math.ceil((ids.length * dim) / 256)),
+    );
+    this.#pool.release(idBuffer);
+  }
+
+  rmsNorm(
+    out: GpuBuffer,
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    rows: number,
+    dim: number,
+    eps: number,
+  ): void {
+    const [input, done] = this.#unaliased(x, rows * dim, out);
+    this.#run(
+      new Program("rmsnorm", "main", [0, 1, 2, 3]),
+      [rows, dim],
+      [eps],
+      { 1: input, 2: weight.buffer, 3: out.buffer },
+      grid(rows),
+    );
+    done();
+  }
+
+  linear(
+    out: GpuBuffer,
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+    outDim: number,
+  ): void {
+    const [input, done] = this.#unaliased(x, rows * inDim, out);
+    const bindings = { 1: input, 2: weight.buffer, 3: bias?.buffer ?? this.#dummy, 4: out.buffer };
+    const params = [rows, inDim, outDim, bias ? 1 : 0];
+    if (rows <= GEMV_MAX_ROWS) {
+      // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
+      const program = inDim % 4 === 0
+        ? new Program("gemv4", "main", [0, 1, 2, 3, 4], { ROWS: rows })
+        : new Program("gemv", "main", [0, 1, 2, 3, 4]);
+      this.#run(program, params, [], bindings, grid(Math.ceil(outDim / 8)));
+    } else {
+      this.#run(new Program("matmul", "main", [0, 1, 2, 3, 4]), params, [], bindings, [
+        Math.ceil(outDim / 64),
+        Math.ceil(rows / 64),
+        1,
+      ]);
+    }
+    done();
+  }
+
+  addInPlace(acc: GpuBuffer, x: GpuBuffer, length: number): void {
+    const [input, done] = this.#unaliased(x, length, acc);
+    this.#run(
+      new Program("add", "main", [0, 1, 2]),
+      [length],
+      [],
+      { 1: input, 2: acc.buffer },
+      grid(Math.ceil(length / 256)),
+    );
+    done();
+  }
+
+  causalConv({ out, x, weight, bias, state, len, channels, kernel }: ConvArgs<GpuBuffer>): void {
+    if (kernel < 1 || kernel > CONV_MAX_KERNEL) {
+      throw new RangeError(
+        `causalConv supports kernels of 1 to ${CONV_MAX_KERNEL} taps, got ${kernel}`,
+      );
+    }
+    const params = [len, channels, kernel, bias ? 1 : 0];
+    const all = {
+      1: x.buffer,
+      2: weight.buffer,
+      3: bias?.buffer ?? this.#dummy,
+      4: out.buffer,
+      5: state.buffer,
+    };
+    if (len <= CONV_SEQUENTIAL_MAX_LEN) {
+      const program = new Program("conv", "sequential", [0, 1, 2, 3, 4, 5]);
+      this.#run(program, params, [], all, grid(Math.ceil(channels / 256)));
+      return;
+    }
+    this.#run(
+      new Program("conv", "outputs", [0, 1, 2, 3, 4, 5]),
+      params,
+      [],
+      all,
+      grid(Math.ceil((len * channels) / 256)),
+    );
+    if (kernel > 1) {
+      this.#run(
+        new Program("conv", "update_state", [0, 1, 5]),
+        params,
+        [],
+        all,
+        grid(Math.ceil(channels / 256)),
+      );
+    }
+  }
+
+  selectiveScan(args: ScanArgs<GpuBuffer>): void {
+    this.selectiveScanBatch(args, 1);
+  }
+
+  /**
+   * {@link selectiveScan} over `batch` sequences at once: u, delta, z, y are
+   * [batch, len, dim], B and C [batch, len, dState], state [batch, dim, dState];
+   * A, D and deltaBias are shared.
+   */
+  selectiveScanBatch(args: ScanArgs<GpuBuffer>, batch: number): void {
+    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
+    if (len === 0 || batch === 0) return;
+    const chunkLen = this.scanChunkLen(batch, dim, len);
+    const nChunks = Math.ceil(len / chunkLen);
+    const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
+    const params = [len, dim, batch, chunkLen, nChunks, flags];
+    const constants = { DSTATE: dState, WG: SCAN_WG, TT: SCAN_TILE };
+    const hbuf = nChunks > 1
+      ? this.#pool.acquire(byteSize(batch * nChunks * dim * dState), false)
+      : null;
+    const dtsum = nChunks > 1 ? this.#pool.acquire(byteSize(batch * nChunks * dim), false) : null;
+    const bindings = {
+      1: u.buffer,
+      2: delta.buffer,
+      3: A.buffer,
+      4: B.buffer,
+      5: C.buffer,
+      6: D?.buffer ?? this.#dummy,
+      7: z?.buffer ?? this.#dummy,
+      8: deltaBias?.buffer ?? this.#dummy,
+      9: y.buffer,
+      10: state.buffer,
+      11: hbuf ?? this.#dummyOut,
+      12: dtsum ?? this.#dummyOut,
+    };
+    const channelGroups = Math.ceil(dim / SCAN_WG);
+    if (nChunks > 1) {
+      this.#run(
+        new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 8, 11, 12], constants),
+        params,
+        [],
+        bindings,
+        [channelGroups, nChunks - 1, batch],
+      );
+      this.#run(
+        new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
+        params,
+        [],
+        bindings,
+        grid(Math.ceil((batch * dim * dState) / 256)),
+      );
+    }
+    this.#run(
+      new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
+      params,
+      [],
+      bindings,
+      [channelGroups, nChunks, batch],
+    );
+    if (hbuf) this.#pool.release(hbuf);
+    if (dtsum) this.#pool.release(dtsum);
+  }
+
+  /** Tokens per chunk of the scan for this shape. */
+  scanChunkLen(batch: number, dim: number, len: number): number {
+    if (this.#options.scanChunkLen) return Math.min(len, Math.max(1, this.#options.scanChunkLen));
+    const target = this.#options.scanTargetThreads ?? 131072;
+    const channels = batch * Math.ceil(dim / SCAN_WG) * SCAN_WG;
+    const chunks = Math.min(MAX_GROUPS, Math.max(1, Math.ceil(target / channels)));
+    const chunkLen = Math.ceil(Math.ceil(len / chunks) / SCAN_TILE) * SCAN_TILE;
+    return Math.min(len, Math.max(64, chunkLen, Math.ceil(len / MAX_GROUPS)));
+  }
+
+  // ---- submission -------------------------------------------------------------------------
+
+  /** Submits the recorded work (no wait). */
+  flush(): void {
+    if (!this.#encoder) return;
+    if (this.#pass) {
+      this.#pass.end();
+      this.#pass = null;
+    }
+    const slotsPerChunk = PARAM_CHUNK / PARAM_SLOT;
+    for (let i = 0; i * slotsPerChunk < this.#paramSlots; i++) {
+      const used = Math.min(this.#paramSlots - i * slotsPerChunk, slotsPerChunk) * PARAM_SLOT;
+      this.device.queue.writeBuffer(this.#paramBuffers[i], 0, this.#paramData[i], 0, used);
+    }
+    this.device.queue.submit([this.#encoder.finish()]);
+    this.#encoder = null;
+    this.#paramSlots = 0;
+    this.submissions++;
+    this.#pool.submitted();
+  }
+
+  /** Submits the recorded work and waits until the GPU has done it. */
+  async sync(): Promise<void> {
+    this.flush();
+    await this.device.queue.onSubmittedWorkDone();
+    this.#throwIfFailed();
+  }
+
+  /** Destroys the device and every buffer on it; the backend must not be used again. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    if (this.#pass) this.#pass.end();
+    this.#pass = null;
+    this.#encoder = null;
+    this.device.destroy();
+  }
+
+  #checkSize(bytes: number): void {
+    const limit = Math.min(
+      this.device.limits.maxStorageBufferBindingSize,
+      this.device.limits.maxBufferSize,
+    );
+    if (bytes > limit) {
+      throw new RangeError(
+        `A buffer of ${bytes} bytes exceeds this WebGPU device's limit of ${limit} bytes ` +
+          `(maxStorageBufferBindingSize): use backend "wasm" or "js" for this model`,
+      );
+    }
+  }
+
+  #throwIfFailed(): void {
+    if (this.#error) {
+      const error = this.#error as { message?: string };
+      this.#error = null;
+      throw new Error(`WebGPU error: ${error.message ?? String(error)}`);
+    }
+  }
+
+  #commandEncoder(): GPUCommandEncoder {
+    if (this.#disposed) throw new Error("The WebGPU backend was disposed");
+    if (this.#pass) {
+      this.#pass.end();
+      this.#pass = null;
+    }
+    return this.#encoder ??= this.device.createCommandEncoder();
+  }
+
+  #computePass(): GPUComputePassEncoder {
+    if (this.#pass) return this.#pass;
+    const encoder = this.#commandEncoder();
+    return this.#pass = encoder.beginComputePass();
+  }
+
+  /** `x`'s buffer, or a copy of its first `length` floats when `x` is also an output. */
+  #unaliased(x: GpuBuffer, length: number, ...outputs: GpuBuffer[]): [GPUBuffer, () => void] {
+    if (!outputs.some((o) => o.buffer === x.buffer)) return [x.buffer, () => {}];
+    const tmp = this.#pool.acquire(byteSize(length), false);
+    this.#commandEncoder().copyBufferToBuffer(x.buffer, 0, tmp, 0, length * 4);
+    return [tmp, () => this.#pool.release(tmp)];
+  }
+
+  /**
+   * The bind group layout of a program: its uniform block with a dynamic offset
+   * (so that one bind group serves every dispatch on the same buffers), then
+   * its storage buffers.
+   */
+  #layout(program: Program): GPUBindGroupLayout {
+    const key = `${program.shader}:${program.bindings.join(",")}`;
+    let layout = this.#layouts.get(key);
+    if (!layout) {
+      const writable = WRITABLE[program.shader] ?? [];
+      layout = this.device.createBindGroupLayout({
+        label: key,
+        entries: program.bindings.map((binding) => ({
+          binding,
+          visibility: GPUShaderStage.COMPUTE,
+          buffer: binding === 0
+            ? { type: "uniform", hasDynamicOffset: true, minBindingSize: 0 }
+            : { type: writable.includes(binding) ? "storage" : "read-only-storage" },
+        })),
+      });
+      this.#layouts.set(key, layout);
+    }
+    return layout;
+  }
+
+  #pipeline(program: Program): GPUComputePipeline {
+    let pipeline = this.#pipelines.get(program.key);
+    if (!pipeline) {
+      const moduleKey = `${program.shader}:${JSON.stringify(program.constants)}`;
+      let module = this.#modules.get(moduleKey);
+      if (!module) {
+        module = this.device.createShaderModule({ label: program.shader, code: program.source() });
+        this.#modules.set(moduleKey, module);
+      }
+      pipeline = this.device.createComputePipeline({
+        label: program.key,
+        layout: this.device.createPipelineLayout({ bindGroupLayouts: [this.#layout(program)] }),
+        compute: { module, entryPoint: program.entry },
+      });
+      this.#pipelines.set(program.key, pipeline);
+    }
+    return pipeline;
+  }
+
+  /** A small number naming each buffer in bind group cache keys. */
+  #id(buffer: GPUBuffer): number {
+    let id = this.#ids.get(buffer);
+    if (id === undefined) this.#ids.set(buffer, id = this.#nextId++);
+    return id;
+  }
+
+  /** A uniform block holding `u32s` then `f32s`, valid for the current encoder. */
+  #params(u32s: readonly number[], f32s: readonly number[]): { buffer: GPUBuffer; offset: number } {
+    const slotsPerChunk = PARAM_CHUNK / PARAM_SLOT;
+    const chunk = Math.floor(this.#paramSlots / slotsPerChunk);
+    const slot = this.#paramSlots % slotsPerChunk;
+    this.#paramSlots++;
+    if (chunk === this.#paramBuffers.length) {
+      this.#paramBuffers.push(this.device.createBuffer({
+        size: PARAM_CHUNK,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+      }));
+      this.#paramData.push(new ArrayBuffer(PARAM_CHUNK));
+    }
+    const offset = slot * PARAM_SLOT;
+    const words = new Uint32Array(this.#paramData[chunk], offset, 64);
+    words.fill(0);
+    words.set(u32s);
+    new Float32Array(this.#paramData[chunk], offset, 64).set(f32s, u32s.length);
+    return { buffer: this.#paramBuffers[chunk], offset };
+  }
+
+  #run(
+    program: Program,
+    u32s: readonly number[],
+    f32s: readonly number[],
+    buffers: Record<number, GPUBuffer>,
+    groups: [number, number, number],
+  ): void {
+    if (groups.some((g) => g === 0)) return;
+    if (groups.some((g) => g > MAX_GROUPS)) {
+      throw new RangeError(`${program.key}: ${groups.join("×")} workgroups exceed ${MAX_GROUPS}`);
+    }
+    const pipeline = this.#pipeline(program);
+    const pass = this.#computePass();
+    const params = this.#params(u32s, f32s);
+    const resources = program.bindings.map((b) => b === 0 ? params.buffer : buffers[b]);
+    const key = `${program.shader}:${program.bindings.join(",")}|${
+      resources.map((r) => this.#id(r)).join(",")
+    }`;
+    let bindGroup = this.#bindGroups.get(key);
+    if (!bindGroup) {
+      if (this.#bindGroups.size >= MAX_BIND_GROUPS) this.#bindGroups.clear();
+      bindGroup = this.device.createBindGroup({
+        layout: this.#layout(program),
+        entries: program.bindings.map((binding, i) => ({
+          binding,
+          resource: binding === 0
+            ? { buffer: resources[i], offset: 0, size: PARAM_SLOT }
+            : { buffer: resources[i] },
+        })),
+      });
+      this.#bindGroups.set(key, bindGroup);
+    }
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup, [params.offset]);
+    pass.dispatchWorkgroups(...groups);
+    this.dispatches++;
+  }
+}

@@ -1,0 +1,331 @@
+/**
+ * Each WGSL kernel of the "webgpu" backend against the reference JsBackend, on
+ * odd sizes: rows and channels that fill no workgroup, scan chunk boundaries
+ * (len = chunk - 1, chunk, chunk + 1, several chunks), len = 1, N of 5, 8 and 16,
+ * optional inputs absent. Runs on any WebGPU adapter (llvmpipe in CI); skipped
+ * where there is none.
+ */
+
+import { assert, assertEquals, assertRejects } from "@std/assert";
+import { JsBackend } from "../src/backends/js.ts";
+import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
+import { maxRelDiff } from "./helpers.ts";
+
+const adapter = await navigator.gpu?.requestAdapter();
+const ignore = adapter === null || adapter === undefined;
+
+/** A small deterministic generator (mulberry32), so failures reproduce. */
+function random(seed: number): (scale?: number) => number {
+  let a = seed >>> 0;
+  return (scale = 1) => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1) * scale;
+  };
+}
+
+function fill(n: number, rand: (s?: number) => number, scale = 1): Float32Array {
+  return Float32Array.from({ length: n }, () => rand(scale));
+}
+
+async function withGpu(
+  fn: (gpu: WebGpuBackend) => Promise<void>,
+  options = {},
+): Promise<void> {
+  const gpu = await WebGpuBackend.create(options);
+  try {
+    await fn(gpu);
+  } finally {
+    gpu.dispose();
+  }
+}
+
+/**
+ * Float32 sums on the GPU against float64 ones: each |got - want| must stay
+ * within `tolerance` × (|want| + rms(want)), so that values which cancel to
+ * near zero are measured against the size of what was summed.
+ */
+function close(got: Float32Array, want: Float32Array, tolerance: number, what: string): void {
+  assertEquals(got.length, want.length, `${what}: length`);
+  const rms = Math.sqrt(want.reduce((s, v) => s + v * v, 0) / Math.max(1, want.length));
+  let worst = 0;
+  for (let i = 0; i < want.length; i++) {
+    const diff = Math.abs(got[i] - want[i]) / (Math.abs(want[i]) + rms + 1e-30);
+    if (!(diff <= worst)) worst = Number.isNaN(diff) ? Infinity : diff;
+  }
+  assert(
+    worst <= tolerance,
+    `${what}: max scaled diff ${worst} (max relative ${maxRelDiff(got, want)})`,
+  );
+}
+
+const js = new JsBackend();
+
+Deno.test({
+  name: "webgpu: embed, rmsNorm (also in place), addInPlace, copy, write, read ranges",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(1);
+      const [vocab, dim] = [37, 19];
+      const table = fill(vocab * dim, rand);
+      const ids = Int32Array.of(3, 0, 36, 3, 17);
+      const want = new Float32Array(ids.length * dim);
+      js.embed(want, table, ids, dim);
+      const out = gpu.zeros(ids.length * dim);
+      gpu.embed(out, gpu.upload(table), ids, dim);
+      assertEquals(await gpu.read(out), want);
+
+      for (const [rows, d] of [[1, 7], [5, 300], [3, 768]]) {
+        const x = fill(rows * d, rand, 3);
+        const w = fill(d, rand);
+        const expected = new Float32Array(rows * d);
+        js.rmsNorm(expected, x, w, rows, d, 1e-5);
+        const gx = gpu.upload(x);
+        const gOut = gpu.zeros(rows * d);
+        gpu.rmsNorm(gOut, gx, gpu.upload(w), rows, d, 1e-5);
+        close(await gpu.read(gOut), expected, 1e-5, `rmsNorm ${rows}×${d}`);
+        gpu.rmsNorm(gx, gx, gpu.upload(w), rows, d, 1e-5);
+        close(await gpu.read(gx), expected, 1e-5, `rmsNorm in place ${rows}×${d}`);
+      }
+
+      const n = 1001;
+      const acc = fill(n, rand);
+      const x = fill(n, rand);
+      const gAcc = gpu.upload(acc);
+      gpu.addInPlace(gAcc, gpu.upload(x), n - 1);
+      js.addInPlace(acc, x, n - 1);
+      assertEquals(await gpu.read(gAcc), acc);
+
+      const dst = gpu.zeros(10);
+      const before = acc.slice();
+      gpu.copy(dst, 3, gAcc, 5, 4);
+      gpu.copy(gAcc, 0, gAcc, 2, 6); // same buffer
+      js.copy(acc, 0, acc, 2, 6);
+      assertEquals(await gpu.read(dst), Float32Array.of(0, 0, 0, ...before.slice(5, 9), 0, 0, 0));
+      assertEquals(await gpu.read(gAcc, 0, 12), acc.slice(0, 12));
+      gpu.write(dst, Float32Array.of(1, 2), 8);
+      assertEquals(await gpu.read(dst, 6), Float32Array.of(before[8], 0, 1, 2));
+      assertEquals(await gpu.read(dst, 4, 0), new Float32Array(0));
+      await assertRejects(() => gpu.read(dst, 5, 6), RangeError);
+    }),
+});
+
+Deno.test({
+  name: "webgpu: linear, GEMV (rows ≤ 4) and tiled (rows > 4), odd sizes, with and without bias",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(2);
+      const shapes = [
+        [1, 5, 3],
+        [1, 768, 100],
+        [3, 64, 45],
+        [2, 8, 9],
+        [3, 37, 45],
+        [4, 33, 70],
+        [5, 37, 45],
+        [70, 17, 129],
+        [
+          130,
+          96,
+          16,
+        ],
+      ];
+      for (const [rows, inDim, outDim] of shapes) {
+        for (const withBias of [false, true]) {
+          const x = fill(rows * inDim, rand);
+          const w = fill(outDim * inDim, rand);
+          const b = withBias ? fill(outDim, rand) : null;
+          const want = new Float32Array(rows * outDim);
+          js.linear(want, x, w, b, rows, inDim, outDim);
+          const out = gpu.zeros(rows * outDim);
+          gpu.linear(out, gpu.upload(x), gpu.upload(w), b && gpu.upload(b), rows, inDim, outDim);
+          close(
+            await gpu.read(out),
+            want,
+            1e-4,
+            `linear ${rows}×${inDim}→${outDim} bias ${withBias}`,
+          );
+        }
+      }
+    }),
+});
+
+Deno.test({
+  name: "webgpu: causalConv prefill, steps and state, kernels 1 to 4",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(3);
+      for (const kernel of [1, 3, 4]) {
+        for (const channels of [5, 300]) {
+          const weight = fill(channels * kernel, rand);
+          const bias = kernel === 3 ? null : fill(channels, rand);
+          const jsState = new Float32Array((kernel - 1) * channels);
+          const gWeight = gpu.upload(weight);
+          const gBias = bias && gpu.upload(bias);
+          const gState = gpu.zeros(Math.max(1, (kernel - 1) * channels));
+          // Long (parallel kernels), short (sequential kernel), single steps.
+          for (const len of [9, 2, 1, 1, 7]) {
+            const x = fill(len * channels, rand);
+            const want = new Float32Array(len * channels);
+            js.causalConv({
+              out: want,
+              x,
+              weight,
+              bias,
+              state: jsState,
+              len,
+              channels,
+              kernel,
+            });
+            const out = gpu.zeros(len * channels);
+            gpu.causalConv({
+              out,
+              x: gpu.upload(x),
+              weight: gWeight,
+              bias: gBias,
+              state: gState,
+              len,
+              channels,
+              kernel,
+            });
+            const what = `conv k=${kernel} c=${channels} len=${len}`;
+            close(await gpu.read(out), want, 1e-5, what);
+            if (kernel > 1) close(await gpu.read(gState), jsState, 1e-6, `${what} state`);
+          }
+        }
+      }
+    }),
+});
+
+interface ScanCase {
+  len: number;
+  dim: number;
+  dState: number;
+  optional: boolean;
+  softplus: boolean;
+}
+
+async function checkScan(gpu: WebGpuBackend, c: ScanCase, seed: number, batch = 1): Promise<void> {
+  const rand = random(seed);
+  const { len, dim, dState } = c;
+  const A = Float32Array.from({ length: dim * dState }, () => -Math.exp(rand(1.5)));
+  const D = c.optional ? fill(dim, rand) : null;
+  const deltaBias = c.optional ? fill(dim, rand, 0.5) : null;
+  const seqs = Array.from({ length: batch }, () => ({
+    u: fill(len * dim, rand),
+    delta: Float32Array.from(
+      { length: len * dim },
+      () => c.softplus ? rand(2) - 1 : Math.abs(rand(0.2)),
+    ),
+    B: fill(len * dState, rand),
+    C: fill(len * dState, rand),
+    z: c.optional ? fill(len * dim, rand, 2) : null,
+    state: fill(dim * dState, rand),
+  }));
+  const wantY: Float32Array[] = [];
+  const wantState: Float32Array[] = [];
+  for (const s of seqs) {
+    const y = new Float32Array(len * dim);
+    const state = s.state.slice();
+    js.selectiveScan({
+      ...s,
+      y,
+      A,
+      D,
+      deltaBias,
+      deltaSoftplus: c.softplus,
+      state,
+      len,
+      dim,
+      dState,
+    });
+    wantY.push(y);
+    wantState.push(state);
+  }
+  const cat = (arrays: (Float32Array | null)[]) => {
+    if (arrays[0] === null) return null;
+    const out = new Float32Array(arrays.reduce((n, a) => n + a!.length, 0));
+    arrays.reduce((offset, a) => (out.set(a!, offset), offset + a!.length), 0);
+    return gpu.upload(out);
+  };
+  const y = gpu.zeros(batch * len * dim);
+  const state = cat(seqs.map((s) => s.state)) as GpuBuffer;
+  gpu.selectiveScanBatch({
+    y,
+    u: cat(seqs.map((s) => s.u))!,
+    delta: cat(seqs.map((s) => s.delta))!,
+    A: gpu.upload(A),
+    B: cat(seqs.map((s) => s.B))!,
+    C: cat(seqs.map((s) => s.C))!,
+    D: D && gpu.upload(D),
+    z: cat(seqs.map((s) => s.z)),
+    deltaBias: deltaBias && gpu.upload(deltaBias),
+    deltaSoftplus: c.softplus,
+    state,
+    len,
+    dim,
+    dState,
+  }, batch);
+  const gotY = await gpu.read(y);
+  const gotState = await gpu.read(state);
+  const what = `scan ${JSON.stringify(c)} batch ${batch} chunk ${
+    gpu.scanChunkLen(batch, dim, len)
+  }`;
+  for (let b = 0; b < batch; b++) {
+    close(gotY.subarray(b * len * dim, (b + 1) * len * dim), wantY[b], 1e-4, `${what}: y[${b}]`);
+    close(
+      gotState.subarray(b * dim * dState, (b + 1) * dim * dState),
+      wantState[b],
+      1e-4,
+      `${what}: state[${b}]`,
+    );
+  }
+}
+
+const CHUNK = 16;
+
+Deno.test({
+  name: `webgpu: selective scan, chunks of ${CHUNK}: len 1, chunk ± 1, many chunks; N 5, 8, 16`,
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      let seed = 10;
+      for (const dState of [5, 8, 16]) {
+        for (const len of [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]) {
+          const dim = dState === 8 ? 130 : 37;
+          await checkScan(gpu, { len, dim, dState, optional: true, softplus: true }, seed++);
+        }
+      }
+      await checkScan(gpu, {
+        len: 2 * CHUNK + 1,
+        dim: 21,
+        dState: 16,
+        optional: false,
+        softplus: false,
+      }, 1);
+      await checkScan(
+        gpu,
+        { len: 2 * CHUNK - 1, dim: 40, dState: 8, optional: true, softplus: true },
+        2,
+        3,
+      );
+      await checkScan(gpu, { len: 1, dim: 40, dState: 5, optional: false, softplus: true }, 3, 2);
+    }, { scanChunkLen: CHUNK }),
+});
+
+Deno.test({
+  name: "webgpu: selective scan with the default chunking, and decode steps carry the state",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      // The default aims at many threads: 200 tokens of 48 channels become several chunks.
+      assert(gpu.scanChunkLen(1, 48, 200) < 200);
+      await checkScan(gpu, { len: 200, dim: 48, dState: 16, optional: true, softplus: true }, 20);
+      await checkScan(gpu, { len: 1, dim: 1536, dState: 16, optional: true, softplus: true }, 21);
+    }),
+});

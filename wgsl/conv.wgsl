@@ -1,0 +1,118 @@
+// Causal depthwise convolution with SiLU, carrying the last kernel-1 inputs in
+// `state` [kernel-1, channels] (oldest first). Weights [channels, kernel]: tap
+// kernel-1 multiplies the current token.
+//
+// Entry points:
+// - `outputs`: one thread per (token, channel), reads the old state; then
+// - `update_state`: one thread per channel writes the new state.
+// - `sequential`: one thread per channel walks all tokens and updates the
+//   state itself (one dispatch: used for decode steps and short inputs).
+struct Params {
+  len: u32,
+  channels: u32,
+  kernel: u32,
+  hasBias: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> state: array<f32>;
+
+const MAXK: u32 = 8u;
+
+fn silu(v: f32) -> f32 {
+  return v / (1.0 + exp(-v));
+}
+
+// Input at relative position pos (negative positions reach into the state).
+fn input(pos: i32, c: u32) -> f32 {
+  if (pos >= 0) {
+    return x[u32(pos) * p.channels + c];
+  }
+  return state[u32(i32(p.kernel) - 1 + pos) * p.channels + c];
+}
+
+@compute @workgroup_size(256)
+fn outputs(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  if (i >= p.len * p.channels) {
+    return;
+  }
+  let t = i / p.channels;
+  let c = i - t * p.channels;
+  var sum = 0.0;
+  if (p.hasBias != 0u) {
+    sum = bias[c];
+  }
+  let first = i32(t) - i32(p.kernel) + 1;
+  for (var k = 0u; k < p.kernel; k++) {
+    sum = fma(weight[c * p.kernel + k], input(first + i32(k), c), sum);
+  }
+  out[i] = silu(sum);
+}
+
+@compute @workgroup_size(256)
+fn update_state(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let c = (wg.y * nwg.x + wg.x) * 256u + li;
+  if (c >= p.channels) {
+    return;
+  }
+  let history = p.kernel - 1u;
+  var next: array<f32, MAXK>;
+  for (var j = 0u; j < history; j++) {
+    next[j] = input(i32(p.len) - i32(history) + i32(j), c);
+  }
+  for (var j = 0u; j < history; j++) {
+    state[j * p.channels + c] = next[j];
+  }
+}
+
+@compute @workgroup_size(256)
+fn sequential(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let c = (wg.y * nwg.x + wg.x) * 256u + li;
+  if (c >= p.channels) {
+    return;
+  }
+  let history = p.kernel - 1u;
+  // window[0..history) = previous inputs, oldest first.
+  var window: array<f32, MAXK>;
+  for (var j = 0u; j < history; j++) {
+    window[j] = state[j * p.channels + c];
+  }
+  var b = 0.0;
+  if (p.hasBias != 0u) {
+    b = bias[c];
+  }
+  for (var t = 0u; t < p.len; t++) {
+    let v = x[t * p.channels + c];
+    var sum = fma(weight[c * p.kernel + history], v, b);
+    for (var k = 0u; k < history; k++) {
+      sum = fma(weight[c * p.kernel + k], window[k], sum);
+    }
+    out[t * p.channels + c] = silu(sum);
+    for (var k = 0u; k + 1u < history; k++) {
+      window[k] = window[k + 1u];
+    }
+    if (history > 0u) {
+      window[history - 1u] = v;
+    }
+  }
+  for (var j = 0u; j < history; j++) {
+    state[j * p.channels + c] = window[j];
+  }
+}

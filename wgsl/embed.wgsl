@@ -1,0 +1,24 @@
+// out [count, dim] = rows ids[t] of table [rows, dim]. One thread per output float.
+struct Params {
+  dim: u32,
+  count: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(2) var<storage, read> table: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  if (i >= p.count * p.dim) {
+    return;
+  }
+  let t = i / p.dim;
+  out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
+}

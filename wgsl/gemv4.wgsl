@@ -1,0 +1,80 @@
+// out [ROWS, outDim] = x [ROWS, inDim] · weightᵀ + bias for inDim % 4 == 0: the
+// GEMV of decode steps. Each weight is read once, as vec4s: 32 threads per
+// output stride along the row (512 contiguous bytes per step), 8 outputs per
+// workgroup, partial sums reduced in workgroup memory. ROWS (1 to 4) is
+// specialised per pipeline, so the accumulators are plain registers.
+struct Params {
+  rows: u32,
+  inDim: u32,
+  outDim: u32,
+  hasBias: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> weight: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+const ROWS: u32 = 1u;
+const LANES: u32 = 32u;
+const PER_GROUP: u32 = 8u; // 256 / LANES
+
+var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
+
+@compute @workgroup_size(256)
+fn main(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let lane = li % LANES;
+  let o = (wg.y * nwg.x + wg.x) * PER_GROUP + li / LANES;
+  let k4 = p.inDim / 4u;
+  var acc0 = vec4<f32>(0.0);
+  var acc1 = vec4<f32>(0.0);
+  var acc2 = vec4<f32>(0.0);
+  var acc3 = vec4<f32>(0.0);
+  if (o < p.outDim) {
+    let wBase = o * k4;
+    for (var k = lane; k < k4; k += LANES) {
+      let w = weight[wBase + k];
+      acc0 = fma(w, x[k], acc0);
+      if (ROWS > 1u) {
+        acc1 = fma(w, x[k4 + k], acc1);
+      }
+      if (ROWS > 2u) {
+        acc2 = fma(w, x[2u * k4 + k], acc2);
+      }
+      if (ROWS > 3u) {
+        acc3 = fma(w, x[3u * k4 + k], acc3);
+      }
+    }
+  }
+  let ones = vec4<f32>(1.0);
+  red[li] = vec4<f32>(dot(acc0, ones), dot(acc1, ones), dot(acc2, ones), dot(acc3, ones));
+  workgroupBarrier();
+  for (var stride = LANES / 2u; stride > 0u; stride >>= 1u) {
+    if (lane < stride) {
+      red[li] += red[li + stride];
+    }
+    workgroupBarrier();
+  }
+  if (lane == 0u && o < p.outDim) {
+    var b = 0.0;
+    if (p.hasBias != 0u) {
+      b = bias[o];
+    }
+    let sums = red[li];
+    out[o] = sums.x + b;
+    if (ROWS > 1u) {
+      out[p.outDim + o] = sums.y + b;
+    }
+    if (ROWS > 2u) {
+      out[2u * p.outDim + o] = sums.z + b;
+    }
+    if (ROWS > 3u) {
+      out[3u * p.outDim + o] = sums.w + b;
+    }
+  }
+}
