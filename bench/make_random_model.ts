@@ -1,0 +1,147 @@
+/**
+ * Writes an HF-format Mamba checkpoint with random weights, for benchmarks:
+ * `deno task make-random-model [dir] [--layers 24] [--d-model 768] [--vocab 50280]`.
+ * The default shape is mamba-130m's. Values follow Mamba's initialisation
+ * closely enough that activations stay in range (A_log = log(1..N), dt bias
+ * giving steps in [0.001, 0.1], small projection weights), so timings reflect
+ * real work. The directory defaults to a fresh temp dir; its path is printed.
+ *
+ * @module
+ */
+
+import { parseArgs } from "@std/cli/parse-args";
+import { writeSafetensors } from "../src/safetensors.ts";
+
+/** Shape of the random model. */
+export interface RandomModelShape {
+  dModel: number;
+  nLayer: number;
+  vocabSize: number;
+  dState: number;
+  dConv: number;
+  expand: number;
+}
+
+/** mamba-130m's shape. */
+export const MAMBA_130M: RandomModelShape = {
+  dModel: 768,
+  nLayer: 24,
+  vocabSize: 50280,
+  dState: 16,
+  dConv: 4,
+  expand: 2,
+};
+
+/** A deterministic xorshift generator of uniform values in [-scale, scale). */
+function uniform(seed: number) {
+  let s = seed >>> 0 || 1;
+  return (length: number, scale: number) => {
+    const out = new Float32Array(length);
+    for (let i = 0; i < length; i++) {
+      s ^= s << 13;
+      s ^= s >>> 17;
+      s ^= s << 5;
+      out[i] = ((s >>> 0) / 4294967296 * 2 - 1) * scale;
+    }
+    return out;
+  };
+}
+
+/** The config.json and model.safetensors bytes of a random checkpoint. */
+export function randomCheckpoint(
+  shape: RandomModelShape,
+  seed = 1,
+): { config: Record<string, unknown>; safetensors: Uint8Array } {
+  const { dModel, nLayer, vocabSize, dState, dConv, expand } = shape;
+  const dInner = expand * dModel;
+  const dtRank = Math.ceil(dModel / 16);
+  const rand = uniform(seed);
+  type Entry = { dtype: "F32"; shape: number[]; data: Float32Array };
+  const tensors: Record<string, Entry> = {};
+  const put = (name: string, dims: number[], data: Float32Array) => {
+    tensors[name] = { dtype: "F32", shape: dims, data };
+  };
+  const ones = (n: number) => new Float32Array(n).fill(1);
+  put("backbone.embeddings.weight", [vocabSize, dModel], rand(vocabSize * dModel, 0.1));
+  for (let l = 0; l < nLayer; l++) {
+    const p = `backbone.layers.${l}.`;
+    put(`${p}norm.weight`, [dModel], ones(dModel));
+    put(
+      `${p}mixer.in_proj.weight`,
+      [2 * dInner, dModel],
+      rand(2 * dInner * dModel, 1 / Math.sqrt(dModel)),
+    );
+    put(`${p}mixer.conv1d.weight`, [dInner, 1, dConv], rand(dInner * dConv, 1 / Math.sqrt(dConv)));
+    put(`${p}mixer.conv1d.bias`, [dInner], rand(dInner, 0.1));
+    put(
+      `${p}mixer.x_proj.weight`,
+      [dtRank + 2 * dState, dInner],
+      rand((dtRank + 2 * dState) * dInner, 1 / Math.sqrt(dInner)),
+    );
+    put(`${p}mixer.dt_proj.weight`, [dInner, dtRank], rand(dInner * dtRank, 1 / Math.sqrt(dtRank)));
+    // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
+    const dtBias = rand(dInner, 1).map((r) => {
+      const dt = Math.exp(Math.log(0.001) + (r + 1) / 2 * (Math.log(0.1) - Math.log(0.001)));
+      return dt + Math.log(-Math.expm1(-dt));
+    });
+    put(`${p}mixer.dt_proj.bias`, [dInner], dtBias);
+    const aLog = new Float32Array(dInner * dState);
+    for (let i = 0; i < aLog.length; i++) aLog[i] = Math.log(1 + (i % dState));
+    put(`${p}mixer.A_log`, [dInner, dState], aLog);
+    put(`${p}mixer.D`, [dInner], ones(dInner));
+    put(
+      `${p}mixer.out_proj.weight`,
+      [dModel, dInner],
+      rand(dModel * dInner, 1 / Math.sqrt(dInner) / nLayer),
+    );
+  }
+  put("backbone.norm_f.weight", [dModel], ones(dModel));
+  const config = {
+    architectures: ["MambaForCausalLM"],
+    model_type: "mamba",
+    hidden_size: dModel,
+    num_hidden_layers: nLayer,
+    vocab_size: vocabSize,
+    state_size: dState,
+    conv_kernel: dConv,
+    expand,
+    intermediate_size: dInner,
+    time_step_rank: dtRank,
+    layer_norm_epsilon: 1e-5,
+    use_bias: false,
+    use_conv_bias: true,
+    tie_word_embeddings: true,
+    residual_in_fp32: true,
+    bos_token_id: 0,
+    eos_token_id: 0,
+    pad_token_id: 0,
+  };
+  return { config, safetensors: writeSafetensors(tensors, { format: "pt" }) };
+}
+
+/** Writes a random checkpoint into `dir` (created if needed). */
+export async function writeRandomModel(
+  dir: string,
+  shape: RandomModelShape,
+  seed = 1,
+): Promise<void> {
+  const { config, safetensors } = randomCheckpoint(shape, seed);
+  await Deno.mkdir(dir, { recursive: true });
+  await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config, null, 2));
+  await Deno.writeFile(`${dir}/model.safetensors`, safetensors);
+}
+
+if (import.meta.main) {
+  const flags = parseArgs(Deno.args, {
+    string: ["layers", "d-model", "vocab", "seed"],
+  });
+  const dir = String(flags._[0] ?? await Deno.makeTempDir({ prefix: "mamba-random-" }));
+  const shape: RandomModelShape = {
+    ...MAMBA_130M,
+    nLayer: Number(flags.layers ?? MAMBA_130M.nLayer),
+    dModel: Number(flags["d-model"] ?? MAMBA_130M.dModel),
+    vocabSize: Number(flags.vocab ?? MAMBA_130M.vocabSize),
+  };
+  await writeRandomModel(dir, shape, Number(flags.seed ?? 1));
+  console.log(dir);
+}

@@ -1,0 +1,119 @@
+/**
+ * The small set of operations a Mamba model needs from a compute backend.
+ *
+ * The model code ({@link ../model.ts}) is written against this interface only and
+ * never knows which backend runs it, in the spirit of ggml's and candle's backends.
+ * A backend owns its buffers (`Buf`): plain `Float32Array`s for the reference
+ * backend, WASM memory ranges or GPU buffers for the fast ones. Operations are
+ * issued in order and may run lazily; {@link Backend.read} is the only point
+ * where results must be complete.
+ *
+ * Layouts are token-major: a `[len, dim]` buffer holds token t's vector at
+ * `t * dim`. Every buffer holds float32 values.
+ *
+ * @module
+ */
+
+/** Arguments of {@link Backend.selectiveScan}, token-major. */
+export interface ScanArgs<Buf> {
+  /** Output [len, dim]: `(C·h + D*u) * silu(z)`. */
+  y: Buf;
+  /** Input u [len, dim]. */
+  u: Buf;
+  /** Raw delta [len, dim], before bias and softplus. */
+  delta: Buf;
+  /** A [dim, dState]: the (negative) state matrix, `-exp(A_log)`. */
+  A: Buf;
+  /** B [len, dState]: input projection of the state, per token. */
+  B: Buf;
+  /** C [len, dState]: output projection of the state, per token. */
+  C: Buf;
+  /** D [dim]: skip connection, or null for none. */
+  D: Buf | null;
+  /** z [len, dim]: gate, or null for none. */
+  z: Buf | null;
+  /** Bias [dim] added to delta before softplus, or null for none. */
+  deltaBias: Buf | null;
+  /** Whether delta goes through softplus. */
+  deltaSoftplus: boolean;
+  /** State h [dim, dState]: read as the initial state, overwritten with the last one. */
+  state: Buf;
+  /** Number of tokens. */
+  len: number;
+  /** Number of channels. */
+  dim: number;
+  /** N: state size per channel. */
+  dState: number;
+}
+
+/** Arguments of {@link Backend.causalConv}, token-major. */
+export interface ConvArgs<Buf> {
+  /** Output [len, channels]: `silu(conv(x) + bias)`. */
+  out: Buf;
+  /** Input [len, channels]. */
+  x: Buf;
+  /** Weights [channels, kernel]; tap `kernel - 1` multiplies the current token. */
+  weight: Buf;
+  /** Bias [channels], or null for none. */
+  bias: Buf | null;
+  /**
+   * The previous `kernel - 1` inputs [kernel - 1, channels], oldest first
+   * (zeros at the start of a sequence); overwritten with the last `kernel - 1`
+   * inputs seen, so prefill and step share one operation.
+   */
+  state: Buf;
+  /** Number of tokens. */
+  len: number;
+  /** Number of channels. */
+  channels: number;
+  /** Kernel width. */
+  kernel: number;
+}
+
+/** The operations a backend provides. `Buf` is its buffer handle. */
+export interface Backend<Buf = unknown> {
+  /** Short name shown to users: "js", "wasm", "webgpu". */
+  readonly name: string;
+
+  /**
+   * A buffer holding `data`. A backend in host memory may keep the array itself
+   * rather than copy it, so the caller must not change `data` afterwards.
+   */
+  upload(data: Float32Array): Buf;
+  /** A new buffer of `length` zeros. */
+  zeros(length: number): Buf;
+  /** Overwrites `buf` from `offset` (in floats) with `data`. */
+  write(buf: Buf, data: Float32Array, offset?: number): void;
+  /** Completes pending work and copies `length` floats from `offset` back to the host. */
+  read(buf: Buf, offset?: number, length?: number): Promise<Float32Array>;
+  /** Copies `length` floats from `src` at `srcOffset` into `dst` at `dstOffset`. */
+  copy(dst: Buf, dstOffset: number, src: Buf, srcOffset: number, length: number): void;
+  /** Gives the buffer's memory back; the handle must not be used again. */
+  release(buf: Buf): void;
+  /**
+   * Optional: frees what the backend holds beyond its buffers (worker threads,
+   * a device); the backend must not be used afterwards.
+   */
+  dispose?(): void;
+
+  /** out [ids.length, dim] = rows `ids` of table [rows, dim]. */
+  embed(out: Buf, table: Buf, ids: Int32Array, dim: number): void;
+  /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row. */
+  rmsNorm(out: Buf, x: Buf, weight: Buf, rows: number, dim: number, eps: number): void;
+  /** out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, with weight [outDim, inDim]. */
+  linear(
+    out: Buf,
+    x: Buf,
+    weight: Buf,
+    bias: Buf | null,
+    rows: number,
+    inDim: number,
+    outDim: number,
+  ): void;
+  /** acc[i] += x[i] for the first `length` floats. */
+  addInPlace(acc: Buf, x: Buf, length: number): void;
+  /** Causal depthwise convolution with SiLU, carrying state across calls. */
+  causalConv(args: ConvArgs<Buf>): void;
+  /** Selective scan (S6) with fused softplus, D skip and z gating, carrying state. */
+  selectiveScan(args: ScanArgs<Buf>): void;
+}

@@ -1,0 +1,167 @@
+/**
+ * Streaming text generation: prefill the prompt, then sample, step and decode
+ * one token at a time, yielding each token with the text it completes.
+ *
+ * @module
+ */
+
+import { Sampler, type SamplingOptions } from "./sampler.ts";
+import type { Session } from "./session.ts";
+import { type MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
+
+/** Options of {@link generate}; sampling options follow llama.cpp's names and defaults. */
+export interface GenerateOptions extends SamplingOptions {
+  /** Tokens to generate at most (default 128). */
+  maxNewTokens?: number;
+  /** Strings that end generation; the stop string itself is not emitted. */
+  stop?: string[];
+  /** Aborts generation between tokens. */
+  signal?: AbortSignal;
+  /** Keep going past the end-of-sequence token (default false). */
+  ignoreEos?: boolean;
+  /** Continue this session instead of starting a new one (the prompt is appended). */
+  session?: Session;
+}
+
+/** One generated token. */
+export interface GenerationEvent {
+  /** The sampled id. */
+  token: number;
+  /** Text completed by this token: complete UTF-8, possibly "" while a character is split. */
+  text: string;
+}
+
+/** Why generation ended. */
+export type FinishReason = "length" | "eos" | "stop" | "abort";
+
+/** Counts and timings of a generation, filled in as it runs. */
+export interface GenerationStats {
+  /** Ids in the prompt. */
+  promptTokens: number;
+  /** Ids generated so far. */
+  generatedTokens: number;
+  /** Milliseconds spent on the prompt (prefill). */
+  prefillMs: number;
+  /** Milliseconds spent generating after the prefill. */
+  decodeMs: number;
+  /** Why it ended, once it has. */
+  finishReason?: FinishReason;
+}
+
+/** What {@link generate} needs of a loaded model. */
+export interface Generator {
+  readonly tokenizer: MambaTokenizer;
+  readonly vocabSize: number;
+  readonly eosTokenId: number | undefined;
+  session(): Session;
+}
+
+/** An async iterable of {@link GenerationEvent}s with live {@link GenerationStats}. */
+export class Generation implements AsyncIterable<GenerationEvent> {
+  /** Counts and timings, complete once iteration has finished. */
+  readonly stats: GenerationStats = {
+    promptTokens: 0,
+    generatedTokens: 0,
+    prefillMs: 0,
+    decodeMs: 0,
+  };
+  /** The session generation ran in; snapshot it to continue later. */
+  readonly session: Session;
+  readonly #run: (stats: GenerationStats) => AsyncGenerator<GenerationEvent>;
+
+  /** Wraps a generator function; see {@link generate}. */
+  constructor(session: Session, run: (stats: GenerationStats) => AsyncGenerator<GenerationEvent>) {
+    this.session = session;
+    this.#run = run;
+  }
+
+  /** Starts generating; a generation can be iterated once. */
+  [Symbol.asyncIterator](): AsyncIterator<GenerationEvent> {
+    return this.#run(this.stats);
+  }
+}
+
+/** Generates from `prompt` (text, or ids) on `model`. */
+export function generate(
+  model: Generator,
+  prompt: string | readonly number[],
+  options: GenerateOptions = {},
+): Generation {
+  const maxNewTokens = options.maxNewTokens ?? 128;
+  if (!Number.isInteger(maxNewTokens) || maxNewTokens < 0) {
+    throw new RangeError(`maxNewTokens must be a non-negative integer, got ${maxNewTokens}`);
+  }
+  const stops = (options.stop ?? []).filter((s) => s.length > 0);
+  const sampler = new Sampler(options);
+  const promptIds = typeof prompt === "string" ? model.tokenizer.encode(prompt) : [...prompt];
+  const session = options.session ?? model.session();
+
+  async function* run(stats: GenerationStats): AsyncGenerator<GenerationEvent> {
+    stats.promptTokens = promptIds.length;
+    const decoder = new StreamingDecoder(model.tokenizer, [...session.tokens, ...promptIds]);
+    const started = performance.now();
+    let logits = promptIds.length > 0 ? await session.prefill(promptIds) : session.lastLogits;
+    if (!logits) throw new RangeError("Cannot generate from an empty prompt in a new session");
+    stats.prefillMs = performance.now() - started;
+    const decodeStart = performance.now();
+    // Text decoded but not yet emitted because it may be the start of a stop string.
+    let held = "";
+    const finish = (reason: FinishReason) => {
+      stats.finishReason = reason;
+      stats.decodeMs = performance.now() - decodeStart;
+    };
+    for (let i = 0; i < maxNewTokens; i++) {
+      if (options.signal?.aborted) return finish("abort");
+      const token = sampler.sample(maskPadding(logits, model.tokenizer.vocabSize), session.tokens);
+      if (token === model.eosTokenId && !options.ignoreEos) return finish("eos");
+      stats.generatedTokens++;
+      // Stepping the last token too keeps the session ready to be continued.
+      logits = await session.step(token);
+      held += decoder.push(token);
+      const isLast = i === maxNewTokens - 1;
+      if (isLast) held += decoder.flush();
+      const stopAt = firstStop(held, stops);
+      if (stopAt >= 0) {
+        yield { token, text: held.slice(0, stopAt) };
+        return finish("stop");
+      }
+      const keep = isLast ? 0 : heldBackLength(held, stops);
+      const text = held.slice(0, held.length - keep);
+      held = held.slice(held.length - keep);
+      yield { token, text };
+    }
+    finish("length");
+  }
+  return new Generation(session, run);
+}
+
+/** Logits rows past the tokenizer's vocabulary (embedding padding) can never be sampled. */
+function maskPadding(logits: Float32Array, tokenizerVocab: number): Float32Array {
+  if (tokenizerVocab >= logits.length) return logits;
+  const masked = logits.slice();
+  masked.fill(-Infinity, tokenizerVocab);
+  return masked;
+}
+
+function firstStop(text: string, stops: string[]): number {
+  let first = -1;
+  for (const stop of stops) {
+    const at = text.indexOf(stop);
+    if (at >= 0 && (first < 0 || at < first)) first = at;
+  }
+  return first;
+}
+
+/** Length of the longest suffix of `text` that is a proper prefix of a stop string. */
+function heldBackLength(text: string, stops: string[]): number {
+  let keep = 0;
+  for (const stop of stops) {
+    for (let n = Math.min(stop.length - 1, text.length); n > keep; n--) {
+      if (text.endsWith(stop.slice(0, n))) {
+        keep = n;
+        break;
+      }
+    }
+  }
+  return keep;
+}

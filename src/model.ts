@@ -1,0 +1,243 @@
+/**
+ * The Mamba-1 language model (Gu & Dao, arXiv 2312.00752), written once against
+ * the {@link Backend} interface so that every backend runs the same code.
+ *
+ * Glossary (code name — paper symbol — meaning):
+ *
+ * | code       | paper | meaning                                                    |
+ * |------------|-------|------------------------------------------------------------|
+ * | `L`/`len`  | L     | tokens in the current call (1 when decoding a step)        |
+ * | `dModel`   | D     | width of the residual stream                               |
+ * | `dInner`   | E·D   | SSM channels after the input projection (expand E = 2)     |
+ * | `dState`   | N     | state size per channel                                     |
+ * | `dtRank`   | R     | rank of the delta projection                               |
+ * | `dConv`    | —     | width of the causal depthwise convolution                  |
+ * | `delta`    | Δ     | per-token, per-channel step size, softplus(dt_proj(...))   |
+ * | `A`        | A     | [dInner, N], negative: `-exp(A_log)`; exp(Δ·A) is the decay |
+ * | `B`, `C`   | B, C  | [L, N] input and output projections of the state           |
+ * | `D`        | D     | [dInner] skip connection                                   |
+ * | `h`        | h     | [dInner, N] SSM state, carried in {@link MambaState}       |
+ * | `z`        | —     | [L, dInner] gate, applied as y·silu(z)                     |
+ *
+ * One block, for the L tokens of a call (all buffers token-major):
+ *
+ * ```text
+ * xn      = rmsNorm(hidden)                       [L, D]
+ * x, z    = in_proj(xn)                           [L, dInner] each
+ * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs)
+ * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N]
+ * delta   = dt_proj(dt)                           [L, dInner]  (bias + softplus inside the scan)
+ * h       = exp(Δ·A)·h + Δ·B·xc  per token        [dInner, N]
+ * y       = (C·h + D·xc) · silu(z)                [L, dInner]
+ * hidden += out_proj(y)                           [L, D]
+ * ```
+ *
+ * and logits = lm_head(rmsNorm_f(hidden)). Prefill and decode are the same code:
+ * a decode step is a call with L = 1 on the carried state.
+ *
+ * @module
+ */
+
+import type { Backend } from "./backend.ts";
+import type { MambaConfig } from "./config.ts";
+import type { LayerWeights, MambaWeights } from "./weights.ts";
+
+/** The recurrent state of one sequence: constant size, whatever its length. */
+export interface MambaState<Buf> {
+  /** Per layer, the last dConv-1 inputs of the convolution [dConv - 1, dInner]. */
+  conv: Buf[];
+  /** Per layer, the SSM state h [dInner, N]. */
+  ssm: Buf[];
+}
+
+/** Which positions {@link MambaModel.run} returns logits for. */
+export type LogitsFor = "all" | "last";
+
+/** Prompts longer than this are processed in chunks, bounding scratch memory. */
+const MAX_CHUNK = 512;
+
+/** Per-call scratch buffers, sized for `len` tokens. */
+interface Scratch<Buf> {
+  len: number;
+  hidden: Buf; // [L, D] residual stream
+  normed: Buf; // [L, D]
+  x: Buf; // [L, dInner]
+  z: Buf; // [L, dInner]
+  xc: Buf; // [L, dInner]
+  dt: Buf; // [L, R]
+  B: Buf; // [L, N]
+  C: Buf; // [L, N]
+  delta: Buf; // [L, dInner]
+  y: Buf; // [L, dInner]
+  out: Buf; // [L, D]
+}
+
+/** A Mamba model whose weights live on one backend. */
+export class MambaModel<Buf> {
+  /** The backend that holds the weights and runs every operation. */
+  readonly backend: Backend<Buf>;
+  /** The normalized configuration the weights were checked against. */
+  readonly config: MambaConfig;
+  readonly #weights: MambaWeights<Buf>;
+
+  /** Uploads host weights to the backend. */
+  constructor(backend: Backend<Buf>, config: MambaConfig, weights: MambaWeights<Float32Array>) {
+    this.backend = backend;
+    this.config = config;
+    const up = (w: Float32Array) => backend.upload(w);
+    const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
+    const embedding = up(weights.embedding);
+    this.#weights = {
+      embedding,
+      lmHead: weights.lmHead === weights.embedding ? embedding : up(weights.lmHead),
+      normF: up(weights.normF),
+      layers: weights.layers.map((l): LayerWeights<Buf> => ({
+        norm: up(l.norm),
+        inProjX: up(l.inProjX),
+        inProjZ: up(l.inProjZ),
+        inProjXBias: upOrNull(l.inProjXBias),
+        inProjZBias: upOrNull(l.inProjZBias),
+        convWeight: up(l.convWeight),
+        convBias: upOrNull(l.convBias),
+        xProjDt: up(l.xProjDt),
+        xProjB: up(l.xProjB),
+        xProjC: up(l.xProjC),
+        dtProj: up(l.dtProj),
+        dtProjBias: up(l.dtProjBias),
+        A: up(l.A),
+        D: up(l.D),
+        outProj: up(l.outProj),
+        outProjBias: upOrNull(l.outProjBias),
+      })),
+    };
+  }
+
+  /** A zeroed state: the start of a sequence. */
+  newState(): MambaState<Buf> {
+    const { nLayer, dConv, dInner, dState } = this.config;
+    const conv: Buf[] = [];
+    const ssm: Buf[] = [];
+    for (let l = 0; l < nLayer; l++) {
+      conv.push(this.backend.zeros((dConv - 1) * dInner));
+      ssm.push(this.backend.zeros(dInner * dState));
+    }
+    return { conv, ssm };
+  }
+
+  /** Gives a state's buffers back to the backend. */
+  releaseState(state: MambaState<Buf>): void {
+    for (const buf of [...state.conv, ...state.ssm]) this.backend.release(buf);
+  }
+
+  /**
+   * Feeds `ids` through the model, advancing `state`, and returns logits:
+   * [ids.length, vocab] for "all", [vocab] of the last token for "last".
+   * Token ids must already be checked to lie in [0, vocab).
+   */
+  async run(state: MambaState<Buf>, ids: Int32Array, logitsFor: LogitsFor): Promise<Float32Array> {
+    const { vocabSize } = this.config;
+    const logits = new Float32Array((logitsFor === "all" ? ids.length : 1) * vocabSize);
+    let scratch: Scratch<Buf> | undefined;
+    for (let start = 0; start < ids.length; start += MAX_CHUNK) {
+      const chunk = ids.subarray(start, Math.min(start + MAX_CHUNK, ids.length));
+      if (scratch?.len !== chunk.length) {
+        if (scratch) this.#releaseScratch(scratch);
+        scratch = this.#allocScratch(chunk.length);
+      }
+      this.#blocks(state, chunk, scratch);
+      const isLast = start + chunk.length === ids.length;
+      if (logitsFor === "all") {
+        logits.set(await this.#logits(scratch, 0, chunk.length), start * vocabSize);
+      } else if (isLast) {
+        logits.set(await this.#logits(scratch, chunk.length - 1, 1));
+      }
+    }
+    if (scratch) this.#releaseScratch(scratch);
+    return logits;
+  }
+
+  /** Runs every block over one chunk of tokens, leaving the residual stream in `s.hidden`. */
+  #blocks(state: MambaState<Buf>, ids: Int32Array, s: Scratch<Buf>): void {
+    const { dModel, dInner, dState, dConv, dtRank, eps } = this.config;
+    const L = ids.length;
+    const be = this.backend;
+    be.embed(s.hidden, this.#weights.embedding, ids, dModel);
+    this.#weights.layers.forEach((w, layer) => {
+      be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
+      be.linear(s.x, s.normed, w.inProjX, w.inProjXBias, L, dModel, dInner);
+      be.linear(s.z, s.normed, w.inProjZ, w.inProjZBias, L, dModel, dInner);
+      be.causalConv({
+        out: s.xc,
+        x: s.x,
+        weight: w.convWeight,
+        bias: w.convBias,
+        state: state.conv[layer],
+        len: L,
+        channels: dInner,
+        kernel: dConv,
+      });
+      be.linear(s.dt, s.xc, w.xProjDt, null, L, dInner, dtRank);
+      be.linear(s.B, s.xc, w.xProjB, null, L, dInner, dState);
+      be.linear(s.C, s.xc, w.xProjC, null, L, dInner, dState);
+      be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
+      be.selectiveScan({
+        y: s.y,
+        u: s.xc,
+        delta: s.delta,
+        A: w.A,
+        B: s.B,
+        C: s.C,
+        D: w.D,
+        z: s.z,
+        deltaBias: w.dtProjBias,
+        deltaSoftplus: true,
+        state: state.ssm[layer],
+        len: L,
+        dim: dInner,
+        dState,
+      });
+      be.linear(s.out, s.y, w.outProj, w.outProjBias, L, dInner, dModel);
+      be.addInPlace(s.hidden, s.out, L * dModel);
+    });
+  }
+
+  /** Final norm and lm_head over `count` rows of the residual stream from `first`. */
+  async #logits(s: Scratch<Buf>, first: number, count: number): Promise<Float32Array> {
+    const { dModel, vocabSize, eps } = this.config;
+    const be = this.backend;
+    const rows = be.zeros(count * dModel);
+    const logits = be.zeros(count * vocabSize);
+    be.copy(rows, 0, s.hidden, first * dModel, count * dModel);
+    be.rmsNorm(rows, rows, this.#weights.normF, count, dModel, eps);
+    be.linear(logits, rows, this.#weights.lmHead, null, count, dModel, vocabSize);
+    const host = await be.read(logits);
+    be.release(rows);
+    be.release(logits);
+    return host;
+  }
+
+  #allocScratch(len: number): Scratch<Buf> {
+    const { dModel, dInner, dState, dtRank } = this.config;
+    const z = (n: number) => this.backend.zeros(n);
+    return {
+      len,
+      hidden: z(len * dModel),
+      normed: z(len * dModel),
+      x: z(len * dInner),
+      z: z(len * dInner),
+      xc: z(len * dInner),
+      dt: z(len * dtRank),
+      B: z(len * dState),
+      C: z(len * dState),
+      delta: z(len * dInner),
+      y: z(len * dInner),
+      out: z(len * dModel),
+    };
+  }
+
+  #releaseScratch(s: Scratch<Buf>): void {
+    for (const [key, buf] of Object.entries(s)) {
+      if (key !== "len") this.backend.release(buf as Buf);
+    }
+  }
+}

@@ -1,0 +1,151 @@
+/**
+ * The selective scan on its own, in mamba_ssm's `selective_scan_fn` layouts,
+ * running on any backend.
+ *
+ * @example
+ * ```ts
+ * import { selectiveScan } from "./scan.ts";
+ * const [batch, dim, len, dState] = [1, 2, 3, 4];
+ * const { y, lastState } = await selectiveScan({
+ *   u: new Float32Array(batch * dim * len).fill(1),
+ *   delta: new Float32Array(batch * dim * len).fill(0.1),
+ *   A: new Float32Array(dim * dState).fill(-1),
+ *   B: new Float32Array(batch * dState * len).fill(1),
+ *   C: new Float32Array(batch * dState * len).fill(1),
+ *   batch, dim, len, dState,
+ * });
+ * console.log(y.length, lastState.length); // 6 8
+ * ```
+ *
+ * @module
+ */
+
+import type { Backend } from "./backend.ts";
+import { type BackendName, createBackend } from "./backends/registry.ts";
+
+/** Inputs in mamba_ssm's layouts. */
+export interface SelectiveScanArgs {
+  /** u [batch, dim, len]. */
+  u: Float32Array;
+  /** delta [batch, dim, len]. */
+  delta: Float32Array;
+  /** A [dim, dState]. */
+  A: Float32Array;
+  /** B [batch, dState, len]. */
+  B: Float32Array;
+  /** C [batch, dState, len]. */
+  C: Float32Array;
+  /** D [dim], optional. */
+  D?: Float32Array;
+  /** z [batch, dim, len], optional gate. */
+  z?: Float32Array;
+  /** deltaBias [dim], optional. */
+  deltaBias?: Float32Array;
+  /** Apply softplus to delta + deltaBias (default false, as in mamba_ssm). */
+  deltaSoftplus?: boolean;
+  /** Batch size. */
+  batch: number;
+  /** Channels. */
+  dim: number;
+  /** Sequence length. */
+  len: number;
+  /** State size N. */
+  dState: number;
+}
+
+/** Outputs in mamba_ssm's layouts. */
+export interface SelectiveScanResult {
+  /** y [batch, dim, len]. */
+  y: Float32Array;
+  /** The state after the last token [batch, dim, dState]. */
+  lastState: Float32Array;
+}
+
+/** Options of {@link selectiveScan}. */
+export interface SelectiveScanOptions {
+  /** Backend name; "js" is the reference. */
+  backend?: BackendName;
+  /** CPU threads for the "wasm" backend. */
+  threads?: number;
+}
+
+function transpose(src: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(rows * cols);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) out[c * rows + r] = src[r * cols + c];
+  }
+  return out;
+}
+
+function checkLength(name: string, array: Float32Array | undefined, expected: number): void {
+  if (array !== undefined && array.length !== expected) {
+    throw new RangeError(`${name} has ${array.length} elements, expected ${expected}`);
+  }
+}
+
+/** Runs the selective scan over each batch entry from a zero state. */
+export async function selectiveScan(
+  args: SelectiveScanArgs,
+  options: SelectiveScanOptions = {},
+): Promise<SelectiveScanResult> {
+  const { batch, dim, len, dState } = args;
+  for (const [name, value] of Object.entries({ batch, dim, len, dState })) {
+    if (!Number.isInteger(value) || value <= 0) {
+      throw new RangeError(`${name} must be a positive integer, got ${value}`);
+    }
+  }
+  checkLength("u", args.u, batch * dim * len);
+  checkLength("delta", args.delta, batch * dim * len);
+  checkLength("z", args.z, batch * dim * len);
+  checkLength("A", args.A, dim * dState);
+  checkLength("B", args.B, batch * dState * len);
+  checkLength("C", args.C, batch * dState * len);
+  checkLength("D", args.D, dim);
+  checkLength("deltaBias", args.deltaBias, dim);
+  const be: Backend<unknown> = await createBackend(options.backend ?? "js", {
+    threads: options.threads,
+  });
+  try {
+    return await scanOn(be, args);
+  } finally {
+    be.dispose?.();
+  }
+}
+
+async function scanOn<Buf>(
+  be: Backend<Buf>,
+  args: SelectiveScanArgs,
+): Promise<SelectiveScanResult> {
+  const { batch, dim, len, dState } = args;
+  const y = new Float32Array(batch * dim * len);
+  const lastState = new Float32Array(batch * dim * dState);
+  const A = be.upload(args.A);
+  const D = args.D ? be.upload(args.D) : null;
+  const deltaBias = args.deltaBias ? be.upload(args.deltaBias) : null;
+  const outTokenMajor = be.zeros(len * dim);
+  for (let b = 0; b < batch; b++) {
+    // mamba_ssm's [dim, len] and [dState, len] slices become token-major [len, *].
+    const channelMajor = (a: Float32Array, rows: number) =>
+      be.upload(transpose(a.subarray(b * rows * len, (b + 1) * rows * len), rows, len));
+    const state = be.zeros(dim * dState);
+    be.selectiveScan({
+      y: outTokenMajor,
+      u: channelMajor(args.u, dim),
+      delta: channelMajor(args.delta, dim),
+      A,
+      B: channelMajor(args.B, dState),
+      C: channelMajor(args.C, dState),
+      D,
+      z: args.z ? channelMajor(args.z, dim) : null,
+      deltaBias,
+      deltaSoftplus: args.deltaSoftplus ?? false,
+      state,
+      len,
+      dim,
+      dState,
+    });
+    y.set(transpose(await be.read(outTokenMajor), len, dim), b * dim * len);
+    lastState.set(await be.read(state), b * dim * dState);
+  }
+  return { y, lastState };
+}

@@ -1,0 +1,225 @@
+/**
+ * A {@link Session} is one sequence being read or written: the model's
+ * recurrent state, the ids consumed so far and the logits of the last one.
+ * Its whole content round-trips through a `Uint8Array` snapshot, so a
+ * conversation can be stored and resumed anywhere.
+ *
+ * Snapshot layout (little-endian): the 8 ASCII bytes `MAMBASS1`, then u32
+ * fields nLayer, dConv, dInner, dState, vocabSize, tokenCount, hasLogits; then
+ * tokenCount i32 ids; then vocabSize f32 logits when hasLogits is 1; then per
+ * layer the conv state [dConv - 1, dInner] and the SSM state [dInner, N] as f32.
+ *
+ * @module
+ */
+
+import type { MambaModel, MambaState } from "./model.ts";
+
+const MAGIC = "MAMBASS1";
+const HEADER_BYTES = 8 + 7 * 4;
+
+/** Thrown for a snapshot that is malformed or made for another model. */
+export class SnapshotError extends Error {
+  /** Builds the error from a problem description. */
+  constructor(problem: string) {
+    super(`Invalid snapshot: ${problem}`);
+    this.name = "SnapshotError";
+  }
+}
+
+/** Decoded snapshot contents, validated against a model's sizes. */
+interface SnapshotData {
+  tokens: number[];
+  logits: Float32Array | null;
+  conv: Float32Array[];
+  ssm: Float32Array[];
+}
+
+/** One sequence's recurrent state on a model. */
+export class Session<Buf = unknown> {
+  readonly #model: MambaModel<Buf>;
+  readonly #state: MambaState<Buf>;
+  #tokens: number[] = [];
+  #lastLogits: Float32Array | null = null;
+  /** Restoring from a snapshot that was still being taken; settled before any use. */
+  #pending: Promise<void> | null = null;
+  /** Serializes calls so overlapping prefill/step calls cannot interleave. */
+  #queue: Promise<unknown> = Promise.resolve();
+
+  /**
+   * A fresh session, or one resumed from `snapshot` (a promise is accepted, so
+   * `model.session(other.snapshot())` works without an await).
+   */
+  constructor(model: MambaModel<Buf>, snapshot?: Uint8Array | Promise<Uint8Array>) {
+    this.#model = model;
+    this.#state = model.newState();
+    if (snapshot instanceof Uint8Array) {
+      this.#restore(snapshot);
+    } else if (snapshot) {
+      this.#pending = snapshot.then((bytes) => this.#restore(bytes));
+      this.#pending.catch(() => {}); // Reported by the first call that awaits it.
+    }
+  }
+
+  /**
+   * The ids consumed so far (prompt and generated), oldest first. A session
+   * made from a snapshot promise shows them once that promise has settled
+   * (after the first awaited call).
+   */
+  get tokens(): readonly number[] {
+    return this.#tokens;
+  }
+
+  /** Logits after the last consumed id [vocab], or null before any. */
+  get lastLogits(): Float32Array | null {
+    return this.#lastLogits;
+  }
+
+  /** Feeds a sequence of ids; returns the logits after the last one [vocab]. */
+  // deno-lint-ignore require-await -- async so that invalid ids reject instead of throwing.
+  async prefill(ids: readonly number[] | Int32Array): Promise<Float32Array> {
+    const array = Int32Array.from(ids);
+    this.#checkIds(array, ids);
+    if (array.length === 0) throw new RangeError("Cannot prefill an empty sequence of ids");
+    return this.#enqueue(() => this.#run(array));
+  }
+
+  /** Feeds one id; returns the logits after it [vocab]. */
+  // deno-lint-ignore require-await -- async so that an invalid id rejects instead of throwing.
+  async step(id: number): Promise<Float32Array> {
+    const array = Int32Array.of(id);
+    this.#checkIds(array, [id]);
+    return this.#enqueue(() => this.#run(array));
+  }
+
+  /** The whole session as bytes; pass it to `model.session(snapshot)` to resume. */
+  snapshot(): Promise<Uint8Array> {
+    return this.#enqueue(async () => {
+      const { nLayer, dConv, dInner, dState, vocabSize } = this.#model.config;
+      const be = this.#model.backend;
+      const logitsBytes = this.#lastLogits ? vocabSize * 4 : 0;
+      const stateBytes = nLayer * ((dConv - 1) * dInner + dInner * dState) * 4;
+      const bytes = new Uint8Array(
+        HEADER_BYTES + this.#tokens.length * 4 + logitsBytes + stateBytes,
+      );
+      const view = new DataView(bytes.buffer);
+      bytes.set(new TextEncoder().encode(MAGIC));
+      const fields = [
+        nLayer,
+        dConv,
+        dInner,
+        dState,
+        vocabSize,
+        this.#tokens.length,
+        this.#lastLogits ? 1 : 0,
+      ];
+      fields.forEach((v, i) => view.setUint32(8 + 4 * i, v, true));
+      let offset = HEADER_BYTES;
+      for (const id of this.#tokens) {
+        view.setInt32(offset, id, true);
+        offset += 4;
+      }
+      const putFloats = (values: Float32Array) => {
+        for (let i = 0; i < values.length; i++, offset += 4) {
+          view.setFloat32(offset, values[i], true);
+        }
+      };
+      if (this.#lastLogits) putFloats(this.#lastLogits);
+      for (let l = 0; l < nLayer; l++) {
+        putFloats(await be.read(this.#state.conv[l]));
+        putFloats(await be.read(this.#state.ssm[l]));
+      }
+      return bytes;
+    });
+  }
+
+  /** Gives the state's buffers back; the session must not be used afterwards. */
+  dispose(): void {
+    this.#model.releaseState(this.#state);
+  }
+
+  #checkIds(ids: Int32Array, original: readonly number[] | Int32Array = ids): void {
+    const vocab = this.#model.config.vocabSize;
+    for (let i = 0; i < ids.length; i++) {
+      if (ids[i] !== original[i] || ids[i] < 0 || ids[i] >= vocab) {
+        throw new RangeError(
+          `Unknown token id ${original[i]}: the model's vocabulary has ids 0 to ${vocab - 1}`,
+        );
+      }
+    }
+  }
+
+  #enqueue<T>(task: () => Promise<T>): Promise<T> {
+    const result = this.#queue.then(async () => {
+      if (this.#pending) await this.#pending;
+      return task();
+    });
+    this.#queue = result.catch(() => {});
+    return result;
+  }
+
+  async #run(ids: Int32Array): Promise<Float32Array> {
+    const logits = await this.#model.run(this.#state, ids, "last");
+    for (const id of ids) this.#tokens.push(id);
+    this.#lastLogits = logits;
+    return logits;
+  }
+
+  #restore(bytes: Uint8Array): void {
+    const data = decodeSnapshot(bytes, this.#model);
+    const be = this.#model.backend;
+    data.conv.forEach((values, l) => be.write(this.#state.conv[l], values));
+    data.ssm.forEach((values, l) => be.write(this.#state.ssm[l], values));
+    this.#tokens = data.tokens;
+    this.#lastLogits = data.logits;
+  }
+}
+
+function decodeSnapshot(bytes: Uint8Array, model: MambaModel<unknown>): SnapshotData {
+  if (!(bytes instanceof Uint8Array)) throw new SnapshotError("expected a Uint8Array");
+  if (bytes.length < HEADER_BYTES || new TextDecoder().decode(bytes.subarray(0, 8)) !== MAGIC) {
+    throw new SnapshotError("it does not start with the MAMBASS1 header");
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const field = (i: number) => view.getUint32(8 + 4 * i, true);
+  const { nLayer, dConv, dInner, dState, vocabSize } = model.config;
+  const expected = { nLayer, dConv, dInner, dState, vocabSize };
+  Object.entries(expected).forEach(([name, value], i) => {
+    if (field(i) !== value) {
+      throw new SnapshotError(
+        `it was made for a model with ${name} ${field(i)}, this one has ${value}`,
+      );
+    }
+  });
+  const tokenCount = field(5);
+  const hasLogits = field(6);
+  if (hasLogits > 1) throw new SnapshotError("the logits flag is neither 0 nor 1");
+  const convLength = (dConv - 1) * dInner;
+  const ssmLength = dInner * dState;
+  const length = HEADER_BYTES +
+    4 * (tokenCount + hasLogits * vocabSize + nLayer * (convLength + ssmLength));
+  if (bytes.length !== length) {
+    throw new SnapshotError(`it holds ${bytes.length} bytes, its header implies ${length}`);
+  }
+  let offset = HEADER_BYTES;
+  const tokens: number[] = [];
+  for (let i = 0; i < tokenCount; i++, offset += 4) {
+    const id = view.getInt32(offset, true);
+    if (id < 0 || id >= vocabSize) {
+      throw new SnapshotError(`token ${i} has id ${id}, outside the vocabulary`);
+    }
+    tokens.push(id);
+  }
+  const floats = (count: number) => {
+    const values = new Float32Array(count);
+    for (let i = 0; i < count; i++, offset += 4) values[i] = view.getFloat32(offset, true);
+    return values;
+  };
+  const logits = hasLogits ? floats(vocabSize) : null;
+  const conv: Float32Array[] = [];
+  const ssm: Float32Array[] = [];
+  for (let l = 0; l < nLayer; l++) {
+    conv.push(floats(convLength));
+    ssm.push(floats(ssmLength));
+  }
+  return { tokens, logits, conv, ssm };
+}

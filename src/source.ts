@@ -1,0 +1,282 @@
+/**
+ * Where model files come from: a local directory, a `file://` or `http(s)://`
+ * URL of a model directory, or a Hugging Face repo id (`owner/name`), which
+ * resolves to `<endpoint>/<id>/resolve/<revision>/<file>` and is cached on disk
+ * so that a second load works offline.
+ *
+ * The hub endpoint is `https://huggingface.co` unless `HF_ENDPOINT` or the
+ * `hfEndpoint` option says otherwise. The cache directory is the `cacheDir`
+ * option, else `$MAMBA_CACHE_DIR`, else `$XDG_CACHE_HOME/mamba-deno`, else
+ * `~/.cache/mamba-deno`; files of repo `owner/name` go to
+ * `<cache>/hub/owner--name/<revision>/`. Where the runtime has no file system
+ * (edge), files are simply not cached.
+ *
+ * @module
+ */
+
+import { ModelFileError } from "./errors.ts";
+
+/** Progress of one file's download or read. */
+export interface LoadProgress {
+  /** The file's name within the model directory. */
+  file: string;
+  /** Bytes received so far. */
+  loaded: number;
+  /** Total bytes, when known. */
+  total?: number;
+}
+
+/** Options for opening a source. */
+export interface SourceOptions {
+  /** Called as bytes arrive. */
+  onProgress?: (progress: LoadProgress) => void;
+  /** Cache directory for hub downloads (see the module doc for the default). */
+  cacheDir?: string;
+  /** Hub endpoint; defaults to `$HF_ENDPOINT` or https://huggingface.co. */
+  hfEndpoint?: string;
+  /** Hub revision (branch, tag or commit); defaults to "main". */
+  revision?: string;
+  /** Passed to every fetch, to cancel a download. */
+  signal?: AbortSignal;
+}
+
+/** A model directory, wherever it lives. */
+export interface ModelSource {
+  /** Where a file of this source is, for messages: a path or URL. */
+  describe(name: string): string;
+  /** Whether the file exists. */
+  exists(name: string): Promise<boolean>;
+  /** The file's bytes; a missing file is a {@link ModelFileError}. */
+  readBytes(name: string): Promise<Uint8Array>;
+}
+
+/** Reads and parses a JSON file of a source, with errors that name it. */
+export async function readJson(source: ModelSource, name: string): Promise<unknown> {
+  const bytes = await source.readBytes(name);
+  try {
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+  } catch (error) {
+    throw new ModelFileError(
+      source.describe(name),
+      `Not valid JSON: ${(error as Error).message}`,
+      { cause: error },
+    );
+  }
+}
+
+function env(name: string): string | undefined {
+  try {
+    return Deno.env.get(name) || undefined;
+  } catch {
+    return undefined; // No --allow-env, or no environment at all (edge).
+  }
+}
+
+const REPO_ID = /^[A-Za-z0-9][\w.-]*\/[A-Za-z0-9][\w.-]*$/;
+
+async function isDirectory(path: string): Promise<boolean> {
+  try {
+    return (await Deno.stat(path)).isDirectory;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Opens `source`: a URL (file:, http:, https:), a local directory, or an HF
+ * repo id. A string that names an existing directory is always a directory.
+ */
+export async function openSource(
+  source: string | URL,
+  options: SourceOptions = {},
+): Promise<ModelSource> {
+  if (source instanceof URL || /^(https?|file):/i.test(source)) {
+    const url = new URL(source);
+    const dir = new URL(url.href.endsWith("/") ? url.href : `${url.href}/`);
+    if (dir.protocol === "file:") {
+      return new DirectorySource(decodeURIComponent(dir.pathname), options.onProgress);
+    }
+    return new HttpSource(dir, options, null);
+  }
+  if (await isDirectory(source) || !REPO_ID.test(source)) {
+    return new DirectorySource(source.endsWith("/") ? source : `${source}/`, options.onProgress);
+  }
+  const endpoint = (options.hfEndpoint ?? env("HF_ENDPOINT") ?? "https://huggingface.co")
+    .replace(/\/+$/, "");
+  const revision = options.revision ?? "main";
+  const base = new URL(`${endpoint}/${source}/resolve/${encodeURIComponent(revision)}/`);
+  const cacheRoot = options.cacheDir ?? defaultCacheDir();
+  const cache = cacheRoot === undefined
+    ? null
+    : `${cacheRoot}/hub/${source.replace("/", "--")}/${revision.replaceAll("/", "--")}/`;
+  return new HttpSource(base, options, cache);
+}
+
+/** The cache directory used for hub downloads when no option names one. */
+export function defaultCacheDir(): string | undefined {
+  const explicit = env("MAMBA_CACHE_DIR");
+  if (explicit) return explicit;
+  const xdg = env("XDG_CACHE_HOME");
+  if (xdg) return `${xdg}/mamba-deno`;
+  const home = env("HOME") ?? env("USERPROFILE");
+  return home ? `${home}/.cache/mamba-deno` : undefined;
+}
+
+/** Local files are read in pieces of this many bytes, to report progress. */
+const READ_CHUNK = 16 << 20;
+
+class DirectorySource implements ModelSource {
+  constructor(
+    readonly dir: string,
+    readonly onProgress?: (progress: LoadProgress) => void,
+  ) {}
+
+  describe(name: string): string {
+    return `${this.dir}${name}`;
+  }
+
+  async exists(name: string): Promise<boolean> {
+    try {
+      return (await Deno.stat(this.describe(name))).isFile;
+    } catch {
+      return false;
+    }
+  }
+
+  async readBytes(name: string): Promise<Uint8Array> {
+    try {
+      using file = await Deno.open(this.describe(name));
+      const total = (await file.stat()).size;
+      const bytes = new Uint8Array(total);
+      let loaded = 0;
+      this.onProgress?.({ file: name, loaded, total });
+      while (loaded < total) {
+        const read = await file.read(bytes.subarray(loaded, Math.min(total, loaded + READ_CHUNK)));
+        if (read === null) throw new Error(`File shrank to ${loaded} bytes while being read`);
+        loaded += read;
+        this.onProgress?.({ file: name, loaded, total });
+      }
+      return bytes;
+    } catch (error) {
+      const problem = error instanceof Deno.errors.NotFound
+        ? "File not found"
+        : `Cannot read the file: ${(error as Error).message}`;
+      throw new ModelFileError(this.describe(name), problem, { cause: error });
+    }
+  }
+}
+
+class HttpSource implements ModelSource {
+  constructor(
+    readonly base: URL,
+    readonly options: SourceOptions,
+    /** Cache directory with a trailing slash, or null to fetch every time. */
+    readonly cache: string | null,
+  ) {}
+
+  describe(name: string): string {
+    return new URL(name, this.base).href;
+  }
+
+  async exists(name: string): Promise<boolean> {
+    if (this.cache !== null) {
+      if (await this.#cached(name) !== null) return true;
+      if (await this.#cached(missingMarker(name)) !== null) return false;
+    }
+    const response = await this.#fetch(name, "HEAD");
+    await response.body?.cancel();
+    if (response.status === 404) {
+      await this.#store(missingMarker(name), new Uint8Array());
+      return false;
+    }
+    return response.ok;
+  }
+
+  async readBytes(name: string): Promise<Uint8Array> {
+    const cached = this.cache === null ? null : await this.#cached(name);
+    if (cached !== null) return cached;
+    const response = await this.#fetch(name, "GET");
+    if (!response.ok) {
+      await response.body?.cancel();
+      throw new ModelFileError(
+        this.describe(name),
+        response.status === 404
+          ? "File not found (HTTP 404)"
+          : `HTTP ${response.status} ${response.statusText}`,
+      );
+    }
+    const bytes = await this.#receive(name, response);
+    await this.#store(name, bytes);
+    return bytes;
+  }
+
+  async #fetch(name: string, method: string): Promise<Response> {
+    try {
+      return await fetch(this.describe(name), {
+        method,
+        signal: this.options.signal,
+        redirect: "follow",
+      });
+    } catch (error) {
+      if (this.options.signal?.aborted) throw error;
+      throw new ModelFileError(
+        this.describe(name),
+        `Cannot fetch: ${(error as Error).message}`,
+        { cause: error },
+      );
+    }
+  }
+
+  /** Streams the body into one buffer, reporting progress as chunks arrive. */
+  async #receive(name: string, response: Response): Promise<Uint8Array> {
+    const header = Number(response.headers.get("content-length"));
+    const total = Number.isFinite(header) && header > 0 ? header : undefined;
+    const onProgress = this.options.onProgress;
+    if (!response.body) return new Uint8Array(await response.arrayBuffer());
+    let buffer = new Uint8Array(total ?? 1 << 20);
+    let loaded = 0;
+    onProgress?.({ file: name, loaded, total });
+    for await (const chunk of response.body) {
+      if (loaded + chunk.length > buffer.length) {
+        const grown = new Uint8Array(Math.max(buffer.length * 2, loaded + chunk.length));
+        grown.set(buffer.subarray(0, loaded));
+        buffer = grown;
+      }
+      buffer.set(chunk, loaded);
+      loaded += chunk.length;
+      onProgress?.({ file: name, loaded, total });
+    }
+    if (total !== undefined && loaded !== total) {
+      throw new ModelFileError(
+        this.describe(name),
+        `Download ended after ${loaded} of ${total} bytes`,
+      );
+    }
+    return loaded === buffer.length ? buffer : buffer.slice(0, loaded);
+  }
+
+  async #cached(name: string): Promise<Uint8Array | null> {
+    try {
+      return await Deno.readFile(`${this.cache}${name}`);
+    } catch {
+      return null;
+    }
+  }
+
+  /** Writes atomically (temp file + rename); a runtime without a file system skips it. */
+  async #store(name: string, bytes: Uint8Array): Promise<void> {
+    if (this.cache === null) return;
+    try {
+      await Deno.mkdir(this.cache, { recursive: true });
+      const temp = `${this.cache}${name}.${crypto.randomUUID()}.partial`;
+      await Deno.writeFile(temp, bytes);
+      await Deno.rename(temp, `${this.cache}${name}`);
+    } catch {
+      // Read-only or absent file system: the download is still used, just not kept.
+    }
+  }
+}
+
+function missingMarker(name: string): string {
+  return `${name}.missing`;
+}

@@ -1,0 +1,201 @@
+/**
+ * Maps a checkpoint's tensors onto the model's weights, checking every shape
+ * against the config before any value is used.
+ *
+ * Both naming schemes are accepted: transformers' (`backbone.embeddings.weight`)
+ * and state-spaces' (`backbone.embedding.weight`). Projections that the math
+ * splits (in_proj into x and z, x_proj into delta, B and C) are split here, as
+ * zero-copy row ranges of the stored matrix.
+ *
+ * @module
+ */
+
+import type { MambaConfig } from "./config.ts";
+import { ModelFileError } from "./errors.ts";
+import type { SafetensorsFile } from "./safetensors.ts";
+
+/** One Mamba block's weights. Shapes use the glossary of `model.ts`. */
+export interface LayerWeights<T> {
+  /** RMSNorm weight before the mixer [D]. */
+  norm: T;
+  /** in_proj rows producing x [dInner, D]. */
+  inProjX: T;
+  /** in_proj rows producing the gate z [dInner, D]. */
+  inProjZ: T;
+  /** in_proj bias for x [dInner], when `projBias`. */
+  inProjXBias: T | null;
+  /** in_proj bias for z [dInner], when `projBias`. */
+  inProjZBias: T | null;
+  /** Depthwise conv weights [dInner, dConv]. */
+  convWeight: T;
+  /** Conv bias [dInner], when `convBias`. */
+  convBias: T | null;
+  /** x_proj rows producing the low-rank delta [R, dInner]. */
+  xProjDt: T;
+  /** x_proj rows producing B [N, dInner]. */
+  xProjB: T;
+  /** x_proj rows producing C [N, dInner]. */
+  xProjC: T;
+  /** dt_proj weight, rank R up to dInner [dInner, R]. */
+  dtProj: T;
+  /** dt_proj bias [dInner], added before softplus inside the scan. */
+  dtProjBias: T;
+  /** A = -exp(A_log) [dInner, N]. */
+  A: T;
+  /** Skip connection D [dInner]. */
+  D: T;
+  /** out_proj weight [D, dInner]. */
+  outProj: T;
+  /** out_proj bias [D], when `projBias`. */
+  outProjBias: T | null;
+}
+
+/** All weights of a Mamba language model. */
+export interface MambaWeights<T> {
+  /** Token embedding [vocab, D]. */
+  embedding: T;
+  /** One entry per block. */
+  layers: LayerWeights<T>[];
+  /** Final RMSNorm weight [D]. */
+  normF: T;
+  /** Output projection [vocab, D]; the embedding itself when tied. */
+  lmHead: T;
+}
+
+/** Where tensors come from: one safetensors file or the shards of a checkpoint. */
+export class TensorStore {
+  readonly #fileOf = new Map<string, SafetensorsFile>();
+
+  /** Indexes the tensors of every file; a name present twice is an error. */
+  constructor(files: SafetensorsFile[]) {
+    for (const file of files) {
+      for (const name of file.tensors.keys()) {
+        const other = this.#fileOf.get(name);
+        if (other) {
+          throw new ModelFileError(file.file, `Tensor "${name}" is also in ${other.file}`);
+        }
+        this.#fileOf.set(name, file);
+      }
+    }
+  }
+
+  /** Whether a tensor of that name exists. */
+  has(name: string): boolean {
+    return this.#fileOf.has(name);
+  }
+
+  /** All tensor names. */
+  names(): string[] {
+    return [...this.#fileOf.keys()];
+  }
+
+  /** The file holding `name`; throws a clear error when it is missing. */
+  fileOf(name: string, description: string): SafetensorsFile {
+    const file = this.#fileOf.get(name);
+    if (!file) {
+      const anyFile = this.#fileOf.values().next().value?.file ?? "checkpoint";
+      throw new ModelFileError(anyFile, `Missing tensor "${name}" (${description})`);
+    }
+    return file;
+  }
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((v, i) => v === b[i]);
+}
+
+/**
+ * Reads and checks all weights as float32 arrays (F16 and BF16 are widened).
+ * `configFile` names config.json in errors about contradictions.
+ */
+export function loadWeights(
+  store: TensorStore,
+  config: MambaConfig,
+  configFile: string,
+): MambaWeights<Float32Array> {
+  const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
+  const sizes =
+    `${configFile} says hidden_size ${dModel}, intermediate_size ${dInner}, state_size ${dState}, conv_kernel ${dConv}, time_step_rank ${dtRank}, vocab_size ${vocabSize}`;
+
+  const tensor = (name: string, shape: number[], alternatives: number[][] = []) => {
+    const file = store.fileOf(name, `needed for a model with ${nLayer} layers`);
+    const actual = file.info(name).shape;
+    const fits = [shape, ...alternatives].find((s) => sameShape(s, actual));
+    if (!fits) {
+      throw new ModelFileError(
+        file.file,
+        `Tensor "${name}" has shape [${actual.join(", ")}] but the config implies [${
+          shape.join(", ")
+        }] (${sizes})`,
+      );
+    }
+    return file.float32(name);
+  };
+  const optional = (name: string, shape: number[], wanted: boolean, flagName: string) => {
+    if (wanted) return tensor(name, shape);
+    if (store.has(name)) {
+      throw new ModelFileError(
+        store.fileOf(name, "").file,
+        `Holds "${name}" but ${configFile} sets ${flagName} to false`,
+      );
+    }
+    return null;
+  };
+
+  const embeddingName = store.has("backbone.embeddings.weight")
+    ? "backbone.embeddings.weight"
+    : "backbone.embedding.weight";
+  const embedding = tensor(embeddingName, [vocabSize, dModel]);
+
+  const extraLayer = `backbone.layers.${nLayer}.mixer.in_proj.weight`;
+  if (store.has(extraLayer)) {
+    throw new ModelFileError(
+      store.fileOf(extraLayer, "").file,
+      `Holds more layers than the ${nLayer} that ${configFile} declares ("${extraLayer}" exists)`,
+    );
+  }
+
+  const layers: LayerWeights<Float32Array>[] = [];
+  for (let l = 0; l < nLayer; l++) {
+    const p = `backbone.layers.${l}.`;
+    const inProj = tensor(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]);
+    const inProjBias = optional(
+      `${p}mixer.in_proj.bias`,
+      [2 * dInner],
+      config.projBias,
+      "use_bias",
+    );
+    const xProj = tensor(`${p}mixer.x_proj.weight`, [dtRank + 2 * dState, dInner]);
+    const aLog = tensor(`${p}mixer.A_log`, [dInner, dState]);
+    const A = new Float32Array(aLog.length);
+    for (let i = 0; i < A.length; i++) A[i] = -Math.exp(aLog[i]);
+    layers.push({
+      norm: tensor(`${p}norm.weight`, [dModel]),
+      inProjX: inProj.subarray(0, dInner * dModel),
+      inProjZ: inProj.subarray(dInner * dModel),
+      inProjXBias: inProjBias?.subarray(0, dInner) ?? null,
+      inProjZBias: inProjBias?.subarray(dInner) ?? null,
+      // PyTorch stores the depthwise kernel as [dInner, 1, dConv].
+      convWeight: tensor(`${p}mixer.conv1d.weight`, [dInner, 1, dConv], [[dInner, dConv]]),
+      convBias: optional(`${p}mixer.conv1d.bias`, [dInner], config.convBias, "use_conv_bias"),
+      xProjDt: xProj.subarray(0, dtRank * dInner),
+      xProjB: xProj.subarray(dtRank * dInner, (dtRank + dState) * dInner),
+      xProjC: xProj.subarray((dtRank + dState) * dInner),
+      dtProj: tensor(`${p}mixer.dt_proj.weight`, [dInner, dtRank]),
+      dtProjBias: tensor(`${p}mixer.dt_proj.bias`, [dInner]),
+      A,
+      D: tensor(`${p}mixer.D`, [dInner]),
+      outProj: tensor(`${p}mixer.out_proj.weight`, [dModel, dInner]),
+      outProjBias: optional(`${p}mixer.out_proj.bias`, [dModel], config.projBias, "use_bias"),
+    });
+  }
+
+  const normF = tensor("backbone.norm_f.weight", [dModel]);
+  let lmHead = embedding;
+  if (store.has("lm_head.weight")) {
+    lmHead = tensor("lm_head.weight", [vocabSize, dModel]);
+  } else if (!config.tieEmbeddings) {
+    store.fileOf("lm_head.weight", `${configFile} sets tie_word_embeddings to false`);
+  }
+  return { embedding, layers, normF, lmHead };
+}
