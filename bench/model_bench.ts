@@ -6,7 +6,9 @@
  * `deno task bench` runs it. The 130m model is read from `$MAMBA_BENCH_MODEL`
  * (written by `deno task make-random-model <dir>`), else written to a temp dir
  * first. Each bench's name says how many tokens one iteration processes:
- * tokens/s = tokens / (time per iteration).
+ * tokens/s = tokens / (time per iteration). `$MAMBA_BENCH_BACKENDS` (comma
+ * separated, e.g. `js,wasm`) limits the backends; the software WebGPU adapter
+ * of a machine without a GPU takes minutes on the 130m shape.
  *
  * @module
  */
@@ -18,7 +20,10 @@ import { MambaModel } from "../src/model.ts";
 import { Session } from "../src/session.ts";
 import { MAMBA_130M, writeRandomModel } from "./make_random_model.ts";
 
-const backends = BACKEND_NAMES.filter((name) => name !== "auto") as BackendName[];
+const requested = Deno.env.get("MAMBA_BENCH_BACKENDS")?.split(",");
+const backends = BACKEND_NAMES.filter((name) =>
+  name !== "auto" && (!requested || requested.includes(name))
+) as BackendName[];
 
 async function randomModelDir(): Promise<string> {
   const fromEnv = Deno.env.get("MAMBA_BENCH_MODEL");
@@ -28,18 +33,23 @@ async function randomModelDir(): Promise<string> {
   return dir;
 }
 
+/**
+ * Token counts per model: every backend runs the short counts, in groups whose
+ * baseline is the js reference; the fast backends also run the long counts
+ * (a 512-token prompt, 128 new tokens), which the reference would take minutes on.
+ */
 const models = [
   {
     label: "tiny-shakespeare",
     dir: new URL("../models/tiny-shakespeare/", import.meta.url),
-    prefillTokens: { js: 64, fast: 512 },
-    decodeTokens: { js: 16, fast: 128 },
+    prefill: { short: 64, long: 512 },
+    decode: { short: 16, long: 128 },
   },
   {
     label: "130m-shaped",
     dir: await randomModelDir(),
-    prefillTokens: { js: 16, fast: 512 },
-    decodeTokens: { js: 4, fast: 128 },
+    prefill: { short: 16, long: 512 },
+    decode: { short: 4, long: 128 },
   },
 ];
 
@@ -47,36 +57,39 @@ function promptIds(count: number, vocab: number): Int32Array {
   return Int32Array.from({ length: count }, (_, i) => (i * 7919 + 13) % vocab);
 }
 
-for (const { label, dir, prefillTokens, decodeTokens } of models) {
+for (const { label, dir, prefill, decode } of models) {
   const checkpoint = await loadCheckpoint(dir);
+  const vocab = checkpoint.config.vocabSize;
   for (const name of backends) {
     const model = new MambaModel(await createBackend(name), checkpoint.config, checkpoint.weights);
-    const speed = name === "js" ? "js" : "fast";
-    const prompt = promptIds(prefillTokens[speed], checkpoint.config.vocabSize);
-    const steps = decodeTokens[speed];
-    Deno.bench({
-      name: `${name}: prefill ${prompt.length} tokens`,
-      group: `${label} prefill`,
-      baseline: name === "js",
-      n: name === "js" ? 2 : 5,
-      warmup: 1,
-      async fn() {
-        await new Session(model).prefill(prompt);
-      },
-    });
-    Deno.bench({
-      name: `${name}: decode ${steps} tokens`,
-      group: `${label} decode`,
-      baseline: name === "js",
-      n: name === "js" ? 2 : 5,
-      warmup: 1,
-      async fn(b) {
-        const session = new Session(model);
-        await session.prefill(prompt.subarray(0, 1));
-        b.start();
-        for (let i = 0; i < steps; i++) await session.step(prompt[i % prompt.length]);
-        b.end();
-      },
-    });
+    const lengths = name === "js" ? ["short"] as const : ["short", "long"] as const;
+    for (const length of lengths) {
+      const prompt = promptIds(prefill[length], vocab);
+      const steps = decode[length];
+      Deno.bench({
+        name: `${name}: prefill ${prompt.length} tokens`,
+        group: `${label} prefill ${prompt.length} tokens`,
+        baseline: name === "js",
+        n: name === "js" ? 2 : 5,
+        warmup: 1,
+        async fn() {
+          await new Session(model).prefill(prompt);
+        },
+      });
+      Deno.bench({
+        name: `${name}: decode ${steps} tokens`,
+        group: `${label} decode ${steps} tokens`,
+        baseline: name === "js",
+        n: name === "js" ? 2 : 5,
+        warmup: 1,
+        async fn(b) {
+          const session = new Session(model);
+          await session.prefill(prompt.subarray(0, 1));
+          b.start();
+          for (let i = 0; i < steps; i++) await session.step(prompt[i % prompt.length]);
+          b.end();
+        },
+      });
+    }
   }
 }
