@@ -35,6 +35,8 @@ export type { MambaConfig } from "./src/config.ts";
 export { MambaModel } from "./src/model.ts";
 export type { LogitsFor, MambaState } from "./src/model.ts";
 export type { Backend, ConvArgs, ScanArgs } from "./src/backend.ts";
+export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
+export type { BackendCache, BackendReport, CandidateReport } from "./src/dispatch.ts";
 export type { SourceOptions } from "./src/source.ts";
 export { Session, SnapshotError } from "./src/session.ts";
 export { Generation } from "./src/generate.ts";

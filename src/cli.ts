@@ -9,6 +9,7 @@
 
 import { parseArgs } from "@std/cli/parse-args";
 import { BACKEND_NAMES, type BackendName } from "./backends/registry.ts";
+import { formatBackendReport } from "./dispatch.ts";
 import { loadModel, type LoadProgress } from "./load.ts";
 import type { GenerateOptions } from "./generate.ts";
 
@@ -33,7 +34,10 @@ Options:
       --repeat-last-n <n>     Tokens the penalty looks back over; -1 is all (default: 64)
       --stop <text>           Stop when this text appears (repeatable)
   -s, --seed <n>              Random seed (default: random)
-      --backend <name>        Backend: ${BACKEND_NAMES.join(", ")} (default: auto)
+      --backend <name>        Backend: ${BACKEND_NAMES.join(", ")} (default: auto, which
+                              measures the available ones on this model and caches the choice)
+      --remeasure             Make auto measure again instead of using its cached choice
+  -v, --verbose               Print how the backend was chosen, with its measurements
       --ignore-eos            Keep generating past the end-of-sequence token
   -h, --help                  Show this help
 `;
@@ -94,9 +98,9 @@ export async function main(args: string[]): Promise<number> {
       "backend",
       "stop",
     ],
-    boolean: ["help", "ignore-eos"],
+    boolean: ["help", "ignore-eos", "remeasure", "verbose"],
     collect: ["stop"],
-    alias: { m: "model", p: "prompt", n: "max-new-tokens", s: "seed", h: "help" },
+    alias: { m: "model", p: "prompt", n: "max-new-tokens", s: "seed", h: "help", v: "verbose" },
     unknown: (arg) => {
       if (arg.startsWith("-")) throw new UsageError(`Unknown option ${arg}`);
       throw new UsageError(`Unexpected argument "${arg}": pass the prompt with -p`);
@@ -126,8 +130,10 @@ export async function main(args: string[]): Promise<number> {
 
   const model = await loadModel(flags.model ?? DEFAULT_MODEL, {
     backend,
+    remeasure: flags.remeasure,
     onProgress: progressReporter(),
   });
+  if (flags.verbose) console.error(formatBackendReport(model.backendReport()));
   const controller = new AbortController();
   const onInterrupt = () => controller.abort();
   Deno.addSignalListener("SIGINT", onInterrupt);

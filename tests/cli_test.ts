@@ -4,24 +4,7 @@
  */
 
 import { assertEquals, assertMatch, assertStringIncludes } from "@std/assert";
-import { SHARED } from "./helpers.ts";
-
-const CLI = new URL("../src/cli.ts", import.meta.url).pathname;
-
-async function runCli(args: string[]) {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-read", "--allow-env", "--allow-net", CLI, ...args],
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).output();
-  const decoder = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-  };
-}
+import { runCli, SHARED } from "./helpers.ts";
 
 Deno.test("greedy generation on the embedded model prints exactly the expected text", async () => {
   const samples =

@@ -20,7 +20,7 @@ export function softplus(x: number): number {
 
 /** The plain TypeScript backend; its buffers are `Float32Array`s. */
 export class JsBackend implements Backend<Float32Array> {
-  readonly name = "js";
+  readonly name: string = "js";
 
   upload(data: Float32Array): Float32Array {
     return data;

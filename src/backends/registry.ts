@@ -1,51 +1,194 @@
 /**
- * Backends by name. Each entry creates its backend (asynchronously: a fast
- * backend may compile a module or open a device first).
+ * The backends and what each needs from the runtime: the one place that says
+ * which backends exist and whether they can run here. Each entry probes its
+ * capability (WebGPU adapter, WebAssembly SIMD, shared-memory threads) and, when
+ * it can run, hands back a function that creates it.
+ *
+ * Picking among them for a model ("auto") is done by measuring, in
+ * `../dispatch.ts`.
  *
  * @module
  */
 
 import type { Backend } from "../backend.ts";
 import { JsBackend } from "./js.ts";
-import { WebGpuBackend } from "./webgpu.ts";
-import { WasmBackend, wasmSimdSupported } from "./wasm.ts";
+import { describeAdapter, WebGpuBackend } from "./webgpu.ts";
+import { defaultThreads, WasmBackend, wasmSimdSupported } from "./wasm.ts";
 
 /** Backends that can be asked for by name. */
 export type BackendName = "js" | "wasm" | "webgpu" | "auto";
 
 /** Options passed to the backend; each backend reads those it knows. */
 export interface BackendOptions {
-  /** CPU threads for the "wasm" backend (default `navigator.hardwareConcurrency`; 1: no workers). */
+  /**
+   * CPU threads for the "wasm" backend (default `navigator.hardwareConcurrency`
+   * where threads are allowed, else 1; 1: no workers).
+   */
   threads?: number;
 }
 
-const FACTORIES: Record<
-  Exclude<BackendName, "auto">,
-  (options: BackendOptions) => Promise<Backend>
-> = {
-  js: () => Promise.resolve(new JsBackend() as Backend),
-  webgpu: () => WebGpuBackend.create() as Promise<Backend>,
-  wasm: (options) => WasmBackend.create(options) as Promise<Backend>,
-};
-
-/** The backend "auto" stands for here: wasm where WebAssembly SIMD runs, else js. */
-function autoBackend(): Exclude<BackendName, "auto"> {
-  return wasmSimdSupported() ? "wasm" : "js";
+/** What the runtime offers. {@link probeCapabilities} reads the real ones; tests pass their own. */
+export interface Capabilities {
+  /** `navigator.gpu`, or undefined where the runtime has no WebGPU. */
+  gpu: GPU | undefined;
+  /** Whether WebAssembly SIMD (fixed-width, 128-bit) validates. */
+  wasmSimd: boolean;
+  /** Whether workers can share a WebAssembly.Memory (Worker exists, shared memory constructs). */
+  threads: boolean;
 }
 
-/** Names accepted by {@link createBackend}. */
+/** The capabilities of this runtime. */
+export function probeCapabilities(): Capabilities {
+  return {
+    gpu: (globalThis.navigator as Navigator | undefined)?.gpu,
+    wasmSimd: wasmSimdSupported(),
+    threads: threadsAllowed(),
+  };
+}
+
+function threadsAllowed(): boolean {
+  if (typeof Worker !== "function") return false;
+  try {
+    // Browsers without cross-origin isolation refuse shared memory here.
+    new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The outcome of a backend's capability check. */
+export type Probe =
+  | {
+    available: true;
+    /** What it would run on (adapter, threads): shown in reports, part of cache keys. */
+    device: string;
+    /** Creates the backend; may still fail (a device that will not open). */
+    create(): Promise<Backend>;
+  }
+  | {
+    available: false;
+    /** Why not, as a sentence. */
+    reason: string;
+  };
+
+/** A registered backend: its name and its capability check. */
+export interface BackendCandidate {
+  /** The name users ask for. */
+  readonly name: string;
+  /** Checks whether the backend can run here with these options. */
+  probe(capabilities: Capabilities, options: BackendOptions): Promise<Probe>;
+}
+
+/** The registered backends, in the order reports list them. */
+export const BACKENDS: readonly BackendCandidate[] = [
+  {
+    name: "js",
+    probe: () =>
+      Promise.resolve({
+        available: true,
+        device: "TypeScript reference",
+        create: () => Promise.resolve(new JsBackend() as Backend),
+      }),
+  },
+  {
+    name: "wasm",
+    probe(capabilities, options) {
+      if (!capabilities.wasmSimd) {
+        return Promise.resolve({
+          available: false,
+          reason: "WebAssembly SIMD is not available in this runtime",
+        });
+      }
+      // Without shared memory the backend still runs, on the calling thread only.
+      const threads = options.threads ?? (capabilities.threads ? defaultThreads() : 1);
+      return Promise.resolve({
+        available: true,
+        device: `WebAssembly SIMD, ${threads} thread${threads === 1 ? "" : "s"}`,
+        create: () => WasmBackend.create({ threads }) as Promise<Backend>,
+      });
+    },
+  },
+  {
+    name: "webgpu",
+    async probe({ gpu }) {
+      if (!gpu) return { available: false, reason: "WebGPU is not available: no navigator.gpu" };
+      let adapter: GPUAdapter | null;
+      try {
+        adapter = await gpu.requestAdapter();
+      } catch (error) {
+        return { available: false, reason: `WebGPU is not available: ${messageOf(error)}` };
+      }
+      if (!adapter) {
+        return {
+          available: false,
+          reason: "WebGPU is not available: navigator.gpu has no adapter",
+        };
+      }
+      return {
+        available: true,
+        device: describeAdapter(adapter),
+        create: () => WebGpuBackend.create({ adapter }) as Promise<Backend>,
+      };
+    },
+  },
+];
+
+/** Names accepted by {@link createBackend} and `loadModel`. */
 export const BACKEND_NAMES: readonly BackendName[] = [
-  ...Object.keys(FACTORIES),
+  ...BACKENDS.map((entry) => entry.name),
   "auto",
 ] as BackendName[];
 
-/** Creates the backend of that name; "auto" picks the best available one. */
-export function createBackend(name: BackendName, options: BackendOptions = {}): Promise<Backend> {
-  const factory = FACTORIES[name === "auto" ? autoBackend() : name];
-  if (!factory) {
+/**
+ * The backend "auto" stands for where there is no model to measure with (the
+ * standalone scan): wasm where it can run, else js. Models measure instead.
+ */
+const UNMEASURED_AUTO = ["wasm", "js"];
+
+/**
+ * Creates the backend of that name, failing (with the alternatives) where it
+ * cannot run. "auto" here takes the first of wasm and js that can run; a model
+ * picks by measuring, see `selectBackend` in `../dispatch.ts`.
+ */
+export async function createBackend(
+  name: BackendName,
+  options: BackendOptions = {},
+  capabilities: Capabilities = probeCapabilities(),
+  candidates: readonly BackendCandidate[] = BACKENDS,
+): Promise<Backend> {
+  if (name === "auto") {
+    const reasons: string[] = [];
+    for (const fallback of UNMEASURED_AUTO) {
+      const probe = await candidates.find((entry) => entry.name === fallback)
+        ?.probe(capabilities, options);
+      if (probe?.available) return probe.create();
+      if (probe) reasons.push(`${fallback}: ${probe.reason}`);
+    }
+    throw new Error(`No backend can run here (${reasons.join("; ")})`);
+  }
+  const candidate = candidates.find((entry) => entry.name === name);
+  if (!candidate) {
+    const names = [...candidates.map((entry) => entry.name), "auto"];
     throw new RangeError(
-      `Unknown backend ${JSON.stringify(name)}: choose one of ${BACKEND_NAMES.join(", ")}`,
+      `Unknown backend ${JSON.stringify(name)}: choose one of ${names.join(", ")}`,
     );
   }
-  return factory(options);
+  const probe = await candidate.probe(capabilities, options);
+  if (!probe.available) {
+    const others = candidates.filter((entry) => entry !== candidate).map((entry) =>
+      `"${entry.name}"`
+    );
+    throw new Error(
+      `${probe.reason}. Use backend ${
+        others.join(" or ")
+      }, or "auto" to pick the fastest available`,
+    );
+  }
+  return probe.create();
+}
+
+/** The message of a thrown value. */
+export function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
