@@ -1,0 +1,531 @@
+/**
+ * The edge server's request handler, independent of how it is served:
+ * {@link createHandler} takes a loaded model and returns a
+ * `(Request) => Promise<Response>` for `Deno.serve` (or a test).
+ *
+ * Endpoints:
+ *
+ * - `POST /v1/generate`: `{prompt, max_new_tokens, temperature, top_k, top_p,
+ *   min_p, repetition_penalty, seed, stop, ignore_eos, stream, session}`. Streams
+ *   Server-Sent Events (`data: {"token","text"}` per token, then
+ *   `event: done` with counts and timings), or with `stream: false` replies
+ *   with one JSON body.
+ * - `POST /v1/completions`: OpenAI's completions shape (`max_tokens`,
+ *   `choices`, `usage`, `data: [DONE]`), same engine.
+ * - `GET /v1/stats`: generations running, counters, prefix-cache hits.
+ * - `DELETE /v1/sessions/<id>`: forgets a session.
+ *
+ * Sessions: `session: "new"` starts one; the reply names its id (the
+ * `X-Session-Id` header, and `session` in the final event or body). A later
+ * request with that id continues from the saved state, prefilling only its
+ * own prompt (which may be ""). The state is saved when a reply completes;
+ * an aborted or failed reply leaves the session as it was (a new one is then
+ * never created). An id the server does not know (never issued, deleted, or
+ * evicted) is a 404; a session already generating in this process is a 409.
+ *
+ * Every other failure of the request is a 4xx with `{error}`: bad JSON or
+ * field types (400), limits (400 for prompt length and max_new_tokens, 413
+ * for the body), wrong path (404) or method (405), and the concurrency cap
+ * (429).
+ *
+ * @module
+ */
+
+import { setImmediate } from "node:timers";
+import type { GenerationEvent, Mamba, Session } from "../../mod.ts";
+import { PrefixCache, type PrefixCacheStats } from "./prefix_cache.ts";
+import {
+  type GenerationRequest,
+  HttpError,
+  parseCompletionsBody,
+  parseGenerateBody,
+  type RequestLimits,
+} from "./request.ts";
+import { MemorySessionStore, type SessionStore } from "./store.ts";
+
+/** Options of {@link createHandler}. */
+export interface HandlerOptions {
+  /** The model's name in replies, and its part of the prefix-cache key (default "mamba"). */
+  modelName?: string;
+  /** Where sessions are kept (default: a {@link MemorySessionStore}). */
+  sessions?: SessionStore;
+  /** Bytes of prefix-cache snapshots kept at most; 0 disables it (default 64 MiB). */
+  prefixCacheBytes?: number;
+  /** Generations running at once at most; beyond it requests get 429 (default 8). */
+  maxConcurrent?: number;
+  /** Prompt tokens accepted at most (default 4096). */
+  maxPromptTokens?: number;
+  /** Largest `max_new_tokens` accepted (default 1024). */
+  maxNewTokens?: number;
+  /** `max_new_tokens` of a request that leaves it out (default 128). */
+  defaultMaxNewTokens?: number;
+  /** Request body bytes accepted at most (default 1 MiB). */
+  maxBodyBytes?: number;
+}
+
+/** What `GET /v1/stats` reports. */
+export interface ServerStats {
+  /** Generations running now. */
+  active: number;
+  /** The cap on `active`. */
+  maxConcurrent: number;
+  /** Generations that ran to their end. */
+  completed: number;
+  /** Generations stopped because the client went away. */
+  aborted: number;
+  /** Generations that failed with an error after their reply had started. */
+  failed: number;
+  /** Requests refused with 429. */
+  rejected: number;
+  /** Prefix-cache counters. */
+  prefixCache: PrefixCacheStats;
+}
+
+/** Counts and timings of one generation, as the final event reports them. */
+interface Summary {
+  finishReason: string;
+  promptTokens: number;
+  cachedTokens: number;
+  generatedTokens: number;
+  prefillMs: number;
+  decodeMs: number;
+  firstTokenMs: number | null;
+  session: string | null;
+}
+
+/** A checked request with its prompt ids and the session it will run in. */
+interface Job {
+  request: GenerationRequest;
+  ids: number[];
+  /** Restored from the session store, from a cached prefix, or new. */
+  session: Session;
+  /** Whether `session` continues a stored session (the prefix cache does not apply). */
+  continued: boolean;
+  /** Leading prompt ids already in `session` from the prefix cache. */
+  cachedTokens: number;
+  /** The session id to save under when the reply completes, or null. */
+  sessionId: string | null;
+  /** When the request arrived (performance.now()). */
+  started: number;
+  /** Frees the slot, the session lock and the session's state; safe to call twice. */
+  release: () => void;
+}
+
+/** How an endpoint writes tokens, the end and errors, streamed or as one body. */
+interface Format {
+  event(event: GenerationEvent): string;
+  done(summary: Summary): string;
+  error(message: string): string;
+  body(text: string, tokens: number[], summary: Summary): unknown;
+}
+
+const JSON_HEADERS = { "content-type": "application/json; charset=utf-8" };
+
+function json(status: number, body: unknown, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(body), { status, headers: { ...JSON_HEADERS, ...headers } });
+}
+
+function sse(data: unknown, event?: string): string {
+  return `${event ? `event: ${event}\n` : ""}data: ${JSON.stringify(data)}\n\n`;
+}
+
+/**
+ * Lets the event loop run. The CPU backends resolve every await at once (as
+ * microtasks), so a generation would otherwise hold the thread to its end:
+ * no bytes would reach the client and no other request would start.
+ * setImmediate is a macrotask without setTimeout's 1 ms floor; a
+ * MessageChannel message, tried first, did not let replies out while the
+ * wasm backend's worker threads were running.
+ */
+function yieldToEventLoop(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+/** Reads a JSON body of at most `maxBytes` bytes, whatever Content-Length claims. */
+async function readJsonBody(request: Request, maxBytes: number): Promise<unknown> {
+  const tooLarge = () => new HttpError(413, `The request body is over ${maxBytes} bytes`);
+  if (Number(request.headers.get("content-length")) > maxBytes) throw tooLarge();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  if (request.body) {
+    for await (const chunk of request.body) {
+      size += chunk.byteLength;
+      if (size > maxBytes) throw tooLarge(); // Leaving the loop cancels the body.
+      chunks.push(chunk);
+    }
+  }
+  const bytes = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  try {
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+  } catch (error) {
+    throw new HttpError(400, `The request body is not valid JSON: ${(error as Error).message}`);
+  }
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 100) / 100;
+}
+
+/** The final event of `/v1/generate`, and the counts of its JSON body. */
+function summaryJson(summary: Summary) {
+  const decodeSeconds = summary.decodeMs / 1000;
+  return {
+    finish_reason: summary.finishReason,
+    prompt_tokens: summary.promptTokens,
+    cached_tokens: summary.cachedTokens,
+    generated_tokens: summary.generatedTokens,
+    prefill_ms: round(summary.prefillMs),
+    decode_ms: round(summary.decodeMs),
+    first_token_ms: summary.firstTokenMs === null ? null : round(summary.firstTokenMs),
+    tokens_per_second: decodeSeconds > 0 ? round(summary.generatedTokens / decodeSeconds) : null,
+    session: summary.session,
+  };
+}
+
+const GENERATE_FORMAT: Format = {
+  event: ({ token, text }) => sse({ token, text }),
+  done: (summary) => sse(summaryJson(summary), "done"),
+  error: (message) => sse({ error: message }, "error"),
+  body: (text, tokens, summary) => ({ text, tokens, ...summaryJson(summary) }),
+};
+
+/** OpenAI's completions objects: `choices`, `usage`, `finish_reason` "stop" or "length". */
+function completionsFormat(modelName: string): Format {
+  const id = `cmpl-${crypto.randomUUID()}`;
+  const created = Math.floor(Date.now() / 1000);
+  const chunk = (text: string, finishReason: string | null) => ({
+    id,
+    object: "text_completion",
+    created,
+    model: modelName,
+    choices: [{ text, index: 0, logprobs: null, finish_reason: finishReason }],
+  });
+  const finishReason = (summary: Summary) => summary.finishReason === "length" ? "length" : "stop";
+  const usage = (summary: Summary) => ({
+    prompt_tokens: summary.promptTokens,
+    completion_tokens: summary.generatedTokens,
+    total_tokens: summary.promptTokens + summary.generatedTokens,
+  });
+  return {
+    event: ({ text }) => sse(chunk(text, null)),
+    done: (summary) =>
+      sse({
+        ...chunk("", finishReason(summary)),
+        usage: usage(summary),
+        session: summary.session,
+      }) + "data: [DONE]\n\n",
+    error: (message) => sse({ error: { message } }),
+    body: (text, _tokens, summary) => ({
+      ...chunk(text, finishReason(summary)),
+      usage: usage(summary),
+      session: summary.session,
+    }),
+  };
+}
+
+/**
+ * A request handler serving `model`; see the module documentation for the
+ * endpoints. State is per handler: its own concurrency count, prefix cache
+ * and (unless one is passed) session store.
+ */
+export function createHandler(
+  model: Mamba,
+  options: HandlerOptions = {},
+): (request: Request) => Promise<Response> {
+  const modelName = options.modelName ?? "mamba";
+  const sessions = options.sessions ?? new MemorySessionStore();
+  const prefixCache = new PrefixCache(options.prefixCacheBytes ?? 64 << 20);
+  const maxConcurrent = options.maxConcurrent ?? 8;
+  const maxPromptTokens = options.maxPromptTokens ?? 4096;
+  const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
+  const limits: RequestLimits = {
+    maxNewTokens: options.maxNewTokens ?? 1024,
+    defaultMaxNewTokens: Math.min(options.defaultMaxNewTokens ?? 128, options.maxNewTokens ?? 1024),
+  };
+  const counters = { active: 0, completed: 0, aborted: 0, failed: 0, rejected: 0 };
+  /** Sessions generating now in this process: a second request for one is a 409. */
+  const busySessions = new Set<string>();
+
+  function stats(): ServerStats {
+    return { ...counters, maxConcurrent, prefixCache: prefixCache.stats() };
+  }
+
+  /**
+   * Takes a concurrency slot, tokenizes, and restores the session (stored, or
+   * the longest cached prefix); throws HttpError to refuse the request.
+   */
+  async function prepare(request: GenerationRequest, started: number): Promise<Job> {
+    if (counters.active >= maxConcurrent) {
+      counters.rejected++;
+      throw new HttpError(
+        429,
+        `Too many generations running (the limit is ${maxConcurrent}); retry later`,
+        { "retry-after": "1" },
+      );
+    }
+    // Taken synchronously after the check, so concurrent requests cannot both pass it.
+    counters.active++;
+    let lockedSession: string | null = null;
+    let restored: Session | null = null;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      counters.active--;
+      if (lockedSession !== null) busySessions.delete(lockedSession);
+      restored?.dispose();
+    };
+    try {
+      let ids: number[];
+      try {
+        ids = model.tokenizer.encode(request.prompt);
+      } catch (error) {
+        throw new HttpError(400, `Cannot tokenize the prompt: ${(error as Error).message}`);
+      }
+      if (ids.length > maxPromptTokens) {
+        throw new HttpError(
+          400,
+          `The prompt has ${ids.length} tokens; the limit is ${maxPromptTokens}`,
+        );
+      }
+      const { session } = request;
+      if (session.kind !== "continue" && ids.length === 0) {
+        throw new HttpError(400, "Field prompt must not be empty unless continuing a session");
+      }
+      if (session.kind === "continue") {
+        if (busySessions.has(session.id)) {
+          throw new HttpError(409, `Session ${session.id} is generating a reply already`);
+        }
+        busySessions.add(session.id);
+        lockedSession = session.id;
+        const snapshot = await sessions.get(session.id);
+        if (snapshot === null) throw new HttpError(404, `Unknown session ${session.id}`);
+        try {
+          restored = model.session(snapshot);
+        } catch (error) {
+          // Saved by another model, e.g. before a redeploy with a different one.
+          throw new HttpError(
+            409,
+            `Session ${session.id} cannot continue on this model: ${(error as Error).message}`,
+          );
+        }
+        return {
+          request,
+          ids,
+          session: restored,
+          continued: true,
+          cachedTokens: 0,
+          sessionId: session.id,
+          started,
+          release,
+        };
+      }
+      const hit = prefixCache.lookup(modelName, ids);
+      restored = model.session(hit?.snapshot);
+      return {
+        request,
+        ids,
+        session: restored,
+        continued: false,
+        cachedTokens: hit?.ids.length ?? 0,
+        sessionId: session.kind === "new" ? crypto.randomUUID() : null,
+        started,
+        release,
+      };
+    } catch (error) {
+      release();
+      throw error;
+    }
+  }
+
+  /**
+   * Prefills what the session lacks of the prompt, generates, and saves the
+   * session; yields each token and returns the summary.
+   */
+  async function* execute(job: Job, signal: AbortSignal): AsyncGenerator<GenerationEvent, Summary> {
+    const { request, ids, session } = job;
+    const prefillStart = performance.now();
+    const toPrefill = ids.slice(job.cachedTokens);
+    if (toPrefill.length > 0) {
+      await session.prefill(toPrefill);
+      if (!job.continued) prefixCache.store(modelName, ids, await session.snapshot());
+    }
+    const prefillMs = performance.now() - prefillStart;
+    const generation = model.generate([], {
+      ...request.sampling,
+      maxNewTokens: request.maxNewTokens,
+      stop: request.stop,
+      ignoreEos: request.ignoreEos,
+      signal,
+      session,
+    });
+    let firstTokenMs: number | null = null;
+    for await (const event of generation) {
+      firstTokenMs ??= performance.now() - job.started;
+      yield event;
+      await yieldToEventLoop();
+    }
+    const finishReason = generation.stats.finishReason ?? "length";
+    if (job.sessionId !== null && finishReason !== "abort") {
+      await sessions.set(job.sessionId, await session.snapshot());
+    }
+    return {
+      finishReason,
+      promptTokens: ids.length,
+      cachedTokens: job.cachedTokens,
+      generatedTokens: generation.stats.generatedTokens,
+      prefillMs,
+      decodeMs: generation.stats.decodeMs,
+      firstTokenMs,
+      session: job.sessionId,
+    };
+  }
+
+  /**
+   * Runs a job to its end, counting how it ended, and frees its slot. It
+   * never throws: a failure is passed to `onError` and the result is null.
+   */
+  async function run(
+    job: Job,
+    signal: AbortSignal,
+    onEvent: (event: GenerationEvent) => void,
+    onError: (message: string) => void,
+  ): Promise<Summary | null> {
+    try {
+      const events = execute(job, signal);
+      for (;;) {
+        const next = await events.next();
+        if (next.done) {
+          counters[next.value.finishReason === "abort" ? "aborted" : "completed"]++;
+          return next.value;
+        }
+        onEvent(next.value);
+      }
+    } catch (error) {
+      counters.failed++;
+      console.error("Generation failed:", error);
+      onError(`Generation failed: ${(error as Error).message}`);
+      return null;
+    } finally {
+      job.release();
+    }
+  }
+
+  function respond(
+    job: Job,
+    format: Format,
+    clientSignal: AbortSignal,
+  ): Response | Promise<Response> {
+    const headers: Record<string, string> = job.sessionId === null
+      ? {}
+      : { "x-session-id": job.sessionId };
+    // Where Deno's legacy request.signal is in force (without --unstable-no-legacy-abort),
+    // it also aborts once a reply is delivered, which is harmless here: by then the
+    // generation is over.
+    if (!job.request.stream) return collect(job, format, clientSignal, headers);
+    const cancelled = new AbortController();
+    const signal = AbortSignal.any([clientSignal, cancelled.signal]);
+    const encoder = new TextEncoder();
+    let open = true;
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        const send = (text: string) => {
+          if (open) controller.enqueue(encoder.encode(text));
+        };
+        run(job, signal, (event) => send(format.event(event)), (error) => send(format.error(error)))
+          .then((summary) => {
+            if (summary && summary.finishReason !== "abort") send(format.done(summary));
+            if (open) controller.close();
+            open = false;
+          });
+      },
+      // The client went away: stop generating (at the next token) and free the slot.
+      cancel() {
+        open = false;
+        cancelled.abort();
+      },
+    });
+    return new Response(body, {
+      headers: {
+        "content-type": "text/event-stream; charset=utf-8",
+        "cache-control": "no-cache",
+        ...headers,
+      },
+    });
+  }
+
+  async function collect(
+    job: Job,
+    format: Format,
+    signal: AbortSignal,
+    headers: Record<string, string>,
+  ): Promise<Response> {
+    let text = "";
+    const tokens: number[] = [];
+    let failure = "";
+    const summary = await run(job, signal, (event) => {
+      text += event.text;
+      tokens.push(event.token);
+    }, (error) => failure = error);
+    if (summary === null) return json(500, { error: failure }, headers);
+    return json(200, format.body(text, tokens, summary), headers);
+  }
+
+  async function generate(
+    request: Request,
+    parse: (body: unknown, limits: RequestLimits) => GenerationRequest,
+    format: Format,
+  ): Promise<Response> {
+    const started = performance.now();
+    const body = parse(await readJsonBody(request, maxBodyBytes), limits);
+    return respond(await prepare(body, started), format, request.signal);
+  }
+
+  const routes: Record<string, Record<string, (request: Request) => Promise<Response>>> = {
+    "/v1/generate": { POST: (request) => generate(request, parseGenerateBody, GENERATE_FORMAT) },
+    "/v1/completions": {
+      POST: (request) => generate(request, parseCompletionsBody, completionsFormat(modelName)),
+    },
+    "/v1/stats": { GET: () => Promise.resolve(json(200, stats())) },
+  };
+
+  async function deleteSession(id: string): Promise<Response> {
+    if (busySessions.has(id)) {
+      throw new HttpError(409, `Session ${id} is generating a reply; delete it afterwards`);
+    }
+    if (!await sessions.delete(id)) throw new HttpError(404, `Unknown session ${id}`);
+    return new Response(null, { status: 204 });
+  }
+
+  return async (request: Request): Promise<Response> => {
+    try {
+      const { pathname } = new URL(request.url);
+      const session = /^\/v1\/sessions\/([^/]+)$/.exec(pathname);
+      if (session) {
+        if (request.method !== "DELETE") {
+          throw new HttpError(405, `Use DELETE on ${pathname}`, { allow: "DELETE" });
+        }
+        return await deleteSession(decodeURIComponent(session[1]));
+      }
+      const route = routes[pathname];
+      if (!route) throw new HttpError(404, `No endpoint at ${pathname}`);
+      const handle = route[request.method];
+      if (!handle) {
+        const allowed = Object.keys(route).join(", ");
+        throw new HttpError(405, `Use ${allowed} on ${pathname}`, { allow: allowed });
+      }
+      return await handle(request);
+    } catch (error) {
+      if (error instanceof HttpError) {
+        return json(error.status, { error: error.message }, error.headers);
+      }
+      console.error("Request failed:", error);
+      return json(500, { error: `Internal error: ${(error as Error).message}` });
+    }
+  };
+}

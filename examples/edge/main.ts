@@ -1,0 +1,95 @@
+/**
+ * The edge server's entry point: loads a model and serves it with
+ * `Deno.serve` (`deno task serve`, or deploy this file). Configuration comes
+ * from the environment:
+ *
+ * | variable                    | meaning                                               | default                          |
+ * | --------------------------- | ----------------------------------------------------- | -------------------------------- |
+ * | `MAMBA_MODEL`               | model directory: path, URL or HF repo id              | the bundled tiny-shakespeare     |
+ * | `MAMBA_BACKEND`             | `auto`, `js`, `wasm` or `webgpu`                      | `auto` (the library's choice)    |
+ * | `MAMBA_THREADS`             | threads of the wasm backend (1: no workers)           | all cores                        |
+ * | `MAMBA_SESSION_STORE`       | `memory` or `kv` (Deno KV)                            | `kv` on Deno Deploy, else memory |
+ * | `MAMBA_SESSION_MEMORY_MB`   | memory store size; least recently used go first       | 256                              |
+ * | `MAMBA_KV_PATH`             | Deno KV database path                                 | Deno's default database          |
+ * | `MAMBA_SESSION_TTL_SECONDS` | KV sessions expire this long after their last save    | never                            |
+ * | `MAMBA_MAX_CONCURRENT`      | generations at once; more get 429                     | 8                                |
+ * | `MAMBA_MAX_PROMPT_TOKENS`   | prompt tokens accepted                                | 4096                             |
+ * | `MAMBA_MAX_NEW_TOKENS`      | largest `max_new_tokens`                              | 1024                             |
+ * | `MAMBA_PREFIX_CACHE_MB`     | prefix-cache size (0: off)                            | 64                               |
+ * | `PORT`, `HOSTNAME`          | where to listen                                       | 8000, 0.0.0.0                    |
+ *
+ * @module
+ */
+
+import { type BackendName, loadModel } from "../../mod.ts";
+import { createHandler, type HandlerOptions } from "./handler.ts";
+import { KvSessionStore, MemorySessionStore, type SessionStore } from "./store.ts";
+
+export { createHandler, type HandlerOptions, type ServerStats } from "./handler.ts";
+export {
+  KvSessionStore,
+  type KvSessionStoreOptions,
+  MemorySessionStore,
+  type MemorySessionStoreOptions,
+  type SessionStore,
+} from "./store.ts";
+
+const BACKENDS: readonly BackendName[] = ["auto", "js", "wasm", "webgpu"];
+
+/** An environment variable as an integer of at least `min`, or undefined when unset. */
+function integerEnv(name: string, min = 1): number | undefined {
+  const text = Deno.env.get(name);
+  if (text === undefined || text === "") return undefined;
+  const value = Number(text);
+  if (!Number.isSafeInteger(value) || value < min) {
+    throw new Error(`${name} must be an integer of ${min} or more, got ${JSON.stringify(text)}`);
+  }
+  return value;
+}
+
+async function openSessionStore(): Promise<SessionStore> {
+  const onDeploy = Deno.env.get("DENO_DEPLOYMENT_ID") !== undefined;
+  const kind = Deno.env.get("MAMBA_SESSION_STORE") || (onDeploy ? "kv" : "memory");
+  if (kind === "memory") {
+    const megabytes = integerEnv("MAMBA_SESSION_MEMORY_MB");
+    return new MemorySessionStore({ maxBytes: megabytes && megabytes * (1 << 20) });
+  }
+  if (kind !== "kv") {
+    throw new Error(`MAMBA_SESSION_STORE must be "memory" or "kv", got ${JSON.stringify(kind)}`);
+  }
+  const ttl = integerEnv("MAMBA_SESSION_TTL_SECONDS");
+  const kv = await Deno.openKv(Deno.env.get("MAMBA_KV_PATH") || undefined);
+  return new KvSessionStore(kv, { expireInMs: ttl === undefined ? undefined : ttl * 1000 });
+}
+
+/** Loads the model the environment names and serves it until the process ends. */
+export async function main(): Promise<void> {
+  const backend = (Deno.env.get("MAMBA_BACKEND") || "auto") as BackendName;
+  if (!BACKENDS.includes(backend)) {
+    throw new Error(`MAMBA_BACKEND must be one of ${BACKENDS.join(", ")}, got ${backend}`);
+  }
+  const location = Deno.env.get("MAMBA_MODEL") ||
+    new URL("../../models/tiny-shakespeare/", import.meta.url);
+  const model = await loadModel(location, {
+    backend,
+    threads: integerEnv("MAMBA_THREADS"),
+  });
+  const options: HandlerOptions = {
+    modelName: String(location),
+    sessions: await openSessionStore(),
+    maxConcurrent: integerEnv("MAMBA_MAX_CONCURRENT"),
+    maxPromptTokens: integerEnv("MAMBA_MAX_PROMPT_TOKENS"),
+    maxNewTokens: integerEnv("MAMBA_MAX_NEW_TOKENS"),
+    prefixCacheBytes: (integerEnv("MAMBA_PREFIX_CACHE_MB", 0) ?? 64) * (1 << 20),
+  };
+  Deno.serve({
+    port: integerEnv("PORT", 0) ?? 8000,
+    hostname: Deno.env.get("HOSTNAME") || "0.0.0.0",
+    onListen: ({ hostname, port }) =>
+      console.error(
+        `Serving ${location} (backend ${model.backend}) on http://${hostname}:${port}/`,
+      ),
+  }, createHandler(model, options));
+}
+
+if (import.meta.main) await main();
