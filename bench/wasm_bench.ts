@@ -70,39 +70,27 @@ const SCAN_SHAPES: [number, number, number][] = [[1, 1536, 2048], [1, 1536, 1638
   2048,
 ]];
 for (const [batch, dim, len] of SCAN_SHAPES) {
-  const group = `scan (${batch},${dim},${len}) = ${batch * dim * len} elements`;
+  const elements = batch * dim * len;
+  const group = `scan (${batch},${dim},${len}) = ${elements} elements`;
+  // The reference takes seconds per iteration on the larger shapes: few runs.
   Deno.bench({
-    name: `wasm 1 thread: ${batch * dim * len} elements`,
+    name: `js reference: ${elements} elements`,
     group,
     baseline: true,
-    n: 5,
-    warmup: 1,
-    fn: scanBench(wasm1, batch, dim, len),
+    n: 2,
+    warmup: 0,
+    fn: scanBench(js, batch, dim, len),
   });
-  Deno.bench({
-    name: `wasm 2 threads: ${batch * dim * len} elements`,
-    group,
-    n: 5,
-    warmup: 1,
-    fn: scanBench(wasm2, batch, dim, len),
-  });
+  for (const [threads, backend] of [[1, wasm1], [2, wasm2]] as const) {
+    Deno.bench({
+      name: `wasm ${threads} thread(s): ${elements} elements`,
+      group,
+      n: 5,
+      warmup: 1,
+      fn: scanBench(backend, batch, dim, len),
+    });
+  }
 }
-// The JS reference on a shorter sequence (it is ~100x slower): compare per-element rates.
-Deno.bench({
-  name: `js reference: ${1536 * 256} elements`,
-  group: "scan (1,1536,256) JS reference",
-  baseline: true,
-  n: 3,
-  warmup: 1,
-  fn: scanBench(js, 1, 1536, 256),
-});
-Deno.bench({
-  name: `wasm 1 thread: ${1536 * 256} elements`,
-  group: "scan (1,1536,256) JS reference",
-  n: 10,
-  warmup: 2,
-  fn: scanBench(wasm1, 1, 1536, 256),
-});
 
 async function randomModelDir(): Promise<string> {
   const fromEnv = Deno.env.get("MAMBA_BENCH_MODEL");

@@ -8,7 +8,8 @@
  *   element; B, C: 4 bytes per (batch, len, N)), against mamba_ssm's CUDA figures;
  * - `model`: a mamba-130m-shaped model with random F32 weights built in memory:
  *   prefill tok/s for 2048 tokens, decode tok/s over 128 steps at batch 1 and
- *   compute dispatches per decoded token, against mamba_ssm's 88,000 and 900 tok/s.
+ *   compute dispatches per decoded token, against mamba_ssm's 88,000 and 900 tok/s;
+ *   and greedy decoding on the device (one read-back per 32 tokens).
  *
  * ```sh
  * deno run -A bench/webgpu_bench.ts                 # everything (needs a large GPU)
@@ -224,6 +225,18 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
   const decodeS = (performance.now() - t0) / 1000;
   const prefillToks = promptLen / (bestPrefill / 1000);
   const decodeToks = steps / decodeS;
+  const dispatchesPerToken = (gpu.dispatches - d0) / steps;
+  const submissionsPerToken = (gpu.submissions - s0) / steps;
+
+  // Greedy decoding on the device (what generate() does at temperature 0):
+  // argmax and embedding stay on the GPU, one read-back per batch of 32.
+  const batch = 32;
+  await model.decodeGreedy(state, 1, batch, config.vocabSize); // compiles argmax and embedFrom
+  const g0 = performance.now();
+  for (let done = 0; done < steps; done += batch) {
+    await model.decodeGreedy(state, token, Math.min(batch, steps - done), config.vocabSize);
+  }
+  const greedyToks = steps / ((performance.now() - g0) / 1000);
   return {
     config: {
       dModel: config.dModel,
@@ -241,8 +254,11 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     decodeTokPerS: +decodeToks.toFixed(1),
     decodeMsPerToken: +((decodeS * 1000) / steps).toFixed(3),
     decodeRatioVsCuda: quick ? null : +(decodeToks / CUDA_DECODE_TOKS).toFixed(3),
-    dispatchesPerDecodeToken: (gpu.dispatches - d0) / steps,
-    submissionsPerDecodeToken: (gpu.submissions - s0) / steps,
+    dispatchesPerDecodeToken: dispatchesPerToken,
+    submissionsPerDecodeToken: submissionsPerToken,
+    greedyOnDeviceBatch: batch,
+    greedyOnDeviceTokPerS: +greedyToks.toFixed(1),
+    greedyOnDeviceRatioVsCuda: quick ? null : +(greedyToks / CUDA_DECODE_TOKS).toFixed(3),
   };
 }
 

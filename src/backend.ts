@@ -80,6 +80,19 @@ export interface Backend<Buf = unknown> {
    * rather than copy it, so the caller must not change `data` afterwards.
    */
   upload(data: Float32Array): Buf;
+  /**
+   * Optional: `byteLength` bytes inside the backend's own memory, for the
+   * loader to read a weight file into. Float32Arrays viewing these bytes then
+   * upload without a copy, so the weights are never held twice. The bytes live
+   * as long as the backend. Undefined where the backend cannot lend memory.
+   */
+  hostBytes?(byteLength: number): Uint8Array | undefined;
+  /**
+   * Optional: a buffer for a weight matrix that is only ever `linear`'s
+   * `weight`, stored as f16 when every value is exactly an f16 (so products
+   * are unchanged), or null when some value is not or the backend keeps f32.
+   */
+  uploadHalfMatrix?(data: Float32Array): Buf | null;
   /** A new buffer of `length` zeros. */
   zeros(length: number): Buf;
   /** Overwrites `buf` from `offset` (in floats) with `data`. */
@@ -98,6 +111,19 @@ export interface Backend<Buf = unknown> {
 
   /** out [ids.length, dim] = rows `ids` of table [rows, dim]. */
   embed(out: Buf, table: Buf, ids: Int32Array, dim: number): void;
+  /**
+   * Optional, with {@link argmax}, for greedy decoding on the device: out [dim]
+   * = row `ids[index]` of table [rows, dim], the id read from a buffer (as a
+   * float) rather than from the host.
+   */
+  embedFrom?(out: Buf, table: Buf, ids: Buf, index: number, dim: number): void;
+  /**
+   * Optional: ids[index] = the lowest i < limit holding the largest of
+   * logits[0, limit) (as a float), or -1 where none is a number; NaN is never
+   * chosen. Lets a backend whose read-backs are slow (webgpu) decode greedily
+   * without a round trip per token.
+   */
+  argmax?(ids: Buf, index: number, logits: Buf, limit: number): void;
   /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row. */
   rmsNorm(out: Buf, x: Buf, weight: Buf, rows: number, dim: number, eps: number): void;
   /** out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, with weight [outDim, inDim]. */

@@ -95,6 +95,10 @@ export function generate(
   const sampler = new Sampler(options);
   const promptIds = typeof prompt === "string" ? model.tokenizer.encode(prompt) : [...prompt];
   const session = options.session ?? model.session();
+  // Plain greedy decoding can stay on the device, where the backend allows it.
+  const { temperature, repetitionPenalty, repeatLastN } = sampler.options;
+  const onDevice = session.decodesOnDevice && stops.length === 0 && temperature === 0 &&
+    (repetitionPenalty === 1 || repeatLastN === 0);
 
   async function* run(stats: GenerationStats): AsyncGenerator<GenerationEvent> {
     stats.promptTokens = promptIds.length;
@@ -110,6 +114,26 @@ export function generate(
       stats.finishReason = reason;
       stats.decodeMs = performance.now() - decodeStart;
     };
+    if (onDevice) {
+      // Greedy decoding on the device: one read-back per batch of tokens, not
+      // per token. Batches start small (the first tokens arrive soon) and grow.
+      const stopBefore = (id: number) => id === model.eosTokenId && !options.ignoreEos;
+      const limit = Math.min(model.tokenizer.vocabSize, model.vocabSize);
+      let generated = 0;
+      for (let batch = 4; generated < maxNewTokens; batch = Math.min(2 * batch, 32)) {
+        if (options.signal?.aborted) return finish("abort");
+        const count = Math.min(batch, maxNewTokens - generated);
+        const { ids, stopped } = await session.greedy(count, { limit, stopBefore });
+        for (const token of ids) {
+          generated++;
+          stats.generatedTokens++;
+          const text = decoder.push(token) + (generated === maxNewTokens ? decoder.flush() : "");
+          yield { token, text };
+        }
+        if (stopped) return finish("eos");
+      }
+      return finish("length");
+    }
     for (let i = 0; i < maxNewTokens; i++) {
       if (options.signal?.aborted) return finish("abort");
       const token = sampler.sample(maskPadding(logits, model.tokenizer.vocabSize), session.tokens);

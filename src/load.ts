@@ -6,14 +6,16 @@
  * @module
  */
 
-import { type BackendName, createBackend } from "./backends/registry.ts";
+import type { BackendName } from "./backends/registry.ts";
 import { type MambaConfig, parseConfig } from "./config.ts";
+import { type BackendCache, type BackendReport, selectBackend } from "./dispatch.ts";
 import { generate, type GenerateOptions, type Generation } from "./generate.ts";
 import { MambaModel } from "./model.ts";
 import { parseShardIndex, SafetensorsFile } from "./safetensors.ts";
 import { Session } from "./session.ts";
 import { ModelFileError } from "./errors.ts";
 import {
+  type ByteAllocator,
   type LoadProgress,
   type ModelSource,
   openSource,
@@ -25,10 +27,23 @@ import { loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
 
 /** Options of {@link loadModel}. */
 export interface LoadOptions extends SourceOptions {
-  /** Which backend computes; "auto" (the default) picks the fastest available. */
+  /**
+   * Which backend computes. "auto" (the default) measures the available ones
+   * on this model's shapes and picks the fastest (see {@link Mamba.backendReport});
+   * a name is used as given, failing if that backend cannot run here.
+   */
   backend?: BackendName;
-  /** CPU threads for the "wasm" backend (default: all cores; 1: no workers). */
+  /** CPU threads for the "wasm" backend (default: all cores where threads are allowed; 1: no workers). */
   threads?: number;
+  /**
+   * Where "auto" keeps its decisions: default `localStorage` where usable
+   * (across runs), else this process's memory; null: measure every time.
+   */
+  backendCache?: BackendCache | null;
+  /** Make "auto" measure again even where a decision is cached, and replace it. */
+  remeasure?: boolean;
+  /** Also `console.warn` when "auto" passes over a backend that failed (the report always says). */
+  verbose?: boolean;
 }
 
 export type { BackendName, LoadProgress };
@@ -41,17 +56,39 @@ export class Mamba {
   readonly tokenizer: MambaTokenizer;
   /** The model on its backend. */
   readonly model: MambaModel<unknown>;
+  readonly #report: BackendReport;
 
-  /** Wraps a model and tokenizer; most users call {@link loadModel} instead. */
-  constructor(model: MambaModel<unknown>, tokenizer: MambaTokenizer) {
+  /**
+   * Wraps a model and tokenizer; most users call {@link loadModel} instead.
+   * `report` says how the model's backend was chosen (default: explicitly).
+   */
+  constructor(model: MambaModel<unknown>, tokenizer: MambaTokenizer, report?: BackendReport) {
     this.model = model;
     this.config = model.config;
     this.tokenizer = tokenizer;
+    const name = model.backend.name;
+    this.#report = report ?? {
+      chosen: name,
+      mode: "explicit",
+      cached: false,
+      reason: "Given with the model",
+      candidates: [{ name, available: true }],
+      measureMs: 0,
+    };
   }
 
   /** Name of the backend that runs every operation. */
   get backend(): string {
     return this.model.backend.name;
+  }
+
+  /**
+   * How the backend was chosen: for "auto", every candidate with why it could
+   * not run or its measured milliseconds per operation, and whether the
+   * decision came from the cache.
+   */
+  backendReport(): BackendReport {
+    return structuredClone(this.#report);
   }
 
   /** End-of-sequence id from the config or the tokenizer. */
@@ -100,7 +137,22 @@ export class Mamba {
  */
 export async function loadModel(source: string | URL, options: LoadOptions = {}): Promise<Mamba> {
   const dir = await openSource(source, options);
-  const { config, weights } = await readCheckpoint(dir);
+  const config = await readConfig(dir);
+  // Measuring needs only the config; its scratch memory is given back before the weights come.
+  const { backend, report } = await selectBackend(options.backend ?? "auto", config, {
+    threads: options.threads,
+    cache: options.backendCache,
+    remeasure: options.remeasure,
+    verbose: options.verbose,
+  });
+  // A weight file of F32 tensors only is read straight into the backend's
+  // memory where it lends some (wasm), so the weights are never held twice.
+  // Other dtypes are widened to new arrays anyway, so their file is not kept.
+  const weights = await readWeights(
+    dir,
+    config,
+    (size, head) => onlyFloat32(head) ? backend.hostBytes?.(size) : undefined,
+  );
   const tokenizerConfig = await dir.exists("tokenizer_config.json")
     ? await readJson(dir, "tokenizer_config.json")
     : undefined;
@@ -115,8 +167,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
       `Knows ${tokenizer.vocabSize} token ids but the model has only ${config.vocabSize} embedding rows`,
     );
   }
-  const backend = await createBackend(options.backend ?? "auto", { threads: options.threads });
-  return new Mamba(new MambaModel(backend, config, weights), tokenizer);
+  return new Mamba(new MambaModel(backend, config, weights), tokenizer, report);
 }
 
 /** A checkpoint's normalized config and its checked float32 weights. */
@@ -130,13 +181,36 @@ export async function loadCheckpoint(
   source: string | URL,
   options: SourceOptions = {},
 ): Promise<Checkpoint> {
-  return readCheckpoint(await openSource(source, options));
+  const dir = await openSource(source, options);
+  const config = await readConfig(dir);
+  return { config, weights: await readWeights(dir, config) };
 }
 
-async function readCheckpoint(dir: ModelSource): Promise<Checkpoint> {
-  const configFile = dir.describe("config.json");
-  const config = parseConfig(await readJson(dir, "config.json"), configFile);
+/** Whether `head` holds a whole safetensors header listing only F32 tensors. */
+function onlyFloat32(head: Uint8Array): boolean {
+  if (head.length < 8) return false;
+  const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
+  const headerLength = Number(view.getBigUint64(0, true));
+  if (8 + headerLength > head.length) return false;
+  try {
+    const header = JSON.parse(new TextDecoder().decode(head.subarray(8, 8 + headerLength)));
+    return Object.entries(header).every(([name, info]) =>
+      name === "__metadata__" || (info as { dtype?: unknown })?.dtype === "F32"
+    );
+  } catch {
+    return false; // The real parse reports what is wrong.
+  }
+}
 
+async function readConfig(dir: ModelSource): Promise<MambaConfig> {
+  return parseConfig(await readJson(dir, "config.json"), dir.describe("config.json"));
+}
+
+async function readWeights(
+  dir: ModelSource,
+  config: MambaConfig,
+  allocate?: ByteAllocator,
+): Promise<MambaWeights<Float32Array>> {
   const files: SafetensorsFile[] = [];
   if (await dir.exists("model.safetensors.index.json")) {
     const indexName = "model.safetensors.index.json";
@@ -144,15 +218,15 @@ async function readCheckpoint(dir: ModelSource): Promise<Checkpoint> {
       parseShardIndex(await readJson(dir, indexName), dir.describe(indexName)).values(),
     );
     for (const shard of shards) {
-      files.push(SafetensorsFile.parse(await dir.readBytes(shard), dir.describe(shard)));
+      files.push(SafetensorsFile.parse(await dir.readBytes(shard, allocate), dir.describe(shard)));
     }
   } else {
     files.push(
       SafetensorsFile.parse(
-        await dir.readBytes("model.safetensors"),
+        await dir.readBytes("model.safetensors", allocate),
         dir.describe("model.safetensors"),
       ),
     );
   }
-  return { config, weights: loadWeights(new TensorStore(files), config, configFile) };
+  return loadWeights(new TensorStore(files), config, dir.describe("config.json"));
 }

@@ -86,27 +86,32 @@ export class MambaModel<Buf> {
     this.config = config;
     const up = (w: Float32Array) => backend.upload(w);
     const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
+    // Matrices only `linear` reads may be stored as exact f16 (webgpu).
+    const matrix = (w: Float32Array) => backend.uploadHalfMatrix?.(w) ?? up(w);
     const embedding = up(weights.embedding);
     this.#weights = {
       embedding,
-      lmHead: weights.lmHead === weights.embedding ? embedding : up(weights.lmHead),
+      // A tied head shares the embedding's buffer unless an f16 copy is smaller.
+      lmHead: weights.lmHead === weights.embedding
+        ? backend.uploadHalfMatrix?.(weights.lmHead) ?? embedding
+        : matrix(weights.lmHead),
       normF: up(weights.normF),
       layers: weights.layers.map((l): LayerWeights<Buf> => ({
         norm: up(l.norm),
-        inProjX: up(l.inProjX),
-        inProjZ: up(l.inProjZ),
+        inProjX: matrix(l.inProjX),
+        inProjZ: matrix(l.inProjZ),
         inProjXBias: upOrNull(l.inProjXBias),
         inProjZBias: upOrNull(l.inProjZBias),
         convWeight: up(l.convWeight),
         convBias: upOrNull(l.convBias),
-        xProjDt: up(l.xProjDt),
-        xProjB: up(l.xProjB),
-        xProjC: up(l.xProjC),
-        dtProj: up(l.dtProj),
+        xProjDt: matrix(l.xProjDt),
+        xProjB: matrix(l.xProjB),
+        xProjC: matrix(l.xProjC),
+        dtProj: matrix(l.dtProj),
         dtProjBias: up(l.dtProjBias),
         A: up(l.A),
         D: up(l.D),
-        outProj: up(l.outProj),
+        outProj: matrix(l.outProj),
         outProjBias: upOrNull(l.outProjBias),
       })),
     };
@@ -144,7 +149,13 @@ export class MambaModel<Buf> {
         if (scratch) this.#releaseScratch(scratch);
         scratch = this.#allocScratch(chunk.length);
       }
-      this.#blocks(state, chunk, scratch);
+      const rows = scratch;
+      this.#blocks(
+        state,
+        chunk.length,
+        rows,
+        () => this.backend.embed(rows.hidden, this.#weights.embedding, chunk, this.config.dModel),
+      );
       const isLast = start + chunk.length === ids.length;
       if (logitsFor === "all") {
         logits.set(await this.#logits(scratch, 0, chunk.length), start * vocabSize);
@@ -156,12 +167,69 @@ export class MambaModel<Buf> {
     return logits;
   }
 
-  /** Runs every block over one chunk of tokens, leaving the residual stream in `s.hidden`. */
-  #blocks(state: MambaState<Buf>, ids: Int32Array, s: Scratch<Buf>): void {
-    const { dModel, dInner, dState, dConv, dtRank, eps } = this.config;
-    const L = ids.length;
+  /** Whether {@link decodeGreedy} runs on the device (the backend has argmax and embedFrom). */
+  get decodesOnDevice(): boolean {
+    return this.backend.argmax !== undefined && this.backend.embedFrom !== undefined;
+  }
+
+  /**
+   * Greedy decoding without a round trip per token, for backends where
+   * {@link decodesOnDevice}: feeds `first`, then `count - 1` more ids, each
+   * the argmax over ids below `limit` of the logits so far (computed and
+   * embedded on the device), advancing `state`. Returns the ids fed and the
+   * logits after the last one, read back once.
+   */
+  async decodeGreedy(
+    state: MambaState<Buf>,
+    first: number,
+    count: number,
+    limit: number,
+  ): Promise<{ ids: Int32Array; logits: Float32Array }> {
     const be = this.backend;
-    be.embed(s.hidden, this.#weights.embedding, ids, dModel);
+    if (!be.argmax || !be.embedFrom) {
+      throw new Error(`The ${be.name} backend cannot decode on the device`);
+    }
+    const { dModel, vocabSize, eps } = this.config;
+    // One buffer for what comes back: the last logits [vocab], then the ids [count].
+    const result = be.zeros(vocabSize + count);
+    be.write(result, Float32Array.of(first), vocabSize);
+    const scratch = this.#allocScratch(1);
+    const logits = be.zeros(vocabSize);
+    try {
+      for (let t = 0; t < count; t++) {
+        this.#blocks(
+          state,
+          1,
+          scratch,
+          () =>
+            be.embedFrom!(scratch.hidden, this.#weights.embedding, result, vocabSize + t, dModel),
+        );
+        be.rmsNorm(scratch.normed, scratch.hidden, this.#weights.normF, 1, dModel, eps);
+        be.linear(logits, scratch.normed, this.#weights.lmHead, null, 1, dModel, vocabSize);
+        if (t + 1 < count) be.argmax(result, vocabSize + t + 1, logits, limit);
+      }
+      be.copy(result, 0, logits, 0, vocabSize);
+      const host = await be.read(result);
+      const ids = Int32Array.from(host.subarray(vocabSize));
+      if (ids.some((id) => id < 0)) {
+        throw new RangeError("No candidate token: every logit is -Infinity or NaN");
+      }
+      return { ids, logits: host.slice(0, vocabSize) };
+    } finally {
+      this.#releaseScratch(scratch);
+      be.release(logits);
+      be.release(result);
+    }
+  }
+
+  /**
+   * Runs every block over `L` tokens whose embeddings `embed` writes into
+   * `s.hidden`, leaving the residual stream there.
+   */
+  #blocks(state: MambaState<Buf>, L: number, s: Scratch<Buf>, embed: () => void): void {
+    const { dModel, dInner, dState, dConv, dtRank, eps } = this.config;
+    const be = this.backend;
+    embed();
     this.#weights.layers.forEach((w, layer) => {
       be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
       be.linear(s.x, s.normed, w.inProjX, w.inProjXBias, L, dModel, dInner);

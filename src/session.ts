@@ -53,7 +53,12 @@ export class Session<Buf = unknown> {
     this.#model = model;
     this.#state = model.newState();
     if (snapshot instanceof Uint8Array) {
-      this.#restore(snapshot);
+      try {
+        this.#restore(snapshot);
+      } catch (error) {
+        model.releaseState(this.#state);
+        throw error;
+      }
     } else if (snapshot) {
       this.#pending = snapshot.then((bytes) => this.#restore(bytes));
       this.#pending.catch(() => {}); // Reported by the first call that awaits it.
@@ -89,6 +94,71 @@ export class Session<Buf = unknown> {
     const array = Int32Array.of(id);
     this.#checkIds(array, [id]);
     return this.#enqueue(() => this.#run(array));
+  }
+
+  /** Whether {@link greedy} runs on the device, with one read-back per call. */
+  get decodesOnDevice(): boolean {
+    return this.#model.decodesOnDevice;
+  }
+
+  /**
+   * Feeds up to `count` greedy ids, each the argmax (lowest id on ties) over
+   * ids below `limit` of the logits so far, and returns them. It stops before
+   * an id for which `stopBefore` is true: that id is not fed, and `stopped`
+   * says so. Where the backend decodes on the device (webgpu) a call costs
+   * one read-back instead of one per token. Needs logits: prefill first.
+   */
+  greedy(
+    count: number,
+    options: { limit?: number; stopBefore?: (id: number) => boolean } = {},
+  ): Promise<{ ids: number[]; stopped: boolean }> {
+    const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
+    if (!Number.isInteger(count) || count < 0) {
+      return Promise.reject(new RangeError(`count must be a non-negative integer, got ${count}`));
+    }
+    return this.#enqueue(async () => {
+      const stopBefore = options.stopBefore ?? (() => false);
+      const ids: number[] = [];
+      const next = () => {
+        if (!this.#lastLogits) {
+          throw new RangeError("Greedy decoding needs logits: prefill the session first");
+        }
+        return argmaxBelow(this.#lastLogits, limit);
+      };
+      if (count === 0) return { ids, stopped: false };
+      if (!this.#model.decodesOnDevice) {
+        for (let i = 0; i < count; i++) {
+          const id = next();
+          if (stopBefore(id)) return { ids, stopped: true };
+          await this.#run(Int32Array.of(id));
+          ids.push(id);
+        }
+        return { ids, stopped: false };
+      }
+      const first = next();
+      if (stopBefore(first)) return { ids, stopped: true };
+      const backup = this.#copyState();
+      try {
+        const run = await this.#model.decodeGreedy(this.#state, first, count, limit);
+        let kept = run.ids.findIndex((id, i) => i > 0 && stopBefore(id));
+        const stopped = kept >= 0;
+        if (!stopped) kept = run.ids.length;
+        if (stopped) {
+          // The device ran past the stop: rewind and feed only the kept ids.
+          this.#restoreState(backup);
+          this.#lastLogits = await this.#model.run(this.#state, run.ids.subarray(0, kept), "last");
+        } else {
+          this.#lastLogits = run.logits;
+        }
+        for (const id of run.ids.subarray(0, kept)) {
+          this.#tokens.push(id);
+          ids.push(id);
+        }
+        return { ids, stopped };
+      } finally {
+        this.#model.releaseState(backup);
+      }
+    });
   }
 
   /** The whole session as bytes; pass it to `model.session(snapshot)` to resume. */
@@ -148,6 +218,24 @@ export class Session<Buf = unknown> {
     }
   }
 
+  /** A copy of the recurrent state, on the backend. */
+  #copyState(): MambaState<Buf> {
+    const copy = this.#model.newState();
+    this.#transfer(this.#state, copy);
+    return copy;
+  }
+
+  #restoreState(copy: MambaState<Buf>): void {
+    this.#transfer(copy, this.#state);
+  }
+
+  #transfer(from: MambaState<Buf>, to: MambaState<Buf>): void {
+    const { dConv, dInner, dState } = this.#model.config;
+    const be = this.#model.backend;
+    from.conv.forEach((buf, l) => be.copy(to.conv[l], 0, buf, 0, (dConv - 1) * dInner));
+    from.ssm.forEach((buf, l) => be.copy(to.ssm[l], 0, buf, 0, dInner * dState));
+  }
+
   #enqueue<T>(task: () => Promise<T>): Promise<T> {
     const result = this.#queue.then(async () => {
       if (this.#pending) await this.#pending;
@@ -172,6 +260,16 @@ export class Session<Buf = unknown> {
     this.#tokens = data.tokens;
     this.#lastLogits = data.logits;
   }
+}
+
+/** The lowest index of the largest value below `limit`, never NaN or -Infinity. */
+function argmaxBelow(values: Float32Array, limit: number): number {
+  let best = -1;
+  for (let i = 0; i < limit; i++) {
+    if (values[i] > (best < 0 ? -Infinity : values[best])) best = i;
+  }
+  if (best < 0) throw new RangeError("No candidate token: every logit is -Infinity or NaN");
+  return best;
 }
 
 function decodeSnapshot(bytes: Uint8Array, model: MambaModel<unknown>): SnapshotData {

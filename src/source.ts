@@ -11,6 +11,13 @@
  * `<cache>/hub/owner--name/<revision>/`. Where the runtime has no file system
  * (edge), files are simply not cached.
  *
+ * Importing this module needs no permission, and a URL source only needs
+ * `--allow-net`. The hub cache and the environment variables are optional:
+ * they are used only where the permission is already granted (read and write
+ * of the cache directory; env for the variables), so a script run with just
+ * `--allow-net` loads a repo id without a cache instead of failing or
+ * showing a permission prompt.
+ *
  * @module
  */
 
@@ -46,9 +53,22 @@ export interface ModelSource {
   describe(name: string): string;
   /** Whether the file exists. */
   exists(name: string): Promise<boolean>;
-  /** The file's bytes; a missing file is a {@link ModelFileError}. */
-  readBytes(name: string): Promise<Uint8Array>;
+  /**
+   * The file's bytes; a missing file is a {@link ModelFileError}. With
+   * `allocate`, the bytes land in the array it returns for the file's size
+   * when the size is known before reading (see {@link Backend.hostBytes}).
+   */
+  readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array>;
 }
+
+/**
+ * Returns `byteLength` bytes to read a file into, or undefined for a plain
+ * array; `head` holds the file's first bytes, to decide by its content.
+ */
+export type ByteAllocator = (byteLength: number, head: Uint8Array) => Uint8Array | undefined;
+
+/** Bytes read before asking an allocator, enough for a safetensors header. */
+const HEAD_BYTES = 1 << 20;
 
 /** Reads and parses a JSON file of a source, with errors that name it. */
 export async function readJson(source: ModelSource, name: string): Promise<unknown> {
@@ -64,11 +84,29 @@ export async function readJson(source: ModelSource, name: string): Promise<unkno
   }
 }
 
+/**
+ * Whether an optional feature may use a permission: true where it is granted,
+ * or where the runtime has no permission API to ask (the call then simply
+ * fails or succeeds). "prompt" counts as no, so optional features never
+ * interrupt an interactive run with a permission prompt.
+ */
+function mayUse(descriptor: Deno.PermissionDescriptor): boolean {
+  if (typeof Deno === "undefined" || typeof Deno.permissions?.querySync !== "function") {
+    return true;
+  }
+  try {
+    return Deno.permissions.querySync(descriptor).state === "granted";
+  } catch {
+    return true; // A descriptor the runtime cannot query: let the call itself decide.
+  }
+}
+
 function env(name: string): string | undefined {
+  if (!mayUse({ name: "env", variable: name })) return undefined;
   try {
     return Deno.env.get(name) || undefined;
   } catch {
-    return undefined; // No --allow-env, or no environment at all (edge).
+    return undefined; // No environment at all (edge).
   }
 }
 
@@ -106,7 +144,9 @@ export async function openSource(
   const revision = options.revision ?? "main";
   const base = new URL(`${endpoint}/${source}/resolve/${encodeURIComponent(revision)}/`);
   const cacheRoot = options.cacheDir ?? defaultCacheDir();
-  const cache = cacheRoot === undefined
+  // Without read and write access the cache is skipped rather than prompted for.
+  const cache = cacheRoot === undefined ||
+      !mayUse({ name: "read", path: cacheRoot }) || !mayUse({ name: "write", path: cacheRoot })
     ? null
     : `${cacheRoot}/hub/${source.replace("/", "--")}/${revision.replaceAll("/", "--")}/`;
   return new HttpSource(base, options, cache);
@@ -143,20 +183,13 @@ class DirectorySource implements ModelSource {
     }
   }
 
-  async readBytes(name: string): Promise<Uint8Array> {
+  async readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array> {
     try {
-      using file = await Deno.open(this.describe(name));
-      const total = (await file.stat()).size;
-      const bytes = new Uint8Array(total);
-      let loaded = 0;
-      this.onProgress?.({ file: name, loaded, total });
-      while (loaded < total) {
-        const read = await file.read(bytes.subarray(loaded, Math.min(total, loaded + READ_CHUNK)));
-        if (read === null) throw new Error(`File shrank to ${loaded} bytes while being read`);
-        loaded += read;
-        this.onProgress?.({ file: name, loaded, total });
-      }
-      return bytes;
+      return await readFileInto(
+        this.describe(name),
+        allocate,
+        (loaded, total) => this.onProgress?.({ file: name, loaded, total }),
+      );
     } catch (error) {
       const problem = error instanceof Deno.errors.NotFound
         ? "File not found"
@@ -164,6 +197,36 @@ class DirectorySource implements ModelSource {
       throw new ModelFileError(this.describe(name), problem, { cause: error });
     }
   }
+}
+
+/** Reads a whole local file into `allocate`'s array (or a new one), reporting progress. */
+async function readFileInto(
+  path: string,
+  allocate: ByteAllocator | undefined,
+  onProgress: (loaded: number, total: number) => void,
+): Promise<Uint8Array> {
+  using file = await Deno.open(path);
+  const total = (await file.stat()).size;
+  let bytes: Uint8Array = new Uint8Array(total);
+  let loaded = 0;
+  onProgress(loaded, total);
+  if (allocate) {
+    const head = new Uint8Array(Math.min(total, HEAD_BYTES));
+    while (loaded < head.length) {
+      const read = await file.read(head.subarray(loaded));
+      if (read === null) throw new Error(`File shrank to ${loaded} bytes while being read`);
+      loaded += read;
+    }
+    bytes = allocate(total, head) ?? bytes;
+    bytes.set(head);
+  }
+  while (loaded < total) {
+    const read = await file.read(bytes.subarray(loaded, Math.min(total, loaded + READ_CHUNK)));
+    if (read === null) throw new Error(`File shrank to ${loaded} bytes while being read`);
+    loaded += read;
+    onProgress(loaded, total);
+  }
+  return bytes;
 }
 
 class HttpSource implements ModelSource {
@@ -192,8 +255,8 @@ class HttpSource implements ModelSource {
     return response.ok;
   }
 
-  async readBytes(name: string): Promise<Uint8Array> {
-    const cached = this.cache === null ? null : await this.#cached(name);
+  async readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array> {
+    const cached = this.cache === null ? null : await this.#cached(name, allocate);
     if (cached !== null) return cached;
     const response = await this.#fetch(name, "GET");
     if (!response.ok) {
@@ -205,7 +268,7 @@ class HttpSource implements ModelSource {
           : `HTTP ${response.status} ${response.statusText}`,
       );
     }
-    const bytes = await this.#receive(name, response);
+    const bytes = await this.#receive(name, response, allocate);
     await this.#store(name, bytes);
     return bytes;
   }
@@ -228,15 +291,20 @@ class HttpSource implements ModelSource {
   }
 
   /** Streams the body into one buffer, reporting progress as chunks arrive. */
-  async #receive(name: string, response: Response): Promise<Uint8Array> {
+  async #receive(
+    name: string,
+    response: Response,
+    allocate?: ByteAllocator,
+  ): Promise<Uint8Array> {
     const header = Number(response.headers.get("content-length"));
     const total = Number.isFinite(header) && header > 0 ? header : undefined;
     const onProgress = this.options.onProgress;
     if (!response.body) return new Uint8Array(await response.arrayBuffer());
-    let buffer = new Uint8Array(total ?? 1 << 20);
+    let buffer: Uint8Array = new Uint8Array(total ?? 1 << 20);
     let loaded = 0;
     onProgress?.({ file: name, loaded, total });
     for await (const chunk of response.body) {
+      if (loaded === 0 && total !== undefined) buffer = allocate?.(total, chunk) ?? buffer;
       if (loaded + chunk.length > buffer.length) {
         const grown = new Uint8Array(Math.max(buffer.length * 2, loaded + chunk.length));
         grown.set(buffer.subarray(0, loaded));
@@ -255,9 +323,13 @@ class HttpSource implements ModelSource {
     return loaded === buffer.length ? buffer : buffer.slice(0, loaded);
   }
 
-  async #cached(name: string): Promise<Uint8Array | null> {
+  async #cached(name: string, allocate?: ByteAllocator): Promise<Uint8Array | null> {
     try {
-      return await Deno.readFile(`${this.cache}${name}`);
+      return await readFileInto(
+        `${this.cache}${name}`,
+        allocate,
+        (loaded, total) => this.options.onProgress?.({ file: name, loaded, total }),
+      );
     } catch {
       return null;
     }

@@ -89,6 +89,28 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
           }
           assertEquals(got, [...greedyIds.subarray(b * totalLen, (b + 1) * totalLen)]);
         });
+
+        await t.step(
+          `row ${b}: session.greedy reproduces greedy_ids, and rewinds at a stop`,
+          async () => {
+            const wanted = [...greedyIds.subarray(b * totalLen + promptLen, (b + 1) * totalLen)];
+            const session = new Session(model);
+            await session.prefill(prompt);
+            const head = await session.greedy(3);
+            const rest = await session.greedy(wanted.length - 3);
+            assertEquals([...head.ids, ...rest.ids], wanted);
+            assertEquals(session.tokens, [...prompt, ...wanted]);
+
+            // Stop before the 5th generated id: the session must hold exactly 4 of them
+            // and continue as if it had never run past them.
+            const stopping = new Session(model);
+            await stopping.prefill(prompt);
+            let seen = 0;
+            const cut = await stopping.greedy(wanted.length, { stopBefore: () => ++seen === 5 });
+            assertEquals(cut, { ids: wanted.slice(0, 4), stopped: true });
+            assertEquals((await stopping.greedy(wanted.length - 4)).ids, wanted.slice(4));
+          },
+        );
       }
       model.backend.dispose?.();
     });

@@ -8,7 +8,9 @@ import { assert } from "@std/assert";
 import type { Backend } from "../src/backend.ts";
 import { JsBackend, silu, softplus } from "../src/backends/js.ts";
 import { WasmBackend, type WasmBuffer } from "../src/backends/wasm.ts";
-import { maxRelDiff } from "./helpers.ts";
+import { loadModel } from "../src/load.ts";
+import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
+import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
 
 /**
  * max |a - b| / max |b|: error relative to the output's scale, for sums whose
@@ -308,4 +310,36 @@ Deno.test("[wasm] undisposed worker threads do not keep the process alive", asyn
   const text = new TextDecoder().decode(stdout).trim();
   assert(exitCode === 0, `exit ${exitCode}: ${new TextDecoder().decode(stderr)}`);
   assert(text === "512", `printed ${text}`);
+});
+
+Deno.test("[wasm] an F32 checkpoint is read straight into wasm memory: no second copy", async () => {
+  const shipped = `${SHARED}/models/tiny-shakespeare`;
+  const file = SafetensorsFile.parse(await Deno.readFile(`${shipped}/model.safetensors`), "f16");
+  const tensors: Parameters<typeof writeSafetensors>[0] = {};
+  for (const [name, info] of file.tensors) {
+    tensors[name] = { dtype: "F32", shape: [...info.shape], data: file.float32(name) };
+  }
+  const dir = await Deno.makeTempDir({ prefix: "mamba-f32-" });
+  const weights = writeSafetensors(tensors);
+  await Deno.writeFile(`${dir}/model.safetensors`, weights);
+  for (const name of ["config.json", "tokenizer.json", "tokenizer_config.json"]) {
+    await Deno.copyFile(`${shipped}/${name}`, `${dir}/${name}`);
+  }
+  const expected = SafetensorsFile.parse(
+    await Deno.readFile(`${shipped}/expected.safetensors`),
+    "expected",
+  );
+  for (const threads of [1, 2]) {
+    const model = await loadModel(dir, { backend: "wasm", threads });
+    const backend = model.model.backend as unknown as WasmBackend;
+    const got = await model.forward(expected.int32("prompt0_greedy_ids"));
+    assert(maxAbsDiff(got, expected.float32("prompt0_logits")) <= 1e-3);
+    // Only the small derived tensors (A = -exp(A_log), split projections) are copied.
+    assert(
+      backend.copiedBytes < weights.length * 0.1,
+      `${backend.copiedBytes} bytes copied for a ${weights.length}-byte file`,
+    );
+    backend.dispose();
+  }
+  await Deno.remove(dir, { recursive: true });
 });

@@ -10,6 +10,7 @@ import { assert, assertEquals, assertRejects } from "@std/assert";
 import { JsBackend } from "../src/backends/js.ts";
 import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
 import { maxRelDiff } from "./helpers.ts";
+import { f16ToF32, f32ToF16 } from "../src/safetensors.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
 const ignore = adapter === null || adapter === undefined;
@@ -137,20 +138,30 @@ Deno.test({
       for (const [rows, inDim, outDim] of shapes) {
         for (const withBias of [false, true]) {
           const x = fill(rows * inDim, rand);
+          // f32 weights, then the same matrix rounded to f16 and stored packed.
           const w = fill(outDim * inDim, rand);
+          const halfW = w.map((v) => f16ToF32(f32ToF16(v)));
           const b = withBias ? fill(outDim, rand) : null;
-          const want = new Float32Array(rows * outDim);
-          js.linear(want, x, w, b, rows, inDim, outDim);
-          const out = gpu.zeros(rows * outDim);
-          gpu.linear(out, gpu.upload(x), gpu.upload(w), b && gpu.upload(b), rows, inDim, outDim);
-          close(
-            await gpu.read(out),
-            want,
-            1e-4,
-            `linear ${rows}×${inDim}→${outDim} bias ${withBias}`,
-          );
+          for (
+            const [label, weights, buffer] of [
+              ["f32", w, gpu.upload(w)],
+              ["f16", halfW, gpu.uploadHalfMatrix(halfW)!],
+            ] as const
+          ) {
+            const want = new Float32Array(rows * outDim);
+            js.linear(want, x, weights, b, rows, inDim, outDim);
+            const out = gpu.zeros(rows * outDim);
+            gpu.linear(out, gpu.upload(x), buffer, b && gpu.upload(b), rows, inDim, outDim);
+            close(
+              await gpu.read(out),
+              want,
+              1e-4,
+              `linear ${label} ${rows}×${inDim}→${outDim} bias ${withBias}`,
+            );
+          }
         }
       }
+      assertEquals(gpu.uploadHalfMatrix(Float32Array.of(1, 0.1)), null, "0.1 is not an f16");
     }),
 });
 

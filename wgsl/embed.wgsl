@@ -1,13 +1,18 @@
-// out [count, dim] = rows ids[t] of table [rows, dim]. One thread per output float.
+// Entry `main`: out [count, dim] = rows ids[t] of table [rows, dim].
+// Entry `from_buffer`: out [dim] = row floatIds[index] of table, the id read on
+// the device (written by argmax.wgsl during greedy decoding).
+// One thread per output float.
 struct Params {
   dim: u32,
   count: u32,
+  index: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 @group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> floatIds: array<f32>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -21,4 +26,17 @@ fn main(
   }
   let t = i / p.dim;
   out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
+}
+
+@compute @workgroup_size(256)
+fn from_buffer(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  if (i >= p.dim) {
+    return;
+  }
+  out[i] = table[u32(floatIds[p.index]) * p.dim + i];
 }

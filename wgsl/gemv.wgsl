@@ -2,6 +2,8 @@
 // weight is read once. A workgroup of 256 threads computes 8 outputs, 32 threads
 // per output striding along inDim (coalesced 128-byte reads), reduced in
 // workgroup memory.
+// The weight (binding 2) and its accessors come from weight_f32.wgsl or
+// weight_f16.wgsl, prepended by the backend.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -11,7 +13,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -37,7 +38,7 @@ fn main(
   if (o < p.outDim) {
     let wBase = o * K;
     for (var k = lane; k < K; k += LANES) {
-      let w = weight[wBase + k];
+      let w = weightAt(wBase + k);
       for (var r = 0u; r < MAXROWS; r++) {
         if (r < p.rows) {
           acc[r] = fma(w, x[r * K + k], acc[r]);

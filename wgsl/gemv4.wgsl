@@ -3,6 +3,8 @@
 // output stride along the row (512 contiguous bytes per step), 8 outputs per
 // workgroup, partial sums reduced in workgroup memory. ROWS (1 to 4) is
 // specialised per pipeline, so the accumulators are plain registers.
+// The weight (binding 2) and its accessors come from weight_f32.wgsl or
+// weight_f16.wgsl, prepended by the backend.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -12,7 +14,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> weight: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -38,7 +39,7 @@ fn main(
   if (o < p.outDim) {
     let wBase = o * k4;
     for (var k = lane; k < k4; k += LANES) {
-      let w = weight[wBase + k];
+      let w = weight4At(wBase + k);
       acc0 = fma(w, x[k], acc0);
       if (ROWS > 1u) {
         acc1 = fma(w, x[k4 + k], acc1);

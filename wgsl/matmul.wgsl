@@ -2,6 +2,8 @@
 // Tiled: a 16×16 workgroup computes a 64×64 tile of out, 4×4 values per thread
 // (rows ty + 16i, columns tx + 16j, so neighbouring threads touch neighbouring
 // columns), staging 64×BK slices of x and weight in workgroup memory.
+// The weight (binding 2) and its accessors come from weight_f32.wgsl or
+// weight_f16.wgsl, prepended by the backend.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -11,7 +13,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -66,7 +67,7 @@ fn main(
       xs[kk * TM + r] = xv;
       var wv = 0.0;
       if (col0 + r < p.outDim && gk < K) {
-        wv = weight[(col0 + r) * K + gk];
+        wv = weightAt((col0 + r) * K + gk);
       }
       ws[kk * TN + r] = wv;
     }

@@ -26,15 +26,22 @@ import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kerne
 export interface WasmBackendOptions {
   /** Threads, the calling one included; default `navigator.hardwareConcurrency`. */
   threads?: number;
+  /**
+   * Whether the memory is a shared one (default: wherever SharedArrayBuffer
+   * exists). Threads need it, and so does {@link WasmBackend.hostBytes}: a
+   * shared memory grows without detaching the views the loader read weights
+   * into, so they upload without a copy.
+   */
+  sharedMemory?: boolean;
 }
 
 /** A buffer of the wasm backend: `length` floats at byte offset `ptr` of its memory. */
 export class WasmBuffer {
-  /** Byte offset in the module's memory (64-byte aligned). */
+  /** Byte offset in the module's memory (64-byte aligned; 4 for views of lent bytes). */
   ptr: number;
   /** Length in floats. */
   readonly length: number;
-  /** Bytes reserved (the allocator's size class). */
+  /** Bytes reserved (the allocator's size class); 0 for a view of lent host bytes. */
   readonly bytes: number;
 
   constructor(ptr: number, length: number, bytes: number) {
@@ -331,6 +338,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
   #heap: Float32Array;
   #top: number;
   readonly #free = new Map<number, number[]>();
+  /** The memory's buffer objects that {@link hostBytes} handed out views of. */
+  readonly #lentBuffers = new Set<ArrayBufferLike>();
+  #copiedBytes = 0;
   #ctrlPtr = 0;
   #ctrl: Int32Array | null = null;
   #workers: ThreadHandle[] = [];
@@ -359,10 +369,12 @@ export class WasmBackend implements Backend<WasmBuffer> {
     if (!Number.isInteger(threads) || threads < 1) {
       throw new RangeError(`threads must be a positive integer, got ${threads}`);
     }
-    const shared = threads > 1;
-    if (shared && typeof SharedArrayBuffer === "undefined") {
+    const shared = options.sharedMemory ?? typeof SharedArrayBuffer !== "undefined";
+    if (threads > 1 && !shared) {
       throw new Error(
-        `threads: ${threads} needs SharedArrayBuffer, which this runtime lacks: use threads: 1`,
+        typeof SharedArrayBuffer === "undefined"
+          ? `threads: ${threads} needs SharedArrayBuffer, which this runtime lacks: use threads: 1`
+          : `threads: ${threads} needs sharedMemory: true`,
       );
     }
     const module = await kernelModule(shared);
@@ -371,7 +383,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     );
     const instance = await WebAssembly.instantiate(module, { env: { memory } });
     const backend = new WasmBackend(memory, instance, threads);
-    if (shared) await backend.#startThreads(module);
+    if (threads > 1) await backend.#startThreads(module);
     return backend;
   }
 
@@ -437,9 +449,37 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return this.#heap;
   }
 
+  /** Size of the module's memory in bytes (weights, states and scratch). */
+  get memoryBytes(): number {
+    return this.#memory.buffer.byteLength;
+  }
+
+  /** Bytes {@link upload} has copied in so far; views of lent bytes cost none. */
+  get copiedBytes(): number {
+    return this.#copiedBytes;
+  }
+
+  /**
+   * Lends `byteLength` bytes of the (shared) memory for a weight file; see
+   * {@link Backend.hostBytes}. Undefined on an unshared memory, whose views a
+   * later growth would detach.
+   */
+  hostBytes(byteLength: number): Uint8Array | undefined {
+    if (!(this.#memory.buffer instanceof SharedArrayBuffer)) return undefined;
+    const { ptr } = this.#alloc(Math.ceil(byteLength / 4));
+    const buffer = this.#memory.buffer;
+    this.#lentBuffers.add(buffer);
+    return new Uint8Array(buffer, ptr, byteLength);
+  }
+
   upload(data: Float32Array): WasmBuffer {
+    if (this.#lentBuffers.has(data.buffer)) {
+      // Already in this memory: the lent bytes outlive every buffer made of them.
+      return new WasmBuffer(data.byteOffset, data.length, 0);
+    }
     const buf = this.#alloc(data.length);
     this.#view().set(data, buf.ptr >>> 2);
+    this.#copiedBytes += data.byteLength;
     return buf;
   }
 
@@ -469,6 +509,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   release(buf: WasmBuffer): void {
     if (buf.ptr < 0) throw new Error("Buffer released twice");
+    if (buf.bytes === 0) {
+      buf.ptr = -1;
+      return;
+    }
     let list = this.#free.get(buf.bytes);
     if (!list) this.#free.set(buf.bytes, list = []);
     list.push(buf.ptr);
@@ -628,7 +672,8 @@ function align(bytes: number): number {
   return Math.ceil(bytes / ALIGN) * ALIGN;
 }
 
-function defaultThreads(): number {
+/** Threads the backend uses unless told otherwise: `navigator.hardwareConcurrency`, else 1. */
+export function defaultThreads(): number {
   const n = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator
     ?.hardwareConcurrency;
   return typeof n === "number" && n >= 1 ? Math.floor(n) : 1;

@@ -15,14 +15,17 @@
 
 import type { Backend, ConvArgs, ScanArgs } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
+import { f16ToF32, f32ToF16 } from "../safetensors.ts";
 
 /** A float32 buffer on the GPU. */
 export class GpuBuffer {
   constructor(
     /** The underlying buffer (possibly larger than `length` floats). */
     readonly buffer: GPUBuffer,
-    /** Number of floats. */
+    /** Number of values. */
     readonly length: number,
+    /** Values stored as packed f16 (a weight matrix; only `linear` reads it). */
+    readonly half = false,
   ) {}
 }
 
@@ -34,6 +37,15 @@ export interface WebGpuOptions {
   scanTargetThreads?: number;
   /** Adapter preference passed to `requestAdapter`. */
   powerPreference?: GPUPowerPreference;
+  /** An adapter already requested (by a capability check); `powerPreference` is then unused. */
+  adapter?: GPUAdapter;
+}
+
+/** A short description of an adapter, for reports and cache keys. */
+export function describeAdapter(adapter: GPUAdapter): string {
+  const info = adapter.info;
+  const name = info.description || [info.vendor, info.architecture, info.device].join(" ");
+  return name.trim();
 }
 
 /** Raised when WebGPU is missing or refuses what the backend needs. */
@@ -48,6 +60,7 @@ const MAX_GROUPS = 65535;
 const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
 /** Bindings each shader declares `read_write` (the rest of 1.. are read-only, 0 is uniform). */
 const WRITABLE: Readonly<Record<string, readonly number[]>> = {
+  argmax: [2],
   embed: [3],
   rmsnorm: [3],
   gemv: [4],
@@ -76,14 +89,21 @@ export class Program {
     readonly bindings: readonly number[],
     /** `const NAME: u32 = …u;` declarations replaced in the source. */
     readonly constants: Readonly<Record<string, number>> = {},
+    /** Key of a WGSL module prepended to the shader (declarations it uses). */
+    readonly prelude?: string,
   ) {
-    this.key = `${shader}:${entry}:${JSON.stringify(constants)}`;
+    this.key = `${prelude ? `${prelude}+` : ""}${shader}:${entry}:${JSON.stringify(constants)}`;
   }
 
-  /** The WGSL source with the constants substituted. */
+  /** The WGSL source with the prelude prepended and the constants substituted. */
   source(): string {
     let text = WGSL[this.shader];
     if (text === undefined) throw new Error(`No WGSL kernel named ${this.shader}`);
+    if (this.prelude !== undefined) {
+      const prelude = WGSL[this.prelude];
+      if (prelude === undefined) throw new Error(`No WGSL module named ${this.prelude}`);
+      text = `${prelude}\n${text}`;
+    }
     for (const [name, value] of Object.entries(this.constants)) {
       const pattern = new RegExp(`const ${name}: u32 = \\d+u;`);
       if (!pattern.test(text)) throw new Error(`${this.shader}.wgsl has no constant ${name}`);
@@ -201,12 +221,13 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   static async create(options: WebGpuOptions = {}): Promise<WebGpuBackend> {
     const alternatives = 'use backend "wasm" or "js" instead';
     const gpu = (globalThis.navigator as Navigator | undefined)?.gpu;
-    if (!gpu) {
+    if (!options.adapter && !gpu) {
       throw new WebGpuUnavailableError(
         `WebGPU is not available here (no navigator.gpu): ${alternatives}`,
       );
     }
-    const adapter = await gpu.requestAdapter({ powerPreference: options.powerPreference });
+    const adapter = options.adapter ??
+      await gpu!.requestAdapter({ powerPreference: options.powerPreference });
     if (!adapter) {
       throw new WebGpuUnavailableError(`No WebGPU adapter was found: ${alternatives}`);
     }
@@ -233,9 +254,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         cause: error,
       });
     }
-    const info = adapter.info;
-    const name = info.description || [info.vendor, info.architecture, info.device].join(" ");
-    return new WebGpuBackend(device, name.trim(), options);
+    return new WebGpuBackend(device, describeAdapter(adapter), options);
   }
 
   // ---- buffers ----------------------------------------------------------------------------
@@ -251,6 +270,30 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     new Float32Array(buffer.getMappedRange(), 0, data.length).set(data);
     buffer.unmap();
     return new GpuBuffer(buffer, data.length);
+  }
+
+  /**
+   * Stores a weight matrix as packed f16 when every value is exactly an f16
+   * (an F16 checkpoint widened at load): half the memory and bandwidth, same
+   * products. Null otherwise; see {@link Backend.uploadHalfMatrix}.
+   */
+  uploadHalfMatrix(data: Float32Array): GpuBuffer | null {
+    const halves = new Uint16Array(data.length + (data.length % 2));
+    for (let i = 0; i < data.length; i++) {
+      const half = f32ToF16(data[i]);
+      if (f16ToF32(half) !== data[i]) return null;
+      halves[i] = half;
+    }
+    const bytes = Math.max(16, Math.ceil(halves.byteLength / 16) * 16);
+    this.#checkSize(bytes);
+    const buffer = this.device.createBuffer({
+      size: bytes,
+      usage: STORAGE_USAGE,
+      mappedAtCreation: true,
+    });
+    new Uint16Array(buffer.getMappedRange(), 0, halves.length).set(halves);
+    buffer.unmap();
+    return new GpuBuffer(buffer, data.length, true);
   }
 
   zeros(length: number): GpuBuffer {
@@ -329,6 +372,26 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#pool.release(idBuffer);
   }
 
+  embedFrom(out: GpuBuffer, table: GpuBuffer, ids: GpuBuffer, index: number, dim: number): void {
+    this.#run(
+      new Program("embed", "from_buffer", [0, 2, 3, 4]),
+      [dim, 1, index],
+      [],
+      { 2: table.buffer, 3: out.buffer, 4: ids.buffer },
+      grid(Math.ceil(dim / 256)),
+    );
+  }
+
+  argmax(ids: GpuBuffer, index: number, logits: GpuBuffer, limit: number): void {
+    this.#run(
+      new Program("argmax", "main", [0, 1, 2]),
+      [limit, index],
+      [],
+      { 1: logits.buffer, 2: ids.buffer },
+      [1, 1, 1],
+    );
+  }
+
   rmsNorm(
     out: GpuBuffer,
     x: GpuBuffer,
@@ -360,14 +423,16 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const [input, done] = this.#unaliased(x, rows * inDim, out);
     const bindings = { 1: input, 2: weight.buffer, 3: bias?.buffer ?? this.#dummy, 4: out.buffer };
     const params = [rows, inDim, outDim, bias ? 1 : 0];
+    const prelude = weight.half ? "weight_f16" : "weight_f32";
+    const all = [0, 1, 2, 3, 4];
     if (rows <= GEMV_MAX_ROWS) {
       // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
       const program = inDim % 4 === 0
-        ? new Program("gemv4", "main", [0, 1, 2, 3, 4], { ROWS: rows })
-        : new Program("gemv", "main", [0, 1, 2, 3, 4]);
+        ? new Program("gemv4", "main", all, { ROWS: rows }, prelude)
+        : new Program("gemv", "main", all, {}, prelude);
       this.#run(program, params, [], bindings, grid(Math.ceil(outDim / 8)));
     } else {
-      this.#run(new Program("matmul", "main", [0, 1, 2, 3, 4]), params, [], bindings, [
+      this.#run(new Program("matmul", "main", all, {}, prelude), params, [], bindings, [
         Math.ceil(outDim / 64),
         Math.ceil(rows / 64),
         1,
@@ -608,7 +673,9 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   #pipeline(program: Program): GPUComputePipeline {
     let pipeline = this.#pipelines.get(program.key);
     if (!pipeline) {
-      const moduleKey = `${program.shader}:${JSON.stringify(program.constants)}`;
+      const moduleKey = `${program.prelude ?? ""}+${program.shader}:${
+        JSON.stringify(program.constants)
+      }`;
       let module = this.#modules.get(moduleKey);
       if (!module) {
         module = this.device.createShaderModule({ label: program.shader, code: program.source() });

@@ -23,6 +23,60 @@ fn main(
   }
 }
 `,
+  argmax: `// ids[index] = the lowest i < limit with the largest logits[i], as an f32 (ids
+// below 2^24 are exact), or -1 when no logit is a number above -3.4e38. Greedy
+// decoding on the device: the next step's embedding reads the id from \`ids\`,
+// so no token travels to the host between steps. One workgroup: each thread
+// scans a strided slice keeping its first maximum, then a tree reduction.
+struct Params {
+  limit: u32,
+  index: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ids: array<f32>;
+
+const NONE: u32 = 0xffffffffu;
+
+var<workgroup> bestValue: array<f32, 256>;
+var<workgroup> bestIndex: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) li: u32) {
+  var value = -3.4028235e38;
+  var index = NONE;
+  for (var i = li; i < p.limit; i += 256u) {
+    let v = logits[i];
+    // NaN compares false, so it is never chosen.
+    if (v > value) {
+      value = v;
+      index = i;
+    }
+  }
+  bestValue[li] = value;
+  bestIndex[li] = index;
+  workgroupBarrier();
+  for (var stride = 128u; stride > 0u; stride >>= 1u) {
+    if (li < stride) {
+      let v = bestValue[li + stride];
+      let j = bestIndex[li + stride];
+      if (v > bestValue[li] || (v == bestValue[li] && j < bestIndex[li])) {
+        bestValue[li] = v;
+        bestIndex[li] = j;
+      }
+    }
+    workgroupBarrier();
+  }
+  if (li == 0u) {
+    if (bestIndex[0] == NONE) {
+      ids[p.index] = -1.0;
+    } else {
+      ids[p.index] = f32(bestIndex[0]);
+    }
+  }
+}
+`,
   conv: `// Causal depthwise convolution with SiLU, carrying the last kernel-1 inputs in
 // \`state\` [kernel-1, channels] (oldest first). Weights [channels, kernel]: tap
 // kernel-1 multiplies the current token.
@@ -142,16 +196,21 @@ fn sequential(
   }
 }
 `,
-  embed: `// out [count, dim] = rows ids[t] of table [rows, dim]. One thread per output float.
+  embed: `// Entry \`main\`: out [count, dim] = rows ids[t] of table [rows, dim].
+// Entry \`from_buffer\`: out [dim] = row floatIds[index] of table, the id read on
+// the device (written by argmax.wgsl during greedy decoding).
+// One thread per output float.
 struct Params {
   dim: u32,
   count: u32,
+  index: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 @group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> floatIds: array<f32>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -166,11 +225,26 @@ fn main(
   let t = i / p.dim;
   out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
 }
+
+@compute @workgroup_size(256)
+fn from_buffer(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  if (i >= p.dim) {
+    return;
+  }
+  out[i] = table[u32(floatIds[p.index]) * p.dim + i];
+}
 `,
   gemv: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias for rows ≤ MAXROWS: each
 // weight is read once. A workgroup of 256 threads computes 8 outputs, 32 threads
 // per output striding along inDim (coalesced 128-byte reads), reduced in
 // workgroup memory.
+// The weight (binding 2) and its accessors come from weight_f32.wgsl or
+// weight_f16.wgsl, prepended by the backend.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -180,7 +254,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -206,7 +279,7 @@ fn main(
   if (o < p.outDim) {
     let wBase = o * K;
     for (var k = lane; k < K; k += LANES) {
-      let w = weight[wBase + k];
+      let w = weightAt(wBase + k);
       for (var r = 0u; r < MAXROWS; r++) {
         if (r < p.rows) {
           acc[r] = fma(w, x[r * K + k], acc[r]);
@@ -244,6 +317,8 @@ fn main(
 // output stride along the row (512 contiguous bytes per step), 8 outputs per
 // workgroup, partial sums reduced in workgroup memory. ROWS (1 to 4) is
 // specialised per pipeline, so the accumulators are plain registers.
+// The weight (binding 2) and its accessors come from weight_f32.wgsl or
+// weight_f16.wgsl, prepended by the backend.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -253,7 +328,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> weight: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -279,7 +353,7 @@ fn main(
   if (o < p.outDim) {
     let wBase = o * k4;
     for (var k = lane; k < k4; k += LANES) {
-      let w = weight[wBase + k];
+      let w = weight4At(wBase + k);
       acc0 = fma(w, x[k], acc0);
       if (ROWS > 1u) {
         acc1 = fma(w, x[k4 + k], acc1);
@@ -324,6 +398,8 @@ fn main(
 // Tiled: a 16×16 workgroup computes a 64×64 tile of out, 4×4 values per thread
 // (rows ty + 16i, columns tx + 16j, so neighbouring threads touch neighbouring
 // columns), staging 64×BK slices of x and weight in workgroup memory.
+// The weight (binding 2) and its accessors come from weight_f32.wgsl or
+// weight_f16.wgsl, prepended by the backend.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -333,7 +409,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -388,7 +463,7 @@ fn main(
       xs[kk * TM + r] = xv;
       var wv = 0.0;
       if (col0 + r < p.outDim && gk < K) {
-        wv = weight[(col0 + r) * K + gk];
+        wv = weightAt((col0 + r) * K + gk);
       }
       ws[kk * TN + r] = wv;
     }
@@ -688,6 +763,37 @@ fn output(
       state[sBase + n] = h[n];
     }
   }
+}
+`,
+  weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them:
+// f16 values packed two per u32 (low half first), widened to f32 on load with
+// the core builtin unpack2x16float, so no shader-f16 feature is needed and the
+// products equal the f32 kernels' for weights that are exactly f16.
+@group(0) @binding(2) var<storage, read> weight: array<vec2<u32>>;
+
+// Element i of the row-major weight matrix.
+fn weightAt(i: u32) -> f32 {
+  return unpack2x16float(weight[i / 4u][(i / 2u) % 2u])[i % 2u];
+}
+
+// Elements 4k to 4k+3.
+fn weight4At(k: u32) -> vec4<f32> {
+  let packed = weight[k];
+  return vec4<f32>(unpack2x16float(packed.x), unpack2x16float(packed.y));
+}
+`,
+  weight_f32: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them:
+// f32 storage. weight_f16.wgsl is the same interface over packed f16.
+@group(0) @binding(2) var<storage, read> weight: array<vec4<f32>>;
+
+// Element i of the row-major weight matrix.
+fn weightAt(i: u32) -> f32 {
+  return weight[i / 4u][i % 4u];
+}
+
+// Elements 4k to 4k+3.
+fn weight4At(k: u32) -> vec4<f32> {
+  return weight[k];
 }
 `,
 };
