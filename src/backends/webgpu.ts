@@ -55,7 +55,10 @@ export class WebGpuUnavailableError extends Error {
 
 const STORAGE_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 const PARAM_SLOT = 256; // bytes per dispatch's uniform block (≥ minUniformBufferOffsetAlignment)
-const PARAM_CHUNK = 65536; // bytes per uniform arena buffer
+// Bytes per uniform arena buffer: large enough for a whole greedy batch (32
+// tokens × 267 dispatches for mamba-130m), so each kernel's bind group, which
+// names the arena buffer, stays the same from token to token and is reused.
+const PARAM_CHUNK = 1 << 22;
 const MAX_GROUPS = 65535;
 const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
 /** Bindings each shader declares `read_write` (the rest of 1.. are read-only, 0 is uniform). */
@@ -262,13 +265,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   upload(data: Float32Array): GpuBuffer {
     const bytes = byteSize(data.length);
     this.#checkSize(bytes);
-    const buffer = this.device.createBuffer({
-      size: bytes,
-      usage: STORAGE_USAGE,
-      mappedAtCreation: true,
-    });
-    new Float32Array(buffer.getMappedRange(), 0, data.length).set(data);
-    buffer.unmap();
+    // writeBuffer, not mappedAtCreation: mapping a large buffer costs seconds
+    // per 100 MB in Deno on a real GPU. The new buffer has no recorded use yet,
+    // so the write cannot overtake one.
+    const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
+    this.device.queue.writeBuffer(buffer, 0, unshared(data));
     return new GpuBuffer(buffer, data.length);
   }
 
@@ -286,13 +287,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     }
     const bytes = Math.max(16, Math.ceil(halves.byteLength / 16) * 16);
     this.#checkSize(bytes);
-    const buffer = this.device.createBuffer({
-      size: bytes,
-      usage: STORAGE_USAGE,
-      mappedAtCreation: true,
-    });
-    new Uint16Array(buffer.getMappedRange(), 0, halves.length).set(halves);
-    buffer.unmap();
+    const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
+    this.device.queue.writeBuffer(buffer, 0, halves);
     return new GpuBuffer(buffer, data.length, true);
   }
 
