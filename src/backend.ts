@@ -78,8 +78,10 @@ export interface Backend<Buf = unknown> {
   /**
    * A buffer holding `data`. A backend in host memory may keep the array itself
    * rather than copy it, so the caller must not change `data` afterwards.
+   * `rowLength` marks `data` as a row-major matrix with rows of that length,
+   * which a backend may split by rows (webgpu, past its binding size limit).
    */
-  upload(data: Float32Array): Buf;
+  upload(data: Float32Array, rowLength?: number): Buf;
   /**
    * Optional: `byteLength` bytes inside the backend's own memory, for the
    * loader to read a weight file into. Float32Arrays viewing these bytes then
@@ -92,7 +94,7 @@ export interface Backend<Buf = unknown> {
    * `weight`, stored as f16 when every value is exactly an f16 (so products
    * are unchanged), or null when some value is not or the backend keeps f32.
    */
-  uploadHalfMatrix?(data: Float32Array): Buf | null;
+  uploadHalfMatrix?(data: Float32Array, rowLength?: number): Buf | null;
   /** A new buffer of `length` zeros. */
   zeros(length: number): Buf;
   /** Overwrites `buf` from `offset` (in floats) with `data`. */

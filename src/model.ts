@@ -84,34 +84,37 @@ export class MambaModel<Buf> {
   constructor(backend: Backend<Buf>, config: MambaConfig, weights: MambaWeights<Float32Array>) {
     this.backend = backend;
     this.config = config;
+    const { dModel, dInner, dtRank } = config;
     const up = (w: Float32Array) => backend.upload(w);
     const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
-    // Matrices only `linear` reads may be stored as exact f16 (webgpu).
-    const matrix = (w: Float32Array) => backend.uploadHalfMatrix?.(w) ?? up(w);
-    const embedding = up(weights.embedding);
+    // Matrices [rows, cols] that only `linear` reads may be stored as exact f16
+    // (webgpu); the row length lets a backend split one that is too large.
+    const matrix = (w: Float32Array, cols: number) =>
+      backend.uploadHalfMatrix?.(w, cols) ?? backend.upload(w, cols);
+    const embedding = backend.upload(weights.embedding, dModel);
     this.#weights = {
       embedding,
       // A tied head shares the embedding's buffer unless an f16 copy is smaller.
       lmHead: weights.lmHead === weights.embedding
-        ? backend.uploadHalfMatrix?.(weights.lmHead) ?? embedding
-        : matrix(weights.lmHead),
+        ? backend.uploadHalfMatrix?.(weights.lmHead, dModel) ?? embedding
+        : matrix(weights.lmHead, dModel),
       normF: up(weights.normF),
       layers: weights.layers.map((l): LayerWeights<Buf> => ({
         norm: up(l.norm),
-        inProjX: matrix(l.inProjX),
-        inProjZ: matrix(l.inProjZ),
+        inProjX: matrix(l.inProjX, dModel),
+        inProjZ: matrix(l.inProjZ, dModel),
         inProjXBias: upOrNull(l.inProjXBias),
         inProjZBias: upOrNull(l.inProjZBias),
         convWeight: up(l.convWeight),
         convBias: upOrNull(l.convBias),
-        xProjDt: matrix(l.xProjDt),
-        xProjB: matrix(l.xProjB),
-        xProjC: matrix(l.xProjC),
-        dtProj: matrix(l.dtProj),
+        xProjDt: matrix(l.xProjDt, dInner),
+        xProjB: matrix(l.xProjB, dInner),
+        xProjC: matrix(l.xProjC, dInner),
+        dtProj: matrix(l.dtProj, dtRank),
         dtProjBias: up(l.dtProjBias),
         A: up(l.A),
         D: up(l.D),
-        outProj: matrix(l.outProj),
+        outProj: matrix(l.outProj, dInner),
         outProjBias: upOrNull(l.outProjBias),
       })),
     };

@@ -9,8 +9,11 @@
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { JsBackend } from "../src/backends/js.ts";
 import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
-import { maxRelDiff } from "./helpers.ts";
-import { f16ToF32, f32ToF16 } from "../src/safetensors.ts";
+import { loadCheckpoint } from "../src/load.ts";
+import { MambaModel } from "../src/model.ts";
+import { f16ToF32, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
+import { Session } from "../src/session.ts";
+import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
 const ignore = adapter === null || adapter === undefined;
@@ -339,4 +342,70 @@ Deno.test({
       await checkScan(gpu, { len: 200, dim: 48, dState: 16, optional: true, softplus: true }, 20);
       await checkScan(gpu, { len: 1, dim: 1536, dState: 16, optional: true, softplus: true }, 21);
     }),
+});
+
+Deno.test({
+  name: "webgpu: matrices past the binding limit are split by rows for embed, embedFrom, linear",
+  ignore,
+  fn: () =>
+    // Split past 1 KiB: a 37×24 f32 table (3552 bytes) becomes parts of 10 rows.
+    withGpu(async (gpu) => {
+      const rand = random(5);
+      const [rows, dim] = [37, 24];
+      const table = fill(rows * dim, rand);
+      const halfTable = table.map((v) => f16ToF32(f32ToF16(v)));
+      for (
+        const [label, values, buffer] of [
+          ["f32", table, gpu.upload(table, dim)],
+          ["f16", halfTable, gpu.uploadHalfMatrix(halfTable, dim)!],
+        ] as const
+      ) {
+        assert(buffer.parts.length > 1, `${label}: expected a split, got ${buffer.parts.length}`);
+        if (label === "f32") {
+          const ids = Int32Array.of(0, 36, 9, 10, 19, 20, 35);
+          const want = new Float32Array(ids.length * dim);
+          js.embed(want, table, ids, dim);
+          const out = gpu.zeros(ids.length * dim);
+          gpu.embed(out, buffer, ids, dim);
+          close(await gpu.read(out), want, 0, "embed over parts");
+
+          const idBuffer = gpu.upload(Float32Array.of(5, 36));
+          const row = gpu.zeros(dim);
+          gpu.embedFrom(row, buffer, idBuffer, 1, dim);
+          close(await gpu.read(row), table.subarray(36 * dim), 0, "embedFrom the last part");
+        }
+        for (const batch of [1, 3, 70]) {
+          const x = fill(batch * dim, rand);
+          const bias = fill(rows, rand);
+          const want = new Float32Array(batch * rows);
+          js.linear(want, x, values, bias, batch, dim, rows);
+          const out = gpu.zeros(batch * rows);
+          gpu.linear(out, gpu.upload(x), buffer, gpu.upload(bias), batch, dim, rows);
+          close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${batch} rows`);
+        }
+      }
+    }, { splitMatricesOver: 1024 }),
+});
+
+Deno.test({
+  name: "webgpu: the tiny-shakespeare model with every large matrix split still matches expected",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const dir = `${SHARED}/models/tiny-shakespeare`;
+      const { config, weights } = await loadCheckpoint(dir);
+      const model = new MambaModel(gpu, config, weights);
+      const expected = SafetensorsFile.parse(
+        await Deno.readFile(`${dir}/expected.safetensors`),
+        "expected.safetensors",
+      );
+      const ids = expected.int32("prompt0_greedy_ids");
+      const prompt = expected.int32("prompt0_ids");
+      const logits = await model.run(model.newState(), ids, "all");
+      assert(maxAbsDiff(logits, expected.float32("prompt0_logits")) <= 1e-3);
+      const session = new Session(model);
+      await session.prefill(prompt);
+      const { ids: generated } = await session.greedy(ids.length - prompt.length);
+      assertEquals(generated, [...ids.subarray(prompt.length)]);
+    }, { splitMatricesOver: 64 << 10 }),
 });

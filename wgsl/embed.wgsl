@@ -1,12 +1,18 @@
-// Entry `main`: out [count, dim] = rows ids[t] of table [rows, dim].
+// Entry `main`: out [count, dim] = rows ids[t] of table [rows, dim]; ids of
+// SKIP leave their row alone (a table split over buffers runs once per part).
 // Entry `from_buffer`: out [dim] = row floatIds[index] of table, the id read on
-// the device (written by argmax.wgsl during greedy decoding).
+// the device (written by argmax.wgsl during greedy decoding), when it lies in
+// the part's rows [rowStart, rowStart + rowCount).
 // One thread per output float.
 struct Params {
   dim: u32,
   count: u32,
   index: u32,
+  rowStart: u32,
+  rowCount: u32,
 }
+
+const SKIP: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
@@ -25,6 +31,9 @@ fn main(
     return;
   }
   let t = i / p.dim;
+  if (ids[t] == SKIP) {
+    return;
+  }
   out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
 }
 
@@ -38,5 +47,9 @@ fn from_buffer(
   if (i >= p.dim) {
     return;
   }
-  out[i] = table[u32(floatIds[p.index]) * p.dim + i];
+  let id = u32(floatIds[p.index]);
+  if (id < p.rowStart || id - p.rowStart >= p.rowCount) {
+    return;
+  }
+  out[i] = table[(id - p.rowStart) * p.dim + i];
 }

@@ -4,11 +4,16 @@
 // workgroup memory.
 // The weight (binding 2) and its accessors come from weight_f32.wgsl or
 // weight_f16.wgsl, prepended by the backend.
+// A weight matrix split by rows over several buffers (too large for one
+// binding) runs once per part: outDim is the part's rows, written to columns
+// colOffset.. of rows of outStride floats.
 struct Params {
   rows: u32,
   inDim: u32,
   outDim: u32,
   hasBias: u32,
+  outStride: u32,
+  colOffset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -61,11 +66,11 @@ fn main(
   if (lane == 0u && o < p.outDim) {
     var b = 0.0;
     if (p.hasBias != 0u) {
-      b = bias[o];
+      b = bias[p.colOffset + o];
     }
     for (var r = 0u; r < MAXROWS; r++) {
       if (r < p.rows) {
-        out[r * p.outDim + o] = red[r * 256u + li] + b;
+        out[r * p.outStride + p.colOffset + o] = red[r * 256u + li] + b;
       }
     }
   }

@@ -5,11 +5,16 @@
 // specialised per pipeline, so the accumulators are plain registers.
 // The weight (binding 2) and its accessors come from weight_f32.wgsl or
 // weight_f16.wgsl, prepended by the backend.
+// A weight matrix split by rows over several buffers (too large for one
+// binding) runs once per part: outDim is the part's rows, written to columns
+// colOffset.. of rows of outStride floats.
 struct Params {
   rows: u32,
   inDim: u32,
   outDim: u32,
   hasBias: u32,
+  outStride: u32,
+  colOffset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -64,18 +69,19 @@ fn main(
   if (lane == 0u && o < p.outDim) {
     var b = 0.0;
     if (p.hasBias != 0u) {
-      b = bias[o];
+      b = bias[p.colOffset + o];
     }
     let sums = red[li];
-    out[o] = sums.x + b;
+    let col = p.colOffset + o;
+    out[col] = sums.x + b;
     if (ROWS > 1u) {
-      out[p.outDim + o] = sums.y + b;
+      out[p.outStride + col] = sums.y + b;
     }
     if (ROWS > 2u) {
-      out[2u * p.outDim + o] = sums.z + b;
+      out[2u * p.outStride + col] = sums.z + b;
     }
     if (ROWS > 3u) {
-      out[3u * p.outDim + o] = sums.w + b;
+      out[3u * p.outStride + col] = sums.w + b;
     }
   }
 }

@@ -4,11 +4,16 @@
 // columns), staging 64×BK slices of x and weight in workgroup memory.
 // The weight (binding 2) and its accessors come from weight_f32.wgsl or
 // weight_f16.wgsl, prepended by the backend.
+// A weight matrix split by rows over several buffers (too large for one
+// binding) runs once per part: outDim is the part's rows, written to columns
+// colOffset.. of rows of outStride floats.
 struct Params {
   rows: u32,
   inDim: u32,
   outDim: u32,
   hasBias: u32,
+  outStride: u32,
+  colOffset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -33,9 +38,9 @@ fn store(r: u32, c: u32, v: vec4<f32>) {
     if (col < p.outDim) {
       var value = v[j];
       if (p.hasBias != 0u) {
-        value += bias[col];
+        value += bias[p.colOffset + col];
       }
-      out[r * p.outDim + col] = value;
+      out[r * p.outStride + p.colOffset + col] = value;
     }
   }
 }

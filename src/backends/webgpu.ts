@@ -19,14 +19,42 @@ import { f16ToF32, f32ToF16 } from "../safetensors.ts";
 
 /** A float32 buffer on the GPU. */
 export class GpuBuffer {
+  readonly #buffer: GPUBuffer | null;
+
   constructor(
-    /** The underlying buffer (possibly larger than `length` floats). */
-    readonly buffer: GPUBuffer,
+    /** The underlying buffer (possibly larger than `length` floats); null when split. */
+    buffer: GPUBuffer | null,
     /** Number of values. */
     readonly length: number,
     /** Values stored as packed f16 (a weight matrix; only `linear` reads it). */
     readonly half = false,
-  ) {}
+    /**
+     * A row-major matrix too large for one binding, split by rows: parts of
+     * `rowsPerPart` rows (the last may hold fewer). Only `embed`, `embedFrom`
+     * and `linear` (as its weight) read a split buffer.
+     */
+    readonly parts: readonly GpuBuffer[] = [],
+    /** Rows per part of a split buffer. */
+    readonly rowsPerPart = 0,
+  ) {
+    this.#buffer = buffer;
+  }
+
+  /** The underlying buffer; a split matrix has none. */
+  get buffer(): GPUBuffer {
+    if (!this.#buffer) {
+      throw new Error(
+        "This matrix is split over several GPU buffers: only embed and linear can read it",
+      );
+    }
+    return this.#buffer;
+  }
+
+  /** Each part (itself when not split), with the index of its first row. */
+  pieces(): { part: GpuBuffer; firstRow: number }[] {
+    if (this.parts.length === 0) return [{ part: this, firstRow: 0 }];
+    return this.parts.map((part, i) => ({ part, firstRow: i * this.rowsPerPart }));
+  }
 }
 
 /** Tuning knobs of {@link WebGpuBackend}; the defaults suit large GPUs. */
@@ -39,6 +67,11 @@ export interface WebGpuOptions {
   powerPreference?: GPUPowerPreference;
   /** An adapter already requested (by a capability check); `powerPreference` is then unused. */
   adapter?: GPUAdapter;
+  /**
+   * Bytes above which a matrix is split by rows, below the device's binding
+   * limit (the default); lets tests exercise the splitting on any device.
+   */
+  splitMatricesOver?: number;
 }
 
 /** A short description of an adapter, for reports and cache keys. */
@@ -262,8 +295,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   // ---- buffers ----------------------------------------------------------------------------
 
-  upload(data: Float32Array): GpuBuffer {
+  /**
+   * A buffer holding `data`; a row-major matrix with rows of `rowLength` that
+   * is larger than one binding allows is split by rows.
+   */
+  upload(data: Float32Array, rowLength?: number): GpuBuffer {
     const bytes = byteSize(data.length);
+    const split = this.#split(data, bytes, rowLength, (rows) => this.upload(rows), false);
+    if (split) return split;
     this.#checkSize(bytes);
     // writeBuffer, not mappedAtCreation: mapping a large buffer costs seconds
     // per 100 MB in Deno on a real GPU. The new buffer has no recorded use yet,
@@ -278,14 +317,15 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * (an F16 checkpoint widened at load): half the memory and bandwidth, same
    * products. Null otherwise; see {@link Backend.uploadHalfMatrix}.
    */
-  uploadHalfMatrix(data: Float32Array): GpuBuffer | null {
-    const halves = new Uint16Array(data.length + (data.length % 2));
+  uploadHalfMatrix(data: Float32Array, rowLength?: number): GpuBuffer | null {
     for (let i = 0; i < data.length; i++) {
-      const half = f32ToF16(data[i]);
-      if (f16ToF32(half) !== data[i]) return null;
-      halves[i] = half;
+      if (f16ToF32(f32ToF16(data[i])) !== data[i]) return null;
     }
+    const halves = new Uint16Array(data.length + (data.length % 2));
+    for (let i = 0; i < data.length; i++) halves[i] = f32ToF16(data[i]);
     const bytes = Math.max(16, Math.ceil(halves.byteLength / 16) * 16);
+    const split = this.#split(data, bytes, rowLength, (rows) => this.uploadHalfMatrix(rows)!, true);
+    if (split) return split;
     this.#checkSize(bytes);
     const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
     this.device.queue.writeBuffer(buffer, 0, halves);
@@ -349,33 +389,66 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   release(buf: GpuBuffer): void {
-    this.#pool.release(buf.buffer);
+    if (buf.parts.length > 0) buf.parts.forEach((part) => this.release(part));
+    else this.#pool.release(buf.buffer);
+  }
+
+  /**
+   * A matrix of `bytes` over the binding limit, uploaded by `uploadPart` in
+   * parts of whole rows; null when it fits (or is not a matrix: then
+   * #checkSize reports it).
+   */
+  #split(
+    data: Float32Array,
+    bytes: number,
+    rowLength: number | undefined,
+    uploadPart: (rows: Float32Array) => GpuBuffer,
+    half: boolean,
+  ): GpuBuffer | null {
+    const limit = Math.min(this.#bindingLimit(), this.#options.splitMatricesOver ?? Infinity);
+    if (bytes <= limit || !rowLength || data.length % rowLength !== 0) return null;
+    const rowBytes = rowLength * (half ? 2 : 4);
+    const rowsPerPart = Math.floor((limit - 16) / rowBytes);
+    if (rowsPerPart < 1) return null;
+    const parts: GpuBuffer[] = [];
+    for (let start = 0; start < data.length; start += rowsPerPart * rowLength) {
+      parts.push(uploadPart(data.subarray(start, start + rowsPerPart * rowLength)));
+    }
+    return new GpuBuffer(null, data.length, half, parts, rowsPerPart);
   }
 
   // ---- operations -------------------------------------------------------------------------
 
   embed(out: GpuBuffer, table: GpuBuffer, ids: Int32Array, dim: number): void {
     if (ids.length === 0) return;
-    const idBuffer = this.#pool.acquire(byteSize(ids.length), true);
-    this.device.queue.writeBuffer(idBuffer, 0, unshared(ids));
-    this.#run(
-      new Program("embed", "main", [0, 1, 2, 3]),
-      [dim, ids.length],
-      [],
-      { 1: idBuffer, 2: table.buffer, 3: out.buffer },
-      grid(Math.ceil((ids.length * dim) / 256)),
-    );
-    this.#pool.release(idBuffer);
+    for (const { part, firstRow } of table.pieces()) {
+      // Each part looks up its own rows; the others are marked SKIP (all ones).
+      const rows = table.parts.length === 0 ? table.length / dim : table.rowsPerPart;
+      const local = ids.map((id) => id >= firstRow && id < firstRow + rows ? id - firstRow : -1);
+      if (table.parts.length > 0 && local.every((id) => id < 0)) continue;
+      const idBuffer = this.#pool.acquire(byteSize(ids.length), true);
+      this.device.queue.writeBuffer(idBuffer, 0, unshared(local));
+      this.#run(
+        new Program("embed", "main", [0, 1, 2, 3]),
+        [dim, ids.length],
+        [],
+        { 1: idBuffer, 2: part.buffer, 3: out.buffer },
+        grid(Math.ceil((ids.length * dim) / 256)),
+      );
+      this.#pool.release(idBuffer);
+    }
   }
 
   embedFrom(out: GpuBuffer, table: GpuBuffer, ids: GpuBuffer, index: number, dim: number): void {
-    this.#run(
-      new Program("embed", "from_buffer", [0, 2, 3, 4]),
-      [dim, 1, index],
-      [],
-      { 2: table.buffer, 3: out.buffer, 4: ids.buffer },
-      grid(Math.ceil(dim / 256)),
-    );
+    for (const { part, firstRow } of table.pieces()) {
+      this.#run(
+        new Program("embed", "from_buffer", [0, 2, 3, 4]),
+        [dim, 1, index, firstRow, part.length / dim],
+        [],
+        { 2: part.buffer, 3: out.buffer, 4: ids.buffer },
+        grid(Math.ceil(dim / 256)),
+      );
+    }
   }
 
   argmax(ids: GpuBuffer, index: number, logits: GpuBuffer, limit: number): void {
@@ -417,22 +490,26 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     outDim: number,
   ): void {
     const [input, done] = this.#unaliased(x, rows * inDim, out);
-    const bindings = { 1: input, 2: weight.buffer, 3: bias?.buffer ?? this.#dummy, 4: out.buffer };
-    const params = [rows, inDim, outDim, bias ? 1 : 0];
     const prelude = weight.half ? "weight_f16" : "weight_f32";
     const all = [0, 1, 2, 3, 4];
-    if (rows <= GEMV_MAX_ROWS) {
-      // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
-      const program = inDim % 4 === 0
-        ? new Program("gemv4", "main", all, { ROWS: rows }, prelude)
-        : new Program("gemv", "main", all, {}, prelude);
-      this.#run(program, params, [], bindings, grid(Math.ceil(outDim / 8)));
-    } else {
-      this.#run(new Program("matmul", "main", all, {}, prelude), params, [], bindings, [
-        Math.ceil(outDim / 64),
-        Math.ceil(rows / 64),
-        1,
-      ]);
+    // A split weight computes its block of output columns per part.
+    for (const { part, firstRow } of weight.pieces()) {
+      const partDim = Math.min(part.length / inDim, outDim - firstRow);
+      const bindings = { 1: input, 2: part.buffer, 3: bias?.buffer ?? this.#dummy, 4: out.buffer };
+      const params = [rows, inDim, partDim, bias ? 1 : 0, outDim, firstRow];
+      if (rows <= GEMV_MAX_ROWS) {
+        // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
+        const program = inDim % 4 === 0
+          ? new Program("gemv4", "main", all, { ROWS: rows }, prelude)
+          : new Program("gemv", "main", all, {}, prelude);
+        this.#run(program, params, [], bindings, grid(Math.ceil(partDim / 8)));
+      } else {
+        this.#run(new Program("matmul", "main", all, {}, prelude), params, [], bindings, [
+          Math.ceil(partDim / 64),
+          Math.ceil(rows / 64),
+          1,
+        ]);
+      }
     }
     done();
   }
@@ -597,11 +674,15 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.device.destroy();
   }
 
-  #checkSize(bytes: number): void {
-    const limit = Math.min(
+  #bindingLimit(): number {
+    return Math.min(
       this.device.limits.maxStorageBufferBindingSize,
       this.device.limits.maxBufferSize,
     );
+  }
+
+  #checkSize(bytes: number): void {
+    const limit = this.#bindingLimit();
     if (bytes > limit) {
       throw new RangeError(
         `A buffer of ${bytes} bytes exceeds this WebGPU device's limit of ${limit} bytes ` +

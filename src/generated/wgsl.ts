@@ -196,15 +196,21 @@ fn sequential(
   }
 }
 `,
-  embed: `// Entry \`main\`: out [count, dim] = rows ids[t] of table [rows, dim].
+  embed: `// Entry \`main\`: out [count, dim] = rows ids[t] of table [rows, dim]; ids of
+// SKIP leave their row alone (a table split over buffers runs once per part).
 // Entry \`from_buffer\`: out [dim] = row floatIds[index] of table, the id read on
-// the device (written by argmax.wgsl during greedy decoding).
+// the device (written by argmax.wgsl during greedy decoding), when it lies in
+// the part's rows [rowStart, rowStart + rowCount).
 // One thread per output float.
 struct Params {
   dim: u32,
   count: u32,
   index: u32,
+  rowStart: u32,
+  rowCount: u32,
 }
+
+const SKIP: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
@@ -223,6 +229,9 @@ fn main(
     return;
   }
   let t = i / p.dim;
+  if (ids[t] == SKIP) {
+    return;
+  }
   out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
 }
 
@@ -236,7 +245,11 @@ fn from_buffer(
   if (i >= p.dim) {
     return;
   }
-  out[i] = table[u32(floatIds[p.index]) * p.dim + i];
+  let id = u32(floatIds[p.index]);
+  if (id < p.rowStart || id - p.rowStart >= p.rowCount) {
+    return;
+  }
+  out[i] = table[(id - p.rowStart) * p.dim + i];
 }
 `,
   gemv: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias for rows ≤ MAXROWS: each
@@ -245,11 +258,16 @@ fn from_buffer(
 // workgroup memory.
 // The weight (binding 2) and its accessors come from weight_f32.wgsl or
 // weight_f16.wgsl, prepended by the backend.
+// A weight matrix split by rows over several buffers (too large for one
+// binding) runs once per part: outDim is the part's rows, written to columns
+// colOffset.. of rows of outStride floats.
 struct Params {
   rows: u32,
   inDim: u32,
   outDim: u32,
   hasBias: u32,
+  outStride: u32,
+  colOffset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -302,11 +320,11 @@ fn main(
   if (lane == 0u && o < p.outDim) {
     var b = 0.0;
     if (p.hasBias != 0u) {
-      b = bias[o];
+      b = bias[p.colOffset + o];
     }
     for (var r = 0u; r < MAXROWS; r++) {
       if (r < p.rows) {
-        out[r * p.outDim + o] = red[r * 256u + li] + b;
+        out[r * p.outStride + p.colOffset + o] = red[r * 256u + li] + b;
       }
     }
   }
@@ -319,11 +337,16 @@ fn main(
 // specialised per pipeline, so the accumulators are plain registers.
 // The weight (binding 2) and its accessors come from weight_f32.wgsl or
 // weight_f16.wgsl, prepended by the backend.
+// A weight matrix split by rows over several buffers (too large for one
+// binding) runs once per part: outDim is the part's rows, written to columns
+// colOffset.. of rows of outStride floats.
 struct Params {
   rows: u32,
   inDim: u32,
   outDim: u32,
   hasBias: u32,
+  outStride: u32,
+  colOffset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -378,18 +401,19 @@ fn main(
   if (lane == 0u && o < p.outDim) {
     var b = 0.0;
     if (p.hasBias != 0u) {
-      b = bias[o];
+      b = bias[p.colOffset + o];
     }
     let sums = red[li];
-    out[o] = sums.x + b;
+    let col = p.colOffset + o;
+    out[col] = sums.x + b;
     if (ROWS > 1u) {
-      out[p.outDim + o] = sums.y + b;
+      out[p.outStride + col] = sums.y + b;
     }
     if (ROWS > 2u) {
-      out[2u * p.outDim + o] = sums.z + b;
+      out[2u * p.outStride + col] = sums.z + b;
     }
     if (ROWS > 3u) {
-      out[3u * p.outDim + o] = sums.w + b;
+      out[3u * p.outStride + col] = sums.w + b;
     }
   }
 }
@@ -400,11 +424,16 @@ fn main(
 // columns), staging 64×BK slices of x and weight in workgroup memory.
 // The weight (binding 2) and its accessors come from weight_f32.wgsl or
 // weight_f16.wgsl, prepended by the backend.
+// A weight matrix split by rows over several buffers (too large for one
+// binding) runs once per part: outDim is the part's rows, written to columns
+// colOffset.. of rows of outStride floats.
 struct Params {
   rows: u32,
   inDim: u32,
   outDim: u32,
   hasBias: u32,
+  outStride: u32,
+  colOffset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -429,9 +458,9 @@ fn store(r: u32, c: u32, v: vec4<f32>) {
     if (col < p.outDim) {
       var value = v[j];
       if (p.hasBias != 0u) {
-        value += bias[col];
+        value += bias[p.colOffset + col];
       }
-      out[r * p.outDim + col] = value;
+      out[r * p.outStride + p.colOffset + col] = value;
     }
   }
 }
