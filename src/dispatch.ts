@@ -610,7 +610,6 @@ class OpBench<Buf> {
       ssmState: dInner * dState,
       outProj: dModel * dInner,
       outProjBias: dModel,
-      lmHead: vocabSize * dModel,
     };
     this.#b = Object.fromEntries(
       Object.entries(sizes).map(([name, length]) => {
@@ -619,6 +618,10 @@ class OpBench<Buf> {
         return [name, buf];
       }),
     );
+    // Uploaded as the model uploads it, so a backend may split it as it would
+    // the real one (webgpu, past its binding limit).
+    this.#b.lmHead = backend.upload(new Float32Array(vocabSize * dModel), dModel);
+    this.#buffers.push(this.#b.lmHead);
   }
 
   /** Issues every layer operation at each of `rows`, then waits until the work is done. */
