@@ -119,6 +119,19 @@ export function randomCheckpoint(
   return { config, safetensors: writeSafetensors(tensors, { format: "pt" }) };
 }
 
+/**
+ * The 130m-shaped model the benches run: `$MAMBA_BENCH_MODEL` when set (a
+ * directory written by `deno task make-random-model`), else one written to a
+ * new temp dir.
+ */
+export async function benchModelDir(): Promise<string> {
+  const fromEnv = Deno.env.get("MAMBA_BENCH_MODEL");
+  if (fromEnv) return fromEnv;
+  const dir = await Deno.makeTempDir({ prefix: "mamba-bench-" });
+  await writeRandomModel(dir, MAMBA_130M);
+  return dir;
+}
+
 /** Writes a random checkpoint into `dir` (created if needed). */
 export async function writeRandomModel(
   dir: string,

@@ -18,20 +18,12 @@ import type { BackendName } from "../src/backends/registry.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { Session } from "../src/session.ts";
-import { MAMBA_130M, writeRandomModel } from "./make_random_model.ts";
+import { benchModelDir } from "./make_random_model.ts";
 
 const requested = Deno.env.get("MAMBA_BENCH_BACKENDS")?.split(",");
 const backends = BACKEND_NAMES.filter((name) =>
   name !== "auto" && (!requested || requested.includes(name))
 ) as BackendName[];
-
-async function randomModelDir(): Promise<string> {
-  const fromEnv = Deno.env.get("MAMBA_BENCH_MODEL");
-  if (fromEnv) return fromEnv;
-  const dir = await Deno.makeTempDir({ prefix: "mamba-bench-" });
-  await writeRandomModel(dir, MAMBA_130M);
-  return dir;
-}
 
 /**
  * Token counts per model: every backend runs the short counts, in groups whose
@@ -47,7 +39,7 @@ const models = [
   },
   {
     label: "130m-shaped",
-    dir: await randomModelDir(),
+    dir: await benchModelDir(),
     prefill: { short: 16, long: 512 },
     decode: { short: 4, long: 128 },
   },

@@ -18,7 +18,7 @@ import { WasmBackend } from "../src/backends/wasm.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { Session } from "../src/session.ts";
-import { MAMBA_130M, writeRandomModel } from "./make_random_model.ts";
+import { benchModelDir } from "./make_random_model.ts";
 
 const N = 16;
 
@@ -92,17 +92,9 @@ for (const [batch, dim, len] of SCAN_SHAPES) {
   }
 }
 
-async function randomModelDir(): Promise<string> {
-  const fromEnv = Deno.env.get("MAMBA_BENCH_MODEL");
-  if (fromEnv) return fromEnv;
-  const dir = await Deno.makeTempDir({ prefix: "mamba-bench-" });
-  await writeRandomModel(dir, MAMBA_130M);
-  return dir;
-}
-
 const PREFILL = 512;
 const DECODE = 128;
-const checkpoint = await loadCheckpoint(await randomModelDir());
+const checkpoint = await loadCheckpoint(await benchModelDir());
 const vocab = checkpoint.config.vocabSize;
 const prompt = Int32Array.from({ length: PREFILL }, (_, i) => (i * 7919 + 13) % vocab);
 for (const threads of [1, 2]) {

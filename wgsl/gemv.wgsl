@@ -2,24 +2,10 @@
 // weight is read once. A workgroup of 256 threads computes 8 outputs, 32 threads
 // per output striding along inDim (coalesced 128-byte reads), reduced in
 // workgroup memory.
-// The weight (binding 2) and its accessors come from weight_f32.wgsl or
-// weight_f16.wgsl, prepended by the backend.
-// A weight matrix split by rows over several buffers (too large for one
-// binding) runs once per part: outDim is the part's rows, written to columns
-// colOffset.. of rows of outStride floats.
-struct Params {
-  rows: u32,
-  inDim: u32,
-  outDim: u32,
-  hasBias: u32,
-  outStride: u32,
-  colOffset: u32,
-}
+// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
+// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 const MAXROWS: u32 = 4u;
 const LANES: u32 = 32u;

@@ -3,24 +3,10 @@
 // output stride along the row (512 contiguous bytes per step), 8 outputs per
 // workgroup, partial sums reduced in workgroup memory. ROWS (1 to 4) is
 // specialised per pipeline, so the accumulators are plain registers.
-// The weight (binding 2) and its accessors come from weight_f32.wgsl or
-// weight_f16.wgsl, prepended by the backend.
-// A weight matrix split by rows over several buffers (too large for one
-// binding) runs once per part: outDim is the part's rows, written to columns
-// colOffset.. of rows of outStride floats.
-struct Params {
-  rows: u32,
-  inDim: u32,
-  outDim: u32,
-  hasBias: u32,
-  outStride: u32,
-  colOffset: u32,
-}
+// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
+// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 const ROWS: u32 = 1u;
 const LANES: u32 = 32u;

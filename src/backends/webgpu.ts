@@ -125,19 +125,19 @@ export class Program {
     readonly bindings: readonly number[],
     /** `const NAME: u32 = …u;` declarations replaced in the source. */
     readonly constants: Readonly<Record<string, number>> = {},
-    /** Key of a WGSL module prepended to the shader (declarations it uses). */
-    readonly prelude?: string,
+    /** Keys of WGSL modules prepended to the shader, in order (declarations it uses). */
+    readonly preludes: readonly string[] = [],
   ) {
-    this.key = `${prelude ? `${prelude}+` : ""}${shader}:${entry}:${JSON.stringify(constants)}`;
+    this.key = `${[...preludes, shader].join("+")}:${entry}:${JSON.stringify(constants)}`;
   }
 
   /** The WGSL source with the prelude prepended and the constants substituted. */
   source(): string {
     let text = WGSL[this.shader];
     if (text === undefined) throw new Error(`No WGSL kernel named ${this.shader}`);
-    if (this.prelude !== undefined) {
-      const prelude = WGSL[this.prelude];
-      if (prelude === undefined) throw new Error(`No WGSL module named ${this.prelude}`);
+    for (const name of [...this.preludes].reverse()) {
+      const prelude = WGSL[name];
+      if (prelude === undefined) throw new Error(`No WGSL module named ${name}`);
       text = `${prelude}\n${text}`;
     }
     for (const [name, value] of Object.entries(this.constants)) {
@@ -490,7 +490,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     outDim: number,
   ): void {
     const [input, done] = this.#unaliased(x, rows * inDim, out);
-    const prelude = weight.half ? "weight_f16" : "weight_f32";
+    const preludes = ["linear_io", weight.half ? "weight_f16" : "weight_f32"];
     const all = [0, 1, 2, 3, 4];
     // A split weight computes its block of output columns per part.
     for (const { part, firstRow } of weight.pieces()) {
@@ -500,11 +500,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       if (rows <= GEMV_MAX_ROWS) {
         // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
         const program = inDim % 4 === 0
-          ? new Program("gemv4", "main", all, { ROWS: rows }, prelude)
-          : new Program("gemv", "main", all, {}, prelude);
+          ? new Program("gemv4", "main", all, { ROWS: rows }, preludes)
+          : new Program("gemv", "main", all, {}, preludes);
         this.#run(program, params, [], bindings, grid(Math.ceil(partDim / 8)));
       } else {
-        this.#run(new Program("matmul", "main", all, {}, prelude), params, [], bindings, [
+        this.#run(new Program("matmul", "main", all, {}, preludes), params, [], bindings, [
           Math.ceil(partDim / 64),
           Math.ceil(rows / 64),
           1,
@@ -750,7 +750,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   #pipeline(program: Program): GPUComputePipeline {
     let pipeline = this.#pipelines.get(program.key);
     if (!pipeline) {
-      const moduleKey = `${program.prelude ?? ""}+${program.shader}:${
+      const moduleKey = `${[...program.preludes, program.shader].join("+")}:${
         JSON.stringify(program.constants)
       }`;
       let module = this.#modules.get(moduleKey);

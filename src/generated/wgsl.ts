@@ -256,24 +256,10 @@ fn from_buffer(
 // weight is read once. A workgroup of 256 threads computes 8 outputs, 32 threads
 // per output striding along inDim (coalesced 128-byte reads), reduced in
 // workgroup memory.
-// The weight (binding 2) and its accessors come from weight_f32.wgsl or
-// weight_f16.wgsl, prepended by the backend.
-// A weight matrix split by rows over several buffers (too large for one
-// binding) runs once per part: outDim is the part's rows, written to columns
-// colOffset.. of rows of outStride floats.
-struct Params {
-  rows: u32,
-  inDim: u32,
-  outDim: u32,
-  hasBias: u32,
-  outStride: u32,
-  colOffset: u32,
-}
+// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
+// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 const MAXROWS: u32 = 4u;
 const LANES: u32 = 32u;
@@ -335,24 +321,10 @@ fn main(
 // output stride along the row (512 contiguous bytes per step), 8 outputs per
 // workgroup, partial sums reduced in workgroup memory. ROWS (1 to 4) is
 // specialised per pipeline, so the accumulators are plain registers.
-// The weight (binding 2) and its accessors come from weight_f32.wgsl or
-// weight_f16.wgsl, prepended by the backend.
-// A weight matrix split by rows over several buffers (too large for one
-// binding) runs once per part: outDim is the part's rows, written to columns
-// colOffset.. of rows of outStride floats.
-struct Params {
-  rows: u32,
-  inDim: u32,
-  outDim: u32,
-  hasBias: u32,
-  outStride: u32,
-  colOffset: u32,
-}
+// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
+// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 const ROWS: u32 = 1u;
 const LANES: u32 = 32u;
@@ -418,15 +390,11 @@ fn main(
   }
 }
 `,
-  matmul: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim].
-// Tiled: a 16×16 workgroup computes a 64×64 tile of out, 4×4 values per thread
-// (rows ty + 16i, columns tx + 16j, so neighbouring threads touch neighbouring
-// columns), staging 64×BK slices of x and weight in workgroup memory.
-// The weight (binding 2) and its accessors come from weight_f32.wgsl or
-// weight_f16.wgsl, prepended by the backend.
+  linear_io: `// Parameters, bias and output of the linear kernels (gemv, gemv4, matmul),
+// prepended to them: out [rows, outDim] = x [rows, inDim] · weightᵀ + bias.
 // A weight matrix split by rows over several buffers (too large for one
-// binding) runs once per part: outDim is the part's rows, written to columns
-// colOffset.. of rows of outStride floats.
+// binding) runs once per part: outDim is then the part's rows, written to
+// columns colOffset.. of output rows of outStride floats.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -437,9 +405,17 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+`,
+  matmul: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim].
+// Tiled: a 16×16 workgroup computes a 64×64 tile of out, 4×4 values per thread
+// (rows ty + 16i, columns tx + 16j, so neighbouring threads touch neighbouring
+// columns), staging 64×BK slices of x and weight in workgroup memory.
+// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
+// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
+
+@group(0) @binding(1) var<storage, read> x: array<f32>;
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -794,8 +770,8 @@ fn output(
   }
 }
 `,
-  weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them:
-// f16 values packed two per u32 (low half first), widened to f32 on load with
+  weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
+// after linear_io.wgsl: f16 values packed two per u32 (low half first), widened to f32 on load with
 // the core builtin unpack2x16float, so no shader-f16 feature is needed and the
 // products equal the f32 kernels' for weights that are exactly f16.
 @group(0) @binding(2) var<storage, read> weight: array<vec2<u32>>;
@@ -811,8 +787,9 @@ fn weight4At(k: u32) -> vec4<f32> {
   return vec4<f32>(unpack2x16float(packed.x), unpack2x16float(packed.y));
 }
 `,
-  weight_f32: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them:
-// f32 storage. weight_f16.wgsl is the same interface over packed f16.
+  weight_f32: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
+// after linear_io.wgsl: f32 storage. weight_f16.wgsl is the same interface over
+// packed f16.
 @group(0) @binding(2) var<storage, read> weight: array<vec4<f32>>;
 
 // Element i of the row-major weight matrix.
