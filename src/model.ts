@@ -152,12 +152,12 @@ export class MambaModel<Buf> {
         if (scratch) this.#releaseScratch(scratch);
         scratch = this.#allocScratch(chunk.length);
       }
-      const rows = scratch;
+      const hidden = scratch.hidden;
       this.#blocks(
         state,
         chunk.length,
-        rows,
-        () => this.backend.embed(rows.hidden, this.#weights.embedding, chunk, this.config.dModel),
+        scratch,
+        () => this.backend.embed(hidden, this.#weights.embedding, chunk, this.config.dModel),
       );
       const isLast = start + chunk.length === ids.length;
       if (logitsFor === "all") {
