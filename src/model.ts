@@ -70,7 +70,12 @@ interface Scratch<Buf> {
   delta: Buf; // [L, dInner]
   y: Buf; // [L, dInner]
   out: Buf; // [L, D]
+  /** One-row scratch for per-sequence operations of a batch, made on first use. */
+  row?: Scratch<Buf>;
 }
+
+/** Runs conv or scan for `state` over `rows` rows of the scratch from `row`. */
+type StatefulOps<Buf> = (state: MambaState<Buf>, row: number, rows: number) => void;
 
 /** A Mamba model whose weights live on one backend. */
 export class MambaModel<Buf> {
@@ -230,46 +235,119 @@ export class MambaModel<Buf> {
    * `s.hidden`, leaving the residual stream there.
    */
   #blocks(state: MambaState<Buf>, L: number, s: Scratch<Buf>, embed: () => void): void {
-    const { dModel, dInner, dState, dConv, dtRank, eps } = this.config;
+    this.#layers(L, s, embed, (ops) => ops(state, 0, L));
+  }
+
+  /**
+   * The blocks over `L` rows of `s`. `sequences(ops)` runs the two
+   * operations that carry state (conv and scan) through `ops(state, row,
+   * rows)`: once over every row for one sequence, or once per row when each
+   * row is a different sequence's token (see {@link stepBatch}).
+   */
+  #layers(
+    L: number,
+    s: Scratch<Buf>,
+    embed: () => void,
+    sequences: (ops: StatefulOps<Buf>) => void,
+  ): void {
+    const { dModel, dInner, dtRank, dState, eps } = this.config;
     const be = this.backend;
     embed();
     this.#weights.layers.forEach((w, layer) => {
       be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
       be.linear(s.x, s.normed, w.inProjX, w.inProjXBias, L, dModel, dInner);
       be.linear(s.z, s.normed, w.inProjZ, w.inProjZBias, L, dModel, dInner);
-      be.causalConv({
-        out: s.xc,
-        x: s.x,
-        weight: w.convWeight,
-        bias: w.convBias,
-        state: state.conv[layer],
-        len: L,
-        channels: dInner,
-        kernel: dConv,
-      });
+      sequences((state, row, rows) => this.#conv(w, state.conv[layer], s, row, rows));
       be.linear(s.dt, s.xc, w.xProjDt, null, L, dInner, dtRank);
       be.linear(s.B, s.xc, w.xProjB, null, L, dInner, dState);
       be.linear(s.C, s.xc, w.xProjC, null, L, dInner, dState);
       be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
-      be.selectiveScan({
-        y: s.y,
-        u: s.xc,
-        delta: s.delta,
-        A: w.A,
-        B: s.B,
-        C: s.C,
-        D: w.D,
-        z: s.z,
-        deltaBias: w.dtProjBias,
-        deltaSoftplus: true,
-        state: state.ssm[layer],
-        len: L,
-        dim: dInner,
-        dState,
-      });
+      sequences((state, row, rows) => this.#scan(w, state.ssm[layer], s, row, rows));
       be.linear(s.out, s.y, w.outProj, w.outProjBias, L, dInner, dModel);
       be.addInPlace(s.hidden, s.out, L * dModel);
     });
+  }
+
+  /** The causal conv over rows [row, row + rows) of `s` (all of them, or one through `s.row`). */
+  #conv(w: LayerWeights<Buf>, state: Buf, s: Scratch<Buf>, row: number, rows: number): void {
+    const { dInner, dConv } = this.config;
+    const be = this.backend;
+    const whole = row === 0 && rows === s.len;
+    const t = whole ? s : this.#rowScratch(s);
+    if (!whole) be.copy(t.x, 0, s.x, row * dInner, dInner);
+    be.causalConv({
+      out: t.xc,
+      x: t.x,
+      weight: w.convWeight,
+      bias: w.convBias,
+      state,
+      len: rows,
+      channels: dInner,
+      kernel: dConv,
+    });
+    if (!whole) be.copy(s.xc, row * dInner, t.xc, 0, dInner);
+  }
+
+  /** The selective scan over rows [row, row + rows) of `s`, like {@link #conv}. */
+  #scan(w: LayerWeights<Buf>, state: Buf, s: Scratch<Buf>, row: number, rows: number): void {
+    const { dInner, dState } = this.config;
+    const be = this.backend;
+    const whole = row === 0 && rows === s.len;
+    const t = whole ? s : this.#rowScratch(s);
+    if (!whole) {
+      be.copy(t.xc, 0, s.xc, row * dInner, dInner);
+      be.copy(t.delta, 0, s.delta, row * dInner, dInner);
+      be.copy(t.z, 0, s.z, row * dInner, dInner);
+      be.copy(t.B, 0, s.B, row * dState, dState);
+      be.copy(t.C, 0, s.C, row * dState, dState);
+    }
+    be.selectiveScan({
+      y: t.y,
+      u: t.xc,
+      delta: t.delta,
+      A: w.A,
+      B: t.B,
+      C: t.C,
+      D: w.D,
+      z: t.z,
+      deltaBias: w.dtProjBias,
+      deltaSoftplus: true,
+      state,
+      len: rows,
+      dim: dInner,
+      dState,
+    });
+    if (!whole) be.copy(s.y, row * dInner, t.y, 0, dInner);
+  }
+
+  /** One-row scratch beside a batch's, for the per-sequence operations. */
+  #rowScratch(s: Scratch<Buf>): Scratch<Buf> {
+    return s.row ??= this.#allocScratch(1);
+  }
+
+  /**
+   * One decode step for several sequences at once: row b of `ids` is fed to
+   * `states[b]`. The projections and the head run on all rows together, so
+   * each weight is read once for the batch; conv and scan run per sequence.
+   * Returns logits [states.length, vocab]. Ids must already be checked.
+   */
+  async stepBatch(states: readonly MambaState<Buf>[], ids: Int32Array): Promise<Float32Array> {
+    if (states.length !== ids.length) {
+      throw new RangeError(`${states.length} states but ${ids.length} ids`);
+    }
+    if (states.length === 1) return this.run(states[0], ids, "last");
+    const s = this.#allocScratch(ids.length);
+    try {
+      this.#layers(
+        ids.length,
+        s,
+        () => this.backend.embed(s.hidden, this.#weights.embedding, ids, this.config.dModel),
+        (ops) => states.forEach((state, row) => ops(state, row, 1)),
+      );
+      return await this.#logits(s, 0, ids.length);
+    } finally {
+      this.#releaseScratch(s);
+    }
   }
 
   /** Final norm and lm_head over `count` rows of the residual stream from `first`. */
@@ -307,8 +385,9 @@ export class MambaModel<Buf> {
   }
 
   #releaseScratch(s: Scratch<Buf>): void {
+    if (s.row) this.#releaseScratch(s.row);
     for (const [key, buf] of Object.entries(s)) {
-      if (key !== "len") this.backend.release(buf as Buf);
+      if (key !== "len" && key !== "row") this.backend.release(buf as Buf);
     }
   }
 }

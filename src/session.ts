@@ -96,6 +96,54 @@ export class Session<Buf = unknown> {
     return this.#enqueue(() => this.#run(array));
   }
 
+  /**
+   * Feeds `ids[i]` to `sessions[i]`, for sessions of one model, in one batched
+   * step: the projections read each weight once for all of them, which is
+   * where a decode step spends its time. Returns each session's logits
+   * [vocab]. Each session still runs its calls in order.
+   */
+  static stepTogether(
+    sessions: readonly Session<unknown>[],
+    ids: readonly number[],
+  ): Promise<Float32Array[]> {
+    if (sessions.length !== ids.length) {
+      return Promise.reject(new RangeError(`${sessions.length} sessions but ${ids.length} ids`));
+    }
+    if (sessions.length === 0) return Promise.resolve([]);
+    const model = sessions[0].#model;
+    if (sessions.some((session) => session.#model !== model)) {
+      return Promise.reject(new RangeError("Sessions stepped together must share one model"));
+    }
+    if (new Set(sessions).size !== sessions.length) {
+      return Promise.reject(new RangeError("A session can take only one step at a time"));
+    }
+    const array = Int32Array.from(ids);
+    try {
+      sessions.forEach((session, i) => session.#checkIds(array.subarray(i, i + 1), [ids[i]]));
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const ready = Promise.all(sessions.map((session) => session.#idle()));
+    const result = ready.then(async () => {
+      const logits = await model.stepBatch(sessions.map((session) => session.#state), array);
+      const vocab = model.config.vocabSize;
+      return sessions.map((session, i) => {
+        const row = logits.slice(i * vocab, (i + 1) * vocab);
+        session.#tokens.push(ids[i]);
+        session.#lastLogits = row;
+        return row;
+      });
+    });
+    for (const session of sessions) session.#queue = result.catch(() => {});
+    return result;
+  }
+
+  /** Settles once this session's earlier calls (and a pending restore) have. */
+  async #idle(): Promise<void> {
+    await this.#queue;
+    if (this.#pending) await this.#pending;
+  }
+
   /** Whether {@link greedy} runs on the device, with one read-back per call. */
   get decodesOnDevice(): boolean {
     return this.#model.decodesOnDevice;
@@ -272,7 +320,7 @@ function argmaxBelow(values: Float32Array, limit: number): number {
   return best;
 }
 
-function decodeSnapshot(bytes: Uint8Array, model: MambaModel<unknown>): SnapshotData {
+function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): SnapshotData {
   if (!(bytes instanceof Uint8Array)) throw new SnapshotError("expected a Uint8Array");
   if (bytes.length < HEADER_BYTES || new TextDecoder().decode(bytes.subarray(0, 8)) !== MAGIC) {
     throw new SnapshotError("it does not start with the MAMBASS1 header");

@@ -116,6 +116,37 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     });
   }
 
+  Deno.test(`[${label}] hf-oracle odd-bf16: sessions stepped together reproduce greedy_ids`, async () => {
+    const dir = `${SHARED}/fixtures/hf-oracle/odd-bf16`;
+    const { config, weights } = await loadCheckpoint(dir);
+    const model = new MambaModel(await createBackend(backendName, options), config, weights);
+    const expected = await readExpected(`${dir}/expected.safetensors`);
+    const [batch, promptLen] = expected.info("input_ids").shape;
+    const totalLen = expected.info("greedy_ids").shape[1];
+    const inputIds = expected.int32("input_ids");
+    const greedyIds = expected.int32("greedy_ids");
+    // Each row three times: six sequences, past the GEMV's four rows.
+    const rows = [0, 1, 0, 1, 0, 1].slice(0, 3 * batch);
+    const sessions = rows.map(() => new Session(model));
+    const next = await Promise.all(
+      sessions.map((session, i) =>
+        session.prefill(inputIds.subarray(rows[i] * promptLen, (rows[i] + 1) * promptLen))
+      ),
+    );
+    const generated: number[][] = rows.map(() => []);
+    for (let t = promptLen; t < totalLen; t++) {
+      const ids = next.map(argmax);
+      ids.forEach((id, i) => generated[i].push(id));
+      next.splice(0, next.length, ...await Session.stepTogether(sessions, ids));
+    }
+    rows.forEach((row, i) => {
+      const wanted = greedyIds.subarray(row * totalLen + promptLen, (row + 1) * totalLen);
+      assertEquals(generated[i], [...wanted], `sequence ${i} (row ${row})`);
+      assertEquals(sessions[i].tokens.length, totalLen);
+    });
+    model.backend.dispose?.();
+  });
+
   Deno.test(`[${label}] scan fixtures: y and lastState within ${scanTolerance} relative`, async (t) => {
     for (const name of ["small", "medium", "long", "bare"]) {
       await t.step(name, async () => {
