@@ -39,6 +39,8 @@ export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
 export type { BackendCache, BackendReport, CandidateReport } from "./src/dispatch.ts";
 export type { SourceOptions } from "./src/source.ts";
 export { Session, SnapshotError } from "./src/session.ts";
+export { StepBatcher } from "./src/batcher.ts";
+export type { StepBatcherOptions } from "./src/batcher.ts";
 export { Generation } from "./src/generate.ts";
 export type {
   FinishReason,

@@ -5,6 +5,7 @@
  * @module
  */
 
+import type { StepBatcher } from "./batcher.ts";
 import { Sampler, type SamplingOptions } from "./sampler.ts";
 import type { Session } from "./session.ts";
 import { type MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
@@ -21,6 +22,11 @@ export interface GenerateOptions extends SamplingOptions {
   ignoreEos?: boolean;
   /** Continue this session instead of starting a new one (the prompt is appended). */
   session?: Session;
+  /**
+   * Run the decode steps through this batcher, together with those of the
+   * other generations that use it (a server's concurrent streams).
+   */
+  batcher?: StepBatcher;
 }
 
 /** One generated token. */
@@ -97,7 +103,8 @@ export function generate(
   const session = options.session ?? model.session();
   // Plain greedy decoding can stay on the device, where the backend allows it.
   const { temperature, repetitionPenalty, repeatLastN } = sampler.options;
-  const onDevice = session.decodesOnDevice && stops.length === 0 && temperature === 0 &&
+  const onDevice = !options.batcher && session.decodesOnDevice && stops.length === 0 &&
+    temperature === 0 &&
     (repetitionPenalty === 1 || repeatLastN === 0);
 
   async function* run(stats: GenerationStats): AsyncGenerator<GenerationEvent> {
@@ -134,27 +141,38 @@ export function generate(
       }
       return finish("length");
     }
-    for (let i = 0; i < maxNewTokens; i++) {
-      if (options.signal?.aborted) return finish("abort");
-      const token = sampler.sample(maskPadding(logits, model.tokenizer.vocabSize), session.tokens);
-      if (token === model.eosTokenId && !options.ignoreEos) return finish("eos");
-      stats.generatedTokens++;
-      // Stepping the last token too keeps the session ready to be continued.
-      logits = await session.step(token);
-      held += decoder.push(token);
-      const isLast = i === maxNewTokens - 1;
-      if (isLast) held += decoder.flush();
-      const stopAt = firstStop(held, stops);
-      if (stopAt >= 0) {
-        yield { token, text: held.slice(0, stopAt) };
-        return finish("stop");
+    const batcher = options.batcher;
+    const step = (token: number) => batcher ? batcher.step(session, token) : session.step(token);
+    const leave = batcher?.join();
+    try {
+      for (let i = 0; i < maxNewTokens; i++) {
+        if (options.signal?.aborted) return finish("abort");
+        const token = sampler.sample(
+          maskPadding(logits, model.tokenizer.vocabSize),
+          session.tokens,
+        );
+        if (token === model.eosTokenId && !options.ignoreEos) return finish("eos");
+        stats.generatedTokens++;
+        // Stepping the last token too keeps the session ready to be continued.
+        logits = await step(token);
+        held += decoder.push(token);
+        const isLast = i === maxNewTokens - 1;
+        if (isLast) held += decoder.flush();
+        const stopAt = firstStop(held, stops);
+        if (stopAt >= 0) {
+          yield { token, text: held.slice(0, stopAt) };
+          return finish("stop");
+        }
+        const keep = isLast ? 0 : heldBackLength(held, stops);
+        const text = held.slice(0, held.length - keep);
+        held = held.slice(held.length - keep);
+        yield { token, text };
       }
-      const keep = isLast ? 0 : heldBackLength(held, stops);
-      const text = held.slice(0, held.length - keep);
-      held = held.slice(held.length - keep);
-      yield { token, text };
+      finish("length");
+    } finally {
+      // Also when the consumer stops iterating: the batcher must not wait for it.
+      leave?.();
     }
-    finish("length");
   }
   return new Generation(session, run);
 }

@@ -32,7 +32,7 @@
  */
 
 import { setImmediate } from "node:timers";
-import type { GenerationEvent, Mamba, Session } from "../../mod.ts";
+import { type GenerationEvent, type Mamba, type Session, StepBatcher } from "../../mod.ts";
 import { PrefixCache, type PrefixCacheStats } from "./prefix_cache.ts";
 import {
   type GenerationRequest,
@@ -61,6 +61,11 @@ export interface HandlerOptions {
   defaultMaxNewTokens?: number;
   /** Request body bytes accepted at most (default 1 MiB). */
   maxBodyBytes?: number;
+  /**
+   * Run the decode steps of concurrent streams together, reading the weights
+   * once per round for all of them (default true).
+   */
+  batchDecode?: boolean;
 }
 
 /** What `GET /v1/stats` reports. */
@@ -240,6 +245,7 @@ export function createHandler(
   const modelName = options.modelName ?? "mamba";
   const sessions = options.sessions ?? new MemorySessionStore();
   const prefixCache = new PrefixCache(options.prefixCacheBytes ?? 64 << 20);
+  const batcher = options.batchDecode === false ? undefined : new StepBatcher();
   const maxConcurrent = options.maxConcurrent ?? 8;
   const maxPromptTokens = options.maxPromptTokens ?? 4096;
   const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
@@ -363,6 +369,7 @@ export function createHandler(
       ignoreEos: request.ignoreEos,
       signal,
       session,
+      batcher,
     });
     let firstTokenMs: number | null = null;
     for await (const event of generation) {

@@ -16,6 +16,7 @@
  * | `MAMBA_MAX_PROMPT_TOKENS`   | prompt tokens accepted                                | 4096                             |
  * | `MAMBA_MAX_NEW_TOKENS`      | largest `max_new_tokens`                              | 1024                             |
  * | `MAMBA_PREFIX_CACHE_MB`     | prefix-cache size (0: off)                            | 64                               |
+ * | `MAMBA_BATCH_DECODE`        | `0`: step each stream alone rather than in batches    | 1                                |
  * | `PORT`, `HOSTNAME`          | where to listen                                       | 8000, 0.0.0.0                    |
  *
  * @module
@@ -81,6 +82,7 @@ export async function main(): Promise<void> {
     maxPromptTokens: integerEnv("MAMBA_MAX_PROMPT_TOKENS"),
     maxNewTokens: integerEnv("MAMBA_MAX_NEW_TOKENS"),
     prefixCacheBytes: (integerEnv("MAMBA_PREFIX_CACHE_MB", 0) ?? 64) * (1 << 20),
+    batchDecode: Deno.env.get("MAMBA_BATCH_DECODE") !== "0",
   };
   Deno.serve({
     port: integerEnv("PORT", 0) ?? 8000,
