@@ -29,7 +29,9 @@ const seconds = ((performance.now() - start) / 1000).toFixed(1);
 console.log(`${model.backend}: loaded in ${seconds} s: ${memory()}`);
 const session = model.session();
 const promptLength = backend === "js" ? 16 : 512;
-await session.prefill(Array.from({ length: promptLength }, (_, i) => (i * 7919 + 13) % 50000));
+await session.prefill(
+  Array.from({ length: promptLength }, (_, i) => (i * 7919 + 13) % model.vocabSize),
+);
 for (let i = 0; i < 16; i++) await session.step(100 + i);
 console.log(`${model.backend}: after prefill ${promptLength} + 16 steps: ${memory()}`);
 model.model.backend.dispose?.();

@@ -29,7 +29,11 @@ export interface GenerateOptions extends SamplingOptions {
   batcher?: StepBatcher;
 }
 
-/** One generated token. */
+/**
+ * One generated token. When generation ends at the end-of-sequence id while
+ * text is still held back (the possible start of a stop string, or a split
+ * character), one last event carries that text with the end-of-sequence id.
+ */
 export interface GenerationEvent {
   /** The sampled id. */
   token: number;
@@ -137,7 +141,11 @@ export function generate(
           const text = decoder.push(token) + (generated === maxNewTokens ? decoder.flush() : "");
           yield { token, text };
         }
-        if (stopped) return finish("eos");
+        if (stopped) {
+          const rest = decoder.flush();
+          if (rest) yield { token: model.eosTokenId!, text: rest };
+          return finish("eos");
+        }
       }
       return finish("length");
     }
@@ -151,7 +159,11 @@ export function generate(
           maskPadding(logits, model.tokenizer.vocabSize),
           session.tokens,
         );
-        if (token === model.eosTokenId && !options.ignoreEos) return finish("eos");
+        if (token === model.eosTokenId && !options.ignoreEos) {
+          const rest = held + decoder.flush();
+          if (rest) yield { token, text: rest };
+          return finish("eos");
+        }
         stats.generatedTokens++;
         // Stepping the last token too keeps the session ready to be continued.
         logits = await step(token);

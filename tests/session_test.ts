@@ -5,6 +5,7 @@
  */
 
 import { assert, assertEquals, assertNotEquals, assertRejects, assertThrows } from "@std/assert";
+import { generate } from "../src/generate.ts";
 import { loadModel } from "../src/load.ts";
 import { Sampler } from "../src/sampler.ts";
 import { SnapshotError } from "../src/session.ts";
@@ -147,4 +148,25 @@ Deno.test("generation stats count prompt and generated tokens", async () => {
   assertEquals(generation.stats.promptTokens, 2);
   assertEquals(generation.stats.generatedTokens, 5);
   assert(generation.stats.prefillMs >= 0 && generation.stats.decodeMs > 0);
+});
+
+Deno.test("text held back for a stop string is still emitted when the end-of-sequence id comes", async () => {
+  const { ids } = await collect(model.generate(PROMPT, { maxNewTokens: 16, temperature: 0 }));
+  // Pretend a later id that has not come before ends the sequence.
+  const end = ids.findIndex((id, i) => i >= 4 && !ids.slice(0, i).includes(id));
+  const promptIds = model.tokenizer.encode(PROMPT);
+  const wanted = model.tokenizer.decode([...promptIds, ...ids.slice(0, end)]);
+  // A stop string starting with the text's last character makes generate hold it back.
+  const stop = [`${wanted.at(-1)}\u0001`];
+  const stopper = {
+    tokenizer: model.tokenizer,
+    vocabSize: model.vocabSize,
+    eosTokenId: ids[end],
+    session: () => model.session(),
+  };
+  const generation = generate(stopper, PROMPT, { maxNewTokens: 16, temperature: 0, stop });
+  const { text } = await collect(generation);
+  assertEquals(PROMPT + text, wanted);
+  assertEquals(generation.stats.finishReason, "eos");
+  assertEquals(generation.stats.generatedTokens, end);
 });

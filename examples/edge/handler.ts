@@ -359,7 +359,10 @@ export function createHandler(
     const toPrefill = ids.slice(job.cachedTokens);
     if (toPrefill.length > 0) {
       await session.prefill(toPrefill);
-      if (!job.continued) prefixCache.store(modelName, ids, await session.snapshot());
+      // A snapshot costs milliseconds (3 MB for a 130m model): only when it is kept.
+      if (!job.continued && prefixCache.enabled) {
+        prefixCache.store(modelName, ids, await session.snapshot());
+      }
     }
     const prefillMs = performance.now() - prefillStart;
     const generation = model.generate([], {

@@ -64,6 +64,11 @@ export class PrefixCache {
     this.#maxBytes = maxBytes;
   }
 
+  /** Whether the cache keeps anything (a size of 0 disables it). */
+  get enabled(): boolean {
+    return this.#maxBytes > 0;
+  }
+
   /** The longest cached prefix of `ids` for `model`, or null; counts a hit or a miss. */
   lookup(model: string, ids: readonly number[]): PrefixHit | null {
     let best: { key: string; entry: Entry } | null = null;
