@@ -11,7 +11,8 @@ import { parseArgs } from "@std/cli/parse-args";
 import { BACKEND_NAMES, type BackendName } from "./backends/registry.ts";
 import { formatBackendReport } from "./dispatch.ts";
 import { loadModel, type LoadProgress } from "./load.ts";
-import type { GenerateOptions } from "./generate.ts";
+import { DEFAULT_MAX_NEW_TOKENS, type GenerateOptions } from "./generate.ts";
+import { SAMPLING_DEFAULTS } from "./sampler.ts";
 
 const DEFAULT_MODEL = new URL("../models/tiny-shakespeare/", import.meta.url);
 const DEFAULT_PROMPT = "ROMEO:";
@@ -25,13 +26,13 @@ Options:
   -m, --model <dir|url|id>    Model directory, file:// or http(s):// URL, or HF repo id
                               (default: the bundled tiny-shakespeare model)
   -p, --prompt <text>         Prompt (default: "${DEFAULT_PROMPT}")
-  -n, --max-new-tokens <n>    Tokens to generate (default: 128)
-      --temp <t>              Temperature; 0 is greedy (default: 0.8)
-      --top-k <k>             Keep the k most likely tokens; 0 is off (default: 40)
-      --top-p <p>             Nucleus sampling mass; 1 is off (default: 0.95)
-      --min-p <p>             Drop tokens below p times the top probability (default: 0.05)
-      --repeat-penalty <r>    Repetition penalty; 1 is off (default: 1)
-      --repeat-last-n <n>     Tokens the penalty looks back over; -1 is all (default: 64)
+  -n, --max-new-tokens <n>    Tokens to generate (default: ${DEFAULT_MAX_NEW_TOKENS})
+      --temp <t>              Temperature; 0 is greedy (default: ${SAMPLING_DEFAULTS.temperature})
+      --top-k <k>             Keep the k most likely tokens; 0 is off (default: ${SAMPLING_DEFAULTS.topK})
+      --top-p <p>             Nucleus sampling mass; 1 is off (default: ${SAMPLING_DEFAULTS.topP})
+      --min-p <p>             Drop tokens below p times the top probability (default: ${SAMPLING_DEFAULTS.minP})
+      --repeat-penalty <r>    Repetition penalty; 1 is off (default: ${SAMPLING_DEFAULTS.repetitionPenalty})
+      --repeat-last-n <n>     Tokens the penalty looks back over; -1 is all (default: ${SAMPLING_DEFAULTS.repeatLastN})
       --stop <text>           Stop when this text appears (repeatable)
   -s, --seed <n>              Random seed (default: random)
       --backend <name>        Backend: ${BACKEND_NAMES.join(", ")} (default: auto, which
@@ -115,7 +116,7 @@ export async function main(args: string[]): Promise<number> {
     throw new UsageError(`--backend must be one of ${BACKEND_NAMES.join(", ")}, got "${backend}"`);
   }
   const options: GenerateOptions = {
-    maxNewTokens: numberFlag(flags, "max-new-tokens", true) ?? 128,
+    maxNewTokens: numberFlag(flags, "max-new-tokens", true),
     temperature: numberFlag(flags, "temp", false),
     topK: numberFlag(flags, "top-k", true),
     topP: numberFlag(flags, "top-p", false),

@@ -10,6 +10,9 @@ import { Sampler, type SamplingOptions } from "./sampler.ts";
 import type { Session } from "./session.ts";
 import { type MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
 
+/** Tokens {@link generate} produces at most when `maxNewTokens` is not given. */
+export const DEFAULT_MAX_NEW_TOKENS = 128;
+
 /** Options of {@link generate}; sampling options follow llama.cpp's names and defaults. */
 export interface GenerateOptions extends SamplingOptions {
   /** Tokens to generate at most (default 128). */
@@ -97,7 +100,7 @@ export function generate(
   prompt: string | readonly number[],
   options: GenerateOptions = {},
 ): Generation {
-  const maxNewTokens = options.maxNewTokens ?? 128;
+  const maxNewTokens = options.maxNewTokens ?? DEFAULT_MAX_NEW_TOKENS;
   if (!Number.isInteger(maxNewTokens) || maxNewTokens < 0) {
     throw new RangeError(`maxNewTokens must be a non-negative integer, got ${maxNewTokens}`);
   }
@@ -155,10 +158,8 @@ export function generate(
     try {
       for (let i = 0; i < maxNewTokens; i++) {
         if (options.signal?.aborted) return finish("abort");
-        const token = sampler.sample(
-          maskPadding(logits, model.tokenizer.vocabSize),
-          session.tokens,
-        );
+        // Rows past the tokenizer's vocabulary (embedding padding) are never sampled.
+        const token = sampler.sample(logits, session.tokens, model.tokenizer.vocabSize);
         if (token === model.eosTokenId && !options.ignoreEos) {
           const rest = held + decoder.flush();
           if (rest) yield { token, text: rest };
@@ -187,14 +188,6 @@ export function generate(
     }
   }
   return new Generation(session, run);
-}
-
-/** Logits rows past the tokenizer's vocabulary (embedding padding) can never be sampled. */
-function maskPadding(logits: Float32Array, tokenizerVocab: number): Float32Array {
-  if (tokenizerVocab >= logits.length) return logits;
-  const masked = logits.slice();
-  masked.fill(-Infinity, tokenizerVocab);
-  return masked;
 }
 
 function firstStop(text: string, stops: string[]): number {

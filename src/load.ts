@@ -11,7 +11,7 @@ import { type MambaConfig, parseConfig } from "./config.ts";
 import { type BackendCache, type BackendReport, selectBackend } from "./dispatch.ts";
 import { generate, type GenerateOptions, type Generation } from "./generate.ts";
 import { MambaModel } from "./model.ts";
-import { parseShardIndex, SafetensorsFile } from "./safetensors.ts";
+import { headerDtypes, parseShardIndex, SafetensorsFile } from "./safetensors.ts";
 import { Session } from "./session.ts";
 import { ModelFileError } from "./errors.ts";
 import {
@@ -103,15 +103,7 @@ export class Mamba {
 
   /** Full-sequence forward: logits [ids.length * vocab], row t after ids[0..t]. */
   async forward(ids: readonly number[] | Int32Array): Promise<Float32Array> {
-    const array = Int32Array.from(ids);
-    const vocab = this.config.vocabSize;
-    array.forEach((id, i) => {
-      if (id !== ids[i] || id < 0 || id >= vocab) {
-        throw new RangeError(
-          `Unknown token id ${ids[i]}: the model's vocabulary has ids 0 to ${vocab - 1}`,
-        );
-      }
-    });
+    const array = this.model.tokenIds(ids);
     const state = this.model.newState();
     try {
       return await this.model.run(state, array, "all");
@@ -151,7 +143,8 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
   const weights = await readWeights(
     dir,
     config,
-    (size, head) => onlyFloat32(head) ? backend.hostBytes?.(size) : undefined,
+    (size, head) =>
+      headerDtypes(head)?.every((dtype) => dtype === "F32") ? backend.hostBytes?.(size) : undefined,
   );
   const tokenizerConfig = await dir.exists("tokenizer_config.json")
     ? await readJson(dir, "tokenizer_config.json")
@@ -184,22 +177,6 @@ export async function loadCheckpoint(
   const dir = await openSource(source, options);
   const config = await readConfig(dir);
   return { config, weights: await readWeights(dir, config) };
-}
-
-/** Whether `head` holds a whole safetensors header listing only F32 tensors. */
-function onlyFloat32(head: Uint8Array): boolean {
-  if (head.length < 8) return false;
-  const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
-  const headerLength = Number(view.getBigUint64(0, true));
-  if (8 + headerLength > head.length) return false;
-  try {
-    const header = JSON.parse(new TextDecoder().decode(head.subarray(8, 8 + headerLength)));
-    return Object.entries(header).every(([name, info]) =>
-      name === "__metadata__" || (info as { dtype?: unknown })?.dtype === "F32"
-    );
-  } catch {
-    return false; // The real parse reports what is wrong.
-  }
 }
 
 async function readConfig(dir: ModelSource): Promise<MambaConfig> {

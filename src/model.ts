@@ -125,6 +125,25 @@ export class MambaModel<Buf> {
     };
   }
 
+  /**
+   * `ids` as the Int32Array {@link run} takes, each checked to be a token id of
+   * this model.
+   *
+   * @throws {RangeError} Naming the first id that is not an integer in [0, vocab).
+   */
+  tokenIds(ids: readonly number[] | Int32Array): Int32Array {
+    const array = Int32Array.from(ids);
+    const vocab = this.config.vocabSize;
+    for (let i = 0; i < array.length; i++) {
+      if (array[i] !== ids[i] || array[i] < 0 || array[i] >= vocab) {
+        throw new RangeError(
+          `Unknown token id ${ids[i]}: the model's vocabulary has ids 0 to ${vocab - 1}`,
+        );
+      }
+    }
+    return array;
+  }
+
   /** A zeroed state: the start of a sequence. */
   newState(): MambaState<Buf> {
     const { nLayer, dConv, dInner, dState } = this.config;
@@ -212,8 +231,7 @@ export class MambaModel<Buf> {
           () =>
             be.embedFrom!(scratch.hidden, this.#weights.embedding, result, vocabSize + t, dModel),
         );
-        be.rmsNorm(scratch.normed, scratch.hidden, this.#weights.normF, 1, dModel, eps);
-        be.linear(logits, scratch.normed, this.#weights.lmHead, null, 1, dModel, vocabSize);
+        this.#head(logits, scratch, 0, 1);
         if (t + 1 < count) be.argmax(result, vocabSize + t + 1, logits, limit);
       }
       be.copy(result, 0, logits, 0, vocabSize);
@@ -352,17 +370,29 @@ export class MambaModel<Buf> {
 
   /** Final norm and lm_head over `count` rows of the residual stream from `first`. */
   async #logits(s: Scratch<Buf>, first: number, count: number): Promise<Float32Array> {
+    const logits = this.backend.zeros(count * this.config.vocabSize);
+    try {
+      this.#head(logits, s, first, count);
+      return await this.backend.read(logits);
+    } finally {
+      this.backend.release(logits);
+    }
+  }
+
+  /**
+   * logits [count, vocab] = lm_head(rmsNorm_f(rows [first, first + count) of
+   * the residual stream)), normalising into `s.normed`.
+   */
+  #head(logits: Buf, s: Scratch<Buf>, first: number, count: number): void {
     const { dModel, vocabSize, eps } = this.config;
     const be = this.backend;
-    const rows = be.zeros(count * dModel);
-    const logits = be.zeros(count * vocabSize);
-    be.copy(rows, 0, s.hidden, first * dModel, count * dModel);
-    be.rmsNorm(rows, rows, this.#weights.normF, count, dModel, eps);
-    be.linear(logits, rows, this.#weights.lmHead, null, count, dModel, vocabSize);
-    const host = await be.read(logits);
-    be.release(rows);
-    be.release(logits);
-    return host;
+    if (first === 0) {
+      be.rmsNorm(s.normed, s.hidden, this.#weights.normF, count, dModel, eps);
+    } else {
+      be.copy(s.normed, 0, s.hidden, first * dModel, count * dModel);
+      be.rmsNorm(s.normed, s.normed, this.#weights.normF, count, dModel, eps);
+    }
+    be.linear(logits, s.normed, this.#weights.lmHead, null, count, dModel, vocabSize);
   }
 
   #allocScratch(len: number): Scratch<Buf> {

@@ -106,6 +106,68 @@ function isNonNegInt(v: unknown): v is number {
   return typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 }
 
+/** The 8-byte length, then the JSON header: checked, parsed, and where the data starts. */
+function readHeader(
+  bytes: Uint8Array,
+  fail: (problem: string) => never,
+): { header: Record<string, unknown>; dataStart: number } {
+  if (bytes.length < 8) {
+    fail(`File is ${bytes.length} bytes, too short for the 8-byte header length`);
+  }
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, 8);
+  const lo = dv.getUint32(0, true);
+  const hi = dv.getUint32(4, true);
+  if (hi !== 0 || lo > MAX_HEADER_BYTES) {
+    const n = (BigInt(hi) << 32n) | BigInt(lo);
+    fail(
+      `Header length ${n} is absurdly large (over the ${MAX_HEADER_BYTES}-byte limit); ` +
+        `the file is probably not safetensors`,
+    );
+  }
+  const headerLength = lo;
+  if (8 + headerLength > bytes.length) {
+    fail(`Header length ${headerLength} runs past the end of the file (${bytes.length} bytes)`);
+  }
+  const dataStart = 8 + headerLength;
+
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(
+      bytes.subarray(8, dataStart),
+    );
+  } catch {
+    return fail("Header is not valid UTF-8");
+  }
+  let header: unknown;
+  try {
+    header = JSON.parse(text);
+  } catch (e) {
+    return fail(`Header is not valid JSON: ${e instanceof Error ? e.message : String(e)}`);
+  }
+  if (!isPlainObject(header)) {
+    return fail(`Header is not a JSON object (found ${kindOf(header)})`);
+  }
+  return { header, dataStart };
+}
+
+/**
+ * The dtypes of the tensors a safetensors file declares, read from its first
+ * bytes alone (`head` must hold the whole header), or null where `head` does
+ * not hold a well-formed header: for deciding how to read the rest.
+ */
+export function headerDtypes(head: Uint8Array): string[] | null {
+  try {
+    const { header } = readHeader(head, (problem) => {
+      throw new Error(problem);
+    });
+    return Object.entries(header).filter(([name]) => name !== "__metadata__").map(([, entry]) =>
+      isPlainObject(entry) ? String(entry.dtype) : ""
+    );
+  } catch {
+    return null;
+  }
+}
+
 /**
  * A parsed safetensors file: the header, validated, plus the file's bytes.
  * Tensor data is converted lazily by {@linkcode SafetensorsFile.float32} and
@@ -149,43 +211,8 @@ export class SafetensorsFile {
     const fail = (problem: string): never => {
       throw new ModelFileError(file, problem);
     };
-    if (bytes.length < 8) {
-      fail(`File is ${bytes.length} bytes, too short for the 8-byte header length`);
-    }
-    const dv = new DataView(bytes.buffer, bytes.byteOffset, 8);
-    const lo = dv.getUint32(0, true);
-    const hi = dv.getUint32(4, true);
-    if (hi !== 0 || lo > MAX_HEADER_BYTES) {
-      const n = (BigInt(hi) << 32n) | BigInt(lo);
-      fail(
-        `Header length ${n} is absurdly large (over the ${MAX_HEADER_BYTES}-byte limit); ` +
-          `the file is probably not safetensors`,
-      );
-    }
-    const headerLength = lo;
-    if (8 + headerLength > bytes.length) {
-      fail(`Header length ${headerLength} runs past the end of the file (${bytes.length} bytes)`);
-    }
-    const dataStart = 8 + headerLength;
+    const { header, dataStart } = readHeader(bytes, fail);
     const dataLength = bytes.length - dataStart;
-
-    let text: string;
-    try {
-      text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(
-        bytes.subarray(8, dataStart),
-      );
-    } catch {
-      return fail("Header is not valid UTF-8");
-    }
-    let header: unknown;
-    try {
-      header = JSON.parse(text);
-    } catch (e) {
-      return fail(`Header is not valid JSON: ${e instanceof Error ? e.message : String(e)}`);
-    }
-    if (!isPlainObject(header)) {
-      return fail(`Header is not a JSON object (found ${kindOf(header)})`);
-    }
 
     let metadata: Record<string, string> = {};
     const tensors = new Map<string, TensorInfo>();

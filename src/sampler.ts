@@ -65,7 +65,7 @@ export interface SamplingOptions {
 }
 
 /** llama.cpp's defaults, except the seed, which is random unless given. */
-const DEFAULTS = {
+export const SAMPLING_DEFAULTS = {
   temperature: 0.8,
   topK: 40,
   topP: 0.95,
@@ -85,8 +85,8 @@ function check(ok: boolean, name: string, rule: string, value: unknown): void {
  * @throws {RangeError} For an option out of range, NaN, or of the wrong type.
  */
 export function validateSamplingOptions(options: SamplingOptions = {}): Required<SamplingOptions> {
-  const pick = (name: keyof typeof DEFAULTS): number => {
-    const value = options[name] ?? DEFAULTS[name];
+  const pick = (name: keyof typeof SAMPLING_DEFAULTS): number => {
+    const value = options[name] ?? SAMPLING_DEFAULTS[name];
     if (typeof value !== "number" || Number.isNaN(value)) {
       throw new RangeError(
         `Sampling option ${name} must be a number, got ${
@@ -195,33 +195,23 @@ export class Sampler {
    *
    * @param logits One logit per id; never modified.
    * @param history Every id so far (prompt and generated), for the repetition penalty.
+   * @param limit Only ids below it are candidates (default: all): rows past a
+   *   tokenizer's vocabulary (embedding padding) are never sampled.
    * @throws {RangeError} When no logit can be sampled (all -Infinity or NaN), or
    *   a history id is outside the logits.
    */
-  sample(logits: Float32Array, history: readonly number[]): number {
+  sample(logits: Float32Array, history: readonly number[], limit = logits.length): number {
     const { temperature, topK, topP, minP } = this.options;
     const values = this.#penalize(logits, history);
-    const n = values.length;
+    const n = Math.min(limit, values.length);
 
-    if (temperature === 0) {
-      let best = -1;
-      let bestValue = -Infinity;
-      for (let i = 0; i < n; i++) {
-        const v = values[i];
-        if (v > bestValue) {
-          best = i;
-          bestValue = v;
-        }
-      }
-      if (best < 0) throw noCandidate(n);
-      return best;
-    }
+    if (temperature === 0) return argmax(values, n);
 
     // Candidates (ids, logits) after top-k; `sorted` when in descending order.
     let count: number;
     let sorted = false;
     if (topK > 0 && topK < n) {
-      count = this.#topK(values, topK);
+      count = this.#topK(values, n, topK);
       sorted = true;
     } else {
       const ids = this.#scratch(n);
@@ -370,7 +360,7 @@ export class Sampler {
    * (lower id first on ties); returns how many there are (fewer than k when
    * fewer logits can be sampled). A bounded min-heap: O(n log k).
    */
-  #topK(values: Float32Array, k: number): number {
+  #topK(values: Float32Array, n: number, k: number): number {
     if (this.#heapIds.length < k) {
       this.#heapIds = new Int32Array(k);
       this.#heapValues = new Float64Array(k);
@@ -389,7 +379,7 @@ export class Sampler {
       heapValues[b] = v;
     };
     let size = 0;
-    for (let i = 0; i < values.length; i++) {
+    for (let i = 0; i < n; i++) {
       const v = values[i];
       if (!(v > -Infinity)) continue; // -Infinity and NaN are never candidates
       if (size < k) {
@@ -461,6 +451,25 @@ export class Sampler {
 
 function rotl(x: number, k: number): number {
   return (x << k) | (x >>> (32 - k));
+}
+
+/**
+ * The greedy choice: the lowest id holding the largest of `values[0, limit)`.
+ * -Infinity and NaN are never chosen.
+ *
+ * @throws {RangeError} When every value is -Infinity or NaN.
+ */
+export function argmax(values: Float32Array, limit = values.length): number {
+  let best = -1;
+  let bestValue = -Infinity;
+  for (let i = 0; i < limit; i++) {
+    if (values[i] > bestValue) {
+      best = i;
+      bestValue = values[i];
+    }
+  }
+  if (best < 0) throw noCandidate(limit);
+  return best;
 }
 
 function noCandidate(n: number): RangeError {

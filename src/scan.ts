@@ -127,16 +127,19 @@ async function scanOn<Buf>(
     // mamba_ssm's [dim, len] and [dState, len] slices become token-major [len, *].
     const channelMajor = (a: Float32Array, rows: number) =>
       be.upload(transpose(a.subarray(b * rows * len, (b + 1) * rows * len), rows, len));
+    const inputs = {
+      u: channelMajor(args.u, dim),
+      delta: channelMajor(args.delta, dim),
+      B: channelMajor(args.B, dState),
+      C: channelMajor(args.C, dState),
+      z: args.z ? channelMajor(args.z, dim) : null,
+    };
     const state = be.zeros(dim * dState);
     be.selectiveScan({
       y: outTokenMajor,
-      u: channelMajor(args.u, dim),
-      delta: channelMajor(args.delta, dim),
+      ...inputs,
       A,
-      B: channelMajor(args.B, dState),
-      C: channelMajor(args.C, dState),
       D,
-      z: args.z ? channelMajor(args.z, dim) : null,
       deltaBias,
       deltaSoftplus: args.deltaSoftplus ?? false,
       state,
@@ -146,6 +149,8 @@ async function scanOn<Buf>(
     });
     y.set(transpose(await be.read(outTokenMajor), len, dim), b * dim * len);
     lastState.set(await be.read(state), b * dim * dState);
+    // Each sequence's inputs go back before the next one's come.
+    for (const buf of [...Object.values(inputs), state]) if (buf) be.release(buf);
   }
   return { y, lastState };
 }

@@ -13,6 +13,7 @@
  */
 
 import type { MambaModel, MambaState } from "./model.ts";
+import { argmax } from "./sampler.ts";
 
 const MAGIC = "MAMBASS1";
 const HEADER_BYTES = 8 + 7 * 4;
@@ -82,8 +83,7 @@ export class Session<Buf = unknown> {
   /** Feeds a sequence of ids; returns the logits after the last one [vocab]. */
   // deno-lint-ignore require-await -- async so that invalid ids reject instead of throwing.
   async prefill(ids: readonly number[] | Int32Array): Promise<Float32Array> {
-    const array = Int32Array.from(ids);
-    this.#checkIds(array, ids);
+    const array = this.#model.tokenIds(ids);
     if (array.length === 0) throw new RangeError("Cannot prefill an empty sequence of ids");
     return this.#enqueue(() => this.#run(array));
   }
@@ -91,8 +91,7 @@ export class Session<Buf = unknown> {
   /** Feeds one id; returns the logits after it [vocab]. */
   // deno-lint-ignore require-await -- async so that an invalid id rejects instead of throwing.
   async step(id: number): Promise<Float32Array> {
-    const array = Int32Array.of(id);
-    this.#checkIds(array, [id]);
+    const array = this.#model.tokenIds([id]);
     return this.#enqueue(() => this.#run(array));
   }
 
@@ -117,9 +116,9 @@ export class Session<Buf = unknown> {
     if (new Set(sessions).size !== sessions.length) {
       return Promise.reject(new RangeError("A session can take only one step at a time"));
     }
-    const array = Int32Array.from(ids);
+    let array: Int32Array;
     try {
-      sessions.forEach((session, i) => session.#checkIds(array.subarray(i, i + 1), [ids[i]]));
+      array = model.tokenIds(ids);
     } catch (error) {
       return Promise.reject(error);
     }
@@ -171,7 +170,7 @@ export class Session<Buf = unknown> {
         if (!this.#lastLogits) {
           throw new RangeError("Greedy decoding needs logits: prefill the session first");
         }
-        return argmaxBelow(this.#lastLogits, limit);
+        return argmax(this.#lastLogits, limit);
       };
       if (count === 0) return { ids, stopped: false };
       if (!this.#model.decodesOnDevice) {
@@ -255,17 +254,6 @@ export class Session<Buf = unknown> {
     this.#model.releaseState(this.#state);
   }
 
-  #checkIds(ids: Int32Array, original: readonly number[] | Int32Array = ids): void {
-    const vocab = this.#model.config.vocabSize;
-    for (let i = 0; i < ids.length; i++) {
-      if (ids[i] !== original[i] || ids[i] < 0 || ids[i] >= vocab) {
-        throw new RangeError(
-          `Unknown token id ${original[i]}: the model's vocabulary has ids 0 to ${vocab - 1}`,
-        );
-      }
-    }
-  }
-
   /** A copy of the recurrent state, on the backend. */
   #copyState(): MambaState<Buf> {
     const copy = this.#model.newState();
@@ -308,16 +296,6 @@ export class Session<Buf = unknown> {
     this.#tokens = data.tokens;
     this.#lastLogits = data.logits;
   }
-}
-
-/** The lowest index of the largest value below `limit`, never NaN or -Infinity. */
-function argmaxBelow(values: Float32Array, limit: number): number {
-  let best = -1;
-  for (let i = 0; i < limit; i++) {
-    if (values[i] > (best < 0 ? -Infinity : values[best])) best = i;
-  }
-  if (best < 0) throw new RangeError("No candidate token: every logit is -Infinity or NaN");
-  return best;
 }
 
 function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): SnapshotData {

@@ -207,9 +207,9 @@ async function readFileInto(
 ): Promise<Uint8Array> {
   using file = await Deno.open(path);
   const total = (await file.stat()).size;
-  let bytes: Uint8Array = new Uint8Array(total);
   let loaded = 0;
   onProgress(loaded, total);
+  let bytes: Uint8Array;
   if (allocate) {
     const head = new Uint8Array(Math.min(total, HEAD_BYTES));
     while (loaded < head.length) {
@@ -217,8 +217,10 @@ async function readFileInto(
       if (read === null) throw new Error(`File shrank to ${loaded} bytes while being read`);
       loaded += read;
     }
-    bytes = allocate(total, head) ?? bytes;
+    bytes = allocate(total, head) ?? new Uint8Array(total);
     bytes.set(head);
+  } else {
+    bytes = new Uint8Array(total);
   }
   while (loaded < total) {
     const read = await file.read(bytes.subarray(loaded, Math.min(total, loaded + READ_CHUNK)));
@@ -243,8 +245,8 @@ class HttpSource implements ModelSource {
 
   async exists(name: string): Promise<boolean> {
     if (this.cache !== null) {
-      if (await this.#cached(name) !== null) return true;
-      if (await this.#cached(missingMarker(name)) !== null) return false;
+      if (await this.#isCached(name)) return true;
+      if (await this.#isCached(missingMarker(name))) return false;
     }
     const response = await this.#fetch(name, "HEAD");
     await response.body?.cancel();
@@ -300,20 +302,25 @@ class HttpSource implements ModelSource {
     const total = Number.isFinite(header) && header > 0 ? header : undefined;
     const onProgress = this.options.onProgress;
     if (!response.body) return new Uint8Array(await response.arrayBuffer());
-    let buffer: Uint8Array = new Uint8Array(total ?? 1 << 20);
+    // Allocated at the first chunk, which an allocator may look at.
+    let buffer: Uint8Array | null = null;
     let loaded = 0;
     onProgress?.({ file: name, loaded, total });
     for await (const chunk of response.body) {
-      if (loaded === 0 && total !== undefined) buffer = allocate?.(total, chunk) ?? buffer;
-      if (loaded + chunk.length > buffer.length) {
-        const grown = new Uint8Array(Math.max(buffer.length * 2, loaded + chunk.length));
-        grown.set(buffer.subarray(0, loaded));
-        buffer = grown;
+      let target: Uint8Array = buffer ??
+        (total !== undefined ? allocate?.(total, chunk) : undefined) ??
+        new Uint8Array(total ?? Math.max(chunk.length, 1 << 20));
+      if (loaded + chunk.length > target.length) {
+        const grown = new Uint8Array(Math.max(target.length * 2, loaded + chunk.length));
+        grown.set(target.subarray(0, loaded));
+        target = grown;
       }
-      buffer.set(chunk, loaded);
+      target.set(chunk, loaded);
+      buffer = target;
       loaded += chunk.length;
       onProgress?.({ file: name, loaded, total });
     }
+    buffer ??= new Uint8Array(0);
     if (total !== undefined && loaded !== total) {
       throw new ModelFileError(
         this.describe(name),
@@ -321,6 +328,14 @@ class HttpSource implements ModelSource {
       );
     }
     return loaded === buffer.length ? buffer : buffer.slice(0, loaded);
+  }
+
+  async #isCached(name: string): Promise<boolean> {
+    try {
+      return (await Deno.stat(`${this.cache}${name}`)).isFile;
+    } catch {
+      return false;
+    }
   }
 
   async #cached(name: string, allocate?: ByteAllocator): Promise<Uint8Array | null> {

@@ -84,11 +84,6 @@ export class TensorStore {
     return this.#fileOf.has(name);
   }
 
-  /** All tensor names. */
-  names(): string[] {
-    return [...this.#fileOf.keys()];
-  }
-
   /** The file holding `name`; throws a clear error when it is missing. */
   fileOf(name: string, description: string): SafetensorsFile {
     const file = this.#fileOf.get(name);
