@@ -79,13 +79,6 @@ function exp4(x0: v128): v128 {
   return f32x4.mul(p, scale);
 }
 
-// The same exp on one float (lane 0), for tails.
-// @ts-ignore: decorator
-@inline
-function exp1(x: f32): f32 {
-  return f32x4.extract_lane(exp4(f32x4.splat(x)), 0);
-}
-
 // softplus(x) = max(x, 0) + log1p(e^-|x|), with log1p(e) for e in (0, 1] as
 // 2·atanh(s) = 2(s + s³/3 + ... + s¹⁵/15), s = e / (2 + e) <= 1/3: the series
 // truncation error is below 1.4e-9 relative, so the result is f32-accurate
@@ -662,8 +655,8 @@ function convInput(
 }
 
 // Causal depthwise conv with SiLU over channels [c0, c1), then the state update.
-// `scratch` holds kernel·4 floats per group of 4 channels: the weights
-// transposed to [kernel][4], so each tap is one vector load.
+// `scratch` holds kernel·4 floats, reused for each group of 4 channels: their
+// weights transposed to [kernel][4], so each tap is one vector load.
 export function causalConv(
   out: usize,
   x: usize,

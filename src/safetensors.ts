@@ -685,8 +685,11 @@ function encodeMinifloat(x: number, expBits: number, mantBits: number): number {
   return sign | (field << mantBits) | (r - implicit);
 }
 
-/** F32 bit pattern to F16 bit pattern, round-to-nearest-even (writer's fast path). */
-function f32BitsToF16(u: number): number {
+/**
+ * The F16 bit pattern nearest (ties to even) to an F32 given by its bit
+ * pattern: {@link f32ToF16} for F32 values, without floating-point work.
+ */
+export function f32BitsToF16(u: number): number {
   const sign = (u >>> 16) & 0x8000;
   const exp = (u >>> 23) & 0xff;
   let mant = u & 0x7fffff;

@@ -15,7 +15,7 @@
 
 import type { Backend, ConvArgs, ScanArgs } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
-import { f16ToF32, f32ToF16 } from "../safetensors.ts";
+import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
 
 /** A float32 buffer on the GPU. */
 export class GpuBuffer {
@@ -116,6 +116,10 @@ const SCAN_TILE = 16;
 export class Program {
   /** Identifies the pipeline in the cache. */
   readonly key: string;
+  /** Identifies the shader module: preludes, shader and constants. */
+  readonly moduleKey: string;
+  /** Identifies the bind group layout: shader and bindings. */
+  readonly layoutKey: string;
   constructor(
     /** Key of the shader in {@link WGSL}. */
     readonly shader: string,
@@ -128,7 +132,9 @@ export class Program {
     /** Keys of WGSL modules prepended to the shader, in order (declarations it uses). */
     readonly preludes: readonly string[] = [],
   ) {
-    this.key = `${[...preludes, shader].join("+")}:${entry}:${JSON.stringify(constants)}`;
+    this.moduleKey = `${[...preludes, shader].join("+")}:${JSON.stringify(constants)}`;
+    this.key = `${this.moduleKey}:${entry}`;
+    this.layoutKey = `${shader}:${bindings.join(",")}`;
   }
 
   /** The WGSL source with the prelude prepended and the constants substituted. */
@@ -147,6 +153,57 @@ export class Program {
     }
     return text;
   }
+}
+
+/**
+ * The programs of the backend, made once: building one (and its keys) on every
+ * dispatch would cost a decode step hundreds of allocations.
+ */
+const PROGRAMS = {
+  embed: new Program("embed", "main", [0, 1, 2, 3]),
+  embedFrom: new Program("embed", "from_buffer", [0, 2, 3, 4]),
+  argmax: new Program("argmax", "main", [0, 1, 2]),
+  rmsNorm: new Program("rmsnorm", "main", [0, 1, 2, 3]),
+  add: new Program("add", "main", [0, 1, 2]),
+  convSequential: new Program("conv", "sequential", [0, 1, 2, 3, 4, 5]),
+  convOutputs: new Program("conv", "outputs", [0, 1, 2, 3, 4, 5]),
+  convUpdateState: new Program("conv", "update_state", [0, 1, 5]),
+};
+
+const LINEAR_BINDINGS = [0, 1, 2, 3, 4];
+const linearPrograms = new Map<string, Program>();
+
+/** The linear kernel for `rows` rows of input and a weight stored as f16 or f32. */
+function linearProgram(rows: number, inDim: number, half: boolean): Program {
+  // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
+  const shader = rows > GEMV_MAX_ROWS ? "matmul" : inDim % 4 === 0 ? "gemv4" : "gemv";
+  const specialised = shader === "gemv4" ? rows : 0;
+  const key = `${shader}${specialised}${half ? "h" : "f"}`;
+  let program = linearPrograms.get(key);
+  if (!program) {
+    const preludes = ["linear_io", half ? "weight_f16" : "weight_f32"];
+    const constants: Record<string, number> = shader === "gemv4" ? { ROWS: rows } : {};
+    program = new Program(shader, "main", LINEAR_BINDINGS, constants, preludes);
+    linearPrograms.set(key, program);
+  }
+  return program;
+}
+
+const scanPrograms = new Map<number, { chunkState: Program; carry: Program; output: Program }>();
+
+/** The three passes of the chunked scan for a state size. */
+function scanProgram(dState: number) {
+  let programs = scanPrograms.get(dState);
+  if (!programs) {
+    const constants = { DSTATE: dState, WG: SCAN_WG, TT: SCAN_TILE };
+    programs = {
+      chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 8, 11, 12], constants),
+      carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
+      output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
+    };
+    scanPrograms.set(dState, programs);
+  }
+  return programs;
 }
 
 /**
@@ -235,7 +292,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   #encoder: GPUCommandEncoder | null = null;
   #pass: GPUComputePassEncoder | null = null;
   readonly #paramBuffers: GPUBuffer[] = [];
-  readonly #paramData: ArrayBuffer[] = [];
+  /** Host copies of the uniform arena chunks, as u32 and f32 views of the same bytes. */
+  /** Unmapped MAP_READ buffers for {@link read}, by byte size. */
+  readonly #staging = new Map<number, GPUBuffer[]>();
+  readonly #paramWords: Uint32Array<ArrayBuffer>[] = [];
+  readonly #paramFloats: Float32Array<ArrayBuffer>[] = [];
   #paramSlots = 0;
   #error: unknown = null;
   #disposed = false;
@@ -318,12 +379,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * products. Null otherwise; see {@link Backend.uploadHalfMatrix}.
    */
   uploadHalfMatrix(data: Float32Array, rowLength?: number): GpuBuffer | null {
-    for (let i = 0; i < data.length; i++) {
-      if (f16ToF32(f32ToF16(data[i])) !== data[i]) return null;
-    }
+    const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
     const halves = new Uint16Array(data.length + (data.length % 2));
-    for (let i = 0; i < data.length; i++) halves[i] = f32ToF16(data[i]);
-    const bytes = Math.max(16, Math.ceil(halves.byteLength / 16) * 16);
+    for (let i = 0; i < data.length; i++) {
+      const half = f32BitsToF16(bits[i]);
+      if (f16ToF32(half) !== data[i]) return null;
+      halves[i] = half;
+    }
+    const bytes = byteSize(halves.length / 2);
     const split = this.#split(data, bytes, rowLength, (rows) => this.uploadHalfMatrix(rows)!, true);
     if (split) return split;
     this.#checkSize(bytes);
@@ -352,8 +415,9 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         `read of [${offset}, ${offset + length}) from a buffer of ${buf.length}`,
       );
     }
+    // Staging buffers are kept by size: a decode step reads back every token.
     const bytes = Math.max(4, length * 4);
-    const staging = this.device.createBuffer({
+    const staging = this.#staging.get(bytes)?.pop() ?? this.device.createBuffer({
       size: bytes,
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
     });
@@ -363,13 +427,17 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.flush();
     try {
       await staging.mapAsync(GPUMapMode.READ);
-      const out = new Float32Array(staging.getMappedRange().slice(0, length * 4));
-      staging.unmap();
-      this.#throwIfFailed();
-      return out;
-    } finally {
+    } catch (error) {
       staging.destroy();
+      throw error;
     }
+    const out = new Float32Array(staging.getMappedRange().slice(0, length * 4));
+    staging.unmap();
+    const free = this.#staging.get(bytes);
+    if (free) free.push(staging);
+    else this.#staging.set(bytes, [staging]);
+    this.#throwIfFailed();
+    return out;
   }
 
   copy(dst: GpuBuffer, dstOffset: number, src: GpuBuffer, srcOffset: number, length: number): void {
@@ -429,7 +497,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       const idBuffer = this.#pool.acquire(byteSize(ids.length), true);
       this.device.queue.writeBuffer(idBuffer, 0, unshared(local));
       this.#run(
-        new Program("embed", "main", [0, 1, 2, 3]),
+        PROGRAMS.embed,
         [dim, ids.length],
         [],
         { 1: idBuffer, 2: part.buffer, 3: out.buffer },
@@ -442,7 +510,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   embedFrom(out: GpuBuffer, table: GpuBuffer, ids: GpuBuffer, index: number, dim: number): void {
     for (const { part, firstRow } of table.pieces()) {
       this.#run(
-        new Program("embed", "from_buffer", [0, 2, 3, 4]),
+        PROGRAMS.embedFrom,
         [dim, 1, index, firstRow, part.length / dim],
         [],
         { 2: part.buffer, 3: out.buffer, 4: ids.buffer },
@@ -453,7 +521,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   argmax(ids: GpuBuffer, index: number, logits: GpuBuffer, limit: number): void {
     this.#run(
-      new Program("argmax", "main", [0, 1, 2]),
+      PROGRAMS.argmax,
       [limit, index],
       [],
       { 1: logits.buffer, 2: ids.buffer },
@@ -471,7 +539,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   ): void {
     const [input, done] = this.#unaliased(x, rows * dim, out);
     this.#run(
-      new Program("rmsnorm", "main", [0, 1, 2, 3]),
+      PROGRAMS.rmsNorm,
       [rows, dim],
       [eps],
       { 1: input, 2: weight.buffer, 3: out.buffer },
@@ -490,26 +558,16 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     outDim: number,
   ): void {
     const [input, done] = this.#unaliased(x, rows * inDim, out);
-    const preludes = ["linear_io", weight.half ? "weight_f16" : "weight_f32"];
-    const all = [0, 1, 2, 3, 4];
+    const program = linearProgram(rows, inDim, weight.half);
     // A split weight computes its block of output columns per part.
     for (const { part, firstRow } of weight.pieces()) {
       const partDim = Math.min(part.length / inDim, outDim - firstRow);
       const bindings = { 1: input, 2: part.buffer, 3: bias?.buffer ?? this.#dummy, 4: out.buffer };
       const params = [rows, inDim, partDim, bias ? 1 : 0, outDim, firstRow];
-      if (rows <= GEMV_MAX_ROWS) {
-        // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
-        const program = inDim % 4 === 0
-          ? new Program("gemv4", "main", all, { ROWS: rows }, preludes)
-          : new Program("gemv", "main", all, {}, preludes);
-        this.#run(program, params, [], bindings, grid(Math.ceil(partDim / 8)));
-      } else {
-        this.#run(new Program("matmul", "main", all, {}, preludes), params, [], bindings, [
-          Math.ceil(partDim / 64),
-          Math.ceil(rows / 64),
-          1,
-        ]);
-      }
+      const groups: [number, number, number] = rows <= GEMV_MAX_ROWS
+        ? grid(Math.ceil(partDim / 8))
+        : [Math.ceil(partDim / 64), Math.ceil(rows / 64), 1];
+      this.#run(program, params, [], bindings, groups);
     }
     done();
   }
@@ -517,7 +575,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   addInPlace(acc: GpuBuffer, x: GpuBuffer, length: number): void {
     const [input, done] = this.#unaliased(x, length, acc);
     this.#run(
-      new Program("add", "main", [0, 1, 2]),
+      PROGRAMS.add,
       [length],
       [],
       { 1: input, 2: acc.buffer },
@@ -541,12 +599,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       5: state.buffer,
     };
     if (len <= CONV_SEQUENTIAL_MAX_LEN) {
-      const program = new Program("conv", "sequential", [0, 1, 2, 3, 4, 5]);
-      this.#run(program, params, [], all, grid(Math.ceil(channels / 256)));
+      this.#run(PROGRAMS.convSequential, params, [], all, grid(Math.ceil(channels / 256)));
       return;
     }
     this.#run(
-      new Program("conv", "outputs", [0, 1, 2, 3, 4, 5]),
+      PROGRAMS.convOutputs,
       params,
       [],
       all,
@@ -554,7 +611,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     );
     if (kernel > 1) {
       this.#run(
-        new Program("conv", "update_state", [0, 1, 5]),
+        PROGRAMS.convUpdateState,
         params,
         [],
         all,
@@ -579,7 +636,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const nChunks = Math.ceil(len / chunkLen);
     const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
     const params = [len, dim, batch, chunkLen, nChunks, flags];
-    const constants = { DSTATE: dState, WG: SCAN_WG, TT: SCAN_TILE };
+    const programs = scanProgram(dState);
     const hbuf = nChunks > 1
       ? this.#pool.acquire(byteSize(batch * nChunks * dim * dState), false)
       : null;
@@ -601,14 +658,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const channelGroups = Math.ceil(dim / SCAN_WG);
     if (nChunks > 1) {
       this.#run(
-        new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 8, 11, 12], constants),
+        programs.chunkState,
         params,
         [],
         bindings,
         [channelGroups, nChunks - 1, batch],
       );
       this.#run(
-        new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
+        programs.carry,
         params,
         [],
         bindings,
@@ -616,7 +673,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       );
     }
     this.#run(
-      new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
+      programs.output,
       params,
       [],
       bindings,
@@ -648,7 +705,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const slotsPerChunk = PARAM_CHUNK / PARAM_SLOT;
     for (let i = 0; i * slotsPerChunk < this.#paramSlots; i++) {
       const used = Math.min(this.#paramSlots - i * slotsPerChunk, slotsPerChunk) * PARAM_SLOT;
-      this.device.queue.writeBuffer(this.#paramBuffers[i], 0, this.#paramData[i], 0, used);
+      this.device.queue.writeBuffer(this.#paramBuffers[i], 0, this.#paramWords[i], 0, used / 4);
     }
     this.device.queue.submit([this.#encoder.finish()]);
     this.#encoder = null;
@@ -728,7 +785,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * its storage buffers.
    */
   #layout(program: Program): GPUBindGroupLayout {
-    const key = `${program.shader}:${program.bindings.join(",")}`;
+    const key = program.layoutKey;
     let layout = this.#layouts.get(key);
     if (!layout) {
       const writable = WRITABLE[program.shader] ?? [];
@@ -750,13 +807,10 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   #pipeline(program: Program): GPUComputePipeline {
     let pipeline = this.#pipelines.get(program.key);
     if (!pipeline) {
-      const moduleKey = `${[...program.preludes, program.shader].join("+")}:${
-        JSON.stringify(program.constants)
-      }`;
-      let module = this.#modules.get(moduleKey);
+      let module = this.#modules.get(program.moduleKey);
       if (!module) {
         module = this.device.createShaderModule({ label: program.shader, code: program.source() });
-        this.#modules.set(moduleKey, module);
+        this.#modules.set(program.moduleKey, module);
       }
       pipeline = this.device.createComputePipeline({
         label: program.key,
@@ -786,13 +840,16 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         size: PARAM_CHUNK,
         usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
       }));
-      this.#paramData.push(new ArrayBuffer(PARAM_CHUNK));
+      const data = new ArrayBuffer(PARAM_CHUNK);
+      this.#paramWords.push(new Uint32Array(data));
+      this.#paramFloats.push(new Float32Array(data));
     }
     const offset = slot * PARAM_SLOT;
-    const words = new Uint32Array(this.#paramData[chunk], offset, 64);
-    words.fill(0);
-    words.set(u32s);
-    new Float32Array(this.#paramData[chunk], offset, 64).set(f32s, u32s.length);
+    const word = offset / 4;
+    const words = this.#paramWords[chunk];
+    words.fill(0, word, word + PARAM_SLOT / 4);
+    words.set(u32s, word);
+    this.#paramFloats[chunk].set(f32s, word + u32s.length);
     return { buffer: this.#paramBuffers[chunk], offset };
   }
 
@@ -811,9 +868,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const pass = this.#computePass();
     const params = this.#params(u32s, f32s);
     const resources = program.bindings.map((b) => b === 0 ? params.buffer : buffers[b]);
-    const key = `${program.shader}:${program.bindings.join(",")}|${
-      resources.map((r) => this.#id(r)).join(",")
-    }`;
+    let key = program.layoutKey;
+    for (const resource of resources) key += `|${this.#id(resource)}`;
     let bindGroup = this.#bindGroups.get(key);
     if (!bindGroup) {
       if (this.#bindGroups.size >= MAX_BIND_GROUPS) this.#bindGroups.clear();
