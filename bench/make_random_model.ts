@@ -32,6 +32,24 @@ export const MAMBA_130M: RandomModelShape = {
   expand: 2,
 };
 
+/** A benchmark prompt: `count` ids spread over the vocabulary [0, vocab). */
+export function promptIds(count: number, vocab: number): Int32Array {
+  return Int32Array.from({ length: count }, (_, i) => (i * 7919 + 13) % vocab);
+}
+
+/** `length` uniform values in [lo, hi) from xorshift32 seeded with `seed`, for benchmark inputs. */
+export function uniformFloats(length: number, lo: number, hi: number, seed = 1): Float32Array {
+  let s = seed >>> 0 || 1;
+  const out = new Float32Array(length);
+  for (let i = 0; i < length; i++) {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    out[i] = lo + ((s >>> 0) / 4294967296) * (hi - lo);
+  }
+  return out;
+}
+
 /** A deterministic xorshift generator of uniform values in [-scale, scale). */
 function uniform(seed: number) {
   let s = seed >>> 0 || 1;

@@ -18,7 +18,7 @@ import type { BackendName } from "../src/backends/registry.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { Session } from "../src/session.ts";
-import { benchModelDir } from "./make_random_model.ts";
+import { benchModelDir, promptIds } from "./make_random_model.ts";
 
 const requested = Deno.env.get("MAMBA_BENCH_BACKENDS")?.split(",");
 const backends = BACKEND_NAMES.filter((name) =>
@@ -45,10 +45,6 @@ const models = [
   },
 ];
 
-function promptIds(count: number, vocab: number): Int32Array {
-  return Int32Array.from({ length: count }, (_, i) => (i * 7919 + 13) % vocab);
-}
-
 for (const { label, dir, prefill, decode } of models) {
   const checkpoint = await loadCheckpoint(dir);
   const vocab = checkpoint.config.vocabSize;
@@ -65,7 +61,9 @@ for (const { label, dir, prefill, decode } of models) {
         n: name === "js" ? 2 : 5,
         warmup: 1,
         async fn() {
-          await new Session(model).prefill(prompt);
+          const session = new Session(model);
+          await session.prefill(prompt);
+          session.dispose();
         },
       });
       Deno.bench({
@@ -80,6 +78,7 @@ for (const { label, dir, prefill, decode } of models) {
           b.start();
           for (let i = 0; i < steps; i++) await session.step(prompt[i % prompt.length]);
           b.end();
+          session.dispose();
         },
       });
     }

@@ -13,6 +13,7 @@
 
 import { loadModel } from "../mod.ts";
 import type { BackendName } from "../src/backends/registry.ts";
+import { promptIds } from "./make_random_model.ts";
 
 function memory(): string {
   const status = Deno.readTextFileSync("/proc/self/status");
@@ -30,7 +31,7 @@ console.log(`${model.backend}: loaded in ${seconds} s: ${memory()}`);
 const session = model.session();
 const promptLength = backend === "js" ? 16 : 512;
 await session.prefill(
-  Array.from({ length: promptLength }, (_, i) => (i * 7919 + 13) % model.vocabSize),
+  promptIds(promptLength, model.vocabSize),
 );
 for (let i = 0; i < 16; i++) await session.step(100 + i);
 console.log(`${model.backend}: after prefill ${promptLength} + 16 steps: ${memory()}`);

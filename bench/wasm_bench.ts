@@ -18,36 +18,23 @@ import { WasmBackend } from "../src/backends/wasm.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { Session } from "../src/session.ts";
-import { benchModelDir } from "./make_random_model.ts";
+import { benchModelDir, promptIds, uniformFloats } from "./make_random_model.ts";
 
 const N = 16;
-
-/** Uniform values in [lo, hi) from a fixed seed. */
-function uniform(length: number, lo: number, hi: number, seed = 1): Float32Array {
-  let s = seed;
-  const out = new Float32Array(length);
-  for (let i = 0; i < length; i++) {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    out[i] = lo + ((s >>> 0) / 4294967296) * (hi - lo);
-  }
-  return out;
-}
 
 /** A scan of `batch` sequences of `len` tokens over `dim` channels, as one bench fn. */
 function scanBench<Buf>(be: Backend<Buf>, batch: number, dim: number, len: number) {
   const up = (a: Float32Array) => be.upload(a);
   const args = {
     y: be.zeros(len * dim),
-    u: up(uniform(len * dim, -1, 1, 1)),
-    delta: up(uniform(len * dim, -3, 1, 2)),
-    A: up(uniform(dim * N, -16, -1, 3)),
-    B: up(uniform(len * N, -1, 1, 4)),
-    C: up(uniform(len * N, -1, 1, 5)),
-    D: up(uniform(dim, 0, 1, 6)),
-    z: up(uniform(len * dim, -2, 2, 7)),
-    deltaBias: up(uniform(dim, -4, -1, 8)),
+    u: up(uniformFloats(len * dim, -1, 1, 1)),
+    delta: up(uniformFloats(len * dim, -3, 1, 2)),
+    A: up(uniformFloats(dim * N, -16, -1, 3)),
+    B: up(uniformFloats(len * N, -1, 1, 4)),
+    C: up(uniformFloats(len * N, -1, 1, 5)),
+    D: up(uniformFloats(dim, 0, 1, 6)),
+    z: up(uniformFloats(len * dim, -2, 2, 7)),
+    deltaBias: up(uniformFloats(dim, -4, -1, 8)),
     deltaSoftplus: true,
     len,
     dim,
@@ -96,7 +83,7 @@ const PREFILL = 512;
 const DECODE = 128;
 const checkpoint = await loadCheckpoint(await benchModelDir());
 const vocab = checkpoint.config.vocabSize;
-const prompt = Int32Array.from({ length: PREFILL }, (_, i) => (i * 7919 + 13) % vocab);
+const prompt = promptIds(PREFILL, vocab);
 for (const threads of [1, 2]) {
   const backend = threads === 1 ? wasm1 : wasm2;
   const model = new MambaModel(backend, checkpoint.config, checkpoint.weights);

@@ -27,6 +27,7 @@ import { type GpuBuffer, WebGpuBackend, type WebGpuOptions } from "../src/backen
 import type { MambaConfig } from "../src/config.ts";
 import { MambaModel } from "../src/model.ts";
 import type { LayerWeights, MambaWeights } from "../src/weights.ts";
+import { uniformFloats } from "./make_random_model.ts";
 
 /** mamba_ssm's CUDA selective scan, G elements/s, by "batch,dim,len". */
 const CUDA_SCAN: Record<string, number> = {
@@ -46,22 +47,6 @@ function flag(name: string): string | undefined {
   return arg === undefined ? undefined : (arg.split("=")[1] ?? "");
 }
 
-/** Deterministic uniform values in [lo, hi) (xorshift32), fast enough for 100M floats. */
-function randomArray(n: number, lo: number, hi: number, seed: number): Float32Array {
-  const out = new Float32Array(n);
-  let s = seed >>> 0 || 1;
-  const scale = (hi - lo) / 4294967296;
-  for (let i = 0; i < n; i++) {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    out[i] = lo + s * scale;
-  }
-  return out;
-}
-
 /** A GPU buffer of `length` floats filled by tiling a random block (no host array that large). */
 function gpuRandom(
   gpu: WebGpuBackend,
@@ -71,7 +56,7 @@ function gpuRandom(
   seed: number,
 ): GpuBuffer {
   const block = Math.min(length, 1 << 20);
-  const src = gpu.upload(randomArray(block, lo, hi, seed));
+  const src = gpu.upload(uniformFloats(block, lo, hi, seed));
   const buf = gpu.zeros(length);
   for (let offset = 0; offset < length; offset += block) {
     gpu.copy(buf, offset, src, 0, Math.min(block, length - offset));
@@ -95,9 +80,9 @@ async function benchScan(
     y: gpu.zeros(elems),
     B: gpuRandom(gpu, batch * len * N, -1, 1, 4),
     C: gpuRandom(gpu, batch * len * N, -1, 1, 5),
-    A: gpu.upload(randomArray(dim * N, -16, -1, 6)),
-    D: gpu.upload(randomArray(dim, 0.5, 1.5, 7)),
-    deltaBias: gpu.upload(randomArray(dim, -0.5, 0.5, 8)),
+    A: gpu.upload(uniformFloats(dim * N, -16, -1, 6)),
+    D: gpu.upload(uniformFloats(dim, 0.5, 1.5, 7)),
+    deltaBias: gpu.upload(uniformFloats(dim, -0.5, 0.5, 8)),
     state: gpu.zeros(batch * dim * N),
   };
   const run = () =>
@@ -159,7 +144,7 @@ function randomModel(quick: boolean): { config: MambaConfig; weights: MambaWeigh
     tieEmbeddings: true,
   };
   let seed = 100;
-  const w = (n: number, scale: number) => randomArray(n, -scale, scale, seed++);
+  const w = (n: number, scale: number) => uniformFloats(n, -scale, scale, seed++);
   const layers: LayerWeights<Float32Array>[] = [];
   for (let l = 0; l < nLayer; l++) {
     const A = new Float32Array(dInner * N);
@@ -176,7 +161,7 @@ function randomModel(quick: boolean): { config: MambaConfig; weights: MambaWeigh
       xProjB: w(N * dInner, 1 / Math.sqrt(dInner)),
       xProjC: w(N * dInner, 1 / Math.sqrt(dInner)),
       dtProj: w(dInner * dtRank, 1 / Math.sqrt(dtRank)),
-      dtProjBias: randomArray(dInner, -6, -2.5, seed++),
+      dtProjBias: uniformFloats(dInner, -6, -2.5, seed++),
       A,
       D: new Float32Array(dInner).fill(1),
       outProj: w(dModel * dInner, 1 / Math.sqrt(dInner) / nLayer),
@@ -195,7 +180,7 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
   const model = new MambaModel(gpu, config, weights);
   const promptLen = quick ? 256 : 2048;
   const steps = quick ? 16 : 128;
-  const ids = Int32Array.from(randomArray(promptLen, 0, config.vocabSize, 9), Math.floor);
+  const ids = Int32Array.from(uniformFloats(promptLen, 0, config.vocabSize, 9), Math.floor);
 
   // Warm-up: compiles every pipeline of prefill (chunks of 512 and a tail) and decode.
   let state = model.newState();
@@ -275,7 +260,7 @@ async function benchOps(gpu: WebGpuBackend) {
   const conv = gpu.zeros(3 * E);
   const small = r(16, 4);
   const B = r(L * N, 5);
-  const A = gpu.upload(randomArray(E * N, -16, -1, 6));
+  const A = gpu.upload(uniformFloats(E * N, -16, -1, 6));
   const scan = (len: number) => () =>
     gpu.selectiveScan({
       y: out,

@@ -9,9 +9,10 @@ import { type BackendName, type BackendOptions, createBackend } from "../src/bac
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
+import { argmax } from "../src/sampler.ts";
 import { selectiveScan } from "../src/scan.ts";
 import { Session } from "../src/session.ts";
-import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
+import { maxAbsDiff, maxRelDiff, readSamples, SHARED } from "./helpers.ts";
 
 /**
  * Each backend under test: its name, options, the label its tests carry and
@@ -36,12 +37,6 @@ const BACKENDS: {
 
 async function readExpected(path: string): Promise<SafetensorsFile> {
   return SafetensorsFile.parse(await Deno.readFile(path), path);
-}
-
-function argmax(values: Float32Array): number {
-  let best = 0;
-  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
-  return best;
 }
 
 for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
@@ -135,7 +130,7 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     );
     const generated: number[][] = rows.map(() => []);
     for (let t = promptLen; t < totalLen; t++) {
-      const ids = next.map(argmax);
+      const ids = next.map((logits) => argmax(logits));
       ids.forEach((id, i) => generated[i].push(id));
       next.splice(0, next.length, ...await Session.stepTogether(sessions, ids));
     }
@@ -181,8 +176,7 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     const dir = `${SHARED}/models/tiny-shakespeare`;
     const model = await loadModel(dir, { backend: backendName, ...options });
     const expected = await readExpected(`${dir}/expected.safetensors`);
-    const samples: { prompt: string; greedy_text: string }[] =
-      JSON.parse(await Deno.readTextFile(`${dir}/expected.json`)).samples;
+    const samples = await readSamples();
     for (const [i, sample] of samples.entries()) {
       await t.step(`prompt ${i}: 48 greedy tokens give greedy_text`, async () => {
         assertEquals(model.tokenizer.encode(sample.prompt), [...expected.int32(`prompt${i}_ids`)]);

@@ -7,11 +7,10 @@
 import { assert, assertEquals } from "@std/assert";
 import { StepBatcher } from "../src/batcher.ts";
 import { loadModel } from "../src/load.ts";
-import { SHARED } from "./helpers.ts";
+import { readSamples, SHARED } from "./helpers.ts";
 
 const dir = `${SHARED}/models/tiny-shakespeare`;
-const samples: { prompt: string; greedy_text: string }[] =
-  JSON.parse(await Deno.readTextFile(`${dir}/expected.json`)).samples;
+const samples = await readSamples();
 
 for (const backend of ["js", "wasm"] as const) {
   Deno.test(`[${backend}] batched greedy generations give the expected texts`, async () => {

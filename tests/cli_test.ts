@@ -4,11 +4,10 @@
  */
 
 import { assertEquals, assertMatch, assertStringIncludes } from "@std/assert";
-import { runCli, SHARED } from "./helpers.ts";
+import { readSamples, runCli } from "./helpers.ts";
 
 Deno.test("greedy generation on the embedded model prints exactly the expected text", async () => {
-  const samples =
-    JSON.parse(await Deno.readTextFile(`${SHARED}/models/tiny-shakespeare/expected.json`)).samples;
+  const samples = await readSamples();
   const { code, stdout, stderr } = await runCli([
     "-p",
     samples[1].prompt,

@@ -17,7 +17,7 @@ import type { BackendCandidate, Capabilities } from "../src/backends/registry.ts
 import { parseConfig } from "../src/config.ts";
 import { type BackendCache, formatBackendReport, selectBackend } from "../src/dispatch.ts";
 import { loadModel } from "../src/load.ts";
-import { runCli, SHARED } from "./helpers.ts";
+import { readSamples, runCli, SHARED } from "./helpers.ts";
 
 const TINY_MODEL = `${SHARED}/models/tiny-shakespeare`;
 /** The tiny-shakespeare model's real shapes, for the tests that measure real backends. */
@@ -222,7 +222,7 @@ Deno.test("the report reads as a table", async () => {
 });
 
 Deno.test("the CLI's --verbose prints the report on stderr and leaves stdout alone", async () => {
-  const samples = JSON.parse(await Deno.readTextFile(`${TINY_MODEL}/expected.json`)).samples;
+  const samples = await readSamples();
   const { code, stdout, stderr } = await runCli([
     "--verbose",
     "-p",

@@ -9,15 +9,9 @@ import { assert, assertEquals, assertMatch } from "@std/assert";
 import { loadModel } from "../mod.ts";
 import { createHandler, type HandlerOptions } from "../examples/edge/handler.ts";
 import { KvSessionStore, MemorySessionStore, type SessionStore } from "../examples/edge/store.ts";
-import { SHARED } from "./helpers.ts";
+import { readSamples } from "./helpers.ts";
 
-interface Sample {
-  prompt: string;
-  greedy_text: string;
-}
-
-const SAMPLES: Sample[] =
-  JSON.parse(await Deno.readTextFile(`${SHARED}/models/tiny-shakespeare/expected.json`)).samples;
+const SAMPLES = await readSamples();
 
 // wasm on one thread is the fastest for this model: about 1 ms a token here, against 5 for js.
 const model = await loadModel(new URL("../models/tiny-shakespeare/", import.meta.url), {

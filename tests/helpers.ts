@@ -3,6 +3,18 @@
 /** The shared reference data, next to the project checkout. */
 export const SHARED = new URL("../../shared", import.meta.url).pathname;
 
+/** One prompt of the tiny-shakespeare reference and its 48-token greedy continuation. */
+export interface Sample {
+  prompt: string;
+  greedy_text: string;
+}
+
+/** The samples of `../shared/models/tiny-shakespeare/expected.json`. */
+export async function readSamples(): Promise<Sample[]> {
+  const path = `${SHARED}/models/tiny-shakespeare/expected.json`;
+  return JSON.parse(await Deno.readTextFile(path)).samples;
+}
+
 /** Largest |a[i] - b[i]|; lengths must match. */
 export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   if (a.length !== b.length) throw new Error(`Length mismatch: ${a.length} vs ${b.length}`);

@@ -9,11 +9,12 @@ import {
   SafetensorsFile,
   writeSafetensors,
 } from "../src/safetensors.ts";
+import { SHARED } from "./helpers.ts";
 
-const TINY_F32 = "../shared/fixtures/hf-oracle/tiny-f32/model.safetensors";
-const TINY_F32_EXPECTED = "../shared/fixtures/hf-oracle/tiny-f32/expected.safetensors";
-const ODD_BF16 = "../shared/fixtures/hf-oracle/odd-bf16/model.safetensors";
-const SHAKESPEARE_F16 = "../shared/models/tiny-shakespeare/model.safetensors";
+const TINY_F32 = `${SHARED}/fixtures/hf-oracle/tiny-f32/model.safetensors`;
+const TINY_F32_EXPECTED = `${SHARED}/fixtures/hf-oracle/tiny-f32/expected.safetensors`;
+const ODD_BF16 = `${SHARED}/fixtures/hf-oracle/odd-bf16/model.safetensors`;
+const SHAKESPEARE_F16 = `${SHARED}/models/tiny-shakespeare/model.safetensors`;
 
 const FILE = "bad.safetensors";
 

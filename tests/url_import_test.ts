@@ -8,15 +8,10 @@
  */
 
 import { assert, assertEquals } from "@std/assert";
-import { SHARED } from "./helpers.ts";
+import { readSamples } from "./helpers.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const HUB_PREFIX = "/hub/local/tiny-shakespeare/resolve/main/";
-
-interface Sample {
-  prompt: string;
-  greedy_text: string;
-}
 
 /** The probe, served as /_probe.ts; it prints one JSON line with its results. */
 function probeSource(prompts: string[], cacheDir: string): string {
@@ -70,8 +65,7 @@ function serveRepository(probe: () => string): Deno.HttpServer<Deno.NetAddr> {
 }
 
 Deno.test("mod.ts imported over HTTP with only --allow-net generates the reference text", async () => {
-  const samples: Sample[] =
-    JSON.parse(await Deno.readTextFile(`${SHARED}/models/tiny-shakespeare/expected.json`)).samples;
+  const samples = await readSamples();
   const scratch = await Deno.makeTempDir({ prefix: "mamba-url-import-" });
   const cacheDir = `${scratch}/cache`;
   const server = serveRepository(() => probeSource(samples.map((s) => s.prompt), cacheDir));
