@@ -316,7 +316,7 @@ Deno.test("edge: 50 concurrent streams give correct, independent outputs", async
       seed: i,
     };
   });
-  // The sampled streams' references, one at a time through the library.
+  // The sampled streams' references, each from its own generation in the library.
   const expected = await Promise.all(bodies.map(async (body) => {
     if (body.temperature === 0) return null;
     const tokens: number[] = [];

@@ -36,17 +36,18 @@ interface Entry extends PrefixHit {
 }
 
 /**
- * The key of a prefix: the model's name and two 32-bit FNV-1a-style hashes of
+ * The key of a prefix: two 32-bit FNV-1a-style hashes of the model's name and
  * the ids. Keys are computed for every prefix length in one pass; an entry's
- * stored ids are compared on a hit, so a hash collision can only cost a miss.
+ * model and ids are compared on a hit, so a hash collision can only cost a miss.
  */
 function* prefixKeys(model: string, ids: readonly number[]): Generator<[number, string]> {
   let a = 0x811c9dc5;
-  let b = 0x01000193;
+  for (let i = 0; i < model.length; i++) a = Math.imul(a ^ model.charCodeAt(i), 0x01000193) >>> 0;
+  let b = a ^ 0x01000193;
   for (let i = 0; i < ids.length; i++) {
     a = Math.imul(a ^ ids[i], 0x01000193) >>> 0;
     b = Math.imul(b ^ (ids[i] + i), 0x5bd1e995) >>> 0;
-    yield [i + 1, `${model}\u0000${a.toString(36)}.${b.toString(36)}`];
+    yield [i + 1, `${a.toString(36)}.${b.toString(36)}`];
   }
 }
 
