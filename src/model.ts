@@ -8,7 +8,7 @@
  * |------------|-------|------------------------------------------------------------|
  * | `L`/`len`  | L     | tokens in the current call (1 when decoding a step)        |
  * | `dModel`   | D     | width of the residual stream                               |
- * | `dInner`   | E·D   | SSM channels after the input projection (expand E = 2)     |
+ * | `dInner`   | E·D   | SSM channels after the input projection (expand E, often 2)|
  * | `dState`   | N     | state size per channel                                     |
  * | `dtRank`   | R     | rank of the delta projection                               |
  * | `dConv`    | —     | width of the causal depthwise convolution                  |
