@@ -216,7 +216,7 @@ export class MambaModel<Buf> {
     if (!be.argmax || !be.embedFrom) {
       throw new Error(`The ${be.name} backend cannot decode on the device`);
     }
-    const { dModel, vocabSize, eps } = this.config;
+    const { dModel, vocabSize } = this.config;
     // One buffer for what comes back: the last logits [vocab], then the ids [count].
     const result = be.zeros(vocabSize + count);
     be.write(result, Float32Array.of(first), vocabSize);
