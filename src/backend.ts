@@ -70,6 +70,12 @@ export interface ConvArgs<Buf> {
   kernel: number;
 }
 
+/** Operations recorded by {@link Backend.capture}. */
+export interface Recording {
+  /** How many kernels a replay issues. */
+  readonly dispatches: number;
+}
+
 /** The operations a backend provides. `Buf` is its buffer handle. */
 export interface Backend<Buf = unknown> {
   /** Short name shown to users: "js", "wasm", "webgpu". */
@@ -106,6 +112,24 @@ export interface Backend<Buf = unknown> {
   /** Gives the buffer's memory back; the handle must not be used again. */
   release(buf: Buf): void;
   /**
+   * Optional, with {@link replay} and {@link releaseRecording}: records the
+   * operations `ops` issues, without running them, so that replaying them
+   * costs the host a fraction of issuing them one by one (like a CUDA graph;
+   * a decode step is hundreds of kernels). The operations must not move data
+   * to or from the host nor need temporary buffers, and every buffer they
+   * name must outlive the recording.
+   */
+  capture?(ops: () => void): Recording;
+  /** Issues the operations of a recording again, in order. */
+  replay?(recording: Recording): void;
+  /** Frees what a recording holds; it must not be replayed afterwards. */
+  releaseRecording?(recording: Recording): void;
+  /**
+   * Optional: starts the work recorded so far without waiting for it, so the
+   * device runs one token while the host records the next (webgpu).
+   */
+  flush?(): void;
+  /**
    * Optional: frees what the backend holds beyond its buffers (worker threads,
    * a device); the backend must not be used afterwards.
    */
@@ -128,7 +152,10 @@ export interface Backend<Buf = unknown> {
   argmax?(ids: Buf, index: number, logits: Buf, limit: number): void;
   /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row. */
   rmsNorm(out: Buf, x: Buf, weight: Buf, rows: number, dim: number, eps: number): void;
-  /** out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, with weight [outDim, inDim]. */
+  /**
+   * out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, with weight [outDim,
+   * inDim]; with `accumulate`, out += that instead (the residual connection).
+   */
   linear(
     out: Buf,
     x: Buf,
@@ -137,6 +164,21 @@ export interface Backend<Buf = unknown> {
     rows: number,
     inDim: number,
     outDim: number,
+    accumulate?: boolean,
+  ): void;
+  /**
+   * A linear whose output columns go to separate buffers: outs[i] [rows,
+   * widths[i]] gets the next widths[i] columns of x · weightᵀ + bias, where
+   * weight is [Σ widths, inDim] (in_proj's x and z; x_proj's dt, B and C).
+   */
+  linearSplit(
+    outs: readonly Buf[],
+    widths: readonly number[],
+    x: Buf,
+    weight: Buf,
+    bias: Buf | null,
+    rows: number,
+    inDim: number,
   ): void;
   /** acc[i] += x[i] for the first `length` floats. */
   addInPlace(acc: Buf, x: Buf, length: number): void;

@@ -591,18 +591,14 @@ class OpBench<Buf> {
       C: maxRows * dState,
       delta: maxRows * dInner,
       y: maxRows * dInner,
-      out: maxRows * dModel,
       logits: vocabSize,
       norm: dModel,
-      inProjX: dInner * dModel,
-      inProjZ: dInner * dModel,
-      inProjBias: dInner,
+      inProj: 2 * dInner * dModel,
+      inProjBias: 2 * dInner,
       convWeight: dInner * dConv,
       convBias: dInner,
       convState: (dConv - 1) * dInner,
-      xProjDt: dtRank * dInner,
-      xProjB: dState * dInner,
-      xProjC: dState * dInner,
+      xProj: (dtRank + 2 * dState) * dInner,
       dtProj: dInner * dtRank,
       dtProjBias: dInner,
       A: dInner * dState,
@@ -660,8 +656,15 @@ class OpBench<Buf> {
       case "rmsNorm":
         return be.rmsNorm(b.normed, b.hidden, b.norm, rows, dModel, eps);
       case "in_proj":
-        be.linear(b.x, b.normed, b.inProjX, projBiasOf(b.inProjBias), rows, dModel, dInner);
-        return be.linear(b.z, b.normed, b.inProjZ, projBiasOf(b.inProjBias), rows, dModel, dInner);
+        return be.linearSplit(
+          [b.x, b.z],
+          [dInner, dInner],
+          b.normed,
+          b.inProj,
+          projBiasOf(b.inProjBias),
+          rows,
+          dModel,
+        );
       case "conv":
         return be.causalConv({
           out: b.xc,
@@ -674,9 +677,15 @@ class OpBench<Buf> {
           kernel: dConv,
         });
       case "x_proj":
-        be.linear(b.dt, b.xc, b.xProjDt, null, rows, dInner, dtRank);
-        be.linear(b.B, b.xc, b.xProjB, null, rows, dInner, dState);
-        return be.linear(b.C, b.xc, b.xProjC, null, rows, dInner, dState);
+        return be.linearSplit(
+          [b.dt, b.B, b.C],
+          [dtRank, dState, dState],
+          b.xc,
+          b.xProj,
+          null,
+          rows,
+          dInner,
+        );
       case "dt_proj":
         return be.linear(b.delta, b.dt, b.dtProj, null, rows, dtRank, dInner);
       case "scan":
@@ -697,8 +706,16 @@ class OpBench<Buf> {
           dState,
         });
       case "out_proj":
-        be.linear(b.out, b.y, b.outProj, projBiasOf(b.outProjBias), rows, dInner, dModel);
-        return be.addInPlace(b.hidden, b.out, rows * dModel);
+        return be.linear(
+          b.hidden,
+          b.y,
+          b.outProj,
+          projBiasOf(b.outProjBias),
+          rows,
+          dInner,
+          dModel,
+          true,
+        );
       case "lm_head":
         return be.linear(b.logits, b.normed, b.lmHead, null, 1, dModel, this.#c.vocabSize);
     }

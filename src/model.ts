@@ -23,13 +23,13 @@
  *
  * ```text
  * xn      = rmsNorm(hidden)                       [L, D]
- * x, z    = in_proj(xn)                           [L, dInner] each
+ * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit)
  * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs)
- * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N]
+ * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit)
  * delta   = dt_proj(dt)                           [L, dInner]  (bias + softplus inside the scan)
  * h       = exp(Δ·A)·h + Δ·B·xc  per token        [dInner, N]
  * y       = (C·h + D·xc) · silu(z)                [L, dInner]
- * hidden += out_proj(y)                           [L, D]
+ * hidden += out_proj(y)                           [L, D]  (linear, accumulating)
  * ```
  *
  * and logits = lm_head(rmsNorm_f(hidden)). Prefill and decode are the same code:
@@ -38,7 +38,7 @@
  * @module
  */
 
-import type { Backend } from "./backend.ts";
+import type { Backend, Recording } from "./backend.ts";
 import type { MambaConfig } from "./config.ts";
 import type { LayerWeights, MambaWeights } from "./weights.ts";
 
@@ -69,7 +69,6 @@ interface Scratch<Buf> {
   C: Buf; // [L, N]
   delta: Buf; // [L, dInner]
   y: Buf; // [L, dInner]
-  out: Buf; // [L, D]
   /** One-row scratch for per-sequence operations of a batch, made on first use. */
   row?: Scratch<Buf>;
 }
@@ -84,6 +83,10 @@ export class MambaModel<Buf> {
   /** The normalized configuration the weights were checked against. */
   readonly config: MambaConfig;
   readonly #weights: MambaWeights<Buf>;
+  /** One-token scratch and logits [vocab] of decode steps, kept from step to step. */
+  #step?: { scratch: Scratch<Buf>; logits: Buf };
+  /** Each state's decode step, recorded by backends that can (see {@link #decodeStep}). */
+  readonly #recordings = new WeakMap<MambaState<Buf>, Recording>();
 
   /** Uploads host weights to the backend. */
   constructor(backend: Backend<Buf>, config: MambaConfig, weights: MambaWeights<Float32Array>) {
@@ -106,15 +109,11 @@ export class MambaModel<Buf> {
       normF: up(weights.normF),
       layers: weights.layers.map((l): LayerWeights<Buf> => ({
         norm: up(l.norm),
-        inProjX: matrix(l.inProjX, dModel),
-        inProjZ: matrix(l.inProjZ, dModel),
-        inProjXBias: upOrNull(l.inProjXBias),
-        inProjZBias: upOrNull(l.inProjZBias),
+        inProj: matrix(l.inProj, dModel),
+        inProjBias: upOrNull(l.inProjBias),
         convWeight: up(l.convWeight),
         convBias: upOrNull(l.convBias),
-        xProjDt: matrix(l.xProjDt, dInner),
-        xProjB: matrix(l.xProjB, dInner),
-        xProjC: matrix(l.xProjC, dInner),
+        xProj: matrix(l.xProj, dInner),
         dtProj: matrix(l.dtProj, dtRank),
         dtProjBias: up(l.dtProjBias),
         A: up(l.A),
@@ -158,6 +157,9 @@ export class MambaModel<Buf> {
 
   /** Gives a state's buffers back to the backend. */
   releaseState(state: MambaState<Buf>): void {
+    const recording = this.#recordings.get(state);
+    if (recording) this.backend.releaseRecording?.(recording);
+    this.#recordings.delete(state);
     for (const buf of [...state.conv, ...state.ssm]) this.backend.release(buf);
   }
 
@@ -168,6 +170,12 @@ export class MambaModel<Buf> {
    */
   async run(state: MambaState<Buf>, ids: Int32Array, logitsFor: LogitsFor): Promise<Float32Array> {
     const { vocabSize } = this.config;
+    if (ids.length === 1 && logitsFor === "last") {
+      const step = this.#stepBuffers();
+      this.backend.embed(step.scratch.hidden, this.#weights.embedding, ids, this.config.dModel);
+      this.#decodeStep(state);
+      return await this.backend.read(step.logits);
+    }
     const logits = new Float32Array((logitsFor === "all" ? ids.length : 1) * vocabSize);
     let scratch: Scratch<Buf> | undefined;
     for (let start = 0; start < ids.length; start += MAX_CHUNK) {
@@ -220,19 +228,13 @@ export class MambaModel<Buf> {
     // One buffer for what comes back: the last logits [vocab], then the ids [count].
     const result = be.zeros(vocabSize + count);
     be.write(result, Float32Array.of(first), vocabSize);
-    const scratch = this.#allocScratch(1);
-    const logits = be.zeros(vocabSize);
+    const { scratch, logits } = this.#stepBuffers();
     try {
       for (let t = 0; t < count; t++) {
-        this.#blocks(
-          state,
-          1,
-          scratch,
-          () =>
-            be.embedFrom!(scratch.hidden, this.#weights.embedding, result, vocabSize + t, dModel),
-        );
-        this.#head(logits, scratch, 0, 1);
+        be.embedFrom(scratch.hidden, this.#weights.embedding, result, vocabSize + t, dModel);
+        this.#decodeStep(state);
         if (t + 1 < count) be.argmax(result, vocabSize + t + 1, logits, limit);
+        be.flush?.();
       }
       be.copy(result, 0, logits, 0, vocabSize);
       const host = await be.read(result);
@@ -242,10 +244,35 @@ export class MambaModel<Buf> {
       }
       return { ids, logits: host.slice(0, vocabSize) };
     } finally {
-      this.#releaseScratch(scratch);
-      be.release(logits);
       be.release(result);
     }
+  }
+
+  #stepBuffers(): { scratch: Scratch<Buf>; logits: Buf } {
+    return this.#step ??= {
+      scratch: this.#allocScratch(1),
+      logits: this.backend.zeros(this.config.vocabSize),
+    };
+  }
+
+  /**
+   * One decode step of `state`: from the token's embedding in the step
+   * scratch's `hidden` to logits in the step's logits buffer. A backend that
+   * can record work (webgpu) records the step's kernels once per state and
+   * replays them afterwards, which spares the host most of the cost of issuing
+   * them; the operations are the same either way.
+   */
+  #decodeStep(state: MambaState<Buf>): void {
+    const { scratch, logits } = this.#stepBuffers();
+    const ops = () => {
+      this.#blocks(state, 1, scratch, () => {});
+      this.#head(logits, scratch, 0, 1);
+    };
+    const be = this.backend;
+    if (!be.capture || !be.replay) return ops();
+    let recording = this.#recordings.get(state);
+    if (!recording) this.#recordings.set(state, recording = be.capture(ops));
+    be.replay(recording);
   }
 
   /**
@@ -273,16 +300,12 @@ export class MambaModel<Buf> {
     embed();
     this.#weights.layers.forEach((w, layer) => {
       be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
-      be.linear(s.x, s.normed, w.inProjX, w.inProjXBias, L, dModel, dInner);
-      be.linear(s.z, s.normed, w.inProjZ, w.inProjZBias, L, dModel, dInner);
+      be.linearSplit([s.x, s.z], [dInner, dInner], s.normed, w.inProj, w.inProjBias, L, dModel);
       sequences((state, row, rows) => this.#conv(w, state.conv[layer], s, row, rows));
-      be.linear(s.dt, s.xc, w.xProjDt, null, L, dInner, dtRank);
-      be.linear(s.B, s.xc, w.xProjB, null, L, dInner, dState);
-      be.linear(s.C, s.xc, w.xProjC, null, L, dInner, dState);
+      be.linearSplit([s.dt, s.B, s.C], [dtRank, dState, dState], s.xc, w.xProj, null, L, dInner);
       be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
       sequences((state, row, rows) => this.#scan(w, state.ssm[layer], s, row, rows));
-      be.linear(s.out, s.y, w.outProj, w.outProjBias, L, dInner, dModel);
-      be.addInPlace(s.hidden, s.out, L * dModel);
+      be.linear(s.hidden, s.y, w.outProj, w.outProjBias, L, dInner, dModel, true);
     });
   }
 
@@ -410,7 +433,6 @@ export class MambaModel<Buf> {
       C: z(len * dState),
       delta: z(len * dInner),
       y: z(len * dInner),
-      out: z(len * dModel),
     };
   }
 

@@ -3,9 +3,9 @@
  * against the config before any value is used.
  *
  * Both naming schemes are accepted: transformers' (`backbone.embeddings.weight`)
- * and state-spaces' (`backbone.embedding.weight`). Projections that the math
- * splits (in_proj into x and z, x_proj into delta, B and C) are split here, as
- * zero-copy row ranges of the stored matrix.
+ * and state-spaces' (`backbone.embedding.weight`). in_proj and x_proj stay
+ * whole, as stored: one `linearSplit` writes each of their outputs (x and z;
+ * dt, B and C) to a buffer of its own.
  *
  * @module
  */
@@ -18,24 +18,16 @@ import type { SafetensorsFile } from "./safetensors.ts";
 export interface LayerWeights<T> {
   /** RMSNorm weight before the mixer [D]. */
   norm: T;
-  /** in_proj rows producing x [dInner, D]. */
-  inProjX: T;
-  /** in_proj rows producing the gate z [dInner, D]. */
-  inProjZ: T;
-  /** in_proj bias for x [dInner], when `projBias`. */
-  inProjXBias: T | null;
-  /** in_proj bias for z [dInner], when `projBias`. */
-  inProjZBias: T | null;
+  /** in_proj weight [2·dInner, D]: rows producing x, then rows producing the gate z. */
+  inProj: T;
+  /** in_proj bias [2·dInner], when `projBias`. */
+  inProjBias: T | null;
   /** Depthwise conv weights [dInner, dConv]. */
   convWeight: T;
   /** Conv bias [dInner], when `convBias`. */
   convBias: T | null;
-  /** x_proj rows producing the low-rank delta [R, dInner]. */
-  xProjDt: T;
-  /** x_proj rows producing B [N, dInner]. */
-  xProjB: T;
-  /** x_proj rows producing C [N, dInner]. */
-  xProjC: T;
+  /** x_proj weight [R + 2N, dInner]: rows producing the low-rank delta, then B, then C. */
+  xProj: T;
   /** dt_proj weight, rank R up to dInner [dInner, R]. */
   dtProj: T;
   /** dt_proj bias [dInner], added before softplus inside the scan. */
@@ -153,29 +145,17 @@ export function loadWeights(
   const layers: LayerWeights<Float32Array>[] = [];
   for (let l = 0; l < nLayer; l++) {
     const p = `backbone.layers.${l}.`;
-    const inProj = tensor(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]);
-    const inProjBias = optional(
-      `${p}mixer.in_proj.bias`,
-      [2 * dInner],
-      config.projBias,
-      "use_bias",
-    );
-    const xProj = tensor(`${p}mixer.x_proj.weight`, [dtRank + 2 * dState, dInner]);
     const aLog = tensor(`${p}mixer.A_log`, [dInner, dState]);
     const A = new Float32Array(aLog.length);
     for (let i = 0; i < A.length; i++) A[i] = -Math.exp(aLog[i]);
     layers.push({
       norm: tensor(`${p}norm.weight`, [dModel]),
-      inProjX: inProj.subarray(0, dInner * dModel),
-      inProjZ: inProj.subarray(dInner * dModel),
-      inProjXBias: inProjBias?.subarray(0, dInner) ?? null,
-      inProjZBias: inProjBias?.subarray(dInner) ?? null,
+      inProj: tensor(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]),
+      inProjBias: optional(`${p}mixer.in_proj.bias`, [2 * dInner], config.projBias, "use_bias"),
       // PyTorch stores the depthwise kernel as [dInner, 1, dConv].
       convWeight: tensor(`${p}mixer.conv1d.weight`, [dInner, 1, dConv], [[dInner, dConv]]),
       convBias: optional(`${p}mixer.conv1d.bias`, [dInner], config.convBias, "use_conv_bias"),
-      xProjDt: xProj.subarray(0, dtRank * dInner),
-      xProjB: xProj.subarray(dtRank * dInner, (dtRank + dState) * dInner),
-      xProjC: xProj.subarray((dtRank + dState) * dInner),
+      xProj: tensor(`${p}mixer.x_proj.weight`, [dtRank + 2 * dState, dInner]),
       dtProj: tensor(`${p}mixer.dt_proj.weight`, [dInner, dtRank]),
       dtProjBias: tensor(`${p}mixer.dt_proj.bias`, [dInner]),
       A,

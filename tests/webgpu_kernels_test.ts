@@ -137,6 +137,17 @@ Deno.test({
           96,
           16,
         ],
+        // Tiled: sizes around the tiles, inDim not a multiple of 8 (or of 4: scalar loads);
+        // 64×64 tiles with k split over two thread groups below 256 tiles of 128×64,
+        // 128×64 tiles from there.
+        [129, 36, 130],
+        [9, 12, 165],
+        [129, 12, 8200],
+        [129, 13, 8200],
+        // Split over K for outDim ≤ 128: rows and outDim not multiples of 4, 32 and 16 lanes.
+        [6, 36, 45],
+        [67, 52, 128],
+        [260, 8, 127],
       ];
       for (const [rows, inDim, outDim] of shapes) {
         for (const withBias of [false, true]) {
@@ -165,6 +176,45 @@ Deno.test({
         }
       }
       assertEquals(gpu.uploadHalfMatrix(Float32Array.of(1, 0.1)), null, "0.1 is not an f16");
+    }),
+});
+
+Deno.test({
+  name: "webgpu: tiled and split-K linear write split outputs and accumulate",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(3);
+      // skinny (inDim % 4 == 0, ≤ 128 outputs), main with scalar loads, main with vec4 loads.
+      const cases: [number, number, number[]][] = [
+        [6, 36, [45, 20, 13]],
+        [70, 17, [100, 60]],
+        [129, 36, [130, 70]],
+      ];
+      for (const [rows, inDim, widths] of cases) {
+        const outDim = widths.reduce((a, b) => a + b, 0);
+        const x = fill(rows * inDim, rand);
+        const w = fill(outDim * inDim, rand);
+        const b = fill(outDim, rand);
+        const want = new Float32Array(rows * outDim);
+        js.linear(want, x, w, b, rows, inDim, outDim);
+        const outs = widths.map((width) => gpu.zeros(rows * width));
+        gpu.linearSplit(outs, widths, gpu.upload(x), gpu.upload(w), gpu.upload(b), rows, inDim);
+        let first = 0;
+        for (const [i, width] of widths.entries()) {
+          const part = new Float32Array(rows * width);
+          for (let r = 0; r < rows; r++) {
+            part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
+          }
+          close(await gpu.read(outs[i]), part, 1e-4, `linearSplit ${rows}×${inDim} part ${i}`);
+          first += width;
+        }
+        // out += x · wᵀ + b
+        const acc = fill(rows * outDim, rand);
+        const gAcc = gpu.upload(acc);
+        gpu.linear(gAcc, gpu.upload(x), gpu.upload(w), gpu.upload(b), rows, inDim, outDim, true);
+        close(await gpu.read(gAcc), acc.map((v, i) => v + want[i]), 1e-4, `accumulate ${rows}`);
+      }
     }),
 });
 
@@ -304,12 +354,13 @@ async function checkScan(gpu: WebGpuBackend, c: ScanCase, seed: number, batch = 
 const CHUNK = 16;
 
 Deno.test({
-  name: `webgpu: selective scan, chunks of ${CHUNK}: len 1, chunk ± 1, many chunks; N 5, 8, 16`,
+  name:
+    `webgpu: selective scan, chunks of ${CHUNK}: len 1, chunk ± 1, many chunks; N 5, 8, 16, 20 (two groups of 16)`,
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       let seed = 10;
-      for (const dState of [5, 8, 16]) {
+      for (const dState of [5, 8, 16, 20]) {
         for (const len of [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]) {
           const dim = dState === 8 ? 130 : 37;
           await checkScan(gpu, { len, dim, dState, optional: true, softplus: true }, seed++);
@@ -329,6 +380,7 @@ Deno.test({
         3,
       );
       await checkScan(gpu, { len: 1, dim: 40, dState: 5, optional: false, softplus: true }, 3, 2);
+      await checkScan(gpu, { len: 37, dim: 24, dState: 36, optional: true, softplus: true }, 4, 2);
     }, { scanChunkLen: CHUNK }),
 });
 
@@ -384,6 +436,25 @@ Deno.test({
           close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${batch} rows`);
         }
       }
+      // Over 64 outputs the tiled matmul runs per part, writing at column offsets.
+      const [wide, narrow, batch] = [70, 8, 9];
+      const w = fill(wide * narrow, rand);
+      const halfW = w.map((v) => f16ToF32(f32ToF16(v)));
+      const x = fill(batch * narrow, rand);
+      const bias = fill(wide, rand);
+      for (
+        const [label, values, buffer] of [
+          ["f32", w, gpu.upload(w, narrow)],
+          ["f16", halfW, gpu.uploadHalfMatrix(halfW, narrow)!],
+        ] as const
+      ) {
+        assert(buffer.parts.length > 1, `${label}: expected a split, got ${buffer.parts.length}`);
+        const want = new Float32Array(batch * wide);
+        js.linear(want, x, values, bias, batch, narrow, wide);
+        const out = gpu.zeros(batch * wide);
+        gpu.linear(out, gpu.upload(x), buffer, gpu.upload(bias), batch, narrow, wide);
+        close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${wide} outputs`);
+      }
     }, { splitMatricesOver: 1024 }),
 });
 
@@ -408,4 +479,53 @@ Deno.test({
       const { ids: generated } = await session.greedy(ids.length - prompt.length);
       assertEquals(generated, [...ids.subarray(prompt.length)]);
     }, { splitMatricesOver: 64 << 10 }),
+});
+
+Deno.test({
+  name: "webgpu: a captured recording replays the same work; host transfers cannot be captured",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(40);
+      const [rows, inDim, outDim] = [1, 24, 10];
+      const x = gpu.upload(fill(rows * inDim, rand));
+      const weight = gpu.upload(fill(outDim * inDim, rand));
+      const acc = gpu.zeros(outDim);
+      const out = gpu.zeros(outDim);
+      // acc += weight · x, twice: the replay sees the buffers' values at its turn.
+      const recording = gpu.capture(() => {
+        gpu.linear(out, x, weight, null, rows, inDim, outDim);
+        gpu.addInPlace(acc, out, outDim);
+        gpu.copy(out, 0, acc, 0, outDim);
+      });
+      assertEquals(recording.dispatches, 2);
+      assertEquals(Array.from(await gpu.read(acc)), new Array(outDim).fill(0), "nothing ran");
+      gpu.replay(recording);
+      gpu.replay(recording);
+      const once = new Float32Array(outDim);
+      js.linear(once, await gpu.read(x), await gpu.read(weight), null, rows, inDim, outDim);
+      close(await gpu.read(acc), once.map((v) => 2 * v), 1e-6, "acc after two replays");
+      close(await gpu.read(out), once.map((v) => 2 * v), 1e-6, "copied acc");
+      gpu.releaseRecording(recording);
+
+      const refused = (ops: () => void, what: string) => {
+        let error: Error | undefined;
+        try {
+          gpu.capture(ops);
+        } catch (e) {
+          error = e as Error;
+        }
+        assert(error?.message.includes("cannot be recorded"), `${what}: ${error?.message}`);
+      };
+      refused(() => gpu.write(acc, new Float32Array(1)), "write");
+      refused(() => gpu.zeros(4), "zeros");
+      refused(() => gpu.embed(out, weight, Int32Array.of(1), inDim), "embed");
+      refused(() => gpu.addInPlace(acc, acc, outDim), "aliased add");
+      let read: Promise<Float32Array> | undefined;
+      gpu.releaseRecording(gpu.capture(() => read = gpu.read(acc)));
+      await assertRejects(() => read!, Error, "cannot be recorded");
+      // A failed capture leaves the backend usable.
+      gpu.addInPlace(acc, out, outDim);
+      close(await gpu.read(acc), once.map((v) => 4 * v), 1e-6, "after refusals");
+    }),
 });

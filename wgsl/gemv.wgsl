@@ -50,13 +50,9 @@ fn main(
     workgroupBarrier();
   }
   if (lane == 0u && o < p.outDim) {
-    var b = 0.0;
-    if (p.hasBias != 0u) {
-      b = bias[p.colOffset + o];
-    }
     for (var r = 0u; r < MAXROWS; r++) {
       if (r < p.rows) {
-        out[r * p.outStride + p.colOffset + o] = red[r * 256u + li] + b;
+        storeOut(r, o, red[r * 256u + li]);
       }
     }
   }

@@ -53,21 +53,16 @@ fn main(
     workgroupBarrier();
   }
   if (lane == 0u && o < p.outDim) {
-    var b = 0.0;
-    if (p.hasBias != 0u) {
-      b = bias[p.colOffset + o];
-    }
     let sums = red[li];
-    let col = p.colOffset + o;
-    out[col] = sums.x + b;
+    storeOut(0u, o, sums.x);
     if (ROWS > 1u) {
-      out[p.outStride + col] = sums.y + b;
+      storeOut(1u, o, sums.y);
     }
     if (ROWS > 2u) {
-      out[2u * p.outStride + col] = sums.z + b;
+      storeOut(2u, o, sums.z);
     }
     if (ROWS > 3u) {
-      out[3u * p.outStride + col] = sums.w + b;
+      storeOut(3u, o, sums.w);
     }
   }
 }

@@ -1,8 +1,15 @@
-// Parameters, bias and output of the linear kernels (gemv, gemv4, matmul),
+// Parameters, bias and outputs of the linear kernels (gemv, gemv4, matmul),
 // prepended to them: out [rows, outDim] = x [rows, inDim] · weightᵀ + bias.
+//
+// The columns of the full product (outStride of them) may go to up to three
+// buffers: [0, split1) to out, [split1, split2) to out2, the rest to out3,
+// each a matrix of its own width (in_proj's x and z, x_proj's dt, B and C).
+// With one output, split1 = split2 = outStride. `accumulate` adds to out
+// instead of overwriting it (the residual connection).
+//
 // A weight matrix split by rows over several buffers (too large for one
-// binding) runs once per part: outDim is then the part's rows, written to
-// columns colOffset.. of output rows of outStride floats.
+// binding) runs once per part: outDim is then the part's rows, which are the
+// columns colOffset.. of the full product.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -10,8 +17,34 @@ struct Params {
   hasBias: u32,
   outStride: u32,
   colOffset: u32,
+  split1: u32,
+  split2: u32,
+  accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out3: array<f32>;
+
+// Stores the product at row r, column c of this dispatch (c < outDim): bias
+// added, then written to the output that holds the column.
+fn storeOut(r: u32, c: u32, sum: f32) {
+  let g = p.colOffset + c;
+  var v = sum;
+  if (p.hasBias != 0u) {
+    v += bias[g];
+  }
+  if (g < p.split1) {
+    let i = r * p.split1 + g;
+    if (p.accumulate != 0u) {
+      v += out[i];
+    }
+    out[i] = v;
+  } else if (g < p.split2) {
+    out2[r * (p.split2 - p.split1) + g - p.split1] = v;
+  } else {
+    out3[r * (p.outStride - p.split2) + g - p.split2] = v;
+  }
+}

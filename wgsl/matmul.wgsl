@@ -1,82 +1,410 @@
-// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim].
-// Tiled: a 16×16 workgroup computes a 64×64 tile of out, 4×4 values per thread
-// (rows ty + 16i, columns tx + 16j, so neighbouring threads touch neighbouring
-// columns), staging 64×BK slices of x and weight in workgroup memory.
-// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
-// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
+// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim]:
+// the linear layers of prefill (rows > 4). Two entry points; the backend picks
+// one and its constants by shape (linearProgram in src/backends/webgpu.ts).
+//
+// main: a register-blocked SGEMM. A workgroup computes a TM×TN tile of out,
+// each thread an 8×8 block in 16 named vec4 accumulators: rows 4ty..4ty+3 and
+// TM/2+4ty.., columns 4tx..4tx+3 and TN/2+4tx... Per k, a thread reads 2 vec4s
+// of x and 2 of weight from workgroup memory for 64 FMAs (the old 4×4 blocks
+// read 8 scalars for 16). The k loop runs over slices of BK = 8, staged
+// transposed (k-major, so those reads are vec4s) in two buffers: the next slice
+// is fetched from global memory into registers before the current one is used
+// and stored after it, so the fetch latency hides behind the math and one
+// barrier per slice suffices. With inDim % 4 == 0 (VEC4 = 1) the fetches are
+// vec4s, else bounds-checked scalars. 2 · 8 · (TM + TN) floats stay within the
+// 16 KiB that any WebGPU device allows. Large outputs take 128×64 tiles (128
+// threads; 128×128 measured about as fast). 8×8 blocks leave few threads on
+// smaller outputs (512 × 1536 is 96 such tiles for 132 SMs), so there the
+// backend takes 64×64 tiles with KSPLIT = 2: two groups of threads take the
+// first and last 4 k of each slice, and the second hands its sums to the first
+// at the end (TN = 64 only, for the hand-over to fit in xs).
+//
+// skinny: outDim ≤ 128 (x_proj's 16 and 48 columns) gives main a handful of
+// tiles with a long k loop each, so each output is split over LANES threads
+// along K instead: a thread computes a 4×4 block of out over every LANES-th vec4
+// of K, straight from global memory (the weight is small and stays in cache),
+// then the lanes' partial sums meet in workgroup memory. Needs inDim % 4 == 0.
+//
+// Accumulators are module-scope private vec4s, updated by small functions
+// called with constant arguments: a private array indexed in a loop (or a k
+// loop that the driver does not unroll) would land in slow local memory.
+// Prepended by the backend: linear_io.wgsl (parameters, bias, outputs and
+// storeOut) and weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const BK: u32 = 16u;
+const TM: u32 = 128u; // rows of out per workgroup of main (64 or 128)
+const TN: u32 = 64u; // columns of out per workgroup of main (64 or 128)
+const KSPLIT: u32 = 1u; // thread groups per tile of main, 1 or 2 (with TN = 64)
+const VEC4: u32 = 1u; // 1 when inDim % 4 == 0: rows of x and weight read as vec4s
+const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (4 to 64)
+const BK: u32 = 8u; // k per slice: main's step() calls are written out
+const BLOCKS: u32 = TM * TN / 64u; // threads per group of main
+const THREADS: u32 = KSPLIT * BLOCKS;
 
-var<workgroup> xs: array<f32, 1024>; // [BK][TM]
-var<workgroup> ws: array<f32, 1024>; // [BK][TN]
+// [2][BK][TM] and [2][BK][TN] floats: transposed slices of x and weight.
+var<workgroup> xs: array<vec4<f32>, 2u * BK * TM / 4u>;
+var<workgroup> ws: array<vec4<f32>, 2u * BK * TN / 4u>;
+// skinny's partial sums: 4 vec4s per thread (a pipeline counts only the
+// workgroup memory that its entry point uses).
+var<workgroup> red: array<vec4<f32>, 1024>;
 
-// Writes out[r, c + 16j] = v[j] (+ bias) for the columns in range.
-fn store(r: u32, c: u32, v: vec4<f32>) {
+// Row i (0..7) of the thread's block is acc<i>a (its first 4 columns) and
+// acc<i>b (its last 4); skinny uses them differently (see skinnyStep).
+var<private> acc0a: vec4<f32>;
+var<private> acc0b: vec4<f32>;
+var<private> acc1a: vec4<f32>;
+var<private> acc1b: vec4<f32>;
+var<private> acc2a: vec4<f32>;
+var<private> acc2b: vec4<f32>;
+var<private> acc3a: vec4<f32>;
+var<private> acc3b: vec4<f32>;
+var<private> acc4a: vec4<f32>;
+var<private> acc4b: vec4<f32>;
+var<private> acc5a: vec4<f32>;
+var<private> acc5b: vec4<f32>;
+var<private> acc6a: vec4<f32>;
+var<private> acc6b: vec4<f32>;
+var<private> acc7a: vec4<f32>;
+var<private> acc7b: vec4<f32>;
+
+// x[r, k], 0 past the end of the row.
+fn xAt(r: u32, k: u32) -> f32 {
+  if (k >= p.inDim) {
+    return 0.0;
+  }
+  let i = r * p.inDim + k;
+  return x[i / 4u][i % 4u];
+}
+
+// weight[c, k], 0 past the end of the row.
+fn wAt(c: u32, k: u32) -> f32 {
+  if (k >= p.inDim) {
+    return 0.0;
+  }
+  return weightAt(c * p.inDim + k);
+}
+
+// A slice of x is 2·TM vec4s: element e is row e / 2, k 4·(e % 2), so pairs of
+// threads read 32 contiguous bytes. Elements past it (e ≥ 2·TM, where threads
+// outnumber them) fetch and stash nothing. Likewise fetchW over TN columns.
+fn fetchX(e: u32, row0: u32, k0: u32) -> vec4<f32> {
+  let r = row0 + e / 2u;
+  let k = k0 + 4u * (e % 2u);
+  if (e >= 2u * TM || r >= p.rows) {
+    return vec4<f32>(0.0);
+  }
+  if (VEC4 == 1u) {
+    if (k >= p.inDim) {
+      return vec4<f32>(0.0);
+    }
+    return x[(r * p.inDim + k) / 4u];
+  }
+  return vec4<f32>(xAt(r, k), xAt(r, k + 1u), xAt(r, k + 2u), xAt(r, k + 3u));
+}
+
+fn fetchW(e: u32, col0: u32, k0: u32) -> vec4<f32> {
+  let c = col0 + e / 2u;
+  let k = k0 + 4u * (e % 2u);
+  if (e >= 2u * TN || c >= p.outDim) {
+    return vec4<f32>(0.0);
+  }
+  if (VEC4 == 1u) {
+    if (k >= p.inDim) {
+      return vec4<f32>(0.0);
+    }
+    return weight4At((c * p.inDim + k) / 4u);
+  }
+  return vec4<f32>(wAt(c, k), wAt(c, k + 1u), wAt(c, k + 2u), wAt(c, k + 3u));
+}
+
+// Stores fetchX's element e into buffer b of xs, transposed.
+fn stashX(b: u32, e: u32, v: vec4<f32>) {
+  if (e >= 2u * TM) {
+    return;
+  }
+  let i = (b * BK + 4u * (e % 2u)) * TM + e / 2u; // float index of [b][k][m]
+  xs[i / 4u][i % 4u] = v.x;
+  xs[(i + TM) / 4u][i % 4u] = v.y;
+  xs[(i + 2u * TM) / 4u][i % 4u] = v.z;
+  xs[(i + 3u * TM) / 4u][i % 4u] = v.w;
+}
+
+fn stashW(b: u32, e: u32, v: vec4<f32>) {
+  if (e >= 2u * TN) {
+    return;
+  }
+  let i = (b * BK + 4u * (e % 2u)) * TN + e / 2u;
+  ws[i / 4u][i % 4u] = v.x;
+  ws[(i + TN) / 4u][i % 4u] = v.y;
+  ws[(i + 2u * TN) / 4u][i % 4u] = v.z;
+  ws[(i + 3u * TN) / 4u][i % 4u] = v.w;
+}
+
+// One k of main: the outer product of the thread's 8 rows and 8 columns.
+fn step(xi: u32, wi: u32) {
+  let a = xs[xi];
+  let a2 = xs[xi + TM / 8u];
+  let b = ws[wi];
+  let b2 = ws[wi + TN / 8u];
+  acc0a = fma(vec4<f32>(a.x), b, acc0a);
+  acc0b = fma(vec4<f32>(a.x), b2, acc0b);
+  acc1a = fma(vec4<f32>(a.y), b, acc1a);
+  acc1b = fma(vec4<f32>(a.y), b2, acc1b);
+  acc2a = fma(vec4<f32>(a.z), b, acc2a);
+  acc2b = fma(vec4<f32>(a.z), b2, acc2b);
+  acc3a = fma(vec4<f32>(a.w), b, acc3a);
+  acc3b = fma(vec4<f32>(a.w), b2, acc3b);
+  acc4a = fma(vec4<f32>(a2.x), b, acc4a);
+  acc4b = fma(vec4<f32>(a2.x), b2, acc4b);
+  acc5a = fma(vec4<f32>(a2.y), b, acc5a);
+  acc5b = fma(vec4<f32>(a2.y), b2, acc5b);
+  acc6a = fma(vec4<f32>(a2.z), b, acc6a);
+  acc6b = fma(vec4<f32>(a2.z), b2, acc6b);
+  acc7a = fma(vec4<f32>(a2.w), b, acc7a);
+  acc7b = fma(vec4<f32>(a2.w), b2, acc7b);
+}
+
+// out[r, c..c+3] = v (+ bias, to whichever output holds the column: storeOut
+// of linear_io.wgsl), the rows and columns in range.
+fn put(r: u32, c: u32, v: vec4<f32>) {
   if (r >= p.rows) {
     return;
   }
-  for (var j = 0u; j < 4u; j++) {
-    let col = c + 16u * j;
-    if (col < p.outDim) {
-      var value = v[j];
-      if (p.hasBias != 0u) {
-        value += bias[p.colOffset + col];
-      }
-      out[r * p.outStride + p.colOffset + col] = value;
-    }
+  if (c < p.outDim) {
+    storeOut(r, c, v.x);
+  }
+  if (c + 1u < p.outDim) {
+    storeOut(r, c + 1u, v.y);
+  }
+  if (c + 2u < p.outDim) {
+    storeOut(r, c + 2u, v.z);
+  }
+  if (c + 3u < p.outDim) {
+    storeOut(r, c + 3u, v.w);
   }
 }
 
-@compute @workgroup_size(16, 16)
+// KSPLIT = 2: group 1 adds four of its accumulators to group 0's, through xs.
+fn handOver(g: u32, lt: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
+  workgroupBarrier();
+  if (g == 1u) {
+    xs[4u * lt] = a;
+    xs[4u * lt + 1u] = b;
+    xs[4u * lt + 2u] = c;
+    xs[4u * lt + 3u] = d;
+  }
+  workgroupBarrier();
+}
+
+@compute @workgroup_size(THREADS)
 fn main(
   @builtin(workgroup_id) wg: vec3u,
-  @builtin(local_invocation_id) lid: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
   let row0 = wg.y * TM;
   let col0 = wg.x * TN;
-  let K = p.inDim;
-  // Row i of the thread's 4×4 block is acc<i>; column j is component j.
-  var acc0 = vec4<f32>(0.0);
-  var acc1 = vec4<f32>(0.0);
-  var acc2 = vec4<f32>(0.0);
-  var acc3 = vec4<f32>(0.0);
-  for (var k0 = 0u; k0 < K; k0 += BK) {
-    for (var j = 0u; j < 4u; j++) {
-      let e = li + j * 256u;
-      let r = e / BK;
-      let kk = e % BK;
-      let gk = k0 + kk;
-      var xv = 0.0;
-      if (row0 + r < p.rows && gk < K) {
-        xv = x[(row0 + r) * K + gk];
+  let g = li / BLOCKS; // group: k 4g..4g+3 of each slice when KSPLIT = 2
+  let lt = li % BLOCKS;
+  let tx = lt % (TN / 8u);
+  let ty = lt / (TN / 8u);
+  // Slice elements: 2·TM vec4s of x and 2·TN of weight, li and li + THREADS.
+  let twoX = 2u * TM > THREADS;
+  let twoW = 2u * TN > THREADS;
+  var xv = fetchX(li, row0, 0u);
+  var xv2 = vec4<f32>(0.0);
+  var wv = fetchW(li, col0, 0u);
+  var wv2 = vec4<f32>(0.0);
+  if (twoX) {
+    xv2 = fetchX(li + THREADS, row0, 0u);
+  }
+  if (twoW) {
+    wv2 = fetchW(li + THREADS, col0, 0u);
+  }
+  stashX(0u, li, xv);
+  stashW(0u, li, wv);
+  if (twoX) {
+    stashX(0u, li + THREADS, xv2);
+  }
+  if (twoW) {
+    stashW(0u, li + THREADS, wv2);
+  }
+  workgroupBarrier();
+  let slices = (p.inDim + BK - 1u) / BK;
+  for (var s = 0u; s < slices; s++) {
+    let b = s % 2u;
+    let more = s + 1u < slices;
+    if (more) {
+      let k0 = (s + 1u) * BK;
+      xv = fetchX(li, row0, k0);
+      wv = fetchW(li, col0, k0);
+      if (twoX) {
+        xv2 = fetchX(li + THREADS, row0, k0);
       }
-      xs[kk * TM + r] = xv;
-      var wv = 0.0;
-      if (col0 + r < p.outDim && gk < K) {
-        wv = weightAt((col0 + r) * K + gk);
+      if (twoW) {
+        wv2 = fetchW(li + THREADS, col0, k0);
       }
-      ws[kk * TN + r] = wv;
     }
-    workgroupBarrier();
-    for (var kk = 0u; kk < BK; kk++) {
-      let xb = kk * TM + lid.y;
-      let wb = kk * TN + lid.x;
-      let a = vec4<f32>(xs[xb], xs[xb + 16u], xs[xb + 32u], xs[xb + 48u]);
-      let b = vec4<f32>(ws[wb], ws[wb + 16u], ws[wb + 32u], ws[wb + 48u]);
-      acc0 = fma(vec4<f32>(a.x), b, acc0);
-      acc1 = fma(vec4<f32>(a.y), b, acc1);
-      acc2 = fma(vec4<f32>(a.z), b, acc2);
-      acc3 = fma(vec4<f32>(a.w), b, acc3);
+    let kk = b * BK + g * (BK / KSPLIT);
+    let xi = kk * TM / 4u + ty;
+    let wi = kk * TN / 4u + tx;
+    step(xi, wi);
+    step(xi + TM / 4u, wi + TN / 4u);
+    step(xi + 2u * TM / 4u, wi + 2u * TN / 4u);
+    step(xi + 3u * TM / 4u, wi + 3u * TN / 4u);
+    if (KSPLIT == 1u) {
+      step(xi + 4u * TM / 4u, wi + 4u * TN / 4u);
+      step(xi + 5u * TM / 4u, wi + 5u * TN / 4u);
+      step(xi + 6u * TM / 4u, wi + 6u * TN / 4u);
+      step(xi + 7u * TM / 4u, wi + 7u * TN / 4u);
+    }
+    if (more) {
+      // The other buffer was last read before the previous barrier.
+      stashX(1u - b, li, xv);
+      stashW(1u - b, li, wv);
+      if (twoX) {
+        stashX(1u - b, li + THREADS, xv2);
+      }
+      if (twoW) {
+        stashW(1u - b, li + THREADS, wv2);
+      }
     }
     workgroupBarrier();
   }
-  store(row0 + lid.y, col0 + lid.x, acc0);
-  store(row0 + lid.y + 16u, col0 + lid.x, acc1);
-  store(row0 + lid.y + 32u, col0 + lid.x, acc2);
-  store(row0 + lid.y + 48u, col0 + lid.x, acc3);
+  if (KSPLIT == 2u) {
+    // 4 · BLOCKS vec4s fit in xs when TN = 64.
+    let i = 4u * lt;
+    handOver(g, lt, acc0a, acc0b, acc1a, acc1b);
+    acc0a += xs[i];
+    acc0b += xs[i + 1u];
+    acc1a += xs[i + 2u];
+    acc1b += xs[i + 3u];
+    handOver(g, lt, acc2a, acc2b, acc3a, acc3b);
+    acc2a += xs[i];
+    acc2b += xs[i + 1u];
+    acc3a += xs[i + 2u];
+    acc3b += xs[i + 3u];
+    handOver(g, lt, acc4a, acc4b, acc5a, acc5b);
+    acc4a += xs[i];
+    acc4b += xs[i + 1u];
+    acc5a += xs[i + 2u];
+    acc5b += xs[i + 3u];
+    handOver(g, lt, acc6a, acc6b, acc7a, acc7b);
+    acc6a += xs[i];
+    acc6b += xs[i + 1u];
+    acc7a += xs[i + 2u];
+    acc7b += xs[i + 3u];
+    if (g == 1u) {
+      return;
+    }
+  }
+  let r = row0 + 4u * ty;
+  let r2 = r + TM / 2u;
+  let c = col0 + 4u * tx;
+  let c2 = c + TN / 2u;
+  put(r, c, acc0a);
+  put(r, c2, acc0b);
+  put(r + 1u, c, acc1a);
+  put(r + 1u, c2, acc1b);
+  put(r + 2u, c, acc2a);
+  put(r + 2u, c2, acc2b);
+  put(r + 3u, c, acc3a);
+  put(r + 3u, c2, acc3b);
+  put(r2, c, acc4a);
+  put(r2, c2, acc4b);
+  put(r2 + 1u, c, acc5a);
+  put(r2 + 1u, c2, acc5b);
+  put(r2 + 2u, c, acc6a);
+  put(r2 + 2u, c2, acc6b);
+  put(r2 + 3u, c, acc7a);
+  put(r2 + 3u, c2, acc7b);
+}
+
+// One vec4 of K for skinny: the 16 (row i, column j) pairs of its 4×4 block,
+// in the order acc0a, acc0b, acc1a, ..., acc7b (row-major), accumulate the
+// componentwise products of x row i and weight row j, summed at the end.
+fn skinnyStep(
+  x0: vec4<f32>,
+  x1: vec4<f32>,
+  x2: vec4<f32>,
+  x3: vec4<f32>,
+  w0: vec4<f32>,
+  w1: vec4<f32>,
+  w2: vec4<f32>,
+  w3: vec4<f32>,
+) {
+  acc0a = fma(x0, w0, acc0a);
+  acc0b = fma(x0, w1, acc0b);
+  acc1a = fma(x0, w2, acc1a);
+  acc1b = fma(x0, w3, acc1b);
+  acc2a = fma(x1, w0, acc2a);
+  acc2b = fma(x1, w1, acc2b);
+  acc3a = fma(x1, w2, acc3a);
+  acc3b = fma(x1, w3, acc3b);
+  acc4a = fma(x2, w0, acc4a);
+  acc4b = fma(x2, w1, acc4b);
+  acc5a = fma(x2, w2, acc5a);
+  acc5b = fma(x2, w3, acc5b);
+  acc6a = fma(x3, w0, acc6a);
+  acc6b = fma(x3, w1, acc6b);
+  acc7a = fma(x3, w2, acc7a);
+  acc7b = fma(x3, w3, acc7b);
+}
+
+fn sum4(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) -> vec4<f32> {
+  let ones = vec4<f32>(1.0);
+  return vec4<f32>(dot(a, ones), dot(b, ones), dot(c, ones), dot(d, ones));
+}
+
+// Blocks of 4 rows × 4 columns, numbered column block first; 256 / LANES per
+// workgroup, on a grid of any shape (nwg.x · nwg.y workgroups).
+@compute @workgroup_size(256)
+fn skinny(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let lane = li % LANES;
+  let block = (wg.y * nwg.x + wg.x) * (256u / LANES) + li / LANES;
+  let colBlocks = (p.outDim + 3u) / 4u;
+  let r = 4u * (block / colBlocks);
+  let c = 4u * (block % colBlocks);
+  // Rows and columns past the end repeat the last one: computed, not stored.
+  let last = max(p.rows, 1u) - 1u;
+  let lastCol = max(p.outDim, 1u) - 1u;
+  let k4 = p.inDim / 4u;
+  let x0 = min(r, last) * k4;
+  let x1 = min(r + 1u, last) * k4;
+  let x2 = min(r + 2u, last) * k4;
+  let x3 = min(r + 3u, last) * k4;
+  let w0 = min(c, lastCol) * k4;
+  let w1 = min(c + 1u, lastCol) * k4;
+  let w2 = min(c + 2u, lastCol) * k4;
+  let w3 = min(c + 3u, lastCol) * k4;
+  for (var k = lane; k < k4; k += LANES) {
+    skinnyStep(
+      x[x0 + k],
+      x[x1 + k],
+      x[x2 + k],
+      x[x3 + k],
+      weight4At(w0 + k),
+      weight4At(w1 + k),
+      weight4At(w2 + k),
+      weight4At(w3 + k),
+    );
+  }
+  red[4u * li] = sum4(acc0a, acc0b, acc1a, acc1b);
+  red[4u * li + 1u] = sum4(acc2a, acc2b, acc3a, acc3b);
+  red[4u * li + 2u] = sum4(acc4a, acc4b, acc5a, acc5b);
+  red[4u * li + 3u] = sum4(acc6a, acc6b, acc7a, acc7b);
+  workgroupBarrier();
+  // Lane i < 4 sums block row i over the lanes.
+  if (lane < 4u) {
+    let first = li - lane;
+    var v = vec4<f32>(0.0);
+    for (var l = 0u; l < LANES; l++) {
+      v += red[4u * (first + l) + lane];
+    }
+    put(r + lane, c, v);
+  }
 }

@@ -4,20 +4,28 @@
 //   h    = exp(dt·A)·h + dt·u·B[t]                  per state n, h in registers
 //   y    = (C[t]·h + D·u) · silu(z)                 (D and z optional)
 //
-// Layouts: u, delta, z, y [batch, len, dim]; B, C [batch, len, N]; A [dim, N];
-// state [batch, dim, N]. One thread per channel; B and C are staged per tile of
-// TT tokens in workgroup memory, u, delta and z prefetched into registers.
+// Layouts: u, delta, z, y [batch, len, dim]; B, C [batch, len, nState];
+// A [dim, nState]; state [batch, dim, nState]. One thread per channel; B and C
+// are staged per tile of TT tokens in workgroup memory.
+//
+// A thread holds 16 states as four vec4s (a `Lanes`), never as an array: Naga
+// turns loops into while-loops that the GPU compiler does not unroll, and an
+// array indexed in such a loop lives in local memory (3-5× slower on an H100).
+// States are taken 16 at a time: `group` g covers states 16g … 16g+15, lanes
+// past nState are zero (A = 0 and B = 0 keep them at zero). For nState > 16 the
+// backend runs the passes once per group; the output pass of each group adds
+// its C·h to the previous groups' sum in y, and the last group applies D and z.
 //
 // A long sequence is cut into nChunks chunks of chunkLen tokens so that even one
 // sequence fills the GPU:
 // - `chunk_state` (chunks 0..nChunks-2): each chunk's end state from a zero start
 //   and its Σdt (the chunk's total decay is exp(A·Σdt));
-// - `carry`: one thread per (sequence, channel, n) walks the chunks, turning hbuf
-//   into each chunk's start state;
+// - `carry`: one thread per (sequence, channel, lane) walks the chunks, turning
+//   hbuf into each chunk's start state;
 // - `output`: every chunk again from its start state, writing y and (last chunk)
 //   the final state. With one chunk only `output` runs, starting from `state`.
 //
-// DSTATE (N), WG and TT are specialised per pipeline by the backend.
+// WG and TT are specialised per pipeline by the backend.
 struct Params {
   len: u32,
   dim: u32,
@@ -25,6 +33,9 @@ struct Params {
   chunkLen: u32,
   nChunks: u32,
   flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus
+  nState: u32,
+  group: u32,
+  nGroups: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -38,16 +49,50 @@ struct Params {
 @group(0) @binding(8) var<storage, read> deltaBias: array<f32>;
 @group(0) @binding(9) var<storage, read_write> y: array<f32>;
 @group(0) @binding(10) var<storage, read_write> state: array<f32>;
-@group(0) @binding(11) var<storage, read_write> hbuf: array<f32>; // [batch, nChunks, dim, N]
+@group(0) @binding(11) var<storage, read_write> hbuf: array<vec4<f32>>; // [batch, nChunks, dim, 4]
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
 
-const DSTATE: u32 = 16u;
 const WG: u32 = 128u;
 const TT: u32 = 16u;
 const LOG2E: f32 = 1.4426950408889634;
 
-var<workgroup> sB: array<f32, TT * DSTATE>;
-var<workgroup> sC: array<f32, TT * DSTATE>;
+/** 16 states (or their A, B or C) of one channel. */
+struct Lanes {
+  q0: vec4<f32>,
+  q1: vec4<f32>,
+  q2: vec4<f32>,
+  q3: vec4<f32>,
+}
+
+var<workgroup> sB: array<vec4<f32>, TT * 4u>; // [TT tokens][4 quads]
+var<workgroup> sC: array<vec4<f32>, TT * 4u>;
+
+/** What a thread of `chunk_state` or `output` works on. */
+struct Task {
+  d: u32, // channel
+  dd: u32, // channel clamped into range, for loads
+  inRange: bool,
+  b: u32, // sequence
+  c: u32, // chunk
+  t0: u32, // first token of the chunk
+  t1: u32, // one past its last
+  seq: u32, // row of the sequence's first token
+}
+
+fn task(wg: vec3u, li: u32) -> Task {
+  let d = wg.x * WG + li;
+  let t0 = wg.y * p.chunkLen;
+  return Task(
+    d,
+    min(d, p.dim - 1u),
+    d < p.dim,
+    wg.z,
+    wg.y,
+    t0,
+    min(t0 + p.chunkLen, p.len),
+    wg.z * p.len,
+  );
+}
 
 fn softplus(v: f32) -> f32 {
   if (v > 20.0) {
@@ -70,58 +115,107 @@ fn stepSize(raw: f32, d: u32) -> f32 {
   return v;
 }
 
+/** Lanes 4q … 4q+3 of this group from a [rows, nState] matrix row, zero past nState. */
+fn quadOf(values: vec4<f32>, q: u32) -> vec4<f32> {
+  let n = p.group * 16u + q * 4u;
+  let valid = vec4<u32>(n, n + 1u, n + 2u, n + 3u) < vec4<u32>(p.nState);
+  return select(vec4<f32>(0.0), values, valid);
+}
+
+/** Index of state n of this group (clamped into the row) in a row of nState values. */
+fn lane(row: u32, n: u32) -> u32 {
+  return row * p.nState + min(p.group * 16u + n, p.nState - 1u);
+}
+
+fn stateQuad(row: u32, q: u32) -> vec4<f32> {
+  let n = q * 4u;
+  let v = vec4<f32>(
+    state[lane(row, n)],
+    state[lane(row, n + 1u)],
+    state[lane(row, n + 2u)],
+    state[lane(row, n + 3u)],
+  );
+  return quadOf(v, q);
+}
+
+fn aQuad(d: u32, q: u32) -> vec4<f32> {
+  let n = q * 4u;
+  let v = vec4<f32>(A[lane(d, n)], A[lane(d, n + 1u)], A[lane(d, n + 2u)], A[lane(d, n + 3u)]);
+  return quadOf(v, q) * LOG2E;
+}
+
+/** A·log2(e) of channel d: exp(dt·A) is then exp2(dt·a2). */
+fn decayRates(d: u32) -> Lanes {
+  return Lanes(aQuad(d, 0u), aQuad(d, 1u), aQuad(d, 2u), aQuad(d, 3u));
+}
+
+/** Stages B (and C when `withC`) of tokens [first, first + count) into workgroup memory. */
+fn stage(li: u32, first: u32, count: u32, withC: bool) {
+  for (var e = li; e < count * 4u; e += WG) {
+    let row = first + e / 4u;
+    let q = e % 4u;
+    let n = q * 4u;
+    let b = vec4<f32>(Bm[lane(row, n)], Bm[lane(row, n + 1u)], Bm[lane(row, n + 2u)], Bm[lane(row, n + 3u)]);
+    sB[e] = quadOf(b, q);
+    if (withC) {
+      let c = vec4<f32>(Cm[lane(row, n)], Cm[lane(row, n + 1u)], Cm[lane(row, n + 2u)], Cm[lane(row, n + 3u)]);
+      sC[e] = quadOf(c, q);
+    }
+  }
+}
+
+/** h ← exp2(dt·a2)·h + du·B for staged token k. */
+fn advance(h: Lanes, a2: Lanes, dt: f32, du: f32, k: u32) -> Lanes {
+  let s = k * 4u;
+  return Lanes(
+    fma(exp2(dt * a2.q0), h.q0, du * sB[s]),
+    fma(exp2(dt * a2.q1), h.q1, du * sB[s + 1u]),
+    fma(exp2(dt * a2.q2), h.q2, du * sB[s + 2u]),
+    fma(exp2(dt * a2.q3), h.q3, du * sB[s + 3u]),
+  );
+}
+
+/** C·h for staged token k. */
+fn readout(h: Lanes, k: u32) -> f32 {
+  let s = k * 4u;
+  return dot(h.q0, sC[s]) + dot(h.q1, sC[s + 1u]) + dot(h.q2, sC[s + 2u]) + dot(h.q3, sC[s + 3u]);
+}
+
 @compute @workgroup_size(WG)
 fn chunk_state(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let d = wg.x * WG + li;
-  let c = wg.y;
-  let b = wg.z;
-  let inRange = d < p.dim;
-  let dd = min(d, p.dim - 1u);
-  let t0 = c * p.chunkLen;
-  let t1 = min(t0 + p.chunkLen, p.len);
-  let seq = b * p.len;
-  var a2: array<f32, DSTATE>;
-  var h: array<f32, DSTATE>;
-  for (var n = 0u; n < DSTATE; n++) {
-    a2[n] = A[dd * DSTATE + n] * LOG2E;
-    h[n] = 0.0;
-  }
+  let w = task(wg, li);
+  let a2 = decayRates(w.dd);
+  var h = Lanes(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
   var dsum = 0.0;
-  for (var tt = t0; tt < t1; tt += TT) {
-    let count = min(TT, t1 - tt);
-    for (var e = li; e < count * DSTATE; e += WG) {
-      sB[e] = Bm[(seq + tt) * DSTATE + e];
-    }
-    var ut: array<f32, TT>;
-    var dtt: array<f32, TT>;
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let i = (seq + tt + k) * p.dim + dd;
-        ut[k] = u[i];
-        dtt[k] = delta[i];
-      }
-    }
+  for (var tt = w.t0; tt < w.t1; tt += TT) {
+    let count = min(TT, w.t1 - tt);
+    stage(li, w.seq + tt, count, false);
     workgroupBarrier();
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let dt = stepSize(dtt[k], dd);
-        dsum += dt;
-        let du = dt * ut[k];
-        for (var n = 0u; n < DSTATE; n++) {
-          h[n] = fma(exp2(dt * a2[n]), h[n], du * sB[k * DSTATE + n]);
-        }
-      }
+    // Each token's u and delta are loaded one token ahead, so that the
+    // memory latency overlaps the previous token's arithmetic.
+    var i = (w.seq + tt) * p.dim + w.dd;
+    var nextU = u[i];
+    var nextDelta = delta[i];
+    for (var k = 0u; k < count; k++) {
+      let ui = nextU;
+      let dt = stepSize(nextDelta, w.dd);
+      i = select(i, i + p.dim, k + 1u < count);
+      nextU = u[i];
+      nextDelta = delta[i];
+      dsum += dt;
+      h = advance(h, a2, dt, dt * ui, k);
     }
     workgroupBarrier();
   }
-  if (inRange) {
-    let base = ((b * p.nChunks + c) * p.dim + d);
-    for (var n = 0u; n < DSTATE; n++) {
-      hbuf[base * DSTATE + n] = h[n];
-    }
+  if (w.inRange) {
+    let base = (w.b * p.nChunks + w.c) * p.dim + w.d;
+    hbuf[base * 4u] = h.q0;
+    hbuf[base * 4u + 1u] = h.q1;
+    hbuf[base * 4u + 2u] = h.q2;
+    hbuf[base * 4u + 3u] = h.q3;
     dtsum[base] = dsum;
   }
 }
@@ -132,19 +226,20 @@ fn carry(
   @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
+  // One thread per (sequence, channel, quad of lanes).
   let g = (wg.y * nwg.x + wg.x) * 256u + li;
-  if (g >= p.batch * p.dim * DSTATE) {
+  if (g >= p.batch * p.dim * 4u) {
     return;
   }
-  let n = g % DSTATE;
-  let bd = g / DSTATE;
+  let q = g % 4u;
+  let bd = g / 4u;
   let d = bd % p.dim;
   let b = bd / p.dim;
-  let a2 = A[d * DSTATE + n] * LOG2E;
-  var h = state[g];
+  let a2 = aQuad(d, q);
+  var h = stateQuad(bd, q);
   for (var c = 0u; c < p.nChunks; c++) {
     let base = (b * p.nChunks + c) * p.dim + d;
-    let idx = base * DSTATE + n;
+    let idx = base * 4u + q;
     if (c + 1u < p.nChunks) {
       let end = hbuf[idx];
       hbuf[idx] = h;
@@ -160,75 +255,66 @@ fn output(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let d = wg.x * WG + li;
-  let c = wg.y;
-  let b = wg.z;
-  let inRange = d < p.dim;
-  let dd = min(d, p.dim - 1u);
-  let t0 = c * p.chunkLen;
-  let t1 = min(t0 + p.chunkLen, p.len);
-  let seq = b * p.len;
-  let hasD = (p.flags & 1u) != 0u;
+  let w = task(wg, li);
   let hasZ = (p.flags & 2u) != 0u;
-  var a2: array<f32, DSTATE>;
-  var h: array<f32, DSTATE>;
-  let sBase = (b * p.dim + dd) * DSTATE;
-  let hBase = ((b * p.nChunks + c) * p.dim + dd) * DSTATE;
-  for (var n = 0u; n < DSTATE; n++) {
-    a2[n] = A[dd * DSTATE + n] * LOG2E;
-    if (p.nChunks == 1u) {
-      h[n] = state[sBase + n];
-    } else {
-      h[n] = hbuf[hBase + n];
-    }
+  let first = p.group == 0u;
+  let last = p.group + 1u == p.nGroups;
+  let a2 = decayRates(w.dd);
+  let row = w.b * p.dim + w.dd; // of the state
+  var h: Lanes;
+  if (p.nChunks == 1u) {
+    h = Lanes(stateQuad(row, 0u), stateQuad(row, 1u), stateQuad(row, 2u), stateQuad(row, 3u));
+  } else {
+    let base = ((w.b * p.nChunks + w.c) * p.dim + w.dd) * 4u;
+    h = Lanes(hbuf[base], hbuf[base + 1u], hbuf[base + 2u], hbuf[base + 3u]);
   }
   var skip = 0.0;
-  if (hasD) {
-    skip = Dv[dd];
+  if ((p.flags & 1u) != 0u && last) {
+    skip = Dv[w.dd];
   }
-  for (var tt = t0; tt < t1; tt += TT) {
-    let count = min(TT, t1 - tt);
-    for (var e = li; e < count * DSTATE; e += WG) {
-      sB[e] = Bm[(seq + tt) * DSTATE + e];
-      sC[e] = Cm[(seq + tt) * DSTATE + e];
-    }
-    var ut: array<f32, TT>;
-    var dtt: array<f32, TT>;
-    var zt: array<f32, TT>;
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let i = (seq + tt + k) * p.dim + dd;
-        ut[k] = u[i];
-        dtt[k] = delta[i];
-        if (hasZ) {
-          zt[k] = z[i];
-        }
-      }
-    }
+  for (var tt = w.t0; tt < w.t1; tt += TT) {
+    let count = min(TT, w.t1 - tt);
+    stage(li, w.seq + tt, count, true);
     workgroupBarrier();
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let dt = stepSize(dtt[k], dd);
-        let du = dt * ut[k];
-        var acc = 0.0;
-        for (var n = 0u; n < DSTATE; n++) {
-          h[n] = fma(exp2(dt * a2[n]), h[n], du * sB[k * DSTATE + n]);
-          acc = fma(h[n], sC[k * DSTATE + n], acc);
-        }
-        acc = fma(skip, ut[k], acc);
-        if (hasZ) {
-          acc *= zt[k] / (1.0 + exp(-zt[k]));
-        }
-        if (inRange) {
-          y[(seq + tt + k) * p.dim + d] = acc;
-        }
+    var next = (w.seq + tt) * p.dim + w.dd; // loads one token ahead, as in chunk_state
+    var nextU = u[next];
+    var nextDelta = delta[next];
+    var nextZ = 0.0;
+    if (hasZ) {
+      nextZ = z[next];
+    }
+    for (var k = 0u; k < count; k++) {
+      let i = next;
+      let ui = nextU;
+      let dt = stepSize(nextDelta, w.dd);
+      let zi = nextZ;
+      next = select(i, i + p.dim, k + 1u < count);
+      nextU = u[next];
+      nextDelta = delta[next];
+      if (hasZ) {
+        nextZ = z[next];
+      }
+      h = advance(h, a2, dt, dt * ui, k);
+      var acc = fma(skip, ui, readout(h, k));
+      if (!first) {
+        acc += y[i]; // the earlier groups' C·h
+      }
+      if (hasZ && last) {
+        acc *= zi / (1.0 + exp(-zi));
+      }
+      if (w.inRange) {
+        y[i] = acc;
       }
     }
     workgroupBarrier();
   }
-  if (inRange && c + 1u == p.nChunks) {
-    for (var n = 0u; n < DSTATE; n++) {
-      state[sBase + n] = h[n];
+  if (w.inRange && w.c + 1u == p.nChunks) {
+    var q = array<vec4<f32>, 4>(h.q0, h.q1, h.q2, h.q3);
+    for (var n = 0u; n < 16u; n++) {
+      let s = p.group * 16u + n;
+      if (s < p.nState) {
+        state[row * p.nState + s] = q[n / 4u][n % 4u];
+      }
     }
   }
 }

@@ -83,6 +83,7 @@ export class JsBackend implements Backend<Float32Array> {
     rows: number,
     inDim: number,
     outDim: number,
+    accumulate = false,
   ): void {
     for (let r = 0; r < rows; r++) {
       const xRow = r * inDim;
@@ -90,9 +91,28 @@ export class JsBackend implements Backend<Float32Array> {
         const wRow = o * inDim;
         let sum = bias ? bias[o] : 0;
         for (let i = 0; i < inDim; i++) sum += x[xRow + i] * weight[wRow + i];
-        out[r * outDim + o] = sum;
+        if (accumulate) out[r * outDim + o] += sum;
+        else out[r * outDim + o] = sum;
       }
     }
+  }
+
+  linearSplit(
+    outs: readonly Float32Array[],
+    widths: readonly number[],
+    x: Float32Array,
+    weight: Float32Array,
+    bias: Float32Array | null,
+    rows: number,
+    inDim: number,
+  ): void {
+    let first = 0;
+    outs.forEach((out, i) => {
+      const end = first + widths[i];
+      const part = weight.subarray(first * inDim, end * inDim);
+      this.linear(out, x, part, bias?.subarray(first, end) ?? null, rows, inDim, widths[i]);
+      first = end;
+    });
   }
 
   addInPlace(acc: Float32Array, x: Float32Array, length: number): void {

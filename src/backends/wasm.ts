@@ -345,6 +345,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   #ctrl: Int32Array | null = null;
   #workers: ThreadHandle[] = [];
   #canBlock = false;
+  #linearScratch: WasmBuffer | null = null;
   #convScratch: WasmBuffer | null = null;
   #scanScratch: WasmBuffer | null = null;
   #disposed = false;
@@ -551,13 +552,52 @@ export class WasmBackend implements Backend<WasmBuffer> {
     rows: number,
     inDim: number,
     outDim: number,
+    accumulate = false,
   ): void {
+    if (accumulate) {
+      // The kernel overwrites; sums go through scratch, then onto out.
+      const length = rows * outDim;
+      if (!this.#linearScratch || this.#linearScratch.length < length) {
+        if (this.#linearScratch) this.release(this.#linearScratch);
+        this.#linearScratch = this.#alloc(length);
+      }
+      this.linear(this.#linearScratch, x, weight, bias, rows, inDim, outDim);
+      this.#kernels.addInPlace(out.ptr, this.#linearScratch.ptr, length);
+      return;
+    }
     const biasPtr = bias ? bias.ptr : 0;
     if (this.#ctrl && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8) {
       this.#parallel(OP_LINEAR, [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim]);
     } else {
       this.#kernels.linear(out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim, 0, outDim);
     }
+  }
+
+  linearSplit(
+    outs: readonly WasmBuffer[],
+    widths: readonly number[],
+    x: WasmBuffer,
+    weight: WasmBuffer,
+    bias: WasmBuffer | null,
+    rows: number,
+    inDim: number,
+  ): void {
+    // Each output's rows of the weight (and bias) are a view: no copy.
+    let first = 0;
+    outs.forEach((out, i) => {
+      const rowsOf = (buf: WasmBuffer, width: number) =>
+        new WasmBuffer(buf.ptr + first * width * 4, widths[i] * width, 0);
+      this.linear(
+        out,
+        x,
+        rowsOf(weight, inDim),
+        bias && rowsOf(bias, 1),
+        rows,
+        inDim,
+        widths[i],
+      );
+      first += widths[i];
+    });
   }
 
   addInPlace(acc: WasmBuffer, x: WasmBuffer, length: number): void {

@@ -13,7 +13,7 @@
  * @module
  */
 
-import type { Backend, ConvArgs, ScanArgs } from "../backend.ts";
+import type { Backend, ConvArgs, Recording, ScanArgs } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
 
@@ -57,6 +57,40 @@ export class GpuBuffer {
   }
 }
 
+/** One kernel launch or buffer copy of a {@link GpuRecording}. */
+type RecordedStep =
+  | {
+    pipeline: GPUComputePipeline;
+    bindGroup: GPUBindGroup;
+    offsets: [number];
+    groups: [number, number, number];
+  }
+  | { copy: [GPUBuffer, number, GPUBuffer, number, number] };
+
+/** Work recorded by {@link WebGpuBackend.capture}: ready-made launches and their own uniform block. */
+export class GpuRecording implements Recording {
+  constructor(
+    readonly steps: readonly RecordedStep[],
+    /** Holds every launch's parameters, written once. */
+    readonly params: GPUBuffer | null,
+  ) {}
+
+  get dispatches(): number {
+    return this.steps.filter((step) => !("copy" in step)).length;
+  }
+}
+
+/** A launch seen while capturing, before its uniform block exists. */
+interface PendingLaunch {
+  program: Program;
+  words: Uint32Array;
+  storage: GPUBuffer[];
+  groups: [number, number, number];
+}
+
+/** What {@link WebGpuBackend.capture} has seen so far. */
+type CaptureLog = (PendingLaunch | { copy: [GPUBuffer, number, GPUBuffer, number, number] })[];
+
 /** Tuning knobs of {@link WebGpuBackend}; the defaults suit large GPUs. */
 export interface WebGpuOptions {
   /** Tokens per scan chunk; by default chosen so that ~`scanTargetThreads` threads run. */
@@ -99,9 +133,9 @@ const WRITABLE: Readonly<Record<string, readonly number[]>> = {
   argmax: [2],
   embed: [3],
   rmsnorm: [3],
-  gemv: [4],
-  gemv4: [4],
-  matmul: [4],
+  gemv: [4, 5, 6],
+  gemv4: [4, 5, 6],
+  matmul: [4, 5, 6],
   add: [2],
   conv: [4, 5],
   scan: [9, 10, 11, 12],
@@ -111,6 +145,7 @@ const CONV_SEQUENTIAL_MAX_LEN = 4;
 const CONV_MAX_KERNEL = 9;
 const SCAN_WG = 128;
 const SCAN_TILE = 16;
+const SCAN_LANES = 16; // states per thread in scan.wgsl
 
 /** One kernel: a shader, its entry point, its specialisation and the bindings it uses. */
 export class Program {
@@ -170,41 +205,66 @@ const PROGRAMS = {
   convUpdateState: new Program("conv", "update_state", [0, 1, 5]),
 };
 
-const LINEAR_BINDINGS = [0, 1, 2, 3, 4];
+const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6];
+const LINEAR_MAX_OUTPUTS = 3; // out, out2, out3 of linear_io.wgsl
 const linearPrograms = new Map<string, Program>();
 
-/** The linear kernel for `rows` rows of input and a weight stored as f16 or f32. */
-function linearProgram(rows: number, inDim: number, half: boolean): Program {
-  // vec4 loads need rows of whole vec4s; other widths take the scalar kernel.
-  const shader = rows > GEMV_MAX_ROWS ? "matmul" : inDim % 4 === 0 ? "gemv4" : "gemv";
-  const specialised = shader === "gemv4" ? rows : 0;
-  const key = `${shader}${specialised}${half ? "h" : "f"}`;
+/**
+ * Widest output that the split-K `skinny` entry point of matmul.wgsl takes: on
+ * an H100 it beats the tiled kernel 3 to 10 times up to 128 (x_proj's 16, 48, 80).
+ */
+const SKINNY_MAX_OUT = 128;
+
+/** The linear kernel for `rows` rows of input, `outDim` outputs and a weight stored as f16 or f32. */
+function linearProgram(rows: number, inDim: number, outDim: number, half: boolean): Program {
+  // vec4 loads need rows of whole vec4s; other widths take scalar loads.
+  const vec4 = inDim % 4 === 0;
+  let shader = "matmul", entry = "main", constants: Record<string, number> = {};
+  if (rows <= GEMV_MAX_ROWS) {
+    shader = vec4 ? "gemv4" : "gemv";
+    if (vec4) constants = { ROWS: rows };
+  } else if (vec4 && outDim <= SKINNY_MAX_OUT) {
+    // More threads per 4×4 block of out when there are few blocks.
+    const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
+    entry = "skinny";
+    constants = { LANES: blocks < 2048 ? 32 : 16 };
+  } else if (Math.ceil(rows / 128) * Math.ceil(outDim / 64) < 256) {
+    // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768):
+    // 64×64 tiles with k split over two thread groups have 4 times the threads.
+    constants = { TM: 64, TN: 64, KSPLIT: 2, VEC4: vec4 ? 1 : 0 };
+  } else {
+    constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
+  }
+  const key = `${shader}:${entry}:${JSON.stringify(constants)}${half ? "h" : "f"}`;
   let program = linearPrograms.get(key);
   if (!program) {
     const preludes = ["linear_io", half ? "weight_f16" : "weight_f32"];
-    const constants: Record<string, number> = shader === "gemv4" ? { ROWS: rows } : {};
-    program = new Program(shader, "main", LINEAR_BINDINGS, constants, preludes);
+    program = new Program(shader, entry, LINEAR_BINDINGS, constants, preludes);
     linearPrograms.set(key, program);
   }
   return program;
 }
 
-const scanPrograms = new Map<number, { chunkState: Program; carry: Program; output: Program }>();
-
-/** The three passes of the chunked scan for a state size. */
-function scanProgram(dState: number) {
-  let programs = scanPrograms.get(dState);
-  if (!programs) {
-    const constants = { DSTATE: dState, WG: SCAN_WG, TT: SCAN_TILE };
-    programs = {
-      chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 8, 11, 12], constants),
-      carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
-      output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
-    };
-    scanPrograms.set(dState, programs);
+/** The workgroup grid of a linear program for `rows` rows and `outDim` outputs. */
+function linearGroups(program: Program, rows: number, outDim: number): [number, number, number] {
+  const { TM, TN, LANES } = program.constants;
+  if (program.shader !== "matmul") return grid(Math.ceil(outDim / 8));
+  if (program.entry === "skinny") {
+    // 4×4 blocks of out, 256 / LANES per workgroup.
+    return grid(Math.ceil((Math.ceil(rows / 4) * Math.ceil(outDim / 4) * LANES) / 256));
   }
-  return programs;
+  return [Math.ceil(outDim / TN), Math.ceil(rows / TM), 1];
 }
+
+/** The three passes of the chunked scan. */
+const SCAN_PROGRAMS = (() => {
+  const constants = { WG: SCAN_WG, TT: SCAN_TILE };
+  return {
+    chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 5, 8, 11, 12], constants),
+    carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
+    output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
+  };
+})();
 
 /**
  * Storage buffers by exact byte size. A buffer released while commands that use
@@ -288,7 +348,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly #ids = new WeakMap<GPUBuffer, number>();
   #nextId = 0;
   readonly #dummy: GPUBuffer; // stands for absent read-only inputs
-  readonly #dummyOut: GPUBuffer; // stands for unused read-write scratch
+  readonly #dummyOut: GPUBuffer; // stands for unused read-write scratch or outputs
+  readonly #dummyOut2: GPUBuffer; // a second one: writable bindings must not alias
   #encoder: GPUCommandEncoder | null = null;
   #pass: GPUComputePassEncoder | null = null;
   readonly #paramBuffers: GPUBuffer[] = [];
@@ -298,6 +359,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly #paramWords: Uint32Array<ArrayBuffer>[] = [];
   readonly #paramFloats: Float32Array<ArrayBuffer>[] = [];
   #paramSlots = 0;
+  /** Launches and copies of a {@link capture} in progress, else null. */
+  #capturing: CaptureLog | null = null;
   #error: unknown = null;
   #disposed = false;
 
@@ -309,6 +372,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#pool = new BufferPool(device);
     this.#dummy = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     this.#dummyOut = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
+    this.#dummyOut2 = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     device.addEventListener("uncapturederror", (event) => {
       this.#error ??= (event as GPUUncapturedErrorEvent).error;
     });
@@ -396,6 +460,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   zeros(length: number): GpuBuffer {
+    this.#notCapturing("Allocating a buffer");
     const bytes = byteSize(length);
     this.#checkSize(bytes);
     const buffer = this.#pool.acquire(bytes, false);
@@ -404,12 +469,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   write(buf: GpuBuffer, data: Float32Array, offset = 0): void {
+    this.#notCapturing("A write from the host");
     if (offset + data.length > buf.length) throw new RangeError("write past the end of the buffer");
     this.flush(); // recorded work that uses `buf` must run before the write
     this.device.queue.writeBuffer(buf.buffer, offset * 4, unshared(data));
   }
 
   async read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    this.#notCapturing("A read to the host");
     if (offset < 0 || length < 0 || offset + length > buf.length) {
       throw new RangeError(
         `read of [${offset}, ${offset + length}) from a buffer of ${buf.length}`,
@@ -444,6 +511,13 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (length <= 0) return;
     if (dstOffset + length > dst.length || srcOffset + length > src.length) {
       throw new RangeError("copy past the end of a buffer");
+    }
+    if (this.#capturing) {
+      if (dst.buffer === src.buffer) this.#notCapturing("A copy within one buffer");
+      this.#capturing.push({
+        copy: [src.buffer, srcOffset * 4, dst.buffer, dstOffset * 4, length * 4],
+      });
+      return;
     }
     const encoder = this.#commandEncoder();
     if (dst.buffer === src.buffer) {
@@ -489,6 +563,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   embed(out: GpuBuffer, table: GpuBuffer, ids: Int32Array, dim: number): void {
     if (ids.length === 0) return;
+    this.#notCapturing("An embedding of host ids");
     for (const { part, firstRow } of table.pieces()) {
       // Each part looks up its own rows; the others are marked SKIP (all ones).
       const rows = table.parts.length === 0 ? table.length / dim : table.rowsPerPart;
@@ -556,18 +631,68 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     rows: number,
     inDim: number,
     outDim: number,
+    accumulate = false,
   ): void {
-    const [input, done] = this.#unaliased(x, rows * inDim, out);
-    const program = linearProgram(rows, inDim, weight.half);
+    this.#linear([out], [outDim], x, weight, bias, rows, inDim, accumulate);
+  }
+
+  linearSplit(
+    outs: readonly GpuBuffer[],
+    widths: readonly number[],
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+  ): void {
+    if (outs.length > LINEAR_MAX_OUTPUTS) {
+      throw new RangeError(`linearSplit takes up to ${LINEAR_MAX_OUTPUTS} outputs`);
+    }
+    this.#linear(outs, widths, x, weight, bias, rows, inDim, false);
+  }
+
+  /**
+   * outs get consecutive column blocks of `widths`; a weight split by rows
+   * runs one dispatch per part, each writing its columns wherever they go.
+   */
+  #linear(
+    outs: readonly GpuBuffer[],
+    widths: readonly number[],
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+    accumulate: boolean,
+  ): void {
+    const outDim = widths.reduce((sum, width) => sum + width, 0);
+    const [input, done] = this.#unaliased(x, rows * inDim, ...outs);
+    const program = linearProgram(rows, inDim, outDim, weight.half);
+    const split1 = widths.length > 1 ? widths[0] : outDim;
+    const split2 = widths.length > 2 ? widths[0] + widths[1] : outDim;
     // A split weight computes its block of output columns per part.
     for (const { part, firstRow } of weight.pieces()) {
       const partDim = Math.min(part.length / inDim, outDim - firstRow);
-      const bindings = { 1: input, 2: part.buffer, 3: bias?.buffer ?? this.#dummy, 4: out.buffer };
-      const params = [rows, inDim, partDim, bias ? 1 : 0, outDim, firstRow];
-      const groups: [number, number, number] = rows <= GEMV_MAX_ROWS
-        ? grid(Math.ceil(partDim / 8))
-        : [Math.ceil(partDim / 64), Math.ceil(rows / 64), 1];
-      this.#run(program, params, [], bindings, groups);
+      const bindings = {
+        1: input,
+        2: part.buffer,
+        3: bias?.buffer ?? this.#dummy,
+        4: outs[0].buffer,
+        5: outs[1]?.buffer ?? this.#dummyOut,
+        6: outs[2]?.buffer ?? this.#dummyOut2,
+      };
+      const params = [
+        rows,
+        inDim,
+        partDim,
+        bias ? 1 : 0,
+        outDim,
+        firstRow,
+        split1,
+        split2,
+        accumulate ? 1 : 0,
+      ];
+      this.#run(program, params, [], bindings, linearGroups(program, rows, partDim));
     }
     done();
   }
@@ -635,10 +760,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const chunkLen = this.scanChunkLen(batch, dim, len);
     const nChunks = Math.ceil(len / chunkLen);
     const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
-    const params = [len, dim, batch, chunkLen, nChunks, flags];
-    const programs = scanProgram(dState);
+    // The kernels hold 16 states per thread; larger state sizes run group by group.
+    const nGroups = Math.ceil(dState / SCAN_LANES);
+    if (nChunks > 1) this.#notCapturing("A scan over several chunks");
     const hbuf = nChunks > 1
-      ? this.#pool.acquire(byteSize(batch * nChunks * dim * dState), false)
+      ? this.#pool.acquire(byteSize(batch * nChunks * dim * SCAN_LANES), false)
       : null;
     const dtsum = nChunks > 1 ? this.#pool.acquire(byteSize(batch * nChunks * dim), false) : null;
     const bindings = {
@@ -656,29 +782,32 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       12: dtsum ?? this.#dummyOut,
     };
     const channelGroups = Math.ceil(dim / SCAN_WG);
-    if (nChunks > 1) {
+    for (let group = 0; group < nGroups; group++) {
+      const params = [len, dim, batch, chunkLen, nChunks, flags, dState, group, nGroups];
+      if (nChunks > 1) {
+        this.#run(
+          SCAN_PROGRAMS.chunkState,
+          params,
+          [],
+          bindings,
+          [channelGroups, nChunks - 1, batch],
+        );
+        this.#run(
+          SCAN_PROGRAMS.carry,
+          params,
+          [],
+          bindings,
+          grid(Math.ceil((batch * dim * 4) / 256)),
+        );
+      }
       this.#run(
-        programs.chunkState,
+        SCAN_PROGRAMS.output,
         params,
         [],
         bindings,
-        [channelGroups, nChunks - 1, batch],
-      );
-      this.#run(
-        programs.carry,
-        params,
-        [],
-        bindings,
-        grid(Math.ceil((batch * dim * dState) / 256)),
+        [channelGroups, nChunks, batch],
       );
     }
-    this.#run(
-      programs.output,
-      params,
-      [],
-      bindings,
-      [channelGroups, nChunks, batch],
-    );
     if (hbuf) this.#pool.release(hbuf);
     if (dtsum) this.#pool.release(dtsum);
   }
@@ -697,6 +826,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   /** Submits the recorded work (no wait). */
   flush(): void {
+    this.#notCapturing("A submission");
     if (!this.#encoder) return;
     if (this.#pass) {
       this.#pass.end();
@@ -774,6 +904,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   /** `x`'s buffer, or a copy of its first `length` floats when `x` is also an output. */
   #unaliased(x: GpuBuffer, length: number, ...outputs: GpuBuffer[]): [GPUBuffer, () => void] {
     if (!outputs.some((o) => o.buffer === x.buffer)) return [x.buffer, () => {}];
+    this.#notCapturing("An operation whose input is also its output");
     const tmp = this.#pool.acquire(byteSize(length), false);
     this.#commandEncoder().copyBufferToBuffer(x.buffer, 0, tmp, 0, length * 4);
     return [tmp, () => this.#pool.release(tmp)];
@@ -864,12 +995,27 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (groups.some((g) => g > MAX_GROUPS)) {
       throw new RangeError(`${program.key}: ${groups.join("×")} workgroups exceed ${MAX_GROUPS}`);
     }
+    const storage = program.bindings.filter((b) => b !== 0).map((b) => buffers[b]);
+    if (this.#capturing) {
+      const words = new Uint32Array(PARAM_SLOT / 4);
+      words.set(u32s);
+      new Float32Array(words.buffer).set(f32s, u32s.length);
+      this.#capturing.push({ program, words, storage, groups });
+      return;
+    }
     const pipeline = this.#pipeline(program);
     const pass = this.#computePass();
     const params = this.#params(u32s, f32s);
-    const resources = program.bindings.map((b) => b === 0 ? params.buffer : buffers[b]);
-    let key = program.layoutKey;
-    for (const resource of resources) key += `|${this.#id(resource)}`;
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, this.#bindGroup(program, params.buffer, storage), [params.offset]);
+    pass.dispatchWorkgroups(...groups);
+    this.dispatches++;
+  }
+
+  /** The bind group of `program` over a uniform arena buffer and its storage buffers, cached. */
+  #bindGroup(program: Program, params: GPUBuffer, storage: GPUBuffer[]): GPUBindGroup {
+    let key = `${program.layoutKey}|${this.#id(params)}`;
+    for (const buffer of storage) key += `|${this.#id(buffer)}`;
     let bindGroup = this.#bindGroups.get(key);
     if (!bindGroup) {
       if (this.#bindGroups.size >= MAX_BIND_GROUPS) this.#bindGroups.clear();
@@ -878,15 +1024,78 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         entries: program.bindings.map((binding, i) => ({
           binding,
           resource: binding === 0
-            ? { buffer: resources[i], offset: 0, size: PARAM_SLOT }
-            : { buffer: resources[i] },
+            ? { buffer: params, offset: 0, size: PARAM_SLOT }
+            : { buffer: storage[i - 1] },
         })),
       });
       this.#bindGroups.set(key, bindGroup);
     }
-    pass.setPipeline(pipeline);
-    pass.setBindGroup(0, bindGroup, [params.offset]);
-    pass.dispatchWorkgroups(...groups);
-    this.dispatches++;
+    return bindGroup;
+  }
+
+  // ---- recordings ---------------------------------------------------------------------------
+
+  /**
+   * Records the launches and copies `ops` issues without running them; see
+   * {@link Backend.capture}. A replay then costs three calls per launch, with
+   * no parameter packing, bind group lookup or uniform upload.
+   */
+  capture(ops: () => void): GpuRecording {
+    if (this.#capturing) throw new Error("A capture is already in progress");
+    const log: CaptureLog = this.#capturing = [];
+    try {
+      ops();
+    } finally {
+      this.#capturing = null;
+    }
+    const launches = log.filter((entry): entry is PendingLaunch => !("copy" in entry));
+    let params: GPUBuffer | null = null;
+    if (launches.length > 0) {
+      const words = new Uint32Array(launches.length * PARAM_SLOT / 4);
+      launches.forEach((launch, i) => words.set(launch.words, i * PARAM_SLOT / 4));
+      params = this.device.createBuffer({
+        size: words.byteLength,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+      });
+      this.device.queue.writeBuffer(params, 0, words);
+    }
+    let slot = 0;
+    const steps = log.map((entry): RecordedStep => {
+      if ("copy" in entry) return entry;
+      return {
+        pipeline: this.#pipeline(entry.program),
+        bindGroup: this.#bindGroup(entry.program, params!, entry.storage),
+        offsets: [slot++ * PARAM_SLOT],
+        groups: entry.groups,
+      };
+    });
+    return new GpuRecording(steps, params);
+  }
+
+  replay(recording: GpuRecording): void {
+    let pipeline: GPUComputePipeline | null = null;
+    for (const step of recording.steps) {
+      if ("copy" in step) {
+        this.#commandEncoder().copyBufferToBuffer(...step.copy);
+        pipeline = null;
+        continue;
+      }
+      const pass = this.#computePass();
+      if (step.pipeline !== pipeline) pass.setPipeline(pipeline = step.pipeline);
+      pass.setBindGroup(0, step.bindGroup, step.offsets);
+      pass.dispatchWorkgroups(...step.groups);
+      this.dispatches++;
+    }
+  }
+
+  releaseRecording(recording: GpuRecording): void {
+    recording.params?.destroy();
+  }
+
+  /** Fails for what a recording cannot hold: host transfers and temporary buffers. */
+  #notCapturing(what: string): void {
+    if (this.#capturing) {
+      throw new Error(`${what} cannot be recorded by capture()`);
+    }
   }
 }

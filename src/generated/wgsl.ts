@@ -304,13 +304,9 @@ fn main(
     workgroupBarrier();
   }
   if (lane == 0u && o < p.outDim) {
-    var b = 0.0;
-    if (p.hasBias != 0u) {
-      b = bias[p.colOffset + o];
-    }
     for (var r = 0u; r < MAXROWS; r++) {
       if (r < p.rows) {
-        out[r * p.outStride + p.colOffset + o] = red[r * 256u + li] + b;
+        storeOut(r, o, red[r * 256u + li]);
       }
     }
   }
@@ -371,30 +367,32 @@ fn main(
     workgroupBarrier();
   }
   if (lane == 0u && o < p.outDim) {
-    var b = 0.0;
-    if (p.hasBias != 0u) {
-      b = bias[p.colOffset + o];
-    }
     let sums = red[li];
-    let col = p.colOffset + o;
-    out[col] = sums.x + b;
+    storeOut(0u, o, sums.x);
     if (ROWS > 1u) {
-      out[p.outStride + col] = sums.y + b;
+      storeOut(1u, o, sums.y);
     }
     if (ROWS > 2u) {
-      out[2u * p.outStride + col] = sums.z + b;
+      storeOut(2u, o, sums.z);
     }
     if (ROWS > 3u) {
-      out[3u * p.outStride + col] = sums.w + b;
+      storeOut(3u, o, sums.w);
     }
   }
 }
 `,
-  linear_io: `// Parameters, bias and output of the linear kernels (gemv, gemv4, matmul),
+  linear_io: `// Parameters, bias and outputs of the linear kernels (gemv, gemv4, matmul),
 // prepended to them: out [rows, outDim] = x [rows, inDim] · weightᵀ + bias.
+//
+// The columns of the full product (outStride of them) may go to up to three
+// buffers: [0, split1) to out, [split1, split2) to out2, the rest to out3,
+// each a matrix of its own width (in_proj's x and z, x_proj's dt, B and C).
+// With one output, split1 = split2 = outStride. \`accumulate\` adds to out
+// instead of overwriting it (the residual connection).
+//
 // A weight matrix split by rows over several buffers (too large for one
-// binding) runs once per part: outDim is then the part's rows, written to
-// columns colOffset.. of output rows of outStride floats.
+// binding) runs once per part: outDim is then the part's rows, which are the
+// columns colOffset.. of the full product.
 struct Params {
   rows: u32,
   inDim: u32,
@@ -402,93 +400,447 @@ struct Params {
   hasBias: u32,
   outStride: u32,
   colOffset: u32,
+  split1: u32,
+  split2: u32,
+  accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out3: array<f32>;
+
+// Stores the product at row r, column c of this dispatch (c < outDim): bias
+// added, then written to the output that holds the column.
+fn storeOut(r: u32, c: u32, sum: f32) {
+  let g = p.colOffset + c;
+  var v = sum;
+  if (p.hasBias != 0u) {
+    v += bias[g];
+  }
+  if (g < p.split1) {
+    let i = r * p.split1 + g;
+    if (p.accumulate != 0u) {
+      v += out[i];
+    }
+    out[i] = v;
+  } else if (g < p.split2) {
+    out2[r * (p.split2 - p.split1) + g - p.split1] = v;
+  } else {
+    out3[r * (p.outStride - p.split2) + g - p.split2] = v;
+  }
+}
 `,
-  matmul: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim].
-// Tiled: a 16×16 workgroup computes a 64×64 tile of out, 4×4 values per thread
-// (rows ty + 16i, columns tx + 16j, so neighbouring threads touch neighbouring
-// columns), staging 64×BK slices of x and weight in workgroup memory.
-// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
-// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
+  matmul: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim]:
+// the linear layers of prefill (rows > 4). Two entry points; the backend picks
+// one and its constants by shape (linearProgram in src/backends/webgpu.ts).
+//
+// main: a register-blocked SGEMM. A workgroup computes a TM×TN tile of out,
+// each thread an 8×8 block in 16 named vec4 accumulators: rows 4ty..4ty+3 and
+// TM/2+4ty.., columns 4tx..4tx+3 and TN/2+4tx... Per k, a thread reads 2 vec4s
+// of x and 2 of weight from workgroup memory for 64 FMAs (the old 4×4 blocks
+// read 8 scalars for 16). The k loop runs over slices of BK = 8, staged
+// transposed (k-major, so those reads are vec4s) in two buffers: the next slice
+// is fetched from global memory into registers before the current one is used
+// and stored after it, so the fetch latency hides behind the math and one
+// barrier per slice suffices. With inDim % 4 == 0 (VEC4 = 1) the fetches are
+// vec4s, else bounds-checked scalars. 2 · 8 · (TM + TN) floats stay within the
+// 16 KiB that any WebGPU device allows. Large outputs take 128×64 tiles (128
+// threads; 128×128 measured about as fast). 8×8 blocks leave few threads on
+// smaller outputs (512 × 1536 is 96 such tiles for 132 SMs), so there the
+// backend takes 64×64 tiles with KSPLIT = 2: two groups of threads take the
+// first and last 4 k of each slice, and the second hands its sums to the first
+// at the end (TN = 64 only, for the hand-over to fit in xs).
+//
+// skinny: outDim ≤ 128 (x_proj's 16 and 48 columns) gives main a handful of
+// tiles with a long k loop each, so each output is split over LANES threads
+// along K instead: a thread computes a 4×4 block of out over every LANES-th vec4
+// of K, straight from global memory (the weight is small and stays in cache),
+// then the lanes' partial sums meet in workgroup memory. Needs inDim % 4 == 0.
+//
+// Accumulators are module-scope private vec4s, updated by small functions
+// called with constant arguments: a private array indexed in a loop (or a k
+// loop that the driver does not unroll) would land in slow local memory.
+// Prepended by the backend: linear_io.wgsl (parameters, bias, outputs and
+// storeOut) and weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const BK: u32 = 16u;
+const TM: u32 = 128u; // rows of out per workgroup of main (64 or 128)
+const TN: u32 = 64u; // columns of out per workgroup of main (64 or 128)
+const KSPLIT: u32 = 1u; // thread groups per tile of main, 1 or 2 (with TN = 64)
+const VEC4: u32 = 1u; // 1 when inDim % 4 == 0: rows of x and weight read as vec4s
+const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (4 to 64)
+const BK: u32 = 8u; // k per slice: main's step() calls are written out
+const BLOCKS: u32 = TM * TN / 64u; // threads per group of main
+const THREADS: u32 = KSPLIT * BLOCKS;
 
-var<workgroup> xs: array<f32, 1024>; // [BK][TM]
-var<workgroup> ws: array<f32, 1024>; // [BK][TN]
+// [2][BK][TM] and [2][BK][TN] floats: transposed slices of x and weight.
+var<workgroup> xs: array<vec4<f32>, 2u * BK * TM / 4u>;
+var<workgroup> ws: array<vec4<f32>, 2u * BK * TN / 4u>;
+// skinny's partial sums: 4 vec4s per thread (a pipeline counts only the
+// workgroup memory that its entry point uses).
+var<workgroup> red: array<vec4<f32>, 1024>;
 
-// Writes out[r, c + 16j] = v[j] (+ bias) for the columns in range.
-fn store(r: u32, c: u32, v: vec4<f32>) {
+// Row i (0..7) of the thread's block is acc<i>a (its first 4 columns) and
+// acc<i>b (its last 4); skinny uses them differently (see skinnyStep).
+var<private> acc0a: vec4<f32>;
+var<private> acc0b: vec4<f32>;
+var<private> acc1a: vec4<f32>;
+var<private> acc1b: vec4<f32>;
+var<private> acc2a: vec4<f32>;
+var<private> acc2b: vec4<f32>;
+var<private> acc3a: vec4<f32>;
+var<private> acc3b: vec4<f32>;
+var<private> acc4a: vec4<f32>;
+var<private> acc4b: vec4<f32>;
+var<private> acc5a: vec4<f32>;
+var<private> acc5b: vec4<f32>;
+var<private> acc6a: vec4<f32>;
+var<private> acc6b: vec4<f32>;
+var<private> acc7a: vec4<f32>;
+var<private> acc7b: vec4<f32>;
+
+// x[r, k], 0 past the end of the row.
+fn xAt(r: u32, k: u32) -> f32 {
+  if (k >= p.inDim) {
+    return 0.0;
+  }
+  let i = r * p.inDim + k;
+  return x[i / 4u][i % 4u];
+}
+
+// weight[c, k], 0 past the end of the row.
+fn wAt(c: u32, k: u32) -> f32 {
+  if (k >= p.inDim) {
+    return 0.0;
+  }
+  return weightAt(c * p.inDim + k);
+}
+
+// A slice of x is 2·TM vec4s: element e is row e / 2, k 4·(e % 2), so pairs of
+// threads read 32 contiguous bytes. Elements past it (e ≥ 2·TM, where threads
+// outnumber them) fetch and stash nothing. Likewise fetchW over TN columns.
+fn fetchX(e: u32, row0: u32, k0: u32) -> vec4<f32> {
+  let r = row0 + e / 2u;
+  let k = k0 + 4u * (e % 2u);
+  if (e >= 2u * TM || r >= p.rows) {
+    return vec4<f32>(0.0);
+  }
+  if (VEC4 == 1u) {
+    if (k >= p.inDim) {
+      return vec4<f32>(0.0);
+    }
+    return x[(r * p.inDim + k) / 4u];
+  }
+  return vec4<f32>(xAt(r, k), xAt(r, k + 1u), xAt(r, k + 2u), xAt(r, k + 3u));
+}
+
+fn fetchW(e: u32, col0: u32, k0: u32) -> vec4<f32> {
+  let c = col0 + e / 2u;
+  let k = k0 + 4u * (e % 2u);
+  if (e >= 2u * TN || c >= p.outDim) {
+    return vec4<f32>(0.0);
+  }
+  if (VEC4 == 1u) {
+    if (k >= p.inDim) {
+      return vec4<f32>(0.0);
+    }
+    return weight4At((c * p.inDim + k) / 4u);
+  }
+  return vec4<f32>(wAt(c, k), wAt(c, k + 1u), wAt(c, k + 2u), wAt(c, k + 3u));
+}
+
+// Stores fetchX's element e into buffer b of xs, transposed.
+fn stashX(b: u32, e: u32, v: vec4<f32>) {
+  if (e >= 2u * TM) {
+    return;
+  }
+  let i = (b * BK + 4u * (e % 2u)) * TM + e / 2u; // float index of [b][k][m]
+  xs[i / 4u][i % 4u] = v.x;
+  xs[(i + TM) / 4u][i % 4u] = v.y;
+  xs[(i + 2u * TM) / 4u][i % 4u] = v.z;
+  xs[(i + 3u * TM) / 4u][i % 4u] = v.w;
+}
+
+fn stashW(b: u32, e: u32, v: vec4<f32>) {
+  if (e >= 2u * TN) {
+    return;
+  }
+  let i = (b * BK + 4u * (e % 2u)) * TN + e / 2u;
+  ws[i / 4u][i % 4u] = v.x;
+  ws[(i + TN) / 4u][i % 4u] = v.y;
+  ws[(i + 2u * TN) / 4u][i % 4u] = v.z;
+  ws[(i + 3u * TN) / 4u][i % 4u] = v.w;
+}
+
+// One k of main: the outer product of the thread's 8 rows and 8 columns.
+fn step(xi: u32, wi: u32) {
+  let a = xs[xi];
+  let a2 = xs[xi + TM / 8u];
+  let b = ws[wi];
+  let b2 = ws[wi + TN / 8u];
+  acc0a = fma(vec4<f32>(a.x), b, acc0a);
+  acc0b = fma(vec4<f32>(a.x), b2, acc0b);
+  acc1a = fma(vec4<f32>(a.y), b, acc1a);
+  acc1b = fma(vec4<f32>(a.y), b2, acc1b);
+  acc2a = fma(vec4<f32>(a.z), b, acc2a);
+  acc2b = fma(vec4<f32>(a.z), b2, acc2b);
+  acc3a = fma(vec4<f32>(a.w), b, acc3a);
+  acc3b = fma(vec4<f32>(a.w), b2, acc3b);
+  acc4a = fma(vec4<f32>(a2.x), b, acc4a);
+  acc4b = fma(vec4<f32>(a2.x), b2, acc4b);
+  acc5a = fma(vec4<f32>(a2.y), b, acc5a);
+  acc5b = fma(vec4<f32>(a2.y), b2, acc5b);
+  acc6a = fma(vec4<f32>(a2.z), b, acc6a);
+  acc6b = fma(vec4<f32>(a2.z), b2, acc6b);
+  acc7a = fma(vec4<f32>(a2.w), b, acc7a);
+  acc7b = fma(vec4<f32>(a2.w), b2, acc7b);
+}
+
+// out[r, c..c+3] = v (+ bias, to whichever output holds the column: storeOut
+// of linear_io.wgsl), the rows and columns in range.
+fn put(r: u32, c: u32, v: vec4<f32>) {
   if (r >= p.rows) {
     return;
   }
-  for (var j = 0u; j < 4u; j++) {
-    let col = c + 16u * j;
-    if (col < p.outDim) {
-      var value = v[j];
-      if (p.hasBias != 0u) {
-        value += bias[p.colOffset + col];
-      }
-      out[r * p.outStride + p.colOffset + col] = value;
-    }
+  if (c < p.outDim) {
+    storeOut(r, c, v.x);
+  }
+  if (c + 1u < p.outDim) {
+    storeOut(r, c + 1u, v.y);
+  }
+  if (c + 2u < p.outDim) {
+    storeOut(r, c + 2u, v.z);
+  }
+  if (c + 3u < p.outDim) {
+    storeOut(r, c + 3u, v.w);
   }
 }
 
-@compute @workgroup_size(16, 16)
+// KSPLIT = 2: group 1 adds four of its accumulators to group 0's, through xs.
+fn handOver(g: u32, lt: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) {
+  workgroupBarrier();
+  if (g == 1u) {
+    xs[4u * lt] = a;
+    xs[4u * lt + 1u] = b;
+    xs[4u * lt + 2u] = c;
+    xs[4u * lt + 3u] = d;
+  }
+  workgroupBarrier();
+}
+
+@compute @workgroup_size(THREADS)
 fn main(
   @builtin(workgroup_id) wg: vec3u,
-  @builtin(local_invocation_id) lid: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
   let row0 = wg.y * TM;
   let col0 = wg.x * TN;
-  let K = p.inDim;
-  // Row i of the thread's 4×4 block is acc<i>; column j is component j.
-  var acc0 = vec4<f32>(0.0);
-  var acc1 = vec4<f32>(0.0);
-  var acc2 = vec4<f32>(0.0);
-  var acc3 = vec4<f32>(0.0);
-  for (var k0 = 0u; k0 < K; k0 += BK) {
-    for (var j = 0u; j < 4u; j++) {
-      let e = li + j * 256u;
-      let r = e / BK;
-      let kk = e % BK;
-      let gk = k0 + kk;
-      var xv = 0.0;
-      if (row0 + r < p.rows && gk < K) {
-        xv = x[(row0 + r) * K + gk];
+  let g = li / BLOCKS; // group: k 4g..4g+3 of each slice when KSPLIT = 2
+  let lt = li % BLOCKS;
+  let tx = lt % (TN / 8u);
+  let ty = lt / (TN / 8u);
+  // Slice elements: 2·TM vec4s of x and 2·TN of weight, li and li + THREADS.
+  let twoX = 2u * TM > THREADS;
+  let twoW = 2u * TN > THREADS;
+  var xv = fetchX(li, row0, 0u);
+  var xv2 = vec4<f32>(0.0);
+  var wv = fetchW(li, col0, 0u);
+  var wv2 = vec4<f32>(0.0);
+  if (twoX) {
+    xv2 = fetchX(li + THREADS, row0, 0u);
+  }
+  if (twoW) {
+    wv2 = fetchW(li + THREADS, col0, 0u);
+  }
+  stashX(0u, li, xv);
+  stashW(0u, li, wv);
+  if (twoX) {
+    stashX(0u, li + THREADS, xv2);
+  }
+  if (twoW) {
+    stashW(0u, li + THREADS, wv2);
+  }
+  workgroupBarrier();
+  let slices = (p.inDim + BK - 1u) / BK;
+  for (var s = 0u; s < slices; s++) {
+    let b = s % 2u;
+    let more = s + 1u < slices;
+    if (more) {
+      let k0 = (s + 1u) * BK;
+      xv = fetchX(li, row0, k0);
+      wv = fetchW(li, col0, k0);
+      if (twoX) {
+        xv2 = fetchX(li + THREADS, row0, k0);
       }
-      xs[kk * TM + r] = xv;
-      var wv = 0.0;
-      if (col0 + r < p.outDim && gk < K) {
-        wv = weightAt((col0 + r) * K + gk);
+      if (twoW) {
+        wv2 = fetchW(li + THREADS, col0, k0);
       }
-      ws[kk * TN + r] = wv;
     }
-    workgroupBarrier();
-    for (var kk = 0u; kk < BK; kk++) {
-      let xb = kk * TM + lid.y;
-      let wb = kk * TN + lid.x;
-      let a = vec4<f32>(xs[xb], xs[xb + 16u], xs[xb + 32u], xs[xb + 48u]);
-      let b = vec4<f32>(ws[wb], ws[wb + 16u], ws[wb + 32u], ws[wb + 48u]);
-      acc0 = fma(vec4<f32>(a.x), b, acc0);
-      acc1 = fma(vec4<f32>(a.y), b, acc1);
-      acc2 = fma(vec4<f32>(a.z), b, acc2);
-      acc3 = fma(vec4<f32>(a.w), b, acc3);
+    let kk = b * BK + g * (BK / KSPLIT);
+    let xi = kk * TM / 4u + ty;
+    let wi = kk * TN / 4u + tx;
+    step(xi, wi);
+    step(xi + TM / 4u, wi + TN / 4u);
+    step(xi + 2u * TM / 4u, wi + 2u * TN / 4u);
+    step(xi + 3u * TM / 4u, wi + 3u * TN / 4u);
+    if (KSPLIT == 1u) {
+      step(xi + 4u * TM / 4u, wi + 4u * TN / 4u);
+      step(xi + 5u * TM / 4u, wi + 5u * TN / 4u);
+      step(xi + 6u * TM / 4u, wi + 6u * TN / 4u);
+      step(xi + 7u * TM / 4u, wi + 7u * TN / 4u);
+    }
+    if (more) {
+      // The other buffer was last read before the previous barrier.
+      stashX(1u - b, li, xv);
+      stashW(1u - b, li, wv);
+      if (twoX) {
+        stashX(1u - b, li + THREADS, xv2);
+      }
+      if (twoW) {
+        stashW(1u - b, li + THREADS, wv2);
+      }
     }
     workgroupBarrier();
   }
-  store(row0 + lid.y, col0 + lid.x, acc0);
-  store(row0 + lid.y + 16u, col0 + lid.x, acc1);
-  store(row0 + lid.y + 32u, col0 + lid.x, acc2);
-  store(row0 + lid.y + 48u, col0 + lid.x, acc3);
+  if (KSPLIT == 2u) {
+    // 4 · BLOCKS vec4s fit in xs when TN = 64.
+    let i = 4u * lt;
+    handOver(g, lt, acc0a, acc0b, acc1a, acc1b);
+    acc0a += xs[i];
+    acc0b += xs[i + 1u];
+    acc1a += xs[i + 2u];
+    acc1b += xs[i + 3u];
+    handOver(g, lt, acc2a, acc2b, acc3a, acc3b);
+    acc2a += xs[i];
+    acc2b += xs[i + 1u];
+    acc3a += xs[i + 2u];
+    acc3b += xs[i + 3u];
+    handOver(g, lt, acc4a, acc4b, acc5a, acc5b);
+    acc4a += xs[i];
+    acc4b += xs[i + 1u];
+    acc5a += xs[i + 2u];
+    acc5b += xs[i + 3u];
+    handOver(g, lt, acc6a, acc6b, acc7a, acc7b);
+    acc6a += xs[i];
+    acc6b += xs[i + 1u];
+    acc7a += xs[i + 2u];
+    acc7b += xs[i + 3u];
+    if (g == 1u) {
+      return;
+    }
+  }
+  let r = row0 + 4u * ty;
+  let r2 = r + TM / 2u;
+  let c = col0 + 4u * tx;
+  let c2 = c + TN / 2u;
+  put(r, c, acc0a);
+  put(r, c2, acc0b);
+  put(r + 1u, c, acc1a);
+  put(r + 1u, c2, acc1b);
+  put(r + 2u, c, acc2a);
+  put(r + 2u, c2, acc2b);
+  put(r + 3u, c, acc3a);
+  put(r + 3u, c2, acc3b);
+  put(r2, c, acc4a);
+  put(r2, c2, acc4b);
+  put(r2 + 1u, c, acc5a);
+  put(r2 + 1u, c2, acc5b);
+  put(r2 + 2u, c, acc6a);
+  put(r2 + 2u, c2, acc6b);
+  put(r2 + 3u, c, acc7a);
+  put(r2 + 3u, c2, acc7b);
+}
+
+// One vec4 of K for skinny: the 16 (row i, column j) pairs of its 4×4 block,
+// in the order acc0a, acc0b, acc1a, ..., acc7b (row-major), accumulate the
+// componentwise products of x row i and weight row j, summed at the end.
+fn skinnyStep(
+  x0: vec4<f32>,
+  x1: vec4<f32>,
+  x2: vec4<f32>,
+  x3: vec4<f32>,
+  w0: vec4<f32>,
+  w1: vec4<f32>,
+  w2: vec4<f32>,
+  w3: vec4<f32>,
+) {
+  acc0a = fma(x0, w0, acc0a);
+  acc0b = fma(x0, w1, acc0b);
+  acc1a = fma(x0, w2, acc1a);
+  acc1b = fma(x0, w3, acc1b);
+  acc2a = fma(x1, w0, acc2a);
+  acc2b = fma(x1, w1, acc2b);
+  acc3a = fma(x1, w2, acc3a);
+  acc3b = fma(x1, w3, acc3b);
+  acc4a = fma(x2, w0, acc4a);
+  acc4b = fma(x2, w1, acc4b);
+  acc5a = fma(x2, w2, acc5a);
+  acc5b = fma(x2, w3, acc5b);
+  acc6a = fma(x3, w0, acc6a);
+  acc6b = fma(x3, w1, acc6b);
+  acc7a = fma(x3, w2, acc7a);
+  acc7b = fma(x3, w3, acc7b);
+}
+
+fn sum4(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) -> vec4<f32> {
+  let ones = vec4<f32>(1.0);
+  return vec4<f32>(dot(a, ones), dot(b, ones), dot(c, ones), dot(d, ones));
+}
+
+// Blocks of 4 rows × 4 columns, numbered column block first; 256 / LANES per
+// workgroup, on a grid of any shape (nwg.x · nwg.y workgroups).
+@compute @workgroup_size(256)
+fn skinny(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let lane = li % LANES;
+  let block = (wg.y * nwg.x + wg.x) * (256u / LANES) + li / LANES;
+  let colBlocks = (p.outDim + 3u) / 4u;
+  let r = 4u * (block / colBlocks);
+  let c = 4u * (block % colBlocks);
+  // Rows and columns past the end repeat the last one: computed, not stored.
+  let last = max(p.rows, 1u) - 1u;
+  let lastCol = max(p.outDim, 1u) - 1u;
+  let k4 = p.inDim / 4u;
+  let x0 = min(r, last) * k4;
+  let x1 = min(r + 1u, last) * k4;
+  let x2 = min(r + 2u, last) * k4;
+  let x3 = min(r + 3u, last) * k4;
+  let w0 = min(c, lastCol) * k4;
+  let w1 = min(c + 1u, lastCol) * k4;
+  let w2 = min(c + 2u, lastCol) * k4;
+  let w3 = min(c + 3u, lastCol) * k4;
+  for (var k = lane; k < k4; k += LANES) {
+    skinnyStep(
+      x[x0 + k],
+      x[x1 + k],
+      x[x2 + k],
+      x[x3 + k],
+      weight4At(w0 + k),
+      weight4At(w1 + k),
+      weight4At(w2 + k),
+      weight4At(w3 + k),
+    );
+  }
+  red[4u * li] = sum4(acc0a, acc0b, acc1a, acc1b);
+  red[4u * li + 1u] = sum4(acc2a, acc2b, acc3a, acc3b);
+  red[4u * li + 2u] = sum4(acc4a, acc4b, acc5a, acc5b);
+  red[4u * li + 3u] = sum4(acc6a, acc6b, acc7a, acc7b);
+  workgroupBarrier();
+  // Lane i < 4 sums block row i over the lanes.
+  if (lane < 4u) {
+    let first = li - lane;
+    var v = vec4<f32>(0.0);
+    for (var l = 0u; l < LANES; l++) {
+      v += red[4u * (first + l) + lane];
+    }
+    put(r + lane, c, v);
+  }
 }
 `,
   rmsnorm: `// out [rows, dim] = x / sqrt(mean(x²) + eps) * weight: one workgroup per row.
@@ -541,20 +893,28 @@ fn main(
 //   h    = exp(dt·A)·h + dt·u·B[t]                  per state n, h in registers
 //   y    = (C[t]·h + D·u) · silu(z)                 (D and z optional)
 //
-// Layouts: u, delta, z, y [batch, len, dim]; B, C [batch, len, N]; A [dim, N];
-// state [batch, dim, N]. One thread per channel; B and C are staged per tile of
-// TT tokens in workgroup memory, u, delta and z prefetched into registers.
+// Layouts: u, delta, z, y [batch, len, dim]; B, C [batch, len, nState];
+// A [dim, nState]; state [batch, dim, nState]. One thread per channel; B and C
+// are staged per tile of TT tokens in workgroup memory.
+//
+// A thread holds 16 states as four vec4s (a \`Lanes\`), never as an array: Naga
+// turns loops into while-loops that the GPU compiler does not unroll, and an
+// array indexed in such a loop lives in local memory (3-5× slower on an H100).
+// States are taken 16 at a time: \`group\` g covers states 16g … 16g+15, lanes
+// past nState are zero (A = 0 and B = 0 keep them at zero). For nState > 16 the
+// backend runs the passes once per group; the output pass of each group adds
+// its C·h to the previous groups' sum in y, and the last group applies D and z.
 //
 // A long sequence is cut into nChunks chunks of chunkLen tokens so that even one
 // sequence fills the GPU:
 // - \`chunk_state\` (chunks 0..nChunks-2): each chunk's end state from a zero start
 //   and its Σdt (the chunk's total decay is exp(A·Σdt));
-// - \`carry\`: one thread per (sequence, channel, n) walks the chunks, turning hbuf
-//   into each chunk's start state;
+// - \`carry\`: one thread per (sequence, channel, lane) walks the chunks, turning
+//   hbuf into each chunk's start state;
 // - \`output\`: every chunk again from its start state, writing y and (last chunk)
 //   the final state. With one chunk only \`output\` runs, starting from \`state\`.
 //
-// DSTATE (N), WG and TT are specialised per pipeline by the backend.
+// WG and TT are specialised per pipeline by the backend.
 struct Params {
   len: u32,
   dim: u32,
@@ -562,6 +922,9 @@ struct Params {
   chunkLen: u32,
   nChunks: u32,
   flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus
+  nState: u32,
+  group: u32,
+  nGroups: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -575,16 +938,50 @@ struct Params {
 @group(0) @binding(8) var<storage, read> deltaBias: array<f32>;
 @group(0) @binding(9) var<storage, read_write> y: array<f32>;
 @group(0) @binding(10) var<storage, read_write> state: array<f32>;
-@group(0) @binding(11) var<storage, read_write> hbuf: array<f32>; // [batch, nChunks, dim, N]
+@group(0) @binding(11) var<storage, read_write> hbuf: array<vec4<f32>>; // [batch, nChunks, dim, 4]
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
 
-const DSTATE: u32 = 16u;
 const WG: u32 = 128u;
 const TT: u32 = 16u;
 const LOG2E: f32 = 1.4426950408889634;
 
-var<workgroup> sB: array<f32, TT * DSTATE>;
-var<workgroup> sC: array<f32, TT * DSTATE>;
+/** 16 states (or their A, B or C) of one channel. */
+struct Lanes {
+  q0: vec4<f32>,
+  q1: vec4<f32>,
+  q2: vec4<f32>,
+  q3: vec4<f32>,
+}
+
+var<workgroup> sB: array<vec4<f32>, TT * 4u>; // [TT tokens][4 quads]
+var<workgroup> sC: array<vec4<f32>, TT * 4u>;
+
+/** What a thread of \`chunk_state\` or \`output\` works on. */
+struct Task {
+  d: u32, // channel
+  dd: u32, // channel clamped into range, for loads
+  inRange: bool,
+  b: u32, // sequence
+  c: u32, // chunk
+  t0: u32, // first token of the chunk
+  t1: u32, // one past its last
+  seq: u32, // row of the sequence's first token
+}
+
+fn task(wg: vec3u, li: u32) -> Task {
+  let d = wg.x * WG + li;
+  let t0 = wg.y * p.chunkLen;
+  return Task(
+    d,
+    min(d, p.dim - 1u),
+    d < p.dim,
+    wg.z,
+    wg.y,
+    t0,
+    min(t0 + p.chunkLen, p.len),
+    wg.z * p.len,
+  );
+}
 
 fn softplus(v: f32) -> f32 {
   if (v > 20.0) {
@@ -607,58 +1004,107 @@ fn stepSize(raw: f32, d: u32) -> f32 {
   return v;
 }
 
+/** Lanes 4q … 4q+3 of this group from a [rows, nState] matrix row, zero past nState. */
+fn quadOf(values: vec4<f32>, q: u32) -> vec4<f32> {
+  let n = p.group * 16u + q * 4u;
+  let valid = vec4<u32>(n, n + 1u, n + 2u, n + 3u) < vec4<u32>(p.nState);
+  return select(vec4<f32>(0.0), values, valid);
+}
+
+/** Index of state n of this group (clamped into the row) in a row of nState values. */
+fn lane(row: u32, n: u32) -> u32 {
+  return row * p.nState + min(p.group * 16u + n, p.nState - 1u);
+}
+
+fn stateQuad(row: u32, q: u32) -> vec4<f32> {
+  let n = q * 4u;
+  let v = vec4<f32>(
+    state[lane(row, n)],
+    state[lane(row, n + 1u)],
+    state[lane(row, n + 2u)],
+    state[lane(row, n + 3u)],
+  );
+  return quadOf(v, q);
+}
+
+fn aQuad(d: u32, q: u32) -> vec4<f32> {
+  let n = q * 4u;
+  let v = vec4<f32>(A[lane(d, n)], A[lane(d, n + 1u)], A[lane(d, n + 2u)], A[lane(d, n + 3u)]);
+  return quadOf(v, q) * LOG2E;
+}
+
+/** A·log2(e) of channel d: exp(dt·A) is then exp2(dt·a2). */
+fn decayRates(d: u32) -> Lanes {
+  return Lanes(aQuad(d, 0u), aQuad(d, 1u), aQuad(d, 2u), aQuad(d, 3u));
+}
+
+/** Stages B (and C when \`withC\`) of tokens [first, first + count) into workgroup memory. */
+fn stage(li: u32, first: u32, count: u32, withC: bool) {
+  for (var e = li; e < count * 4u; e += WG) {
+    let row = first + e / 4u;
+    let q = e % 4u;
+    let n = q * 4u;
+    let b = vec4<f32>(Bm[lane(row, n)], Bm[lane(row, n + 1u)], Bm[lane(row, n + 2u)], Bm[lane(row, n + 3u)]);
+    sB[e] = quadOf(b, q);
+    if (withC) {
+      let c = vec4<f32>(Cm[lane(row, n)], Cm[lane(row, n + 1u)], Cm[lane(row, n + 2u)], Cm[lane(row, n + 3u)]);
+      sC[e] = quadOf(c, q);
+    }
+  }
+}
+
+/** h ← exp2(dt·a2)·h + du·B for staged token k. */
+fn advance(h: Lanes, a2: Lanes, dt: f32, du: f32, k: u32) -> Lanes {
+  let s = k * 4u;
+  return Lanes(
+    fma(exp2(dt * a2.q0), h.q0, du * sB[s]),
+    fma(exp2(dt * a2.q1), h.q1, du * sB[s + 1u]),
+    fma(exp2(dt * a2.q2), h.q2, du * sB[s + 2u]),
+    fma(exp2(dt * a2.q3), h.q3, du * sB[s + 3u]),
+  );
+}
+
+/** C·h for staged token k. */
+fn readout(h: Lanes, k: u32) -> f32 {
+  let s = k * 4u;
+  return dot(h.q0, sC[s]) + dot(h.q1, sC[s + 1u]) + dot(h.q2, sC[s + 2u]) + dot(h.q3, sC[s + 3u]);
+}
+
 @compute @workgroup_size(WG)
 fn chunk_state(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let d = wg.x * WG + li;
-  let c = wg.y;
-  let b = wg.z;
-  let inRange = d < p.dim;
-  let dd = min(d, p.dim - 1u);
-  let t0 = c * p.chunkLen;
-  let t1 = min(t0 + p.chunkLen, p.len);
-  let seq = b * p.len;
-  var a2: array<f32, DSTATE>;
-  var h: array<f32, DSTATE>;
-  for (var n = 0u; n < DSTATE; n++) {
-    a2[n] = A[dd * DSTATE + n] * LOG2E;
-    h[n] = 0.0;
-  }
+  let w = task(wg, li);
+  let a2 = decayRates(w.dd);
+  var h = Lanes(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
   var dsum = 0.0;
-  for (var tt = t0; tt < t1; tt += TT) {
-    let count = min(TT, t1 - tt);
-    for (var e = li; e < count * DSTATE; e += WG) {
-      sB[e] = Bm[(seq + tt) * DSTATE + e];
-    }
-    var ut: array<f32, TT>;
-    var dtt: array<f32, TT>;
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let i = (seq + tt + k) * p.dim + dd;
-        ut[k] = u[i];
-        dtt[k] = delta[i];
-      }
-    }
+  for (var tt = w.t0; tt < w.t1; tt += TT) {
+    let count = min(TT, w.t1 - tt);
+    stage(li, w.seq + tt, count, false);
     workgroupBarrier();
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let dt = stepSize(dtt[k], dd);
-        dsum += dt;
-        let du = dt * ut[k];
-        for (var n = 0u; n < DSTATE; n++) {
-          h[n] = fma(exp2(dt * a2[n]), h[n], du * sB[k * DSTATE + n]);
-        }
-      }
+    // Each token's u and delta are loaded one token ahead, so that the
+    // memory latency overlaps the previous token's arithmetic.
+    var i = (w.seq + tt) * p.dim + w.dd;
+    var nextU = u[i];
+    var nextDelta = delta[i];
+    for (var k = 0u; k < count; k++) {
+      let ui = nextU;
+      let dt = stepSize(nextDelta, w.dd);
+      i = select(i, i + p.dim, k + 1u < count);
+      nextU = u[i];
+      nextDelta = delta[i];
+      dsum += dt;
+      h = advance(h, a2, dt, dt * ui, k);
     }
     workgroupBarrier();
   }
-  if (inRange) {
-    let base = ((b * p.nChunks + c) * p.dim + d);
-    for (var n = 0u; n < DSTATE; n++) {
-      hbuf[base * DSTATE + n] = h[n];
-    }
+  if (w.inRange) {
+    let base = (w.b * p.nChunks + w.c) * p.dim + w.d;
+    hbuf[base * 4u] = h.q0;
+    hbuf[base * 4u + 1u] = h.q1;
+    hbuf[base * 4u + 2u] = h.q2;
+    hbuf[base * 4u + 3u] = h.q3;
     dtsum[base] = dsum;
   }
 }
@@ -669,19 +1115,20 @@ fn carry(
   @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
+  // One thread per (sequence, channel, quad of lanes).
   let g = (wg.y * nwg.x + wg.x) * 256u + li;
-  if (g >= p.batch * p.dim * DSTATE) {
+  if (g >= p.batch * p.dim * 4u) {
     return;
   }
-  let n = g % DSTATE;
-  let bd = g / DSTATE;
+  let q = g % 4u;
+  let bd = g / 4u;
   let d = bd % p.dim;
   let b = bd / p.dim;
-  let a2 = A[d * DSTATE + n] * LOG2E;
-  var h = state[g];
+  let a2 = aQuad(d, q);
+  var h = stateQuad(bd, q);
   for (var c = 0u; c < p.nChunks; c++) {
     let base = (b * p.nChunks + c) * p.dim + d;
-    let idx = base * DSTATE + n;
+    let idx = base * 4u + q;
     if (c + 1u < p.nChunks) {
       let end = hbuf[idx];
       hbuf[idx] = h;
@@ -697,75 +1144,66 @@ fn output(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let d = wg.x * WG + li;
-  let c = wg.y;
-  let b = wg.z;
-  let inRange = d < p.dim;
-  let dd = min(d, p.dim - 1u);
-  let t0 = c * p.chunkLen;
-  let t1 = min(t0 + p.chunkLen, p.len);
-  let seq = b * p.len;
-  let hasD = (p.flags & 1u) != 0u;
+  let w = task(wg, li);
   let hasZ = (p.flags & 2u) != 0u;
-  var a2: array<f32, DSTATE>;
-  var h: array<f32, DSTATE>;
-  let sBase = (b * p.dim + dd) * DSTATE;
-  let hBase = ((b * p.nChunks + c) * p.dim + dd) * DSTATE;
-  for (var n = 0u; n < DSTATE; n++) {
-    a2[n] = A[dd * DSTATE + n] * LOG2E;
-    if (p.nChunks == 1u) {
-      h[n] = state[sBase + n];
-    } else {
-      h[n] = hbuf[hBase + n];
-    }
+  let first = p.group == 0u;
+  let last = p.group + 1u == p.nGroups;
+  let a2 = decayRates(w.dd);
+  let row = w.b * p.dim + w.dd; // of the state
+  var h: Lanes;
+  if (p.nChunks == 1u) {
+    h = Lanes(stateQuad(row, 0u), stateQuad(row, 1u), stateQuad(row, 2u), stateQuad(row, 3u));
+  } else {
+    let base = ((w.b * p.nChunks + w.c) * p.dim + w.dd) * 4u;
+    h = Lanes(hbuf[base], hbuf[base + 1u], hbuf[base + 2u], hbuf[base + 3u]);
   }
   var skip = 0.0;
-  if (hasD) {
-    skip = Dv[dd];
+  if ((p.flags & 1u) != 0u && last) {
+    skip = Dv[w.dd];
   }
-  for (var tt = t0; tt < t1; tt += TT) {
-    let count = min(TT, t1 - tt);
-    for (var e = li; e < count * DSTATE; e += WG) {
-      sB[e] = Bm[(seq + tt) * DSTATE + e];
-      sC[e] = Cm[(seq + tt) * DSTATE + e];
-    }
-    var ut: array<f32, TT>;
-    var dtt: array<f32, TT>;
-    var zt: array<f32, TT>;
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let i = (seq + tt + k) * p.dim + dd;
-        ut[k] = u[i];
-        dtt[k] = delta[i];
-        if (hasZ) {
-          zt[k] = z[i];
-        }
-      }
-    }
+  for (var tt = w.t0; tt < w.t1; tt += TT) {
+    let count = min(TT, w.t1 - tt);
+    stage(li, w.seq + tt, count, true);
     workgroupBarrier();
-    for (var k = 0u; k < TT; k++) {
-      if (k < count) {
-        let dt = stepSize(dtt[k], dd);
-        let du = dt * ut[k];
-        var acc = 0.0;
-        for (var n = 0u; n < DSTATE; n++) {
-          h[n] = fma(exp2(dt * a2[n]), h[n], du * sB[k * DSTATE + n]);
-          acc = fma(h[n], sC[k * DSTATE + n], acc);
-        }
-        acc = fma(skip, ut[k], acc);
-        if (hasZ) {
-          acc *= zt[k] / (1.0 + exp(-zt[k]));
-        }
-        if (inRange) {
-          y[(seq + tt + k) * p.dim + d] = acc;
-        }
+    var next = (w.seq + tt) * p.dim + w.dd; // loads one token ahead, as in chunk_state
+    var nextU = u[next];
+    var nextDelta = delta[next];
+    var nextZ = 0.0;
+    if (hasZ) {
+      nextZ = z[next];
+    }
+    for (var k = 0u; k < count; k++) {
+      let i = next;
+      let ui = nextU;
+      let dt = stepSize(nextDelta, w.dd);
+      let zi = nextZ;
+      next = select(i, i + p.dim, k + 1u < count);
+      nextU = u[next];
+      nextDelta = delta[next];
+      if (hasZ) {
+        nextZ = z[next];
+      }
+      h = advance(h, a2, dt, dt * ui, k);
+      var acc = fma(skip, ui, readout(h, k));
+      if (!first) {
+        acc += y[i]; // the earlier groups' C·h
+      }
+      if (hasZ && last) {
+        acc *= zi / (1.0 + exp(-zi));
+      }
+      if (w.inRange) {
+        y[i] = acc;
       }
     }
     workgroupBarrier();
   }
-  if (inRange && c + 1u == p.nChunks) {
-    for (var n = 0u; n < DSTATE; n++) {
-      state[sBase + n] = h[n];
+  if (w.inRange && w.c + 1u == p.nChunks) {
+    var q = array<vec4<f32>, 4>(h.q0, h.q1, h.q2, h.q3);
+    for (var n = 0u; n < 16u; n++) {
+      let s = p.group * 16u + n;
+      if (s < p.nState) {
+        state[row * p.nState + s] = q[n / 4u][n % 4u];
+      }
     }
   }
 }
