@@ -529,3 +529,35 @@ Deno.test({
       close(await gpu.read(acc), once.map((v) => 4 * v), 1e-6, "after refusals");
     }),
 });
+
+Deno.test({
+  name: "webgpu: argmax takes the first largest below the limit, skips NaN, gives -1 for none",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(50);
+      const cases: [string, Float32Array, number][] = [];
+      const tie = fill(5000, rand);
+      tie[4321] = 7;
+      tie[1234] = 7; // the same value earlier: the lower id wins
+      tie[4999] = 9; // past the limit
+      cases.push(["tie", tie, 4999]);
+      const nan = fill(2049, rand);
+      nan[100] = NaN;
+      nan[2048] = 5;
+      cases.push(["NaN and a tail", nan, 2049]);
+      cases.push(["short", fill(7, rand), 7]);
+      cases.push(["none", new Float32Array(3000).fill(-Infinity), 3000]);
+      const ids = gpu.zeros(cases.length);
+      const logits = cases.map(([, values]) => gpu.upload(values));
+      cases.forEach(([, , limit], i) => gpu.argmax(ids, i, logits[i], limit));
+      const got = await gpu.read(ids);
+      cases.forEach(([what, values, limit], i) => {
+        let want = -1;
+        for (let j = 0; j < limit; j++) {
+          if (values[j] > (want < 0 ? -3.4e38 : values[want])) want = j;
+        }
+        assertEquals(got[i], want, what);
+      });
+    }),
+});

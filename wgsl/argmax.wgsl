@@ -17,17 +17,43 @@ const NONE: u32 = 0xffffffffu;
 var<workgroup> bestValue: array<f32, 256>;
 var<workgroup> bestIndex: array<u32, 256>;
 
+// This thread's best so far.
+var<private> value: f32 = -3.4028235e38;
+var<private> index: u32 = NONE;
+
+fn consider(v: f32, i: u32) {
+  // NaN compares false, so it is never chosen.
+  if (v > value) {
+    value = v;
+    index = i;
+  }
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) li: u32) {
-  var value = -3.4028235e38;
-  var index = NONE;
-  for (var i = li; i < p.limit; i += 256u) {
-    let v = logits[i];
-    // NaN compares false, so it is never chosen.
-    if (v > value) {
-      value = v;
-      index = i;
-    }
+  // Eight loads in flight per iteration (the loop is not unrolled for us);
+  // indices rise within a thread, so `>` keeps its first maximum.
+  var i = li;
+  for (; i + 7u * 256u < p.limit; i += 8u * 256u) {
+    let v0 = logits[i];
+    let v1 = logits[i + 256u];
+    let v2 = logits[i + 512u];
+    let v3 = logits[i + 768u];
+    let v4 = logits[i + 1024u];
+    let v5 = logits[i + 1280u];
+    let v6 = logits[i + 1536u];
+    let v7 = logits[i + 1792u];
+    consider(v0, i);
+    consider(v1, i + 256u);
+    consider(v2, i + 512u);
+    consider(v3, i + 768u);
+    consider(v4, i + 1024u);
+    consider(v5, i + 1280u);
+    consider(v6, i + 1536u);
+    consider(v7, i + 1792u);
+  }
+  for (; i < p.limit; i += 256u) {
+    consider(logits[i], i);
   }
   bestValue[li] = value;
   bestIndex[li] = index;

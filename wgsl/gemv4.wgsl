@@ -14,6 +14,26 @@ const PER_GROUP: u32 = 8u; // 256 / LANES
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
 
+// Row r's running sums (module scope, so madd can update them).
+var<private> acc0: vec4<f32>;
+var<private> acc1: vec4<f32>;
+var<private> acc2: vec4<f32>;
+var<private> acc3: vec4<f32>;
+
+// Adds weight vec4 w times vec4 k of each row of x.
+fn madd(w: vec4<f32>, k: u32, k4: u32) {
+  acc0 = fma(w, x[k], acc0);
+  if (ROWS > 1u) {
+    acc1 = fma(w, x[k4 + k], acc1);
+  }
+  if (ROWS > 2u) {
+    acc2 = fma(w, x[2u * k4 + k], acc2);
+  }
+  if (ROWS > 3u) {
+    acc3 = fma(w, x[3u * k4 + k], acc3);
+  }
+}
+
 @compute @workgroup_size(256)
 fn main(
   @builtin(workgroup_id) wg: vec3u,
@@ -23,24 +43,24 @@ fn main(
   let lane = li % LANES;
   let o = (wg.y * nwg.x + wg.x) * PER_GROUP + li / LANES;
   let k4 = p.inDim / 4u;
-  var acc0 = vec4<f32>(0.0);
-  var acc1 = vec4<f32>(0.0);
-  var acc2 = vec4<f32>(0.0);
-  var acc3 = vec4<f32>(0.0);
   if (o < p.outDim) {
     let wBase = o * k4;
-    for (var k = lane; k < k4; k += LANES) {
-      let w = weight4At(wBase + k);
-      acc0 = fma(w, x[k], acc0);
-      if (ROWS > 1u) {
-        acc1 = fma(w, x[k4 + k], acc1);
-      }
-      if (ROWS > 2u) {
-        acc2 = fma(w, x[2u * k4 + k], acc2);
-      }
-      if (ROWS > 3u) {
-        acc3 = fma(w, x[3u * k4 + k], acc3);
-      }
+    // Four loads per iteration, written out: the driver does not unroll the
+    // loop, and one load in flight per thread leaves a short GEMV waiting on
+    // memory latency once per iteration.
+    var k = lane;
+    for (; k + 3u * LANES < k4; k += 4u * LANES) {
+      let w0 = weight4At(wBase + k);
+      let w1 = weight4At(wBase + k + LANES);
+      let w2 = weight4At(wBase + k + 2u * LANES);
+      let w3 = weight4At(wBase + k + 3u * LANES);
+      madd(w0, k, k4);
+      madd(w1, k + LANES, k4);
+      madd(w2, k + 2u * LANES, k4);
+      madd(w3, k + 3u * LANES, k4);
+    }
+    for (; k < k4; k += LANES) {
+      madd(weight4At(wBase + k), k, k4);
     }
   }
   let ones = vec4<f32>(1.0);

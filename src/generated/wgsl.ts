@@ -42,17 +42,43 @@ const NONE: u32 = 0xffffffffu;
 var<workgroup> bestValue: array<f32, 256>;
 var<workgroup> bestIndex: array<u32, 256>;
 
+// This thread's best so far.
+var<private> value: f32 = -3.4028235e38;
+var<private> index: u32 = NONE;
+
+fn consider(v: f32, i: u32) {
+  // NaN compares false, so it is never chosen.
+  if (v > value) {
+    value = v;
+    index = i;
+  }
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) li: u32) {
-  var value = -3.4028235e38;
-  var index = NONE;
-  for (var i = li; i < p.limit; i += 256u) {
-    let v = logits[i];
-    // NaN compares false, so it is never chosen.
-    if (v > value) {
-      value = v;
-      index = i;
-    }
+  // Eight loads in flight per iteration (the loop is not unrolled for us);
+  // indices rise within a thread, so \`>\` keeps its first maximum.
+  var i = li;
+  for (; i + 7u * 256u < p.limit; i += 8u * 256u) {
+    let v0 = logits[i];
+    let v1 = logits[i + 256u];
+    let v2 = logits[i + 512u];
+    let v3 = logits[i + 768u];
+    let v4 = logits[i + 1024u];
+    let v5 = logits[i + 1280u];
+    let v6 = logits[i + 1536u];
+    let v7 = logits[i + 1792u];
+    consider(v0, i);
+    consider(v1, i + 256u);
+    consider(v2, i + 512u);
+    consider(v3, i + 768u);
+    consider(v4, i + 1024u);
+    consider(v5, i + 1280u);
+    consider(v6, i + 1536u);
+    consider(v7, i + 1792u);
+  }
+  for (; i < p.limit; i += 256u) {
+    consider(logits[i], i);
   }
   bestValue[li] = value;
   bestIndex[li] = index;
@@ -328,6 +354,26 @@ const PER_GROUP: u32 = 8u; // 256 / LANES
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
 
+// Row r's running sums (module scope, so madd can update them).
+var<private> acc0: vec4<f32>;
+var<private> acc1: vec4<f32>;
+var<private> acc2: vec4<f32>;
+var<private> acc3: vec4<f32>;
+
+// Adds weight vec4 w times vec4 k of each row of x.
+fn madd(w: vec4<f32>, k: u32, k4: u32) {
+  acc0 = fma(w, x[k], acc0);
+  if (ROWS > 1u) {
+    acc1 = fma(w, x[k4 + k], acc1);
+  }
+  if (ROWS > 2u) {
+    acc2 = fma(w, x[2u * k4 + k], acc2);
+  }
+  if (ROWS > 3u) {
+    acc3 = fma(w, x[3u * k4 + k], acc3);
+  }
+}
+
 @compute @workgroup_size(256)
 fn main(
   @builtin(workgroup_id) wg: vec3u,
@@ -337,24 +383,24 @@ fn main(
   let lane = li % LANES;
   let o = (wg.y * nwg.x + wg.x) * PER_GROUP + li / LANES;
   let k4 = p.inDim / 4u;
-  var acc0 = vec4<f32>(0.0);
-  var acc1 = vec4<f32>(0.0);
-  var acc2 = vec4<f32>(0.0);
-  var acc3 = vec4<f32>(0.0);
   if (o < p.outDim) {
     let wBase = o * k4;
-    for (var k = lane; k < k4; k += LANES) {
-      let w = weight4At(wBase + k);
-      acc0 = fma(w, x[k], acc0);
-      if (ROWS > 1u) {
-        acc1 = fma(w, x[k4 + k], acc1);
-      }
-      if (ROWS > 2u) {
-        acc2 = fma(w, x[2u * k4 + k], acc2);
-      }
-      if (ROWS > 3u) {
-        acc3 = fma(w, x[3u * k4 + k], acc3);
-      }
+    // Four loads per iteration, written out: the driver does not unroll the
+    // loop, and one load in flight per thread leaves a short GEMV waiting on
+    // memory latency once per iteration.
+    var k = lane;
+    for (; k + 3u * LANES < k4; k += 4u * LANES) {
+      let w0 = weight4At(wBase + k);
+      let w1 = weight4At(wBase + k + LANES);
+      let w2 = weight4At(wBase + k + 2u * LANES);
+      let w3 = weight4At(wBase + k + 3u * LANES);
+      madd(w0, k, k4);
+      madd(w1, k + LANES, k4);
+      madd(w2, k + 2u * LANES, k4);
+      madd(w3, k + 3u * LANES, k4);
+    }
+    for (; k < k4; k += LANES) {
+      madd(weight4At(wBase + k), k, k4);
     }
   }
   let ones = vec4<f32>(1.0);
