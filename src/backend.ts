@@ -80,6 +80,12 @@ export interface Recording {
 export interface Backend<Buf = unknown> {
   /** Short name shown to users: "js", "wasm", "webgpu". */
   readonly name: string;
+  /**
+   * Optional: tokens per chunk of a long prompt (the model's default is 512).
+   * Larger chunks cost scratch memory and give each kernel more work, which
+   * pays on a GPU.
+   */
+  readonly chunkTokens?: number;
 
   /**
    * A buffer holding `data`. A backend in host memory may keep the array itself

@@ -53,7 +53,11 @@ export interface MambaState<Buf> {
 /** Which positions {@link MambaModel.run} returns logits for. */
 export type LogitsFor = "all" | "last";
 
-/** Prompts longer than this are processed in chunks, bounding scratch memory. */
+/**
+ * Prompts longer than this are processed in chunks, bounding scratch memory,
+ * unless the backend asks for other chunks (Backend.chunkTokens) and only the
+ * last position's logits are wanted.
+ */
 const MAX_CHUNK = 512;
 
 /** Per-call scratch buffers, sized for `len` tokens. */
@@ -178,8 +182,10 @@ export class MambaModel<Buf> {
     }
     const logits = new Float32Array((logitsFor === "all" ? ids.length : 1) * vocabSize);
     let scratch: Scratch<Buf> | undefined;
-    for (let start = 0; start < ids.length; start += MAX_CHUNK) {
-      const chunk = ids.subarray(start, Math.min(start + MAX_CHUNK, ids.length));
+    // Logits of every position are [chunk, vocab]: those chunks stay small.
+    const chunkTokens = logitsFor === "all" ? MAX_CHUNK : this.backend.chunkTokens ?? MAX_CHUNK;
+    for (let start = 0; start < ids.length; start += chunkTokens) {
+      const chunk = ids.subarray(start, Math.min(start + chunkTokens, ids.length));
       if (scratch?.len !== chunk.length) {
         if (scratch) this.#releaseScratch(scratch);
         scratch = this.#allocScratch(chunk.length);
