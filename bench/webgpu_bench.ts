@@ -10,7 +10,8 @@
  *   prefill tok/s for 2048 tokens, decode tok/s over 128 steps at batch 1 and
  *   compute dispatches per decoded token, against mamba_ssm's 88,000 and 900 tok/s;
  *   greedy decoding on the device (one read-back per 32 tokens); and 16
- *   sequences decoded together (against 8,900 tok/s).
+ *   sequences decoded together (against 8,900 tok/s), sampled on the host
+ *   (logits read back every step) and greedily on the device.
  *
  * ```sh
  * deno run -A bench/webgpu_bench.ts                 # everything (needs a large GPU)
@@ -89,13 +90,14 @@ async function benchScan(
     state: gpu.zeros(batch * dim * N),
   };
   const run = () =>
-    gpu.selectiveScanBatch({
+    gpu.selectiveScan({
       ...bufs,
       deltaSoftplus: true,
       len,
       dim,
       dState: N,
-    }, batch);
+      batch,
+    });
   const timed = async (count: number) => {
     const t0 = performance.now();
     for (let i = 0; i < count; i++) {
@@ -187,20 +189,20 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
   const steps = quick ? 16 : 128;
   const ids = Int32Array.from(uniformFloats(promptLen, 0, config.vocabSize, 9), Math.floor);
 
-  // Warm-up: compiles every pipeline of prefill (chunks of 512 and a tail) and decode.
+  // Warm-up: compiles every pipeline of the prefill and of decode.
   let state = model.newState();
-  await model.run(state, ids.subarray(0, Math.min(600, promptLen)), "last");
+  await model.run(state, ids, "last");
   await model.run(state, Int32Array.of(1), "last");
   model.releaseState(state);
 
   const prefillMs: number[] = [];
-  for (let rep = 0; rep < 3; rep++) {
+  for (let rep = 0; rep < 5; rep++) {
     state = model.newState();
     await gpu.sync();
     const t0 = performance.now();
     await model.run(state, ids, "last");
     prefillMs.push(performance.now() - t0);
-    if (rep < 2) model.releaseState(state);
+    if (rep < 4) model.releaseState(state);
   }
   const bestPrefill = Math.min(...prefillMs);
 
@@ -256,6 +258,20 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     });
   }
   const batchToks = (batchSize * batchSteps) / ((performance.now() - b0) / 1000);
+  // The same 16 decoded greedily on the device, one read-back per 32 steps.
+  let firsts = Array.from(batchIds);
+  await model.decodeGreedyBatch(states, firsts, 2, config.vocabSize); // compiles
+  const gb0 = performance.now();
+  for (let done = 0; done < steps; done += batch) {
+    const results = await model.decodeGreedyBatch(
+      states,
+      firsts,
+      Math.min(batch, steps - done),
+      config.vocabSize,
+    );
+    firsts = results.map((r) => r.logits.indexOf(Math.max(...r.logits.subarray(0, 50))));
+  }
+  const batchGreedyToks = (batchSize * steps) / ((performance.now() - gb0) / 1000);
   states.forEach((s) => model.releaseState(s));
   return {
     config: {
@@ -284,6 +300,10 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     batchDecodeSequences: batchSize,
     batchDecodeTokPerS: +batchToks.toFixed(1),
     batchDecodeRatioVsCuda: quick ? null : +(batchToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),
+    batchGreedyOnDeviceTokPerS: +batchGreedyToks.toFixed(1),
+    batchGreedyOnDeviceRatioVsCuda: quick
+      ? null
+      : +(batchGreedyToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),
   };
 }
 

@@ -14,7 +14,11 @@
  * @module
  */
 
-/** Arguments of {@link Backend.selectiveScan}, token-major. */
+/**
+ * Arguments of {@link Backend.selectiveScan}, token-major. With `batch`
+ * sequences, each per-token buffer holds them one after the other (u [batch,
+ * len, dim], B [batch, len, dState], …) and state is [batch, dim, dState].
+ */
 export interface ScanArgs<Buf> {
   /** Output [len, dim]: `(C·h + D*u) * silu(z)`. */
   y: Buf;
@@ -38,15 +42,21 @@ export interface ScanArgs<Buf> {
   deltaSoftplus: boolean;
   /** State h [dim, dState]: read as the initial state, overwritten with the last one. */
   state: Buf;
-  /** Number of tokens. */
+  /** Number of tokens (per sequence). */
   len: number;
   /** Number of channels. */
   dim: number;
   /** N: state size per channel. */
   dState: number;
+  /** Independent sequences, each with its own state (default 1). */
+  batch?: number;
 }
 
-/** Arguments of {@link Backend.causalConv}, token-major. */
+/**
+ * Arguments of {@link Backend.causalConv}, token-major. With `batch`
+ * sequences, x and out are [batch, len, channels] and state is [batch,
+ * kernel - 1, channels].
+ */
 export interface ConvArgs<Buf> {
   /** Output [len, channels]: `silu(conv(x) + bias)`. */
   out: Buf;
@@ -62,12 +72,14 @@ export interface ConvArgs<Buf> {
    * inputs seen, so prefill and step share one operation.
    */
   state: Buf;
-  /** Number of tokens. */
+  /** Number of tokens (per sequence). */
   len: number;
   /** Number of channels. */
   channels: number;
   /** Kernel width. */
   kernel: number;
+  /** Independent sequences, each with its own state (default 1). */
+  batch?: number;
 }
 
 /** Operations recorded by {@link Backend.capture}. */
@@ -144,18 +156,26 @@ export interface Backend<Buf = unknown> {
   /** out [ids.length, dim] = rows `ids` of table [rows, dim]. */
   embed(out: Buf, table: Buf, ids: Int32Array, dim: number): void;
   /**
-   * Optional, with {@link argmax}, for greedy decoding on the device: out [dim]
-   * = row `ids[index]` of table [rows, dim], the id read from a buffer (as a
-   * float) rather than from the host.
+   * Optional, with {@link argmax}, for greedy decoding on the device: out
+   * [count, dim] = rows `ids[index]` … `ids[index + count - 1]` of table [rows,
+   * dim], the ids read from a buffer (as floats) rather than from the host.
    */
-  embedFrom?(out: Buf, table: Buf, ids: Buf, index: number, dim: number): void;
+  embedFrom?(out: Buf, table: Buf, ids: Buf, index: number, dim: number, count?: number): void;
   /**
-   * Optional: ids[index] = the lowest i < limit holding the largest of
-   * logits[0, limit) (as a float), or -1 where none is a number; NaN is never
-   * chosen. Lets a backend whose read-backs are slow (webgpu) decode greedily
-   * without a round trip per token.
+   * Optional: for each of `rows` rows r of logits (rows `stride` apart),
+   * ids[index + r] = the lowest i < limit holding the largest of that row's
+   * first `limit` logits (as a float), or -1 where none is a number; NaN is
+   * never chosen. Lets a backend whose read-backs are slow (webgpu) decode
+   * greedily without a round trip per token.
    */
-  argmax?(ids: Buf, index: number, logits: Buf, limit: number): void;
+  argmax?(
+    ids: Buf,
+    index: number,
+    logits: Buf,
+    limit: number,
+    rows?: number,
+    stride?: number,
+  ): void;
   /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row. */
   rmsNorm(out: Buf, x: Buf, weight: Buf, rows: number, dim: number, eps: number): void;
   /**
@@ -192,4 +212,52 @@ export interface Backend<Buf = unknown> {
   causalConv(args: ConvArgs<Buf>): void;
   /** Selective scan (S6) with fused softplus, D skip and z gating, carrying state. */
   selectiveScan(args: ScanArgs<Buf>): void;
+}
+
+/** A backend's view of `length` floats of `buf` from `offset` (in floats). */
+export type ViewOf<Buf> = (buf: Buf, offset: number, length: number) => Buf;
+
+/**
+ * A batched scan run one sequence at a time, for backends whose kernel takes
+ * one: `scan` gets each sequence's views (batch 1).
+ */
+export function scanEachSequence<Buf>(
+  args: ScanArgs<Buf>,
+  view: ViewOf<Buf>,
+  scan: (one: ScanArgs<Buf>) => void,
+): void {
+  const { len, dim, dState, batch = 1 } = args;
+  for (let b = 0; b < batch; b++) {
+    const tokens = (buf: Buf, width: number) => view(buf, b * len * width, len * width);
+    scan({
+      ...args,
+      y: tokens(args.y, dim),
+      u: tokens(args.u, dim),
+      delta: tokens(args.delta, dim),
+      B: tokens(args.B, dState),
+      C: tokens(args.C, dState),
+      z: args.z && tokens(args.z, dim),
+      state: view(args.state, b * dim * dState, dim * dState),
+      batch: 1,
+    });
+  }
+}
+
+/** A batched causal conv run one sequence at a time, like {@link scanEachSequence}. */
+export function convEachSequence<Buf>(
+  args: ConvArgs<Buf>,
+  view: ViewOf<Buf>,
+  conv: (one: ConvArgs<Buf>) => void,
+): void {
+  const { len, channels, kernel, batch = 1 } = args;
+  const kept = (kernel - 1) * channels;
+  for (let b = 0; b < batch; b++) {
+    conv({
+      ...args,
+      out: view(args.out, b * len * channels, len * channels),
+      x: view(args.x, b * len * channels, len * channels),
+      state: view(args.state, b * kept, kept),
+      batch: 1,
+    });
+  }
 }

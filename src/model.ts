@@ -73,12 +73,7 @@ interface Scratch<Buf> {
   C: Buf; // [L, N]
   delta: Buf; // [L, dInner]
   y: Buf; // [L, dInner]
-  /** One-row scratch for per-sequence operations of a batch, made on first use. */
-  row?: Scratch<Buf>;
 }
-
-/** Runs conv or scan for `state` over `rows` rows of the scratch from `row`. */
-type StatefulOps<Buf> = (state: MambaState<Buf>, row: number, rows: number) => void;
 
 /** A Mamba model whose weights live on one backend. */
 export class MambaModel<Buf> {
@@ -190,13 +185,8 @@ export class MambaModel<Buf> {
         if (scratch) this.#releaseScratch(scratch);
         scratch = this.#allocScratch(chunk.length);
       }
-      const hidden = scratch.hidden;
-      this.#blocks(
-        state,
-        chunk.length,
-        scratch,
-        () => this.backend.embed(hidden, this.#weights.embedding, chunk, this.config.dModel),
-      );
+      this.backend.embed(scratch.hidden, this.#weights.embedding, chunk, this.config.dModel);
+      this.#blocks(state, scratch, chunk.length);
       const isLast = start + chunk.length === ids.length;
       if (logitsFor === "all") {
         logits.set(await this.#logits(scratch, 0, chunk.length), start * vocabSize);
@@ -226,31 +216,87 @@ export class MambaModel<Buf> {
     count: number,
     limit: number,
   ): Promise<{ ids: Int32Array; logits: Float32Array }> {
+    const [result] = await this.decodeGreedyBatch([state], [first], count, limit);
+    return result;
+  }
+
+  /**
+   * {@link decodeGreedy} for several sequences at once, one token of each per
+   * step: the projections read each weight once for all of them, and conv and
+   * scan run batched on a gathered copy of their states. Returns each
+   * sequence's ids fed and last logits.
+   */
+  async decodeGreedyBatch(
+    states: readonly MambaState<Buf>[],
+    firsts: readonly number[],
+    count: number,
+    limit: number,
+  ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
     const be = this.backend;
     if (!be.argmax || !be.embedFrom) {
       throw new Error(`The ${be.name} backend cannot decode on the device`);
     }
+    if (states.length !== firsts.length) {
+      throw new RangeError(`${states.length} states but ${firsts.length} first ids`);
+    }
     const { dModel, vocabSize } = this.config;
-    // One buffer for what comes back: the last logits [vocab], then the ids [count].
-    const result = be.zeros(vocabSize + count);
-    be.write(result, Float32Array.of(first), vocabSize);
-    const { scratch, logits } = this.#stepBuffers();
+    const batch = states.length;
+    // What comes back: the last logits [batch, vocab], then the ids [count, batch].
+    const idsAt = batch * vocabSize;
+    const result = be.zeros(idsAt + count * batch);
+    be.write(result, Float32Array.from(firsts), idsAt);
+    // One sequence steps its own state, its step recorded once (#decodeStep);
+    // several step a gathered batch state, recorded for this call.
+    const single = batch === 1;
+    const state = single ? states[0] : this.#gather(states);
+    const { scratch, logits } = single ? this.#stepBuffers() : {
+      scratch: this.#allocScratch(batch),
+      logits: be.zeros(batch * vocabSize),
+    };
+    const ops = () => {
+      this.#blocks(state, scratch, 1, batch);
+      this.#head(logits, scratch, 0, batch);
+    };
+    const recording = single || count < 2 ? undefined : be.capture?.(ops);
+    const step = single
+      ? () => this.#decodeStep(state)
+      : recording
+      ? () => be.replay!(recording)
+      : ops;
     try {
       for (let t = 0; t < count; t++) {
-        be.embedFrom(scratch.hidden, this.#weights.embedding, result, vocabSize + t, dModel);
-        this.#decodeStep(state);
-        if (t + 1 < count) be.argmax(result, vocabSize + t + 1, logits, limit);
+        be.embedFrom(
+          scratch.hidden,
+          this.#weights.embedding,
+          result,
+          idsAt + t * batch,
+          dModel,
+          batch,
+        );
+        step();
+        if (t + 1 < count) {
+          be.argmax(result, idsAt + (t + 1) * batch, logits, limit, batch, vocabSize);
+        }
         be.flush?.();
       }
-      be.copy(result, 0, logits, 0, vocabSize);
+      if (!single) this.#scatter(state, states);
+      be.copy(result, 0, logits, 0, batch * vocabSize);
       const host = await be.read(result);
-      const ids = Int32Array.from(host.subarray(vocabSize));
-      if (ids.some((id) => id < 0)) {
-        throw new RangeError("No candidate token: every logit is -Infinity or NaN");
-      }
-      return { ids, logits: host.slice(0, vocabSize) };
+      return states.map((_, b) => {
+        const ids = Int32Array.from({ length: count }, (_, t) => host[idsAt + t * batch + b]);
+        if (ids.some((id) => id < 0)) {
+          throw new RangeError("No candidate token: every logit is -Infinity or NaN");
+        }
+        return { ids, logits: host.slice(b * vocabSize, (b + 1) * vocabSize) };
+      });
     } finally {
       be.release(result);
+      if (!single) {
+        if (recording) be.releaseRecording?.(recording);
+        this.#releaseScratch(scratch);
+        be.release(logits);
+        this.releaseState(state);
+      }
     }
   }
 
@@ -271,7 +317,7 @@ export class MambaModel<Buf> {
   #decodeStep(state: MambaState<Buf>): void {
     const { scratch, logits } = this.#stepBuffers();
     const ops = () => {
-      this.#blocks(state, 1, scratch, () => {});
+      this.#blocks(state, scratch, 1);
       this.#head(logits, scratch, 0, 1);
     };
     const be = this.backend;
@@ -282,100 +328,91 @@ export class MambaModel<Buf> {
   }
 
   /**
-   * Runs every block over `L` tokens whose embeddings `embed` writes into
-   * `s.hidden`, leaving the residual stream there.
+   * Runs every block over the rows of `s`, whose embeddings are in
+   * `s.hidden`: `batch` sequences of `len` tokens, one after the other, each
+   * carried in its part of `state` (a batch state from {@link #gather} when
+   * batch > 1). Leaves the residual stream in `s.hidden`.
    */
-  #blocks(state: MambaState<Buf>, L: number, s: Scratch<Buf>, embed: () => void): void {
-    this.#layers(L, s, embed, (ops) => ops(state, 0, L));
-  }
-
-  /**
-   * The blocks over `L` rows of `s`. `sequences(ops)` runs the two
-   * operations that carry state (conv and scan) through `ops(state, row,
-   * rows)`: once over every row for one sequence, or once per row when each
-   * row is a different sequence's token (see {@link stepBatch}).
-   */
-  #layers(
-    L: number,
-    s: Scratch<Buf>,
-    embed: () => void,
-    sequences: (ops: StatefulOps<Buf>) => void,
-  ): void {
-    const { dModel, dInner, dtRank, dState, eps } = this.config;
+  #blocks(state: MambaState<Buf>, s: Scratch<Buf>, len: number, batch = 1): void {
+    const { dModel, dInner, dtRank, dState, dConv, eps } = this.config;
     const be = this.backend;
-    embed();
+    const L = len * batch;
     this.#weights.layers.forEach((w, layer) => {
       be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
       be.linearSplit([s.x, s.z], [dInner, dInner], s.normed, w.inProj, w.inProjBias, L, dModel);
-      sequences((state, row, rows) => this.#conv(w, state.conv[layer], s, row, rows));
+      be.causalConv({
+        out: s.xc,
+        x: s.x,
+        weight: w.convWeight,
+        bias: w.convBias,
+        state: state.conv[layer],
+        len,
+        channels: dInner,
+        kernel: dConv,
+        batch,
+      });
       be.linearSplit([s.dt, s.B, s.C], [dtRank, dState, dState], s.xc, w.xProj, null, L, dInner);
       be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
-      sequences((state, row, rows) => this.#scan(w, state.ssm[layer], s, row, rows));
+      be.selectiveScan({
+        y: s.y,
+        u: s.xc,
+        delta: s.delta,
+        A: w.A,
+        B: s.B,
+        C: s.C,
+        D: w.D,
+        z: s.z,
+        deltaBias: w.dtProjBias,
+        deltaSoftplus: true,
+        state: state.ssm[layer],
+        len,
+        dim: dInner,
+        dState,
+        batch,
+      });
       be.linear(s.hidden, s.y, w.outProj, w.outProjBias, L, dInner, dModel, true);
     });
   }
 
-  /** The causal conv over rows [row, row + rows) of `s` (all of them, or one through `s.row`). */
-  #conv(w: LayerWeights<Buf>, state: Buf, s: Scratch<Buf>, row: number, rows: number): void {
-    const { dInner, dConv } = this.config;
+  /**
+   * A batch state: per layer, the conv states of `states` one after the other
+   * [batch, dConv - 1, dInner] and their SSM states [batch, dInner, N],
+   * copied in; {@link #scatter} copies them back.
+   */
+  #gather(states: readonly MambaState<Buf>[]): MambaState<Buf> {
+    const { dConv, dInner, dState } = this.config;
     const be = this.backend;
-    const whole = row === 0 && rows === s.len;
-    const t = whole ? s : this.#rowScratch(s);
-    if (!whole) be.copy(t.x, 0, s.x, row * dInner, dInner);
-    be.causalConv({
-      out: t.xc,
-      x: t.x,
-      weight: w.convWeight,
-      bias: w.convBias,
-      state,
-      len: rows,
-      channels: dInner,
-      kernel: dConv,
-    });
-    if (!whole) be.copy(s.xc, row * dInner, t.xc, 0, dInner);
+    const join = (parts: Buf[], length: number) => {
+      const joined = be.zeros(parts.length * length);
+      parts.forEach((part, b) => be.copy(joined, b * length, part, 0, length));
+      return joined;
+    };
+    return {
+      conv: states[0].conv.map((_, l) => join(states.map((s) => s.conv[l]), (dConv - 1) * dInner)),
+      ssm: states[0].ssm.map((_, l) => join(states.map((s) => s.ssm[l]), dInner * dState)),
+    };
   }
 
-  /** The selective scan over rows [row, row + rows) of `s`, like {@link #conv}. */
-  #scan(w: LayerWeights<Buf>, state: Buf, s: Scratch<Buf>, row: number, rows: number): void {
-    const { dInner, dState } = this.config;
+  /** Copies each sequence's part of a batch state back into `states`. */
+  #scatter(batchState: MambaState<Buf>, states: readonly MambaState<Buf>[]): void {
+    const { dConv, dInner, dState } = this.config;
     const be = this.backend;
-    const whole = row === 0 && rows === s.len;
-    const t = whole ? s : this.#rowScratch(s);
-    if (!whole) {
-      be.copy(t.xc, 0, s.xc, row * dInner, dInner);
-      be.copy(t.delta, 0, s.delta, row * dInner, dInner);
-      be.copy(t.z, 0, s.z, row * dInner, dInner);
-      be.copy(t.B, 0, s.B, row * dState, dState);
-      be.copy(t.C, 0, s.C, row * dState, dState);
-    }
-    be.selectiveScan({
-      y: t.y,
-      u: t.xc,
-      delta: t.delta,
-      A: w.A,
-      B: t.B,
-      C: t.C,
-      D: w.D,
-      z: t.z,
-      deltaBias: w.dtProjBias,
-      deltaSoftplus: true,
-      state,
-      len: rows,
-      dim: dInner,
-      dState,
+    states.forEach((state, b) => {
+      state.conv.forEach((conv, l) => {
+        const length = (dConv - 1) * dInner;
+        be.copy(conv, 0, batchState.conv[l], b * length, length);
+      });
+      state.ssm.forEach((ssm, l) => {
+        const length = dInner * dState;
+        be.copy(ssm, 0, batchState.ssm[l], b * length, length);
+      });
     });
-    if (!whole) be.copy(s.y, row * dInner, t.y, 0, dInner);
-  }
-
-  /** One-row scratch beside a batch's, for the per-sequence operations. */
-  #rowScratch(s: Scratch<Buf>): Scratch<Buf> {
-    return s.row ??= this.#allocScratch(1);
   }
 
   /**
    * One decode step for several sequences at once: row b of `ids` is fed to
-   * `states[b]`. The projections and the head run on all rows together, so
-   * each weight is read once for the batch; conv and scan run per sequence.
+   * `states[b]`. Every operation runs once for the batch (conv and scan on a
+   * gathered copy of the states), so each weight is read once for all rows.
    * Returns logits [states.length, vocab]. Ids must already be checked.
    */
   async stepBatch(states: readonly MambaState<Buf>[], ids: Int32Array): Promise<Float32Array> {
@@ -384,16 +421,15 @@ export class MambaModel<Buf> {
     }
     if (states.length === 1) return this.run(states[0], ids, "last");
     const s = this.#allocScratch(ids.length);
+    const batchState = this.#gather(states);
     try {
-      this.#layers(
-        ids.length,
-        s,
-        () => this.backend.embed(s.hidden, this.#weights.embedding, ids, this.config.dModel),
-        (ops) => states.forEach((state, row) => ops(state, row, 1)),
-      );
+      this.backend.embed(s.hidden, this.#weights.embedding, ids, this.config.dModel);
+      this.#blocks(batchState, s, 1, states.length);
+      this.#scatter(batchState, states);
       return await this.#logits(s, 0, ids.length);
     } finally {
       this.#releaseScratch(s);
+      this.releaseState(batchState);
     }
   }
 
@@ -443,9 +479,8 @@ export class MambaModel<Buf> {
   }
 
   #releaseScratch(s: Scratch<Buf>): void {
-    if (s.row) this.#releaseScratch(s.row);
     for (const [key, buf] of Object.entries(s)) {
-      if (key !== "len" && key !== "row") this.backend.release(buf as Buf);
+      if (key !== "len") this.backend.release(buf as Buf);
     }
   }
 }

@@ -142,6 +142,39 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     model.backend.dispose?.();
   });
 
+  if (backendName === "webgpu") {
+    Deno.test(`[${label}] hf-oracle odd-bf16: greedy decoding of six sequences on the device`, async () => {
+      const dir = `${SHARED}/fixtures/hf-oracle/odd-bf16`;
+      const { config, weights } = await loadCheckpoint(dir);
+      const model = new MambaModel(await createBackend(backendName, options), config, weights);
+      const expected = await readExpected(`${dir}/expected.safetensors`);
+      const [batch, promptLen] = expected.info("input_ids").shape;
+      const totalLen = expected.info("greedy_ids").shape[1];
+      const inputIds = expected.int32("input_ids");
+      const greedyIds = expected.int32("greedy_ids");
+      const rows = [0, 1, 0, 1, 0, 1].slice(0, 3 * batch);
+      const states = rows.map(() => model.newState());
+      let firsts: number[] = [];
+      for (const [i, row] of rows.entries()) {
+        const prompt = inputIds.subarray(row * promptLen, (row + 1) * promptLen);
+        firsts.push(argmax(await model.run(states[i], prompt, "last")));
+      }
+      // Two calls: the second starts from the states the first copied back.
+      const generated: number[][] = rows.map(() => []);
+      const steps = totalLen - promptLen;
+      for (const count of [Math.ceil(steps / 2), Math.floor(steps / 2)]) {
+        const results = await model.decodeGreedyBatch(states, firsts, count, config.vocabSize);
+        results.forEach((r, i) => generated[i].push(...r.ids));
+        firsts = results.map((r) => argmax(r.logits));
+      }
+      rows.forEach((row, i) => {
+        const wanted = greedyIds.subarray(row * totalLen + promptLen, (row + 1) * totalLen);
+        assertEquals(generated[i], [...wanted], `sequence ${i} (row ${row})`);
+      });
+      model.backend.dispose?.();
+    });
+  }
+
   Deno.test(`[${label}] scan fixtures: y and lastState within ${scanTolerance} relative`, async (t) => {
     for (const name of ["small", "medium", "long", "bare"]) {
       await t.step(name, async () => {

@@ -319,7 +319,7 @@ async function checkScan(gpu: WebGpuBackend, c: ScanCase, seed: number, batch = 
   };
   const y = gpu.zeros(batch * len * dim);
   const state = cat(seqs.map((s) => s.state)) as GpuBuffer;
-  gpu.selectiveScanBatch({
+  gpu.selectiveScan({
     y,
     u: cat(seqs.map((s) => s.u))!,
     delta: cat(seqs.map((s) => s.delta))!,
@@ -334,7 +334,8 @@ async function checkScan(gpu: WebGpuBackend, c: ScanCase, seed: number, batch = 
     len,
     dim,
     dState,
-  }, batch);
+    batch,
+  });
   const gotY = await gpu.read(y);
   const gotState = await gpu.read(state);
   const what = `scan ${JSON.stringify(c)} batch ${batch} chunk ${
@@ -350,6 +351,49 @@ async function checkScan(gpu: WebGpuBackend, c: ScanCase, seed: number, batch = 
     );
   }
 }
+
+Deno.test({
+  name: "webgpu: causalConv of a batch: each sequence with its own state",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(4);
+      const [batch, channels, kernel] = [3, 37, 4];
+      const weight = fill(channels * kernel, rand);
+      const bias = fill(channels, rand);
+      const kept = (kernel - 1) * channels;
+      const jsStates = Array.from({ length: batch }, () => fill(kept, rand));
+      const gState = gpu.upload(Float32Array.from(jsStates.flatMap((s) => [...s])));
+      // Long (parallel kernels), short (sequential kernel), a single step.
+      for (const len of [6, 2, 1]) {
+        const xs = Array.from({ length: batch }, () => fill(len * channels, rand));
+        const want = xs.map((x, b) => {
+          const out = new Float32Array(len * channels);
+          js.causalConv({ out, x, weight, bias, state: jsStates[b], len, channels, kernel });
+          return out;
+        });
+        const out = gpu.zeros(batch * len * channels);
+        gpu.causalConv({
+          out,
+          x: gpu.upload(Float32Array.from(xs.flatMap((x) => [...x]))),
+          weight: gpu.upload(weight),
+          bias: gpu.upload(bias),
+          state: gState,
+          len,
+          channels,
+          kernel,
+          batch,
+        });
+        const got = await gpu.read(out);
+        const gotState = await gpu.read(gState);
+        for (let b = 0; b < batch; b++) {
+          const what = `conv batch ${batch} len ${len} sequence ${b}`;
+          close(got.subarray(b * len * channels, (b + 1) * len * channels), want[b], 1e-5, what);
+          close(gotState.subarray(b * kept, (b + 1) * kept), jsStates[b], 1e-6, `${what} state`);
+        }
+      }
+    }),
+});
 
 const CHUNK = 16;
 

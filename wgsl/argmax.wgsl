@@ -1,11 +1,13 @@
-// ids[index] = the lowest i < limit with the largest logits[i], as an f32 (ids
-// below 2^24 are exact), or -1 when no logit is a number above -3.4e38. Greedy
-// decoding on the device: the next step's embedding reads the id from `ids`,
-// so no token travels to the host between steps. One workgroup: each thread
-// scans a strided slice keeping its first maximum, then a tree reduction.
+// ids[index + r] = the lowest i < limit with the largest logits[r·stride + i],
+// as an f32 (ids below 2^24 are exact), or -1 when no logit is a number above
+// -3.4e38, for each row r. Greedy decoding on the device: the next step's
+// embedding reads the ids from `ids`, so no token travels to the host between
+// steps. One workgroup per row: each thread scans a strided slice keeping its
+// first maximum, then a tree reduction.
 struct Params {
   limit: u32,
   index: u32,
+  stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,19 +32,24 @@ fn consider(v: f32, i: u32) {
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.x;
+  let base = row * p.stride;
   // Eight loads in flight per iteration (the loop is not unrolled for us);
   // indices rise within a thread, so `>` keeps its first maximum.
   var i = li;
   for (; i + 7u * 256u < p.limit; i += 8u * 256u) {
-    let v0 = logits[i];
-    let v1 = logits[i + 256u];
-    let v2 = logits[i + 512u];
-    let v3 = logits[i + 768u];
-    let v4 = logits[i + 1024u];
-    let v5 = logits[i + 1280u];
-    let v6 = logits[i + 1536u];
-    let v7 = logits[i + 1792u];
+    let v0 = logits[base + i];
+    let v1 = logits[base + i + 256u];
+    let v2 = logits[base + i + 512u];
+    let v3 = logits[base + i + 768u];
+    let v4 = logits[base + i + 1024u];
+    let v5 = logits[base + i + 1280u];
+    let v6 = logits[base + i + 1536u];
+    let v7 = logits[base + i + 1792u];
     consider(v0, i);
     consider(v1, i + 256u);
     consider(v2, i + 512u);
@@ -53,7 +60,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     consider(v7, i + 1792u);
   }
   for (; i < p.limit; i += 256u) {
-    consider(logits[i], i);
+    consider(logits[base + i], i);
   }
   bestValue[li] = value;
   bestIndex[li] = index;
@@ -71,9 +78,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
   }
   if (li == 0u) {
     if (bestIndex[0] == NONE) {
-      ids[p.index] = -1.0;
+      ids[p.index + row] = -1.0;
     } else {
-      ids[p.index] = f32(bestIndex[0]);
+      ids[p.index + row] = f32(bestIndex[0]);
     }
   }
 }

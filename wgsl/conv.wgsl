@@ -1,6 +1,7 @@
 // Causal depthwise convolution with SiLU, carrying the last kernel-1 inputs in
 // `state` [kernel-1, channels] (oldest first). Weights [channels, kernel]: tap
-// kernel-1 multiplies the current token.
+// kernel-1 multiplies the current token. Sequence b = workgroup_id.z of a batch
+// has x and out at b·len·channels and its state at b·(kernel-1)·channels.
 //
 // Entry points:
 // - `outputs`: one thread per (token, channel), reads the old state; then
@@ -27,12 +28,21 @@ fn silu(v: f32) -> f32 {
   return v / (1.0 + exp(-v));
 }
 
-// Input at relative position pos (negative positions reach into the state).
-fn input(pos: i32, c: u32) -> f32 {
+// Offsets of sequence b's tokens and state.
+fn tokens(b: u32) -> u32 {
+  return b * p.len * p.channels;
+}
+
+fn history(b: u32) -> u32 {
+  return b * (p.kernel - 1u) * p.channels;
+}
+
+// Input at relative position pos of sequence b (negative positions reach into the state).
+fn input(b: u32, pos: i32, c: u32) -> f32 {
   if (pos >= 0) {
-    return x[u32(pos) * p.channels + c];
+    return x[tokens(b) + u32(pos) * p.channels + c];
   }
-  return state[u32(i32(p.kernel) - 1 + pos) * p.channels + c];
+  return state[history(b) + u32(i32(p.kernel) - 1 + pos) * p.channels + c];
 }
 
 @compute @workgroup_size(256)
@@ -42,6 +52,7 @@ fn outputs(
   @builtin(local_invocation_index) li: u32,
 ) {
   let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
   if (i >= p.len * p.channels) {
     return;
   }
@@ -53,9 +64,9 @@ fn outputs(
   }
   let first = i32(t) - i32(p.kernel) + 1;
   for (var k = 0u; k < p.kernel; k++) {
-    sum = fma(weight[c * p.kernel + k], input(first + i32(k), c), sum);
+    sum = fma(weight[c * p.kernel + k], input(b, first + i32(k), c), sum);
   }
-  out[i] = silu(sum);
+  out[tokens(b) + i] = silu(sum);
 }
 
 @compute @workgroup_size(256)
@@ -65,16 +76,17 @@ fn update_state(
   @builtin(local_invocation_index) li: u32,
 ) {
   let c = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
   if (c >= p.channels) {
     return;
   }
-  let history = p.kernel - 1u;
+  let kept = p.kernel - 1u;
   var next: array<f32, MAXK>;
-  for (var j = 0u; j < history; j++) {
-    next[j] = input(i32(p.len) - i32(history) + i32(j), c);
+  for (var j = 0u; j < kept; j++) {
+    next[j] = input(b, i32(p.len) - i32(kept) + i32(j), c);
   }
-  for (var j = 0u; j < history; j++) {
-    state[j * p.channels + c] = next[j];
+  for (var j = 0u; j < kept; j++) {
+    state[history(b) + j * p.channels + c] = next[j];
   }
 }
 
@@ -85,34 +97,37 @@ fn sequential(
   @builtin(local_invocation_index) li: u32,
 ) {
   let c = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
   if (c >= p.channels) {
     return;
   }
-  let history = p.kernel - 1u;
-  // window[0..history) = previous inputs, oldest first.
+  let kept = p.kernel - 1u;
+  let s0 = history(b);
+  let x0 = tokens(b);
+  // window[0..kept) = previous inputs, oldest first.
   var window: array<f32, MAXK>;
-  for (var j = 0u; j < history; j++) {
-    window[j] = state[j * p.channels + c];
+  for (var j = 0u; j < kept; j++) {
+    window[j] = state[s0 + j * p.channels + c];
   }
-  var b = 0.0;
+  var bias0 = 0.0;
   if (p.hasBias != 0u) {
-    b = bias[c];
+    bias0 = bias[c];
   }
   for (var t = 0u; t < p.len; t++) {
-    let v = x[t * p.channels + c];
-    var sum = fma(weight[c * p.kernel + history], v, b);
-    for (var k = 0u; k < history; k++) {
+    let v = x[x0 + t * p.channels + c];
+    var sum = fma(weight[c * p.kernel + kept], v, bias0);
+    for (var k = 0u; k < kept; k++) {
       sum = fma(weight[c * p.kernel + k], window[k], sum);
     }
-    out[t * p.channels + c] = silu(sum);
-    for (var k = 0u; k + 1u < history; k++) {
+    out[x0 + t * p.channels + c] = silu(sum);
+    for (var k = 0u; k + 1u < kept; k++) {
       window[k] = window[k + 1u];
     }
-    if (history > 0u) {
-      window[history - 1u] = v;
+    if (kept > 0u) {
+      window[kept - 1u] = v;
     }
   }
-  for (var j = 0u; j < history; j++) {
-    state[j * p.channels + c] = window[j];
+  for (var j = 0u; j < kept; j++) {
+    state[s0 + j * p.channels + c] = window[j];
   }
 }

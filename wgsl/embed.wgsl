@@ -1,8 +1,8 @@
 // Entry `main`: out [count, dim] = rows ids[t] of table [rows, dim]; ids of
 // SKIP leave their row alone (a table split over buffers runs once per part).
-// Entry `from_buffer`: out [dim] = row floatIds[index] of table, the id read on
-// the device (written by argmax.wgsl during greedy decoding), when it lies in
-// the part's rows [rowStart, rowStart + rowCount).
+// Entry `from_buffer`: out [count, dim] = rows floatIds[index + t] of table, the
+// ids read on the device (written by argmax.wgsl during greedy decoding), each
+// when it lies in the part's rows [rowStart, rowStart + rowCount).
 // One thread per output float.
 struct Params {
   dim: u32,
@@ -44,12 +44,13 @@ fn from_buffer(
   @builtin(local_invocation_index) li: u32,
 ) {
   let i = (wg.y * nwg.x + wg.x) * 256u + li;
-  if (i >= p.dim) {
+  if (i >= p.count * p.dim) {
     return;
   }
-  let id = u32(floatIds[p.index]);
+  let t = i / p.dim;
+  let id = u32(floatIds[p.index + t]);
   if (id < p.rowStart || id - p.rowStart >= p.rowCount) {
     return;
   }
-  out[i] = table[(id - p.rowStart) * p.dim + i];
+  out[i] = table[(id - p.rowStart) * p.dim + (i - t * p.dim)];
 }

@@ -6,7 +6,17 @@
  * @module
  */
 
-import type { Backend, ConvArgs, ScanArgs } from "../backend.ts";
+import {
+  type Backend,
+  type ConvArgs,
+  convEachSequence,
+  type ScanArgs,
+  scanEachSequence,
+} from "../backend.ts";
+
+/** A view of `length` floats of `buf` from `offset`. */
+const view = (buf: Float32Array, offset: number, length: number) =>
+  buf.subarray(offset, offset + length);
 
 /** SiLU (swish): x * sigmoid(x). */
 export function silu(x: number): number {
@@ -119,9 +129,9 @@ export class JsBackend implements Backend<Float32Array> {
     for (let i = 0; i < length; i++) acc[i] += x[i];
   }
 
-  causalConv(
-    { out, x, weight, bias, state, len, channels, kernel }: ConvArgs<Float32Array>,
-  ): void {
+  causalConv(args: ConvArgs<Float32Array>): void {
+    if ((args.batch ?? 1) > 1) return convEachSequence(args, view, (one) => this.causalConv(one));
+    const { out, x, weight, bias, state, len, channels, kernel } = args;
     const history = kernel - 1;
     // Input at relative position p (p < 0 reaches into the carried state).
     const input = (p: number, c: number) =>
@@ -143,6 +153,9 @@ export class JsBackend implements Backend<Float32Array> {
   }
 
   selectiveScan(args: ScanArgs<Float32Array>): void {
+    if ((args.batch ?? 1) > 1) {
+      return scanEachSequence(args, view, (one) => this.selectiveScan(one));
+    }
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
     // The state stays float64 within a call, stored as float32 at its end: a
     // float32 state rounded at every token drifts from mamba_ssm's float64

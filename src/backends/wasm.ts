@@ -19,7 +19,13 @@
  * @module
  */
 
-import type { Backend, ConvArgs, ScanArgs } from "../backend.ts";
+import {
+  type Backend,
+  type ConvArgs,
+  convEachSequence,
+  type ScanArgs,
+  scanEachSequence,
+} from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 
 /** Options of the wasm backend. */
@@ -50,6 +56,10 @@ export class WasmBuffer {
     this.bytes = bytes;
   }
 }
+
+/** A view of `length` floats of `buf` from `offset` (never released on its own). */
+const view = (buf: WasmBuffer, offset: number, length: number) =>
+  new WasmBuffer(buf.ptr + offset * 4, length, 0);
 
 interface Kernels {
   scan(
@@ -586,7 +596,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     let first = 0;
     outs.forEach((out, i) => {
       const rowsOf = (buf: WasmBuffer, width: number) =>
-        new WasmBuffer(buf.ptr + first * width * 4, widths[i] * width, 0);
+        view(buf, first * width, widths[i] * width);
       this.linear(
         out,
         x,
@@ -604,9 +614,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
     this.#kernels.addInPlace(acc.ptr, x.ptr, length);
   }
 
-  causalConv(
-    { out, x, weight, bias, state, len, channels, kernel }: ConvArgs<WasmBuffer>,
-  ): void {
+  causalConv(args: ConvArgs<WasmBuffer>): void {
+    if ((args.batch ?? 1) > 1) return convEachSequence(args, view, (one) => this.causalConv(one));
+    const { out, x, weight, bias, state, len, channels, kernel } = args;
     if (!this.#convScratch || this.#convScratch.length < kernel * 4) {
       if (this.#convScratch) this.release(this.#convScratch);
       this.#convScratch = this.#alloc(kernel * 4);
@@ -625,6 +635,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   selectiveScan(args: ScanArgs<WasmBuffer>): void {
+    if ((args.batch ?? 1) > 1) {
+      return scanEachSequence(args, view, (one) => this.selectiveScan(one));
+    }
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
     // f64 state of one tile per thread.
     const scratchFloats = (this.#kernels.scanScratchBytes(dState) / 4) * this.threads;

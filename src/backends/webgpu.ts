@@ -587,25 +587,39 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     }
   }
 
-  embedFrom(out: GpuBuffer, table: GpuBuffer, ids: GpuBuffer, index: number, dim: number): void {
+  embedFrom(
+    out: GpuBuffer,
+    table: GpuBuffer,
+    ids: GpuBuffer,
+    index: number,
+    dim: number,
+    count = 1,
+  ): void {
     for (const { part, firstRow } of table.pieces()) {
       this.#run(
         PROGRAMS.embedFrom,
-        [dim, 1, index, firstRow, part.length / dim],
+        [dim, count, index, firstRow, part.length / dim],
         [],
         { 2: part.buffer, 3: out.buffer, 4: ids.buffer },
-        grid(Math.ceil(dim / 256)),
+        grid(Math.ceil((count * dim) / 256)),
       );
     }
   }
 
-  argmax(ids: GpuBuffer, index: number, logits: GpuBuffer, limit: number): void {
+  argmax(
+    ids: GpuBuffer,
+    index: number,
+    logits: GpuBuffer,
+    limit: number,
+    rows = 1,
+    stride = limit,
+  ): void {
     this.#run(
       PROGRAMS.argmax,
-      [limit, index],
+      [limit, index, stride],
       [],
       { 1: logits.buffer, 2: ids.buffer },
-      [1, 1, 1],
+      [rows, 1, 1],
     );
   }
 
@@ -714,13 +728,17 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     done();
   }
 
-  causalConv({ out, x, weight, bias, state, len, channels, kernel }: ConvArgs<GpuBuffer>): void {
+  causalConv(
+    { out, x, weight, bias, state, len, channels, kernel, batch = 1 }: ConvArgs<GpuBuffer>,
+  ): void {
     if (kernel < 1 || kernel > CONV_MAX_KERNEL) {
       throw new RangeError(
         `causalConv supports kernels of 1 to ${CONV_MAX_KERNEL} taps, got ${kernel}`,
       );
     }
     const params = [len, channels, kernel, bias ? 1 : 0];
+    // Sequence b of a batch is workgroup z = b.
+    const perSequence = ([gx, gy]: number[]): [number, number, number] => [gx, gy, batch];
     const all = {
       1: x.buffer,
       2: weight.buffer,
@@ -729,7 +747,13 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       5: state.buffer,
     };
     if (len <= CONV_SEQUENTIAL_MAX_LEN) {
-      this.#run(PROGRAMS.convSequential, params, [], all, grid(Math.ceil(channels / 256)));
+      this.#run(
+        PROGRAMS.convSequential,
+        params,
+        [],
+        all,
+        perSequence(grid(Math.ceil(channels / 256))),
+      );
       return;
     }
     this.#run(
@@ -737,7 +761,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       params,
       [],
       all,
-      grid(Math.ceil((len * channels) / 256)),
+      perSequence(grid(Math.ceil((len * channels) / 256))),
     );
     if (kernel > 1) {
       this.#run(
@@ -745,22 +769,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         params,
         [],
         all,
-        grid(Math.ceil(channels / 256)),
+        perSequence(grid(Math.ceil(channels / 256))),
       );
     }
   }
 
   selectiveScan(args: ScanArgs<GpuBuffer>): void {
-    this.selectiveScanBatch(args, 1);
-  }
-
-  /**
-   * {@link selectiveScan} over `batch` sequences at once: u, delta, z, y are
-   * [batch, len, dim], B and C [batch, len, dState], state [batch, dim, dState];
-   * A, D and deltaBias are shared.
-   */
-  selectiveScanBatch(args: ScanArgs<GpuBuffer>, batch: number): void {
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
+    const batch = args.batch ?? 1;
     if (len === 0 || batch === 0) return;
     const chunkLen = this.scanChunkLen(batch, dim, len);
     const nChunks = Math.ceil(len / chunkLen);

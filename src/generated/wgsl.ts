@@ -23,14 +23,16 @@ fn main(
   }
 }
 `,
-  argmax: `// ids[index] = the lowest i < limit with the largest logits[i], as an f32 (ids
-// below 2^24 are exact), or -1 when no logit is a number above -3.4e38. Greedy
-// decoding on the device: the next step's embedding reads the id from \`ids\`,
-// so no token travels to the host between steps. One workgroup: each thread
-// scans a strided slice keeping its first maximum, then a tree reduction.
+  argmax: `// ids[index + r] = the lowest i < limit with the largest logits[r·stride + i],
+// as an f32 (ids below 2^24 are exact), or -1 when no logit is a number above
+// -3.4e38, for each row r. Greedy decoding on the device: the next step's
+// embedding reads the ids from \`ids\`, so no token travels to the host between
+// steps. One workgroup per row: each thread scans a strided slice keeping its
+// first maximum, then a tree reduction.
 struct Params {
   limit: u32,
   index: u32,
+  stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -55,19 +57,24 @@ fn consider(v: f32, i: u32) {
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.x;
+  let base = row * p.stride;
   // Eight loads in flight per iteration (the loop is not unrolled for us);
   // indices rise within a thread, so \`>\` keeps its first maximum.
   var i = li;
   for (; i + 7u * 256u < p.limit; i += 8u * 256u) {
-    let v0 = logits[i];
-    let v1 = logits[i + 256u];
-    let v2 = logits[i + 512u];
-    let v3 = logits[i + 768u];
-    let v4 = logits[i + 1024u];
-    let v5 = logits[i + 1280u];
-    let v6 = logits[i + 1536u];
-    let v7 = logits[i + 1792u];
+    let v0 = logits[base + i];
+    let v1 = logits[base + i + 256u];
+    let v2 = logits[base + i + 512u];
+    let v3 = logits[base + i + 768u];
+    let v4 = logits[base + i + 1024u];
+    let v5 = logits[base + i + 1280u];
+    let v6 = logits[base + i + 1536u];
+    let v7 = logits[base + i + 1792u];
     consider(v0, i);
     consider(v1, i + 256u);
     consider(v2, i + 512u);
@@ -78,7 +85,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     consider(v7, i + 1792u);
   }
   for (; i < p.limit; i += 256u) {
-    consider(logits[i], i);
+    consider(logits[base + i], i);
   }
   bestValue[li] = value;
   bestIndex[li] = index;
@@ -96,16 +103,17 @@ fn main(@builtin(local_invocation_index) li: u32) {
   }
   if (li == 0u) {
     if (bestIndex[0] == NONE) {
-      ids[p.index] = -1.0;
+      ids[p.index + row] = -1.0;
     } else {
-      ids[p.index] = f32(bestIndex[0]);
+      ids[p.index + row] = f32(bestIndex[0]);
     }
   }
 }
 `,
   conv: `// Causal depthwise convolution with SiLU, carrying the last kernel-1 inputs in
 // \`state\` [kernel-1, channels] (oldest first). Weights [channels, kernel]: tap
-// kernel-1 multiplies the current token.
+// kernel-1 multiplies the current token. Sequence b = workgroup_id.z of a batch
+// has x and out at b·len·channels and its state at b·(kernel-1)·channels.
 //
 // Entry points:
 // - \`outputs\`: one thread per (token, channel), reads the old state; then
@@ -132,12 +140,21 @@ fn silu(v: f32) -> f32 {
   return v / (1.0 + exp(-v));
 }
 
-// Input at relative position pos (negative positions reach into the state).
-fn input(pos: i32, c: u32) -> f32 {
+// Offsets of sequence b's tokens and state.
+fn tokens(b: u32) -> u32 {
+  return b * p.len * p.channels;
+}
+
+fn history(b: u32) -> u32 {
+  return b * (p.kernel - 1u) * p.channels;
+}
+
+// Input at relative position pos of sequence b (negative positions reach into the state).
+fn input(b: u32, pos: i32, c: u32) -> f32 {
   if (pos >= 0) {
-    return x[u32(pos) * p.channels + c];
+    return x[tokens(b) + u32(pos) * p.channels + c];
   }
-  return state[u32(i32(p.kernel) - 1 + pos) * p.channels + c];
+  return state[history(b) + u32(i32(p.kernel) - 1 + pos) * p.channels + c];
 }
 
 @compute @workgroup_size(256)
@@ -147,6 +164,7 @@ fn outputs(
   @builtin(local_invocation_index) li: u32,
 ) {
   let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
   if (i >= p.len * p.channels) {
     return;
   }
@@ -158,9 +176,9 @@ fn outputs(
   }
   let first = i32(t) - i32(p.kernel) + 1;
   for (var k = 0u; k < p.kernel; k++) {
-    sum = fma(weight[c * p.kernel + k], input(first + i32(k), c), sum);
+    sum = fma(weight[c * p.kernel + k], input(b, first + i32(k), c), sum);
   }
-  out[i] = silu(sum);
+  out[tokens(b) + i] = silu(sum);
 }
 
 @compute @workgroup_size(256)
@@ -170,16 +188,17 @@ fn update_state(
   @builtin(local_invocation_index) li: u32,
 ) {
   let c = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
   if (c >= p.channels) {
     return;
   }
-  let history = p.kernel - 1u;
+  let kept = p.kernel - 1u;
   var next: array<f32, MAXK>;
-  for (var j = 0u; j < history; j++) {
-    next[j] = input(i32(p.len) - i32(history) + i32(j), c);
+  for (var j = 0u; j < kept; j++) {
+    next[j] = input(b, i32(p.len) - i32(kept) + i32(j), c);
   }
-  for (var j = 0u; j < history; j++) {
-    state[j * p.channels + c] = next[j];
+  for (var j = 0u; j < kept; j++) {
+    state[history(b) + j * p.channels + c] = next[j];
   }
 }
 
@@ -190,43 +209,46 @@ fn sequential(
   @builtin(local_invocation_index) li: u32,
 ) {
   let c = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
   if (c >= p.channels) {
     return;
   }
-  let history = p.kernel - 1u;
-  // window[0..history) = previous inputs, oldest first.
+  let kept = p.kernel - 1u;
+  let s0 = history(b);
+  let x0 = tokens(b);
+  // window[0..kept) = previous inputs, oldest first.
   var window: array<f32, MAXK>;
-  for (var j = 0u; j < history; j++) {
-    window[j] = state[j * p.channels + c];
+  for (var j = 0u; j < kept; j++) {
+    window[j] = state[s0 + j * p.channels + c];
   }
-  var b = 0.0;
+  var bias0 = 0.0;
   if (p.hasBias != 0u) {
-    b = bias[c];
+    bias0 = bias[c];
   }
   for (var t = 0u; t < p.len; t++) {
-    let v = x[t * p.channels + c];
-    var sum = fma(weight[c * p.kernel + history], v, b);
-    for (var k = 0u; k < history; k++) {
+    let v = x[x0 + t * p.channels + c];
+    var sum = fma(weight[c * p.kernel + kept], v, bias0);
+    for (var k = 0u; k < kept; k++) {
       sum = fma(weight[c * p.kernel + k], window[k], sum);
     }
-    out[t * p.channels + c] = silu(sum);
-    for (var k = 0u; k + 1u < history; k++) {
+    out[x0 + t * p.channels + c] = silu(sum);
+    for (var k = 0u; k + 1u < kept; k++) {
       window[k] = window[k + 1u];
     }
-    if (history > 0u) {
-      window[history - 1u] = v;
+    if (kept > 0u) {
+      window[kept - 1u] = v;
     }
   }
-  for (var j = 0u; j < history; j++) {
-    state[j * p.channels + c] = window[j];
+  for (var j = 0u; j < kept; j++) {
+    state[s0 + j * p.channels + c] = window[j];
   }
 }
 `,
   embed: `// Entry \`main\`: out [count, dim] = rows ids[t] of table [rows, dim]; ids of
 // SKIP leave their row alone (a table split over buffers runs once per part).
-// Entry \`from_buffer\`: out [dim] = row floatIds[index] of table, the id read on
-// the device (written by argmax.wgsl during greedy decoding), when it lies in
-// the part's rows [rowStart, rowStart + rowCount).
+// Entry \`from_buffer\`: out [count, dim] = rows floatIds[index + t] of table, the
+// ids read on the device (written by argmax.wgsl during greedy decoding), each
+// when it lies in the part's rows [rowStart, rowStart + rowCount).
 // One thread per output float.
 struct Params {
   dim: u32,
@@ -268,14 +290,15 @@ fn from_buffer(
   @builtin(local_invocation_index) li: u32,
 ) {
   let i = (wg.y * nwg.x + wg.x) * 256u + li;
-  if (i >= p.dim) {
+  if (i >= p.count * p.dim) {
     return;
   }
-  let id = u32(floatIds[p.index]);
+  let t = i / p.dim;
+  let id = u32(floatIds[p.index + t]);
   if (id < p.rowStart || id - p.rowStart >= p.rowCount) {
     return;
   }
-  out[i] = table[(id - p.rowStart) * p.dim + i];
+  out[i] = table[(id - p.rowStart) * p.dim + (i - t * p.dim)];
 }
 `,
   gemv: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias for rows ≤ MAXROWS: each
