@@ -118,7 +118,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "webgpu: linear, GEMV (rows ≤ 4) and tiled (rows > 4), odd sizes, with and without bias",
+  name:
+    "webgpu: linear, GEMV (rows ≤ 4, or ≤ 16 in groups of 4) and tiled, odd sizes, with and without bias",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
@@ -131,6 +132,9 @@ Deno.test({
         [3, 37, 45],
         [4, 33, 70],
         [5, 37, 45],
+        // GEMV in groups of 4 rows, the last one full or not.
+        [16, 64, 50],
+        [13, 40, 33],
         [70, 17, 129],
         [
           130,
@@ -141,11 +145,11 @@ Deno.test({
         // 64×64 tiles with k split over two thread groups below 256 tiles of 128×64,
         // 128×64 tiles from there.
         [129, 36, 130],
-        [9, 12, 165],
+        [18, 12, 165],
         [129, 12, 8200],
         [129, 13, 8200],
         // Split over K for outDim ≤ 128: rows and outDim not multiples of 4, 32 and 16 lanes.
-        [6, 36, 45],
+        [17, 36, 45],
         [67, 52, 128],
         [260, 8, 127],
       ];
@@ -180,14 +184,16 @@ Deno.test({
 });
 
 Deno.test({
-  name: "webgpu: tiled and split-K linear write split outputs and accumulate",
+  name: "webgpu: GEMV, tiled and split-K linear write split outputs and accumulate",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(3);
-      // skinny (inDim % 4 == 0, ≤ 128 outputs), main with scalar loads, main with vec4 loads.
+      // GEMV in row groups, skinny (inDim % 4 == 0, ≤ 128 outputs), main with
+      // scalar loads, main with vec4 loads.
       const cases: [number, number, number[]][] = [
-        [6, 36, [45, 20, 13]],
+        [10, 36, [45, 20, 13]],
+        [17, 36, [45, 20, 13]],
         [70, 17, [100, 60]],
         [129, 36, [130, 70]],
       ];

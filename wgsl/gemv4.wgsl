@@ -1,8 +1,9 @@
-// out [ROWS, outDim] = x [ROWS, inDim] · weightᵀ + bias for inDim % 4 == 0: the
-// GEMV of decode steps. Each weight is read once, as vec4s: 32 threads per
-// output stride along the row (512 contiguous bytes per step), 8 outputs per
-// workgroup, partial sums reduced in workgroup memory. ROWS (1 to 4) is
-// specialised per pipeline, so the accumulators are plain registers.
+// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias for inDim % 4 == 0: the
+// GEMV of decode steps. Each weight is read once per ROWS rows, as vec4s: 32
+// threads per output stride along the row (512 contiguous bytes per step), 8
+// outputs per workgroup, partial sums reduced in workgroup memory. ROWS (1 to
+// 4) is specialised per pipeline, so the accumulators are plain registers;
+// more rows (a batch of decode steps) take workgroup z for groups of ROWS.
 // Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
 // weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
@@ -14,7 +15,9 @@ const PER_GROUP: u32 = 8u; // 256 / LANES
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
 
-// Row r's running sums (module scope, so madd can update them).
+// The group's first row, and row r's running sums (module scope, so madd can
+// update them).
+var<private> row0: u32;
 var<private> acc0: vec4<f32>;
 var<private> acc1: vec4<f32>;
 var<private> acc2: vec4<f32>;
@@ -22,16 +25,22 @@ var<private> acc3: vec4<f32>;
 
 // Adds weight vec4 w times vec4 k of each row of x.
 fn madd(w: vec4<f32>, k: u32, k4: u32) {
-  acc0 = fma(w, x[k], acc0);
-  if (ROWS > 1u) {
-    acc1 = fma(w, x[k4 + k], acc1);
+  let base = row0 * k4 + k;
+  acc0 = fma(w, x[base], acc0);
+  if (hasRow(1u)) {
+    acc1 = fma(w, x[base + k4], acc1);
   }
-  if (ROWS > 2u) {
-    acc2 = fma(w, x[2u * k4 + k], acc2);
+  if (hasRow(2u)) {
+    acc2 = fma(w, x[base + 2u * k4], acc2);
   }
-  if (ROWS > 3u) {
-    acc3 = fma(w, x[3u * k4 + k], acc3);
+  if (hasRow(3u)) {
+    acc3 = fma(w, x[base + 3u * k4], acc3);
   }
+}
+
+// Whether row r of the group exists (the last group may have fewer than ROWS).
+fn hasRow(r: u32) -> bool {
+  return ROWS > r && row0 + r < p.rows;
 }
 
 @compute @workgroup_size(256)
@@ -42,6 +51,7 @@ fn main(
 ) {
   let lane = li % LANES;
   let o = (wg.y * nwg.x + wg.x) * PER_GROUP + li / LANES;
+  row0 = wg.z * ROWS;
   let k4 = p.inDim / 4u;
   if (o < p.outDim) {
     let wBase = o * k4;
@@ -74,15 +84,15 @@ fn main(
   }
   if (lane == 0u && o < p.outDim) {
     let sums = red[li];
-    storeOut(0u, o, sums.x);
-    if (ROWS > 1u) {
-      storeOut(1u, o, sums.y);
+    storeOut(row0, o, sums.x);
+    if (hasRow(1u)) {
+      storeOut(row0 + 1u, o, sums.y);
     }
-    if (ROWS > 2u) {
-      storeOut(2u, o, sums.z);
+    if (hasRow(2u)) {
+      storeOut(row0 + 2u, o, sums.z);
     }
-    if (ROWS > 3u) {
-      storeOut(3u, o, sums.w);
+    if (hasRow(3u)) {
+      storeOut(row0 + 3u, o, sums.w);
     }
   }
 }

@@ -141,6 +141,10 @@ const WRITABLE: Readonly<Record<string, readonly number[]>> = {
   scan: [9, 10, 11, 12],
 };
 const GEMV_MAX_ROWS = 4;
+// gemv4 takes up to this many rows in groups of 4, reading the weight once per
+// group: a batch of decode steps, where the tiled matmul would leave most SMs
+// idle on a long k loop.
+const GEMV4_MAX_ROWS = 16;
 const CONV_SEQUENTIAL_MAX_LEN = 4;
 const CONV_MAX_KERNEL = 9;
 const SCAN_WG = 128;
@@ -220,9 +224,9 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
   const vec4 = inDim % 4 === 0;
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
-  if (rows <= GEMV_MAX_ROWS) {
+  if (rows <= GEMV_MAX_ROWS || (vec4 && rows <= GEMV4_MAX_ROWS)) {
     shader = vec4 ? "gemv4" : "gemv";
-    if (vec4) constants = { ROWS: rows };
+    if (vec4) constants = { ROWS: Math.min(rows, GEMV_MAX_ROWS) };
   } else if (vec4 && outDim <= SKINNY_MAX_OUT) {
     // More threads per 4×4 block of out when there are few blocks.
     const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
@@ -247,7 +251,11 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
 
 /** The workgroup grid of a linear program for `rows` rows and `outDim` outputs. */
 function linearGroups(program: Program, rows: number, outDim: number): [number, number, number] {
-  const { TM, TN, LANES } = program.constants;
+  const { TM, TN, LANES, ROWS } = program.constants;
+  if (program.shader === "gemv4") {
+    const [x, y] = grid(Math.ceil(outDim / 8));
+    return [x, y, Math.ceil(rows / ROWS)]; // groups of ROWS rows
+  }
   if (program.shader !== "matmul") return grid(Math.ceil(outDim / 8));
   if (program.entry === "skinny") {
     // 4×4 blocks of out, 256 / LANES per workgroup.
