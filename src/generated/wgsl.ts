@@ -1106,6 +1106,24 @@ fn stateQuad(row: u32, q: u32) -> vec4<f32> {
   return quadOf(v, q);
 }
 
+/** Writes lanes 4q … 4q+3 of this group into a state row, those below nState. */
+fn storeStateQuad(row: u32, q: u32, v: vec4<f32>) {
+  let n = p.group * 16u + q * 4u;
+  let base = row * p.nState + n;
+  if (n < p.nState) {
+    state[base] = v.x;
+  }
+  if (n + 1u < p.nState) {
+    state[base + 1u] = v.y;
+  }
+  if (n + 2u < p.nState) {
+    state[base + 2u] = v.z;
+  }
+  if (n + 3u < p.nState) {
+    state[base + 3u] = v.w;
+  }
+}
+
 fn aQuad(d: u32, q: u32) -> vec4<f32> {
   let n = q * 4u;
   let v = vec4<f32>(A[lane(d, n)], A[lane(d, n + 1u)], A[lane(d, n + 2u)], A[lane(d, n + 3u)]);
@@ -1277,13 +1295,10 @@ fn output(
     workgroupBarrier();
   }
   if (w.inRange && w.c + 1u == p.nChunks) {
-    var q = array<vec4<f32>, 4>(h.q0, h.q1, h.q2, h.q3);
-    for (var n = 0u; n < 16u; n++) {
-      let s = p.group * 16u + n;
-      if (s < p.nState) {
-        state[row * p.nState + s] = q[n / 4u][n % 4u];
-      }
-    }
+    storeStateQuad(row, 0u, h.q0);
+    storeStateQuad(row, 1u, h.q1);
+    storeStateQuad(row, 2u, h.q2);
+    storeStateQuad(row, 3u, h.q3);
   }
 }
 `,
