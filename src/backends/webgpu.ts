@@ -123,7 +123,7 @@ export class WebGpuUnavailableError extends Error {
 const STORAGE_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 const PARAM_SLOT = 256; // bytes per dispatch's uniform block (≥ minUniformBufferOffsetAlignment)
 // Bytes per uniform arena buffer: large enough for a whole greedy batch (32
-// tokens × 267 dispatches for mamba-130m), so each kernel's bind group, which
+// tokens × 171 dispatches for mamba-130m), so each kernel's bind group, which
 // names the arena buffer, stays the same from token to token and is reused.
 const PARAM_CHUNK = 1 << 22;
 const MAX_GROUPS = 65535;
