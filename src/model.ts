@@ -239,6 +239,9 @@ export class MambaModel<Buf> {
     if (states.length !== firsts.length) {
       throw new RangeError(`${states.length} states but ${firsts.length} first ids`);
     }
+    if (new Set(states).size !== states.length) {
+      throw new RangeError("A state can take only one step at a time");
+    }
     const { dModel, vocabSize } = this.config;
     const batch = states.length;
     // What comes back: the last logits [batch, vocab], then the ids [count, batch].
