@@ -82,6 +82,14 @@ export interface ConvArgs<Buf> {
   batch?: number;
 }
 
+/** An RMSNorm of each row: x / sqrt(mean(x²) + eps) * weight, with weight [dim]. */
+export interface RowNorm<Buf> {
+  /** Per-channel scale [dim]. */
+  weight: Buf;
+  /** Added to the mean square. */
+  eps: number;
+}
+
 /** Operations recorded by {@link Backend.capture}. */
 export interface Recording {
   /** How many kernels a replay issues. */
@@ -196,6 +204,7 @@ export interface Backend<Buf = unknown> {
    * A linear whose output columns go to separate buffers: outs[i] [rows,
    * widths[i]] gets the next widths[i] columns of x · weightᵀ + bias, where
    * weight is [Σ widths, inDim] (in_proj's x and z; x_proj's dt, B and C).
+   * With `norm`, the product takes x's rows RMS-normalised (x is unchanged).
    */
   linearSplit(
     outs: readonly Buf[],
@@ -205,6 +214,7 @@ export interface Backend<Buf = unknown> {
     bias: Buf | null,
     rows: number,
     inDim: number,
+    norm?: RowNorm<Buf>,
   ): void;
   /** acc[i] += x[i] for the first `length` floats. */
   addInPlace(acc: Buf, x: Buf, length: number): void;

@@ -4,9 +4,9 @@
  * Every backend that can run here (see `./backends/registry.ts`) is created
  * and each operation of a Mamba block is timed on it with the model's real
  * dimensions, at the shape of a prefill chunk ({@link PREFILL_TOKENS} rows) and
- * at the decode shape (one row): rmsNorm, in_proj, the convolution, x_proj,
- * dt_proj, the scan and out_proj, plus lm_head and the logits read-back of a
- * step. A few milliseconds per operation suffice, after a warm-up that lets
+ * at the decode shape (one row): in_proj (with the block's RMSNorm), the
+ * convolution, x_proj, dt_proj, the scan and out_proj, plus lm_head (with the
+ * final norm) and the logits read-back of a step. A few milliseconds per operation suffice, after a warm-up that lets
  * the JavaScript engine optimise the kernels. The prefill chunk is measured at
  * 64 rows rather than the model's 512-row chunks: the kernels' time per row is
  * flat from there on (the wasm matmul runs at 38 GFLOP/s at 64 and at 512 rows),
@@ -68,12 +68,12 @@ const MAX_WARM_UP_PASSES = 6;
 /** A backend this slow to warm up (a software GPU compiling shaders) is timed as it is. */
 const MAX_WARM_UP_MS = 100;
 /** Part of every cache key: bump it when kernels or the measurement change. */
-const CACHE_VERSION = 1;
+const CACHE_VERSION = 2;
 const CACHE_PREFIX = "mamba-deno/backend/";
 
 /** The operations of one Mamba block, in the order the model issues them. */
-const LAYER_OPS = ["rmsNorm", "in_proj", "conv", "x_proj", "dt_proj", "scan", "out_proj"] as const;
-/** Once per forward call, after the blocks, at one row: the final norm reuses `rmsNorm@1`. */
+const LAYER_OPS = ["in_proj", "conv", "x_proj", "dt_proj", "scan", "out_proj"] as const;
+/** Once per forward call, after the blocks, at one row. */
 const HEAD_OPS = ["lm_head", "read"] as const;
 type OpName = typeof LAYER_OPS[number] | typeof HEAD_OPS[number];
 /** Waiting for the backend with no work queued: measured to take it out of the others' times. */
@@ -444,8 +444,6 @@ const MEASURED_OPS: readonly [OpName, number][] = [
 function callsOf(op: OpName, rows: number, nLayer: number): { prompt: number; token: number } {
   if (rows > 1) return { prompt: nLayer, token: 0 };
   if (op === "lm_head" || op === "read") return { prompt: 1, token: 1 };
-  // Every forward call ends with the final norm: one more rmsNorm on one row.
-  if (op === "rmsNorm") return { prompt: 1, token: nLayer + 1 };
   return { prompt: 0, token: nLayer };
 }
 
@@ -582,7 +580,6 @@ class OpBench<Buf> {
     const { dModel, dInner, dState, dtRank, dConv, vocabSize } = config;
     const sizes: Record<string, number> = {
       hidden: maxRows * dModel,
-      normed: maxRows * dModel,
       x: maxRows * dInner,
       z: maxRows * dInner,
       xc: maxRows * dInner,
@@ -653,17 +650,16 @@ class OpBench<Buf> {
     const { dModel, dInner, dState, dtRank, dConv, eps, projBias, convBias } = this.#c;
     const projBiasOf = (buf: Buf) => projBias ? buf : null;
     switch (op) {
-      case "rmsNorm":
-        return be.rmsNorm(b.normed, b.hidden, b.norm, rows, dModel, eps);
       case "in_proj":
         return be.linearSplit(
           [b.x, b.z],
           [dInner, dInner],
-          b.normed,
+          b.hidden,
           b.inProj,
           projBiasOf(b.inProjBias),
           rows,
           dModel,
+          { weight: b.norm, eps },
         );
       case "conv":
         return be.causalConv({
@@ -717,7 +713,16 @@ class OpBench<Buf> {
           true,
         );
       case "lm_head":
-        return be.linear(b.logits, b.normed, b.lmHead, null, 1, dModel, this.#c.vocabSize);
+        return be.linearSplit(
+          [b.logits],
+          [this.#c.vocabSize],
+          b.hidden,
+          b.lmHead,
+          null,
+          1,
+          dModel,
+          { weight: b.norm, eps },
+        );
     }
   }
 

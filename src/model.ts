@@ -23,7 +23,7 @@
  *
  * ```text
  * xn      = rmsNorm(hidden)                       [L, D]
- * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit)
+ * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit, norm included)
  * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs)
  * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit)
  * delta   = dt_proj(dt)                           [L, dInner]  (bias + softplus inside the scan)
@@ -64,7 +64,7 @@ const MAX_CHUNK = 512;
 interface Scratch<Buf> {
   len: number;
   hidden: Buf; // [L, D] residual stream
-  normed: Buf; // [L, D]
+  headIn: Buf; // [L, D] rows of the residual stream copied out for the head
   x: Buf; // [L, dInner]
   z: Buf; // [L, dInner]
   xc: Buf; // [L, dInner]
@@ -341,8 +341,17 @@ export class MambaModel<Buf> {
     const be = this.backend;
     const L = len * batch;
     this.#weights.layers.forEach((w, layer) => {
-      be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
-      be.linearSplit([s.x, s.z], [dInner, dInner], s.normed, w.inProj, w.inProjBias, L, dModel);
+      const norm = { weight: w.norm, eps };
+      be.linearSplit(
+        [s.x, s.z],
+        [dInner, dInner],
+        s.hidden,
+        w.inProj,
+        w.inProjBias,
+        L,
+        dModel,
+        norm,
+      );
       be.causalConv({
         out: s.xc,
         x: s.x,
@@ -449,18 +458,16 @@ export class MambaModel<Buf> {
 
   /**
    * logits [count, vocab] = lm_head(rmsNorm_f(rows [first, first + count) of
-   * the residual stream)), normalising into `s.normed`.
+   * the residual stream)); the norm is part of the projection (linearSplit's
+   * `norm`), whose input must start at row 0, so later rows are copied out.
    */
   #head(logits: Buf, s: Scratch<Buf>, first: number, count: number): void {
     const { dModel, vocabSize, eps } = this.config;
     const be = this.backend;
-    if (first === 0) {
-      be.rmsNorm(s.normed, s.hidden, this.#weights.normF, count, dModel, eps);
-    } else {
-      be.copy(s.normed, 0, s.hidden, first * dModel, count * dModel);
-      be.rmsNorm(s.normed, s.normed, this.#weights.normF, count, dModel, eps);
-    }
-    be.linear(logits, s.normed, this.#weights.lmHead, null, count, dModel, vocabSize);
+    const input = first === 0 ? s.hidden : s.headIn;
+    if (first !== 0) be.copy(s.headIn, 0, s.hidden, first * dModel, count * dModel);
+    const norm = { weight: this.#weights.normF, eps };
+    be.linearSplit([logits], [vocabSize], input, this.#weights.lmHead, null, count, dModel, norm);
   }
 
   #allocScratch(len: number): Scratch<Buf> {
@@ -469,7 +476,7 @@ export class MambaModel<Buf> {
     return {
       len,
       hidden: z(len * dModel),
-      normed: z(len * dModel),
+      headIn: z(len * dModel),
       x: z(len * dInner),
       z: z(len * dInner),
       xc: z(len * dInner),

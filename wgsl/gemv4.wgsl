@@ -4,10 +4,14 @@
 // outputs per workgroup, partial sums reduced in workgroup memory. ROWS (1 to
 // 4) is specialised per pipeline, so the accumulators are plain registers;
 // more rows (a batch of decode steps) take workgroup z for groups of ROWS.
+// With hasNorm, x's rows are RMS-normalised with normWeight first (the
+// block's norm before in_proj, norm_f before lm_head): each workgroup
+// computes its rows' scales itself, which costs less than a dispatch.
 // Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
 // weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
 
 const ROWS: u32 = 1u;
 const LANES: u32 = 32u;
@@ -23,8 +27,12 @@ var<private> acc1: vec4<f32>;
 var<private> acc2: vec4<f32>;
 var<private> acc3: vec4<f32>;
 
-// Adds weight vec4 w times vec4 k of each row of x.
-fn madd(w: vec4<f32>, k: u32, k4: u32) {
+// Adds weight vec4 w times vec4 k of each row of x (times the norm's weight).
+fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
+  var w = weight4;
+  if (p.hasNorm != 0u) {
+    w *= normWeight[k];
+  }
   let base = row0 * k4 + k;
   acc0 = fma(w, x[base], acc0);
   if (hasRow(1u)) {
@@ -41,6 +49,40 @@ fn madd(w: vec4<f32>, k: u32, k4: u32) {
 // Whether row r of the group exists (the last group may have fewer than ROWS).
 fn hasRow(r: u32) -> bool {
   return ROWS > r && row0 + r < p.rows;
+}
+
+// 1 / sqrt(mean(x²) + eps) of each row of the group, in component r; every
+// thread of the workgroup must call it (it reduces through workgroup memory).
+fn rowScales(li: u32, k4: u32) -> vec4<f32> {
+  var squares = vec4<f32>(0.0);
+  for (var k = li; k < k4; k += 256u) {
+    let base = row0 * k4 + k;
+    let v0 = x[base];
+    squares.x += dot(v0, v0);
+    if (hasRow(1u)) {
+      let v = x[base + k4];
+      squares.y += dot(v, v);
+    }
+    if (hasRow(2u)) {
+      let v = x[base + 2u * k4];
+      squares.z += dot(v, v);
+    }
+    if (hasRow(3u)) {
+      let v = x[base + 3u * k4];
+      squares.w += dot(v, v);
+    }
+  }
+  red[li] = squares;
+  workgroupBarrier();
+  for (var stride = 128u; stride > 0u; stride >>= 1u) {
+    if (li < stride) {
+      red[li] += red[li + stride];
+    }
+    workgroupBarrier();
+  }
+  let scales = inverseSqrt(red[0] / f32(p.inDim) + p.normEps);
+  workgroupBarrier(); // red is reused for the sums
+  return scales;
 }
 
 @compute @workgroup_size(256)
@@ -74,6 +116,10 @@ fn main(
     }
   }
   let ones = vec4<f32>(1.0);
+  var scales = ones;
+  if (p.hasNorm != 0u) {
+    scales = rowScales(li, k4);
+  }
   red[li] = vec4<f32>(dot(acc0, ones), dot(acc1, ones), dot(acc2, ones), dot(acc3, ones));
   workgroupBarrier();
   for (var stride = LANES / 2u; stride > 0u; stride >>= 1u) {
@@ -83,7 +129,7 @@ fn main(
     workgroupBarrier();
   }
   if (lane == 0u && o < p.outDim) {
-    let sums = red[li];
+    let sums = red[li] * scales;
     storeOut(row0, o, sums.x);
     if (hasRow(1u)) {
       storeOut(row0 + 1u, o, sums.y);

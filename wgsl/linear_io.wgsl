@@ -20,6 +20,8 @@ struct Params {
   split1: u32,
   split2: u32,
   accumulate: u32,
+  hasNorm: u32, // gemv4 only: normalise x's rows first (see gemv4.wgsl)
+  normEps: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -10,6 +10,7 @@ import {
   type Backend,
   type ConvArgs,
   convEachSequence,
+  type RowNorm,
   type ScanArgs,
   scanEachSequence,
 } from "../backend.ts";
@@ -115,7 +116,13 @@ export class JsBackend implements Backend<Float32Array> {
     bias: Float32Array | null,
     rows: number,
     inDim: number,
+    norm?: RowNorm<Float32Array>,
   ): void {
+    if (norm) {
+      const normed = new Float32Array(rows * inDim);
+      this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
+      x = normed;
+    }
     let first = 0;
     outs.forEach((out, i) => {
       const end = first + widths[i];

@@ -23,6 +23,7 @@ import {
   type Backend,
   type ConvArgs,
   convEachSequence,
+  type RowNorm,
   type ScanArgs,
   scanEachSequence,
 } from "../backend.ts";
@@ -356,6 +357,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   #workers: ThreadHandle[] = [];
   #canBlock = false;
   #linearScratch: WasmBuffer | null = null;
+  #normScratch: WasmBuffer | null = null;
   #convScratch: WasmBuffer | null = null;
   #scanScratch: WasmBuffer | null = null;
   #disposed = false;
@@ -591,7 +593,17 @@ export class WasmBackend implements Backend<WasmBuffer> {
     bias: WasmBuffer | null,
     rows: number,
     inDim: number,
+    norm?: RowNorm<WasmBuffer>,
   ): void {
+    if (norm) {
+      const length = rows * inDim;
+      if (!this.#normScratch || this.#normScratch.length < length) {
+        if (this.#normScratch) this.release(this.#normScratch);
+        this.#normScratch = this.#alloc(length);
+      }
+      this.rmsNorm(this.#normScratch, x, norm.weight, rows, inDim, norm.eps);
+      x = this.#normScratch;
+    }
     // Each output's rows of the weight (and bias) are a view: no copy.
     let first = 0;
     outs.forEach((out, i) => {

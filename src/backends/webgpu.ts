@@ -13,7 +13,7 @@
  * @module
  */
 
-import type { Backend, ConvArgs, Recording, ScanArgs } from "../backend.ts";
+import type { Backend, ConvArgs, Recording, RowNorm, ScanArgs } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
 
@@ -243,7 +243,8 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
   let program = linearPrograms.get(key);
   if (!program) {
     const preludes = ["linear_io", half ? "weight_f16" : "weight_f32"];
-    program = new Program(shader, entry, LINEAR_BINDINGS, constants, preludes);
+    const bindings = shader === "gemv4" ? [...LINEAR_BINDINGS, 7] : LINEAR_BINDINGS;
+    program = new Program(shader, entry, bindings, constants, preludes);
     linearPrograms.set(key, program);
   }
   return program;
@@ -363,6 +364,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly #dummy: GPUBuffer; // stands for absent read-only inputs
   readonly #dummyOut: GPUBuffer; // stands for unused read-write scratch or outputs
   readonly #dummyOut2: GPUBuffer; // a second one: writable bindings must not alias
+  readonly #normed = new Map<number, GpuBuffer>();
   #encoder: GPUCommandEncoder | null = null;
   #pass: GPUComputePassEncoder | null = null;
   readonly #paramBuffers: GPUBuffer[] = [];
@@ -671,16 +673,18 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     bias: GpuBuffer | null,
     rows: number,
     inDim: number,
+    norm?: RowNorm<GpuBuffer>,
   ): void {
     if (outs.length > LINEAR_MAX_OUTPUTS) {
       throw new RangeError(`linearSplit takes up to ${LINEAR_MAX_OUTPUTS} outputs`);
     }
-    this.#linear(outs, widths, x, weight, bias, rows, inDim, false);
+    this.#linear(outs, widths, x, weight, bias, rows, inDim, false, norm);
   }
 
   /**
    * outs get consecutive column blocks of `widths`; a weight split by rows
    * runs one dispatch per part, each writing its columns wherever they go.
+   * The GEMV applies a norm itself; the other kernels get a normalised copy.
    */
   #linear(
     outs: readonly GpuBuffer[],
@@ -691,10 +695,17 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     rows: number,
     inDim: number,
     accumulate: boolean,
+    norm?: RowNorm<GpuBuffer>,
   ): void {
     const outDim = widths.reduce((sum, width) => sum + width, 0);
-    const [input, done] = this.#unaliased(x, rows * inDim, ...outs);
     const program = linearProgram(rows, inDim, outDim, weight.half);
+    const fusedNorm = norm && program.shader === "gemv4" ? norm : null;
+    if (norm && !fusedNorm) {
+      const normed = this.#normScratch(rows * inDim);
+      this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
+      x = normed;
+    }
+    const [input, done] = this.#unaliased(x, rows * inDim, ...outs);
     const split1 = widths.length > 1 ? widths[0] : outDim;
     const split2 = widths.length > 2 ? widths[0] + widths[1] : outDim;
     // A split weight computes its block of output columns per part.
@@ -707,6 +718,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         4: outs[0].buffer,
         5: outs[1]?.buffer ?? this.#dummyOut,
         6: outs[2]?.buffer ?? this.#dummyOut2,
+        7: fusedNorm?.weight.buffer ?? this.#dummy,
       };
       const params = [
         rows,
@@ -718,10 +730,28 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         split1,
         split2,
         accumulate ? 1 : 0,
+        fusedNorm ? 1 : 0,
       ];
-      this.#run(program, params, [], bindings, linearGroups(program, rows, partDim));
+      const eps = [fusedNorm?.eps ?? 0];
+      this.#run(program, params, eps, bindings, linearGroups(program, rows, partDim));
     }
     done();
+  }
+
+  /**
+   * A buffer of `length` floats for normalised linear inputs, one per size for
+   * the backend's life: a recording may name it, so it must not move.
+   */
+  #normScratch(length: number): GpuBuffer {
+    let buffer = this.#normed.get(length);
+    if (!buffer) {
+      // Created directly (no clear to record): it is written before it is read.
+      const bytes = byteSize(length);
+      this.#checkSize(bytes);
+      const gpuBuffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
+      this.#normed.set(length, buffer = new GpuBuffer(gpuBuffer, length));
+    }
+    return buffer;
   }
 
   addInPlace(acc: GpuBuffer, x: GpuBuffer, length: number): void {
