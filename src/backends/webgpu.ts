@@ -128,18 +128,6 @@ const PARAM_SLOT = 256; // bytes per dispatch's uniform block (≥ minUniformBuf
 const PARAM_CHUNK = 1 << 22;
 const MAX_GROUPS = 65535;
 const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
-/** Bindings each shader declares `read_write` (the rest of 1.. are read-only, 0 is uniform). */
-const WRITABLE: Readonly<Record<string, readonly number[]>> = {
-  argmax: [2],
-  embed: [3],
-  rmsnorm: [3],
-  gemv: [4, 5, 6],
-  gemv4: [4, 5, 6],
-  matmul: [4, 5, 6],
-  add: [2],
-  conv: [4, 5],
-  scan: [9, 10, 11, 12],
-};
 const GEMV_MAX_ROWS = 4;
 // gemv4 takes up to this many rows in groups of 4, reading the weight once per
 // group: a batch of decode steps, where the tiled matmul would leave most SMs
@@ -157,8 +145,10 @@ export class Program {
   readonly key: string;
   /** Identifies the shader module: preludes, shader and constants. */
   readonly moduleKey: string;
-  /** Identifies the bind group layout: shader and bindings. */
+  /** Identifies the bind group layout: shader, bindings and which are writable. */
   readonly layoutKey: string;
+  /** The bindings the shader declares `read_write` (storage); the others of 1.. are read-only. */
+  readonly writable: readonly number[];
   constructor(
     /** Key of the shader in {@link WGSL}. */
     readonly shader: string,
@@ -173,7 +163,12 @@ export class Program {
   ) {
     this.moduleKey = `${[...preludes, shader].join("+")}:${JSON.stringify(constants)}`;
     this.key = `${this.moduleKey}:${entry}`;
-    this.layoutKey = `${shader}:${bindings.join(",")}`;
+    // The layout follows the declarations: a binding is writable where the
+    // WGSL declares it `read_write`.
+    const writable = [...this.source().matchAll(/@binding\((\d+)\)\s*var<storage,\s*read_write>/g)]
+      .map((match) => Number(match[1]));
+    this.writable = bindings.filter((binding) => writable.includes(binding));
+    this.layoutKey = `${shader}:${bindings.join(",")}:${this.writable.join(",")}`;
   }
 
   /** The WGSL source with the prelude prepended and the constants substituted. */
@@ -978,7 +973,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const key = program.layoutKey;
     let layout = this.#layouts.get(key);
     if (!layout) {
-      const writable = WRITABLE[program.shader] ?? [];
+      const writable = program.writable;
       layout = this.device.createBindGroupLayout({
         label: key,
         entries: program.bindings.map((binding) => ({
