@@ -9,6 +9,13 @@
  * one compute pass where possible) and submitted when a result is read, so a
  * decode step is a single submission that reads back only the logits row.
  * Per-dispatch parameters go into a uniform arena written once per submission.
+ * {@link WebGpuBackend.capture} records a decode step's launches once, with
+ * their own uniform block, so that replaying them costs three calls each.
+ *
+ * The kernels avoid private arrays indexed in loops: Naga emits every loop as
+ * a while-loop, which the NVIDIA compiler does not unroll, so such an array
+ * lives in local memory. Registers come as named vec4s instead (see
+ * scan.wgsl, matmul.wgsl, gemv4.wgsl).
  *
  * @module
  */
