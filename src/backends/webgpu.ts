@@ -12,10 +12,11 @@
  * {@link WebGpuBackend.capture} records a decode step's launches once, with
  * their own uniform block, so that replaying them costs three calls each.
  *
- * The kernels avoid private arrays indexed in loops: Naga emits every loop as
- * a while-loop, which the NVIDIA compiler does not unroll, so such an array
- * lives in local memory. Registers come as named vec4s instead (see
- * scan.wgsl, matmul.wgsl, gemv4.wgsl).
+ * The hot kernels (scan, matmul, gemv4, argmax) index no private array in a
+ * loop: Naga emits every loop as a while-loop, which the NVIDIA compiler does
+ * not unroll, so such an array lives in local memory. Their registers are
+ * named vec4s instead. conv.wgsl and the scalar gemv.wgsl (inputs whose
+ * width is not a multiple of 4) still use small arrays.
  *
  * @module
  */
