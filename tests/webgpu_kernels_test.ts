@@ -611,3 +611,48 @@ Deno.test({
       });
     }),
 });
+
+Deno.test({
+  name: "webgpu: linearSplit with the RMSNorm folded in, through GEMV, scalar GEMV and matmul",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(60);
+      // GEMV (one row; row groups), scalar GEMV (inDim % 4 != 0), tiled matmul.
+      const cases: [number, number, number[]][] = [
+        [1, 64, [40, 24]],
+        [6, 48, [30, 10, 7]],
+        [2, 37, [20, 9]],
+        [40, 36, [50, 30]],
+      ];
+      for (const [rows, inDim, widths] of cases) {
+        const outDim = widths.reduce((a, b) => a + b, 0);
+        const x = fill(rows * inDim, rand, 3);
+        const w = fill(outDim * inDim, rand);
+        const bias = fill(outDim, rand);
+        const normWeight = fill(inDim, rand);
+        const eps = 1e-5;
+        const normed = new Float32Array(rows * inDim);
+        js.rmsNorm(normed, x, normWeight, rows, inDim, eps);
+        const want = new Float32Array(rows * outDim);
+        js.linear(want, normed, w, bias, rows, inDim, outDim);
+        const outs = widths.map((width) => gpu.zeros(rows * width));
+        const gx = gpu.upload(x);
+        gpu.linearSplit(outs, widths, gx, gpu.upload(w), gpu.upload(bias), rows, inDim, {
+          weight: gpu.upload(normWeight),
+          eps,
+        });
+        let first = 0;
+        for (const [i, width] of widths.entries()) {
+          const got = await gpu.read(outs[i]);
+          const part = new Float32Array(rows * width);
+          for (let r = 0; r < rows; r++) {
+            part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
+          }
+          close(got, part, 1e-4, `normed linear ${rows}×${inDim}→${widths} output ${i}`);
+          first += width;
+        }
+        close(await gpu.read(gx), x, 0, "x is unchanged");
+      }
+    }),
+});
