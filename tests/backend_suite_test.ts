@@ -111,7 +111,11 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     });
   }
 
-  Deno.test(`[${label}] hf-oracle odd-bf16: sessions stepped together reproduce greedy_ids`, async () => {
+  /**
+   * The odd-bf16 oracle on this backend, each of its rows three times: six
+   * sequences, past the GEMV's four rows, with the greedy ids each should get.
+   */
+  const sixSequences = async () => {
     const dir = `${SHARED}/fixtures/hf-oracle/odd-bf16`;
     const { config, weights } = await loadCheckpoint(dir);
     const model = new MambaModel(await createBackend(backendName, options), config, weights);
@@ -120,13 +124,25 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     const totalLen = expected.info("greedy_ids").shape[1];
     const inputIds = expected.int32("input_ids");
     const greedyIds = expected.int32("greedy_ids");
-    // Each row three times: six sequences, past the GEMV's four rows.
     const rows = [0, 1, 0, 1, 0, 1].slice(0, 3 * batch);
+    return {
+      model,
+      rows,
+      promptLen,
+      totalLen,
+      prompt: (row: number) => inputIds.subarray(row * promptLen, (row + 1) * promptLen),
+      wanted: (row: number) => {
+        const start = row * totalLen + promptLen;
+        return [...greedyIds.subarray(start, (row + 1) * totalLen)];
+      },
+    };
+  };
+
+  Deno.test(`[${label}] hf-oracle odd-bf16: sessions stepped together reproduce greedy_ids`, async () => {
+    const { model, rows, promptLen, totalLen, prompt, wanted } = await sixSequences();
     const sessions = rows.map(() => new Session(model));
     const next = await Promise.all(
-      sessions.map((session, i) =>
-        session.prefill(inputIds.subarray(rows[i] * promptLen, (rows[i] + 1) * promptLen))
-      ),
+      sessions.map((session, i) => session.prefill(prompt(rows[i]))),
     );
     const generated: number[][] = rows.map(() => []);
     for (let t = promptLen; t < totalLen; t++) {
@@ -135,8 +151,7 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
       next.splice(0, next.length, ...await Session.stepTogether(sessions, ids));
     }
     rows.forEach((row, i) => {
-      const wanted = greedyIds.subarray(row * totalLen + promptLen, (row + 1) * totalLen);
-      assertEquals(generated[i], [...wanted], `sequence ${i} (row ${row})`);
+      assertEquals(generated[i], wanted(row), `sequence ${i} (row ${row})`);
       assertEquals(sessions[i].tokens.length, totalLen);
     });
     model.backend.dispose?.();
@@ -144,33 +159,24 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
 
   if (backendName === "webgpu") {
     Deno.test(`[${label}] hf-oracle odd-bf16: greedy decoding of six sequences on the device`, async () => {
-      const dir = `${SHARED}/fixtures/hf-oracle/odd-bf16`;
-      const { config, weights } = await loadCheckpoint(dir);
-      const model = new MambaModel(await createBackend(backendName, options), config, weights);
-      const expected = await readExpected(`${dir}/expected.safetensors`);
-      const [batch, promptLen] = expected.info("input_ids").shape;
-      const totalLen = expected.info("greedy_ids").shape[1];
-      const inputIds = expected.int32("input_ids");
-      const greedyIds = expected.int32("greedy_ids");
-      const rows = [0, 1, 0, 1, 0, 1].slice(0, 3 * batch);
+      const { model, rows, promptLen, totalLen, prompt, wanted } = await sixSequences();
       const states = rows.map(() => model.newState());
       let firsts: number[] = [];
       for (const [i, row] of rows.entries()) {
-        const prompt = inputIds.subarray(row * promptLen, (row + 1) * promptLen);
-        firsts.push(argmax(await model.run(states[i], prompt, "last")));
+        firsts.push(argmax(await model.run(states[i], prompt(row), "last")));
       }
       // Two calls: the second starts from the states the first copied back.
       const generated: number[][] = rows.map(() => []);
       const steps = totalLen - promptLen;
       for (const count of [Math.ceil(steps / 2), Math.floor(steps / 2)]) {
-        const results = await model.decodeGreedyBatch(states, firsts, count, config.vocabSize);
+        const vocab = model.config.vocabSize;
+        const results = await model.decodeGreedyBatch(states, firsts, count, vocab);
         results.forEach((r, i) => generated[i].push(...r.ids));
         firsts = results.map((r) => argmax(r.logits));
       }
-      rows.forEach((row, i) => {
-        const wanted = greedyIds.subarray(row * totalLen + promptLen, (row + 1) * totalLen);
-        assertEquals(generated[i], [...wanted], `sequence ${i} (row ${row})`);
-      });
+      rows.forEach((row, i) =>
+        assertEquals(generated[i], wanted(row), `sequence ${i} (row ${row})`)
+      );
       model.backend.dispose?.();
     });
   }

@@ -356,10 +356,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
   #ctrl: Int32Array | null = null;
   #workers: ThreadHandle[] = [];
   #canBlock = false;
-  #linearScratch: WasmBuffer | null = null;
-  #normScratch: WasmBuffer | null = null;
-  #convScratch: WasmBuffer | null = null;
-  #scanScratch: WasmBuffer | null = null;
+  /** Scratch buffers that operations keep between calls, grown as needed. */
+  readonly #scratchBuffers = new Map<"linear" | "norm" | "conv" | "scan", WasmBuffer>();
   #disposed = false;
 
   private constructor(memory: WebAssembly.Memory, instance: WebAssembly.Instance, threads: number) {
@@ -568,13 +566,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
   ): void {
     if (accumulate) {
       // The kernel overwrites; sums go through scratch, then onto out.
-      const length = rows * outDim;
-      if (!this.#linearScratch || this.#linearScratch.length < length) {
-        if (this.#linearScratch) this.release(this.#linearScratch);
-        this.#linearScratch = this.#alloc(length);
-      }
-      this.linear(this.#linearScratch, x, weight, bias, rows, inDim, outDim);
-      this.#kernels.addInPlace(out.ptr, this.#linearScratch.ptr, length);
+      const sums = this.#scratch("linear", rows * outDim);
+      this.linear(sums, x, weight, bias, rows, inDim, outDim);
+      this.#kernels.addInPlace(out.ptr, sums.ptr, rows * outDim);
       return;
     }
     const biasPtr = bias ? bias.ptr : 0;
@@ -596,13 +590,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
     norm?: RowNorm<WasmBuffer>,
   ): void {
     if (norm) {
-      const length = rows * inDim;
-      if (!this.#normScratch || this.#normScratch.length < length) {
-        if (this.#normScratch) this.release(this.#normScratch);
-        this.#normScratch = this.#alloc(length);
-      }
-      this.rmsNorm(this.#normScratch, x, norm.weight, rows, inDim, norm.eps);
-      x = this.#normScratch;
+      const normed = this.#scratch("norm", rows * inDim);
+      this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
+      x = normed;
     }
     // Each output's rows of the weight (and bias) are a view: no copy.
     let first = 0;
@@ -629,10 +619,6 @@ export class WasmBackend implements Backend<WasmBuffer> {
   causalConv(args: ConvArgs<WasmBuffer>): void {
     if ((args.batch ?? 1) > 1) return convEachSequence(args, view, (one) => this.causalConv(one));
     const { out, x, weight, bias, state, len, channels, kernel } = args;
-    if (!this.#convScratch || this.#convScratch.length < kernel * 4) {
-      if (this.#convScratch) this.release(this.#convScratch);
-      this.#convScratch = this.#alloc(kernel * 4);
-    }
     this.#kernels.causalConv(
       out.ptr,
       x.ptr,
@@ -642,7 +628,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       len,
       channels,
       kernel,
-      this.#convScratch.ptr,
+      this.#scratch("conv", kernel * 4).ptr,
     );
   }
 
@@ -653,11 +639,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
     // f64 state of one tile per thread.
     const scratchFloats = (this.#kernels.scanScratchBytes(dState) / 4) * this.threads;
-    if (!this.#scanScratch || this.#scanScratch.length < scratchFloats) {
-      if (this.#scanScratch) this.release(this.#scanScratch);
-      this.#scanScratch = this.#alloc(scratchFloats);
-    }
-    const scratch = this.#scanScratch.ptr;
+    const scratch = this.#scratch("scan", scratchFloats).ptr;
     const ptrs = [
       y.ptr,
       u.ptr,
@@ -679,6 +661,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
     } else {
       this.#kernels.scan(...ptrs, 0, dim, scratch);
     }
+  }
+
+  /** The scratch buffer kept for `purpose`, at least `length` floats. */
+  #scratch(purpose: "linear" | "norm" | "conv" | "scan", length: number): WasmBuffer {
+    let buffer = this.#scratchBuffers.get(purpose);
+    if (!buffer || buffer.length < length) {
+      if (buffer) this.release(buffer);
+      this.#scratchBuffers.set(purpose, buffer = this.#alloc(length));
+    }
+    return buffer;
   }
 
   /** Runs a job on every thread: part 0 here, the others on the workers. */
