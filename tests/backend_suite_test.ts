@@ -112,10 +112,11 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
   }
 
   /**
-   * The odd-bf16 oracle on this backend, each of its rows three times: six
-   * sequences, past the GEMV's four rows, with the greedy ids each should get.
+   * The odd-bf16 oracle on this backend, each of its rows `copies` times (six
+   * sequences by default, past the GEMV's four rows), with the greedy ids each
+   * should get.
    */
-  const sixSequences = async () => {
+  const sequences = async (copies = 3) => {
     const dir = `${SHARED}/fixtures/hf-oracle/odd-bf16`;
     const { config, weights } = await loadCheckpoint(dir);
     const model = new MambaModel(await createBackend(backendName, options), config, weights);
@@ -124,7 +125,7 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     const totalLen = expected.info("greedy_ids").shape[1];
     const inputIds = expected.int32("input_ids");
     const greedyIds = expected.int32("greedy_ids");
-    const rows = [0, 1, 0, 1, 0, 1].slice(0, 3 * batch);
+    const rows = Array.from({ length: copies * batch }, (_, i) => i % batch);
     return {
       model,
       rows,
@@ -139,7 +140,7 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
   };
 
   Deno.test(`[${label}] hf-oracle odd-bf16: sessions stepped together reproduce greedy_ids`, async () => {
-    const { model, rows, promptLen, totalLen, prompt, wanted } = await sixSequences();
+    const { model, rows, promptLen, totalLen, prompt, wanted } = await sequences();
     const sessions = rows.map(() => new Session(model));
     const next = await Promise.all(
       sessions.map((session, i) => session.prefill(prompt(rows[i]))),
@@ -158,8 +159,8 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
   });
 
   if (backendName === "webgpu") {
-    Deno.test(`[${label}] hf-oracle odd-bf16: greedy decoding of six sequences on the device`, async () => {
-      const { model, rows, promptLen, totalLen, prompt, wanted } = await sixSequences();
+    const greedyOnDevice = async (copies: number) => {
+      const { model, rows, promptLen, totalLen, prompt, wanted } = await sequences(copies);
       const states = rows.map(() => model.newState());
       let firsts: number[] = [];
       for (const [i, row] of rows.entries()) {
@@ -178,6 +179,11 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
         assertEquals(generated[i], wanted(row), `sequence ${i} (row ${row})`)
       );
       model.backend.dispose?.();
+    };
+
+    Deno.test(`[${label}] hf-oracle odd-bf16: greedy decoding of 6 and 18 sequences on the device`, async () => {
+      // 18 rows take the tiled matmul rather than the GEMV.
+      for (const copies of [3, 9]) await greedyOnDevice(copies);
     });
   }
 
