@@ -17,8 +17,6 @@ import { argmax } from "./sampler.ts";
 
 const MAGIC = "MAMBASS1";
 const HEADER_BYTES = 8 + 7 * 4;
-/** Snapshots store floats little-endian: on such a host their bytes copy as they are. */
-const LITTLE_ENDIAN = new Uint8Array(Uint16Array.of(1).buffer)[0] === 1;
 
 /** Thrown for a snapshot that is malformed or made for another model. */
 export class SnapshotError extends Error {
@@ -237,15 +235,11 @@ export class Session<Buf = unknown> {
         view.setInt32(offset, id, true);
         offset += 4;
       }
+      // Snapshots store floats little-endian, as the host does (the project
+      // assumes one, see safetensors.ts): their bytes copy as they are.
       const putFloats = (values: Float32Array) => {
-        if (LITTLE_ENDIAN) {
-          bytes.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), offset);
-          offset += values.byteLength;
-          return;
-        }
-        for (let i = 0; i < values.length; i++, offset += 4) {
-          view.setFloat32(offset, values[i], true);
-        }
+        bytes.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), offset);
+        offset += values.byteLength;
       };
       if (this.#lastLogits) putFloats(this.#lastLogits);
       for (let l = 0; l < nLayer; l++) {
@@ -340,15 +334,10 @@ function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): Snapsho
     }
     tokens.push(id);
   }
+  // Little-endian floats, copied so that they are aligned whatever the offset.
   const floats = (count: number) => {
-    if (LITTLE_ENDIAN) {
-      // A copy, so that the floats are aligned whatever the offset.
-      const values = new Float32Array(bytes.slice(offset, offset + count * 4).buffer);
-      offset += count * 4;
-      return values;
-    }
-    const values = new Float32Array(count);
-    for (let i = 0; i < count; i++, offset += 4) values[i] = view.getFloat32(offset, true);
+    const values = new Float32Array(bytes.slice(offset, offset + count * 4).buffer);
+    offset += count * 4;
     return values;
   };
   const logits = hasLogits ? floats(vocabSize) : null;

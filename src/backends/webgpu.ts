@@ -65,6 +65,9 @@ export class GpuBuffer {
   }
 }
 
+/** copyBufferToBuffer's arguments: source, its byte offset, destination, its byte offset, bytes. */
+type BufferCopy = [GPUBuffer, number, GPUBuffer, number, number];
+
 /** One kernel launch or buffer copy of a {@link GpuRecording}. */
 type RecordedStep =
   | {
@@ -73,7 +76,7 @@ type RecordedStep =
     offsets: [number];
     groups: [number, number, number];
   }
-  | { copy: [GPUBuffer, number, GPUBuffer, number, number] };
+  | { copy: BufferCopy };
 
 /** Work recorded by {@link WebGpuBackend.capture}: ready-made launches and their own uniform block. */
 export class GpuRecording implements Recording {
@@ -97,7 +100,7 @@ interface PendingLaunch {
 }
 
 /** What {@link WebGpuBackend.capture} has seen so far. */
-type CaptureLog = (PendingLaunch | { copy: [GPUBuffer, number, GPUBuffer, number, number] })[];
+type CaptureLog = (PendingLaunch | { copy: BufferCopy })[];
 
 /** Tuning knobs of {@link WebGpuBackend}; the defaults suit large GPUs. */
 export interface WebGpuOptions {
