@@ -48,6 +48,8 @@ import {
   probeCapabilities,
 } from "./backends/registry.ts";
 import type { MambaConfig } from "./config.ts";
+import { BLOCK_OPS, type BlockBuffers, blockOp, projectLogits } from "./model.ts";
+import type { LayerWeights } from "./weights.ts";
 
 /** Rows of the measured prefill chunk, and prompt tokens of the scored workload. */
 export const PREFILL_TOKENS = 64;
@@ -72,7 +74,7 @@ const CACHE_VERSION = 2;
 const CACHE_PREFIX = "mamba-deno/backend/";
 
 /** The operations of one Mamba block, in the order the model issues them. */
-const LAYER_OPS = ["in_proj", "conv", "x_proj", "dt_proj", "scan", "out_proj"] as const;
+const LAYER_OPS = BLOCK_OPS;
 /** Once per forward call, after the blocks, at one row. */
 const HEAD_OPS = ["lm_head", "read"] as const;
 type OpName = typeof LAYER_OPS[number] | typeof HEAD_OPS[number];
@@ -573,6 +575,9 @@ class OpBench<Buf> {
   readonly #c: MambaConfig;
   readonly #buffers: Buf[] = [];
   readonly #b: Record<string, Buf>;
+  /** The buffers above seen as one layer's weights and activations. */
+  readonly #weights: LayerWeights<Buf>;
+  readonly #activations: BlockBuffers<Buf>;
 
   constructor(backend: Backend<Buf>, config: MambaConfig, maxRows: number) {
     this.#be = backend;
@@ -615,6 +620,24 @@ class OpBench<Buf> {
     // the real one (webgpu, past its binding limit).
     this.#b.lmHead = backend.upload(new Float32Array(vocabSize * dModel), dModel);
     this.#buffers.push(this.#b.lmHead);
+    const b = this.#b;
+    const projBias = (buf: Buf) => config.projBias ? buf : null;
+    this.#weights = {
+      norm: b.norm,
+      inProj: b.inProj,
+      inProjBias: projBias(b.inProjBias),
+      convWeight: b.convWeight,
+      convBias: config.convBias ? b.convBias : null,
+      xProj: b.xProj,
+      dtProj: b.dtProj,
+      dtProjBias: b.dtProjBias,
+      A: b.A,
+      D: b.D,
+      outProj: b.outProj,
+      outProjBias: projBias(b.outProjBias),
+    };
+    const { hidden, x, z, xc, dt, B, C, delta, y } = b;
+    this.#activations = { hidden, x, z, xc, dt, B, C, delta, y };
   }
 
   /** Issues every layer operation at each of `rows`, then waits until the work is done. */
@@ -643,87 +666,15 @@ class OpBench<Buf> {
     }
   }
 
-  /** Issues operation `op` on `rows` tokens. */
+  /** Issues operation `op` on `rows` tokens, as the model does. */
   #run(op: Exclude<OpName, "read">, rows: number): void {
-    const be = this.#be;
     const b = this.#b;
-    const { dModel, dInner, dState, dtRank, dConv, eps, projBias, convBias } = this.#c;
-    const projBiasOf = (buf: Buf) => projBias ? buf : null;
-    switch (op) {
-      case "in_proj":
-        return be.linearSplit(
-          [b.x, b.z],
-          [dInner, dInner],
-          b.hidden,
-          b.inProj,
-          projBiasOf(b.inProjBias),
-          rows,
-          dModel,
-          { weight: b.norm, eps },
-        );
-      case "conv":
-        return be.causalConv({
-          out: b.xc,
-          x: b.x,
-          weight: b.convWeight,
-          bias: convBias ? b.convBias : null,
-          state: b.convState,
-          len: rows,
-          channels: dInner,
-          kernel: dConv,
-        });
-      case "x_proj":
-        return be.linearSplit(
-          [b.dt, b.B, b.C],
-          [dtRank, dState, dState],
-          b.xc,
-          b.xProj,
-          null,
-          rows,
-          dInner,
-        );
-      case "dt_proj":
-        return be.linear(b.delta, b.dt, b.dtProj, null, rows, dtRank, dInner);
-      case "scan":
-        return be.selectiveScan({
-          y: b.y,
-          u: b.xc,
-          delta: b.delta,
-          A: b.A,
-          B: b.B,
-          C: b.C,
-          D: b.D,
-          z: b.z,
-          deltaBias: b.dtProjBias,
-          deltaSoftplus: true,
-          state: b.ssmState,
-          len: rows,
-          dim: dInner,
-          dState,
-        });
-      case "out_proj":
-        return be.linear(
-          b.hidden,
-          b.y,
-          b.outProj,
-          projBiasOf(b.outProjBias),
-          rows,
-          dInner,
-          dModel,
-          true,
-        );
-      case "lm_head":
-        return be.linearSplit(
-          [b.logits],
-          [this.#c.vocabSize],
-          b.hidden,
-          b.lmHead,
-          null,
-          1,
-          dModel,
-          { weight: b.norm, eps },
-        );
+    if (op === "lm_head") {
+      const head = { lmHead: b.lmHead, normF: b.norm };
+      return projectLogits(this.#be, this.#c, b.logits, b.hidden, head, 1);
     }
+    const sequences = { conv: b.convState, ssm: b.ssmState, len: rows, batch: 1 };
+    blockOp(this.#be, this.#c, op, this.#weights, this.#activations, sequences);
   }
 
   /**

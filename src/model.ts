@@ -60,11 +60,14 @@ export type LogitsFor = "all" | "last";
  */
 const MAX_CHUNK = 512;
 
-/** Per-call scratch buffers, sized for `len` tokens. */
-interface Scratch<Buf> {
-  len: number;
-  hidden: Buf; // [L, D] residual stream
-  headIn: Buf; // [L, D] rows of the residual stream copied out for the head
+/** The operations of one block, in the order the model issues them. */
+export const BLOCK_OPS = ["in_proj", "conv", "x_proj", "dt_proj", "scan", "out_proj"] as const;
+/** One of {@link BLOCK_OPS}. */
+export type BlockOp = typeof BLOCK_OPS[number];
+
+/** The activations a block reads and writes, token-major, `L` rows each. */
+export interface BlockBuffers<Buf> {
+  hidden: Buf; // [L, D] residual stream: read by in_proj, added to by out_proj
   x: Buf; // [L, dInner]
   z: Buf; // [L, dInner]
   xc: Buf; // [L, dInner]
@@ -73,6 +76,123 @@ interface Scratch<Buf> {
   C: Buf; // [L, N]
   delta: Buf; // [L, dInner]
   y: Buf; // [L, dInner]
+}
+
+/**
+ * The sequences a block runs over: `batch` of `len` tokens each (L = batch ·
+ * len rows), carried in conv [batch, dConv - 1, dInner] and ssm [batch,
+ * dInner, N].
+ */
+export interface BlockSequences<Buf> {
+  conv: Buf;
+  ssm: Buf;
+  len: number;
+  batch: number;
+}
+
+/**
+ * Issues operation `op` of a block with weights `w`; see the module
+ * documentation for the math. The model runs the block as {@link BLOCK_OPS}
+ * in order; the dispatcher times each one alone.
+ */
+export function blockOp<Buf>(
+  be: Backend<Buf>,
+  config: MambaConfig,
+  op: BlockOp,
+  w: LayerWeights<Buf>,
+  s: BlockBuffers<Buf>,
+  { conv, ssm, len, batch }: BlockSequences<Buf>,
+): void {
+  const { dModel, dInner, dtRank, dState, dConv, eps } = config;
+  const L = len * batch;
+  switch (op) {
+    case "in_proj": // x, z = in_proj(rmsNorm(hidden))
+      return be.linearSplit(
+        [s.x, s.z],
+        [dInner, dInner],
+        s.hidden,
+        w.inProj,
+        w.inProjBias,
+        L,
+        dModel,
+        {
+          weight: w.norm,
+          eps,
+        },
+      );
+    case "conv": // xc = silu(causalConv(x) + convBias)
+      return be.causalConv({
+        out: s.xc,
+        x: s.x,
+        weight: w.convWeight,
+        bias: w.convBias,
+        state: conv,
+        len,
+        channels: dInner,
+        kernel: dConv,
+        batch,
+      });
+    case "x_proj": // dt, B, C = x_proj(xc)
+      return be.linearSplit(
+        [s.dt, s.B, s.C],
+        [dtRank, dState, dState],
+        s.xc,
+        w.xProj,
+        null,
+        L,
+        dInner,
+      );
+    case "dt_proj": // delta = dt_proj(dt), bias and softplus left to the scan
+      return be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
+    case "scan": // y = selective scan, gated by silu(z)
+      return be.selectiveScan({
+        y: s.y,
+        u: s.xc,
+        delta: s.delta,
+        A: w.A,
+        B: s.B,
+        C: s.C,
+        D: w.D,
+        z: s.z,
+        deltaBias: w.dtProjBias,
+        deltaSoftplus: true,
+        state: ssm,
+        len,
+        dim: dInner,
+        dState,
+        batch,
+      });
+    case "out_proj": // hidden += out_proj(y)
+      return be.linear(s.hidden, s.y, w.outProj, w.outProjBias, L, dInner, dModel, true);
+  }
+}
+
+/** logits [count, vocab] = lm_head(rmsNorm_f(input [count, D])). */
+export function projectLogits<Buf>(
+  be: Backend<Buf>,
+  config: MambaConfig,
+  logits: Buf,
+  input: Buf,
+  weights: Pick<MambaWeights<Buf>, "lmHead" | "normF">,
+  count: number,
+): void {
+  const norm = { weight: weights.normF, eps: config.eps };
+  be.linearSplit(
+    [logits],
+    [config.vocabSize],
+    input,
+    weights.lmHead,
+    null,
+    count,
+    config.dModel,
+    norm,
+  );
+}
+
+/** Per-call scratch buffers, sized for `len` tokens. */
+interface Scratch<Buf> extends BlockBuffers<Buf> {
+  len: number;
+  headIn: Buf; // [L, D] rows of the residual stream copied out for the head
 }
 
 /** A Mamba model whose weights live on one backend. */
@@ -337,52 +457,9 @@ export class MambaModel<Buf> {
    * batch > 1). Leaves the residual stream in `s.hidden`.
    */
   #blocks(state: MambaState<Buf>, s: Scratch<Buf>, len: number, batch = 1): void {
-    const { dModel, dInner, dtRank, dState, dConv, eps } = this.config;
-    const be = this.backend;
-    const L = len * batch;
     this.#weights.layers.forEach((w, layer) => {
-      const norm = { weight: w.norm, eps };
-      be.linearSplit(
-        [s.x, s.z],
-        [dInner, dInner],
-        s.hidden,
-        w.inProj,
-        w.inProjBias,
-        L,
-        dModel,
-        norm,
-      );
-      be.causalConv({
-        out: s.xc,
-        x: s.x,
-        weight: w.convWeight,
-        bias: w.convBias,
-        state: state.conv[layer],
-        len,
-        channels: dInner,
-        kernel: dConv,
-        batch,
-      });
-      be.linearSplit([s.dt, s.B, s.C], [dtRank, dState, dState], s.xc, w.xProj, null, L, dInner);
-      be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
-      be.selectiveScan({
-        y: s.y,
-        u: s.xc,
-        delta: s.delta,
-        A: w.A,
-        B: s.B,
-        C: s.C,
-        D: w.D,
-        z: s.z,
-        deltaBias: w.dtProjBias,
-        deltaSoftplus: true,
-        state: state.ssm[layer],
-        len,
-        dim: dInner,
-        dState,
-        batch,
-      });
-      be.linear(s.hidden, s.y, w.outProj, w.outProjBias, L, dInner, dModel, true);
+      const sequences = { conv: state.conv[layer], ssm: state.ssm[layer], len, batch };
+      for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
     });
   }
 
@@ -462,12 +539,11 @@ export class MambaModel<Buf> {
    * `norm`), whose input must start at row 0, so later rows are copied out.
    */
   #head(logits: Buf, s: Scratch<Buf>, first: number, count: number): void {
-    const { dModel, vocabSize, eps } = this.config;
+    const { dModel } = this.config;
     const be = this.backend;
     const input = first === 0 ? s.hidden : s.headIn;
     if (first !== 0) be.copy(s.headIn, 0, s.hidden, first * dModel, count * dModel);
-    const norm = { weight: this.#weights.normF, eps };
-    be.linearSplit([logits], [vocabSize], input, this.#weights.lmHead, null, count, dModel, norm);
+    projectLogits(be, this.config, logits, input, this.#weights, count);
   }
 
   #allocScratch(len: number): Scratch<Buf> {
