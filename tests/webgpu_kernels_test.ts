@@ -405,7 +405,7 @@ const CHUNK = 16;
 
 Deno.test({
   name:
-    `webgpu: selective scan, chunks of ${CHUNK}: len 1, chunk ± 1, many chunks; N 5, 8, 16, 20 (two groups of 16)`,
+    `webgpu: selective scan, chunks of ${CHUNK}: len 1, chunk ± 1, 4 and 10 chunks; N 5, 8, 16, 20 (two groups of 16)`,
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
@@ -431,7 +431,38 @@ Deno.test({
       );
       await checkScan(gpu, { len: 1, dim: 40, dState: 5, optional: false, softplus: true }, 3, 2);
       await checkScan(gpu, { len: 37, dim: 24, dState: 36, optional: true, softplus: true }, 4, 2);
+      // Ten chunks: the carry pass takes chunks four at a time.
+      await checkScan(gpu, {
+        len: 9 * CHUNK + 3,
+        dim: 21,
+        dState: 16,
+        optional: true,
+        softplus: true,
+      }, 5);
     }, { scanChunkLen: CHUNK }),
+});
+
+// A chunk longer than the kernel's 32-token tile and not a multiple of its
+// 4-token step: tiles and steps end inside the chunk.
+const LONG_CHUNK = 45;
+
+Deno.test({
+  name:
+    `webgpu: selective scan, chunks of ${LONG_CHUNK}: tiles and 4-token steps cut by chunk ends`,
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      let seed = 30;
+      for (const len of [LONG_CHUNK - 2, LONG_CHUNK, 2 * LONG_CHUNK + 7]) {
+        await checkScan(gpu, { len, dim: 37, dState: 16, optional: true, softplus: true }, seed++);
+        await checkScan(
+          gpu,
+          { len, dim: 37, dState: 20, optional: true, softplus: true },
+          seed++,
+          2,
+        );
+      }
+    }, { scanChunkLen: LONG_CHUNK }),
 });
 
 Deno.test({

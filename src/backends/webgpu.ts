@@ -147,7 +147,7 @@ const GEMV4_MAX_ROWS = 16;
 const CONV_SEQUENTIAL_MAX_LEN = 4;
 const CONV_MAX_KERNEL = 9;
 const SCAN_WG = 128;
-const SCAN_TILE = 16;
+const SCAN_TILE = 32; // tokens staged at a time in scan.wgsl: a multiple of 4, at most SCAN_WG / 4
 const SCAN_LANES = 16; // states per thread in scan.wgsl
 
 /** One kernel: a shader, its entry point, its specialisation and the bindings it uses. */
@@ -275,7 +275,7 @@ function linearGroups(program: Program, rows: number, outDim: number): [number, 
 const SCAN_PROGRAMS = (() => {
   const constants = { WG: SCAN_WG, TT: SCAN_TILE };
   return {
-    chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 5, 8, 11, 12], constants),
+    chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 5, 7, 8, 11, 12], constants),
     carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
     output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
   };

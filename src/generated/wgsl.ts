@@ -1022,7 +1022,7 @@ fn main(
 //
 // Layouts: u, delta, z, y [batch, len, dim]; B, C [batch, len, nState];
 // A [dim, nState]; state [batch, dim, nState]. One thread per channel; B and C
-// are staged per tile of TT tokens in workgroup memory.
+// are staged per tile of TT tokens in workgroup memory, loaded a tile ahead.
 //
 // A thread holds 16 states as four vec4s (a \`Lanes\`), never as an array: Naga
 // turns loops into while-loops that the GPU compiler does not unroll, and an
@@ -1069,7 +1069,7 @@ struct Params {
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
 
 const WG: u32 = 128u;
-const TT: u32 = 16u;
+const TT: u32 = 32u; // a multiple of 4, at most WG / 4
 const LOG2E: f32 = 1.4426950408889634;
 
 /** 16 states (or their A, B or C) of one channel. */
@@ -1183,19 +1183,79 @@ fn decayRates(d: u32) -> Lanes {
   return Lanes(aQuad(d, 0u), aQuad(d, 1u), aQuad(d, 2u), aQuad(d, 3u));
 }
 
-/** Stages B (and C when \`withC\`) of tokens [first, first + count) into workgroup memory. */
-fn stage(li: u32, first: u32, count: u32, withC: bool) {
-  for (var e = li; e < count * 4u; e += WG) {
-    let row = first + e / 4u;
-    let q = e % 4u;
+/**
+ * B and C of one token and quad of lanes, loaded a tile ahead by the thread
+ * that will store them into sB and sC (thread li holds entry li of the tile).
+ */
+struct Staged {
+  b: vec4<f32>,
+  c: vec4<f32>,
+}
+
+/** Loads entry li (token li / 4, quad li % 4) of the tile of \`count\` tokens from row \`first\`. */
+fn loadStaged(li: u32, first: u32, count: u32, withC: bool) -> Staged {
+  var staged = Staged(vec4<f32>(0.0), vec4<f32>(0.0));
+  if (li < count * 4u) {
+    let row = first + li / 4u;
+    let q = li % 4u;
     let n = q * 4u;
     let b = vec4<f32>(Bm[lane(row, n)], Bm[lane(row, n + 1u)], Bm[lane(row, n + 2u)], Bm[lane(row, n + 3u)]);
-    sB[e] = quadOf(b, q);
+    staged.b = quadOf(b, q);
     if (withC) {
       let c = vec4<f32>(Cm[lane(row, n)], Cm[lane(row, n + 1u)], Cm[lane(row, n + 2u)], Cm[lane(row, n + 3u)]);
-      sC[e] = quadOf(c, q);
+      staged.c = quadOf(c, q);
     }
   }
+  return staged;
+}
+
+/**
+ * Starts tile [t, t + TT) of a chunk ending at t1: stores the staged B and C
+ * into workgroup memory once every thread is done with the previous tile, and
+ * returns the next tile's, loaded now so that their latency overlaps this
+ * tile's arithmetic.
+ */
+fn nextTile(li: u32, w: Task, t: u32, staged: Staged, withC: bool) -> Staged {
+  workgroupBarrier();
+  if (li < TT * 4u) {
+    sB[li] = staged.b;
+    sC[li] = staged.c;
+  }
+  workgroupBarrier();
+  let after = min(t + TT, w.t1);
+  return loadStaged(li, w.seq + after, min(TT, w.t1 - after), withC);
+}
+
+/** u, delta and z of a channel for four consecutive tokens. */
+struct Inputs {
+  u: vec4<f32>,
+  delta: vec4<f32>,
+  z: vec4<f32>,
+}
+
+/**
+ * Loads channel d's inputs of tokens t … t+3 of a chunk (rows past the
+ * chunk's last token repeat it). The four loads of each input are in flight
+ * together, which a loop over tokens would not give: Naga's loops are not
+ * unrolled.
+ */
+fn loadInputs(w: Task, t: u32, withZ: bool) -> Inputs {
+  let last = w.seq + w.t1 - 1u;
+  let i = vec4<u32>(
+    min(w.seq + t, last),
+    min(w.seq + t + 1u, last),
+    min(w.seq + t + 2u, last),
+    min(w.seq + t + 3u, last),
+  ) * p.dim + w.dd;
+  var z4 = vec4<f32>(0.0);
+  if (withZ) {
+    z4 = vec4<f32>(z[i.x], z[i.y], z[i.z], z[i.w]);
+  }
+  return Inputs(
+    vec4<f32>(u[i.x], u[i.y], u[i.z], u[i.w]),
+    vec4<f32>(delta[i.x], delta[i.y], delta[i.z], delta[i.w]),
+    z4,
+  );
 }
 
 /** h ← exp2(dt·a2)·h + du·B for staged token k. */
@@ -1224,25 +1284,37 @@ fn chunk_state(
   let a2 = decayRates(w.dd);
   var h = Lanes(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
   var dsum = 0.0;
-  for (var tt = w.t0; tt < w.t1; tt += TT) {
-    let count = min(TT, w.t1 - tt);
-    stage(li, w.seq + tt, count, false);
-    workgroupBarrier();
-    // Each token's u and delta are loaded one token ahead, so that the
-    // memory latency overlaps the previous token's arithmetic.
-    var i = (w.seq + tt) * p.dim + w.dd;
-    var nextU = u[i];
-    var nextDelta = delta[i];
-    for (var k = 0u; k < count; k++) {
-      let ui = nextU;
-      let dt = stepSize(nextDelta, w.dd);
-      i = select(i, i + p.dim, k + 1u < count);
-      nextU = u[i];
-      nextDelta = delta[i];
-      dsum += dt;
-      h = advance(h, a2, dt, dt * ui, k);
+  var staged = loadStaged(li, w.seq + w.t0, min(TT, w.t1 - w.t0), false);
+  var next = loadInputs(w, w.t0, false);
+  // Four tokens per iteration; the next four load meanwhile.
+  for (var t = w.t0; t < w.t1; t += 4u) {
+    let k = (t - w.t0) % TT;
+    if (k == 0u) {
+      staged = nextTile(li, w, t, staged, false);
     }
-    workgroupBarrier();
+    let now = next;
+    next = loadInputs(w, t + 4u, false);
+    let n = w.t1 - t;
+    let dt = vec4<f32>(
+      stepSize(now.delta.x, w.dd),
+      stepSize(now.delta.y, w.dd),
+      stepSize(now.delta.z, w.dd),
+      stepSize(now.delta.w, w.dd),
+    );
+    h = advance(h, a2, dt.x, dt.x * now.u.x, k);
+    dsum += dt.x;
+    if (n > 1u) {
+      h = advance(h, a2, dt.y, dt.y * now.u.y, k + 1u);
+      dsum += dt.y;
+    }
+    if (n > 2u) {
+      h = advance(h, a2, dt.z, dt.z * now.u.z, k + 2u);
+      dsum += dt.z;
+    }
+    if (n > 3u) {
+      h = advance(h, a2, dt.w, dt.w * now.u.w, k + 3u);
+      dsum += dt.w;
+    }
   }
   if (w.inRange) {
     let base = (w.b * p.nChunks + w.c) * p.dim + w.d;
@@ -1254,13 +1326,49 @@ fn chunk_state(
   }
 }
 
+/** Four consecutive chunks' end states (one quad of lanes) and Σdt, as chunk_state left them. */
+struct ChunkEnds {
+  h0: vec4<f32>,
+  h1: vec4<f32>,
+  h2: vec4<f32>,
+  h3: vec4<f32>,
+  dtsum: vec4<f32>,
+}
+
+/** Index of chunk c's entry for sequence b, channel d in dtsum (hbuf: times 4, plus the quad). */
+fn chunkEntry(b: u32, c: u32, d: u32) -> u32 {
+  return (b * p.nChunks + min(c, p.nChunks - 1u)) * p.dim + d;
+}
+
+/** Loads chunks c … c+3 (clamped to the last) together, as loadInputs does tokens. */
+fn loadChunkEnds(b: u32, c: u32, d: u32, q: u32) -> ChunkEnds {
+  let e = vec4<u32>(chunkEntry(b, c, d), chunkEntry(b, c + 1u, d), chunkEntry(b, c + 2u, d), chunkEntry(b, c + 3u, d));
+  return ChunkEnds(
+    hbuf[e.x * 4u + q],
+    hbuf[e.y * 4u + q],
+    hbuf[e.z * 4u + q],
+    hbuf[e.w * 4u + q],
+    vec4<f32>(dtsum[e.x], dtsum[e.y], dtsum[e.z], dtsum[e.w]),
+  );
+}
+
+/**
+ * Chunk c takes h as its start state; returns the next chunk's start state,
+ * from chunk c's zero-start end state \`end\` and its Σdt.
+ */
+fn carryOver(b: u32, c: u32, d: u32, q: u32, a2: vec4<f32>, h: vec4<f32>, end: vec4<f32>, dsum: f32) -> vec4<f32> {
+  hbuf[chunkEntry(b, c, d) * 4u + q] = h;
+  return fma(exp2(a2 * dsum), h, end);
+}
+
 @compute @workgroup_size(256)
 fn carry(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  // One thread per (sequence, channel, quad of lanes).
+  // One thread per (sequence, channel, quad of lanes). Only the first
+  // nChunks - 1 chunks have end states; the last takes its start state only.
   let g = (wg.y * nwg.x + wg.x) * 256u + li;
   if (g >= p.batch * p.dim * 4u) {
     return;
@@ -1271,16 +1379,45 @@ fn carry(
   let b = bd / p.dim;
   let a2 = aQuad(d, q);
   var h = stateQuad(bd, q);
-  for (var c = 0u; c < p.nChunks; c++) {
-    let base = (b * p.nChunks + c) * p.dim + d;
-    let idx = base * 4u + q;
-    if (c + 1u < p.nChunks) {
-      let end = hbuf[idx];
-      hbuf[idx] = h;
-      h = fma(exp2(a2 * dtsum[base]), h, end);
-    } else {
-      hbuf[idx] = h;
+  let ends = p.nChunks - 1u;
+  var next = loadChunkEnds(b, 0u, d, q);
+  // Four chunks per iteration; the next four load meanwhile.
+  for (var c = 0u; c < ends; c += 4u) {
+    let now = next;
+    next = loadChunkEnds(b, c + 4u, d, q);
+    h = carryOver(b, c, d, q, a2, h, now.h0, now.dtsum.x);
+    if (c + 1u < ends) {
+      h = carryOver(b, c + 1u, d, q, a2, h, now.h1, now.dtsum.y);
     }
+    if (c + 2u < ends) {
+      h = carryOver(b, c + 2u, d, q, a2, h, now.h2, now.dtsum.z);
+    }
+    if (c + 3u < ends) {
+      h = carryOver(b, c + 3u, d, q, a2, h, now.h3, now.dtsum.w);
+    }
+  }
+  hbuf[chunkEntry(b, ends, d) * 4u + q] = h;
+}
+
+/** What the output pass needs besides the state and the token's inputs. */
+struct OutputPass {
+  skip: f32, // D of the channel in the last group, else 0
+  first: bool, // first group of states: y holds nothing yet
+  last: bool, // last group: apply D and the gate
+  hasZ: bool,
+}
+
+/** Writes y of the token at \`row\` (its index in u) from staged token k, after h took it in. */
+fn emit(o: OutputPass, w: Task, h: Lanes, row: u32, ui: f32, zi: f32, k: u32) {
+  var acc = fma(o.skip, ui, readout(h, k));
+  if (!o.first) {
+    acc += y[row]; // the earlier groups' C·h
+  }
+  if (o.hasZ && o.last) {
+    acc *= zi / (1.0 + exp(-zi));
+  }
+  if (w.inRange) {
+    y[row] = acc;
   }
 }
 
@@ -1291,7 +1428,6 @@ fn output(
 ) {
   let w = task(wg, li);
   let hasZ = (p.flags & 2u) != 0u;
-  let first = p.group == 0u;
   let last = p.group + 1u == p.nGroups;
   let a2 = decayRates(w.dd);
   let row = w.b * p.dim + w.dd; // of the state
@@ -1306,41 +1442,39 @@ fn output(
   if ((p.flags & 1u) != 0u && last) {
     skip = Dv[w.dd];
   }
-  for (var tt = w.t0; tt < w.t1; tt += TT) {
-    let count = min(TT, w.t1 - tt);
-    stage(li, w.seq + tt, count, true);
-    workgroupBarrier();
-    var next = (w.seq + tt) * p.dim + w.dd; // loads one token ahead, as in chunk_state
-    var nextU = u[next];
-    var nextDelta = delta[next];
-    var nextZ = 0.0;
-    if (hasZ) {
-      nextZ = z[next];
+  let o = OutputPass(skip, p.group == 0u, last, hasZ);
+  var staged = loadStaged(li, w.seq + w.t0, min(TT, w.t1 - w.t0), true);
+  var next = loadInputs(w, w.t0, hasZ);
+  // Four tokens per iteration, as in chunk_state.
+  for (var t = w.t0; t < w.t1; t += 4u) {
+    let k = (t - w.t0) % TT;
+    if (k == 0u) {
+      staged = nextTile(li, w, t, staged, true);
     }
-    for (var k = 0u; k < count; k++) {
-      let i = next;
-      let ui = nextU;
-      let dt = stepSize(nextDelta, w.dd);
-      let zi = nextZ;
-      next = select(i, i + p.dim, k + 1u < count);
-      nextU = u[next];
-      nextDelta = delta[next];
-      if (hasZ) {
-        nextZ = z[next];
-      }
-      h = advance(h, a2, dt, dt * ui, k);
-      var acc = fma(skip, ui, readout(h, k));
-      if (!first) {
-        acc += y[i]; // the earlier groups' C·h
-      }
-      if (hasZ && last) {
-        acc *= zi / (1.0 + exp(-zi));
-      }
-      if (w.inRange) {
-        y[i] = acc;
-      }
+    let now = next;
+    next = loadInputs(w, t + 4u, hasZ);
+    let n = w.t1 - t;
+    let i = (w.seq + t) * p.dim + w.dd;
+    let dt = vec4<f32>(
+      stepSize(now.delta.x, w.dd),
+      stepSize(now.delta.y, w.dd),
+      stepSize(now.delta.z, w.dd),
+      stepSize(now.delta.w, w.dd),
+    );
+    h = advance(h, a2, dt.x, dt.x * now.u.x, k);
+    emit(o, w, h, i, now.u.x, now.z.x, k);
+    if (n > 1u) {
+      h = advance(h, a2, dt.y, dt.y * now.u.y, k + 1u);
+      emit(o, w, h, i + p.dim, now.u.y, now.z.y, k + 1u);
     }
-    workgroupBarrier();
+    if (n > 2u) {
+      h = advance(h, a2, dt.z, dt.z * now.u.z, k + 2u);
+      emit(o, w, h, i + 2u * p.dim, now.u.z, now.z.z, k + 2u);
+    }
+    if (n > 3u) {
+      h = advance(h, a2, dt.w, dt.w * now.u.w, k + 3u);
+      emit(o, w, h, i + 3u * p.dim, now.u.w, now.z.w, k + 3u);
+    }
   }
   if (w.inRange && w.c + 1u == p.nChunks) {
     storeStateQuad(row, 0u, h.q0);
