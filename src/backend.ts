@@ -24,8 +24,17 @@ export interface ScanArgs<Buf> {
   y: Buf;
   /** Input u [len, dim]. */
   u: Buf;
-  /** Raw delta [len, dim], before bias and softplus. */
+  /**
+   * Raw delta [len, dim], before bias and softplus; with {@link deltaProj}, a
+   * buffer of that size that the backend may use for it.
+   */
   delta: Buf;
+  /**
+   * Optional: dt_proj folded into the scan. The raw delta is then dt [len,
+   * rank] · weightᵀ, with weight [dim, rank]: a backend computes it into
+   * `delta` first (see {@link projectDelta}) or inside its scan kernel.
+   */
+  deltaProj?: DeltaProjection<Buf>;
   /** A [dim, dState]: the (negative) state matrix, `-exp(A_log)`. */
   A: Buf;
   /** B [len, dState]: input projection of the state, per token. */
@@ -50,6 +59,16 @@ export interface ScanArgs<Buf> {
   dState: number;
   /** Independent sequences, each with its own state (default 1). */
   batch?: number;
+}
+
+/** The low-rank input of delta and its projection (Mamba's dt and dt_proj). */
+export interface DeltaProjection<Buf> {
+  /** dt [len, rank], per sequence as the other per-token buffers. */
+  dt: Buf;
+  /** dt_proj's weight [dim, rank]: what {@link Backend.linear} takes as a weight. */
+  weight: Buf;
+  /** R: columns of dt. */
+  rank: number;
 }
 
 /**
@@ -222,6 +241,18 @@ export interface Backend<Buf = unknown> {
   causalConv(args: ConvArgs<Buf>): void;
   /** Selective scan (S6) with fused softplus, D skip and z gating, carrying state. */
   selectiveScan(args: ScanArgs<Buf>): void;
+}
+
+/**
+ * For a scan that does not fold dt_proj in: computes delta = dt · weightᵀ into
+ * `args.delta` and returns the arguments of a plain scan over it.
+ */
+export function projectDelta<Buf>(be: Backend<Buf>, args: ScanArgs<Buf>): ScanArgs<Buf> {
+  const { deltaProj, ...plain } = args;
+  if (!deltaProj) return args;
+  const rows = args.len * (args.batch ?? 1);
+  be.linear(args.delta, deltaProj.dt, deltaProj.weight, null, rows, deltaProj.rank, args.dim);
+  return plain;
 }
 
 /** A backend's view of `length` floats of `buf` from `offset` (in floats). */

@@ -26,7 +26,7 @@
  * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit, norm included)
  * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs)
  * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit)
- * delta   = dt_proj(dt)                           [L, dInner]  (bias + softplus inside the scan)
+ * delta   = dt_proj(dt)                           [L, dInner]  (in the scan call, as are bias + softplus)
  * h       = exp(Δ·A)·h + Δ·B·xc  per token        [dInner, N]
  * y       = (C·h + D·xc) · silu(z)                [L, dInner]
  * hidden += out_proj(y)                           [L, D]  (linear, accumulating)
@@ -61,7 +61,7 @@ export type LogitsFor = "all" | "last";
 const MAX_CHUNK = 512;
 
 /** The operations of one block, in the order the model issues them. */
-export const BLOCK_OPS = ["in_proj", "conv", "x_proj", "dt_proj", "scan", "out_proj"] as const;
+export const BLOCK_OPS = ["in_proj", "conv", "x_proj", "scan", "out_proj"] as const;
 /** One of {@link BLOCK_OPS}. */
 export type BlockOp = typeof BLOCK_OPS[number];
 
@@ -74,7 +74,7 @@ export interface BlockBuffers<Buf> {
   dt: Buf; // [L, R]
   B: Buf; // [L, N]
   C: Buf; // [L, N]
-  delta: Buf; // [L, dInner]
+  delta: Buf; // [L, dInner]: scratch of the scan (dt_proj's output where the backend computes it first)
   y: Buf; // [L, dInner]
 }
 
@@ -142,13 +142,12 @@ export function blockOp<Buf>(
         L,
         dInner,
       );
-    case "dt_proj": // delta = dt_proj(dt), bias and softplus left to the scan
-      return be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
-    case "scan": // y = selective scan, gated by silu(z)
+    case "scan": // delta = dt_proj(dt); y = selective scan, gated by silu(z)
       return be.selectiveScan({
         y: s.y,
         u: s.xc,
         delta: s.delta,
+        deltaProj: { dt: s.dt, weight: w.dtProj, rank: dtRank },
         A: w.A,
         B: s.B,
         C: s.C,

@@ -478,6 +478,81 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "webgpu: a decode step's scan with dt_proj folded in: f32 and f16 weights, ranks 48 and 5, N 16 and 20, batches 1 and 3",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(40);
+      const dim = 130;
+      for (const [rank, dState, batch] of [[48, 16, 1], [5, 20, 3], [48, 16, 3]]) {
+        for (const half of [false, true]) {
+          let weight = fill(dim * rank, rand, 0.3);
+          if (half) weight = weight.map((v) => f16ToF32(f32ToF16(v)));
+          const dt = fill(batch * rank, rand);
+          const u = fill(batch * dim, rand);
+          const B = fill(batch * dState, rand);
+          const C = fill(batch * dState, rand);
+          const z = fill(batch * dim, rand);
+          const A = fill(dim * dState, rand).map((v) => -1 - 4 * Math.abs(v));
+          const D = fill(dim, rand);
+          const deltaBias = fill(dim, rand);
+          const state = fill(batch * dim * dState, rand);
+          const plain = {
+            A,
+            B,
+            C,
+            D,
+            z,
+            u,
+            deltaBias,
+            deltaSoftplus: true,
+            len: 1,
+            dim,
+            dState,
+            batch,
+          };
+          // The reference projects delta first (projectDelta), then scans.
+          const wantY = new Float32Array(batch * dim);
+          const wantState = state.slice();
+          js.selectiveScan({
+            ...plain,
+            y: wantY,
+            delta: new Float32Array(batch * dim),
+            deltaProj: { dt, weight, rank },
+            state: wantState,
+          });
+          const y = gpu.zeros(batch * dim);
+          const gotState = gpu.upload(state.slice());
+          const before = gpu.dispatches;
+          gpu.selectiveScan({
+            ...plain,
+            A: gpu.upload(A),
+            B: gpu.upload(B),
+            C: gpu.upload(C),
+            D: gpu.upload(D),
+            z: gpu.upload(z),
+            u: gpu.upload(u),
+            deltaBias: gpu.upload(deltaBias),
+            y,
+            delta: gpu.zeros(batch * dim),
+            deltaProj: {
+              dt: gpu.upload(dt),
+              weight: half ? gpu.uploadHalfMatrix(weight, rank)! : gpu.upload(weight, rank),
+              rank,
+            },
+            state: gotState,
+          });
+          assertEquals(gpu.dispatches - before, Math.ceil(dState / 16), "one dispatch per group");
+          const what = `step rank ${rank} N ${dState} batch ${batch} ${half ? "f16" : "f32"}`;
+          close(await gpu.read(y), wantY, 1e-5, `${what}: y`);
+          close(await gpu.read(gotState), wantState, 1e-5, `${what}: state`);
+        }
+      }
+    }),
+});
+
+Deno.test({
   name: "webgpu: matrices past the binding limit are split by rows for embed, embedFrom, linear",
   ignore,
   fn: () =>

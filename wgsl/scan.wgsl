@@ -25,6 +25,9 @@
 // - `output`: every chunk again from its start state, writing y and (last chunk)
 //   the final state. With one chunk only `output` runs, starting from `state`.
 //
+// `step` takes one token per sequence (decode) and computes delta itself from
+// the low-rank dt and dt_proj's weight, which saves a dispatch per layer.
+//
 // WG and TT are specialised per pipeline by the backend.
 struct Params {
   len: u32,
@@ -32,10 +35,11 @@ struct Params {
   batch: u32,
   chunkLen: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus
+  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16
   nState: u32,
   group: u32,
   nGroups: u32,
+  rank: u32, // step with dt_proj: columns of dt
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -51,6 +55,8 @@ struct Params {
 @group(0) @binding(10) var<storage, read_write> state: array<f32>;
 @group(0) @binding(11) var<storage, read_write> hbuf: array<vec4<f32>>; // [batch, nChunks, dim, 4]
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
+@group(0) @binding(13) var<storage, read> dtLow: array<f32>; // step: dt [batch, rank]
+@group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], f32 or packed f16 bits
 
 const WG: u32 = 128u;
 const TT: u32 = 32u; // a multiple of 4, at most WG / 4
@@ -461,6 +467,86 @@ fn output(
     }
   }
   if (w.inRange && w.c + 1u == p.nChunks) {
+    storeStateQuad(row, 0u, h.q0);
+    storeStateQuad(row, 1u, h.q1);
+    storeStateQuad(row, 2u, h.q2);
+    storeStateQuad(row, 3u, h.q3);
+  }
+}
+
+/** Element i of dt_proj's weight, stored as f32 or as f16 packed two per u32 (low half first). */
+fn dtProjAt(i: u32) -> f32 {
+  if ((p.flags & 16u) != 0u) {
+    return unpack2x16float(dtProj[i / 2u])[i % 2u];
+  }
+  return bitcast<f32>(dtProj[i]);
+}
+
+/** Raw delta of channel d of sequence b: dt[b] · dt_proj[d], four products in flight. */
+fn projectedDelta(b: u32, d: u32) -> f32 {
+  let x = b * p.rank;
+  let w = d * p.rank;
+  var sums = vec4<f32>(0.0);
+  var k = 0u;
+  for (; k + 4u <= p.rank; k += 4u) {
+    let dt4 = vec4<f32>(dtLow[x + k], dtLow[x + k + 1u], dtLow[x + k + 2u], dtLow[x + k + 3u]);
+    let w4 = vec4<f32>(dtProjAt(w + k), dtProjAt(w + k + 1u), dtProjAt(w + k + 2u), dtProjAt(w + k + 3u));
+    sums = fma(dt4, w4, sums);
+  }
+  for (; k < p.rank; k++) {
+    sums.x = fma(dtLow[x + k], dtProjAt(w + k), sums.x);
+  }
+  return (sums.x + sums.y) + (sums.z + sums.w);
+}
+
+/** Lanes 4q … 4q+3 of this group of sequence b's B (or C with `ofC`): a decode step's one token. */
+fn tokenQuad(b: u32, q: u32, ofC: bool) -> vec4<f32> {
+  let n = q * 4u;
+  var v: vec4<f32>;
+  if (ofC) {
+    v = vec4<f32>(Cm[lane(b, n)], Cm[lane(b, n + 1u)], Cm[lane(b, n + 2u)], Cm[lane(b, n + 3u)]);
+  } else {
+    v = vec4<f32>(Bm[lane(b, n)], Bm[lane(b, n + 1u)], Bm[lane(b, n + 2u)], Bm[lane(b, n + 3u)]);
+  }
+  return quadOf(v, q);
+}
+
+@compute @workgroup_size(WG)
+fn step(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let d = wg.x * WG + li;
+  let dd = min(d, p.dim - 1u);
+  let b = wg.z;
+  let row = b * p.dim + dd; // of u, z, y and the state alike
+  let last = p.group + 1u == p.nGroups;
+  let a2 = decayRates(dd);
+  let h0 = Lanes(stateQuad(row, 0u), stateQuad(row, 1u), stateQuad(row, 2u), stateQuad(row, 3u));
+  let dt = stepSize(projectedDelta(b, dd), dd);
+  let du = dt * u[row];
+  let h = Lanes(
+    fma(exp2(dt * a2.q0), h0.q0, du * tokenQuad(b, 0u, false)),
+    fma(exp2(dt * a2.q1), h0.q1, du * tokenQuad(b, 1u, false)),
+    fma(exp2(dt * a2.q2), h0.q2, du * tokenQuad(b, 2u, false)),
+    fma(exp2(dt * a2.q3), h0.q3, du * tokenQuad(b, 3u, false)),
+  );
+  var acc = dot(h.q0, tokenQuad(b, 0u, true)) + dot(h.q1, tokenQuad(b, 1u, true)) +
+    dot(h.q2, tokenQuad(b, 2u, true)) + dot(h.q3, tokenQuad(b, 3u, true));
+  if (p.group != 0u) {
+    acc += y[row]; // the earlier groups' C·h
+  }
+  if (last) {
+    if ((p.flags & 1u) != 0u) {
+      acc = fma(Dv[dd], u[row], acc);
+    }
+    if ((p.flags & 2u) != 0u) {
+      let zi = z[row];
+      acc *= zi / (1.0 + exp(-zi));
+    }
+  }
+  if (d < p.dim) {
+    y[row] = acc;
     storeStateQuad(row, 0u, h.q0);
     storeStateQuad(row, 1u, h.q1);
     storeStateQuad(row, 2u, h.q2);

@@ -10,6 +10,7 @@ import {
   type Backend,
   type ConvArgs,
   convEachSequence,
+  projectDelta,
   type RowNorm,
   type ScanArgs,
   scanEachSequence,
@@ -159,7 +160,8 @@ export class JsBackend implements Backend<Float32Array> {
     state.set(next);
   }
 
-  selectiveScan(args: ScanArgs<Float32Array>): void {
+  selectiveScan(scanArgs: ScanArgs<Float32Array>): void {
+    const args = projectDelta(this, scanArgs);
     if ((args.batch ?? 1) > 1) {
       return scanEachSequence(args, view, (one) => this.selectiveScan(one));
     }

@@ -23,6 +23,7 @@ import {
   type Backend,
   type ConvArgs,
   convEachSequence,
+  projectDelta,
   type RowNorm,
   type ScanArgs,
   scanEachSequence,
@@ -632,7 +633,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
     );
   }
 
-  selectiveScan(args: ScanArgs<WasmBuffer>): void {
+  selectiveScan(scanArgs: ScanArgs<WasmBuffer>): void {
+    const args = projectDelta(this, scanArgs);
     if ((args.batch ?? 1) > 1) {
       return scanEachSequence(args, view, (one) => this.selectiveScan(one));
     }

@@ -21,7 +21,14 @@
  * @module
  */
 
-import type { Backend, ConvArgs, Recording, RowNorm, ScanArgs } from "../backend.ts";
+import {
+  type Backend,
+  type ConvArgs,
+  projectDelta,
+  type Recording,
+  type RowNorm,
+  type ScanArgs,
+} from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
 
@@ -271,13 +278,14 @@ function linearGroups(program: Program, rows: number, outDim: number): [number, 
   return [Math.ceil(outDim / TN), Math.ceil(rows / TM), 1];
 }
 
-/** The three passes of the chunked scan. */
+/** The three passes of the chunked scan, and the decode step that computes delta itself. */
 const SCAN_PROGRAMS = (() => {
   const constants = { WG: SCAN_WG, TT: SCAN_TILE };
   return {
     chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 5, 7, 8, 11, 12], constants),
     carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
     output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
+    step: new Program("scan", "step", [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14], constants),
   };
 })();
 
@@ -818,15 +826,42 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     }
   }
 
-  selectiveScan(args: ScanArgs<GpuBuffer>): void {
+  selectiveScan(scanArgs: ScanArgs<GpuBuffer>): void {
+    if ((scanArgs.batch ?? 1) === 0 || scanArgs.len === 0) return;
+    // A decode step folds dt_proj into the scan; longer scans take it as a matmul.
+    const projection = scanArgs.len === 1 && scanArgs.deltaProj?.weight.parts.length === 0
+      ? scanArgs.deltaProj
+      : undefined;
+    const args = projection ? scanArgs : projectDelta(this, scanArgs);
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
     const batch = args.batch ?? 1;
-    if (len === 0 || batch === 0) return;
-    const chunkLen = this.scanChunkLen(batch, dim, len);
-    const nChunks = Math.ceil(len / chunkLen);
-    const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
+    const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0) |
+      (projection?.weight.half ? 16 : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
     const nGroups = Math.ceil(dState / SCAN_LANES);
+    const channelGroups = Math.ceil(dim / SCAN_WG);
+    if (projection) {
+      const bindings = {
+        1: u.buffer,
+        3: A.buffer,
+        4: B.buffer,
+        5: C.buffer,
+        6: D?.buffer ?? this.#dummy,
+        7: z?.buffer ?? this.#dummy,
+        8: deltaBias?.buffer ?? this.#dummy,
+        9: y.buffer,
+        10: state.buffer,
+        13: projection.dt.buffer,
+        14: projection.weight.buffer,
+      };
+      for (let group = 0; group < nGroups; group++) {
+        const params = [1, dim, batch, 1, 1, flags, dState, group, nGroups, projection.rank];
+        this.#run(SCAN_PROGRAMS.step, params, [], bindings, [channelGroups, 1, batch]);
+      }
+      return;
+    }
+    const chunkLen = this.scanChunkLen(batch, dim, len);
+    const nChunks = Math.ceil(len / chunkLen);
     if (nChunks > 1) this.#notCapturing("A scan over several chunks");
     const hbuf = nChunks > 1
       ? this.#pool.acquire(byteSize(batch * nChunks * dim * SCAN_LANES), false)
@@ -846,9 +881,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       11: hbuf ?? this.#dummyOut,
       12: dtsum ?? this.#dummyOut,
     };
-    const channelGroups = Math.ceil(dim / SCAN_WG);
     for (let group = 0; group < nGroups; group++) {
-      const params = [len, dim, batch, chunkLen, nChunks, flags, dState, group, nGroups];
+      const params = [len, dim, batch, chunkLen, nChunks, flags, dState, group, nGroups, 0];
       if (nChunks > 1) {
         this.#run(
           SCAN_PROGRAMS.chunkState,
