@@ -34,7 +34,14 @@ export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
 export type { MambaConfig } from "./src/config.ts";
 export { MambaModel } from "./src/model.ts";
 export type { LogitsFor, MambaState } from "./src/model.ts";
-export type { Backend, ConvArgs, Recording, RowNorm, ScanArgs } from "./src/backend.ts";
+export type {
+  Backend,
+  ConvArgs,
+  DeltaProjection,
+  Recording,
+  RowNorm,
+  ScanArgs,
+} from "./src/backend.ts";
 export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
 export type { BackendCache, BackendReport, CandidateReport } from "./src/dispatch.ts";
 export type { SourceOptions } from "./src/source.ts";
