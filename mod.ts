@@ -37,6 +37,7 @@ export type { LogitsFor, MambaState } from "./src/model.ts";
 export type {
   Backend,
   ConvArgs,
+  ConvStep,
   DeltaProjection,
   Recording,
   RowNorm,

@@ -109,6 +109,24 @@ export interface RowNorm<Buf> {
   eps: number;
 }
 
+/**
+ * A decode step's causal convolution folded into the {@link Backend.linearSplit}
+ * that makes its input (in_proj): row r of the first output is the newest
+ * input of sequence r, whose conv state `state` holds the ones before.
+ */
+export interface ConvStep<Buf> {
+  /** Output [rows, channels]: `silu(conv(x) + bias)` ({@link ConvArgs.out} of one token per sequence). */
+  out: Buf;
+  /** Weights [channels, kernel]. */
+  weight: Buf;
+  /** Bias [channels], or null for none. */
+  bias: Buf | null;
+  /** Per sequence, the previous `kernel - 1` inputs [rows, kernel - 1, channels]; updated. */
+  state: Buf;
+  /** Kernel width. */
+  kernel: number;
+}
+
 /** Operations recorded by {@link Backend.capture}. */
 export interface Recording {
   /** How many kernels a replay issues. */
@@ -224,6 +242,9 @@ export interface Backend<Buf = unknown> {
    * widths[i]] gets the next widths[i] columns of x · weightᵀ + bias, where
    * weight is [Σ widths, inDim] (in_proj's x and z; x_proj's dt, B and C).
    * With `norm`, the product takes x's rows RMS-normalised (x is unchanged).
+   * With `conv`, the first output's rows then go through a decode step's
+   * causal convolution into `conv.out` (see {@link convStepAfter}); outs[0]
+   * itself may be left unwritten.
    */
   linearSplit(
     outs: readonly Buf[],
@@ -234,6 +255,7 @@ export interface Backend<Buf = unknown> {
     rows: number,
     inDim: number,
     norm?: RowNorm<Buf>,
+    conv?: ConvStep<Buf>,
   ): void;
   /** acc[i] += x[i] for the first `length` floats. */
   addInPlace(acc: Buf, x: Buf, length: number): void;
@@ -253,6 +275,22 @@ export function projectDelta<Buf>(be: Backend<Buf>, args: ScanArgs<Buf>): ScanAr
   const rows = args.len * (args.batch ?? 1);
   be.linear(args.delta, deltaProj.dt, deltaProj.weight, null, rows, deltaProj.rank, args.dim);
   return plain;
+}
+
+/**
+ * The convolution of a {@link ConvStep} as an operation of its own, for a
+ * linearSplit that does not fold it in: conv.out = silu(conv(first) + bias),
+ * `rows` sequences of one token each.
+ */
+export function convStepAfter<Buf>(
+  be: Backend<Buf>,
+  first: Buf,
+  rows: number,
+  channels: number,
+  conv: ConvStep<Buf>,
+): void {
+  const { out, weight, bias, state, kernel } = conv;
+  be.causalConv({ out, x: first, weight, bias, state, len: 1, channels, kernel, batch: rows });
 }
 
 /** A backend's view of `length` floats of `buf` from `offset` (in floats). */

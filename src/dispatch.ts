@@ -4,9 +4,10 @@
  * Every backend that can run here (see `./backends/registry.ts`) is created
  * and each operation of a Mamba block is timed on it with the model's real
  * dimensions, at the shape of a prefill chunk ({@link PREFILL_TOKENS} rows) and
- * at the decode shape (one row): in_proj (with the block's RMSNorm), the
- * convolution, x_proj, the scan (with dt_proj) and out_proj, plus lm_head (with the
- * final norm) and the logits read-back of a step. A few milliseconds per operation suffice, after a warm-up that lets
+ * at the decode shape (one row): in_proj (with the block's RMSNorm, and at one
+ * row the convolution), the convolution, x_proj, the scan (with dt_proj) and
+ * out_proj, plus lm_head (with the final norm) and the logits read-back of a
+ * step. A few milliseconds per operation suffice, after a warm-up that lets
  * the JavaScript engine optimise the kernels. The prefill chunk is measured at
  * 64 rows rather than the model's 512-row chunks: the kernels' time per row is
  * flat from there on (the wasm matmul runs at 38 GFLOP/s at 64 and at 512 rows),

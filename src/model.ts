@@ -24,7 +24,8 @@
  * ```text
  * xn      = rmsNorm(hidden)                       [L, D]
  * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit, norm included)
- * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs)
+ * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs;
+ *                                                 in a decode step, part of in_proj's linearSplit)
  * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit)
  * delta   = dt_proj(dt)                           [L, dInner]  (in the scan call, as are bias + softplus)
  * h       = exp(Δ·A)·h + Δ·B·xc  per token        [dInner, N]
@@ -106,7 +107,7 @@ export function blockOp<Buf>(
   const { dModel, dInner, dtRank, dState, dConv, eps } = config;
   const L = len * batch;
   switch (op) {
-    case "in_proj": // x, z = in_proj(rmsNorm(hidden))
+    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc too
       return be.linearSplit(
         [s.x, s.z],
         [dInner, dInner],
@@ -115,12 +116,13 @@ export function blockOp<Buf>(
         w.inProjBias,
         L,
         dModel,
-        {
-          weight: w.norm,
-          eps,
-        },
+        { weight: w.norm, eps },
+        len === 1
+          ? { out: s.xc, weight: w.convWeight, bias: w.convBias, state: conv, kernel: dConv }
+          : undefined,
       );
-    case "conv": // xc = silu(causalConv(x) + convBias)
+    case "conv": // xc = silu(causalConv(x) + convBias), done by in_proj in a decode step
+      if (len === 1) return;
       return be.causalConv({
         out: s.xc,
         x: s.x,

@@ -762,3 +762,68 @@ Deno.test({
       }
     }),
 });
+
+Deno.test({
+  name:
+    "webgpu: linearSplit with a decode step's conv folded in (GEMV), or run after it (matmul), against js",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(50);
+      // [rows (sequences), inDim, widths, kernel, bias, f16 weight]
+      const cases: [number, number, number[], number, boolean, boolean][] = [
+        [1, 48, [37, 20], 4, true, false],
+        [3, 48, [37, 20], 4, true, true],
+        [6, 32, [40], 2, false, false],
+        [20, 32, [24, 8], 4, true, false], // past the GEMV's 16 rows: the conv runs after
+      ];
+      for (const [rows, inDim, widths, kernel, withBias, half] of cases) {
+        const outDim = widths.reduce((a, b) => a + b, 0);
+        const channels = widths[0];
+        const x = fill(rows * inDim, rand);
+        let w = fill(outDim * inDim, rand, 0.3);
+        if (half) w = w.map((v) => f16ToF32(f32ToF16(v)));
+        const bias = fill(outDim, rand);
+        const convWeight = fill(channels * kernel, rand);
+        const convBias = withBias ? fill(channels, rand) : null;
+        const state = fill(rows * (kernel - 1) * channels, rand);
+        const normWeight = fill(inDim, rand);
+        const norm = { eps: 1e-5 };
+
+        const wantOuts = widths.map((width) => new Float32Array(rows * width));
+        const wantConv = new Float32Array(rows * channels);
+        const wantState = state.slice();
+        js.linearSplit(wantOuts, widths, x, w, bias, rows, inDim, {
+          ...norm,
+          weight: normWeight,
+        }, { out: wantConv, weight: convWeight, bias: convBias, state: wantState, kernel });
+
+        const outs = widths.map((width) => gpu.zeros(rows * width));
+        const out = gpu.zeros(rows * channels);
+        const gotState = gpu.upload(state.slice());
+        gpu.linearSplit(
+          outs,
+          widths,
+          gpu.upload(x),
+          half ? gpu.uploadHalfMatrix(w, inDim)! : gpu.upload(w, inDim),
+          gpu.upload(bias),
+          rows,
+          inDim,
+          { ...norm, weight: gpu.upload(normWeight) },
+          {
+            out,
+            weight: gpu.upload(convWeight),
+            bias: convBias && gpu.upload(convBias),
+            state: gotState,
+            kernel,
+          },
+        );
+        const what = `conv step after ${rows}×${inDim}→${widths}, kernel ${kernel}`;
+        close(await gpu.read(out), wantConv, 1e-4, `${what}: conv out`);
+        close(await gpu.read(gotState), wantState, 1e-6, `${what}: conv state`);
+        for (let i = 1; i < widths.length; i++) {
+          close(await gpu.read(outs[i]), wantOuts[i], 1e-4, `${what}: output ${i}`);
+        }
+      }
+    }),
+});

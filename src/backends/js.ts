@@ -10,6 +10,8 @@ import {
   type Backend,
   type ConvArgs,
   convEachSequence,
+  type ConvStep,
+  convStepAfter,
   projectDelta,
   type RowNorm,
   type ScanArgs,
@@ -118,6 +120,7 @@ export class JsBackend implements Backend<Float32Array> {
     rows: number,
     inDim: number,
     norm?: RowNorm<Float32Array>,
+    conv?: ConvStep<Float32Array>,
   ): void {
     if (norm) {
       const normed = new Float32Array(rows * inDim);
@@ -131,6 +134,7 @@ export class JsBackend implements Backend<Float32Array> {
       this.linear(out, x, part, bias?.subarray(first, end) ?? null, rows, inDim, widths[i]);
       first = end;
     });
+    if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
   }
 
   addInPlace(acc: Float32Array, x: Float32Array, length: number): void {

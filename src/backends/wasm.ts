@@ -23,6 +23,8 @@ import {
   type Backend,
   type ConvArgs,
   convEachSequence,
+  type ConvStep,
+  convStepAfter,
   projectDelta,
   type RowNorm,
   type ScanArgs,
@@ -589,6 +591,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     rows: number,
     inDim: number,
     norm?: RowNorm<WasmBuffer>,
+    conv?: ConvStep<WasmBuffer>,
   ): void {
     if (norm) {
       const normed = this.#scratch("norm", rows * inDim);
@@ -611,6 +614,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       );
       first += widths[i];
     });
+    if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
   }
 
   addInPlace(acc: WasmBuffer, x: WasmBuffer, length: number): void {

@@ -24,6 +24,8 @@
 import {
   type Backend,
   type ConvArgs,
+  type ConvStep,
+  convStepAfter,
   projectDelta,
   type Recording,
   type RowNorm,
@@ -222,7 +224,7 @@ const PROGRAMS = {
   convUpdateState: new Program("conv", "update_state", [0, 1, 5]),
 };
 
-const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6];
+const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10];
 const LINEAR_MAX_OUTPUTS = 3; // out, out2, out3 of linear_io.wgsl
 const linearPrograms = new Map<string, Program>();
 
@@ -378,6 +380,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly #dummy: GPUBuffer; // stands for absent read-only inputs
   readonly #dummyOut: GPUBuffer; // stands for unused read-write scratch or outputs
   readonly #dummyOut2: GPUBuffer; // a second one: writable bindings must not alias
+  readonly #dummyOut3: GPUBuffer; // and a third
   readonly #normed = new Map<number, GpuBuffer>();
   #encoder: GPUCommandEncoder | null = null;
   #pass: GPUComputePassEncoder | null = null;
@@ -402,6 +405,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#dummy = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     this.#dummyOut = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     this.#dummyOut2 = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
+    this.#dummyOut3 = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     device.addEventListener("uncapturederror", (event) => {
       this.#error ??= (event as GPUUncapturedErrorEvent).error;
     });
@@ -688,17 +692,19 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     rows: number,
     inDim: number,
     norm?: RowNorm<GpuBuffer>,
+    conv?: ConvStep<GpuBuffer>,
   ): void {
     if (outs.length > LINEAR_MAX_OUTPUTS) {
       throw new RangeError(`linearSplit takes up to ${LINEAR_MAX_OUTPUTS} outputs`);
     }
-    this.#linear(outs, widths, x, weight, bias, rows, inDim, false, norm);
+    this.#linear(outs, widths, x, weight, bias, rows, inDim, false, norm, conv);
   }
 
   /**
    * outs get consecutive column blocks of `widths`; a weight split by rows
    * runs one dispatch per part, each writing its columns wherever they go.
-   * The GEMV applies a norm itself; the other kernels get a normalised copy.
+   * The GEMV applies a norm and a conv step itself; with the other kernels
+   * they run as operations of their own.
    */
   #linear(
     outs: readonly GpuBuffer[],
@@ -710,16 +716,18 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     inDim: number,
     accumulate: boolean,
     norm?: RowNorm<GpuBuffer>,
+    conv?: ConvStep<GpuBuffer>,
   ): void {
     const outDim = widths.reduce((sum, width) => sum + width, 0);
     const program = linearProgram(rows, inDim, outDim, weight.half);
     const fusedNorm = norm && program.shader === "gemv4" ? norm : null;
+    const fusedConv = conv && program.shader === "gemv4" ? conv : null;
     if (norm && !fusedNorm) {
       const normed = this.#normScratch(rows * inDim);
       this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
       x = normed;
     }
-    const [input, done] = this.#unaliased(x, rows * inDim, ...outs);
+    const [input, done] = this.#unaliased(x, rows * inDim, ...outs, ...(conv ? [conv.out] : []));
     const split1 = widths.length > 1 ? widths[0] : outDim;
     const split2 = widths.length > 2 ? widths[0] + widths[1] : outDim;
     // A split weight computes its block of output columns per part.
@@ -729,10 +737,13 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         1: input,
         2: part.buffer,
         3: bias?.buffer ?? this.#dummy,
-        4: outs[0].buffer,
+        4: (fusedConv?.out ?? outs[0]).buffer,
         5: outs[1]?.buffer ?? this.#dummyOut,
         6: outs[2]?.buffer ?? this.#dummyOut2,
         7: fusedNorm?.weight.buffer ?? this.#dummy,
+        8: fusedConv?.weight.buffer ?? this.#dummy,
+        9: fusedConv?.bias?.buffer ?? this.#dummy,
+        10: fusedConv?.state.buffer ?? this.#dummyOut3,
       };
       const params = [
         rows,
@@ -745,11 +756,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         split2,
         accumulate ? 1 : 0,
         fusedNorm ? 1 : 0,
+        fusedConv?.kernel ?? 0,
+        fusedConv?.bias ? 1 : 0,
       ];
       const eps = [fusedNorm?.eps ?? 0];
       this.#run(program, params, eps, bindings, linearGroups(program, rows, partDim));
     }
     done();
+    if (conv && !fusedConv) convStepAfter(this, outs[0], rows, widths[0], conv);
   }
 
   /**
