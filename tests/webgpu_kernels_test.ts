@@ -479,13 +479,13 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: a decode step's scan with dt_proj folded in: f32 and f16 weights, ranks 48 and 5, N 16 and 20, batches 1 and 3",
+    "webgpu: a decode step's scan with dt_proj folded in: f32 and f16 weights, ranks 48, 23 and 5, N 16 and 20, batches 1 to 3",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(40);
       const dim = 130;
-      for (const [rank, dState, batch] of [[48, 16, 1], [5, 20, 3], [48, 16, 3]]) {
+      for (const [rank, dState, batch] of [[48, 16, 1], [5, 20, 3], [23, 16, 2], [48, 16, 3]]) {
         for (const half of [false, true]) {
           let weight = fill(dim * rank, rand, 0.3);
           if (half) weight = weight.map((v) => f16ToF32(f32ToF16(v)));
