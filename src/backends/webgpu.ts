@@ -159,6 +159,9 @@ const CONV_MAX_KERNEL = 9;
 const SCAN_WG = 128;
 const SCAN_TILE = 32; // tokens staged at a time in scan.wgsl: a multiple of 4, at most SCAN_WG / 4
 const SCAN_LANES = 16; // states per thread in scan.wgsl
+// Threads per workgroup of a decode step's scan: a step is one short pass, and
+// smaller workgroups spread its loads over more SMs.
+const SCAN_STEP_WG = 64;
 
 /** One kernel: a shader, its entry point, its specialisation and the bindings it uses. */
 export class Program {
@@ -288,7 +291,10 @@ const SCAN_PROGRAMS = (() => {
     chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 5, 7, 8, 11, 12], constants),
     carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
     output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
-    step: new Program("scan", "step", [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14], constants),
+    step: new Program("scan", "step", [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14], {
+      ...constants,
+      WG: SCAN_STEP_WG,
+    }),
   };
 })();
 
@@ -855,7 +861,6 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       (projection?.weight.half ? 16 : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
     const nGroups = Math.ceil(dState / SCAN_LANES);
-    const channelGroups = Math.ceil(dim / SCAN_WG);
     if (projection) {
       const bindings = {
         1: u.buffer,
@@ -872,12 +877,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       };
       for (let group = 0; group < nGroups; group++) {
         const params = [1, dim, batch, 1, 1, flags, dState, group, nGroups, projection.rank];
-        this.#run(SCAN_PROGRAMS.step, params, [], bindings, [channelGroups, 1, batch]);
+        const groups = Math.ceil(dim / SCAN_STEP_WG);
+        this.#run(SCAN_PROGRAMS.step, params, [], bindings, [groups, 1, batch]);
       }
       return;
     }
     const chunkLen = this.scanChunkLen(batch, dim, len);
     const nChunks = Math.ceil(len / chunkLen);
+    const channelGroups = Math.ceil(dim / SCAN_WG);
     if (nChunks > 1) this.#notCapturing("A scan over several chunks");
     const hbuf = nChunks > 1
       ? this.#pool.acquire(byteSize(batch * nChunks * dim * SCAN_LANES), false)
