@@ -273,8 +273,7 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
 function linearGroups(program: Program, rows: number, outDim: number): [number, number, number] {
   const { TM, TN, LANES, ROWS } = program.constants;
   if (program.shader === "gemv4") {
-    const [x, y] = grid(Math.ceil(outDim / 8));
-    return [x, y, Math.ceil(rows / ROWS)]; // groups of ROWS rows
+    return grid(Math.ceil(outDim / 8) * Math.ceil(rows / ROWS)); // per 8 outputs, groups of ROWS rows
   }
   if (program.shader !== "matmul") return grid(Math.ceil(outDim / 8));
   if (program.entry === "skinny") {

@@ -366,7 +366,9 @@ fn main(
 // threads per output stride along the row (512 contiguous bytes per step), 8
 // outputs per workgroup, partial sums reduced in workgroup memory. ROWS (1 to
 // 4) is specialised per pipeline, so the accumulators are plain registers;
-// more rows (a batch of decode steps) take workgroup z for groups of ROWS.
+// more rows (a batch of decode steps) run in groups of ROWS, the groups of one
+// block of outputs in neighbouring workgroups, so that the later ones find the
+// block's weights in L2 (lm_head's 154 MB do not fit there whole).
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
 // block's norm before in_proj, norm_f before lm_head): each workgroup
 // computes its rows' scales itself, which costs less than a dispatch.
@@ -455,8 +457,10 @@ fn main(
   @builtin(local_invocation_index) li: u32,
 ) {
   let lane = li % LANES;
-  let o = (wg.y * nwg.x + wg.x) * PER_GROUP + li / LANES;
-  row0 = wg.z * ROWS;
+  let flat = wg.y * nwg.x + wg.x;
+  let rowGroups = (p.rows + ROWS - 1u) / ROWS;
+  let o = (flat / rowGroups) * PER_GROUP + li / LANES;
+  row0 = (flat % rowGroups) * ROWS;
   let k4 = p.inDim / 4u;
   if (o < p.outDim) {
     let wBase = o * k4;
