@@ -8,12 +8,44 @@
 // block's weights in L2 (lm_head's 154 MB do not fit there whole).
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
 // block's norm before in_proj, norm_f before lm_head): each workgroup
-// computes its rows' scales itself, which costs less than a dispatch.
+// computes its rows' scales itself, which costs less than a dispatch. With
+// convKernel, out's columns take a decode step's causal conv (in_proj's x).
 // Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
 // weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> convWeight: array<f32>; // [split1, convKernel]
+@group(0) @binding(9) var<storage, read> convBias: array<f32>; // [split1]
+@group(0) @binding(10) var<storage, read_write> convState: array<f32>; // [rows, convKernel - 1, split1]
+
+// With convKernel > 0 (decode steps), the columns of out go through a causal
+// conv step before they are stored: row r is one token of sequence r, whose
+// last convKernel - 1 inputs convState holds.
+//
+// silu(conv + bias) of channel c for sequence r, whose newest input is v;
+// shifts v into the sequence's conv state (oldest input first). Only the thread
+// storing (r, c) touches that channel's state.
+fn convStep(r: u32, c: u32, v: f32) -> f32 {
+  let taps = p.convKernel;
+  let channels = p.split1;
+  var sum = convWeight[c * taps + taps - 1u] * v;
+  if (p.convHasBias != 0u) {
+    sum += convBias[c];
+  }
+  let base = r * (taps - 1u) * channels + c;
+  for (var k = 0u; k + 1u < taps; k++) {
+    let held = convState[base + k * channels];
+    sum = fma(convWeight[c * taps + k], held, sum);
+    var next = v;
+    if (k + 2u < taps) {
+      next = convState[base + (k + 1u) * channels];
+    }
+    convState[base + k * channels] = next;
+  }
+  return sum / (1.0 + exp(-sum));
+}
+
 
 const ROWS: u32 = 1u;
 const LANES: u32 = 32u;
@@ -46,6 +78,15 @@ fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
   if (hasRow(3u)) {
     acc3 = fma(w, x[base + 3u * k4], acc3);
   }
+}
+
+// storeOut, with out's columns through the conv step when there is one.
+fn store(r: u32, c: u32, sum: f32) {
+  var v = withBias(c, sum);
+  if (p.convKernel != 0u && p.colOffset + c < p.split1) {
+    v = convStep(r, p.colOffset + c, v);
+  }
+  storeValue(r, c, v);
 }
 
 // Whether row r of the group exists (the last group may have fewer than ROWS).
@@ -134,15 +175,15 @@ fn main(
   }
   if (lane == 0u && o < p.outDim) {
     let sums = red[li] * scales;
-    storeOut(row0, o, sums.x);
+    store(row0, o, sums.x);
     if (hasRow(1u)) {
-      storeOut(row0 + 1u, o, sums.y);
+      store(row0 + 1u, o, sums.y);
     }
     if (hasRow(2u)) {
-      storeOut(row0 + 2u, o, sums.z);
+      store(row0 + 2u, o, sums.z);
     }
     if (hasRow(3u)) {
-      storeOut(row0 + 3u, o, sums.w);
+      store(row0 + 3u, o, sums.w);
     }
   }
 }

@@ -228,7 +228,7 @@ const PROGRAMS = {
   convUpdateState: new Program("conv", "update_state", [0, 1, 5]),
 };
 
-const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10];
+const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6];
 const LINEAR_MAX_OUTPUTS = 3; // out, out2, out3 of linear_io.wgsl
 const linearPrograms = new Map<string, Program>();
 
@@ -262,7 +262,8 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
   let program = linearPrograms.get(key);
   if (!program) {
     const preludes = ["linear_io", half ? "weight_f16" : "weight_f32"];
-    const bindings = shader === "gemv4" ? [...LINEAR_BINDINGS, 7] : LINEAR_BINDINGS;
+    // gemv4 also folds in a norm (7) and a decode step's conv (8 to 10).
+    const bindings = shader === "gemv4" ? [...LINEAR_BINDINGS, 7, 8, 9, 10] : LINEAR_BINDINGS;
     program = new Program(shader, entry, bindings, constants, preludes);
     linearPrograms.set(key, program);
   }

@@ -371,12 +371,44 @@ fn main(
 // block's weights in L2 (lm_head's 154 MB do not fit there whole).
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
 // block's norm before in_proj, norm_f before lm_head): each workgroup
-// computes its rows' scales itself, which costs less than a dispatch.
+// computes its rows' scales itself, which costs less than a dispatch. With
+// convKernel, out's columns take a decode step's causal conv (in_proj's x).
 // Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
 // weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> convWeight: array<f32>; // [split1, convKernel]
+@group(0) @binding(9) var<storage, read> convBias: array<f32>; // [split1]
+@group(0) @binding(10) var<storage, read_write> convState: array<f32>; // [rows, convKernel - 1, split1]
+
+// With convKernel > 0 (decode steps), the columns of out go through a causal
+// conv step before they are stored: row r is one token of sequence r, whose
+// last convKernel - 1 inputs convState holds.
+//
+// silu(conv + bias) of channel c for sequence r, whose newest input is v;
+// shifts v into the sequence's conv state (oldest input first). Only the thread
+// storing (r, c) touches that channel's state.
+fn convStep(r: u32, c: u32, v: f32) -> f32 {
+  let taps = p.convKernel;
+  let channels = p.split1;
+  var sum = convWeight[c * taps + taps - 1u] * v;
+  if (p.convHasBias != 0u) {
+    sum += convBias[c];
+  }
+  let base = r * (taps - 1u) * channels + c;
+  for (var k = 0u; k + 1u < taps; k++) {
+    let held = convState[base + k * channels];
+    sum = fma(convWeight[c * taps + k], held, sum);
+    var next = v;
+    if (k + 2u < taps) {
+      next = convState[base + (k + 1u) * channels];
+    }
+    convState[base + k * channels] = next;
+  }
+  return sum / (1.0 + exp(-sum));
+}
+
 
 const ROWS: u32 = 1u;
 const LANES: u32 = 32u;
@@ -409,6 +441,15 @@ fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
   if (hasRow(3u)) {
     acc3 = fma(w, x[base + 3u * k4], acc3);
   }
+}
+
+// storeOut, with out's columns through the conv step when there is one.
+fn store(r: u32, c: u32, sum: f32) {
+  var v = withBias(c, sum);
+  if (p.convKernel != 0u && p.colOffset + c < p.split1) {
+    v = convStep(r, p.colOffset + c, v);
+  }
+  storeValue(r, c, v);
 }
 
 // Whether row r of the group exists (the last group may have fewer than ROWS).
@@ -497,15 +538,15 @@ fn main(
   }
   if (lane == 0u && o < p.outDim) {
     let sums = red[li] * scales;
-    storeOut(row0, o, sums.x);
+    store(row0, o, sums.x);
     if (hasRow(1u)) {
-      storeOut(row0 + 1u, o, sums.y);
+      store(row0 + 1u, o, sums.y);
     }
     if (hasRow(2u)) {
-      storeOut(row0 + 2u, o, sums.z);
+      store(row0 + 2u, o, sums.z);
     }
     if (hasRow(3u)) {
-      storeOut(row0 + 3u, o, sums.w);
+      store(row0 + 3u, o, sums.w);
     }
   }
 }
@@ -522,10 +563,6 @@ fn main(
 // A weight matrix split by rows over several buffers (too large for one
 // binding) runs once per part: outDim is then the part's rows, which are the
 // columns colOffset.. of the full product.
-//
-// With convKernel > 0 (gemv4, decode steps), the columns of out go through a
-// causal conv step before they are stored: row r is one token of sequence r,
-// whose last convKernel - 1 inputs convState holds (see convStep).
 struct Params {
   rows: u32,
   inDim: u32,
@@ -537,8 +574,8 @@ struct Params {
   split2: u32,
   accumulate: u32,
   hasNorm: u32, // gemv4 only: normalise x's rows first (see gemv4.wgsl)
-  convKernel: u32, // gemv4 only: taps of the conv step out's columns take, or 0
-  convHasBias: u32,
+  convKernel: u32, // gemv4 only: taps of the conv step of out's columns, or 0
+  convHasBias: u32, // gemv4 only
   normEps: f32,
 }
 
@@ -547,55 +584,35 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out3: array<f32>;
-@group(0) @binding(8) var<storage, read> convWeight: array<f32>; // [split1, convKernel]
-@group(0) @binding(9) var<storage, read> convBias: array<f32>; // [split1]
-@group(0) @binding(10) var<storage, read_write> convState: array<f32>; // [rows, convKernel - 1, split1]
-
-// silu(conv + bias) of channel c for sequence r, whose newest input is v;
-// shifts v into the sequence's conv state (oldest input first). Only the thread
-// storing (r, c) touches that channel's state.
-fn convStep(r: u32, c: u32, v: f32) -> f32 {
-  let taps = p.convKernel;
-  let channels = p.split1;
-  var sum = convWeight[c * taps + taps - 1u] * v;
-  if (p.convHasBias != 0u) {
-    sum += convBias[c];
+// Column c of this dispatch's product with the bias added.
+fn withBias(c: u32, sum: f32) -> f32 {
+  if (p.hasBias != 0u) {
+    return sum + bias[p.colOffset + c];
   }
-  let base = r * (taps - 1u) * channels + c;
-  for (var k = 0u; k + 1u < taps; k++) {
-    let held = convState[base + k * channels];
-    sum = fma(convWeight[c * taps + k], held, sum);
-    var next = v;
-    if (k + 2u < taps) {
-      next = convState[base + (k + 1u) * channels];
-    }
-    convState[base + k * channels] = next;
-  }
-  return sum / (1.0 + exp(-sum));
+  return sum;
 }
 
-// Stores the product at row r, column c of this dispatch (c < outDim): bias
-// added, then written to the output that holds the column.
-fn storeOut(r: u32, c: u32, sum: f32) {
+// Writes v to row r, column c of this dispatch (c < outDim), in the output
+// that holds the column.
+fn storeValue(r: u32, c: u32, v: f32) {
   let g = p.colOffset + c;
-  var v = sum;
-  if (p.hasBias != 0u) {
-    v += bias[g];
-  }
   if (g < p.split1) {
     let i = r * p.split1 + g;
-    if (p.convKernel != 0u) {
-      v = convStep(r, g, v);
-    }
     if (p.accumulate != 0u) {
-      v += out[i];
+      out[i] += v;
+    } else {
+      out[i] = v;
     }
-    out[i] = v;
   } else if (g < p.split2) {
     out2[r * (p.split2 - p.split1) + g - p.split1] = v;
   } else {
     out3[r * (p.outStride - p.split2) + g - p.split2] = v;
   }
+}
+
+// Stores the product at row r, column c of this dispatch: bias added.
+fn storeOut(r: u32, c: u32, sum: f32) {
+  storeValue(r, c, withBias(c, sum));
 }
 `,
   matmul: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim]:
