@@ -861,20 +861,20 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       (projection?.weight.half ? 16 : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
     const nGroups = Math.ceil(dState / SCAN_LANES);
+    // What every pass binds; each program takes the ones it declares.
+    const common = {
+      1: u.buffer,
+      3: A.buffer,
+      4: B.buffer,
+      5: C.buffer,
+      6: D?.buffer ?? this.#dummy,
+      7: z?.buffer ?? this.#dummy,
+      8: deltaBias?.buffer ?? this.#dummy,
+      9: y.buffer,
+      10: state.buffer,
+    };
     if (projection) {
-      const bindings = {
-        1: u.buffer,
-        3: A.buffer,
-        4: B.buffer,
-        5: C.buffer,
-        6: D?.buffer ?? this.#dummy,
-        7: z?.buffer ?? this.#dummy,
-        8: deltaBias?.buffer ?? this.#dummy,
-        9: y.buffer,
-        10: state.buffer,
-        13: projection.dt.buffer,
-        14: projection.weight.buffer,
-      };
+      const bindings = { ...common, 13: projection.dt.buffer, 14: projection.weight.buffer };
       for (let group = 0; group < nGroups; group++) {
         const params = [1, dim, batch, 1, 1, flags, dState, group, nGroups, projection.rank];
         const groups = Math.ceil(dim / SCAN_STEP_WG);
@@ -891,16 +891,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       : null;
     const dtsum = nChunks > 1 ? this.#pool.acquire(byteSize(batch * nChunks * dim), false) : null;
     const bindings = {
-      1: u.buffer,
+      ...common,
       2: delta.buffer,
-      3: A.buffer,
-      4: B.buffer,
-      5: C.buffer,
-      6: D?.buffer ?? this.#dummy,
-      7: z?.buffer ?? this.#dummy,
-      8: deltaBias?.buffer ?? this.#dummy,
-      9: y.buffer,
-      10: state.buffer,
       11: hbuf ?? this.#dummyOut,
       12: dtsum ?? this.#dummyOut,
     };

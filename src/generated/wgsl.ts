@@ -1193,6 +1193,11 @@ fn stepSize(raw: f32, d: u32) -> f32 {
   return v;
 }
 
+/** stepSize of four tokens' deltas. */
+fn stepSizes(raw: vec4<f32>, d: u32) -> vec4<f32> {
+  return vec4<f32>(stepSize(raw.x, d), stepSize(raw.y, d), stepSize(raw.z, d), stepSize(raw.w, d));
+}
+
 /** Lanes 4q … 4q+3 of this group from a [rows, nState] matrix row, zero past nState. */
 fn quadOf(values: vec4<f32>, q: u32) -> vec4<f32> {
   let n = p.group * 16u + q * 4u;
@@ -1357,12 +1362,7 @@ fn chunk_state(
     let now = next;
     next = loadInputs(w, t + 4u, false);
     let n = w.t1 - t;
-    let dt = vec4<f32>(
-      stepSize(now.delta.x, w.dd),
-      stepSize(now.delta.y, w.dd),
-      stepSize(now.delta.z, w.dd),
-      stepSize(now.delta.w, w.dd),
-    );
+    let dt = stepSizes(now.delta, w.dd);
     h = advance(h, a2, dt.x, dt.x * now.u.x, k);
     dsum += dt.x;
     if (n > 1u) {
@@ -1517,12 +1517,7 @@ fn output(
     next = loadInputs(w, t + 4u, hasZ);
     let n = w.t1 - t;
     let i = (w.seq + t) * p.dim + w.dd;
-    let dt = vec4<f32>(
-      stepSize(now.delta.x, w.dd),
-      stepSize(now.delta.y, w.dd),
-      stepSize(now.delta.z, w.dd),
-      stepSize(now.delta.w, w.dd),
-    );
+    let dt = stepSizes(now.delta, w.dd);
     h = advance(h, a2, dt.x, dt.x * now.u.x, k);
     emit(o, w, h, i, now.u.x, now.z.x, k);
     if (n > 1u) {
