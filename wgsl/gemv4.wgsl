@@ -1,8 +1,9 @@
 // out [rows, outDim] = x [rows, inDim] · weightᵀ + bias for inDim % 4 == 0: the
-// GEMV of decode steps. Each weight is read once per ROWS rows, as vec4s: 32
-// threads per output stride along the row (512 contiguous bytes per step), 8
-// outputs per workgroup, partial sums reduced in workgroup memory. ROWS (1 to
-// 4) is specialised per pipeline, so the accumulators are plain registers;
+// GEMV of decode steps. Each weight is read once per ROWS rows, as vec4s: LANES
+// threads per output stride along the row (LANES · 16 contiguous bytes per
+// step), 256 / LANES outputs per workgroup, partial sums reduced in workgroup
+// memory. ROWS (1 to 4) and LANES are specialised per pipeline (the backend
+// picks LANES by shape), so the accumulators are plain registers;
 // more rows (a batch of decode steps) run in groups of ROWS, the groups of one
 // block of outputs in neighbouring workgroups, so that the later ones find the
 // block's weights in L2 (lm_head's 154 MB do not fit there whole).
@@ -48,8 +49,8 @@ fn convStep(r: u32, c: u32, v: f32) -> f32 {
 
 
 const ROWS: u32 = 1u;
-const LANES: u32 = 32u;
-const PER_GROUP: u32 = 8u; // 256 / LANES
+const LANES: u32 = 32u; // threads per output, 16 to 64 (specialised per pipeline)
+const PER_GROUP: u32 = 256u / LANES; // outputs per workgroup
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
 

@@ -238,6 +238,17 @@ const linearPrograms = new Map<string, Program>();
  */
 const SKINNY_MAX_OUT = 128;
 
+/**
+ * Threads that share one output of gemv4, for `units` (outputs × groups of
+ * rows) in all. Measured on the H100 at mamba-130m's shapes: many units
+ * (lm_head; in_proj for 16 rows) run best on 16 lanes, which leave more outputs
+ * to each workgroup and shorter reductions, few (x_proj's 80, out_proj's 768 at
+ * one row) on 64, which split each long row over more threads.
+ */
+function gemvLanes(units: number): number {
+  return units >= 8192 ? 16 : units <= 1024 ? 64 : 32;
+}
+
 /** The linear kernel for `rows` rows of input, `outDim` outputs and a weight stored as f16 or f32. */
 function linearProgram(rows: number, inDim: number, outDim: number, half: boolean): Program {
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
@@ -245,7 +256,10 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
   if (rows <= GEMV_MAX_ROWS || (vec4 && rows <= GEMV4_MAX_ROWS)) {
     shader = vec4 ? "gemv4" : "gemv";
-    if (vec4) constants = { ROWS: Math.min(rows, GEMV_MAX_ROWS) };
+    if (vec4) {
+      const groupRows = Math.min(rows, GEMV_MAX_ROWS);
+      constants = { ROWS: groupRows, LANES: gemvLanes(outDim * Math.ceil(rows / groupRows)) };
+    }
   } else if (vec4 && outDim <= SKINNY_MAX_OUT) {
     // More threads per 4×4 block of out when there are few blocks.
     const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
@@ -274,7 +288,8 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
 function linearGroups(program: Program, rows: number, outDim: number): [number, number, number] {
   const { TM, TN, LANES, ROWS } = program.constants;
   if (program.shader === "gemv4") {
-    return grid(Math.ceil(outDim / 8) * Math.ceil(rows / ROWS)); // per 8 outputs, groups of ROWS rows
+    // 256 / LANES outputs per workgroup, for each group of ROWS rows.
+    return grid(Math.ceil(outDim / (256 / LANES)) * Math.ceil(rows / ROWS));
   }
   if (program.shader !== "matmul") return grid(Math.ceil(outDim / 8));
   if (program.entry === "skinny") {
