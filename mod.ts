@@ -42,6 +42,7 @@ export type {
   Recording,
   RowNorm,
   ScanArgs,
+  TopKSampling,
 } from "./src/backend.ts";
 export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
 export type { BackendCache, BackendReport, CandidateReport } from "./src/dispatch.ts";
@@ -56,6 +57,7 @@ export type {
   GenerationEvent,
   GenerationStats,
 } from "./src/generate.ts";
+export { MAX_DEVICE_TOP_K } from "./src/backend.ts";
 export { Sampler } from "./src/sampler.ts";
 export type { SamplingOptions } from "./src/sampler.ts";
 export { MambaTokenizer, StreamingDecoder } from "./src/tokenizer.ts";

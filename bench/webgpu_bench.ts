@@ -11,7 +11,8 @@
  *   prefill tok/s for 2048 tokens (with the read-back of the last logits, and
  *   on the device alone), decode tok/s over 128 steps at batch 1 and
  *   compute dispatches per decoded token, against mamba_ssm's 88,000 and 900 tok/s;
- *   greedy decoding on the device (one read-back per 32 tokens); and 16
+ *   greedy decoding and top-k sampling on the device (one read-back per 32
+ *   tokens); and 16
  *   sequences decoded together (against 8,900 tok/s), sampled on the host
  *   (logits read back every step) and greedily on the device.
  *
@@ -274,6 +275,17 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
   const greedyMs = performance.now() - g0;
   gpu.flush = flush;
   const greedyToks = steps / (greedyMs / 1000);
+  // Sampling on the device with llama.cpp's defaults (top-k 40, top-p 0.95,
+  // min-p 0.05, temperature 0.8), as generate() does when it can.
+  const sampling = { topK: 40, topP: 0.95, minP: 0.05, temperature: 0.8 };
+  const uniforms = uniformFloats(batch, 0, 1, 10);
+  await model.decodeSampledBatch([state], [token], batch, config.vocabSize, sampling, uniforms);
+  const sampled0 = performance.now();
+  for (let done = 0; done < steps; done += batch) {
+    const count = Math.min(batch, steps - done);
+    await model.decodeSampledBatch([state], [token], count, config.vocabSize, sampling, uniforms);
+  }
+  const sampledToks = steps / ((performance.now() - sampled0) / 1000);
   const gaps = flushes.slice(1).map((t, i) => t - flushes[i]).sort((a, b) => a - b);
   const hostMsPerToken = gaps[Math.floor(gaps.length / 2)];
   // Batched decode: 16 sequences stepped together (what the edge server's
@@ -336,6 +348,8 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     greedyOnDeviceRatioVsCuda: quick ? null : +(greedyToks / CUDA_DECODE_TOKS).toFixed(3),
     greedyOnDeviceMsPerToken: +(greedyMs / steps).toFixed(3),
     greedyHostMsPerToken: +hostMsPerToken.toFixed(3),
+    sampledOnDeviceTokPerS: +sampledToks.toFixed(1),
+    sampledOnDeviceRatioVsCuda: quick ? null : +(sampledToks / CUDA_DECODE_TOKS).toFixed(3),
     batchDecodeSequences: batchSize,
     batchDecodeTokPerS: +batchToks.toFixed(1),
     batchDecodeRatioVsCuda: quick ? null : +(batchToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),

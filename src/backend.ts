@@ -127,6 +127,24 @@ export interface ConvStep<Buf> {
   kernel: number;
 }
 
+/**
+ * Settings of {@link Backend.sampleTopK}: those of `Sampler.sample` (see
+ * `src/sampler.ts`) when top-k is on and there is no repetition penalty.
+ */
+export interface TopKSampling {
+  /** Candidates: 1 to {@link MAX_DEVICE_TOP_K}. */
+  topK: number;
+  /** Softmax temperature, above 0. */
+  temperature: number;
+  /** Nucleus mass in (0, 1]; 1 is off. */
+  topP: number;
+  /** Minimum probability relative to the top one, in [0, 1]; 0 is off. */
+  minP: number;
+}
+
+/** The largest top-k that {@link Backend.sampleTopK} takes. */
+export const MAX_DEVICE_TOP_K = 64;
+
 /** Operations recorded by {@link Backend.capture}. */
 export interface Recording {
   /** How many kernels a replay issues. */
@@ -218,6 +236,25 @@ export interface Backend<Buf = unknown> {
     index: number,
     logits: Buf,
     limit: number,
+    rows?: number,
+    stride?: number,
+  ): void;
+  /**
+   * Optional, with {@link embedFrom}, for sampled decoding on the device: for
+   * each of `rows` rows r of logits (rows `stride` apart), ids[index + r] =
+   * the id below `limit` that `Sampler.sample` would draw with `sampling` and
+   * the random number uniforms[uniformIndex + r] (as a float; -1 where no
+   * logit can be sampled). Its weights are f32 where the sampler's are f64, so
+   * a draw within about 1e-7 of the boundary between two ids may differ.
+   */
+  sampleTopK?(
+    ids: Buf,
+    index: number,
+    logits: Buf,
+    limit: number,
+    sampling: TopKSampling,
+    uniforms: Buf,
+    uniformIndex: number,
     rows?: number,
     stride?: number,
   ): void;

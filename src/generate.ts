@@ -6,7 +6,7 @@
  */
 
 import type { StepBatcher } from "./batcher.ts";
-import { Sampler, type SamplingOptions } from "./sampler.ts";
+import { Sampler, samplesTopK, type SamplingOptions } from "./sampler.ts";
 import type { Session } from "./session.ts";
 import { type MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
 
@@ -108,11 +108,15 @@ export function generate(
   const sampler = new Sampler(options);
   const promptIds = typeof prompt === "string" ? model.tokenizer.encode(prompt) : [...prompt];
   const session = options.session ?? model.session();
-  // Plain greedy decoding can stay on the device, where the backend allows it.
+  // Rows past the tokenizer's vocabulary (embedding padding) are never sampled.
+  const limit = Math.min(model.tokenizer.vocabSize, model.vocabSize);
+  // Decoding stays on the device where the backend allows it: greedy, or
+  // top-k sampling, without a repetition penalty.
   const { temperature, repetitionPenalty, repeatLastN } = sampler.options;
-  const onDevice = !options.batcher && session.decodesOnDevice && stops.length === 0 &&
-    temperature === 0 &&
+  const greedyOnDevice = session.decodesOnDevice && temperature === 0 &&
     (repetitionPenalty === 1 || repeatLastN === 0);
+  const sampledOnDevice = session.samplesOnDevice && samplesTopK(sampler.options, limit);
+  const onDevice = !options.batcher && stops.length === 0 && (greedyOnDevice || sampledOnDevice);
 
   async function* run(stats: GenerationStats): AsyncGenerator<GenerationEvent> {
     stats.promptTokens = promptIds.length;
@@ -129,15 +133,16 @@ export function generate(
       stats.decodeMs = performance.now() - decodeStart;
     };
     if (onDevice) {
-      // Greedy decoding on the device: one read-back per batch of tokens, not
-      // per token. Batches start small (the first tokens arrive soon) and grow.
+      // Decoding on the device: one read-back per batch of tokens, not per
+      // token. Batches start small (the first tokens arrive soon) and grow.
       const stopBefore = (id: number) => id === model.eosTokenId && !options.ignoreEos;
-      const limit = Math.min(model.tokenizer.vocabSize, model.vocabSize);
       let generated = 0;
       for (let batch = 4; generated < maxNewTokens; batch = Math.min(2 * batch, 32)) {
         if (options.signal?.aborted) return finish("abort");
         const count = Math.min(batch, maxNewTokens - generated);
-        const { ids, stopped } = await session.greedy(count, { limit, stopBefore });
+        const { ids, stopped } = temperature === 0
+          ? await session.greedy(count, { limit, stopBefore })
+          : await session.sample(count, sampler, { limit, stopBefore });
         for (const token of ids) {
           generated++;
           stats.generatedTokens++;
@@ -158,8 +163,7 @@ export function generate(
     try {
       for (let i = 0; i < maxNewTokens; i++) {
         if (options.signal?.aborted) return finish("abort");
-        // Rows past the tokenizer's vocabulary (embedding padding) are never sampled.
-        const token = sampler.sample(logits, session.tokens, model.tokenizer.vocabSize);
+        const token = sampler.sample(logits, session.tokens, limit);
         if (token === model.eosTokenId && !options.ignoreEos) {
           const rest = held + decoder.flush();
           if (rest) yield { token, text: rest };

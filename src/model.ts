@@ -39,7 +39,7 @@
  * @module
  */
 
-import type { Backend, Recording } from "./backend.ts";
+import type { Backend, Recording, TopKSampling } from "./backend.ts";
 import type { MambaConfig } from "./config.ts";
 import type { LayerWeights, MambaWeights } from "./weights.ts";
 
@@ -347,16 +347,94 @@ export class MambaModel<Buf> {
    * scan run batched on a gathered copy of their states. Returns each
    * sequence's ids fed and last logits.
    */
-  async decodeGreedyBatch(
+  decodeGreedyBatch(
     states: readonly MambaState<Buf>[],
     firsts: readonly number[],
     count: number,
     limit: number,
   ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
     const be = this.backend;
-    if (!be.argmax || !be.embedFrom) {
-      throw new Error(`The ${be.name} backend cannot decode on the device`);
+    const { argmax } = be;
+    if (!argmax || !be.embedFrom) {
+      return Promise.reject(new Error(`The ${be.name} backend cannot decode on the device`));
     }
+    const { vocabSize } = this.config;
+    return this.#decodeOnDevice(
+      states,
+      firsts,
+      count,
+      (ids, index, logits) => argmax.call(be, ids, index, logits, limit, states.length, vocabSize),
+    );
+  }
+
+  /** Whether {@link decodeSampledBatch} runs (the backend also has sampleTopK). */
+  get samplesOnDevice(): boolean {
+    return this.decodesOnDevice && this.backend.sampleTopK !== undefined;
+  }
+
+  /**
+   * {@link decodeGreedyBatch}, but each id after the first is drawn as
+   * `Sampler.sample` would draw it with `sampling` (top-k on, no repetition
+   * penalty), over ids below `limit`: the id after step t of sequence b takes
+   * the random number uniforms[t · batch + b] (see `Sampler.randoms`).
+   */
+  async decodeSampledBatch(
+    states: readonly MambaState<Buf>[],
+    firsts: readonly number[],
+    count: number,
+    limit: number,
+    sampling: TopKSampling,
+    uniforms: Float32Array,
+  ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
+    const be = this.backend;
+    const { sampleTopK } = be;
+    if (!sampleTopK || !be.embedFrom) {
+      throw new Error(`The ${be.name} backend cannot sample on the device`);
+    }
+    const needed = Math.max(0, count - 1) * states.length;
+    if (uniforms.length < needed) {
+      throw new RangeError(`${needed} random numbers needed, got ${uniforms.length}`);
+    }
+    const { vocabSize } = this.config;
+    const batch = states.length;
+    const randoms = be.upload(needed > 0 ? uniforms.slice(0, needed) : new Float32Array(1));
+    try {
+      return await this.#decodeOnDevice(
+        states,
+        firsts,
+        count,
+        (ids, index, logits, t) =>
+          sampleTopK.call(
+            be,
+            ids,
+            index,
+            logits,
+            limit,
+            sampling,
+            randoms,
+            t * batch,
+            batch,
+            vocabSize,
+          ),
+      );
+    } finally {
+      be.release(randoms);
+    }
+  }
+
+  /**
+   * Decoding without a round trip per token: feeds `firsts`, then `count - 1`
+   * more ids per sequence, each chosen on the device by `pick` (after step t,
+   * into ids at `index` from the batch's logits).
+   */
+  async #decodeOnDevice(
+    states: readonly MambaState<Buf>[],
+    firsts: readonly number[],
+    count: number,
+    pick: (ids: Buf, index: number, logits: Buf, t: number) => void,
+  ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
+    const be = this.backend;
+    if (!be.embedFrom) throw new Error(`The ${be.name} backend cannot decode on the device`);
     if (states.length !== firsts.length) {
       throw new RangeError(`${states.length} states but ${firsts.length} first ids`);
     }
@@ -398,9 +476,7 @@ export class MambaModel<Buf> {
           batch,
         );
         step();
-        if (t + 1 < count) {
-          be.argmax(result, idsAt + (t + 1) * batch, logits, limit, batch, vocabSize);
-        }
+        if (t + 1 < count) pick(result, idsAt + (t + 1) * batch, logits, t);
         be.flush?.();
       }
       if (!single) this.#scatter(state, states);

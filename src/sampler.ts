@@ -46,6 +46,8 @@
  * @module
  */
 
+import { MAX_DEVICE_TOP_K } from "./backend.ts";
+
 /** Sampling options; names and defaults follow llama.cpp. */
 export interface SamplingOptions {
   /** Softmax temperature; 0 is greedy (default 0.8). */
@@ -140,6 +142,18 @@ export function validateSamplingOptions(options: SamplingOptions = {}): Required
     );
   }
   return { temperature, topK, topP, minP, repetitionPenalty, repeatLastN, seed };
+}
+
+/**
+ * Whether {@link Sampler.sample} with these options, over ids below `limit`,
+ * is what a backend's `sampleTopK` does on the device: a temperature above 0,
+ * top-k on (from 1 to {@link MAX_DEVICE_TOP_K}, and below `limit`), and no
+ * repetition penalty.
+ */
+export function samplesTopK(options: Readonly<Required<SamplingOptions>>, limit: number): boolean {
+  const { temperature, topK, repetitionPenalty, repeatLastN } = options;
+  return temperature > 0 && topK >= 1 && topK <= MAX_DEVICE_TOP_K && topK < limit &&
+    (repetitionPenalty === 1 || repeatLastN === 0);
 }
 
 /** splitmix32's output function, used to expand a seed into xoshiro's state. */
@@ -275,6 +289,16 @@ export class Sampler {
       last = ids[j];
     }
     return last; // rounding left r just past the end
+  }
+
+  /**
+   * The random numbers in [0, 1) that the next `count` calls of
+   * {@link Sampler.sample} at a temperature above 0 would draw, one each;
+   * the state advances as those calls would advance it. A device that samples
+   * ahead of the host (webgpu) takes them.
+   */
+  randoms(count: number): Float64Array {
+    return Float64Array.from({ length: count }, () => this.#random());
   }
 
   /** The PRNG state: four unsigned 32-bit integers. */

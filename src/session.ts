@@ -13,7 +13,8 @@
  */
 
 import type { MambaModel, MambaState } from "./model.ts";
-import { argmax } from "./sampler.ts";
+import { MAX_DEVICE_TOP_K } from "./backend.ts";
+import { argmax, type Sampler, samplesTopK } from "./sampler.ts";
 
 const MAGIC = "MAMBASS1";
 const HEADER_BYTES = 8 + 7 * 4;
@@ -194,6 +195,81 @@ export class Session<Buf = unknown> {
           // The device ran past the stop: rewind and feed only the kept ids.
           this.#restoreState(backup);
           this.#lastLogits = await this.#model.run(this.#state, run.ids.subarray(0, kept), "last");
+        } else {
+          this.#lastLogits = run.logits;
+        }
+        for (const id of run.ids.subarray(0, kept)) {
+          this.#tokens.push(id);
+          ids.push(id);
+        }
+        return { ids, stopped };
+      } finally {
+        this.#model.releaseState(backup);
+      }
+    });
+  }
+
+  /** Whether {@link sample} runs on the device, with one read-back per call. */
+  get samplesOnDevice(): boolean {
+    return this.#model.samplesOnDevice;
+  }
+
+  /**
+   * Feeds up to `count` ids drawn by `sampler` (which must have top-k on, from
+   * 1 to 64, and no repetition penalty), like {@link greedy}: it stops before
+   * an id for which `stopBefore` is true. The first id is drawn on the host
+   * from the session's logits, the others on the device, with the random
+   * numbers the sampler would have drawn; the sampler ends as if it had drawn
+   * each id itself. Needs a backend that {@link samplesOnDevice}, and logits.
+   */
+  sample(
+    count: number,
+    sampler: Sampler,
+    options: { limit?: number; stopBefore?: (id: number) => boolean } = {},
+  ): Promise<{ ids: number[]; stopped: boolean }> {
+    const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
+    if (!Number.isInteger(count) || count < 0) {
+      return Promise.reject(new RangeError(`count must be a non-negative integer, got ${count}`));
+    }
+    const { temperature, topK, topP, minP } = sampler.options;
+    if (!samplesTopK(sampler.options, limit)) {
+      return Promise.reject(
+        new RangeError(
+          `Sampling on the device needs a temperature above 0, topK from 1 to ${MAX_DEVICE_TOP_K} and below the ${limit} candidates, and no repetition penalty`,
+        ),
+      );
+    }
+    return this.#enqueue(async () => {
+      const stopBefore = options.stopBefore ?? (() => false);
+      const ids: number[] = [];
+      if (count === 0) return { ids, stopped: false };
+      if (!this.#lastLogits) {
+        throw new RangeError("Sampling needs logits: prefill the session first");
+      }
+      const first = sampler.sample(this.#lastLogits, this.#tokens, limit);
+      if (stopBefore(first)) return { ids, stopped: true };
+      const drawn = sampler.state();
+      const uniforms = Float32Array.from(sampler.randoms(count - 1));
+      const backup = this.#copyState();
+      try {
+        const [run] = await this.#model.decodeSampledBatch(
+          [this.#state],
+          [first],
+          count,
+          limit,
+          { topK, temperature, topP, minP },
+          uniforms,
+        );
+        let kept = run.ids.findIndex((id, i) => i > 0 && stopBefore(id));
+        const stopped = kept >= 0;
+        if (!stopped) kept = run.ids.length;
+        if (stopped) {
+          // The device ran past the stop: rewind, feed only the kept ids, and
+          // leave the sampler as if it had drawn up to the stopping id.
+          this.#restoreState(backup);
+          this.#lastLogits = await this.#model.run(this.#state, run.ids.subarray(0, kept), "last");
+          sampler.restore(drawn);
+          sampler.randoms(kept);
         } else {
           this.#lastLogits = run.logits;
         }

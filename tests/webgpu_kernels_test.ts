@@ -9,9 +9,10 @@
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { JsBackend } from "../src/backends/js.ts";
 import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
-import { loadCheckpoint } from "../src/load.ts";
+import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { f16ToF32, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
+import { Sampler } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
 
@@ -829,4 +830,163 @@ Deno.test({
         }
       }
     }),
+});
+
+Deno.test({
+  name:
+    "webgpu: sampleTopK draws what Sampler.sample draws: ties, -Infinity and NaN, top-p, min-p, no candidate",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(60);
+      const [rows, vocab, limit] = [4, 1000, 997];
+      const settings = [
+        { topK: 40, temperature: 0.8, topP: 0.95, minP: 0.05 },
+        { topK: 1, temperature: 1, topP: 1, minP: 0 },
+        { topK: 64, temperature: 1.5, topP: 1, minP: 0 },
+        { topK: 5, temperature: 0.3, topP: 0.5, minP: 0.2 },
+        { topK: 20, temperature: 2, topP: 1, minP: 0.1 },
+      ];
+      for (const [s, sampling] of settings.entries()) {
+        for (let trial = 0; trial < 8; trial++) {
+          const logits = fill(rows * vocab, rand, 4);
+          // Ties (a repeated top value), logits that are never candidates, a
+          // row with none, and a large logit past the limit.
+          for (const i of [3, 17, 500]) logits[vocab + i] = 9;
+          for (let i = 0; i < 50; i++) {
+            logits[2 * vocab + i * 7] = -Infinity;
+            logits[2 * vocab + i * 7 + 1] = NaN;
+          }
+          logits[2 * vocab + 998] = 100;
+          if (trial === 0) logits.fill(-Infinity, 3 * vocab, 4 * vocab);
+          if (trial === 1) {
+            // Fewer candidates than topK.
+            logits.fill(-Infinity, 3 * vocab, 4 * vocab);
+            for (const [i, v] of [[10, 1], [20, 1], [30, 0.5]]) logits[3 * vocab + i] = v;
+          }
+          // Ten equal logits on top: top-k may cut through them, taking the lowest ids.
+          if (trial === 2) logits.fill(5, 100, 110);
+          const seed = 100 * s + trial;
+          const host = new Sampler({ ...sampling, seed });
+          const want = Array.from({ length: rows }, (_, r) => {
+            const row = logits.subarray(r * vocab, (r + 1) * vocab);
+            try {
+              return host.sample(row, [], limit);
+            } catch {
+              return -1;
+            }
+          });
+          // The device gets the same random numbers, one per row with a candidate.
+          const device = new Sampler({ ...sampling, seed });
+          const draws = device.randoms(rows);
+          const uniforms = new Float32Array(rows);
+          let next = 0;
+          for (let r = 0; r < rows; r++) if (want[r] >= 0) uniforms[r] = draws[next++];
+          const ids = gpu.zeros(2 + rows);
+          gpu.sampleTopK(
+            ids,
+            2,
+            gpu.upload(logits),
+            limit,
+            sampling,
+            gpu.upload(uniforms),
+            0,
+            rows,
+            vocab,
+          );
+          const got = Array.from((await gpu.read(ids)).subarray(2));
+          assertEquals(got, want, `settings ${JSON.stringify(sampling)}, trial ${trial}`);
+        }
+      }
+    }),
+});
+
+Deno.test({
+  name:
+    "webgpu: Session.sample on the device draws the host path's ids, stops before an id, and leaves the sampler as the host's",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const dir = `${SHARED}/models/tiny-shakespeare`;
+      const { config, weights } = await loadCheckpoint(dir);
+      const model = new MambaModel(gpu, config, weights);
+      const expected = SafetensorsFile.parse(
+        await Deno.readFile(`${dir}/expected.safetensors`),
+        "expected.safetensors",
+      );
+      const prompt = expected.int32("prompt0_ids");
+      const options = { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05, seed: 11 };
+      const limit = config.vocabSize;
+      // The host path: logits read back, one draw per id.
+      const host = new Session(model);
+      await host.prefill(prompt);
+      const hostSampler = new Sampler(options);
+      const want: number[] = [];
+      let logits = host.lastLogits!;
+      for (let i = 0; i < 24; i++) {
+        const id = hostSampler.sample(logits, host.tokens, limit);
+        want.push(id);
+        logits = await host.step(id);
+      }
+
+      const device = new Session(model);
+      await device.prefill(prompt);
+      const sampler = new Sampler(options);
+      const first = await device.sample(12, sampler, { limit });
+      const second = await device.sample(12, sampler, { limit });
+      assertEquals([...first.ids, ...second.ids], want);
+      assertEquals(sampler.state(), hostSampler.state());
+
+      // Stopping before the first id that has not come earlier (past the first).
+      const at = want.findIndex((id, i) => i > 0 && want.indexOf(id) === i);
+      const stopping = new Session(model);
+      await stopping.prefill(prompt);
+      const stopSampler = new Sampler(options);
+      const run = await stopping.sample(24, stopSampler, {
+        limit,
+        stopBefore: (id) => id === want[at],
+      });
+      assertEquals(run, { ids: want.slice(0, at), stopped: true });
+      assertEquals(stopping.tokens.length, prompt.length + at);
+      // The host path draws the stopping id too: at + 1 draws in all.
+      const reference = new Sampler(options);
+      reference.randoms(at + 1);
+      assertEquals(stopSampler.state(), reference.state());
+    }),
+});
+
+Deno.test({
+  name: "webgpu: generate samples on the device and gives the text of the host path",
+  ignore,
+  fn: async () => {
+    const model = await loadModel(`${SHARED}/models/tiny-shakespeare`, { backend: "webgpu" });
+    const gpu = model.model.backend as WebGpuBackend;
+    let draws = 0;
+    const sampleTopK = gpu.sampleTopK.bind(gpu);
+    gpu.sampleTopK = (...args) => {
+      draws++;
+      sampleTopK(...args);
+    };
+    try {
+      const text = async (stop: string[]) => {
+        let out = "";
+        const generation = model.generate("ROMEO:", {
+          temperature: 0.9,
+          seed: 5,
+          maxNewTokens: 40,
+          stop,
+        });
+        for await (const event of generation) out += event.text;
+        return out;
+      };
+      const onDevice = await text([]);
+      assert(draws > 0, "sampled on the device");
+      const before = draws;
+      // A stop string keeps decoding on the host (logits read back every token).
+      assertEquals(await text(["\u0000"]), onDevice);
+      assertEquals(draws, before);
+    } finally {
+      gpu.dispose();
+    }
+  },
 });

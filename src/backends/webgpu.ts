@@ -26,10 +26,12 @@ import {
   type ConvArgs,
   type ConvStep,
   convStepAfter,
+  MAX_DEVICE_TOP_K,
   projectDelta,
   type Recording,
   type RowNorm,
   type ScanArgs,
+  type TopKSampling,
 } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
@@ -221,6 +223,7 @@ const PROGRAMS = {
   embed: new Program("embed", "main", [0, 1, 2, 3]),
   embedFrom: new Program("embed", "from_buffer", [0, 2, 3, 4]),
   argmax: new Program("argmax", "main", [0, 1, 2]),
+  sample: new Program("sample", "main", [0, 1, 2, 3]),
   rmsNorm: new Program("rmsnorm", "main", [0, 1, 2, 3]),
   add: new Program("add", "main", [0, 1, 2]),
   convSequential: new Program("conv", "sequential", [0, 1, 2, 3, 4, 5]),
@@ -670,6 +673,29 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       [limit, index, stride],
       [],
       { 1: logits.buffer, 2: ids.buffer },
+      [rows, 1, 1],
+    );
+  }
+
+  sampleTopK(
+    ids: GpuBuffer,
+    index: number,
+    logits: GpuBuffer,
+    limit: number,
+    { topK, temperature, topP, minP }: TopKSampling,
+    uniforms: GpuBuffer,
+    uniformIndex: number,
+    rows = 1,
+    stride = limit,
+  ): void {
+    if (!Number.isInteger(topK) || topK < 1 || topK > MAX_DEVICE_TOP_K) {
+      throw new RangeError(`sampleTopK takes a topK of 1 to ${MAX_DEVICE_TOP_K}, got ${topK}`);
+    }
+    this.#run(
+      PROGRAMS.sample,
+      [limit, index, stride, topK, uniformIndex],
+      [temperature, topP, minP],
+      { 1: logits.buffer, 2: ids.buffer, 3: uniforms.buffer },
       [rows, 1, 1],
     );
   }
