@@ -249,7 +249,11 @@ export class Session<Buf = unknown> {
       const first = sampler.sample(this.#lastLogits, this.#tokens, limit);
       if (stopBefore(first)) return { ids, stopped: true };
       const drawn = sampler.state();
-      const uniforms = Float32Array.from(sampler.randoms(count - 1));
+      // As f32, kept below 1: a number within 2^-25 of 1 would round up to it.
+      const uniforms = Float32Array.from(
+        sampler.randoms(count - 1),
+        (u) => Math.min(u, 1 - 2 ** -24),
+      );
       const backup = this.#copyState();
       try {
         const [run] = await this.#model.decodeSampledBatch(
