@@ -839,7 +839,8 @@ Deno.test({
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(60);
-      const [rows, vocab, limit] = [4, 1000, 997];
+      // Three slices of the kernel's first stage (1024 ids each) per row.
+      const [rows, vocab, limit] = [4, 3000, 2997];
       const settings = [
         { topK: 40, temperature: 0.8, topP: 0.95, minP: 0.05 },
         { topK: 1, temperature: 1, topP: 1, minP: 0 },
@@ -852,20 +853,23 @@ Deno.test({
           const logits = fill(rows * vocab, rand, 4);
           // Ties (a repeated top value), logits that are never candidates, a
           // row with none, and a large logit past the limit.
-          for (const i of [3, 17, 500]) logits[vocab + i] = 9;
+          // (Three, not four: with four equal weights, top-p 0.5 would end
+          // exactly at the second in f32, a boundary that f64 clears.)
+          for (const i of [3, 1500, 2500]) logits[vocab + i] = 9;
           for (let i = 0; i < 50; i++) {
             logits[2 * vocab + i * 7] = -Infinity;
             logits[2 * vocab + i * 7 + 1] = NaN;
           }
-          logits[2 * vocab + 998] = 100;
+          logits[2 * vocab + 2998] = 100;
           if (trial === 0) logits.fill(-Infinity, 3 * vocab, 4 * vocab);
           if (trial === 1) {
             // Fewer candidates than topK.
             logits.fill(-Infinity, 3 * vocab, 4 * vocab);
             for (const [i, v] of [[10, 1], [20, 1], [30, 0.5]]) logits[3 * vocab + i] = v;
           }
-          // Ten equal logits on top: top-k may cut through them, taking the lowest ids.
-          if (trial === 2) logits.fill(5, 100, 110);
+          // Ten equal logits on top, across a slice boundary: top-k may cut
+          // through them, taking the lowest ids.
+          if (trial === 2) logits.fill(5, 1022, 1032);
           const seed = 100 * s + trial;
           const host = new Sampler({ ...sampling, seed });
           const want = Array.from({ length: rows }, (_, r) => {

@@ -2,16 +2,25 @@
 // top-k and no repetition penalty (src/sampler.ts): the topK largest logits
 // below `limit` (ties to the lower id; -Infinity and NaN never), temperature,
 // softmax, top-p, min-p, then a draw with the row's random number u in [0, 1).
-// ids[index + r] = the id as an f32, or -1 when no logit can be sampled. One
-// workgroup per row, so that sampled decoding needs no read-back per token.
+// ids[index + r] = the id as an f32, or -1 when no logit can be sampled, so
+// that sampled decoding needs no read-back per token.
 //
-// Top-k is a radix select. Logits map to u32 keys in the same order, and four
-// passes over 8 bits each (a histogram in workgroup memory, then suffix sums)
-// find T, the k-th largest key. Keys above T are candidates; of the keys equal
-// to T, those with the lowest ids make up the rest, which each thread finds in
-// a contiguous run of ids. The candidates (at most MAX_K) are ranked, and one
-// thread does the arithmetic over them in f32 where the host uses f64: a draw
-// within about 1e-7 of the boundary between two tokens may go the other way.
+// Two entry points, each a workgroup running the same top-k selection over a
+// list of items (a key and an id each):
+// - `slices`: one workgroup per SLICE ids of a row selects their top k into
+//   `found` (the whole row would keep a single workgroup busy for long);
+// - `main`: one workgroup per row selects the top k of its slices' lists,
+//   then one thread does the arithmetic over them and draws.
+// Every id of the row's top k is in its slice's top k, and a row's lists, read
+// slice after slice, hold ids in increasing order among equal keys.
+//
+// The selection is a radix select. Logits map to u32 keys in the same order,
+// and four rounds over 8 bits each (a histogram in workgroup memory, then
+// suffix sums) find T, the k-th largest key. Keys above T are taken; of the
+// keys equal to T, those first in the list make up the rest, which each thread
+// finds in a contiguous run of the list. The taken items (at most MAX_K) are
+// then ranked. The arithmetic is f32 where the host's is f64: a draw within
+// about 1e-7 of the boundary between two ids may go the other way.
 struct Params {
   limit: u32,
   index: u32, // ids[index + r] receives row r's id
@@ -27,10 +36,12 @@ struct Params {
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<f32>;
 @group(0) @binding(3) var<storage, read> uniforms: array<f32>;
+// Each slice's selection: MAX_K (key, id) pairs per slice, key 0 past its end.
+@group(0) @binding(4) var<storage, read_write> found: array<vec2<u32>>;
 
 const MAX_K: u32 = 64u;
 const THREADS: u32 = 256u;
-const NONE: u32 = 0xffffffffu;
+const SLICE: u32 = 1024u; // ids per workgroup of `slices`
 
 var<workgroup> hist: array<atomic<u32>, 256>;
 var<workgroup> sums: array<u32, 256>;
@@ -39,13 +50,23 @@ var<workgroup> stillNeeded: u32; // keys equal to the prefix found so far that a
 var<workgroup> candidates: atomic<u32>;
 var<workgroup> candKey: array<u32, MAX_K>;
 var<workgroup> candId: array<u32, MAX_K>;
+var<workgroup> sortedKey: array<u32, MAX_K>;
 var<workgroup> sortedId: array<u32, MAX_K>;
+
+// The list the selection runs over: `count` items from `first`, ids of the
+// logits (stage 0, `slices`) or pairs of `found` (stage 1, `main`).
+struct Items {
+  stage: u32,
+  first: u32,
+  count: u32,
+  base: u32, // of the row in logits
+}
 
 // A key that orders like the logit, or 0 for NaN and -Infinity (never
 // candidates). Tested on the bits: a compiler may assume that floats are
 // never NaN.
-fn keyAt(i: u32) -> u32 {
-  let bits = bitcast<u32>(logits[i]);
+fn keyOf(logit: f32) -> u32 {
+  let bits = bitcast<u32>(logit);
   if ((bits & 0x7fffffffu) > 0x7f800000u || bits == 0xff800000u) {
     return 0u;
   }
@@ -53,6 +74,15 @@ fn keyAt(i: u32) -> u32 {
     return ~bits;
   }
   return bits | 0x80000000u;
+}
+
+// Key and id of item i of the list.
+fn item(list: Items, i: u32) -> vec2<u32> {
+  let at = list.first + i;
+  if (list.stage == 0u) {
+    return vec2<u32>(keyOf(logits[list.base + at]), at);
+  }
+  return found[at];
 }
 
 // sums[b] ← Σ sums[b'] over b' ≥ b (suffix) or over b' ≤ b (prefix).
@@ -80,25 +110,21 @@ fn weight(base: u32, j: u32, top: f32) -> f32 {
   return exp((v - top) / p.temperature);
 }
 
-@compute @workgroup_size(256)
-fn main(
-  @builtin(workgroup_id) wg: vec3u,
-  @builtin(local_invocation_index) li: u32,
-) {
-  let row = wg.x;
-  let base = row * p.stride;
-
+// Selects the top min(topK, valid items) of the list into sortedKey and
+// sortedId (larger key first, the earlier item on ties) and returns how many.
+// Every thread of the workgroup must call it.
+fn selectTop(list: Items, li: u32) -> u32 {
   // The radix select: after round q, `prefix` holds the top 8(q + 1) bits of T.
   var prefix = 0u;
   var mask = 0u;
   var need = 0u; // keys at or above the prefix that are still to be taken
-  var k = 0u; // candidates in all: topK, or fewer valid logits
+  var k = 0u; // items to take in all: topK, or fewer valid ones
   for (var round = 0u; round < 4u; round++) {
     let shift = 24u - 8u * round;
     atomicStore(&hist[li], 0u);
     workgroupBarrier();
-    for (var i = li; i < p.limit; i += THREADS) {
-      let key = keyAt(base + i);
+    for (var i = li; i < list.count; i += THREADS) {
+      let key = item(list, i).x;
       if (key != 0u && (key & mask) == prefix) {
         atomicAdd(&hist[(key >> shift) & 255u], 1u);
       }
@@ -130,23 +156,23 @@ fn main(
   let ties = need; // keys equal to T to take
   let aboveCount = k - ties;
 
-  // Gather: keys above T in any order, ties by id in contiguous runs.
+  // Gather: keys above T in any order, ties in list order by contiguous runs.
   if (li == 0u) {
     atomicStore(&candidates, 0u);
   }
   workgroupBarrier();
-  let run = (p.limit + THREADS - 1u) / THREADS;
-  let first = min(li * run, p.limit);
-  let last = min(first + run, p.limit);
+  let run = (list.count + THREADS - 1u) / THREADS;
+  let first = min(li * run, list.count);
+  let last = min(first + run, list.count);
   var myTies = 0u;
   if (k > 0u) {
     for (var i = first; i < last; i++) {
-      let key = keyAt(base + i);
-      if (key > threshold) {
+      let it = item(list, i);
+      if (it.x > threshold) {
         let slot = atomicAdd(&candidates, 1u);
-        candKey[slot] = key;
-        candId[slot] = i;
-      } else if (key == threshold) {
+        candKey[slot] = it.x;
+        candId[slot] = it.y;
+      } else if (it.x == threshold) {
         myTies++;
       }
     }
@@ -158,16 +184,17 @@ fn main(
   if (myTies > 0u && tiesBefore < ties) {
     var rank = tiesBefore;
     for (var i = first; i < last && rank < ties; i++) {
-      if (keyAt(base + i) == threshold) {
+      let it = item(list, i);
+      if (it.x == threshold) {
         candKey[aboveCount + rank] = threshold;
-        candId[aboveCount + rank] = i;
+        candId[aboveCount + rank] = it.y;
         rank++;
       }
     }
   }
   workgroupBarrier();
 
-  // Rank the candidates: larger key first, lower id on ties.
+  // Rank the taken items: larger key first, lower id on ties.
   if (li < k) {
     let key = candKey[li];
     let id = candId[li];
@@ -177,9 +204,42 @@ fn main(
         rank++;
       }
     }
+    sortedKey[rank] = key;
     sortedId[rank] = id;
   }
   workgroupBarrier();
+  return k;
+}
+
+@compute @workgroup_size(256)
+fn slices(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let slice = wg.x;
+  let row = wg.y;
+  let first = min(slice * SLICE, p.limit);
+  let list = Items(0u, first, min(first + SLICE, p.limit) - first, row * p.stride);
+  let k = selectTop(list, li);
+  if (li < MAX_K) {
+    var pair = vec2<u32>(0u);
+    if (li < k) {
+      pair = vec2<u32>(sortedKey[li], sortedId[li]);
+    }
+    found[(row * nwg.x + slice) * MAX_K + li] = pair;
+  }
+}
+
+@compute @workgroup_size(256)
+fn main(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.x;
+  let base = row * p.stride;
+  let nSlices = (p.limit + SLICE - 1u) / SLICE;
+  let k = selectTop(Items(1u, row * nSlices * MAX_K, nSlices * MAX_K, base), li);
 
   if (li != 0u) {
     return;

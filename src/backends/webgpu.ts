@@ -156,6 +156,7 @@ const GEMV_MAX_ROWS = 4;
 // group: a batch of decode steps, where the tiled matmul would leave most SMs
 // idle on a long k loop.
 const GEMV4_MAX_ROWS = 16;
+const SAMPLE_SLICE = 1024; // logits per workgroup of sample.wgsl's first stage
 const CONV_SEQUENTIAL_MAX_LEN = 4;
 const CONV_MAX_KERNEL = 9;
 const SCAN_WG = 128;
@@ -223,7 +224,8 @@ const PROGRAMS = {
   embed: new Program("embed", "main", [0, 1, 2, 3]),
   embedFrom: new Program("embed", "from_buffer", [0, 2, 3, 4]),
   argmax: new Program("argmax", "main", [0, 1, 2]),
-  sample: new Program("sample", "main", [0, 1, 2, 3]),
+  sampleSlices: new Program("sample", "slices", [0, 1, 4]),
+  sample: new Program("sample", "main", [0, 1, 2, 3, 4]),
   rmsNorm: new Program("rmsnorm", "main", [0, 1, 2, 3]),
   add: new Program("add", "main", [0, 1, 2]),
   convSequential: new Program("conv", "sequential", [0, 1, 2, 3, 4, 5]),
@@ -691,13 +693,15 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (!Number.isInteger(topK) || topK < 1 || topK > MAX_DEVICE_TOP_K) {
       throw new RangeError(`sampleTopK takes a topK of 1 to ${MAX_DEVICE_TOP_K}, got ${topK}`);
     }
-    this.#run(
-      PROGRAMS.sample,
-      [limit, index, stride, topK, uniformIndex],
-      [temperature, topP, minP],
-      { 1: logits.buffer, 2: ids.buffer, 3: uniforms.buffer },
-      [rows, 1, 1],
-    );
+    // Each slice's top k, (key, id) pairs of two u32s; then each row's.
+    const slices = Math.ceil(limit / SAMPLE_SLICE);
+    const found = this.#pool.acquire(rows * slices * MAX_DEVICE_TOP_K * 8, false);
+    const u32s = [limit, index, stride, topK, uniformIndex];
+    const f32s = [temperature, topP, minP];
+    const bindings = { 1: logits.buffer, 2: ids.buffer, 3: uniforms.buffer, 4: found };
+    this.#run(PROGRAMS.sampleSlices, u32s, f32s, bindings, [slices, rows, 1]);
+    this.#run(PROGRAMS.sample, u32s, f32s, bindings, [rows, 1, 1]);
+    this.#pool.release(found);
   }
 
   rmsNorm(
