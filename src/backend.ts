@@ -245,7 +245,8 @@ export interface Backend<Buf = unknown> {
    * the id below `limit` that `Sampler.sample` would draw with `sampling` and
    * the random number uniforms[uniformIndex + r] (as a float; -1 where no
    * logit can be sampled). Its weights are f32 where the sampler's are f64, so
-   * a draw within about 1e-7 of the boundary between two ids may differ.
+   * a draw or the top-p cut within about 1e-7 (relative) of the boundary
+   * between two ids may go the other way.
    */
   sampleTopK?(
     ids: Buf,

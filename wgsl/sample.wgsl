@@ -19,8 +19,9 @@
 // suffix sums) find T, the k-th largest key. Keys above T are taken; of the
 // keys equal to T, those first in the list make up the rest, which each thread
 // finds in a contiguous run of the list. The taken items (at most MAX_K) are
-// then ranked. The arithmetic is f32 where the host's is f64: a draw within
-// about 1e-7 of the boundary between two ids may go the other way.
+// then ranked. The arithmetic is f32 where the host's is f64: a draw or the
+// top-p cut within about 1e-7 (relative) of the boundary between two ids may
+// go the other way.
 struct Params {
   limit: u32,
   index: u32, // ids[index + r] receives row r's id
