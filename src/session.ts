@@ -185,28 +185,40 @@ export class Session<Buf = unknown> {
       }
       const first = next();
       if (stopBefore(first)) return { ids, stopped: true };
-      const backup = this.#copyState();
-      try {
-        const run = await this.#model.decodeGreedy(this.#state, first, count, limit);
-        let kept = run.ids.findIndex((id, i) => i > 0 && stopBefore(id));
-        const stopped = kept >= 0;
-        if (!stopped) kept = run.ids.length;
-        if (stopped) {
-          // The device ran past the stop: rewind and feed only the kept ids.
-          this.#restoreState(backup);
-          this.#lastLogits = await this.#model.run(this.#state, run.ids.subarray(0, kept), "last");
-        } else {
-          this.#lastLogits = run.logits;
-        }
-        for (const id of run.ids.subarray(0, kept)) {
-          this.#tokens.push(id);
-          ids.push(id);
-        }
-        return { ids, stopped };
-      } finally {
-        this.#model.releaseState(backup);
-      }
+      const kept = await this.#feedFromDevice(
+        stopBefore,
+        () => this.#model.decodeGreedy(this.#state, first, count, limit),
+      );
+      return { ids: kept, stopped: kept.length < count };
     });
+  }
+
+  /**
+   * Feeds the ids that `decode` chooses on the device (the first already
+   * checked against `stopBefore`), up to the first later one for which
+   * `stopBefore` is true. The device runs past such an id, so then the state
+   * is rewound and only the ids before it are fed. Returns those ids.
+   */
+  async #feedFromDevice(
+    stopBefore: (id: number) => boolean,
+    decode: () => Promise<{ ids: Int32Array; logits: Float32Array }>,
+  ): Promise<number[]> {
+    const backup = this.#copyState();
+    try {
+      const run = await decode();
+      const stop = run.ids.findIndex((id, i) => i > 0 && stopBefore(id));
+      const kept = Array.from(stop >= 0 ? run.ids.subarray(0, stop) : run.ids);
+      if (stop >= 0) {
+        this.#restoreState(backup);
+        this.#lastLogits = await this.#model.run(this.#state, Int32Array.from(kept), "last");
+      } else {
+        this.#lastLogits = run.logits;
+      }
+      this.#tokens.push(...kept);
+      return kept;
+    } finally {
+      this.#model.releaseState(backup);
+    }
   }
 
   /** Whether {@link sample} runs on the device, with one read-back per call. */
@@ -254,37 +266,26 @@ export class Session<Buf = unknown> {
         sampler.randoms(count - 1),
         (u) => Math.min(u, 1 - 2 ** -24),
       );
-      const backup = this.#copyState();
-      try {
+      const sampling = { topK, temperature, topP, minP };
+      const kept = await this.#feedFromDevice(stopBefore, async () => {
         const [run] = await this.#model.decodeSampledBatch(
           [this.#state],
           [first],
           count,
           limit,
-          { topK, temperature, topP, minP },
+          sampling,
           uniforms,
         );
-        let kept = run.ids.findIndex((id, i) => i > 0 && stopBefore(id));
-        const stopped = kept >= 0;
-        if (!stopped) kept = run.ids.length;
-        if (stopped) {
-          // The device ran past the stop: rewind, feed only the kept ids, and
-          // leave the sampler as if it had drawn up to the stopping id.
-          this.#restoreState(backup);
-          this.#lastLogits = await this.#model.run(this.#state, run.ids.subarray(0, kept), "last");
-          sampler.restore(drawn);
-          sampler.randoms(kept);
-        } else {
-          this.#lastLogits = run.logits;
-        }
-        for (const id of run.ids.subarray(0, kept)) {
-          this.#tokens.push(id);
-          ids.push(id);
-        }
-        return { ids, stopped };
-      } finally {
-        this.#model.releaseState(backup);
+        return run;
+      });
+      const stopped = kept.length < count;
+      if (stopped) {
+        // The sampler drew one number per id up to the stopping one, as the
+        // host would have; the device drew more.
+        sampler.restore(drawn);
+        sampler.randoms(kept.length);
       }
+      return { ids: kept, stopped };
     });
   }
 

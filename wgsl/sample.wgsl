@@ -112,7 +112,8 @@ fn weight(base: u32, j: u32, top: f32) -> f32 {
 }
 
 // Selects the top min(topK, valid items) of the list into sortedKey and
-// sortedId (larger key first, the earlier item on ties) and returns how many.
+// sortedId (larger key first, the lower id on ties: ids rise along the list
+// among equal keys) and returns how many.
 // Every thread of the workgroup must call it.
 fn selectTop(list: Items, li: u32) -> u32 {
   // The radix select: after round q, `prefix` holds the top 8(q + 1) bits of T.
