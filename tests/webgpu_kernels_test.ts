@@ -66,6 +66,17 @@ function close(got: Float32Array, want: Float32Array, tolerance: number, what: s
   );
 }
 
+/** The bundled tiny-shakespeare model on `gpu`, and its expected outputs. */
+async function tinyShakespeare(gpu: WebGpuBackend) {
+  const dir = `${SHARED}/models/tiny-shakespeare`;
+  const { config, weights } = await loadCheckpoint(dir);
+  const expected = SafetensorsFile.parse(
+    await Deno.readFile(`${dir}/expected.safetensors`),
+    "expected.safetensors",
+  );
+  return { config, model: new MambaModel(gpu, config, weights), expected };
+}
+
 const js = new JsBackend();
 
 Deno.test({
@@ -623,13 +634,7 @@ Deno.test({
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
-      const dir = `${SHARED}/models/tiny-shakespeare`;
-      const { config, weights } = await loadCheckpoint(dir);
-      const model = new MambaModel(gpu, config, weights);
-      const expected = SafetensorsFile.parse(
-        await Deno.readFile(`${dir}/expected.safetensors`),
-        "expected.safetensors",
-      );
+      const { model, expected } = await tinyShakespeare(gpu);
       const ids = expected.int32("prompt0_greedy_ids");
       const prompt = expected.int32("prompt0_ids");
       const logits = await model.run(model.newState(), ids, "all");
@@ -911,13 +916,7 @@ Deno.test({
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
-      const dir = `${SHARED}/models/tiny-shakespeare`;
-      const { config, weights } = await loadCheckpoint(dir);
-      const model = new MambaModel(gpu, config, weights);
-      const expected = SafetensorsFile.parse(
-        await Deno.readFile(`${dir}/expected.safetensors`),
-        "expected.safetensors",
-      );
+      const { config, model, expected } = await tinyShakespeare(gpu);
       const prompt = expected.int32("prompt0_ids");
       const options = { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05, seed: 11 };
       const limit = config.vocabSize;
