@@ -33,7 +33,7 @@ export { loadModel, Mamba } from "./src/load.ts";
 export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
 export type { MambaConfig } from "./src/config.ts";
 export { MambaModel } from "./src/model.ts";
-export type { LogitsFor, MambaState } from "./src/model.ts";
+export type { DevicePenalty, LogitsFor, MambaState } from "./src/model.ts";
 export type {
   Backend,
   ConvArgs,
@@ -57,7 +57,7 @@ export type {
   GenerationEvent,
   GenerationStats,
 } from "./src/generate.ts";
-export { MAX_DEVICE_TOP_K } from "./src/backend.ts";
+export { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./src/backend.ts";
 export { Sampler } from "./src/sampler.ts";
 export type { SamplingOptions } from "./src/sampler.ts";
 export { MambaTokenizer, StreamingDecoder } from "./src/tokenizer.ts";

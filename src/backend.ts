@@ -145,6 +145,9 @@ export interface TopKSampling {
 /** The largest top-k that {@link Backend.sampleTopK} takes. */
 export const MAX_DEVICE_TOP_K = 64;
 
+/** The longest history window that {@link Backend.penalize} takes. */
+export const MAX_DEVICE_PENALTY_WINDOW = 1024;
+
 /** Operations recorded by {@link Backend.capture}. */
 export interface Recording {
   /** How many kernels a replay issues. */
@@ -258,6 +261,27 @@ export interface Backend<Buf = unknown> {
     uniformIndex: number,
     rows?: number,
     stride?: number,
+  ): void;
+  /**
+   * Optional, with {@link sampleTopK}: `Sampler.sample`'s repetition penalty,
+   * in place on `rows` rows of logits (rows `stride` apart). For each
+   * distinct id among the last `window` (1 to
+   * {@link MAX_DEVICE_PENALTY_WINDOW}) ids of row r's history, its logit is
+   * divided by `penalty` when positive and multiplied by it otherwise. Row
+   * r's history is the host's ids, history[r · (window + 1)] of them after
+   * that count, then the ids chosen on the device, ids[deviceFirst + j ·
+   * rows + r] for j < deviceCount; all as floats.
+   */
+  penalize?(
+    logits: Buf,
+    rows: number,
+    stride: number,
+    penalty: number,
+    window: number,
+    history: Buf,
+    ids: Buf,
+    deviceFirst: number,
+    deviceCount: number,
   ): void;
   /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row. */
   rmsNorm(out: Buf, x: Buf, weight: Buf, rows: number, dim: number, eps: number): void;

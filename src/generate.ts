@@ -110,8 +110,8 @@ export function generate(
   const session = options.session ?? model.session();
   // Rows past the tokenizer's vocabulary (embedding padding) are never sampled.
   const limit = Math.min(model.tokenizer.vocabSize, model.vocabSize);
-  // Decoding stays on the device where the backend allows it: greedy, or
-  // top-k sampling, without a repetition penalty.
+  // Decoding stays on the device where the backend allows it: greedy without
+  // a repetition penalty, or top-k sampling (see samplesTopK).
   const { temperature, repetitionPenalty, repeatLastN } = sampler.options;
   const greedyOnDevice = session.decodesOnDevice && temperature === 0 &&
     (repetitionPenalty === 1 || repeatLastN === 0);

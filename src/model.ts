@@ -51,6 +51,33 @@ export interface MambaState<Buf> {
   ssm: Buf[];
 }
 
+/**
+ * `Sampler.sample`'s repetition penalty for {@link MambaModel.decodeSampledBatch},
+ * applied on the device.
+ */
+export interface DevicePenalty {
+  /** Divides positive logits and multiplies the others; above 0. */
+  penalty: number;
+  /** History ids it looks back over: 1 to `MAX_DEVICE_PENALTY_WINDOW`. */
+  window: number;
+  /** Per sequence, its ids before the first one fed (only the last `window` count). */
+  histories: readonly (readonly number[])[];
+}
+
+/** Histories as Backend.penalize takes them: per sequence, a count, then that many ids. */
+function penaltyHistories({ window, histories }: DevicePenalty, batch: number): Float32Array {
+  if (histories.length !== batch) {
+    throw new RangeError(`${batch} sequences but ${histories.length} histories`);
+  }
+  const out = new Float32Array(batch * (window + 1));
+  histories.forEach((ids, b) => {
+    const tail = ids.slice(Math.max(0, ids.length - window));
+    out[b * (window + 1)] = tail.length;
+    out.set(tail, b * (window + 1) + 1);
+  });
+  return out;
+}
+
 /** Which positions {@link MambaModel.run} returns logits for. */
 export type LogitsFor = "all" | "last";
 
@@ -367,16 +394,18 @@ export class MambaModel<Buf> {
     );
   }
 
-  /** Whether {@link decodeSampledBatch} runs (the backend also has sampleTopK). */
+  /** Whether {@link decodeSampledBatch} runs (the backend has sampleTopK and penalize). */
   get samplesOnDevice(): boolean {
-    return this.decodesOnDevice && this.backend.sampleTopK !== undefined;
+    return this.decodesOnDevice && this.backend.sampleTopK !== undefined &&
+      this.backend.penalize !== undefined;
   }
 
   /**
    * {@link decodeGreedyBatch}, but each id after the first is drawn as
-   * `Sampler.sample` would draw it with `sampling` (top-k on, no repetition
-   * penalty), over ids below `limit`: the id after step t of sequence b takes
-   * the random number uniforms[t · batch + b] (see `Sampler.randoms`).
+   * `Sampler.sample` would draw it with `sampling` (top-k on) and `penalty`
+   * (none when left out), over ids below `limit`: the id after step t of
+   * sequence b takes the random number uniforms[t · batch + b] (see
+   * `Sampler.randoms`).
    */
   async decodeSampledBatch(
     states: readonly MambaState<Buf>[],
@@ -385,40 +414,36 @@ export class MambaModel<Buf> {
     limit: number,
     sampling: TopKSampling,
     uniforms: Float32Array,
+    penalty?: DevicePenalty,
   ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
     const be = this.backend;
-    const { sampleTopK } = be;
-    if (!sampleTopK || !be.embedFrom) {
+    const { sampleTopK, penalize } = be;
+    if (!sampleTopK || !penalize || !be.embedFrom) {
       throw new Error(`The ${be.name} backend cannot sample on the device`);
     }
-    const needed = Math.max(0, count - 1) * states.length;
+    const batch = states.length;
+    const needed = Math.max(0, count - 1) * batch;
     if (uniforms.length < needed) {
       throw new RangeError(`${needed} random numbers needed, got ${uniforms.length}`);
     }
     const { vocabSize } = this.config;
-    const batch = states.length;
     const randoms = be.upload(needed > 0 ? uniforms.slice(0, needed) : new Float32Array(1));
+    const history = penalty && be.upload(penaltyHistories(penalty, batch));
+    const choose = (ids: Buf, index: number, logits: Buf, t: number) => {
+      if (penalty && history) {
+        // The t + 1 ids fed so far per sequence end just before `index`.
+        const fed = index - (t + 1) * batch;
+        const { penalty: factor, window } = penalty;
+        penalize.call(be, logits, batch, vocabSize, factor, window, history, ids, fed, t + 1);
+      }
+      const at = t * batch;
+      sampleTopK.call(be, ids, index, logits, limit, sampling, randoms, at, batch, vocabSize);
+    };
     try {
-      return await this.#decodeOnDevice(
-        states,
-        firsts,
-        count,
-        (ids, index, logits, t) =>
-          sampleTopK.call(
-            be,
-            ids,
-            index,
-            logits,
-            limit,
-            sampling,
-            randoms,
-            t * batch,
-            batch,
-            vocabSize,
-          ),
-      );
+      return await this.#decodeOnDevice(states, firsts, count, choose);
     } finally {
       be.release(randoms);
+      if (history) be.release(history);
     }
   }
 

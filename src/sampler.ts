@@ -46,7 +46,7 @@
  * @module
  */
 
-import { MAX_DEVICE_TOP_K } from "./backend.ts";
+import { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./backend.ts";
 
 /** Sampling options; names and defaults follow llama.cpp. */
 export interface SamplingOptions {
@@ -146,14 +146,16 @@ export function validateSamplingOptions(options: SamplingOptions = {}): Required
 
 /**
  * Whether {@link Sampler.sample} with these options, over ids below `limit`,
- * is what a backend's `sampleTopK` does on the device: a temperature above 0,
- * top-k on (from 1 to {@link MAX_DEVICE_TOP_K}, and below `limit`), and no
- * repetition penalty.
+ * is what a backend's `sampleTopK` (and `penalize`) do on the device: a
+ * temperature above 0, top-k on (from 1 to {@link MAX_DEVICE_TOP_K}, and
+ * below `limit`), and no repetition penalty or one that looks back over 1 to
+ * {@link MAX_DEVICE_PENALTY_WINDOW} ids.
  */
 export function samplesTopK(options: Readonly<Required<SamplingOptions>>, limit: number): boolean {
   const { temperature, topK, repetitionPenalty, repeatLastN } = options;
-  return temperature > 0 && topK >= 1 && topK <= MAX_DEVICE_TOP_K && topK < limit &&
-    (repetitionPenalty === 1 || repeatLastN === 0);
+  const penaltyFits = repetitionPenalty === 1 || repeatLastN === 0 ||
+    (repeatLastN >= 1 && repeatLastN <= MAX_DEVICE_PENALTY_WINDOW);
+  return temperature > 0 && topK >= 1 && topK <= MAX_DEVICE_TOP_K && topK < limit && penaltyFits;
 }
 
 /** splitmix32's output function, used to expand a seed into xoshiro's state. */

@@ -13,7 +13,7 @@
  */
 
 import type { MambaModel, MambaState } from "./model.ts";
-import { MAX_DEVICE_TOP_K } from "./backend.ts";
+import { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./backend.ts";
 import { argmax, type Sampler, samplesTopK } from "./sampler.ts";
 
 const MAGIC = "MAMBASS1";
@@ -228,7 +228,8 @@ export class Session<Buf = unknown> {
 
   /**
    * Feeds up to `count` ids drawn by `sampler` (which must have top-k on, from
-   * 1 to 64, and no repetition penalty), like {@link greedy}: it stops before
+   * 1 to 64, and a repetition penalty off or over at most 1024 ids), like
+   * {@link greedy}: it stops before
    * an id for which `stopBefore` is true. The first id is drawn on the host
    * from the session's logits, the others on the device, with the random
    * numbers the sampler would have drawn; the sampler ends as if it had drawn
@@ -243,14 +244,15 @@ export class Session<Buf = unknown> {
     if (!Number.isInteger(count) || count < 0) {
       return Promise.reject(new RangeError(`count must be a non-negative integer, got ${count}`));
     }
-    const { temperature, topK, topP, minP } = sampler.options;
+    const { temperature, topK, topP, minP, repetitionPenalty, repeatLastN } = sampler.options;
     if (!samplesTopK(sampler.options, limit)) {
       return Promise.reject(
         new RangeError(
-          `Sampling on the device needs a temperature above 0, topK from 1 to ${MAX_DEVICE_TOP_K} and below the ${limit} candidates, and no repetition penalty`,
+          `Sampling on the device needs a temperature above 0, topK from 1 to ${MAX_DEVICE_TOP_K} and below the ${limit} candidates, and a repetition penalty off or over at most ${MAX_DEVICE_PENALTY_WINDOW} ids`,
         ),
       );
     }
+    const penalized = repetitionPenalty !== 1 && repeatLastN !== 0;
     return this.#enqueue(async () => {
       const stopBefore = options.stopBefore ?? (() => false);
       const ids: number[] = [];
@@ -275,6 +277,9 @@ export class Session<Buf = unknown> {
           limit,
           sampling,
           uniforms,
+          penalized
+            ? { penalty: repetitionPenalty, window: repeatLastN, histories: [this.#tokens] }
+            : undefined,
         );
         return run;
       });

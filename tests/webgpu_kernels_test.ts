@@ -912,49 +912,55 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: Session.sample on the device draws the host path's ids, stops before an id, and leaves the sampler as the host's",
+    "webgpu: Session.sample on the device draws the host path's ids (with and without a repetition penalty), stops before an id, and leaves the sampler as the host's",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const { config, model, expected } = await tinyShakespeare(gpu);
       const prompt = expected.int32("prompt0_ids");
-      const options = { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05, seed: 11 };
       const limit = config.vocabSize;
-      // The host path: logits read back, one draw per id.
-      const host = new Session(model);
-      await host.prefill(prompt);
-      const hostSampler = new Sampler(options);
-      const want: number[] = [];
-      let logits = host.lastLogits!;
-      for (let i = 0; i < 24; i++) {
-        const id = hostSampler.sample(logits, host.tokens, limit);
-        want.push(id);
-        logits = await host.step(id);
+      for (
+        const options of [
+          { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05, seed: 11 },
+          { temperature: 0.9, topK: 40, seed: 12, repetitionPenalty: 1.3, repeatLastN: 16 },
+        ]
+      ) {
+        // The host path: logits read back, one draw per id.
+        const host = new Session(model);
+        await host.prefill(prompt);
+        const hostSampler = new Sampler(options);
+        const want: number[] = [];
+        let logits = host.lastLogits!;
+        for (let i = 0; i < 24; i++) {
+          const id = hostSampler.sample(logits, host.tokens, limit);
+          want.push(id);
+          logits = await host.step(id);
+        }
+
+        const device = new Session(model);
+        await device.prefill(prompt);
+        const sampler = new Sampler(options);
+        const first = await device.sample(12, sampler, { limit });
+        const second = await device.sample(12, sampler, { limit });
+        assertEquals([...first.ids, ...second.ids], want);
+        assertEquals(sampler.state(), hostSampler.state());
+
+        // Stopping before the first id that has not come earlier (past the first).
+        const at = want.findIndex((id, i) => i > 0 && want.indexOf(id) === i);
+        const stopping = new Session(model);
+        await stopping.prefill(prompt);
+        const stopSampler = new Sampler(options);
+        const run = await stopping.sample(24, stopSampler, {
+          limit,
+          stopBefore: (id) => id === want[at],
+        });
+        assertEquals(run, { ids: want.slice(0, at), stopped: true });
+        assertEquals(stopping.tokens.length, prompt.length + at);
+        // The host path draws the stopping id too: at + 1 draws in all.
+        const reference = new Sampler(options);
+        reference.randoms(at + 1);
+        assertEquals(stopSampler.state(), reference.state());
       }
-
-      const device = new Session(model);
-      await device.prefill(prompt);
-      const sampler = new Sampler(options);
-      const first = await device.sample(12, sampler, { limit });
-      const second = await device.sample(12, sampler, { limit });
-      assertEquals([...first.ids, ...second.ids], want);
-      assertEquals(sampler.state(), hostSampler.state());
-
-      // Stopping before the first id that has not come earlier (past the first).
-      const at = want.findIndex((id, i) => i > 0 && want.indexOf(id) === i);
-      const stopping = new Session(model);
-      await stopping.prefill(prompt);
-      const stopSampler = new Sampler(options);
-      const run = await stopping.sample(24, stopSampler, {
-        limit,
-        stopBefore: (id) => id === want[at],
-      });
-      assertEquals(run, { ids: want.slice(0, at), stopped: true });
-      assertEquals(stopping.tokens.length, prompt.length + at);
-      // The host path draws the stopping id too: at + 1 draws in all.
-      const reference = new Sampler(options);
-      reference.randoms(at + 1);
-      assertEquals(stopSampler.state(), reference.state());
     }),
 });
 
@@ -992,4 +998,70 @@ Deno.test({
       gpu.dispose();
     }
   },
+});
+
+Deno.test({
+  name:
+    "webgpu: penalize applies Sampler.sample's repetition penalty: host and device ids, repeats, the window",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(70);
+      const [rows, vocab, limit, window] = [3, 500, 497, 6];
+      const sampling = { topK: 1, temperature: 1, topP: 1, minP: 0 };
+      for (const penalty of [1.3, 0.7]) {
+        const logits = fill(rows * vocab, rand, 4);
+        // Row r's history: host ids, then three device ids; some repeat, and
+        // the largest logits are among them so that the penalty decides.
+        const hostIds = [[5, 9, 5, 40], [], [1, 2, 3, 4, 5, 6, 7, 8]];
+        const deviceIds = [[9, 77, 77], [10, 10, 11], [8, 20, 21]];
+        for (let r = 0; r < rows; r++) {
+          for (const id of [...hostIds[r], ...deviceIds[r]]) logits[r * vocab + id] = 5 + rand();
+          logits[r * vocab + 300] = 4.9; // wins where the penalty pushes the others down
+        }
+        const history = new Float32Array(rows * (window + 1));
+        hostIds.forEach((ids, r) => {
+          const tail = ids.slice(-window);
+          history[r * (window + 1)] = tail.length;
+          history.set(tail, r * (window + 1) + 1);
+        });
+        // The ids buffer as decoding leaves it: [3 steps][rows] after 2 floats.
+        const ids = new Float32Array(2 + 3 * rows + rows);
+        for (let j = 0; j < 3; j++) {
+          for (let r = 0; r < rows; r++) ids[2 + j * rows + r] = deviceIds[r][j];
+        }
+        const gpuIds = gpu.upload(ids);
+        const gpuLogits = gpu.upload(logits.slice());
+        gpu.penalize(gpuLogits, rows, vocab, penalty, window, gpu.upload(history), gpuIds, 2, 3);
+        const before = 2 + 3 * rows;
+        gpu.sampleTopK(gpuIds, before, gpuLogits, limit, sampling, gpu.zeros(rows), 0, rows, vocab);
+        const got = Array.from((await gpu.read(gpuIds)).subarray(before));
+        const sampler = new Sampler({
+          ...sampling,
+          repetitionPenalty: penalty,
+          repeatLastN: window,
+        });
+        const want = Array.from({ length: rows }, (_, r) =>
+          sampler.sample(
+            logits.subarray(r * vocab, (r + 1) * vocab),
+            [...hostIds[r], ...deviceIds[r]],
+            limit,
+          ));
+        assertEquals(got, want, `penalty ${penalty}`);
+        // The penalised logits themselves, against the host's arithmetic.
+        const penalised = await gpu.read(gpuLogits);
+        for (let r = 0; r < rows; r++) {
+          const windowIds = new Set([...hostIds[r], ...deviceIds[r]].slice(-window));
+          for (const id of windowIds) {
+            const v = logits[r * vocab + id];
+            const expected = Math.fround(v > 0 ? v / penalty : v * penalty);
+            assert(
+              Math.abs(penalised[r * vocab + id] - expected) <= 2 * Math.abs(expected) * 2 ** -23,
+              `row ${r} id ${id}: ${penalised[r * vocab + id]} against ${expected}`,
+            );
+          }
+          assertEquals(penalised[r * vocab + 300], logits[r * vocab + 300], "outside the window");
+        }
+      }
+    }),
 });

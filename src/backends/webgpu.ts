@@ -26,6 +26,7 @@ import {
   type ConvArgs,
   type ConvStep,
   convStepAfter,
+  MAX_DEVICE_PENALTY_WINDOW,
   MAX_DEVICE_TOP_K,
   projectDelta,
   type Recording,
@@ -224,6 +225,7 @@ const PROGRAMS = {
   embed: new Program("embed", "main", [0, 1, 2, 3]),
   embedFrom: new Program("embed", "from_buffer", [0, 2, 3, 4]),
   argmax: new Program("argmax", "main", [0, 1, 2]),
+  penalize: new Program("penalize", "main", [0, 1, 2, 3]),
   sampleSlices: new Program("sample", "slices", [0, 1, 4]),
   sample: new Program("sample", "main", [0, 1, 2, 3, 4]),
   rmsNorm: new Program("rmsnorm", "main", [0, 1, 2, 3]),
@@ -675,6 +677,31 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       [limit, index, stride],
       [],
       { 1: logits.buffer, 2: ids.buffer },
+      [rows, 1, 1],
+    );
+  }
+
+  penalize(
+    logits: GpuBuffer,
+    rows: number,
+    stride: number,
+    penalty: number,
+    window: number,
+    history: GpuBuffer,
+    ids: GpuBuffer,
+    deviceFirst: number,
+    deviceCount: number,
+  ): void {
+    if (!Number.isInteger(window) || window < 1 || window > MAX_DEVICE_PENALTY_WINDOW) {
+      throw new RangeError(
+        `penalize takes a window of 1 to ${MAX_DEVICE_PENALTY_WINDOW} ids, got ${window}`,
+      );
+    }
+    this.#run(
+      PROGRAMS.penalize,
+      [window, deviceFirst, rows, deviceCount, stride],
+      [penalty],
+      { 1: logits.buffer, 2: ids.buffer, 3: history.buffer },
       [rows, 1, 1],
     );
   }
