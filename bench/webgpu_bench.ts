@@ -11,8 +11,8 @@
  *   prefill tok/s for 2048 tokens (with the read-back of the last logits, and
  *   on the device alone), decode tok/s over 128 steps at batch 1 and
  *   compute dispatches per decoded token, against mamba_ssm's 88,000 and 900 tok/s;
- *   greedy decoding and top-k sampling on the device (one read-back per 32
- *   tokens); and 16
+ *   greedy decoding and top-k sampling (also with a repetition penalty) on
+ *   the device (one read-back per 32 tokens); and 16
  *   sequences decoded together (against 8,900 tok/s), sampled on the host
  *   (logits read back every step) and greedily on the device.
  *
@@ -286,6 +286,22 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     await model.decodeSampledBatch([state], [token], count, config.vocabSize, sampling, uniforms);
   }
   const sampledToks = steps / ((performance.now() - sampled0) / 1000);
+  // The same with a repetition penalty of 1.1 over the last 64 ids.
+  const penalty = { penalty: 1.1, window: 64, histories: [Array.from(ids.subarray(-64))] };
+  const penalized0 = performance.now();
+  for (let done = 0; done < steps; done += batch) {
+    const count = Math.min(batch, steps - done);
+    await model.decodeSampledBatch(
+      [state],
+      [token],
+      count,
+      config.vocabSize,
+      sampling,
+      uniforms,
+      penalty,
+    );
+  }
+  const penalizedToks = steps / ((performance.now() - penalized0) / 1000);
   const gaps = flushes.slice(1).map((t, i) => t - flushes[i]).sort((a, b) => a - b);
   const hostMsPerToken = gaps[Math.floor(gaps.length / 2)];
   // Batched decode: 16 sequences stepped together (what the edge server's
@@ -350,6 +366,7 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     greedyHostMsPerToken: +hostMsPerToken.toFixed(3),
     sampledOnDeviceTokPerS: +sampledToks.toFixed(1),
     sampledOnDeviceRatioVsCuda: quick ? null : +(sampledToks / CUDA_DECODE_TOKS).toFixed(3),
+    sampledWithPenaltyOnDeviceTokPerS: +penalizedToks.toFixed(1),
     batchDecodeSequences: batchSize,
     batchDecodeTokPerS: +batchToks.toFixed(1),
     batchDecodeRatioVsCuda: quick ? null : +(batchToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),
