@@ -6,7 +6,7 @@
  */
 
 import type { StepBatcher } from "./batcher.ts";
-import { Sampler, samplesTopK, type SamplingOptions } from "./sampler.ts";
+import { penaltyFitsDevice, Sampler, samplesTopK, type SamplingOptions } from "./sampler.ts";
 import type { Session } from "./session.ts";
 import { type MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
 
@@ -110,11 +110,12 @@ export function generate(
   const session = options.session ?? model.session();
   // Rows past the tokenizer's vocabulary (embedding padding) are never sampled.
   const limit = Math.min(model.tokenizer.vocabSize, model.vocabSize);
-  // Decoding stays on the device where the backend allows it: greedy without
-  // a repetition penalty, or top-k sampling (see samplesTopK).
+  // Decoding stays on the device where the backend allows it: greedy, or
+  // top-k sampling (see samplesTopK), with a penalty that fits the device.
   const { temperature, repetitionPenalty, repeatLastN } = sampler.options;
+  const penalized = repetitionPenalty !== 1 && repeatLastN !== 0;
   const greedyOnDevice = session.decodesOnDevice && temperature === 0 &&
-    (repetitionPenalty === 1 || repeatLastN === 0);
+    (!penalized || (session.samplesOnDevice && penaltyFitsDevice(sampler.options)));
   const sampledOnDevice = session.samplesOnDevice && samplesTopK(sampler.options, limit);
   const onDevice = !options.batcher && stops.length === 0 && (greedyOnDevice || sampledOnDevice);
 
@@ -141,7 +142,7 @@ export function generate(
         if (options.signal?.aborted) return finish("abort");
         const count = Math.min(batch, maxNewTokens - generated);
         const { ids, stopped } = temperature === 0
-          ? await session.greedy(count, { limit, stopBefore })
+          ? await session.greedy(count, { limit, stopBefore, repetitionPenalty, repeatLastN })
           : await session.sample(count, sampler, { limit, stopBefore });
         for (const token of ids) {
           generated++;

@@ -363,8 +363,9 @@ export class MambaModel<Buf> {
     first: number,
     count: number,
     limit: number,
+    penalty?: DevicePenalty,
   ): Promise<{ ids: Int32Array; logits: Float32Array }> {
-    const [result] = await this.decodeGreedyBatch([state], [first], count, limit);
+    const [result] = await this.decodeGreedyBatch([state], [first], count, limit, penalty);
     return result;
   }
 
@@ -372,25 +373,30 @@ export class MambaModel<Buf> {
    * {@link decodeGreedy} for several sequences at once, one token of each per
    * step: the projections read each weight once for all of them, and conv and
    * scan run batched on a gathered copy of their states. Returns each
-   * sequence's ids fed and last logits.
+   * sequence's ids fed and last logits. With `penalty`, the argmax is over
+   * logits with `Sampler.sample`'s repetition penalty (the backend needs
+   * penalize).
    */
   decodeGreedyBatch(
     states: readonly MambaState<Buf>[],
     firsts: readonly number[],
     count: number,
     limit: number,
+    penalty?: DevicePenalty,
   ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
     const be = this.backend;
     const { argmax } = be;
-    if (!argmax || !be.embedFrom) {
+    if (!argmax) {
       return Promise.reject(new Error(`The ${be.name} backend cannot decode on the device`));
     }
     const { vocabSize } = this.config;
+    const batch = states.length;
     return this.#decodeOnDevice(
       states,
       firsts,
       count,
-      (ids, index, logits) => argmax.call(be, ids, index, logits, limit, states.length, vocabSize),
+      (ids, index, logits) => argmax.call(be, ids, index, logits, limit, batch, vocabSize),
+      penalty,
     );
   }
 
@@ -417,10 +423,8 @@ export class MambaModel<Buf> {
     penalty?: DevicePenalty,
   ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
     const be = this.backend;
-    const { sampleTopK, penalize } = be;
-    if (!sampleTopK || !penalize || !be.embedFrom) {
-      throw new Error(`The ${be.name} backend cannot sample on the device`);
-    }
+    const { sampleTopK } = be;
+    if (!sampleTopK) throw new Error(`The ${be.name} backend cannot sample on the device`);
     const batch = states.length;
     const needed = Math.max(0, count - 1) * batch;
     if (uniforms.length < needed) {
@@ -428,38 +432,45 @@ export class MambaModel<Buf> {
     }
     const { vocabSize } = this.config;
     const randoms = be.upload(needed > 0 ? uniforms.slice(0, needed) : new Float32Array(1));
-    const history = penalty && be.upload(penaltyHistories(penalty, batch));
-    const choose = (ids: Buf, index: number, logits: Buf, t: number) => {
-      if (penalty && history) {
-        // The t + 1 ids fed so far per sequence end just before `index`.
-        const fed = index - (t + 1) * batch;
-        const { penalty: factor, window } = penalty;
-        penalize.call(be, logits, batch, vocabSize, factor, window, history, ids, fed, t + 1);
-      }
-      const at = t * batch;
-      sampleTopK.call(be, ids, index, logits, limit, sampling, randoms, at, batch, vocabSize);
-    };
+    const choose = (ids: Buf, index: number, logits: Buf, t: number) =>
+      sampleTopK.call(
+        be,
+        ids,
+        index,
+        logits,
+        limit,
+        sampling,
+        randoms,
+        t * batch,
+        batch,
+        vocabSize,
+      );
     try {
-      return await this.#decodeOnDevice(states, firsts, count, choose);
+      return await this.#decodeOnDevice(states, firsts, count, choose, penalty);
     } finally {
       be.release(randoms);
-      if (history) be.release(history);
     }
   }
 
   /**
    * Decoding without a round trip per token: feeds `firsts`, then `count - 1`
    * more ids per sequence, each chosen on the device by `pick` (after step t,
-   * into ids at `index` from the batch's logits).
+   * into ids at `index` from the batch's logits), with `penalty` applied to
+   * the logits first.
    */
   async #decodeOnDevice(
     states: readonly MambaState<Buf>[],
     firsts: readonly number[],
     count: number,
     pick: (ids: Buf, index: number, logits: Buf, t: number) => void,
+    penalty?: DevicePenalty,
   ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
     const be = this.backend;
-    if (!be.embedFrom) throw new Error(`The ${be.name} backend cannot decode on the device`);
+    const { embedFrom, penalize } = be;
+    if (!embedFrom) throw new Error(`The ${be.name} backend cannot decode on the device`);
+    if (penalty && !penalize) {
+      throw new Error(`The ${be.name} backend cannot apply a repetition penalty on the device`);
+    }
     if (states.length !== firsts.length) {
       throw new RangeError(`${states.length} states but ${firsts.length} first ids`);
     }
@@ -485,6 +496,23 @@ export class MambaModel<Buf> {
       this.#head(logits, scratch, 0, batch);
     };
     const recording = single || count < 2 ? undefined : be.capture?.(ops);
+    const history = penalty && be.upload(penaltyHistories(penalty, batch));
+    // The ids fed so far, t + 1 per sequence, count in the penalty's window.
+    const penalizeAfter = penalty && penalize && history
+      ? (t: number) =>
+        penalize.call(
+          be,
+          logits,
+          batch,
+          vocabSize,
+          penalty.penalty,
+          penalty.window,
+          history,
+          result,
+          idsAt,
+          t + 1,
+        )
+      : undefined;
     const step = single
       ? () => this.#decodeStep(state)
       : recording
@@ -492,7 +520,8 @@ export class MambaModel<Buf> {
       : ops;
     try {
       for (let t = 0; t < count; t++) {
-        be.embedFrom(
+        embedFrom.call(
+          be,
           scratch.hidden,
           this.#weights.embedding,
           result,
@@ -501,7 +530,10 @@ export class MambaModel<Buf> {
           batch,
         );
         step();
-        if (t + 1 < count) pick(result, idsAt + (t + 1) * batch, logits, t);
+        if (t + 1 < count) {
+          penalizeAfter?.(t);
+          pick(result, idsAt + (t + 1) * batch, logits, t);
+        }
         be.flush?.();
       }
       if (!single) this.#scatter(state, states);
@@ -516,6 +548,7 @@ export class MambaModel<Buf> {
       });
     } finally {
       be.release(result);
+      if (history) be.release(history);
       if (!single) {
         if (recording) be.releaseRecording?.(recording);
         this.#releaseScratch(scratch);

@@ -145,17 +145,26 @@ export function validateSamplingOptions(options: SamplingOptions = {}): Required
 }
 
 /**
- * Whether {@link Sampler.sample} with these options, over ids below `limit`,
- * is what a backend's `sampleTopK` (and `penalize`) do on the device: a
- * temperature above 0, top-k on (from 1 to {@link MAX_DEVICE_TOP_K}, and
- * below `limit`), and no repetition penalty or one that looks back over 1 to
+ * Whether the repetition penalty of these options can run on the device
+ * (a backend's `penalize`): off, or looking back over 1 to
  * {@link MAX_DEVICE_PENALTY_WINDOW} ids.
  */
-export function samplesTopK(options: Readonly<Required<SamplingOptions>>, limit: number): boolean {
-  const { temperature, topK, repetitionPenalty, repeatLastN } = options;
-  const penaltyFits = repetitionPenalty === 1 || repeatLastN === 0 ||
+export function penaltyFitsDevice(options: Readonly<Required<SamplingOptions>>): boolean {
+  const { repetitionPenalty, repeatLastN } = options;
+  return repetitionPenalty === 1 || repeatLastN === 0 ||
     (repeatLastN >= 1 && repeatLastN <= MAX_DEVICE_PENALTY_WINDOW);
-  return temperature > 0 && topK >= 1 && topK <= MAX_DEVICE_TOP_K && topK < limit && penaltyFits;
+}
+
+/**
+ * Whether {@link Sampler.sample} with these options, over ids below `limit`,
+ * is what a backend's `sampleTopK` (after `penalize`) does on the device: a
+ * temperature above 0, top-k on (from 1 to {@link MAX_DEVICE_TOP_K}, and
+ * below `limit`), and a penalty that {@link penaltyFitsDevice}.
+ */
+export function samplesTopK(options: Readonly<Required<SamplingOptions>>, limit: number): boolean {
+  const { temperature, topK } = options;
+  return temperature > 0 && topK >= 1 && topK <= MAX_DEVICE_TOP_K && topK < limit &&
+    penaltyFitsDevice(options);
 }
 
 /** splitmix32's output function, used to expand a seed into xoshiro's state. */

@@ -14,7 +14,7 @@
 
 import type { MambaModel, MambaState } from "./model.ts";
 import { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./backend.ts";
-import { argmax, type Sampler, samplesTopK } from "./sampler.ts";
+import { penaltyFitsDevice, Sampler, samplesTopK } from "./sampler.ts";
 
 const MAGIC = "MAMBASS1";
 const HEADER_BYTES = 8 + 7 * 4;
@@ -151,19 +151,37 @@ export class Session<Buf = unknown> {
 
   /**
    * Feeds up to `count` greedy ids, each the argmax (lowest id on ties) over
-   * ids below `limit` of the logits so far, and returns them. It stops before
+   * ids below `limit` of the logits so far, with `Sampler.sample`'s
+   * repetition penalty when given, and returns them. It stops before
    * an id for which `stopBefore` is true: that id is not fed, and `stopped`
    * says so. Where the backend decodes on the device (webgpu) a call costs
    * one read-back instead of one per token. Needs logits: prefill first.
    */
   greedy(
     count: number,
-    options: { limit?: number; stopBefore?: (id: number) => boolean } = {},
+    options: {
+      limit?: number;
+      stopBefore?: (id: number) => boolean;
+      repetitionPenalty?: number;
+      repeatLastN?: number;
+    } = {},
   ): Promise<{ ids: number[]; stopped: boolean }> {
     const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
     if (!Number.isInteger(count) || count < 0) {
       return Promise.reject(new RangeError(`count must be a non-negative integer, got ${count}`));
     }
+    let sampler: Sampler;
+    try {
+      // At temperature 0 the sampler is a penalised argmax and draws nothing.
+      const { repetitionPenalty, repeatLastN } = options;
+      sampler = new Sampler({ temperature: 0, repetitionPenalty, repeatLastN, seed: 0 });
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const { repetitionPenalty, repeatLastN } = sampler.options;
+    const penalized = repetitionPenalty !== 1 && repeatLastN !== 0;
+    const onDevice = this.#model.decodesOnDevice &&
+      (!penalized || (this.#model.samplesOnDevice && penaltyFitsDevice(sampler.options)));
     return this.#enqueue(async () => {
       const stopBefore = options.stopBefore ?? (() => false);
       const ids: number[] = [];
@@ -171,10 +189,10 @@ export class Session<Buf = unknown> {
         if (!this.#lastLogits) {
           throw new RangeError("Greedy decoding needs logits: prefill the session first");
         }
-        return argmax(this.#lastLogits, limit);
+        return sampler.sample(this.#lastLogits, this.#tokens, limit);
       };
       if (count === 0) return { ids, stopped: false };
-      if (!this.#model.decodesOnDevice) {
+      if (!onDevice) {
         for (let i = 0; i < count; i++) {
           const id = next();
           if (stopBefore(id)) return { ids, stopped: true };
@@ -185,9 +203,12 @@ export class Session<Buf = unknown> {
       }
       const first = next();
       if (stopBefore(first)) return { ids, stopped: true };
+      const penalty = penalized
+        ? { penalty: repetitionPenalty, window: repeatLastN, histories: [this.#tokens] }
+        : undefined;
       const kept = await this.#feedFromDevice(
         stopBefore,
-        () => this.#model.decodeGreedy(this.#state, first, count, limit),
+        () => this.#model.decodeGreedy(this.#state, first, count, limit, penalty),
       );
       return { ids: kept, stopped: kept.length < count };
     });

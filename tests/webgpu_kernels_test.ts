@@ -1065,3 +1065,42 @@ Deno.test({
       }
     }),
 });
+
+Deno.test({
+  name:
+    "webgpu: Session.greedy with a repetition penalty decodes on the device the ids of the host path and of js",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const { config, model, expected } = await tinyShakespeare(gpu);
+      const prompt = expected.int32("prompt0_ids");
+      const limit = config.vocabSize;
+      const penalty = { repetitionPenalty: 1.3, repeatLastN: 16 };
+      // The host path: a penalised argmax over logits read back every token.
+      const host = new Session(model);
+      await host.prefill(prompt);
+      const argmax = new Sampler({ ...penalty, temperature: 0 });
+      const want: number[] = [];
+      for (let i = 0; i < 24; i++) {
+        const id = argmax.sample(host.lastLogits!, host.tokens, limit);
+        want.push(id);
+        await host.step(id);
+      }
+      const device = new Session(model);
+      await device.prefill(prompt);
+      let penalized = 0;
+      const penalize = gpu.penalize.bind(gpu);
+      gpu.penalize = (...args) => {
+        penalized++;
+        penalize(...args);
+      };
+      const { ids } = await device.greedy(24, { limit, ...penalty });
+      assertEquals(ids, want);
+      assertEquals(penalized, 23, "the penalty ran on the device before each argmax");
+      // The reference backend, through Session.greedy's host path.
+      const { weights } = await loadCheckpoint(`${SHARED}/models/tiny-shakespeare`);
+      const onJs = new Session(new MambaModel(js, config, weights));
+      await onJs.prefill(prompt);
+      assertEquals((await onJs.greedy(24, { limit, ...penalty })).ids, want);
+    }),
+});
