@@ -172,7 +172,7 @@ export class Session<Buf = unknown> {
     }
     let sampler: Sampler;
     try {
-      // At temperature 0 the sampler is a penalised argmax and draws nothing.
+      // At temperature 0 the sampler is a penalized argmax and draws nothing.
       const { repetitionPenalty, repeatLastN } = options;
       sampler = new Sampler({ temperature: 0, repetitionPenalty, repeatLastN, seed: 0 });
     } catch (error) {

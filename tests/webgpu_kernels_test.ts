@@ -1048,19 +1048,19 @@ Deno.test({
             limit,
           ));
         assertEquals(got, want, `penalty ${penalty}`);
-        // The penalised logits themselves, against the host's arithmetic.
-        const penalised = await gpu.read(gpuLogits);
+        // The penalized logits themselves, against the host's arithmetic.
+        const penalized = await gpu.read(gpuLogits);
         for (let r = 0; r < rows; r++) {
           const windowIds = new Set([...hostIds[r], ...deviceIds[r]].slice(-window));
           for (const id of windowIds) {
             const v = logits[r * vocab + id];
             const expected = Math.fround(v > 0 ? v / penalty : v * penalty);
             assert(
-              Math.abs(penalised[r * vocab + id] - expected) <= 2 * Math.abs(expected) * 2 ** -23,
-              `row ${r} id ${id}: ${penalised[r * vocab + id]} against ${expected}`,
+              Math.abs(penalized[r * vocab + id] - expected) <= 2 * Math.abs(expected) * 2 ** -23,
+              `row ${r} id ${id}: ${penalized[r * vocab + id]} against ${expected}`,
             );
           }
-          assertEquals(penalised[r * vocab + 300], logits[r * vocab + 300], "outside the window");
+          assertEquals(penalized[r * vocab + 300], logits[r * vocab + 300], "outside the window");
         }
       }
     }),
@@ -1076,7 +1076,7 @@ Deno.test({
       const prompt = expected.int32("prompt0_ids");
       const limit = config.vocabSize;
       const penalty = { repetitionPenalty: 1.3, repeatLastN: 16 };
-      // The host path: a penalised argmax over logits read back every token.
+      // The host path: a penalized argmax over logits read back every token.
       const host = new Session(model);
       await host.prefill(prompt);
       const argmax = new Sampler({ ...penalty, temperature: 0 });

@@ -1037,7 +1037,7 @@ fn skinny(
 // - ids[deviceFirst + j · deviceStride + r], j < deviceCount, as f32s (the
 //   buffer that greedy and sampled decoding write their ids to).
 // One workgroup per row. A thread takes window positions; the first position
-// of each id applies the penalty, so each id is penalised once.
+// of each id applies the penalty, so each id is penalized once.
 struct Params {
   window: u32,
   deviceFirst: u32,
