@@ -37,32 +37,30 @@ export function promptIds(count: number, vocab: number): Int32Array {
   return Int32Array.from({ length: count }, (_, i) => (i * 7919 + 13) % vocab);
 }
 
-/** `length` uniform values in [lo, hi) from xorshift32 seeded with `seed`, for benchmark inputs. */
-export function uniformFloats(length: number, lo: number, hi: number, seed = 1): Float32Array {
+/**
+ * A deterministic stream of uniform values from xorshift32 seeded with
+ * `seed`: each call returns the next `length` of them in [lo, hi), for
+ * benchmark and test inputs.
+ */
+export function xorshiftUniforms(
+  seed: number,
+): (length: number, lo?: number, hi?: number) => Float32Array {
   let s = seed >>> 0 || 1;
-  const out = new Float32Array(length);
-  for (let i = 0; i < length; i++) {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    out[i] = lo + ((s >>> 0) / 4294967296) * (hi - lo);
-  }
-  return out;
-}
-
-/** A deterministic xorshift generator of uniform values in [-scale, scale). */
-function uniform(seed: number) {
-  let s = seed >>> 0 || 1;
-  return (length: number, scale: number) => {
+  return (length, lo = -1, hi = 1) => {
     const out = new Float32Array(length);
     for (let i = 0; i < length; i++) {
       s ^= s << 13;
       s ^= s >>> 17;
       s ^= s << 5;
-      out[i] = ((s >>> 0) / 4294967296 * 2 - 1) * scale;
+      out[i] = lo + ((s >>> 0) / 4294967296) * (hi - lo);
     }
     return out;
   };
+}
+
+/** `length` uniform values in [lo, hi), the first of {@link xorshiftUniforms}' stream. */
+export function uniformFloats(length: number, lo: number, hi: number, seed = 1): Float32Array {
+  return xorshiftUniforms(seed)(length, lo, hi);
 }
 
 /** The config.json and model.safetensors bytes of a random checkpoint. */
@@ -73,7 +71,8 @@ export function randomCheckpoint(
   const { dModel, nLayer, vocabSize, dState, dConv, expand } = shape;
   const dInner = expand * dModel;
   const dtRank = Math.ceil(dModel / 16);
-  const rand = uniform(seed);
+  const next = xorshiftUniforms(seed);
+  const rand = (length: number, scale: number) => next(length, -scale, scale);
   type Entry = { dtype: "F32"; shape: number[]; data: Float32Array };
   const tensors: Record<string, Entry> = {};
   const put = (name: string, dims: number[], data: Float32Array) => {

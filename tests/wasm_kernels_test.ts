@@ -5,6 +5,7 @@
  */
 
 import { assert } from "@std/assert";
+import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import type { Backend } from "../src/backend.ts";
 import { JsBackend, silu, softplus } from "../src/backends/js.ts";
 import { WasmBackend, type WasmBuffer } from "../src/backends/wasm.ts";
@@ -25,21 +26,6 @@ function maxScaledDiff(a: Float32Array, b: Float32Array): number {
     if (!(diff <= max)) max = Number.isNaN(diff) ? Infinity : diff;
   }
   return max / scale;
-}
-
-/** A deterministic generator of uniform values in [lo, hi). */
-function random(seed: number) {
-  let s = seed >>> 0 || 1;
-  return (length: number, lo = -1, hi = 1) => {
-    const out = new Float32Array(length);
-    for (let i = 0; i < length; i++) {
-      s ^= s << 13;
-      s ^= s >>> 17;
-      s ^= s << 5;
-      out[i] = lo + ((s >>> 0) / 4294967296) * (hi - lo);
-    }
-    return out;
-  };
 }
 
 /** Runs `op` on both backends with the same inputs and compares every output buffer. */
@@ -72,7 +58,7 @@ async function compare(
 for (const threads of [1, 2, 3]) {
   Deno.test(`[wasm ${threads}t] linear: GEMV and matmul on odd sizes`, async () => {
     using wasm = await WasmBackend.create({ threads });
-    const rand = random(threads);
+    const rand = xorshiftUniforms(threads);
     for (
       const [rows, inDim, outDim] of [
         [1, 1, 1],
@@ -107,7 +93,7 @@ for (const threads of [1, 2, 3]) {
 
   Deno.test(`[wasm ${threads}t] selectiveScan: N = 16, 5, 1; odd dims; len 1`, async () => {
     using wasm = await WasmBackend.create({ threads });
-    const rand = random(100 + threads);
+    const rand = xorshiftUniforms(100 + threads);
     for (
       const [len, dim, dState] of [
         [1, 1536, 16],
@@ -165,7 +151,7 @@ for (const threads of [1, 2, 3]) {
 
   Deno.test(`[wasm ${threads}t] causalConv, rmsNorm, addInPlace, embed, copy`, async () => {
     using wasm = await WasmBackend.create({ threads });
-    const rand = random(200 + threads);
+    const rand = xorshiftUniforms(200 + threads);
     for (
       const [len, channels, kernel] of [[1, 1536, 4], [7, 13, 4], [2, 9, 4], [5, 6, 3], [3, 5, 1]]
     ) {
