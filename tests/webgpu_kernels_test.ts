@@ -139,7 +139,7 @@ Deno.test({
       const shapes = [
         [1, 5, 3],
         [1, 768, 100],
-        // GEMV lanes per output by outputs × row groups: 16 past 8192, 32 past 1024, else 64.
+        // GEMV lanes per output by outputs × row groups: 8 past 8192, 32 past 1024, else 64.
         [1, 16, 8200],
         [3, 40, 1500],
         [3, 64, 45],

@@ -248,12 +248,12 @@ const SKINNY_MAX_OUT = 128;
 /**
  * Threads that share one output of gemv4, for `units` (outputs × groups of
  * rows) in all. Measured on the H100 at mamba-130m's shapes: many units
- * (lm_head; in_proj for 16 rows) run best on 16 lanes, which leave more outputs
+ * (lm_head; in_proj for 16 rows) run best on 8 lanes, which leave more outputs
  * to each workgroup and shorter reductions, few (x_proj's 80, out_proj's 768 at
  * one row) on 64, which split each long row over more threads.
  */
 function gemvLanes(units: number): number {
-  return units >= 8192 ? 16 : units <= 1024 ? 64 : 32;
+  return units >= 8192 ? 8 : units <= 1024 ? 64 : 32;
 }
 
 /** The linear kernel for `rows` rows of input, `outDim` outputs and a weight stored as f16 or f32. */
