@@ -221,14 +221,10 @@ Deno.test({
         js.linear(want, x, w, b, rows, inDim, outDim);
         const outs = widths.map((width) => gpu.zeros(rows * width));
         gpu.linearSplit(outs, widths, gpu.upload(x), gpu.upload(w), gpu.upload(b), rows, inDim);
-        let first = 0;
-        for (const [i, width] of widths.entries()) {
-          const part = new Float32Array(rows * width);
-          for (let r = 0; r < rows; r++) {
-            part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
-          }
+        const parts = widths.map((width) => new Float32Array(rows * width));
+        js.linearSplit(parts, widths, x, w, b, rows, inDim);
+        for (const [i, part] of parts.entries()) {
           close(await gpu.read(outs[i]), part, 1e-4, `linearSplit ${rows}×${inDim} part ${i}`);
-          first += width;
         }
         // out += x · wᵀ + b
         const acc = fill(rows * outDim, rand);
@@ -747,25 +743,17 @@ Deno.test({
         const bias = fill(outDim, rand);
         const normWeight = fill(inDim, rand);
         const eps = 1e-5;
-        const normed = new Float32Array(rows * inDim);
-        js.rmsNorm(normed, x, normWeight, rows, inDim, eps);
-        const want = new Float32Array(rows * outDim);
-        js.linear(want, normed, w, bias, rows, inDim, outDim);
+        const parts = widths.map((width) => new Float32Array(rows * width));
+        js.linearSplit(parts, widths, x, w, bias, rows, inDim, { weight: normWeight, eps });
         const outs = widths.map((width) => gpu.zeros(rows * width));
         const gx = gpu.upload(x);
         gpu.linearSplit(outs, widths, gx, gpu.upload(w), gpu.upload(bias), rows, inDim, {
           weight: gpu.upload(normWeight),
           eps,
         });
-        let first = 0;
-        for (const [i, width] of widths.entries()) {
-          const got = await gpu.read(outs[i]);
-          const part = new Float32Array(rows * width);
-          for (let r = 0; r < rows; r++) {
-            part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
-          }
-          close(got, part, 1e-4, `normed linear ${rows}×${inDim}→${widths} output ${i}`);
-          first += width;
+        for (const [i, part] of parts.entries()) {
+          const what = `normed linear ${rows}×${inDim}→${widths} output ${i}`;
+          close(await gpu.read(outs[i]), part, 1e-4, what);
         }
         close(await gpu.read(gx), x, 0, "x is unchanged");
       }
