@@ -6,7 +6,7 @@
  */
 
 import type { StepBatcher } from "./batcher.ts";
-import { penaltyFitsDevice, Sampler, samplesTopK, type SamplingOptions } from "./sampler.ts";
+import { Sampler, samplesTopK, type SamplingOptions } from "./sampler.ts";
 import type { Session } from "./session.ts";
 import { type MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
 
@@ -113,9 +113,7 @@ export function generate(
   // Decoding stays on the device where the backend allows it: greedy, or
   // top-k sampling (see samplesTopK), with a penalty that fits the device.
   const { temperature, repetitionPenalty, repeatLastN } = sampler.options;
-  const penalized = repetitionPenalty !== 1 && repeatLastN !== 0;
-  const greedyOnDevice = session.decodesOnDevice && temperature === 0 &&
-    (!penalized || (session.samplesOnDevice && penaltyFitsDevice(sampler.options)));
+  const greedyOnDevice = temperature === 0 && session.greedyOnDevice(sampler.options);
   const sampledOnDevice = session.samplesOnDevice && samplesTopK(sampler.options, limit);
   const onDevice = !options.batcher && stops.length === 0 && (greedyOnDevice || sampledOnDevice);
 

@@ -144,15 +144,19 @@ export function validateSamplingOptions(options: SamplingOptions = {}): Required
   return { temperature, topK, topP, minP, repetitionPenalty, repeatLastN, seed };
 }
 
+/** Whether the repetition penalty of these options changes any logit: on, over some ids. */
+export function penalizes(options: Readonly<Required<SamplingOptions>>): boolean {
+  return options.repetitionPenalty !== 1 && options.repeatLastN !== 0;
+}
+
 /**
  * Whether the repetition penalty of these options can run on the device
  * (a backend's `penalize`): off, or looking back over 1 to
  * {@link MAX_DEVICE_PENALTY_WINDOW} ids.
  */
 export function penaltyFitsDevice(options: Readonly<Required<SamplingOptions>>): boolean {
-  const { repetitionPenalty, repeatLastN } = options;
-  return repetitionPenalty === 1 || repeatLastN === 0 ||
-    (repeatLastN >= 1 && repeatLastN <= MAX_DEVICE_PENALTY_WINDOW);
+  const { repeatLastN } = options;
+  return !penalizes(options) || (repeatLastN >= 1 && repeatLastN <= MAX_DEVICE_PENALTY_WINDOW);
 }
 
 /**
@@ -361,7 +365,7 @@ export class Sampler {
   /** The logits with the repetition penalty applied: the caller's array, or a penalized copy. */
   #penalize(logits: Float32Array, history: readonly number[]): Float32Array {
     const { repetitionPenalty: penalty, repeatLastN } = this.options;
-    if (penalty === 1 || repeatLastN === 0 || history.length === 0) return logits;
+    if (!penalizes(this.options) || history.length === 0) return logits;
     const start = repeatLastN < 0 ? 0 : Math.max(0, history.length - repeatLastN);
     const seen = new Set<number>();
     let out: Float32Array | undefined;

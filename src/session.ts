@@ -12,9 +12,15 @@
  * @module
  */
 
-import type { MambaModel, MambaState } from "./model.ts";
+import type { DevicePenalty, MambaModel, MambaState } from "./model.ts";
 import { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./backend.ts";
-import { penaltyFitsDevice, Sampler, samplesTopK } from "./sampler.ts";
+import {
+  penalizes,
+  penaltyFitsDevice,
+  Sampler,
+  samplesTopK,
+  type SamplingOptions,
+} from "./sampler.ts";
 
 const MAGIC = "MAMBASS1";
 const HEADER_BYTES = 8 + 7 * 4;
@@ -178,10 +184,7 @@ export class Session<Buf = unknown> {
     } catch (error) {
       return Promise.reject(error);
     }
-    const { repetitionPenalty, repeatLastN } = sampler.options;
-    const penalized = repetitionPenalty !== 1 && repeatLastN !== 0;
-    const onDevice = this.#model.decodesOnDevice &&
-      (!penalized || (this.#model.samplesOnDevice && penaltyFitsDevice(sampler.options)));
+    const onDevice = this.greedyOnDevice(sampler.options);
     return this.#enqueue(async () => {
       const stopBefore = options.stopBefore ?? (() => false);
       const ids: number[] = [];
@@ -203,15 +206,30 @@ export class Session<Buf = unknown> {
       }
       const first = next();
       if (stopBefore(first)) return { ids, stopped: true };
-      const penalty = penalized
-        ? { penalty: repetitionPenalty, window: repeatLastN, histories: [this.#tokens] }
-        : undefined;
+      const penalty = this.#devicePenalty(sampler.options);
       const kept = await this.#feedFromDevice(
         stopBefore,
         () => this.#model.decodeGreedy(this.#state, first, count, limit, penalty),
       );
       return { ids: kept, stopped: kept.length < count };
     });
+  }
+
+  /**
+   * Whether {@link greedy} with a repetition penalty from these options
+   * decodes on the device: the backend decodes there, and applies the
+   * penalty there too where there is one.
+   */
+  greedyOnDevice(options: Readonly<Required<SamplingOptions>>): boolean {
+    return this.#model.decodesOnDevice && penaltyFitsDevice(options) &&
+      (!penalizes(options) || this.#model.samplesOnDevice);
+  }
+
+  /** The repetition penalty of these options for the device, over this session's ids; none when off. */
+  #devicePenalty(options: Readonly<Required<SamplingOptions>>): DevicePenalty | undefined {
+    if (!penalizes(options)) return undefined;
+    const { repetitionPenalty, repeatLastN } = options;
+    return { penalty: repetitionPenalty, window: repeatLastN, histories: [this.#tokens] };
   }
 
   /**
@@ -265,7 +283,7 @@ export class Session<Buf = unknown> {
     if (!Number.isInteger(count) || count < 0) {
       return Promise.reject(new RangeError(`count must be a non-negative integer, got ${count}`));
     }
-    const { temperature, topK, topP, minP, repetitionPenalty, repeatLastN } = sampler.options;
+    const { temperature, topK, topP, minP } = sampler.options;
     if (!samplesTopK(sampler.options, limit)) {
       return Promise.reject(
         new RangeError(
@@ -273,7 +291,6 @@ export class Session<Buf = unknown> {
         ),
       );
     }
-    const penalized = repetitionPenalty !== 1 && repeatLastN !== 0;
     return this.#enqueue(async () => {
       const stopBefore = options.stopBefore ?? (() => false);
       const ids: number[] = [];
@@ -298,9 +315,7 @@ export class Session<Buf = unknown> {
           limit,
           sampling,
           uniforms,
-          penalized
-            ? { penalty: repetitionPenalty, window: repeatLastN, histories: [this.#tokens] }
-            : undefined,
+          this.#devicePenalty(sampler.options),
         );
         return run;
       });
