@@ -49,7 +49,7 @@ fn convStep(r: u32, c: u32, v: f32) -> f32 {
 
 
 const ROWS: u32 = 1u;
-const LANES: u32 = 32u; // threads per output, 8 to 64 (specialised per pipeline)
+const LANES: u32 = 32u; // threads per output, 8 to 256 (specialised per pipeline)
 const PER_GROUP: u32 = 256u / LANES; // outputs per workgroup
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r

@@ -163,8 +163,8 @@ const CONV_MAX_KERNEL = 9;
 const SCAN_WG = 128;
 const SCAN_TILE = 32; // tokens staged at a time in scan.wgsl: a multiple of 4, at most SCAN_WG / 4
 const SCAN_LANES = 16; // states per thread in scan.wgsl
-// Threads per workgroup of a decode step's scan: a step is one short pass, and
-// smaller workgroups spread its loads over more SMs.
+// Threads per workgroup of a decode step's scan (four per channel): a step is
+// one short pass, and smaller workgroups spread its loads over more SMs.
 const SCAN_STEP_WG = 64;
 
 /** One kernel: a shader, its entry point, its specialisation and the bindings it uses. */
@@ -249,11 +249,12 @@ const SKINNY_MAX_OUT = 128;
  * Threads that share one output of gemv4, for `units` (outputs × groups of
  * rows) in all. Measured on the H100 at mamba-130m's shapes: many units
  * (lm_head; in_proj for 16 rows) run best on 8 lanes, which leave more outputs
- * to each workgroup and shorter reductions, few (x_proj's 80, out_proj's 768 at
- * one row) on 64, which split each long row over more threads.
+ * to each workgroup and shorter reductions, few on more lanes, which split
+ * each long row over more threads: out_proj's 768 at one row on 64, x_proj's 80
+ * on 256 (a workgroup per output).
  */
 function gemvLanes(units: number): number {
-  return units >= 8192 ? 8 : units <= 1024 ? 64 : 32;
+  return units >= 8192 ? 8 : units <= 256 ? 256 : units <= 1024 ? 64 : 32;
 }
 
 /** The linear kernel for `rows` rows of input, `outDim` outputs and a weight stored as f16 or f32. */
@@ -949,7 +950,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       const bindings = { ...common, 13: projection.dt.buffer, 14: projection.weight.buffer };
       for (let group = 0; group < nGroups; group++) {
         const params = [1, dim, batch, 1, 1, flags, dState, group, nGroups, projection.rank];
-        const groups = Math.ceil(dim / SCAN_STEP_WG);
+        const groups = Math.ceil(dim / (SCAN_STEP_WG / 4)); // four threads per channel
         this.#run(SCAN_PROGRAMS.step, params, [], bindings, [groups, 1, batch]);
       }
       return;

@@ -412,7 +412,7 @@ fn convStep(r: u32, c: u32, v: f32) -> f32 {
 
 
 const ROWS: u32 = 1u;
-const LANES: u32 = 32u; // threads per output, 8 to 64 (specialised per pipeline)
+const LANES: u32 = 32u; // threads per output, 8 to 256 (specialised per pipeline)
 const PER_GROUP: u32 = 256u / LANES; // outputs per workgroup
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
@@ -1461,8 +1461,9 @@ fn main(
 // - \`output\`: every chunk again from its start state, writing y and (last chunk)
 //   the final state. With one chunk only \`output\` runs, starting from \`state\`.
 //
-// \`step\` takes one token per sequence (decode) and computes delta itself from
-// the low-rank dt and dt_proj's weight, which saves a dispatch per layer.
+// \`step\` takes one token per sequence (decode), four threads per channel, and
+// computes delta itself from the low-rank dt and dt_proj's weight, which saves
+// a dispatch per layer.
 //
 // WG and TT are specialised per pipeline by the backend.
 struct Params {
@@ -1920,24 +1921,28 @@ fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
 }
 
 /**
- * Raw delta of channel d of sequence b: dt[b] · dt_proj[d]. Sixteen products
- * per iteration, written out, so that their loads are in flight together.
+ * Thread q's share (q = 0 … 3) of channel d's raw delta for sequence b, dt[b]
+ * · dt_proj[d]: the quads of terms 4q, 4q + 16, … (two per iteration, written
+ * out, so that their loads are in flight together), and term 4⌊rank/4⌋ + q of
+ * the tail. The four shares add up to the whole product.
  */
-fn projectedDelta(b: u32, d: u32) -> f32 {
+fn deltaShare(b: u32, d: u32, q: u32) -> f32 {
   let x = b * p.rank;
   let w = d * p.rank;
   var sums = vec4<f32>(0.0);
-  var k = 0u;
-  for (; k + 16u <= p.rank; k += 16u) {
-    sums += (dtTerms(x, w, k) + dtTerms(x, w, k + 4u)) + (dtTerms(x, w, k + 8u) + dtTerms(x, w, k + 12u));
+  var k = 4u * q;
+  for (; k + 20u <= p.rank; k += 32u) {
+    sums += dtTerms(x, w, k) + dtTerms(x, w, k + 16u);
   }
-  for (; k + 4u <= p.rank; k += 4u) {
+  if (k + 4u <= p.rank) {
     sums += dtTerms(x, w, k);
   }
-  for (; k < p.rank; k++) {
-    sums.x = fma(dtLow[x + k], dtProjAt(w + k), sums.x);
+  var share = (sums.x + sums.y) + (sums.z + sums.w);
+  let tail = p.rank / 4u * 4u + q;
+  if (tail < p.rank) {
+    share = fma(dtLow[x + tail], dtProjAt(w + tail), share);
   }
-  return (sums.x + sums.y) + (sums.z + sums.w);
+  return share;
 }
 
 /** Lanes 4q … 4q+3 of this group of sequence b's B (or C with \`ofC\`): a decode step's one token. */
@@ -1952,47 +1957,64 @@ fn tokenQuad(b: u32, q: u32, ofC: bool) -> vec4<f32> {
   return quadOf(v, q);
 }
 
+// step: the four threads of a channel exchange their shares of delta and of
+// C·h here, the channel's in entries 4c … 4c + 3.
+var<workgroup> shares: array<f32, WG>;
+
+/** The sum of the four shares of the calling thread's channel; every thread must call it. */
+fn sumShares(li: u32, share: f32) -> f32 {
+  shares[li] = share;
+  workgroupBarrier();
+  let c = li & ~3u;
+  let sum = ((shares[c] + shares[c + 1u]) + shares[c + 2u]) + shares[c + 3u];
+  workgroupBarrier(); // shares is reused
+  return sum;
+}
+
+// Four threads per channel, thread q holding lanes 4q … 4q+3 of its 16
+// states: a decode step is latency-bound, and splitting a channel's loads and
+// its dt_proj product four ways shortens each thread's chain and spreads the
+// step over four times the workgroups.
 @compute @workgroup_size(WG)
 fn step(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let d = wg.x * WG + li;
+  let d = wg.x * (WG / 4u) + li / 4u;
+  let q = li % 4u;
   let dd = min(d, p.dim - 1u);
   let b = wg.z;
   let row = b * p.dim + dd; // of u, z, y and the state alike
-  let last = p.group + 1u == p.nGroups;
-  let a2 = decayRates(dd);
-  let h0 = Lanes(stateQuad(row, 0u), stateQuad(row, 1u), stateQuad(row, 2u), stateQuad(row, 3u));
-  let dt = stepSize(projectedDelta(b, dd), dd);
-  let du = dt * u[row];
-  let h = Lanes(
-    fma(exp2(dt * a2.q0), h0.q0, du * tokenQuad(b, 0u, false)),
-    fma(exp2(dt * a2.q1), h0.q1, du * tokenQuad(b, 1u, false)),
-    fma(exp2(dt * a2.q2), h0.q2, du * tokenQuad(b, 2u, false)),
-    fma(exp2(dt * a2.q3), h0.q3, du * tokenQuad(b, 3u, false)),
-  );
-  var acc = dot(h.q0, tokenQuad(b, 0u, true)) + dot(h.q1, tokenQuad(b, 1u, true)) +
-    dot(h.q2, tokenQuad(b, 2u, true)) + dot(h.q3, tokenQuad(b, 3u, true));
+  // Everything but dt is loaded before the exchanges, so that the loads
+  // overlap the dt_proj product instead of waiting behind its barrier.
+  let a2 = aQuad(dd, q);
+  let h0 = stateQuad(row, q);
+  let bq = tokenQuad(b, q, false);
+  let cq = tokenQuad(b, q, true);
+  let ur = u[row];
+  let dt = stepSize(sumShares(li, deltaShare(b, dd, q)), dd);
+  let h = fma(exp2(dt * a2), h0, dt * ur * bq);
+  var acc = sumShares(li, dot(h, cq));
+  if (d >= p.dim) {
+    return;
+  }
+  storeStateQuad(row, q, h);
+  if (q != 0u) {
+    return;
+  }
   if (p.group != 0u) {
     acc += y[row]; // the earlier groups' C·h
   }
-  if (last) {
+  if (p.group + 1u == p.nGroups) {
     if ((p.flags & 1u) != 0u) {
-      acc = fma(Dv[dd], u[row], acc);
+      acc = fma(Dv[dd], ur, acc);
     }
     if ((p.flags & 2u) != 0u) {
       let zi = z[row];
       acc *= zi / (1.0 + exp(-zi));
     }
   }
-  if (d < p.dim) {
-    y[row] = acc;
-    storeStateQuad(row, 0u, h.q0);
-    storeStateQuad(row, 1u, h.q1);
-    storeStateQuad(row, 2u, h.q2);
-    storeStateQuad(row, 3u, h.q3);
-  }
+  y[row] = acc;
 }
 `,
   weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
