@@ -37,6 +37,7 @@ export type { DevicePenalty, LogitsFor, MambaState } from "./src/model.ts";
 export type {
   Backend,
   ConvArgs,
+  ConvProjection,
   ConvStep,
   DeltaProjection,
   Recording,

@@ -125,6 +125,26 @@ export interface ConvStep<Buf> {
   state: Buf;
   /** Kernel width. */
   kernel: number;
+  /** Optional: x_proj folded in as well, taking `out` as its input. */
+  project?: ConvProjection<Buf>;
+}
+
+/**
+ * A decode step's x_proj folded into the {@link ConvStep} that makes its
+ * input: outs[i] [rows, widths[i]] gets the next widths[i] columns of conv.out
+ * · weightᵀ (Mamba's dt, B and C), as {@link Backend.linearSplit} would.
+ * The selectiveScan that takes them next (dt as `deltaProj.dt`, B and C) may
+ * receive them in a backend's own form instead (webgpu: as partial sums that
+ * the scan adds up); any other reader before it sees the values, but after
+ * it the buffers' contents are undefined.
+ */
+export interface ConvProjection<Buf> {
+  /** x_proj's weight [Σ widths, channels]. */
+  weight: Buf;
+  /** The outputs, each [rows, widths[i]]. */
+  outs: readonly Buf[];
+  /** Columns of each output. */
+  widths: readonly number[];
 }
 
 /**
@@ -305,8 +325,8 @@ export interface Backend<Buf = unknown> {
    * weight is [Σ widths, inDim] (in_proj's x and z; x_proj's dt, B and C).
    * With `norm`, the product takes x's rows RMS-normalised (x is unchanged).
    * With `conv`, the first output's rows then go through a decode step's
-   * causal convolution into `conv.out` (see {@link convStepAfter}); outs[0]
-   * itself may be left unwritten.
+   * causal convolution into `conv.out`, and with `conv.project` through x_proj
+   * (see {@link convStepAfter}); outs[0] itself may be left unwritten.
    */
   linearSplit(
     outs: readonly Buf[],
@@ -342,7 +362,7 @@ export function projectDelta<Buf>(be: Backend<Buf>, args: ScanArgs<Buf>): ScanAr
 /**
  * The convolution of a {@link ConvStep} as an operation of its own, for a
  * linearSplit that does not fold it in: conv.out = silu(conv(first) + bias),
- * `rows` sequences of one token each.
+ * `rows` sequences of one token each; then its projection, if any.
  */
 export function convStepAfter<Buf>(
   be: Backend<Buf>,
@@ -353,6 +373,21 @@ export function convStepAfter<Buf>(
 ): void {
   const { out, weight, bias, state, kernel } = conv;
   be.causalConv({ out, x: first, weight, bias, state, len: 1, channels, kernel, batch: rows });
+  projectAfterConv(be, rows, channels, conv);
+}
+
+/**
+ * The projection of a {@link ConvStep} as an operation of its own, for a
+ * backend that folds the convolution in but not the projection.
+ */
+export function projectAfterConv<Buf>(
+  be: Backend<Buf>,
+  rows: number,
+  channels: number,
+  { out, project }: ConvStep<Buf>,
+): void {
+  if (!project) return;
+  be.linearSplit(project.outs, project.widths, out, project.weight, null, rows, channels);
 }
 
 /** A backend's view of `length` floats of `buf` from `offset` (in floats). */

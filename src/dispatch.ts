@@ -5,7 +5,7 @@
  * and each operation of a Mamba block is timed on it with the model's real
  * dimensions, at the shape of a prefill chunk ({@link PREFILL_TOKENS} rows) and
  * at the decode shape (one row): in_proj (with the block's RMSNorm, and at one
- * row the convolution), the convolution, x_proj, the scan (with dt_proj) and
+ * row the convolution and x_proj), the convolution, x_proj, the scan (with dt_proj) and
  * out_proj, plus lm_head (with the final norm) and the logits read-back of a
  * step. A few milliseconds per operation suffice, after a warm-up that lets
  * the JavaScript engine optimise the kernels. The prefill chunk is measured at
@@ -71,7 +71,7 @@ const MAX_WARM_UP_PASSES = 6;
 /** A backend this slow to warm up (a software GPU compiling shaders) is timed as it is. */
 const MAX_WARM_UP_MS = 100;
 /** Part of every cache key: bump it when kernels or the measurement change. */
-const CACHE_VERSION = 3;
+const CACHE_VERSION = 4;
 const CACHE_PREFIX = "mamba-deno/backend/";
 
 /** The operations of one Mamba block, in the order the model issues them. */

@@ -26,7 +26,8 @@
  * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit, norm included)
  * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs;
  *                                                 in a decode step, part of in_proj's linearSplit)
- * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit)
+ * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit; in a
+ *                                                 decode step, part of in_proj's too)
  * delta   = dt_proj(dt)                           [L, dInner]  (in the scan call, as are bias + softplus)
  * h       = exp(Δ·A)·h + Δ·B·xc  per token        [dInner, N]
  * y       = (C·h + D·xc) · silu(z)                [L, dInner]
@@ -134,7 +135,7 @@ export function blockOp<Buf>(
   const { dModel, dInner, dtRank, dState, dConv, eps } = config;
   const L = len * batch;
   switch (op) {
-    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc too
+    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc, dt, B and C too
       return be.linearSplit(
         [s.x, s.z],
         [dInner, dInner],
@@ -145,7 +146,14 @@ export function blockOp<Buf>(
         dModel,
         { weight: w.norm, eps },
         len === 1
-          ? { out: s.xc, weight: w.convWeight, bias: w.convBias, state: conv, kernel: dConv }
+          ? {
+            out: s.xc,
+            weight: w.convWeight,
+            bias: w.convBias,
+            state: conv,
+            kernel: dConv,
+            project: { weight: w.xProj, outs: [s.dt, s.B, s.C], widths: [dtRank, dState, dState] },
+          }
           : undefined,
       );
     case "conv": // xc = silu(causalConv(x) + convBias), done by in_proj in a decode step
@@ -161,7 +169,8 @@ export function blockOp<Buf>(
         kernel: dConv,
         batch,
       });
-    case "x_proj": // dt, B, C = x_proj(xc)
+    case "x_proj": // dt, B, C = x_proj(xc), done by in_proj in a decode step
+      if (len === 1) return;
       return be.linearSplit(
         [s.dt, s.B, s.C],
         [dtRank, dState, dState],

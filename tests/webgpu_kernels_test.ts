@@ -827,6 +827,173 @@ Deno.test({
 
 Deno.test({
   name:
+    "webgpu: in_proj's GEMV with x_proj folded in: the decode step's scan adds up its shares, other readers get them added first, against js",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(60);
+      const inDim = 64;
+      const kernel = 4;
+      // [rows, channels, rank, N, f16 weights]: 8, 4 and 32 conv outputs per workgroup
+      // (32, 64 and 8 GEMV lanes), one and two groups of 16 states.
+      const cases: [number, number, number, number, boolean][] = [
+        [1, 520, 48, 16, false],
+        [3, 512, 5, 20, true],
+        [4, 264, 23, 16, false],
+        [1, 4096, 16, 16, true],
+      ];
+      for (const [rows, channels, rank, dState, half] of cases) {
+        const widths = [rank, dState, dState];
+        const projWidth = rank + 2 * dState;
+        const exact = (v: Float32Array) => half ? v.map((x) => f16ToF32(f32ToF16(x))) : v;
+        const x = fill(rows * inDim, rand);
+        const inProj = exact(fill(2 * channels * inDim, rand, 0.3));
+        const xProj = exact(fill(projWidth * channels, rand, 0.1));
+        const dtProj = exact(fill(channels * rank, rand, 0.3));
+        const convWeight = fill(channels * kernel, rand);
+        const convBias = fill(channels, rand);
+        const convState = fill(rows * (kernel - 1) * channels, rand);
+        const normWeight = fill(inDim, rand);
+        const A = fill(channels * dState, rand).map((v) => -1 - 4 * Math.abs(v));
+        const D = fill(channels, rand);
+        const deltaBias = fill(channels, rand);
+        const ssm = fill(rows * channels * dState, rand);
+
+        // The reference: in_proj with the conv step, x_proj after it, then the scan.
+        const want = {
+          x: new Float32Array(rows * channels),
+          z: new Float32Array(rows * channels),
+          xc: new Float32Array(rows * channels),
+          outs: widths.map((width) => new Float32Array(rows * width)),
+          conv: convState.slice(),
+          y: new Float32Array(rows * channels),
+          ssm: ssm.slice(),
+        };
+        js.linearSplit(
+          [want.x, want.z],
+          [channels, channels],
+          x,
+          inProj,
+          null,
+          rows,
+          inDim,
+          { weight: normWeight, eps: 1e-5 },
+          {
+            out: want.xc,
+            weight: convWeight,
+            bias: convBias,
+            state: want.conv,
+            kernel,
+            project: { weight: xProj, outs: want.outs, widths },
+          },
+        );
+        const plain = { deltaSoftplus: true, len: 1, dim: channels, dState, batch: rows };
+        js.selectiveScan({
+          ...plain,
+          y: want.y,
+          u: want.xc,
+          delta: new Float32Array(rows * channels),
+          deltaProj: { dt: want.outs[0], weight: dtProj, rank },
+          A,
+          B: want.outs[1],
+          C: want.outs[2],
+          D,
+          z: want.z,
+          deltaBias,
+          state: want.ssm,
+        });
+
+        const matrix = (v: Float32Array, rowLength: number) =>
+          half ? gpu.uploadHalfMatrix(v, rowLength)! : gpu.upload(v, rowLength);
+        const weights = {
+          inProj: matrix(inProj, inDim),
+          xProj: matrix(xProj, channels),
+          dtProj: matrix(dtProj, rank),
+          norm: gpu.upload(normWeight),
+          conv: gpu.upload(convWeight),
+          convBias: gpu.upload(convBias),
+        };
+        const what = `${rows} rows, ${channels} channels, rank ${rank}, N ${dState}`;
+        // in_proj, then `reader` with the conv state and its outputs.
+        const inProjStep = (
+          reader: (got: {
+            z: GpuBuffer;
+            xc: GpuBuffer;
+            outs: GpuBuffer[];
+            conv: GpuBuffer;
+          }) => Promise<void>,
+        ) => {
+          const got = {
+            z: gpu.zeros(rows * channels),
+            xc: gpu.zeros(rows * channels),
+            outs: widths.map((width) => gpu.zeros(rows * width)),
+            conv: gpu.upload(convState.slice()),
+          };
+          const before = gpu.dispatches;
+          gpu.linearSplit(
+            [gpu.zeros(rows * channels), got.z],
+            [channels, channels],
+            gpu.upload(x),
+            weights.inProj,
+            null,
+            rows,
+            inDim,
+            { weight: weights.norm, eps: 1e-5 },
+            {
+              out: got.xc,
+              weight: weights.conv,
+              bias: weights.convBias,
+              state: got.conv,
+              kernel,
+              project: { weight: weights.xProj, outs: got.outs, widths },
+            },
+          );
+          assertEquals(gpu.dispatches - before, 1, `${what}: x_proj is part of in_proj's GEMV`);
+          return reader(got);
+        };
+
+        // The decode step's scan takes the shares as they are.
+        await inProjStep(async (got) => {
+          const y = gpu.zeros(rows * channels);
+          const state = gpu.upload(ssm.slice());
+          const before = gpu.dispatches;
+          gpu.selectiveScan({
+            ...plain,
+            y,
+            u: got.xc,
+            delta: gpu.zeros(rows * channels),
+            deltaProj: { dt: got.outs[0], weight: weights.dtProj, rank },
+            A: gpu.upload(A),
+            B: got.outs[1],
+            C: got.outs[2],
+            D: gpu.upload(D),
+            z: got.z,
+            deltaBias: gpu.upload(deltaBias),
+            state,
+          });
+          assertEquals(
+            gpu.dispatches - before,
+            Math.ceil(dState / 16),
+            `${what}: one scan dispatch per group, no other`,
+          );
+          close(await gpu.read(got.xc), want.xc, 1e-4, `${what}: conv out`);
+          close(await gpu.read(got.conv), want.conv, 1e-6, `${what}: conv state`);
+          close(await gpu.read(y), want.y, 1e-4, `${what}: y`);
+          close(await gpu.read(state), want.ssm, 1e-4, `${what}: state`);
+        });
+
+        // Anything else reads dt, B and C with the shares added up.
+        await inProjStep(async (got) => {
+          for (let i = 0; i < widths.length; i++) {
+            close(await gpu.read(got.outs[i]), want.outs[i], 1e-4, `${what}: x_proj output ${i}`);
+          }
+        });
+      }
+    }),
+});
+
+Deno.test({
+  name:
     "webgpu: sampleTopK draws what Sampler.sample draws: ties, -Infinity and NaN, top-p, min-p, no candidate",
   ignore,
   fn: () =>

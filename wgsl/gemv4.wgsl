@@ -10,9 +10,12 @@
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
 // block's norm before in_proj, norm_f before lm_head): each workgroup
 // computes its rows' scales itself, which costs less than a dispatch. With
-// convKernel, out's columns take a decode step's causal conv (in_proj's x).
-// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
-// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
+// convKernel, out's columns take a decode step's causal conv (in_proj's x),
+// and with gemv4_shares.wgsl prepended, a projection of the conv's outputs
+// (x_proj) follows, as partial sums per workgroup that its reader adds up.
+// Prepended by the backend: linear_io.wgsl (parameters, bias, out),
+// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors), and
+// gemv4_shares.wgsl or gemv4_no_shares.wgsl (keepConvOut and projectBlock).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
@@ -81,13 +84,15 @@ fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
   }
 }
 
-// storeOut, with out's columns through the conv step when there is one.
-fn store(r: u32, c: u32, sum: f32) {
+// storeOut, with out's columns through the conv step when there is one;
+// returns the value stored.
+fn store(r: u32, c: u32, sum: f32) -> f32 {
   var v = withBias(c, sum);
   if (p.convKernel != 0u && p.colOffset + c < p.split1) {
     v = convStep(r, p.colOffset + c, v);
   }
   storeValue(r, c, v);
+  return v;
 }
 
 // Whether row r of the group exists (the last group may have fewer than ROWS).
@@ -174,17 +179,26 @@ fn main(
     }
     workgroupBarrier();
   }
-  if (lane == 0u && o < p.outDim) {
-    let sums = red[li] * scales;
-    store(row0, o, sums.x);
-    if (hasRow(1u)) {
-      store(row0 + 1u, o, sums.y);
+  if (lane == 0u) {
+    // Outputs past the end, and rows past the last, add nothing to the projection.
+    var stored = vec4<f32>(0.0);
+    if (o < p.outDim) {
+      let sums = red[li] * scales;
+      stored.x = store(row0, o, sums.x);
+      if (hasRow(1u)) {
+        stored.y = store(row0 + 1u, o, sums.y);
+      }
+      if (hasRow(2u)) {
+        stored.z = store(row0 + 2u, o, sums.z);
+      }
+      if (hasRow(3u)) {
+        stored.w = store(row0 + 3u, o, sums.w);
+      }
     }
-    if (hasRow(2u)) {
-      store(row0 + 2u, o, sums.z);
+    if (o >= p.split1) {
+      stored = vec4<f32>(0.0); // a column of z
     }
-    if (hasRow(3u)) {
-      store(row0 + 3u, o, sums.w);
-    }
+    keepConvOut(li / LANES, stored);
   }
+  projectBlock(flat / rowGroups, li);
 }

@@ -23,6 +23,8 @@ struct Params {
   hasNorm: u32, // gemv4 only: normalise x's rows first (see gemv4.wgsl)
   convKernel: u32, // gemv4 only: taps of the conv step of out's columns, or 0
   convHasBias: u32, // gemv4 only
+  projWidth: u32, // gemv4 only: columns of the projection of the conv step's outputs, or 0
+  projHalf: u32, // gemv4 only: its weight is packed f16
   normEps: f32,
 }
 

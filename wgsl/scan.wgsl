@@ -27,9 +27,11 @@
 //
 // `step` takes one token per sequence (decode), four threads per channel, and
 // computes delta itself from the low-rank dt and dt_proj's weight, which saves
-// a dispatch per layer.
+// a dispatch per layer. With PROJECTED it also adds up dt, B and C from the
+// shares of x_proj that in_proj's GEMV left (gemv4.wgsl), saving another.
 //
-// WG and TT are specialised per pipeline by the backend.
+// WG and TT are specialised per pipeline by the backend, which prepends
+// scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl.
 struct Params {
   len: u32,
   dim: u32,
@@ -41,6 +43,7 @@ struct Params {
   group: u32,
   nGroups: u32,
   rank: u32, // step with dt_proj: columns of dt
+  blocks: u32, // step with PROJECTED: shares per sequence in projParts
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -478,9 +481,17 @@ fn dtProjAt(i: u32) -> f32 {
   return bitcast<f32>(dtProj[i]);
 }
 
+/** dt[k] of the sequence whose dt starts at dtLow[x]. */
+fn dtAt(x: u32, k: u32) -> f32 {
+  if (PROJECTED != 0u) {
+    return projectedAt(k);
+  }
+  return dtLow[x + k];
+}
+
 /** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3]. */
 fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
-  let dt4 = vec4<f32>(dtLow[x + k], dtLow[x + k + 1u], dtLow[x + k + 2u], dtLow[x + k + 3u]);
+  let dt4 = vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u));
   return dt4 * vec4<f32>(dtProjAt(w + k), dtProjAt(w + k + 1u), dtProjAt(w + k + 2u), dtProjAt(w + k + 3u));
 }
 
@@ -504,7 +515,7 @@ fn deltaShare(b: u32, d: u32, q: u32) -> f32 {
   var share = (sums.x + sums.y) + (sums.z + sums.w);
   let tail = p.rank / 4u * 4u + q;
   if (tail < p.rank) {
-    share = fma(dtLow[x + tail], dtProjAt(w + tail), share);
+    share = fma(dtAt(x, tail), dtProjAt(w + tail), share);
   }
   return share;
 }
@@ -513,7 +524,19 @@ fn deltaShare(b: u32, d: u32, q: u32) -> f32 {
 fn tokenQuad(b: u32, q: u32, ofC: bool) -> vec4<f32> {
   let n = q * 4u;
   var v: vec4<f32>;
-  if (ofC) {
+  if (PROJECTED != 0u) {
+    // lane(0, n) is state n's index within a row of B or C.
+    var first = p.rank;
+    if (ofC) {
+      first += p.nState;
+    }
+    v = vec4<f32>(
+      projectedAt(first + lane(0u, n)),
+      projectedAt(first + lane(0u, n + 1u)),
+      projectedAt(first + lane(0u, n + 2u)),
+      projectedAt(first + lane(0u, n + 3u)),
+    );
+  } else if (ofC) {
     v = vec4<f32>(Cm[lane(b, n)], Cm[lane(b, n + 1u)], Cm[lane(b, n + 2u)], Cm[lane(b, n + 3u)]);
   } else {
     v = vec4<f32>(Bm[lane(b, n)], Bm[lane(b, n + 1u)], Bm[lane(b, n + 2u)], Bm[lane(b, n + 3u)]);
@@ -549,13 +572,16 @@ fn step(
   let dd = min(d, p.dim - 1u);
   let b = wg.z;
   let row = b * p.dim + dd; // of u, z, y and the state alike
-  // Everything but dt is loaded before the exchanges, so that the loads
-  // overlap the dt_proj product instead of waiting behind its barrier.
+  // Everything but dt, B and C is loaded before the exchanges, so that the
+  // loads overlap the dt_proj product instead of waiting behind its barrier.
   let a2 = aQuad(dd, q);
   let h0 = stateQuad(row, q);
+  let ur = u[row];
+  if (PROJECTED != 0u) {
+    sumProjection(b, li);
+  }
   let bq = tokenQuad(b, q, false);
   let cq = tokenQuad(b, q, true);
-  let ur = u[row];
   let dt = stepSize(sumShares(li, deltaShare(b, dd, q)), dd);
   let h = fma(exp2(dt * a2), h0, dt * ur * bq);
   var acc = sumShares(li, dot(h, cq));

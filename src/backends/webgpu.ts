@@ -28,6 +28,7 @@ import {
   convStepAfter,
   MAX_DEVICE_PENALTY_WINDOW,
   MAX_DEVICE_TOP_K,
+  projectAfterConv,
   projectDelta,
   type Recording,
   type RowNorm,
@@ -166,6 +167,8 @@ const SCAN_LANES = 16; // states per thread in scan.wgsl
 // Threads per workgroup of a decode step's scan (four per channel): a step is
 // one short pass, and smaller workgroups spread its loads over more SMs.
 const SCAN_STEP_WG = 64;
+// The same with x_proj folded in (see SCAN_PROGRAMS).
+const SCAN_PROJECTED_STEP_WG = 256;
 
 /** One kernel: a shader, its entry point, its specialisation and the bindings it uses. */
 export class Program {
@@ -233,6 +236,7 @@ const PROGRAMS = {
   convSequential: new Program("conv", "sequential", [0, 1, 2, 3, 4, 5]),
   convOutputs: new Program("conv", "outputs", [0, 1, 2, 3, 4, 5]),
   convUpdateState: new Program("conv", "update_state", [0, 1, 5]),
+  projectSum: new Program("project_sum", "main", [0, 1, 4, 5, 6]),
 };
 
 const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6];
@@ -257,8 +261,18 @@ function gemvLanes(units: number): number {
   return units >= 8192 ? 8 : units <= 256 ? 256 : units <= 1024 ? 64 : 32;
 }
 
-/** The linear kernel for `rows` rows of input, `outDim` outputs and a weight stored as f16 or f32. */
-function linearProgram(rows: number, inDim: number, outDim: number, half: boolean): Program {
+/**
+ * The linear kernel for `rows` rows of input, `outDim` outputs and a weight
+ * stored as f16 or f32; with `project`, the gemv4 that projects a decode
+ * step's conv outputs (x_proj; see #foldsProjection).
+ */
+function linearProgram(
+  rows: number,
+  inDim: number,
+  outDim: number,
+  half: boolean,
+  project = false,
+): Program {
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
   const vec4 = inDim % 4 === 0;
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
@@ -280,12 +294,18 @@ function linearProgram(rows: number, inDim: number, outDim: number, half: boolea
   } else {
     constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
   }
-  const key = `${shader}:${entry}:${JSON.stringify(constants)}${half ? "h" : "f"}`;
+  const key = `${shader}:${entry}:${JSON.stringify(constants)}${half ? "h" : "f"}${
+    project ? "p" : ""
+  }`;
   let program = linearPrograms.get(key);
   if (!program) {
     const preludes = ["linear_io", half ? "weight_f16" : "weight_f32"];
-    // gemv4 also folds in a norm (7) and a decode step's conv (8 to 10).
-    const bindings = shader === "gemv4" ? [...LINEAR_BINDINGS, 7, 8, 9, 10] : LINEAR_BINDINGS;
+    let bindings = LINEAR_BINDINGS;
+    if (shader === "gemv4") {
+      // gemv4 also folds in a norm (7), a decode step's conv (8 to 10) and x_proj (11, 12).
+      preludes.push(project ? "gemv4_shares" : "gemv4_no_shares");
+      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, ...(project ? [11, 12] : [])];
+    }
     program = new Program(shader, entry, bindings, constants, preludes);
     linearPrograms.set(key, program);
   }
@@ -307,19 +327,39 @@ function linearGroups(program: Program, rows: number, outDim: number): [number, 
   return [Math.ceil(outDim / TN), Math.ceil(rows / TM), 1];
 }
 
-/** The three passes of the chunked scan, and the decode step that computes delta itself. */
+/**
+ * The three passes of the chunked scan, and the decode step that computes
+ * delta itself: from dt, or (stepProjected) from the shares of x_proj that
+ * in_proj's GEMV left, which every workgroup adds up, so it takes fewer and
+ * larger ones.
+ */
 const SCAN_PROGRAMS = (() => {
   const constants = { WG: SCAN_WG, TT: SCAN_TILE };
+  const plain = ["scan_no_shares"];
+  const step = [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14];
   return {
-    chunkState: new Program("scan", "chunk_state", [0, 1, 2, 3, 4, 5, 7, 8, 11, 12], constants),
-    carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants),
-    output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants),
-    step: new Program("scan", "step", [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14], {
-      ...constants,
-      WG: SCAN_STEP_WG,
-    }),
+    chunkState: new Program(
+      "scan",
+      "chunk_state",
+      [0, 1, 2, 3, 4, 5, 7, 8, 11, 12],
+      constants,
+      plain,
+    ),
+    carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants, plain),
+    output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants, plain),
+    step: new Program("scan", "step", step, { ...constants, WG: SCAN_STEP_WG }, plain),
+    stepProjected: new Program(
+      "scan",
+      "step",
+      [...step, 15],
+      { ...constants, WG: SCAN_PROJECTED_STEP_WG },
+      ["scan_shares"],
+    ),
   };
 })();
+
+/** The widest projection (Σ widths) that gemv4 and the scan step fold in. */
+const MAX_FUSED_PROJECTION = 256;
 
 /**
  * Storage buffers by exact byte size. A buffer released while commands that use
@@ -382,6 +422,19 @@ function grid(groups: number): [number, number, number] {
   return [Math.ceil(n / y), y, 1];
 }
 
+/**
+ * x_proj folded into in_proj's GEMV leaves its result as `blocks` shares per
+ * row in a scratch buffer. The decode step's scan adds them up itself; for
+ * any other reader, the backend adds them into `outs` first (#settle).
+ */
+interface PendingProjection {
+  outs: readonly GpuBuffer[];
+  widths: readonly number[];
+  rows: number;
+  blocks: number;
+  parts: GpuBuffer;
+}
+
 /** The WebGPU backend; see the module documentation. */
 export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly name = "webgpu";
@@ -411,6 +464,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly #dummyOut: GPUBuffer; // stands for unused read-write scratch or outputs
   readonly #dummyOut2: GPUBuffer; // a second one: writable bindings must not alias
   readonly #dummyOut3: GPUBuffer; // and a third
+  readonly #dummyOut4: GPUBuffer; // and a fourth
   readonly #offset = new Uint32Array(1); // a dispatch's uniform offset (typed: the faster overload)
   readonly #normed = new Map<number, GpuBuffer>();
   #encoder: GPUCommandEncoder | null = null;
@@ -424,6 +478,10 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   #paramSlots = 0;
   /** Launches and copies of a {@link capture} in progress, else null. */
   #capturing: CaptureLog | null = null;
+  /** The shares of a folded x_proj (gemv4's projParts), grown as needed; a recording may name it. */
+  #projParts: GpuBuffer | null = null;
+  /** A folded x_proj whose shares in #projParts are not added up yet; see #settle. */
+  #pendingProjection: PendingProjection | null = null;
   #error: unknown = null;
   #disposed = false;
 
@@ -437,6 +495,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#dummyOut = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     this.#dummyOut2 = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     this.#dummyOut3 = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
+    this.#dummyOut4 = device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     device.addEventListener("uncapturederror", (event) => {
       this.#error ??= (event as GPUUncapturedErrorEvent).error;
     });
@@ -534,6 +593,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   write(buf: GpuBuffer, data: Float32Array, offset = 0): void {
     this.#notCapturing("A write from the host");
+    this.#settle();
     if (offset + data.length > buf.length) throw new RangeError("write past the end of the buffer");
     this.flush(); // recorded work that uses `buf` must run before the write
     this.device.queue.writeBuffer(buf.buffer, offset * 4, unshared(data));
@@ -546,6 +606,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         `read of [${offset}, ${offset + length}) from a buffer of ${buf.length}`,
       );
     }
+    this.#settle();
     // Staging buffers are kept by size: a decode step reads back every token.
     const bytes = Math.max(4, length * 4);
     const staging = this.#staging.get(bytes)?.pop() ?? this.device.createBuffer({
@@ -576,6 +637,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (dstOffset + length > dst.length || srcOffset + length > src.length) {
       throw new RangeError("copy past the end of a buffer");
     }
+    this.#settle();
     if (this.#capturing) {
       if (dst.buffer === src.buffer) this.#notCapturing("A copy within one buffer");
       this.#capturing.push({
@@ -595,6 +657,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   release(buf: GpuBuffer): void {
+    this.#settle(); // its shares may be meant for this buffer
     if (buf.parts.length > 0) buf.parts.forEach((part) => this.release(part));
     else this.#pool.release(buf.buffer);
   }
@@ -800,9 +863,13 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     conv?: ConvStep<GpuBuffer>,
   ): void {
     const outDim = widths.reduce((sum, width) => sum + width, 0);
-    const program = linearProgram(rows, inDim, outDim, weight.half);
+    let program = linearProgram(rows, inDim, outDim, weight.half);
     const fusedNorm = norm && program.shader === "gemv4" ? norm : null;
     const fusedConv = conv && program.shader === "gemv4" ? conv : null;
+    const project = fusedConv && this.#foldsProjection(program, weight, widths, fusedConv, rows)
+      ? fusedConv.project!
+      : null;
+    if (project) program = linearProgram(rows, inDim, outDim, weight.half, true);
     if (norm && !fusedNorm) {
       const normed = this.#normScratch(rows * inDim);
       this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
@@ -811,6 +878,12 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const [input, done] = this.#unaliased(x, rows * inDim, ...outs, ...(conv ? [conv.out] : []));
     const split1 = widths.length > 1 ? widths[0] : outDim;
     const split2 = widths.length > 2 ? widths[0] + widths[1] : outDim;
+    const projWidth = project ? project.widths.reduce((sum, width) => sum + width, 0) : 0;
+    // Shares of x_proj: one per block of 256 / LANES conv outputs, per row.
+    const blocks = project ? split1 / (256 / program.constants.LANES) : 0;
+    const parts = project
+      ? this.#projectionScratch(rows * blocks * Math.ceil(projWidth / 4) * 4)
+      : null;
     // A split weight computes its block of output columns per part.
     for (const { part, firstRow } of weight.pieces()) {
       const partDim = Math.min(part.length / inDim, outDim - firstRow);
@@ -825,6 +898,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         8: fusedConv?.weight.buffer ?? this.#dummy,
         9: fusedConv?.bias?.buffer ?? this.#dummy,
         10: fusedConv?.state.buffer ?? this.#dummyOut3,
+        11: project?.weight.buffer ?? this.#dummy,
+        12: parts?.buffer ?? this.#dummyOut4,
       };
       const params = [
         rows,
@@ -839,12 +914,79 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         fusedNorm ? 1 : 0,
         fusedConv?.kernel ?? 0,
         fusedConv?.bias ? 1 : 0,
+        projWidth,
+        project?.weight.half ? 1 : 0,
       ];
       const eps = [fusedNorm?.eps ?? 0];
       this.#run(program, params, eps, bindings, linearGroups(program, rows, partDim));
     }
     done();
     if (conv && !fusedConv) convStepAfter(this, outs[0], rows, widths[0], conv);
+    else if (conv && !project) projectAfterConv(this, rows, widths[0], conv);
+    if (project && parts) {
+      const { outs, widths } = project;
+      this.#pendingProjection = { outs, widths, rows, blocks, parts };
+    }
+  }
+
+  /**
+   * Whether gemv4 `program` folds in the projection of `conv` for `rows`
+   * rows: up to GEMV_MAX_ROWS (on the H100, batch-16 decoding measured no
+   * faster with it: its 8-lane GEMV leaves 32 conv outputs to each
+   * projectBlock thread), one unsplit weight each, up to three outputs of
+   * MAX_FUSED_PROJECTION columns in all, and whole blocks of conv outputs a
+   * multiple of 4 wide (projectBlock reads the weights four at a time,
+   * 16-byte aligned).
+   */
+  #foldsProjection(
+    program: Program,
+    weight: GpuBuffer,
+    widths: readonly number[],
+    conv: ConvStep<GpuBuffer>,
+    rows: number,
+  ): boolean {
+    const project = conv.project;
+    if (!project || rows > GEMV_MAX_ROWS) return false;
+    if (weight.parts.length > 0 || project.weight.parts.length > 0) return false;
+    const perGroup = 256 / program.constants.LANES;
+    const width = project.widths.reduce((sum, w) => sum + w, 0);
+    return project.outs.length <= LINEAR_MAX_OUTPUTS && width <= MAX_FUSED_PROJECTION &&
+      perGroup % 4 === 0 && widths.length > 1 && widths[0] % perGroup === 0;
+  }
+
+  /** #projParts with room for `length` floats. */
+  #projectionScratch(length: number): GpuBuffer {
+    if (!this.#projParts || this.#projParts.length < length) {
+      // Not destroyed when outgrown: a recording may name the old one.
+      const bytes = byteSize(length);
+      this.#checkSize(bytes);
+      const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
+      this.#projParts = new GpuBuffer(buffer, length);
+    }
+    return this.#projParts;
+  }
+
+  /**
+   * Adds up the shares of a folded x_proj into its outputs, if any are
+   * pending: before anything but the decode step's scan could read them, and
+   * before the shares are overwritten.
+   */
+  #settle(): void {
+    const pending = this.#pendingProjection;
+    if (!pending) return;
+    this.#pendingProjection = null;
+    const { outs, widths, rows, blocks, parts } = pending;
+    const width = widths.reduce((sum, w) => sum + w, 0);
+    const split1 = widths.length > 1 ? widths[0] : width;
+    const split2 = widths.length > 2 ? widths[0] + widths[1] : width;
+    const bindings = {
+      1: parts.buffer,
+      4: outs[0].buffer,
+      5: outs[1]?.buffer ?? this.#dummyOut,
+      6: outs[2]?.buffer ?? this.#dummyOut2,
+    };
+    const params = [rows, blocks, width, split1, split2];
+    this.#run(PROGRAMS.projectSum, params, [], bindings, grid(Math.ceil((rows * width) / 64)));
   }
 
   /**
@@ -930,6 +1072,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const args = projection ? scanArgs : projectDelta(this, scanArgs);
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
     const batch = args.batch ?? 1;
+    // dt, B and C as the shares of an x_proj that in_proj's GEMV folded in.
+    const pending = this.#pendingProjection;
+    const shares = projection && pending && pending.outs[0] === projection.dt &&
+        pending.outs[1] === B && pending.outs[2] === C && pending.rows === batch &&
+        pending.widths.join() === [projection.rank, dState, dState].join()
+      ? pending
+      : null;
+    if (shares) this.#pendingProjection = null;
     const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0) |
       (projection?.weight.half ? 16 : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
@@ -947,11 +1097,31 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       10: state.buffer,
     };
     if (projection) {
-      const bindings = { ...common, 13: projection.dt.buffer, 14: projection.weight.buffer };
+      const bindings = {
+        ...common,
+        13: projection.dt.buffer,
+        14: projection.weight.buffer,
+        15: shares?.parts.buffer ?? this.#dummy,
+      };
+      const program = shares ? SCAN_PROGRAMS.stepProjected : SCAN_PROGRAMS.step;
+      const channelsPerGroup = program.constants.WG / 4; // four threads per channel
+      const blocks = shares?.blocks ?? 0;
       for (let group = 0; group < nGroups; group++) {
-        const params = [1, dim, batch, 1, 1, flags, dState, group, nGroups, projection.rank];
-        const groups = Math.ceil(dim / (SCAN_STEP_WG / 4)); // four threads per channel
-        this.#run(SCAN_PROGRAMS.step, params, [], bindings, [groups, 1, batch]);
+        const params = [
+          1,
+          dim,
+          batch,
+          1,
+          1,
+          flags,
+          dState,
+          group,
+          nGroups,
+          projection.rank,
+          blocks,
+        ];
+        const groups = Math.ceil(dim / channelsPerGroup);
+        this.#run(program, params, [], bindings, [groups, 1, batch]);
       }
       return;
     }
@@ -1178,6 +1348,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     buffers: Record<number, GPUBuffer>,
     groups: [number, number, number],
   ): void {
+    this.#settle();
     if (groups.some((g) => g === 0)) return;
     if (groups.some((g) => g > MAX_GROUPS)) {
       throw new RangeError(`${program.key}: ${groups.join("×")} workgroups exceed ${MAX_GROUPS}`);
@@ -1230,9 +1401,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    */
   capture(ops: () => void): GpuRecording {
     if (this.#capturing) throw new Error("A capture is already in progress");
+    this.#settle(); // work from before the capture is not part of it
     const log: CaptureLog = this.#capturing = [];
     try {
       ops();
+      this.#settle(); // nor does a recording leave work for after it
     } finally {
       this.#capturing = null;
     }
@@ -1261,6 +1434,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   replay(recording: GpuRecording): void {
+    this.#settle();
     let pipeline: GPUComputePipeline | null = null;
     for (const step of recording.steps) {
       if ("copy" in step) {

@@ -373,9 +373,12 @@ fn main(
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
 // block's norm before in_proj, norm_f before lm_head): each workgroup
 // computes its rows' scales itself, which costs less than a dispatch. With
-// convKernel, out's columns take a decode step's causal conv (in_proj's x).
-// Prepended by the backend: linear_io.wgsl (parameters, bias, out) and
-// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
+// convKernel, out's columns take a decode step's causal conv (in_proj's x),
+// and with gemv4_shares.wgsl prepended, a projection of the conv's outputs
+// (x_proj) follows, as partial sums per workgroup that its reader adds up.
+// Prepended by the backend: linear_io.wgsl (parameters, bias, out),
+// weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors), and
+// gemv4_shares.wgsl or gemv4_no_shares.wgsl (keepConvOut and projectBlock).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
@@ -444,13 +447,15 @@ fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
   }
 }
 
-// storeOut, with out's columns through the conv step when there is one.
-fn store(r: u32, c: u32, sum: f32) {
+// storeOut, with out's columns through the conv step when there is one;
+// returns the value stored.
+fn store(r: u32, c: u32, sum: f32) -> f32 {
   var v = withBias(c, sum);
   if (p.convKernel != 0u && p.colOffset + c < p.split1) {
     v = convStep(r, p.colOffset + c, v);
   }
   storeValue(r, c, v);
+  return v;
 }
 
 // Whether row r of the group exists (the last group may have fewer than ROWS).
@@ -537,17 +542,111 @@ fn main(
     }
     workgroupBarrier();
   }
-  if (lane == 0u && o < p.outDim) {
-    let sums = red[li] * scales;
-    store(row0, o, sums.x);
+  if (lane == 0u) {
+    // Outputs past the end, and rows past the last, add nothing to the projection.
+    var stored = vec4<f32>(0.0);
+    if (o < p.outDim) {
+      let sums = red[li] * scales;
+      stored.x = store(row0, o, sums.x);
+      if (hasRow(1u)) {
+        stored.y = store(row0 + 1u, o, sums.y);
+      }
+      if (hasRow(2u)) {
+        stored.z = store(row0 + 2u, o, sums.z);
+      }
+      if (hasRow(3u)) {
+        stored.w = store(row0 + 3u, o, sums.w);
+      }
+    }
+    if (o >= p.split1) {
+      stored = vec4<f32>(0.0); // a column of z
+    }
+    keepConvOut(li / LANES, stored);
+  }
+  projectBlock(flat / rowGroups, li);
+}
+`,
+  gemv4_no_shares: `// Prelude of gemv4.wgsl when nothing is projected (see gemv4_shares.wgsl).
+
+fn keepConvOut(j: u32, v: vec4<f32>) {}
+
+fn projectBlock(block: u32, li: u32) {}
+`,
+  gemv4_shares: `// Prelude of gemv4.wgsl for a decode step's in_proj with x_proj folded in:
+// each workgroup projects the conv outputs it stored (keepConvOut) and leaves
+// its share of the product in projParts; the decode step's scan (scan.wgsl
+// with scan_shares.wgsl) or project_sum.wgsl adds the shares up. Its own file,
+// so that the other GEMVs neither declare nor bind its two buffers.
+
+@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 bits
+// [rows, blocks of PER_GROUP conv outputs, 4 · ⌈projWidth / 4⌉]: each block's share of the projection
+@group(0) @binding(12) var<storage, read_write> projParts: array<f32>;
+
+var<workgroup> convOut: array<vec4<f32>, PER_GROUP>; // the conv's outputs, row r in component r
+
+// Keeps output j of the workgroup (row r in component r) for projectBlock.
+fn keepConvOut(j: u32, v: vec4<f32>) {
+  convOut[j] = v;
+}
+
+// Four consecutive elements of projWeight from element i (a multiple of 4).
+fn projQuad(i: u32) -> vec4<f32> {
+  if (p.projHalf != 0u) {
+    let w = i / 2u;
+    return vec4<f32>(unpack2x16float(projWeight[w]), unpack2x16float(projWeight[w + 1u]));
+  }
+  return bitcast<vec4<f32>>(
+    vec4<u32>(projWeight[i], projWeight[i + 1u], projWeight[i + 2u], projWeight[i + 3u]),
+  );
+}
+
+// The projection's share of \`block\`, this workgroup's PER_GROUP conv outputs
+// (in convOut): for each projected column m and row, Σ_j projWeight[m, first
+// + j] · output j. The reader adds the blocks' shares in a fixed order, so the
+// result does not depend on timing. Every thread must call it.
+fn projectBlock(block: u32, li: u32) {
+  workgroupBarrier();
+  let first = block * PER_GROUP;
+  if (first >= p.split1) {
+    return; // a block of z
+  }
+  let stride = (p.projWidth + 3u) / 4u * 4u;
+  let blocks = (p.split1 + PER_GROUP - 1u) / PER_GROUP;
+  for (var m = li; m < stride; m += 256u) {
+    var sum = vec4<f32>(0.0);
+    if (m < p.projWidth) {
+      // Eight weights per iteration, their loads in flight together.
+      var j = 0u;
+      for (; j + 8u <= PER_GROUP; j += 8u) {
+        let w0 = projQuad(m * p.split1 + first + j);
+        let w1 = projQuad(m * p.split1 + first + j + 4u);
+        sum = fma(vec4<f32>(w0.x), convOut[j], sum);
+        sum = fma(vec4<f32>(w0.y), convOut[j + 1u], sum);
+        sum = fma(vec4<f32>(w0.z), convOut[j + 2u], sum);
+        sum = fma(vec4<f32>(w0.w), convOut[j + 3u], sum);
+        sum = fma(vec4<f32>(w1.x), convOut[j + 4u], sum);
+        sum = fma(vec4<f32>(w1.y), convOut[j + 5u], sum);
+        sum = fma(vec4<f32>(w1.z), convOut[j + 6u], sum);
+        sum = fma(vec4<f32>(w1.w), convOut[j + 7u], sum);
+      }
+      if (PER_GROUP % 8u != 0u) {
+        let w0 = projQuad(m * p.split1 + first + j);
+        sum = fma(vec4<f32>(w0.x), convOut[j], sum);
+        sum = fma(vec4<f32>(w0.y), convOut[j + 1u], sum);
+        sum = fma(vec4<f32>(w0.z), convOut[j + 2u], sum);
+        sum = fma(vec4<f32>(w0.w), convOut[j + 3u], sum);
+      }
+    }
+    let at = (row0 * blocks + block) * stride + m;
+    projParts[at] = sum.x;
     if (hasRow(1u)) {
-      store(row0 + 1u, o, sums.y);
+      projParts[at + blocks * stride] = sum.y;
     }
     if (hasRow(2u)) {
-      store(row0 + 2u, o, sums.z);
+      projParts[at + 2u * blocks * stride] = sum.z;
     }
     if (hasRow(3u)) {
-      store(row0 + 3u, o, sums.w);
+      projParts[at + 3u * blocks * stride] = sum.w;
     }
   }
 }
@@ -577,6 +676,8 @@ struct Params {
   hasNorm: u32, // gemv4 only: normalise x's rows first (see gemv4.wgsl)
   convKernel: u32, // gemv4 only: taps of the conv step of out's columns, or 0
   convHasBias: u32, // gemv4 only
+  projWidth: u32, // gemv4 only: columns of the projection of the conv step's outputs, or 0
+  projHalf: u32, // gemv4 only: its weight is packed f16
   normEps: f32,
 }
 
@@ -1087,6 +1188,46 @@ fn main(
   }
 }
 `,
+  project_sum: `// Adds up the shares of a projection that gemv4.wgsl left in projParts (see
+// its projectBlock) into the projection's outputs, for when something other
+// than the decode step's scan (which adds them up itself) reads them first:
+// out, out2 and out3 [rows, ·] get the columns [0, split1), [split1, split2)
+// and [split2, width) of each row. One thread per row and column.
+struct Params {
+  rows: u32,
+  blocks: u32, // shares per row
+  width: u32,
+  split1: u32,
+  split2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> projParts: array<f32>; // [rows, blocks, 4 · ⌈width / 4⌉]
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out3: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3u) {
+  let r = id.x / p.width;
+  let m = id.x % p.width;
+  if (r >= p.rows) {
+    return;
+  }
+  let stride = (p.width + 3u) / 4u * 4u;
+  var sum = 0.0;
+  for (var i = 0u; i < p.blocks; i++) {
+    sum += projParts[(r * p.blocks + i) * stride + m];
+  }
+  if (m < p.split1) {
+    out[r * p.split1 + m] = sum;
+  } else if (m < p.split2) {
+    out2[r * (p.split2 - p.split1) + m - p.split1] = sum;
+  } else {
+    out3[r * (p.width - p.split2) + m - p.split2] = sum;
+  }
+}
+`,
   rmsnorm: `// out [rows, dim] = x / sqrt(mean(x²) + eps) * weight: one workgroup per row.
 struct Params {
   rows: u32,
@@ -1463,9 +1604,11 @@ fn main(
 //
 // \`step\` takes one token per sequence (decode), four threads per channel, and
 // computes delta itself from the low-rank dt and dt_proj's weight, which saves
-// a dispatch per layer.
+// a dispatch per layer. With PROJECTED it also adds up dt, B and C from the
+// shares of x_proj that in_proj's GEMV left (gemv4.wgsl), saving another.
 //
-// WG and TT are specialised per pipeline by the backend.
+// WG and TT are specialised per pipeline by the backend, which prepends
+// scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl.
 struct Params {
   len: u32,
   dim: u32,
@@ -1477,6 +1620,7 @@ struct Params {
   group: u32,
   nGroups: u32,
   rank: u32, // step with dt_proj: columns of dt
+  blocks: u32, // step with PROJECTED: shares per sequence in projParts
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -1914,9 +2058,17 @@ fn dtProjAt(i: u32) -> f32 {
   return bitcast<f32>(dtProj[i]);
 }
 
+/** dt[k] of the sequence whose dt starts at dtLow[x]. */
+fn dtAt(x: u32, k: u32) -> f32 {
+  if (PROJECTED != 0u) {
+    return projectedAt(k);
+  }
+  return dtLow[x + k];
+}
+
 /** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3]. */
 fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
-  let dt4 = vec4<f32>(dtLow[x + k], dtLow[x + k + 1u], dtLow[x + k + 2u], dtLow[x + k + 3u]);
+  let dt4 = vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u));
   return dt4 * vec4<f32>(dtProjAt(w + k), dtProjAt(w + k + 1u), dtProjAt(w + k + 2u), dtProjAt(w + k + 3u));
 }
 
@@ -1940,7 +2092,7 @@ fn deltaShare(b: u32, d: u32, q: u32) -> f32 {
   var share = (sums.x + sums.y) + (sums.z + sums.w);
   let tail = p.rank / 4u * 4u + q;
   if (tail < p.rank) {
-    share = fma(dtLow[x + tail], dtProjAt(w + tail), share);
+    share = fma(dtAt(x, tail), dtProjAt(w + tail), share);
   }
   return share;
 }
@@ -1949,7 +2101,19 @@ fn deltaShare(b: u32, d: u32, q: u32) -> f32 {
 fn tokenQuad(b: u32, q: u32, ofC: bool) -> vec4<f32> {
   let n = q * 4u;
   var v: vec4<f32>;
-  if (ofC) {
+  if (PROJECTED != 0u) {
+    // lane(0, n) is state n's index within a row of B or C.
+    var first = p.rank;
+    if (ofC) {
+      first += p.nState;
+    }
+    v = vec4<f32>(
+      projectedAt(first + lane(0u, n)),
+      projectedAt(first + lane(0u, n + 1u)),
+      projectedAt(first + lane(0u, n + 2u)),
+      projectedAt(first + lane(0u, n + 3u)),
+    );
+  } else if (ofC) {
     v = vec4<f32>(Cm[lane(b, n)], Cm[lane(b, n + 1u)], Cm[lane(b, n + 2u)], Cm[lane(b, n + 3u)]);
   } else {
     v = vec4<f32>(Bm[lane(b, n)], Bm[lane(b, n + 1u)], Bm[lane(b, n + 2u)], Bm[lane(b, n + 3u)]);
@@ -1985,13 +2149,16 @@ fn step(
   let dd = min(d, p.dim - 1u);
   let b = wg.z;
   let row = b * p.dim + dd; // of u, z, y and the state alike
-  // Everything but dt is loaded before the exchanges, so that the loads
-  // overlap the dt_proj product instead of waiting behind its barrier.
+  // Everything but dt, B and C is loaded before the exchanges, so that the
+  // loads overlap the dt_proj product instead of waiting behind its barrier.
   let a2 = aQuad(dd, q);
   let h0 = stateQuad(row, q);
+  let ur = u[row];
+  if (PROJECTED != 0u) {
+    sumProjection(b, li);
+  }
   let bq = tokenQuad(b, q, false);
   let cq = tokenQuad(b, q, true);
-  let ur = u[row];
   let dt = stepSize(sumShares(li, deltaShare(b, dd, q)), dd);
   let h = fma(exp2(dt * a2), h0, dt * ur * bq);
   var acc = sumShares(li, dot(h, cq));
@@ -2015,6 +2182,70 @@ fn step(
     }
   }
   y[row] = acc;
+}
+`,
+  scan_no_shares: `// Prelude of scan.wgsl when dt, B and C are buffers of their own (see
+// scan_shares.wgsl).
+
+const PROJECTED: u32 = 0u;
+
+fn projectedAt(i: u32) -> f32 {
+  return 0.0;
+}
+
+fn sumProjection(b: u32, li: u32) {}
+`,
+  scan_shares: `// Prelude of scan.wgsl for a decode step whose dt, B and C come as the shares
+// of x_proj that in_proj's GEMV left (gemv4_shares.wgsl): the step adds them
+// up itself (sumProjection). Its own file, so that the other scan kernels
+// neither declare nor bind its buffer.
+
+const PROJECTED: u32 = 1u;
+
+// dt, B and C of each sequence as the sum of \`blocks\` shares, ⌈(rank + 2·nState) / 4⌉ vec4s each
+@group(0) @binding(15) var<storage, read> projParts: array<vec4<f32>>;
+
+// step with PROJECTED: this workgroup's sequence's dt, B and C, summed from
+// projParts (projected), and the threads' partial sums on the way (projLanes).
+var<workgroup> projected: array<vec4<f32>, 64>;
+var<workgroup> projLanes: array<vec4<f32>, WG>;
+
+/** Element i of \`projected\`: dt, then B, then C. */
+fn projectedAt(i: u32) -> f32 {
+  return projected[i / 4u][i % 4u];
+}
+
+/**
+ * Sums sequence b's shares of x_proj into \`projected\`: thread li adds quad li
+ * % quads of every (WG / quads)-th share, four loads in flight, then the first
+ * \`quads\` threads add those sums up. Every thread must call it.
+ */
+fn sumProjection(b: u32, li: u32) {
+  let quads = (p.rank + 2u * p.nState + 3u) / 4u;
+  let lanes = WG / quads;
+  let lane = li / quads;
+  let base = b * p.blocks * quads + li % quads;
+  var sum = vec4<f32>(0.0);
+  if (lane < lanes) {
+    var i = lane;
+    for (; i + 3u * lanes < p.blocks; i += 4u * lanes) {
+      sum += (projParts[base + i * quads] + projParts[base + (i + lanes) * quads]) +
+        (projParts[base + (i + 2u * lanes) * quads] + projParts[base + (i + 3u * lanes) * quads]);
+    }
+    for (; i < p.blocks; i += lanes) {
+      sum += projParts[base + i * quads];
+    }
+  }
+  projLanes[li] = sum;
+  workgroupBarrier();
+  if (li < quads) {
+    var total = projLanes[li];
+    for (var l = 1u; l < lanes; l++) {
+      total += projLanes[l * quads + li];
+    }
+    projected[li] = total;
+  }
+  workgroupBarrier();
 }
 `,
   weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them

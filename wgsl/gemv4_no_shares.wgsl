@@ -1,0 +1,5 @@
+// Prelude of gemv4.wgsl when nothing is projected (see gemv4_shares.wgsl).
+
+fn keepConvOut(j: u32, v: vec4<f32>) {}
+
+fn projectBlock(block: u32, li: u32) {}

@@ -1,0 +1,78 @@
+// Prelude of gemv4.wgsl for a decode step's in_proj with x_proj folded in:
+// each workgroup projects the conv outputs it stored (keepConvOut) and leaves
+// its share of the product in projParts; the decode step's scan (scan.wgsl
+// with scan_shares.wgsl) or project_sum.wgsl adds the shares up. Its own file,
+// so that the other GEMVs neither declare nor bind its two buffers.
+
+@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 bits
+// [rows, blocks of PER_GROUP conv outputs, 4 · ⌈projWidth / 4⌉]: each block's share of the projection
+@group(0) @binding(12) var<storage, read_write> projParts: array<f32>;
+
+var<workgroup> convOut: array<vec4<f32>, PER_GROUP>; // the conv's outputs, row r in component r
+
+// Keeps output j of the workgroup (row r in component r) for projectBlock.
+fn keepConvOut(j: u32, v: vec4<f32>) {
+  convOut[j] = v;
+}
+
+// Four consecutive elements of projWeight from element i (a multiple of 4).
+fn projQuad(i: u32) -> vec4<f32> {
+  if (p.projHalf != 0u) {
+    let w = i / 2u;
+    return vec4<f32>(unpack2x16float(projWeight[w]), unpack2x16float(projWeight[w + 1u]));
+  }
+  return bitcast<vec4<f32>>(
+    vec4<u32>(projWeight[i], projWeight[i + 1u], projWeight[i + 2u], projWeight[i + 3u]),
+  );
+}
+
+// The projection's share of `block`, this workgroup's PER_GROUP conv outputs
+// (in convOut): for each projected column m and row, Σ_j projWeight[m, first
+// + j] · output j. The reader adds the blocks' shares in a fixed order, so the
+// result does not depend on timing. Every thread must call it.
+fn projectBlock(block: u32, li: u32) {
+  workgroupBarrier();
+  let first = block * PER_GROUP;
+  if (first >= p.split1) {
+    return; // a block of z
+  }
+  let stride = (p.projWidth + 3u) / 4u * 4u;
+  let blocks = (p.split1 + PER_GROUP - 1u) / PER_GROUP;
+  for (var m = li; m < stride; m += 256u) {
+    var sum = vec4<f32>(0.0);
+    if (m < p.projWidth) {
+      // Eight weights per iteration, their loads in flight together.
+      var j = 0u;
+      for (; j + 8u <= PER_GROUP; j += 8u) {
+        let w0 = projQuad(m * p.split1 + first + j);
+        let w1 = projQuad(m * p.split1 + first + j + 4u);
+        sum = fma(vec4<f32>(w0.x), convOut[j], sum);
+        sum = fma(vec4<f32>(w0.y), convOut[j + 1u], sum);
+        sum = fma(vec4<f32>(w0.z), convOut[j + 2u], sum);
+        sum = fma(vec4<f32>(w0.w), convOut[j + 3u], sum);
+        sum = fma(vec4<f32>(w1.x), convOut[j + 4u], sum);
+        sum = fma(vec4<f32>(w1.y), convOut[j + 5u], sum);
+        sum = fma(vec4<f32>(w1.z), convOut[j + 6u], sum);
+        sum = fma(vec4<f32>(w1.w), convOut[j + 7u], sum);
+      }
+      if (PER_GROUP % 8u != 0u) {
+        let w0 = projQuad(m * p.split1 + first + j);
+        sum = fma(vec4<f32>(w0.x), convOut[j], sum);
+        sum = fma(vec4<f32>(w0.y), convOut[j + 1u], sum);
+        sum = fma(vec4<f32>(w0.z), convOut[j + 2u], sum);
+        sum = fma(vec4<f32>(w0.w), convOut[j + 3u], sum);
+      }
+    }
+    let at = (row0 * blocks + block) * stride + m;
+    projParts[at] = sum.x;
+    if (hasRow(1u)) {
+      projParts[at + blocks * stride] = sum.y;
+    }
+    if (hasRow(2u)) {
+      projParts[at + 2u * blocks * stride] = sum.z;
+    }
+    if (hasRow(3u)) {
+      projParts[at + 3u * blocks * stride] = sum.w;
+    }
+  }
+}
