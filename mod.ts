@@ -33,7 +33,7 @@ export { loadModel, Mamba } from "./src/load.ts";
 export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
 export type { MambaConfig } from "./src/config.ts";
 export { MambaModel } from "./src/model.ts";
-export type { DevicePenalty, LogitsFor, MambaState } from "./src/model.ts";
+export type { DecodedChunk, DevicePenalty, LogitsFor, MambaState } from "./src/model.ts";
 export type {
   Backend,
   ConvArgs,
@@ -49,6 +49,7 @@ export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
 export type { BackendCache, BackendReport, CandidateReport } from "./src/dispatch.ts";
 export type { SourceOptions } from "./src/source.ts";
 export { Session, SnapshotError } from "./src/session.ts";
+export type { DecodeOptions } from "./src/session.ts";
 export { StepBatcher } from "./src/batcher.ts";
 export type { StepBatcherOptions } from "./src/batcher.ts";
 export { Generation } from "./src/generate.ts";

@@ -31,7 +31,7 @@
 
 import { type GpuBuffer, WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu.ts";
 import type { MambaConfig } from "../src/config.ts";
-import { MambaModel } from "../src/model.ts";
+import { type DecodedChunk, MambaModel } from "../src/model.ts";
 import type { LayerWeights, MambaWeights } from "../src/weights.ts";
 import { uniformFloats } from "./make_random_model.ts";
 
@@ -302,6 +302,29 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     );
   }
   const penalizedToks = steps / ((performance.now() - penalized0) / 1000);
+  // The same decodes streamed, as generate() runs them: one call, read back
+  // 32 ids at a time, each read while the device already runs the next 32.
+  const chunks = Array.from(
+    { length: Math.ceil(steps / batch) },
+    (_, i) => Math.min(batch, steps - i * batch),
+  );
+  const streamedGreedyToks = await tokensPerSecond(
+    steps,
+    () => model.streamGreedyBatch([state], [token], chunks, config.vocabSize),
+  );
+  const streamedUniforms = uniformFloats(steps, 0, 1, 11);
+  const streamedSampledToks = await tokensPerSecond(
+    steps,
+    () =>
+      model.streamSampledBatch(
+        [state],
+        [token],
+        chunks,
+        config.vocabSize,
+        sampling,
+        streamedUniforms,
+      ),
+  );
   const gaps = flushes.slice(1).map((t, i) => t - flushes[i]).sort((a, b) => a - b);
   const hostMsPerToken = gaps[Math.floor(gaps.length / 2)];
   // Batched decode: 16 sequences stepped together (what the edge server's
@@ -335,6 +358,10 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     firsts = results.map((r) => r.logits.indexOf(Math.max(...r.logits.subarray(0, 50))));
   }
   const batchGreedyToks = (batchSize * steps) / ((performance.now() - gb0) / 1000);
+  const streamedBatchToks = await tokensPerSecond(
+    batchSize * steps,
+    () => model.streamGreedyBatch(states, firsts, chunks, config.vocabSize),
+  );
   states.forEach((s) => model.releaseState(s));
   return {
     config: {
@@ -367,6 +394,10 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     sampledOnDeviceTokPerS: +sampledToks.toFixed(1),
     sampledOnDeviceRatioVsCuda: quick ? null : +(sampledToks / CUDA_DECODE_TOKS).toFixed(3),
     sampledWithPenaltyOnDeviceTokPerS: +penalizedToks.toFixed(1),
+    greedyStreamedTokPerS: +streamedGreedyToks.toFixed(1),
+    greedyStreamedRatioVsCuda: quick ? null : +(streamedGreedyToks / CUDA_DECODE_TOKS).toFixed(3),
+    sampledStreamedTokPerS: +streamedSampledToks.toFixed(1),
+    sampledStreamedRatioVsCuda: quick ? null : +(streamedSampledToks / CUDA_DECODE_TOKS).toFixed(3),
     batchDecodeSequences: batchSize,
     batchDecodeTokPerS: +batchToks.toFixed(1),
     batchDecodeRatioVsCuda: quick ? null : +(batchToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),
@@ -374,7 +405,30 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     batchGreedyOnDeviceRatioVsCuda: quick
       ? null
       : +(batchGreedyToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),
+    batchGreedyStreamedTokPerS: +streamedBatchToks.toFixed(1),
+    batchGreedyStreamedRatioVsCuda: quick
+      ? null
+      : +(streamedBatchToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),
   };
+}
+
+/**
+ * Tokens per second of a streamed device decode of `tokens` tokens in all:
+ * one warm-up run, then the best of three.
+ */
+async function tokensPerSecond(
+  tokens: number,
+  decode: () => AsyncGenerator<DecodedChunk, void, undefined>,
+): Promise<number> {
+  let best = Infinity;
+  for (let run = 0; run < 4; run++) {
+    const t0 = performance.now();
+    for await (const _ of decode()) {
+      // Each chunk's ids arrive here as generate() would hand them on.
+    }
+    if (run > 0) best = Math.min(best, performance.now() - t0);
+  }
+  return tokens / (best / 1000);
 }
 
 /** Microseconds per call of single operations at mamba-130m's shapes (prefill chunk 512, decode 1). */

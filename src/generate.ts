@@ -132,27 +132,39 @@ export function generate(
       stats.decodeMs = performance.now() - decodeStart;
     };
     if (onDevice) {
-      // Decoding on the device: one read-back per batch of tokens, not per
-      // token. Batches start small (the first tokens arrive soon) and grow.
-      const stopBefore = (id: number) => id === model.eosTokenId && !options.ignoreEos;
+      // Decoding on the device: one call, read back in chunks that start
+      // small (the first tokens arrive soon) and grow to 32; the device runs
+      // on while each chunk is read.
+      const aborted = () => options.signal?.aborted ?? false;
+      // Set when the consumer stops iterating: the session then stops at the next chunk.
+      let abandoned = false;
+      const stopBefore = (id: number) =>
+        abandoned || aborted() || (id === model.eosTokenId && !options.ignoreEos);
+      const decode = { limit, stopBefore, chunks: readBackChunks(maxNewTokens) };
+      const chunks = arrivals<number[], { stopped: boolean }>((onIds) =>
+        temperature === 0
+          ? session.greedy(maxNewTokens, { ...decode, onIds, repetitionPenalty, repeatLastN })
+          : session.sample(maxNewTokens, sampler, { ...decode, onIds })
+      );
       let generated = 0;
-      for (let batch = 4; generated < maxNewTokens; batch = Math.min(2 * batch, 32)) {
-        if (options.signal?.aborted) return finish("abort");
-        const count = Math.min(batch, maxNewTokens - generated);
-        const { ids, stopped } = temperature === 0
-          ? await session.greedy(count, { limit, stopBefore, repetitionPenalty, repeatLastN })
-          : await session.sample(count, sampler, { limit, stopBefore });
-        for (const token of ids) {
-          generated++;
-          stats.generatedTokens++;
-          const text = decoder.push(token) + (generated === maxNewTokens ? decoder.flush() : "");
-          yield { token, text };
+      let next = await chunks.next();
+      try {
+        for (; !next.done; next = await chunks.next()) {
+          for (const token of next.value) {
+            generated++;
+            stats.generatedTokens++;
+            const text = decoder.push(token) + (generated === maxNewTokens ? decoder.flush() : "");
+            yield { token, text };
+          }
         }
-        if (stopped) {
-          const rest = decoder.flush();
-          if (rest) yield { token: model.eosTokenId!, text: rest };
-          return finish("eos");
-        }
+      } finally {
+        abandoned = true;
+      }
+      if (aborted() && generated < maxNewTokens) return finish("abort");
+      if (next.value.stopped) {
+        const rest = decoder.flush();
+        if (rest) yield { token: model.eosTokenId!, text: rest };
+        return finish("eos");
       }
       return finish("length");
     }
@@ -191,6 +203,42 @@ export function generate(
     }
   }
   return new Generation(session, run);
+}
+
+/** Read-back chunks of a device decode of `count` ids: 4, 8, 16, then 32 at a time. */
+function readBackChunks(count: number): number[] {
+  const chunks: number[] = [];
+  for (let size = 4, left = count; left > 0; size = Math.min(2 * size, 32)) {
+    chunks.push(Math.min(size, left));
+    left -= chunks[chunks.length - 1];
+  }
+  return chunks;
+}
+
+/**
+ * The items that `start` hands to its callback, as an async generator whose
+ * return value is what `start`'s promise resolves to (or which throws what
+ * it rejects with).
+ */
+async function* arrivals<T, R>(
+  start: (push: (item: T) => void) => Promise<R>,
+): AsyncGenerator<T, R, undefined> {
+  const waiting: T[] = [];
+  let wake = () => {};
+  let settled = false;
+  const done = start((item) => {
+    waiting.push(item);
+    wake();
+  }).finally(() => {
+    settled = true;
+    wake();
+  });
+  done.catch(() => {}); // Rethrown below.
+  while (true) {
+    while (waiting.length > 0) yield waiting.shift()!;
+    if (settled) return await done;
+    await new Promise<void>((resolve) => wake = resolve);
+  }
 }
 
 function firstStop(text: string, stops: string[]): number {

@@ -79,6 +79,39 @@ function penaltyHistories({ window, histories }: DevicePenalty, batch: number): 
   return out;
 }
 
+/**
+ * One read-back of a {@link MambaModel.streamGreedyBatch} or
+ * {@link MambaModel.streamSampledBatch}: per sequence, the ids fed in this
+ * chunk, and after the last chunk the logits that follow them.
+ */
+export interface DecodedChunk {
+  /** Per sequence, the ids fed in this chunk. */
+  ids: Int32Array[];
+  /** Per sequence, the logits after its last id: with the last chunk only. */
+  logits: Float32Array[] | null;
+}
+
+/** A device decode's chunks put together: per sequence, all its ids and its last logits. */
+async function collect(
+  chunks: AsyncGenerator<DecodedChunk, void, undefined>,
+): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
+  const parts: Int32Array[][] = [];
+  let logits: Float32Array[] = [];
+  for await (const chunk of chunks) {
+    chunk.ids.forEach((ids, b) => (parts[b] ??= []).push(ids));
+    if (chunk.logits) logits = chunk.logits;
+  }
+  return logits.map((row, b) => {
+    const ids = new Int32Array(parts[b].reduce((sum, part) => sum + part.length, 0));
+    let at = 0;
+    for (const part of parts[b]) {
+      ids.set(part, at);
+      at += part.length;
+    }
+    return { ids, logits: row };
+  });
+}
+
 /** Which positions {@link MambaModel.run} returns logits for. */
 export type LogitsFor = "all" | "last";
 
@@ -393,17 +426,33 @@ export class MambaModel<Buf> {
     limit: number,
     penalty?: DevicePenalty,
   ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
+    return collect(this.streamGreedyBatch(states, firsts, [count], limit, penalty));
+  }
+
+  /**
+   * {@link decodeGreedyBatch} read back in chunks of `chunks[k]` ids per
+   * sequence (count = their sum), each yielded as it arrives. The device
+   * does not wait for the host: chunk k + 1 is issued before chunk k's
+   * read-back is awaited, so the GPU keeps working through Deno's wait for a
+   * read-back (at least 10 ms each). A consumer that stops early leaves the
+   * states advanced past the ids it has seen, by up to two chunks.
+   */
+  async *streamGreedyBatch(
+    states: readonly MambaState<Buf>[],
+    firsts: readonly number[],
+    chunks: readonly number[],
+    limit: number,
+    penalty?: DevicePenalty,
+  ): AsyncGenerator<DecodedChunk, void, undefined> {
     const be = this.backend;
     const { argmax } = be;
-    if (!argmax) {
-      return Promise.reject(new Error(`The ${be.name} backend cannot decode on the device`));
-    }
+    if (!argmax) throw new Error(`The ${be.name} backend cannot decode on the device`);
     const { vocabSize } = this.config;
     const batch = states.length;
-    return this.#decodeOnDevice(
+    yield* this.#decodeChunks(
       states,
       firsts,
-      count,
+      chunks,
       (ids, index, logits) => argmax.call(be, ids, index, logits, limit, batch, vocabSize),
       penalty,
     );
@@ -422,7 +471,7 @@ export class MambaModel<Buf> {
    * sequence b takes the random number uniforms[t · batch + b] (see
    * `Sampler.randoms`).
    */
-  async decodeSampledBatch(
+  decodeSampledBatch(
     states: readonly MambaState<Buf>[],
     firsts: readonly number[],
     count: number,
@@ -431,10 +480,26 @@ export class MambaModel<Buf> {
     uniforms: Float32Array,
     penalty?: DevicePenalty,
   ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
+    return collect(
+      this.streamSampledBatch(states, firsts, [count], limit, sampling, uniforms, penalty),
+    );
+  }
+
+  /** {@link decodeSampledBatch} read back in chunks, like {@link streamGreedyBatch}. */
+  async *streamSampledBatch(
+    states: readonly MambaState<Buf>[],
+    firsts: readonly number[],
+    chunks: readonly number[],
+    limit: number,
+    sampling: TopKSampling,
+    uniforms: Float32Array,
+    penalty?: DevicePenalty,
+  ): AsyncGenerator<DecodedChunk, void, undefined> {
     const be = this.backend;
     const { sampleTopK } = be;
     if (!sampleTopK) throw new Error(`The ${be.name} backend cannot sample on the device`);
     const batch = states.length;
+    const count = chunks.reduce((sum, size) => sum + size, 0);
     const needed = Math.max(0, count - 1) * batch;
     if (uniforms.length < needed) {
       throw new RangeError(`${needed} random numbers needed, got ${uniforms.length}`);
@@ -455,7 +520,7 @@ export class MambaModel<Buf> {
         vocabSize,
       );
     try {
-      return await this.#decodeOnDevice(states, firsts, count, choose, penalty);
+      yield* this.#decodeChunks(states, firsts, chunks, choose, penalty);
     } finally {
       be.release(randoms);
     }
@@ -463,17 +528,18 @@ export class MambaModel<Buf> {
 
   /**
    * Decoding without a round trip per token: feeds `firsts`, then `count - 1`
-   * more ids per sequence, each chosen on the device by `pick` (after step t,
-   * into ids at `index` from the batch's logits), with `penalty` applied to
-   * the logits first.
+   * more ids per sequence (count = the sum of `chunks`), each chosen on the
+   * device by `pick` (after step t, into ids at `index` from the batch's
+   * logits), with `penalty` applied to the logits first. Each chunk's ids are
+   * read back, and yielded, once the next chunk has been issued.
    */
-  async #decodeOnDevice(
+  async *#decodeChunks(
     states: readonly MambaState<Buf>[],
     firsts: readonly number[],
-    count: number,
+    chunks: readonly number[],
     pick: (ids: Buf, index: number, logits: Buf, t: number) => void,
     penalty?: DevicePenalty,
-  ): Promise<{ ids: Int32Array; logits: Float32Array }[]> {
+  ): AsyncGenerator<DecodedChunk, void, undefined> {
     const be = this.backend;
     const { embedFrom, penalize } = be;
     if (!embedFrom) throw new Error(`The ${be.name} backend cannot decode on the device`);
@@ -486,6 +552,10 @@ export class MambaModel<Buf> {
     if (new Set(states).size !== states.length) {
       throw new RangeError("A state can take only one step at a time");
     }
+    if (chunks.length === 0 || chunks.some((size) => !Number.isInteger(size) || size < 1)) {
+      throw new RangeError(`Chunks must be positive integers, got [${chunks.join(", ")}]`);
+    }
+    const count = chunks.reduce((sum, size) => sum + size, 0);
     const { dModel, vocabSize } = this.config;
     const batch = states.length;
     // What comes back: the last logits [batch, vocab], then the ids [count, batch].
@@ -527,35 +597,71 @@ export class MambaModel<Buf> {
       : recording
       ? () => be.replay!(recording)
       : ops;
-    try {
-      for (let t = 0; t < count; t++) {
-        embedFrom.call(
-          be,
-          scratch.hidden,
-          this.#weights.embedding,
-          result,
-          idsAt + t * batch,
-          dModel,
-          batch,
-        );
-        step();
-        if (t + 1 < count) {
-          penalizeAfter?.(t);
-          pick(result, idsAt + (t + 1) * batch, logits, t);
-        }
-        be.flush?.();
+    let scattered = single;
+    // The read-back of the chunk issued last: ids [first, first + size) of each sequence.
+    let inFlight: { read: Promise<Float32Array>; first: number; size: number } | null = null;
+    const chunkOf = (
+      host: Float32Array,
+      offset: number,
+      size: number,
+      last: boolean,
+    ): DecodedChunk => {
+      const ids = states.map((_, b) =>
+        Int32Array.from({ length: size }, (_, t) => host[offset + t * batch + b])
+      );
+      if (ids.some((row) => row.some((id) => id < 0))) {
+        throw new RangeError("No candidate token: every logit is -Infinity or NaN");
       }
-      if (!single) this.#scatter(state, states);
-      be.copy(result, 0, logits, 0, batch * vocabSize);
-      const host = await be.read(result);
-      return states.map((_, b) => {
-        const ids = Int32Array.from({ length: count }, (_, t) => host[idsAt + t * batch + b]);
-        if (ids.some((id) => id < 0)) {
-          throw new RangeError("No candidate token: every logit is -Infinity or NaN");
+      const rows = last
+        ? states.map((_, b) => host.slice(b * vocabSize, (b + 1) * vocabSize))
+        : null;
+      return { ids, logits: rows };
+    };
+    try {
+      let t = 0;
+      for (const [k, size] of chunks.entries()) {
+        const first = t;
+        for (; t < first + size; t++) {
+          embedFrom.call(
+            be,
+            scratch.hidden,
+            this.#weights.embedding,
+            result,
+            idsAt + t * batch,
+            dModel,
+            batch,
+          );
+          step();
+          if (t + 1 < count) {
+            penalizeAfter?.(t);
+            pick(result, idsAt + (t + 1) * batch, logits, t);
+          }
+          be.flush?.();
         }
-        return { ids, logits: host.slice(b * vocabSize, (b + 1) * vocabSize) };
-      });
+        const last = k === chunks.length - 1;
+        if (last) {
+          if (!single) this.#scatter(state, states);
+          scattered = true;
+          be.copy(result, 0, logits, 0, batch * vocabSize);
+        }
+        // Started now, awaited after the next chunk is issued.
+        const read = last ? be.read(result) : be.read(result, idsAt + first * batch, size * batch);
+        read.catch(() => {}); // Reported where it is awaited.
+        if (inFlight) {
+          const before = inFlight;
+          inFlight = null;
+          yield chunkOf(await before.read, 0, before.size, false);
+        }
+        inFlight = { read, first, size };
+      }
+      const { read, first, size } = inFlight!;
+      inFlight = null;
+      yield chunkOf(await read, idsAt + first * batch, size, true);
     } finally {
+      // A consumer that stopped early leaves a read-back in flight and, for a
+      // batch, the states still to be copied back.
+      if (inFlight) await inFlight.read.catch(() => {});
+      if (!scattered) this.#scatter(state, states);
       be.release(result);
       if (history) be.release(history);
       if (!single) {

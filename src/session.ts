@@ -12,7 +12,7 @@
  * @module
  */
 
-import type { DevicePenalty, MambaModel, MambaState } from "./model.ts";
+import type { DecodedChunk, DevicePenalty, MambaModel, MambaState } from "./model.ts";
 import { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./backend.ts";
 import {
   penalizes,
@@ -32,6 +32,38 @@ export class SnapshotError extends Error {
     super(`Invalid snapshot: ${problem}`);
     this.name = "SnapshotError";
   }
+}
+
+/** Options of {@link Session.greedy} and {@link Session.sample}. */
+export interface DecodeOptions {
+  /** Only ids below this are chosen (default: the whole vocabulary). */
+  limit?: number;
+  /** Stops before the first id for which this is true; that id is not fed. */
+  stopBefore?: (id: number) => boolean;
+  /**
+   * Where decoding runs on the device: how many ids each read-back brings,
+   * in order, summing to the count (default: one read-back for all). Each
+   * chunk is read while the device already runs the next, and handed to
+   * `onIds` as it arrives, so a long call streams without the device waiting.
+   */
+  chunks?: readonly number[];
+  /** Called with the ids fed, in order, as they arrive: a chunk at a time on the device. */
+  onIds?: (ids: number[]) => void;
+}
+
+/** `chunks` checked against `count`: positive integers that sum to it, or [count]. */
+function readBackChunks(count: number, chunks?: readonly number[]): readonly number[] {
+  if (!Number.isInteger(count) || count < 0) {
+    throw new RangeError(`count must be a non-negative integer, got ${count}`);
+  }
+  if (!chunks) return count > 0 ? [count] : [];
+  const sum = chunks.reduce((total, size) => total + size, 0);
+  if (chunks.some((size) => !Number.isInteger(size) || size < 1) || sum !== count) {
+    throw new RangeError(
+      `chunks must be positive integers that sum to count (${count}), got [${chunks.join(", ")}]`,
+    );
+  }
+  return chunks;
 }
 
 /** Decoded snapshot contents, validated against a model's sizes. */
@@ -161,20 +193,19 @@ export class Session<Buf = unknown> {
    * repetition penalty when given, and returns them. It stops before
    * an id for which `stopBefore` is true: that id is not fed, and `stopped`
    * says so. Where the backend decodes on the device (webgpu) a call costs
-   * one read-back instead of one per token. Needs logits: prefill first.
+   * one read-back per chunk (see {@link DecodeOptions}) instead of one per
+   * token. Needs logits: prefill first.
    */
   greedy(
     count: number,
-    options: {
-      limit?: number;
-      stopBefore?: (id: number) => boolean;
-      repetitionPenalty?: number;
-      repeatLastN?: number;
-    } = {},
+    options: DecodeOptions & { repetitionPenalty?: number; repeatLastN?: number } = {},
   ): Promise<{ ids: number[]; stopped: boolean }> {
     const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
-    if (!Number.isInteger(count) || count < 0) {
-      return Promise.reject(new RangeError(`count must be a non-negative integer, got ${count}`));
+    let chunks: readonly number[];
+    try {
+      chunks = readBackChunks(count, options.chunks);
+    } catch (error) {
+      return Promise.reject(error);
     }
     let sampler: Sampler;
     try {
@@ -201,17 +232,18 @@ export class Session<Buf = unknown> {
           if (stopBefore(id)) return { ids, stopped: true };
           await this.#run(Int32Array.of(id));
           ids.push(id);
+          options.onIds?.([id]);
         }
         return { ids, stopped: false };
       }
       const first = next();
       if (stopBefore(first)) return { ids, stopped: true };
       const penalty = this.#devicePenalty(sampler.options);
-      const kept = await this.#feedFromDevice(
+      return await this.#feedFromDevice(
         stopBefore,
-        () => this.#model.decodeGreedy(this.#state, first, count, limit, penalty),
+        () => this.#model.streamGreedyBatch([this.#state], [first], chunks, limit, penalty),
+        options.onIds,
       );
-      return { ids: kept, stopped: kept.length < count };
     });
   }
 
@@ -233,28 +265,46 @@ export class Session<Buf = unknown> {
   }
 
   /**
-   * Feeds the ids that `decode` chooses on the device (the first already
-   * checked against `stopBefore`), up to the first later one for which
-   * `stopBefore` is true. The device runs past such an id, so then the state
-   * is rewound and only the ids before it are fed. Returns those ids.
+   * Feeds the ids that `decode` chooses on the device, chunk by chunk (the
+   * first id already checked against `stopBefore`), up to the first later one
+   * for which `stopBefore` is true, handing each chunk's ids to `onIds`. The
+   * device runs past such an id, so then the state is rewound and only the
+   * ids before it are fed. Returns those ids; on an error the state is as
+   * before the call.
    */
   async #feedFromDevice(
     stopBefore: (id: number) => boolean,
-    decode: () => Promise<{ ids: Int32Array; logits: Float32Array }>,
-  ): Promise<number[]> {
+    decode: () => AsyncGenerator<DecodedChunk, void, undefined>,
+    onIds?: (ids: number[]) => void,
+  ): Promise<{ ids: number[]; stopped: boolean }> {
     const backup = this.#copyState();
     try {
-      const run = await decode();
-      const stop = run.ids.findIndex((id, i) => i > 0 && stopBefore(id));
-      const kept = Array.from(stop >= 0 ? run.ids.subarray(0, stop) : run.ids);
-      if (stop >= 0) {
+      const kept: number[] = [];
+      let logits: Float32Array | null = null;
+      let stopped = false;
+      for await (const chunk of decode()) {
+        const ids = chunk.ids[0];
+        const stop = ids.findIndex((id, i) => (kept.length > 0 || i > 0) && stopBefore(id));
+        const part = Array.from(stop >= 0 ? ids.subarray(0, stop) : ids);
+        kept.push(...part);
+        if (part.length > 0) onIds?.(part);
+        if (stop >= 0) {
+          stopped = true;
+          break;
+        }
+        logits = chunk.logits?.[0] ?? null;
+      }
+      if (stopped) {
         this.#restoreState(backup);
         this.#lastLogits = await this.#model.run(this.#state, Int32Array.from(kept), "last");
       } else {
-        this.#lastLogits = run.logits;
+        this.#lastLogits = logits;
       }
       this.#tokens.push(...kept);
-      return kept;
+      return { ids: kept, stopped };
+    } catch (error) {
+      this.#restoreState(backup);
+      throw error;
     } finally {
       this.#model.releaseState(backup);
     }
@@ -277,11 +327,14 @@ export class Session<Buf = unknown> {
   sample(
     count: number,
     sampler: Sampler,
-    options: { limit?: number; stopBefore?: (id: number) => boolean } = {},
+    options: DecodeOptions = {},
   ): Promise<{ ids: number[]; stopped: boolean }> {
     const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
-    if (!Number.isInteger(count) || count < 0) {
-      return Promise.reject(new RangeError(`count must be a non-negative integer, got ${count}`));
+    let chunks: readonly number[];
+    try {
+      chunks = readBackChunks(count, options.chunks);
+    } catch (error) {
+      return Promise.reject(error);
     }
     const { temperature, topK, topP, minP } = sampler.options;
     if (!samplesTopK(sampler.options, limit)) {
@@ -307,26 +360,28 @@ export class Session<Buf = unknown> {
         (u) => Math.min(u, 1 - 2 ** -24),
       );
       const sampling = { topK, temperature, topP, minP };
-      const kept = await this.#feedFromDevice(stopBefore, async () => {
-        const [run] = await this.#model.decodeSampledBatch(
-          [this.#state],
-          [first],
-          count,
-          limit,
-          sampling,
-          uniforms,
-          this.#devicePenalty(sampler.options),
-        );
-        return run;
-      });
-      const stopped = kept.length < count;
-      if (stopped) {
+      const penalty = this.#devicePenalty(sampler.options);
+      const run = await this.#feedFromDevice(
+        stopBefore,
+        () =>
+          this.#model.streamSampledBatch(
+            [this.#state],
+            [first],
+            chunks,
+            limit,
+            sampling,
+            uniforms,
+            penalty,
+          ),
+        options.onIds,
+      );
+      if (run.stopped) {
         // The sampler drew one number per id up to the stopping one, as the
         // host would have; the device drew more.
         sampler.restore(drawn);
-        sampler.randoms(kept.length);
+        sampler.randoms(run.ids.length);
       }
-      return { ids: kept, stopped };
+      return run;
     });
   }
 

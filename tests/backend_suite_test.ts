@@ -4,7 +4,7 @@
  * greedy ids, mamba_ssm's scan, the tiny-shakespeare continuations).
  */
 
-import { assert, assertEquals } from "@std/assert";
+import { assert, assertEquals, assertRejects } from "@std/assert";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
@@ -104,6 +104,35 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
             const cut = await stopping.greedy(wanted.length, { stopBefore: () => ++seen === 5 });
             assertEquals(cut, { ids: wanted.slice(0, 4), stopped: true });
             assertEquals((await stopping.greedy(wanted.length - 4)).ids, wanted.slice(4));
+
+            // Read back in chunks (on a device), handed over as they come; a stop
+            // in the third chunk rewinds past the chunks the device ran ahead.
+            const chunks = [1, 2, wanted.length - 3];
+            const chunked = new Session(model);
+            await chunked.prefill(prompt);
+            const arrived: number[][] = [];
+            const all = await chunked.greedy(wanted.length, {
+              chunks,
+              onIds: (ids) => arrived.push(ids),
+            });
+            assertEquals(all, { ids: wanted, stopped: false });
+            assertEquals(arrived.flat(), wanted);
+            if (chunked.decodesOnDevice) assertEquals(arrived.map((ids) => ids.length), chunks);
+            const early = new Session(model);
+            await early.prefill(prompt);
+            seen = 0;
+            const stopped = await early.greedy(wanted.length, {
+              chunks,
+              stopBefore: () => ++seen === 5,
+            });
+            assertEquals(stopped, { ids: wanted.slice(0, 4), stopped: true });
+            assertEquals(early.tokens, [...prompt, ...wanted.slice(0, 4)]);
+            assertEquals((await early.greedy(wanted.length - 4)).ids, wanted.slice(4));
+            await assertRejects(
+              () => early.greedy(3, { chunks: [1, 1] }),
+              RangeError,
+              "sum to count",
+            );
           },
         );
       }

@@ -1100,6 +1100,20 @@ Deno.test({
         assertEquals([...first.ids, ...second.ids], want);
         assertEquals(sampler.state(), hostSampler.state());
 
+        // The same 24 in one call read back in chunks, each handed over as it comes.
+        const chunked = new Session(model);
+        await chunked.prefill(prompt);
+        const chunkSampler = new Sampler(options);
+        const arrived: number[][] = [];
+        const all = await chunked.sample(24, chunkSampler, {
+          limit,
+          chunks: [4, 8, 12],
+          onIds: (ids) => arrived.push(ids),
+        });
+        assertEquals(all, { ids: want, stopped: false });
+        assertEquals(arrived.map((ids) => ids.length), [4, 8, 12]);
+        assertEquals(chunkSampler.state(), hostSampler.state());
+
         // Stopping before the first id that has not come earlier (past the first).
         const at = want.findIndex((id, i) => i > 0 && want.indexOf(id) === i);
         const stopping = new Session(model);
@@ -1108,6 +1122,7 @@ Deno.test({
         const run = await stopping.sample(24, stopSampler, {
           limit,
           stopBefore: (id) => id === want[at],
+          chunks: [2, 2, 20],
         });
         assertEquals(run, { ids: want.slice(0, at), stopped: true });
         assertEquals(stopping.tokens.length, prompt.length + at);
@@ -1117,6 +1132,57 @@ Deno.test({
         assertEquals(stopSampler.state(), reference.state());
       }
     }),
+});
+
+Deno.test({
+  name:
+    "webgpu: generate on the device stops at the next chunk when its consumer stops or aborts, with the session holding exactly the ids fed",
+  ignore,
+  fn: async () => {
+    const model = await loadModel(`${SHARED}/models/tiny-shakespeare`, { backend: "webgpu" });
+    const gpu = model.model.backend as WebGpuBackend;
+    try {
+      const prompt = model.tokenizer.encode("ROMEO:");
+      const full: number[] = [];
+      for await (const event of model.generate(prompt, { temperature: 0, maxNewTokens: 60 })) {
+        full.push(event.token);
+      }
+      assertEquals(full.length, 60);
+
+      // The consumer leaves after 6 tokens: the session goes on to the end of
+      // a chunk at most (4, 8, 16, …), then holds what it fed.
+      const leaving = model.generate(prompt, { temperature: 0, maxNewTokens: 60 });
+      const seen: number[] = [];
+      for await (const event of leaving) {
+        seen.push(event.token);
+        if (seen.length === 6) break;
+      }
+      const fed = await leaving.session.greedy(0).then(() => leaving.session.tokens);
+      const kept = fed.slice(prompt.length);
+      assert(kept.length >= 6 && kept.length < 60, `fed ${kept.length}`);
+      assertEquals(kept, full.slice(0, kept.length));
+      const next = await leaving.session.greedy(3);
+      assertEquals(next.ids, full.slice(kept.length, kept.length + 3));
+
+      // An abort during decoding ends it as "abort", the session likewise whole.
+      const controller = new AbortController();
+      const aborting = model.generate(prompt, {
+        temperature: 0,
+        maxNewTokens: 60,
+        signal: controller.signal,
+      });
+      let count = 0;
+      for await (const _ of aborting) {
+        if (++count === 5) controller.abort();
+      }
+      assertEquals(aborting.stats.finishReason, "abort");
+      const abortedIds = aborting.session.tokens.slice(prompt.length);
+      assertEquals(abortedIds, full.slice(0, abortedIds.length));
+      assertEquals(abortedIds.length, count);
+    } finally {
+      gpu.dispose();
+    }
+  },
 });
 
 Deno.test({
