@@ -1144,14 +1144,14 @@ Deno.test({
     try {
       const prompt = model.tokenizer.encode("ROMEO:");
       const full: number[] = [];
-      for await (const event of model.generate(prompt, { temperature: 0, maxNewTokens: 60 })) {
+      for await (const event of model.generate(prompt, { temperature: 0, maxNewTokens: 36 })) {
         full.push(event.token);
       }
-      assertEquals(full.length, 60);
+      assertEquals(full.length, 36);
 
       // The consumer leaves after 6 tokens: the session goes on to the end of
       // a chunk at most (4, 8, 16, …), then holds what it fed.
-      const leaving = model.generate(prompt, { temperature: 0, maxNewTokens: 60 });
+      const leaving = model.generate(prompt, { temperature: 0, maxNewTokens: 36 });
       const seen: number[] = [];
       for await (const event of leaving) {
         seen.push(event.token);
@@ -1159,7 +1159,7 @@ Deno.test({
       }
       const fed = await leaving.session.greedy(0).then(() => leaving.session.tokens);
       const kept = fed.slice(prompt.length);
-      assert(kept.length >= 6 && kept.length < 60, `fed ${kept.length}`);
+      assert(kept.length >= 6 && kept.length < 36, `fed ${kept.length}`);
       assertEquals(kept, full.slice(0, kept.length));
       const next = await leaving.session.greedy(3);
       assertEquals(next.ids, full.slice(kept.length, kept.length + 3));
@@ -1168,7 +1168,7 @@ Deno.test({
       const controller = new AbortController();
       const aborting = model.generate(prompt, {
         temperature: 0,
-        maxNewTokens: 60,
+        maxNewTokens: 36,
         signal: controller.signal,
       });
       let count = 0;
