@@ -14,21 +14,16 @@ import { MambaModel } from "../src/model.ts";
 import { f16ToF32, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
 import { Sampler } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
+import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
 const ignore = adapter === null || adapter === undefined;
 
-/** A small deterministic generator (mulberry32), so failures reproduce. */
+/** Deterministic values in [-scale, scale) (the benches' xorshift stream), so failures reproduce. */
 function random(seed: number): (scale?: number) => number {
-  let a = seed >>> 0;
-  return (scale = 1) => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1) * scale;
-  };
+  const next = xorshiftUniforms(seed);
+  return (scale = 1) => next(1, -scale, scale)[0];
 }
 
 function fill(n: number, rand: (s?: number) => number, scale = 1): Float32Array {
