@@ -195,15 +195,24 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
       for (const [i, row] of rows.entries()) {
         firsts.push(argmax(await model.run(states[i], prompt(row), "last")));
       }
-      // Two calls: the second starts from the states the first copied back.
+      // Two calls: the second starts from the states the first copied back,
+      // and streams its ids in two chunks.
       const generated: number[][] = rows.map(() => []);
       const steps = totalLen - promptLen;
-      for (const count of [Math.ceil(steps / 2), Math.floor(steps / 2)]) {
-        const vocab = model.config.vocabSize;
-        const results = await model.decodeGreedyBatch(states, firsts, count, vocab);
-        results.forEach((r, i) => generated[i].push(...r.ids));
-        firsts = results.map((r) => argmax(r.logits));
+      const vocab = model.config.vocabSize;
+      const first = await model.decodeGreedyBatch(states, firsts, Math.ceil(steps / 2), vocab);
+      first.forEach((r, i) => generated[i].push(...r.ids));
+      firsts = first.map((r) => argmax(r.logits));
+      const rest = Math.floor(steps / 2);
+      const chunks = [1, rest - 1];
+      let seen = 0;
+      for await (const chunk of model.streamGreedyBatch(states, firsts, chunks, vocab)) {
+        assertEquals(chunk.ids.map((ids) => ids.length), rows.map(() => chunks[seen]));
+        assertEquals(chunk.logits !== null, seen === chunks.length - 1);
+        chunk.ids.forEach((ids, i) => generated[i].push(...ids));
+        seen++;
       }
+      assertEquals(seen, chunks.length);
       rows.forEach((row, i) =>
         assertEquals(generated[i], wanted(row), `sequence ${i} (row ${row})`)
       );
