@@ -710,6 +710,11 @@ export class MambaModel<Buf> {
     this.#weights.layers.forEach((w, layer) => {
       const sequences = { conv: state.conv[layer], ssm: state.ssm[layer], len, batch };
       for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
+      // A prompt's layers go to the device one by one, so that it runs each
+      // layer while the host records the next, rather than all once every
+      // layer is recorded. (Decode steps, which are recorded for replay, are
+      // started by their callers.)
+      if (len > 1) this.backend.flush?.();
     });
   }
 
