@@ -268,11 +268,11 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
     flushes.push(performance.now());
     flush();
   };
-  const g0 = performance.now();
-  for (let done = 0; done < steps; done += batch) {
-    await model.decodeGreedy(state, token, Math.min(batch, steps - done), config.vocabSize);
-  }
-  const greedyMs = performance.now() - g0;
+  const greedyMs = await msInCalls(
+    steps,
+    batch,
+    (count) => model.decodeGreedy(state, token, count, config.vocabSize),
+  );
   gpu.flush = flush;
   const greedyToks = steps / (greedyMs / 1000);
   // Sampling on the device with llama.cpp's defaults (top-k 40, top-p 0.95,
@@ -280,28 +280,30 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
   const sampling = { topK: 40, topP: 0.95, minP: 0.05, temperature: 0.8 };
   const uniforms = uniformFloats(batch, 0, 1, 10);
   await model.decodeSampledBatch([state], [token], batch, config.vocabSize, sampling, uniforms);
-  const sampled0 = performance.now();
-  for (let done = 0; done < steps; done += batch) {
-    const count = Math.min(batch, steps - done);
-    await model.decodeSampledBatch([state], [token], count, config.vocabSize, sampling, uniforms);
-  }
-  const sampledToks = steps / ((performance.now() - sampled0) / 1000);
+  const sampledMs = await msInCalls(
+    steps,
+    batch,
+    (count) =>
+      model.decodeSampledBatch([state], [token], count, config.vocabSize, sampling, uniforms),
+  );
+  const sampledToks = steps / (sampledMs / 1000);
   // The same with a repetition penalty of 1.1 over the last 64 ids.
   const penalty = { penalty: 1.1, window: 64, histories: [Array.from(ids.subarray(-64))] };
-  const penalized0 = performance.now();
-  for (let done = 0; done < steps; done += batch) {
-    const count = Math.min(batch, steps - done);
-    await model.decodeSampledBatch(
-      [state],
-      [token],
-      count,
-      config.vocabSize,
-      sampling,
-      uniforms,
-      penalty,
-    );
-  }
-  const penalizedToks = steps / ((performance.now() - penalized0) / 1000);
+  const penalizedMs = await msInCalls(
+    steps,
+    batch,
+    (count) =>
+      model.decodeSampledBatch(
+        [state],
+        [token],
+        count,
+        config.vocabSize,
+        sampling,
+        uniforms,
+        penalty,
+      ),
+  );
+  const penalizedToks = steps / (penalizedMs / 1000);
   // The same decodes streamed, as generate() runs them: one call, read back
   // 32 ids at a time, each read while the device already runs the next 32.
   const chunks = Array.from(
@@ -347,17 +349,11 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
   // The same 16 decoded greedily on the device, one read-back per 32 steps.
   let firsts = Array.from(batchIds);
   await model.decodeGreedyBatch(states, firsts, 2, config.vocabSize); // compiles
-  const gb0 = performance.now();
-  for (let done = 0; done < steps; done += batch) {
-    const results = await model.decodeGreedyBatch(
-      states,
-      firsts,
-      Math.min(batch, steps - done),
-      config.vocabSize,
-    );
+  const batchGreedyMs = await msInCalls(steps, batch, async (count) => {
+    const results = await model.decodeGreedyBatch(states, firsts, count, config.vocabSize);
     firsts = results.map((r) => r.logits.indexOf(Math.max(...r.logits.subarray(0, 50))));
-  }
-  const batchGreedyToks = (batchSize * steps) / ((performance.now() - gb0) / 1000);
+  });
+  const batchGreedyToks = (batchSize * steps) / (batchGreedyMs / 1000);
   const streamedBatchToks = await tokensPerSecond(
     batchSize * steps,
     () => model.streamGreedyBatch(states, firsts, chunks, config.vocabSize),
@@ -410,6 +406,20 @@ async function benchModel(gpu: WebGpuBackend, quick: boolean) {
       ? null
       : +(streamedBatchToks / CUDA_DECODE_BATCH16_TOKS).toFixed(3),
   };
+}
+
+/**
+ * Milliseconds to decode `steps` tokens in calls of up to `batch`, each
+ * awaited (its read-back included) before the next is issued.
+ */
+async function msInCalls(
+  steps: number,
+  batch: number,
+  call: (count: number) => Promise<unknown>,
+): Promise<number> {
+  const t0 = performance.now();
+  for (let done = 0; done < steps; done += batch) await call(Math.min(batch, steps - done));
+  return performance.now() - t0;
 }
 
 /**

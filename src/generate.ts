@@ -140,7 +140,7 @@ export function generate(
       let abandoned = false;
       const stopBefore = (id: number) =>
         abandoned || aborted() || (id === model.eosTokenId && !options.ignoreEos);
-      const decode = { limit, stopBefore, chunks: readBackChunks(maxNewTokens) };
+      const decode = { limit, stopBefore, chunks: growingChunks(maxNewTokens) };
       const chunks = arrivals<number[], { stopped: boolean }>((onIds) =>
         temperature === 0
           ? session.greedy(maxNewTokens, { ...decode, onIds, repetitionPenalty, repeatLastN })
@@ -206,7 +206,7 @@ export function generate(
 }
 
 /** Read-back chunks of a device decode of `count` ids: 4, 8, 16, then 32 at a time. */
-function readBackChunks(count: number): number[] {
+function growingChunks(count: number): number[] {
   const chunks: number[] = [];
   for (let size = 4, left = count; left > 0; size = Math.min(2 * size, 32)) {
     chunks.push(Math.min(size, left));

@@ -51,7 +51,10 @@ export interface DecodeOptions {
   onIds?: (ids: number[]) => void;
 }
 
-/** `chunks` checked against `count`: positive integers that sum to it, or [count]. */
+/**
+ * `chunks` checked against `count`: positive integers that sum to it, or
+ * [count]. Throws a RangeError for a bad count or bad chunks.
+ */
 function readBackChunks(count: number, chunks?: readonly number[]): readonly number[] {
   if (!Number.isInteger(count) || count < 0) {
     throw new RangeError(`count must be a non-negative integer, got ${count}`);
@@ -182,7 +185,7 @@ export class Session<Buf = unknown> {
     if (this.#pending) await this.#pending;
   }
 
-  /** Whether {@link greedy} runs on the device, with one read-back per call. */
+  /** Whether {@link greedy} runs on the device, with one read-back per chunk. */
   get decodesOnDevice(): boolean {
     return this.#model.decodesOnDevice;
   }
@@ -200,15 +203,11 @@ export class Session<Buf = unknown> {
     count: number,
     options: DecodeOptions & { repetitionPenalty?: number; repeatLastN?: number } = {},
   ): Promise<{ ids: number[]; stopped: boolean }> {
-    const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
+    const limit = this.#limit(options);
     let chunks: readonly number[];
-    try {
-      chunks = readBackChunks(count, options.chunks);
-    } catch (error) {
-      return Promise.reject(error);
-    }
     let sampler: Sampler;
     try {
+      chunks = readBackChunks(count, options.chunks);
       // At temperature 0 the sampler is a penalized argmax and draws nothing.
       const { repetitionPenalty, repeatLastN } = options;
       sampler = new Sampler({ temperature: 0, repetitionPenalty, repeatLastN, seed: 0 });
@@ -245,6 +244,11 @@ export class Session<Buf = unknown> {
         options.onIds,
       );
     });
+  }
+
+  /** The ids below which a decode call chooses: its `limit`, within the vocabulary. */
+  #limit(options: DecodeOptions): number {
+    return Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
   }
 
   /**
@@ -310,7 +314,7 @@ export class Session<Buf = unknown> {
     }
   }
 
-  /** Whether {@link sample} runs on the device, with one read-back per call. */
+  /** Whether {@link sample} runs on the device, with one read-back per chunk. */
   get samplesOnDevice(): boolean {
     return this.#model.samplesOnDevice;
   }
@@ -329,7 +333,7 @@ export class Session<Buf = unknown> {
     sampler: Sampler,
     options: DecodeOptions = {},
   ): Promise<{ ids: number[]; stopped: boolean }> {
-    const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
+    const limit = this.#limit(options);
     let chunks: readonly number[];
     try {
       chunks = readBackChunks(count, options.chunks);

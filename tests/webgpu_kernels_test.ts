@@ -74,6 +74,28 @@ async function tinyShakespeare(gpu: WebGpuBackend) {
 
 const js = new JsBackend();
 
+/**
+ * The ids `sampler` draws after `prompt` on the host path: logits read back
+ * every token, one draw per id, `count` ids below `limit`.
+ */
+async function hostPath<Buf>(
+  model: MambaModel<Buf>,
+  prompt: Int32Array,
+  sampler: Sampler,
+  count: number,
+  limit: number,
+): Promise<number[]> {
+  const host = new Session(model);
+  let logits = await host.prefill(prompt);
+  const ids: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const id = sampler.sample(logits, host.tokens, limit);
+    ids.push(id);
+    logits = await host.step(id);
+  }
+  return ids;
+}
+
 Deno.test({
   name: "webgpu: embed, rmsNorm (also in place), addInPlace, copy, write, read ranges",
   ignore,
@@ -1075,17 +1097,8 @@ Deno.test({
           { temperature: 0.9, topK: 40, seed: 12, repetitionPenalty: 1.3, repeatLastN: 16 },
         ]
       ) {
-        // The host path: logits read back, one draw per id.
-        const host = new Session(model);
-        await host.prefill(prompt);
         const hostSampler = new Sampler(options);
-        const want: number[] = [];
-        let logits = host.lastLogits!;
-        for (let i = 0; i < 24; i++) {
-          const id = hostSampler.sample(logits, host.tokens, limit);
-          want.push(id);
-          logits = await host.step(id);
-        }
+        const want = await hostPath(model, prompt, hostSampler, 24, limit);
 
         const device = new Session(model);
         await device.prefill(prompt);
@@ -1293,15 +1306,8 @@ Deno.test({
       const limit = config.vocabSize;
       const penalty = { repetitionPenalty: 1.3, repeatLastN: 16 };
       // The host path: a penalized argmax over logits read back every token.
-      const host = new Session(model);
-      await host.prefill(prompt);
       const argmax = new Sampler({ ...penalty, temperature: 0 });
-      const want: number[] = [];
-      for (let i = 0; i < 24; i++) {
-        const id = argmax.sample(host.lastLogits!, host.tokens, limit);
-        want.push(id);
-        await host.step(id);
-      }
+      const want = await hostPath(model, prompt, argmax, 24, limit);
       const device = new Session(model);
       await device.prefill(prompt);
       let penalized = 0;

@@ -312,6 +312,22 @@ function linearProgram(
   return program;
 }
 
+/**
+ * The columns of a product split over up to three outputs of `widths`: all of
+ * them, and where the second and third outputs start (linear_io.wgsl's
+ * split1 and split2; `total` where there is no such output).
+ */
+function columnSplits(
+  widths: readonly number[],
+): { total: number; split1: number; split2: number } {
+  const total = widths.reduce((sum, width) => sum + width, 0);
+  return {
+    total,
+    split1: widths.length > 1 ? widths[0] : total,
+    split2: widths.length > 2 ? widths[0] + widths[1] : total,
+  };
+}
+
 /** The workgroup grid of a linear program for `rows` rows and `outDim` outputs. */
 function linearGroups(program: Program, rows: number, outDim: number): [number, number, number] {
   const { TM, TN, LANES, ROWS } = program.constants;
@@ -466,7 +482,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly #dummyOut3: GPUBuffer; // and a third
   readonly #dummyOut4: GPUBuffer; // and a fourth
   readonly #offset = new Uint32Array(1); // a dispatch's uniform offset (typed: the faster overload)
-  readonly #normed = new Map<number, GpuBuffer>();
+  /** Scratch kept for the backend's life, by purpose and size: a recording may name it. */
+  readonly #lasting = new Map<string, GpuBuffer>();
   #encoder: GPUCommandEncoder | null = null;
   #pass: GPUComputePassEncoder | null = null;
   readonly #paramBuffers: GPUBuffer[] = [];
@@ -478,9 +495,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   #paramSlots = 0;
   /** Launches and copies of a {@link capture} in progress, else null. */
   #capturing: CaptureLog | null = null;
-  /** The shares of a folded x_proj (gemv4's projParts), grown as needed; a recording may name it. */
-  #projParts: GpuBuffer | null = null;
-  /** A folded x_proj whose shares in #projParts are not added up yet; see #settle. */
+  /** A folded x_proj whose shares (gemv4's projParts) are not added up yet; see #settle. */
   #pendingProjection: PendingProjection | null = null;
   #error: unknown = null;
   #disposed = false;
@@ -862,7 +877,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     norm?: RowNorm<GpuBuffer>,
     conv?: ConvStep<GpuBuffer>,
   ): void {
-    const outDim = widths.reduce((sum, width) => sum + width, 0);
+    const { total: outDim, split1, split2 } = columnSplits(widths);
     let program = linearProgram(rows, inDim, outDim, weight.half);
     const fusedNorm = norm && program.shader === "gemv4" ? norm : null;
     const fusedConv = conv && program.shader === "gemv4" ? conv : null;
@@ -871,18 +886,16 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       : null;
     if (project) program = linearProgram(rows, inDim, outDim, weight.half, true);
     if (norm && !fusedNorm) {
-      const normed = this.#normScratch(rows * inDim);
+      const normed = this.#lastingScratch("normed", rows * inDim);
       this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
       x = normed;
     }
     const [input, done] = this.#unaliased(x, rows * inDim, ...outs, ...(conv ? [conv.out] : []));
-    const split1 = widths.length > 1 ? widths[0] : outDim;
-    const split2 = widths.length > 2 ? widths[0] + widths[1] : outDim;
-    const projWidth = project ? project.widths.reduce((sum, width) => sum + width, 0) : 0;
+    const projWidth = project ? columnSplits(project.widths).total : 0;
     // Shares of x_proj: one per block of 256 / LANES conv outputs, per row.
     const blocks = project ? split1 / (256 / program.constants.LANES) : 0;
     const parts = project
-      ? this.#projectionScratch(rows * blocks * Math.ceil(projWidth / 4) * 4)
+      ? this.#lastingScratch("shares", rows * blocks * Math.ceil(projWidth / 4) * 4)
       : null;
     // A split weight computes its block of output columns per part.
     for (const { part, firstRow } of weight.pieces()) {
@@ -949,21 +962,9 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (!project || rows > GEMV_MAX_ROWS) return false;
     if (weight.parts.length > 0 || project.weight.parts.length > 0) return false;
     const perGroup = 256 / program.constants.LANES;
-    const width = project.widths.reduce((sum, w) => sum + w, 0);
+    const width = columnSplits(project.widths).total;
     return project.outs.length <= LINEAR_MAX_OUTPUTS && width <= MAX_FUSED_PROJECTION &&
       perGroup % 4 === 0 && widths.length > 1 && widths[0] % perGroup === 0;
-  }
-
-  /** #projParts with room for `length` floats. */
-  #projectionScratch(length: number): GpuBuffer {
-    if (!this.#projParts || this.#projParts.length < length) {
-      // Not destroyed when outgrown: a recording may name the old one.
-      const bytes = byteSize(length);
-      this.#checkSize(bytes);
-      const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
-      this.#projParts = new GpuBuffer(buffer, length);
-    }
-    return this.#projParts;
   }
 
   /**
@@ -976,9 +977,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (!pending) return;
     this.#pendingProjection = null;
     const { outs, widths, rows, blocks, parts } = pending;
-    const width = widths.reduce((sum, w) => sum + w, 0);
-    const split1 = widths.length > 1 ? widths[0] : width;
-    const split2 = widths.length > 2 ? widths[0] + widths[1] : width;
+    const { total: width, split1, split2 } = columnSplits(widths);
     const bindings = {
       1: parts.buffer,
       4: outs[0].buffer,
@@ -990,17 +989,19 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   /**
-   * A buffer of `length` floats for normalised linear inputs, one per size for
-   * the backend's life: a recording may name it, so it must not move.
+   * A buffer of `length` floats for `purpose` (normalised linear inputs, the
+   * shares of a folded x_proj), one per purpose and size for the backend's
+   * life: a recording may name it, so it must not move.
    */
-  #normScratch(length: number): GpuBuffer {
-    let buffer = this.#normed.get(length);
+  #lastingScratch(purpose: "normed" | "shares", length: number): GpuBuffer {
+    const key = `${purpose}:${length}`;
+    let buffer = this.#lasting.get(key);
     if (!buffer) {
       // Created directly (no clear to record): it is written before it is read.
       const bytes = byteSize(length);
       this.#checkSize(bytes);
       const gpuBuffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
-      this.#normed.set(length, buffer = new GpuBuffer(gpuBuffer, length));
+      this.#lasting.set(key, buffer = new GpuBuffer(gpuBuffer, length));
     }
     return buffer;
   }
