@@ -31,6 +31,8 @@
 
 export { loadModel, Mamba } from "./src/load.ts";
 export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
+export type { BackendOptions } from "./src/backends/registry.ts";
+export type { ScanPrecision } from "./src/backends/webgpu.ts";
 export type { MambaConfig } from "./src/config.ts";
 export { MambaModel } from "./src/model.ts";
 export type { DecodedChunk, DevicePenalty, LogitsFor, MambaState } from "./src/model.ts";

@@ -1,6 +1,8 @@
 /**
  * The selective scan on its own, in mamba_ssm's `selective_scan_fn` layouts,
- * running on any backend.
+ * running on any backend. The js and wasm scans carry float64 within a call;
+ * the webgpu one computes in float32 unless given `scanPrecision:
+ * "double-float"`, which meets a float64 reference as closely.
  *
  * @example
  * ```ts
@@ -21,7 +23,7 @@
  */
 
 import type { Backend } from "./backend.ts";
-import { type BackendName, createBackend } from "./backends/registry.ts";
+import { type BackendName, type BackendOptions, createBackend } from "./backends/registry.ts";
 
 /** Inputs in mamba_ssm's layouts. */
 export interface SelectiveScanArgs {
@@ -61,12 +63,10 @@ export interface SelectiveScanResult {
   lastState: Float32Array;
 }
 
-/** Options of {@link selectiveScan}. */
-export interface SelectiveScanOptions {
+/** Options of {@link selectiveScan}: the backend and the options it reads. */
+export interface SelectiveScanOptions extends BackendOptions {
   /** Backend name; "js" is the reference. */
   backend?: BackendName;
-  /** CPU threads for the "wasm" backend. */
-  threads?: number;
 }
 
 function transpose(src: Float32Array, rows: number, cols: number): Float32Array {
@@ -102,9 +102,8 @@ export async function selectiveScan(
   checkLength("C", args.C, batch * dState * len);
   checkLength("D", args.D, dim);
   checkLength("deltaBias", args.deltaBias, dim);
-  const be: Backend<unknown> = await createBackend(options.backend ?? "js", {
-    threads: options.threads,
-  });
+  const { backend = "js", ...backendOptions } = options;
+  const be: Backend<unknown> = await createBackend(backend, backendOptions);
   try {
     return await scanOn(be, args);
   } finally {

@@ -6,6 +6,7 @@
 
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
+import type { ScanPrecision } from "../src/backends/webgpu.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
@@ -16,30 +17,48 @@ import { maxAbsDiff, maxRelDiff, readSamples, SHARED } from "./helpers.ts";
 
 /**
  * Each backend under test: its name, options, the label its tests carry and
- * the relative tolerance of the scan fixtures. The js and wasm scans keep the
- * step size, the decay and the state in float64 within a call and meet 1e-4.
- * WGSL has no float64: measured on the fixtures, rounding any one of dt,
- * exp(dt·A) or h to float32 alone already gives 1.2e-4 to 6e-4, and the webgpu
- * kernel measures up to 1.6e-3, hence its 2e-3 (mamba_ssm's own float32 scan
- * test allows rtol 6e-4 plus atol 2e-3, looser than either).
+ * the scan arithmetics it offers, each with its relative tolerance on the
+ * float64 scan fixtures. The js and wasm scans keep the step size, the decay
+ * and the state in float64 within a call and meet 1e-4; so does the webgpu
+ * scan in double-float arithmetic. Its default float32 scan cannot: measured
+ * on the fixtures, rounding any one of dt, exp(dt·A) or h to float32 alone
+ * already gives 1.2e-4 to 6e-4, and the kernel measures up to 1.6e-3, hence
+ * 2e-3 (mamba_ssm's own float32 scan test allows rtol 6e-4 plus atol 2e-3).
  */
 const BACKENDS: {
   label: string;
   name: BackendName;
   options?: BackendOptions;
-  scanTolerance: number;
+  scans: { precision?: ScanPrecision; tolerance: number }[];
 }[] = [
-  { label: "js", name: "js", scanTolerance: 1e-4 },
-  { label: "wasm 1 thread", name: "wasm", options: { threads: 1 }, scanTolerance: 1e-4 },
-  { label: "wasm 2 threads", name: "wasm", options: { threads: 2 }, scanTolerance: 1e-4 },
-  { label: "webgpu", name: "webgpu", scanTolerance: 2e-3 },
+  { label: "js", name: "js", scans: [{ tolerance: 1e-4 }] },
+  {
+    label: "wasm 1 thread",
+    name: "wasm",
+    options: { threads: 1 },
+    scans: [{ tolerance: 1e-4 }],
+  },
+  {
+    label: "wasm 2 threads",
+    name: "wasm",
+    options: { threads: 2 },
+    scans: [{ tolerance: 1e-4 }],
+  },
+  {
+    label: "webgpu",
+    name: "webgpu",
+    scans: [{ precision: "double-float", tolerance: 1e-4 }, {
+      precision: "float32",
+      tolerance: 2e-3,
+    }],
+  },
 ];
 
 async function readExpected(path: string): Promise<SafetensorsFile> {
   return SafetensorsFile.parse(await Deno.readFile(path), path);
 }
 
-for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
+for (const { label, name: backendName, options, scans } of BACKENDS) {
   for (const fixture of ["tiny-f32", "odd-bf16"]) {
     Deno.test(`[${label}] hf-oracle ${fixture}: logits, greedy ids, prefill vs step`, async (t) => {
       const dir = `${SHARED}/fixtures/hf-oracle/${fixture}`;
@@ -225,35 +244,38 @@ for (const { label, name: backendName, options, scanTolerance } of BACKENDS) {
     });
   }
 
-  Deno.test(`[${label}] scan fixtures: y and lastState within ${scanTolerance} relative`, async (t) => {
-    for (const name of ["small", "medium", "long", "bare"]) {
-      await t.step(name, async () => {
-        const file = await readExpected(`${SHARED}/fixtures/scan/${name}.safetensors`);
-        const [batch, dim, len] = file.info("u").shape;
-        const dState = file.info("A").shape[1];
-        const optional = (key: string) => file.has(key) ? file.float32(key) : undefined;
-        const { y, lastState } = await selectiveScan({
-          u: file.float32("u"),
-          delta: file.float32("delta"),
-          A: file.float32("A"),
-          B: file.float32("B"),
-          C: file.float32("C"),
-          D: optional("D"),
-          z: optional("z"),
-          deltaBias: optional("delta_bias"),
-          deltaSoftplus: file.metadata.delta_softplus === "true",
-          batch,
-          dim,
-          len,
-          dState,
-        }, { backend: backendName, ...options });
-        const yDiff = maxRelDiff(y, file.float32("y"));
-        const stateDiff = maxRelDiff(lastState, file.float32("last_state"));
-        assert(yDiff <= scanTolerance, `y: max relative diff ${yDiff}`);
-        assert(stateDiff <= scanTolerance, `lastState: max relative diff ${stateDiff}`);
-      });
-    }
-  });
+  for (const { precision, tolerance } of scans) {
+    const arithmetic = precision ? `, ${precision} scan` : "";
+    Deno.test(`[${label}] scan fixtures${arithmetic}: y and lastState within ${tolerance} relative`, async (t) => {
+      for (const name of ["small", "medium", "long", "bare"]) {
+        await t.step(name, async () => {
+          const file = await readExpected(`${SHARED}/fixtures/scan/${name}.safetensors`);
+          const [batch, dim, len] = file.info("u").shape;
+          const dState = file.info("A").shape[1];
+          const optional = (key: string) => file.has(key) ? file.float32(key) : undefined;
+          const { y, lastState } = await selectiveScan({
+            u: file.float32("u"),
+            delta: file.float32("delta"),
+            A: file.float32("A"),
+            B: file.float32("B"),
+            C: file.float32("C"),
+            D: optional("D"),
+            z: optional("z"),
+            deltaBias: optional("delta_bias"),
+            deltaSoftplus: file.metadata.delta_softplus === "true",
+            batch,
+            dim,
+            len,
+            dState,
+          }, { backend: backendName, ...options, scanPrecision: precision });
+          const yDiff = maxRelDiff(y, file.float32("y"));
+          const stateDiff = maxRelDiff(lastState, file.float32("last_state"));
+          assert(yDiff <= tolerance, `y: max relative diff ${yDiff}`);
+          assert(stateDiff <= tolerance, `lastState: max relative diff ${stateDiff}`);
+        });
+      }
+    });
+  }
 
   Deno.test(`[${label}] tiny-shakespeare: greedy text and teacher-forced logits`, async (t) => {
     const dir = `${SHARED}/models/tiny-shakespeare`;

@@ -12,7 +12,7 @@
 
 import type { Backend } from "../backend.ts";
 import { JsBackend } from "./js.ts";
-import { describeAdapter, WebGpuBackend } from "./webgpu.ts";
+import { describeAdapter, type ScanPrecision, WebGpuBackend } from "./webgpu.ts";
 import { defaultThreads, WasmBackend, wasmSimdSupported } from "./wasm.ts";
 
 /** Backends that can be asked for by name. */
@@ -25,6 +25,12 @@ export interface BackendOptions {
    * where threads are allowed, else 1; 1: no workers).
    */
   threads?: number;
+  /**
+   * Arithmetic of the "webgpu" backend's scan: "float32" (default) or
+   * "double-float", a slower reference mode that meets the float64 scan
+   * fixtures as js and wasm do (they always carry float64 in the scan).
+   */
+  scanPrecision?: ScanPrecision;
 }
 
 /** What the runtime offers. {@link probeCapabilities} reads the real ones; tests pass their own. */
@@ -111,7 +117,7 @@ export const BACKENDS: readonly BackendCandidate[] = [
   },
   {
     name: "webgpu",
-    async probe({ gpu }) {
+    async probe({ gpu }, { scanPrecision }) {
       if (!gpu) return { available: false, reason: "WebGPU is not available: no navigator.gpu" };
       let adapter: GPUAdapter | null;
       try {
@@ -125,10 +131,11 @@ export const BACKENDS: readonly BackendCandidate[] = [
           reason: "WebGPU is not available: navigator.gpu has no adapter",
         };
       }
+      const doubleFloat = scanPrecision === "double-float";
       return {
         available: true,
-        device: describeAdapter(adapter),
-        create: () => WebGpuBackend.create({ adapter }) as Promise<Backend>,
+        device: `${describeAdapter(adapter)}${doubleFloat ? ", double-float scan" : ""}`,
+        create: () => WebGpuBackend.create({ adapter, scanPrecision }) as Promise<Backend>,
       };
     },
   },

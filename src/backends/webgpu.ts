@@ -131,7 +131,18 @@ export interface WebGpuOptions {
    * limit (the default); lets tests exercise the splitting on any device.
    */
   splitMatricesOver?: number;
+  /**
+   * Arithmetic of the scan: "float32" (the default, fast) or "double-float"
+   * (pairs of f32, about 44 significant bits, through a reference kernel many
+   * times slower): f32 rounding leaves the scan up to 2e-3 (relative) from a
+   * float64 one over 1024 tokens, double-float within 1e-4 like the js and wasm
+   * backends, which carry float64.
+   */
+  scanPrecision?: ScanPrecision;
 }
+
+/** See {@link WebGpuOptions.scanPrecision}. */
+export type ScanPrecision = "float32" | "double-float";
 
 /** A short description of an adapter, for reports and cache keys. */
 export function describeAdapter(adapter: GPUAdapter): string {
@@ -364,6 +375,7 @@ const SCAN_PROGRAMS = (() => {
     carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants, plain),
     output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants, plain),
     step: new Program("scan", "step", step, { ...constants, WG: SCAN_STEP_WG }, plain),
+    doubleFloat: new Program("scan_double_float", "main", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]),
     stepProjected: new Program(
       "scan",
       "step",
@@ -1066,6 +1078,9 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   selectiveScan(scanArgs: ScanArgs<GpuBuffer>): void {
     if ((scanArgs.batch ?? 1) === 0 || scanArgs.len === 0) return;
+    if (this.#options.scanPrecision === "double-float") {
+      return this.#scanDoubleFloat(projectDelta(this, scanArgs));
+    }
     // A decode step folds dt_proj into the scan; longer scans take it as a matmul.
     const projection = scanArgs.len === 1 && scanArgs.deltaProj?.weight.parts.length === 0
       ? scanArgs.deltaProj
@@ -1168,6 +1183,38 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     }
     if (hbuf) this.#pool.release(hbuf);
     if (dtsum) this.#pool.release(dtsum);
+  }
+
+  /**
+   * The scan in double-float arithmetic (scan_double_float.wgsl), one thread
+   * per channel, in dispatches of at most 2^15 steps of one state per thread.
+   */
+  #scanDoubleFloat(args: ScanArgs<GpuBuffer>): void {
+    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
+    const batch = args.batch ?? 1;
+    const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
+    const stateLo = this.#pool.acquire(byteSize(batch * dim * dState), false);
+    const bindings = {
+      1: u.buffer,
+      2: delta.buffer,
+      3: A.buffer,
+      4: B.buffer,
+      5: C.buffer,
+      6: D?.buffer ?? this.#dummy,
+      7: z?.buffer ?? this.#dummy,
+      8: deltaBias?.buffer ?? this.#dummy,
+      9: y.buffer,
+      10: state.buffer,
+      11: stateLo,
+    };
+    const tokensPerDispatch = Math.max(1, Math.floor(2 ** 15 / (dState + 1)));
+    const zero = 0; // the kernel's `params.zero`
+    for (let start = 0; start < len; start += tokensPerDispatch) {
+      const count = Math.min(tokensPerDispatch, len - start);
+      const params = [len, dim, batch, flags, dState, start, count, zero];
+      this.#run(SCAN_PROGRAMS.doubleFloat, params, [], bindings, [Math.ceil(dim / 64), 1, batch]);
+    }
+    this.#pool.release(stateLo);
   }
 
   /** Tokens per chunk of the scan for this shape. */
