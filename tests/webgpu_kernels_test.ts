@@ -72,6 +72,29 @@ async function tinyShakespeare(gpu: WebGpuBackend) {
   return { config, model: new MambaModel(gpu, config, weights), expected };
 }
 
+/**
+ * The tiny-shakespeare model on `gpu` against its expected outputs: the
+ * teacher-forced logits of prompt 0 within `tolerance`, then `steps` greedy
+ * ids after its prompt (default: all of the expected ones).
+ */
+async function matchesTinyShakespeare(
+  gpu: WebGpuBackend,
+  tolerance: number,
+  steps?: number,
+): Promise<void> {
+  const { model, expected } = await tinyShakespeare(gpu);
+  const ids = expected.int32("prompt0_greedy_ids");
+  const prompt = expected.int32("prompt0_ids");
+  const logits = await model.run(model.newState(), ids, "all");
+  const diff = maxAbsDiff(logits, expected.float32("prompt0_logits"));
+  assert(diff <= tolerance, `logits: max abs diff ${diff}`);
+  const wanted = ids.subarray(prompt.length, steps && prompt.length + steps);
+  const session = new Session(model);
+  await session.prefill(prompt);
+  const { ids: generated } = await session.greedy(wanted.length);
+  assertEquals(generated, [...wanted]);
+}
+
 const js = new JsBackend();
 
 /**
@@ -535,19 +558,9 @@ Deno.test({
     "webgpu: the tiny-shakespeare model with double-float scans: logits within 1e-4 of expected, the first greedy ids equal",
   ignore,
   fn: () =>
-    withGpu(async (gpu) => {
-      const { model, expected } = await tinyShakespeare(gpu);
-      const ids = expected.int32("prompt0_greedy_ids");
-      const prompt = expected.int32("prompt0_ids");
-      const logits = await model.run(model.newState(), ids, "all");
-      assert(maxAbsDiff(logits, expected.float32("prompt0_logits")) <= 1e-4);
-      // Decode steps (each about half a second on llvmpipe): x_proj's shares
-      // folded into in_proj's GEMV are added up before this scan reads them.
-      const session = new Session(model);
-      await session.prefill(prompt);
-      const { ids: generated } = await session.greedy(6);
-      assertEquals(generated, [...ids.subarray(prompt.length, prompt.length + 6)]);
-    }, { scanPrecision: "double-float" }),
+    // Six decode steps (each about half a second on llvmpipe): x_proj's shares
+    // folded into in_proj's GEMV are added up before this scan reads them.
+    withGpu((gpu) => matchesTinyShakespeare(gpu, 1e-4, 6), { scanPrecision: "double-float" }),
 });
 
 Deno.test({
@@ -690,18 +703,7 @@ Deno.test({
 Deno.test({
   name: "webgpu: the tiny-shakespeare model with every large matrix split still matches expected",
   ignore,
-  fn: () =>
-    withGpu(async (gpu) => {
-      const { model, expected } = await tinyShakespeare(gpu);
-      const ids = expected.int32("prompt0_greedy_ids");
-      const prompt = expected.int32("prompt0_ids");
-      const logits = await model.run(model.newState(), ids, "all");
-      assert(maxAbsDiff(logits, expected.float32("prompt0_logits")) <= 1e-3);
-      const session = new Session(model);
-      await session.prefill(prompt);
-      const { ids: generated } = await session.greedy(ids.length - prompt.length);
-      assertEquals(generated, [...ids.subarray(prompt.length)]);
-    }, { splitMatricesOver: 64 << 10 }),
+  fn: () => withGpu((gpu) => matchesTinyShakespeare(gpu, 1e-3), { splitMatricesOver: 64 << 10 }),
 });
 
 Deno.test({

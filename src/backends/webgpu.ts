@@ -386,6 +386,12 @@ const SCAN_PROGRAMS = (() => {
   };
 })();
 
+/** The flags of the scan kernels' params for what `args` holds (bit 16 is the step's own). */
+function scanFlags(args: ScanArgs<GpuBuffer>): number {
+  const { D, z, deltaBias, deltaSoftplus } = args;
+  return (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
+}
+
 /** The widest projection (Σ widths) that gemv4 and the scan step fold in. */
 const MAX_FUSED_PROJECTION = 256;
 
@@ -1086,7 +1092,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       ? scanArgs.deltaProj
       : undefined;
     const args = projection ? scanArgs : projectDelta(this, scanArgs);
-    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
+    const { delta, B, C, len, dim, dState } = args;
     const batch = args.batch ?? 1;
     // dt, B and C as the shares of an x_proj that in_proj's GEMV folded in.
     const pending = this.#pendingProjection;
@@ -1096,22 +1102,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       ? pending
       : null;
     if (shares) this.#pendingProjection = null;
-    const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0) |
-      (projection?.weight.half ? 16 : 0);
+    const flags = scanFlags(args) | (projection?.weight.half ? 16 : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
     const nGroups = Math.ceil(dState / SCAN_LANES);
     // What every pass binds; each program takes the ones it declares.
-    const common = {
-      1: u.buffer,
-      3: A.buffer,
-      4: B.buffer,
-      5: C.buffer,
-      6: D?.buffer ?? this.#dummy,
-      7: z?.buffer ?? this.#dummy,
-      8: deltaBias?.buffer ?? this.#dummy,
-      9: y.buffer,
-      10: state.buffer,
-    };
+    const common = this.#scanBindings(args);
     if (projection) {
       const bindings = {
         ...common,
@@ -1190,31 +1185,33 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * per channel, in dispatches of at most 2^15 steps of one state per thread.
    */
   #scanDoubleFloat(args: ScanArgs<GpuBuffer>): void {
-    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
+    const { delta, len, dim, dState } = args;
     const batch = args.batch ?? 1;
-    const flags = (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
     const stateLo = this.#pool.acquire(byteSize(batch * dim * dState), false);
-    const bindings = {
-      1: u.buffer,
-      2: delta.buffer,
-      3: A.buffer,
-      4: B.buffer,
-      5: C.buffer,
-      6: D?.buffer ?? this.#dummy,
-      7: z?.buffer ?? this.#dummy,
-      8: deltaBias?.buffer ?? this.#dummy,
-      9: y.buffer,
-      10: state.buffer,
-      11: stateLo,
-    };
+    const bindings = { ...this.#scanBindings(args), 2: delta.buffer, 11: stateLo };
     const tokensPerDispatch = Math.max(1, Math.floor(2 ** 15 / (dState + 1)));
     const zero = 0; // the kernel's `params.zero`
     for (let start = 0; start < len; start += tokensPerDispatch) {
       const count = Math.min(tokensPerDispatch, len - start);
-      const params = [len, dim, batch, flags, dState, start, count, zero];
+      const params = [len, dim, batch, scanFlags(args), dState, start, count, zero];
       this.#run(SCAN_PROGRAMS.doubleFloat, params, [], bindings, [Math.ceil(dim / 64), 1, batch]);
     }
     this.#pool.release(stateLo);
+  }
+
+  /** The bindings of every scan kernel: inputs 1 and 3 to 8 (a dummy for those absent), y and state. */
+  #scanBindings(args: ScanArgs<GpuBuffer>): Record<number, GPUBuffer> {
+    return {
+      1: args.u.buffer,
+      3: args.A.buffer,
+      4: args.B.buffer,
+      5: args.C.buffer,
+      6: args.D?.buffer ?? this.#dummy,
+      7: args.z?.buffer ?? this.#dummy,
+      8: args.deltaBias?.buffer ?? this.#dummy,
+      9: args.y.buffer,
+      10: args.state.buffer,
+    };
   }
 
   /** Tokens per chunk of the scan for this shape. */
