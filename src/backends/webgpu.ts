@@ -180,6 +180,7 @@ const SCAN_LANES = 16; // states per thread in scan.wgsl
 // tokens scanned 29.9 to 31.3 G elements/s (5 runs), of 64 27.8 to 29.9 (8),
 // of 40 29.8 and 31.1.
 const SCAN_MIN_CHUNK = 48;
+const DOUBLE_FLOAT_SCAN_WG = 64; // @workgroup_size of scan_double_float.wgsl
 // Threads per workgroup of a decode step's scan (four per channel): a step is
 // one short pass, and smaller workgroups spread its loads over more SMs.
 const SCAN_STEP_WG = 64;
@@ -1199,7 +1200,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     for (let start = 0; start < len; start += tokensPerDispatch) {
       const count = Math.min(tokensPerDispatch, len - start);
       const params = [len, dim, batch, scanFlags(args), dState, start, count, zero];
-      this.#run(SCAN_PROGRAMS.doubleFloat, params, [], bindings, [Math.ceil(dim / 64), 1, batch]);
+      const groups: [number, number, number] = [Math.ceil(dim / DOUBLE_FLOAT_SCAN_WG), 1, batch];
+      this.#run(SCAN_PROGRAMS.doubleFloat, params, [], bindings, groups);
     }
     this.#pool.release(stateLo);
   }

@@ -2209,8 +2209,8 @@ struct Params {
   flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus
   nState: u32,
   // The tokens of this dispatch: start … start + count - 1. A long scan takes
-  // several dispatches (llvmpipe ends an invocation after some 2^17 loop
-  // iterations); the states' lo halves carry over in stateLo.
+  // several dispatches (llvmpipe ends an invocation's loops after 65,535
+  // iterations in all); the states' lo halves carry over in stateLo.
   start: u32,
   count: u32,
   // Always 0, but the compiler cannot know it: see \`exact\`.
@@ -2301,7 +2301,7 @@ const LN2 = vec2(0x1.62e43p-1f, -0x1.05c61p-29f);
 
 // e^a: a = k·ln2 + r, e^r = (e^(r/16))^16 with a Taylor series of e^(r/16)
 // (|r/16| < 0.022: seven terms leave an error below 2e-18). Written out
-// without loops: llvmpipe ends an invocation after some 2^17 loop iterations.
+// without loops, which would count towards llvmpipe's limit (see \`start\`).
 fn df_exp(a: vec2<f32>) -> vec2<f32> {
   if (a.x < -104.0) {
     return vec2(0.0); // below the smallest f32
