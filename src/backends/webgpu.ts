@@ -1196,11 +1196,12 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const stateLo = this.#pool.acquire(byteSize(batch * dim * dState), false);
     const bindings = { ...this.#scanBindings(args), 2: delta.buffer, 11: stateLo };
     const tokensPerDispatch = Math.max(1, Math.floor(2 ** 15 / (dState + 1)));
+    const flags = scanFlags(args);
     const zero = 0; // the kernel's `params.zero`
+    const groups: [number, number, number] = [Math.ceil(dim / DOUBLE_FLOAT_SCAN_WG), 1, batch];
     for (let start = 0; start < len; start += tokensPerDispatch) {
       const count = Math.min(tokensPerDispatch, len - start);
-      const params = [len, dim, batch, scanFlags(args), dState, start, count, zero];
-      const groups: [number, number, number] = [Math.ceil(dim / DOUBLE_FLOAT_SCAN_WG), 1, batch];
+      const params = [len, dim, batch, flags, dState, start, count, zero];
       this.#run(SCAN_PROGRAMS.doubleFloat, params, [], bindings, groups);
     }
     this.#pool.release(stateLo);
