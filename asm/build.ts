@@ -38,6 +38,8 @@ async function compile(shared: boolean): Promise<Uint8Array> {
     "abort=",
     "--enable",
     "simd",
+    "--enable",
+    "relaxed-simd",
     "--importMemory",
     "--noExportMemory",
     "--initialMemory",

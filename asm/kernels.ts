@@ -409,7 +409,87 @@ export function scan(
   }
 }
 
+// One channel's decode step in f32, four states per instruction: h ← exp(dt·A)·h
+// + dt·u·B over the N states at `hp`, returning C·h.
+// @ts-ignore: decorator
+@inline
+function stepChannel(hp: usize, ap: usize, bRow: usize, cRow: usize, N: i32, dt: f32, dtu: f32): f32 {
+  const dtv = f32x4.splat(dt);
+  const dtuv = f32x4.splat(dtu);
+  let acc = f32x4.splat(0);
+  for (let n = 0; n < N; n += 4) {
+    const o = <usize>n << 2;
+    const h = madd(exp4(f32x4.mul(dtv, v128.load(ap + o))), v128.load(hp + o), f32x4.mul(dtuv, v128.load(bRow + o)));
+    v128.store(hp + o, h);
+    acc = madd(h, v128.load(cRow + o), acc);
+  }
+  return hsum(acc);
+}
+
+// One decode step (a single token) of `batch` sequences, the state of
+// sequence b being row slots[b] (a float) of the pool `state` [rows, dim, N]
+// (row b where slots is 0). With one token there is no recurrence within the
+// call for rounding to build up in (the f64 of `scan` is for long prompts):
+// f32 runs four states per instruction with a cheaper exp. Covers the units
+// [i0, i1) of batch·dim, a unit being channel d of sequence b at b·dim + d;
+// dim, N, i0 and i1 are multiples of 4.
+export function scanStep(
+  y: usize,
+  u: usize,
+  delta: usize,
+  A: usize,
+  B: usize,
+  C: usize,
+  D: usize,
+  z: usize,
+  bias: usize,
+  softplus: i32,
+  state: usize,
+  slots: usize,
+  batch: i32,
+  dim: i32,
+  N: i32,
+  i0: i32,
+  i1: i32,
+): void {
+  const nBytes = <usize>N << 2;
+  const hBytes = <usize>N << 2;
+  for (let i = i0; i < i1; i += 4) {
+    const b = i / dim;
+    const d = i - b * dim;
+    const row = slots ? <i32>load<f32>(slots + (<usize>b << 2)) : b;
+    const at = <usize>i << 2;
+    const col = <usize>d << 2;
+    let dt = v128.load(delta + at);
+    if (bias) dt = f32x4.add(dt, v128.load(bias + col));
+    if (softplus) dt = softplus4(dt);
+    const uv = v128.load(u + at);
+    const dtu = f32x4.mul(dt, uv);
+    const hp = state + (<usize>row * <usize>dim + <usize>d) * hBytes;
+    const ap = A + <usize>d * nBytes;
+    const bRow = B + <usize>b * nBytes;
+    const cRow = C + <usize>b * nBytes;
+    const y0 = stepChannel(hp, ap, bRow, cRow, N, f32x4.extract_lane(dt, 0), f32x4.extract_lane(dtu, 0));
+    const y1 = stepChannel(hp + hBytes, ap + nBytes, bRow, cRow, N, f32x4.extract_lane(dt, 1), f32x4.extract_lane(dtu, 1));
+    const y2 = stepChannel(hp + 2 * hBytes, ap + 2 * nBytes, bRow, cRow, N, f32x4.extract_lane(dt, 2), f32x4.extract_lane(dtu, 2));
+    const y3 = stepChannel(hp + 3 * hBytes, ap + 3 * nBytes, bRow, cRow, N, f32x4.extract_lane(dt, 3), f32x4.extract_lane(dtu, 3));
+    let out = f32x4(y0, y1, y2, y3);
+    if (D) out = madd(v128.load(D + col), uv, out);
+    if (z) out = f32x4.mul(out, silu4(v128.load(z + at)));
+    v128.store(y + at, out);
+  }
+}
+
 // -------------------------------------------------------------- linear ----
+
+// a·b + c per lane: one fused multiply-add where the CPU has FMA (relaxed
+// SIMD lets the engine choose, so the last bit may differ between machines),
+// which doubles the matmul's arithmetic per instruction.
+// @ts-ignore: decorator
+@inline
+function madd(a: v128, b: v128, c: v128): v128 {
+  return f32x4.relaxed_madd(a, b, c);
+}
 
 // GEMV (rows = 1): out[o] = x · w[o] + bias[o] for o in [o0, o1), one weight
 // row at a time, 16 floats per step into four accumulators, so the weights
@@ -431,14 +511,14 @@ function gemv(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, 
     let k = 0;
     for (; k < k16; k += 16) {
       const p = <usize>k << 2;
-      a0 = f32x4.add(a0, f32x4.mul(v128.load(x + p), v128.load(w0 + p)));
-      a1 = f32x4.add(a1, f32x4.mul(v128.load(x + p, 16), v128.load(w0 + p, 16)));
-      a2 = f32x4.add(a2, f32x4.mul(v128.load(x + p, 32), v128.load(w0 + p, 32)));
-      a3 = f32x4.add(a3, f32x4.mul(v128.load(x + p, 48), v128.load(w0 + p, 48)));
+      a0 = madd(v128.load(x + p), v128.load(w0 + p), a0);
+      a1 = madd(v128.load(x + p, 16), v128.load(w0 + p, 16), a1);
+      a2 = madd(v128.load(x + p, 32), v128.load(w0 + p, 32), a2);
+      a3 = madd(v128.load(x + p, 48), v128.load(w0 + p, 48), a3);
     }
     for (; k < k4; k += 4) {
       const p = <usize>k << 2;
-      a0 = f32x4.add(a0, f32x4.mul(v128.load(x + p), v128.load(w0 + p)));
+      a0 = madd(v128.load(x + p), v128.load(w0 + p), a0);
     }
     let s0 = hsum(f32x4.add(f32x4.add(a0, a1), f32x4.add(a2, a3)));
     for (; k < inDim; k++) {
@@ -490,25 +570,25 @@ function block4x4(
     const v2 = v128.load(w2 + p);
     const v3 = v128.load(w3 + p);
     let xv = v128.load(x0 + p);
-    a00 = f32x4.add(a00, f32x4.mul(xv, v0));
-    a01 = f32x4.add(a01, f32x4.mul(xv, v1));
-    a02 = f32x4.add(a02, f32x4.mul(xv, v2));
-    a03 = f32x4.add(a03, f32x4.mul(xv, v3));
+    a00 = madd(xv, v0, a00);
+    a01 = madd(xv, v1, a01);
+    a02 = madd(xv, v2, a02);
+    a03 = madd(xv, v3, a03);
     xv = v128.load(x1 + p);
-    a10 = f32x4.add(a10, f32x4.mul(xv, v0));
-    a11 = f32x4.add(a11, f32x4.mul(xv, v1));
-    a12 = f32x4.add(a12, f32x4.mul(xv, v2));
-    a13 = f32x4.add(a13, f32x4.mul(xv, v3));
+    a10 = madd(xv, v0, a10);
+    a11 = madd(xv, v1, a11);
+    a12 = madd(xv, v2, a12);
+    a13 = madd(xv, v3, a13);
     xv = v128.load(x2 + p);
-    a20 = f32x4.add(a20, f32x4.mul(xv, v0));
-    a21 = f32x4.add(a21, f32x4.mul(xv, v1));
-    a22 = f32x4.add(a22, f32x4.mul(xv, v2));
-    a23 = f32x4.add(a23, f32x4.mul(xv, v3));
+    a20 = madd(xv, v0, a20);
+    a21 = madd(xv, v1, a21);
+    a22 = madd(xv, v2, a22);
+    a23 = madd(xv, v3, a23);
     xv = v128.load(x3 + p);
-    a30 = f32x4.add(a30, f32x4.mul(xv, v0));
-    a31 = f32x4.add(a31, f32x4.mul(xv, v1));
-    a32 = f32x4.add(a32, f32x4.mul(xv, v2));
-    a33 = f32x4.add(a33, f32x4.mul(xv, v3));
+    a30 = madd(xv, v0, a30);
+    a31 = madd(xv, v1, a31);
+    a32 = madd(xv, v2, a32);
+    a33 = madd(xv, v3, a33);
   }
   // Transpose-reduce: row i's four sums as one vector.
   let s0 = reduce4(a00, a01, a02, a03);
@@ -719,6 +799,7 @@ export function causalConv(
 // [3..] arguments. Each of `parts` threads runs part `part`.
 const OP_LINEAR = 1;
 const OP_SCAN = 2;
+const OP_SCAN_STEP = 3;
 
 // @ts-ignore: decorator
 @inline
@@ -771,6 +852,27 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       splitStart(dim, part, parts, 4),
       splitStart(dim, part + 1, parts, 4),
       arg(ctrl, 14) + part * scanScratchBytes(arg(ctrl, 13)),
+    );
+  } else if (op == OP_SCAN_STEP) {
+    const units = arg(ctrl, 12) * arg(ctrl, 13);
+    scanStep(
+      arg(ctrl, 0),
+      arg(ctrl, 1),
+      arg(ctrl, 2),
+      arg(ctrl, 3),
+      arg(ctrl, 4),
+      arg(ctrl, 5),
+      arg(ctrl, 6),
+      arg(ctrl, 7),
+      arg(ctrl, 8),
+      arg(ctrl, 9),
+      arg(ctrl, 10),
+      arg(ctrl, 11),
+      arg(ctrl, 12),
+      arg(ctrl, 13),
+      arg(ctrl, 14),
+      splitStart(units, part, parts, 4),
+      splitStart(units, part + 1, parts, 4),
     );
   }
 }
