@@ -35,25 +35,32 @@ export type { BackendOptions } from "./src/backends/registry.ts";
 export type { ScanPrecision } from "./src/backends/webgpu.ts";
 export type { MambaConfig } from "./src/config.ts";
 export { MambaModel } from "./src/model.ts";
-export type { DecodedChunk, DevicePenalty, LogitsFor, MambaState } from "./src/model.ts";
+export type { BlockBuffers, Scratch } from "./src/model.ts";
+export { StatePool } from "./src/pool.ts";
+export type { PoolCopy, SlotContents } from "./src/pool.ts";
 export type {
   Backend,
+  ChooseArgs,
   ConvArgs,
   ConvProjection,
   ConvStep,
+  CopyRowsArgs,
   DeltaProjection,
   Recording,
+  RowIndex,
   RowNorm,
+  SamplingFeatures,
+  SamplingSettings,
   ScanArgs,
-  TopKSampling,
 } from "./src/backend.ts";
+export { SAMPLING_SETTINGS, samplingFeatures, samplingSettings } from "./src/backend.ts";
 export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
-export type { BackendCache, BackendReport, CandidateReport } from "./src/dispatch.ts";
+export type { BackendCache, BackendReport, CandidateReport, MeasuredRuns } from "./src/dispatch.ts";
 export type { SourceOptions } from "./src/source.ts";
 export { Session, SnapshotError } from "./src/session.ts";
-export type { DecodeOptions } from "./src/session.ts";
-export { StepBatcher } from "./src/batcher.ts";
-export type { StepBatcherOptions } from "./src/batcher.ts";
+export type { DecodeOptions, SessionDecodeOptions } from "./src/session.ts";
+export { DecodeEngine, engineFor } from "./src/engine.ts";
+export type { DecodeJob, DecodeResult, EngineOptions, Verdict } from "./src/engine.ts";
 export { Generation } from "./src/generate.ts";
 export type {
   FinishReason,
@@ -61,8 +68,7 @@ export type {
   GenerationEvent,
   GenerationStats,
 } from "./src/generate.ts";
-export { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./src/backend.ts";
-export { Sampler } from "./src/sampler.ts";
+export { PickScratch, pickToken, Sampler } from "./src/sampler.ts";
 export type { SamplingOptions } from "./src/sampler.ts";
 export { MambaTokenizer, StreamingDecoder } from "./src/tokenizer.ts";
 export { selectiveScan } from "./src/scan.ts";

@@ -51,6 +51,11 @@ export interface ScanArgs<Buf> {
   deltaSoftplus: boolean;
   /** State h [dim, dState]: read as the initial state, overwritten with the last one. */
   state: Buf;
+  /**
+   * Optional: sequence b's state is row `slots[b]` (a float) of `state`, a
+   * pool of [rows, dim, dState] states; without it, row b.
+   */
+  slots?: Buf;
   /** Number of tokens (per sequence). */
   len: number;
   /** Number of channels. */
@@ -91,6 +96,11 @@ export interface ConvArgs<Buf> {
    * inputs seen, so prefill and step share one operation.
    */
   state: Buf;
+  /**
+   * Optional: sequence b's state is row `slots[b]` (a float) of `state`, a
+   * pool of [rows, kernel - 1, channels] states; without it, row b.
+   */
+  slots?: Buf;
   /** Number of tokens (per sequence). */
   len: number;
   /** Number of channels. */
@@ -123,6 +133,8 @@ export interface ConvStep<Buf> {
   bias: Buf | null;
   /** Per sequence, the previous `kernel - 1` inputs [rows, kernel - 1, channels]; updated. */
   state: Buf;
+  /** Optional: row r's conv state is row `slots[r]` of `state` (see {@link ConvArgs.slots}). */
+  slots?: Buf;
   /** Kernel width. */
   kernel: number;
   /** Optional: x_proj folded in as well, taking `out` as its input. */
@@ -147,26 +159,153 @@ export interface ConvProjection<Buf> {
   widths: readonly number[];
 }
 
-/**
- * Settings of {@link Backend.sampleTopK}: those of `Sampler.sample` (see
- * `src/sampler.ts`) when top-k is on and there is no repetition penalty.
- */
-export interface TopKSampling {
-  /** Candidates: 1 to {@link MAX_DEVICE_TOP_K}. */
-  topK: number;
-  /** Softmax temperature, above 0. */
-  temperature: number;
-  /** Nucleus mass in (0, 1]; 1 is off. */
-  topP: number;
-  /** Minimum probability relative to the top one, in [0, 1]; 0 is off. */
-  minP: number;
+/** Where {@link Backend.copyRows} reads or writes row r: row `buf[offset + r]` (a float). */
+export interface RowIndex<Buf> {
+  /** Holds the row numbers, as floats. */
+  buf: Buf;
+  /** Where row 0's number is. */
+  offset: number;
 }
 
-/** The largest top-k that {@link Backend.sampleTopK} takes. */
-export const MAX_DEVICE_TOP_K = 64;
+/**
+ * Arguments of {@link Backend.copyRows}: for r < count, row dstRow(r) of dst
+ * (rows of `width` floats from `dstOffset`) = row srcRow(r) of src (from
+ * `srcOffset`). A row number is read from its index where one is given, else
+ * it is r itself. A row number outside its buffer (an id of -1 from
+ * {@link Backend.chooseTokens}, say) copies nothing.
+ */
+export interface CopyRowsArgs<Buf> {
+  /** Rows written. */
+  dst: Buf;
+  /** Rows read; may be a matrix that the backend keeps split (an embedding). */
+  src: Buf;
+  /** Floats per row, in both. */
+  width: number;
+  /** Rows copied. */
+  count: number;
+  /** Where dst's row 0 starts, in floats (default 0). */
+  dstOffset?: number;
+  /** Where src's row 0 starts, in floats (default 0; not for a split matrix). */
+  srcOffset?: number;
+  /** Which row of src row r reads (a gather), or row r. */
+  srcRows?: RowIndex<Buf>;
+  /** Which row of dst row r writes (a scatter), or row r. */
+  dstRows?: RowIndex<Buf>;
+}
 
-/** The longest history window that {@link Backend.penalize} takes. */
-export const MAX_DEVICE_PENALTY_WINDOW = 1024;
+/**
+ * Floats per row of {@link ChooseArgs.settings}: a row's sampling options
+ * (`Sampler.sample`'s) and where its history stands, as
+ * {@link samplingSettings} writes them.
+ */
+export const SAMPLING_SETTINGS = 8;
+
+/** What {@link samplingSettings} encodes. */
+export interface SamplingSettings {
+  /** 0: greedy. */
+  temperature: number;
+  /** 0: off. */
+  topK: number;
+  /** 1: off. */
+  topP: number;
+  /** 0: off. */
+  minP: number;
+  /** 1: off. */
+  repetitionPenalty: number;
+  /** History ids the penalty looks back over; -1: all of them. */
+  repeatLastN: number;
+}
+
+/**
+ * One row of {@link ChooseArgs.settings}: temperature, topK, topP, minP,
+ * repetitionPenalty, repeatLastN, then `position`, the sequence position
+ * (ids before it) of the row's pick at step 0, and `limit`: only ids below
+ * it are candidates.
+ */
+export function samplingSettings(
+  options: SamplingSettings,
+  position: number,
+  limit: number,
+): number[] {
+  const { temperature, topK, topP, minP, repetitionPenalty, repeatLastN } = options;
+  return [temperature, topK, topP, minP, repetitionPenalty, repeatLastN, position, limit];
+}
+
+/** Which sampling features the rows of a {@link ChooseArgs} use, so a backend may skip work. */
+export interface SamplingFeatures {
+  /** Some row is greedy (temperature 0). */
+  greedy: boolean;
+  /** Some row samples (temperature above 0). */
+  sampled: boolean;
+  /** Some row has a repetition penalty that changes logits. */
+  penalized: boolean;
+  /**
+   * The most candidates a sampled row keeps after top-k: its topK, or its
+   * `limit` where top-k is off (0) or not below it; 0 without sampled rows.
+   */
+  widestTopK: number;
+}
+
+/** The {@link SamplingFeatures} of rows with these options, each choosing among its `limit` ids. */
+export function samplingFeatures(
+  rows: readonly (SamplingSettings & { limit: number })[],
+): SamplingFeatures {
+  let greedy = false;
+  let sampled = false;
+  let penalized = false;
+  let widestTopK = 0;
+  for (const { limit, ...row } of rows) {
+    if (row.repetitionPenalty !== 1 && row.repeatLastN !== 0) penalized = true;
+    if (row.temperature === 0) greedy = true;
+    if (row.temperature > 0) {
+      sampled = true;
+      const kept = row.topK > 0 && row.topK < limit ? row.topK : limit;
+      widestTopK = Math.max(widestTopK, kept);
+    }
+  }
+  return { greedy, sampled, penalized, widestTopK };
+}
+
+/**
+ * Arguments of {@link Backend.chooseTokens}: one id for each of `rows` rows
+ * of logits, chosen as `Sampler.sample` chooses it (see `pickToken` in
+ * `src/sampler.ts`), each row with its own options, random number and
+ * history.
+ */
+export interface ChooseArgs<Buf> {
+  /** Logits [rows, vocab]; a repetition penalty may change them in place. */
+  logits: Buf;
+  /** Rows to choose for. */
+  rows: number;
+  /** Floats per row of logits. */
+  vocab: number;
+  /** [rows, SAMPLING_SETTINGS]: each row's {@link samplingSettings}. */
+  settings: Buf;
+  /** What the settings use, for the backend to skip work: {@link samplingFeatures}. */
+  features: SamplingFeatures;
+  /** Row r draws with the number `randoms[randomOffset + r]`, in [0, 1) (unread where greedy). */
+  randoms: Buf;
+  /** Where row 0's random number is. */
+  randomOffset: number;
+  /**
+   * The ids of each sequence, [sequences, historyLength]: the id at
+   * sequence position p of the sequence in row `slots[r]` is at `p %
+   * historyLength` of that row. The penalty reads the `repeatLastN` ids
+   * before a pick's position (all of them for -1); the chosen id is written
+   * at its position.
+   */
+  history: Buf;
+  /** Ids kept per sequence in `history` (a window that moves along). */
+  historyLength: number;
+  /** Row r's sequence is row `slots[r]` (a float) of `history`. */
+  slots: Buf;
+  /** Added to each row's position: the call is the `step`-th pick after it. */
+  step: number;
+  /** Receives row r's id at `ids[idsOffset + r]`, as a float; -1 where no logit can be chosen. */
+  ids: Buf;
+  /** Where row 0's id goes. */
+  idsOffset: number;
+}
 
 /** Operations recorded by {@link Backend.capture}. */
 export interface Recording {
@@ -179,11 +318,18 @@ export interface Backend<Buf = unknown> {
   /** Short name shown to users: "js", "wasm", "webgpu". */
   readonly name: string;
   /**
-   * Optional: tokens per chunk of a long prompt (the model's default is 512).
-   * Larger chunks cost scratch memory and give each kernel more work, which
-   * pays on a GPU.
+   * Rows of a prompt's chunk: larger chunks cost scratch memory and give
+   * each kernel more work, which pays on a GPU; smaller ones keep the
+   * decoding of other sequences waiting less.
    */
-  readonly chunkTokens?: number;
+  readonly chunkTokens: number;
+  /**
+   * Whether operations are queued for a device that runs them while the host
+   * goes on (webgpu): a read then costs a round trip, so the decode engine
+   * overlaps it with the next round. False where an operation has completed
+   * when it returns (js, wasm).
+   */
+  readonly queued: boolean;
 
   /**
    * A buffer holding `data`. A backend in host memory may keep the array itself
@@ -193,18 +339,19 @@ export interface Backend<Buf = unknown> {
    */
   upload(data: Float32Array, rowLength?: number): Buf;
   /**
-   * Optional: `byteLength` bytes inside the backend's own memory, for the
-   * loader to read a weight file into. Float32Arrays viewing these bytes then
-   * upload without a copy, so the weights are never held twice. The bytes live
-   * as long as the backend. Undefined where the backend cannot lend memory.
+   * `byteLength` bytes inside the backend's own memory, for the loader to
+   * read a weight file into. Float32Arrays viewing these bytes then upload
+   * without a copy, so the weights are never held twice. The bytes live as
+   * long as the backend. Undefined where the backend cannot lend memory.
    */
-  hostBytes?(byteLength: number): Uint8Array | undefined;
+  hostBytes(byteLength: number): Uint8Array | undefined;
   /**
-   * Optional: a buffer for a weight matrix that is only ever `linear`'s
-   * `weight`, stored as f16 when every value is exactly an f16 (so products
-   * are unchanged), or null when some value is not or the backend keeps f32.
+   * A buffer for a weight matrix that is only ever `linear`'s `weight`,
+   * stored as f16 when every value is exactly an f16 (so
+   * products are unchanged), or null when some value is not or the backend
+   * keeps f32.
    */
-  uploadHalfMatrix?(data: Float32Array, rowLength?: number): Buf | null;
+  uploadHalfMatrix(data: Float32Array, rowLength?: number): Buf | null;
   /** A new buffer of `length` zeros. */
   zeros(length: number): Buf;
   /** Overwrites `buf` from `offset` (in floats) with `data`. */
@@ -216,93 +363,32 @@ export interface Backend<Buf = unknown> {
   /** Gives the buffer's memory back; the handle must not be used again. */
   release(buf: Buf): void;
   /**
-   * Optional, with {@link replay} and {@link releaseRecording}: records the
-   * operations `ops` issues, without running them, so that replaying them
-   * costs the host a fraction of issuing them one by one (like a CUDA graph;
-   * a decode step is hundreds of kernels). The operations must not move data
-   * to or from the host nor need temporary buffers, and every buffer they
-   * name must outlive the recording.
+   * Records the operations `ops` issues, without running them, so that
+   * replaying them costs the host a fraction of issuing them one by one (like
+   * a CUDA graph; a decode step is hundreds of kernels). The operations must
+   * not move data to or from the host nor need temporary buffers, and every
+   * buffer they name must outlive the recording. A backend without such a
+   * facility keeps `ops` and calls it on replay.
    */
-  capture?(ops: () => void): Recording;
+  capture(ops: () => void): Recording;
   /** Issues the operations of a recording again, in order. */
-  replay?(recording: Recording): void;
+  replay(recording: Recording): void;
   /** Frees what a recording holds; it must not be replayed afterwards. */
-  releaseRecording?(recording: Recording): void;
+  releaseRecording(recording: Recording): void;
+  /** Starts the work issued so far without waiting for it (a no-op where nothing is queued). */
+  flush(): void;
   /**
-   * Optional: starts the work recorded so far without waiting for it, so the
-   * device runs one token while the host records the next (webgpu).
+   * Frees what the backend holds beyond its buffers (worker threads, a
+   * device); the backend must not be used afterwards.
    */
-  flush?(): void;
-  /**
-   * Optional: frees what the backend holds beyond its buffers (worker threads,
-   * a device); the backend must not be used afterwards.
-   */
-  dispose?(): void;
+  dispose(): void;
 
   /** out [ids.length, dim] = rows `ids` of table [rows, dim]. */
   embed(out: Buf, table: Buf, ids: Int32Array, dim: number): void;
-  /**
-   * Optional, with {@link argmax}, for greedy decoding on the device: out
-   * [count, dim] = rows `ids[index]` … `ids[index + count - 1]` of table [rows,
-   * dim], the ids read from a buffer (as floats) rather than from the host.
-   */
-  embedFrom?(out: Buf, table: Buf, ids: Buf, index: number, dim: number, count?: number): void;
-  /**
-   * Optional: for each of `rows` rows r of logits (rows `stride` apart),
-   * ids[index + r] = the lowest i < limit holding the largest of that row's
-   * first `limit` logits (as a float), or -1 where none is a number; NaN is
-   * never chosen. Lets a backend whose read-backs are slow (webgpu) decode
-   * greedily without a round trip per token.
-   */
-  argmax?(
-    ids: Buf,
-    index: number,
-    logits: Buf,
-    limit: number,
-    rows?: number,
-    stride?: number,
-  ): void;
-  /**
-   * Optional, with {@link embedFrom}, for sampled decoding on the device: for
-   * each of `rows` rows r of logits (rows `stride` apart), ids[index + r] =
-   * the id below `limit` that `Sampler.sample` would draw with `sampling` and
-   * the random number uniforms[uniformIndex + r] (as a float; -1 where no
-   * logit can be sampled). Its weights are f32 where the sampler's are f64, so
-   * a draw or the top-p cut within about 1e-7 (relative) of the boundary
-   * between two ids may go the other way.
-   */
-  sampleTopK?(
-    ids: Buf,
-    index: number,
-    logits: Buf,
-    limit: number,
-    sampling: TopKSampling,
-    uniforms: Buf,
-    uniformIndex: number,
-    rows?: number,
-    stride?: number,
-  ): void;
-  /**
-   * Optional, with {@link sampleTopK}: `Sampler.sample`'s repetition penalty,
-   * in place on `rows` rows of logits (rows `stride` apart). For each
-   * distinct id among the last `window` (1 to
-   * {@link MAX_DEVICE_PENALTY_WINDOW}) ids of row r's history, its logit is
-   * divided by `penalty` when positive and multiplied by it otherwise. Row
-   * r's history is the host's ids, history[r · (window + 1)] of them after
-   * that count, then the ids chosen on the device, ids[deviceFirst + j ·
-   * rows + r] for j < deviceCount; all as floats.
-   */
-  penalize?(
-    logits: Buf,
-    rows: number,
-    stride: number,
-    penalty: number,
-    window: number,
-    history: Buf,
-    ids: Buf,
-    deviceFirst: number,
-    deviceCount: number,
-  ): void;
+  /** Rows copied by index: gathers and scatters (see {@link CopyRowsArgs}). */
+  copyRows(args: CopyRowsArgs<Buf>): void;
+  /** One id per row of logits, as `Sampler.sample` would choose it (see {@link ChooseArgs}). */
+  chooseTokens(args: ChooseArgs<Buf>): void;
   /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row. */
   rmsNorm(out: Buf, x: Buf, weight: Buf, rows: number, dim: number, eps: number): void;
   /**
@@ -371,8 +457,19 @@ export function convStepAfter<Buf>(
   channels: number,
   conv: ConvStep<Buf>,
 ): void {
-  const { out, weight, bias, state, kernel } = conv;
-  be.causalConv({ out, x: first, weight, bias, state, len: 1, channels, kernel, batch: rows });
+  const { out, weight, bias, state, slots, kernel } = conv;
+  be.causalConv({
+    out,
+    x: first,
+    weight,
+    bias,
+    state,
+    slots,
+    len: 1,
+    channels,
+    kernel,
+    batch: rows,
+  });
   projectAfterConv(be, rows, channels, conv);
 }
 
@@ -394,12 +491,33 @@ export function projectAfterConv<Buf>(
 export type ViewOf<Buf> = (buf: Buf, offset: number, length: number) => Buf;
 
 /**
+ * For a host backend: the state row of each sequence of a batch, `slots`
+ * read as integers (checked against the `rows` that `state` holds), or 0 …
+ * batch - 1 without slots.
+ */
+export function stateRows(
+  slots: Float32Array | undefined,
+  batch: number,
+  rows: number,
+): number[] {
+  return Array.from({ length: batch }, (_, b) => {
+    const row = slots ? slots[b] : b;
+    if (!(Number.isInteger(row) && row >= 0 && row < rows)) {
+      throw new RangeError(`State row ${row} of sequence ${b} is outside the ${rows} rows held`);
+    }
+    return row;
+  });
+}
+
+/**
  * A batched scan run one sequence at a time, for backends whose kernel takes
- * one: `scan` gets each sequence's views (batch 1).
+ * one: `scan` gets each sequence's views (batch 1), its state the row that
+ * `rows[b]` names.
  */
 export function scanEachSequence<Buf>(
   args: ScanArgs<Buf>,
   view: ViewOf<Buf>,
+  rows: readonly number[],
   scan: (one: ScanArgs<Buf>) => void,
 ): void {
   const { len, dim, dState, batch = 1 } = args;
@@ -413,7 +531,8 @@ export function scanEachSequence<Buf>(
       B: tokens(args.B, dState),
       C: tokens(args.C, dState),
       z: args.z && tokens(args.z, dim),
-      state: view(args.state, b * dim * dState, dim * dState),
+      state: view(args.state, rows[b] * dim * dState, dim * dState),
+      slots: undefined,
       batch: 1,
     });
   }
@@ -423,6 +542,7 @@ export function scanEachSequence<Buf>(
 export function convEachSequence<Buf>(
   args: ConvArgs<Buf>,
   view: ViewOf<Buf>,
+  rows: readonly number[],
   conv: (one: ConvArgs<Buf>) => void,
 ): void {
   const { len, channels, kernel, batch = 1 } = args;
@@ -432,7 +552,8 @@ export function convEachSequence<Buf>(
       ...args,
       out: view(args.out, b * len * channels, len * channels),
       x: view(args.x, b * len * channels, len * channels),
-      state: view(args.state, b * kept, kept),
+      state: view(args.state, rows[b] * kept, kept),
+      slots: undefined,
       batch: 1,
     });
   }

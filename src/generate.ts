@@ -1,12 +1,14 @@
 /**
- * Streaming text generation: prefill the prompt, then sample, step and decode
- * one token at a time, yielding each token with the text it completes.
+ * Streaming text generation: the prompt and the decoding go to the model's
+ * decode engine as one sequence (see `engine.ts`), whose ids come back a
+ * round at a time; each id is turned into the text it completes, checked
+ * against the stop strings, and yielded.
  *
  * @module
  */
 
-import type { StepBatcher } from "./batcher.ts";
-import { Sampler, samplesTopK, type SamplingOptions } from "./sampler.ts";
+import type { Verdict } from "./engine.ts";
+import { Sampler, type SamplingOptions } from "./sampler.ts";
 import type { Session } from "./session.ts";
 import { type MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
 
@@ -25,11 +27,6 @@ export interface GenerateOptions extends SamplingOptions {
   ignoreEos?: boolean;
   /** Continue this session instead of starting a new one (the prompt is appended). */
   session?: Session;
-  /**
-   * Run the decode steps through this batcher, together with those of the
-   * other generations that use it (a server's concurrent streams).
-   */
-  batcher?: StepBatcher;
 }
 
 /**
@@ -53,9 +50,9 @@ export interface GenerationStats {
   promptTokens: number;
   /** Ids generated so far. */
   generatedTokens: number;
-  /** Milliseconds spent on the prompt (prefill). */
+  /** Milliseconds until the first generated id was known: the prompt fed, the first id picked. */
   prefillMs: number;
-  /** Milliseconds spent generating after the prefill. */
+  /** Milliseconds from then until the end. */
   decodeMs: number;
   /** Why it ended, once it has. */
   finishReason?: FinishReason;
@@ -94,7 +91,10 @@ export class Generation implements AsyncIterable<GenerationEvent> {
   }
 }
 
-/** Generates from `prompt` (text, or ids) on `model`. */
+/**
+ * Generates from `prompt` (text, or ids) on `model`. Generations that run at
+ * the same time on one model decode together, a round of steps at a time.
+ */
 export function generate(
   model: Generator,
   prompt: string | readonly number[],
@@ -110,135 +110,85 @@ export function generate(
   const session = options.session ?? model.session();
   // Rows past the tokenizer's vocabulary (embedding padding) are never sampled.
   const limit = Math.min(model.tokenizer.vocabSize, model.vocabSize);
-  // Decoding stays on the device where the backend allows it: greedy, or
-  // top-k sampling (see samplesTopK), with a penalty that fits the device.
-  const { temperature, repetitionPenalty, repeatLastN } = sampler.options;
-  const greedyOnDevice = temperature === 0 && session.greedyOnDevice(sampler.options);
-  const sampledOnDevice = session.samplesOnDevice && samplesTopK(sampler.options, limit);
-  const onDevice = !options.batcher && stops.length === 0 && (greedyOnDevice || sampledOnDevice);
 
   async function* run(stats: GenerationStats): AsyncGenerator<GenerationEvent> {
     stats.promptTokens = promptIds.length;
+    if (promptIds.length === 0 && session.tokens.length === 0) {
+      throw new RangeError("Cannot generate from an empty prompt in a new session");
+    }
     const decoder = new StreamingDecoder(model.tokenizer, [...session.tokens, ...promptIds]);
     const started = performance.now();
-    let logits = promptIds.length > 0 ? await session.prefill(promptIds) : session.lastLogits;
-    if (!logits) throw new RangeError("Cannot generate from an empty prompt in a new session");
-    stats.prefillMs = performance.now() - started;
-    const decodeStart = performance.now();
+    let firstAt = 0;
+    const events: GenerationEvent[] = [];
+    let wake = () => {};
+    let reason: FinishReason = "length";
+    // Set when the consumer stops iterating: the engine then ends the sequence.
+    let abandoned = false;
     // Text decoded but not yet emitted because it may be the start of a stop string.
     let held = "";
-    const finish = (reason: FinishReason) => {
-      stats.finishReason = reason;
-      stats.decodeMs = performance.now() - decodeStart;
+    let generated = 0;
+    const emit = (event: GenerationEvent) => {
+      events.push(event);
+      wake();
     };
-    if (onDevice) {
-      // Decoding on the device: one call, read back in chunks that start
-      // small (the first tokens arrive soon) and grow to 32; the device runs
-      // on while each chunk is read.
-      const aborted = () => options.signal?.aborted ?? false;
-      // Set when the consumer stops iterating: the session then stops at the next chunk.
-      let abandoned = false;
-      const stopBefore = (id: number) =>
-        abandoned || aborted() || (id === model.eosTokenId && !options.ignoreEos);
-      const decode = { limit, stopBefore, chunks: growingChunks(maxNewTokens) };
-      const chunks = arrivals<number[], { stopped: boolean }>((onIds) =>
-        temperature === 0
-          ? session.greedy(maxNewTokens, { ...decode, onIds, repetitionPenalty, repeatLastN })
-          : session.sample(maxNewTokens, sampler, { ...decode, onIds })
-      );
-      let generated = 0;
-      let next = await chunks.next();
-      try {
-        for (; !next.done; next = await chunks.next()) {
-          for (const token of next.value) {
-            generated++;
-            stats.generatedTokens++;
-            const text = decoder.push(token) + (generated === maxNewTokens ? decoder.flush() : "");
-            yield { token, text };
-          }
-        }
-      } finally {
-        abandoned = true;
+    const judge = (id: number): Verdict => {
+      if (generated === 0) firstAt = performance.now();
+      if (abandoned || options.signal?.aborted) {
+        reason = "abort";
+        return "stop-before";
       }
-      if (aborted() && generated < maxNewTokens) return finish("abort");
-      if (next.value.stopped) {
-        const rest = decoder.flush();
-        if (rest) yield { token: model.eosTokenId!, text: rest };
-        return finish("eos");
+      if (id === model.eosTokenId && !options.ignoreEos) {
+        reason = "eos";
+        const rest = held + decoder.flush();
+        if (rest) emit({ token: id, text: rest });
+        return "stop-before";
       }
-      return finish("length");
-    }
-    const batcher = options.batcher;
-    const step = (token: number) => batcher ? batcher.step(session, token) : session.step(token);
-    const leave = batcher?.join();
+      generated++;
+      stats.generatedTokens++;
+      held += decoder.push(id);
+      const isLast = generated === maxNewTokens;
+      if (isLast) held += decoder.flush();
+      const stopAt = firstStop(held, stops);
+      if (stopAt >= 0) {
+        reason = "stop";
+        emit({ token: id, text: held.slice(0, stopAt) });
+        return "stop-after";
+      }
+      const keep = isLast ? 0 : heldBackLength(held, stops);
+      emit({ token: id, text: held.slice(0, held.length - keep) });
+      held = held.slice(held.length - keep);
+      return "continue";
+    };
+    let settled = false;
+    const done = session.decode({
+      prompt: promptIds,
+      sampler,
+      maxTokens: maxNewTokens,
+      limit,
+      judge,
+    })
+      .finally(() => {
+        settled = true;
+        wake();
+      });
+    done.catch(() => {}); // Rethrown below.
     try {
-      for (let i = 0; i < maxNewTokens; i++) {
-        if (options.signal?.aborted) return finish("abort");
-        const token = sampler.sample(logits, session.tokens, limit);
-        if (token === model.eosTokenId && !options.ignoreEos) {
-          const rest = held + decoder.flush();
-          if (rest) yield { token, text: rest };
-          return finish("eos");
-        }
-        stats.generatedTokens++;
-        // Stepping the last token too keeps the session ready to be continued.
-        logits = await step(token);
-        held += decoder.push(token);
-        const isLast = i === maxNewTokens - 1;
-        if (isLast) held += decoder.flush();
-        const stopAt = firstStop(held, stops);
-        if (stopAt >= 0) {
-          yield { token, text: held.slice(0, stopAt) };
-          return finish("stop");
-        }
-        const keep = isLast ? 0 : heldBackLength(held, stops);
-        const text = held.slice(0, held.length - keep);
-        held = held.slice(held.length - keep);
-        yield { token, text };
+      while (true) {
+        while (events.length > 0) yield events.shift()!;
+        if (settled) break;
+        await new Promise<void>((resolve) => wake = resolve);
       }
-      finish("length");
+      await done;
     } finally {
-      // Also when the consumer stops iterating: the batcher must not wait for it.
-      leave?.();
+      // Also when the consumer stops iterating: the sequence ends at its next round.
+      abandoned = true;
     }
+    const end = performance.now();
+    stats.prefillMs = (firstAt || end) - started;
+    stats.decodeMs = end - (firstAt || end);
+    stats.finishReason = reason;
   }
   return new Generation(session, run);
-}
-
-/** Read-back chunks of a device decode of `count` ids: 4, 8, 16, then 32 at a time. */
-function growingChunks(count: number): number[] {
-  const chunks: number[] = [];
-  for (let size = 4, left = count; left > 0; size = Math.min(2 * size, 32)) {
-    chunks.push(Math.min(size, left));
-    left -= chunks[chunks.length - 1];
-  }
-  return chunks;
-}
-
-/**
- * The items that `start` hands to its callback, as an async generator whose
- * return value is what `start`'s promise resolves to (or which throws what
- * it rejects with).
- */
-async function* arrivals<T, R>(
-  start: (push: (item: T) => void) => Promise<R>,
-): AsyncGenerator<T, R, undefined> {
-  const waiting: T[] = [];
-  let wake = () => {};
-  let settled = false;
-  const done = start((item) => {
-    waiting.push(item);
-    wake();
-  }).finally(() => {
-    settled = true;
-    wake();
-  });
-  done.catch(() => {}); // Rethrown below.
-  while (true) {
-    while (waiting.length > 0) yield waiting.shift()!;
-    if (settled) return await done;
-    await new Promise<void>((resolve) => wake = resolve);
-  }
 }
 
 function firstStop(text: string, stops: string[]): number {

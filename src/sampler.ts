@@ -46,8 +46,6 @@
  * @module
  */
 
-import { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./backend.ts";
-
 /** Sampling options; names and defaults follow llama.cpp. */
 export interface SamplingOptions {
   /** Softmax temperature; 0 is greedy (default 0.8). */
@@ -149,28 +147,6 @@ export function penalizes(options: Readonly<Required<SamplingOptions>>): boolean
   return options.repetitionPenalty !== 1 && options.repeatLastN !== 0;
 }
 
-/**
- * Whether the repetition penalty of these options can run on the device
- * (a backend's `penalize`): off, or looking back over 1 to
- * {@link MAX_DEVICE_PENALTY_WINDOW} ids.
- */
-export function penaltyFitsDevice(options: Readonly<Required<SamplingOptions>>): boolean {
-  const { repeatLastN } = options;
-  return !penalizes(options) || (repeatLastN >= 1 && repeatLastN <= MAX_DEVICE_PENALTY_WINDOW);
-}
-
-/**
- * Whether {@link Sampler.sample} with these options, over ids below `limit`,
- * is what a backend's `sampleTopK` (after `penalize`) does on the device: a
- * temperature above 0, top-k on (from 1 to {@link MAX_DEVICE_TOP_K}, and
- * below `limit`), and a penalty that {@link penaltyFitsDevice}.
- */
-export function samplesTopK(options: Readonly<Required<SamplingOptions>>, limit: number): boolean {
-  const { temperature, topK } = options;
-  return temperature > 0 && topK >= 1 && topK <= MAX_DEVICE_TOP_K && topK < limit &&
-    penaltyFitsDevice(options);
-}
-
 /** splitmix32's output function, used to expand a seed into xoshiro's state. */
 function mix32(x: number): number {
   x = Math.imul(x ^ (x >>> 16), 0x21f0aaad);
@@ -193,6 +169,245 @@ function seedState(seed: number): Uint32Array {
 }
 
 /**
+ * Scratch arrays of {@link pickToken}, grown on demand: one per caller that
+ * picks repeatedly (a {@link Sampler}, a backend), so that picking allocates
+ * nothing.
+ */
+export class PickScratch {
+  /** Candidate ids. */
+  ids: Int32Array = new Int32Array(0);
+  /** Candidate weights (probabilities before normalising). */
+  weights: Float64Array = new Float64Array(0);
+  /** The top-k heap's ids. */
+  heapIds: Int32Array = new Int32Array(0);
+  /** The top-k heap's logits. */
+  heapValues: Float64Array = new Float64Array(0);
+
+  /** Ensures the candidate buffers hold `n`; returns the id buffer. */
+  candidates(n: number): Int32Array {
+    if (this.ids.length < n) {
+      this.ids = new Int32Array(n);
+      this.weights = new Float64Array(n);
+    }
+    return this.ids;
+  }
+}
+
+/**
+ * The id that {@link Sampler.sample} picks from `logits` with `options`, or
+ * -1 where no logit can be picked (all -Infinity or NaN), calling `random`
+ * for its one random number in [0, 1) only where it draws (a temperature
+ * above 0 and some candidate). This is the whole sampling arithmetic, so
+ * that a backend can pick with numbers drawn ahead of time.
+ *
+ * @param logits One logit per id; never modified.
+ * @param history The ids so far, oldest first, for the repetition penalty.
+ * @param limit Only ids below it are candidates.
+ * @throws {RangeError} When a history id is outside the logits.
+ */
+export function pickToken(
+  logits: Float32Array,
+  history: ArrayLike<number>,
+  limit: number,
+  options: Readonly<Required<SamplingOptions>>,
+  random: () => number,
+  scratch: PickScratch = new PickScratch(),
+): number {
+  const { temperature, topK, topP, minP } = options;
+  const values = penalized(logits, history, options);
+  const n = Math.min(limit, values.length);
+
+  if (temperature === 0) return firstLargest(values, n);
+
+  // Candidates (ids, logits) after top-k; `sorted` when in descending order.
+  let count: number;
+  let sorted = false;
+  if (topK > 0 && topK < n) {
+    count = selectTopK(values, n, topK, scratch);
+    sorted = true;
+  } else {
+    const ids = scratch.candidates(n);
+    count = 0;
+    for (let i = 0; i < n; i++) if (values[i] > -Infinity) ids[count++] = i;
+  }
+  if (count === 0) return -1;
+  const ids = scratch.ids;
+  const weights = scratch.weights;
+
+  // Temperature and softmax, as weights relative to the top token (which gets 1).
+  let max = -Infinity;
+  for (let j = 0; j < count; j++) max = Math.max(max, values[ids[j]]);
+  let total = 0;
+  for (let j = 0; j < count; j++) {
+    const v = values[ids[j]];
+    const w = max === Infinity ? (v === Infinity ? 1 : 0) : Math.exp((v - max) / temperature);
+    weights[j] = w;
+    total += w;
+  }
+
+  // Top-p and min-p: the kept tokens are the first `count` of the candidates.
+  if (topP < 1) {
+    if (!sorted) {
+      count = mostLikely(count, minP, topP * total, scratch);
+    }
+    const target = topP * total;
+    let mass = 0;
+    for (let j = 0; j < count; j++) {
+      if (weights[j] < minP) {
+        count = j;
+        break;
+      }
+      mass += weights[j];
+      if (mass >= target) {
+        count = j + 1;
+        break;
+      }
+    }
+  } else if (minP > 0) {
+    let kept = 0;
+    for (let j = 0; j < count; j++) {
+      if (weights[j] >= minP) {
+        ids[kept] = ids[j];
+        weights[kept++] = weights[j];
+      }
+    }
+    count = kept;
+  }
+
+  // Renormalise and draw.
+  let sum = 0;
+  for (let j = 0; j < count; j++) sum += weights[j];
+  let r = random() * sum;
+  let last = ids[0];
+  for (let j = 0; j < count; j++) {
+    const w = weights[j];
+    if (w <= 0) continue;
+    if (r < w) return ids[j];
+    r -= w;
+    last = ids[j];
+  }
+  return last; // rounding left r just past the end
+}
+
+/** The logits with the repetition penalty applied: the caller's array, or a penalized copy. */
+function penalized(
+  logits: Float32Array,
+  history: ArrayLike<number>,
+  options: Readonly<Required<SamplingOptions>>,
+): Float32Array {
+  const { repetitionPenalty: penalty, repeatLastN } = options;
+  if (!penalizes(options) || history.length === 0) return logits;
+  const start = repeatLastN < 0 ? 0 : Math.max(0, history.length - repeatLastN);
+  const seen = new Set<number>();
+  let out: Float32Array | undefined;
+  for (let k = start; k < history.length; k++) {
+    const id = history[k];
+    if (seen.has(id)) continue;
+    seen.add(id);
+    if (!Number.isInteger(id) || id < 0 || id >= logits.length) {
+      throw new RangeError(
+        `History id ${id} is outside the logits, which cover ids 0 to ${logits.length - 1}`,
+      );
+    }
+    out ??= logits.slice();
+    const v = out[id];
+    out[id] = v > 0 ? v / penalty : v * penalty;
+  }
+  return out ?? logits;
+}
+
+/**
+ * Puts the k largest logits' ids into the candidate buffer, largest first
+ * (lower id first on ties); returns how many there are (fewer than k when
+ * fewer logits can be sampled). A bounded min-heap: O(n log k).
+ */
+function selectTopK(values: Float32Array, n: number, k: number, scratch: PickScratch): number {
+  if (scratch.heapIds.length < k) {
+    scratch.heapIds = new Int32Array(k);
+    scratch.heapValues = new Float64Array(k);
+  }
+  const { heapIds, heapValues } = scratch;
+  // The root is the worst kept candidate: the lowest value, the highest id on ties.
+  const worse = (a: number, b: number) =>
+    heapValues[a] < heapValues[b] || (heapValues[a] === heapValues[b] && heapIds[a] > heapIds[b]);
+  const swap = (a: number, b: number) => {
+    const id = heapIds[a];
+    heapIds[a] = heapIds[b];
+    heapIds[b] = id;
+    const v = heapValues[a];
+    heapValues[a] = heapValues[b];
+    heapValues[b] = v;
+  };
+  let size = 0;
+  for (let i = 0; i < n; i++) {
+    const v = values[i];
+    if (!(v > -Infinity)) continue; // -Infinity and NaN are never candidates
+    if (size < k) {
+      heapIds[size] = i;
+      heapValues[size] = v;
+      let c = size++;
+      while (c > 0) {
+        const parent = (c - 1) >> 1;
+        if (!worse(c, parent)) break;
+        swap(c, parent);
+        c = parent;
+      }
+    } else if (v > heapValues[0]) {
+      // Ids arrive in increasing order, so a tie with the root never displaces it.
+      heapIds[0] = i;
+      heapValues[0] = v;
+      let p = 0;
+      for (;;) {
+        const l = 2 * p + 1;
+        const r = l + 1;
+        let m = p;
+        if (l < size && worse(l, m)) m = l;
+        if (r < size && worse(r, m)) m = r;
+        if (m === p) break;
+        swap(p, m);
+        p = m;
+      }
+    }
+  }
+  const order = Array.from({ length: size }, (_, j) => j).sort((a, b) =>
+    heapValues[b] - heapValues[a] || heapIds[a] - heapIds[b]
+  );
+  const ids = scratch.candidates(Math.max(size, 1));
+  for (let j = 0; j < size; j++) ids[j] = heapIds[order[j]];
+  return size;
+}
+
+/**
+ * Reorders the first `count` candidates so that the most likely ones come
+ * first, sorted (weight descending, lower id first on ties), and returns how
+ * many are sorted: all tokens above a probability threshold whose mass
+ * already reaches `target`, or all tokens at or above `minP` (relative to
+ * the top one) if those do not reach it. Only those few are sorted.
+ */
+function mostLikely(count: number, minP: number, target: number, scratch: PickScratch): number {
+  const { ids, weights } = scratch;
+  let threshold = Math.max(minP, 1e-3);
+  for (;;) {
+    let mass = 0;
+    for (let j = 0; j < count; j++) {
+      if (weights[j] >= threshold && weights[j] > 0) mass += weights[j];
+    }
+    if (mass >= target || threshold <= minP || threshold === 0) break;
+    threshold = threshold > 1e-12 ? Math.max(minP, threshold * 1e-3) : minP;
+  }
+  const kept: number[] = [];
+  for (let j = 0; j < count; j++) {
+    if (weights[j] >= threshold && weights[j] > 0) kept.push(j);
+  }
+  kept.sort((a, b) => weights[b] - weights[a] || ids[a] - ids[b]);
+  const keptIds = kept.map((j) => ids[j]);
+  const keptWeights = kept.map((j) => weights[j]);
+  ids.set(keptIds);
+  weights.set(keptWeights);
+  return kept.length;
+}
+
+/**
  * Samples token ids from logits. One instance carries the random state of
  * one generation; {@link Sampler.state} and {@link Sampler.restore} save and
  * resume it.
@@ -202,11 +417,7 @@ export class Sampler {
   readonly options: Readonly<Required<SamplingOptions>>;
 
   readonly #s: Uint32Array;
-  // Scratch buffers, grown on demand and reused between calls.
-  #ids = new Int32Array(0);
-  #weights = new Float64Array(0);
-  #heapIds = new Int32Array(0);
-  #heapValues = new Float64Array(0);
+  readonly #scratch = new PickScratch();
 
   /**
    * Validates the options and seeds the random generator.
@@ -220,7 +431,8 @@ export class Sampler {
   }
 
   /**
-   * Picks the next id.
+   * Picks the next id (see {@link pickToken}), drawing one random number
+   * unless the temperature is 0.
    *
    * @param logits One logit per id; never modified.
    * @param history Every id so far (prompt and generated), for the repetition penalty.
@@ -230,87 +442,16 @@ export class Sampler {
    *   a history id is outside the logits.
    */
   sample(logits: Float32Array, history: readonly number[], limit = logits.length): number {
-    const { temperature, topK, topP, minP } = this.options;
-    const values = this.#penalize(logits, history);
-    const n = Math.min(limit, values.length);
-
-    if (temperature === 0) return argmax(values, n);
-
-    // Candidates (ids, logits) after top-k; `sorted` when in descending order.
-    let count: number;
-    let sorted = false;
-    if (topK > 0 && topK < n) {
-      count = this.#topK(values, n, topK);
-      sorted = true;
-    } else {
-      const ids = this.#scratch(n);
-      count = 0;
-      for (let i = 0; i < n; i++) if (values[i] > -Infinity) ids[count++] = i;
-    }
-    if (count === 0) throw noCandidate(n);
-    const ids = this.#ids;
-    const weights = this.#weights;
-
-    // Temperature and softmax, as weights relative to the top token (which gets 1).
-    let max = -Infinity;
-    for (let j = 0; j < count; j++) max = Math.max(max, values[ids[j]]);
-    let total = 0;
-    for (let j = 0; j < count; j++) {
-      const v = values[ids[j]];
-      const w = max === Infinity ? (v === Infinity ? 1 : 0) : Math.exp((v - max) / temperature);
-      weights[j] = w;
-      total += w;
-    }
-
-    // Top-p and min-p: the kept tokens are the first `count` of the candidates.
-    if (topP < 1) {
-      if (!sorted) {
-        count = this.#mostLikely(count, minP, topP * total);
-      }
-      const target = topP * total;
-      let mass = 0;
-      for (let j = 0; j < count; j++) {
-        if (weights[j] < minP) {
-          count = j;
-          break;
-        }
-        mass += weights[j];
-        if (mass >= target) {
-          count = j + 1;
-          break;
-        }
-      }
-    } else if (minP > 0) {
-      let kept = 0;
-      for (let j = 0; j < count; j++) {
-        if (weights[j] >= minP) {
-          ids[kept] = ids[j];
-          weights[kept++] = weights[j];
-        }
-      }
-      count = kept;
-    }
-
-    // Renormalise and draw.
-    let sum = 0;
-    for (let j = 0; j < count; j++) sum += weights[j];
-    let r = this.#random() * sum;
-    let last = ids[0];
-    for (let j = 0; j < count; j++) {
-      const w = weights[j];
-      if (w <= 0) continue;
-      if (r < w) return ids[j];
-      r -= w;
-      last = ids[j];
-    }
-    return last; // rounding left r just past the end
+    const id = pickToken(logits, history, limit, this.options, () => this.#random(), this.#scratch);
+    if (id < 0) throw noCandidate(Math.min(limit, logits.length));
+    return id;
   }
 
   /**
    * The random numbers in [0, 1) that the next `count` calls of
    * {@link Sampler.sample} at a temperature above 0 would draw, one each;
-   * the state advances as those calls would advance it. A device that samples
-   * ahead of the host (webgpu) takes them.
+   * the state advances as those calls would advance it. A backend that
+   * samples ahead of the host takes them.
    */
   randoms(count: number): Float64Array {
     return Float64Array.from({ length: count }, () => this.#random());
@@ -361,131 +502,6 @@ export class Sampler {
     s[3] = rotl(s[3], 11);
     return result;
   }
-
-  /** The logits with the repetition penalty applied: the caller's array, or a penalized copy. */
-  #penalize(logits: Float32Array, history: readonly number[]): Float32Array {
-    const { repetitionPenalty: penalty, repeatLastN } = this.options;
-    if (!penalizes(this.options) || history.length === 0) return logits;
-    const start = repeatLastN < 0 ? 0 : Math.max(0, history.length - repeatLastN);
-    const seen = new Set<number>();
-    let out: Float32Array | undefined;
-    for (let k = start; k < history.length; k++) {
-      const id = history[k];
-      if (seen.has(id)) continue;
-      seen.add(id);
-      if (!Number.isInteger(id) || id < 0 || id >= logits.length) {
-        throw new RangeError(
-          `History id ${id} is outside the logits, which cover ids 0 to ${logits.length - 1}`,
-        );
-      }
-      out ??= logits.slice();
-      const v = out[id];
-      out[id] = v > 0 ? v / penalty : v * penalty;
-    }
-    return out ?? logits;
-  }
-
-  /** Ensures the candidate buffers hold `n`; returns the id buffer. */
-  #scratch(n: number): Int32Array {
-    if (this.#ids.length < n) {
-      this.#ids = new Int32Array(n);
-      this.#weights = new Float64Array(n);
-    }
-    return this.#ids;
-  }
-
-  /**
-   * Puts the k largest logits' ids into the candidate buffer, largest first
-   * (lower id first on ties); returns how many there are (fewer than k when
-   * fewer logits can be sampled). A bounded min-heap: O(n log k).
-   */
-  #topK(values: Float32Array, n: number, k: number): number {
-    if (this.#heapIds.length < k) {
-      this.#heapIds = new Int32Array(k);
-      this.#heapValues = new Float64Array(k);
-    }
-    const heapIds = this.#heapIds;
-    const heapValues = this.#heapValues;
-    // The root is the worst kept candidate: the lowest value, the highest id on ties.
-    const worse = (a: number, b: number) =>
-      heapValues[a] < heapValues[b] || (heapValues[a] === heapValues[b] && heapIds[a] > heapIds[b]);
-    const swap = (a: number, b: number) => {
-      const id = heapIds[a];
-      heapIds[a] = heapIds[b];
-      heapIds[b] = id;
-      const v = heapValues[a];
-      heapValues[a] = heapValues[b];
-      heapValues[b] = v;
-    };
-    let size = 0;
-    for (let i = 0; i < n; i++) {
-      const v = values[i];
-      if (!(v > -Infinity)) continue; // -Infinity and NaN are never candidates
-      if (size < k) {
-        heapIds[size] = i;
-        heapValues[size] = v;
-        let c = size++;
-        while (c > 0) {
-          const parent = (c - 1) >> 1;
-          if (!worse(c, parent)) break;
-          swap(c, parent);
-          c = parent;
-        }
-      } else if (v > heapValues[0]) {
-        // Ids arrive in increasing order, so a tie with the root never displaces it.
-        heapIds[0] = i;
-        heapValues[0] = v;
-        let p = 0;
-        for (;;) {
-          const l = 2 * p + 1;
-          const r = l + 1;
-          let m = p;
-          if (l < size && worse(l, m)) m = l;
-          if (r < size && worse(r, m)) m = r;
-          if (m === p) break;
-          swap(p, m);
-          p = m;
-        }
-      }
-    }
-    const order = Array.from({ length: size }, (_, j) => j).sort((a, b) =>
-      heapValues[b] - heapValues[a] || heapIds[a] - heapIds[b]
-    );
-    const ids = this.#scratch(Math.max(size, 1));
-    for (let j = 0; j < size; j++) ids[j] = heapIds[order[j]];
-    return size;
-  }
-
-  /**
-   * Reorders the first `count` candidates so that the most likely ones come
-   * first, sorted (weight descending, lower id first on ties), and returns how
-   * many are sorted: all tokens above a probability threshold whose mass
-   * already reaches `target`, or all tokens at or above `minP` (relative to
-   * the top one) if those do not reach it. Only those few are sorted.
-   */
-  #mostLikely(count: number, minP: number, target: number): number {
-    const ids = this.#ids;
-    const weights = this.#weights;
-    let threshold = Math.max(minP, 1e-3);
-    for (;;) {
-      let mass = 0;
-      for (let j = 0; j < count; j++) {
-        if (weights[j] >= threshold && weights[j] > 0) mass += weights[j];
-      }
-      if (mass >= target || threshold <= minP || threshold === 0) break;
-      threshold = threshold > 1e-12 ? Math.max(minP, threshold * 1e-3) : minP;
-    }
-    const kept: number[] = [];
-    for (let j = 0; j < count; j++) {
-      if (weights[j] >= threshold && weights[j] > 0) kept.push(j);
-    }
-    kept.sort((a, b) => weights[b] - weights[a] || ids[a] - ids[b]);
-    const keptIds = kept.map((j) => ids[j]);
-    const keptWeights = kept.map((j) => weights[j]);
-    ids.set(keptIds);
-    weights.set(keptWeights);
-    return kept.length;
-  }
 }
 
 function rotl(x: number, k: number): number {
@@ -499,6 +515,13 @@ function rotl(x: number, k: number): number {
  * @throws {RangeError} When every value is -Infinity or NaN.
  */
 export function argmax(values: Float32Array, limit = values.length): number {
+  const best = firstLargest(values, limit);
+  if (best < 0) throw noCandidate(limit);
+  return best;
+}
+
+/** The lowest id holding the largest of `values[0, limit)`, or -1 where all are -Infinity or NaN. */
+function firstLargest(values: Float32Array, limit: number): number {
   let best = -1;
   let bestValue = -Infinity;
   for (let i = 0; i < limit; i++) {
@@ -507,7 +530,6 @@ export function argmax(values: Float32Array, limit = values.length): number {
       bestValue = values[i];
     }
   }
-  if (best < 0) throw noCandidate(limit);
   return best;
 }
 

@@ -12,15 +12,10 @@
  * @module
  */
 
-import type { DecodedChunk, DevicePenalty, MambaModel, MambaState } from "./model.ts";
-import { MAX_DEVICE_PENALTY_WINDOW, MAX_DEVICE_TOP_K } from "./backend.ts";
-import {
-  penalizes,
-  penaltyFitsDevice,
-  Sampler,
-  samplesTopK,
-  type SamplingOptions,
-} from "./sampler.ts";
+import { engineFor, type Verdict } from "./engine.ts";
+import type { MambaModel } from "./model.ts";
+import type { StatePool } from "./pool.ts";
+import { Sampler } from "./sampler.ts";
 
 const MAGIC = "MAMBASS1";
 const HEADER_BYTES = 8 + 7 * 4;
@@ -40,33 +35,28 @@ export interface DecodeOptions {
   limit?: number;
   /** Stops before the first id for which this is true; that id is not fed. */
   stopBefore?: (id: number) => boolean;
-  /**
-   * Where decoding runs on the device: how many ids each read-back brings,
-   * in order, summing to the count (default: one read-back for all). Each
-   * chunk is read while the device already runs the next, and handed to
-   * `onIds` as it arrives, so a long call streams without the device waiting.
-   */
-  chunks?: readonly number[];
-  /** Called with the ids fed, in order, as they arrive: a chunk at a time on the device. */
+  /** Called with the ids fed, in order, as they arrive (a decode round's at a time). */
   onIds?: (ids: number[]) => void;
 }
 
-/**
- * `chunks` checked against `count`: positive integers that sum to it, or
- * [count]. Throws a RangeError for a bad count or bad chunks.
- */
-function readBackChunks(count: number, chunks?: readonly number[]): readonly number[] {
-  if (!Number.isInteger(count) || count < 0) {
-    throw new RangeError(`count must be a non-negative integer, got ${count}`);
-  }
-  if (!chunks) return count > 0 ? [count] : [];
-  const sum = chunks.reduce((total, size) => total + size, 0);
-  if (chunks.some((size) => !Number.isInteger(size) || size < 1) || sum !== count) {
-    throw new RangeError(
-      `chunks must be positive integers that sum to count (${count}), got [${chunks.join(", ")}]`,
-    );
-  }
-  return chunks;
+/** Options of {@link Session.decode}: the general form of {@link Session.greedy} and {@link Session.sample}. */
+export interface SessionDecodeOptions {
+  /** Ids to feed first (a prompt); without them the session must have been fed before. */
+  prompt?: readonly number[] | Int32Array;
+  /** Picks the ids, with its options and random numbers (a temperature of 0 is greedy). */
+  sampler: Sampler;
+  /** Ids to pick at most. */
+  maxTokens: number;
+  /** Only ids below this are chosen (default: the whole vocabulary). */
+  limit?: number;
+  /**
+   * Judges each picked id, in order: "continue", "stop-before" (it is not
+   * fed, and decoding ends) or "stop-after" (it is fed, and decoding ends).
+   * Default: always "continue".
+   */
+  judge?: (id: number) => Verdict;
+  /** Called with the ids kept, in order, as they arrive (a decode round's at a time). */
+  onIds?: (ids: number[]) => void;
 }
 
 /** Decoded snapshot contents, validated against a model's sizes. */
@@ -77,16 +67,30 @@ interface SnapshotData {
   ssm: Float32Array[];
 }
 
-/** One sequence's recurrent state on a model. */
+/** Gives the slot of a session that was dropped without `dispose` back to its pool. */
+const slotsLeft = new FinalizationRegistry<{ pool: StatePool<unknown>; slot: number }>(
+  ({ pool, slot }) => pool.release(slot),
+);
+
+/**
+ * One sequence's recurrent state on a model: a slot of the model's state
+ * pool, with the ids consumed so far. Every call that feeds or decodes goes
+ * through the model's decode engine, so concurrent sessions step together.
+ * A session's calls run one after the other, in the order they were made.
+ */
 export class Session<Buf = unknown> {
   readonly #model: MambaModel<Buf>;
-  readonly #state: MambaState<Buf>;
+  readonly #slot: number;
   #tokens: number[] = [];
+  /** Whether the slot's logits row holds the logits after the last id. */
+  #hasLogits = false;
+  /** A host copy of those logits, where read. */
   #lastLogits: Float32Array | null = null;
   /** Restoring from a snapshot that was still being taken; settled before any use. */
   #pending: Promise<void> | null = null;
-  /** Serializes calls so overlapping prefill/step calls cannot interleave. */
+  /** Serializes calls so overlapping calls cannot interleave. */
   #queue: Promise<unknown> = Promise.resolve();
+  #disposed = false;
 
   /**
    * A fresh session, or one resumed from `snapshot` (a promise is accepted, so
@@ -94,12 +98,14 @@ export class Session<Buf = unknown> {
    */
   constructor(model: MambaModel<Buf>, snapshot?: Uint8Array | Promise<Uint8Array>) {
     this.#model = model;
-    this.#state = model.newState();
+    const pool = model.pool;
+    this.#slot = pool.acquire();
+    slotsLeft.register(this, { pool: pool as StatePool<unknown>, slot: this.#slot }, this);
     if (snapshot instanceof Uint8Array) {
       try {
         this.#restore(snapshot);
       } catch (error) {
-        model.releaseState(this.#state);
+        this.dispose();
         throw error;
       }
     } else if (snapshot) {
@@ -117,9 +123,23 @@ export class Session<Buf = unknown> {
     return this.#tokens;
   }
 
-  /** Logits after the last consumed id [vocab], or null before any. */
+  /** The session's slot in the model's state pool. */
+  get slot(): number {
+    return this.#slot;
+  }
+
+  /**
+   * Logits after the last consumed id [vocab], as {@link prefill} and
+   * {@link step} return them; null before any id, and after a decoding call,
+   * which leaves them on the backend (read them with {@link logits}).
+   */
   get lastLogits(): Float32Array | null {
     return this.#lastLogits;
+  }
+
+  /** Logits after the last consumed id [vocab], read from the backend if need be; null before any id. */
+  logits(): Promise<Float32Array | null> {
+    return this.#enqueue(() => this.#readLogits());
   }
 
   /** Feeds a sequence of ids; returns the logits after the last one [vocab]. */
@@ -127,14 +147,15 @@ export class Session<Buf = unknown> {
   async prefill(ids: readonly number[] | Int32Array): Promise<Float32Array> {
     const array = this.#model.tokenIds(ids);
     if (array.length === 0) throw new RangeError("Cannot prefill an empty sequence of ids");
-    return this.#enqueue(() => this.#run(array));
+    return this.#enqueue(async () => {
+      await this.#feed(array);
+      return (await this.#readLogits())!;
+    });
   }
 
   /** Feeds one id; returns the logits after it [vocab]. */
-  // deno-lint-ignore require-await -- async so that an invalid id rejects instead of throwing.
-  async step(id: number): Promise<Float32Array> {
-    const array = this.#model.tokenIds([id]);
-    return this.#enqueue(() => this.#run(array));
+  step(id: number): Promise<Float32Array> {
+    return this.prefill([id]);
   }
 
   /**
@@ -150,242 +171,102 @@ export class Session<Buf = unknown> {
     if (sessions.length !== ids.length) {
       return Promise.reject(new RangeError(`${sessions.length} sessions but ${ids.length} ids`));
     }
-    if (sessions.length === 0) return Promise.resolve([]);
-    const model = sessions[0].#model;
-    if (sessions.some((session) => session.#model !== model)) {
+    if (sessions.some((session) => session.#model !== sessions[0].#model)) {
       return Promise.reject(new RangeError("Sessions stepped together must share one model"));
     }
     if (new Set(sessions).size !== sessions.length) {
       return Promise.reject(new RangeError("A session can take only one step at a time"));
     }
-    let array: Int32Array;
-    try {
-      array = model.tokenIds(ids);
-    } catch (error) {
-      return Promise.reject(error);
-    }
-    const ready = Promise.all(sessions.map((session) => session.#idle()));
-    const result = ready.then(async () => {
-      const logits = await model.stepBatch(sessions.map((session) => session.#state), array);
-      const vocab = model.config.vocabSize;
-      return sessions.map((session, i) => {
-        const row = logits.slice(i * vocab, (i + 1) * vocab);
-        session.#tokens.push(ids[i]);
-        session.#lastLogits = row;
-        return row;
-      });
-    });
-    for (const session of sessions) session.#queue = result.catch(() => {});
-    return result;
-  }
-
-  /** Settles once this session's earlier calls (and a pending restore) have. */
-  async #idle(): Promise<void> {
-    await this.#queue;
-    if (this.#pending) await this.#pending;
-  }
-
-  /** Whether {@link greedy} runs on the device, with one read-back per chunk. */
-  get decodesOnDevice(): boolean {
-    return this.#model.decodesOnDevice;
+    // Each step goes to the engine in this turn, so they share one batch.
+    return Promise.all(sessions.map((session, i) => session.step(ids[i])));
   }
 
   /**
    * Feeds up to `count` greedy ids, each the argmax (lowest id on ties) over
    * ids below `limit` of the logits so far, with `Sampler.sample`'s
-   * repetition penalty when given, and returns them. It stops before
-   * an id for which `stopBefore` is true: that id is not fed, and `stopped`
-   * says so. Where the backend decodes on the device (webgpu) a call costs
-   * one read-back per chunk (see {@link DecodeOptions}) instead of one per
-   * token. Needs logits: prefill first.
+   * repetition penalty when given, and returns them. It stops before an id
+   * for which `stopBefore` is true: that id is not fed, and `stopped` says
+   * so. The ids are chosen on the backend, read back once per decode round.
+   * Needs logits: prefill first.
    */
   greedy(
     count: number,
     options: DecodeOptions & { repetitionPenalty?: number; repeatLastN?: number } = {},
   ): Promise<{ ids: number[]; stopped: boolean }> {
-    const limit = this.#limit(options);
-    let chunks: readonly number[];
     let sampler: Sampler;
     try {
-      chunks = readBackChunks(count, options.chunks);
-      // At temperature 0 the sampler is a penalized argmax and draws nothing.
       const { repetitionPenalty, repeatLastN } = options;
       sampler = new Sampler({ temperature: 0, repetitionPenalty, repeatLastN, seed: 0 });
     } catch (error) {
       return Promise.reject(error);
     }
-    const onDevice = this.greedyOnDevice(sampler.options);
-    return this.#enqueue(async () => {
-      const stopBefore = options.stopBefore ?? (() => false);
-      const ids: number[] = [];
-      const next = () => {
-        if (!this.#lastLogits) {
-          throw new RangeError("Greedy decoding needs logits: prefill the session first");
-        }
-        return sampler.sample(this.#lastLogits, this.#tokens, limit);
-      };
-      if (count === 0) return { ids, stopped: false };
-      if (!onDevice) {
-        for (let i = 0; i < count; i++) {
-          const id = next();
-          if (stopBefore(id)) return { ids, stopped: true };
-          await this.#run(Int32Array.of(id));
-          ids.push(id);
-          options.onIds?.([id]);
-        }
-        return { ids, stopped: false };
-      }
-      const first = next();
-      if (stopBefore(first)) return { ids, stopped: true };
-      const penalty = this.#devicePenalty(sampler.options);
-      return await this.#feedFromDevice(
-        stopBefore,
-        () => this.#model.streamGreedyBatch([this.#state], [first], chunks, limit, penalty),
-        options.onIds,
-      );
-    });
-  }
-
-  /** The ids below which a decode call chooses: its `limit`, within the vocabulary. */
-  #limit(options: DecodeOptions): number {
-    return Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
+    return this.sample(count, sampler, options);
   }
 
   /**
-   * Whether {@link greedy} with a repetition penalty from these options
-   * decodes on the device: the backend decodes there, and applies the
-   * penalty there too where there is one.
-   */
-  greedyOnDevice(options: Readonly<Required<SamplingOptions>>): boolean {
-    return this.#model.decodesOnDevice && penaltyFitsDevice(options) &&
-      (!penalizes(options) || this.#model.samplesOnDevice);
-  }
-
-  /** The repetition penalty of these options for the device, over this session's ids; none when off. */
-  #devicePenalty(options: Readonly<Required<SamplingOptions>>): DevicePenalty | undefined {
-    if (!penalizes(options)) return undefined;
-    const { repetitionPenalty, repeatLastN } = options;
-    return { penalty: repetitionPenalty, window: repeatLastN, histories: [this.#tokens] };
-  }
-
-  /**
-   * Feeds the ids that `decode` chooses on the device, chunk by chunk (the
-   * first id already checked against `stopBefore`), up to the first later one
-   * for which `stopBefore` is true, handing each chunk's ids to `onIds`. The
-   * device runs past such an id, so then the state is rewound and only the
-   * ids before it are fed. Returns those ids; on an error the state is as
-   * before the call.
-   */
-  async #feedFromDevice(
-    stopBefore: (id: number) => boolean,
-    decode: () => AsyncGenerator<DecodedChunk, void, undefined>,
-    onIds?: (ids: number[]) => void,
-  ): Promise<{ ids: number[]; stopped: boolean }> {
-    const backup = this.#copyState();
-    try {
-      const kept: number[] = [];
-      let logits: Float32Array | null = null;
-      let stopped = false;
-      for await (const chunk of decode()) {
-        const ids = chunk.ids[0];
-        const stop = ids.findIndex((id, i) => (kept.length > 0 || i > 0) && stopBefore(id));
-        const part = Array.from(stop >= 0 ? ids.subarray(0, stop) : ids);
-        kept.push(...part);
-        if (part.length > 0) onIds?.(part);
-        if (stop >= 0) {
-          stopped = true;
-          break;
-        }
-        logits = chunk.logits?.[0] ?? null;
-      }
-      if (stopped) {
-        this.#restoreState(backup);
-        this.#lastLogits = await this.#model.run(this.#state, Int32Array.from(kept), "last");
-      } else {
-        this.#lastLogits = logits;
-      }
-      this.#tokens.push(...kept);
-      return { ids: kept, stopped };
-    } catch (error) {
-      this.#restoreState(backup);
-      throw error;
-    } finally {
-      this.#model.releaseState(backup);
-    }
-  }
-
-  /** Whether {@link sample} runs on the device, with one read-back per chunk. */
-  get samplesOnDevice(): boolean {
-    return this.#model.samplesOnDevice;
-  }
-
-  /**
-   * Feeds up to `count` ids drawn by `sampler` (which must have top-k on, from
-   * 1 to 64, and a repetition penalty off or over at most 1024 ids), like
-   * {@link greedy}: it stops before
-   * an id for which `stopBefore` is true. The first id is drawn on the host
-   * from the session's logits, the others on the device, with the random
-   * numbers the sampler would have drawn; the sampler ends as if it had drawn
-   * each id itself. Needs a backend that {@link samplesOnDevice}, and logits.
+   * Feeds up to `count` ids drawn by `sampler`, like {@link greedy}: it
+   * stops before an id for which `stopBefore` is true. The ids are drawn on
+   * the backend with the random numbers the sampler would have drawn, and
+   * the sampler ends as if it had drawn each id itself. Needs logits.
    */
   sample(
     count: number,
     sampler: Sampler,
     options: DecodeOptions = {},
   ): Promise<{ ids: number[]; stopped: boolean }> {
-    const limit = this.#limit(options);
-    let chunks: readonly number[];
+    const { stopBefore, limit, onIds } = options;
+    return this.decode({
+      sampler,
+      maxTokens: count,
+      limit,
+      onIds,
+      judge: stopBefore && ((id) => stopBefore(id) ? "stop-before" : "continue"),
+    });
+  }
+
+  /**
+   * Feeds `prompt` (if any), then up to `maxTokens` ids picked by `sampler`,
+   * each judged by `judge`; returns the ids kept and whether `judge` ended
+   * the call. Every kept id is fed, so the session continues after the last
+   * one. Runs on the model's decode engine with every other decoding
+   * sequence of the model.
+   */
+  decode(options: SessionDecodeOptions): Promise<{ ids: number[]; stopped: boolean }> {
+    const { sampler, maxTokens, judge, onIds } = options;
+    let prompt: Int32Array;
     try {
-      chunks = readBackChunks(count, options.chunks);
+      if (!Number.isInteger(maxTokens) || maxTokens < 0) {
+        throw new RangeError(`count must be a non-negative integer, got ${maxTokens}`);
+      }
+      prompt = this.#model.tokenIds(options.prompt ?? []);
     } catch (error) {
       return Promise.reject(error);
     }
-    const { temperature, topK, topP, minP } = sampler.options;
-    if (!samplesTopK(sampler.options, limit)) {
-      return Promise.reject(
-        new RangeError(
-          `Sampling on the device needs a temperature above 0, topK from 1 to ${MAX_DEVICE_TOP_K} and below the ${limit} candidates, and a repetition penalty off or over at most ${MAX_DEVICE_PENALTY_WINDOW} ids`,
-        ),
-      );
-    }
+    const limit = Math.min(options.limit ?? Infinity, this.#model.config.vocabSize);
     return this.#enqueue(async () => {
-      const stopBefore = options.stopBefore ?? (() => false);
-      const ids: number[] = [];
-      if (count === 0) return { ids, stopped: false };
-      if (!this.#lastLogits) {
-        throw new RangeError("Sampling needs logits: prefill the session first");
+      if (maxTokens === 0) {
+        await this.#feed(prompt);
+        return { ids: [], stopped: false };
       }
-      const first = sampler.sample(this.#lastLogits, this.#tokens, limit);
-      if (stopBefore(first)) return { ids, stopped: true };
-      const drawn = sampler.state();
-      // As f32, kept below 1: a number within 2^-25 of 1 would round up to it.
-      const uniforms = Float32Array.from(
-        sampler.randoms(count - 1),
-        (u) => Math.min(u, 1 - 2 ** -24),
-      );
-      const sampling = { topK, temperature, topP, minP };
-      const penalty = this.#devicePenalty(sampler.options);
-      const run = await this.#feedFromDevice(
-        stopBefore,
-        () =>
-          this.#model.streamSampledBatch(
-            [this.#state],
-            [first],
-            chunks,
-            limit,
-            sampling,
-            uniforms,
-            penalty,
-          ),
-        options.onIds,
-      );
-      if (run.stopped) {
-        // The sampler drew one number per id up to the stopping one, as the
-        // host would have; the device drew more.
-        sampler.restore(drawn);
-        sampler.randoms(run.ids.length);
+      if (prompt.length === 0 && !this.#hasLogits) {
+        throw new RangeError("Decoding needs logits: prefill the session first");
       }
-      return run;
+      const history = this.#tokens;
+      const result = await engineFor(this.#model).decode({
+        slot: this.#slot,
+        history,
+        prompt,
+        options: sampler.options,
+        sampler,
+        limit,
+        maxTokens,
+        judge: judge ?? (() => "continue"),
+        onIds: onIds ?? (() => {}),
+      });
+      this.#tokens = [...history, ...prompt, ...result.ids];
+      this.#hasLogits = true;
+      this.#lastLogits = null;
+      return result;
     });
   }
 
@@ -393,8 +274,8 @@ export class Session<Buf = unknown> {
   snapshot(): Promise<Uint8Array> {
     return this.#enqueue(async () => {
       const { nLayer, dConv, dInner, dState, vocabSize } = this.#model.config;
-      const be = this.#model.backend;
-      const logitsBytes = this.#lastLogits ? vocabSize * 4 : 0;
+      const contents = await this.#model.pool.read(this.#slot);
+      const logitsBytes = this.#hasLogits ? vocabSize * 4 : 0;
       const stateBytes = nLayer * ((dConv - 1) * dInner + dInner * dState) * 4;
       const bytes = new Uint8Array(
         HEADER_BYTES + this.#tokens.length * 4 + logitsBytes + stateBytes,
@@ -408,7 +289,7 @@ export class Session<Buf = unknown> {
         dState,
         vocabSize,
         this.#tokens.length,
-        this.#lastLogits ? 1 : 0,
+        this.#hasLogits ? 1 : 0,
       ];
       fields.forEach((v, i) => view.setUint32(8 + 4 * i, v, true));
       let offset = HEADER_BYTES;
@@ -422,40 +303,51 @@ export class Session<Buf = unknown> {
         bytes.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), offset);
         offset += values.byteLength;
       };
-      if (this.#lastLogits) putFloats(this.#lastLogits);
+      if (this.#hasLogits) putFloats(contents.logits);
       for (let l = 0; l < nLayer; l++) {
-        putFloats(await be.read(this.#state.conv[l]));
-        putFloats(await be.read(this.#state.ssm[l]));
+        putFloats(contents.conv[l]);
+        putFloats(contents.ssm[l]);
       }
       return bytes;
     });
   }
 
-  /** Gives the state's buffers back; the session must not be used afterwards. */
+  /** Gives the session's slot back to the pool; the session must not be used afterwards. */
   dispose(): void {
-    this.#model.releaseState(this.#state);
+    if (this.#disposed) return;
+    this.#disposed = true;
+    slotsLeft.unregister(this);
+    // After the calls already made: the engine may still be using the slot.
+    const pool = this.#model.pool;
+    const slot = this.#slot;
+    this.#queue.then(() => this.#pending?.catch(() => {})).finally(() => pool.release(slot));
   }
 
-  /** A copy of the recurrent state, on the backend. */
-  #copyState(): MambaState<Buf> {
-    const copy = this.#model.newState();
-    this.#transfer(this.#state, copy);
-    return copy;
+  /** Feeds ids through the engine; the logits stay on the backend. */
+  async #feed(ids: Int32Array): Promise<void> {
+    if (ids.length === 0) return;
+    await engineFor(this.#model).feed(this.#slot, ids);
+    for (const id of ids) this.#tokens.push(id);
+    this.#hasLogits = true;
+    this.#lastLogits = null;
   }
 
-  #restoreState(copy: MambaState<Buf>): void {
-    this.#transfer(copy, this.#state);
-  }
-
-  #transfer(from: MambaState<Buf>, to: MambaState<Buf>): void {
-    const { dConv, dInner, dState } = this.#model.config;
-    const be = this.#model.backend;
-    from.conv.forEach((buf, l) => be.copy(to.conv[l], 0, buf, 0, (dConv - 1) * dInner));
-    from.ssm.forEach((buf, l) => be.copy(to.ssm[l], 0, buf, 0, dInner * dState));
+  async #readLogits(): Promise<Float32Array | null> {
+    if (!this.#hasLogits) return null;
+    if (this.#lastLogits === null) {
+      const vocab = this.#model.config.vocabSize;
+      this.#lastLogits = await this.#model.backend.read(
+        this.#model.pool.logits,
+        this.#slot * vocab,
+        vocab,
+      );
+    }
+    return this.#lastLogits;
   }
 
   #enqueue<T>(task: () => Promise<T>): Promise<T> {
     const result = this.#queue.then(async () => {
+      if (this.#disposed) throw new Error("The session was disposed");
       if (this.#pending) await this.#pending;
       return task();
     });
@@ -463,19 +355,16 @@ export class Session<Buf = unknown> {
     return result;
   }
 
-  async #run(ids: Int32Array): Promise<Float32Array> {
-    const logits = await this.#model.run(this.#state, ids, "last");
-    for (const id of ids) this.#tokens.push(id);
-    this.#lastLogits = logits;
-    return logits;
-  }
-
   #restore(bytes: Uint8Array): void {
     const data = decodeSnapshot(bytes, this.#model);
-    const be = this.#model.backend;
-    data.conv.forEach((values, l) => be.write(this.#state.conv[l], values));
-    data.ssm.forEach((values, l) => be.write(this.#state.ssm[l], values));
+    const vocab = this.#model.config.vocabSize;
+    this.#model.pool.write(this.#slot, {
+      conv: data.conv,
+      ssm: data.ssm,
+      logits: data.logits ?? new Float32Array(vocab),
+    });
     this.#tokens = data.tokens;
+    this.#hasLogits = data.logits !== null;
     this.#lastLogits = data.logits;
   }
 }

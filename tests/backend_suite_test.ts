@@ -4,13 +4,13 @@
  * greedy ids, mamba_ssm's scan, the tiny-shakespeare continuations).
  */
 
-import { assert, assertEquals, assertRejects } from "@std/assert";
+import { assert, assertEquals } from "@std/assert";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
 import type { ScanPrecision } from "../src/backends/webgpu.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
-import { argmax } from "../src/sampler.ts";
+import { argmax, Sampler } from "../src/sampler.ts";
 import { selectiveScan } from "../src/scan.ts";
 import { Session } from "../src/session.ts";
 import { maxAbsDiff, maxRelDiff, readSamples, SHARED } from "./helpers.ts";
@@ -77,8 +77,9 @@ for (const { label, name: backendName, options, scans } of BACKENDS) {
         const wanted = logits.subarray(b * promptLen * vocab, (b + 1) * promptLen * vocab);
 
         await t.step(`row ${b}: forward logits within 1e-4`, async () => {
-          const state = model.newState();
-          const got = await model.run(state, prompt, "all");
+          const slot = model.pool.acquire();
+          const got = await model.forward(slot, prompt);
+          model.pool.release(slot);
           const diff = maxAbsDiff(got, wanted);
           assert(diff <= 1e-4, `max abs diff ${diff}`);
         });
@@ -124,34 +125,24 @@ for (const { label, name: backendName, options, scans } of BACKENDS) {
             assertEquals(cut, { ids: wanted.slice(0, 4), stopped: true });
             assertEquals((await stopping.greedy(wanted.length - 4)).ids, wanted.slice(4));
 
-            // Read back in chunks (on a device), handed over as they come; a stop
-            // in the third chunk rewinds past the chunks the device ran ahead.
-            const chunks = [1, 2, wanted.length - 3];
-            const chunked = new Session(model);
-            await chunked.prefill(prompt);
+            // Ids arrive as decode rounds are read, in order; a stop inside a
+            // later round rewinds past the steps the backend ran ahead.
+            const streamed = new Session(model);
+            await streamed.prefill(prompt);
             const arrived: number[][] = [];
-            const all = await chunked.greedy(wanted.length, {
-              chunks,
-              onIds: (ids) => arrived.push(ids),
-            });
+            const all = await streamed.greedy(wanted.length, { onIds: (ids) => arrived.push(ids) });
             assertEquals(all, { ids: wanted, stopped: false });
             assertEquals(arrived.flat(), wanted);
-            if (chunked.decodesOnDevice) assertEquals(arrived.map((ids) => ids.length), chunks);
-            const early = new Session(model);
-            await early.prefill(prompt);
+            const late = new Session(model);
+            await late.prefill(prompt);
             seen = 0;
-            const stopped = await early.greedy(wanted.length, {
-              chunks,
-              stopBefore: () => ++seen === 5,
+            const lateStop = wanted.length - 2;
+            const stopped = await late.greedy(wanted.length, {
+              stopBefore: () => ++seen === lateStop,
             });
-            assertEquals(stopped, { ids: wanted.slice(0, 4), stopped: true });
-            assertEquals(early.tokens, [...prompt, ...wanted.slice(0, 4)]);
-            assertEquals((await early.greedy(wanted.length - 4)).ids, wanted.slice(4));
-            await assertRejects(
-              () => early.greedy(3, { chunks: [1, 1] }),
-              RangeError,
-              "sum to count",
-            );
+            assertEquals(stopped, { ids: wanted.slice(0, lateStop - 1), stopped: true });
+            assertEquals(late.tokens, [...prompt, ...wanted.slice(0, lateStop - 1)]);
+            assertEquals((await late.greedy(2)).ids, wanted.slice(lateStop - 1, lateStop + 1));
           },
         );
       }
@@ -206,43 +197,38 @@ for (const { label, name: backendName, options, scans } of BACKENDS) {
     model.backend.dispose?.();
   });
 
-  if (backendName === "webgpu") {
-    const greedyOnDevice = async (copies: number) => {
+  Deno.test(`[${label}] hf-oracle odd-bf16: 6 and 18 concurrent streams joining late and stopping early reproduce greedy_ids`, async () => {
+    // 18 rows: four full groups of the GEMV's four rows and a partial one.
+    for (const copies of [3, 9]) {
       const { model, rows, promptLen, totalLen, prompt, wanted } = await sequences(copies);
-      const states = rows.map(() => model.newState());
-      let firsts: number[] = [];
-      for (const [i, row] of rows.entries()) {
-        firsts.push(argmax(await model.run(states[i], prompt(row), "last")));
-      }
-      // Two calls: the second starts from the states the first copied back,
-      // and streams its ids in two chunks.
-      const generated: number[][] = rows.map(() => []);
       const steps = totalLen - promptLen;
-      const vocab = model.config.vocabSize;
-      const first = await model.decodeGreedyBatch(states, firsts, Math.ceil(steps / 2), vocab);
-      first.forEach((r, i) => generated[i].push(...r.ids));
-      firsts = first.map((r) => argmax(r.logits));
-      const rest = Math.floor(steps / 2);
-      const chunks = [1, rest - 1];
-      let seen = 0;
-      for await (const chunk of model.streamGreedyBatch(states, firsts, chunks, vocab)) {
-        assertEquals(chunk.ids.map((ids) => ids.length), rows.map(() => chunks[seen]));
-        assertEquals(chunk.logits !== null, seen === chunks.length - 1);
-        chunk.ids.forEach((ids, i) => generated[i].push(...ids));
-        seen++;
+      // Stream i asks for between 1 and all the ids, and joins once stream i - 3
+      // has received its first ids (so that later streams join running rounds).
+      const lengths = rows.map((_, i) => 1 + (i * 5) % steps);
+      const firstIds = rows.map(() => Promise.withResolvers<void>());
+      const results = rows.map(async (row, i) => {
+        if (i >= 3) await firstIds[i - 3].promise;
+        const session = new Session(model);
+        const result = await session.decode({
+          prompt: prompt(row),
+          sampler: new Sampler({ temperature: 0 }),
+          maxTokens: lengths[i],
+          onIds: () => firstIds[i].resolve(),
+        });
+        firstIds[i].resolve();
+        session.dispose();
+        return result;
+      });
+      for (const [i, result] of (await Promise.all(results)).entries()) {
+        assertEquals(result, {
+          ids: wanted(rows[i]).slice(0, lengths[i]),
+          stopped: false,
+        }, `stream ${i} (row ${rows[i]})`);
       }
-      assertEquals(seen, chunks.length);
-      rows.forEach((row, i) =>
-        assertEquals(generated[i], wanted(row), `sequence ${i} (row ${row})`)
-      );
+      assertEquals(model.pool.used, 0);
       model.backend.dispose?.();
-    };
-
-    Deno.test(`[${label}] hf-oracle odd-bf16: greedy decoding of 6 and 18 sequences on the device`, async () => {
-      // 18 rows take the tiled matmul rather than the GEMV.
-      for (const copies of [3, 9]) await greedyOnDevice(copies);
-    });
-  }
+    }
+  });
 
   for (const { precision, tolerance } of scans) {
     const arithmetic = precision ? `, ${precision} scan` : "";

@@ -9,10 +9,9 @@
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { JsBackend } from "../src/backends/js.ts";
 import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
-import { loadCheckpoint, loadModel } from "../src/load.ts";
+import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { f16ToF32, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
-import { Sampler } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
@@ -85,7 +84,7 @@ async function matchesTinyShakespeare(
   const { model, expected } = await tinyShakespeare(gpu);
   const ids = expected.int32("prompt0_greedy_ids");
   const prompt = expected.int32("prompt0_ids");
-  const logits = await model.run(model.newState(), ids, "all");
+  const logits = await model.forward(model.pool.acquire(), ids);
   const diff = maxAbsDiff(logits, expected.float32("prompt0_logits"));
   assert(diff <= tolerance, `logits: max abs diff ${diff}`);
   const wanted = ids.subarray(prompt.length, steps && prompt.length + steps);
@@ -96,28 +95,6 @@ async function matchesTinyShakespeare(
 }
 
 const js = new JsBackend();
-
-/**
- * The ids `sampler` draws after `prompt` on the host path: logits read back
- * every token, one draw per id, `count` ids below `limit`.
- */
-async function hostPath<Buf>(
-  model: MambaModel<Buf>,
-  prompt: Int32Array,
-  sampler: Sampler,
-  count: number,
-  limit: number,
-): Promise<number[]> {
-  const host = new Session(model);
-  let logits = await host.prefill(prompt);
-  const ids: number[] = [];
-  for (let i = 0; i < count; i++) {
-    const id = sampler.sample(logits, host.tokens, limit);
-    ids.push(id);
-    logits = await host.step(id);
-  }
-  return ids;
-}
 
 Deno.test({
   name: "webgpu: embed, rmsNorm (also in place), addInPlace, copy, write, read ranges",
@@ -639,7 +616,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "webgpu: matrices past the binding limit are split by rows for embed, embedFrom, linear",
+  name: "webgpu: matrices past the binding limit are split by rows for embed and linear",
   ignore,
   fn: () =>
     // Split past 1 KiB: a 37×24 f32 table (3552 bytes) becomes parts of 10 rows.
@@ -662,11 +639,6 @@ Deno.test({
           const out = gpu.zeros(ids.length * dim);
           gpu.embed(out, buffer, ids, dim);
           close(await gpu.read(out), want, 0, "embed over parts");
-
-          const idBuffer = gpu.upload(Float32Array.of(5, 36));
-          const row = gpu.zeros(dim);
-          gpu.embedFrom(row, buffer, idBuffer, 1, dim);
-          close(await gpu.read(row), table.subarray(36 * dim), 0, "embedFrom the last part");
         }
         for (const batch of [1, 3, 70]) {
           const x = fill(batch * dim, rand);
@@ -752,38 +724,6 @@ Deno.test({
       // A failed capture leaves the backend usable.
       gpu.addInPlace(acc, out, outDim);
       close(await gpu.read(acc), once.map((v) => 4 * v), 1e-6, "after refusals");
-    }),
-});
-
-Deno.test({
-  name: "webgpu: argmax takes the first largest below the limit, skips NaN, gives -1 for none",
-  ignore,
-  fn: () =>
-    withGpu(async (gpu) => {
-      const rand = random(50);
-      const cases: [string, Float32Array, number][] = [];
-      const tie = fill(5000, rand);
-      tie[4321] = 7;
-      tie[1234] = 7; // the same value earlier: the lower id wins
-      tie[4999] = 9; // past the limit
-      cases.push(["tie", tie, 4999]);
-      const nan = fill(2049, rand);
-      nan[100] = NaN;
-      nan[2048] = 5;
-      cases.push(["NaN and a tail", nan, 2049]);
-      cases.push(["short", fill(7, rand), 7]);
-      cases.push(["none", new Float32Array(3000).fill(-Infinity), 3000]);
-      const ids = gpu.zeros(cases.length);
-      const logits = cases.map(([, values]) => gpu.upload(values));
-      cases.forEach(([, , limit], i) => gpu.argmax(ids, i, logits[i], limit));
-      const got = await gpu.read(ids);
-      cases.forEach(([what, values, limit], i) => {
-        let want = -1;
-        for (let j = 0; j < limit; j++) {
-          if (values[j] > (want < 0 ? -3.4e38 : values[want])) want = j;
-        }
-        assertEquals(got[i], want, what);
-      });
     }),
 });
 
@@ -1053,323 +993,5 @@ Deno.test({
           }
         });
       }
-    }),
-});
-
-Deno.test({
-  name:
-    "webgpu: sampleTopK draws what Sampler.sample draws: ties, -Infinity and NaN, top-p, min-p, no candidate",
-  ignore,
-  fn: () =>
-    withGpu(async (gpu) => {
-      const rand = random(60);
-      // Three slices of the kernel's first stage (1024 ids each) per row.
-      const [rows, vocab, limit] = [4, 3000, 2997];
-      const settings = [
-        { topK: 40, temperature: 0.8, topP: 0.95, minP: 0.05 },
-        { topK: 1, temperature: 1, topP: 1, minP: 0 },
-        { topK: 64, temperature: 1.5, topP: 1, minP: 0 },
-        { topK: 5, temperature: 0.3, topP: 0.5, minP: 0.2 },
-        { topK: 20, temperature: 2, topP: 1, minP: 0.1 },
-      ];
-      for (const [s, sampling] of settings.entries()) {
-        for (let trial = 0; trial < 8; trial++) {
-          const logits = fill(rows * vocab, rand, 4);
-          // Ties (a repeated top value), logits that are never candidates, a
-          // row with none, and a large logit past the limit.
-          // (Three, not four: with four equal weights, top-p 0.5 would end
-          // exactly at the second in f32, a boundary that f64 clears.)
-          for (const i of [3, 1500, 2500]) logits[vocab + i] = 9;
-          for (let i = 0; i < 50; i++) {
-            logits[2 * vocab + i * 7] = -Infinity;
-            logits[2 * vocab + i * 7 + 1] = NaN;
-          }
-          logits[2 * vocab + 2998] = 100;
-          if (trial === 0) logits.fill(-Infinity, 3 * vocab, 4 * vocab);
-          if (trial === 1) {
-            // Fewer candidates than topK.
-            logits.fill(-Infinity, 3 * vocab, 4 * vocab);
-            for (const [i, v] of [[10, 1], [20, 1], [30, 0.5]]) logits[3 * vocab + i] = v;
-          }
-          // Ten equal logits on top, across a slice boundary: top-k may cut
-          // through them, taking the lowest ids.
-          if (trial === 2) logits.fill(5, 1022, 1032);
-          const seed = 100 * s + trial;
-          const host = new Sampler({ ...sampling, seed });
-          const want = Array.from({ length: rows }, (_, r) => {
-            const row = logits.subarray(r * vocab, (r + 1) * vocab);
-            try {
-              return host.sample(row, [], limit);
-            } catch {
-              return -1;
-            }
-          });
-          // The device gets the same random numbers, one per row with a candidate.
-          const device = new Sampler({ ...sampling, seed });
-          const draws = device.randoms(rows);
-          const uniforms = new Float32Array(rows);
-          let next = 0;
-          for (let r = 0; r < rows; r++) if (want[r] >= 0) uniforms[r] = draws[next++];
-          const ids = gpu.zeros(2 + rows);
-          gpu.sampleTopK(
-            ids,
-            2,
-            gpu.upload(logits),
-            limit,
-            sampling,
-            gpu.upload(uniforms),
-            0,
-            rows,
-            vocab,
-          );
-          const got = Array.from((await gpu.read(ids)).subarray(2));
-          assertEquals(got, want, `settings ${JSON.stringify(sampling)}, trial ${trial}`);
-        }
-      }
-    }),
-});
-
-Deno.test({
-  name:
-    "webgpu: Session.sample on the device draws the host path's ids (with and without a repetition penalty), stops before an id, and leaves the sampler as the host's",
-  ignore,
-  fn: () =>
-    withGpu(async (gpu) => {
-      const { config, model, expected } = await tinyShakespeare(gpu);
-      const prompt = expected.int32("prompt0_ids");
-      const limit = config.vocabSize;
-      for (
-        const options of [
-          { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05, seed: 11 },
-          { temperature: 0.9, topK: 40, seed: 12, repetitionPenalty: 1.3, repeatLastN: 16 },
-        ]
-      ) {
-        const hostSampler = new Sampler(options);
-        const want = await hostPath(model, prompt, hostSampler, 24, limit);
-
-        const device = new Session(model);
-        await device.prefill(prompt);
-        const sampler = new Sampler(options);
-        const first = await device.sample(12, sampler, { limit });
-        const second = await device.sample(12, sampler, { limit });
-        assertEquals([...first.ids, ...second.ids], want);
-        assertEquals(sampler.state(), hostSampler.state());
-
-        // The same 24 in one call read back in chunks, each handed over as it comes.
-        const chunked = new Session(model);
-        await chunked.prefill(prompt);
-        const chunkSampler = new Sampler(options);
-        const arrived: number[][] = [];
-        const all = await chunked.sample(24, chunkSampler, {
-          limit,
-          chunks: [4, 8, 12],
-          onIds: (ids) => arrived.push(ids),
-        });
-        assertEquals(all, { ids: want, stopped: false });
-        assertEquals(arrived.map((ids) => ids.length), [4, 8, 12]);
-        assertEquals(chunkSampler.state(), hostSampler.state());
-
-        // Stopping before the first id that has not come earlier (past the first).
-        const at = want.findIndex((id, i) => i > 0 && want.indexOf(id) === i);
-        const stopping = new Session(model);
-        await stopping.prefill(prompt);
-        const stopSampler = new Sampler(options);
-        const run = await stopping.sample(24, stopSampler, {
-          limit,
-          stopBefore: (id) => id === want[at],
-          chunks: [2, 2, 20],
-        });
-        assertEquals(run, { ids: want.slice(0, at), stopped: true });
-        assertEquals(stopping.tokens.length, prompt.length + at);
-        // The host path draws the stopping id too: at + 1 draws in all.
-        const reference = new Sampler(options);
-        reference.randoms(at + 1);
-        assertEquals(stopSampler.state(), reference.state());
-      }
-    }),
-});
-
-Deno.test({
-  name:
-    "webgpu: generate on the device stops at the next chunk when its consumer stops or aborts, with the session holding exactly the ids fed",
-  ignore,
-  fn: async () => {
-    const model = await loadModel(`${SHARED}/models/tiny-shakespeare`, { backend: "webgpu" });
-    const gpu = model.model.backend as WebGpuBackend;
-    try {
-      const prompt = model.tokenizer.encode("ROMEO:");
-      const full: number[] = [];
-      for await (const event of model.generate(prompt, { temperature: 0, maxNewTokens: 36 })) {
-        full.push(event.token);
-      }
-      assertEquals(full.length, 36);
-
-      // The consumer leaves after 6 tokens: the session goes on to the end of
-      // a chunk at most (4, 8, 16, …), then holds what it fed.
-      const leaving = model.generate(prompt, { temperature: 0, maxNewTokens: 36 });
-      const seen: number[] = [];
-      for await (const event of leaving) {
-        seen.push(event.token);
-        if (seen.length === 6) break;
-      }
-      const fed = await leaving.session.greedy(0).then(() => leaving.session.tokens);
-      const kept = fed.slice(prompt.length);
-      assert(kept.length >= 6 && kept.length < 36, `fed ${kept.length}`);
-      assertEquals(kept, full.slice(0, kept.length));
-      const next = await leaving.session.greedy(3);
-      assertEquals(next.ids, full.slice(kept.length, kept.length + 3));
-
-      // An abort during decoding ends it as "abort", the session likewise whole.
-      const controller = new AbortController();
-      const aborting = model.generate(prompt, {
-        temperature: 0,
-        maxNewTokens: 36,
-        signal: controller.signal,
-      });
-      let count = 0;
-      for await (const _ of aborting) {
-        if (++count === 5) controller.abort();
-      }
-      assertEquals(aborting.stats.finishReason, "abort");
-      const abortedIds = aborting.session.tokens.slice(prompt.length);
-      assertEquals(abortedIds, full.slice(0, abortedIds.length));
-      assertEquals(abortedIds.length, count);
-    } finally {
-      gpu.dispose();
-    }
-  },
-});
-
-Deno.test({
-  name: "webgpu: generate samples on the device and gives the text of the host path",
-  ignore,
-  fn: async () => {
-    const model = await loadModel(`${SHARED}/models/tiny-shakespeare`, { backend: "webgpu" });
-    const gpu = model.model.backend as WebGpuBackend;
-    let draws = 0;
-    const sampleTopK = gpu.sampleTopK.bind(gpu);
-    gpu.sampleTopK = (...args) => {
-      draws++;
-      sampleTopK(...args);
-    };
-    try {
-      const text = async (stop: string[]) => {
-        let out = "";
-        const generation = model.generate("ROMEO:", {
-          temperature: 0.9,
-          seed: 5,
-          maxNewTokens: 40,
-          stop,
-        });
-        for await (const event of generation) out += event.text;
-        return out;
-      };
-      const onDevice = await text([]);
-      assert(draws > 0, "sampled on the device");
-      const before = draws;
-      // A stop string keeps decoding on the host (logits read back every token).
-      assertEquals(await text(["\u0000"]), onDevice);
-      assertEquals(draws, before);
-    } finally {
-      gpu.dispose();
-    }
-  },
-});
-
-Deno.test({
-  name:
-    "webgpu: penalize applies Sampler.sample's repetition penalty: host and device ids, repeats, the window",
-  ignore,
-  fn: () =>
-    withGpu(async (gpu) => {
-      const rand = random(70);
-      const [rows, vocab, limit, window] = [3, 500, 497, 6];
-      const sampling = { topK: 1, temperature: 1, topP: 1, minP: 0 };
-      for (const penalty of [1.3, 0.7]) {
-        const logits = fill(rows * vocab, rand, 4);
-        // Row r's history: host ids, then three device ids; some repeat, and
-        // the largest logits are among them so that the penalty decides.
-        const hostIds = [[5, 9, 5, 40], [], [1, 2, 3, 4, 5, 6, 7, 8]];
-        const deviceIds = [[9, 77, 77], [10, 10, 11], [8, 20, 21]];
-        for (let r = 0; r < rows; r++) {
-          for (const id of [...hostIds[r], ...deviceIds[r]]) logits[r * vocab + id] = 5 + rand();
-          logits[r * vocab + 300] = 4.9; // wins where the penalty pushes the others down
-        }
-        const history = new Float32Array(rows * (window + 1));
-        hostIds.forEach((ids, r) => {
-          const tail = ids.slice(-window);
-          history[r * (window + 1)] = tail.length;
-          history.set(tail, r * (window + 1) + 1);
-        });
-        // The ids buffer as decoding leaves it: [3 steps][rows] after 2 floats.
-        const ids = new Float32Array(2 + 3 * rows + rows);
-        for (let j = 0; j < 3; j++) {
-          for (let r = 0; r < rows; r++) ids[2 + j * rows + r] = deviceIds[r][j];
-        }
-        const gpuIds = gpu.upload(ids);
-        const gpuLogits = gpu.upload(logits.slice());
-        gpu.penalize(gpuLogits, rows, vocab, penalty, window, gpu.upload(history), gpuIds, 2, 3);
-        const before = 2 + 3 * rows;
-        gpu.sampleTopK(gpuIds, before, gpuLogits, limit, sampling, gpu.zeros(rows), 0, rows, vocab);
-        const got = Array.from((await gpu.read(gpuIds)).subarray(before));
-        const sampler = new Sampler({
-          ...sampling,
-          repetitionPenalty: penalty,
-          repeatLastN: window,
-        });
-        const want = Array.from({ length: rows }, (_, r) =>
-          sampler.sample(
-            logits.subarray(r * vocab, (r + 1) * vocab),
-            [...hostIds[r], ...deviceIds[r]],
-            limit,
-          ));
-        assertEquals(got, want, `penalty ${penalty}`);
-        // The penalized logits themselves, against the host's arithmetic.
-        const penalized = await gpu.read(gpuLogits);
-        for (let r = 0; r < rows; r++) {
-          const windowIds = new Set([...hostIds[r], ...deviceIds[r]].slice(-window));
-          for (const id of windowIds) {
-            const v = logits[r * vocab + id];
-            const expected = Math.fround(v > 0 ? v / penalty : v * penalty);
-            assert(
-              Math.abs(penalized[r * vocab + id] - expected) <= 2 * Math.abs(expected) * 2 ** -23,
-              `row ${r} id ${id}: ${penalized[r * vocab + id]} against ${expected}`,
-            );
-          }
-          assertEquals(penalized[r * vocab + 300], logits[r * vocab + 300], "outside the window");
-        }
-      }
-    }),
-});
-
-Deno.test({
-  name:
-    "webgpu: Session.greedy with a repetition penalty decodes on the device the ids of the host path and of js",
-  ignore,
-  fn: () =>
-    withGpu(async (gpu) => {
-      const { config, model, expected } = await tinyShakespeare(gpu);
-      const prompt = expected.int32("prompt0_ids");
-      const limit = config.vocabSize;
-      const penalty = { repetitionPenalty: 1.3, repeatLastN: 16 };
-      // The host path: a penalized argmax over logits read back every token.
-      const argmax = new Sampler({ ...penalty, temperature: 0 });
-      const want = await hostPath(model, prompt, argmax, 24, limit);
-      const device = new Session(model);
-      await device.prefill(prompt);
-      let penalized = 0;
-      const penalize = gpu.penalize.bind(gpu);
-      gpu.penalize = (...args) => {
-        penalized++;
-        penalize(...args);
-      };
-      const { ids } = await device.greedy(24, { limit, ...penalty });
-      assertEquals(ids, want);
-      assertEquals(penalized, 23, "the penalty ran on the device before each argmax");
-      // The reference backend, through Session.greedy's host path.
-      const { weights } = await loadCheckpoint(`${SHARED}/models/tiny-shakespeare`);
-      const onJs = new Session(new MambaModel(js, config, weights));
-      await onJs.prefill(prompt);
-      assertEquals((await onJs.greedy(24, { limit, ...penalty })).ids, want);
     }),
 });

@@ -1,18 +1,14 @@
-// ids[index + r] = the lowest i < limit with the largest logits[r·stride + i],
-// as an f32 (ids below 2^24 are exact), or -1 when no logit is a number above
-// -3.4e38, for each row r. Greedy decoding on the device: the next step's
-// embedding reads the ids from `ids`, so no token travels to the host between
-// steps. One workgroup per row: each thread scans a strided slice keeping its
-// first maximum, then a tree reduction.
-struct Params {
-  limit: u32,
-  index: u32,
-  stride: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// The greedy pick of each row whose temperature is 0 (choose_rows.wgsl is
+// prepended): ids[idsOffset + r] = the lowest i below the row's limit with
+// the largest logits[r·vocab + i], as an f32 (ids below 2^24 are exact), or
+// -1 when no logit is a number above -3.4e38; the id is also written into the
+// row's history. Decoding on the device: the next step's embedding reads the
+// ids from `ids`, so no token travels to the host between steps. One
+// workgroup per row: each thread scans a strided slice keeping its first
+// maximum, then a tree reduction.
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<f32>;
+@group(0) @binding(5) var<storage, read_write> history: array<f32>;
 
 const NONE: u32 = 0xffffffffu;
 
@@ -37,11 +33,15 @@ fn main(
   @builtin(local_invocation_index) li: u32,
 ) {
   let row = wg.x;
-  let base = row * p.stride;
+  if (samples(row)) {
+    return; // the same for the whole workgroup
+  }
+  let base = row * p.vocab;
+  let limit = limitOf(row);
   // Eight loads in flight per iteration (the loop is not unrolled for us);
   // indices rise within a thread, so `>` keeps its first maximum.
   var i = li;
-  for (; i + 7u * 256u < p.limit; i += 8u * 256u) {
+  for (; i + 7u * 256u < limit; i += 8u * 256u) {
     let v0 = logits[base + i];
     let v1 = logits[base + i + 256u];
     let v2 = logits[base + i + 512u];
@@ -59,7 +59,7 @@ fn main(
     consider(v6, i + 1536u);
     consider(v7, i + 1792u);
   }
-  for (; i < p.limit; i += 256u) {
+  for (; i < limit; i += 256u) {
     consider(logits[base + i], i);
   }
   bestValue[li] = value;
@@ -78,9 +78,10 @@ fn main(
   }
   if (li == 0u) {
     if (bestIndex[0] == NONE) {
-      ids[p.index + row] = -1.0;
+      ids[p.idsOffset + row] = -1.0;
     } else {
-      ids[p.index + row] = f32(bestIndex[0]);
+      ids[p.idsOffset + row] = f32(bestIndex[0]);
+      history[historyAt(row, positionOf(row))] = f32(bestIndex[0]);
     }
   }
 }

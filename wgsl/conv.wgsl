@@ -1,7 +1,8 @@
 // Causal depthwise convolution with SiLU, carrying the last kernel-1 inputs in
 // `state` [kernel-1, channels] (oldest first). Weights [channels, kernel]: tap
 // kernel-1 multiplies the current token. Sequence b = workgroup_id.z of a batch
-// has x and out at b·len·channels and its state at b·(kernel-1)·channels.
+// has x and out at b·len·channels and its state in row s·(kernel-1)·channels of
+// `state`: s = slots[b] with hasSlots (a pool of states), else b.
 //
 // Entry points:
 // - `outputs`: one thread per (token, channel), reads the old state; then
@@ -13,6 +14,7 @@ struct Params {
   channels: u32,
   kernel: u32,
   hasBias: u32,
+  hasSlots: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -21,6 +23,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> state: array<f32>;
+@group(0) @binding(6) var<storage, read> slots: array<f32>;
 
 const MAXK: u32 = 8u;
 
@@ -34,7 +37,11 @@ fn tokens(b: u32) -> u32 {
 }
 
 fn history(b: u32) -> u32 {
-  return b * (p.kernel - 1u) * p.channels;
+  var row = b;
+  if (p.hasSlots != 0u) {
+    row = u32(slots[b]);
+  }
+  return row * (p.kernel - 1u) * p.channels;
 }
 
 // Input at relative position pos of sequence b (negative positions reach into the state).

@@ -1,15 +1,9 @@
-// Entry `main`: out [count, dim] = rows ids[t] of table [rows, dim]; ids of
-// SKIP leave their row alone (a table split over buffers runs once per part).
-// Entry `from_buffer`: out [count, dim] = rows floatIds[index + t] of table, the
-// ids read on the device (written by argmax.wgsl during greedy decoding), each
-// when it lies in the part's rows [rowStart, rowStart + rowCount).
-// One thread per output float.
+// out [count, dim] = rows ids[t] of table [rows, dim]; ids of SKIP leave
+// their row alone (a table split over buffers runs once per part). One
+// thread per output float. (Ids on the device go through copy_rows.wgsl.)
 struct Params {
   dim: u32,
   count: u32,
-  index: u32,
-  rowStart: u32,
-  rowCount: u32,
 }
 
 const SKIP: u32 = 0xffffffffu;
@@ -18,7 +12,6 @@ const SKIP: u32 = 0xffffffffu;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 @group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read> floatIds: array<f32>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -35,22 +28,4 @@ fn main(
     return;
   }
   out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
-}
-
-@compute @workgroup_size(256)
-fn from_buffer(
-  @builtin(workgroup_id) wg: vec3u,
-  @builtin(num_workgroups) nwg: vec3u,
-  @builtin(local_invocation_index) li: u32,
-) {
-  let i = (wg.y * nwg.x + wg.x) * 256u + li;
-  if (i >= p.count * p.dim) {
-    return;
-  }
-  let t = i / p.dim;
-  let id = u32(floatIds[p.index + t]);
-  if (id < p.rowStart || id - p.rowStart >= p.rowCount) {
-    return;
-  }
-  out[i] = table[(id - p.rowStart) * p.dim + (i - t * p.dim)];
 }

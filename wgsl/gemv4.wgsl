@@ -21,11 +21,13 @@
 @group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> convWeight: array<f32>; // [split1, convKernel]
 @group(0) @binding(9) var<storage, read> convBias: array<f32>; // [split1]
-@group(0) @binding(10) var<storage, read_write> convState: array<f32>; // [rows, convKernel - 1, split1]
+@group(0) @binding(10) var<storage, read_write> convState: array<f32>; // [states, convKernel - 1, split1]
+@group(0) @binding(13) var<storage, read> convSlots: array<f32>; // with convSlots: row r's state row
 
 // With convKernel > 0 (decode steps), the columns of out go through a causal
 // conv step before they are stored: row r is one token of sequence r, whose
-// last convKernel - 1 inputs convState holds.
+// last convKernel - 1 inputs convState holds in row convSlots[r] (with
+// p.convSlots, a pool of states), else in row r.
 //
 // silu(conv + bias) of channel c for sequence r, whose newest input is v;
 // shifts v into the sequence's conv state (oldest input first). Only the thread
@@ -37,7 +39,11 @@ fn convStep(r: u32, c: u32, v: f32) -> f32 {
   if (p.convHasBias != 0u) {
     sum += convBias[c];
   }
-  let base = r * (taps - 1u) * channels + c;
+  var held = r;
+  if (p.convSlots != 0u) {
+    held = u32(convSlots[r]);
+  }
+  let base = held * (taps - 1u) * channels + c;
   for (var k = 0u; k + 1u < taps; k++) {
     let held = convState[base + k * channels];
     sum = fma(convWeight[c * taps + k], held, sum);

@@ -25,6 +25,7 @@ struct Params {
   convHasBias: u32, // gemv4 only
   projWidth: u32, // gemv4 only: columns of the projection of the conv step's outputs, or 0
   projHalf: u32, // gemv4 only: its weight is packed f16
+  convSlots: u32, // gemv4 only: the conv states are rows of a pool, named by convSlots
   normEps: f32,
 }
 

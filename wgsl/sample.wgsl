@@ -1,9 +1,13 @@
-// Samples one id per row of logits on the device, as Sampler.sample does with
-// top-k and no repetition penalty (src/sampler.ts): the topK largest logits
-// below `limit` (ties to the lower id; -Infinity and NaN never), temperature,
-// softmax, top-p, min-p, then a draw with the row's random number u in [0, 1).
-// ids[index + r] = the id as an f32, or -1 when no logit can be sampled, so
-// that sampled decoding needs no read-back per token.
+// Samples one id for each row of logits whose settings sample among at most
+// MAX_K candidates (choose_rows.wgsl is prepended): a top-k of 1 to MAX_K
+// below the row's limit, or a limit of at most MAX_K; sample_wide.wgsl takes
+// the other sampled rows. As Sampler.sample does after its repetition
+// penalty (penalize.wgsl): the topK largest logits below the limit (ties to
+// the lower id; -Infinity and NaN never), temperature, softmax, top-p, min-p,
+// then a draw with the row's random number u in [0, 1). ids[idsOffset + r] =
+// the id as an f32, or -1 when no logit can be sampled, so that sampled
+// decoding needs no read-back per token; the id also goes into the row's
+// history.
 //
 // Two entry points, each a workgroup running the same top-k selection over a
 // list of items (a key and an id each):
@@ -22,25 +26,13 @@
 // then ranked. The arithmetic is f32 where the host's is f64: a draw or the
 // top-p cut within about 1e-7 (relative) of the boundary between two ids may
 // go the other way.
-struct Params {
-  limit: u32,
-  index: u32, // ids[index + r] receives row r's id
-  stride: u32, // floats from one row of logits to the next
-  topK: u32, // 1 to MAX_K
-  uniformIndex: u32, // row r's random number is uniforms[uniformIndex + r]
-  temperature: f32,
-  topP: f32,
-  minP: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<f32>;
-@group(0) @binding(3) var<storage, read> uniforms: array<f32>;
+@group(0) @binding(4) var<storage, read> randoms: array<f32>;
+@group(0) @binding(5) var<storage, read_write> history: array<f32>;
 // Each slice's selection: MAX_K (key, id) pairs per slice, key 0 past its end.
-@group(0) @binding(4) var<storage, read_write> found: array<vec2<u32>>;
+@group(0) @binding(7) var<storage, read_write> found: array<vec2<u32>>;
 
-const MAX_K: u32 = 64u;
 const THREADS: u32 = 256u;
 const SLICE: u32 = 1024u; // ids per workgroup of `slices`
 
@@ -61,20 +53,6 @@ struct Items {
   first: u32,
   count: u32,
   base: u32, // of the row in logits
-}
-
-// A key that orders like the logit, or 0 for NaN and -Infinity (never
-// candidates). Tested on the bits: a compiler may assume that floats are
-// never NaN.
-fn keyOf(logit: f32) -> u32 {
-  let bits = bitcast<u32>(logit);
-  if ((bits & 0x7fffffffu) > 0x7f800000u || bits == 0xff800000u) {
-    return 0u;
-  }
-  if ((bits & 0x80000000u) != 0u) {
-    return ~bits;
-  }
-  return bits | 0x80000000u;
 }
 
 // Key and id of item i of the list.
@@ -102,20 +80,21 @@ fn scan(li: u32, suffix: bool) {
   }
 }
 
+// The slices of a row of `limit` ids.
+fn slicesOf(limit: u32) -> u32 {
+  return (limit + SLICE - 1u) / SLICE;
+}
+
 // Row r's weight of candidate j (the top one weighs 1), as the host computes it.
-fn weight(base: u32, j: u32, top: f32) -> f32 {
-  let v = logits[base + sortedId[j]];
-  if (bitcast<u32>(top) == 0x7f800000u) {
-    return select(0.0, 1.0, bitcast<u32>(v) == 0x7f800000u);
-  }
-  return exp((v - top) / p.temperature);
+fn weight(base: u32, j: u32, top: f32, temperature: f32) -> f32 {
+  return weightOf(logits[base + sortedId[j]], top, temperature);
 }
 
 // Selects the top min(topK, valid items) of the list into sortedKey and
 // sortedId (larger key first, the lower id on ties: ids rise along the list
 // among equal keys) and returns how many.
 // Every thread of the workgroup must call it.
-fn selectTop(list: Items, li: u32) -> u32 {
+fn selectTop(list: Items, topK: u32, li: u32) -> u32 {
   // The radix select: after round q, `prefix` holds the top 8(q + 1) bits of T.
   var prefix = 0u;
   var mask = 0u;
@@ -136,7 +115,7 @@ fn selectTop(list: Items, li: u32) -> u32 {
     workgroupBarrier();
     scan(li, true);
     if (round == 0u) {
-      k = min(p.topK, sums[0]);
+      k = min(topK, sums[0]);
       need = k;
     }
     // The bin where the count from the top first reaches `need`.
@@ -216,20 +195,23 @@ fn selectTop(list: Items, li: u32) -> u32 {
 @compute @workgroup_size(256)
 fn slices(
   @builtin(workgroup_id) wg: vec3u,
-  @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
   let slice = wg.x;
   let row = wg.y;
-  let first = min(slice * SLICE, p.limit);
-  let list = Items(0u, first, min(first + SLICE, p.limit) - first, row * p.stride);
-  let k = selectTop(list, li);
+  let limit = limitOf(row);
+  if (!samplesNarrow(row) || slice >= slicesOf(limit)) {
+    return; // the same for the whole workgroup
+  }
+  let first = slice * SLICE;
+  let list = Items(0u, first, min(first + SLICE, limit) - first, row * p.vocab);
+  let k = selectTop(list, keptOf(row), li);
   if (li < MAX_K) {
     var pair = vec2<u32>(0u);
     if (li < k) {
       pair = vec2<u32>(sortedKey[li], sortedId[li]);
     }
-    found[(row * nwg.x + slice) * MAX_K + li] = pair;
+    found[(row * p.maxSlices + slice) * MAX_K + li] = pair;
   }
 }
 
@@ -239,64 +221,104 @@ fn main(
   @builtin(local_invocation_index) li: u32,
 ) {
   let row = wg.x;
-  let base = row * p.stride;
-  let nSlices = (p.limit + SLICE - 1u) / SLICE;
-  let k = selectTop(Items(1u, row * nSlices * MAX_K, nSlices * MAX_K, base), li);
+  if (!samplesNarrow(row)) {
+    return; // the same for the whole workgroup
+  }
+  let base = row * p.vocab;
+  let nSlices = slicesOf(limitOf(row));
+  let k = selectTop(Items(1u, row * p.maxSlices * MAX_K, nSlices * MAX_K, base), keptOf(row), li);
 
   if (li != 0u) {
     return;
   }
   if (k == 0u) {
-    ids[p.index + row] = -1.0;
+    ids[p.idsOffset + row] = -1.0;
     return;
   }
-  // Temperature and softmax as weights relative to the top token, then top-p
-  // and min-p keep the first `count`, then the draw: Sampler.sample's steps.
+  let temperature = temperatureOf(row);
+  let topP = topPOf(row);
+  let minP = minPOf(row);
+  // Temperature and softmax as weights relative to the top token.
   let top = logits[base + sortedId[0]];
-  var total = 0.0;
-  for (var j = 0u; j < k; j++) {
-    total += weight(base, j, top);
-  }
-  var count = k;
-  if (p.topP < 1.0) {
-    let nucleus = p.topP * total;
-    var mass = 0.0;
-    for (var j = 0u; j < k; j++) {
-      let w = weight(base, j, top);
-      if (w < p.minP) {
-        count = j;
-        break;
-      }
-      mass += w;
-      if (mass >= nucleus) {
-        count = j + 1u;
-        break;
-      }
-    }
-  } else if (p.minP > 0.0) {
-    for (var j = 0u; j < k; j++) {
-      if (weight(base, j, top) < p.minP) {
-        count = j;
-        break;
-      }
-    }
-  }
-  var sum = 0.0;
-  for (var j = 0u; j < count; j++) {
-    sum += weight(base, j, top);
-  }
-  var r = uniforms[p.uniformIndex + row] * sum;
+  let u = randoms[p.randomOffset + row];
   var chosen = sortedId[0];
-  for (var j = 0u; j < count; j++) {
-    let w = weight(base, j, top);
-    if (w <= 0.0) {
-      continue;
+  if (walksSorted(row)) {
+    // Top-p and min-p keep the first `count`, then the draw walks them in order.
+    var total = 0.0;
+    for (var j = 0u; j < k; j++) {
+      total += weight(base, j, top, temperature);
     }
-    chosen = sortedId[j];
-    if (r < w) {
-      break;
+    var count = k;
+    if (topP < 1.0) {
+      let nucleus = topP * total;
+      var mass = 0.0;
+      for (var j = 0u; j < k; j++) {
+        let w = weight(base, j, top, temperature);
+        if (w < minP) {
+          count = j;
+          break;
+        }
+        mass += w;
+        if (mass >= nucleus) {
+          count = j + 1u;
+          break;
+        }
+      }
+    } else if (minP > 0.0) {
+      for (var j = 0u; j < k; j++) {
+        if (weight(base, j, top, temperature) < minP) {
+          count = j;
+          break;
+        }
+      }
     }
-    r -= w;
+    var sum = 0.0;
+    for (var j = 0u; j < count; j++) {
+      sum += weight(base, j, top, temperature);
+    }
+    var r = u * sum;
+    for (var j = 0u; j < count; j++) {
+      let w = weight(base, j, top, temperature);
+      if (w <= 0.0) {
+        continue;
+      }
+      chosen = sortedId[j];
+      if (r < w) {
+        break;
+      }
+      r -= w;
+    }
+  } else {
+    // Nothing cuts (a limit of at most MAX_K ids): min-p keeps what it keeps
+    // and the draw walks it in id order, as pickToken does.
+    let limit = limitOf(row);
+    var sum = 0.0;
+    for (var i = 0u; i < limit; i++) {
+      let v = logits[base + i];
+      if (keyOf(v) != 0u) {
+        let w = weightOf(v, top, temperature);
+        if (w >= minP) {
+          sum += w;
+        }
+      }
+    }
+    var r = u * sum;
+    for (var i = 0u; i < limit; i++) {
+      let v = logits[base + i];
+      if (keyOf(v) == 0u) {
+        continue;
+      }
+      let w = weightOf(v, top, temperature);
+      if (w < minP || w <= 0.0) {
+        continue;
+      }
+      chosen = i;
+      if (r < w) {
+        break;
+      }
+      r -= w;
+    }
   }
-  ids[p.index + row] = f32(chosen);
+  ids[p.idsOffset + row] = f32(chosen);
+  history[historyAt(row, positionOf(row))] = f32(chosen);
 }

@@ -5,7 +5,8 @@
 //   y    = (C[t]·h + D·u) · silu(z)                 (D and z optional)
 //
 // Layouts: u, delta, z, y [batch, len, dim]; B, C [batch, len, nState];
-// A [dim, nState]; state [batch, dim, nState]. One thread per channel; B and C
+// A [dim, nState]; state [rows, dim, nState], sequence b's in row slots[b]
+// with flag 32 (a pool of states), else in row b. One thread per channel; B and C
 // are staged per tile of TT tokens in workgroup memory, loaded a tile ahead.
 //
 // A thread holds 16 states as four vec4s (a `Lanes`), never as an array: Naga
@@ -38,7 +39,7 @@ struct Params {
   batch: u32,
   chunkLen: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16
+  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots
   nState: u32,
   group: u32,
   nGroups: u32,
@@ -61,6 +62,7 @@ struct Params {
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
 @group(0) @binding(13) var<storage, read> dtLow: array<f32>; // step: dt [batch, rank]
 @group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], f32 or packed f16 bits
+@group(0) @binding(16) var<storage, read> slots: array<f32>; // with flag 32: sequence b's state row
 
 const WG: u32 = 128u;
 const TT: u32 = 32u; // a multiple of 4, at most WG / 4
@@ -140,6 +142,15 @@ fn quadOf(values: vec4<f32>, q: u32) -> vec4<f32> {
 /** Index of state n of this group (clamped into the row) in a row of nState values. */
 fn lane(row: u32, n: u32) -> u32 {
   return row * p.nState + min(p.group * 16u + n, p.nState - 1u);
+}
+
+/** The row of `state` holding channel d of sequence b's states. */
+fn stateRow(b: u32, d: u32) -> u32 {
+  var s = b;
+  if ((p.flags & 32u) != 0u) {
+    s = u32(slots[b]);
+  }
+  return s * p.dim + d;
 }
 
 fn stateQuad(row: u32, q: u32) -> vec4<f32> {
@@ -372,7 +383,7 @@ fn carry(
   let d = bd % p.dim;
   let b = bd / p.dim;
   let a2 = aQuad(d, q);
-  var h = stateQuad(bd, q);
+  var h = stateQuad(stateRow(b, d), q);
   let ends = p.nChunks - 1u;
   var next = loadChunkEnds(b, 0u, d, q);
   // Four chunks per iteration; the next four load meanwhile.
@@ -424,7 +435,7 @@ fn output(
   let hasZ = (p.flags & 2u) != 0u;
   let last = p.group + 1u == p.nGroups;
   let a2 = decayRates(w.dd);
-  let row = w.b * p.dim + w.dd; // of the state
+  let row = stateRow(w.b, w.dd);
   var h: Lanes;
   if (p.nChunks == 1u) {
     h = Lanes(stateQuad(row, 0u), stateQuad(row, 1u), stateQuad(row, 2u), stateQuad(row, 3u));
@@ -571,11 +582,12 @@ fn step(
   let q = li % 4u;
   let dd = min(d, p.dim - 1u);
   let b = wg.z;
-  let row = b * p.dim + dd; // of u, z, y and the state alike
+  let row = b * p.dim + dd; // of u, z and y
+  let held = stateRow(b, dd);
   // Everything but dt, B and C is loaded before the exchanges, so that the
   // loads overlap the dt_proj product instead of waiting behind its barrier.
   let a2 = aQuad(dd, q);
-  let h0 = stateQuad(row, q);
+  let h0 = stateQuad(held, q);
   let ur = u[row];
   if (PROJECTED != 0u) {
     sumProjection(b, li);
@@ -588,7 +600,7 @@ fn step(
   if (d >= p.dim) {
     return;
   }
-  storeStateQuad(row, q, h);
+  storeStateQuad(held, q, h);
   if (q != 0u) {
     return;
   }

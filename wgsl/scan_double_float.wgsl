@@ -12,15 +12,16 @@
 // softplus by one Newton step from the f32 value. Inputs and outputs are f32.
 //
 // Layouts as scan.wgsl: u, delta, z, y [batch, len, dim]; B, C [batch, len,
-// nState]; A [dim, nState]; state [batch, dim, nState], read as the start
-// state and written with the last one. One thread per (sequence, channel),
+// nState]; A [dim, nState]; state [rows, dim, nState] (sequence b's in row
+// slots[b] with flag 32, else row b), read as the start state and written
+// with the last one. One thread per (sequence, channel),
 // the states' hi halves in `state` and their lo halves in `stateLo` while it
 // runs: a reference mode, not a fast one.
 struct Params {
   len: u32,
   dim: u32,
   batch: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus
+  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 32: slots
   nState: u32,
   // The tokens of this dispatch: start … start + count - 1. A long scan takes
   // several dispatches (llvmpipe ends an invocation's loops after 65,535
@@ -43,6 +44,7 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> y: array<f32>;
 @group(0) @binding(10) var<storage, read_write> state: array<f32>;
 @group(0) @binding(11) var<storage, read_write> stateLo: array<f32>;
+@group(0) @binding(12) var<storage, read> slots: array<f32>;
 
 // A value the compiler cannot see through. Shader compilers may reassociate
 // f32 arithmetic (llvmpipe turns the error term of a two-sum into 0); passing
@@ -173,7 +175,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   if (d >= dim) {
     return;
   }
-  let states = (b * dim + d) * nState;
+  let states = (b * dim + d) * nState; // of stateLo
+  var row = b;
+  if ((params.flags & 32u) != 0u) {
+    row = u32(slots[b]);
+  }
+  let held = (row * dim + d) * nState; // of state
   if (params.start == 0u) {
     for (var n = 0u; n < nState; n++) {
       stateLo[states + n] = 0.0;
@@ -194,10 +201,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var n = 0u; n < nState; n++) {
       let decay = df_exp(df_mul_f(dt, A[d * nState + n]));
       let h = df_add(
-        df_mul(decay, vec2(state[states + n], stateLo[states + n])),
+        df_mul(decay, vec2(state[held + n], stateLo[states + n])),
         df_mul_f(dtu, B[token + n]),
       );
-      state[states + n] = h.x;
+      state[held + n] = h.x;
       stateLo[states + n] = h.y;
       out = df_add(out, df_mul_f(h, C[token + n]));
     }

@@ -8,15 +8,22 @@
 
 import {
   type Backend,
+  type ChooseArgs,
   type ConvArgs,
   convEachSequence,
   type ConvStep,
   convStepAfter,
+  type CopyRowsArgs,
   projectDelta,
+  type Recording,
+  type RowIndex,
   type RowNorm,
   type ScanArgs,
   scanEachSequence,
+  stateRows,
 } from "../backend.ts";
+import { PickScratch } from "../sampler.ts";
+import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** A view of `length` floats of `buf` from `offset`. */
 const view = (buf: Float32Array, offset: number, length: number) =>
@@ -32,12 +39,28 @@ export function softplus(x: number): number {
   return x > 20 ? x : Math.log1p(Math.exp(x));
 }
 
+/** Row r of a {@link RowIndex}, or r itself without one. */
+function rowAt(index: RowIndex<Float32Array> | undefined, r: number): number {
+  return index ? index.buf[index.offset + r] : r;
+}
+
 /** The plain TypeScript backend; its buffers are `Float32Array`s. */
 export class JsBackend implements Backend<Float32Array> {
   readonly name: string = "js";
+  readonly chunkTokens = 64;
+  readonly queued = false;
+  readonly #scratch = new PickScratch();
 
   upload(data: Float32Array): Float32Array {
     return data;
+  }
+
+  hostBytes(_byteLength: number): undefined {
+    return undefined;
+  }
+
+  uploadHalfMatrix(_data: Float32Array): null {
+    return null;
   }
 
   zeros(length: number): Float32Array {
@@ -66,10 +89,43 @@ export class JsBackend implements Backend<Float32Array> {
     // Garbage collected.
   }
 
+  capture(ops: () => void): HostRecording {
+    return new HostRecording(ops);
+  }
+
+  replay(recording: Recording): void {
+    (recording as HostRecording).ops();
+  }
+
+  releaseRecording(_recording: Recording): void {}
+
+  flush(): void {}
+
+  dispose(): void {}
+
   embed(out: Float32Array, table: Float32Array, ids: Int32Array, dim: number): void {
     for (let t = 0; t < ids.length; t++) {
       out.set(table.subarray(ids[t] * dim, (ids[t] + 1) * dim), t * dim);
     }
+  }
+
+  copyRows(args: CopyRowsArgs<Float32Array>): void {
+    const { dst, src, width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
+    const srcCount = Math.floor((src.length - srcOffset) / width);
+    const dstCount = Math.floor((dst.length - dstOffset) / width);
+    const inside = (row: number, rows: number) => Number.isInteger(row) && row >= 0 && row < rows;
+    for (let r = 0; r < count; r++) {
+      const from = rowAt(srcRows, r);
+      const to = rowAt(dstRows, r);
+      if (!inside(from, srcCount) || !inside(to, dstCount)) continue;
+      const at = srcOffset + from * width;
+      dst.set(src.subarray(at, at + width), dstOffset + to * width);
+    }
+  }
+
+  chooseTokens(args: ChooseArgs<Float32Array>): void {
+    const { logits, settings, randoms, history, slots, ids } = args;
+    chooseOnHost(args, { logits, settings, randoms, history, slots, ids }, this.#scratch);
   }
 
   rmsNorm(
@@ -142,7 +198,12 @@ export class JsBackend implements Backend<Float32Array> {
   }
 
   causalConv(args: ConvArgs<Float32Array>): void {
-    if ((args.batch ?? 1) > 1) return convEachSequence(args, view, (one) => this.causalConv(one));
+    const batch = args.batch ?? 1;
+    if (batch > 1 || args.slots) {
+      const kept = (args.kernel - 1) * args.channels;
+      const rows = stateRows(args.slots, batch, kept > 0 ? args.state.length / kept : Infinity);
+      return convEachSequence(args, view, rows, (one) => this.causalConv(one));
+    }
     const { out, x, weight, bias, state, len, channels, kernel } = args;
     const history = kernel - 1;
     // Input at relative position p (p < 0 reaches into the carried state).
@@ -166,8 +227,10 @@ export class JsBackend implements Backend<Float32Array> {
 
   selectiveScan(scanArgs: ScanArgs<Float32Array>): void {
     const args = projectDelta(this, scanArgs);
-    if ((args.batch ?? 1) > 1) {
-      return scanEachSequence(args, view, (one) => this.selectiveScan(one));
+    const batch = args.batch ?? 1;
+    if (batch > 1 || args.slots) {
+      const rows = stateRows(args.slots, batch, args.state.length / (args.dim * args.dState));
+      return scanEachSequence(args, view, rows, (one) => this.selectiveScan(one));
     }
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
     // The state stays float64 within a call, stored as float32 at its end: a

@@ -21,16 +21,22 @@
 
 import {
   type Backend,
+  type ChooseArgs,
   type ConvArgs,
   convEachSequence,
   type ConvStep,
   convStepAfter,
+  type CopyRowsArgs,
   projectDelta,
+  type Recording,
   type RowNorm,
   type ScanArgs,
   scanEachSequence,
+  stateRows,
 } from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
+import { PickScratch } from "../sampler.ts";
+import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** Options of the wasm backend. */
 export interface WasmBackendOptions {
@@ -86,6 +92,25 @@ interface Kernels {
     scratch: number,
   ): void;
   scanScratchBytes(dState: number): number;
+  scanStep(
+    y: number,
+    u: number,
+    delta: number,
+    A: number,
+    B: number,
+    C: number,
+    D: number,
+    z: number,
+    bias: number,
+    softplus: number,
+    state: number,
+    slots: number,
+    batch: number,
+    dim: number,
+    dState: number,
+    i0: number,
+    i1: number,
+  ): void;
   linear(
     out: number,
     x: number,
@@ -125,6 +150,7 @@ const ERROR = 31;
 const CTRL_WORDS = 32;
 const OP_LINEAR = 1;
 const OP_SCAN = 2;
+const OP_SCAN_STEP = 3;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
@@ -344,6 +370,12 @@ function canBlock(ctrl: Int32Array): boolean {
 /** The WebAssembly SIMD backend. Create it with {@link WasmBackend.create}. */
 export class WasmBackend implements Backend<WasmBuffer> {
   readonly name = "wasm";
+  /**
+   * A prompt's tokens per chunk: the matmul runs as fast per row from 64
+   * rows on, and other sequences' decoding waits at most one chunk.
+   */
+  readonly chunkTokens = 128;
+  readonly queued = false;
   /** Threads that split the large operations, the calling one included. */
   readonly threads: number;
 
@@ -362,6 +394,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   /** Scratch buffers that operations keep between calls, grown as needed. */
   readonly #scratchBuffers = new Map<"linear" | "norm" | "conv" | "scan", WasmBuffer>();
   #disposed = false;
+  readonly #pickScratch = new PickScratch();
 
   private constructor(memory: WebAssembly.Memory, instance: WebAssembly.Instance, threads: number) {
     this.#memory = memory;
@@ -486,6 +519,11 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return new Uint8Array(buffer, ptr, byteLength);
   }
 
+  /** Matrices stay f32: widened at load, the GEMV streams them fastest (see the README). */
+  uploadHalfMatrix(_data: Float32Array): null {
+    return null;
+  }
+
   upload(data: Float32Array): WasmBuffer {
     if (this.#lentBuffers.has(data.buffer)) {
       // Already in this memory: the lent bytes outlive every buffer made of them.
@@ -533,6 +571,25 @@ export class WasmBackend implements Backend<WasmBuffer> {
     buf.ptr = -1;
   }
 
+  capture(ops: () => void): HostRecording {
+    return new HostRecording(ops);
+  }
+
+  replay(recording: Recording): void {
+    (recording as HostRecording).ops();
+  }
+
+  releaseRecording(_recording: Recording): void {}
+
+  flush(): void {}
+
+  /** The floats of `buf`, as a view of the memory (valid until it grows). */
+  #floats(buf: WasmBuffer): Float32Array {
+    checkRange(buf, 0, buf.length);
+    const start = buf.ptr >>> 2;
+    return this.#view().subarray(start, start + buf.length);
+  }
+
   // -------------------------------------------------------- operations ----
 
   embed(out: WasmBuffer, table: WasmBuffer, ids: Int32Array, dim: number): void {
@@ -544,6 +601,36 @@ export class WasmBackend implements Backend<WasmBuffer> {
       if (!(id >= 0 && id < rows)) throw new RangeError(`Token id ${id} outside [0, ${rows})`);
       heap.copyWithin((out.ptr >>> 2) + t * dim, base + id * dim, base + (id + 1) * dim);
     }
+  }
+
+  copyRows(args: CopyRowsArgs<WasmBuffer>): void {
+    const { width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
+    const dst = this.#floats(args.dst);
+    const src = this.#floats(args.src);
+    const srcIndex = srcRows && this.#floats(srcRows.buf);
+    const dstIndex = dstRows && this.#floats(dstRows.buf);
+    const srcCount = Math.floor((src.length - srcOffset) / width);
+    const dstCount = Math.floor((dst.length - dstOffset) / width);
+    const inside = (row: number, rows: number) => Number.isInteger(row) && row >= 0 && row < rows;
+    for (let r = 0; r < count; r++) {
+      const from = srcIndex ? srcIndex[srcRows!.offset + r] : r;
+      const to = dstIndex ? dstIndex[dstRows!.offset + r] : r;
+      if (!inside(from, srcCount) || !inside(to, dstCount)) continue;
+      const at = srcOffset + from * width;
+      dst.set(src.subarray(at, at + width), dstOffset + to * width);
+    }
+  }
+
+  chooseTokens(args: ChooseArgs<WasmBuffer>): void {
+    const views = {
+      logits: this.#floats(args.logits),
+      settings: this.#floats(args.settings),
+      randoms: this.#floats(args.randoms),
+      history: this.#floats(args.history),
+      slots: this.#floats(args.slots),
+      ids: this.#floats(args.ids),
+    };
+    chooseOnHost(args, views, this.#pickScratch);
   }
 
   rmsNorm(
@@ -622,7 +709,13 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   causalConv(args: ConvArgs<WasmBuffer>): void {
-    if ((args.batch ?? 1) > 1) return convEachSequence(args, view, (one) => this.causalConv(one));
+    const batch = args.batch ?? 1;
+    if (batch > 1 || args.slots) {
+      const kept = (args.kernel - 1) * args.channels;
+      const slots = args.slots && this.#floats(args.slots);
+      const rows = stateRows(slots, batch, kept > 0 ? args.state.length / kept : Infinity);
+      return convEachSequence(args, view, rows, (one) => this.causalConv(one));
+    }
     const { out, x, weight, bias, state, len, channels, kernel } = args;
     this.#kernels.causalConv(
       out.ptr,
@@ -639,8 +732,12 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   selectiveScan(scanArgs: ScanArgs<WasmBuffer>): void {
     const args = projectDelta(this, scanArgs);
-    if ((args.batch ?? 1) > 1) {
-      return scanEachSequence(args, view, (one) => this.selectiveScan(one));
+    const batch = args.batch ?? 1;
+    if (args.len === 1 && args.dim % 4 === 0 && args.dState % 4 === 0) return this.#scanStep(args);
+    if (batch > 1 || args.slots) {
+      const slots = args.slots && this.#floats(args.slots);
+      const rows = stateRows(slots, batch, args.state.length / (args.dim * args.dState));
+      return scanEachSequence(args, view, rows, (one) => this.selectiveScan(one));
     }
     const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
     // f64 state of one tile per thread.
@@ -666,6 +763,37 @@ export class WasmBackend implements Backend<WasmBuffer> {
       this.#parallel(OP_SCAN, [...ptrs, scratch]);
     } else {
       this.#kernels.scan(...ptrs, 0, dim, scratch);
+    }
+  }
+
+  /** A decode step of every sequence at once, in f32 (see `scanStep` in asm/kernels.ts). */
+  #scanStep(args: ScanArgs<WasmBuffer>): void {
+    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, slots, dim, dState } =
+      args;
+    const batch = args.batch ?? 1;
+    const rows = state.length / (dim * dState);
+    stateRows(slots && this.#floats(slots), batch, rows); // Checks the slots.
+    const ptrs = [
+      y.ptr,
+      u.ptr,
+      delta.ptr,
+      A.ptr,
+      B.ptr,
+      C.ptr,
+      D ? D.ptr : 0,
+      z ? z.ptr : 0,
+      deltaBias ? deltaBias.ptr : 0,
+      deltaSoftplus ? 1 : 0,
+      state.ptr,
+      slots ? slots.ptr : 0,
+      batch,
+      dim,
+      dState,
+    ] as const;
+    if (this.#ctrl && batch * dim * dState >= MIN_PARALLEL_SCAN) {
+      this.#parallel(OP_SCAN_STEP, ptrs);
+    } else {
+      this.#kernels.scanStep(...ptrs, 0, batch * dim);
     }
   }
 

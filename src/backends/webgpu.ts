@@ -23,17 +23,16 @@
 
 import {
   type Backend,
+  type ChooseArgs,
   type ConvArgs,
   type ConvStep,
   convStepAfter,
-  MAX_DEVICE_PENALTY_WINDOW,
-  MAX_DEVICE_TOP_K,
+  type CopyRowsArgs,
   projectAfterConv,
   projectDelta,
   type Recording,
   type RowNorm,
   type ScanArgs,
-  type TopKSampling,
 } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
@@ -166,10 +165,17 @@ const MAX_GROUPS = 65535;
 const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
 const GEMV_MAX_ROWS = 4;
 // gemv4 takes up to this many rows in groups of 4, reading the weight once per
-// group: a batch of decode steps, where the tiled matmul would leave most SMs
-// idle on a long k loop.
-const GEMV4_MAX_ROWS = 16;
+// group (mostly from L2 after the first): a batch of decode steps, where the
+// tiled matmul has too few tiles to fill the GPU and a long k loop in each.
+// Past it the matmul's tiles are full enough to win (docs/performance.md).
+const GEMV4_MAX_ROWS = 128;
 const SAMPLE_SLICE = 1024; // logits per workgroup of sample.wgsl's first stage
+const SAMPLE_MAX_K = 64; // MAX_K of choose_rows.wgsl: rows keeping more take sample_wide.wgsl
+// sample_wide.wgsl spreads each row over slices of at least this many ids,
+// fewer where the rows alone make about WIDE_GROUPS workgroups per pass.
+const WIDE_MIN_SLICE = 1024;
+const WIDE_GROUPS = 1024;
+const WIDE_ROW_WORDS = 531; // ROW_WORDS of sample_wide.wgsl: a row's state
 const CONV_SEQUENTIAL_MAX_LEN = 4;
 const CONV_MAX_KERNEL = 9;
 const SCAN_WG = 128;
@@ -243,16 +249,16 @@ export class Program {
  */
 const PROGRAMS = {
   embed: new Program("embed", "main", [0, 1, 2, 3]),
-  embedFrom: new Program("embed", "from_buffer", [0, 2, 3, 4]),
-  argmax: new Program("argmax", "main", [0, 1, 2]),
-  penalize: new Program("penalize", "main", [0, 1, 2, 3]),
-  sampleSlices: new Program("sample", "slices", [0, 1, 4]),
-  sample: new Program("sample", "main", [0, 1, 2, 3, 4]),
+  copyRows: new Program("copy_rows", "main", [0, 1, 2, 3, 4]),
+  argmax: new Program("argmax", "main", [0, 1, 2, 3, 5, 6], {}, ["choose_rows"]),
+  penalize: new Program("penalize", "main", [0, 1, 3, 5, 6, 7], {}, ["choose_rows"]),
+  sampleSlices: new Program("sample", "slices", [0, 1, 3, 6, 7], {}, ["choose_rows"]),
+  sample: new Program("sample", "main", [0, 1, 2, 3, 4, 5, 6, 7], {}, ["choose_rows"]),
   rmsNorm: new Program("rmsnorm", "main", [0, 1, 2, 3]),
   add: new Program("add", "main", [0, 1, 2]),
-  convSequential: new Program("conv", "sequential", [0, 1, 2, 3, 4, 5]),
-  convOutputs: new Program("conv", "outputs", [0, 1, 2, 3, 4, 5]),
-  convUpdateState: new Program("conv", "update_state", [0, 1, 5]),
+  convSequential: new Program("conv", "sequential", [0, 1, 2, 3, 4, 5, 6]),
+  convOutputs: new Program("conv", "outputs", [0, 1, 2, 3, 4, 5, 6]),
+  convUpdateState: new Program("conv", "update_state", [0, 1, 5, 6]),
   projectSum: new Program("project_sum", "main", [0, 1, 4, 5, 6]),
 };
 
@@ -319,9 +325,9 @@ function linearProgram(
     const preludes = ["linear_io", half ? "weight_f16" : "weight_f32"];
     let bindings = LINEAR_BINDINGS;
     if (shader === "gemv4") {
-      // gemv4 also folds in a norm (7), a decode step's conv (8 to 10) and x_proj (11, 12).
+      // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and x_proj (11, 12).
       preludes.push(project ? "gemv4_shares" : "gemv4_no_shares");
-      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, ...(project ? [11, 12] : [])];
+      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, 13, ...(project ? [11, 12] : [])];
     }
     program = new Program(shader, entry, bindings, constants, preludes);
     linearPrograms.set(key, program);
@@ -369,7 +375,8 @@ function linearGroups(program: Program, rows: number, outDim: number): [number, 
 const SCAN_PROGRAMS = (() => {
   const constants = { WG: SCAN_WG, TT: SCAN_TILE };
   const plain = ["scan_no_shares"];
-  const step = [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14];
+  // 16: the slots naming each sequence's state row in a pool.
+  const step = [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 16];
   return {
     chunkState: new Program(
       "scan",
@@ -378,10 +385,20 @@ const SCAN_PROGRAMS = (() => {
       constants,
       plain,
     ),
-    carry: new Program("scan", "carry", [0, 3, 10, 11, 12], constants, plain),
-    output: new Program("scan", "output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], constants, plain),
+    carry: new Program("scan", "carry", [0, 3, 10, 11, 12, 16], constants, plain),
+    output: new Program(
+      "scan",
+      "output",
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16],
+      constants,
+      plain,
+    ),
     step: new Program("scan", "step", step, { ...constants, WG: SCAN_STEP_WG }, plain),
-    doubleFloat: new Program("scan_double_float", "main", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]),
+    doubleFloat: new Program(
+      "scan_double_float",
+      "main",
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+    ),
     stepProjected: new Program(
       "scan",
       "step",
@@ -394,12 +411,94 @@ const SCAN_PROGRAMS = (() => {
 
 /** The flags of the scan kernels' params for what `args` holds (bit 16 is the step's own). */
 function scanFlags(args: ScanArgs<GpuBuffer>): number {
-  const { D, z, deltaBias, deltaSoftplus } = args;
-  return (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0);
+  const { D, z, deltaBias, deltaSoftplus, slots } = args;
+  return (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0) |
+    (slots ? 32 : 0);
 }
 
 /** The widest projection (Σ widths) that gemv4 and the scan step fold in. */
 const MAX_FUSED_PROJECTION = 256;
+
+/** The entry points of sample_wide.wgsl, which {@link WideSampling} puts in order. */
+const WIDE_PROGRAMS = (() => {
+  const wide = (entry: string) =>
+    new Program("sample_wide", entry, [0, 1, 2, 3, 4, 5, 6, 7], {}, ["choose_rows"]);
+  return {
+    begin: wide("begin"),
+    extent: wide("extent"),
+    histogram: wide("histogram"),
+    settle: wide("settle"),
+    totals: wide("totals"),
+  };
+})();
+
+/** sample_wide.wgsl's searches (its p.search), in the order they run. */
+const WIDE_SEARCHES = { topK: 0, topP: 1, draw: 2 };
+
+/** One dispatch of sample_wide.wgsl's schedule: a program, its search and round, per slice or per row. */
+interface WidePass {
+  program: Program;
+  search: number;
+  round: number;
+  perSlice: boolean;
+}
+
+/**
+ * The schedule of sample_wide.wgsl for calls of `rows` rows of `vocab`
+ * logits: how a row is sliced, and each dispatch's program, parameters and
+ * workgroups.
+ */
+class WideSampling {
+  /** Ids per slice (a workgroup's share of a row): a multiple of 256. */
+  readonly sliceLength: number;
+  /** Slices per row. */
+  readonly slices: number;
+  /** Bytes of an id below `vocab`: a search's rounds on the id, after 4 on the key. */
+  readonly idDigits: number;
+  /** Its dispatches, in order. */
+  readonly passes: readonly WidePass[];
+
+  constructor(readonly rows: number, readonly vocab: number) {
+    // Enough workgroups to fill a large GPU where there are few rows, each
+    // with enough ids that the histograms' merging stays a small part.
+    const wanted = Math.ceil((rows * vocab) / WIDE_GROUPS);
+    this.sliceLength = Math.max(WIDE_MIN_SLICE, Math.ceil(wanted / 256) * 256);
+    this.slices = Math.ceil(vocab / this.sliceLength);
+    let idDigits = 1;
+    while (vocab > 256 ** idDigits) idDigits++;
+    this.idDigits = idDigits;
+    const { begin, extent, histogram, settle, totals } = WIDE_PROGRAMS;
+    const passes: WidePass[] = [
+      { program: begin, search: 0, round: 0, perSlice: false },
+      { program: extent, search: 0, round: 0, perSlice: true },
+    ];
+    for (const search of [WIDE_SEARCHES.topK, WIDE_SEARCHES.topP, WIDE_SEARCHES.draw]) {
+      if (search === WIDE_SEARCHES.topP) {
+        passes.push({ program: totals, search, round: 0, perSlice: true });
+      }
+      for (let round = 0; round < 4 + idDigits; round++) {
+        passes.push({ program: histogram, search, round, perSlice: true });
+        passes.push({ program: settle, search, round, perSlice: false });
+      }
+    }
+    this.passes = passes;
+  }
+
+  /** Words of scratch: each row's state, rows rounded up so that few sizes are kept. */
+  get scratchLength(): number {
+    return 2 ** Math.ceil(Math.log2(this.rows)) * WIDE_ROW_WORDS;
+  }
+
+  /** The parameters of a pass, after chooseTokens' (choose_rows.wgsl's Params). */
+  params(common: readonly number[], pass: WidePass): number[] {
+    return [...common, pass.search, pass.round, this.idDigits, this.sliceLength];
+  }
+
+  /** The workgroups of a pass: one per slice of each row, or one per row. */
+  groups(pass: WidePass): [number, number, number] {
+    return [pass.perSlice ? this.slices : 1, this.rows, 1];
+  }
+}
 
 /**
  * Storage buffers by exact byte size. A buffer released while commands that use
@@ -478,6 +577,7 @@ interface PendingProjection {
 /** The WebGPU backend; see the module documentation. */
 export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly name = "webgpu";
+  readonly queued = true;
   /**
    * A prompt's tokens per chunk: on an H100 the projections of 2048 rows run
    * twice as fast per row as those of 512 (more tiles than SMs).
@@ -597,6 +697,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
     this.device.queue.writeBuffer(buffer, 0, unshared(data));
     return new GpuBuffer(buffer, data.length);
+  }
+
+  /** GPU memory cannot be lent to the host. */
+  hostBytes(_byteLength: number): undefined {
+    return undefined;
   }
 
   /**
@@ -748,90 +853,95 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     }
   }
 
-  embedFrom(
-    out: GpuBuffer,
-    table: GpuBuffer,
-    ids: GpuBuffer,
-    index: number,
-    dim: number,
-    count = 1,
-  ): void {
-    for (const { part, firstRow } of table.pieces()) {
+  copyRows(args: CopyRowsArgs<GpuBuffer>): void {
+    const { dst, src, width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
+    if (count === 0 || width === 0) return;
+    if (src.parts.length === 0 && dst.buffer === src.buffer) {
+      throw new RangeError("copyRows cannot copy within one buffer");
+    }
+    if (srcOffset !== 0 && src.parts.length > 0) {
+      throw new RangeError("copyRows takes no offset into a matrix split over buffers");
+    }
+    const flags = (srcRows ? 1 : 0) | (dstRows ? 2 : 0);
+    const dstCount = Math.floor((dst.length - dstOffset) / width);
+    for (const { part, firstRow } of src.pieces()) {
+      const partRows = Math.floor((part.length - (src.parts.length > 0 ? 0 : srcOffset)) / width);
       this.#run(
-        PROGRAMS.embedFrom,
-        [dim, count, index, firstRow, part.length / dim],
+        PROGRAMS.copyRows,
+        [
+          width,
+          count,
+          dstOffset,
+          srcOffset,
+          srcRows?.offset ?? 0,
+          dstRows?.offset ?? 0,
+          flags,
+          firstRow,
+          partRows,
+          dstCount,
+        ],
         [],
-        { 2: part.buffer, 3: out.buffer, 4: ids.buffer },
-        grid(Math.ceil((count * dim) / 256)),
+        {
+          1: part.buffer,
+          2: dst.buffer,
+          3: srcRows?.buf.buffer ?? this.#dummy,
+          4: dstRows?.buf.buffer ?? this.#dummy,
+        },
+        grid(Math.ceil((count * width) / 256)),
       );
     }
   }
 
-  argmax(
-    ids: GpuBuffer,
-    index: number,
-    logits: GpuBuffer,
-    limit: number,
-    rows = 1,
-    stride = limit,
-  ): void {
-    this.#run(
-      PROGRAMS.argmax,
-      [limit, index, stride],
-      [],
-      { 1: logits.buffer, 2: ids.buffer },
-      [rows, 1, 1],
-    );
-  }
-
-  penalize(
-    logits: GpuBuffer,
-    rows: number,
-    stride: number,
-    penalty: number,
-    window: number,
-    history: GpuBuffer,
-    ids: GpuBuffer,
-    deviceFirst: number,
-    deviceCount: number,
-  ): void {
-    if (!Number.isInteger(window) || window < 1 || window > MAX_DEVICE_PENALTY_WINDOW) {
-      throw new RangeError(
-        `penalize takes a window of 1 to ${MAX_DEVICE_PENALTY_WINDOW} ids, got ${window}`,
+  /**
+   * Penalizes the rows that have a repetition penalty (penalize.wgsl), then
+   * picks: greedy rows take the argmax (argmax.wgsl), rows sampling among up
+   * to SAMPLE_MAX_K candidates take sample.wgsl's radix select, and rows
+   * sampling among more (a larger top-k, or none) sample_wide.wgsl's passes.
+   */
+  chooseTokens(args: ChooseArgs<GpuBuffer>): void {
+    const { logits, rows, vocab, features, settings, randoms, history, slots, ids } = args;
+    if (rows === 0) return;
+    const slices = Math.ceil(vocab / SAMPLE_SLICE);
+    const u32s = [
+      rows,
+      vocab,
+      args.randomOffset,
+      args.historyLength,
+      args.step,
+      args.idsOffset,
+      slices,
+    ];
+    const common = { 3: settings.buffer, 6: slots.buffer };
+    if (features.penalized) {
+      // A bitmap of the ids seen per row; rows rounded up so that few sizes are kept.
+      const seen = this.#lastingScratch(
+        "seen",
+        2 ** Math.ceil(Math.log2(rows)) * Math.ceil(vocab / 32),
       );
+      this.#run(PROGRAMS.penalize, u32s, [], {
+        ...common,
+        1: logits.buffer,
+        5: history.buffer,
+        7: seen.buffer,
+      }, [rows, 1, 1]);
     }
-    this.#run(
-      PROGRAMS.penalize,
-      [window, deviceFirst, rows, deviceCount, stride],
-      [penalty],
-      { 1: logits.buffer, 2: ids.buffer, 3: history.buffer },
-      [rows, 1, 1],
-    );
-  }
-
-  sampleTopK(
-    ids: GpuBuffer,
-    index: number,
-    logits: GpuBuffer,
-    limit: number,
-    { topK, temperature, topP, minP }: TopKSampling,
-    uniforms: GpuBuffer,
-    uniformIndex: number,
-    rows = 1,
-    stride = limit,
-  ): void {
-    if (!Number.isInteger(topK) || topK < 1 || topK > MAX_DEVICE_TOP_K) {
-      throw new RangeError(`sampleTopK takes a topK of 1 to ${MAX_DEVICE_TOP_K}, got ${topK}`);
+    const picked = { ...common, 1: logits.buffer, 2: ids.buffer, 5: history.buffer };
+    if (features.greedy) this.#run(PROGRAMS.argmax, u32s, [], picked, [rows, 1, 1]);
+    if (features.sampled) {
+      // Each slice's top k, (key, id) pairs of two u32s; then each row's.
+      const found = this.#lastingScratch("found", rows * slices * SAMPLE_MAX_K * 2);
+      const bindings = { ...picked, 4: randoms.buffer, 7: found.buffer };
+      this.#run(PROGRAMS.sampleSlices, u32s, [], bindings, [slices, rows, 1]);
+      this.#run(PROGRAMS.sample, u32s, [], bindings, [rows, 1, 1]);
     }
-    // Each slice's top k, (key, id) pairs of two u32s; then each row's.
-    const slices = Math.ceil(limit / SAMPLE_SLICE);
-    const found = this.#pool.acquire(rows * slices * MAX_DEVICE_TOP_K * 8, false);
-    const u32s = [limit, index, stride, topK, uniformIndex];
-    const f32s = [temperature, topP, minP];
-    const bindings = { 1: logits.buffer, 2: ids.buffer, 3: uniforms.buffer, 4: found };
-    this.#run(PROGRAMS.sampleSlices, u32s, f32s, bindings, [slices, rows, 1]);
-    this.#run(PROGRAMS.sample, u32s, f32s, bindings, [rows, 1, 1]);
-    this.#pool.release(found);
+    if (features.widestTopK > SAMPLE_MAX_K) {
+      const wide = new WideSampling(rows, vocab);
+      const scratch = this.#lastingScratch("wide", wide.scratchLength);
+      const bindings = { ...picked, 4: randoms.buffer, 7: scratch.buffer };
+      for (const pass of wide.passes) {
+        this.#run(pass.program, wide.params(u32s, pass), [], bindings, wide.groups(pass));
+      }
+    }
   }
 
   rmsNorm(
@@ -937,6 +1047,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         10: fusedConv?.state.buffer ?? this.#dummyOut3,
         11: project?.weight.buffer ?? this.#dummy,
         12: parts?.buffer ?? this.#dummyOut4,
+        13: fusedConv?.slots?.buffer ?? this.#dummy,
       };
       const params = [
         rows,
@@ -953,6 +1064,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         fusedConv?.bias ? 1 : 0,
         projWidth,
         project?.weight.half ? 1 : 0,
+        fusedConv?.slots ? 1 : 0,
       ];
       const eps = [fusedNorm?.eps ?? 0];
       this.#run(program, params, eps, bindings, linearGroups(program, rows, partDim));
@@ -1014,10 +1126,15 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   /**
    * A buffer of `length` floats for `purpose` (normalised linear inputs, the
-   * shares of a folded x_proj), one per purpose and size for the backend's
-   * life: a recording may name it, so it must not move.
+   * shares of a folded x_proj, the top-k of sampled slices, the ids a
+   * penalty has seen, the state of wide sampling), one per purpose
+   * and size for the backend's life: a recording may name it, so it must
+   * not move.
    */
-  #lastingScratch(purpose: "normed" | "shares", length: number): GpuBuffer {
+  #lastingScratch(
+    purpose: "normed" | "shares" | "found" | "seen" | "wide",
+    length: number,
+  ): GpuBuffer {
     const key = `${purpose}:${length}`;
     let buffer = this.#lasting.get(key);
     if (!buffer) {
@@ -1043,14 +1160,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   causalConv(
-    { out, x, weight, bias, state, len, channels, kernel, batch = 1 }: ConvArgs<GpuBuffer>,
+    { out, x, weight, bias, state, slots, len, channels, kernel, batch = 1 }: ConvArgs<GpuBuffer>,
   ): void {
     if (kernel < 1 || kernel > CONV_MAX_KERNEL) {
       throw new RangeError(
         `causalConv supports kernels of 1 to ${CONV_MAX_KERNEL} taps, got ${kernel}`,
       );
     }
-    const params = [len, channels, kernel, bias ? 1 : 0];
+    const params = [len, channels, kernel, bias ? 1 : 0, slots ? 1 : 0];
     // Sequence b of a batch is workgroup z = b.
     const perSequence = ([gx, gy]: number[]): [number, number, number] => [gx, gy, batch];
     const all = {
@@ -1059,6 +1176,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       3: bias?.buffer ?? this.#dummy,
       4: out.buffer,
       5: state.buffer,
+      6: slots?.buffer ?? this.#dummy,
     };
     if (len <= CONV_SEQUENTIAL_MAX_LEN) {
       this.#run(
@@ -1194,7 +1312,12 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const { delta, len, dim, dState } = args;
     const batch = args.batch ?? 1;
     const stateLo = this.#pool.acquire(byteSize(batch * dim * dState), false);
-    const bindings = { ...this.#scanBindings(args), 2: delta.buffer, 11: stateLo };
+    const bindings = {
+      ...this.#scanBindings(args),
+      2: delta.buffer,
+      11: stateLo,
+      12: args.slots?.buffer ?? this.#dummy,
+    };
     const tokensPerDispatch = Math.max(1, Math.floor(2 ** 15 / (dState + 1)));
     const flags = scanFlags(args);
     const zero = 0; // the kernel's `params.zero`
@@ -1207,9 +1330,10 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#pool.release(stateLo);
   }
 
-  /** The bindings of every scan kernel: inputs 1 and 3 to 8 (a dummy for those absent), y and state. */
+  /** The bindings of every scan kernel: inputs 1 and 3 to 8 (a dummy for those absent), y, state and slots. */
   #scanBindings(args: ScanArgs<GpuBuffer>): Record<number, GPUBuffer> {
     return {
+      16: args.slots?.buffer ?? this.#dummy,
       1: args.u.buffer,
       3: args.A.buffer,
       4: args.B.buffer,

@@ -23,21 +23,17 @@ fn main(
   }
 }
 `,
-  argmax: `// ids[index + r] = the lowest i < limit with the largest logits[r·stride + i],
-// as an f32 (ids below 2^24 are exact), or -1 when no logit is a number above
-// -3.4e38, for each row r. Greedy decoding on the device: the next step's
-// embedding reads the ids from \`ids\`, so no token travels to the host between
-// steps. One workgroup per row: each thread scans a strided slice keeping its
-// first maximum, then a tree reduction.
-struct Params {
-  limit: u32,
-  index: u32,
-  stride: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+  argmax: `// The greedy pick of each row whose temperature is 0 (choose_rows.wgsl is
+// prepended): ids[idsOffset + r] = the lowest i below the row's limit with
+// the largest logits[r·vocab + i], as an f32 (ids below 2^24 are exact), or
+// -1 when no logit is a number above -3.4e38; the id is also written into the
+// row's history. Decoding on the device: the next step's embedding reads the
+// ids from \`ids\`, so no token travels to the host between steps. One
+// workgroup per row: each thread scans a strided slice keeping its first
+// maximum, then a tree reduction.
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<f32>;
+@group(0) @binding(5) var<storage, read_write> history: array<f32>;
 
 const NONE: u32 = 0xffffffffu;
 
@@ -62,11 +58,15 @@ fn main(
   @builtin(local_invocation_index) li: u32,
 ) {
   let row = wg.x;
-  let base = row * p.stride;
+  if (samples(row)) {
+    return; // the same for the whole workgroup
+  }
+  let base = row * p.vocab;
+  let limit = limitOf(row);
   // Eight loads in flight per iteration (the loop is not unrolled for us);
   // indices rise within a thread, so \`>\` keeps its first maximum.
   var i = li;
-  for (; i + 7u * 256u < p.limit; i += 8u * 256u) {
+  for (; i + 7u * 256u < limit; i += 8u * 256u) {
     let v0 = logits[base + i];
     let v1 = logits[base + i + 256u];
     let v2 = logits[base + i + 512u];
@@ -84,7 +84,7 @@ fn main(
     consider(v6, i + 1536u);
     consider(v7, i + 1792u);
   }
-  for (; i < p.limit; i += 256u) {
+  for (; i < limit; i += 256u) {
     consider(logits[base + i], i);
   }
   bestValue[li] = value;
@@ -103,17 +103,153 @@ fn main(
   }
   if (li == 0u) {
     if (bestIndex[0] == NONE) {
-      ids[p.index + row] = -1.0;
+      ids[p.idsOffset + row] = -1.0;
     } else {
-      ids[p.index + row] = f32(bestIndex[0]);
+      ids[p.idsOffset + row] = f32(bestIndex[0]);
+      history[historyAt(row, positionOf(row))] = f32(bestIndex[0]);
     }
   }
+}
+`,
+  choose_rows: `// Prelude of the kernels of Backend.chooseTokens (penalize, argmax, sample,
+// sample_wide):
+// their parameters, each row's settings (src/backend.ts's samplingSettings:
+// temperature, topK, topP, minP, repetitionPenalty, repeatLastN, position,
+// limit) and where a row's ids are in the history ring. Row r's sequence is
+// row slots[r] of the ring, which holds the id at sequence position q at
+// q % historyLength; the row's pick in this call is at position + step.
+struct Params {
+  rows: u32,
+  vocab: u32, // floats per row of logits
+  randomOffset: u32, // row r draws with randoms[randomOffset + r]
+  historyLength: u32,
+  step: i32,
+  idsOffset: u32, // row r's id goes to ids[idsOffset + r]
+  maxSlices: u32, // sample.wgsl: slices per row in \`found\` (the rows' largest count)
+  // sample_wide.wgsl: the pass's search and round, bytes of an id, ids per slice.
+  search: u32,
+  round: u32,
+  idDigits: u32,
+  sliceLength: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read> settings: array<f32>;
+@group(0) @binding(6) var<storage, read> slots: array<f32>;
+
+const SETTINGS: u32 = 8u;
+
+// The most candidates that sample.wgsl's selection keeps; rows sampling among
+// more take sample_wide.wgsl.
+const MAX_K: u32 = 64u;
+
+fn temperatureOf(row: u32) -> f32 {
+  return settings[row * SETTINGS];
+}
+
+fn topKOf(row: u32) -> u32 {
+  return u32(settings[row * SETTINGS + 1u]);
+}
+
+fn topPOf(row: u32) -> f32 {
+  return settings[row * SETTINGS + 2u];
+}
+
+fn minPOf(row: u32) -> f32 {
+  return settings[row * SETTINGS + 3u];
+}
+
+fn penaltyOf(row: u32) -> f32 {
+  return settings[row * SETTINGS + 4u];
+}
+
+// repeatLastN: -1 for the whole history.
+fn windowOf(row: u32) -> i32 {
+  return i32(settings[row * SETTINGS + 5u]);
+}
+
+// The sequence position of the row's pick in this call: the ids before it.
+fn positionOf(row: u32) -> u32 {
+  return u32(i32(settings[row * SETTINGS + 6u]) + p.step);
+}
+
+// Only ids below it are candidates.
+fn limitOf(row: u32) -> u32 {
+  return min(u32(settings[row * SETTINGS + 7u]), p.vocab);
+}
+
+// Index in the ring of the row's id at sequence position q.
+fn historyAt(row: u32, q: u32) -> u32 {
+  return u32(slots[row]) * p.historyLength + q % p.historyLength;
+}
+
+// Row r samples rather than taking the argmax.
+fn samples(row: u32) -> bool {
+  return temperatureOf(row) > 0.0;
+}
+
+// Whether top-k cuts the row's candidates: on and below its limit (compared
+// as floats: a topK past u32 does not cut).
+fn cutsTopK(row: u32) -> bool {
+  let k = settings[row * SETTINGS + 1u];
+  return k > 0.0 && k < f32(limitOf(row));
+}
+
+// The candidates a sampled row keeps after top-k, at most (-Infinity and NaN
+// are never candidates), as samplingFeatures counts them.
+fn keptOf(row: u32) -> u32 {
+  return select(limitOf(row), topKOf(row), cutsTopK(row));
+}
+
+// Whether pickToken draws walking the candidates in sorted order (larger
+// logit first, the lower id on ties), as where top-k or top-p cuts them, or
+// else in id order.
+fn walksSorted(row: u32) -> bool {
+  return cutsTopK(row) || topPOf(row) < 1.0;
+}
+
+// Row r samples among at most MAX_K candidates (sample.wgsl).
+fn samplesNarrow(row: u32) -> bool {
+  return samples(row) && keptOf(row) <= MAX_K;
+}
+
+// Row r samples among more than MAX_K candidates (sample_wide.wgsl).
+fn samplesWide(row: u32) -> bool {
+  return samples(row) && keptOf(row) > MAX_K;
+}
+
+// A key that orders like the logit, or 0 for NaN and -Infinity (never
+// candidates). Tested on the bits: a compiler may assume that floats are
+// never NaN.
+fn keyOf(logit: f32) -> u32 {
+  let bits = bitcast<u32>(logit);
+  if ((bits & 0x7fffffffu) > 0x7f800000u || bits == 0xff800000u) {
+    return 0u;
+  }
+  if ((bits & 0x80000000u) != 0u) {
+    return ~bits;
+  }
+  return bits | 0x80000000u;
+}
+
+// The weight of a candidate's logit v relative to the top logit's, which
+// weighs 1: exp((v - top) / temperature), or where the top is +Infinity, 1
+// for +Infinity and 0 for the others (pickToken's softmax).
+fn weightOf(v: f32, top: f32, temperature: f32) -> f32 {
+  if (bitcast<u32>(v) == bitcast<u32>(top)) {
+    return 1.0;
+  }
+  if (bitcast<u32>(top) == 0x7f800000u) {
+    return 0.0;
+  }
+  return exp((v - top) / temperature);
 }
 `,
   conv: `// Causal depthwise convolution with SiLU, carrying the last kernel-1 inputs in
 // \`state\` [kernel-1, channels] (oldest first). Weights [channels, kernel]: tap
 // kernel-1 multiplies the current token. Sequence b = workgroup_id.z of a batch
-// has x and out at b·len·channels and its state at b·(kernel-1)·channels.
+// has x and out at b·len·channels and its state in row s·(kernel-1)·channels of
+// \`state\`: s = slots[b] with hasSlots (a pool of states), else b.
 //
 // Entry points:
 // - \`outputs\`: one thread per (token, channel), reads the old state; then
@@ -125,6 +261,7 @@ struct Params {
   channels: u32,
   kernel: u32,
   hasBias: u32,
+  hasSlots: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -133,6 +270,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> state: array<f32>;
+@group(0) @binding(6) var<storage, read> slots: array<f32>;
 
 const MAXK: u32 = 8u;
 
@@ -146,7 +284,11 @@ fn tokens(b: u32) -> u32 {
 }
 
 fn history(b: u32) -> u32 {
-  return b * (p.kernel - 1u) * p.channels;
+  var row = b;
+  if (p.hasSlots != 0u) {
+    row = u32(slots[b]);
+  }
+  return row * (p.kernel - 1u) * p.channels;
 }
 
 // Input at relative position pos of sequence b (negative positions reach into the state).
@@ -244,18 +386,81 @@ fn sequential(
   }
 }
 `,
-  embed: `// Entry \`main\`: out [count, dim] = rows ids[t] of table [rows, dim]; ids of
-// SKIP leave their row alone (a table split over buffers runs once per part).
-// Entry \`from_buffer\`: out [count, dim] = rows floatIds[index + t] of table, the
-// ids read on the device (written by argmax.wgsl during greedy decoding), each
-// when it lies in the part's rows [rowStart, rowStart + rowCount).
-// One thread per output float.
+  copy_rows: `// Rows copied by index (gathers and scatters): for r < count, row dstRow(r) of
+// dst = row srcRow(r) of src, rows of \`width\` floats from dstOffset and
+// srcOffset. With flag 1, srcRow(r) = srcIndex[srcIndexOffset + r] (a float),
+// else r; with flag 2, dstRow(r) = dstIndex[dstIndexOffset + r], else r. A
+// matrix split over several buffers runs once per part, which holds rows
+// [srcRowStart, srcRowStart + srcRows). A row number outside the rows a
+// buffer holds (such as an id of -1) copies nothing. One thread per float.
+struct Params {
+  width: u32,
+  count: u32,
+  dstOffset: u32,
+  srcOffset: u32,
+  srcIndexOffset: u32,
+  dstIndexOffset: u32,
+  flags: u32,
+  srcRowStart: u32,
+  srcRows: u32,
+  dstRows: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(3) var<storage, read> srcIndex: array<f32>;
+@group(0) @binding(4) var<storage, read> dstIndex: array<f32>;
+
+// Row r's number in an index (as a float), or r; -1 when it is not a whole
+// number below \`rows\` (compared as floats: a negative float converts to 0).
+fn rowOf(index: f32, useIndex: bool, r: u32, first: u32, rows: u32) -> i32 {
+  if (!useIndex) {
+    return i32(r);
+  }
+  let v = index - f32(first);
+  if (!(v >= 0.0 && v < f32(rows)) || v != floor(v)) {
+    return -1;
+  }
+  return i32(v);
+}
+
+@compute @workgroup_size(256)
+fn main(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  if (i >= p.count * p.width) {
+    return;
+  }
+  let r = i / p.width;
+  let k = i - r * p.width;
+  let useSrc = (p.flags & 1u) != 0u;
+  let useDst = (p.flags & 2u) != 0u;
+  var srcValue = 0.0;
+  if (useSrc) {
+    srcValue = srcIndex[p.srcIndexOffset + r];
+  }
+  var dstValue = 0.0;
+  if (useDst) {
+    dstValue = dstIndex[p.dstIndexOffset + r];
+  }
+  let readRow = rowOf(srcValue, useSrc, r, p.srcRowStart, p.srcRows);
+  let writeRow = rowOf(dstValue, useDst, r, 0u, p.dstRows);
+  if (readRow < 0 || writeRow < 0 || (!useSrc && r >= p.srcRows) || (!useDst && r >= p.dstRows)) {
+    return;
+  }
+  dst[p.dstOffset + u32(writeRow) * p.width + k] = src[p.srcOffset + u32(readRow) * p.width + k];
+}
+`,
+  embed: `// out [count, dim] = rows ids[t] of table [rows, dim]; ids of SKIP leave
+// their row alone (a table split over buffers runs once per part). One
+// thread per output float. (Ids on the device go through copy_rows.wgsl.)
 struct Params {
   dim: u32,
   count: u32,
-  index: u32,
-  rowStart: u32,
-  rowCount: u32,
 }
 
 const SKIP: u32 = 0xffffffffu;
@@ -264,7 +469,6 @@ const SKIP: u32 = 0xffffffffu;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 @group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read> floatIds: array<f32>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -281,24 +485,6 @@ fn main(
     return;
   }
   out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
-}
-
-@compute @workgroup_size(256)
-fn from_buffer(
-  @builtin(workgroup_id) wg: vec3u,
-  @builtin(num_workgroups) nwg: vec3u,
-  @builtin(local_invocation_index) li: u32,
-) {
-  let i = (wg.y * nwg.x + wg.x) * 256u + li;
-  if (i >= p.count * p.dim) {
-    return;
-  }
-  let t = i / p.dim;
-  let id = u32(floatIds[p.index + t]);
-  if (id < p.rowStart || id - p.rowStart >= p.rowCount) {
-    return;
-  }
-  out[i] = table[(id - p.rowStart) * p.dim + (i - t * p.dim)];
 }
 `,
   gemv: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias for rows ≤ MAXROWS: each
@@ -384,11 +570,13 @@ fn main(
 @group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> convWeight: array<f32>; // [split1, convKernel]
 @group(0) @binding(9) var<storage, read> convBias: array<f32>; // [split1]
-@group(0) @binding(10) var<storage, read_write> convState: array<f32>; // [rows, convKernel - 1, split1]
+@group(0) @binding(10) var<storage, read_write> convState: array<f32>; // [states, convKernel - 1, split1]
+@group(0) @binding(13) var<storage, read> convSlots: array<f32>; // with convSlots: row r's state row
 
 // With convKernel > 0 (decode steps), the columns of out go through a causal
 // conv step before they are stored: row r is one token of sequence r, whose
-// last convKernel - 1 inputs convState holds.
+// last convKernel - 1 inputs convState holds in row convSlots[r] (with
+// p.convSlots, a pool of states), else in row r.
 //
 // silu(conv + bias) of channel c for sequence r, whose newest input is v;
 // shifts v into the sequence's conv state (oldest input first). Only the thread
@@ -400,7 +588,11 @@ fn convStep(r: u32, c: u32, v: f32) -> f32 {
   if (p.convHasBias != 0u) {
     sum += convBias[c];
   }
-  let base = r * (taps - 1u) * channels + c;
+  var held = r;
+  if (p.convSlots != 0u) {
+    held = u32(convSlots[r]);
+  }
+  let base = held * (taps - 1u) * channels + c;
   for (var k = 0u; k + 1u < taps; k++) {
     let held = convState[base + k * channels];
     sum = fma(convWeight[c * taps + k], held, sum);
@@ -678,6 +870,7 @@ struct Params {
   convHasBias: u32, // gemv4 only
   projWidth: u32, // gemv4 only: columns of the projection of the conv step's outputs, or 0
   projHalf: u32, // gemv4 only: its weight is packed f16
+  convSlots: u32, // gemv4 only: the conv states are rows of a pool, named by convSlots
   normEps: f32,
 }
 
@@ -1128,38 +1321,18 @@ fn skinny(
   }
 }
 `,
-  penalize: `// The repetition penalty of Sampler.sample (src/sampler.ts) on the device, in
-// place: for each distinct id among the last \`window\` ids of row r's history,
-// its logit is divided by \`penalty\` when positive and multiplied by it
-// otherwise. A row's history is the ids the host knew, then the ids chosen on
-// the device so far:
-// - history[r · (window + 1)] = how many host ids follow it (at most
-//   window), oldest first, all as f32s;
-// - ids[deviceFirst + j · deviceStride + r], j < deviceCount, as f32s (the
-//   buffer that greedy and sampled decoding write their ids to).
-// One workgroup per row. A thread takes window positions; the first position
-// of each id applies the penalty, so each id is penalized once.
-struct Params {
-  window: u32,
-  deviceFirst: u32,
-  deviceStride: u32,
-  deviceCount: u32,
-  stride: u32, // floats from one row of logits to the next
-  penalty: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+  penalize: `// The repetition penalty of Sampler.sample (src/sampler.ts), in place on each
+// row of logits whose settings have one (choose_rows.wgsl is prepended): for
+// each distinct id among the last repeatLastN ids before the row's pick (all
+// of them for -1), its logit is divided by the penalty when positive and
+// multiplied by it otherwise. One workgroup per row; its threads take window
+// positions, and a bitmap of the ids seen makes the first thread to claim an
+// id the one that applies its penalty, so each id is penalized once. The
+// bitmap is the row's part of a storage buffer: one in workgroup memory large
+// enough for a vocabulary takes llvmpipe minutes to compile.
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;
-@group(0) @binding(2) var<storage, read> ids: array<f32>;
-@group(0) @binding(3) var<storage, read> history: array<f32>;
-
-// Row r's id at position i of its combined history (host ids, then device ids).
-fn idAt(row: u32, hostCount: u32, i: u32) -> u32 {
-  if (i < hostCount) {
-    return u32(history[row * (p.window + 1u) + 1u + i]);
-  }
-  return u32(ids[p.deviceFirst + (i - hostCount) * p.deviceStride + row]);
-}
+@group(0) @binding(5) var<storage, read> history: array<f32>;
+@group(0) @binding(7) var<storage, read_write> seen: array<atomic<u32>>; // [rows, ⌈vocab / 32⌉]
 
 @compute @workgroup_size(256)
 fn main(
@@ -1167,23 +1340,33 @@ fn main(
   @builtin(local_invocation_index) li: u32,
 ) {
   let row = wg.x;
-  let hostCount = u32(history[row * (p.window + 1u)]);
-  let total = hostCount + p.deviceCount;
-  let size = min(p.window, total);
-  let start = total - size; // first position in the window
+  let penalty = penaltyOf(row);
+  let window = windowOf(row);
+  if (penalty == 1.0 || window == 0) {
+    return; // the same for the whole workgroup
+  }
+  let position = positionOf(row);
+  var size = position;
+  if (window > 0) {
+    size = min(u32(window), position);
+  }
+  size = min(size, p.historyLength);
+  let words = (p.vocab + 31u) / 32u;
+  let first = row * words;
+  for (var w = li; w < words; w += 256u) {
+    atomicStore(&seen[first + w], 0u);
+  }
+  storageBarrier();
   for (var i = li; i < size; i += 256u) {
-    let id = idAt(row, hostCount, start + i);
-    var first = true;
-    for (var j = 0u; j < i; j++) {
-      if (idAt(row, hostCount, start + j) == id) {
-        first = false;
-        break;
-      }
+    let id = u32(history[historyAt(row, position - size + i)]);
+    if (id >= p.vocab) {
+      continue;
     }
-    if (first) {
-      let at = row * p.stride + id;
+    let bit = 1u << (id % 32u);
+    if ((atomicOr(&seen[first + id / 32u], bit) & bit) == 0u) {
+      let at = row * p.vocab + id;
       let v = logits[at];
-      logits[at] = select(v * p.penalty, v / p.penalty, v > 0.0);
+      logits[at] = select(v * penalty, v / penalty, v > 0.0);
     }
   }
 }
@@ -1272,12 +1455,16 @@ fn main(
   }
 }
 `,
-  sample: `// Samples one id per row of logits on the device, as Sampler.sample does with
-// top-k and no repetition penalty (src/sampler.ts): the topK largest logits
-// below \`limit\` (ties to the lower id; -Infinity and NaN never), temperature,
-// softmax, top-p, min-p, then a draw with the row's random number u in [0, 1).
-// ids[index + r] = the id as an f32, or -1 when no logit can be sampled, so
-// that sampled decoding needs no read-back per token.
+  sample: `// Samples one id for each row of logits whose settings sample among at most
+// MAX_K candidates (choose_rows.wgsl is prepended): a top-k of 1 to MAX_K
+// below the row's limit, or a limit of at most MAX_K; sample_wide.wgsl takes
+// the other sampled rows. As Sampler.sample does after its repetition
+// penalty (penalize.wgsl): the topK largest logits below the limit (ties to
+// the lower id; -Infinity and NaN never), temperature, softmax, top-p, min-p,
+// then a draw with the row's random number u in [0, 1). ids[idsOffset + r] =
+// the id as an f32, or -1 when no logit can be sampled, so that sampled
+// decoding needs no read-back per token; the id also goes into the row's
+// history.
 //
 // Two entry points, each a workgroup running the same top-k selection over a
 // list of items (a key and an id each):
@@ -1296,25 +1483,13 @@ fn main(
 // then ranked. The arithmetic is f32 where the host's is f64: a draw or the
 // top-p cut within about 1e-7 (relative) of the boundary between two ids may
 // go the other way.
-struct Params {
-  limit: u32,
-  index: u32, // ids[index + r] receives row r's id
-  stride: u32, // floats from one row of logits to the next
-  topK: u32, // 1 to MAX_K
-  uniformIndex: u32, // row r's random number is uniforms[uniformIndex + r]
-  temperature: f32,
-  topP: f32,
-  minP: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<f32>;
-@group(0) @binding(3) var<storage, read> uniforms: array<f32>;
+@group(0) @binding(4) var<storage, read> randoms: array<f32>;
+@group(0) @binding(5) var<storage, read_write> history: array<f32>;
 // Each slice's selection: MAX_K (key, id) pairs per slice, key 0 past its end.
-@group(0) @binding(4) var<storage, read_write> found: array<vec2<u32>>;
+@group(0) @binding(7) var<storage, read_write> found: array<vec2<u32>>;
 
-const MAX_K: u32 = 64u;
 const THREADS: u32 = 256u;
 const SLICE: u32 = 1024u; // ids per workgroup of \`slices\`
 
@@ -1335,20 +1510,6 @@ struct Items {
   first: u32,
   count: u32,
   base: u32, // of the row in logits
-}
-
-// A key that orders like the logit, or 0 for NaN and -Infinity (never
-// candidates). Tested on the bits: a compiler may assume that floats are
-// never NaN.
-fn keyOf(logit: f32) -> u32 {
-  let bits = bitcast<u32>(logit);
-  if ((bits & 0x7fffffffu) > 0x7f800000u || bits == 0xff800000u) {
-    return 0u;
-  }
-  if ((bits & 0x80000000u) != 0u) {
-    return ~bits;
-  }
-  return bits | 0x80000000u;
 }
 
 // Key and id of item i of the list.
@@ -1376,20 +1537,21 @@ fn scan(li: u32, suffix: bool) {
   }
 }
 
+// The slices of a row of \`limit\` ids.
+fn slicesOf(limit: u32) -> u32 {
+  return (limit + SLICE - 1u) / SLICE;
+}
+
 // Row r's weight of candidate j (the top one weighs 1), as the host computes it.
-fn weight(base: u32, j: u32, top: f32) -> f32 {
-  let v = logits[base + sortedId[j]];
-  if (bitcast<u32>(top) == 0x7f800000u) {
-    return select(0.0, 1.0, bitcast<u32>(v) == 0x7f800000u);
-  }
-  return exp((v - top) / p.temperature);
+fn weight(base: u32, j: u32, top: f32, temperature: f32) -> f32 {
+  return weightOf(logits[base + sortedId[j]], top, temperature);
 }
 
 // Selects the top min(topK, valid items) of the list into sortedKey and
 // sortedId (larger key first, the lower id on ties: ids rise along the list
 // among equal keys) and returns how many.
 // Every thread of the workgroup must call it.
-fn selectTop(list: Items, li: u32) -> u32 {
+fn selectTop(list: Items, topK: u32, li: u32) -> u32 {
   // The radix select: after round q, \`prefix\` holds the top 8(q + 1) bits of T.
   var prefix = 0u;
   var mask = 0u;
@@ -1410,7 +1572,7 @@ fn selectTop(list: Items, li: u32) -> u32 {
     workgroupBarrier();
     scan(li, true);
     if (round == 0u) {
-      k = min(p.topK, sums[0]);
+      k = min(topK, sums[0]);
       need = k;
     }
     // The bin where the count from the top first reaches \`need\`.
@@ -1490,20 +1652,23 @@ fn selectTop(list: Items, li: u32) -> u32 {
 @compute @workgroup_size(256)
 fn slices(
   @builtin(workgroup_id) wg: vec3u,
-  @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
   let slice = wg.x;
   let row = wg.y;
-  let first = min(slice * SLICE, p.limit);
-  let list = Items(0u, first, min(first + SLICE, p.limit) - first, row * p.stride);
-  let k = selectTop(list, li);
+  let limit = limitOf(row);
+  if (!samplesNarrow(row) || slice >= slicesOf(limit)) {
+    return; // the same for the whole workgroup
+  }
+  let first = slice * SLICE;
+  let list = Items(0u, first, min(first + SLICE, limit) - first, row * p.vocab);
+  let k = selectTop(list, keptOf(row), li);
   if (li < MAX_K) {
     var pair = vec2<u32>(0u);
     if (li < k) {
       pair = vec2<u32>(sortedKey[li], sortedId[li]);
     }
-    found[(row * nwg.x + slice) * MAX_K + li] = pair;
+    found[(row * p.maxSlices + slice) * MAX_K + li] = pair;
   }
 }
 
@@ -1513,66 +1678,607 @@ fn main(
   @builtin(local_invocation_index) li: u32,
 ) {
   let row = wg.x;
-  let base = row * p.stride;
-  let nSlices = (p.limit + SLICE - 1u) / SLICE;
-  let k = selectTop(Items(1u, row * nSlices * MAX_K, nSlices * MAX_K, base), li);
+  if (!samplesNarrow(row)) {
+    return; // the same for the whole workgroup
+  }
+  let base = row * p.vocab;
+  let nSlices = slicesOf(limitOf(row));
+  let k = selectTop(Items(1u, row * p.maxSlices * MAX_K, nSlices * MAX_K, base), keptOf(row), li);
 
   if (li != 0u) {
     return;
   }
   if (k == 0u) {
-    ids[p.index + row] = -1.0;
+    ids[p.idsOffset + row] = -1.0;
     return;
   }
-  // Temperature and softmax as weights relative to the top token, then top-p
-  // and min-p keep the first \`count\`, then the draw: Sampler.sample's steps.
+  let temperature = temperatureOf(row);
+  let topP = topPOf(row);
+  let minP = minPOf(row);
+  // Temperature and softmax as weights relative to the top token.
   let top = logits[base + sortedId[0]];
-  var total = 0.0;
-  for (var j = 0u; j < k; j++) {
-    total += weight(base, j, top);
-  }
-  var count = k;
-  if (p.topP < 1.0) {
-    let nucleus = p.topP * total;
-    var mass = 0.0;
-    for (var j = 0u; j < k; j++) {
-      let w = weight(base, j, top);
-      if (w < p.minP) {
-        count = j;
-        break;
-      }
-      mass += w;
-      if (mass >= nucleus) {
-        count = j + 1u;
-        break;
-      }
-    }
-  } else if (p.minP > 0.0) {
-    for (var j = 0u; j < k; j++) {
-      if (weight(base, j, top) < p.minP) {
-        count = j;
-        break;
-      }
-    }
-  }
-  var sum = 0.0;
-  for (var j = 0u; j < count; j++) {
-    sum += weight(base, j, top);
-  }
-  var r = uniforms[p.uniformIndex + row] * sum;
+  let u = randoms[p.randomOffset + row];
   var chosen = sortedId[0];
-  for (var j = 0u; j < count; j++) {
-    let w = weight(base, j, top);
-    if (w <= 0.0) {
+  if (walksSorted(row)) {
+    // Top-p and min-p keep the first \`count\`, then the draw walks them in order.
+    var total = 0.0;
+    for (var j = 0u; j < k; j++) {
+      total += weight(base, j, top, temperature);
+    }
+    var count = k;
+    if (topP < 1.0) {
+      let nucleus = topP * total;
+      var mass = 0.0;
+      for (var j = 0u; j < k; j++) {
+        let w = weight(base, j, top, temperature);
+        if (w < minP) {
+          count = j;
+          break;
+        }
+        mass += w;
+        if (mass >= nucleus) {
+          count = j + 1u;
+          break;
+        }
+      }
+    } else if (minP > 0.0) {
+      for (var j = 0u; j < k; j++) {
+        if (weight(base, j, top, temperature) < minP) {
+          count = j;
+          break;
+        }
+      }
+    }
+    var sum = 0.0;
+    for (var j = 0u; j < count; j++) {
+      sum += weight(base, j, top, temperature);
+    }
+    var r = u * sum;
+    for (var j = 0u; j < count; j++) {
+      let w = weight(base, j, top, temperature);
+      if (w <= 0.0) {
+        continue;
+      }
+      chosen = sortedId[j];
+      if (r < w) {
+        break;
+      }
+      r -= w;
+    }
+  } else {
+    // Nothing cuts (a limit of at most MAX_K ids): min-p keeps what it keeps
+    // and the draw walks it in id order, as pickToken does.
+    let limit = limitOf(row);
+    var sum = 0.0;
+    for (var i = 0u; i < limit; i++) {
+      let v = logits[base + i];
+      if (keyOf(v) != 0u) {
+        let w = weightOf(v, top, temperature);
+        if (w >= minP) {
+          sum += w;
+        }
+      }
+    }
+    var r = u * sum;
+    for (var i = 0u; i < limit; i++) {
+      let v = logits[base + i];
+      if (keyOf(v) == 0u) {
+        continue;
+      }
+      let w = weightOf(v, top, temperature);
+      if (w < minP || w <= 0.0) {
+        continue;
+      }
+      chosen = i;
+      if (r < w) {
+        break;
+      }
+      r -= w;
+    }
+  }
+  ids[p.idsOffset + row] = f32(chosen);
+  history[historyAt(row, positionOf(row))] = f32(chosen);
+}
+`,
+  sample_wide: `// Samples one id for each row of logits whose settings sample among more
+// than MAX_K candidates (choose_rows.wgsl is prepended): a top-k above MAX_K,
+// or none (0, or not below the row's limit) over more than MAX_K ids;
+// sample.wgsl takes the other sampled rows. The steps are pickToken's
+// (src/sampler.ts), after its repetition penalty (penalize.wgsl):
+//
+// 1. top-k: the k-th candidate in sorted order (larger logit first, the lower
+//    id on ties; -Infinity, NaN and ids from the limit on are never
+//    candidates) is the top-k cut, which keeps it and those before it;
+// 2. temperature and softmax: each candidate's weight relative to the top
+//    one; their total, and the total of those at or above min-p;
+// 3. top-p (below 1): the first candidate in sorted order where the weights
+//    from the top reach topP × total is the top-p cut;
+// 4. the draw: of the kept candidates (inside both cuts, at or above min-p),
+//    the first where the weights from the start pass u × their sum, for the
+//    row's random number u in [0, 1). The walk starts at the top in sorted
+//    order, or at id 0 where pickToken walks in id order (no top-k cut and a
+//    top-p of 1).
+// ids[idsOffset + r] = the id as an f32, or -1 when no logit can be sampled;
+// the id also goes into the row's history.
+//
+// Steps 1, 3 and 4 are one search: the first candidate, in an order, where
+// the running sum of masses (1 each for top-k, else the weights) passes a
+// goal. It is a radix select over the digits of the order: the key (a u32
+// that orders like the logit) from its top byte down, larger first, then the
+// id from its top byte down, smaller first (the id alone for id order). A
+// round histograms the masses of the candidates that match the digits found
+// so far by their next digit, and the bin where the running sum passes the
+// goal is the next digit; after the last round, one candidate matches.
+// Masses add up as 64-bit fixed point (WEIGHT_ONE for a weight of 1) with u32
+// atomics, as WGSL has no float atomics.
+//
+// Each row has a few words of state in \`wide\` and is spread over slices of
+// p.sliceLength ids, a workgroup each. webgpu.ts dispatches the entry points
+// in order: \`begin\` (a workgroup per row), \`extent\` (the largest logit),
+// then for each search round by round \`histogram\` and \`settle\` (a workgroup
+// per row, which finds the bin), with \`totals\` after top-k. A row skips the
+// rounds it does not need: top-k that cuts nothing, top-p of 1, the key's
+// rounds of a draw in id order. A kernel doing all of a round (every
+// workgroup settling the round before) would need half the dispatches but
+// takes llvmpipe several times as long to compile.
+//
+// The weights are f32 and truncated to the fixed point where the host's are
+// f64: a draw or a cut within about 1e-6 of the total mass (relative) of the
+// boundary between two ids may go the other way.
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ids: array<f32>;
+@group(0) @binding(4) var<storage, read> randoms: array<f32>;
+@group(0) @binding(5) var<storage, read_write> history: array<f32>;
+// [rows, ROW_WORDS]: each row's state (the offsets below).
+@group(0) @binding(7) var<storage, read_write> wide: array<atomic<u32>>;
+
+const THREADS: u32 = 256u;
+const BINS: u32 = 256u; // one per value of a digit (a byte)
+const KEY_DIGITS: u32 = 4u;
+// A weight of 1 in fixed point: 2^40 leaves room for 2^24 of them (a whole
+// vocabulary) in 64 bits, and drops a weight under 1e-12 of the top one.
+const WEIGHT_ONE: f32 = 1099511627776.0;
+const TWO_32: f32 = 4294967296.0;
+
+// The searches (p.search).
+const TOP_K: u32 = 0u;
+const TOP_P: u32 = 1u;
+const DRAW: u32 = 2u;
+
+// Word offsets in a row's state. A cut (key, id) keeps the candidates at or
+// before that one in sorted order: (0, all ones) keeps them all. A mass takes
+// two words, the low one first.
+const MAX_KEY: u32 = 0u; // the row's largest key; 0 where no logit is a candidate
+const CUT_K: u32 = 1u; // the top-k cut
+const CUT_P: u32 = 3u; // the top-p cut
+const NUCLEUS: u32 = 5u; // the mass up to and including the top-p cut
+const TOTAL_MASS: u32 = 7u; // the candidates' mass (inside the top-k cut)
+const MIN_P_MASS: u32 = 9u; // the mass of those at or above min-p
+const SEARCH: u32 = 11u; // the search under way (storeSearch)
+const HISTOGRAM: u32 = 19u; // BINS low words, then BINS high words
+// Words per row: webgpu.ts's WIDE_ROW_WORDS.
+const ROW_WORDS: u32 = 531u;
+
+// Where a search stands: the digits found so far, in place (the masks mark
+// them), the mass of the candidates before every one that matches them, and
+// the goal, which the running mass passes first at the candidate searched
+// for.
+struct Search {
+  key: u32,
+  keyMask: u32,
+  id: u32,
+  idMask: u32,
+  above: vec2u,
+  goal: vec2u,
+}
+
+var<workgroup> binLo: array<atomic<u32>, BINS>;
+var<workgroup> binHi: array<atomic<u32>, BINS>;
+var<workgroup> runLo: array<u32, BINS>;
+var<workgroup> runHi: array<u32, BINS>;
+var<workgroup> foundBin: u32;
+var<workgroup> foundBefore: vec2u;
+var<workgroup> foundMass: vec2u;
+var<workgroup> largest: atomic<u32>;
+
+// 64-bit unsigned arithmetic on (low, high) pairs.
+fn add64(a: vec2u, b: vec2u) -> vec2u {
+  let low = a.x + b.x;
+  return vec2u(low, a.y + b.y + select(0u, 1u, low < a.x));
+}
+
+fn sub64(a: vec2u, b: vec2u) -> vec2u {
+  return vec2u(a.x - b.x, a.y - b.y - select(0u, 1u, a.x < b.x));
+}
+
+fn less64(a: vec2u, b: vec2u) -> bool {
+  return a.y < b.y || (a.y == b.y && a.x < b.x);
+}
+
+fn min64(a: vec2u, b: vec2u) -> vec2u {
+  return select(b, a, less64(a, b));
+}
+
+fn toFloat(a: vec2u) -> f32 {
+  return f32(a.y) * TWO_32 + f32(a.x);
+}
+
+// x (0 or more) rounded down; exact, as an f32 holds 24 bits.
+fn toFixed(x: f32) -> vec2u {
+  let high = floor(x / TWO_32);
+  return vec2u(u32(x - high * TWO_32), u32(high));
+}
+
+// The fixed-point mass of a weight (at most 1).
+fn massOf(weight: f32) -> vec2u {
+  return toFixed(weight * WEIGHT_ONE);
+}
+
+fn load64(at: u32) -> vec2u {
+  return vec2u(atomicLoad(&wide[at]), atomicLoad(&wide[at + 1u]));
+}
+
+fn store64(at: u32, v: vec2u) {
+  atomicStore(&wide[at], v.x);
+  atomicStore(&wide[at + 1u], v.y);
+}
+
+// Adds v to the 64-bit number whose words are at \`low\` and \`high\` of \`wide\`.
+fn addToWide(low: u32, high: u32, v: vec2u) {
+  if ((v.x | v.y) == 0u) {
+    return;
+  }
+  let old = atomicAdd(&wide[low], v.x);
+  let carried = v.y + select(0u, 1u, old + v.x < old);
+  if (carried != 0u) {
+    atomicAdd(&wide[high], carried);
+  }
+}
+
+// Adds v to a bin of this workgroup's histogram.
+fn addToBin(bin: u32, v: vec2u) {
+  if ((v.x | v.y) == 0u) {
+    return;
+  }
+  let old = atomicAdd(&binLo[bin], v.x);
+  let carried = v.y + select(0u, 1u, old + v.x < old);
+  if (carried != 0u) {
+    atomicAdd(&binHi[bin], carried);
+  }
+}
+
+// The logit of a key (other than 0).
+fn logitOf(key: u32) -> f32 {
+  return bitcast<f32>(select(~key, key & 0x7fffffffu, (key & 0x80000000u) != 0u));
+}
+
+// Whether a candidate is at or before a cut in sorted order.
+fn inCut(key: u32, id: u32, cut: vec2u) -> bool {
+  return key > cut.x || (key == cut.x && id <= cut.y);
+}
+
+// The first round of a search that a row takes part in: a draw in id order
+// skips the key's digits.
+fn firstRound(row: u32, search: u32) -> u32 {
+  return select(0u, KEY_DIGITS, search == DRAW && !walksSorted(row));
+}
+
+// Whether the row takes part in a round of a search (it has candidates).
+fn takesPart(row: u32, search: u32, round: u32) -> bool {
+  if (atomicLoad(&wide[row * ROW_WORDS + MAX_KEY]) == 0u) {
+    return false;
+  }
+  if (search == TOP_K) {
+    return cutsTopK(row);
+  }
+  if (search == TOP_P) {
+    return topPOf(row) < 1.0;
+  }
+  return round >= firstRound(row, search);
+}
+
+// Where a round's digit is: in the key's bytes from the top, then the id's.
+fn digitShift(round: u32) -> u32 {
+  if (round < KEY_DIGITS) {
+    return 24u - 8u * round;
+  }
+  return 8u * (p.idDigits - 1u - (round - KEY_DIGITS));
+}
+
+fn storeSearch(words: u32, s: Search) {
+  let at = words + SEARCH;
+  atomicStore(&wide[at], s.key);
+  atomicStore(&wide[at + 1u], s.keyMask);
+  atomicStore(&wide[at + 2u], s.id);
+  atomicStore(&wide[at + 3u], s.idMask);
+  store64(at + 4u, s.above);
+  store64(at + 6u, s.goal);
+}
+
+// The search under way, or a new one at its first round.
+fn loadSearch(row: u32, search: u32, round: u32) -> Search {
+  let at = row * ROW_WORDS + SEARCH;
+  if (round == firstRound(row, search)) {
+    return Search(0u, 0u, 0u, 0u, vec2u(0u), vec2u(0u));
+  }
+  return Search(
+    atomicLoad(&wide[at]),
+    atomicLoad(&wide[at + 1u]),
+    atomicLoad(&wide[at + 2u]),
+    atomicLoad(&wide[at + 3u]),
+    load64(at + 4u),
+    load64(at + 6u),
+  );
+}
+
+// The goal of a new search, from what the passes before found.
+fn goalOf(row: u32, search: u32) -> vec2u {
+  let words = row * ROW_WORDS;
+  if (search == TOP_K) {
+    // The k-th candidate: the first where the count passes k - 1.
+    return vec2u(topKOf(row) - 1u, 0u);
+  }
+  if (search == TOP_P) {
+    // The first where the mass reaches topP × total: passes one less.
+    let reach = toFixed(topPOf(row) * toFloat(load64(words + TOTAL_MASS)));
+    return select(sub64(reach, vec2u(1u, 0u)), vec2u(0u), (reach.x | reach.y) == 0u);
+  }
+  var sum = load64(words + MIN_P_MASS);
+  if (topPOf(row) < 1.0) {
+    // Both cuts keep a head of the sorted order: the shorter one, the lighter.
+    sum = min64(sum, load64(words + NUCLEUS));
+  }
+  return toFixed(randoms[p.randomOffset + row] * toFloat(sum));
+}
+
+// The row's largest logit.
+fn topOf(row: u32) -> f32 {
+  return logitOf(atomicLoad(&wide[row * ROW_WORDS + MAX_KEY]));
+}
+
+// The ids of a slice of the row: first and end.
+fn sliceIds(row: u32, slice: u32) -> vec2u {
+  let first = slice * p.sliceLength;
+  return vec2u(first, min(first + p.sliceLength, limitOf(row)));
+}
+
+// Sets up each row's state.
+@compute @workgroup_size(256)
+fn begin(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.y;
+  if (!samplesWide(row)) {
+    return;
+  }
+  let words = row * ROW_WORDS;
+  atomicStore(&wide[words + HISTOGRAM + li], 0u);
+  atomicStore(&wide[words + HISTOGRAM + BINS + li], 0u);
+  if (li == 0u) {
+    atomicStore(&wide[words + MAX_KEY], 0u);
+    store64(words + CUT_K, vec2u(0u, 0xffffffffu));
+    store64(words + CUT_P, vec2u(0u, 0xffffffffu));
+    store64(words + TOTAL_MASS, vec2u(0u));
+    store64(words + MIN_P_MASS, vec2u(0u));
+  }
+}
+
+// The row's largest key, over its slices.
+@compute @workgroup_size(256)
+fn extent(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.y;
+  if (!samplesWide(row)) {
+    return;
+  }
+  var m = 0u;
+  let span = sliceIds(row, wg.x);
+  for (var id = span.x + li; id < span.y; id += THREADS) {
+    m = max(m, keyOf(logits[row * p.vocab + id]));
+  }
+  atomicMax(&largest, m);
+  workgroupBarrier();
+  if (li == 0u) {
+    atomicMax(&wide[row * ROW_WORDS + MAX_KEY], atomicLoad(&largest));
+  }
+}
+
+// Round p.round of search p.search over a slice: the masses of the
+// candidates matching the digits found so far, by their next digit, added to
+// the row's histogram.
+@compute @workgroup_size(256)
+fn histogram(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.y;
+  let search = p.search;
+  let round = p.round;
+  if (!samplesWide(row) || !takesPart(row, search, round)) {
+    return; // the same for the whole workgroup
+  }
+  let words = row * ROW_WORDS;
+  let s = loadSearch(row, search, round);
+  let cutK = load64(words + CUT_K);
+  let cutP = load64(words + CUT_P);
+  let top = topOf(row);
+  let temperature = temperatureOf(row);
+  let minP = minPOf(row);
+  let shift = digitShift(round);
+  let byKey = round < KEY_DIGITS;
+  // Each thread adds up a run of masses in one bin before adding it to the
+  // bin: in the key's first rounds most candidates share a few bins, whose
+  // atomics would take turns.
+  var runBin = BINS;
+  var runMass = vec2u(0u);
+  let span = sliceIds(row, wg.x);
+  for (var id = span.x + li; id < span.y; id += THREADS) {
+    let v = logits[row * p.vocab + id];
+    let key = keyOf(v);
+    if (key == 0u || (key & s.keyMask) != s.key || (id & s.idMask) != s.id) {
       continue;
     }
-    chosen = sortedId[j];
-    if (r < w) {
-      break;
+    var mass = vec2u(1u, 0u); // top-k counts
+    if (search != TOP_K) {
+      if (!inCut(key, id, cutK)) {
+        continue;
+      }
+      let w = weightOf(v, top, temperature);
+      if (search == DRAW && (w < minP || !inCut(key, id, cutP))) {
+        continue;
+      }
+      mass = massOf(w);
     }
-    r -= w;
+    let bin = (select(id, key, byKey) >> shift) & 255u;
+    if (bin != runBin) {
+      if (runBin < BINS) {
+        addToBin(runBin, runMass);
+      }
+      runBin = bin;
+      runMass = mass;
+    } else {
+      runMass = add64(runMass, mass);
+    }
   }
-  ids[p.index + row] = f32(chosen);
+  if (runBin < BINS) {
+    addToBin(runBin, runMass);
+  }
+  workgroupBarrier();
+  let at = words + HISTOGRAM + li;
+  addToWide(at, at + BINS, vec2u(atomicLoad(&binLo[li]), atomicLoad(&binHi[li])));
+}
+
+// The mass of a slice's candidates (inside the top-k cut), added to the
+// row's total, and of those at or above min-p, to its min-p mass.
+@compute @workgroup_size(256)
+fn totals(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.y;
+  let words = row * ROW_WORDS;
+  if (!samplesWide(row) || atomicLoad(&wide[words + MAX_KEY]) == 0u) {
+    return; // the same for the whole workgroup
+  }
+  let cutK = load64(words + CUT_K);
+  let top = topOf(row);
+  let temperature = temperatureOf(row);
+  let minP = minPOf(row);
+  var total = vec2u(0u);
+  var atMinP = vec2u(0u);
+  let span = sliceIds(row, wg.x);
+  for (var id = span.x + li; id < span.y; id += THREADS) {
+    let v = logits[row * p.vocab + id];
+    let key = keyOf(v);
+    if (key == 0u || !inCut(key, id, cutK)) {
+      continue;
+    }
+    let w = weightOf(v, top, temperature);
+    let mass = massOf(w);
+    total = add64(total, mass);
+    if (w >= minP) {
+      atMinP = add64(atMinP, mass);
+    }
+  }
+  addToBin(0u, total);
+  addToBin(1u, atMinP);
+  workgroupBarrier();
+  if (li < 2u) {
+    let at = words + select(TOTAL_MASS, MIN_P_MASS, li == 1u);
+    addToWide(at, at + 1u, vec2u(atomicLoad(&binLo[li]), atomicLoad(&binHi[li])));
+  }
+}
+
+// Round p.round of search p.search for a row: the bin of the row's histogram
+// where the running mass, in the order of the round's digit, passes the goal.
+// Where rounding left the goal at or past the end, it finds the last
+// candidate with a mass, as pickToken then takes its last one. Stores the
+// search and clears the histogram; after its last round, a search stores its
+// cut, or the draw its id.
+@compute @workgroup_size(256)
+fn settle(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.y;
+  let search = p.search;
+  let round = p.round;
+  let last = round + 1u == KEY_DIGITS + p.idDigits;
+  if (!samplesWide(row)) {
+    return;
+  }
+  if (!takesPart(row, search, round)) {
+    if (search == DRAW && last && li == 0u) {
+      ids[p.idsOffset + row] = -1.0; // no candidate: the only draw that takes no part
+    }
+    return; // the same for the whole workgroup
+  }
+  let words = row * ROW_WORDS;
+  var s = loadSearch(row, search, round);
+  if (round == firstRound(row, search)) {
+    s.goal = goalOf(row, search);
+  }
+  let at = words + HISTOGRAM + li;
+  let mass = vec2u(atomicLoad(&wide[at]), atomicLoad(&wide[at + BINS]));
+  atomicStore(&wide[at], 0u);
+  atomicStore(&wide[at + BINS], 0u);
+  // Bin li's place in the order: larger key digits first, smaller id digits first.
+  let byKey = round < KEY_DIGITS;
+  let place = select(li, BINS - 1u - li, byKey);
+  runLo[place] = mass.x;
+  runHi[place] = mass.y;
+  workgroupBarrier();
+  for (var offset = 1u; offset < BINS; offset <<= 1u) {
+    var add = vec2u(0u);
+    if (place >= offset) {
+      add = vec2u(runLo[place - offset], runHi[place - offset]);
+    }
+    workgroupBarrier();
+    let sum = add64(vec2u(runLo[place], runHi[place]), add);
+    runLo[place] = sum.x;
+    runHi[place] = sum.y;
+    workgroupBarrier();
+  }
+  let through = vec2u(runLo[place], runHi[place]);
+  let before = sub64(through, mass);
+  let whole = vec2u(runLo[BINS - 1u], runHi[BINS - 1u]);
+  let need = min64(sub64(s.goal, s.above), sub64(whole, vec2u(1u, 0u)));
+  if (!less64(need, before) && less64(need, through)) {
+    foundBin = li;
+    foundBefore = before;
+    foundMass = mass;
+  }
+  workgroupBarrier();
+  if (li != 0u) {
+    return;
+  }
+  let shift = digitShift(round);
+  if (byKey) {
+    s.key |= foundBin << shift;
+    s.keyMask |= 255u << shift;
+  } else {
+    s.id |= foundBin << shift;
+    s.idMask |= 255u << shift;
+  }
+  s.goal = add64(s.above, need);
+  s.above = add64(s.above, foundBefore);
+  storeSearch(words, s);
+  if (!last) {
+    return;
+  }
+  let cut = vec2u(s.key, s.id);
+  if (search == TOP_K) {
+    store64(words + CUT_K, cut);
+  } else if (search == TOP_P) {
+    store64(words + CUT_P, cut);
+    store64(words + NUCLEUS, add64(s.above, foundMass));
+  } else {
+    ids[p.idsOffset + row] = f32(s.id);
+    history[historyAt(row, positionOf(row))] = f32(s.id);
+  }
 }
 `,
   scan: `// Fused selective scan (Mamba-1 S6), token-major, for \`batch\` sequences:
@@ -1582,7 +2288,8 @@ fn main(
 //   y    = (C[t]·h + D·u) · silu(z)                 (D and z optional)
 //
 // Layouts: u, delta, z, y [batch, len, dim]; B, C [batch, len, nState];
-// A [dim, nState]; state [batch, dim, nState]. One thread per channel; B and C
+// A [dim, nState]; state [rows, dim, nState], sequence b's in row slots[b]
+// with flag 32 (a pool of states), else in row b. One thread per channel; B and C
 // are staged per tile of TT tokens in workgroup memory, loaded a tile ahead.
 //
 // A thread holds 16 states as four vec4s (a \`Lanes\`), never as an array: Naga
@@ -1615,7 +2322,7 @@ struct Params {
   batch: u32,
   chunkLen: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16
+  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots
   nState: u32,
   group: u32,
   nGroups: u32,
@@ -1638,6 +2345,7 @@ struct Params {
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
 @group(0) @binding(13) var<storage, read> dtLow: array<f32>; // step: dt [batch, rank]
 @group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], f32 or packed f16 bits
+@group(0) @binding(16) var<storage, read> slots: array<f32>; // with flag 32: sequence b's state row
 
 const WG: u32 = 128u;
 const TT: u32 = 32u; // a multiple of 4, at most WG / 4
@@ -1717,6 +2425,15 @@ fn quadOf(values: vec4<f32>, q: u32) -> vec4<f32> {
 /** Index of state n of this group (clamped into the row) in a row of nState values. */
 fn lane(row: u32, n: u32) -> u32 {
   return row * p.nState + min(p.group * 16u + n, p.nState - 1u);
+}
+
+/** The row of \`state\` holding channel d of sequence b's states. */
+fn stateRow(b: u32, d: u32) -> u32 {
+  var s = b;
+  if ((p.flags & 32u) != 0u) {
+    s = u32(slots[b]);
+  }
+  return s * p.dim + d;
 }
 
 fn stateQuad(row: u32, q: u32) -> vec4<f32> {
@@ -1949,7 +2666,7 @@ fn carry(
   let d = bd % p.dim;
   let b = bd / p.dim;
   let a2 = aQuad(d, q);
-  var h = stateQuad(bd, q);
+  var h = stateQuad(stateRow(b, d), q);
   let ends = p.nChunks - 1u;
   var next = loadChunkEnds(b, 0u, d, q);
   // Four chunks per iteration; the next four load meanwhile.
@@ -2001,7 +2718,7 @@ fn output(
   let hasZ = (p.flags & 2u) != 0u;
   let last = p.group + 1u == p.nGroups;
   let a2 = decayRates(w.dd);
-  let row = w.b * p.dim + w.dd; // of the state
+  let row = stateRow(w.b, w.dd);
   var h: Lanes;
   if (p.nChunks == 1u) {
     h = Lanes(stateQuad(row, 0u), stateQuad(row, 1u), stateQuad(row, 2u), stateQuad(row, 3u));
@@ -2148,11 +2865,12 @@ fn step(
   let q = li % 4u;
   let dd = min(d, p.dim - 1u);
   let b = wg.z;
-  let row = b * p.dim + dd; // of u, z, y and the state alike
+  let row = b * p.dim + dd; // of u, z and y
+  let held = stateRow(b, dd);
   // Everything but dt, B and C is loaded before the exchanges, so that the
   // loads overlap the dt_proj product instead of waiting behind its barrier.
   let a2 = aQuad(dd, q);
-  let h0 = stateQuad(row, q);
+  let h0 = stateQuad(held, q);
   let ur = u[row];
   if (PROJECTED != 0u) {
     sumProjection(b, li);
@@ -2165,7 +2883,7 @@ fn step(
   if (d >= p.dim) {
     return;
   }
-  storeStateQuad(row, q, h);
+  storeStateQuad(held, q, h);
   if (q != 0u) {
     return;
   }
@@ -2198,15 +2916,16 @@ fn step(
 // softplus by one Newton step from the f32 value. Inputs and outputs are f32.
 //
 // Layouts as scan.wgsl: u, delta, z, y [batch, len, dim]; B, C [batch, len,
-// nState]; A [dim, nState]; state [batch, dim, nState], read as the start
-// state and written with the last one. One thread per (sequence, channel),
+// nState]; A [dim, nState]; state [rows, dim, nState] (sequence b's in row
+// slots[b] with flag 32, else row b), read as the start state and written
+// with the last one. One thread per (sequence, channel),
 // the states' hi halves in \`state\` and their lo halves in \`stateLo\` while it
 // runs: a reference mode, not a fast one.
 struct Params {
   len: u32,
   dim: u32,
   batch: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus
+  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 32: slots
   nState: u32,
   // The tokens of this dispatch: start … start + count - 1. A long scan takes
   // several dispatches (llvmpipe ends an invocation's loops after 65,535
@@ -2229,6 +2948,7 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> y: array<f32>;
 @group(0) @binding(10) var<storage, read_write> state: array<f32>;
 @group(0) @binding(11) var<storage, read_write> stateLo: array<f32>;
+@group(0) @binding(12) var<storage, read> slots: array<f32>;
 
 // A value the compiler cannot see through. Shader compilers may reassociate
 // f32 arithmetic (llvmpipe turns the error term of a two-sum into 0); passing
@@ -2359,7 +3079,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   if (d >= dim) {
     return;
   }
-  let states = (b * dim + d) * nState;
+  let states = (b * dim + d) * nState; // of stateLo
+  var row = b;
+  if ((params.flags & 32u) != 0u) {
+    row = u32(slots[b]);
+  }
+  let held = (row * dim + d) * nState; // of state
   if (params.start == 0u) {
     for (var n = 0u; n < nState; n++) {
       stateLo[states + n] = 0.0;
@@ -2380,10 +3105,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var n = 0u; n < nState; n++) {
       let decay = df_exp(df_mul_f(dt, A[d * nState + n]));
       let h = df_add(
-        df_mul(decay, vec2(state[states + n], stateLo[states + n])),
+        df_mul(decay, vec2(state[held + n], stateLo[states + n])),
         df_mul_f(dtu, B[token + n]),
       );
-      state[states + n] = h.x;
+      state[held + n] = h.x;
       stateLo[states + n] = h.y;
       out = df_add(out, df_mul_f(h, C[token + n]));
     }

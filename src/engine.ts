@@ -1,0 +1,779 @@
+/**
+ * The decode engine: one per model, it runs every sequence that decodes on
+ * the model (a lone `generate`, concurrent ones, `Session.greedy` and
+ * `Session.sample`, the edge server's streams) together, in rounds, and
+ * feeds every prompt, in chunks between rounds.
+ *
+ * A round takes `k` steps over all decoding sequences at once (continuous
+ * batching: sequences join and leave between rounds). Each step feeds every
+ * sequence its next id, runs the model on their slots of the state pool,
+ * and picks each one's next id on the backend with that sequence's own
+ * options, random numbers and history (`Backend.chooseTokens`). Only ids
+ * come back, once per round. A sequence that has just been prefilled joins
+ * with a pick from its prompt's logits.
+ *
+ * Where the backend queues work on a device (webgpu), a read-back costs a
+ * round trip (at least 10 ms in Deno), so the engine issues round r + 1
+ * before it reads round r: the device never waits for the host. Sequences
+ * then run ahead of what the host has judged: each round starts by copying
+ * the pool (a checkpoint), and a sequence that ends inside a round (an
+ * end-of-sequence id, a stop string, its last token, an abort) is rewound
+ * to the latest checkpoint before its end and replays the ids it keeps. On
+ * the host backends a round is one step and is read at once, so nothing
+ * runs ahead.
+ *
+ * Every id a sequence keeps is fed before it ends, except an id judged
+ * "stop-before" (an end-of-sequence id): the state then stands after the
+ * ids before it, with the logits that follow them in the pool.
+ *
+ * @module
+ */
+
+import {
+  type Backend,
+  type Recording,
+  SAMPLING_SETTINGS,
+  type SamplingFeatures,
+  samplingFeatures,
+  samplingSettings,
+} from "./backend.ts";
+import type { MambaModel, Scratch } from "./model.ts";
+import type { PoolCopy } from "./pool.ts";
+import { penalizes, type Sampler, type SamplingOptions } from "./sampler.ts";
+import { yieldToEventLoop } from "./yield.ts";
+
+/**
+ * What a decoding sequence's owner says of each id picked for it, in order:
+ * go on, end without it (it is not fed), or end with it.
+ */
+export type Verdict = "continue" | "stop-before" | "stop-after";
+
+/** A sequence to decode, as an entry point describes it to {@link DecodeEngine.decode}. */
+export interface DecodeJob {
+  /**
+   * The pool slot holding the sequence. Without a prompt, its logits row
+   * must hold the logits after its last id (it has been fed before).
+   */
+  slot: number;
+  /** The ids fed so far, oldest first: the repetition penalty's history. */
+  history: readonly number[];
+  /** Ids to feed before decoding (a prompt); may be empty. */
+  prompt: Int32Array;
+  /** How to pick. */
+  options: Readonly<Required<SamplingOptions>>;
+  /** Draws one random number per pick where the temperature is above 0. */
+  sampler: Sampler;
+  /** Only ids below this are picked. */
+  limit: number;
+  /** Ids to pick at most. */
+  maxTokens: number;
+  /** Judges each picked id, in order; a throw ends the sequence with that error. */
+  judge(id: number): Verdict;
+  /** Receives the ids kept in each round, in order, as they are judged. */
+  onIds(ids: number[]): void;
+}
+
+/** How a decode ended: the ids kept, and whether a verdict (rather than `maxTokens`) ended it. */
+export interface DecodeResult {
+  /** The ids kept, in order. */
+  ids: number[];
+  /** Whether a verdict ended the decode. */
+  stopped: boolean;
+}
+
+/** Tuning of a {@link DecodeEngine}; the defaults follow the backend. */
+export interface EngineOptions {
+  /**
+   * Steps per decode round: default 1 where the backend runs each operation
+   * at once, else {@link FIRST_ROUND_STEPS} for a batch's first round,
+   * doubling each round up to {@link MAX_ROUND_STEPS}.
+   */
+  roundSteps?: number;
+  /** Issue each round before the previous one is read back (default: where the backend queues work). */
+  pipelined?: boolean;
+  /** Prompt rows fed per chunk (default: the backend's `chunkTokens`). */
+  chunkTokens?: number;
+}
+
+/**
+ * The most steps in one round. A pipelined round must keep the device busy
+ * for longer than a read-back takes (Deno's is 10 ms or more) and the host's
+ * work between rounds, or the device waits: 32 steps of mamba-130m at one
+ * sequence take about 21 ms on an H200. Timing rounds to size them is not
+ * reliable (when a read returns says little about when the device finished),
+ * so rounds simply grow to this.
+ */
+const MAX_ROUND_STEPS = 32;
+/** Steps of the first round after the engine was idle, so that the first ids come back soon; each round doubles it. */
+const FIRST_ROUND_STEPS = 4;
+/** Recorded steps kept; past it they are all released and recorded again as needed. */
+const MAX_RECORDINGS = 256;
+/** History ids kept per sequence at least (see {@link DecodeEngine}'s ring). */
+const MIN_HISTORY = 64;
+
+/** A sequence inside the engine. */
+class Sequence {
+  /** The ids fed or to be fed: history, prompt, then the picks kept. */
+  readonly tokens: number[];
+  /** Ids fed before the first pick: history and prompt. */
+  readonly start: number;
+  /** The pool slot of the sequence. */
+  readonly slot: number;
+  /** Prompt ids not fed yet. */
+  promptLeft: Int32Array;
+  /** Picks issued on the backend so far (the last one is fed by the next round). */
+  issued = 0;
+  /** Picks judged and kept. */
+  readonly kept: number[] = [];
+  /** Set once judged to its end (its rows in rounds still in flight are ignored). */
+  ended = false;
+  /** The sampler's state before the first pick. */
+  readonly samplerStart: number[];
+
+  constructor(
+    readonly job: DecodeJob,
+    readonly settle: (result: DecodeResult | Error) => void,
+  ) {
+    this.tokens = [...job.history, ...job.prompt];
+    this.start = this.tokens.length;
+    this.slot = job.slot;
+    this.promptLeft = job.prompt;
+    this.samplerStart = job.sampler.state();
+  }
+
+  /** History ids this sequence needs on the backend: its penalty's window. */
+  get historyNeeded(): number {
+    const { options } = this.job;
+    if (!penalizes(options)) return 0;
+    return options.repeatLastN < 0 ? this.start + this.job.maxTokens + 1 : options.repeatLastN;
+  }
+
+  /** Ids fed on the backend once every round issued so far has run. */
+  get fedOnBackend(): number {
+    return this.start + Math.max(0, this.issued - 1);
+  }
+}
+
+/** Ids to feed to a slot without decoding (a session's prefill or step). */
+interface Feed {
+  slot: number;
+  promptLeft: Int32Array;
+  settle: (result: null | Error) => void;
+}
+
+/** A round issued on the backend, until its ids are judged. */
+interface Round {
+  /** Row b's sequence; rows [0, joiners) make their first pick in this round. */
+  rows: Sequence[];
+  joiners: number;
+  steps: number;
+  /** The pool as it stood before the round (rows [0, pool end)), where the engine rewinds. */
+  checkpoint: PoolCopy<unknown> | null;
+  /** Per row, the ids fed on the backend when the round started. */
+  fedAtStart: number[];
+  /** Per row, the picks issued before the round. */
+  picksAtStart: number[];
+  /** Ids [steps + 1, rows]: row 0 each sequence's id fed first, row t + 1 its pick of step t. */
+  read: Promise<Float32Array> | null;
+}
+
+/** Engines of the models that have one. */
+const engines = new WeakMap<MambaModel<unknown>, DecodeEngine<unknown>>();
+
+/**
+ * The engine of `model`, made on first use; `options` (re)make it, which
+ * only an idle engine allows (tests use this to force round shapes).
+ */
+export function engineFor<Buf>(model: MambaModel<Buf>, options?: EngineOptions): DecodeEngine<Buf> {
+  const key = model as MambaModel<unknown>;
+  let engine = engines.get(key) as DecodeEngine<Buf> | undefined;
+  if (engine && options) {
+    if (engine.busy) throw new Error("The decode engine is busy: configure it before using it");
+    engine.dispose();
+    engine = undefined;
+  }
+  if (!engine) {
+    engine = new DecodeEngine(model, options);
+    engines.set(key, engine as DecodeEngine<unknown>);
+  }
+  return engine;
+}
+
+/** Runs the decoding and prompt feeding of one model; see the module documentation. */
+export class DecodeEngine<Buf> {
+  /** Rounds issued so far, and the sequence-steps they held (their ratio is the mean batch). */
+  readonly stats = { rounds: 0, steps: 0, rowSteps: 0, rewinds: 0 };
+
+  readonly #model: MambaModel<Buf>;
+  readonly #be: Backend<Buf>;
+  readonly #pipelined: boolean;
+  readonly #fixedSteps: number | undefined;
+  readonly #checkpoints: boolean;
+  readonly #chunkTokens: number;
+
+  /** Sequences and feeds whose prompt is being fed, in arrival order. */
+  #prompts: (Sequence | Feed)[] = [];
+  /** Sequences fed and waiting for their first pick. */
+  #joining: Sequence[] = [];
+  /** Sequences that have made their first pick and have not ended. */
+  #decoding: Sequence[] = [];
+  /** The round issued last, until it is judged. */
+  #inFlight: Round | null = null;
+  /** Whether the loop runs (or is about to): it stops once there is no work left. */
+  #running = false;
+
+  /** Rows the round buffers hold. */
+  #rows = 0;
+  #scratch: Scratch<Buf> | null = null;
+  #logits: Buf | null = null; // [rows, vocab]
+  #ids: Buf | null = null; // [MAX_ROUND_STEPS + 1, rows]
+  #slots: Buf | null = null; // [rows]
+  #settings: Buf | null = null; // [rows, SAMPLING_SETTINGS]
+  #randoms: Buf | null = null; // [MAX_ROUND_STEPS + 1, rows]
+  #buffersVersion = 0;
+  /** Each sequence's recent ids [pool capacity, #historyLength], for the penalty. */
+  #history: Buf | null = null;
+  #historyRows = 0;
+  #historyLength = 0;
+  /** Pool copies not in use by a round. */
+  #spareCopies: PoolCopy<Buf>[] = [];
+  readonly #recordings = new Map<string, Recording>();
+  /** Steps of the round issued last (0 once the engine has been idle). */
+  #lastSteps = 0;
+
+  /** An engine for `model`; use {@link engineFor}, which keeps one per model. */
+  constructor(model: MambaModel<Buf>, options: EngineOptions = {}) {
+    this.#model = model;
+    this.#be = model.backend;
+    this.#pipelined = options.pipelined ?? this.#be.queued;
+    const steps = options.roundSteps;
+    if (
+      steps !== undefined && !(Number.isInteger(steps) && steps >= 1 && steps <= MAX_ROUND_STEPS)
+    ) {
+      throw new RangeError(
+        `roundSteps must be an integer from 1 to ${MAX_ROUND_STEPS}, got ${steps}`,
+      );
+    }
+    this.#fixedSteps = steps ?? (this.#pipelined ? undefined : 1);
+    // Sequences run ahead of the host's verdicts where rounds are pipelined or take several steps.
+    this.#checkpoints = this.#pipelined || (this.#fixedSteps ?? 2) > 1;
+    this.#chunkTokens = options.chunkTokens ?? this.#be.chunkTokens;
+  }
+
+  /** Whether any sequence or feed is in the engine. */
+  get busy(): boolean {
+    return this.#running;
+  }
+
+  /**
+   * Feeds `ids` to `slot` (in chunks, between decode rounds); resolves once
+   * the work is issued, after which the slot's logits row holds the logits
+   * after the last id (a read waits for it).
+   */
+  feed(slot: number, ids: Int32Array): Promise<void> {
+    if (ids.length === 0) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#prompts.push({
+        slot,
+        promptLeft: ids,
+        settle: (result: null | Error) => result instanceof Error ? reject(result) : resolve(),
+      });
+      this.#start();
+    });
+  }
+
+  /** Decodes a sequence; resolves when it has ended, with the ids it kept. */
+  decode(job: DecodeJob): Promise<DecodeResult> {
+    if (job.maxTokens === 0) return Promise.resolve({ ids: [], stopped: false });
+    return new Promise((resolve, reject) => {
+      const sequence = new Sequence(
+        job,
+        (result) => result instanceof Error ? reject(result) : resolve(result),
+      );
+      if (sequence.promptLeft.length > 0) this.#prompts.push(sequence);
+      else this.#joining.push(sequence);
+      this.#start();
+    });
+  }
+
+  /** Frees the engine's buffers; it must be idle. */
+  dispose(): void {
+    this.#releaseBuffers();
+    for (const copy of this.#spareCopies) this.#model.pool.releaseCopy(copy);
+    this.#spareCopies = [];
+    if (this.#history !== null) this.#be.release(this.#history);
+    this.#history = null;
+    this.#historyRows = this.#historyLength = 0;
+  }
+
+  #start(): void {
+    if (this.#running) return;
+    this.#running = true;
+    // From a microtask: what is submitted in the same turn (concurrent
+    // generations, stepTogether) goes into the first chunk and round together.
+    queueMicrotask(() => this.#run());
+  }
+
+  #hasWork(): boolean {
+    return this.#prompts.length > 0 || this.#joining.length > 0 || this.#decoding.length > 0 ||
+      this.#inFlight !== null;
+  }
+
+  async #run(): Promise<void> {
+    try {
+      while (this.#hasWork()) {
+        this.#feedChunk();
+        await this.#fitHistory();
+        const round = this.#issueRound();
+        const previous = this.#inFlight;
+        this.#inFlight = round;
+        // While the device runs the new round, the previous one is judged.
+        if (previous) await this.#judge(previous, round);
+        if (round) {
+          this.#startRead(round);
+          if (!this.#pipelined) {
+            this.#inFlight = null;
+            await this.#judge(round, null);
+          }
+        }
+        if (!this.#be.queued) await yieldToEventLoop();
+      }
+    } catch (error) {
+      this.#failAll(asError(error));
+    } finally {
+      // Synchronously after the last check for work: a later submission starts a new loop.
+      this.#running = false;
+      this.#lastSteps = 0;
+    }
+  }
+
+  /** Feeds one chunk of the waiting prompts: the earliest ones, as many as fit the chunk. */
+  #feedChunk(): void {
+    if (this.#prompts.length === 0) return;
+    const budget = this.#chunkTokens;
+    const group: (Sequence | Feed)[] = [];
+    let len = Infinity;
+    for (const item of this.#prompts) {
+      const next = Math.min(len, item.promptLeft.length, budget);
+      if (group.length > 0 && (group.length + 1) * next > budget) break;
+      group.push(item);
+      len = next;
+    }
+    const ids = new Int32Array(group.length * len);
+    group.forEach((item, b) => {
+      ids.set(item.promptLeft.subarray(0, len), b * len);
+      item.promptLeft = item.promptLeft.subarray(len);
+    });
+    this.#model.feed(group.map((item) => item.slot), ids, len);
+    for (const item of group) {
+      if (item.promptLeft.length > 0) continue;
+      this.#prompts.splice(this.#prompts.indexOf(item), 1);
+      if (item instanceof Sequence) this.#joining.push(item);
+      else item.settle(null);
+    }
+  }
+
+  /**
+   * Makes the history ring long enough for every sequence about to join,
+   * waiting for the round in flight first when it must be rewritten.
+   */
+  async #fitHistory(): Promise<void> {
+    const pool = this.#model.pool;
+    const needed = Math.max(MIN_HISTORY, ...this.#joining.map((s) => s.historyNeeded));
+    let length = this.#historyLength;
+    if (needed > length) length = 2 ** Math.ceil(Math.log2(needed));
+    if (length === this.#historyLength && pool.capacity <= this.#historyRows) return;
+    const be = this.#be;
+    const grown = be.zeros(pool.capacity * length);
+    if (this.#history !== null && length === this.#historyLength) {
+      // More rows, same length: the rows held so far move as they are.
+      be.copy(grown, 0, this.#history, 0, this.#historyRows * length);
+    } else if (this.#decoding.length > 0) {
+      // A new length moves every id: write each sequence's anew, once the
+      // host knows them all.
+      if (this.#inFlight) {
+        const round = this.#inFlight;
+        this.#inFlight = null;
+        await this.#judge(round, null);
+      }
+    }
+    if (this.#history !== null) be.release(this.#history);
+    const rewrite = length !== this.#historyLength;
+    this.#history = grown;
+    this.#historyRows = pool.capacity;
+    this.#historyLength = length;
+    this.#clearRecordings();
+    if (rewrite) { for (const seq of this.#decoding) this.#writeHistory(seq); }
+  }
+
+  /** Writes a sequence's last ids (up to the ring's length) into its row of the ring. */
+  #writeHistory(seq: Sequence): void {
+    const length = this.#historyLength;
+    const known = [...seq.tokens];
+    const first = Math.max(0, known.length - length);
+    const row = new Float32Array(length);
+    for (let p = first; p < known.length; p++) row[p % length] = known[p];
+    this.#be.write(this.#history!, row, seq.slot * length);
+  }
+
+  /** Issues the next round over the joining and decoding sequences, or returns null when there are none. */
+  #issueRound(): Round | null {
+    const be = this.#be;
+    const model = this.#model;
+    const pool = model.pool;
+    const joiners = this.#joining;
+    const continuing = this.#decoding.filter((seq) => !seq.ended && seq.issued < seq.job.maxTokens);
+    // Without checkpoints a first pick is judged before it is fed: joiners take a round of their own.
+    const separateJoins = !this.#checkpoints && joiners.length > 0;
+    const rows = separateJoins ? [...joiners] : [...joiners, ...continuing];
+    if (rows.length === 0) return null;
+    this.#joining = [];
+    const joinCount = joiners.length;
+    for (const seq of joiners) {
+      this.#decoding.push(seq);
+      this.#writeHistory(seq);
+    }
+    // Steps: none for a round of joins, else as many as the longest remaining sequence needs, at most k.
+    const remaining = Math.max(
+      ...rows.map((seq, b) => seq.job.maxTokens - seq.issued - (b < joinCount ? 1 : 0)),
+    );
+    const steps = separateJoins ? 0 : Math.min(this.#roundSteps(), remaining);
+    const batch = rows.length;
+    this.#fitBuffers(batch);
+
+    const fedAtStart = rows.map((seq) => seq.fedOnBackend);
+    const picksAtStart = rows.map((seq) => seq.issued);
+    const settings = new Float32Array(batch * SAMPLING_SETTINGS);
+    const randoms = new Float32Array((steps + 1) * batch);
+    rows.forEach((seq, b) => {
+      // A step's pick at position fedAtStart + 1 + t; a first pick at fedAtStart (step -1).
+      const row = samplingSettings(seq.job.options, fedAtStart[b] + 1, seq.job.limit);
+      settings.set(row, b * SAMPLING_SETTINGS);
+      if (seq.job.options.temperature > 0) {
+        const draws = seq.job.sampler.randoms((b < joinCount ? 1 : 0) + steps);
+        let i = 0;
+        if (b < joinCount) randoms[b] = keepBelowOne(draws[i++]);
+        for (let t = 0; t < steps; t++) randoms[(t + 1) * batch + b] = keepBelowOne(draws[i++]);
+      }
+      seq.issued += (b < joinCount ? 1 : 0) + steps;
+    });
+    be.write(this.#slots!, Float32Array.from(rows, (seq) => seq.slot));
+    be.write(this.#settings!, settings);
+    be.write(this.#randoms!, randoms);
+    const features = samplingFeatures(
+      rows.map(({ job }) => ({ ...job.options, limit: job.limit })),
+    );
+
+    let checkpoint: PoolCopy<Buf> | null = null;
+    if (this.#checkpoints) {
+      checkpoint = this.#takeCopy();
+      pool.save(checkpoint, pool.end);
+    }
+    const vocab = model.config.vocabSize;
+    if (joinCount > 0) {
+      // First picks, from the logits the prompts (or earlier calls) left, into the pool's next ids.
+      be.copyRows({
+        dst: this.#logits!,
+        src: pool.logits,
+        width: vocab,
+        count: joinCount,
+        srcRows: { buf: this.#slots!, offset: 0 },
+      });
+      this.#choose(joinCount, features, -1, 0, 0);
+      be.copyRows({
+        dst: pool.next,
+        src: this.#ids!,
+        width: 1,
+        count: joinCount,
+        dstRows: { buf: this.#slots!, offset: 0 },
+      });
+    }
+    be.copyRows({
+      dst: this.#ids!,
+      src: pool.next,
+      width: 1,
+      count: batch,
+      srcRows: { buf: this.#slots!, offset: 0 },
+    });
+    for (let t = 0; t < steps; t++) {
+      be.replay(this.#recording(batch, t, features));
+      be.flush();
+    }
+    if (steps > 0) {
+      // What the next round feeds first, and the logits it picks from, go back to the pool.
+      be.copyRows({
+        dst: pool.next,
+        src: this.#ids!,
+        srcOffset: steps * batch,
+        width: 1,
+        count: batch,
+        dstRows: { buf: this.#slots!, offset: 0 },
+      });
+      be.copyRows({
+        dst: pool.logits,
+        src: this.#logits!,
+        width: vocab,
+        count: batch,
+        dstRows: { buf: this.#slots!, offset: 0 },
+      });
+    }
+    be.flush();
+    this.stats.rounds++;
+    this.stats.steps += steps;
+    this.stats.rowSteps += steps * batch;
+    this.#lastSteps = steps;
+    return { rows, joiners: joinCount, steps, checkpoint, fedAtStart, picksAtStart, read: null };
+  }
+
+  /** Starts reading a round's ids back. */
+  #startRead(round: Round): void {
+    const length = (round.steps + 1) * round.rows.length;
+    round.read = this.#be.read(this.#ids!, 0, length);
+    round.read.catch(() => {}); // Reported where it is awaited.
+  }
+
+  /** Steps of the next round. */
+  #roundSteps(): number {
+    if (this.#fixedSteps !== undefined) return this.#fixedSteps;
+    if (this.#lastSteps === 0) return FIRST_ROUND_STEPS;
+    return Math.min(MAX_ROUND_STEPS, 2 * this.#lastSteps);
+  }
+
+  /** The step `t` of a round of `batch` rows, recorded once and replayed after. */
+  #recording(batch: number, t: number, features: SamplingFeatures): Recording {
+    const key = [
+      batch,
+      t,
+      features.greedy,
+      features.sampled,
+      features.penalized,
+      features.widestTopK,
+      this.#model.pool.version,
+      this.#buffersVersion,
+    ].join(":");
+    let recording = this.#recordings.get(key);
+    if (!recording) {
+      if (this.#recordings.size >= MAX_RECORDINGS) this.#clearRecordings();
+      recording = this.#be.capture(() => {
+        this.#model.step(this.#scratch!, batch, this.#slots!, this.#ids!, t * batch, this.#logits!);
+        this.#choose(batch, features, t, (t + 1) * batch, (t + 1) * batch);
+      });
+      this.#recordings.set(key, recording);
+    }
+    return recording;
+  }
+
+  /** Picks for rows [0, rows) from the round's logits, at `step` from each row's position. */
+  #choose(
+    rows: number,
+    features: SamplingFeatures,
+    step: number,
+    randomOffset: number,
+    idsOffset: number,
+  ): void {
+    this.#be.chooseTokens({
+      logits: this.#logits!,
+      rows,
+      vocab: this.#model.config.vocabSize,
+      settings: this.#settings!,
+      features,
+      randoms: this.#randoms!,
+      randomOffset,
+      history: this.#history!,
+      historyLength: this.#historyLength,
+      slots: this.#slots!,
+      step,
+      ids: this.#ids!,
+      idsOffset,
+    });
+  }
+
+  /**
+   * Judges a round's ids: hands each sequence its picks in order, ends
+   * those whose verdict or length says so, and rewinds them to the exact
+   * id. `later` is the round issued after it, if any (it ran ahead).
+   */
+  async #judge(round: Round, later: Round | null): Promise<void> {
+    const ids = await round.read!;
+    const batch = round.rows.length;
+    /** Replays by length: the slots and their ids, one after the other. */
+    const replays = new Map<number, { slots: number[]; ids: number[] }>();
+    round.rows.forEach((seq, b) => {
+      if (seq.ended) return;
+      const picks: number[] = [];
+      if (b < round.joiners) picks.push(ids[b]);
+      for (let t = 1; t <= round.steps; t++) picks.push(ids[t * batch + b]);
+      let ending: { stopped: boolean; before: boolean; error?: Error } | null = null;
+      const kept: number[] = [];
+      for (const id of picks) {
+        if (id < 0) {
+          ending = {
+            stopped: true,
+            before: true,
+            error: new RangeError("No token can be picked: every logit is -Infinity or NaN"),
+          };
+          break;
+        }
+        let verdict: Verdict;
+        try {
+          verdict = seq.job.judge(id);
+        } catch (error) {
+          ending = { stopped: true, before: true, error: asError(error) };
+          break;
+        }
+        if (verdict === "stop-before") {
+          ending = { stopped: true, before: true };
+          break;
+        }
+        kept.push(id);
+        seq.kept.push(id);
+        seq.tokens.push(id);
+        if (verdict === "stop-after" || seq.kept.length === seq.job.maxTokens) {
+          ending = { stopped: verdict === "stop-after", before: false };
+          break;
+        }
+      }
+      if (kept.length > 0 && !ending?.error) {
+        try {
+          seq.job.onIds(kept);
+        } catch (error) {
+          ending = { stopped: true, before: false, error: asError(error) };
+        }
+      }
+      if (!ending) return;
+      seq.ended = true;
+      this.#decoding.splice(this.#decoding.indexOf(seq), 1);
+      this.#rewind(seq, round, b, later, replays);
+      const { temperature } = seq.job.options;
+      if (temperature > 0) {
+        // The sampler ends as if it had drawn each pick judged.
+        seq.job.sampler.restore(seq.samplerStart);
+        seq.job.sampler.randoms(seq.kept.length + (ending.before ? 1 : 0));
+      }
+      seq.settle(ending.error ?? { ids: seq.kept, stopped: ending.stopped });
+    });
+    for (const [len, { slots, ids }] of replays) {
+      this.#model.feed(slots, Int32Array.from(ids), len);
+    }
+    if (round.checkpoint) this.#returnCopy(round.checkpoint as PoolCopy<Buf>);
+  }
+
+  /**
+   * Brings an ended sequence's slot to the state after its kept ids: from
+   * the latest state at or before that point (the backend's own, or a
+   * round's checkpoint), replaying the ids between.
+   */
+  #rewind(
+    seq: Sequence,
+    round: Round,
+    row: number,
+    later: Round | null,
+    replays: Map<number, { slots: number[]; ids: number[] }>,
+  ): void {
+    const target = seq.start + seq.kept.length;
+    const onBackend = seq.fedOnBackend;
+    let from = onBackend;
+    if (target < onBackend) {
+      const laterRow = later ? later.rows.indexOf(seq) : -1;
+      const pool = this.#model.pool;
+      if (laterRow >= 0 && later!.checkpoint && later!.fedAtStart[laterRow] <= target) {
+        from = later!.fedAtStart[laterRow];
+        pool.restore(later!.checkpoint as PoolCopy<Buf>, seq.slot);
+      } else if (round.checkpoint && round.fedAtStart[row] <= target) {
+        from = round.fedAtStart[row];
+        pool.restore(round.checkpoint as PoolCopy<Buf>, seq.slot);
+      } else {
+        throw new Error("A sequence ran past its end with no checkpoint to rewind to");
+      }
+      this.stats.rewinds++;
+    }
+    if (target > from) {
+      const len = target - from;
+      let replay = replays.get(len);
+      if (!replay) replays.set(len, replay = { slots: [], ids: [] });
+      replay.slots.push(seq.slot);
+      replay.ids.push(...seq.tokens.slice(from, target));
+    }
+  }
+
+  /** Ends every sequence and feed with `error` and drops the engine's state. */
+  #failAll(error: Error): void {
+    const all = [...this.#prompts, ...this.#joining, ...this.#decoding];
+    this.#prompts = [];
+    this.#joining = [];
+    this.#decoding = [];
+    this.#inFlight = null;
+    for (const item of all) {
+      if (item instanceof Sequence) {
+        if (!item.ended) item.settle(error);
+        item.ended = true;
+      } else {
+        item.settle(error);
+      }
+    }
+    this.#clearRecordings();
+  }
+
+  /** Makes the round buffers hold at least `batch` rows. */
+  #fitBuffers(batch: number): void {
+    if (batch <= this.#rows) return;
+    this.#releaseBuffers();
+    const rows = Math.max(batch, 2 * this.#rows);
+    const be = this.#be;
+    this.#scratch = this.#model.allocScratch(rows);
+    this.#logits = be.zeros(rows * this.#model.config.vocabSize);
+    this.#ids = be.zeros((MAX_ROUND_STEPS + 1) * rows);
+    this.#slots = be.zeros(rows);
+    this.#settings = be.zeros(rows * SAMPLING_SETTINGS);
+    this.#randoms = be.zeros((MAX_ROUND_STEPS + 1) * rows);
+    this.#rows = rows;
+    this.#buffersVersion++;
+  }
+
+  #releaseBuffers(): void {
+    this.#clearRecordings();
+    if (this.#scratch) this.#model.releaseScratch(this.#scratch);
+    for (const buf of [this.#logits, this.#ids, this.#slots, this.#settings, this.#randoms]) {
+      if (buf !== null) this.#be.release(buf);
+    }
+    this.#scratch =
+      this.#logits =
+      this.#ids =
+      this.#slots =
+      this.#settings =
+      this.#randoms =
+        null;
+    this.#rows = 0;
+  }
+
+  #clearRecordings(): void {
+    for (const recording of this.#recordings.values()) this.#be.releaseRecording(recording);
+    this.#recordings.clear();
+  }
+
+  /** A pool copy for a round's checkpoint, as large as the pool. */
+  #takeCopy(): PoolCopy<Buf> {
+    const pool = this.#model.pool;
+    const fits = this.#spareCopies.findIndex((copy) => copy.capacity >= pool.capacity);
+    if (fits >= 0) return this.#spareCopies.splice(fits, 1)[0];
+    return pool.createCopy();
+  }
+
+  #returnCopy(copy: PoolCopy<Buf>): void {
+    const pool = this.#model.pool;
+    if (copy.capacity >= pool.capacity && this.#spareCopies.length < 2) {
+      this.#spareCopies.push(copy);
+    } else {
+      pool.releaseCopy(copy);
+    }
+  }
+}
+
+/** A random number as f32, kept below 1: a number within 2^-25 of 1 would round up to it. */
+function keepBelowOne(u: number): number {
+  return Math.min(u, 1 - 2 ** -24);
+}
+
+function asError(error: unknown): Error {
+  return error instanceof Error ? error : new Error(String(error));
+}

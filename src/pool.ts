@@ -1,0 +1,283 @@
+/**
+ * {@link StatePool}: the recurrent state of every sequence a model runs, kept
+ * on the backend in one buffer per layer and kind, a row per sequence (a
+ * slot). Kernels take slot numbers (ggml's `ssm_scan` with `ids` is the
+ * precedent), so a batch of sequences steps together with nothing gathered
+ * or scattered, and a sequence's state moves to or from the host in one
+ * staged transfer.
+ *
+ * A slot holds, per layer, the conv state [dConv - 1, dInner] and the SSM
+ * state [dInner, N]; then the logits after the sequence's last id [vocab],
+ * and the id the decode engine feeds it next.
+ *
+ * @module
+ */
+
+import type { Backend } from "./backend.ts";
+import type { MambaConfig } from "./config.ts";
+
+/** One slot's contents on the host. */
+export interface SlotContents {
+  /** Per layer, the conv state [dConv - 1, dInner]. */
+  conv: Float32Array[];
+  /** Per layer, the SSM state h [dInner, N]. */
+  ssm: Float32Array[];
+  /** Logits after the last id [vocab]. */
+  logits: Float32Array;
+}
+
+/** Buffers shaped as a pool's, holding a copy of some of its rows (see {@link StatePool.save}). */
+export interface PoolCopy<Buf> {
+  /** Per layer, a copy of {@link StatePool.conv}'s rows. */
+  conv: Buf[];
+  /** Per layer, a copy of {@link StatePool.ssm}'s rows. */
+  ssm: Buf[];
+  /** A copy of {@link StatePool.logits}' rows. */
+  logits: Buf;
+  /** A copy of {@link StatePool.next}'s rows. */
+  next: Buf;
+  /** Slots it has room for. */
+  capacity: number;
+}
+
+/** Slots a new pool holds; it doubles when full. */
+const INITIAL_SLOTS = 4;
+
+/** The states of every sequence of a model, a slot each, on its backend. */
+export class StatePool<Buf> {
+  /** Per layer, conv states [capacity, dConv - 1, dInner]. */
+  conv: Buf[] = [];
+  /** Per layer, SSM states [capacity, dInner, N]. */
+  ssm: Buf[] = [];
+  /** Logits after each slot's last id [capacity, vocab]. */
+  logits: Buf;
+  /** The id each decoding slot feeds next [capacity], as floats (the decode engine's). */
+  next: Buf;
+  /** Bumped whenever the buffers are replaced (when the pool grows). */
+  version = 0;
+
+  readonly #be: Backend<Buf>;
+  readonly #convLength: number;
+  readonly #ssmLength: number;
+  readonly #vocab: number;
+  readonly #layers: number;
+  #capacity = 0;
+  /** Free slots; the lowest is handed out first, so the used ones stay dense. */
+  readonly #free = new Set<number>();
+  /** Zeros as long as the longest row, copied over a slot to reset it. */
+  readonly #zeros: Buf;
+
+  /** An empty pool for a model of `config` on `backend`. */
+  constructor(backend: Backend<Buf>, config: MambaConfig) {
+    this.#be = backend;
+    const { nLayer, dConv, dInner, dState, vocabSize } = config;
+    this.#layers = nLayer;
+    this.#convLength = (dConv - 1) * dInner;
+    this.#ssmLength = dInner * dState;
+    this.#vocab = vocabSize;
+    this.#zeros = backend.zeros(Math.max(this.#convLength, this.#ssmLength, vocabSize, 1));
+    this.logits = backend.zeros(0);
+    this.next = backend.zeros(0);
+    this.#grow(INITIAL_SLOTS);
+  }
+
+  /** Slots held now, used or free. */
+  get capacity(): number {
+    return this.#capacity;
+  }
+
+  /** Slots in use. */
+  get used(): number {
+    return this.#capacity - this.#free.size;
+  }
+
+  /** One more than the highest slot in use (0 when none is): rows [0, end) hold every used slot. */
+  get end(): number {
+    for (let slot = this.#capacity - 1; slot >= 0; slot--) {
+      if (!this.#free.has(slot)) return slot + 1;
+    }
+    return 0;
+  }
+
+  /** Floats of one slot's state, logits included. */
+  get slotFloats(): number {
+    return this.#layers * (this.#convLength + this.#ssmLength) + this.#vocab;
+  }
+
+  /** A slot holding the start of a sequence: zero state, zero logits. The pool grows when full. */
+  acquire(): number {
+    if (this.#free.size === 0) this.#grow(this.#capacity * 2);
+    const slot = Math.min(...this.#free);
+    this.#free.delete(slot);
+    this.reset(slot);
+    return slot;
+  }
+
+  /** Gives a slot back for reuse. */
+  release(slot: number): void {
+    this.#check(slot);
+    this.#free.add(slot);
+  }
+
+  /** Zeroes a slot's state and logits: the start of a sequence. */
+  reset(slot: number): void {
+    this.#check(slot);
+    this.#forEachRow((buf, length) => this.#be.copy(buf, slot * length, this.#zeros, 0, length));
+  }
+
+  /** Reads a slot's state and logits to the host: one staged copy, one read. */
+  async read(slot: number): Promise<SlotContents> {
+    this.#check(slot);
+    const be = this.#be;
+    const stage = be.zeros(this.slotFloats);
+    try {
+      let at = 0;
+      this.#forEachRow((buf, length) => {
+        be.copy(stage, at, buf, slot * length, length);
+        at += length;
+      });
+      const all = await be.read(stage);
+      const conv: Float32Array[] = [];
+      const ssm: Float32Array[] = [];
+      at = 0;
+      const take = (length: number) => all.subarray(at, at += length);
+      for (let l = 0; l < this.#layers; l++) {
+        conv.push(take(this.#convLength));
+        ssm.push(take(this.#ssmLength));
+      }
+      return { conv, ssm, logits: take(this.#vocab) };
+    } finally {
+      be.release(stage);
+    }
+  }
+
+  /** Overwrites a slot's state and logits from the host: one write, then copies on the backend. */
+  write(slot: number, contents: SlotContents): void {
+    this.#check(slot);
+    const be = this.#be;
+    const all = new Float32Array(this.slotFloats);
+    let at = 0;
+    const put = (values: Float32Array, length: number) => {
+      if (values.length !== length) {
+        throw new RangeError(`A slot's part holds ${length} floats, got ${values.length}`);
+      }
+      all.set(values, at);
+      at += length;
+    };
+    for (let l = 0; l < this.#layers; l++) {
+      put(contents.conv[l], this.#convLength);
+      put(contents.ssm[l], this.#ssmLength);
+    }
+    put(contents.logits, this.#vocab);
+    const stage = be.zeros(all.length);
+    be.write(stage, all);
+    at = 0;
+    this.#forEachRow((buf, length) => {
+      be.copy(buf, slot * length, stage, at, length);
+      at += length;
+    });
+    be.release(stage);
+  }
+
+  /** Copies slot `from`'s state, logits and next id over slot `to`'s. */
+  copySlot(to: number, from: number): void {
+    this.#check(to);
+    this.#check(from);
+    if (to === from) return;
+    this.#forEachRow((buf, length) => this.#be.copy(buf, to * length, buf, from * length, length));
+    this.#be.copy(this.next, to, this.next, from, 1);
+  }
+
+  /** Buffers for copies of this pool's rows (see {@link save}); give them back with {@link releaseCopy}. */
+  createCopy(): PoolCopy<Buf> {
+    const be = this.#be;
+    const rows = (length: number) => be.zeros(this.#capacity * length);
+    return {
+      conv: this.conv.map(() => rows(this.#convLength)),
+      ssm: this.ssm.map(() => rows(this.#ssmLength)),
+      logits: rows(this.#vocab),
+      next: rows(1),
+      capacity: this.#capacity,
+    };
+  }
+
+  /** Frees the buffers of a copy. */
+  releaseCopy(copy: PoolCopy<Buf>): void {
+    for (const buf of [...copy.conv, ...copy.ssm, copy.logits, copy.next]) this.#be.release(buf);
+  }
+
+  /** Copies rows [0, rows) of every buffer into `copy`. */
+  save(copy: PoolCopy<Buf>, rows: number): void {
+    if (rows > copy.capacity) {
+      throw new RangeError(`A copy of ${copy.capacity} slots cannot hold ${rows}`);
+    }
+    const be = this.#be;
+    this.#forEachRow((buf, length, i) => be.copy(this.#rowsOf(copy, i), 0, buf, 0, rows * length));
+    be.copy(copy.next, 0, this.next, 0, rows);
+  }
+
+  /** Copies slot `slot`'s rows back from `copy`, as {@link save} left them. */
+  restore(copy: PoolCopy<Buf>, slot: number): void {
+    this.#check(slot);
+    if (slot >= copy.capacity) {
+      throw new RangeError(`Slot ${slot} is outside a copy of ${copy.capacity}`);
+    }
+    const be = this.#be;
+    this.#forEachRow((buf, length, i) =>
+      be.copy(buf, slot * length, this.#rowsOf(copy, i), slot * length, length)
+    );
+    be.copy(this.next, slot, copy.next, slot, 1);
+  }
+
+  /** Frees every buffer; the pool must not be used afterwards. */
+  dispose(): void {
+    for (const buf of [...this.conv, ...this.ssm, this.logits, this.next, this.#zeros]) {
+      this.#be.release(buf);
+    }
+  }
+
+  /** Buffer i of a copy, in {@link #forEachRow}'s order. */
+  #rowsOf(copy: PoolCopy<Buf>, i: number): Buf {
+    if (i < 2 * this.#layers) return i % 2 === 0 ? copy.conv[i >> 1] : copy.ssm[i >> 1];
+    return copy.logits;
+  }
+
+  /** Calls `fn` with each buffer of slot rows and its row length: per layer conv then ssm, then logits. */
+  #forEachRow(fn: (buf: Buf, length: number, index: number) => void): void {
+    for (let l = 0; l < this.#layers; l++) {
+      fn(this.conv[l], this.#convLength, 2 * l);
+      fn(this.ssm[l], this.#ssmLength, 2 * l + 1);
+    }
+    fn(this.logits, this.#vocab, 2 * this.#layers);
+  }
+
+  /** Replaces every buffer by one of `capacity` rows, keeping the rows held so far. */
+  #grow(capacity: number): void {
+    const be = this.#be;
+    const old = this.#capacity;
+    const regrow = (buf: Buf | undefined, length: number): Buf => {
+      const grown = be.zeros(capacity * length);
+      if (buf !== undefined) {
+        if (old > 0 && length > 0) be.copy(grown, 0, buf, 0, old * length);
+        be.release(buf);
+      }
+      return grown;
+    };
+    this.conv = Array.from(
+      { length: this.#layers },
+      (_, l) => regrow(this.conv[l], this.#convLength),
+    );
+    this.ssm = Array.from({ length: this.#layers }, (_, l) => regrow(this.ssm[l], this.#ssmLength));
+    this.logits = regrow(this.logits, this.#vocab);
+    this.next = regrow(this.next, 1);
+    for (let slot = old; slot < capacity; slot++) this.#free.add(slot);
+    this.#capacity = capacity;
+    this.version++;
+  }
+
+  #check(slot: number): void {
+    if (!(Number.isInteger(slot) && slot >= 0 && slot < this.#capacity)) {
+      throw new RangeError(`Slot ${slot} is outside the pool's ${this.#capacity} slots`);
+    }
+  }
+}

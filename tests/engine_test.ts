@@ -1,0 +1,341 @@
+/**
+ * The decode engine through what users call (`generate`, `Session`), on
+ * every backend, against reference data: the tiny-shakespeare greedy ids of
+ * ../shared, the hf-oracle greedy ids, and for sampling the host path (the
+ * logits of each step read back and drawn from by `Sampler.sample`, which
+ * `sampler_test.ts` checks against llama.cpp's arithmetic).
+ */
+
+import { assert, assertEquals, assertRejects } from "@std/assert";
+import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
+import { engineFor } from "../src/engine.ts";
+import { generate, type Generator } from "../src/generate.ts";
+import { loadCheckpoint, loadModel, type Mamba } from "../src/load.ts";
+import { MambaModel } from "../src/model.ts";
+import { SafetensorsFile } from "../src/safetensors.ts";
+import { Sampler, type SamplingOptions } from "../src/sampler.ts";
+import { Session } from "../src/session.ts";
+import { readSamples, SHARED } from "./helpers.ts";
+
+const adapter = await navigator.gpu?.requestAdapter();
+
+const BACKENDS: { label: string; name: BackendName; options?: BackendOptions; ignore?: boolean }[] =
+  [
+    { label: "js", name: "js" },
+    { label: "wasm", name: "wasm", options: { threads: 1 } },
+    { label: "webgpu", name: "webgpu", ignore: !adapter },
+  ];
+
+const TINY = `${SHARED}/models/tiny-shakespeare`;
+
+/** The tiny-shakespeare reference: prompt i's ids and its 48 greedy ids. */
+async function reference(): Promise<{ prompts: number[][]; greedy: number[][]; texts: string[] }> {
+  const expected = SafetensorsFile.parse(await Deno.readFile(`${TINY}/expected.safetensors`), TINY);
+  const samples = await readSamples();
+  const prompts = samples.map((_, i) => [...expected.int32(`prompt${i}_ids`)]);
+  const greedy = samples.map((_, i) => [...expected.int32(`prompt${i}_greedy_ids`)].slice(-48));
+  return { prompts, greedy, texts: samples.map((s) => s.greedy_text) };
+}
+
+/**
+ * The ids `options` draws after `prompt` on the host path: the logits of
+ * every step read back, one `Sampler.sample` per id.
+ */
+async function hostPath(
+  model: MambaModel<unknown>,
+  prompt: number[],
+  options: SamplingOptions,
+  count: number,
+): Promise<{ ids: number[]; sampler: Sampler }> {
+  const session = new Session(model);
+  const sampler = new Sampler(options);
+  let logits = await session.prefill(prompt);
+  const ids: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const id = sampler.sample(logits, session.tokens, model.config.vocabSize);
+    ids.push(id);
+    logits = await session.step(id);
+  }
+  session.dispose();
+  return { ids, sampler };
+}
+
+/** Resolves once the calls already made have settled (a disposed session frees its slot after them). */
+const settled = () => new Promise((resolve) => setTimeout(resolve, 0));
+
+/** Sampling options each stream of the batch tests uses: greedy and sampled, narrow and wide. */
+const STREAM_OPTIONS: SamplingOptions[] = [
+  { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05, seed: 11 },
+  { temperature: 0.9, topK: 40, seed: 12, repetitionPenalty: 1.3, repeatLastN: 16 },
+  { temperature: 0, repetitionPenalty: 1.2, repeatLastN: 8, seed: 15 },
+  { temperature: 0.7, topK: 0, topP: 0.9, seed: 13 },
+  { temperature: 1.1, topK: 100, seed: 14 },
+];
+
+for (const { label, name, options, ignore } of BACKENDS) {
+  const load = () => loadModel(TINY, { backend: name, ...options });
+  const test = (what: string, fn: (mamba: Mamba) => Promise<void>) =>
+    Deno.test({
+      name: `[${label}] ${what}`,
+      ignore,
+      fn: async () => {
+        const mamba = await load();
+        try {
+          await fn(mamba);
+        } finally {
+          mamba.model.backend.dispose();
+        }
+      },
+    });
+
+  test("a seeded stream draws the host path's ids alone, in two calls, and inside a batch", async (mamba) => {
+    const model = mamba.model;
+    const { prompts } = await reference();
+    const count = 20;
+    const wanted: { ids: number[]; sampler: Sampler }[] = [];
+    for (const [i, streamOptions] of STREAM_OPTIONS.entries()) {
+      wanted.push(await hostPath(model, prompts[i % prompts.length], streamOptions, count));
+    }
+    // Alone, in two calls: the sampler carries on, and ends as the host's.
+    for (const [i, streamOptions] of STREAM_OPTIONS.entries()) {
+      const session = new Session(model);
+      const sampler = new Sampler(streamOptions);
+      const first = await session.decode({
+        prompt: prompts[i % prompts.length],
+        sampler,
+        maxTokens: 7,
+      });
+      const rest = await session.sample(count - 7, sampler);
+      assertEquals([...first.ids, ...rest.ids], wanted[i].ids, `stream ${i} alone`);
+      assertEquals(sampler.state(), wanted[i].sampler.state(), `stream ${i}'s sampler`);
+      session.dispose();
+    }
+    // Together, each twice, joining one after the other.
+    const streams = [...STREAM_OPTIONS, ...STREAM_OPTIONS].map(async (streamOptions, i) => {
+      await new Promise((resolve) => setTimeout(resolve, 3 * i));
+      const session = new Session(model);
+      const result = await session.decode({
+        prompt: prompts[i % STREAM_OPTIONS.length % prompts.length],
+        sampler: new Sampler(streamOptions),
+        maxTokens: count,
+      });
+      session.dispose();
+      return result.ids;
+    });
+    (await Promise.all(streams)).forEach((ids, i) =>
+      assertEquals(ids, wanted[i % STREAM_OPTIONS.length].ids, `stream ${i} in the batch`)
+    );
+    await settled();
+    assertEquals(model.pool.used, 0, "every slot is free again");
+  });
+
+  test("concurrent generate calls give the greedy texts; EOS and stop strings end at the exact id", async (mamba) => {
+    const { prompts, greedy, texts } = await reference();
+    const samples = await readSamples();
+    const greedyText = async (prompt: string, generation: ReturnType<Mamba["generate"]>) => {
+      let text = prompt;
+      for await (const event of generation) text += event.text;
+      return text;
+    };
+    // Every prompt twice at once, with different lengths.
+    const lengths = [48, 17, 48, 5];
+    const runs = lengths.map((maxNewTokens, i) => {
+      const { prompt } = samples[i % samples.length];
+      const generation = mamba.generate(prompt, { temperature: 0, maxNewTokens });
+      return greedyText(prompt, generation).then((text) => ({ text, generation }));
+    });
+    for (const [i, { text, generation }] of (await Promise.all(runs)).entries()) {
+      const p = i % samples.length;
+      const ids = generation.session.tokens.slice(prompts[p].length);
+      assertEquals(ids, greedy[p].slice(0, lengths[i]), `run ${i}`);
+      if (lengths[i] === 48) assertEquals(text, texts[p], `run ${i}`);
+      assertEquals(generation.stats.finishReason, "length");
+    }
+
+    // A stop string inside the continuation: the text stops right before it,
+    // the session holds the ids up to the one that completed it.
+    const p = 0;
+    const continuation = texts[p].slice(samples[p].prompt.length);
+    const stop = continuation.slice(20, 24);
+    const stopping = mamba.generate(samples[p].prompt, {
+      temperature: 0,
+      maxNewTokens: 48,
+      stop: [stop],
+    });
+    const text = await greedyText(samples[p].prompt, stopping);
+    assertEquals(text, samples[p].prompt + continuation.slice(0, continuation.indexOf(stop)));
+    assertEquals(stopping.stats.finishReason, "stop");
+    const fed = stopping.session.tokens.slice(prompts[p].length);
+    assertEquals(fed, greedy[p].slice(0, fed.length));
+    const decodedUpTo = (n: number) => mamba.tokenizer.decode(greedy[p].slice(0, n));
+    assert(decodedUpTo(fed.length).includes(stop), "the last id fed completes the stop string");
+    assert(!decodedUpTo(fed.length - 1).includes(stop), "…and no earlier one does");
+
+    // An end-of-sequence id (here the 10th greedy id, for a model that calls
+    // it so) ends before it: not emitted, not fed.
+    const eos = greedy[p][9];
+    const at = greedy[p].indexOf(eos);
+    const eosModel: Generator = {
+      tokenizer: mamba.tokenizer,
+      vocabSize: mamba.config.vocabSize,
+      eosTokenId: eos,
+      session: () => new Session(mamba.model),
+    };
+    const ending = generate(eosModel, prompts[p], { temperature: 0, maxNewTokens: 48 });
+    const tokens: number[] = [];
+    for await (const event of ending) if (event.token !== eos) tokens.push(event.token);
+    assertEquals(tokens, greedy[p].slice(0, at));
+    assertEquals(ending.stats.finishReason, "eos");
+    assertEquals(ending.session.tokens, [...prompts[p], ...greedy[p].slice(0, at)]);
+    // The session continues past the end as if it had been fed the ids itself.
+    assertEquals((await ending.session.greedy(3)).ids, greedy[p].slice(at, at + 3));
+  });
+
+  test("a consumer that leaves or aborts ends its stream; slots are reused", async (mamba) => {
+    const { prompts, greedy } = await reference();
+    const prompt = prompts[1];
+    const full = greedy[1];
+    const capacity = mamba.model.pool.capacity;
+    for (let round = 0; round < 3; round++) {
+      // The consumer leaves after 6 ids: the session holds a prefix of the
+      // greedy ids (the stream may have run a round further) and continues.
+      const leaving = mamba.generate(prompt, { temperature: 0, maxNewTokens: 40 });
+      const seen: number[] = [];
+      for await (const event of leaving) {
+        seen.push(event.token);
+        if (seen.length === 6) break;
+      }
+      assertEquals(seen, full.slice(0, 6));
+      const kept = (await leaving.session.greedy(0).then(() => leaving.session.tokens))
+        .slice(prompt.length);
+      assert(kept.length >= 6 && kept.length < 40, `fed ${kept.length}`);
+      assertEquals(kept, full.slice(0, kept.length));
+      assertEquals((await leaving.session.greedy(3)).ids, full.slice(kept.length, kept.length + 3));
+      leaving.session.dispose();
+
+      // An abort ends it as "abort"; the session holds exactly what was emitted.
+      const controller = new AbortController();
+      const aborting = mamba.generate(prompt, {
+        temperature: 0,
+        maxNewTokens: 40,
+        signal: controller.signal,
+      });
+      const emitted: number[] = [];
+      for await (const event of aborting) {
+        emitted.push(event.token);
+        if (emitted.length === 5) controller.abort();
+      }
+      assertEquals(aborting.stats.finishReason, "abort");
+      assertEquals(emitted, full.slice(0, emitted.length));
+      assertEquals(aborting.session.tokens, [...prompt, ...emitted]);
+      aborting.session.dispose();
+    }
+    await settled();
+    assertEquals(mamba.model.pool.used, 0);
+    assertEquals(mamba.model.pool.capacity, capacity, "the pool did not grow: slots were reused");
+  });
+
+  test("a snapshot taken mid-batch continues identically in a new session", async (mamba) => {
+    const { prompts, greedy } = await reference();
+    const model = mamba.model;
+    // Three other streams keep the engine busy while stream 0 is saved and restored.
+    const others = [1, 2, 3].map((i) =>
+      mamba.generate(prompts[i % prompts.length], { temperature: 0, maxNewTokens: 48 })
+    );
+    const drained = others.map(async (generation) => {
+      const ids: number[] = [];
+      for await (const event of generation) ids.push(event.token);
+      return ids;
+    });
+    const session = new Session(model);
+    const head = await session.decode({
+      prompt: prompts[0],
+      sampler: new Sampler({ temperature: 0 }),
+      maxTokens: 11,
+    });
+    const bytes = await session.snapshot();
+    session.dispose();
+    const restored = new Session(model, bytes);
+    const tail = await restored.greedy(48 - 11);
+    assertEquals([...head.ids, ...tail.ids], greedy[0]);
+    restored.dispose();
+    (await Promise.all(drained)).forEach((ids, i) =>
+      assertEquals(ids, greedy[(i + 1) % prompts.length], `stream ${i + 1}`)
+    );
+  });
+}
+
+Deno.test("engine: rounds of 4 steps issued ahead of their read-back rewind to the exact id (js)", async () => {
+  // The js backend made to run as a device would: pipelined rounds of four
+  // steps, so sequences run past their ends and are rewound.
+  const dir = `${SHARED}/fixtures/hf-oracle/odd-bf16`;
+  const { config, weights } = await loadCheckpoint(dir);
+  const model = new MambaModel(await createBackend("js"), config, weights);
+  const engine = engineFor(model, { roundSteps: 4, pipelined: true });
+  const expected = SafetensorsFile.parse(await Deno.readFile(`${dir}/expected.safetensors`), dir);
+  const [batch, promptLen] = expected.info("input_ids").shape;
+  const totalLen = expected.info("greedy_ids").shape[1];
+  const inputIds = expected.int32("input_ids");
+  const greedyIds = expected.int32("greedy_ids");
+  const steps = totalLen - promptLen;
+  const wanted = (
+    row: number,
+  ) => [...greedyIds.subarray(row * totalLen + promptLen, (row + 1) * totalLen)];
+  const streams = Array.from({ length: 12 }, async (_, i) => {
+    const row = i % batch;
+    await new Promise((resolve) => setTimeout(resolve, 2 * i));
+    const session = new Session(model);
+    let judged = 0;
+    // Streams end by length, before an id, and after an id, at various points.
+    const stopAt = 1 + (i * 3) % steps;
+    const result = await session.decode({
+      prompt: inputIds.subarray(row * promptLen, (row + 1) * promptLen),
+      sampler: new Sampler({ temperature: 0 }),
+      maxTokens: i % 3 === 0 ? stopAt : steps,
+      judge: () => {
+        judged++;
+        if (i % 3 === 1 && judged === stopAt) return "stop-before";
+        if (i % 3 === 2 && judged === stopAt) return "stop-after";
+        return "continue";
+      },
+    });
+    const keep = i % 3 === 1 ? stopAt - 1 : stopAt;
+    assertEquals(result.ids, wanted(row).slice(0, keep), `stream ${i}`);
+    // The slot stands right after the kept ids: the next greedy ids follow on.
+    const next = await session.greedy(steps - keep);
+    assertEquals(next.ids, wanted(row).slice(keep), `stream ${i} continued`);
+    session.dispose();
+  });
+  await Promise.all(streams);
+
+  // Sampled streams stopping before an id: the ids and the samplers' states
+  // are the host path's, as if the picks past the stop had never been drawn.
+  const prompt = [...inputIds.subarray(0, promptLen)];
+  const sampled = STREAM_OPTIONS.map(async (streamOptions, i) => {
+    const { ids: want } = await hostPath(model, prompt, streamOptions, 12);
+    const stopAt = 3 + i;
+    const sampler = new Sampler(streamOptions);
+    let judged = 0;
+    const session = new Session(model);
+    const result = await session.decode({
+      prompt,
+      sampler,
+      maxTokens: 12,
+      judge: () => ++judged === stopAt ? "stop-before" : "continue",
+    });
+    assertEquals(result, { ids: want.slice(0, stopAt - 1), stopped: true }, `stream ${i}`);
+    session.dispose();
+    const reference = new Sampler(streamOptions);
+    if (reference.options.temperature > 0) reference.randoms(stopAt);
+    assertEquals(sampler.state(), reference.state(), `stream ${i}'s sampler`);
+  });
+  await Promise.all(sampled);
+  assert(engine.stats.rewinds > 0, "some sequences ran past their end");
+  assert(engine.stats.rowSteps > engine.stats.steps, "rounds held several sequences");
+  await assertRejects(
+    () => new Session(model).greedy(1),
+    RangeError,
+    "prefill the session first",
+  );
+  engine.dispose();
+});

@@ -1,0 +1,473 @@
+/**
+ * The decode engine's operations on every backend, against reference
+ * arithmetic: `copyRows` against plain indexing, `chooseTokens` against
+ * `pickToken` (the sampler's own code, fed the same random numbers and
+ * history), and conv and scan on slots of a state pool against the reference
+ * backend run sequence by sequence without slots. WebGPU runs where an
+ * adapter exists (llvmpipe in CI), with large matrices split over buffers.
+ */
+
+import { assert, assertEquals } from "@std/assert";
+import {
+  type Backend,
+  SAMPLING_SETTINGS,
+  samplingFeatures,
+  samplingSettings,
+} from "../src/backend.ts";
+import { JsBackend } from "../src/backends/js.ts";
+import { WasmBackend } from "../src/backends/wasm.ts";
+import { WebGpuBackend } from "../src/backends/webgpu.ts";
+import { pickToken, type SamplingOptions, validateSamplingOptions } from "../src/sampler.ts";
+import { xorshiftUniforms } from "../bench/make_random_model.ts";
+import { maxAbsDiff } from "./helpers.ts";
+
+const adapter = await navigator.gpu?.requestAdapter();
+
+/** Each backend under test, made fresh per test. */
+const BACKENDS: { name: string; create: () => Promise<Backend>; ignore?: boolean }[] = [
+  { name: "js", create: () => Promise.resolve(new JsBackend()) },
+  { name: "wasm", create: () => WasmBackend.create({ threads: 1 }) as Promise<Backend> },
+  {
+    name: "webgpu",
+    // Matrices over 1 KiB are split by rows, so that copyRows reads over parts.
+    create: () => WebGpuBackend.create({ splitMatricesOver: 1024 }) as Promise<Backend>,
+    ignore: !adapter,
+  },
+];
+
+/** Deterministic values in [-scale, scale), so failures reproduce. */
+function filler(seed: number): (n: number, scale?: number) => Float32Array {
+  const next = xorshiftUniforms(seed);
+  return (n, scale = 1) => next(n, -scale, scale);
+}
+
+function opTest<Buf>(name: string, fn: (be: Backend<Buf>) => Promise<void>): void {
+  for (const backend of BACKENDS) {
+    Deno.test({
+      name: `[${backend.name}] ${name}`,
+      ignore: backend.ignore,
+      fn: async () => {
+        const be = await backend.create() as Backend<Buf>;
+        try {
+          await fn(be);
+        } finally {
+          be.dispose();
+        }
+      },
+    });
+  }
+}
+
+opTest(
+  "copyRows gathers and scatters by index, with offsets; bad rows copy nothing",
+  async (be) => {
+    const fill = filler(1);
+    const [rows, width] = [37, 24];
+    const table = fill(rows * width);
+    const src = be.upload(table, width); // split into parts on webgpu
+    // A gather from the table (over its parts), with ids that copy nothing: -1, past the end, 2.5.
+    const ids = [0, 36, 9, -1, 10, 19, 37, 20, 2.5, 35];
+    const index = be.upload(Float32Array.from([7, 7, ...ids]));
+    const out = be.upload(new Float32Array((ids.length + 1) * width).fill(-7));
+    be.copyRows({
+      dst: out,
+      dstOffset: width,
+      src,
+      width,
+      count: ids.length,
+      srcRows: { buf: index, offset: 2 },
+    });
+    const want = new Float32Array((ids.length + 1) * width).fill(-7);
+    ids.forEach((id, r) => {
+      if (Number.isInteger(id) && id >= 0 && id < rows) {
+        want.set(table.subarray(id * width, (id + 1) * width), (r + 1) * width);
+      }
+    });
+    assertEquals(await be.read(out), want);
+
+    // A scatter of rows 2.. of a small buffer into rows named by an index, one float wide.
+    const values = Float32Array.of(0, 0, 10, 11, 12, 13);
+    const dst = be.upload(new Float32Array(8).fill(-1));
+    const slots = be.upload(Float32Array.of(5, 0, 8, 3));
+    be.copyRows({
+      dst,
+      src: be.upload(values),
+      srcOffset: 2,
+      width: 1,
+      count: 4,
+      dstRows: { buf: slots, offset: 0 },
+    });
+    assertEquals(await be.read(dst), Float32Array.of(11, -1, -1, 13, -1, 10, -1, -1));
+  },
+);
+
+/** One row of a chooseTokens case: options, the sequence's ids so far, its limit. */
+interface ChooseRow {
+  options: SamplingOptions;
+  history: number[];
+  limit: number;
+}
+
+/** The relative nudge under which a row's pick must hold: the device's f32 arithmetic errs by less. */
+const NUDGE = 1e-6;
+
+/**
+ * A random number for a row whose pick pickToken keeps with it, topP and
+ * minP each nudged by NUDGE either way: `u`, or else the first such one of
+ * u + 0.382, u + 0.764, … (mod 1). A draw or cut so close to the boundary
+ * between two ids that f32 arithmetic may cross it is no test.
+ */
+function steadyRandom(
+  logits: Float32Array,
+  row: ChooseRow,
+  options: Required<SamplingOptions>,
+  u: number,
+): number {
+  const pick = (o: Required<SamplingOptions>, x: number) =>
+    pickToken(logits, row.history, row.limit, o, () => x);
+  const { topP, minP } = options;
+  for (let tries = 0; tries < 20; tries++) {
+    const x = Math.fround(u);
+    const id = pick(options, x);
+    // A top-p of 1 is off (and walks in id order): it stays 1, and one below stays below.
+    const steady = [1 - NUDGE, 1 + NUDGE].every((scale) =>
+      pick(options, Math.min(x * scale, 1 - 2 ** -24)) === id &&
+      pick({ ...options, topP: topP < 1 ? Math.min(topP * scale, (1 + topP) / 2) : 1 }, x) === id &&
+      pick({ ...options, minP: Math.min(minP * scale, 1) }, x) === id
+    );
+    if (steady) return x;
+    u = (u + 0.382) % 1;
+  }
+  throw new Error(`No random number picks steadily for ${JSON.stringify(row.options)}`);
+}
+
+/** `n` random numbers spread over [0, 1): steps of the golden ratio. */
+function spreadRandoms(n: number): Float32Array {
+  return Float32Array.from({ length: n }, (_, r) => ((r + 1) * 0.6180339887) % 1);
+}
+
+/**
+ * Runs chooseTokens over `rows` of `logits` [rows, vocab] and checks each
+ * pick against pickToken's with the same random number, and the history ring
+ * after it; returns the picks. Row r draws with steadyRandom from
+ * randoms[r].
+ */
+async function chooseAsPickToken<Buf>(
+  be: Backend<Buf>,
+  vocab: number,
+  rows: ChooseRow[],
+  logits: Float32Array,
+  randoms: Float32Array,
+): Promise<number[]> {
+  const options = rows.map((row) => validateSamplingOptions({ ...row.options, seed: 0 }));
+  const rowLogits = (r: number) => logits.subarray(r * vocab, (r + 1) * vocab);
+  const steady = Float32Array.from(
+    rows,
+    (row, r) =>
+      options[r].temperature > 0
+        ? steadyRandom(rowLogits(r), row, options[r], randoms[r])
+        : randoms[r],
+  );
+
+  // The ring: row r's sequence in slot slotOf[r], its id at position p at p %
+  // historyLength (the last historyLength of them). The call picks at step 2
+  // after the position its settings name: right after the history.
+  const historyLength = 16;
+  const slotOf = rows.map((_, r) => (r * 4) % rows.length);
+  const step = 2;
+  const ring = new Float32Array(rows.length * historyLength).fill(-5);
+  const settings = new Float32Array(rows.length * SAMPLING_SETTINGS);
+  rows.forEach((row, r) => {
+    row.history.forEach((id, p) => {
+      if (p >= row.history.length - historyLength) {
+        ring[slotOf[r] * historyLength + p % historyLength] = id;
+      }
+    });
+    const position = row.history.length - step;
+    settings.set(samplingSettings(options[r], position, row.limit), r * SAMPLING_SETTINGS);
+  });
+  const want = rows.map((row, r) =>
+    pickToken(rowLogits(r), row.history, row.limit, options[r], () => steady[r])
+  );
+  const ids = be.upload(new Float32Array(2 + rows.length));
+  const history = be.upload(ring.slice());
+  be.chooseTokens({
+    logits: be.upload(logits.slice()),
+    rows: rows.length,
+    vocab,
+    settings: be.upload(settings),
+    features: samplingFeatures(rows.map((row, r) => ({ ...options[r], limit: row.limit }))),
+    randoms: be.upload(Float32Array.from([0, ...steady])),
+    randomOffset: 1,
+    history,
+    historyLength,
+    slots: be.upload(Float32Array.from(slotOf)),
+    step,
+    ids,
+    idsOffset: 2,
+  });
+  assertEquals(Array.from((await be.read(ids)).subarray(2)), want);
+  // Each pick lands in its sequence's ring at its position; nothing else changes.
+  const wantRing = ring.slice();
+  rows.forEach((row, r) => {
+    if (want[r] >= 0) {
+      wantRing[slotOf[r] * historyLength + row.history.length % historyLength] = want[r];
+    }
+  });
+  assertEquals(await be.read(history), wantRing);
+  return want;
+}
+
+opTest("chooseTokens picks what pickToken picks, each row with its own options", async (be) => {
+  const fill = filler(2);
+  const vocab = 3000; // three slices of webgpu's first sampling stage
+  const rows: ChooseRow[] = [
+    // Greedy: a tie (the lower id wins), NaN, a larger logit past the limit.
+    { options: { temperature: 0 }, history: [], limit: 2997 },
+    // Greedy where no logit can be picked.
+    { options: { temperature: 0 }, history: [1, 2], limit: vocab },
+    { options: { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05 }, history: [], limit: vocab },
+    { options: { temperature: 1, topK: 1, topP: 1, minP: 0 }, history: [3], limit: vocab },
+    { options: { temperature: 1.5, topK: 64, topP: 1, minP: 0 }, history: [], limit: 2500 },
+    { options: { temperature: 0.3, topK: 5, topP: 0.5, minP: 0.2 }, history: [], limit: vocab },
+    // Repetition penalties: a window with repeats, the whole history, on a greedy row.
+    {
+      options: { temperature: 1, topK: 20, topP: 1, minP: 0.1, repetitionPenalty: 1.3 },
+      history: [5, 9, 5, 40, 9, 77, 77, 300],
+      limit: vocab,
+    },
+    {
+      options: { temperature: 0, repetitionPenalty: 0.7, repeatLastN: -1 },
+      history: [1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 1500, 1501],
+      limit: vocab,
+    },
+    // A history longer than the ring, which keeps its last ids, wrapped around.
+    {
+      options: { temperature: 0.9, topK: 40, repetitionPenalty: 1.5, repeatLastN: 3 },
+      history: Array.from({ length: 20 }, (_, i) => 100 + i),
+      limit: vocab,
+    },
+    // A limit of at most 64 ids, which top-k does not cut: the draw walks in id order.
+    { options: { temperature: 1, topK: 0, topP: 1, minP: 0.3 }, history: [], limit: 50 },
+    { options: { temperature: 0.7, topK: 40, topP: 1, minP: 0 }, history: [], limit: 30 },
+  ];
+  const logits = fill(rows.length * vocab, 4);
+  const at = (r: number, id: number) => r * vocab + id;
+  logits[at(0, 1234)] = 7;
+  logits[at(0, 2321)] = 7;
+  logits[at(0, 100)] = NaN;
+  logits[at(0, 2998)] = 9;
+  logits.fill(-Infinity, at(1, 0), at(2, 0));
+  logits[at(1, 1)] = NaN;
+  // Ten equal logits across a slice boundary: top-k may cut through them.
+  logits.fill(5, at(2, 1020), at(2, 1030));
+  // The penalized ids hold the largest logits, so that the penalty decides.
+  for (const [r, row] of rows.entries()) {
+    if ((row.options.repetitionPenalty ?? 1) === 1) continue;
+    for (const id of row.history) logits[at(r, id)] = 5 + fill(1)[0];
+  }
+  logits[at(6, 2000)] = 4.9;
+  logits[at(7, 2000)] = -4.9;
+  // A -Infinity and a NaN among the few ids of a short row.
+  logits[at(9, 3)] = -Infinity;
+  logits[at(9, 7)] = NaN;
+  const randoms = xorshiftUniforms(3)(rows.length, 0, 1);
+
+  const want = await chooseAsPickToken(be, vocab, rows, logits, randoms);
+  assertEquals(want[1], -1, "no candidate");
+  assertEquals(want[0], 1234, "the lower id of a tie");
+});
+
+opTest(
+  "chooseTokens samples the whole vocabulary and top-k above 64 as pickToken does",
+  async (be) => {
+    const fill = filler(5);
+    const vocab = 3000;
+    const rows: ChooseRow[] = [
+      // No top-k: the draw walks the whole row in id order, with and without min-p.
+      { options: { temperature: 1, topK: 0, topP: 1, minP: 0 }, history: [], limit: vocab },
+      { options: { temperature: 1.3, topK: 0, topP: 1, minP: 0.2 }, history: [], limit: vocab },
+      // No top-k with top-p: sorted order over the whole row.
+      { options: { temperature: 0.7, topK: 0, topP: 0.9, minP: 0 }, history: [], limit: vocab },
+      // Top-k above 64, with and without top-p and min-p.
+      { options: { temperature: 1.2, topK: 100, topP: 1, minP: 0 }, history: [], limit: vocab },
+      {
+        options: { temperature: 0.8, topK: 1000, topP: 0.95, minP: 0.05 },
+        history: [],
+        limit: vocab,
+      },
+      // A top-k not below the limit cuts nothing: id order again, over a limit below vocab.
+      { options: { temperature: 1, topK: 5000, topP: 1, minP: 0 }, history: [], limit: 2500 },
+      // Mixed in: a greedy row and one with a top-k within 64.
+      { options: { temperature: 0 }, history: [], limit: vocab },
+      {
+        options: { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05 },
+        history: [],
+        limit: vocab,
+      },
+      // A repetition penalty on the largest logits decides a top-p.
+      {
+        options: { temperature: 1, topK: 0, topP: 0.8, minP: 0, repetitionPenalty: 1.5 },
+        history: [10, 2500, 10, 1999, 7],
+        limit: vocab,
+      },
+      // Ties: 300 equal top logits across slices, cut by top-k, then by top-p.
+      { options: { temperature: 1, topK: 150, topP: 1, minP: 0 }, history: [], limit: vocab },
+      { options: { temperature: 1, topK: 0, topP: 0.5, minP: 0 }, history: [], limit: vocab },
+      // Mostly -Infinity and NaN; then all of them (no candidate).
+      { options: { temperature: 0.6, topK: 0, topP: 0.95, minP: 0.01 }, history: [], limit: vocab },
+      { options: { temperature: 1, topK: 0, topP: 1, minP: 0 }, history: [], limit: vocab },
+      // +Infinity: the infinite logits share all the weight.
+      { options: { temperature: 1, topK: 0, topP: 1, minP: 0 }, history: [], limit: vocab },
+      // A low temperature: most weights underflow.
+      { options: { temperature: 0.05, topK: 500, topP: 0.99, minP: 0 }, history: [], limit: vocab },
+    ];
+    const logits = fill(rows.length * vocab, 8);
+    const at = (r: number, id: number) => r * vocab + id;
+    // Larger logits past the limit are never picked.
+    logits.fill(20, at(5, 2500), at(6, 0));
+    for (const id of rows[8].history) logits[at(8, id)] = 9 + fill(1)[0];
+    for (const r of [9, 10]) {
+      for (let id = 500; id < 3000; id += 8) logits[at(r, id)] = 8.5;
+    }
+    logits.fill(-Infinity, at(11, 0), at(11, 2900));
+    for (let id = 1; id < 2900; id += 3) logits[at(11, id)] = NaN;
+    logits[at(11, 2000)] = 1;
+    logits.fill(-Infinity, at(12, 0), at(13, 0));
+    for (let id = 0; id < vocab; id += 2) logits[at(12, id)] = NaN;
+    logits[at(13, 700)] = Infinity;
+    logits[at(13, 2200)] = Infinity;
+    const randoms = spreadRandoms(rows.length);
+
+    const want = await chooseAsPickToken(be, vocab, rows, logits, randoms);
+    assertEquals(want[12], -1, "no candidate");
+    assert([700, 2200].includes(want[13]), "an infinite logit");
+    assert(want[5] < 2500, "below the limit");
+  },
+);
+
+opTest("chooseTokens samples rows of 200, 50,280 and 70,000 ids as pickToken does", async (be) => {
+  // Ids of one, two and three bytes: the wide search's rounds over the id.
+  const cases: [number, SamplingOptions[]][] = [
+    [200, [
+      { temperature: 1, topK: 0, topP: 1, minP: 0 },
+      { temperature: 0.9, topK: 100, topP: 0.9, minP: 0 },
+      { temperature: 1.1, topK: 0, topP: 0.7, minP: 0.1 },
+    ]],
+    [50280, [
+      { temperature: 0.8, topK: 0, topP: 1, minP: 0 },
+      { temperature: 0.8, topK: 0, topP: 0.95, minP: 0.05 },
+      { temperature: 1, topK: 2000, topP: 0.9, minP: 0 },
+    ]],
+    [70000, [{ temperature: 0.8, topK: 0, topP: 0.9, minP: 0 }]],
+  ];
+  for (const [vocab, options] of cases) {
+    // A limit just below the vocabulary on the second row, as a tokenizer's padding leaves.
+    const rows = options.map((o, r) => ({ options: o, history: [], limit: vocab - (r % 2) * 3 }));
+    const logits = filler(vocab)(rows.length * vocab, 10);
+    await chooseAsPickToken(be, vocab, rows, logits, spreadRandoms(rows.length));
+  }
+});
+
+opTest("conv and scan on pool slots match each sequence run alone", async (be) => {
+  const js = new JsBackend();
+  const fill = filler(4);
+  const [channels, kernel, dState, len] = [37, 4, 16, 5];
+  const slots = [4, 1, 6];
+  const poolRows = 8;
+  const kept = (kernel - 1) * channels;
+  const weight = fill(channels * kernel);
+  const bias = fill(channels);
+  const convPool = fill(poolRows * kept);
+  const ssmPool = fill(poolRows * channels * dState);
+  const A = fill(channels * dState).map((v) => -Math.abs(v) - 0.1);
+  const D = fill(channels);
+  const deltaBias = fill(channels);
+  const gConv = be.upload(convPool.slice());
+  const gSsm = be.upload(ssmPool.slice());
+  const gSlots = be.upload(Float32Array.from(slots));
+  // A prompt of `len` tokens, then one step: each runs as a batch on the slots.
+  for (const steps of [len, 1]) {
+    const batch = slots.length;
+    const x = fill(batch * steps * channels);
+    const u = fill(batch * steps * channels);
+    const delta = fill(batch * steps * channels);
+    const z = fill(batch * steps * channels);
+    const B = fill(batch * steps * dState);
+    const C = fill(batch * steps * dState);
+    const wantConv = new Float32Array(batch * steps * channels);
+    const wantY = new Float32Array(batch * steps * channels);
+    slots.forEach((slot, b) => {
+      const tokens = (a: Float32Array, width: number) =>
+        a.subarray(b * steps * width, (b + 1) * steps * width);
+      js.causalConv({
+        out: tokens(wantConv, channels),
+        x: tokens(x, channels),
+        weight,
+        bias,
+        state: convPool.subarray(slot * kept, (slot + 1) * kept),
+        len: steps,
+        channels,
+        kernel,
+      });
+      js.selectiveScan({
+        y: tokens(wantY, channels),
+        u: tokens(u, channels),
+        delta: tokens(delta, channels).slice(),
+        A,
+        B: tokens(B, dState),
+        C: tokens(C, dState),
+        D,
+        z: tokens(z, channels),
+        deltaBias,
+        deltaSoftplus: true,
+        state: ssmPool.subarray(slot * channels * dState, (slot + 1) * channels * dState),
+        len: steps,
+        dim: channels,
+        dState,
+      });
+    });
+    const out = be.zeros(batch * steps * channels);
+    be.causalConv({
+      out,
+      x: be.upload(x),
+      weight: be.upload(weight),
+      bias: be.upload(bias),
+      state: gConv,
+      slots: gSlots,
+      len: steps,
+      channels,
+      kernel,
+      batch,
+    });
+    const y = be.zeros(batch * steps * channels);
+    be.selectiveScan({
+      y,
+      u: be.upload(u),
+      delta: be.upload(delta.slice()),
+      A: be.upload(A),
+      B: be.upload(B),
+      C: be.upload(C),
+      D: be.upload(D),
+      z: be.upload(z),
+      deltaBias: be.upload(deltaBias),
+      deltaSoftplus: true,
+      state: gSsm,
+      slots: gSlots,
+      len: steps,
+      dim: channels,
+      dState,
+      batch,
+    });
+    const what = `${steps} token${steps > 1 ? "s" : ""}`;
+    const within = (got: Float32Array, want: Float32Array, tolerance: number, part: string) => {
+      const diff = maxAbsDiff(got, want);
+      assert(diff <= tolerance, `${what}, ${part}: max abs diff ${diff}`);
+    };
+    within(await be.read(out), wantConv, 1e-5, "conv out");
+    within(await be.read(y), wantY, 2e-4, "y");
+    // The slots' states moved on; every other row of the pools is untouched.
+    within(await be.read(gConv), convPool, 1e-6, "conv pool");
+    within(await be.read(gSsm), ssmPool, 2e-4, "ssm pool");
+  }
+});
