@@ -1,35 +1,80 @@
 /**
- * `backend: "auto"`: picks the backend a model runs on by measuring it.
+ * `backend: "auto"`: picks the backend a model runs on by running a short
+ * real workload on each candidate, through the same decode engine that
+ * `generate`, sessions and the edge server use.
  *
- * Every backend that can run here (see `./backends/registry.ts`) is created
- * and each operation of a Mamba block is timed on it with the model's real
- * dimensions, at the shape of a prefill chunk ({@link PREFILL_TOKENS} rows) and
- * at the decode shape (one row): in_proj (with the block's RMSNorm, and at one
- * row the convolution and x_proj), the convolution, x_proj, the scan (with dt_proj) and
- * out_proj, plus lm_head (with the final norm) and the logits read-back of a
- * step. A few milliseconds per operation suffice, after a warm-up that lets
- * the JavaScript engine optimise the kernels. The prefill chunk is measured at
- * 64 rows rather than the model's 512-row chunks: the kernels' time per row is
- * flat from there on (the wasm matmul runs at 38 GFLOP/s at 64 and at 512 rows),
- * and 512 rows would take the js backend about a second per operation at
- * mamba-130m's size. The decision and its table are cached in memory and,
- * where the runtime has a usable `localStorage`, across runs.
+ * What is measured. On each backend that can run here (see
+ * `./backends/registry.ts`), three small models with the real model's
+ * dimensions are built: "head", with no Mamba block and the real vocabulary
+ * (embedding, lm_head, sampling and the engine's work: all that does not
+ * grow with depth, and what dominates decoding at small models); "base",
+ * with no block and a vocabulary of {@link SMALL_VOCAB} ids; and "layers",
+ * with {@link PROBE_LAYERS} blocks and the same small vocabulary, so that
+ * what the blocks cost is the difference between the last two, undiluted by
+ * the head (measured beside a full-size head, two blocks' time would drown
+ * in its noise). Their weights are random, drawn as Mamba initialises them
+ * so that activations stay in range, and rounded to f16 where the
+ * checkpoint's are f16 (`halfWeights`), as a backend that keeps exact-f16
+ * matrices in f16 (webgpu) does so with the real ones. On each model,
+ * through {@link Session} and the model's {@link DecodeEngine}:
  *
- * One backend runs the whole model rather than the fastest one per operation:
- * a model's weights live in one backend's buffers (WASM memory, GPU buffers),
- * so running in_proj on the GPU and the scan in WASM would copy activations
- * across every layer and keep the weights twice. The per-operation times are
- * therefore summed into the cost of a workload (a {@link PREFILL_TOKENS}-token
- * prompt, then {@link GENERATED_TOKENS} generated tokens) and the backend with
- * the lowest total gets the weights; the report keeps the per-operation table
- * so that the choice can be checked. To keep measuring short, wasm goes first
- * and every later candidate stops as soon as the operations it has done already
- * cost more than the best total: it cannot win, and its partial table shows
- * why. Choosing per shape does happen inside a
- * backend, where it costs nothing: wasm and webgpu run `linear` as a GEMV for
- * decode rows and as a tiled matmul for prefill chunks.
+ * - a prompt chunk: one session is fed {@link PREFILL_TOKENS} ids and its
+ *   logits are read (`Session.prefill`), with one wait for the backend;
+ * - a decode round: `batch` sessions (the streams the caller expects to run
+ *   at once, default 1) each pick {@link DECODE_STEPS} ids with the default
+ *   sampling options, on the backend, as `generate` does. Where the backend
+ *   queues work on a device (webgpu), the engine runs them as one round of
+ *   {@link DECODE_STEPS} steps with one read-back at its end, the shape its
+ *   pipelined rounds take in a long generation; on the host backends it runs
+ *   them as it always does, a step per round.
  *
- * A backend that fails to initialise, or whose operation throws while it is
+ * Each is timed on the wall clock, the final read included. So is a wait for
+ * the backend with nothing queued (`sync`: Deno's WebGPU read-back alone
+ * costs ≥ 10 ms), which is taken out of each: in a long generation the
+ * engine overlaps read-backs with the next round, so the fixed latency is
+ * paid about once rather than per token, let alone per operation. The full
+ * model's costs then follow by layers (runs less sync; decode rounds per
+ * step, i.e. divided by {@link DECODE_STEPS}):
+ *
+ * ```text
+ * prompt     = head prompt + nLayer · (layers prompt − base prompt) / PROBE_LAYERS
+ * step       = head step   + nLayer · (layers step − base step) / PROBE_LAYERS
+ * total (ms) = sync + batch · prompt + GENERATED_TOKENS · step
+ * ```
+ *
+ * i.e. the estimated time to prompt `batch` streams with
+ * {@link PREFILL_TOKENS} ids each and then generate {@link GENERATED_TOKENS}
+ * ids for each, decoding them together. Each model's runs are warmed up
+ * first, untimed (on a device at the measured prompt length and batch, as
+ * pipelines compile on first use; on the host shorter, which is enough for
+ * the JavaScript engine to optimise the kernels).
+ *
+ * Noise. Each run is repeated while it is short (until {@link RUN_MS} is
+ * spent) and its fastest time counts, as contention only ever adds time. A
+ * repetition times every run once on every candidate still in the running,
+ * in alternating order, and gives one estimate per candidate; repetitions go
+ * on until the ranking is clear, {@link MAX_REPETITIONS} are done, or
+ * {@link REPEAT_BUDGET_MS} has passed since the first. The ranking is clear
+ * when every other candidate either stopped being measured, sure to be
+ * slower than the leader's worst estimate, or is slower than the leader by
+ * the rule of {@link verdict}: a rank test on the two sets of estimates, or
+ * a margin far beyond their spread. A candidate stops being measured, as it
+ * cannot win, once its runs so far put it beyond {@link FIRST_ROUND_FACTOR}
+ * times another's worst estimate (in the first repetition; each model only
+ * adds to the estimate, and a host's decode round stops midway; a device's
+ * cannot, so there short rounds come first) or once its best estimate is
+ * beyond that (later {@link CLEARLY_SLOWER}) times the leader's worst. The
+ * backend with the lowest median estimate wins; the decision is cached (in
+ * memory and, where the runtime has a usable `localStorage`, across runs)
+ * only when the ranking was clear: a choice inside the noise is measured
+ * again next time.
+ *
+ * One backend runs the whole model rather than the fastest one per
+ * operation: a model's weights live in one backend's buffers (WASM memory,
+ * GPU buffers), so mixing would copy activations across every layer and keep
+ * the weights twice.
+ *
+ * A backend that fails to initialise, or whose work throws while it is
  * measured, is passed over with the reason in the report (and on
  * `console.warn` with `verbose`). An explicitly named backend is created as
  * asked, with no measuring and no fallback.
@@ -49,38 +94,65 @@ import {
   probeCapabilities,
 } from "./backends/registry.ts";
 import type { MambaConfig } from "./config.ts";
-import { BLOCK_OPS, type BlockBuffers, blockOp, projectLogits } from "./model.ts";
-import type { LayerWeights } from "./weights.ts";
+import { engineFor } from "./engine.ts";
+import { MambaModel } from "./model.ts";
+import { Sampler } from "./sampler.ts";
+import { Session } from "./session.ts";
+import type { LayerWeights, MambaWeights } from "./weights.ts";
 
-/** Rows of the measured prefill chunk, and prompt tokens of the scored workload. */
+/** Prompt ids per stream of the scored workload, and of the measured prompt chunk. */
 export const PREFILL_TOKENS = 64;
-/** Generated tokens of the scored workload (the CLI's default `-n` is 128). */
+/** Generated ids per stream of the scored workload (the CLI's default `-n` is 128). */
 export const GENERATED_TOKENS = 128;
+/** Steps of the measured decode round. */
+export const DECODE_STEPS = 16;
+/** Blocks of the layers model (fewer where the model has fewer). */
+export const PROBE_LAYERS = 2;
+/** Vocabulary of the base and layers models (the real one where smaller). */
+export const SMALL_VOCAB = 64;
 
-/** Each operation at each shape is timed until it has done this much work, after a warm-up call. */
-const TIME_PER_OP_MS = 4;
-/** …unless the rounds take this long in all (WebGPU's wait for results dominates small ones). */
-const MAX_TIME_PER_OP_MS = 40;
+/** The rank test's threshold for calling the runner-up slower (see {@link verdict}). */
+const RANK_TEST_ALPHA = 0.01;
 /**
- * Rows of the warm-up's multi-row pass: enough to take the kernels' matmul
- * paths, a fraction of a prefill chunk's cost.
+ * Or, after this many repetitions each, the runner-up is slower when all its
+ * estimates are above all the leader's and the margin between the medians
+ * is {@link SPREADS_APART} times the larger relative spread ((max − min) /
+ * median) of the two.
  */
-const WARM_UP_ROWS = 8;
-/** Warm-up passes at most (a pass is one layer's operations at 1 and {@link WARM_UP_ROWS} rows). */
-const MAX_WARM_UP_PASSES = 6;
-/** A backend this slow to warm up (a software GPU compiling shaders) is timed as it is. */
-const MAX_WARM_UP_MS = 100;
+const MIN_REPETITIONS = 3;
+const SPREADS_APART = 2;
+/** Repetitions at most. */
+const MAX_REPETITIONS = 9;
+/**
+ * Repetitions after the first (which always runs) stop once they have taken
+ * this long (ms).
+ */
+const REPEAT_BUDGET_MS = 6000;
+/**
+ * In the first repetition, a candidate stops being measured once its runs
+ * put it beyond this many times the lowest worst estimate of the others, or
+ * its estimate is beyond this many times the leader's worst.
+ */
+const FIRST_ROUND_FACTOR = 3;
+/** Later, once its best estimate is beyond this many times the leader's worst. */
+const CLEARLY_SLOWER = 2;
+/** Prompt ids of the host backends' warm-up runs. */
+const WARM_UP_PROMPT = 16;
+/** Decode steps of the host backends' warm-up runs (on a device: one). */
+const WARM_UP_STEPS = 4;
+/** Steps of the short round that tells whether a device candidate is worth a full one. */
+const SHORT_ROUND_STEPS = 4;
+/**
+ * Within a repetition, each run is repeated until it has taken this long in
+ * all (ms), and its fastest time counts: a short run is easily stretched by
+ * a moment of contention.
+ */
+const RUN_MS = 40;
+/** …but at most this many times. */
+const MAX_RUN_REPEATS = 5;
 /** Part of every cache key: bump it when kernels or the measurement change. */
-const CACHE_VERSION = 4;
+const CACHE_VERSION = 5;
 const CACHE_PREFIX = "mamba-deno/backend/";
-
-/** The operations of one Mamba block, in the order the model issues them. */
-const LAYER_OPS = BLOCK_OPS;
-/** Once per forward call, after the blocks, at one row. */
-const HEAD_OPS = ["lm_head", "read"] as const;
-type OpName = typeof LAYER_OPS[number] | typeof HEAD_OPS[number];
-/** Waiting for the backend with no work queued: measured to take it out of the others' times. */
-type BenchOp = OpName | "sync";
 
 /** Where "auto" keeps its decisions: `localStorage` or anything with the same two methods. */
 export interface BackendCache {
@@ -90,33 +162,55 @@ export interface BackendCache {
   setItem(key: string, value: string): void;
 }
 
+/**
+ * The wall-clock times of a candidate's runs (medians over its
+ * repetitions), in ms. The arrays hold the three measured models: "head" (no
+ * blocks, the real vocabulary), "base" (no blocks, `smallVocab` ids) and
+ * "layers" (`layers` blocks, `smallVocab` ids).
+ */
+export interface MeasuredRuns {
+  /** A wait for the backend with nothing queued. */
+  syncMs: number;
+  /** Blocks of the layers model. */
+  layers: number;
+  /** Vocabulary of the base and layers models. */
+  smallVocab: number;
+  /** Feeding one session {@link PREFILL_TOKENS} ids and reading its logits, per model. */
+  promptMs: [number, number, number];
+  /** `batch` sessions picking {@link DECODE_STEPS} ids each (one round on a device), per model. */
+  decodeMs: [number, number, number];
+}
+
 /** One backend in a {@link BackendReport}. */
 export interface CandidateReport {
   /** Backend name. */
   name: string;
-  /** Whether it could run this model (false: not here, failed to start, or an op threw). */
+  /** Whether it could run this model (false: not here, failed to start, or its work threw). */
   available: boolean;
   /** Why it is not available, or why its measurement stopped early. */
   reason?: string;
   /** What it runs on: adapter or threads. */
   device?: string;
-  /**
-   * Milliseconds per call of each operation at the model's dimensions, keyed
-   * `op@rows` (`in_proj@64`, `in_proj@1`, …); one layer's worth: in_proj is both
-   * halves, x_proj its three outputs, out_proj includes the residual add.
-   * `read@1` is copying a step's logits to the host.
-   */
-  perOp?: Record<string, number>;
-  /** Estimated model time for a {@link PREFILL_TOKENS}-token prompt, from `perOp`. */
+  /** What was timed (medians over the repetitions); see {@link MeasuredRuns}. */
+  measured?: MeasuredRuns;
+  /** Estimated time of the workload's prompts on the full model: `batch` × {@link PREFILL_TOKENS} ids. */
   prefillMs?: number;
-  /** Estimated model time per generated token, from `perOp`. */
+  /** Estimated time of the workload's decoding on the full model: {@link GENERATED_TOKENS} steps at `batch`. */
   decodeMs?: number;
-  /** The score: `prefillMs + GENERATED_TOKENS * decodeMs`. */
-  totalMs?: number;
   /**
-   * Whether its measurement stopped once it could no longer win: `perOp` is
-   * then partial and the estimates are lower bounds.
+   * The score, the median over repetitions of sync + prefill + decode
+   * (a lower bound where {@link stoppedEarly}).
    */
+  totalMs?: number;
+  /** The lowest and highest estimate of `totalMs` over the repetitions. */
+  totalRangeMs?: [number, number];
+  /** Repetitions measured to the end. */
+  repetitions?: number;
+  /** Prompt ids per second of one stream on the full model. */
+  prefillTokensPerSecond?: number;
+  /** Generated ids per second, all `batch` streams together, on the full model. */
+  decodeTokensPerSecond?: number;
+  /** Whether its measurement stopped once it could no longer win; `totalMs` is then a lower bound. */
   stoppedEarly?: boolean;
 }
 
@@ -128,16 +222,34 @@ export interface BackendReport {
   mode: "explicit" | "auto";
   /** Whether an earlier measurement was reused instead of measuring now. */
   cached: boolean;
-  /** Why this backend, in a sentence. */
+  /** Why this backend, in a sentence or two. */
   reason: string;
   /** Every backend considered, with its measurements. */
   candidates: CandidateReport[];
   /** Wall time of the measurement that made the decision (0 when nothing was measured). */
   measureMs: number;
+  /** Streams the workload decodes at once ("auto" only). */
+  batch?: number;
+  /**
+   * Whether the winner's margin was clear of the measurements' noise ("auto"
+   * only); a decision that is not is never cached.
+   */
+  clear?: boolean;
 }
 
 /** Options of {@link selectBackend}. */
 export interface SelectOptions extends BackendOptions {
+  /**
+   * Streams the model is expected to decode at once (default 1): the batch of
+   * the measured decode round. A server passes its concurrency.
+   */
+  batch?: number;
+  /**
+   * Whether the checkpoint's matrices are f16 values (stored as F16): the
+   * measured weights are then rounded to f16 too, as a backend may keep such
+   * matrices in f16.
+   */
+  halfWeights?: boolean;
   /**
    * Where decisions are kept: default `localStorage` where usable (across
    * runs), else this process's memory; null: nowhere, measure every time.
@@ -196,6 +308,10 @@ export async function selectBackend(
       },
     };
   }
+  const batch = options.batch ?? 1;
+  if (!(Number.isInteger(batch) && batch >= 1)) {
+    throw new RangeError(`batch must be a positive integer, got ${batch}`);
+  }
 
   const warn = options.verbose ? (message: string) => console.warn(message) : () => {};
   const probes = await Promise.all(candidates.map(async (candidate) => {
@@ -215,7 +331,12 @@ export async function selectBackend(
       : { name: candidate.name, available: false, reason: probe.reason };
   });
   const passOver = (index: number, reason: string) => {
-    reports[index] = { ...reports[index], available: false, reason };
+    reports[index] = {
+      name: reports[index].name,
+      device: reports[index].device,
+      available: false,
+      reason,
+    };
     warn(`mamba: backend "${reports[index].name}" passed over: ${reason}`);
   };
   /** Creates candidate `index`, or records why it could not be. */
@@ -230,7 +351,7 @@ export async function selectBackend(
   };
 
   const storage = options.cache === undefined ? usableLocalStorage() ?? memoryStore : options.cache;
-  const key = cacheKey(config, reports);
+  const key = cacheKey(config, reports, batch, options.halfWeights ?? false);
   if (!options.remeasure) {
     const cached = readDecision(storage?.getItem(key));
     const index = cached ? reports.findIndex((r) => r.available && r.name === cached.chosen) : -1;
@@ -242,40 +363,18 @@ export async function selectBackend(
 
   const started = performance.now();
   const runnable = measureOrder(reports);
-  // Candidates in the order they are to be tried for the model.
-  let ranked = runnable;
+  let outcome: Outcome = { ranked: runnable, clear: true, reason: "" };
   if (runnable.length > 1) {
-    let leader: CandidateReport | undefined; // The lowest complete estimate so far.
-    for (const index of runnable) {
-      const backend = await create(index);
-      if (!backend) continue;
-      try {
-        const bar = leader?.totalMs ?? Infinity;
-        const { perOp, stoppedEarly, ...estimate } = await measureOps(backend, config, bar);
-        reports[index] = { ...reports[index], perOp, ...estimate };
-        if (stoppedEarly) {
-          reports[index].stoppedEarly = true;
-          reports[index].reason = `Measurement stopped after ${Object.keys(perOp).length} of ` +
-            `${MEASURED_OPS.length} operations: they alone put it at ` +
-            `${formatMs(estimate.totalMs)} or more, above ${leader!.name}'s ${formatMs(bar)}`;
-        } else if (estimate.totalMs < bar) {
-          leader = reports[index];
-        }
-      } catch (error) {
-        passOver(index, `Failed while being measured: ${messageOf(error)}`);
-      } finally {
-        // The winner is created afresh: memory a backend took for measuring
-        // (wasm memory never shrinks) must not stay with the model.
-        backend.dispose?.();
-      }
-    }
-    ranked = runnable
-      .filter((i) => reports[i].available && !reports[i].stoppedEarly)
-      .sort((a, b) => reports[a].totalMs! - reports[b].totalMs!);
+    outcome = await measureCandidates(runnable, reports, config, {
+      batch,
+      halfWeights: options.halfWeights ?? false,
+      create,
+      passOver,
+    });
   }
   let best: Backend | undefined;
   let chosen = -1;
-  for (const index of ranked) {
+  for (const index of outcome.ranked) {
     best = await create(index);
     chosen = index;
     if (best) break;
@@ -284,19 +383,29 @@ export async function selectBackend(
     const reasons = reports.map((r) => `${r.name}: ${r.reason}`).join("; ");
     throw new Error(`No backend can run this model (${reasons})`);
   }
-
+  // The winner may have failed to start again after measuring: then the
+  // next one runs, and the decision is not one to keep.
+  const asRanked = chosen === outcome.ranked[0];
   const report: BackendReport = {
     chosen: reports[chosen].name,
     mode: "auto",
     cached: false,
-    reason: explain(reports, chosen),
+    reason: asRanked && outcome.reason
+      ? outcome.reason
+      : reports[chosen].totalMs === undefined
+      ? "The only backend that can run here"
+      : `${reports[chosen].name} runs it: the backends measured faster could not start again`,
     candidates: reports,
     measureMs: performance.now() - started,
+    batch,
+    clear: outcome.clear && asRanked,
   };
-  try {
-    storage?.setItem(key, JSON.stringify(report));
-  } catch {
-    // Full or refused storage only means measuring again next time.
+  if (report.clear) {
+    try {
+      storage?.setItem(key, JSON.stringify(report));
+    } catch {
+      // Full or refused storage only means measuring again next time.
+    }
   }
   return { backend: best, report };
 }
@@ -336,16 +445,23 @@ function usableLocalStorage(): Storage | null {
 
 /**
  * What a decision depends on: the backends that can run and on what (adapter,
- * threads), the runtime, the model's dimensions, the workload and the version.
+ * threads), the runtime, the model's dimensions and weights' precision, the
+ * workload and batch, and the version.
  */
-function cacheKey(config: MambaConfig, reports: readonly CandidateReport[]): string {
+function cacheKey(
+  config: MambaConfig,
+  reports: readonly CandidateReport[],
+  batch: number,
+  halfWeights: boolean,
+): string {
   const { dModel, dInner, dState, dtRank, dConv, nLayer, vocabSize, projBias, convBias } = config;
   return CACHE_PREFIX + JSON.stringify({
     version: CACHE_VERSION,
     runtime: (globalThis.navigator as Navigator | undefined)?.userAgent ?? "",
     backends: reports.filter((r) => r.available).map((r) => `${r.name}: ${r.device}`),
     shape: [dModel, dInner, dState, dtRank, dConv, nLayer, vocabSize, projBias, convBias],
-    workload: [PREFILL_TOKENS, GENERATED_TOKENS],
+    halfWeights,
+    workload: [PREFILL_TOKENS, GENERATED_TOKENS, DECODE_STEPS, batch],
   });
 }
 
@@ -361,51 +477,82 @@ function readDecision(value: string | null | undefined): BackendReport | undefin
   }
 }
 
-/** The report as text for a terminal: the choice, why, each candidate and the per-operation table. */
+/** The report as text for a terminal: the choice, why, each candidate and the measurements. */
 export function formatBackendReport(report: BackendReport): string {
   const how = report.mode === "explicit"
     ? "named explicitly"
     : report.cached
     ? `auto, reusing a decision measured earlier in ${formatMs(report.measureMs)}`
-    : `auto, measured in ${formatMs(report.measureMs)}`;
+    : `auto, measured in ${formatMs(report.measureMs)}${
+      report.clear === false ? ", inside the noise: not cached" : ""
+    }`;
   const lines = [`backend ${report.chosen} (${how})`, `  why: ${report.reason}`];
   for (const c of report.candidates) {
     const state = c.available ? c.device ?? "available" : "not available";
     lines.push(`  ${c.name}: ${state}${c.reason ? `. ${c.reason}` : ""}`);
   }
-  const measured = report.candidates.filter((c) => c.perOp);
+  const measured = report.candidates.filter((c) => c.measured || c.totalMs !== undefined);
   if (measured.length === 0) return lines.join("\n");
-  const cell = (ms: number | undefined) =>
-    (ms === undefined ? "-" : ms >= 100 ? ms.toFixed(0) : ms >= 1 ? ms.toFixed(2) : ms.toFixed(3))
-      .padStart(10);
-  const row = (label: string, values: (number | undefined)[]) =>
-    `  ${label.padEnd(26)}${values.map(cell).join("")}`;
-  lines.push(
-    `  ${"ms per call, one layer".padEnd(26)}${measured.map((c) => c.name.padStart(10)).join("")}`,
-  );
-  for (const [op, rows] of MEASURED_OPS) {
-    const key = `${op}@${rows}`;
-    lines.push(row(key, measured.map((c) => c.perOp![key])));
+  const cell = (value: string) => value.padStart(15);
+  const row = (label: string, values: string[]) =>
+    `  ${label.padEnd(32)}${values.map(cell).join("")}`;
+  const ms = (value: number | undefined) => value === undefined ? "-" : formatNumber(value);
+  const runs = (pick: (m: MeasuredRuns) => number) =>
+    measured.map((c) => c.measured ? ms(pick(c.measured)) : "-");
+  const batch = report.batch ?? 1;
+  const shape = measured.find((c) => c.measured)?.measured;
+  lines.push(row("ms, wall clock", measured.map((c) => c.name)));
+  lines.push(row("sync (idle wait)", runs((m) => m.syncMs)));
+  const models = ["head", "base", "layers"];
+  for (const [i, model] of models.entries()) {
+    lines.push(row(`prompt ${PREFILL_TOKENS} ids, ${model} model`, runs((m) => m.promptMs[i])));
   }
-  const bound = (c: CandidateReport, ms: number | undefined) => c.stoppedEarly ? undefined : ms;
+  for (const [i, model] of models.entries()) {
+    lines.push(
+      row(`decode ${DECODE_STEPS} × ${batch}, ${model} model`, runs((m) => m.decodeMs[i])),
+    );
+  }
+  const bound = (c: CandidateReport, value: number | undefined) =>
+    c.stoppedEarly || value === undefined ? "-" : formatNumber(value);
   lines.push(
-    row(`model: ${PREFILL_TOKENS}-token prompt`, measured.map((c) => bound(c, c.prefillMs))),
+    row("full model: prefill tok/s", measured.map((c) => bound(c, c.prefillTokensPerSecond))),
   );
-  lines.push(row("model: per token", measured.map((c) => bound(c, c.decodeMs))));
   lines.push(
     row(
-      `total: ${PREFILL_TOKENS} + ${GENERATED_TOKENS} tokens`,
-      measured.map((c) => bound(c, c.totalMs)),
+      `full model: decode tok/s at ${batch}`,
+      measured.map((c) => bound(c, c.decodeTokensPerSecond)),
     ),
   );
+  lines.push(
+    row(
+      `est. ms, ${batch} × (${PREFILL_TOKENS} + ${GENERATED_TOKENS} ids)`,
+      measured.map((c) =>
+        c.totalMs === undefined ? "-" : `${c.stoppedEarly ? "≥ " : ""}${ms(c.totalMs)}`
+      ),
+    ),
+  );
+  lines.push(
+    row(
+      "  range over repetitions",
+      measured.map((c) =>
+        c.totalRangeMs ? `${ms(c.totalRangeMs[0])}-${ms(c.totalRangeMs[1])}` : "-"
+      ),
+    ),
+  );
+  lines.push(row("  repetitions", measured.map((c) => String(c.repetitions ?? 0))));
+  if (shape) {
+    lines.push(
+      `  (head model: no blocks, the full vocabulary; base: no blocks, ${shape.smallVocab} ids; ` +
+        `layers: ${shape.layers} blocks, ${shape.smallVocab} ids)`,
+    );
+  }
   return lines.join("\n");
 }
 
 /**
- * Indices of the runnable candidates in the order they are measured: wasm
- * first, as its measurement is quick and sets a bar that stops the slower
- * candidates' measurements early (see {@link measureOps}); then the others in
- * registry order.
+ * Indices of the runnable candidates in the order they are measured first:
+ * wasm first, as it is quick and sets the bar that stops hopeless candidates
+ * early; then the others in registry order.
  */
 function measureOrder(reports: readonly CandidateReport[]): number[] {
   const runnable = reports.flatMap((report, i) => report.available ? [i] : []);
@@ -414,288 +561,741 @@ function measureOrder(reports: readonly CandidateReport[]): number[] {
 }
 
 function formatMs(value: number): string {
-  return `${value < 10 ? value.toFixed(2) : Math.round(value)} ms`;
+  return value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${formatNumber(value)} ms`;
 }
 
-/** One sentence: the winner's estimate against the others', or why there was no contest. */
-function explain(reports: readonly CandidateReport[], chosen: number): string {
-  const winner = reports[chosen];
-  if (winner.totalMs === undefined) return "The only backend that can run here";
-  const others = reports
-    .filter((r, i) => i !== chosen && r.totalMs !== undefined)
-    .map((r) => `${r.name} ${r.stoppedEarly ? "≥ " : ""}${formatMs(r.totalMs!)}`);
-  return `Lowest estimated time for a ${PREFILL_TOKENS}-token prompt and ${GENERATED_TOKENS} ` +
-    `generated tokens: ${winner.name} ${formatMs(winner.totalMs)} (prefill ` +
-    `${formatMs(winner.prefillMs!)}, ${formatMs(winner.decodeMs!)} per token)` +
-    (others.length ? `, against ${others.join(", ")}` : "");
+function formatNumber(value: number): string {
+  if (value >= 100) return Math.round(value).toLocaleString("en-US");
+  return value >= 10 ? value.toFixed(1) : value.toFixed(2);
 }
 
-/**
- * Every `op@rows` timed, in order: the decode shape first, as the workload
- * calls it most (per generated token, per layer), so that a hopeless
- * candidate is found out after few operations; then the prefill chunk.
- * lm_head runs on one row in both: generation only needs the last
- * position's logits.
- */
-const MEASURED_OPS: readonly [OpName, number][] = [
-  ...LAYER_OPS.map((op): [OpName, number] => [op, 1]),
-  ...HEAD_OPS.map((op): [OpName, number] => [op, 1]),
-  ...LAYER_OPS.map((op): [OpName, number] => [op, PREFILL_TOKENS]),
-];
+// ---- measuring ------------------------------------------------------------------------------
 
-/** How often the workload calls `op@rows`: for the whole prompt, and per generated token. */
-function callsOf(op: OpName, rows: number, nLayer: number): { prompt: number; token: number } {
-  if (rows > 1) return { prompt: nLayer, token: 0 };
-  if (op === "lm_head" || op === "read") return { prompt: 1, token: 1 };
-  return { prompt: 0, token: nLayer };
+/** The ranking that measuring produced. */
+interface Outcome {
+  /** Candidate indices to try, best first. */
+  ranked: number[];
+  /** Whether the first one's lead is clear of the noise. */
+  clear: boolean;
+  /** Why it leads, as the report says it. */
+  reason: string;
 }
 
-/** Per-operation times and the workload estimate from them. */
-interface Measurement {
-  /** Milliseconds per call, by `op@rows`. */
-  perOp: Record<string, number>;
-  /** Model time for the prompt, from the operations measured. */
+/** What {@link measureCandidates} needs from {@link selectBackend}. */
+interface MeasureContext {
+  batch: number;
+  halfWeights: boolean;
+  create(index: number): Promise<Backend | undefined>;
+  passOver(index: number, reason: string): void;
+}
+
+/** The dimensions of what is measured. */
+interface Shape {
+  config: MambaConfig;
+  /** Blocks of the layers model. */
+  probeLayers: number;
+  /** Vocabulary of the base and layers models. */
+  smallVocab: number;
+  batch: number;
+}
+
+/** The measured models, in the order of {@link MeasuredRuns}' arrays. */
+const HEAD = 0;
+const BASE = 1;
+const LAYERS = 2;
+
+/** One repetition's runs on a candidate, in ms, as in {@link MeasuredRuns}. */
+interface Runs {
+  syncMs: number;
+  promptMs: [number, number, number];
+  decodeMs: [number, number, number];
+}
+
+/** The full model's estimated costs from one repetition. */
+interface Estimate {
+  /** One stream's prompt of {@link PREFILL_TOKENS} ids. */
+  promptMs: number;
+  /** One decode step of `batch` streams. */
+  stepMs: number;
+  /** `batch` prompts. */
   prefillMs: number;
-  /** Model time per generated token, from the operations measured. */
+  /** {@link GENERATED_TOKENS} steps. */
   decodeMs: number;
-  /** `prefillMs + GENERATED_TOKENS * decodeMs`. */
+  /** sync + prefill + decode. */
   totalMs: number;
-  /** Whether it stopped before measuring everything; the estimates are then lower bounds. */
-  stoppedEarly: boolean;
+}
+
+/** A candidate being measured. */
+interface Contender {
+  index: number;
+  name: string;
+  bench: EngineBench<unknown>;
+  runs: Runs[];
+  estimates: Estimate[];
+}
+
+/** Thrown inside a repetition once the candidate is sure to lose. */
+class Hopeless extends Error {
+  constructor(readonly lowerBoundMs: number, readonly after: string) {
+    super(`Hopeless after ${after}`);
+  }
 }
 
 /**
- * Times the operations of {@link MEASURED_OPS} on `backend` at the model's
- * dimensions, stopping early once the estimate from those measured so far
- * exceeds `limitMs` (the best complete candidate's): the rest could only add.
- * A candidate still in the running after a full pass is timed again, and
- * each operation's faster time counts: a moment of contention (another process,
- * the engine still optimising in the background) would otherwise decide.
+ * Measures the candidates `runnable` (indices into `reports`, which it fills
+ * in) and ranks them; see the module documentation.
  */
-async function measureOps<Buf>(
-  backend: Backend<Buf>,
+async function measureCandidates(
+  runnable: number[],
+  reports: CandidateReport[],
   config: MambaConfig,
-  limitMs: number,
-): Promise<Measurement> {
-  const bench = new OpBench(backend, config, PREFILL_TOKENS);
-  const perOp: Record<string, number> = {};
+  context: MeasureContext,
+): Promise<Outcome> {
+  const { batch } = context;
+  /** When the first repetition ended. */
+  let firstDone = Infinity;
+  const probeLayers = Math.min(PROBE_LAYERS, config.nLayer);
+  const shape: Shape = {
+    config,
+    probeLayers,
+    smallVocab: Math.min(SMALL_VOCAB, config.vocabSize),
+    batch,
+  };
+  const weights = probeWeights(shape, context.halfWeights);
+  const contenders: Contender[] = [];
+  /** Candidates that stopped being measured, with their lower bound. */
+  const stopped = new Map<number, number>();
   try {
-    await warmUp(bench);
-    // What waiting for the backend costs with no work queued (WebGPU's submit
-    // and map): taken out of each timed round, as a step pays it once (`read`).
-    const idleMs = await timeOp((reps) => bench.round("sync", 1, reps), 0);
-    for (let pass = 0; pass < 2; pass++) {
-      // A complete first pass above the bar has lost; a second could only refine a loser.
-      if (pass > 0 && estimate(perOp, config.nLayer).totalMs > limitMs) break;
-      for (const [op, rows] of MEASURED_OPS) {
-        if (pass === 0 && estimate(perOp, config.nLayer).totalMs > limitMs) {
-          return { perOp, ...estimate(perOp, config.nLayer), stoppedEarly: true };
+    for (let repetition = 1; repetition <= MAX_REPETITIONS; repetition++) {
+      const factor = repetition === 1 ? FIRST_ROUND_FACTOR : CLEARLY_SLOWER;
+      // The first repetition goes in measuring order (wasm first), then the
+      // order alternates so that a slow spell does not always hit the same one.
+      const order = repetition === 1
+        ? runnable
+        : repetition % 2 === 0
+        ? contenders.map((c) => c.index).reverse()
+        : contenders.map((c) => c.index);
+      for (const index of order) {
+        if (stopped.has(index)) continue;
+        let contender = contenders.find((c) => c.index === index);
+        try {
+          if (!contender) {
+            const backend = await context.create(index);
+            if (!backend) continue;
+            const bench = new EngineBench(backend, weights, shape);
+            contender = { index, name: reports[index].name, bench, runs: [], estimates: [] };
+            contenders.push(contender);
+          }
+          // It stops once it is sure to take `factor` times the worst estimate
+          // of the candidate whose worst is lowest (the bar).
+          const bar = lowestWorst(contenders.filter((c) => c !== contender));
+          const limit = bar ? factor * worst(bar) : Infinity;
+          // Past the budget a repetition stops, except the first: every
+          // candidate gets an estimate.
+          const budgetEnd = repetition === 1 ? Infinity : firstDone + REPEAT_BUDGET_MS;
+          try {
+            const runs = await contender.bench.repetition(limit, budgetEnd);
+            if (!runs) break; // Out of time: this repetition is not counted.
+            contender.runs.push(runs);
+            contender.estimates.push(estimateOf(runs, shape));
+          } catch (error) {
+            if (!(error instanceof Hopeless)) throw error;
+            stopped.set(index, error.lowerBoundMs);
+            contenders.splice(contenders.indexOf(contender), 1);
+            contender.bench.dispose();
+            // Its completed repetitions, if any, stay in the report.
+            fillReport(reports[index], contender, shape);
+            reports[index].stoppedEarly = true;
+            reports[index].totalMs = Math.max(
+              error.lowerBoundMs,
+              contender.estimates.length > 0 ? median(totals(contender)) : 0,
+            );
+            reports[index].reason = `Measurement stopped after ${error.after}: its runs so ` +
+              `far put it at ${formatMs(error.lowerBoundMs)} or more, over ${factor} times ` +
+              `${bar!.name}'s worst estimate, ${formatMs(worst(bar!))}`;
+          }
+        } catch (error) {
+          stopped.set(index, Infinity);
+          context.passOver(index, `Failed while being measured: ${messageOf(error)}`);
+          if (contender) {
+            contenders.splice(contenders.indexOf(contender), 1);
+            contender.bench.dispose();
+          }
         }
-        const ms = await timeOp((reps) => bench.round(op, rows, reps), op === "read" ? 0 : idleMs);
-        const key = `${op}@${rows}`;
-        perOp[key] = Math.min(perOp[key] ?? Infinity, ms);
       }
+      // Those whose best is far beyond the leader's worst cannot win.
+      const leader = leaderOf(contenders);
+      for (const contender of [...contenders]) {
+        if (!leader || contender === leader || contender.estimates.length === 0) continue;
+        const best = Math.min(...totals(contender));
+        if (best > factor * worst(leader)) {
+          stopped.set(contender.index, best);
+          contenders.splice(contenders.indexOf(contender), 1);
+          contender.bench.dispose();
+          fillReport(reports[contender.index], contender, shape);
+          reports[contender.index].reason = `Measurement stopped after ${repetition} ` +
+            `repetition${repetition === 1 ? "" : "s"}: its best estimate, ${formatMs(best)}, is ` +
+            `over ${factor} times ${leader.name}'s worst, ${formatMs(worst(leader))}`;
+        }
+      }
+      if (verdict(contenders, stopped).clear) break;
+      if (repetition === 1) firstDone = performance.now();
+      if (performance.now() - firstDone > REPEAT_BUDGET_MS) break;
     }
   } finally {
-    bench.release();
+    // The winner is created afresh: memory a backend took for measuring
+    // (wasm memory never shrinks) must not stay with the model.
+    for (const contender of contenders) contender.bench.dispose();
   }
-  return { perOp, ...estimate(perOp, config.nLayer), stoppedEarly: false };
+  const sorted = contenders
+    .filter((c) => c.estimates.length > 0)
+    .sort((a, b) => median(totals(a)) - median(totals(b)));
+  for (const contender of sorted) fillReport(reports[contender.index], contender, shape);
+  const ranked = [
+    ...sorted.map((c) => c.index),
+    // Then those that stopped early, best bound first, in case the measured ones cannot start again.
+    ...[...stopped].filter(([i]) => reports[i].available).sort((a, b) => a[1] - b[1]).map(([i]) =>
+      i
+    ),
+  ];
+  const { clear, why } = verdict(contenders, stopped);
+  return {
+    ranked,
+    clear,
+    reason: sorted.length > 0 ? explain(sorted, reports, stopped, clear, why) : "",
+  };
 }
 
-/** The workload's estimated time from the operations in `perOp` (a lower bound if some are missing). */
-function estimate(
-  perOp: Record<string, number>,
-  nLayer: number,
-): { prefillMs: number; decodeMs: number; totalMs: number } {
-  let prefillMs = 0;
-  let decodeMs = 0;
-  for (const [op, rows] of MEASURED_OPS) {
-    const ms = perOp[`${op}@${rows}`] ?? 0;
-    const calls = callsOf(op, rows, nLayer);
-    prefillMs += calls.prompt * ms;
-    decodeMs += calls.token * ms;
-  }
-  return { prefillMs, decodeMs, totalMs: prefillMs + GENERATED_TOKENS * decodeMs };
-}
-
-/**
- * Runs one layer's operations, at one row and at a few, until a pass is no
- * longer clearly faster than the one before (at most {@link MAX_WARM_UP_PASSES}
- * passes or {@link MAX_WARM_UP_MS}).
- * JavaScript engines first run code unoptimised and optimise the hot parts on
- * background threads, which on a machine with few cores also compete with the
- * wasm backend's workers; timing before that settles measures the compiler.
- */
-async function warmUp<Buf>(bench: OpBench<Buf>): Promise<void> {
-  let previous = Infinity;
-  for (let pass = 0, spent = 0; pass < MAX_WARM_UP_PASSES && spent < MAX_WARM_UP_MS; pass++) {
-    const start = performance.now();
-    await bench.layers([1, WARM_UP_ROWS]);
-    const elapsed = performance.now() - start;
-    if (elapsed > 0.8 * previous) return;
-    previous = elapsed;
-    spent += elapsed;
-  }
-}
-
-/**
- * Milliseconds per repetition: `round(reps)` does the work `reps` times and
- * waits until it is done, which by itself costs `overheadMs`. One untimed
- * warm-up round (pipelines compile, wasm tiers up, pages fault in), then
- * rounds of 1, 2, 4, … repetitions until {@link TIME_PER_OP_MS} of work, or
- * {@link MAX_TIME_PER_OP_MS} in all, is spent; the best round counts.
- */
-async function timeOp(
-  round: (reps: number) => Promise<unknown>,
-  overheadMs: number,
-): Promise<number> {
-  await round(1);
-  let best = Infinity;
-  let work = 0;
-  let spent = 0;
-  for (let reps = 1; work < TIME_PER_OP_MS && spent < MAX_TIME_PER_OP_MS; reps *= 2) {
-    const start = performance.now();
-    await round(reps);
-    const elapsed = performance.now() - start;
-    const perRep = Math.max(0, elapsed - overheadMs) / reps;
-    best = Math.min(best, perRep);
-    work += perRep * reps;
-    spent += elapsed;
+/** The contender whose worst estimate is lowest. */
+function lowestWorst(contenders: readonly Contender[]): Contender | undefined {
+  let best: Contender | undefined;
+  for (const c of contenders) {
+    if (c.estimates.length > 0 && (!best || worst(c) < worst(best))) best = c;
   }
   return best;
 }
 
+/** The contender with the lowest median estimate. */
+function leaderOf(contenders: readonly Contender[]): Contender | undefined {
+  let leader: Contender | undefined;
+  for (const c of contenders) {
+    if (c.estimates.length === 0) continue;
+    if (!leader || median(totals(c)) < median(totals(leader))) leader = c;
+  }
+  return leader;
+}
+
 /**
- * The buffers of one layer and the head at the model's dimensions, and each
- * operation issued on them as `MambaModel` issues it. Weights and activations
- * are zeros: the kernels' speed does not depend on the values, and zeros are
- * never subnormal.
+ * Whether the leader's lead is clear: every candidate that stopped being
+ * measured is sure to be slower than the leader's worst estimate, and the
+ * runner-up, if any, is slower either by a rank test (Mann–Whitney's exact
+ * test on the two sets of estimates, two-sided, at {@link RANK_TEST_ALPHA}:
+ * it counts the pairs where the leader was not the faster one and asks how
+ * likely so few would be if both were as fast; it assumes nothing of the
+ * noise's distribution and lets an outlier or two through, but needs five
+ * repetitions each at least), or, sooner, by a margin far beyond the
+ * spread (see {@link MIN_REPETITIONS}).
  */
-class OpBench<Buf> {
-  readonly #be: Backend<Buf>;
-  readonly #c: MambaConfig;
-  readonly #buffers: Buf[] = [];
-  readonly #b: Record<string, Buf>;
-  /** The buffers above seen as one layer's weights and activations. */
-  readonly #weights: LayerWeights<Buf>;
-  readonly #activations: BlockBuffers<Buf>;
+function verdict(
+  contenders: readonly Contender[],
+  stopped: ReadonlyMap<number, number>,
+): { clear: boolean; why: string } {
+  const leader = leaderOf(contenders);
+  if (!leader) return { clear: false, why: "" };
+  const worstOfLeader = worst(leader);
+  for (const bound of stopped.values()) {
+    if (!(bound > worstOfLeader)) {
+      return { clear: false, why: "a candidate stopped early is not sure to be slower" };
+    }
+  }
+  if (contenders.some((c) => c.estimates.length === 0)) return { clear: false, why: "" };
+  const runnerUp = contenders
+    .filter((c) => c !== leader)
+    .sort((a, b) => median(totals(a)) - median(totals(b)))[0];
+  if (!runnerUp) {
+    const why = stopped.size > 0
+      ? "every other candidate stopped being measured, sure to be slower than its worst estimate" +
+        " or unable to run"
+      : "";
+    return { clear: true, why };
+  }
+  const ours = totals(leader);
+  const theirs = totals(runnerUp);
+  let inversions = 0;
+  for (const a of ours) for (const b of theirs) if (a >= b) inversions++;
+  const p = rankTestP(inversions, ours.length, theirs.length);
+  const margin = median(theirs) / median(ours) - 1;
+  const spread = Math.max(spreadOf(ours), spreadOf(theirs));
+  const reps = Math.min(ours.length, theirs.length);
+  const apart = inversions === 0 && reps >= MIN_REPETITIONS && margin > SPREADS_APART * spread;
+  const why = `${leader.name} was faster in ${ours.length * theirs.length - inversions} of ` +
+    `${ours.length * theirs.length} pairs of estimates against ${runnerUp.name} (rank test p = ` +
+    `${p < 0.001 ? p.toExponential(1) : p.toFixed(3)}); median margin ${percent(margin)}, ` +
+    `spread up to ${percent(spread)}`;
+  return { clear: p <= RANK_TEST_ALPHA || apart, why };
+}
 
-  constructor(backend: Backend<Buf>, config: MambaConfig, maxRows: number) {
-    this.#be = backend;
-    this.#c = config;
-    const { dModel, dInner, dState, dtRank, dConv, vocabSize } = config;
-    const sizes: Record<string, number> = {
-      hidden: maxRows * dModel,
-      x: maxRows * dInner,
-      z: maxRows * dInner,
-      xc: maxRows * dInner,
-      dt: maxRows * dtRank,
-      B: maxRows * dState,
-      C: maxRows * dState,
-      delta: maxRows * dInner,
-      y: maxRows * dInner,
-      logits: vocabSize,
-      norm: dModel,
-      inProj: 2 * dInner * dModel,
-      inProjBias: 2 * dInner,
-      convWeight: dInner * dConv,
-      convBias: dInner,
-      convState: (dConv - 1) * dInner,
-      xProj: (dtRank + 2 * dState) * dInner,
-      dtProj: dInner * dtRank,
-      dtProjBias: dInner,
-      A: dInner * dState,
-      D: dInner,
-      ssmState: dInner * dState,
-      outProj: dModel * dInner,
-      outProjBias: dModel,
+/**
+ * The two-sided p-value of Mann–Whitney's U: the chance that, with both
+ * sets drawn from one distribution, at most `u` of the m·n pairs would go
+ * the other way (exact, by counting rankings).
+ */
+function rankTestP(u: number, m: number, n: number): number {
+  // ways[i][j][k]: rankings of i and j values with k inversions.
+  const memo = new Map<string, number>();
+  const ways = (i: number, j: number, k: number): number => {
+    if (k < 0) return 0;
+    if (i === 0 || j === 0) return k === 0 ? 1 : 0;
+    const key = `${i},${j},${k}`;
+    let value = memo.get(key);
+    if (value === undefined) {
+      // The largest value is one of the i (it is above all j: j inversions) or one of the j.
+      value = ways(i - 1, j, k - j) + ways(i, j - 1, k);
+      memo.set(key, value);
+    }
+    return value;
+  };
+  let below = 0;
+  for (let k = 0; k <= u; k++) below += ways(m, n, k);
+  let total = 1;
+  for (let k = 1; k <= n; k++) total = (total * (m + k)) / k;
+  return Math.min(1, (2 * below) / total);
+}
+
+/** Fills a measured candidate's report from its repetitions. */
+function fillReport(report: CandidateReport, c: Contender, shape: Shape): void {
+  if (c.estimates.length === 0) return;
+  const med = (pick: (e: Estimate) => number) => median(c.estimates.map(pick));
+  const runs = (pick: (r: Runs) => number[]) =>
+    [HEAD, BASE, LAYERS].map((m) => median(c.runs.map((r) => pick(r)[m]))) as [
+      number,
+      number,
+      number,
+    ];
+  const all = totals(c);
+  report.measured = {
+    syncMs: median(c.runs.map((r) => r.syncMs)),
+    layers: shape.probeLayers,
+    smallVocab: shape.smallVocab,
+    promptMs: runs((r) => r.promptMs),
+    decodeMs: runs((r) => r.decodeMs),
+  };
+  report.prefillMs = med((e) => e.prefillMs);
+  report.decodeMs = med((e) => e.decodeMs);
+  report.totalMs = median(all);
+  report.totalRangeMs = [Math.min(...all), Math.max(...all)];
+  report.repetitions = c.estimates.length;
+  const promptMs = med((e) => e.promptMs);
+  const stepMs = med((e) => e.stepMs);
+  report.prefillTokensPerSecond = promptMs > 0 ? (PREFILL_TOKENS / promptMs) * 1000 : Infinity;
+  report.decodeTokensPerSecond = stepMs > 0 ? (shape.batch / stepMs) * 1000 : Infinity;
+}
+
+/** The report's reason: the winner's figures against the others', and whether the lead is clear. */
+function explain(
+  sorted: readonly Contender[],
+  reports: readonly CandidateReport[],
+  stopped: ReadonlyMap<number, number>,
+  clear: boolean,
+  why: string,
+): string {
+  const winner = reports[sorted[0].index];
+  const others = [
+    ...sorted.slice(1).map((c) => reports[c.index]),
+    ...[...stopped.keys()].map((i) => reports[i]).filter((r) =>
+      r.available && r.totalMs !== undefined
+    ),
+  ].sort((a, b) => a.totalMs! - b.totalMs!).map((r) =>
+    `${r.name} ${r.stoppedEarly ? "≥ " : ""}${formatMs(r.totalMs!)} (${
+      (r.totalMs! / winner.totalMs!).toFixed(1)
+    }×)`
+  );
+  const batch = sorted[0].bench.batch;
+  const head = `Lowest estimated time for ${batch === 1 ? "a" : `${batch} streams each with a`} ` +
+    `${PREFILL_TOKENS}-id prompt and ${GENERATED_TOKENS} generated ids${
+      batch === 1 ? "" : ` (decoded at batch ${batch})`
+    }: ${winner.name} ${formatMs(winner.totalMs!)} (prefill ` +
+    `${formatNumber(winner.prefillTokensPerSecond!)} tok/s, decode ` +
+    `${formatNumber(winner.decodeTokensPerSecond!)} tok/s)` +
+    (others.length ? `, against ${others.join(", ")}` : "");
+  if (clear) return `${head}. Clear of the noise${why ? `: ${why}` : ""}`;
+  return `${head}. Inside the noise (${why}): picked the lower median, not cached`;
+}
+
+function totals(c: Contender): number[] {
+  return c.estimates.map((e) => e.totalMs);
+}
+
+function worst(c: Contender): number {
+  return Math.max(...totals(c));
+}
+
+/** (max − min) / median. */
+function spreadOf(values: readonly number[]): number {
+  return (Math.max(...values) - Math.min(...values)) / median(values);
+}
+
+function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+function percent(value: number): string {
+  return `${(value * 100).toFixed(value < 0.1 ? 1 : 0)}%`;
+}
+
+/** The full model's costs from one repetition's runs; see the module documentation. */
+function estimateOf(runs: Runs, { config, probeLayers, batch }: Shape): Estimate {
+  const { syncMs } = runs;
+  const prompt = runs.promptMs.map((ms) => Math.max(0, ms - syncMs));
+  const step = runs.decodeMs.map((ms) => Math.max(0, ms - syncMs) / DECODE_STEPS);
+  const n = config.nLayer;
+  const promptMs = prompt[HEAD] + n * Math.max(0, (prompt[LAYERS] - prompt[BASE]) / probeLayers);
+  const stepMs = step[HEAD] + n * Math.max(0, (step[LAYERS] - step[BASE]) / probeLayers);
+  const prefillMs = batch * promptMs;
+  const decodeMs = GENERATED_TOKENS * stepMs;
+  return { promptMs, stepMs, prefillMs, decodeMs, totalMs: syncMs + prefillMs + decodeMs };
+}
+
+/**
+ * Weights of the measured models, in {@link EngineBench}'s order: random,
+ * drawn as Mamba initialises them (as `bench/make_random_model.ts` does) so
+ * that activations stay in range and every logit is finite, with tied heads.
+ * With `half`, the matrices hold f16 values.
+ */
+function probeWeights(shape: Shape, half: boolean): MambaWeights<Float32Array>[] {
+  const { config, probeLayers, smallVocab } = shape;
+  const { dModel, dInner, dState, dtRank, dConv, vocabSize, projBias, convBias } = config;
+  let s = 0x9e3779b9;
+  const f16 = (Math as { f16round?: (x: number) => number }).f16round;
+  const rand = (length: number, scale: number, matrix = false) => {
+    const out = new Float32Array(length);
+    for (let i = 0; i < length; i++) {
+      s ^= s << 13;
+      s ^= s >>> 17;
+      s ^= s << 5;
+      out[i] = ((s >>> 0) / 4294967296 * 2 - 1) * scale;
+    }
+    if (half && matrix && f16) { for (let i = 0; i < length; i++) out[i] = f16(out[i]); }
+    return out;
+  };
+  const ones = (n: number) => new Float32Array(n).fill(1);
+  const block = (): LayerWeights<Float32Array> => {
+    const A = new Float32Array(dInner * dState);
+    for (let i = 0; i < A.length; i++) A[i] = -(1 + (i % dState));
+    // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
+    const dtProjBias = rand(dInner, 1).map((r) => {
+      const dt = Math.exp(Math.log(0.001) + (r + 1) / 2 * (Math.log(0.1) - Math.log(0.001)));
+      return dt + Math.log(-Math.expm1(-dt));
+    });
+    return {
+      norm: ones(dModel),
+      inProj: rand(2 * dInner * dModel, 1 / Math.sqrt(dModel), true),
+      inProjBias: projBias ? rand(2 * dInner, 0.1) : null,
+      convWeight: rand(dInner * dConv, 1 / Math.sqrt(dConv)),
+      convBias: convBias ? rand(dInner, 0.1) : null,
+      xProj: rand((dtRank + 2 * dState) * dInner, 1 / Math.sqrt(dInner), true),
+      dtProj: rand(dInner * dtRank, 1 / Math.sqrt(dtRank), true),
+      dtProjBias,
+      A,
+      D: ones(dInner),
+      outProj: rand(dModel * dInner, 1 / Math.sqrt(dInner) / config.nLayer, true),
+      outProjBias: projBias ? rand(dModel, 0.1) : null,
     };
-    this.#b = Object.fromEntries(
-      Object.entries(sizes).map(([name, length]) => {
-        const buf = backend.zeros(length);
-        this.#buffers.push(buf);
-        return [name, buf];
-      }),
+  };
+  const model = (vocab: number, layers: LayerWeights<Float32Array>[]) => {
+    const embedding = rand(vocab * dModel, 0.1, true);
+    return { embedding, lmHead: embedding, normF: ones(dModel), layers };
+  };
+  const small = model(smallVocab, Array.from({ length: probeLayers }, block));
+  return [model(vocabSize, []), { ...small, layers: [] }, small];
+}
+
+/**
+ * The measured models on one backend and the runs of a repetition on them,
+ * through sessions and the decode engine: "head" has no blocks and the real
+ * vocabulary (embedding, lm_head, sampling and the engine's work: what does
+ * not grow with depth); "base" has no blocks and a small vocabulary, and
+ * "layers" {@link Shape.probeLayers} blocks and the same small vocabulary,
+ * so that their difference is what the blocks cost, undiluted by the head.
+ */
+class EngineBench<Buf> {
+  readonly backend: Backend<Buf>;
+  readonly batch: number;
+  readonly #models: MambaModel<Buf>[];
+  readonly #prompts: Int32Array[];
+  readonly #idle: Buf;
+  readonly #shape: Shape;
+  #seed = 1;
+  #disposed = false;
+  /** The runs warmed up: `model:decode`. */
+  readonly #warm = new Set<string>();
+  /** Whether the short rounds of {@link #screen} have passed. */
+  #screened = false;
+
+  constructor(backend: Backend<Buf>, weights: MambaWeights<Float32Array>[], shape: Shape) {
+    this.backend = backend;
+    this.batch = shape.batch;
+    this.#shape = shape;
+    const { config } = shape;
+    try {
+      this.#models = weights.map((w) => {
+        const vocabSize = w.embedding.length / config.dModel;
+        const model = new MambaModel(backend, { ...config, nLayer: w.layers.length, vocabSize }, w);
+        // On a device, the measured round is one round of DECODE_STEPS steps.
+        engineFor(model, backend.queued ? { roundSteps: DECODE_STEPS } : undefined);
+        return model;
+      });
+      this.#idle = backend.zeros(1);
+    } catch (error) {
+      backend.dispose();
+      throw error;
+    }
+    this.#prompts = this.#models.map(({ config: { vocabSize } }) =>
+      Int32Array.from({ length: PREFILL_TOKENS }, (_, i) => (i * 7919 + 13) % vocabSize)
     );
-    // Uploaded as the model uploads it, so a backend may split it as it would
-    // the real one (webgpu, past its binding limit).
-    this.#b.lmHead = backend.upload(new Float32Array(vocabSize * dModel), dModel);
-    this.#buffers.push(this.#b.lmHead);
-    const b = this.#b;
-    const projBias = (buf: Buf) => config.projBias ? buf : null;
-    this.#weights = {
-      norm: b.norm,
-      inProj: b.inProj,
-      inProjBias: projBias(b.inProjBias),
-      convWeight: b.convWeight,
-      convBias: config.convBias ? b.convBias : null,
-      xProj: b.xProj,
-      dtProj: b.dtProj,
-      dtProjBias: b.dtProjBias,
-      A: b.A,
-      D: b.D,
-      outProj: b.outProj,
-      outProjBias: projBias(b.outProjBias),
-    };
-    const { hidden, x, z, xc, dt, B, C, delta, y } = b;
-    this.#activations = { hidden, x, z, xc, dt, B, C, delta, y };
-  }
-
-  /** Issues every layer operation at each of `rows`, then waits until the work is done. */
-  async layers(rows: readonly number[]): Promise<void> {
-    for (const r of rows) {
-      for (const op of LAYER_OPS) this.#issue(op, r);
-    }
-    await this.#sync("The layer's operations");
-  }
-
-  /** Issues `op` on `rows` tokens, saying which operation failed if it throws. */
-  #issue(op: Exclude<OpName, "read">, rows: number): void {
-    try {
-      this.#run(op, rows);
-    } catch (error) {
-      throw new Error(`${op} on ${rows} row${rows === 1 ? "" : "s"} threw: ${messageOf(error)}`);
-    }
-  }
-
-  /** Waits for the work issued (backends that queue work report its failures here). */
-  async #sync(what: string): Promise<void> {
-    try {
-      await this.#be.read(this.#b.logits, 0, 1);
-    } catch (error) {
-      throw new Error(`${what} failed: ${messageOf(error)}`);
-    }
-  }
-
-  /** Issues operation `op` on `rows` tokens, as the model does. */
-  #run(op: Exclude<OpName, "read">, rows: number): void {
-    const b = this.#b;
-    if (op === "lm_head") {
-      const head = { lmHead: b.lmHead, normF: b.norm };
-      return projectLogits(this.#be, this.#c, b.logits, b.hidden, head, 1);
-    }
-    const sequences = { conv: b.convState, ssm: b.ssmState, len: rows, batch: 1 };
-    blockOp(this.#be, this.#c, op, this.#weights, this.#activations, sequences);
   }
 
   /**
-   * Issues `op` `reps` times and waits until the work is done (by reading one
-   * float; "sync" issues nothing); "read" copies a step's logits row to the
-   * host `reps` times.
+   * One repetition: the idle wait, then the head model's decode round and
+   * prompt, the base model's, and the layers model's; each run is repeated
+   * while it is short (see {@link RUN_MS}) and its fastest time counts.
+   * Throws {@link Hopeless} as soon as the runs so far put the estimate
+   * above `limitMs` (each model only adds to it); returns null when
+   * `budgetEnd` (a `performance.now()` time) passes during a decode round.
    */
-  async round(op: BenchOp, rows: number, reps: number): Promise<void> {
-    if (op === "read") {
-      for (let i = 0; i < reps; i++) await this.#be.read(this.#b.logits);
-      return;
+  async repetition(limitMs: number, budgetEnd: number): Promise<Runs | null> {
+    const { batch, config, probeLayers } = this.#shape;
+    await this.#warmUp(HEAD, true);
+    const syncMs = await this.#fastest(() => this.#sync());
+    const perStep = (ms: number) => Math.max(0, ms - syncMs) / DECODE_STEPS;
+    const perPrompt = (ms: number) => Math.max(0, ms - syncMs);
+    const check = (bound: number, after: string) => {
+      if (bound > limitMs) throw new Hopeless(bound, after);
+    };
+    const decodeMs: [number, number, number] = [0, 0, 0];
+    const promptMs: [number, number, number] = [0, 0, 0];
+    if (this.backend.queued && limitMs < Infinity && !this.#screened) {
+      await this.#screen(syncMs, limitMs);
     }
-    if (op !== "sync") {
-      for (let i = 0; i < reps; i++) this.#issue(op, rows);
+    // The full model does all the head model does, and more.
+    const decodeHead = await this.#decodeChecked(HEAD, syncMs, GENERATED_TOKENS, 0, {
+      syncMs,
+      limitMs,
+      budgetEnd,
+      what: "head model",
+    });
+    if (decodeHead === null) return null;
+    decodeMs[HEAD] = decodeHead;
+    let bound = syncMs + GENERATED_TOKENS * perStep(decodeHead);
+    await this.#warmUp(HEAD, false);
+    promptMs[HEAD] = await this.#fastest(() => this.#promptRun(HEAD));
+    bound += batch * perPrompt(promptMs[HEAD]);
+    check(bound, "the runs of its head model");
+    for (const decode of [true, false]) {
+      await this.#warmUp(BASE, decode);
+      if (decode) {
+        decodeMs[BASE] = await this.#fastest(async () =>
+          (await this.#decodeRun(BASE, DECODE_STEPS, batch)).ms
+        );
+      } else promptMs[BASE] = await this.#fastest(() => this.#promptRun(BASE));
     }
-    await this.#sync(op === "sync" ? "Waiting for the backend" : `${op} on ${rows} rows`);
+    // Then each block adds what the layers model adds to the base model.
+    const perLayer = config.nLayer / probeLayers;
+    await this.#warmUp(LAYERS, true);
+    const decodeLayers = await this.#decodeChecked(
+      LAYERS,
+      bound,
+      GENERATED_TOKENS * perLayer,
+      perStep(decodeMs[BASE]),
+      { syncMs, limitMs, budgetEnd, what: "layers model" },
+    );
+    if (decodeLayers === null) return null;
+    decodeMs[LAYERS] = decodeLayers;
+    bound += GENERATED_TOKENS * perLayer *
+      Math.max(0, perStep(decodeLayers) - perStep(decodeMs[BASE]));
+    check(bound, `the decode round of its layers model`);
+    await this.#warmUp(LAYERS, false);
+    promptMs[LAYERS] = await this.#fastest(() => this.#promptRun(LAYERS));
+    return { syncMs, promptMs, decodeMs };
   }
 
-  /** Gives every buffer back. */
-  release(): void {
-    for (const buf of this.#buffers) this.#be.release(buf);
+  /**
+   * For a device, whose decode round cannot stop midway: short rounds of
+   * the three models first say whether the candidate is worth full ones.
+   * Throws {@link Hopeless} when the decode estimate from them goes over
+   * `limitMs` (their time per step is a little above a full round's, as a
+   * round's own work is shared by fewer steps).
+   */
+  async #screen(syncMs: number, limitMs: number): Promise<void> {
+    const { batch, config, probeLayers } = this.#shape;
+    const perStep: number[] = [];
+    for (const m of [HEAD, BASE, LAYERS]) {
+      await this.#warmUp(m, true);
+      const { ms } = await this.#decodeRun(m, SHORT_ROUND_STEPS, batch);
+      perStep[m] = Math.max(0, ms - syncMs) / SHORT_ROUND_STEPS;
+      const layers = m === LAYERS
+        ? (config.nLayer / probeLayers) * Math.max(0, perStep[LAYERS] - perStep[BASE])
+        : 0;
+      const estimate = syncMs + GENERATED_TOKENS * (perStep[HEAD] + layers);
+      if (estimate > limitMs) {
+        throw new Hopeless(
+          estimate,
+          `${SHORT_ROUND_STEPS}-step decode rounds of its ${
+            m === HEAD ? "head model" : "head, base and layers models"
+          }`,
+        );
+      }
+    }
+    this.#screened = true;
+  }
+
+  /**
+   * The fastest time of model `m`'s decode round, or null when `budgetEnd`
+   * passed during the first. Throws {@link Hopeless} once the estimate,
+   * `base + weight · max(0, time per step − less)`, goes over `limitMs`; on
+   * the host the round stops at that point (a device's runs to its end).
+   */
+  async #decodeChecked(
+    m: number,
+    base: number,
+    weight: number,
+    less: number,
+    { syncMs, limitMs, budgetEnd, what }: {
+      syncMs: number;
+      limitMs: number;
+      budgetEnd: number;
+      what: string;
+    },
+  ): Promise<number | null> {
+    const { batch } = this.#shape;
+    const queued = this.backend.queued;
+    const hopelessAfter = queued || limitMs === Infinity
+      ? Infinity
+      : syncMs + DECODE_STEPS * (less + Math.max(0, limitMs - base) / weight);
+    const first = await this.#decodeRun(
+      m,
+      DECODE_STEPS,
+      batch,
+      hopelessAfter,
+      queued ? Infinity : budgetEnd,
+    );
+    const bound = base +
+      weight * Math.max(0, Math.max(0, first.ms - syncMs) / DECODE_STEPS - less);
+    if (bound > limitMs) {
+      throw new Hopeless(
+        bound,
+        first.complete
+          ? `the ${DECODE_STEPS}-step decode round of its ${what}`
+          : `${first.steps} steps of the ${DECODE_STEPS}-step decode round of its ${what}`,
+      );
+    }
+    if (!first.complete) return null;
+    return await this.#fastest(
+      async () => (await this.#decodeRun(m, DECODE_STEPS, batch)).ms,
+      first.ms,
+    );
+  }
+
+  /** Frees the backend (and with it the models). */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.backend.dispose();
+  }
+
+  /**
+   * Runs model `m`'s decode round (`decode`) or prompt untimed, once: at the
+   * measured prompt length and batch where the backend queues work
+   * (pipelines compile on first use), else shorter (enough for the
+   * JavaScript engine to optimise the kernels).
+   */
+  async #warmUp(m: number, decode: boolean): Promise<void> {
+    const key = `${m}:${decode}`;
+    if (this.#warm.has(key)) return;
+    this.#warm.add(key);
+    const queued = this.backend.queued;
+    if (decode) await this.#decodeRun(m, queued ? 1 : WARM_UP_STEPS, queued ? this.batch : 1);
+    else await this.#promptRun(m, queued ? PREFILL_TOKENS : WARM_UP_PROMPT);
+    await this.#sync();
+  }
+
+  /**
+   * The fastest of `run`'s times, run (after `first`, a time it already
+   * took, if given) until {@link RUN_MS} is spent or {@link MAX_RUN_REPEATS}
+   * times: a short run is easily stretched by a moment of contention.
+   */
+  async #fastest(run: () => Promise<number>, first?: number): Promise<number> {
+    let best = first ?? await run();
+    let spent = best;
+    for (let i = 1; i < MAX_RUN_REPEATS && spent < RUN_MS; i++) {
+      const ms = await run();
+      best = Math.min(best, ms);
+      spent += ms;
+    }
+    return best;
+  }
+
+  /** Milliseconds of a wait for the backend with nothing queued. */
+  async #sync(): Promise<number> {
+    const start = performance.now();
+    await this.backend.read(this.#idle, 0, 1);
+    return performance.now() - start;
+  }
+
+  /** Milliseconds to feed `tokens` ids to a new session of model `m` and read its logits. */
+  async #promptRun(m: number, tokens = PREFILL_TOKENS): Promise<number> {
+    const session = new Session(this.#models[m]);
+    try {
+      const start = performance.now();
+      await session.prefill(this.#prompts[m].subarray(0, tokens));
+      return performance.now() - start;
+    } finally {
+      session.dispose();
+    }
+  }
+
+  /**
+   * Milliseconds for `batch` sessions of model `m` to pick `steps` ids each
+   * (after a first pick from their one-id prompts' logits, as a generation
+   * starts), with the default sampling options; the sequences end early
+   * once `maxMs` have passed, or `budgetEnd` (a `performance.now()` time).
+   */
+  async #decodeRun(
+    m: number,
+    steps: number,
+    batch: number,
+    maxMs = Infinity,
+    budgetEnd = Infinity,
+  ): Promise<{ ms: number; steps: number; complete: boolean }> {
+    const model = this.#models[m];
+    const prompt = this.#prompts[m];
+    const sessions = Array.from({ length: batch }, () => new Session(model));
+    try {
+      // Untimed: each session gets the logits of a one-id prompt.
+      await Promise.all(sessions.map((s, b) => s.prefill([prompt[b % prompt.length]])));
+      let complete = true;
+      const start = performance.now();
+      const deadline = Math.min(budgetEnd, start + maxMs);
+      const results = await Promise.all(sessions.map((s) =>
+        s.decode({
+          sampler: new Sampler({ seed: this.#seed++ }),
+          maxTokens: steps + 1,
+          judge: () => {
+            if (performance.now() > deadline) {
+              complete = false;
+              return "stop-before";
+            }
+            return "continue";
+          },
+        })
+      ));
+      const ms = performance.now() - start;
+      const picks = Math.max(...results.map((result) => result.ids.length));
+      return { ms, steps: Math.max(0, picks - 1), complete };
+    } finally {
+      for (const s of sessions) s.dispose();
+    }
   }
 }

@@ -42,6 +42,11 @@ export interface LoadOptions extends SourceOptions {
   backendCache?: BackendCache | null;
   /** Make "auto" measure again even where a decision is cached, and replace it. */
   remeasure?: boolean;
+  /**
+   * Streams expected to decode at once (default 1): "auto" measures decoding
+   * at this batch. A server passes its concurrency.
+   */
+  batch?: number;
   /** Also `console.warn` when "auto" passes over a backend that failed (the report always says). */
   verbose?: boolean;
 }
@@ -84,8 +89,8 @@ export class Mamba {
 
   /**
    * How the backend was chosen: for "auto", every candidate with why it could
-   * not run or its measured milliseconds per operation, and whether the
-   * decision came from the cache.
+   * not run or what its short engine workload measured (and the estimate for
+   * the full model from it), and whether the decision came from the cache.
    */
   backendReport(): BackendReport {
     return structuredClone(this.#report);
@@ -104,11 +109,11 @@ export class Mamba {
   /** Full-sequence forward: logits [ids.length * vocab], row t after ids[0..t]. */
   async forward(ids: readonly number[] | Int32Array): Promise<Float32Array> {
     const array = this.model.tokenIds(ids);
-    const state = this.model.newState();
+    const slot = this.model.pool.acquire();
     try {
-      return await this.model.run(state, array, "all");
+      return await this.model.forward(slot, array);
     } finally {
-      this.model.releaseState(state);
+      this.model.pool.release(slot);
     }
   }
 
@@ -129,13 +134,16 @@ export class Mamba {
  */
 export async function loadModel(source: string | URL, options: LoadOptions = {}): Promise<Mamba> {
   const dir = await openSource(source, options);
-  const config = await readConfig(dir);
-  // Measuring needs only the config; its scratch memory is given back before the weights come.
+  const rawConfig = await readJson(dir, "config.json");
+  const config = parseConfig(rawConfig, dir.describe("config.json"));
+  // Measuring needs only the config; its memory is given back before the weights come.
   const { backend, report } = await selectBackend(options.backend ?? "auto", config, {
     threads: options.threads,
     cache: options.backendCache,
     remeasure: options.remeasure,
     verbose: options.verbose,
+    batch: options.batch,
+    halfWeights: savedAsHalf(rawConfig),
   });
   // A weight file of F32 tensors only is read straight into the backend's
   // memory where it lends some (wasm), so the weights are never held twice.
@@ -144,7 +152,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
     dir,
     config,
     (size, head) =>
-      headerDtypes(head)?.every((dtype) => dtype === "F32") ? backend.hostBytes?.(size) : undefined,
+      headerDtypes(head)?.every((dtype) => dtype === "F32") ? backend.hostBytes(size) : undefined,
   );
   const tokenizerConfig = await dir.exists("tokenizer_config.json")
     ? await readJson(dir, "tokenizer_config.json")
@@ -177,6 +185,16 @@ export async function loadCheckpoint(
   const dir = await openSource(source, options);
   const config = await readConfig(dir);
   return { config, weights: await readWeights(dir, config) };
+}
+
+/**
+ * Whether config.json says the weights were saved as float16 (transformers
+ * writes `dtype`, earlier `torch_dtype`): "auto" then measures f16 matrices,
+ * which a backend may keep as f16.
+ */
+function savedAsHalf(raw: unknown): boolean {
+  const json = raw as { dtype?: unknown; torch_dtype?: unknown } | null;
+  return (json?.dtype ?? json?.torch_dtype) === "float16";
 }
 
 async function readConfig(dir: ModelSource): Promise<MambaConfig> {
