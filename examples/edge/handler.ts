@@ -21,7 +21,13 @@
  * own prompt (which may be ""). The state is saved when a reply completes;
  * an aborted or failed reply leaves the session as it was (a new one is then
  * never created). An id the server does not know (never issued, deleted, or
- * evicted) is a 404; a session already generating in this process is a 409.
+ * evicted) is a 404. A session continues one request at a time: one already
+ * generating, in this process or in another one sharing the session store
+ * (Deno KV), is a 409 before anything is generated; see
+ * docs/edge-scale-out.md. A reply whose session was taken over meanwhile
+ * (its process stalled past the store's lease) ends with a 409-style error
+ * (the status of a whole-body reply, an error event in a stream) and is not
+ * saved.
  *
  * Every other failure of the request is a 4xx with `{error}`: bad JSON or
  * field types (400), limits (400 for prompt length and max_new_tokens, 413
@@ -31,8 +37,8 @@
  * @module
  */
 
-import { setImmediate } from "node:timers";
-import { type GenerationEvent, type Mamba, type Session, StepBatcher } from "../../mod.ts";
+import type { GenerationEvent, Mamba, Session } from "../../mod.ts";
+import { yieldToEventLoop } from "../../src/yield.ts";
 import { PrefixCache, type PrefixCacheStats } from "./prefix_cache.ts";
 import {
   type GenerationRequest,
@@ -41,7 +47,14 @@ import {
   parseGenerateBody,
   type RequestLimits,
 } from "./request.ts";
-import { MemorySessionStore, type SessionStore } from "./store.ts";
+import {
+  MemorySessionStore,
+  SessionBusyError,
+  SessionConflictError,
+  type SessionStore,
+  type SessionStoreStats,
+  type SessionTurn,
+} from "./store.ts";
 
 /** Options of {@link createHandler}. */
 export interface HandlerOptions {
@@ -61,11 +74,6 @@ export interface HandlerOptions {
   defaultMaxNewTokens?: number;
   /** Request body bytes accepted at most (default 1 MiB). */
   maxBodyBytes?: number;
-  /**
-   * Run the decode steps of concurrent streams together, reading the weights
-   * once per round for all of them (default true).
-   */
-  batchDecode?: boolean;
 }
 
 /** What `GET /v1/stats` reports. */
@@ -84,6 +92,8 @@ export interface ServerStats {
   rejected: number;
   /** Prefix-cache counters. */
   prefixCache: PrefixCacheStats;
+  /** The session store's counters, where it reports any. */
+  sessions: SessionStoreStats | null;
 }
 
 /** Counts and timings of one generation, as the final event reports them. */
@@ -104,16 +114,16 @@ interface Job {
   ids: number[];
   /** Restored from the session store, from a cached prefix, or new. */
   session: Session;
-  /** Whether `session` continues a stored session (the prefix cache does not apply). */
-  continued: boolean;
+  /** The stored session's turn `session` continues, or null (the prefix cache applies then). */
+  turn: SessionTurn | null;
   /** Leading prompt ids already in `session` from the prefix cache. */
   cachedTokens: number;
   /** The session id to save under when the reply completes, or null. */
   sessionId: string | null;
   /** When the request arrived (performance.now()). */
   started: number;
-  /** Frees the slot, the session lock and the session's state; safe to call twice. */
-  release: () => void;
+  /** Frees the slot, the session's turn and its state; safe to call twice. */
+  release: () => Promise<void>;
 }
 
 /** How an endpoint writes tokens, the end and errors, streamed or as one body. */
@@ -124,6 +134,12 @@ interface Format {
   body(text: string, tokens: number[], summary: Summary): unknown;
 }
 
+/** A failure of a reply that has started: its message, and the status a whole-body reply gets. */
+interface Failure {
+  status: number;
+  message: string;
+}
+
 const JSON_HEADERS = { "content-type": "application/json; charset=utf-8" };
 
 function json(status: number, body: unknown, headers: Record<string, string> = {}): Response {
@@ -132,18 +148,6 @@ function json(status: number, body: unknown, headers: Record<string, string> = {
 
 function sse(data: unknown, event?: string): string {
   return `${event ? `event: ${event}\n` : ""}data: ${JSON.stringify(data)}\n\n`;
-}
-
-/**
- * Lets the event loop run. The CPU backends resolve every await at once (as
- * microtasks), so a generation would otherwise hold the thread to its end:
- * no bytes would reach the client and no other request would start.
- * setImmediate is a macrotask without setTimeout's 1 ms floor; a
- * MessageChannel message, tried first, did not let replies out while the
- * wasm backend's worker threads were running.
- */
-function yieldToEventLoop(): Promise<void> {
-  return new Promise((resolve) => setImmediate(resolve));
 }
 
 /** Reads a JSON body of at most `maxBytes` bytes, whatever Content-Length claims. */
@@ -245,7 +249,6 @@ export function createHandler(
   const modelName = options.modelName ?? "mamba";
   const sessions = options.sessions ?? new MemorySessionStore();
   const prefixCache = new PrefixCache(options.prefixCacheBytes ?? 64 << 20);
-  const batcher = options.batchDecode === false ? undefined : new StepBatcher();
   const maxConcurrent = options.maxConcurrent ?? 8;
   const maxPromptTokens = options.maxPromptTokens ?? 4096;
   const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
@@ -254,11 +257,14 @@ export function createHandler(
     defaultMaxNewTokens: Math.min(options.defaultMaxNewTokens ?? 128, options.maxNewTokens ?? 1024),
   };
   const counters = { active: 0, completed: 0, aborted: 0, failed: 0, rejected: 0 };
-  /** Sessions generating now in this process: a second request for one is a 409. */
-  const busySessions = new Set<string>();
 
   function stats(): ServerStats {
-    return { ...counters, maxConcurrent, prefixCache: prefixCache.stats() };
+    return {
+      ...counters,
+      maxConcurrent,
+      prefixCache: prefixCache.stats(),
+      sessions: sessions.stats?.() ?? null,
+    };
   }
 
   /**
@@ -276,15 +282,15 @@ export function createHandler(
     }
     // Taken synchronously after the check, so concurrent requests cannot both pass it.
     counters.active++;
-    let lockedSession: string | null = null;
+    let turn: SessionTurn | null = null;
     let restored: Session | null = null;
     let released = false;
-    const release = () => {
+    const release = async () => {
       if (released) return;
       released = true;
       counters.active--;
-      if (lockedSession !== null) busySessions.delete(lockedSession);
       restored?.dispose();
+      await turn?.release();
     };
     try {
       let ids: number[];
@@ -304,15 +310,16 @@ export function createHandler(
         throw new HttpError(400, "Field prompt must not be empty unless continuing a session");
       }
       if (session.kind === "continue") {
-        if (busySessions.has(session.id)) {
-          throw new HttpError(409, `Session ${session.id} is generating a reply already`);
-        }
-        busySessions.add(session.id);
-        lockedSession = session.id;
-        const snapshot = await sessions.get(session.id);
-        if (snapshot === null) throw new HttpError(404, `Unknown session ${session.id}`);
         try {
-          restored = model.session(snapshot);
+          // The session's latest state, and the exclusive right to save the next one.
+          turn = await sessions.begin(session.id);
+        } catch (error) {
+          if (error instanceof SessionBusyError) throw new HttpError(409, error.message);
+          throw error;
+        }
+        if (turn === null) throw new HttpError(404, `Unknown session ${session.id}`);
+        try {
+          restored = model.session(turn.snapshot);
         } catch (error) {
           // Saved by another model, e.g. before a redeploy with a different one.
           throw new HttpError(
@@ -324,7 +331,7 @@ export function createHandler(
           request,
           ids,
           session: restored,
-          continued: true,
+          turn,
           cachedTokens: 0,
           sessionId: session.id,
           started,
@@ -337,14 +344,14 @@ export function createHandler(
         request,
         ids,
         session: restored,
-        continued: false,
+        turn: null,
         cachedTokens: hit?.ids.length ?? 0,
         sessionId: session.kind === "new" ? crypto.randomUUID() : null,
         started,
         release,
       };
     } catch (error) {
-      release();
+      await release();
       throw error;
     }
   }
@@ -356,40 +363,44 @@ export function createHandler(
   async function* execute(job: Job, signal: AbortSignal): AsyncGenerator<GenerationEvent, Summary> {
     const { request, ids, session } = job;
     const prefillStart = performance.now();
-    const toPrefill = ids.slice(job.cachedTokens);
-    if (toPrefill.length > 0) {
-      await session.prefill(toPrefill);
-      // A snapshot costs milliseconds (3 MB for a 130m model): only when it is kept.
-      if (!job.continued && prefixCache.enabled) {
-        prefixCache.store(modelName, ids, await session.snapshot());
-      }
+    let prompt = ids.slice(job.cachedTokens);
+    if (prompt.length > 0 && job.turn === null && prefixCache.enabled) {
+      // The prefix cache keeps the state after the prompt: feed it alone and
+      // snapshot it. Otherwise the prompt goes to the decode engine with the
+      // generation, which reads nothing back before the first ids.
+      await session.prefill(prompt);
+      prefixCache.store(modelName, ids, await session.snapshot());
+      prompt = [];
     }
-    const prefillMs = performance.now() - prefillStart;
-    const generation = model.generate([], {
+    const cachingMs = performance.now() - prefillStart;
+    const generation = model.generate(prompt, {
       ...request.sampling,
       maxNewTokens: request.maxNewTokens,
       stop: request.stop,
       ignoreEos: request.ignoreEos,
       signal,
       session,
-      batcher,
     });
     let firstTokenMs: number | null = null;
     for await (const event of generation) {
       firstTokenMs ??= performance.now() - job.started;
       yield event;
+      // Lets the reply's bytes out between tokens, whatever the backend.
       await yieldToEventLoop();
     }
     const finishReason = generation.stats.finishReason ?? "length";
     if (job.sessionId !== null && finishReason !== "abort") {
-      await sessions.set(job.sessionId, await session.snapshot());
+      const snapshot = await session.snapshot();
+      // A turn saves only over the state it began from; a new session's id is fresh.
+      if (job.turn !== null) await job.turn.commit(snapshot);
+      else await sessions.set(job.sessionId, snapshot);
     }
     return {
       finishReason,
       promptTokens: ids.length,
       cachedTokens: job.cachedTokens,
       generatedTokens: generation.stats.generatedTokens,
-      prefillMs,
+      prefillMs: cachingMs + generation.stats.prefillMs,
       decodeMs: generation.stats.decodeMs,
       firstTokenMs,
       session: job.sessionId,
@@ -404,7 +415,7 @@ export function createHandler(
     job: Job,
     signal: AbortSignal,
     onEvent: (event: GenerationEvent) => void,
-    onError: (message: string) => void,
+    onError: (failure: Failure) => void,
   ): Promise<Summary | null> {
     try {
       const events = execute(job, signal);
@@ -418,11 +429,16 @@ export function createHandler(
       }
     } catch (error) {
       counters.failed++;
-      console.error("Generation failed:", error);
-      onError(`Generation failed: ${(error as Error).message}`);
+      if (error instanceof SessionConflictError) {
+        console.error(error.message);
+        onError({ status: 409, message: error.message });
+      } else {
+        console.error("Generation failed:", error);
+        onError({ status: 500, message: `Generation failed: ${(error as Error).message}` });
+      }
       return null;
     } finally {
-      job.release();
+      await job.release().catch((error) => console.error("Releasing a session failed:", error));
     }
   }
 
@@ -447,7 +463,12 @@ export function createHandler(
         const send = (text: string) => {
           if (open) controller.enqueue(encoder.encode(text));
         };
-        run(job, signal, (event) => send(format.event(event)), (error) => send(format.error(error)))
+        run(
+          job,
+          signal,
+          (event) => send(format.event(event)),
+          (failure) => send(format.error(failure.message)),
+        )
           .then((summary) => {
             if (summary && summary.finishReason !== "abort") send(format.done(summary));
             if (open) controller.close();
@@ -477,12 +498,12 @@ export function createHandler(
   ): Promise<Response> {
     let text = "";
     const tokens: number[] = [];
-    let failure = "";
+    let failure: Failure = { status: 500, message: "" };
     const summary = await run(job, signal, (event) => {
       text += event.text;
       tokens.push(event.token);
     }, (error) => failure = error);
-    if (summary === null) return json(500, { error: failure }, headers);
+    if (summary === null) return json(failure.status, { error: failure.message }, headers);
     return json(200, format.body(text, tokens, summary), headers);
   }
 
@@ -505,10 +526,16 @@ export function createHandler(
   };
 
   async function deleteSession(id: string): Promise<Response> {
-    if (busySessions.has(id)) {
-      throw new HttpError(409, `Session ${id} is generating a reply; delete it afterwards`);
+    let deleted: boolean;
+    try {
+      deleted = await sessions.delete(id);
+    } catch (error) {
+      if (error instanceof SessionBusyError) {
+        throw new HttpError(409, `Session ${id} is generating a reply; delete it afterwards`);
+      }
+      throw error;
     }
-    if (!await sessions.delete(id)) throw new HttpError(404, `Unknown session ${id}`);
+    if (!deleted) throw new HttpError(404, `Unknown session ${id}`);
     return new Response(null, { status: 204 });
   }
 

@@ -3,36 +3,47 @@
  * `Deno.serve` (`deno task serve`, or deploy this file). Configuration comes
  * from the environment:
  *
- * | variable                    | meaning                                               | default                          |
- * | --------------------------- | ----------------------------------------------------- | -------------------------------- |
- * | `MAMBA_MODEL`               | model directory: path, URL or HF repo id              | the bundled tiny-shakespeare     |
- * | `MAMBA_BACKEND`             | `auto`, `js`, `wasm` or `webgpu`                      | `auto` (the library's choice)    |
- * | `MAMBA_THREADS`             | threads of the wasm backend (1: no workers)           | all cores                        |
- * | `MAMBA_SESSION_STORE`       | `memory` or `kv` (Deno KV)                            | `kv` on Deno Deploy, else memory |
- * | `MAMBA_SESSION_MEMORY_MB`   | memory store size; least recently used go first       | 256                              |
- * | `MAMBA_KV_PATH`             | Deno KV database path                                 | Deno's default database          |
- * | `MAMBA_SESSION_TTL_SECONDS` | KV sessions expire this long after their last save    | never                            |
- * | `MAMBA_MAX_CONCURRENT`      | generations at once; more get 429                     | 8                                |
- * | `MAMBA_MAX_PROMPT_TOKENS`   | prompt tokens accepted                                | 4096                             |
- * | `MAMBA_MAX_NEW_TOKENS`      | largest `max_new_tokens`                              | 1024                             |
- * | `MAMBA_PREFIX_CACHE_MB`     | prefix-cache size (0: off)                            | 64                               |
- * | `MAMBA_BATCH_DECODE`        | `0`: step each stream alone rather than in batches    | 1                                |
- * | `PORT`, `HOSTNAME`          | where to listen                                       | 8000, 0.0.0.0                    |
+ * | variable                      | meaning                                              | default                          |
+ * | ----------------------------- | ---------------------------------------------------- | -------------------------------- |
+ * | `MAMBA_MODEL`                 | model directory: path, URL or HF repo id             | the bundled tiny-shakespeare     |
+ * | `MAMBA_BACKEND`               | `auto`, `js`, `wasm` or `webgpu`                     | `auto` (the library's choice)    |
+ * | `MAMBA_THREADS`               | threads of the wasm backend (1: no workers)          | all cores                        |
+ * | `MAMBA_SESSION_STORE`         | `memory` or `kv` (Deno KV)                           | `kv` on Deno Deploy, else memory |
+ * | `MAMBA_SESSION_MEMORY_MB`     | memory store size; least recently used go first      | 256                              |
+ * | `MAMBA_KV_PATH`               | Deno KV database: file path or KV Connect URL        | Deno's default database          |
+ * | `MAMBA_SESSION_TTL_SECONDS`   | KV sessions expire this long after their last save   | never                            |
+ * | `MAMBA_SESSION_LEASE_SECONDS` | lease of a KV session's turn (renewed while running) | 15                               |
+ * | `MAMBA_KV_CACHE_MB`           | KV snapshots kept in this process, version-checked   | 64                               |
+ * | `MAMBA_MAX_CONCURRENT`        | generations at once; more get 429                    | 8                                |
+ * | `MAMBA_MAX_PROMPT_TOKENS`     | prompt tokens accepted                               | 4096                             |
+ * | `MAMBA_MAX_NEW_TOKENS`        | largest `max_new_tokens`                             | 1024                             |
+ * | `MAMBA_PREFIX_CACHE_MB`       | prefix-cache size (0: off)                           | 64                               |
+ * | `PORT`, `HOSTNAME`            | where to listen                                      | 8000, 0.0.0.0                    |
+ *
+ * Several processes (or Deno Deploy isolates) given one KV database serve
+ * the same sessions, one turn at a time: see docs/edge-scale-out.md.
  *
  * @module
  */
 
 import { type BackendName, loadModel } from "../../mod.ts";
 import { createHandler, type HandlerOptions } from "./handler.ts";
-import { KvSessionStore, MemorySessionStore, type SessionStore } from "./store.ts";
+import { KvSessionStore, MemorySessionStore, openKv, type SessionStore } from "./store.ts";
 
 export { createHandler, type HandlerOptions, type ServerStats } from "./handler.ts";
+export type { PrefixCacheStats } from "./prefix_cache.ts";
 export {
   KvSessionStore,
   type KvSessionStoreOptions,
   MemorySessionStore,
   type MemorySessionStoreOptions,
+  openKv,
+  retryWhileBusy,
+  SessionBusyError,
+  SessionConflictError,
   type SessionStore,
+  type SessionStoreStats,
+  type SessionTurn,
 } from "./store.ts";
 
 const BACKENDS: readonly BackendName[] = ["auto", "js", "wasm", "webgpu"];
@@ -59,8 +70,14 @@ async function openSessionStore(): Promise<SessionStore> {
     throw new Error(`MAMBA_SESSION_STORE must be "memory" or "kv", got ${JSON.stringify(kind)}`);
   }
   const ttl = integerEnv("MAMBA_SESSION_TTL_SECONDS");
-  const kv = await Deno.openKv(Deno.env.get("MAMBA_KV_PATH") || undefined);
-  return new KvSessionStore(kv, { expireInMs: ttl === undefined ? undefined : ttl * 1000 });
+  const lease = integerEnv("MAMBA_SESSION_LEASE_SECONDS");
+  const cacheMegabytes = integerEnv("MAMBA_KV_CACHE_MB", 0);
+  const kv = await openKv(Deno.env.get("MAMBA_KV_PATH") || undefined);
+  return new KvSessionStore(kv, {
+    expireInMs: ttl === undefined ? undefined : ttl * 1000,
+    leaseMs: lease === undefined ? undefined : lease * 1000,
+    cacheBytes: cacheMegabytes === undefined ? undefined : cacheMegabytes * (1 << 20),
+  });
 }
 
 /** Loads the model the environment names and serves it until the process ends. */
@@ -71,18 +88,20 @@ export async function main(): Promise<void> {
   }
   const location = Deno.env.get("MAMBA_MODEL") ||
     new URL("../../models/tiny-shakespeare/", import.meta.url);
+  const maxConcurrent = integerEnv("MAMBA_MAX_CONCURRENT");
   const model = await loadModel(location, {
     backend,
     threads: integerEnv("MAMBA_THREADS"),
+    // "auto" measures decoding at the batch the server runs at most (the handler's default: 8).
+    batch: maxConcurrent ?? 8,
   });
   const options: HandlerOptions = {
     modelName: String(location),
     sessions: await openSessionStore(),
-    maxConcurrent: integerEnv("MAMBA_MAX_CONCURRENT"),
+    maxConcurrent,
     maxPromptTokens: integerEnv("MAMBA_MAX_PROMPT_TOKENS"),
     maxNewTokens: integerEnv("MAMBA_MAX_NEW_TOKENS"),
     prefixCacheBytes: (integerEnv("MAMBA_PREFIX_CACHE_MB", 0) ?? 64) * (1 << 20),
-    batchDecode: Deno.env.get("MAMBA_BATCH_DECODE") !== "0",
   };
   Deno.serve({
     port: integerEnv("PORT", 0) ?? 8000,
