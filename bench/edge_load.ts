@@ -30,18 +30,27 @@ const THREADS = Deno.env.get("MAMBA_THREADS") || "1";
 const STREAMS = (Deno.env.get("BENCH_STREAMS") || "1,8,50").split(",").map(Number);
 const TOKENS = Number(Deno.env.get("BENCH_TOKENS") || 32);
 const SNAPSHOT_REPS = Number(Deno.env.get("BENCH_SNAPSHOT_REPS") || 5);
-const MAIN = new URL("../examples/edge/main.ts", import.meta.url).pathname;
+/** The server's entry point; `MAMBA_EDGE_MAIN` names another (a bundle of it, on a machine without network). */
+const MAIN = Deno.env.get("MAMBA_EDGE_MAIN") ||
+  new URL("../examples/edge/main.ts", import.meta.url).pathname;
 const PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo!", "First Citizen:\nBefore we proceed"];
 
-interface Server {
+/** A running server. */
+export interface Server {
   base: string;
   stop(): Promise<void>;
 }
 
-/** Starts examples/edge/main.ts on a free port and waits for its "Serving" line. */
-async function startServer(model: string): Promise<Server> {
+/**
+ * Starts examples/edge/main.ts on a free port and waits for its "Serving"
+ * line; `env` adds to or overrides its environment.
+ */
+export async function startServer(
+  model: string,
+  env: Record<string, string> = {},
+): Promise<Server> {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-net", "--allow-read", "--allow-env", MAIN],
+    args: ["run", "--allow-net", "--allow-read", "--allow-env", "--allow-write", MAIN],
     env: {
       MAMBA_MODEL: model,
       MAMBA_BACKEND: BACKEND,
@@ -50,6 +59,7 @@ async function startServer(model: string): Promise<Server> {
       MAMBA_PREFIX_CACHE_MB: "0",
       HOSTNAME: "127.0.0.1",
       PORT: "0",
+      ...env,
     },
     stdout: "inherit",
     stderr: "piped",
@@ -76,22 +86,32 @@ async function startServer(model: string): Promise<Server> {
   }
 }
 
-interface StreamTiming {
+/** What one streamed request saw. */
+export interface StreamTiming {
   firstTokenMs: number;
   tokens: number;
   /** Decode rate seen by the client: tokens after the first over the time they took. */
   tokensPerSecond: number;
 }
 
-/** One streamed request, timed from the moment it is sent. */
-async function timedStream(base: string, prompt: string, seed: number): Promise<StreamTiming> {
+/**
+ * One streamed request, timed from the moment it is sent: `tokens` new
+ * tokens (end-of-sequence ignored), sampled with `seed` at `temperature`.
+ */
+export async function timedStream(
+  base: string,
+  prompt: string,
+  seed: number,
+  tokens = TOKENS,
+  temperature = 0.8,
+): Promise<StreamTiming> {
   const start = performance.now();
   const response = await fetch(`${base}/v1/generate`, {
     method: "POST",
     body: JSON.stringify({
       prompt,
-      max_new_tokens: TOKENS,
-      temperature: 0.8,
+      max_new_tokens: tokens,
+      temperature,
       seed,
       ignore_eos: true,
     }),
@@ -99,7 +119,7 @@ async function timedStream(base: string, prompt: string, seed: number): Promise<
   if (response.status !== 200) throw new Error(`HTTP ${response.status}: ${await response.text()}`);
   let first = 0;
   let last = 0;
-  let tokens = 0;
+  let received = 0;
   let buffer = "";
   for await (const text of response.body!.pipeThrough(new TextDecoderStream())) {
     buffer += text;
@@ -108,17 +128,18 @@ async function timedStream(base: string, prompt: string, seed: number): Promise<
     for (const event of events) {
       if (!event.startsWith("data: ")) continue; // The final "event: done".
       last = performance.now();
-      if (tokens++ === 0) first = last;
+      if (received++ === 0) first = last;
     }
   }
   return {
     firstTokenMs: first - start,
-    tokens,
-    tokensPerSecond: tokens > 1 ? (tokens - 1) / ((last - first) / 1000) : 0,
+    tokens: received,
+    tokensPerSecond: received > 1 ? (received - 1) / ((last - first) / 1000) : 0,
   };
 }
 
-function median(values: number[]): number {
+/** The middle value. */
+export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = sorted.length >> 1;
   return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
@@ -211,10 +232,12 @@ async function snapshotCosts(modelDir: string): Promise<void> {
   }
 }
 
-const models = Deno.args.length > 0
-  ? Deno.args
-  : [new URL("../models/tiny-shakespeare/", import.meta.url).pathname];
-for (const model of models) {
-  await loadTest(model);
-  await snapshotCosts(model);
+if (import.meta.main) {
+  const models = Deno.args.length > 0
+    ? Deno.args
+    : [new URL("../models/tiny-shakespeare/", import.meta.url).pathname];
+  for (const model of models) {
+    await loadTest(model);
+    await snapshotCosts(model);
+  }
 }
