@@ -171,8 +171,6 @@ interface Round {
   checkpoint: PoolCopy<unknown> | null;
   /** Per row, the ids fed on the backend when the round started. */
   fedAtStart: number[];
-  /** Per row, the picks issued before the round. */
-  picksAtStart: number[];
   /** Ids [steps + 1, rows]: row 0 each sequence's id fed first, row t + 1 its pick of step t. */
   read: Promise<Float32Array> | null;
 }
@@ -442,7 +440,6 @@ export class DecodeEngine<Buf> {
     this.#fitBuffers(batch);
 
     const fedAtStart = rows.map((seq) => seq.fedOnBackend);
-    const picksAtStart = rows.map((seq) => seq.issued);
     const settings = new Float32Array(batch * SAMPLING_SETTINGS);
     const randoms = new Float32Array((steps + 1) * batch);
     rows.forEach((seq, b) => {
@@ -522,7 +519,7 @@ export class DecodeEngine<Buf> {
     this.stats.steps += steps;
     this.stats.rowSteps += steps * batch;
     this.#lastSteps = steps;
-    return { rows, joiners: joinCount, steps, checkpoint, fedAtStart, picksAtStart, read: null };
+    return { rows, joiners: joinCount, steps, checkpoint, fedAtStart, read: null };
   }
 
   /** Starts reading a round's ids back. */

@@ -179,15 +179,6 @@ export class StatePool<Buf> {
     be.release(stage);
   }
 
-  /** Copies slot `from`'s state, logits and next id over slot `to`'s. */
-  copySlot(to: number, from: number): void {
-    this.#check(to);
-    this.#check(from);
-    if (to === from) return;
-    this.#forEachRow((buf, length) => this.#be.copy(buf, to * length, buf, from * length, length));
-    this.#be.copy(this.next, to, this.next, from, 1);
-  }
-
   /** Buffers for copies of this pool's rows (see {@link save}); give them back with {@link releaseCopy}. */
   createCopy(): PoolCopy<Buf> {
     const be = this.#be;
