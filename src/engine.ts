@@ -85,8 +85,8 @@ export interface DecodeResult {
 export interface EngineOptions {
   /**
    * Steps per decode round: default 1 where the backend runs each operation
-   * at once, else {@link FIRST_ROUND_STEPS} for a batch's first round,
-   * doubling each round up to {@link MAX_ROUND_STEPS}.
+   * at once, else {@link FIRST_ROUND_STEPS} for the first round after the
+   * engine was idle and {@link MAX_ROUND_STEPS} after it.
    */
   roundSteps?: number;
   /** Issue each round before the previous one is read back (default: where the backend queues work). */
@@ -101,10 +101,11 @@ export interface EngineOptions {
  * work between rounds, or the device waits: 32 steps of mamba-130m at one
  * sequence take about 21 ms on an H200. Timing rounds to size them is not
  * reliable (when a read returns says little about when the device finished),
- * so rounds simply grow to this.
+ * and a round shorter than a read-back leaves the device idle for the rest
+ * of it, so every round but the first takes this many.
  */
 const MAX_ROUND_STEPS = 32;
-/** Steps of the first round after the engine was idle, so that the first ids come back soon; each round doubles it. */
+/** Steps of the first round after the engine was idle, so that the first ids come back soon. */
 const FIRST_ROUND_STEPS = 4;
 /** Recorded steps kept; past it they are all released and recorded again as needed. */
 const MAX_RECORDINGS = 256;
@@ -236,8 +237,8 @@ export class DecodeEngine<Buf> {
   /** Pool copies not in use by a round. */
   #spareCopies: PoolCopy<Buf>[] = [];
   readonly #recordings = new Map<string, Recording>();
-  /** Steps of the round issued last (0 once the engine has been idle). */
-  #lastSteps = 0;
+  /** Whether a round with steps has been issued since the engine was last idle. */
+  #warm = false;
 
   /** An engine for `model`; use {@link engineFor}, which keeps one per model. */
   constructor(model: MambaModel<Buf>, options: EngineOptions = {}) {
@@ -341,7 +342,7 @@ export class DecodeEngine<Buf> {
     } finally {
       // Synchronously after the last check for work: a later submission starts a new loop.
       this.#running = false;
-      this.#lastSteps = 0;
+      this.#warm = false;
     }
   }
 
@@ -518,7 +519,7 @@ export class DecodeEngine<Buf> {
     this.stats.rounds++;
     this.stats.steps += steps;
     this.stats.rowSteps += steps * batch;
-    this.#lastSteps = steps;
+    this.#warm ||= steps > 0;
     return { rows, joiners: joinCount, steps, checkpoint, fedAtStart, read: null };
   }
 
@@ -532,8 +533,7 @@ export class DecodeEngine<Buf> {
   /** Steps of the next round. */
   #roundSteps(): number {
     if (this.#fixedSteps !== undefined) return this.#fixedSteps;
-    if (this.#lastSteps === 0) return FIRST_ROUND_STEPS;
-    return Math.min(MAX_ROUND_STEPS, 2 * this.#lastSteps);
+    return this.#warm ? MAX_ROUND_STEPS : FIRST_ROUND_STEPS;
   }
 
   /** The step `t` of a round of `batch` rows, recorded once and replayed after. */
