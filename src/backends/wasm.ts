@@ -739,26 +739,11 @@ export class WasmBackend implements Backend<WasmBuffer> {
       const rows = stateRows(slots, batch, args.state.length / (args.dim * args.dState));
       return scanEachSequence(args, view, rows, (one) => this.selectiveScan(one));
     }
-    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, len, dim, dState } = args;
+    const { len, dim, dState } = args;
     // f64 state of one tile per thread.
     const scratchFloats = (this.#kernels.scanScratchBytes(dState) / 4) * this.threads;
     const scratch = this.#scratch("scan", scratchFloats).ptr;
-    const ptrs = [
-      y.ptr,
-      u.ptr,
-      delta.ptr,
-      A.ptr,
-      B.ptr,
-      C.ptr,
-      D ? D.ptr : 0,
-      z ? z.ptr : 0,
-      deltaBias ? deltaBias.ptr : 0,
-      deltaSoftplus ? 1 : 0,
-      state.ptr,
-      len,
-      dim,
-      dState,
-    ] as const;
+    const ptrs = [...scanOperands(args), len, dim, dState] as const;
     if (this.#ctrl && len * dim * dState >= MIN_PARALLEL_SCAN && dim >= 8) {
       this.#parallel(OP_SCAN, [...ptrs, scratch]);
     } else {
@@ -768,28 +753,11 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   /** A decode step of every sequence at once, in f32 (see `scanStep` in asm/kernels.ts). */
   #scanStep(args: ScanArgs<WasmBuffer>): void {
-    const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state, slots, dim, dState } =
-      args;
+    const { state, slots, dim, dState } = args;
     const batch = args.batch ?? 1;
     const rows = state.length / (dim * dState);
     stateRows(slots && this.#floats(slots), batch, rows); // Checks the slots.
-    const ptrs = [
-      y.ptr,
-      u.ptr,
-      delta.ptr,
-      A.ptr,
-      B.ptr,
-      C.ptr,
-      D ? D.ptr : 0,
-      z ? z.ptr : 0,
-      deltaBias ? deltaBias.ptr : 0,
-      deltaSoftplus ? 1 : 0,
-      state.ptr,
-      slots ? slots.ptr : 0,
-      batch,
-      dim,
-      dState,
-    ] as const;
+    const ptrs = [...scanOperands(args), slots ? slots.ptr : 0, batch, dim, dState] as const;
     if (this.#ctrl && batch * dim * dState >= MIN_PARALLEL_SCAN) {
       this.#parallel(OP_SCAN_STEP, ptrs);
     } else {
@@ -875,4 +843,25 @@ function checkRange(buf: WasmBuffer, offset: number, length: number): void {
   if (offset < 0 || length < 0 || offset + length > buf.length) {
     throw new RangeError(`Range [${offset}, ${offset + length}) outside a buffer of ${buf.length}`);
   }
+}
+
+/**
+ * The operands `scan` and `scanStep` of asm/kernels.ts share, in their
+ * order: buffers as pointers (0 for none), softplus as 0 or 1.
+ */
+function scanOperands(args: ScanArgs<WasmBuffer>) {
+  const { y, u, delta, A, B, C, D, z, deltaBias, deltaSoftplus, state } = args;
+  return [
+    y.ptr,
+    u.ptr,
+    delta.ptr,
+    A.ptr,
+    B.ptr,
+    C.ptr,
+    D ? D.ptr : 0,
+    z ? z.ptr : 0,
+    deltaBias ? deltaBias.ptr : 0,
+    deltaSoftplus ? 1 : 0,
+    state.ptr,
+  ] as const;
 }
