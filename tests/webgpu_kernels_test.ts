@@ -148,7 +148,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: linear, GEMV (rows ≤ 4, or ≤ 16 in groups of 4) and tiled, odd sizes, with and without bias",
+    "webgpu: linear, GEMV (rows ≤ 4, or ≤ 32 in groups of 4) and tiled, odd sizes, with and without bias",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
@@ -184,6 +184,9 @@ Deno.test({
         [17, 36, 45],
         [67, 52, 128],
         [260, 8, 127],
+        // Few 64×64 tiles and a long K: split over 4 and 3 workgroups, summed after.
+        [9, 521, 136],
+        [130, 400, 136],
       ];
       for (const [rows, inDim, outDim] of shapes) {
         for (const withBias of [false, true]) {
@@ -228,6 +231,8 @@ Deno.test({
         [17, 36, [45, 20, 13]],
         [70, 17, [100, 60]],
         [129, 36, [130, 70]],
+        // main split over K (2 parts): the sums pass writes the outputs.
+        [9, 261, [100, 60]],
       ];
       for (const [rows, inDim, widths] of cases) {
         const outDim = widths.reduce((a, b) => a + b, 0);

@@ -165,10 +165,11 @@ const MAX_GROUPS = 65535;
 const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
 const GEMV_MAX_ROWS = 4;
 // gemv4 takes up to this many rows in groups of 4, reading the weight once per
-// group (mostly from L2 after the first): a batch of decode steps, where the
-// tiled matmul has too few tiles to fill the GPU and a long k loop in each.
-// Past it the matmul's tiles are full enough to win (docs/performance.md).
-const GEMV4_MAX_ROWS = 128;
+// group (mostly from L2 after the first): a small batch of decode steps. Past
+// it the tiled matmul, split over K where its tiles are few, wins: on the H200
+// a 130m-shaped step of 64 rows took 2.68 ms against gemv4's 3.59, of 32 rows
+// 2.42 against 2.25 (docs/performance.md).
+const GEMV4_MAX_ROWS = 32;
 const SAMPLE_SLICE = 1024; // logits per workgroup of sample.wgsl's first stage
 const SAMPLE_MAX_K = 64; // MAX_K of choose_rows.wgsl: rows keeping more take sample_wide.wgsl
 // sample_wide.wgsl spreads each row over slices of at least this many ids,
@@ -273,6 +274,27 @@ const linearPrograms = new Map<string, Program>();
 const SKINNY_MAX_OUT = 128;
 
 /**
+ * Workgroups of the tiled matmul below which tiles get smaller and then K is
+ * split over workgroups (two per SM of an H200's 132, about).
+ */
+const MATMUL_MIN_TILES = 256;
+/** The fewest slices of 8 k that a part of a matmul split over K takes. */
+const MATMUL_MIN_PART_SLICES = 16;
+const matmulSumPrograms = new Map<number, Program>();
+
+/** The pass that adds up the partial sums of a matmul split over `kParts` workgroups. */
+function matmulSumProgram(kParts: number): Program {
+  let program = matmulSumPrograms.get(kParts);
+  if (!program) {
+    program = new Program("matmul_sum", "main", [0, 3, 4, 5, 6, 14], { KPARTS: kParts }, [
+      "linear_io",
+    ]);
+    matmulSumPrograms.set(kParts, program);
+  }
+  return program;
+}
+
+/**
  * Threads that share one output of gemv4, for `units` (outputs × groups of
  * rows) in all. Measured on the H100 at mamba-130m's shapes: many units
  * (lm_head; in_proj for 16 rows) run best on 8 lanes, which leave more outputs
@@ -310,10 +332,19 @@ function linearProgram(
     const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
     entry = "skinny";
     constants = { LANES: blocks < 2048 ? 32 : 16 };
-  } else if (Math.ceil(rows / 128) * Math.ceil(outDim / 64) < 256) {
+  } else if (Math.ceil(rows / 128) * Math.ceil(outDim / 64) < MATMUL_MIN_TILES) {
     // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768):
-    // 64×64 tiles with k split over two thread groups have 4 times the threads.
-    constants = { TM: 64, TN: 64, KSPLIT: 2, VEC4: vec4 ? 1 : 0 };
+    // 64×64 tiles with k split over two thread groups have 4 times the threads,
+    // and where those are still too few, K is split over workgroups as well.
+    const tiles = Math.ceil(rows / 64) * Math.ceil(outDim / 64);
+    const kParts = Math.max(
+      1,
+      Math.min(
+        Math.ceil(MATMUL_MIN_TILES / tiles),
+        Math.floor(Math.ceil(inDim / 8) / MATMUL_MIN_PART_SLICES),
+      ),
+    );
+    constants = { TM: 64, TN: 64, KSPLIT: 2, KPARTS: kParts, VEC4: vec4 ? 1 : 0 };
   } else {
     constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
   }
@@ -328,6 +359,11 @@ function linearProgram(
       // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and x_proj (11, 12).
       preludes.push(project ? "gemv4_shares" : "gemv4_no_shares");
       bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, 13, ...(project ? [11, 12] : [])];
+    } else if (shader === "matmul") {
+      // Split over K, main writes partial sums (14) that matmulSum adds up.
+      const split = (constants.KPARTS ?? 1) > 1;
+      preludes.push(split ? "matmul_parts" : "matmul_whole");
+      if (split) bindings = [...LINEAR_BINDINGS, 14];
     }
     program = new Program(shader, entry, bindings, constants, preludes);
     linearPrograms.set(key, program);
@@ -363,7 +399,7 @@ function linearGroups(program: Program, rows: number, outDim: number): [number, 
     // 4×4 blocks of out, 256 / LANES per workgroup.
     return grid(Math.ceil((Math.ceil(rows / 4) * Math.ceil(outDim / 4) * LANES) / 256));
   }
-  return [Math.ceil(outDim / TN), Math.ceil(rows / TM), 1];
+  return [Math.ceil(outDim / TN), Math.ceil(rows / TM), program.constants.KPARTS ?? 1];
 }
 
 /**
@@ -1067,7 +1103,26 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         fusedConv?.slots ? 1 : 0,
       ];
       const eps = [fusedNorm?.eps ?? 0];
-      this.#run(program, params, eps, bindings, linearGroups(program, rows, partDim));
+      const kParts = program.constants.KPARTS ?? 1;
+      if (kParts === 1) {
+        this.#run(program, params, eps, bindings, linearGroups(program, rows, partDim));
+        continue;
+      }
+      // Sizes rounded up to powers of 2, so few partial buffers are kept.
+      const partial = this.#lastingScratch(
+        "partial",
+        2 ** Math.ceil(Math.log2(kParts * rows * partDim)),
+      );
+      const groups = linearGroups(program, rows, partDim);
+      this.#run(program, params, eps, { ...bindings, 14: partial.buffer }, groups);
+      const sumGroups = grid(Math.ceil((rows * partDim) / 256));
+      this.#run(
+        matmulSumProgram(kParts),
+        params,
+        eps,
+        { ...bindings, 14: partial.buffer },
+        sumGroups,
+      );
     }
     done();
     if (conv && !fusedConv) convStepAfter(this, outs[0], rows, widths[0], conv);
@@ -1132,7 +1187,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * not move.
    */
   #lastingScratch(
-    purpose: "normed" | "shares" | "found" | "seen" | "wide",
+    purpose: "normed" | "shares" | "found" | "seen" | "wide" | "partial",
     length: number,
   ): GpuBuffer {
     const key = `${purpose}:${length}`;

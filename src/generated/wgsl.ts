@@ -929,7 +929,11 @@ fn storeOut(r: u32, c: u32, sum: f32) {
 // smaller outputs (512 × 1536 is 96 such tiles for 132 SMs), so there the
 // backend takes 64×64 tiles with KSPLIT = 2: two groups of threads take the
 // first and last 4 k of each slice, and the second hands its sums to the first
-// at the end (TN = 64 only, for the hand-over to fit in xs).
+// at the end (TN = 64 only, for the hand-over to fit in xs). Where even those
+// tiles are too few (a batch of decode steps: 64 × 3072, 64 × 768), K is split
+// over KPARTS workgroups too (the grid's z): each writes its partial sums to
+// \`partial\` (matmul_parts.wgsl) and matmul_sum.wgsl adds them up, bias and
+// all; a tile then runs a short k loop instead of a long one on a few SMs.
 //
 // skinny: outDim ≤ 128 (x_proj's 16 and 48 columns) gives main a handful of
 // tiles with a long k loop each, so each output is split over LANES threads
@@ -941,13 +945,15 @@ fn storeOut(r: u32, c: u32, sum: f32) {
 // called with constant arguments: a private array indexed in a loop (or a k
 // loop that the driver does not unroll) would land in slow local memory.
 // Prepended by the backend: linear_io.wgsl (parameters, bias, outputs and
-// storeOut) and weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors).
+// storeOut), weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors)
+// and matmul_whole.wgsl or matmul_parts.wgsl (where main's sums go: putSum).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 
 const TM: u32 = 128u; // rows of out per workgroup of main (64 or 128)
 const TN: u32 = 64u; // columns of out per workgroup of main (64 or 128)
 const KSPLIT: u32 = 1u; // thread groups per tile of main, 1 or 2 (with TN = 64)
+const KPARTS: u32 = 1u; // workgroups sharing one tile of main over K (grid z)
 const VEC4: u32 = 1u; // 1 when inDim % 4 == 0: rows of x and weight read as vec4s
 const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (4 to 64)
 const BK: u32 = 8u; // k per slice: main's step() calls are written out
@@ -1120,18 +1126,23 @@ fn main(
   let lt = li % BLOCKS;
   let tx = lt % (TN / 8u);
   let ty = lt / (TN / 8u);
+  // This workgroup's slices of K: part wg.z of KPARTS (none past the end).
+  let slices = (p.inDim + BK - 1u) / BK;
+  let perPart = (slices + KPARTS - 1u) / KPARTS;
+  let firstSlice = min(slices, wg.z * perPart);
+  let endSlice = min(slices, firstSlice + perPart);
   // Slice elements: 2·TM vec4s of x and 2·TN of weight, li and li + THREADS.
   let twoX = 2u * TM > THREADS;
   let twoW = 2u * TN > THREADS;
-  var xv = fetchX(li, row0, 0u);
+  var xv = fetchX(li, row0, firstSlice * BK);
   var xv2 = vec4<f32>(0.0);
-  var wv = fetchW(li, col0, 0u);
+  var wv = fetchW(li, col0, firstSlice * BK);
   var wv2 = vec4<f32>(0.0);
   if (twoX) {
-    xv2 = fetchX(li + THREADS, row0, 0u);
+    xv2 = fetchX(li + THREADS, row0, firstSlice * BK);
   }
   if (twoW) {
-    wv2 = fetchW(li + THREADS, col0, 0u);
+    wv2 = fetchW(li + THREADS, col0, firstSlice * BK);
   }
   stashX(0u, li, xv);
   stashW(0u, li, wv);
@@ -1142,10 +1153,9 @@ fn main(
     stashW(0u, li + THREADS, wv2);
   }
   workgroupBarrier();
-  let slices = (p.inDim + BK - 1u) / BK;
-  for (var s = 0u; s < slices; s++) {
-    let b = s % 2u;
-    let more = s + 1u < slices;
+  for (var s = firstSlice; s < endSlice; s++) {
+    let b = (s - firstSlice) % 2u;
+    let more = s + 1u < endSlice;
     if (more) {
       let k0 = (s + 1u) * BK;
       xv = fetchX(li, row0, k0);
@@ -1214,22 +1224,22 @@ fn main(
   let r2 = r + TM / 2u;
   let c = col0 + 4u * tx;
   let c2 = c + TN / 2u;
-  put(r, c, acc0a);
-  put(r, c2, acc0b);
-  put(r + 1u, c, acc1a);
-  put(r + 1u, c2, acc1b);
-  put(r + 2u, c, acc2a);
-  put(r + 2u, c2, acc2b);
-  put(r + 3u, c, acc3a);
-  put(r + 3u, c2, acc3b);
-  put(r2, c, acc4a);
-  put(r2, c2, acc4b);
-  put(r2 + 1u, c, acc5a);
-  put(r2 + 1u, c2, acc5b);
-  put(r2 + 2u, c, acc6a);
-  put(r2 + 2u, c2, acc6b);
-  put(r2 + 3u, c, acc7a);
-  put(r2 + 3u, c2, acc7b);
+  putSum(wg.z, r, c, acc0a);
+  putSum(wg.z, r, c2, acc0b);
+  putSum(wg.z, r + 1u, c, acc1a);
+  putSum(wg.z, r + 1u, c2, acc1b);
+  putSum(wg.z, r + 2u, c, acc2a);
+  putSum(wg.z, r + 2u, c2, acc2b);
+  putSum(wg.z, r + 3u, c, acc3a);
+  putSum(wg.z, r + 3u, c2, acc3b);
+  putSum(wg.z, r2, c, acc4a);
+  putSum(wg.z, r2, c2, acc4b);
+  putSum(wg.z, r2 + 1u, c, acc5a);
+  putSum(wg.z, r2 + 1u, c2, acc5b);
+  putSum(wg.z, r2 + 2u, c, acc6a);
+  putSum(wg.z, r2 + 2u, c2, acc6b);
+  putSum(wg.z, r2 + 3u, c, acc7a);
+  putSum(wg.z, r2 + 3u, c2, acc7b);
 }
 
 // One vec4 of K for skinny: the 16 (row i, column j) pairs of its 4×4 block,
@@ -1319,6 +1329,62 @@ fn skinny(
     }
     put(r + lane, c, v);
   }
+}
+`,
+  matmul_parts: `// Where matmul.wgsl's main puts its sums when K is split over KPARTS
+// workgroups: partial [KPARTS, rows, outDim], every element written (zeros from
+// a part past the end of K), for matmul_sum.wgsl to add up.
+@group(0) @binding(14) var<storage, read_write> partial: array<f32>;
+
+fn putSum(part: u32, r: u32, c: u32, v: vec4<f32>) {
+  if (r >= p.rows) {
+    return;
+  }
+  let base = (part * p.rows + r) * p.outDim;
+  if (c < p.outDim) {
+    partial[base + c] = v.x;
+  }
+  if (c + 1u < p.outDim) {
+    partial[base + c + 1u] = v.y;
+  }
+  if (c + 2u < p.outDim) {
+    partial[base + c + 2u] = v.z;
+  }
+  if (c + 3u < p.outDim) {
+    partial[base + c + 3u] = v.w;
+  }
+}
+`,
+  matmul_sum: `// The second pass of a matmul split over K (matmul_parts.wgsl): each thread
+// adds one output's KPARTS partial sums and stores it like any linear kernel
+// (bias, split outputs, accumulate: linear_io.wgsl, prepended).
+@group(0) @binding(14) var<storage, read> partial: array<f32>;
+
+const KPARTS: u32 = 2u;
+
+// Threads numbered over a grid of any shape (nwg.x · nwg.y workgroups of 256).
+@compute @workgroup_size(256)
+fn main(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  let size = p.rows * p.outDim;
+  if (i >= size) {
+    return;
+  }
+  var sum = 0.0;
+  for (var part = 0u; part < KPARTS; part++) {
+    sum += partial[part * size + i];
+  }
+  storeOut(i / p.outDim, i % p.outDim, sum);
+}
+`,
+  matmul_whole: `// Where matmul.wgsl's main puts its sums when one workgroup covers all of K:
+// straight to the outputs, bias added (linear_io.wgsl's storeOut, via put).
+fn putSum(part: u32, r: u32, c: u32, v: vec4<f32>) {
+  put(r, c, v);
 }
 `,
   penalize: `// The repetition penalty of Sampler.sample (src/sampler.ts), in place on each
