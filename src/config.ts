@@ -49,6 +49,11 @@ export interface MambaConfig {
   eosTokenId?: number;
   /** Beginning-of-sequence id, when the config names one. */
   bosTokenId?: number;
+  /**
+   * Falcon-Mamba only (`model_type` "falcon_mamba"): epsilon of the
+   * weightless RMSNorms on dt, B and C after x_proj (`mixer_rms_eps`).
+   */
+  mixerRmsEps?: number;
 }
 
 type Json = Record<string, unknown>;
@@ -108,10 +113,15 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
       `Unsupported ssm_cfg.layer ${JSON.stringify(layer)}: only Mamba1 is supported`,
     );
   }
-  if (top.model_type !== undefined && top.model_type !== "mamba") {
+  if (
+    top.model_type !== undefined && top.model_type !== "mamba" &&
+    top.model_type !== "falcon_mamba"
+  ) {
     throw new ModelFileError(
       file,
-      `Unsupported model_type ${JSON.stringify(top.model_type)}: expected "mamba"`,
+      `Unsupported model_type ${
+        JSON.stringify(top.model_type)
+      }: expected "mamba" or "falcon_mamba"`,
     );
   }
   // The state-spaces layout keeps the SSM sizes in ssm_cfg; HF keeps them at the top.
@@ -162,5 +172,18 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
     tieEmbeddings: flag(raw, ["tie_word_embeddings", "tie_embeddings"], file, true),
     eosTokenId: optionalId(raw, "eos_token_id"),
     bosTokenId: optionalId(raw, "bos_token_id"),
+    ...(top.model_type === "falcon_mamba" ? { mixerRmsEps: mixerRmsEps(raw, file) } : {}),
   };
+}
+
+/** Falcon-Mamba's `mixer_rms_eps` (transformers' default 1e-6). */
+function mixerRmsEps(raw: Json, file: string): number {
+  const eps = raw.mixer_rms_eps ?? 1e-6;
+  if (typeof eps !== "number" || !(eps > 0) || !Number.isFinite(eps)) {
+    throw new ModelFileError(
+      file,
+      `"mixer_rms_eps" must be a positive number, got ${JSON.stringify(eps)}`,
+    );
+  }
+  return eps;
 }

@@ -37,6 +37,11 @@
  * and logits = lm_head(rmsNorm_f(hidden)). Prefill and decode are the same code:
  * a decode step is a call with L = 1 on the carried state.
  *
+ * Falcon-Mamba (`model_type` "falcon_mamba") is this block with dt, B and C
+ * each RMS-normalised without a weight right after x_proj (epsilon
+ * `mixer_rms_eps`), as transformers' `FalconMambaMixer` does; x_proj then
+ * runs as an operation of its own in decode steps too.
+ *
  * @module
  */
 
@@ -76,6 +81,12 @@ export interface BlockBuffers<Buf> {
   delta: Buf;
   /** [L, dInner] the scan's output, out_proj's input. */
   y: Buf;
+  /**
+   * Falcon-Mamba only ({@link MambaConfig.mixerRmsEps}): x_proj's dt [L, R],
+   * B and C [L, N] before their weightless RMSNorms, and ones [max(R, N)] as
+   * those norms' weight.
+   */
+  mixerNorm?: { dt: Buf; B: Buf; C: Buf; ones: Buf };
 }
 
 /**
@@ -105,10 +116,12 @@ export function blockOp<Buf>(
   s: BlockBuffers<Buf>,
   { conv, ssm, slots, len, batch }: BlockSequences<Buf>,
 ): void {
-  const { dModel, dInner, dtRank, dState, dConv, eps } = config;
+  const { dModel, dInner, dtRank, dState, dConv, eps, mixerRmsEps } = config;
   const L = len * batch;
+  // Falcon-Mamba normalises x_proj's outputs, so x_proj runs on its own.
+  const projectInStep = mixerRmsEps === undefined;
   switch (op) {
-    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc, dt, B and C too
+    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc (and dt, B, C) too
       return be.linearSplit(
         [s.x, s.z],
         [dInner, dInner],
@@ -126,7 +139,9 @@ export function blockOp<Buf>(
             state: conv,
             slots,
             kernel: dConv,
-            project: { weight: w.xProj, outs: [s.dt, s.B, s.C], widths: [dtRank, dState, dState] },
+            project: projectInStep
+              ? { weight: w.xProj, outs: [s.dt, s.B, s.C], widths: [dtRank, dState, dState] }
+              : undefined,
           }
           : undefined,
       );
@@ -144,10 +159,23 @@ export function blockOp<Buf>(
         kernel: dConv,
         batch,
       });
-    case "x_proj": // dt, B, C = x_proj(xc), done by in_proj in a decode step
-      if (len === 1) return;
-      return be.linearSplit(
-        [s.dt, s.B, s.C],
+    case "x_proj": { // dt, B, C = x_proj(xc), done by in_proj in a decode step
+      if (len === 1 && projectInStep) return;
+      if (mixerRmsEps === undefined) {
+        return be.linearSplit(
+          [s.dt, s.B, s.C],
+          [dtRank, dState, dState],
+          s.xc,
+          w.xProj,
+          null,
+          L,
+          dInner,
+        );
+      }
+      // Falcon-Mamba: dt, B, C = rmsNorm(x_proj(xc)) each, without weights.
+      const raw = s.mixerNorm!;
+      be.linearSplit(
+        [raw.dt, raw.B, raw.C],
         [dtRank, dState, dState],
         s.xc,
         w.xProj,
@@ -155,6 +183,11 @@ export function blockOp<Buf>(
         L,
         dInner,
       );
+      be.rmsNorm(s.dt, raw.dt, raw.ones, L, dtRank, mixerRmsEps);
+      be.rmsNorm(s.B, raw.B, raw.ones, L, dState, mixerRmsEps);
+      be.rmsNorm(s.C, raw.C, raw.ones, L, dState, mixerRmsEps);
+      return;
+    }
     case "scan": // delta = dt_proj(dt); y = selective scan, gated by silu(z)
       return be.selectiveScan({
         y: s.y,
@@ -419,13 +452,22 @@ export class MambaModel<Buf> {
       C: z(rows * dState),
       delta: z(rows * dInner),
       y: z(rows * dInner),
+      ...(this.config.mixerRmsEps === undefined ? {} : {
+        mixerNorm: {
+          dt: z(rows * dtRank),
+          B: z(rows * dState),
+          C: z(rows * dState),
+          ones: this.backend.upload(new Float32Array(Math.max(dtRank, dState)).fill(1)),
+        },
+      }),
     };
   }
 
   /** Gives scratch buffers back. */
   releaseScratch(s: Scratch<Buf>): void {
-    for (const [key, buf] of Object.entries(s)) {
-      if (key !== "rows") this.backend.release(buf as Buf);
+    const { rows: _, mixerNorm, ...buffers } = s;
+    for (const buf of [...Object.values(buffers), ...Object.values(mixerNorm ?? {})]) {
+      this.backend.release(buf);
     }
   }
 }
