@@ -47,6 +47,15 @@
 
 import type { Backend } from "./backend.ts";
 import type { MambaConfig } from "./config.ts";
+import {
+  allocMamba2Buffers,
+  checkMamba2Support,
+  isMamba2Layer,
+  MAMBA2_OPS,
+  mamba2BlockOp,
+  type Mamba2Buffers,
+  type Mamba2LayerWeights,
+} from "./mamba2.ts";
 import { StatePool } from "./pool.ts";
 import type { LayerWeights, MambaWeights } from "./weights.ts";
 
@@ -241,6 +250,8 @@ export interface Scratch<Buf> extends BlockBuffers<Buf> {
   rows: number;
   /** [rows, D]: rows of the residual stream gathered for the head. */
   headIn: Buf;
+  /** A Mamba-2 model's block buffers (its Mamba-1 ones then hold nothing). */
+  mamba2?: Omit<Mamba2Buffers<Buf>, "hidden">;
 }
 
 /**
@@ -261,6 +272,7 @@ export class MambaModel<Buf> {
     this.backend = backend;
     this.config = config;
     const { dModel, dInner, dtRank } = config;
+    if (config.mamba2) checkMamba2Support(backend);
     const up = (w: Float32Array) => backend.upload(w);
     const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
     // Matrices [rows, cols] that only `linear` reads may be stored as exact f16
@@ -275,20 +287,36 @@ export class MambaModel<Buf> {
         ? backend.uploadHalfMatrix(weights.lmHead, dModel) ?? embedding
         : matrix(weights.lmHead, dModel),
       normF: up(weights.normF),
-      layers: weights.layers.map((l): LayerWeights<Buf> => ({
-        norm: up(l.norm),
-        inProj: matrix(l.inProj, dModel),
-        inProjBias: upOrNull(l.inProjBias),
-        convWeight: up(l.convWeight),
-        convBias: upOrNull(l.convBias),
-        xProj: matrix(l.xProj, dInner),
-        dtProj: matrix(l.dtProj, dtRank),
-        dtProjBias: up(l.dtProjBias),
-        A: up(l.A),
-        D: up(l.D),
-        outProj: matrix(l.outProj, dInner),
-        outProjBias: upOrNull(l.outProjBias),
-      })),
+      layers: weights.layers.map((l): LayerWeights<Buf> | Mamba2LayerWeights<Buf> =>
+        isMamba2Layer<Float32Array>(l)
+          ? {
+            norm: up(l.norm),
+            inProj: matrix(l.inProj, dModel),
+            inProjBias: upOrNull(l.inProjBias),
+            convWeight: up(l.convWeight),
+            convBias: upOrNull(l.convBias),
+            dtBias: up(l.dtBias),
+            A: up(l.A),
+            D: up(l.D),
+            gatedNorm: up(l.gatedNorm),
+            outProj: matrix(l.outProj, dInner),
+            outProjBias: upOrNull(l.outProjBias),
+          }
+          : {
+            norm: up(l.norm),
+            inProj: matrix(l.inProj, dModel),
+            inProjBias: upOrNull(l.inProjBias),
+            convWeight: up(l.convWeight),
+            convBias: upOrNull(l.convBias),
+            xProj: matrix(l.xProj, dInner),
+            dtProj: matrix(l.dtProj, dtRank),
+            dtProjBias: up(l.dtProjBias),
+            A: up(l.A),
+            D: up(l.D),
+            outProj: matrix(l.outProj, dInner),
+            outProjBias: upOrNull(l.outProjBias),
+          }
+      ),
     };
     this.pool = new StatePool(backend, config);
   }
@@ -423,7 +451,14 @@ export class MambaModel<Buf> {
         len,
         batch,
       };
-      for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
+      if (isMamba2Layer<Buf>(w)) {
+        const buffers = { hidden: s.hidden, ...s.mamba2! };
+        for (const op of MAMBA2_OPS) {
+          mamba2BlockOp(this.backend, this.config, op, w, buffers, sequences);
+        }
+      } else {
+        for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
+      }
       // A prompt's layers go to the device one by one, so that it runs each
       // layer while the host records the next, rather than all once every
       // layer is recorded. (Decode steps are started by their callers.)
@@ -438,12 +473,31 @@ export class MambaModel<Buf> {
 
   /** Scratch activations for up to `rows` rows; give them back with {@link releaseScratch}. */
   allocScratch(rows: number): Scratch<Buf> {
-    const { dModel, dInner, dState, dtRank } = this.config;
+    const { dModel, dInner, dState, dtRank, mamba2 } = this.config;
     const z = (n: number) => this.backend.zeros(n);
+    const hidden = z(rows * dModel);
+    const headIn = z(rows * dModel);
+    if (mamba2) {
+      const none = () => z(0);
+      return {
+        rows,
+        hidden,
+        headIn,
+        x: none(),
+        z: none(),
+        xc: none(),
+        dt: none(),
+        B: none(),
+        C: none(),
+        delta: none(),
+        y: none(),
+        mamba2: allocMamba2Buffers(this.backend, this.config, rows),
+      };
+    }
     return {
       rows,
-      hidden: z(rows * dModel),
-      headIn: z(rows * dModel),
+      hidden,
+      headIn,
       x: z(rows * dInner),
       z: z(rows * dInner),
       xc: z(rows * dInner),
@@ -465,8 +519,9 @@ export class MambaModel<Buf> {
 
   /** Gives scratch buffers back. */
   releaseScratch(s: Scratch<Buf>): void {
-    const { rows: _, mixerNorm, ...buffers } = s;
-    for (const buf of [...Object.values(buffers), ...Object.values(mixerNorm ?? {})]) {
+    const { rows: _, mixerNorm, mamba2, ...buffers } = s;
+    const nested = [...Object.values(mixerNorm ?? {}), ...Object.values(mamba2 ?? {})];
+    for (const buf of [...Object.values(buffers), ...nested]) {
       this.backend.release(buf);
     }
   }

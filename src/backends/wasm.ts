@@ -27,6 +27,7 @@ import {
   type ConvStep,
   convStepAfter,
   type CopyRowsArgs,
+  type OptionalOp,
   projectDelta,
   type Recording,
   type RowNorm,
@@ -728,6 +729,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
       kernel,
       this.#scratch("conv", kernel * 4).ptr,
     );
+  }
+
+  supports(_op: OptionalOp): boolean {
+    return false;
   }
 
   selectiveScan(scanArgs: ScanArgs<WasmBuffer>): void {

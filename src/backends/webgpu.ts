@@ -28,6 +28,7 @@ import {
   type ConvStep,
   convStepAfter,
   type CopyRowsArgs,
+  type OptionalOp,
   projectAfterConv,
   projectDelta,
   type Recording,
@@ -1204,6 +1205,10 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         perSequence(grid(Math.ceil(channels / 256))),
       );
     }
+  }
+
+  supports(_op: OptionalOp): boolean {
+    return false;
   }
 
   selectiveScan(scanArgs: ScanArgs<GpuBuffer>): void {
