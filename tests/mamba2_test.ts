@@ -24,6 +24,8 @@ const FALCON = `${SHARED}/fixtures/hf-oracle/falcon-mamba-tiny`;
 const BACKENDS: { label: string; name: BackendName; options?: BackendOptions; ignore?: boolean }[] =
   [
     { label: "js", name: "js" },
+    { label: "wasm 1 thread", name: "wasm", options: { threads: 1 } },
+    { label: "wasm 2 threads", name: "wasm", options: { threads: 2 } },
   ];
 
 type Json = Record<string, unknown>;
@@ -321,7 +323,8 @@ for (const { label, name, options, ignore } of BACKENDS) {
           const rows = await Session.stepTogether(sessions, [next, next, next]);
           for (const row of rows) {
             const diff = maxAbsDiff(row, rows[0]);
-            assert(diff === 0, `rows differ by ${diff}`);
+            // Rows of one batched product may round differently.
+            assert(diff <= 1e-5, `rows differ by ${diff}`);
           }
           next = argmaxRow(rows[0], 0, vocab);
           assertEquals(next, continuation[i]);
