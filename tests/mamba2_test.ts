@@ -7,7 +7,13 @@
  */
 
 import { assert, assertEquals, assertRejects, assertThrows } from "@std/assert";
-import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
+import {
+  type BackendName,
+  type BackendOptions,
+  BACKENDS as BACKEND_CANDIDATES,
+  createBackend,
+} from "../src/backends/registry.ts";
+import { selectBackend } from "../src/dispatch.ts";
 import { parseConfig } from "../src/config.ts";
 import { ModelFileError } from "../src/errors.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
@@ -21,11 +27,15 @@ const MAMBA2 = `${SHARED}/fixtures/mamba2/tiny-groups2`;
 const FALCON = `${SHARED}/fixtures/hf-oracle/falcon-mamba-tiny`;
 
 /** The backends that run Mamba-2, each with its options. */
+const adapter = await navigator.gpu?.requestAdapter();
+
+/** The backends that run Mamba-2, each with its options. */
 const BACKENDS: { label: string; name: BackendName; options?: BackendOptions; ignore?: boolean }[] =
   [
     { label: "js", name: "js" },
     { label: "wasm 1 thread", name: "wasm", options: { threads: 1 } },
     { label: "wasm 2 threads", name: "wasm", options: { threads: 2 } },
+    { label: "webgpu", name: "webgpu", ignore: !adapter },
   ];
 
 type Json = Record<string, unknown>;
@@ -239,7 +249,7 @@ for (const { label, name, options, ignore } of BACKENDS) {
       const vocab = mamba.vocabSize;
 
       await t.step(
-        "forward logits within 1e-4 (L = 37: two chunks of 16 and a partial one)",
+        "forward logits within 1e-4 (L = 37: past chunk boundaries, a partial last chunk)",
         async () => {
           const diff = maxAbsDiff(await mamba.forward(prompt), logits);
           assert(diff <= 1e-4, `max abs diff ${diff}`);
@@ -358,6 +368,21 @@ for (const { label, name, options, ignore } of BACKENDS) {
     },
   });
 }
+
+Deno.test("auto measures js and wasm on a Mamba-2 model's shapes", async () => {
+  const config = parseConfig(await readJson(`${MAMBA2}/config.json`), "config.json");
+  const candidates = BACKEND_CANDIDATES.filter((c) => c.name !== "webgpu");
+  const { backend, report } = await selectBackend("auto", config, {
+    candidates,
+    cache: null,
+    threads: 1,
+  });
+  assertEquals(report.candidates.map((c) => c.name), ["js", "wasm"]);
+  for (const candidate of report.candidates) {
+    assert(candidate.totalMs !== undefined && candidate.totalMs > 0, JSON.stringify(candidate));
+  }
+  backend.dispose();
+});
 
 Deno.test("a backend without Mamba-2's operations refuses the model clearly", async () => {
   const { config, weights } = await loadCheckpoint(MAMBA2);

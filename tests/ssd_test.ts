@@ -13,10 +13,14 @@ import { JsBackend } from "../src/backends/js.ts";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
 import { maxAbsDiff, maxRelDiff } from "./helpers.ts";
 
+const adapter = await navigator.gpu?.requestAdapter();
+
+/** The backends that run Mamba-2, each with its options. */
 const BACKENDS: { label: string; name: BackendName; options?: BackendOptions; ignore?: boolean }[] =
   [
     { label: "wasm 1 thread", name: "wasm", options: { threads: 1 } },
     { label: "wasm 2 threads", name: "wasm", options: { threads: 2 } },
+    { label: "webgpu", name: "webgpu", ignore: !adapter },
   ];
 
 /** A deterministic generator of floats in [lo, hi) (mulberry32). */
