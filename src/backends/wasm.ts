@@ -162,7 +162,7 @@ interface Kernels {
     u1: number,
     scratch: number,
   ): void;
-  ssdScratchBytes(chunk: number): number;
+  ssdScratchBytes(chunk: number, headDim: number): number;
   ssdStep(
     y: number,
     xBC: number,
@@ -221,8 +221,9 @@ const MIN_PARALLEL_SCAN = 1 << 13;
  * The most tokens per chunk of the SSD scan here, whatever the model's
  * chunk_size: on a CPU, without matrix units to feed, longer chunks only
  * grow the quadratic within-chunk term (the result is the same recurrence).
+ * 8 to 16 measured fastest (docs/mamba2.md).
  */
-const SSD_CHUNK_MAX = 64;
+const SSD_CHUNK_MAX = 16;
 
 /** A float's bits as an i32, for a float argument in the i32 control block. */
 function floatBits(value: number): number {
@@ -838,7 +839,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       return this.#kernels.ssdStep(...operands, ...sizes, dtLimit[0], dtLimit[1], 0, units);
     }
     const chunk = Math.min(args.chunkSize, SSD_CHUNK_MAX);
-    const scratchBytes = this.#kernels.ssdScratchBytes(chunk);
+    const scratchBytes = this.#kernels.ssdScratchBytes(chunk, headDim);
     const scratch = this.#scratch("ssd", (scratchBytes / 4) * this.threads).ptr;
     const sizes = [len, heads, headDim, groups, dState, chunk] as const;
     if (parallel) {
