@@ -295,10 +295,16 @@ function parseMamba2Config(top: Json, ssmCfg: Json, file: string): MambaConfig {
       `Unsupported "norm_before_gate" true: the norm follows the gate`,
     );
   }
-  if (raw.rmsnorm === false || raw.rms_norm === false) {
+  if (ssmCfg.rmsnorm === false) {
     throw new ModelFileError(
       file,
-      `Unsupported Mamba-2 without its gated RMSNorm ("rmsnorm" false)`,
+      `Unsupported "rmsnorm" false: Mamba-2 without its gated RMSNorm is not supported`,
+    );
+  }
+  if (top.rms_norm === false) {
+    throw new ModelFileError(
+      file,
+      `Unsupported "rms_norm" false: only RMSNorm blocks are supported, not LayerNorm ones`,
     );
   }
   const attention = raw.attn_layer_idx;

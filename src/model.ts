@@ -37,6 +37,9 @@
  * and logits = lm_head(rmsNorm_f(hidden)). Prefill and decode are the same code:
  * a decode step is a call with L = 1 on the carried state.
  *
+ * Mamba-2's block is in `mamba2.ts`; the model runs it where the config says
+ * so, with the same embedding, final norm, head, state pool and engine.
+ *
  * Falcon-Mamba (`model_type` "falcon_mamba") is this block with dt, B and C
  * each RMS-normalised without a weight right after x_proj (epsilon
  * `mixer_rms_eps`), as transformers' `FalconMambaMixer` does; x_proj then
