@@ -414,9 +414,10 @@ const SCAN_PROGRAMS = (() => {
 
 /** Tokens per chunk of ssd.wgsl's chunked scan (its CHUNK), whatever the model's chunk_size. */
 const SSD_CHUNK = 32;
-/** Threads per workgroup of ssd.wgsl's carry pass and step (its WG and STEP_WG). */
+/** Threads per workgroup of ssd.wgsl's carry pass (its WG). */
 const SSD_WG = 256;
-const SSD_STEP_WG = 64;
+/** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
+const SSD_STEP_CHANNELS = 256 / 16;
 /** The largest finite f32: Δ's clamp bounds go to the kernel as finite numbers. */
 const F32_MAX = 3.4028234663852886e38;
 
@@ -1231,7 +1232,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   /**
-   * Mamba-2's SSD: a decode step as the recurrence, one thread per channel; a
+   * Mamba-2's SSD: a decode step as the recurrence, 16 threads per channel; a
    * prompt in chunks of {@link SSD_CHUNK} tokens, in three passes (see
    * wgsl/ssd.wgsl) over scratch buffers of the chunks' states.
    */
@@ -1261,7 +1262,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       8: state.buffer,
     };
     if (len === 1) {
-      const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_WG);
+      const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_CHANNELS);
       this.#run(SSD_PROGRAMS.step, u32s, f32s, buffers, grid(groupsNeeded));
       return;
     }

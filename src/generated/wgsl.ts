@@ -3261,12 +3261,13 @@ fn sumProjection(b: u32, li: u32) {
 //                chunk (a CHUNK × CHUNK tile in workgroup memory) times the
 //                chunk's x (staged PT channels at a time), plus exp(cs_t)·C_t·h_in,
 //                plus D·x.
-// A decode step (len 1) is \`step\`: the recurrence itself, one thread per channel.
+// A decode step (len 1) is \`step\`: the recurrence itself, STEP_LANES threads per channel.
 
 const CHUNK: u32 = 32u;
 const WG: u32 = 256u;
 const PT: u32 = 64u; // channels of x staged at a time by \`output\`
-const STEP_WG: u32 = 64u;
+const STEP_WG: u32 = 256u;
+const STEP_LANES: u32 = 16u; // threads per channel in \`step\`
 
 struct Params {
   len: u32,
@@ -3300,6 +3301,7 @@ var<workgroup> csTile: array<f32, CHUNK>;
 var<workgroup> weights: array<f32, CHUNK>;
 var<workgroup> masked: array<f32, CHUNK * CHUNK>;
 var<workgroup> xTile: array<f32, CHUNK * PT>;
+var<workgroup> lanes: array<f32, STEP_WG>;
 
 fn softplus(v: f32) -> f32 {
   if (v > 20.0) {
@@ -3470,40 +3472,56 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
   }
 }
 
+// One token per sequence: STEP_LANES threads per channel (b, h, p), lane l
+// taking states l, l + STEP_LANES, ..., so that a warp's loads of a state row
+// are contiguous; the lanes' parts of h·C are summed in workgroup memory.
 @compute @workgroup_size(STEP_WG)
 fn step(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let i = (wg.y * nwg.x + wg.x) * STEP_WG + li;
   let P = p.headDim;
   let N = p.dState;
   let inner = p.heads * P;
-  if (i >= p.batch * inner) {
-    return;
-  }
-  let b = i / inner;
-  let channel = i % inner; // h·P + p
-  let h = channel / P;
-  let g = h / (p.heads / p.groups);
-  let row = b * width();
-  let d = delta(b, h);
-  let decay = exp(d * A[h]);
-  let xv = xBC[row + channel];
-  let base = (stateRow(b) * inner + channel) * N;
-  let bCol = row + inner + g * N;
-  let cCol = row + inner + (p.groups + g) * N;
+  let lane = li % STEP_LANES;
+  let i = (wg.y * nwg.x + wg.x) * (STEP_WG / STEP_LANES) + li / STEP_LANES;
+  let valid = i < p.batch * inner;
   var acc = 0.0;
-  for (var n = 0u; n < N; n++) {
-    let hv = decay * state[base + n] + d * xv * xBC[bCol + n];
-    state[base + n] = hv;
-    acc += hv * xBC[cCol + n];
+  var xv = 0.0;
+  if (valid) {
+    let b = i / inner;
+    let channel = i % inner; // h·P + p
+    let h = channel / P;
+    let g = h / (p.heads / p.groups);
+    let row = b * width();
+    let d = delta(b, h);
+    let decay = exp(d * A[h]);
+    xv = xBC[row + channel];
+    let base = (stateRow(b) * inner + channel) * N;
+    let bCol = row + inner + g * N;
+    let cCol = row + inner + (p.groups + g) * N;
+    for (var n = lane; n < N; n += STEP_LANES) {
+      let hv = decay * state[base + n] + d * xv * xBC[bCol + n];
+      state[base + n] = hv;
+      acc += hv * xBC[cCol + n];
+    }
   }
-  if ((p.flags & 1u) != 0u) {
-    acc += Dv[h] * xv;
+  lanes[li] = acc;
+  workgroupBarrier();
+  for (var stride = STEP_LANES / 2u; stride > 0u; stride >>= 1u) {
+    if (lane < stride) {
+      lanes[li] += lanes[li + stride];
+    }
+    workgroupBarrier();
   }
-  y[b * inner + channel] = acc;
+  if (valid && lane == 0u) {
+    var out = lanes[li];
+    if ((p.flags & 1u) != 0u) {
+      out += Dv[(i % inner) / P] * xv;
+    }
+    y[i] = out;
+  }
 }
 `,
   weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
