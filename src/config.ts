@@ -222,12 +222,16 @@ function mixerRmsEps(raw: Json, file: string): number {
   return eps;
 }
 
-/** A number of a config, or the `{"__float__": "Infinity"}` that transformers writes for infinities. */
+/**
+ * A number of a config, spelled as JSON allows: a number, or an infinity as
+ * transformers 5 writes it (`{"__float__": "Infinity"}`) or as a string
+ * (`"Infinity"`, `"inf"`).
+ */
 function configNumber(value: unknown): number | undefined {
   if (typeof value === "number") return value;
-  const special = (value as Json | null)?.__float__;
-  if (special === "Infinity" || special === "inf") return Infinity;
-  if (special === "-Infinity" || special === "-inf") return -Infinity;
+  const text = typeof value === "string" ? value : (value as Json | null)?.__float__;
+  if (text === "Infinity" || text === "inf") return Infinity;
+  if (text === "-Infinity" || text === "-inf") return -Infinity;
   return undefined;
 }
 

@@ -149,6 +149,12 @@ Deno.test("Mamba-2 configs: transformers' and state-spaces' layouts, and clear e
     const config = parseConfig(STATE_SPACES_CONFIG, "config.json");
     assertEquals(config.mamba2, parseConfig(hf, "config.json").mamba2);
     assertEquals(config.tieEmbeddings, true);
+    // Infinity as a string, as some converted configs spell it.
+    const limited = parseConfig({
+      ...STATE_SPACES_CONFIG,
+      ssm_cfg: { ...STATE_SPACES_CONFIG.ssm_cfg, dt_limit: [0.001, "Infinity"] },
+    }, "config.json");
+    assertEquals(limited.mamba2?.dtLimit, [0.001, Infinity]);
     const defaults = parseConfig({
       d_model: 768,
       n_layer: 24,
