@@ -11,6 +11,7 @@ import { assert } from "@std/assert";
 import type { Backend, SsdArgs } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
+import { WebGpuBackend } from "../src/backends/webgpu.ts";
 import { maxAbsDiff, maxRelDiff } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
@@ -163,6 +164,26 @@ async function runSsd<Buf>(
   be.ssdScan!(args);
   return { y: await be.read(args.y), state: await be.read(args.state) };
 }
+
+Deno.test({
+  name: "[webgpu] a long prompt's chunked SSD runs in segments that carry the state",
+  ignore: !adapter,
+  async fn() {
+    const c = CASES[2]; // two sequences of 37 tokens: two chunks of 32 each
+    const host = hostArgs(c, 3);
+    const want = await runSsd(new JsBackend(), c, host);
+    // Room for one chunk's states: every chunk is a segment of its own.
+    const chunkStateBytes = c.batch * c.heads * c.headDim * c.dState * 4;
+    const be = await WebGpuBackend.create({ ssdStatesBytes: chunkStateBytes });
+    const got = await runSsd(be, c, host);
+    assert(scaledDiff(got.y, want.y) <= 1e-5, `y: ${scaledDiff(got.y, want.y)}`);
+    assert(
+      scaledDiff(got.state, want.state) <= 1e-5,
+      `state: ${scaledDiff(got.state, want.state)}`,
+    );
+    be.dispose();
+  },
+});
 
 /** max |a - b| / max |b|. */
 function scaledDiff(a: Float32Array, b: Float32Array): number {

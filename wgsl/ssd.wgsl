@@ -8,7 +8,8 @@
 // heads, headDim, dState], sequence b's in row slots[b] with flag 2, else row b.
 //
 // A prompt runs in the chunked ("SSD") form, three passes over chunks of
-// CHUNK tokens, with cs_t = Σ_{s<=t} Δ_s·A the log decay within a chunk:
+// CHUNK tokens (over segments of a long prompt in turn, which bounds the
+// chunk states kept), with cs_t = Σ_{s<=t} Δ_s·A the log decay within a chunk:
 //   chunk_state  per (chunk, head, sequence): the chunk's own state
 //                S = Σ_s exp(cs_last - cs_s)·Δ_s · x_s ⊗ B_s, and cs and Δ;
 //   carry        per state element: the inter-chunk recurrence, chunk by
@@ -27,7 +28,7 @@ const STEP_WG: u32 = 256u;
 const STEP_LANES: u32 = 16u; // threads per channel in `step`
 
 struct Params {
-  len: u32,
+  len: u32, // tokens of this call per sequence (a segment of them for the chunked passes)
   batch: u32,
   heads: u32,
   headDim: u32,
@@ -35,6 +36,8 @@ struct Params {
   dState: u32,
   nChunks: u32,
   flags: u32, // 1: D, 2: slots
+  seqLen: u32, // tokens per sequence in xBC, dt and y
+  start: u32, // the segment's first token in each sequence
   dtMin: f32,
   dtMax: f32,
 }
@@ -101,7 +104,7 @@ fn chunk_state(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index
     // The cumulative sum is sequential and short: one thread.
     var cum = 0.0;
     for (var s = 0u; s < q; s++) {
-      let d = delta(b * p.len + t0 + s, h);
+      let d = delta(b * p.seqLen + p.start + t0 + s, h);
       cum += d * A[h];
       csTile[s] = cum;
       weights[s] = d;
@@ -123,7 +126,7 @@ fn chunk_state(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index
     let n = e % N;
     var acc = 0.0;
     for (var s = 0u; s < q; s++) {
-      let row = (b * p.len + t0 + s) * W;
+      let row = (b * p.seqLen + p.start + t0 + s) * W;
       acc += weights[s] * xBC[row + h * P + pc] * xBC[row + bCol + n];
     }
     chunkStates[base + e] = acc;
@@ -170,7 +173,7 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
   let g = h / (p.heads / p.groups);
   let bCol = p.heads * P + g * N;
   let cCol = p.heads * P + (p.groups + g) * N;
-  let first = b * p.len + t0; // the chunk's first token row
+  let first = b * p.seqLen + p.start + t0; // the chunk's first token row
   let decayAt = (b * p.heads + h) * p.len + t0;
   if (li < q) {
     csTile[li] = cs[decayAt + li];

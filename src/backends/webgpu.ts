@@ -134,6 +134,12 @@ export interface WebGpuOptions {
    */
   splitMatricesOver?: number;
   /**
+   * Bytes of chunk states a chunked SSD scan (Mamba-2) keeps at once; a
+   * longer prompt runs in segments of whole chunks (default 64 MiB). Lets
+   * tests exercise the segmenting at small sizes.
+   */
+  ssdStatesBytes?: number;
+  /**
    * Arithmetic of the scan: "float32" (the default, fast) or "double-float"
    * (pairs of f32, about 44 significant bits, through a reference kernel many
    * times slower): f32 rounding leaves the scan up to 2e-3 (relative) from a
@@ -418,6 +424,8 @@ const SSD_CHUNK = 32;
 const SSD_WG = 256;
 /** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
 const SSD_STEP_CHANNELS = 256 / 16;
+/** Default of {@link WebGpuOptions.ssdStatesBytes}: within any device's binding size limit. */
+const SSD_STATES_BYTES = 64 << 20;
 /** The largest finite f32: Δ's clamp bounds go to the kernel as finite numbers. */
 const F32_MAX = 3.4028234663852886e38;
 
@@ -1239,17 +1247,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   ssdScan(args: SsdArgs<GpuBuffer>): void {
     const { y, xBC, dt, dtBias, dtLimit, A, D, state, slots, len, batch } = args;
     const { heads, headDim, groups, dState } = args;
-    const nChunks = Math.ceil(len / SSD_CHUNK);
-    const u32s = [
-      len,
-      batch,
-      heads,
-      headDim,
-      groups,
-      dState,
-      nChunks,
-      (D ? 1 : 0) | (slots ? 2 : 0),
-    ];
+    const flags = (D ? 1 : 0) | (slots ? 2 : 0);
     const f32s = [Math.max(dtLimit[0], -F32_MAX), Math.min(dtLimit[1], F32_MAX)];
     const buffers: Record<number, GPUBuffer> = {
       1: xBC.buffer,
@@ -1261,23 +1259,36 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       7: y.buffer,
       8: state.buffer,
     };
+    // ssd.wgsl's Params: len, batch, heads, headDim, groups, dState, nChunks, flags, seqLen, start.
+    const sizes = [batch, heads, headDim, groups, dState];
     if (len === 1) {
+      const u32s = [1, ...sizes, 1, flags, 1, 0];
       const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_CHANNELS);
       this.#run(SSD_PROGRAMS.step, u32s, f32s, buffers, grid(groupsNeeded));
       return;
     }
     this.#notCapturing("A chunked SSD scan");
+    // Segments of whole chunks whose chunk states fit the budget.
+    const budget = this.#options.ssdStatesBytes ?? SSD_STATES_BYTES;
+    const chunkStateFloats = batch * heads * headDim * dState;
+    const chunksPerSegment = Math.max(1, Math.floor(budget / 4 / chunkStateFloats));
+    const segment = Math.min(len, chunksPerSegment * SSD_CHUNK);
     const scratch = [
-      batch * nChunks * heads * headDim * dState,
-      batch * heads * len,
-      batch * heads * len,
+      Math.ceil(segment / SSD_CHUNK) * chunkStateFloats,
+      batch * heads * segment,
+      batch * heads * segment,
     ].map((floats) => this.#pool.acquire(byteSize(floats), false));
     [buffers[9], buffers[10], buffers[11]] = scratch;
-    const perChunk: [number, number, number] = [nChunks, heads, batch];
-    this.#run(SSD_PROGRAMS.chunkState, u32s, f32s, buffers, perChunk);
-    const elements = batch * heads * headDim * dState;
-    this.#run(SSD_PROGRAMS.carry, u32s, f32s, buffers, grid(Math.ceil(elements / SSD_WG)));
-    this.#run(SSD_PROGRAMS.output, u32s, f32s, buffers, perChunk);
+    const carryGroups = grid(Math.ceil(chunkStateFloats / SSD_WG));
+    for (let start = 0; start < len; start += segment) {
+      const segmentLen = Math.min(segment, len - start);
+      const nChunks = Math.ceil(segmentLen / SSD_CHUNK);
+      const u32s = [segmentLen, ...sizes, nChunks, flags, len, start];
+      const perChunk: [number, number, number] = [nChunks, heads, batch];
+      this.#run(SSD_PROGRAMS.chunkState, u32s, f32s, buffers, perChunk);
+      this.#run(SSD_PROGRAMS.carry, u32s, f32s, buffers, carryGroups);
+      this.#run(SSD_PROGRAMS.output, u32s, f32s, buffers, perChunk);
+    }
     for (const buffer of scratch) this.#pool.release(buffer);
   }
 
