@@ -276,6 +276,13 @@ export class MambaModel<Buf> {
     this.config = config;
     const { dModel, dInner, dtRank } = config;
     if (config.mamba2) checkMamba2Support(backend);
+    if (weights.layers.some((l) => isMamba2Layer(l) !== (config.mamba2 !== undefined))) {
+      throw new TypeError(
+        `The weights' blocks are not the ${
+          config.mamba2 ? "Mamba-2" : "Mamba-1"
+        } blocks the config describes`,
+      );
+    }
     const up = (w: Float32Array) => backend.upload(w);
     const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
     // Matrices [rows, cols] that only `linear` reads may be stored as exact f16

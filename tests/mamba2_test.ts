@@ -404,6 +404,22 @@ Deno.test("a backend without Mamba-2's operations refuses the model clearly", as
   );
 });
 
+Deno.test("weights of the other architecture than the config's are refused", async () => {
+  const mamba2 = await loadCheckpoint(MAMBA2);
+  const falcon = await loadCheckpoint(FALCON);
+  const be = await createBackend("js");
+  assertThrows(
+    () => new MambaModel(be, mamba2.config, falcon.weights),
+    TypeError,
+    "not the Mamba-2 blocks the config describes",
+  );
+  assertThrows(
+    () => new MambaModel(be, falcon.config, mamba2.weights),
+    TypeError,
+    "not the Mamba-1 blocks the config describes",
+  );
+});
+
 /** The id of the largest logit of row `row`. */
 function argmaxRow(logits: Float32Array, row: number, vocab: number): number {
   let best = 0;
