@@ -33,7 +33,8 @@ export { loadModel, Mamba } from "./src/load.ts";
 export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
 export type { BackendOptions } from "./src/backends/registry.ts";
 export type { ScanPrecision } from "./src/backends/webgpu.ts";
-export type { MambaConfig } from "./src/config.ts";
+export type { Mamba2Dims, MambaConfig } from "./src/config.ts";
+export type { Mamba2Buffers } from "./src/mamba2.ts";
 export { MambaModel } from "./src/model.ts";
 export type { BlockBuffers, Scratch } from "./src/model.ts";
 export { StatePool } from "./src/pool.ts";
@@ -46,12 +47,15 @@ export type {
   ConvStep,
   CopyRowsArgs,
   DeltaProjection,
+  GatedNormArgs,
+  OptionalOp,
   Recording,
   RowIndex,
   RowNorm,
   SamplingFeatures,
   SamplingSettings,
   ScanArgs,
+  SsdArgs,
 } from "./src/backend.ts";
 export { SAMPLING_SETTINGS, samplingFeatures, samplingSettings } from "./src/backend.ts";
 export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";

@@ -307,6 +307,90 @@ export interface ChooseArgs<Buf> {
   idsOffset: number;
 }
 
+/**
+ * Arguments of {@link Backend.ssdScan}: Mamba-2's state space dual layer,
+ * token-major, `batch` sequences of `len` tokens one after the other (L =
+ * batch · len rows). Per head h of group g = floor(h / (heads / groups)), per
+ * token t:
+ *
+ * ```text
+ * Δ     = clamp(softplus(dt[t, h] + dtBias[h]), dtLimit)
+ * h     = exp(Δ·A[h]) · h + Δ · x[t, h, :] ⊗ B[t, g, :]     [headDim, dState]
+ * y     = h · C[t, g, :] + D[h] · x[t, h, :]                   [headDim]
+ * ```
+ *
+ * A backend may compute it in chunks of `chunkSize` tokens (the SSD form);
+ * the result is the same recurrence.
+ */
+export interface SsdArgs<Buf> {
+  /** Output y [L, heads · headDim]. */
+  y: Buf;
+  /**
+   * The convolution's output [L, heads · headDim + 2 · groups · dState]: per
+   * token x [heads, headDim], then B [groups, dState], then C [groups, dState].
+   */
+  xBC: Buf;
+  /** Raw Δ [L, heads], before bias, softplus and clamp. */
+  dt: Buf;
+  /** Added to Δ before softplus [heads]. */
+  dtBias: Buf;
+  /** Δ's clamp after softplus: [min, max]. */
+  dtLimit: readonly [number, number];
+  /** A [heads]: each head's (negative) scalar decay rate, `-exp(A_log)`. */
+  A: Buf;
+  /** D [heads]: skip connection, or null for none. */
+  D: Buf | null;
+  /**
+   * States [rows, heads, headDim, dState]: read as the initial state of
+   * sequence b (row `slots[b]`, or row b without slots), overwritten with its last.
+   */
+  state: Buf;
+  /** Optional: sequence b's state is row `slots[b]` (a float) of `state`. */
+  slots?: Buf;
+  /** Tokens per sequence. */
+  len: number;
+  /** Independent sequences. */
+  batch: number;
+  /** H. */
+  heads: number;
+  /** P: channels per head. */
+  headDim: number;
+  /** G: groups sharing B and C; divides heads. */
+  groups: number;
+  /** N. */
+  dState: number;
+  /** Tokens per chunk of a chunked scan (the model's `chunk_size`). */
+  chunkSize: number;
+}
+
+/**
+ * Arguments of {@link Backend.gatedRmsNorm}: mamba_ssm's gated RMSNorm
+ * (`RMSNormGated`, norm after the gate): per row, g = x · silu(gate), then
+ * each group of `groupSize` consecutive channels of g is RMS-normalised on
+ * its own and scaled by weight.
+ */
+export interface GatedNormArgs<Buf> {
+  /** Output [rows, dim]. */
+  out: Buf;
+  /** Input [rows, dim]. */
+  x: Buf;
+  /** Gate [rows, dim]. */
+  gate: Buf;
+  /** Scale [dim]. */
+  weight: Buf;
+  /** Rows. */
+  rows: number;
+  /** Channels per row. */
+  dim: number;
+  /** Channels normalised together; divides dim. */
+  groupSize: number;
+  /** Added to each group's mean square. */
+  eps: number;
+}
+
+/** Operations that only some backends provide: ask {@link Backend.supports}. */
+export type OptionalOp = "ssdScan" | "gatedRmsNorm";
+
 /** Operations recorded by {@link Backend.capture}. */
 export interface Recording {
   /** How many kernels a replay issues. */
@@ -431,6 +515,13 @@ export interface Backend<Buf = unknown> {
   causalConv(args: ConvArgs<Buf>): void;
   /** Selective scan (S6) with fused softplus, D skip and z gating, carrying state. */
   selectiveScan(args: ScanArgs<Buf>): void;
+
+  /** Whether this backend provides the optional operation `op`. */
+  supports(op: OptionalOp): boolean;
+  /** Mamba-2's SSD scan, carrying state (see {@link SsdArgs}); where `supports("ssdScan")`. */
+  ssdScan?(args: SsdArgs<Buf>): void;
+  /** mamba_ssm's grouped gated RMSNorm (see {@link GatedNormArgs}); where `supports("gatedRmsNorm")`. */
+  gatedRmsNorm?(args: GatedNormArgs<Buf>): void;
 }
 
 /**

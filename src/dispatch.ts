@@ -93,8 +93,9 @@ import {
   messageOf,
   probeCapabilities,
 } from "./backends/registry.ts";
-import type { MambaConfig } from "./config.ts";
+import { convChannels, type MambaConfig } from "./config.ts";
 import { engineFor } from "./engine.ts";
+import type { Mamba2LayerWeights } from "./mamba2.ts";
 import { MambaModel } from "./model.ts";
 import { Sampler } from "./sampler.ts";
 import { Session } from "./session.ts";
@@ -981,14 +982,34 @@ function probeWeights(shape: Shape, half: boolean): MambaWeights<Float32Array>[]
     return out;
   };
   const ones = (n: number) => new Float32Array(n).fill(1);
-  const block = (): LayerWeights<Float32Array> => {
-    const A = new Float32Array(dInner * dState);
-    for (let i = 0; i < A.length; i++) A[i] = -(1 + (i % dState));
-    // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
-    const dtProjBias = rand(dInner, 1).map((r) => {
+  // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
+  const stepBias = (n: number) =>
+    rand(n, 1).map((r) => {
       const dt = Math.exp(Math.log(0.001) + (r + 1) / 2 * (Math.log(0.1) - Math.log(0.001)));
       return dt + Math.log(-Math.expm1(-dt));
     });
+  const mamba2Block = (heads: number): Mamba2LayerWeights<Float32Array> => {
+    const convDim = convChannels(config);
+    const inRows = dInner + convDim + heads;
+    return {
+      norm: ones(dModel),
+      inProj: rand(inRows * dModel, 1 / Math.sqrt(dModel), true),
+      inProjBias: projBias ? rand(inRows, 0.1) : null,
+      convWeight: rand(convDim * dConv, 1 / Math.sqrt(dConv)),
+      convBias: convBias ? rand(convDim, 0.1) : null,
+      dtBias: stepBias(heads),
+      A: Float32Array.from({ length: heads }, (_, h) => -(1 + (h % 16))),
+      D: ones(heads),
+      gatedNorm: ones(dInner),
+      outProj: rand(dModel * dInner, 1 / Math.sqrt(dInner) / config.nLayer, true),
+      outProjBias: projBias ? rand(dModel, 0.1) : null,
+    };
+  };
+  const block = (): LayerWeights<Float32Array> | Mamba2LayerWeights<Float32Array> => {
+    if (config.mamba2) return mamba2Block(config.mamba2.nHeads);
+    const A = new Float32Array(dInner * dState);
+    for (let i = 0; i < A.length; i++) A[i] = -(1 + (i % dState));
+    const dtProjBias = stepBias(dInner);
     return {
       norm: ones(dModel),
       inProj: rand(2 * dInner * dModel, 1 / Math.sqrt(dModel), true),
@@ -1004,7 +1025,7 @@ function probeWeights(shape: Shape, half: boolean): MambaWeights<Float32Array>[]
       outProjBias: projBias ? rand(dModel, 0.1) : null,
     };
   };
-  const model = (vocab: number, layers: LayerWeights<Float32Array>[]) => {
+  const model = (vocab: number, layers: MambaWeights<Float32Array>["layers"]) => {
     const embedding = rand(vocab * dModel, 0.1, true);
     return { embedding, lmHead: embedding, normF: ones(dModel), layers };
   };

@@ -37,11 +37,28 @@
  * and logits = lm_head(rmsNorm_f(hidden)). Prefill and decode are the same code:
  * a decode step is a call with L = 1 on the carried state.
  *
+ * Mamba-2's block is in `mamba2.ts`; the model runs it where the config says
+ * so, with the same embedding, final norm, head, state pool and engine.
+ *
+ * Falcon-Mamba (`model_type` "falcon_mamba") is this block with dt, B and C
+ * each RMS-normalised without a weight right after x_proj (epsilon
+ * `mixer_rms_eps`), as transformers' `FalconMambaMixer` does; x_proj then
+ * runs as an operation of its own in decode steps too.
+ *
  * @module
  */
 
 import type { Backend } from "./backend.ts";
 import type { MambaConfig } from "./config.ts";
+import {
+  allocMamba2Buffers,
+  checkMamba2Support,
+  isMamba2Layer,
+  MAMBA2_OPS,
+  mamba2BlockOp,
+  type Mamba2Buffers,
+  type Mamba2LayerWeights,
+} from "./mamba2.ts";
 import { StatePool } from "./pool.ts";
 import type { LayerWeights, MambaWeights } from "./weights.ts";
 
@@ -76,6 +93,12 @@ export interface BlockBuffers<Buf> {
   delta: Buf;
   /** [L, dInner] the scan's output, out_proj's input. */
   y: Buf;
+  /**
+   * Falcon-Mamba only ({@link MambaConfig.mixerRmsEps}): x_proj's dt [L, R],
+   * B and C [L, N] before their weightless RMSNorms, and ones [max(R, N)] as
+   * those norms' weight.
+   */
+  mixerNorm?: { dt: Buf; B: Buf; C: Buf; ones: Buf };
 }
 
 /**
@@ -105,10 +128,12 @@ export function blockOp<Buf>(
   s: BlockBuffers<Buf>,
   { conv, ssm, slots, len, batch }: BlockSequences<Buf>,
 ): void {
-  const { dModel, dInner, dtRank, dState, dConv, eps } = config;
+  const { dModel, dInner, dtRank, dState, dConv, eps, mixerRmsEps } = config;
   const L = len * batch;
+  // Falcon-Mamba normalises x_proj's outputs, so x_proj runs on its own.
+  const projectInStep = mixerRmsEps === undefined;
   switch (op) {
-    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc, dt, B and C too
+    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc (and dt, B, C) too
       return be.linearSplit(
         [s.x, s.z],
         [dInner, dInner],
@@ -126,7 +151,9 @@ export function blockOp<Buf>(
             state: conv,
             slots,
             kernel: dConv,
-            project: { weight: w.xProj, outs: [s.dt, s.B, s.C], widths: [dtRank, dState, dState] },
+            project: projectInStep
+              ? { weight: w.xProj, outs: [s.dt, s.B, s.C], widths: [dtRank, dState, dState] }
+              : undefined,
           }
           : undefined,
       );
@@ -144,10 +171,23 @@ export function blockOp<Buf>(
         kernel: dConv,
         batch,
       });
-    case "x_proj": // dt, B, C = x_proj(xc), done by in_proj in a decode step
-      if (len === 1) return;
-      return be.linearSplit(
-        [s.dt, s.B, s.C],
+    case "x_proj": { // dt, B, C = x_proj(xc), done by in_proj in a decode step
+      if (len === 1 && projectInStep) return;
+      if (mixerRmsEps === undefined) {
+        return be.linearSplit(
+          [s.dt, s.B, s.C],
+          [dtRank, dState, dState],
+          s.xc,
+          w.xProj,
+          null,
+          L,
+          dInner,
+        );
+      }
+      // Falcon-Mamba: dt, B, C = rmsNorm(x_proj(xc)) each, without weights.
+      const raw = s.mixerNorm!;
+      be.linearSplit(
+        [raw.dt, raw.B, raw.C],
         [dtRank, dState, dState],
         s.xc,
         w.xProj,
@@ -155,6 +195,11 @@ export function blockOp<Buf>(
         L,
         dInner,
       );
+      be.rmsNorm(s.dt, raw.dt, raw.ones, L, dtRank, mixerRmsEps);
+      be.rmsNorm(s.B, raw.B, raw.ones, L, dState, mixerRmsEps);
+      be.rmsNorm(s.C, raw.C, raw.ones, L, dState, mixerRmsEps);
+      return;
+    }
     case "scan": // delta = dt_proj(dt); y = selective scan, gated by silu(z)
       return be.selectiveScan({
         y: s.y,
@@ -208,6 +253,8 @@ export interface Scratch<Buf> extends BlockBuffers<Buf> {
   rows: number;
   /** [rows, D]: rows of the residual stream gathered for the head. */
   headIn: Buf;
+  /** A Mamba-2 model's block buffers (its Mamba-1 ones then hold nothing). */
+  mamba2?: Omit<Mamba2Buffers<Buf>, "hidden">;
 }
 
 /**
@@ -228,6 +275,14 @@ export class MambaModel<Buf> {
     this.backend = backend;
     this.config = config;
     const { dModel, dInner, dtRank } = config;
+    if (config.mamba2) checkMamba2Support(backend);
+    if (weights.layers.some((l) => isMamba2Layer(l) !== (config.mamba2 !== undefined))) {
+      throw new TypeError(
+        `The weights' blocks are not the ${
+          config.mamba2 ? "Mamba-2" : "Mamba-1"
+        } blocks the config describes`,
+      );
+    }
     const up = (w: Float32Array) => backend.upload(w);
     const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
     // Matrices [rows, cols] that only `linear` reads may be stored as exact f16
@@ -242,20 +297,36 @@ export class MambaModel<Buf> {
         ? backend.uploadHalfMatrix(weights.lmHead, dModel) ?? embedding
         : matrix(weights.lmHead, dModel),
       normF: up(weights.normF),
-      layers: weights.layers.map((l): LayerWeights<Buf> => ({
-        norm: up(l.norm),
-        inProj: matrix(l.inProj, dModel),
-        inProjBias: upOrNull(l.inProjBias),
-        convWeight: up(l.convWeight),
-        convBias: upOrNull(l.convBias),
-        xProj: matrix(l.xProj, dInner),
-        dtProj: matrix(l.dtProj, dtRank),
-        dtProjBias: up(l.dtProjBias),
-        A: up(l.A),
-        D: up(l.D),
-        outProj: matrix(l.outProj, dInner),
-        outProjBias: upOrNull(l.outProjBias),
-      })),
+      layers: weights.layers.map((l): LayerWeights<Buf> | Mamba2LayerWeights<Buf> =>
+        isMamba2Layer<Float32Array>(l)
+          ? {
+            norm: up(l.norm),
+            inProj: matrix(l.inProj, dModel),
+            inProjBias: upOrNull(l.inProjBias),
+            convWeight: up(l.convWeight),
+            convBias: upOrNull(l.convBias),
+            dtBias: up(l.dtBias),
+            A: up(l.A),
+            D: up(l.D),
+            gatedNorm: up(l.gatedNorm),
+            outProj: matrix(l.outProj, dInner),
+            outProjBias: upOrNull(l.outProjBias),
+          }
+          : {
+            norm: up(l.norm),
+            inProj: matrix(l.inProj, dModel),
+            inProjBias: upOrNull(l.inProjBias),
+            convWeight: up(l.convWeight),
+            convBias: upOrNull(l.convBias),
+            xProj: matrix(l.xProj, dInner),
+            dtProj: matrix(l.dtProj, dtRank),
+            dtProjBias: up(l.dtProjBias),
+            A: up(l.A),
+            D: up(l.D),
+            outProj: matrix(l.outProj, dInner),
+            outProjBias: upOrNull(l.outProjBias),
+          }
+      ),
     };
     this.pool = new StatePool(backend, config);
   }
@@ -390,7 +461,14 @@ export class MambaModel<Buf> {
         len,
         batch,
       };
-      for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
+      if (isMamba2Layer<Buf>(w)) {
+        const buffers = { hidden: s.hidden, ...s.mamba2! };
+        for (const op of MAMBA2_OPS) {
+          mamba2BlockOp(this.backend, this.config, op, w, buffers, sequences);
+        }
+      } else {
+        for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
+      }
       // A prompt's layers go to the device one by one, so that it runs each
       // layer while the host records the next, rather than all once every
       // layer is recorded. (Decode steps are started by their callers.)
@@ -405,12 +483,31 @@ export class MambaModel<Buf> {
 
   /** Scratch activations for up to `rows` rows; give them back with {@link releaseScratch}. */
   allocScratch(rows: number): Scratch<Buf> {
-    const { dModel, dInner, dState, dtRank } = this.config;
+    const { dModel, dInner, dState, dtRank, mamba2 } = this.config;
     const z = (n: number) => this.backend.zeros(n);
+    const hidden = z(rows * dModel);
+    const headIn = z(rows * dModel);
+    if (mamba2) {
+      const none = () => z(0);
+      return {
+        rows,
+        hidden,
+        headIn,
+        x: none(),
+        z: none(),
+        xc: none(),
+        dt: none(),
+        B: none(),
+        C: none(),
+        delta: none(),
+        y: none(),
+        mamba2: allocMamba2Buffers(this.backend, this.config, rows),
+      };
+    }
     return {
       rows,
-      hidden: z(rows * dModel),
-      headIn: z(rows * dModel),
+      hidden,
+      headIn,
       x: z(rows * dInner),
       z: z(rows * dInner),
       xc: z(rows * dInner),
@@ -419,13 +516,23 @@ export class MambaModel<Buf> {
       C: z(rows * dState),
       delta: z(rows * dInner),
       y: z(rows * dInner),
+      ...(this.config.mixerRmsEps === undefined ? {} : {
+        mixerNorm: {
+          dt: z(rows * dtRank),
+          B: z(rows * dState),
+          C: z(rows * dState),
+          ones: this.backend.upload(new Float32Array(Math.max(dtRank, dState)).fill(1)),
+        },
+      }),
     };
   }
 
   /** Gives scratch buffers back. */
   releaseScratch(s: Scratch<Buf>): void {
-    for (const [key, buf] of Object.entries(s)) {
-      if (key !== "rows") this.backend.release(buf as Buf);
+    const { rows: _, mixerNorm, mamba2, ...buffers } = s;
+    const nested = [...Object.values(mixerNorm ?? {}), ...Object.values(mamba2 ?? {})];
+    for (const buf of [...Object.values(buffers), ...nested]) {
+      this.backend.release(buf);
     }
   }
 }

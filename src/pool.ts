@@ -7,14 +7,14 @@
  * staged transfer.
  *
  * A slot holds, per layer, the conv state [dConv - 1, dInner] and the SSM
- * state [dInner, N]; then the logits after the sequence's last id [vocab],
+ * state [dInner, N] (Mamba-2: [dConv - 1, dInner + 2·G·N] and [H, P, N]); then the logits after the sequence's last id [vocab],
  * and the id the decode engine feeds it next.
  *
  * @module
  */
 
 import type { Backend } from "./backend.ts";
-import type { MambaConfig } from "./config.ts";
+import { convChannels, type MambaConfig } from "./config.ts";
 
 /** One slot's contents on the host. */
 export interface SlotContents {
@@ -72,7 +72,7 @@ export class StatePool<Buf> {
     this.#be = backend;
     const { nLayer, dConv, dInner, dState, vocabSize } = config;
     this.#layers = nLayer;
-    this.#convLength = (dConv - 1) * dInner;
+    this.#convLength = (dConv - 1) * convChannels(config);
     this.#ssmLength = dInner * dState;
     this.#vocab = vocabSize;
     this.#zeros = backend.zeros(Math.max(this.#convLength, this.#ssmLength, vocabSize, 1));

@@ -13,6 +13,7 @@
  */
 
 import { engineFor, type Verdict } from "./engine.ts";
+import { convChannels } from "./config.ts";
 import type { MambaModel } from "./model.ts";
 import type { StatePool } from "./pool.ts";
 import { Sampler } from "./sampler.ts";
@@ -276,7 +277,8 @@ export class Session<Buf = unknown> {
       const { nLayer, dConv, dInner, dState, vocabSize } = this.#model.config;
       const contents = await this.#model.pool.read(this.#slot);
       const logitsBytes = this.#hasLogits ? vocabSize * 4 : 0;
-      const stateBytes = nLayer * ((dConv - 1) * dInner + dInner * dState) * 4;
+      const convLength = (dConv - 1) * convChannels(this.#model.config);
+      const stateBytes = nLayer * (convLength + dInner * dState) * 4;
       const bytes = new Uint8Array(
         HEADER_BYTES + this.#tokens.length * 4 + logitsBytes + stateBytes,
       );
@@ -388,7 +390,7 @@ function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): Snapsho
   const tokenCount = field(5);
   const hasLogits = field(6);
   if (hasLogits > 1) throw new SnapshotError("the logits flag is neither 0 nor 1");
-  const convLength = (dConv - 1) * dInner;
+  const convLength = (dConv - 1) * convChannels(model.config);
   const ssmLength = dInner * dState;
   const length = HEADER_BYTES +
     4 * (tokenCount + hasLogits * vocabSize + nLayer * (convLength + ssmLength));

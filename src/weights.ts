@@ -12,6 +12,7 @@
 
 import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
+import { type Mamba2LayerWeights, readMamba2Layer } from "./mamba2.ts";
 import type { SafetensorsFile } from "./safetensors.ts";
 
 /** One Mamba block's weights. Shapes use the glossary of `model.ts`. */
@@ -46,8 +47,8 @@ export interface LayerWeights<T> {
 export interface MambaWeights<T> {
   /** Token embedding [vocab, D]. */
   embedding: T;
-  /** One entry per block. */
-  layers: LayerWeights<T>[];
+  /** One entry per block: Mamba-1's (and Falcon-Mamba's), or Mamba-2's where the config says so. */
+  layers: (LayerWeights<T> | Mamba2LayerWeights<T>)[];
   /** Final RMSNorm weight [D]. */
   normF: T;
   /** Output projection [vocab, D]; the embedding itself when tied. */
@@ -101,8 +102,12 @@ export function loadWeights(
   configFile: string,
 ): MambaWeights<Float32Array> {
   const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
+  const m2 = config.mamba2;
+  const mixerSizes = m2
+    ? `num_heads ${m2.nHeads}, head_dim ${m2.headDim}, n_groups ${m2.nGroups}`
+    : `time_step_rank ${dtRank}`;
   const sizes =
-    `${configFile} says hidden_size ${dModel}, intermediate_size ${dInner}, state_size ${dState}, conv_kernel ${dConv}, time_step_rank ${dtRank}, vocab_size ${vocabSize}`;
+    `${configFile} says hidden_size ${dModel}, intermediate_size ${dInner}, state_size ${dState}, conv_kernel ${dConv}, ${mixerSizes}, vocab_size ${vocabSize}`;
 
   const tensor = (name: string, shape: number[], alternatives: number[][] = []) => {
     const file = store.fileOf(name, `needed for a model with ${nLayer} layers`);
@@ -142,9 +147,13 @@ export function loadWeights(
     );
   }
 
-  const layers: LayerWeights<Float32Array>[] = [];
+  const layers: MambaWeights<Float32Array>["layers"] = [];
   for (let l = 0; l < nLayer; l++) {
     const p = `backbone.layers.${l}.`;
+    if (config.mamba2) {
+      layers.push(readMamba2Layer(p, config, tensor, optional));
+      continue;
+    }
     const aLog = tensor(`${p}mixer.A_log`, [dInner, dState]);
     const A = new Float32Array(aLog.length);
     for (let i = 0; i < A.length; i++) A[i] = -Math.exp(aLog[i]);

@@ -59,7 +59,7 @@ async function readExpected(path: string): Promise<SafetensorsFile> {
 }
 
 for (const { label, name: backendName, options, scans } of BACKENDS) {
-  for (const fixture of ["tiny-f32", "odd-bf16"]) {
+  for (const fixture of ["tiny-f32", "odd-bf16", "falcon-mamba-tiny"]) {
     Deno.test(`[${label}] hf-oracle ${fixture}: logits, greedy ids, prefill vs step`, async (t) => {
       const dir = `${SHARED}/fixtures/hf-oracle/${fixture}`;
       const { config, weights } = await loadCheckpoint(dir);

@@ -14,12 +14,15 @@ import {
   type ConvStep,
   convStepAfter,
   type CopyRowsArgs,
+  type GatedNormArgs,
+  type OptionalOp,
   projectDelta,
   type Recording,
   type RowIndex,
   type RowNorm,
   type ScanArgs,
   scanEachSequence,
+  type SsdArgs,
   stateRows,
 } from "../backend.ts";
 import { PickScratch } from "../sampler.ts";
@@ -255,5 +258,68 @@ export class JsBackend implements Backend<Float32Array> {
       }
     }
     state.set(h);
+  }
+
+  supports(_op: OptionalOp): boolean {
+    return true;
+  }
+
+  /**
+   * The SSD scan as its recurrence, token by token (see {@link SsdArgs}); the
+   * state stays float64 within a call, as in {@link selectiveScan}.
+   */
+  ssdScan(args: SsdArgs<Float32Array>): void {
+    const { y, xBC, dt, dtBias, dtLimit, A, D, state, len, batch } = args;
+    const { heads, headDim, groups, dState } = args;
+    const dInner = heads * headDim;
+    const width = dInner + 2 * groups * dState; // one token's x, B and C
+    const headsPerGroup = heads / groups;
+    const stateLength = dInner * dState;
+    const rows = stateRows(args.slots, batch, state.length / stateLength);
+    for (let b = 0; b < batch; b++) {
+      const h = Float64Array.from(view(state, rows[b] * stateLength, stateLength));
+      for (let t = b * len; t < (b + 1) * len; t++) {
+        const x = t * width; // x[t, head, p] at x + head * headDim + p
+        for (let head = 0; head < heads; head++) {
+          const g = Math.floor(head / headsPerGroup);
+          const B = x + dInner + g * dState; // B[t, g, n] at B + n
+          const C = x + dInner + groups * dState + g * dState;
+          const delta = Math.min(
+            Math.max(softplus(dt[t * heads + head] + dtBias[head]), dtLimit[0]),
+            dtLimit[1],
+          );
+          const decay = Math.exp(delta * A[head]);
+          for (let p = 0; p < headDim; p++) {
+            const xp = xBC[x + head * headDim + p];
+            const row = (head * headDim + p) * dState;
+            let out = 0;
+            for (let n = 0; n < dState; n++) {
+              h[row + n] = decay * h[row + n] + delta * xp * xBC[B + n];
+              out += h[row + n] * xBC[C + n];
+            }
+            if (D) out += D[head] * xp;
+            y[t * dInner + head * headDim + p] = out;
+          }
+        }
+      }
+      state.set(h, rows[b] * stateLength);
+    }
+  }
+
+  gatedRmsNorm(args: GatedNormArgs<Float32Array>): void {
+    const { out, x, gate, weight, rows, dim, groupSize, eps } = args;
+    const gated = new Float64Array(groupSize);
+    for (let start = 0; start < rows * dim; start += groupSize) {
+      let sumSquares = 0;
+      for (let i = 0; i < groupSize; i++) {
+        gated[i] = x[start + i] * silu(gate[start + i]);
+        sumSquares += gated[i] * gated[i];
+      }
+      const scale = 1 / Math.sqrt(sumSquares / groupSize + eps);
+      const channel = start % dim;
+      for (let i = 0; i < groupSize; i++) {
+        out[start + i] = gated[i] * scale * weight[channel + i];
+      }
+    }
   }
 }

@@ -27,11 +27,14 @@ import {
   type ConvStep,
   convStepAfter,
   type CopyRowsArgs,
+  type GatedNormArgs,
+  type OptionalOp,
   projectDelta,
   type Recording,
   type RowNorm,
   type ScanArgs,
   scanEachSequence,
+  type SsdArgs,
   stateRows,
 } from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
@@ -66,6 +69,9 @@ export class WasmBuffer {
     this.bytes = bytes;
   }
 }
+
+/** What the wasm backend keeps a scratch buffer for. */
+type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd";
 
 /** A view of `length` floats of `buf` from `offset` (never released on its own). */
 const view = (buf: WasmBuffer, offset: number, length: number) =>
@@ -135,6 +141,57 @@ interface Kernels {
     kernel: number,
     scratch: number,
   ): void;
+  ssd(
+    y: number,
+    xBC: number,
+    dt: number,
+    dtBias: number,
+    A: number,
+    D: number,
+    state: number,
+    slots: number,
+    len: number,
+    heads: number,
+    headDim: number,
+    groups: number,
+    dState: number,
+    chunk: number,
+    dtMin: number,
+    dtMax: number,
+    u0: number,
+    u1: number,
+    scratch: number,
+  ): void;
+  ssdScratchBytes(chunk: number, headDim: number): number;
+  ssdStep(
+    y: number,
+    xBC: number,
+    dt: number,
+    dtBias: number,
+    A: number,
+    D: number,
+    state: number,
+    slots: number,
+    heads: number,
+    headDim: number,
+    groups: number,
+    dState: number,
+    dtMin: number,
+    dtMax: number,
+    u0: number,
+    u1: number,
+  ): void;
+  gatedRmsNorm(
+    out: number,
+    x: number,
+    gate: number,
+    weight: number,
+    dim: number,
+    groupSize: number,
+    eps: number,
+    r0: number,
+    r1: number,
+  ): void;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
   mathTest64(out: number, x: number, n: number, which: number): void;
@@ -151,11 +208,27 @@ const CTRL_WORDS = 32;
 const OP_LINEAR = 1;
 const OP_SCAN = 2;
 const OP_SCAN_STEP = 3;
+const OP_SSD = 4;
+const OP_SSD_STEP = 5;
+const OP_GATED_NORM = 6;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
 const MIN_PARALLEL_LINEAR = 1 << 15;
 const MIN_PARALLEL_SCAN = 1 << 13;
+
+/**
+ * The most tokens per chunk of the SSD scan here, whatever the model's
+ * chunk_size: on a CPU, without matrix units to feed, longer chunks only
+ * grow the quadratic within-chunk term (the result is the same recurrence).
+ * 8 to 16 measured fastest (docs/mamba2.md).
+ */
+const SSD_CHUNK_MAX = 16;
+
+/** A float's bits as an i32, for a float argument in the i32 control block. */
+function floatBits(value: number): number {
+  return new Int32Array(Float32Array.of(value).buffer)[0];
+}
 
 const PAGE = 65536;
 /** 4 GiB: all a wasm32 memory can address. */
@@ -392,7 +465,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   #workers: ThreadHandle[] = [];
   #canBlock = false;
   /** Scratch buffers that operations keep between calls, grown as needed. */
-  readonly #scratchBuffers = new Map<"linear" | "norm" | "conv" | "scan", WasmBuffer>();
+  readonly #scratchBuffers = new Map<ScratchPurpose, WasmBuffer>();
   #disposed = false;
   readonly #pickScratch = new PickScratch();
 
@@ -730,6 +803,61 @@ export class WasmBackend implements Backend<WasmBuffer> {
     );
   }
 
+  supports(_op: OptionalOp): boolean {
+    return true;
+  }
+
+  /**
+   * Mamba-2's SSD: one token per sequence as the recurrence (`ssdStep` in
+   * asm/kernels.ts), longer calls in chunks (`ssd`); threads split the
+   * (sequence, head) pairs.
+   */
+  ssdScan(args: SsdArgs<WasmBuffer>): void {
+    const { y, xBC, dt, dtBias, dtLimit, A, D, state, slots, len, batch } = args;
+    const { heads, headDim, groups, dState } = args;
+    const rows = state.length / (heads * headDim * dState);
+    stateRows(slots && this.#floats(slots), batch, rows); // Checks the slots.
+    const units = batch * heads;
+    const operands = [
+      y.ptr,
+      xBC.ptr,
+      dt.ptr,
+      dtBias.ptr,
+      A.ptr,
+      D ? D.ptr : 0,
+      state.ptr,
+      slots ? slots.ptr : 0,
+    ] as const;
+    const work = units * len * headDim * dState;
+    const parallel = this.#ctrl !== null && units >= 2 && work >= MIN_PARALLEL_SCAN;
+    if (len === 1) {
+      const sizes = [heads, headDim, groups, dState] as const;
+      if (parallel) {
+        const [lo, hi] = dtLimit.map(floatBits);
+        return this.#parallel(OP_SSD_STEP, [...operands, ...sizes, lo, hi, units]);
+      }
+      return this.#kernels.ssdStep(...operands, ...sizes, dtLimit[0], dtLimit[1], 0, units);
+    }
+    const chunk = Math.min(args.chunkSize, SSD_CHUNK_MAX);
+    const scratchBytes = this.#kernels.ssdScratchBytes(chunk, headDim);
+    const scratch = this.#scratch("ssd", (scratchBytes / 4) * this.threads).ptr;
+    const sizes = [len, heads, headDim, groups, dState, chunk] as const;
+    if (parallel) {
+      const [lo, hi] = dtLimit.map(floatBits);
+      return this.#parallel(OP_SSD, [...operands, ...sizes, lo, hi, units, scratch]);
+    }
+    this.#kernels.ssd(...operands, ...sizes, dtLimit[0], dtLimit[1], 0, units, scratch);
+  }
+
+  gatedRmsNorm(args: GatedNormArgs<WasmBuffer>): void {
+    const { out, x, gate, weight, rows, dim, groupSize, eps } = args;
+    const operands = [out.ptr, x.ptr, gate.ptr, weight.ptr, dim, groupSize] as const;
+    if (this.#ctrl && rows >= 2 && rows * dim >= MIN_PARALLEL_SCAN) {
+      return this.#parallel(OP_GATED_NORM, [...operands, floatBits(eps), rows]);
+    }
+    this.#kernels.gatedRmsNorm(...operands, eps, 0, rows);
+  }
+
   selectiveScan(scanArgs: ScanArgs<WasmBuffer>): void {
     const args = projectDelta(this, scanArgs);
     const batch = args.batch ?? 1;
@@ -766,7 +894,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /** The scratch buffer kept for `purpose`, at least `length` floats. */
-  #scratch(purpose: "linear" | "norm" | "conv" | "scan", length: number): WasmBuffer {
+  #scratch(purpose: ScratchPurpose, length: number): WasmBuffer {
     let buffer = this.#scratchBuffers.get(purpose);
     if (!buffer || buffer.length < length) {
       if (buffer) this.release(buffer);

@@ -28,11 +28,14 @@ import {
   type ConvStep,
   convStepAfter,
   type CopyRowsArgs,
+  type GatedNormArgs,
+  type OptionalOp,
   projectAfterConv,
   projectDelta,
   type Recording,
   type RowNorm,
   type ScanArgs,
+  type SsdArgs,
 } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
@@ -130,6 +133,12 @@ export interface WebGpuOptions {
    * limit (the default); lets tests exercise the splitting on any device.
    */
   splitMatricesOver?: number;
+  /**
+   * Bytes of chunk states a chunked SSD scan (Mamba-2) keeps at once; a
+   * longer prompt runs in segments of whole chunks (default 64 MiB). Lets
+   * tests exercise the segmenting at small sizes.
+   */
+  ssdStatesBytes?: number;
   /**
    * Arithmetic of the scan: "float32" (the default, fast) or "double-float"
    * (pairs of f32, about 44 significant bits, through a reference kernel many
@@ -444,6 +453,26 @@ const SCAN_PROGRAMS = (() => {
     ),
   };
 })();
+
+/** Tokens per chunk of ssd.wgsl's chunked scan (its CHUNK), whatever the model's chunk_size. */
+const SSD_CHUNK = 32;
+/** Threads per workgroup of ssd.wgsl's carry pass (its WG). */
+const SSD_WG = 256;
+/** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
+const SSD_STEP_CHANNELS = 256 / 16;
+/** Default of {@link WebGpuOptions.ssdStatesBytes}: within any device's binding size limit. */
+const SSD_STATES_BYTES = 64 << 20;
+/** The largest finite f32: Δ's clamp bounds go to the kernel as finite numbers. */
+const F32_MAX = 3.4028234663852886e38;
+
+/** The entry points of ssd.wgsl (see its header) and gated_rmsnorm.wgsl. */
+const SSD_PROGRAMS = {
+  chunkState: new Program("ssd", "chunk_state", [0, 1, 2, 3, 4, 9, 10, 11]),
+  carry: new Program("ssd", "carry", [0, 6, 8, 9, 10]),
+  output: new Program("ssd", "output", [0, 1, 5, 7, 9, 10, 11]),
+  step: new Program("ssd", "step", [0, 1, 2, 3, 4, 5, 6, 7, 8]),
+  gatedNorm: new Program("gated_rmsnorm", "main", [0, 1, 2, 3, 4]),
+};
 
 /** The flags of the scan kernels' params for what `args` holds (bit 16 is the step's own). */
 function scanFlags(args: ScanArgs<GpuBuffer>): number {
@@ -1259,6 +1288,78 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         perSequence(grid(Math.ceil(channels / 256))),
       );
     }
+  }
+
+  supports(_op: OptionalOp): boolean {
+    return true;
+  }
+
+  /**
+   * Mamba-2's SSD: a decode step as the recurrence, 16 threads per channel; a
+   * prompt in chunks of {@link SSD_CHUNK} tokens, in three passes (see
+   * wgsl/ssd.wgsl) over scratch buffers of the chunks' states.
+   */
+  ssdScan(args: SsdArgs<GpuBuffer>): void {
+    const { y, xBC, dt, dtBias, dtLimit, A, D, state, slots, len, batch } = args;
+    const { heads, headDim, groups, dState } = args;
+    const flags = (D ? 1 : 0) | (slots ? 2 : 0);
+    const f32s = [Math.max(dtLimit[0], -F32_MAX), Math.min(dtLimit[1], F32_MAX)];
+    const buffers: Record<number, GPUBuffer> = {
+      1: xBC.buffer,
+      2: dt.buffer,
+      3: dtBias.buffer,
+      4: A.buffer,
+      5: D?.buffer ?? this.#dummy,
+      6: slots?.buffer ?? this.#dummy,
+      7: y.buffer,
+      8: state.buffer,
+    };
+    // ssd.wgsl's Params: len, batch, heads, headDim, groups, dState, nChunks, flags, seqLen, start.
+    const sizes = [batch, heads, headDim, groups, dState];
+    if (len === 1) {
+      const u32s = [1, ...sizes, 1, flags, 1, 0];
+      const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_CHANNELS);
+      this.#run(SSD_PROGRAMS.step, u32s, f32s, buffers, grid(groupsNeeded));
+      return;
+    }
+    this.#notCapturing("A chunked SSD scan");
+    // Segments of whole chunks whose chunk states fit the budget.
+    const budget = this.#options.ssdStatesBytes ?? SSD_STATES_BYTES;
+    const chunkStateFloats = batch * heads * headDim * dState;
+    const chunksPerSegment = Math.max(1, Math.floor(budget / 4 / chunkStateFloats));
+    const segment = Math.min(len, chunksPerSegment * SSD_CHUNK);
+    const scratch = [
+      Math.ceil(segment / SSD_CHUNK) * chunkStateFloats,
+      batch * heads * segment,
+      batch * heads * segment,
+    ].map((floats) => this.#pool.acquire(byteSize(floats), false));
+    [buffers[9], buffers[10], buffers[11]] = scratch;
+    const carryGroups = grid(Math.ceil(chunkStateFloats / SSD_WG));
+    for (let start = 0; start < len; start += segment) {
+      const segmentLen = Math.min(segment, len - start);
+      const nChunks = Math.ceil(segmentLen / SSD_CHUNK);
+      const u32s = [segmentLen, ...sizes, nChunks, flags, len, start];
+      const perChunk: [number, number, number] = [nChunks, heads, batch];
+      this.#run(SSD_PROGRAMS.chunkState, u32s, f32s, buffers, perChunk);
+      this.#run(SSD_PROGRAMS.carry, u32s, f32s, buffers, carryGroups);
+      this.#run(SSD_PROGRAMS.output, u32s, f32s, buffers, perChunk);
+    }
+    for (const buffer of scratch) this.#pool.release(buffer);
+  }
+
+  gatedRmsNorm(args: GatedNormArgs<GpuBuffer>): void {
+    const { out, x, gate, weight, rows, dim, groupSize, eps } = args;
+    const [input, done] = this.#unaliased(x, rows * dim, out);
+    const [gateInput, gateDone] = this.#unaliased(gate, rows * dim, out);
+    this.#run(
+      SSD_PROGRAMS.gatedNorm,
+      [rows, dim, groupSize],
+      [eps],
+      { 1: input, 2: gateInput, 3: weight.buffer, 4: out.buffer },
+      grid(rows * (dim / groupSize)),
+    );
+    done();
+    gateDone();
   }
 
   selectiveScan(scanArgs: ScanArgs<GpuBuffer>): void {

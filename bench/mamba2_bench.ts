@@ -1,0 +1,205 @@
+/**
+ * Mamba-2's speed on one backend, the figures of issue 14, printed as JSON:
+ *
+ * - `ssd`: the SSD scan alone (Backend.ssdScan), fp32, head_dim 64, d_state
+ *   128, one group, in G elements (batch · len · heads · head_dim) per second,
+ *   at the (batch, len, heads) shapes `--shapes` lists (default those that
+ *   `../shared/device/peers/gpu_mamba2.py` measures mamba_ssm's Triton kernel on);
+ * - `model`: a mamba2-130m-shaped model with random weights (d_model 768, 24
+ *   layers, d_state 128, head_dim 64, vocab 50277 padded to 50280, F32;
+ *   `--mamba1` for mamba-130m's shape instead): a prompt of `--prefill` ids
+ *   fed to one session, then `--decode` greedy ids per stream through the
+ *   decode engine at each of `--streams` concurrent streams, in tokens/s.
+ *
+ * ```sh
+ * deno run -A bench/mamba2_bench.ts --backend webgpu
+ * deno run -A bench/mamba2_bench.ts --backend wasm --shapes 1x512x24 --prefill 512 --decode 128 --streams 1
+ * ```
+ *
+ * Each figure is the best of `--repeats` runs after one warm-up run.
+ *
+ * @module
+ */
+
+import { parseArgs } from "@std/cli/parse-args";
+import type { Backend } from "../src/backend.ts";
+import { type BackendName, createBackend } from "../src/backends/registry.ts";
+import { convChannels, type MambaConfig, parseConfig } from "../src/config.ts";
+import type { Mamba2LayerWeights } from "../src/mamba2.ts";
+import { MambaModel } from "../src/model.ts";
+import { Sampler } from "../src/sampler.ts";
+import { Session } from "../src/session.ts";
+import type { MambaWeights } from "../src/weights.ts";
+import { promptIds, randomCheckpoint, xorshiftUniforms } from "./make_random_model.ts";
+import { loadCheckpoint } from "../src/load.ts";
+
+const flags = parseArgs(Deno.args, {
+  string: ["backend", "shapes", "prefill", "decode", "streams", "repeats", "threads"],
+  boolean: ["mamba1", "no-ssd", "no-model"],
+  default: {
+    backend: "webgpu",
+    shapes: "1x2048x24,1x16384x24,8x2048x24,1x4096x80",
+    prefill: "2048",
+    decode: "64",
+    streams: "1,16,64",
+    repeats: "3",
+  },
+});
+const backendName = flags.backend as BackendName;
+const repeats = Number(flags.repeats);
+const backendOptions = flags.threads ? { threads: Number(flags.threads) } : {};
+
+/** The best time in ms of `repeats` runs of `run` after a warm-up run. */
+async function best(run: () => Promise<void>): Promise<number> {
+  await run();
+  let fastest = Infinity;
+  for (let i = 0; i < repeats; i++) {
+    const start = performance.now();
+    await run();
+    fastest = Math.min(fastest, performance.now() - start);
+  }
+  return fastest;
+}
+
+/** G elements/s of the SSD scan at each shape. */
+async function ssdFigures(be: Backend<unknown>): Promise<Record<string, number>> {
+  const [headDim, dState, groups] = [64, 128, 1];
+  const figures: Record<string, number> = {};
+  for (const shape of flags.shapes.split(",")) {
+    const [batch, len, heads] = shape.split("x").map(Number);
+    const next = xorshiftUniforms(batch * len + heads);
+    const width = heads * headDim + 2 * groups * dState;
+    const buffers = [
+      next(batch * len * width, -1, 1),
+      next(batch * len * heads, -4, 0),
+      next(heads, -1, 0),
+      next(heads, -2, -0.1),
+      next(heads, -1, 1),
+    ].map((data) => be.upload(data));
+    const [xBC, dt, dtBias, A, D] = buffers;
+    const y = be.zeros(batch * len * heads * headDim);
+    const state = be.zeros(batch * heads * headDim * dState);
+    const ms = await best(async () => {
+      be.ssdScan!({
+        y,
+        xBC,
+        dt,
+        dtBias,
+        dtLimit: [0, Infinity],
+        A,
+        D,
+        state,
+        len,
+        batch,
+        heads,
+        headDim,
+        groups,
+        dState,
+        chunkSize: 256,
+      });
+      await be.read(y, 0, 1);
+    });
+    figures[shape] = Number(((batch * len * heads * headDim) / ms / 1e6).toFixed(3));
+    for (const buffer of [...buffers, y, state]) be.release(buffer);
+  }
+  return figures;
+}
+
+/** Random weights of a Mamba-2 model of `config`, initialised as mamba_ssm does, tied head. */
+function randomMamba2Weights(config: MambaConfig): MambaWeights<Float32Array> {
+  const { dModel, dInner, dConv, nLayer, vocabSize } = config;
+  const heads = config.mamba2!.nHeads;
+  const convDim = convChannels(config);
+  const next = xorshiftUniforms(1);
+  const rand = (length: number, scale: number) => next(length, -scale, scale);
+  const ones = (n: number) => new Float32Array(n).fill(1);
+  const layer = (): Mamba2LayerWeights<Float32Array> => ({
+    norm: ones(dModel),
+    inProj: rand((dInner + convDim + heads) * dModel, 1 / Math.sqrt(dModel)),
+    inProjBias: null,
+    convWeight: rand(convDim * dConv, 1 / Math.sqrt(dConv)),
+    convBias: rand(convDim, 0.1),
+    // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
+    dtBias: rand(heads, 1).map((r) => {
+      const dt = Math.exp(Math.log(0.001) + (r + 1) / 2 * (Math.log(0.1) - Math.log(0.001)));
+      return dt + Math.log(-Math.expm1(-dt));
+    }),
+    A: Float32Array.from({ length: heads }, (_, h) => -(1 + (h % 16))),
+    D: ones(heads),
+    gatedNorm: ones(dInner),
+    outProj: rand(dModel * dInner, 1 / Math.sqrt(dInner) / nLayer),
+    outProjBias: null,
+  });
+  const embedding = rand(vocabSize * dModel, 0.1);
+  return {
+    embedding,
+    lmHead: embedding,
+    normF: ones(dModel),
+    layers: Array.from({ length: nLayer }, layer),
+  };
+}
+
+/** The model's prefill and decode figures on `be`. */
+async function modelFigures(be: Backend<unknown>): Promise<Record<string, number>> {
+  let model: MambaModel<unknown>;
+  if (flags.mamba1) {
+    const { config, safetensors } = randomCheckpoint({
+      dModel: 768,
+      nLayer: 24,
+      vocabSize: 50280,
+      dState: 16,
+      dConv: 4,
+      expand: 2,
+    });
+    const dir = await Deno.makeTempDir({ prefix: "mamba1-bench-" });
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config));
+    await Deno.writeFile(`${dir}/model.safetensors`, safetensors);
+    const checkpoint = await loadCheckpoint(dir);
+    model = new MambaModel(be, checkpoint.config, checkpoint.weights);
+  } else {
+    const config = parseConfig({
+      d_model: 768,
+      n_layer: 24,
+      vocab_size: 50277,
+      pad_vocab_size_multiple: 8,
+      ssm_cfg: { layer: "Mamba2" },
+    }, "mamba2-130m config");
+    model = new MambaModel(be, config, randomMamba2Weights(config));
+  }
+  const vocab = model.config.vocabSize;
+  const figures: Record<string, number> = {};
+  const prefill = Number(flags.prefill);
+  const prompt = promptIds(prefill, vocab);
+  const prefillMs = await best(async () => {
+    const session = new Session(model);
+    await session.prefill(prompt);
+    session.dispose();
+  });
+  figures[`prefill ${prefill} tok/s`] = Math.round(prefill / (prefillMs / 1000));
+  const decode = Number(flags.decode);
+  for (const streams of flags.streams.split(",").map(Number)) {
+    const sessions = Array.from({ length: streams }, () => new Session(model));
+    await Promise.all(sessions.map((s, i) => s.prefill(promptIds(8 + i, vocab))));
+    const snapshots = await Promise.all(sessions.map((s) => s.snapshot()));
+    const ms = await best(async () => {
+      const runs = snapshots.map((snapshot) => {
+        const session = new Session(model, snapshot);
+        return session.decode({ sampler: new Sampler({ temperature: 0 }), maxTokens: decode })
+          .finally(() => session.dispose());
+      });
+      await Promise.all(runs);
+    });
+    figures[`decode ${streams} streams tok/s`] = Math.round((streams * decode) / (ms / 1000));
+    for (const session of sessions) session.dispose();
+  }
+  return figures;
+}
+
+const backend = await createBackend(backendName, backendOptions);
+const result: Record<string, unknown> = { backend: backendName, ...backendOptions };
+if (!flags["no-ssd"]) result.ssdGElementsPerSecond = await ssdFigures(backend);
+if (!flags["no-model"]) {
+  result[flags.mamba1 ? "mamba1_130m" : "mamba2_130m"] = await modelFigures(backend);
+}
+console.log(JSON.stringify(result, null, 2));
+backend.dispose();
