@@ -12,7 +12,8 @@
  * offset and size against the file before any tensor is read, and reports
  * problems as {@linkcode ModelFileError}s naming the file and the field.
  * {@linkcode GgufFile.float32} widens F32, F16 and BF16 tensors and
- * dequantizes Q8_0, Q4_0 and Q4_K ones from their block layouts (as ggml's
+ * dequantizes Q8_0, Q4_0, Q4_K and Q6_K ones (Q4_K_M files hold Q6_K
+ * matrices too) from their block layouts (as ggml's
  * reference `dequantize_row_*` functions do); other types are a clear error
  * naming the type.
  *
@@ -77,7 +78,7 @@ export const GGML_TYPES: ReadonlyMap<number, GgmlType> = new Map(
 );
 
 /** The ggml type numbers this module reads. */
-export const GGML = { F32: 0, F16: 1, Q4_0: 2, Q8_0: 8, Q4_K: 12, BF16: 30 } as const;
+export const GGML = { F32: 0, F16: 1, Q4_0: 2, Q8_0: 8, Q4_K: 12, Q6_K: 14, BF16: 30 } as const;
 
 /** A metadata value: numbers (u64/i64 past 2^53 as bigint), booleans, strings, or arrays of them. */
 export type GgufValue = number | bigint | boolean | string | GgufValue[];
@@ -420,7 +421,7 @@ export class GgufFile {
 
   /**
    * Tensor `name` as 32-bit floats: F32 as a view of the file's bytes where
-   * aligned (else a copy), F16, BF16, Q8_0, Q4_0 and Q4_K converted.
+   * aligned (else a copy), F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K converted.
    *
    * @throws {ModelFileError} For any other type, naming it.
    */
@@ -499,6 +500,7 @@ const DEQUANTIZERS: ReadonlyMap<number, Dequantizer> = new Map<number, Dequantiz
   [GGML.Q8_0, dequantizeQ8_0],
   [GGML.Q4_0, dequantizeQ4_0],
   [GGML.Q4_K, dequantizeQ4_K],
+  [GGML.Q6_K, dequantizeQ6_K],
 ]);
 
 /**
@@ -585,6 +587,28 @@ function dequantizeQ4_K(bytes: Uint8Array, out: Float32Array): void {
       for (let l = 0; l < 32; l++) {
         out[base + l] = f(dScale * ((bytes[chunk + l] >> shift) & 0x0f)) - dMin;
       }
+    }
+  }
+}
+
+/**
+ * Q6_K: super-blocks of 256: 128 bytes of low nibbles, 64 bytes of high
+ * 2-bit pairs, 16 int8 scales (one per 16 values), then an f16 d. Each half
+ * of 128 values takes 64 low-nibble bytes and 32 high bytes; its 32-value
+ * chunk k takes low nibbles (k < 2) or high ones of bytes (k & 1)·32 + l,
+ * and bits 2k of the high bytes; x = d·scale·(q − 32).
+ */
+function dequantizeQ6_K(bytes: Uint8Array, out: Float32Array): void {
+  const f = Math.fround;
+  const signed = new Int8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (let block = 0, at = 0; block < out.length / 256; block++, at += 210) {
+    const d = half(bytes, at + 208);
+    for (let e = 0; e < 256; e++) {
+      const halfBlock = e >> 7, chunk = (e >> 5) & 3, l = e & 31;
+      const lowByte = bytes[at + halfBlock * 64 + (chunk & 1) * 32 + l];
+      const low = chunk < 2 ? lowByte & 0x0f : lowByte >> 4;
+      const high = (bytes[at + 128 + halfBlock * 32 + l] >> (2 * chunk)) & 3;
+      out[block * 256 + e] = f(d * signed[at + 192 + (e >> 4)]) * ((low | (high << 4)) - 32);
     }
   }
 }

@@ -1,9 +1,9 @@
 /**
  * Writes GGUF files (version 3) and quantizes float32 rows into ggml's
  * block formats: Q8_0 and Q4_0 as ggml's reference quantizers do
- * (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`), Q4_K with a plain
- * min/max fit per sub-block (a valid Q4_K block, without the reference's
- * iterative search for the best scales), and F16.
+ * (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`), Q4_K written after
+ * `quantize_row_q4_K_ref` (its search for each sub-block's scale and min),
+ * and F16.
  *
  * @module
  */
@@ -236,32 +236,111 @@ function quantizeQ4_0(values: Float32Array, out: Uint8Array, view: DataView): vo
 }
 
 /**
- * Q4_K: per sub-block of 32, the range [min(0, min x), max x] in 15 steps;
- * the 8 scales and mins in 6 bits each against the super-block's f16 d and
- * dmin; then each value to the nearest step.
+ * C's nearest_int as ggml uses it: round half to even, as the float magic
+ * number trick does.
+ */
+function nearestInt(x: number): number {
+  const floor = Math.floor(x);
+  const fraction = x - floor;
+  if (fraction !== 0.5) return Math.round(x);
+  return floor % 2 === 0 ? floor : floor + 1;
+}
+
+/**
+ * ggml's make_qkx2_quants: the scale and min of 32 values in 15 steps that
+ * minimise the weighted squared error, searching 21 step counts around the
+ * plain min/max fit, each refined by least squares. Writes the levels to
+ * `levels`; returns the scale and the (non-negative) min subtracted.
+ */
+function fitScaleMin(
+  x: Float32Array,
+  weights: Float64Array,
+  levels: Uint8Array,
+): { scale: number; min: number } {
+  const candidate = new Uint8Array(x.length);
+  let low = x[0], high = x[0], sumW = 0, sumX = 0;
+  for (let i = 0; i < x.length; i++) {
+    low = Math.min(low, x[i]);
+    high = Math.max(high, x[i]);
+    sumW += weights[i];
+    sumX += weights[i] * x[i];
+  }
+  if (low > 0) low = 0;
+  if (high === low) {
+    levels.fill(0);
+    return { scale: 0, min: -low };
+  }
+  let iscale = 15 / (high - low);
+  let scale = 1 / iscale;
+  let best = 0;
+  for (let i = 0; i < x.length; i++) {
+    levels[i] = Math.max(0, Math.min(15, nearestInt(iscale * (x[i] - low))));
+    const diff = scale * levels[i] + low - x[i];
+    best += weights[i] * diff * diff;
+  }
+  for (let step = 0; step <= 20; step++) {
+    iscale = (-1 + 0.1 * step + 15) / (high - low);
+    let sumL = 0, sumL2 = 0, sumXL = 0;
+    for (let i = 0; i < x.length; i++) {
+      const l = Math.max(0, Math.min(15, nearestInt(iscale * (x[i] - low))));
+      candidate[i] = l;
+      sumL += weights[i] * l;
+      sumL2 += weights[i] * l * l;
+      sumXL += weights[i] * l * x[i];
+    }
+    const det = sumW * sumL2 - sumL * sumL;
+    if (det <= 0) continue;
+    let thisScale = (sumW * sumXL - sumX * sumL) / det;
+    let thisMin = (sumL2 * sumX - sumL * sumXL) / det;
+    if (thisMin > 0) (thisMin = 0, thisScale = sumXL / sumL2);
+    let error = 0;
+    for (let i = 0; i < x.length; i++) {
+      const diff = thisScale * candidate[i] + thisMin - x[i];
+      error += weights[i] * diff * diff;
+    }
+    if (error < best) {
+      levels.set(candidate);
+      best = error;
+      scale = thisScale;
+      low = thisMin;
+    }
+  }
+  return { scale, min: -low };
+}
+
+/**
+ * Q4_K as ggml's quantize_row_q4_K_ref does it: each sub-block of 32 fitted
+ * by {@link fitScaleMin} with weights |x| + rms(x), the 8 scales and mins in
+ * 6 bits against the super-block's f16 d and dmin, then each value to the
+ * nearest of the 16 levels those give.
  */
 function quantizeQ4_K(values: Float32Array, out: Uint8Array, view: DataView): void {
   const scales = new Float64Array(8);
   const mins = new Float64Array(8);
   const scaleCodes = new Uint8Array(8);
   const minCodes = new Uint8Array(8);
+  const weights = new Float64Array(32);
+  const levels = new Uint8Array(32);
   for (let block = 0; block < values.length / 256; block++) {
     const x = values.subarray(block * 256, block * 256 + 256);
     for (let sub = 0; sub < 8; sub++) {
-      let low = 0, high = -Infinity;
-      for (let l = 0; l < 32; l++) {
-        low = Math.min(low, x[sub * 32 + l]);
-        high = Math.max(high, x[sub * 32 + l]);
-      }
-      scales[sub] = (high - low) / 15;
-      mins[sub] = -low;
+      const part = x.subarray(sub * 32, sub * 32 + 32);
+      let squares = 0;
+      for (const v of part) squares += v * v;
+      const rms = Math.sqrt(squares / 32);
+      part.forEach((v, l) => weights[l] = rms + Math.abs(v));
+      ({ scale: scales[sub], min: mins[sub] } = fitScaleMin(part, weights, levels));
     }
-    const d = toHalf(Math.max(...scales) / 63);
-    const dmin = toHalf(Math.max(...mins) / 63);
+    const maxScale = Math.max(...scales);
+    const maxMin = Math.max(...mins);
+    const inverseScale = maxScale > 0 ? 63 / maxScale : 0;
+    const inverseMin = maxMin > 0 ? 63 / maxMin : 0;
     for (let sub = 0; sub < 8; sub++) {
-      scaleCodes[sub] = d.value > 0 ? Math.min(63, Math.ceil(scales[sub] / d.value)) : 0;
-      minCodes[sub] = dmin.value > 0 ? Math.min(63, Math.round(mins[sub] / dmin.value)) : 0;
+      scaleCodes[sub] = Math.min(63, nearestInt(inverseScale * scales[sub]));
+      minCodes[sub] = Math.min(63, nearestInt(inverseMin * mins[sub]));
     }
+    const d = toHalf(maxScale / 63);
+    const dmin = toHalf(maxMin / 63);
     const at = block * 144;
     view.setUint16(at, d.bits, true);
     view.setUint16(at + 2, dmin.bits, true);
@@ -271,15 +350,14 @@ function quantizeQ4_K(values: Float32Array, out: Uint8Array, view: DataView): vo
       out[at + 4 + j + 8] = (scaleCodes[j + 4] & 0x0f) | ((minCodes[j + 4] & 0x0f) << 4);
     }
     for (let sub = 0; sub < 8; sub++) {
-      // The values the block decodes to, as the dequantizer computes them.
+      // The levels of the scale and min as stored, as the dequantizer computes them.
       const step = f(d.value * scaleCodes[sub]);
+      if (step === 0) continue;
       const offset = f(dmin.value * minCodes[sub]);
       const chunk = at + 16 + (sub >> 1) * 32;
       const shift = (sub & 1) * 4;
       for (let l = 0; l < 32; l++) {
-        const q = step > 0
-          ? Math.max(0, Math.min(15, Math.round((x[sub * 32 + l] + offset) / step)))
-          : 0;
+        const q = Math.max(0, Math.min(15, nearestInt(f(f(x[sub * 32 + l] + offset) / step))));
         out[chunk + l] |= q << shift;
       }
     }
