@@ -9,6 +9,7 @@ import { assert, assertEquals, assertStringIncludes, assertThrows } from "@std/a
 import { ModelFileError } from "../src/errors.ts";
 import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
 import { ggufConfig, ggufTokenizer } from "../src/gguf_model.ts";
+import { singleFile } from "../src/formats.ts";
 import { loadModel } from "../src/load.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { oracleDiff, SHARED } from "./helpers.ts";
@@ -140,5 +141,46 @@ Deno.test("bad GGUF files get an error naming the file and the field", async (t)
     gguf.metadata.set("general.architecture", "llama");
     const error = assertThrows(() => ggufConfig(gguf), ModelFileError);
     assertStringIncludes(error.message, `"llama"`);
+  });
+});
+
+Deno.test("a .gguf source: a path, a URL or a hub file", async (t) => {
+  await t.step("where each form points", () => {
+    assertEquals(singleFile("models/m.gguf", ".gguf"), { dir: "models", name: "m.gguf" });
+    assertEquals(singleFile("m.GGUF", ".gguf"), { dir: ".", name: "m.GGUF" });
+    assertEquals(singleFile("/m.gguf", ".gguf"), { dir: "/", name: "m.gguf" });
+    assertEquals(singleFile("owner/repo/m.gguf", ".gguf"), { dir: "owner/repo", name: "m.gguf" });
+    assertEquals(singleFile("owner/repo", ".gguf"), null);
+    assertEquals(singleFile("https://host/a/b%20c.gguf?download=1", ".gguf"), {
+      dir: new URL("https://host/a/"),
+      name: "b c.gguf",
+    });
+    assertEquals(singleFile(new URL("https://host/a/m.gguf"), ".gguf"), {
+      dir: new URL("https://host/a/"),
+      name: "m.gguf",
+    });
+  });
+  await t.step("over http, the one file is the whole model", async () => {
+    const requests: string[] = [];
+    const server = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+      async (req) => {
+        const path = new URL(req.url).pathname;
+        requests.push(path);
+        if (path !== "/files/tiny-f32.gguf") return new Response("not found", { status: 404 });
+        const bytes = await Deno.readFile(`${FIXTURES}tiny-f32.gguf`);
+        return new Response(bytes, { headers: { "content-length": String(bytes.length) } });
+      },
+    );
+    try {
+      const model = await loadModel(`http://127.0.0.1:${server.addr.port}/files/tiny-f32.gguf`, {
+        backend: "js",
+      });
+      assertEquals(model.vocabSize, 256);
+      assertEquals(requests, ["/files/tiny-f32.gguf"]);
+      assert((await oracleDiff(model, "tiny-f32")) < 1e-4);
+    } finally {
+      await server.shutdown();
+    }
   });
 });
