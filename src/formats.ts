@@ -83,7 +83,9 @@ function checkVocabulary(tokenizer: MambaTokenizer, vocabSize: number): void {
 
 /** What one GGUF file holds. */
 export interface GgufModel {
+  /** The hyperparameters from the `mamba.*` metadata. */
   config: MambaConfig;
+  /** The weights, checked against the config, dequantized to float32. */
   weights: MambaWeights<Float32Array>;
   /** The file's own tokenizer, or `options.tokenizer`'s, or null. */
   tokenizer: MambaTokenizer | null;

@@ -22,9 +22,13 @@ export type GgufEntry =
 
 /** A tensor to write: its name, dimensions outermost first, ggml type and encoded bytes. */
 export interface GgufTensorData {
+  /** The tensor's name. */
   name: string;
+  /** Dimensions, outermost first (written innermost first, as GGUF wants). */
   shape: readonly number[];
+  /** The ggml type number. */
   type: number;
+  /** The encoded values ({@link quantize}'s output). */
   data: Uint8Array;
 }
 

@@ -30,7 +30,7 @@ import { openSource, readJson, type SourceOptions } from "./source.ts";
 import type { MambaWeights } from "./weights.ts";
 
 /** A type `quantize` writes: the `--type` flag's values. */
-export type QuantizeType = keyof typeof QUANTIZED_TYPES;
+export type QuantizeType = "f16" | "q8_0" | "q4_0" | "q4_k";
 
 /** llama.cpp's general.file_type (llama_ftype) for each type. */
 const FILE_TYPES: Record<QuantizeType, number> = { f16: 1, q4_0: 2, q8_0: 7, q4_k: 14 };
