@@ -14,7 +14,6 @@
  * @module
  */
 
-import { parseArgs } from "@std/cli/parse-args";
 import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, GGML_TYPES, typeName } from "./gguf.ts";
@@ -225,18 +224,36 @@ Writes a checkpoint (directory, URL or HF repo id; safetensors or pytorch_model.
 as a GGUF file that llama.cpp and loadModel read. Matrices take the type; those whose
 rows are not a multiple of its block are written F16 (each is noted on stderr).`;
 
+/** The CLI's arguments: two paths and `--type`, or null where they are not that. */
+function parseCommandLine(
+  args: string[],
+): { source: string; out: string; type: QuantizeType } | null {
+  const paths: string[] = [];
+  let type: string | undefined;
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === "--type") type = args[++i];
+    else if (args[i].startsWith("--type=")) type = args[i].slice("--type=".length);
+    else if (args[i].startsWith("-")) return null;
+    else paths.push(args[i]);
+  }
+  if (paths.length !== 2 || type === undefined || !Object.hasOwn(QUANTIZED_TYPES, type)) {
+    return null;
+  }
+  return { source: paths[0], out: paths[1], type: type as QuantizeType };
+}
+
 if (import.meta.main) {
-  const args = parseArgs(Deno.args, { string: ["type"], boolean: ["help"], alias: { h: "help" } });
-  const [source, out] = args._.map(String);
-  if (args.help || !source || !out || !Object.hasOwn(QUANTIZED_TYPES, args.type ?? "")) {
+  // No @std/cli here: the module is part of the library, which is imported by URL without an import map.
+  const command = parseCommandLine(Deno.args);
+  if (!command) {
     console.error(HELP);
-    Deno.exit(args.help ? 0 : 2);
+    Deno.exit(Deno.args.includes("--help") || Deno.args.includes("-h") ? 0 : 2);
   }
   try {
-    const { bytes, notes } = await quantizeModel(source, args.type as QuantizeType);
+    const { bytes, notes } = await quantizeModel(command.source, command.type);
     for (const note of notes) console.error(`note: ${note}`);
-    await Deno.writeFile(out, bytes);
-    console.error(`wrote ${out} (${bytes.length} bytes, ${args.type})`);
+    await Deno.writeFile(command.out, bytes);
+    console.error(`wrote ${command.out} (${bytes.length} bytes, ${command.type})`);
   } catch (error) {
     console.error(error instanceof Error ? error.message : String(error));
     Deno.exit(1);

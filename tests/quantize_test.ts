@@ -15,6 +15,7 @@ import { maxAbsDiff, SHARED } from "./helpers.ts";
 
 const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
 const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
+const CLI = new URL("../src/quantize.ts", import.meta.url).pathname;
 
 Deno.test("Q8_0 and Q4_0 quantize as gguf-py's reference, bit for bit", async () => {
   const fixture = SafetensorsFile.parse(
@@ -80,6 +81,32 @@ Deno.test("quantize writes GGUF that loads as the same model, tokenizer included
     assertEquals(gguf.info("blk.0.ssm_in.weight").type, GGML.Q4_0);
     assertEquals(gguf.info("blk.0.ssm_dt.weight").type, GGML.F16);
     assertEquals(gguf.info("blk.0.ssm_conv1d.weight").type, GGML.F32);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the quantize command writes the file and notes each F16 fallback; bad flags print usage", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-quantize-cli-" });
+  const run = (args: string[]) =>
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-read", "--allow-write", "--allow-env", "--allow-net", CLI, ...args],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+  try {
+    const out = `${dir}/m.gguf`;
+    const written = await run([SHAKESPEARE, out, "--type", "q8_0"]);
+    const stderr = new TextDecoder().decode(written.stderr);
+    assertEquals(written.code, 0, stderr);
+    assertEquals(stderr.match(/^note: blk\.\d+\.ssm_dt\.weight/gm)?.length, 6);
+    assertEquals(
+      GgufFile.parse(await Deno.readFile(out), out).info("token_embd.weight").type,
+      GGML.Q8_0,
+    );
+    const refused = await run([SHAKESPEARE, out, "--type", "q3_k"]);
+    assertEquals(refused.code, 2);
+    assert(new TextDecoder().decode(refused.stderr).startsWith("Usage: deno task quantize"));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
