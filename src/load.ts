@@ -103,9 +103,9 @@ export class Mamba {
   get tokenizer(): MambaTokenizer {
     if (this.#tokenizer) return this.#tokenizer;
     throw new Error(
-      "No tokenizer is loaded: the model directory has no tokenizer.json, so only ids work " +
-        '(forward, session); pass loadModel(source, { tokenizer: "EleutherAI/gpt-neox-20b" }) ' +
-        "or another path, URL or repo id to use text",
+      "No tokenizer is loaded: the model came without one, so only ids work (forward, " +
+        'session); pass loadModel(source, { tokenizer: "EleutherAI/gpt-neox-20b" }) or another ' +
+        "path, URL or repo id to use text",
     );
   }
 

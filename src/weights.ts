@@ -13,7 +13,7 @@
 import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 
-/** A file of named tensors: a safetensors file, or a GGUF file under transformers' names. */
+/** A file of named tensors: safetensors, PyTorch, or GGUF under transformers' names. */
 export interface TensorFile {
   /** The path or URL, for messages. */
   readonly file: string;
