@@ -56,9 +56,13 @@ Deno.test("a pickle that calls os.system is refused before anything runs", async
   assertStringIncludes(error.message, "refused");
   // Through loadModel too: a model directory whose only weights are that file.
   const dir = await Deno.makeTempDir({ prefix: "mamba-torch-test-" });
-  await Deno.copyFile(`${TORCH}/odd-bf16/config.json`, `${dir}/config.json`);
-  await Deno.copyFile(path, `${dir}/pytorch_model.bin`);
-  await assertRejects(() => loadModel(dir, { backend: "js" }), ModelFileError, "posix.system");
+  try {
+    await Deno.copyFile(`${TORCH}/odd-bf16/config.json`, `${dir}/config.json`);
+    await Deno.copyFile(path, `${dir}/pytorch_model.bin`);
+    await assertRejects(() => loadModel(dir, { backend: "js" }), ModelFileError, "posix.system");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("damaged archives and pickles get an error naming the file", async (t) => {
@@ -92,22 +96,27 @@ Deno.test("a model without a tokenizer loads for ids; text methods say none is l
 Deno.test("a tokenizer from elsewhere: a directory or a tokenizer.json, checked first", async () => {
   const shakespeare = `${SHARED}/models/tiny-shakespeare`;
   const dir = await Deno.makeTempDir({ prefix: "mamba-tokenizer-test-" });
-  await Deno.copyFile(`${shakespeare}/config.json`, `${dir}/config.json`);
-  await Deno.symlink(`${shakespeare}/model.safetensors`, `${dir}/model.safetensors`);
-  const cases = JSON.parse(await Deno.readTextFile(`${SHARED}/fixtures/tokenizer/cases.json`));
-  for (const tokenizer of [shakespeare, `${shakespeare}/tokenizer.json`]) {
-    const model = await loadModel(dir, { backend: "js", tokenizer });
-    for (const { text, ids } of cases["tiny-shakespeare"]) {
-      assertEquals(model.tokenizer.encode(text), ids, JSON.stringify(text));
-    }
-  }
-  // GPT-NeoX's 50,277 ids do not fit tiny-f32's 256 rows: refused before the (absent) weights are read.
   const bare = await Deno.makeTempDir({ prefix: "mamba-tokenizer-test-" });
-  await Deno.copyFile(`${ORACLE}/tiny-f32/config.json`, `${bare}/config.json`);
-  const error = await assertRejects(
-    () => loadModel(bare, { backend: "js", tokenizer: `${SHARED}/tokenizers/gpt-neox-20b` }),
-    ModelFileError,
-  );
-  assertStringIncludes(error.message, "gpt-neox-20b/tokenizer.json");
-  assertStringIncludes(error.message, "embedding rows");
+  try {
+    await Deno.copyFile(`${shakespeare}/config.json`, `${dir}/config.json`);
+    await Deno.symlink(`${shakespeare}/model.safetensors`, `${dir}/model.safetensors`);
+    const cases = JSON.parse(await Deno.readTextFile(`${SHARED}/fixtures/tokenizer/cases.json`));
+    for (const tokenizer of [shakespeare, `${shakespeare}/tokenizer.json`]) {
+      const model = await loadModel(dir, { backend: "js", tokenizer });
+      for (const { text, ids } of cases["tiny-shakespeare"]) {
+        assertEquals(model.tokenizer.encode(text), ids, JSON.stringify(text));
+      }
+    }
+    // GPT-NeoX's 50,277 ids do not fit tiny-f32's 256 rows: refused before the (absent) weights are read.
+    await Deno.copyFile(`${ORACLE}/tiny-f32/config.json`, `${bare}/config.json`);
+    const error = await assertRejects(
+      () => loadModel(bare, { backend: "js", tokenizer: `${SHARED}/tokenizers/gpt-neox-20b` }),
+      ModelFileError,
+    );
+    assertStringIncludes(error.message, "gpt-neox-20b/tokenizer.json");
+    assertStringIncludes(error.message, "embedding rows");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+    await Deno.remove(bare, { recursive: true });
+  }
 });
