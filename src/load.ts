@@ -1,7 +1,8 @@
 /**
  * {@link loadModel}: reads an HF-format Mamba checkpoint (config.json,
- * model.safetensors or its shards, tokenizer.json) from a directory, a URL or
- * the hub, and returns a ready {@link Mamba}.
+ * model.safetensors or its shards, or pytorch_model.bin or its shards, and
+ * tokenizer.json) from a directory, a URL or the hub, or one GGUF file, and
+ * returns a ready {@link Mamba}.
  *
  * @module
  */
@@ -13,7 +14,6 @@ import { generate, type GenerateOptions, type Generation } from "./generate.ts";
 import { MambaModel } from "./model.ts";
 import { headerDtypes, parseShardIndex, SafetensorsFile } from "./safetensors.ts";
 import { Session } from "./session.ts";
-import { ModelFileError } from "./errors.ts";
 import {
   type ByteAllocator,
   type LoadProgress,
@@ -22,7 +22,9 @@ import {
   readJson,
   type SourceOptions,
 } from "./source.ts";
-import { MambaTokenizer } from "./tokenizer.ts";
+import type { MambaTokenizer } from "./tokenizer.ts";
+import { loadGguf, readTokenizer, singleFile } from "./formats.ts";
+import { hasTorchWeights, readTorchWeights } from "./torch.ts";
 import { loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
 
 /** Options of {@link loadModel}. */
@@ -49,28 +51,39 @@ export interface LoadOptions extends SourceOptions {
   batch?: number;
   /** Also `console.warn` when "auto" passes over a backend that failed (the report always says). */
   verbose?: boolean;
+  /**
+   * Where the tokenizer comes from when the model has none of its own (the
+   * state-spaces checkpoints use EleutherAI/gpt-neox-20b's): a directory,
+   * URL or repo id holding tokenizer.json, or the path or URL of a
+   * tokenizer.json. It is read and checked before any weights are.
+   */
+  tokenizer?: string | URL;
 }
 
 export type { BackendName, LoadProgress };
 
-/** A loaded Mamba language model with its tokenizer. */
+/** A loaded Mamba language model with its tokenizer, if it has one. */
 export class Mamba {
   /** The normalized hyperparameters. */
   readonly config: MambaConfig;
-  /** Text to ids and back. */
-  readonly tokenizer: MambaTokenizer;
   /** The model on its backend. */
   readonly model: MambaModel<unknown>;
+  readonly #tokenizer: MambaTokenizer | null;
   readonly #report: BackendReport;
 
   /**
-   * Wraps a model and tokenizer; most users call {@link loadModel} instead.
-   * `report` says how the model's backend was chosen (default: explicitly).
+   * Wraps a model and tokenizer (null: ids only); most users call
+   * {@link loadModel} instead. `report` says how the model's backend was
+   * chosen (default: explicitly).
    */
-  constructor(model: MambaModel<unknown>, tokenizer: MambaTokenizer, report?: BackendReport) {
+  constructor(
+    model: MambaModel<unknown>,
+    tokenizer: MambaTokenizer | null,
+    report?: BackendReport,
+  ) {
     this.model = model;
     this.config = model.config;
-    this.tokenizer = tokenizer;
+    this.#tokenizer = tokenizer;
     const name = model.backend.name;
     this.#report = report ?? {
       chosen: name,
@@ -80,6 +93,25 @@ export class Mamba {
       candidates: [{ name, available: true }],
       measureMs: 0,
     };
+  }
+
+  /**
+   * Text to ids and back.
+   *
+   * @throws {Error} When the model was loaded without a tokenizer (see {@link hasTokenizer}).
+   */
+  get tokenizer(): MambaTokenizer {
+    if (this.#tokenizer) return this.#tokenizer;
+    throw new Error(
+      "No tokenizer is loaded: the model came without one, so only ids work (forward, " +
+        'session); pass loadModel(source, { tokenizer: "EleutherAI/gpt-neox-20b" }) or another ' +
+        "path, URL or repo id to use text",
+    );
+  }
+
+  /** Whether a tokenizer is loaded, so that text methods work. */
+  get hasTokenizer(): boolean {
+    return this.#tokenizer !== null;
   }
 
   /** Name of the backend that runs every operation. */
@@ -98,7 +130,7 @@ export class Mamba {
 
   /** End-of-sequence id from the config or the tokenizer. */
   get eosTokenId(): number | undefined {
-    return this.config.eosTokenId ?? this.tokenizer.eosTokenId;
+    return this.config.eosTokenId ?? this.#tokenizer?.eosTokenId;
   }
 
   /** Rows of the logits. */
@@ -130,12 +162,34 @@ export class Mamba {
 
 /**
  * Loads a model from a local directory, a `file:`/`http(s):` URL of a model
- * directory, or a Hugging Face repo id such as `state-spaces/mamba-130m-hf`.
+ * directory, or a Hugging Face repo id such as `state-spaces/mamba-130m-hf`;
+ * or from one GGUF file (a path or URL ending in `.gguf`, or
+ * `owner/name/file.gguf` on the hub), which holds the tokenizer too.
  */
 export async function loadModel(source: string | URL, options: LoadOptions = {}): Promise<Mamba> {
+  const gguf = singleFile(source, ".gguf");
+  if (gguf) {
+    const dir = await openSource(gguf.dir, options);
+    const loaded = await loadGguf(dir, gguf.name, options);
+    const { backend, report } = await selectBackend(options.backend ?? "auto", loaded.config, {
+      threads: options.threads,
+      cache: options.backendCache,
+      remeasure: options.remeasure,
+      verbose: options.verbose,
+      batch: options.batch,
+      halfWeights: loaded.halfWeights,
+    });
+    return new Mamba(
+      new MambaModel(backend, loaded.config, loaded.weights),
+      loaded.tokenizer,
+      report,
+    );
+  }
   const dir = await openSource(source, options);
   const rawConfig = await readJson(dir, "config.json");
   const config = parseConfig(rawConfig, dir.describe("config.json"));
+  // The tokenizer is checked first: a wrong one fails before gigabytes of weights download.
+  const tokenizer = await readTokenizer(dir, config.vocabSize, options);
   // Measuring needs only the config; its memory is given back before the weights come.
   const { backend, report } = await selectBackend(options.backend ?? "auto", config, {
     threads: options.threads,
@@ -154,20 +208,6 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
     (size, head) =>
       headerDtypes(head)?.every((dtype) => dtype === "F32") ? backend.hostBytes(size) : undefined,
   );
-  const tokenizerConfig = await dir.exists("tokenizer_config.json")
-    ? await readJson(dir, "tokenizer_config.json")
-    : undefined;
-  const tokenizer = MambaTokenizer.fromJSON(
-    await readJson(dir, "tokenizer.json"),
-    tokenizerConfig,
-    dir.describe("tokenizer.json"),
-  );
-  if (tokenizer.vocabSize > config.vocabSize) {
-    throw new ModelFileError(
-      dir.describe("tokenizer.json"),
-      `Knows ${tokenizer.vocabSize} token ids but the model has only ${config.vocabSize} embedding rows`,
-    );
-  }
   return new Mamba(new MambaModel(backend, config, weights), tokenizer, report);
 }
 
@@ -207,6 +247,12 @@ async function readWeights(
   allocate?: ByteAllocator,
 ): Promise<MambaWeights<Float32Array>> {
   const files: SafetensorsFile[] = [];
+  if (
+    !await dir.exists("model.safetensors.index.json") && !await dir.exists("model.safetensors") &&
+    await hasTorchWeights(dir)
+  ) {
+    return loadWeights(await readTorchWeights(dir), config, dir.describe("config.json"));
+  }
   if (await dir.exists("model.safetensors.index.json")) {
     const indexName = "model.safetensors.index.json";
     const shards = new Set(

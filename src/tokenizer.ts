@@ -86,6 +86,10 @@ export class MambaTokenizer {
   readonly eosTokenId: number | undefined;
   /** The beginning-of-sequence id (tokenizer_config's `bos_token`), if it names a known token. */
   readonly bosTokenId: number | undefined;
+  /** The path or URL the tokenizer came from, for messages. */
+  get file(): string {
+    return this.#file;
+  }
 
   readonly #tokenizer: Tokenizer;
   readonly #file: string;

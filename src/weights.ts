@@ -13,7 +13,18 @@
 import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { type Mamba2LayerWeights, readMamba2Layer } from "./mamba2.ts";
-import type { SafetensorsFile } from "./safetensors.ts";
+
+/** A file of named tensors: safetensors, PyTorch, or GGUF under transformers' names. */
+export interface TensorFile {
+  /** The path or URL, for messages. */
+  readonly file: string;
+  /** Every tensor's name (the values are the format's own infos). */
+  readonly tensors: ReadonlyMap<string, unknown>;
+  /** A tensor's shape, outermost first. */
+  info(name: string): { readonly shape: readonly number[] };
+  /** A tensor's values as float32. */
+  float32(name: string): Float32Array;
+}
 
 /** One Mamba block's weights. Shapes use the glossary of `model.ts`. */
 export interface LayerWeights<T> {
@@ -55,12 +66,12 @@ export interface MambaWeights<T> {
   lmHead: T;
 }
 
-/** Where tensors come from: one safetensors file or the shards of a checkpoint. */
+/** Where tensors come from: one file or the shards of a checkpoint. */
 export class TensorStore {
-  readonly #fileOf = new Map<string, SafetensorsFile>();
+  readonly #fileOf = new Map<string, TensorFile>();
 
   /** Indexes the tensors of every file; a name present twice is an error. */
-  constructor(files: SafetensorsFile[]) {
+  constructor(files: TensorFile[]) {
     for (const file of files) {
       for (const name of file.tensors.keys()) {
         const other = this.#fileOf.get(name);
@@ -78,7 +89,7 @@ export class TensorStore {
   }
 
   /** The file holding `name`; throws a clear error when it is missing. */
-  fileOf(name: string, description: string): SafetensorsFile {
+  fileOf(name: string, description: string): TensorFile {
     const file = this.#fileOf.get(name);
     if (!file) {
       const anyFile = this.#fileOf.values().next().value?.file ?? "checkpoint";
@@ -154,9 +165,10 @@ export function loadWeights(
       layers.push(readMamba2Layer(p, config, tensor, optional));
       continue;
     }
-    const aLog = tensor(`${p}mixer.A_log`, [dInner, dState]);
-    const A = new Float32Array(aLog.length);
-    for (let i = 0; i < A.length; i++) A[i] = -Math.exp(aLog[i]);
+    // GGUF files hold A itself (llama.cpp's converter computes it), checkpoints A_log.
+    const A = store.has(`${p}mixer.A`)
+      ? tensor(`${p}mixer.A`, [dInner, dState])
+      : tensor(`${p}mixer.A_log`, [dInner, dState]).map((aLog) => -Math.exp(aLog));
     layers.push({
       norm: tensor(`${p}norm.weight`, [dModel]),
       inProj: tensor(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]),

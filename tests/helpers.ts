@@ -1,5 +1,7 @@
 /** Shared helpers of the test files. */
 
+import { SafetensorsFile } from "../src/safetensors.ts";
+
 /** The shared reference data, next to the project checkout. */
 export const SHARED = new URL("../../shared", import.meta.url).pathname;
 
@@ -55,4 +57,27 @@ export async function runCli(
     stdout: decoder.decode(output.stdout),
     stderr: decoder.decode(output.stderr),
   };
+}
+
+/**
+ * Largest |Δlogit| of a model against a case of ../shared/fixtures/hf-oracle,
+ * each of the case's prompts in a forward of its own.
+ */
+export async function oracleDiff(
+  model: { forward(ids: Int32Array): Promise<Float32Array>; vocabSize: number },
+  name: string,
+): Promise<number> {
+  const file = `${SHARED}/fixtures/hf-oracle/${name}/expected.safetensors`;
+  const expected = SafetensorsFile.parse(await Deno.readFile(file), file);
+  const [batch, len] = expected.info("input_ids").shape;
+  const ids = expected.int32("input_ids");
+  const logits = expected.float32("logits");
+  const width = len * model.vocabSize;
+  if (logits.length !== batch * width) throw new Error(`${file} holds other logits than expected`);
+  let diff = 0;
+  for (let b = 0; b < batch; b++) {
+    const actual = await model.forward(ids.subarray(b * len, (b + 1) * len));
+    diff = Math.max(diff, maxAbsDiff(actual, logits.subarray(b * width, (b + 1) * width)));
+  }
+  return diff;
 }

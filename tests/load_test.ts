@@ -173,9 +173,9 @@ Deno.test("bad input: each problem gets an error naming the file", async (t) => 
     const dir = await modelDir(await tinyConfig(), bytes);
     await assertLoadError(dir, "model.safetensors", "runs past the end of the file");
   });
-  await t.step("missing tokenizer.json", async () => {
+  await t.step("a tokenizer option naming a missing tokenizer.json", async () => {
     const dir = await modelDir(await tinyConfig(), await tinyTensors());
-    const error = await assertRejects(() => loadModel(dir), ModelFileError);
+    const error = await assertRejects(() => loadModel(dir, { tokenizer: dir }), ModelFileError);
     assertStringIncludes(error.message, "tokenizer.json");
     assertStringIncludes(error.message, "File not found");
   });
@@ -261,7 +261,10 @@ Deno.test("an HF repo id loads through the hub layout and then from the cache, o
 Deno.test("a missing file on the server is a clear error", async () => {
   const { server, origin } = serveDirectory(`${SHARED}/fixtures/hf-oracle/tiny-f32`, "/m/");
   try {
-    const error = await assertRejects(() => loadModel(`${origin}/m/`), ModelFileError);
+    const error = await assertRejects(
+      () => loadModel(`${origin}/m/`, { tokenizer: `${origin}/m/` }),
+      ModelFileError,
+    );
     assertStringIncludes(error.message, `${origin}/m/tokenizer.json`);
     assertStringIncludes(error.message, "404");
   } finally {

@@ -1,0 +1,118 @@
+/**
+ * The parts of {@link loadModel} that read formats other than an HF
+ * directory of safetensors: a single GGUF file, and a tokenizer from
+ * elsewhere (or none).
+ *
+ * @module
+ */
+
+import type { MambaConfig } from "./config.ts";
+import { ModelFileError } from "./errors.ts";
+import { GGML, GgufFile } from "./gguf.ts";
+import { ggufConfig, GgufTensors, ggufTokenizer, hasGgufTokenizer } from "./gguf_model.ts";
+import { type ModelSource, openSource, readJson, type SourceOptions } from "./source.ts";
+import { MambaTokenizer } from "./tokenizer.ts";
+import { loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
+
+/**
+ * Where a source names one file with extension `extension` (a path, a URL,
+ * or `owner/name/file` on the hub): the source of its directory and its
+ * name; null for anything else.
+ */
+export function singleFile(
+  source: string | URL,
+  extension: string,
+): { dir: string | URL; name: string } | null {
+  if (source instanceof URL || /^(https?|file):/i.test(source)) {
+    const url = new URL(source);
+    if (!url.pathname.toLowerCase().endsWith(extension)) return null;
+    const name = decodeURIComponent(url.pathname.slice(url.pathname.lastIndexOf("/") + 1));
+    return { dir: new URL(".", url), name };
+  }
+  if (!source.toLowerCase().endsWith(extension)) return null;
+  const slash = source.lastIndexOf("/");
+  return { dir: slash < 0 ? "." : source.slice(0, slash) || "/", name: source.slice(slash + 1) };
+}
+
+/** Options {@link readTokenizer} and {@link loadGguf} use. */
+export interface TokenizerOptions extends SourceOptions {
+  /** Where the tokenizer comes from instead: see `LoadOptions.tokenizer`. */
+  tokenizer?: string | URL;
+}
+
+/**
+ * The tokenizer of a model directory: `options.tokenizer`'s where given
+ * (a directory, URL or repo id with tokenizer.json, or a tokenizer.json
+ * itself), else the directory's own tokenizer.json, else null (ids only).
+ * Checked against the model's `vocabSize` embedding rows.
+ */
+export async function readTokenizer(
+  dir: ModelSource,
+  vocabSize: number,
+  options: TokenizerOptions = {},
+): Promise<MambaTokenizer | null> {
+  let source = dir;
+  let name = "tokenizer.json";
+  if (options.tokenizer !== undefined) {
+    const file = singleFile(options.tokenizer, ".json");
+    source = await openSource(file?.dir ?? options.tokenizer, options);
+    name = file?.name ?? name;
+  } else if (!await dir.exists(name)) {
+    return null;
+  }
+  const tokenizerConfig = await source.exists("tokenizer_config.json")
+    ? await readJson(source, "tokenizer_config.json")
+    : undefined;
+  const tokenizer = MambaTokenizer.fromJSON(
+    await readJson(source, name),
+    tokenizerConfig,
+    source.describe(name),
+  );
+  checkVocabulary(tokenizer, vocabSize);
+  return tokenizer;
+}
+
+function checkVocabulary(tokenizer: MambaTokenizer, vocabSize: number): void {
+  if (tokenizer.vocabSize > vocabSize) {
+    throw new ModelFileError(
+      tokenizer.file,
+      `Knows ${tokenizer.vocabSize} token ids but the model has only ${vocabSize} embedding rows`,
+    );
+  }
+}
+
+/** What one GGUF file holds. */
+export interface GgufModel {
+  /** The hyperparameters from the `mamba.*` metadata. */
+  config: MambaConfig;
+  /** The weights, checked against the config, dequantized to float32. */
+  weights: MambaWeights<Float32Array>;
+  /** The file's own tokenizer, or `options.tokenizer`'s, or null. */
+  tokenizer: MambaTokenizer | null;
+  /** Whether the matrices were stored in fewer than 32 bits. */
+  halfWeights: boolean;
+}
+
+/**
+ * Reads GGUF file `name` of `dir`: config, weights (dequantized to float32)
+ * and tokenizer (`options.tokenizer` where given, else the file's own).
+ */
+export async function loadGguf(
+  dir: ModelSource,
+  name: string,
+  options: TokenizerOptions = {},
+): Promise<GgufModel> {
+  const file = dir.describe(name);
+  const gguf = GgufFile.parse(await dir.readBytes(name), file);
+  const config = ggufConfig(gguf);
+  let tokenizer: MambaTokenizer | null = null;
+  if (options.tokenizer !== undefined) {
+    tokenizer = await readTokenizer(dir, config.vocabSize, options);
+  } else if (hasGgufTokenizer(gguf)) {
+    tokenizer = ggufTokenizer(gguf);
+    checkVocabulary(tokenizer, config.vocabSize);
+  }
+  const weights = loadWeights(new TensorStore([new GgufTensors(gguf)]), config, file);
+  const halfWeights = gguf.info("blk.0.ssm_in.weight").type !== GGML.F32;
+  return { config, weights, tokenizer, halfWeights };
+}

@@ -1,0 +1,186 @@
+/**
+ * GGUF: dequantization bit for bit against gguf-py's reference, GGUF files
+ * written by llama.cpp's converter giving the oracle's logits, the tokenizer
+ * built from the file's metadata encoding like tokenizer.json, and a clear
+ * error for every kind of malformed file.
+ */
+
+import { assert, assertEquals, assertStringIncludes, assertThrows } from "@std/assert";
+import { ModelFileError } from "../src/errors.ts";
+import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
+import { ggufConfig, ggufTokenizer } from "../src/gguf_model.ts";
+import { singleFile } from "../src/formats.ts";
+import { loadModel } from "../src/load.ts";
+import { SafetensorsFile } from "../src/safetensors.ts";
+import { oracleDiff, SHARED } from "./helpers.ts";
+
+const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
+
+Deno.test("dequantization equals gguf-py's bit for bit", async () => {
+  const fixture = SafetensorsFile.parse(
+    await Deno.readFile(`${FIXTURES}quants.safetensors`),
+    "quants.safetensors",
+  );
+  for (const [name, type] of Object.entries(GGML)) {
+    if (type === GGML.F32) continue;
+    const key = name.toLowerCase();
+    const info = fixture.info(`${key}.blocks`);
+    const blocks = fixture.bytes.subarray(info.byteOffset, info.byteOffset + info.byteLength);
+    const expected = fixture.float32(`${key}.values`);
+    const actual = dequantize(type, blocks, expected.length);
+    assertEquals(
+      new Uint32Array(actual.buffer),
+      new Uint32Array(expected.slice().buffer),
+      `${name} differs from gguf-py`,
+    );
+  }
+});
+
+for (
+  const [gguf, oracleCase] of [
+    ["tiny-f32.gguf", "tiny-f32"],
+    ["odd-bf16-f16.gguf", "odd-bf16"],
+  ]
+) {
+  Deno.test(`${gguf} (made by make-gguf.sh) gives the oracle's logits within 1e-4`, async () => {
+    const model = await loadModel(`${FIXTURES}${gguf}`, { backend: "js" });
+    const diff = await oracleDiff(model, oracleCase);
+    assert(diff < 1e-4, `max |Δlogit| ${diff}`);
+    assert(model.hasTokenizer);
+  });
+}
+
+Deno.test("the GGUF tokenizer encodes like tokenizer.json", async () => {
+  const gguf = GgufFile.parse(
+    await Deno.readFile(`${SHARED}/peers/llama.cpp/ggml-vocab-gpt-neox.gguf`),
+    "ggml-vocab-gpt-neox.gguf",
+  );
+  const tokenizer = ggufTokenizer(gguf);
+  const cases = JSON.parse(await Deno.readTextFile(`${SHARED}/fixtures/tokenizer/cases.json`));
+  for (const { text, ids, decoded } of cases["gpt-neox-20b"]) {
+    assertEquals(tokenizer.encode(text), ids, JSON.stringify(text));
+    assertEquals(tokenizer.decode(ids), decoded, JSON.stringify(text));
+  }
+  assertEquals(tokenizer.eosTokenId, 0);
+});
+
+/** A minimal valid GGUF: one metadata string, one F32 tensor [2, 32]. */
+function smallGguf(
+  { version = 3, alignment, type = GGML.F32, offset = 0, dims = [32, 2] }: {
+    version?: number;
+    alignment?: number;
+    type?: number;
+    offset?: number;
+    dims?: number[];
+  } = {},
+): Uint8Array {
+  const parts: number[] = [];
+  const u32 = (v: number) => parts.push(v & 255, (v >> 8) & 255, (v >> 16) & 255, v >>> 24);
+  const u64 = (v: number) => (u32(v % 2 ** 32), u32(Math.floor(v / 2 ** 32)));
+  const string = (s: string) => {
+    const bytes = new TextEncoder().encode(s);
+    u64(bytes.length);
+    parts.push(...bytes);
+  };
+  parts.push(..."GGUF".split("").map((c) => c.charCodeAt(0)));
+  u32(version);
+  u64(1); // tensors
+  u64(alignment === undefined ? 1 : 2);
+  string("general.architecture");
+  u32(8);
+  string("mamba");
+  if (alignment !== undefined) {
+    string("general.alignment");
+    u32(4);
+    u32(alignment);
+  }
+  string("w");
+  u32(dims.length);
+  for (const d of dims) u64(d);
+  u32(type);
+  u64(offset);
+  const align = alignment ?? 32;
+  while (parts.length % align) parts.push(0);
+  for (let i = 0; i < 64 * 4; i++) parts.push(0);
+  return Uint8Array.from(parts);
+}
+
+Deno.test("bad GGUF files get an error naming the file and the field", async (t) => {
+  const cases: [string, Uint8Array, string][] = [
+    ["wrong magic", new TextEncoder().encode("GGML...."), "magic"],
+    ["version 1", smallGguf({ version: 1 }), "version 1"],
+    ["truncated header", smallGguf().subarray(0, 40), "more than fit"],
+    ["truncated tensor info", smallGguf().subarray(0, 90), "Ends inside"],
+    ["alignment not a power of two", smallGguf({ alignment: 24 }), "general.alignment"],
+    ["unknown type", smallGguf({ type: 99 }), "unknown ggml type 99"],
+    ["offset past the data", smallGguf({ offset: 1024 }), "needs bytes 1024"],
+    ["unaligned offset", smallGguf({ offset: 4 }), "not a multiple of the alignment"],
+    ["row not a multiple of the block", smallGguf({ type: GGML.Q8_0, dims: [16, 2] }), "block"],
+    ["too many dimensions", smallGguf({ dims: [32, 1, 1, 1, 1] }), "5 dimensions"],
+  ];
+  for (const [name, bytes, fragment] of cases) {
+    await t.step(name, () => {
+      const error = assertThrows(() => GgufFile.parse(bytes, "bad.gguf"), ModelFileError);
+      assertStringIncludes(error.message, "bad.gguf");
+      assertStringIncludes(error.message, fragment);
+    });
+  }
+  await t.step("a type without a dequantizer names it", () => {
+    const gguf = GgufFile.parse(smallGguf({ type: 13, dims: [256, 1] }), "bad.gguf");
+    const error = assertThrows(() => gguf.float32("w"), ModelFileError);
+    assertStringIncludes(error.message, "Q5_K");
+  });
+  await t.step("the default alignment and a valid file parse", () => {
+    const gguf = GgufFile.parse(smallGguf(), "ok.gguf");
+    assertEquals(gguf.alignment, 32);
+    assertEquals(gguf.info("w").shape, [2, 32]);
+    assertEquals(gguf.float32("w").length, 64);
+  });
+  await t.step("another architecture is named", () => {
+    const gguf = GgufFile.parse(smallGguf(), "arch.gguf");
+    gguf.metadata.set("general.architecture", "llama");
+    const error = assertThrows(() => ggufConfig(gguf), ModelFileError);
+    assertStringIncludes(error.message, `"llama"`);
+  });
+});
+
+Deno.test("a .gguf source: a path, a URL or a hub file", async (t) => {
+  await t.step("where each form points", () => {
+    assertEquals(singleFile("models/m.gguf", ".gguf"), { dir: "models", name: "m.gguf" });
+    assertEquals(singleFile("m.GGUF", ".gguf"), { dir: ".", name: "m.GGUF" });
+    assertEquals(singleFile("/m.gguf", ".gguf"), { dir: "/", name: "m.gguf" });
+    assertEquals(singleFile("owner/repo/m.gguf", ".gguf"), { dir: "owner/repo", name: "m.gguf" });
+    assertEquals(singleFile("owner/repo", ".gguf"), null);
+    assertEquals(singleFile("https://host/a/b%20c.gguf?download=1", ".gguf"), {
+      dir: new URL("https://host/a/"),
+      name: "b c.gguf",
+    });
+    assertEquals(singleFile(new URL("https://host/a/m.gguf"), ".gguf"), {
+      dir: new URL("https://host/a/"),
+      name: "m.gguf",
+    });
+  });
+  await t.step("over http, the one file is the whole model", async () => {
+    const requests: string[] = [];
+    const server = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+      async (req) => {
+        const path = new URL(req.url).pathname;
+        requests.push(path);
+        if (path !== "/files/tiny-f32.gguf") return new Response("not found", { status: 404 });
+        const bytes = await Deno.readFile(`${FIXTURES}tiny-f32.gguf`);
+        return new Response(bytes, { headers: { "content-length": String(bytes.length) } });
+      },
+    );
+    try {
+      const model = await loadModel(`http://127.0.0.1:${server.addr.port}/files/tiny-f32.gguf`, {
+        backend: "js",
+      });
+      assertEquals(model.vocabSize, 256);
+      assertEquals(requests, ["/files/tiny-f32.gguf"]);
+      assert((await oracleDiff(model, "tiny-f32")) < 1e-4);
+    } finally {
+      await server.shutdown();
+    }
+  });
+});

@@ -1,0 +1,113 @@
+/**
+ * `deno task quantize`: Q8_0 and Q4_0 quantize bit for bit as gguf-py's
+ * reference does, every type decodes back within its step, and the GGUF it
+ * writes loads as a complete model (F16 of an F16 checkpoint: the HF
+ * oracle's logits; its tokenizer: tokenizer.json's ids).
+ */
+
+import { assert, assertEquals } from "@std/assert";
+import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
+import { quantize } from "../src/gguf_write.ts";
+import { loadModel } from "../src/load.ts";
+import { quantizeModel } from "../src/quantize.ts";
+import { SafetensorsFile } from "../src/safetensors.ts";
+import { maxAbsDiff, SHARED } from "./helpers.ts";
+
+const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
+const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
+const CLI = new URL("../src/quantize.ts", import.meta.url).pathname;
+
+Deno.test("Q8_0 and Q4_0 quantize as gguf-py's reference, bit for bit", async () => {
+  const fixture = SafetensorsFile.parse(
+    await Deno.readFile(`${FIXTURES}quants.safetensors`),
+    "quants.safetensors",
+  );
+  const rows = fixture.float32("rows");
+  for (const [name, type] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0]] as const) {
+    const info = fixture.info(`${name}.quantized`);
+    const expected = fixture.bytes.subarray(info.byteOffset, info.byteOffset + info.byteLength);
+    assertEquals(quantize(type, rows), expected, name);
+  }
+});
+
+Deno.test("every written type decodes back within its quantization step", () => {
+  const values = Float32Array.from({ length: 1024 }, (_, i) => Math.sin(i * 0.37) * (1 + (i % 7)));
+  const amax = Math.max(...values.map(Math.abs));
+  const range = amax * 2;
+  for (
+    const [type, bound] of [
+      [GGML.F16, amax * 2 ** -11],
+      // Half a step, plus the f16 rounding of the scale (2^-11 of up to 127 steps).
+      [GGML.Q8_0, amax / 127 * 0.57],
+      [GGML.Q4_0, amax / 8],
+      [GGML.Q4_K, range / 15 * 0.6 + range / 63],
+    ] as const
+  ) {
+    const back = dequantize(type, quantize(type, values), values.length);
+    const error = maxAbsDiff(back, values);
+    assert(error <= bound, `${type}: max error ${error} > ${bound}`);
+  }
+});
+
+Deno.test("quantize writes GGUF that loads as the same model, tokenizer included", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-quantize-test-" });
+  try {
+    const { bytes, notes } = await quantizeModel(SHAKESPEARE, "f16");
+    assertEquals(notes, []);
+    await Deno.writeFile(`${dir}/f16.gguf`, bytes);
+    const model = await loadModel(`${dir}/f16.gguf`, { backend: "js" });
+    // The checkpoint is F16, so an F16 GGUF holds exactly its weights.
+    const expected = SafetensorsFile.parse(
+      await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
+      "expected.safetensors",
+    );
+    const ids = expected.int32("prompt0_ids");
+    const logits = expected.float32("prompt0_logits");
+    const diff = maxAbsDiff(
+      await model.forward(ids),
+      logits.subarray(0, ids.length * model.vocabSize),
+    );
+    assert(diff < 1e-4, `max |Δlogit| ${diff}`);
+    const cases = JSON.parse(await Deno.readTextFile(`${SHARED}/fixtures/tokenizer/cases.json`));
+    for (const { text, ids: wanted, decoded } of cases["tiny-shakespeare"]) {
+      assertEquals(model.tokenizer.encode(text), wanted, JSON.stringify(text));
+      assertEquals(model.tokenizer.decode(wanted), decoded, JSON.stringify(text));
+    }
+
+    // Quantized: the 16-column dt_proj falls back to F16 with a note per layer.
+    const q4 = await quantizeModel(SHAKESPEARE, "q4_0");
+    assertEquals(q4.notes.length, model.config.nLayer);
+    const gguf = GgufFile.parse(q4.bytes, "q4_0.gguf");
+    assertEquals(gguf.info("blk.0.ssm_in.weight").type, GGML.Q4_0);
+    assertEquals(gguf.info("blk.0.ssm_dt.weight").type, GGML.F16);
+    assertEquals(gguf.info("blk.0.ssm_conv1d.weight").type, GGML.F32);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the quantize command writes the file and notes each F16 fallback; bad flags print usage", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-quantize-cli-" });
+  const run = (args: string[]) =>
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-read", "--allow-write", "--allow-env", "--allow-net", CLI, ...args],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+  try {
+    const out = `${dir}/m.gguf`;
+    const written = await run([SHAKESPEARE, out, "--type", "q8_0"]);
+    const stderr = new TextDecoder().decode(written.stderr);
+    assertEquals(written.code, 0, stderr);
+    assertEquals(stderr.match(/^note: blk\.\d+\.ssm_dt\.weight/gm)?.length, 6);
+    assertEquals(
+      GgufFile.parse(await Deno.readFile(out), out).info("token_embd.weight").type,
+      GGML.Q8_0,
+    );
+    const refused = await run([SHAKESPEARE, out, "--type", "q3_k"]);
+    assertEquals(refused.code, 2);
+    assert(new TextDecoder().decode(refused.stderr).startsWith("Usage: deno task quantize"));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
