@@ -57,7 +57,7 @@ export async function startServer(
       MAMBA_THREADS: THREADS,
       MAMBA_MAX_CONCURRENT: "64",
       MAMBA_PREFIX_CACHE_MB: "0",
-      HOSTNAME: "127.0.0.1",
+      MAMBA_HOST: "127.0.0.1",
       PORT: "0",
       ...env,
     },

@@ -896,7 +896,7 @@ async function spawnServer(
       MAMBA_MODEL: `${SHARED}/models/tiny-shakespeare`,
       MAMBA_BACKEND: "wasm",
       MAMBA_THREADS: "1",
-      HOSTNAME: "127.0.0.1",
+      MAMBA_HOST: "127.0.0.1",
       PORT: "0",
       NO_COLOR: "1",
       ...env,

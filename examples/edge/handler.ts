@@ -74,6 +74,18 @@ export interface HandlerOptions {
   defaultMaxNewTokens?: number;
   /** Request body bytes accepted at most (default 1 MiB). */
   maxBodyBytes?: number;
+  /**
+   * Prompt bytes (UTF-8) accepted at most, checked before tokenizing
+   * (default 16 per token of `maxPromptTokens`).
+   */
+  maxPromptBytes?: number;
+  /**
+   * API keys accepted as `Authorization: Bearer <key>`; when given, every
+   * request needs one (401 without). Each key is a tenant: its prefix cache
+   * and session ids are its own. Empty or absent: no authentication, one
+   * tenant.
+   */
+  apiKeys?: readonly string[];
 }
 
 /** What `GET /v1/stats` reports. */
@@ -118,8 +130,12 @@ interface Job {
   turn: SessionTurn | null;
   /** Leading prompt ids already in `session` from the prefix cache. */
   cachedTokens: number;
-  /** The session id to save under when the reply completes, or null. */
+  /** The session id the client sees, or null. */
   sessionId: string | null;
+  /** The key the session is saved under when the reply completes: the tenant's and the id. */
+  storeId: string | null;
+  /** The prefix cache's namespace: the tenant's and the model's. */
+  cacheScope: string;
   /** When the request arrived (performance.now()). */
   started: number;
   /** Frees the slot, the session's turn and its state; safe to call twice. */
@@ -150,6 +166,13 @@ function sse(data: unknown, event?: string): string {
   return `${event ? `event: ${event}\n` : ""}data: ${JSON.stringify(data)}\n\n`;
 }
 
+/** The client closed the connection before its request body arrived. */
+class ClientGoneError extends Error {
+  constructor() {
+    super("The client closed the connection during the request body");
+  }
+}
+
 /** Reads a JSON body of at most `maxBytes` bytes, whatever Content-Length claims. */
 async function readJsonBody(request: Request, maxBytes: number): Promise<unknown> {
   const tooLarge = () => new HttpError(413, `The request body is over ${maxBytes} bytes`);
@@ -157,10 +180,16 @@ async function readJsonBody(request: Request, maxBytes: number): Promise<unknown
   const chunks: Uint8Array[] = [];
   let size = 0;
   if (request.body) {
-    for await (const chunk of request.body) {
-      size += chunk.byteLength;
-      if (size > maxBytes) throw tooLarge(); // Leaving the loop cancels the body.
-      chunks.push(chunk);
+    try {
+      for await (const chunk of request.body) {
+        size += chunk.byteLength;
+        if (size > maxBytes) throw tooLarge(); // Leaving the loop cancels the body.
+        chunks.push(chunk);
+      }
+    } catch (error) {
+      if (error instanceof HttpError) throw error;
+      // The client went away during the upload: a normal disconnect.
+      throw new ClientGoneError();
     }
   }
   const bytes = new Uint8Array(size);
@@ -174,6 +203,24 @@ async function readJsonBody(request: Request, maxBytes: number): Promise<unknown
   } catch (error) {
     throw new HttpError(400, `The request body is not valid JSON: ${(error as Error).message}`);
   }
+}
+
+/** A session's key in the store: the tenant's name (none without API keys) and the client's id. */
+function storeId(tenant: string, id: string): string {
+  return tenant === "" ? id : `${tenant}/${id}`;
+}
+
+/** Compares two byte strings in time that depends on their lengths only, not on where they differ. */
+function constantTimeEquals(a: Uint8Array, b: Uint8Array): boolean {
+  let difference = a.length ^ b.length;
+  for (let i = 0; i < a.length; i++) difference |= a[i] ^ b[i % b.length];
+  return difference === 0 && b.length > 0;
+}
+
+/** The tenant name of an API key: a digest, so that keys appear in no store key or log. */
+async function tenantOf(key: Uint8Array<ArrayBuffer>): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", key));
+  return Array.from(digest.subarray(0, 12), (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 function round(ms: number): number {
@@ -252,6 +299,15 @@ export function createHandler(
   const maxConcurrent = options.maxConcurrent ?? 8;
   const maxPromptTokens = options.maxPromptTokens ?? 4096;
   const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
+  const maxPromptBytes = options.maxPromptBytes ?? maxPromptTokens * 16;
+  const encoder = new TextEncoder();
+  const apiKeys = (options.apiKeys ?? []).filter((key) => key !== "");
+  const tenants = Promise.all(
+    apiKeys.map(async (key) => {
+      const bytes = encoder.encode(key);
+      return { bytes, tenant: await tenantOf(bytes) };
+    }),
+  );
   const limits: RequestLimits = {
     maxNewTokens: options.maxNewTokens ?? 1024,
     defaultMaxNewTokens: Math.min(options.defaultMaxNewTokens ?? 128, options.maxNewTokens ?? 1024),
@@ -271,7 +327,20 @@ export function createHandler(
    * Takes a concurrency slot, tokenizes, and restores the session (stored, or
    * the longest cached prefix); throws HttpError to refuse the request.
    */
-  async function prepare(request: GenerationRequest, started: number): Promise<Job> {
+  async function prepare(
+    request: GenerationRequest,
+    tenant: string,
+    started: number,
+  ): Promise<Job> {
+    const promptBytes = encoder.encode(request.prompt).length;
+    if (promptBytes > maxPromptBytes) {
+      throw new HttpError(
+        400,
+        `The prompt has ${promptBytes} bytes; the limit is ${maxPromptBytes}`,
+      );
+    }
+    // Sessions and cached prefixes of one tenant are invisible to the others.
+    const cacheScope = `${tenant}\u0000${modelName}`;
     if (counters.active >= maxConcurrent) {
       counters.rejected++;
       throw new HttpError(
@@ -312,7 +381,7 @@ export function createHandler(
       if (session.kind === "continue") {
         try {
           // The session's latest state, and the exclusive right to save the next one.
-          turn = await sessions.begin(session.id);
+          turn = await sessions.begin(storeId(tenant, session.id));
         } catch (error) {
           if (error instanceof SessionBusyError) throw new HttpError(409, error.message);
           throw error;
@@ -332,21 +401,26 @@ export function createHandler(
           ids,
           session: restored,
           turn,
+          cacheScope,
           cachedTokens: 0,
           sessionId: session.id,
+          storeId: storeId(tenant, session.id),
           started,
           release,
         };
       }
-      const hit = prefixCache.lookup(modelName, ids);
+      const hit = prefixCache.lookup(cacheScope, ids);
       restored = model.session(hit?.snapshot);
+      const sessionId = session.kind === "new" ? crypto.randomUUID() : null;
       return {
         request,
         ids,
         session: restored,
         turn: null,
         cachedTokens: hit?.ids.length ?? 0,
-        sessionId: session.kind === "new" ? crypto.randomUUID() : null,
+        sessionId,
+        storeId: sessionId === null ? null : storeId(tenant, sessionId),
+        cacheScope,
         started,
         release,
       };
@@ -369,7 +443,7 @@ export function createHandler(
       // snapshot it. Otherwise the prompt goes to the decode engine with the
       // generation, which reads nothing back before the first ids.
       await session.prefill(prompt);
-      prefixCache.store(modelName, ids, await session.snapshot());
+      prefixCache.store(job.cacheScope, ids, await session.snapshot());
       prompt = [];
     }
     const cachingMs = performance.now() - prefillStart;
@@ -389,11 +463,11 @@ export function createHandler(
       await yieldToEventLoop();
     }
     const finishReason = generation.stats.finishReason ?? "length";
-    if (job.sessionId !== null && finishReason !== "abort") {
+    if (job.storeId !== null && finishReason !== "abort") {
       const snapshot = await session.snapshot();
       // A turn saves only over the state it began from; a new session's id is fresh.
       if (job.turn !== null) await job.turn.commit(snapshot);
-      else await sessions.set(job.sessionId, snapshot);
+      else await sessions.set(job.storeId, snapshot);
     }
     return {
       finishReason,
@@ -509,26 +583,63 @@ export function createHandler(
 
   async function generate(
     request: Request,
+    tenant: string,
     parse: (body: unknown, limits: RequestLimits) => GenerationRequest,
     format: Format,
   ): Promise<Response> {
     const started = performance.now();
     const body = parse(await readJsonBody(request, maxBodyBytes), limits);
-    return respond(await prepare(body, started), format, request.signal);
+    return respond(await prepare(body, tenant, started), format, request.signal);
   }
 
-  const routes: Record<string, Record<string, (request: Request) => Promise<Response>>> = {
-    "/v1/generate": { POST: (request) => generate(request, parseGenerateBody, GENERATE_FORMAT) },
+  /**
+   * The tenant a request acts for: "" without API keys, else its key's
+   * digest; a missing or unknown key is a 401. Every key is compared, so the
+   * time taken says nothing about which one came close.
+   */
+  async function authenticate(request: Request): Promise<string> {
+    const known = await tenants;
+    if (known.length === 0) return "";
+    const match = /^Bearer +(\S+) *$/i.exec(request.headers.get("authorization") ?? "");
+    const given = encoder.encode(match?.[1] ?? "");
+    let tenant: string | null = null;
+    for (const key of known) {
+      if (constantTimeEquals(given, key.bytes)) tenant = key.tenant;
+    }
+    if (tenant === null) {
+      throw new HttpError(
+        401,
+        match
+          ? "The API key is not valid"
+          : "An API key is required: send the header Authorization: Bearer <key>",
+        { "www-authenticate": "Bearer" },
+      );
+    }
+    return tenant;
+  }
+
+  type Route = (request: Request, tenant: string) => Promise<Response>;
+  const routes: Record<string, Record<string, Route>> = {
+    "/v1/generate": {
+      POST: (request, tenant) => generate(request, tenant, parseGenerateBody, GENERATE_FORMAT),
+    },
     "/v1/completions": {
-      POST: (request) => generate(request, parseCompletionsBody, completionsFormat(modelName)),
+      POST: (request, tenant) =>
+        generate(request, tenant, parseCompletionsBody, completionsFormat(modelName)),
     },
     "/v1/stats": { GET: () => Promise.resolve(json(200, stats())) },
   };
 
-  async function deleteSession(id: string): Promise<Response> {
+  async function deleteSession(tenant: string, encodedId: string): Promise<Response> {
+    let id: string;
+    try {
+      id = decodeURIComponent(encodedId);
+    } catch {
+      throw new HttpError(400, `The session id ${encodedId} is not valid percent-encoded UTF-8`);
+    }
     let deleted: boolean;
     try {
-      deleted = await sessions.delete(id);
+      deleted = await sessions.delete(storeId(tenant, id));
     } catch (error) {
       if (error instanceof SessionBusyError) {
         throw new HttpError(409, `Session ${id} is generating a reply; delete it afterwards`);
@@ -542,12 +653,13 @@ export function createHandler(
   return async (request: Request): Promise<Response> => {
     try {
       const { pathname } = new URL(request.url);
+      const tenant = await authenticate(request);
       const session = /^\/v1\/sessions\/([^/]+)$/.exec(pathname);
       if (session) {
         if (request.method !== "DELETE") {
           throw new HttpError(405, `Use DELETE on ${pathname}`, { allow: "DELETE" });
         }
-        return await deleteSession(decodeURIComponent(session[1]));
+        return await deleteSession(tenant, session[1]);
       }
       const route = routes[pathname];
       if (!route) throw new HttpError(404, `No endpoint at ${pathname}`);
@@ -556,11 +668,13 @@ export function createHandler(
         const allowed = Object.keys(route).join(", ");
         throw new HttpError(405, `Use ${allowed} on ${pathname}`, { allow: allowed });
       }
-      return await handle(request);
+      return await handle(request, tenant);
     } catch (error) {
       if (error instanceof HttpError) {
         return json(error.status, { error: error.message }, error.headers);
       }
+      // Nobody reads this reply; the disconnect is no fault of the server.
+      if (error instanceof ClientGoneError) return json(400, { error: error.message });
       console.error("Request failed:", error);
       return json(500, { error: `Internal error: ${(error as Error).message}` });
     }

@@ -18,7 +18,14 @@
  * | `MAMBA_MAX_PROMPT_TOKENS`     | prompt tokens accepted                               | 4096                             |
  * | `MAMBA_MAX_NEW_TOKENS`        | largest `max_new_tokens`                             | 1024                             |
  * | `MAMBA_PREFIX_CACHE_MB`       | prefix-cache size (0: off)                           | 64                               |
- * | `PORT`, `HOSTNAME`            | where to listen                                      | 8000, 0.0.0.0                    |
+ * | `MAMBA_API_KEYS`              | comma-separated keys, sent as `Bearer` tokens        | none (no authentication)         |
+ * | `MAMBA_HOST`                  | address to listen on (`0.0.0.0`: every interface)    | 127.0.0.1                        |
+ * | `PORT`                        | port to listen on                                    | 8000                             |
+ *
+ * Each API key is a tenant with its own sessions and prefix cache. Before
+ * exposing the server beyond this machine, read docs/edge-server.md. A bad
+ * setting or a port in use ends the process with one line on stderr and exit
+ * code 1, before the model loads.
  *
  * Several processes (or Deno Deploy isolates) given one KV database serve
  * the same sessions, one turn at a time: see docs/edge-scale-out.md.
@@ -80,8 +87,48 @@ async function openSessionStore(): Promise<SessionStore> {
   });
 }
 
+/** The model's name in replies: its directory's or repository's last part, never a local path. */
+export function modelNameOf(location: string | URL): string {
+  const text = location instanceof URL ? location.pathname : location;
+  const parts = text.split(/[\\/]/).filter((part) => part !== "");
+  return parts.at(-1) ?? "mamba";
+}
+
+/** Reads `MAMBA_API_KEYS`: comma-separated keys, spaces around them ignored. */
+function apiKeysEnv(): string[] {
+  const keys = (Deno.env.get("MAMBA_API_KEYS") ?? "").split(",").map((key) => key.trim())
+    .filter((key) => key !== "");
+  for (const key of keys) {
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      throw new Error("MAMBA_API_KEYS must hold printable ASCII keys without spaces");
+    }
+  }
+  return keys;
+}
+
+/** Fails now, before the model loads, when the address cannot be listened on. */
+function checkListenable(hostname: string, port: number): void {
+  if (port === 0) return;
+  try {
+    Deno.listen({ hostname, port }).close();
+  } catch (error) {
+    const reason = error instanceof Deno.errors.AddrInUse
+      ? "the port is in use"
+      : (error as Error).message;
+    throw new Error(`Cannot listen on ${hostname}:${port}: ${reason}`);
+  }
+}
+
 /** Loads the model the environment names and serves it until the process ends. */
 export async function main(): Promise<void> {
+  const port = integerEnv("PORT", 0) ?? 8000;
+  if (port > 65535) throw new Error(`PORT must be 65535 or less, got ${port}`);
+  const hostname = Deno.env.get("MAMBA_HOST") || "127.0.0.1";
+  const apiKeys = apiKeysEnv();
+  const maxPromptTokens = integerEnv("MAMBA_MAX_PROMPT_TOKENS");
+  const maxNewTokens = integerEnv("MAMBA_MAX_NEW_TOKENS");
+  const prefixCacheMegabytes = integerEnv("MAMBA_PREFIX_CACHE_MB", 0);
+  const threads = integerEnv("MAMBA_THREADS");
   const backend = (Deno.env.get("MAMBA_BACKEND") || "auto") as BackendName;
   if (!BACKENDS.includes(backend)) {
     throw new Error(`MAMBA_BACKEND must be one of ${BACKENDS.join(", ")}, got ${backend}`);
@@ -89,28 +136,39 @@ export async function main(): Promise<void> {
   const location = Deno.env.get("MAMBA_MODEL") ||
     new URL("../../models/tiny-shakespeare/", import.meta.url);
   const maxConcurrent = integerEnv("MAMBA_MAX_CONCURRENT");
+  const sessions = await openSessionStore();
+  checkListenable(hostname, port);
   const model = await loadModel(location, {
     backend,
-    threads: integerEnv("MAMBA_THREADS"),
+    threads,
     // "auto" measures decoding at the batch the server runs at most (the handler's default: 8).
     batch: maxConcurrent ?? 8,
   });
   const options: HandlerOptions = {
-    modelName: String(location),
-    sessions: await openSessionStore(),
+    modelName: modelNameOf(location),
+    sessions,
     maxConcurrent,
-    maxPromptTokens: integerEnv("MAMBA_MAX_PROMPT_TOKENS"),
-    maxNewTokens: integerEnv("MAMBA_MAX_NEW_TOKENS"),
-    prefixCacheBytes: (integerEnv("MAMBA_PREFIX_CACHE_MB", 0) ?? 64) * (1 << 20),
+    maxPromptTokens,
+    maxNewTokens,
+    prefixCacheBytes: (prefixCacheMegabytes ?? 64) * (1 << 20),
+    apiKeys,
   };
   Deno.serve({
-    port: integerEnv("PORT", 0) ?? 8000,
-    hostname: Deno.env.get("HOSTNAME") || "0.0.0.0",
+    port,
+    hostname,
     onListen: ({ hostname, port }) =>
       console.error(
-        `Serving ${location} (backend ${model.backend}) on http://${hostname}:${port}/`,
+        `Serving ${location} (backend ${model.backend}) on http://${hostname}:${port}/` +
+          (apiKeys.length > 0 ? ` for ${apiKeys.length} API keys` : " without API keys"),
       ),
   }, createHandler(model, options));
 }
 
-if (import.meta.main) await main();
+if (import.meta.main) {
+  try {
+    await main();
+  } catch (error) {
+    console.error(`error: ${(error as Error).message}`);
+    Deno.exit(1);
+  }
+}
