@@ -57,7 +57,7 @@ export { SAMPLING_SETTINGS, samplingFeatures, samplingSettings } from "./src/bac
 export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
 export type { BackendCache, BackendReport, CandidateReport, MeasuredRuns } from "./src/dispatch.ts";
 export type { SourceOptions } from "./src/source.ts";
-export { Session, SnapshotError } from "./src/session.ts";
+export { Session } from "./src/session.ts";
 export type { DecodeOptions, SessionDecodeOptions } from "./src/session.ts";
 export { DecodeEngine, engineFor } from "./src/engine.ts";
 export type { DecodeJob, DecodeResult, EngineOptions, Verdict } from "./src/engine.ts";
@@ -73,4 +73,4 @@ export type { SamplingOptions } from "./src/sampler.ts";
 export { MambaTokenizer, StreamingDecoder } from "./src/tokenizer.ts";
 export { selectiveScan } from "./src/scan.ts";
 export type { SelectiveScanArgs, SelectiveScanOptions, SelectiveScanResult } from "./src/scan.ts";
-export { ModelFileError } from "./src/errors.ts";
+export { BackendUnavailableError, ModelFileError, SnapshotError } from "./src/errors.ts";

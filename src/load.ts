@@ -126,6 +126,21 @@ export class Mamba {
   generate(prompt: string | readonly number[], options?: GenerateOptions): Generation {
     return generate(this, prompt, options);
   }
+
+  /**
+   * Frees what the model holds on its backend (wasm memory and worker threads,
+   * the GPU device with its buffers); the model must be idle and must not be
+   * used afterwards. Calling it again does nothing.
+   */
+  dispose(): void {
+    this.model.backend.dispose();
+  }
+
+  /** Lets `await using model = await loadModel(…)` free the model at the end of the scope. */
+  [Symbol.asyncDispose](): Promise<void> {
+    this.dispose();
+    return Promise.resolve();
+  }
 }
 
 /**
