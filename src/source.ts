@@ -136,8 +136,16 @@ export async function openSource(
     }
     return new HttpSource(dir, options, null);
   }
-  if (await isDirectory(source) || !REPO_ID.test(source)) {
+  if (await isDirectory(source)) {
     return new DirectorySource(source.endsWith("/") ? source : `${source}/`, options.onProgress);
+  }
+  // A typo in a relative path such as "models/tiny-shakespear" also reads as a
+  // repo id; a first segment that exists here shows it was meant as a path.
+  if (!REPO_ID.test(source) || await isDirectory(source.split("/")[0])) {
+    throw new ModelFileError(
+      source,
+      "No such local directory (a Hugging Face repo id has the form owner/name)",
+    );
   }
   const endpoint = (options.hfEndpoint ?? env("HF_ENDPOINT") ?? "https://huggingface.co")
     .replace(/\/+$/, "");
