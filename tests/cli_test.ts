@@ -83,14 +83,17 @@ Deno.test("a model path that does not exist is not taken for a hub id", async ()
 });
 
 Deno.test("a hub id prints what it fetches before the network work", async () => {
-  // No server listens on port 9: the fetch fails at once, after the notice.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const endpoint = `http://127.0.0.1:${listener.addr.port}`;
+  listener.close(); // Nothing listens there: the fetch fails, after the notice.
   const { code, stderr } = await runCli(["-m", "someone/some-model"], {
-    HF_ENDPOINT: "http://127.0.0.1:9",
+    HF_ENDPOINT: endpoint,
     MAMBA_CACHE_DIR: await Deno.makeTempDir(),
   });
   assertEquals(code, 1);
   assertMatch(stderr, /^fetching someone\/some-model \.\.\.\n/);
-  assertStringIncludes(stderr, "http://127.0.0.1:9/someone/some-model/resolve/main/config.json");
+  assertStringIncludes(stderr, `${endpoint}/someone/some-model/resolve/main/config.json`);
+  assertStringIncludes(stderr, "To work offline");
 });
 
 Deno.test("-f reads the prompt from a file; -t sets the wasm threads", async () => {
