@@ -59,7 +59,11 @@ export class Mamba {
   readonly config: MambaConfig;
   /** Text to ids and back. */
   readonly tokenizer: MambaTokenizer;
-  /** The model on its backend. */
+  /**
+   * The model on its backend; its type and members come from `./advanced`.
+   *
+   * @experimental
+   */
   readonly model: MambaModel<unknown>;
   readonly #report: BackendReport;
 
