@@ -4,15 +4,16 @@
  */
 
 import {
+  assert,
   assertEquals,
   assertInstanceOf,
   assertRejects,
   assertStringIncludes,
   assertThrows,
 } from "@std/assert";
-import { BackendUnavailableError, loadModel, SnapshotError } from "../mod.ts";
+import { BackendUnavailableError, loadModel, selectiveScan, SnapshotError } from "../mod.ts";
 import { createBackend } from "../src/backends/registry.ts";
-import { SHARED } from "./helpers.ts";
+import { maxAbsDiff, SHARED } from "./helpers.ts";
 
 const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
 
@@ -48,4 +49,35 @@ Deno.test("a malformed snapshot throws SnapshotError", async () => {
     error.message,
     "Invalid snapshot: it does not start with the MAMBASS1 header",
   );
+});
+
+Deno.test("selectiveScan runs on a caller's backend and leaves it to the caller", async () => {
+  const [batch, dim, len, dState] = [2, 3, 5, 4];
+  const fill = (n: number, seed: number) =>
+    Float32Array.from({ length: n }, (_, i) => Math.sin(i * 1.7 + seed) * 0.5);
+  const args = {
+    u: fill(batch * dim * len, 1),
+    delta: fill(batch * dim * len, 2).map(Math.abs),
+    A: fill(dim * dState, 3).map((v) => -Math.abs(v) - 0.1),
+    B: fill(batch * dState * len, 4),
+    C: fill(batch * dState * len, 5),
+    D: fill(dim, 6),
+    batch,
+    dim,
+    len,
+    dState,
+  };
+  const reference = await selectiveScan(args);
+  const backend = await createBackend("wasm", { threads: 1 });
+  try {
+    for (let run = 0; run < 2; run++) {
+      const { y, lastState } = await selectiveScan(args, { backend });
+      assert(maxAbsDiff(y, reference.y) < 1e-6);
+      assert(maxAbsDiff(lastState, reference.lastState) < 1e-6);
+    }
+    // Still the caller's: it runs after the scans.
+    backend.release(backend.upload(new Float32Array(4)));
+  } finally {
+    backend.dispose();
+  }
 });
