@@ -10,7 +10,9 @@
 import { parseArgs } from "@std/cli/parse-args";
 import { BACKEND_NAMES, type BackendName } from "./backends/registry.ts";
 import { formatBackendReport } from "./dispatch.ts";
-import { loadModel, type LoadProgress } from "./load.ts";
+import { loadModel, type LoadProgress, type Mamba } from "./load.ts";
+import { SnapshotError } from "./errors.ts";
+import type { Session } from "./session.ts";
 import { DEFAULT_MAX_NEW_TOKENS, type GenerateOptions } from "./generate.ts";
 import { SAMPLING_DEFAULTS } from "./sampler.ts";
 
@@ -37,6 +39,8 @@ Options:
       --stop <text>           Stop when this text appears (repeatable)
   -s, --seed <n>              Random seed (default: random)
   -t, --threads <n>           CPU threads of the wasm backend (default: all cores)
+      --prompt-cache <file>   Keep the state after the prompt in this file and start
+                              from it when a later prompt begins with the same text
       --json                  Print one JSON object per token and a final summary
                               object to stdout instead of the text
       --backend <name>        Backend: ${BACKEND_NAMES.join(", ")} (default: auto, which
@@ -65,6 +69,7 @@ const VALUE_FLAGS = [
   "threads",
   "backend",
   "stop",
+  "prompt-cache",
 ] as const;
 const ALIASES = {
   m: "model",
@@ -225,7 +230,14 @@ export async function main(args: string[]): Promise<number> {
     controller.abort();
   };
   Deno.addSignalListener("SIGINT", onInterrupt);
-  const generation = model.generate(prompt, { ...options, signal: controller.signal });
+  const cachePath = flags["prompt-cache"];
+  const generation = cachePath === undefined
+    ? model.generate(prompt, { ...options, signal: controller.signal })
+    : model.generate([], {
+      ...options,
+      signal: controller.signal,
+      session: await promptSession(model, prompt, cachePath),
+    });
   const encoder = new TextEncoder();
   const json = flags.json;
   try {
@@ -259,6 +271,38 @@ export async function main(args: string[]): Promise<number> {
   );
   model.dispose();
   return interrupted ? 130 : 0;
+}
+
+/**
+ * A session that has read `prompt`, resumed from the snapshot in `path` when
+ * that snapshot's tokens begin the prompt; the state after the prompt is
+ * written back to `path` for the next run.
+ */
+async function promptSession(model: Mamba, prompt: string, path: string): Promise<Session> {
+  const ids = model.tokenizer.encode(prompt);
+  let session = model.session();
+  let saved: Uint8Array | null = null;
+  try {
+    saved = await Deno.readFile(path);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  if (saved !== null) {
+    try {
+      const cached = model.session(saved);
+      if (cached.tokens.length <= ids.length && cached.tokens.every((id, i) => id === ids[i])) {
+        session = cached;
+      }
+    } catch (error) {
+      if (!(error instanceof SnapshotError)) throw error;
+      console.error(`prompt cache ${path} is not usable (${error.message}); rewriting it`);
+    }
+  }
+  const reused = session.tokens.length;
+  console.error(`prompt cache: ${reused} of ${ids.length} prompt tokens reused`);
+  if (reused < ids.length) await session.prefill(ids.slice(reused));
+  await Deno.writeFile(path, await session.snapshot());
+  return session;
 }
 
 async function readPrompt(path: string): Promise<string> {

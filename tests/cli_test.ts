@@ -193,3 +193,33 @@ Deno.test("Ctrl-C stops the generation with exit code 130", async () => {
   assertEquals(code, 130, stderr);
   assertMatch(stderr, /tokens, [\d.]+ tok\/s/);
 });
+
+Deno.test("--prompt-cache saves the state after the prompt and a later run skips that prefill", async () => {
+  const samples = await readSamples();
+  const cache = `${await Deno.makeTempDir()}/prompt.bin`;
+  const run = (prompt: string) =>
+    runCli(["--prompt-cache", cache, "-p", prompt, "-n", "48", "--temp", "0", "--backend", "js"]);
+  const first = await run(samples[1].prompt);
+  assertEquals(first.code, 0, first.stderr);
+  assertEquals(first.stdout, samples[1].greedy_text);
+  assertMatch(first.stderr, /prompt cache: 0 of (\d+) prompt tokens reused/);
+  const promptTokens = Number(/of (\d+) prompt tokens/.exec(first.stderr)![1]);
+  const second = await run(samples[1].prompt);
+  assertEquals(second.code, 0, second.stderr);
+  assertEquals(second.stdout, samples[1].greedy_text);
+  assertStringIncludes(
+    second.stderr,
+    `prompt cache: ${promptTokens} of ${promptTokens} prompt tokens reused`,
+  );
+  // A different prompt starts afresh and replaces the cache.
+  const other = await run(samples[0].prompt);
+  assertEquals(other.code, 0, other.stderr);
+  assertEquals(other.stdout, samples[0].greedy_text);
+  assertMatch(other.stderr, /prompt cache: 0 of \d+ prompt tokens reused/);
+  // A file that is no snapshot is reported and rewritten.
+  await Deno.writeTextFile(cache, "not a snapshot");
+  const broken = await run(samples[1].prompt);
+  assertEquals(broken.code, 0, broken.stderr);
+  assertEquals(broken.stdout, samples[1].greedy_text);
+  assertStringIncludes(broken.stderr, "is not usable (Invalid snapshot");
+});

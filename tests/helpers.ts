@@ -45,7 +45,7 @@ export async function runCli(
   env: Record<string, string> = {},
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-read", "--allow-env", "--allow-net", CLI, ...args],
+    args: ["run", "--allow-read", "--allow-write", "--allow-env", "--allow-net", CLI, ...args],
     stdout: "piped",
     stderr: "piped",
     env: { NO_COLOR: "1", ...env },
