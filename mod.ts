@@ -5,25 +5,41 @@
  * @example Generate text with the bundled tiny-shakespeare model
  * ```ts
  * import { loadModel } from "./mod.ts";
+ * import { assert } from "@std/assert";
  *
- * const model = await loadModel(new URL("./models/tiny-shakespeare/", import.meta.url), {
+ * await using model = await loadModel(new URL("./models/tiny-shakespeare/", import.meta.url), {
  *   backend: "js",
  * });
+ * let text = "";
  * for await (const event of model.generate("ROMEO:", { maxNewTokens: 16, temperature: 0 })) {
- *   await Deno.stdout.write(new TextEncoder().encode(event.text));
+ *   text += event.text;
  * }
+ * assert(text.length > 0);
  * ```
  *
  * @example Keep a conversation's state and resume it later
  * ```ts
  * import { loadModel } from "./mod.ts";
+ * import { assertEquals } from "@std/assert";
  *
- * const model = await loadModel(new URL("./models/tiny-shakespeare/", import.meta.url));
+ * await using model = await loadModel(new URL("./models/tiny-shakespeare/", import.meta.url), {
+ *   backend: "js",
+ * });
  * const session = model.session();
  * const logits = await session.prefill(model.tokenizer.encode("JULIET:"));
- * const snapshot = await session.snapshot();
- * const resumed = model.session(snapshot);
- * await resumed.step(logits.indexOf(Math.max(...logits)));
+ * const next = logits.indexOf(Math.max(...logits));
+ * const resumed = model.session(await session.snapshot());
+ * // The resumed session continues exactly where the original stood.
+ * assertEquals(await resumed.step(next), await session.step(next));
+ * ```
+ *
+ * @example Branch on the typed errors
+ * ```ts
+ * import { loadModel, ModelFileError } from "./mod.ts";
+ * import { assertInstanceOf, assertRejects } from "@std/assert";
+ *
+ * const error = await assertRejects(() => loadModel("./no/such/model"));
+ * assertInstanceOf(error, ModelFileError);
  * ```
  *
  * @module
@@ -33,38 +49,14 @@ export { loadModel, Mamba } from "./src/load.ts";
 export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
 export type { BackendOptions } from "./src/backends/registry.ts";
 export type { ScanPrecision } from "./src/backends/webgpu.ts";
-export type { Mamba2Dims, MambaConfig } from "./src/config.ts";
-export type { Mamba2Buffers } from "./src/mamba2.ts";
-export { MambaModel } from "./src/model.ts";
-export type { BlockBuffers, Scratch } from "./src/model.ts";
-export { StatePool } from "./src/pool.ts";
-export type { PoolCopy, SlotContents } from "./src/pool.ts";
-export type {
-  Backend,
-  ChooseArgs,
-  ConvArgs,
-  ConvProjection,
-  ConvStep,
-  CopyRowsArgs,
-  DeltaProjection,
-  GatedNormArgs,
-  OptionalOp,
-  Recording,
-  RowIndex,
-  RowNorm,
-  SamplingFeatures,
-  SamplingSettings,
-  ScanArgs,
-  SsdArgs,
-} from "./src/backend.ts";
-export { SAMPLING_SETTINGS, samplingFeatures, samplingSettings } from "./src/backend.ts";
-export { clearBackendCache, formatBackendReport } from "./src/dispatch.ts";
-export type { BackendCache, BackendReport, CandidateReport, MeasuredRuns } from "./src/dispatch.ts";
+export type { MambaConfig } from "./src/config.ts";
 export type { SourceOptions } from "./src/source.ts";
-export { Session, SnapshotError } from "./src/session.ts";
+export { formatBackendReport } from "./src/dispatch.ts";
+export type { BackendCache, BackendReport, CandidateReport, MeasuredRuns } from "./src/dispatch.ts";
+export { Session } from "./src/session.ts";
+export type { Verdict } from "./src/engine.ts";
+
 export type { DecodeOptions, SessionDecodeOptions } from "./src/session.ts";
-export { DecodeEngine, engineFor } from "./src/engine.ts";
-export type { DecodeJob, DecodeResult, EngineOptions, Verdict } from "./src/engine.ts";
 export { Generation } from "./src/generate.ts";
 export type {
   FinishReason,
@@ -72,9 +64,9 @@ export type {
   GenerationEvent,
   GenerationStats,
 } from "./src/generate.ts";
-export { PickScratch, pickToken, Sampler } from "./src/sampler.ts";
+export { Sampler } from "./src/sampler.ts";
 export type { SamplingOptions } from "./src/sampler.ts";
 export { MambaTokenizer, StreamingDecoder } from "./src/tokenizer.ts";
 export { selectiveScan } from "./src/scan.ts";
 export type { SelectiveScanArgs, SelectiveScanOptions, SelectiveScanResult } from "./src/scan.ts";
-export { ModelFileError } from "./src/errors.ts";
+export { BackendUnavailableError, ModelFileError, SnapshotError } from "./src/errors.ts";

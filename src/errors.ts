@@ -20,3 +20,29 @@ export class ModelFileError extends Error {
     this.file = file;
   }
 }
+
+/** Thrown for a snapshot that is malformed or made for another model. */
+export class SnapshotError extends Error {
+  /** Builds the error from a problem description. */
+  constructor(problem: string, options?: ErrorOptions) {
+    super(`Invalid snapshot: ${problem}`, options);
+    this.name = "SnapshotError";
+  }
+}
+
+/**
+ * Thrown when the backend asked for cannot run in this runtime (no WebGPU
+ * adapter, no WebAssembly SIMD) or when no backend can run at all. `backend`
+ * names the one asked for ("auto" when none could run).
+ */
+export class BackendUnavailableError extends Error {
+  /** The backend that was asked for. */
+  readonly backend: string;
+
+  /** Builds the error for `backend` with a message saying why and what to use instead. */
+  constructor(backend: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "BackendUnavailableError";
+    this.backend = backend;
+  }
+}

@@ -66,7 +66,11 @@ export type { BackendName, LoadProgress };
 export class Mamba {
   /** The normalized hyperparameters. */
   readonly config: MambaConfig;
-  /** The model on its backend. */
+  /**
+   * The model on its backend; its type and members come from `./advanced`.
+   *
+   * @experimental
+   */
   readonly model: MambaModel<unknown>;
   readonly #tokenizer: MambaTokenizer | null;
   readonly #report: BackendReport;
@@ -157,6 +161,21 @@ export class Mamba {
   /** Streams generated tokens; see {@link GenerateOptions}. */
   generate(prompt: string | readonly number[], options?: GenerateOptions): Generation {
     return generate(this, prompt, options);
+  }
+
+  /**
+   * Frees what the model holds on its backend (wasm memory and worker threads,
+   * the GPU device with its buffers); the model must be idle and must not be
+   * used afterwards. Calling it again does nothing.
+   */
+  dispose(): void {
+    this.model.backend.dispose();
+  }
+
+  /** Lets `await using model = await loadModel(…)` free the model at the end of the scope. */
+  [Symbol.asyncDispose](): Promise<void> {
+    this.dispose();
+    return Promise.resolve();
   }
 }
 

@@ -65,14 +65,77 @@ export interface SelectiveScanResult {
 
 /** Options of {@link selectiveScan}: the backend and the options it reads. */
 export interface SelectiveScanOptions extends BackendOptions {
-  /** Backend name; "js" is the reference. */
-  backend?: BackendName;
+  /**
+   * Backend name ("js", the default, is the reference), or a backend the
+   * caller made (for example `model.model.backend`), which stays the caller's
+   * to dispose.
+   */
+  backend?: BackendName | Backend<unknown>;
 }
 
+/**
+ * Backends made for a name and its options, kept between calls so a loop of
+ * scans does not build and tear down a backend (wasm threads, a GPU device)
+ * each time; each is disposed after {@link IDLE_DISPOSE_MS} without a call.
+ */
+const scanBackends = new Map<string, ScanBackend>();
+
+interface ScanBackend {
+  backend: Promise<Backend<unknown>>;
+  /** Calls running on it now. */
+  users: number;
+  timer?: ReturnType<typeof setTimeout>;
+}
+const IDLE_DISPOSE_MS = 1000;
+
+async function withScanBackend<T>(
+  name: BackendName,
+  options: BackendOptions,
+  run: (be: Backend<unknown>) => Promise<T>,
+): Promise<T> {
+  const key = JSON.stringify([name, options]);
+  let entry = scanBackends.get(key);
+  if (!entry) {
+    entry = { backend: createBackend(name, options), users: 0 };
+    scanBackends.set(key, entry);
+    entry.backend.catch(() => scanBackends.delete(key));
+  }
+  clearTimeout(entry.timer);
+  const held = entry;
+  held.users++;
+  try {
+    return await run(await held.backend);
+  } finally {
+    if (--held.users === 0) disposeWhenIdle(key, held);
+  }
+}
+
+function disposeWhenIdle(key: string, held: ScanBackend): void {
+  held.timer = setTimeout(() => {
+    scanBackends.delete(key);
+    held.backend.then((be) => be.dispose(), () => {});
+  }, IDLE_DISPOSE_MS);
+  // The idle disposal alone keeps no program alive.
+  Deno.unrefTimer(held.timer);
+}
+
+/** Tile edge of {@link transpose}: a tile's rows and columns both stay in the L1 cache. */
+const TRANSPOSE_TILE = 32;
+
+/**
+ * Row-major [rows, cols] to [cols, rows], tile by tile: a plain double loop
+ * writes with a stride of `rows` floats and misses the cache on every store.
+ */
 function transpose(src: Float32Array, rows: number, cols: number): Float32Array {
   const out = new Float32Array(rows * cols);
-  for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < cols; c++) out[c * rows + r] = src[r * cols + c];
+  for (let r0 = 0; r0 < rows; r0 += TRANSPOSE_TILE) {
+    const rEnd = Math.min(r0 + TRANSPOSE_TILE, rows);
+    for (let c0 = 0; c0 < cols; c0 += TRANSPOSE_TILE) {
+      const cEnd = Math.min(c0 + TRANSPOSE_TILE, cols);
+      for (let r = r0; r < rEnd; r++) {
+        for (let c = c0; c < cEnd; c++) out[c * rows + r] = src[r * cols + c];
+      }
+    }
   }
   return out;
 }
@@ -103,12 +166,8 @@ export async function selectiveScan(
   checkLength("D", args.D, dim);
   checkLength("deltaBias", args.deltaBias, dim);
   const { backend = "js", ...backendOptions } = options;
-  const be: Backend<unknown> = await createBackend(backend, backendOptions);
-  try {
-    return await scanOn(be, args);
-  } finally {
-    be.dispose?.();
-  }
+  if (typeof backend !== "string") return await scanOn(backend, args);
+  return await withScanBackend(backend, backendOptions, (be) => scanOn(be, args));
 }
 
 async function scanOn<Buf>(

@@ -17,18 +17,12 @@ import { convChannels } from "./config.ts";
 import type { MambaModel } from "./model.ts";
 import type { StatePool } from "./pool.ts";
 import { Sampler } from "./sampler.ts";
+import { SnapshotError } from "./errors.ts";
 
 const MAGIC = "MAMBASS1";
 const HEADER_BYTES = 8 + 7 * 4;
 
-/** Thrown for a snapshot that is malformed or made for another model. */
-export class SnapshotError extends Error {
-  /** Builds the error from a problem description. */
-  constructor(problem: string) {
-    super(`Invalid snapshot: ${problem}`);
-    this.name = "SnapshotError";
-  }
-}
+export { SnapshotError };
 
 /** Options of {@link Session.greedy} and {@link Session.sample}. */
 export interface DecodeOptions {

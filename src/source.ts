@@ -45,6 +45,13 @@ export interface SourceOptions {
   revision?: string;
   /** Passed to every fetch, to cancel a download. */
   signal?: AbortSignal;
+  /**
+   * Milliseconds a request may wait for the server's answer, and a download
+   * for its next bytes, before it is given up (default 30,000).
+   */
+  timeoutMs?: number;
+  /** Further attempts after a request fails at the network or with HTTP 5xx (default 3). */
+  retries?: number;
 }
 
 /** A model directory, wherever it lives. */
@@ -136,8 +143,16 @@ export async function openSource(
     }
     return new HttpSource(dir, options, null);
   }
-  if (await isDirectory(source) || !REPO_ID.test(source)) {
+  if (await isDirectory(source)) {
     return new DirectorySource(source.endsWith("/") ? source : `${source}/`, options.onProgress);
+  }
+  // A typo in a relative path such as "models/tiny-shakespear" also reads as a
+  // repo id; a first segment that exists here shows it was meant as a path.
+  if (!REPO_ID.test(source) || await isDirectory(source.split("/")[0])) {
+    throw new ModelFileError(
+      source,
+      "No such local directory (a Hugging Face repo id has the form owner/name)",
+    );
   }
   const endpoint = (options.hfEndpoint ?? env("HF_ENDPOINT") ?? "https://huggingface.co")
     .replace(/\/+$/, "");
@@ -248,7 +263,8 @@ class HttpSource implements ModelSource {
       if (await this.#isCached(name)) return true;
       if (await this.#isCached(missingMarker(name))) return false;
     }
-    const response = await this.#fetch(name, "HEAD");
+    const { response, watchdog } = await this.#fetch(name, "HEAD");
+    watchdog.stop();
     await response.body?.cancel();
     if (response.status === 404) {
       await this.#store(missingMarker(name), new Uint8Array());
@@ -260,8 +276,9 @@ class HttpSource implements ModelSource {
   async readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array> {
     const cached = this.cache === null ? null : await this.#cached(name, allocate);
     if (cached !== null) return cached;
-    const response = await this.#fetch(name, "GET");
+    const { response, watchdog } = await this.#fetch(name, "GET");
     if (!response.ok) {
+      watchdog.stop();
       await response.body?.cancel();
       throw new ModelFileError(
         this.describe(name),
@@ -270,25 +287,59 @@ class HttpSource implements ModelSource {
           : `HTTP ${response.status} ${response.statusText}`,
       );
     }
-    const bytes = await this.#receive(name, response, allocate);
+    let bytes;
+    try {
+      bytes = await this.#receive(name, response, allocate, watchdog);
+    } catch (error) {
+      if (!watchdog.timedOut) throw error;
+      throw new ModelFileError(
+        this.describe(name),
+        `Download stalled: no data for ${watchdog.ms / 1000} s. ${offlineAdvice(this.cache)}`,
+        { cause: error },
+      );
+    } finally {
+      watchdog.stop();
+    }
     await this.#store(name, bytes);
     return bytes;
   }
 
-  async #fetch(name: string, method: string): Promise<Response> {
-    try {
-      return await fetch(this.describe(name), {
-        method,
-        signal: this.options.signal,
-        redirect: "follow",
-      });
-    } catch (error) {
-      if (this.options.signal?.aborted) throw error;
-      throw new ModelFileError(
-        this.describe(name),
-        `Cannot fetch: ${(error as Error).message}`,
-        { cause: error },
-      );
+  /**
+   * Fetches `name`, retrying with back-off (0.5 s, 1 s, 2 s, …) where the
+   * network fails or the server answers 5xx. The returned watchdog must be
+   * fed while the body streams and stopped once it has.
+   */
+  async #fetch(name: string, method: string): Promise<{ response: Response; watchdog: Watchdog }> {
+    const retries = this.options.retries ?? 3;
+    for (let attempt = 0;; attempt++) {
+      const watchdog = new Watchdog(this.options.timeoutMs ?? 30_000, this.options.signal);
+      let failure: unknown;
+      try {
+        const response = await fetch(this.describe(name), {
+          method,
+          signal: watchdog.signal,
+          redirect: "follow",
+        });
+        if (response.status < 500 || attempt >= retries) return { response, watchdog };
+        await response.body?.cancel();
+        failure = new Error(`HTTP ${response.status} ${response.statusText}`);
+      } catch (error) {
+        if (this.options.signal?.aborted) throw error;
+        failure = watchdog.timedOut
+          ? new Error(`No answer within ${watchdog.ms / 1000} s`, { cause: error })
+          : error;
+      }
+      watchdog.stop();
+      if (attempt >= retries) {
+        throw new ModelFileError(
+          this.describe(name),
+          `Cannot fetch (${attempt + 1} attempts): ${causeOf(failure)}. ${
+            offlineAdvice(this.cache)
+          }`,
+          { cause: failure },
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, 500 * 2 ** attempt));
     }
   }
 
@@ -296,7 +347,8 @@ class HttpSource implements ModelSource {
   async #receive(
     name: string,
     response: Response,
-    allocate?: ByteAllocator,
+    allocate: ByteAllocator | undefined,
+    watchdog: Watchdog,
   ): Promise<Uint8Array> {
     const header = Number(response.headers.get("content-length"));
     const total = Number.isFinite(header) && header > 0 ? header : undefined;
@@ -307,6 +359,7 @@ class HttpSource implements ModelSource {
     let loaded = 0;
     onProgress?.({ file: name, loaded, total });
     for await (const chunk of response.body) {
+      watchdog.feed();
       let target: Uint8Array = buffer ??
         (total !== undefined ? allocate?.(total, chunk) : undefined) ??
         new Uint8Array(total ?? Math.max(chunk.length, 1 << 20));
@@ -366,4 +419,53 @@ class HttpSource implements ModelSource {
 
 function missingMarker(name: string): string {
   return `${name}.missing`;
+}
+
+/**
+ * Aborts a request when no answer or no bytes came for `ms` milliseconds, or
+ * when the caller's signal aborts.
+ */
+class Watchdog {
+  readonly ms: number;
+  readonly signal: AbortSignal;
+  timedOut = false;
+  readonly #controller = new AbortController();
+  #timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(ms: number, outer: AbortSignal | undefined) {
+    this.ms = ms;
+    this.signal = outer
+      ? AbortSignal.any([outer, this.#controller.signal])
+      : this.#controller.signal;
+    this.feed();
+  }
+
+  /** Restarts the countdown: bytes arrived. */
+  feed(): void {
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => {
+      this.timedOut = true;
+      this.#controller.abort(new DOMException("The request timed out", "TimeoutError"));
+    }, this.ms);
+  }
+
+  stop(): void {
+    clearTimeout(this.#timer);
+  }
+}
+
+/** The innermost useful words of a fetch failure (DNS failure, refused, time-out). */
+function causeOf(error: unknown): string {
+  const parts: string[] = [];
+  for (let at = error; at instanceof Error && parts.length < 4; at = at.cause) {
+    parts.push(at.message);
+  }
+  return parts.length > 0 ? parts.join(": ") : String(error);
+}
+
+/** How to do without the network; `cache` is this source's download cache, if any. */
+function offlineAdvice(cache: string | null): string {
+  return `To work offline, load a local model directory${
+    cache ? `, or one already downloaded into the cache (${cache})` : ""
+  }; HF_ENDPOINT points the hub requests at a mirror`;
 }

@@ -288,6 +288,6 @@ for (const { label, name: backendName, options, scans } of BACKENDS) {
         assert(diff <= 1e-3, `max abs diff ${diff}`);
       });
     }
-    model.model.backend.dispose?.();
+    model.dispose();
   });
 }

@@ -83,7 +83,7 @@ for (const { label, name, options, ignore } of BACKENDS) {
         try {
           await fn(mamba);
         } finally {
-          mamba.model.backend.dispose();
+          mamba.dispose();
         }
       },
     });

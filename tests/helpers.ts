@@ -39,17 +39,18 @@ export function maxRelDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return max;
 }
 
-const CLI = new URL("../src/cli.ts", import.meta.url).pathname;
+export const CLI = new URL("../src/cli.ts", import.meta.url).pathname;
 
 /** Runs `deno task generate` with `args` as a user would; returns its exit code and output. */
 export async function runCli(
   args: string[],
+  env: Record<string, string> = {},
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-read", "--allow-env", "--allow-net", CLI, ...args],
+    args: ["run", "--allow-read", "--allow-write", "--allow-env", "--allow-net", CLI, ...args],
     stdout: "piped",
     stderr: "piped",
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", ...env },
   }).output();
   const decoder = new TextDecoder();
   return {

@@ -325,7 +325,7 @@ Deno.test("[wasm] an F32 checkpoint is read straight into wasm memory: no second
       backend.copiedBytes < weights.length * 0.1,
       `${backend.copiedBytes} bytes copied for a ${weights.length}-byte file`,
     );
-    backend.dispose();
+    model.dispose();
   }
   await Deno.remove(dir, { recursive: true });
 });

@@ -14,6 +14,7 @@ import type { Backend } from "../backend.ts";
 import { JsBackend } from "./js.ts";
 import { describeAdapter, type ScanPrecision, WebGpuBackend } from "./webgpu.ts";
 import { defaultThreads, WasmBackend, wasmSimdSupported } from "./wasm.ts";
+import { BackendUnavailableError } from "../errors.ts";
 
 /** Backends that can be asked for by name. */
 export type BackendName = "js" | "wasm" | "webgpu" | "auto";
@@ -172,7 +173,7 @@ export async function createBackend(
       if (probe?.available) return probe.create();
       if (probe) reasons.push(`${fallback}: ${probe.reason}`);
     }
-    throw new Error(`No backend can run here (${reasons.join("; ")})`);
+    throw new BackendUnavailableError("auto", `No backend can run here (${reasons.join("; ")})`);
   }
   const candidate = candidates.find((entry) => entry.name === name);
   if (!candidate) {
@@ -186,7 +187,8 @@ export async function createBackend(
     const others = candidates.filter((entry) => entry !== candidate).map((entry) =>
       `"${entry.name}"`
     );
-    throw new Error(
+    throw new BackendUnavailableError(
+      name,
       `${probe.reason}. Use backend ${
         others.join(" or ")
       }, or "auto" to pick the fastest available`,
