@@ -23,7 +23,7 @@ import {
   type SourceOptions,
 } from "./source.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
-import { loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
+import { checkWeightShapes, loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
 
 /** Options of {@link loadModel}. */
 export interface LoadOptions extends SourceOptions {
@@ -136,6 +136,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
   const dir = await openSource(source, options);
   const rawConfig = await readJson(dir, "config.json");
   const config = parseConfig(rawConfig, dir.describe("config.json"));
+  await checkWeightHeaders(dir, config);
   // Measuring needs only the config; its memory is given back before the weights come.
   const { backend, report } = await selectBackend(options.backend ?? "auto", config, {
     threads: options.threads,
@@ -201,27 +202,47 @@ async function readConfig(dir: ModelSource): Promise<MambaConfig> {
   return parseConfig(await readJson(dir, "config.json"), dir.describe("config.json"));
 }
 
+/** The weight files: the shards an index names, or model.safetensors. */
+async function weightFileNames(dir: ModelSource): Promise<string[]> {
+  const indexName = "model.safetensors.index.json";
+  if (!await dir.exists(indexName)) return ["model.safetensors"];
+  return [
+    ...new Set(parseShardIndex(await readJson(dir, indexName), dir.describe(indexName)).values()),
+  ];
+}
+
+/**
+ * Checks the config against the weight files' headers (every tensor's shape
+ * is known before any data is read), so that a config contradicting its
+ * weights is refused before "auto" measures or a backend allocates by it.
+ * Skipped where a source cannot give a file's first bytes cheaply or a header
+ * is longer than them; the weights are checked again when read.
+ */
+async function checkWeightHeaders(dir: ModelSource, config: MambaConfig): Promise<void> {
+  if (!dir.readHead) return;
+  const files: SafetensorsFile[] = [];
+  for (const name of await weightFileNames(dir)) {
+    const file = await dir.readHead(name);
+    if (file === null) return;
+    const { head, size } = file;
+    if (head.length < size) {
+      if (head.length < 8) return;
+      const headerLength = new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true);
+      if (8n + headerLength > BigInt(head.length)) return;
+    }
+    files.push(SafetensorsFile.parseHeader(head, size, dir.describe(name)));
+  }
+  checkWeightShapes(new TensorStore(files), config, dir.describe("config.json"));
+}
+
 async function readWeights(
   dir: ModelSource,
   config: MambaConfig,
   allocate?: ByteAllocator,
 ): Promise<MambaWeights<Float32Array>> {
   const files: SafetensorsFile[] = [];
-  if (await dir.exists("model.safetensors.index.json")) {
-    const indexName = "model.safetensors.index.json";
-    const shards = new Set(
-      parseShardIndex(await readJson(dir, indexName), dir.describe(indexName)).values(),
-    );
-    for (const shard of shards) {
-      files.push(SafetensorsFile.parse(await dir.readBytes(shard, allocate), dir.describe(shard)));
-    }
-  } else {
-    files.push(
-      SafetensorsFile.parse(
-        await dir.readBytes("model.safetensors", allocate),
-        dir.describe("model.safetensors"),
-      ),
-    );
+  for (const name of await weightFileNames(dir)) {
+    files.push(SafetensorsFile.parse(await dir.readBytes(name, allocate), dir.describe(name)));
   }
   return loadWeights(new TensorStore(files), config, dir.describe("config.json"));
 }

@@ -100,6 +100,47 @@ export function loadWeights(
   config: MambaConfig,
   configFile: string,
 ): MambaWeights<Float32Array> {
+  return walkWeights(store, config, configFile, true);
+}
+
+/**
+ * Checks that the files hold every tensor the config implies, with its shape,
+ * from the headers alone (no tensor data is read): run before anything is
+ * sized from the config.
+ *
+ * @throws {ModelFileError} Naming the file and the tensor that contradicts the config.
+ */
+export function checkWeightShapes(
+  store: TensorStore,
+  config: MambaConfig,
+  configFile: string,
+): void {
+  walkWeights(store, config, configFile, false);
+}
+
+/** Throws unless every value is finite, naming the tensor; one pass. */
+function checkFinite(values: Float32Array, file: string, name: string): void {
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    // v - v is NaN for NaN and ±Infinity, and 0 for every finite v.
+    if (v - v !== 0) {
+      throw new ModelFileError(
+        file,
+        `Tensor "${name}" holds ${v} at index ${i}; weights must be finite`,
+      );
+    }
+  }
+}
+
+/** Empty stand-in for tensor data when only shapes are checked. */
+const NO_DATA = new Float32Array(0);
+
+function walkWeights(
+  store: TensorStore,
+  config: MambaConfig,
+  configFile: string,
+  read: boolean,
+): MambaWeights<Float32Array> {
   const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
   const sizes =
     `${configFile} says hidden_size ${dModel}, intermediate_size ${dInner}, state_size ${dState}, conv_kernel ${dConv}, time_step_rank ${dtRank}, vocab_size ${vocabSize}`;
@@ -116,7 +157,10 @@ export function loadWeights(
         }] (${sizes})`,
       );
     }
-    return file.float32(name);
+    if (!read) return NO_DATA;
+    const values = file.float32(name);
+    checkFinite(values, file.file, name);
+    return values;
   };
   const optional = (name: string, shape: number[], wanted: boolean, flagName: string) => {
     if (wanted) return tensor(name, shape);
@@ -148,6 +192,7 @@ export function loadWeights(
     const aLog = tensor(`${p}mixer.A_log`, [dInner, dState]);
     const A = new Float32Array(aLog.length);
     for (let i = 0; i < A.length; i++) A[i] = -Math.exp(aLog[i]);
+    checkFinite(A, store.fileOf(`${p}mixer.A_log`, "").file, `${p}mixer.A_log (as -exp)`);
     layers.push({
       norm: tensor(`${p}norm.weight`, [dModel]),
       inProj: tensor(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]),

@@ -268,3 +268,42 @@ Deno.test("a missing file on the server is a clear error", async () => {
     await server.shutdown();
   }
 });
+
+Deno.test("auto refuses a config contradicting the weight headers before measuring anything", async (t) => {
+  for (
+    const [key, value] of [["vocab_size", 10_000_000], ["hidden_size", 1_000_000_000]] as const
+  ) {
+    await t.step(`${key} ${value}`, async () => {
+      const dir = await modelDir({ ...await tinyConfig(), [key]: value }, await tinyTensors());
+      const start = performance.now();
+      const error = await assertRejects(
+        () => loadModel(dir, { backendCache: null }),
+        ModelFileError,
+      );
+      assertStringIncludes(error.message, "model.safetensors");
+      assertStringIncludes(error.message, "but the config implies");
+      const ms = performance.now() - start;
+      assert(ms < 2000, `refusing took ${ms.toFixed(0)} ms`);
+    });
+  }
+});
+
+Deno.test("a weight holding NaN or Infinity is refused at load, naming the tensor", async () => {
+  for (const bad of [NaN, Infinity, -Infinity]) {
+    const tensors = await tinyTensors();
+    tensors["backbone.layers.1.mixer.x_proj.weight"].data[7] = bad;
+    const dir = await modelDir(await tinyConfig(), tensors);
+    await assertLoadError(
+      dir,
+      "model.safetensors",
+      `Tensor "backbone.layers.1.mixer.x_proj.weight" holds ${bad} at index 7`,
+    );
+  }
+  const tensors = await tinyTensors();
+  tensors["backbone.layers.0.mixer.A_log"].data[0] = 100;
+  await assertLoadError(
+    await modelDir(await tinyConfig(), tensors),
+    "model.safetensors",
+    "backbone.layers.0.mixer.A_log",
+  );
+});
