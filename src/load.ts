@@ -162,6 +162,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
     await readJson(dir, "tokenizer.json"),
     tokenizerConfig,
     dir.describe("tokenizer.json"),
+    config.vocabSize,
   );
   if (tokenizer.vocabSize > config.vocabSize) {
     throw new ModelFileError(
