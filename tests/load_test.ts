@@ -303,3 +303,56 @@ Deno.test("a weight holding NaN or Infinity is refused at load, naming the tenso
     "backbone.layers.0.mixer.A_log",
   );
 });
+
+/**
+ * tiny-f32's 256-row model beside a tokenizer that knows only ids 0 to 9,
+ * without 5: generation must pick only ids the tokenizer has rows for.
+ */
+async function smallTokenizerDir(): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-holes-" });
+  await Deno.copyFile(`${TINY}/config.json`, `${dir}/config.json`);
+  await Deno.copyFile(`${TINY}/model.safetensors`, `${dir}/model.safetensors`);
+  const json = JSON.parse(await Deno.readTextFile(`${SHAKESPEARE}/tokenizer.json`));
+  json.model.vocab = Object.fromEntries(
+    Object.entries(json.model.vocab as Record<string, number>).filter(([, id]) =>
+      id < 10 && id !== 5
+    ),
+  );
+  json.model.merges = [];
+  json.added_tokens = [];
+  await Deno.writeTextFile(`${dir}/tokenizer.json`, JSON.stringify(json));
+  return dir;
+}
+
+Deno.test("generation never ends on an id the tokenizer lacks, greedy or sampled", async () => {
+  const model = await loadModel(await smallTokenizerDir(), { backend: "js" });
+  assertEquals(model.tokenizer.vocabSize, 10);
+  assertEquals(model.vocabSize, 256);
+  for (const options of [{ temperature: 0 }, { temperature: 1.5, seed: 7 }]) {
+    const ids: number[] = [];
+    let text = "";
+    for await (
+      const event of model.generate([1, 2, 3], { ...options, maxNewTokens: 40, ignoreEos: true })
+    ) {
+      ids.push(event.token);
+      text += event.text;
+    }
+    assertEquals(ids.length, 40);
+    assert(ids.every((id) => id < 10), `picked ${ids}`);
+    assertEquals(text, model.tokenizer.decode(ids));
+  }
+});
+
+Deno.test("session.step takes any row of the model and refuses ids past them at the call", async () => {
+  const model = await loadModel(await smallTokenizerDir(), { backend: "js" });
+  const session = model.session();
+  await session.prefill([1, 2]);
+  // Row 200 has no token; the model still has a row for it.
+  await session.step(200);
+  let count = 0;
+  for await (
+    const _ of model.generate([], { session, maxNewTokens: 5, temperature: 0, ignoreEos: true })
+  ) count++;
+  assertEquals(count, 5);
+  await assertRejects(async () => await session.step(256), RangeError, "Unknown token id 256");
+});
