@@ -461,19 +461,21 @@ function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): Snapsho
     tokens.push(id);
   }
   // Little-endian floats, copied so that they are aligned whatever the offset.
-  // Logits may hold -Infinity (a masked id); states hold only finite values.
-  const floats = (count: number, what: string, minusInfinity = false) => {
+  // A model's logits and states are finite: anything else was damaged or forged.
+  const floats = (count: number, what: string) => {
     const values = new Float32Array(bytes.slice(offset, offset + count * 4).buffer);
     offset += count * 4;
     for (let i = 0; i < values.length; i++) {
       const v = values[i];
-      if (v - v !== 0 && !(minusInfinity && v === -Infinity)) {
-        throw new SnapshotError(`${what} holds ${v} at index ${i}`);
+      if (v - v !== 0) {
+        throw new SnapshotError(
+          `${what} ${what === "the logits" ? "hold" : "holds"} ${v} at index ${i}`,
+        );
       }
     }
     return values;
   };
-  const logits = hasLogits ? floats(vocabSize, "the logits", true) : null;
+  const logits = hasLogits ? floats(vocabSize, "the logits") : null;
   const conv: Float32Array[] = [];
   const ssm: Float32Array[] = [];
   for (let l = 0; l < nLayer; l++) {

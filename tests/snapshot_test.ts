@@ -55,6 +55,11 @@ Deno.test("NaN or Infinity in a snapshot's state is refused even with a valid ch
     new DataView(damaged.buffer).setFloat32(damaged.length - 8, bad, true);
     assertThrows(() => model.session(reseal(damaged)), SnapshotError, `SSM state holds ${bad}`);
   }
+  // The first logit, after the header (40 bytes) and the ids.
+  const ids = model.tokenizer.encode("ROMEO:").length;
+  const damaged = snapshot.slice();
+  new DataView(damaged.buffer).setFloat32(40 + 4 * ids, -Infinity, true);
+  assertThrows(() => model.session(reseal(damaged)), SnapshotError, "the logits hold -Infinity");
 });
 
 Deno.test("a snapshot of another model with the same sizes is refused", async () => {
@@ -119,7 +124,8 @@ Deno.test("failed restores keep no slot: the pool does not grow", async () => {
     const capacity = loaded.model.pool.capacity;
     const used = loaded.model.pool.used;
     for (let i = 0; i < 20; i++) await failures();
-    assertEquals(loaded.model.pool.used, used, `${backend}: slots stayed in use`);
+    // Sessions of other tests that were dropped may be collected meanwhile: fewer is fine.
+    assert(loaded.model.pool.used <= used, `${backend}: slots stayed in use`);
     assertEquals(loaded.model.pool.capacity, capacity, `${backend}: the pool grew`);
     held.dispose();
   }
