@@ -12,7 +12,7 @@ import { type BackendCache, type BackendReport, selectBackend } from "./dispatch
 import { generate, type GenerateOptions, type Generation } from "./generate.ts";
 import { MambaModel } from "./model.ts";
 import { headerDtypes, parseShardIndex, SafetensorsFile } from "./safetensors.ts";
-import { Session, type SnapshotBytes } from "./session.ts";
+import { Session } from "./session.ts";
 import { ModelFileError } from "./errors.ts";
 import {
   type ByteAllocator,
@@ -118,7 +118,13 @@ export class Mamba {
   }
 
   /** A new recurrent session, or one resumed from a snapshot. */
-  session(snapshot?: SnapshotBytes | Promise<SnapshotBytes>): Session {
+  session(
+    snapshot?:
+      | Uint8Array
+      | ArrayBuffer
+      | ArrayBufferView
+      | Promise<Uint8Array | ArrayBuffer | ArrayBufferView>,
+  ): Session {
     return new Session(this.model, snapshot);
   }
 
