@@ -85,7 +85,7 @@ async function runChild(
   }).spawn();
   const stderr = new Response(child.stderr).text();
   let current = -1;
-  let timer = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
   let timedOut = false;
   const arm = () => {
     clearTimeout(timer);
@@ -120,7 +120,10 @@ async function runChild(
   clearTimeout(timer);
   const errors = (await stderr).trim().split("\n").slice(-3).join(" | ");
   if (current >= 0) {
-    fail(current, timedOut ? `ran past ${limits.caseMs} ms` : `child died (${status.code}): ${errors}`);
+    fail(
+      current,
+      timedOut ? `ran past ${limits.caseMs} ms` : `child died (${status.code}): ${errors}`,
+    );
     return current + 1;
   }
   if (!status.success) {
