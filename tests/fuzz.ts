@@ -1,6 +1,6 @@
 /**
  * The fuzz campaign of issue #18. Each kind's cases run in child processes
- * (`fuzz_worker.ts`) under a heap cap; a case that crashes its child, runs
+ * (`fuzz_worker.ts`) under a heap and a resident memory cap; a case that crashes its child, runs
  * past the time cap or ends in a wrong way is a failure, and the next case
  * starts in a fresh child. A child runs cases one after another until one
  * fails, so that the campaign does not pay a process start per case.
@@ -18,6 +18,11 @@ import { FUZZ_KINDS, type FuzzClass, type FuzzKind } from "./fuzz_cases.ts";
 export interface FuzzLimits {
   /** V8 heap cap of a child, in MiB. */
   heapMiB: number;
+  /**
+   * Resident memory cap of a child, in MiB (array buffers and wasm memory
+   * included, which the heap cap leaves out): read from /proc where there is one.
+   */
+  rssMiB: number;
   /** Wall-clock cap of one case, in milliseconds. */
   caseMs: number;
 }
@@ -37,7 +42,7 @@ export async function fuzzKind(
   kind: FuzzKind,
   seed: number,
   cases: number,
-  limits: FuzzLimits = { heapMiB: 512, caseMs: 20_000 },
+  limits: FuzzLimits = { heapMiB: 512, rssMiB: 1536, caseMs: 20_000 },
 ): Promise<FuzzReport> {
   const report: FuzzReport = {
     kind,
@@ -95,6 +100,19 @@ async function runChild(
     }, limits.caseMs);
   };
   arm(); // The first case's cap includes the child's start.
+  let overMemory = 0;
+  const watch = setInterval(() => {
+    try {
+      const status = Deno.readTextFileSync(`/proc/${child.pid}/status`);
+      const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
+      if (rssKiB > limits.rssMiB * 1024) {
+        overMemory = rssKiB;
+        child.kill("SIGKILL");
+      }
+    } catch {
+      // No /proc (not Linux), or the child has just ended.
+    }
+  }, 50);
   const fail = (index: number, detail: string) => {
     report.counts.failure++;
     report.failures.push({ index, detail });
@@ -118,11 +136,16 @@ async function runChild(
   }
   const status = await child.status;
   clearTimeout(timer);
+  clearInterval(watch);
   const errors = (await stderr).trim().split("\n").slice(-3).join(" | ");
   if (current >= 0) {
     fail(
       current,
-      timedOut ? `ran past ${limits.caseMs} ms` : `child died (${status.code}): ${errors}`,
+      timedOut
+        ? `ran past ${limits.caseMs} ms`
+        : overMemory
+        ? `took ${Math.round(overMemory / 1024)} MiB, past ${limits.rssMiB} MiB`
+        : `child died (${status.code}): ${errors}`,
     );
     return current + 1;
   }

@@ -5,7 +5,7 @@
  * Every case must end in a clean rejection or a correct acceptance.
  */
 
-import { assertEquals } from "@std/assert";
+import { assert, assertEquals } from "@std/assert";
 import { fuzzKind } from "./fuzz.ts";
 import type { FuzzKind } from "./fuzz_cases.ts";
 
@@ -23,5 +23,21 @@ for (const [kind, cases] of Object.entries(SLICE) as [FuzzKind, number][]) {
     console.log(`${kind}: ${JSON.stringify(report.counts)}`);
     assertEquals(report.failures, []);
     assertEquals(report.counts.rejected + report.counts.accepted, cases);
+    // Both classes occur: the mutations reach past the first check.
+    assert(report.counts.rejected > 0 && report.counts.accepted > 0);
   });
 }
+
+Deno.test("fuzz: a case that hangs or takes too much memory is a failure, and the next case still runs", async () => {
+  const limits = { heapMiB: 256, rssMiB: 400, caseMs: 3000 };
+  // deno-lint-ignore no-explicit-any -- kinds of the worker's own that misbehave on purpose
+  const hang = await fuzzKind("self-check-hang" as any, SEED, 2, limits);
+  assertEquals(hang.failures.map((f) => [f.index, f.detail]), [
+    [0, "ran past 3000 ms"],
+    [1, "ran past 3000 ms"],
+  ]);
+  // deno-lint-ignore no-explicit-any -- as above
+  const hog = await fuzzKind("self-check-memory" as any, SEED, 2, limits);
+  assertEquals(hog.failures.map((f) => f.index), [0, 1]);
+  for (const { detail } of hog.failures) assert(/past 400 MiB|child died/.test(detail), detail);
+});
