@@ -355,38 +355,64 @@ function reseal(bytes: Uint8Array): Uint8Array {
   return bytes;
 }
 
-function mutateSnapshot(original: Uint8Array, rand: () => number): unknown {
+/**
+ * A mutated snapshot: `sealed` where the checksum was rewritten after the
+ * change (a deliberate edit, judged by its contents), `nonFinite` where a
+ * NaN or an infinity was written into it.
+ */
+interface SnapshotMutation {
+  input: unknown;
+  sealed: boolean;
+  nonFinite: boolean;
+}
+
+function mutateSnapshot(original: Uint8Array, rand: () => number): SnapshotMutation {
   const bytes = original.slice();
+  const damaged = (input: unknown) => ({ input, sealed: false, nonFinite: false });
+  const edited = (input: unknown, nonFinite = false) => ({ input, sealed: true, nonFinite });
   switch (int(rand, 8)) {
     case 0:
       bytes[int(rand, bytes.length)] ^= 1 << int(rand, 8);
-      return bytes;
+      return damaged(bytes);
     case 1: // the checksum rewritten after a flipped bit: the contents are judged
       bytes[int(rand, bytes.length - 4)] ^= 1 << int(rand, 8);
-      return reseal(bytes);
+      return edited(reseal(bytes));
     case 2:
-      return bytes.slice(0, int(rand, bytes.length));
+      return damaged(bytes.slice(0, int(rand, bytes.length)));
     case 3:
-      return reseal(bytes.slice(0, int(rand, bytes.length)));
+      return edited(reseal(bytes.slice(0, int(rand, bytes.length))));
     case 4: { // a float of the state replaced, checksum rewritten
       const at = 4 * int(rand, Math.floor((bytes.length - 4) / 4));
-      new DataView(bytes.buffer).setFloat32(at, pick(rand, [NaN, Infinity, -Infinity, 1e30]), true);
-      return reseal(bytes);
+      const value = pick(rand, [NaN, Infinity, -Infinity, 1e30]);
+      new DataView(bytes.buffer).setFloat32(at, value, true);
+      return edited(reseal(bytes), !Number.isFinite(value));
     }
-    case 5: // other binary forms of the same bytes
-      return pick(rand, [
-        bytes.buffer,
-        new DataView(bytes.buffer),
-        new Uint8Array([0, ...bytes]).subarray(1),
-      ]);
+    case 5: // other binary forms of the same bytes: to be accepted
+      return {
+        input: pick(rand, [
+          bytes.buffer,
+          new DataView(bytes.buffer),
+          new Uint8Array([0, ...bytes]).subarray(1),
+        ]),
+        sealed: true,
+        nonFinite: false,
+      };
     case 6: // not bytes at all
-      return pick(rand, ["snapshot", 42, null, {}, [1, 2, 3], new Float32Array(8)]);
+      return damaged(pick(rand, ["snapshot", 42, null, {}, [1, 2, 3], new Float32Array(8)]));
     default: { // a 32-bit word of the header replaced, checksum rewritten
       const at = 4 * int(rand, 16);
       new DataView(bytes.buffer).setUint32(at, pick(rand, [0, 1, 0xffffffff, 2 ** 31, 4096]), true);
-      return reseal(bytes);
+      return edited(reseal(bytes));
     }
   }
+}
+
+function sameBytes(input: unknown, original: Uint8Array): boolean {
+  if (!(input instanceof ArrayBuffer) && !ArrayBuffer.isView(input)) return false;
+  const bytes = input instanceof ArrayBuffer
+    ? new Uint8Array(input)
+    : new Uint8Array(input.buffer, input.byteOffset, input.byteLength);
+  return bytes.length === original.length && bytes.every((b, i) => b === original[i]);
 }
 
 async function snapshotCase(rand: () => number): Promise<FuzzOutcome> {
@@ -397,7 +423,7 @@ async function snapshotCase(rand: () => number): Promise<FuzzOutcome> {
     snapshotBytes = await session.snapshot();
     session.dispose();
   }
-  const input = mutateSnapshot(snapshotBytes, rand);
+  const { input, sealed, nonFinite } = mutateSnapshot(snapshotBytes, rand);
   let session;
   try {
     // deno-lint-ignore no-explicit-any -- deliberately the wrong types too
@@ -407,9 +433,19 @@ async function snapshotCase(rand: () => number): Promise<FuzzOutcome> {
     return judgeError(error, null);
   }
   try {
+    // Damage the checksum does not cover, or a NaN or an infinity, must not get through.
+    if (!sealed && !sameBytes(input, snapshotBytes)) {
+      return { cls: "failure", detail: "accepted a damaged snapshot" };
+    }
+    if (nonFinite) return { cls: "failure", detail: "accepted a snapshot holding NaN or Infinity" };
+    // A deliberate edit with finite values is a valid snapshot: it must work, although
+    // a huge state (1e30) may give non-finite logits, which the format cannot rule out.
     const logits = await session.step(1);
-    if (logits.some((v) => !Number.isFinite(v))) {
-      return { cls: "failure", detail: "accepted a snapshot whose state gives non-finite logits" };
+    if (logits.length !== model.config.vocabSize) {
+      return { cls: "failure", detail: "accepted, then gave logits of the wrong size" };
+    }
+    if (!sealed && logits.some((v) => !Number.isFinite(v))) {
+      return { cls: "failure", detail: "the unchanged snapshot gives non-finite logits" };
     }
     return { cls: "accepted", detail: "" };
   } catch (error) {
