@@ -154,8 +154,13 @@ function walkWeights(
   const sizes =
     `${configFile} says hidden_size ${dModel}, intermediate_size ${dInner}, state_size ${dState}, conv_kernel ${dConv}, time_step_rank ${dtRank}, vocab_size ${vocabSize}`;
 
-  const tensor = (name: string, shape: number[], alternatives: number[][] = []) => {
-    const file = store.fileOf(name, `needed for a model with ${nLayer} layers`);
+  const tensor = (
+    name: string,
+    shape: number[],
+    alternatives: number[][] = [],
+    why = `${configFile} says num_hidden_layers ${nLayer}`,
+  ) => {
+    const file = store.fileOf(name, why);
     const actual = file.info(name).shape;
     const fits = [shape, ...alternatives].find((s) => sameShape(s, actual));
     if (!fits) {
@@ -172,7 +177,7 @@ function walkWeights(
     return values;
   };
   const optional = (name: string, shape: number[], wanted: boolean, flagName: string) => {
-    if (wanted) return tensor(name, shape);
+    if (wanted) return tensor(name, shape, [], `${configFile} sets ${flagName} to true`);
     if (store.has(name)) {
       throw new ModelFileError(
         store.fileOf(name, "").file,

@@ -3,8 +3,9 @@
  * (issue #18, item 1), while every reference config still parses.
  */
 
-import { assertEquals, assertStringIncludes, assertThrows } from "@std/assert";
+import { assertEquals, assertRejects, assertStringIncludes, assertThrows } from "@std/assert";
 import { parseConfig } from "../src/config.ts";
+import { loadCheckpoint } from "../src/load.ts";
 import { ModelFileError } from "../src/errors.ts";
 import { SHARED } from "./helpers.ts";
 
@@ -47,5 +48,26 @@ Deno.test("every reference config still parses", async () => {
   ) {
     const raw = JSON.parse(await Deno.readTextFile(`${SHARED}/${dir}/config.json`));
     parseConfig(raw, dir);
+  }
+});
+
+Deno.test("a tensor missing because of the config names config.json and the key (found by fuzzing)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const tiny = `${SHARED}/fixtures/hf-oracle/tiny-f32`;
+    await Deno.copyFile(`${tiny}/model.safetensors`, `${dir}/model.safetensors`);
+    const config = JSON.parse(await Deno.readTextFile(`${tiny}/config.json`));
+    const cases: [Record<string, unknown>, string][] = [
+      [{ num_hidden_layers: 3 }, "config.json says num_hidden_layers 3"],
+      [{ use_bias: true }, "config.json sets use_bias to true"],
+    ];
+    for (const [change, fragment] of cases) {
+      await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify({ ...config, ...change }));
+      const error = await assertRejects(() => loadCheckpoint(dir), ModelFileError);
+      assertStringIncludes(error.message, "Missing tensor");
+      assertStringIncludes(error.message, fragment);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
