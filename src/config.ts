@@ -89,6 +89,11 @@ export function convChannels(config: MambaConfig): number {
 
 type Json = Record<string, unknown>;
 
+/** Largest plausible RMSNorm epsilon (checkpoints use 1e-5 or 1e-6). */
+const MAX_EPSILON = 0.01;
+/** Smallest plausible RMSNorm epsilon: float32's smallest normal number. */
+const MIN_EPSILON = 2 ** -126;
+
 function positiveInt(raw: Json, keys: string[], file: string, fallback?: number): number {
   for (const key of keys) {
     if (raw[key] === undefined || raw[key] === null) continue;
@@ -167,6 +172,14 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
   const dConv = positiveInt(raw, ["conv_kernel", "d_conv"], file, 4);
   const expand = positiveInt(raw, ["expand"], file, 2);
   const dInner = positiveInt(raw, ["intermediate_size", "d_inner"], file, expand * dModel);
+  const innerKey = raw.intermediate_size != null ? "intermediate_size" : "d_inner";
+  if (raw.expand != null && raw[innerKey] != null && dInner !== expand * dModel) {
+    throw new ModelFileError(
+      file,
+      `"expand" ${expand} contradicts "${innerKey}" ${dInner}: ` +
+        `expand times the hidden size (${dModel}) is ${expand * dModel}`,
+    );
+  }
 
   let dtRank: number;
   const rankRaw = raw.time_step_rank ?? raw.dt_rank ?? "auto";
@@ -183,11 +196,20 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
     vocabSize = Math.ceil(vocabSize / multiple) * multiple;
   }
 
-  const epsRaw = raw.layer_norm_epsilon ?? raw.norm_epsilon ?? 1e-5;
+  const epsKey = raw.layer_norm_epsilon != null ? "layer_norm_epsilon" : "norm_epsilon";
+  const epsRaw = raw[epsKey] ?? 1e-5;
   if (typeof epsRaw !== "number" || !(epsRaw > 0) || !Number.isFinite(epsRaw)) {
     throw new ModelFileError(
       file,
-      `"layer_norm_epsilon" must be a positive number, got ${JSON.stringify(epsRaw)}`,
+      `"${epsKey}" must be a positive number, got ${JSON.stringify(epsRaw)}`,
+    );
+  }
+  // RMSNorm adds epsilon to a mean square of order 1: past this it swamps the
+  // signal, below float32's smallest normal it vanishes.
+  if (epsRaw > MAX_EPSILON || epsRaw < MIN_EPSILON) {
+    throw new ModelFileError(
+      file,
+      `"${epsKey}" ${epsRaw} is implausible: expected between ${MIN_EPSILON} and ${MAX_EPSILON}`,
     );
   }
 

@@ -67,6 +67,7 @@ export async function readTokenizer(
     await readJson(source, name),
     tokenizerConfig,
     source.describe(name),
+    vocabSize,
   );
   checkVocabulary(tokenizer, vocabSize);
   return tokenizer;

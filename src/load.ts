@@ -25,7 +25,7 @@ import {
 import type { MambaTokenizer } from "./tokenizer.ts";
 import { loadGguf, readTokenizer, singleFile } from "./formats.ts";
 import { hasTorchWeights, readTorchWeights } from "./torch.ts";
-import { loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
+import { checkWeightShapes, loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
 
 /** Options of {@link loadModel}. */
 export interface LoadOptions extends SourceOptions {
@@ -154,7 +154,13 @@ export class Mamba {
   }
 
   /** A new recurrent session, or one resumed from a snapshot. */
-  session(snapshot?: Uint8Array | Promise<Uint8Array>): Session {
+  session(
+    snapshot?:
+      | Uint8Array
+      | ArrayBuffer
+      | ArrayBufferView
+      | Promise<Uint8Array | ArrayBuffer | ArrayBufferView>,
+  ): Session {
     return new Session(this.model, snapshot);
   }
 
@@ -209,6 +215,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
   const config = parseConfig(rawConfig, dir.describe("config.json"));
   // The tokenizer is checked first: a wrong one fails before gigabytes of weights download.
   const tokenizer = await readTokenizer(dir, config.vocabSize, options);
+  await checkWeightHeaders(dir, config);
   // Measuring needs only the config; its memory is given back before the weights come.
   const { backend, report } = await selectBackend(options.backend ?? "auto", config, {
     threads: options.threads,
@@ -260,6 +267,39 @@ async function readConfig(dir: ModelSource): Promise<MambaConfig> {
   return parseConfig(await readJson(dir, "config.json"), dir.describe("config.json"));
 }
 
+/** The weight files: the shards an index names, or model.safetensors. */
+async function weightFileNames(dir: ModelSource): Promise<string[]> {
+  const indexName = "model.safetensors.index.json";
+  if (!await dir.exists(indexName)) return ["model.safetensors"];
+  return [
+    ...new Set(parseShardIndex(await readJson(dir, indexName), dir.describe(indexName)).values()),
+  ];
+}
+
+/**
+ * Checks the config against the weight files' headers (every tensor's shape
+ * is known before any data is read), so that a config contradicting its
+ * weights is refused before "auto" measures or a backend allocates by it.
+ * Skipped where a source cannot give a file's first bytes cheaply or a header
+ * is longer than them; the weights are checked again when read.
+ */
+async function checkWeightHeaders(dir: ModelSource, config: MambaConfig): Promise<void> {
+  if (!dir.readHead) return;
+  const files: SafetensorsFile[] = [];
+  for (const name of await weightFileNames(dir)) {
+    const file = await dir.readHead(name);
+    if (file === null) return;
+    const { head, size } = file;
+    if (head.length < size) {
+      if (head.length < 8) return;
+      const headerLength = new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true);
+      if (8n + headerLength > BigInt(head.length)) return;
+    }
+    files.push(SafetensorsFile.parseHeader(head, size, dir.describe(name)));
+  }
+  checkWeightShapes(new TensorStore(files), config, dir.describe("config.json"));
+}
+
 async function readWeights(
   dir: ModelSource,
   config: MambaConfig,
@@ -272,21 +312,8 @@ async function readWeights(
   ) {
     return loadWeights(await readTorchWeights(dir), config, dir.describe("config.json"));
   }
-  if (await dir.exists("model.safetensors.index.json")) {
-    const indexName = "model.safetensors.index.json";
-    const shards = new Set(
-      parseShardIndex(await readJson(dir, indexName), dir.describe(indexName)).values(),
-    );
-    for (const shard of shards) {
-      files.push(SafetensorsFile.parse(await dir.readBytes(shard, allocate), dir.describe(shard)));
-    }
-  } else {
-    files.push(
-      SafetensorsFile.parse(
-        await dir.readBytes("model.safetensors", allocate),
-        dir.describe("model.safetensors"),
-      ),
-    );
+  for (const name of await weightFileNames(dir)) {
+    files.push(SafetensorsFile.parse(await dir.readBytes(name, allocate), dir.describe(name)));
   }
   return loadWeights(new TensorStore(files), config, dir.describe("config.json"));
 }

@@ -61,6 +61,7 @@ import {
 } from "./mamba2.ts";
 import { StatePool } from "./pool.ts";
 import type { LayerWeights, MambaWeights } from "./weights.ts";
+import { crc32, crc32Floats } from "./checksum.ts";
 
 /**
  * Tokens per chunk of {@link MambaModel.forward}, whose logits of every
@@ -269,6 +270,12 @@ export class MambaModel<Buf> {
   /** The recurrent state of each sequence, a slot each. */
   readonly pool: StatePool<Buf>;
   readonly #weights: MambaWeights<Buf>;
+  /**
+   * A CRC-32 of the config and the model's small vectors (final norm, and
+   * each layer's norm, D and delta bias): snapshots carry it, so that one is
+   * not resumed on another model of the same sizes.
+   */
+  readonly identity: number;
 
   /** Uploads host weights to the backend. */
   constructor(backend: Backend<Buf>, config: MambaConfig, weights: MambaWeights<Float32Array>) {
@@ -289,6 +296,15 @@ export class MambaModel<Buf> {
     // (webgpu); the row length lets a backend split one that is too large.
     const matrix = (w: Float32Array, cols: number) =>
       backend.uploadHalfMatrix(w, cols) ?? backend.upload(w, cols);
+    let identity = crc32(new TextEncoder().encode(JSON.stringify(config)));
+    identity = crc32Floats(weights.normF, identity);
+    for (const layer of weights.layers) {
+      const dtBias = isMamba2Layer<Float32Array>(layer) ? layer.dtBias : layer.dtProjBias;
+      for (const values of [layer.norm, layer.D, dtBias]) {
+        identity = crc32Floats(values, identity);
+      }
+    }
+    this.identity = identity;
     const embedding = backend.upload(weights.embedding, dModel);
     this.#weights = {
       embedding,

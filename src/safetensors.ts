@@ -66,6 +66,12 @@ const DTYPE_SIZES: Readonly<Record<DType, number>> = {
 /** Largest header accepted, in bytes (the reference implementation's limit). */
 const MAX_HEADER_BYTES = 100_000_000;
 
+/**
+ * Most header entries accepted. Checkpoints hold hundreds to a few thousand
+ * tensors per file; past this, parsing alone would take seconds.
+ */
+const MAX_HEADER_ENTRIES = 100_000;
+
 /** How many tensor names a "missing tensor" message lists. */
 const NAMES_IN_MESSAGES = 5;
 
@@ -138,6 +144,16 @@ function readHeader(
   } catch {
     return fail("Header is not valid UTF-8");
   }
+  const keys = scanTopLevelKeys(text);
+  if (keys.count > MAX_HEADER_ENTRIES) {
+    return fail(
+      `Header has more than ${MAX_HEADER_ENTRIES} entries; a model file holds far fewer ` +
+        `tensors (shard larger models)`,
+    );
+  }
+  if (keys.duplicate !== undefined) {
+    return fail(`Header names tensor ${q(keys.duplicate)} more than once`);
+  }
   let header: unknown;
   try {
     header = JSON.parse(text);
@@ -148,6 +164,56 @@ function readHeader(
     return fail(`Header is not a JSON object (found ${kindOf(header)})`);
   }
   return { header, dataStart };
+}
+
+/**
+ * Counts the keys of the header's top-level object (stopping past
+ * {@link MAX_HEADER_ENTRIES}) and finds the first that appears twice:
+ * `JSON.parse` keeps the last of duplicates silently; the format forbids them.
+ * One linear pass over the text; a malformed text is left for `JSON.parse` to
+ * report.
+ */
+function scanTopLevelKeys(text: string): { count: number; duplicate?: string } {
+  const seen = new Set<string>();
+  let depth = 0;
+  let expectKey = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22 /* " */) {
+      const start = i;
+      let escaped = false;
+      for (i++; i < text.length; i++) {
+        const d = text.charCodeAt(i);
+        if (d === 0x5c /* \ */) {
+          escaped = true;
+          i++;
+        } else if (d === 0x22) break;
+      }
+      if (depth === 1 && expectKey) {
+        const raw = text.slice(start + 1, i);
+        let key = raw;
+        if (escaped) {
+          try {
+            key = JSON.parse(text.slice(start, i + 1));
+          } catch {
+            return { count: seen.size };
+          }
+        }
+        if (seen.has(key)) return { count: seen.size, duplicate: key };
+        seen.add(key);
+        if (seen.size > MAX_HEADER_ENTRIES) return { count: seen.size };
+        expectKey = false;
+      }
+    } else if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
+      depth++;
+      if (depth === 1) expectKey = c === 0x7b;
+    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+      depth--;
+    } else if (c === 0x2c /* , */ && depth === 1) {
+      expectKey = true;
+    }
+  }
+  return { count: seen.size };
 }
 
 /**
@@ -208,11 +274,31 @@ export class SafetensorsFile {
    * @throws {ModelFileError} When anything about the file is wrong.
    */
   static parse(bytes: Uint8Array, file: string): SafetensorsFile {
+    return SafetensorsFile.#parse(bytes, bytes.length, file);
+  }
+
+  /**
+   * Parses and validates the header alone, from the file's first bytes and its
+   * total length, with every check of {@linkcode SafetensorsFile.parse}: for
+   * checking tensor shapes before the data is read. The result's
+   * {@linkcode SafetensorsFile.info} works; reading tensor data does not.
+   *
+   * @param head The file's first bytes, holding at least the whole header.
+   * @param fileLength The whole file's length in bytes.
+   * @param file The file's path or URL, for error messages.
+   * @throws {ModelFileError} When the header is wrong or `head` cuts it.
+   */
+  static parseHeader(head: Uint8Array, fileLength: number, file: string): SafetensorsFile {
+    return SafetensorsFile.#parse(head, fileLength, file);
+  }
+
+  static #parse(bytes: Uint8Array, fileLength: number, file: string): SafetensorsFile {
     const fail = (problem: string): never => {
       throw new ModelFileError(file, problem);
     };
+    if (fileLength < bytes.length) fail(`Holds more than its ${fileLength} bytes`);
     const { header, dataStart } = readHeader(bytes, fail);
-    const dataLength = bytes.length - dataStart;
+    const dataLength = fileLength - dataStart;
 
     let metadata: Record<string, string> = {};
     const tensors = new Map<string, TensorInfo>();
@@ -220,6 +306,9 @@ export class SafetensorsFile {
       if (name === "__metadata__") {
         metadata = parseMetadata(entry, fail);
         continue;
+      }
+      if (!name.isWellFormed()) {
+        fail(`Tensor name ${q(name)} holds a lone UTF-16 surrogate`);
       }
       const t = q(name);
       if (!isPlainObject(entry)) {
@@ -287,20 +376,37 @@ export class SafetensorsFile {
       );
     }
 
-    // Overlap check: sort non-empty tensors by start; each must start at or
-    // after the previous one's end. (Gaps are tolerated.)
+    // The format's rule: the tensors cover the data section exactly, in some
+    // order, with no overlap, no gap and nothing after the last one. (A header
+    // length a few bytes short still parses, so this is what catches it.)
     const spans = [...tensors.values()].filter((i) => i.byteLength > 0)
       .sort((x, y) => x.byteOffset - y.byteOffset);
-    for (let i = 1; i < spans.length; i++) {
-      const prev = spans[i - 1], cur = spans[i];
-      if (cur.byteOffset < prev.byteOffset + prev.byteLength) {
-        const r = (s: TensorInfo) =>
-          `[${s.byteOffset - dataStart}, ${s.byteOffset - dataStart + s.byteLength}]`;
+    const r = (s: TensorInfo) =>
+      `[${s.byteOffset - dataStart}, ${s.byteOffset - dataStart + s.byteLength}]`;
+    let covered = dataStart;
+    for (let i = 0; i < spans.length; i++) {
+      const cur = spans[i];
+      if (cur.byteOffset < covered) {
+        const prev = spans[i - 1];
         fail(
           `Tensors ${q(prev.name)} and ${q(cur.name)} overlap in the data section ` +
             `(${r(prev)} and ${r(cur)})`,
         );
       }
+      if (cur.byteOffset > covered) {
+        fail(
+          `Data section has a gap of ${cur.byteOffset - covered} bytes before tensor ` +
+            `${q(cur.name)} ${r(cur)}`,
+        );
+      }
+      covered = cur.byteOffset + cur.byteLength;
+    }
+    if (covered !== fileLength) {
+      fail(
+        `Data section has ${fileLength - covered} bytes after the last tensor ` +
+          `(the tensors cover ${covered - dataStart} of its ${dataLength} bytes; ` +
+          `is the header length right?)`,
+      );
     }
 
     return new SafetensorsFile(file, bytes, metadata, tensors);

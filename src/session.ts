@@ -4,10 +4,14 @@
  * Its whole content round-trips through a `Uint8Array` snapshot, so a
  * conversation can be stored and resumed anywhere.
  *
- * Snapshot layout (little-endian): the 8 ASCII bytes `MAMBASS1`, then u32
- * fields nLayer, dConv, dInner, dState, vocabSize, tokenCount, hasLogits; then
- * tokenCount i32 ids; then vocabSize f32 logits when hasLogits is 1; then per
- * layer the conv state [dConv - 1, dInner] and the SSM state [dInner, N] as f32.
+ * Snapshot layout (little-endian): the 8 ASCII bytes `MAMBASS2`, then u32
+ * fields nLayer, dConv, dInner, dState, vocabSize, the model's identity
+ * ({@link MambaModel.identity}), tokenCount, hasLogits; then tokenCount i32
+ * ids (the last {@link SNAPSHOT_IDS} consumed, for stop strings and
+ * repetition penalties); then vocabSize f32 logits when hasLogits is 1; then
+ * per layer the conv state [dConv - 1, dInner] and the SSM state [dInner, N]
+ * as f32; last, the CRC-32 of every byte before it. Restoring checks all of
+ * it, and that every float is finite.
  *
  * @module
  */
@@ -18,9 +22,21 @@ import type { MambaModel } from "./model.ts";
 import type { StatePool } from "./pool.ts";
 import { Sampler } from "./sampler.ts";
 import { SnapshotError } from "./errors.ts";
+import { crc32 } from "./checksum.ts";
 
-const MAGIC = "MAMBASS1";
-const HEADER_BYTES = 8 + 7 * 4;
+const MAGIC = "MAMBASS2";
+const HEADER_BYTES = 8 + 8 * 4;
+const CHECKSUM_BYTES = 4;
+
+/**
+ * Ids a snapshot keeps, the latest: a resumed session's stop strings and
+ * repetition penalties look back at most this far, and a snapshot does not
+ * grow with the conversation.
+ */
+export const SNAPSHOT_IDS = 4096;
+
+/** What a session can be restored from: a snapshot's bytes, in any binary form. */
+export type SnapshotBytes = Uint8Array | ArrayBuffer | ArrayBufferView;
 
 export { SnapshotError };
 
@@ -91,20 +107,24 @@ export class Session<Buf = unknown> {
    * A fresh session, or one resumed from `snapshot` (a promise is accepted, so
    * `model.session(other.snapshot())` works without an await).
    */
-  constructor(model: MambaModel<Buf>, snapshot?: Uint8Array | Promise<Uint8Array>) {
+  constructor(model: MambaModel<Buf>, snapshot?: SnapshotBytes | Promise<SnapshotBytes>) {
     this.#model = model;
+    const pending = isPromiseLike(snapshot) ? snapshot : null;
+    // Checked before a slot is taken, so a bad snapshot costs no memory.
+    const data = snapshot === undefined || pending
+      ? null
+      : decodeSnapshot(asBytes(snapshot), model);
     const pool = model.pool;
     this.#slot = pool.acquire();
     slotsLeft.register(this, { pool: pool as StatePool<unknown>, slot: this.#slot }, this);
-    if (snapshot instanceof Uint8Array) {
-      try {
-        this.#restore(snapshot);
-      } catch (error) {
-        this.dispose();
+    if (data) this.#restore(data);
+    if (pending) {
+      this.#pending = Promise.resolve(pending).then(
+        (bytes) => this.#restore(decodeSnapshot(asBytes(bytes), model)),
+      ).catch((error) => {
+        this.dispose(); // The slot goes back now, not when the session is collected.
         throw error;
-      }
-    } else if (snapshot) {
-      this.#pending = snapshot.then((bytes) => this.#restore(bytes));
+      });
       this.#pending.catch(() => {}); // Reported by the first call that awaits it.
     }
   }
@@ -273,8 +293,9 @@ export class Session<Buf = unknown> {
       const logitsBytes = this.#hasLogits ? vocabSize * 4 : 0;
       const convLength = (dConv - 1) * convChannels(this.#model.config);
       const stateBytes = nLayer * (convLength + dInner * dState) * 4;
+      const kept = this.#tokens.slice(-SNAPSHOT_IDS);
       const bytes = new Uint8Array(
-        HEADER_BYTES + this.#tokens.length * 4 + logitsBytes + stateBytes,
+        HEADER_BYTES + kept.length * 4 + logitsBytes + stateBytes + CHECKSUM_BYTES,
       );
       const view = new DataView(bytes.buffer);
       bytes.set(new TextEncoder().encode(MAGIC));
@@ -284,12 +305,13 @@ export class Session<Buf = unknown> {
         dInner,
         dState,
         vocabSize,
-        this.#tokens.length,
+        this.#model.identity,
+        kept.length,
         this.#hasLogits ? 1 : 0,
       ];
       fields.forEach((v, i) => view.setUint32(8 + 4 * i, v, true));
       let offset = HEADER_BYTES;
-      for (const id of this.#tokens) {
+      for (const id of kept) {
         view.setInt32(offset, id, true);
         offset += 4;
       }
@@ -304,6 +326,7 @@ export class Session<Buf = unknown> {
         putFloats(contents.conv[l]);
         putFloats(contents.ssm[l]);
       }
+      view.setUint32(offset, crc32(bytes.subarray(0, offset)), true);
       return bytes;
     });
   }
@@ -343,16 +366,15 @@ export class Session<Buf = unknown> {
 
   #enqueue<T>(task: () => Promise<T>): Promise<T> {
     const result = this.#queue.then(async () => {
+      if (this.#pending) await this.#pending; // A snapshot that failed says why first.
       if (this.#disposed) throw new Error("The session was disposed");
-      if (this.#pending) await this.#pending;
       return task();
     });
     this.#queue = result.catch(() => {});
     return result;
   }
 
-  #restore(bytes: Uint8Array): void {
-    const data = decodeSnapshot(bytes, this.#model);
+  #restore(data: SnapshotData): void {
     const vocab = this.#model.config.vocabSize;
     this.#model.pool.write(this.#slot, {
       conv: data.conv,
@@ -365,10 +387,35 @@ export class Session<Buf = unknown> {
   }
 }
 
+function isPromiseLike(value: unknown): value is PromiseLike<SnapshotBytes> {
+  return typeof (value as { then?: unknown } | null)?.then === "function";
+}
+
+/** The snapshot's bytes as a Uint8Array (no copy), or a SnapshotError for anything else. */
+function asBytes(value: unknown): Uint8Array {
+  if (value instanceof Uint8Array) return value;
+  if (value instanceof ArrayBuffer || value instanceof SharedArrayBuffer) {
+    return new Uint8Array(value);
+  }
+  if (ArrayBuffer.isView(value)) {
+    return new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
+  }
+  const kind = value === null
+    ? "null"
+    : typeof value === "object"
+    ? (value.constructor?.name ?? "an object")
+    : typeof value;
+  throw new SnapshotError(`expected bytes (a Uint8Array, an ArrayBuffer or a view), got ${kind}`);
+}
+
 function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): SnapshotData {
-  if (!(bytes instanceof Uint8Array)) throw new SnapshotError("expected a Uint8Array");
   if (bytes.length < HEADER_BYTES || new TextDecoder().decode(bytes.subarray(0, 8)) !== MAGIC) {
-    throw new SnapshotError("it does not start with the MAMBASS1 header");
+    const old = bytes.length >= 8 && new TextDecoder().decode(bytes.subarray(0, 8)) === "MAMBASS1";
+    throw new SnapshotError(
+      old
+        ? "it was made by an earlier version of the library (MAMBASS1), which this one cannot check"
+        : `it does not start with the ${MAGIC} header`,
+    );
   }
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const field = (i: number) => view.getUint32(8 + 4 * i, true);
@@ -381,15 +428,24 @@ function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): Snapsho
       );
     }
   });
-  const tokenCount = field(5);
-  const hasLogits = field(6);
+  const tokenCount = field(6);
+  const hasLogits = field(7);
   if (hasLogits > 1) throw new SnapshotError("the logits flag is neither 0 nor 1");
   const convLength = (dConv - 1) * convChannels(model.config);
   const ssmLength = dInner * dState;
-  const length = HEADER_BYTES +
+  const length = HEADER_BYTES + CHECKSUM_BYTES +
     4 * (tokenCount + hasLogits * vocabSize + nLayer * (convLength + ssmLength));
   if (bytes.length !== length) {
     throw new SnapshotError(`it holds ${bytes.length} bytes, its header implies ${length}`);
+  }
+  const stored = view.getUint32(length - CHECKSUM_BYTES, true);
+  if (crc32(bytes.subarray(0, length - CHECKSUM_BYTES)) !== stored) {
+    throw new SnapshotError("its checksum does not match: the bytes were damaged");
+  }
+  if (field(5) !== model.identity) {
+    throw new SnapshotError(
+      "it was made for another model of the same sizes (its weights differ)",
+    );
   }
   let offset = HEADER_BYTES;
   const tokens: number[] = [];
@@ -401,17 +457,26 @@ function decodeSnapshot<Buf>(bytes: Uint8Array, model: MambaModel<Buf>): Snapsho
     tokens.push(id);
   }
   // Little-endian floats, copied so that they are aligned whatever the offset.
-  const floats = (count: number) => {
+  // A model's logits and states are finite: anything else was damaged or forged.
+  const floats = (count: number, what: string) => {
     const values = new Float32Array(bytes.slice(offset, offset + count * 4).buffer);
     offset += count * 4;
+    for (let i = 0; i < values.length; i++) {
+      const v = values[i];
+      if (v - v !== 0) {
+        throw new SnapshotError(
+          `${what} ${what === "the logits" ? "hold" : "holds"} ${v} at index ${i}`,
+        );
+      }
+    }
     return values;
   };
-  const logits = hasLogits ? floats(vocabSize) : null;
+  const logits = hasLogits ? floats(vocabSize, "the logits") : null;
   const conv: Float32Array[] = [];
   const ssm: Float32Array[] = [];
   for (let l = 0; l < nLayer; l++) {
-    conv.push(floats(convLength));
-    ssm.push(floats(ssmLength));
+    conv.push(floats(convLength, `layer ${l}'s convolution state`));
+    ssm.push(floats(ssmLength, `layer ${l}'s SSM state`));
   }
   return { tokens, logits, conv, ssm };
 }

@@ -66,6 +66,20 @@ export interface ModelSource {
    * when the size is known before reading (see {@link Backend.hostBytes}).
    */
   readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array>;
+  /**
+   * The file's first bytes (up to 1 MiB, enough for a safetensors header) and
+   * its total size, or null where they cannot be had cheaply: for checking
+   * weight headers before anything is measured or allocated.
+   */
+  readHead?(name: string): Promise<FileHead | null>;
+}
+
+/** A file's first bytes and its total size, from {@link ModelSource.readHead}. */
+export interface FileHead {
+  /** The first bytes (all of them for a short file). */
+  head: Uint8Array;
+  /** The file's size in bytes. */
+  size: number;
 }
 
 /**
@@ -198,6 +212,10 @@ class DirectorySource implements ModelSource {
     }
   }
 
+  readHead(name: string): Promise<FileHead | null> {
+    return readFileHead(this.describe(name));
+  }
+
   async readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array> {
     try {
       return await readFileInto(
@@ -211,6 +229,24 @@ class DirectorySource implements ModelSource {
         : `Cannot read the file: ${(error as Error).message}`;
       throw new ModelFileError(this.describe(name), problem, { cause: error });
     }
+  }
+}
+
+/** A local file's first {@link HEAD_BYTES} bytes and its size, or null where it cannot be read. */
+async function readFileHead(path: string): Promise<FileHead | null> {
+  try {
+    using file = await Deno.open(path);
+    const size = (await file.stat()).size;
+    const head = new Uint8Array(Math.min(size, HEAD_BYTES));
+    let loaded = 0;
+    while (loaded < head.length) {
+      const read = await file.read(head.subarray(loaded));
+      if (read === null) return null;
+      loaded += read;
+    }
+    return { head, size };
+  } catch {
+    return null;
   }
 }
 
@@ -304,12 +340,54 @@ class HttpSource implements ModelSource {
     return bytes;
   }
 
+  async readHead(name: string): Promise<FileHead | null> {
+    if (this.cache !== null && await this.#isCached(name)) {
+      return readFileHead(`${this.cache}${name}`);
+    }
+    // A range request: a server that ignores it sends the whole body, of which
+    // the first chunks are read and the rest cancelled.
+    const { response, watchdog } = await this.#fetch(name, "GET", {
+      range: `bytes=0-${HEAD_BYTES - 1}`,
+    });
+    if (!response.ok || !response.body) {
+      watchdog.stop();
+      await response.body?.cancel();
+      return null;
+    }
+    const range = /\/(\d+)$/.exec(response.headers.get("content-range") ?? "");
+    const size = response.status === 206
+      ? Number(range?.[1])
+      : Number(response.headers.get("content-length"));
+    const head = new Uint8Array(HEAD_BYTES);
+    let loaded = 0;
+    const reader = response.body.getReader();
+    try {
+      while (loaded < HEAD_BYTES) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        watchdog.feed();
+        head.set(value.subarray(0, HEAD_BYTES - loaded), loaded);
+        loaded += Math.min(value.length, HEAD_BYTES - loaded);
+      }
+      await reader.cancel();
+    } finally {
+      watchdog.stop();
+    }
+    return Number.isSafeInteger(size) && size >= loaded
+      ? { head: head.slice(0, loaded), size }
+      : null;
+  }
+
   /**
    * Fetches `name`, retrying with back-off (0.5 s, 1 s, 2 s, …) where the
    * network fails or the server answers 5xx. The returned watchdog must be
    * fed while the body streams and stopped once it has.
    */
-  async #fetch(name: string, method: string): Promise<{ response: Response; watchdog: Watchdog }> {
+  async #fetch(
+    name: string,
+    method: string,
+    headers?: HeadersInit,
+  ): Promise<{ response: Response; watchdog: Watchdog }> {
     const retries = this.options.retries ?? 3;
     for (let attempt = 0;; attempt++) {
       const watchdog = new Watchdog(this.options.timeoutMs ?? 30_000, this.options.signal);
@@ -317,6 +395,7 @@ class HttpSource implements ModelSource {
       try {
         const response = await fetch(this.describe(name), {
           method,
+          headers,
           signal: watchdog.signal,
           redirect: "follow",
         });

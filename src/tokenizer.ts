@@ -46,6 +46,53 @@ const SPECIAL_TOKEN_KEYS = [
 /** Keys the library requires in tokenizer.json; a missing one means "none". */
 const OPTIONAL_COMPONENTS = ["normalizer", "pre_tokenizer", "post_processor", "decoder"] as const;
 
+/** Token ids accepted when the caller names no model: far past any real vocabulary. */
+const MAX_TOKEN_IDS = 1 << 24;
+
+/**
+ * Checks the vocabulary in one pass before the library builds anything (it
+ * sizes arrays by the largest id, so one huge id would stall it): BPE only, at
+ * least one token, every id an integer in [0, maxIds).
+ */
+function checkVocabulary(
+  model: Record<string, unknown>,
+  addedTokens: readonly unknown[],
+  maxIds: number,
+  file: string,
+): void {
+  if (model.type !== undefined && model.type !== "BPE") {
+    throw new ModelFileError(
+      file,
+      `Unsupported tokenizer model ${describe(model.type)}: only BPE (as Mamba checkpoints use) ` +
+        `is supported`,
+    );
+  }
+  if (!isObject(model.vocab)) {
+    throw new ModelFileError(
+      file,
+      `Cannot build the tokenizer: "model.vocab" must be an object, got ${describe(model.vocab)}`,
+    );
+  }
+  const checkId = (id: unknown, what: string) => {
+    if (!Number.isInteger(id) || (id as number) < 0 || (id as number) >= maxIds) {
+      throw new ModelFileError(
+        file,
+        `${what} has id ${
+          typeof id === "number" ? id : describe(id)
+        }; ids must be integers from 0 to ${maxIds - 1} ` +
+          `(the model's embedding rows)`,
+      );
+    }
+  };
+  let count = 0;
+  for (const token in model.vocab) {
+    checkId(model.vocab[token], `Vocabulary token ${JSON.stringify(token)}`);
+    count++;
+  }
+  if (count === 0) throw new ModelFileError(file, "The vocabulary is empty");
+  addedTokens.forEach((token, i) => checkId((token as { id: unknown }).id, `added_tokens[${i}]`));
+}
+
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
@@ -137,12 +184,17 @@ export class MambaTokenizer {
    * @param tokenizerJson The parsed tokenizer.json.
    * @param tokenizerConfig The parsed tokenizer_config.json, or `undefined`.
    * @param file Path or URL of tokenizer.json, used in error messages.
-   * @throws {ModelFileError} When either object is malformed or the library rejects it.
+   * @param maxIds The model's embedding rows: a token id at or past it is
+   *   refused before anything is built (default 2^24).
+   * @throws {ModelFileError} When either object is malformed, the model is not
+   *   BPE, the vocabulary is empty or names an id past `maxIds`, or the library
+   *   rejects it.
    */
   static fromJSON(
     tokenizerJson: unknown,
     tokenizerConfig: unknown | undefined,
     file: string,
+    maxIds: number = MAX_TOKEN_IDS,
   ): MambaTokenizer {
     if (!isObject(tokenizerJson)) {
       throw new ModelFileError(file, `Expected a JSON object, got ${describe(tokenizerJson)}`);
@@ -173,6 +225,7 @@ export class MambaTokenizer {
         );
       }
     });
+    checkVocabulary(tokenizerJson.model, addedTokens, maxIds, file);
     const json: Record<string, unknown> = { ...tokenizerJson, added_tokens: addedTokens };
     for (const key of OPTIONAL_COMPONENTS) json[key] ??= null;
 
@@ -247,15 +300,17 @@ export class MambaTokenizer {
   }
 
   /**
-   * Turns ids back into text, special tokens included.
+   * Turns ids back into text, special tokens included. An id without a token
+   * (a hole in the vocabulary, or an embedding row past it, which a model may
+   * still produce) decodes as nothing.
    *
-   * @throws {RangeError} For an id the tokenizer does not know (negative,
-   *   not an integer, or past the vocabulary).
+   * @throws {RangeError} For an id that is negative or not an integer.
    */
   decode(ids: readonly number[]): string {
     for (const id of ids) this.#check(id);
-    if (ids.length === 0) return "";
-    return this.#tokenizer.decode(Array.from(ids), {
+    const known = ids.filter((id) => this.#isKnown(id));
+    if (known.length === 0) return "";
+    return this.#tokenizer.decode(known, {
       clean_up_tokenization_spaces: this.#cleanUp,
     });
   }
@@ -265,9 +320,8 @@ export class MambaTokenizer {
   }
 
   #check(id: number): void {
-    if (this.#isKnown(id)) return;
-    const known = this.vocabSize > 0 ? `ids 0 to ${this.vocabSize - 1}` : "no ids";
-    throw new RangeError(`Unknown token id ${id}: the tokenizer knows ${known}`);
+    if (Number.isInteger(id) && id >= 0) return;
+    throw new RangeError(`Unknown token id ${id}: token ids are non-negative integers`);
   }
 }
 

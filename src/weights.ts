@@ -112,6 +112,56 @@ export function loadWeights(
   config: MambaConfig,
   configFile: string,
 ): MambaWeights<Float32Array> {
+  return walkWeights(store, config, configFile, true);
+}
+
+/**
+ * OR of every word's exponent plus 2^23: an exponent of all ones (NaN,
+ * ±Infinity) carries into the sign bit, so the result is negative exactly
+ * when some value is not finite. Branch-free, the fast pass.
+ */
+function orOfExponentCarries(bits: Int32Array): number {
+  let carries = 0;
+  for (let i = 0; i < bits.length; i++) carries |= ((bits[i] & 0x7f800000) + 0x00800000) | 0;
+  return carries;
+}
+
+/**
+ * Checks that the files hold every tensor the config implies, with its shape,
+ * from the headers alone (no tensor data is read): run before anything is
+ * sized from the config.
+ *
+ * @throws {ModelFileError} Naming the file and the tensor that contradicts the config.
+ */
+export function checkWeightShapes(
+  store: TensorStore,
+  config: MambaConfig,
+  configFile: string,
+): void {
+  walkWeights(store, config, configFile, false);
+}
+
+/** Throws unless every value is finite, naming the tensor; one pass. */
+function checkFinite(values: Float32Array, file: string, name: string): void {
+  if (orOfExponentCarries(new Int32Array(values.buffer, values.byteOffset, values.length)) >= 0) {
+    return;
+  }
+  const i = values.findIndex((v) => !Number.isFinite(v));
+  throw new ModelFileError(
+    file,
+    `Tensor "${name}" holds ${values[i]} at index ${i}; weights must be finite`,
+  );
+}
+
+/** Empty stand-in for tensor data when only shapes are checked. */
+const NO_DATA = new Float32Array(0);
+
+function walkWeights(
+  store: TensorStore,
+  config: MambaConfig,
+  configFile: string,
+  read: boolean,
+): MambaWeights<Float32Array> {
   const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
   const m2 = config.mamba2;
   const mixerSizes = m2
@@ -120,8 +170,13 @@ export function loadWeights(
   const sizes =
     `${configFile} says hidden_size ${dModel}, intermediate_size ${dInner}, state_size ${dState}, conv_kernel ${dConv}, ${mixerSizes}, vocab_size ${vocabSize}`;
 
-  const tensor = (name: string, shape: number[], alternatives: number[][] = []) => {
-    const file = store.fileOf(name, `needed for a model with ${nLayer} layers`);
+  const tensor = (
+    name: string,
+    shape: number[],
+    alternatives: number[][] = [],
+    why = `${configFile} says num_hidden_layers ${nLayer}`,
+  ) => {
+    const file = store.fileOf(name, why);
     const actual = file.info(name).shape;
     const fits = [shape, ...alternatives].find((s) => sameShape(s, actual));
     if (!fits) {
@@ -132,10 +187,13 @@ export function loadWeights(
         }] (${sizes})`,
       );
     }
-    return file.float32(name);
+    if (!read) return NO_DATA;
+    const values = file.float32(name);
+    checkFinite(values, file.file, name);
+    return values;
   };
   const optional = (name: string, shape: number[], wanted: boolean, flagName: string) => {
-    if (wanted) return tensor(name, shape);
+    if (wanted) return tensor(name, shape, [], `${configFile} sets ${flagName} to true`);
     if (store.has(name)) {
       throw new ModelFileError(
         store.fileOf(name, "").file,
@@ -161,14 +219,23 @@ export function loadWeights(
   const layers: MambaWeights<Float32Array>["layers"] = [];
   for (let l = 0; l < nLayer; l++) {
     const p = `backbone.layers.${l}.`;
+    // -exp(A_log) overflows to -Infinity for a finite but huge A_log.
+    const checkA = (A: Float32Array) =>
+      checkFinite(A, store.fileOf(`${p}mixer.A_log`, "").file, `${p}mixer.A_log (as -exp)`);
     if (config.mamba2) {
-      layers.push(readMamba2Layer(p, config, tensor, optional));
+      const layer = readMamba2Layer(p, config, tensor, optional);
+      checkA(layer.A);
+      layers.push(layer);
       continue;
     }
     // GGUF files hold A itself (llama.cpp's converter computes it), checkpoints A_log.
-    const A = store.has(`${p}mixer.A`)
-      ? tensor(`${p}mixer.A`, [dInner, dState])
-      : tensor(`${p}mixer.A_log`, [dInner, dState]).map((aLog) => -Math.exp(aLog));
+    let A: Float32Array;
+    if (store.has(`${p}mixer.A`)) {
+      A = tensor(`${p}mixer.A`, [dInner, dState]);
+    } else {
+      A = tensor(`${p}mixer.A_log`, [dInner, dState]).map((aLog) => -Math.exp(aLog));
+      checkA(A);
+    }
     layers.push({
       norm: tensor(`${p}norm.weight`, [dModel]),
       inProj: tensor(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]),

@@ -47,7 +47,7 @@ Deno.test("a malformed snapshot throws SnapshotError", async () => {
   assertInstanceOf(error, SnapshotError);
   assertStringIncludes(
     error.message,
-    "Invalid snapshot: it does not start with the MAMBASS1 header",
+    "Invalid snapshot: it does not start with the MAMBASS2 header",
   );
 });
 

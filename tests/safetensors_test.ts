@@ -577,3 +577,86 @@ Deno.test("parseShardIndex rejects shard names that are not plain file names", (
     );
   }
 });
+
+// ---------------------------------------------------------------------------
+// The format's reference rules (issue #18, item 2).
+
+Deno.test("rejects a header length 1 to 7 bytes short that lands in the header's trailing spaces", () => {
+  const good = writeSafetensors({
+    "w": { dtype: "F32", shape: [2], data: new Float32Array([1, 2]) },
+  });
+  const headerLength = Number(new DataView(good.buffer).getBigUint64(0, true));
+  const text = new TextDecoder().decode(good.subarray(8, 8 + headerLength));
+  // Pad the header with 8 spaces so that shortening it keeps valid JSON.
+  const padded = rawFile(text + " ".repeat(8), good.subarray(8 + headerLength));
+  SafetensorsFile.parse(padded, FILE);
+  for (let short = 1; short <= 7; short++) {
+    const bytes = padded.slice();
+    new DataView(bytes.buffer).setBigUint64(0, BigInt(headerLength + 8 - short), true);
+    assertModelFileError(() => SafetensorsFile.parse(bytes, FILE), `${short} bytes after the last`);
+  }
+});
+
+Deno.test("rejects a gap between tensors and bytes after the last tensor", () => {
+  const entry = (begin: number, end: number) => ({
+    dtype: "U8",
+    shape: [end - begin],
+    data_offsets: [begin, end],
+  });
+  assertModelFileError(() => parseBad({ a: entry(0, 2), b: entry(3, 4) }, 4), "gap of 1 bytes");
+  assertModelFileError(() => parseBad({ a: entry(1, 2) }, 2), "gap of 1 bytes");
+  assertModelFileError(() => parseBad({ a: entry(0, 2) }, 5), "3 bytes after the last tensor");
+  assertModelFileError(() => parseBad({}, 1), "1 bytes after the last tensor");
+  // Order in the header does not matter; coverage does.
+  assertEquals(parseBad({ b: entry(2, 4), a: entry(0, 2) }, 4).tensors.size, 2);
+});
+
+Deno.test("rejects duplicate tensor names, also when written with escapes", () => {
+  const entry = `{"dtype":"U8","shape":[1],"data_offsets":[0,1]}`;
+  assertModelFileError(() => parseBad(`{"a":${entry},"a":${entry}}`, 1), "more than once");
+  assertModelFileError(() => parseBad(`{"a":${entry},"\\u0061":${entry}}`, 1), "more than once");
+  // The same key inside nested objects is not a duplicate.
+  const meta = `"__metadata__":{"a":"x"}`;
+  assertEquals(parseBad(`{${meta},"a":${entry}}`, 1).metadata, { a: "x" });
+});
+
+Deno.test("rejects a tensor name holding a lone UTF-16 surrogate", () => {
+  const entry = `{"dtype":"U8","shape":[1],"data_offsets":[0,1]}`;
+  assertModelFileError(() => parseBad(`{"a\\ud800":${entry}}`, 1), "lone UTF-16 surrogate");
+  assertModelFileError(() => parseBad(`{"\\udc00b":${entry}}`, 1), "lone UTF-16 surrogate");
+  assert(parseBad(`{"\\ud83d\\ude00":${entry}}`, 1).has("😀"));
+});
+
+Deno.test("rejects a header of one million entries quickly and parses one of 100,000", () => {
+  const header = (n: number) => {
+    const parts: string[] = [];
+    for (let i = 0; i < n; i++) {
+      parts.push(`"t${i}":{"dtype":"U8","shape":[1],"data_offsets":[${i},${i + 1}]}`);
+    }
+    return rawFile(`{${parts.join(",")}}`, n);
+  };
+  const huge = header(1_000_000);
+  let start = performance.now();
+  assertModelFileError(() => SafetensorsFile.parse(huge, FILE), "more than 100000 entries");
+  let ms = performance.now() - start;
+  // Well under 1 s on the reference machine; the bound leaves room for a loaded runner.
+  assert(ms < 2000, `rejecting took ${ms.toFixed(0)} ms`);
+  const large = header(100_000);
+  start = performance.now();
+  assertEquals(SafetensorsFile.parse(large, FILE).tensors.size, 100_000);
+  ms = performance.now() - start;
+  assert(ms < 2000, `parsing took ${ms.toFixed(0)} ms`);
+});
+
+Deno.test("parseHeader checks a header from the file's first bytes and its length", () => {
+  const bytes = writeSafetensors({
+    "w": { dtype: "F32", shape: [4], data: new Float32Array(4) },
+  });
+  const headerEnd = bytes.length - 16;
+  const st = SafetensorsFile.parseHeader(bytes.subarray(0, headerEnd), bytes.length, FILE);
+  assertEquals(st.info("w").shape, [4]);
+  assertModelFileError(
+    () => SafetensorsFile.parseHeader(bytes.subarray(0, headerEnd), bytes.length + 4, FILE),
+    "4 bytes after the last tensor",
+  );
+});
