@@ -153,7 +153,8 @@ async function cpuPeers(dir: string): Promise<void> {
     { metric: "decode 128 tok, 1 stream", ours: greedyStreams(ours, 1), peer: llamaRate(false) },
   ]));
   console.log(
-    "Same weights, same sitting, 2 threads each. Our decode includes the 16-token prompt (as mamba_ssm times it).",
+    "Same weights, same sitting; llama.cpp on 2 threads, ours with loadModel's default threads. " +
+      "Our decode figure includes the 16-token prompt (as mamba_ssm times it).",
   );
 }
 

@@ -1,5 +1,6 @@
 import { assertAlmostEquals, assertEquals, assertThrows } from "@std/assert";
 import { compareTimings, formatChanges, readTimings } from "../bench/compare.ts";
+import { formatPeerTable, gpuRows } from "../bench/peers.ts";
 
 const fixtures = new URL("./fixtures/bench/", import.meta.url);
 const read = async (name: string) =>
@@ -56,5 +57,25 @@ Deno.test("bench compare: input that is not deno bench output is named in the er
       ),
     Error,
     'y.json: bench "a" has no positive "min"',
+  );
+});
+
+Deno.test("bench peers: the GPU table divides our tok/s by mamba_ssm's", async () => {
+  const load = async (name: string) => JSON.parse(await Deno.readTextFile(new URL(name, fixtures)));
+  const rows = gpuRows(await load("mamba_ssm.json"), await load("api_report.json"));
+  assertEquals(rows.map((row) => [row.metric, row.ours, row.peer]), [
+    ["prefill 2048 tok", 20000, 80000],
+    ["decode 128 tok, 1 stream", 900, 1000],
+    ["decode 128 tok, 16 streams", 9900, 9000],
+  ]);
+  const lines = formatPeerTable("mamba_ssm", "mamba webgpu", rows).split("\n");
+  assertEquals(lines.length, 4);
+  assertEquals(lines[1].endsWith("0.25x"), true);
+  assertEquals(lines[2].endsWith("0.90x"), true);
+  assertEquals(lines[3].endsWith("1.10x"), true);
+  assertThrows(
+    () => gpuRows({}, { streams: [], prefill: { tokens: 2048, tokPerS: 1 } }),
+    Error,
+    'The mamba_ssm report has no "prefill_2048_tok_per_s_float32"',
   );
 });
