@@ -91,6 +91,13 @@ async function run(command: string, args: string[]): Promise<string> {
 }
 
 async function cpuPeers(dir: string): Promise<void> {
+  const isDirectory = await Deno.stat(dir).then((info) => info.isDirectory, () => false);
+  if (!isDirectory) {
+    throw new Error(
+      `${dir} is not a model directory: bench:peers converts a directory's config.json and ` +
+        "model.safetensors for llama.cpp",
+    );
+  }
   const peers = new URL("../../shared/peers/", import.meta.url).pathname;
   const llamaBench = `${peers}llama.cpp/llama-bench`;
   try {
