@@ -3,7 +3,7 @@
  * token per step) on the bundled tiny-shakespeare model and on a
  * mamba-130m-shaped model with random weights.
  *
- * `deno task bench` runs it. The 130m model is read from `$MAMBA_BENCH_MODEL`
+ * `deno task bench:all` runs it. The 130m model is read from `$MAMBA_BENCH_MODEL`
  * (written by `deno task make-random-model <dir>`), else written to a temp dir
  * first. Each bench's name says how many tokens one iteration processes:
  * tokens/s = tokens / (time per iteration). `$MAMBA_BENCH_BACKENDS` (comma
