@@ -36,8 +36,8 @@ Deno.test("fuzz: a case that hangs or takes too much memory is a failure, and th
     [0, "ran past 3000 ms"],
     [1, "ran past 3000 ms"],
   ]);
-  // deno-lint-ignore no-explicit-any -- as above
   // A time cap far past what filling 400 MiB takes, even on a loaded machine.
+  // deno-lint-ignore no-explicit-any -- as above
   const hog = await fuzzKind("self-check-memory" as any, SEED, 2, { ...limits, caseMs: 60_000 });
   assertEquals(hog.failures.map((f) => f.index), [0, 1]);
   for (const { detail } of hog.failures) assert(/past 400 MiB|child died/.test(detail), detail);
