@@ -7,7 +7,7 @@
 
 import { assert, assertEquals } from "@std/assert";
 import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
-import { quantize } from "../src/gguf_write.ts";
+import { quantize, writeGguf } from "../src/gguf_write.ts";
 import { loadModel } from "../src/load.ts";
 import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
@@ -49,6 +49,30 @@ Deno.test("every written type decodes back within its quantization step", () => 
   }
 });
 
+Deno.test("a GGUF header past the writer's first 64 KiB (a real vocabulary) reads back whole", () => {
+  // The gpt-neox-20b vocabulary of real checkpoints is about 0.5 MB of metadata.
+  const tokens = Array.from({ length: 40_000 }, (_, i) => `token-${i}`);
+  const bytes = writeGguf(
+    new Map([
+      ["general.architecture", { type: "string", value: "mamba" }],
+      ["tokenizer.ggml.tokens", { type: "string[]", value: tokens }],
+      ["mamba.block_count", { type: "u32", value: 24 }],
+      ["mamba.attention.layer_norm_rms_epsilon", { type: "f32", value: 0.5 }],
+    ]),
+    [{
+      name: "w",
+      shape: [2, 3],
+      type: GGML.F32,
+      data: quantize(GGML.F32, new Float32Array(6).fill(2)),
+    }],
+  );
+  const gguf = GgufFile.parse(bytes, "big-header.gguf");
+  assertEquals(gguf.metadata.get("tokenizer.ggml.tokens"), tokens);
+  assertEquals(gguf.integer("mamba.block_count"), 24);
+  assertEquals(gguf.metadata.get("mamba.attention.layer_norm_rms_epsilon"), 0.5);
+  assertEquals(gguf.float32("w"), new Float32Array(6).fill(2));
+});
+
 Deno.test("quantize writes GGUF that loads as the same model, tokenizer included", async () => {
   const dir = await Deno.makeTempDir({ prefix: "mamba-quantize-test-" });
   try {
@@ -73,6 +97,18 @@ Deno.test("quantize writes GGUF that loads as the same model, tokenizer included
       assertEquals(model.tokenizer.encode(text), wanted, JSON.stringify(text));
       assertEquals(model.tokenizer.decode(wanted), decoded, JSON.stringify(text));
     }
+
+    // F32 (for peers that time F32 weights): the same weights, widened.
+    const f32 = await quantizeModel(SHAKESPEARE, "f32");
+    assertEquals(f32.notes, []);
+    assertEquals(GgufFile.parse(f32.bytes, "f32.gguf").info("blk.0.ssm_in.weight").type, GGML.F32);
+    await Deno.writeFile(`${dir}/f32.gguf`, f32.bytes);
+    const wide = await loadModel(`${dir}/f32.gguf`, { backend: "js" });
+    const wideDiff = maxAbsDiff(
+      await wide.forward(ids),
+      logits.subarray(0, ids.length * model.vocabSize),
+    );
+    assert(wideDiff < 1e-4, `F32: max |Δlogit| ${wideDiff}`);
 
     // Quantized: the 16-column dt_proj falls back to F16 with a note per layer.
     const q4 = await quantizeModel(SHAKESPEARE, "q4_0");
