@@ -7,6 +7,7 @@
  * @example Encode, decode and stream
  * ```ts
  * import { MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
+ * import { assertEquals } from "@std/assert";
  *
  * const dir = new URL("../models/tiny-shakespeare/", import.meta.url);
  * const read = async (name: string) => JSON.parse(await Deno.readTextFile(new URL(name, dir)));
@@ -16,12 +17,13 @@
  *   new URL("tokenizer.json", dir).href,
  * );
  * const ids = tokenizer.encode("ROMEO: 🌹");
- * console.log(tokenizer.decode(ids)); // "ROMEO: 🌹"
+ * assertEquals(tokenizer.decode(ids), "ROMEO: 🌹");
  *
  * const decoder = new StreamingDecoder(tokenizer);
  * let text = "";
  * for (const id of ids) text += decoder.push(id); // "" while the rose is half-decoded
  * text += decoder.flush();
+ * assertEquals(text, "ROMEO: 🌹");
  * ```
  *
  * @module
