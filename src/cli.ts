@@ -29,7 +29,8 @@ Options:
                               (default: the bundled tiny-shakespeare model)
   -p, --prompt <text>         Prompt (default: "${DEFAULT_PROMPT}")
   -f, --file <path>           Read the prompt from a file instead
-  -n, --max-new-tokens <n>    Tokens to generate (default: ${DEFAULT_MAX_NEW_TOKENS})
+  -n, --max-new-tokens <n>    Tokens to generate; -1 is no limit: until the end of
+                              sequence, a stop string or Ctrl-C (default: ${DEFAULT_MAX_NEW_TOKENS})
       --temp <t>              Temperature; 0 is greedy (default: ${SAMPLING_DEFAULTS.temperature})
       --top-k <k>             Keep the k most likely tokens; 0 is off (default: ${SAMPLING_DEFAULTS.topK})
       --top-p <p>             Nucleus sampling mass; 1 is off (default: ${SAMPLING_DEFAULTS.topP})
@@ -52,6 +53,12 @@ Options:
 `;
 
 class UsageError extends Error {}
+
+/**
+ * `-n -1`: as many tokens as an integer count can say, which no run reaches;
+ * the end of sequence, a stop string or Ctrl-C ends the generation first.
+ */
+const NO_LIMIT = Number.MAX_SAFE_INTEGER;
 
 /** The flags that take a value, by long name, with their short aliases. */
 const VALUE_FLAGS = [
@@ -120,7 +127,11 @@ interface Range {
 }
 
 const RANGES: Record<string, Range> = {
-  "max-new-tokens": { integer: true, accepts: (v) => v >= 0, says: "at least 0" },
+  "max-new-tokens": {
+    integer: true,
+    accepts: (v) => v >= -1,
+    says: "at least -1 (-1 is no limit)",
+  },
   temp: { integer: false, accepts: (v) => v >= 0, says: "at least 0 (0 is greedy)" },
   "top-k": { integer: true, accepts: (v) => v >= 0, says: "at least 0 (0 is off)" },
   "top-p": { integer: false, accepts: (v) => v > 0 && v <= 1, says: "in (0, 1]" },
@@ -188,8 +199,9 @@ export async function main(args: string[]): Promise<number> {
   if (!BACKEND_NAMES.includes(backend)) {
     throw new UsageError(`--backend must be one of ${BACKEND_NAMES.join(", ")}, got "${backend}"`);
   }
+  const maxNewTokens = numberFlag(flags, "max-new-tokens");
   const options: GenerateOptions = {
-    maxNewTokens: numberFlag(flags, "max-new-tokens"),
+    maxNewTokens: maxNewTokens === -1 ? NO_LIMIT : maxNewTokens,
     temperature: numberFlag(flags, "temp"),
     topK: numberFlag(flags, "top-k"),
     topP: numberFlag(flags, "top-p"),
@@ -201,6 +213,15 @@ export async function main(args: string[]): Promise<number> {
     ignoreEos: flags["ignore-eos"],
   };
   const threads = numberFlag(flags, "threads");
+  if (
+    maxNewTokens === -1 && options.repeatLastN === -1 &&
+    (options.repetitionPenalty ?? SAMPLING_DEFAULTS.repetitionPenalty) !== 1
+  ) {
+    // The penalty's window would have to hold every token of an endless run.
+    throw new UsageError(
+      "--repeat-last-n -1 (every token) needs a limit: give -n a count, or --repeat-last-n a window",
+    );
+  }
   if (flags.model === "") {
     throw new UsageError("--model is empty: give a directory, URL or repo id");
   }

@@ -7,11 +7,14 @@
  * @example
  * ```ts
  * import { parseConfig } from "./config.ts";
+ * import { assertEquals } from "@std/assert";
+ *
  * const config = parseConfig(
  *   { d_model: 768, n_layer: 24, vocab_size: 50277, pad_vocab_size_multiple: 8 },
  *   "config.json",
  * );
- * console.log(config.dInner, config.dtRank, config.vocabSize); // 1536 48 50280
+ * // Derived as mamba_ssm does: dInner = 2 * dModel, dtRank = dModel / 16, vocabulary padded to 8.
+ * assertEquals([config.dInner, config.dtRank, config.vocabSize], [1536, 48, 50280]);
  * ```
  *
  * @module

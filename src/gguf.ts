@@ -17,11 +17,21 @@
  * reference `dequantize_row_*` functions do); other types are a clear error
  * naming the type.
  *
- * @example Read a tensor
- * ```ts ignore
- * import { GgufFile } from "./gguf.ts";
- * const gguf = GgufFile.parse(await Deno.readFile("model.gguf"), "model.gguf");
- * console.log(gguf.metadata.get("general.architecture"), gguf.float32("token_embd.weight").length);
+ * @example Write a tiny file, then read its metadata and a tensor
+ * ```ts
+ * import { GGML, GgufFile } from "./gguf.ts";
+ * import { quantize, writeGguf } from "./gguf_write.ts";
+ * import { assertEquals } from "@std/assert";
+ *
+ * const values = new Float32Array([1, 2, 3, 4, 5, 6]);
+ * const bytes = writeGguf(
+ *   new Map([["general.architecture", { type: "string", value: "mamba" }]]),
+ *   [{ name: "w", shape: [2, 3], type: GGML.F16, data: quantize(GGML.F16, values) }],
+ * );
+ * const gguf = GgufFile.parse(bytes, "tiny.gguf");
+ * assertEquals(gguf.metadata.get("general.architecture"), "mamba");
+ * assertEquals(gguf.info("w").dims, [3, 2]); // innermost first
+ * assertEquals(gguf.float32("w"), values);
  * ```
  *
  * @module

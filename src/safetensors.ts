@@ -18,13 +18,14 @@
  * @example Write a file, then read it back
  * ```ts
  * import { SafetensorsFile, writeSafetensors } from "./safetensors.ts";
+ * import { assertEquals } from "@std/assert";
  *
  * const bytes = writeSafetensors({
  *   "w": { dtype: "F16", shape: [2, 2], data: new Float32Array([1, 2, 3, 4]) },
  * }, { format: "pt" });
  * const st = SafetensorsFile.parse(bytes, "w.safetensors");
- * console.log(st.info("w").shape); // [2, 2]
- * console.log(st.float32("w")); // Float32Array [1, 2, 3, 4]
+ * assertEquals(st.info("w").shape, [2, 2]);
+ * assertEquals(st.float32("w"), new Float32Array([1, 2, 3, 4]));
  * ```
  *
  * @module

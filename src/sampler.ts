@@ -31,6 +31,7 @@
  * @example Seeded sampling, snapshotted and resumed
  * ```ts
  * import { Sampler } from "./sampler.ts";
+ * import { assertEquals } from "@std/assert";
  *
  * const logits = new Float32Array([2, 1, 0.5, -1]);
  * const sampler = new Sampler({ temperature: 1, seed: 42 });
@@ -40,7 +41,7 @@
  *
  * const resumed = new Sampler({ temperature: 1, seed: 42 });
  * resumed.restore(saved);
- * console.log(resumed.sample(logits, [first]) === next); // true
+ * assertEquals(resumed.sample(logits, [first]), next);
  * ```
  *
  * @module

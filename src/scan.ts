@@ -7,6 +7,8 @@
  * @example
  * ```ts
  * import { selectiveScan } from "./scan.ts";
+ * import { assertAlmostEquals, assertEquals } from "@std/assert";
+ *
  * const [batch, dim, len, dState] = [1, 2, 3, 4];
  * const { y, lastState } = await selectiveScan({
  *   u: new Float32Array(batch * dim * len).fill(1),
@@ -16,7 +18,9 @@
  *   C: new Float32Array(batch * dState * len).fill(1),
  *   batch, dim, len, dState,
  * });
- * console.log(y.length, lastState.length); // 6 8
+ * assertEquals([y.length, lastState.length], [6, 8]);
+ * // First step from a zero state: h = delta * B * u = 0.1 in each of 4 states; y = C · h.
+ * assertAlmostEquals(y[0], 0.4, 1e-6);
  * ```
  *
  * @module

@@ -7,6 +7,7 @@
  * @example Encode, decode and stream
  * ```ts
  * import { MambaTokenizer, StreamingDecoder } from "./tokenizer.ts";
+ * import { assertEquals } from "@std/assert";
  *
  * const dir = new URL("../models/tiny-shakespeare/", import.meta.url);
  * const read = async (name: string) => JSON.parse(await Deno.readTextFile(new URL(name, dir)));
@@ -16,12 +17,13 @@
  *   new URL("tokenizer.json", dir).href,
  * );
  * const ids = tokenizer.encode("ROMEO: 🌹");
- * console.log(tokenizer.decode(ids)); // "ROMEO: 🌹"
+ * assertEquals(tokenizer.decode(ids), "ROMEO: 🌹");
  *
  * const decoder = new StreamingDecoder(tokenizer);
  * let text = "";
  * for (const id of ids) text += decoder.push(id); // "" while the rose is half-decoded
  * text += decoder.flush();
+ * assertEquals(text, "ROMEO: 🌹");
  * ```
  *
  * @module
@@ -31,6 +33,7 @@
 // deno-lint-ignore no-import-prefix
 import { Tokenizer } from "npm:@huggingface/tokenizers@0.2.0";
 import { ModelFileError } from "./errors.ts";
+import { yieldToEventLoop } from "./yield.ts";
 
 /** Keys of tokenizer_config.json that name a special token (a string or `{content}`). */
 const SPECIAL_TOKEN_KEYS = [
@@ -45,6 +48,9 @@ const SPECIAL_TOKEN_KEYS = [
 
 /** Keys the library requires in tokenizer.json; a missing one means "none". */
 const OPTIONAL_COMPONENTS = ["normalizer", "pre_tokenizer", "post_processor", "decoder"] as const;
+
+/** Characters per slice of {@link MambaTokenizer.encodeInSlices} by default (1–3 ms of work). */
+const SLICE_LENGTH = 1024;
 
 /** Token ids accepted when the caller names no model: far past any real vocabulary. */
 const MAX_TOKEN_IDS = 1 << 24;
@@ -118,6 +124,30 @@ function tokenContent(value: unknown, key: string, file: string): string | undef
 }
 
 /**
+ * Whether texts may be cut before a space or newline that follows a
+ * non-whitespace character and encoded piece by piece, giving exactly the ids
+ * of the whole text. This holds for GPT-NeoX's setup: an NFC normalizer (or
+ * none; NFC never composes a character with following whitespace), the
+ * byte-level pre-tokenizer without a prefix space, whose regex never puts a
+ * non-whitespace character and the whitespace after it in one piece (its
+ * lookahead `\s+(?!\S)` reads only rightwards, from whitespace), and added
+ * tokens that cannot straddle such a cut nor strip the whitespace beside
+ * them. Anything else is encoded in one piece.
+ */
+function canSlice(json: Record<string, unknown>, config: Record<string, unknown>): boolean {
+  const normalizer = json.normalizer as Record<string, unknown> | null;
+  const preTokenizer = json.pre_tokenizer as Record<string, unknown> | null;
+  const addedTokens = json.added_tokens as Record<string, unknown>[];
+  return (normalizer === null || normalizer.type === "NFC") &&
+    preTokenizer?.type === "ByteLevel" && preTokenizer.add_prefix_space !== true &&
+    preTokenizer.use_regex !== false && config.remove_space !== true &&
+    addedTokens.every((token) =>
+      token.lstrip !== true && token.rstrip !== true && token.single_word !== true &&
+      !/\S\s/u.test(token.content as string)
+    );
+}
+
+/**
  * A Mamba model's tokenizer. Build one with {@link MambaTokenizer.fromJSON}.
  *
  * Encoding adds no special tokens unless tokenizer_config.json sets
@@ -144,14 +174,18 @@ export class MambaTokenizer {
   readonly #cleanUp: boolean;
   /** known[id] is 1 when id has a token (vocabularies may have holes). */
   readonly #known: Uint8Array;
+  /** Whether {@link encodeInSlices} may cut texts (see canSlice). */
+  readonly #sliceable: boolean;
 
   private constructor(
     tokenizer: Tokenizer,
     file: string,
     config: Record<string, unknown>,
+    sliceable: boolean,
   ) {
     this.#tokenizer = tokenizer;
     this.#file = file;
+    this.#sliceable = sliceable;
     const vocab = tokenizer.model?.vocab ?? [];
     this.vocabSize = vocab.length;
     this.#known = new Uint8Array(vocab.length);
@@ -275,7 +309,7 @@ export class MambaTokenizer {
     if (!Array.isArray(tokenizer.model?.vocab)) {
       throw new ModelFileError(file, "Cannot build the tokenizer: the model has no vocabulary");
     }
-    return new MambaTokenizer(tokenizer, file, config);
+    return new MambaTokenizer(tokenizer, file, config, canSlice(json, config));
   }
 
   /**
@@ -284,19 +318,74 @@ export class MambaTokenizer {
    * in the text (e.g. `<|endoftext|>`) become their ids.
    */
   encode(text: string): number[] {
-    const prefix = this.#addBos ? [this.bosTokenId as number] : [];
-    if (text.length === 0) return prefix;
-    const { ids, tokens } = this.#tokenizer.encode(text, { add_special_tokens: false });
-    for (let i = 0; i < ids.length; i++) {
-      if (!Number.isInteger(ids[i])) {
+    const ids = this.#addBos ? [this.bosTokenId as number] : [];
+    return this.#encodeInto(text, ids);
+  }
+
+  /**
+   * Gives exactly the ids of {@link encode}, but encodes a long text in
+   * slices of about `sliceLength` characters and lets the event loop run
+   * between them, so that a server's other requests and streams keep going.
+   * A slice ends only before a space or newline that follows a
+   * non-whitespace character, where the byte-level pre-tokenizer splits
+   * anyway; a text without such a place, or a tokenizer set up otherwise
+   * than byte-level BPE (as GPT-NeoX's), is encoded in one piece.
+   *
+   * @example Encode a long text without holding the thread
+   * ```ts
+   * import { loadModel } from "../mod.ts";
+   * import { assertEquals } from "@std/assert";
+   *
+   * await using model = await loadModel(new URL("../models/tiny-shakespeare/", import.meta.url), {
+   *   backend: "js",
+   * });
+   * const text = "ROMEO:\nBut, soft! what light through yonder window breaks?\n".repeat(500);
+   * const ids = await model.tokenizer.encodeInSlices(text, { sliceLength: 1000 });
+   * assertEquals(ids, model.tokenizer.encode(text));
+   * ```
+   *
+   * @param text The text to encode.
+   * @param options `sliceLength`: characters per slice before it is cut at
+   *   the next possible place (default 1024, 1–3 ms of work).
+   * @throws {ModelFileError} As {@link encode} does.
+   * @throws {RangeError} When `sliceLength` is not a positive integer.
+   */
+  async encodeInSlices(
+    text: string,
+    options: { sliceLength?: number } = {},
+  ): Promise<number[]> {
+    const sliceLength = options.sliceLength ?? SLICE_LENGTH;
+    if (!Number.isInteger(sliceLength) || sliceLength < 1) {
+      throw new RangeError(`sliceLength must be a positive integer, got ${sliceLength}`);
+    }
+    if (!this.#sliceable) return this.encode(text);
+    const ids = this.#addBos ? [this.bosTokenId as number] : [];
+    let start = 0;
+    while (start < text.length) {
+      const end = nextCut(text, start + sliceLength);
+      this.#encodeInto(text.slice(start, end), ids);
+      start = end;
+      if (start < text.length) await yieldToEventLoop();
+    }
+    return ids;
+  }
+
+  /** Appends the ids of `text` (no special tokens added) to `ids` and returns it. */
+  #encodeInto(text: string, ids: number[]): number[] {
+    if (text.length === 0) return ids;
+    const encoding = this.#tokenizer.encode(text, { add_special_tokens: false });
+    for (let i = 0; i < encoding.ids.length; i++) {
+      const id = encoding.ids[i];
+      if (!Number.isInteger(id)) {
         throw new ModelFileError(
           this.#file,
-          `Cannot encode ${JSON.stringify(tokens[i])}: it is not in the vocabulary and ` +
+          `Cannot encode ${JSON.stringify(encoding.tokens[i])}: it is not in the vocabulary and ` +
             "there is no unknown token",
         );
       }
+      ids.push(id);
     }
-    return [...prefix, ...ids];
+    return ids;
   }
 
   /**
@@ -323,6 +412,19 @@ export class MambaTokenizer {
     if (Number.isInteger(id) && id >= 0) return;
     throw new RangeError(`Unknown token id ${id}: token ids are non-negative integers`);
   }
+}
+
+/**
+ * The first place at or after `from` where a text may be cut (see canSlice):
+ * before a space or newline that follows a non-whitespace character; the
+ * text's length when there is none.
+ */
+function nextCut(text: string, from: number): number {
+  for (let i = Math.max(from, 1); i < text.length; i++) {
+    const code = text.charCodeAt(i);
+    if ((code === 0x20 || code === 0x0a) && !/\s/u.test(text[i - 1])) return i;
+  }
+  return text.length;
 }
 
 /** Prompt ids kept as context for the first generated token. */

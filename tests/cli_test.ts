@@ -28,6 +28,7 @@ Deno.test("--help prints the options; bad flags fail with a usage error", async 
   const help = await runCli(["--help"]);
   assertEquals(help.code, 0);
   assertStringIncludes(help.stdout, "--max-new-tokens");
+  assertStringIncludes(help.stdout, "-1 is no limit: until the end of\n");
   const unknown = await runCli(["--frobnicate"]);
   assertEquals(unknown.code, 2);
   assertStringIncludes(unknown.stderr, "Unknown option --frobnicate");
@@ -51,7 +52,13 @@ Deno.test("negative values are values; every range is checked before the model l
   assertMatch(negatives.stderr, /^4 tokens/m);
   const cases: [string[], string][] = [
     [["--temp", "-1"], "--temp must be at least 0"],
-    [["-n", "-1"], "--max-new-tokens must be at least 0, got -1"],
+    [["-n", "-2"], "--max-new-tokens must be at least -1 (-1 is no limit), got -2"],
+    [["--max-new-tokens=-5"], "--max-new-tokens must be at least -1 (-1 is no limit), got -5"],
+    [["-n", "-1.5"], '--max-new-tokens needs an integer, got "-1.5"'],
+    [
+      ["-n", "-1", "--repeat-last-n", "-1", "--repeat-penalty", "1.1"],
+      "--repeat-last-n -1 (every token) needs a limit",
+    ],
     [["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"],
     [["--min-p", "-0.1"], "--min-p must be in [0, 1]"],
     [["--top-k", "-3"], "--top-k must be at least 0"],
@@ -71,6 +78,38 @@ Deno.test("negative values are values; every range is checked before the model l
     assertStringIncludes(result.stderr, message);
     assertEquals(result.stdout, "");
   }
+});
+
+Deno.test("-n -1 generates past the default 128 tokens until a stop string ends it", async () => {
+  const run = async (args: string[]) => {
+    const output = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-read", "--allow-write", "--allow-env", CLI, ...args],
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1" },
+      // Should -1 never end, the test fails instead of hanging.
+      signal: AbortSignal.timeout(120_000),
+    }).output();
+    const decoder = new TextDecoder();
+    assertEquals(output.code, 0, decoder.decode(output.stderr));
+    return { stdout: decoder.decode(output.stdout), stderr: decoder.decode(output.stderr) };
+  };
+  const greedy = ["-p", "ROMEO:", "--temp", "0", "--backend", "js"];
+  // Greedy text from "ROMEO:" names KING RICHARD first at its 195th token.
+  const stop = "KING RICHARD";
+  const long = await run([...greedy, "-n", "400"]);
+  const expected = long.stdout.slice(0, long.stdout.indexOf(stop));
+  assert(expected.length > "ROMEO:".length);
+
+  const unlimited = await run([...greedy, "-n", "-1", "--stop", stop]);
+  assertEquals(unlimited.stdout, expected);
+  const tokens = Number(/^(\d+) tokens/m.exec(unlimited.stderr)?.[1]);
+  assert(tokens > 128, `only ${tokens} tokens: -1 kept the default limit`);
+
+  const json = await run([...greedy, "--max-new-tokens=-1", "--stop", stop, "--json"]);
+  const summary = JSON.parse(json.stdout.trim().split("\n").at(-1)!);
+  assertEquals(summary.finishReason, "stop");
+  assertEquals(summary.generatedTokens, tokens);
 });
 
 Deno.test("a model path that does not exist is not taken for a hub id", async () => {

@@ -135,6 +135,64 @@ Deno.test("edge security: a prompt over the byte limit is refused before it is t
   });
 });
 
+Deno.test("edge security: long prompts are tokenized in slices; the event loop never stalls for long", async () => {
+  // Four different prompts just inside the 65,536-byte limit, from the shared Shakespeare.
+  const shakespeare = await Deno.readTextFile(
+    new URL("../../shared/data/tinyshakespeare.txt", import.meta.url),
+  );
+  const prompts = [0, 1, 2, 3].map((i) => shakespeare.slice(100_000 * i, 100_000 * i + 65_000));
+  const counts = prompts.map((prompt) => model.tokenizer.encode(prompt).length);
+  // How long one prompt holds the thread when tokenized in one piece (the median of four).
+  const onePiece = prompts.map((prompt) => {
+    const start = performance.now();
+    model.tokenizer.encode(prompt);
+    return performance.now() - start;
+  }).sort((a, b) => a - b)[2];
+
+  /** Sends the four prompts at once; returns the longest time between two timer ticks. */
+  const longestStall = async () => {
+    let longest = 0;
+    await withServer({}, async (base) => {
+      let last = performance.now();
+      const ticker = setInterval(() => {
+        const now = performance.now();
+        longest = Math.max(longest, now - last);
+        last = now;
+      }, 1);
+      try {
+        const responses = await Promise.all(
+          prompts.map((prompt) => post(base, "/v1/generate", { prompt, stream: false })),
+        );
+        for (const [i, response] of responses.entries()) {
+          // Tokenized in full, to the ids of the whole text, then refused for their count.
+          assertEquals(response.status, 400);
+          assertEquals(
+            (await response.json()).error,
+            `The prompt has ${counts[i]} tokens; the limit is 4096`,
+          );
+        }
+      } finally {
+        clearInterval(ticker);
+      }
+    });
+    return longest;
+  };
+
+  // In one piece the longest stall would be at least onePiece. In slices of
+  // 1,024 characters (1/64 of a prompt) it is a few ms; the best of three
+  // runs is taken because other processes on a loaded machine can hold this
+  // one back for tens of ms at any time.
+  const stalls: number[] = [];
+  for (let run = 0; run < 3 && !stalls.some((stall) => stall < onePiece / 2); run++) {
+    stalls.push(await longestStall());
+  }
+  assert(
+    Math.min(...stalls) < onePiece / 2,
+    `the event loop stalled for ${stalls.map((stall) => stall.toFixed(1)).join(", ")} ms; ` +
+      `one prompt in one piece takes ${onePiece.toFixed(1)} ms`,
+  );
+});
+
 Deno.test("edge security: a malformed percent-encoded session id is a 400", async () => {
   await withServer({}, async (base) => {
     const response = await fetch(`${base}/v1/sessions/%E0%A4%A`, { method: "DELETE" });

@@ -8,6 +8,7 @@ import {
   assert,
   assertEquals,
   assertInstanceOf,
+  assertRejects,
   assertStringIncludes,
   assertThrows,
 } from "@std/assert";
@@ -260,4 +261,140 @@ Deno.test("the real neox file path appears in errors about it", () => {
     ModelFileError,
   );
   assertStringIncludes(error.message, NEOX_FILE);
+});
+
+// encodeInSlices: cutting a text must give exactly the ids of the whole text.
+
+/** Counts event-loop turns (timer ticks) while `work` runs. */
+async function turnsDuring<T>(work: () => Promise<T>): Promise<{ result: T; turns: number }> {
+  let turns = 0;
+  const timer = setInterval(() => turns++, 0);
+  try {
+    return { result: await work(), turns };
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+/**
+ * Shakespeare with the whitespace and characters that pre-tokenizers treat
+ * specially spliced in: runs of spaces (neox has added tokens for them),
+ * blank lines, tabs, spaces before newlines, NFC-composable pairs, emoji,
+ * CJK, no-break and other Unicode spaces, and a special token.
+ */
+function trickyText(source: string): string {
+  const inserts = [
+    "   ",
+    "\n\n\n",
+    "\t \t",
+    "  \n ",
+    "e\u0301",
+    "\u00e9t\u00e9",
+    "🌹🌹",
+    "日本語",
+    "\u00a0",
+    "\u2000x\u3000",
+    "<|endoftext|>",
+    " \u200b ",
+    "''s 're",
+    "1 234 5",
+  ];
+  const lines = source.split("\n");
+  return lines.map((line, i) => i % 3 === 0 ? line + inserts[i % inserts.length] : line).join(
+    "\n",
+  );
+}
+
+const SHAKESPEARE_TEXT = (await Deno.readTextFile(`${SHARED}/data/tinyshakespeare.txt`)).slice(
+  0,
+  200_000,
+);
+
+for (const [name, cases] of Object.entries(CASES)) {
+  Deno.test(`${name}: encodeInSlices matches the fixtures, cut at every possible place`, async () => {
+    const tokenizer = TOKENIZERS[name];
+    for (const { text, ids } of cases) {
+      for (const sliceLength of [1, 2, 5]) {
+        assertEquals(
+          await tokenizer.encodeInSlices(text, { sliceLength }),
+          ids,
+          `encodeInSlices(${JSON.stringify(text)}, ${sliceLength})`,
+        );
+      }
+    }
+  });
+
+  Deno.test(`${name}: encodeInSlices of Shakespeare with odd whitespace and non-ASCII equals encode`, async () => {
+    const tokenizer = TOKENIZERS[name];
+    const texts = [SHAKESPEARE_TEXT, trickyText(SHAKESPEARE_TEXT.slice(0, 60_000))];
+    for (const text of texts) {
+      const whole = tokenizer.encode(text);
+      for (const sliceLength of [1, 37, 4096]) {
+        const { result, turns } = await turnsDuring(() =>
+          tokenizer.encodeInSlices(text, { sliceLength })
+        );
+        assertEquals(result.length, whole.length, `length at sliceLength ${sliceLength}`);
+        assertEquals(result, whole, `ids at sliceLength ${sliceLength}`);
+        // It really ran in slices: other work ran in between.
+        assert(turns > 0, `no event-loop turn at sliceLength ${sliceLength}`);
+      }
+    }
+  });
+}
+
+Deno.test("encodeInSlices keeps the BOS id once, in front", async () => {
+  const config = { ...(CONFIGS["tiny-shakespeare"] as object), add_bos_token: true };
+  const tokenizer = MambaTokenizer.fromJSON(JSONS["tiny-shakespeare"], config, "tokenizer.json");
+  const text = SHAKESPEARE_TEXT.slice(0, 5_000);
+  const ids = await tokenizer.encodeInSlices(text, { sliceLength: 100 });
+  assertEquals(ids, tokenizer.encode(text));
+  assertEquals(ids.filter((id) => id === tokenizer.bosTokenId).length, 1);
+});
+
+Deno.test("encodeInSlices encodes in one piece where cutting could change the ids", async (t) => {
+  const json = JSONS["tiny-shakespeare"] as Record<string, unknown>;
+  const preTokenizer = json.pre_tokenizer as Record<string, unknown>;
+  const addedTokens = json.added_tokens as Record<string, unknown>[];
+  const variants: Record<string, unknown> = {
+    "a prefix space (each slice would get one)": {
+      ...json,
+      pre_tokenizer: { ...preTokenizer, add_prefix_space: true },
+    },
+    "a normalizer other than NFC": { ...json, normalizer: { type: "Lowercase" } },
+    "an added token that strips the whitespace beside it": {
+      ...json,
+      added_tokens: [{ ...addedTokens[0], rstrip: true }],
+    },
+    "an added token that spans a word and the space after it": {
+      ...json,
+      added_tokens: [...addedTokens, { ...addedTokens[0], id: 2047, content: "ROMEO: " }],
+    },
+  };
+  const text = SHAKESPEARE_TEXT.slice(0, 20_000);
+  for (const [what, variant] of Object.entries(variants)) {
+    await t.step(what, async () => {
+      const tokenizer = MambaTokenizer.fromJSON(variant, CONFIGS["tiny-shakespeare"], "t.json");
+      const { result, turns } = await turnsDuring(() =>
+        tokenizer.encodeInSlices(text, { sliceLength: 16 })
+      );
+      assertEquals(result, tokenizer.encode(text));
+      assertEquals(turns, 0, "one piece: the event loop never turned");
+    });
+  }
+  await t.step("a text without a place to cut", async () => {
+    const text = "x".repeat(10_000);
+    const { result, turns } = await turnsDuring(() =>
+      SHAKESPEARE.encodeInSlices(text, { sliceLength: 16 })
+    );
+    assertEquals(result, SHAKESPEARE.encode(text));
+    assertEquals(turns, 0);
+  });
+});
+
+Deno.test("encodeInSlices refuses a slice length that is not a positive integer", async () => {
+  for (const sliceLength of [0, -1, 1.5, NaN]) {
+    const error = await assertRejects(() => SHAKESPEARE.encodeInSlices("ab", { sliceLength }));
+    assertInstanceOf(error, RangeError);
+    assertStringIncludes(error.message, "sliceLength");
+  }
 });

@@ -364,7 +364,8 @@ export function createHandler(
     try {
       let ids: number[];
       try {
-        ids = model.tokenizer.encode(request.prompt);
+        // In slices that yield, so a long prompt never stalls other clients' streams.
+        ids = await model.tokenizer.encodeInSlices(request.prompt);
       } catch (error) {
         throw new HttpError(400, `Cannot tokenize the prompt: ${(error as Error).message}`);
       }
