@@ -299,3 +299,59 @@ Deno.test("edge security: start-up errors print one line and exit 1 before the m
     listener.close();
   }
 });
+
+Deno.test("edge security: one API key at its concurrency cap gets 429 while another key still runs", async () => {
+  await withServer(
+    { apiKeys: KEYS, maxConcurrent: 4, maxConcurrentPerKey: 1 },
+    async (base) => {
+      const abort = new AbortController();
+      const running = await fetch(`${base}/v1/generate`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: `Bearer ${KEYS[0]}` },
+        body: JSON.stringify({ prompt: "ROMEO:", max_new_tokens: 1000, temperature: 0 }),
+        signal: abort.signal,
+      });
+      assertEquals(running.status, 200);
+      const reader = running.body!.getReader();
+      assert(!(await reader.read()).done, "the first key's stream has begun");
+
+      const refused = await post(
+        base,
+        "/v1/generate",
+        { prompt: "ROMEO:", max_new_tokens: 1 },
+        KEYS[0],
+      );
+      assertEquals(refused.status, 429);
+      assertEquals(refused.headers.get("retry-after"), "1");
+      assertMatch((await refused.json()).error, /for this API key \(the limit per key is 1\)/);
+      const other = await post(
+        base,
+        "/v1/generate",
+        { prompt: "ROMEO:", max_new_tokens: 2, stream: false },
+        KEYS[1],
+      );
+      assertEquals(other.status, 200);
+      assertEquals((await other.json()).generated_tokens, 2);
+
+      // Once the first key's stream ends, its slot is its own again.
+      abort.abort();
+      await reader.cancel().catch(() => {});
+      for (let tries = 0;; tries++) {
+        const again = await post(
+          base,
+          "/v1/generate",
+          { prompt: "ROMEO:", max_new_tokens: 2, stream: false },
+          KEYS[0],
+        );
+        if (again.status === 200) {
+          assertEquals((await again.json()).generated_tokens, 2);
+          break;
+        }
+        assertEquals(again.status, 429);
+        await again.body?.cancel();
+        assert(tries < 100, "the aborted stream never gave its slot back");
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    },
+  );
+});

@@ -66,6 +66,12 @@ export interface HandlerOptions {
   prefixCacheBytes?: number;
   /** Generations running at once at most; beyond it requests get 429 (default 8). */
   maxConcurrent?: number;
+  /**
+   * Generations one API key (one tenant) runs at once at most; beyond it its
+   * requests get 429 while other keys still get slots (default: `maxConcurrent`,
+   * no cap of its own).
+   */
+  maxConcurrentPerKey?: number;
   /** Prompt tokens accepted at most (default 4096). */
   maxPromptTokens?: number;
   /** Largest `max_new_tokens` accepted (default 1024). */
@@ -297,6 +303,9 @@ export function createHandler(
   const sessions = options.sessions ?? new MemorySessionStore();
   const prefixCache = new PrefixCache(options.prefixCacheBytes ?? 64 << 20);
   const maxConcurrent = options.maxConcurrent ?? 8;
+  const maxConcurrentPerKey = options.maxConcurrentPerKey ?? maxConcurrent;
+  /** Generations running per tenant; a tenant leaves the map when it has none. */
+  const activeByTenant = new Map<string, number>();
   const maxPromptTokens = options.maxPromptTokens ?? 4096;
   const maxBodyBytes = options.maxBodyBytes ?? 1 << 20;
   const maxPromptBytes = options.maxPromptBytes ?? maxPromptTokens * 16;
@@ -349,8 +358,18 @@ export function createHandler(
         { "retry-after": "1" },
       );
     }
-    // Taken synchronously after the check, so concurrent requests cannot both pass it.
+    const tenantActive = activeByTenant.get(tenant) ?? 0;
+    if (tenantActive >= maxConcurrentPerKey) {
+      counters.rejected++;
+      throw new HttpError(
+        429,
+        `Too many generations running for this API key (the limit per key is ${maxConcurrentPerKey}); retry later`,
+        { "retry-after": "1" },
+      );
+    }
+    // Taken synchronously after the checks, so concurrent requests cannot both pass them.
     counters.active++;
+    activeByTenant.set(tenant, tenantActive + 1);
     let turn: SessionTurn | null = null;
     let restored: Session | null = null;
     let released = false;
@@ -358,6 +377,9 @@ export function createHandler(
       if (released) return;
       released = true;
       counters.active--;
+      const left = activeByTenant.get(tenant)! - 1;
+      if (left === 0) activeByTenant.delete(tenant);
+      else activeByTenant.set(tenant, left);
       restored?.dispose();
       await turn?.release();
     };

@@ -3,24 +3,25 @@
  * `Deno.serve` (`deno task serve`, or deploy this file). Configuration comes
  * from the environment:
  *
- * | variable                      | meaning                                              | default                          |
- * | ----------------------------- | ---------------------------------------------------- | -------------------------------- |
- * | `MAMBA_MODEL`                 | model directory: path, URL or HF repo id             | the bundled tiny-shakespeare     |
- * | `MAMBA_BACKEND`               | `auto`, `js`, `wasm` or `webgpu`                     | `auto` (the library's choice)    |
- * | `MAMBA_THREADS`               | threads of the wasm backend (1: no workers)          | all cores                        |
- * | `MAMBA_SESSION_STORE`         | `memory` or `kv` (Deno KV)                           | `kv` on Deno Deploy, else memory |
- * | `MAMBA_SESSION_MEMORY_MB`     | memory store size; least recently used go first      | 256                              |
- * | `MAMBA_KV_PATH`               | Deno KV database: file path or KV Connect URL        | Deno's default database          |
- * | `MAMBA_SESSION_TTL_SECONDS`   | KV sessions expire this long after their last save   | never                            |
- * | `MAMBA_SESSION_LEASE_SECONDS` | lease of a KV session's turn (renewed while running) | 15                               |
- * | `MAMBA_KV_CACHE_MB`           | KV snapshots kept in this process, version-checked   | 64                               |
- * | `MAMBA_MAX_CONCURRENT`        | generations at once; more get 429                    | 8                                |
- * | `MAMBA_MAX_PROMPT_TOKENS`     | prompt tokens accepted                               | 4096                             |
- * | `MAMBA_MAX_NEW_TOKENS`        | largest `max_new_tokens`                             | 1024                             |
- * | `MAMBA_PREFIX_CACHE_MB`       | prefix-cache size (0: off)                           | 64                               |
- * | `MAMBA_API_KEYS`              | comma-separated keys, sent as `Bearer` tokens        | none (no authentication)         |
- * | `MAMBA_HOST`                  | address to listen on (`0.0.0.0`: every interface)    | 127.0.0.1                        |
- * | `PORT`                        | port to listen on                                    | 8000                             |
+ * | variable                       | meaning                                              | default                          |
+ * | ------------------------------ | ---------------------------------------------------- | -------------------------------- |
+ * | `MAMBA_MODEL`                  | model directory: path, URL or HF repo id             | the bundled tiny-shakespeare     |
+ * | `MAMBA_BACKEND`                | `auto`, `js`, `wasm` or `webgpu`                     | `auto` (the library's choice)    |
+ * | `MAMBA_THREADS`                | threads of the wasm backend (1: no workers)          | all cores                        |
+ * | `MAMBA_SESSION_STORE`          | `memory` or `kv` (Deno KV)                           | `kv` on Deno Deploy, else memory |
+ * | `MAMBA_SESSION_MEMORY_MB`      | memory store size; least recently used go first      | 256                              |
+ * | `MAMBA_KV_PATH`                | Deno KV database: file path or KV Connect URL        | Deno's default database          |
+ * | `MAMBA_SESSION_TTL_SECONDS`    | KV sessions expire this long after their last save   | never                            |
+ * | `MAMBA_SESSION_LEASE_SECONDS`  | lease of a KV session's turn (renewed while running) | 15                               |
+ * | `MAMBA_KV_CACHE_MB`            | KV snapshots kept in this process, version-checked   | 64                               |
+ * | `MAMBA_MAX_CONCURRENT`         | generations at once; more get 429                    | 8                                |
+ * | `MAMBA_MAX_CONCURRENT_PER_KEY` | generations at once per API key; more get 429        | `MAMBA_MAX_CONCURRENT`           |
+ * | `MAMBA_MAX_PROMPT_TOKENS`      | prompt tokens accepted                               | 4096                             |
+ * | `MAMBA_MAX_NEW_TOKENS`         | largest `max_new_tokens`                             | 1024                             |
+ * | `MAMBA_PREFIX_CACHE_MB`        | prefix-cache size (0: off)                           | 64                               |
+ * | `MAMBA_API_KEYS`               | comma-separated keys, sent as `Bearer` tokens        | none (no authentication)         |
+ * | `MAMBA_HOST`                   | address to listen on (`0.0.0.0`: every interface)    | 127.0.0.1                        |
+ * | `PORT`                         | port to listen on                                    | 8000                             |
  *
  * Each API key is a tenant with its own sessions and prefix cache. Before
  * exposing the server beyond this machine, read docs/edge-server.md. A bad
@@ -136,6 +137,7 @@ export async function main(): Promise<void> {
   const location = Deno.env.get("MAMBA_MODEL") ||
     new URL("../../models/tiny-shakespeare/", import.meta.url);
   const maxConcurrent = integerEnv("MAMBA_MAX_CONCURRENT");
+  const maxConcurrentPerKey = integerEnv("MAMBA_MAX_CONCURRENT_PER_KEY");
   const sessions = await openSessionStore();
   checkListenable(hostname, port);
   const model = await loadModel(location, {
@@ -148,6 +150,7 @@ export async function main(): Promise<void> {
     modelName: modelNameOf(location),
     sessions,
     maxConcurrent,
+    maxConcurrentPerKey,
     maxPromptTokens,
     maxNewTokens,
     prefixCacheBytes: (prefixCacheMegabytes ?? 64) * (1 << 20),
