@@ -16,8 +16,9 @@
  *   FIRST_TOKEN_PROMPT-token prompt.
  *
  * A software WebGPU adapter (llvmpipe, SwiftShader, a fallback adapter) is
- * skipped unless `MAMBA_BENCH_SOFTWARE_GPU=1`; `MAMBA_BENCH_BACKENDS=js,wasm`
- * picks backends. Peak resident memory is printed after each backend loads
+ * skipped unless `MAMBA_BENCH_SOFTWARE_GPU=1`, and the js reference backend on
+ * a model of more than 20 M parameters; `MAMBA_BENCH_BACKENDS=js,wasm` picks
+ * backends (those named always run). Peak resident memory is printed after each backend loads
  * and once at the end.
  *
  * @module
@@ -95,9 +96,30 @@ async function generateStreams(mamba: Mamba, count: number, promptTokens: number
   }));
 }
 
+/**
+ * Parameters above which the js reference backend is left out unless named in
+ * MAMBA_BENCH_BACKENDS: on a 130m model its benches take minutes each.
+ */
+const JS_MAX_PARAMETERS = 20e6;
+
+/** The matrices' parameters, roughly: embedding, in_proj and out_proj. */
+function parametersOf(mamba: Mamba): number {
+  const { vocabSize, dModel, dInner, nLayer } = mamba.model.config;
+  return vocabSize * dModel + nLayer * 3 * dModel * dInner;
+}
+
+let parameters = 0;
 for (const backend of backends) {
+  if (backend === "js" && !requested && parameters > JS_MAX_PARAMETERS) {
+    console.error(
+      `js: skipped, the reference backend takes minutes per bench on a model of ` +
+        `${(parameters / 1e6).toFixed(0)} M parameters; MAMBA_BENCH_BACKENDS=wasm,js includes it`,
+    );
+    continue;
+  }
   const start = performance.now();
   const mamba = await loadModel(source, { backend });
+  parameters = parametersOf(mamba);
   const memory = residentMb();
   console.error(
     `${backend}: loaded ${source} in ${((performance.now() - start) / 1000).toFixed(1)} s` +
