@@ -673,6 +673,132 @@ export function linear(
   }
 }
 
+// ------------------------------------------------------ Q8_0 weights ----
+
+// A Q8_0 weight matrix is ggml's blocks as stored in the file: per row,
+// inDim / 32 blocks of 34 bytes, an f16 scale d then 32 int8 values q; the
+// weight is d·q. The activations stay f32 (a quantized model's logits must
+// match the f32 run on the dequantized weights), so the int8 values are
+// widened to f32 in registers and each block's dot with x is scaled by d.
+const Q8_BLOCK_BYTES: i32 = 34;
+
+// An f16 (finite: the loader refuses other scales) as f32: its exponent and
+// mantissa bits shifted into an f32's, rebiased by 2^112, which is exact for
+// normals and subnormals alike.
+// @ts-ignore: decorator
+@inline
+function f16Scale(bits: u32): f32 {
+  return reinterpret<f32>(((bits & 0x7fff) << 13) | ((bits & 0x8000) << 16)) * 5.192296858534828e33;
+}
+
+// x · (16 int8 weights at q): each quarter widened i8 → i16 → i32 → f32;
+// two accumulators so the dependent FMAs are only two deep.
+// @ts-ignore: decorator
+@inline
+function dot16(q: v128, x: usize, acc: v128): v128 {
+  const lo = i16x8.extend_low_i8x16_s(q);
+  const hi = i16x8.extend_high_i8x16_s(q);
+  let a = f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(lo)), v128.load(x));
+  let b = f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(lo)), v128.load(x, 16));
+  a = madd(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(hi)), v128.load(x, 32), a);
+  b = madd(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(hi)), v128.load(x, 48), b);
+  return f32x4.add(acc, f32x4.add(a, b));
+}
+
+// GEMV (rows = 1) over Q8_0 weights: out[o] = x · w[o] + bias[o] for o in
+// [o0, o1), one weight row at a time (sequential, as the f32 GEMV reads).
+// Per block, the 32 products are summed in f32 and scaled by d once.
+function gemvQ8(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
+  const blocks = inDim >> 5;
+  const rowBytes = <usize> blocks * Q8_BLOCK_BYTES;
+  for (let o = o0; o < o1; o++) {
+    let p = w + <usize> o * rowBytes;
+    let acc0 = f32x4.splat(0);
+    let acc1 = f32x4.splat(0);
+    let xp = x;
+    // Two blocks per step: independent chains for the out-of-order core.
+    let b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      const d0 = f32x4.splat(f16Scale(<u32> load<u16>(p)));
+      const s0 = dot16(v128.load(p, 18), xp + 64, dot16(v128.load(p, 2), xp, f32x4.splat(0)));
+      const d1 = f32x4.splat(f16Scale(<u32> load<u16>(p, 34)));
+      const s1 = dot16(v128.load(p, 52), xp + 192, dot16(v128.load(p, 36), xp + 128, f32x4.splat(0)));
+      acc0 = madd(d0, s0, acc0);
+      acc1 = madd(d1, s1, acc1);
+      p += 68;
+      xp += 256;
+    }
+    if (b < blocks) {
+      const d0 = f32x4.splat(f16Scale(<u32> load<u16>(p)));
+      const s0 = dot16(v128.load(p, 18), xp + 64, dot16(v128.load(p, 2), xp, f32x4.splat(0)));
+      acc0 = madd(d0, s0, acc0);
+    }
+    let sum = hsum(f32x4.add(acc0, acc1));
+    if (bias) sum += load<f32>(bias + (<usize> o << 2));
+    store<f32>(out + (<usize> o << 2), sum);
+  }
+}
+
+// Bytes of per-thread scratch linearQ8 needs: OB rows of dequantized weights.
+export function linearQ8ScratchBytes(inDim: i32): i32 {
+  return OB * inDim * 4;
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over Q8_0 weights, output
+// columns [o0, o1). One row: the Q8_0 GEMV. More rows: each block of OB
+// weight rows is dequantized once into `scratch` (linearQ8ScratchBytes, in
+// L2) and the f32 matmul runs over it, so the widening is paid once per
+// weight rather than once per row of x.
+export function linearQ8(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+  scratch: usize,
+): void {
+  if (rows == 1) {
+    gemvQ8(out, x, w, bias, inDim, o0, o1);
+    return;
+  }
+  const blocks = inDim >> 5;
+  const rowBytes = <usize> blocks * Q8_BLOCK_BYTES;
+  const f32Row = <usize> inDim << 2;
+  for (let ob = o0; ob < o1; ob += OB) {
+    const obEnd = min(ob + OB, o1);
+    let dst = scratch;
+    for (let o = ob; o < obEnd; o++) {
+      let p = w + <usize> o * rowBytes;
+      for (let b = 0; b < blocks; b++) {
+        const d = f32x4.splat(f16Scale(<u32> load<u16>(p)));
+        const q0 = v128.load(p, 2);
+        const q1 = v128.load(p, 18);
+        const l0 = i16x8.extend_low_i8x16_s(q0);
+        const h0 = i16x8.extend_high_i8x16_s(q0);
+        const l1 = i16x8.extend_low_i8x16_s(q1);
+        const h1 = i16x8.extend_high_i8x16_s(q1);
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(l0)), d));
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(l0)), d), 16);
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(h0)), d), 32);
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(h0)), d), 48);
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(l1)), d), 64);
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(l1)), d), 80);
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(h1)), d), 96);
+        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(h1)), d), 112);
+        p += Q8_BLOCK_BYTES;
+        dst += 128;
+      }
+    }
+    // The f32 kernel addresses weight row o at w + o·f32Row: the tile, moved
+    // back by ob rows (wrapping u32 arithmetic lands on the tile again).
+    linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
+  }
+}
+
 // ----------------------------------------------------------- the rest ----
 
 // out [rows, dim] = x / sqrt(mean(x²) + eps) * weight; out may alias x.
@@ -1274,6 +1400,7 @@ const OP_SCAN_STEP = 3;
 const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
+const OP_LINEAR_Q8 = 7;
 
 // @ts-ignore: decorator
 @inline
@@ -1305,6 +1432,21 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       outDim,
       splitStart(outDim, part, parts, align),
       splitStart(outDim, part + 1, parts, align),
+    );
+  } else if (op == OP_LINEAR_Q8) {
+    const outDim = arg(ctrl, 6);
+    const align = arg(ctrl, 4) > 1 ? OB : 4;
+    linearQ8(
+      arg(ctrl, 0),
+      arg(ctrl, 1),
+      arg(ctrl, 2),
+      arg(ctrl, 3),
+      arg(ctrl, 4),
+      arg(ctrl, 5),
+      outDim,
+      splitStart(outDim, part, parts, align),
+      splitStart(outDim, part + 1, parts, align),
+      arg(ctrl, 7) + part * linearQ8ScratchBytes(arg(ctrl, 5)),
     );
   } else if (op == OP_SCAN) {
     const dim = arg(ctrl, 12);

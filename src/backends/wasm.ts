@@ -39,6 +39,8 @@ import {
 } from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
+import { Q8_0_BLOCK, Q8_0_BYTES, q8RowBytes, type QuantizedMatrix } from "../quant.ts";
+import { f16ToF32 } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** Options of the wasm backend. */
@@ -70,12 +72,41 @@ export class WasmBuffer {
   }
 }
 
-/** What the wasm backend keeps a scratch buffer for. */
-type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd";
+/**
+ * A weight matrix [rows, cols] kept as Q8_0 blocks (ggml's layout, see
+ * `src/quant.ts`) in the module's memory: `linear` runs the Q8_0 kernels on
+ * it, `embed` and `copyRows` dequantize the rows they gather. Its `length`
+ * counts the blocks' bytes in floats, rounded up.
+ */
+export class WasmQ8Matrix extends WasmBuffer {
+  /** Output rows. */
+  readonly rows: number;
+  /** Elements per row, a multiple of 32. */
+  readonly cols: number;
 
-/** A view of `length` floats of `buf` from `offset` (never released on its own). */
-const view = (buf: WasmBuffer, offset: number, length: number) =>
-  new WasmBuffer(buf.ptr + offset * 4, length, 0);
+  constructor(ptr: number, rows: number, cols: number, bytes: number) {
+    super(ptr, Math.ceil((rows * q8RowBytes(cols)) / 4), bytes);
+    this.rows = rows;
+    this.cols = cols;
+  }
+}
+
+/** What the wasm backend keeps a scratch buffer for. */
+type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant";
+
+/**
+ * A view of `length` floats of `buf` from `offset` (never released on its
+ * own); of a Q8_0 matrix, the rows `offset / cols` on, `length / cols` of them.
+ */
+const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
+  buf instanceof WasmQ8Matrix
+    ? new WasmQ8Matrix(
+      buf.ptr + (offset / buf.cols) * q8RowBytes(buf.cols),
+      length / buf.cols,
+      buf.cols,
+      0,
+    )
+    : new WasmBuffer(buf.ptr + offset * 4, length, 0);
 
 interface Kernels {
   scan(
@@ -192,6 +223,19 @@ interface Kernels {
     r0: number,
     r1: number,
   ): void;
+  linearQ8(
+    out: number,
+    x: number,
+    w: number,
+    bias: number,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    o0: number,
+    o1: number,
+    scratch: number,
+  ): void;
+  linearQ8ScratchBytes(inDim: number): number;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
   mathTest64(out: number, x: number, n: number, which: number): void;
@@ -211,6 +255,7 @@ const OP_SCAN_STEP = 3;
 const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
+const OP_LINEAR_Q8 = 7;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
@@ -597,6 +642,18 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return null;
   }
 
+  /**
+   * Keeps a Q8_0 matrix as its blocks (a quarter of the f32 bytes and of
+   * what a decode step streams), for the Q8_0 kernels of `linear`.
+   */
+  uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQ8Matrix {
+    const { rows, cols, blocks } = matrix;
+    const buf = this.#alloc(Math.ceil(blocks.length / 4));
+    new Uint8Array(this.#memory.buffer, buf.ptr, blocks.length).set(blocks);
+    this.#copiedBytes += blocks.length;
+    return new WasmQ8Matrix(buf.ptr, rows, cols, buf.bytes);
+  }
+
   upload(data: Float32Array): WasmBuffer {
     if (this.#lentBuffers.has(data.buffer)) {
       // Already in this memory: the lent bytes outlive every buffer made of them.
@@ -666,6 +723,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
   // -------------------------------------------------------- operations ----
 
   embed(out: WasmBuffer, table: WasmBuffer, ids: Int32Array, dim: number): void {
+    if (table instanceof WasmQ8Matrix) {
+      for (let t = 0; t < ids.length; t++) {
+        const id = ids[t];
+        if (!(id >= 0 && id < table.rows)) {
+          throw new RangeError(`Token id ${id} outside [0, ${table.rows})`);
+        }
+        this.#dequantizeRow(table, id, this.#floats(out).subarray(t * dim, (t + 1) * dim));
+      }
+      return;
+    }
     const heap = this.#view();
     const base = table.ptr >>> 2;
     const rows = table.length / dim;
@@ -679,18 +746,24 @@ export class WasmBackend implements Backend<WasmBuffer> {
   copyRows(args: CopyRowsArgs<WasmBuffer>): void {
     const { width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
     const dst = this.#floats(args.dst);
-    const src = this.#floats(args.src);
+    const quantized = args.src instanceof WasmQ8Matrix ? args.src : null;
+    const src = quantized ? null : this.#floats(args.src);
     const srcIndex = srcRows && this.#floats(srcRows.buf);
     const dstIndex = dstRows && this.#floats(dstRows.buf);
-    const srcCount = Math.floor((src.length - srcOffset) / width);
+    const srcCount = quantized ? quantized.rows : Math.floor((src!.length - srcOffset) / width);
     const dstCount = Math.floor((dst.length - dstOffset) / width);
     const inside = (row: number, rows: number) => Number.isInteger(row) && row >= 0 && row < rows;
     for (let r = 0; r < count; r++) {
       const from = srcIndex ? srcIndex[srcRows!.offset + r] : r;
       const to = dstIndex ? dstIndex[dstRows!.offset + r] : r;
       if (!inside(from, srcCount) || !inside(to, dstCount)) continue;
+      const target = dst.subarray(dstOffset + to * width, dstOffset + (to + 1) * width);
+      if (quantized) {
+        this.#dequantizeRow(quantized, from, target);
+        continue;
+      }
       const at = srcOffset + from * width;
-      dst.set(src.subarray(at, at + width), dstOffset + to * width);
+      target.set(src!.subarray(at, at + width));
     }
   }
 
@@ -735,11 +808,41 @@ export class WasmBackend implements Backend<WasmBuffer> {
       return;
     }
     const biasPtr = bias ? bias.ptr : 0;
+    if (weight instanceof WasmQ8Matrix) {
+      return this.#linearQ8(out, x, weight, biasPtr, rows, outDim);
+    }
     if (this.#ctrl && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8) {
       this.#parallel(OP_LINEAR, [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim]);
     } else {
       this.#kernels.linear(out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim, 0, outDim);
     }
+  }
+
+  /** `linear` over Q8_0 weights (see `linearQ8` in asm/kernels.ts), split as the f32 one. */
+  #linearQ8(
+    out: WasmBuffer,
+    x: WasmBuffer,
+    weight: WasmQ8Matrix,
+    biasPtr: number,
+    rows: number,
+    outDim: number,
+  ): void {
+    const inDim = weight.cols;
+    if (weight.rows !== outDim) {
+      throw new RangeError(`A Q8_0 matrix of ${weight.rows} rows cannot give ${outDim} outputs`);
+    }
+    const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
+      outDim >= 8;
+    // Rows of dequantized weights per thread, only where the matmul runs.
+    const scratch = rows > 1
+      ? this.#scratch(
+        "dequant",
+        (this.#kernels.linearQ8ScratchBytes(inDim) / 4) * (parallel ? this.threads : 1),
+      ).ptr
+      : 0;
+    const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
+    if (parallel) return this.#parallel(OP_LINEAR_Q8, [...operands, scratch]);
+    this.#kernels.linearQ8(...operands, 0, outDim, scratch);
   }
 
   linearSplit(
@@ -775,6 +878,18 @@ export class WasmBackend implements Backend<WasmBuffer> {
       first += widths[i];
     });
     if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
+  }
+
+  /** Row `row` of a Q8_0 matrix as floats d·q into `out` (its `cols` floats), as `dequantizeMatrix`. */
+  #dequantizeRow(matrix: WasmQ8Matrix, row: number, out: Float32Array): void {
+    const rowBytes = q8RowBytes(matrix.cols);
+    const start = matrix.ptr + row * rowBytes;
+    const bytes = new Uint8Array(this.#memory.buffer, start, rowBytes);
+    const signed = new Int8Array(this.#memory.buffer, start, rowBytes);
+    for (let block = 0, at = 0; at < rowBytes; block++, at += Q8_0_BYTES) {
+      const d = f16ToF32(bytes[at] | (bytes[at + 1] << 8));
+      for (let j = 0; j < Q8_0_BLOCK; j++) out[block * Q8_0_BLOCK + j] = d * signed[at + 2 + j];
+    }
   }
 
   addInPlace(acc: WasmBuffer, x: WasmBuffer, length: number): void {
