@@ -12,6 +12,8 @@ import { loadModel } from "../src/load.ts";
 import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { maxAbsDiff, SHARED } from "./helpers.ts";
+import { WasmBackend } from "../src/backends/wasm.ts";
+import { Session } from "../src/session.ts";
 
 const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
 const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
@@ -107,6 +109,57 @@ Deno.test("the quantize command writes the file and notes each F16 fallback; bad
     const refused = await run([SHAKESPEARE, out, "--type", "q3_k"]);
     assertEquals(refused.code, 2);
     assert(new TextDecoder().decode(refused.stderr).startsWith("Usage: deno task quantize"));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a Q8_0 GGUF on wasm keeps its blocks and gives the f32 logits of its dequantized weights within 1e-3", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-q8-test-" });
+  try {
+    const { bytes } = await quantizeModel(SHAKESPEARE, "q8_0");
+    const file = `${dir}/q8_0.gguf`;
+    await Deno.writeFile(file, bytes);
+    // The js backend keeps no blocks: it runs the dequantized weights in f32, the reference.
+    await using reference = await loadModel(file, { backend: "js" });
+    const expected = SafetensorsFile.parse(
+      await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
+      "expected.safetensors",
+    );
+    const ids = expected.int32("prompt0_ids");
+    const wantLogits = await reference.forward(ids);
+    const wantSteps: Float32Array[] = [];
+    const refSession = reference.session();
+    await refSession.prefill(ids.subarray(0, 8));
+    for (const id of ids.subarray(8, 14)) wantSteps.push(await refSession.step(id));
+
+    // What the wasm memory should hold: Q8_0 tensors as their blocks, the others widened to f32.
+    const gguf = GgufFile.parse(bytes, "q8_0.gguf");
+    let blockBytes = 0;
+    let f32Bytes = 0;
+    let allF32Bytes = 0;
+    for (const info of gguf.tensors.values()) {
+      const elements = info.dims.reduce((a, b) => a * b, 1);
+      if (info.type === GGML.Q8_0) blockBytes += info.byteLength;
+      else f32Bytes += 4 * elements;
+      allF32Bytes += 4 * elements;
+    }
+    assert(blockBytes + f32Bytes < 0.3 * allF32Bytes);
+    for (const threads of [1, 2]) {
+      await using model = await loadModel(file, { backend: "wasm", threads });
+      // The memory holds the blocks (34 bytes per 32 weights), not f32 matrices.
+      const held = (model.model.backend as WasmBackend).copiedBytes;
+      assertEquals(held, blockBytes + f32Bytes, `${threads} threads: bytes copied in at load`);
+      // Prefill runs the Q8_0 matmul, steps its GEMV.
+      const diff = maxAbsDiff(await model.forward(ids), wantLogits);
+      assert(diff < 1e-3, `${threads} threads: forward max |Δlogit| ${diff}`);
+      const session = new Session(model.model);
+      await session.prefill(ids.subarray(0, 8));
+      for (const [i, id] of ids.subarray(8, 14).entries()) {
+        const stepDiff = maxAbsDiff(await session.step(id), wantSteps[i]);
+        assert(stepDiff < 1e-3, `${threads} threads: step ${i} max |Δlogit| ${stepDiff}`);
+      }
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -619,7 +619,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return this.#memory.buffer.byteLength;
   }
 
-  /** Bytes {@link upload} has copied in so far; views of lent bytes cost none. */
+  /**
+   * Bytes {@link upload} and {@link uploadQuantizedMatrix} have copied in so
+   * far (the weights the memory holds); views of lent bytes cost none.
+   */
   get copiedBytes(): number {
     return this.#copiedBytes;
   }
