@@ -56,6 +56,7 @@ export function setConstants(scale: f32): void {
   LO = f32x4.splat(<f32>-87.3 * scale);
   HI = f32x4.splat(<f32>88.3 * scale);
   BIAS127 = i32x4.splat(<i32>(<f32>127 * scale));
+  TOP_BYTE = i32x4.splat(<i32>(<f32>-16777216 * scale));
 }
 
 // @ts-ignore: decorator
@@ -675,39 +676,50 @@ export function linear(
 
 // ------------------------------------------------------ Q8_0 weights ----
 
-// A Q8_0 weight matrix is ggml's blocks as stored in the file: per row,
-// inDim / 32 blocks of 34 bytes, an f16 scale d then 32 int8 values q; the
-// weight is d·q. The activations stay f32 (a quantized model's logits must
-// match the f32 run on the dequantized weights), so the int8 values are
-// widened to f32 in registers and each block's dot with x is scaled by d.
-const Q8_BLOCK_BYTES: i32 = 34;
+// Q8_0 weights (ggml's blocks of 32 int8 values q with a scale d; the weight
+// is d·q) as src/backends/wasm.ts repacks them at upload, 36 bytes a block:
+// the scale as an f32 times 2^-24, then the 32 values as two groups of 16
+// whose bytes are transposed 4×4 (byte 4j + k holds value 4k + j). Then
+// value 4k + j sits in byte k of i32 lane j, so shifting it into the top
+// byte and masking the rest off (the int8's sign becomes the i32's) gives
+// four lanes of q·2^24 that convert to f32 exactly: the widening costs
+// shifts and masks instead of byte shuffles, and the 2^24 is paid back in
+// the scale. The activations stay f32 (a quantized model's logits must match
+// the f32 run on the dequantized weights).
+const Q8_BLOCK_BYTES: i32 = 36;
+let TOP_BYTE = i32x4.splat(-16777216); // 0xff000000; a global for the reason above
 
-// An f16 (finite: the loader refuses other scales) as f32: its exponent and
-// mantissa bits shifted into an f32's, rebiased by 2^112, which is exact for
-// normals and subnormals alike.
+// Values 4k .. 4k + 3 of a repacked group of 16, times 2^24, as f32.
 // @ts-ignore: decorator
 @inline
-function f16Scale(bits: u32): f32 {
-  return reinterpret<f32>(((bits & 0x7fff) << 13) | ((bits & 0x8000) << 16)) * 5.192296858534828e33;
+function q8Quarter(v: v128, k: i32): v128 {
+  if (k == 0) return f32x4.convert_i32x4_s(i32x4.shl(v, 24));
+  if (k == 1) return f32x4.convert_i32x4_s(v128.and(i32x4.shl(v, 16), TOP_BYTE));
+  if (k == 2) return f32x4.convert_i32x4_s(v128.and(i32x4.shl(v, 8), TOP_BYTE));
+  return f32x4.convert_i32x4_s(v128.and(v, TOP_BYTE));
 }
 
-// x · (16 int8 weights at q): each quarter widened i8 → i16 → i32 → f32;
-// two accumulators so the dependent FMAs are only two deep.
+// x [32] · one repacked block's 32 values (times 2^24), two chains deep.
 // @ts-ignore: decorator
 @inline
-function dot16(q: v128, x: usize, acc: v128): v128 {
-  const lo = i16x8.extend_low_i8x16_s(q);
-  const hi = i16x8.extend_high_i8x16_s(q);
-  let a = f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(lo)), v128.load(x));
-  let b = f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(lo)), v128.load(x, 16));
-  a = madd(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(hi)), v128.load(x, 32), a);
-  b = madd(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(hi)), v128.load(x, 48), b);
-  return f32x4.add(acc, f32x4.add(a, b));
+function q8Dot(p: usize, x: usize): v128 {
+  const v0 = v128.load(p, 4);
+  const v1 = v128.load(p, 20);
+  let a = f32x4.mul(q8Quarter(v0, 0), v128.load(x));
+  let b = f32x4.mul(q8Quarter(v0, 1), v128.load(x, 16));
+  a = madd(q8Quarter(v0, 2), v128.load(x, 32), a);
+  b = madd(q8Quarter(v0, 3), v128.load(x, 48), b);
+  a = madd(q8Quarter(v1, 0), v128.load(x, 64), a);
+  b = madd(q8Quarter(v1, 1), v128.load(x, 80), b);
+  a = madd(q8Quarter(v1, 2), v128.load(x, 96), a);
+  b = madd(q8Quarter(v1, 3), v128.load(x, 112), b);
+  return f32x4.add(a, b);
 }
 
 // GEMV (rows = 1) over Q8_0 weights: out[o] = x · w[o] + bias[o] for o in
-// [o0, o1), one weight row at a time (sequential, as the f32 GEMV reads).
-// Per block, the 32 products are summed in f32 and scaled by d once.
+// [o0, o1), one weight row at a time (sequential, as the f32 GEMV reads);
+// each block's 32 products are summed in f32, then scaled by d once. Two
+// blocks per step give the out-of-order core independent chains.
 function gemvQ8(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
   const blocks = inDim >> 5;
   const rowBytes = <usize> blocks * Q8_BLOCK_BYTES;
@@ -716,23 +728,14 @@ function gemvQ8(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32
     let acc0 = f32x4.splat(0);
     let acc1 = f32x4.splat(0);
     let xp = x;
-    // Two blocks per step: independent chains for the out-of-order core.
     let b = 0;
     for (; b + 2 <= blocks; b += 2) {
-      const d0 = f32x4.splat(f16Scale(<u32> load<u16>(p)));
-      const s0 = dot16(v128.load(p, 18), xp + 64, dot16(v128.load(p, 2), xp, f32x4.splat(0)));
-      const d1 = f32x4.splat(f16Scale(<u32> load<u16>(p, 34)));
-      const s1 = dot16(v128.load(p, 52), xp + 192, dot16(v128.load(p, 36), xp + 128, f32x4.splat(0)));
-      acc0 = madd(d0, s0, acc0);
-      acc1 = madd(d1, s1, acc1);
-      p += 68;
+      acc0 = madd(v128.load32_splat(p), q8Dot(p, xp), acc0);
+      acc1 = madd(v128.load32_splat(p, 36), q8Dot(p + 36, xp + 128), acc1);
+      p += 72;
       xp += 256;
     }
-    if (b < blocks) {
-      const d0 = f32x4.splat(f16Scale(<u32> load<u16>(p)));
-      const s0 = dot16(v128.load(p, 18), xp + 64, dot16(v128.load(p, 2), xp, f32x4.splat(0)));
-      acc0 = madd(d0, s0, acc0);
-    }
+    if (b < blocks) acc0 = madd(v128.load32_splat(p), q8Dot(p, xp), acc0);
     let sum = hsum(f32x4.add(acc0, acc1));
     if (bias) sum += load<f32>(bias + (<usize> o << 2));
     store<f32>(out + (<usize> o << 2), sum);
@@ -744,11 +747,11 @@ export function linearQ8ScratchBytes(inDim: i32): i32 {
   return OB * inDim * 4;
 }
 
-// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over Q8_0 weights, output
-// columns [o0, o1). One row: the Q8_0 GEMV. More rows: each block of OB
-// weight rows is dequantized once into `scratch` (linearQ8ScratchBytes, in
-// L2) and the f32 matmul runs over it, so the widening is paid once per
-// weight rather than once per row of x.
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over repacked Q8_0
+// weights, output columns [o0, o1). One row: the Q8_0 GEMV. More rows: each
+// block of OB weight rows is dequantized once into `scratch`
+// (linearQ8ScratchBytes, in L2) and the f32 matmul runs over it, so the
+// widening is paid once per weight rather than once per row of x.
 export function linearQ8(
   out: usize,
   x: usize,
@@ -774,21 +777,18 @@ export function linearQ8(
     for (let o = ob; o < obEnd; o++) {
       let p = w + <usize> o * rowBytes;
       for (let b = 0; b < blocks; b++) {
-        const d = f32x4.splat(f16Scale(<u32> load<u16>(p)));
-        const q0 = v128.load(p, 2);
-        const q1 = v128.load(p, 18);
-        const l0 = i16x8.extend_low_i8x16_s(q0);
-        const h0 = i16x8.extend_high_i8x16_s(q0);
-        const l1 = i16x8.extend_low_i8x16_s(q1);
-        const h1 = i16x8.extend_high_i8x16_s(q1);
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(l0)), d));
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(l0)), d), 16);
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(h0)), d), 32);
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(h0)), d), 48);
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(l1)), d), 64);
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(l1)), d), 80);
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(h1)), d), 96);
-        v128.store(dst, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(h1)), d), 112);
+        // q·2^24 times d·2^-24: exactly d·q, as dequantizeMatrix gives it.
+        const d = v128.load32_splat(p);
+        const v0 = v128.load(p, 4);
+        const v1 = v128.load(p, 20);
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 0), d));
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 1), d), 16);
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 2), d), 32);
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 3), d), 48);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 0), d), 64);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 1), d), 80);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 2), d), 96);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 3), d), 112);
         p += Q8_BLOCK_BYTES;
         dst += 128;
       }

@@ -45,7 +45,7 @@ export function isQuantized(matrix: HostMatrix): matrix is QuantizedMatrix {
 }
 
 /** Bytes of one row of Q8_0 blocks with `cols` elements. */
-export function q8RowBytes(cols: number): number {
+function q8RowBytes(cols: number): number {
   return (cols / Q8_0_BLOCK) * Q8_0_BYTES;
 }
 
@@ -93,18 +93,4 @@ export function dequantizeMatrix(matrix: QuantizedMatrix): Float32Array {
     for (let j = 0; j < Q8_0_BLOCK; j++) out[base + j] = d * signed[at + 2 + j];
   }
   return out;
-}
-
-/** Rows [first, first + count) of a quantized matrix, as a matrix over the same bytes. */
-export function quantizedRows(
-  matrix: QuantizedMatrix,
-  first: number,
-  count: number,
-): QuantizedMatrix {
-  const rowBytes = q8RowBytes(matrix.cols);
-  return {
-    ...matrix,
-    rows: count,
-    blocks: matrix.blocks.subarray(first * rowBytes, (first + count) * rowBytes),
-  };
 }

@@ -39,7 +39,7 @@ import {
 } from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
-import { Q8_0_BLOCK, Q8_0_BYTES, q8RowBytes, type QuantizedMatrix } from "../quant.ts";
+import { Q8_0_BLOCK, Q8_0_BYTES, type QuantizedMatrix } from "../quant.ts";
 import { f16ToF32 } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
@@ -73,10 +73,21 @@ export class WasmBuffer {
 }
 
 /**
- * A weight matrix [rows, cols] kept as Q8_0 blocks (ggml's layout, see
- * `src/quant.ts`) in the module's memory: `linear` runs the Q8_0 kernels on
- * it, `embed` and `copyRows` dequantize the rows they gather. Its `length`
- * counts the blocks' bytes in floats, rounded up.
+ * Bytes of a Q8_0 block as the wasm backend holds it: ggml's 34 (an f16
+ * scale, 32 int8 values) repacked at upload into an f32 scale times 2^-24 and
+ * the values with the bytes of each group of 16 transposed 4×4, so that the
+ * kernels widen them with shifts and masks (see asm/kernels.ts). The 2 extra
+ * bytes per block buy an f32 scale loaded with one instruction.
+ */
+const Q8_PACKED_BYTES = 36;
+
+/** Bytes of one repacked row of `cols` values. */
+const packedRowBytes = (cols: number) => (cols / Q8_0_BLOCK) * Q8_PACKED_BYTES;
+
+/**
+ * A weight matrix [rows, cols] kept as repacked Q8_0 blocks in the module's
+ * memory: `linear` runs the Q8_0 kernels on it, `embed` and `copyRows`
+ * dequantize the rows they gather. Its `length` counts its bytes in floats.
  */
 export class WasmQ8Matrix extends WasmBuffer {
   /** Output rows. */
@@ -85,9 +96,27 @@ export class WasmQ8Matrix extends WasmBuffer {
   readonly cols: number;
 
   constructor(ptr: number, rows: number, cols: number, bytes: number) {
-    super(ptr, Math.ceil((rows * q8RowBytes(cols)) / 4), bytes);
+    super(ptr, (rows * packedRowBytes(cols)) / 4, bytes);
     this.rows = rows;
     this.cols = cols;
+  }
+}
+
+/**
+ * ggml's Q8_0 blocks (34 bytes each) into `out` in the kernels' layout (36
+ * bytes each, see {@link Q8_PACKED_BYTES}).
+ */
+function packQ8Blocks(blocks: Uint8Array, out: Uint8Array): void {
+  const scales = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  for (let at = 0, to = 0; at < blocks.length; at += Q8_0_BYTES, to += Q8_PACKED_BYTES) {
+    scales.setFloat32(to, f16ToF32(blocks[at] | (blocks[at + 1] << 8)) * 2 ** -24, true);
+    for (let group = 0; group < 32; group += 16) {
+      for (let k = 0; k < 4; k++) {
+        for (let j = 0; j < 4; j++) {
+          out[to + 4 + group + 4 * j + k] = blocks[at + 2 + group + 4 * k + j];
+        }
+      }
+    }
   }
 }
 
@@ -101,7 +130,7 @@ type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant";
 const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
   buf instanceof WasmQ8Matrix
     ? new WasmQ8Matrix(
-      buf.ptr + (offset / buf.cols) * q8RowBytes(buf.cols),
+      buf.ptr + (offset / buf.cols) * packedRowBytes(buf.cols),
       length / buf.cols,
       buf.cols,
       0,
@@ -646,14 +675,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /**
-   * Keeps a Q8_0 matrix as its blocks (a quarter of the f32 bytes and of
-   * what a decode step streams), for the Q8_0 kernels of `linear`.
+   * Keeps a Q8_0 matrix as its blocks (repacked, 36 bytes per 32 weights: a
+   * ninth of the f32 bytes that a decode step streams), for the Q8_0 kernels
+   * of `linear`.
    */
   uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQ8Matrix {
-    const { rows, cols, blocks } = matrix;
-    const buf = this.#alloc(Math.ceil(blocks.length / 4));
-    new Uint8Array(this.#memory.buffer, buf.ptr, blocks.length).set(blocks);
-    this.#copiedBytes += blocks.length;
+    const { rows, cols } = matrix;
+    const bytes = rows * packedRowBytes(cols);
+    const buf = this.#alloc(bytes / 4);
+    packQ8Blocks(matrix.blocks, new Uint8Array(this.#memory.buffer, buf.ptr, bytes));
+    this.#copiedBytes += bytes;
     return new WasmQ8Matrix(buf.ptr, rows, cols, buf.bytes);
   }
 
@@ -883,15 +914,19 @@ export class WasmBackend implements Backend<WasmBuffer> {
     if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
   }
 
-  /** Row `row` of a Q8_0 matrix as floats d·q into `out` (its `cols` floats), as `dequantizeMatrix`. */
+  /** Row `row` of a Q8_0 matrix into `out` (its `cols` floats): d·q, as `dequantizeMatrix` gives. */
   #dequantizeRow(matrix: WasmQ8Matrix, row: number, out: Float32Array): void {
-    const rowBytes = q8RowBytes(matrix.cols);
+    const rowBytes = packedRowBytes(matrix.cols);
     const start = matrix.ptr + row * rowBytes;
-    const bytes = new Uint8Array(this.#memory.buffer, start, rowBytes);
-    const signed = new Int8Array(this.#memory.buffer, start, rowBytes);
-    for (let block = 0, at = 0; at < rowBytes; block++, at += Q8_0_BYTES) {
-      const d = f16ToF32(bytes[at] | (bytes[at + 1] << 8));
-      for (let j = 0; j < Q8_0_BLOCK; j++) out[block * Q8_0_BLOCK + j] = d * signed[at + 2 + j];
+    const scales = new DataView(this.#memory.buffer, start, rowBytes);
+    const values = new Int8Array(this.#memory.buffer, start, rowBytes);
+    for (let block = 0, at = 0; at < rowBytes; block++, at += Q8_PACKED_BYTES) {
+      const d = scales.getFloat32(at, true) * 2 ** 24;
+      for (let e = 0; e < Q8_0_BLOCK; e++) {
+        // Value e = group + 4k + j sits at byte group + 4j + k (see packQ8Blocks).
+        const group = e & 16, k = (e >> 2) & 3, j = e & 3;
+        out[block * Q8_0_BLOCK + e] = d * values[at + 4 + group + 4 * j + k];
+      }
     }
   }
 
