@@ -12,7 +12,7 @@ import { loadModel } from "../src/load.ts";
 import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { maxAbsDiff, SHARED } from "./helpers.ts";
-import { WasmBackend } from "../src/backends/wasm.ts";
+import type { WasmBackend } from "../src/backends/wasm.ts";
 import { Session } from "../src/session.ts";
 
 const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
