@@ -116,23 +116,31 @@ class ByteWriter {
     this.length += count;
     return at;
   }
+  // Each grows first: `this.#view.set…(this.#grow(n), …)` would read the
+  // view before a growth replaces it, and write past the old buffer.
   u8(v: number) {
-    this.#view.setUint8(this.#grow(1), v);
+    const at = this.#grow(1);
+    this.#view.setUint8(at, v);
   }
   u32(v: number) {
-    this.#view.setUint32(this.#grow(4), v, true);
+    const at = this.#grow(4);
+    this.#view.setUint32(at, v, true);
   }
   i32(v: number) {
-    this.#view.setInt32(this.#grow(4), v, true);
+    const at = this.#grow(4);
+    this.#view.setInt32(at, v, true);
   }
   f32(v: number) {
-    this.#view.setFloat32(this.#grow(4), v, true);
+    const at = this.#grow(4);
+    this.#view.setFloat32(at, v, true);
   }
   u64(v: number) {
-    this.#view.setBigUint64(this.#grow(8), BigInt(v), true);
+    const at = this.#grow(8);
+    this.#view.setBigUint64(at, BigInt(v), true);
   }
   bytes(b: Uint8Array) {
-    this.#buffer.set(b, this.#grow(b.length));
+    const at = this.#grow(b.length);
+    this.#buffer.set(b, at);
   }
   string(s: string) {
     const b = new TextEncoder().encode(s);

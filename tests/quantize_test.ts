@@ -7,7 +7,7 @@
 
 import { assert, assertEquals } from "@std/assert";
 import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
-import { quantize } from "../src/gguf_write.ts";
+import { quantize, writeGguf } from "../src/gguf_write.ts";
 import { loadModel } from "../src/load.ts";
 import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
@@ -167,4 +167,21 @@ Deno.test("a Q8_0 GGUF on wasm keeps its blocks and gives the f32 logits of its 
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("writeGguf writes metadata past its first buffer (a 50k-token vocabulary)", () => {
+  // The header writer starts with 64 KiB; each field must land in the grown buffer.
+  const tokens = Array.from({ length: 20000 }, (_, i) => `token${i}`);
+  const types = tokens.map((_, i) => i % 7);
+  const bytes = writeGguf(
+    new Map([
+      ["tokenizer.ggml.tokens", { type: "string[]", value: tokens }],
+      ["tokenizer.ggml.token_type", { type: "i32[]", value: types }],
+    ]),
+    [{ name: "w", shape: [2, 32], type: GGML.F32, data: new Uint8Array(256) }],
+  );
+  const gguf = GgufFile.parse(bytes, "big.gguf");
+  assertEquals(gguf.metadata.get("tokenizer.ggml.tokens"), tokens);
+  assertEquals(gguf.metadata.get("tokenizer.ggml.token_type"), types);
+  assertEquals(gguf.info("w").shape, [2, 32]);
 });
