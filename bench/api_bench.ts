@@ -65,9 +65,10 @@ const PROMPT = Number(flags.prompt);
 const REPS = Number(flags.reps);
 const SAMPLED = { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05 };
 
-/** The model directory, with a tokenizer. */
+/** The model directory, with a tokenizer; a GGUF file carries its own. */
 async function modelDir(): Promise<string> {
   const dir = flags.model ?? await benchModelDir();
+  if (dir.toLowerCase().endsWith(".gguf")) return dir;
   const tokenizer = flags.tokenizer ??
     new URL("../../shared/tokenizers/gpt-neox-20b", import.meta.url).pathname;
   for (const file of ["tokenizer.json", "tokenizer_config.json"]) {
