@@ -11,26 +11,32 @@
  * {@link dequantizeMatrix}'s float32 values, which are exactly the values the
  * kernels multiply by.
  *
- * Q8_0 (ggml's layout): each row is `cols / 32` blocks of 34 bytes, an f16
- * scale d then 32 int8 values q; the weight is d·q.
+ * ggml's layouts, each row `cols / 32` blocks of 32 weights with an f16
+ * scale d first: Q8_0 (34 bytes) then holds 32 int8 values q, the weight
+ * d·q; Q4_0 (18 bytes) holds 16 bytes whose byte j has weight j's 4 bits u
+ * in its low nibble and weight j + 16's in its high one, the weight d·(u − 8).
  *
  * @module
  */
 
 import { f16ToF32 } from "./safetensors.ts";
 
-/** Elements per Q8_0 block. */
-export const Q8_0_BLOCK = 32;
-/** Bytes per Q8_0 block: an f16 scale and 32 int8 values. */
-export const Q8_0_BYTES = 34;
+/** Elements per block, in both formats. */
+export const QUANT_BLOCK = 32;
+
+/** The block formats kept, with their bytes per block of {@link QUANT_BLOCK} weights. */
+export const BLOCK_BYTES = { q8_0: 34, q4_0: 18 } as const;
+
+/** A block format that {@link QuantizedMatrix} holds. */
+export type BlockType = keyof typeof BLOCK_BYTES;
 
 /** A row-major matrix [rows, cols] held as quantized blocks. */
 export interface QuantizedMatrix {
-  /** The block format; only Q8_0 is kept so far. */
-  readonly type: "q8_0";
+  /** The block format. */
+  readonly type: BlockType;
   /** Output rows. */
   readonly rows: number;
-  /** Elements per row, a multiple of {@link Q8_0_BLOCK}. */
+  /** Elements per row, a multiple of {@link QUANT_BLOCK}. */
   readonly cols: number;
   /** `rows · cols / 32` blocks, row after row (a view of the file's bytes where possible). */
   readonly blocks: Uint8Array;
@@ -44,53 +50,60 @@ export function isQuantized(matrix: HostMatrix): matrix is QuantizedMatrix {
   return !(matrix instanceof Float32Array);
 }
 
-/** Bytes of one row of Q8_0 blocks with `cols` elements. */
-function q8RowBytes(cols: number): number {
-  return (cols / Q8_0_BLOCK) * Q8_0_BYTES;
-}
-
 /**
- * A Q8_0 matrix over `blocks`, checked: `cols` a multiple of 32, the bytes
- * exactly the blocks' and every scale finite (a NaN or infinite scale would
- * make the whole block so).
+ * A matrix of `type` blocks over `blocks`, checked: `cols` a multiple of 32,
+ * the bytes exactly the blocks' and every scale finite (a NaN or infinite
+ * scale would make the whole block so).
  *
  * @throws {RangeError} Naming `what` and the problem.
  */
-export function q8_0Matrix(
+export function quantizedMatrix(
+  type: BlockType,
   rows: number,
   cols: number,
   blocks: Uint8Array,
   what: string,
 ): QuantizedMatrix {
-  if (!(cols > 0 && cols % Q8_0_BLOCK === 0)) {
-    throw new RangeError(`${what} has rows of ${cols}, not a multiple of Q8_0's block of 32`);
+  const name = type.toUpperCase();
+  if (!(cols > 0 && cols % QUANT_BLOCK === 0)) {
+    throw new RangeError(`${what} has rows of ${cols}, not a multiple of ${name}'s block of 32`);
   }
-  const expected = rows * q8RowBytes(cols);
+  const blockBytes = BLOCK_BYTES[type];
+  const expected = rows * (cols / QUANT_BLOCK) * blockBytes;
   if (blocks.length !== expected) {
-    throw new RangeError(`${what} needs ${expected} bytes of Q8_0 blocks, got ${blocks.length}`);
+    throw new RangeError(`${what} needs ${expected} bytes of ${name} blocks, got ${blocks.length}`);
   }
-  for (let at = 0; at < blocks.length; at += Q8_0_BYTES) {
+  for (let at = 0; at < blocks.length; at += blockBytes) {
     // An f16 whose exponent bits are all ones is infinite or NaN.
     if ((blocks[at + 1] & 0x7c) === 0x7c) {
       throw new RangeError(
         `${what} holds a scale of ${f16ToF32(blocks[at] | (blocks[at + 1] << 8))} in block ${
-          at / Q8_0_BYTES
+          at / blockBytes
         }; weights must be finite`,
       );
     }
   }
-  return { type: "q8_0", rows, cols, blocks };
+  return { type, rows, cols, blocks };
 }
 
-/** The float32 values d·q of a quantized matrix, row-major [rows, cols]. */
+/** The float32 values of a quantized matrix, row-major [rows, cols]: d·q, or d·(u − 8). */
 export function dequantizeMatrix(matrix: QuantizedMatrix): Float32Array {
-  const { blocks } = matrix;
+  const { blocks, type } = matrix;
   const out = new Float32Array(matrix.rows * matrix.cols);
+  const blockBytes = BLOCK_BYTES[type];
   const signed = new Int8Array(blocks.buffer, blocks.byteOffset, blocks.byteLength);
-  for (let block = 0, at = 0; at < blocks.length; block++, at += Q8_0_BYTES) {
+  for (let block = 0, at = 0; at < blocks.length; block++, at += blockBytes) {
     const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
-    const base = block * Q8_0_BLOCK;
-    for (let j = 0; j < Q8_0_BLOCK; j++) out[base + j] = d * signed[at + 2 + j];
+    const base = block * QUANT_BLOCK;
+    if (type === "q8_0") {
+      for (let j = 0; j < QUANT_BLOCK; j++) out[base + j] = d * signed[at + 2 + j];
+      continue;
+    }
+    for (let j = 0; j < QUANT_BLOCK / 2; j++) {
+      const byte = blocks[at + 2 + j];
+      out[base + j] = d * ((byte & 0x0f) - 8);
+      out[base + j + 16] = d * ((byte >> 4) - 8);
+    }
   }
   return out;
 }

@@ -39,7 +39,7 @@ import {
 } from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
-import { Q8_0_BLOCK, Q8_0_BYTES, type QuantizedMatrix } from "../quant.ts";
+import { BLOCK_BYTES, type BlockType, QUANT_BLOCK, type QuantizedMatrix } from "../quant.ts";
 import { f16ToF32 } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
@@ -73,49 +73,70 @@ export class WasmBuffer {
 }
 
 /**
- * Bytes of a Q8_0 block as the wasm backend holds it: ggml's 34 (an f16
- * scale, 32 int8 values) repacked at upload into an f32 scale times 2^-24 and
- * the values with the bytes of each group of 16 transposed 4×4, so that the
- * kernels widen them with shifts and masks (see asm/kernels.ts). The 2 extra
- * bytes per block buy an f32 scale loaded with one instruction.
+ * Bytes of a block of 32 weights as the wasm backend holds it, repacked at
+ * upload from ggml's layout so that the kernels widen the values with shifts
+ * and masks instead of byte shuffles (see asm/kernels.ts): an f32 scale
+ * (times 2^-24 or 2^-28), loaded with one instruction, then the values. Q8_0:
+ * the 32 int8 values with the bytes of each group of 16 transposed 4×4 (36
+ * bytes, against ggml's 34); Q4_0: the 4-bit values as four i32 lanes, lane
+ * j holding weight 4k + j at nibble k, as the signed nibble u − 8 (20 bytes,
+ * against 18).
  */
-const Q8_PACKED_BYTES = 36;
+const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20 };
 
-/** Bytes of one repacked row of `cols` values. */
-const packedRowBytes = (cols: number) => (cols / Q8_0_BLOCK) * Q8_PACKED_BYTES;
+/** Bytes of one repacked row of `cols` weights. */
+const packedRowBytes = (type: BlockType, cols: number) => (cols / QUANT_BLOCK) * PACKED_BYTES[type];
 
 /**
- * A weight matrix [rows, cols] kept as repacked Q8_0 blocks in the module's
- * memory: `linear` runs the Q8_0 kernels on it, `embed` and `copyRows`
- * dequantize the rows they gather. Its `length` counts its bytes in floats.
+ * A weight matrix [rows, cols] kept as repacked Q8_0 or Q4_0 blocks in the
+ * module's memory: `linear` runs the kernels of its type on it, `embed` and
+ * `copyRows` dequantize the rows they gather. Its `length` counts its bytes
+ * in floats.
  */
-export class WasmQ8Matrix extends WasmBuffer {
+export class WasmQuantMatrix extends WasmBuffer {
+  /** The block format. */
+  readonly type: BlockType;
   /** Output rows. */
   readonly rows: number;
   /** Elements per row, a multiple of 32. */
   readonly cols: number;
 
-  constructor(ptr: number, rows: number, cols: number, bytes: number) {
-    super(ptr, (rows * packedRowBytes(cols)) / 4, bytes);
+  constructor(type: BlockType, ptr: number, rows: number, cols: number, bytes: number) {
+    super(ptr, (rows * packedRowBytes(type, cols)) / 4, bytes);
+    this.type = type;
     this.rows = rows;
     this.cols = cols;
   }
 }
 
 /**
- * ggml's Q8_0 blocks (34 bytes each) into `out` in the kernels' layout (36
- * bytes each, see {@link Q8_PACKED_BYTES}).
+ * ggml's blocks of `type` into `out` in the kernels' layout (see
+ * {@link PACKED_BYTES}).
  */
-function packQ8Blocks(blocks: Uint8Array, out: Uint8Array): void {
+function packBlocks(type: BlockType, blocks: Uint8Array, out: Uint8Array): void {
   const scales = new DataView(out.buffer, out.byteOffset, out.byteLength);
-  for (let at = 0, to = 0; at < blocks.length; at += Q8_0_BYTES, to += Q8_PACKED_BYTES) {
-    scales.setFloat32(to, f16ToF32(blocks[at] | (blocks[at + 1] << 8)) * 2 ** -24, true);
-    for (let group = 0; group < 32; group += 16) {
-      for (let k = 0; k < 4; k++) {
-        for (let j = 0; j < 4; j++) {
-          out[to + 4 + group + 4 * j + k] = blocks[at + 2 + group + 4 * k + j];
+  const [from, to] = [BLOCK_BYTES[type], PACKED_BYTES[type]];
+  for (let at = 0, put = 0; at < blocks.length; at += from, put += to) {
+    const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
+    if (type === "q8_0") {
+      scales.setFloat32(put, d * 2 ** -24, true);
+      for (let group = 0; group < 32; group += 16) {
+        for (let k = 0; k < 4; k++) {
+          for (let j = 0; j < 4; j++) {
+            out[put + 4 + group + 4 * j + k] = blocks[at + 2 + group + 4 * k + j];
+          }
         }
       }
+      continue;
+    }
+    scales.setFloat32(put, d * 2 ** -28, true);
+    out.fill(0, put + 4, put + 20);
+    for (let e = 0; e < QUANT_BLOCK; e++) {
+      const byte = blocks[at + 2 + (e & 15)];
+      const u = e < 16 ? byte & 0x0f : byte >> 4;
+      // u − 8 as a 4-bit two's complement is u ^ 8; weight e = 4k + j goes to lane j, nibble k.
+      const k = e >> 2, j = e & 3;
+      out[put + 4 + 4 * j + (k >> 1)] |= (u ^ 8) << (4 * (k & 1));
     }
   }
 }
@@ -128,9 +149,10 @@ type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant";
  * own); of a Q8_0 matrix, the rows `offset / cols` on, `length / cols` of them.
  */
 const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
-  buf instanceof WasmQ8Matrix
-    ? new WasmQ8Matrix(
-      buf.ptr + (offset / buf.cols) * packedRowBytes(buf.cols),
+  buf instanceof WasmQuantMatrix
+    ? new WasmQuantMatrix(
+      buf.type,
+      buf.ptr + (offset / buf.cols) * packedRowBytes(buf.type, buf.cols),
       length / buf.cols,
       buf.cols,
       0,
@@ -264,7 +286,19 @@ interface Kernels {
     o1: number,
     scratch: number,
   ): void;
-  linearQ8ScratchBytes(inDim: number): number;
+  linearQ4(
+    out: number,
+    x: number,
+    w: number,
+    bias: number,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    o0: number,
+    o1: number,
+    scratch: number,
+  ): void;
+  dequantScratchBytes(inDim: number): number;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
   mathTest64(out: number, x: number, n: number, which: number): void;
@@ -285,6 +319,7 @@ const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
 const OP_LINEAR_Q8 = 7;
+const OP_LINEAR_Q4 = 8;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
@@ -675,17 +710,17 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /**
-   * Keeps a Q8_0 matrix as its blocks (repacked, 36 bytes per 32 weights: a
-   * ninth of the f32 bytes that a decode step streams), for the Q8_0 kernels
-   * of `linear`.
+   * Keeps a Q8_0 or Q4_0 matrix as its blocks, repacked (36 or 20 bytes per
+   * 32 weights: a ninth or a sixth of what an f32 decode step streams), for
+   * the kernels of `linear`.
    */
-  uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQ8Matrix {
-    const { rows, cols } = matrix;
-    const bytes = rows * packedRowBytes(cols);
+  uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQuantMatrix {
+    const { type, rows, cols } = matrix;
+    const bytes = rows * packedRowBytes(type, cols);
     const buf = this.#alloc(bytes / 4);
-    packQ8Blocks(matrix.blocks, new Uint8Array(this.#memory.buffer, buf.ptr, bytes));
+    packBlocks(type, matrix.blocks, new Uint8Array(this.#memory.buffer, buf.ptr, bytes));
     this.#copiedBytes += bytes;
-    return new WasmQ8Matrix(buf.ptr, rows, cols, buf.bytes);
+    return new WasmQuantMatrix(type, buf.ptr, rows, cols, buf.bytes);
   }
 
   upload(data: Float32Array): WasmBuffer {
@@ -757,7 +792,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   // -------------------------------------------------------- operations ----
 
   embed(out: WasmBuffer, table: WasmBuffer, ids: Int32Array, dim: number): void {
-    if (table instanceof WasmQ8Matrix) {
+    if (table instanceof WasmQuantMatrix) {
       for (let t = 0; t < ids.length; t++) {
         const id = ids[t];
         if (!(id >= 0 && id < table.rows)) {
@@ -780,7 +815,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   copyRows(args: CopyRowsArgs<WasmBuffer>): void {
     const { width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
     const dst = this.#floats(args.dst);
-    const quantized = args.src instanceof WasmQ8Matrix ? args.src : null;
+    const quantized = args.src instanceof WasmQuantMatrix ? args.src : null;
     const src = quantized ? null : this.#floats(args.src);
     const srcIndex = srcRows && this.#floats(srcRows.buf);
     const dstIndex = dstRows && this.#floats(dstRows.buf);
@@ -842,8 +877,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
       return;
     }
     const biasPtr = bias ? bias.ptr : 0;
-    if (weight instanceof WasmQ8Matrix) {
-      return this.#linearQ8(out, x, weight, biasPtr, rows, outDim);
+    if (weight instanceof WasmQuantMatrix) {
+      return this.#linearQuant(out, x, weight, biasPtr, rows, outDim);
     }
     if (this.#ctrl && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8) {
       this.#parallel(OP_LINEAR, [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim]);
@@ -852,18 +887,20 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
   }
 
-  /** `linear` over Q8_0 weights (see `linearQ8` in asm/kernels.ts), split as the f32 one. */
-  #linearQ8(
+  /** `linear` over quantized weights (`linearQ8`, `linearQ4` in asm/kernels.ts), split as the f32 one. */
+  #linearQuant(
     out: WasmBuffer,
     x: WasmBuffer,
-    weight: WasmQ8Matrix,
+    weight: WasmQuantMatrix,
     biasPtr: number,
     rows: number,
     outDim: number,
   ): void {
     const inDim = weight.cols;
     if (weight.rows !== outDim) {
-      throw new RangeError(`A Q8_0 matrix of ${weight.rows} rows cannot give ${outDim} outputs`);
+      throw new RangeError(
+        `A quantized matrix of ${weight.rows} rows cannot give ${outDim} outputs`,
+      );
     }
     const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
       outDim >= 8;
@@ -871,12 +908,13 @@ export class WasmBackend implements Backend<WasmBuffer> {
     const scratch = rows > 1
       ? this.#scratch(
         "dequant",
-        (this.#kernels.linearQ8ScratchBytes(inDim) / 4) * (parallel ? this.threads : 1),
+        (this.#kernels.dequantScratchBytes(inDim) / 4) * (parallel ? this.threads : 1),
       ).ptr
       : 0;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
-    if (parallel) return this.#parallel(OP_LINEAR_Q8, [...operands, scratch]);
-    this.#kernels.linearQ8(...operands, 0, outDim, scratch);
+    const q8 = weight.type === "q8_0";
+    if (parallel) return this.#parallel(q8 ? OP_LINEAR_Q8 : OP_LINEAR_Q4, [...operands, scratch]);
+    (q8 ? this.#kernels.linearQ8 : this.#kernels.linearQ4)(...operands, 0, outDim, scratch);
   }
 
   linearSplit(
@@ -914,18 +952,31 @@ export class WasmBackend implements Backend<WasmBuffer> {
     if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
   }
 
-  /** Row `row` of a Q8_0 matrix into `out` (its `cols` floats): d·q, as `dequantizeMatrix` gives. */
-  #dequantizeRow(matrix: WasmQ8Matrix, row: number, out: Float32Array): void {
-    const rowBytes = packedRowBytes(matrix.cols);
+  /** Row `row` of a quantized matrix into `out` (its `cols` floats), as `dequantizeMatrix` gives it. */
+  #dequantizeRow(matrix: WasmQuantMatrix, row: number, out: Float32Array): void {
+    const { type, cols } = matrix;
+    const rowBytes = packedRowBytes(type, cols);
     const start = matrix.ptr + row * rowBytes;
     const scales = new DataView(this.#memory.buffer, start, rowBytes);
-    const values = new Int8Array(this.#memory.buffer, start, rowBytes);
-    for (let block = 0, at = 0; at < rowBytes; block++, at += Q8_PACKED_BYTES) {
-      const d = scales.getFloat32(at, true) * 2 ** 24;
-      for (let e = 0; e < Q8_0_BLOCK; e++) {
-        // Value e = group + 4k + j sits at byte group + 4j + k (see packQ8Blocks).
-        const group = e & 16, k = (e >> 2) & 3, j = e & 3;
-        out[block * Q8_0_BLOCK + e] = d * values[at + 4 + group + 4 * j + k];
+    const bytes = new Uint8Array(this.#memory.buffer, start, rowBytes);
+    const signed = new Int8Array(this.#memory.buffer, start, rowBytes);
+    for (let block = 0, at = 0; at < rowBytes; block++, at += PACKED_BYTES[type]) {
+      const base = block * QUANT_BLOCK;
+      if (type === "q8_0") {
+        const d = scales.getFloat32(at, true) * 2 ** 24;
+        for (let e = 0; e < QUANT_BLOCK; e++) {
+          // Weight e = group + 4k + j sits at byte group + 4j + k (see packBlocks).
+          const group = e & 16, k = (e >> 2) & 3, j = e & 3;
+          out[base + e] = d * signed[at + 4 + group + 4 * j + k];
+        }
+        continue;
+      }
+      const d = scales.getFloat32(at, true) * 2 ** 28;
+      for (let e = 0; e < QUANT_BLOCK; e++) {
+        // Weight e = 4k + j is nibble k of lane j, stored as u ^ 8 (see packBlocks).
+        const k = e >> 2, j = e & 3;
+        const nibble = (bytes[at + 4 + 4 * j + (k >> 1)] >> (4 * (k & 1))) & 15;
+        out[base + e] = d * ((nibble ^ 8) - 8);
       }
     }
   }
