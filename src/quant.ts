@@ -24,11 +24,11 @@ import { f16ToF32 } from "./safetensors.ts";
 /** Elements per block, in both formats. */
 export const QUANT_BLOCK = 32;
 
-/** The block formats kept, with their bytes per block of {@link QUANT_BLOCK} weights. */
-export const BLOCK_BYTES = { q8_0: 34, q4_0: 18 } as const;
+/** A block format that {@link QuantizedMatrix} holds: ggml's Q8_0 or Q4_0. */
+export type BlockType = "q8_0" | "q4_0";
 
-/** A block format that {@link QuantizedMatrix} holds. */
-export type BlockType = keyof typeof BLOCK_BYTES;
+/** Bytes per block of {@link QUANT_BLOCK} weights in ggml's layout of each format. */
+export const BLOCK_BYTES: Readonly<Record<BlockType, number>> = { q8_0: 34, q4_0: 18 };
 
 /** A row-major matrix [rows, cols] held as quantized blocks. */
 export interface QuantizedMatrix {
