@@ -56,6 +56,8 @@ export function setConstants(scale: f32): void {
   LO = f32x4.splat(<f32>-87.3 * scale);
   HI = f32x4.splat(<f32>88.3 * scale);
   BIAS127 = i32x4.splat(<i32>(<f32>127 * scale));
+  TOP_BYTE = i32x4.splat(<i32>(<f32>-16777216 * scale));
+  TOP_NIBBLE = i32x4.splat(<i32>(<f32>-268435456 * scale));
 }
 
 // @ts-ignore: decorator
@@ -673,6 +675,237 @@ export function linear(
   }
 }
 
+// ------------------------------------------------------ Q8_0 weights ----
+
+// Q8_0 weights (ggml's blocks of 32 int8 values q with a scale d; the weight
+// is d·q) as src/backends/wasm.ts repacks them at upload, 36 bytes a block:
+// the scale as an f32 times 2^-24, then the 32 values as two groups of 16
+// whose bytes are transposed 4×4 (byte 4j + k holds value 4k + j). Then
+// value 4k + j sits in byte k of i32 lane j, so shifting it into the top
+// byte and masking the rest off (the int8's sign becomes the i32's) gives
+// four lanes of q·2^24 that convert to f32 exactly: the widening costs
+// shifts and masks instead of byte shuffles, and the 2^24 is paid back in
+// the scale. The activations stay f32 (a quantized model's logits must match
+// the f32 run on the dequantized weights).
+const Q8_BLOCK_BYTES: i32 = 36;
+let TOP_BYTE = i32x4.splat(-16777216); // 0xff000000; a global for the reason above
+
+// Values 4k .. 4k + 3 of a repacked group of 16, times 2^24, as f32.
+// @ts-ignore: decorator
+@inline
+function q8Quarter(v: v128, k: i32): v128 {
+  if (k == 0) return f32x4.convert_i32x4_s(i32x4.shl(v, 24));
+  if (k == 1) return f32x4.convert_i32x4_s(v128.and(i32x4.shl(v, 16), TOP_BYTE));
+  if (k == 2) return f32x4.convert_i32x4_s(v128.and(i32x4.shl(v, 8), TOP_BYTE));
+  return f32x4.convert_i32x4_s(v128.and(v, TOP_BYTE));
+}
+
+// x [32] · one repacked block's 32 values (times 2^24), two chains deep.
+// @ts-ignore: decorator
+@inline
+function q8Dot(p: usize, x: usize): v128 {
+  const v0 = v128.load(p, 4);
+  const v1 = v128.load(p, 20);
+  let a = f32x4.mul(q8Quarter(v0, 0), v128.load(x));
+  let b = f32x4.mul(q8Quarter(v0, 1), v128.load(x, 16));
+  a = madd(q8Quarter(v0, 2), v128.load(x, 32), a);
+  b = madd(q8Quarter(v0, 3), v128.load(x, 48), b);
+  a = madd(q8Quarter(v1, 0), v128.load(x, 64), a);
+  b = madd(q8Quarter(v1, 1), v128.load(x, 80), b);
+  a = madd(q8Quarter(v1, 2), v128.load(x, 96), a);
+  b = madd(q8Quarter(v1, 3), v128.load(x, 112), b);
+  return f32x4.add(a, b);
+}
+
+// GEMV (rows = 1) over Q8_0 weights: out[o] = x · w[o] + bias[o] for o in
+// [o0, o1), one weight row at a time (sequential, as the f32 GEMV reads);
+// each block's 32 products are summed in f32, then scaled by d once. Two
+// blocks per step give the out-of-order core independent chains.
+function gemvQ8(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
+  const blocks = inDim >> 5;
+  const rowBytes = <usize> blocks * Q8_BLOCK_BYTES;
+  for (let o = o0; o < o1; o++) {
+    let p = w + <usize> o * rowBytes;
+    let acc0 = f32x4.splat(0);
+    let acc1 = f32x4.splat(0);
+    let xp = x;
+    let b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      acc0 = madd(v128.load32_splat(p), q8Dot(p, xp), acc0);
+      acc1 = madd(v128.load32_splat(p, 36), q8Dot(p + 36, xp + 128), acc1);
+      p += 72;
+      xp += 256;
+    }
+    if (b < blocks) acc0 = madd(v128.load32_splat(p), q8Dot(p, xp), acc0);
+    let sum = hsum(f32x4.add(acc0, acc1));
+    if (bias) sum += load<f32>(bias + (<usize> o << 2));
+    store<f32>(out + (<usize> o << 2), sum);
+  }
+}
+
+// Bytes of per-thread scratch linearQ8 and linearQ4 need: OB rows of
+// dequantized weights.
+export function dequantScratchBytes(inDim: i32): i32 {
+  return OB * inDim * 4;
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over repacked Q8_0
+// weights, output columns [o0, o1). One row: the Q8_0 GEMV. More rows: each
+// block of OB weight rows is dequantized once into `scratch`
+// (dequantScratchBytes, in L2) and the f32 matmul runs over it, so the
+// widening is paid once per weight rather than once per row of x.
+export function linearQ8(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+  scratch: usize,
+): void {
+  if (rows == 1) {
+    gemvQ8(out, x, w, bias, inDim, o0, o1);
+    return;
+  }
+  const blocks = inDim >> 5;
+  const rowBytes = <usize> blocks * Q8_BLOCK_BYTES;
+  const f32Row = <usize> inDim << 2;
+  for (let ob = o0; ob < o1; ob += OB) {
+    const obEnd = min(ob + OB, o1);
+    let dst = scratch;
+    for (let o = ob; o < obEnd; o++) {
+      let p = w + <usize> o * rowBytes;
+      for (let b = 0; b < blocks; b++) {
+        // q·2^24 times d·2^-24: exactly d·q, as dequantizeMatrix gives it.
+        const d = v128.load32_splat(p);
+        const v0 = v128.load(p, 4);
+        const v1 = v128.load(p, 20);
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 0), d));
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 1), d), 16);
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 2), d), 32);
+        v128.store(dst, f32x4.mul(q8Quarter(v0, 3), d), 48);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 0), d), 64);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 1), d), 80);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 2), d), 96);
+        v128.store(dst, f32x4.mul(q8Quarter(v1, 3), d), 112);
+        p += Q8_BLOCK_BYTES;
+        dst += 128;
+      }
+    }
+    // The f32 kernel addresses weight row o at w + o·f32Row: the tile, moved
+    // back by ob rows (wrapping u32 arithmetic lands on the tile again).
+    linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
+  }
+}
+
+// ------------------------------------------------------ Q4_0 weights ----
+
+// Q4_0 weights (ggml's blocks of 32 4-bit values u with a scale d; the
+// weight is d·(u − 8)) as src/backends/wasm.ts repacks them at upload, 20
+// bytes a block: the scale as an f32 times 2^-28, then 16 bytes read as four
+// i32 lanes, lane j holding weight 4k + j as the signed nibble u − 8 at
+// nibble k. Shifting nibble k into the top of its lane and masking the rest
+// off gives (u − 8)·2^28, which converts to f32 exactly, as for Q8_0.
+const Q4_BLOCK_BYTES: i32 = 20;
+let TOP_NIBBLE = i32x4.splat(-268435456); // 0xf0000000; a global, as the constants above
+
+// Weights 4k .. 4k + 3 of a repacked block, times 2^28, as f32.
+// @ts-ignore: decorator
+@inline
+function q4Eighth(v: v128, k: i32): v128 {
+  if (k == 0) return f32x4.convert_i32x4_s(i32x4.shl(v, 28));
+  if (k == 7) return f32x4.convert_i32x4_s(v128.and(v, TOP_NIBBLE));
+  return f32x4.convert_i32x4_s(v128.and(i32x4.shl(v, 28 - 4 * k), TOP_NIBBLE));
+}
+
+// x [32] · one repacked Q4_0 block's weights (times 2^28), two chains deep.
+// @ts-ignore: decorator
+@inline
+function q4Dot(p: usize, x: usize): v128 {
+  const v = v128.load(p, 4);
+  let a = f32x4.mul(q4Eighth(v, 0), v128.load(x));
+  let b = f32x4.mul(q4Eighth(v, 1), v128.load(x, 16));
+  a = madd(q4Eighth(v, 2), v128.load(x, 32), a);
+  b = madd(q4Eighth(v, 3), v128.load(x, 48), b);
+  a = madd(q4Eighth(v, 4), v128.load(x, 64), a);
+  b = madd(q4Eighth(v, 5), v128.load(x, 80), b);
+  a = madd(q4Eighth(v, 6), v128.load(x, 96), a);
+  b = madd(q4Eighth(v, 7), v128.load(x, 112), b);
+  return f32x4.add(a, b);
+}
+
+// GEMV (rows = 1) over Q4_0 weights, as gemvQ8.
+function gemvQ4(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
+  const blocks = inDim >> 5;
+  const rowBytes = <usize> blocks * Q4_BLOCK_BYTES;
+  for (let o = o0; o < o1; o++) {
+    let p = w + <usize> o * rowBytes;
+    let acc0 = f32x4.splat(0);
+    let acc1 = f32x4.splat(0);
+    let xp = x;
+    let b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      acc0 = madd(v128.load32_splat(p), q4Dot(p, xp), acc0);
+      acc1 = madd(v128.load32_splat(p, 20), q4Dot(p + 20, xp + 128), acc1);
+      p += 40;
+      xp += 256;
+    }
+    if (b < blocks) acc0 = madd(v128.load32_splat(p), q4Dot(p, xp), acc0);
+    let sum = hsum(f32x4.add(acc0, acc1));
+    if (bias) sum += load<f32>(bias + (<usize> o << 2));
+    store<f32>(out + (<usize> o << 2), sum);
+  }
+}
+
+// linearQ8 for repacked Q4_0 weights: the GEMV for one row, else tiles of
+// OB weight rows dequantized into `scratch` and the f32 matmul over them.
+export function linearQ4(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+  scratch: usize,
+): void {
+  if (rows == 1) {
+    gemvQ4(out, x, w, bias, inDim, o0, o1);
+    return;
+  }
+  const blocks = inDim >> 5;
+  const rowBytes = <usize> blocks * Q4_BLOCK_BYTES;
+  const f32Row = <usize> inDim << 2;
+  for (let ob = o0; ob < o1; ob += OB) {
+    const obEnd = min(ob + OB, o1);
+    let dst = scratch;
+    for (let o = ob; o < obEnd; o++) {
+      let p = w + <usize> o * rowBytes;
+      for (let b = 0; b < blocks; b++) {
+        // (u − 8)·2^28 times d·2^-28: exactly d·(u − 8), as dequantizeMatrix gives it.
+        const d = v128.load32_splat(p);
+        const v = v128.load(p, 4);
+        v128.store(dst, f32x4.mul(q4Eighth(v, 0), d));
+        v128.store(dst, f32x4.mul(q4Eighth(v, 1), d), 16);
+        v128.store(dst, f32x4.mul(q4Eighth(v, 2), d), 32);
+        v128.store(dst, f32x4.mul(q4Eighth(v, 3), d), 48);
+        v128.store(dst, f32x4.mul(q4Eighth(v, 4), d), 64);
+        v128.store(dst, f32x4.mul(q4Eighth(v, 5), d), 80);
+        v128.store(dst, f32x4.mul(q4Eighth(v, 6), d), 96);
+        v128.store(dst, f32x4.mul(q4Eighth(v, 7), d), 112);
+        p += Q4_BLOCK_BYTES;
+        dst += 128;
+      }
+    }
+    linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
+  }
+}
+
 // ----------------------------------------------------------- the rest ----
 
 // out [rows, dim] = x / sqrt(mean(x²) + eps) * weight; out may alias x.
@@ -1274,6 +1507,8 @@ const OP_SCAN_STEP = 3;
 const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
+const OP_LINEAR_Q8 = 7;
+const OP_LINEAR_Q4 = 8;
 
 // @ts-ignore: decorator
 @inline
@@ -1306,6 +1541,17 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       splitStart(outDim, part, parts, align),
       splitStart(outDim, part + 1, parts, align),
     );
+  } else if (op == OP_LINEAR_Q8 || op == OP_LINEAR_Q4) {
+    const outDim = arg(ctrl, 6);
+    const align = arg(ctrl, 4) > 1 ? OB : 4;
+    const o0 = splitStart(outDim, part, parts, align);
+    const o1 = splitStart(outDim, part + 1, parts, align);
+    const scratch = arg(ctrl, 7) + part * dequantScratchBytes(arg(ctrl, 5));
+    if (op == OP_LINEAR_Q8) {
+      linearQ8(arg(ctrl, 0), arg(ctrl, 1), arg(ctrl, 2), arg(ctrl, 3), arg(ctrl, 4), arg(ctrl, 5), outDim, o0, o1, scratch);
+    } else {
+      linearQ4(arg(ctrl, 0), arg(ctrl, 1), arg(ctrl, 2), arg(ctrl, 3), arg(ctrl, 4), arg(ctrl, 5), outDim, o0, o1, scratch);
+    }
   } else if (op == OP_SCAN) {
     const dim = arg(ctrl, 12);
     scan(

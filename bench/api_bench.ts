@@ -65,11 +65,10 @@ const PROMPT = Number(flags.prompt);
 const REPS = Number(flags.reps);
 const SAMPLED = { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05 };
 
-/** The model directory, with a tokenizer (or a GGUF file, which holds its own). */
+/** The model directory, with a tokenizer; a GGUF file carries its own. */
 async function modelDir(): Promise<string> {
   const dir = flags.model ?? await benchModelDir();
-  // A GGUF file carries its own tokenizer.
-  if (dir.endsWith(".gguf")) return dir;
+  if (dir.toLowerCase().endsWith(".gguf")) return dir;
   const tokenizer = flags.tokenizer ??
     new URL("../../shared/tokenizers/gpt-neox-20b", import.meta.url).pathname;
   for (const file of ["tokenizer.json", "tokenizer_config.json"]) {

@@ -14,6 +14,8 @@
  * @module
  */
 
+import type { QuantizedMatrix } from "./quant.ts";
+
 /**
  * Arguments of {@link Backend.selectiveScan}, token-major. With `batch`
  * sequences, each per-token buffer holds them one after the other (u [batch,
@@ -436,6 +438,15 @@ export interface Backend<Buf = unknown> {
    * keeps f32.
    */
   uploadHalfMatrix(data: Float32Array, rowLength?: number): Buf | null;
+  /**
+   * A buffer for a weight matrix kept in its quantized block form, which
+   * only `linear`/`linearSplit` read as their `weight` and `embed`/`copyRows`
+   * gather rows from (as the float32 values `dequantizeMatrix` gives); null
+   * where the backend does not keep that form, and the caller then uploads
+   * the dequantized values. The backend may copy the blocks or keep `matrix`
+   * itself, so the caller must not change it afterwards.
+   */
+  uploadQuantizedMatrix(matrix: QuantizedMatrix): Buf | null;
   /** A new buffer of `length` zeros. */
   zeros(length: number): Buf;
   /** Overwrites `buf` from `offset` (in floats) with `data`. */

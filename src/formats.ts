@@ -12,7 +12,7 @@ import { GGML, GgufFile } from "./gguf.ts";
 import { ggufConfig, GgufTensors, ggufTokenizer, hasGgufTokenizer } from "./gguf_model.ts";
 import { type ModelSource, openSource, readJson, type SourceOptions } from "./source.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
-import { loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
+import { type HostWeights, loadWeightsKeepingBlocks, TensorStore } from "./weights.ts";
 
 /**
  * Where a source names one file with extension `extension` (a path, a URL,
@@ -86,8 +86,11 @@ function checkVocabulary(tokenizer: MambaTokenizer, vocabSize: number): void {
 export interface GgufModel {
   /** The hyperparameters from the `mamba.*` metadata. */
   config: MambaConfig;
-  /** The weights, checked against the config, dequantized to float32. */
-  weights: MambaWeights<Float32Array>;
+  /**
+   * The weights, checked against the config: float32, except Q8_0 matrices,
+   * kept as blocks (a backend without kernels for them gets them dequantized).
+   */
+  weights: HostWeights;
   /** The file's own tokenizer, or `options.tokenizer`'s, or null. */
   tokenizer: MambaTokenizer | null;
   /** Whether the matrices were stored in fewer than 32 bits. */
@@ -95,8 +98,8 @@ export interface GgufModel {
 }
 
 /**
- * Reads GGUF file `name` of `dir`: config, weights (dequantized to float32)
- * and tokenizer (`options.tokenizer` where given, else the file's own).
+ * Reads GGUF file `name` of `dir`: config, weights (Q8_0 matrices as their
+ * blocks, other types as float32) and tokenizer (`options.tokenizer` where given, else the file's own).
  */
 export async function loadGguf(
   dir: ModelSource,
@@ -113,7 +116,7 @@ export async function loadGguf(
     tokenizer = ggufTokenizer(gguf);
     checkVocabulary(tokenizer, config.vocabSize);
   }
-  const weights = loadWeights(new TensorStore([new GgufTensors(gguf)]), config, file);
+  const weights = loadWeightsKeepingBlocks(new TensorStore([new GgufTensors(gguf)]), config, file);
   const halfWeights = gguf.info("blk.0.ssm_in.weight").type !== GGML.F32;
   return { config, weights, tokenizer, halfWeights };
 }

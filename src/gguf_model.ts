@@ -25,6 +25,7 @@ import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, type GgufFile, type GgufTensorInfo, type GgufValue } from "./gguf.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
+import { type QuantizedMatrix, quantizedMatrix } from "./quant.ts";
 import type { TensorFile } from "./weights.ts";
 
 const LAYER_NAMES: readonly [string, string][] = [
@@ -96,6 +97,22 @@ export class GgufTensors implements TensorFile {
   /** The info of a tensor by its transformers name. */
   info(name: string): GgufTensorInfo {
     return this.#gguf.info(this.#ggufName.get(name) ?? name);
+  }
+
+  /**
+   * A 2-D Q8_0 or Q4_0 tensor by its transformers name, as its blocks (a
+   * view of the file's bytes, which the backend copies or dequantizes at
+   * upload); null for any other type, which {@link float32} reads.
+   *
+   * @throws {RangeError} For a block whose scale is not finite.
+   */
+  quantized(name: string): QuantizedMatrix | null {
+    const ggufName = this.#ggufName.get(name) ?? name;
+    const info = this.#gguf.info(ggufName);
+    const type = info.type === GGML.Q8_0 ? "q8_0" : info.type === GGML.Q4_0 ? "q4_0" : null;
+    if (type === null || info.shape.length !== 2) return null;
+    const [rows, cols] = info.shape;
+    return quantizedMatrix(type, rows, cols, this.#gguf.raw(ggufName), `Tensor "${ggufName}"`);
   }
 
   /**

@@ -116,7 +116,8 @@ class ByteWriter {
     this.length += count;
     return at;
   }
-  // Each writer takes its place before it reads #buffer or #view: growing replaces them.
+  // Each grows first: `this.#view.set…(this.#grow(n), …)` would read the
+  // view before a growth replaces it, and write past the old buffer.
   u8(v: number) {
     const at = this.#grow(1);
     this.#view.setUint8(at, v);

@@ -60,7 +60,8 @@ import {
   type Mamba2LayerWeights,
 } from "./mamba2.ts";
 import { StatePool } from "./pool.ts";
-import type { LayerWeights, MambaWeights } from "./weights.ts";
+import type { HostWeights, LayerWeights, MambaWeights } from "./weights.ts";
+import { dequantizeMatrix, type HostMatrix, isQuantized } from "./quant.ts";
 import { crc32, crc32Floats } from "./checksum.ts";
 
 /**
@@ -277,8 +278,11 @@ export class MambaModel<Buf> {
    */
   readonly identity: number;
 
-  /** Uploads host weights to the backend. */
-  constructor(backend: Backend<Buf>, config: MambaConfig, weights: MambaWeights<Float32Array>) {
+  /**
+   * Uploads host weights to the backend; matrices kept as quantized blocks
+   * stay so where the backend keeps that form, else go up dequantized.
+   */
+  constructor(backend: Backend<Buf>, config: MambaConfig, weights: HostWeights) {
     this.backend = backend;
     this.config = config;
     const { dModel, dInner, dtRank } = config;
@@ -292,10 +296,16 @@ export class MambaModel<Buf> {
     }
     const up = (w: Float32Array) => backend.upload(w);
     const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
+    // Quantized blocks where the backend keeps them; else their float32 values.
+    const blocksOr = (w: HostMatrix, upload: (values: Float32Array) => Buf) =>
+      isQuantized(w) ? backend.uploadQuantizedMatrix(w) ?? upload(dequantizeMatrix(w)) : upload(w);
     // Matrices [rows, cols] that only `linear` reads may be stored as exact f16
     // (webgpu); the row length lets a backend split one that is too large.
-    const matrix = (w: Float32Array, cols: number) =>
-      backend.uploadHalfMatrix(w, cols) ?? backend.upload(w, cols);
+    const matrix = (w: HostMatrix, cols: number) =>
+      blocksOr(
+        w,
+        (values) => backend.uploadHalfMatrix(values, cols) ?? backend.upload(values, cols),
+      );
     let identity = crc32(new TextEncoder().encode(JSON.stringify(config)));
     identity = crc32Floats(weights.normF, identity);
     for (const layer of weights.layers) {
@@ -305,12 +315,17 @@ export class MambaModel<Buf> {
       }
     }
     this.identity = identity;
-    const embedding = backend.upload(weights.embedding, dModel);
+    // The embedding is gathered by rows, which a backend that keeps blocks does from them.
+    let embeddingValues: Float32Array | null = null;
+    const embedding = blocksOr(weights.embedding, (values) => {
+      embeddingValues = values;
+      return backend.upload(values, dModel);
+    });
     this.#weights = {
       embedding,
       // A tied head shares the embedding's buffer unless an f16 copy is smaller.
       lmHead: weights.lmHead === weights.embedding
-        ? backend.uploadHalfMatrix(weights.lmHead, dModel) ?? embedding
+        ? (embeddingValues && backend.uploadHalfMatrix(embeddingValues, dModel)) ?? embedding
         : matrix(weights.lmHead, dModel),
       normF: up(weights.normF),
       layers: weights.layers.map((l): LayerWeights<Buf> | Mamba2LayerWeights<Buf> =>

@@ -13,6 +13,7 @@
 import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { type Mamba2LayerWeights, readMamba2Layer } from "./mamba2.ts";
+import type { HostMatrix, QuantizedMatrix } from "./quant.ts";
 
 /** A file of named tensors: safetensors, PyTorch, or GGUF under transformers' names. */
 export interface TensorFile {
@@ -24,14 +25,23 @@ export interface TensorFile {
   info(name: string): { readonly shape: readonly number[] };
   /** A tensor's values as float32. */
   float32(name: string): Float32Array;
+  /**
+   * A 2-D tensor kept in its quantized block form, where the file stores it
+   * in one that {@link QuantizedMatrix} holds; null otherwise.
+   */
+  quantized?(name: string): QuantizedMatrix | null;
 }
 
-/** One Mamba block's weights. Shapes use the glossary of `model.ts`. */
-export interface LayerWeights<T> {
+/**
+ * One Mamba block's weights. Shapes use the glossary of `model.ts`. The
+ * matrices that only `linear` reads have type `M` (by default `T`): the
+ * loader may hand them over as quantized blocks.
+ */
+export interface LayerWeights<T, M = T> {
   /** RMSNorm weight before the mixer [D]. */
   norm: T;
   /** in_proj weight [2·dInner, D]: rows producing x, then rows producing the gate z. */
-  inProj: T;
+  inProj: M;
   /** in_proj bias [2·dInner], when `projBias`. */
   inProjBias: T | null;
   /** Depthwise conv weights [dInner, dConv]. */
@@ -39,9 +49,9 @@ export interface LayerWeights<T> {
   /** Conv bias [dInner], when `convBias`. */
   convBias: T | null;
   /** x_proj weight [R + 2N, dInner]: rows producing the low-rank delta, then B, then C. */
-  xProj: T;
+  xProj: M;
   /** dt_proj weight, rank R up to dInner [dInner, R]. */
-  dtProj: T;
+  dtProj: M;
   /** dt_proj bias [dInner], added before softplus inside the scan. */
   dtProjBias: T;
   /** A = -exp(A_log) [dInner, N]. */
@@ -49,22 +59,31 @@ export interface LayerWeights<T> {
   /** Skip connection D [dInner]. */
   D: T;
   /** out_proj weight [D, dInner]. */
-  outProj: T;
+  outProj: M;
   /** out_proj bias [D], when `projBias`. */
   outProjBias: T | null;
 }
 
-/** All weights of a Mamba language model. */
-export interface MambaWeights<T> {
+/**
+ * All weights of a Mamba language model; the matrices (embedding, lm_head
+ * and each Mamba-1 block's projections) have type `M`, by default `T`.
+ */
+export interface MambaWeights<T, M = T> {
   /** Token embedding [vocab, D]. */
-  embedding: T;
+  embedding: M;
   /** One entry per block: Mamba-1's (and Falcon-Mamba's), or Mamba-2's where the config says so. */
-  layers: (LayerWeights<T> | Mamba2LayerWeights<T>)[];
+  layers: (LayerWeights<T, M> | Mamba2LayerWeights<T>)[];
   /** Final RMSNorm weight [D]. */
   normF: T;
   /** Output projection [vocab, D]; the embedding itself when tied. */
-  lmHead: T;
+  lmHead: M;
 }
+
+/**
+ * Weights as the loader hands them to the model: float32, with the matrices
+ * of a quantized file kept as blocks (see {@link loadWeightsKeepingBlocks}).
+ */
+export type HostWeights = MambaWeights<Float32Array, HostMatrix>;
 
 /** Where tensors come from: one file or the shards of a checkpoint. */
 export class TensorStore {
@@ -112,7 +131,22 @@ export function loadWeights(
   config: MambaConfig,
   configFile: string,
 ): MambaWeights<Float32Array> {
-  return walkWeights(store, config, configFile, true);
+  // Without keepBlocks every matrix is read as float32.
+  return walkWeights(store, config, configFile, true, false) as MambaWeights<Float32Array>;
+}
+
+/**
+ * Reads and checks all weights as {@link loadWeights} does, but keeps the
+ * matrices that a file stores quantized (see {@link TensorFile.quantized})
+ * as their blocks: a backend with kernels for them holds the blocks, others
+ * get the values dequantized at upload.
+ */
+export function loadWeightsKeepingBlocks(
+  store: TensorStore,
+  config: MambaConfig,
+  configFile: string,
+): HostWeights {
+  return walkWeights(store, config, configFile, true, true);
 }
 
 /**
@@ -138,7 +172,7 @@ export function checkWeightShapes(
   config: MambaConfig,
   configFile: string,
 ): void {
-  walkWeights(store, config, configFile, false);
+  walkWeights(store, config, configFile, false, false);
 }
 
 /** Throws unless every value is finite, naming the tensor; one pass. */
@@ -161,7 +195,8 @@ function walkWeights(
   config: MambaConfig,
   configFile: string,
   read: boolean,
-): MambaWeights<Float32Array> {
+  keepBlocks: boolean,
+): HostWeights {
   const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
   const m2 = config.mamba2;
   const mixerSizes = m2
@@ -175,6 +210,7 @@ function walkWeights(
     shape: number[],
     alternatives: number[][] = [],
     why = `${configFile} says num_hidden_layers ${nLayer}`,
+    readValues = read,
   ) => {
     const file = store.fileOf(name, why);
     const actual = file.info(name).shape;
@@ -187,10 +223,25 @@ function walkWeights(
         }] (${sizes})`,
       );
     }
-    if (!read) return NO_DATA;
+    if (!readValues) return NO_DATA;
     const values = file.float32(name);
     checkFinite(values, file.file, name);
     return values;
+  };
+  // A matrix that only `linear` reads (or the embedding): kept as blocks where asked and stored so.
+  const matrix = (name: string, shape: [number, number]): HostMatrix => {
+    if (!(read && keepBlocks)) return tensor(name, shape);
+    const file = store.fileOf(name, `${configFile} says num_hidden_layers ${nLayer}`);
+    let blocks: QuantizedMatrix | null | undefined;
+    try {
+      blocks = file.quantized?.(name);
+    } catch (error) {
+      if (error instanceof RangeError) throw new ModelFileError(file.file, error.message);
+      throw error;
+    }
+    if (!blocks) return tensor(name, shape);
+    tensor(name, shape, [], undefined, false); // Checks the shape.
+    return blocks;
   };
   const optional = (name: string, shape: number[], wanted: boolean, flagName: string) => {
     if (wanted) return tensor(name, shape, [], `${configFile} sets ${flagName} to true`);
@@ -206,7 +257,7 @@ function walkWeights(
   const embeddingName = store.has("backbone.embeddings.weight")
     ? "backbone.embeddings.weight"
     : "backbone.embedding.weight";
-  const embedding = tensor(embeddingName, [vocabSize, dModel]);
+  const embedding = matrix(embeddingName, [vocabSize, dModel]);
 
   const extraLayer = `backbone.layers.${nLayer}.mixer.in_proj.weight`;
   if (store.has(extraLayer)) {
@@ -216,7 +267,7 @@ function walkWeights(
     );
   }
 
-  const layers: MambaWeights<Float32Array>["layers"] = [];
+  const layers: HostWeights["layers"] = [];
   for (let l = 0; l < nLayer; l++) {
     const p = `backbone.layers.${l}.`;
     // -exp(A_log) overflows to -Infinity for a finite but huge A_log.
@@ -238,17 +289,17 @@ function walkWeights(
     }
     layers.push({
       norm: tensor(`${p}norm.weight`, [dModel]),
-      inProj: tensor(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]),
+      inProj: matrix(`${p}mixer.in_proj.weight`, [2 * dInner, dModel]),
       inProjBias: optional(`${p}mixer.in_proj.bias`, [2 * dInner], config.projBias, "use_bias"),
       // PyTorch stores the depthwise kernel as [dInner, 1, dConv].
       convWeight: tensor(`${p}mixer.conv1d.weight`, [dInner, 1, dConv], [[dInner, dConv]]),
       convBias: optional(`${p}mixer.conv1d.bias`, [dInner], config.convBias, "use_conv_bias"),
-      xProj: tensor(`${p}mixer.x_proj.weight`, [dtRank + 2 * dState, dInner]),
-      dtProj: tensor(`${p}mixer.dt_proj.weight`, [dInner, dtRank]),
+      xProj: matrix(`${p}mixer.x_proj.weight`, [dtRank + 2 * dState, dInner]),
+      dtProj: matrix(`${p}mixer.dt_proj.weight`, [dInner, dtRank]),
       dtProjBias: tensor(`${p}mixer.dt_proj.bias`, [dInner]),
       A,
       D: tensor(`${p}mixer.D`, [dInner]),
-      outProj: tensor(`${p}mixer.out_proj.weight`, [dModel, dInner]),
+      outProj: matrix(`${p}mixer.out_proj.weight`, [dModel, dInner]),
       outProjBias: optional(`${p}mixer.out_proj.bias`, [dModel], config.projBias, "use_bias"),
     });
   }
@@ -256,7 +307,7 @@ function walkWeights(
   const normF = tensor("backbone.norm_f.weight", [dModel]);
   let lmHead = embedding;
   if (store.has("lm_head.weight")) {
-    lmHead = tensor("lm_head.weight", [vocabSize, dModel]);
+    lmHead = matrix("lm_head.weight", [vocabSize, dModel]);
   } else if (!config.tieEmbeddings) {
     store.fileOf("lm_head.weight", `${configFile} sets tie_word_embeddings to false`);
   }

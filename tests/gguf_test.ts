@@ -10,6 +10,7 @@ import { ModelFileError } from "../src/errors.ts";
 import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
 import { ggufConfig, ggufTokenizer } from "../src/gguf_model.ts";
 import { singleFile } from "../src/formats.ts";
+import { dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { oracleDiff, SHARED } from "./helpers.ts";
@@ -34,6 +35,25 @@ Deno.test("dequantization equals gguf-py's bit for bit", async () => {
       `${name} differs from gguf-py`,
     );
   }
+});
+
+Deno.test("blocks kept in memory dequantize as gguf-py's, bit for bit", async () => {
+  const fixture = SafetensorsFile.parse(
+    await Deno.readFile(`${FIXTURES}quants.safetensors`),
+    "quants.safetensors",
+  );
+  for (const type of ["q8_0", "q4_0"] as const) {
+    const info = fixture.info(`${type}.blocks`);
+    const blocks = fixture.bytes.subarray(info.byteOffset, info.byteOffset + info.byteLength);
+    const expected = fixture.float32(`${type}.values`).slice();
+    const matrix = quantizedMatrix(type, expected.length / 32, 32, blocks, type);
+    assertEquals(
+      new Uint32Array(dequantizeMatrix(matrix).buffer),
+      new Uint32Array(expected.buffer),
+    );
+  }
+  const infinite = Uint8Array.of(0x00, 0x7c, ...new Array(16).fill(0));
+  assertThrows(() => quantizedMatrix("q4_0", 1, 32, infinite, "w"), RangeError, "Infinity");
 });
 
 for (

@@ -12,6 +12,8 @@ import { loadModel } from "../src/load.ts";
 import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { maxAbsDiff, SHARED } from "./helpers.ts";
+import type { WasmBackend } from "../src/backends/wasm.ts";
+import { Session } from "../src/session.ts";
 
 const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
 const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
@@ -147,3 +149,66 @@ Deno.test("the quantize command writes the file and notes each F16 fallback; bad
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+// The wasm backend repacks each block with an f32 scale: 36 bytes for Q8_0's 34, 20 for Q4_0's 18.
+for (
+  const [type, ggml, packed] of [["q8_0", GGML.Q8_0, 36 / 34], [
+    "q4_0",
+    GGML.Q4_0,
+    20 / 18,
+  ]] as const
+) {
+  Deno.test(`a ${type} GGUF on wasm keeps its blocks and gives the f32 logits of its dequantized weights within 1e-3`, async () => {
+    const dir = await Deno.makeTempDir({ prefix: "mamba-quantized-test-" });
+    try {
+      const { bytes } = await quantizeModel(SHAKESPEARE, type);
+      const file = `${dir}/${type}.gguf`;
+      await Deno.writeFile(file, bytes);
+      // The js backend keeps no blocks: it runs the dequantized weights in f32, the reference.
+      await using reference = await loadModel(file, { backend: "js" });
+      const expected = SafetensorsFile.parse(
+        await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
+        "expected.safetensors",
+      );
+      const ids = expected.int32("prompt0_ids");
+      const wantLogits = await reference.forward(ids);
+      const wantSteps: Float32Array[] = [];
+      const refSession = reference.session();
+      await refSession.prefill(ids.subarray(0, 8));
+      for (const id of ids.subarray(8, 14)) wantSteps.push(await refSession.step(id));
+
+      // What the wasm memory should hold: Q8_0 tensors as their blocks, the others widened to f32.
+      const gguf = GgufFile.parse(bytes, file);
+      let blockBytes = 0;
+      let f32Bytes = 0;
+      let allF32Bytes = 0;
+      for (const info of gguf.tensors.values()) {
+        const elements = info.dims.reduce((a, b) => a * b, 1);
+        if (info.type === ggml) blockBytes += info.byteLength * packed;
+        else f32Bytes += 4 * elements;
+        allF32Bytes += 4 * elements;
+      }
+      assert(
+        blockBytes + f32Bytes < 0.35 * allF32Bytes,
+        `${blockBytes + f32Bytes} of ${allF32Bytes}`,
+      );
+      for (const threads of [1, 2]) {
+        await using model = await loadModel(file, { backend: "wasm", threads });
+        // The memory holds the blocks, not f32 matrices.
+        const held = (model.model.backend as WasmBackend).copiedBytes;
+        assertEquals(held, blockBytes + f32Bytes, `${threads} threads: bytes copied in at load`);
+        // Prefill runs the matmul over dequantized tiles, steps the GEMV over the blocks.
+        const diff = maxAbsDiff(await model.forward(ids), wantLogits);
+        assert(diff < 1e-3, `${threads} threads: forward max |Δlogit| ${diff}`);
+        const session = new Session(model.model);
+        await session.prefill(ids.subarray(0, 8));
+        for (const [i, id] of ids.subarray(8, 14).entries()) {
+          const stepDiff = maxAbsDiff(await session.step(id), wantSteps[i]);
+          assert(stepDiff < 1e-3, `${threads} threads: step ${i} max |Δlogit| ${stepDiff}`);
+        }
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  });
+}

@@ -4,11 +4,14 @@
  * multi-threaded, plus the accuracy of its exp and softplus.
  */
 
-import { assert } from "@std/assert";
+import { assert, assertEquals } from "@std/assert";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import type { Backend } from "../src/backend.ts";
 import { JsBackend, silu, softplus } from "../src/backends/js.ts";
-import { WasmBackend, type WasmBuffer } from "../src/backends/wasm.ts";
+import { WasmBackend, type WasmBuffer, WasmQuantMatrix } from "../src/backends/wasm.ts";
+import { GGML } from "../src/gguf.ts";
+import { quantize } from "../src/gguf_write.ts";
+import { type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
@@ -55,6 +58,90 @@ async function compare(
   for (const buf of Object.values(wasmBufs)) if (buf) wasm.release(buf);
 }
 
+/**
+ * linear (GEMV and matmul), linearSplit and the gathers over a matrix of
+ * `type` blocks on the wasm backend, against the reference backend on the
+ * dequantized weights.
+ */
+async function quantizedOps(threads: number, type: BlockType, ggml: number): Promise<void> {
+  using wasm = await WasmBackend.create({ threads });
+  const js = new JsBackend();
+  const rand = xorshiftUniforms(50 + threads);
+  // Output rows odd and not a multiple of the threads' split (4, or 64 with several rows);
+  // inner dimensions of 1 to 48 blocks; 1 to 16 rows of activations (decode) and 37 (prefill).
+  for (
+    const [rows, inDim, outDim] of [
+      [1, 32, 1],
+      [1, 64, 5],
+      [1, 768, 1537],
+      [1, 1536, 67],
+      [2, 96, 9],
+      [3, 32, 131],
+      [5, 768, 71],
+      [16, 256, 200],
+      [37, 160, 131],
+    ]
+  ) {
+    const matrix = quantizedMatrix(type, outDim, inDim, quantize(ggml, rand(outDim * inDim)), "w");
+    const weights = dequantizeMatrix(matrix);
+    const w = wasm.uploadQuantizedMatrix(matrix);
+    for (const withBias of [false, true]) {
+      const x = rand(rows * inDim);
+      const bias = withBias ? rand(outDim) : null;
+      const want = js.zeros(rows * outDim);
+      js.linear(want, x, weights, bias, rows, inDim, outDim);
+      const out = wasm.zeros(rows * outDim);
+      wasm.linear(out, wasm.upload(x), w, bias && wasm.upload(bias), rows, inDim, outDim);
+      const diff = maxScaledDiff(await wasm.read(out), want);
+      assert(diff <= 1e-5, `${type} linear ${rows}x${inDim}x${outDim} bias=${withBias}: ${diff}`);
+    }
+    // linearSplit hands each output its rows of the blocks.
+    if (outDim >= 9) {
+      const widths = [outDim - 7, 4, 3];
+      const x = rand(rows * inDim);
+      const want = js.zeros(rows * outDim);
+      js.linear(want, x, weights, null, rows, inDim, outDim);
+      const outs = widths.map((width) => wasm.zeros(rows * width));
+      wasm.linearSplit(outs, widths, wasm.upload(x), w, null, rows, inDim);
+      let first = 0;
+      for (const [i, width] of widths.entries()) {
+        const part = new Float32Array(rows * width);
+        for (let r = 0; r < rows; r++) {
+          part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
+        }
+        const diff = maxScaledDiff(await wasm.read(outs[i]), part);
+        assert(diff <= 1e-5, `${type} linearSplit ${rows}x${inDim}x${outDim} part ${i}: ${diff}`);
+        first += width;
+      }
+    }
+  }
+
+  // Gathers (embed, copyRows) read rows as the dequantized floats, exactly.
+  const [vocab, dim] = [37, 64];
+  const table = quantizedMatrix(type, vocab, dim, quantize(ggml, rand(vocab * dim)), "table");
+  const values = dequantizeMatrix(table);
+  const buf = wasm.uploadQuantizedMatrix(table);
+  assert(buf instanceof WasmQuantMatrix);
+  const ids = [0, 36, 5, 5, 17];
+  const embedded = wasm.zeros(ids.length * dim);
+  wasm.embed(embedded, buf, Int32Array.from(ids), dim);
+  const want = new Float32Array(ids.length * dim);
+  ids.forEach((id, t) => want.set(values.subarray(id * dim, (id + 1) * dim), t * dim));
+  assertEquals(await wasm.read(embedded), want);
+  // A gather with an id past the table, which copies nothing.
+  const rowsOut = wasm.upload(new Float32Array((ids.length + 1) * dim).fill(-7));
+  wasm.copyRows({
+    dst: rowsOut,
+    src: buf,
+    width: dim,
+    count: ids.length + 1,
+    srcRows: { buf: wasm.upload(Float32Array.from([...ids, vocab])), offset: 0 },
+  });
+  const wantRows = new Float32Array((ids.length + 1) * dim).fill(-7);
+  wantRows.set(want);
+  assertEquals(await wasm.read(rowsOut), wantRows);
+}
+
 for (const threads of [1, 2, 3]) {
   Deno.test(`[wasm ${threads}t] linear: GEMV and matmul on odd sizes`, async () => {
     using wasm = await WasmBackend.create({ threads });
@@ -90,6 +177,12 @@ for (const threads of [1, 2, 3]) {
       }
     }
   });
+
+  for (const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0]] as const) {
+    Deno.test(`[wasm ${threads}t] linear over ${type} blocks: GEMV and matmul, split, gathers`, async () => {
+      await quantizedOps(threads, type, ggml);
+    });
+  }
 
   Deno.test(`[wasm ${threads}t] selectiveScan: N = 16, 5, 1; odd dims; len 1`, async () => {
     using wasm = await WasmBackend.create({ threads });

@@ -25,6 +25,7 @@ import {
   type SsdArgs,
   stateRows,
 } from "../backend.ts";
+import type { QuantizedMatrix } from "../quant.ts";
 import { PickScratch } from "../sampler.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
@@ -63,6 +64,11 @@ export class JsBackend implements Backend<Float32Array> {
   }
 
   uploadHalfMatrix(_data: Float32Array): null {
+    return null;
+  }
+
+  /** The reference keeps float32: the model uploads the dequantized values. */
+  uploadQuantizedMatrix(_matrix: QuantizedMatrix): null {
     return null;
   }
 

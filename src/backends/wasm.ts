@@ -39,6 +39,8 @@ import {
 } from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
+import { BLOCK_BYTES, type BlockType, QUANT_BLOCK, type QuantizedMatrix } from "../quant.ts";
+import { f16ToF32 } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** Options of the wasm backend. */
@@ -70,12 +72,92 @@ export class WasmBuffer {
   }
 }
 
-/** What the wasm backend keeps a scratch buffer for. */
-type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd";
+/**
+ * Bytes of a block of 32 weights as the wasm backend holds it, repacked at
+ * upload from ggml's layout so that the kernels widen the values with shifts
+ * and masks instead of byte shuffles (see asm/kernels.ts): an f32 scale
+ * (times 2^-24 or 2^-28), loaded with one instruction, then the values. Q8_0:
+ * the 32 int8 values with the bytes of each group of 16 transposed 4×4 (36
+ * bytes, against ggml's 34); Q4_0: the 4-bit values as four i32 lanes, lane
+ * j holding weight 4k + j at nibble k, as the signed nibble u − 8 (20 bytes,
+ * against 18).
+ */
+const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20 };
 
-/** A view of `length` floats of `buf` from `offset` (never released on its own). */
-const view = (buf: WasmBuffer, offset: number, length: number) =>
-  new WasmBuffer(buf.ptr + offset * 4, length, 0);
+/** Bytes of one repacked row of `cols` weights. */
+const packedRowBytes = (type: BlockType, cols: number) => (cols / QUANT_BLOCK) * PACKED_BYTES[type];
+
+/**
+ * A weight matrix [rows, cols] kept as repacked Q8_0 or Q4_0 blocks in the
+ * module's memory: `linear` runs the kernels of its type on it, `embed` and
+ * `copyRows` dequantize the rows they gather. Its `length` counts its bytes
+ * in floats.
+ */
+export class WasmQuantMatrix extends WasmBuffer {
+  /** The block format. */
+  readonly type: BlockType;
+  /** Output rows. */
+  readonly rows: number;
+  /** Elements per row, a multiple of 32. */
+  readonly cols: number;
+
+  constructor(type: BlockType, ptr: number, rows: number, cols: number, bytes: number) {
+    super(ptr, (rows * packedRowBytes(type, cols)) / 4, bytes);
+    this.type = type;
+    this.rows = rows;
+    this.cols = cols;
+  }
+}
+
+/**
+ * ggml's blocks of `type` into `out` in the kernels' layout (see
+ * {@link PACKED_BYTES}).
+ */
+function packBlocks(type: BlockType, blocks: Uint8Array, out: Uint8Array): void {
+  const scales = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  const [from, to] = [BLOCK_BYTES[type], PACKED_BYTES[type]];
+  for (let at = 0, put = 0; at < blocks.length; at += from, put += to) {
+    const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
+    if (type === "q8_0") {
+      scales.setFloat32(put, d * 2 ** -24, true);
+      for (let group = 0; group < 32; group += 16) {
+        for (let k = 0; k < 4; k++) {
+          for (let j = 0; j < 4; j++) {
+            out[put + 4 + group + 4 * j + k] = blocks[at + 2 + group + 4 * k + j];
+          }
+        }
+      }
+      continue;
+    }
+    scales.setFloat32(put, d * 2 ** -28, true);
+    out.fill(0, put + 4, put + 20);
+    for (let e = 0; e < QUANT_BLOCK; e++) {
+      const byte = blocks[at + 2 + (e & 15)];
+      const u = e < 16 ? byte & 0x0f : byte >> 4;
+      // u − 8 as a 4-bit two's complement is u ^ 8; weight e = 4k + j goes to lane j, nibble k.
+      const k = e >> 2, j = e & 3;
+      out[put + 4 + 4 * j + (k >> 1)] |= (u ^ 8) << (4 * (k & 1));
+    }
+  }
+}
+
+/** What the wasm backend keeps a scratch buffer for. */
+type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant";
+
+/**
+ * A view of `length` floats of `buf` from `offset` (never released on its
+ * own); of a Q8_0 matrix, the rows `offset / cols` on, `length / cols` of them.
+ */
+const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
+  buf instanceof WasmQuantMatrix
+    ? new WasmQuantMatrix(
+      buf.type,
+      buf.ptr + (offset / buf.cols) * packedRowBytes(buf.type, buf.cols),
+      length / buf.cols,
+      buf.cols,
+      0,
+    )
+    : new WasmBuffer(buf.ptr + offset * 4, length, 0);
 
 interface Kernels {
   scan(
@@ -192,6 +274,31 @@ interface Kernels {
     r0: number,
     r1: number,
   ): void;
+  linearQ8(
+    out: number,
+    x: number,
+    w: number,
+    bias: number,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    o0: number,
+    o1: number,
+    scratch: number,
+  ): void;
+  linearQ4(
+    out: number,
+    x: number,
+    w: number,
+    bias: number,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    o0: number,
+    o1: number,
+    scratch: number,
+  ): void;
+  dequantScratchBytes(inDim: number): number;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
   mathTest64(out: number, x: number, n: number, which: number): void;
@@ -211,6 +318,8 @@ const OP_SCAN_STEP = 3;
 const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
+const OP_LINEAR_Q8 = 7;
+const OP_LINEAR_Q4 = 8;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
@@ -574,7 +683,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return this.#memory.buffer.byteLength;
   }
 
-  /** Bytes {@link upload} has copied in so far; views of lent bytes cost none. */
+  /**
+   * Bytes {@link upload} and {@link uploadQuantizedMatrix} have copied in so
+   * far (the weights the memory holds); views of lent bytes cost none.
+   */
   get copiedBytes(): number {
     return this.#copiedBytes;
   }
@@ -595,6 +707,20 @@ export class WasmBackend implements Backend<WasmBuffer> {
   /** Matrices stay f32: widened at load, the GEMV streams them fastest (see the README). */
   uploadHalfMatrix(_data: Float32Array): null {
     return null;
+  }
+
+  /**
+   * Keeps a Q8_0 or Q4_0 matrix as its blocks, repacked (36 or 20 bytes per
+   * 32 weights: a ninth or a sixth of what an f32 decode step streams), for
+   * the kernels of `linear`.
+   */
+  uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQuantMatrix {
+    const { type, rows, cols } = matrix;
+    const bytes = rows * packedRowBytes(type, cols);
+    const buf = this.#alloc(bytes / 4);
+    packBlocks(type, matrix.blocks, new Uint8Array(this.#memory.buffer, buf.ptr, bytes));
+    this.#copiedBytes += bytes;
+    return new WasmQuantMatrix(type, buf.ptr, rows, cols, buf.bytes);
   }
 
   upload(data: Float32Array): WasmBuffer {
@@ -666,6 +792,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
   // -------------------------------------------------------- operations ----
 
   embed(out: WasmBuffer, table: WasmBuffer, ids: Int32Array, dim: number): void {
+    if (table instanceof WasmQuantMatrix) {
+      for (let t = 0; t < ids.length; t++) {
+        const id = ids[t];
+        if (!(id >= 0 && id < table.rows)) {
+          throw new RangeError(`Token id ${id} outside [0, ${table.rows})`);
+        }
+        this.#dequantizeRow(table, id, this.#floats(out).subarray(t * dim, (t + 1) * dim));
+      }
+      return;
+    }
     const heap = this.#view();
     const base = table.ptr >>> 2;
     const rows = table.length / dim;
@@ -679,18 +815,24 @@ export class WasmBackend implements Backend<WasmBuffer> {
   copyRows(args: CopyRowsArgs<WasmBuffer>): void {
     const { width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
     const dst = this.#floats(args.dst);
-    const src = this.#floats(args.src);
+    const quantized = args.src instanceof WasmQuantMatrix ? args.src : null;
+    const src = quantized ? null : this.#floats(args.src);
     const srcIndex = srcRows && this.#floats(srcRows.buf);
     const dstIndex = dstRows && this.#floats(dstRows.buf);
-    const srcCount = Math.floor((src.length - srcOffset) / width);
+    const srcCount = quantized ? quantized.rows : Math.floor((src!.length - srcOffset) / width);
     const dstCount = Math.floor((dst.length - dstOffset) / width);
     const inside = (row: number, rows: number) => Number.isInteger(row) && row >= 0 && row < rows;
     for (let r = 0; r < count; r++) {
       const from = srcIndex ? srcIndex[srcRows!.offset + r] : r;
       const to = dstIndex ? dstIndex[dstRows!.offset + r] : r;
       if (!inside(from, srcCount) || !inside(to, dstCount)) continue;
+      const target = dst.subarray(dstOffset + to * width, dstOffset + (to + 1) * width);
+      if (quantized) {
+        this.#dequantizeRow(quantized, from, target);
+        continue;
+      }
       const at = srcOffset + from * width;
-      dst.set(src.subarray(at, at + width), dstOffset + to * width);
+      target.set(src!.subarray(at, at + width));
     }
   }
 
@@ -735,11 +877,44 @@ export class WasmBackend implements Backend<WasmBuffer> {
       return;
     }
     const biasPtr = bias ? bias.ptr : 0;
+    if (weight instanceof WasmQuantMatrix) {
+      return this.#linearQuant(out, x, weight, biasPtr, rows, outDim);
+    }
     if (this.#ctrl && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8) {
       this.#parallel(OP_LINEAR, [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim]);
     } else {
       this.#kernels.linear(out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim, 0, outDim);
     }
+  }
+
+  /** `linear` over quantized weights (`linearQ8`, `linearQ4` in asm/kernels.ts), split as the f32 one. */
+  #linearQuant(
+    out: WasmBuffer,
+    x: WasmBuffer,
+    weight: WasmQuantMatrix,
+    biasPtr: number,
+    rows: number,
+    outDim: number,
+  ): void {
+    const inDim = weight.cols;
+    if (weight.rows !== outDim) {
+      throw new RangeError(
+        `A quantized matrix of ${weight.rows} rows cannot give ${outDim} outputs`,
+      );
+    }
+    const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
+      outDim >= 8;
+    // Rows of dequantized weights per thread, only where the matmul runs.
+    const scratch = rows > 1
+      ? this.#scratch(
+        "dequant",
+        (this.#kernels.dequantScratchBytes(inDim) / 4) * (parallel ? this.threads : 1),
+      ).ptr
+      : 0;
+    const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
+    const q8 = weight.type === "q8_0";
+    if (parallel) return this.#parallel(q8 ? OP_LINEAR_Q8 : OP_LINEAR_Q4, [...operands, scratch]);
+    (q8 ? this.#kernels.linearQ8 : this.#kernels.linearQ4)(...operands, 0, outDim, scratch);
   }
 
   linearSplit(
@@ -775,6 +950,35 @@ export class WasmBackend implements Backend<WasmBuffer> {
       first += widths[i];
     });
     if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
+  }
+
+  /** Row `row` of a quantized matrix into `out` (its `cols` floats), as `dequantizeMatrix` gives it. */
+  #dequantizeRow(matrix: WasmQuantMatrix, row: number, out: Float32Array): void {
+    const { type, cols } = matrix;
+    const rowBytes = packedRowBytes(type, cols);
+    const start = matrix.ptr + row * rowBytes;
+    const scales = new DataView(this.#memory.buffer, start, rowBytes);
+    const bytes = new Uint8Array(this.#memory.buffer, start, rowBytes);
+    const signed = new Int8Array(this.#memory.buffer, start, rowBytes);
+    for (let block = 0, at = 0; at < rowBytes; block++, at += PACKED_BYTES[type]) {
+      const base = block * QUANT_BLOCK;
+      if (type === "q8_0") {
+        const d = scales.getFloat32(at, true) * 2 ** 24;
+        for (let e = 0; e < QUANT_BLOCK; e++) {
+          // Weight e = group + 4k + j sits at byte group + 4j + k (see packBlocks).
+          const group = e & 16, k = (e >> 2) & 3, j = e & 3;
+          out[base + e] = d * signed[at + 4 + group + 4 * j + k];
+        }
+        continue;
+      }
+      const d = scales.getFloat32(at, true) * 2 ** 28;
+      for (let e = 0; e < QUANT_BLOCK; e++) {
+        // Weight e = 4k + j is nibble k of lane j, stored as u ^ 8 (see packBlocks).
+        const k = e >> 2, j = e & 3;
+        const nibble = (bytes[at + 4 + 4 * j + (k >> 1)] >> (4 * (k & 1))) & 15;
+        out[base + e] = d * ((nibble ^ 8) - 8);
+      }
+    }
   }
 
   addInPlace(acc: WasmBuffer, x: WasmBuffer, length: number): void {

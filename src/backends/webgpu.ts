@@ -38,6 +38,7 @@ import {
   type SsdArgs,
 } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
+import type { QuantizedMatrix } from "../quant.ts";
 import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
 
 /** A float32 buffer on the GPU. */
@@ -789,6 +790,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
     this.device.queue.writeBuffer(buffer, 0, halves);
     return new GpuBuffer(buffer, data.length, true);
+  }
+
+  /** No quantized kernels here yet: the model uploads the dequantized values. */
+  uploadQuantizedMatrix(_matrix: QuantizedMatrix): null {
+    return null;
   }
 
   zeros(length: number): GpuBuffer {
