@@ -6,7 +6,9 @@
  * byte-level BPE tokenizer.json.
  *
  * The weight matrices (embedding, in_proj, x_proj, dt_proj, out_proj,
- * lm_head) take the chosen type; a matrix whose rows are not a multiple of
+ * lm_head) take the chosen type, except that q4_0 and q4_k files keep the
+ * output projection (the embedding, where it is tied) in q8_0, as llama.cpp
+ * keeps it at higher precision; a matrix whose rows are not a multiple of
  * the type's block (mamba-130m's dt_proj has 48 columns) is written F16, with
  * a note, as llama.cpp does. Norms, biases, the convolution, A and D stay F32,
  * as llama.cpp keeps them.
@@ -112,20 +114,29 @@ function ggufTensors(
   const plain = (name: string, shape: number[], values: Float32Array | null) => {
     if (values) tensors.push({ name, shape, type: GGML.F32, data: quantize(GGML.F32, values) });
   };
-  const matrix = (name: string, shape: number[], values: Float32Array) => {
-    const { blockSize } = GGML_TYPES.get(matrixType)!;
-    let type = matrixType;
+  const matrix = (name: string, shape: number[], values: Float32Array, wanted = matrixType) => {
+    const { blockSize } = GGML_TYPES.get(wanted)!;
+    let type = wanted;
     if (shape[1] % blockSize !== 0) {
       type = GGML.F16;
       notes.push(
         `${name} [${shape.join(", ")}]: rows of ${shape[1]} are not a multiple of ${
-          typeName(matrixType)
+          typeName(wanted)
         }'s block of ${blockSize}, written F16`,
       );
     }
     tensors.push({ name, shape, type, data: quantize(type, values) });
   };
-  matrix("token_embd.weight", [vocabSize, dModel], weights.embedding);
+  // The output projection's errors go straight into the logits: in 4-bit files
+  // it keeps 8 bits (llama.cpp keeps 6 there), the embedding too where tied.
+  const outputType = matrixType === GGML.Q4_0 || matrixType === GGML.Q4_K ? GGML.Q8_0 : matrixType;
+  const tied = weights.lmHead === weights.embedding;
+  matrix(
+    "token_embd.weight",
+    [vocabSize, dModel],
+    weights.embedding,
+    tied ? outputType : matrixType,
+  );
   weights.layers.forEach((layer, i) => {
     if (isMamba2Layer(layer)) throw new Error("quantize writes Mamba-1 layers only");
     const p = `blk.${i}.`;
@@ -143,9 +154,7 @@ function ggufTensors(
     plain(`${p}ssm_out.bias`, [dModel], layer.outProjBias);
   });
   plain("output_norm.weight", [dModel], weights.normF);
-  if (weights.lmHead !== weights.embedding) {
-    matrix("output.weight", [vocabSize, dModel], weights.lmHead);
-  }
+  if (!tied) matrix("output.weight", [vocabSize, dModel], weights.lmHead, outputType);
   return tensors;
 }
 
@@ -231,8 +240,9 @@ function tokenizerMetadata(
 const HELP = `Usage: deno task quantize <model> <out.gguf> --type q8_0|q4_0|q4_k|f16|f32
 
 Writes a checkpoint (directory, URL or HF repo id; safetensors or pytorch_model.bin)
-as a GGUF file that llama.cpp and loadModel read. Matrices take the type; those whose
-rows are not a multiple of its block are written F16 (each is noted on stderr).`;
+as a GGUF file that llama.cpp and loadModel read. Matrices take the type (q4_0 and q4_k
+files keep the output projection in q8_0); those whose rows are not a multiple of its
+block are written F16 (each is noted on stderr).`;
 
 /** The CLI's arguments: two paths and `--type`, or null where they are not that. */
 function parseCommandLine(
