@@ -123,16 +123,26 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 }
 
 /**
+ * Says whether a tensor's values are already known to be finite (see
+ * `FiniteScan.vouches`), so that the pass over them can be skipped.
+ */
+export type FiniteVouch = (values: Float32Array) => boolean;
+
+/**
  * Reads and checks all weights as float32 arrays (F16 and BF16 are widened).
- * `configFile` names config.json in errors about contradictions.
+ * `configFile` names config.json in errors about contradictions. Every value
+ * must be finite: tensors `vouched` for are not checked again.
  */
 export function loadWeights(
   store: TensorStore,
   config: MambaConfig,
   configFile: string,
+  vouched?: FiniteVouch,
 ): MambaWeights<Float32Array> {
   // Without keepBlocks every matrix is read as float32.
-  return walkWeights(store, config, configFile, true, false) as MambaWeights<Float32Array>;
+  return walkWeights(store, config, configFile, true, false, vouched) as MambaWeights<
+    Float32Array
+  >;
 }
 
 /**
@@ -175,8 +185,17 @@ export function checkWeightShapes(
   walkWeights(store, config, configFile, false, false);
 }
 
-/** Throws unless every value is finite, naming the tensor; one pass. */
-function checkFinite(values: Float32Array, file: string, name: string): void {
+/**
+ * Throws unless every value is finite, naming the tensor: one pass, unless
+ * `vouched` says the values were already scanned.
+ */
+function checkFinite(
+  values: Float32Array,
+  file: string,
+  name: string,
+  vouched: FiniteVouch | undefined,
+): void {
+  if (vouched?.(values)) return;
   if (orOfExponentCarries(new Int32Array(values.buffer, values.byteOffset, values.length)) >= 0) {
     return;
   }
@@ -196,6 +215,7 @@ function walkWeights(
   configFile: string,
   read: boolean,
   keepBlocks: boolean,
+  vouched?: FiniteVouch,
 ): HostWeights {
   const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
   const m2 = config.mamba2;
@@ -225,7 +245,7 @@ function walkWeights(
     }
     if (!readValues) return NO_DATA;
     const values = file.float32(name);
-    checkFinite(values, file.file, name);
+    checkFinite(values, file.file, name, vouched);
     return values;
   };
   // A matrix that only `linear` reads (or the embedding): kept as blocks where asked and stored so.
@@ -272,7 +292,12 @@ function walkWeights(
     const p = `backbone.layers.${l}.`;
     // -exp(A_log) overflows to -Infinity for a finite but huge A_log.
     const checkA = (A: Float32Array) =>
-      checkFinite(A, store.fileOf(`${p}mixer.A_log`, "").file, `${p}mixer.A_log (as -exp)`);
+      checkFinite(
+        A,
+        store.fileOf(`${p}mixer.A_log`, "").file,
+        `${p}mixer.A_log (as -exp)`,
+        undefined,
+      );
     if (config.mamba2) {
       const layer = readMamba2Layer(p, config, tensor, optional);
       checkA(layer.A);
