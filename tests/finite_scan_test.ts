@@ -139,6 +139,32 @@ Deno.test("memory that was never scanned, or not to its end, is not vouched for"
   });
 });
 
+Deno.test("where no worker starts, or it fails, nothing is vouched for and nothing waits", async () => {
+  const realWorker = globalThis.Worker;
+  try {
+    // deno-lint-ignore no-explicit-any
+    delete (globalThis as any).Worker;
+    assertEquals(FiniteScan.start(), null);
+
+    // A worker that loads but fails (as a blob URL refused by a content policy would).
+    globalThis.Worker = class extends EventTarget {
+      onerror: ((event: Event) => void) | null = null;
+      postMessage() {
+        setTimeout(() => this.onerror?.(new ErrorEvent("error", { cancelable: true })), 10);
+      }
+      terminate() {}
+    } as unknown as typeof Worker;
+    const scan = FiniteScan.start();
+    assert(scan);
+    const floats = sharedFloats(scan, 2);
+    await scanAll(scan, floats, SCAN_BLOCK_BYTES);
+    assertFalse(scan.vouches(floats));
+    scan.close();
+  } finally {
+    globalThis.Worker = realWorker;
+  }
+});
+
 /** Counts the tensors a scan vouched for while `fn` runs. */
 async function countVouched(fn: () => Promise<void>): Promise<{ yes: number; no: number }> {
   const original = FiniteScan.prototype.vouches;
