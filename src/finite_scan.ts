@@ -16,6 +16,12 @@
 /** Bytes of the memory that one flag covers. */
 export const SCAN_BLOCK_BYTES = 64 << 10;
 
+/**
+ * Bytes that go to the worker together at least (the rest of a file at its
+ * end): a download lands in chunks of some KiB, each worth no message.
+ */
+const POST_MIN_BYTES = 4 << 20;
+
 /** A block's state: not (yet) scanned, scanned with every word finite, or holding NaN or ±Infinity. */
 const UNSCANNED = 0, FINITE = 1, NOT_FINITE = 2;
 
@@ -101,7 +107,7 @@ export class FiniteScan {
 
   /**
    * Tells the scan that the first `filled` bytes of `bytes` hold their final
-   * values; the blocks that became whole go to the worker. A count not above
+   * values; the blocks that became whole go to the worker (a few MiB at a time). A count not above
    * the last one for the same array starts over: the bytes are being
    * rewritten, and flags of any earlier read of this memory are dropped.
    * Arrays not over a SharedArrayBuffer, or not 4-byte aligned in it, are
@@ -115,7 +121,9 @@ export class FiniteScan {
     if (!region || filled <= region.filled) region = this.#watch(bytes);
     region.filled = filled;
     const upTo = filled >= bytes.length ? bytes.length : filled - filled % SCAN_BLOCK_BYTES;
-    if (upTo <= region.posted) return;
+    if (upTo <= region.posted || (upTo < bytes.length && upTo - region.posted < POST_MIN_BYTES)) {
+      return;
+    }
     this.#worker.postMessage({
       id: region.id,
       buffer: bytes.buffer,

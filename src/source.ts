@@ -64,8 +64,7 @@ export interface ModelSource {
    * The file's bytes; a missing file is a {@link ModelFileError}. With
    * `allocate`, the bytes land in the array it returns for the file's size
    * when the size is known before reading (see {@link Backend.hostBytes});
-   * `onFilled`, where given, hears of each piece as it lands (local files
-   * only: elsewhere it is never called).
+   * `onFilled`, where given, hears of each piece as it lands.
    */
   readBytes(name: string, allocate?: ByteAllocator, onFilled?: FillObserver): Promise<Uint8Array>;
   /**
@@ -348,7 +347,7 @@ class HttpSource implements ModelSource {
     }
     let bytes;
     try {
-      bytes = await this.#receive(name, response, allocate, watchdog);
+      bytes = await this.#receive(name, response, allocate, onFilled, watchdog);
     } catch (error) {
       if (!watchdog.timedOut) throw error;
       throw new ModelFileError(
@@ -450,6 +449,7 @@ class HttpSource implements ModelSource {
     name: string,
     response: Response,
     allocate: ByteAllocator | undefined,
+    onFilled: FillObserver | undefined,
     watchdog: Watchdog,
   ): Promise<Uint8Array> {
     const header = Number(response.headers.get("content-length"));
@@ -473,6 +473,7 @@ class HttpSource implements ModelSource {
       target.set(chunk, loaded);
       buffer = target;
       loaded += chunk.length;
+      onFilled?.(buffer, loaded);
       onProgress?.({ file: name, loaded, total });
     }
     buffer ??= new Uint8Array(0);

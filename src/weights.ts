@@ -139,10 +139,8 @@ export function loadWeights(
   configFile: string,
   vouched?: FiniteVouch,
 ): MambaWeights<Float32Array> {
-  // Without keepBlocks every matrix is read as float32.
-  return walkWeights(store, config, configFile, true, false, vouched) as MambaWeights<
-    Float32Array
-  >;
+  const weights = walkWeights(store, config, configFile, true, false, vouched);
+  return weights as MambaWeights<Float32Array>; // Without keepBlocks every matrix is float32.
 }
 
 /**
@@ -193,7 +191,7 @@ function checkFinite(
   values: Float32Array,
   file: string,
   name: string,
-  vouched: FiniteVouch | undefined,
+  vouched?: FiniteVouch,
 ): void {
   if (vouched?.(values)) return;
   if (orOfExponentCarries(new Int32Array(values.buffer, values.byteOffset, values.length)) >= 0) {
@@ -292,12 +290,7 @@ function walkWeights(
     const p = `backbone.layers.${l}.`;
     // -exp(A_log) overflows to -Infinity for a finite but huge A_log.
     const checkA = (A: Float32Array) =>
-      checkFinite(
-        A,
-        store.fileOf(`${p}mixer.A_log`, "").file,
-        `${p}mixer.A_log (as -exp)`,
-        undefined,
-      );
+      checkFinite(A, store.fileOf(`${p}mixer.A_log`, "").file, `${p}mixer.A_log (as -exp)`);
     if (config.mamba2) {
       const layer = readMamba2Layer(p, config, tensor, optional);
       checkA(layer.A);

@@ -200,6 +200,30 @@ Deno.test("a large model's weights are checked on the worker, and NaN in them is
       assertEquals(counts, { yes: stored, no: 0 }, backend);
     }
 
+    // Downloaded (the pieces are the response's chunks), then read from the download cache.
+    const controller = new AbortController();
+    const server = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, signal: controller.signal, onListen() {} },
+      async (request) => {
+        const file = new URL(request.url).pathname.split("/").pop();
+        const bytes = await Deno.readFile(`${dir}/${file}`).catch(() => null);
+        return bytes ? new Response(bytes) : new Response("no", { status: 404 });
+      },
+    );
+    try {
+      const url = `http://127.0.0.1:${server.addr.port}/model/`;
+      const cacheDir = `${dir}/cache`;
+      for (const from of ["the network", "the cache"]) {
+        const counts = await countVouched(async () => {
+          (await loadModel(url, { backend: "js", cacheDir })).dispose();
+        });
+        assertEquals(counts, { yes: stored, no: 0 }, from);
+      }
+    } finally {
+      controller.abort();
+      await server.finished;
+    }
+
     const name = "backbone.layers.1.mixer.out_proj.weight";
     // Mid-tensor, so that no block it shares with a neighbour is flagged.
     SafetensorsFile.parse(safetensors, "model.safetensors").float32(name)[300_000] = -Infinity;
