@@ -26,6 +26,7 @@ import type { MambaTokenizer } from "./tokenizer.ts";
 import { loadGguf, readTokenizer, singleFile } from "./formats.ts";
 import { hasTorchWeights, readTorchWeights } from "./torch.ts";
 import { checkWeightShapes, loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
+import { FiniteScan } from "./finite_scan.ts";
 
 /** Options of {@link loadModel}. */
 export interface LoadOptions extends SourceOptions {
@@ -225,15 +226,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
     batch: options.batch,
     halfWeights: savedAsHalf(rawConfig),
   });
-  // A weight file of F32 tensors only is read straight into the backend's
-  // memory where it lends some (wasm), so the weights are never held twice.
-  // Other dtypes are widened to new arrays anyway, so their file is not kept.
-  const weights = await readWeights(
-    dir,
-    config,
-    (size, head) =>
-      headerDtypes(head)?.every((dtype) => dtype === "F32") ? backend.hostBytes(size) : undefined,
-  );
+  const weights = await readWeights(dir, config, (size) => backend.hostBytes(size));
   return new Mamba(new MambaModel(backend, config, weights), tokenizer, report);
 }
 
@@ -300,10 +293,25 @@ async function checkWeightHeaders(dir: ModelSource, config: MambaConfig): Promis
   checkWeightShapes(new TensorStore(files), config, dir.describe("config.json"));
 }
 
+/**
+ * Weight files of F32 tensors at least this large are checked for NaN and
+ * Infinity on a worker while they are read: below it, starting the worker
+ * (which holds up the main thread a little in Deno) costs about what the
+ * pass it saves does.
+ */
+const SCAN_MIN_BYTES = 64 << 20;
+
+/**
+ * Reads and checks the weights. A file of F32 tensors only is kept as read,
+ * its tensors viewing its bytes: in the memory that `hostBytes` lends (the
+ * wasm backend's, so the weights are never held twice), else, for a large
+ * one, in shared memory that a {@link FiniteScan} worker checks piece by
+ * piece. Other dtypes are widened to new arrays anyway.
+ */
 async function readWeights(
   dir: ModelSource,
   config: MambaConfig,
-  allocate?: ByteAllocator,
+  hostBytes?: (byteLength: number) => Uint8Array | undefined,
 ): Promise<MambaWeights<Float32Array>> {
   const files: SafetensorsFile[] = [];
   if (
@@ -312,8 +320,29 @@ async function readWeights(
   ) {
     return loadWeights(await readTorchWeights(dir), config, dir.describe("config.json"));
   }
-  for (const name of await weightFileNames(dir)) {
-    files.push(SafetensorsFile.parse(await dir.readBytes(name, allocate), dir.describe(name)));
+  let scan = null as FiniteScan | null;
+  let scanTried = false;
+  const allocate: ByteAllocator = (size, head) => {
+    if (!headerDtypes(head)?.every((dtype) => dtype === "F32")) return undefined;
+    if (size >= SCAN_MIN_BYTES && !scanTried) {
+      scanTried = true;
+      scan = FiniteScan.start();
+    }
+    return hostBytes?.(size) ?? scan?.sharedBytes(size);
+  };
+  const onFilled = (bytes: Uint8Array, filled: number) => scan?.observe(bytes, filled);
+  try {
+    for (const name of await weightFileNames(dir)) {
+      const bytes = await dir.readBytes(name, allocate, onFilled);
+      files.push(SafetensorsFile.parse(bytes, dir.describe(name)));
+    }
+    const store = new TensorStore(files);
+    const configFile = dir.describe("config.json");
+    const checking = scan;
+    if (!checking) return loadWeights(store, config, configFile);
+    await checking.settled();
+    return loadWeights(store, config, configFile, (values) => checking.vouches(values));
+  } finally {
+    scan?.close();
   }
-  return loadWeights(new TensorStore(files), config, dir.describe("config.json"));
 }

@@ -63,9 +63,10 @@ export interface ModelSource {
   /**
    * The file's bytes; a missing file is a {@link ModelFileError}. With
    * `allocate`, the bytes land in the array it returns for the file's size
-   * when the size is known before reading (see {@link Backend.hostBytes}).
+   * when the size is known before reading (see {@link Backend.hostBytes});
+   * `onFilled`, where given, hears of each piece as it lands.
    */
-  readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array>;
+  readBytes(name: string, allocate?: ByteAllocator, onFilled?: FillObserver): Promise<Uint8Array>;
   /**
    * The file's first bytes (up to 1 MiB, enough for a safetensors header) and
    * its total size, or null where they cannot be had cheaply: for checking
@@ -87,6 +88,12 @@ export interface FileHead {
  * array; `head` holds the file's first bytes, to decide by its content.
  */
 export type ByteAllocator = (byteLength: number, head: Uint8Array) => Uint8Array | undefined;
+
+/**
+ * Told after each piece of a file lands in the array it is read into: the
+ * array's first `filled` bytes now hold their final values.
+ */
+export type FillObserver = (bytes: Uint8Array, filled: number) => void;
 
 /** Bytes read before asking an allocator, enough for a safetensors header. */
 const HEAD_BYTES = 1 << 20;
@@ -216,12 +223,17 @@ class DirectorySource implements ModelSource {
     return readFileHead(this.describe(name));
   }
 
-  async readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array> {
+  async readBytes(
+    name: string,
+    allocate?: ByteAllocator,
+    onFilled?: FillObserver,
+  ): Promise<Uint8Array> {
     try {
       return await readFileInto(
         this.describe(name),
         allocate,
         (loaded, total) => this.onProgress?.({ file: name, loaded, total }),
+        onFilled,
       );
     } catch (error) {
       const problem = error instanceof Deno.errors.NotFound
@@ -250,11 +262,15 @@ async function readFileHead(path: string): Promise<FileHead | null> {
   }
 }
 
-/** Reads a whole local file into `allocate`'s array (or a new one), reporting progress. */
+/**
+ * Reads a whole local file into `allocate`'s array (or a new one), reporting
+ * progress and each piece that lands.
+ */
 async function readFileInto(
   path: string,
   allocate: ByteAllocator | undefined,
   onProgress: (loaded: number, total: number) => void,
+  onFilled?: FillObserver,
 ): Promise<Uint8Array> {
   using file = await Deno.open(path);
   const total = (await file.stat()).size;
@@ -273,10 +289,12 @@ async function readFileInto(
   } else {
     bytes = new Uint8Array(total);
   }
+  onFilled?.(bytes, loaded);
   while (loaded < total) {
     const read = await file.read(bytes.subarray(loaded, Math.min(total, loaded + READ_CHUNK)));
     if (read === null) throw new Error(`File shrank to ${loaded} bytes while being read`);
     loaded += read;
+    onFilled?.(bytes, loaded);
     onProgress(loaded, total);
   }
   return bytes;
@@ -309,8 +327,12 @@ class HttpSource implements ModelSource {
     return response.ok;
   }
 
-  async readBytes(name: string, allocate?: ByteAllocator): Promise<Uint8Array> {
-    const cached = this.cache === null ? null : await this.#cached(name, allocate);
+  async readBytes(
+    name: string,
+    allocate?: ByteAllocator,
+    onFilled?: FillObserver,
+  ): Promise<Uint8Array> {
+    const cached = this.cache === null ? null : await this.#cached(name, allocate, onFilled);
     if (cached !== null) return cached;
     const { response, watchdog } = await this.#fetch(name, "GET");
     if (!response.ok) {
@@ -325,7 +347,7 @@ class HttpSource implements ModelSource {
     }
     let bytes;
     try {
-      bytes = await this.#receive(name, response, allocate, watchdog);
+      bytes = await this.#receive(name, response, allocate, onFilled, watchdog);
     } catch (error) {
       if (!watchdog.timedOut) throw error;
       throw new ModelFileError(
@@ -427,6 +449,7 @@ class HttpSource implements ModelSource {
     name: string,
     response: Response,
     allocate: ByteAllocator | undefined,
+    onFilled: FillObserver | undefined,
     watchdog: Watchdog,
   ): Promise<Uint8Array> {
     const header = Number(response.headers.get("content-length"));
@@ -450,6 +473,7 @@ class HttpSource implements ModelSource {
       target.set(chunk, loaded);
       buffer = target;
       loaded += chunk.length;
+      onFilled?.(buffer, loaded);
       onProgress?.({ file: name, loaded, total });
     }
     buffer ??= new Uint8Array(0);
@@ -470,12 +494,17 @@ class HttpSource implements ModelSource {
     }
   }
 
-  async #cached(name: string, allocate?: ByteAllocator): Promise<Uint8Array | null> {
+  async #cached(
+    name: string,
+    allocate?: ByteAllocator,
+    onFilled?: FillObserver,
+  ): Promise<Uint8Array | null> {
     try {
       return await readFileInto(
         `${this.cache}${name}`,
         allocate,
         (loaded, total) => this.options.onProgress?.({ file: name, loaded, total }),
+        onFilled,
       );
     } catch {
       return null;

@@ -123,16 +123,24 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 }
 
 /**
+ * Says whether a tensor's values are already known to be finite (see
+ * `FiniteScan.vouches`), so that the pass over them can be skipped.
+ */
+export type FiniteVouch = (values: Float32Array) => boolean;
+
+/**
  * Reads and checks all weights as float32 arrays (F16 and BF16 are widened).
- * `configFile` names config.json in errors about contradictions.
+ * `configFile` names config.json in errors about contradictions. Every value
+ * must be finite: tensors `vouched` for are not checked again.
  */
 export function loadWeights(
   store: TensorStore,
   config: MambaConfig,
   configFile: string,
+  vouched?: FiniteVouch,
 ): MambaWeights<Float32Array> {
-  // Without keepBlocks every matrix is read as float32.
-  return walkWeights(store, config, configFile, true, false) as MambaWeights<Float32Array>;
+  const weights = walkWeights(store, config, configFile, true, false, vouched);
+  return weights as MambaWeights<Float32Array>; // Without keepBlocks every matrix is float32.
 }
 
 /**
@@ -175,8 +183,17 @@ export function checkWeightShapes(
   walkWeights(store, config, configFile, false, false);
 }
 
-/** Throws unless every value is finite, naming the tensor; one pass. */
-function checkFinite(values: Float32Array, file: string, name: string): void {
+/**
+ * Throws unless every value is finite, naming the tensor: one pass, unless
+ * `vouched` says the values were already scanned.
+ */
+function checkFinite(
+  values: Float32Array,
+  file: string,
+  name: string,
+  vouched?: FiniteVouch,
+): void {
+  if (vouched?.(values)) return;
   if (orOfExponentCarries(new Int32Array(values.buffer, values.byteOffset, values.length)) >= 0) {
     return;
   }
@@ -196,6 +213,7 @@ function walkWeights(
   configFile: string,
   read: boolean,
   keepBlocks: boolean,
+  vouched?: FiniteVouch,
 ): HostWeights {
   const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
   const m2 = config.mamba2;
@@ -225,7 +243,7 @@ function walkWeights(
     }
     if (!readValues) return NO_DATA;
     const values = file.float32(name);
-    checkFinite(values, file.file, name);
+    checkFinite(values, file.file, name, vouched);
     return values;
   };
   // A matrix that only `linear` reads (or the embedding): kept as blocks where asked and stored so.

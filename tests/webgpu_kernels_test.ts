@@ -678,6 +678,28 @@ Deno.test({
 });
 
 Deno.test({
+  name: "webgpu: views of shared memory (where large weight files are read) upload unchanged",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const [vocab, dim] = [300, 64];
+      const table = new Float32Array(new SharedArrayBuffer((vocab * dim + 5) * 4), 12, vocab * dim);
+      table.set(fill(vocab * dim, random(7)));
+      assertEquals(await gpu.read(gpu.upload(table)), table.slice());
+      // As rows: split into parts of 16 KiB, each a view into the shared memory.
+      const ids = Int32Array.of(0, 299, 150, 7, 64);
+      const want = new Float32Array(ids.length * dim);
+      js.embed(want, table, ids, dim);
+      const out = gpu.zeros(ids.length * dim);
+      gpu.embed(out, gpu.upload(table, dim), ids, dim);
+      assertEquals(await gpu.read(out), want);
+      const written = gpu.zeros(100);
+      gpu.write(written, table.subarray(1000, 1050), 30);
+      assertEquals(await gpu.read(written, 30, 50), table.slice(1000, 1050));
+    }, { splitMatricesOver: 16 << 10 }),
+});
+
+Deno.test({
   name: "webgpu: the tiny-shakespeare model with every large matrix split still matches expected",
   ignore,
   fn: () => withGpu((gpu) => matchesTinyShakespeare(gpu, 1e-3), { splitMatricesOver: 64 << 10 }),

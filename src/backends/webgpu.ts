@@ -614,9 +614,14 @@ function byteSize(floats: number): number {
   return Math.max(16, Math.ceil((floats * 4) / 16) * 16);
 }
 
-/** The array itself, or a copy where it views shared memory (writeBuffer takes no such view). */
-function unshared<T extends Float32Array | Int32Array>(data: T): T & { buffer: ArrayBuffer } {
-  return (data.buffer instanceof ArrayBuffer ? data : data.slice()) as T & { buffer: ArrayBuffer };
+/**
+ * The array, typed as writeBuffer's `BufferSource`: WebGPU takes views of
+ * shared memory too (its `AllowSharedBufferSource`), as Deno does, whose
+ * types still say otherwise; the loader reads large weight files into
+ * shared memory, which a copy here would double.
+ */
+function bufferSource<T extends Float32Array | Int32Array>(data: T): T & { buffer: ArrayBuffer } {
+  return data as T & { buffer: ArrayBuffer };
 }
 
 /** Workgroup counts for `groups` one-dimensional groups, split over y beyond 65535. */
@@ -761,7 +766,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     // per 100 MB in Deno on a real GPU. The new buffer has no recorded use yet,
     // so the write cannot overtake one.
     const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
-    this.device.queue.writeBuffer(buffer, 0, unshared(data));
+    this.device.queue.writeBuffer(buffer, 0, bufferSource(data));
     return new GpuBuffer(buffer, data.length);
   }
 
@@ -811,7 +816,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#settle();
     if (offset + data.length > buf.length) throw new RangeError("write past the end of the buffer");
     this.flush(); // recorded work that uses `buf` must run before the write
-    this.device.queue.writeBuffer(buf.buffer, offset * 4, unshared(data));
+    this.device.queue.writeBuffer(buf.buffer, offset * 4, bufferSource(data));
   }
 
   async read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
@@ -912,7 +917,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       const local = ids.map((id) => id >= firstRow && id < firstRow + rows ? id - firstRow : -1);
       if (table.parts.length > 0 && local.every((id) => id < 0)) continue;
       const idBuffer = this.#pool.acquire(byteSize(ids.length), true);
-      this.device.queue.writeBuffer(idBuffer, 0, unshared(local));
+      this.device.queue.writeBuffer(idBuffer, 0, bufferSource(local));
       this.#run(
         PROGRAMS.embed,
         [dim, ids.length],
