@@ -214,9 +214,11 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
   const dir = await openSource(source, options);
   const rawConfig = await readJson(dir, "config.json");
   const config = parseConfig(rawConfig, dir.describe("config.json"));
-  // The tokenizer is checked first: a wrong one fails before gigabytes of weights download.
-  const tokenizer = await readTokenizer(dir, config.vocabSize, options);
+  // The config is checked against the weights' headers first (a config that
+  // contradicts them is the file to name, not the tokenizer it then
+  // contradicts too), then the tokenizer: both before gigabytes of weights download.
   await checkWeightHeaders(dir, config);
+  const tokenizer = await readTokenizer(dir, config.vocabSize, options);
   // Measuring needs only the config; its memory is given back before the weights come.
   const { backend, report } = await selectBackend(options.backend ?? "auto", config, {
     threads: options.threads,

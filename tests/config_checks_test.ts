@@ -5,7 +5,7 @@
 
 import { assertEquals, assertRejects, assertStringIncludes, assertThrows } from "@std/assert";
 import { parseConfig } from "../src/config.ts";
-import { loadCheckpoint } from "../src/load.ts";
+import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { ModelFileError } from "../src/errors.ts";
 import { SHARED } from "./helpers.ts";
 
@@ -67,6 +67,25 @@ Deno.test("a tensor missing because of the config names config.json and the key 
       assertStringIncludes(error.message, "Missing tensor");
       assertStringIncludes(error.message, fragment);
     }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a vocab_size that contradicts both the weights and the tokenizer is reported against the weights, not the tokenizer (found by fuzzing)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const model = new URL("../models/tiny-shakespeare/", import.meta.url).pathname;
+    for (const file of ["model.safetensors", "tokenizer.json", "tokenizer_config.json"]) {
+      await Deno.copyFile(`${model}/${file}`, `${dir}/${file}`);
+    }
+    const config = JSON.parse(await Deno.readTextFile(`${model}/config.json`));
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify({ ...config, vocab_size: 1 }));
+    const error = await assertRejects(() => loadModel(dir, { backend: "js" }), ModelFileError);
+    // Reported against the weights, with what config.json says (as the header check words it).
+    assertEquals(error.file, `${dir}/model.safetensors`);
+    assertStringIncludes(error.message, `${dir}/config.json says`);
+    assertStringIncludes(error.message, "vocab_size 1");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
