@@ -34,7 +34,7 @@ import { parseArgs } from "@std/cli/parse-args";
 import { formatBackendReport, loadModel, type Mamba } from "../mod.ts";
 import type { BackendName } from "../src/backends/registry.ts";
 import { median, startServer, timedStream } from "./edge_load.ts";
-import { benchModelDir, promptIds } from "./make_random_model.ts";
+import { benchModelDir, promptIds, withTokenizer } from "./make_random_model.ts";
 
 const flags = parseArgs(Deno.args, {
   string: [
@@ -67,18 +67,7 @@ const SAMPLED = { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05 };
 
 /** The model directory, with a tokenizer; a GGUF file carries its own. */
 async function modelDir(): Promise<string> {
-  const dir = flags.model ?? await benchModelDir();
-  if (dir.toLowerCase().endsWith(".gguf")) return dir;
-  const tokenizer = flags.tokenizer ??
-    new URL("../../shared/tokenizers/gpt-neox-20b", import.meta.url).pathname;
-  for (const file of ["tokenizer.json", "tokenizer_config.json"]) {
-    try {
-      await Deno.stat(`${dir}/${file}`);
-    } catch {
-      await Deno.copyFile(`${tokenizer}/${file}`, `${dir}/${file}`);
-    }
-  }
-  return dir;
+  return withTokenizer(flags.model ?? await benchModelDir(), flags.tokenizer);
 }
 
 interface StreamsRun {

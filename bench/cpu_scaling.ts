@@ -26,7 +26,7 @@
 
 import { parseArgs } from "@std/cli/parse-args";
 import { loadModel } from "../mod.ts";
-import { benchModelDir, promptIds } from "./make_random_model.ts";
+import { benchModelDir, promptIds, withTokenizer } from "./make_random_model.ts";
 
 const flags = parseArgs(Deno.args, {
   string: ["model", "tokenizer", "gguf", "llama-bench", "threads", "rounds", "prompt", "tokens"],
@@ -80,17 +80,7 @@ async function child(dir: string, threads: number): Promise<{ first: Rates; warm
 
 /** The model directory, with a tokenizer copied in where it has none. */
 async function modelDir(): Promise<string> {
-  const dir = flags.model ?? await benchModelDir();
-  const tokenizer = flags.tokenizer ??
-    new URL("../../shared/tokenizers/gpt-neox-20b", import.meta.url).pathname;
-  for (const file of ["tokenizer.json", "tokenizer_config.json"]) {
-    try {
-      await Deno.stat(`${dir}/${file}`);
-    } catch {
-      await Deno.copyFile(`${tokenizer}/${file}`, `${dir}/${file}`);
-    }
-  }
-  return dir;
+  return withTokenizer(flags.model ?? await benchModelDir(), flags.tokenizer);
 }
 
 /** Runs a command; its stdout, or an error with its stderr. */

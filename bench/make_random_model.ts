@@ -149,6 +149,25 @@ export async function benchModelDir(): Promise<string> {
   return dir;
 }
 
+/**
+ * `dir` with a tokenizer: `tokenizerDir`'s tokenizer.json and
+ * tokenizer_config.json (default: ../shared's gpt-neox-20b) copied in where
+ * it has none. A GGUF file holds its own and is returned as it is.
+ */
+export async function withTokenizer(dir: string, tokenizerDir?: string): Promise<string> {
+  if (dir.toLowerCase().endsWith(".gguf")) return dir;
+  const tokenizer = tokenizerDir ??
+    new URL("../../shared/tokenizers/gpt-neox-20b", import.meta.url).pathname;
+  for (const file of ["tokenizer.json", "tokenizer_config.json"]) {
+    try {
+      await Deno.stat(`${dir}/${file}`);
+    } catch {
+      await Deno.copyFile(`${tokenizer}/${file}`, `${dir}/${file}`);
+    }
+  }
+  return dir;
+}
+
 /** Writes a random checkpoint into `dir` (created if needed). */
 export async function writeRandomModel(
   dir: string,
