@@ -19,7 +19,8 @@
  * skipped unless `MAMBA_BENCH_SOFTWARE_GPU=1`, and the js reference backend on
  * a model of more than 20 M parameters; `MAMBA_BENCH_BACKENDS=js,wasm` picks
  * backends (those named always run). Peak resident memory is printed after each backend loads
- * and once at the end.
+ * and once at the end, with a summary table: each backend's median
+ * iteration per measure and the fastest backend for each.
  *
  * @module
  */
@@ -108,6 +109,52 @@ function parametersOf(mamba: Mamba): number {
   return vocabSize * dModel + nLayer * 3 * dModel * dInner;
 }
 
+type Measure = "prefill" | "decode1" | "decodeN" | "firstToken";
+/** Each backend's iteration times per measure (ms), for the summary printed at the end. */
+const times = new Map<string, number[]>();
+
+/** `run`, its time of every iteration recorded under `backend` and `measure`. */
+function timed(backend: string, measure: Measure, run: () => Promise<void>): () => Promise<void> {
+  return async () => {
+    const start = performance.now();
+    await run();
+    const key = `${backend} ${measure}`;
+    times.set(key, [...times.get(key) ?? [], performance.now() - start]);
+  };
+}
+
+function median(values: number[]): number {
+  const sorted = values.toSorted((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
+}
+
+/**
+ * What to conclude, in one table: each backend's tok/s (median iteration)
+ * and its wait for a first token, and the fastest backend for each.
+ */
+function summary(): string {
+  const measures: [Measure, string, (ms: number) => number][] = [
+    ["prefill", `prefill ${PREFILL}, tok/s`, (ms) => PREFILL / ms * 1000],
+    ["decode1", "decode 1 stream, tok/s", (ms) => DECODE / ms * 1000],
+    ["decodeN", `decode ${STREAMS} streams, tok/s`, (ms) => STREAMS * DECODE / ms * 1000],
+    ["firstToken", "first token, ms", (ms) => ms],
+  ];
+  const ran = backends.filter((backend) => times.has(`${backend} prefill`));
+  if (ran.length === 0) return "";
+  const rows = measures.map(([measure, label, value]) => {
+    const figures = ran.map((backend) =>
+      value(median(times.get(`${backend} ${measure}`) ?? [NaN]))
+    );
+    const best = measure === "firstToken" ? Math.min(...figures) : Math.max(...figures);
+    const fastest = ran[figures.indexOf(best)];
+    return [label, ...figures.map((f) => f.toFixed(1)), ran.length > 1 ? fastest : ""];
+  });
+  const header = ["", ...ran, ran.length > 1 ? "fastest" : ""];
+  const widths = header.map((_, i) => Math.max(...[header, ...rows].map((row) => row[i].length)));
+  const line = (row: string[]) => row.map((cell, i) => cell.padEnd(widths[i])).join("  ").trimEnd();
+  return [`summary for ${source} (median iteration):`, line(header), ...rows.map(line)].join("\n");
+}
+
 let parameters = 0;
 for (const backend of backends) {
   if (backend === "js" && !requested && parameters > JS_MAX_PARAMETERS) {
@@ -133,47 +180,45 @@ for (const backend of backends) {
     group: "prefill",
     n,
     warmup: 1,
-    async fn() {
+    fn: timed(backend, "prefill", async () => {
       const session = mamba.session();
       await session.prefill(prompt);
       session.dispose();
-    },
+    }),
   });
   Deno.bench({
     name: `${backend}: decode ${DECODE} tokens, 1 stream`,
     group: "decode, 1 stream",
     n,
     warmup: 1,
-    async fn() {
-      await generateStreams(mamba, 1, 4);
-    },
+    fn: timed(backend, "decode1", () => generateStreams(mamba, 1, 4)),
   });
   Deno.bench({
     name: `${backend}: decode ${DECODE} tokens x ${STREAMS} streams`,
     group: `decode, ${STREAMS} streams`,
     n,
     warmup: 1,
-    async fn() {
-      await generateStreams(mamba, STREAMS, 4);
-    },
+    fn: timed(backend, "decodeN", () => generateStreams(mamba, STREAMS, 4)),
   });
   Deno.bench({
     name: `${backend}: first token after ${FIRST_TOKEN_PROMPT} prompt tokens`,
     group: "first token",
     n,
     warmup: 1,
-    async fn() {
+    fn: timed(backend, "firstToken", async () => {
       const generation = mamba.generate([...prompt.subarray(0, FIRST_TOKEN_PROMPT)], {
         maxNewTokens: 1,
         temperature: 0,
       });
       for await (const _ of generation) break;
       generation.session.dispose();
-    },
+    }),
   });
 }
 
 globalThis.addEventListener("unload", () => {
   const memory = residentMb();
   if (memory) console.error(`peak resident memory of the bench process: ${memory.peak} MB`);
+  const table = summary();
+  if (table) console.error(`\n${table}`);
 });
