@@ -311,8 +311,45 @@ function scanChannel(hp: usize, ap: usize, bRow: usize, cRow: usize, N: i32, dt:
   return sum;
 }
 
+// Byte address of token t, channel d in a [len, dim] (ts = dim, cs = 1) or
+// [dim, len] (ts = 1, cs = len) array of f32.
+// @ts-ignore: decorator
+@inline
+function at(base: usize, t: i32, d: i32, ts: i32, cs: i32): usize {
+  return base + ((<usize>t * <usize>ts + <usize>d * <usize>cs) << 2);
+}
+
+// Channels d .. d + 3 of token t, one load where they are adjacent.
+// @ts-ignore: decorator
+@inline
+function load4(base: usize, t: i32, d: i32, ts: i32, cs: i32): v128 {
+  const p = at(base, t, d, ts, cs);
+  if (cs == 1) return v128.load(p);
+  const step = <usize>cs << 2;
+  return f32x4(load<f32>(p), load<f32>(p + step), load<f32>(p + 2 * step), load<f32>(p + 3 * step));
+}
+
+// Stores channels d .. d + 3 of token t, as load4 reads them.
+// @ts-ignore: decorator
+@inline
+function store4(base: usize, t: i32, d: i32, ts: i32, cs: i32, v: v128): void {
+  const p = at(base, t, d, ts, cs);
+  if (cs == 1) {
+    v128.store(p, v);
+    return;
+  }
+  const step = <usize>cs << 2;
+  store<f32>(p, f32x4.extract_lane(v, 0));
+  store<f32>(p + step, f32x4.extract_lane(v, 1));
+  store<f32>(p + 2 * step, f32x4.extract_lane(v, 2));
+  store<f32>(p + 3 * step, f32x4.extract_lane(v, 3));
+}
+
 // The selective scan over channels [d0, d1), with `scratch` holding
 // scanScratchBytes(N) bytes for this thread. See ScanArgs in src/backend.ts.
+// u, delta, z and y are token-major [len, dim] (ts = dim, cs = 1) or, as
+// mamba_ssm lays them out, channel-major [dim, len] (ts = 1, cs = len); the
+// work per channel is the same, only their addresses differ.
 export function scan(
   y: usize,
   u: usize,
@@ -328,11 +365,12 @@ export function scan(
   len: i32,
   dim: i32,
   N: i32,
+  ts: i32,
+  cs: i32,
   d0: i32,
   d1: i32,
   scratch: usize,
 ): void {
-  const rowBytes = <usize>dim << 2;
   const nBytes = <usize>N << 2;
   const hBytes = <usize>N << 3;
   for (let tile = d0; tile < d1; tile += TILE) {
@@ -343,13 +381,12 @@ export function scan(
       store<f64>(scratch + (<usize>i << 3), <f64>load<f32>(tileState + (<usize>i << 2)));
     }
     for (let t = 0; t < len; t++) {
-      const row = <usize>t * rowBytes;
       const bRow = B + <usize>t * nBytes;
       const cRow = C + <usize>t * nBytes;
       let d = tile;
       for (; d + 4 <= tileEnd; d += 4) {
         const col = <usize>d << 2;
-        const dv = v128.load(delta + row + col);
+        const dv = load4(delta, t, d, ts, cs);
         let dt0 = f64x2.promote_low_f32x4(dv);
         let dt1 = f64x2.promote_low_f32x4(v128.shuffle<f32>(dv, dv, 2, 3, 0, 1));
         if (bias) {
@@ -361,7 +398,7 @@ export function scan(
           dt0 = softplus2d(dt0);
           dt1 = softplus2d(dt1);
         }
-        const uv = v128.load(u + row + col);
+        const uv = load4(u, t, d, ts, cs);
         const u0 = f64x2.promote_low_f32x4(uv);
         const u1 = f64x2.promote_low_f32x4(v128.shuffle<f32>(uv, uv, 2, 3, 0, 1));
         const dtu0 = f64x2.mul(dt0, u0);
@@ -379,17 +416,17 @@ export function scan(
           y3 += <f64>load<f32>(D + col, 12) * f64x2.extract_lane(u1, 1);
         }
         let out = f32x4(<f32>y0, <f32>y1, <f32>y2, <f32>y3);
-        if (z) out = f32x4.mul(out, silu4(v128.load(z + row + col)));
-        v128.store(y + row + col, out);
+        if (z) out = f32x4.mul(out, silu4(load4(z, t, d, ts, cs)));
+        store4(y, t, d, ts, cs, out);
       }
       // Channel tail (dim not a multiple of 4): one lane of the same math.
       for (; d < tileEnd; d++) {
         const col = <usize>d << 2;
-        let dt = f64x2.splat(<f64>load<f32>(delta + row + col));
+        let dt = f64x2.splat(<f64>load<f32>(at(delta, t, d, ts, cs)));
         if (bias) dt = f64x2.add(dt, f64x2.splat(<f64>load<f32>(bias + col)));
         if (softplus) dt = softplus2d(dt);
         const dt1 = f64x2.extract_lane(dt, 0);
-        const u1 = <f64>load<f32>(u + row + col);
+        const u1 = <f64>load<f32>(at(u, t, d, ts, cs));
         let out = scanChannel(
           scratch + <usize>(d - tile) * hBytes,
           A + <usize>d * nBytes,
@@ -401,8 +438,8 @@ export function scan(
         );
         if (D) out += <f64>load<f32>(D + col) * u1;
         let o32 = <f32>out;
-        if (z) o32 *= f32x4.extract_lane(silu4(f32x4.splat(load<f32>(z + row + col))), 0);
-        store<f32>(y + row + col, o32);
+        if (z) o32 *= f32x4.extract_lane(silu4(f32x4.splat(load<f32>(at(z, t, d, ts, cs)))), 0);
+        store<f32>(at(y, t, d, ts, cs), o32);
       }
     }
     for (let i = 0; i < count; i++) {
@@ -1569,9 +1606,11 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       arg(ctrl, 11),
       dim,
       arg(ctrl, 13),
+      arg(ctrl, 14),
+      arg(ctrl, 15),
       splitStart(dim, part, parts, 4),
       splitStart(dim, part + 1, parts, 4),
-      arg(ctrl, 14) + part * scanScratchBytes(arg(ctrl, 13)),
+      arg(ctrl, 16) + part * scanScratchBytes(arg(ctrl, 13)),
     );
   } else if (op == OP_SCAN_STEP) {
     const units = arg(ctrl, 12) * arg(ctrl, 13);

@@ -66,6 +66,12 @@ export interface ScanArgs<Buf> {
   dState: number;
   /** Independent sequences, each with its own state (default 1). */
   batch?: number;
+  /**
+   * Optional, where `supports("channelMajorScan")`: u, delta, z and y are
+   * channel-major [batch, dim, len], as mamba_ssm lays them out (B and C stay
+   * [batch, len, dState]); without deltaProj.
+   */
+  channelMajor?: boolean;
 }
 
 /** The low-rank input of delta and its projection (Mamba's dt and dt_proj). */
@@ -391,7 +397,7 @@ export interface GatedNormArgs<Buf> {
 }
 
 /** Operations that only some backends provide: ask {@link Backend.supports}. */
-export type OptionalOp = "ssdScan" | "gatedRmsNorm";
+export type OptionalOp = "ssdScan" | "gatedRmsNorm" | "channelMajorScan";
 
 /** Operations recorded by {@link Backend.capture}. */
 export interface Recording {

@@ -184,21 +184,26 @@ async function scanOn<Buf>(
   const A = be.upload(args.A);
   const D = args.D ? be.upload(args.D) : null;
   const deltaBias = args.deltaBias ? be.upload(args.deltaBias) : null;
-  const outTokenMajor = be.zeros(len * dim);
+  // Where the backend reads mamba_ssm's [dim, len] layout itself, only B and
+  // C ([dState, len], small) are transposed here; elsewhere u, delta, z and y too.
+  const inPlace = be.supports("channelMajorScan");
+  const out = be.zeros(len * dim);
   for (let b = 0; b < batch; b++) {
-    // mamba_ssm's [dim, len] and [dState, len] slices become token-major [len, *].
-    const channelMajor = (a: Float32Array, rows: number) =>
-      be.upload(transpose(a.subarray(b * rows * len, (b + 1) * rows * len), rows, len));
+    const slice = (a: Float32Array, rows: number) =>
+      a.subarray(b * rows * len, (b + 1) * rows * len);
+    const tokenMajor = (a: Float32Array, rows: number) =>
+      be.upload(transpose(slice(a, rows), rows, len));
+    const perChannel = (a: Float32Array) => inPlace ? be.upload(slice(a, dim)) : tokenMajor(a, dim);
     const inputs = {
-      u: channelMajor(args.u, dim),
-      delta: channelMajor(args.delta, dim),
-      B: channelMajor(args.B, dState),
-      C: channelMajor(args.C, dState),
-      z: args.z ? channelMajor(args.z, dim) : null,
+      u: perChannel(args.u),
+      delta: perChannel(args.delta),
+      B: tokenMajor(args.B, dState),
+      C: tokenMajor(args.C, dState),
+      z: args.z ? perChannel(args.z) : null,
     };
     const state = be.zeros(dim * dState);
     be.selectiveScan({
-      y: outTokenMajor,
+      y: out,
       ...inputs,
       A,
       D,
@@ -208,11 +213,15 @@ async function scanOn<Buf>(
       len,
       dim,
       dState,
+      channelMajor: inPlace,
     });
-    y.set(transpose(await be.read(outTokenMajor), len, dim), b * dim * len);
+    const yb = await be.read(out);
+    y.set(inPlace ? yb : transpose(yb, len, dim), b * dim * len);
     lastState.set(await be.read(state), b * dim * dState);
     // Each sequence's inputs go back before the next one's come.
     for (const buf of [...Object.values(inputs), state]) if (buf) be.release(buf);
   }
+  // The backend is kept for the next call: nothing of this one stays in it.
+  for (const buf of [A, D, deltaBias, out]) if (buf) be.release(buf);
   return { y, lastState };
 }

@@ -266,8 +266,8 @@ export class JsBackend implements Backend<Float32Array> {
     state.set(h);
   }
 
-  supports(_op: OptionalOp): boolean {
-    return true;
+  supports(op: OptionalOp): boolean {
+    return op !== "channelMajorScan";
   }
 
   /**

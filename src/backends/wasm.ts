@@ -175,6 +175,8 @@ interface Kernels {
     len: number,
     dim: number,
     dState: number,
+    tokenStride: number,
+    channelStride: number,
     d0: number,
     d1: number,
     scratch: number,
@@ -1075,7 +1077,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
     // f64 state of one tile per thread.
     const scratchFloats = (this.#kernels.scanScratchBytes(dState) / 4) * this.threads;
     const scratch = this.#scratch("scan", scratchFloats).ptr;
-    const ptrs = [...scanOperands(args), len, dim, dState] as const;
+    // u, delta, z and y: token-major [len, dim], or mamba_ssm's [dim, len].
+    const [tokenStride, channelStride] = args.channelMajor ? [1, len] : [dim, 1];
+    const ptrs = [...scanOperands(args), len, dim, dState, tokenStride, channelStride] as const;
     if (this.#ctrl && len * dim * dState >= MIN_PARALLEL_SCAN && dim >= 8) {
       this.#parallel(OP_SCAN, [...ptrs, scratch]);
     } else {

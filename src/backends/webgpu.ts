@@ -1301,8 +1301,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     }
   }
 
-  supports(_op: OptionalOp): boolean {
-    return true;
+  supports(op: OptionalOp): boolean {
+    return op !== "channelMajorScan";
   }
 
   /**
