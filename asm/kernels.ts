@@ -780,62 +780,28 @@ function gemvQ8(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32
   }
 }
 
-// Bytes of per-thread scratch linearQ8 and linearQ4 need: OB rows of
+// Bytes of per-thread scratch linearBlocks needs: OB rows of
 // dequantized weights.
 export function dequantScratchBytes(inDim: i32): i32 {
   return OB * inDim * 4;
 }
 
-// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over repacked Q8_0
-// weights, output columns [o0, o1). One row: the Q8_0 GEMV. More rows: each
-// block of OB weight rows is dequantized once into `scratch`
-// (dequantScratchBytes, in L2) and the f32 matmul runs over it, so the
-// widening is paid once per weight rather than once per row of x.
-export function linearQ8(
-  out: usize,
-  x: usize,
-  w: usize,
-  bias: usize,
-  rows: i32,
-  inDim: i32,
-  outDim: i32,
-  o0: i32,
-  o1: i32,
-  scratch: usize,
-): void {
-  if (rows == 1) {
-    gemvQ8(out, x, w, bias, inDim, o0, o1);
-    return;
-  }
-  const blocks = inDim >> 5;
-  const rowBytes = <usize> blocks * Q8_BLOCK_BYTES;
-  const f32Row = <usize> inDim << 2;
-  for (let ob = o0; ob < o1; ob += OB) {
-    const obEnd = min(ob + OB, o1);
-    let dst = scratch;
-    for (let o = ob; o < obEnd; o++) {
-      let p = w + <usize> o * rowBytes;
-      for (let b = 0; b < blocks; b++) {
-        // q·2^24 times d·2^-24: exactly d·q, as dequantizeMatrix gives it.
-        const d = v128.load32_splat(p);
-        const v0 = v128.load(p, 4);
-        const v1 = v128.load(p, 20);
-        v128.store(dst, f32x4.mul(q8Quarter(v0, 0), d));
-        v128.store(dst, f32x4.mul(q8Quarter(v0, 1), d), 16);
-        v128.store(dst, f32x4.mul(q8Quarter(v0, 2), d), 32);
-        v128.store(dst, f32x4.mul(q8Quarter(v0, 3), d), 48);
-        v128.store(dst, f32x4.mul(q8Quarter(v1, 0), d), 64);
-        v128.store(dst, f32x4.mul(q8Quarter(v1, 1), d), 80);
-        v128.store(dst, f32x4.mul(q8Quarter(v1, 2), d), 96);
-        v128.store(dst, f32x4.mul(q8Quarter(v1, 3), d), 112);
-        p += Q8_BLOCK_BYTES;
-        dst += 128;
-      }
-    }
-    // The f32 kernel addresses weight row o at w + o·f32Row: the tile, moved
-    // back by ob rows (wrapping u32 arithmetic lands on the tile again).
-    linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
-  }
+// Writes one repacked Q8_0 block's 32 weights to `dst` as f32: q·2^24 times
+// d·2^-24, exactly d·q, as dequantizeMatrix gives it.
+// @ts-ignore: decorator
+@inline
+function dequantQ8(p: usize, dst: usize): void {
+  const d = v128.load32_splat(p);
+  const v0 = v128.load(p, 4);
+  const v1 = v128.load(p, 20);
+  v128.store(dst, f32x4.mul(q8Quarter(v0, 0), d));
+  v128.store(dst, f32x4.mul(q8Quarter(v0, 1), d), 16);
+  v128.store(dst, f32x4.mul(q8Quarter(v0, 2), d), 32);
+  v128.store(dst, f32x4.mul(q8Quarter(v0, 3), d), 48);
+  v128.store(dst, f32x4.mul(q8Quarter(v1, 0), d), 64);
+  v128.store(dst, f32x4.mul(q8Quarter(v1, 1), d), 80);
+  v128.store(dst, f32x4.mul(q8Quarter(v1, 2), d), 96);
+  v128.store(dst, f32x4.mul(q8Quarter(v1, 3), d), 112);
 }
 
 // ------------------------------------------------------ Q4_0 weights ----
@@ -897,9 +863,33 @@ function gemvQ4(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32
   }
 }
 
-// linearQ8 for repacked Q4_0 weights: the GEMV for one row, else tiles of
-// OB weight rows dequantized into `scratch` and the f32 matmul over them.
-export function linearQ4(
+// Writes one repacked Q4_0 block's 32 weights to `dst` as f32: (u − 8)·2^28
+// times d·2^-28, exactly d·(u − 8), as dequantizeMatrix gives it.
+// @ts-ignore: decorator
+@inline
+function dequantQ4(p: usize, dst: usize): void {
+  const d = v128.load32_splat(p);
+  const v = v128.load(p, 4);
+  v128.store(dst, f32x4.mul(q4Eighth(v, 0), d));
+  v128.store(dst, f32x4.mul(q4Eighth(v, 1), d), 16);
+  v128.store(dst, f32x4.mul(q4Eighth(v, 2), d), 32);
+  v128.store(dst, f32x4.mul(q4Eighth(v, 3), d), 48);
+  v128.store(dst, f32x4.mul(q4Eighth(v, 4), d), 64);
+  v128.store(dst, f32x4.mul(q4Eighth(v, 5), d), 80);
+  v128.store(dst, f32x4.mul(q4Eighth(v, 6), d), 96);
+  v128.store(dst, f32x4.mul(q4Eighth(v, 7), d), 112);
+}
+
+// `blockType` of linearBlocks, as src/backends/wasm.ts passes it.
+const BLOCKS_Q8: i32 = 0;
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over repacked Q8_0
+// (blockType 0) or Q4_0 (1) weights, output columns [o0, o1). One row: the
+// GEMV over the blocks. More rows: each block of OB weight rows is
+// dequantized once into `scratch` (dequantScratchBytes, in L2) and the f32
+// matmul runs over it, so the widening is paid once per weight rather than
+// once per row of x.
+export function linearBlocks(
   out: usize,
   x: usize,
   w: usize,
@@ -910,13 +900,17 @@ export function linearQ4(
   o0: i32,
   o1: i32,
   scratch: usize,
+  blockType: i32,
 ): void {
+  const q8 = blockType == BLOCKS_Q8;
   if (rows == 1) {
-    gemvQ4(out, x, w, bias, inDim, o0, o1);
+    if (q8) gemvQ8(out, x, w, bias, inDim, o0, o1);
+    else gemvQ4(out, x, w, bias, inDim, o0, o1);
     return;
   }
   const blocks = inDim >> 5;
-  const rowBytes = <usize> blocks * Q4_BLOCK_BYTES;
+  const blockBytes = q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+  const rowBytes = <usize> blocks * blockBytes;
   const f32Row = <usize> inDim << 2;
   for (let ob = o0; ob < o1; ob += OB) {
     const obEnd = min(ob + OB, o1);
@@ -924,21 +918,14 @@ export function linearQ4(
     for (let o = ob; o < obEnd; o++) {
       let p = w + <usize> o * rowBytes;
       for (let b = 0; b < blocks; b++) {
-        // (u − 8)·2^28 times d·2^-28: exactly d·(u − 8), as dequantizeMatrix gives it.
-        const d = v128.load32_splat(p);
-        const v = v128.load(p, 4);
-        v128.store(dst, f32x4.mul(q4Eighth(v, 0), d));
-        v128.store(dst, f32x4.mul(q4Eighth(v, 1), d), 16);
-        v128.store(dst, f32x4.mul(q4Eighth(v, 2), d), 32);
-        v128.store(dst, f32x4.mul(q4Eighth(v, 3), d), 48);
-        v128.store(dst, f32x4.mul(q4Eighth(v, 4), d), 64);
-        v128.store(dst, f32x4.mul(q4Eighth(v, 5), d), 80);
-        v128.store(dst, f32x4.mul(q4Eighth(v, 6), d), 96);
-        v128.store(dst, f32x4.mul(q4Eighth(v, 7), d), 112);
-        p += Q4_BLOCK_BYTES;
+        if (q8) dequantQ8(p, dst);
+        else dequantQ4(p, dst);
+        p += blockBytes;
         dst += 128;
       }
     }
+    // The f32 kernel addresses weight row o at w + o·f32Row: the tile, moved
+    // back by ob rows (wrapping u32 arithmetic lands on the tile again).
     linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
   }
 }
@@ -1544,8 +1531,7 @@ const OP_SCAN_STEP = 3;
 const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
-const OP_LINEAR_Q8 = 7;
-const OP_LINEAR_Q4 = 8;
+const OP_LINEAR_BLOCKS = 7;
 
 // @ts-ignore: decorator
 @inline
@@ -1578,17 +1564,22 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       splitStart(outDim, part, parts, align),
       splitStart(outDim, part + 1, parts, align),
     );
-  } else if (op == OP_LINEAR_Q8 || op == OP_LINEAR_Q4) {
+  } else if (op == OP_LINEAR_BLOCKS) {
     const outDim = arg(ctrl, 6);
     const align = arg(ctrl, 4) > 1 ? OB : 4;
-    const o0 = splitStart(outDim, part, parts, align);
-    const o1 = splitStart(outDim, part + 1, parts, align);
-    const scratch = arg(ctrl, 7) + part * dequantScratchBytes(arg(ctrl, 5));
-    if (op == OP_LINEAR_Q8) {
-      linearQ8(arg(ctrl, 0), arg(ctrl, 1), arg(ctrl, 2), arg(ctrl, 3), arg(ctrl, 4), arg(ctrl, 5), outDim, o0, o1, scratch);
-    } else {
-      linearQ4(arg(ctrl, 0), arg(ctrl, 1), arg(ctrl, 2), arg(ctrl, 3), arg(ctrl, 4), arg(ctrl, 5), outDim, o0, o1, scratch);
-    }
+    linearBlocks(
+      arg(ctrl, 0),
+      arg(ctrl, 1),
+      arg(ctrl, 2),
+      arg(ctrl, 3),
+      arg(ctrl, 4),
+      arg(ctrl, 5),
+      outDim,
+      splitStart(outDim, part, parts, align),
+      splitStart(outDim, part + 1, parts, align),
+      arg(ctrl, 7) + part * dequantScratchBytes(arg(ctrl, 5)),
+      arg(ctrl, 8),
+    );
   } else if (op == OP_SCAN) {
     const dim = arg(ctrl, 12);
     scan(

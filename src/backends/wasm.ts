@@ -276,7 +276,7 @@ interface Kernels {
     r0: number,
     r1: number,
   ): void;
-  linearQ8(
+  linearBlocks(
     out: number,
     x: number,
     w: number,
@@ -287,18 +287,7 @@ interface Kernels {
     o0: number,
     o1: number,
     scratch: number,
-  ): void;
-  linearQ4(
-    out: number,
-    x: number,
-    w: number,
-    bias: number,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    o0: number,
-    o1: number,
-    scratch: number,
+    blockType: number,
   ): void;
   dequantScratchBytes(inDim: number): number;
   runJob(ctrl: number, part: number, parts: number): void;
@@ -320,8 +309,7 @@ const OP_SCAN_STEP = 3;
 const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
-const OP_LINEAR_Q8 = 7;
-const OP_LINEAR_Q4 = 8;
+const OP_LINEAR_BLOCKS = 7;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
@@ -889,7 +877,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
   }
 
-  /** `linear` over quantized weights (`linearQ8`, `linearQ4` in asm/kernels.ts), split as the f32 one. */
+  /** `linear` over quantized weights (`linearBlocks` in asm/kernels.ts), split as the f32 one. */
   #linearQuant(
     out: WasmBuffer,
     x: WasmBuffer,
@@ -914,9 +902,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
       ).ptr
       : 0;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
-    const q8 = weight.type === "q8_0";
-    if (parallel) return this.#parallel(q8 ? OP_LINEAR_Q8 : OP_LINEAR_Q4, [...operands, scratch]);
-    (q8 ? this.#kernels.linearQ8 : this.#kernels.linearQ4)(...operands, 0, outDim, scratch);
+    // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0.
+    const blockType = weight.type === "q8_0" ? 0 : 1;
+    if (parallel) return this.#parallel(OP_LINEAR_BLOCKS, [...operands, scratch, blockType]);
+    this.#kernels.linearBlocks(...operands, 0, outDim, scratch, blockType);
   }
 
   linearSplit(
