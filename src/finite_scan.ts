@@ -1,14 +1,20 @@
 /**
- * The finiteness check of weights at load, moved off the main thread: while
- * a weight file is read into shared memory, a worker scans each piece that
- * has landed and flags every 64 KiB block that holds a NaN or Infinity bit
- * pattern, so that the main thread's exact pass (which names the tensor and
- * the index) only runs on tensors that touch a flagged or unscanned block.
+ * The finiteness check of weights at load, hidden behind the reads: while a
+ * weight file is read piece by piece, each piece that has landed is scanned
+ * (the file source starts the next read first, so the scan runs while the
+ * operating system copies the next piece), and every 64 KiB block that holds
+ * a NaN or Infinity bit pattern is flagged. The loader's exact pass (which
+ * names the tensor and the index) then only runs on tensors that touch a
+ * flagged or unscanned block.
  *
- * Flags live as long as one {@link FiniteScan}, which the loader starts for
- * one load and closes after it. Where no worker can start (no `Worker`, no
- * `SharedArrayBuffer`, a refused blob URL), or the worker fails, nothing is
- * vouched for and every tensor gets the exact pass.
+ * A file read into memory that the scan lends ({@link FiniteScan.bytes}, a
+ * WebAssembly memory of its own) is scanned by a small SIMD function, 16
+ * bytes at a time: a pass in JavaScript is slower than the read it should
+ * hide. Memory lent by someone else (the wasm backend's, see
+ * `Backend.hostBytes`) gets the same test in JavaScript.
+ *
+ * Flags live as long as one {@link FiniteScan}, which the loader makes for
+ * one load.
  *
  * @module
  */
@@ -16,123 +22,214 @@
 /** Bytes of the memory that one flag covers. */
 export const SCAN_BLOCK_BYTES = 64 << 10;
 
-/**
- * Bytes that go to the worker together at least (the rest of a file at its
- * end): a download lands in chunks of some KiB, each worth no message.
- */
-const POST_MIN_BYTES = 4 << 20;
-
 /** A block's state: not (yet) scanned, scanned with every word finite, or holding NaN or ±Infinity. */
 const UNSCANNED = 0, FINITE = 1, NOT_FINITE = 2;
 
-/**
- * The worker: for a range of a SharedArrayBuffer (4-byte aligned), one flag
- * per 64 KiB block, from the OR of each 4-byte word's exponent plus 2^23
- * (an exponent of all ones carries into the sign bit).
- */
-const WORKER_SOURCE = `
-self.onmessage = ({ data: { id, buffer, byteOffset, byteLength, firstBlock } }) => {
-  const words = new Int32Array(buffer, byteOffset, byteLength >>> 2);
-  const blockWords = ${SCAN_BLOCK_BYTES / 4};
-  const flags = new Uint8Array(Math.ceil(byteLength / ${SCAN_BLOCK_BYTES}));
-  for (let b = 0; b < flags.length; b++) {
-    const end = Math.min(words.length, (b + 1) * blockWords);
-    let carries = 0;
-    for (let i = b * blockWords; i < end; i++) carries |= ((words[i] & 0x7f800000) + 0x00800000) | 0;
-    flags[b] = carries < 0 ? ${NOT_FINITE} : ${FINITE};
-  }
-  self.postMessage({ id, firstBlock, flags }, [flags.buffer]);
-};
-`;
+/** Bytes of a WebAssembly page; a memory holds at most 65,536 of them. */
+const PAGE_BYTES = 1 << 16;
+const MAX_PAGES = 1 << 16;
 
-/** The bytes of one read: a range of a shared buffer, with a flag per block. */
+/**
+ * The scan as WebAssembly, assembled here (it is 150 bytes, not worth a build
+ * step). In the text format:
+ *
+ * ```wat
+ * (module
+ *   (import "env" "memory" (memory 0))
+ *   ;; Nonzero when a 4-byte word in [p, end) has an exponent of all ones (NaN,
+ *   ;; ±Infinity): exponent plus 2^23 then carries into the sign bit. end − p is
+ *   ;; a multiple of 16.
+ *   (func (export "nonFinite") (param $p i32) (param $end i32) (result i32)
+ *     (local $carries v128)
+ *     (block $done
+ *       (loop $next
+ *         (br_if $done (i32.ge_u (local.get $p) (local.get $end)))
+ *         (local.set $carries (v128.or (local.get $carries)
+ *           (i32x4.add (v128.and (v128.load (local.get $p)) (v128.const i32x4 0x7f800000 …))
+ *                      (v128.const i32x4 0x00800000 …))))
+ *         (local.set $p (i32.add (local.get $p) (i32.const 16)))
+ *         (br $next)))
+ *     (i32x4.bitmask (local.get $carries))))
+ * ```
+ */
+function scanModuleBytes(): Uint8Array<ArrayBuffer> {
+  const leb = (n: number): number[] => {
+    const out: number[] = [];
+    do {
+      out.push((n & 0x7f) | (n >= 0x80 ? 0x80 : 0));
+      n >>>= 7;
+    } while (n > 0);
+    return out;
+  };
+  const name = (text: string) => [text.length, ...new TextEncoder().encode(text)];
+  const section = (id: number, content: number[]) => [id, ...leb(content.length), ...content];
+  const i32x4 = (word: number) =>
+    [...Array(4)].flatMap(() => [0, 1, 2, 3].map((b) => (word >>> (8 * b)) & 0xff));
+  const SIMD = 0xfd;
+  const body = [
+    1,
+    1,
+    0x7b, // one local: v128
+    0x02,
+    0x40,
+    0x03,
+    0x40, // block, loop
+    0x20,
+    0,
+    0x20,
+    1,
+    0x4f,
+    0x0d,
+    1, // br_if $done (p >= end)
+    0x20,
+    2,
+    0x20,
+    0,
+    SIMD,
+    0x00,
+    4,
+    0, // carries, v128.load p
+    SIMD,
+    0x0c,
+    ...i32x4(0x7f800000),
+    SIMD,
+    0x4e, // v128.and with the exponent mask
+    SIMD,
+    0x0c,
+    ...i32x4(0x00800000),
+    SIMD,
+    ...leb(0xae), // i32x4.add 2^23
+    SIMD,
+    0x50,
+    0x21,
+    2, // v128.or into carries
+    0x20,
+    0,
+    0x41,
+    16,
+    0x6a,
+    0x21,
+    0,
+    0x0c,
+    0, // p += 16, br $next
+    0x0b,
+    0x0b, // end loop, end block
+    0x20,
+    2,
+    SIMD,
+    ...leb(0xa4),
+    0x0b, // i32x4.bitmask carries
+  ];
+  return new Uint8Array([
+    0x00,
+    0x61,
+    0x73,
+    0x6d,
+    1,
+    0,
+    0,
+    0,
+    ...section(1, [1, 0x60, 2, 0x7f, 0x7f, 1, 0x7f]),
+    ...section(2, [1, ...name("env"), ...name("memory"), 2, 0, 0]),
+    ...section(3, [1, 0]),
+    ...section(7, [1, ...name("nonFinite"), 0, 0]),
+    ...section(10, [1, ...leb(body.length), ...body]),
+  ]);
+}
+
+/** `nonFinite` of a scan module bound to a memory, or null where WebAssembly SIMD is missing. */
+function instantiateScan(memory: WebAssembly.Memory): ((p: number, end: number) => number) | null {
+  try {
+    const module = new WebAssembly.Module(scanModuleBytes());
+    const instance = new WebAssembly.Instance(module, { env: { memory } });
+    return instance.exports.nonFinite as (p: number, end: number) => number;
+  } catch {
+    return null;
+  }
+}
+
+/** The same test in JavaScript over the 4-byte words [from, to) of `words`: negative when one is not finite. */
+function carriesOf(words: Int32Array, from: number, to: number): number {
+  let carries = 0;
+  for (let i = from; i < to; i++) carries |= ((words[i] & 0x7f800000) + 0x00800000) | 0;
+  return carries;
+}
+
+/** The bytes of one read, with a flag per block. */
 interface Region {
-  readonly id: number;
   readonly bytes: Uint8Array;
   /** One state per block, from the region's first byte. */
   readonly flags: Uint8Array;
   /** Bytes reported filled so far; a smaller count means the bytes are being written anew. */
   filled: number;
-  /** Bytes handed to the worker so far: whole blocks, then the tail. */
-  posted: number;
+  /** Bytes scanned so far: whole blocks, then the tail. */
+  scanned: number;
 }
 
 /**
- * Scans weight bytes for NaN and Infinity on a worker thread as they are
- * read, and vouches for tensors whose blocks all came back finite.
+ * Scans weight bytes for NaN and Infinity as they are read, and vouches for
+ * tensors whose blocks all came back finite.
  */
 export class FiniteScan {
-  #worker: Worker | null;
-  /** The worker's blob URL, kept until it stops: the worker may load it after the constructor returns. */
-  readonly #url: string;
   #regions: Region[] = [];
-  #nextId = 0;
-  #pending = 0;
-  #whenIdle: (() => void)[] = [];
+  /** The memories {@link bytes} lent, each with its scan function. */
+  #memories = new Map<ArrayBufferLike, (p: number, end: number) => number>();
 
-  private constructor(worker: Worker, url: string) {
-    this.#worker = worker;
-    this.#url = url;
-    worker.onmessage = (
-      { data }: MessageEvent<{ id: number; firstBlock: number; flags: Uint8Array }>,
-    ) => {
-      if (!this.#worker) return; // Answers that were under way when it stopped.
-      this.#regions.find((region) => region.id === data.id)?.flags.set(data.flags, data.firstBlock);
-      this.#settle(-1);
-    };
-    worker.onerror = (event) => {
-      event.preventDefault();
-      this.close();
-    };
-    worker.onmessageerror = () => this.close();
-  }
-
-  /** Starts the worker; null where this runtime cannot run one on shared memory. */
-  static start(): FiniteScan | null {
-    if (typeof Worker === "undefined" || typeof SharedArrayBuffer === "undefined") return null;
-    let url: string | undefined;
-    try {
-      url = URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
-      return new FiniteScan(new Worker(url, { type: "module" }), url);
-    } catch {
-      if (url) URL.revokeObjectURL(url);
-      return null;
+  /**
+   * A zeroed array of `byteLength` bytes for a file to be read into: in a
+   * WebAssembly memory of its own, which the SIMD scan reads, where one can
+   * hold it (up to 4 GiB); else a plain array, scanned in JavaScript.
+   */
+  bytes(byteLength: number): Uint8Array {
+    const pages = Math.ceil(byteLength / PAGE_BYTES);
+    if (pages > 0 && pages <= MAX_PAGES) {
+      try {
+        const memory = new WebAssembly.Memory({ initial: pages });
+        const nonFinite = instantiateScan(memory);
+        if (nonFinite) {
+          this.#memories.set(memory.buffer, nonFinite);
+          return new Uint8Array(memory.buffer, 0, byteLength);
+        }
+      } catch {
+        // No memory that large here: a plain array below.
+      }
     }
-  }
-
-  /** A zeroed array of `byteLength` bytes over a new SharedArrayBuffer, for a file to be read into. */
-  sharedBytes(byteLength: number): Uint8Array {
-    return new Uint8Array(new SharedArrayBuffer(byteLength));
+    return new Uint8Array(byteLength);
   }
 
   /**
    * Tells the scan that the first `filled` bytes of `bytes` hold their final
-   * values; the blocks that became whole go to the worker (a few MiB at a time). A count not above
-   * the last one for the same array starts over: the bytes are being
-   * rewritten, and flags of any earlier read of this memory are dropped.
-   * Arrays not over a SharedArrayBuffer, or not 4-byte aligned in it, are
+   * values; the blocks that became whole (and the tail, once the array is
+   * full) are scanned now. A count not above the last one for the same array
+   * starts over: the bytes are being rewritten, and flags of any earlier read
+   * of this memory are dropped. Arrays not 4-byte aligned in their buffer are
    * not scanned.
    */
   observe(bytes: Uint8Array, filled: number): void {
-    if (!this.#worker || !(bytes.buffer instanceof SharedArrayBuffer) || bytes.byteOffset % 4) {
-      return;
-    }
+    if (bytes.byteOffset % 4) return;
     let region = this.#regions.find((r) => r.bytes === bytes);
     if (!region || filled <= region.filled) region = this.#watch(bytes);
     region.filled = filled;
     const upTo = filled >= bytes.length ? bytes.length : filled - filled % SCAN_BLOCK_BYTES;
-    if (upTo <= region.posted || (upTo < bytes.length && upTo - region.posted < POST_MIN_BYTES)) {
-      return;
+    for (; region.scanned < upTo; region.scanned += SCAN_BLOCK_BYTES) {
+      const start = region.scanned, end = Math.min(upTo, start + SCAN_BLOCK_BYTES);
+      region.flags[start / SCAN_BLOCK_BYTES] = this.#blockIsFinite(bytes, start, end)
+        ? FINITE
+        : NOT_FINITE;
     }
-    this.#worker.postMessage({
-      id: region.id,
-      buffer: bytes.buffer,
-      byteOffset: bytes.byteOffset + region.posted,
-      byteLength: upTo - region.posted,
-      firstBlock: region.posted / SCAN_BLOCK_BYTES,
-    });
-    region.posted = upTo;
-    this.#settle(1);
+    region.scanned = Math.min(region.scanned, upTo);
+  }
+
+  /** Whether bytes [start, end) of `bytes` (start 4-byte aligned) hold only finite 4-byte words. */
+  #blockIsFinite(bytes: Uint8Array, start: number, end: number): boolean {
+    const from = bytes.byteOffset + start;
+    const words = (end - start) >>> 2;
+    const nonFinite = this.#memories.get(bytes.buffer);
+    // The SIMD function takes whole 16-byte steps; the last few words go to JavaScript.
+    const simdBytes = nonFinite ? (words >>> 2) << 4 : 0;
+    if (simdBytes && nonFinite!(from, from + simdBytes) !== 0) return false;
+    const view = new Int32Array(bytes.buffer, from + simdBytes, words - (simdBytes >>> 2));
+    return carriesOf(view, 0, view.length) >= 0;
   }
 
   /** A new region for `bytes`, replacing every region that shares memory with it. */
@@ -143,21 +240,9 @@ export class FiniteScan {
       other.byteOffset + other.byteLength <= start
     );
     const flags = new Uint8Array(Math.ceil(bytes.byteLength / SCAN_BLOCK_BYTES)).fill(UNSCANNED);
-    const region: Region = { id: this.#nextId++, bytes, flags, filled: 0, posted: 0 };
+    const region: Region = { bytes, flags, filled: 0, scanned: 0 };
     this.#regions.push(region);
     return region;
-  }
-
-  /** Resolves once the worker has answered for every block handed to it (or has failed). */
-  settled(): Promise<void> {
-    if (this.#pending === 0) return Promise.resolve();
-    return new Promise((resolve) => this.#whenIdle.push(resolve));
-  }
-
-  #settle(change: number): void {
-    this.#pending += change;
-    if (this.#pending > 0) return;
-    for (const resolve of this.#whenIdle.splice(0)) resolve();
   }
 
   /**
@@ -178,15 +263,5 @@ export class FiniteScan {
       if (region.flags[block] !== FINITE) return false;
     }
     return true;
-  }
-
-  /** Stops the worker and forgets every flag; {@link vouches} is false from now on. */
-  close(): void {
-    this.#worker?.terminate();
-    this.#worker = null;
-    URL.revokeObjectURL(this.#url);
-    this.#regions = [];
-    this.#pending = 0;
-    this.#settle(0);
   }
 }

@@ -296,19 +296,12 @@ async function checkWeightHeaders(dir: ModelSource, config: MambaConfig): Promis
 }
 
 /**
- * Weight files of F32 tensors at least this large are checked for NaN and
- * Infinity on a worker while they are read: below it, starting the worker
- * (which holds up the main thread a little in Deno) costs about what the
- * pass it saves does.
- */
-const SCAN_MIN_BYTES = 64 << 20;
-
-/**
  * Reads and checks the weights. A file of F32 tensors only is kept as read,
  * its tensors viewing its bytes: in the memory that `hostBytes` lends (the
- * wasm backend's, so the weights are never held twice), else, for a large
- * one, in shared memory that a {@link FiniteScan} worker checks piece by
- * piece. Other dtypes are widened to new arrays anyway.
+ * wasm backend's, so the weights are never held twice), else in memory that
+ * a {@link FiniteScan} lends. Either way the scan checks each piece for NaN
+ * and Infinity as it lands, while the next one is read. Other dtypes are
+ * widened to new arrays anyway.
  */
 async function readWeights(
   dir: ModelSource,
@@ -322,29 +315,22 @@ async function readWeights(
   ) {
     return loadWeights(await readTorchWeights(dir), config, dir.describe("config.json"));
   }
-  let scan = null as FiniteScan | null;
-  let scanTried = false;
+  const scan = new FiniteScan();
+  // The arrays of F32 files, whose pieces the scan checks as they land.
+  const scanned = new Set<Uint8Array>();
   const allocate: ByteAllocator = (size, head) => {
     if (!headerDtypes(head)?.every((dtype) => dtype === "F32")) return undefined;
-    if (size >= SCAN_MIN_BYTES && !scanTried) {
-      scanTried = true;
-      scan = FiniteScan.start();
-    }
-    return hostBytes?.(size) ?? scan?.sharedBytes(size);
+    const bytes = hostBytes?.(size) ?? scan.bytes(size);
+    scanned.add(bytes);
+    return bytes;
   };
-  const onFilled = (bytes: Uint8Array, filled: number) => scan?.observe(bytes, filled);
-  try {
-    for (const name of await weightFileNames(dir)) {
-      const bytes = await dir.readBytes(name, allocate, onFilled);
-      files.push(SafetensorsFile.parse(bytes, dir.describe(name)));
-    }
-    const store = new TensorStore(files);
-    const configFile = dir.describe("config.json");
-    const checking = scan;
-    if (!checking) return loadWeights(store, config, configFile);
-    await checking.settled();
-    return loadWeights(store, config, configFile, (values) => checking.vouches(values));
-  } finally {
-    scan?.close();
+  const onFilled = (bytes: Uint8Array, filled: number) => {
+    if (scanned.has(bytes)) scan.observe(bytes, filled);
+  };
+  for (const name of await weightFileNames(dir)) {
+    const bytes = await dir.readBytes(name, allocate, onFilled);
+    files.push(SafetensorsFile.parse(bytes, dir.describe(name)));
   }
+  const store = new TensorStore(files);
+  return loadWeights(store, config, dir.describe("config.json"), (values) => scan.vouches(values));
 }

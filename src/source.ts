@@ -290,10 +290,16 @@ async function readFileInto(
     bytes = new Uint8Array(total);
   }
   onFilled?.(bytes, loaded);
-  while (loaded < total) {
-    const read = await file.read(bytes.subarray(loaded, Math.min(total, loaded + READ_CHUNK)));
+  // The next piece is asked for before the observer hears of the last one,
+  // so that its work (the finiteness scan) runs while the file is copied.
+  const readNext = () =>
+    loaded < total ? file.read(bytes.subarray(loaded, Math.min(total, loaded + READ_CHUNK))) : null;
+  let reading = readNext();
+  while (reading) {
+    const read = await reading;
     if (read === null) throw new Error(`File shrank to ${loaded} bytes while being read`);
     loaded += read;
+    reading = readNext();
     onFilled?.(bytes, loaded);
     onProgress(loaded, total);
   }

@@ -1,8 +1,10 @@
 /**
- * The finiteness check on a worker (src/finite_scan.ts): which tensors its
- * flags vouch for, that a rewrite or a later read of the same memory replaces
- * them, that nothing unscanned is vouched for, and that a large model's load
- * really takes the worker path while NaN in it is still refused by name.
+ * The finiteness check during reads (src/finite_scan.ts): which tensors its
+ * flags vouch for, in its own WebAssembly memory (the SIMD scan) and in
+ * memory lent by others (the JavaScript scan), that a rewrite or a later read
+ * of the same memory replaces them, that nothing unscanned is vouched for,
+ * and that a model's load really takes this path while NaN in it is still
+ * refused by name.
  */
 
 import {
@@ -11,6 +13,7 @@ import {
   assertFalse,
   assertRejects,
   assertStringIncludes,
+  assertThrows,
 } from "@std/assert";
 import { FiniteScan, SCAN_BLOCK_BYTES } from "../src/finite_scan.ts";
 import { ModelFileError } from "../src/errors.ts";
@@ -20,49 +23,71 @@ import { MAMBA_130M, randomCheckpoint } from "../bench/make_random_model.ts";
 
 const BLOCK_FLOATS = SCAN_BLOCK_BYTES / 4;
 
-/** A started scan, closed after `fn`. */
-async function withScan(fn: (scan: FiniteScan) => Promise<void>): Promise<void> {
-  const scan = FiniteScan.start();
-  assert(scan, "the worker must start here (Deno has Worker and SharedArrayBuffer)");
-  try {
-    await fn(scan);
-  } finally {
-    scan.close();
-  }
-}
+/** Where the bytes of a file can be: what the scan lends, a plain array, shared memory (the wasm backend's). */
+const MEMORIES = {
+  "the scan's memory": (scan: FiniteScan, bytes: number) => scan.bytes(bytes),
+  "a plain array": (_scan: FiniteScan, bytes: number) => new Uint8Array(bytes),
+  "shared memory": (_scan: FiniteScan, bytes: number) =>
+    new Uint8Array(new SharedArrayBuffer(bytes)),
+};
 
-/** `blocks` blocks of finite floats and a few more, over a new SharedArrayBuffer. */
-function sharedFloats(scan: FiniteScan, blocks: number): Float32Array {
-  const floats = new Float32Array(scan.sharedBytes((blocks * BLOCK_FLOATS + 5) * 4).buffer);
+/** `blocks` blocks of finite floats and a few more (not a whole 16 bytes), in `memory`. */
+function floatsIn(
+  memory: (scan: FiniteScan, bytes: number) => Uint8Array,
+  scan: FiniteScan,
+  blocks: number,
+): Float32Array {
+  const bytes = memory(scan, (blocks * BLOCK_FLOATS + 7) * 4);
+  const floats = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4);
   for (let i = 0; i < floats.length; i++) floats[i] = (i % 97) - 48.5;
   return floats;
 }
 
 /**
  * Reports `floats`' bytes (or `bytes`, the same array as an earlier call's)
- * filled in pieces of `piece` bytes, then waits for the worker.
+ * filled in pieces of `piece` bytes.
  */
-async function scanAll(
+function scanAll(
   scan: FiniteScan,
   floats: Float32Array,
   piece: number,
   bytes = new Uint8Array(floats.buffer, floats.byteOffset, floats.byteLength),
-): Promise<void> {
+): void {
   for (let filled = piece; filled < bytes.length; filled += piece) scan.observe(bytes, filled);
   scan.observe(bytes, bytes.length);
-  await scan.settled();
 }
 
-Deno.test("flags vouch for tensors in clean blocks only, whatever the piece boundaries", async () => {
-  await withScan(async (scan) => {
-    const floats = sharedFloats(scan, 4);
-    const bits = new Uint32Array(floats.buffer);
+Deno.test("the scan lends WebAssembly memory for a file, and a plain array where it cannot", () => {
+  const scan = new FiniteScan();
+  const lent = scan.bytes(SCAN_BLOCK_BYTES + 12);
+  assertEquals(lent.length, SCAN_BLOCK_BYTES + 12);
+  assertEquals(lent.byteOffset, 0);
+  assert(lent.every((byte) => byte === 0));
+  // A WebAssembly memory's buffer cannot be transferred: so the SIMD scan will read it.
+  assertThrows(() => structuredClone(lent.buffer, { transfer: [lent.buffer as ArrayBuffer] }));
+  const realWebAssembly = globalThis.WebAssembly;
+  try {
+    // deno-lint-ignore no-explicit-any
+    delete (globalThis as any).WebAssembly;
+    const plain = new FiniteScan().bytes(100);
+    assertEquals(plain.length, 100);
+    structuredClone(plain.buffer, { transfer: [plain.buffer as ArrayBuffer] });
+  } finally {
+    globalThis.WebAssembly = realWebAssembly;
+  }
+});
+
+for (const [where, memory] of Object.entries(MEMORIES)) {
+  Deno.test(`in ${where}, flags vouch for tensors in clean blocks only, whatever the piece boundaries`, () => {
+    const scan = new FiniteScan();
+    const floats = floatsIn(memory, scan, 4);
+    const bits = new Uint32Array(floats.buffer, floats.byteOffset, floats.length);
     // Largest finite value, a subnormal and -0 are finite; a NaN with a payload is not.
     bits[5] = 0x7f7fffff;
     bits[6] = 0x00000001;
     bits[7] = 0x80000000;
     bits[2 * BLOCK_FLOATS + 3] = 0x7fc01234;
-    await scanAll(scan, floats, 100_003 * 4); // Pieces that end inside blocks.
+    scanAll(scan, floats, 100_003 * 4); // Pieces that end inside blocks.
     const view = (from: number, to: number) => floats.subarray(from, to);
     assert(scan.vouches(view(0, 2 * BLOCK_FLOATS)), "blocks 0 and 1");
     assert(scan.vouches(view(3 * BLOCK_FLOATS, floats.length)), "block 3 and the tail");
@@ -70,99 +95,67 @@ Deno.test("flags vouch for tensors in clean blocks only, whatever the piece boun
     assertFalse(scan.vouches(view(BLOCK_FLOATS, 3 * BLOCK_FLOATS + 1)), "a tensor over block 2");
     assertFalse(scan.vouches(view(2 * BLOCK_FLOATS + 100, 2 * BLOCK_FLOATS + 200)), "block 2");
 
-    for (const bad of [0x7f800000, 0xff800000, 0xffffffff]) { // +Inf, -Inf, a negative NaN
-      const other = sharedFloats(scan, 2);
-      new Uint32Array(other.buffer)[other.length - 1] = bad;
-      await scanAll(scan, other, 1 << 20);
-      assert(scan.vouches(other.subarray(0, BLOCK_FLOATS)));
-      assertFalse(scan.vouches(other.subarray(other.length - 1)), `0x${bad.toString(16)}`);
+    // +Inf, -Inf and a negative NaN, in each lane of a 16-byte step and in the tail.
+    for (const bad of [0x7f800000, 0xff800000, 0xffffffff]) {
+      for (const at of [BLOCK_FLOATS, BLOCK_FLOATS + 1, BLOCK_FLOATS + 6, 2 * BLOCK_FLOATS + 3]) {
+        const other = floatsIn(memory, scan, 2);
+        new Uint32Array(other.buffer, other.byteOffset, other.length)[at] = bad;
+        scanAll(scan, other, 1 << 20);
+        assert(scan.vouches(other.subarray(0, BLOCK_FLOATS)));
+        assertFalse(scan.vouches(other.subarray(at, at + 1)), `0x${bad.toString(16)} at ${at}`);
+      }
     }
   });
+}
+
+Deno.test("a rescan after a rewrite, or a later read of the same memory, replaces the flags", () => {
+  const scan = new FiniteScan();
+  const floats = floatsIn(MEMORIES["the scan's memory"], scan, 3);
+  const bytes = new Uint8Array(floats.buffer, floats.byteOffset, floats.byteLength);
+  floats[BLOCK_FLOATS + 9] = NaN;
+  scanAll(scan, floats, SCAN_BLOCK_BYTES, bytes);
+  assertFalse(scan.vouches(floats.subarray(BLOCK_FLOATS, 2 * BLOCK_FLOATS)));
+
+  // The same array read again: the NaN is gone, Infinity is in block 0 now.
+  floats[BLOCK_FLOATS + 9] = 1;
+  floats[4] = Infinity;
+  scanAll(scan, floats, SCAN_BLOCK_BYTES, bytes);
+  assert(scan.vouches(floats.subarray(BLOCK_FLOATS, 2 * BLOCK_FLOATS)));
+  assertFalse(scan.vouches(floats.subarray(0, 8)));
+  floats[4] = 0;
+
+  // Another array over the same memory starts being read: until it is read
+  // to its end, the old flags vouch for nothing there, and its own (whole
+  // but unfinished) blocks neither.
+  scanAll(scan, floats, SCAN_BLOCK_BYTES);
+  assert(scan.vouches(floats.subarray(2 * BLOCK_FLOATS, 3 * BLOCK_FLOATS)));
+  const again = new Uint8Array(floats.buffer, SCAN_BLOCK_BYTES, 2 * SCAN_BLOCK_BYTES);
+  scan.observe(again, SCAN_BLOCK_BYTES);
+  assertFalse(scan.vouches(floats.subarray(BLOCK_FLOATS, 2 * BLOCK_FLOATS)));
+  assertFalse(scan.vouches(floats.subarray(2 * BLOCK_FLOATS, 3 * BLOCK_FLOATS)));
+  assertFalse(scan.vouches(floats.subarray(0, BLOCK_FLOATS)), "the old read's region is gone");
+  scan.observe(again, again.length);
+  assert(scan.vouches(floats.subarray(BLOCK_FLOATS, 3 * BLOCK_FLOATS)));
 });
 
-Deno.test("a rescan after a rewrite, or a later read of the same memory, replaces the flags", async () => {
-  await withScan(async (scan) => {
-    const floats = sharedFloats(scan, 3);
-    const bytes = new Uint8Array(floats.buffer);
-    floats[BLOCK_FLOATS + 9] = NaN;
-    await scanAll(scan, floats, SCAN_BLOCK_BYTES, bytes);
-    assertFalse(scan.vouches(floats.subarray(BLOCK_FLOATS, 2 * BLOCK_FLOATS)));
+Deno.test("memory that was never scanned, or not to its end, is not vouched for", () => {
+  const scan = new FiniteScan();
+  const lent = MEMORIES["the scan's memory"];
+  const scanned = floatsIn(lent, scan, 2);
+  scanAll(scan, scanned, SCAN_BLOCK_BYTES);
+  assert(scan.vouches(scanned));
+  assertFalse(scan.vouches(floatsIn(lent, scan, 2)), "another array");
+  assertFalse(scan.vouches(new Float32Array(2 * BLOCK_FLOATS)), "a plain array");
+  assertFalse(scan.vouches(scanned.slice(0, 10)), "a copy");
 
-    // The same array read again: the NaN is gone, Infinity is in block 0 now.
-    floats[BLOCK_FLOATS + 9] = 1;
-    floats[4] = Infinity;
-    await scanAll(scan, floats, SCAN_BLOCK_BYTES, bytes);
-    assert(scan.vouches(floats.subarray(BLOCK_FLOATS, 2 * BLOCK_FLOATS)));
-    assertFalse(scan.vouches(floats.subarray(0, 8)));
-    floats[4] = 0;
+  const unfinished = floatsIn(lent, scan, 3);
+  scan.observe(new Uint8Array(unfinished.buffer, 0, unfinished.byteLength), 2 * SCAN_BLOCK_BYTES);
+  assertFalse(scan.vouches(unfinished.subarray(0, BLOCK_FLOATS)), "a read that did not end");
 
-    // Another array over the same memory starts being read: until it is read
-    // to its end, the old flags vouch for nothing there, and its own (whole
-    // but unfinished) blocks neither.
-    await scanAll(scan, floats, SCAN_BLOCK_BYTES);
-    assert(scan.vouches(floats.subarray(2 * BLOCK_FLOATS, 3 * BLOCK_FLOATS)));
-    const again = new Uint8Array(floats.buffer, SCAN_BLOCK_BYTES, 2 * SCAN_BLOCK_BYTES);
-    scan.observe(again, SCAN_BLOCK_BYTES);
-    await scan.settled();
-    assertFalse(scan.vouches(floats.subarray(BLOCK_FLOATS, 2 * BLOCK_FLOATS)));
-    assertFalse(scan.vouches(floats.subarray(2 * BLOCK_FLOATS, 3 * BLOCK_FLOATS)));
-    assertFalse(scan.vouches(floats.subarray(0, BLOCK_FLOATS)), "the old read's region is gone");
-    scan.observe(again, again.length);
-    await scan.settled();
-    assert(scan.vouches(floats.subarray(BLOCK_FLOATS, 3 * BLOCK_FLOATS)));
-  });
-});
-
-Deno.test("memory that was never scanned, or not to its end, is not vouched for", async () => {
-  await withScan(async (scan) => {
-    const scanned = sharedFloats(scan, 2);
-    await scanAll(scan, scanned, SCAN_BLOCK_BYTES);
-    assert(scan.vouches(scanned));
-    assertFalse(scan.vouches(sharedFloats(scan, 2)), "another shared buffer");
-    assertFalse(scan.vouches(new Float32Array(2 * BLOCK_FLOATS)), "a plain buffer");
-    assertFalse(scan.vouches(scanned.slice(0, 10)), "a copy");
-
-    const unfinished = sharedFloats(scan, 3);
-    const bytes = new Uint8Array(unfinished.buffer);
-    scan.observe(bytes, 2 * SCAN_BLOCK_BYTES);
-    await scan.settled();
-    assertFalse(scan.vouches(unfinished.subarray(0, BLOCK_FLOATS)), "a read that did not end");
-
-    // Not 4-byte aligned in its buffer: not on the grid of words, not scanned.
-    const odd = new Uint8Array(scan.sharedBytes(SCAN_BLOCK_BYTES + 8).buffer, 2, SCAN_BLOCK_BYTES);
-    scan.observe(odd, odd.length);
-    await scan.settled();
-    assertFalse(scan.vouches(new Float32Array(odd.buffer, 4, 16)));
-
-    scan.close();
-    assertFalse(scan.vouches(scanned), "a closed scan");
-  });
-});
-
-Deno.test("where no worker starts, or it fails, nothing is vouched for and nothing waits", async () => {
-  const realWorker = globalThis.Worker;
-  try {
-    // deno-lint-ignore no-explicit-any
-    delete (globalThis as any).Worker;
-    assertEquals(FiniteScan.start(), null);
-
-    // A worker that loads but fails (as a blob URL refused by a content policy would).
-    globalThis.Worker = class extends EventTarget {
-      onerror: ((event: Event) => void) | null = null;
-      postMessage() {
-        setTimeout(() => this.onerror?.(new ErrorEvent("error", { cancelable: true })), 10);
-      }
-      terminate() {}
-    } as unknown as typeof Worker;
-    const scan = FiniteScan.start();
-    assert(scan);
-    const floats = sharedFloats(scan, 2);
-    await scanAll(scan, floats, SCAN_BLOCK_BYTES);
-    assertFalse(scan.vouches(floats));
-    scan.close();
-  } finally {
-    globalThis.Worker = realWorker;
-  }
+  // Not 4-byte aligned in its buffer: not on the grid of words, not scanned.
+  const odd = new Uint8Array(new ArrayBuffer(SCAN_BLOCK_BYTES + 8), 2, SCAN_BLOCK_BYTES);
+  scan.observe(odd, odd.length);
+  assertFalse(scan.vouches(new Float32Array(odd.buffer, 4, 16)));
 });
 
 /** Counts the tensors a scan vouched for while `fn` runs. */
@@ -182,8 +175,8 @@ async function countVouched(fn: () => Promise<void>): Promise<{ yes: number; no:
   return counts;
 }
 
-Deno.test("a large model's weights are checked on the worker, and NaN in them is still named", async () => {
-  // 2 layers of d_model 512 and 34,000 rows: a 75 MB F32 file, above the size that starts a worker.
+Deno.test("a large model's weights are checked as they are read, and NaN in them is still named", async () => {
+  // 2 layers of d_model 512 and 34,000 rows: a 75 MB F32 file, read in several pieces.
   const shape = { ...MAMBA_130M, nLayer: 2, dModel: 512, vocabSize: 34_000 };
   const { config, safetensors } = randomCheckpoint(shape);
   const dir = await Deno.makeTempDir({ prefix: "mamba-finite-scan-" });
