@@ -15,7 +15,10 @@
  * in its noise). Their weights are random, drawn as Mamba initialises them
  * so that activations stay in range, and rounded to f16 where the
  * checkpoint's are f16 (`halfWeights`), as a backend that keeps exact-f16
- * matrices in f16 (webgpu) does so with the real ones. On each model,
+ * matrices in f16 (webgpu) does so with the real ones; where a file keeps
+ * its matrices as quantized blocks (`matrixBlocks`), the measured ones are
+ * quantized the same way, so that a backend with kernels for the blocks
+ * runs those kernels. On each model,
  * through {@link Session} and the model's {@link DecodeEngine}:
  *
  * - a prompt chunk: one session is fed {@link PREFILL_TOKENS} ids and its
@@ -99,7 +102,15 @@ import type { Mamba2LayerWeights } from "./mamba2.ts";
 import { MambaModel } from "./model.ts";
 import { Sampler } from "./sampler.ts";
 import { Session } from "./session.ts";
-import type { LayerWeights, MambaWeights } from "./weights.ts";
+import type { HostWeights, LayerWeights } from "./weights.ts";
+import {
+  type BlockType,
+  type HostMatrix,
+  isQuantized,
+  QUANT_BLOCK,
+  quantizedMatrix,
+} from "./quant.ts";
+import { quantize, QUANTIZED_TYPES } from "./gguf_write.ts";
 
 /** Prompt ids per stream of the scored workload, and of the measured prompt chunk. */
 export const PREFILL_TOKENS = 64;
@@ -238,6 +249,19 @@ export interface BackendReport {
   clear?: boolean;
 }
 
+/**
+ * Which of a model's matrices a file keeps as quantized blocks, and in which
+ * format: those of the Mamba-1 blocks (each whose rows are whole blocks; a
+ * quantizer leaves the others, such as a dt_proj of 48 columns, in 16 bits),
+ * and the embedding, which is also the tied lm_head. Null: float.
+ */
+export interface MatrixBlocks {
+  /** The blocks' in_proj, x_proj, dt_proj and out_proj. */
+  layers: BlockType | null;
+  /** The embedding and lm_head. */
+  head: BlockType | null;
+}
+
 /** Options of {@link selectBackend}. */
 export interface SelectOptions extends BackendOptions {
   /**
@@ -251,6 +275,11 @@ export interface SelectOptions extends BackendOptions {
    * matrices in f16.
    */
   halfWeights?: boolean;
+  /**
+   * The block formats of a quantized file's matrices (see
+   * {@link MatrixBlocks}): the measured matrices are quantized alike.
+   */
+  matrixBlocks?: MatrixBlocks;
   /**
    * Where decisions are kept: default `localStorage` where usable (across
    * runs), else this process's memory; null: nowhere, measure every time.
@@ -352,7 +381,9 @@ export async function selectBackend(
   };
 
   const storage = options.cache === undefined ? usableLocalStorage() ?? memoryStore : options.cache;
-  const key = cacheKey(config, reports, batch, options.halfWeights ?? false);
+  const halfWeights = options.halfWeights ?? false;
+  const matrixBlocks = options.matrixBlocks ?? { layers: null, head: null };
+  const key = cacheKey(config, reports, batch, halfWeights, matrixBlocks);
   if (!options.remeasure) {
     const cached = readDecision(storage?.getItem(key));
     const index = cached ? reports.findIndex((r) => r.available && r.name === cached.chosen) : -1;
@@ -368,7 +399,8 @@ export async function selectBackend(
   if (runnable.length > 1) {
     outcome = await measureCandidates(runnable, reports, config, {
       batch,
-      halfWeights: options.halfWeights ?? false,
+      halfWeights,
+      matrixBlocks,
       create,
       passOver,
     });
@@ -454,6 +486,7 @@ function cacheKey(
   reports: readonly CandidateReport[],
   batch: number,
   halfWeights: boolean,
+  matrixBlocks: MatrixBlocks,
 ): string {
   const { dModel, dInner, dState, dtRank, dConv, nLayer, vocabSize, projBias, convBias } = config;
   return CACHE_PREFIX + JSON.stringify({
@@ -462,6 +495,7 @@ function cacheKey(
     backends: reports.filter((r) => r.available).map((r) => `${r.name}: ${r.device}`),
     shape: [dModel, dInner, dState, dtRank, dConv, nLayer, vocabSize, projBias, convBias],
     halfWeights,
+    matrixBlocks: [matrixBlocks.layers, matrixBlocks.head],
     workload: [PREFILL_TOKENS, GENERATED_TOKENS, DECODE_STEPS, batch],
   });
 }
@@ -586,6 +620,7 @@ interface Outcome {
 interface MeasureContext {
   batch: number;
   halfWeights: boolean;
+  matrixBlocks: MatrixBlocks;
   create(index: number): Promise<Backend | undefined>;
   passOver(index: number, reason: string): void;
 }
@@ -662,7 +697,7 @@ async function measureCandidates(
     smallVocab: Math.min(SMALL_VOCAB, config.vocabSize),
     batch,
   };
-  const weights = probeWeights(shape, context.halfWeights);
+  const weights = probeWeights(shape, context.halfWeights, context.matrixBlocks);
   const contenders: Contender[] = [];
   /** Candidates that stopped being measured, with their lower bound. */
   const stopped = new Map<number, number>();
@@ -963,9 +998,10 @@ function estimateOf(runs: Runs, { config, probeLayers, batch }: Shape): Estimate
  * Weights of the measured models, in {@link EngineBench}'s order: random,
  * drawn as Mamba initialises them (as `bench/make_random_model.ts` does) so
  * that activations stay in range and every logit is finite, with tied heads.
- * With `half`, the matrices hold f16 values.
+ * With `half`, the matrices hold f16 values; with `blocks`, those it names
+ * are quantized.
  */
-function probeWeights(shape: Shape, half: boolean): MambaWeights<Float32Array>[] {
+function probeWeights(shape: Shape, half: boolean, blocks: MatrixBlocks): HostWeights[] {
   const { config, probeLayers, smallVocab } = shape;
   const { dModel, dInner, dState, dtRank, dConv, vocabSize, projBias, convBias } = config;
   let s = 0x9e3779b9;
@@ -980,6 +1016,12 @@ function probeWeights(shape: Shape, half: boolean): MambaWeights<Float32Array>[]
     }
     if (half && matrix && f16) { for (let i = 0; i < length; i++) out[i] = f16(out[i]); }
     return out;
+  };
+  /** A random matrix [rows, cols], as `blocks` of `type` where its rows are whole blocks. */
+  const matrix = (rows: number, cols: number, scale: number, type: BlockType | null) => {
+    const values = rand(rows * cols, scale, true);
+    if (!type || cols % QUANT_BLOCK !== 0) return values;
+    return quantizedMatrix(type, rows, cols, quantize(QUANTIZED_TYPES[type], values), "probe");
   };
   const ones = (n: number) => new Float32Array(n).fill(1);
   // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
@@ -1005,28 +1047,29 @@ function probeWeights(shape: Shape, half: boolean): MambaWeights<Float32Array>[]
       outProjBias: projBias ? rand(dModel, 0.1) : null,
     };
   };
-  const block = (): LayerWeights<Float32Array> | Mamba2LayerWeights<Float32Array> => {
+  const layerType = blocks.layers;
+  const block = (): LayerWeights<Float32Array, HostMatrix> | Mamba2LayerWeights<Float32Array> => {
     if (config.mamba2) return mamba2Block(config.mamba2.nHeads);
     const A = new Float32Array(dInner * dState);
     for (let i = 0; i < A.length; i++) A[i] = -(1 + (i % dState));
     const dtProjBias = stepBias(dInner);
     return {
       norm: ones(dModel),
-      inProj: rand(2 * dInner * dModel, 1 / Math.sqrt(dModel), true),
+      inProj: matrix(2 * dInner, dModel, 1 / Math.sqrt(dModel), layerType),
       inProjBias: projBias ? rand(2 * dInner, 0.1) : null,
       convWeight: rand(dInner * dConv, 1 / Math.sqrt(dConv)),
       convBias: convBias ? rand(dInner, 0.1) : null,
-      xProj: rand((dtRank + 2 * dState) * dInner, 1 / Math.sqrt(dInner), true),
-      dtProj: rand(dInner * dtRank, 1 / Math.sqrt(dtRank), true),
+      xProj: matrix(dtRank + 2 * dState, dInner, 1 / Math.sqrt(dInner), layerType),
+      dtProj: matrix(dInner, dtRank, 1 / Math.sqrt(dtRank), layerType),
       dtProjBias,
       A,
       D: ones(dInner),
-      outProj: rand(dModel * dInner, 1 / Math.sqrt(dInner) / config.nLayer, true),
+      outProj: matrix(dModel, dInner, 1 / Math.sqrt(dInner) / config.nLayer, layerType),
       outProjBias: projBias ? rand(dModel, 0.1) : null,
     };
   };
-  const model = (vocab: number, layers: MambaWeights<Float32Array>["layers"]) => {
-    const embedding = rand(vocab * dModel, 0.1, true);
+  const model = (vocab: number, layers: HostWeights["layers"]): HostWeights => {
+    const embedding = matrix(vocab, dModel, 0.1, blocks.head);
     return { embedding, lmHead: embedding, normF: ones(dModel), layers };
   };
   const small = model(smallVocab, Array.from({ length: probeLayers }, block));
@@ -1055,14 +1098,16 @@ class EngineBench<Buf> {
   /** Whether the short rounds of {@link #screen} have passed. */
   #screened = false;
 
-  constructor(backend: Backend<Buf>, weights: MambaWeights<Float32Array>[], shape: Shape) {
+  constructor(backend: Backend<Buf>, weights: HostWeights[], shape: Shape) {
     this.backend = backend;
     this.batch = shape.batch;
     this.#shape = shape;
     const { config } = shape;
     try {
       this.#models = weights.map((w) => {
-        const vocabSize = w.embedding.length / config.dModel;
+        const vocabSize = isQuantized(w.embedding)
+          ? w.embedding.rows
+          : w.embedding.length / config.dModel;
         const model = new MambaModel(backend, { ...config, nLayer: w.layers.length, vocabSize }, w);
         // On a device, the measured round is one round of DECODE_STEPS steps.
         engineFor(model, backend.queued ? { roundSteps: DECODE_STEPS } : undefined);

@@ -7,11 +7,13 @@
  */
 
 import type { MambaConfig } from "./config.ts";
+import type { MatrixBlocks } from "./dispatch.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, GgufFile } from "./gguf.ts";
 import { ggufConfig, GgufTensors, ggufTokenizer, hasGgufTokenizer } from "./gguf_model.ts";
 import { type ModelSource, openSource, readJson, type SourceOptions } from "./source.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
+import { type HostMatrix, isQuantized } from "./quant.ts";
 import { type HostWeights, loadWeightsKeepingBlocks, TensorStore } from "./weights.ts";
 
 /**
@@ -95,6 +97,8 @@ export interface GgufModel {
   tokenizer: MambaTokenizer | null;
   /** Whether the matrices were stored in fewer than 32 bits. */
   halfWeights: boolean;
+  /** Which matrices are kept as blocks, for `auto` to measure alike. */
+  matrixBlocks: MatrixBlocks;
 }
 
 /**
@@ -118,5 +122,12 @@ export async function loadGguf(
   }
   const weights = loadWeightsKeepingBlocks(new TensorStore([new GgufTensors(gguf)]), config, file);
   const halfWeights = gguf.info("blk.0.ssm_in.weight").type !== GGML.F32;
-  return { config, weights, tokenizer, halfWeights };
+  const blockType = (matrix: HostMatrix | undefined) =>
+    matrix && isQuantized(matrix) ? matrix.type : null;
+  const firstLayer = weights.layers[0];
+  const matrixBlocks: MatrixBlocks = {
+    layers: blockType(firstLayer?.inProj),
+    head: blockType(weights.embedding),
+  };
+  return { config, weights, tokenizer, halfWeights, matrixBlocks };
 }

@@ -204,6 +204,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
       verbose: options.verbose,
       batch: options.batch,
       halfWeights: loaded.halfWeights,
+      matrixBlocks: loaded.matrixBlocks,
     });
     return new Mamba(
       new MambaModel(backend, loaded.config, loaded.weights),

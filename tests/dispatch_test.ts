@@ -12,6 +12,7 @@
 import {
   assert,
   assertEquals,
+  assertFalse,
   assertMatch,
   assertRejects,
   assertStringIncludes,
@@ -20,7 +21,13 @@ import type { ChooseArgs } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import type { BackendCandidate, Capabilities } from "../src/backends/registry.ts";
 import { parseConfig } from "../src/config.ts";
-import { type BackendCache, formatBackendReport, selectBackend } from "../src/dispatch.ts";
+import {
+  type BackendCache,
+  formatBackendReport,
+  type MatrixBlocks,
+  selectBackend,
+} from "../src/dispatch.ts";
+import type { QuantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import { readSamples, runCli, SHARED } from "./helpers.ts";
 
@@ -376,4 +383,55 @@ Deno.test("the CLI's --verbose prints the report on stderr and leaves stdout alo
   assertMatch(stderr, /^backend (js|wasm|webgpu) \(auto, /m);
   assertStringIncludes(stderr, "  why: ");
   assertMatch(stderr, /^ {2}wasm: /m);
+});
+
+/** A reference backend that notes the quantized matrices it is offered (and keeps none). */
+class BlockNotingBackend extends JsBackend {
+  override readonly name: string;
+  readonly offered: string[];
+  readonly #delayMs: number;
+
+  constructor(name: string, offered: string[], delayMs: number) {
+    super();
+    this.name = name;
+    this.offered = offered;
+    this.#delayMs = delayMs;
+  }
+
+  override linear(...args: Parameters<JsBackend["linear"]>): void {
+    busy(this.#delayMs);
+    super.linear(...args);
+  }
+
+  override uploadQuantizedMatrix(matrix: QuantizedMatrix): null {
+    this.offered.push(`${matrix.type} [${matrix.rows}, ${matrix.cols}]`);
+    return null;
+  }
+}
+
+Deno.test("auto measures a quantized file's matrices as the same blocks, and caches apart", async () => {
+  // d_model 32: in_proj [128, 32], x_proj [34, 64], out_proj [32, 64] and the
+  // embedding [64, 32] have rows of whole blocks; dt_proj [64, 2] does not.
+  const config = parseConfig({ d_model: 32, n_layer: 2, vocab_size: 64 }, "config.json");
+  const cache = mapCache();
+  const offered: string[] = [];
+  // One clearly slower, so that each decision is cached.
+  const candidates = [["blocks-fast", 0], ["blocks-slow", 2]].map(([name, delayMs]) =>
+    candidateOf(`${name}`, () => new BlockNotingBackend(`${name}`, offered, Number(delayMs)))
+  );
+  const run = async (matrixBlocks?: MatrixBlocks) => {
+    offered.length = 0;
+    const { backend } = await selectBackend("auto", config, { candidates, cache, matrixBlocks });
+    backend.dispose();
+    return new Set(offered);
+  };
+
+  assertEquals(await run(), new Set(), "a float file offers no blocks");
+  const seen = await run({ layers: "q4_0", head: "q8_0" });
+  for (const matrix of ["q4_0 [128, 32]", "q4_0 [34, 64]", "q4_0 [32, 64]", "q8_0 [64, 32]"]) {
+    assert(seen.has(matrix), `${matrix} among ${[...seen]}`);
+  }
+  assertFalse([...seen].some((m) => m.endsWith("[64, 2]")), "dt_proj stays float");
+  assert([...seen].every((m) => !m.startsWith("q8_0") || m === "q8_0 [64, 32]"));
+  assertEquals(cache.map.size, 2, "a decision per weight format");
 });

@@ -9,7 +9,10 @@ import { assert, assertEquals, assertStringIncludes, assertThrows } from "@std/a
 import { ModelFileError } from "../src/errors.ts";
 import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
 import { ggufConfig, ggufTokenizer } from "../src/gguf_model.ts";
-import { singleFile } from "../src/formats.ts";
+import type { MatrixBlocks } from "../src/dispatch.ts";
+import { loadGguf, singleFile } from "../src/formats.ts";
+import { quantizeModel, type QuantizeType } from "../src/quantize.ts";
+import { openSource } from "../src/source.ts";
 import { dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
@@ -203,4 +206,25 @@ Deno.test("a .gguf source: a path, a URL or a hub file", async (t) => {
       await server.shutdown();
     }
   });
+});
+
+Deno.test("a GGUF tells auto which matrices it keeps as blocks", async () => {
+  const shakespeare = `${SHARED}/models/tiny-shakespeare`;
+  const dir = await Deno.makeTempDir({ prefix: "mamba-gguf-blocks-" });
+  try {
+    const expected: Record<string, MatrixBlocks> = {
+      f16: { layers: null, head: null },
+      q8_0: { layers: "q8_0", head: "q8_0" },
+      // A 4-bit file keeps its output (the tied embedding) at 8 bits, as llama-quantize does.
+      q4_0: { layers: "q4_0", head: "q8_0" },
+    };
+    for (const [type, blocks] of Object.entries(expected)) {
+      const { bytes } = await quantizeModel(shakespeare, type as QuantizeType);
+      await Deno.writeFile(`${dir}/${type}.gguf`, bytes);
+      const loaded = await loadGguf(await openSource(dir), `${type}.gguf`);
+      assertEquals(loaded.matrixBlocks, blocks, type);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
