@@ -335,11 +335,7 @@ export class DecodeEngine<Buf> {
             await this.#judge(round, null);
           }
         }
-        // The readers of the ids just judged take them now, not after the
-        // host has spent milliseconds issuing the next round (the device is
-        // busy with the round in flight meanwhile); CPU backends also let
-        // timers and I/O run.
-        await yieldToEventLoop();
+        if (!this.#be.queued) await yieldToEventLoop();
       }
     } catch (error) {
       this.#failAll(asError(error));
