@@ -1011,20 +1011,35 @@ export function linearBlocks(
     return;
   }
   const blocks = inDim >> 5;
-  // From one block of a row to the next: a quad's blocks apart for Q8_0.
-  const step: usize = q8 ? Q8_QUAD_BYTES : Q4_BLOCK_BYTES;
   const q4Row = <usize> blocks * Q4_BLOCK_BYTES;
   const f32Row = <usize> inDim << 2;
   for (let ob = o0; ob < o1; ob += OB) {
     const obEnd = min(ob + OB, o1);
-    let dst = scratch;
-    for (let o = ob; o < obEnd; o++) {
-      let p = q8 ? q8Block(w, o, 0, blocks) : w + <usize> o * q4Row;
-      for (let b = 0; b < blocks; b++) {
-        if (q8) dequantQ8(p, dst);
-        else dequantQ4(p, dst);
-        p += step;
-        dst += 128;
+    if (q8) {
+      // A quad at a time, its blocks in the order they lie (ob and OB are
+      // multiples of 4, so a last partial quad's padding rows still land in
+      // the tile).
+      for (let o = ob; o < obEnd; o += 4) {
+        let p = q8Block(w, o, 0, blocks);
+        let dst = scratch + <usize> (o - ob) * f32Row;
+        for (let b = 0; b < blocks; b++) {
+          dequantQ8(p, dst);
+          dequantQ8(p + 36, dst + f32Row);
+          dequantQ8(p + 72, dst + 2 * f32Row);
+          dequantQ8(p + 108, dst + 3 * f32Row);
+          p += Q8_QUAD_BYTES;
+          dst += 128;
+        }
+      }
+    } else {
+      let dst = scratch;
+      for (let o = ob; o < obEnd; o++) {
+        let p = w + <usize> o * q4Row;
+        for (let b = 0; b < blocks; b++) {
+          dequantQ4(p, dst);
+          p += Q4_BLOCK_BYTES;
+          dst += 128;
+        }
       }
     }
     // The f32 kernel addresses weight row o at w + o·f32Row: the tile, moved
