@@ -74,13 +74,13 @@ export class WasmBuffer {
 
 /**
  * Bytes of a block of 32 weights as the wasm backend holds it, repacked at
- * upload from ggml's layout so that the kernels widen the values with shifts
- * and masks instead of byte shuffles (see asm/kernels.ts): an f32 scale
- * (times 2^-24 or 2^-28), loaded with one instruction, then the values. Q8_0:
- * the 32 int8 values with the bytes of each group of 16 transposed 4×4 (36
- * bytes, against ggml's 34); Q4_0: the 4-bit values as four i32 lanes, lane
- * j holding weight 4k + j at nibble k, as the signed nibble u − 8 (20 bytes,
- * against 18).
+ * upload from ggml's layout (see asm/kernels.ts): an f32 scale, loaded with
+ * one instruction, then the values. Q8_0: the 32 int8 values in order (36
+ * bytes, against ggml's 34), which the GEMV widens to int16 as it loads them
+ * for integer dot products; Q4_0: the scale times 2^-28, then the 4-bit
+ * values as four i32 lanes, lane j holding weight 4k + j at nibble k, as the
+ * signed nibble u − 8 (20 bytes, against 18), so that a shift and a mask
+ * widen them instead of byte shuffles.
  */
 const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20 };
 
@@ -88,10 +88,31 @@ const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20 };
 const packedRowBytes = (type: BlockType, cols: number) => (cols / QUANT_BLOCK) * PACKED_BYTES[type];
 
 /**
+ * Q8_0 rows are held in quads, their blocks interleaved (block b of row 4g + r
+ * at quad g's start + 144·b + 36·r) so that the GEMV's four rows per pass are
+ * one sequential stream; the last quad is padded with zero rows. Quad g starts
+ * where row 4g would in a plain layout, so a view from a row that is a
+ * multiple of 4 is a matrix of the same layout.
+ */
+const QUAD = 4;
+
+/** Byte offset of block `block` of row `row` in a repacked matrix of `cols` columns. */
+function blockOffset(type: BlockType, cols: number, row: number, block: number): number {
+  const blockBytes = PACKED_BYTES[type];
+  if (type === "q4_0") return row * packedRowBytes(type, cols) + block * blockBytes;
+  const quad = row - (row % QUAD);
+  return quad * packedRowBytes(type, cols) + (block * QUAD + (row % QUAD)) * blockBytes;
+}
+
+/** Bytes a repacked matrix takes: Q8_0's rows rounded up to whole quads. */
+const packedBytes = (type: BlockType, rows: number, cols: number) =>
+  (type === "q8_0" ? Math.ceil(rows / QUAD) * QUAD : rows) * packedRowBytes(type, cols);
+
+/**
  * A weight matrix [rows, cols] kept as repacked Q8_0 or Q4_0 blocks in the
  * module's memory: `linear` runs the kernels of its type on it, `embed` and
- * `copyRows` dequantize the rows they gather. Its `length` counts its bytes
- * in floats.
+ * `copyRows` dequantize the rows they gather. Its `length` counts the bytes
+ * of its rows in floats.
  */
 export class WasmQuantMatrix extends WasmBuffer {
   /** The block format. */
@@ -110,43 +131,48 @@ export class WasmQuantMatrix extends WasmBuffer {
 }
 
 /**
- * ggml's blocks of `type` into `out` in the kernels' layout (see
- * {@link PACKED_BYTES}).
+ * ggml's blocks of a [rows, cols] matrix of `type` into `out` (zeroed, of
+ * {@link packedBytes}) in the kernels' layout (see {@link PACKED_BYTES} and
+ * {@link QUAD}).
  */
-function packBlocks(type: BlockType, blocks: Uint8Array, out: Uint8Array): void {
+function packBlocks(
+  type: BlockType,
+  rows: number,
+  cols: number,
+  blocks: Uint8Array,
+  out: Uint8Array,
+): void {
   const scales = new DataView(out.buffer, out.byteOffset, out.byteLength);
-  const [from, to] = [BLOCK_BYTES[type], PACKED_BYTES[type]];
-  for (let at = 0, put = 0; at < blocks.length; at += from, put += to) {
-    const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
-    if (type === "q8_0") {
-      scales.setFloat32(put, d * 2 ** -24, true);
-      for (let group = 0; group < 32; group += 16) {
-        for (let k = 0; k < 4; k++) {
-          for (let j = 0; j < 4; j++) {
-            out[put + 4 + group + 4 * j + k] = blocks[at + 2 + group + 4 * k + j];
-          }
-        }
+  const from = BLOCK_BYTES[type];
+  const perRow = cols / QUANT_BLOCK;
+  for (let row = 0, at = 0; row < rows; row++) {
+    for (let block = 0; block < perRow; block++, at += from) {
+      const put = blockOffset(type, cols, row, block);
+      const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
+      if (type === "q8_0") {
+        scales.setFloat32(put, d, true);
+        out.set(blocks.subarray(at + 2, at + from), put + 4);
+        continue;
       }
-      continue;
-    }
-    scales.setFloat32(put, d * 2 ** -28, true);
-    out.fill(0, put + 4, put + 20);
-    for (let e = 0; e < QUANT_BLOCK; e++) {
-      const byte = blocks[at + 2 + (e & 15)];
-      const u = e < 16 ? byte & 0x0f : byte >> 4;
-      // u − 8 as a 4-bit two's complement is u ^ 8; weight e = 4k + j goes to lane j, nibble k.
-      const k = e >> 2, j = e & 3;
-      out[put + 4 + 4 * j + (k >> 1)] |= (u ^ 8) << (4 * (k & 1));
+      scales.setFloat32(put, d * 2 ** -28, true);
+      for (let e = 0; e < QUANT_BLOCK; e++) {
+        const byte = blocks[at + 2 + (e & 15)];
+        const u = e < 16 ? byte & 0x0f : byte >> 4;
+        // u − 8 as a 4-bit two's complement is u ^ 8; weight e = 4k + j goes to lane j, nibble k.
+        const k = e >> 2, j = e & 3;
+        out[put + 4 + 4 * j + (k >> 1)] |= (u ^ 8) << (4 * (k & 1));
+      }
     }
   }
 }
 
 /** What the wasm backend keeps a scratch buffer for. */
-type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant";
+type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant" | "split";
 
 /**
  * A view of `length` floats of `buf` from `offset` (never released on its
- * own); of a Q8_0 matrix, the rows `offset / cols` on, `length / cols` of them.
+ * own); of a quantized matrix, the rows `offset / cols` on, `length / cols` of
+ * them (for Q8_0, from a multiple of 4: see {@link QUAD}).
  */
 const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
   buf instanceof WasmQuantMatrix
@@ -289,7 +315,7 @@ interface Kernels {
     scratch: number,
     blockType: number,
   ): void;
-  dequantScratchBytes(inDim: number): number;
+  blocksScratchBytes(rows: number, inDim: number): number;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
   mathTest64(out: number, x: number, n: number, which: number): void;
@@ -706,10 +732,14 @@ export class WasmBackend implements Backend<WasmBuffer> {
    */
   uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQuantMatrix {
     const { type, rows, cols } = matrix;
-    const bytes = rows * packedRowBytes(type, cols);
+    const bytes = packedBytes(type, rows, cols);
     const buf = this.#alloc(bytes / 4);
-    packBlocks(type, matrix.blocks, new Uint8Array(this.#memory.buffer, buf.ptr, bytes));
-    this.#copiedBytes += bytes;
+    const out = new Uint8Array(this.#memory.buffer, buf.ptr, bytes);
+    // Zeroed first: a reused buffer's old bytes would fill the padding rows and Q4_0's nibbles.
+    out.fill(0);
+    packBlocks(type, rows, cols, matrix.blocks, out);
+    // The blocks' bytes; the padding rows are not copied.
+    this.#copiedBytes += rows * packedRowBytes(type, cols);
     return new WasmQuantMatrix(type, buf.ptr, rows, cols, buf.bytes);
   }
 
@@ -894,13 +924,11 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
     const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
       outDim >= 8;
-    // Rows of dequantized weights per thread, only where the matmul runs.
-    const scratch = rows > 1
-      ? this.#scratch(
-        "dequant",
-        (this.#kernels.dequantScratchBytes(inDim) / 4) * (parallel ? this.threads : 1),
-      ).ptr
-      : 0;
+    // Per thread: rows of dequantized weights for the matmul, or the GEMV's rounded input.
+    const scratch = this.#scratch(
+      "dequant",
+      (this.#kernels.blocksScratchBytes(rows, inDim) / 4) * (parallel ? this.threads : 1),
+    ).ptr;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
     // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0.
     const blockType = weight.type === "q8_0" ? 0 : 1;
@@ -924,6 +952,26 @@ export class WasmBackend implements Backend<WasmBuffer> {
       this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
       x = normed;
     }
+    const starts = widths.map((_, i) => widths.slice(0, i).reduce((a, b) => a + b, 0));
+    if (
+      weight instanceof WasmQuantMatrix && weight.type === "q8_0" &&
+      starts.some((start) => start % QUAD !== 0)
+    ) {
+      // A view of Q8_0 rows must start a quad: here one linear over all the rows, then the
+      // outputs' columns copied out of its result.
+      const outDim = starts.at(-1)! + widths.at(-1)!;
+      const all = this.#scratch("split", rows * outDim);
+      this.linear(all, x, weight, bias, rows, inDim, outDim);
+      const heap = this.#view();
+      outs.forEach((out, i) => {
+        for (let r = 0; r < rows; r++) {
+          const from = (all.ptr >>> 2) + r * outDim + starts[i];
+          heap.copyWithin((out.ptr >>> 2) + r * widths[i], from, from + widths[i]);
+        }
+      });
+      if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
+      return;
+    }
     // Each output's rows of the weight (and bias) are a view: no copy.
     let first = 0;
     outs.forEach((out, i) => {
@@ -946,20 +994,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
   /** Row `row` of a quantized matrix into `out` (its `cols` floats), as `dequantizeMatrix` gives it. */
   #dequantizeRow(matrix: WasmQuantMatrix, row: number, out: Float32Array): void {
     const { type, cols } = matrix;
-    const rowBytes = packedRowBytes(type, cols);
-    const start = matrix.ptr + row * rowBytes;
-    const scales = new DataView(this.#memory.buffer, start, rowBytes);
-    const bytes = new Uint8Array(this.#memory.buffer, start, rowBytes);
-    const signed = new Int8Array(this.#memory.buffer, start, rowBytes);
-    for (let block = 0, at = 0; at < rowBytes; block++, at += PACKED_BYTES[type]) {
+    const { buffer } = this.#memory;
+    const scales = new DataView(buffer, matrix.ptr);
+    const bytes = new Uint8Array(buffer, matrix.ptr);
+    const signed = new Int8Array(buffer, matrix.ptr);
+    for (let block = 0; block < cols / QUANT_BLOCK; block++) {
+      const at = blockOffset(type, cols, row, block);
       const base = block * QUANT_BLOCK;
       if (type === "q8_0") {
-        const d = scales.getFloat32(at, true) * 2 ** 24;
-        for (let e = 0; e < QUANT_BLOCK; e++) {
-          // Weight e = group + 4k + j sits at byte group + 4j + k (see packBlocks).
-          const group = e & 16, k = (e >> 2) & 3, j = e & 3;
-          out[base + e] = d * signed[at + 4 + group + 4 * j + k];
-        }
+        const d = scales.getFloat32(at, true);
+        for (let e = 0; e < QUANT_BLOCK; e++) out[base + e] = d * signed[at + 4 + e];
         continue;
       }
       const d = scales.getFloat32(at, true) * 2 ** 28;
