@@ -59,6 +59,8 @@ export function setConstants(scale: f32): void {
   TOP_NIBBLE = i32x4.splat(<i32>(<f32>-268435456 * scale));
   LOW_STEPS = f32x4.splat(<f32>32768 * scale);
   LOW_SCALE = f32x4.splat(scale / 32768);
+  HALF_BITS = i32x4.splat(<i32>(<f32>-1879056384 * scale));
+  HALF_SCALE = f32x4.splat(<f32>5.192296858534828e33 * scale);
 }
 
 // @ts-ignore: decorator
@@ -1048,6 +1050,113 @@ export function linearBlocks(
   }
 }
 
+// ------------------------------------------------------ f16 weights ----
+
+// f16 weights (an F16 checkpoint kept 16-bit by src/backends/wasm.ts), 2
+// bytes each, rows back to back. WebAssembly SIMD has no f16 conversion, but
+// for a finite f16 h, sign-extended to an i32 and shifted left by 13, the
+// mask 0x8fffe000 keeps its sign in bit 31 and its exponent and mantissa in
+// f32's low exponent and high mantissa bits: an f32 equal to h·2^-112
+// exactly, subnormals included, which a multiply by 2^112 makes h. Weights
+// are checked finite at load, so no infinity or NaN reaches here.
+let HALF_BITS = i32x4.splat(-1879056384); // 0x8fffe000; a global, as the constants above
+let HALF_SCALE = f32x4.splat(5.192296858534828e33); // 2^112
+
+// Halves 4k .. 4k + 3 of the 8 in `v` (k 0 or 1), as f32.
+// @ts-ignore: decorator
+@inline
+function halfQuarter(v: v128, k: i32): v128 {
+  const wide = k == 0 ? i32x4.extend_low_i16x8_s(v) : i32x4.extend_high_i16x8_s(v);
+  return f32x4.mul(v128.and(i32x4.shl(wide, 13), HALF_BITS), HALF_SCALE);
+}
+
+// The f16 value at p, as f32 (the tails).
+// @ts-ignore: decorator
+@inline
+function halfAt(p: usize): f32 {
+  const wide = i32x4.splat(<i32> load<i16>(p));
+  return f32x4.extract_lane(f32x4.mul(v128.and(i32x4.shl(wide, 13), HALF_BITS), HALF_SCALE), 0);
+}
+
+// GEMV (rows = 1) over f16 weights, one weight row at a time as the f32 GEMV
+// (the prefetcher follows one stream best), 16 halves per step.
+function gemvHalf(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
+  const k16 = inDim & ~15;
+  const k8 = inDim & ~7;
+  for (let o = o0; o < o1; o++) {
+    const w0 = w + (<usize> o * <usize> inDim << 1);
+    let a0 = f32x4.splat(0);
+    let a1 = f32x4.splat(0);
+    let a2 = f32x4.splat(0);
+    let a3 = f32x4.splat(0);
+    let k = 0;
+    for (; k < k16; k += 16) {
+      const xp = x + (<usize> k << 2);
+      const v0 = v128.load(w0 + (<usize> k << 1));
+      const v1 = v128.load(w0 + (<usize> k << 1), 16);
+      a0 = madd(halfQuarter(v0, 0), v128.load(xp), a0);
+      a1 = madd(halfQuarter(v0, 1), v128.load(xp, 16), a1);
+      a2 = madd(halfQuarter(v1, 0), v128.load(xp, 32), a2);
+      a3 = madd(halfQuarter(v1, 1), v128.load(xp, 48), a3);
+    }
+    for (; k < k8; k += 8) {
+      const xp = x + (<usize> k << 2);
+      const v0 = v128.load(w0 + (<usize> k << 1));
+      a0 = madd(halfQuarter(v0, 0), v128.load(xp), a0);
+      a1 = madd(halfQuarter(v0, 1), v128.load(xp, 16), a1);
+    }
+    let sum = hsum(f32x4.add(f32x4.add(a0, a1), f32x4.add(a2, a3)));
+    for (; k < inDim; k++) sum += halfAt(w0 + (<usize> k << 1)) * load<f32>(x + (<usize> k << 2));
+    if (bias) sum += load<f32>(bias + (<usize> o << 2));
+    store<f32>(out + (<usize> o << 2), sum);
+  }
+}
+
+// Bytes of per-thread scratch linearHalf needs: OB rows widened to f32.
+export function halfScratchBytes(inDim: i32): i32 {
+  return OB * inDim * 4;
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over f16 weights, output
+// columns [o0, o1). One row: the GEMV over the halves. More rows: each block
+// of OB weight rows is widened once into `scratch` (in L2) and the f32
+// matmul runs over it, as linearBlocks does for quantized blocks.
+export function linearHalf(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+  scratch: usize,
+): void {
+  if (rows == 1) {
+    gemvHalf(out, x, w, bias, inDim, o0, o1);
+    return;
+  }
+  const f32Row = <usize> inDim << 2;
+  const k8 = inDim & ~7;
+  for (let ob = o0; ob < o1; ob += OB) {
+    const obEnd = min(ob + OB, o1);
+    for (let o = ob; o < obEnd; o++) {
+      const src = w + (<usize> o * <usize> inDim << 1);
+      const dst = scratch + <usize> (o - ob) * f32Row;
+      let k = 0;
+      for (; k < k8; k += 8) {
+        const v = v128.load(src + (<usize> k << 1));
+        v128.store(dst + (<usize> k << 2), halfQuarter(v, 0));
+        v128.store(dst + (<usize> k << 2), halfQuarter(v, 1), 16);
+      }
+      for (; k < inDim; k++) store<f32>(dst + (<usize> k << 2), halfAt(src + (<usize> k << 1)));
+    }
+    // The tile, moved back by ob rows, as in linearBlocks.
+    linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
+  }
+}
+
 // ----------------------------------------------------------- the rest ----
 
 // out [rows, dim] = x / sqrt(mean(x²) + eps) * weight; out may alias x.
@@ -1650,6 +1759,7 @@ const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
 const OP_LINEAR_BLOCKS = 7;
+const OP_LINEAR_HALF = 8;
 
 // @ts-ignore: decorator
 @inline
@@ -1697,6 +1807,21 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       splitStart(outDim, part + 1, parts, align),
       arg(ctrl, 7) + part * blocksScratchBytes(arg(ctrl, 4), arg(ctrl, 5)),
       arg(ctrl, 8),
+    );
+  } else if (op == OP_LINEAR_HALF) {
+    const outDim = arg(ctrl, 6);
+    const align = arg(ctrl, 4) > 1 ? OB : 4;
+    linearHalf(
+      arg(ctrl, 0),
+      arg(ctrl, 1),
+      arg(ctrl, 2),
+      arg(ctrl, 3),
+      arg(ctrl, 4),
+      arg(ctrl, 5),
+      outDim,
+      splitStart(outDim, part, parts, align),
+      splitStart(outDim, part + 1, parts, align),
+      arg(ctrl, 7) + part * halfScratchBytes(arg(ctrl, 5)),
     );
   } else if (op == OP_SCAN) {
     const dim = arg(ctrl, 12);

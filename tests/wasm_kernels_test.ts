@@ -8,12 +8,18 @@ import { assert, assertEquals } from "@std/assert";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import type { Backend } from "../src/backend.ts";
 import { JsBackend, silu, softplus } from "../src/backends/js.ts";
-import { WasmBackend, type WasmBuffer, WasmQuantMatrix } from "../src/backends/wasm.ts";
+import {
+  HALF_MIN_WEIGHTS,
+  WasmBackend,
+  type WasmBuffer,
+  WasmHalfMatrix,
+  WasmQuantMatrix,
+} from "../src/backends/wasm.ts";
 import { GGML } from "../src/gguf.ts";
 import { quantize } from "../src/gguf_write.ts";
 import { type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
-import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
+import { f16ToF32, f32BitsToF16, SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
 
 /**
@@ -63,6 +69,76 @@ async function compare(
  * `type` blocks on the wasm backend, against the reference backend on the
  * dequantized weights.
  */
+/**
+ * `linear` and `linearSplit` over a matrix kept as f16 (`uploadHalfMatrix`)
+ * against the reference on the same f16 values as f32: inner dimensions not a
+ * multiple of 8 or 16 (the kernels' tails), odd outputs, the GEMV and the
+ * matmul; values not exactly f16 are refused.
+ */
+async function halfOps(threads: number): Promise<void> {
+  // Every size kept as f16, to reach the kernels with small odd shapes.
+  using wasm = await WasmBackend.create({ threads, halfMinWeights: 0 });
+  const js = new JsBackend();
+  const rand = xorshiftUniforms(70 + threads);
+  // Exactly f16: rounded through f16 bits, with subnormals and -0 among them.
+  const halves = (n: number) => {
+    const values = rand(n).map((v, i) => i % 97 === 0 ? 3e-6 * v : i % 89 === 0 ? -0 : v);
+    const bits = new Uint32Array(values.buffer);
+    return values.map((_, i) => f16ToF32(f32BitsToF16(bits[i])));
+  };
+  for (
+    const [rows, inDim, outDim] of [
+      [1, 1, 1],
+      [1, 13, 5],
+      [1, 768, 1537],
+      [1, 1539, 67],
+      [2, 24, 9],
+      [3, 7, 131],
+      [17, 100, 71],
+      [37, 160, 131],
+    ]
+  ) {
+    const weights = halves(outDim * inDim);
+    const w = wasm.uploadHalfMatrix(weights, inDim);
+    assert(w instanceof WasmHalfMatrix, "exact f16 values are kept as f16");
+    for (const withBias of [false, true]) {
+      const x = rand(rows * inDim);
+      const bias = withBias ? rand(outDim) : null;
+      const want = js.zeros(rows * outDim);
+      js.linear(want, x, weights, bias, rows, inDim, outDim);
+      const out = wasm.zeros(rows * outDim);
+      wasm.linear(out, wasm.upload(x), w, bias && wasm.upload(bias), rows, inDim, outDim);
+      const diff = maxScaledDiff(await wasm.read(out), want);
+      assert(diff <= 1e-5, `f16 linear ${rows}x${inDim}x${outDim} bias=${withBias}: ${diff}`);
+    }
+    if (outDim >= 9) {
+      const widths = [outDim - 7, 4, 3];
+      const x = rand(rows * inDim);
+      const want = js.zeros(rows * outDim);
+      js.linear(want, x, weights, null, rows, inDim, outDim);
+      const outs = widths.map((width) => wasm.zeros(rows * width));
+      wasm.linearSplit(outs, widths, wasm.upload(x), w, null, rows, inDim);
+      let first = 0;
+      for (const [i, width] of widths.entries()) {
+        const part = new Float32Array(rows * width);
+        for (let r = 0; r < rows; r++) {
+          part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
+        }
+        const diff = maxScaledDiff(await wasm.read(outs[i]), part);
+        assert(diff <= 1e-5, `f16 linearSplit ${rows}x${inDim}x${outDim} part ${i}: ${diff}`);
+        first += width;
+      }
+    }
+  }
+  const notHalf = halves(64);
+  notHalf[10] = 0.1; // Not an f16 value.
+  assertEquals(wasm.uploadHalfMatrix(notHalf, 8), null);
+  // By default a matrix that stays in the cache is widened to f32.
+  using byDefault = await WasmBackend.create({ threads });
+  assertEquals(byDefault.uploadHalfMatrix(halves(HALF_MIN_WEIGHTS - 1024), 1024), null);
+  assert(byDefault.uploadHalfMatrix(halves(HALF_MIN_WEIGHTS), 1024) instanceof WasmHalfMatrix);
+}
+
 async function quantizedOps(threads: number, type: BlockType, ggml: number): Promise<void> {
   using wasm = await WasmBackend.create({ threads });
   const js = new JsBackend();
@@ -176,6 +252,10 @@ for (const threads of [1, 2, 3]) {
         );
       }
     }
+  });
+
+  Deno.test(`[wasm ${threads}t] linear over f16 weights: GEMV and matmul, split`, async () => {
+    await halfOps(threads);
   });
 
   for (const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0]] as const) {

@@ -40,7 +40,7 @@ import {
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
 import { BLOCK_BYTES, type BlockType, QUANT_BLOCK, type QuantizedMatrix } from "../quant.ts";
-import { f16ToF32 } from "../safetensors.ts";
+import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** Options of the wasm backend. */
@@ -54,7 +54,22 @@ export interface WasmBackendOptions {
    * into, so they upload without a copy.
    */
   sharedMemory?: boolean;
+  /**
+   * Weights a matrix of exact f16 values needs at least to be kept as f16
+   * (default {@link HALF_MIN_WEIGHTS}); smaller ones are widened to f32.
+   */
+  halfMinWeights?: number;
 }
+
+/**
+ * Matrices of exact f16 values this large or larger stay f16: they stream
+ * from memory on every decode step, which f16 halves. Smaller ones (a 130m
+ * model's x_proj and dt_proj, every matrix of the bundled model) stay in the
+ * cache, where widening each half costs more than it saves: on the 2-core
+ * development machine the bundled model decoded at 1,101–1,228 tok/s with
+ * every matrix in f16 against 1,493–2,006 in f32 (docs/performance.md).
+ */
+export const HALF_MIN_WEIGHTS = 1 << 20;
 
 /** A buffer of the wasm backend: `length` floats at byte offset `ptr` of its memory. */
 export class WasmBuffer {
@@ -131,6 +146,27 @@ export class WasmQuantMatrix extends WasmBuffer {
 }
 
 /**
+ * A weight matrix [rows, cols] whose values are all exactly f16 (an F16
+ * checkpoint widened at load), kept as f16 in the module's memory, rows back
+ * to back: half the memory and half the bytes a decode step streams.
+ * `linear` runs the f16 kernels on it (`linearHalf` in asm/kernels.ts); an
+ * embedding stays f32, for `embed` and `copyRows`. Its `length` counts its
+ * bytes in floats.
+ */
+export class WasmHalfMatrix extends WasmBuffer {
+  /** Output rows. */
+  readonly rows: number;
+  /** Elements per row. */
+  readonly cols: number;
+
+  constructor(ptr: number, rows: number, cols: number, bytes: number) {
+    super(ptr, Math.ceil((rows * cols) / 2), bytes);
+    this.rows = rows;
+    this.cols = cols;
+  }
+}
+
+/**
  * ggml's blocks of a [rows, cols] matrix of `type` into `out` (zeroed, of
  * {@link packedBytes}) in the kernels' layout (see {@link PACKED_BYTES} and
  * {@link QUAD}).
@@ -183,6 +219,8 @@ const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
       buf.cols,
       0,
     )
+    : buf instanceof WasmHalfMatrix
+    ? new WasmHalfMatrix(buf.ptr + offset * 2, length / buf.cols, buf.cols, 0)
     : new WasmBuffer(buf.ptr + offset * 4, length, 0);
 
 interface Kernels {
@@ -316,6 +354,19 @@ interface Kernels {
     blockType: number,
   ): void;
   blocksScratchBytes(rows: number, inDim: number): number;
+  linearHalf(
+    out: number,
+    x: number,
+    w: number,
+    bias: number,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    o0: number,
+    o1: number,
+    scratch: number,
+  ): void;
+  halfScratchBytes(inDim: number): number;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
   mathTest64(out: number, x: number, n: number, which: number): void;
@@ -336,6 +387,7 @@ const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
 const OP_LINEAR_BLOCKS = 7;
+const OP_LINEAR_HALF = 8;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
@@ -593,9 +645,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
   readonly #scratchBuffers = new Map<ScratchPurpose, WasmBuffer>();
   #disposed = false;
   readonly #pickScratch = new PickScratch();
+  readonly #halfMinWeights: number;
 
-  private constructor(memory: WebAssembly.Memory, instance: WebAssembly.Instance, threads: number) {
+  private constructor(
+    memory: WebAssembly.Memory,
+    instance: WebAssembly.Instance,
+    threads: number,
+    halfMinWeights: number,
+  ) {
     this.#memory = memory;
+    this.#halfMinWeights = halfMinWeights;
     this.#kernels = instance.exports as unknown as Kernels;
     this.#heap = new Float32Array(memory.buffer);
     this.#top = Math.max(ALIGN, align(this.#kernels.heapBase()));
@@ -627,7 +686,12 @@ export class WasmBackend implements Backend<WasmBuffer> {
       shared ? { initial: 1, maximum: MAX_PAGES, shared: true } : { initial: 1 },
     );
     const instance = await WebAssembly.instantiate(module, { env: { memory } });
-    const backend = new WasmBackend(memory, instance, threads);
+    const backend = new WasmBackend(
+      memory,
+      instance,
+      threads,
+      options.halfMinWeights ?? HALF_MIN_WEIGHTS,
+    );
     if (threads > 1) await backend.#startThreads(module);
     return backend;
   }
@@ -720,9 +784,27 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return new Uint8Array(buffer, ptr, byteLength);
   }
 
-  /** Matrices stay f32: widened at load, the GEMV streams them fastest (see the README). */
-  uploadHalfMatrix(_data: Float32Array): null {
-    return null;
+  /**
+   * Keeps a weight matrix [rows, `rowLength`] of at least
+   * {@link WasmBackendOptions.halfMinWeights} weights as f16 when every value
+   * is exactly an f16 (an F16 checkpoint widened at load), for the f16
+   * kernels of `linear`; null otherwise, or without a row length.
+   */
+  uploadHalfMatrix(data: Float32Array, rowLength?: number): WasmHalfMatrix | null {
+    if (!rowLength || data.length % rowLength !== 0 || data.length < this.#halfMinWeights) {
+      return null;
+    }
+    const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
+    const halves = new Uint16Array(data.length);
+    for (let i = 0; i < data.length; i++) {
+      const half = f32BitsToF16(bits[i]);
+      if (f16ToF32(half) !== data[i]) return null;
+      halves[i] = half;
+    }
+    const buf = this.#alloc(Math.ceil(data.length / 2));
+    new Uint16Array(this.#memory.buffer, buf.ptr, data.length).set(halves);
+    this.#copiedBytes += halves.byteLength;
+    return new WasmHalfMatrix(buf.ptr, data.length / rowLength, rowLength, buf.bytes);
   }
 
   /**
@@ -900,6 +982,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
     if (weight instanceof WasmQuantMatrix) {
       return this.#linearQuant(out, x, weight, biasPtr, rows, outDim);
     }
+    if (weight instanceof WasmHalfMatrix) {
+      return this.#linearHalf(out, x, weight, biasPtr, rows, outDim);
+    }
     if (this.#ctrl && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8) {
       this.#parallel(OP_LINEAR, [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim]);
     } else {
@@ -934,6 +1019,33 @@ export class WasmBackend implements Backend<WasmBuffer> {
     const blockType = weight.type === "q8_0" ? 0 : 1;
     if (parallel) return this.#parallel(OP_LINEAR_BLOCKS, [...operands, scratch, blockType]);
     this.#kernels.linearBlocks(...operands, 0, outDim, scratch, blockType);
+  }
+
+  /** `linear` over f16 weights (`linearHalf` in asm/kernels.ts), split as the f32 one. */
+  #linearHalf(
+    out: WasmBuffer,
+    x: WasmBuffer,
+    weight: WasmHalfMatrix,
+    biasPtr: number,
+    rows: number,
+    outDim: number,
+  ): void {
+    const inDim = weight.cols;
+    if (weight.rows !== outDim) {
+      throw new RangeError(`An f16 matrix of ${weight.rows} rows cannot give ${outDim} outputs`);
+    }
+    const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
+      outDim >= 8;
+    // Per thread: a tile of weight rows widened to f32, where the matmul runs.
+    const scratch = rows > 1
+      ? this.#scratch(
+        "dequant",
+        (this.#kernels.halfScratchBytes(inDim) / 4) * (parallel ? this.threads : 1),
+      ).ptr
+      : 0;
+    const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
+    if (parallel) return this.#parallel(OP_LINEAR_HALF, [...operands, scratch]);
+    this.#kernels.linearHalf(...operands, 0, outDim, scratch);
   }
 
   linearSplit(
