@@ -821,7 +821,7 @@ export function f32BitsToF16(u: number): number {
 }
 
 /** F32 bit pattern to BF16 bit pattern, round-to-nearest-even (writer's fast path). */
-function f32BitsToBf16(u: number): number {
+export function f32BitsToBf16(u: number): number {
   if ((u & 0x7f800000) === 0x7f800000 && (u & 0x7fffff) !== 0) return (u >>> 16) | 0x40;
   return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
 }
