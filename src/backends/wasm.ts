@@ -41,7 +41,7 @@ import {
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
 import { BLOCK_BYTES, type BlockType, QUANT_BLOCK, type QuantizedMatrix } from "../quant.ts";
-import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
+import { f16ToF32, packHalves } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** Options of the wasm backend. */
@@ -81,17 +81,11 @@ export const HALF_MIN_WEIGHTS = 1 << 20;
  * below f16's range or needs more bits than its subnormals keep.
  */
 function toHalves(data: Float32Array): { format: HalfFormat; halves: Uint16Array } | null {
-  const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
-  const halves = new Uint16Array(data.length);
-  let i = 0;
-  for (; i < data.length && (bits[i] & 0xffff) === 0; i++) halves[i] = bits[i] >>> 16;
-  if (i === data.length) return { format: "bf16", halves };
-  for (i = 0; i < data.length; i++) {
-    const half = f32BitsToF16(bits[i]);
-    if (f16ToF32(half) !== data[i]) return null;
-    halves[i] = half;
+  for (const format of ["bf16", "f16"] as const) {
+    const halves = packHalves(data, format);
+    if (halves) return { format, halves };
   }
-  return { format: "f16", halves };
+  return null;
 }
 
 /** A buffer of the wasm backend: `length` floats at byte offset `ptr` of its memory. */
@@ -826,8 +820,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
     if (converted === null) return null;
     const { format, halves } = converted;
     const buf = this.#alloc(Math.ceil(data.length / 2));
-    new Uint16Array(this.#memory.buffer, buf.ptr, data.length).set(halves);
-    this.#copiedBytes += halves.byteLength;
+    // Whole pairs of halves: the allocation is whole floats.
+    new Uint16Array(this.#memory.buffer, buf.ptr, halves.length).set(halves);
+    this.#copiedBytes += 2 * data.length;
     return new WasmHalfMatrix(buf.ptr, data.length / rowLength, rowLength, buf.bytes, format);
   }
 
