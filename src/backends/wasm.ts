@@ -64,11 +64,13 @@ export interface WasmBackendOptions {
 
 /**
  * Matrices of exact f16 (or bf16) values this large or larger stay 16-bit:
- * they stream from memory on every decode step, which 16 bits halve. Smaller ones (a 130m
- * model's x_proj and dt_proj, every matrix of the bundled model) stay in the
- * cache, where widening each half costs more than it saves: on the 2-core
- * development machine the bundled model decoded at 1,101–1,228 tok/s with
- * every matrix in f16 against 1,493–2,006 in f32 (docs/performance.md).
+ * they stream from memory on every decode step, which 16 bits halve. Smaller
+ * ones (a 130m model's x_proj and dt_proj, every matrix of the bundled model)
+ * stay in the cache, where widening each half costs more than it saves: on
+ * the 2-core development machine the bundled model decoded at 1,101–1,228
+ * tok/s with every matrix in f16 against 1,493–2,006 in f32; bf16, cheaper
+ * to widen, gained nothing either (2,286–2,506 steps/s against 2,156–2,818;
+ * docs/performance.md).
  */
 export const HALF_MIN_WEIGHTS = 1 << 20;
 
