@@ -1050,37 +1050,55 @@ export function linearBlocks(
   }
 }
 
-// ------------------------------------------------------ f16 weights ----
+// ------------------------------------------------- f16 and bf16 weights ----
 
-// f16 weights (an F16 checkpoint kept 16-bit by src/backends/wasm.ts), 2
-// bytes each, rows back to back. WebAssembly SIMD has no f16 conversion, but
-// for a finite f16 h, sign-extended to an i32 and shifted left by 13, the
-// mask 0x8fffe000 keeps its sign in bit 31 and its exponent and mantissa in
-// f32's low exponent and high mantissa bits: an f32 equal to h·2^-112
-// exactly, subnormals included, which a multiply by 2^112 makes h. Weights
-// are checked finite at load, so no infinity or NaN reaches here.
+// 16-bit weights (an F16 or BF16 checkpoint kept 16-bit by
+// src/backends/wasm.ts), 2 bytes each, rows back to back. The kernels take
+// the format as a type argument, so that each compiles once per format with
+// no branch in its loops (AssemblyScript has no constant generics, and
+// isSigned<T>() is known at compile time): F16, a signed i16, for f16 bits;
+// BF16, an unsigned u16, for bf16 bits.
+type F16 = i16;
+type BF16 = u16;
+
+// WebAssembly SIMD has no f16 conversion, but for a finite f16 h,
+// sign-extended to an i32 and shifted left by 13, the mask 0x8fffe000 keeps
+// its sign in bit 31 and its exponent and mantissa in f32's low exponent and
+// high mantissa bits: an f32 equal to h·2^-112 exactly, subnormals included,
+// which a multiply by 2^112 makes h. Weights are checked finite at load, so
+// no infinity or NaN reaches here. A bf16 is the top half of its f32: zero-
+// extended and shifted left by 16, two instructions where f16 takes four.
 let HALF_BITS = i32x4.splat(-1879056384); // 0x8fffe000; a global, as the constants above
 let HALF_SCALE = f32x4.splat(5.192296858534828e33); // 2^112
+
+// 16-bit values in the four i32 lanes of `wide` (as loaded, extended), as f32.
+// @ts-ignore: decorator
+@inline
+function widenHalves<T>(wide: v128): v128 {
+  if (isSigned<T>()) return f32x4.mul(v128.and(i32x4.shl(wide, 13), HALF_BITS), HALF_SCALE);
+  return i32x4.shl(wide, 16);
+}
 
 // Halves 4k .. 4k + 3 of the 8 in `v` (k 0 or 1), as f32.
 // @ts-ignore: decorator
 @inline
-function halfQuarter(v: v128, k: i32): v128 {
-  const wide = k == 0 ? i32x4.extend_low_i16x8_s(v) : i32x4.extend_high_i16x8_s(v);
-  return f32x4.mul(v128.and(i32x4.shl(wide, 13), HALF_BITS), HALF_SCALE);
+function halfQuarter<T>(v: v128, k: i32): v128 {
+  if (isSigned<T>()) {
+    return widenHalves<T>(k == 0 ? i32x4.extend_low_i16x8_s(v) : i32x4.extend_high_i16x8_s(v));
+  }
+  return widenHalves<T>(k == 0 ? i32x4.extend_low_i16x8_u(v) : i32x4.extend_high_i16x8_u(v));
 }
 
-// The f16 value at p, as f32 (the tails).
+// The 16-bit value at p, as f32 (the tails).
 // @ts-ignore: decorator
 @inline
-function halfAt(p: usize): f32 {
-  const wide = i32x4.splat(<i32> load<i16>(p));
-  return f32x4.extract_lane(f32x4.mul(v128.and(i32x4.shl(wide, 13), HALF_BITS), HALF_SCALE), 0);
+function halfAt<T>(p: usize): f32 {
+  return f32x4.extract_lane(widenHalves<T>(i32x4.splat(<i32> load<T>(p))), 0);
 }
 
-// GEMV (rows = 1) over f16 weights, one weight row at a time as the f32 GEMV
-// (the prefetcher follows one stream best), 16 halves per step.
-function gemvHalf(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
+// GEMV (rows = 1) over 16-bit weights, one weight row at a time as the f32
+// GEMV (the prefetcher follows one stream best), 16 halves per step.
+function gemvHalf<T>(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
   const k16 = inDim & ~15;
   const k8 = inDim & ~7;
   for (let o = o0; o < o1; o++) {
@@ -1094,19 +1112,19 @@ function gemvHalf(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i
       const xp = x + (<usize> k << 2);
       const v0 = v128.load(w0 + (<usize> k << 1));
       const v1 = v128.load(w0 + (<usize> k << 1), 16);
-      a0 = madd(halfQuarter(v0, 0), v128.load(xp), a0);
-      a1 = madd(halfQuarter(v0, 1), v128.load(xp, 16), a1);
-      a2 = madd(halfQuarter(v1, 0), v128.load(xp, 32), a2);
-      a3 = madd(halfQuarter(v1, 1), v128.load(xp, 48), a3);
+      a0 = madd(halfQuarter<T>(v0, 0), v128.load(xp), a0);
+      a1 = madd(halfQuarter<T>(v0, 1), v128.load(xp, 16), a1);
+      a2 = madd(halfQuarter<T>(v1, 0), v128.load(xp, 32), a2);
+      a3 = madd(halfQuarter<T>(v1, 1), v128.load(xp, 48), a3);
     }
     for (; k < k8; k += 8) {
       const xp = x + (<usize> k << 2);
       const v0 = v128.load(w0 + (<usize> k << 1));
-      a0 = madd(halfQuarter(v0, 0), v128.load(xp), a0);
-      a1 = madd(halfQuarter(v0, 1), v128.load(xp, 16), a1);
+      a0 = madd(halfQuarter<T>(v0, 0), v128.load(xp), a0);
+      a1 = madd(halfQuarter<T>(v0, 1), v128.load(xp, 16), a1);
     }
     let sum = hsum(f32x4.add(f32x4.add(a0, a1), f32x4.add(a2, a3)));
-    for (; k < inDim; k++) sum += halfAt(w0 + (<usize> k << 1)) * load<f32>(x + (<usize> k << 2));
+    for (; k < inDim; k++) sum += halfAt<T>(w0 + (<usize> k << 1)) * load<f32>(x + (<usize> k << 2));
     if (bias) sum += load<f32>(bias + (<usize> o << 2));
     store<f32>(out + (<usize> o << 2), sum);
   }
@@ -1117,11 +1135,8 @@ export function halfScratchBytes(inDim: i32): i32 {
   return OB * inDim * 4;
 }
 
-// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over f16 weights, output
-// columns [o0, o1). One row: the GEMV over the halves. More rows: each block
-// of OB weight rows is widened once into `scratch` (in L2) and the f32
-// matmul runs over it, as linearBlocks does for quantized blocks.
-export function linearHalf(
+// linearHalf in format T.
+function linearHalfOf<T>(
   out: usize,
   x: usize,
   w: usize,
@@ -1134,7 +1149,7 @@ export function linearHalf(
   scratch: usize,
 ): void {
   if (rows == 1) {
-    gemvHalf(out, x, w, bias, inDim, o0, o1);
+    gemvHalf<T>(out, x, w, bias, inDim, o0, o1);
     return;
   }
   const f32Row = <usize> inDim << 2;
@@ -1147,14 +1162,36 @@ export function linearHalf(
       let k = 0;
       for (; k < k8; k += 8) {
         const v = v128.load(src + (<usize> k << 1));
-        v128.store(dst + (<usize> k << 2), halfQuarter(v, 0));
-        v128.store(dst + (<usize> k << 2), halfQuarter(v, 1), 16);
+        v128.store(dst + (<usize> k << 2), halfQuarter<T>(v, 0));
+        v128.store(dst + (<usize> k << 2), halfQuarter<T>(v, 1), 16);
       }
-      for (; k < inDim; k++) store<f32>(dst + (<usize> k << 2), halfAt(src + (<usize> k << 1)));
+      for (; k < inDim; k++) store<f32>(dst + (<usize> k << 2), halfAt<T>(src + (<usize> k << 1)));
     }
     // The tile, moved back by ob rows, as in linearBlocks.
     linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
   }
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over 16-bit weights (bf16
+// when `bf16` is nonzero, else f16), output columns [o0, o1). One row: the
+// GEMV over the halves. More rows: each block of OB weight rows is widened
+// once into `scratch` (in L2) and the f32 matmul runs over it, as
+// linearBlocks does for quantized blocks.
+export function linearHalf(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+  scratch: usize,
+  bf16: i32,
+): void {
+  if (bf16) linearHalfOf<BF16>(out, x, w, bias, rows, inDim, outDim, o0, o1, scratch);
+  else linearHalfOf<F16>(out, x, w, bias, rows, inDim, outDim, o0, o1, scratch);
 }
 
 // ----------------------------------------------------------- the rest ----
@@ -1822,6 +1859,7 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       splitStart(outDim, part, parts, align),
       splitStart(outDim, part + 1, parts, align),
       arg(ctrl, 7) + part * halfScratchBytes(arg(ctrl, 5)),
+      arg(ctrl, 8),
     );
   } else if (op == OP_SCAN) {
     const dim = arg(ctrl, 12);

@@ -397,6 +397,12 @@ export interface GatedNormArgs<Buf> {
 }
 
 /** Operations that only some backends provide: ask {@link Backend.supports}. */
+/**
+ * The 16-bit float formats a checkpoint's matrices come in (F16, BF16), which
+ * a backend may keep them in (see {@link Backend.uploadHalfMatrix}).
+ */
+export type HalfFormat = "f16" | "bf16";
+
 export type OptionalOp = "ssdScan" | "gatedRmsNorm" | "channelMajorScan";
 
 /** Operations recorded by {@link Backend.capture}. */
@@ -439,9 +445,9 @@ export interface Backend<Buf = unknown> {
   hostBytes(byteLength: number): Uint8Array | undefined;
   /**
    * A buffer for a weight matrix that is only ever `linear`'s `weight`,
-   * stored as f16 when every value is exactly an f16 (so
-   * products are unchanged), or null when some value is not or the backend
-   * keeps f32.
+   * stored 16-bit when every value is exactly an f16 (or, on a backend with
+   * bf16 kernels, every value exactly a bf16), so products are unchanged; or
+   * null when some value is not or the backend keeps f32.
    */
   uploadHalfMatrix(data: Float32Array, rowLength?: number): Buf | null;
   /**

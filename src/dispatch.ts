@@ -13,9 +13,9 @@
  * what the blocks cost is the difference between the last two, undiluted by
  * the head (measured beside a full-size head, two blocks' time would drown
  * in its noise). Their weights are random, drawn as Mamba initialises them
- * so that activations stay in range, and rounded to f16 where the
- * checkpoint's are f16 (`halfWeights`), as a backend that keeps exact-f16
- * matrices in f16 (webgpu) does so with the real ones; where a file keeps
+ * so that activations stay in range, and rounded to f16 or bf16 where the
+ * checkpoint's are (`halfWeights`), as a backend that keeps such matrices
+ * 16-bit (webgpu, wasm) does so with the real ones; where a file keeps
  * its matrices as quantized blocks (`matrixBlocks`), the measured ones are
  * quantized the same way, so that a backend with kernels for the blocks
  * runs those kernels. On each model,
@@ -85,7 +85,7 @@
  * @module
  */
 
-import type { Backend } from "./backend.ts";
+import type { Backend, HalfFormat } from "./backend.ts";
 import {
   type BackendCandidate,
   type BackendName,
@@ -111,6 +111,7 @@ import {
   quantizedMatrix,
 } from "./quant.ts";
 import { quantize, QUANTIZED_TYPES } from "./gguf_write.ts";
+import { f32BitsToBf16 } from "./safetensors.ts";
 
 /** Prompt ids per stream of the scored workload, and of the measured prompt chunk. */
 export const PREFILL_TOKENS = 64;
@@ -270,11 +271,11 @@ export interface SelectOptions extends BackendOptions {
    */
   batch?: number;
   /**
-   * Whether the checkpoint's matrices are f16 values (stored as F16): the
-   * measured weights are then rounded to f16 too, as a backend may keep such
-   * matrices in f16.
+   * The 16-bit format the checkpoint's matrices were stored in (F16, BF16),
+   * or null: the measured weights are then rounded to it too, as a backend
+   * may keep such matrices 16-bit.
    */
-  halfWeights?: boolean;
+  halfWeights?: HalfFormat | null;
   /**
    * The block formats of a quantized file's matrices (see
    * {@link MatrixBlocks}): the measured matrices are quantized alike.
@@ -381,7 +382,7 @@ export async function selectBackend(
   };
 
   const storage = options.cache === undefined ? usableLocalStorage() ?? memoryStore : options.cache;
-  const halfWeights = options.halfWeights ?? false;
+  const halfWeights = options.halfWeights ?? null;
   const matrixBlocks = options.matrixBlocks ?? { layers: null, head: null };
   const key = cacheKey(config, reports, batch, halfWeights, matrixBlocks);
   if (!options.remeasure) {
@@ -485,7 +486,7 @@ function cacheKey(
   config: MambaConfig,
   reports: readonly CandidateReport[],
   batch: number,
-  halfWeights: boolean,
+  halfWeights: HalfFormat | null,
   matrixBlocks: MatrixBlocks,
 ): string {
   const { dModel, dInner, dState, dtRank, dConv, nLayer, vocabSize, projBias, convBias } = config;
@@ -619,7 +620,7 @@ interface Outcome {
 /** What {@link measureCandidates} needs from {@link selectBackend}. */
 interface MeasureContext {
   batch: number;
-  halfWeights: boolean;
+  halfWeights: HalfFormat | null;
   matrixBlocks: MatrixBlocks;
   create(index: number): Promise<Backend | undefined>;
   passOver(index: number, reason: string): void;
@@ -998,10 +999,14 @@ function estimateOf(runs: Runs, { config, probeLayers, batch }: Shape): Estimate
  * Weights of the measured models, in {@link EngineBench}'s order: random,
  * drawn as Mamba initialises them (as `bench/make_random_model.ts` does) so
  * that activations stay in range and every logit is finite, with tied heads.
- * With `half`, the matrices hold f16 values; with `blocks`, those it names
- * are quantized.
+ * With `half`, the matrices hold f16 or bf16 values; with `blocks`, those it
+ * names are quantized.
  */
-function probeWeights(shape: Shape, half: boolean, blocks: MatrixBlocks): HostWeights[] {
+function probeWeights(
+  shape: Shape,
+  half: HalfFormat | null,
+  blocks: MatrixBlocks,
+): HostWeights[] {
   const { config, probeLayers, smallVocab } = shape;
   const { dModel, dInner, dState, dtRank, dConv, vocabSize, projBias, convBias } = config;
   let s = 0x9e3779b9;
@@ -1014,7 +1019,12 @@ function probeWeights(shape: Shape, half: boolean, blocks: MatrixBlocks): HostWe
       s ^= s << 5;
       out[i] = ((s >>> 0) / 4294967296 * 2 - 1) * scale;
     }
-    if (half && matrix && f16) { for (let i = 0; i < length; i++) out[i] = f16(out[i]); }
+    if (half === "f16" && matrix && f16) {
+      for (let i = 0; i < length; i++) out[i] = f16(out[i]);
+    } else if (half === "bf16" && matrix) {
+      const bits = new Uint32Array(out.buffer);
+      for (let i = 0; i < length; i++) bits[i] = f32BitsToBf16(bits[i]) << 16;
+    }
     return out;
   };
   /** A random matrix [rows, cols], as `blocks` of `type` where its rows are whole blocks. */

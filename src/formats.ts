@@ -6,6 +6,7 @@
  * @module
  */
 
+import type { HalfFormat } from "./backend.ts";
 import type { MambaConfig } from "./config.ts";
 import type { MatrixBlocks } from "./dispatch.ts";
 import { ModelFileError } from "./errors.ts";
@@ -95,8 +96,12 @@ export interface GgufModel {
   weights: HostWeights;
   /** The file's own tokenizer, or `options.tokenizer`'s, or null. */
   tokenizer: MambaTokenizer | null;
-  /** Whether the matrices were stored in fewer than 32 bits. */
-  halfWeights: boolean;
+  /**
+   * The 16-bit format of the matrices: BF16, F16, or F16 for a quantized
+   * file (its matrices that are not whole blocks are written F16); null for
+   * F32.
+   */
+  halfWeights: HalfFormat | null;
   /** Which matrices are kept as blocks, for `auto` to measure alike. */
   matrixBlocks: MatrixBlocks;
 }
@@ -121,7 +126,8 @@ export async function loadGguf(
     checkVocabulary(tokenizer, config.vocabSize);
   }
   const weights = loadWeightsKeepingBlocks(new TensorStore([new GgufTensors(gguf)]), config, file);
-  const halfWeights = gguf.info("blk.0.ssm_in.weight").type !== GGML.F32;
+  const inProjType = gguf.info("blk.0.ssm_in.weight").type;
+  const halfWeights = inProjType === GGML.F32 ? null : inProjType === GGML.BF16 ? "bf16" : "f16";
   const blockType = (matrix: HostMatrix | undefined) =>
     matrix && isQuantized(matrix) ? matrix.type : null;
   const firstLayer = weights.layers[0];

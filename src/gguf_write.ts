@@ -9,7 +9,7 @@
  */
 
 import { GGML, GGML_TYPES, typeName } from "./gguf.ts";
-import { f32ToF16 } from "./safetensors.ts";
+import { f32ToBf16, f32ToF16 } from "./safetensors.ts";
 
 /** A metadata value with its GGUF type. */
 export type GgufEntry =
@@ -156,6 +156,7 @@ class ByteWriter {
 export const QUANTIZED_TYPES = {
   f32: GGML.F32,
   f16: GGML.F16,
+  bf16: GGML.BF16,
   q8_0: GGML.Q8_0,
   q4_0: GGML.Q4_0,
   q4_k: GGML.Q4_K,
@@ -163,7 +164,7 @@ export const QUANTIZED_TYPES = {
 
 /**
  * `values` (whole rows, a multiple of the type's block) encoded as ggml
- * type `type` (F32, F16, Q8_0, Q4_0 or Q4_K).
+ * type `type` (F32, F16, BF16, Q8_0, Q4_0 or Q4_K).
  */
 export function quantize(type: number, values: Float32Array): Uint8Array {
   const ggmlType = GGML_TYPES.get(type);
@@ -178,6 +179,9 @@ export function quantize(type: number, values: Float32Array): Uint8Array {
       break;
     case GGML.F16:
       values.forEach((v, i) => view.setUint16(2 * i, f32ToF16(v), true));
+      break;
+    case GGML.BF16:
+      values.forEach((v, i) => view.setUint16(2 * i, f32ToBf16(v), true));
       break;
     case GGML.Q8_0:
       quantizeQ8_0(values, view);

@@ -7,6 +7,7 @@
  * @module
  */
 
+import type { HalfFormat } from "./backend.ts";
 import type { BackendName } from "./backends/registry.ts";
 import { type MambaConfig, parseConfig } from "./config.ts";
 import { type BackendCache, type BackendReport, selectBackend } from "./dispatch.ts";
@@ -227,7 +228,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
     remeasure: options.remeasure,
     verbose: options.verbose,
     batch: options.batch,
-    halfWeights: savedAsHalf(rawConfig),
+    halfWeights: savedHalfFormat(rawConfig),
   });
   const weights = await readWeights(dir, config, (size) => backend.hostBytes(size));
   return new Mamba(new MambaModel(backend, config, weights), tokenizer, report);
@@ -250,13 +251,14 @@ export async function loadCheckpoint(
 }
 
 /**
- * Whether config.json says the weights were saved as float16 (transformers
- * writes `dtype`, earlier `torch_dtype`): "auto" then measures f16 matrices,
- * which a backend may keep as f16.
+ * The 16-bit format config.json says the weights were saved in (transformers
+ * writes `dtype`, earlier `torch_dtype`), or null: "auto" then measures
+ * matrices of that format, which a backend may keep 16-bit.
  */
-function savedAsHalf(raw: unknown): boolean {
+function savedHalfFormat(raw: unknown): HalfFormat | null {
   const json = raw as { dtype?: unknown; torch_dtype?: unknown } | null;
-  return (json?.dtype ?? json?.torch_dtype) === "float16";
+  const dtype = json?.dtype ?? json?.torch_dtype;
+  return dtype === "float16" ? "f16" : dtype === "bfloat16" ? "bf16" : null;
 }
 
 async function readConfig(dir: ModelSource): Promise<MambaConfig> {

@@ -1,5 +1,5 @@
 /**
- * `deno task quantize <model> <out.gguf> --type q8_0|q4_0|q4_k|f16|f32`: writes a
+ * `deno task quantize <model> <out.gguf> --type q8_0|q4_0|q4_k|f16|bf16|f32`: writes a
  * checkpoint (a directory, URL or repo id with safetensors or
  * pytorch_model.bin weights) as a GGUF file that llama.cpp and
  * {@link loadModel} read, with its tokenizer embedded when it has a
@@ -32,10 +32,17 @@ import type { MambaWeights } from "./weights.ts";
 import { isMamba2Layer } from "./mamba2.ts";
 
 /** A type `quantize` writes: the `--type` flag's values. */
-export type QuantizeType = "f32" | "f16" | "q8_0" | "q4_0" | "q4_k";
+export type QuantizeType = "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "q4_k";
 
 /** llama.cpp's general.file_type (llama_ftype) for each type. */
-const FILE_TYPES: Record<QuantizeType, number> = { f32: 0, f16: 1, q4_0: 2, q8_0: 7, q4_k: 14 };
+const FILE_TYPES: Record<QuantizeType, number> = {
+  f32: 0,
+  f16: 1,
+  bf16: 32,
+  q4_0: 2,
+  q8_0: 7,
+  q4_k: 14,
+};
 
 /** A GGUF written by {@link quantizeModel}, and what it could not write as asked. */
 export interface QuantizedModel {
@@ -237,7 +244,7 @@ function tokenizerMetadata(
   return entries;
 }
 
-const HELP = `Usage: deno task quantize <model> <out.gguf> --type q8_0|q4_0|q4_k|f16|f32
+const HELP = `Usage: deno task quantize <model> <out.gguf> --type q8_0|q4_0|q4_k|f16|bf16|f32
 
 Writes a checkpoint (directory, URL or HF repo id; safetensors or pytorch_model.bin)
 as a GGUF file that llama.cpp and loadModel read. Matrices take the type (q4_0 and q4_k

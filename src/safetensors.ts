@@ -820,8 +820,35 @@ export function f32BitsToF16(u: number): number {
   return sign | h;
 }
 
+/**
+ * `data` as `format` ("f16" or "bf16") bit patterns when every value is
+ * exactly one (as a backend keeps an F16 or BF16 checkpoint's matrix), else
+ * null, found at the first value that is not. The length is rounded up to
+ * even (a zero last), for whole u32 pairs.
+ */
+export function packHalves(
+  data: Float32Array,
+  format: "f16" | "bf16",
+): Uint16Array<ArrayBuffer> | null {
+  const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
+  const halves = new Uint16Array(data.length + (data.length % 2));
+  if (format === "bf16") {
+    for (let i = 0; i < data.length; i++) {
+      if ((bits[i] & 0xffff) !== 0) return null;
+      halves[i] = bits[i] >>> 16;
+    }
+    return halves;
+  }
+  for (let i = 0; i < data.length; i++) {
+    const half = f32BitsToF16(bits[i]);
+    if (f16ToF32(half) !== data[i]) return null;
+    halves[i] = half;
+  }
+  return halves;
+}
+
 /** F32 bit pattern to BF16 bit pattern, round-to-nearest-even (writer's fast path). */
-function f32BitsToBf16(u: number): number {
+export function f32BitsToBf16(u: number): number {
   if ((u & 0x7f800000) === 0x7f800000 && (u & 0x7fffff) !== 0) return (u >>> 16) | 0x40;
   return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
 }

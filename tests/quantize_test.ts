@@ -217,53 +217,70 @@ for (const type of ["q8_0", "q4_0"] as const) {
   });
 }
 
-Deno.test("an f16 GGUF on wasm keeps its matrices in f16 and gives the js backend's logits within 1e-4", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "mamba-half-test-" });
-  try {
-    const { bytes } = await quantizeModel(SHAKESPEARE, "f16");
-    await Deno.writeFile(`${dir}/f16.gguf`, bytes);
-    const { config, weights } = await loadGguf(await openSource(dir), "f16.gguf");
-    const ids = SafetensorsFile.parse(
-      await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
-      "expected.safetensors",
-    ).int32("prompt0_greedy_ids").subarray(0, 20);
-    /** The prompt's last logits, then each step's, of `model`. */
-    const logitsOf = async (model: MambaModel<unknown>) => {
-      const session = new Session(model);
-      const all = [await session.prefill(ids.subarray(0, 8))];
-      for (const id of ids.subarray(8)) all.push(await session.step(id));
-      return all;
-    };
-    const want = await logitsOf(new MambaModel(new JsBackend(), config, weights));
-
-    // The matrices `linear` reads in f16 (2 bytes a weight), the embedding and the vectors in
-    // f32, and the tied lm_head's f16 copy. The bundled model's matrices are small, so every
-    // size is kept as f16 here.
-    const { dModel, dInner, dtRank, dState, nLayer, vocabSize } = config;
-    const matrixWeights = nLayer *
-      (2 * dInner * dModel + (dtRank + 2 * dState) * dInner + dInner * dtRank + dModel * dInner);
-    for (const threads of [1, 2]) {
-      using wasm = await WasmBackend.create({ threads, halfMinWeights: 0 });
-      const model = new MambaModel(wasm, config, weights);
-      const f32Everything = 4 * (matrixWeights + vocabSize * dModel + otherFloats(config));
-      assertEquals(
-        f32Everything - wasm.copiedBytes,
-        2 * matrixWeights - 2 * vocabSize * dModel,
-        `${threads} threads: bytes copied in at load`,
+for (const type of ["f16", "bf16"] as const) {
+  const article = type === "f16" ? "an" : "a";
+  Deno.test(`${article} ${type} GGUF on wasm keeps its matrices in ${type} and gives the js backend's logits within 1e-4`, async () => {
+    const dir = await Deno.makeTempDir({ prefix: "mamba-half-test-" });
+    try {
+      const { bytes } = await quantizeModel(SHAKESPEARE, type);
+      await Deno.writeFile(`${dir}/${type}.gguf`, bytes);
+      const { config, weights, halfWeights } = await loadGguf(
+        await openSource(dir),
+        `${type}.gguf`,
       );
-      const got = await logitsOf(model);
-      got.forEach((logits, i) => {
-        const diff = maxAbsDiff(logits, want[i]);
-        assert(
-          diff < 1e-4,
-          `${threads} threads: ${i ? `step ${i}` : "prefill"} max |Δlogit| ${diff}`,
+      assertEquals(halfWeights, type, "the format auto's probe is rounded to");
+      const ids = SafetensorsFile.parse(
+        await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
+        "expected.safetensors",
+      ).int32("prompt0_greedy_ids").subarray(0, 20);
+      /** The prompt's last logits, then each step's, of `model`. */
+      const logitsOf = async (model: MambaModel<unknown>) => {
+        const session = new Session(model);
+        const all = [await session.prefill(ids.subarray(0, 8))];
+        for (const id of ids.subarray(8)) all.push(await session.step(id));
+        return all;
+      };
+      const want = await logitsOf(new MambaModel(new JsBackend(), config, weights));
+
+      // The matrices `linear` reads 16-bit (2 bytes a weight), the embedding and the vectors in
+      // f32, and the tied lm_head's 16-bit copy. The bundled model's matrices are small, so every
+      // size is kept 16-bit here.
+      const { dModel, dInner, dtRank, dState, nLayer, vocabSize } = config;
+      const matrixWeights = nLayer *
+        (2 * dInner * dModel + (dtRank + 2 * dState) * dInner + dInner * dtRank + dModel * dInner);
+      for (const threads of [1, 2]) {
+        using wasm = await WasmBackend.create({ threads, halfMinWeights: 0 });
+        // The format each matrix is kept in: a BF16 file's values are all exact bf16 (and
+        // mostly exact f16 too), an F16 file's are not all bf16.
+        const formats = new Set<string>();
+        const uploadHalf = wasm.uploadHalfMatrix.bind(wasm);
+        wasm.uploadHalfMatrix = (data, rowLength) => {
+          const matrix = uploadHalf(data, rowLength);
+          formats.add(matrix?.format ?? "f32");
+          return matrix;
+        };
+        const model = new MambaModel(wasm, config, weights);
+        assertEquals([...formats], [type], `${threads} threads: formats kept`);
+        const f32Everything = 4 * (matrixWeights + vocabSize * dModel + otherFloats(config));
+        assertEquals(
+          f32Everything - wasm.copiedBytes,
+          2 * matrixWeights - 2 * vocabSize * dModel,
+          `${threads} threads: bytes copied in at load`,
         );
-      });
+        const got = await logitsOf(model);
+        got.forEach((logits, i) => {
+          const diff = maxAbsDiff(logits, want[i]);
+          assert(
+            diff < 1e-4,
+            `${threads} threads: ${i ? `step ${i}` : "prefill"} max |Δlogit| ${diff}`,
+          );
+        });
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+  });
+}
 
 /** Floats of a Mamba-1 model's vectors and small tensors (all but its matrices and embedding). */
 function otherFloats(config: MambaConfig): number {

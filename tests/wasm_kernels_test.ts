@@ -6,7 +6,7 @@
 
 import { assert, assertEquals } from "@std/assert";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
-import type { Backend } from "../src/backend.ts";
+import type { Backend, HalfFormat } from "../src/backend.ts";
 import { JsBackend, silu, softplus } from "../src/backends/js.ts";
 import {
   HALF_MIN_WEIGHTS,
@@ -19,7 +19,14 @@ import { GGML } from "../src/gguf.ts";
 import { quantize } from "../src/gguf_write.ts";
 import { type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
-import { f16ToF32, f32BitsToF16, SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
+import {
+  bf16ToF32,
+  f16ToF32,
+  f32BitsToF16,
+  f32ToBf16,
+  SafetensorsFile,
+  writeSafetensors,
+} from "../src/safetensors.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
 
 /**
@@ -65,26 +72,33 @@ async function compare(
 }
 
 /**
- * linear (GEMV and matmul), linearSplit and the gathers over a matrix of
- * `type` blocks on the wasm backend, against the reference backend on the
- * dequantized weights.
+ * `linear` and `linearSplit` over a matrix kept as `format`
+ * (`uploadHalfMatrix`) against the reference on the same values as f32:
+ * inner dimensions not a multiple of 8 or 16 (the kernels' tails), odd
+ * outputs, the GEMV and the matmul; values neither exactly f16 nor bf16 are
+ * refused.
  */
-/**
- * `linear` and `linearSplit` over a matrix kept as f16 (`uploadHalfMatrix`)
- * against the reference on the same f16 values as f32: inner dimensions not a
- * multiple of 8 or 16 (the kernels' tails), odd outputs, the GEMV and the
- * matmul; values not exactly f16 are refused.
- */
-async function halfOps(threads: number): Promise<void> {
-  // Every size kept as f16, to reach the kernels with small odd shapes.
+async function halfOps(threads: number, format: HalfFormat): Promise<void> {
+  // Every size kept 16-bit, to reach the kernels with small odd shapes.
   using wasm = await WasmBackend.create({ threads, halfMinWeights: 0 });
   const js = new JsBackend();
   const rand = xorshiftUniforms(70 + threads);
-  // Exactly f16: rounded through f16 bits, with subnormals and -0 among them.
+  // Exactly f16, rounded through f16 bits, with subnormals and -0 among them,
+  // and a first value of 11 significant bits (not a bf16, which would be
+  // kept as one). Or exactly bf16, with -0 and values far below and above
+  // f16's range among them, which its widening keeps too.
   const halves = (n: number) => {
-    const values = rand(n).map((v, i) => i % 97 === 0 ? 3e-6 * v : i % 89 === 0 ? -0 : v);
+    const values = format === "f16"
+      ? rand(n).map((v, i) => i % 97 === 0 ? 3e-6 * v : i % 89 === 0 ? -0 : v)
+      : rand(n).map((v, i) =>
+        i % 97 === 0 ? 1e-30 * v : i % 83 === 1 ? 1e20 * v : i % 89 === 0 ? -0 : v
+      );
     const bits = new Uint32Array(values.buffer);
-    return values.map((_, i) => f16ToF32(f32BitsToF16(bits[i])));
+    const rounded = values.map((v, i) =>
+      format === "f16" ? f16ToF32(f32BitsToF16(bits[i])) : bf16ToF32(f32ToBf16(v))
+    );
+    if (format === "f16") rounded[0] = 1 + 2 ** -10;
+    return rounded;
   };
   for (
     const [rows, inDim, outDim] of [
@@ -100,7 +114,8 @@ async function halfOps(threads: number): Promise<void> {
   ) {
     const weights = halves(outDim * inDim);
     const w = wasm.uploadHalfMatrix(weights, inDim);
-    assert(w instanceof WasmHalfMatrix, "exact f16 values are kept as f16");
+    assert(w instanceof WasmHalfMatrix, `exact ${format} values are kept 16-bit`);
+    assertEquals(w.format, format);
     for (const withBias of [false, true]) {
       const x = rand(rows * inDim);
       const bias = withBias ? rand(outDim) : null;
@@ -109,7 +124,8 @@ async function halfOps(threads: number): Promise<void> {
       const out = wasm.zeros(rows * outDim);
       wasm.linear(out, wasm.upload(x), w, bias && wasm.upload(bias), rows, inDim, outDim);
       const diff = maxScaledDiff(await wasm.read(out), want);
-      assert(diff <= 1e-5, `f16 linear ${rows}x${inDim}x${outDim} bias=${withBias}: ${diff}`);
+      const label = `${format} linear ${rows}x${inDim}x${outDim} bias=${withBias}`;
+      assert(diff <= 1e-5, `${label}: ${diff}`);
     }
     if (outDim >= 9) {
       const widths = [outDim - 7, 4, 3];
@@ -125,13 +141,14 @@ async function halfOps(threads: number): Promise<void> {
           part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
         }
         const diff = maxScaledDiff(await wasm.read(outs[i]), part);
-        assert(diff <= 1e-5, `f16 linearSplit ${rows}x${inDim}x${outDim} part ${i}: ${diff}`);
+        const label = `${format} linearSplit ${rows}x${inDim}x${outDim} part ${i}`;
+        assert(diff <= 1e-5, `${label}: ${diff}`);
         first += width;
       }
     }
   }
   const notHalf = halves(64);
-  notHalf[10] = 0.1; // Not an f16 value.
+  notHalf[10] = 0.1; // Neither an f16 nor a bf16 value.
   assertEquals(wasm.uploadHalfMatrix(notHalf, 8), null);
   // By default a matrix that stays in the cache is widened to f32.
   using byDefault = await WasmBackend.create({ threads });
@@ -139,6 +156,11 @@ async function halfOps(threads: number): Promise<void> {
   assert(byDefault.uploadHalfMatrix(halves(HALF_MIN_WEIGHTS), 1024) instanceof WasmHalfMatrix);
 }
 
+/**
+ * linear (GEMV and matmul), linearSplit and the gathers over a matrix of
+ * `type` blocks on the wasm backend, against the reference backend on the
+ * dequantized weights.
+ */
 async function quantizedOps(threads: number, type: BlockType, ggml: number): Promise<void> {
   using wasm = await WasmBackend.create({ threads });
   const js = new JsBackend();
@@ -254,9 +276,11 @@ for (const threads of [1, 2, 3]) {
     }
   });
 
-  Deno.test(`[wasm ${threads}t] linear over f16 weights: GEMV and matmul, split`, async () => {
-    await halfOps(threads);
-  });
+  for (const format of ["f16", "bf16"] as const) {
+    Deno.test(`[wasm ${threads}t] linear over ${format} weights: GEMV and matmul, split`, async () => {
+      await halfOps(threads, format);
+    });
+  }
 
   for (const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0]] as const) {
     Deno.test(`[wasm ${threads}t] linear over ${type} blocks: GEMV and matmul, split, gathers`, async () => {

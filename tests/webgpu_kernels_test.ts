@@ -11,7 +11,8 @@ import { JsBackend } from "../src/backends/js.ts";
 import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
-import { f16ToF32, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
+import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
+import type { HalfFormat } from "../src/backend.ts";
 import { Session } from "../src/session.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
@@ -27,6 +28,19 @@ function random(seed: number): (scale?: number) => number {
 
 function fill(n: number, rand: (s?: number) => number, scale = 1): Float32Array {
   return Float32Array.from({ length: n }, () => rand(scale));
+}
+
+/**
+ * `v` rounded to `format` (unchanged for null). A bf16 copy's first value is
+ * 2^-30, below f16's range, so that the matrix is not all exact f16, which
+ * uploadHalfMatrix would keep as f16.
+ */
+function exactIn(v: Float32Array, format: HalfFormat | null): Float32Array {
+  if (format === "f16") return v.map((x) => f16ToF32(f32ToF16(x)));
+  if (format === null) return v;
+  const rounded = v.map((x) => bf16ToF32(f32ToBf16(x)));
+  rounded[0] = 2 ** -30;
+  return rounded;
 }
 
 async function withGpu(
@@ -191,16 +205,19 @@ Deno.test({
       for (const [rows, inDim, outDim] of shapes) {
         for (const withBias of [false, true]) {
           const x = fill(rows * inDim, rand);
-          // f32 weights, then the same matrix rounded to f16 and stored packed.
+          // f32 weights, then the same matrix rounded to f16 or bf16 and stored packed.
           const w = fill(outDim * inDim, rand);
-          const halfW = w.map((v) => f16ToF32(f32ToF16(v)));
+          const halfW = exactIn(w, "f16");
+          const bf16W = exactIn(w, "bf16");
           const b = withBias ? fill(outDim, rand) : null;
           for (
             const [label, weights, buffer] of [
               ["f32", w, gpu.upload(w)],
               ["f16", halfW, gpu.uploadHalfMatrix(halfW)!],
+              ["bf16", bf16W, gpu.uploadHalfMatrix(bf16W)!],
             ] as const
           ) {
+            assertEquals(buffer.half, label === "f32" ? null : label, "the format kept");
             const want = new Float32Array(rows * outDim);
             js.linear(want, x, weights, b, rows, inDim, outDim);
             const out = gpu.zeros(rows * outDim);
@@ -214,7 +231,11 @@ Deno.test({
           }
         }
       }
-      assertEquals(gpu.uploadHalfMatrix(Float32Array.of(1, 0.1)), null, "0.1 is not an f16");
+      assertEquals(
+        gpu.uploadHalfMatrix(Float32Array.of(1, 0.1)),
+        null,
+        "0.1 is neither an f16 nor a bf16",
+      );
     }),
 });
 
@@ -547,16 +568,15 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: a decode step's scan with dt_proj folded in: f32 and f16 weights, ranks 48, 23 and 5, N 16 and 20, batches 1 to 3",
+    "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 48, 23 and 5, N 16 and 20, batches 1 to 3",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(40);
       const dim = 130;
       for (const [rank, dState, batch] of [[48, 16, 1], [5, 20, 3], [23, 16, 2], [48, 16, 3]]) {
-        for (const half of [false, true]) {
-          let weight = fill(dim * rank, rand, 0.3);
-          if (half) weight = weight.map((v) => f16ToF32(f32ToF16(v)));
+        for (const half of [null, "f16", "bf16"] as const) {
+          const weight = exactIn(fill(dim * rank, rand, 0.3), half);
           const dt = fill(batch * rank, rand);
           const u = fill(batch * dim, rand);
           const B = fill(batch * dState, rand);
@@ -612,7 +632,7 @@ Deno.test({
             state: gotState,
           });
           assertEquals(gpu.dispatches - before, Math.ceil(dState / 16), "one dispatch per group");
-          const what = `step rank ${rank} N ${dState} batch ${batch} ${half ? "f16" : "f32"}`;
+          const what = `step rank ${rank} N ${dState} batch ${batch} ${half ?? "f32"}`;
           close(await gpu.read(y), wantY, 1e-5, `${what}: y`);
           close(await gpu.read(gotState), wantState, 1e-5, `${what}: state`);
         }
@@ -629,14 +649,20 @@ Deno.test({
       const rand = random(5);
       const [rows, dim] = [37, 24];
       const table = fill(rows * dim, rand);
-      const halfTable = table.map((v) => f16ToF32(f32ToF16(v)));
+      const halfTable = exactIn(table, "f16");
+      // Only the first row is not all exact f16: every part is bf16 still.
+      const bf16Table = exactIn(table, "bf16");
       for (
         const [label, values, buffer] of [
           ["f32", table, gpu.upload(table, dim)],
           ["f16", halfTable, gpu.uploadHalfMatrix(halfTable, dim)!],
+          ["bf16", bf16Table, gpu.uploadHalfMatrix(bf16Table, dim)!],
         ] as const
       ) {
         assert(buffer.parts.length > 1, `${label}: expected a split, got ${buffer.parts.length}`);
+        for (const { part } of buffer.pieces()) {
+          assertEquals(part.half, label === "f32" ? null : label, `${label}: a part's format`);
+        }
         if (label === "f32") {
           const ids = Int32Array.of(0, 36, 9, 10, 19, 20, 35);
           const want = new Float32Array(ids.length * dim);
@@ -865,18 +891,20 @@ Deno.test({
       const rand = random(60);
       const inDim = 64;
       const kernel = 4;
-      // [rows, channels, rank, N, f16 weights]: 8, 4 and 32 conv outputs per workgroup
+      // [rows, channels, rank, N, 16-bit weights]: 8, 4 and 32 conv outputs per workgroup
       // (32, 64 and 8 GEMV lanes), one and two groups of 16 states.
-      const cases: [number, number, number, number, boolean][] = [
-        [1, 520, 48, 16, false],
-        [3, 512, 5, 20, true],
-        [4, 264, 23, 16, false],
-        [1, 4096, 16, 16, true],
+      const cases: [number, number, number, number, HalfFormat | null][] = [
+        [1, 520, 48, 16, null],
+        [3, 512, 5, 20, "f16"],
+        [3, 512, 5, 20, "bf16"],
+        [4, 264, 23, 16, null],
+        [1, 4096, 16, 16, "f16"],
+        [1, 4096, 16, 16, "bf16"],
       ];
       for (const [rows, channels, rank, dState, half] of cases) {
         const widths = [rank, dState, dState];
         const projWidth = rank + 2 * dState;
-        const exact = (v: Float32Array) => half ? v.map((x) => f16ToF32(f32ToF16(x))) : v;
+        const exact = (v: Float32Array) => exactIn(v, half);
         const x = fill(rows * inDim, rand);
         const inProj = exact(fill(2 * channels * inDim, rand, 0.3));
         const xProj = exact(fill(projWidth * channels, rand, 0.1));

@@ -4,7 +4,7 @@
 // with scan_shares.wgsl) or project_sum.wgsl adds the shares up. Its own file,
 // so that the other GEMVs neither declare nor bind its two buffers.
 
-@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 bits
+@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 or bf16 bits
 // [rows, blocks of PER_GROUP conv outputs, 4 · ⌈projWidth / 4⌉]: each block's share of the projection
 @group(0) @binding(12) var<storage, read_write> projParts: array<f32>;
 
@@ -17,9 +17,15 @@ fn keepConvOut(j: u32, v: vec4<f32>) {
 
 // Four consecutive elements of projWeight from element i (a multiple of 4).
 fn projQuad(i: u32) -> vec4<f32> {
-  if (p.projHalf != 0u) {
-    let w = i / 2u;
+  let w = i / 2u;
+  if (p.projHalf == 1u) {
     return vec4<f32>(unpack2x16float(projWeight[w]), unpack2x16float(projWeight[w + 1u]));
+  }
+  if (p.projHalf == 2u) {
+    // bf16 pairs, each the top half of its f32 (the main weight may be of another format, so
+    // weight_bf16.wgsl's unpackBf16 is not always there).
+    let lo = vec2<u32>(projWeight[w], projWeight[w + 1u]);
+    return bitcast<vec4<f32>>(vec4<u32>(lo.x << 16u, lo.x & 0xffff0000u, lo.y << 16u, lo.y & 0xffff0000u));
   }
   return bitcast<vec4<f32>>(
     vec4<u32>(projWeight[i], projWeight[i + 1u], projWeight[i + 2u], projWeight[i + 3u]),

@@ -39,7 +39,7 @@ struct Params {
   batch: u32,
   chunkLen: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots
+  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots, 64: dtProj is packed bf16
   nState: u32,
   group: u32,
   nGroups: u32,
@@ -484,10 +484,16 @@ fn output(
   }
 }
 
-/** Element i of dt_proj's weight, stored as f32 or as f16 packed two per u32 (low half first). */
+/**
+ * Element i of dt_proj's weight, stored as f32, or as f16 (flag 16) or bf16
+ * (flag 64, each the top half of its f32) packed two per u32 (low half first).
+ */
 fn dtProjAt(i: u32) -> f32 {
   if ((p.flags & 16u) != 0u) {
     return unpack2x16float(dtProj[i / 2u])[i % 2u];
+  }
+  if ((p.flags & 64u) != 0u) {
+    return bitcast<f32>((dtProj[i / 2u] << (16u - 16u * (i % 2u))) & 0xffff0000u);
   }
   return bitcast<f32>(dtProj[i]);
 }

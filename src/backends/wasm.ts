@@ -28,6 +28,7 @@ import {
   convStepAfter,
   type CopyRowsArgs,
   type GatedNormArgs,
+  type HalfFormat,
   type OptionalOp,
   projectDelta,
   type Recording,
@@ -40,7 +41,7 @@ import {
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
 import { BLOCK_BYTES, type BlockType, QUANT_BLOCK, type QuantizedMatrix } from "../quant.ts";
-import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
+import { f16ToF32, packHalves } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** Options of the wasm backend. */
@@ -55,21 +56,39 @@ export interface WasmBackendOptions {
    */
   sharedMemory?: boolean;
   /**
-   * Weights a matrix of exact f16 values needs at least to be kept as f16
-   * (default {@link HALF_MIN_WEIGHTS}); smaller ones are widened to f32.
+   * Weights a matrix of exact f16 or bf16 values needs at least to be kept
+   * 16-bit (default {@link HALF_MIN_WEIGHTS}); smaller ones are widened to f32.
    */
   halfMinWeights?: number;
 }
 
 /**
- * Matrices of exact f16 values this large or larger stay f16: they stream
- * from memory on every decode step, which f16 halves. Smaller ones (a 130m
- * model's x_proj and dt_proj, every matrix of the bundled model) stay in the
- * cache, where widening each half costs more than it saves: on the 2-core
- * development machine the bundled model decoded at 1,101–1,228 tok/s with
- * every matrix in f16 against 1,493–2,006 in f32 (docs/performance.md).
+ * Matrices of exact f16 (or bf16) values this large or larger stay 16-bit:
+ * they stream from memory on every decode step, which 16 bits halve. Smaller
+ * ones (a 130m model's x_proj and dt_proj, every matrix of the bundled model)
+ * stay in the cache, where widening each half costs more than it saves: on
+ * the 2-core development machine the bundled model decoded at 1,101–1,228
+ * tok/s with every matrix in f16 against 1,493–2,006 in f32; bf16, cheaper
+ * to widen, gained nothing either (2,286–2,506 steps/s against 2,156–2,818;
+ * docs/performance.md).
  */
 export const HALF_MIN_WEIGHTS = 1 << 20;
+
+/**
+ * `data` as 16-bit values, in a format that holds every one exactly, or null.
+ * bf16 first, where both do (values of at most 8 significant bits, in f16's
+ * range): it widens in two instructions to f16's four, in the same bytes. An
+ * F16 checkpoint's values rarely all fit bf16's 8 bits (the first that does
+ * not ends that pass), and a BF16 one's are all exact f16 only where none is
+ * below f16's range or needs more bits than its subnormals keep.
+ */
+function toHalves(data: Float32Array): { format: HalfFormat; halves: Uint16Array } | null {
+  for (const format of ["bf16", "f16"] as const) {
+    const halves = packHalves(data, format);
+    if (halves) return { format, halves };
+  }
+  return null;
+}
 
 /** A buffer of the wasm backend: `length` floats at byte offset `ptr` of its memory. */
 export class WasmBuffer {
@@ -146,23 +165,26 @@ export class WasmQuantMatrix extends WasmBuffer {
 }
 
 /**
- * A weight matrix [rows, cols] whose values are all exactly f16 (an F16
- * checkpoint widened at load), kept as f16 in the module's memory, rows back
- * to back: half the memory and half the bytes a decode step streams.
- * `linear` runs the f16 kernels on it (`linearHalf` in asm/kernels.ts); an
- * embedding stays f32, for `embed` and `copyRows`. Its `length` counts its
- * bytes in floats.
+ * A weight matrix [rows, cols] whose values are all exactly f16 or all
+ * exactly bf16 (an F16 or BF16 checkpoint widened at load), kept 16-bit in
+ * the module's memory, rows back to back: half the memory and half the bytes
+ * a decode step streams. `linear` runs the 16-bit kernels on it (`linearHalf`
+ * in asm/kernels.ts); an embedding stays f32, for `embed` and `copyRows`. Its
+ * `length` counts its bytes in floats.
  */
 export class WasmHalfMatrix extends WasmBuffer {
   /** Output rows. */
   readonly rows: number;
   /** Elements per row. */
   readonly cols: number;
+  /** The 16-bit format of its values. */
+  readonly format: HalfFormat;
 
-  constructor(ptr: number, rows: number, cols: number, bytes: number) {
+  constructor(ptr: number, rows: number, cols: number, bytes: number, format: HalfFormat) {
     super(ptr, Math.ceil((rows * cols) / 2), bytes);
     this.rows = rows;
     this.cols = cols;
+    this.format = format;
   }
 }
 
@@ -220,7 +242,7 @@ const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
       0,
     )
     : buf instanceof WasmHalfMatrix
-    ? new WasmHalfMatrix(buf.ptr + offset * 2, length / buf.cols, buf.cols, 0)
+    ? new WasmHalfMatrix(buf.ptr + offset * 2, length / buf.cols, buf.cols, 0, buf.format)
     : new WasmBuffer(buf.ptr + offset * 4, length, 0);
 
 interface Kernels {
@@ -365,6 +387,7 @@ interface Kernels {
     o0: number,
     o1: number,
     scratch: number,
+    bf16: number,
   ): void;
   halfScratchBytes(inDim: number): number;
   runJob(ctrl: number, part: number, parts: number): void;
@@ -786,25 +809,23 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   /**
    * Keeps a weight matrix [rows, `rowLength`] of at least
-   * {@link WasmBackendOptions.halfMinWeights} weights as f16 when every value
-   * is exactly an f16 (an F16 checkpoint widened at load), for the f16
-   * kernels of `linear`; null otherwise, or without a row length.
+   * {@link WasmBackendOptions.halfMinWeights} weights as bf16 or f16 when
+   * every value is exactly one (an F16 or BF16 checkpoint widened at load;
+   * see {@link toHalves}), for the 16-bit kernels of `linear`; null
+   * otherwise, or without a row length.
    */
   uploadHalfMatrix(data: Float32Array, rowLength?: number): WasmHalfMatrix | null {
     if (!rowLength || data.length % rowLength !== 0 || data.length < this.#halfMinWeights) {
       return null;
     }
-    const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
-    const halves = new Uint16Array(data.length);
-    for (let i = 0; i < data.length; i++) {
-      const half = f32BitsToF16(bits[i]);
-      if (f16ToF32(half) !== data[i]) return null;
-      halves[i] = half;
-    }
+    const converted = toHalves(data);
+    if (converted === null) return null;
+    const { format, halves } = converted;
     const buf = this.#alloc(Math.ceil(data.length / 2));
-    new Uint16Array(this.#memory.buffer, buf.ptr, data.length).set(halves);
-    this.#copiedBytes += halves.byteLength;
-    return new WasmHalfMatrix(buf.ptr, data.length / rowLength, rowLength, buf.bytes);
+    // Whole pairs of halves: the allocation is whole floats.
+    new Uint16Array(this.#memory.buffer, buf.ptr, halves.length).set(halves);
+    this.#copiedBytes += 2 * data.length;
+    return new WasmHalfMatrix(buf.ptr, data.length / rowLength, rowLength, buf.bytes, format);
   }
 
   /**
@@ -1032,7 +1053,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
   ): void {
     const inDim = weight.cols;
     if (weight.rows !== outDim) {
-      throw new RangeError(`An f16 matrix of ${weight.rows} rows cannot give ${outDim} outputs`);
+      throw new RangeError(
+        `An ${weight.format} matrix of ${weight.rows} rows cannot give ${outDim} outputs`,
+      );
     }
     const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
       outDim >= 8;
@@ -1044,8 +1067,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
       ).ptr
       : 0;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
-    if (parallel) return this.#parallel(OP_LINEAR_HALF, [...operands, scratch]);
-    this.#kernels.linearHalf(...operands, 0, outDim, scratch);
+    const bf16 = weight.format === "bf16" ? 1 : 0;
+    if (parallel) return this.#parallel(OP_LINEAR_HALF, [...operands, scratch, bf16]);
+    this.#kernels.linearHalf(...operands, 0, outDim, scratch, bf16);
   }
 
   linearSplit(

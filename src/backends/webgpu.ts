@@ -29,6 +29,7 @@ import {
   convStepAfter,
   type CopyRowsArgs,
   type GatedNormArgs,
+  type HalfFormat,
   type OptionalOp,
   projectAfterConv,
   projectDelta,
@@ -39,7 +40,7 @@ import {
 } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import type { QuantizedMatrix } from "../quant.ts";
-import { f16ToF32, f32BitsToF16 } from "../safetensors.ts";
+import { packHalves } from "../safetensors.ts";
 
 /** A float32 buffer on the GPU. */
 export class GpuBuffer {
@@ -50,8 +51,11 @@ export class GpuBuffer {
     buffer: GPUBuffer | null,
     /** Number of values. */
     readonly length: number,
-    /** Values stored as packed f16 (a weight matrix; only `linear` reads it). */
-    readonly half = false,
+    /**
+     * The 16-bit format its values are packed in, two per u32 (a weight
+     * matrix; only `linear` reads it), or null for f32.
+     */
+    readonly half: HalfFormat | null = null,
     /**
      * A row-major matrix too large for one binding, split by rows: parts of
      * `rowsPerPart` rows (the last may hold fewer). Only `embed`, `embedFrom`
@@ -318,14 +322,14 @@ function gemvLanes(units: number): number {
 
 /**
  * The linear kernel for `rows` rows of input, `outDim` outputs and a weight
- * stored as f16 or f32; with `project`, the gemv4 that projects a decode
+ * stored as f16, bf16 or f32; with `project`, the gemv4 that projects a decode
  * step's conv outputs (x_proj; see #foldsProjection).
  */
 function linearProgram(
   rows: number,
   inDim: number,
   outDim: number,
-  half: boolean,
+  half: HalfFormat | null,
   project = false,
 ): Program {
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
@@ -358,12 +362,12 @@ function linearProgram(
   } else {
     constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
   }
-  const key = `${shader}:${entry}:${JSON.stringify(constants)}${half ? "h" : "f"}${
+  const key = `${shader}:${entry}:${JSON.stringify(constants)}${half ?? "f32"}${
     project ? "p" : ""
   }`;
   let program = linearPrograms.get(key);
   if (!program) {
-    const preludes = ["linear_io", half ? "weight_f16" : "weight_f32"];
+    const preludes = ["linear_io", `weight_${half ?? "f32"}`];
     let bindings = LINEAR_BINDINGS;
     if (shader === "gemv4") {
       // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and x_proj (11, 12).
@@ -759,7 +763,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    */
   upload(data: Float32Array, rowLength?: number): GpuBuffer {
     const bytes = byteSize(data.length);
-    const split = this.#split(data, bytes, rowLength, (rows) => this.upload(rows), false);
+    const split = this.#split(data, bytes, rowLength, (rows) => this.upload(rows), null);
     if (split) return split;
     this.#checkSize(bytes);
     // writeBuffer, not mappedAtCreation: mapping a large buffer costs seconds
@@ -777,24 +781,43 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   /**
    * Stores a weight matrix as packed f16 when every value is exactly an f16
-   * (an F16 checkpoint widened at load): half the memory and bandwidth, same
-   * products. Null otherwise; see {@link Backend.uploadHalfMatrix}.
+   * (an F16 checkpoint widened at load), else as packed bf16 when every value
+   * is exactly a bf16 (a BF16 one with values below f16's range): half the
+   * memory and bandwidth, same products. f16 first, as `unpack2x16float` is
+   * one builtin where bf16 takes a shift and a mask. Null otherwise; see
+   * {@link Backend.uploadHalfMatrix}.
    */
   uploadHalfMatrix(data: Float32Array, rowLength?: number): GpuBuffer | null {
-    const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
-    const halves = new Uint16Array(data.length + (data.length % 2));
-    for (let i = 0; i < data.length; i++) {
-      const half = f32BitsToF16(bits[i]);
-      if (f16ToF32(half) !== data[i]) return null;
-      halves[i] = half;
-    }
+    const f16 = packHalves(data, "f16");
+    const bf16 = f16 ? null : packHalves(data, "bf16");
+    if (!f16 && !bf16) return null;
+    return this.#uploadHalves(data, f16 ?? bf16!, f16 ? "f16" : "bf16", rowLength);
+  }
+
+  /**
+   * `halves`, the values of `data` in `format`, as a buffer; split by rows as
+   * {@link upload} splits, every part in the same format (which `linear`
+   * reads the whole matrix in).
+   */
+  #uploadHalves(
+    data: Float32Array,
+    halves: Uint16Array<ArrayBuffer>,
+    format: HalfFormat,
+    rowLength?: number,
+  ): GpuBuffer {
     const bytes = byteSize(halves.length / 2);
-    const split = this.#split(data, bytes, rowLength, (rows) => this.uploadHalfMatrix(rows)!, true);
+    const split = this.#split(
+      data,
+      bytes,
+      rowLength,
+      (rows) => this.#uploadHalves(rows, packHalves(rows, format)!, format),
+      format,
+    );
     if (split) return split;
     this.#checkSize(bytes);
     const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
     this.device.queue.writeBuffer(buffer, 0, halves);
-    return new GpuBuffer(buffer, data.length, true);
+    return new GpuBuffer(buffer, data.length, format);
   }
 
   /** No quantized kernels here yet: the model uploads the dequantized values. */
@@ -892,7 +915,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     bytes: number,
     rowLength: number | undefined,
     uploadPart: (rows: Float32Array) => GpuBuffer,
-    half: boolean,
+    half: HalfFormat | null,
   ): GpuBuffer | null {
     const limit = Math.min(this.#bindingLimit(), this.#options.splitMatricesOver ?? Infinity);
     if (bytes <= limit || !rowLength || data.length % rowLength !== 0) return null;
@@ -1139,7 +1162,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         fusedConv?.kernel ?? 0,
         fusedConv?.bias ? 1 : 0,
         projWidth,
-        project?.weight.half ? 1 : 0,
+        project?.weight.half === "f16" ? 1 : project?.weight.half === "bf16" ? 2 : 0,
         fusedConv?.slots ? 1 : 0,
       ];
       const eps = [fusedNorm?.eps ?? 0];
@@ -1393,7 +1416,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       ? pending
       : null;
     if (shares) this.#pendingProjection = null;
-    const flags = scanFlags(args) | (projection?.weight.half ? 16 : 0);
+    const half = projection?.weight.half;
+    const flags = scanFlags(args) | (half === "f16" ? 16 : half === "bf16" ? 64 : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
     const nGroups = Math.ceil(dState / SCAN_LANES);
     // What every pass binds; each program takes the ones it declares.

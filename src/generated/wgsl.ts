@@ -825,7 +825,7 @@ fn projectBlock(block: u32, li: u32) {}
 // with scan_shares.wgsl) or project_sum.wgsl adds the shares up. Its own file,
 // so that the other GEMVs neither declare nor bind its two buffers.
 
-@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 bits
+@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 or bf16 bits
 // [rows, blocks of PER_GROUP conv outputs, 4 · ⌈projWidth / 4⌉]: each block's share of the projection
 @group(0) @binding(12) var<storage, read_write> projParts: array<f32>;
 
@@ -838,9 +838,15 @@ fn keepConvOut(j: u32, v: vec4<f32>) {
 
 // Four consecutive elements of projWeight from element i (a multiple of 4).
 fn projQuad(i: u32) -> vec4<f32> {
-  if (p.projHalf != 0u) {
-    let w = i / 2u;
+  let w = i / 2u;
+  if (p.projHalf == 1u) {
     return vec4<f32>(unpack2x16float(projWeight[w]), unpack2x16float(projWeight[w + 1u]));
+  }
+  if (p.projHalf == 2u) {
+    // bf16 pairs, each the top half of its f32 (the main weight may be of another format, so
+    // weight_bf16.wgsl's unpackBf16 is not always there).
+    let lo = vec2<u32>(projWeight[w], projWeight[w + 1u]);
+    return bitcast<vec4<f32>>(vec4<u32>(lo.x << 16u, lo.x & 0xffff0000u, lo.y << 16u, lo.y & 0xffff0000u));
   }
   return bitcast<vec4<f32>>(
     vec4<u32>(projWeight[i], projWeight[i + 1u], projWeight[i + 2u], projWeight[i + 3u]),
@@ -924,7 +930,7 @@ struct Params {
   convKernel: u32, // gemv4 only: taps of the conv step of out's columns, or 0
   convHasBias: u32, // gemv4 only
   projWidth: u32, // gemv4 only: columns of the projection of the conv step's outputs, or 0
-  projHalf: u32, // gemv4 only: its weight is packed f16
+  projHalf: u32, // gemv4 only: its weight is f32 (0), or packed f16 (1) or bf16 (2)
   convSlots: u32, // gemv4 only: the conv states are rows of a pool, named by convSlots
   normEps: f32,
 }
@@ -2443,7 +2449,7 @@ struct Params {
   batch: u32,
   chunkLen: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots
+  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots, 64: dtProj is packed bf16
   nState: u32,
   group: u32,
   nGroups: u32,
@@ -2888,10 +2894,16 @@ fn output(
   }
 }
 
-/** Element i of dt_proj's weight, stored as f32 or as f16 packed two per u32 (low half first). */
+/**
+ * Element i of dt_proj's weight, stored as f32, or as f16 (flag 16) or bf16
+ * (flag 64, each the top half of its f32) packed two per u32 (low half first).
+ */
 fn dtProjAt(i: u32) -> f32 {
   if ((p.flags & 16u) != 0u) {
     return unpack2x16float(dtProj[i / 2u])[i % 2u];
+  }
+  if ((p.flags & 64u) != 0u) {
+    return bitcast<f32>((dtProj[i / 2u] << (16u - 16u * (i % 2u))) & 0xffff0000u);
   }
   return bitcast<f32>(dtProj[i]);
 }
@@ -3591,6 +3603,29 @@ fn step(
     }
     y[i] = out;
   }
+}
+`,
+  weight_bf16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
+// after linear_io.wgsl: bf16 values packed two per u32 (low half first), each
+// the top half of its f32, so a shift or a mask widens it exactly (WGSL has no
+// bf16 type). The products equal the f32 kernels' for weights that are exactly
+// bf16. weight_f16.wgsl is the same interface over packed f16.
+@group(0) @binding(2) var<storage, read> weight: array<vec2<u32>>;
+
+// The two bf16 values packed in \`bits\`, low half first.
+fn unpackBf16(bits: u32) -> vec2<f32> {
+  return bitcast<vec2<f32>>(vec2<u32>(bits << 16u, bits & 0xffff0000u));
+}
+
+// Element i of the row-major weight matrix.
+fn weightAt(i: u32) -> f32 {
+  return unpackBf16(weight[i / 4u][(i / 2u) % 2u])[i % 2u];
+}
+
+// Elements 4k to 4k+3.
+fn weight4At(k: u32) -> vec4<f32> {
+  let packed = weight[k];
+  return vec4<f32>(unpackBf16(packed.x), unpackBf16(packed.y));
 }
 `,
   weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
