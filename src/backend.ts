@@ -396,13 +396,13 @@ export interface GatedNormArgs<Buf> {
   eps: number;
 }
 
-/** Operations that only some backends provide: ask {@link Backend.supports}. */
 /**
  * The 16-bit float formats a checkpoint's matrices come in (F16, BF16), which
  * a backend may keep them in (see {@link Backend.uploadHalfMatrix}).
  */
 export type HalfFormat = "f16" | "bf16";
 
+/** Operations that only some backends provide: ask {@link Backend.supports}. */
 export type OptionalOp = "ssdScan" | "gatedRmsNorm" | "channelMajorScan";
 
 /** Operations recorded by {@link Backend.capture}. */
