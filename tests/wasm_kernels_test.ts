@@ -72,6 +72,51 @@ async function compare(
 }
 
 /**
+ * `linear` (with and without a bias) and `linearSplit` over `w`, a wasm
+ * buffer holding `weights` in some stored form, against the reference on
+ * the float32 values, within 1e-5 (scaled); `name` labels the form.
+ */
+async function linearMatches(
+  wasm: WasmBackend,
+  w: WasmBuffer,
+  weights: Float32Array,
+  rows: number,
+  inDim: number,
+  outDim: number,
+  rand: (n: number) => Float32Array,
+  name: string,
+): Promise<void> {
+  const js = new JsBackend();
+  for (const withBias of [false, true]) {
+    const x = rand(rows * inDim);
+    const bias = withBias ? rand(outDim) : null;
+    const want = js.zeros(rows * outDim);
+    js.linear(want, x, weights, bias, rows, inDim, outDim);
+    const out = wasm.zeros(rows * outDim);
+    wasm.linear(out, wasm.upload(x), w, bias && wasm.upload(bias), rows, inDim, outDim);
+    const diff = maxScaledDiff(await wasm.read(out), want);
+    assert(diff <= 1e-5, `${name} linear ${rows}x${inDim}x${outDim} bias=${withBias}: ${diff}`);
+  }
+  if (outDim < 9) return;
+  const widths = [outDim - 7, 4, 3];
+  const x = rand(rows * inDim);
+  const want = js.zeros(rows * outDim);
+  js.linear(want, x, weights, null, rows, inDim, outDim);
+  const outs = widths.map((width) => wasm.zeros(rows * width));
+  wasm.linearSplit(outs, widths, wasm.upload(x), w, null, rows, inDim);
+  let first = 0;
+  for (const [i, width] of widths.entries()) {
+    const part = new Float32Array(rows * width);
+    for (let r = 0; r < rows; r++) {
+      part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
+    }
+    const diff = maxScaledDiff(await wasm.read(outs[i]), part);
+    assert(diff <= 1e-5, `${name} linearSplit ${rows}x${inDim}x${outDim} part ${i}: ${diff}`);
+    first += width;
+  }
+}
+
+/**
  * `linear` and `linearSplit` over a matrix kept as `format`
  * (`uploadHalfMatrix`) against the reference on the same values as f32:
  * inner dimensions not a multiple of 8 or 16 (the kernels' tails), odd
@@ -81,7 +126,6 @@ async function compare(
 async function halfOps(threads: number, format: HalfFormat): Promise<void> {
   // Every size kept 16-bit, to reach the kernels with small odd shapes.
   using wasm = await WasmBackend.create({ threads, halfMinWeights: 0 });
-  const js = new JsBackend();
   const rand = xorshiftUniforms(70 + threads);
   // Exactly f16, rounded through f16 bits, with subnormals and -0 among them,
   // and a first value of 11 significant bits (not a bf16, which would be
@@ -116,36 +160,7 @@ async function halfOps(threads: number, format: HalfFormat): Promise<void> {
     const w = wasm.uploadHalfMatrix(weights, inDim);
     assert(w instanceof WasmHalfMatrix, `exact ${format} values are kept 16-bit`);
     assertEquals(w.format, format);
-    for (const withBias of [false, true]) {
-      const x = rand(rows * inDim);
-      const bias = withBias ? rand(outDim) : null;
-      const want = js.zeros(rows * outDim);
-      js.linear(want, x, weights, bias, rows, inDim, outDim);
-      const out = wasm.zeros(rows * outDim);
-      wasm.linear(out, wasm.upload(x), w, bias && wasm.upload(bias), rows, inDim, outDim);
-      const diff = maxScaledDiff(await wasm.read(out), want);
-      const label = `${format} linear ${rows}x${inDim}x${outDim} bias=${withBias}`;
-      assert(diff <= 1e-5, `${label}: ${diff}`);
-    }
-    if (outDim >= 9) {
-      const widths = [outDim - 7, 4, 3];
-      const x = rand(rows * inDim);
-      const want = js.zeros(rows * outDim);
-      js.linear(want, x, weights, null, rows, inDim, outDim);
-      const outs = widths.map((width) => wasm.zeros(rows * width));
-      wasm.linearSplit(outs, widths, wasm.upload(x), w, null, rows, inDim);
-      let first = 0;
-      for (const [i, width] of widths.entries()) {
-        const part = new Float32Array(rows * width);
-        for (let r = 0; r < rows; r++) {
-          part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
-        }
-        const diff = maxScaledDiff(await wasm.read(outs[i]), part);
-        const label = `${format} linearSplit ${rows}x${inDim}x${outDim} part ${i}`;
-        assert(diff <= 1e-5, `${label}: ${diff}`);
-        first += width;
-      }
-    }
+    await linearMatches(wasm, w, weights, rows, inDim, outDim, rand, format);
   }
   const notHalf = halves(64);
   notHalf[10] = 0.1; // Neither an f16 nor a bf16 value.
@@ -163,7 +178,6 @@ async function halfOps(threads: number, format: HalfFormat): Promise<void> {
  */
 async function quantizedOps(threads: number, type: BlockType, ggml: number): Promise<void> {
   using wasm = await WasmBackend.create({ threads });
-  const js = new JsBackend();
   const rand = xorshiftUniforms(50 + threads);
   // Output rows odd and not a multiple of the threads' split (4, or 64 with several rows);
   // inner dimensions of 1 to 48 blocks; 1 to 16 rows of activations (decode) and 37 (prefill).
@@ -183,35 +197,8 @@ async function quantizedOps(threads: number, type: BlockType, ggml: number): Pro
     const matrix = quantizedMatrix(type, outDim, inDim, quantize(ggml, rand(outDim * inDim)), "w");
     const weights = dequantizeMatrix(matrix);
     const w = wasm.uploadQuantizedMatrix(matrix);
-    for (const withBias of [false, true]) {
-      const x = rand(rows * inDim);
-      const bias = withBias ? rand(outDim) : null;
-      const want = js.zeros(rows * outDim);
-      js.linear(want, x, weights, bias, rows, inDim, outDim);
-      const out = wasm.zeros(rows * outDim);
-      wasm.linear(out, wasm.upload(x), w, bias && wasm.upload(bias), rows, inDim, outDim);
-      const diff = maxScaledDiff(await wasm.read(out), want);
-      assert(diff <= 1e-5, `${type} linear ${rows}x${inDim}x${outDim} bias=${withBias}: ${diff}`);
-    }
-    // linearSplit hands each output its rows of the blocks.
-    if (outDim >= 9) {
-      const widths = [outDim - 7, 4, 3];
-      const x = rand(rows * inDim);
-      const want = js.zeros(rows * outDim);
-      js.linear(want, x, weights, null, rows, inDim, outDim);
-      const outs = widths.map((width) => wasm.zeros(rows * width));
-      wasm.linearSplit(outs, widths, wasm.upload(x), w, null, rows, inDim);
-      let first = 0;
-      for (const [i, width] of widths.entries()) {
-        const part = new Float32Array(rows * width);
-        for (let r = 0; r < rows; r++) {
-          part.set(want.subarray(r * outDim + first, r * outDim + first + width), r * width);
-        }
-        const diff = maxScaledDiff(await wasm.read(outs[i]), part);
-        assert(diff <= 1e-5, `${type} linearSplit ${rows}x${inDim}x${outDim} part ${i}: ${diff}`);
-        first += width;
-      }
-    }
+    // linearSplit hands each output its rows of the blocks: views, no copy.
+    await linearMatches(wasm, w, weights, rows, inDim, outDim, rand, type);
   }
 
   // Gathers (embed, copyRows) read rows as the dequantized floats, exactly.
