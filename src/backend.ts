@@ -474,8 +474,11 @@ export interface Backend<Buf = unknown> {
    * replaying them costs the host a fraction of issuing them one by one (like
    * a CUDA graph; a decode step is hundreds of kernels). The operations must
    * not move data to or from the host nor need temporary buffers, and every
-   * buffer they name must outlive the recording. A backend without such a
-   * facility keeps `ops` and calls it on replay.
+   * buffer they name must outlive the recording; a `flush` among them does
+   * nothing. A backend throws, having run nothing, where it cannot record
+   * one of them (webgpu: a scan over several chunks), so a caller may then
+   * issue them directly. A backend without such a facility keeps `ops` and
+   * calls it on replay.
    */
   capture(ops: () => void): Recording;
   /** Issues the operations of a recording again, in order. */

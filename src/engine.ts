@@ -107,6 +107,19 @@ export interface EngineOptions {
 const MAX_ROUND_STEPS = 32;
 /** Steps of the first round after the engine was idle, so that the first ids come back soon. */
 const FIRST_ROUND_STEPS = 4;
+/**
+ * Where the backend queues work, a prompt chunk shorter than this is fed in
+ * captured pieces (see {@link DecodeEngine}'s `#feedGroup`): recording a
+ * prompt's forward pass launch by launch costs the host more than the
+ * device takes for it, and a short prompt's first token waits for it.
+ */
+const CAPTURED_PROMPT_LIMIT = 128;
+/**
+ * The longest captured piece: short enough that a backend can record its
+ * scan as one chunk (webgpu splits a scan of more than 48 tokens, which it
+ * cannot capture), long enough that a prompt takes few pieces.
+ */
+const CAPTURED_PIECE = 32;
 /** Recorded steps kept; past it they are all released and recorded again as needed. */
 const MAX_RECORDINGS = 256;
 /** History ids kept per sequence at least (see {@link DecodeEngine}'s ring). */
@@ -200,8 +213,11 @@ export function engineFor<Buf>(model: MambaModel<Buf>, options?: EngineOptions):
 
 /** Runs the decoding and prompt feeding of one model; see the module documentation. */
 export class DecodeEngine<Buf> {
-  /** Rounds issued so far, and the sequence-steps they held (their ratio is the mean batch). */
-  readonly stats = { rounds: 0, steps: 0, rowSteps: 0, rewinds: 0 };
+  /**
+   * Rounds issued so far, and the sequence-steps they held (their ratio is
+   * the mean batch); rewinds; prompt pieces replayed from a recording.
+   */
+  readonly stats = { rounds: 0, steps: 0, rowSteps: 0, rewinds: 0, replayedPieces: 0 };
 
   readonly #model: MambaModel<Buf>;
   readonly #be: Backend<Buf>;
@@ -237,6 +253,18 @@ export class DecodeEngine<Buf> {
   /** Pool copies not in use by a round. */
   #spareCopies: PoolCopy<Buf>[] = [];
   readonly #recordings = new Map<string, Recording>();
+  /** Buffers of captured prompt pieces: rows [#feedRows], sequences [#feedBatch]. */
+  #feedScratch: Scratch<Buf> | null = null;
+  #feedTokens: Buf | null = null; // [#feedRows]
+  #feedSlots: Buf | null = null; // [#feedBatch]
+  #feedLogits: Buf | null = null; // [#feedBatch, vocab]
+  #feedRows = 0;
+  #feedBatch = 0;
+  #feedVersion = 0;
+  /** Per "batch:len" of a piece, the rows whose logits it keeps (see `MambaModel.lastRows`). */
+  readonly #feedLastRows = new Map<string, Buf | null>();
+  /** Piece shapes "batch:len" the backend refused to capture: fed directly. */
+  readonly #uncaptured = new Set<string>();
   /** Whether a round with steps has been issued since the engine was last idle. */
   #warm = false;
 
@@ -298,6 +326,9 @@ export class DecodeEngine<Buf> {
   /** Frees the engine's buffers; it must be idle. */
   dispose(): void {
     this.#releaseBuffers();
+    this.#releaseFeedBuffers();
+    for (const rows of this.#feedLastRows.values()) if (rows !== null) this.#be.release(rows);
+    this.#feedLastRows.clear();
     for (const copy of this.#spareCopies) this.#model.pool.releaseCopy(copy);
     this.#spareCopies = [];
     if (this.#history !== null) this.#be.release(this.#history);
@@ -363,13 +394,121 @@ export class DecodeEngine<Buf> {
       ids.set(item.promptLeft.subarray(0, len), b * len);
       item.promptLeft = item.promptLeft.subarray(len);
     });
-    this.#model.feed(group.map((item) => item.slot), ids, len);
+    this.#feedGroup(group.map((item) => item.slot), ids, len);
     for (const item of group) {
       if (item.promptLeft.length > 0) continue;
       this.#prompts.splice(this.#prompts.indexOf(item), 1);
       if (item instanceof Sequence) this.#joining.push(item);
       else item.settle(null);
     }
+  }
+
+  /**
+   * Feeds `len` ids to each sequence of `slots` (ids [slots.length · len]),
+   * as `MambaModel.feed` does. Where the backend queues work and the chunk
+   * is short, it goes in pieces of {@link CAPTURED_PIECE} ids and then
+   * powers of two, each replayed from a recording made once per shape.
+   */
+  #feedGroup(slots: readonly number[], ids: Int32Array, len: number): void {
+    if (!this.#be.queued || len >= CAPTURED_PROMPT_LIMIT) {
+      this.#model.feed(slots, ids, len);
+      return;
+    }
+    for (let from = 0; from < len;) {
+      const left = len - from;
+      const piece = left >= CAPTURED_PIECE ? CAPTURED_PIECE : 2 ** Math.floor(Math.log2(left));
+      this.#feedPiece(slots, ids, len, from, piece);
+      from += piece;
+    }
+  }
+
+  /** Feeds ids [from, from + piece) of each sequence's `len` in `ids`, replayed where it can be. */
+  #feedPiece(
+    slots: readonly number[],
+    ids: Int32Array,
+    len: number,
+    from: number,
+    piece: number,
+  ): void {
+    const batch = slots.length;
+    const tokens = new Int32Array(batch * piece);
+    for (let b = 0; b < batch; b++) {
+      tokens.set(ids.subarray(b * len + from, b * len + from + piece), b * piece);
+    }
+    const recording = this.#feedRecording(batch, piece);
+    if (recording === null) {
+      this.#model.feed(slots, tokens, piece);
+      return;
+    }
+    const be = this.#be;
+    be.write(this.#feedSlots!, Float32Array.from(slots));
+    be.write(this.#feedTokens!, Float32Array.from(tokens));
+    be.replay(recording);
+    be.flush();
+    this.stats.replayedPieces++;
+  }
+
+  /** The recording of a prompt piece of `batch` sequences × `len` ids, or null where the backend refuses it. */
+  #feedRecording(batch: number, len: number): Recording | null {
+    const shape = `${batch}:${len}`;
+    if (this.#uncaptured.has(shape)) return null;
+    this.#fitFeedBuffers(batch, batch * len);
+    const key = `feed:${shape}:${this.#model.pool.version}:${this.#feedVersion}`;
+    let recording = this.#recordings.get(key);
+    if (recording) return recording;
+    if (this.#recordings.size >= MAX_RECORDINGS) this.#clearRecordings();
+    if (!this.#feedLastRows.has(shape)) {
+      this.#feedLastRows.set(shape, this.#model.lastRows(batch, len));
+    }
+    const lastRows = this.#feedLastRows.get(shape)!;
+    try {
+      recording = this.#be.capture(() =>
+        this.#model.feedRows(
+          this.#feedScratch!,
+          batch,
+          len,
+          this.#feedSlots!,
+          this.#feedTokens!,
+          lastRows,
+          this.#feedLogits!,
+        )
+      );
+    } catch {
+      // Some operation cannot be recorded (a capture that throws has run nothing).
+      this.#uncaptured.add(shape);
+      return null;
+    }
+    this.#recordings.set(key, recording);
+    return recording;
+  }
+
+  /** Makes the prompt pieces' buffers hold at least `batch` sequences and `rows` rows. */
+  #fitFeedBuffers(batch: number, rows: number): void {
+    if (batch <= this.#feedBatch && rows <= this.#feedRows) return;
+    this.#releaseFeedBuffers();
+    // Recordings of the old buffers must not be replayed.
+    this.#clearRecordings();
+    const be = this.#be;
+    this.#feedRows = Math.max(rows, 2 * this.#feedRows);
+    this.#feedBatch = Math.max(batch, 2 * this.#feedBatch);
+    this.#feedScratch = this.#model.allocScratch(this.#feedRows);
+    this.#feedTokens = be.zeros(this.#feedRows);
+    this.#feedSlots = be.zeros(this.#feedBatch);
+    this.#feedLogits = be.zeros(this.#feedBatch * this.#model.config.vocabSize);
+    this.#feedVersion++;
+  }
+
+  #releaseFeedBuffers(): void {
+    if (this.#feedScratch) this.#model.releaseScratch(this.#feedScratch);
+    for (const buf of [this.#feedTokens, this.#feedSlots, this.#feedLogits]) {
+      if (buf !== null) this.#be.release(buf);
+    }
+    this.#feedScratch =
+      this.#feedTokens =
+      this.#feedSlots =
+      this.#feedLogits =
+        null;
+    this.#feedRows = this.#feedBatch = 0;
   }
 
   /**
@@ -650,7 +789,7 @@ export class DecodeEngine<Buf> {
       seq.settle(ending.error ?? { ids: seq.kept, stopped: ending.stopped });
     });
     for (const [len, { slots, ids }] of replays) {
-      this.#model.feed(slots, Int32Array.from(ids), len);
+      this.#feedGroup(slots, Int32Array.from(ids), len);
     }
     if (round.checkpoint) this.#returnCopy(round.checkpoint as PoolCopy<Buf>);
   }

@@ -398,36 +398,73 @@ export class MambaModel<Buf> {
     }
     const s = this.allocScratch(batch * len);
     const slotRows = be.upload(Float32Array.from(slots));
-    // The rows whose logits are kept: each sequence's last.
-    const lastRows = len > 1
-      ? be.upload(Float32Array.from(slots, (_, b) => b * len + len - 1))
-      : null;
+    const tokens = be.upload(Float32Array.from(ids));
+    const lastRows = this.lastRows(batch, len);
     const logits = be.zeros(batch * this.config.vocabSize);
     try {
-      be.embed(s.hidden, this.#weights.embedding, ids, this.config.dModel);
-      this.blocks(s, slotRows, len, batch);
-      if (lastRows) {
-        be.copyRows({
-          dst: s.headIn,
-          src: s.hidden,
-          width: this.config.dModel,
-          count: batch,
-          srcRows: { buf: lastRows, offset: 0 },
-        });
-      }
-      this.head(logits, lastRows ? s.headIn : s.hidden, batch);
-      be.copyRows({
-        dst: this.pool.logits,
-        src: logits,
-        width: this.config.vocabSize,
-        count: batch,
-        dstRows: { buf: slotRows, offset: 0 },
-      });
+      this.feedRows(s, batch, len, slotRows, tokens, lastRows, logits);
       be.flush();
     } finally {
       this.releaseScratch(s);
-      for (const buf of [slotRows, logits, ...(lastRows ? [lastRows] : [])]) be.release(buf);
+      for (const buf of [slotRows, tokens, logits, ...(lastRows ? [lastRows] : [])]) {
+        be.release(buf);
+      }
     }
+  }
+
+  /**
+   * The rows {@link feedRows} keeps logits of when `batch` sequences are fed
+   * `len` ids each: each sequence's last, b · len + len − 1; null for one id
+   * each, where every row is kept.
+   */
+  lastRows(batch: number, len: number): Buf | null {
+    if (len === 1) return null;
+    return this.backend.upload(Float32Array.from({ length: batch }, (_, b) => b * len + len - 1));
+  }
+
+  /**
+   * The work of {@link feed} on buffers: `batch` sequences on the slots
+   * `slots[b]` are fed `len` ids each, `tokens[b · len + t]`; `lastRows` is
+   * {@link lastRows}'s buffer, and `logits` [batch, vocab] is scratch.
+   * Records nothing on the host and allocates nothing, so that a backend
+   * can capture it.
+   */
+  feedRows(
+    s: Scratch<Buf>,
+    batch: number,
+    len: number,
+    slots: Buf,
+    tokens: Buf,
+    lastRows: Buf | null,
+    logits: Buf,
+  ): void {
+    const be = this.backend;
+    const { dModel, vocabSize } = this.config;
+    be.copyRows({
+      dst: s.hidden,
+      src: this.#weights.embedding,
+      width: dModel,
+      count: batch * len,
+      srcRows: { buf: tokens, offset: 0 },
+    });
+    this.blocks(s, slots, len, batch);
+    if (lastRows) {
+      be.copyRows({
+        dst: s.headIn,
+        src: s.hidden,
+        width: dModel,
+        count: batch,
+        srcRows: { buf: lastRows, offset: 0 },
+      });
+    }
+    this.head(logits, lastRows ? s.headIn : s.hidden, batch);
+    be.copyRows({
+      dst: this.pool.logits,
+      src: logits,
+      width: vocabSize,
+      count: batch,
+      dstRows: { buf: slots, offset: 0 },
+    });
   }
 
   /**

@@ -15,7 +15,7 @@ import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { Sampler, type SamplingOptions } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
-import { readSamples, SHARED } from "./helpers.ts";
+import { maxAbsDiff, readSamples, SHARED } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
 
@@ -233,6 +233,42 @@ for (const { label, name, options, ignore } of BACKENDS) {
     await settled();
     assertEquals(mamba.model.pool.used, 0);
     assertEquals(mamba.model.pool.capacity, capacity, "the pool did not grow: slots were reused");
+  });
+
+  test("prompts of every piece shape give the teacher-forced logits, alone and together", async (mamba) => {
+    const model = mamba.model;
+    const expected = SafetensorsFile.parse(
+      await Deno.readFile(`${TINY}/expected.safetensors`),
+      TINY,
+    );
+    const ids = expected.int32("prompt0_greedy_ids");
+    const logits = expected.float32("prompt0_logits");
+    const vocab = model.config.vocabSize;
+    const wanted = (len: number) => logits.subarray((len - 1) * vocab, len * vocab);
+    const engine = engineFor(model);
+    const replayed = engine.stats.replayedPieces;
+    // One id, a sum of powers of two, a whole piece of 32, and pieces of 32 with remainders.
+    const lengths = [1, 7, 32, 33, 45, ids.length];
+    for (const len of lengths) {
+      const session = new Session(model);
+      const got = await session.prefill(ids.subarray(0, len));
+      const diff = maxAbsDiff(got, wanted(len));
+      assert(diff <= 1e-3, `${len} ids alone: max abs diff ${diff}`);
+      session.dispose();
+    }
+    // Together: each chunk feeds its sequences the same number of ids at a time.
+    const sessions = lengths.map(() => new Session(model));
+    const together = await Promise.all(
+      sessions.map((session, i) => session.prefill(ids.subarray(0, lengths[i]))),
+    );
+    together.forEach((got, i) => {
+      const diff = maxAbsDiff(got, wanted(lengths[i]));
+      assert(diff <= 1e-3, `${lengths[i]} ids together: max abs diff ${diff}`);
+    });
+    for (const session of sessions) session.dispose();
+    if (model.backend.queued) {
+      assert(engine.stats.replayedPieces > replayed, "a queued backend replays prompt pieces");
+    }
   });
 
   test("a snapshot taken mid-batch continues identically in a new session", async (mamba) => {

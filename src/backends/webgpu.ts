@@ -1549,10 +1549,12 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   // ---- submission -------------------------------------------------------------------------
 
-  /** Submits the recorded work (no wait). */
+  /**
+   * Submits the recorded work (no wait). Inside a {@link capture} it does
+   * nothing: what is captured is submitted where it is replayed.
+   */
   flush(): void {
-    this.#notCapturing("A submission");
-    if (!this.#encoder) return;
+    if (this.#capturing || !this.#encoder) return;
     if (this.#pass) {
       this.#pass.end();
       this.#pass = null;
