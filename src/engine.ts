@@ -358,7 +358,14 @@ export class DecodeEngine<Buf> {
         const previous = this.#inFlight;
         this.#inFlight = round;
         // While the device runs the new round, the previous one is judged.
-        if (previous) await this.#judge(previous, round);
+        if (previous) {
+          await this.#judge(previous, round);
+          // Its readers take their ids now: starting the next read blocks the
+          // thread until the device is done with the new round (Deno's
+          // `mapAsync` polls the device before it returns), and the round
+          // after is issued before the loop awaits again.
+          if (this.#be.queued) await yieldToEventLoop();
+        }
         if (round) {
           this.#startRead(round);
           if (!this.#pipelined) {
