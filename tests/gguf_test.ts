@@ -237,6 +237,7 @@ Deno.test("a GGUF tells auto which matrices it keeps as blocks", async () => {
       q8_0: { layers: "q8_0", head: "q8_0" },
       // A 4-bit file keeps its output (the tied embedding) at 8 bits, as llama-quantize does.
       q4_0: { layers: "q4_0", head: "q8_0" },
+      q4_k: { layers: "q4_k", head: "q8_0" },
     };
     for (const [type, blocks] of Object.entries(expected)) {
       const { bytes } = await quantizeModel(shakespeare, type as QuantizeType);
