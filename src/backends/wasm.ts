@@ -260,7 +260,7 @@ type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant" | 
 /**
  * A view of `length` floats of `buf` from `offset` (never released on its
  * own); of a quantized matrix, the rows `offset / cols` on, `length / cols` of
- * them (for Q8_0, from a multiple of 4: see {@link QUAD}).
+ * them (for Q8_0 and Q4_K, from a multiple of 4: see {@link QUAD}).
  */
 const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
   buf instanceof WasmQuantMatrix
