@@ -104,10 +104,10 @@ import { Sampler } from "./sampler.ts";
 import { Session } from "./session.ts";
 import type { HostWeights, LayerWeights } from "./weights.ts";
 import {
+  BLOCK_ELEMENTS,
   type BlockType,
   type HostMatrix,
   isQuantized,
-  QUANT_BLOCK,
   quantizedMatrix,
 } from "./quant.ts";
 import { quantize, QUANTIZED_TYPES } from "./gguf_write.ts";
@@ -1030,7 +1030,7 @@ function probeWeights(
   /** A random matrix [rows, cols], as `blocks` of `type` where its rows are whole blocks. */
   const matrix = (rows: number, cols: number, scale: number, type: BlockType | null) => {
     const values = rand(rows * cols, scale, true);
-    if (!type || cols % QUANT_BLOCK !== 0) return values;
+    if (!type || cols % BLOCK_ELEMENTS[type] !== 0) return values;
     return quantizedMatrix(type, rows, cols, quantize(QUANTIZED_TYPES[type], values), "probe");
   };
   const ones = (n: number) => new Float32Array(n).fill(1);

@@ -107,7 +107,7 @@ export interface GgufModel {
 }
 
 /**
- * Reads GGUF file `name` of `dir`: config, weights (Q8_0 matrices as their
+ * Reads GGUF file `name` of `dir`: config, weights (Q8_0, Q4_0 and Q4_K matrices as their
  * blocks, other types as float32) and tokenizer (`options.tokenizer` where given, else the file's own).
  */
 export async function loadGguf(

@@ -567,6 +567,20 @@ function dequantizeQ4_0(bytes: Uint8Array, out: Float32Array): void {
 }
 
 /**
+ * The 6-bit scale and min of sub-block `sub` (0 to 7) of the Q4_K super-block
+ * whose 12 packed bytes start at `at`: sub-blocks 0–3 in the low 6 bits of
+ * bytes 0–3 (scales) and 4–7 (mins); 4–7 in the nibbles of bytes 8–11, their
+ * top 2 bits in the top bits of bytes 0–7.
+ */
+export function q4KScaleMin(bytes: Uint8Array, at: number, sub: number): [number, number] {
+  if (sub < 4) return [bytes[at + sub] & 63, bytes[at + sub + 4] & 63];
+  return [
+    (bytes[at + sub + 4] & 0x0f) | ((bytes[at + sub - 4] >> 6) << 4),
+    (bytes[at + sub + 4] >> 4) | ((bytes[at + sub] >> 6) << 4),
+  ];
+}
+
+/**
  * Q4_K: super-blocks of 256 in 8 sub-blocks of 32: f16 d and dmin, 12 bytes
  * packing a 6-bit scale and a 6-bit min per sub-block, then 128 bytes of
  * nibbles (each 32 bytes: sub-block 2i in the low nibbles, 2i + 1 in the
@@ -578,17 +592,9 @@ function dequantizeQ4_K(bytes: Uint8Array, out: Float32Array): void {
   for (let block = 0, at = 0; block < out.length / 256; block++, at += 144) {
     const d = half(bytes, at);
     const dmin = half(bytes, at + 2);
-    const scales = at + 4;
     const qs = at + 16;
     for (let sub = 0; sub < 8; sub++) {
-      let scale: number, min: number;
-      if (sub < 4) {
-        scale = bytes[scales + sub] & 63;
-        min = bytes[scales + sub + 4] & 63;
-      } else {
-        scale = (bytes[scales + sub + 4] & 0x0f) | ((bytes[scales + sub - 4] >> 6) << 4);
-        min = (bytes[scales + sub + 4] >> 4) | ((bytes[scales + sub] >> 6) << 4);
-      }
+      const [scale, min] = q4KScaleMin(bytes, at + 4, sub);
       const dScale = f(d * scale);
       const dMin = f(dmin * min);
       const shift = (sub & 1) * 4;

@@ -25,7 +25,7 @@ import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, type GgufFile, type GgufTensorInfo, type GgufValue } from "./gguf.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
-import { type QuantizedMatrix, quantizedMatrix } from "./quant.ts";
+import { type BlockType, type QuantizedMatrix, quantizedMatrix } from "./quant.ts";
 import type { TensorFile } from "./weights.ts";
 
 const LAYER_NAMES: readonly [string, string][] = [
@@ -67,6 +67,13 @@ export function ggufTensorName(hfName: string): string | undefined {
   return layer ? `blk.${match[1]}.${layer[0]}` : undefined;
 }
 
+/** The ggml types kept as blocks, and their {@link BlockType}. */
+const BLOCK_TYPES: ReadonlyMap<number, BlockType> = new Map([
+  [GGML.Q8_0, "q8_0"],
+  [GGML.Q4_0, "q4_0"],
+  [GGML.Q4_K, "q4_k"],
+]);
+
 /** A GGUF file's tensors under transformers' names, for {@link loadWeights}. */
 export class GgufTensors implements TensorFile {
   readonly file: string;
@@ -100,7 +107,7 @@ export class GgufTensors implements TensorFile {
   }
 
   /**
-   * A 2-D Q8_0 or Q4_0 tensor by its transformers name, as its blocks (a
+   * A 2-D Q8_0, Q4_0 or Q4_K tensor by its transformers name, as its blocks (a
    * view of the file's bytes, which the backend copies or dequantizes at
    * upload); null for any other type, which {@link float32} reads.
    *
@@ -109,8 +116,8 @@ export class GgufTensors implements TensorFile {
   quantized(name: string): QuantizedMatrix | null {
     const ggufName = this.#ggufName.get(name) ?? name;
     const info = this.#gguf.info(ggufName);
-    const type = info.type === GGML.Q8_0 ? "q8_0" : info.type === GGML.Q4_0 ? "q4_0" : null;
-    if (type === null || info.shape.length !== 2) return null;
+    const type = BLOCK_TYPES.get(info.type);
+    if (type === undefined || info.shape.length !== 2) return null;
     const [rows, cols] = info.shape;
     return quantizedMatrix(type, rows, cols, this.#gguf.raw(ggufName), `Tensor "${ggufName}"`);
   }

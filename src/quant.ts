@@ -11,24 +11,48 @@
  * {@link dequantizeMatrix}'s float32 values, which are exactly the values the
  * kernels multiply by.
  *
- * ggml's layouts, each row `cols / 32` blocks of 32 weights with an f16
- * scale d first: Q8_0 (34 bytes) then holds 32 int8 values q, the weight
- * d·q; Q4_0 (18 bytes) holds 16 bytes whose byte j has weight j's 4 bits u
- * in its low nibble and weight j + 16's in its high one, the weight d·(u − 8).
+ * ggml's layouts, each row whole blocks: Q8_0 and Q4_0 blocks of 32 weights
+ * with an f16 scale d first, then Q8_0 (34 bytes) 32 int8 values q, the
+ * weight d·q; Q4_0 (18 bytes) 16 bytes whose byte j has weight j's 4 bits u
+ * in its low nibble and weight j + 16's in its high one, the weight
+ * d·(u − 8). Q4_K (144 bytes) holds super-blocks of 256 weights in 8
+ * sub-blocks of 32: f16 d and dmin, 12 bytes packing a 6-bit scale sc and a
+ * 6-bit min m per sub-block, then 128 bytes of 4-bit values q (each 32 bytes:
+ * sub-block 2i in the low nibbles, 2i + 1 in the high ones), the weight
+ * d·sc·q − dmin·m.
  *
  * @module
  */
 
+import { dequantize, GGML } from "./gguf.ts";
 import { f16ToF32 } from "./safetensors.ts";
 
-/** Elements per block, in both formats. */
-export const QUANT_BLOCK = 32;
+/** A block format that {@link QuantizedMatrix} holds: ggml's Q8_0, Q4_0 or Q4_K. */
+export type BlockType = "q8_0" | "q4_0" | "q4_k";
 
-/** A block format that {@link QuantizedMatrix} holds: ggml's Q8_0 or Q4_0. */
-export type BlockType = "q8_0" | "q4_0";
+/** Weights per block of each format (a Q4_K super-block is 256). */
+export const BLOCK_ELEMENTS: Readonly<Record<BlockType, number>> = {
+  q8_0: 32,
+  q4_0: 32,
+  q4_k: 256,
+};
 
-/** Bytes per block of {@link QUANT_BLOCK} weights in ggml's layout of each format. */
-export const BLOCK_BYTES: Readonly<Record<BlockType, number>> = { q8_0: 34, q4_0: 18 };
+/** Bytes per block of {@link BLOCK_ELEMENTS} weights in ggml's layout of each format. */
+export const BLOCK_BYTES: Readonly<Record<BlockType, number>> = { q8_0: 34, q4_0: 18, q4_k: 144 };
+
+/** Byte offsets in a block of its f16 scales: d, and Q4_K's dmin. */
+const SCALE_OFFSETS: Readonly<Record<BlockType, readonly number[]>> = {
+  q8_0: [0],
+  q4_0: [0],
+  q4_k: [0, 2],
+};
+
+/** ggml's type number of each format. */
+const GGML_TYPE: Readonly<Record<BlockType, number>> = {
+  q8_0: GGML.Q8_0,
+  q4_0: GGML.Q4_0,
+  q4_k: GGML.Q4_K,
+};
 
 /** A row-major matrix [rows, cols] held as quantized blocks. */
 export interface QuantizedMatrix {
@@ -36,9 +60,9 @@ export interface QuantizedMatrix {
   readonly type: BlockType;
   /** Output rows. */
   readonly rows: number;
-  /** Elements per row, a multiple of {@link QUANT_BLOCK}. */
+  /** Elements per row, a multiple of the format's {@link BLOCK_ELEMENTS}. */
   readonly cols: number;
-  /** `rows · cols / 32` blocks, row after row (a view of the file's bytes where possible). */
+  /** `rows · cols / BLOCK_ELEMENTS[type]` blocks, row after row (a view of the file's bytes where possible). */
   readonly blocks: Uint8Array;
 }
 
@@ -51,9 +75,10 @@ export function isQuantized(matrix: HostMatrix): matrix is QuantizedMatrix {
 }
 
 /**
- * A matrix of `type` blocks over `blocks`, checked: `cols` a multiple of 32,
- * the bytes exactly the blocks' and every scale finite (a NaN or infinite
- * scale would make the whole block so).
+ * A matrix of `type` blocks over `blocks`, checked: `cols` a multiple of the
+ * format's block (32, or 256 for Q4_K), the bytes exactly the blocks' and
+ * every scale (Q4_K's d and dmin) finite (a NaN or infinite scale would make
+ * the whole block so).
  *
  * @throws {RangeError} Naming `what` and the problem.
  */
@@ -65,19 +90,24 @@ export function quantizedMatrix(
   what: string,
 ): QuantizedMatrix {
   const name = type.toUpperCase();
-  if (!(cols > 0 && cols % QUANT_BLOCK === 0)) {
-    throw new RangeError(`${what} has rows of ${cols}, not a multiple of ${name}'s block of 32`);
+  const elements = BLOCK_ELEMENTS[type];
+  if (!(cols > 0 && cols % elements === 0)) {
+    throw new RangeError(
+      `${what} has rows of ${cols}, not a multiple of ${name}'s block of ${elements}`,
+    );
   }
   const blockBytes = BLOCK_BYTES[type];
-  const expected = rows * (cols / QUANT_BLOCK) * blockBytes;
+  const expected = rows * (cols / elements) * blockBytes;
   if (blocks.length !== expected) {
     throw new RangeError(`${what} needs ${expected} bytes of ${name} blocks, got ${blocks.length}`);
   }
   for (let at = 0; at < blocks.length; at += blockBytes) {
-    // An f16 whose exponent bits are all ones is infinite or NaN.
-    if ((blocks[at + 1] & 0x7c) === 0x7c) {
+    for (const offset of SCALE_OFFSETS[type]) {
+      // An f16 whose exponent bits are all ones is infinite or NaN.
+      if ((blocks[at + offset + 1] & 0x7c) !== 0x7c) continue;
+      const scale = f16ToF32(blocks[at + offset] | (blocks[at + offset + 1] << 8));
       throw new RangeError(
-        `${what} holds a scale of ${f16ToF32(blocks[at] | (blocks[at + 1] << 8))} in block ${
+        `${what} holds a ${offset === 0 ? "scale" : "min scale"} of ${scale} in block ${
           at / blockBytes
         }; weights must be finite`,
       );
@@ -86,24 +116,11 @@ export function quantizedMatrix(
   return { type, rows, cols, blocks };
 }
 
-/** The float32 values of a quantized matrix, row-major [rows, cols]: d·q, or d·(u − 8). */
+/**
+ * The float32 values of a quantized matrix, row-major [rows, cols]: d·q,
+ * d·(u − 8) or d·sc·q − dmin·m, exactly as ggml's (and gguf-py's)
+ * dequantization gives them ({@link dequantize}).
+ */
 export function dequantizeMatrix(matrix: QuantizedMatrix): Float32Array {
-  const { blocks, type } = matrix;
-  const out = new Float32Array(matrix.rows * matrix.cols);
-  const blockBytes = BLOCK_BYTES[type];
-  const signed = new Int8Array(blocks.buffer, blocks.byteOffset, blocks.byteLength);
-  for (let block = 0, at = 0; at < blocks.length; block++, at += blockBytes) {
-    const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
-    const base = block * QUANT_BLOCK;
-    if (type === "q8_0") {
-      for (let j = 0; j < QUANT_BLOCK; j++) out[base + j] = d * signed[at + 2 + j];
-      continue;
-    }
-    for (let j = 0; j < QUANT_BLOCK / 2; j++) {
-      const byte = blocks[at + 2 + j];
-      out[base + j] = d * ((byte & 0x0f) - 8);
-      out[base + j + 16] = d * ((byte >> 4) - 8);
-    }
-  }
-  return out;
+  return dequantize(GGML_TYPE[matrix.type], matrix.blocks, matrix.rows * matrix.cols);
 }

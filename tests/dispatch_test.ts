@@ -434,4 +434,19 @@ Deno.test("auto measures a quantized file's matrices as the same blocks, and cac
   assertFalse([...seen].some((m) => m.endsWith("[64, 2]")), "dt_proj stays float");
   assert([...seen].every((m) => !m.startsWith("q8_0") || m === "q8_0 [64, 32]"));
   assertEquals(cache.map.size, 2, "a decision per weight format");
+
+  // Q4_K: only rows of whole super-blocks of 256 (in_proj [1024, 256], x_proj [48, 512] and
+  // out_proj [256, 512] of d_model 256; its dt_proj [512, 16] stays float).
+  const wide = parseConfig({ d_model: 256, n_layer: 1, vocab_size: 64 }, "config.json");
+  offered.length = 0;
+  const q4k = await selectBackend("auto", wide, {
+    candidates,
+    cache,
+    matrixBlocks: { layers: "q4_k", head: "q8_0" },
+  });
+  q4k.backend.dispose();
+  assertEquals(
+    new Set(offered),
+    new Set(["q4_k [1024, 256]", "q4_k [48, 512]", "q4_k [256, 512]", "q8_0 [64, 256]"]),
+  );
 });

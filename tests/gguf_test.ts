@@ -13,7 +13,7 @@ import type { MatrixBlocks } from "../src/dispatch.ts";
 import { loadGguf, singleFile } from "../src/formats.ts";
 import { quantizeModel, type QuantizeType } from "../src/quantize.ts";
 import { openSource } from "../src/source.ts";
-import { dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
+import { BLOCK_ELEMENTS, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { oracleDiff, SHARED } from "./helpers.ts";
@@ -45,11 +45,12 @@ Deno.test("blocks kept in memory dequantize as gguf-py's, bit for bit", async ()
     await Deno.readFile(`${FIXTURES}quants.safetensors`),
     "quants.safetensors",
   );
-  for (const type of ["q8_0", "q4_0"] as const) {
+  for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
     const info = fixture.info(`${type}.blocks`);
     const blocks = fixture.bytes.subarray(info.byteOffset, info.byteOffset + info.byteLength);
     const expected = fixture.float32(`${type}.values`).slice();
-    const matrix = quantizedMatrix(type, expected.length / 32, 32, blocks, type);
+    const cols = BLOCK_ELEMENTS[type];
+    const matrix = quantizedMatrix(type, expected.length / cols, cols, blocks, type);
     assertEquals(
       new Uint32Array(dequantizeMatrix(matrix).buffer),
       new Uint32Array(expected.buffer),
@@ -57,6 +58,25 @@ Deno.test("blocks kept in memory dequantize as gguf-py's, bit for bit", async ()
   }
   const infinite = Uint8Array.of(0x00, 0x7c, ...new Array(16).fill(0));
   assertThrows(() => quantizedMatrix("q4_0", 1, 32, infinite, "w"), RangeError, "Infinity");
+  // Q4_K: its rows whole super-blocks of 256, its bytes 144 a super-block, d and dmin finite.
+  const q4k = new Uint8Array(144);
+  assertThrows(
+    () => quantizedMatrix("q4_k", 1, 128, q4k, 'Tensor "w"'),
+    RangeError,
+    `Tensor "w" has rows of 128, not a multiple of Q4_K's block of 256`,
+  );
+  assertThrows(
+    () => quantizedMatrix("q4_k", 2, 256, q4k, "w"),
+    RangeError,
+    "w needs 288 bytes of Q4_K blocks, got 144",
+  );
+  const nanMin = q4k.slice();
+  nanMin.set([0x00, 0x7e], 2); // dmin: an f16 NaN
+  assertThrows(
+    () => quantizedMatrix("q4_k", 1, 256, nanMin, "w"),
+    RangeError,
+    "w holds a min scale of NaN in block 0",
+  );
 });
 
 for (
@@ -217,6 +237,7 @@ Deno.test("a GGUF tells auto which matrices it keeps as blocks", async () => {
       q8_0: { layers: "q8_0", head: "q8_0" },
       // A 4-bit file keeps its output (the tied embedding) at 8 bits, as llama-quantize does.
       q4_0: { layers: "q4_0", head: "q8_0" },
+      q4_k: { layers: "q4_k", head: "q8_0" },
     };
     for (const [type, blocks] of Object.entries(expected)) {
       const { bytes } = await quantizeModel(shakespeare, type as QuantizeType);

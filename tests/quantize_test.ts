@@ -156,9 +156,14 @@ Deno.test("the quantize command writes the file and notes each F16 fallback; bad
   }
 });
 
-// The wasm backend repacks each block with an f32 scale: 36 bytes for Q8_0's 34, 20 for Q4_0's 18.
-const PACKED = new Map<number, number>([[GGML.Q8_0, 36 / 34], [GGML.Q4_0, 20 / 18]]);
-for (const type of ["q8_0", "q4_0"] as const) {
+// The wasm backend repacks each block with f32 scales: 36 bytes for Q8_0's 34, 20 for Q4_0's 18,
+// 152 for Q4_K's 144 (its 6-bit scales and mins a byte each: 4.75 bits a weight).
+const PACKED = new Map<number, number>([
+  [GGML.Q8_0, 36 / 34],
+  [GGML.Q4_0, 20 / 18],
+  [GGML.Q4_K, 152 / 144],
+]);
+for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
   Deno.test(`a ${type} GGUF on wasm keeps its blocks and gives the f32 logits of its dequantized weights within 1e-3`, async () => {
     const dir = await Deno.makeTempDir({ prefix: "mamba-quantized-test-" });
     try {
@@ -179,8 +184,8 @@ for (const type of ["q8_0", "q4_0"] as const) {
       await refSession.prefill(ids.subarray(0, 8));
       for (const id of ids.subarray(8, 14)) wantSteps.push(await refSession.step(id));
 
-      // What the wasm memory should hold: Q8_0 and Q4_0 tensors as their blocks (a q4_0 file's
-      // output projection is Q8_0), the others widened to f32.
+      // What the wasm memory should hold: Q8_0, Q4_0 and Q4_K tensors as their blocks (a 4-bit
+      // file's output projection is Q8_0), the others widened to f32.
       const gguf = GgufFile.parse(bytes, file);
       let blockBytes = 0;
       let f32Bytes = 0;
@@ -190,6 +195,15 @@ for (const type of ["q8_0", "q4_0"] as const) {
         const packed = PACKED.get(info.type);
         if (packed !== undefined) blockBytes += info.byteLength * packed;
         else f32Bytes += 4 * elements;
+        // in_proj, x_proj and out_proj (dt_proj's 16 columns are not a super-block: F16).
+        if (type === "q4_k" && /\.ssm_(in|x|out)\.weight$/.test(info.name)) {
+          assertEquals(info.type, GGML.Q4_K, info.name);
+          assertEquals(
+            info.byteLength * packed! * 8 / elements,
+            4.75,
+            `${info.name}: bits a weight`,
+          );
+        }
         allF32Bytes += 4 * elements;
       }
       assert(

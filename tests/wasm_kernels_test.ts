@@ -17,7 +17,7 @@ import {
 } from "../src/backends/wasm.ts";
 import { GGML } from "../src/gguf.ts";
 import { quantize } from "../src/gguf_write.ts";
-import { type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
+import { BLOCK_ELEMENTS, type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import {
   bf16ToF32,
@@ -180,9 +180,21 @@ async function quantizedOps(threads: number, type: BlockType, ggml: number): Pro
   using wasm = await WasmBackend.create({ threads });
   const rand = xorshiftUniforms(50 + threads);
   // Output rows odd and not a multiple of the threads' split (4, or 64 with several rows);
-  // inner dimensions of 1 to 48 blocks; 1 to 16 rows of activations (decode) and 37 (prefill).
-  for (
-    const [rows, inDim, outDim] of [
+  // inner dimensions of 1 to 48 blocks of 32 (1 to 6 super-blocks of 256 for Q4_K, the 130m
+  // model's 768 and 1536 among them); 1 to 16 rows of activations (decode) and 37 (prefill).
+  const shapes = BLOCK_ELEMENTS[type] === 256
+    ? [
+      [1, 256, 1],
+      [1, 512, 5],
+      [1, 768, 1537],
+      [1, 1536, 67],
+      [2, 256, 9],
+      [3, 512, 131],
+      [5, 768, 71],
+      [16, 256, 200],
+      [37, 1536, 131],
+    ]
+    : [
       [1, 32, 1],
       [1, 64, 5],
       [1, 768, 1537],
@@ -192,8 +204,8 @@ async function quantizedOps(threads: number, type: BlockType, ggml: number): Pro
       [5, 768, 71],
       [16, 256, 200],
       [37, 160, 131],
-    ]
-  ) {
+    ];
+  for (const [rows, inDim, outDim] of shapes) {
     const matrix = quantizedMatrix(type, outDim, inDim, quantize(ggml, rand(outDim * inDim)), "w");
     const weights = dequantizeMatrix(matrix);
     const w = wasm.uploadQuantizedMatrix(matrix);
@@ -202,7 +214,7 @@ async function quantizedOps(threads: number, type: BlockType, ggml: number): Pro
   }
 
   // Gathers (embed, copyRows) read rows as the dequantized floats, exactly.
-  const [vocab, dim] = [37, 64];
+  const [vocab, dim] = [37, Math.max(64, BLOCK_ELEMENTS[type])];
   const table = quantizedMatrix(type, vocab, dim, quantize(ggml, rand(vocab * dim)), "table");
   const values = dequantizeMatrix(table);
   const buf = wasm.uploadQuantizedMatrix(table);
@@ -269,7 +281,9 @@ for (const threads of [1, 2, 3]) {
     });
   }
 
-  for (const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0]] as const) {
+  for (
+    const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0], ["q4_k", GGML.Q4_K]] as const
+  ) {
     Deno.test(`[wasm ${threads}t] linear over ${type} blocks: GEMV and matmul, split, gathers`, async () => {
       await quantizedOps(threads, type, ggml);
     });
@@ -392,6 +406,36 @@ for (const threads of [1, 2, 3]) {
     );
   });
 }
+
+Deno.test("[wasm] gguf-py's random blocks gather to its values bit for bit and multiply as them", async () => {
+  // Random bytes (every scale and min bit pattern, scales of both signs) and what gguf-py's
+  // reference dequantizer makes of them (tests/fixtures/gguf/make_quants.py).
+  const fixture = SafetensorsFile.parse(
+    await Deno.readFile(new URL("./fixtures/gguf/quants.safetensors", import.meta.url)),
+    "quants.safetensors",
+  );
+  const rand = xorshiftUniforms(400);
+  for (const threads of [1, 2]) {
+    using wasm = await WasmBackend.create({ threads });
+    for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
+      const info = fixture.info(`${type}.blocks`);
+      const blocks = fixture.bytes.subarray(info.byteOffset, info.byteOffset + info.byteLength);
+      const values = fixture.float32(`${type}.values`).slice();
+      const cols = BLOCK_ELEMENTS[type];
+      const rows = values.length / cols;
+      const w = wasm.uploadQuantizedMatrix(quantizedMatrix(type, rows, cols, blocks, type));
+      const ids = Int32Array.from({ length: rows }, (_, i) => rows - 1 - i);
+      const embedded = wasm.zeros(rows * cols);
+      wasm.embed(embedded, w, ids, cols);
+      const want = new Float32Array(rows * cols);
+      ids.forEach((id, t) => want.set(values.subarray(id * cols, (id + 1) * cols), t * cols));
+      assertEquals(await wasm.read(embedded), want, `${threads} threads: ${type} embed`);
+      for (const tokens of [1, 3]) {
+        await linearMatches(wasm, w, values, tokens, cols, rows, rand, `gguf-py ${type}`);
+      }
+    }
+  }
+});
 
 Deno.test("[wasm] exp, softplus and silu accuracy", async () => {
   using wasm = await WasmBackend.create({ threads: 1 });

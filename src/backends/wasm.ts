@@ -40,7 +40,8 @@ import {
 } from "../backend.ts";
 import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
-import { BLOCK_BYTES, type BlockType, QUANT_BLOCK, type QuantizedMatrix } from "../quant.ts";
+import { BLOCK_BYTES, BLOCK_ELEMENTS, type BlockType, type QuantizedMatrix } from "../quant.ts";
+import { q4KScaleMin } from "../gguf.ts";
 import { f16ToF32, packHalves } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
@@ -107,43 +108,54 @@ export class WasmBuffer {
 }
 
 /**
- * Bytes of a block of 32 weights as the wasm backend holds it, repacked at
- * upload from ggml's layout (see asm/kernels.ts): an f32 scale, loaded with
- * one instruction, then the values. Q8_0: the 32 int8 values in order (36
- * bytes, against ggml's 34), which the GEMV widens to int16 as it loads them
- * for integer dot products; Q4_0: the scale times 2^-28, then the 4-bit
- * values as four i32 lanes, lane j holding weight 4k + j at nibble k, as the
- * signed nibble u − 8 (20 bytes, against 18), so that a shift and a mask
- * widen them instead of byte shuffles.
+ * Bytes of a block as the wasm backend holds it, repacked at upload from
+ * ggml's layout (see asm/kernels.ts): f32 scales, loaded with one
+ * instruction, then the values. Q8_0: the 32 int8 values in order (36 bytes,
+ * against ggml's 34), which the GEMV widens to int16 as it loads them for
+ * integer dot products; Q4_0: the scale times 2^-28, then the 4-bit values as
+ * four i32 lanes, lane j holding weight 4k + j at nibble k, as the signed
+ * nibble u − 8 (20 bytes, against 18), so that a shift and a mask widen them
+ * instead of byte shuffles. Q4_K (a super-block of 256): d and dmin as f32,
+ * the 8 sub-blocks' 6-bit scales and then their mins a byte each, then each
+ * sub-block's 32 values in 16 bytes as eight u16 lanes, lane k holding value
+ * 8n + k at nibble n, which a shift and a mask give as int16 in order (152
+ * bytes, against 144: 4.75 bits a weight).
  */
-const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20 };
+const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20, q4_k: 152 };
+
+/** Where a repacked Q4_K super-block's values start, after d, dmin, the scales and the mins. */
+const Q4K_VALUES = 24;
 
 /** Bytes of one repacked row of `cols` weights. */
-const packedRowBytes = (type: BlockType, cols: number) => (cols / QUANT_BLOCK) * PACKED_BYTES[type];
+const packedRowBytes = (type: BlockType, cols: number) =>
+  (cols / BLOCK_ELEMENTS[type]) * PACKED_BYTES[type];
 
 /**
- * Q8_0 rows are held in quads, their blocks interleaved (block b of row 4g + r
- * at quad g's start + 144·b + 36·r) so that the GEMV's four rows per pass are
- * one sequential stream; the last quad is padded with zero rows. Quad g starts
- * where row 4g would in a plain layout, so a view from a row that is a
- * multiple of 4 is a matrix of the same layout.
+ * Q8_0 and Q4_K rows are held in quads, their blocks interleaved (block b of
+ * row 4g + r at quad g's start + (4·b + r)·blockBytes) so that the GEMV's four
+ * rows per pass are one sequential stream; the last quad is padded with zero
+ * rows. Quad g starts where row 4g would in a plain layout, so a view from a
+ * row that is a multiple of 4 is a matrix of the same layout.
  */
 const QUAD = 4;
+
+/** Whether a format's rows are held in quads (see {@link QUAD}). */
+const inQuads = (type: BlockType) => type !== "q4_0";
 
 /** Byte offset of block `block` of row `row` in a repacked matrix of `cols` columns. */
 function blockOffset(type: BlockType, cols: number, row: number, block: number): number {
   const blockBytes = PACKED_BYTES[type];
-  if (type === "q4_0") return row * packedRowBytes(type, cols) + block * blockBytes;
+  if (!inQuads(type)) return row * packedRowBytes(type, cols) + block * blockBytes;
   const quad = row - (row % QUAD);
   return quad * packedRowBytes(type, cols) + (block * QUAD + (row % QUAD)) * blockBytes;
 }
 
-/** Bytes a repacked matrix takes: Q8_0's rows rounded up to whole quads. */
+/** Bytes a repacked matrix takes: rows in quads rounded up to whole quads. */
 const packedBytes = (type: BlockType, rows: number, cols: number) =>
-  (type === "q8_0" ? Math.ceil(rows / QUAD) * QUAD : rows) * packedRowBytes(type, cols);
+  (inQuads(type) ? Math.ceil(rows / QUAD) * QUAD : rows) * packedRowBytes(type, cols);
 
 /**
- * A weight matrix [rows, cols] kept as repacked Q8_0 or Q4_0 blocks in the
+ * A weight matrix [rows, cols] kept as repacked Q8_0, Q4_0 or Q4_K blocks in the
  * module's memory: `linear` runs the kernels of its type on it, `embed` and
  * `copyRows` dequantize the rows they gather. Its `length` counts the bytes
  * of its rows in floats.
@@ -153,7 +165,7 @@ export class WasmQuantMatrix extends WasmBuffer {
   readonly type: BlockType;
   /** Output rows. */
   readonly rows: number;
-  /** Elements per row, a multiple of 32. */
+  /** Elements per row, a multiple of the format's block (32, or 256 for Q4_K). */
   readonly cols: number;
 
   constructor(type: BlockType, ptr: number, rows: number, cols: number, bytes: number) {
@@ -202,7 +214,7 @@ function packBlocks(
 ): void {
   const scales = new DataView(out.buffer, out.byteOffset, out.byteLength);
   const from = BLOCK_BYTES[type];
-  const perRow = cols / QUANT_BLOCK;
+  const perRow = cols / BLOCK_ELEMENTS[type];
   for (let row = 0, at = 0; row < rows; row++) {
     for (let block = 0; block < perRow; block++, at += from) {
       const put = blockOffset(type, cols, row, block);
@@ -212,8 +224,26 @@ function packBlocks(
         out.set(blocks.subarray(at + 2, at + from), put + 4);
         continue;
       }
+      if (type === "q4_k") {
+        scales.setFloat32(put, d, true);
+        scales.setFloat32(put + 4, f16ToF32(blocks[at + 2] | (blocks[at + 3] << 8)), true);
+        for (let sub = 0; sub < 8; sub++) {
+          const [scale, min] = q4KScaleMin(blocks, at + 4, sub);
+          out[put + 8 + sub] = scale;
+          out[put + 16 + sub] = min;
+          // ggml's sub-block 2i is the low nibbles of bytes 32i..32i + 31, 2i + 1 the high ones.
+          const chunk = at + 16 + (sub >> 1) * 32, shift = (sub & 1) * 4;
+          for (let e = 0; e < 32; e++) {
+            const q = (blocks[chunk + e] >> shift) & 15;
+            // Value e = 8n + k goes to u16 lane k, nibble n (little-endian: byte 2k + (n >> 1)).
+            const n = e >> 3, k = e & 7;
+            out[put + Q4K_VALUES + 16 * sub + 2 * k + (n >> 1)] |= q << (4 * (n & 1));
+          }
+        }
+        continue;
+      }
       scales.setFloat32(put, d * 2 ** -28, true);
-      for (let e = 0; e < QUANT_BLOCK; e++) {
+      for (let e = 0; e < 32; e++) {
         const byte = blocks[at + 2 + (e & 15)];
         const u = e < 16 ? byte & 0x0f : byte >> 4;
         // u − 8 as a 4-bit two's complement is u ^ 8; weight e = 4k + j goes to lane j, nibble k.
@@ -230,7 +260,7 @@ type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant" | 
 /**
  * A view of `length` floats of `buf` from `offset` (never released on its
  * own); of a quantized matrix, the rows `offset / cols` on, `length / cols` of
- * them (for Q8_0, from a multiple of 4: see {@link QUAD}).
+ * them (for Q8_0 and Q4_K, from a multiple of 4: see {@link QUAD}).
  */
 const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
   buf instanceof WasmQuantMatrix
@@ -829,16 +859,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /**
-   * Keeps a Q8_0 or Q4_0 matrix as its blocks, repacked (36 or 20 bytes per
-   * 32 weights: a ninth or a sixth of what an f32 decode step streams), for
-   * the kernels of `linear`.
+   * Keeps a Q8_0, Q4_0 or Q4_K matrix as its blocks, repacked (36 or 20 bytes
+   * per 32 weights, 152 per 256: a ninth, a sixth or a seventh of what an f32
+   * decode step streams), for the kernels of `linear`.
    */
   uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQuantMatrix {
     const { type, rows, cols } = matrix;
     const bytes = packedBytes(type, rows, cols);
     const buf = this.#alloc(bytes / 4);
     const out = new Uint8Array(this.#memory.buffer, buf.ptr, bytes);
-    // Zeroed first: a reused buffer's old bytes would fill the padding rows and Q4_0's nibbles.
+    // Zeroed first: a reused buffer's old bytes would fill the padding rows and the nibbles.
     out.fill(0);
     packBlocks(type, rows, cols, matrix.blocks, out);
     // The blocks' bytes; the padding rows are not copied.
@@ -1036,8 +1066,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
       (this.#kernels.blocksScratchBytes(rows, inDim) / 4) * (parallel ? this.threads : 1),
     ).ptr;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
-    // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0.
-    const blockType = weight.type === "q8_0" ? 0 : 1;
+    // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0, 2 for Q4_K.
+    const blockType = { q8_0: 0, q4_0: 1, q4_k: 2 }[weight.type];
     if (parallel) return this.#parallel(OP_LINEAR_BLOCKS, [...operands, scratch, blockType]);
     this.#kernels.linearBlocks(...operands, 0, outDim, scratch, blockType);
   }
@@ -1090,10 +1120,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
     const starts = widths.map((_, i) => widths.slice(0, i).reduce((a, b) => a + b, 0));
     if (
-      weight instanceof WasmQuantMatrix && weight.type === "q8_0" &&
+      weight instanceof WasmQuantMatrix && inQuads(weight.type) &&
       starts.some((start) => start % QUAD !== 0)
     ) {
-      // A view of Q8_0 rows must start a quad: here one linear over all the rows, then the
+      // A view of rows in quads must start a quad: here one linear over all the rows, then the
       // outputs' columns copied out of its result.
       const outDim = starts.at(-1)! + widths.at(-1)!;
       const all = this.#scratch("split", rows * outDim);
@@ -1134,16 +1164,31 @@ export class WasmBackend implements Backend<WasmBuffer> {
     const scales = new DataView(buffer, matrix.ptr);
     const bytes = new Uint8Array(buffer, matrix.ptr);
     const signed = new Int8Array(buffer, matrix.ptr);
-    for (let block = 0; block < cols / QUANT_BLOCK; block++) {
+    const elements = BLOCK_ELEMENTS[type];
+    for (let block = 0; block < cols / elements; block++) {
       const at = blockOffset(type, cols, row, block);
-      const base = block * QUANT_BLOCK;
+      const base = block * elements;
       if (type === "q8_0") {
         const d = scales.getFloat32(at, true);
-        for (let e = 0; e < QUANT_BLOCK; e++) out[base + e] = d * signed[at + 4 + e];
+        for (let e = 0; e < elements; e++) out[base + e] = d * signed[at + 4 + e];
+        continue;
+      }
+      if (type === "q4_k") {
+        const f = Math.fround;
+        const d = scales.getFloat32(at, true), dmin = scales.getFloat32(at + 4, true);
+        for (let sub = 0; sub < 8; sub++) {
+          const dScale = f(d * bytes[at + 8 + sub]), dMin = f(dmin * bytes[at + 16 + sub]);
+          for (let e = 0; e < 32; e++) {
+            // Value e = 8n + k is nibble n of u16 lane k (see packBlocks).
+            const n = e >> 3, k = e & 7;
+            const q = (bytes[at + Q4K_VALUES + 16 * sub + 2 * k + (n >> 1)] >> (4 * (n & 1))) & 15;
+            out[base + 32 * sub + e] = f(dScale * q) - dMin;
+          }
+        }
         continue;
       }
       const d = scales.getFloat32(at, true) * 2 ** 28;
-      for (let e = 0; e < QUANT_BLOCK; e++) {
+      for (let e = 0; e < elements; e++) {
         // Weight e = 4k + j is nibble k of lane j, stored as u ^ 8 (see packBlocks).
         const k = e >> 2, j = e & 3;
         const nibble = (bytes[at + 4 + 4 * j + (k >> 1)] >> (4 * (k & 1))) & 15;
