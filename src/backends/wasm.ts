@@ -61,6 +61,14 @@ export interface WasmBackendOptions {
    * 16-bit (default {@link HALF_MIN_WEIGHTS}); smaller ones are widened to f32.
    */
   halfMinWeights?: number;
+  /**
+   * Whether the one-row GEMVs over Q8_0 blocks take relaxed SIMD's int8 dot
+   * products (`i32x4.relaxed_dot_i8x16_i7x16_add_s`, default true) rather than
+   * plain SIMD's int16 ones. The kernels are built with relaxed SIMD, so every
+   * engine that runs them has the instruction; false keeps the int16 GEMV, for
+   * engines that lower the int8 one slowly and for tests.
+   */
+  relaxedDot?: boolean;
 }
 
 /**
@@ -440,6 +448,8 @@ const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
 const OP_LINEAR_BLOCKS = 7;
+/** linearBlocks' flag in blockType for relaxed SIMD's int8 dot products (asm/kernels.ts). */
+const RELAXED_DOT = 4;
 const OP_LINEAR_HALF = 8;
 const OP_EXIT = -1;
 
@@ -699,15 +709,19 @@ export class WasmBackend implements Backend<WasmBuffer> {
   #disposed = false;
   readonly #pickScratch = new PickScratch();
   readonly #halfMinWeights: number;
+  /** Or'd into linearBlocks' blockType: the GEMVs' relaxed int8 dot products. */
+  readonly #relaxedDot: number;
 
   private constructor(
     memory: WebAssembly.Memory,
     instance: WebAssembly.Instance,
     threads: number,
     halfMinWeights: number,
+    relaxedDot: boolean,
   ) {
     this.#memory = memory;
     this.#halfMinWeights = halfMinWeights;
+    this.#relaxedDot = relaxedDot ? RELAXED_DOT : 0;
     this.#kernels = instance.exports as unknown as Kernels;
     this.#heap = new Float32Array(memory.buffer);
     this.#top = Math.max(ALIGN, align(this.#kernels.heapBase()));
@@ -744,6 +758,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       instance,
       threads,
       options.halfMinWeights ?? HALF_MIN_WEIGHTS,
+      options.relaxedDot ?? true,
     );
     if (threads > 1) await backend.#startThreads(module);
     return backend;
@@ -1066,8 +1081,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
       (this.#kernels.blocksScratchBytes(rows, inDim) / 4) * (parallel ? this.threads : 1),
     ).ptr;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
-    // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0, 2 for Q4_K.
-    const blockType = { q8_0: 0, q4_0: 1, q4_k: 2 }[weight.type];
+    // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0, 2 for Q4_K, with the dot products' flag.
+    const blockType = { q8_0: 0, q4_0: 1, q4_k: 2 }[weight.type] | this.#relaxedDot;
     if (parallel) return this.#parallel(OP_LINEAR_BLOCKS, [...operands, scratch, blockType]);
     this.#kernels.linearBlocks(...operands, 0, outDim, scratch, blockType);
   }
