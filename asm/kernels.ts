@@ -718,16 +718,19 @@ export function linear(
 // ------------------------------------------------------ Q8_0 weights ----
 
 // Q8_0 weights (ggml's blocks of 32 int8 values q with a scale d; the weight
-// is d·q) as src/backends/wasm.ts repacks them at upload: 36 bytes a block,
-// the scale as an f32, then the 32 values in order; and the rows in quads,
-// block b of row 4g + r at 144·(g·blocks + b) + 36·r, so that the GEMV,
+// is d·q) as src/backends/wasm.ts repacks them at upload: 40 bytes a block,
+// the scale as an f32, −16 times the sum of the values as an i32 (for the
+// relaxed GEMV's offset input, below), then the 32 values in order; and the
+// rows in quads, block b of row 4g + r at 160·(g·blocks + b) + 40·r, so that the GEMV,
 // which takes four rows per pass (sharing the input's loads), reads one
 // sequential stream rather than four. A last partial quad is padded with zero
 // rows, which the GEMV reads and does not store. Measured on the 130m decode
 // shapes, one thread, one int16 term: four plain rows per pass took 2.2x the
 // time of one row per pass, four interleaved rows 0.64x.
-const Q8_BLOCK_BYTES: i32 = 36;
+const Q8_BLOCK_BYTES: i32 = 40;
 const Q8_QUAD_BYTES: i32 = 4 * Q8_BLOCK_BYTES;
+// Where a repacked Q8_0 block's values start, after d and the sum.
+const Q8_VALUES: i32 = 8;
 
 // Block b of row o of a Q8_0 matrix at w of `blocks` blocks a row.
 // @ts-ignore: decorator
@@ -810,10 +813,10 @@ function q8Block4(
   p: usize, h0: v128, h1: v128, h2: v128, h3: v128,
   l0: v128, l1: v128, l2: v128, l3: v128, s: v128, acc: v128,
 ): v128 {
-  const w0 = v128.load8x8_s(p, 4);
-  const w1 = v128.load8x8_s(p, 12);
-  const w2 = v128.load8x8_s(p, 20);
-  const w3 = v128.load8x8_s(p, 28);
+  const w0 = v128.load8x8_s(p, Q8_VALUES);
+  const w1 = v128.load8x8_s(p, Q8_VALUES + 8);
+  const w2 = v128.load8x8_s(p, Q8_VALUES + 16);
+  const w3 = v128.load8x8_s(p, Q8_VALUES + 24);
   const high = q8Dot(w0, w1, w2, w3, h0, h1, h2, h3);
   const sum = madd(q8Dot(w0, w1, w2, w3, l0, l1, l2, l3), LOW_SCALE, high);
   return madd(sum, f32x4.mul(v128.load32_splat(p), s), acc);
@@ -844,9 +847,9 @@ function gemvQ8(out: usize, xq: usize, w: usize, bias: usize, inDim: i32, o0: i3
       const l3 = v128.load(xb, 112);
       const s = v128.load32_splat(scales + (<usize> b << 2));
       acc0 = q8Block4(p, h0, h1, h2, h3, l0, l1, l2, l3, s, acc0);
-      acc1 = q8Block4(p + 36, h0, h1, h2, h3, l0, l1, l2, l3, s, acc1);
-      acc2 = q8Block4(p + 72, h0, h1, h2, h3, l0, l1, l2, l3, s, acc2);
-      acc3 = q8Block4(p + 108, h0, h1, h2, h3, l0, l1, l2, l3, s, acc3);
+      acc1 = q8Block4(p + Q8_BLOCK_BYTES, h0, h1, h2, h3, l0, l1, l2, l3, s, acc1);
+      acc2 = q8Block4(p + 2 * Q8_BLOCK_BYTES, h0, h1, h2, h3, l0, l1, l2, l3, s, acc2);
+      acc3 = q8Block4(p + 3 * Q8_BLOCK_BYTES, h0, h1, h2, h3, l0, l1, l2, l3, s, acc3);
       p += Q8_QUAD_BYTES;
     }
     storeQuad(out, bias, o, o1, acc0, acc1, acc2, acc3);
@@ -872,7 +875,6 @@ function gemvQ8(out: usize, xq: usize, w: usize, bias: usize, inDim: i32, o0: i3
 const Q7_INPUT_STEPS: f32 = 63 * 16384;
 let Q7_OFFSET = f32x4.splat(1048576); // 2^20; a global, as the constants above
 let DIGIT = i32x4.splat(127);
-let SIXTY_FOUR = i8x16.splat(64);
 let DIGIT_SCALE = f32x4.splat(128);
 
 // Rounds x [blocks·32] for gemvQ8Relaxed: block b's 32 digits a at
@@ -948,12 +950,11 @@ function dot7(w0: v128, w1: v128, b0: v128, b1: v128, acc: v128): v128 {
 function q8Block7(
   p: usize, a0: v128, a1: v128, b0: v128, b1: v128, c0: v128, c1: v128, s: v128, acc: v128,
 ): v128 {
-  const w0 = v128.load(p, 4);
-  const w1 = v128.load(p, 20);
+  const w0 = v128.load(p, Q8_VALUES);
+  const w1 = v128.load(p, Q8_VALUES + 16);
   const zero = i32x4.splat(0);
-  // 64·Σ w, the offset's share, costs two more dot products a block: the
-  // repacked blocks carry no sums of their weights.
-  const high = i32x4.sub(dot7(w0, w1, a0, a1, zero), dot7(w0, w1, SIXTY_FOUR, SIXTY_FOUR, zero));
+  // Σ w·a − 64·Σ w: the lanes start from the block's −16·Σ w, stored at upload.
+  const high = dot7(w0, w1, a0, a1, v128.load32_splat(p, 4));
   const mid = dot7(w0, w1, b0, b1, i32x4.shl(high, 7));
   const low = f32x4.convert_i32x4_s(dot7(w0, w1, c0, c1, zero));
   const sum = madd(f32x4.convert_i32x4_s(mid), DIGIT_SCALE, low);
@@ -983,9 +984,9 @@ function gemvQ8Relaxed(
       const c1 = v128.load(xb, 80);
       const s = v128.load32_splat(scales + (<usize> b << 2));
       acc0 = q8Block7(p, a0, a1, b0, b1, c0, c1, s, acc0);
-      acc1 = q8Block7(p + 36, a0, a1, b0, b1, c0, c1, s, acc1);
-      acc2 = q8Block7(p + 72, a0, a1, b0, b1, c0, c1, s, acc2);
-      acc3 = q8Block7(p + 108, a0, a1, b0, b1, c0, c1, s, acc3);
+      acc1 = q8Block7(p + Q8_BLOCK_BYTES, a0, a1, b0, b1, c0, c1, s, acc1);
+      acc2 = q8Block7(p + 2 * Q8_BLOCK_BYTES, a0, a1, b0, b1, c0, c1, s, acc2);
+      acc3 = q8Block7(p + 3 * Q8_BLOCK_BYTES, a0, a1, b0, b1, c0, c1, s, acc3);
       p += Q8_QUAD_BYTES;
     }
     storeQuad(out, bias, o, o1, acc0, acc1, acc2, acc3);
@@ -1036,7 +1037,7 @@ export function blocksScratchBytes(rows: i32, inDim: i32): i32 {
 // @ts-ignore: decorator
 @inline
 function dequantQ8Eighth(p: usize, d: v128, dst: usize, k: i32): void {
-  const v = v128.load8x8_s(p + 4 + (<usize> k << 3));
+  const v = v128.load8x8_s(p + Q8_VALUES + (<usize> k << 3));
   const at = dst + (<usize> k << 5);
   v128.store(at, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(v)), d));
   v128.store(at, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(v)), d), 16);
@@ -1351,9 +1352,9 @@ export function linearBlocks(
         let dst = scratch + <usize> (o - ob) * f32Row;
         for (let b = 0; b < blocks; b++) {
           dequantQ8(p, dst);
-          dequantQ8(p + 36, dst + f32Row);
-          dequantQ8(p + 72, dst + 2 * f32Row);
-          dequantQ8(p + 108, dst + 3 * f32Row);
+          dequantQ8(p + Q8_BLOCK_BYTES, dst + f32Row);
+          dequantQ8(p + 2 * Q8_BLOCK_BYTES, dst + 2 * f32Row);
+          dequantQ8(p + 3 * Q8_BLOCK_BYTES, dst + 3 * f32Row);
           p += Q8_QUAD_BYTES;
           dst += 128;
         }

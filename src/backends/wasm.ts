@@ -118,9 +118,10 @@ export class WasmBuffer {
 /**
  * Bytes of a block as the wasm backend holds it, repacked at upload from
  * ggml's layout (see asm/kernels.ts): f32 scales, loaded with one
- * instruction, then the values. Q8_0: the 32 int8 values in order (36 bytes,
- * against ggml's 34), which the GEMV widens to int16 as it loads them for
- * integer dot products; Q4_0: the scale times 2^-28, then the 4-bit values as
+ * instruction, then the values. Q8_0: −16 times the sum of the values as an
+ * i32 (the relaxed GEMV's offset input needs it), then the 32 int8 values in
+ * order (40 bytes, against ggml's 34), which the GEMV multiplies as int8 or
+ * widens to int16 as it loads them for integer dot products; Q4_0: the scale times 2^-28, then the 4-bit values as
  * four i32 lanes, lane j holding weight 4k + j at nibble k, as the signed
  * nibble u − 8 (20 bytes, against 18), so that a shift and a mask widen them
  * instead of byte shuffles. Q4_K (a super-block of 256): d and dmin as f32,
@@ -129,7 +130,10 @@ export class WasmBuffer {
  * 8n + k at nibble n, which a shift and a mask give as int16 in order (152
  * bytes, against 144: 4.75 bits a weight).
  */
-const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20, q4_k: 152 };
+const PACKED_BYTES: Record<BlockType, number> = { q8_0: 40, q4_0: 20, q4_k: 152 };
+
+/** Where a repacked Q8_0 block's values start, after d and −16 times their sum. */
+const Q8_VALUES = 8;
 
 /** Where a repacked Q4_K super-block's values start, after d, dmin, the scales and the mins. */
 const Q4K_VALUES = 24;
@@ -228,8 +232,10 @@ function packBlocks(
       const put = blockOffset(type, cols, row, block);
       const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
       if (type === "q8_0") {
+        const values = new Int8Array(blocks.buffer, blocks.byteOffset + at + 2, from - 2);
         scales.setFloat32(put, d, true);
-        out.set(blocks.subarray(at + 2, at + from), put + 4);
+        scales.setInt32(put + 4, -16 * values.reduce((sum, q) => sum + q, 0), true);
+        out.set(blocks.subarray(at + 2, at + from), put + Q8_VALUES);
         continue;
       }
       if (type === "q4_k") {
@@ -874,9 +880,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /**
-   * Keeps a Q8_0, Q4_0 or Q4_K matrix as its blocks, repacked (36 or 20 bytes
-   * per 32 weights, 152 per 256: a ninth, a sixth or a seventh of what an f32
-   * decode step streams), for the kernels of `linear`.
+   * Keeps a Q8_0, Q4_0 or Q4_K matrix as its blocks, repacked (40 or 20 bytes
+   * per 32 weights, 152 per 256: five sixteenths, a sixth or a seventh of what
+   * an f32 decode step streams), for the kernels of `linear`.
    */
   uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQuantMatrix {
     const { type, rows, cols } = matrix;
@@ -1185,7 +1191,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       const base = block * elements;
       if (type === "q8_0") {
         const d = scales.getFloat32(at, true);
-        for (let e = 0; e < elements; e++) out[base + e] = d * signed[at + 4 + e];
+        for (let e = 0; e < elements; e++) out[base + e] = d * signed[at + Q8_VALUES + e];
         continue;
       }
       if (type === "q4_k") {
