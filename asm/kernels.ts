@@ -721,15 +721,15 @@ export function linear(
 // is d·q) as src/backends/wasm.ts repacks them at upload: 40 bytes a block,
 // the scale as an f32, −16 times the sum of the values as an i32 (for the
 // relaxed GEMV's offset input, below), then the 32 values in order; and the
-// rows in quads, block b of row 4g + r at 160·(g·blocks + b) + 40·r, so that the GEMV,
-// which takes four rows per pass (sharing the input's loads), reads one
-// sequential stream rather than four. A last partial quad is padded with zero
-// rows, which the GEMV reads and does not store. Measured on the 130m decode
+// rows in quads, block b of row 4g + r at 160·(g·blocks + b) + 40·r, so that
+// the GEMV, which takes four rows per pass (sharing the input's loads), reads
+// one sequential stream rather than four. A last partial quad is padded with
+// zero rows, which the GEMV reads and does not store. Measured on the 130m decode
 // shapes, one thread, one int16 term: four plain rows per pass took 2.2x the
 // time of one row per pass, four interleaved rows 0.64x.
 const Q8_BLOCK_BYTES: i32 = 40;
 const Q8_QUAD_BYTES: i32 = 4 * Q8_BLOCK_BYTES;
-// Where a repacked Q8_0 block's values start, after d and the sum.
+// Where a repacked Q8_0 block's values start, after d and −16·Σ q.
 const Q8_VALUES: i32 = 8;
 
 // Block b of row o of a Q8_0 matrix at w of `blocks` blocks a row.
