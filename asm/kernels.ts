@@ -718,16 +718,19 @@ export function linear(
 // ------------------------------------------------------ Q8_0 weights ----
 
 // Q8_0 weights (ggml's blocks of 32 int8 values q with a scale d; the weight
-// is d·q) as src/backends/wasm.ts repacks them at upload: 36 bytes a block,
-// the scale as an f32, then the 32 values in order; and the rows in quads,
-// block b of row 4g + r at 144·(g·blocks + b) + 36·r, so that the GEMV,
-// which takes four rows per pass (sharing the input's loads), reads one
-// sequential stream rather than four. A last partial quad is padded with zero
-// rows, which the GEMV reads and does not store. Measured on the 130m decode
+// is d·q) as src/backends/wasm.ts repacks them at upload: 40 bytes a block,
+// the scale as an f32, −16 times the sum of the values as an i32 (for the
+// relaxed GEMV's offset input, below), then the 32 values in order; and the
+// rows in quads, block b of row 4g + r at 160·(g·blocks + b) + 40·r, so that
+// the GEMV, which takes four rows per pass (sharing the input's loads), reads
+// one sequential stream rather than four. A last partial quad is padded with
+// zero rows, which the GEMV reads and does not store. Measured on the 130m decode
 // shapes, one thread, one int16 term: four plain rows per pass took 2.2x the
 // time of one row per pass, four interleaved rows 0.64x.
-const Q8_BLOCK_BYTES: i32 = 36;
+const Q8_BLOCK_BYTES: i32 = 40;
 const Q8_QUAD_BYTES: i32 = 4 * Q8_BLOCK_BYTES;
+// Where a repacked Q8_0 block's values start, after d and −16·Σ q.
+const Q8_VALUES: i32 = 8;
 
 // Block b of row o of a Q8_0 matrix at w of `blocks` blocks a row.
 // @ts-ignore: decorator
@@ -810,10 +813,10 @@ function q8Block4(
   p: usize, h0: v128, h1: v128, h2: v128, h3: v128,
   l0: v128, l1: v128, l2: v128, l3: v128, s: v128, acc: v128,
 ): v128 {
-  const w0 = v128.load8x8_s(p, 4);
-  const w1 = v128.load8x8_s(p, 12);
-  const w2 = v128.load8x8_s(p, 20);
-  const w3 = v128.load8x8_s(p, 28);
+  const w0 = v128.load8x8_s(p, Q8_VALUES);
+  const w1 = v128.load8x8_s(p, Q8_VALUES + 8);
+  const w2 = v128.load8x8_s(p, Q8_VALUES + 16);
+  const w3 = v128.load8x8_s(p, Q8_VALUES + 24);
   const high = q8Dot(w0, w1, w2, w3, h0, h1, h2, h3);
   const sum = madd(q8Dot(w0, w1, w2, w3, l0, l1, l2, l3), LOW_SCALE, high);
   return madd(sum, f32x4.mul(v128.load32_splat(p), s), acc);
@@ -844,9 +847,146 @@ function gemvQ8(out: usize, xq: usize, w: usize, bias: usize, inDim: i32, o0: i3
       const l3 = v128.load(xb, 112);
       const s = v128.load32_splat(scales + (<usize> b << 2));
       acc0 = q8Block4(p, h0, h1, h2, h3, l0, l1, l2, l3, s, acc0);
-      acc1 = q8Block4(p + 36, h0, h1, h2, h3, l0, l1, l2, l3, s, acc1);
-      acc2 = q8Block4(p + 72, h0, h1, h2, h3, l0, l1, l2, l3, s, acc2);
-      acc3 = q8Block4(p + 108, h0, h1, h2, h3, l0, l1, l2, l3, s, acc3);
+      acc1 = q8Block4(p + Q8_BLOCK_BYTES, h0, h1, h2, h3, l0, l1, l2, l3, s, acc1);
+      acc2 = q8Block4(p + 2 * Q8_BLOCK_BYTES, h0, h1, h2, h3, l0, l1, l2, l3, s, acc2);
+      acc3 = q8Block4(p + 3 * Q8_BLOCK_BYTES, h0, h1, h2, h3, l0, l1, l2, l3, s, acc3);
+      p += Q8_QUAD_BYTES;
+    }
+    storeQuad(out, bias, o, o1, acc0, acc1, acc2, acc3);
+  }
+}
+
+// With relaxed SIMD the GEMV takes i32x4.relaxed_dot_i8x16_i7x16_add_s
+// instead: 16 products of int8 weights by 7-bit input terms, summed into the
+// four int32 lanes, per instruction (V8 lowers it to one vpdpbusd where the
+// CPU has AVX-VNNI), against 8 products for dot_i16x8_s. The spec leaves a
+// product to the engine (signed or unsigned) where the second operand has
+// its top bit set, so the input terms must lie in [0, 127]: each value is
+// rounded to v = round(x / s) + 2^20, with s = max|x| / (63·2^14) of its
+// block, so v is in [2^14, 127·2^14], and split into three 7-bit digits,
+// v = a·2^14 + b·2^7 + c. Then
+// Σ w·x / s ≈ Σ w·v − 2^20·Σ w = ((Σ w·a − 64·Σ w)·2^7 + Σ w·b)·2^7 + Σ w·c,
+// the parentheses in int32 (within 2^26) and the last step in f32. The
+// rounding error, s / 2, is about 2^-21 of the block's largest value: 2^5
+// below one int16 term's, well under the logits' 1e-3 bar, though not as
+// far below as two int16 terms' (docs/performance.md has both). Pairs of
+// products stay within int16 (2·128·127 < 2^15), so engines that sum pairs
+// with saturation first (pmaddubsw) give the same sums.
+const Q7_INPUT_STEPS: f32 = 63 * 16384;
+let Q7_OFFSET = f32x4.splat(1048576); // 2^20; a global, as the constants above
+let DIGIT = i32x4.splat(127);
+let DIGIT_SCALE = f32x4.splat(128);
+
+// Rounds x [blocks·32] for gemvQ8Relaxed: block b's 32 digits a at
+// xq + 128·b, b at xq + 128·b + 32, c at xq + 128·b + 64 (bytes, in order),
+// and s as an f32 at xq + 128·blocks + 4·b, as quantizeQ8Input lays its
+// terms out (so the scratch and the scales' place are the same). An all-zero
+// or non-finite block gets digits (64, 0, 0), the value 0, times s = 0 or
+// s = NaN or inf.
+function quantizeQ7Input(xq: usize, x: usize, blocks: i32): void {
+  const scales = xq + (<usize> blocks << 7);
+  for (let b = 0; b < blocks; b++) {
+    const p = x + (<usize> b << 7);
+    const q = xq + (<usize> b << 7);
+    let m = f32x4.max(f32x4.abs(v128.load(p)), f32x4.abs(v128.load(p, 16)));
+    m = f32x4.max(m, f32x4.max(f32x4.abs(v128.load(p, 32)), f32x4.abs(v128.load(p, 48))));
+    m = f32x4.max(m, f32x4.max(f32x4.abs(v128.load(p, 64)), f32x4.abs(v128.load(p, 80))));
+    m = f32x4.max(m, f32x4.max(f32x4.abs(v128.load(p, 96)), f32x4.abs(v128.load(p, 112))));
+    m = f32x4.max(m, v128.shuffle<f32>(m, m, 2, 3, 0, 1));
+    const max = f32x4.extract_lane(f32x4.max(m, v128.shuffle<f32>(m, m, 1, 0, 3, 2)), 0);
+    store<f32>(scales + (<usize> b << 2), max / Q7_INPUT_STEPS);
+    const inv = f32x4.splat(max > 0 && max < Infinity ? Q7_INPUT_STEPS / max : 0);
+    for (let k = 0; k < 2; k++) {
+      const at = p + (<usize> k << 6);
+      const v0 = q7Value(v128.load(at), inv);
+      const v1 = q7Value(v128.load(at, 16), inv);
+      const v2 = q7Value(v128.load(at, 32), inv);
+      const v3 = q7Value(v128.load(at, 48), inv);
+      const to = q + (<usize> k << 4);
+      v128.store(to, digits(v0, v1, v2, v3, 14));
+      v128.store(to, digits(v0, v1, v2, v3, 7), 32);
+      v128.store(to, digits(v0, v1, v2, v3, 0), 64);
+    }
+  }
+}
+
+// round(x·inv) + 2^20 as i32 lanes. Unfused, so that every engine rounds
+// alike; the sum's rounding (to 2^-4 or 2^-3 there) is far below the digit.
+// @ts-ignore: decorator
+@inline
+function q7Value(x: v128, inv: v128): v128 {
+  return i32x4.trunc_sat_f32x4_s(f32x4.nearest(f32x4.add(f32x4.mul(x, inv), Q7_OFFSET)));
+}
+
+// Bits shift .. shift + 6 of each i32 lane (the top digit's shift of 14
+// leaves no higher bits to mask).
+// @ts-ignore: decorator
+@inline
+function digit(v: v128, shift: i32): v128 {
+  return shift == 14 ? i32x4.shr_u(v, 14) : v128.and(i32x4.shr_u(v, shift), DIGIT);
+}
+
+// The digits at `shift` of the sixteen values in v0..v3, in order, as bytes.
+// @ts-ignore: decorator
+@inline
+function digits(v0: v128, v1: v128, v2: v128, v3: v128, shift: i32): v128 {
+  return i8x16.narrow_i16x8_u(
+    i16x8.narrow_i32x4_s(digit(v0, shift), digit(v1, shift)),
+    i16x8.narrow_i32x4_s(digit(v2, shift), digit(v3, shift)),
+  );
+}
+
+// Σ w·b over 32 weights (w0, w1) and 32 digits (b0, b1), onto the int32 lanes of acc.
+// @ts-ignore: decorator
+@inline
+function dot7(w0: v128, w1: v128, b0: v128, b1: v128, acc: v128): v128 {
+  const first = i32x4.relaxed_dot_i8x16_i7x16_add_s(w0, b0, acc);
+  return i32x4.relaxed_dot_i8x16_i7x16_add_s(w1, b1, first);
+}
+
+// acc + the block at p times a rounded input block (digits a, b, c; scale s).
+// @ts-ignore: decorator
+@inline
+function q8Block7(
+  p: usize, a0: v128, a1: v128, b0: v128, b1: v128, c0: v128, c1: v128, s: v128, acc: v128,
+): v128 {
+  const w0 = v128.load(p, Q8_VALUES);
+  const w1 = v128.load(p, Q8_VALUES + 16);
+  const zero = i32x4.splat(0);
+  // Σ w·a − 64·Σ w: the lanes start from the block's −16·Σ w, stored at upload.
+  const high = dot7(w0, w1, a0, a1, v128.load32_splat(p, 4));
+  const mid = dot7(w0, w1, b0, b1, i32x4.shl(high, 7));
+  const low = f32x4.convert_i32x4_s(dot7(w0, w1, c0, c1, zero));
+  const sum = madd(f32x4.convert_i32x4_s(mid), DIGIT_SCALE, low);
+  return madd(sum, f32x4.mul(v128.load32_splat(p), s), acc);
+}
+
+// gemvQ8 on relaxed SIMD's int8 dot products, x rounded into xq by
+// quantizeQ7Input.
+function gemvQ8Relaxed(
+  out: usize, xq: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32,
+): void {
+  const blocks = inDim >> 5;
+  const scales = xq + (<usize> blocks << 7);
+  for (let o = o0; o < o1; o += 4) {
+    let p = q8Block(w, o, 0, blocks);
+    let acc0 = f32x4.splat(0);
+    let acc1 = f32x4.splat(0);
+    let acc2 = f32x4.splat(0);
+    let acc3 = f32x4.splat(0);
+    for (let b = 0; b < blocks; b++) {
+      const xb = xq + (<usize> b << 7);
+      const a0 = v128.load(xb);
+      const a1 = v128.load(xb, 16);
+      const b0 = v128.load(xb, 32);
+      const b1 = v128.load(xb, 48);
+      const c0 = v128.load(xb, 64);
+      const c1 = v128.load(xb, 80);
+      const s = v128.load32_splat(scales + (<usize> b << 2));
+      acc0 = q8Block7(p, a0, a1, b0, b1, c0, c1, s, acc0);
+      acc1 = q8Block7(p + Q8_BLOCK_BYTES, a0, a1, b0, b1, c0, c1, s, acc1);
+      acc2 = q8Block7(p + 2 * Q8_BLOCK_BYTES, a0, a1, b0, b1, c0, c1, s, acc2);
+      acc3 = q8Block7(p + 3 * Q8_BLOCK_BYTES, a0, a1, b0, b1, c0, c1, s, acc3);
       p += Q8_QUAD_BYTES;
     }
     storeQuad(out, bias, o, o1, acc0, acc1, acc2, acc3);
@@ -897,7 +1037,7 @@ export function blocksScratchBytes(rows: i32, inDim: i32): i32 {
 // @ts-ignore: decorator
 @inline
 function dequantQ8Eighth(p: usize, d: v128, dst: usize, k: i32): void {
-  const v = v128.load8x8_s(p + 4 + (<usize> k << 3));
+  const v = v128.load8x8_s(p + Q8_VALUES + (<usize> k << 3));
   const at = dst + (<usize> k << 5);
   v128.store(at, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_low_i16x8_s(v)), d));
   v128.store(at, f32x4.mul(f32x4.convert_i32x4_s(i32x4.extend_high_i16x8_s(v)), d), 16);
@@ -1154,6 +1294,9 @@ function dequantQ4K(p: usize, dst: usize): void {
 // `blockType` of linearBlocks, as src/backends/wasm.ts passes it.
 const BLOCKS_Q8: i32 = 0;
 const BLOCKS_Q4K: i32 = 2;
+// Or'd into blockType: the one-row GEMVs take relaxed SIMD's int8 dot
+// products (gemvQ8Relaxed) rather than int16 ones.
+const RELAXED_DOT: i32 = 4;
 
 // out [rows, outDim] = x [rows, inDim] · wᵀ + bias over repacked Q8_0
 // (blockType 0), Q4_0 (1) or Q4_K (2) weights, output columns [o0, o1). One
@@ -1176,10 +1319,15 @@ export function linearBlocks(
   scratch: usize,
   blockType: i32,
 ): void {
+  const relaxed = (blockType & RELAXED_DOT) != 0;
+  blockType &= ~RELAXED_DOT;
   const q8 = blockType == BLOCKS_Q8;
   const q4k = blockType == BLOCKS_Q4K;
   if (rows == 1) {
-    if (q8) {
+    if (q8 && relaxed) {
+      quantizeQ7Input(scratch, x, inDim >> 5);
+      gemvQ8Relaxed(out, scratch, w, bias, inDim, o0, o1);
+    } else if (q8) {
       quantizeQ8Input(scratch, x, inDim >> 5);
       gemvQ8(out, scratch, w, bias, inDim, o0, o1);
     } else if (q4k) {
@@ -1204,9 +1352,9 @@ export function linearBlocks(
         let dst = scratch + <usize> (o - ob) * f32Row;
         for (let b = 0; b < blocks; b++) {
           dequantQ8(p, dst);
-          dequantQ8(p + 36, dst + f32Row);
-          dequantQ8(p + 72, dst + 2 * f32Row);
-          dequantQ8(p + 108, dst + 3 * f32Row);
+          dequantQ8(p + Q8_BLOCK_BYTES, dst + f32Row);
+          dequantQ8(p + 2 * Q8_BLOCK_BYTES, dst + 2 * f32Row);
+          dequantQ8(p + 3 * Q8_BLOCK_BYTES, dst + 3 * f32Row);
           p += Q8_QUAD_BYTES;
           dst += 128;
         }

@@ -156,10 +156,11 @@ Deno.test("the quantize command writes the file and notes each F16 fallback; bad
   }
 });
 
-// The wasm backend repacks each block with f32 scales: 36 bytes for Q8_0's 34, 20 for Q4_0's 18,
-// 152 for Q4_K's 144 (its 6-bit scales and mins a byte each: 4.75 bits a weight).
+// The wasm backend repacks each block with f32 scales: 40 bytes for Q8_0's 34 (with the sum of
+// its values), 20 for Q4_0's 18, 152 for Q4_K's 144 (its 6-bit scales and mins a byte each: 4.75
+// bits a weight).
 const PACKED = new Map<number, number>([
-  [GGML.Q8_0, 36 / 34],
+  [GGML.Q8_0, 40 / 34],
   [GGML.Q4_0, 20 / 18],
   [GGML.Q4_K, 152 / 144],
 ]);

@@ -174,10 +174,16 @@ async function halfOps(threads: number, format: HalfFormat): Promise<void> {
 /**
  * linear (GEMV and matmul), linearSplit and the gathers over a matrix of
  * `type` blocks on the wasm backend, against the reference backend on the
- * dequantized weights.
+ * dequantized weights; the GEMV on relaxed SIMD's int8 dot products or on
+ * plain SIMD's int16 ones (`relaxedDot`).
  */
-async function quantizedOps(threads: number, type: BlockType, ggml: number): Promise<void> {
-  using wasm = await WasmBackend.create({ threads });
+async function quantizedOps(
+  threads: number,
+  type: BlockType,
+  ggml: number,
+  relaxedDot: boolean,
+): Promise<void> {
+  using wasm = await WasmBackend.create({ threads, relaxedDot });
   const rand = xorshiftUniforms(50 + threads);
   // Output rows odd and not a multiple of the threads' split (4, or 64 with several rows);
   // inner dimensions of 1 to 48 blocks of 32 (1 to 6 super-blocks of 256 for Q4_K, the 130m
@@ -284,9 +290,12 @@ for (const threads of [1, 2, 3]) {
   for (
     const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0], ["q4_k", GGML.Q4_K]] as const
   ) {
-    Deno.test(`[wasm ${threads}t] linear over ${type} blocks: GEMV and matmul, split, gathers`, async () => {
-      await quantizedOps(threads, type, ggml);
-    });
+    for (const relaxedDot of [true, false]) {
+      const dot = relaxedDot ? "int8 (relaxed)" : "int16";
+      Deno.test(`[wasm ${threads}t] linear over ${type} blocks: GEMV on ${dot} dots and matmul, split, gathers`, async () => {
+        await quantizedOps(threads, type, ggml, relaxedDot);
+      });
+    }
   }
 
   Deno.test(`[wasm ${threads}t] selectiveScan: N = 16, 5, 1; odd dims; len 1`, async () => {

@@ -61,6 +61,14 @@ export interface WasmBackendOptions {
    * 16-bit (default {@link HALF_MIN_WEIGHTS}); smaller ones are widened to f32.
    */
   halfMinWeights?: number;
+  /**
+   * Whether the one-row GEMVs over Q8_0 blocks take relaxed SIMD's int8 dot
+   * products (`i32x4.relaxed_dot_i8x16_i7x16_add_s`, default true) rather than
+   * plain SIMD's int16 ones. The kernels are built with relaxed SIMD, so every
+   * engine that runs them has the instruction; false keeps the int16 GEMV, for
+   * engines that lower the int8 one slowly and for tests.
+   */
+  relaxedDot?: boolean;
 }
 
 /**
@@ -110,9 +118,10 @@ export class WasmBuffer {
 /**
  * Bytes of a block as the wasm backend holds it, repacked at upload from
  * ggml's layout (see asm/kernels.ts): f32 scales, loaded with one
- * instruction, then the values. Q8_0: the 32 int8 values in order (36 bytes,
- * against ggml's 34), which the GEMV widens to int16 as it loads them for
- * integer dot products; Q4_0: the scale times 2^-28, then the 4-bit values as
+ * instruction, then the values. Q8_0: −16 times the sum of the values as an
+ * i32 (the relaxed GEMV's offset input needs it), then the 32 int8 values in
+ * order (40 bytes, against ggml's 34), which the GEMV multiplies as int8 or
+ * widens to int16 as it loads them for integer dot products; Q4_0: the scale times 2^-28, then the 4-bit values as
  * four i32 lanes, lane j holding weight 4k + j at nibble k, as the signed
  * nibble u − 8 (20 bytes, against 18), so that a shift and a mask widen them
  * instead of byte shuffles. Q4_K (a super-block of 256): d and dmin as f32,
@@ -121,7 +130,10 @@ export class WasmBuffer {
  * 8n + k at nibble n, which a shift and a mask give as int16 in order (152
  * bytes, against 144: 4.75 bits a weight).
  */
-const PACKED_BYTES: Record<BlockType, number> = { q8_0: 36, q4_0: 20, q4_k: 152 };
+const PACKED_BYTES: Record<BlockType, number> = { q8_0: 40, q4_0: 20, q4_k: 152 };
+
+/** Where a repacked Q8_0 block's values start, after d and −16 times their sum. */
+const Q8_VALUES = 8;
 
 /** Where a repacked Q4_K super-block's values start, after d, dmin, the scales and the mins. */
 const Q4K_VALUES = 24;
@@ -220,8 +232,10 @@ function packBlocks(
       const put = blockOffset(type, cols, row, block);
       const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
       if (type === "q8_0") {
+        const values = new Int8Array(blocks.buffer, blocks.byteOffset + at + 2, from - 2);
         scales.setFloat32(put, d, true);
-        out.set(blocks.subarray(at + 2, at + from), put + 4);
+        scales.setInt32(put + 4, -16 * values.reduce((sum, q) => sum + q, 0), true);
+        out.set(blocks.subarray(at + 2, at + from), put + Q8_VALUES);
         continue;
       }
       if (type === "q4_k") {
@@ -440,6 +454,8 @@ const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
 const OP_LINEAR_BLOCKS = 7;
+/** linearBlocks' flag in blockType for relaxed SIMD's int8 dot products (asm/kernels.ts). */
+const RELAXED_DOT = 4;
 const OP_LINEAR_HALF = 8;
 const OP_EXIT = -1;
 
@@ -699,15 +715,19 @@ export class WasmBackend implements Backend<WasmBuffer> {
   #disposed = false;
   readonly #pickScratch = new PickScratch();
   readonly #halfMinWeights: number;
+  /** Or'd into linearBlocks' blockType: the GEMVs' relaxed int8 dot products. */
+  readonly #relaxedDot: number;
 
   private constructor(
     memory: WebAssembly.Memory,
     instance: WebAssembly.Instance,
     threads: number,
     halfMinWeights: number,
+    relaxedDot: boolean,
   ) {
     this.#memory = memory;
     this.#halfMinWeights = halfMinWeights;
+    this.#relaxedDot = relaxedDot ? RELAXED_DOT : 0;
     this.#kernels = instance.exports as unknown as Kernels;
     this.#heap = new Float32Array(memory.buffer);
     this.#top = Math.max(ALIGN, align(this.#kernels.heapBase()));
@@ -744,6 +764,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       instance,
       threads,
       options.halfMinWeights ?? HALF_MIN_WEIGHTS,
+      options.relaxedDot ?? true,
     );
     if (threads > 1) await backend.#startThreads(module);
     return backend;
@@ -859,9 +880,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /**
-   * Keeps a Q8_0, Q4_0 or Q4_K matrix as its blocks, repacked (36 or 20 bytes
-   * per 32 weights, 152 per 256: a ninth, a sixth or a seventh of what an f32
-   * decode step streams), for the kernels of `linear`.
+   * Keeps a Q8_0, Q4_0 or Q4_K matrix as its blocks, repacked (40 or 20 bytes
+   * per 32 weights, 152 per 256: five sixteenths, a sixth or a seventh of what
+   * an f32 decode step streams), for the kernels of `linear`.
    */
   uploadQuantizedMatrix(matrix: QuantizedMatrix): WasmQuantMatrix {
     const { type, rows, cols } = matrix;
@@ -1066,8 +1087,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
       (this.#kernels.blocksScratchBytes(rows, inDim) / 4) * (parallel ? this.threads : 1),
     ).ptr;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
-    // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0, 2 for Q4_K.
-    const blockType = { q8_0: 0, q4_0: 1, q4_k: 2 }[weight.type];
+    // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0, 2 for Q4_K, with the dot products' flag.
+    const blockType = { q8_0: 0, q4_0: 1, q4_k: 2 }[weight.type] | this.#relaxedDot;
     if (parallel) return this.#parallel(OP_LINEAR_BLOCKS, [...operands, scratch, blockType]);
     this.#kernels.linearBlocks(...operands, 0, outDim, scratch, blockType);
   }
@@ -1170,7 +1191,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       const base = block * elements;
       if (type === "q8_0") {
         const d = scales.getFloat32(at, true);
-        for (let e = 0; e < elements; e++) out[base + e] = d * signed[at + 4 + e];
+        for (let e = 0; e < elements; e++) out[base + e] = d * signed[at + Q8_VALUES + e];
         continue;
       }
       if (type === "q4_k") {
