@@ -13,6 +13,15 @@ import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
 import type { HalfFormat } from "../src/backend.ts";
+import { GGML } from "../src/gguf.ts";
+import { quantize } from "../src/gguf_write.ts";
+import {
+  BLOCK_ELEMENTS,
+  type BlockType,
+  dequantizeMatrix,
+  type QuantizedMatrix,
+  quantizedMatrix,
+} from "../src/quant.ts";
 import { Session } from "../src/session.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
@@ -217,7 +226,7 @@ Deno.test({
               ["bf16", bf16W, gpu.uploadHalfMatrix(bf16W)!],
             ] as const
           ) {
-            assertEquals(buffer.half, label === "f32" ? null : label, "the format kept");
+            assertEquals(buffer.format, label, "the format kept");
             const want = new Float32Array(rows * outDim);
             js.linear(want, x, weights, b, rows, inDim, outDim);
             const out = gpu.zeros(rows * outDim);
@@ -661,7 +670,7 @@ Deno.test({
       ) {
         assert(buffer.parts.length > 1, `${label}: expected a split, got ${buffer.parts.length}`);
         for (const { part } of buffer.pieces()) {
-          assertEquals(part.half, label === "f32" ? null : label, `${label}: a part's format`);
+          assertEquals(part.format, label, `${label}: a part's format`);
         }
         if (label === "f32") {
           const ids = Int32Array.of(0, 36, 9, 10, 19, 20, 35);
@@ -701,6 +710,161 @@ Deno.test({
         close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${wide} outputs`);
       }
     }, { splitMatricesOver: 1024 }),
+});
+
+/** `values` [rows, cols] quantized to `type` by the GGUF writer. */
+function quantized(type: BlockType, rows: number, cols: number, values: Float32Array) {
+  const ggml = { q8_0: GGML.Q8_0, q4_0: GGML.Q4_0, q4_k: GGML.Q4_K }[type];
+  return quantizedMatrix(type, rows, cols, quantize(ggml, values), `a ${type} test matrix`);
+}
+
+/** Bytes the GPU holds for `matrix`: its repacked blocks (f32 scales), in whole 16 bytes. */
+function packedBytes(matrix: QuantizedMatrix): number {
+  const blockBytes = { q8_0: 36, q4_0: 20, q4_k: 152 }[matrix.type];
+  const blocks = (matrix.rows * matrix.cols) / BLOCK_ELEMENTS[matrix.type];
+  return Math.ceil((blocks * blockBytes) / 16) * 16;
+}
+
+/** Asserts that `got` holds exactly `want`'s values. */
+function sameValues(got: Float32Array, want: Float32Array, what: string): void {
+  assertEquals(got.length, want.length, `${what}: length`);
+  const wrong = want.findIndex((v, i) => got[i] !== v);
+  assert(wrong < 0, `${what}: element ${wrong} is ${got[wrong]}, not ${want[wrong]}`);
+}
+
+for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
+  Deno.test({
+    name:
+      `webgpu: ${type} blocks: linear (GEMV, skinny, tiled, split-K), linearSplit, embed and copyRows`,
+    ignore,
+    fn: () =>
+      withGpu(async (gpu) => {
+        const rand = random(11);
+        const shapes = [
+          // GEMV of 1 and 3 rows (64 and 32 lanes), in groups of 4 rows (16, 13).
+          [1, 256, 45],
+          [1, 512, 1500],
+          [3, 256, 45],
+          [16, 256, 33],
+          [13, 512, 70],
+          // skinny (≤ 128 outputs, 32 lanes), 64×64 tiles with K split in 2 and over 4
+          // workgroups, 128×64 tiles (256 or more of them).
+          [40, 256, 45],
+          [70, 256, 127],
+          [70, 256, 200],
+          [9, 512, 136],
+          [129, 256, 8200],
+        ];
+        for (const [rows, inDim, outDim] of shapes) {
+          const matrix = quantized(type, outDim, inDim, fill(outDim * inDim, rand));
+          const values = dequantizeMatrix(matrix);
+          const weight = gpu.uploadQuantizedMatrix(matrix);
+          assertEquals(weight.format, type, "the format kept");
+          assertEquals(weight.buffer.size, packedBytes(matrix), "the bytes held: the blocks'");
+          const x = fill(rows * inDim, rand);
+          for (const withBias of [false, true]) {
+            const b = withBias ? fill(outDim, rand) : null;
+            const want = new Float32Array(rows * outDim);
+            js.linear(want, x, values, b, rows, inDim, outDim);
+            const out = gpu.zeros(rows * outDim);
+            gpu.linear(out, gpu.upload(x), weight, b && gpu.upload(b), rows, inDim, outDim);
+            close(
+              await gpu.read(out),
+              want,
+              1e-5,
+              `linear ${type} ${rows}×${inDim}→${outDim} bias ${withBias}`,
+            );
+          }
+        }
+
+        // Split outputs (in_proj's x and z, x_proj's dt, B and C), GEMV and tiled.
+        const splits: [number, number[]][] = [[1, [45, 20, 13]], [10, [45, 20, 13]], [70, [
+          100,
+          60,
+        ]]];
+        for (const [rows, widths] of splits) {
+          const inDim = 256;
+          const outDim = widths.reduce((a, c) => a + c, 0);
+          const matrix = quantized(type, outDim, inDim, fill(outDim * inDim, rand));
+          const x = fill(rows * inDim, rand);
+          const b = fill(outDim, rand);
+          const parts = widths.map((width) => new Float32Array(rows * width));
+          js.linearSplit(parts, widths, x, dequantizeMatrix(matrix), b, rows, inDim);
+          const outs = widths.map((width) => gpu.zeros(rows * width));
+          const weight = gpu.uploadQuantizedMatrix(matrix);
+          gpu.linearSplit(outs, widths, gpu.upload(x), weight, gpu.upload(b), rows, inDim);
+          for (const [i, part] of parts.entries()) {
+            close(
+              await gpu.read(outs[i]),
+              part,
+              1e-5,
+              `linearSplit ${type} ${rows} rows part ${i}`,
+            );
+          }
+        }
+
+        // Gathers from an embedding: exactly the dequantized rows.
+        const [vocab, dim] = [37, 512];
+        const table = quantized(type, vocab, dim, fill(vocab * dim, rand));
+        const tableValues = dequantizeMatrix(table);
+        const gTable = gpu.uploadQuantizedMatrix(table);
+        const ids = Int32Array.of(0, 36, 9, 10, 19, 9, 35);
+        const want = new Float32Array(ids.length * dim);
+        js.embed(want, tableValues, ids, dim);
+        const embedded = gpu.zeros(ids.length * dim);
+        gpu.embed(embedded, gTable, ids, dim);
+        sameValues(await gpu.read(embedded), want, `embed ${type}`);
+        // copyRows by ids on the device (a decode step's), into rows 1.. of dst.
+        const copied = gpu.zeros((ids.length + 1) * dim);
+        gpu.copyRows({
+          dst: copied,
+          src: gTable,
+          width: dim,
+          count: ids.length,
+          dstOffset: dim,
+          srcRows: { buf: gpu.upload(Float32Array.from(ids)), offset: 0 },
+        });
+        const wantCopied = new Float32Array((ids.length + 1) * dim);
+        wantCopied.set(want, dim);
+        sameValues(await gpu.read(copied), wantCopied, `copyRows ${type}`);
+      }),
+  });
+}
+
+Deno.test({
+  name:
+    "webgpu: a q8_0 matrix past the binding limit is split by rows for embed, copyRows and linear",
+  ignore,
+  fn: () =>
+    // Split past 4 KiB: 37 rows of 256 (8 blocks, 288 bytes) become parts of 14 rows.
+    withGpu(async (gpu) => {
+      const rand = random(13);
+      const [rows, dim] = [37, 256];
+      const matrix = quantized("q8_0", rows, dim, fill(rows * dim, rand));
+      const values = dequantizeMatrix(matrix);
+      const buffer = gpu.uploadQuantizedMatrix(matrix);
+      assertEquals(buffer.parts.length, 3, "parts");
+      for (const { part } of buffer.pieces()) assertEquals(part.format, "q8_0", "a part's format");
+      const ids = Int32Array.of(0, 36, 13, 14, 27, 28, 35);
+      const want = new Float32Array(ids.length * dim);
+      js.embed(want, values, ids, dim);
+      const out = gpu.zeros(ids.length * dim);
+      gpu.embed(out, buffer, ids, dim);
+      sameValues(await gpu.read(out), want, "embed over parts");
+      const copied = gpu.zeros(ids.length * dim);
+      const srcRows = { buf: gpu.upload(Float32Array.from(ids)), offset: 0 };
+      gpu.copyRows({ dst: copied, src: buffer, width: dim, count: ids.length, srcRows });
+      sameValues(await gpu.read(copied), want, "copyRows over parts");
+      for (const batch of [1, 3, 70]) {
+        const x = fill(batch * dim, rand);
+        const bias = fill(rows, rand);
+        const wantOut = new Float32Array(batch * rows);
+        js.linear(wantOut, x, values, bias, batch, dim, rows);
+        const product = gpu.zeros(batch * rows);
+        gpu.linear(product, gpu.upload(x), buffer, gpu.upload(bias), batch, dim, rows);
+        close(await gpu.read(product), wantOut, 1e-5, `linear over parts, ${batch} rows`);
+      }
+    }, { splitMatricesOver: 4096 }),
 });
 
 Deno.test({

@@ -5,6 +5,9 @@
 // matrix split over several buffers runs once per part, which holds rows
 // [srcRowStart, srcRowStart + srcRows). A row number outside the rows a
 // buffer holds (such as an id of -1) copies nothing. One thread per float.
+// src is read through a weight prelude (weight_f32.wgsl, or one of a packed
+// format: binding 2), so that rows of a quantized embedding (the decode
+// step's gather of token ids) come from its blocks.
 struct Params {
   width: u32,
   count: u32,
@@ -19,8 +22,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> srcIndex: array<f32>;
 @group(0) @binding(4) var<storage, read> dstIndex: array<f32>;
 
@@ -64,5 +66,5 @@ fn main(
   if (readRow < 0 || writeRow < 0 || (!useSrc && r >= p.srcRows) || (!useDst && r >= p.dstRows)) {
     return;
   }
-  dst[p.dstOffset + u32(writeRow) * p.width + k] = src[p.srcOffset + u32(readRow) * p.width + k];
+  dst[p.dstOffset + u32(writeRow) * p.width + k] = weightAt(p.srcOffset + u32(readRow) * p.width + k);
 }

@@ -1,6 +1,9 @@
 // out [count, dim] = rows ids[t] of table [rows, dim]; ids of SKIP leave
 // their row alone (a table split over buffers runs once per part). One
 // thread per output float. (Ids on the device go through copy_rows.wgsl.)
+// The table is read through a weight prelude (weight_f32.wgsl, or one of a
+// packed format: binding 2), so that a quantized embedding is gathered from
+// its blocks.
 struct Params {
   dim: u32,
   count: u32,
@@ -10,7 +13,6 @@ const SKIP: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
-@group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256)
@@ -27,5 +29,5 @@ fn main(
   if (ids[t] == SKIP) {
     return;
   }
-  out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
+  out[i] = weightAt(ids[t] * p.dim + (i - t * p.dim));
 }

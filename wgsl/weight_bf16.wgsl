@@ -1,8 +1,9 @@
-// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
-// after linear_io.wgsl: bf16 values packed two per u32 (low half first), each
-// the top half of its f32, so a shift or a mask widens it exactly (WGSL has no
-// bf16 type). The products equal the f32 kernels' for weights that are exactly
-// bf16. weight_f16.wgsl is the same interface over packed f16.
+// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: bf16 values packed two per u32 (low
+// half first), each the top half of its f32, so a shift or a mask widens it
+// exactly (WGSL has no bf16 type). The products equal the f32 kernels' for
+// weights that are exactly bf16. weight_f16.wgsl is the same interface over
+// packed f16.
 @group(0) @binding(2) var<storage, read> weight: array<vec2<u32>>;
 
 // The two bf16 values packed in `bits`, low half first.

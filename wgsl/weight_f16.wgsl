@@ -1,7 +1,8 @@
-// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
-// after linear_io.wgsl: f16 values packed two per u32 (low half first), widened to f32 on load with
-// the core builtin unpack2x16float, so no shader-f16 feature is needed and the
-// products equal the f32 kernels' for weights that are exactly f16.
+// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: f16 values packed two per u32 (low
+// half first), widened to f32 on load with the core builtin unpack2x16float,
+// so no shader-f16 feature is needed and the products equal the f32 kernels'
+// for weights that are exactly f16.
 @group(0) @binding(2) var<storage, read> weight: array<vec2<u32>>;
 
 // Element i of the row-major weight matrix.

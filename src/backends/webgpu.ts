@@ -39,10 +39,63 @@ import {
   type SsdArgs,
 } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
-import type { QuantizedMatrix } from "../quant.ts";
-import { packHalves } from "../safetensors.ts";
+import { q4KScaleMin } from "../gguf.ts";
+import { BLOCK_BYTES, BLOCK_ELEMENTS, type BlockType, type QuantizedMatrix } from "../quant.ts";
+import { f16ToF32, packHalves } from "../safetensors.ts";
 
-/** A float32 buffer on the GPU. */
+/**
+ * How a buffer holds its values: f32, or (a weight matrix) packed f16 or bf16
+ * two per u32, or repacked quantized blocks (see {@link BLOCK_WORDS}).
+ */
+export type WeightFormat = "f32" | HalfFormat | BlockType;
+
+/**
+ * u32 words of a block as {@link WebGpuBackend.uploadQuantizedMatrix} repacks
+ * it: ggml's f16 scales widened to f32, which keeps the values 4-byte aligned,
+ * then the values (see weight_q8_0.wgsl, weight_q4_0.wgsl and
+ * weight_q4_k.wgsl): 36 bytes for Q8_0's 34, 20 for Q4_0's 18, 152 for Q4_K's
+ * 144 (its 6-bit scales and mins a byte each).
+ */
+const BLOCK_WORDS: Readonly<Record<BlockType, number>> = { q8_0: 9, q4_0: 5, q4_k: 38 };
+
+/** Whether buffers of `format` hold quantized blocks. */
+function isBlockFormat(format: WeightFormat): format is BlockType {
+  return format !== "f32" && format !== "f16" && format !== "bf16";
+}
+
+/**
+ * `matrix`'s blocks in the layout of {@link BLOCK_WORDS}, padded with zeros
+ * to whole 16 bytes (the size of the buffers `upload` makes).
+ */
+function packBlocks(matrix: QuantizedMatrix): Uint32Array<ArrayBuffer> {
+  const { type, blocks } = matrix;
+  const blockBytes = BLOCK_BYTES[type];
+  const count = blocks.length / blockBytes;
+  const words = BLOCK_WORDS[type];
+  const packed = new Uint32Array(Math.ceil((count * words) / 4) * 4);
+  const floats = new Float32Array(packed.buffer);
+  const bytes = new Uint8Array(packed.buffer);
+  const scale = (at: number) => f16ToF32(blocks[at] | (blocks[at + 1] << 8));
+  for (let block = 0; block < count; block++) {
+    const from = block * blockBytes;
+    const to = block * words;
+    floats[to] = scale(from);
+    if (type !== "q4_k") {
+      bytes.set(blocks.subarray(from + 2, from + blockBytes), 4 * to + 4);
+      continue;
+    }
+    floats[to + 1] = scale(from + 2);
+    for (let sub = 0; sub < 8; sub++) {
+      const [sc, min] = q4KScaleMin(blocks, from + 4, sub);
+      bytes[4 * to + 8 + sub] = sc;
+      bytes[4 * to + 16 + sub] = min;
+    }
+    bytes.set(blocks.subarray(from + 16, from + blockBytes), 4 * to + 24);
+  }
+  return packed;
+}
+
+/** A float32 buffer on the GPU, or a weight matrix in a packed format. */
 export class GpuBuffer {
   readonly #buffer: GPUBuffer | null;
 
@@ -52,10 +105,11 @@ export class GpuBuffer {
     /** Number of values. */
     readonly length: number,
     /**
-     * The 16-bit format its values are packed in, two per u32 (a weight
-     * matrix; only `linear` reads it), or null for f32.
+     * The format its values are held in: f32, or for a weight matrix, which
+     * only `linear` reads (and `embed` and `copyRows` gather rows from),
+     * packed 16-bit values or quantized blocks.
      */
-    readonly half: HalfFormat | null = null,
+    readonly format: WeightFormat = "f32",
     /**
      * A row-major matrix too large for one binding, split by rows: parts of
      * `rowsPerPart` rows (the last may hold fewer). Only `embed`, `embedFrom`
@@ -263,8 +317,6 @@ export class Program {
  * dispatch would cost a decode step hundreds of allocations.
  */
 const PROGRAMS = {
-  embed: new Program("embed", "main", [0, 1, 2, 3]),
-  copyRows: new Program("copy_rows", "main", [0, 1, 2, 3, 4]),
   argmax: new Program("argmax", "main", [0, 1, 2, 3, 5, 6], {}, ["choose_rows"]),
   penalize: new Program("penalize", "main", [0, 1, 3, 5, 6, 7], {}, ["choose_rows"]),
   sampleSlices: new Program("sample", "slices", [0, 1, 3, 6, 7], {}, ["choose_rows"]),
@@ -280,6 +332,26 @@ const PROGRAMS = {
 const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6];
 const LINEAR_MAX_OUTPUTS = 3; // out, out2, out3 of linear_io.wgsl
 const linearPrograms = new Map<string, Program>();
+
+/**
+ * The gathers (embed.wgsl, copy_rows.wgsl) for a source in each format: they
+ * read it through the format's weight prelude, as the linear kernels do.
+ */
+const GATHER_PROGRAMS = new Map<string, Program>();
+
+/** embed.wgsl (`copyRows` false) or copy_rows.wgsl reading a source of `format`. */
+function gatherProgram(copyRows: boolean, format: WeightFormat): Program {
+  const key = `${copyRows ? "copy_rows" : "embed"}:${format}`;
+  let program = GATHER_PROGRAMS.get(key);
+  if (!program) {
+    const preludes = [`weight_${format}`];
+    program = copyRows
+      ? new Program("copy_rows", "main", [0, 1, 2, 3, 4], {}, preludes)
+      : new Program("embed", "main", [0, 1, 2, 3], {}, preludes);
+    GATHER_PROGRAMS.set(key, program);
+  }
+  return program;
+}
 
 /**
  * Widest output that the split-K `skinny` entry point of matmul.wgsl takes: on
@@ -322,14 +394,14 @@ function gemvLanes(units: number): number {
 
 /**
  * The linear kernel for `rows` rows of input, `outDim` outputs and a weight
- * stored as f16, bf16 or f32; with `project`, the gemv4 that projects a decode
+ * stored in `format`; with `project`, the gemv4 that projects a decode
  * step's conv outputs (x_proj; see #foldsProjection).
  */
 function linearProgram(
   rows: number,
   inDim: number,
   outDim: number,
-  half: HalfFormat | null,
+  format: WeightFormat,
   project = false,
 ): Program {
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
@@ -362,12 +434,10 @@ function linearProgram(
   } else {
     constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
   }
-  const key = `${shader}:${entry}:${JSON.stringify(constants)}${half ?? "f32"}${
-    project ? "p" : ""
-  }`;
+  const key = `${shader}:${entry}:${JSON.stringify(constants)}${format}${project ? "p" : ""}`;
   let program = linearPrograms.get(key);
   if (!program) {
-    const preludes = ["linear_io", `weight_${half ?? "f32"}`];
+    const preludes = ["linear_io", `weight_${format}`];
     let bindings = LINEAR_BINDINGS;
     if (shader === "gemv4") {
       // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and x_proj (11, 12).
@@ -820,9 +890,36 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     return new GpuBuffer(buffer, data.length, format);
   }
 
-  /** No quantized kernels here yet: the model uploads the dequantized values. */
-  uploadQuantizedMatrix(_matrix: QuantizedMatrix): null {
-    return null;
+  /**
+   * Keeps a Q8_0, Q4_0 or Q4_K matrix as its blocks, repacked with f32
+   * scales (36 or 20 bytes per 32 weights, 152 per 256; see
+   * {@link BLOCK_WORDS}), which `linear` multiplies by and `embed` and
+   * `copyRows` gather from as the values `dequantizeMatrix` gives. A matrix
+   * larger than one binding allows is split by rows, as {@link upload} splits.
+   */
+  uploadQuantizedMatrix(matrix: QuantizedMatrix): GpuBuffer {
+    const { type, rows, cols, blocks } = matrix;
+    const length = rows * cols;
+    const rowBlocks = cols / BLOCK_ELEMENTS[type];
+    const rowBytes = rowBlocks * BLOCK_WORDS[type] * 4;
+    const limit = Math.min(this.#bindingLimit(), this.#options.splitMatricesOver ?? Infinity);
+    const rowsPerPart = Math.floor((limit - 16) / rowBytes);
+    if (rows * rowBytes > limit && rowsPerPart >= 1) {
+      const parts: GpuBuffer[] = [];
+      const blockRowBytes = rowBlocks * BLOCK_BYTES[type];
+      for (let row = 0; row < rows; row += rowsPerPart) {
+        const partRows = Math.min(rowsPerPart, rows - row);
+        const first = row * blockRowBytes;
+        const partBlocks = blocks.subarray(first, first + partRows * blockRowBytes);
+        parts.push(this.uploadQuantizedMatrix({ type, rows: partRows, cols, blocks: partBlocks }));
+      }
+      return new GpuBuffer(null, length, type, parts, rowsPerPart);
+    }
+    const packed = packBlocks(matrix);
+    this.#checkSize(packed.byteLength);
+    const buffer = this.device.createBuffer({ size: packed.byteLength, usage: STORAGE_USAGE });
+    this.device.queue.writeBuffer(buffer, 0, packed);
+    return new GpuBuffer(buffer, length, type);
   }
 
   zeros(length: number): GpuBuffer {
@@ -926,7 +1023,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     for (let start = 0; start < data.length; start += rowsPerPart * rowLength) {
       parts.push(uploadPart(data.subarray(start, start + rowsPerPart * rowLength)));
     }
-    return new GpuBuffer(null, data.length, half, parts, rowsPerPart);
+    return new GpuBuffer(null, data.length, half ?? "f32", parts, rowsPerPart);
   }
 
   // ---- operations -------------------------------------------------------------------------
@@ -942,7 +1039,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       const idBuffer = this.#pool.acquire(byteSize(ids.length), true);
       this.device.queue.writeBuffer(idBuffer, 0, bufferSource(local));
       this.#run(
-        PROGRAMS.embed,
+        gatherProgram(false, table.format),
         [dim, ids.length],
         [],
         { 1: idBuffer, 2: part.buffer, 3: out.buffer },
@@ -966,7 +1063,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     for (const { part, firstRow } of src.pieces()) {
       const partRows = Math.floor((part.length - (src.parts.length > 0 ? 0 : srcOffset)) / width);
       this.#run(
-        PROGRAMS.copyRows,
+        gatherProgram(true, src.format),
         [
           width,
           count,
@@ -981,8 +1078,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         ],
         [],
         {
-          1: part.buffer,
-          2: dst.buffer,
+          1: dst.buffer,
+          2: part.buffer,
           3: srcRows?.buf.buffer ?? this.#dummy,
           4: dstRows?.buf.buffer ?? this.#dummy,
         },
@@ -1111,13 +1208,13 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     conv?: ConvStep<GpuBuffer>,
   ): void {
     const { total: outDim, split1, split2 } = columnSplits(widths);
-    let program = linearProgram(rows, inDim, outDim, weight.half);
+    let program = linearProgram(rows, inDim, outDim, weight.format);
     const fusedNorm = norm && program.shader === "gemv4" ? norm : null;
     const fusedConv = conv && program.shader === "gemv4" ? conv : null;
     const project = fusedConv && this.#foldsProjection(program, weight, widths, fusedConv, rows)
       ? fusedConv.project!
       : null;
-    if (project) program = linearProgram(rows, inDim, outDim, weight.half, true);
+    if (project) program = linearProgram(rows, inDim, outDim, weight.format, true);
     if (norm && !fusedNorm) {
       const normed = this.#lastingScratch("normed", rows * inDim);
       this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
@@ -1162,7 +1259,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         fusedConv?.kernel ?? 0,
         fusedConv?.bias ? 1 : 0,
         projWidth,
-        project?.weight.half === "f16" ? 1 : project?.weight.half === "bf16" ? 2 : 0,
+        project?.weight.format === "f16" ? 1 : project?.weight.format === "bf16" ? 2 : 0,
         fusedConv?.slots ? 1 : 0,
       ];
       const eps = [fusedNorm?.eps ?? 0];
@@ -1203,7 +1300,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * projectBlock thread), one unsplit weight each, up to three outputs of
    * MAX_FUSED_PROJECTION columns in all, and whole blocks of conv outputs a
    * multiple of 4 wide (projectBlock reads the weights four at a time,
-   * 16-byte aligned).
+   * 16-byte aligned), and that weight not in quantized blocks.
    */
   #foldsProjection(
     program: Program,
@@ -1214,6 +1311,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   ): boolean {
     const project = conv.project;
     if (!project || rows > GEMV_MAX_ROWS) return false;
+    // projectBlock reads f32, f16 or bf16 weights; quantized x_proj runs as a linear of its own.
+    if (isBlockFormat(project.weight.format)) return false;
     if (weight.parts.length > 0 || project.weight.parts.length > 0) return false;
     const perGroup = 256 / program.constants.LANES;
     const width = columnSplits(project.widths).total;
@@ -1401,9 +1500,12 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (this.#options.scanPrecision === "double-float") {
       return this.#scanDoubleFloat(projectDelta(this, scanArgs));
     }
-    // A decode step folds dt_proj into the scan; longer scans take it as a matmul.
-    const projection = scanArgs.len === 1 && scanArgs.deltaProj?.weight.parts.length === 0
-      ? scanArgs.deltaProj
+    // A decode step folds dt_proj into the scan; longer scans take it as a matmul, as does a
+    // quantized dt_proj (the scan reads f32, f16 or bf16 weights).
+    const deltaProj = scanArgs.deltaProj;
+    const projection = scanArgs.len === 1 && deltaProj?.weight.parts.length === 0 &&
+        !isBlockFormat(deltaProj.weight.format)
+      ? deltaProj
       : undefined;
     const args = projection ? scanArgs : projectDelta(this, scanArgs);
     const { delta, B, C, len, dim, dState } = args;
@@ -1416,7 +1518,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       ? pending
       : null;
     if (shares) this.#pendingProjection = null;
-    const half = projection?.weight.half;
+    const half = projection?.weight.format;
     const flags = scanFlags(args) | (half === "f16" ? 16 : half === "bf16" ? 64 : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
     const nGroups = Math.ceil(dState / SCAN_LANES);

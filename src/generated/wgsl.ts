@@ -393,6 +393,9 @@ fn sequential(
 // matrix split over several buffers runs once per part, which holds rows
 // [srcRowStart, srcRowStart + srcRows). A row number outside the rows a
 // buffer holds (such as an id of -1) copies nothing. One thread per float.
+// src is read through a weight prelude (weight_f32.wgsl, or one of a packed
+// format: binding 2), so that rows of a quantized embedding (the decode
+// step's gather of token ids) come from its blocks.
 struct Params {
   width: u32,
   count: u32,
@@ -407,8 +410,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> srcIndex: array<f32>;
 @group(0) @binding(4) var<storage, read> dstIndex: array<f32>;
 
@@ -452,12 +454,15 @@ fn main(
   if (readRow < 0 || writeRow < 0 || (!useSrc && r >= p.srcRows) || (!useDst && r >= p.dstRows)) {
     return;
   }
-  dst[p.dstOffset + u32(writeRow) * p.width + k] = src[p.srcOffset + u32(readRow) * p.width + k];
+  dst[p.dstOffset + u32(writeRow) * p.width + k] = weightAt(p.srcOffset + u32(readRow) * p.width + k);
 }
 `,
   embed: `// out [count, dim] = rows ids[t] of table [rows, dim]; ids of SKIP leave
 // their row alone (a table split over buffers runs once per part). One
 // thread per output float. (Ids on the device go through copy_rows.wgsl.)
+// The table is read through a weight prelude (weight_f32.wgsl, or one of a
+// packed format: binding 2), so that a quantized embedding is gathered from
+// its blocks.
 struct Params {
   dim: u32,
   count: u32,
@@ -467,7 +472,6 @@ const SKIP: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
-@group(0) @binding(2) var<storage, read> table: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256)
@@ -484,7 +488,7 @@ fn main(
   if (ids[t] == SKIP) {
     return;
   }
-  out[i] = table[ids[t] * p.dim + (i - t * p.dim)];
+  out[i] = weightAt(ids[t] * p.dim + (i - t * p.dim));
 }
 `,
   gated_rmsnorm: `// mamba_ssm's gated RMSNorm (GatedNormArgs of src/backend.ts): per row,
@@ -3605,11 +3609,12 @@ fn step(
   }
 }
 `,
-  weight_bf16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
-// after linear_io.wgsl: bf16 values packed two per u32 (low half first), each
-// the top half of its f32, so a shift or a mask widens it exactly (WGSL has no
-// bf16 type). The products equal the f32 kernels' for weights that are exactly
-// bf16. weight_f16.wgsl is the same interface over packed f16.
+  weight_bf16: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: bf16 values packed two per u32 (low
+// half first), each the top half of its f32, so a shift or a mask widens it
+// exactly (WGSL has no bf16 type). The products equal the f32 kernels' for
+// weights that are exactly bf16. weight_f16.wgsl is the same interface over
+// packed f16.
 @group(0) @binding(2) var<storage, read> weight: array<vec2<u32>>;
 
 // The two bf16 values packed in \`bits\`, low half first.
@@ -3628,10 +3633,11 @@ fn weight4At(k: u32) -> vec4<f32> {
   return vec4<f32>(unpackBf16(packed.x), unpackBf16(packed.y));
 }
 `,
-  weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
-// after linear_io.wgsl: f16 values packed two per u32 (low half first), widened to f32 on load with
-// the core builtin unpack2x16float, so no shader-f16 feature is needed and the
-// products equal the f32 kernels' for weights that are exactly f16.
+  weight_f16: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: f16 values packed two per u32 (low
+// half first), widened to f32 on load with the core builtin unpack2x16float,
+// so no shader-f16 feature is needed and the products equal the f32 kernels'
+// for weights that are exactly f16.
 @group(0) @binding(2) var<storage, read> weight: array<vec2<u32>>;
 
 // Element i of the row-major weight matrix.
@@ -3645,9 +3651,10 @@ fn weight4At(k: u32) -> vec4<f32> {
   return vec4<f32>(unpack2x16float(packed.x), unpack2x16float(packed.y));
 }
 `,
-  weight_f32: `// Weight access of the linear kernels (gemv, gemv4, matmul), prepended to them
-// after linear_io.wgsl: f32 storage. weight_f16.wgsl is the same interface over
-// packed f16.
+  weight_f32: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: f32 storage. weight_f16.wgsl,
+// weight_bf16.wgsl, weight_q8_0.wgsl, weight_q4_0.wgsl and weight_q4_k.wgsl
+// are the same interface over packed formats.
 @group(0) @binding(2) var<storage, read> weight: array<vec4<f32>>;
 
 // Element i of the row-major weight matrix.
@@ -3658,6 +3665,85 @@ fn weightAt(i: u32) -> f32 {
 // Elements 4k to 4k+3.
 fn weight4At(k: u32) -> vec4<f32> {
   return weight[k];
+}
+`,
+  weight_q4_0: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: ggml's Q4_0 blocks of 32 weights as
+// WebGpuBackend.uploadQuantizedMatrix repacks them, 5 u32s a block (20 bytes
+// against ggml's 18): the f16 scale d widened to f32, which keeps the words
+// aligned, then ggml's 16 bytes unchanged, byte j holding weight j's 4 bits u
+// in its low nibble and weight j + 16's in its high one. Weight d·(u − 8),
+// exactly the value dequantizeMatrix gives.
+@group(0) @binding(2) var<storage, read> weight: array<u32>;
+
+// Elements 4k to 4k+3 (a block holds 8 such quads, so they never straddle two).
+fn weight4At(k: u32) -> vec4<f32> {
+  let at = k / 8u * 5u;
+  let quad = k % 8u;
+  // Quads 0–3 are the low nibbles of words 0–3, quads 4–7 their high ones.
+  let word = weight[at + 1u + quad % 4u];
+  let shift = vec4<u32>(0u, 8u, 16u, 24u) + quad / 4u * 4u;
+  let u = (vec4<u32>(word) >> shift) & vec4<u32>(15u);
+  return bitcast<f32>(weight[at]) * (vec4<f32>(u) - 8.0);
+}
+
+// Element i of the row-major weight matrix.
+fn weightAt(i: u32) -> f32 {
+  return weight4At(i / 4u)[i % 4u];
+}
+`,
+  weight_q4_k: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: ggml's Q4_K super-blocks of 256
+// weights (8 sub-blocks of 32) as WebGpuBackend.uploadQuantizedMatrix repacks
+// them, 38 u32s each (152 bytes against ggml's 144): d and dmin widened to
+// f32, the 8 sub-blocks' 6-bit scales sc a byte each (2 words), then their
+// mins m likewise (2 words), which spares the shader ggml's 12-byte bit
+// packing, then ggml's 128 bytes of 4-bit values q unchanged (sub-blocks 2i
+// and 2i + 1 in the low and high nibbles of bytes 32i to 32i + 31). Weight
+// (d·sc)·q − dmin·m: d·sc, dmin·m and the product with q are exact in f32, so
+// one rounding at the subtraction gives exactly dequantizeMatrix's value.
+@group(0) @binding(2) var<storage, read> weight: array<u32>;
+
+// Elements 4k to 4k+3 (a sub-block holds 8 such quads, so they never straddle two).
+fn weight4At(k: u32) -> vec4<f32> {
+  let at = k / 64u * 38u;
+  let sub = k % 64u / 8u;
+  let byteShift = sub % 4u * 8u;
+  let sc = (weight[at + 2u + sub / 4u] >> byteShift) & 255u;
+  let m = (weight[at + 4u + sub / 4u] >> byteShift) & 255u;
+  let dScale = bitcast<f32>(weight[at]) * f32(sc);
+  let dMin = bitcast<f32>(weight[at + 1u]) * f32(m);
+  let word = weight[at + 6u + sub / 2u * 8u + k % 8u];
+  let shift = vec4<u32>(0u, 8u, 16u, 24u) + sub % 2u * 4u;
+  let q = (vec4<u32>(word) >> shift) & vec4<u32>(15u);
+  return dScale * vec4<f32>(q) - dMin;
+}
+
+// Element i of the row-major weight matrix.
+fn weightAt(i: u32) -> f32 {
+  return weight4At(i / 4u)[i % 4u];
+}
+`,
+  weight_q8_0: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
+// (embed, copy_rows), prepended to them: ggml's Q8_0 blocks of 32 weights as
+// WebGpuBackend.uploadQuantizedMatrix repacks them, 9 u32s a block (36 bytes
+// against ggml's 34): the f16 scale d widened to f32, which keeps the words
+// aligned, then the 32 int8 values q in order, four to a word, lowest byte
+// first. Weight d·q, exactly the value dequantizeMatrix gives.
+@group(0) @binding(2) var<storage, read> weight: array<u32>;
+
+// Elements 4k to 4k+3 (a block holds 8 such quads, so they never straddle two).
+fn weight4At(k: u32) -> vec4<f32> {
+  let at = k / 8u * 9u;
+  let word = weight[at + 1u + k % 8u];
+  // Each byte shifted to the top, then back arithmetically: its sign extended.
+  let q = bitcast<vec4<i32>>(vec4<u32>(word) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+  return bitcast<f32>(weight[at]) * vec4<f32>(q);
+}
+
+// Element i of the row-major weight matrix.
+fn weightAt(i: u32) -> f32 {
+  return weight4At(i / 4u)[i % 4u];
 }
 `,
 };
