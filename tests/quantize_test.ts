@@ -13,6 +13,7 @@ import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { maxAbsDiff, SHARED } from "./helpers.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
+import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { loadGguf } from "../src/formats.ts";
 import { MambaModel } from "../src/model.ts";
@@ -229,6 +230,74 @@ for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
+  });
+}
+
+const gpuAdapter = await navigator.gpu?.requestAdapter();
+
+for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
+  Deno.test({
+    name: `a ${type} GGUF on webgpu keeps its blocks and gives the js backend's logits within 1e-4`,
+    ignore: !gpuAdapter,
+    fn: async () => {
+      const dir = await Deno.makeTempDir({ prefix: "mamba-quantized-gpu-test-" });
+      const gpu = await WebGpuBackend.create({ adapter: gpuAdapter! });
+      try {
+        const { bytes } = await quantizeModel(SHAKESPEARE, type);
+        const file = `${type}.gguf`;
+        await Deno.writeFile(`${dir}/${file}`, bytes);
+        const { config, weights } = await loadGguf(await openSource(dir), file);
+        // prompt0's greedy continuation: teacher-forced whole (the tiled matmul), then a prefill
+        // of 8 (the GEMV in row groups) and single steps (the decode step's GEMV and scan).
+        const ids = SafetensorsFile.parse(
+          await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
+          "expected.safetensors",
+        ).int32("prompt0_greedy_ids");
+        /** The whole sequence's logits, then the prompt's last ones and each step's. */
+        const logitsOf = async (model: MambaModel<unknown>) => {
+          const all = [await model.forward(model.pool.acquire(), ids)];
+          const session = new Session(model);
+          all.push(await session.prefill(ids.subarray(0, 8)));
+          for (const id of ids.subarray(8, 14)) all.push(await session.step(id));
+          return all;
+        };
+        // The js backend keeps no blocks: it runs the dequantized weights in f32, the reference.
+        const want = await logitsOf(new MambaModel(new JsBackend(), config, weights));
+
+        const kept: GpuBuffer[] = [];
+        const uploadBlocks = gpu.uploadQuantizedMatrix.bind(gpu);
+        gpu.uploadQuantizedMatrix = (matrix) => {
+          const buffer = uploadBlocks(matrix);
+          assertEquals(buffer.format, matrix.type, "the format kept");
+          kept.push(buffer);
+          return buffer;
+        };
+        const model = new MambaModel(gpu, config, weights);
+        // Every block tensor of the file (the embedding and the matrices linear reads) is kept
+        // as its repacked blocks (f32 scales), not as f32.
+        const blockTensors = [...GgufFile.parse(bytes, file).tensors.values()]
+          .filter((info) => PACKED.has(info.type));
+        assertEquals(kept.length, blockTensors.length, "matrices kept as blocks");
+        const held = kept.reduce((sum, buffer) => sum + buffer.buffer.size, 0);
+        const packed = blockTensors.reduce(
+          (sum, info) => sum + Math.ceil((info.byteLength * PACKED.get(info.type)!) / 16) * 16,
+          0,
+        );
+        assertEquals(held, packed, "GPU bytes of the blocks");
+        const f32 = blockTensors.reduce((sum, info) => sum + 4 * info.dims[0] * info.dims[1], 0);
+        assert(held < (type === "q8_0" ? 0.3 : 0.2) * f32, `${held} bytes held for ${f32} as f32`);
+
+        const got = await logitsOf(model);
+        for (const [i, logits] of got.entries()) {
+          const diff = maxAbsDiff(logits, want[i]);
+          const what = i === 0 ? "forward" : i === 1 ? "prefill" : `step ${i - 2}`;
+          assert(diff < 1e-4, `${what}: max |Δlogit| ${diff}`);
+        }
+      } finally {
+        gpu.dispose();
+        await Deno.remove(dir, { recursive: true });
+      }
+    },
   });
 }
 
