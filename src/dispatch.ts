@@ -164,7 +164,7 @@ const RUN_MS = 40;
 /** …but at most this many times. */
 const MAX_RUN_REPEATS = 5;
 /** Part of every cache key: bump it when kernels or the measurement change. */
-const CACHE_VERSION = 5;
+const CACHE_VERSION = 6;
 const CACHE_PREFIX = "mamba-deno/backend/";
 
 /** Where "auto" keeps its decisions: `localStorage` or anything with the same two methods. */
