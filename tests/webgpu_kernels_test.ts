@@ -8,7 +8,7 @@
 
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { JsBackend } from "../src/backends/js.ts";
-import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
+import { type GpuBuffer, WebGpuBackend, type WeightFormat } from "../src/backends/webgpu.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
@@ -983,6 +983,74 @@ Deno.test({
 
 Deno.test({
   name:
+    "webgpu: a decode step's scan with a quantized dt_proj folded in: q8_0, q4_0 and q4_k, ranks 32, 64 and 256",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(41);
+      const dim = 130;
+      const cases: [BlockType, number, number, number][] = [
+        ["q8_0", 32, 16, 1],
+        ["q8_0", 64, 20, 3],
+        ["q4_0", 32, 16, 2],
+        ["q4_0", 64, 16, 1],
+        ["q4_k", 256, 16, 2],
+      ];
+      for (const [type, rank, dState, batch] of cases) {
+        const matrix = quantized(type, dim, rank, fill(dim * rank, rand, 0.3));
+        const dt = fill(batch * rank, rand);
+        const state = fill(batch * dim * dState, rand);
+        const plain = {
+          A: fill(dim * dState, rand).map((v) => -1 - 4 * Math.abs(v)),
+          B: fill(batch * dState, rand),
+          C: fill(batch * dState, rand),
+          D: fill(dim, rand),
+          z: fill(batch * dim, rand),
+          u: fill(batch * dim, rand),
+          deltaBias: fill(dim, rand),
+          deltaSoftplus: true,
+          len: 1,
+          dim,
+          dState,
+          batch,
+        };
+        // The reference projects delta with the dequantized weights first, then scans.
+        const wantY = new Float32Array(batch * dim);
+        const wantState = state.slice();
+        js.selectiveScan({
+          ...plain,
+          y: wantY,
+          delta: new Float32Array(batch * dim),
+          deltaProj: { dt, weight: dequantizeMatrix(matrix), rank },
+          state: wantState,
+        });
+        const y = gpu.zeros(batch * dim);
+        const gotState = gpu.upload(state.slice());
+        const before = gpu.dispatches;
+        gpu.selectiveScan({
+          ...plain,
+          A: gpu.upload(plain.A),
+          B: gpu.upload(plain.B),
+          C: gpu.upload(plain.C),
+          D: gpu.upload(plain.D),
+          z: gpu.upload(plain.z),
+          u: gpu.upload(plain.u),
+          deltaBias: gpu.upload(plain.deltaBias),
+          y,
+          delta: gpu.zeros(batch * dim),
+          deltaProj: { dt: gpu.upload(dt), weight: gpu.uploadQuantizedMatrix(matrix), rank },
+          state: gotState,
+        });
+        assertEquals(gpu.dispatches - before, Math.ceil(dState / 16), "one dispatch per group");
+        const what = `step ${type} rank ${rank} N ${dState} batch ${batch}`;
+        close(await gpu.read(y), wantY, 1e-5, `${what}: y`);
+        close(await gpu.read(gotState), wantState, 1e-5, `${what}: state`);
+      }
+    }),
+});
+
+Deno.test({
+  name:
     "webgpu: linearSplit with a decode step's conv folded in (GEMV), or run after it (matmul), against js",
   ignore,
   fn: () =>
@@ -1055,24 +1123,52 @@ Deno.test({
       const rand = random(60);
       const inDim = 64;
       const kernel = 4;
-      // [rows, channels, rank, N, 16-bit weights]: 8, 4 and 32 conv outputs per workgroup
-      // (32, 64 and 8 GEMV lanes), one and two groups of 16 states.
-      const cases: [number, number, number, number, HalfFormat | null][] = [
-        [1, 520, 48, 16, null],
+      // [rows, channels, rank, N, weights' format]: 8, 4 and 32 conv outputs per workgroup
+      // (32, 64 and 8 GEMV lanes), one and two groups of 16 states. A block format holds the
+      // matrices whose rows are whole blocks, as a GGUF file does (Q4_K: x_proj alone), the
+      // others stay f32.
+      const cases: [number, number, number, number, WeightFormat][] = [
+        [1, 520, 48, 16, "f32"],
         [3, 512, 5, 20, "f16"],
         [3, 512, 5, 20, "bf16"],
-        [4, 264, 23, 16, null],
+        [4, 264, 23, 16, "f32"],
         [1, 4096, 16, 16, "f16"],
         [1, 4096, 16, 16, "bf16"],
+        [1, 512, 32, 16, "q8_0"],
+        [3, 512, 32, 20, "q4_0"],
+        [2, 512, 16, 16, "q4_k"],
+        [1, 4096, 16, 16, "q8_0"],
       ];
-      for (const [rows, channels, rank, dState, half] of cases) {
+      for (const [rows, channels, rank, dState, format] of cases) {
         const widths = [rank, dState, dState];
         const projWidth = rank + 2 * dState;
-        const exact = (v: Float32Array) => exactIn(v, half);
+        // A matrix [·, rowLength] of `v` as `format` keeps it: its values, and its upload.
+        const kept = (v: Float32Array, rowLength: number) => {
+          if (format === "f32" || format === "f16" || format === "bf16") {
+            const values = exactIn(v, format === "f32" ? null : format);
+            const upload = () =>
+              format === "f32"
+                ? gpu.upload(values, rowLength)
+                : gpu.uploadHalfMatrix(values, rowLength)!;
+            return { values, upload };
+          }
+          if (rowLength % BLOCK_ELEMENTS[format] !== 0) {
+            return {
+              values: v,
+              upload: () => gpu.upload(v),
+            };
+          }
+          const blocks = quantized(format, v.length / rowLength, rowLength, v);
+          return {
+            values: dequantizeMatrix(blocks),
+            upload: () => gpu.uploadQuantizedMatrix(blocks),
+          };
+        };
         const x = fill(rows * inDim, rand);
-        const inProj = exact(fill(2 * channels * inDim, rand, 0.3));
-        const xProj = exact(fill(projWidth * channels, rand, 0.1));
-        const dtProj = exact(fill(channels * rank, rand, 0.3));
+        const inProjKept = kept(fill(2 * channels * inDim, rand, 0.3), inDim);
+        const xProjKept = kept(fill(projWidth * channels, rand, 0.1), channels);
+        const dtProjKept = kept(fill(channels * rank, rand, 0.3), rank);
+        const [inProj, xProj, dtProj] = [inProjKept, xProjKept, dtProjKept].map((m) => m.values);
         const convWeight = fill(channels * kernel, rand);
         const convBias = fill(channels, rand);
         const convState = fill(rows * (kernel - 1) * channels, rand);
@@ -1126,17 +1222,15 @@ Deno.test({
           state: want.ssm,
         });
 
-        const matrix = (v: Float32Array, rowLength: number) =>
-          half ? gpu.uploadHalfMatrix(v, rowLength)! : gpu.upload(v, rowLength);
         const weights = {
-          inProj: matrix(inProj, inDim),
-          xProj: matrix(xProj, channels),
-          dtProj: matrix(dtProj, rank),
+          inProj: inProjKept.upload(),
+          xProj: xProjKept.upload(),
+          dtProj: dtProjKept.upload(),
           norm: gpu.upload(normWeight),
           conv: gpu.upload(convWeight),
           convBias: gpu.upload(convBias),
         };
-        const what = `${rows} rows, ${channels} channels, rank ${rank}, N ${dState}`;
+        const what = `${rows} rows, ${channels} channels, rank ${rank}, N ${dState}, ${format}`;
         // in_proj, then `reader` with the conv state and its outputs.
         const inProjStep = (
           reader: (got: {

@@ -2,9 +2,10 @@
 // each workgroup projects the conv outputs it stored (keepConvOut) and leaves
 // its share of the product in projParts; the decode step's scan (scan.wgsl
 // with scan_shares.wgsl) or project_sum.wgsl adds the shares up. Its own file,
-// so that the other GEMVs neither declare nor bind its two buffers.
+// so that the other GEMVs neither declare nor bind its two buffers; it comes
+// after blocks.wgsl, which decodes a projection kept as quantized blocks.
 
-@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 or bf16 bits
+@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], in p.projFormat
 // [rows, blocks of PER_GROUP conv outputs, 4 · ⌈projWidth / 4⌉]: each block's share of the projection
 @group(0) @binding(12) var<storage, read_write> projParts: array<f32>;
 
@@ -17,11 +18,31 @@ fn keepConvOut(j: u32, v: vec4<f32>) {
 
 // Four consecutive elements of projWeight from element i (a multiple of 4).
 fn projQuad(i: u32) -> vec4<f32> {
+  let k = i / 4u;
+  if (p.projFormat == 3u) {
+    let at = q8_0Words(k);
+    return q8_0Quad(projWeight[at.x], projWeight[at.y]);
+  }
+  if (p.projFormat == 4u) {
+    let at = q4_0Words(k);
+    return q4_0Quad(k, projWeight[at.x], projWeight[at.y]);
+  }
+  if (p.projFormat == 5u) {
+    let at = q4_kWords(k);
+    return q4_kQuad(
+      k,
+      projWeight[at.x],
+      projWeight[at.x + 1u],
+      projWeight[at.y],
+      projWeight[at.z],
+      projWeight[at.w],
+    );
+  }
   let w = i / 2u;
-  if (p.projHalf == 1u) {
+  if (p.projFormat == 1u) {
     return vec4<f32>(unpack2x16float(projWeight[w]), unpack2x16float(projWeight[w + 1u]));
   }
-  if (p.projHalf == 2u) {
+  if (p.projFormat == 2u) {
     // bf16 pairs, each the top half of its f32 (the main weight may be of another format, so
     // weight_bf16.wgsl's unpackBf16 is not always there).
     let lo = vec2<u32>(projWeight[w], projWeight[w + 1u]);

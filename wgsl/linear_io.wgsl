@@ -24,7 +24,9 @@ struct Params {
   convKernel: u32, // gemv4 only: taps of the conv step of out's columns, or 0
   convHasBias: u32, // gemv4 only
   projWidth: u32, // gemv4 only: columns of the projection of the conv step's outputs, or 0
-  projHalf: u32, // gemv4 only: its weight is f32 (0), or packed f16 (1) or bf16 (2)
+  // gemv4 only: its weight's format: f32 (0), packed f16 (1) or bf16 (2), Q8_0 (3), Q4_0 (4) or
+  // Q4_K (5) blocks (blocks.wgsl)
+  projFormat: u32,
   convSlots: u32, // gemv4 only: the conv states are rows of a pool, named by convSlots
   normEps: f32,
 }

@@ -32,14 +32,17 @@
 // shares of x_proj that in_proj's GEMV left (gemv4.wgsl), saving another.
 //
 // WG and TT are specialised per pipeline by the backend, which prepends
-// scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl.
+// scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl,
+// after blocks.wgsl (which decodes a dt_proj kept as quantized blocks).
 struct Params {
   len: u32,
   dim: u32,
   batch: u32,
   chunkLen: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots, 64: dtProj is packed bf16
+  // 1: D, 2: z, 4: deltaBias, 8: softplus, 32: slots; dtProj's format: f32, or packed f16 (16) or
+  // bf16 (64), or Q8_0 (128), Q4_0 (256) or Q4_K (512) blocks (blocks.wgsl)
+  flags: u32,
   nState: u32,
   group: u32,
   nGroups: u32,
@@ -61,7 +64,7 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> hbuf: array<vec4<f32>>; // [batch, nChunks, dim, 4]
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
 @group(0) @binding(13) var<storage, read> dtLow: array<f32>; // step: dt [batch, rank]
-@group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], f32 or packed f16 bits
+@group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], in the format of p.flags
 @group(0) @binding(16) var<storage, read> slots: array<f32>; // with flag 32: sequence b's state row
 
 const WG: u32 = 128u;
@@ -498,6 +501,28 @@ fn dtProjAt(i: u32) -> f32 {
   return bitcast<f32>(dtProj[i]);
 }
 
+/**
+ * Elements i to i + 3 of dt_proj's weight: decoded from its blocks (whose
+ * rows, and so rank, are a multiple of 32: i is a multiple of 4 there), else
+ * element by element.
+ */
+fn dtProjQuad(i: u32) -> vec4<f32> {
+  let k = i / 4u;
+  if ((p.flags & 128u) != 0u) {
+    let at = q8_0Words(k);
+    return q8_0Quad(dtProj[at.x], dtProj[at.y]);
+  }
+  if ((p.flags & 256u) != 0u) {
+    let at = q4_0Words(k);
+    return q4_0Quad(k, dtProj[at.x], dtProj[at.y]);
+  }
+  if ((p.flags & 512u) != 0u) {
+    let at = q4_kWords(k);
+    return q4_kQuad(k, dtProj[at.x], dtProj[at.x + 1u], dtProj[at.y], dtProj[at.z], dtProj[at.w]);
+  }
+  return vec4<f32>(dtProjAt(i), dtProjAt(i + 1u), dtProjAt(i + 2u), dtProjAt(i + 3u));
+}
+
 /** dt[k] of the sequence whose dt starts at dtLow[x]. */
 fn dtAt(x: u32, k: u32) -> f32 {
   if (PROJECTED != 0u) {
@@ -509,7 +534,7 @@ fn dtAt(x: u32, k: u32) -> f32 {
 /** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3]. */
 fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
   let dt4 = vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u));
-  return dt4 * vec4<f32>(dtProjAt(w + k), dtProjAt(w + k + 1u), dtProjAt(w + k + 2u), dtProjAt(w + k + 3u));
+  return dt4 * dtProjQuad(w + k);
 }
 
 /**

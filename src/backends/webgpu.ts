@@ -63,6 +63,26 @@ function isBlockFormat(format: WeightFormat): format is BlockType {
   return format !== "f32" && format !== "f16" && format !== "bf16";
 }
 
+/** linear_io.wgsl's `projFormat` of each format of an x_proj folded into gemv4 (gemv4_shares.wgsl). */
+const PROJ_FORMATS: Readonly<Record<WeightFormat, number>> = {
+  f32: 0,
+  f16: 1,
+  bf16: 2,
+  q8_0: 3,
+  q4_0: 4,
+  q4_k: 5,
+};
+
+/** scan.wgsl's flag for dt_proj's weight format (0 for f32). */
+const SCAN_DT_FLAGS: Readonly<Record<WeightFormat, number>> = {
+  f32: 0,
+  f16: 16,
+  bf16: 64,
+  q8_0: 128,
+  q4_0: 256,
+  q4_k: 512,
+};
+
 /**
  * `matrix`'s blocks in the layout of {@link BLOCK_WORDS}, padded with zeros
  * to whole 16 bytes (the size of the buffers `upload` makes).
@@ -344,7 +364,7 @@ function gatherProgram(copyRows: boolean, format: WeightFormat): Program {
   const key = `${copyRows ? "copy_rows" : "embed"}:${format}`;
   let program = GATHER_PROGRAMS.get(key);
   if (!program) {
-    const preludes = [`weight_${format}`];
+    const preludes = [...(isBlockFormat(format) ? ["blocks"] : []), `weight_${format}`];
     program = copyRows
       ? new Program("copy_rows", "main", [0, 1, 2, 3, 4], {}, preludes)
       : new Program("embed", "main", [0, 1, 2, 3], {}, preludes);
@@ -437,7 +457,9 @@ function linearProgram(
   const key = `${shader}:${entry}:${JSON.stringify(constants)}${format}${project ? "p" : ""}`;
   let program = linearPrograms.get(key);
   if (!program) {
-    const preludes = ["linear_io", `weight_${format}`];
+    // blocks.wgsl decodes quantized weights: this matrix's, or a folded projection's.
+    const blocks = isBlockFormat(format) || project ? ["blocks"] : [];
+    const preludes = ["linear_io", ...blocks, `weight_${format}`];
     let bindings = LINEAR_BINDINGS;
     if (shader === "gemv4") {
       // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and x_proj (11, 12).
@@ -494,7 +516,8 @@ function linearGroups(program: Program, rows: number, outDim: number): [number, 
  */
 const SCAN_PROGRAMS = (() => {
   const constants = { WG: SCAN_WG, TT: SCAN_TILE };
-  const plain = ["scan_no_shares"];
+  // blocks.wgsl decodes a dt_proj kept as quantized blocks.
+  const plain = ["blocks", "scan_no_shares"];
   // 16: the slots naming each sequence's state row in a pool.
   const step = [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 16];
   return {
@@ -524,7 +547,7 @@ const SCAN_PROGRAMS = (() => {
       "step",
       [...step, 15],
       { ...constants, WG: SCAN_PROJECTED_STEP_WG },
-      ["scan_shares"],
+      ["blocks", "scan_shares"],
     ),
   };
 })();
@@ -1259,7 +1282,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
         fusedConv?.kernel ?? 0,
         fusedConv?.bias ? 1 : 0,
         projWidth,
-        project?.weight.format === "f16" ? 1 : project?.weight.format === "bf16" ? 2 : 0,
+        project ? PROJ_FORMATS[project.weight.format] : 0,
         fusedConv?.slots ? 1 : 0,
       ];
       const eps = [fusedNorm?.eps ?? 0];
@@ -1300,7 +1323,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * projectBlock thread), one unsplit weight each, up to three outputs of
    * MAX_FUSED_PROJECTION columns in all, and whole blocks of conv outputs a
    * multiple of 4 wide (projectBlock reads the weights four at a time,
-   * 16-byte aligned), and that weight not in quantized blocks.
+   * 16-byte aligned; a quad never straddles two quantized blocks, as rows
+   * and blocks of conv outputs are whole quads).
    */
   #foldsProjection(
     program: Program,
@@ -1311,8 +1335,6 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   ): boolean {
     const project = conv.project;
     if (!project || rows > GEMV_MAX_ROWS) return false;
-    // projectBlock reads f32, f16 or bf16 weights; quantized x_proj runs as a linear of its own.
-    if (isBlockFormat(project.weight.format)) return false;
     if (weight.parts.length > 0 || project.weight.parts.length > 0) return false;
     const perGroup = 256 / program.constants.LANES;
     const width = columnSplits(project.widths).total;
@@ -1500,12 +1522,9 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (this.#options.scanPrecision === "double-float") {
       return this.#scanDoubleFloat(projectDelta(this, scanArgs));
     }
-    // A decode step folds dt_proj into the scan; longer scans take it as a matmul, as does a
-    // quantized dt_proj (the scan reads f32, f16 or bf16 weights).
-    const deltaProj = scanArgs.deltaProj;
-    const projection = scanArgs.len === 1 && deltaProj?.weight.parts.length === 0 &&
-        !isBlockFormat(deltaProj.weight.format)
-      ? deltaProj
+    // A decode step folds dt_proj into the scan; longer scans take it as a matmul.
+    const projection = scanArgs.len === 1 && scanArgs.deltaProj?.weight.parts.length === 0
+      ? scanArgs.deltaProj
       : undefined;
     const args = projection ? scanArgs : projectDelta(this, scanArgs);
     const { delta, B, C, len, dim, dState } = args;
@@ -1518,8 +1537,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
       ? pending
       : null;
     if (shares) this.#pendingProjection = null;
-    const half = projection?.weight.format;
-    const flags = scanFlags(args) | (half === "f16" ? 16 : half === "bf16" ? 64 : 0);
+    const flags = scanFlags(args) | (projection ? SCAN_DT_FLAGS[projection.weight.format] : 0);
     // The kernels hold 16 states per thread; larger state sizes run group by group.
     const nGroups = Math.ceil(dState / SCAN_LANES);
     // What every pass binds; each program takes the ones it declares.

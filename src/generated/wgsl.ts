@@ -111,6 +111,64 @@ fn main(
   }
 }
 `,
+  blocks: `// Decoding of the quantized blocks that WebGpuBackend.uploadQuantizedMatrix
+// repacks (its BLOCK_WORDS; the layouts are described in weight_q8_0.wgsl,
+// weight_q4_0.wgsl and weight_q4_k.wgsl), in two steps, as WGSL functions
+// cannot take a storage array: where quad k of a matrix (its elements 4k to
+// 4k+3, never across blocks) finds its words, and the quad from those words.
+// The weight preludes decode their matrix with it, and a decode step's fused
+// paths a second matrix of any format (x_proj in gemv4_shares.wgsl, dt_proj
+// in scan.wgsl). Each weight is exactly the value dequantizeMatrix gives.
+
+// Q8_0 quad k: the words of its block's scale and of its four values.
+fn q8_0Words(k: u32) -> vec2<u32> {
+  let at = k / 8u * 9u;
+  return vec2<u32>(at, at + 1u + k % 8u);
+}
+
+// d·q for the four int8 values q of \`values\`, lowest byte first.
+fn q8_0Quad(scale: u32, values: u32) -> vec4<f32> {
+  // Each byte shifted to the top, then back arithmetically: its sign extended.
+  let q = bitcast<vec4<i32>>(vec4<u32>(values) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+  return bitcast<f32>(scale) * vec4<f32>(q);
+}
+
+// Q4_0 quad k: the words of its block's scale and of its four values.
+fn q4_0Words(k: u32) -> vec2<u32> {
+  let at = k / 8u * 5u;
+  return vec2<u32>(at, at + 1u + k % 4u);
+}
+
+// d·(u − 8) for quad k's four 4-bit values u in \`values\`: quads 0–3 of a block
+// are the low nibbles of its value words, quads 4–7 their high ones.
+fn q4_0Quad(k: u32, scale: u32, values: u32) -> vec4<f32> {
+  let shift = vec4<u32>(0u, 8u, 16u, 24u) + k % 8u / 4u * 4u;
+  let u = (vec4<u32>(values) >> shift) & vec4<u32>(15u);
+  return bitcast<f32>(scale) * (vec4<f32>(u) - 8.0);
+}
+
+// Q4_K quad k: the words of its super-block's d (dmin is the next), of its
+// sub-block's scale and min (a byte each) and of its four values.
+fn q4_kWords(k: u32) -> vec4<u32> {
+  let at = k / 64u * 38u;
+  let sub = k % 64u / 8u;
+  return vec4<u32>(at, at + 2u + sub / 4u, at + 4u + sub / 4u, at + 6u + sub / 2u * 8u + k % 8u);
+}
+
+// (d·sc)·q − dmin·m for quad k's four 4-bit values q in \`values\`: sub-blocks
+// 2i and 2i + 1 are the low and high nibbles of the same 32 bytes. d·sc, dmin·m
+// and the product with q are exact in f32, so the one rounding, at the
+// subtraction, is dequantizeMatrix's.
+fn q4_kQuad(k: u32, d: u32, dmin: u32, scales: u32, mins: u32, values: u32) -> vec4<f32> {
+  let sub = k % 64u / 8u;
+  let byteShift = sub % 4u * 8u;
+  let dScale = bitcast<f32>(d) * f32((scales >> byteShift) & 255u);
+  let dMin = bitcast<f32>(dmin) * f32((mins >> byteShift) & 255u);
+  let shift = vec4<u32>(0u, 8u, 16u, 24u) + sub % 2u * 4u;
+  let q = (vec4<u32>(values) >> shift) & vec4<u32>(15u);
+  return dScale * vec4<f32>(q) - dMin;
+}
+`,
   choose_rows: `// Prelude of the kernels of Backend.chooseTokens (penalize, argmax, sample,
 // sample_wide):
 // their parameters, each row's settings (src/backend.ts's samplingSettings:
@@ -827,9 +885,10 @@ fn projectBlock(block: u32, li: u32) {}
 // each workgroup projects the conv outputs it stored (keepConvOut) and leaves
 // its share of the product in projParts; the decode step's scan (scan.wgsl
 // with scan_shares.wgsl) or project_sum.wgsl adds the shares up. Its own file,
-// so that the other GEMVs neither declare nor bind its two buffers.
+// so that the other GEMVs neither declare nor bind its two buffers; it comes
+// after blocks.wgsl, which decodes a projection kept as quantized blocks.
 
-@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], f32 or packed f16 or bf16 bits
+@group(0) @binding(11) var<storage, read> projWeight: array<u32>; // [projWidth, split1], in p.projFormat
 // [rows, blocks of PER_GROUP conv outputs, 4 · ⌈projWidth / 4⌉]: each block's share of the projection
 @group(0) @binding(12) var<storage, read_write> projParts: array<f32>;
 
@@ -842,11 +901,31 @@ fn keepConvOut(j: u32, v: vec4<f32>) {
 
 // Four consecutive elements of projWeight from element i (a multiple of 4).
 fn projQuad(i: u32) -> vec4<f32> {
+  let k = i / 4u;
+  if (p.projFormat == 3u) {
+    let at = q8_0Words(k);
+    return q8_0Quad(projWeight[at.x], projWeight[at.y]);
+  }
+  if (p.projFormat == 4u) {
+    let at = q4_0Words(k);
+    return q4_0Quad(k, projWeight[at.x], projWeight[at.y]);
+  }
+  if (p.projFormat == 5u) {
+    let at = q4_kWords(k);
+    return q4_kQuad(
+      k,
+      projWeight[at.x],
+      projWeight[at.x + 1u],
+      projWeight[at.y],
+      projWeight[at.z],
+      projWeight[at.w],
+    );
+  }
   let w = i / 2u;
-  if (p.projHalf == 1u) {
+  if (p.projFormat == 1u) {
     return vec4<f32>(unpack2x16float(projWeight[w]), unpack2x16float(projWeight[w + 1u]));
   }
-  if (p.projHalf == 2u) {
+  if (p.projFormat == 2u) {
     // bf16 pairs, each the top half of its f32 (the main weight may be of another format, so
     // weight_bf16.wgsl's unpackBf16 is not always there).
     let lo = vec2<u32>(projWeight[w], projWeight[w + 1u]);
@@ -934,7 +1013,9 @@ struct Params {
   convKernel: u32, // gemv4 only: taps of the conv step of out's columns, or 0
   convHasBias: u32, // gemv4 only
   projWidth: u32, // gemv4 only: columns of the projection of the conv step's outputs, or 0
-  projHalf: u32, // gemv4 only: its weight is f32 (0), or packed f16 (1) or bf16 (2)
+  // gemv4 only: its weight's format: f32 (0), packed f16 (1) or bf16 (2), Q8_0 (3), Q4_0 (4) or
+  // Q4_K (5) blocks (blocks.wgsl)
+  projFormat: u32,
   convSlots: u32, // gemv4 only: the conv states are rows of a pool, named by convSlots
   normEps: f32,
 }
@@ -2446,14 +2527,17 @@ fn settle(
 // shares of x_proj that in_proj's GEMV left (gemv4.wgsl), saving another.
 //
 // WG and TT are specialised per pipeline by the backend, which prepends
-// scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl.
+// scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl,
+// after blocks.wgsl (which decodes a dt_proj kept as quantized blocks).
 struct Params {
   len: u32,
   dim: u32,
   batch: u32,
   chunkLen: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: z, 4: deltaBias, 8: softplus, 16: dtProj is packed f16, 32: slots, 64: dtProj is packed bf16
+  // 1: D, 2: z, 4: deltaBias, 8: softplus, 32: slots; dtProj's format: f32, or packed f16 (16) or
+  // bf16 (64), or Q8_0 (128), Q4_0 (256) or Q4_K (512) blocks (blocks.wgsl)
+  flags: u32,
   nState: u32,
   group: u32,
   nGroups: u32,
@@ -2475,7 +2559,7 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> hbuf: array<vec4<f32>>; // [batch, nChunks, dim, 4]
 @group(0) @binding(12) var<storage, read_write> dtsum: array<f32>; // [batch, nChunks, dim]
 @group(0) @binding(13) var<storage, read> dtLow: array<f32>; // step: dt [batch, rank]
-@group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], f32 or packed f16 bits
+@group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], in the format of p.flags
 @group(0) @binding(16) var<storage, read> slots: array<f32>; // with flag 32: sequence b's state row
 
 const WG: u32 = 128u;
@@ -2912,6 +2996,28 @@ fn dtProjAt(i: u32) -> f32 {
   return bitcast<f32>(dtProj[i]);
 }
 
+/**
+ * Elements i to i + 3 of dt_proj's weight: decoded from its blocks (whose
+ * rows, and so rank, are a multiple of 32: i is a multiple of 4 there), else
+ * element by element.
+ */
+fn dtProjQuad(i: u32) -> vec4<f32> {
+  let k = i / 4u;
+  if ((p.flags & 128u) != 0u) {
+    let at = q8_0Words(k);
+    return q8_0Quad(dtProj[at.x], dtProj[at.y]);
+  }
+  if ((p.flags & 256u) != 0u) {
+    let at = q4_0Words(k);
+    return q4_0Quad(k, dtProj[at.x], dtProj[at.y]);
+  }
+  if ((p.flags & 512u) != 0u) {
+    let at = q4_kWords(k);
+    return q4_kQuad(k, dtProj[at.x], dtProj[at.x + 1u], dtProj[at.y], dtProj[at.z], dtProj[at.w]);
+  }
+  return vec4<f32>(dtProjAt(i), dtProjAt(i + 1u), dtProjAt(i + 2u), dtProjAt(i + 3u));
+}
+
 /** dt[k] of the sequence whose dt starts at dtLow[x]. */
 fn dtAt(x: u32, k: u32) -> f32 {
   if (PROJECTED != 0u) {
@@ -2923,7 +3029,7 @@ fn dtAt(x: u32, k: u32) -> f32 {
 /** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3]. */
 fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
   let dt4 = vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u));
-  return dt4 * vec4<f32>(dtProjAt(w + k), dtProjAt(w + k + 1u), dtProjAt(w + k + 2u), dtProjAt(w + k + 3u));
+  return dt4 * dtProjQuad(w + k);
 }
 
 /**
@@ -3668,23 +3774,18 @@ fn weight4At(k: u32) -> vec4<f32> {
 }
 `,
   weight_q4_0: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
-// (embed, copy_rows), prepended to them: ggml's Q4_0 blocks of 32 weights as
-// WebGpuBackend.uploadQuantizedMatrix repacks them, 5 u32s a block (20 bytes
-// against ggml's 18): the f16 scale d widened to f32, which keeps the words
-// aligned, then ggml's 16 bytes unchanged, byte j holding weight j's 4 bits u
-// in its low nibble and weight j + 16's in its high one. Weight d·(u − 8),
-// exactly the value dequantizeMatrix gives.
+// (embed, copy_rows), prepended to them after blocks.wgsl: ggml's Q4_0 blocks
+// of 32 weights as WebGpuBackend.uploadQuantizedMatrix repacks them, 5 u32s a
+// block (20 bytes against ggml's 18): the f16 scale d widened to f32, which
+// keeps the words aligned, then ggml's 16 bytes unchanged, byte j holding
+// weight j's 4 bits u in its low nibble and weight j + 16's in its high one.
+// Weight d·(u − 8).
 @group(0) @binding(2) var<storage, read> weight: array<u32>;
 
-// Elements 4k to 4k+3 (a block holds 8 such quads, so they never straddle two).
+// Elements 4k to 4k+3.
 fn weight4At(k: u32) -> vec4<f32> {
-  let at = k / 8u * 5u;
-  let quad = k % 8u;
-  // Quads 0–3 are the low nibbles of words 0–3, quads 4–7 their high ones.
-  let word = weight[at + 1u + quad % 4u];
-  let shift = vec4<u32>(0u, 8u, 16u, 24u) + quad / 4u * 4u;
-  let u = (vec4<u32>(word) >> shift) & vec4<u32>(15u);
-  return bitcast<f32>(weight[at]) * (vec4<f32>(u) - 8.0);
+  let at = q4_0Words(k);
+  return q4_0Quad(k, weight[at.x], weight[at.y]);
 }
 
 // Element i of the row-major weight matrix.
@@ -3693,30 +3794,20 @@ fn weightAt(i: u32) -> f32 {
 }
 `,
   weight_q4_k: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
-// (embed, copy_rows), prepended to them: ggml's Q4_K super-blocks of 256
-// weights (8 sub-blocks of 32) as WebGpuBackend.uploadQuantizedMatrix repacks
-// them, 38 u32s each (152 bytes against ggml's 144): d and dmin widened to
-// f32, the 8 sub-blocks' 6-bit scales sc a byte each (2 words), then their
-// mins m likewise (2 words), which spares the shader ggml's 12-byte bit
-// packing, then ggml's 128 bytes of 4-bit values q unchanged (sub-blocks 2i
-// and 2i + 1 in the low and high nibbles of bytes 32i to 32i + 31). Weight
-// (d·sc)·q − dmin·m: d·sc, dmin·m and the product with q are exact in f32, so
-// one rounding at the subtraction gives exactly dequantizeMatrix's value.
+// (embed, copy_rows), prepended to them after blocks.wgsl: ggml's Q4_K
+// super-blocks of 256 weights (8 sub-blocks of 32) as
+// WebGpuBackend.uploadQuantizedMatrix repacks them, 38 u32s each (152 bytes
+// against ggml's 144): d and dmin widened to f32, the 8 sub-blocks' 6-bit
+// scales sc a byte each (2 words), then their mins m likewise (2 words), which
+// spares the shader ggml's 12-byte bit packing, then ggml's 128 bytes of
+// 4-bit values q unchanged (sub-blocks 2i and 2i + 1 in the low and high
+// nibbles of bytes 32i to 32i + 31). Weight (d·sc)·q − dmin·m.
 @group(0) @binding(2) var<storage, read> weight: array<u32>;
 
-// Elements 4k to 4k+3 (a sub-block holds 8 such quads, so they never straddle two).
+// Elements 4k to 4k+3.
 fn weight4At(k: u32) -> vec4<f32> {
-  let at = k / 64u * 38u;
-  let sub = k % 64u / 8u;
-  let byteShift = sub % 4u * 8u;
-  let sc = (weight[at + 2u + sub / 4u] >> byteShift) & 255u;
-  let m = (weight[at + 4u + sub / 4u] >> byteShift) & 255u;
-  let dScale = bitcast<f32>(weight[at]) * f32(sc);
-  let dMin = bitcast<f32>(weight[at + 1u]) * f32(m);
-  let word = weight[at + 6u + sub / 2u * 8u + k % 8u];
-  let shift = vec4<u32>(0u, 8u, 16u, 24u) + sub % 2u * 4u;
-  let q = (vec4<u32>(word) >> shift) & vec4<u32>(15u);
-  return dScale * vec4<f32>(q) - dMin;
+  let at = q4_kWords(k);
+  return q4_kQuad(k, weight[at.x], weight[at.x + 1u], weight[at.y], weight[at.z], weight[at.w]);
 }
 
 // Element i of the row-major weight matrix.
@@ -3725,20 +3816,17 @@ fn weightAt(i: u32) -> f32 {
 }
 `,
   weight_q8_0: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
-// (embed, copy_rows), prepended to them: ggml's Q8_0 blocks of 32 weights as
-// WebGpuBackend.uploadQuantizedMatrix repacks them, 9 u32s a block (36 bytes
-// against ggml's 34): the f16 scale d widened to f32, which keeps the words
-// aligned, then the 32 int8 values q in order, four to a word, lowest byte
-// first. Weight d·q, exactly the value dequantizeMatrix gives.
+// (embed, copy_rows), prepended to them after blocks.wgsl: ggml's Q8_0 blocks
+// of 32 weights as WebGpuBackend.uploadQuantizedMatrix repacks them, 9 u32s a
+// block (36 bytes against ggml's 34): the f16 scale d widened to f32, which
+// keeps the words aligned, then the 32 int8 values q in order, four to a
+// word, lowest byte first. Weight d·q.
 @group(0) @binding(2) var<storage, read> weight: array<u32>;
 
-// Elements 4k to 4k+3 (a block holds 8 such quads, so they never straddle two).
+// Elements 4k to 4k+3.
 fn weight4At(k: u32) -> vec4<f32> {
-  let at = k / 8u * 9u;
-  let word = weight[at + 1u + k % 8u];
-  // Each byte shifted to the top, then back arithmetically: its sign extended.
-  let q = bitcast<vec4<i32>>(vec4<u32>(word) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
-  return bitcast<f32>(weight[at]) * vec4<f32>(q);
+  let at = q8_0Words(k);
+  return q8_0Quad(weight[at.x], weight[at.y]);
 }
 
 // Element i of the row-major weight matrix.
