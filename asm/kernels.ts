@@ -524,13 +524,17 @@ export function scanStep(
 
 // -------------------------------------------------------------- linear ----
 
-// a·b + c per lane: one fused multiply-add where the CPU has FMA (relaxed
-// SIMD lets the engine choose, so the last bit may differ between machines),
-// which doubles the matmul's arithmetic per instruction.
+// a·b + c per lane. The relaxed-SIMD build gives one fused multiply-add where
+// the CPU has FMA (relaxed SIMD lets the engine choose, so the last bit may
+// differ between machines), which doubles the matmul's arithmetic per
+// instruction; the plain-SIMD build (asm/build.ts), for engines that reject
+// relaxed SIMD, multiplies and adds. ASC_FEATURE_RELAXED_SIMD is a constant
+// that the compiler folds, so each build holds only its own branch.
 // @ts-ignore: decorator
 @inline
 function madd(a: v128, b: v128, c: v128): v128 {
-  return f32x4.relaxed_madd(a, b, c);
+  if (ASC_FEATURE_RELAXED_SIMD) return f32x4.relaxed_madd(a, b, c);
+  return f32x4.add(f32x4.mul(a, b), c);
 }
 
 // GEMV (rows = 1): out[o] = x · w[o] + bias[o] for o in [o0, o1), one weight
@@ -1291,6 +1295,27 @@ function dequantQ4K(p: usize, dst: usize): void {
   }
 }
 
+// The one-row GEMV over Q8_0 blocks, x rounded into `scratch`: on relaxed
+// SIMD's int8 dot products where asked (relaxedDot) and this is the
+// relaxed-SIMD build, else on int16 ones. The plain-SIMD build compiles only
+// the int16 path (ASC_FEATURE_RELAXED_SIMD folds), so it ignores relaxedDot.
+// @ts-ignore: decorator
+@inline
+function gemvQ8Row(
+  out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32, scratch: usize,
+  relaxedDot: bool,
+): void {
+  if (ASC_FEATURE_RELAXED_SIMD) {
+    if (relaxedDot) {
+      quantizeQ7Input(scratch, x, inDim >> 5);
+      gemvQ8Relaxed(out, scratch, w, bias, inDim, o0, o1);
+      return;
+    }
+  }
+  quantizeQ8Input(scratch, x, inDim >> 5);
+  gemvQ8(out, scratch, w, bias, inDim, o0, o1);
+}
+
 // `blockType` of linearBlocks, as src/backends/wasm.ts passes it.
 const BLOCKS_Q8: i32 = 0;
 const BLOCKS_Q4K: i32 = 2;
@@ -1324,13 +1349,8 @@ export function linearBlocks(
   const q8 = blockType == BLOCKS_Q8;
   const q4k = blockType == BLOCKS_Q4K;
   if (rows == 1) {
-    if (q8 && relaxed) {
-      quantizeQ7Input(scratch, x, inDim >> 5);
-      gemvQ8Relaxed(out, scratch, w, bias, inDim, o0, o1);
-    } else if (q8) {
-      quantizeQ8Input(scratch, x, inDim >> 5);
-      gemvQ8(out, scratch, w, bias, inDim, o0, o1);
-    } else if (q4k) {
+    if (q8) gemvQ8Row(out, x, w, bias, inDim, o0, o1, scratch, relaxed);
+    else if (q4k) {
       quantizeQ8Input(scratch, x, inDim >> 5);
       const sums = scratch + (<usize> inDim << 2) + (<usize> inDim >> 3);
       blockSums(sums, x, inDim >> 5);

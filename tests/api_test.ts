@@ -30,7 +30,7 @@ Deno.test("await using frees the model's wasm memory at the end of the scope", a
 });
 
 Deno.test("a backend that cannot run throws BackendUnavailableError naming it", async () => {
-  const noGpu = { gpu: undefined, wasmSimd: false, threads: false };
+  const noGpu = { gpu: undefined, wasmSimd: false, wasmRelaxedSimd: false, threads: false };
   const webgpu = await assertRejects(
     () => createBackend("webgpu", {}, noGpu),
     BackendUnavailableError,

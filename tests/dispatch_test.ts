@@ -36,7 +36,12 @@ const TINY_MODEL = `${SHARED}/models/tiny-shakespeare`;
 const FAKE_CONFIG = parseConfig({ d_model: 16, n_layer: 2, vocab_size: 32 }, "config.json");
 
 /** WebAssembly SIMD but no WebGPU and no threads. */
-const NO_GPU: Capabilities = { gpu: undefined, wasmSimd: true, threads: false };
+const NO_GPU: Capabilities = {
+  gpu: undefined,
+  wasmSimd: true,
+  wasmRelaxedSimd: true,
+  threads: false,
+};
 const NO_ADAPTER: Capabilities = {
   ...NO_GPU,
   gpu: { requestAdapter: () => Promise.resolve(null) } as unknown as GPU,

@@ -1,10 +1,11 @@
 /**
  * Kernel-level tests of the wasm backend against the JS reference, on odd
  * sizes (not multiples of 4 or of the kernels' tiles), single- and
- * multi-threaded, plus the accuracy of its exp and softplus.
+ * multi-threaded, on both builds of the kernels (relaxed SIMD and plain
+ * SIMD), plus the accuracy of its exp and softplus.
  */
 
-import { assert, assertEquals } from "@std/assert";
+import { assert, assertEquals, assertRejects } from "@std/assert";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import type { Backend, HalfFormat } from "../src/backend.ts";
 import { JsBackend, silu, softplus } from "../src/backends/js.ts";
@@ -14,11 +15,14 @@ import {
   type WasmBuffer,
   WasmHalfMatrix,
   WasmQuantMatrix,
+  wasmRelaxedSimdSupported,
+  type WasmSimd,
 } from "../src/backends/wasm.ts";
 import { GGML } from "../src/gguf.ts";
 import { quantize } from "../src/gguf_write.ts";
 import { BLOCK_ELEMENTS, type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
-import { loadModel } from "../src/load.ts";
+import { loadCheckpoint, loadModel } from "../src/load.ts";
+import { MambaModel } from "../src/model.ts";
 import {
   bf16ToF32,
   f16ToF32,
@@ -123,9 +127,9 @@ async function linearMatches(
  * outputs, the GEMV and the matmul; values neither exactly f16 nor bf16 are
  * refused.
  */
-async function halfOps(threads: number, format: HalfFormat): Promise<void> {
+async function halfOps(threads: number, simd: WasmSimd, format: HalfFormat): Promise<void> {
   // Every size kept 16-bit, to reach the kernels with small odd shapes.
-  using wasm = await WasmBackend.create({ threads, halfMinWeights: 0 });
+  using wasm = await WasmBackend.create({ threads, simd, halfMinWeights: 0 });
   const rand = xorshiftUniforms(70 + threads);
   // Exactly f16, rounded through f16 bits, with subnormals and -0 among them,
   // and a first value of 11 significant bits (not a bf16, which would be
@@ -166,7 +170,7 @@ async function halfOps(threads: number, format: HalfFormat): Promise<void> {
   notHalf[10] = 0.1; // Neither an f16 nor a bf16 value.
   assertEquals(wasm.uploadHalfMatrix(notHalf, 8), null);
   // By default a matrix that stays in the cache is widened to f32.
-  using byDefault = await WasmBackend.create({ threads });
+  using byDefault = await WasmBackend.create({ threads, simd });
   assertEquals(byDefault.uploadHalfMatrix(halves(HALF_MIN_WEIGHTS - 1024), 1024), null);
   assert(byDefault.uploadHalfMatrix(halves(HALF_MIN_WEIGHTS), 1024) instanceof WasmHalfMatrix);
 }
@@ -175,15 +179,16 @@ async function halfOps(threads: number, format: HalfFormat): Promise<void> {
  * linear (GEMV and matmul), linearSplit and the gathers over a matrix of
  * `type` blocks on the wasm backend, against the reference backend on the
  * dequantized weights; the GEMV on relaxed SIMD's int8 dot products or on
- * plain SIMD's int16 ones (`relaxedDot`).
+ * plain SIMD's int16 ones (`relaxedDot`, which the plain build ignores).
  */
 async function quantizedOps(
   threads: number,
+  simd: WasmSimd,
   type: BlockType,
   ggml: number,
   relaxedDot: boolean,
 ): Promise<void> {
-  using wasm = await WasmBackend.create({ threads, relaxedDot });
+  using wasm = await WasmBackend.create({ threads, simd, relaxedDot });
   const rand = xorshiftUniforms(50 + threads);
   // Output rows odd and not a multiple of the threads' split (4, or 64 with several rows);
   // inner dimensions of 1 to 48 blocks of 32 (1 to 6 super-blocks of 256 for Q4_K, the 130m
@@ -245,9 +250,25 @@ async function quantizedOps(
   assertEquals(await wasm.read(rowsOut), wantRows);
 }
 
-for (const threads of [1, 2, 3]) {
-  Deno.test(`[wasm ${threads}t] linear: GEMV and matmul on odd sizes`, async () => {
-    using wasm = await WasmBackend.create({ threads });
+/**
+ * The builds of the kernels, each with the GEMV's dot products it has: the
+ * relaxed build's int8 ones and int16 ones, the plain build's int16 ones.
+ */
+const BUILDS: { simd: WasmSimd; relaxedDots: boolean[] }[] = [
+  { simd: "relaxed", relaxedDots: [true, false] },
+  { simd: "plain", relaxedDots: [false] },
+];
+
+for (const { simd, relaxedDots } of BUILDS) {
+  for (const threads of [1, 2, 3]) {
+    kernelTests(threads, simd, relaxedDots);
+  }
+}
+
+function kernelTests(threads: number, simd: WasmSimd, relaxedDots: boolean[]): void {
+  const label = `[wasm ${threads}t ${simd}]`;
+  Deno.test(`${label} linear: GEMV and matmul on odd sizes`, async () => {
+    using wasm = await WasmBackend.create({ threads, simd });
     const rand = xorshiftUniforms(threads);
     for (
       const [rows, inDim, outDim] of [
@@ -282,24 +303,24 @@ for (const threads of [1, 2, 3]) {
   });
 
   for (const format of ["f16", "bf16"] as const) {
-    Deno.test(`[wasm ${threads}t] linear over ${format} weights: GEMV and matmul, split`, async () => {
-      await halfOps(threads, format);
+    Deno.test(`${label} linear over ${format} weights: GEMV and matmul, split`, async () => {
+      await halfOps(threads, simd, format);
     });
   }
 
   for (
     const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0], ["q4_k", GGML.Q4_K]] as const
   ) {
-    for (const relaxedDot of [true, false]) {
+    for (const relaxedDot of relaxedDots) {
       const dot = relaxedDot ? "int8 (relaxed)" : "int16";
-      Deno.test(`[wasm ${threads}t] linear over ${type} blocks: GEMV on ${dot} dots and matmul, split, gathers`, async () => {
-        await quantizedOps(threads, type, ggml, relaxedDot);
+      Deno.test(`${label} linear over ${type} blocks: GEMV on ${dot} dots and matmul, split, gathers`, async () => {
+        await quantizedOps(threads, simd, type, ggml, relaxedDot);
       });
     }
   }
 
-  Deno.test(`[wasm ${threads}t] selectiveScan: N = 16, 5, 1; odd dims; len 1`, async () => {
-    using wasm = await WasmBackend.create({ threads });
+  Deno.test(`${label} selectiveScan: N = 16, 5, 1; odd dims; len 1`, async () => {
+    using wasm = await WasmBackend.create({ threads, simd });
     const rand = xorshiftUniforms(100 + threads);
     for (
       const [len, dim, dState] of [
@@ -356,8 +377,8 @@ for (const threads of [1, 2, 3]) {
     }
   });
 
-  Deno.test(`[wasm ${threads}t] causalConv, rmsNorm, addInPlace, embed, copy`, async () => {
-    using wasm = await WasmBackend.create({ threads });
+  Deno.test(`${label} causalConv, rmsNorm, addInPlace, embed, copy`, async () => {
+    using wasm = await WasmBackend.create({ threads, simd });
     const rand = xorshiftUniforms(200 + threads);
     for (
       const [len, channels, kernel] of [[1, 1536, 4], [7, 13, 4], [2, 9, 4], [5, 6, 3], [3, 5, 1]]
@@ -509,6 +530,46 @@ Deno.test("[wasm] auto picks wasm where SIMD runs; threads are validated", async
     error = e;
   }
   assert(error instanceof RangeError, `threads: 0 gave ${error}`);
+});
+
+Deno.test("[wasm] the relaxed-SIMD build runs where relaxed SIMD validates, as in Deno's V8", async () => {
+  assert(wasmRelaxedSimdSupported(), "Deno's V8 validates relaxed SIMD");
+  using byDefault = await WasmBackend.create({ threads: 1 });
+  assertEquals(byDefault.simd, "relaxed");
+  using plain = await WasmBackend.create({ threads: 1, simd: "plain" });
+  assertEquals(plain.simd, "plain");
+  const { createBackend } = await import("../src/backends/registry.ts");
+  const registered = await createBackend("wasm", { threads: 1 }) as unknown as WasmBackend;
+  assertEquals(registered.simd, "relaxed");
+  registered.dispose();
+  await assertRejects(
+    () => WasmBackend.create({ threads: 1, simd: "fast" as WasmSimd }),
+    RangeError,
+    'simd must be "relaxed" or "plain"',
+  );
+});
+
+Deno.test("[wasm] tiny-shakespeare on the plain-SIMD build: logits within 1e-4 of js", async () => {
+  const { config, weights } = await loadCheckpoint(`${SHARED}/models/tiny-shakespeare`);
+  const expected = SafetensorsFile.parse(
+    await Deno.readFile(`${SHARED}/models/tiny-shakespeare/expected.safetensors`),
+    "expected",
+  );
+  const prompt = expected.int32("prompt0_greedy_ids");
+  const logits = async (backend: Backend) => {
+    const model = new MambaModel(backend, config, weights);
+    const slot = model.pool.acquire();
+    const got = await model.forward(slot, prompt);
+    model.pool.release(slot);
+    backend.dispose?.();
+    return got;
+  };
+  const want = await logits(new JsBackend());
+  for (const threads of [1, 2]) {
+    const got = await logits(await WasmBackend.create({ threads, simd: "plain" }));
+    const diff = maxAbsDiff(got, want);
+    assert(diff <= 1e-4, `${threads} thread(s): max abs diff ${diff}`);
+  }
 });
 
 Deno.test("[wasm] undisposed worker threads do not keep the process alive", async () => {

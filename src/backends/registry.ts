@@ -13,7 +13,13 @@
 import type { Backend } from "../backend.ts";
 import { JsBackend } from "./js.ts";
 import { describeAdapter, type ScanPrecision, WebGpuBackend } from "./webgpu.ts";
-import { defaultThreads, WasmBackend, wasmSimdSupported } from "./wasm.ts";
+import {
+  defaultThreads,
+  WasmBackend,
+  wasmRelaxedSimdSupported,
+  type WasmSimd,
+  wasmSimdSupported,
+} from "./wasm.ts";
 import { BackendUnavailableError } from "../errors.ts";
 
 /** Backends that can be asked for by name. */
@@ -26,6 +32,13 @@ export interface BackendOptions {
    * where threads are allowed, else 1; 1: no workers).
    */
   threads?: number;
+  /**
+   * Which build of the "wasm" backend's kernels runs: "relaxed" (relaxed
+   * SIMD: fused multiply-adds, int8 dot products) or "plain" (fixed-width
+   * SIMD only). Default: "relaxed" where the runtime validates relaxed SIMD,
+   * else "plain".
+   */
+  simd?: WasmSimd;
   /**
    * Arithmetic of the "webgpu" backend's scan: "float32" (default) or
    * "double-float", a slower reference mode that meets the float64 scan
@@ -40,6 +53,8 @@ export interface Capabilities {
   gpu: GPU | undefined;
   /** Whether WebAssembly SIMD (fixed-width, 128-bit) validates. */
   wasmSimd: boolean;
+  /** Whether WebAssembly relaxed SIMD validates too. */
+  wasmRelaxedSimd: boolean;
   /** Whether workers can share a WebAssembly.Memory (Worker exists, shared memory constructs). */
   threads: boolean;
 }
@@ -49,6 +64,7 @@ export function probeCapabilities(): Capabilities {
   return {
     gpu: (globalThis.navigator as Navigator | undefined)?.gpu,
     wasmSimd: wasmSimdSupported(),
+    wasmRelaxedSimd: wasmRelaxedSimdSupported(),
     threads: threadsAllowed(),
   };
 }
@@ -109,10 +125,20 @@ export const BACKENDS: readonly BackendCandidate[] = [
       }
       // Without shared memory the backend still runs, on the calling thread only.
       const threads = options.threads ?? (capabilities.threads ? defaultThreads() : 1);
+      const simd = options.simd ?? (capabilities.wasmRelaxedSimd ? "relaxed" : "plain");
+      if (simd === "relaxed" && !capabilities.wasmRelaxedSimd) {
+        return Promise.resolve({
+          available: false,
+          reason: 'WebAssembly relaxed SIMD is not available in this runtime (simd: "plain" runs)',
+        });
+      }
+      // The build is part of the device: it is part of cache keys, and the
+      // plain build is slower.
+      const instructions = simd === "relaxed" ? "relaxed SIMD" : "SIMD";
       return Promise.resolve({
         available: true,
-        device: `WebAssembly SIMD, ${threads} thread${threads === 1 ? "" : "s"}`,
-        create: () => WasmBackend.create({ threads }) as Promise<Backend>,
+        device: `WebAssembly ${instructions}, ${threads} thread${threads === 1 ? "" : "s"}`,
+        create: () => WasmBackend.create({ threads, simd }) as Promise<Backend>,
       });
     },
   },

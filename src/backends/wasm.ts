@@ -16,6 +16,13 @@
  *
  * `threads: 1` uses no workers and no SharedArrayBuffer (edge runtimes).
  *
+ * SIMD: the kernels are built twice, with relaxed SIMD and with plain SIMD
+ * only. The backend runs the relaxed build where `WebAssembly.validate`
+ * accepts a tiny module of the two relaxed instructions it uses, else the
+ * plain one, so that runtimes without relaxed SIMD still get the backend;
+ * {@link WasmBackendOptions.simd} forces either ({@link WasmBackend.simd}
+ * says which runs).
+ *
  * @module
  */
 
@@ -38,7 +45,12 @@ import {
   type SsdArgs,
   stateRows,
 } from "../backend.ts";
-import { KERNELS_SHARED_BASE64, KERNELS_SINGLE_BASE64 } from "../generated/kernels_wasm.ts";
+import {
+  KERNELS_PLAIN_SHARED_BASE64,
+  KERNELS_PLAIN_SINGLE_BASE64,
+  KERNELS_RELAXED_SHARED_BASE64,
+  KERNELS_RELAXED_SINGLE_BASE64,
+} from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
 import { BLOCK_BYTES, BLOCK_ELEMENTS, type BlockType, type QuantizedMatrix } from "../quant.ts";
 import { q4KScaleMin } from "../gguf.ts";
@@ -62,14 +74,28 @@ export interface WasmBackendOptions {
    */
   halfMinWeights?: number;
   /**
+   * Which build of the kernels runs (see {@link WasmSimd}); default
+   * "relaxed" where the runtime validates relaxed SIMD, else "plain".
+   */
+  simd?: WasmSimd;
+  /**
    * Whether the one-row GEMVs over Q8_0 blocks take relaxed SIMD's int8 dot
    * products (`i32x4.relaxed_dot_i8x16_i7x16_add_s`, default true) rather than
-   * plain SIMD's int16 ones. The kernels are built with relaxed SIMD, so every
-   * engine that runs them has the instruction; false keeps the int16 GEMV, for
-   * engines that lower the int8 one slowly and for tests.
+   * plain SIMD's int16 ones. Only the relaxed-SIMD build has them: the plain
+   * one always takes the int16 GEMV. False keeps the int16 GEMV in the
+   * relaxed build too, for engines that lower the int8 one slowly and for
+   * tests.
    */
   relaxedDot?: boolean;
 }
+
+/**
+ * The two builds of the same kernels: "relaxed" uses relaxed SIMD (fused
+ * multiply-adds, whose last bit may differ between CPUs, and the Q8_0 GEMV's
+ * int8 dot products); "plain" only fixed-width SIMD, multiplying and adding
+ * separately, for runtimes that validate SIMD but not relaxed SIMD.
+ */
+export type WasmSimd = "relaxed" | "plain";
 
 /**
  * Matrices of exact f16 (or bf16) values this large or larger stay 16-bit:
@@ -484,50 +510,60 @@ const MIN_GROW_PAGES = 256;
 const ALIGN = 64;
 
 /**
- * A tiny module using a SIMD instruction (i8x16.popcnt); validates only where
- * WebAssembly SIMD is supported.
+ * A module of one function `() -> v128` whose body, without locals, is
+ * `code`: a probe for {@link WebAssembly.validate}.
  */
-const SIMD_PROBE = new Uint8Array([
-  0,
-  97,
-  115,
-  109,
-  1,
-  0,
-  0,
-  0,
-  1,
-  5,
-  1,
-  96,
-  0,
-  1,
-  123,
-  3,
-  2,
-  1,
-  0,
-  10,
-  10,
-  1,
-  8,
-  0,
-  65,
-  0,
-  253,
-  15,
-  253,
-  98,
-  11,
+function probeModule(code: number[]): Uint8Array<ArrayBuffer> {
+  const body = [0x00, ...code, 0x0b]; // no locals, the code, end
+  // deno-fmt-ignore
+  return new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // "\0asm", version 1
+    0x01, 0x05, 0x01, 0x60, 0x00, 0x01, 0x7b, // types: () -> v128
+    0x03, 0x02, 0x01, 0x00, // functions: one, of type 0
+    0x0a, body.length + 2, 0x01, body.length, ...body, // code: one body
+  ]);
+}
+
+/** i32.const 0, i8x16.splat: a zero v128 on the stack. */
+const ZERO_V128 = [0x41, 0x00, 0xfd, 0x0f];
+
+/** Validates only where WebAssembly SIMD is supported: i8x16.popcnt of a zero vector. */
+const SIMD_PROBE = probeModule([...ZERO_V128, 0xfd, 0x62]);
+
+/**
+ * Validates only where relaxed SIMD is supported too: the two relaxed
+ * instructions the kernels use, f32x4.relaxed_madd(0, 0,
+ * i32x4.relaxed_dot_i8x16_i7x16_add_s(0, 0, 0)).
+ */
+const RELAXED_SIMD_PROBE = probeModule([
+  ...ZERO_V128,
+  ...ZERO_V128,
+  ...ZERO_V128,
+  ...ZERO_V128,
+  ...ZERO_V128,
+  ...[0xfd, 0x93, 0x02], // i32x4.relaxed_dot_i8x16_i7x16_add_s (0x113)
+  ...[0xfd, 0x85, 0x02], // f32x4.relaxed_madd (0x105)
 ]);
 
-/** Whether this runtime supports WebAssembly SIMD (fixed-width, 128-bit). */
-export function wasmSimdSupported(): boolean {
+function validates(probe: Uint8Array<ArrayBuffer>): boolean {
   try {
-    return typeof WebAssembly === "object" && WebAssembly.validate(SIMD_PROBE);
+    return typeof WebAssembly === "object" && WebAssembly.validate(probe);
   } catch {
     return false;
   }
+}
+
+/** Whether this runtime supports WebAssembly SIMD (fixed-width, 128-bit). */
+export function wasmSimdSupported(): boolean {
+  return validates(SIMD_PROBE);
+}
+
+/**
+ * Whether this runtime supports WebAssembly relaxed SIMD as well, so that the
+ * wasm backend runs its relaxed-SIMD build (see {@link WasmSimd}).
+ */
+export function wasmRelaxedSimdSupported(): boolean {
+  return validates(RELAXED_SIMD_PROBE);
 }
 
 function decodeBase64(text: string): Uint8Array<ArrayBuffer> {
@@ -537,17 +573,26 @@ function decodeBase64(text: string): Uint8Array<ArrayBuffer> {
   return bytes;
 }
 
-let compiled: { shared?: Promise<WebAssembly.Module>; single?: Promise<WebAssembly.Module> } = {};
+/** The generated modules, base64, by SIMD build and by memory. */
+const KERNELS: Record<WasmSimd, { shared: string; single: string }> = {
+  relaxed: { shared: KERNELS_RELAXED_SHARED_BASE64, single: KERNELS_RELAXED_SINGLE_BASE64 },
+  plain: { shared: KERNELS_PLAIN_SHARED_BASE64, single: KERNELS_PLAIN_SINGLE_BASE64 },
+};
 
-function kernelModule(shared: boolean): Promise<WebAssembly.Module> {
-  const key = shared ? "shared" : "single";
-  compiled[key] ??= WebAssembly.compile(
-    decodeBase64(shared ? KERNELS_SHARED_BASE64 : KERNELS_SINGLE_BASE64),
-  ).catch((error) => {
-    compiled = {};
-    throw error;
-  });
-  return compiled[key]!;
+let compiled = new Map<string, Promise<WebAssembly.Module>>();
+
+function kernelModule(simd: WasmSimd, shared: boolean): Promise<WebAssembly.Module> {
+  const memory = shared ? "shared" : "single";
+  const key = `${simd} ${memory}`;
+  let module = compiled.get(key);
+  if (!module) {
+    module = WebAssembly.compile(decodeBase64(KERNELS[simd][memory])).catch((error) => {
+      compiled = new Map();
+      throw error;
+    });
+    compiled.set(key, module);
+  }
+  return module;
 }
 
 /**
@@ -697,6 +742,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
   readonly queued = false;
   /** Threads that split the large operations, the calling one included. */
   readonly threads: number;
+  /** The build of the kernels that runs (see {@link WasmBackendOptions.simd}). */
+  readonly simd: WasmSimd;
 
   readonly #memory: WebAssembly.Memory;
   readonly #kernels: Kernels;
@@ -722,12 +769,15 @@ export class WasmBackend implements Backend<WasmBuffer> {
     memory: WebAssembly.Memory,
     instance: WebAssembly.Instance,
     threads: number,
+    simd: WasmSimd,
     halfMinWeights: number,
     relaxedDot: boolean,
   ) {
     this.#memory = memory;
     this.#halfMinWeights = halfMinWeights;
-    this.#relaxedDot = relaxedDot ? RELAXED_DOT : 0;
+    // The plain build ignores the flag; it is left out there all the same.
+    this.#relaxedDot = relaxedDot && simd === "relaxed" ? RELAXED_DOT : 0;
+    this.simd = simd;
     this.#kernels = instance.exports as unknown as Kernels;
     this.#heap = new Float32Array(memory.buffer);
     this.#top = Math.max(ALIGN, align(this.#kernels.heapBase()));
@@ -754,7 +804,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
           : `threads: ${threads} needs sharedMemory: true`,
       );
     }
-    const module = await kernelModule(shared);
+    const simd = options.simd ?? (wasmRelaxedSimdSupported() ? "relaxed" : "plain");
+    if (simd !== "relaxed" && simd !== "plain") {
+      throw new RangeError(`simd must be "relaxed" or "plain", got ${JSON.stringify(simd)}`);
+    }
+    if (simd === "relaxed" && !wasmRelaxedSimdSupported()) {
+      throw new Error(
+        'simd: "relaxed" needs WebAssembly relaxed SIMD, which this runtime lacks: use simd: "plain"',
+      );
+    }
+    const module = await kernelModule(simd, shared);
     const memory = new WebAssembly.Memory(
       shared ? { initial: 1, maximum: MAX_PAGES, shared: true } : { initial: 1 },
     );
@@ -763,6 +822,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       memory,
       instance,
       threads,
+      simd,
       options.halfMinWeights ?? HALF_MIN_WEIGHTS,
       options.relaxedDot ?? true,
     );
