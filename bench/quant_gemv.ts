@@ -1,23 +1,24 @@
 /**
  * The wasm backend's `linear` on lm_head's shape (768 → 50280) with Q8_0,
  * Q4_0 and Q4_K weights against F32 weights (Q8_0's dequantized), alternating,
- * best of 15 per kernel, for 1, 4 and 16 rows of activations:
+ * best of 15 per kernel, for 1, 4 and 16 rows of activations, on the
+ * kernels' relaxed-SIMD build (default where it validates) or plain one:
  *
  * ```sh
- * deno run -A bench/quant_gemv.ts [threads]
+ * deno run -A bench/quant_gemv.ts [threads] [relaxed|plain]
  * ```
  *
  * @module
  */
 
-import { WasmBackend } from "../src/backends/wasm.ts";
+import { WasmBackend, type WasmSimd } from "../src/backends/wasm.ts";
 import { GGML } from "../src/gguf.ts";
 import { quantize } from "../src/gguf_write.ts";
 import { dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { xorshiftUniforms } from "./make_random_model.ts";
 
 const threads = Number(Deno.args[0] ?? 1);
-using backend = await WasmBackend.create({ threads });
+using backend = await WasmBackend.create({ threads, simd: Deno.args[1] as WasmSimd | undefined });
 const [outDim, inDim] = [50280, 768];
 const rand = xorshiftUniforms(1);
 const values = rand(outDim * inDim);
@@ -43,8 +44,8 @@ for (const rows of [1, 4, 16]) {
   }
   const rate = (ms: number) => (rows * outDim * inDim / ms / 1e6).toFixed(2);
   console.log(
-    `${threads} thread(s), ${rows} row(s), G weights·rows/s: Q8_0 ${rate(best.q8_0)}, Q4_0 ${
-      rate(best.q4_0)
-    }, Q4_K ${rate(best.q4_k)}, F32 ${rate(best.f32)}`,
+    `${backend.simd}, ${threads} thread(s), ${rows} row(s), G weights·rows/s: Q8_0 ${
+      rate(best.q8_0)
+    }, Q4_0 ${rate(best.q4_0)}, Q4_K ${rate(best.q4_k)}, F32 ${rate(best.f32)}`,
   );
 }
