@@ -9,6 +9,7 @@
 
 import type { HalfFormat } from "./backend.ts";
 import type { BackendName } from "./backends/registry.ts";
+import type { WasmSimd } from "./backends/wasm.ts";
 import { type MambaConfig, parseConfig } from "./config.ts";
 import { type BackendCache, type BackendReport, selectBackend } from "./dispatch.ts";
 import { generate, type GenerateOptions, type Generation } from "./generate.ts";
@@ -39,6 +40,12 @@ export interface LoadOptions extends SourceOptions {
   backend?: BackendName;
   /** CPU threads for the "wasm" backend (default: all cores where threads are allowed; 1: no workers). */
   threads?: number;
+  /**
+   * Which build of the "wasm" backend's kernels runs: "relaxed" (relaxed
+   * SIMD) or "plain" (fixed-width SIMD only); default "relaxed" where the
+   * runtime validates it, else "plain".
+   */
+  simd?: WasmSimd;
   /**
    * Where "auto" keeps its decisions: default `localStorage` where usable
    * (across runs), else this process's memory; null: measure every time.
@@ -200,6 +207,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
     const loaded = await loadGguf(dir, gguf.name, options);
     const { backend, report } = await selectBackend(options.backend ?? "auto", loaded.config, {
       threads: options.threads,
+      simd: options.simd,
       cache: options.backendCache,
       remeasure: options.remeasure,
       verbose: options.verbose,
@@ -224,6 +232,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
   // Measuring needs only the config; its memory is given back before the weights come.
   const { backend, report } = await selectBackend(options.backend ?? "auto", config, {
     threads: options.threads,
+    simd: options.simd,
     cache: options.backendCache,
     remeasure: options.remeasure,
     verbose: options.verbose,

@@ -572,6 +572,23 @@ Deno.test("[wasm] tiny-shakespeare on the plain-SIMD build: logits within 1e-4 o
   }
 });
 
+Deno.test("[wasm] loadModel's simd option picks the build: the plain one meets the reference logits", async () => {
+  const dir = `${SHARED}/models/tiny-shakespeare`;
+  const expected = SafetensorsFile.parse(
+    await Deno.readFile(`${dir}/expected.safetensors`),
+    "expected",
+  );
+  const mamba = await loadModel(dir, { backend: "wasm", simd: "plain", threads: 2 });
+  try {
+    assertEquals((mamba.model.backend as WasmBackend).simd, "plain");
+    const got = await mamba.forward(expected.int32("prompt0_greedy_ids"));
+    const diff = maxAbsDiff(got, expected.float32("prompt0_logits"));
+    assert(diff <= 1e-3, `max abs diff ${diff}`);
+  } finally {
+    mamba.dispose();
+  }
+});
+
 Deno.test("[wasm] undisposed worker threads do not keep the process alive", async () => {
   const module = new URL("../src/backends/wasm.ts", import.meta.url).href;
   const code = `
