@@ -575,6 +575,68 @@ Deno.test({
     withGpu((gpu) => matchesTinyShakespeare(gpu, 1e-4, 6), { scanPrecision: "double-float" }),
 });
 
+/**
+ * A decode step's scan with dt_proj folded in, against js's scan after
+ * js's projection by `weight` (the float values the GPU matrix holds):
+ * y and the state within 1e-5, in one dispatch per group of 16 states.
+ */
+async function foldedDtProjMatches(
+  gpu: WebGpuBackend,
+  rand: () => number,
+  shape: { dim: number; rank: number; dState: number; batch: number },
+  weight: Float32Array,
+  gpuWeight: GpuBuffer,
+  what: string,
+): Promise<void> {
+  const { dim, rank, dState, batch } = shape;
+  const dt = fill(batch * rank, rand);
+  const state = fill(batch * dim * dState, rand);
+  const plain = {
+    A: fill(dim * dState, rand).map((v) => -1 - 4 * Math.abs(v)),
+    B: fill(batch * dState, rand),
+    C: fill(batch * dState, rand),
+    D: fill(dim, rand),
+    z: fill(batch * dim, rand),
+    u: fill(batch * dim, rand),
+    deltaBias: fill(dim, rand),
+    deltaSoftplus: true,
+    len: 1,
+    dim,
+    dState,
+    batch,
+  };
+  // The reference projects delta first (projectDelta), then scans.
+  const wantY = new Float32Array(batch * dim);
+  const wantState = state.slice();
+  js.selectiveScan({
+    ...plain,
+    y: wantY,
+    delta: new Float32Array(batch * dim),
+    deltaProj: { dt, weight, rank },
+    state: wantState,
+  });
+  const y = gpu.zeros(batch * dim);
+  const gotState = gpu.upload(state.slice());
+  const before = gpu.dispatches;
+  gpu.selectiveScan({
+    ...plain,
+    A: gpu.upload(plain.A),
+    B: gpu.upload(plain.B),
+    C: gpu.upload(plain.C),
+    D: gpu.upload(plain.D),
+    z: gpu.upload(plain.z),
+    u: gpu.upload(plain.u),
+    deltaBias: gpu.upload(plain.deltaBias),
+    y,
+    delta: gpu.zeros(batch * dim),
+    deltaProj: { dt: gpu.upload(dt), weight: gpuWeight, rank },
+    state: gotState,
+  });
+  assertEquals(gpu.dispatches - before, Math.ceil(dState / 16), `${what}: one dispatch per group`);
+  close(await gpu.read(y), wantY, 1e-5, `${what}: y`);
+  close(await gpu.read(gotState), wantState, 1e-5, `${what}: state`);
+}
+
 Deno.test({
   name:
     "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 48, 23 and 5, N 16 and 20, batches 1 to 3",
@@ -586,64 +648,15 @@ Deno.test({
       for (const [rank, dState, batch] of [[48, 16, 1], [5, 20, 3], [23, 16, 2], [48, 16, 3]]) {
         for (const half of [null, "f16", "bf16"] as const) {
           const weight = exactIn(fill(dim * rank, rand, 0.3), half);
-          const dt = fill(batch * rank, rand);
-          const u = fill(batch * dim, rand);
-          const B = fill(batch * dState, rand);
-          const C = fill(batch * dState, rand);
-          const z = fill(batch * dim, rand);
-          const A = fill(dim * dState, rand).map((v) => -1 - 4 * Math.abs(v));
-          const D = fill(dim, rand);
-          const deltaBias = fill(dim, rand);
-          const state = fill(batch * dim * dState, rand);
-          const plain = {
-            A,
-            B,
-            C,
-            D,
-            z,
-            u,
-            deltaBias,
-            deltaSoftplus: true,
-            len: 1,
-            dim,
-            dState,
-            batch,
-          };
-          // The reference projects delta first (projectDelta), then scans.
-          const wantY = new Float32Array(batch * dim);
-          const wantState = state.slice();
-          js.selectiveScan({
-            ...plain,
-            y: wantY,
-            delta: new Float32Array(batch * dim),
-            deltaProj: { dt, weight, rank },
-            state: wantState,
-          });
-          const y = gpu.zeros(batch * dim);
-          const gotState = gpu.upload(state.slice());
-          const before = gpu.dispatches;
-          gpu.selectiveScan({
-            ...plain,
-            A: gpu.upload(A),
-            B: gpu.upload(B),
-            C: gpu.upload(C),
-            D: gpu.upload(D),
-            z: gpu.upload(z),
-            u: gpu.upload(u),
-            deltaBias: gpu.upload(deltaBias),
-            y,
-            delta: gpu.zeros(batch * dim),
-            deltaProj: {
-              dt: gpu.upload(dt),
-              weight: half ? gpu.uploadHalfMatrix(weight, rank)! : gpu.upload(weight, rank),
-              rank,
-            },
-            state: gotState,
-          });
-          assertEquals(gpu.dispatches - before, Math.ceil(dState / 16), "one dispatch per group");
-          const what = `step rank ${rank} N ${dState} batch ${batch} ${half ?? "f32"}`;
-          close(await gpu.read(y), wantY, 1e-5, `${what}: y`);
-          close(await gpu.read(gotState), wantState, 1e-5, `${what}: state`);
+          const gpuWeight = half ? gpu.uploadHalfMatrix(weight, rank)! : gpu.upload(weight, rank);
+          await foldedDtProjMatches(
+            gpu,
+            rand,
+            { dim, rank, dState, batch },
+            weight,
+            gpuWeight,
+            `step rank ${rank} N ${dState} batch ${batch} ${half ?? "f32"}`,
+          );
         }
       }
     }),
@@ -998,53 +1011,14 @@ Deno.test({
       ];
       for (const [type, rank, dState, batch] of cases) {
         const matrix = quantized(type, dim, rank, fill(dim * rank, rand, 0.3));
-        const dt = fill(batch * rank, rand);
-        const state = fill(batch * dim * dState, rand);
-        const plain = {
-          A: fill(dim * dState, rand).map((v) => -1 - 4 * Math.abs(v)),
-          B: fill(batch * dState, rand),
-          C: fill(batch * dState, rand),
-          D: fill(dim, rand),
-          z: fill(batch * dim, rand),
-          u: fill(batch * dim, rand),
-          deltaBias: fill(dim, rand),
-          deltaSoftplus: true,
-          len: 1,
-          dim,
-          dState,
-          batch,
-        };
-        // The reference projects delta with the dequantized weights first, then scans.
-        const wantY = new Float32Array(batch * dim);
-        const wantState = state.slice();
-        js.selectiveScan({
-          ...plain,
-          y: wantY,
-          delta: new Float32Array(batch * dim),
-          deltaProj: { dt, weight: dequantizeMatrix(matrix), rank },
-          state: wantState,
-        });
-        const y = gpu.zeros(batch * dim);
-        const gotState = gpu.upload(state.slice());
-        const before = gpu.dispatches;
-        gpu.selectiveScan({
-          ...plain,
-          A: gpu.upload(plain.A),
-          B: gpu.upload(plain.B),
-          C: gpu.upload(plain.C),
-          D: gpu.upload(plain.D),
-          z: gpu.upload(plain.z),
-          u: gpu.upload(plain.u),
-          deltaBias: gpu.upload(plain.deltaBias),
-          y,
-          delta: gpu.zeros(batch * dim),
-          deltaProj: { dt: gpu.upload(dt), weight: gpu.uploadQuantizedMatrix(matrix), rank },
-          state: gotState,
-        });
-        assertEquals(gpu.dispatches - before, Math.ceil(dState / 16), "one dispatch per group");
-        const what = `step ${type} rank ${rank} N ${dState} batch ${batch}`;
-        close(await gpu.read(y), wantY, 1e-5, `${what}: y`);
-        close(await gpu.read(gotState), wantState, 1e-5, `${what}: state`);
+        await foldedDtProjMatches(
+          gpu,
+          rand,
+          { dim, rank, dState, batch },
+          dequantizeMatrix(matrix),
+          gpu.uploadQuantizedMatrix(matrix),
+          `step ${type} rank ${rank} N ${dState} batch ${batch}`,
+        );
       }
     }),
 });
