@@ -1491,6 +1491,25 @@ function gemvHalf<T>(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0
   }
 }
 
+// out [n] = the n 16-bit values at src in format T, as f32.
+function widenRow<T>(out: usize, src: usize, n: i32): void {
+  const k8 = n & ~7;
+  let k = 0;
+  for (; k < k8; k += 8) {
+    const v = v128.load(src + (<usize> k << 1));
+    v128.store(out + (<usize> k << 2), halfQuarter<T>(v, 0));
+    v128.store(out + (<usize> k << 2), halfQuarter<T>(v, 1), 16);
+  }
+  for (; k < n; k++) store<f32>(out + (<usize> k << 2), halfAt<T>(src + (<usize> k << 1)));
+}
+
+// out [n] = the n 16-bit values at src (bf16 when `bf16` is nonzero, else
+// f16), as f32: the rows embed and copyRows gather from a 16-bit table.
+export function widenHalfRow(out: usize, src: usize, n: i32, bf16: i32): void {
+  if (bf16) widenRow<BF16>(out, src, n);
+  else widenRow<F16>(out, src, n);
+}
+
 // Bytes of per-thread scratch linearHalf needs: OB rows widened to f32.
 export function halfScratchBytes(inDim: i32): i32 {
   return OB * inDim * 4;
@@ -1514,19 +1533,10 @@ function linearHalfOf<T>(
     return;
   }
   const f32Row = <usize> inDim << 2;
-  const k8 = inDim & ~7;
   for (let ob = o0; ob < o1; ob += OB) {
     const obEnd = min(ob + OB, o1);
     for (let o = ob; o < obEnd; o++) {
-      const src = w + (<usize> o * <usize> inDim << 1);
-      const dst = scratch + <usize> (o - ob) * f32Row;
-      let k = 0;
-      for (; k < k8; k += 8) {
-        const v = v128.load(src + (<usize> k << 1));
-        v128.store(dst + (<usize> k << 2), halfQuarter<T>(v, 0));
-        v128.store(dst + (<usize> k << 2), halfQuarter<T>(v, 1), 16);
-      }
-      for (; k < inDim; k++) store<f32>(dst + (<usize> k << 2), halfAt<T>(src + (<usize> k << 1)));
+      widenRow<T>(scratch + <usize> (o - ob) * f32Row, w + (<usize> o * <usize> inDim << 1), inDim);
     }
     // The tile, moved back by ob rows, as in linearBlocks.
     linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);

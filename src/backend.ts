@@ -14,7 +14,7 @@
  * @module
  */
 
-import type { QuantizedMatrix } from "./quant.ts";
+import type { HalfMatrix, QuantizedMatrix } from "./quant.ts";
 
 /**
  * Arguments of {@link Backend.selectiveScan}, token-major. With `batch`
@@ -396,12 +396,6 @@ export interface GatedNormArgs<Buf> {
   eps: number;
 }
 
-/**
- * The 16-bit float formats a checkpoint's matrices come in (F16, BF16), which
- * a backend may keep them in (see {@link Backend.uploadHalfMatrix}).
- */
-export type HalfFormat = "f16" | "bf16";
-
 /** Operations that only some backends provide: ask {@link Backend.supports}. */
 export type OptionalOp = "ssdScan" | "gatedRmsNorm" | "channelMajorScan";
 
@@ -444,12 +438,14 @@ export interface Backend<Buf = unknown> {
    */
   hostBytes(byteLength: number): Uint8Array | undefined;
   /**
-   * A buffer for a weight matrix that is only ever `linear`'s `weight`,
-   * stored 16-bit when every value is exactly an f16 (or, on a backend with
-   * bf16 kernels, every value exactly a bf16), so products are unchanged; or
-   * null when some value is not or the backend keeps f32.
+   * A buffer for a weight matrix of an F16 or BF16 checkpoint kept 16-bit,
+   * which only `linear`/`linearSplit` read as their `weight` and
+   * `embed`/`copyRows` gather rows from (as the float32 values they hold);
+   * null where the backend keeps f32, and the caller then uploads the
+   * widened values. The backend may copy the values or keep `matrix.halves`
+   * itself, so the caller must not change them afterwards.
    */
-  uploadHalfMatrix(data: Float32Array, rowLength?: number): Buf | null;
+  uploadHalfMatrix(matrix: HalfMatrix): Buf | null;
   /**
    * A buffer for a weight matrix kept in its quantized block form, which
    * only `linear`/`linearSplit` read as their `weight` and `embed`/`copyRows`

@@ -85,7 +85,7 @@
  * @module
  */
 
-import type { Backend, HalfFormat } from "./backend.ts";
+import type { Backend } from "./backend.ts";
 import {
   type BackendCandidate,
   type BackendName,
@@ -106,12 +106,13 @@ import type { HostWeights, LayerWeights } from "./weights.ts";
 import {
   BLOCK_ELEMENTS,
   type BlockType,
+  type HalfFormat,
+  halfMatrix,
   type HostMatrix,
-  isQuantized,
   quantizedMatrix,
 } from "./quant.ts";
 import { quantize, QUANTIZED_TYPES } from "./gguf_write.ts";
-import { f32BitsToBf16 } from "./safetensors.ts";
+import { f32BitsToBf16, packHalves } from "./safetensors.ts";
 
 /** Prompt ids per stream of the scored workload, and of the measured prompt chunk. */
 export const PREFILL_TOKENS = 64;
@@ -1027,11 +1028,19 @@ function probeWeights(
     }
     return out;
   };
-  /** A random matrix [rows, cols], as `blocks` of `type` where its rows are whole blocks. */
+  /**
+   * A random matrix [rows, cols], as `blocks` of `type` where its rows are whole blocks, else
+   * 16-bit with `half`.
+   */
   const matrix = (rows: number, cols: number, scale: number, type: BlockType | null) => {
     const values = rand(rows * cols, scale, true);
-    if (!type || cols % BLOCK_ELEMENTS[type] !== 0) return values;
-    return quantizedMatrix(type, rows, cols, quantize(QUANTIZED_TYPES[type], values), "probe");
+    if (type && cols % BLOCK_ELEMENTS[type] === 0) {
+      return quantizedMatrix(type, rows, cols, quantize(QUANTIZED_TYPES[type], values), "probe");
+    }
+    const halves = half && packHalves(values, half);
+    return halves
+      ? halfMatrix(half!, rows, cols, halves.subarray(0, values.length), "probe")
+      : values;
   };
   const ones = (n: number) => new Float32Array(n).fill(1);
   // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
@@ -1115,9 +1124,9 @@ class EngineBench<Buf> {
     const { config } = shape;
     try {
       this.#models = weights.map((w) => {
-        const vocabSize = isQuantized(w.embedding)
-          ? w.embedding.rows
-          : w.embedding.length / config.dModel;
+        const vocabSize = w.embedding instanceof Float32Array
+          ? w.embedding.length / config.dModel
+          : w.embedding.rows;
         const model = new MambaModel(backend, { ...config, nLayer: w.layers.length, vocabSize }, w);
         // On a device, the measured round is one round of DECODE_STEPS steps.
         engineFor(model, backend.queued ? { roundSteps: DECODE_STEPS } : undefined);

@@ -6,7 +6,7 @@
  * @module
  */
 
-import type { HalfFormat } from "./backend.ts";
+import type { HalfFormat } from "./quant.ts";
 import type { MambaConfig } from "./config.ts";
 import type { MatrixBlocks } from "./dispatch.ts";
 import { ModelFileError } from "./errors.ts";
@@ -15,7 +15,7 @@ import { ggufConfig, GgufTensors, ggufTokenizer, hasGgufTokenizer } from "./gguf
 import { type ModelSource, openSource, readJson, type SourceOptions } from "./source.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
 import { type HostMatrix, isQuantized } from "./quant.ts";
-import { type HostWeights, loadWeightsKeepingBlocks, TensorStore } from "./weights.ts";
+import { type HostWeights, loadWeightsAsStored, TensorStore } from "./weights.ts";
 
 /**
  * Where a source names one file with extension `extension` (a path, a URL,
@@ -125,7 +125,7 @@ export async function loadGguf(
     tokenizer = ggufTokenizer(gguf);
     checkVocabulary(tokenizer, config.vocabSize);
   }
-  const weights = loadWeightsKeepingBlocks(new TensorStore([new GgufTensors(gguf)]), config, file);
+  const weights = loadWeightsAsStored(new TensorStore([new GgufTensors(gguf)]), config, file);
   const inProjType = gguf.info("blk.0.ssm_in.weight").type;
   const halfWeights = inProjType === GGML.F32 ? null : inProjType === GGML.BF16 ? "bf16" : "f16";
   const blockType = (matrix: HostMatrix | undefined) =>

@@ -25,7 +25,7 @@ import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, type GgufFile, type GgufTensorInfo, type GgufValue } from "./gguf.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
-import { type BlockType, type QuantizedMatrix, quantizedMatrix } from "./quant.ts";
+import { type BlockType, type Halves, type QuantizedMatrix, quantizedMatrix } from "./quant.ts";
 import type { TensorFile } from "./weights.ts";
 
 const LAYER_NAMES: readonly [string, string][] = [
@@ -120,6 +120,24 @@ export class GgufTensors implements TensorFile {
     if (type === undefined || info.shape.length !== 2) return null;
     const [rows, cols] = info.shape;
     return quantizedMatrix(type, rows, cols, this.#gguf.raw(ggufName), `Tensor "${ggufName}"`);
+  }
+
+  /**
+   * An F16 or BF16 tensor by its transformers name, as its 16-bit values (a
+   * view of the file's bytes, which the backend copies or widens at upload);
+   * null for any other type.
+   */
+  halves(name: string): Halves | null {
+    const ggufName = this.#ggufName.get(name) ?? name;
+    const { type } = this.#gguf.info(ggufName);
+    if (type !== GGML.F16 && type !== GGML.BF16) return null;
+    const raw = this.#gguf.raw(ggufName);
+    // A view needs 2-byte alignment in its buffer; GGUF aligns tensor data, but not the buffer.
+    const bytes = raw.byteOffset % 2 === 0 ? raw : raw.slice();
+    return {
+      format: type === GGML.F16 ? "f16" : "bf16",
+      halves: new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2),
+    };
   }
 
   /**

@@ -7,7 +7,7 @@
  * @module
  */
 
-import type { HalfFormat } from "./backend.ts";
+import type { HalfFormat } from "./quant.ts";
 import type { BackendName } from "./backends/registry.ts";
 import type { WasmSimd } from "./backends/wasm.ts";
 import { type MambaConfig, parseConfig } from "./config.ts";
@@ -27,7 +27,14 @@ import {
 import type { MambaTokenizer } from "./tokenizer.ts";
 import { loadGguf, readTokenizer, singleFile } from "./formats.ts";
 import { hasTorchWeights, readTorchWeights } from "./torch.ts";
-import { checkWeightShapes, loadWeights, type MambaWeights, TensorStore } from "./weights.ts";
+import {
+  checkWeightShapes,
+  type FiniteVouch,
+  loadWeights,
+  loadWeightsAsStored,
+  type MambaWeights,
+  TensorStore,
+} from "./weights.ts";
 import { FiniteScan } from "./finite_scan.ts";
 
 /** Options of {@link loadModel}. */
@@ -239,7 +246,8 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
     batch: options.batch,
     halfWeights: savedHalfFormat(rawConfig),
   });
-  const weights = await readWeights(dir, config, (size) => backend.hostBytes(size));
+  const { store, vouched } = await readTensors(dir, (size) => backend.hostBytes(size));
+  const weights = loadWeightsAsStored(store, config, dir.describe("config.json"), vouched);
   return new Mamba(new MambaModel(backend, config, weights), tokenizer, report);
 }
 
@@ -256,7 +264,8 @@ export async function loadCheckpoint(
 ): Promise<Checkpoint> {
   const dir = await openSource(source, options);
   const config = await readConfig(dir);
-  return { config, weights: await readWeights(dir, config) };
+  const { store, vouched } = await readTensors(dir);
+  return { config, weights: loadWeights(store, config, dir.describe("config.json"), vouched) };
 }
 
 /**
@@ -299,8 +308,7 @@ async function checkWeightHeaders(dir: ModelSource, config: MambaConfig): Promis
     const { head, size } = file;
     if (head.length < size) {
       if (head.length < 8) return;
-      const headerLength = new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true);
-      if (8n + headerLength > BigInt(head.length)) return;
+      if (8n + headerLength(head) > BigInt(head.length)) return;
     }
     files.push(SafetensorsFile.parseHeader(head, size, dir.describe(name)));
   }
@@ -308,41 +316,50 @@ async function checkWeightHeaders(dir: ModelSource, config: MambaConfig): Promis
 }
 
 /**
- * Reads and checks the weights. A file of F32 tensors only is kept as read,
- * its tensors viewing its bytes: in the memory that `hostBytes` lends (the
- * wasm backend's, so the weights are never held twice), else in memory that
- * a {@link FiniteScan} lends. Either way the scan checks each piece for NaN
- * and Infinity as it lands, while the next one is read. Other dtypes are
- * widened to new arrays anyway.
+ * Reads the weight files' tensors. A file of F32 tensors only is kept as
+ * read, its tensors viewing its bytes: in the memory that `hostBytes` lends
+ * (the wasm backend's, so the weights are never held twice), else in memory
+ * that a {@link FiniteScan} lends. Either way the scan checks each piece for
+ * NaN and Infinity as it lands, while the next one is read, and `vouched`
+ * says which tensors it found finite. A file with F16 or BF16 tensors goes
+ * into `hostBytes` too where they are 2-byte aligned there (an even header
+ * length), for its matrices to stay where they landed.
  */
-async function readWeights(
+async function readTensors(
   dir: ModelSource,
-  config: MambaConfig,
   hostBytes?: (byteLength: number) => Uint8Array | undefined,
-): Promise<MambaWeights<Float32Array>> {
-  const files: SafetensorsFile[] = [];
+): Promise<{ store: TensorStore; vouched?: FiniteVouch }> {
   if (
     !await dir.exists("model.safetensors.index.json") && !await dir.exists("model.safetensors") &&
     await hasTorchWeights(dir)
   ) {
-    return loadWeights(await readTorchWeights(dir), config, dir.describe("config.json"));
+    return { store: await readTorchWeights(dir) };
   }
   const scan = new FiniteScan();
   // The arrays of F32 files, whose pieces the scan checks as they land.
   const scanned = new Set<Uint8Array>();
   const allocate: ByteAllocator = (size, head) => {
-    if (!headerDtypes(head)?.every((dtype) => dtype === "F32")) return undefined;
-    const bytes = hostBytes?.(size) ?? scan.bytes(size);
-    scanned.add(bytes);
-    return bytes;
+    const dtypes = headerDtypes(head);
+    if (dtypes?.every((dtype) => dtype === "F32")) {
+      const bytes = hostBytes?.(size) ?? scan.bytes(size);
+      scanned.add(bytes);
+      return bytes;
+    }
+    const halves = dtypes?.some((dtype) => dtype === "F16" || dtype === "BF16");
+    return halves && headerLength(head) % 2n === 0n ? hostBytes?.(size) : undefined;
   };
   const onFilled = (bytes: Uint8Array, filled: number) => {
     if (scanned.has(bytes)) scan.observe(bytes, filled);
   };
+  const files: SafetensorsFile[] = [];
   for (const name of await weightFileNames(dir)) {
     const bytes = await dir.readBytes(name, allocate, onFilled);
     files.push(SafetensorsFile.parse(bytes, dir.describe(name)));
   }
-  const store = new TensorStore(files);
-  return loadWeights(store, config, dir.describe("config.json"), (values) => scan.vouches(values));
+  return { store: new TensorStore(files), vouched: (values) => scan.vouches(values) };
+}
+
+/** The header length a safetensors file's first 8 bytes give. */
+function headerLength(head: Uint8Array): bigint {
+  return new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true);
 }

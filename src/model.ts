@@ -61,7 +61,13 @@ import {
 } from "./mamba2.ts";
 import { StatePool } from "./pool.ts";
 import type { HostWeights, LayerWeights, MambaWeights } from "./weights.ts";
-import { dequantizeMatrix, type HostMatrix, isQuantized } from "./quant.ts";
+import {
+  dequantizeMatrix,
+  type HostMatrix,
+  isHalf,
+  isQuantized,
+  widenHalfMatrix,
+} from "./quant.ts";
 import { crc32, crc32Floats } from "./checksum.ts";
 
 /**
@@ -296,16 +302,17 @@ export class MambaModel<Buf> {
     }
     const up = (w: Float32Array) => backend.upload(w);
     const upOrNull = (w: Float32Array | null) => (w ? backend.upload(w) : null);
-    // Quantized blocks where the backend keeps them; else their float32 values.
-    const blocksOr = (w: HostMatrix, upload: (values: Float32Array) => Buf) =>
-      isQuantized(w) ? backend.uploadQuantizedMatrix(w) ?? upload(dequantizeMatrix(w)) : upload(w);
-    // Matrices [rows, cols] that only `linear` reads may be stored as exact f16
-    // (webgpu); the row length lets a backend split one that is too large.
-    const matrix = (w: HostMatrix, cols: number) =>
-      blocksOr(
-        w,
-        (values) => backend.uploadHalfMatrix(values, cols) ?? backend.upload(values, cols),
-      );
+    // A matrix [rows, cols] that only `linear` reads, or the embedding, which `embed` and
+    // `copyRows` gather by rows: kept as the file stores it (blocks, 16-bit) where the backend
+    // keeps that form, else its float32 values. The row length lets a backend split a matrix
+    // that is too large.
+    const matrix = (w: HostMatrix, cols: number) => {
+      if (isQuantized(w)) {
+        return backend.uploadQuantizedMatrix(w) ?? backend.upload(dequantizeMatrix(w), cols);
+      }
+      if (isHalf(w)) return backend.uploadHalfMatrix(w) ?? backend.upload(widenHalfMatrix(w), cols);
+      return backend.upload(w, cols);
+    };
     let identity = crc32(new TextEncoder().encode(JSON.stringify(config)));
     identity = crc32Floats(weights.normF, identity);
     for (const layer of weights.layers) {
@@ -315,18 +322,10 @@ export class MambaModel<Buf> {
       }
     }
     this.identity = identity;
-    // The embedding is gathered by rows, which a backend that keeps blocks does from them.
-    let embeddingValues: Float32Array | null = null;
-    const embedding = blocksOr(weights.embedding, (values) => {
-      embeddingValues = values;
-      return backend.upload(values, dModel);
-    });
+    const embedding = matrix(weights.embedding, dModel);
     this.#weights = {
       embedding,
-      // A tied head shares the embedding's buffer unless an f16 copy is smaller.
-      lmHead: weights.lmHead === weights.embedding
-        ? (embeddingValues && backend.uploadHalfMatrix(embeddingValues, dModel)) ?? embedding
-        : matrix(weights.lmHead, dModel),
+      lmHead: weights.lmHead === weights.embedding ? embedding : matrix(weights.lmHead, dModel),
       normF: up(weights.normF),
       layers: weights.layers.map((l): LayerWeights<Buf> | Mamba2LayerWeights<Buf> =>
         isMamba2Layer<Float32Array>(l)

@@ -9,7 +9,9 @@
  * A backend keeps the blocks where it has kernels for them
  * (`Backend.uploadQuantizedMatrix`); elsewhere the model uploads
  * {@link dequantizeMatrix}'s float32 values, which are exactly the values the
- * kernels multiply by.
+ * kernels multiply by. An F16 or BF16 file's matrices come as
+ * {@link HalfMatrix} likewise (`Backend.uploadHalfMatrix`, else
+ * {@link widenHalfMatrix}).
  *
  * ggml's layouts, each row whole blocks: Q8_0 and Q4_0 blocks of 32 weights
  * with an f16 scale d first, then Q8_0 (34 bytes) 32 int8 values q, the
@@ -25,7 +27,7 @@
  */
 
 import { dequantize, GGML } from "./gguf.ts";
-import { f16ToF32 } from "./safetensors.ts";
+import { bf16ToF32, f16ToF32, widenHalves } from "./safetensors.ts";
 
 /** A block format that {@link QuantizedMatrix} holds: ggml's Q8_0, Q4_0 or Q4_K. */
 export type BlockType = "q8_0" | "q4_0" | "q4_k";
@@ -66,12 +68,67 @@ export interface QuantizedMatrix {
   readonly blocks: Uint8Array;
 }
 
-/** A weight matrix as the loader hands it over: float32, or kept as blocks. */
-export type HostMatrix = Float32Array | QuantizedMatrix;
+/** The 16-bit float formats of F16 and BF16 checkpoints, which {@link HalfMatrix} holds. */
+export type HalfFormat = "f16" | "bf16";
+
+/** 16-bit float bit patterns as a file stores them (a view of its bytes where possible). */
+export interface Halves {
+  /** The 16-bit format. */
+  readonly format: HalfFormat;
+  /** The bit patterns. */
+  readonly halves: Uint16Array;
+}
+
+/** A row-major matrix [rows, cols] held as 16-bit floats, as an F16 or BF16 file stores it. */
+export interface HalfMatrix extends Halves {
+  /** Output rows. */
+  readonly rows: number;
+  /** Elements per row. */
+  readonly cols: number;
+}
+
+/** A weight matrix as the loader hands it over: float32, kept as blocks, or kept 16-bit. */
+export type HostMatrix = Float32Array | QuantizedMatrix | HalfMatrix;
 
 /** Whether `matrix` is kept as blocks. */
 export function isQuantized(matrix: HostMatrix): matrix is QuantizedMatrix {
-  return !(matrix instanceof Float32Array);
+  return !(matrix instanceof Float32Array) && "blocks" in matrix;
+}
+
+/** Whether `matrix` is kept 16-bit. */
+export function isHalf(matrix: HostMatrix): matrix is HalfMatrix {
+  return !(matrix instanceof Float32Array) && "halves" in matrix;
+}
+
+/**
+ * A matrix of `format` values over `halves`, checked: exactly `rows · cols`
+ * of them, every one finite (an f16 or bf16 whose exponent bits are all ones
+ * is infinite or NaN).
+ *
+ * @throws {RangeError} Naming `what`, the value and its index.
+ */
+export function halfMatrix(
+  format: HalfFormat,
+  rows: number,
+  cols: number,
+  halves: Uint16Array,
+  what: string,
+): HalfMatrix {
+  if (halves.length !== rows * cols) {
+    throw new RangeError(`${what} needs ${rows * cols} 16-bit values, got ${halves.length}`);
+  }
+  const exponent = format === "f16" ? 0x7c00 : 0x7f80;
+  for (let i = 0; i < halves.length; i++) {
+    if ((halves[i] & exponent) !== exponent) continue;
+    const value = format === "f16" ? f16ToF32(halves[i]) : bf16ToF32(halves[i]);
+    throw new RangeError(`${what} holds ${value} at index ${i}; weights must be finite`);
+  }
+  return { format, rows, cols, halves };
+}
+
+/** The float32 values of a 16-bit matrix, row-major [rows, cols], exactly. */
+export function widenHalfMatrix(matrix: HalfMatrix): Float32Array {
+  return widenHalves(matrix.halves, matrix.format);
 }
 
 /**

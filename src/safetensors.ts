@@ -32,6 +32,7 @@
  */
 
 import { ModelFileError } from "./errors.ts";
+import type { Halves } from "./quant.ts";
 
 /** The tensor element types this module understands. */
 export type DType = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
@@ -441,6 +442,26 @@ export class SafetensorsFile {
   }
 
   /**
+   * Tensor `name`'s 16-bit values where its dtype is F16 or BF16: a view of
+   * {@linkcode SafetensorsFile.bytes} when 2-byte aligned in the underlying
+   * buffer, else a copy; null for any other dtype.
+   *
+   * @throws {ModelFileError} When the tensor is missing.
+   */
+  halves(name: string): Halves | null {
+    const info = this.info(name);
+    if (info.dtype !== "F16" && info.dtype !== "BF16") return null;
+    return {
+      format: info.dtype === "F16" ? "f16" : "bf16",
+      halves: new Uint16Array(
+        this.aligned(info, 2),
+        this.alignedOffset(info, 2),
+        info.byteLength / 2,
+      ),
+    };
+  }
+
+  /**
    * Tensor `name` as 32-bit floats, converted from F32, F16, BF16 or F64.
    * F32 data is returned as a zero-copy view of {@linkcode SafetensorsFile.bytes}
    * when it is 4-byte aligned in the underlying buffer (so writes to it change
@@ -455,18 +476,10 @@ export class SafetensorsFile {
     switch (info.dtype) {
       case "F32":
         return new Float32Array(this.aligned(info, 4), this.alignedOffset(info, 4), n);
-      case "F16": {
-        const src = new Uint16Array(this.aligned(info, 2), this.alignedOffset(info, 2), n);
-        const table = f16Table();
-        const out = new Float32Array(n);
-        for (let i = 0; i < n; i++) out[i] = table[src[i]];
-        return out;
-      }
+      case "F16":
       case "BF16": {
-        const src = new Uint16Array(this.aligned(info, 2), this.alignedOffset(info, 2), n);
-        const out = new Uint32Array(n);
-        for (let i = 0; i < n; i++) out[i] = src[i] << 16;
-        return new Float32Array(out.buffer);
+        const { halves, format } = this.halves(name)!;
+        return widenHalves(halves, format);
       }
       case "F64": {
         const src = new Float64Array(this.aligned(info, 8), this.alignedOffset(info, 8), n);
@@ -851,6 +864,20 @@ export function packHalves(
 export function f32BitsToBf16(u: number): number {
   if ((u & 0x7f800000) === 0x7f800000 && (u & 0x7fffff) !== 0) return (u >>> 16) | 0x40;
   return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+/** F16 or BF16 bit patterns as the float32 values they hold, exactly. */
+export function widenHalves(halves: Uint16Array, format: "f16" | "bf16"): Float32Array {
+  const n = halves.length;
+  if (format === "bf16") {
+    const out = new Uint32Array(n);
+    for (let i = 0; i < n; i++) out[i] = halves[i] << 16;
+    return new Float32Array(out.buffer);
+  }
+  const table = f16Table();
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = table[halves[i]];
+  return out;
 }
 
 let f16TableCache: Float32Array | undefined;

@@ -17,6 +17,7 @@
 import { ModelFileError } from "./errors.ts";
 import { parseShardIndex } from "./safetensors.ts";
 import { bf16ToF32, f16ToF32 } from "./safetensors.ts";
+import type { Halves } from "./quant.ts";
 import { type ModelSource, readJson } from "./source.ts";
 import { type TensorFile, TensorStore } from "./weights.ts";
 
@@ -553,7 +554,7 @@ export class TorchFile implements TensorFile {
    * @throws {ModelFileError} For an integer tensor.
    */
   float32(name: string): Float32Array {
-    const { dtype, shape, stride, offset, storage } = this.info(name);
+    const { dtype, storage } = this.info(name);
     const view = new DataView(storage.buffer, storage.byteOffset, storage.byteLength);
     const read: ((element: number) => number) | undefined = {
       F32: (e: number) => view.getFloat32(4 * e, true),
@@ -562,7 +563,38 @@ export class TorchFile implements TensorFile {
       F64: (e: number) => view.getFloat64(8 * e, true),
     }[dtype];
     if (!read) throw new ModelFileError(this.file, `Tensor "${name}" holds ${dtype}, not floats`);
-    const out = new Float32Array(shape.reduce((a, b) => a * b, 1));
+    return this.#rowMajor(name, new Float32Array(this.#size(name)), read);
+  }
+
+  /**
+   * An F16 or BF16 tensor's 16-bit values in row-major order, always a new
+   * array; null for any other dtype.
+   */
+  halves(name: string): Halves | null {
+    const { dtype, storage } = this.info(name);
+    if (dtype !== "F16" && dtype !== "BF16") return null;
+    const view = new DataView(storage.buffer, storage.byteOffset, storage.byteLength);
+    return {
+      format: dtype === "F16" ? "f16" : "bf16",
+      halves: this.#rowMajor(
+        name,
+        new Uint16Array(this.#size(name)),
+        (e) => view.getUint16(2 * e, true),
+      ),
+    };
+  }
+
+  #size(name: string): number {
+    return this.info(name).shape.reduce((a, b) => a * b, 1);
+  }
+
+  /** `out` filled with tensor `name`'s elements in row-major order, each as `read` gives it. */
+  #rowMajor<T extends Float32Array | Uint16Array>(
+    name: string,
+    out: T,
+    read: (element: number) => number,
+  ): T {
+    const { shape, stride, offset } = this.info(name);
     const index = new Array(shape.length).fill(0);
     let element = offset;
     for (let i = 0; i < out.length; i++) {

@@ -13,7 +13,7 @@
 import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { type Mamba2LayerWeights, readMamba2Layer } from "./mamba2.ts";
-import type { HostMatrix, QuantizedMatrix } from "./quant.ts";
+import { halfMatrix, type Halves, type HostMatrix, type QuantizedMatrix } from "./quant.ts";
 
 /** A file of named tensors: safetensors, PyTorch, or GGUF under transformers' names. */
 export interface TensorFile {
@@ -30,6 +30,8 @@ export interface TensorFile {
    * in one that {@link QuantizedMatrix} holds; null otherwise.
    */
   quantized?(name: string): QuantizedMatrix | null;
+  /** A tensor's 16-bit values, where the file stores it as F16 or BF16; null otherwise. */
+  halves?(name: string): Halves | null;
 }
 
 /**
@@ -81,7 +83,7 @@ export interface MambaWeights<T, M = T> {
 
 /**
  * Weights as the loader hands them to the model: float32, with the matrices
- * of a quantized file kept as blocks (see {@link loadWeightsKeepingBlocks}).
+ * of a quantized or 16-bit file kept as stored (see {@link loadWeightsAsStored}).
  */
 export type HostWeights = MambaWeights<Float32Array, HostMatrix>;
 
@@ -140,21 +142,23 @@ export function loadWeights(
   vouched?: FiniteVouch,
 ): MambaWeights<Float32Array> {
   const weights = walkWeights(store, config, configFile, true, false, vouched);
-  return weights as MambaWeights<Float32Array>; // Without keepBlocks every matrix is float32.
+  return weights as MambaWeights<Float32Array>; // Without keepStored every matrix is float32.
 }
 
 /**
  * Reads and checks all weights as {@link loadWeights} does, but keeps the
- * matrices that a file stores quantized (see {@link TensorFile.quantized})
- * as their blocks: a backend with kernels for them holds the blocks, others
- * get the values dequantized at upload.
+ * matrices as the file stores them where it stores them quantized (see
+ * {@link TensorFile.quantized}) or 16-bit (F16, BF16: {@link TensorFile.halves}):
+ * a backend with kernels for the form holds it, others get the values
+ * dequantized or widened at upload.
  */
-export function loadWeightsKeepingBlocks(
+export function loadWeightsAsStored(
   store: TensorStore,
   config: MambaConfig,
   configFile: string,
+  vouched?: FiniteVouch,
 ): HostWeights {
-  return walkWeights(store, config, configFile, true, true);
+  return walkWeights(store, config, configFile, true, true, vouched);
 }
 
 /**
@@ -212,7 +216,7 @@ function walkWeights(
   config: MambaConfig,
   configFile: string,
   read: boolean,
-  keepBlocks: boolean,
+  keepStored: boolean,
   vouched?: FiniteVouch,
 ): HostWeights {
   const { dModel, dInner, dState, dConv, dtRank, nLayer, vocabSize } = config;
@@ -246,20 +250,26 @@ function walkWeights(
     checkFinite(values, file.file, name, vouched);
     return values;
   };
-  // A matrix that only `linear` reads (or the embedding): kept as blocks where asked and stored so.
-  const matrix = (name: string, shape: [number, number]): HostMatrix => {
-    if (!(read && keepBlocks)) return tensor(name, shape);
+  // A matrix that only `linear` reads (or the embedding): kept as blocks or 16-bit where asked
+  // and stored so.
+  const matrix = (name: string, [rows, cols]: [number, number]): HostMatrix => {
+    if (!(read && keepStored)) return tensor(name, [rows, cols]);
     const file = store.fileOf(name, `${configFile} says num_hidden_layers ${nLayer}`);
-    let blocks: QuantizedMatrix | null | undefined;
+    let stored: HostMatrix | null = null;
     try {
-      blocks = file.quantized?.(name);
+      stored = file.quantized?.(name) ?? null;
+      const halves = stored ? null : file.halves?.(name);
+      if (halves) {
+        tensor(name, [rows, cols], [], undefined, false); // Checks the shape first.
+        stored = halfMatrix(halves.format, rows, cols, halves.halves, `Tensor "${name}"`);
+      }
     } catch (error) {
       if (error instanceof RangeError) throw new ModelFileError(file.file, error.message);
       throw error;
     }
-    if (!blocks) return tensor(name, shape);
-    tensor(name, shape, [], undefined, false); // Checks the shape.
-    return blocks;
+    if (!stored) return tensor(name, [rows, cols]);
+    tensor(name, [rows, cols], [], undefined, false); // Checks the shape.
+    return stored;
   };
   const optional = (name: string, shape: number[], wanted: boolean, flagName: string) => {
     if (wanted) return tensor(name, shape, [], `${configFile} sets ${flagName} to true`);

@@ -1,6 +1,8 @@
 /** Shared helpers of the test files. */
 
-import { SafetensorsFile } from "../src/safetensors.ts";
+import { packHalves, SafetensorsFile } from "../src/safetensors.ts";
+import type { MambaConfig } from "../src/config.ts";
+import { type HalfFormat, type HalfMatrix, halfMatrix } from "../src/quant.ts";
 
 /** The shared reference data, next to the project checkout. */
 export const SHARED = new URL("../../shared", import.meta.url).pathname;
@@ -81,4 +83,20 @@ export async function oracleDiff(
     diff = Math.max(diff, maxAbsDiff(actual, logits.subarray(b * width, (b + 1) * width)));
   }
   return diff;
+}
+
+/** `values` [·, cols], every one exact in `format`, as the 16-bit matrix an F16 or BF16 file gives. */
+export function halfMatrixOf(values: Float32Array, format: HalfFormat, cols: number): HalfMatrix {
+  const halves = packHalves(values, format);
+  if (!halves) throw new Error(`The values are not all exact ${format}`);
+  const rows = values.length / cols;
+  return halfMatrix(format, rows, cols, halves.subarray(0, values.length), "test matrix");
+}
+
+/** Floats of a Mamba-1 model's vectors and small tensors (all but its matrices and embedding). */
+export function otherFloats(config: MambaConfig): number {
+  const { dModel, dInner, dState, dConv, nLayer, projBias, convBias } = config;
+  const perLayer = dModel + dInner * dConv + (convBias ? dInner : 0) + dInner +
+    dInner * dState + dInner + (projBias ? 2 * dInner + dModel : 0);
+  return nLayer * perLayer + dModel;
 }

@@ -11,7 +11,8 @@ import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import type { LoadProgress } from "../src/source.ts";
-import { maxAbsDiff, SHARED } from "./helpers.ts";
+import { maxAbsDiff, otherFloats, SHARED } from "./helpers.ts";
+import type { WasmBackend } from "../src/backends/wasm.ts";
 
 const TINY = `${SHARED}/fixtures/hf-oracle/tiny-f32`;
 const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
@@ -358,4 +359,44 @@ Deno.test("session.step takes any row of the model and refuses ids past them at 
   ) count++;
   assertEquals(count, 5);
   await assertRejects(async () => await session.step(256), RangeError, "Unknown token id 256");
+});
+
+Deno.test("an F16 checkpoint on wasm keeps its matrices and embedding 16-bit where the file was read", async () => {
+  for (const threads of [1, 2]) {
+    const mamba = await loadModel(SHAKESPEARE, { backend: "wasm", threads });
+    try {
+      // Only the vectors (norms, conv, biases, A, D), widened to f32, were copied in: the
+      // matrices and the embedding (shared by the tied lm_head) are the file's bytes.
+      const backend = mamba.model.backend as WasmBackend;
+      assertEquals(backend.copiedBytes, 4 * otherFloats(mamba.config), `${threads} threads`);
+      const expected = SafetensorsFile.parse(
+        await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
+        "expected.safetensors",
+      );
+      const logits = await mamba.forward(expected.int32("prompt0_greedy_ids"));
+      const diff = maxAbsDiff(logits, expected.float32("prompt0_logits"));
+      assert(diff <= 1e-3, `${threads} threads: max |Δlogit| ${diff}`);
+    } finally {
+      mamba.dispose();
+    }
+  }
+});
+
+Deno.test("a 16-bit weight holding NaN or Infinity is refused at load, naming the tensor", async () => {
+  for (const dtype of ["F16", "BF16"] as const) {
+    for (const bad of [NaN, Infinity, -Infinity]) {
+      const tensors = await tinyTensors();
+      for (const tensor of Object.values(tensors)) tensor.dtype = dtype;
+      tensors["backbone.layers.1.mixer.x_proj.weight"].data[7] = bad;
+      const dir = await modelDir(await tinyConfig(), tensors);
+      for (const backend of ["js", "wasm"] as const) {
+        const error = await assertRejects(() => loadModel(dir, { backend }), ModelFileError);
+        assertStringIncludes(error.message, "model.safetensors");
+        assertStringIncludes(
+          error.message,
+          `Tensor "backbone.layers.1.mixer.x_proj.weight" holds ${bad} at index 7`,
+        );
+      }
+    }
+  }
 });

@@ -11,7 +11,7 @@ import { quantize, writeGguf } from "../src/gguf_write.ts";
 import { loadModel } from "../src/load.ts";
 import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
-import { maxAbsDiff, SHARED } from "./helpers.ts";
+import { maxAbsDiff, otherFloats, SHARED } from "./helpers.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
 import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
 import { JsBackend } from "../src/backends/js.ts";
@@ -19,7 +19,6 @@ import { loadGguf } from "../src/formats.ts";
 import { MambaModel } from "../src/model.ts";
 import { openSource } from "../src/source.ts";
 import { Session } from "../src/session.ts";
-import type { MambaConfig } from "../src/config.ts";
 
 const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
 const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
@@ -187,7 +186,8 @@ for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
       for (const id of ids.subarray(8, 14)) wantSteps.push(await refSession.step(id));
 
       // What the wasm memory should hold: Q8_0, Q4_0 and Q4_K tensors as their blocks (a 4-bit
-      // file's output projection is Q8_0), the others widened to f32.
+      // file's output projection is Q8_0), the F16 ones (dt_proj, whose rows are not whole
+      // blocks) in 16 bits, the others in f32.
       const gguf = GgufFile.parse(bytes, file);
       let blockBytes = 0;
       let f32Bytes = 0;
@@ -196,7 +196,7 @@ for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
         const elements = info.dims.reduce((a, b) => a * b, 1);
         const packed = PACKED.get(info.type);
         if (packed !== undefined) blockBytes += info.byteLength * packed;
-        else f32Bytes += 4 * elements;
+        else f32Bytes += (info.type === GGML.F16 ? 2 : 4) * elements;
         // in_proj, x_proj and out_proj (dt_proj's 16 columns are not a super-block: F16).
         if (type === "q4_k" && /\.ssm_(in|x|out)\.weight$/.test(info.name)) {
           assertEquals(info.type, GGML.Q4_K, info.name);
@@ -309,75 +309,102 @@ for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
   });
 }
 
-for (const type of ["f16", "bf16"] as const) {
-  const article = type === "f16" ? "an" : "a";
-  Deno.test(`${article} ${type} GGUF on wasm keeps its matrices in ${type} and gives the js backend's logits within 1e-4`, async () => {
-    const dir = await Deno.makeTempDir({ prefix: "mamba-half-test-" });
-    try {
-      const { bytes } = await quantizeModel(SHAKESPEARE, type);
-      await Deno.writeFile(`${dir}/${type}.gguf`, bytes);
-      const { config, weights, halfWeights } = await loadGguf(
-        await openSource(dir),
-        `${type}.gguf`,
-      );
-      assertEquals(halfWeights, type, "the format auto's probe is rounded to");
-      const ids = SafetensorsFile.parse(
-        await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
-        "expected.safetensors",
-      ).int32("prompt0_greedy_ids").subarray(0, 20);
-      /** The prompt's last logits, then each step's, of `model`. */
-      const logitsOf = async (model: MambaModel<unknown>) => {
-        const session = new Session(model);
-        const all = [await session.prefill(ids.subarray(0, 8))];
-        for (const id of ids.subarray(8)) all.push(await session.step(id));
-        return all;
-      };
-      const want = await logitsOf(new MambaModel(new JsBackend(), config, weights));
-
-      // The matrices `linear` reads 16-bit (2 bytes a weight), the embedding and the vectors in
-      // f32, and the tied lm_head's 16-bit copy. The bundled model's matrices are small, so every
-      // size is kept 16-bit here.
-      const { dModel, dInner, dtRank, dState, nLayer, vocabSize } = config;
-      const matrixWeights = nLayer *
-        (2 * dInner * dModel + (dtRank + 2 * dState) * dInner + dInner * dtRank + dModel * dInner);
-      for (const threads of [1, 2]) {
-        using wasm = await WasmBackend.create({ threads, halfMinWeights: 0 });
-        // The format each matrix is kept in: a BF16 file's values are all exact bf16 (and
-        // mostly exact f16 too), an F16 file's are not all bf16.
-        const formats = new Set<string>();
-        const uploadHalf = wasm.uploadHalfMatrix.bind(wasm);
-        wasm.uploadHalfMatrix = (data, rowLength) => {
-          const matrix = uploadHalf(data, rowLength);
-          formats.add(matrix?.format ?? "f32");
-          return matrix;
-        };
-        const model = new MambaModel(wasm, config, weights);
-        assertEquals([...formats], [type], `${threads} threads: formats kept`);
-        const f32Everything = 4 * (matrixWeights + vocabSize * dModel + otherFloats(config));
-        assertEquals(
-          f32Everything - wasm.copiedBytes,
-          2 * matrixWeights - 2 * vocabSize * dModel,
-          `${threads} threads: bytes copied in at load`,
-        );
-        const got = await logitsOf(model);
-        got.forEach((logits, i) => {
-          const diff = maxAbsDiff(logits, want[i]);
-          assert(
-            diff < 1e-4,
-            `${threads} threads: ${i ? `step ${i}` : "prefill"} max |Δlogit| ${diff}`,
-          );
-        });
-      }
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  });
+/**
+ * The bundled model written as a `type` GGUF and loaded as stored, with its logits on the js
+ * backend (which widens 16-bit matrices: the reference): a prefill of 8 ids of prompt0's greedy
+ * continuation, then a step for each of the next 12.
+ */
+async function halfGguf(type: "f16" | "bf16") {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-half-test-" });
+  try {
+    const { bytes } = await quantizeModel(SHAKESPEARE, type);
+    await Deno.writeFile(`${dir}/${type}.gguf`, bytes);
+    const { config, weights, halfWeights } = await loadGguf(await openSource(dir), `${type}.gguf`);
+    assertEquals(halfWeights, type, "the format auto's probe is rounded to");
+    const ids = SafetensorsFile.parse(
+      await Deno.readFile(`${SHAKESPEARE}/expected.safetensors`),
+      "expected.safetensors",
+    ).int32("prompt0_greedy_ids").subarray(0, 20);
+    const logitsOf = async (model: MambaModel<unknown>) => {
+      const session = new Session(model);
+      const all = [await session.prefill(ids.subarray(0, 8))];
+      for (const id of ids.subarray(8)) all.push(await session.step(id));
+      return all;
+    };
+    const want = await logitsOf(new MambaModel(new JsBackend(), config, weights));
+    /** Asserts that `model` gives the reference's logits within 1e-4. */
+    const assertLogits = async (model: MambaModel<unknown>, label: string) => {
+      (await logitsOf(model)).forEach((logits, i) => {
+        const diff = maxAbsDiff(logits, want[i]);
+        assert(diff < 1e-4, `${label}: ${i ? `step ${i}` : "prefill"} max |Δlogit| ${diff}`);
+      });
+    };
+    // The matrices `linear` reads, and the embedding, which the tied lm_head shares.
+    const { dModel, dInner, dtRank, dState, nLayer, vocabSize } = config;
+    const matrixWeights = nLayer *
+        (2 * dInner * dModel + (dtRank + 2 * dState) * dInner + dInner * dtRank + dModel * dInner) +
+      vocabSize * dModel;
+    return { config, weights, assertLogits, matrixWeights };
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 }
 
-/** Floats of a Mamba-1 model's vectors and small tensors (all but its matrices and embedding). */
-function otherFloats(config: MambaConfig): number {
-  const { dModel, dInner, dState, dConv, nLayer, projBias, convBias } = config;
-  const perLayer = dModel + dInner * dConv + (convBias ? dInner : 0) + dInner +
-    dInner * dState + dInner + (projBias ? 2 * dInner + dModel : 0);
-  return nLayer * perLayer + dModel;
+for (const type of ["f16", "bf16"] as const) {
+  const article = type === "f16" ? "an" : "a";
+  Deno.test(`${article} ${type} GGUF on wasm keeps its matrices and embedding in ${type} and gives the js backend's logits within 1e-4`, async () => {
+    const { config, weights, assertLogits, matrixWeights } = await halfGguf(type);
+    for (const threads of [1, 2]) {
+      using wasm = await WasmBackend.create({ threads });
+      // The format each matrix is kept in, as the file stores it.
+      const formats = new Set<string>();
+      const uploadHalf = wasm.uploadHalfMatrix.bind(wasm);
+      wasm.uploadHalfMatrix = (matrix) => {
+        const kept = uploadHalf(matrix);
+        formats.add(kept.format);
+        return kept;
+      };
+      const model = new MambaModel(wasm, config, weights);
+      assertEquals([...formats], [type], `${threads} threads: formats kept`);
+      // 2 bytes a weight of the matrices; the vectors in f32.
+      assertEquals(
+        wasm.copiedBytes,
+        2 * matrixWeights + 4 * otherFloats(config),
+        `${threads} threads: bytes copied in at load`,
+      );
+      await assertLogits(model, `${threads} threads`);
+    }
+  });
+
+  Deno.test({
+    name:
+      `${article} ${type} GGUF on webgpu keeps its matrices and embedding 16-bit and gives the js backend's logits within 1e-4`,
+    ignore: !gpuAdapter,
+    fn: async () => {
+      const { config, weights, assertLogits, matrixWeights } = await halfGguf(type);
+      const gpu = await WebGpuBackend.create({ adapter: gpuAdapter! });
+      try {
+        const kept: GpuBuffer[] = [];
+        const uploadHalf = gpu.uploadHalfMatrix.bind(gpu);
+        gpu.uploadHalfMatrix = (matrix) => {
+          const buffer = uploadHalf(matrix);
+          kept.push(buffer);
+          return buffer;
+        };
+        const model = new MambaModel(gpu, config, weights);
+        // in_proj, x_proj, dt_proj and out_proj of each layer, and the embedding, in 2 bytes a
+        // weight (GPU buffers are whole 16 bytes); a bf16 matrix whose values are all exact f16
+        // goes up as f16.
+        assertEquals(kept.length, 4 * config.nLayer + 1, "matrices kept 16-bit");
+        assertEquals(kept.reduce((sum, { length }) => sum + length, 0), matrixWeights);
+        for (const { format, length, buffer } of kept) {
+          assert(format === type || format === "f16", format);
+          assertEquals(buffer!.size, Math.ceil((2 * length) / 16) * 16, "bytes held");
+        }
+        await assertLogits(model, "webgpu");
+      } finally {
+        gpu.dispose();
+      }
+    },
+  });
 }

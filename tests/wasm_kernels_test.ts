@@ -7,20 +7,24 @@
 
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
-import type { Backend, HalfFormat } from "../src/backend.ts";
+import type { Backend } from "../src/backend.ts";
 import { JsBackend, silu, softplus } from "../src/backends/js.ts";
 import {
-  HALF_MIN_WEIGHTS,
   WasmBackend,
   type WasmBuffer,
-  WasmHalfMatrix,
   WasmQuantMatrix,
   wasmRelaxedSimdSupported,
   type WasmSimd,
 } from "../src/backends/wasm.ts";
 import { GGML } from "../src/gguf.ts";
 import { quantize } from "../src/gguf_write.ts";
-import { BLOCK_ELEMENTS, type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
+import {
+  BLOCK_ELEMENTS,
+  type BlockType,
+  dequantizeMatrix,
+  type HalfFormat,
+  quantizedMatrix,
+} from "../src/quant.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import {
@@ -31,7 +35,7 @@ import {
   SafetensorsFile,
   writeSafetensors,
 } from "../src/safetensors.ts";
-import { maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
+import { halfMatrixOf, maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
 
 /**
  * max |a - b| / max |b|: error relative to the output's scale, for sums whose
@@ -121,20 +125,17 @@ async function linearMatches(
 }
 
 /**
- * `linear` and `linearSplit` over a matrix kept as `format`
+ * `linear`, `linearSplit` and the gathers over a matrix kept as `format`
  * (`uploadHalfMatrix`) against the reference on the same values as f32:
  * inner dimensions not a multiple of 8 or 16 (the kernels' tails), odd
- * outputs, the GEMV and the matmul; values neither exactly f16 nor bf16 are
- * refused.
+ * outputs, the GEMV and the matmul.
  */
 async function halfOps(threads: number, simd: WasmSimd, format: HalfFormat): Promise<void> {
-  // Every size kept 16-bit, to reach the kernels with small odd shapes.
-  using wasm = await WasmBackend.create({ threads, simd, halfMinWeights: 0 });
+  using wasm = await WasmBackend.create({ threads, simd });
   const rand = xorshiftUniforms(70 + threads);
-  // Exactly f16, rounded through f16 bits, with subnormals and -0 among them,
-  // and a first value of 11 significant bits (not a bf16, which would be
-  // kept as one). Or exactly bf16, with -0 and values far below and above
-  // f16's range among them, which its widening keeps too.
+  // Exactly f16, rounded through f16 bits, with subnormals and -0 among them.
+  // Or exactly bf16, with -0 and values far below and above f16's range among
+  // them, which its widening keeps too.
   const halves = (n: number) => {
     const values = format === "f16"
       ? rand(n).map((v, i) => i % 97 === 0 ? 3e-6 * v : i % 89 === 0 ? -0 : v)
@@ -142,11 +143,9 @@ async function halfOps(threads: number, simd: WasmSimd, format: HalfFormat): Pro
         i % 97 === 0 ? 1e-30 * v : i % 83 === 1 ? 1e20 * v : i % 89 === 0 ? -0 : v
       );
     const bits = new Uint32Array(values.buffer);
-    const rounded = values.map((v, i) =>
+    return values.map((v, i) =>
       format === "f16" ? f16ToF32(f32BitsToF16(bits[i])) : bf16ToF32(f32ToBf16(v))
     );
-    if (format === "f16") rounded[0] = 1 + 2 ** -10;
-    return rounded;
   };
   for (
     const [rows, inDim, outDim] of [
@@ -161,18 +160,46 @@ async function halfOps(threads: number, simd: WasmSimd, format: HalfFormat): Pro
     ]
   ) {
     const weights = halves(outDim * inDim);
-    const w = wasm.uploadHalfMatrix(weights, inDim);
-    assert(w instanceof WasmHalfMatrix, `exact ${format} values are kept 16-bit`);
+    const w = wasm.uploadHalfMatrix(halfMatrixOf(weights, format, inDim));
     assertEquals(w.format, format);
     await linearMatches(wasm, w, weights, rows, inDim, outDim, rand, format);
   }
-  const notHalf = halves(64);
-  notHalf[10] = 0.1; // Neither an f16 nor a bf16 value.
-  assertEquals(wasm.uploadHalfMatrix(notHalf, 8), null);
-  // By default a matrix that stays in the cache is widened to f32.
-  using byDefault = await WasmBackend.create({ threads, simd });
-  assertEquals(byDefault.uploadHalfMatrix(halves(HALF_MIN_WEIGHTS - 1024), 1024), null);
-  assert(byDefault.uploadHalfMatrix(halves(HALF_MIN_WEIGHTS), 1024) instanceof WasmHalfMatrix);
+  // Rows of 13 and 64: a tail of 5, and none.
+  for (const dim of [13, 64]) {
+    const values = halves(37 * dim);
+    await gathersMatch(wasm, wasm.uploadHalfMatrix(halfMatrixOf(values, format, dim)), values, dim);
+  }
+}
+
+/**
+ * The gathers, `embed` and `copyRows`, from `table` on the wasm backend, which
+ * holds `values` [37, dim]: they read its rows as those floats, exactly.
+ */
+async function gathersMatch(
+  wasm: WasmBackend,
+  table: WasmBuffer,
+  values: Float32Array,
+  dim: number,
+): Promise<void> {
+  const vocab = values.length / dim;
+  const ids = [0, vocab - 1, 5, 5, 17];
+  const embedded = wasm.zeros(ids.length * dim);
+  wasm.embed(embedded, table, Int32Array.from(ids), dim);
+  const want = new Float32Array(ids.length * dim);
+  ids.forEach((id, t) => want.set(values.subarray(id * dim, (id + 1) * dim), t * dim));
+  assertEquals(await wasm.read(embedded), want);
+  // A gather with an id past the table, which copies nothing.
+  const rowsOut = wasm.upload(new Float32Array((ids.length + 1) * dim).fill(-7));
+  wasm.copyRows({
+    dst: rowsOut,
+    src: table,
+    width: dim,
+    count: ids.length + 1,
+    srcRows: { buf: wasm.upload(Float32Array.from([...ids, vocab])), offset: 0 },
+  });
+  const wantRows = new Float32Array((ids.length + 1) * dim).fill(-7);
+  wantRows.set(want);
+  assertEquals(await wasm.read(rowsOut), wantRows);
 }
 
 /**
@@ -227,27 +254,9 @@ async function quantizedOps(
   // Gathers (embed, copyRows) read rows as the dequantized floats, exactly.
   const [vocab, dim] = [37, Math.max(64, BLOCK_ELEMENTS[type])];
   const table = quantizedMatrix(type, vocab, dim, quantize(ggml, rand(vocab * dim)), "table");
-  const values = dequantizeMatrix(table);
   const buf = wasm.uploadQuantizedMatrix(table);
   assert(buf instanceof WasmQuantMatrix);
-  const ids = [0, 36, 5, 5, 17];
-  const embedded = wasm.zeros(ids.length * dim);
-  wasm.embed(embedded, buf, Int32Array.from(ids), dim);
-  const want = new Float32Array(ids.length * dim);
-  ids.forEach((id, t) => want.set(values.subarray(id * dim, (id + 1) * dim), t * dim));
-  assertEquals(await wasm.read(embedded), want);
-  // A gather with an id past the table, which copies nothing.
-  const rowsOut = wasm.upload(new Float32Array((ids.length + 1) * dim).fill(-7));
-  wasm.copyRows({
-    dst: rowsOut,
-    src: buf,
-    width: dim,
-    count: ids.length + 1,
-    srcRows: { buf: wasm.upload(Float32Array.from([...ids, vocab])), offset: 0 },
-  });
-  const wantRows = new Float32Array((ids.length + 1) * dim).fill(-7);
-  wantRows.set(want);
-  assertEquals(await wasm.read(rowsOut), wantRows);
+  await gathersMatch(wasm, buf, dequantizeMatrix(table), dim);
 }
 
 /**
@@ -303,7 +312,7 @@ function kernelTests(threads: number, simd: WasmSimd, relaxedDots: boolean[]): v
   });
 
   for (const format of ["f16", "bf16"] as const) {
-    Deno.test(`${label} linear over ${format} weights: GEMV and matmul, split`, async () => {
+    Deno.test(`${label} linear over ${format} weights: GEMV and matmul, split, gathers`, async () => {
       await halfOps(threads, simd, format);
     });
   }

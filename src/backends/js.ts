@@ -25,7 +25,7 @@ import {
   type SsdArgs,
   stateRows,
 } from "../backend.ts";
-import type { QuantizedMatrix } from "../quant.ts";
+import type { HalfMatrix, QuantizedMatrix } from "../quant.ts";
 import { PickScratch } from "../sampler.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
@@ -63,7 +63,8 @@ export class JsBackend implements Backend<Float32Array> {
     return undefined;
   }
 
-  uploadHalfMatrix(_data: Float32Array): null {
+  /** The reference keeps float32: the model uploads the widened values. */
+  uploadHalfMatrix(_matrix: HalfMatrix): null {
     return null;
   }
 

@@ -35,7 +35,6 @@ import {
   convStepAfter,
   type CopyRowsArgs,
   type GatedNormArgs,
-  type HalfFormat,
   type OptionalOp,
   projectDelta,
   type Recording,
@@ -52,9 +51,16 @@ import {
   KERNELS_RELAXED_SINGLE_BASE64,
 } from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
-import { BLOCK_BYTES, BLOCK_ELEMENTS, type BlockType, type QuantizedMatrix } from "../quant.ts";
+import {
+  BLOCK_BYTES,
+  BLOCK_ELEMENTS,
+  type BlockType,
+  type HalfFormat,
+  type HalfMatrix,
+  type QuantizedMatrix,
+} from "../quant.ts";
 import { q4KScaleMin } from "../gguf.ts";
-import { f16ToF32, packHalves } from "../safetensors.ts";
+import { f16ToF32 } from "../safetensors.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
 
 /** Options of the wasm backend. */
@@ -68,11 +74,6 @@ export interface WasmBackendOptions {
    * into, so they upload without a copy.
    */
   sharedMemory?: boolean;
-  /**
-   * Weights a matrix of exact f16 or bf16 values needs at least to be kept
-   * 16-bit (default {@link HALF_MIN_WEIGHTS}); smaller ones are widened to f32.
-   */
-  halfMinWeights?: number;
   /**
    * Which build of the kernels runs (see {@link WasmSimd}); default
    * "relaxed" where the runtime validates relaxed SIMD, else "plain".
@@ -96,34 +97,6 @@ export interface WasmBackendOptions {
  * separately, for runtimes that validate SIMD but not relaxed SIMD.
  */
 export type WasmSimd = "relaxed" | "plain";
-
-/**
- * Matrices of exact f16 (or bf16) values this large or larger stay 16-bit:
- * they stream from memory on every decode step, which 16 bits halve. Smaller
- * ones (a 130m model's x_proj and dt_proj, every matrix of the bundled model)
- * stay in the cache, where widening each half costs more than it saves: on
- * the 2-core development machine the bundled model decoded at 1,101–1,228
- * tok/s with every matrix in f16 against 1,493–2,006 in f32; bf16, cheaper
- * to widen, gained nothing either (2,286–2,506 steps/s against 2,156–2,818;
- * docs/performance.md).
- */
-export const HALF_MIN_WEIGHTS = 1 << 20;
-
-/**
- * `data` as 16-bit values, in a format that holds every one exactly, or null.
- * bf16 first, where both do (values of at most 8 significant bits, in f16's
- * range): it widens in two instructions to f16's four, in the same bytes. An
- * F16 checkpoint's values rarely all fit bf16's 8 bits (the first that does
- * not ends that pass), and a BF16 one's are all exact f16 only where none is
- * below f16's range or needs more bits than its subnormals keep.
- */
-function toHalves(data: Float32Array): { format: HalfFormat; halves: Uint16Array } | null {
-  for (const format of ["bf16", "f16"] as const) {
-    const halves = packHalves(data, format);
-    if (halves) return { format, halves };
-  }
-  return null;
-}
 
 /** A buffer of the wasm backend: `length` floats at byte offset `ptr` of its memory. */
 export class WasmBuffer {
@@ -215,12 +188,11 @@ export class WasmQuantMatrix extends WasmBuffer {
 }
 
 /**
- * A weight matrix [rows, cols] whose values are all exactly f16 or all
- * exactly bf16 (an F16 or BF16 checkpoint widened at load), kept 16-bit in
+ * A weight matrix [rows, cols] of an F16 or BF16 checkpoint, kept 16-bit in
  * the module's memory, rows back to back: half the memory and half the bytes
  * a decode step streams. `linear` runs the 16-bit kernels on it (`linearHalf`
- * in asm/kernels.ts); an embedding stays f32, for `embed` and `copyRows`. Its
- * `length` counts its bytes in floats.
+ * in asm/kernels.ts); `embed` and `copyRows` widen the rows they gather
+ * (`widenHalfRow`). Its `length` counts its bytes in floats.
  */
 export class WasmHalfMatrix extends WasmBuffer {
   /** Output rows. */
@@ -460,6 +432,7 @@ interface Kernels {
     bf16: number,
   ): void;
   halfScratchBytes(inDim: number): number;
+  widenHalfRow(out: number, src: number, n: number, bf16: number): void;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
   mathTest64(out: number, x: number, n: number, which: number): void;
@@ -761,7 +734,6 @@ export class WasmBackend implements Backend<WasmBuffer> {
   readonly #scratchBuffers = new Map<ScratchPurpose, WasmBuffer>();
   #disposed = false;
   readonly #pickScratch = new PickScratch();
-  readonly #halfMinWeights: number;
   /** Or'd into linearBlocks' blockType: the GEMVs' relaxed int8 dot products. */
   readonly #relaxedDot: number;
 
@@ -770,11 +742,9 @@ export class WasmBackend implements Backend<WasmBuffer> {
     instance: WebAssembly.Instance,
     threads: number,
     simd: WasmSimd,
-    halfMinWeights: number,
     relaxedDot: boolean,
   ) {
     this.#memory = memory;
-    this.#halfMinWeights = halfMinWeights;
     // The plain build ignores the flag; it is left out there all the same.
     this.#relaxedDot = relaxedDot && simd === "relaxed" ? RELAXED_DOT : 0;
     this.simd = simd;
@@ -823,7 +793,6 @@ export class WasmBackend implements Backend<WasmBuffer> {
       instance,
       threads,
       simd,
-      options.halfMinWeights ?? HALF_MIN_WEIGHTS,
       options.relaxedDot ?? true,
     );
     if (threads > 1) await backend.#startThreads(module);
@@ -898,7 +867,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /**
-   * Bytes {@link upload} and {@link uploadQuantizedMatrix} have copied in so
+   * Bytes {@link upload}, {@link uploadHalfMatrix} and {@link uploadQuantizedMatrix} have copied in so
    * far (the weights the memory holds); views of lent bytes cost none.
    */
   get copiedBytes(): number {
@@ -919,24 +888,21 @@ export class WasmBackend implements Backend<WasmBuffer> {
   }
 
   /**
-   * Keeps a weight matrix [rows, `rowLength`] of at least
-   * {@link WasmBackendOptions.halfMinWeights} weights as bf16 or f16 when
-   * every value is exactly one (an F16 or BF16 checkpoint widened at load;
-   * see {@link toHalves}), for the 16-bit kernels of `linear`; null
-   * otherwise, or without a row length.
+   * Keeps an F16 or BF16 matrix 16-bit, for the 16-bit kernels of `linear`
+   * (`linearHalf` in asm/kernels.ts) and the gathers of `embed` and
+   * `copyRows`: half the memory and half the bytes a decode step streams of
+   * f32. Values the loader read into {@link hostBytes} stay where they are.
    */
-  uploadHalfMatrix(data: Float32Array, rowLength?: number): WasmHalfMatrix | null {
-    if (!rowLength || data.length % rowLength !== 0 || data.length < this.#halfMinWeights) {
-      return null;
+  uploadHalfMatrix(matrix: HalfMatrix): WasmHalfMatrix {
+    const { format, rows, cols, halves } = matrix;
+    if (this.#lentBuffers.has(halves.buffer)) {
+      // Already in this memory: the lent bytes outlive every buffer made of them.
+      return new WasmHalfMatrix(halves.byteOffset, rows, cols, 0, format);
     }
-    const converted = toHalves(data);
-    if (converted === null) return null;
-    const { format, halves } = converted;
-    const buf = this.#alloc(Math.ceil(data.length / 2));
-    // Whole pairs of halves: the allocation is whole floats.
+    const buf = this.#alloc(Math.ceil(halves.length / 2));
     new Uint16Array(this.#memory.buffer, buf.ptr, halves.length).set(halves);
-    this.#copiedBytes += 2 * data.length;
-    return new WasmHalfMatrix(buf.ptr, data.length / rowLength, rowLength, buf.bytes, format);
+    this.#copiedBytes += halves.byteLength;
+    return new WasmHalfMatrix(buf.ptr, rows, cols, buf.bytes, format);
   }
 
   /**
@@ -1026,13 +992,13 @@ export class WasmBackend implements Backend<WasmBuffer> {
   // -------------------------------------------------------- operations ----
 
   embed(out: WasmBuffer, table: WasmBuffer, ids: Int32Array, dim: number): void {
-    if (table instanceof WasmQuantMatrix) {
+    if (table instanceof WasmQuantMatrix || table instanceof WasmHalfMatrix) {
       for (let t = 0; t < ids.length; t++) {
         const id = ids[t];
         if (!(id >= 0 && id < table.rows)) {
           throw new RangeError(`Token id ${id} outside [0, ${table.rows})`);
         }
-        this.#dequantizeRow(table, id, this.#floats(out).subarray(t * dim, (t + 1) * dim));
+        this.#widenRow(table, id, this.#floats(out).subarray(t * dim, (t + 1) * dim));
       }
       return;
     }
@@ -1049,11 +1015,13 @@ export class WasmBackend implements Backend<WasmBuffer> {
   copyRows(args: CopyRowsArgs<WasmBuffer>): void {
     const { width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
     const dst = this.#floats(args.dst);
-    const quantized = args.src instanceof WasmQuantMatrix ? args.src : null;
-    const src = quantized ? null : this.#floats(args.src);
+    const stored = args.src instanceof WasmQuantMatrix || args.src instanceof WasmHalfMatrix
+      ? args.src
+      : null;
+    const src = stored ? null : this.#floats(args.src);
     const srcIndex = srcRows && this.#floats(srcRows.buf);
     const dstIndex = dstRows && this.#floats(dstRows.buf);
-    const srcCount = quantized ? quantized.rows : Math.floor((src!.length - srcOffset) / width);
+    const srcCount = stored ? stored.rows : Math.floor((src!.length - srcOffset) / width);
     const dstCount = Math.floor((dst.length - dstOffset) / width);
     const inside = (row: number, rows: number) => Number.isInteger(row) && row >= 0 && row < rows;
     for (let r = 0; r < count; r++) {
@@ -1061,8 +1029,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
       const to = dstIndex ? dstIndex[dstRows!.offset + r] : r;
       if (!inside(from, srcCount) || !inside(to, dstCount)) continue;
       const target = dst.subarray(dstOffset + to * width, dstOffset + (to + 1) * width);
-      if (quantized) {
-        this.#dequantizeRow(quantized, from, target);
+      if (stored) {
+        this.#widenRow(stored, from, target);
         continue;
       }
       const at = srcOffset + from * width;
@@ -1236,6 +1204,21 @@ export class WasmBackend implements Backend<WasmBuffer> {
       first += widths[i];
     });
     if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
+  }
+
+  /** Row `row` of a stored matrix into `out` (its `cols` floats, in this memory), as f32. */
+  #widenRow(matrix: WasmQuantMatrix | WasmHalfMatrix, row: number, out: Float32Array): void {
+    if (matrix instanceof WasmQuantMatrix) {
+      this.#dequantizeRow(matrix, row, out);
+      return;
+    }
+    const { cols, format } = matrix;
+    this.#kernels.widenHalfRow(
+      out.byteOffset,
+      matrix.ptr + 2 * row * cols,
+      cols,
+      format === "bf16" ? 1 : 0,
+    );
   }
 
   /** Row `row` of a quantized matrix into `out` (its `cols` floats), as `dequantizeMatrix` gives it. */

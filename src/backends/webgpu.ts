@@ -29,7 +29,6 @@ import {
   convStepAfter,
   type CopyRowsArgs,
   type GatedNormArgs,
-  type HalfFormat,
   type OptionalOp,
   projectAfterConv,
   projectDelta,
@@ -40,8 +39,15 @@ import {
 } from "../backend.ts";
 import { WGSL } from "../generated/wgsl.ts";
 import { q4KScaleMin } from "../gguf.ts";
-import { BLOCK_BYTES, BLOCK_ELEMENTS, type BlockType, type QuantizedMatrix } from "../quant.ts";
-import { f16ToF32, packHalves } from "../safetensors.ts";
+import {
+  BLOCK_BYTES,
+  BLOCK_ELEMENTS,
+  type BlockType,
+  type HalfFormat,
+  type HalfMatrix,
+  type QuantizedMatrix,
+} from "../quant.ts";
+import { f16ToF32, packHalves, widenHalves } from "../safetensors.ts";
 
 /**
  * How a buffer holds its values: f32, or (a weight matrix) packed f16 or bf16
@@ -873,44 +879,40 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   /**
-   * Stores a weight matrix as packed f16 when every value is exactly an f16
-   * (an F16 checkpoint widened at load), else as packed bf16 when every value
-   * is exactly a bf16 (a BF16 one with values below f16's range): half the
-   * memory and bandwidth, same products. f16 first, as `unpack2x16float` is
-   * one builtin where bf16 takes a shift and a mask. Null otherwise; see
-   * {@link Backend.uploadHalfMatrix}.
+   * Stores an F16 or BF16 matrix packed two values per u32: half the memory
+   * and bandwidth of f32, same products. A BF16 matrix whose values are all
+   * exact f16 goes up as f16, as `unpack2x16float` is one builtin where bf16
+   * takes a shift and a mask. See {@link Backend.uploadHalfMatrix}.
    */
-  uploadHalfMatrix(data: Float32Array, rowLength?: number): GpuBuffer | null {
-    const f16 = packHalves(data, "f16");
-    const bf16 = f16 ? null : packHalves(data, "bf16");
-    if (!f16 && !bf16) return null;
-    return this.#uploadHalves(data, f16 ?? bf16!, f16 ? "f16" : "bf16", rowLength);
+  uploadHalfMatrix(matrix: HalfMatrix): GpuBuffer {
+    const { format, halves, cols } = matrix;
+    const f16 = format === "bf16" ? packHalves(widenHalves(halves, "bf16"), "f16") : null;
+    return f16
+      ? this.#uploadHalves(f16.subarray(0, halves.length), "f16", cols)
+      : this.#uploadHalves(halves, format, cols);
   }
 
   /**
-   * `halves`, the values of `data` in `format`, as a buffer; split by rows as
-   * {@link upload} splits, every part in the same format (which `linear`
-   * reads the whole matrix in).
+   * `halves` in `format` as a buffer; split by rows as {@link upload} splits,
+   * every part in the same format (which `linear` reads the whole matrix in).
    */
-  #uploadHalves(
-    data: Float32Array,
-    halves: Uint16Array<ArrayBuffer>,
-    format: HalfFormat,
-    rowLength?: number,
-  ): GpuBuffer {
-    const bytes = byteSize(halves.length / 2);
+  #uploadHalves(halves: Uint16Array, format: HalfFormat, rowLength?: number): GpuBuffer {
+    const bytes = byteSize(Math.ceil(halves.length / 2));
     const split = this.#split(
-      data,
+      halves,
       bytes,
       rowLength,
-      (rows) => this.#uploadHalves(rows, packHalves(rows, format)!, format),
+      (rows) => this.#uploadHalves(rows, format),
       format,
     );
     if (split) return split;
     this.#checkSize(bytes);
     const buffer = this.device.createBuffer({ size: bytes, usage: STORAGE_USAGE });
-    this.device.queue.writeBuffer(buffer, 0, halves);
-    return new GpuBuffer(buffer, data.length, format);
+    // Whole u32s: an odd count gets a zero after it.
+    const padded = new Uint16Array(bytes / 2);
+    padded.set(halves);
+    this.device.queue.writeBuffer(buffer, 0, padded);
+    return new GpuBuffer(buffer, halves.length, format);
   }
 
   /**
@@ -1030,11 +1032,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    * parts of whole rows; null when it fits (or is not a matrix: then
    * #checkSize reports it).
    */
-  #split(
-    data: Float32Array,
+  #split<T extends Float32Array | Uint16Array>(
+    data: T,
     bytes: number,
     rowLength: number | undefined,
-    uploadPart: (rows: Float32Array) => GpuBuffer,
+    uploadPart: (rows: T) => GpuBuffer,
     half: HalfFormat | null,
   ): GpuBuffer | null {
     const limit = Math.min(this.#bindingLimit(), this.#options.splitMatricesOver ?? Infinity);
@@ -1044,7 +1046,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     if (rowsPerPart < 1) return null;
     const parts: GpuBuffer[] = [];
     for (let start = 0; start < data.length; start += rowsPerPart * rowLength) {
-      parts.push(uploadPart(data.subarray(start, start + rowsPerPart * rowLength)));
+      parts.push(uploadPart(data.subarray(start, start + rowsPerPart * rowLength) as T));
     }
     return new GpuBuffer(null, data.length, half ?? "f32", parts, rowsPerPart);
   }
