@@ -598,6 +598,58 @@ Deno.test("[wasm] loadModel's simd option picks the build: the plain one meets t
   }
 });
 
+/**
+ * Whether a module's bytes hold a relaxed-SIMD instruction: the prefix 0xfd,
+ * then an opcode in [0x100, 0x113] as LEB128 (a byte in [0x80, 0x93], then 2).
+ */
+function holdsRelaxedSimd(bytes: Uint8Array): boolean {
+  for (let i = 0; i + 2 < bytes.length; i++) {
+    if (bytes[i] === 0xfd && bytes[i + 1] >= 0x80 && bytes[i + 1] <= 0x93 && bytes[i + 2] === 2) {
+      return true;
+    }
+  }
+  return false;
+}
+
+Deno.test("[wasm] a runtime that validates SIMD but not relaxed SIMD gets the plain build by default", async () => {
+  // Such a runtime (V8 before 11.4, Node 20) refuses any module with a relaxed instruction.
+  const validate = WebAssembly.validate;
+  WebAssembly.validate = (bytes) =>
+    !holdsRelaxedSimd(
+      ArrayBuffer.isView(bytes)
+        ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+        : new Uint8Array(bytes),
+    ) &&
+    validate(bytes);
+  try {
+    assert(!wasmRelaxedSimdSupported(), "the stand-in refuses relaxed SIMD");
+    const dir = `${SHARED}/models/tiny-shakespeare`;
+    const expected = SafetensorsFile.parse(
+      await Deno.readFile(`${dir}/expected.safetensors`),
+      "expected",
+    );
+    for (const backend of ["wasm", "auto"] as const) {
+      const mamba = await loadModel(dir, { backend, threads: 2, backendCache: null });
+      try {
+        assertEquals(mamba.backend, "wasm", backend);
+        assertEquals((mamba.model.backend as WasmBackend).simd, "plain", backend);
+        const got = await mamba.forward(expected.int32("prompt0_greedy_ids"));
+        const diff = maxAbsDiff(got, expected.float32("prompt0_logits"));
+        assert(diff <= 1e-3, `${backend}: max abs diff ${diff}`);
+      } finally {
+        mamba.dispose();
+      }
+    }
+    await assertRejects(
+      () => WasmBackend.create({ threads: 1, simd: "relaxed" }),
+      Error,
+      'simd: "relaxed" needs WebAssembly relaxed SIMD, which this runtime lacks',
+    );
+  } finally {
+    WebAssembly.validate = validate;
+  }
+});
+
 Deno.test("[wasm] undisposed worker threads do not keep the process alive", async () => {
   const module = new URL("../src/backends/wasm.ts", import.meta.url).href;
   const code = `
