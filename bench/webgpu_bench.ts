@@ -7,7 +7,8 @@
  *   best of three, which leaves out the fixed latency of waiting for the GPU)
  *   and the bandwidth that implies (u, delta, z, y: 4 bytes per element; B, C:
  *   4 bytes per (batch, len, N)), against mamba_ssm's CUDA figures;
- * - `ops`: single operations at mamba-130m's shapes, microseconds per call.
+ * - `ops`: single operations at mamba-130m's shapes (a prefill chunk of 512 rows; one layer of a
+ *   decode step for 1, 16 and 64 sequences), microseconds per call.
  *
  * The model end to end, through the public API, is `bench/api_bench.ts`'s.
  *
@@ -199,6 +200,68 @@ async function benchOps(gpu: WebGpuBackend) {
     ["add 512x768", 20, () => gpu.addInPlace(out, x, L * D)],
     ["add 16 (dispatch overhead)", 1000, () => gpu.addInPlace(out, small, 16)],
   ];
+  // A decode step's operations for `rows` sequences at once (the engine's batched round), one
+  // layer's worth each, the conv and x_proj not folded into in_proj's GEMV past 16 rows.
+  const inProj = r(2 * E * D, 7);
+  const logitRows = gpu.zeros(64 * V);
+  const states = gpu.zeros(64 * E * N);
+  const convStates = gpu.zeros(64 * 3 * E);
+  for (const rows of [1, 16, 64]) {
+    const per = rows === 1 ? 200 : 50;
+    cases.push(
+      [`decode ${rows}: rmsNorm ${rows}x768`, per, () => gpu.rmsNorm(out, x, w, rows, D, 1e-5)],
+      [
+        `decode ${rows}: in_proj ${rows}x768->3072`,
+        per,
+        () => gpu.linear(out, x, inProj, null, rows, D, 2 * E),
+      ],
+      [`decode ${rows}: conv step`, per, () =>
+        gpu.causalConv({
+          out,
+          x,
+          weight: w,
+          bias: w,
+          state: convStates,
+          len: 1,
+          channels: E,
+          kernel: 4,
+          batch: rows,
+        })],
+      [
+        `decode ${rows}: x_proj ${rows}x1536->80`,
+        per,
+        () => gpu.linear(out, x, w, null, rows, E, 80),
+      ],
+      [`decode ${rows}: scan step`, per, () =>
+        gpu.selectiveScan({
+          y: out,
+          u: x,
+          delta: x,
+          A,
+          B,
+          C: B,
+          D: w,
+          z: x,
+          deltaBias: w,
+          deltaSoftplus: true,
+          state: states,
+          len: 1,
+          dim: E,
+          dState: N,
+          batch: rows,
+        })],
+      [
+        `decode ${rows}: out_proj ${rows}x1536->768 (+=)`,
+        per,
+        () => gpu.linear(out, x, w, null, rows, E, D, true),
+      ],
+      [
+        `decode ${rows}: lm_head ${rows}x768->50280`,
+        rows === 1 ? 50 : 20,
+        () => gpu.linear(logitRows, x, lm, null, rows, D, V),
+      ],
+    );
+  }
   const results: Record<string, number> = {};
   for (const [name, reps, fn] of cases) {
     const seconds = await secondsPerCall(gpu, (count) => {
