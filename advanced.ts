@@ -63,6 +63,6 @@ export type { GgmlType, GgufTensorInfo, GgufValue } from "./src/gguf.ts";
 export { TorchFile } from "./src/torch.ts";
 export type { TorchTensor } from "./src/torch.ts";
 export type { TensorFile } from "./src/weights.ts";
-export type { BlockType, QuantizedMatrix } from "./src/quant.ts";
+export type { BlockType, HalfFormat, HalfMatrix, Halves, QuantizedMatrix } from "./src/quant.ts";
 export { quantizeModel } from "./src/quantize.ts";
 export type { QuantizedModel, QuantizeType } from "./src/quantize.ts";
