@@ -171,7 +171,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: linear, GEMV (rows ≤ 4, or ≤ 32 in groups of 4) and tiled, odd sizes, with and without bias",
+    "webgpu: linear, GEMV (rows ≤ 4, or ≤ 32 in groups of 4) and tiled (32, 64 or 128 rows), odd sizes, with and without bias",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
@@ -203,6 +203,12 @@ Deno.test({
         [18, 12, 165],
         [129, 12, 8200],
         [129, 13, 8200],
+        // A batch of decode steps over a wide matrix (lm_head): 32×64 tiles for up to 32 rows,
+        // 64×64 ones up to 64, where 128-row tiles would be half empty.
+        [20, 40, 16400],
+        [5, 36, 16400],
+        [64, 40, 16400],
+        [40, 36, 16390],
         // Split over K for outDim ≤ 128: rows and outDim not multiples of 4, 32 and 16 lanes.
         [17, 36, 45],
         [67, 52, 128],

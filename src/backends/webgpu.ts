@@ -390,6 +390,12 @@ const SKINNY_MAX_OUT = 128;
  * split over workgroups (two per SM of an H200's 132, about).
  */
 const MATMUL_MIN_TILES = 256;
+/**
+ * Outputs from which a batch of up to 32 decode steps takes the tiled matmul
+ * rather than gemv4 (lm_head's 50,280; not in_proj's 3,072, whose gemv4 folds
+ * in the norm, the conv and x_proj).
+ */
+const WIDE_MATMUL_OUT = 16384;
 /** The fewest slices of 8 k that a part of a matmul split over K takes. */
 const MATMUL_MIN_PART_SLICES = 16;
 const matmulSumPrograms = new Map<number, Program>();
@@ -433,7 +439,11 @@ function linearProgram(
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
   const vec4 = inDim % 4 === 0;
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
-  if (rows <= GEMV_MAX_ROWS || (vec4 && rows <= GEMV4_MAX_ROWS)) {
+  if (vec4 && rows > GEMV_MAX_ROWS && rows <= 32 && outDim >= WIDE_MATMUL_OUT) {
+    // A wide matrix (lm_head) for a batch of decode steps: gemv4's groups of 4
+    // rows would read all of it once per group; 32×64 tiles read it once.
+    constants = { TM: 32, TN: 64, KSPLIT: 2, KPARTS: 1, VEC4: 1 };
+  } else if (rows <= GEMV_MAX_ROWS || (vec4 && rows <= GEMV4_MAX_ROWS)) {
     shader = vec4 ? "gemv4" : "gemv";
     if (vec4) {
       const groupRows = Math.min(rows, GEMV_MAX_ROWS);
@@ -444,10 +454,11 @@ function linearProgram(
     const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
     entry = "skinny";
     constants = { LANES: blocks < 2048 ? 32 : 16 };
-  } else if (Math.ceil(rows / 128) * Math.ceil(outDim / 64) < MATMUL_MIN_TILES) {
-    // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768):
-    // 64×64 tiles with k split over two thread groups have 4 times the threads,
-    // and where those are still too few, K is split over workgroups as well.
+  } else if (rows <= 64 || Math.ceil(rows / 128) * Math.ceil(outDim / 64) < MATMUL_MIN_TILES) {
+    // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768), or
+    // rows for half a 128-row tile at most (a batch of decode steps): 64×64
+    // tiles with k split over two thread groups have 4 times the threads, and
+    // where those are still too few, K is split over workgroups as well.
     const tiles = Math.ceil(rows / 64) * Math.ceil(outDim / 64);
     const kParts = Math.max(
       1,
