@@ -12,7 +12,14 @@ import type { MatrixBlocks } from "./dispatch.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, GgufFile } from "./gguf.ts";
 import { ggufConfig, GgufTensors, ggufTokenizer, hasGgufTokenizer } from "./gguf_model.ts";
-import { type ModelSource, openSource, readJson, type SourceOptions } from "./source.ts";
+import {
+  type ModelSource,
+  openSource,
+  readFileHead,
+  readFileRange,
+  readJson,
+  type SourceOptions,
+} from "./source.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
 import { type HostMatrix, isQuantized } from "./quant.ts";
 import { type HostWeights, loadWeightsAsStored, TensorStore } from "./weights.ts";
@@ -116,7 +123,7 @@ export async function loadGguf(
   options: TokenizerOptions = {},
 ): Promise<GgufModel> {
   const file = dir.describe(name);
-  const gguf = GgufFile.parse(await dir.readBytes(name), file);
+  const gguf = await readGguf(dir, name);
   const config = ggufConfig(gguf);
   let tokenizer: MambaTokenizer | null = null;
   if (options.tokenizer !== undefined) {
@@ -136,4 +143,29 @@ export async function loadGguf(
     head: blockType(weights.embedding),
   };
   return { config, weights, tokenizer, halfWeights, matrixBlocks };
+}
+
+/**
+ * GGUF file `name` of `dir`: where the source has it as a local file
+ * ({@link ModelSource.localPath}), its header from its first bytes (as many
+ * as it takes) and each tensor from the file as it is asked for, so that the
+ * file is never held whole beside the backend's copy of its weights; else
+ * the whole file, read at once.
+ */
+export async function readGguf(dir: ModelSource, name: string): Promise<GgufFile> {
+  const file = dir.describe(name);
+  const path = await dir.localPath?.(name);
+  const first = path ? await readFileHead(path) : null;
+  if (!path || !first) return GgufFile.parse(await dir.readBytes(name), file);
+  const { size } = first;
+  const readRange = (offset: number, length: number) => readFileRange(path, offset, length);
+  // A header past the first bytes (a large vocabulary in the metadata): four times as many, then
+  // four times that, up to the whole file, where any error is the file's.
+  for (let head = first.head;; head = readRange(0, Math.min(size, 4 * head.length))) {
+    try {
+      return GgufFile.parseHead(head, size, file, readRange);
+    } catch (error) {
+      if (head.length >= size) throw error;
+    }
+  }
 }

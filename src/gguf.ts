@@ -248,11 +248,17 @@ function safe(value: bigint): number | bigint {
     : value;
 }
 
-/** A parsed GGUF file: its metadata and tensor infos, validated, plus the file's bytes. */
+/** Reads `length` bytes of a file from byte `offset` on, all of them or throws. */
+export type ReadRange = (offset: number, length: number) => Uint8Array;
+
+/**
+ * A parsed GGUF file: its metadata and tensor infos, validated, plus the
+ * file's bytes, or its first bytes and a way to read the rest.
+ */
 export class GgufFile {
   /** The path or URL the bytes came from; used in error messages. */
   readonly file: string;
-  /** The whole file. */
+  /** The whole file, or its first bytes where tensors are read as asked ({@link GgufFile.parseHead}). */
   readonly bytes: Uint8Array;
   /** The format version (2 or 3). */
   readonly version: number;
@@ -262,6 +268,7 @@ export class GgufFile {
   readonly metadata: Map<string, GgufValue>;
   /** Every tensor, by name, in file order. */
   readonly tensors: Map<string, GgufTensorInfo>;
+  readonly #readRange: ReadRange | null;
 
   private constructor(
     file: string,
@@ -270,9 +277,11 @@ export class GgufFile {
     alignment: number,
     metadata: Map<string, GgufValue>,
     tensors: Map<string, GgufTensorInfo>,
+    readRange: ReadRange | null,
   ) {
     this.file = file;
     this.bytes = bytes;
+    this.#readRange = readRange;
     this.version = version;
     this.alignment = alignment;
     this.metadata = metadata;
@@ -290,6 +299,28 @@ export class GgufFile {
    * @throws {ModelFileError} When anything about the file is wrong.
    */
   static parse(bytes: Uint8Array, file: string): GgufFile {
+    return GgufFile.#parse(bytes, bytes.length, file, null);
+  }
+
+  /**
+   * Parses and validates a GGUF file of `size` bytes as {@link parse} does,
+   * from its first bytes `head`, which must hold its header (the metadata and
+   * tensor infos); tensors past them are read with `readRange` when asked
+   * for, each into a new array, so that the file is never held whole.
+   *
+   * @throws {ModelFileError} When anything about the file is wrong, or the
+   * header does not end inside `head` ("Ends inside …").
+   */
+  static parseHead(head: Uint8Array, size: number, file: string, readRange: ReadRange): GgufFile {
+    return GgufFile.#parse(head, size, file, readRange);
+  }
+
+  static #parse(
+    bytes: Uint8Array,
+    size: number,
+    file: string,
+    readRange: ReadRange | null,
+  ): GgufFile {
     const fail = (problem: string): never => {
       throw new ModelFileError(file, problem);
     };
@@ -386,10 +417,10 @@ export class GgufFile {
     }
 
     const dataStart = Math.ceil(cursor.position / alignment) * alignment;
-    if (dataStart > bytes.length && tensorCount > 0) {
-      fail(`Ends at byte ${bytes.length}, before its tensor data (at ${dataStart})`);
+    if (dataStart > size && tensorCount > 0) {
+      fail(`Ends at byte ${size}, before its tensor data (at ${dataStart})`);
     }
-    const dataLength = bytes.length - dataStart;
+    const dataLength = size - dataStart;
     const tensors = new Map<string, GgufTensorInfo>();
     for (const { info, offset } of pending) {
       if (offset + info.byteLength > dataLength) {
@@ -408,7 +439,7 @@ export class GgufFile {
         fail(`Tensors "${previous.name}" and "${spans[i].name}" overlap in the data section`);
       }
     }
-    return new GgufFile(file, bytes, version, alignment, metadata, tensors);
+    return new GgufFile(file, bytes, version, alignment, metadata, tensors, readRange);
   }
 
   /** Whether the file holds a tensor called `name`. */
@@ -423,9 +454,22 @@ export class GgufFile {
     return info;
   }
 
-  /** The raw bytes of tensor `name` (a view of {@link GgufFile.bytes}). */
+  /**
+   * Whether tensor `name` lies past {@link GgufFile.bytes}, so that
+   * {@link raw} reads it from the file each time.
+   */
+  isRead(name: string): boolean {
+    const { byteOffset, byteLength } = this.info(name);
+    return byteOffset + byteLength > this.bytes.length;
+  }
+
+  /**
+   * The raw bytes of tensor `name`: a view of {@link GgufFile.bytes}, or
+   * where it lies past them ({@link isRead}), a new array read from the file.
+   */
   raw(name: string): Uint8Array {
     const { byteOffset, byteLength } = this.info(name);
+    if (this.isRead(name)) return this.#readRange!(byteOffset, byteLength);
     return this.bytes.subarray(byteOffset, byteOffset + byteLength);
   }
 
@@ -438,7 +482,10 @@ export class GgufFile {
   float32(name: string): Float32Array {
     const info = this.info(name);
     const elements = info.dims.reduce((a, b) => a * b, 1);
-    if (info.type === GGML.F32 && (this.bytes.byteOffset + info.byteOffset) % 4 === 0) {
+    if (
+      info.type === GGML.F32 && !this.isRead(name) &&
+      (this.bytes.byteOffset + info.byteOffset) % 4 === 0
+    ) {
       return new Float32Array(this.bytes.buffer, this.bytes.byteOffset + info.byteOffset, elements);
     }
     if (!DEQUANTIZERS.has(info.type)) {

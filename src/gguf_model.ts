@@ -58,6 +58,16 @@ export function hfTensorName(ggufName: string): string | undefined {
   return layer ? `backbone.layers.${match[1]}.${layer[1]}` : undefined;
 }
 
+/** `make()`, its RangeError (a block whose scale is not finite) a {@link ModelFileError} naming `file`. */
+function namingFile<T>(file: string, make: () => T): T {
+  try {
+    return make();
+  } catch (error) {
+    if (error instanceof RangeError) throw new ModelFileError(file, error.message);
+    throw error;
+  }
+}
+
 /** llama.cpp's name of a transformers Mamba tensor (see {@link hfTensorName}), or undefined. */
 export function ggufTensorName(hfName: string): string | undefined {
   const global = GLOBAL_NAMES.find(([, hf]) => hf === hfName);
@@ -119,24 +129,41 @@ export class GgufTensors implements TensorFile {
     const type = BLOCK_TYPES.get(info.type);
     if (type === undefined || info.shape.length !== 2) return null;
     const [rows, cols] = info.shape;
-    return quantizedMatrix(type, rows, cols, this.#gguf.raw(ggufName), `Tensor "${ggufName}"`);
+    const what = `Tensor "${ggufName}"`;
+    const gguf = this.#gguf;
+    if (!gguf.isRead(ggufName)) return quantizedMatrix(type, rows, cols, gguf.raw(ggufName), what);
+    // A tensor the file reads as asked: read and checked when the backend takes the blocks (once),
+    // so that it is held only while they are copied.
+    const file = this.file;
+    return {
+      type,
+      rows,
+      cols,
+      get blocks() {
+        return namingFile(file, () => quantizedMatrix(type, rows, cols, gguf.raw(ggufName), what))
+          .blocks;
+      },
+    };
   }
 
   /**
    * An F16 or BF16 tensor by its transformers name, as its 16-bit values (a
-   * view of the file's bytes, which the backend copies or widens at upload);
-   * null for any other type.
+   * view of the file's bytes, or read from the file when asked for, which
+   * the backend copies or widens at upload); null for any other type.
    */
   halves(name: string): Halves | null {
     const ggufName = this.#ggufName.get(name) ?? name;
     const { type } = this.#gguf.info(ggufName);
     if (type !== GGML.F16 && type !== GGML.BF16) return null;
-    const raw = this.#gguf.raw(ggufName);
-    // A view needs 2-byte alignment in its buffer; GGUF aligns tensor data, but not the buffer.
-    const bytes = raw.byteOffset % 2 === 0 ? raw : raw.slice();
+    const gguf = this.#gguf;
     return {
       format: type === GGML.F16 ? "f16" : "bf16",
-      halves: new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2),
+      get halves() {
+        const raw = gguf.raw(ggufName);
+        // A view needs 2-byte alignment in its buffer; GGUF aligns tensor data, but not the buffer.
+        const bytes = raw.byteOffset % 2 === 0 ? raw : raw.slice();
+        return new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2);
+      },
     };
   }
 

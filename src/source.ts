@@ -73,6 +73,13 @@ export interface ModelSource {
    * weight headers before anything is measured or allocated.
    */
   readHead?(name: string): Promise<FileHead | null>;
+  /**
+   * A local file holding the file's bytes (the file itself, or the cache's
+   * copy of a download), or null where there is none yet: a GGUF file is
+   * then read in parts ({@link readFileRange}), tensor by tensor as the
+   * backend takes them, rather than whole.
+   */
+  localPath?(name: string): Promise<string | null>;
 }
 
 /** A file's first bytes and its total size, from {@link ModelSource.readHead}. */
@@ -223,6 +230,10 @@ class DirectorySource implements ModelSource {
     return readFileHead(this.describe(name));
   }
 
+  localPath(name: string): Promise<string> {
+    return Promise.resolve(this.describe(name));
+  }
+
   async readBytes(
     name: string,
     allocate?: ByteAllocator,
@@ -244,8 +255,40 @@ class DirectorySource implements ModelSource {
   }
 }
 
+/**
+ * `length` bytes of local file `path` from byte `offset` on.
+ *
+ * @throws {ModelFileError} Naming `path`, when the file cannot be read or
+ * ends before (it changed since its header was read).
+ */
+export function readFileRange(path: string, offset: number, length: number): Uint8Array {
+  const bytes = new Uint8Array(length);
+  let filled = 0;
+  try {
+    using file = Deno.openSync(path);
+    file.seekSync(offset, Deno.SeekMode.Start);
+    while (filled < length) {
+      const read = file.readSync(bytes.subarray(filled));
+      if (read === null) break;
+      filled += read;
+    }
+  } catch (error) {
+    throw new ModelFileError(path, `Cannot read the file: ${(error as Error).message}`, {
+      cause: error,
+    });
+  }
+  if (filled < length) {
+    const [at, end] = [offset + filled, offset + length];
+    throw new ModelFileError(
+      path,
+      `Ends at byte ${at}, inside bytes ${offset} to ${end} (changed while loading?)`,
+    );
+  }
+  return bytes;
+}
+
 /** A local file's first {@link HEAD_BYTES} bytes and its size, or null where it cannot be read. */
-async function readFileHead(path: string): Promise<FileHead | null> {
+export async function readFileHead(path: string): Promise<FileHead | null> {
   try {
     using file = await Deno.open(path);
     const size = (await file.stat()).size;
@@ -490,6 +533,11 @@ class HttpSource implements ModelSource {
       );
     }
     return loaded === buffer.length ? buffer : buffer.slice(0, loaded);
+  }
+
+  /** The cache's copy of the file, once an earlier load has downloaded it. */
+  async localPath(name: string): Promise<string | null> {
+    return this.cache !== null && await this.#isCached(name) ? `${this.cache}${name}` : null;
   }
 
   async #isCached(name: string): Promise<boolean> {

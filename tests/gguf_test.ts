@@ -10,10 +10,11 @@ import { ModelFileError } from "../src/errors.ts";
 import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
 import { ggufConfig, ggufTokenizer } from "../src/gguf_model.ts";
 import type { MatrixBlocks } from "../src/dispatch.ts";
-import { loadGguf, singleFile } from "../src/formats.ts";
+import { loadGguf, readGguf, singleFile } from "../src/formats.ts";
 import { quantizeModel, type QuantizeType } from "../src/quantize.ts";
+import { type GgufEntry, writeGguf } from "../src/gguf_write.ts";
 import { openSource } from "../src/source.ts";
-import { BLOCK_ELEMENTS, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
+import { BLOCK_ELEMENTS, dequantizeMatrix, isHalf, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { oracleDiff, SHARED } from "./helpers.ts";
@@ -245,6 +246,63 @@ Deno.test("a GGUF tells auto which matrices it keeps as blocks", async () => {
       const loaded = await loadGguf(await openSource(dir), `${type}.gguf`);
       assertEquals(loaded.matrixBlocks, blocks, type);
     }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a local GGUF's header is read first, past the first MiB where it must, and each tensor as asked", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-gguf-ranges-" });
+  try {
+    // A 3 MiB description puts the tensor data past the first MiB that readHead gives, and an
+    // 8 MiB tensor past the 4 MiB of the second try.
+    const values = Float32Array.from({ length: 2048 * 1024 }, (_, i) => (i % 1000) / 7);
+    const metadata = new Map<string, GgufEntry>([
+      ["general.architecture", { type: "string", value: "mamba" }],
+      ["general.description", { type: "string", value: "x".repeat(3 << 20) }],
+    ]);
+    const bytes = writeGguf(metadata, [{
+      name: "w",
+      shape: [2048, 1024],
+      type: GGML.F32,
+      data: new Uint8Array(values.buffer),
+    }]);
+    await Deno.writeFile(`${dir}/big.gguf`, bytes);
+    const gguf = await readGguf(await openSource(dir), "big.gguf");
+    // The first MiB did not hold the header; the second try's 4 MiB did, and are all it keeps.
+    assertEquals(gguf.bytes.length, 4 << 20);
+    assertEquals((gguf.metadata.get("general.description") as string).length, 3 << 20);
+    assert(gguf.isRead("w"));
+    const first = gguf.float32("w");
+    const again = gguf.float32("w");
+    assertEquals(first, values);
+    assert(first.buffer !== again.buffer, "read anew, into an array of its own");
+    assertEquals(first.buffer.byteLength, 8 << 20);
+    // The file shrinks after its header was read: the tensor's read names the file.
+    await Deno.truncate(`${dir}/big.gguf`, 5 << 20);
+    const error = assertThrows(() => gguf.raw("w"), ModelFileError);
+    assertStringIncludes(error.message, "big.gguf");
+    assertStringIncludes(error.message, "Ends at byte");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a local GGUF's 16-bit matrices are read from the file as the backend takes them, never held", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-gguf-halves-" });
+  try {
+    const { bytes } = await quantizeModel(`${SHARED}/models/tiny-shakespeare`, "f16");
+    await Deno.writeFile(`${dir}/f16.gguf`, bytes);
+    const { config, weights } = await loadGguf(await openSource(dir), "f16.gguf");
+    // The last layer's in_proj lies past the first MiB (6.5 MB in all), which held the header.
+    const inProj = weights.layers.at(-1)!.inProj;
+    assert(isHalf(inProj), "in_proj is kept in f16");
+    const { dModel, dInner } = config;
+    const first = inProj.halves;
+    const again = inProj.halves;
+    assert(first.buffer !== again.buffer, "read anew, into an array of its own");
+    assertEquals(first.buffer.byteLength, 2 * 2 * dInner * dModel);
+    assertEquals(first, again);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

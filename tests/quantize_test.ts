@@ -312,10 +312,12 @@ for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
 /**
  * The bundled model written as a `type` GGUF and loaded as stored, with its logits on the js
  * backend (which widens 16-bit matrices: the reference): a prefill of 8 ids of prompt0's greedy
- * continuation, then a step for each of the next 12.
+ * continuation, then a step for each of the next 12. The file is read as the model is built, so
+ * it stays until the result is disposed of.
  */
 async function halfGguf(type: "f16" | "bf16") {
   const dir = await Deno.makeTempDir({ prefix: "mamba-half-test-" });
+  const remove = () => Deno.remove(dir, { recursive: true });
   try {
     const { bytes } = await quantizeModel(SHAKESPEARE, type);
     await Deno.writeFile(`${dir}/${type}.gguf`, bytes);
@@ -344,16 +346,18 @@ async function halfGguf(type: "f16" | "bf16") {
     const matrixWeights = nLayer *
         (2 * dInner * dModel + (dtRank + 2 * dState) * dInner + dInner * dtRank + dModel * dInner) +
       vocabSize * dModel;
-    return { config, weights, assertLogits, matrixWeights };
-  } finally {
-    await Deno.remove(dir, { recursive: true });
+    return { config, weights, assertLogits, matrixWeights, [Symbol.asyncDispose]: remove };
+  } catch (error) {
+    await remove();
+    throw error;
   }
 }
 
 for (const type of ["f16", "bf16"] as const) {
   const article = type === "f16" ? "an" : "a";
   Deno.test(`${article} ${type} GGUF on wasm keeps its matrices and embedding in ${type} and gives the js backend's logits within 1e-4`, async () => {
-    const { config, weights, assertLogits, matrixWeights } = await halfGguf(type);
+    await using gguf = await halfGguf(type);
+    const { config, weights, assertLogits, matrixWeights } = gguf;
     for (const threads of [1, 2]) {
       using wasm = await WasmBackend.create({ threads });
       // The format each matrix is kept in, as the file stores it.
@@ -381,7 +385,8 @@ for (const type of ["f16", "bf16"] as const) {
       `${article} ${type} GGUF on webgpu keeps its matrices and embedding 16-bit and gives the js backend's logits within 1e-4`,
     ignore: !gpuAdapter,
     fn: async () => {
-      const { config, weights, assertLogits, matrixWeights } = await halfGguf(type);
+      await using gguf = await halfGguf(type);
+      const { config, weights, assertLogits, matrixWeights } = gguf;
       const gpu = await WebGpuBackend.create({ adapter: gpuAdapter! });
       try {
         const kept: GpuBuffer[] = [];
