@@ -21,13 +21,17 @@
  * @module
  */
 
-import type { MambaConfig } from "./config.ts";
+import type { Mamba2Dims, MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, type GgufFile, type GgufTensorInfo, type GgufValue } from "./gguf.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
 import { type BlockType, type Halves, type QuantizedMatrix, quantizedMatrix } from "./quant.ts";
 import type { TensorFile } from "./weights.ts";
 
+/** The architectures read: llama.cpp's Mamba-1 ("mamba") and Mamba-2 ("mamba2"). */
+export type GgufArchitecture = "mamba" | "mamba2";
+
+/** llama.cpp's Mamba-1 block tensors and transformers' names of them. */
 const LAYER_NAMES: readonly [string, string][] = [
   ["attn_norm.weight", "norm.weight"],
   ["ssm_in.weight", "mixer.in_proj.weight"],
@@ -43,18 +47,49 @@ const LAYER_NAMES: readonly [string, string][] = [
   ["ssm_out.bias", "mixer.out_proj.bias"],
 ];
 
+/**
+ * llama.cpp's Mamba-2 block tensors (convert_hf_to_gguf.py's Mamba2Model) and
+ * transformers' names of them. ssm_a holds A = -exp(A_log) itself, as
+ * [H, 1], ssm_d D as [H, 1], ssm_norm the gated norm's weight as [G,
+ * dInner / G], ssm_conv1d the kernel as [channels, dConv].
+ */
+const MAMBA2_LAYER_NAMES: readonly [string, string][] = [
+  ["attn_norm.weight", "norm.weight"],
+  ["ssm_in.weight", "mixer.in_proj.weight"],
+  ["ssm_in.bias", "mixer.in_proj.bias"],
+  ["ssm_conv1d.weight", "mixer.conv1d.weight"],
+  ["ssm_conv1d.bias", "mixer.conv1d.bias"],
+  ["ssm_dt.bias", "mixer.dt_bias"],
+  ["ssm_a", "mixer.A"],
+  ["ssm_d", "mixer.D"],
+  ["ssm_norm.weight", "mixer.norm.weight"],
+  ["ssm_out.weight", "mixer.out_proj.weight"],
+  ["ssm_out.bias", "mixer.out_proj.bias"],
+];
+
 const GLOBAL_NAMES: readonly [string, string][] = [
   ["token_embd.weight", "backbone.embeddings.weight"],
   ["output_norm.weight", "backbone.norm_f.weight"],
   ["output.weight", "lm_head.weight"],
 ];
 
-/** transformers' name of a llama.cpp Mamba tensor, or undefined for a name it does not use. */
-export function hfTensorName(ggufName: string): string | undefined {
+/** The block tensors' names of `arch`. */
+function layerNames(arch: GgufArchitecture): readonly [string, string][] {
+  return arch === "mamba2" ? MAMBA2_LAYER_NAMES : LAYER_NAMES;
+}
+
+/**
+ * transformers' name of a tensor of a llama.cpp model of `arch`, or undefined
+ * for a name it does not use.
+ */
+export function hfTensorName(
+  ggufName: string,
+  arch: GgufArchitecture = "mamba",
+): string | undefined {
   const global = GLOBAL_NAMES.find(([gguf]) => gguf === ggufName);
   if (global) return global[1];
   const match = /^blk\.(\d+)\.(.+)$/.exec(ggufName);
-  const layer = match && LAYER_NAMES.find(([gguf]) => gguf === match[2]);
+  const layer = match && layerNames(arch).find(([gguf]) => gguf === match[2]);
   return layer ? `backbone.layers.${match[1]}.${layer[1]}` : undefined;
 }
 
@@ -68,12 +103,18 @@ function namingFile<T>(file: string, make: () => T): T {
   }
 }
 
-/** llama.cpp's name of a transformers Mamba tensor (see {@link hfTensorName}), or undefined. */
-export function ggufTensorName(hfName: string): string | undefined {
+/**
+ * llama.cpp's name of a transformers tensor of a model of `arch` (see
+ * {@link hfTensorName}), or undefined.
+ */
+export function ggufTensorName(
+  hfName: string,
+  arch: GgufArchitecture = "mamba",
+): string | undefined {
   const global = GLOBAL_NAMES.find(([, hf]) => hf === hfName);
   if (global) return global[0];
   const match = /^backbone\.layers\.(\d+)\.(.+)$/.exec(hfName);
-  const layer = match && LAYER_NAMES.find(([, hf]) => hf === match[2]);
+  const layer = match && layerNames(arch).find(([, hf]) => hf === match[2]);
   return layer ? `blk.${match[1]}.${layer[0]}` : undefined;
 }
 
@@ -97,8 +138,9 @@ export class GgufTensors implements TensorFile {
     this.#gguf = gguf;
     this.file = gguf.file;
     this.tensors = new Map();
+    const arch = ggufArchitecture(gguf);
     for (const [name, info] of gguf.tensors) {
-      const hf = hfTensorName(name);
+      const hf = hfTensorName(name, arch);
       if (!hf) {
         throw new ModelFileError(
           gguf.file,
@@ -185,43 +227,39 @@ export class GgufTensors implements TensorFile {
  * @throws {ModelFileError} For another architecture or missing metadata.
  */
 export function ggufConfig(gguf: GgufFile): MambaConfig {
-  const arch = gguf.string("general.architecture");
-  if (arch !== "mamba") {
-    throw new ModelFileError(
-      gguf.file,
-      `Unsupported architecture "${arch}" in metadata "general.architecture": only "mamba" is read`,
-    );
-  }
+  const arch = ggufArchitecture(gguf);
   if (gguf.metadata.get("mamba.ssm.dt_b_c_rms") === true) {
     throw new ModelFileError(
       gguf.file,
       `Metadata "mamba.ssm.dt_b_c_rms" is true (Falcon-Mamba's norms on dt, B and C), which is not supported`,
     );
   }
-  const dModel = positive(gguf, "mamba.embedding_length");
-  const dInner = positive(gguf, "mamba.ssm.inner_size");
+  const key = (name: string) => `${arch}.${name}`;
+  const dModel = positive(gguf, key("embedding_length"));
+  const dInner = positive(gguf, key("ssm.inner_size"));
   const embedding = gguf.info("token_embd.weight");
-  const eps = gguf.metadata.get("mamba.attention.layer_norm_rms_epsilon") ?? 1e-5;
+  const epsKey = key("attention.layer_norm_rms_epsilon");
+  const eps = gguf.metadata.get(epsKey) ?? 1e-5;
   if (typeof eps !== "number" || !(eps > 0) || !Number.isFinite(eps)) {
     throw new ModelFileError(
       gguf.file,
-      `Metadata "mamba.attention.layer_norm_rms_epsilon" must be a positive number, got ${
-        String(eps)
-      }`,
+      `Metadata "${epsKey}" must be a positive number, got ${String(eps)}`,
     );
   }
   const id = (key: string) => {
     const value = gguf.metadata.get(key);
     return typeof value === "number" && Number.isInteger(value) && value >= 0 ? value : undefined;
   };
+  // Mamba-1's R, Mamba-2's heads H (llama.cpp keeps H under the same key).
+  const dtRank = positive(gguf, key("ssm.time_step_rank"));
   return {
     dModel,
-    nLayer: positive(gguf, "mamba.block_count"),
-    dState: positive(gguf, "mamba.ssm.state_size"),
-    dConv: positive(gguf, "mamba.ssm.conv_kernel"),
+    nLayer: positive(gguf, key("block_count")),
+    dState: positive(gguf, key("ssm.state_size")),
+    dConv: positive(gguf, key("ssm.conv_kernel")),
     expand: dInner / dModel,
     dInner,
-    dtRank: positive(gguf, "mamba.ssm.time_step_rank"),
+    dtRank,
     vocabSize: embedding.shape[0],
     eps,
     projBias: gguf.has("blk.0.ssm_in.bias"),
@@ -229,7 +267,36 @@ export function ggufConfig(gguf: GgufFile): MambaConfig {
     tieEmbeddings: !gguf.has("output.weight"),
     eosTokenId: id("tokenizer.ggml.eos_token_id"),
     bosTokenId: id("tokenizer.ggml.bos_token_id"),
+    ...(arch === "mamba2" ? { mamba2: mamba2Dims(gguf, dInner, dtRank) } : {}),
   };
+}
+
+/** The file's `general.architecture`, which must be one this library reads. */
+function ggufArchitecture(gguf: GgufFile): GgufArchitecture {
+  const arch = gguf.string("general.architecture");
+  if (arch === "mamba" || arch === "mamba2") return arch;
+  throw new ModelFileError(
+    gguf.file,
+    `Unsupported architecture "${arch}" in metadata "general.architecture": "mamba" and "mamba2" are read`,
+  );
+}
+
+/**
+ * A Mamba-2 file's SSD sizes: H heads (`mamba2.ssm.time_step_rank`) of dInner
+ * / H channels, G groups (`mamba2.ssm.group_count`, default 1) dividing H.
+ * llama.cpp keeps neither a chunk size nor a limit on Δ: transformers'
+ * defaults (chunks of 256, Δ unclamped), which do not change the results.
+ */
+function mamba2Dims(gguf: GgufFile, dInner: number, nHeads: number): Mamba2Dims {
+  const nGroups = gguf.integer("mamba2.ssm.group_count", 1);
+  if (dInner % nHeads !== 0 || nGroups === 0 || nHeads % nGroups !== 0) {
+    throw new ModelFileError(
+      gguf.file,
+      `Metadata "mamba2.ssm.time_step_rank" (heads) ${nHeads} must divide "mamba2.ssm.inner_size" ` +
+        `${dInner}, and "mamba2.ssm.group_count" ${nGroups} must divide the heads`,
+    );
+  }
+  return { nHeads, headDim: dInner / nHeads, nGroups, chunkSize: 256, dtLimit: [0, Infinity] };
 }
 
 function positive(gguf: GgufFile, key: string): number {

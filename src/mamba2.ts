@@ -44,12 +44,16 @@
 import type { Backend } from "./backend.ts";
 import { convChannels, type MambaConfig } from "./config.ts";
 
-/** One Mamba-2 block's weights. Shapes use the glossary above. */
-export interface Mamba2LayerWeights<T> {
+/**
+ * One Mamba-2 block's weights. Shapes use the glossary above. The matrices
+ * that only `linear` reads have type `M` (by default `T`): the loader may
+ * hand them over as quantized blocks or 16-bit values.
+ */
+export interface Mamba2LayerWeights<T, M = T> {
   /** RMSNorm weight before the mixer [D]. */
   norm: T;
   /** in_proj weight [dInner + convDim + H, D]: rows producing z, then x, B, C, then dt. */
-  inProj: T;
+  inProj: M;
   /** in_proj bias, when `projBias`. */
   inProjBias: T | null;
   /** Depthwise conv weights [convDim, dConv]. */
@@ -65,13 +69,13 @@ export interface Mamba2LayerWeights<T> {
   /** The gated RMSNorm's weight [dInner]. */
   gatedNorm: T;
   /** out_proj weight [D, dInner]. */
-  outProj: T;
+  outProj: M;
   /** out_proj bias [D], when `projBias`. */
   outProjBias: T | null;
 }
 
 /** Whether a layer's weights are a Mamba-2 block's. */
-export function isMamba2Layer<T>(layer: object): layer is Mamba2LayerWeights<T> {
+export function isMamba2Layer<T, M = T>(layer: object): layer is Mamba2LayerWeights<T, M> {
   return "gatedNorm" in layer;
 }
 
@@ -92,32 +96,40 @@ export type OptionalTensorReader = (
 
 /**
  * Reads and checks Mamba-2 block `prefix` (`backbone.layers.3.`): the same
- * tensor names in transformers' and state-spaces' checkpoints.
+ * tensor names in transformers' and state-spaces' checkpoints; llama.cpp's
+ * GGUF files (named as transformers' by the loader) hold A itself as `A`
+ * rather than `A_log`, A and D as [H, 1], and the gated norm's weight as [G,
+ * dInner / G]. `matrix` reads in_proj and out_proj.
  */
-export function readMamba2Layer(
+export function readMamba2Layer<M>(
   prefix: string,
   config: MambaConfig,
   tensor: TensorReader,
   optional: OptionalTensorReader,
-): Mamba2LayerWeights<Float32Array> {
+  matrix: (name: string, shape: [number, number]) => M,
+  has: (name: string) => boolean,
+): Mamba2LayerWeights<Float32Array, M> {
   const { dModel, dInner, dConv, mamba2 } = config;
   const heads = mamba2!.nHeads;
+  const groups = mamba2!.nGroups;
   const convDim = convChannels(config);
   const inProjRows = dInner + convDim + heads;
   const p = `${prefix}mixer.`;
-  const aLog = tensor(`${p}A_log`, [heads]);
+  const A = has(`${p}A`)
+    ? tensor(`${p}A`, [heads], [[heads, 1]])
+    : tensor(`${p}A_log`, [heads]).map((v) => -Math.exp(v));
   return {
     norm: tensor(`${prefix}norm.weight`, [dModel]),
-    inProj: tensor(`${p}in_proj.weight`, [inProjRows, dModel]),
+    inProj: matrix(`${p}in_proj.weight`, [inProjRows, dModel]),
     inProjBias: optional(`${p}in_proj.bias`, [inProjRows], config.projBias, "use_bias"),
     // PyTorch stores the depthwise kernel as [convDim, 1, dConv].
     convWeight: tensor(`${p}conv1d.weight`, [convDim, 1, dConv], [[convDim, dConv]]),
     convBias: optional(`${p}conv1d.bias`, [convDim], config.convBias, "use_conv_bias"),
     dtBias: tensor(`${p}dt_bias`, [heads]),
-    A: aLog.map((v) => -Math.exp(v)),
-    D: tensor(`${p}D`, [heads]),
-    gatedNorm: tensor(`${p}norm.weight`, [dInner]),
-    outProj: tensor(`${p}out_proj.weight`, [dModel, dInner]),
+    A,
+    D: tensor(`${p}D`, [heads], [[heads, 1]]),
+    gatedNorm: tensor(`${p}norm.weight`, [dInner], [[groups, dInner / groups]]),
+    outProj: matrix(`${p}out_proj.weight`, [dModel, dInner]),
     outProjBias: optional(`${p}out_proj.bias`, [dModel], config.projBias, "use_bias"),
   };
 }

@@ -316,7 +316,9 @@ export class MambaModel<Buf> {
     let identity = crc32(new TextEncoder().encode(JSON.stringify(config)));
     identity = crc32Floats(weights.normF, identity);
     for (const layer of weights.layers) {
-      const dtBias = isMamba2Layer<Float32Array>(layer) ? layer.dtBias : layer.dtProjBias;
+      const dtBias = isMamba2Layer<Float32Array, HostMatrix>(layer)
+        ? layer.dtBias
+        : layer.dtProjBias;
       for (const values of [layer.norm, layer.D, dtBias]) {
         identity = crc32Floats(values, identity);
       }
@@ -328,7 +330,7 @@ export class MambaModel<Buf> {
       lmHead: weights.lmHead === weights.embedding ? embedding : matrix(weights.lmHead, dModel),
       normF: up(weights.normF),
       layers: weights.layers.map((l): LayerWeights<Buf> | Mamba2LayerWeights<Buf> =>
-        isMamba2Layer<Float32Array>(l)
+        isMamba2Layer<Float32Array, HostMatrix>(l)
           ? {
             norm: up(l.norm),
             inProj: matrix(l.inProj, dModel),

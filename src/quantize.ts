@@ -5,6 +5,9 @@
  * {@link loadModel} read, with its tokenizer embedded when it has a
  * byte-level BPE tokenizer.json.
  *
+ * A Mamba-1 model becomes llama.cpp's architecture "mamba", a Mamba-2 one
+ * "mamba2" (tensors laid out as llama.cpp's converter lays them out).
+ *
  * The weight matrices (embedding, in_proj, x_proj, dt_proj, out_proj,
  * lm_head) take the chosen type, except that q4_0 and q4_k files keep the
  * output projection (the embedding, where it is tied) in q8_0, as llama.cpp
@@ -16,7 +19,7 @@
  * @module
  */
 
-import type { MambaConfig } from "./config.ts";
+import { convChannels, type MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, GGML_TYPES, typeName } from "./gguf.ts";
 import {
@@ -29,7 +32,7 @@ import {
 import { loadCheckpoint } from "./load.ts";
 import { openSource, readJson, type SourceOptions } from "./source.ts";
 import type { MambaWeights } from "./weights.ts";
-import { isMamba2Layer } from "./mamba2.ts";
+import { isMamba2Layer, type Mamba2LayerWeights } from "./mamba2.ts";
 
 /** A type `quantize` writes: the `--type` flag's values. */
 export type QuantizeType = "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "q4_k";
@@ -60,33 +63,36 @@ export async function quantizeModel(
 ): Promise<QuantizedModel> {
   const { config, weights } = await loadCheckpoint(source, options);
   const dir = await openSource(source, options);
-  if (config.mamba2 || config.mixerRmsEps !== undefined) {
+  if (config.mixerRmsEps !== undefined) {
     throw new ModelFileError(
       dir.describe("config.json"),
-      `quantize writes Mamba-1 models only; this config describes ${
-        config.mamba2 ? "Mamba-2" : "Falcon-Mamba"
-      }`,
+      "quantize writes Mamba-1 and Mamba-2 models; this config describes Falcon-Mamba",
     );
   }
+  // llama.cpp's architecture, whose name prefixes the model's metadata keys.
+  const arch = config.mamba2 ? "mamba2" : "mamba";
   const notes: string[] = [];
   const metadata = new Map<string, GgufEntry>([
-    ["general.architecture", { type: "string", value: "mamba" }],
+    ["general.architecture", { type: "string", value: arch }],
     ["general.name", {
       type: "string",
       value: String(source).replace(/\/+$/, "").split("/").pop()!,
     }],
     ["general.alignment", { type: "u32", value: 32 }],
-    ["mamba.context_length", { type: "u32", value: 1 << 20 }],
-    ["mamba.embedding_length", { type: "u32", value: config.dModel }],
-    ["mamba.feed_forward_length", { type: "u32", value: 0 }],
-    ["mamba.attention.head_count", { type: "u32", value: 0 }],
-    ["mamba.block_count", { type: "u32", value: config.nLayer }],
-    ["mamba.ssm.conv_kernel", { type: "u32", value: config.dConv }],
-    ["mamba.ssm.inner_size", { type: "u32", value: config.dInner }],
-    ["mamba.ssm.state_size", { type: "u32", value: config.dState }],
-    ["mamba.ssm.time_step_rank", { type: "u32", value: config.dtRank }],
-    ["mamba.attention.layer_norm_rms_epsilon", { type: "f32", value: config.eps }],
-    ["mamba.ssm.dt_b_c_rms", { type: "bool", value: false }],
+    [`${arch}.context_length`, { type: "u32", value: 1 << 20 }],
+    [`${arch}.embedding_length`, { type: "u32", value: config.dModel }],
+    [`${arch}.feed_forward_length`, { type: "u32", value: 0 }],
+    [`${arch}.attention.head_count`, { type: "u32", value: 0 }],
+    [`${arch}.block_count`, { type: "u32", value: config.nLayer }],
+    [`${arch}.ssm.conv_kernel`, { type: "u32", value: config.dConv }],
+    [`${arch}.ssm.inner_size`, { type: "u32", value: config.dInner }],
+    [`${arch}.ssm.state_size`, { type: "u32", value: config.dState }],
+    // Mamba-1's R; Mamba-2's heads H, which llama.cpp keeps under the same key.
+    [`${arch}.ssm.time_step_rank`, { type: "u32", value: config.dtRank }],
+    [`${arch}.attention.layer_norm_rms_epsilon`, { type: "f32", value: config.eps }],
+    ...(config.mamba2
+      ? [["mamba2.ssm.group_count", { type: "u32", value: config.mamba2.nGroups }] as const]
+      : [["mamba.ssm.dt_b_c_rms", { type: "bool", value: false }] as const]),
     ["general.file_type", { type: "u32", value: FILE_TYPES[type] }],
     ["general.quantization_version", { type: "u32", value: 2 }],
   ]);
@@ -145,8 +151,11 @@ function ggufTensors(
     tied ? outputType : matrixType,
   );
   weights.layers.forEach((layer, i) => {
-    if (isMamba2Layer(layer)) throw new Error("quantize writes Mamba-1 layers only");
     const p = `blk.${i}.`;
+    if (isMamba2Layer<Float32Array>(layer)) {
+      mamba2Tensors(p, config, layer, plain, matrix);
+      return;
+    }
     plain(`${p}attn_norm.weight`, [dModel], layer.norm);
     matrix(`${p}ssm_in.weight`, [2 * dInner, dModel], layer.inProj);
     plain(`${p}ssm_in.bias`, [2 * dInner], layer.inProjBias);
@@ -163,6 +172,35 @@ function ggufTensors(
   plain("output_norm.weight", [dModel], weights.normF);
   if (!tied) matrix("output.weight", [vocabSize, dModel], weights.lmHead, outputType);
   return tensors;
+}
+
+/**
+ * A Mamba-2 block's tensors as llama.cpp's converter writes them: A itself
+ * (not A_log) and D as [H, 1], the gated norm's weight as [G, dInner / G],
+ * the conv kernel as [channels, dConv], dt's bias as ssm_dt.bias.
+ */
+function mamba2Tensors(
+  p: string,
+  config: MambaConfig,
+  layer: Mamba2LayerWeights<Float32Array>,
+  plain: (name: string, shape: number[], values: Float32Array | null) => void,
+  matrix: (name: string, shape: number[], values: Float32Array) => void,
+): void {
+  const { dModel, dInner, dConv } = config;
+  const { nHeads, nGroups } = config.mamba2!;
+  const channels = convChannels(config);
+  const inRows = dInner + channels + nHeads;
+  plain(`${p}attn_norm.weight`, [dModel], layer.norm);
+  matrix(`${p}ssm_in.weight`, [inRows, dModel], layer.inProj);
+  plain(`${p}ssm_in.bias`, [inRows], layer.inProjBias);
+  plain(`${p}ssm_conv1d.weight`, [channels, dConv], layer.convWeight);
+  plain(`${p}ssm_conv1d.bias`, [channels], layer.convBias);
+  plain(`${p}ssm_dt.bias`, [nHeads], layer.dtBias);
+  plain(`${p}ssm_a`, [nHeads, 1], layer.A);
+  plain(`${p}ssm_d`, [nHeads, 1], layer.D);
+  plain(`${p}ssm_norm.weight`, [nGroups, dInner / nGroups], layer.gatedNorm);
+  matrix(`${p}ssm_out.weight`, [dModel, dInner], layer.outProj);
+  plain(`${p}ssm_out.bias`, [dModel], layer.outProjBias);
 }
 
 /** ggml token types. */

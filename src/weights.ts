@@ -80,7 +80,7 @@ export interface MambaWeights<T, M = T> {
   /** Token embedding [vocab, D]. */
   embedding: M;
   /** One entry per block: Mamba-1's (and Falcon-Mamba's), or Mamba-2's where the config says so. */
-  layers: (LayerWeights<T, M> | Mamba2LayerWeights<T>)[];
+  layers: (LayerWeights<T, M> | Mamba2LayerWeights<T, M>)[];
   /** Final RMSNorm weight [D]. */
   normF: T;
   /** Output projection [vocab, D]; the embedding itself when tied. */
@@ -330,11 +330,14 @@ function walkWeights(
   const layers: HostWeights["layers"] = [];
   for (let l = 0; l < nLayer; l++) {
     const p = `backbone.layers.${l}.`;
-    // -exp(A_log) overflows to -Infinity for a finite but huge A_log.
-    const checkA = (A: Float32Array) =>
+    // -exp(A_log) overflows to -Infinity for a finite but huge A_log. (A file holding A itself
+    // had it checked as it was read.)
+    const checkA = (A: Float32Array) => {
+      if (store.has(`${p}mixer.A`)) return;
       checkFinite(A, store.fileOf(`${p}mixer.A_log`, "").file, `${p}mixer.A_log (as -exp)`);
+    };
     if (config.mamba2) {
-      const layer = readMamba2Layer(p, config, tensor, optional);
+      const layer = readMamba2Layer(p, config, tensor, optional, matrix, (name) => store.has(name));
       checkA(layer.A);
       layers.push(layer);
       continue;

@@ -17,7 +17,12 @@ import { openSource } from "../src/source.ts";
 import { BLOCK_ELEMENTS, dequantizeMatrix, isHalf, quantizedMatrix } from "../src/quant.ts";
 import { loadModel } from "../src/load.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
-import { oracleDiff, SHARED } from "./helpers.ts";
+import { maxAbsDiff, oracleDiff, SHARED } from "./helpers.ts";
+import type { Backend } from "../src/backend.ts";
+import { JsBackend } from "../src/backends/js.ts";
+import { WasmBackend } from "../src/backends/wasm.ts";
+import { WebGpuBackend } from "../src/backends/webgpu.ts";
+import { MambaModel } from "../src/model.ts";
 
 const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;
 
@@ -305,5 +310,53 @@ Deno.test("a local GGUF's 16-bit matrices are read from the file as the backend 
     assertEquals(first, again);
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+const gpuAdapter = await navigator.gpu?.requestAdapter();
+
+Deno.test("a Mamba-2 GGUF's F16 matrices stay 16-bit on wasm and webgpu, with the js backend's logits within 1e-4", async () => {
+  const { config, weights } = await loadGguf(
+    await openSource(FIXTURES),
+    "mamba2-tiny-groups2-f16.gguf",
+  );
+  assert(config.mamba2, "a Mamba-2 config");
+  const ids = SafetensorsFile.parse(
+    await Deno.readFile(`${SHARED}/fixtures/mamba2/tiny-groups2/expected.safetensors`),
+    "expected.safetensors",
+  ).int32("input_ids");
+  const logitsOf = async (backend: Backend<unknown>) => {
+    const model = new MambaModel(backend, config, weights);
+    const slot = model.pool.acquire();
+    try {
+      return await model.forward(slot, ids);
+    } finally {
+      model.pool.release(slot);
+    }
+  };
+  const want = await logitsOf(new JsBackend());
+  const backends: [string, () => Promise<Backend<unknown>>][] = [
+    ["wasm", () => WasmBackend.create({ threads: 2 }) as Promise<Backend<unknown>>],
+  ];
+  if (gpuAdapter) {
+    backends.push(["webgpu", () => WebGpuBackend.create({ adapter: gpuAdapter })]);
+  }
+  for (const [label, create] of backends) {
+    const backend = await create();
+    try {
+      // in_proj and out_proj of both layers, and the embedding (the tied head).
+      let kept = 0;
+      const uploadHalf = backend.uploadHalfMatrix.bind(backend);
+      backend.uploadHalfMatrix = (matrix) => {
+        const buffer = uploadHalf(matrix);
+        if (buffer !== null) kept++;
+        return buffer;
+      };
+      const diff = maxAbsDiff(await logitsOf(backend), want);
+      assertEquals(kept, 2 * config.nLayer + 1, `${label}: matrices kept 16-bit`);
+      assert(diff <= 1e-4, `${label}: max |Δlogit| ${diff}`);
+    } finally {
+      backend.dispose?.();
+    }
   }
 });

@@ -241,114 +241,143 @@ Deno.test("Mamba-2 checkpoints: state-spaces names, untied heads, bad shapes", a
   });
 });
 
-for (const { label, name, options, ignore } of BACKENDS) {
-  Deno.test({
-    name: `[${label}] Mamba-2 tiny-groups2 through the public API`,
-    ignore,
-    async fn(t) {
-      const dir = await modelDir(
+/**
+ * Where tiny-groups2 loads from: its checkpoint, or a GGUF laid out as
+ * llama.cpp's converter writes Mamba-2 (tests/fixtures/gguf/make_mamba2.py,
+ * with gguf-py: architecture "mamba2", A itself, grouped norm weights).
+ */
+const MAMBA2_SOURCES: {
+  format: string;
+  source: () => Promise<{ path: string; tokenizer?: string }>;
+}[] = [
+  {
+    format: "safetensors",
+    source: async () => ({
+      path: await modelDir(
         await readJson(`${MAMBA2}/config.json`),
         await readTensors(`${MAMBA2}/model.safetensors`),
-      );
-      const mamba = await loadModel(dir, { backend: name, ...options });
-      const { prompt, logits, continuation } = await expected(MAMBA2);
-      const vocab = mamba.vocabSize;
-
-      await t.step(
-        "forward logits within 1e-4 (L = 37: past chunk boundaries, a partial last chunk)",
-        async () => {
-          const diff = maxAbsDiff(await mamba.forward(prompt), logits);
-          assert(diff <= 1e-4, `max abs diff ${diff}`);
-        },
-      );
-
-      await t.step("generate reproduces greedy_ids", async () => {
-        const ids: number[] = [];
-        const generation = mamba.generate(prompt, {
-          maxNewTokens: continuation.length,
-          temperature: 0,
-          ignoreEos: true,
-        });
-        for await (const event of generation) ids.push(event.token);
-        assertEquals(ids, continuation);
-      });
-
-      await t.step(
-        "step by step (L = 1) and prefills in uneven parts agree with the forward",
-        async () => {
-          const session = mamba.session();
-          for (let i = 0; i < prompt.length; i++) {
-            const got = await session.step(prompt[i]);
-            const diff = maxAbsDiff(got, logits.subarray(i * vocab, (i + 1) * vocab));
-            assert(diff <= 1e-4, `position ${i}: max abs diff ${diff}`);
-          }
-          const parts = mamba.session();
-          let end = 0;
-          for (const part of [1, 17, 3, 16]) {
-            const got = await parts.prefill(prompt.slice(end, end + part));
-            end += part;
-            const diff = maxAbsDiff(got, logits.subarray((end - 1) * vocab, end * vocab));
-            assert(diff <= 1e-4, `after ${end} ids: max abs diff ${diff}`);
-          }
-        },
-      );
-
-      await t.step("a snapshot resumes where it was taken", async () => {
-        const session = mamba.session();
-        await session.prefill(prompt);
-        const head = await session.greedy(5);
-        const resumed = mamba.session(await session.snapshot());
-        const rest = await resumed.greedy(continuation.length - 5);
-        assertEquals([...head.ids, ...rest.ids], continuation);
-        assertEquals((await session.greedy(continuation.length - 5)).ids, rest.ids);
-      });
-
-      await t.step("streams decoded together in the engine, joining late", async () => {
-        const lengths = [continuation.length, 3, 9, 1, 12, 7];
-        const results = lengths.map(async (maxTokens, i) => {
-          if (i > 0) await new Promise((resolve) => setTimeout(resolve, i));
-          const session = mamba.session();
-          const result = await session.decode({
-            prompt: prompt.slice(0, prompt.length - (i % 2)),
-            sampler: new Sampler({ temperature: 0 }),
-            maxTokens,
-          });
-          session.dispose();
-          return result;
-        });
-        const all = await Promise.all(results);
-        for (const [i, result] of all.entries()) {
-          if (i % 2 === 0) {
-            assertEquals(result, { ids: continuation.slice(0, lengths[i]), stopped: false });
-          }
-        }
-        // Odd streams dropped the prompt's last id: their first pick is the
-        // greedy choice after the shorter prompt, then they follow their own way.
-        const shorter = prompt.length - 1;
-        const firstPick = argmaxRow(logits, shorter - 1, vocab);
-        for (const [i, result] of all.entries()) {
-          if (i % 2 === 1) assertEquals(result.ids[0], firstPick, `stream ${i}`);
-        }
-      });
-
-      await t.step("sessions stepped together agree with one alone", async () => {
-        const sessions = [mamba.session(), mamba.session(), mamba.session()];
-        await Promise.all(sessions.map((s) => s.prefill(prompt)));
-        let next = continuation[0];
-        for (let i = 1; i < 8; i++) {
-          const rows = await Session.stepTogether(sessions, [next, next, next]);
-          for (const row of rows) {
-            const diff = maxAbsDiff(row, rows[0]);
-            // Rows of one batched product may round differently.
-            assert(diff <= 1e-5, `rows differ by ${diff}`);
-          }
-          next = argmaxRow(rows[0], 0, vocab);
-          assertEquals(next, continuation[i]);
-        }
-      });
-      mamba.model.backend.dispose();
+      ),
+    }),
+  },
+  {
+    // The file has no tokenizer: the same byte-level one, from a directory of its own.
+    format: "GGUF",
+    source: async () => {
+      const tokenizer = await Deno.makeTempDir({ prefix: "mamba2-tokenizer-" });
+      await Deno.writeTextFile(`${tokenizer}/tokenizer.json`, JSON.stringify(bytesTokenizer()));
+      const path = new URL("./fixtures/gguf/mamba2-tiny-groups2.gguf", import.meta.url).pathname;
+      return { path, tokenizer };
     },
-  });
+  },
+];
+
+for (const { label, name, options, ignore } of BACKENDS) {
+  for (const { format, source } of MAMBA2_SOURCES) {
+    Deno.test({
+      name: `[${label}] Mamba-2 tiny-groups2 (${format}) through the public API`,
+      ignore,
+      async fn(t) {
+        const { path, tokenizer } = await source();
+        const mamba = await loadModel(path, { backend: name, tokenizer, ...options });
+        const { prompt, logits, continuation } = await expected(MAMBA2);
+        const vocab = mamba.vocabSize;
+
+        await t.step(
+          "forward logits within 1e-4 (L = 37: past chunk boundaries, a partial last chunk)",
+          async () => {
+            const diff = maxAbsDiff(await mamba.forward(prompt), logits);
+            assert(diff <= 1e-4, `max abs diff ${diff}`);
+          },
+        );
+
+        await t.step("generate reproduces greedy_ids", async () => {
+          const ids: number[] = [];
+          const generation = mamba.generate(prompt, {
+            maxNewTokens: continuation.length,
+            temperature: 0,
+            ignoreEos: true,
+          });
+          for await (const event of generation) ids.push(event.token);
+          assertEquals(ids, continuation);
+        });
+
+        await t.step(
+          "step by step (L = 1) and prefills in uneven parts agree with the forward",
+          async () => {
+            const session = mamba.session();
+            for (let i = 0; i < prompt.length; i++) {
+              const got = await session.step(prompt[i]);
+              const diff = maxAbsDiff(got, logits.subarray(i * vocab, (i + 1) * vocab));
+              assert(diff <= 1e-4, `position ${i}: max abs diff ${diff}`);
+            }
+            const parts = mamba.session();
+            let end = 0;
+            for (const part of [1, 17, 3, 16]) {
+              const got = await parts.prefill(prompt.slice(end, end + part));
+              end += part;
+              const diff = maxAbsDiff(got, logits.subarray((end - 1) * vocab, end * vocab));
+              assert(diff <= 1e-4, `after ${end} ids: max abs diff ${diff}`);
+            }
+          },
+        );
+
+        await t.step("a snapshot resumes where it was taken", async () => {
+          const session = mamba.session();
+          await session.prefill(prompt);
+          const head = await session.greedy(5);
+          const resumed = mamba.session(await session.snapshot());
+          const rest = await resumed.greedy(continuation.length - 5);
+          assertEquals([...head.ids, ...rest.ids], continuation);
+          assertEquals((await session.greedy(continuation.length - 5)).ids, rest.ids);
+        });
+
+        await t.step("streams decoded together in the engine, joining late", async () => {
+          const lengths = [continuation.length, 3, 9, 1, 12, 7];
+          const results = lengths.map(async (maxTokens, i) => {
+            if (i > 0) await new Promise((resolve) => setTimeout(resolve, i));
+            const session = mamba.session();
+            const result = await session.decode({
+              prompt: prompt.slice(0, prompt.length - (i % 2)),
+              sampler: new Sampler({ temperature: 0 }),
+              maxTokens,
+            });
+            session.dispose();
+            return result;
+          });
+          const all = await Promise.all(results);
+          for (const [i, result] of all.entries()) {
+            if (i % 2 === 0) {
+              assertEquals(result, { ids: continuation.slice(0, lengths[i]), stopped: false });
+            }
+          }
+          // Odd streams dropped the prompt's last id: their first pick is the
+          // greedy choice after the shorter prompt, then they follow their own way.
+          const shorter = prompt.length - 1;
+          const firstPick = argmaxRow(logits, shorter - 1, vocab);
+          for (const [i, result] of all.entries()) {
+            if (i % 2 === 1) assertEquals(result.ids[0], firstPick, `stream ${i}`);
+          }
+        });
+
+        await t.step("sessions stepped together agree with one alone", async () => {
+          const sessions = [mamba.session(), mamba.session(), mamba.session()];
+          await Promise.all(sessions.map((s) => s.prefill(prompt)));
+          let next = continuation[0];
+          for (let i = 1; i < 8; i++) {
+            const rows = await Session.stepTogether(sessions, [next, next, next]);
+            for (const row of rows) {
+              const diff = maxAbsDiff(row, rows[0]);
+              // Rows of one batched product may round differently.
+              assert(diff <= 1e-5, `rows differ by ${diff}`);
+            }
+            next = argmaxRow(rows[0], 0, vocab);
+            assertEquals(next, continuation[i]);
+          }
+        });
+        mamba.model.backend.dispose();
+      },
+    });
+  }
 
   Deno.test({
     name: `[${label}] Falcon-Mamba through the public API`,

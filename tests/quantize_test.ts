@@ -413,3 +413,50 @@ for (const type of ["f16", "bf16"] as const) {
     },
   });
 }
+
+Deno.test("a Mamba-2 model quantizes to llama.cpp's mamba2 layout; its Q8_0 blocks stay blocks on wasm", async () => {
+  const mamba2 = `${SHARED}/fixtures/mamba2/tiny-groups2`;
+  // As F32, every tensor as tests/fixtures/gguf/make_mamba2.py lays the model out with gguf-py,
+  // following llama.cpp's converter: names, dimensions, types and bytes.
+  const { bytes } = await quantizeModel(mamba2, "f32");
+  const ours = GgufFile.parse(bytes, "ours.gguf");
+  const fixture = GgufFile.parse(
+    await Deno.readFile(new URL("./fixtures/gguf/mamba2-tiny-groups2.gguf", import.meta.url)),
+    "mamba2-tiny-groups2.gguf",
+  );
+  assertEquals(ours.string("general.architecture"), "mamba2");
+  assertEquals([...ours.tensors.keys()].sort(), [...fixture.tensors.keys()].sort());
+  for (const [name, info] of fixture.tensors) {
+    const mine = ours.info(name);
+    assertEquals([mine.dims, mine.type], [info.dims, info.type], name);
+    assertEquals(ours.raw(name), fixture.raw(name), name);
+  }
+  for (const [key, value] of fixture.metadata) {
+    if (key.startsWith("mamba2.")) assertEquals(ours.metadata.get(key), value, key);
+  }
+
+  const dir = await Deno.makeTempDir({ prefix: "mamba2-quantize-test-" });
+  try {
+    await Deno.writeFile(`${dir}/q8_0.gguf`, (await quantizeModel(mamba2, "q8_0")).bytes);
+    const ids = SafetensorsFile.parse(
+      await Deno.readFile(`${mamba2}/expected.safetensors`),
+      "expected.safetensors",
+    ).int32("input_ids");
+    // The js backend runs the dequantized blocks in f32, the reference.
+    await using reference = await loadModel(`${dir}/q8_0.gguf`, { backend: "js" });
+    const want = await reference.forward(ids);
+    await using model = await loadModel(`${dir}/q8_0.gguf`, { backend: "wasm", threads: 2 });
+    const held = (model.model.backend as WasmBackend).copiedBytes;
+    // in_proj [392, 64], out_proj [64, 128] of both layers and the embedding [256, 64] as
+    // 40-byte blocks of 32; the vectors in f32: per layer the norm (64), the conv's weights and
+    // bias (256 · 4 + 256), dt's bias, A and D (8 each) and the gated norm's weight (128), then
+    // the final norm (64).
+    const blocks = (2 * (392 * 64 + 64 * 128) + 256 * 64) / 32;
+    const vectors = 2 * (64 + 256 * 4 + 256 + 3 * 8 + 128) + 64;
+    assertEquals(held, 40 * blocks + 4 * vectors, "bytes copied in at load");
+    const diff = maxAbsDiff(await model.forward(ids), want);
+    assert(diff < 1e-3, `max |Δlogit| ${diff}`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
