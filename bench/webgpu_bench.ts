@@ -158,7 +158,8 @@ async function benchOps(gpu: WebGpuBackend) {
   const small = r(16, 4);
   const B = r(L * N, 5);
   const A = gpu.upload(uniformFloats(E * N, -16, -1, 6));
-  const scan = (len: number) => () =>
+  /** A scan of `batch` sequences of `len` tokens, their states in `state`. */
+  const scan = (len: number, batch = 1, state = st) => () =>
     gpu.selectiveScan({
       y: out,
       u: x,
@@ -170,10 +171,11 @@ async function benchOps(gpu: WebGpuBackend) {
       z: x,
       deltaBias: w,
       deltaSoftplus: true,
-      state: st,
+      state,
       len,
       dim: E,
       dState: N,
+      batch,
     });
   const cases: [string, number, () => void][] = [
     ["matmul 512x768->1536", 20, () => gpu.linear(out, x, w, null, L, D, E)],
@@ -232,24 +234,7 @@ async function benchOps(gpu: WebGpuBackend) {
         per,
         () => gpu.linear(out, x, w, null, rows, E, 80),
       ],
-      [`decode ${rows}: scan step`, per, () =>
-        gpu.selectiveScan({
-          y: out,
-          u: x,
-          delta: x,
-          A,
-          B,
-          C: B,
-          D: w,
-          z: x,
-          deltaBias: w,
-          deltaSoftplus: true,
-          state: states,
-          len: 1,
-          dim: E,
-          dState: N,
-          batch: rows,
-        })],
+      [`decode ${rows}: scan step`, per, scan(1, rows, states)],
       [
         `decode ${rows}: out_proj ${rows}x1536->768 (+=)`,
         per,
