@@ -85,8 +85,9 @@ export interface DecodeResult {
 export interface EngineOptions {
   /**
    * Steps per decode round: default 1 where the backend runs each operation
-   * at once, else {@link FIRST_ROUND_STEPS} for the first round after the
-   * engine was idle and {@link MAX_ROUND_STEPS} after it.
+   * at once, else {@link FIRST_ROUND_STEPS} for a round of sequences that
+   * have just joined (none still decoding) and {@link MAX_ROUND_STEPS} for
+   * the others.
    */
   roundSteps?: number;
   /** Issue each round before the previous one is read back (default: where the backend queues work). */
@@ -102,10 +103,14 @@ export interface EngineOptions {
  * sequence take about 21 ms on an H200. Timing rounds to size them is not
  * reliable (when a read returns says little about when the device finished),
  * and a round shorter than a read-back leaves the device idle for the rest
- * of it, so every round but the first takes this many.
+ * of it, so every round takes this many but a first one (see FIRST_ROUND_STEPS).
  */
 const MAX_ROUND_STEPS = 32;
-/** Steps of the first round after the engine was idle, so that the first ids come back soon. */
+/**
+ * Steps of a round of sequences that have just joined, none still decoding
+ * (the engine was idle, or its last stream has just ended), so that their
+ * first ids come back soon.
+ */
 const FIRST_ROUND_STEPS = 4;
 /**
  * Where the backend queues work, a prompt chunk shorter than this is fed in
@@ -265,8 +270,6 @@ export class DecodeEngine<Buf> {
   readonly #feedLastRows = new Map<string, Buf | null>();
   /** Piece shapes "batch:len" the backend refused to capture: fed directly. */
   readonly #uncaptured = new Set<string>();
-  /** Whether a round with steps has been issued since the engine was last idle. */
-  #warm = false;
 
   /** An engine for `model`; use {@link engineFor}, which keeps one per model. */
   constructor(model: MambaModel<Buf>, options: EngineOptions = {}) {
@@ -380,7 +383,6 @@ export class DecodeEngine<Buf> {
     } finally {
       // Synchronously after the last check for work: a later submission starts a new loop.
       this.#running = false;
-      this.#warm = false;
     }
   }
 
@@ -582,7 +584,7 @@ export class DecodeEngine<Buf> {
     const remaining = Math.max(
       ...rows.map((seq, b) => seq.job.maxTokens - seq.issued - (b < joinCount ? 1 : 0)),
     );
-    const steps = separateJoins ? 0 : Math.min(this.#roundSteps(), remaining);
+    const steps = separateJoins ? 0 : Math.min(this.#roundSteps(continuing.length > 0), remaining);
     const batch = rows.length;
     this.#fitBuffers(batch);
 
@@ -665,7 +667,6 @@ export class DecodeEngine<Buf> {
     this.stats.rounds++;
     this.stats.steps += steps;
     this.stats.rowSteps += steps * batch;
-    this.#warm ||= steps > 0;
     return { rows, joiners: joinCount, steps, checkpoint, fedAtStart, read: null };
   }
 
@@ -676,10 +677,10 @@ export class DecodeEngine<Buf> {
     round.read.catch(() => {}); // Reported where it is awaited.
   }
 
-  /** Steps of the next round. */
-  #roundSteps(): number {
+  /** Steps of the next round, which holds sequences still decoding or only ones that just joined. */
+  #roundSteps(decoding: boolean): number {
     if (this.#fixedSteps !== undefined) return this.#fixedSteps;
-    return this.#warm ? MAX_ROUND_STEPS : FIRST_ROUND_STEPS;
+    return decoding ? MAX_ROUND_STEPS : FIRST_ROUND_STEPS;
   }
 
   /** The step `t` of a round of `batch` rows, recorded once and replayed after. */

@@ -301,6 +301,45 @@ for (const { label, name, options, ignore } of BACKENDS) {
   });
 }
 
+Deno.test({
+  name:
+    "[webgpu] a stream that starts as the last one ends gets an idle engine's short first round",
+  ignore: !adapter,
+  fn: async () => {
+    const mamba = await loadModel(TINY, { backend: "webgpu" });
+    try {
+      const engine = engineFor(mamba.model);
+      const { prompts, greedy } = await reference();
+      /** Rounds the engine issues for one greedy stream of 6 ids, and the ids. */
+      const stream = async () => {
+        const rounds = engine.stats.rounds;
+        const ids: number[] = [];
+        const generation = mamba.generate(prompts[0], { maxNewTokens: 6, temperature: 0 });
+        for await (const event of generation) ids.push(event.token);
+        return { rounds: engine.stats.rounds - rounds, ids };
+      };
+      const idle = await stream();
+      assertEquals(idle.ids, greedy[0].slice(0, 6));
+      assert(idle.rounds >= 2, `a short first round, then the rest: ${idle.rounds} rounds`);
+      // Started in the same turn as the last stream's end, while the engine's loop still runs,
+      // the next stream has no one to share a long round with: it gets the same short first one.
+      let next: Promise<{ rounds: number; ids: number[] }> | undefined;
+      const rounds = engine.stats.rounds;
+      const ids: number[] = [];
+      for await (const event of mamba.generate(prompts[0], { maxNewTokens: 6, temperature: 0 })) {
+        ids.push(event.token);
+        if (ids.length === 6) next = stream();
+      }
+      assertEquals(ids, greedy[0].slice(0, 6));
+      const following = await next!;
+      assertEquals(engine.stats.rounds - rounds - following.rounds, idle.rounds);
+      assertEquals(following, idle);
+    } finally {
+      mamba.dispose();
+    }
+  },
+});
+
 Deno.test("engine: rounds of 4 steps issued ahead of their read-back rewind to the exact id (js)", async () => {
   // The js backend made to run as a device would: pipelined rounds of four
   // steps, so sequences run past their ends and are rewound.
