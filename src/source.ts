@@ -75,9 +75,9 @@ export interface ModelSource {
   readHead?(name: string): Promise<FileHead | null>;
   /**
    * A local file holding the file's bytes (the file itself, or the cache's
-   * copy of a download), or null where there is none yet: a GGUF file is
-   * then read in parts ({@link readFileRange}), tensor by tensor as the
-   * backend takes them, rather than whole.
+   * copy, downloaded to it first), or null where there is none (no cache): a
+   * GGUF file is then read in parts ({@link readFileRange}), tensor by tensor
+   * as the backend takes them, rather than whole.
    */
   localPath?(name: string): Promise<string | null>;
 }
@@ -383,6 +383,22 @@ class HttpSource implements ModelSource {
   ): Promise<Uint8Array> {
     const cached = this.cache === null ? null : await this.#cached(name, allocate, onFilled);
     if (cached !== null) return cached;
+    const bytes = await this.#download(
+      name,
+      (response, watchdog) => this.#receive(name, response, allocate, onFilled, watchdog),
+    );
+    await this.#store(name, bytes);
+    return bytes;
+  }
+
+  /**
+   * Fetches file `name` and hands the answer to `receive`; a missing file, an
+   * HTTP error or a download that stalls is a {@link ModelFileError}.
+   */
+  async #download<T>(
+    name: string,
+    receive: (response: Response, watchdog: Watchdog) => Promise<T>,
+  ): Promise<T> {
     const { response, watchdog } = await this.#fetch(name, "GET");
     if (!response.ok) {
       watchdog.stop();
@@ -394,9 +410,8 @@ class HttpSource implements ModelSource {
           : `HTTP ${response.status} ${response.statusText}`,
       );
     }
-    let bytes;
     try {
-      bytes = await this.#receive(name, response, allocate, onFilled, watchdog);
+      return await receive(response, watchdog);
     } catch (error) {
       if (!watchdog.timedOut) throw error;
       throw new ModelFileError(
@@ -407,8 +422,6 @@ class HttpSource implements ModelSource {
     } finally {
       watchdog.stop();
     }
-    await this.#store(name, bytes);
-    return bytes;
   }
 
   async readHead(name: string): Promise<FileHead | null> {
@@ -535,9 +548,63 @@ class HttpSource implements ModelSource {
     return loaded === buffer.length ? buffer : buffer.slice(0, loaded);
   }
 
-  /** The cache's copy of the file, once an earlier load has downloaded it. */
+  /**
+   * The cache's copy of the file, downloaded there first where it is not yet:
+   * streamed to disk as it arrives, never held whole. Null without a cache,
+   * or where the cache cannot be written.
+   */
   async localPath(name: string): Promise<string | null> {
-    return this.cache !== null && await this.#isCached(name) ? `${this.cache}${name}` : null;
+    if (this.cache === null) return null;
+    const path = `${this.cache}${name}`;
+    if (await this.#isCached(name)) return path;
+    const temp = `${path}.${crypto.randomUUID()}.partial`;
+    let file: Deno.FsFile;
+    try {
+      await Deno.mkdir(this.cache, { recursive: true });
+      file = await Deno.open(temp, { write: true, createNew: true });
+    } catch {
+      return null; // A read-only or absent file system: the caller reads the file whole.
+    }
+    try {
+      await this.#download(
+        name,
+        (response, watchdog) => this.#save(name, response, watchdog, file),
+      );
+      file.close();
+      await Deno.rename(temp, path);
+      return path;
+    } catch (error) {
+      try {
+        file.close();
+      } catch {
+        // Already closed.
+      }
+      await Deno.remove(temp).catch(() => {});
+      throw error;
+    }
+  }
+
+  /** Writes `response`'s body to `file` as it arrives, reporting progress. */
+  async #save(name: string, response: Response, watchdog: Watchdog, file: Deno.FsFile) {
+    const header = Number(response.headers.get("content-length"));
+    const total = Number.isFinite(header) && header > 0 ? header : undefined;
+    const onProgress = this.options.onProgress;
+    let loaded = 0;
+    onProgress?.({ file: name, loaded, total });
+    for await (const chunk of response.body ?? []) {
+      watchdog.feed();
+      for (let written = 0; written < chunk.length;) {
+        written += await file.write(chunk.subarray(written));
+      }
+      loaded += chunk.length;
+      onProgress?.({ file: name, loaded, total });
+    }
+    if (total !== undefined && loaded !== total) {
+      throw new ModelFileError(
+        this.describe(name),
+        `Download ended after ${loaded} of ${total} bytes`,
+      );
+    }
   }
 
   async #isCached(name: string): Promise<boolean> {

@@ -232,6 +232,40 @@ Deno.test("a .gguf source: a path, a URL or a hub file", async (t) => {
       await server.shutdown();
     }
   });
+  await t.step(
+    "from the hub, the file goes to the cache and is read from there, also offline",
+    async () => {
+      const requests: string[] = [];
+      const bytes = await Deno.readFile(`${FIXTURES}odd-bf16-f16.gguf`);
+      const server = Deno.serve(
+        { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+        (req) => {
+          const path = new URL(req.url).pathname;
+          requests.push(`${req.method} ${path}`);
+          if (path !== "/owner/repo/resolve/main/m.gguf") {
+            return new Response("not found", { status: 404 });
+          }
+          return new Response(bytes, { headers: { "content-length": String(bytes.length) } });
+        },
+      );
+      const cacheDir = await Deno.makeTempDir({ prefix: "mamba-gguf-hub-" });
+      const options = { hfEndpoint: `http://127.0.0.1:${server.addr.port}`, cacheDir };
+      try {
+        const model = await loadModel("owner/repo/m.gguf", { ...options, backend: "js" });
+        assert((await oracleDiff(model, "odd-bf16")) < 1e-4);
+        assertEquals(requests, ["GET /owner/repo/resolve/main/m.gguf"]);
+        const cached = `${cacheDir}/hub/owner--repo/main/m.gguf`;
+        assertEquals(await Deno.readFile(cached), bytes);
+        await server.shutdown();
+        const offline = await loadModel("owner/repo/m.gguf", { ...options, backend: "js" });
+        assert((await oracleDiff(offline, "odd-bf16")) < 1e-4);
+        assertEquals(requests.length, 1);
+      } finally {
+        await server.shutdown().catch(() => {});
+        await Deno.remove(cacheDir, { recursive: true });
+      }
+    },
+  );
 });
 
 Deno.test("a GGUF tells auto which matrices it keeps as blocks", async () => {
