@@ -16,7 +16,7 @@ import {
 import { selectBackend } from "../src/dispatch.ts";
 import { parseConfig } from "../src/config.ts";
 import { ModelFileError } from "../src/errors.ts";
-import { loadCheckpoint, loadModel } from "../src/load.ts";
+import { loadCheckpoint, loadModel, type Mamba } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
 import { Sampler } from "../src/sampler.ts";
@@ -26,7 +26,6 @@ import { maxAbsDiff, SHARED } from "./helpers.ts";
 const MAMBA2 = `${SHARED}/fixtures/mamba2/tiny-groups2`;
 const FALCON = `${SHARED}/fixtures/hf-oracle/falcon-mamba-tiny`;
 
-/** The backends that run Mamba-2, each with its options. */
 const adapter = await navigator.gpu?.requestAdapter();
 
 /** The backends that run Mamba-2, each with its options. */
@@ -94,6 +93,18 @@ async function modelDir(config: Json, tensors: Tensors): Promise<string> {
   await Deno.writeFile(`${dir}/model.safetensors`, writeSafetensors(tensors));
   await Deno.writeTextFile(`${dir}/tokenizer.json`, JSON.stringify(bytesTokenizer()));
   return dir;
+}
+
+/** The `count` ids `generate` picks greedily after `prompt`, end-of-sequence ids included. */
+async function greedyIds(mamba: Mamba, prompt: number[], count: number): Promise<number[]> {
+  const ids: number[] = [];
+  const generation = mamba.generate(prompt, {
+    maxNewTokens: count,
+    temperature: 0,
+    ignoreEos: true,
+  });
+  for await (const event of generation) ids.push(event.token);
+  return ids;
 }
 
 /** A fixture's prompt, full-sequence logits and greedy ids (one row). */
@@ -291,14 +302,7 @@ for (const { label, name, options, ignore } of BACKENDS) {
         );
 
         await t.step("generate reproduces greedy_ids", async () => {
-          const ids: number[] = [];
-          const generation = mamba.generate(prompt, {
-            maxNewTokens: continuation.length,
-            temperature: 0,
-            ignoreEos: true,
-          });
-          for await (const event of generation) ids.push(event.token);
-          assertEquals(ids, continuation);
+          assertEquals(await greedyIds(mamba, prompt, continuation.length), continuation);
         });
 
         await t.step(
@@ -391,14 +395,7 @@ for (const { label, name, options, ignore } of BACKENDS) {
       const { prompt, logits, continuation } = await expected(FALCON);
       const diff = maxAbsDiff(await mamba.forward(prompt), logits);
       assert(diff <= 1e-4, `max abs diff ${diff}`);
-      const ids: number[] = [];
-      const generation = mamba.generate(prompt, {
-        maxNewTokens: continuation.length,
-        temperature: 0,
-        ignoreEos: true,
-      });
-      for await (const event of generation) ids.push(event.token);
-      assertEquals(ids, continuation);
+      assertEquals(await greedyIds(mamba, prompt, continuation.length), continuation);
       mamba.model.backend.dispose();
     },
   });
