@@ -26,7 +26,7 @@ import { ModelFileError } from "./errors.ts";
 import { GGML, type GgufFile, type GgufTensorInfo, type GgufValue } from "./gguf.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
 import { type BlockType, type Halves, type QuantizedMatrix, quantizedMatrix } from "./quant.ts";
-import type { TensorFile } from "./weights.ts";
+import { checkedWhenRead, type TensorFile } from "./weights.ts";
 
 /** The architectures read: llama.cpp's Mamba-1 ("mamba") and Mamba-2 ("mamba2"). */
 export type GgufArchitecture = "mamba" | "mamba2";
@@ -93,16 +93,6 @@ export function hfTensorName(
   return layer ? `backbone.layers.${match[1]}.${layer[1]}` : undefined;
 }
 
-/** `make()`, its RangeError (a block whose scale is not finite) a {@link ModelFileError} naming `file`. */
-function namingFile<T>(file: string, make: () => T): T {
-  try {
-    return make();
-  } catch (error) {
-    if (error instanceof RangeError) throw new ModelFileError(file, error.message);
-    throw error;
-  }
-}
-
 /**
  * llama.cpp's name of a transformers tensor of a model of `arch` (see
  * {@link hfTensorName}), or undefined.
@@ -159,11 +149,12 @@ export class GgufTensors implements TensorFile {
   }
 
   /**
-   * A 2-D Q8_0, Q4_0 or Q4_K tensor by its transformers name, as its blocks (a
-   * view of the file's bytes, which the backend copies or dequantizes at
-   * upload); null for any other type, which {@link float32} reads.
-   *
-   * @throws {RangeError} For a block whose scale is not finite.
+   * A 2-D Q8_0, Q4_0 or Q4_K tensor by its transformers name, as its blocks:
+   * a view of the file's bytes, or read from the file each time they are
+   * asked for, which the backend copies or dequantizes at upload; checked
+   * when taken (a block whose scale is not finite is a {@link ModelFileError}
+   * naming the file and the tensor). Null for any other type, which
+   * {@link float32} reads.
    */
   quantized(name: string): QuantizedMatrix | null {
     const ggufName = this.#ggufName.get(name) ?? name;
@@ -171,19 +162,17 @@ export class GgufTensors implements TensorFile {
     const type = BLOCK_TYPES.get(info.type);
     if (type === undefined || info.shape.length !== 2) return null;
     const [rows, cols] = info.shape;
-    const what = `Tensor "${ggufName}"`;
+    const { file } = this;
     const gguf = this.#gguf;
-    if (!gguf.isRead(ggufName)) return quantizedMatrix(type, rows, cols, gguf.raw(ggufName), what);
-    // A tensor the file reads as asked: read and checked when the backend takes the blocks (once),
-    // so that it is held only while they are copied.
-    const file = this.file;
     return {
       type,
       rows,
       cols,
       get blocks() {
-        return namingFile(file, () => quantizedMatrix(type, rows, cols, gguf.raw(ggufName), what))
-          .blocks;
+        return checkedWhenRead(
+          file,
+          () => quantizedMatrix(type, rows, cols, gguf.raw(ggufName), `Tensor "${ggufName}"`),
+        ).blocks;
       },
     };
   }

@@ -13,13 +13,7 @@
 import type { MambaConfig } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { type Mamba2LayerWeights, readMamba2Layer } from "./mamba2.ts";
-import {
-  type HalfMatrix,
-  halfMatrix,
-  type Halves,
-  type HostMatrix,
-  type QuantizedMatrix,
-} from "./quant.ts";
+import { halfMatrix, type Halves, type HostMatrix, type QuantizedMatrix } from "./quant.ts";
 
 /** A file of named tensors: safetensors, PyTorch, or GGUF under transformers' names. */
 export interface TensorFile {
@@ -215,32 +209,19 @@ function checkFinite(
 }
 
 /**
- * A 16-bit matrix whose values are taken from `stored` (where a file reads
- * its tensors as asked, read from it), and checked finite, each time they
- * are asked for: by the backend's upload, once, so that a tensor read from
- * the file is held only while the backend copies it.
+ * `check(stored)`, run each time the stored form's data is asked for: by the
+ * backend's upload, once, so that a tensor a file reads as asked (a local
+ * GGUF's) is held only while the backend copies it. Its RangeError (a value
+ * or scale that is not finite, a wrong size) becomes a
+ * {@link ModelFileError} naming `file`.
  */
-function checkedWhenRead(
-  file: string,
-  stored: Halves,
-  rows: number,
-  cols: number,
-  what: string,
-): HalfMatrix {
-  const { format } = stored;
-  return {
-    format,
-    rows,
-    cols,
-    get halves() {
-      try {
-        return halfMatrix(format, rows, cols, stored.halves, what).halves;
-      } catch (error) {
-        if (error instanceof RangeError) throw new ModelFileError(file, error.message);
-        throw error;
-      }
-    },
-  };
+export function checkedWhenRead<T>(file: string, check: () => T): T {
+  try {
+    return check();
+  } catch (error) {
+    if (error instanceof RangeError) throw new ModelFileError(file, error.message);
+    throw error;
+  }
 }
 
 /** Empty stand-in for tensor data when only shapes are checked. */
@@ -290,15 +271,23 @@ function walkWeights(
   const matrix = (name: string, [rows, cols]: [number, number]): HostMatrix => {
     if (!(read && keepStored)) return tensor(name, [rows, cols]);
     const file = store.fileOf(name, `${configFile} says num_hidden_layers ${nLayer}`);
-    let stored: HostMatrix | null;
-    try {
-      stored = file.quantized?.(name) ?? null;
-    } catch (error) {
-      if (error instanceof RangeError) throw new ModelFileError(file.file, error.message);
-      throw error;
+    const halves = file.halves?.(name);
+    let stored: HostMatrix | null = file.quantized?.(name) ?? null;
+    if (!stored && halves) {
+      const { format } = halves;
+      const what = `Tensor "${name}"`;
+      stored = {
+        format,
+        rows,
+        cols,
+        get halves() {
+          return checkedWhenRead(
+            file.file,
+            () => halfMatrix(format, rows, cols, halves.halves, what),
+          ).halves;
+        },
+      };
     }
-    const halves = stored ? null : file.halves?.(name);
-    if (halves) stored = checkedWhenRead(file.file, halves, rows, cols, `Tensor "${name}"`);
     if (!stored) return tensor(name, [rows, cols]);
     tensor(name, [rows, cols], [], undefined, false); // Checks the shape.
     return stored;
