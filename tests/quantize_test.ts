@@ -5,7 +5,8 @@
  * oracle's logits; its tokenizer: tokenizer.json's ids).
  */
 
-import { assert, assertEquals } from "@std/assert";
+import { assert, assertEquals, assertRejects, assertStringIncludes } from "@std/assert";
+import { ModelFileError } from "../src/errors.ts";
 import { dequantize, GGML, GgufFile } from "../src/gguf.ts";
 import { quantize, writeGguf } from "../src/gguf_write.ts";
 import { loadModel } from "../src/load.ts";
@@ -456,6 +457,29 @@ Deno.test("a Mamba-2 model quantizes to llama.cpp's mamba2 layout; its Q8_0 bloc
     assertEquals(held, 40 * blocks + 4 * vectors, "bytes copied in at load");
     const diff = maxAbsDiff(await model.forward(ids), want);
     assert(diff < 1e-3, `max |Δlogit| ${diff}`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a Q8_0 GGUF whose block holds a non-finite scale is refused at load, naming the tensor", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "mamba-bad-scale-test-" });
+  try {
+    const { bytes } = await quantizeModel(SHAKESPEARE, "q8_0");
+    const info = GgufFile.parse(bytes, "q8_0.gguf").info("blk.3.ssm_out.weight");
+    bytes.set([0x00, 0x7c], info.byteOffset + 34); // block 1's f16 scale: +Infinity
+    await Deno.writeFile(`${dir}/q8_0.gguf`, bytes);
+    for (const backend of ["js", "wasm"] as const) {
+      const error = await assertRejects(
+        () => loadModel(`${dir}/q8_0.gguf`, { backend }),
+        ModelFileError,
+      );
+      assertStringIncludes(error.message, "q8_0.gguf");
+      assertStringIncludes(
+        error.message,
+        `"blk.3.ssm_out.weight" holds a scale of Infinity in block 1`,
+      );
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
