@@ -860,6 +860,22 @@ export function packHalves(
   return halves;
 }
 
+/**
+ * BF16 bit patterns as F16 ones where every value is exactly an f16 (none
+ * past f16's range or needing more bits than its subnormals keep), else
+ * null, found at the first value that is not. The length is rounded up to
+ * even (a zero last), as {@link packHalves} rounds it.
+ */
+export function bf16AsF16(halves: Uint16Array): Uint16Array<ArrayBuffer> | null {
+  const out = new Uint16Array(halves.length + (halves.length % 2));
+  for (let i = 0; i < halves.length; i++) {
+    const half = f32BitsToF16((halves[i] << 16) >>> 0);
+    if (f16ToF32(half) !== bf16ToF32(halves[i])) return null;
+    out[i] = half;
+  }
+  return out;
+}
+
 /** F32 bit pattern to BF16 bit pattern, round-to-nearest-even (writer's fast path). */
 export function f32BitsToBf16(u: number): number {
   if ((u & 0x7f800000) === 0x7f800000 && (u & 0x7fffff) !== 0) return (u >>> 16) | 0x40;

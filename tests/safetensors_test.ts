@@ -1,6 +1,7 @@
 import { assert, assertEquals, assertStringIncludes, assertThrows } from "@std/assert";
 import { ModelFileError } from "../src/errors.ts";
 import {
+  bf16AsF16,
   bf16ToF32,
   f16ToF32,
   f32ToBf16,
@@ -659,4 +660,20 @@ Deno.test("parseHeader checks a header from the file's first bytes and its lengt
     () => SafetensorsFile.parseHeader(bytes.subarray(0, headerEnd), bytes.length + 4, FILE),
     "4 bytes after the last tensor",
   );
+});
+
+Deno.test("bf16AsF16: BF16 values that are all exact f16 become their f16 patterns, else null", () => {
+  const values = [0, -0, 1, -2.5, 0.15625, 65280, 2 ** -14, 2 ** -20];
+  const bf16 = Uint16Array.from(values, (v) => f32ToBf16(v));
+  const f16 = bf16AsF16(bf16);
+  assert(f16 !== null);
+  assertEquals(f16.length, values.length, "an even length, unpadded");
+  assertEquals([...f16].map(f16ToF32), values.map((v) => bf16ToF32(f32ToBf16(v))));
+  assertEquals(Object.is(f16ToF32(f16[1]), -0), true, "-0 stays -0");
+  // An odd count gets a zero after it.
+  assertEquals([...bf16AsF16(bf16.subarray(0, 3))!], [...f16.subarray(0, 3), 0]);
+  // Below f16's subnormals, past its largest value, or with more bits than its subnormals keep.
+  for (const v of [2 ** -30, 1e20, 3 * 2 ** -24 + 2 ** -30]) {
+    assertEquals(bf16AsF16(Uint16Array.of(f32ToBf16(1), f32ToBf16(v))), null, String(v));
+  }
 });

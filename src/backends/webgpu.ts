@@ -47,7 +47,7 @@ import {
   type HalfMatrix,
   type QuantizedMatrix,
 } from "../quant.ts";
-import { f16ToF32, packHalves, widenHalves } from "../safetensors.ts";
+import { bf16AsF16, f16ToF32 } from "../safetensors.ts";
 
 /**
  * How a buffer holds its values: f32, or (a weight matrix) packed f16 or bf16
@@ -897,7 +897,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
    */
   uploadHalfMatrix(matrix: HalfMatrix): GpuBuffer {
     const { format, halves, cols } = matrix;
-    const f16 = format === "bf16" ? packHalves(widenHalves(halves, "bf16"), "f16") : null;
+    const f16 = format === "bf16" ? bf16AsF16(halves) : null;
     return f16
       ? this.#uploadHalves(f16.subarray(0, halves.length), "f16", cols)
       : this.#uploadHalves(halves, format, cols);
