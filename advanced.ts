@@ -12,7 +12,7 @@ export { loadModel, Mamba } from "./src/load.ts";
 export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
 export type { BackendOptions } from "./src/backends/registry.ts";
 export type { WasmSimd } from "./src/backends/wasm.ts";
-export type { ScanPrecision } from "./src/backends/webgpu.ts";
+export type { ScanPrecision } from "./src/backends/webgpu/mod.ts";
 export type { Mamba2Dims, MambaConfig } from "./src/config.ts";
 export type { Mamba2Buffers } from "./src/mamba2.ts";
 export { MambaModel } from "./src/model.ts";

@@ -49,7 +49,7 @@
 export { loadModel, Mamba } from "./src/load.ts";
 export type { BackendName, LoadOptions, LoadProgress } from "./src/load.ts";
 export type { BackendOptions } from "./src/backends/registry.ts";
-export type { ScanPrecision } from "./src/backends/webgpu.ts";
+export type { ScanPrecision } from "./src/backends/webgpu/mod.ts";
 export type { WasmSimd } from "./src/backends/wasm.ts";
 export type { MambaConfig } from "./src/config.ts";
 export type { SourceOptions } from "./src/source.ts";

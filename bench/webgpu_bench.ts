@@ -25,7 +25,7 @@
  * @module
  */
 
-import { type GpuBuffer, WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu.ts";
+import { type GpuBuffer, WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu/mod.ts";
 import { uniformFloats } from "./make_random_model.ts";
 
 /** mamba_ssm's CUDA selective scan, G elements/s, by "batch,dim,len". */

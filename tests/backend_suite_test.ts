@@ -6,7 +6,7 @@
 
 import { assert, assertEquals } from "@std/assert";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
-import type { ScanPrecision } from "../src/backends/webgpu.ts";
+import type { ScanPrecision } from "../src/backends/webgpu/mod.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";

@@ -21,7 +21,7 @@ import { maxAbsDiff, oracleDiff, SHARED } from "./helpers.ts";
 import type { Backend } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
-import { WebGpuBackend } from "../src/backends/webgpu.ts";
+import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
 import { MambaModel } from "../src/model.ts";
 
 const FIXTURES = new URL("./fixtures/gguf/", import.meta.url).pathname;

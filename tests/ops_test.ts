@@ -16,7 +16,7 @@ import {
 } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
-import { WebGpuBackend } from "../src/backends/webgpu.ts";
+import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
 import { pickToken, type SamplingOptions, validateSamplingOptions } from "../src/sampler.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import { maxAbsDiff } from "./helpers.ts";

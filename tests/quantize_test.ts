@@ -14,7 +14,7 @@ import { quantizeModel } from "../src/quantize.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { maxAbsDiff, otherFloats, SHARED } from "./helpers.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
-import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu.ts";
+import { type GpuBuffer, WebGpuBackend } from "../src/backends/webgpu/mod.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { loadGguf } from "../src/formats.ts";
 import { MambaModel } from "../src/model.ts";

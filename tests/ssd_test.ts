@@ -11,7 +11,7 @@ import { assert } from "@std/assert";
 import type { Backend, SsdArgs } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
-import { WebGpuBackend } from "../src/backends/webgpu.ts";
+import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
 import { maxAbsDiff, maxRelDiff } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();

@@ -8,7 +8,7 @@
 
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { JsBackend } from "../src/backends/js.ts";
-import { type GpuBuffer, WebGpuBackend, type WeightFormat } from "../src/backends/webgpu.ts";
+import { type GpuBuffer, WebGpuBackend, type WeightFormat } from "../src/backends/webgpu/mod.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";

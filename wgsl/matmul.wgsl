@@ -1,6 +1,6 @@
 // out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim]:
 // the linear layers of prefill (rows > 4). Two entry points; the backend picks
-// one and its constants by shape (linearProgram in src/backends/webgpu.ts).
+// one and its constants by shape (linearProgram in src/backends/webgpu/linear.ts).
 //
 // main: a register-blocked SGEMM. A workgroup computes a TM×TN tile of out,
 // each thread an 8×8 block in 16 named vec4 accumulators: rows 4ty..4ty+3 and

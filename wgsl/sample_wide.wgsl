@@ -31,7 +31,7 @@
 // atomics, as WGSL has no float atomics.
 //
 // Each row has a few words of state in `wide` and is spread over slices of
-// p.sliceLength ids, a workgroup each. webgpu.ts dispatches the entry points
+// p.sliceLength ids, a workgroup each. webgpu/sample.ts dispatches the entry points
 // in order: `begin` (a workgroup per row), `extent` (the largest logit),
 // then for each search round by round `histogram` and `settle` (a workgroup
 // per row, which finds the bin), with `totals` after top-k. A row skips the
@@ -74,7 +74,7 @@ const TOTAL_MASS: u32 = 7u; // the candidates' mass (inside the top-k cut)
 const MIN_P_MASS: u32 = 9u; // the mass of those at or above min-p
 const SEARCH: u32 = 11u; // the search under way (storeSearch)
 const HISTOGRAM: u32 = 19u; // BINS low words, then BINS high words
-// Words per row: webgpu.ts's WIDE_ROW_WORDS.
+// Words per row: webgpu/sample.ts's WIDE_ROW_WORDS.
 const ROW_WORDS: u32 = 531u;
 
 // Where a search stands: the digits found so far, in place (the masks mark

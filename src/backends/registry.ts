@@ -12,7 +12,7 @@
 
 import type { Backend } from "../backend.ts";
 import { JsBackend } from "./js.ts";
-import { describeAdapter, type ScanPrecision, WebGpuBackend } from "./webgpu.ts";
+import { describeAdapter, type ScanPrecision, WebGpuBackend } from "./webgpu/mod.ts";
 import {
   defaultThreads,
   WasmBackend,

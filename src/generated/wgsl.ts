@@ -1058,7 +1058,7 @@ fn storeOut(r: u32, c: u32, sum: f32) {
 `,
   matmul: `// out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, weight [outDim, inDim]:
 // the linear layers of prefill (rows > 4). Two entry points; the backend picks
-// one and its constants by shape (linearProgram in src/backends/webgpu.ts).
+// one and its constants by shape (linearProgram in src/backends/webgpu/linear.ts).
 //
 // main: a register-blocked SGEMM. A workgroup computes a TM×TN tile of out,
 // each thread an 8×8 block in 16 named vec4 accumulators: rows 4ty..4ty+3 and
@@ -2027,7 +2027,7 @@ fn main(
 // atomics, as WGSL has no float atomics.
 //
 // Each row has a few words of state in \`wide\` and is spread over slices of
-// p.sliceLength ids, a workgroup each. webgpu.ts dispatches the entry points
+// p.sliceLength ids, a workgroup each. webgpu/sample.ts dispatches the entry points
 // in order: \`begin\` (a workgroup per row), \`extent\` (the largest logit),
 // then for each search round by round \`histogram\` and \`settle\` (a workgroup
 // per row, which finds the bin), with \`totals\` after top-k. A row skips the
@@ -2070,7 +2070,7 @@ const TOTAL_MASS: u32 = 7u; // the candidates' mass (inside the top-k cut)
 const MIN_P_MASS: u32 = 9u; // the mass of those at or above min-p
 const SEARCH: u32 = 11u; // the search under way (storeSearch)
 const HISTOGRAM: u32 = 19u; // BINS low words, then BINS high words
-// Words per row: webgpu.ts's WIDE_ROW_WORDS.
+// Words per row: webgpu/sample.ts's WIDE_ROW_WORDS.
 const ROW_WORDS: u32 = 531u;
 
 // Where a search stands: the digits found so far, in place (the masks mark

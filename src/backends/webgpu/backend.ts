@@ -1,0 +1,333 @@
+/**
+ * The WebGPU backend: every operation is a WGSL compute kernel (see `wgsl/`,
+ * embedded by `deno task build:wgsl`), weights and states stay on the GPU.
+ *
+ * Organisation, after tfjs-backend-webgpu: the backend below is thin; each
+ * family of kernels (linear.ts, scan.ts, ssd.ts, conv.ts, rows.ts,
+ * sample.ts) owns its programs ({@link Program}: shader, entry point,
+ * constants, bindings and named parameters), their selection, grid and
+ * bindings; runtime.ts records their dispatches into one command encoder
+ * (inside one compute pass where possible), submitted when a result is read,
+ * so a decode step is a single submission that reads back only what it must;
+ * memory.ts holds buffers, uploads and the pool. Per-dispatch parameters go
+ * into a uniform arena written once per submission.
+ * {@link WebGpuBackend.capture} records a decode step's launches once, with
+ * their own uniform block, so that replaying them costs three calls each.
+ *
+ * The hot kernels (scan, matmul, gemv4, argmax) index no private array in a
+ * loop: Naga emits every loop as a while-loop, which the NVIDIA compiler does
+ * not unroll, so such an array lives in local memory. Their registers are
+ * named vec4s instead. conv.wgsl and the scalar gemv.wgsl (inputs whose
+ * width is not a multiple of 4) still use small arrays.
+ *
+ * @module
+ */
+
+import type {
+  Backend,
+  ChooseArgs,
+  ConvArgs,
+  ConvStep,
+  CopyRowsArgs,
+  GatedNormArgs,
+  OptionalOp,
+  RowNorm,
+  ScanArgs,
+  SsdArgs,
+} from "../../backend.ts";
+import type { HalfMatrix, QuantizedMatrix } from "../../quant.ts";
+import { causalConv } from "./conv.ts";
+import { LinearKernels } from "./linear.ts";
+import { type GpuBuffer, GpuMemory } from "./memory.ts";
+import { type GpuRecording, GpuRuntime } from "./runtime.ts";
+import { addInPlace, copyRows, embed, rmsNorm } from "./rows.ts";
+import { chooseTokens } from "./sample.ts";
+import { ScanKernels } from "./scan.ts";
+import { SsdKernels } from "./ssd.ts";
+
+/** Tuning knobs of {@link WebGpuBackend}; the defaults suit large GPUs. */
+export interface WebGpuOptions {
+  /** Tokens per scan chunk; by default chosen so that ~`scanTargetThreads` threads run. */
+  scanChunkLen?: number;
+  /** Threads (sequences × channels × chunks) the chunked scan aims for (default 131072). */
+  scanTargetThreads?: number;
+  /** Adapter preference passed to `requestAdapter`. */
+  powerPreference?: GPUPowerPreference;
+  /** An adapter already requested (by a capability check); `powerPreference` is then unused. */
+  adapter?: GPUAdapter;
+  /**
+   * Bytes above which a matrix is split by rows, below the device's binding
+   * limit (the default); lets tests exercise the splitting on any device.
+   */
+  splitMatricesOver?: number;
+  /**
+   * Bytes of chunk states a chunked SSD scan (Mamba-2) keeps at once; a
+   * longer prompt runs in segments of whole chunks (default 64 MiB). Lets
+   * tests exercise the segmenting at small sizes.
+   */
+  ssdStatesBytes?: number;
+  /**
+   * Arithmetic of the scan: "float32" (the default, fast) or "double-float"
+   * (pairs of f32, about 44 significant bits, through a reference kernel many
+   * times slower): f32 rounding leaves the scan up to 2e-3 (relative) from a
+   * float64 one over 1024 tokens, double-float within 1e-4 like the js and wasm
+   * backends, which carry float64.
+   */
+  scanPrecision?: ScanPrecision;
+}
+
+/** See {@link WebGpuOptions.scanPrecision}. */
+export type ScanPrecision = "float32" | "double-float";
+
+/** A short description of an adapter, for reports and cache keys. */
+export function describeAdapter(adapter: GPUAdapter): string {
+  const info = adapter.info;
+  const name = info.description || [info.vendor, info.architecture, info.device].join(" ");
+  return name.trim();
+}
+
+/** Raised when WebGPU is missing or refuses what the backend needs. */
+export class WebGpuUnavailableError extends Error {
+  override name = "WebGpuUnavailableError";
+}
+
+/** The WebGPU backend; see the module documentation. */
+export class WebGpuBackend implements Backend<GpuBuffer> {
+  readonly name = "webgpu";
+  readonly queued = true;
+  /**
+   * A prompt's tokens per chunk: on an H100 the projections of 2048 rows run
+   * twice as fast per row as those of 512 (more tiles than SMs).
+   */
+  readonly chunkTokens = 2048;
+  /** The device; destroyed by {@link dispose}. */
+  readonly device: GPUDevice;
+  /** Description of the adapter, for reports. */
+  readonly adapterInfo: string;
+
+  readonly #memory: GpuMemory;
+  readonly #rt: GpuRuntime;
+  readonly #linear: LinearKernels;
+  readonly #scan: ScanKernels;
+  readonly #ssd: SsdKernels;
+
+  /** Wraps an existing device (the caller keeps no other use of it). */
+  constructor(device: GPUDevice, adapterInfo = "", options: WebGpuOptions = {}) {
+    this.device = device;
+    this.adapterInfo = adapterInfo;
+    this.#memory = new GpuMemory(device, options.splitMatricesOver);
+    this.#rt = new GpuRuntime(device, this.#memory);
+    this.#linear = new LinearKernels(this.#rt, this);
+    this.#scan = new ScanKernels(this.#rt, this, this.#linear, options);
+    this.#ssd = new SsdKernels(this.#rt, options.ssdStatesBytes);
+    // Shares of a folded x_proj are added up before any other work could read them.
+    this.#rt.beforeWork = () => this.#linear.settle();
+  }
+
+  /** Opens the default adapter with raised limits; fails clearly without WebGPU. */
+  static async create(options: WebGpuOptions = {}): Promise<WebGpuBackend> {
+    const alternatives = 'use backend "wasm" or "js" instead';
+    const gpu = (globalThis.navigator as Navigator | undefined)?.gpu;
+    if (!options.adapter && !gpu) {
+      throw new WebGpuUnavailableError(
+        `WebGPU is not available here (no navigator.gpu): ${alternatives}`,
+      );
+    }
+    const adapter = options.adapter ??
+      await gpu!.requestAdapter({ powerPreference: options.powerPreference });
+    if (!adapter) {
+      throw new WebGpuUnavailableError(`No WebGPU adapter was found: ${alternatives}`);
+    }
+    const limits = adapter.limits;
+    const requiredLimits: Record<string, number> = {
+      maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
+      maxBufferSize: limits.maxBufferSize,
+      maxStorageBuffersPerShaderStage: limits.maxStorageBuffersPerShaderStage,
+      maxComputeWorkgroupStorageSize: limits.maxComputeWorkgroupStorageSize,
+      maxComputeInvocationsPerWorkgroup: limits.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupSizeX: limits.maxComputeWorkgroupSizeX,
+    };
+    if (limits.maxStorageBuffersPerShaderStage < 12) {
+      throw new WebGpuUnavailableError(
+        `The WebGPU adapter allows ${limits.maxStorageBuffersPerShaderStage} storage buffers ` +
+          `per shader stage; the scan kernel needs 12: ${alternatives}`,
+      );
+    }
+    let device: GPUDevice;
+    try {
+      device = await adapter.requestDevice({ requiredLimits });
+    } catch (error) {
+      throw new WebGpuUnavailableError(`The WebGPU device could not be opened: ${alternatives}`, {
+        cause: error,
+      });
+    }
+    return new WebGpuBackend(device, describeAdapter(adapter), options);
+  }
+
+  /** Compute dispatches recorded so far (for benchmarks and tests). */
+  get dispatches(): number {
+    return this.#rt.dispatches;
+  }
+
+  /** Submissions so far. */
+  get submissions(): number {
+    return this.#rt.submissions;
+  }
+
+  // ---- buffers ----------------------------------------------------------------------------
+
+  upload(data: Float32Array, rowLength?: number): GpuBuffer {
+    return this.#memory.upload(data, rowLength);
+  }
+
+  /** GPU memory cannot be lent to the host. */
+  hostBytes(_byteLength: number): undefined {
+    return undefined;
+  }
+
+  /** See {@link GpuMemory.uploadHalfMatrix}. */
+  uploadHalfMatrix(matrix: HalfMatrix): GpuBuffer {
+    return this.#memory.uploadHalfMatrix(matrix);
+  }
+
+  /** See {@link GpuMemory.uploadQuantizedMatrix}. */
+  uploadQuantizedMatrix(matrix: QuantizedMatrix): GpuBuffer {
+    return this.#memory.uploadQuantizedMatrix(matrix);
+  }
+
+  zeros(length: number): GpuBuffer {
+    return this.#rt.zeros(length);
+  }
+
+  write(buf: GpuBuffer, data: Float32Array, offset = 0): void {
+    this.#rt.write(buf, data, offset);
+  }
+
+  read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    return this.#rt.read(buf, offset, length);
+  }
+
+  copy(dst: GpuBuffer, dstOffset: number, src: GpuBuffer, srcOffset: number, length: number): void {
+    this.#rt.copy(dst, dstOffset, src, srcOffset, length);
+  }
+
+  release(buf: GpuBuffer): void {
+    this.#linear.settle(); // its shares may be meant for this buffer
+    if (buf.parts.length > 0) buf.parts.forEach((part) => this.release(part));
+    else this.#memory.pool.release(buf.buffer);
+  }
+
+  // ---- operations -------------------------------------------------------------------------
+
+  embed(out: GpuBuffer, table: GpuBuffer, ids: Int32Array, dim: number): void {
+    embed(this.#rt, out, table, ids, dim);
+  }
+
+  copyRows(args: CopyRowsArgs<GpuBuffer>): void {
+    copyRows(this.#rt, args);
+  }
+
+  chooseTokens(args: ChooseArgs<GpuBuffer>): void {
+    chooseTokens(this.#rt, args);
+  }
+
+  rmsNorm(
+    out: GpuBuffer,
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    rows: number,
+    dim: number,
+    eps: number,
+  ): void {
+    rmsNorm(this.#rt, out, x, weight, rows, dim, eps);
+  }
+
+  linear(
+    out: GpuBuffer,
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    accumulate = false,
+  ): void {
+    this.#linear.linear([out], [outDim], x, weight, bias, rows, inDim, accumulate);
+  }
+
+  linearSplit(
+    outs: readonly GpuBuffer[],
+    widths: readonly number[],
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+    norm?: RowNorm<GpuBuffer>,
+    conv?: ConvStep<GpuBuffer>,
+  ): void {
+    this.#linear.linear(outs, widths, x, weight, bias, rows, inDim, false, norm, conv);
+  }
+
+  addInPlace(acc: GpuBuffer, x: GpuBuffer, length: number): void {
+    addInPlace(this.#rt, acc, x, length);
+  }
+
+  causalConv(args: ConvArgs<GpuBuffer>): void {
+    causalConv(this.#rt, args);
+  }
+
+  selectiveScan(args: ScanArgs<GpuBuffer>): void {
+    this.#scan.selectiveScan(args);
+  }
+
+  /** Tokens per chunk of the scan for this shape. */
+  scanChunkLen(batch: number, dim: number, len: number): number {
+    return this.#scan.scanChunkLen(batch, dim, len);
+  }
+
+  supports(op: OptionalOp): boolean {
+    return op !== "channelMajorScan";
+  }
+
+  ssdScan(args: SsdArgs<GpuBuffer>): void {
+    this.#ssd.ssdScan(args);
+  }
+
+  gatedRmsNorm(args: GatedNormArgs<GpuBuffer>): void {
+    this.#ssd.gatedRmsNorm(args);
+  }
+
+  // ---- submission and recordings ------------------------------------------------------------
+
+  /**
+   * Submits the recorded work (no wait). Inside a {@link capture} it does
+   * nothing: what is captured is submitted where it is replayed.
+   */
+  flush(): void {
+    this.#rt.flush();
+  }
+
+  /** Submits the recorded work and waits until the GPU has done it. */
+  sync(): Promise<void> {
+    return this.#rt.sync();
+  }
+
+  /** Destroys the device and every buffer on it; the backend must not be used again. */
+  dispose(): void {
+    this.#rt.dispose();
+  }
+
+  /** See {@link GpuRuntime.capture}. */
+  capture(ops: () => void): GpuRecording {
+    return this.#rt.capture(ops);
+  }
+
+  replay(recording: GpuRecording): void {
+    this.#rt.replay(recording);
+  }
+
+  releaseRecording(recording: GpuRecording): void {
+    this.#rt.releaseRecording(recording);
+  }
+}

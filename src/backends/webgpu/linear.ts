@@ -1,0 +1,389 @@
+/**
+ * The linear kernels (matmul.wgsl, gemv.wgsl, gemv4.wgsl, matmul_sum.wgsl,
+ * project_sum.wgsl): which kernel and tiles a product of `rows` rows takes,
+ * its grid and bindings, and what a decode step's GEMV folds in: the RMSNorm
+ * of its input, the conv step of its first output and the x_proj of the
+ * conv's outputs, whose shares the scan step adds up itself
+ * ({@link LinearKernels.takeShares}) or {@link LinearKernels.settle} adds
+ * up for any other reader.
+ *
+ * @module
+ */
+
+import {
+  type Backend,
+  type ConvStep,
+  convStepAfter,
+  projectAfterConv,
+  type RowNorm,
+} from "../../backend.ts";
+import type { LinearIoParams, ProjectSumParams } from "../../generated/wgsl_params.ts";
+import { type GpuBuffer, isBlockFormat, type WeightFormat } from "./memory.ts";
+import { grid, Program } from "./program.ts";
+import type { GpuRuntime } from "./runtime.ts";
+
+/** Rows up to which a product is a GEMV (gemv.wgsl for inputs whose width is not a multiple of 4). */
+const GEMV_MAX_ROWS = 4;
+// gemv4 takes up to this many rows in groups of 4, reading the weight once per
+// group (mostly from L2 after the first): a small batch of decode steps. Past
+// it the tiled matmul, split over K where its tiles are few, wins: on the H200
+// a 130m-shaped step of 64 rows took 2.68 ms against gemv4's 3.59, of 32 rows
+// 2.42 against 2.25 (docs/performance.md).
+const GEMV4_MAX_ROWS = 32;
+const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6];
+/** out, out2, out3 of linear_io.wgsl. */
+export const LINEAR_MAX_OUTPUTS = 3;
+/**
+ * Widest output that the split-K `skinny` entry point of matmul.wgsl takes: on
+ * an H100 it beats the tiled kernel 3 to 10 times up to 128 (x_proj's 16, 48, 80).
+ */
+const SKINNY_MAX_OUT = 128;
+/**
+ * Workgroups of the tiled matmul below which tiles get smaller and then K is
+ * split over workgroups (two per SM of an H200's 132, about).
+ */
+const MATMUL_MIN_TILES = 256;
+/**
+ * Outputs from which a batch of up to 32 decode steps takes the tiled matmul
+ * rather than gemv4 (lm_head's 50,280; not in_proj's 3,072, whose gemv4 folds
+ * in the norm, the conv and x_proj).
+ */
+const WIDE_MATMUL_OUT = 16384;
+/** The fewest slices of 8 k that a part of a matmul split over K takes. */
+const MATMUL_MIN_PART_SLICES = 16;
+/** The widest projection (Σ widths) that gemv4 folds in. */
+const MAX_FUSED_PROJECTION = 256;
+
+/** linear_io.wgsl's `projFormat` of each format of an x_proj folded into gemv4 (gemv4_shares.wgsl). */
+const PROJ_FORMATS: Readonly<Record<WeightFormat, number>> = {
+  f32: 0,
+  f16: 1,
+  bf16: 2,
+  q8_0: 3,
+  q4_0: 4,
+  q4_k: 5,
+};
+
+const linearPrograms = new Map<string, Program<LinearIoParams>>();
+const matmulSumPrograms = new Map<number, Program<LinearIoParams>>();
+const projectSumProgram = new Program<ProjectSumParams>("project_sum", "main", [0, 1, 4, 5, 6]);
+
+/** The pass that adds up the partial sums of a matmul split over `kParts` workgroups. */
+function matmulSumProgram(kParts: number): Program<LinearIoParams> {
+  let program = matmulSumPrograms.get(kParts);
+  if (!program) {
+    program = new Program("matmul_sum", "main", [0, 3, 4, 5, 6, 14], { KPARTS: kParts }, [
+      "linear_io",
+    ]);
+    matmulSumPrograms.set(kParts, program);
+  }
+  return program;
+}
+
+/**
+ * Threads that share one output of gemv4, for `units` (outputs × groups of
+ * rows) in all. Measured on the H100 at mamba-130m's shapes: many units
+ * (lm_head; in_proj for 16 rows) run best on 8 lanes, which leave more outputs
+ * to each workgroup and shorter reductions, few on more lanes, which split
+ * each long row over more threads: out_proj's 768 at one row on 64, x_proj's 80
+ * on 256 (a workgroup per output).
+ */
+function gemvLanes(units: number): number {
+  return units >= 8192 ? 8 : units <= 256 ? 256 : units <= 1024 ? 64 : 32;
+}
+
+/**
+ * The linear kernel for `rows` rows of input, `outDim` outputs and a weight
+ * stored in `format`; with `project`, the gemv4 that projects a decode
+ * step's conv outputs (x_proj; see LinearKernels' foldsProjection).
+ */
+function linearProgram(
+  rows: number,
+  inDim: number,
+  outDim: number,
+  format: WeightFormat,
+  project = false,
+): Program<LinearIoParams> {
+  // vec4 loads need rows of whole vec4s; other widths take scalar loads.
+  const vec4 = inDim % 4 === 0;
+  let shader = "matmul", entry = "main", constants: Record<string, number> = {};
+  if (vec4 && rows > GEMV_MAX_ROWS && rows <= 32 && outDim >= WIDE_MATMUL_OUT) {
+    // A wide matrix (lm_head) for a batch of decode steps: gemv4's groups of 4
+    // rows would read all of it once per group; 32×64 tiles read it once.
+    constants = { TM: 32, TN: 64, KSPLIT: 2, KPARTS: 1, VEC4: 1 };
+  } else if (rows <= GEMV_MAX_ROWS || (vec4 && rows <= GEMV4_MAX_ROWS)) {
+    shader = vec4 ? "gemv4" : "gemv";
+    if (vec4) {
+      const groupRows = Math.min(rows, GEMV_MAX_ROWS);
+      constants = { ROWS: groupRows, LANES: gemvLanes(outDim * Math.ceil(rows / groupRows)) };
+    }
+  } else if (vec4 && outDim <= SKINNY_MAX_OUT) {
+    // More threads per 4×4 block of out when there are few blocks.
+    const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
+    entry = "skinny";
+    constants = { LANES: blocks < 2048 ? 32 : 16 };
+  } else if (rows <= 64 || Math.ceil(rows / 128) * Math.ceil(outDim / 64) < MATMUL_MIN_TILES) {
+    // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768), or
+    // rows for half a 128-row tile at most (a batch of decode steps): 64×64
+    // tiles with k split over two thread groups have 4 times the threads, and
+    // where those are still too few, K is split over workgroups as well.
+    const tiles = Math.ceil(rows / 64) * Math.ceil(outDim / 64);
+    const kParts = Math.max(
+      1,
+      Math.min(
+        Math.ceil(MATMUL_MIN_TILES / tiles),
+        Math.floor(Math.ceil(inDim / 8) / MATMUL_MIN_PART_SLICES),
+      ),
+    );
+    constants = { TM: 64, TN: 64, KSPLIT: 2, KPARTS: kParts, VEC4: vec4 ? 1 : 0 };
+  } else {
+    constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
+  }
+  const key = `${shader}:${entry}:${JSON.stringify(constants)}${format}${project ? "p" : ""}`;
+  let program = linearPrograms.get(key);
+  if (!program) {
+    // blocks.wgsl decodes quantized weights: this matrix's, or a folded projection's.
+    const blocks = isBlockFormat(format) || project ? ["blocks"] : [];
+    const preludes = ["linear_io", ...blocks, `weight_${format}`];
+    let bindings = LINEAR_BINDINGS;
+    if (shader === "gemv4") {
+      // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and x_proj (11, 12).
+      preludes.push(project ? "gemv4_shares" : "gemv4_no_shares");
+      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, 13, ...(project ? [11, 12] : [])];
+    } else if (shader === "matmul") {
+      // Split over K, main writes partial sums (14) that matmulSum adds up.
+      const split = (constants.KPARTS ?? 1) > 1;
+      preludes.push(split ? "matmul_parts" : "matmul_whole");
+      if (split) bindings = [...LINEAR_BINDINGS, 14];
+    }
+    program = new Program(shader, entry, bindings, constants, preludes);
+    linearPrograms.set(key, program);
+  }
+  return program;
+}
+
+/**
+ * The columns of a product split over up to three outputs of `widths`: all of
+ * them, and where the second and third outputs start (linear_io.wgsl's
+ * split1 and split2; `total` where there is no such output).
+ */
+function columnSplits(
+  widths: readonly number[],
+): { total: number; split1: number; split2: number } {
+  const total = widths.reduce((sum, width) => sum + width, 0);
+  return {
+    total,
+    split1: widths.length > 1 ? widths[0] : total,
+    split2: widths.length > 2 ? widths[0] + widths[1] : total,
+  };
+}
+
+/** The workgroup grid of a linear program for `rows` rows and `outDim` outputs. */
+function linearGroups(program: Program, rows: number, outDim: number): [number, number, number] {
+  const { TM, TN, LANES, ROWS } = program.constants;
+  if (program.shader === "gemv4") {
+    // 256 / LANES outputs per workgroup, for each group of ROWS rows.
+    return grid(Math.ceil(outDim / (256 / LANES)) * Math.ceil(rows / ROWS));
+  }
+  if (program.shader !== "matmul") return grid(Math.ceil(outDim / 8));
+  if (program.entry === "skinny") {
+    // 4×4 blocks of out, 256 / LANES per workgroup.
+    return grid(Math.ceil((Math.ceil(rows / 4) * Math.ceil(outDim / 4) * LANES) / 256));
+  }
+  return [Math.ceil(outDim / TN), Math.ceil(rows / TM), program.constants.KPARTS ?? 1];
+}
+
+/**
+ * x_proj folded into in_proj's GEMV leaves its result as `blocks` shares per
+ * row in a scratch buffer. The decode step's scan adds them up itself; for
+ * any other reader, they are added up into `outs` first (settle).
+ */
+export interface PendingShares {
+  outs: readonly GpuBuffer[];
+  widths: readonly number[];
+  rows: number;
+  blocks: number;
+  parts: GpuBuffer;
+}
+
+/** See the module documentation. */
+export class LinearKernels {
+  /** A folded x_proj whose shares (gemv4's projParts) are not added up yet. */
+  #pending: PendingShares | null = null;
+
+  constructor(
+    readonly rt: GpuRuntime,
+    /** The backend, for the operations that run on their own where nothing folds them in. */
+    readonly backend: Backend<GpuBuffer>,
+  ) {}
+
+  /**
+   * outs get consecutive column blocks of `widths`; a weight split by rows
+   * runs one dispatch per part, each writing its columns wherever they go.
+   * The GEMV applies a norm and a conv step itself; with the other kernels
+   * they run as operations of their own.
+   */
+  linear(
+    outs: readonly GpuBuffer[],
+    widths: readonly number[],
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+    accumulate: boolean,
+    norm?: RowNorm<GpuBuffer>,
+    conv?: ConvStep<GpuBuffer>,
+  ): void {
+    if (outs.length > LINEAR_MAX_OUTPUTS) {
+      throw new RangeError(`linearSplit takes up to ${LINEAR_MAX_OUTPUTS} outputs`);
+    }
+    const { rt } = this;
+    const { absent, unused } = rt.memory;
+    const { total: outDim, split1, split2 } = columnSplits(widths);
+    let program = linearProgram(rows, inDim, outDim, weight.format);
+    const fusedNorm = norm && program.shader === "gemv4" ? norm : null;
+    const fusedConv = conv && program.shader === "gemv4" ? conv : null;
+    const project = fusedConv && this.#foldsProjection(program, weight, widths, fusedConv, rows)
+      ? fusedConv.project!
+      : null;
+    if (project) program = linearProgram(rows, inDim, outDim, weight.format, true);
+    if (norm && !fusedNorm) {
+      const normed = rt.memory.lasting("normed", rows * inDim);
+      this.backend.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
+      x = normed;
+    }
+    const [input, done] = rt.unaliased(x, rows * inDim, ...outs, ...(conv ? [conv.out] : []));
+    const projWidth = project ? columnSplits(project.widths).total : 0;
+    // Shares of x_proj: one per block of 256 / LANES conv outputs, per row.
+    const blocks = project ? split1 / (256 / program.constants.LANES) : 0;
+    const parts = project
+      ? rt.memory.lasting("shares", rows * blocks * Math.ceil(projWidth / 4) * 4)
+      : null;
+    // A split weight computes its block of output columns per part.
+    for (const { part, firstRow } of weight.pieces()) {
+      const partDim = Math.min(part.length / inDim, outDim - firstRow);
+      const bindings = {
+        1: input,
+        2: part.buffer,
+        3: bias?.buffer ?? absent,
+        4: (fusedConv?.out ?? outs[0]).buffer,
+        5: outs[1]?.buffer ?? unused[0],
+        6: outs[2]?.buffer ?? unused[1],
+        7: fusedNorm?.weight.buffer ?? absent,
+        8: fusedConv?.weight.buffer ?? absent,
+        9: fusedConv?.bias?.buffer ?? absent,
+        10: fusedConv?.state.buffer ?? unused[2],
+        11: project?.weight.buffer ?? absent,
+        12: parts?.buffer ?? unused[3],
+        13: fusedConv?.slots?.buffer ?? absent,
+      };
+      const params: LinearIoParams = {
+        rows,
+        inDim,
+        outDim: partDim,
+        hasBias: bias ? 1 : 0,
+        outStride: outDim,
+        colOffset: firstRow,
+        split1,
+        split2,
+        accumulate: accumulate ? 1 : 0,
+        hasNorm: fusedNorm ? 1 : 0,
+        convKernel: fusedConv?.kernel ?? 0,
+        convHasBias: fusedConv?.bias ? 1 : 0,
+        projWidth,
+        projFormat: project ? PROJ_FORMATS[project.weight.format] : 0,
+        convSlots: fusedConv?.slots ? 1 : 0,
+        normEps: fusedNorm?.eps ?? 0,
+      };
+      const kParts = program.constants.KPARTS ?? 1;
+      if (kParts === 1) {
+        rt.run(program, params, bindings, linearGroups(program, rows, partDim));
+        continue;
+      }
+      // Sizes rounded up to powers of 2, so few partial buffers are kept.
+      const partial = rt.memory.lasting(
+        "partial",
+        2 ** Math.ceil(Math.log2(kParts * rows * partDim)),
+      );
+      const withPartial = { ...bindings, 14: partial.buffer };
+      rt.run(program, params, withPartial, linearGroups(program, rows, partDim));
+      const sumGroups = grid(Math.ceil((rows * partDim) / 256));
+      rt.run(matmulSumProgram(kParts), params, withPartial, sumGroups);
+    }
+    done();
+    if (conv && !fusedConv) convStepAfter(this.backend, outs[0], rows, widths[0], conv);
+    else if (conv && !project) projectAfterConv(this.backend, rows, widths[0], conv);
+    if (project && parts) {
+      const { outs, widths } = project;
+      this.#pending = { outs, widths, rows, blocks, parts };
+    }
+  }
+
+  /**
+   * The shares of a folded x_proj, taken from the pending work, if they are
+   * those of `outs` with `widths` for `rows` rows; else null (and whatever is
+   * pending stays so).
+   */
+  takeShares(
+    outs: readonly GpuBuffer[],
+    widths: readonly number[],
+    rows: number,
+  ): PendingShares | null {
+    const pending = this.#pending;
+    const matches = pending !== null && pending.rows === rows &&
+      pending.outs.length === outs.length && pending.outs.every((out, i) => out === outs[i]) &&
+      pending.widths.join() === widths.join();
+    if (!matches) return null;
+    this.#pending = null;
+    return pending;
+  }
+
+  /**
+   * Adds up the shares of a folded x_proj into its outputs, if any are
+   * pending: before anything but the decode step's scan could read them, and
+   * before the shares are overwritten.
+   */
+  settle(): void {
+    const pending = this.#pending;
+    if (!pending) return;
+    this.#pending = null;
+    const { outs, widths, rows, blocks, parts } = pending;
+    const { total: width, split1, split2 } = columnSplits(widths);
+    const { unused } = this.rt.memory;
+    const bindings = {
+      1: parts.buffer,
+      4: outs[0].buffer,
+      5: outs[1]?.buffer ?? unused[0],
+      6: outs[2]?.buffer ?? unused[1],
+    };
+    const params = { rows, blocks, width, split1, split2 };
+    this.rt.run(projectSumProgram, params, bindings, grid(Math.ceil((rows * width) / 64)));
+  }
+
+  /**
+   * Whether gemv4 `program` folds in the projection of `conv` for `rows`
+   * rows: up to GEMV_MAX_ROWS (on the H100, batch-16 decoding measured no
+   * faster with it: its 8-lane GEMV leaves 32 conv outputs to each
+   * projectBlock thread), one unsplit weight each, up to three outputs of
+   * MAX_FUSED_PROJECTION columns in all, and whole blocks of conv outputs a
+   * multiple of 4 wide (projectBlock reads the weights four at a time,
+   * 16-byte aligned; a quad never straddles two quantized blocks, as rows
+   * and blocks of conv outputs are whole quads).
+   */
+  #foldsProjection(
+    program: Program,
+    weight: GpuBuffer,
+    widths: readonly number[],
+    conv: ConvStep<GpuBuffer>,
+    rows: number,
+  ): boolean {
+    const project = conv.project;
+    if (!project || rows > GEMV_MAX_ROWS) return false;
+    if (weight.parts.length > 0 || project.weight.parts.length > 0) return false;
+    const perGroup = 256 / program.constants.LANES;
+    const width = columnSplits(project.widths).total;
+    return project.outs.length <= LINEAR_MAX_OUTPUTS && width <= MAX_FUSED_PROJECTION &&
+      perGroup % 4 === 0 && widths.length > 1 && widths[0] % perGroup === 0;
+  }
+}

@@ -1,0 +1,16 @@
+/**
+ * The WebGPU backend (see backend.ts) and what its users name: its buffers,
+ * options and errors.
+ *
+ * @module
+ */
+
+export {
+  describeAdapter,
+  type ScanPrecision,
+  WebGpuBackend,
+  type WebGpuOptions,
+  WebGpuUnavailableError,
+} from "./backend.ts";
+export { GpuBuffer, type WeightFormat } from "./memory.ts";
+export { GpuRecording } from "./runtime.ts";

@@ -1,0 +1,149 @@
+/**
+ * Row-wise kernels: gathers of rows from a table in any weight format
+ * (embed.wgsl for host ids, copy_rows.wgsl between buffers), RMSNorm
+ * (rmsnorm.wgsl) and the residual add (add.wgsl).
+ *
+ * @module
+ */
+
+import type { CopyRowsArgs } from "../../backend.ts";
+import type {
+  AddParams,
+  CopyRowsParams,
+  EmbedParams,
+  RmsnormParams,
+} from "../../generated/wgsl_params.ts";
+import {
+  bufferSource,
+  byteSize,
+  type GpuBuffer,
+  isBlockFormat,
+  type WeightFormat,
+} from "./memory.ts";
+import { grid, Program } from "./program.ts";
+import type { GpuRuntime } from "./runtime.ts";
+
+const rmsNormProgram = new Program<RmsnormParams>("rmsnorm", "main", [0, 1, 2, 3]);
+const addProgram = new Program<AddParams>("add", "main", [0, 1, 2]);
+
+/**
+ * The gathers for a source in each format: they read it through the format's
+ * weight prelude, as the linear kernels do.
+ */
+const embedPrograms = new Map<WeightFormat, Program<EmbedParams>>();
+const copyRowsPrograms = new Map<WeightFormat, Program<CopyRowsParams>>();
+
+/** The preludes that read a table stored in `format`. */
+function weightPreludes(format: WeightFormat): string[] {
+  return [...(isBlockFormat(format) ? ["blocks"] : []), `weight_${format}`];
+}
+
+function embedProgram(format: WeightFormat): Program<EmbedParams> {
+  let program = embedPrograms.get(format);
+  if (!program) {
+    program = new Program("embed", "main", [0, 1, 2, 3], {}, weightPreludes(format));
+    embedPrograms.set(format, program);
+  }
+  return program;
+}
+
+function copyRowsProgram(format: WeightFormat): Program<CopyRowsParams> {
+  let program = copyRowsPrograms.get(format);
+  if (!program) {
+    program = new Program("copy_rows", "main", [0, 1, 2, 3, 4], {}, weightPreludes(format));
+    copyRowsPrograms.set(format, program);
+  }
+  return program;
+}
+
+/** Backend.embed on `rt`: rows `ids` of `table` (each part of a split table its own). */
+export function embed(
+  rt: GpuRuntime,
+  out: GpuBuffer,
+  table: GpuBuffer,
+  ids: Int32Array,
+  dim: number,
+): void {
+  if (ids.length === 0) return;
+  rt.notCapturing("An embedding of host ids");
+  const { pool } = rt.memory;
+  for (const { part, firstRow } of table.pieces()) {
+    // Each part looks up its own rows; the others are marked SKIP (all ones).
+    const rows = table.parts.length === 0 ? table.length / dim : table.rowsPerPart;
+    const local = ids.map((id) => id >= firstRow && id < firstRow + rows ? id - firstRow : -1);
+    if (table.parts.length > 0 && local.every((id) => id < 0)) continue;
+    const idBuffer = pool.acquire(byteSize(ids.length), true);
+    rt.device.queue.writeBuffer(idBuffer, 0, bufferSource(local));
+    rt.run(
+      embedProgram(table.format),
+      { dim, count: ids.length },
+      { 1: idBuffer, 2: part.buffer, 3: out.buffer },
+      grid(Math.ceil((ids.length * dim) / 256)),
+    );
+    pool.release(idBuffer);
+  }
+}
+
+/** Backend.copyRows on `rt`. */
+export function copyRows(rt: GpuRuntime, args: CopyRowsArgs<GpuBuffer>): void {
+  const { dst, src, width, count, srcRows, dstRows, dstOffset = 0, srcOffset = 0 } = args;
+  if (count === 0 || width === 0) return;
+  if (src.parts.length === 0 && dst.buffer === src.buffer) {
+    throw new RangeError("copyRows cannot copy within one buffer");
+  }
+  if (srcOffset !== 0 && src.parts.length > 0) {
+    throw new RangeError("copyRows takes no offset into a matrix split over buffers");
+  }
+  const { absent } = rt.memory;
+  const flags = (srcRows ? 1 : 0) | (dstRows ? 2 : 0);
+  const dstCount = Math.floor((dst.length - dstOffset) / width);
+  for (const { part, firstRow } of src.pieces()) {
+    const partRows = Math.floor((part.length - (src.parts.length > 0 ? 0 : srcOffset)) / width);
+    const params = {
+      width,
+      count,
+      dstOffset,
+      srcOffset,
+      srcIndexOffset: srcRows?.offset ?? 0,
+      dstIndexOffset: dstRows?.offset ?? 0,
+      flags,
+      srcRowStart: firstRow,
+      srcRows: partRows,
+      dstRows: dstCount,
+    };
+    const buffers = {
+      1: dst.buffer,
+      2: part.buffer,
+      3: srcRows?.buf.buffer ?? absent,
+      4: dstRows?.buf.buffer ?? absent,
+    };
+    rt.run(copyRowsProgram(src.format), params, buffers, grid(Math.ceil((count * width) / 256)));
+  }
+}
+
+/** Backend.rmsNorm on `rt`. */
+export function rmsNorm(
+  rt: GpuRuntime,
+  out: GpuBuffer,
+  x: GpuBuffer,
+  weight: GpuBuffer,
+  rows: number,
+  dim: number,
+  eps: number,
+): void {
+  const [input, done] = rt.unaliased(x, rows * dim, out);
+  rt.run(
+    rmsNormProgram,
+    { rows, dim, eps },
+    { 1: input, 2: weight.buffer, 3: out.buffer },
+    grid(rows),
+  );
+  done();
+}
+
+/** Backend.addInPlace on `rt`. */
+export function addInPlace(rt: GpuRuntime, acc: GpuBuffer, x: GpuBuffer, length: number): void {
+  const [input, done] = rt.unaliased(x, length, acc);
+  rt.run(addProgram, { n: length }, { 1: input, 2: acc.buffer }, grid(Math.ceil(length / 256)));
+  done();
+}

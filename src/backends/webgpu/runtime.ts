@@ -1,0 +1,461 @@
+/**
+ * The GPU runtime of the WebGPU backend: the device, one command encoder
+ * (inside one compute pass where possible) submitted when a result is read,
+ * the caches of shader modules, pipelines, bind group layouts and bind
+ * groups, the uniform arena that holds every dispatch's parameters, and
+ * capture/replay of recorded work ({@link GpuRecording}).
+ *
+ * Kernels reach the GPU through {@link GpuRuntime.run}: a {@link Program},
+ * its parameters by name, its buffers by binding and its workgroups.
+ *
+ * @module
+ */
+
+import type { Recording } from "../../backend.ts";
+import { bufferSource, byteSize, GpuBuffer, type GpuMemory } from "./memory.ts";
+import { MAX_GROUPS, type Program } from "./program.ts";
+
+const PARAM_SLOT = 256; // bytes per dispatch's uniform block (≥ minUniformBufferOffsetAlignment)
+// Bytes per uniform arena buffer: large enough for a whole greedy batch (32
+// tokens × 171 dispatches for mamba-130m), so each kernel's bind group, which
+// names the arena buffer, stays the same from token to token and is reused.
+const PARAM_CHUNK = 1 << 22;
+const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
+
+/** copyBufferToBuffer's arguments: source, its byte offset, destination, its byte offset, bytes. */
+type BufferCopy = [GPUBuffer, number, GPUBuffer, number, number];
+
+/** One kernel launch or buffer copy of a {@link GpuRecording}. */
+type RecordedStep =
+  | {
+    pipeline: GPUComputePipeline;
+    bindGroup: GPUBindGroup;
+    /** The uniform block's dynamic offset: a typed array takes Deno's faster overload. */
+    offsets: Uint32Array;
+    groups: [number, number, number];
+  }
+  | { copy: BufferCopy };
+
+/** Work recorded by {@link GpuRuntime.capture}: ready-made launches and their own uniform block. */
+export class GpuRecording implements Recording {
+  constructor(
+    readonly steps: readonly RecordedStep[],
+    /** Holds every launch's parameters, written once. */
+    readonly params: GPUBuffer | null,
+  ) {}
+
+  get dispatches(): number {
+    return this.steps.filter((step) => !("copy" in step)).length;
+  }
+}
+
+/** A launch seen while capturing, before its uniform block exists. */
+interface PendingLaunch {
+  program: Program;
+  words: Uint32Array;
+  storage: GPUBuffer[];
+  groups: [number, number, number];
+}
+
+/** What {@link GpuRuntime.capture} has seen so far. */
+type CaptureLog = (PendingLaunch | { copy: BufferCopy })[];
+
+/** See the module documentation. */
+export class GpuRuntime {
+  /** Compute dispatches recorded so far (for benchmarks and tests). */
+  dispatches = 0;
+  /** Submissions so far. */
+  submissions = 0;
+  /**
+   * Runs before any recorded work and any transfer: a backend finishes here
+   * what it deferred in the hope of fusing it into the next kernel.
+   */
+  beforeWork: () => void = () => {};
+
+  readonly #modules = new Map<string, GPUShaderModule>();
+  readonly #pipelines = new Map<string, GPUComputePipeline>();
+  readonly #layouts = new Map<string, GPUBindGroupLayout>();
+  readonly #bindGroups = new Map<string, GPUBindGroup>();
+  readonly #ids = new WeakMap<GPUBuffer, number>();
+  #nextId = 0;
+  readonly #offset = new Uint32Array(1); // a dispatch's uniform offset (typed: the faster overload)
+  #encoder: GPUCommandEncoder | null = null;
+  #pass: GPUComputePassEncoder | null = null;
+  readonly #paramBuffers: GPUBuffer[] = [];
+  /** Host copies of the uniform arena chunks, as u32 and f32 views of the same bytes. */
+  readonly #paramWords: Uint32Array<ArrayBuffer>[] = [];
+  readonly #paramFloats: Float32Array<ArrayBuffer>[] = [];
+  #paramSlots = 0;
+  /** Unmapped MAP_READ buffers for {@link read}, by byte size. */
+  readonly #staging = new Map<number, GPUBuffer[]>();
+  /** Launches and copies of a {@link capture} in progress, else null. */
+  #capturing: CaptureLog | null = null;
+  #error: unknown = null;
+  #disposed = false;
+
+  constructor(readonly device: GPUDevice, readonly memory: GpuMemory) {
+    device.addEventListener("uncapturederror", (event) => {
+      this.#error ??= (event as GPUUncapturedErrorEvent).error;
+    });
+  }
+
+  /** Whether a {@link capture} is recording. */
+  get capturing(): boolean {
+    return this.#capturing !== null;
+  }
+
+  /**
+   * Records a dispatch of `program` with its parameters `params`, its
+   * storage buffers by binding (those of `program.bindings` but 0) and
+   * `groups` workgroups; none where a count is 0.
+   */
+  run<P>(
+    program: Program<P>,
+    params: NoInfer<P>,
+    buffers: Record<number, GPUBuffer>,
+    groups: [number, number, number],
+  ): void {
+    this.beforeWork();
+    if (groups.some((g) => g === 0)) return;
+    if (groups.some((g) => g > MAX_GROUPS)) {
+      throw new RangeError(`${program.key}: ${groups.join("×")} workgroups exceed ${MAX_GROUPS}`);
+    }
+    const storage = program.bindings.filter((b) => b !== 0).map((b) => buffers[b]);
+    if (this.#capturing) {
+      const words = new Uint32Array(PARAM_SLOT / 4);
+      program.writeParams(params, words, new Float32Array(words.buffer), 0);
+      this.#capturing.push({ program: program as Program, words, storage, groups });
+      return;
+    }
+    const pipeline = this.#pipeline(program as Program);
+    const pass = this.#computePass();
+    const uniform = this.#params(program, params);
+    pass.setPipeline(pipeline);
+    this.#offset[0] = uniform.offset;
+    const bindGroup = this.#bindGroup(program as Program, uniform.buffer, storage);
+    pass.setBindGroup(0, bindGroup, this.#offset, 0, 1);
+    pass.dispatchWorkgroups(...groups);
+    this.dispatches++;
+  }
+
+  /** The command encoder, outside any compute pass, for copies and clears. */
+  encoder(): GPUCommandEncoder {
+    if (this.#disposed) throw new Error("The WebGPU backend was disposed");
+    if (this.#pass) {
+      this.#pass.end();
+      this.#pass = null;
+    }
+    return this.#encoder ??= this.device.createCommandEncoder();
+  }
+
+  /** A pooled buffer of `length` floats, cleared to zeros by the recorded work. */
+  zeros(length: number): GpuBuffer {
+    this.notCapturing("Allocating a buffer");
+    const bytes = byteSize(length);
+    this.memory.checkSize(bytes);
+    const buffer = this.memory.pool.acquire(bytes, false);
+    this.encoder().clearBuffer(buffer);
+    return new GpuBuffer(buffer, length);
+  }
+
+  /** Writes `data` at float `offset` of `buf`, after the work recorded so far. */
+  write(buf: GpuBuffer, data: Float32Array, offset = 0): void {
+    this.notCapturing("A write from the host");
+    this.beforeWork();
+    if (offset + data.length > buf.length) throw new RangeError("write past the end of the buffer");
+    this.flush(); // recorded work that uses `buf` must run before the write
+    this.device.queue.writeBuffer(buf.buffer, offset * 4, bufferSource(data));
+  }
+
+  /** Submits the recorded work and reads `length` floats of `buf` from `offset`. */
+  async read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    this.notCapturing("A read to the host");
+    if (offset < 0 || length < 0 || offset + length > buf.length) {
+      throw new RangeError(
+        `read of [${offset}, ${offset + length}) from a buffer of ${buf.length}`,
+      );
+    }
+    this.beforeWork();
+    // Staging buffers are kept by size: a decode step reads back every token.
+    const bytes = Math.max(4, length * 4);
+    const staging = this.#staging.get(bytes)?.pop() ?? this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    if (length > 0) {
+      this.encoder().copyBufferToBuffer(buf.buffer, offset * 4, staging, 0, length * 4);
+    }
+    this.flush();
+    try {
+      await staging.mapAsync(GPUMapMode.READ);
+    } catch (error) {
+      staging.destroy();
+      throw error;
+    }
+    const out = new Float32Array(staging.getMappedRange().slice(0, length * 4));
+    staging.unmap();
+    const free = this.#staging.get(bytes);
+    if (free) free.push(staging);
+    else this.#staging.set(bytes, [staging]);
+    this.throwIfFailed();
+    return out;
+  }
+
+  /** Records a copy of `length` floats, through a scratch buffer within one buffer. */
+  copy(dst: GpuBuffer, dstOffset: number, src: GpuBuffer, srcOffset: number, length: number): void {
+    if (length <= 0) return;
+    if (dstOffset + length > dst.length || srcOffset + length > src.length) {
+      throw new RangeError("copy past the end of a buffer");
+    }
+    this.beforeWork();
+    if (this.#capturing) {
+      if (dst.buffer === src.buffer) this.notCapturing("A copy within one buffer");
+      this.#capturing.push({
+        copy: [src.buffer, srcOffset * 4, dst.buffer, dstOffset * 4, length * 4],
+      });
+      return;
+    }
+    const encoder = this.encoder();
+    if (dst.buffer === src.buffer) {
+      const tmp = this.memory.pool.acquire(byteSize(length), false);
+      encoder.copyBufferToBuffer(src.buffer, srcOffset * 4, tmp, 0, length * 4);
+      encoder.copyBufferToBuffer(tmp, 0, dst.buffer, dstOffset * 4, length * 4);
+      this.memory.pool.release(tmp);
+    } else {
+      encoder.copyBufferToBuffer(src.buffer, srcOffset * 4, dst.buffer, dstOffset * 4, length * 4);
+    }
+  }
+
+  /**
+   * `x`'s buffer, or a copy of its first `length` floats when `x` is also one
+   * of `outputs`; the function given back releases the copy.
+   */
+  unaliased(x: GpuBuffer, length: number, ...outputs: GpuBuffer[]): [GPUBuffer, () => void] {
+    if (!outputs.some((o) => o.buffer === x.buffer)) return [x.buffer, () => {}];
+    this.notCapturing("An operation whose input is also its output");
+    const tmp = this.memory.pool.acquire(byteSize(length), false);
+    this.encoder().copyBufferToBuffer(x.buffer, 0, tmp, 0, length * 4);
+    return [tmp, () => this.memory.pool.release(tmp)];
+  }
+
+  /**
+   * Submits the recorded work (no wait). Inside a {@link capture} it does
+   * nothing: what is captured is submitted where it is replayed.
+   */
+  flush(): void {
+    if (this.#capturing || !this.#encoder) return;
+    if (this.#pass) {
+      this.#pass.end();
+      this.#pass = null;
+    }
+    const slotsPerChunk = PARAM_CHUNK / PARAM_SLOT;
+    for (let i = 0; i * slotsPerChunk < this.#paramSlots; i++) {
+      const used = Math.min(this.#paramSlots - i * slotsPerChunk, slotsPerChunk) * PARAM_SLOT;
+      this.device.queue.writeBuffer(this.#paramBuffers[i], 0, this.#paramWords[i], 0, used / 4);
+    }
+    this.device.queue.submit([this.#encoder.finish()]);
+    this.#encoder = null;
+    this.#paramSlots = 0;
+    this.submissions++;
+    this.memory.pool.submitted();
+  }
+
+  /** Submits the recorded work and waits until the GPU has done it. */
+  async sync(): Promise<void> {
+    this.flush();
+    await this.device.queue.onSubmittedWorkDone();
+    this.throwIfFailed();
+  }
+
+  /** Destroys the device and every buffer on it. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    if (this.#pass) this.#pass.end();
+    this.#pass = null;
+    this.#encoder = null;
+    this.device.destroy();
+  }
+
+  /** Throws the first error the device reported since the last check, if any. */
+  throwIfFailed(): void {
+    if (this.#error) {
+      const error = this.#error as { message?: string };
+      this.#error = null;
+      throw new Error(`WebGPU error: ${error.message ?? String(error)}`);
+    }
+  }
+
+  /** Fails for what a recording cannot hold: host transfers and temporary buffers. */
+  notCapturing(what: string): void {
+    if (this.#capturing) {
+      throw new Error(`${what} cannot be recorded by capture()`);
+    }
+  }
+
+  // ---- recordings ---------------------------------------------------------------------------
+
+  /**
+   * Records the launches and copies `ops` issues without running them; see
+   * {@link Backend.capture}. A replay then costs three calls per launch, with
+   * no parameter packing, bind group lookup or uniform upload.
+   */
+  capture(ops: () => void): GpuRecording {
+    if (this.#capturing) throw new Error("A capture is already in progress");
+    this.beforeWork(); // work from before the capture is not part of it
+    const log: CaptureLog = this.#capturing = [];
+    try {
+      ops();
+      this.beforeWork(); // nor does a recording leave work for after it
+    } finally {
+      this.#capturing = null;
+    }
+    const launches = log.filter((entry): entry is PendingLaunch => !("copy" in entry));
+    let params: GPUBuffer | null = null;
+    if (launches.length > 0) {
+      const words = new Uint32Array(launches.length * PARAM_SLOT / 4);
+      launches.forEach((launch, i) => words.set(launch.words, i * PARAM_SLOT / 4));
+      params = this.device.createBuffer({
+        size: words.byteLength,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+      });
+      this.device.queue.writeBuffer(params, 0, words);
+    }
+    let slot = 0;
+    const steps = log.map((entry): RecordedStep => {
+      if ("copy" in entry) return entry;
+      return {
+        pipeline: this.#pipeline(entry.program),
+        bindGroup: this.#bindGroup(entry.program, params!, entry.storage),
+        offsets: Uint32Array.of(slot++ * PARAM_SLOT),
+        groups: entry.groups,
+      };
+    });
+    return new GpuRecording(steps, params);
+  }
+
+  /** Records the launches and copies of `recording` again. */
+  replay(recording: GpuRecording): void {
+    this.beforeWork();
+    let pipeline: GPUComputePipeline | null = null;
+    for (const step of recording.steps) {
+      if ("copy" in step) {
+        this.encoder().copyBufferToBuffer(...step.copy);
+        pipeline = null;
+        continue;
+      }
+      const pass = this.#computePass();
+      if (step.pipeline !== pipeline) pass.setPipeline(pipeline = step.pipeline);
+      pass.setBindGroup(0, step.bindGroup, step.offsets, 0, 1);
+      pass.dispatchWorkgroups(...step.groups);
+      this.dispatches++;
+    }
+  }
+
+  /** Frees the uniform block of a recording. */
+  releaseRecording(recording: GpuRecording): void {
+    recording.params?.destroy();
+  }
+
+  // ---- caches -------------------------------------------------------------------------------
+
+  #computePass(): GPUComputePassEncoder {
+    if (this.#pass) return this.#pass;
+    const encoder = this.encoder();
+    return this.#pass = encoder.beginComputePass();
+  }
+
+  /**
+   * The bind group layout of a program: its uniform block with a dynamic offset
+   * (so that one bind group serves every dispatch on the same buffers), then
+   * its storage buffers.
+   */
+  #layout(program: Program): GPUBindGroupLayout {
+    const key = program.layoutKey;
+    let layout = this.#layouts.get(key);
+    if (!layout) {
+      const writable = program.writable;
+      layout = this.device.createBindGroupLayout({
+        label: key,
+        entries: program.bindings.map((binding) => ({
+          binding,
+          visibility: GPUShaderStage.COMPUTE,
+          buffer: binding === 0
+            ? { type: "uniform", hasDynamicOffset: true, minBindingSize: 0 }
+            : { type: writable.includes(binding) ? "storage" : "read-only-storage" },
+        })),
+      });
+      this.#layouts.set(key, layout);
+    }
+    return layout;
+  }
+
+  #pipeline(program: Program): GPUComputePipeline {
+    let pipeline = this.#pipelines.get(program.key);
+    if (!pipeline) {
+      let module = this.#modules.get(program.moduleKey);
+      if (!module) {
+        module = this.device.createShaderModule({ label: program.shader, code: program.source() });
+        this.#modules.set(program.moduleKey, module);
+      }
+      pipeline = this.device.createComputePipeline({
+        label: program.key,
+        layout: this.device.createPipelineLayout({ bindGroupLayouts: [this.#layout(program)] }),
+        compute: { module, entryPoint: program.entry },
+      });
+      this.#pipelines.set(program.key, pipeline);
+    }
+    return pipeline;
+  }
+
+  /** A small number naming each buffer in bind group cache keys. */
+  #id(buffer: GPUBuffer): number {
+    let id = this.#ids.get(buffer);
+    if (id === undefined) this.#ids.set(buffer, id = this.#nextId++);
+    return id;
+  }
+
+  /** A uniform block holding `params`, valid for the current encoder. */
+  #params<P>(program: Program<P>, params: P): { buffer: GPUBuffer; offset: number } {
+    const slotsPerChunk = PARAM_CHUNK / PARAM_SLOT;
+    const chunk = Math.floor(this.#paramSlots / slotsPerChunk);
+    const slot = this.#paramSlots % slotsPerChunk;
+    this.#paramSlots++;
+    if (chunk === this.#paramBuffers.length) {
+      this.#paramBuffers.push(this.device.createBuffer({
+        size: PARAM_CHUNK,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+      }));
+      const data = new ArrayBuffer(PARAM_CHUNK);
+      this.#paramWords.push(new Uint32Array(data));
+      this.#paramFloats.push(new Float32Array(data));
+    }
+    const offset = slot * PARAM_SLOT;
+    const word = offset / 4;
+    const words = this.#paramWords[chunk];
+    words.fill(0, word, word + PARAM_SLOT / 4);
+    program.writeParams(params, words, this.#paramFloats[chunk], word);
+    return { buffer: this.#paramBuffers[chunk], offset };
+  }
+
+  /** The bind group of `program` over a uniform arena buffer and its storage buffers, cached. */
+  #bindGroup(program: Program, params: GPUBuffer, storage: GPUBuffer[]): GPUBindGroup {
+    let key = `${program.layoutKey}|${this.#id(params)}`;
+    for (const buffer of storage) key += `|${this.#id(buffer)}`;
+    let bindGroup = this.#bindGroups.get(key);
+    if (!bindGroup) {
+      if (this.#bindGroups.size >= MAX_BIND_GROUPS) this.#bindGroups.clear();
+      bindGroup = this.device.createBindGroup({
+        layout: this.#layout(program),
+        entries: program.bindings.map((binding, i) => ({
+          binding,
+          resource: binding === 0
+            ? { buffer: params, offset: 0, size: PARAM_SLOT }
+            : { buffer: storage[i - 1] },
+        })),
+      });
+      this.#bindGroups.set(key, bindGroup);
+    }
+    return bindGroup;
+  }
+}

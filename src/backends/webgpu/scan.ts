@@ -1,0 +1,234 @@
+/**
+ * Mamba-1's selective scan (scan.wgsl, scan_double_float.wgsl): a prompt in
+ * the chunked form (each chunk's own state, the carry between chunks, then
+ * the outputs), a decode step that folds dt_proj in (and, after a GEMV that
+ * folded x_proj in, adds up x_proj's shares itself), and the double-float
+ * reference kernel.
+ *
+ * @module
+ */
+
+import { type Backend, projectDelta, type ScanArgs } from "../../backend.ts";
+import type { ScanDoubleFloatParams, ScanParams } from "../../generated/wgsl_params.ts";
+import type { LinearKernels } from "./linear.ts";
+import { byteSize, type GpuBuffer, type WeightFormat } from "./memory.ts";
+import { grid, MAX_GROUPS, Program } from "./program.ts";
+import type { GpuRuntime } from "./runtime.ts";
+
+const SCAN_WG = 128;
+const SCAN_TILE = 32; // tokens staged at a time in scan.wgsl: a multiple of 4, at most SCAN_WG / 4
+const SCAN_LANES = 16; // states per thread in scan.wgsl
+// The shortest chunk the default chunking makes. Measured on an H200 at (1,
+// 1536, 2048), where the thread target asks for shorter ones: chunks of 48
+// tokens scanned 29.9 to 31.3 G elements/s (5 runs), of 64 27.8 to 29.9 (8),
+// of 40 29.8 and 31.1.
+const SCAN_MIN_CHUNK = 48;
+const DOUBLE_FLOAT_SCAN_WG = 64; // @workgroup_size of scan_double_float.wgsl
+// Threads per workgroup of a decode step's scan (four per channel): a step is
+// one short pass, and smaller workgroups spread its loads over more SMs.
+const SCAN_STEP_WG = 64;
+// The same with x_proj folded in (see SCAN_PROGRAMS).
+const SCAN_PROJECTED_STEP_WG = 256;
+
+/** scan.wgsl's flag for dt_proj's weight format (0 for f32). */
+const SCAN_DT_FLAGS: Readonly<Record<WeightFormat, number>> = {
+  f32: 0,
+  f16: 16,
+  bf16: 64,
+  q8_0: 128,
+  q4_0: 256,
+  q4_k: 512,
+};
+
+/**
+ * The three passes of the chunked scan, and the decode step that computes
+ * delta itself: from dt, or (stepProjected) from the shares of x_proj that
+ * in_proj's GEMV left, which every workgroup adds up, so it takes fewer and
+ * larger ones.
+ */
+const SCAN_PROGRAMS = (() => {
+  const constants = { WG: SCAN_WG, TT: SCAN_TILE };
+  // blocks.wgsl decodes a dt_proj kept as quantized blocks.
+  const plain = ["blocks", "scan_no_shares"];
+  // 16: the slots naming each sequence's state row in a pool.
+  const step = [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 16];
+  const scan = (
+    entry: string,
+    bindings: number[],
+    specialised: Record<string, number>,
+    preludes: string[],
+  ) => new Program<ScanParams>("scan", entry, bindings, specialised, preludes);
+  return {
+    chunkState: scan("chunk_state", [0, 1, 2, 3, 4, 5, 7, 8, 11, 12], constants, plain),
+    carry: scan("carry", [0, 3, 10, 11, 12, 16], constants, plain),
+    output: scan("output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16], constants, plain),
+    step: scan("step", step, { ...constants, WG: SCAN_STEP_WG }, plain),
+    stepProjected: scan(
+      "step",
+      [...step, 15],
+      { ...constants, WG: SCAN_PROJECTED_STEP_WG },
+      ["blocks", "scan_shares"],
+    ),
+    doubleFloat: new Program<ScanDoubleFloatParams>(
+      "scan_double_float",
+      "main",
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+    ),
+  };
+})();
+
+/** The flags of the scan kernels' params for what `args` holds (bit 16 is the step's own). */
+function scanFlags(args: ScanArgs<GpuBuffer>): number {
+  const { D, z, deltaBias, deltaSoftplus, slots } = args;
+  return (D ? 1 : 0) | (z ? 2 : 0) | (deltaBias ? 4 : 0) | (deltaSoftplus ? 8 : 0) |
+    (slots ? 32 : 0);
+}
+
+/** How the chunked scan splits a prompt and what a scan computes in. */
+export interface ScanOptions {
+  /** Tokens per scan chunk; by default chosen so that ~`scanTargetThreads` threads run. */
+  scanChunkLen?: number;
+  /** Threads (sequences × channels × chunks) the chunked scan aims for (default 131072). */
+  scanTargetThreads?: number;
+  /** "float32" (the default) or "double-float"; see WebGpuOptions.scanPrecision. */
+  scanPrecision?: "float32" | "double-float";
+}
+
+/** See the module documentation. */
+export class ScanKernels {
+  constructor(
+    readonly rt: GpuRuntime,
+    /** The backend, for dt_proj where the scan does not fold it in. */
+    readonly backend: Backend<GpuBuffer>,
+    readonly linear: LinearKernels,
+    readonly options: ScanOptions,
+  ) {}
+
+  /** Backend.selectiveScan. */
+  selectiveScan(scanArgs: ScanArgs<GpuBuffer>): void {
+    if ((scanArgs.batch ?? 1) === 0 || scanArgs.len === 0) return;
+    const { rt } = this;
+    if (this.options.scanPrecision === "double-float") {
+      return this.#scanDoubleFloat(projectDelta(this.backend, scanArgs));
+    }
+    // A decode step folds dt_proj into the scan; longer scans take it as a matmul.
+    const projection = scanArgs.len === 1 && scanArgs.deltaProj?.weight.parts.length === 0
+      ? scanArgs.deltaProj
+      : undefined;
+    const args = projection ? scanArgs : projectDelta(this.backend, scanArgs);
+    const { delta, B, C, len, dim, dState } = args;
+    const batch = args.batch ?? 1;
+    // dt, B and C as the shares of an x_proj that in_proj's GEMV folded in.
+    const shares = projection
+      ? this.linear.takeShares([projection.dt, B, C], [projection.rank, dState, dState], batch)
+      : null;
+    const flags = scanFlags(args) | (projection ? SCAN_DT_FLAGS[projection.weight.format] : 0);
+    // The kernels hold 16 states per thread; larger state sizes run group by group.
+    const nGroups = Math.ceil(dState / SCAN_LANES);
+    // What every pass binds; each program takes the ones it declares.
+    const common = this.#scanBindings(args);
+    const sizes = { dim, batch, flags, nState: dState, nGroups };
+    if (projection) {
+      const bindings = {
+        ...common,
+        13: projection.dt.buffer,
+        14: projection.weight.buffer,
+        15: shares?.parts.buffer ?? rt.memory.absent,
+      };
+      const program = shares ? SCAN_PROGRAMS.stepProjected : SCAN_PROGRAMS.step;
+      const channelsPerGroup = program.constants.WG / 4; // four threads per channel
+      const blocks = shares?.blocks ?? 0;
+      for (let group = 0; group < nGroups; group++) {
+        const params = {
+          ...sizes,
+          len: 1,
+          chunkLen: 1,
+          nChunks: 1,
+          group,
+          rank: projection.rank,
+          blocks,
+        };
+        rt.run(program, params, bindings, [Math.ceil(dim / channelsPerGroup), 1, batch]);
+      }
+      return;
+    }
+    const chunkLen = this.scanChunkLen(batch, dim, len);
+    const nChunks = Math.ceil(len / chunkLen);
+    const channelGroups = Math.ceil(dim / SCAN_WG);
+    if (nChunks > 1) rt.notCapturing("A scan over several chunks");
+    const { pool } = rt.memory;
+    const hbuf = nChunks > 1
+      ? pool.acquire(byteSize(batch * nChunks * dim * SCAN_LANES), false)
+      : null;
+    const dtsum = nChunks > 1 ? pool.acquire(byteSize(batch * nChunks * dim), false) : null;
+    const bindings = {
+      ...common,
+      2: delta.buffer,
+      11: hbuf ?? rt.memory.unused[0],
+      12: dtsum ?? rt.memory.unused[0],
+    };
+    for (let group = 0; group < nGroups; group++) {
+      const params = { ...sizes, len, chunkLen, nChunks, group, rank: 0, blocks: 0 };
+      if (nChunks > 1) {
+        rt.run(SCAN_PROGRAMS.chunkState, params, bindings, [channelGroups, nChunks - 1, batch]);
+        rt.run(SCAN_PROGRAMS.carry, params, bindings, grid(Math.ceil((batch * dim * 4) / 256)));
+      }
+      rt.run(SCAN_PROGRAMS.output, params, bindings, [channelGroups, nChunks, batch]);
+    }
+    if (hbuf) pool.release(hbuf);
+    if (dtsum) pool.release(dtsum);
+  }
+
+  /** Tokens per chunk of the scan for this shape. */
+  scanChunkLen(batch: number, dim: number, len: number): number {
+    const { scanChunkLen, scanTargetThreads = 131072 } = this.options;
+    if (scanChunkLen) return Math.min(len, Math.max(1, scanChunkLen));
+    const channels = batch * Math.ceil(dim / SCAN_WG) * SCAN_WG;
+    const chunks = Math.min(MAX_GROUPS, Math.max(1, Math.ceil(scanTargetThreads / channels)));
+    const chunkLen = Math.ceil(Math.ceil(len / chunks) / SCAN_TILE) * SCAN_TILE;
+    return Math.min(len, Math.max(SCAN_MIN_CHUNK, chunkLen, Math.ceil(len / MAX_GROUPS)));
+  }
+
+  /**
+   * The scan in double-float arithmetic (scan_double_float.wgsl), one thread
+   * per channel, in dispatches of at most 2^15 steps of one state per thread.
+   */
+  #scanDoubleFloat(args: ScanArgs<GpuBuffer>): void {
+    const { delta, len, dim, dState } = args;
+    const { rt } = this;
+    const batch = args.batch ?? 1;
+    const stateLo = rt.memory.pool.acquire(byteSize(batch * dim * dState), false);
+    const bindings = {
+      ...this.#scanBindings(args),
+      2: delta.buffer,
+      11: stateLo,
+      12: args.slots?.buffer ?? rt.memory.absent,
+    };
+    const tokensPerDispatch = Math.max(1, Math.floor(2 ** 15 / (dState + 1)));
+    const flags = scanFlags(args);
+    const groups: [number, number, number] = [Math.ceil(dim / DOUBLE_FLOAT_SCAN_WG), 1, batch];
+    for (let start = 0; start < len; start += tokensPerDispatch) {
+      const count = Math.min(tokensPerDispatch, len - start);
+      const params = { len, dim, batch, flags, nState: dState, start, count, zero: 0 };
+      rt.run(SCAN_PROGRAMS.doubleFloat, params, bindings, groups);
+    }
+    rt.memory.pool.release(stateLo);
+  }
+
+  /** The bindings of every scan kernel: inputs 1 and 3 to 8 (a placeholder for those absent), y, state and slots. */
+  #scanBindings(args: ScanArgs<GpuBuffer>): Record<number, GPUBuffer> {
+    const { absent } = this.rt.memory;
+    return {
+      16: args.slots?.buffer ?? absent,
+      1: args.u.buffer,
+      3: args.A.buffer,
+      4: args.B.buffer,
+      5: args.C.buffer,
+      6: args.D?.buffer ?? absent,
+      7: args.z?.buffer ?? absent,
+      8: args.deltaBias?.buffer ?? absent,
+      9: args.y.buffer,
+      10: args.state.buffer,
+    };
+  }
+}
