@@ -7,11 +7,11 @@
  * carried states and Δ limits.
  */
 
-import { assert } from "@std/assert";
+import { assert, assertRejects } from "@std/assert";
 import type { Backend, SsdArgs } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
-import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
+import { WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu/mod.ts";
 import { maxAbsDiff, maxRelDiff } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
@@ -104,6 +104,16 @@ const CASES: SsdCase[] = [
     slots: [4, 0, 2],
   },
   {
+    name: "head_dim and N past one tile of the GPU's products (72, 136)",
+    batch: 1,
+    len: 150,
+    heads: 2,
+    headDim: 72,
+    groups: 2,
+    dState: 136,
+    chunkSize: 256,
+  },
+  {
     name: "prefill on pool slots, head_dim 64, N 128, long chunks",
     batch: 2,
     len: 150,
@@ -166,22 +176,36 @@ async function runSsd<Buf>(
 }
 
 Deno.test({
-  name: "[webgpu] a long prompt's chunked SSD runs in segments that carry the state",
+  name: "[webgpu] the chunked SSD at every chunk length, and in segments that carry the state",
   ignore: !adapter,
-  async fn() {
-    const c = CASES[2]; // two sequences of 37 tokens: two chunks of 32 each
-    const host = hostArgs(c, 3);
-    const want = await runSsd(new JsBackend(), c, host);
-    // Room for one chunk's states: every chunk is a segment of its own.
-    const chunkStateBytes = c.batch * c.heads * c.headDim * c.dState * 4;
-    const be = await WebGpuBackend.create({ ssdStatesBytes: chunkStateBytes });
-    const got = await runSsd(be, c, host);
-    assert(scaledDiff(got.y, want.y) <= 1e-5, `y: ${scaledDiff(got.y, want.y)}`);
-    assert(
-      scaledDiff(got.state, want.state) <= 1e-5,
-      `state: ${scaledDiff(got.state, want.state)}`,
+  async fn(t) {
+    // Two sequences of 37 tokens, odd sizes; one of 150 past one tile.
+    for (const c of [CASES[2], CASES[5]]) {
+      const host = hostArgs(c, 3);
+      const want = await runSsd(new JsBackend(), c, host);
+      const check = async (what: string, options: WebGpuOptions) => {
+        const be = await WebGpuBackend.create(options);
+        const got = await runSsd(be, c, host);
+        be.dispose();
+        const yDiff = scaledDiff(got.y, want.y);
+        const stateDiff = scaledDiff(got.state, want.state);
+        assert(yDiff <= 1e-5, `${c.name}, ${what}: y ${yDiff}`);
+        assert(stateDiff <= 1e-5, `${c.name}, ${what}: state ${stateDiff}`);
+      };
+      await t.step(c.name, async () => {
+        for (const ssdChunkLen of [16, 128]) {
+          await check(`chunks of ${ssdChunkLen}`, { ssdChunkLen });
+        }
+        // Room for one chunk's states: every chunk is a segment of its own.
+        const chunkStateBytes = c.batch * c.heads * c.headDim * c.dState * 4;
+        await check("segments", { ssdChunkLen: 16, ssdStatesBytes: chunkStateBytes });
+      });
+    }
+    await assertRejects(
+      () => WebGpuBackend.create({ ssdChunkLen: 24 }),
+      RangeError,
+      "ssdChunkLen must be a multiple of 16",
     );
-    be.dispose();
   },
 });
 

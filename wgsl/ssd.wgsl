@@ -7,23 +7,32 @@
 // dt [batch, len, heads]; y [batch, len, heads·headDim]; state [rows,
 // heads, headDim, dState], sequence b's in row slots[b] with flag 2, else row b.
 //
-// A prompt runs in the chunked ("SSD") form, three passes over chunks of
-// CHUNK tokens (over segments of a long prompt in turn, which bounds the
-// chunk states kept), with cs_t = Σ_{s<=t} Δ_s·A the log decay within a chunk:
-//   chunk_state  per (chunk, head, sequence): the chunk's own state
-//                S = Σ_s exp(cs_last - cs_s)·Δ_s · x_s ⊗ B_s, and cs and Δ;
+// A prompt runs in the chunked ("SSD") form over chunks of CHUNK tokens (over
+// segments of a long prompt in turn, which bounds the chunk states kept),
+// with cs_t = Σ_{s<=t} Δ_s·A the log decay within a chunk, in five passes:
+//   decay        per (sequence, head, chunk), one thread: Δ and cs of each token;
+//   chunk_cb     per (chunk, group, 64 × 64 tile): C·Bᵀ of the chunk, shared by
+//                the group's heads;
+//   chunk_state  per (chunk, head, 64 × 128 tile of the state): the chunk's own
+//                state S = Σ_s exp(cs_last - cs_s)·Δ_s · x_s ⊗ B_s;
 //   carry        per state element: the inter-chunk recurrence, chunk by
 //                chunk h_in(c) = h; h = exp(cs_last(c))·h + S(c), leaving each
 //                chunk's incoming state in place of S and the last in the pool;
-//   output       per (chunk, head, sequence): the decay-masked C·Bᵀ of the
-//                chunk (a CHUNK × CHUNK tile in workgroup memory) times the
-//                chunk's x (staged PT channels at a time), plus exp(cs_t)·C_t·h_in,
-//                plus D·x.
+//   output       per (chunk, head, 64 tokens × 64 channels): the decay-masked
+//                C·Bᵀ times the chunk's x, plus exp(cs_t)·C_t·h_in, plus D·x.
+// chunk_cb, chunk_state and output are products tiled in workgroup memory:
+// slices of KS along the summed dimension, each thread a 4 × 4 (4 × 8 for the
+// state) block of the tile in module-scope vec4s, read as vec4s, the KS steps
+// of a slice written out (a loop that the driver does not unroll, or an array
+// indexed in one, costs local memory and loop overhead: see matmul.wgsl).
+// Slices staged k-fastest (coalesced along the summed dimension in xBC) use
+// rows of ROW = 17 vec4s, so that the stores of a warp spread over the banks.
 // A decode step (len 1) is `step`: the recurrence itself, STEP_LANES threads per channel.
 
-const CHUNK: u32 = 32u;
+const CHUNK: u32 = 64u; // tokens per chunk: a multiple of KS
+const KS: u32 = 16u; // the summed dimension's slice staged at a time (the steps of *Slice)
+const ROW: u32 = 17u; // vec4s per staged row of 64 values: 16, and one of padding
 const WG: u32 = 256u;
-const PT: u32 = 64u; // channels of x staged at a time by `output`
 const STEP_WG: u32 = 256u;
 const STEP_LANES: u32 = 16u; // threads per channel in `step`
 
@@ -56,11 +65,102 @@ struct Params {
 // [batch, heads, len]: cs and Δ of each token.
 @group(0) @binding(10) var<storage, read_write> cs: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dl: array<f32>;
+// [batch, nChunks, groups, CHUNK, CHUNK]: C_t·B_s of each chunk, for s <= t.
+@group(0) @binding(12) var<storage, read_write> cb: array<f32>;
 
-var<workgroup> csTile: array<f32, CHUNK>;
-var<workgroup> weights: array<f32, CHUNK>;
-var<workgroup> masked: array<f32, CHUNK * CHUNK>;
-var<workgroup> xTile: array<f32, CHUNK * PT>;
+// Slices of the two factors of a tiled product, KS rows of vec4s each: ROW
+// vec4s (64 values and padding) per row, or 16 and 32 (64 and 128 values)
+// for chunk_state's x and B.
+var<workgroup> tileA: array<vec4<f32>, 272>;
+var<workgroup> tileB: array<vec4<f32>, 512>;
+
+// A thread's block of a tiled product: rows i of acc<i>, and for
+// chunk_state's second 64 states, hi<i>.
+var<private> acc0: vec4<f32>;
+var<private> acc1: vec4<f32>;
+var<private> acc2: vec4<f32>;
+var<private> acc3: vec4<f32>;
+var<private> hi0: vec4<f32>;
+var<private> hi1: vec4<f32>;
+var<private> hi2: vec4<f32>;
+var<private> hi3: vec4<f32>;
+
+fn clearBlock() {
+  acc0 = vec4<f32>();
+  acc1 = vec4<f32>();
+  acc2 = vec4<f32>();
+  acc3 = vec4<f32>();
+  hi0 = vec4<f32>();
+  hi1 = vec4<f32>();
+  hi2 = vec4<f32>();
+  hi3 = vec4<f32>();
+}
+
+// One step of a 4 × 4 block: column a of tileA's slice times row b of tileB's.
+fn step4(a: u32, b: u32) {
+  let av = tileA[a];
+  let bv = tileB[b];
+  acc0 += av.x * bv;
+  acc1 += av.y * bv;
+  acc2 += av.z * bv;
+  acc3 += av.w * bv;
+}
+
+// A slice of KS steps of a 4 × 4 block, both factors in rows of ROW vec4s.
+fn slice4(aCol: u32, bCol: u32) {
+  step4(aCol, bCol);
+  step4(ROW + aCol, ROW + bCol);
+  step4(2u * ROW + aCol, 2u * ROW + bCol);
+  step4(3u * ROW + aCol, 3u * ROW + bCol);
+  step4(4u * ROW + aCol, 4u * ROW + bCol);
+  step4(5u * ROW + aCol, 5u * ROW + bCol);
+  step4(6u * ROW + aCol, 6u * ROW + bCol);
+  step4(7u * ROW + aCol, 7u * ROW + bCol);
+  step4(8u * ROW + aCol, 8u * ROW + bCol);
+  step4(9u * ROW + aCol, 9u * ROW + bCol);
+  step4(10u * ROW + aCol, 10u * ROW + bCol);
+  step4(11u * ROW + aCol, 11u * ROW + bCol);
+  step4(12u * ROW + aCol, 12u * ROW + bCol);
+  step4(13u * ROW + aCol, 13u * ROW + bCol);
+  step4(14u * ROW + aCol, 14u * ROW + bCol);
+  step4(15u * ROW + aCol, 15u * ROW + bCol);
+}
+
+// One step of chunk_state's 4 × 8 block: x's rows of 16 vec4s, B's of 32.
+fn step8(k: u32, pRow: u32, nCol: u32) {
+  let xv = tileA[k * 16u + pRow];
+  let lo = tileB[k * 32u + nCol];
+  let up = tileB[k * 32u + 16u + nCol];
+  acc0 += xv.x * lo;
+  hi0 += xv.x * up;
+  acc1 += xv.y * lo;
+  hi1 += xv.y * up;
+  acc2 += xv.z * lo;
+  hi2 += xv.z * up;
+  acc3 += xv.w * lo;
+  hi3 += xv.w * up;
+}
+
+fn slice8(pRow: u32, nCol: u32) {
+  step8(0u, pRow, nCol);
+  step8(1u, pRow, nCol);
+  step8(2u, pRow, nCol);
+  step8(3u, pRow, nCol);
+  step8(4u, pRow, nCol);
+  step8(5u, pRow, nCol);
+  step8(6u, pRow, nCol);
+  step8(7u, pRow, nCol);
+  step8(8u, pRow, nCol);
+  step8(9u, pRow, nCol);
+  step8(10u, pRow, nCol);
+  step8(11u, pRow, nCol);
+  step8(12u, pRow, nCol);
+  step8(13u, pRow, nCol);
+  step8(14u, pRow, nCol);
+  step8(15u, pRow, nCol);
+}
+var<workgroup> chunkWeights: array<f32, CHUNK>;
+var<workgroup> tileDecay: array<f32, 64>;
 var<workgroup> lanes: array<f32, STEP_WG>;
 
 fn softplus(v: f32) -> f32 {
@@ -89,47 +189,161 @@ fn stateRow(b: u32) -> u32 {
   return b;
 }
 
+// The row of xBC of token t of the segment of sequence b.
+fn tokenRow(b: u32, t: u32) -> u32 {
+  return b * p.seqLen + p.start + t;
+}
+
+// Tokens of chunk c (the last may be partial).
+fn chunkTokens(c: u32) -> u32 {
+  return min(CHUNK, p.len - c * CHUNK);
+}
+
+// Where cs and Δ of token t of the segment of (b, h) are.
+fn decayAt(b: u32, h: u32, t: u32) -> u32 {
+  return (b * p.heads + h) * p.len + t;
+}
+
+@compute @workgroup_size(64)
+fn decay(@builtin(global_invocation_id) id: vec3u) {
+  let i = id.x;
+  if (i >= p.batch * p.heads * p.nChunks) {
+    return;
+  }
+  let c = i % p.nChunks;
+  let h = (i / p.nChunks) % p.heads;
+  let b = i / (p.nChunks * p.heads);
+  let t0 = c * CHUNK;
+  var cum = 0.0;
+  for (var s = 0u; s < chunkTokens(c); s++) {
+    let d = delta(tokenRow(b, t0 + s), h);
+    cum += d * A[h];
+    cs[decayAt(b, h, t0 + s)] = cum;
+    dl[decayAt(b, h, t0 + s)] = d;
+  }
+}
+
+// Grid: (nChunks, groups · tiles², batch), tiles = ⌈CHUNK / 64⌉.
+@compute @workgroup_size(WG)
+fn chunk_cb(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li: u32) {
+  let c = wg.x;
+  let b = wg.z;
+  let tiles = (CHUNK + 63u) / 64u;
+  let g = wg.y / (tiles * tiles);
+  let tt = (wg.y / tiles) % tiles;
+  let st = wg.y % tiles;
+  if (st > tt) {
+    return; // above the diagonal: never read
+  }
+  let q = chunkTokens(c);
+  let W = width();
+  let N = p.dState;
+  let bCol = p.heads * p.headDim + g * N;
+  let cCol = p.heads * p.headDim + (p.groups + g) * N;
+  let first = c * CHUNK;
+  let tRow = li / 16u; // this thread's tokens t: 4·tRow … + 3 of the tile
+  let sCol = li % 16u; // and tokens s: 4·sCol … + 3
+  clearBlock();
+  for (var n0 = 0u; n0 < N; n0 += KS) {
+    workgroupBarrier();
+    // Stage C and B of 64 tokens × KS states, transposed: [k][token].
+    for (var e = li; e < 64u * KS; e += WG) {
+      let k = e % KS;
+      let j = e / KS;
+      var cv = 0.0;
+      var bv = 0.0;
+      let t = tt * 64u + j;
+      let s = st * 64u + j;
+      if (n0 + k < N) {
+        if (t < q) {
+          cv = xBC[tokenRow(b, first + t) * W + cCol + n0 + k];
+        }
+        if (s < q) {
+          bv = xBC[tokenRow(b, first + s) * W + bCol + n0 + k];
+        }
+      }
+      tileA[k * ROW + j / 4u][j % 4u] = cv;
+      tileB[k * ROW + j / 4u][j % 4u] = bv;
+    }
+    workgroupBarrier();
+    slice4(tRow, sCol);
+  }
+  let base = ((b * p.nChunks + c) * p.groups + g) * CHUNK * CHUNK;
+  let rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+  for (var i = 0u; i < 4u; i++) {
+    let t = tt * 64u + tRow * 4u + i;
+    for (var j = 0u; j < 4u; j++) {
+      let s = st * 64u + sCol * 4u + j;
+      if (t < q && s < q) {
+        cb[base + t * CHUNK + s] = rows[i][j];
+      }
+    }
+  }
+}
+
+// Grid: (nChunks, heads · ⌈headDim / 64⌉ · ⌈dState / 128⌉, batch).
 @compute @workgroup_size(WG)
 fn chunk_state(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li: u32) {
   let c = wg.x;
-  let h = wg.y;
   let b = wg.z;
-  let t0 = c * CHUNK;
-  let q = min(CHUNK, p.len - t0);
-  let W = width();
   let P = p.headDim;
   let N = p.dState;
+  let pTiles = (P + 63u) / 64u;
+  let nTiles = (N + 127u) / 128u;
+  let h = wg.y / (pTiles * nTiles);
+  let p0 = ((wg.y / nTiles) % pTiles) * 64u;
+  let n0 = (wg.y % nTiles) * 128u;
   let g = h / (p.heads / p.groups);
-  if (li == 0u) {
-    // The cumulative sum is sequential and short: one thread.
-    var cum = 0.0;
-    for (var s = 0u; s < q; s++) {
-      let d = delta(b * p.seqLen + p.start + t0 + s, h);
-      cum += d * A[h];
-      csTile[s] = cum;
-      weights[s] = d;
-      let at = (b * p.heads + h) * p.len + t0 + s;
-      cs[at] = cum;
-      dl[at] = d;
-    }
-  }
-  workgroupBarrier();
-  let last = csTile[q - 1u];
+  let q = chunkTokens(c);
+  let W = width();
+  let t0 = c * CHUNK;
   if (li < q) {
-    weights[li] = exp(last - csTile[li]) * weights[li];
+    let last = cs[decayAt(b, h, t0 + q - 1u)];
+    chunkWeights[li] = exp(last - cs[decayAt(b, h, t0 + li)]) * dl[decayAt(b, h, t0 + li)];
   }
-  workgroupBarrier();
   let bCol = p.heads * P + g * N;
-  let base = ((b * p.nChunks + c) * p.heads + h) * P * N;
-  for (var e = li; e < P * N; e += WG) {
-    let pc = e / N;
-    let n = e % N;
-    var acc = 0.0;
-    for (var s = 0u; s < q; s++) {
-      let row = (b * p.seqLen + p.start + t0 + s) * W;
-      acc += weights[s] * xBC[row + h * P + pc] * xBC[row + bCol + n];
+  let pRow = li / 16u; // channels 4·pRow … + 3 of the tile
+  let nCol = li % 16u; // states 4·nCol … + 3 and 64 + 4·nCol … + 3
+  clearBlock();
+  for (var s0 = 0u; s0 < q; s0 += KS) {
+    workgroupBarrier();
+    // The weighted x of KS tokens × 64 channels, and their B × 128 states: [k][…].
+    for (var e = li; e < KS * 64u; e += WG) {
+      let k = e / 64u;
+      let j = e % 64u;
+      var v = 0.0;
+      if (s0 + k < q && p0 + j < P) {
+        v = chunkWeights[s0 + k] * xBC[tokenRow(b, t0 + s0 + k) * W + h * P + p0 + j];
+      }
+      tileA[k * 16u + j / 4u][j % 4u] = v;
     }
-    chunkStates[base + e] = acc;
+    for (var e = li; e < KS * 128u; e += WG) {
+      let k = e / 128u;
+      let j = e % 128u;
+      var v = 0.0;
+      if (s0 + k < q && n0 + j < N) {
+        v = xBC[tokenRow(b, t0 + s0 + k) * W + bCol + n0 + j];
+      }
+      tileB[k * 32u + j / 4u][j % 4u] = v;
+    }
+    workgroupBarrier();
+    slice8(pRow, nCol);
+  }
+  let base = ((b * p.nChunks + c) * p.heads + h) * P * N;
+  let los = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+  let his = array<vec4<f32>, 4>(hi0, hi1, hi2, hi3);
+  for (var i = 0u; i < 4u; i++) {
+    let pc = p0 + pRow * 4u + i;
+    for (var j = 0u; j < 4u; j++) {
+      let nLo = n0 + nCol * 4u + j;
+      let nHi = nLo + 64u;
+      if (pc < P && nLo < N) {
+        chunkStates[base + pc * N + nLo] = los[i][j];
+      }
+      if (pc < P && nHi < N) {
+        chunkStates[base + pc * N + nHi] = his[i][j];
+      }
+    }
   }
 }
 
@@ -154,79 +368,109 @@ fn carry(
     let k = ((b * p.nChunks + c) * p.heads + h) * perHead + e % perHead;
     let own = chunkStates[k];
     chunkStates[k] = hv;
-    let lastT = min((c + 1u) * CHUNK, p.len) - 1u;
-    hv = exp(cs[(b * p.heads + h) * p.len + lastT]) * hv + own;
+    let lastT = c * CHUNK + chunkTokens(c) - 1u;
+    hv = exp(cs[decayAt(b, h, lastT)]) * hv + own;
   }
   state[at] = hv;
 }
 
+// Grid: (nChunks, heads · ⌈headDim / 64⌉ · ⌈CHUNK / 64⌉, batch).
 @compute @workgroup_size(WG)
 fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li: u32) {
   let c = wg.x;
-  let h = wg.y;
   let b = wg.z;
-  let t0 = c * CHUNK;
-  let q = min(CHUNK, p.len - t0);
-  let W = width();
   let P = p.headDim;
   let N = p.dState;
+  let pTiles = (P + 63u) / 64u;
+  let tTiles = (CHUNK + 63u) / 64u;
+  let h = wg.y / (pTiles * tTiles);
+  let p0 = ((wg.y / tTiles) % pTiles) * 64u;
+  let tFirst = (wg.y % tTiles) * 64u; // the tile's first token in the chunk
   let g = h / (p.heads / p.groups);
-  let bCol = p.heads * P + g * N;
+  let q = chunkTokens(c);
+  if (tFirst >= q) {
+    return;
+  }
+  let W = width();
+  let t0 = c * CHUNK;
   let cCol = p.heads * P + (p.groups + g) * N;
-  let first = b * p.seqLen + p.start + t0; // the chunk's first token row
-  let decayAt = (b * p.heads + h) * p.len + t0;
-  if (li < q) {
-    csTile[li] = cs[decayAt + li];
-    weights[li] = dl[decayAt + li];
-  }
-  workgroupBarrier();
-  // The decay-masked C·Bᵀ: masked[t][s] = C_t·B_s · exp(cs_t - cs_s) · Δ_s for s <= t.
-  for (var e = li; e < q * q; e += WG) {
-    let t = e / q;
-    let s = e % q;
-    var m = 0.0;
-    if (s <= t) {
-      let ct = (first + t) * W + cCol;
-      let bs = (first + s) * W + bCol;
-      var cb = 0.0;
-      for (var n = 0u; n < N; n++) {
-        cb += xBC[ct + n] * xBC[bs + n];
-      }
-      m = cb * exp(csTile[t] - csTile[s]) * weights[s];
-    }
-    masked[t * CHUNK + s] = m;
-  }
+  let cbBase = ((b * p.nChunks + c) * p.groups + g) * CHUNK * CHUNK;
   let incoming = ((b * p.nChunks + c) * p.heads + h) * P * N;
+  if (li < 64u) {
+    var v = 0.0;
+    if (tFirst + li < q) {
+      v = cs[decayAt(b, h, t0 + tFirst + li)];
+    }
+    tileDecay[li] = v;
+  }
+  let tRow = li / 16u; // tokens tFirst + 4·tRow … + 3
+  let pCol = li % 16u; // channels p0 + 4·pCol … + 3
+  clearBlock();
+  // Within the chunk: Σ_{s<=t} C_t·B_s · exp(cs_t - cs_s)·Δ_s · x_s, over the
+  // tokens s up to the tile's last.
+  let sEnd = min(q, tFirst + 64u);
+  for (var s0 = 0u; s0 < sEnd; s0 += KS) {
+    workgroupBarrier();
+    for (var e = li; e < 64u * KS; e += WG) {
+      let k = e % KS;
+      let j = e / KS;
+      let t = tFirst + j;
+      let s = s0 + k;
+      var m = 0.0;
+      if (s <= t && t < q) {
+        let csS = cs[decayAt(b, h, t0 + s)];
+        m = cb[cbBase + t * CHUNK + s] * exp(tileDecay[j] - csS) * dl[decayAt(b, h, t0 + s)];
+      }
+      tileA[k * ROW + j / 4u][j % 4u] = m;
+    }
+    for (var e = li; e < KS * 64u; e += WG) {
+      let k = e / 64u;
+      let j = e % 64u;
+      var v = 0.0;
+      if (s0 + k < q && p0 + j < P) {
+        v = xBC[tokenRow(b, t0 + s0 + k) * W + h * P + p0 + j];
+      }
+      tileB[k * ROW + j / 4u][j % 4u] = v;
+    }
+    workgroupBarrier();
+    slice4(tRow, pCol);
+  }
+  // From the chunks before: exp(cs_t)·C_t · h_inᵀ, over the states.
+  for (var n0 = 0u; n0 < N; n0 += KS) {
+    workgroupBarrier();
+    for (var e = li; e < 64u * KS; e += WG) {
+      let k = e % KS;
+      let j = e / KS;
+      let t = tFirst + j;
+      var v = 0.0;
+      if (t < q && n0 + k < N) {
+        v = exp(tileDecay[j]) * xBC[tokenRow(b, t0 + t) * W + cCol + n0 + k];
+      }
+      tileA[k * ROW + j / 4u][j % 4u] = v;
+      var hv = 0.0;
+      if (p0 + j < P && n0 + k < N) {
+        hv = chunkStates[incoming + (p0 + j) * N + n0 + k];
+      }
+      tileB[k * ROW + j / 4u][j % 4u] = hv;
+    }
+    workgroupBarrier();
+    slice4(tRow, pCol);
+  }
   var skip = 0.0;
   if ((p.flags & 1u) != 0u) {
     skip = Dv[h];
   }
-  for (var p0 = 0u; p0 < P; p0 += PT) {
-    workgroupBarrier();
-    for (var e = li; e < q * PT; e += WG) {
-      let t = e / PT;
-      let pp = e % PT;
-      if (p0 + pp < P) {
-        xTile[t * PT + pp] = xBC[(first + t) * W + h * P + p0 + pp];
-      }
+  let rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+  for (var i = 0u; i < 4u; i++) {
+    let t = tFirst + tRow * 4u + i;
+    if (t >= q) {
+      break;
     }
-    workgroupBarrier();
-    for (var e = li; e < q * PT; e += WG) {
-      let t = e / PT;
-      let pp = e % PT;
-      let pc = p0 + pp;
+    let row = tokenRow(b, t0 + t);
+    for (var j = 0u; j < 4u; j++) {
+      let pc = p0 + pCol * 4u + j;
       if (pc < P) {
-        var acc = 0.0;
-        for (var s = 0u; s <= t; s++) {
-          acc += masked[t * CHUNK + s] * xTile[s * PT + pp];
-        }
-        let ct = (first + t) * W + cCol;
-        var carried = 0.0;
-        for (var n = 0u; n < N; n++) {
-          carried += xBC[ct + n] * chunkStates[incoming + pc * N + n];
-        }
-        acc += exp(csTile[t]) * carried + skip * xTile[t * PT + pp];
-        y[(first + t) * (p.heads * P) + h * P + pc] = acc;
+        y[row * (p.heads * P) + h * P + pc] = rows[i][j] + skip * xBC[row * W + h * P + pc];
       }
     }
   }

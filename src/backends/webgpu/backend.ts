@@ -67,6 +67,11 @@ export interface WebGpuOptions {
    */
   ssdStatesBytes?: number;
   /**
+   * Tokens per chunk of a chunked SSD scan (Mamba-2): a multiple of 16 from
+   * 16 to 256 (default 128), whatever the model's `chunk_size`.
+   */
+  ssdChunkLen?: number;
+  /**
    * Arithmetic of the scan: "float32" (the default, fast) or "double-float"
    * (pairs of f32, about 44 significant bits, through a reference kernel many
    * times slower): f32 rounding leaves the scan up to 2e-3 (relative) from a
@@ -119,7 +124,12 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#rt = new GpuRuntime(device, this.#memory);
     this.#linear = new LinearKernels(this.#rt, this);
     this.#scan = new ScanKernels(this.#rt, this, this.#linear, options);
-    this.#ssd = new SsdKernels(this.#rt, options.ssdStatesBytes);
+    try {
+      this.#ssd = new SsdKernels(this.#rt, options);
+    } catch (error) {
+      device.destroy(); // refused options: the device is not left open
+      throw error;
+    }
     // Shares of a folded x_proj are added up before any other work could read them.
     this.#rt.beforeWork = () => this.#linear.settle();
   }

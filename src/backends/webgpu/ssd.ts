@@ -1,8 +1,8 @@
 /**
  * Mamba-2's operations: the SSD scan (ssd.wgsl; a decode step as the
- * recurrence, a prompt in chunks in three passes over scratch buffers of the
- * chunks' states, a long prompt in segments of whole chunks) and the gated
- * RMSNorm (gated_rmsnorm.wgsl).
+ * recurrence, a prompt in chunks in five passes over scratch buffers of the
+ * chunks' C·Bᵀ and states, a long prompt in segments of whole chunks) and
+ * the gated RMSNorm (gated_rmsnorm.wgsl).
  *
  * @module
  */
@@ -13,8 +13,12 @@ import { byteSize, type GpuBuffer } from "./memory.ts";
 import { grid, Program } from "./program.ts";
 import type { GpuRuntime } from "./runtime.ts";
 
-/** Tokens per chunk of ssd.wgsl's chunked scan (its CHUNK), whatever the model's chunk_size. */
-const SSD_CHUNK = 32;
+/**
+ * Tokens per chunk of ssd.wgsl's chunked scan by default, whatever the
+ * model's chunk_size: a multiple of 16, at most 256. Chosen on the H200
+ * against 64 and 256 (docs/mamba2.md).
+ */
+const SSD_CHUNK = 128;
 /** Threads per workgroup of ssd.wgsl's carry pass (its WG). */
 const SSD_WG = 256;
 /** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
@@ -24,22 +28,45 @@ const SSD_STATES_BYTES = 64 << 20;
 /** The largest finite f32: Δ's clamp bounds go to the kernel as finite numbers. */
 const F32_MAX = 3.4028234663852886e38;
 
-/** The entry points of ssd.wgsl (see its header) and gated_rmsnorm.wgsl. */
-const SSD_PROGRAMS = {
-  chunkState: new Program<SsdParams>("ssd", "chunk_state", [0, 1, 2, 3, 4, 9, 10, 11]),
-  carry: new Program<SsdParams>("ssd", "carry", [0, 6, 8, 9, 10]),
-  output: new Program<SsdParams>("ssd", "output", [0, 1, 5, 7, 9, 10, 11]),
-  step: new Program<SsdParams>("ssd", "step", [0, 1, 2, 3, 4, 5, 6, 7, 8]),
-  gatedNorm: new Program<GatedRmsnormParams>("gated_rmsnorm", "main", [0, 1, 2, 3, 4]),
-};
+/** The entry points of ssd.wgsl (see its header) for chunks of `chunk` tokens. */
+function ssdPrograms(chunk: number) {
+  const ssd = (entry: string, bindings: number[]) =>
+    new Program<SsdParams>("ssd", entry, bindings, { CHUNK: chunk });
+  return {
+    decay: ssd("decay", [0, 2, 3, 4, 10, 11]),
+    chunkCb: ssd("chunk_cb", [0, 1, 12]),
+    chunkState: ssd("chunk_state", [0, 1, 9, 10, 11]),
+    carry: ssd("carry", [0, 6, 8, 9, 10]),
+    output: ssd("output", [0, 1, 5, 7, 9, 10, 11, 12]),
+    step: ssd("step", [0, 1, 2, 3, 4, 5, 6, 7, 8]),
+  };
+}
+
+const gatedNormProgram = new Program<GatedRmsnormParams>("gated_rmsnorm", "main", [0, 1, 2, 3, 4]);
+
+/** How {@link SsdKernels} splits a prompt. */
+export interface SsdOptions {
+  /** Tokens per chunk: a multiple of 16 from 16 to 256 (default 128). */
+  ssdChunkLen?: number;
+  /** Bytes of chunk states a chunked scan keeps at once (default 64 MiB). */
+  ssdStatesBytes?: number;
+}
 
 /** See the module documentation. */
 export class SsdKernels {
-  constructor(
-    readonly rt: GpuRuntime,
-    /** Bytes of chunk states a chunked scan keeps at once (default 64 MiB). */
-    readonly statesBytes = SSD_STATES_BYTES,
-  ) {}
+  readonly #programs: ReturnType<typeof ssdPrograms>;
+  readonly #chunk: number;
+  readonly #statesBytes: number;
+
+  constructor(readonly rt: GpuRuntime, options: SsdOptions = {}) {
+    const chunk = options.ssdChunkLen ?? SSD_CHUNK;
+    if (!(Number.isInteger(chunk) && chunk % 16 === 0 && chunk >= 16 && chunk <= 256)) {
+      throw new RangeError(`ssdChunkLen must be a multiple of 16 from 16 to 256, got ${chunk}`);
+    }
+    this.#chunk = chunk;
+    this.#programs = ssdPrograms(chunk);
+    this.#statesBytes = options.ssdStatesBytes ?? SSD_STATES_BYTES;
+  }
 
   /** Backend.ssdScan. */
   ssdScan(args: SsdArgs<GpuBuffer>): void {
@@ -70,29 +97,38 @@ export class SsdKernels {
     if (len === 1) {
       const params = { ...common, len: 1, nChunks: 1, seqLen: 1, start: 0 };
       const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_CHANNELS);
-      rt.run(SSD_PROGRAMS.step, params, buffers, grid(groupsNeeded));
+      rt.run(this.#programs.step, params, buffers, grid(groupsNeeded));
       return;
     }
     rt.notCapturing("A chunked SSD scan");
+    const programs = this.#programs;
+    const chunk = this.#chunk;
     // Segments of whole chunks whose chunk states fit the budget.
     const chunkStateFloats = batch * heads * headDim * dState;
-    const chunksPerSegment = Math.max(1, Math.floor(this.statesBytes / 4 / chunkStateFloats));
-    const segment = Math.min(len, chunksPerSegment * SSD_CHUNK);
+    const chunksPerSegment = Math.max(1, Math.floor(this.#statesBytes / 4 / chunkStateFloats));
+    const segment = Math.min(len, chunksPerSegment * chunk);
+    const segmentChunks = Math.ceil(segment / chunk);
     const scratch = [
-      Math.ceil(segment / SSD_CHUNK) * chunkStateFloats,
+      segmentChunks * chunkStateFloats,
       batch * heads * segment,
       batch * heads * segment,
+      batch * segmentChunks * groups * chunk * chunk,
     ].map((floats) => pool.acquire(byteSize(floats), false));
-    [buffers[9], buffers[10], buffers[11]] = scratch;
+    [buffers[9], buffers[10], buffers[11], buffers[12]] = scratch;
     const carryGroups = grid(Math.ceil(chunkStateFloats / SSD_WG));
+    const tiles = (size: number, tile: number) => Math.ceil(size / tile);
     for (let start = 0; start < len; start += segment) {
       const segmentLen = Math.min(segment, len - start);
-      const nChunks = Math.ceil(segmentLen / SSD_CHUNK);
+      const nChunks = Math.ceil(segmentLen / chunk);
       const params = { ...common, len: segmentLen, nChunks, seqLen: len, start };
-      const perChunk: [number, number, number] = [nChunks, heads, batch];
-      rt.run(SSD_PROGRAMS.chunkState, params, buffers, perChunk);
-      rt.run(SSD_PROGRAMS.carry, params, buffers, carryGroups);
-      rt.run(SSD_PROGRAMS.output, params, buffers, perChunk);
+      const chunkTiles = tiles(chunk, 64);
+      rt.run(programs.decay, params, buffers, grid(tiles(batch * heads * nChunks, 64)));
+      rt.run(programs.chunkCb, params, buffers, [nChunks, groups * chunkTiles ** 2, batch]);
+      const stateTiles = heads * tiles(headDim, 64) * tiles(dState, 128);
+      rt.run(programs.chunkState, params, buffers, [nChunks, stateTiles, batch]);
+      rt.run(programs.carry, params, buffers, carryGroups);
+      const outputTiles = heads * tiles(headDim, 64) * chunkTiles;
+      rt.run(programs.output, params, buffers, [nChunks, outputTiles, batch]);
     }
     for (const buffer of scratch) pool.release(buffer);
   }
@@ -104,7 +140,7 @@ export class SsdKernels {
     const [input, done] = rt.unaliased(x, rows * dim, out);
     const [gateInput, gateDone] = rt.unaliased(gate, rows * dim, out);
     rt.run(
-      SSD_PROGRAMS.gatedNorm,
+      gatedNormProgram,
       { rows, dim, groupSize, eps },
       { 1: input, 2: gateInput, 3: weight.buffer, 4: out.buffer },
       grid(rows * (dim / groupSize)),
