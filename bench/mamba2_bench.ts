@@ -8,13 +8,18 @@
  * - `model`: a mamba2-130m-shaped model with random weights (d_model 768, 24
  *   layers, d_state 128, head_dim 64, vocab 50277 padded to 50280, F32;
  *   `--mamba1` for mamba-130m's shape instead): a prompt of `--prefill` ids
- *   fed to one session, then `--decode` greedy ids per stream through the
- *   decode engine at each of `--streams` concurrent streams, in tokens/s.
+ *   fed to one session, then at each of `--streams` concurrent streams, new
+ *   sessions given a 16-token prompt and `--decode` greedy ids each through
+ *   the decode engine (the prompt inside the time, as `gpu_mamba2.py` times
+ *   mamba_ssm's generate), in generated tokens/s.
  *
  * ```sh
  * deno run -A bench/mamba2_bench.ts --backend webgpu
  * deno run -A bench/mamba2_bench.ts --backend wasm --shapes 1x512x24 --prefill 512 --decode 128 --streams 1
+ * deno run -A bench/mamba2_bench.ts --backend webgpu --ssd-chunk 128 --no-model
  * ```
+ *
+ * `--ssd-chunk` sets webgpu's `ssdChunkLen` (tokens per chunk of its SSD scan).
  *
  * Each figure is the best of `--repeats` runs after one warm-up run.
  *
@@ -24,6 +29,7 @@
 import { parseArgs } from "@std/cli/parse-args";
 import type { Backend } from "../src/backend.ts";
 import { type BackendName, createBackend } from "../src/backends/registry.ts";
+import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
 import { convChannels, type MambaConfig, parseConfig } from "../src/config.ts";
 import type { Mamba2LayerWeights } from "../src/mamba2.ts";
 import { MambaModel } from "../src/model.ts";
@@ -34,7 +40,7 @@ import { promptIds, randomCheckpoint, xorshiftUniforms } from "./make_random_mod
 import { loadCheckpoint } from "../src/load.ts";
 
 const flags = parseArgs(Deno.args, {
-  string: ["backend", "shapes", "prefill", "decode", "streams", "repeats", "threads"],
+  string: ["backend", "shapes", "prefill", "decode", "streams", "repeats", "threads", "ssd-chunk"],
   boolean: ["mamba1", "no-ssd", "no-model"],
   default: {
     backend: "webgpu",
@@ -185,26 +191,29 @@ async function modelFigures(be: Backend<unknown>): Promise<Record<string, number
   });
   figures[`prefill ${prefill} tok/s`] = Math.round(prefill / (prefillMs / 1000));
   const decode = Number(flags.decode);
+  // As mamba_ssm's generate is timed: `streams` new sessions at once, each
+  // fed a 16-token prompt, then `decode` greedy ids, through the engine.
+  const run = (streams: number) =>
+    Promise.all(Array.from({ length: streams }, (_, i) => {
+      const session = new Session(model);
+      return session.decode({
+        prompt: promptIds(16, vocab).map((id) => (id + i) % vocab),
+        sampler: new Sampler({ temperature: 0 }),
+        maxTokens: decode,
+      }).finally(() => session.dispose());
+    }));
   for (const streams of flags.streams.split(",").map(Number)) {
-    const sessions = Array.from({ length: streams }, () => new Session(model));
-    await Promise.all(sessions.map((s, i) => s.prefill(promptIds(8 + i, vocab))));
-    const snapshots = await Promise.all(sessions.map((s) => s.snapshot()));
-    const ms = await best(async () => {
-      const runs = snapshots.map((snapshot) => {
-        const session = new Session(model, snapshot);
-        return session.decode({ sampler: new Sampler({ temperature: 0 }), maxTokens: decode })
-          .finally(() => session.dispose());
-      });
-      await Promise.all(runs);
-    });
+    const ms = await best(() => run(streams).then(() => {}));
     figures[`decode ${streams} streams tok/s`] = Math.round((streams * decode) / (ms / 1000));
-    for (const session of sessions) session.dispose();
   }
   return figures;
 }
 
-const backend = await createBackend(backendName, backendOptions);
-const result: Record<string, unknown> = { backend: backendName, ...backendOptions };
+const ssdChunkLen = flags["ssd-chunk"] ? Number(flags["ssd-chunk"]) : undefined;
+const backend = ssdChunkLen && backendName === "webgpu"
+  ? await WebGpuBackend.create({ ssdChunkLen })
+  : await createBackend(backendName, backendOptions);
+const result: Record<string, unknown> = { backend: backendName, ...backendOptions, ssdChunkLen };
 if (!flags["no-ssd"]) result.ssdGElementsPerSecond = await ssdFigures(backend);
 if (!flags["no-model"]) {
   result[flags.mamba1 ? "mamba1_130m" : "mamba2_130m"] = await modelFigures(backend);
