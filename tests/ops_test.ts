@@ -1,10 +1,22 @@
 /**
- * The decode engine's operations on every backend, against reference
- * arithmetic: `copyRows` against plain indexing, `chooseTokens` against
- * `pickToken` (the sampler's own code, fed the same random numbers and
- * history), and conv and scan on slots of a state pool against the reference
- * backend run sequence by sequence without slots. WebGPU runs where an
- * adapter exists (llvmpipe in CI), with large matrices split over buffers.
+ * The backends' operations against reference arithmetic, one table over
+ * every backend (after llama.cpp's test-backend-ops):
+ *
+ * - the decode engine's operations: `copyRows` against plain indexing,
+ *   `chooseTokens` against `pickToken` (the sampler's own code, fed the same
+ *   random numbers and history), and conv and scan on slots of a state pool
+ *   against the reference backend run sequence by sequence without slots;
+ * - the kernel table (`KERNEL_CASES` × `KERNEL_CONFIGS`): linear over f32,
+ *   f16 and bf16 weights, linearSplit and accumulation, causalConv (steps,
+ *   batches), selectiveScan across chunk ends, rmsNorm, addInPlace, embed and
+ *   copy, on odd sizes at every kernel's edges, on wasm (1 to 3 threads, both
+ *   SIMD builds) and webgpu (default, short scan chunks, matrices split over
+ *   buffers), each against the js backend.
+ *
+ * WebGPU runs where an adapter exists (llvmpipe in CI). Mamba-2's operations
+ * are in `ssd_test.ts`; what one backend alone does (its builds, threads,
+ * fusions, recordings, quantized blocks) in `wasm_kernels_test.ts` and
+ * `webgpu_kernels_test.ts`.
  */
 
 import { assert, assertEquals } from "@std/assert";
@@ -16,10 +28,12 @@ import {
 } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
-import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
+import { WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu/mod.ts";
+import type { HalfFormat } from "../src/quant.ts";
+import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "../src/safetensors.ts";
 import { pickToken, type SamplingOptions, validateSamplingOptions } from "../src/sampler.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
-import { maxAbsDiff } from "./helpers.ts";
+import { halfMatrixOf, maxAbsDiff } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
 
@@ -474,5 +488,337 @@ async function poolSlotsCase(be: Backend<unknown>, kernel: number): Promise<void
     // The slots' states moved on; every other row of the pools is untouched.
     within(await be.read(gConv), convPool, 1e-6, "conv pool");
     within(await be.read(gSsm), ssmPool, 2e-4, "ssm pool");
+  }
+}
+
+// ---- The kernel table: every case on every backend configuration, against js ----------------
+
+/**
+ * A backend configuration of the kernel table: the backend and the options
+ * that steer its kernels (threads and SIMD build on wasm; scan chunks and
+ * splitting on webgpu), and how much float32 rounding its sums may add
+ * (a multiple of each case's tolerance): 1 for wasm's, 10 for the GPU's,
+ * which sums in other orders.
+ */
+interface KernelConfig {
+  label: string;
+  create: () => Promise<Backend>;
+  slack: number;
+  ignore?: boolean;
+}
+
+const KERNEL_CONFIGS: KernelConfig[] = [
+  ...(["relaxed", "plain"] as const).flatMap((simd) =>
+    [1, 2, 3].map((threads) => ({
+      label: `wasm ${threads}t ${simd}`,
+      create: () => WasmBackend.create({ threads, simd }) as Promise<Backend>,
+      slack: 1,
+    }))
+  ),
+  ...[
+    ["webgpu", {}],
+    // Scan chunks of 16: chunk boundaries at len 15, 16, 17 and several chunks.
+    ["webgpu scan chunks of 16", { scanChunkLen: 16 }],
+    // Longer than the scan's 32-token tile and not a multiple of its 4-token step.
+    ["webgpu scan chunks of 45", { scanChunkLen: 45 }],
+    // Matrices over 4 KiB split by rows: linear and embed read over parts.
+    ["webgpu split", { splitMatricesOver: 4096 }],
+  ].map(([label, options]) => ({
+    label: label as string,
+    create: () => WebGpuBackend.create(options as WebGpuOptions) as Promise<Backend>,
+    slack: 10,
+    ignore: !adapter,
+  })),
+];
+
+/**
+ * One case of the kernel table: `run` draws its inputs from `fill` (the same
+ * stream on every backend), issues operations and reads its outputs back;
+ * each output must stay within `tolerance` × slack of the js backend's,
+ * measured by {@link scaledError}.
+ */
+interface KernelCase {
+  name: string;
+  tolerance: number;
+  run<Buf>(be: Backend<Buf>, fill: (n: number, scale?: number) => Float32Array): Promise<
+    Float32Array[]
+  >;
+}
+
+/**
+ * max |got - want| / (|want| + rms(want)): float32 sums against float64 ones
+ * (js), measured against the size of what was summed where values cancel.
+ */
+function scaledError(got: Float32Array, want: Float32Array): number {
+  assertEquals(got.length, want.length, "length");
+  const rms = Math.sqrt(want.reduce((s, v) => s + v * v, 0) / Math.max(1, want.length));
+  let worst = 0;
+  for (let i = 0; i < want.length; i++) {
+    const diff = Math.abs(got[i] - want[i]) / (Math.abs(want[i]) + rms + 1e-30);
+    if (!(diff <= worst)) worst = Number.isNaN(diff) ? Infinity : diff;
+  }
+  return worst;
+}
+
+/** A matrix of `values` [rows, cols] as `format` keeps it where the backend does, else f32. */
+function matrixIn<Buf>(
+  be: Backend<Buf>,
+  values: Float32Array,
+  cols: number,
+  format: "f32" | HalfFormat,
+): Buf {
+  if (format === "f32") return be.upload(values, cols);
+  return be.uploadHalfMatrix(halfMatrixOf(values, format, cols)) ?? be.upload(values, cols);
+}
+
+/** `v` rounded to `format`; a bf16 copy's first value below f16's range, so bf16 stays bf16. */
+function roundedTo(v: Float32Array, format: "f32" | HalfFormat): Float32Array {
+  if (format === "f16") return v.map((x) => f16ToF32(f32ToF16(x)));
+  if (format === "f32") return v;
+  const rounded = v.map((x) => bf16ToF32(f32ToBf16(x)));
+  rounded[0] = 2 ** -30;
+  return rounded;
+}
+
+/** linear's shapes [rows, inDim, outDim]: each kernel's edges (see linear.ts and asm/kernels.ts). */
+const LINEAR_SHAPES = [
+  [1, 1, 1],
+  [1, 5, 3],
+  [1, 7, 5],
+  [1, 768, 100],
+  [1, 768, 1536],
+  [1, 1537, 67],
+  // GEMV lanes per output by outputs × row groups: 8 past 8192, 32 past 1024, else 64.
+  [1, 16, 8200],
+  [2, 8, 9],
+  [2, 33, 9],
+  [3, 40, 1500],
+  [3, 64, 45],
+  [3, 37, 45],
+  [4, 33, 70],
+  [5, 37, 45],
+  [5, 130, 71],
+  [7, 48, 1536],
+  [13, 769, 131],
+  // GEMV in groups of 4 rows, the last one full or not.
+  [16, 64, 50],
+  [13, 40, 33],
+  [70, 17, 129],
+  [130, 96, 16],
+  // Tiled: sizes around the tiles, inDim not a multiple of 8 (or of 4: scalar loads).
+  [129, 36, 130],
+  [18, 12, 165],
+  [129, 12, 8200],
+  [129, 13, 8200],
+  // A batch of decode steps over a wide matrix (lm_head): 32×64 and 64×64 tiles.
+  [20, 40, 16400],
+  [5, 36, 16400],
+  [64, 40, 16400],
+  [40, 36, 16390],
+  [64, 256, 200],
+  // Split over K for outDim ≤ 128: rows and outDim not multiples of 4.
+  [17, 36, 45],
+  [67, 52, 128],
+  [260, 8, 127],
+  // Few tiles and a long K: split over workgroups, summed after.
+  [9, 521, 136],
+  [130, 400, 136],
+];
+
+/** Scan cases: len, dim, N, optional inputs and softplus, sequences. */
+const SCAN_CASES: [number, number, number, boolean, number][] = [
+  ...[5, 8, 16, 20].flatMap((dState) =>
+    [1, 15, 16, 17, 53].map((len): [number, number, number, boolean, number] => [
+      len,
+      dState === 8 ? 130 : 37,
+      dState,
+      true,
+      1,
+    ])
+  ),
+  [33, 21, 16, false, 1],
+  [31, 40, 8, true, 3],
+  [1, 40, 5, false, 2],
+  [37, 24, 36, true, 2],
+  [147, 21, 16, true, 1],
+  [43, 37, 20, true, 2],
+  [97, 37, 16, true, 1],
+  [1, 1536, 16, true, 1],
+  [3, 1000, 16, false, 1],
+  [9, 70, 1, true, 1],
+  [1, 3, 7, false, 1],
+];
+
+const KERNEL_CASES: KernelCase[] = [
+  ...(["f32", "f16", "bf16"] as const).map((format): KernelCase => ({
+    name: `linear over ${format} weights: GEMV, skinny, tiled and split-K, odd sizes, bias or none`,
+    tolerance: 1e-5,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      for (const [rows, inDim, outDim] of LINEAR_SHAPES) {
+        for (const withBias of [false, true]) {
+          const x = be.upload(fill(rows * inDim));
+          const w = matrixIn(be, roundedTo(fill(outDim * inDim), format), inDim, format);
+          const bias = withBias ? be.upload(fill(outDim)) : null;
+          const out = be.zeros(rows * outDim);
+          be.linear(out, x, w, bias, rows, inDim, outDim);
+          outs.push(await be.read(out));
+        }
+      }
+      return outs;
+    },
+  })),
+  {
+    name: "linearSplit writes column blocks to several outputs; linear accumulates",
+    tolerance: 1e-5,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      const cases: [number, number, number[]][] = [
+        [10, 36, [45, 20, 13]],
+        [17, 36, [45, 20, 13]],
+        [70, 17, [100, 60]],
+        [129, 36, [130, 70]],
+        [9, 261, [100, 60]],
+        [1, 768, [1536, 1536]],
+      ];
+      for (const [rows, inDim, widths] of cases) {
+        const outDim = widths.reduce((a, b) => a + b, 0);
+        const x = be.upload(fill(rows * inDim));
+        const w = be.upload(fill(outDim * inDim), inDim);
+        const bias = be.upload(fill(outDim));
+        const parts = widths.map((width) => be.zeros(rows * width));
+        be.linearSplit(parts, widths, x, w, bias, rows, inDim);
+        for (const part of parts) outs.push(await be.read(part));
+        const acc = be.upload(fill(rows * outDim));
+        be.linear(acc, x, w, bias, rows, inDim, outDim, true);
+        outs.push(await be.read(acc));
+      }
+      return outs;
+    },
+  },
+  {
+    name: "causalConv: prompts, short runs and single steps carry the state; kernels 1 to 4",
+    tolerance: 1e-5,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      for (const kernel of [1, 3, 4]) {
+        for (const channels of [5, 13, 300, 1536]) {
+          const weight = be.upload(fill(channels * kernel));
+          const bias = kernel === 3 ? null : be.upload(fill(channels));
+          const state = be.upload(fill(Math.max(1, (kernel - 1) * channels)));
+          for (const len of [9, 2, 1, 1, 7]) {
+            const out = be.zeros(len * channels);
+            const x = be.upload(fill(len * channels));
+            be.causalConv({ out, x, weight, bias, state, len, channels, kernel });
+            outs.push(await be.read(out));
+            if (kernel > 1) outs.push(await be.read(state));
+          }
+        }
+      }
+      return outs;
+    },
+  },
+  {
+    name: "causalConv of a batch: each sequence with its own state",
+    tolerance: 1e-5,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      const [batch, channels, kernel] = [3, 37, 4];
+      const weight = be.upload(fill(channels * kernel));
+      const bias = be.upload(fill(channels));
+      const state = be.upload(fill(batch * (kernel - 1) * channels));
+      for (const len of [6, 2, 1]) {
+        const out = be.zeros(batch * len * channels);
+        const x = be.upload(fill(batch * len * channels));
+        be.causalConv({ out, x, weight, bias, state, len, channels, kernel, batch });
+        outs.push(await be.read(out), await be.read(state));
+      }
+      return outs;
+    },
+  },
+  {
+    name: "selectiveScan: len 1 to 147 across chunk ends, N 1 to 36, batches, optional inputs",
+    tolerance: 1e-4,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      for (const [len, dim, dState, optional, batch] of SCAN_CASES) {
+        const A = fill(dim * dState).map((v) => -Math.exp(1.5 * v));
+        const y = be.zeros(batch * len * dim);
+        const state = be.upload(fill(batch * dim * dState));
+        const delta = fill(batch * len * dim).map((v) => optional ? v : Math.abs(0.2 * v));
+        be.selectiveScan({
+          y,
+          u: be.upload(fill(batch * len * dim)),
+          delta: be.upload(delta),
+          A: be.upload(A),
+          B: be.upload(fill(batch * len * dState)),
+          C: be.upload(fill(batch * len * dState)),
+          D: optional ? be.upload(fill(dim)) : null,
+          z: optional ? be.upload(fill(batch * len * dim, 2)) : null,
+          deltaBias: optional ? be.upload(fill(dim, 0.5)) : null,
+          deltaSoftplus: optional,
+          state,
+          len,
+          dim,
+          dState,
+          batch,
+        });
+        outs.push(await be.read(y), await be.read(state));
+      }
+      return outs;
+    },
+  },
+  {
+    name: "rmsNorm (also in place), addInPlace, embed (over a split table), copy",
+    tolerance: 1e-5,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      for (const [rows, dim] of [[1, 7], [3, 7], [5, 1], [5, 300], [3, 768], [1, 768]]) {
+        const x = be.upload(fill(rows * dim, 3));
+        const w = be.upload(fill(dim));
+        const out = be.zeros(rows * dim);
+        be.rmsNorm(out, x, w, rows, dim, 1e-5);
+        be.rmsNorm(x, x, w, rows, dim, 1e-5);
+        outs.push(await be.read(out), await be.read(x));
+      }
+      const acc = be.upload(fill(1027));
+      be.addInPlace(acc, be.upload(fill(1027)), 1026);
+      // 7,372 bytes: split in two on "webgpu split".
+      const [vocab, dim] = [97, 19];
+      const table = be.upload(fill(vocab * dim), dim);
+      const embedded = be.zeros(5 * dim);
+      be.embed(embedded, table, Int32Array.of(3, 0, 96, 3, 57), dim);
+      be.copy(acc, 5, embedded, 2, 11);
+      be.copy(acc, 0, acc, 2, 6); // within one buffer
+      outs.push(await be.read(acc), await be.read(embedded));
+      return outs;
+    },
+  },
+];
+
+for (const config of KERNEL_CONFIGS) {
+  for (const c of KERNEL_CASES) {
+    Deno.test({
+      name: `[${config.label}] ${c.name}`,
+      ignore: config.ignore,
+      async fn() {
+        const be = await config.create();
+        try {
+          const seed = KERNEL_CASES.indexOf(c) + 1;
+          const want = await c.run(new JsBackend(), filler(seed));
+          const got = await c.run(be, filler(seed));
+          assertEquals(got.length, want.length);
+          for (const [i, output] of got.entries()) {
+            const error = scaledError(output, want[i]);
+            assert(
+              error <= c.tolerance * config.slack,
+              `output ${i}: scaled error ${error} over ${c.tolerance * config.slack}`,
+            );
+          }
+        } finally {
+          be.dispose();
+        }
+      },
+    });
   }
 }

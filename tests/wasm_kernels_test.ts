@@ -1,8 +1,10 @@
 /**
- * Kernel-level tests of the wasm backend against the JS reference, on odd
- * sizes (not multiples of 4 or of the kernels' tiles), single- and
- * multi-threaded, on both builds of the kernels (relaxed SIMD and plain
- * SIMD), plus the accuracy of its exp and softplus.
+ * What the wasm backend alone does, against the JS reference: 16-bit and
+ * quantized matrices with their gathers and both builds' dot products,
+ * single- and multi-threaded, on both builds of the kernels (relaxed SIMD and
+ * plain SIMD); which build runs where; worker threads; the accuracy of its
+ * exp and softplus. The operations every backend shares are in the kernel
+ * table of `ops_test.ts`.
  */
 
 import { assert, assertEquals, assertRejects } from "@std/assert";
@@ -35,7 +37,7 @@ import {
   SafetensorsFile,
   writeSafetensors,
 } from "../src/safetensors.ts";
-import { halfMatrixOf, maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
+import { halfMatrixOf, maxAbsDiff, SHARED } from "./helpers.ts";
 
 /**
  * max |a - b| / max |b|: error relative to the output's scale, for sums whose
@@ -50,33 +52,6 @@ function maxScaledDiff(a: Float32Array, b: Float32Array): number {
     if (!(diff <= max)) max = Number.isNaN(diff) ? Infinity : diff;
   }
   return max / scale;
-}
-
-/** Runs `op` on both backends with the same inputs and compares every output buffer. */
-async function compare(
-  wasm: WasmBackend,
-  inputs: Record<string, Float32Array | null>,
-  outputs: string[],
-  op: <Buf>(be: Backend<Buf>, bufs: Record<string, Buf | null>) => void,
-  tolerance: number,
-  label: string,
-  metric: (a: Float32Array, b: Float32Array, key: string) => number = maxRelDiff,
-) {
-  const js = new JsBackend();
-  const jsBufs: Record<string, Float32Array | null> = {};
-  const wasmBufs: Record<string, WasmBuffer | null> = {};
-  for (const [key, value] of Object.entries(inputs)) {
-    jsBufs[key] = value ? js.upload(value.slice()) : null;
-    wasmBufs[key] = value ? wasm.upload(value) : null;
-  }
-  op(js, jsBufs);
-  op(wasm, wasmBufs);
-  for (const key of outputs) {
-    const got = await wasm.read(wasmBufs[key]!);
-    const diff = metric(got, jsBufs[key]!, key);
-    assert(diff <= tolerance, `${label}: ${key} max relative diff ${diff}`);
-  }
-  for (const buf of Object.values(wasmBufs)) if (buf) wasm.release(buf);
 }
 
 /**
@@ -276,41 +251,6 @@ for (const { simd, relaxedDots } of BUILDS) {
 
 function kernelTests(threads: number, simd: WasmSimd, relaxedDots: boolean[]): void {
   const label = `[wasm ${threads}t ${simd}]`;
-  Deno.test(`${label} linear: GEMV and matmul on odd sizes`, async () => {
-    using wasm = await WasmBackend.create({ threads, simd });
-    const rand = xorshiftUniforms(threads);
-    for (
-      const [rows, inDim, outDim] of [
-        [1, 1, 1],
-        [1, 7, 5],
-        [1, 768, 1536],
-        [1, 1537, 67],
-        [2, 33, 9],
-        [5, 130, 71],
-        [7, 48, 1536],
-        [13, 769, 131],
-        [64, 256, 200],
-      ]
-    ) {
-      for (const withBias of [false, true]) {
-        await compare(
-          wasm,
-          {
-            out: new Float32Array(rows * outDim),
-            x: rand(rows * inDim),
-            w: rand(outDim * inDim),
-            bias: withBias ? rand(outDim) : null,
-          },
-          ["out"],
-          (be, b) => be.linear(b.out!, b.x!, b.w!, b.bias, rows, inDim, outDim),
-          1e-5,
-          `linear ${rows}x${inDim}x${outDim} bias=${withBias}`,
-          maxScaledDiff,
-        );
-      }
-    }
-  });
-
   for (const format of ["f16", "bf16"] as const) {
     Deno.test(`${label} linear over ${format} weights: GEMV and matmul, split, gathers`, async () => {
       await halfOps(threads, simd, format);
@@ -327,123 +267,6 @@ function kernelTests(threads: number, simd: WasmSimd, relaxedDots: boolean[]): v
       });
     }
   }
-
-  Deno.test(`${label} selectiveScan: N = 16, 5, 1; odd dims; len 1`, async () => {
-    using wasm = await WasmBackend.create({ threads, simd });
-    const rand = xorshiftUniforms(100 + threads);
-    for (
-      const [len, dim, dState] of [
-        [1, 1536, 16],
-        [1, 5, 16],
-        [37, 67, 16],
-        [3, 1000, 16],
-        [20, 13, 5],
-        [9, 70, 1],
-        [4, 33, 8],
-        [1, 3, 7],
-      ]
-    ) {
-      for (const full of [true, false]) {
-        const A = rand(dim * dState, -2, -0.1);
-        await compare(
-          wasm,
-          {
-            y: new Float32Array(len * dim),
-            u: rand(len * dim),
-            delta: rand(len * dim, full ? -3 : 0, full ? 1 : 0.5),
-            A,
-            B: rand(len * dState),
-            C: rand(len * dState),
-            D: full ? rand(dim) : null,
-            z: full ? rand(len * dim, -4, 4) : null,
-            bias: full ? rand(dim, -1, 0) : null,
-            state: rand(dim * dState),
-          },
-          ["y", "state"],
-          (be, b) =>
-            be.selectiveScan({
-              y: b.y!,
-              u: b.u!,
-              delta: b.delta!,
-              A: b.A!,
-              B: b.B!,
-              C: b.C!,
-              D: b.D,
-              z: b.z,
-              deltaBias: b.bias,
-              deltaSoftplus: full,
-              state: b.state!,
-              len,
-              dim,
-              dState,
-            }),
-          1e-5,
-          `scan len=${len} dim=${dim} N=${dState} full=${full}`,
-          // The state elementwise; y = C·h + ..., whose terms cancel, to its scale.
-          (a, b, key) => key === "state" ? maxRelDiff(a, b) / 10 : maxScaledDiff(a, b),
-        );
-      }
-    }
-  });
-
-  Deno.test(`${label} causalConv, rmsNorm, addInPlace, embed, copy`, async () => {
-    using wasm = await WasmBackend.create({ threads, simd });
-    const rand = xorshiftUniforms(200 + threads);
-    for (
-      const [len, channels, kernel] of [[1, 1536, 4], [7, 13, 4], [2, 9, 4], [5, 6, 3], [3, 5, 1]]
-    ) {
-      await compare(
-        wasm,
-        {
-          out: new Float32Array(len * channels),
-          x: rand(len * channels),
-          w: rand(channels * kernel),
-          bias: len % 2 ? rand(channels) : null,
-          state: rand((kernel - 1) * channels),
-        },
-        ["out", "state"],
-        (be, b) =>
-          be.causalConv({
-            out: b.out!,
-            x: b.x!,
-            weight: b.w!,
-            bias: b.bias,
-            state: b.state!,
-            len,
-            channels,
-            kernel,
-          }),
-        1e-5,
-        `conv len=${len} channels=${channels} kernel=${kernel}`,
-        maxScaledDiff,
-      );
-    }
-    for (const [rows, dim] of [[1, 768], [3, 7], [5, 1]]) {
-      await compare(
-        wasm,
-        { out: new Float32Array(rows * dim), x: rand(rows * dim, -3, 3), w: rand(dim) },
-        ["out", "x"],
-        (be, b) => {
-          be.rmsNorm(b.out!, b.x!, b.w!, rows, dim, 1e-5);
-          be.rmsNorm(b.x!, b.x!, b.w!, rows, dim, 1e-5); // in place
-        },
-        1e-5,
-        `rmsNorm ${rows}x${dim}`,
-      );
-    }
-    await compare(
-      wasm,
-      { acc: rand(1027), x: rand(1027), table: rand(10 * 7), out: new Float32Array(3 * 7) },
-      ["acc", "out"],
-      (be, b) => {
-        be.addInPlace(b.acc!, b.x!, 1027);
-        be.embed(b.out!, b.table!, Int32Array.of(9, 0, 4), 7);
-        be.copy(b.acc!, 5, b.out!, 2, 11);
-      },
-      0,
-      "addInPlace, embed, copy",
-    );
-  });
 }
 
 Deno.test("[wasm] gguf-py's random blocks gather to its values bit for bit and multiply as them", async () => {
