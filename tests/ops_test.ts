@@ -7,15 +7,16 @@
  *   random numbers and history), and conv and scan on slots of a state pool
  *   against the reference backend run sequence by sequence without slots;
  * - the kernel table (`KERNEL_CASES` × `KERNEL_CONFIGS`): linear over f32,
- *   f16 and bf16 weights, linearSplit and accumulation, causalConv (steps,
- *   batches), selectiveScan across chunk ends, rmsNorm, addInPlace, embed and
- *   copy, on odd sizes at every kernel's edges, on wasm (1 to 3 threads, both
- *   SIMD builds) and webgpu (default, short scan chunks, matrices split over
+ *   f16, bf16 and Q8_0/Q4_0/Q4_K weights, linearSplit and accumulation, the
+ *   gathers from every format, causalConv (steps, batches), selectiveScan
+ *   across chunk ends, rmsNorm, addInPlace, embed and copy, on odd sizes at
+ *   every kernel's edges, on wasm (1 to 3 threads, both SIMD builds, both dot
+ *   products) and webgpu (default, short scan chunks, matrices split over
  *   buffers), each against the js backend.
  *
  * WebGPU runs where an adapter exists (llvmpipe in CI). Mamba-2's operations
- * are in `ssd_test.ts`; what one backend alone does (its builds, threads,
- * fusions, recordings, quantized blocks) in `wasm_kernels_test.ts` and
+ * are in `ssd_test.ts`; what one backend alone does (which build runs where,
+ * fusions, recordings, how blocks are held) in `wasm_kernels_test.ts` and
  * `webgpu_kernels_test.ts`.
  */
 
@@ -29,7 +30,15 @@ import {
 import { JsBackend } from "../src/backends/js.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
 import { WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu/mod.ts";
-import type { HalfFormat } from "../src/quant.ts";
+import { GGML } from "../src/gguf.ts";
+import { quantize } from "../src/gguf_write.ts";
+import {
+  BLOCK_ELEMENTS,
+  type BlockType,
+  dequantizeMatrix,
+  type HalfFormat,
+  quantizedMatrix,
+} from "../src/quant.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "../src/safetensors.ts";
 import { pickToken, type SamplingOptions, validateSamplingOptions } from "../src/sampler.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
@@ -515,6 +524,13 @@ const KERNEL_CONFIGS: KernelConfig[] = [
       slack: 1,
     }))
   ),
+  // The relaxed build's GEMV over blocks on int16 dot products, as the plain build's.
+  {
+    label: "wasm 2t relaxed int16 dots",
+    create: () =>
+      WasmBackend.create({ threads: 2, simd: "relaxed", relaxedDot: false }) as Promise<Backend>,
+    slack: 1,
+  },
   ...[
     ["webgpu", {}],
     // Scan chunks of 16: chunk boundaries at len 15, 16, 17 and several chunks.
@@ -571,13 +587,25 @@ function matrixIn<Buf>(
   return be.uploadHalfMatrix(halfMatrixOf(values, format, cols)) ?? be.upload(values, cols);
 }
 
-/** `v` rounded to `format`; a bf16 copy's first value below f16's range, so bf16 stays bf16. */
+/**
+ * `v` rounded to `format`, with the values its widening must keep: for f16,
+ * subnormals and -0; for bf16, -0 and values far below and above f16's range
+ * (so a bf16 matrix is not all exact f16, which webgpu would keep as f16).
+ */
 function roundedTo(v: Float32Array, format: "f32" | HalfFormat): Float32Array {
-  if (format === "f16") return v.map((x) => f16ToF32(f32ToF16(x)));
   if (format === "f32") return v;
-  const rounded = v.map((x) => bf16ToF32(f32ToBf16(x)));
-  rounded[0] = 2 ** -30;
-  return rounded;
+  if (format === "f16") {
+    return v.map((x, i) => i % 97 === 0 ? 3e-6 * x : i % 89 === 0 ? -0 : x)
+      .map((x) => f16ToF32(f32ToF16(x)));
+  }
+  return v.map((x, i) => i % 97 === 0 ? 1e-30 * x : i % 83 === 1 ? 1e20 * x : i % 89 === 0 ? -0 : x)
+    .map((x) => bf16ToF32(f32ToBf16(x)));
+}
+
+/** `values` [rows, cols] quantized to `type` by the GGUF writer. */
+function blocksOf(type: BlockType, rows: number, cols: number, values: Float32Array) {
+  const ggml = { q8_0: GGML.Q8_0, q4_0: GGML.Q4_0, q4_k: GGML.Q4_K }[type];
+  return quantizedMatrix(type, rows, cols, quantize(ggml, values), `a ${type} test matrix`);
 }
 
 /** linear's shapes [rows, inDim, outDim]: each kernel's edges (see linear.ts and asm/kernels.ts). */
@@ -668,6 +696,89 @@ const KERNEL_CASES: KernelCase[] = [
       return outs;
     },
   })),
+  ...(["q8_0", "q4_0", "q4_k"] as const).map((type): KernelCase => ({
+    name: `linear over ${type} blocks: GEMV, skinny, tiled and split-K; linearSplit`,
+    tolerance: 1e-5,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      // Blocks of 32 (or super-blocks of 256), 1 to 48 of them per row; the
+      // GEMV of 1 to 16 rows and its groups of 4, skinny outputs, tiles.
+      const per = BLOCK_ELEMENTS[type];
+      const shapes = [
+        [1, per, 1],
+        [1, 2 * per, 5],
+        [1, 768, 1537],
+        [1, 1536, 67],
+        [2, per, 9],
+        [3, 2 * per, 131],
+        [5, 768, 71],
+        [16, 256, 33],
+        [13, 512, 70],
+        [37, 1536, 131],
+        [40, 256, 45],
+        [70, 256, 200],
+        [9, 512, 136],
+        [129, 256, 8200],
+      ];
+      for (const [rows, inDim, outDim] of shapes) {
+        const matrix = blocksOf(type, outDim, inDim, fill(outDim * inDim));
+        const w = be.uploadQuantizedMatrix(matrix) ?? be.upload(dequantizeMatrix(matrix), inDim);
+        const x = be.upload(fill(rows * inDim));
+        for (const withBias of [false, true]) {
+          const bias = withBias ? be.upload(fill(outDim)) : null;
+          const out = be.zeros(rows * outDim);
+          be.linear(out, x, w, bias, rows, inDim, outDim);
+          outs.push(await be.read(out));
+        }
+        if (outDim < 9) continue;
+        // Split outputs (in_proj's x and z, x_proj's dt, B and C): each its rows of the blocks.
+        const widths = [outDim - 7, 4, 3];
+        const parts = widths.map((width) => be.zeros(rows * width));
+        be.linearSplit(parts, widths, x, w, be.upload(fill(outDim)), rows, inDim);
+        for (const part of parts) outs.push(await be.read(part));
+      }
+      return outs;
+    },
+  })),
+  {
+    name: "embed and copyRows gather f16, bf16, q8_0, q4_0 and q4_k rows as their values, exactly",
+    tolerance: 0,
+    async run(be, fill) {
+      const outs: Float32Array[] = [];
+      const formats = ["f16", "bf16", "q8_0", "q4_0", "q4_k"] as const;
+      for (const format of formats) {
+        // Rows of 13 (a tail) and 64 for 16-bit values; whole blocks otherwise.
+        const dims = format === "f16" || format === "bf16"
+          ? [13, 64]
+          : [Math.max(64, BLOCK_ELEMENTS[format])];
+        for (const dim of dims) {
+          const vocab = 37;
+          const values = fill(vocab * dim);
+          const table = format === "f16" || format === "bf16"
+            ? matrixIn(be, roundedTo(values, format), dim, format)
+            : (() => {
+              const matrix = blocksOf(format, vocab, dim, values);
+              return be.uploadQuantizedMatrix(matrix) ?? be.upload(dequantizeMatrix(matrix), dim);
+            })();
+          const ids = [0, vocab - 1, 5, 5, 17, 9];
+          const embedded = be.zeros(ids.length * dim);
+          be.embed(embedded, table, Int32Array.from(ids), dim);
+          // By ids on the device (a decode step's), one past the table, into rows 1.. of dst.
+          const copied = be.upload(new Float32Array((ids.length + 2) * dim).fill(-7));
+          be.copyRows({
+            dst: copied,
+            dstOffset: dim,
+            src: table,
+            width: dim,
+            count: ids.length + 1,
+            srcRows: { buf: be.upload(Float32Array.from([...ids, vocab])), offset: 0 },
+          });
+          outs.push(await be.read(embedded), await be.read(copied));
+        }
+      }
+      return outs;
+    },
+  },
   {
     name: "linearSplit writes column blocks to several outputs; linear accumulates",
     tolerance: 1e-5,

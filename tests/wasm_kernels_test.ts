@@ -14,30 +14,14 @@ import { JsBackend, silu, softplus } from "../src/backends/js.ts";
 import {
   WasmBackend,
   type WasmBuffer,
-  WasmQuantMatrix,
   wasmRelaxedSimdSupported,
   type WasmSimd,
 } from "../src/backends/wasm.ts";
-import { GGML } from "../src/gguf.ts";
-import { quantize } from "../src/gguf_write.ts";
-import {
-  BLOCK_ELEMENTS,
-  type BlockType,
-  dequantizeMatrix,
-  type HalfFormat,
-  quantizedMatrix,
-} from "../src/quant.ts";
+import { BLOCK_ELEMENTS, quantizedMatrix } from "../src/quant.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
-import {
-  bf16ToF32,
-  f16ToF32,
-  f32BitsToF16,
-  f32ToBf16,
-  SafetensorsFile,
-  writeSafetensors,
-} from "../src/safetensors.ts";
-import { halfMatrixOf, maxAbsDiff, SHARED } from "./helpers.ts";
+import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
+import { maxAbsDiff, SHARED } from "./helpers.ts";
 
 /**
  * max |a - b| / max |b|: error relative to the output's scale, for sums whose
@@ -96,176 +80,6 @@ async function linearMatches(
     const diff = maxScaledDiff(await wasm.read(outs[i]), part);
     assert(diff <= 1e-5, `${name} linearSplit ${rows}x${inDim}x${outDim} part ${i}: ${diff}`);
     first += width;
-  }
-}
-
-/**
- * `linear`, `linearSplit` and the gathers over a matrix kept as `format`
- * (`uploadHalfMatrix`) against the reference on the same values as f32:
- * inner dimensions not a multiple of 8 or 16 (the kernels' tails), odd
- * outputs, the GEMV and the matmul.
- */
-async function halfOps(threads: number, simd: WasmSimd, format: HalfFormat): Promise<void> {
-  using wasm = await WasmBackend.create({ threads, simd });
-  const rand = xorshiftUniforms(70 + threads);
-  // Exactly f16, rounded through f16 bits, with subnormals and -0 among them.
-  // Or exactly bf16, with -0 and values far below and above f16's range among
-  // them, which its widening keeps too.
-  const halves = (n: number) => {
-    const values = format === "f16"
-      ? rand(n).map((v, i) => i % 97 === 0 ? 3e-6 * v : i % 89 === 0 ? -0 : v)
-      : rand(n).map((v, i) =>
-        i % 97 === 0 ? 1e-30 * v : i % 83 === 1 ? 1e20 * v : i % 89 === 0 ? -0 : v
-      );
-    const bits = new Uint32Array(values.buffer);
-    return values.map((v, i) =>
-      format === "f16" ? f16ToF32(f32BitsToF16(bits[i])) : bf16ToF32(f32ToBf16(v))
-    );
-  };
-  for (
-    const [rows, inDim, outDim] of [
-      [1, 1, 1],
-      [1, 13, 5],
-      [1, 768, 1537],
-      [1, 1539, 67],
-      [2, 24, 9],
-      [3, 7, 131],
-      [17, 100, 71],
-      [37, 160, 131],
-    ]
-  ) {
-    const weights = halves(outDim * inDim);
-    const w = wasm.uploadHalfMatrix(halfMatrixOf(weights, format, inDim));
-    assertEquals(w.format, format);
-    await linearMatches(wasm, w, weights, rows, inDim, outDim, rand, format);
-  }
-  // Rows of 13 and 64: a tail of 5, and none.
-  for (const dim of [13, 64]) {
-    const values = halves(37 * dim);
-    await gathersMatch(wasm, wasm.uploadHalfMatrix(halfMatrixOf(values, format, dim)), values, dim);
-  }
-}
-
-/**
- * The gathers, `embed` and `copyRows`, from `table` on the wasm backend, which
- * holds `values` [37, dim]: they read its rows as those floats, exactly.
- */
-async function gathersMatch(
-  wasm: WasmBackend,
-  table: WasmBuffer,
-  values: Float32Array,
-  dim: number,
-): Promise<void> {
-  const vocab = values.length / dim;
-  const ids = [0, vocab - 1, 5, 5, 17];
-  const embedded = wasm.zeros(ids.length * dim);
-  wasm.embed(embedded, table, Int32Array.from(ids), dim);
-  const want = new Float32Array(ids.length * dim);
-  ids.forEach((id, t) => want.set(values.subarray(id * dim, (id + 1) * dim), t * dim));
-  assertEquals(await wasm.read(embedded), want);
-  // A gather with an id past the table, which copies nothing.
-  const rowsOut = wasm.upload(new Float32Array((ids.length + 1) * dim).fill(-7));
-  wasm.copyRows({
-    dst: rowsOut,
-    src: table,
-    width: dim,
-    count: ids.length + 1,
-    srcRows: { buf: wasm.upload(Float32Array.from([...ids, vocab])), offset: 0 },
-  });
-  const wantRows = new Float32Array((ids.length + 1) * dim).fill(-7);
-  wantRows.set(want);
-  assertEquals(await wasm.read(rowsOut), wantRows);
-}
-
-/**
- * linear (GEMV and matmul), linearSplit and the gathers over a matrix of
- * `type` blocks on the wasm backend, against the reference backend on the
- * dequantized weights; the GEMV on relaxed SIMD's int8 dot products or on
- * plain SIMD's int16 ones (`relaxedDot`, which the plain build ignores).
- */
-async function quantizedOps(
-  threads: number,
-  simd: WasmSimd,
-  type: BlockType,
-  ggml: number,
-  relaxedDot: boolean,
-): Promise<void> {
-  using wasm = await WasmBackend.create({ threads, simd, relaxedDot });
-  const rand = xorshiftUniforms(50 + threads);
-  // Output rows odd and not a multiple of the threads' split (4, or 64 with several rows);
-  // inner dimensions of 1 to 48 blocks of 32 (1 to 6 super-blocks of 256 for Q4_K, the 130m
-  // model's 768 and 1536 among them); 1 to 16 rows of activations (decode) and 37 (prefill).
-  const shapes = BLOCK_ELEMENTS[type] === 256
-    ? [
-      [1, 256, 1],
-      [1, 512, 5],
-      [1, 768, 1537],
-      [1, 1536, 67],
-      [2, 256, 9],
-      [3, 512, 131],
-      [5, 768, 71],
-      [16, 256, 200],
-      [37, 1536, 131],
-    ]
-    : [
-      [1, 32, 1],
-      [1, 64, 5],
-      [1, 768, 1537],
-      [1, 1536, 67],
-      [2, 96, 9],
-      [3, 32, 131],
-      [5, 768, 71],
-      [16, 256, 200],
-      [37, 160, 131],
-    ];
-  for (const [rows, inDim, outDim] of shapes) {
-    const matrix = quantizedMatrix(type, outDim, inDim, quantize(ggml, rand(outDim * inDim)), "w");
-    const weights = dequantizeMatrix(matrix);
-    const w = wasm.uploadQuantizedMatrix(matrix);
-    // linearSplit hands each output its rows of the blocks: views, no copy.
-    await linearMatches(wasm, w, weights, rows, inDim, outDim, rand, type);
-  }
-
-  // Gathers (embed, copyRows) read rows as the dequantized floats, exactly.
-  const [vocab, dim] = [37, Math.max(64, BLOCK_ELEMENTS[type])];
-  const table = quantizedMatrix(type, vocab, dim, quantize(ggml, rand(vocab * dim)), "table");
-  const buf = wasm.uploadQuantizedMatrix(table);
-  assert(buf instanceof WasmQuantMatrix);
-  await gathersMatch(wasm, buf, dequantizeMatrix(table), dim);
-}
-
-/**
- * The builds of the kernels, each with the GEMV's dot products it has: the
- * relaxed build's int8 ones and int16 ones, the plain build's int16 ones.
- */
-const BUILDS: { simd: WasmSimd; relaxedDots: boolean[] }[] = [
-  { simd: "relaxed", relaxedDots: [true, false] },
-  { simd: "plain", relaxedDots: [false] },
-];
-
-for (const { simd, relaxedDots } of BUILDS) {
-  for (const threads of [1, 2, 3]) {
-    kernelTests(threads, simd, relaxedDots);
-  }
-}
-
-function kernelTests(threads: number, simd: WasmSimd, relaxedDots: boolean[]): void {
-  const label = `[wasm ${threads}t ${simd}]`;
-  for (const format of ["f16", "bf16"] as const) {
-    Deno.test(`${label} linear over ${format} weights: GEMV and matmul, split, gathers`, async () => {
-      await halfOps(threads, simd, format);
-    });
-  }
-
-  for (
-    const [type, ggml] of [["q8_0", GGML.Q8_0], ["q4_0", GGML.Q4_0], ["q4_k", GGML.Q4_K]] as const
-  ) {
-    for (const relaxedDot of relaxedDots) {
-      const dot = relaxedDot ? "int8 (relaxed)" : "int16";
-      Deno.test(`${label} linear over ${type} blocks: GEMV on ${dot} dots and matmul, split, gathers`, async () => {
-        await quantizedOps(threads, simd, type, ggml, relaxedDot);
-      });
-    }
   }
 }
 

@@ -16,13 +16,7 @@ import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, SafetensorsFile } from "../sr
 import type { HalfFormat } from "../src/quant.ts";
 import { GGML } from "../src/gguf.ts";
 import { quantize } from "../src/gguf_write.ts";
-import {
-  BLOCK_ELEMENTS,
-  type BlockType,
-  dequantizeMatrix,
-  type QuantizedMatrix,
-  quantizedMatrix,
-} from "../src/quant.ts";
+import { BLOCK_ELEMENTS, type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
 import { Session } from "../src/session.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
 import { halfMatrixOf, maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
@@ -433,117 +427,11 @@ function quantized(type: BlockType, rows: number, cols: number, values: Float32A
   return quantizedMatrix(type, rows, cols, quantize(ggml, values), `a ${type} test matrix`);
 }
 
-/** Bytes the GPU holds for `matrix`: its repacked blocks (f32 scales), in whole 16 bytes. */
-function packedBytes(matrix: QuantizedMatrix): number {
-  const blockBytes = { q8_0: 36, q4_0: 20, q4_k: 152 }[matrix.type];
-  const blocks = (matrix.rows * matrix.cols) / BLOCK_ELEMENTS[matrix.type];
-  return Math.ceil((blocks * blockBytes) / 16) * 16;
-}
-
 /** Asserts that `got` holds exactly `want`'s values. */
 function sameValues(got: Float32Array, want: Float32Array, what: string): void {
   assertEquals(got.length, want.length, `${what}: length`);
   const wrong = want.findIndex((v, i) => got[i] !== v);
   assert(wrong < 0, `${what}: element ${wrong} is ${got[wrong]}, not ${want[wrong]}`);
-}
-
-for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
-  Deno.test({
-    name:
-      `webgpu: ${type} blocks: linear (GEMV, skinny, tiled, split-K), linearSplit, embed and copyRows`,
-    ignore,
-    fn: () =>
-      withGpu(async (gpu) => {
-        const rand = random(11);
-        const shapes = [
-          // GEMV of 1 and 3 rows (64 and 32 lanes), in groups of 4 rows (16, 13).
-          [1, 256, 45],
-          [1, 512, 1500],
-          [3, 256, 45],
-          [16, 256, 33],
-          [13, 512, 70],
-          // skinny (≤ 128 outputs, 32 lanes), 64×64 tiles with K split in 2 and over 4
-          // workgroups, 128×64 tiles (256 or more of them).
-          [40, 256, 45],
-          [70, 256, 127],
-          [70, 256, 200],
-          [9, 512, 136],
-          [129, 256, 8200],
-        ];
-        for (const [rows, inDim, outDim] of shapes) {
-          const matrix = quantized(type, outDim, inDim, fill(outDim * inDim, rand));
-          const values = dequantizeMatrix(matrix);
-          const weight = gpu.uploadQuantizedMatrix(matrix);
-          assertEquals(weight.format, type, "the format kept");
-          assertEquals(weight.buffer.size, packedBytes(matrix), "the bytes held: the blocks'");
-          const x = fill(rows * inDim, rand);
-          for (const withBias of [false, true]) {
-            const b = withBias ? fill(outDim, rand) : null;
-            const want = new Float32Array(rows * outDim);
-            js.linear(want, x, values, b, rows, inDim, outDim);
-            const out = gpu.zeros(rows * outDim);
-            gpu.linear(out, gpu.upload(x), weight, b && gpu.upload(b), rows, inDim, outDim);
-            close(
-              await gpu.read(out),
-              want,
-              1e-5,
-              `linear ${type} ${rows}×${inDim}→${outDim} bias ${withBias}`,
-            );
-          }
-        }
-
-        // Split outputs (in_proj's x and z, x_proj's dt, B and C), GEMV and tiled.
-        const splits: [number, number[]][] = [[1, [45, 20, 13]], [10, [45, 20, 13]], [70, [
-          100,
-          60,
-        ]]];
-        for (const [rows, widths] of splits) {
-          const inDim = 256;
-          const outDim = widths.reduce((a, c) => a + c, 0);
-          const matrix = quantized(type, outDim, inDim, fill(outDim * inDim, rand));
-          const x = fill(rows * inDim, rand);
-          const b = fill(outDim, rand);
-          const parts = widths.map((width) => new Float32Array(rows * width));
-          js.linearSplit(parts, widths, x, dequantizeMatrix(matrix), b, rows, inDim);
-          const outs = widths.map((width) => gpu.zeros(rows * width));
-          const weight = gpu.uploadQuantizedMatrix(matrix);
-          gpu.linearSplit(outs, widths, gpu.upload(x), weight, gpu.upload(b), rows, inDim);
-          for (const [i, part] of parts.entries()) {
-            close(
-              await gpu.read(outs[i]),
-              part,
-              1e-5,
-              `linearSplit ${type} ${rows} rows part ${i}`,
-            );
-          }
-        }
-
-        // Gathers from an embedding: exactly the dequantized rows.
-        const [vocab, dim] = [37, 512];
-        const table = quantized(type, vocab, dim, fill(vocab * dim, rand));
-        const tableValues = dequantizeMatrix(table);
-        const gTable = gpu.uploadQuantizedMatrix(table);
-        const ids = Int32Array.of(0, 36, 9, 10, 19, 9, 35);
-        const want = new Float32Array(ids.length * dim);
-        js.embed(want, tableValues, ids, dim);
-        const embedded = gpu.zeros(ids.length * dim);
-        gpu.embed(embedded, gTable, ids, dim);
-        sameValues(await gpu.read(embedded), want, `embed ${type}`);
-        // copyRows by ids on the device (a decode step's), into rows 1.. of dst.
-        const copied = gpu.zeros((ids.length + 1) * dim);
-        gpu.copyRows({
-          dst: copied,
-          src: gTable,
-          width: dim,
-          count: ids.length,
-          dstOffset: dim,
-          srcRows: { buf: gpu.upload(Float32Array.from(ids)), offset: 0 },
-        });
-        const wantCopied = new Float32Array((ids.length + 1) * dim);
-        wantCopied.set(want, dim);
-        sameValues(await gpu.read(copied), wantCopied, `copyRows ${type}`);
-      }),
-  });
 }
 
 Deno.test({
