@@ -2,7 +2,16 @@
 
 import { packHalves, SafetensorsFile } from "../src/safetensors.ts";
 import type { MambaConfig } from "../src/config.ts";
-import { type HalfFormat, type HalfMatrix, halfMatrix } from "../src/quant.ts";
+import { GGML } from "../src/gguf.ts";
+import { quantize } from "../src/gguf_write.ts";
+import {
+  type BlockType,
+  type HalfFormat,
+  type HalfMatrix,
+  halfMatrix,
+  type QuantizedMatrix,
+  quantizedMatrix,
+} from "../src/quant.ts";
 
 /** The shared reference data, next to the project checkout. */
 export const SHARED = new URL("../../shared", import.meta.url).pathname;
@@ -91,6 +100,35 @@ export function halfMatrixOf(values: Float32Array, format: HalfFormat, cols: num
   if (!halves) throw new Error(`The values are not all exact ${format}`);
   const rows = values.length / cols;
   return halfMatrix(format, rows, cols, halves.subarray(0, values.length), "test matrix");
+}
+
+/** `values` [rows, cols] quantized to `type` blocks by the GGUF writer. */
+export function quantizedOf(
+  type: BlockType,
+  rows: number,
+  cols: number,
+  values: Float32Array,
+): QuantizedMatrix {
+  const ggml = { q8_0: GGML.Q8_0, q4_0: GGML.Q4_0, q4_k: GGML.Q4_K }[type];
+  return quantizedMatrix(type, rows, cols, quantize(ggml, values), `a ${type} test matrix`);
+}
+
+/**
+ * max |got - want| / (|want| + rms(want)): float32 sums against float64 ones
+ * (js), measured against the size of what was summed where values cancel;
+ * Infinity for a NaN.
+ */
+export function scaledError(got: Float32Array, want: Float32Array): number {
+  if (got.length !== want.length) {
+    throw new RangeError(`${got.length} values where ${want.length} were expected`);
+  }
+  const rms = Math.sqrt(want.reduce((s, v) => s + v * v, 0) / Math.max(1, want.length));
+  let worst = 0;
+  for (let i = 0; i < want.length; i++) {
+    const diff = Math.abs(got[i] - want[i]) / (Math.abs(want[i]) + rms + 1e-30);
+    if (!(diff <= worst)) worst = Number.isNaN(diff) ? Infinity : diff;
+  }
+  return worst;
 }
 
 /** Floats of a Mamba-1 model's vectors and small tensors (all but its matrices and embedding). */

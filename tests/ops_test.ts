@@ -30,19 +30,11 @@ import {
 import { JsBackend } from "../src/backends/js.ts";
 import { WasmBackend } from "../src/backends/wasm.ts";
 import { WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu/mod.ts";
-import { GGML } from "../src/gguf.ts";
-import { quantize } from "../src/gguf_write.ts";
-import {
-  BLOCK_ELEMENTS,
-  type BlockType,
-  dequantizeMatrix,
-  type HalfFormat,
-  quantizedMatrix,
-} from "../src/quant.ts";
+import { BLOCK_ELEMENTS, dequantizeMatrix, type HalfFormat } from "../src/quant.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "../src/safetensors.ts";
 import { pickToken, type SamplingOptions, validateSamplingOptions } from "../src/sampler.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
-import { halfMatrixOf, maxAbsDiff } from "./helpers.ts";
+import { halfMatrixOf, maxAbsDiff, quantizedOf, scaledError } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
 
@@ -551,7 +543,7 @@ const KERNEL_CONFIGS: KernelConfig[] = [
  * One case of the kernel table: `run` draws its inputs from `fill` (the same
  * stream on every backend), issues operations and reads its outputs back;
  * each output must stay within `tolerance` × slack of the js backend's,
- * measured by {@link scaledError}.
+ * measured by `scaledError` (tests/helpers.ts).
  */
 interface KernelCase {
   name: string;
@@ -559,21 +551,6 @@ interface KernelCase {
   run<Buf>(be: Backend<Buf>, fill: (n: number, scale?: number) => Float32Array): Promise<
     Float32Array[]
   >;
-}
-
-/**
- * max |got - want| / (|want| + rms(want)): float32 sums against float64 ones
- * (js), measured against the size of what was summed where values cancel.
- */
-function scaledError(got: Float32Array, want: Float32Array): number {
-  assertEquals(got.length, want.length, "length");
-  const rms = Math.sqrt(want.reduce((s, v) => s + v * v, 0) / Math.max(1, want.length));
-  let worst = 0;
-  for (let i = 0; i < want.length; i++) {
-    const diff = Math.abs(got[i] - want[i]) / (Math.abs(want[i]) + rms + 1e-30);
-    if (!(diff <= worst)) worst = Number.isNaN(diff) ? Infinity : diff;
-  }
-  return worst;
 }
 
 /** A matrix of `values` [rows, cols] as `format` keeps it where the backend does, else f32. */
@@ -600,12 +577,6 @@ function roundedTo(v: Float32Array, format: "f32" | HalfFormat): Float32Array {
   }
   return v.map((x, i) => i % 97 === 0 ? 1e-30 * x : i % 83 === 1 ? 1e20 * x : i % 89 === 0 ? -0 : x)
     .map((x) => bf16ToF32(f32ToBf16(x)));
-}
-
-/** `values` [rows, cols] quantized to `type` by the GGUF writer. */
-function blocksOf(type: BlockType, rows: number, cols: number, values: Float32Array) {
-  const ggml = { q8_0: GGML.Q8_0, q4_0: GGML.Q4_0, q4_k: GGML.Q4_K }[type];
-  return quantizedMatrix(type, rows, cols, quantize(ggml, values), `a ${type} test matrix`);
 }
 
 /** linear's shapes [rows, inDim, outDim]: each kernel's edges (see linear.ts and asm/kernels.ts). */
@@ -721,7 +692,7 @@ const KERNEL_CASES: KernelCase[] = [
         [129, 256, 8200],
       ];
       for (const [rows, inDim, outDim] of shapes) {
-        const matrix = blocksOf(type, outDim, inDim, fill(outDim * inDim));
+        const matrix = quantizedOf(type, outDim, inDim, fill(outDim * inDim));
         const w = be.uploadQuantizedMatrix(matrix) ?? be.upload(dequantizeMatrix(matrix), inDim);
         const x = be.upload(fill(rows * inDim));
         for (const withBias of [false, true]) {
@@ -757,7 +728,7 @@ const KERNEL_CASES: KernelCase[] = [
           const table = format === "f16" || format === "bf16"
             ? matrixIn(be, roundedTo(values, format), dim, format)
             : (() => {
-              const matrix = blocksOf(format, vocab, dim, values);
+              const matrix = quantizedOf(format, vocab, dim, values);
               return be.uploadQuantizedMatrix(matrix) ?? be.upload(dequantizeMatrix(matrix), dim);
             })();
           const ids = [0, vocab - 1, 5, 5, 17, 9];

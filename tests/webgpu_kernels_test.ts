@@ -13,13 +13,17 @@ import { type GpuBuffer, WebGpuBackend, type WeightFormat } from "../src/backend
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
-import type { HalfFormat } from "../src/quant.ts";
-import { GGML } from "../src/gguf.ts";
-import { quantize } from "../src/gguf_write.ts";
-import { BLOCK_ELEMENTS, type BlockType, dequantizeMatrix, quantizedMatrix } from "../src/quant.ts";
+import { BLOCK_ELEMENTS, type BlockType, dequantizeMatrix, type HalfFormat } from "../src/quant.ts";
 import { Session } from "../src/session.ts";
 import { xorshiftUniforms } from "../bench/make_random_model.ts";
-import { halfMatrixOf, maxAbsDiff, maxRelDiff, SHARED } from "./helpers.ts";
+import {
+  halfMatrixOf,
+  maxAbsDiff,
+  maxRelDiff,
+  quantizedOf,
+  scaledError,
+  SHARED,
+} from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
 const ignore = adapter === null || adapter === undefined;
@@ -66,12 +70,7 @@ async function withGpu(
  */
 function close(got: Float32Array, want: Float32Array, tolerance: number, what: string): void {
   assertEquals(got.length, want.length, `${what}: length`);
-  const rms = Math.sqrt(want.reduce((s, v) => s + v * v, 0) / Math.max(1, want.length));
-  let worst = 0;
-  for (let i = 0; i < want.length; i++) {
-    const diff = Math.abs(got[i] - want[i]) / (Math.abs(want[i]) + rms + 1e-30);
-    if (!(diff <= worst)) worst = Number.isNaN(diff) ? Infinity : diff;
-  }
+  const worst = scaledError(got, want);
   assert(
     worst <= tolerance,
     `${what}: max scaled diff ${worst} (max relative ${maxRelDiff(got, want)})`,
@@ -421,12 +420,6 @@ Deno.test({
     }, { splitMatricesOver: 1024 }),
 });
 
-/** `values` [rows, cols] quantized to `type` by the GGUF writer. */
-function quantized(type: BlockType, rows: number, cols: number, values: Float32Array) {
-  const ggml = { q8_0: GGML.Q8_0, q4_0: GGML.Q4_0, q4_k: GGML.Q4_K }[type];
-  return quantizedMatrix(type, rows, cols, quantize(ggml, values), `a ${type} test matrix`);
-}
-
 /** Asserts that `got` holds exactly `want`'s values. */
 function sameValues(got: Float32Array, want: Float32Array, what: string): void {
   assertEquals(got.length, want.length, `${what}: length`);
@@ -443,7 +436,7 @@ Deno.test({
     withGpu(async (gpu) => {
       const rand = random(13);
       const [rows, dim] = [37, 256];
-      const matrix = quantized("q8_0", rows, dim, fill(rows * dim, rand));
+      const matrix = quantizedOf("q8_0", rows, dim, fill(rows * dim, rand));
       const values = dequantizeMatrix(matrix);
       const buffer = gpu.uploadQuantizedMatrix(matrix);
       assertEquals(buffer.parts.length, 3, "parts");
@@ -600,7 +593,7 @@ Deno.test({
         ["q4_k", 256, 16, 2],
       ];
       for (const [type, rank, dState, batch] of cases) {
-        const matrix = quantized(type, dim, rank, fill(dim * rank, rand, 0.3));
+        const matrix = quantizedOf(type, dim, rank, fill(dim * rank, rand, 0.3));
         await foldedDtProjMatches(
           gpu,
           rand,
@@ -722,7 +715,7 @@ Deno.test({
               upload: () => gpu.upload(v),
             };
           }
-          const blocks = quantized(format, v.length / rowLength, rowLength, v);
+          const blocks = quantizedOf(format, v.length / rowLength, rowLength, v);
           return {
             values: dequantizeMatrix(blocks),
             upload: () => gpu.uploadQuantizedMatrix(blocks),

@@ -42,15 +42,15 @@ import { type GpuBuffer, GpuMemory } from "./memory.ts";
 import { type GpuRecording, GpuRuntime } from "./runtime.ts";
 import { addInPlace, copyRows, embed, rmsNorm } from "./rows.ts";
 import { chooseTokens } from "./sample.ts";
-import { ScanKernels } from "./scan.ts";
-import { SsdKernels } from "./ssd.ts";
+import { ScanKernels, type ScanOptions } from "./scan.ts";
+import { SsdKernels, type SsdOptions } from "./ssd.ts";
 
-/** Tuning knobs of {@link WebGpuBackend}; the defaults suit large GPUs. */
-export interface WebGpuOptions {
-  /** Tokens per scan chunk; by default chosen so that ~`scanTargetThreads` threads run. */
-  scanChunkLen?: number;
-  /** Threads (sequences × channels × chunks) the chunked scan aims for (default 131072). */
-  scanTargetThreads?: number;
+/**
+ * Tuning knobs of {@link WebGpuBackend}; the defaults suit large GPUs. The
+ * scan's (see {@link ScanOptions}) and the SSD scan's ({@link SsdOptions})
+ * are their kernels' own.
+ */
+export interface WebGpuOptions extends ScanOptions, SsdOptions {
   /** Adapter preference passed to `requestAdapter`. */
   powerPreference?: GPUPowerPreference;
   /** An adapter already requested (by a capability check); `powerPreference` is then unused. */
@@ -60,29 +60,7 @@ export interface WebGpuOptions {
    * limit (the default); lets tests exercise the splitting on any device.
    */
   splitMatricesOver?: number;
-  /**
-   * Bytes of chunk states a chunked SSD scan (Mamba-2) keeps at once; a
-   * longer prompt runs in segments of whole chunks (default 64 MiB). Lets
-   * tests exercise the segmenting at small sizes.
-   */
-  ssdStatesBytes?: number;
-  /**
-   * Tokens per chunk of a chunked SSD scan (Mamba-2): a multiple of 16 from
-   * 16 to 256 (default 128), whatever the model's `chunk_size`.
-   */
-  ssdChunkLen?: number;
-  /**
-   * Arithmetic of the scan: "float32" (the default, fast) or "double-float"
-   * (pairs of f32, about 44 significant bits, through a reference kernel many
-   * times slower): f32 rounding leaves the scan up to 2e-3 (relative) from a
-   * float64 one over 1024 tokens, double-float within 1e-4 like the js and wasm
-   * backends, which carry float64.
-   */
-  scanPrecision?: ScanPrecision;
 }
-
-/** See {@link WebGpuOptions.scanPrecision}. */
-export type ScanPrecision = "float32" | "double-float";
 
 /** A short description of an adapter, for reports and cache keys. */
 export function describeAdapter(adapter: GPUAdapter): string {

@@ -7,10 +7,11 @@
 
 export {
   describeAdapter,
-  type ScanPrecision,
   WebGpuBackend,
   type WebGpuOptions,
   WebGpuUnavailableError,
 } from "./backend.ts";
 export { GpuBuffer, type WeightFormat } from "./memory.ts";
 export { GpuRecording } from "./runtime.ts";
+export type { ScanOptions, ScanPrecision } from "./scan.ts";
+export type { SsdOptions } from "./ssd.ts";

@@ -46,9 +46,16 @@ const gatedNormProgram = new Program<GatedRmsnormParams>("gated_rmsnorm", "main"
 
 /** How {@link SsdKernels} splits a prompt. */
 export interface SsdOptions {
-  /** Tokens per chunk: a multiple of 16 from 16 to 256 (default 128). */
+  /**
+   * Tokens per chunk of a chunked SSD scan (Mamba-2): a multiple of 16 from
+   * 16 to 256 (default 128), whatever the model's `chunk_size`.
+   */
   ssdChunkLen?: number;
-  /** Bytes of chunk states a chunked scan keeps at once (default 64 MiB). */
+  /**
+   * Bytes of chunk states a chunked SSD scan keeps at once; a longer prompt
+   * runs in segments of whole chunks (default 64 MiB). Lets tests exercise
+   * the segmenting at small sizes.
+   */
   ssdStatesBytes?: number;
 }
 
