@@ -268,8 +268,15 @@ Deno.test("[wasm] a runtime that validates SIMD but not relaxed SIMD gets the pl
     for (const backend of ["wasm", "auto"] as const) {
       const mamba = await loadModel(dir, { backend, threads: 2, backendCache: null });
       try {
-        assertEquals(mamba.backend, "wasm", backend);
-        assertEquals((mamba.model.backend as WasmBackend).simd, "plain", backend);
+        if (backend === "wasm") {
+          assertEquals((mamba.model.backend as WasmBackend).simd, "plain");
+        } else {
+          // Which backend wins is the machine's business (js on a busy one);
+          // the wasm candidate measured must be the plain build, and run.
+          const wasm = mamba.backendReport().candidates.find((c) => c.name === "wasm");
+          assertEquals(wasm?.available, true, wasm?.reason);
+          assertEquals(wasm?.device, "WebAssembly SIMD, 2 threads");
+        }
         const got = await mamba.forward(expected.int32("prompt0_greedy_ids"));
         const diff = maxAbsDiff(got, expected.float32("prompt0_logits"));
         assert(diff <= 1e-3, `${backend}: max abs diff ${diff}`);
