@@ -865,3 +865,51 @@ Deno.test({
       }
     }),
 });
+
+Deno.test({
+  name:
+    "webgpu: profile times every kernel, replayed ones too, and still computes; without it kernelTimes refuses",
+  ignore,
+  fn: async () => {
+    await withGpu(async (gpu) => {
+      const rand = random(7);
+      const [rows, inDim, outDim] = [3, 64, 40];
+      const x = fill(rows * inDim, rand);
+      const w = fill(outDim * inDim, rand);
+      const out = gpu.zeros(rows * outDim);
+      const xb = gpu.upload(x);
+      const wb = gpu.upload(w);
+      gpu.linear(out, xb, wb, null, rows, inDim, outDim);
+      const ones = gpu.upload(new Float32Array(outDim).fill(1));
+      const normed = gpu.zeros(rows * outDim);
+      const recording = gpu.capture(() => gpu.rmsNorm(normed, out, ones, rows, outDim, 1e-5));
+      gpu.replay(recording);
+      gpu.replay(recording);
+      const got = await gpu.read(normed);
+      const times = await gpu.kernelTimes();
+      const calls = [...times.values()].reduce((sum, t) => sum + t.calls, 0);
+      assertEquals(calls, gpu.dispatches, "one timing per dispatch");
+      const norms = [...times].filter(([kernel]) => kernel.startsWith("rmsnorm"));
+      assertEquals(norms.map(([, t]) => t.calls), [2], "the replayed norm, twice");
+      for (const [kernel, t] of times) assert(t.ns >= 0 && Number.isFinite(t.ns), kernel);
+      assertEquals((await gpu.kernelTimes()).size, 0, "times are taken once");
+      // linear, then the norm, on the host.
+      const want = new Float32Array(rows * outDim);
+      for (let r = 0; r < rows; r++) {
+        for (let c = 0; c < outDim; c++) {
+          let sum = 0;
+          for (let k = 0; k < inDim; k++) sum += x[r * inDim + k] * w[c * inDim + k];
+          want[r * outDim + c] = sum;
+        }
+        const row = want.subarray(r * outDim, (r + 1) * outDim);
+        const rms = Math.sqrt(row.reduce((s, v) => s + v * v, 0) / outDim + 1e-5);
+        row.forEach((v, i) => row[i] = v / rms);
+      }
+      close(got, want, 1e-4, "the work itself");
+      gpu.releaseRecording(recording);
+    }, { profile: true });
+    await withGpu(async (gpu) => {
+      await assertRejects(() => gpu.kernelTimes(), Error, "profile: true");
+    });
+  },
+});

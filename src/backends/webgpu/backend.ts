@@ -39,7 +39,7 @@ import type { HalfMatrix, QuantizedMatrix } from "../../quant.ts";
 import { causalConv } from "./conv.ts";
 import { LinearKernels } from "./linear.ts";
 import { type GpuBuffer, GpuMemory } from "./memory.ts";
-import { type GpuRecording, GpuRuntime } from "./runtime.ts";
+import { type GpuRecording, GpuRuntime, type KernelTimes } from "./runtime.ts";
 import { addInPlace, copyRows, embed, rmsNorm } from "./rows.ts";
 import { chooseTokens } from "./sample.ts";
 import { ScanKernels, type ScanOptions } from "./scan.ts";
@@ -60,6 +60,12 @@ export interface WebGpuOptions extends ScanOptions, SsdOptions {
    * limit (the default); lets tests exercise the splitting on any device.
    */
   splitMatricesOver?: number;
+  /**
+   * Time every kernel on the GPU (the adapter must offer "timestamp-query"),
+   * for {@link WebGpuBackend.kernelTimes}. Each dispatch then runs in a pass
+   * of its own, which slows the whole down: for profiling only.
+   */
+  profile?: boolean;
 }
 
 /** A short description of an adapter, for reports and cache keys. */
@@ -99,7 +105,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.device = device;
     this.adapterInfo = adapterInfo;
     this.#memory = new GpuMemory(device, options.splitMatricesOver);
-    this.#rt = new GpuRuntime(device, this.#memory);
+    this.#rt = new GpuRuntime(device, this.#memory, options.profile);
     this.#linear = new LinearKernels(this.#rt, this);
     this.#scan = new ScanKernels(this.#rt, this, this.#linear, options);
     try {
@@ -141,9 +147,18 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
           `per shader stage; the scan kernel needs 12: ${alternatives}`,
       );
     }
+    const requiredFeatures: GPUFeatureName[] = [];
+    if (options.profile) {
+      if (!adapter.features.has("timestamp-query")) {
+        throw new WebGpuUnavailableError(
+          `The WebGPU adapter cannot time kernels (no "timestamp-query"), which profile: true needs`,
+        );
+      }
+      requiredFeatures.push("timestamp-query");
+    }
     let device: GPUDevice;
     try {
-      device = await adapter.requestDevice({ requiredLimits });
+      device = await adapter.requestDevice({ requiredLimits, requiredFeatures });
     } catch (error) {
       throw new WebGpuUnavailableError(`The WebGPU device could not be opened: ${alternatives}`, {
         cause: error,
@@ -160,6 +175,14 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   /** Submissions so far. */
   get submissions(): number {
     return this.#rt.submissions;
+  }
+
+  /**
+   * GPU time per kernel (program key and grid) of the work done since the
+   * last call; needs the option `profile`.
+   */
+  kernelTimes(): Promise<KernelTimes> {
+    return this.#rt.kernelTimes();
   }
 
   // ---- buffers ----------------------------------------------------------------------------

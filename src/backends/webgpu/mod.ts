@@ -12,6 +12,6 @@ export {
   WebGpuUnavailableError,
 } from "./backend.ts";
 export { GpuBuffer, type WeightFormat } from "./memory.ts";
-export { GpuRecording } from "./runtime.ts";
+export { GpuRecording, type KernelTimes } from "./runtime.ts";
 export type { ScanOptions, ScanPrecision } from "./scan.ts";
 export type { SsdOptions } from "./ssd.ts";

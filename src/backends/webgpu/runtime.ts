@@ -28,6 +28,8 @@ type BufferCopy = [GPUBuffer, number, GPUBuffer, number, number];
 /** One kernel launch or buffer copy of a {@link GpuRecording}. */
 type RecordedStep =
   | {
+    /** The program's key and grid, for {@link KernelTimes}. */
+    label: string;
     pipeline: GPUComputePipeline;
     bindGroup: GPUBindGroup;
     /** The uniform block's dynamic offset: a typed array takes Deno's faster overload. */
@@ -46,6 +48,72 @@ export class GpuRecording implements Recording {
 
   get dispatches(): number {
     return this.steps.filter((step) => !("copy" in step)).length;
+  }
+}
+
+/** GPU time per kernel: calls and nanoseconds, by program key and grid. */
+export type KernelTimes = Map<string, { calls: number; ns: number }>;
+
+/**
+ * Times every dispatch on the GPU (the "timestamp-query" feature): each gets
+ * its own compute pass with timestamps at its start and end, resolved at
+ * submission and read back later. For benchmarks: the extra passes and
+ * reads slow the work down, but each kernel's own time is what it is.
+ */
+class KernelTimer {
+  static readonly CAPACITY = 4096; // queries per set: the most WebGPU allows
+  readonly querySet: GPUQuerySet;
+  readonly resolved: GPUBuffer;
+  /** Labels of the passes recorded into the current encoder, in order. */
+  labels: string[] = [];
+  readonly #reads: Promise<void>[] = [];
+  readonly #times: KernelTimes = new Map();
+
+  constructor(readonly device: GPUDevice) {
+    this.querySet = device.createQuerySet({ type: "timestamp", count: KernelTimer.CAPACITY });
+    this.resolved = device.createBuffer({
+      size: KernelTimer.CAPACITY * 8,
+      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+    });
+  }
+
+  get full(): boolean {
+    return 2 * (this.labels.length + 1) > KernelTimer.CAPACITY;
+  }
+
+  /** Resolves this encoder's timestamps into a buffer read after `submit`. */
+  resolve(encoder: GPUCommandEncoder, submit: () => void): void {
+    const labels = this.labels;
+    this.labels = [];
+    if (labels.length === 0) return submit();
+    const bytes = labels.length * 16;
+    const staging = this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    encoder.resolveQuerySet(this.querySet, 0, 2 * labels.length, this.resolved, 0);
+    encoder.copyBufferToBuffer(this.resolved, 0, staging, 0, bytes);
+    submit();
+    this.#reads.push(
+      staging.mapAsync(GPUMapMode.READ).then(() => {
+        const stamps = new BigUint64Array(staging.getMappedRange());
+        labels.forEach((label, i) => {
+          const entry = this.#times.get(label) ?? { calls: 0, ns: 0 };
+          entry.calls++;
+          entry.ns += Number(stamps[2 * i + 1] - stamps[2 * i]);
+          this.#times.set(label, entry);
+        });
+        staging.destroy();
+      }),
+    );
+  }
+
+  /** The times of the work submitted so far, from the last take on. */
+  async take(): Promise<KernelTimes> {
+    await Promise.all(this.#reads.splice(0));
+    const times = new Map(this.#times);
+    this.#times.clear();
+    return times;
   }
 }
 
@@ -92,8 +160,11 @@ export class GpuRuntime {
   #capturing: CaptureLog | null = null;
   #error: unknown = null;
   #disposed = false;
+  readonly #timer: KernelTimer | null;
 
-  constructor(readonly device: GPUDevice, readonly memory: GpuMemory) {
+  /** With `timed`, every dispatch is timed on the GPU (see {@link kernelTimes}). */
+  constructor(readonly device: GPUDevice, readonly memory: GpuMemory, timed = false) {
+    this.#timer = timed ? new KernelTimer(device) : null;
     device.addEventListener("uncapturederror", (event) => {
       this.#error ??= (event as GPUUncapturedErrorEvent).error;
     });
@@ -128,14 +199,25 @@ export class GpuRuntime {
       return;
     }
     const pipeline = this.#pipeline(program as Program);
-    const pass = this.#computePass();
+    const pass = this.#computePass(this.#timer ? `${program.key} ${groups.join("×")}` : "");
     const uniform = this.#params(program, params);
     pass.setPipeline(pipeline);
     this.#offset[0] = uniform.offset;
     const bindGroup = this.#bindGroup(program as Program, uniform.buffer, storage);
     pass.setBindGroup(0, bindGroup, this.#offset, 0, 1);
     pass.dispatchWorkgroups(...groups);
+    this.#endTimedPass();
     this.dispatches++;
+  }
+
+  /**
+   * GPU time per kernel of the work submitted since the last call, where the
+   * runtime was made `timed`.
+   */
+  async kernelTimes(): Promise<KernelTimes> {
+    if (!this.#timer) throw new Error("Kernel times need a backend created with profile: true");
+    this.flush();
+    return await this.#timer.take();
   }
 
   /** The command encoder, outside any compute pass, for copies and clears. */
@@ -253,7 +335,10 @@ export class GpuRuntime {
       const used = Math.min(this.#paramSlots - i * slotsPerChunk, slotsPerChunk) * PARAM_SLOT;
       this.device.queue.writeBuffer(this.#paramBuffers[i], 0, this.#paramWords[i], 0, used / 4);
     }
-    this.device.queue.submit([this.#encoder.finish()]);
+    const encoder = this.#encoder;
+    const submit = () => this.device.queue.submit([encoder.finish()]);
+    if (this.#timer) this.#timer.resolve(encoder, submit);
+    else submit();
     this.#encoder = null;
     this.#paramSlots = 0;
     this.submissions++;
@@ -325,6 +410,7 @@ export class GpuRuntime {
     const steps = log.map((entry): RecordedStep => {
       if ("copy" in entry) return entry;
       return {
+        label: `${entry.program.key} ${entry.groups.join("×")}`,
         pipeline: this.#pipeline(entry.program),
         bindGroup: this.#bindGroup(entry.program, params!, entry.storage),
         offsets: Uint32Array.of(slot++ * PARAM_SLOT),
@@ -344,10 +430,11 @@ export class GpuRuntime {
         pipeline = null;
         continue;
       }
-      const pass = this.#computePass();
+      const pass = this.#computePass(step.label);
       if (step.pipeline !== pipeline) pass.setPipeline(pipeline = step.pipeline);
       pass.setBindGroup(0, step.bindGroup, step.offsets, 0, 1);
       pass.dispatchWorkgroups(...step.groups);
+      if (this.#endTimedPass()) pipeline = null;
       this.dispatches++;
     }
   }
@@ -359,10 +446,27 @@ export class GpuRuntime {
 
   // ---- caches -------------------------------------------------------------------------------
 
-  #computePass(): GPUComputePassEncoder {
-    if (this.#pass) return this.#pass;
-    const encoder = this.encoder();
-    return this.#pass = encoder.beginComputePass();
+  /** The open compute pass, or with a timer a new one of its own for the dispatch `label`. */
+  #computePass(label: string): GPUComputePassEncoder {
+    const timer = this.#timer;
+    if (!timer) return this.#pass ??= this.encoder().beginComputePass();
+    if (timer.full) this.flush();
+    const index = timer.labels.push(label) - 1;
+    return this.#pass = this.encoder().beginComputePass({
+      timestampWrites: {
+        querySet: timer.querySet,
+        beginningOfPassWriteIndex: 2 * index,
+        endOfPassWriteIndex: 2 * index + 1,
+      },
+    });
+  }
+
+  /** Ends a timed dispatch's own pass; whether there was one. */
+  #endTimedPass(): boolean {
+    if (!this.#timer || !this.#pass) return false;
+    this.#pass.end();
+    this.#pass = null;
+    return true;
   }
 
   /**
