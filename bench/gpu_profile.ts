@@ -9,7 +9,7 @@
  * ```
  *
  * The model is `--model=DIR` or `$MAMBA_BENCH_MODEL`, else a mamba-130m-shaped
- * one with random F32 weights. Each workload runs once to warm up (pipelines,
+ * one with random F32 weights (with `--mamba2`, a mamba2-130m-shaped one). Each workload runs once to warm up (pipelines,
  * captured steps), then once timed. Per kernel (program key and grid) it
  * prints calls, GPU ms and µs per call, largest first, as JSON. The timed
  * passes slow the whole down; only the kernels' own times are meaningful.
@@ -23,17 +23,29 @@ import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { Sampler } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
-import { benchModelDir, promptIds } from "./make_random_model.ts";
+import {
+  benchModelDir,
+  MAMBA2_130M_CONFIG,
+  promptIds,
+  randomMamba2Weights,
+} from "./make_random_model.ts";
 
 const flags = parseArgs(Deno.args, {
   string: ["model", "streams", "tokens", "prefill", "top"],
+  boolean: ["mamba2"],
   default: { streams: "1,64,256", tokens: "64", prefill: "2048", top: "12" },
 });
 
 const backend = await WebGpuBackend.create({ profile: true });
-const dir = flags.model ?? await benchModelDir();
-const checkpoint = await loadCheckpoint(dir);
-const model = new MambaModel(backend, checkpoint.config, checkpoint.weights);
+let model: MambaModel<unknown>;
+let source = "random mamba2-130m";
+if (flags.mamba2) {
+  model = new MambaModel(backend, MAMBA2_130M_CONFIG, randomMamba2Weights(MAMBA2_130M_CONFIG));
+} else {
+  source = flags.model ?? await benchModelDir();
+  const checkpoint = await loadCheckpoint(source);
+  model = new MambaModel(backend, checkpoint.config, checkpoint.weights);
+}
 const vocab = model.config.vocabSize;
 const tokens = Number(flags.tokens);
 
@@ -78,7 +90,7 @@ async function profile(work: () => Promise<unknown>, steps: number) {
   };
 }
 
-const result: Record<string, unknown> = { adapter: backend.adapterInfo, model: dir };
+const result: Record<string, unknown> = { adapter: backend.adapterInfo, model: source };
 for (const streams of flags.streams.split(",").filter(Boolean).map(Number)) {
   result[`decode ${streams} streams`] = await profile(() => decode(streams), tokens);
 }

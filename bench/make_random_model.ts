@@ -10,7 +10,10 @@
  */
 
 import { parseArgs } from "@std/cli/parse-args";
+import { convChannels, type MambaConfig, parseConfig } from "../src/config.ts";
+import type { Mamba2LayerWeights } from "../src/mamba2.ts";
 import { writeSafetensors } from "../src/safetensors.ts";
+import type { MambaWeights } from "../src/weights.ts";
 
 /** Shape of the random model. */
 export interface RandomModelShape {
@@ -31,6 +34,15 @@ export const MAMBA_130M: RandomModelShape = {
   dConv: 4,
   expand: 2,
 };
+
+/** mamba2-130m's config (state-spaces layout: d_state 128, head_dim 64, one group). */
+export const MAMBA2_130M_CONFIG: MambaConfig = parseConfig({
+  d_model: 768,
+  n_layer: 24,
+  vocab_size: 50277,
+  pad_vocab_size_multiple: 8,
+  ssm_cfg: { layer: "Mamba2" },
+}, "mamba2-130m config");
 
 /** A benchmark prompt: `count` ids spread over the vocabulary [0, vocab). */
 export function promptIds(count: number, vocab: number): Int32Array {
@@ -166,6 +178,40 @@ export async function withTokenizer(dir: string, tokenizerDir?: string): Promise
     }
   }
   return dir;
+}
+
+/** Random weights of a Mamba-2 model of `config`, initialised as mamba_ssm does, tied head. */
+export function randomMamba2Weights(config: MambaConfig): MambaWeights<Float32Array> {
+  const { dModel, dInner, dConv, nLayer, vocabSize } = config;
+  const heads = config.mamba2!.nHeads;
+  const convDim = convChannels(config);
+  const next = xorshiftUniforms(1);
+  const rand = (length: number, scale: number) => next(length, -scale, scale);
+  const ones = (n: number) => new Float32Array(n).fill(1);
+  const layer = (): Mamba2LayerWeights<Float32Array> => ({
+    norm: ones(dModel),
+    inProj: rand((dInner + convDim + heads) * dModel, 1 / Math.sqrt(dModel)),
+    inProjBias: null,
+    convWeight: rand(convDim * dConv, 1 / Math.sqrt(dConv)),
+    convBias: rand(convDim, 0.1),
+    // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
+    dtBias: rand(heads, 1).map((r) => {
+      const dt = Math.exp(Math.log(0.001) + (r + 1) / 2 * (Math.log(0.1) - Math.log(0.001)));
+      return dt + Math.log(-Math.expm1(-dt));
+    }),
+    A: Float32Array.from({ length: heads }, (_, h) => -(1 + (h % 16))),
+    D: ones(heads),
+    gatedNorm: ones(dInner),
+    outProj: rand(dModel * dInner, 1 / Math.sqrt(dInner) / nLayer),
+    outProjBias: null,
+  });
+  const embedding = rand(vocabSize * dModel, 0.1);
+  return {
+    embedding,
+    lmHead: embedding,
+    normF: ones(dModel),
+    layers: Array.from({ length: nLayer }, layer),
+  };
 }
 
 /** Writes a random checkpoint into `dir` (created if needed). */

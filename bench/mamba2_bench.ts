@@ -30,13 +30,16 @@ import { parseArgs } from "@std/cli/parse-args";
 import type { Backend } from "../src/backend.ts";
 import { type BackendName, createBackend } from "../src/backends/registry.ts";
 import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
-import { convChannels, type MambaConfig, parseConfig } from "../src/config.ts";
-import type { Mamba2LayerWeights } from "../src/mamba2.ts";
 import { MambaModel } from "../src/model.ts";
 import { Sampler } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
-import type { MambaWeights } from "../src/weights.ts";
-import { promptIds, randomCheckpoint, xorshiftUniforms } from "./make_random_model.ts";
+import {
+  MAMBA2_130M_CONFIG,
+  promptIds,
+  randomCheckpoint,
+  randomMamba2Weights,
+  xorshiftUniforms,
+} from "./make_random_model.ts";
 import { loadCheckpoint } from "../src/load.ts";
 
 const flags = parseArgs(Deno.args, {
@@ -119,40 +122,6 @@ async function ssdFigures(be: Backend<unknown>): Promise<Record<string, number>>
   return figures;
 }
 
-/** Random weights of a Mamba-2 model of `config`, initialised as mamba_ssm does, tied head. */
-function randomMamba2Weights(config: MambaConfig): MambaWeights<Float32Array> {
-  const { dModel, dInner, dConv, nLayer, vocabSize } = config;
-  const heads = config.mamba2!.nHeads;
-  const convDim = convChannels(config);
-  const next = xorshiftUniforms(1);
-  const rand = (length: number, scale: number) => next(length, -scale, scale);
-  const ones = (n: number) => new Float32Array(n).fill(1);
-  const layer = (): Mamba2LayerWeights<Float32Array> => ({
-    norm: ones(dModel),
-    inProj: rand((dInner + convDim + heads) * dModel, 1 / Math.sqrt(dModel)),
-    inProjBias: null,
-    convWeight: rand(convDim * dConv, 1 / Math.sqrt(dConv)),
-    convBias: rand(convDim, 0.1),
-    // Inverse softplus of steps spread log-uniformly over [0.001, 0.1].
-    dtBias: rand(heads, 1).map((r) => {
-      const dt = Math.exp(Math.log(0.001) + (r + 1) / 2 * (Math.log(0.1) - Math.log(0.001)));
-      return dt + Math.log(-Math.expm1(-dt));
-    }),
-    A: Float32Array.from({ length: heads }, (_, h) => -(1 + (h % 16))),
-    D: ones(heads),
-    gatedNorm: ones(dInner),
-    outProj: rand(dModel * dInner, 1 / Math.sqrt(dInner) / nLayer),
-    outProjBias: null,
-  });
-  const embedding = rand(vocabSize * dModel, 0.1);
-  return {
-    embedding,
-    lmHead: embedding,
-    normF: ones(dModel),
-    layers: Array.from({ length: nLayer }, layer),
-  };
-}
-
 /** The model's prefill and decode figures on `be`. */
 async function modelFigures(be: Backend<unknown>): Promise<Record<string, number>> {
   let model: MambaModel<unknown>;
@@ -171,13 +140,7 @@ async function modelFigures(be: Backend<unknown>): Promise<Record<string, number
     const checkpoint = await loadCheckpoint(dir);
     model = new MambaModel(be, checkpoint.config, checkpoint.weights);
   } else {
-    const config = parseConfig({
-      d_model: 768,
-      n_layer: 24,
-      vocab_size: 50277,
-      pad_vocab_size_multiple: 8,
-      ssm_cfg: { layer: "Mamba2" },
-    }, "mamba2-130m config");
+    const config = MAMBA2_130M_CONFIG;
     model = new MambaModel(be, config, randomMamba2Weights(config));
   }
   const vocab = model.config.vocabSize;
