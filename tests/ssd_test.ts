@@ -104,6 +104,18 @@ const CASES: SsdCase[] = [
     slots: [4, 0, 2],
   },
   {
+    name:
+      "a decode step of 65 sequences, N 136: the GPU's vec4 loads, more than a channel has threads",
+    batch: 65,
+    len: 1,
+    heads: 4,
+    headDim: 12,
+    groups: 2,
+    dState: 136,
+    chunkSize: 256,
+    slots: Array.from({ length: 65 }, (_, b) => (7 * b) % 65),
+  },
+  {
     name: "head_dim and N past one tile of the GPU's products (72, 136)",
     batch: 1,
     len: 150,
@@ -180,7 +192,7 @@ Deno.test({
   ignore: !adapter,
   async fn(t) {
     // Two sequences of 37 tokens, odd sizes; one of 150 past one tile.
-    for (const c of [CASES[2], CASES[5]]) {
+    for (const c of [CASES[2], CASES[6]]) {
       const host = hostArgs(c, 3);
       const want = await runSsd(new JsBackend(), c, host);
       const check = async (what: string, options: WebGpuOptions) => {

@@ -27,7 +27,8 @@
 // indexed in one, costs local memory and loop overhead: see matmul.wgsl).
 // Slices staged k-fastest (coalesced along the summed dimension in xBC) use
 // rows of ROW = 17 vec4s, so that the stores of a warp spread over the banks.
-// A decode step (len 1) is `step`: the recurrence itself, STEP_LANES threads per channel.
+// A decode step (len 1) is `step`: the recurrence itself, STEP_LANES threads per channel;
+// `step_vec4` where dState, heads·headDim and xBC's rows are whole vec4s.
 
 const CHUNK: u32 = 64u; // tokens per chunk: a multiple of KS
 const KS: u32 = 16u; // the summed dimension's slice staged at a time (the steps of *Slice)
@@ -67,6 +68,9 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> dl: array<f32>;
 // [batch, nChunks, groups, CHUNK, CHUNK]: C_t·B_s of each chunk, for s <= t.
 @group(0) @binding(12) var<storage, read_write> cb: array<f32>;
+// step_vec4's views of xBC and state (the same buffers as bindings 1 and 8).
+@group(0) @binding(13) var<storage, read> xBC4: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read_write> state4: array<vec4<f32>>;
 
 // Slices of the two factors of a tiled product, KS rows of vec4s each: ROW
 // vec4s (64 values and padding) per row, or 16 and 32 (64 and 128 values)
@@ -512,6 +516,68 @@ fn step(
     }
   }
   lanes[li] = acc;
+  workgroupBarrier();
+  for (var stride = STEP_LANES / 2u; stride > 0u; stride >>= 1u) {
+    if (lane < stride) {
+      lanes[li] += lanes[li + stride];
+    }
+    workgroupBarrier();
+  }
+  if (valid && lane == 0u) {
+    var out = lanes[li];
+    if ((p.flags & 1u) != 0u) {
+      out += Dv[(i % inner) / P] * xv;
+    }
+    y[i] = out;
+  }
+}
+
+// step over vec4s of state, B and C: each of a channel's STEP_LANES threads
+// takes 4 consecutive states per load and two such loads at a time (a
+// decode step's cost is reading and writing the states).
+@compute @workgroup_size(STEP_WG)
+fn step_vec4(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let P = p.headDim;
+  let quads = p.dState / 4u;
+  let inner = p.heads * P;
+  let lane = li % STEP_LANES;
+  let i = (wg.y * nwg.x + wg.x) * (STEP_WG / STEP_LANES) + li / STEP_LANES;
+  let valid = i < p.batch * inner;
+  var acc = vec4<f32>(0.0);
+  var xv = 0.0;
+  if (valid) {
+    let b = i / inner;
+    let channel = i % inner; // h·P + p
+    let h = channel / P;
+    let g = h / (p.heads / p.groups);
+    let row = b * width();
+    let d = delta(b, h);
+    let decay = exp(d * A[h]);
+    xv = xBC[row + channel];
+    let dx = d * xv;
+    let base = (stateRow(b) * inner + channel) * quads;
+    let bCol = (row + inner + g * p.dState) / 4u;
+    let cCol = (row + inner + (p.groups + g) * p.dState) / 4u;
+    var q = lane;
+    for (; q + STEP_LANES < quads; q += 2u * STEP_LANES) {
+      let q2 = q + STEP_LANES;
+      let h0 = decay * state4[base + q] + dx * xBC4[bCol + q];
+      let h1 = decay * state4[base + q2] + dx * xBC4[bCol + q2];
+      state4[base + q] = h0;
+      state4[base + q2] = h1;
+      acc += h0 * xBC4[cCol + q] + h1 * xBC4[cCol + q2];
+    }
+    if (q < quads) {
+      let h0 = decay * state4[base + q] + dx * xBC4[bCol + q];
+      state4[base + q] = h0;
+      acc += h0 * xBC4[cCol + q];
+    }
+  }
+  lanes[li] = dot(acc, vec4<f32>(1.0));
   workgroupBarrier();
   for (var stride = STEP_LANES / 2u; stride > 0u; stride >>= 1u) {
     if (lane < stride) {

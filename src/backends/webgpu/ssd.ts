@@ -23,6 +23,13 @@ const SSD_CHUNK = 128;
 const SSD_WG = 256;
 /** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
 const SSD_STEP_CHANNELS = 256 / 16;
+/**
+ * Decode steps from which the SSD step loads states, B and C as vec4s. On
+ * the H200 (mamba2-130m shape, docs/mamba2.md) that took 64 streams from
+ * about 15,800 to 17,300 tok/s, but 32 streams from about 11,200 to 10,100
+ * and 16 from 8,200 to 7,150; batches between 33 and 63 were not measured.
+ */
+const SSD_VEC4_STEP_ROWS = 64;
 /** Default of `ssdStatesBytes`: within any device's binding size limit. */
 const SSD_STATES_BYTES = 64 << 20;
 /** The largest finite f32: Δ's clamp bounds go to the kernel as finite numbers. */
@@ -39,6 +46,7 @@ function ssdPrograms(chunk: number) {
     carry: ssd("carry", [0, 6, 8, 9, 10]),
     output: ssd("output", [0, 1, 5, 7, 9, 10, 11, 12]),
     step: ssd("step", [0, 1, 2, 3, 4, 5, 6, 7, 8]),
+    stepVec4: ssd("step_vec4", [0, 1, 2, 3, 4, 5, 6, 7, 13, 14]),
   };
 }
 
@@ -104,7 +112,16 @@ export class SsdKernels {
     if (len === 1) {
       const params = { ...common, len: 1, nChunks: 1, seqLen: 1, start: 0 };
       const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_CHANNELS);
-      rt.run(this.#programs.step, params, buffers, grid(groupsNeeded));
+      // Whole vec4s of states, of B and C in every row of xBC: the vec4 loads,
+      // for a batch of at least SSD_VEC4_STEP_ROWS steps.
+      const width = heads * headDim + 2 * groups * dState;
+      const whole = dState % 4 === 0 && (heads * headDim) % 4 === 0 && width % 4 === 0;
+      if (whole && batch >= SSD_VEC4_STEP_ROWS) {
+        const views = { ...buffers, 13: xBC.buffer, 14: state.buffer };
+        rt.run(this.#programs.stepVec4, params, views, grid(groupsNeeded));
+      } else {
+        rt.run(this.#programs.step, params, buffers, grid(groupsNeeded));
+      }
       return;
     }
     rt.notCapturing("A chunked SSD scan");
