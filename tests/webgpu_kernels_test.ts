@@ -913,3 +913,50 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "webgpu: a gated RMSNorm of one group folds into the GEMV that reads it (Mamba-2's out_proj); otherwise it runs on its own",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const js = new JsBackend();
+      const rand = random(11);
+      const [dim, outDim] = [64, 50];
+      for (const [rows, groups] of [[1, 1], [2, 1], [3, 1], [16, 1], [1, 2]]) {
+        const what = `${rows} rows, ${groups} groups`;
+        const x = fill(rows * dim, rand);
+        const gate = fill(rows * dim, rand, 2);
+        const weight = fill(dim, rand);
+        const w = fill(outDim * dim, rand, 0.2);
+        const hidden = fill(rows * outDim, rand);
+        const norm = { rows, dim, groupSize: dim / groups, eps: 1e-5 };
+        const wantNormed = new Float32Array(rows * dim);
+        js.gatedRmsNorm({ ...norm, out: wantNormed, x, gate, weight });
+        const want = hidden.slice();
+        js.linear(want, wantNormed, w, null, rows, dim, outDim, true);
+
+        const normed = gpu.zeros(rows * dim);
+        const args = {
+          ...norm,
+          out: normed,
+          x: gpu.upload(x),
+          gate: gpu.upload(gate),
+          weight: gpu.upload(weight),
+        };
+        const got = gpu.upload(hidden);
+        const wb = gpu.upload(w);
+        const before = gpu.dispatches;
+        gpu.gatedRmsNorm(args);
+        gpu.linear(got, normed, wb, null, rows, dim, outDim, true);
+        await gpu.sync();
+        const folds = groups === 1 && rows <= 2;
+        assertEquals(gpu.dispatches - before, folds ? 1 : 2, `${what}: dispatches`);
+        close(await gpu.read(got), want, 1e-4, `${what}: out_proj`);
+
+        // Any other reader gets the norm run first.
+        gpu.gatedRmsNorm(args);
+        close(await gpu.read(normed), wantNormed, 1e-5, `${what}: the norm read back`);
+      }
+    }),
+});

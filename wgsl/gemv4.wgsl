@@ -9,7 +9,9 @@
 // block's weights in L2 (lm_head's 154 MB do not fit there whole).
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
 // block's norm before in_proj, norm_f before lm_head): each workgroup
-// computes its rows' scales itself, which costs less than a dispatch. With
+// computes its rows' scales itself, which costs less than a dispatch; with
+// GATED (gemv4_no_shares.wgsl), x's rows are x · silu(gate) first, so that
+// a gated RMSNorm of one group folds in as well (Mamba-2's out_proj). With
 // convKernel, out's columns take a decode step's causal conv (in_proj's x),
 // and with gemv4_shares.wgsl prepended, a projection of the conv's outputs
 // (x_proj) follows, as partial sums per workgroup that its reader adds up.
@@ -78,15 +80,15 @@ fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
     w *= normWeight[k];
   }
   let base = row0 * k4 + k;
-  acc0 = fma(w, x[base], acc0);
+  acc0 = fma(w, xAt(base), acc0);
   if (hasRow(1u)) {
-    acc1 = fma(w, x[base + k4], acc1);
+    acc1 = fma(w, xAt(base + k4), acc1);
   }
   if (hasRow(2u)) {
-    acc2 = fma(w, x[base + 2u * k4], acc2);
+    acc2 = fma(w, xAt(base + 2u * k4), acc2);
   }
   if (hasRow(3u)) {
-    acc3 = fma(w, x[base + 3u * k4], acc3);
+    acc3 = fma(w, xAt(base + 3u * k4), acc3);
   }
 }
 
@@ -112,18 +114,18 @@ fn rowScales(li: u32, k4: u32) -> vec4<f32> {
   var squares = vec4<f32>(0.0);
   for (var k = li; k < k4; k += 256u) {
     let base = row0 * k4 + k;
-    let v0 = x[base];
+    let v0 = xAt(base);
     squares.x += dot(v0, v0);
     if (hasRow(1u)) {
-      let v = x[base + k4];
+      let v = xAt(base + k4);
       squares.y += dot(v, v);
     }
     if (hasRow(2u)) {
-      let v = x[base + 2u * k4];
+      let v = xAt(base + 2u * k4);
       squares.z += dot(v, v);
     }
     if (hasRow(3u)) {
-      let v = x[base + 3u * k4];
+      let v = xAt(base + 3u * k4);
       squares.w += dot(v, v);
     }
   }

@@ -11,6 +11,11 @@
 
 var<workgroup> convOut: array<vec4<f32>, PER_GROUP>; // the conv's outputs, row r in component r
 
+// vec4 i of x (a projecting GEMV has no gate).
+fn xAt(i: u32) -> vec4<f32> {
+  return x[i];
+}
+
 // Keeps output j of the workgroup (row r in component r) for projectBlock.
 fn keepConvOut(j: u32, v: vec4<f32>) {
   convOut[j] = v;

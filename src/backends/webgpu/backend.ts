@@ -305,8 +305,9 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.#ssd.ssdScan(args);
   }
 
+  /** Held back where the next GEMV (out_proj) can fold it in; see LinearKernels. */
   gatedRmsNorm(args: GatedNormArgs<GpuBuffer>): void {
-    this.#ssd.gatedRmsNorm(args);
+    this.#linear.deferGatedNorm(args, () => this.#ssd.gatedRmsNorm(args));
   }
 
   // ---- submission and recordings ------------------------------------------------------------

@@ -5,7 +5,9 @@
  * of its input, the conv step of its first output and the x_proj of the
  * conv's outputs, whose shares the scan step adds up itself
  * ({@link LinearKernels.takeShares}) or {@link LinearKernels.settle} adds
- * up for any other reader.
+ * up for any other reader; and a gated RMSNorm of one group before it
+ * (Mamba-2's before out_proj), held back until the GEMV reads its output
+ * ({@link LinearKernels.deferGatedNorm}).
  *
  * @module
  */
@@ -14,6 +16,7 @@ import {
   type Backend,
   type ConvStep,
   convStepAfter,
+  type GatedNormArgs,
   projectAfterConv,
   type RowNorm,
 } from "../../backend.ts";
@@ -51,6 +54,13 @@ const MATMUL_MIN_TILES = 256;
 const WIDE_MATMUL_OUT = 16384;
 /** The fewest slices of 8 k that a part of a matmul split over K takes. */
 const MATMUL_MIN_PART_SLICES = 16;
+/**
+ * Rows up to which a gated RMSNorm folds into the GEMV after it. The fold
+ * computes x · silu(gate) once per output, not once per element, which
+ * saving a dispatch repays at one and two rows but not at four on the H200
+ * (docs/mamba2.md).
+ */
+const GATED_FOLD_MAX_ROWS = 2;
 /** The widest projection (Σ widths) that gemv4 folds in. */
 const MAX_FUSED_PROJECTION = 256;
 
@@ -94,16 +104,18 @@ function gemvLanes(units: number): number {
 
 /**
  * The linear kernel for `rows` rows of input, `outDim` outputs and a weight
- * stored in `format`; with `project`, the gemv4 that projects a decode
- * step's conv outputs (x_proj; see LinearKernels' foldsProjection).
+ * stored in `format`; with `fold` "project", the gemv4 that projects a
+ * decode step's conv outputs (x_proj; see LinearKernels' foldsProjection),
+ * with "gate", the gemv4 whose input is gated (a held-back gated norm).
  */
 function linearProgram(
   rows: number,
   inDim: number,
   outDim: number,
   format: WeightFormat,
-  project = false,
+  fold: "project" | "gate" | null = null,
 ): Program<LinearIoParams> {
+  const project = fold === "project";
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
   const vec4 = inDim % 4 === 0;
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
@@ -116,6 +128,7 @@ function linearProgram(
     if (vec4) {
       const groupRows = Math.min(rows, GEMV_MAX_ROWS);
       constants = { ROWS: groupRows, LANES: gemvLanes(outDim * Math.ceil(rows / groupRows)) };
+      if (fold === "gate") constants.GATED = 1;
     }
   } else if (vec4 && outDim <= SKINNY_MAX_OUT) {
     // More threads per 4×4 block of out when there are few blocks.
@@ -139,7 +152,7 @@ function linearProgram(
   } else {
     constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
   }
-  const key = `${shader}:${entry}:${JSON.stringify(constants)}${format}${project ? "p" : ""}`;
+  const key = `${shader}:${entry}:${JSON.stringify(constants)}${format}${fold ?? ""}`;
   let program = linearPrograms.get(key);
   if (!program) {
     // blocks.wgsl decodes quantized weights: this matrix's, or a folded projection's.
@@ -147,9 +160,10 @@ function linearProgram(
     const preludes = ["linear_io", ...blocks, `weight_${format}`];
     let bindings = LINEAR_BINDINGS;
     if (shader === "gemv4") {
-      // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and x_proj (11, 12).
+      // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and
+      // x_proj (11, 12), or else a gate (15).
       preludes.push(project ? "gemv4_shares" : "gemv4_no_shares");
-      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, 13, ...(project ? [11, 12] : [])];
+      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, 13, ...(project ? [11, 12] : [15])];
     } else if (shader === "matmul") {
       // Split over K, main writes partial sums (14) that matmulSum adds up.
       const split = (constants.KPARTS ?? 1) > 1;
@@ -206,10 +220,18 @@ export interface PendingShares {
   parts: GpuBuffer;
 }
 
+/** A gated RMSNorm held back, and how to run it on its own. */
+interface PendingNorm {
+  args: GatedNormArgs<GpuBuffer>;
+  run: () => void;
+}
+
 /** See the module documentation. */
 export class LinearKernels {
   /** A folded x_proj whose shares (gemv4's projParts) are not added up yet. */
   #pending: PendingShares | null = null;
+  /** A gated RMSNorm that the next GEMV reading its output may fold in. */
+  #pendingNorm: PendingNorm | null = null;
 
   constructor(
     readonly rt: GpuRuntime,
@@ -242,12 +264,24 @@ export class LinearKernels {
     const { absent, unused } = rt.memory;
     const { total: outDim, split1, split2 } = columnSplits(widths);
     let program = linearProgram(rows, inDim, outDim, weight.format);
-    const fusedNorm = norm && program.shader === "gemv4" ? norm : null;
+    // A held-back gated norm of x, folded in (its output is then never written).
+    const gated = !norm && !conv && program.shader === "gemv4"
+      ? this.#takeGatedNorm(x, rows, inDim)
+      : null;
+    if (gated) {
+      x = gated.x;
+      program = linearProgram(rows, inDim, outDim, weight.format, "gate");
+    }
+    const fusedNorm = gated
+      ? { weight: gated.weight, eps: gated.eps }
+      : norm && program.shader === "gemv4"
+      ? norm
+      : null;
     const fusedConv = conv && program.shader === "gemv4" ? conv : null;
     const project = fusedConv && this.#foldsProjection(program, weight, widths, fusedConv, rows)
       ? fusedConv.project!
       : null;
-    if (project) program = linearProgram(rows, inDim, outDim, weight.format, true);
+    if (project) program = linearProgram(rows, inDim, outDim, weight.format, "project");
     if (norm && !fusedNorm) {
       const normed = rt.memory.lasting("normed", rows * inDim);
       this.backend.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
@@ -277,6 +311,7 @@ export class LinearKernels {
         11: project?.weight.buffer ?? absent,
         12: parts?.buffer ?? unused[3],
         13: fusedConv?.slots?.buffer ?? absent,
+        15: gated?.gate.buffer ?? absent,
       };
       const params: LinearIoParams = {
         rows,
@@ -340,11 +375,36 @@ export class LinearKernels {
   }
 
   /**
-   * Adds up the shares of a folded x_proj into its outputs, if any are
-   * pending: before anything but the decode step's scan could read them, and
-   * before the shares are overwritten.
+   * Holds back a gated RMSNorm (`run` runs it on its own) where a GEMV may
+   * fold it in: one group per row, rows of whole vec4s, up to
+   * GATED_FOLD_MAX_ROWS rows. Anything else runs at once.
+   */
+  deferGatedNorm(args: GatedNormArgs<GpuBuffer>, run: () => void): void {
+    const { rows, dim, groupSize } = args;
+    if (groupSize !== dim || dim % 4 !== 0 || rows > GATED_FOLD_MAX_ROWS) return run();
+    this.settle(); // whatever was pending runs first
+    this.#pendingNorm = { args, run };
+  }
+
+  /** The held-back gated norm whose output is `x` (rows × dim), taken; else null. */
+  #takeGatedNorm(x: GpuBuffer, rows: number, dim: number): GatedNormArgs<GpuBuffer> | null {
+    const args = this.#pendingNorm?.args;
+    if (!args || args.out !== x || args.rows !== rows || args.dim !== dim) return null;
+    this.#pendingNorm = null;
+    return args;
+  }
+
+  /**
+   * Runs what is held back: the gated norm, and the adding up of a folded
+   * x_proj's shares into its outputs: before anything but the GEMV or the
+   * decode step's scan could read them, and before the shares are overwritten.
    */
   settle(): void {
+    const norm = this.#pendingNorm;
+    if (norm) {
+      this.#pendingNorm = null;
+      norm.run();
+    }
     const pending = this.#pending;
     if (!pending) return;
     this.#pending = null;

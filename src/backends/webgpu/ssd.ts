@@ -24,10 +24,9 @@ const SSD_WG = 256;
 /** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
 const SSD_STEP_CHANNELS = 256 / 16;
 /**
- * Decode steps from which the SSD step loads states, B and C as vec4s. On
- * the H200 (mamba2-130m shape, docs/mamba2.md) that took 64 streams from
- * about 15,800 to 17,300 tok/s, but 32 streams from about 11,200 to 10,100
- * and 16 from 8,200 to 7,150; batches between 33 and 63 were not measured.
+ * Decode steps from which the SSD step loads states, B and C as vec4s: on
+ * the H200 that is faster at 64 steps and slower at 16 and 32, for reasons
+ * not known (docs/mamba2.md); 33 to 63 were not measured.
  */
 const SSD_VEC4_STEP_ROWS = 64;
 /** Default of `ssdStatesBytes`: within any device's binding size limit. */
