@@ -31,20 +31,25 @@ import { checkedWhenRead, type TensorFile } from "./weights.ts";
 /** The architectures read: llama.cpp's Mamba-1 ("mamba") and Mamba-2 ("mamba2"). */
 export type GgufArchitecture = "mamba" | "mamba2";
 
-/** llama.cpp's Mamba-1 block tensors and transformers' names of them. */
-const LAYER_NAMES: readonly [string, string][] = [
+/** The block tensors both architectures have, llama.cpp's names and transformers'. */
+const COMMON_LAYER_NAMES: readonly [string, string][] = [
   ["attn_norm.weight", "norm.weight"],
   ["ssm_in.weight", "mixer.in_proj.weight"],
   ["ssm_in.bias", "mixer.in_proj.bias"],
   ["ssm_conv1d.weight", "mixer.conv1d.weight"],
   ["ssm_conv1d.bias", "mixer.conv1d.bias"],
-  ["ssm_x.weight", "mixer.x_proj.weight"],
-  ["ssm_dt.weight", "mixer.dt_proj.weight"],
-  ["ssm_dt.bias", "mixer.dt_proj.bias"],
   ["ssm_a", "mixer.A"],
   ["ssm_d", "mixer.D"],
   ["ssm_out.weight", "mixer.out_proj.weight"],
   ["ssm_out.bias", "mixer.out_proj.bias"],
+];
+
+/** llama.cpp's Mamba-1 block tensors and transformers' names of them. */
+const LAYER_NAMES: readonly [string, string][] = [
+  ...COMMON_LAYER_NAMES,
+  ["ssm_x.weight", "mixer.x_proj.weight"],
+  ["ssm_dt.weight", "mixer.dt_proj.weight"],
+  ["ssm_dt.bias", "mixer.dt_proj.bias"],
 ];
 
 /**
@@ -54,17 +59,9 @@ const LAYER_NAMES: readonly [string, string][] = [
  * dInner / G], ssm_conv1d the kernel as [channels, dConv].
  */
 const MAMBA2_LAYER_NAMES: readonly [string, string][] = [
-  ["attn_norm.weight", "norm.weight"],
-  ["ssm_in.weight", "mixer.in_proj.weight"],
-  ["ssm_in.bias", "mixer.in_proj.bias"],
-  ["ssm_conv1d.weight", "mixer.conv1d.weight"],
-  ["ssm_conv1d.bias", "mixer.conv1d.bias"],
+  ...COMMON_LAYER_NAMES,
   ["ssm_dt.bias", "mixer.dt_bias"],
-  ["ssm_a", "mixer.A"],
-  ["ssm_d", "mixer.D"],
   ["ssm_norm.weight", "mixer.norm.weight"],
-  ["ssm_out.weight", "mixer.out_proj.weight"],
-  ["ssm_out.bias", "mixer.out_proj.bias"],
 ];
 
 const GLOBAL_NAMES: readonly [string, string][] = [
