@@ -3937,53 +3937,79 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
 // One token per sequence: STEP_LANES threads per channel (b, h, p), lane l
 // taking states l, l + STEP_LANES, ..., so that a warp's loads of a state row
 // are contiguous; the lanes' parts of h·C are summed in workgroup memory.
+
+/** What a thread of \`step\` or \`step_vec4\` works on. */
+struct StepTask {
+  i: u32, // the channel, of all batch · heads · headDim
+  lane: u32,
+  valid: bool,
+  decay: f32, // exp(Δ·A)
+  xv: f32, // x
+  dx: f32, // Δ·x
+  base: u32, // the channel's first state in \`state\`
+  bCol: u32, // its B's first element in xBC
+  cCol: u32, // its C's
+}
+
+fn stepTask(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
+  let inner = p.heads * p.headDim;
+  let i = (wg.y * nwg.x + wg.x) * (STEP_WG / STEP_LANES) + li / STEP_LANES;
+  var t = StepTask(i, li % STEP_LANES, i < p.batch * inner, 0.0, 0.0, 0.0, 0u, 0u, 0u);
+  if (t.valid) {
+    let b = i / inner;
+    let channel = i % inner; // h·P + p
+    let h = channel / p.headDim;
+    let g = h / (p.heads / p.groups);
+    let row = b * width();
+    let d = delta(b, h);
+    t.decay = exp(d * A[h]);
+    t.xv = xBC[row + channel];
+    t.dx = d * t.xv;
+    t.base = (stateRow(b) * inner + channel) * p.dState;
+    t.bCol = row + inner + g * p.dState;
+    t.cCol = row + inner + (p.groups + g) * p.dState;
+  }
+  return t;
+}
+
+/**
+ * y of the thread's channel: its lanes' parts of h·C (\`part\`) summed, plus
+ * D·x. Every thread must call it (it reduces through workgroup memory).
+ */
+fn finishStep(li: u32, t: StepTask, part: f32) {
+  lanes[li] = part;
+  workgroupBarrier();
+  for (var stride = STEP_LANES / 2u; stride > 0u; stride >>= 1u) {
+    if (t.lane < stride) {
+      lanes[li] += lanes[li + stride];
+    }
+    workgroupBarrier();
+  }
+  if (t.valid && t.lane == 0u) {
+    var out = lanes[li];
+    if ((p.flags & 1u) != 0u) {
+      out += Dv[(t.i % (p.heads * p.headDim)) / p.headDim] * t.xv;
+    }
+    y[t.i] = out;
+  }
+}
+
 @compute @workgroup_size(STEP_WG)
 fn step(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let P = p.headDim;
-  let N = p.dState;
-  let inner = p.heads * P;
-  let lane = li % STEP_LANES;
-  let i = (wg.y * nwg.x + wg.x) * (STEP_WG / STEP_LANES) + li / STEP_LANES;
-  let valid = i < p.batch * inner;
+  let t = stepTask(wg, nwg, li);
   var acc = 0.0;
-  var xv = 0.0;
-  if (valid) {
-    let b = i / inner;
-    let channel = i % inner; // h·P + p
-    let h = channel / P;
-    let g = h / (p.heads / p.groups);
-    let row = b * width();
-    let d = delta(b, h);
-    let decay = exp(d * A[h]);
-    xv = xBC[row + channel];
-    let base = (stateRow(b) * inner + channel) * N;
-    let bCol = row + inner + g * N;
-    let cCol = row + inner + (p.groups + g) * N;
-    for (var n = lane; n < N; n += STEP_LANES) {
-      let hv = decay * state[base + n] + d * xv * xBC[bCol + n];
-      state[base + n] = hv;
-      acc += hv * xBC[cCol + n];
+  if (t.valid) {
+    for (var n = t.lane; n < p.dState; n += STEP_LANES) {
+      let hv = t.decay * state[t.base + n] + t.dx * xBC[t.bCol + n];
+      state[t.base + n] = hv;
+      acc += hv * xBC[t.cCol + n];
     }
   }
-  lanes[li] = acc;
-  workgroupBarrier();
-  for (var stride = STEP_LANES / 2u; stride > 0u; stride >>= 1u) {
-    if (lane < stride) {
-      lanes[li] += lanes[li + stride];
-    }
-    workgroupBarrier();
-  }
-  if (valid && lane == 0u) {
-    var out = lanes[li];
-    if ((p.flags & 1u) != 0u) {
-      out += Dv[(i % inner) / P] * xv;
-    }
-    y[i] = out;
-  }
+  finishStep(li, t, acc);
 }
 
 // step over vec4s of state, B and C: each of a channel's STEP_LANES threads
@@ -3995,57 +4021,29 @@ fn step_vec4(
   @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let P = p.headDim;
+  let t = stepTask(wg, nwg, li);
   let quads = p.dState / 4u;
-  let inner = p.heads * P;
-  let lane = li % STEP_LANES;
-  let i = (wg.y * nwg.x + wg.x) * (STEP_WG / STEP_LANES) + li / STEP_LANES;
-  let valid = i < p.batch * inner;
   var acc = vec4<f32>(0.0);
-  var xv = 0.0;
-  if (valid) {
-    let b = i / inner;
-    let channel = i % inner; // h·P + p
-    let h = channel / P;
-    let g = h / (p.heads / p.groups);
-    let row = b * width();
-    let d = delta(b, h);
-    let decay = exp(d * A[h]);
-    xv = xBC[row + channel];
-    let dx = d * xv;
-    let base = (stateRow(b) * inner + channel) * quads;
-    let bCol = (row + inner + g * p.dState) / 4u;
-    let cCol = (row + inner + (p.groups + g) * p.dState) / 4u;
-    var q = lane;
+  if (t.valid) {
+    let base = t.base / 4u;
+    let bCol = t.bCol / 4u;
+    let cCol = t.cCol / 4u;
+    var q = t.lane;
     for (; q + STEP_LANES < quads; q += 2u * STEP_LANES) {
       let q2 = q + STEP_LANES;
-      let h0 = decay * state4[base + q] + dx * xBC4[bCol + q];
-      let h1 = decay * state4[base + q2] + dx * xBC4[bCol + q2];
+      let h0 = t.decay * state4[base + q] + t.dx * xBC4[bCol + q];
+      let h1 = t.decay * state4[base + q2] + t.dx * xBC4[bCol + q2];
       state4[base + q] = h0;
       state4[base + q2] = h1;
       acc += h0 * xBC4[cCol + q] + h1 * xBC4[cCol + q2];
     }
     if (q < quads) {
-      let h0 = decay * state4[base + q] + dx * xBC4[bCol + q];
+      let h0 = t.decay * state4[base + q] + t.dx * xBC4[bCol + q];
       state4[base + q] = h0;
       acc += h0 * xBC4[cCol + q];
     }
   }
-  lanes[li] = dot(acc, vec4<f32>(1.0));
-  workgroupBarrier();
-  for (var stride = STEP_LANES / 2u; stride > 0u; stride >>= 1u) {
-    if (lane < stride) {
-      lanes[li] += lanes[li + stride];
-    }
-    workgroupBarrier();
-  }
-  if (valid && lane == 0u) {
-    var out = lanes[li];
-    if ((p.flags & 1u) != 0u) {
-      out += Dv[(i % inner) / P] * xv;
-    }
-    y[i] = out;
-  }
+  finishStep(li, t, dot(acc, vec4<f32>(1.0)));
 }
 `,
   weight_bf16: `// Weight access of the linear kernels (gemv, gemv4, matmul) and the gathers
