@@ -1684,6 +1684,71 @@ export function causalConv(
   }
 }
 
+// causalConv at one token for each of `batch` sequences (a batch of decode
+// steps), sequence b's input and output in row b of x and out, its state in
+// row slots[b] of `states` ([rows, kernel - 1, channels]; slots an f32 array,
+// or 0 for row b). Each group of 4 channels packs its weights into `scratch`
+// once for every sequence; the sums run in causalConv's order.
+export function convStep(
+  out: usize,
+  x: usize,
+  weight: usize,
+  bias: usize,
+  states: usize,
+  slots: usize,
+  batch: i32,
+  channels: i32,
+  kernel: i32,
+  scratch: usize,
+): void {
+  const history = kernel - 1;
+  const rowBytes = <usize> channels << 2;
+  const stateBytes = <usize> history * rowBytes;
+  const c4 = channels & ~3;
+  for (let c = 0; c < c4; c += 4) {
+    const col = <usize> c << 2;
+    for (let k = 0; k < kernel; k++) {
+      for (let j = 0; j < 4; j++) {
+        store<f32>(
+          scratch + (<usize> (k * 4 + j) << 2),
+          load<f32>(weight + (<usize> ((c + j) * kernel + k) << 2)),
+        );
+      }
+    }
+    const b0 = bias ? v128.load(bias + col) : f32x4.splat(0);
+    for (let b = 0; b < batch; b++) {
+      const row = slots ? <usize> (<i32> load<f32>(slots + (<usize> b << 2))) : <usize> b;
+      const held = states + row * stateBytes + col;
+      const xv = v128.load(x + <usize> b * rowBytes + col);
+      let sum = b0;
+      // Tap k reads state row k, then that row takes the next one (or x).
+      for (let k = 0; k < history; k++) {
+        const h = held + <usize> k * rowBytes;
+        sum = f32x4.add(sum, f32x4.mul(v128.load(scratch + (<usize> k << 4)), v128.load(h)));
+        v128.store(h, k + 1 < history ? v128.load(h + rowBytes) : xv);
+      }
+      sum = f32x4.add(sum, f32x4.mul(v128.load(scratch + (<usize> history << 4)), xv));
+      v128.store(out + <usize> b * rowBytes + col, silu4(sum));
+    }
+  }
+  for (let c = c4; c < channels; c++) {
+    const col = <usize> c << 2;
+    for (let b = 0; b < batch; b++) {
+      const row = slots ? <usize> (<i32> load<f32>(slots + (<usize> b << 2))) : <usize> b;
+      const held = states + row * stateBytes + col;
+      const xv = load<f32>(x + <usize> b * rowBytes + col);
+      let sum: f32 = bias ? load<f32>(bias + col) : 0;
+      for (let k = 0; k < history; k++) {
+        const h = held + <usize> k * rowBytes;
+        sum += load<f32>(weight + (<usize> (c * kernel + k) << 2)) * load<f32>(h);
+        store<f32>(h, k + 1 < history ? load<f32>(h + rowBytes) : xv);
+      }
+      sum += load<f32>(weight + (<usize> (c * kernel + history) << 2)) * xv;
+      store<f32>(out + <usize> b * rowBytes + col, f32x4.extract_lane(silu4(f32x4.splat(sum)), 0));
+    }
+  }
+}
+
 // ------------------------------------------------------------ Mamba-2 ----
 
 // Mamba-2's SSD (SsdArgs in src/backend.ts). Buffers: xBC [rows, W] with W =

@@ -801,7 +801,8 @@ const KERNEL_CASES: KernelCase[] = [
     },
   },
   {
-    name: "causalConv of a batch: each sequence with its own state",
+    name:
+      "causalConv of a batch: each sequence with its own state, on pool slots too; kernels 1 and 4",
     tolerance: 1e-5,
     async run(be, fill) {
       const outs: Float32Array[] = [];
@@ -815,6 +816,30 @@ const KERNEL_CASES: KernelCase[] = [
         be.causalConv({ out, x, weight, bias, state, len, channels, kernel, batch });
         outs.push(await be.read(out), await be.read(state));
       }
+      // Decode steps of two sequences whose states are rows 2 and 0 of the three.
+      const slots = be.upload(Float32Array.of(2, 0));
+      for (const len of [1, 1, 3]) {
+        const out = be.zeros(2 * len * channels);
+        const x = be.upload(fill(2 * len * channels));
+        be.causalConv({ out, x, weight, bias, state, slots, len, channels, kernel, batch: 2 });
+        outs.push(await be.read(out), await be.read(state));
+      }
+      // One tap: no state at all.
+      const out = be.zeros(batch * channels);
+      const x = be.upload(fill(batch * channels));
+      const one = be.upload(fill(channels));
+      be.causalConv({
+        out,
+        x,
+        weight: one,
+        bias,
+        state: be.zeros(0),
+        len: 1,
+        channels,
+        kernel: 1,
+        batch,
+      });
+      outs.push(await be.read(out));
       return outs;
     },
   },

@@ -342,6 +342,18 @@ interface Kernels {
   ): void;
   rmsNorm(out: number, x: number, weight: number, rows: number, dim: number, eps: number): void;
   addInPlace(acc: number, x: number, n: number): void;
+  convStep(
+    out: number,
+    x: number,
+    weight: number,
+    bias: number,
+    states: number,
+    slots: number,
+    batch: number,
+    channels: number,
+    kernel: number,
+    scratch: number,
+  ): void;
   causalConv(
     out: number,
     x: number,
@@ -1271,6 +1283,22 @@ export class WasmBackend implements Backend<WasmBuffer> {
       const kept = (args.kernel - 1) * args.channels;
       const slots = args.slots && this.#floats(args.slots);
       const rows = stateRows(slots, batch, kept > 0 ? args.state.length / kept : Infinity);
+      if (args.len === 1) {
+        // A batch of decode steps: one kernel call, each group of channels' weights packed once.
+        const { out, x, weight, bias, state, channels, kernel } = args;
+        return this.#kernels.convStep(
+          out.ptr,
+          x.ptr,
+          weight.ptr,
+          bias ? bias.ptr : 0,
+          state.ptr,
+          args.slots ? args.slots.ptr : 0,
+          batch,
+          channels,
+          kernel,
+          this.#scratch("conv", kernel * 4).ptr,
+        );
+      }
       return convEachSequence(args, view, rows, (one) => this.causalConv(one));
     }
     const { out, x, weight, bias, state, len, channels, kernel } = args;
