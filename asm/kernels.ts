@@ -1626,6 +1626,21 @@ function convInput(
   return p >= 0 ? x + <usize> p * rowBytes + col : state + <usize> (history + p) * rowBytes + col;
 }
 
+// Channels c .. c + 3's conv weights ([channels, kernel]) into `scratch` as
+// [kernel][4], so that each tap is one vector load.
+// @ts-ignore: decorator
+@inline
+function packConvWeights(weight: usize, c: i32, kernel: i32, scratch: usize): void {
+  for (let k = 0; k < kernel; k++) {
+    for (let j = 0; j < 4; j++) {
+      store<f32>(
+        scratch + (<usize> (k * 4 + j) << 2),
+        load<f32>(weight + (<usize> ((c + j) * kernel + k) << 2)),
+      );
+    }
+  }
+}
+
 // Causal depthwise conv with SiLU over channels [c0, c1), then the state update.
 // `scratch` holds kernel·4 floats, reused for each group of 4 channels: their
 // weights transposed to [kernel][4], so each tap is one vector load.
@@ -1645,14 +1660,7 @@ export function causalConv(
   const c4 = channels & ~3;
   for (let c = 0; c < c4; c += 4) {
     const col = <usize> c << 2;
-    for (let k = 0; k < kernel; k++) {
-      for (let j = 0; j < 4; j++) {
-        store<f32>(
-          scratch + (<usize> (k * 4 + j) << 2),
-          load<f32>(weight + (<usize> ((c + j) * kernel + k) << 2)),
-        );
-      }
-    }
+    packConvWeights(weight, c, kernel, scratch);
     const b = bias ? v128.load(bias + col) : f32x4.splat(0);
     for (let t = 0; t < len; t++) {
       let sum = b;
@@ -1707,14 +1715,7 @@ export function convStep(
   const c4 = channels & ~3;
   for (let c = 0; c < c4; c += 4) {
     const col = <usize> c << 2;
-    for (let k = 0; k < kernel; k++) {
-      for (let j = 0; j < 4; j++) {
-        store<f32>(
-          scratch + (<usize> (k * 4 + j) << 2),
-          load<f32>(weight + (<usize> ((c + j) * kernel + k) << 2)),
-        );
-      }
-    }
+    packConvWeights(weight, c, kernel, scratch);
     const b0 = bias ? v128.load(bias + col) : f32x4.splat(0);
     for (let b = 0; b < batch; b++) {
       const row = slots ? <usize> (<i32> load<f32>(slots + (<usize> b << 2))) : <usize> b;
