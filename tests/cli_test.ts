@@ -4,7 +4,7 @@
  */
 
 import { assert, assertEquals, assertMatch, assertStringIncludes } from "@std/assert";
-import { CLI, readSamples, runCli } from "./helpers.ts";
+import { CLI, readSamples, runCli, tempDir, tempFile } from "./helpers.ts";
 
 Deno.test("greedy generation on the embedded model prints exactly the expected text", async () => {
   const samples = await readSamples();
@@ -127,7 +127,7 @@ Deno.test("a hub id prints what it fetches before the network work", async () =>
   listener.close(); // Nothing listens there: the fetch fails, after the notice.
   const { code, stderr } = await runCli(["-m", "someone/some-model"], {
     HF_ENDPOINT: endpoint,
-    MAMBA_CACHE_DIR: await Deno.makeTempDir(),
+    MAMBA_CACHE_DIR: await tempDir(),
   });
   assertEquals(code, 1);
   assertMatch(stderr, /^fetching someone\/some-model \.\.\.\n/);
@@ -137,7 +137,7 @@ Deno.test("a hub id prints what it fetches before the network work", async () =>
 
 Deno.test("-f reads the prompt from a file; -t sets the wasm threads", async () => {
   const samples = await readSamples();
-  const file = await Deno.makeTempFile();
+  const file = await tempFile();
   await Deno.writeTextFile(file, samples[1].prompt);
   const { code, stdout, stderr } = await runCli([
     "-f",
@@ -235,7 +235,7 @@ Deno.test("Ctrl-C stops the generation with exit code 130", async () => {
 
 Deno.test("--prompt-cache saves the state after the prompt and a later run skips that prefill", async () => {
   const samples = await readSamples();
-  const cache = `${await Deno.makeTempDir()}/prompt.bin`;
+  const cache = `${await tempDir()}/prompt.bin`;
   const run = (prompt: string) =>
     runCli(["--prompt-cache", cache, "-p", prompt, "-n", "48", "--temp", "0", "--backend", "js"]);
   const first = await run(samples[1].prompt);

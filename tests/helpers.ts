@@ -13,6 +13,42 @@ import {
   quantizedMatrix,
 } from "../src/quant.ts";
 
+/** What tempDir and tempFile made, still to remove after the module's tests. */
+const temporaries: string[] = [];
+
+// One hook removes what all of a module's tests made: Deno runs a top-level afterAll once per
+// test module that imports this file, after that module's tests, so a test that fails before
+// its own cleanup leaves nothing in /tmp either. Under `deno run` (the fuzz worker imports this file) Deno.test hooks are no-ops.
+Deno.test.afterAll(async () => {
+  const failures: unknown[] = [];
+  for (const path of temporaries.splice(0)) {
+    try {
+      await Deno.remove(path, { recursive: true });
+    } catch (error) {
+      // A test may have removed its path itself.
+      if (!(error instanceof Deno.errors.NotFound)) failures.push(error);
+    }
+  }
+  if (failures.length > 0) throw new AggregateError(failures, "Cannot remove temporary paths");
+});
+
+/**
+ * A new temporary directory, removed with all it holds after this module's tests. The prefix
+ * names what a leftover belongs to, should one outlive a crashed run.
+ */
+export async function tempDir(prefix = "mamba-test-"): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix });
+  temporaries.push(dir);
+  return dir;
+}
+
+/** A new, empty temporary file, removed after this module's tests. */
+export async function tempFile(options: Deno.MakeTempOptions = {}): Promise<string> {
+  const file = await Deno.makeTempFile({ prefix: "mamba-test-", ...options });
+  temporaries.push(file);
+  return file;
+}
+
 /** The shared reference data, next to the project checkout. */
 export const SHARED = new URL("../../shared", import.meta.url).pathname;
 

@@ -11,7 +11,7 @@ import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import type { LoadProgress } from "../src/source.ts";
-import { maxAbsDiff, otherFloats, SHARED } from "./helpers.ts";
+import { maxAbsDiff, otherFloats, SHARED, tempDir } from "./helpers.ts";
 import type { WasmBackend } from "../src/backends/wasm.ts";
 
 const TINY = `${SHARED}/fixtures/hf-oracle/tiny-f32`;
@@ -38,7 +38,7 @@ async function modelDir(
   config: Record<string, unknown> | string,
   weights: Tensors | Uint8Array,
 ): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "mamba-load-test-" });
+  const dir = await tempDir("mamba-load-test-");
   await Deno.writeTextFile(
     `${dir}/config.json`,
     typeof config === "string" ? config : JSON.stringify(config),
@@ -72,7 +72,7 @@ Deno.test("a sharded checkpoint loads and matches the oracle", async () => {
   const tensors = await tinyTensors();
   const names = Object.keys(tensors);
   const half = Math.ceil(names.length / 2);
-  const dir = await Deno.makeTempDir({ prefix: "mamba-shards-" });
+  const dir = await tempDir("mamba-shards-");
   const shards = [names.slice(0, half), names.slice(half)];
   const weightMap: Record<string, string> = {};
   for (const [i, shard] of shards.entries()) {
@@ -102,7 +102,7 @@ Deno.test("the original state-spaces config and names load the same model", asyn
 
 Deno.test("bad input: each problem gets an error naming the file", async (t) => {
   await t.step("missing config.json", async () => {
-    const dir = await Deno.makeTempDir();
+    const dir = await tempDir();
     await assertLoadError(dir, "config.json", "File not found");
   });
   await t.step("malformed config.json", async () => {
@@ -228,7 +228,7 @@ Deno.test("loads from an http URL with progress", async () => {
 });
 
 Deno.test("an HF repo id loads through the hub layout and then from the cache, offline", async () => {
-  const cacheDir = await Deno.makeTempDir({ prefix: "mamba-cache-" });
+  const cacheDir = await tempDir("mamba-cache-");
   const { server, origin, requests } = serveDirectory(
     SHAKESPEARE,
     "/demo/shakespeare/resolve/main/",
@@ -313,7 +313,7 @@ Deno.test("a weight holding NaN or Infinity is refused at load, naming the tenso
  * without 5: generation must pick only ids the tokenizer has rows for.
  */
 async function smallTokenizerDir(): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "mamba-holes-" });
+  const dir = await tempDir("mamba-holes-");
   await Deno.copyFile(`${TINY}/config.json`, `${dir}/config.json`);
   await Deno.copyFile(`${TINY}/model.safetensors`, `${dir}/model.safetensors`);
   const json = JSON.parse(await Deno.readTextFile(`${SHAKESPEARE}/tokenizer.json`));

@@ -21,7 +21,7 @@ import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
 import { Sampler } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
-import { maxAbsDiff, SHARED } from "./helpers.ts";
+import { maxAbsDiff, SHARED, tempDir } from "./helpers.ts";
 
 const MAMBA2 = `${SHARED}/fixtures/mamba2/tiny-groups2`;
 const FALCON = `${SHARED}/fixtures/hf-oracle/falcon-mamba-tiny`;
@@ -88,7 +88,7 @@ function bytesTokenizer(): Json {
 
 /** A model directory: `config`, `tensors` and the bytes tokenizer. */
 async function modelDir(config: Json, tensors: Tensors): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "mamba2-test-" });
+  const dir = await tempDir("mamba2-test-");
   await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config));
   await Deno.writeFile(`${dir}/model.safetensors`, writeSafetensors(tensors));
   await Deno.writeTextFile(`${dir}/tokenizer.json`, JSON.stringify(bytesTokenizer()));
@@ -274,7 +274,7 @@ const MAMBA2_SOURCES: {
     // The file has no tokenizer: the same byte-level one, from a directory of its own.
     format: "GGUF",
     source: async () => {
-      const tokenizer = await Deno.makeTempDir({ prefix: "mamba2-tokenizer-" });
+      const tokenizer = await tempDir("mamba2-tokenizer-");
       await Deno.writeTextFile(`${tokenizer}/tokenizer.json`, JSON.stringify(bytesTokenizer()));
       const path = new URL("./fixtures/gguf/mamba2-tiny-groups2.gguf", import.meta.url).pathname;
       return { path, tokenizer };

@@ -7,7 +7,7 @@
 import { assert, assertEquals, assertRejects, assertStringIncludes } from "@std/assert";
 import { ModelFileError } from "../src/errors.ts";
 import { loadModel } from "../src/load.ts";
-import { SHARED } from "./helpers.ts";
+import { SHARED, tempDir } from "./helpers.ts";
 
 const SHAKESPEARE = `${SHARED}/models/tiny-shakespeare`;
 
@@ -28,6 +28,7 @@ function silentServer(): { url: string; close(): void } {
 }
 
 Deno.test("a hub that accepts and never answers times out, retried, with offline advice", async () => {
+  const cacheDir = await tempDir();
   const server = silentServer();
   try {
     const started = performance.now();
@@ -35,7 +36,7 @@ Deno.test("a hub that accepts and never answers times out, retried, with offline
       () =>
         loadModel("someone/model", {
           hfEndpoint: server.url,
-          cacheDir: Deno.makeTempDirSync(),
+          cacheDir,
           timeoutMs: 200,
           retries: 1,
         }),
@@ -53,6 +54,7 @@ Deno.test("a hub that accepts and never answers times out, retried, with offline
 });
 
 Deno.test("a refused connection names the cause", async () => {
+  const cacheDir = await tempDir();
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = listener.addr.port;
   listener.close(); // Nothing listens there now.
@@ -60,7 +62,7 @@ Deno.test("a refused connection names the cause", async () => {
     () =>
       loadModel("someone/model", {
         hfEndpoint: `http://127.0.0.1:${port}`,
-        cacheDir: Deno.makeTempDirSync(),
+        cacheDir,
         retries: 0,
       }),
     ModelFileError,
@@ -70,6 +72,7 @@ Deno.test("a refused connection names the cause", async () => {
 });
 
 Deno.test("a 503 is retried and then the model loads", async () => {
+  const cacheDir = await tempDir();
   let failures = 1;
   const controller = new AbortController();
   const server = Deno.serve(
@@ -89,7 +92,7 @@ Deno.test("a 503 is retried and then the model loads", async () => {
     const origin = `http://127.0.0.1:${server.addr.port}`;
     const model = await loadModel("someone/model", {
       hfEndpoint: origin,
-      cacheDir: Deno.makeTempDirSync(),
+      cacheDir,
       backend: "js",
       timeoutMs: 2000,
     });
@@ -102,6 +105,7 @@ Deno.test("a 503 is retried and then the model loads", async () => {
 });
 
 Deno.test("a download whose body stalls ends with a clear error", async () => {
+  const cacheDir = await tempDir();
   const controller = new AbortController();
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: 0, signal: controller.signal, onListen() {} },
@@ -120,7 +124,7 @@ Deno.test("a download whose body stalls ends with a clear error", async () => {
       () =>
         loadModel("someone/model", {
           hfEndpoint: `http://127.0.0.1:${server.addr.port}`,
-          cacheDir: Deno.makeTempDirSync(),
+          cacheDir,
           timeoutMs: 300,
         }),
       ModelFileError,

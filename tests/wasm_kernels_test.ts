@@ -21,7 +21,7 @@ import { BLOCK_ELEMENTS, quantizedMatrix } from "../src/quant.ts";
 import { loadCheckpoint, loadModel } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
-import { maxAbsDiff, SHARED } from "./helpers.ts";
+import { maxAbsDiff, SHARED, tempDir } from "./helpers.ts";
 
 /**
  * max |a - b| / max |b|: error relative to the output's scale, for sums whose
@@ -325,7 +325,7 @@ Deno.test("[wasm] an F32 checkpoint is read straight into wasm memory: no second
   for (const [name, info] of file.tensors) {
     tensors[name] = { dtype: "F32", shape: [...info.shape], data: file.float32(name) };
   }
-  const dir = await Deno.makeTempDir({ prefix: "mamba-f32-" });
+  const dir = await tempDir("mamba-f32-");
   const weights = writeSafetensors(tensors);
   await Deno.writeFile(`${dir}/model.safetensors`, weights);
   for (const name of ["config.json", "tokenizer.json", "tokenizer_config.json"]) {
@@ -347,5 +347,4 @@ Deno.test("[wasm] an F32 checkpoint is read straight into wasm memory: no second
     );
     model.dispose();
   }
-  await Deno.remove(dir, { recursive: true });
 });
