@@ -26,17 +26,8 @@ export interface ScanArgs<Buf> {
   y: Buf;
   /** Input u [len, dim]. */
   u: Buf;
-  /**
-   * Raw delta [len, dim], before bias and softplus; with {@link deltaProj}, a
-   * buffer of that size that the backend may use for it.
-   */
+  /** Raw delta [len, dim], before bias and softplus (Mamba's dt_proj(dt)). */
   delta: Buf;
-  /**
-   * Optional: dt_proj folded into the scan. The raw delta is then dt [len,
-   * rank] · weightᵀ, with weight [dim, rank]: a backend computes it into
-   * `delta` first (see {@link projectDelta}) or inside its scan kernel.
-   */
-  deltaProj?: DeltaProjection<Buf>;
   /** A [dim, dState]: the (negative) state matrix, `-exp(A_log)`. */
   A: Buf;
   /** B [len, dState]: input projection of the state, per token. */
@@ -69,19 +60,9 @@ export interface ScanArgs<Buf> {
   /**
    * Optional, where `supports("channelMajorScan")`: u, delta, z and y are
    * channel-major [batch, dim, len], as mamba_ssm lays them out (B and C stay
-   * [batch, len, dState]); without deltaProj.
+   * [batch, len, dState]).
    */
   channelMajor?: boolean;
-}
-
-/** The low-rank input of delta and its projection (Mamba's dt and dt_proj). */
-export interface DeltaProjection<Buf> {
-  /** dt [len, rank], per sequence as the other per-token buffers. */
-  dt: Buf;
-  /** dt_proj's weight [dim, rank]: what {@link Backend.linear} takes as a weight. */
-  weight: Buf;
-  /** R: columns of dt. */
-  rank: number;
 }
 
 /**
@@ -117,54 +98,6 @@ export interface ConvArgs<Buf> {
   kernel: number;
   /** Independent sequences, each with its own state (default 1). */
   batch?: number;
-}
-
-/** An RMSNorm of each row: x / sqrt(mean(x²) + eps) * weight, with weight [dim]. */
-export interface RowNorm<Buf> {
-  /** Per-channel scale [dim]. */
-  weight: Buf;
-  /** Added to the mean square. */
-  eps: number;
-}
-
-/**
- * A decode step's causal convolution folded into the {@link Backend.linearSplit}
- * that makes its input (in_proj): row r of the first output is the newest
- * input of sequence r, whose conv state `state` holds the ones before.
- */
-export interface ConvStep<Buf> {
-  /** Output [rows, channels]: `silu(conv(x) + bias)` ({@link ConvArgs.out} of one token per sequence). */
-  out: Buf;
-  /** Weights [channels, kernel]. */
-  weight: Buf;
-  /** Bias [channels], or null for none. */
-  bias: Buf | null;
-  /** Per sequence, the previous `kernel - 1` inputs [rows, kernel - 1, channels]; updated. */
-  state: Buf;
-  /** Optional: row r's conv state is row `slots[r]` of `state` (see {@link ConvArgs.slots}). */
-  slots?: Buf;
-  /** Kernel width. */
-  kernel: number;
-  /** Optional: x_proj folded in as well, taking `out` as its input. */
-  project?: ConvProjection<Buf>;
-}
-
-/**
- * A decode step's x_proj folded into the {@link ConvStep} that makes its
- * input: outs[i] [rows, widths[i]] gets the next widths[i] columns of conv.out
- * · weightᵀ (Mamba's dt, B and C), as {@link Backend.linearSplit} would.
- * The selectiveScan that takes them next (dt as `deltaProj.dt`, B and C) may
- * receive them in a backend's own form instead (webgpu: as partial sums that
- * the scan adds up); any other reader before it sees the values, but after
- * it the buffers' contents are undefined.
- */
-export interface ConvProjection<Buf> {
-  /** x_proj's weight [Σ widths, channels]. */
-  weight: Buf;
-  /** The outputs, each [rows, widths[i]]. */
-  outs: readonly Buf[];
-  /** Columns of each output. */
-  widths: readonly number[];
 }
 
 /** Where {@link Backend.copyRows} reads or writes row r: row `buf[offset + r]` (a float). */
@@ -457,6 +390,13 @@ export interface Backend<Buf = unknown> {
   uploadQuantizedMatrix(matrix: QuantizedMatrix): Buf | null;
   /** A new buffer of `length` zeros. */
   zeros(length: number): Buf;
+  /**
+   * A zeroed buffer for an intermediate result that only the next operation
+   * reads (a model's scratch activations): a backend may fold the operation
+   * that writes it into that reader and leave it unwritten, its contents
+   * then undefined. Otherwise as {@link zeros}.
+   */
+  scratch(length: number): Buf;
   /** Overwrites `buf` from `offset` (in floats) with `data`. */
   write(buf: Buf, data: Float32Array, offset?: number): void;
   /** Completes pending work and copies `length` floats from `offset` back to the host. */
@@ -515,10 +455,6 @@ export interface Backend<Buf = unknown> {
    * A linear whose output columns go to separate buffers: outs[i] [rows,
    * widths[i]] gets the next widths[i] columns of x · weightᵀ + bias, where
    * weight is [Σ widths, inDim] (in_proj's x and z; x_proj's dt, B and C).
-   * With `norm`, the product takes x's rows RMS-normalised (x is unchanged).
-   * With `conv`, the first output's rows then go through a decode step's
-   * causal convolution into `conv.out`, and with `conv.project` through x_proj
-   * (see {@link convStepAfter}); outs[0] itself may be left unwritten.
    */
   linearSplit(
     outs: readonly Buf[],
@@ -528,8 +464,6 @@ export interface Backend<Buf = unknown> {
     bias: Buf | null,
     rows: number,
     inDim: number,
-    norm?: RowNorm<Buf>,
-    conv?: ConvStep<Buf>,
   ): void;
   /** acc[i] += x[i] for the first `length` floats. */
   addInPlace(acc: Buf, x: Buf, length: number): void;
@@ -544,60 +478,6 @@ export interface Backend<Buf = unknown> {
   ssdScan?(args: SsdArgs<Buf>): void;
   /** mamba_ssm's grouped gated RMSNorm (see {@link GatedNormArgs}); where `supports("gatedRmsNorm")`. */
   gatedRmsNorm?(args: GatedNormArgs<Buf>): void;
-}
-
-/**
- * For a scan that does not fold dt_proj in: computes delta = dt · weightᵀ into
- * `args.delta` and returns the arguments of a plain scan over it.
- */
-export function projectDelta<Buf>(be: Backend<Buf>, args: ScanArgs<Buf>): ScanArgs<Buf> {
-  const { deltaProj, ...plain } = args;
-  if (!deltaProj) return args;
-  const rows = args.len * (args.batch ?? 1);
-  be.linear(args.delta, deltaProj.dt, deltaProj.weight, null, rows, deltaProj.rank, args.dim);
-  return plain;
-}
-
-/**
- * The convolution of a {@link ConvStep} as an operation of its own, for a
- * linearSplit that does not fold it in: conv.out = silu(conv(first) + bias),
- * `rows` sequences of one token each; then its projection, if any.
- */
-export function convStepAfter<Buf>(
-  be: Backend<Buf>,
-  first: Buf,
-  rows: number,
-  channels: number,
-  conv: ConvStep<Buf>,
-): void {
-  const { out, weight, bias, state, slots, kernel } = conv;
-  be.causalConv({
-    out,
-    x: first,
-    weight,
-    bias,
-    state,
-    slots,
-    len: 1,
-    channels,
-    kernel,
-    batch: rows,
-  });
-  projectAfterConv(be, rows, channels, conv);
-}
-
-/**
- * The projection of a {@link ConvStep} as an operation of its own, for a
- * backend that folds the convolution in but not the projection.
- */
-export function projectAfterConv<Buf>(
-  be: Backend<Buf>,
-  rows: number,
-  channels: number,
-  { out, project }: ConvStep<Buf>,
-): void {
-  if (!project) return;
-  be.linearSplit(project.outs, project.widths, out, project.weight, null, rows, channels);
 }
 
 /** A backend's view of `length` floats of `buf` from `offset` (in floats). */

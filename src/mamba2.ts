@@ -135,14 +135,16 @@ export function readMamba2Layer<M>(
 }
 
 /** The operations of one Mamba-2 block, in the order the model issues them. */
-export const MAMBA2_OPS = ["in_proj", "conv", "ssd", "norm", "out_proj"] as const;
+export const MAMBA2_OPS = ["norm", "in_proj", "conv", "ssd", "gated_norm", "out_proj"] as const;
 /** One of {@link MAMBA2_OPS}. */
 export type Mamba2Op = typeof MAMBA2_OPS[number];
 
 /** The activations a Mamba-2 block reads and writes, token-major, L rows each. */
 export interface Mamba2Buffers<Buf> {
-  /** [L, D] residual stream: read by in_proj, added to by out_proj. */
+  /** [L, D] residual stream: read by the norm, added to by out_proj. */
   hidden: Buf;
+  /** [L, D] the normalised residual stream: in_proj's input. */
+  normed: Buf;
   /** [L, dInner] in_proj's gate. */
   z: Buf;
   /** [L, convDim] in_proj's x, B and C: the convolution's input. */
@@ -157,12 +159,12 @@ export interface Mamba2Buffers<Buf> {
   yNorm: Buf;
 }
 
-/** The Mamba-2 buffers of `rows` rows but `hidden`, zeroed. */
+/** The Mamba-2 buffers of `rows` rows but `hidden` and `normed` (the model's), zeroed. */
 export function allocMamba2Buffers<Buf>(
   be: Backend<Buf>,
   config: MambaConfig,
   rows: number,
-): Omit<Mamba2Buffers<Buf>, "hidden"> {
+): Omit<Mamba2Buffers<Buf>, "hidden" | "normed"> {
   const { dInner, mamba2 } = config;
   const convDim = convChannels(config);
   return {
@@ -171,7 +173,7 @@ export function allocMamba2Buffers<Buf>(
     dt: be.zeros(rows * mamba2!.nHeads),
     xBCConv: be.zeros(rows * convDim),
     y: be.zeros(rows * dInner),
-    yNorm: be.zeros(rows * dInner),
+    yNorm: be.scratch(rows * dInner), // only out_proj reads it
   };
 }
 
@@ -216,16 +218,17 @@ export function mamba2BlockOp<Buf>(
   const convDim = convChannels(config);
   const L = len * batch;
   switch (op) {
-    case "in_proj": // z, xBC, dt = in_proj(rmsNorm(hidden))
+    case "norm": // xn = rmsNorm(hidden)
+      return be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
+    case "in_proj": // z, xBC, dt = in_proj(xn)
       return be.linearSplit(
         [s.z, s.xBC, s.dt],
         [dInner, convDim, nHeads],
-        s.hidden,
+        s.normed,
         w.inProj,
         w.inProjBias,
         L,
         dModel,
-        { weight: w.norm, eps },
       );
     case "conv": // xBC = silu(causalConv(xBC) + convBias)
       return be.causalConv({
@@ -259,7 +262,7 @@ export function mamba2BlockOp<Buf>(
         dState,
         chunkSize,
       });
-    case "norm": // yn = rmsNorm per group(y · silu(z)) · weight
+    case "gated_norm": // yn = rmsNorm per group(y · silu(z)) · weight
       return be.gatedRmsNorm!({
         out: s.yNorm,
         x: s.y,

@@ -23,12 +23,10 @@
  *
  * ```text
  * xn      = rmsNorm(hidden)                       [L, D]
- * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit, norm included)
- * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs;
- *                                                 in a decode step, part of in_proj's linearSplit)
- * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit; in a
- *                                                 decode step, part of in_proj's too)
- * delta   = dt_proj(dt)                           [L, dInner]  (in the scan call, as are bias + softplus)
+ * x, z    = in_proj(xn)                           [L, dInner] each (one linearSplit)
+ * xc      = silu(causalConv(x) + convBias)        [L, dInner]  (conv state carries dConv-1 inputs)
+ * dt,B,C  = x_proj(xc)                            [L, R], [L, N], [L, N] (one linearSplit)
+ * delta   = dt_proj(dt)                           [L, dInner]  (its bias and softplus: in the scan call)
  * h       = exp(Δ·A)·h + Δ·B·xc  per token        [dInner, N]
  * y       = (C·h + D·xc) · silu(z)                [L, dInner]
  * hidden += out_proj(y)                           [L, D]  (linear, accumulating)
@@ -77,14 +75,24 @@ import { crc32, crc32Floats } from "./checksum.ts";
 const FORWARD_CHUNK = 512;
 
 /** The operations of one block, in the order the model issues them. */
-export const BLOCK_OPS = ["in_proj", "conv", "x_proj", "scan", "out_proj"] as const;
+export const BLOCK_OPS = [
+  "norm",
+  "in_proj",
+  "conv",
+  "x_proj",
+  "dt_proj",
+  "scan",
+  "out_proj",
+] as const;
 /** One of {@link BLOCK_OPS}. */
 export type BlockOp = typeof BLOCK_OPS[number];
 
 /** The activations a block reads and writes, token-major, `L` rows each. */
 export interface BlockBuffers<Buf> {
-  /** [L, D] residual stream: read by in_proj, added to by out_proj. */
+  /** [L, D] residual stream: read by the norm, added to by out_proj. */
   hidden: Buf;
+  /** [L, D] the normalised residual stream: in_proj's input (and the head's). */
+  normed: Buf;
   /** [L, dInner] in_proj's first half: the convolution's input. */
   x: Buf;
   /** [L, dInner] in_proj's second half: the gate. */
@@ -97,7 +105,7 @@ export interface BlockBuffers<Buf> {
   B: Buf;
   /** [L, N] x_proj's C. */
   C: Buf;
-  /** [L, dInner] scratch of the scan (dt_proj's output where the backend computes it first). */
+  /** [L, dInner] dt_proj's output: the scan's raw delta. */
   delta: Buf;
   /** [L, dInner] the scan's output, out_proj's input. */
   y: Buf;
@@ -138,35 +146,20 @@ export function blockOp<Buf>(
 ): void {
   const { dModel, dInner, dtRank, dState, dConv, eps, mixerRmsEps } = config;
   const L = len * batch;
-  // Falcon-Mamba normalises x_proj's outputs, so x_proj runs on its own.
-  const projectInStep = mixerRmsEps === undefined;
   switch (op) {
-    case "in_proj": // x, z = in_proj(rmsNorm(hidden)); in a decode step, xc (and dt, B, C) too
+    case "norm": // xn = rmsNorm(hidden)
+      return be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
+    case "in_proj": // x, z = in_proj(xn)
       return be.linearSplit(
         [s.x, s.z],
         [dInner, dInner],
-        s.hidden,
+        s.normed,
         w.inProj,
         w.inProjBias,
         L,
         dModel,
-        { weight: w.norm, eps },
-        len === 1
-          ? {
-            out: s.xc,
-            weight: w.convWeight,
-            bias: w.convBias,
-            state: conv,
-            slots,
-            kernel: dConv,
-            project: projectInStep
-              ? { weight: w.xProj, outs: [s.dt, s.B, s.C], widths: [dtRank, dState, dState] }
-              : undefined,
-          }
-          : undefined,
       );
-    case "conv": // xc = silu(causalConv(x) + convBias), done by in_proj in a decode step
-      if (len === 1) return;
+    case "conv": // xc = silu(causalConv(x) + convBias)
       return be.causalConv({
         out: s.xc,
         x: s.x,
@@ -179,8 +172,7 @@ export function blockOp<Buf>(
         kernel: dConv,
         batch,
       });
-    case "x_proj": { // dt, B, C = x_proj(xc), done by in_proj in a decode step
-      if (len === 1 && projectInStep) return;
+    case "x_proj": { // dt, B, C = x_proj(xc)
       if (mixerRmsEps === undefined) {
         return be.linearSplit(
           [s.dt, s.B, s.C],
@@ -208,12 +200,13 @@ export function blockOp<Buf>(
       be.rmsNorm(s.C, raw.C, raw.ones, L, dState, mixerRmsEps);
       return;
     }
-    case "scan": // delta = dt_proj(dt); y = selective scan, gated by silu(z)
+    case "dt_proj": // delta = dt_proj(dt), before its bias and softplus (the scan's)
+      return be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
+    case "scan": // y = selective scan over delta, gated by silu(z)
       return be.selectiveScan({
         y: s.y,
         u: s.xc,
         delta: s.delta,
-        deltaProj: { dt: s.dt, weight: w.dtProj, rank: dtRank },
         A: w.A,
         B: s.B,
         C: s.C,
@@ -233,26 +226,19 @@ export function blockOp<Buf>(
   }
 }
 
-/** logits [count, vocab] = lm_head(rmsNorm_f(input [count, D])). */
+/** logits [count, vocab] = lm_head(rmsNorm_f(input [count, D])), the norm's output in `normed`. */
 export function projectLogits<Buf>(
   be: Backend<Buf>,
   config: MambaConfig,
   logits: Buf,
   input: Buf,
+  normed: Buf,
   weights: Pick<MambaWeights<Buf>, "lmHead" | "normF">,
   count: number,
 ): void {
-  const norm = { weight: weights.normF, eps: config.eps };
-  be.linearSplit(
-    [logits],
-    [config.vocabSize],
-    input,
-    weights.lmHead,
-    null,
-    count,
-    config.dModel,
-    norm,
-  );
+  const { dModel, vocabSize, eps } = config;
+  be.rmsNorm(normed, input, weights.normF, count, dModel, eps);
+  be.linear(logits, normed, weights.lmHead, null, count, dModel, vocabSize);
 }
 
 /** Activations of up to `rows` rows: a block's buffers and the head's input. */
@@ -262,7 +248,7 @@ export interface Scratch<Buf> extends BlockBuffers<Buf> {
   /** [rows, D]: rows of the residual stream gathered for the head. */
   headIn: Buf;
   /** A Mamba-2 model's block buffers (its Mamba-1 ones then hold nothing). */
-  mamba2?: Omit<Mamba2Buffers<Buf>, "hidden">;
+  mamba2?: Omit<Mamba2Buffers<Buf>, "hidden" | "normed">;
 }
 
 /**
@@ -458,7 +444,7 @@ export class MambaModel<Buf> {
         srcRows: { buf: lastRows, offset: 0 },
       });
     }
-    this.head(logits, lastRows ? s.headIn : s.hidden, batch);
+    this.head(s, logits, lastRows ? s.headIn : s.hidden, batch);
     be.copyRows({
       dst: this.pool.logits,
       src: logits,
@@ -485,7 +471,7 @@ export class MambaModel<Buf> {
         try {
           be.embed(s.hidden, this.#weights.embedding, chunk, dModel);
           this.blocks(s, slotRows, chunk.length, 1);
-          this.head(rows, s.hidden, chunk.length);
+          this.head(s, rows, s.hidden, chunk.length);
           logits.set(await be.read(rows), start * vocabSize);
         } finally {
           this.releaseScratch(s);
@@ -513,7 +499,7 @@ export class MambaModel<Buf> {
       srcRows: { buf: tokens, offset },
     });
     this.blocks(s, slots, 1, rows);
-    this.head(logits, s.hidden, rows);
+    this.head(s, logits, s.hidden, rows);
   }
 
   /**
@@ -531,7 +517,7 @@ export class MambaModel<Buf> {
         batch,
       };
       if (isMamba2Layer<Buf>(w)) {
-        const buffers = { hidden: s.hidden, ...s.mamba2! };
+        const buffers = { hidden: s.hidden, normed: s.normed, ...s.mamba2! };
         for (const op of MAMBA2_OPS) {
           mamba2BlockOp(this.backend, this.config, op, w, buffers, sequences);
         }
@@ -545,22 +531,26 @@ export class MambaModel<Buf> {
     });
   }
 
-  /** logits [count, vocab] = lm_head(rmsNorm_f(rows [0, count) of `input`)). */
-  head(logits: Buf, input: Buf, count: number): void {
-    projectLogits(this.backend, this.config, logits, input, this.#weights, count);
+  /** logits [count, vocab] = lm_head(rmsNorm_f(rows [0, count) of `input`)), on `s`'s norm buffer. */
+  head(s: Scratch<Buf>, logits: Buf, input: Buf, count: number): void {
+    projectLogits(this.backend, this.config, logits, input, s.normed, this.#weights, count);
   }
 
   /** Scratch activations for up to `rows` rows; give them back with {@link releaseScratch}. */
   allocScratch(rows: number): Scratch<Buf> {
     const { dModel, dInner, dState, dtRank, mamba2 } = this.config;
     const z = (n: number) => this.backend.zeros(n);
+    // What only the next operation reads, which a backend may fold away.
+    const scratch = (n: number) => this.backend.scratch(n);
     const hidden = z(rows * dModel);
+    const normed = scratch(rows * dModel);
     const headIn = z(rows * dModel);
     if (mamba2) {
       const none = () => z(0);
       return {
         rows,
         hidden,
+        normed,
         headIn,
         x: none(),
         z: none(),
@@ -576,14 +566,15 @@ export class MambaModel<Buf> {
     return {
       rows,
       hidden,
+      normed,
       headIn,
-      x: z(rows * dInner),
+      x: scratch(rows * dInner),
       z: z(rows * dInner),
       xc: z(rows * dInner),
-      dt: z(rows * dtRank),
-      B: z(rows * dState),
-      C: z(rows * dState),
-      delta: z(rows * dInner),
+      dt: scratch(rows * dtRank),
+      B: scratch(rows * dState),
+      C: scratch(rows * dState),
+      delta: scratch(rows * dInner),
       y: z(rows * dInner),
       ...(this.config.mixerRmsEps === undefined ? {} : {
         mixerNorm: {

@@ -298,36 +298,41 @@ async function foldedDtProjMatches(
     dState,
     batch,
   };
-  // The reference projects delta first (projectDelta), then scans.
+  // The reference projects delta first, then scans.
+  const wantDelta = new Float32Array(batch * dim);
+  js.linear(wantDelta, dt, weight, null, batch, rank, dim);
   const wantY = new Float32Array(batch * dim);
   const wantState = state.slice();
-  js.selectiveScan({
-    ...plain,
-    y: wantY,
-    delta: new Float32Array(batch * dim),
-    deltaProj: { dt, weight, rank },
-    state: wantState,
-  });
-  const y = gpu.zeros(batch * dim);
-  const gotState = gpu.upload(state.slice());
-  const before = gpu.dispatches;
-  gpu.selectiveScan({
-    ...plain,
-    A: gpu.upload(plain.A),
-    B: gpu.upload(plain.B),
-    C: gpu.upload(plain.C),
-    D: gpu.upload(plain.D),
-    z: gpu.upload(plain.z),
-    u: gpu.upload(plain.u),
-    deltaBias: gpu.upload(plain.deltaBias),
-    y,
-    delta: gpu.zeros(batch * dim),
-    deltaProj: { dt: gpu.upload(dt), weight: gpuWeight, rank },
-    state: gotState,
-  });
-  assertEquals(gpu.dispatches - before, Math.ceil(dState / 16), `${what}: one dispatch per group`);
-  close(await gpu.read(y), wantY, 1e-5, `${what}: y`);
-  close(await gpu.read(gotState), wantState, 1e-5, `${what}: state`);
+  js.selectiveScan({ ...plain, y: wantY, delta: wantDelta, state: wantState });
+  const dtBuffer = gpu.upload(dt);
+  // Into scratch, dt_proj folds into the step (delta left unwritten); into
+  // any other buffer it runs first.
+  for (const delta of [gpu.scratch(batch * dim), gpu.zeros(batch * dim)]) {
+    const y = gpu.zeros(batch * dim);
+    const gotState = gpu.upload(state.slice());
+    const before = gpu.dispatches;
+    gpu.linear(delta, dtBuffer, gpuWeight, null, batch, rank, dim);
+    gpu.selectiveScan({
+      ...plain,
+      A: gpu.upload(plain.A),
+      B: gpu.upload(plain.B),
+      C: gpu.upload(plain.C),
+      D: gpu.upload(plain.D),
+      z: gpu.upload(plain.z),
+      u: gpu.upload(plain.u),
+      deltaBias: gpu.upload(plain.deltaBias),
+      y,
+      delta,
+      state: gotState,
+    });
+    const groups = Math.ceil(dState / 16);
+    const where = `${what}, delta in ${delta.transient ? "scratch" : "a plain buffer"}`;
+    const dispatches = delta.transient ? groups : groups + 1;
+    assertEquals(gpu.dispatches - before, dispatches, `${where}: one scan dispatch per group`);
+    if (!delta.transient) close(await gpu.read(delta), wantDelta, 1e-5, `${where}: delta`);
+    close(await gpu.read(y), wantY, 1e-5, `${where}: y`);
+    close(await gpu.read(gotState), wantState, 1e-5, `${where}: state`);
+  }
 }
 
 Deno.test({
@@ -541,38 +546,56 @@ Deno.test({
 });
 
 Deno.test({
-  name: "webgpu: linearSplit with the RMSNorm folded in, through GEMV, scalar GEMV and matmul",
+  name:
+    "webgpu: rmsNorm into scratch then linearSplit: the GEMV folds the norm in; scalar GEMV, matmul and a plain buffer run it first",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(60);
-      // GEMV (one row; row groups), scalar GEMV (inDim % 4 != 0), tiled matmul.
-      const cases: [number, number, number[]][] = [
-        [1, 64, [40, 24]],
-        [6, 48, [30, 10, 7]],
-        [2, 37, [20, 9]],
-        [40, 36, [50, 30]],
+      // [rows, inDim, widths, dispatches]: GEMV (one row; row groups) in one dispatch,
+      // scalar GEMV (inDim % 4 != 0) and tiled matmul after the norm's own.
+      const cases: [number, number, number[], number][] = [
+        [1, 64, [40, 24], 1],
+        [6, 48, [30, 10, 7], 1],
+        [2, 37, [20, 9], 2],
+        [40, 36, [50, 30], 2],
       ];
-      for (const [rows, inDim, widths] of cases) {
+      for (const [rows, inDim, widths, dispatches] of cases) {
         const outDim = widths.reduce((a, b) => a + b, 0);
         const x = fill(rows * inDim, rand, 3);
         const w = fill(outDim * inDim, rand);
         const bias = fill(outDim, rand);
         const normWeight = fill(inDim, rand);
         const eps = 1e-5;
+        const wantNormed = new Float32Array(rows * inDim);
+        js.rmsNorm(wantNormed, x, normWeight, rows, inDim, eps);
         const parts = widths.map((width) => new Float32Array(rows * width));
-        js.linearSplit(parts, widths, x, w, bias, rows, inDim, { weight: normWeight, eps });
-        const outs = widths.map((width) => gpu.zeros(rows * width));
+        js.linearSplit(parts, widths, wantNormed, w, bias, rows, inDim);
         const gx = gpu.upload(x);
-        gpu.linearSplit(outs, widths, gx, gpu.upload(w), gpu.upload(bias), rows, inDim, {
-          weight: gpu.upload(normWeight),
-          eps,
-        });
-        for (const [i, part] of parts.entries()) {
-          const what = `normed linear ${rows}×${inDim}→${widths} output ${i}`;
-          close(await gpu.read(outs[i]), part, 1e-4, what);
+        const [weight, gpuBias, gpuNorm] = [
+          gpu.upload(w),
+          gpu.upload(bias),
+          gpu.upload(normWeight),
+        ];
+        for (const normed of [gpu.scratch(rows * inDim), gpu.zeros(rows * inDim)]) {
+          const outs = widths.map((width) => gpu.zeros(rows * width));
+          const before = gpu.dispatches;
+          gpu.rmsNorm(normed, gx, gpuNorm, rows, inDim, eps);
+          gpu.linearSplit(outs, widths, normed, weight, gpuBias, rows, inDim);
+          gpu.flush();
+          const what = `normed linear ${rows}×${inDim}→${widths}, ${
+            normed.transient ? "scratch" : "a plain buffer"
+          }`;
+          const want = normed.transient ? dispatches : 2;
+          assertEquals(gpu.dispatches - before, want, `${what}: dispatches`);
+          for (const [i, part] of parts.entries()) {
+            close(await gpu.read(outs[i]), part, 1e-4, `${what} output ${i}`);
+          }
+          if (!normed.transient) {
+            close(await gpu.read(normed), wantNormed, 1e-5, `${what}: the norm's output`);
+          }
+          close(await gpu.read(gx), x, 0, "x is unchanged");
         }
-        close(await gpu.read(gx), x, 0, "x is unchanged");
       }
     }),
 });
@@ -608,19 +631,20 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: linearSplit with a decode step's conv folded in (GEMV), or run after it (matmul), against js",
+    "webgpu: rmsNorm, linearSplit and a decode step's conv of its first output: one GEMV over scratch, or each on its own, against js",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(50);
-      // [rows (sequences), inDim, widths, kernel, bias, f16 weight]
-      const cases: [number, number, number[], number, boolean, boolean][] = [
-        [1, 48, [37, 20], 4, true, false],
-        [3, 48, [37, 20], 4, true, true],
-        [6, 32, [40], 2, false, false],
-        [20, 32, [24, 8], 4, true, false], // past the GEMV's 16 rows: the conv runs after
+      // [rows (sequences), inDim, widths, kernel, bias, f16 weight, dispatches]
+      const cases: [number, number, number[], number, boolean, boolean, number][] = [
+        [1, 48, [37, 20], 4, true, false, 1],
+        [3, 48, [37, 20], 4, true, true, 1],
+        [6, 32, [40], 2, false, false, 1],
+        // Past the GEMV's 32 rows: the norm, the matmul, then the conv.
+        [40, 32, [24, 8], 4, true, false, 3],
       ];
-      for (const [rows, inDim, widths, kernel, withBias, half] of cases) {
+      for (const [rows, inDim, widths, kernel, withBias, half, dispatches] of cases) {
         const outDim = widths.reduce((a, b) => a + b, 0);
         const channels = widths[0];
         const x = fill(rows * inDim, rand);
@@ -631,41 +655,65 @@ Deno.test({
         const convBias = withBias ? fill(channels, rand) : null;
         const state = fill(rows * (kernel - 1) * channels, rand);
         const normWeight = fill(inDim, rand);
-        const norm = { eps: 1e-5 };
+        const eps = 1e-5;
+        const conv = { len: 1, channels, kernel, batch: rows };
 
+        const wantNormed = new Float32Array(rows * inDim);
+        js.rmsNorm(wantNormed, x, normWeight, rows, inDim, eps);
         const wantOuts = widths.map((width) => new Float32Array(rows * width));
+        js.linearSplit(wantOuts, widths, wantNormed, w, bias, rows, inDim);
         const wantConv = new Float32Array(rows * channels);
         const wantState = state.slice();
-        js.linearSplit(wantOuts, widths, x, w, bias, rows, inDim, {
-          ...norm,
-          weight: normWeight,
-        }, { out: wantConv, weight: convWeight, bias: convBias, state: wantState, kernel });
+        js.causalConv({
+          ...conv,
+          out: wantConv,
+          x: wantOuts[0],
+          weight: convWeight,
+          bias: convBias,
+          state: wantState,
+        });
 
-        const outs = widths.map((width) => gpu.zeros(rows * width));
-        const out = gpu.zeros(rows * channels);
-        const gotState = gpu.upload(state.slice());
-        gpu.linearSplit(
-          outs,
-          widths,
-          gpu.upload(x),
-          half ? gpu.uploadHalfMatrix(halfMatrixOf(w, "f16", inDim)) : gpu.upload(w, inDim),
-          gpu.upload(bias),
-          rows,
-          inDim,
-          { ...norm, weight: gpu.upload(normWeight) },
-          {
+        const uploads = {
+          x: gpu.upload(x),
+          w: half ? gpu.uploadHalfMatrix(halfMatrixOf(w, "f16", inDim)) : gpu.upload(w, inDim),
+          bias: gpu.upload(bias),
+          norm: gpu.upload(normWeight),
+          conv: gpu.upload(convWeight),
+          convBias: convBias && gpu.upload(convBias),
+        };
+        // The norm's output and in_proj's first output as scratch (the model's), then plain.
+        for (const scratch of [true, false]) {
+          const buffer = (length: number) => scratch ? gpu.scratch(length) : gpu.zeros(length);
+          const outs = widths.map((width, i) =>
+            i === 0 ? buffer(rows * width) : gpu.zeros(rows * width)
+          );
+          const normed = buffer(rows * inDim);
+          const out = gpu.zeros(rows * channels);
+          const gotState = gpu.upload(state.slice());
+          const before = gpu.dispatches;
+          gpu.rmsNorm(normed, uploads.x, uploads.norm, rows, inDim, eps);
+          gpu.linearSplit(outs, widths, normed, uploads.w, uploads.bias, rows, inDim);
+          gpu.causalConv({
+            ...conv,
             out,
-            weight: gpu.upload(convWeight),
-            bias: convBias && gpu.upload(convBias),
+            x: outs[0],
+            weight: uploads.conv,
+            bias: uploads.convBias,
             state: gotState,
-            kernel,
-          },
-        );
-        const what = `conv step after ${rows}×${inDim}→${widths}, kernel ${kernel}`;
-        close(await gpu.read(out), wantConv, 1e-4, `${what}: conv out`);
-        close(await gpu.read(gotState), wantState, 1e-6, `${what}: conv state`);
-        for (let i = 1; i < widths.length; i++) {
-          close(await gpu.read(outs[i]), wantOuts[i], 1e-4, `${what}: output ${i}`);
+          });
+          gpu.flush();
+          const what = `conv step after ${rows}×${inDim}→${widths}, kernel ${kernel}, ${
+            scratch ? "scratch" : "plain buffers"
+          }`;
+          assertEquals(gpu.dispatches - before, scratch ? dispatches : 3, `${what}: dispatches`);
+          close(await gpu.read(out), wantConv, 1e-4, `${what}: conv out`);
+          close(await gpu.read(gotState), wantState, 1e-6, `${what}: conv state`);
+          for (let i = scratch ? 1 : 0; i < widths.length; i++) {
+            close(await gpu.read(outs[i]), wantOuts[i], 1e-4, `${what}: output ${i}`);
+          }
+          if (!scratch) {
+            close(await gpu.read(normed), wantNormed, 1e-5, `${what}: the norm's output`);
+          }
         }
       }
     }),
@@ -745,31 +793,35 @@ Deno.test({
           y: new Float32Array(rows * channels),
           ssm: ssm.slice(),
         };
+        const wantNormed = new Float32Array(rows * inDim);
+        js.rmsNorm(wantNormed, x, normWeight, rows, inDim, 1e-5);
         js.linearSplit(
           [want.x, want.z],
           [channels, channels],
-          x,
+          wantNormed,
           inProj,
           null,
           rows,
           inDim,
-          { weight: normWeight, eps: 1e-5 },
-          {
-            out: want.xc,
-            weight: convWeight,
-            bias: convBias,
-            state: want.conv,
-            kernel,
-            project: { weight: xProj, outs: want.outs, widths },
-          },
         );
+        const conv = { len: 1, channels, kernel, batch: rows };
+        js.causalConv({
+          ...conv,
+          out: want.xc,
+          x: want.x,
+          weight: convWeight,
+          bias: convBias,
+          state: want.conv,
+        });
+        js.linearSplit(want.outs, widths, want.xc, xProj, null, rows, channels);
         const plain = { deltaSoftplus: true, len: 1, dim: channels, dState, batch: rows };
+        const wantDelta = new Float32Array(rows * channels);
+        js.linear(wantDelta, want.outs[0], dtProj, null, rows, rank, channels);
         js.selectiveScan({
           ...plain,
           y: want.y,
           u: want.xc,
-          delta: new Float32Array(rows * channels),
-          deltaProj: { dt: want.outs[0], weight: dtProj, rank },
+          delta: wantDelta,
           A,
           B: want.outs[1],
           C: want.outs[2],
@@ -788,55 +840,63 @@ Deno.test({
           convBias: gpu.upload(convBias),
         };
         const what = `${rows} rows, ${channels} channels, rank ${rank}, N ${dState}, ${format}`;
-        // in_proj, then `reader` with the conv state and its outputs.
+        // The norm, in_proj, the conv step and x_proj, then `reader` with what they wrote.
         const inProjStep = (
           reader: (got: {
+            normed: GpuBuffer;
+            x: GpuBuffer;
             z: GpuBuffer;
             xc: GpuBuffer;
             outs: GpuBuffer[];
             conv: GpuBuffer;
           }) => Promise<void>,
         ) => {
+          // What only the next operation reads is scratch, as the model's is.
           const got = {
+            normed: gpu.scratch(rows * inDim),
+            x: gpu.scratch(rows * channels),
             z: gpu.zeros(rows * channels),
             xc: gpu.zeros(rows * channels),
-            outs: widths.map((width) => gpu.zeros(rows * width)),
+            outs: widths.map((width) => gpu.scratch(rows * width)),
             conv: gpu.upload(convState.slice()),
           };
+          const input = gpu.upload(x);
           const before = gpu.dispatches;
+          gpu.rmsNorm(got.normed, input, weights.norm, rows, inDim, 1e-5);
           gpu.linearSplit(
-            [gpu.zeros(rows * channels), got.z],
+            [got.x, got.z],
             [channels, channels],
-            gpu.upload(x),
+            got.normed,
             weights.inProj,
             null,
             rows,
             inDim,
-            { weight: weights.norm, eps: 1e-5 },
-            {
-              out: got.xc,
-              weight: weights.conv,
-              bias: weights.convBias,
-              state: got.conv,
-              kernel,
-              project: { weight: weights.xProj, outs: got.outs, widths },
-            },
           );
-          assertEquals(gpu.dispatches - before, 1, `${what}: x_proj is part of in_proj's GEMV`);
+          gpu.causalConv({
+            ...conv,
+            out: got.xc,
+            x: got.x,
+            weight: weights.conv,
+            bias: weights.convBias,
+            state: got.conv,
+          });
+          gpu.linearSplit(got.outs, widths, got.xc, weights.xProj, null, rows, channels);
+          assertEquals(gpu.dispatches - before, 1, `${what}: one GEMV for the four`);
           return reader(got);
         };
 
-        // The decode step's scan takes the shares as they are.
+        // The decode step's scan takes the shares as they are, and dt_proj.
         await inProjStep(async (got) => {
           const y = gpu.zeros(rows * channels);
           const state = gpu.upload(ssm.slice());
+          const delta = gpu.scratch(rows * channels);
           const before = gpu.dispatches;
+          gpu.linear(delta, got.outs[0], weights.dtProj, null, rows, rank, channels);
           gpu.selectiveScan({
             ...plain,
             y,
             u: got.xc,
-            delta: gpu.zeros(rows * channels),
-            deltaProj: { dt: got.outs[0], weight: weights.dtProj, rank },
+            delta,
             A: gpu.upload(A),
             B: got.outs[1],
             C: got.outs[2],
@@ -854,6 +914,7 @@ Deno.test({
           close(await gpu.read(got.conv), want.conv, 1e-6, `${what}: conv state`);
           close(await gpu.read(y), want.y, 1e-4, `${what}: y`);
           close(await gpu.read(state), want.ssm, 1e-4, `${what}: state`);
+          close(await gpu.read(got.z), want.z, 1e-4, `${what}: in_proj's z`);
         });
 
         // Anything else reads dt, B and C with the shares added up.
@@ -916,7 +977,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: a gated RMSNorm of one group folds into the GEMV that reads it (Mamba-2's out_proj); otherwise it runs on its own",
+    "webgpu: a gated RMSNorm of one group into scratch folds into the GEMV that reads it (Mamba-2's out_proj); otherwise it runs on its own",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
@@ -936,27 +997,26 @@ Deno.test({
         const want = hidden.slice();
         js.linear(want, wantNormed, w, null, rows, dim, outDim, true);
 
-        const normed = gpu.zeros(rows * dim);
-        const args = {
-          ...norm,
-          out: normed,
-          x: gpu.upload(x),
-          gate: gpu.upload(gate),
-          weight: gpu.upload(weight),
-        };
-        const got = gpu.upload(hidden);
         const wb = gpu.upload(w);
-        const before = gpu.dispatches;
-        gpu.gatedRmsNorm(args);
-        gpu.linear(got, normed, wb, null, rows, dim, outDim, true);
-        await gpu.sync();
-        const folds = groups === 1 && rows <= 2;
-        assertEquals(gpu.dispatches - before, folds ? 1 : 2, `${what}: dispatches`);
-        close(await gpu.read(got), want, 1e-4, `${what}: out_proj`);
+        const inputs = { x: gpu.upload(x), gate: gpu.upload(gate), weight: gpu.upload(weight) };
+        // Into scratch the norm folds where it can; into any other buffer it is written.
+        for (const out of [gpu.scratch(rows * dim), gpu.zeros(rows * dim)]) {
+          const args = { ...norm, ...inputs, out };
+          const got = gpu.upload(hidden);
+          const before = gpu.dispatches;
+          gpu.gatedRmsNorm(args);
+          gpu.linear(got, out, wb, null, rows, dim, outDim, true);
+          await gpu.sync();
+          const folds = out.transient && groups === 1 && rows <= 2;
+          const where = `${what}, ${out.transient ? "scratch" : "a plain buffer"}`;
+          assertEquals(gpu.dispatches - before, folds ? 1 : 2, `${where}: dispatches`);
+          close(await gpu.read(got), want, 1e-4, `${where}: out_proj`);
+          if (!out.transient) close(await gpu.read(out), wantNormed, 1e-5, `${where}: the norm`);
 
-        // Any other reader gets the norm run first.
-        gpu.gatedRmsNorm(args);
-        close(await gpu.read(normed), wantNormed, 1e-5, `${what}: the norm read back`);
+          // Any other reader gets the norm run first.
+          gpu.gatedRmsNorm(args);
+          close(await gpu.read(out), wantNormed, 1e-5, `${where}: the norm read back`);
+        }
       }
     }),
 });

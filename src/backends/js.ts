@@ -11,15 +11,11 @@ import {
   type ChooseArgs,
   type ConvArgs,
   convEachSequence,
-  type ConvStep,
-  convStepAfter,
   type CopyRowsArgs,
   type GatedNormArgs,
   type OptionalOp,
-  projectDelta,
   type Recording,
   type RowIndex,
-  type RowNorm,
   type ScanArgs,
   scanEachSequence,
   type SsdArgs,
@@ -75,6 +71,10 @@ export class JsBackend implements Backend<Float32Array> {
 
   zeros(length: number): Float32Array {
     return new Float32Array(length);
+  }
+
+  scratch(length: number): Float32Array {
+    return this.zeros(length);
   }
 
   write(buf: Float32Array, data: Float32Array, offset = 0): void {
@@ -185,14 +185,7 @@ export class JsBackend implements Backend<Float32Array> {
     bias: Float32Array | null,
     rows: number,
     inDim: number,
-    norm?: RowNorm<Float32Array>,
-    conv?: ConvStep<Float32Array>,
   ): void {
-    if (norm) {
-      const normed = new Float32Array(rows * inDim);
-      this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
-      x = normed;
-    }
     let first = 0;
     outs.forEach((out, i) => {
       const end = first + widths[i];
@@ -200,7 +193,6 @@ export class JsBackend implements Backend<Float32Array> {
       this.linear(out, x, part, bias?.subarray(first, end) ?? null, rows, inDim, widths[i]);
       first = end;
     });
-    if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
   }
 
   addInPlace(acc: Float32Array, x: Float32Array, length: number): void {
@@ -235,8 +227,7 @@ export class JsBackend implements Backend<Float32Array> {
     state.set(next);
   }
 
-  selectiveScan(scanArgs: ScanArgs<Float32Array>): void {
-    const args = projectDelta(this, scanArgs);
+  selectiveScan(args: ScanArgs<Float32Array>): void {
     const batch = args.batch ?? 1;
     if (batch > 1 || args.slots) {
       const rows = stateRows(args.slots, batch, args.state.length / (args.dim * args.dState));

@@ -31,14 +31,10 @@ import {
   type ChooseArgs,
   type ConvArgs,
   convEachSequence,
-  type ConvStep,
-  convStepAfter,
   type CopyRowsArgs,
   type GatedNormArgs,
   type OptionalOp,
-  projectDelta,
   type Recording,
-  type RowNorm,
   type ScanArgs,
   scanEachSequence,
   type SsdArgs,
@@ -267,7 +263,7 @@ function packBlocks(
 }
 
 /** What the wasm backend keeps a scratch buffer for. */
-type ScratchPurpose = "linear" | "norm" | "conv" | "scan" | "ssd" | "dequant" | "split";
+type ScratchPurpose = "linear" | "conv" | "scan" | "ssd" | "dequant" | "split";
 
 /**
  * A view of `length` floats of `buf` from `offset` (never released on its
@@ -952,6 +948,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return buf;
   }
 
+  scratch(length: number): WasmBuffer {
+    return this.zeros(length);
+  }
+
   write(buf: WasmBuffer, data: Float32Array, offset = 0): void {
     checkRange(buf, offset, data.length);
     this.#view().set(data, (buf.ptr >>> 2) + offset);
@@ -1171,14 +1171,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     bias: WasmBuffer | null,
     rows: number,
     inDim: number,
-    norm?: RowNorm<WasmBuffer>,
-    conv?: ConvStep<WasmBuffer>,
   ): void {
-    if (norm) {
-      const normed = this.#scratch("norm", rows * inDim);
-      this.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
-      x = normed;
-    }
     const starts = widths.map((_, i) => widths.slice(0, i).reduce((a, b) => a + b, 0));
     if (
       weight instanceof WasmQuantMatrix && inQuads(weight.type) &&
@@ -1196,7 +1189,6 @@ export class WasmBackend implements Backend<WasmBuffer> {
           heap.copyWithin((out.ptr >>> 2) + r * widths[i], from, from + widths[i]);
         }
       });
-      if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
       return;
     }
     // Each output's rows of the weight (and bias) are a view: no copy.
@@ -1215,7 +1207,6 @@ export class WasmBackend implements Backend<WasmBuffer> {
       );
       first += widths[i];
     });
-    if (conv) convStepAfter(this, outs[0], rows, widths[0], conv);
   }
 
   /** Row `row` of a stored matrix into `out` (its `cols` floats, in this memory), as f32. */
@@ -1370,8 +1361,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     this.#kernels.gatedRmsNorm(...operands, eps, 0, rows);
   }
 
-  selectiveScan(scanArgs: ScanArgs<WasmBuffer>): void {
-    const args = projectDelta(this, scanArgs);
+  selectiveScan(args: ScanArgs<WasmBuffer>): void {
     const batch = args.batch ?? 1;
     if (args.len === 1 && args.dim % 4 === 0 && args.dState % 4 === 0) return this.#scanStep(args);
     if (batch > 1 || args.slots) {

@@ -27,11 +27,9 @@ import type {
   Backend,
   ChooseArgs,
   ConvArgs,
-  ConvStep,
   CopyRowsArgs,
   GatedNormArgs,
   OptionalOp,
-  RowNorm,
   ScanArgs,
   SsdArgs,
 } from "../../backend.ts";
@@ -40,7 +38,7 @@ import { causalConv } from "./conv.ts";
 import { LinearKernels } from "./linear.ts";
 import { type GpuBuffer, GpuMemory } from "./memory.ts";
 import { type GpuRecording, GpuRuntime, type KernelTimes } from "./runtime.ts";
-import { addInPlace, copyRows, embed, rmsNorm } from "./rows.ts";
+import { addInPlace, copyRows, embed } from "./rows.ts";
 import { chooseTokens } from "./sample.ts";
 import { ScanKernels, type ScanOptions } from "./scan.ts";
 import { SsdKernels, type SsdOptions } from "./ssd.ts";
@@ -106,8 +104,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     this.adapterInfo = adapterInfo;
     this.#memory = new GpuMemory(device, options.splitMatricesOver);
     this.#rt = new GpuRuntime(device, this.#memory, options.profile);
-    this.#linear = new LinearKernels(this.#rt, this);
-    this.#scan = new ScanKernels(this.#rt, this, this.#linear, options);
+    this.#linear = new LinearKernels(this.#rt);
+    this.#scan = new ScanKernels(this.#rt, this.#linear, options);
     try {
       this.#ssd = new SsdKernels(this.#rt, options);
     } catch (error) {
@@ -210,6 +208,13 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     return this.#rt.zeros(length);
   }
 
+  /** A zeroed buffer that a fused kernel may leave unwritten (see {@link GpuBuffer.transient}). */
+  scratch(length: number): GpuBuffer {
+    const buf = this.#rt.zeros(length);
+    buf.transient = true;
+    return buf;
+  }
+
   write(buf: GpuBuffer, data: Float32Array, offset = 0): void {
     this.#rt.write(buf, data, offset);
   }
@@ -250,7 +255,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     dim: number,
     eps: number,
   ): void {
-    rmsNorm(this.#rt, out, x, weight, rows, dim, eps);
+    this.#linear.rmsNorm(out, x, weight, rows, dim, eps);
   }
 
   linear(
@@ -263,7 +268,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     outDim: number,
     accumulate = false,
   ): void {
-    this.#linear.linear([out], [outDim], x, weight, bias, rows, inDim, accumulate);
+    this.#linear.product(out, x, weight, bias, rows, inDim, outDim, accumulate);
   }
 
   linearSplit(
@@ -274,10 +279,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     bias: GpuBuffer | null,
     rows: number,
     inDim: number,
-    norm?: RowNorm<GpuBuffer>,
-    conv?: ConvStep<GpuBuffer>,
   ): void {
-    this.#linear.linear(outs, widths, x, weight, bias, rows, inDim, false, norm, conv);
+    this.#linear.linear(outs, widths, x, weight, bias, rows, inDim, false);
   }
 
   addInPlace(acc: GpuBuffer, x: GpuBuffer, length: number): void {
@@ -285,7 +288,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   }
 
   causalConv(args: ConvArgs<GpuBuffer>): void {
-    causalConv(this.#rt, args);
+    this.#linear.causalConv(args, () => causalConv(this.#rt, args));
   }
 
   selectiveScan(args: ScanArgs<GpuBuffer>): void {

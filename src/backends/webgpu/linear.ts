@@ -5,24 +5,19 @@
  * of its input, the conv step of its first output and the x_proj of the
  * conv's outputs, whose shares the scan step adds up itself
  * ({@link LinearKernels.takeShares}) or {@link LinearKernels.settle} adds
- * up for any other reader; and a gated RMSNorm of one group before it
+ * up for any other reader; a gated RMSNorm of one group before it
  * (Mamba-2's before out_proj), held back until the GEMV reads its output
- * ({@link LinearKernels.deferGatedNorm}).
+ * ({@link LinearKernels.deferGatedNorm}); and a product that a decode step's
+ * scan folds in (dt_proj, {@link LinearKernels.product}).
  *
  * @module
  */
 
-import {
-  type Backend,
-  type ConvStep,
-  convStepAfter,
-  type GatedNormArgs,
-  projectAfterConv,
-  type RowNorm,
-} from "../../backend.ts";
+import type { ConvArgs, GatedNormArgs } from "../../backend.ts";
 import type { LinearIoParams, ProjectSumParams } from "../../generated/wgsl_params.ts";
 import { type GpuBuffer, isBlockFormat, type WeightFormat } from "./memory.ts";
 import { grid, Program } from "./program.ts";
+import { rmsNorm } from "./rows.ts";
 import type { GpuRuntime } from "./runtime.ts";
 
 /** Rows up to which a product is a GEMV (gemv.wgsl for inputs whose width is not a multiple of 4). */
@@ -221,29 +216,117 @@ export interface PendingShares {
 }
 
 /** A gated RMSNorm held back, and how to run it on its own. */
-interface PendingNorm {
+interface PendingGatedNorm {
   args: GatedNormArgs<GpuBuffer>;
   run: () => void;
 }
 
-/** See the module documentation. */
+/** An RMSNorm out [rows, dim] of x held back, for the GEMV that reads `out` to fold in. */
+interface PendingNorm {
+  out: GpuBuffer;
+  x: GpuBuffer;
+  weight: GpuBuffer;
+  rows: number;
+  dim: number;
+  eps: number;
+}
+
+/**
+ * A GEMV with several outputs held back (a decode step's in_proj), for the
+ * conv step of its first output and that conv's projection to fold in.
+ */
+interface PendingGemv {
+  outs: readonly GpuBuffer[];
+  widths: readonly number[];
+  x: GpuBuffer;
+  weight: GpuBuffer;
+  bias: GpuBuffer | null;
+  rows: number;
+  inDim: number;
+  norm: PendingNorm | null;
+  conv: ConvArgs<GpuBuffer> | null;
+}
+
+/** A projection of a folded conv step's outputs (x_proj), folded in too. */
+interface FoldedProjection {
+  weight: GpuBuffer;
+  outs: readonly GpuBuffer[];
+  widths: readonly number[];
+}
+
+/** What one dispatch of {@link LinearKernels} folds in. */
+interface Folds {
+  /** A norm of x, its output written too. */
+  norm?: PendingNorm | null;
+  /** A gated norm of x, its output written too. */
+  gated?: GatedNormArgs<GpuBuffer> | null;
+  /** A conv step of the first output (whose values are written too). */
+  conv?: ConvArgs<GpuBuffer> | null;
+  /** x_proj of the conv's outputs, left as shares. */
+  project?: FoldedProjection | null;
+}
+
+/**
+ * A plain product out [rows, outDim] = x [rows, inDim] · weightᵀ held back:
+ * a decode step's scan folds it in (dt_proj), computing delta itself.
+ */
+export interface PendingProduct {
+  out: GpuBuffer;
+  x: GpuBuffer;
+  weight: GpuBuffer;
+  rows: number;
+  inDim: number;
+  outDim: number;
+}
+
+/**
+ * See the module documentation. What is held back is issued later, in the
+ * order it came, either inside the kernel that reads it or on its own before
+ * any other work ({@link settle}). An operation folds into the next one only
+ * where its output is scratch (`GpuBuffer.transient`): the fused kernel
+ * leaves that output unwritten.
+ */
 export class LinearKernels {
   /** A folded x_proj whose shares (gemv4's projParts) are not added up yet. */
   #pending: PendingShares | null = null;
   /** A gated RMSNorm that the next GEMV reading its output may fold in. */
+  #pendingGatedNorm: PendingGatedNorm | null = null;
+  /** An RMSNorm that the next GEMV reading its output may fold in. */
   #pendingNorm: PendingNorm | null = null;
+  /** A GEMV that the conv step of its first output may fold into. */
+  #pendingGemv: PendingGemv | null = null;
+  /** A product without bias that the next scan may fold in (see {@link LinearKernels.product}). */
+  #pendingProduct: PendingProduct | null = null;
+  /** Whether {@link settle} is running what was held back. */
+  #settling = false;
 
-  constructor(
-    readonly rt: GpuRuntime,
-    /** The backend, for the operations that run on their own where nothing folds them in. */
-    readonly backend: Backend<GpuBuffer>,
-  ) {}
+  constructor(readonly rt: GpuRuntime) {}
 
   /**
-   * outs get consecutive column blocks of `widths`; a weight split by rows
-   * runs one dispatch per part, each writing its columns wherever they go.
-   * The GEMV applies a norm and a conv step itself; with the other kernels
-   * they run as operations of their own.
+   * Backend.rmsNorm: held back where a GEMV may fold it in (rows of whole
+   * vec4s, up to GEMV4_MAX_ROWS rows, not in place).
+   */
+  rmsNorm(
+    out: GpuBuffer,
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    rows: number,
+    dim: number,
+    eps: number,
+  ): void {
+    this.settle(); // whatever was held back runs first
+    if (dim % 4 !== 0 || rows > GEMV4_MAX_ROWS || out === x) {
+      return rmsNorm(this.rt, out, x, weight, rows, dim, eps);
+    }
+    this.#pendingNorm = { out, x, weight, rows, dim, eps };
+  }
+
+  /**
+   * Backend.linearSplit: outs get consecutive column blocks of `widths`; a
+   * weight split by rows runs one dispatch per part, each writing its
+   * columns wherever they go. A GEMV folds in a held-back norm of x, and is
+   * held back itself (unless it accumulates), for a conv step of its first
+   * output and then the conv's projection to fold in.
    */
   linear(
     outs: readonly GpuBuffer[],
@@ -254,39 +337,72 @@ export class LinearKernels {
     rows: number,
     inDim: number,
     accumulate: boolean,
-    norm?: RowNorm<GpuBuffer>,
-    conv?: ConvStep<GpuBuffer>,
   ): void {
     if (outs.length > LINEAR_MAX_OUTPUTS) {
       throw new RangeError(`linearSplit takes up to ${LINEAR_MAX_OUTPUTS} outputs`);
     }
+    const held = this.#pendingGemv;
+    if (
+      held?.conv && this.#foldsProjection(held, x, weight, outs, widths, bias, rows, accumulate)
+    ) {
+      this.#pendingGemv = null;
+      return this.#runGemv(held, { weight, outs, widths });
+    }
+    const program = linearProgram(rows, inDim, columnSplits(widths).total, weight.format);
+    const gemv4 = program.shader === "gemv4";
+    const norm = gemv4 ? this.#takeNorm(x, rows, inDim, outs) : null;
+    const gated = gemv4 && !norm ? this.#takeGatedNorm(x, rows, inDim) : null;
+    if (gemv4 && !gated && !accumulate) {
+      this.settle(); // what came before the norm, if anything
+      this.#pendingGemv = { outs, widths, x, weight, bias, rows, inDim, norm, conv: null };
+      return;
+    }
+    this.#dispatch(outs, widths, x, weight, bias, rows, inDim, accumulate, { norm, gated });
+  }
+
+  /**
+   * Backend.causalConv: a decode step's conv of a held-back GEMV's first
+   * output folds into it; anything else runs (`run`) after what is held.
+   */
+  causalConv(args: ConvArgs<GpuBuffer>, run: () => void): void {
+    const held = this.#pendingGemv;
+    const { x, len, channels, batch = 1 } = args;
+    if (
+      held && !held.conv && len === 1 && x === held.outs[0] && x.transient &&
+      batch === held.rows && channels === held.widths[0] && !held.outs.includes(args.out)
+    ) {
+      held.conv = args;
+      return;
+    }
+    run();
+  }
+
+  /** Dispatches a held-back GEMV with what folded into it. */
+  #runGemv(held: PendingGemv, project: FoldedProjection | null): void {
+    const { outs, widths, x, weight, bias, rows, inDim, norm, conv } = held;
+    this.#dispatch(outs, widths, x, weight, bias, rows, inDim, false, { norm, conv, project });
+  }
+
+  /** The linear kernels for `folds`, dispatched now. */
+  #dispatch(
+    outs: readonly GpuBuffer[],
+    widths: readonly number[],
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+    accumulate: boolean,
+    { norm, gated, conv, project }: Folds,
+  ): void {
     const { rt } = this;
     const { absent, unused } = rt.memory;
     const { total: outDim, split1, split2 } = columnSplits(widths);
-    let program = linearProgram(rows, inDim, outDim, weight.format);
-    // A held-back gated norm of x, folded in (its output is then never written).
-    const gated = !norm && !conv && program.shader === "gemv4"
-      ? this.#takeGatedNorm(x, rows, inDim)
-      : null;
-    if (gated) {
-      x = gated.x;
-      program = linearProgram(rows, inDim, outDim, weight.format, "gate");
-    }
-    const fusedNorm = gated
-      ? { weight: gated.weight, eps: gated.eps }
-      : norm && program.shader === "gemv4"
-      ? norm
-      : null;
-    const fusedConv = conv && program.shader === "gemv4" ? conv : null;
-    const project = fusedConv && this.#foldsProjection(program, weight, widths, fusedConv, rows)
-      ? fusedConv.project!
-      : null;
-    if (project) program = linearProgram(rows, inDim, outDim, weight.format, "project");
-    if (norm && !fusedNorm) {
-      const normed = rt.memory.lasting("normed", rows * inDim);
-      this.backend.rmsNorm(normed, x, norm.weight, rows, inDim, norm.eps);
-      x = normed;
-    }
+    const fold = project ? "project" : gated ? "gate" : null;
+    const program = linearProgram(rows, inDim, outDim, weight.format, fold);
+    const normWeight = norm?.weight ?? gated?.weight ?? null;
+    // A folded norm's input is the GEMV's (its output is left unwritten).
+    x = gated?.x ?? norm?.x ?? x;
     const [input, done] = rt.unaliased(x, rows * inDim, ...outs, ...(conv ? [conv.out] : []));
     const projWidth = project ? columnSplits(project.widths).total : 0;
     // Shares of x_proj: one per block of 256 / LANES conv outputs, per row.
@@ -301,16 +417,16 @@ export class LinearKernels {
         1: input,
         2: part.buffer,
         3: bias?.buffer ?? absent,
-        4: (fusedConv?.out ?? outs[0]).buffer,
+        4: (conv?.out ?? outs[0]).buffer,
         5: outs[1]?.buffer ?? unused[0],
         6: outs[2]?.buffer ?? unused[1],
-        7: fusedNorm?.weight.buffer ?? absent,
-        8: fusedConv?.weight.buffer ?? absent,
-        9: fusedConv?.bias?.buffer ?? absent,
-        10: fusedConv?.state.buffer ?? unused[2],
+        7: normWeight?.buffer ?? absent,
+        8: conv?.weight.buffer ?? absent,
+        9: conv?.bias?.buffer ?? absent,
+        10: conv?.state.buffer ?? unused[2],
         11: project?.weight.buffer ?? absent,
         12: parts?.buffer ?? unused[3],
-        13: fusedConv?.slots?.buffer ?? absent,
+        13: conv?.slots?.buffer ?? absent,
         15: gated?.gate.buffer ?? absent,
       };
       const params: LinearIoParams = {
@@ -323,13 +439,13 @@ export class LinearKernels {
         split1,
         split2,
         accumulate: accumulate ? 1 : 0,
-        hasNorm: fusedNorm ? 1 : 0,
-        convKernel: fusedConv?.kernel ?? 0,
-        convHasBias: fusedConv?.bias ? 1 : 0,
+        hasNorm: normWeight ? 1 : 0,
+        convKernel: conv?.kernel ?? 0,
+        convHasBias: conv?.bias ? 1 : 0,
         projWidth,
         projFormat: project ? PROJ_FORMATS[project.weight.format] : 0,
-        convSlots: fusedConv?.slots ? 1 : 0,
-        normEps: fusedNorm?.eps ?? 0,
+        convSlots: conv?.slots ? 1 : 0,
+        normEps: norm?.eps ?? gated?.eps ?? 0,
       };
       const kParts = program.constants.KPARTS ?? 1;
       if (kParts === 1) {
@@ -347,12 +463,44 @@ export class LinearKernels {
       rt.run(matmulSumProgram(kParts), params, withPartial, sumGroups);
     }
     done();
-    if (conv && !fusedConv) convStepAfter(this.backend, outs[0], rows, widths[0], conv);
-    else if (conv && !project) projectAfterConv(this.backend, rows, widths[0], conv);
     if (project && parts) {
       const { outs, widths } = project;
       this.#pending = { outs, widths, rows, blocks, parts };
     }
+  }
+
+  /**
+   * Backend.linear: a product without bias or accumulation, of an unsplit
+   * weight, is held back, as a decode step's scan folds it in (dt_proj,
+   * {@link takeProduct}); anything else that runs first runs it on its own.
+   */
+  product(
+    out: GpuBuffer,
+    x: GpuBuffer,
+    weight: GpuBuffer,
+    bias: GpuBuffer | null,
+    rows: number,
+    inDim: number,
+    outDim: number,
+    accumulate: boolean,
+  ): void {
+    // A product of a held-back norm's output takes the GEMV that folds it in.
+    const normed = this.#pendingNorm?.out === x || this.#pendingGatedNorm?.args.out === x;
+    if (bias || accumulate || weight.parts.length > 0 || normed) {
+      return this.linear([out], [outDim], x, weight, bias, rows, inDim, accumulate);
+    }
+    // What came before runs first, but for x_proj's shares: the scan that
+    // takes this product takes them too.
+    this.settle(true);
+    this.#pendingProduct = { out, x, weight, rows, inDim, outDim };
+  }
+
+  /** The held-back product whose output is `out` (rows × outDim), taken; else null. */
+  takeProduct(out: GpuBuffer, rows: number): PendingProduct | null {
+    const pending = this.#pendingProduct;
+    if (!pending || pending.out !== out || !out.transient || pending.rows !== rows) return null;
+    this.#pendingProduct = null;
+    return pending;
   }
 
   /**
@@ -381,34 +529,76 @@ export class LinearKernels {
    */
   deferGatedNorm(args: GatedNormArgs<GpuBuffer>, run: () => void): void {
     const { rows, dim, groupSize } = args;
-    if (groupSize !== dim || dim % 4 !== 0 || rows > GATED_FOLD_MAX_ROWS) return run();
+    if (!args.out.transient || groupSize !== dim || dim % 4 !== 0 || rows > GATED_FOLD_MAX_ROWS) {
+      return run();
+    }
     this.settle(); // whatever was pending runs first
-    this.#pendingNorm = { args, run };
+    this.#pendingGatedNorm = { args, run };
   }
 
   /** The held-back gated norm whose output is `x` (rows × dim), taken; else null. */
   #takeGatedNorm(x: GpuBuffer, rows: number, dim: number): GatedNormArgs<GpuBuffer> | null {
-    const args = this.#pendingNorm?.args;
+    const args = this.#pendingGatedNorm?.args;
     if (!args || args.out !== x || args.rows !== rows || args.dim !== dim) return null;
-    this.#pendingNorm = null;
+    this.#pendingGatedNorm = null;
     return args;
   }
 
-  /**
-   * Runs what is held back: the gated norm, and the adding up of a folded
-   * x_proj's shares into its outputs: before anything but the GEMV or the
-   * decode step's scan could read them, and before the shares are overwritten.
-   */
-  settle(): void {
+  /** The held-back norm whose output is `x` (rows × dim), taken, unless it is one of `outs`; else null. */
+  #takeNorm(
+    x: GpuBuffer,
+    rows: number,
+    dim: number,
+    outs: readonly GpuBuffer[],
+  ): PendingNorm | null {
     const norm = this.#pendingNorm;
-    if (norm) {
-      this.#pendingNorm = null;
-      norm.run();
+    if (!norm || norm.out !== x || !x.transient || norm.rows !== rows || norm.dim !== dim) {
+      return null;
     }
-    const pending = this.#pending;
-    if (!pending) return;
-    this.#pending = null;
-    const { outs, widths, rows, blocks, parts } = pending;
+    if (outs.includes(norm.out) || outs.includes(norm.x)) return null;
+    this.#pendingNorm = null;
+    return norm;
+  }
+
+  /**
+   * Runs what is held back, in the order it was issued: the norms, the GEMV
+   * with what folded into it, the adding up of a folded x_proj's shares into
+   * its outputs (unless `keepShares`), and a product; before anything but
+   * the kernel folding them in could read their outputs, and before the
+   * shares are overwritten.
+   */
+  settle(keepShares = false): void {
+    // The work run here calls back (the runtime's beforeWork): everything is
+    // taken first, so that it runs once and in order.
+    if (this.#settling) return;
+    const gated = this.#pendingGatedNorm;
+    const norm = this.#pendingNorm;
+    const gemv = this.#pendingGemv;
+    const shares = keepShares ? null : this.#pending;
+    const product = this.#pendingProduct;
+    this.#pendingGatedNorm =
+      this.#pendingNorm =
+      this.#pendingGemv =
+      this.#pendingProduct =
+        null;
+    if (shares) this.#pending = null;
+    this.#settling = true;
+    try {
+      gated?.run();
+      if (norm) rmsNorm(this.rt, norm.out, norm.x, norm.weight, norm.rows, norm.dim, norm.eps);
+      if (gemv) this.#runGemv(gemv, null);
+      if (shares) this.#sumShares(shares);
+      if (product) {
+        const { out, x, weight, rows, inDim, outDim } = product;
+        this.#dispatch([out], [outDim], x, weight, null, rows, inDim, false, {});
+      }
+    } finally {
+      this.#settling = false;
+    }
+  }
+
+  /** Adds up the shares of a folded x_proj into its outputs (project_sum.wgsl). */
+  #sumShares({ outs, widths, rows, blocks, parts }: PendingShares): void {
     const { total: width, split1, split2 } = columnSplits(widths);
     const { unused } = this.rt.memory;
     const bindings = {
@@ -422,28 +612,37 @@ export class LinearKernels {
   }
 
   /**
-   * Whether gemv4 `program` folds in the projection of `conv` for `rows`
+   * Whether the held-back GEMV `held` (with a conv step) folds in the
+   * projection of the conv's outputs x by `weight` into `widths` for `rows`
    * rows: up to GEMV_MAX_ROWS (on the H100, batch-16 decoding measured no
    * faster with it: its 8-lane GEMV leaves 32 conv outputs to each
-   * projectBlock thread), one unsplit weight each, up to three outputs of
-   * MAX_FUSED_PROJECTION columns in all, and whole blocks of conv outputs a
-   * multiple of 4 wide (projectBlock reads the weights four at a time,
-   * 16-byte aligned; a quad never straddles two quantized blocks, as rows
-   * and blocks of conv outputs are whole quads).
+   * projectBlock thread), no bias, one unsplit weight each, up to three
+   * outputs of MAX_FUSED_PROJECTION columns in all, and whole blocks of conv
+   * outputs a multiple of 4 wide (projectBlock reads the weights four at a
+   * time, 16-byte aligned; a quad never straddles two quantized blocks, as
+   * rows and blocks of conv outputs are whole quads).
    */
   #foldsProjection(
-    program: Program,
+    held: PendingGemv,
+    x: GpuBuffer,
     weight: GpuBuffer,
+    outs: readonly GpuBuffer[],
     widths: readonly number[],
-    conv: ConvStep<GpuBuffer>,
+    bias: GpuBuffer | null,
     rows: number,
+    accumulate: boolean,
   ): boolean {
-    const project = conv.project;
-    if (!project || rows > GEMV_MAX_ROWS) return false;
-    if (weight.parts.length > 0 || project.weight.parts.length > 0) return false;
+    if (x !== held.conv?.out || bias || accumulate || rows !== held.rows) return false;
+    // The scan that takes the shares leaves the outputs unwritten.
+    if (!outs.every((out) => out.transient)) return false;
+    if (rows > GEMV_MAX_ROWS || held.weight.parts.length > 0 || weight.parts.length > 0) {
+      return false;
+    }
+    const { total: outDim } = columnSplits(held.widths);
+    const program = linearProgram(rows, held.inDim, outDim, held.weight.format, "project");
     const perGroup = 256 / program.constants.LANES;
-    const width = columnSplits(project.widths).total;
-    return project.outs.length <= LINEAR_MAX_OUTPUTS && width <= MAX_FUSED_PROJECTION &&
-      perGroup % 4 === 0 && widths.length > 1 && widths[0] % perGroup === 0;
+    return widths.length <= LINEAR_MAX_OUTPUTS &&
+      columnSplits(widths).total <= MAX_FUSED_PROJECTION && perGroup % 4 === 0 &&
+      held.widths.length > 1 && held.widths[0] % perGroup === 0;
   }
 }

@@ -78,6 +78,12 @@ function packBlocks(matrix: QuantizedMatrix): Uint32Array<ArrayBuffer> {
 /** A float32 buffer on the GPU, or a weight matrix in a packed format. */
 export class GpuBuffer {
   readonly #buffer: GPUBuffer | null;
+  /**
+   * Whether the buffer holds an intermediate result that only the next
+   * operation reads (Backend.scratch): an operation writing it may then fold
+   * into that reader and leave it unwritten.
+   */
+  transient = false;
 
   constructor(
     /** The underlying buffer (possibly larger than `length` floats); null when split. */

@@ -325,7 +325,9 @@ export class GpuRuntime {
    * nothing: what is captured is submitted where it is replayed.
    */
   flush(): void {
-    if (this.#capturing || !this.#encoder) return;
+    if (this.#capturing) return;
+    this.beforeWork();
+    if (!this.#encoder) return;
     if (this.#pass) {
       this.#pass.end();
       this.#pass = null;

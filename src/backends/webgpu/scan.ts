@@ -8,7 +8,7 @@
  * @module
  */
 
-import { type Backend, projectDelta, type ScanArgs } from "../../backend.ts";
+import type { ScanArgs } from "../../backend.ts";
 import type { ScanDoubleFloatParams, ScanParams } from "../../generated/wgsl_params.ts";
 import type { LinearKernels } from "./linear.ts";
 import { byteSize, type GpuBuffer, type WeightFormat } from "./memory.ts";
@@ -107,26 +107,22 @@ export type ScanPrecision = "float32" | "double-float";
 export class ScanKernels {
   constructor(
     readonly rt: GpuRuntime,
-    /** The backend, for dt_proj where the scan does not fold it in. */
-    readonly backend: Backend<GpuBuffer>,
     readonly linear: LinearKernels,
     readonly options: ScanOptions,
   ) {}
 
   /** Backend.selectiveScan. */
-  selectiveScan(scanArgs: ScanArgs<GpuBuffer>): void {
-    if ((scanArgs.batch ?? 1) === 0 || scanArgs.len === 0) return;
+  selectiveScan(args: ScanArgs<GpuBuffer>): void {
+    if ((args.batch ?? 1) === 0 || args.len === 0) return;
     const { rt } = this;
-    if (this.options.scanPrecision === "double-float") {
-      return this.#scanDoubleFloat(projectDelta(this.backend, scanArgs));
-    }
-    // A decode step folds dt_proj into the scan; longer scans take it as a matmul.
-    const projection = scanArgs.len === 1 && scanArgs.deltaProj?.weight.parts.length === 0
-      ? scanArgs.deltaProj
-      : undefined;
-    const args = projection ? scanArgs : projectDelta(this.backend, scanArgs);
+    if (this.options.scanPrecision === "double-float") return this.#scanDoubleFloat(args);
     const { delta, B, C, len, dim, dState } = args;
     const batch = args.batch ?? 1;
+    // A decode step computes delta itself from dt and dt_proj, where the
+    // product that makes it is held back and delta is scratch; longer scans
+    // read it, the product run first.
+    const product = len === 1 ? this.linear.takeProduct(delta, batch) : null;
+    const projection = product && { dt: product.x, weight: product.weight, rank: product.inDim };
     // dt, B and C as the shares of an x_proj that in_proj's GEMV folded in.
     const shares = projection
       ? this.linear.takeShares([projection.dt, B, C], [projection.rank, dState, dState], batch)
