@@ -231,11 +231,8 @@ interface PendingNorm {
   eps: number;
 }
 
-/**
- * A GEMV with several outputs held back (a decode step's in_proj), for the
- * conv step of its first output and that conv's projection to fold in.
- */
-interface PendingGemv {
+/** The arguments of one linear: outs [rows, widths[i]] = x [rows, inDim] · weightᵀ + bias. */
+interface LinearCall {
   outs: readonly GpuBuffer[];
   widths: readonly number[];
   x: GpuBuffer;
@@ -243,6 +240,14 @@ interface PendingGemv {
   bias: GpuBuffer | null;
   rows: number;
   inDim: number;
+  accumulate: boolean;
+}
+
+/**
+ * A GEMV held back (a decode step's in_proj), for the conv step of its
+ * first output and that conv's projection to fold in.
+ */
+interface PendingGemv extends LinearCall {
   norm: PendingNorm | null;
   conv: ConvArgs<GpuBuffer> | null;
 }
@@ -354,10 +359,21 @@ export class LinearKernels {
     const gated = gemv4 && !norm ? this.#takeGatedNorm(x, rows, inDim) : null;
     if (gemv4 && !gated && !accumulate) {
       this.settle(); // what came before the norm, if anything
-      this.#pendingGemv = { outs, widths, x, weight, bias, rows, inDim, norm, conv: null };
+      this.#pendingGemv = {
+        outs,
+        widths,
+        x,
+        weight,
+        bias,
+        rows,
+        inDim,
+        accumulate,
+        norm,
+        conv: null,
+      };
       return;
     }
-    this.#dispatch(outs, widths, x, weight, bias, rows, inDim, accumulate, { norm, gated });
+    this.#dispatch({ outs, widths, x, weight, bias, rows, inDim, accumulate }, { norm, gated });
   }
 
   /**
@@ -379,22 +395,12 @@ export class LinearKernels {
 
   /** Dispatches a held-back GEMV with what folded into it. */
   #runGemv(held: PendingGemv, project: FoldedProjection | null): void {
-    const { outs, widths, x, weight, bias, rows, inDim, norm, conv } = held;
-    this.#dispatch(outs, widths, x, weight, bias, rows, inDim, false, { norm, conv, project });
+    this.#dispatch(held, { norm: held.norm, conv: held.conv, project });
   }
 
   /** The linear kernels for `folds`, dispatched now. */
-  #dispatch(
-    outs: readonly GpuBuffer[],
-    widths: readonly number[],
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    bias: GpuBuffer | null,
-    rows: number,
-    inDim: number,
-    accumulate: boolean,
-    { norm, gated, conv, project }: Folds,
-  ): void {
+  #dispatch(call: LinearCall, { norm, gated, conv, project }: Folds): void {
+    const { outs, widths, weight, bias, rows, inDim, accumulate } = call;
     const { rt } = this;
     const { absent, unused } = rt.memory;
     const { total: outDim, split1, split2 } = columnSplits(widths);
@@ -402,7 +408,7 @@ export class LinearKernels {
     const program = linearProgram(rows, inDim, outDim, weight.format, fold);
     const normWeight = norm?.weight ?? gated?.weight ?? null;
     // A folded norm's input is the GEMV's (its output is left unwritten).
-    x = gated?.x ?? norm?.x ?? x;
+    const x = gated?.x ?? norm?.x ?? call.x;
     const [input, done] = rt.unaliased(x, rows * inDim, ...outs, ...(conv ? [conv.out] : []));
     const projWidth = project ? columnSplits(project.widths).total : 0;
     // Shares of x_proj: one per block of 256 / LANES conv outputs, per row.
@@ -590,7 +596,8 @@ export class LinearKernels {
       if (shares) this.#sumShares(shares);
       if (product) {
         const { out, x, weight, rows, inDim, outDim } = product;
-        this.#dispatch([out], [outDim], x, weight, null, rows, inDim, false, {});
+        const call = { outs: [out], widths: [outDim], bias: null, accumulate: false };
+        this.#dispatch({ ...call, x, weight, rows, inDim }, {});
       }
     } finally {
       this.#settling = false;
