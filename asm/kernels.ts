@@ -441,7 +441,7 @@ export function scan(
         );
         if (D) out += <f64>load<f32>(D + col) * u1;
         let o32 = <f32>out;
-        if (z) o32 *= f32x4.extract_lane(silu4(f32x4.splat(load<f32>(at(z, t, d, ts, cs)))), 0);
+        if (z) o32 *= silu1(load<f32>(at(z, t, d, ts, cs)));
         store<f32>(at(y, t, d, ts, cs), o32);
       }
     }
@@ -1679,7 +1679,7 @@ export function causalConv(
         const xp = convInput(x, state, t - history + k, history, rowBytes, col);
         sum += load<f32>(weight + (<usize> (c * kernel + k) << 2)) * load<f32>(xp);
       }
-      store<f32>(out + <usize> t * rowBytes + col, f32x4.extract_lane(silu4(f32x4.splat(sum)), 0));
+      store<f32>(out + <usize> t * rowBytes + col, silu1(sum));
     }
   }
   // New state: the last `history` inputs. Ascending j reads rows at or after
@@ -1690,6 +1690,15 @@ export function causalConv(
     const src = p >= 0 ? x + <usize> p * rowBytes : state + <usize> (history + p) * rowBytes;
     if (src != dst) memory.copy(dst, src, rowBytes);
   }
+}
+
+// Where sequence b's conv state starts: row slots[b] of `states` (slots an f32
+// array), or row b without slots.
+// @ts-ignore: decorator
+@inline
+function convStateAt(states: usize, slots: usize, b: i32, stateBytes: usize): usize {
+  const row = slots ? <usize> (<i32> load<f32>(slots + (<usize> b << 2))) : <usize> b;
+  return states + row * stateBytes;
 }
 
 // causalConv at one token for each of `batch` sequences (a batch of decode
@@ -1718,8 +1727,7 @@ export function convStep(
     packConvWeights(weight, c, kernel, scratch);
     const b0 = bias ? v128.load(bias + col) : f32x4.splat(0);
     for (let b = 0; b < batch; b++) {
-      const row = slots ? <usize> (<i32> load<f32>(slots + (<usize> b << 2))) : <usize> b;
-      const held = states + row * stateBytes + col;
+      const held = convStateAt(states, slots, b, stateBytes) + col;
       const xv = v128.load(x + <usize> b * rowBytes + col);
       let sum = b0;
       // Tap k reads state row k, then that row takes the next one (or x).
@@ -1735,8 +1743,7 @@ export function convStep(
   for (let c = c4; c < channels; c++) {
     const col = <usize> c << 2;
     for (let b = 0; b < batch; b++) {
-      const row = slots ? <usize> (<i32> load<f32>(slots + (<usize> b << 2))) : <usize> b;
-      const held = states + row * stateBytes + col;
+      const held = convStateAt(states, slots, b, stateBytes) + col;
       const xv = load<f32>(x + <usize> b * rowBytes + col);
       let sum: f32 = bias ? load<f32>(bias + col) : 0;
       for (let k = 0; k < history; k++) {
@@ -1745,7 +1752,7 @@ export function convStep(
         store<f32>(h, k + 1 < history ? load<f32>(h + rowBytes) : xv);
       }
       sum += load<f32>(weight + (<usize> (c * kernel + history) << 2)) * xv;
-      store<f32>(out + <usize> b * rowBytes + col, f32x4.extract_lane(silu4(f32x4.splat(sum)), 0));
+      store<f32>(out + <usize> b * rowBytes + col, silu1(sum));
     }
   }
 }
