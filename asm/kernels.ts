@@ -576,112 +576,191 @@ function gemv(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, 
   }
 }
 
-// Output columns per cache block of the matmul: OB weight rows (OB·inDim·4
-// bytes: 192 KiB for inDim 768, 384 KiB for 1536) stay in L2 while every
-// group of 4 input rows (4·inDim·4 bytes, in L1) passes over them.
+// Weight rows per tile of the dequantizing matmuls (linearBlocks,
+// linearHalf): OB rows widened to f32 (OB·inDim·4 bytes: 192 KiB for inDim
+// 768) stay in L2 while the f32 matmul runs over them.
 const OB: i32 = 64;
 
-// One 4×4 register block: out[r0..r0+4, o..o+4] over the full inner dimension.
+// The f32 matmul (rows > 1) works on panels: PANEL_COLS weight rows, output
+// columns, interleaved as [inDim][PANEL_COLS] (packPanel), then the bias's
+// PANEL_COLS lanes. Its inner step takes two vectors of the panel and one
+// input value per row, broadcast, into PANEL_ROWS × 2 accumulators: 12 of
+// the 15 vector registers V8 allocates on x64 (with the two weight vectors
+// and the broadcast, 15), so nothing spills, and each weight load serves six
+// rows; 4×4 blocks of dot products over row-major weights, before, needed 21
+// and spilled (docs/performance.md has both speeds). A panel is packed once
+// per call and serves every row it covers, so the weights need no layout of
+// their own. The plain-SIMD build's multiply and add need a register more
+// per step, so it takes four rows (eight accumulators): six spilled there.
+const PANEL_COLS: i32 = 8;
+const PANEL_ROWS: i32 = ASC_FEATURE_RELAXED_SIMD ? 6 : 4;
+
+/** Bytes of per-thread scratch the f32 matmul needs: one panel and its bias. */
+export function panelBytes(inDim: i32): i32 {
+  return ((inDim + 1) * PANEL_COLS * 4 + 63) & ~63;
+}
+
+// Packs weight rows [o, o + n) (n <= PANEL_COLS) of w [*, inDim] into
+// `panel` as [inDim][PANEL_COLS], then their bias (zeros without one); lanes
+// past n are zeros.
+function packPanel(panel: usize, w: usize, bias: usize, inDim: i32, o: i32, n: i32): void {
+  const rowBytes = <usize> inDim << 2;
+  const w0 = w + <usize> o * rowBytes;
+  let k = 0;
+  if (n == PANEL_COLS) {
+    // 4×4 transposes: four k of rows 0..3, then of rows 4..7.
+    const k4 = inDim & ~3;
+    for (; k < k4; k += 4) {
+      const src = w0 + (<usize> k << 2);
+      const dst = panel + (<usize> k << 5);
+      transpose4(src, rowBytes, dst);
+      transpose4(src + 4 * rowBytes, rowBytes, dst + 16);
+    }
+  }
+  for (; k < inDim; k++) {
+    for (let j = 0; j < PANEL_COLS; j++) {
+      const value = j < n ? load<f32>(w0 + <usize> j * rowBytes + (<usize> k << 2)) : 0;
+      store<f32>(panel + (<usize> k << 5) + (<usize> j << 2), value);
+    }
+  }
+  const biasLanes = panel + (<usize> inDim << 5);
+  for (let j = 0; j < PANEL_COLS; j++) {
+    store<f32>(biasLanes + (<usize> j << 2), bias && j < n ? load<f32>(bias + (<usize> (o + j) << 2)) : 0);
+  }
+}
+
+// Four floats of four rows (stride bytes apart) at src, transposed: float k
+// of the rows as one vector at dst + 32·k.
 // @ts-ignore: decorator
 @inline
-function block4x4(
+function transpose4(src: usize, stride: usize, dst: usize): void {
+  const r0 = v128.load(src);
+  const r1 = v128.load(src + stride);
+  const r2 = v128.load(src + 2 * stride);
+  const r3 = v128.load(src + 3 * stride);
+  const t0 = v128.shuffle<f32>(r0, r1, 0, 4, 1, 5);
+  const t1 = v128.shuffle<f32>(r0, r1, 2, 6, 3, 7);
+  const t2 = v128.shuffle<f32>(r2, r3, 0, 4, 1, 5);
+  const t3 = v128.shuffle<f32>(r2, r3, 2, 6, 3, 7);
+  v128.store(dst, v128.shuffle<f32>(t0, t2, 0, 1, 4, 5));
+  v128.store(dst, v128.shuffle<f32>(t0, t2, 2, 3, 6, 7), 32);
+  v128.store(dst, v128.shuffle<f32>(t1, t3, 0, 1, 4, 5), 64);
+  v128.store(dst, v128.shuffle<f32>(t1, t3, 2, 3, 6, 7), 96);
+}
+
+// One tile: out[r .. r + rows, o .. o + cols] from a packed panel, rows <=
+// PANEL_ROWS and cols <= PANEL_COLS. Rows past the last are computed on the
+// last row's input again and not stored, so one kernel serves every tile.
+// @ts-ignore: decorator
+@inline
+function panelTile(
+  out: usize,
+  x: usize,
+  panel: usize,
+  inDim: i32,
+  outDim: i32,
+  r: i32,
+  rows: i32,
+  o: i32,
+  cols: i32,
+): void {
+  const rowBytes = <usize> inDim << 2;
+  const last = rows - 1;
+  const x0 = x + <usize> r * rowBytes;
+  const x1 = x0 + <usize> min(1, last) * rowBytes;
+  const x2 = x0 + <usize> min(2, last) * rowBytes;
+  const x3 = x0 + <usize> min(3, last) * rowBytes;
+  const x4 = x0 + <usize> min(4, last) * rowBytes;
+  const x5 = x0 + <usize> min(5, last) * rowBytes;
+  let a00 = f32x4.splat(0), a01 = f32x4.splat(0);
+  let a10 = f32x4.splat(0), a11 = f32x4.splat(0);
+  let a20 = f32x4.splat(0), a21 = f32x4.splat(0);
+  let a30 = f32x4.splat(0), a31 = f32x4.splat(0);
+  let a40 = f32x4.splat(0), a41 = f32x4.splat(0);
+  let a50 = f32x4.splat(0), a51 = f32x4.splat(0);
+  let p = panel;
+  for (let k: usize = 0; k < rowBytes; k += 4) {
+    const w0 = v128.load(p);
+    const w1 = v128.load(p, 16);
+    let b = v128.load32_splat(x0 + k);
+    a00 = madd(b, w0, a00);
+    a01 = madd(b, w1, a01);
+    b = v128.load32_splat(x1 + k);
+    a10 = madd(b, w0, a10);
+    a11 = madd(b, w1, a11);
+    b = v128.load32_splat(x2 + k);
+    a20 = madd(b, w0, a20);
+    a21 = madd(b, w1, a21);
+    b = v128.load32_splat(x3 + k);
+    a30 = madd(b, w0, a30);
+    a31 = madd(b, w1, a31);
+    if (PANEL_ROWS > 4) {
+      b = v128.load32_splat(x4 + k);
+      a40 = madd(b, w0, a40);
+      a41 = madd(b, w1, a41);
+      b = v128.load32_splat(x5 + k);
+      a50 = madd(b, w0, a50);
+      a51 = madd(b, w1, a51);
+    }
+    p += 32;
+  }
+  // p is at the panel's bias lanes.
+  const b0 = v128.load(p);
+  const b1 = v128.load(p, 16);
+  const outRow = <usize> outDim << 2;
+  const op = out + <usize> r * outRow + (<usize> o << 2);
+  storeTileRow(op, f32x4.add(a00, b0), f32x4.add(a01, b1), cols);
+  if (rows > 1) storeTileRow(op + outRow, f32x4.add(a10, b0), f32x4.add(a11, b1), cols);
+  if (rows > 2) storeTileRow(op + 2 * outRow, f32x4.add(a20, b0), f32x4.add(a21, b1), cols);
+  if (rows > 3) storeTileRow(op + 3 * outRow, f32x4.add(a30, b0), f32x4.add(a31, b1), cols);
+  if (rows > 4) storeTileRow(op + 4 * outRow, f32x4.add(a40, b0), f32x4.add(a41, b1), cols);
+  if (rows > 5) storeTileRow(op + 5 * outRow, f32x4.add(a50, b0), f32x4.add(a51, b1), cols);
+}
+
+// The first `cols` (<= 8) of the eight floats lo, hi at op.
+// @ts-ignore: decorator
+@inline
+function storeTileRow(op: usize, lo: v128, hi: v128, cols: i32): void {
+  if (cols == PANEL_COLS) {
+    v128.store(op, lo);
+    v128.store(op, hi, 16);
+    return;
+  }
+  if (cols > 0) store<f32>(op, f32x4.extract_lane(lo, 0));
+  if (cols > 1) store<f32>(op, f32x4.extract_lane(lo, 1), 4);
+  if (cols > 2) store<f32>(op, f32x4.extract_lane(lo, 2), 8);
+  if (cols > 3) store<f32>(op, f32x4.extract_lane(lo, 3), 12);
+  if (cols > 4) store<f32>(op, f32x4.extract_lane(hi, 0), 16);
+  if (cols > 5) store<f32>(op, f32x4.extract_lane(hi, 1), 20);
+  if (cols > 6) store<f32>(op, f32x4.extract_lane(hi, 2), 24);
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over rows [r0, r1) and
+// output columns [o0, o1), a panel at a time through `panel` (panelBytes).
+function matmul(
   out: usize,
   x: usize,
   w: usize,
   bias: usize,
   inDim: i32,
   outDim: i32,
-  r: i32,
-  o: i32,
+  o0: i32,
+  o1: i32,
+  r0: i32,
+  r1: i32,
+  panel: usize,
 ): void {
-  const rowBytes = <usize> inDim << 2;
-  const x0 = x + <usize> r * rowBytes;
-  const x1 = x0 + rowBytes;
-  const x2 = x1 + rowBytes;
-  const x3 = x2 + rowBytes;
-  const w0 = w + <usize> o * rowBytes;
-  const w1 = w0 + rowBytes;
-  const w2 = w1 + rowBytes;
-  const w3 = w2 + rowBytes;
-  let a00 = f32x4.splat(0), a01 = f32x4.splat(0), a02 = f32x4.splat(0), a03 = f32x4.splat(0);
-  let a10 = f32x4.splat(0), a11 = f32x4.splat(0), a12 = f32x4.splat(0), a13 = f32x4.splat(0);
-  let a20 = f32x4.splat(0), a21 = f32x4.splat(0), a22 = f32x4.splat(0), a23 = f32x4.splat(0);
-  let a30 = f32x4.splat(0), a31 = f32x4.splat(0), a32 = f32x4.splat(0), a33 = f32x4.splat(0);
-  const k4 = inDim & ~3;
-  let k = 0;
-  for (; k < k4; k += 4) {
-    const p = <usize> k << 2;
-    const v0 = v128.load(w0 + p);
-    const v1 = v128.load(w1 + p);
-    const v2 = v128.load(w2 + p);
-    const v3 = v128.load(w3 + p);
-    let xv = v128.load(x0 + p);
-    a00 = madd(xv, v0, a00);
-    a01 = madd(xv, v1, a01);
-    a02 = madd(xv, v2, a02);
-    a03 = madd(xv, v3, a03);
-    xv = v128.load(x1 + p);
-    a10 = madd(xv, v0, a10);
-    a11 = madd(xv, v1, a11);
-    a12 = madd(xv, v2, a12);
-    a13 = madd(xv, v3, a13);
-    xv = v128.load(x2 + p);
-    a20 = madd(xv, v0, a20);
-    a21 = madd(xv, v1, a21);
-    a22 = madd(xv, v2, a22);
-    a23 = madd(xv, v3, a23);
-    xv = v128.load(x3 + p);
-    a30 = madd(xv, v0, a30);
-    a31 = madd(xv, v1, a31);
-    a32 = madd(xv, v2, a32);
-    a33 = madd(xv, v3, a33);
+  for (let o = o0; o < o1; o += PANEL_COLS) {
+    const cols = min(PANEL_COLS, o1 - o);
+    packPanel(panel, w, bias, inDim, o, cols);
+    for (let r = r0; r < r1; r += PANEL_ROWS) {
+      panelTile(out, x, panel, inDim, outDim, r, min(PANEL_ROWS, r1 - r), o, cols);
+    }
   }
-  // Transpose-reduce: row i's four sums as one vector.
-  let s0 = reduce4(a00, a01, a02, a03);
-  let s1 = reduce4(a10, a11, a12, a13);
-  let s2 = reduce4(a20, a21, a22, a23);
-  let s3 = reduce4(a30, a31, a32, a33);
-  for (; k < inDim; k++) {
-    const p = <usize> k << 2;
-    const wv = f32x4(
-      load<f32>(w0 + p),
-      load<f32>(w1 + p),
-      load<f32>(w2 + p),
-      load<f32>(w3 + p),
-    );
-    s0 = f32x4.add(s0, f32x4.mul(f32x4.splat(load<f32>(x0 + p)), wv));
-    s1 = f32x4.add(s1, f32x4.mul(f32x4.splat(load<f32>(x1 + p)), wv));
-    s2 = f32x4.add(s2, f32x4.mul(f32x4.splat(load<f32>(x2 + p)), wv));
-    s3 = f32x4.add(s3, f32x4.mul(f32x4.splat(load<f32>(x3 + p)), wv));
-  }
-  if (bias) {
-    const b = v128.load(bias + (<usize> o << 2));
-    s0 = f32x4.add(s0, b);
-    s1 = f32x4.add(s1, b);
-    s2 = f32x4.add(s2, b);
-    s3 = f32x4.add(s3, b);
-  }
-  const outRow = <usize> outDim << 2;
-  const op = out + <usize> r * outRow + (<usize> o << 2);
-  v128.store(op, s0);
-  v128.store(op + outRow, s1);
-  v128.store(op + 2 * outRow, s2);
-  v128.store(op + 3 * outRow, s3);
 }
 
-// [hsum(a), hsum(b), hsum(c), hsum(d)]
-// @ts-ignore: decorator
-@inline
-function reduce4(a: v128, b: v128, c: v128, d: v128): v128 {
-  const ab = f32x4.add(v128.shuffle<f32>(a, b, 0, 2, 4, 6), v128.shuffle<f32>(a, b, 1, 3, 5, 7));
-  const cd = f32x4.add(v128.shuffle<f32>(c, d, 0, 2, 4, 6), v128.shuffle<f32>(c, d, 1, 3, 5, 7));
-  return f32x4.add(
-    v128.shuffle<f32>(ab, cd, 0, 2, 4, 6),
-    v128.shuffle<f32>(ab, cd, 1, 3, 5, 7),
-  );
-}
-
-// out [rows, outDim] = x [rows, inDim] · wᵀ + bias, output columns [o0, o1).
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias, output columns [o0, o1),
+// with `panel` scratch of panelBytes(inDim) for more than one row.
 export function linear(
   out: usize,
   x: usize,
@@ -692,31 +771,10 @@ export function linear(
   outDim: i32,
   o0: i32,
   o1: i32,
+  panel: usize,
 ): void {
-  if (rows == 1) {
-    gemv(out, x, w, bias, inDim, o0, o1);
-    return;
-  }
-  const rowBytes = <usize> inDim << 2;
-  const outRow = <usize> outDim << 2;
-  for (let ob = o0; ob < o1; ob += OB) {
-    const obEnd = min(ob + OB, o1);
-    const o4 = ob + ((obEnd - ob) & ~3);
-    let r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      for (let o = ob; o < o4; o += 4) block4x4(out, x, w, bias, inDim, outDim, r, o);
-    }
-    // Leftover rows (rows % 4) through the GEMV, one row at a time.
-    for (; r < rows; r++) {
-      gemv(out + <usize> r * outRow, x + <usize> r * rowBytes, w, bias, inDim, ob, o4);
-    }
-    // Leftover columns (block width % 4): each row's GEMV tail.
-    if (o4 < obEnd) {
-      for (let rr = 0; rr < rows; rr++) {
-        gemv(out + <usize> rr * outRow, x + <usize> rr * rowBytes, w, bias, inDim, o4, obEnd);
-      }
-    }
-  }
+  if (rows == 1) gemv(out, x, w, bias, inDim, o0, o1);
+  else matmul(out, x, w, bias, inDim, outDim, o0, o1, 0, rows, panel);
 }
 
 // ------------------------------------------------------ Q8_0 weights ----
@@ -1034,7 +1092,14 @@ function storeQuad(
 // per value) and its quad's sub-block factors (128 bytes), in whole cache
 // lines.
 export function blocksScratchBytes(rows: i32, inDim: i32): i32 {
-  return rows > 1 ? OB * inDim * 4 : (inDim * 4 + (inDim >> 2) + 128 + 63) & ~63;
+  return rows > 1 ? tileBytes(inDim) : (inDim * 4 + (inDim >> 2) + 128 + 63) & ~63;
+}
+
+// Bytes of OB weight rows widened to f32, then the f32 matmul's panel.
+// @ts-ignore: decorator
+@inline
+function tileBytes(inDim: i32): i32 {
+  return OB * inDim * 4 + panelBytes(inDim);
 }
 
 // Values 8k .. 8k + 7 of the block at p, times d, as f32 at dst + 32k.
@@ -1407,7 +1472,8 @@ export function linearBlocks(
     }
     // The f32 kernel addresses weight row o at w + o·f32Row: the tile, moved
     // back by ob rows (wrapping u32 arithmetic lands on the tile again).
-    linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
+    const panel = scratch + <usize> OB * f32Row;
+    matmul(out, x, scratch - <usize> ob * f32Row, bias, inDim, outDim, ob, obEnd, 0, rows, panel);
   }
 }
 
@@ -1510,9 +1576,10 @@ export function widenHalfRow(out: usize, src: usize, n: i32, bf16: i32): void {
   else widenRow<F16>(out, src, n);
 }
 
-// Bytes of per-thread scratch linearHalf needs: OB rows widened to f32.
+// Bytes of per-thread scratch linearHalf needs: OB rows widened to f32, and
+// the f32 matmul's panel.
 export function halfScratchBytes(inDim: i32): i32 {
-  return OB * inDim * 4;
+  return tileBytes(inDim);
 }
 
 // linearHalf in format T.
@@ -1539,7 +1606,8 @@ function linearHalfOf<T>(
       widenRow<T>(scratch + <usize> (o - ob) * f32Row, w + (<usize> o * <usize> inDim << 1), inDim);
     }
     // The tile, moved back by ob rows, as in linearBlocks.
-    linear(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd);
+    const panel = scratch + <usize> OB * f32Row;
+    matmul(out, x, scratch - <usize> ob * f32Row, bias, inDim, outDim, ob, obEnd, 0, rows, panel);
   }
 }
 
@@ -2256,23 +2324,60 @@ function splitStart(n: i32, part: i32, parts: i32, align: i32): i32 {
   return min(n, <i32> ((<i64> units * part) / parts) * align);
 }
 
-export function runJob(ctrl: usize, part: i32, parts: i32): void {
-  const op = load<i32>(ctrl, 8);
-  if (op == OP_LINEAR) {
-    const outDim = arg(ctrl, 6);
-    // Blocks of OB columns when there are enough rows to use them, else 4.
-    const align = arg(ctrl, 4) > 1 ? OB : 4;
-    linear(
+// Part `part` of the f32 matmul of OP_LINEAR (arguments out, x, w, bias,
+// rows, inDim, outDim, panel scratch of panelBytes per thread). The work is
+// split into units of one panel over a slice of the rows, panel by panel, so
+// that each thread packs each of its panels once; rows are sliced only as
+// much as it takes to give every thread about four units (x_proj's 80
+// columns are ten panels: on 16 threads each would else get one or none).
+function linearPart(ctrl: usize, rows: i32, outDim: i32, part: i32, parts: i32): void {
+  const inDim = arg(ctrl, 5);
+  const panels = (outDim + PANEL_COLS - 1) / PANEL_COLS;
+  const tiles = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+  const slices = max(1, min(tiles, (4 * parts + panels - 1) / panels));
+  const u0 = splitStart(panels * slices, part, parts, 1);
+  const u1 = splitStart(panels * slices, part + 1, parts, 1);
+  const panel = <usize> arg(ctrl, 7) + <usize> part * panelBytes(inDim);
+  for (let u = u0; u < u1;) {
+    const p = u / slices;
+    const end = min(u1, (p + 1) * slices);
+    const s0 = u - p * slices;
+    const s1 = end - p * slices;
+    matmul(
       arg(ctrl, 0),
       arg(ctrl, 1),
       arg(ctrl, 2),
       arg(ctrl, 3),
-      arg(ctrl, 4),
-      arg(ctrl, 5),
+      inDim,
       outDim,
-      splitStart(outDim, part, parts, align),
-      splitStart(outDim, part + 1, parts, align),
+      p * PANEL_COLS,
+      min(outDim, (p + 1) * PANEL_COLS),
+      min(rows, splitStart(tiles, s0, slices, 1) * PANEL_ROWS),
+      min(rows, splitStart(tiles, s1, slices, 1) * PANEL_ROWS),
+      panel,
     );
+    u = end;
+  }
+}
+
+export function runJob(ctrl: usize, part: i32, parts: i32): void {
+  const op = load<i32>(ctrl, 8);
+  if (op == OP_LINEAR) {
+    const rows = arg(ctrl, 4);
+    const outDim = arg(ctrl, 6);
+    if (rows == 1) {
+      gemv(
+        arg(ctrl, 0),
+        arg(ctrl, 1),
+        arg(ctrl, 2),
+        arg(ctrl, 3),
+        arg(ctrl, 5),
+        splitStart(outDim, part, parts, 4),
+        splitStart(outDim, part + 1, parts, 4),
+      );
+    } else {
+      linearPart(ctrl, rows, outDim, part, parts);
+    }
   } else if (op == OP_LINEAR_BLOCKS) {
     const outDim = arg(ctrl, 6);
     const align = arg(ctrl, 4) > 1 ? OB : 4;

@@ -263,7 +263,7 @@ function packBlocks(
 }
 
 /** What the wasm backend keeps a scratch buffer for. */
-type ScratchPurpose = "linear" | "conv" | "scan" | "ssd" | "dequant" | "split";
+type ScratchPurpose = "linear" | "panel" | "conv" | "scan" | "ssd" | "dequant" | "split";
 
 /**
  * A view of `length` floats of `buf` from `offset` (never released on its
@@ -335,7 +335,10 @@ interface Kernels {
     outDim: number,
     o0: number,
     o1: number,
+    panel: number,
   ): void;
+  /** Bytes of the matmul's per-thread panel for rows of inDim. */
+  panelBytes(inDim: number): number;
   rmsNorm(out: number, x: number, weight: number, rows: number, dim: number, eps: number): void;
   addInPlace(acc: number, x: number, n: number): void;
   convStep(
@@ -1097,11 +1100,18 @@ export class WasmBackend implements Backend<WasmBuffer> {
     if (weight instanceof WasmHalfMatrix) {
       return this.#linearHalf(out, x, weight, biasPtr, rows, outDim);
     }
-    if (this.#ctrl && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8) {
-      this.#parallel(OP_LINEAR, [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim]);
-    } else {
-      this.#kernels.linear(out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim, 0, outDim);
-    }
+    const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
+      outDim >= 8;
+    // Per thread: the matmul's panel of packed weight rows (rows > 1).
+    const panel = rows > 1
+      ? this.#scratch(
+        "panel",
+        (this.#kernels.panelBytes(inDim) / 4) * (parallel ? this.threads : 1),
+      ).ptr
+      : 0;
+    const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
+    if (parallel) return this.#parallel(OP_LINEAR, [...operands, panel]);
+    this.#kernels.linear(...operands, 0, outDim, panel);
   }
 
   /** `linear` over quantized weights (`linearBlocks` in asm/kernels.ts), split as the f32 one. */
