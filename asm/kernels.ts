@@ -147,8 +147,8 @@ export function mathTest(out: usize, x: usize, n: i32, which: i32): void {
 // 2^n goes straight into the exponent bits.
 let D_LOG2E = f64x2.splat(1.4426950408889634);
 let D_MAGIC = f64x2.splat(6755399441055744.0); // 1.5·2^52
-let D_LN2_HI = f64x2.splat(0.6931471803691238);
-let D_LN2_LO = f64x2.splat(1.9082149292705877e-10);
+let D_NEG_LN2_HI = f64x2.splat(-0.6931471803691238);
+let D_NEG_LN2_LO = f64x2.splat(-1.9082149292705877e-10);
 let D_LO = f64x2.splat(-708);
 let D_HI = f64x2.splat(709);
 let D_ONE = f64x2.splat(1);
@@ -166,8 +166,8 @@ let D_C7 = f64x2.splat(0.00019826502132408485);
 export function setConstants64(scale: f64): void {
   D_LOG2E = f64x2.splat(1.4426950408889634 * scale);
   D_MAGIC = f64x2.splat(6755399441055744.0 * scale);
-  D_LN2_HI = f64x2.splat(0.6931471803691238 * scale);
-  D_LN2_LO = f64x2.splat(1.9082149292705877e-10 * scale);
+  D_NEG_LN2_HI = f64x2.splat(-0.6931471803691238 * scale);
+  D_NEG_LN2_LO = f64x2.splat(-1.9082149292705877e-10 * scale);
   D_LO = f64x2.splat(-708 * scale);
   D_HI = f64x2.splat(709 * scale);
   D_ONE = f64x2.splat(scale);
@@ -180,45 +180,92 @@ export function setConstants64(scale: f64): void {
   D_C5 = f64x2.splat(0.00833342997708324 * scale);
   D_C6 = f64x2.splat(0.0013946024441268932 * scale);
   D_C7 = f64x2.splat(0.00019826502132408485 * scale);
+  S_1 = f64x2.splat(scale / 3);
+  S_2 = f64x2.splat(scale / 5);
+  S_3 = f64x2.splat(scale / 7);
+  S_4 = f64x2.splat(scale / 9);
+  S_5 = f64x2.splat(scale / 11);
+  S_6 = f64x2.splat(scale / 13);
+  S_7 = f64x2.splat(scale / 15);
+  S_8 = f64x2.splat(scale / 17);
+  S_9 = f64x2.splat(scale / 19);
+  S_10 = f64x2.splat(scale / 21);
+}
+
+// a·b + c per f64 lane, as madd for f32.
+// @ts-ignore: decorator
+@inline
+function madd64(a: v128, b: v128, c: v128): v128 {
+  if (ASC_FEATURE_RELAXED_SIMD) return f64x2.relaxed_madd(a, b, c);
+  return f64x2.add(f64x2.mul(a, b), c);
 }
 
 // @ts-ignore: decorator
 @inline
-function exp2d(x0: v128): v128 {
-  const x = f64x2.pmin(f64x2.pmax(x0, D_LO), D_HI);
-  const t = f64x2.add(f64x2.mul(x, D_LOG2E), D_MAGIC);
-  const n = f64x2.sub(t, D_MAGIC);
-  const r = f64x2.sub(f64x2.sub(x, f64x2.mul(n, D_LN2_HI)), f64x2.mul(n, D_LN2_LO));
+function exp2d(x: v128): v128 {
+  return exp2dWith(x, D_LO, D_HI, D_LOG2E, D_MAGIC, D_NEG_LN2_HI, D_NEG_LN2_LO, D_C2, D_C3, D_C4, D_C5, D_C6, D_C7);
+}
+
+// exp2d on constants passed in: a loop that copies the globals into locals
+// first loads each once rather than once per iteration.
+// @ts-ignore: decorator
+@inline
+function exp2dWith(
+  x0: v128,
+  lo: v128,
+  hi: v128,
+  log2e: v128,
+  magic: v128,
+  negLn2Hi: v128,
+  negLn2Lo: v128,
+  c2: v128,
+  c3: v128,
+  c4: v128,
+  c5: v128,
+  c6: v128,
+  c7: v128,
+): v128 {
+  const x = f64x2.pmin(f64x2.pmax(x0, lo), hi);
+  const t = madd64(x, log2e, magic);
+  const n = f64x2.sub(t, magic);
+  const r = madd64(n, negLn2Lo, madd64(n, negLn2Hi, x));
   // Estrin's scheme: a shorter dependency chain than Horner's.
   const r2 = f64x2.mul(r, r);
   const r4 = f64x2.mul(r2, r2);
-  const q = f64x2.add(
-    f64x2.add(f64x2.add(f64x2.mul(D_C3, r), D_C2), f64x2.mul(r2, f64x2.add(f64x2.mul(D_C5, r), D_C4))),
-    f64x2.mul(r4, f64x2.add(f64x2.mul(D_C7, r), D_C6)),
-  );
-  const p = f64x2.add(f64x2.add(f64x2.mul(r2, q), r), D_ONE);
+  const q = madd64(r4, madd64(c7, r, c6), madd64(r2, madd64(c5, r, c4), madd64(c3, r, c2)));
+  const p = f64x2.add(madd64(r2, q, r), D_ONE);
   return f64x2.mul(p, i64x2.shl(i64x2.add(t, D_BIAS1023), 52));
 }
 
 // softplus in f64: max(x, 0) + log1p(e^-|x|), log1p(e) = 2·atanh(s) with
-// s = e / (2 + e) <= 1/3, series to s^21/21 (truncation below 1.2e-12).
+// s = e / (2 + e) <= 1/3, series to s^21/21 (truncation below 1.2e-12), its
+// coefficients 1/(2k + 1) as globals (as splatted literals, V8 rebuilt each
+// per call: the series then took longer than the exp) and evaluated by
+// Estrin's scheme.
+let S_1 = f64x2.splat(1.0 / 3);
+let S_2 = f64x2.splat(1.0 / 5);
+let S_3 = f64x2.splat(1.0 / 7);
+let S_4 = f64x2.splat(1.0 / 9);
+let S_5 = f64x2.splat(1.0 / 11);
+let S_6 = f64x2.splat(1.0 / 13);
+let S_7 = f64x2.splat(1.0 / 15);
+let S_8 = f64x2.splat(1.0 / 17);
+let S_9 = f64x2.splat(1.0 / 19);
+let S_10 = f64x2.splat(1.0 / 21);
+
 // @ts-ignore: decorator
 @inline
 function softplus2d(x: v128): v128 {
   const e = exp2d(f64x2.neg(f64x2.abs(x)));
   const s = f64x2.div(e, f64x2.add(e, D_TWO));
   const s2 = f64x2.mul(s, s);
-  let p = f64x2.splat(1.0 / 21);
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 19));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 17));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 15));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 13));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 11));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 9));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 7));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 5));
-  p = f64x2.add(f64x2.mul(p, s2), f64x2.splat(1.0 / 3));
-  p = f64x2.add(f64x2.mul(p, s2), D_ONE);
+  const s4 = f64x2.mul(s2, s2);
+  const s8 = f64x2.mul(s4, s4);
+  // Σ s2^k / (2k + 1), k = 0 .. 10, in pairs, then pairs of pairs.
+  const p0 = madd64(s4, madd64(S_3, s2, S_2), madd64(S_1, s2, D_ONE));
+  const p1 = madd64(s4, madd64(S_7, s2, S_6), madd64(S_5, s2, S_4));
+  const p2 = madd64(s4, S_10, madd64(S_9, s2, S_8));
+  const p = madd64(f64x2.mul(s8, s8), p2, madd64(s8, p1, p0));
   return f64x2.add(f64x2.pmax(x, D_ZERO), f64x2.mul(f64x2.mul(p, s), D_TWO));
 }
 
@@ -232,86 +279,28 @@ export function mathTest64(out: usize, x: usize, n: i32, which: i32): void {
   }
 }
 
-// Two f32 at p, as f64x2.
-// @ts-ignore: decorator
-@inline
-function load2(p: usize): v128 {
-  return f64x2.promote_low_f32x4(v128.load64_zero(p));
-}
-
 // Channels per tile of the prefill scan. For each tile the kernel walks the
-// whole sequence; the tile's f64 state (TILE·N·8 bytes: 16 KiB for N = 16,
-// a third of L1d here) stays in L1 throughout, its slices of u/delta/z/y
-// (TILE·4 = 512 bytes per token each, whole cache lines) stream through once,
-// and each token's B and C rows (2·N·4 bytes) are re-read once per tile, so
-// fewer, wider tiles re-read less of B/C (2 MiB at L = 16384, more than L2).
-// Measured with one thread, N = 16, dim 1536, elements (L·dim) per second, best
-// of 7, AMD EPYC with 48 KiB L1d and 1 MiB L2 per core (a tuning script that
-// recompiles this file per TILE and calls scan directly):
-//   final f64 kernel, L = 2048:  TILE 4: 19.8M, 16: 20.3M, 32: 17.1M, 64: 19.1M,
-//                                128: 20.2M, 1536 (untiled): 20.4M
-//   final f64 kernel, L = 16384: TILE 16: 18.3M, 128: 20.3M, 1536: 20.3M
-//   (the earlier f32 kernel, L = 16384: TILE 8: 20.2M, 16: 31.5M, 128: 34.7M,
-//    1536: 28.8M: there the B/C re-reads showed)
-// The kernel is compute-bound (exp), so tiles matter little; 128 is at or near
-// the best everywhere, avoids the reproducible dip at 32 (likely 4 KiB
-// aliasing of the four streams, whose rows are 6 KiB apart) and the untiled
-// case's 24 KiB·N/16 of state, which spills out of L1 for N > 32. The machine
-// is a shared VM: repeated runs vary by ±10%.
+// whole sequence; the tile's f64 state, rows of A and decays (3·TILE·N·8
+// bytes: 48 KiB for N = 16) stay in L1/L2 throughout, its slices of
+// u/delta/z/y (TILE·4 = 512 bytes per token each, whole cache lines) stream
+// through once, and each token's B and C rows are widened once per tile, so
+// fewer, wider tiles re-read less of B/C. The kernel is compute-bound (exp):
+// 128 was as fast as any other width tried, and 32 and 64 were slower
+// (docs/performance.md).
 const TILE: i32 = 128;
 
-/** Bytes of f64 scratch one thread's scan needs for state size N. */
+/**
+ * Bytes of f64 scratch one thread's scan needs for state size N: a tile's
+ * state, rows of A and decays, its step sizes and their products with u,
+ * then a token's rows of B and C.
+ */
 export function scanScratchBytes(N: i32): i32 {
-  return TILE * N * 8;
+  return (3 * TILE * N + 2 * TILE + 2 * N) * 8;
 }
 
-// One channel at one token, SIMD (f64x2) over N; h (f64) updated in place.
-// @ts-ignore: decorator
-@inline
-function scanChannel(hp: usize, ap: usize, bRow: usize, cRow: usize, N: i32, dt: f64, dtu: f64): f64 {
-  const dtv = f64x2.splat(dt);
-  const dtuv = f64x2.splat(dtu);
-  let acc = D_ZERO;
-  let acc2 = D_ZERO;
-  let n = 0;
-  // Four states per step: two independent exp chains in flight.
-  for (; n + 4 <= N; n += 4) {
-    const o = <usize>n << 2;
-    const hq = hp + (<usize>n << 3);
-    const h0 = f64x2.add(
-      f64x2.mul(exp2d(f64x2.mul(dtv, load2(ap + o))), v128.load(hq)),
-      f64x2.mul(dtuv, load2(bRow + o)),
-    );
-    const h1 = f64x2.add(
-      f64x2.mul(exp2d(f64x2.mul(dtv, load2(ap + o + 8))), v128.load(hq, 16)),
-      f64x2.mul(dtuv, load2(bRow + o + 8)),
-    );
-    v128.store(hq, h0);
-    v128.store(hq, h1, 16);
-    acc = f64x2.add(acc, f64x2.mul(h0, load2(cRow + o)));
-    acc2 = f64x2.add(acc2, f64x2.mul(h1, load2(cRow + o + 8)));
-  }
-  acc = f64x2.add(acc, acc2);
-  for (; n + 2 <= N; n += 2) {
-    const o = <usize>n << 2;
-    const hq = hp + (<usize>n << 3);
-    const h = f64x2.add(
-      f64x2.mul(exp2d(f64x2.mul(dtv, load2(ap + o))), v128.load(hq)),
-      f64x2.mul(dtuv, load2(bRow + o)),
-    );
-    v128.store(hq, h);
-    acc = f64x2.add(acc, f64x2.mul(h, load2(cRow + o)));
-  }
-  let sum = f64x2.extract_lane(acc, 0) + f64x2.extract_lane(acc, 1);
-  if (n < N) {
-    const o = <usize>n << 2;
-    const hq = hp + (<usize>n << 3);
-    const dA = f64x2.extract_lane(exp2d(f64x2.splat(dt * <f64>load<f32>(ap + o))), 0);
-    const h = dA * load<f64>(hq) + dtu * <f64>load<f32>(bRow + o);
-    store<f64>(hq, h);
-    sum += h * <f64>load<f32>(cRow + o);
-  }
-  return sum;
+// n floats at src widened to f64 at dst.
+function widen64(dst: usize, src: usize, n: i32): void {
+  for (let i = 0; i < n; i++) store<f64>(dst + (<usize>i << 3), <f64>load<f32>(src + (<usize>i << 2)));
 }
 
 // Byte address of token t, channel d in a [len, dim] (ts = dim, cs = 1) or
@@ -353,6 +342,12 @@ function store4(base: usize, t: i32, d: i32, ts: i32, cs: i32, v: v128): void {
 // u, delta, z and y are token-major [len, dim] (ts = dim, cs = 1) or, as
 // mamba_ssm lays them out, channel-major [dim, len] (ts = 1, cs = len); the
 // work per channel is the same, only their addresses differ.
+//
+// Each token runs three passes over the tile's channels, the paper's
+// discretization then its recurrence: the step sizes dt and dt·u, then every
+// decay exp(dt·A), then the states and outputs. The decays, most of the
+// arithmetic, are then one loop of independent exps, with its constants in
+// locals rather than loaded per exp.
 export function scan(
   y: usize,
   u: usize,
@@ -376,79 +371,165 @@ export function scan(
 ): void {
   const nBytes = <usize>N << 2;
   const hBytes = <usize>N << 3;
+  const tileA = scratch + <usize>TILE * hBytes;
+  const decays = tileA + <usize>TILE * hBytes;
+  const dts = decays + <usize>TILE * hBytes;
+  const dtus = dts + (<usize>TILE << 3);
+  const bRow = dtus + (<usize>TILE << 3);
+  const cRow = bRow + hBytes;
   for (let tile = d0; tile < d1; tile += TILE) {
     const tileEnd = min(tile + TILE, d1);
-    const count = (tileEnd - tile) * N;
+    const channels = tileEnd - tile;
     const tileState = state + <usize>tile * nBytes;
-    for (let i = 0; i < count; i++) {
-      store<f64>(scratch + (<usize>i << 3), <f64>load<f32>(tileState + (<usize>i << 2)));
-    }
+    widen64(scratch, tileState, channels * N);
+    widen64(tileA, A + <usize>tile * nBytes, channels * N);
     for (let t = 0; t < len; t++) {
-      const bRow = B + <usize>t * nBytes;
-      const cRow = C + <usize>t * nBytes;
+      widen64(bRow, B + <usize>t * nBytes, N);
+      widen64(cRow, C + <usize>t * nBytes, N);
+      stepSizes(dts, dtus, delta, u, bias, softplus, t, tile, tileEnd, ts, cs);
+      decay(decays, tileA, dts, channels, N);
       let d = tile;
       for (; d + 4 <= tileEnd; d += 4) {
-        const col = <usize>d << 2;
-        const dv = load4(delta, t, d, ts, cs);
-        let dt0 = f64x2.promote_low_f32x4(dv);
-        let dt1 = f64x2.promote_low_f32x4(v128.shuffle<f32>(dv, dv, 2, 3, 0, 1));
-        if (bias) {
-          const bv = v128.load(bias + col);
-          dt0 = f64x2.add(dt0, f64x2.promote_low_f32x4(bv));
-          dt1 = f64x2.add(dt1, f64x2.promote_low_f32x4(v128.shuffle<f32>(bv, bv, 2, 3, 0, 1)));
-        }
-        if (softplus) {
-          dt0 = softplus2d(dt0);
-          dt1 = softplus2d(dt1);
-        }
-        const uv = load4(u, t, d, ts, cs);
-        const u0 = f64x2.promote_low_f32x4(uv);
-        const u1 = f64x2.promote_low_f32x4(v128.shuffle<f32>(uv, uv, 2, 3, 0, 1));
-        const dtu0 = f64x2.mul(dt0, u0);
-        const dtu1 = f64x2.mul(dt1, u1);
-        const hp = scratch + <usize>(d - tile) * hBytes;
-        const ap = A + <usize>d * nBytes;
-        let y0 = scanChannel(hp, ap, bRow, cRow, N, f64x2.extract_lane(dt0, 0), f64x2.extract_lane(dtu0, 0));
-        let y1 = scanChannel(hp + hBytes, ap + nBytes, bRow, cRow, N, f64x2.extract_lane(dt0, 1), f64x2.extract_lane(dtu0, 1));
-        let y2 = scanChannel(hp + 2 * hBytes, ap + 2 * nBytes, bRow, cRow, N, f64x2.extract_lane(dt1, 0), f64x2.extract_lane(dtu1, 0));
-        let y3 = scanChannel(hp + 3 * hBytes, ap + 3 * nBytes, bRow, cRow, N, f64x2.extract_lane(dt1, 1), f64x2.extract_lane(dtu1, 1));
+        const i = <usize>(d - tile);
+        const hp = scratch + i * hBytes;
+        const ep = decays + i * hBytes;
+        const dtu = dtus + (i << 3);
+        let y0 = updateChannel(hp, ep, bRow, cRow, N, load<f64>(dtu));
+        let y1 = updateChannel(hp + hBytes, ep + hBytes, bRow, cRow, N, load<f64>(dtu, 8));
+        let y2 = updateChannel(hp + 2 * hBytes, ep + 2 * hBytes, bRow, cRow, N, load<f64>(dtu, 16));
+        let y3 = updateChannel(hp + 3 * hBytes, ep + 3 * hBytes, bRow, cRow, N, load<f64>(dtu, 24));
         if (D) {
-          y0 += <f64>load<f32>(D + col) * f64x2.extract_lane(u0, 0);
-          y1 += <f64>load<f32>(D + col, 4) * f64x2.extract_lane(u0, 1);
-          y2 += <f64>load<f32>(D + col, 8) * f64x2.extract_lane(u1, 0);
-          y3 += <f64>load<f32>(D + col, 12) * f64x2.extract_lane(u1, 1);
+          const col = <usize>d << 2;
+          const uv = load4(u, t, d, ts, cs);
+          y0 += <f64>load<f32>(D + col) * <f64>f32x4.extract_lane(uv, 0);
+          y1 += <f64>load<f32>(D + col, 4) * <f64>f32x4.extract_lane(uv, 1);
+          y2 += <f64>load<f32>(D + col, 8) * <f64>f32x4.extract_lane(uv, 2);
+          y3 += <f64>load<f32>(D + col, 12) * <f64>f32x4.extract_lane(uv, 3);
         }
         let out = f32x4(<f32>y0, <f32>y1, <f32>y2, <f32>y3);
         if (z) out = f32x4.mul(out, silu4(load4(z, t, d, ts, cs)));
         store4(y, t, d, ts, cs, out);
       }
-      // Channel tail (dim not a multiple of 4): one lane of the same math.
+      // Channel tail (dim not a multiple of 4): one at a time, the same math.
       for (; d < tileEnd; d++) {
-        const col = <usize>d << 2;
-        let dt = f64x2.splat(<f64>load<f32>(at(delta, t, d, ts, cs)));
-        if (bias) dt = f64x2.add(dt, f64x2.splat(<f64>load<f32>(bias + col)));
-        if (softplus) dt = softplus2d(dt);
-        const dt1 = f64x2.extract_lane(dt, 0);
-        const u1 = <f64>load<f32>(at(u, t, d, ts, cs));
-        let out = scanChannel(
-          scratch + <usize>(d - tile) * hBytes,
-          A + <usize>d * nBytes,
-          bRow,
-          cRow,
-          N,
-          dt1,
-          dt1 * u1,
-        );
-        if (D) out += <f64>load<f32>(D + col) * u1;
+        const i = <usize>(d - tile);
+        let out = updateChannel(scratch + i * hBytes, decays + i * hBytes, bRow, cRow, N, load<f64>(dtus + (i << 3)));
+        if (D) out += <f64>load<f32>(D + (<usize>d << 2)) * <f64>load<f32>(at(u, t, d, ts, cs));
         let o32 = <f32>out;
         if (z) o32 *= silu1(load<f32>(at(z, t, d, ts, cs)));
         store<f32>(at(y, t, d, ts, cs), o32);
       }
     }
-    for (let i = 0; i < count; i++) {
+    for (let i = 0; i < channels * N; i++) {
       store<f32>(tileState + (<usize>i << 2), <f32>load<f64>(scratch + (<usize>i << 3)));
     }
   }
+}
+
+// dt = softplus(delta + bias) (each optional) and dt·u at token t for
+// channels [d0, d1), in f64 at dts and dtus from index 0.
+// @ts-ignore: decorator
+@inline
+function stepSizes(
+  dts: usize,
+  dtus: usize,
+  delta: usize,
+  u: usize,
+  bias: usize,
+  softplus: i32,
+  t: i32,
+  d0: i32,
+  d1: i32,
+  ts: i32,
+  cs: i32,
+): void {
+  let d = d0;
+  for (; d + 4 <= d1; d += 4) {
+    const dv = load4(delta, t, d, ts, cs);
+    let dt0 = f64x2.promote_low_f32x4(dv);
+    let dt1 = f64x2.promote_low_f32x4(v128.shuffle<f32>(dv, dv, 2, 3, 0, 1));
+    if (bias) {
+      const bv = v128.load(bias + (<usize>d << 2));
+      dt0 = f64x2.add(dt0, f64x2.promote_low_f32x4(bv));
+      dt1 = f64x2.add(dt1, f64x2.promote_low_f32x4(v128.shuffle<f32>(bv, bv, 2, 3, 0, 1)));
+    }
+    if (softplus) {
+      dt0 = softplus2d(dt0);
+      dt1 = softplus2d(dt1);
+    }
+    const uv = load4(u, t, d, ts, cs);
+    const i = <usize>(d - d0) << 3;
+    v128.store(dts + i, dt0);
+    v128.store(dts + i, dt1, 16);
+    v128.store(dtus + i, f64x2.mul(dt0, f64x2.promote_low_f32x4(uv)));
+    v128.store(dtus + i, f64x2.mul(dt1, f64x2.promote_low_f32x4(v128.shuffle<f32>(uv, uv, 2, 3, 0, 1))), 16);
+  }
+  for (; d < d1; d++) {
+    let dt = f64x2.splat(<f64>load<f32>(at(delta, t, d, ts, cs)));
+    if (bias) dt = f64x2.add(dt, f64x2.splat(<f64>load<f32>(bias + (<usize>d << 2))));
+    if (softplus) dt = softplus2d(dt);
+    const i = <usize>(d - d0) << 3;
+    store<f64>(dts + i, f64x2.extract_lane(dt, 0));
+    store<f64>(dtus + i, f64x2.extract_lane(dt, 0) * <f64>load<f32>(at(u, t, d, ts, cs)));
+  }
+}
+
+// decays[c][n] = exp(dts[c]·A[c][n]) for `channels` rows of N (f64).
+// @ts-ignore: decorator
+@inline
+function decay(decays: usize, A: usize, dts: usize, channels: i32, N: i32): void {
+  const hBytes = <usize>N << 3;
+  const pairs = <usize>(N & ~1) << 3;
+  const lo = D_LO, hi = D_HI, log2e = D_LOG2E, magic = D_MAGIC;
+  const negLn2Hi = D_NEG_LN2_HI, negLn2Lo = D_NEG_LN2_LO;
+  const c2 = D_C2, c3 = D_C3, c4 = D_C4, c5 = D_C5, c6 = D_C6, c7 = D_C7;
+  for (let c = 0; c < channels; c++) {
+    const row = <usize>c * hBytes;
+    const dtv = v128.load64_splat(dts + (<usize>c << 3));
+    for (let o: usize = 0; o < pairs; o += 16) {
+      const x = f64x2.mul(dtv, v128.load(A + row + o));
+      v128.store(decays + row + o, exp2dWith(x, lo, hi, log2e, magic, negLn2Hi, negLn2Lo, c2, c3, c4, c5, c6, c7));
+    }
+    if (N & 1) {
+      const o = row + pairs;
+      store<f64>(decays + o, f64x2.extract_lane(exp2d(f64x2.mul(dtv, v128.load64_splat(A + o))), 0));
+    }
+  }
+}
+
+// One channel at one token, SIMD (f64x2) over N: h ← decay·h + dt·u·B in
+// place, returning C·h.
+// @ts-ignore: decorator
+@inline
+function updateChannel(hp: usize, ep: usize, bp: usize, cp: usize, N: i32, dtu: f64): f64 {
+  const dtuv = f64x2.splat(dtu);
+  let acc = D_ZERO;
+  let acc2 = D_ZERO;
+  let n = 0;
+  for (; n + 4 <= N; n += 4) {
+    const o = <usize>n << 3;
+    const h0 = madd64(v128.load(ep + o), v128.load(hp + o), f64x2.mul(dtuv, v128.load(bp + o)));
+    const h1 = madd64(v128.load(ep + o, 16), v128.load(hp + o, 16), f64x2.mul(dtuv, v128.load(bp + o, 16)));
+    v128.store(hp + o, h0);
+    v128.store(hp + o, h1, 16);
+    acc = madd64(h0, v128.load(cp + o), acc);
+    acc2 = madd64(h1, v128.load(cp + o, 16), acc2);
+  }
+  acc = f64x2.add(acc, acc2);
+  for (; n + 2 <= N; n += 2) {
+    const o = <usize>n << 3;
+    const h = madd64(v128.load(ep + o), v128.load(hp + o), f64x2.mul(dtuv, v128.load(bp + o)));
+    v128.store(hp + o, h);
+    acc = madd64(h, v128.load(cp + o), acc);
+  }
+  let sum = f64x2.extract_lane(acc, 0) + f64x2.extract_lane(acc, 1);
+  if (n < N) {
+    const o = <usize>n << 3;
+    const h = load<f64>(ep + o) * load<f64>(hp + o) + dtu * load<f64>(bp + o);
+    store<f64>(hp + o, h);
+    sum += h * load<f64>(cp + o);
+  }
+  return sum;
 }
 
 // One channel's decode step in f32, four states per instruction: h ← exp(dt·A)·h
