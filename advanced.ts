@@ -20,13 +20,19 @@ export type { BlockBuffers, Scratch } from "./src/model.ts";
 export { StatePool } from "./src/pool.ts";
 export type { PoolCopy, SlotContents } from "./src/pool.ts";
 export type {
+  AddArgs,
   Backend,
   ChooseArgs,
   ConvArgs,
+  CopyArgs,
   CopyRowsArgs,
+  EmbedArgs,
   GatedNormArgs,
+  LinearArgs,
+  LinearSplitArgs,
   OptionalOp,
   Recording,
+  RmsNormArgs,
   RowIndex,
   SamplingFeatures,
   SamplingSettings,

@@ -38,7 +38,7 @@ for (const rows of [1, 4, 16]) {
   for (let rep = 0; rep < 15; rep++) {
     for (const [name, weight] of Object.entries(kernels) as [keyof typeof best, typeof x][]) {
       const start = performance.now();
-      backend.linear(out, x, weight, null, rows, inDim, outDim);
+      backend.linear({ out, x, weight, rows, inDim, outDim });
       best[name] = Math.min(best[name], performance.now() - start);
     }
   }

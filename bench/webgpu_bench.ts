@@ -56,7 +56,7 @@ function gpuRandom(
   const src = gpu.upload(uniformFloats(block, lo, hi, seed));
   const buf = gpu.zeros(length);
   for (let offset = 0; offset < length; offset += block) {
-    gpu.copy(buf, offset, src, 0, Math.min(block, length - offset));
+    gpu.copy({ dst: buf, dstOffset: offset, src, length: Math.min(block, length - offset) });
   }
   gpu.release(src);
   return buf;
@@ -177,13 +177,16 @@ async function benchOps(gpu: WebGpuBackend) {
       dState: N,
       batch,
     });
+  /** `rows` rows of x times a weight [outDim, inDim]ᵀ (w unless given), into `into` (or out). */
+  const product = (rows: number, inDim: number, outDim: number, weight = w, into = out) => () =>
+    gpu.linear({ out: into, x, weight, rows, inDim, outDim });
   const cases: [string, number, () => void][] = [
-    ["matmul 512x768->1536", 20, () => gpu.linear(out, x, w, null, L, D, E)],
-    ["matmul 512x1536->768", 20, () => gpu.linear(out, x, w, null, L, E, D)],
-    ["matmul 512x1536->16", 20, () => gpu.linear(out, x, w, null, L, E, 16)],
-    ["gemv 1x768->1536", 200, () => gpu.linear(out, x, w, null, 1, D, E)],
-    ["gemv 1x1536->16", 200, () => gpu.linear(out, x, w, null, 1, E, 16)],
-    ["gemv 1x768->50280", 50, () => gpu.linear(logits, x, lm, null, 1, D, V)],
+    ["matmul 512x768->1536", 20, product(L, D, E)],
+    ["matmul 512x1536->768", 20, product(L, E, D)],
+    ["matmul 512x1536->16", 20, product(L, E, 16)],
+    ["gemv 1x768->1536", 200, product(1, D, E)],
+    ["gemv 1x1536->16", 200, product(1, E, 16)],
+    ["gemv 1x768->50280", 50, product(1, D, V, lm, logits)],
     ["scan len 512 dim 1536", 20, scan(L)],
     ["scan len 1 dim 1536", 200, scan(1)],
     [
@@ -198,9 +201,9 @@ async function benchOps(gpu: WebGpuBackend) {
       () =>
         gpu.causalConv({ out, x, weight: w, bias: w, state: conv, len: 1, channels: E, kernel: 4 }),
     ],
-    ["rmsNorm 512x768", 20, () => gpu.rmsNorm(out, x, w, L, D, 1e-5)],
-    ["add 512x768", 20, () => gpu.addInPlace(out, x, L * D)],
-    ["add 16 (dispatch overhead)", 1000, () => gpu.addInPlace(out, small, 16)],
+    ["rmsNorm 512x768", 20, () => gpu.rmsNorm({ out, x, weight: w, rows: L, dim: D, eps: 1e-5 })],
+    ["add 512x768", 20, () => gpu.addInPlace({ acc: out, x, length: L * D })],
+    ["add 16 (dispatch overhead)", 1000, () => gpu.addInPlace({ acc: out, x: small, length: 16 })],
   ];
   // A decode step's operations for `rows` sequences at once (the engine's batched round), one
   // layer's worth each, the conv and x_proj not folded into in_proj's GEMV past 16 rows.
@@ -211,12 +214,12 @@ async function benchOps(gpu: WebGpuBackend) {
   for (const rows of [1, 16, 64]) {
     const per = rows === 1 ? 200 : 50;
     cases.push(
-      [`decode ${rows}: rmsNorm ${rows}x768`, per, () => gpu.rmsNorm(out, x, w, rows, D, 1e-5)],
       [
-        `decode ${rows}: in_proj ${rows}x768->3072`,
+        `decode ${rows}: rmsNorm ${rows}x768`,
         per,
-        () => gpu.linear(out, x, inProj, null, rows, D, 2 * E),
+        () => gpu.rmsNorm({ out, x, weight: w, rows, dim: D, eps: 1e-5 }),
       ],
+      [`decode ${rows}: in_proj ${rows}x768->3072`, per, product(rows, D, 2 * E, inProj)],
       [`decode ${rows}: conv step`, per, () =>
         gpu.causalConv({
           out,
@@ -229,21 +232,17 @@ async function benchOps(gpu: WebGpuBackend) {
           kernel: 4,
           batch: rows,
         })],
-      [
-        `decode ${rows}: x_proj ${rows}x1536->80`,
-        per,
-        () => gpu.linear(out, x, w, null, rows, E, 80),
-      ],
+      [`decode ${rows}: x_proj ${rows}x1536->80`, per, product(rows, E, 80)],
       [`decode ${rows}: scan step`, per, scan(1, rows, states)],
       [
         `decode ${rows}: out_proj ${rows}x1536->768 (+=)`,
         per,
-        () => gpu.linear(out, x, w, null, rows, E, D, true),
+        () => gpu.linear({ out, x, weight: w, rows, inDim: E, outDim: D, accumulate: true }),
       ],
       [
         `decode ${rows}: lm_head ${rows}x768->50280`,
         rows === 1 ? 50 : 20,
-        () => gpu.linear(logitRows, x, lm, null, rows, D, V),
+        product(rows, D, V, lm, logitRows),
       ],
     );
   }
@@ -260,7 +259,7 @@ async function benchOps(gpu: WebGpuBackend) {
     .toFixed(1);
   const t1 = performance.now();
   for (let i = 0; i < 20; i++) {
-    gpu.addInPlace(out, small, 16);
+    gpu.addInPlace({ acc: out, x: small, length: 16 });
     await gpu.sync();
   }
   results["dispatch + submit + onSubmittedWorkDone"] = +(((performance.now() - t1) * 1000) / 20)

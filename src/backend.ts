@@ -17,6 +17,106 @@
 import type { HalfMatrix, QuantizedMatrix } from "./quant.ts";
 
 /**
+ * Arguments of {@link Backend.copy}: `length` floats of src from `srcOffset`
+ * into dst from `dstOffset`.
+ */
+export interface CopyArgs<Buf> {
+  /** Written. */
+  dst: Buf;
+  /** Where the copy starts in dst, in floats (default 0). */
+  dstOffset?: number;
+  /** Read; may be dst itself. */
+  src: Buf;
+  /** Where the copy starts in src, in floats (default 0). */
+  srcOffset?: number;
+  /** Floats copied. */
+  length: number;
+}
+
+/** Arguments of {@link Backend.embed}: out [ids.length, dim] = rows `ids` of table [rows, dim]. */
+export interface EmbedArgs<Buf> {
+  /** Output [ids.length, dim]: row t is row `ids[t]` of table. */
+  out: Buf;
+  /** Table [rows, dim]; may be a matrix kept 16-bit, quantized or split. */
+  table: Buf;
+  /** Rows of table to gather (token ids), one per row of out. */
+  ids: Int32Array;
+  /** Floats per row. */
+  dim: number;
+}
+
+/** Arguments of {@link Backend.rmsNorm}: out = x / sqrt(mean(x²) + eps) * weight, per row. */
+export interface RmsNormArgs<Buf> {
+  /** Output [rows, dim]; may be x itself. */
+  out: Buf;
+  /** Input [rows, dim]. */
+  x: Buf;
+  /** Scale [dim]. */
+  weight: Buf;
+  /** Rows. */
+  rows: number;
+  /** Channels per row. */
+  dim: number;
+  /** Added to each row's mean square. */
+  eps: number;
+}
+
+/**
+ * Arguments of {@link Backend.linear}: out = x · weightᵀ + bias, or with
+ * `accumulate`, out += that instead (the residual connection).
+ */
+export interface LinearArgs<Buf> {
+  /** Output [rows, outDim]. */
+  out: Buf;
+  /** Input x [rows, inDim]. */
+  x: Buf;
+  /** Weight [outDim, inDim]; may be a matrix kept 16-bit, quantized or split. */
+  weight: Buf;
+  /** Bias [outDim], or null or absent for none. */
+  bias?: Buf | null;
+  /** Rows of x and out. */
+  rows: number;
+  /** Floats per row of x. */
+  inDim: number;
+  /** Floats per row of out. */
+  outDim: number;
+  /** Whether the product is added to out rather than written over it (default false). */
+  accumulate?: boolean;
+}
+
+/**
+ * Arguments of {@link Backend.linearSplit}: a linear whose output columns go
+ * to separate buffers, outs[i] getting the next widths[i] columns of x ·
+ * weightᵀ + bias (in_proj's x and z; x_proj's dt, B and C).
+ */
+export interface LinearSplitArgs<Buf> {
+  /** Outputs, outs[i] [rows, widths[i]]. */
+  outs: readonly Buf[];
+  /** Columns of each output, in order. */
+  widths: readonly number[];
+  /** Input x [rows, inDim]. */
+  x: Buf;
+  /** Weight [Σ widths, inDim]; may be a matrix kept 16-bit, quantized or split. */
+  weight: Buf;
+  /** Bias [Σ widths], or null or absent for none. */
+  bias?: Buf | null;
+  /** Rows of x and of each output. */
+  rows: number;
+  /** Floats per row of x. */
+  inDim: number;
+}
+
+/** Arguments of {@link Backend.addInPlace}: acc[i] += x[i] for the first `length` floats. */
+export interface AddArgs<Buf> {
+  /** Accumulator [length], added to in place. */
+  acc: Buf;
+  /** Addend [length]. */
+  x: Buf;
+  /** Floats added. */
+  length: number;
+}
+
+/**
  * Arguments of {@link Backend.selectiveScan}, token-major. With `batch`
  * sequences, each per-token buffer holds them one after the other (u [batch,
  * len, dim], B [batch, len, dState], …) and state is [batch, dim, dState].
@@ -401,8 +501,8 @@ export interface Backend<Buf = unknown> {
   write(buf: Buf, data: Float32Array, offset?: number): void;
   /** Completes pending work and copies `length` floats from `offset` back to the host. */
   read(buf: Buf, offset?: number, length?: number): Promise<Float32Array>;
-  /** Copies `length` floats from `src` at `srcOffset` into `dst` at `dstOffset`. */
-  copy(dst: Buf, dstOffset: number, src: Buf, srcOffset: number, length: number): void;
+  /** Copies `length` floats from src into dst, each from its offset (see {@link CopyArgs}). */
+  copy(args: CopyArgs<Buf>): void;
   /** Gives the buffer's memory back; the handle must not be used again. */
   release(buf: Buf): void;
   /**
@@ -429,44 +529,23 @@ export interface Backend<Buf = unknown> {
    */
   dispose(): void;
 
-  /** out [ids.length, dim] = rows `ids` of table [rows, dim]. */
-  embed(out: Buf, table: Buf, ids: Int32Array, dim: number): void;
+  /** out [ids.length, dim] = rows `ids` of table [rows, dim] (see {@link EmbedArgs}). */
+  embed(args: EmbedArgs<Buf>): void;
   /** Rows copied by index: gathers and scatters (see {@link CopyRowsArgs}). */
   copyRows(args: CopyRowsArgs<Buf>): void;
   /** One id per row of logits, as `Sampler.sample` would choose it (see {@link ChooseArgs}). */
   chooseTokens(args: ChooseArgs<Buf>): void;
-  /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row. */
-  rmsNorm(out: Buf, x: Buf, weight: Buf, rows: number, dim: number, eps: number): void;
+  /** out [rows, dim] = x / sqrt(mean(x²) + eps) * weight, per row (see {@link RmsNormArgs}). */
+  rmsNorm(args: RmsNormArgs<Buf>): void;
   /**
-   * out [rows, outDim] = x [rows, inDim] · weightᵀ + bias, with weight [outDim,
-   * inDim]; with `accumulate`, out += that instead (the residual connection).
+   * out [rows, outDim] = x [rows, inDim] · weightᵀ + bias; with `accumulate`,
+   * out += that instead (see {@link LinearArgs}).
    */
-  linear(
-    out: Buf,
-    x: Buf,
-    weight: Buf,
-    bias: Buf | null,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    accumulate?: boolean,
-  ): void;
-  /**
-   * A linear whose output columns go to separate buffers: outs[i] [rows,
-   * widths[i]] gets the next widths[i] columns of x · weightᵀ + bias, where
-   * weight is [Σ widths, inDim] (in_proj's x and z; x_proj's dt, B and C).
-   */
-  linearSplit(
-    outs: readonly Buf[],
-    widths: readonly number[],
-    x: Buf,
-    weight: Buf,
-    bias: Buf | null,
-    rows: number,
-    inDim: number,
-  ): void;
-  /** acc[i] += x[i] for the first `length` floats. */
-  addInPlace(acc: Buf, x: Buf, length: number): void;
+  linear(args: LinearArgs<Buf>): void;
+  /** A linear whose output columns go to separate buffers (see {@link LinearSplitArgs}). */
+  linearSplit(args: LinearSplitArgs<Buf>): void;
+  /** acc[i] += x[i] for the first `length` floats (see {@link AddArgs}). */
+  addInPlace(args: AddArgs<Buf>): void;
   /** Causal depthwise convolution with SiLU, carrying state across calls. */
   causalConv(args: ConvArgs<Buf>): void;
   /** Selective scan (S6) with fused softplus, D skip and z gating, carrying state. */

@@ -534,7 +534,7 @@ export class DecodeEngine<Buf> {
     const grown = be.zeros(pool.capacity * length);
     if (this.#history !== null && length === this.#historyLength) {
       // More rows, same length: the rows held so far move as they are.
-      be.copy(grown, 0, this.#history, 0, this.#historyRows * length);
+      be.copy({ dst: grown, src: this.#history, length: this.#historyRows * length });
     } else if (this.#decoding.length > 0) {
       // A new length moves every id: write each sequence's anew, once the
       // host knows them all.

@@ -219,17 +219,17 @@ export function mamba2BlockOp<Buf>(
   const L = len * batch;
   switch (op) {
     case "norm": // xn = rmsNorm(hidden)
-      return be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
+      return be.rmsNorm({ out: s.normed, x: s.hidden, weight: w.norm, rows: L, dim: dModel, eps });
     case "in_proj": // z, xBC, dt = in_proj(xn)
-      return be.linearSplit(
-        [s.z, s.xBC, s.dt],
-        [dInner, convDim, nHeads],
-        s.normed,
-        w.inProj,
-        w.inProjBias,
-        L,
-        dModel,
-      );
+      return be.linearSplit({
+        outs: [s.z, s.xBC, s.dt],
+        widths: [dInner, convDim, nHeads],
+        x: s.normed,
+        weight: w.inProj,
+        bias: w.inProjBias,
+        rows: L,
+        inDim: dModel,
+      });
     case "conv": // xBC = silu(causalConv(xBC) + convBias)
       return be.causalConv({
         out: s.xBCConv,
@@ -274,6 +274,15 @@ export function mamba2BlockOp<Buf>(
         eps,
       });
     case "out_proj": // hidden += out_proj(yn)
-      return be.linear(s.hidden, s.yNorm, w.outProj, w.outProjBias, L, dInner, dModel, true);
+      return be.linear({
+        out: s.hidden,
+        x: s.yNorm,
+        weight: w.outProj,
+        bias: w.outProjBias,
+        rows: L,
+        inDim: dInner,
+        outDim: dModel,
+        accumulate: true,
+      });
   }
 }

@@ -148,17 +148,17 @@ export function blockOp<Buf>(
   const L = len * batch;
   switch (op) {
     case "norm": // xn = rmsNorm(hidden)
-      return be.rmsNorm(s.normed, s.hidden, w.norm, L, dModel, eps);
+      return be.rmsNorm({ out: s.normed, x: s.hidden, weight: w.norm, rows: L, dim: dModel, eps });
     case "in_proj": // x, z = in_proj(xn)
-      return be.linearSplit(
-        [s.x, s.z],
-        [dInner, dInner],
-        s.normed,
-        w.inProj,
-        w.inProjBias,
-        L,
-        dModel,
-      );
+      return be.linearSplit({
+        outs: [s.x, s.z],
+        widths: [dInner, dInner],
+        x: s.normed,
+        weight: w.inProj,
+        bias: w.inProjBias,
+        rows: L,
+        inDim: dModel,
+      });
     case "conv": // xc = silu(causalConv(x) + convBias)
       return be.causalConv({
         out: s.xc,
@@ -174,34 +174,46 @@ export function blockOp<Buf>(
       });
     case "x_proj": { // dt, B, C = x_proj(xc)
       if (mixerRmsEps === undefined) {
-        return be.linearSplit(
-          [s.dt, s.B, s.C],
-          [dtRank, dState, dState],
-          s.xc,
-          w.xProj,
-          null,
-          L,
-          dInner,
-        );
+        return be.linearSplit({
+          outs: [s.dt, s.B, s.C],
+          widths: [dtRank, dState, dState],
+          x: s.xc,
+          weight: w.xProj,
+          rows: L,
+          inDim: dInner,
+        });
       }
       // Falcon-Mamba: dt, B, C = rmsNorm(x_proj(xc)) each, without weights.
       const raw = s.mixerNorm!;
-      be.linearSplit(
-        [raw.dt, raw.B, raw.C],
-        [dtRank, dState, dState],
-        s.xc,
-        w.xProj,
-        null,
-        L,
-        dInner,
-      );
-      be.rmsNorm(s.dt, raw.dt, raw.ones, L, dtRank, mixerRmsEps);
-      be.rmsNorm(s.B, raw.B, raw.ones, L, dState, mixerRmsEps);
-      be.rmsNorm(s.C, raw.C, raw.ones, L, dState, mixerRmsEps);
+      be.linearSplit({
+        outs: [raw.dt, raw.B, raw.C],
+        widths: [dtRank, dState, dState],
+        x: s.xc,
+        weight: w.xProj,
+        rows: L,
+        inDim: dInner,
+      });
+      be.rmsNorm({
+        out: s.dt,
+        x: raw.dt,
+        weight: raw.ones,
+        rows: L,
+        dim: dtRank,
+        eps: mixerRmsEps,
+      });
+      be.rmsNorm({ out: s.B, x: raw.B, weight: raw.ones, rows: L, dim: dState, eps: mixerRmsEps });
+      be.rmsNorm({ out: s.C, x: raw.C, weight: raw.ones, rows: L, dim: dState, eps: mixerRmsEps });
       return;
     }
     case "dt_proj": // delta = dt_proj(dt), before its bias and softplus (the scan's)
-      return be.linear(s.delta, s.dt, w.dtProj, null, L, dtRank, dInner);
+      return be.linear({
+        out: s.delta,
+        x: s.dt,
+        weight: w.dtProj,
+        rows: L,
+        inDim: dtRank,
+        outDim: dInner,
+      });
     case "scan": // y = selective scan over delta, gated by silu(z)
       return be.selectiveScan({
         y: s.y,
@@ -222,7 +234,16 @@ export function blockOp<Buf>(
         batch,
       });
     case "out_proj": // hidden += out_proj(y)
-      return be.linear(s.hidden, s.y, w.outProj, w.outProjBias, L, dInner, dModel, true);
+      return be.linear({
+        out: s.hidden,
+        x: s.y,
+        weight: w.outProj,
+        bias: w.outProjBias,
+        rows: L,
+        inDim: dInner,
+        outDim: dModel,
+        accumulate: true,
+      });
   }
 }
 
@@ -237,8 +258,15 @@ export function projectLogits<Buf>(
   count: number,
 ): void {
   const { dModel, vocabSize, eps } = config;
-  be.rmsNorm(normed, input, weights.normF, count, dModel, eps);
-  be.linear(logits, normed, weights.lmHead, null, count, dModel, vocabSize);
+  be.rmsNorm({ out: normed, x: input, weight: weights.normF, rows: count, dim: dModel, eps });
+  be.linear({
+    out: logits,
+    x: normed,
+    weight: weights.lmHead,
+    rows: count,
+    inDim: dModel,
+    outDim: vocabSize,
+  });
 }
 
 /** Activations of up to `rows` rows: a block's buffers and the head's input. */
@@ -469,7 +497,7 @@ export class MambaModel<Buf> {
         const s = this.allocScratch(chunk.length);
         const rows = be.zeros(chunk.length * vocabSize);
         try {
-          be.embed(s.hidden, this.#weights.embedding, chunk, dModel);
+          be.embed({ out: s.hidden, table: this.#weights.embedding, ids: chunk, dim: dModel });
           this.blocks(s, slotRows, chunk.length, 1);
           this.head(s, rows, s.hidden, chunk.length);
           logits.set(await be.read(rows), start * vocabSize);

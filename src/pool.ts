@@ -122,7 +122,9 @@ export class StatePool<Buf> {
   /** Zeroes a slot's state and logits: the start of a sequence. */
   reset(slot: number): void {
     this.#check(slot);
-    this.#forEachRow((buf, length) => this.#be.copy(buf, slot * length, this.#zeros, 0, length));
+    this.#forEachRow((buf, length) =>
+      this.#be.copy({ dst: buf, dstOffset: slot * length, src: this.#zeros, length })
+    );
   }
 
   /** Reads a slot's state and logits to the host: one staged copy, one read. */
@@ -133,7 +135,7 @@ export class StatePool<Buf> {
     try {
       let at = 0;
       this.#forEachRow((buf, length) => {
-        be.copy(stage, at, buf, slot * length, length);
+        be.copy({ dst: stage, dstOffset: at, src: buf, srcOffset: slot * length, length });
         at += length;
       });
       const all = await be.read(stage);
@@ -173,7 +175,7 @@ export class StatePool<Buf> {
     be.write(stage, all);
     at = 0;
     this.#forEachRow((buf, length) => {
-      be.copy(buf, slot * length, stage, at, length);
+      be.copy({ dst: buf, dstOffset: slot * length, src: stage, srcOffset: at, length });
       at += length;
     });
     be.release(stage);
@@ -203,8 +205,10 @@ export class StatePool<Buf> {
       throw new RangeError(`A copy of ${copy.capacity} slots cannot hold ${rows}`);
     }
     const be = this.#be;
-    this.#forEachRow((buf, length, i) => be.copy(this.#rowsOf(copy, i), 0, buf, 0, rows * length));
-    be.copy(copy.next, 0, this.next, 0, rows);
+    this.#forEachRow((buf, length, i) =>
+      be.copy({ dst: this.#rowsOf(copy, i), src: buf, length: rows * length })
+    );
+    be.copy({ dst: copy.next, src: this.next, length: rows });
   }
 
   /** Copies slot `slot`'s rows back from `copy`, as {@link save} left them. */
@@ -215,9 +219,15 @@ export class StatePool<Buf> {
     }
     const be = this.#be;
     this.#forEachRow((buf, length, i) =>
-      be.copy(buf, slot * length, this.#rowsOf(copy, i), slot * length, length)
+      be.copy({
+        dst: buf,
+        dstOffset: slot * length,
+        src: this.#rowsOf(copy, i),
+        srcOffset: slot * length,
+        length,
+      })
     );
-    be.copy(this.next, slot, copy.next, slot, 1);
+    be.copy({ dst: this.next, dstOffset: slot, src: copy.next, srcOffset: slot, length: 1 });
   }
 
   /** Frees every buffer; the pool must not be used afterwards. */
@@ -249,7 +259,7 @@ export class StatePool<Buf> {
     const regrow = (buf: Buf | undefined, length: number): Buf => {
       const grown = be.zeros(capacity * length);
       if (buf !== undefined) {
-        if (old > 0 && length > 0) be.copy(grown, 0, buf, 0, old * length);
+        if (old > 0 && length > 0) be.copy({ dst: grown, src: buf, length: old * length });
         be.release(buf);
       }
       return grown;

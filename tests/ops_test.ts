@@ -660,7 +660,7 @@ const KERNEL_CASES: KernelCase[] = [
           const w = matrixIn(be, roundedTo(fill(outDim * inDim), format), inDim, format);
           const bias = withBias ? be.upload(fill(outDim)) : null;
           const out = be.zeros(rows * outDim);
-          be.linear(out, x, w, bias, rows, inDim, outDim);
+          be.linear({ out, x, weight: w, bias, rows, inDim, outDim });
           outs.push(await be.read(out));
         }
       }
@@ -698,14 +698,22 @@ const KERNEL_CASES: KernelCase[] = [
         for (const withBias of [false, true]) {
           const bias = withBias ? be.upload(fill(outDim)) : null;
           const out = be.zeros(rows * outDim);
-          be.linear(out, x, w, bias, rows, inDim, outDim);
+          be.linear({ out, x, weight: w, bias, rows, inDim, outDim });
           outs.push(await be.read(out));
         }
         if (outDim < 9) continue;
         // Split outputs (in_proj's x and z, x_proj's dt, B and C): each its rows of the blocks.
         const widths = [outDim - 7, 4, 3];
         const parts = widths.map((width) => be.zeros(rows * width));
-        be.linearSplit(parts, widths, x, w, be.upload(fill(outDim)), rows, inDim);
+        be.linearSplit({
+          outs: parts,
+          widths,
+          x,
+          weight: w,
+          bias: be.upload(fill(outDim)),
+          rows,
+          inDim,
+        });
         for (const part of parts) outs.push(await be.read(part));
       }
       return outs;
@@ -733,7 +741,7 @@ const KERNEL_CASES: KernelCase[] = [
             })();
           const ids = [0, vocab - 1, 5, 5, 17, 9];
           const embedded = be.zeros(ids.length * dim);
-          be.embed(embedded, table, Int32Array.from(ids), dim);
+          be.embed({ out: embedded, table, ids: Int32Array.from(ids), dim });
           // By ids on the device (a decode step's), one past the table, into rows 1.. of dst.
           const copied = be.upload(new Float32Array((ids.length + 2) * dim).fill(-7));
           be.copyRows({
@@ -769,10 +777,10 @@ const KERNEL_CASES: KernelCase[] = [
         const w = be.upload(fill(outDim * inDim), inDim);
         const bias = be.upload(fill(outDim));
         const parts = widths.map((width) => be.zeros(rows * width));
-        be.linearSplit(parts, widths, x, w, bias, rows, inDim);
+        be.linearSplit({ outs: parts, widths, x, weight: w, bias, rows, inDim });
         for (const part of parts) outs.push(await be.read(part));
         const acc = be.upload(fill(rows * outDim));
-        be.linear(acc, x, w, bias, rows, inDim, outDim, true);
+        be.linear({ out: acc, x, weight: w, bias, rows, inDim, outDim, accumulate: true });
         outs.push(await be.read(acc));
       }
       return outs;
@@ -884,19 +892,19 @@ const KERNEL_CASES: KernelCase[] = [
         const x = be.upload(fill(rows * dim, 3));
         const w = be.upload(fill(dim));
         const out = be.zeros(rows * dim);
-        be.rmsNorm(out, x, w, rows, dim, 1e-5);
-        be.rmsNorm(x, x, w, rows, dim, 1e-5);
+        be.rmsNorm({ out, x, weight: w, rows, dim, eps: 1e-5 });
+        be.rmsNorm({ out: x, x, weight: w, rows, dim, eps: 1e-5 });
         outs.push(await be.read(out), await be.read(x));
       }
       const acc = be.upload(fill(1027));
-      be.addInPlace(acc, be.upload(fill(1027)), 1026);
+      be.addInPlace({ acc, x: be.upload(fill(1027)), length: 1026 });
       // 7,372 bytes: split in two on "webgpu split".
       const [vocab, dim] = [97, 19];
       const table = be.upload(fill(vocab * dim), dim);
       const embedded = be.zeros(5 * dim);
-      be.embed(embedded, table, Int32Array.of(3, 0, 96, 3, 57), dim);
-      be.copy(acc, 5, embedded, 2, 11);
-      be.copy(acc, 0, acc, 2, 6); // within one buffer
+      be.embed({ out: embedded, table, ids: Int32Array.of(3, 0, 96, 3, 57), dim });
+      be.copy({ dst: acc, dstOffset: 5, src: embedded, srcOffset: 2, length: 11 });
+      be.copy({ dst: acc, src: acc, srcOffset: 2, length: 6 }); // within one buffer
       outs.push(await be.read(acc), await be.read(embedded));
       return outs;
     },

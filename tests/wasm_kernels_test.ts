@@ -58,9 +58,17 @@ async function linearMatches(
     const x = rand(rows * inDim);
     const bias = withBias ? rand(outDim) : null;
     const want = js.zeros(rows * outDim);
-    js.linear(want, x, weights, bias, rows, inDim, outDim);
+    js.linear({ out: want, x, weight: weights, bias, rows, inDim, outDim });
     const out = wasm.zeros(rows * outDim);
-    wasm.linear(out, wasm.upload(x), w, bias && wasm.upload(bias), rows, inDim, outDim);
+    wasm.linear({
+      out,
+      x: wasm.upload(x),
+      weight: w,
+      bias: bias && wasm.upload(bias),
+      rows,
+      inDim,
+      outDim,
+    });
     const diff = maxScaledDiff(await wasm.read(out), want);
     assert(diff <= 1e-5, `${name} linear ${rows}x${inDim}x${outDim} bias=${withBias}: ${diff}`);
   }
@@ -68,9 +76,9 @@ async function linearMatches(
   const widths = [outDim - 7, 4, 3];
   const x = rand(rows * inDim);
   const want = js.zeros(rows * outDim);
-  js.linear(want, x, weights, null, rows, inDim, outDim);
+  js.linear({ out: want, x, weight: weights, rows, inDim, outDim });
   const outs = widths.map((width) => wasm.zeros(rows * width));
-  wasm.linearSplit(outs, widths, wasm.upload(x), w, null, rows, inDim);
+  wasm.linearSplit({ outs, widths, x: wasm.upload(x), weight: w, rows, inDim });
   let first = 0;
   for (const [i, width] of widths.entries()) {
     const part = new Float32Array(rows * width);
@@ -102,7 +110,7 @@ Deno.test("[wasm] gguf-py's random blocks gather to its values bit for bit and m
       const w = wasm.uploadQuantizedMatrix(quantizedMatrix(type, rows, cols, blocks, type));
       const ids = Int32Array.from({ length: rows }, (_, i) => rows - 1 - i);
       const embedded = wasm.zeros(rows * cols);
-      wasm.embed(embedded, w, ids, cols);
+      wasm.embed({ out: embedded, table: w, ids, dim: cols });
       const want = new Float32Array(rows * cols);
       ids.forEach((id, t) => want.set(values.subarray(id * cols, (id + 1) * cols), t * cols));
       assertEquals(await wasm.read(embedded), want, `${threads} threads: ${type} embed`);
@@ -302,7 +310,7 @@ Deno.test("[wasm] undisposed worker threads do not keep the process alive", asyn
     const w = be.upload(new Float32Array(256 * 256).fill(1));
     const x = be.upload(new Float32Array(4 * 256).fill(2));
     const out = be.zeros(4 * 256);
-    be.linear(out, x, w, null, 4, 256, 256);
+    be.linear({ out, x, weight: w, rows: 4, inDim: 256, outDim: 256 });
     console.log((await be.read(out, 0, 1))[0]);
   `;
   const child = new Deno.Command(Deno.execPath(), {

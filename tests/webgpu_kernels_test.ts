@@ -123,9 +123,9 @@ Deno.test({
       const gAcc = gpu.upload(acc);
       const dst = gpu.zeros(10);
       const before = acc.slice();
-      gpu.copy(dst, 3, gAcc, 5, 4);
-      gpu.copy(gAcc, 0, gAcc, 2, 6); // same buffer
-      js.copy(acc, 0, acc, 2, 6);
+      gpu.copy({ dst, dstOffset: 3, src: gAcc, srcOffset: 5, length: 4 });
+      gpu.copy({ dst: gAcc, src: gAcc, srcOffset: 2, length: 6 }); // same buffer
+      js.copy({ dst: acc, src: acc, srcOffset: 2, length: 6 });
       assertEquals(await gpu.read(dst), Float32Array.of(0, 0, 0, ...before.slice(5, 9), 0, 0, 0));
       assertEquals(await gpu.read(gAcc, 0, 12), acc.slice(0, 12));
       gpu.write(dst, Float32Array.of(1, 2), 8);
@@ -300,7 +300,7 @@ async function foldedDtProjMatches(
   };
   // The reference projects delta first, then scans.
   const wantDelta = new Float32Array(batch * dim);
-  js.linear(wantDelta, dt, weight, null, batch, rank, dim);
+  js.linear({ out: wantDelta, x: dt, weight, rows: batch, inDim: rank, outDim: dim });
   const wantY = new Float32Array(batch * dim);
   const wantState = state.slice();
   js.selectiveScan({ ...plain, y: wantY, delta: wantDelta, state: wantState });
@@ -311,7 +311,14 @@ async function foldedDtProjMatches(
     const y = gpu.zeros(batch * dim);
     const gotState = gpu.upload(state.slice());
     const before = gpu.dispatches;
-    gpu.linear(delta, dtBuffer, gpuWeight, null, batch, rank, dim);
+    gpu.linear({
+      out: delta,
+      x: dtBuffer,
+      weight: gpuWeight,
+      rows: batch,
+      inDim: rank,
+      outDim: dim,
+    });
     gpu.selectiveScan({
       ...plain,
       A: gpu.upload(plain.A),
@@ -388,18 +395,26 @@ Deno.test({
         if (label === "f32") {
           const ids = Int32Array.of(0, 36, 9, 10, 19, 20, 35);
           const want = new Float32Array(ids.length * dim);
-          js.embed(want, table, ids, dim);
+          js.embed({ out: want, table, ids, dim });
           const out = gpu.zeros(ids.length * dim);
-          gpu.embed(out, buffer, ids, dim);
+          gpu.embed({ out, table: buffer, ids, dim });
           close(await gpu.read(out), want, 0, "embed over parts");
         }
         for (const batch of [1, 3, 70]) {
           const x = fill(batch * dim, rand);
           const bias = fill(rows, rand);
           const want = new Float32Array(batch * rows);
-          js.linear(want, x, values, bias, batch, dim, rows);
+          js.linear({ out: want, x, weight: values, bias, rows: batch, inDim: dim, outDim: rows });
           const out = gpu.zeros(batch * rows);
-          gpu.linear(out, gpu.upload(x), buffer, gpu.upload(bias), batch, dim, rows);
+          gpu.linear({
+            out,
+            x: gpu.upload(x),
+            weight: buffer,
+            bias: gpu.upload(bias),
+            rows: batch,
+            inDim: dim,
+            outDim: rows,
+          });
           close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${batch} rows`);
         }
       }
@@ -417,9 +432,17 @@ Deno.test({
       ) {
         assert(buffer.parts.length > 1, `${label}: expected a split, got ${buffer.parts.length}`);
         const want = new Float32Array(batch * wide);
-        js.linear(want, x, values, bias, batch, narrow, wide);
+        js.linear({ out: want, x, weight: values, bias, rows: batch, inDim: narrow, outDim: wide });
         const out = gpu.zeros(batch * wide);
-        gpu.linear(out, gpu.upload(x), buffer, gpu.upload(bias), batch, narrow, wide);
+        gpu.linear({
+          out,
+          x: gpu.upload(x),
+          weight: buffer,
+          bias: gpu.upload(bias),
+          rows: batch,
+          inDim: narrow,
+          outDim: wide,
+        });
         close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${wide} outputs`);
       }
     }, { splitMatricesOver: 1024 }),
@@ -448,9 +471,9 @@ Deno.test({
       for (const { part } of buffer.pieces()) assertEquals(part.format, "q8_0", "a part's format");
       const ids = Int32Array.of(0, 36, 13, 14, 27, 28, 35);
       const want = new Float32Array(ids.length * dim);
-      js.embed(want, values, ids, dim);
+      js.embed({ out: want, table: values, ids, dim });
       const out = gpu.zeros(ids.length * dim);
-      gpu.embed(out, buffer, ids, dim);
+      gpu.embed({ out, table: buffer, ids, dim });
       sameValues(await gpu.read(out), want, "embed over parts");
       const copied = gpu.zeros(ids.length * dim);
       const srcRows = { buf: gpu.upload(Float32Array.from(ids)), offset: 0 };
@@ -460,9 +483,17 @@ Deno.test({
         const x = fill(batch * dim, rand);
         const bias = fill(rows, rand);
         const wantOut = new Float32Array(batch * rows);
-        js.linear(wantOut, x, values, bias, batch, dim, rows);
+        js.linear({ out: wantOut, x, weight: values, bias, rows: batch, inDim: dim, outDim: rows });
         const product = gpu.zeros(batch * rows);
-        gpu.linear(product, gpu.upload(x), buffer, gpu.upload(bias), batch, dim, rows);
+        gpu.linear({
+          out: product,
+          x: gpu.upload(x),
+          weight: buffer,
+          bias: gpu.upload(bias),
+          rows: batch,
+          inDim: dim,
+          outDim: rows,
+        });
         close(await gpu.read(product), wantOut, 1e-5, `linear over parts, ${batch} rows`);
       }
     }, { splitMatricesOver: 4096 }),
@@ -480,9 +511,9 @@ Deno.test({
       // As rows: split into parts of 16 KiB, each a view into the shared memory.
       const ids = Int32Array.of(0, 299, 150, 7, 64);
       const want = new Float32Array(ids.length * dim);
-      js.embed(want, table, ids, dim);
+      js.embed({ out: want, table, ids, dim });
       const out = gpu.zeros(ids.length * dim);
-      gpu.embed(out, gpu.upload(table, dim), ids, dim);
+      gpu.embed({ out, table: gpu.upload(table, dim), ids, dim });
       assertEquals(await gpu.read(out), want);
       const written = gpu.zeros(100);
       gpu.write(written, table.subarray(1000, 1050), 30);
@@ -509,16 +540,23 @@ Deno.test({
       const out = gpu.zeros(outDim);
       // acc += weight · x, twice: the replay sees the buffers' values at its turn.
       const recording = gpu.capture(() => {
-        gpu.linear(out, x, weight, null, rows, inDim, outDim);
-        gpu.addInPlace(acc, out, outDim);
-        gpu.copy(out, 0, acc, 0, outDim);
+        gpu.linear({ out, x, weight, rows, inDim, outDim });
+        gpu.addInPlace({ acc, x: out, length: outDim });
+        gpu.copy({ dst: out, src: acc, length: outDim });
       });
       assertEquals(recording.dispatches, 2);
       assertEquals(Array.from(await gpu.read(acc)), new Array(outDim).fill(0), "nothing ran");
       gpu.replay(recording);
       gpu.replay(recording);
       const once = new Float32Array(outDim);
-      js.linear(once, await gpu.read(x), await gpu.read(weight), null, rows, inDim, outDim);
+      js.linear({
+        out: once,
+        x: await gpu.read(x),
+        weight: await gpu.read(weight),
+        rows,
+        inDim,
+        outDim,
+      });
       close(await gpu.read(acc), once.map((v) => 2 * v), 1e-6, "acc after two replays");
       close(await gpu.read(out), once.map((v) => 2 * v), 1e-6, "copied acc");
       gpu.releaseRecording(recording);
@@ -534,13 +572,13 @@ Deno.test({
       };
       refused(() => gpu.write(acc, new Float32Array(1)), "write");
       refused(() => gpu.zeros(4), "zeros");
-      refused(() => gpu.embed(out, weight, Int32Array.of(1), inDim), "embed");
-      refused(() => gpu.addInPlace(acc, acc, outDim), "aliased add");
+      refused(() => gpu.embed({ out, table: weight, ids: Int32Array.of(1), dim: inDim }), "embed");
+      refused(() => gpu.addInPlace({ acc, x: acc, length: outDim }), "aliased add");
       let read: Promise<Float32Array> | undefined;
       gpu.releaseRecording(gpu.capture(() => read = gpu.read(acc)));
       await assertRejects(() => read!, Error, "cannot be recorded");
       // A failed capture leaves the backend usable.
-      gpu.addInPlace(acc, out, outDim);
+      gpu.addInPlace({ acc, x: out, length: outDim });
       close(await gpu.read(acc), once.map((v) => 4 * v), 1e-6, "after refusals");
     }),
 });
@@ -568,9 +606,9 @@ Deno.test({
         const normWeight = fill(inDim, rand);
         const eps = 1e-5;
         const wantNormed = new Float32Array(rows * inDim);
-        js.rmsNorm(wantNormed, x, normWeight, rows, inDim, eps);
+        js.rmsNorm({ out: wantNormed, x, weight: normWeight, rows, dim: inDim, eps });
         const parts = widths.map((width) => new Float32Array(rows * width));
-        js.linearSplit(parts, widths, wantNormed, w, bias, rows, inDim);
+        js.linearSplit({ outs: parts, widths, x: wantNormed, weight: w, bias, rows, inDim });
         const gx = gpu.upload(x);
         const [weight, gpuBias, gpuNorm] = [
           gpu.upload(w),
@@ -580,8 +618,8 @@ Deno.test({
         for (const normed of [gpu.scratch(rows * inDim), gpu.zeros(rows * inDim)]) {
           const outs = widths.map((width) => gpu.zeros(rows * width));
           const before = gpu.dispatches;
-          gpu.rmsNorm(normed, gx, gpuNorm, rows, inDim, eps);
-          gpu.linearSplit(outs, widths, normed, weight, gpuBias, rows, inDim);
+          gpu.rmsNorm({ out: normed, x: gx, weight: gpuNorm, rows, dim: inDim, eps });
+          gpu.linearSplit({ outs, widths, x: normed, weight, bias: gpuBias, rows, inDim });
           gpu.flush();
           const what = `normed linear ${rows}×${inDim}→${widths}, ${
             normed.transient ? "scratch" : "a plain buffer"
@@ -659,9 +697,9 @@ Deno.test({
         const conv = { len: 1, channels, kernel, batch: rows };
 
         const wantNormed = new Float32Array(rows * inDim);
-        js.rmsNorm(wantNormed, x, normWeight, rows, inDim, eps);
+        js.rmsNorm({ out: wantNormed, x, weight: normWeight, rows, dim: inDim, eps });
         const wantOuts = widths.map((width) => new Float32Array(rows * width));
-        js.linearSplit(wantOuts, widths, wantNormed, w, bias, rows, inDim);
+        js.linearSplit({ outs: wantOuts, widths, x: wantNormed, weight: w, bias, rows, inDim });
         const wantConv = new Float32Array(rows * channels);
         const wantState = state.slice();
         js.causalConv({
@@ -691,8 +729,16 @@ Deno.test({
           const out = gpu.zeros(rows * channels);
           const gotState = gpu.upload(state.slice());
           const before = gpu.dispatches;
-          gpu.rmsNorm(normed, uploads.x, uploads.norm, rows, inDim, eps);
-          gpu.linearSplit(outs, widths, normed, uploads.w, uploads.bias, rows, inDim);
+          gpu.rmsNorm({ out: normed, x: uploads.x, weight: uploads.norm, rows, dim: inDim, eps });
+          gpu.linearSplit({
+            outs,
+            widths,
+            x: normed,
+            weight: uploads.w,
+            bias: uploads.bias,
+            rows,
+            inDim,
+          });
           gpu.causalConv({
             ...conv,
             out,
@@ -794,16 +840,15 @@ Deno.test({
           ssm: ssm.slice(),
         };
         const wantNormed = new Float32Array(rows * inDim);
-        js.rmsNorm(wantNormed, x, normWeight, rows, inDim, 1e-5);
-        js.linearSplit(
-          [want.x, want.z],
-          [channels, channels],
-          wantNormed,
-          inProj,
-          null,
+        js.rmsNorm({ out: wantNormed, x, weight: normWeight, rows, dim: inDim, eps: 1e-5 });
+        js.linearSplit({
+          outs: [want.x, want.z],
+          widths: [channels, channels],
+          x: wantNormed,
+          weight: inProj,
           rows,
           inDim,
-        );
+        });
         const conv = { len: 1, channels, kernel, batch: rows };
         js.causalConv({
           ...conv,
@@ -813,10 +858,24 @@ Deno.test({
           bias: convBias,
           state: want.conv,
         });
-        js.linearSplit(want.outs, widths, want.xc, xProj, null, rows, channels);
+        js.linearSplit({
+          outs: want.outs,
+          widths,
+          x: want.xc,
+          weight: xProj,
+          rows,
+          inDim: channels,
+        });
         const plain = { deltaSoftplus: true, len: 1, dim: channels, dState, batch: rows };
         const wantDelta = new Float32Array(rows * channels);
-        js.linear(wantDelta, want.outs[0], dtProj, null, rows, rank, channels);
+        js.linear({
+          out: wantDelta,
+          x: want.outs[0],
+          weight: dtProj,
+          rows,
+          inDim: rank,
+          outDim: channels,
+        });
         js.selectiveScan({
           ...plain,
           y: want.y,
@@ -862,16 +921,22 @@ Deno.test({
           };
           const input = gpu.upload(x);
           const before = gpu.dispatches;
-          gpu.rmsNorm(got.normed, input, weights.norm, rows, inDim, 1e-5);
-          gpu.linearSplit(
-            [got.x, got.z],
-            [channels, channels],
-            got.normed,
-            weights.inProj,
-            null,
+          gpu.rmsNorm({
+            out: got.normed,
+            x: input,
+            weight: weights.norm,
+            rows,
+            dim: inDim,
+            eps: 1e-5,
+          });
+          gpu.linearSplit({
+            outs: [got.x, got.z],
+            widths: [channels, channels],
+            x: got.normed,
+            weight: weights.inProj,
             rows,
             inDim,
-          );
+          });
           gpu.causalConv({
             ...conv,
             out: got.xc,
@@ -880,7 +945,14 @@ Deno.test({
             bias: weights.convBias,
             state: got.conv,
           });
-          gpu.linearSplit(got.outs, widths, got.xc, weights.xProj, null, rows, channels);
+          gpu.linearSplit({
+            outs: got.outs,
+            widths,
+            x: got.xc,
+            weight: weights.xProj,
+            rows,
+            inDim: channels,
+          });
           assertEquals(gpu.dispatches - before, 1, `${what}: one GEMV for the four`);
           return reader(got);
         };
@@ -891,7 +963,14 @@ Deno.test({
           const state = gpu.upload(ssm.slice());
           const delta = gpu.scratch(rows * channels);
           const before = gpu.dispatches;
-          gpu.linear(delta, got.outs[0], weights.dtProj, null, rows, rank, channels);
+          gpu.linear({
+            out: delta,
+            x: got.outs[0],
+            weight: weights.dtProj,
+            rows,
+            inDim: rank,
+            outDim: channels,
+          });
           gpu.selectiveScan({
             ...plain,
             y,
@@ -940,10 +1019,12 @@ Deno.test({
       const out = gpu.zeros(rows * outDim);
       const xb = gpu.upload(x);
       const wb = gpu.upload(w);
-      gpu.linear(out, xb, wb, null, rows, inDim, outDim);
+      gpu.linear({ out, x: xb, weight: wb, rows, inDim, outDim });
       const ones = gpu.upload(new Float32Array(outDim).fill(1));
       const normed = gpu.zeros(rows * outDim);
-      const recording = gpu.capture(() => gpu.rmsNorm(normed, out, ones, rows, outDim, 1e-5));
+      const recording = gpu.capture(() =>
+        gpu.rmsNorm({ out: normed, x: out, weight: ones, rows, dim: outDim, eps: 1e-5 })
+      );
       gpu.replay(recording);
       gpu.replay(recording);
       const got = await gpu.read(normed);
@@ -995,7 +1076,15 @@ Deno.test({
         const wantNormed = new Float32Array(rows * dim);
         js.gatedRmsNorm({ ...norm, out: wantNormed, x, gate, weight });
         const want = hidden.slice();
-        js.linear(want, wantNormed, w, null, rows, dim, outDim, true);
+        js.linear({
+          out: want,
+          x: wantNormed,
+          weight: w,
+          rows,
+          inDim: dim,
+          outDim,
+          accumulate: true,
+        });
 
         const wb = gpu.upload(w);
         const inputs = { x: gpu.upload(x), gate: gpu.upload(gate), weight: gpu.upload(weight) };
@@ -1005,7 +1094,7 @@ Deno.test({
           const got = gpu.upload(hidden);
           const before = gpu.dispatches;
           gpu.gatedRmsNorm(args);
-          gpu.linear(got, out, wb, null, rows, dim, outDim, true);
+          gpu.linear({ out: got, x: out, weight: wb, rows, inDim: dim, outDim, accumulate: true });
           await gpu.sync();
           const folds = out.transient && groups === 1 && rows <= 2;
           const where = `${what}, ${out.transient ? "scratch" : "a plain buffer"}`;

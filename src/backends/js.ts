@@ -7,14 +7,20 @@
  */
 
 import {
+  type AddArgs,
   type Backend,
   type ChooseArgs,
   type ConvArgs,
   convEachSequence,
+  type CopyArgs,
   type CopyRowsArgs,
+  type EmbedArgs,
   type GatedNormArgs,
+  type LinearArgs,
+  type LinearSplitArgs,
   type OptionalOp,
   type Recording,
+  type RmsNormArgs,
   type RowIndex,
   type ScanArgs,
   scanEachSequence,
@@ -85,13 +91,7 @@ export class JsBackend implements Backend<Float32Array> {
     return Promise.resolve(buf.slice(offset, offset + length));
   }
 
-  copy(
-    dst: Float32Array,
-    dstOffset: number,
-    src: Float32Array,
-    srcOffset: number,
-    length: number,
-  ): void {
+  copy({ dst, dstOffset = 0, src, srcOffset = 0, length }: CopyArgs<Float32Array>): void {
     dst.set(src.subarray(srcOffset, srcOffset + length), dstOffset);
   }
 
@@ -113,7 +113,7 @@ export class JsBackend implements Backend<Float32Array> {
 
   dispose(): void {}
 
-  embed(out: Float32Array, table: Float32Array, ids: Int32Array, dim: number): void {
+  embed({ out, table, ids, dim }: EmbedArgs<Float32Array>): void {
     for (let t = 0; t < ids.length; t++) {
       out.set(table.subarray(ids[t] * dim, (ids[t] + 1) * dim), t * dim);
     }
@@ -138,14 +138,7 @@ export class JsBackend implements Backend<Float32Array> {
     chooseOnHost(args, { logits, settings, randoms, history, slots, ids }, this.#scratch);
   }
 
-  rmsNorm(
-    out: Float32Array,
-    x: Float32Array,
-    weight: Float32Array,
-    rows: number,
-    dim: number,
-    eps: number,
-  ): void {
+  rmsNorm({ out, x, weight, rows, dim, eps }: RmsNormArgs<Float32Array>): void {
     for (let r = 0; r < rows; r++) {
       const row = r * dim;
       let sumSquares = 0;
@@ -155,16 +148,8 @@ export class JsBackend implements Backend<Float32Array> {
     }
   }
 
-  linear(
-    out: Float32Array,
-    x: Float32Array,
-    weight: Float32Array,
-    bias: Float32Array | null,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    accumulate = false,
-  ): void {
+  linear(args: LinearArgs<Float32Array>): void {
+    const { out, x, weight, bias, rows, inDim, outDim, accumulate = false } = args;
     for (let r = 0; r < rows; r++) {
       const xRow = r * inDim;
       for (let o = 0; o < outDim; o++) {
@@ -177,25 +162,24 @@ export class JsBackend implements Backend<Float32Array> {
     }
   }
 
-  linearSplit(
-    outs: readonly Float32Array[],
-    widths: readonly number[],
-    x: Float32Array,
-    weight: Float32Array,
-    bias: Float32Array | null,
-    rows: number,
-    inDim: number,
-  ): void {
+  linearSplit({ outs, widths, x, weight, bias, rows, inDim }: LinearSplitArgs<Float32Array>): void {
     let first = 0;
     outs.forEach((out, i) => {
       const end = first + widths[i];
-      const part = weight.subarray(first * inDim, end * inDim);
-      this.linear(out, x, part, bias?.subarray(first, end) ?? null, rows, inDim, widths[i]);
+      this.linear({
+        out,
+        x,
+        weight: weight.subarray(first * inDim, end * inDim),
+        bias: bias?.subarray(first, end),
+        rows,
+        inDim,
+        outDim: widths[i],
+      });
       first = end;
     });
   }
 
-  addInPlace(acc: Float32Array, x: Float32Array, length: number): void {
+  addInPlace({ acc, x, length }: AddArgs<Float32Array>): void {
     for (let i = 0; i < length; i++) acc[i] += x[i];
   }
 

@@ -27,14 +27,20 @@
  */
 
 import {
+  type AddArgs,
   type Backend,
   type ChooseArgs,
   type ConvArgs,
   convEachSequence,
+  type CopyArgs,
   type CopyRowsArgs,
+  type EmbedArgs,
   type GatedNormArgs,
+  type LinearArgs,
+  type LinearSplitArgs,
   type OptionalOp,
   type Recording,
+  type RmsNormArgs,
   type ScanArgs,
   scanEachSequence,
   type SsdArgs,
@@ -966,7 +972,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return Promise.resolve(this.#view().slice(start, start + length));
   }
 
-  copy(dst: WasmBuffer, dstOffset: number, src: WasmBuffer, srcOffset: number, length: number) {
+  copy({ dst, dstOffset = 0, src, srcOffset = 0, length }: CopyArgs<WasmBuffer>): void {
     checkRange(dst, dstOffset, length);
     checkRange(src, srcOffset, length);
     const from = (src.ptr >>> 2) + srcOffset;
@@ -1006,7 +1012,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   // -------------------------------------------------------- operations ----
 
-  embed(out: WasmBuffer, table: WasmBuffer, ids: Int32Array, dim: number): void {
+  embed({ out, table, ids, dim }: EmbedArgs<WasmBuffer>): void {
     if (table instanceof WasmQuantMatrix || table instanceof WasmHalfMatrix) {
       for (let t = 0; t < ids.length; t++) {
         const id = ids[t];
@@ -1065,31 +1071,16 @@ export class WasmBackend implements Backend<WasmBuffer> {
     chooseOnHost(args, views, this.#pickScratch);
   }
 
-  rmsNorm(
-    out: WasmBuffer,
-    x: WasmBuffer,
-    weight: WasmBuffer,
-    rows: number,
-    dim: number,
-    eps: number,
-  ): void {
+  rmsNorm({ out, x, weight, rows, dim, eps }: RmsNormArgs<WasmBuffer>): void {
     this.#kernels.rmsNorm(out.ptr, x.ptr, weight.ptr, rows, dim, eps);
   }
 
-  linear(
-    out: WasmBuffer,
-    x: WasmBuffer,
-    weight: WasmBuffer,
-    bias: WasmBuffer | null,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    accumulate = false,
-  ): void {
+  linear(args: LinearArgs<WasmBuffer>): void {
+    const { out, x, weight, bias, rows, inDim, outDim, accumulate = false } = args;
     if (accumulate) {
       // The kernel overwrites; sums go through scratch, then onto out.
       const sums = this.#scratch("linear", rows * outDim);
-      this.linear(sums, x, weight, bias, rows, inDim, outDim);
+      this.linear({ out: sums, x, weight, bias, rows, inDim, outDim });
       this.#kernels.addInPlace(out.ptr, sums.ptr, rows * outDim);
       return;
     }
@@ -1173,15 +1164,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     this.#kernels.linearHalf(...operands, 0, outDim, scratch, bf16);
   }
 
-  linearSplit(
-    outs: readonly WasmBuffer[],
-    widths: readonly number[],
-    x: WasmBuffer,
-    weight: WasmBuffer,
-    bias: WasmBuffer | null,
-    rows: number,
-    inDim: number,
-  ): void {
+  linearSplit({ outs, widths, x, weight, bias, rows, inDim }: LinearSplitArgs<WasmBuffer>): void {
     const starts = widths.map((_, i) => widths.slice(0, i).reduce((a, b) => a + b, 0));
     if (
       weight instanceof WasmQuantMatrix && inQuads(weight.type) &&
@@ -1191,7 +1174,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
       // outputs' columns copied out of its result.
       const outDim = starts.at(-1)! + widths.at(-1)!;
       const all = this.#scratch("split", rows * outDim);
-      this.linear(all, x, weight, bias, rows, inDim, outDim);
+      this.linear({ out: all, x, weight, bias, rows, inDim, outDim });
       const heap = this.#view();
       outs.forEach((out, i) => {
         for (let r = 0; r < rows; r++) {
@@ -1206,15 +1189,15 @@ export class WasmBackend implements Backend<WasmBuffer> {
     outs.forEach((out, i) => {
       const rowsOf = (buf: WasmBuffer, width: number) =>
         view(buf, first * width, widths[i] * width);
-      this.linear(
+      this.linear({
         out,
         x,
-        rowsOf(weight, inDim),
-        bias && rowsOf(bias, 1),
+        weight: rowsOf(weight, inDim),
+        bias: bias && rowsOf(bias, 1),
         rows,
         inDim,
-        widths[i],
-      );
+        outDim: widths[i],
+      });
       first += widths[i];
     });
   }
@@ -1274,7 +1257,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
   }
 
-  addInPlace(acc: WasmBuffer, x: WasmBuffer, length: number): void {
+  addInPlace({ acc, x, length }: AddArgs<WasmBuffer>): void {
     this.#kernels.addInPlace(acc.ptr, x.ptr, length);
   }
 

@@ -24,12 +24,18 @@
  */
 
 import type {
+  AddArgs,
   Backend,
   ChooseArgs,
   ConvArgs,
+  CopyArgs,
   CopyRowsArgs,
+  EmbedArgs,
   GatedNormArgs,
+  LinearArgs,
+  LinearSplitArgs,
   OptionalOp,
+  RmsNormArgs,
   ScanArgs,
   SsdArgs,
 } from "../../backend.ts";
@@ -223,8 +229,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     return this.#rt.read(buf, offset, length);
   }
 
-  copy(dst: GpuBuffer, dstOffset: number, src: GpuBuffer, srcOffset: number, length: number): void {
-    this.#rt.copy(dst, dstOffset, src, srcOffset, length);
+  copy(args: CopyArgs<GpuBuffer>): void {
+    this.#rt.copy(args);
   }
 
   release(buf: GpuBuffer): void {
@@ -235,8 +241,8 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
 
   // ---- operations -------------------------------------------------------------------------
 
-  embed(out: GpuBuffer, table: GpuBuffer, ids: Int32Array, dim: number): void {
-    embed(this.#rt, out, table, ids, dim);
+  embed(args: EmbedArgs<GpuBuffer>): void {
+    embed(this.#rt, args);
   }
 
   copyRows(args: CopyRowsArgs<GpuBuffer>): void {
@@ -247,44 +253,20 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     chooseTokens(this.#rt, args);
   }
 
-  rmsNorm(
-    out: GpuBuffer,
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    rows: number,
-    dim: number,
-    eps: number,
-  ): void {
-    this.#linear.rmsNorm(out, x, weight, rows, dim, eps);
+  rmsNorm(args: RmsNormArgs<GpuBuffer>): void {
+    this.#linear.rmsNorm(args);
   }
 
-  linear(
-    out: GpuBuffer,
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    bias: GpuBuffer | null,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    accumulate = false,
-  ): void {
-    this.#linear.product(out, x, weight, bias, rows, inDim, outDim, accumulate);
+  linear(args: LinearArgs<GpuBuffer>): void {
+    this.#linear.product(args);
   }
 
-  linearSplit(
-    outs: readonly GpuBuffer[],
-    widths: readonly number[],
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    bias: GpuBuffer | null,
-    rows: number,
-    inDim: number,
-  ): void {
-    this.#linear.linear(outs, widths, x, weight, bias, rows, inDim, false);
+  linearSplit(args: LinearSplitArgs<GpuBuffer>): void {
+    this.#linear.linear({ ...args, accumulate: false });
   }
 
-  addInPlace(acc: GpuBuffer, x: GpuBuffer, length: number): void {
-    addInPlace(this.#rt, acc, x, length);
+  addInPlace(args: AddArgs<GpuBuffer>): void {
+    addInPlace(this.#rt, args);
   }
 
   causalConv(args: ConvArgs<GpuBuffer>): void {

@@ -13,7 +13,13 @@
  * @module
  */
 
-import type { ConvArgs, GatedNormArgs } from "../../backend.ts";
+import type {
+  ConvArgs,
+  GatedNormArgs,
+  LinearArgs,
+  LinearSplitArgs,
+  RmsNormArgs,
+} from "../../backend.ts";
 import type { LinearIoParams, ProjectSumParams } from "../../generated/wgsl_params.ts";
 import { type GpuBuffer, isBlockFormat, type WeightFormat } from "./memory.ts";
 import { grid, Program } from "./program.ts";
@@ -221,25 +227,8 @@ interface PendingGatedNorm {
   run: () => void;
 }
 
-/** An RMSNorm out [rows, dim] of x held back, for the GEMV that reads `out` to fold in. */
-interface PendingNorm {
-  out: GpuBuffer;
-  x: GpuBuffer;
-  weight: GpuBuffer;
-  rows: number;
-  dim: number;
-  eps: number;
-}
-
-/** The arguments of one linear: outs [rows, widths[i]] = x [rows, inDim] · weightᵀ + bias. */
-interface LinearCall {
-  outs: readonly GpuBuffer[];
-  widths: readonly number[];
-  x: GpuBuffer;
-  weight: GpuBuffer;
-  bias: GpuBuffer | null;
-  rows: number;
-  inDim: number;
+/** The arguments of one linear: Backend.linearSplit's, and whether outs accumulate the product. */
+interface LinearCall extends LinearSplitArgs<GpuBuffer> {
   accumulate: boolean;
 }
 
@@ -248,7 +237,7 @@ interface LinearCall {
  * first output and that conv's projection to fold in.
  */
 interface PendingGemv extends LinearCall {
-  norm: PendingNorm | null;
+  norm: RmsNormArgs<GpuBuffer> | null;
   conv: ConvArgs<GpuBuffer> | null;
 }
 
@@ -262,7 +251,7 @@ interface FoldedProjection {
 /** What one dispatch of {@link LinearKernels} folds in. */
 interface Folds {
   /** A norm of x, its output written too. */
-  norm?: PendingNorm | null;
+  norm?: RmsNormArgs<GpuBuffer> | null;
   /** A gated norm of x, its output written too. */
   gated?: GatedNormArgs<GpuBuffer> | null;
   /** A conv step of the first output (whose values are written too). */
@@ -297,7 +286,7 @@ export class LinearKernels {
   /** A gated RMSNorm that the next GEMV reading its output may fold in. */
   #pendingGatedNorm: PendingGatedNorm | null = null;
   /** An RMSNorm that the next GEMV reading its output may fold in. */
-  #pendingNorm: PendingNorm | null = null;
+  #pendingNorm: RmsNormArgs<GpuBuffer> | null = null;
   /** A GEMV that the conv step of its first output may fold into. */
   #pendingGemv: PendingGemv | null = null;
   /** A product without bias that the next scan may fold in (see {@link LinearKernels.product}). */
@@ -311,19 +300,11 @@ export class LinearKernels {
    * Backend.rmsNorm: held back where a GEMV may fold it in (rows of whole
    * vec4s, up to GEMV4_MAX_ROWS rows, not in place).
    */
-  rmsNorm(
-    out: GpuBuffer,
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    rows: number,
-    dim: number,
-    eps: number,
-  ): void {
+  rmsNorm(args: RmsNormArgs<GpuBuffer>): void {
     this.settle(); // whatever was held back runs first
-    if (dim % 4 !== 0 || rows > GEMV4_MAX_ROWS || out === x) {
-      return rmsNorm(this.rt, out, x, weight, rows, dim, eps);
-    }
-    this.#pendingNorm = { out, x, weight, rows, dim, eps };
+    const { out, x, rows, dim } = args;
+    if (dim % 4 !== 0 || rows > GEMV4_MAX_ROWS || out === x) return rmsNorm(this.rt, args);
+    this.#pendingNorm = args;
   }
 
   /**
@@ -333,23 +314,13 @@ export class LinearKernels {
    * held back itself (unless it accumulates), for a conv step of its first
    * output and then the conv's projection to fold in.
    */
-  linear(
-    outs: readonly GpuBuffer[],
-    widths: readonly number[],
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    bias: GpuBuffer | null,
-    rows: number,
-    inDim: number,
-    accumulate: boolean,
-  ): void {
+  linear(call: LinearCall): void {
+    const { outs, widths, x, weight, rows, inDim, accumulate } = call;
     if (outs.length > LINEAR_MAX_OUTPUTS) {
       throw new RangeError(`linearSplit takes up to ${LINEAR_MAX_OUTPUTS} outputs`);
     }
     const held = this.#pendingGemv;
-    if (
-      held?.conv && this.#foldsProjection(held, x, weight, outs, widths, bias, rows, accumulate)
-    ) {
+    if (held?.conv && this.#foldsProjection(held, call)) {
       this.#pendingGemv = null;
       return this.#runGemv(held, { weight, outs, widths });
     }
@@ -359,21 +330,11 @@ export class LinearKernels {
     const gated = gemv4 && !norm ? this.#takeGatedNorm(x, rows, inDim) : null;
     if (gemv4 && !gated && !accumulate) {
       this.settle(); // what came before the norm, if anything
-      this.#pendingGemv = {
-        outs,
-        widths,
-        x,
-        weight,
-        bias,
-        rows,
-        inDim,
-        accumulate,
-        norm,
-        conv: null,
-      };
+      // A copy: the conv step that folds in is set on it, not on the caller's object.
+      this.#pendingGemv = { ...call, norm, conv: null };
       return;
     }
-    this.#dispatch({ outs, widths, x, weight, bias, rows, inDim, accumulate }, { norm, gated });
+    this.#dispatch(call, { norm, gated });
   }
 
   /**
@@ -480,20 +441,13 @@ export class LinearKernels {
    * weight, is held back, as a decode step's scan folds it in (dt_proj,
    * {@link takeProduct}); anything else that runs first runs it on its own.
    */
-  product(
-    out: GpuBuffer,
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    bias: GpuBuffer | null,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    accumulate: boolean,
-  ): void {
+  product(args: LinearArgs<GpuBuffer>): void {
+    const { out, x, weight, bias, rows, inDim, outDim, accumulate = false } = args;
     // A product of a held-back norm's output takes the GEMV that folds it in.
     const normed = this.#pendingNorm?.out === x || this.#pendingGatedNorm?.args.out === x;
     if (bias || accumulate || weight.parts.length > 0 || normed) {
-      return this.linear([out], [outDim], x, weight, bias, rows, inDim, accumulate);
+      const outs = [out], widths = [outDim];
+      return this.linear({ outs, widths, x, weight, bias, rows, inDim, accumulate });
     }
     // What came before runs first, but for x_proj's shares: the scan that
     // takes this product takes them too.
@@ -556,7 +510,7 @@ export class LinearKernels {
     rows: number,
     dim: number,
     outs: readonly GpuBuffer[],
-  ): PendingNorm | null {
+  ): RmsNormArgs<GpuBuffer> | null {
     const norm = this.#pendingNorm;
     if (!norm || norm.out !== x || !x.transient || norm.rows !== rows || norm.dim !== dim) {
       return null;
@@ -591,7 +545,7 @@ export class LinearKernels {
     this.#settling = true;
     try {
       gated?.run();
-      if (norm) rmsNorm(this.rt, norm.out, norm.x, norm.weight, norm.rows, norm.dim, norm.eps);
+      if (norm) rmsNorm(this.rt, norm);
       if (gemv) this.#runGemv(gemv, null);
       if (shares) this.#sumShares(shares);
       if (product) {
@@ -619,7 +573,7 @@ export class LinearKernels {
   }
 
   /**
-   * Whether the held-back GEMV `held` (with a conv step) folds in the
+   * Whether the held-back GEMV `held` (with a conv step) folds in `call`, the
    * projection of the conv's outputs x by `weight` into `widths` for `rows`
    * rows: up to GEMV_MAX_ROWS (on the H100, batch-16 decoding measured no
    * faster with it: its 8-lane GEMV leaves 32 conv outputs to each
@@ -629,16 +583,8 @@ export class LinearKernels {
    * time, 16-byte aligned; a quad never straddles two quantized blocks, as
    * rows and blocks of conv outputs are whole quads).
    */
-  #foldsProjection(
-    held: PendingGemv,
-    x: GpuBuffer,
-    weight: GpuBuffer,
-    outs: readonly GpuBuffer[],
-    widths: readonly number[],
-    bias: GpuBuffer | null,
-    rows: number,
-    accumulate: boolean,
-  ): boolean {
+  #foldsProjection(held: PendingGemv, call: LinearCall): boolean {
+    const { x, weight, outs, widths, bias, rows, accumulate } = call;
     if (x !== held.conv?.out || bias || accumulate || rows !== held.rows) return false;
     // The scan that takes the shares leaves the outputs unwritten.
     if (!outs.every((out) => out.transient)) return false;

@@ -6,7 +6,7 @@
  * @module
  */
 
-import type { CopyRowsArgs } from "../../backend.ts";
+import type { AddArgs, CopyRowsArgs, EmbedArgs, RmsNormArgs } from "../../backend.ts";
 import type {
   AddParams,
   CopyRowsParams,
@@ -57,13 +57,7 @@ function copyRowsProgram(format: WeightFormat): Program<CopyRowsParams> {
 }
 
 /** Backend.embed on `rt`: rows `ids` of `table` (each part of a split table its own). */
-export function embed(
-  rt: GpuRuntime,
-  out: GpuBuffer,
-  table: GpuBuffer,
-  ids: Int32Array,
-  dim: number,
-): void {
+export function embed(rt: GpuRuntime, { out, table, ids, dim }: EmbedArgs<GpuBuffer>): void {
   if (ids.length === 0) return;
   rt.notCapturing("An embedding of host ids");
   const { pool } = rt.memory;
@@ -122,15 +116,8 @@ export function copyRows(rt: GpuRuntime, args: CopyRowsArgs<GpuBuffer>): void {
 }
 
 /** Backend.rmsNorm on `rt`. */
-export function rmsNorm(
-  rt: GpuRuntime,
-  out: GpuBuffer,
-  x: GpuBuffer,
-  weight: GpuBuffer,
-  rows: number,
-  dim: number,
-  eps: number,
-): void {
+export function rmsNorm(rt: GpuRuntime, args: RmsNormArgs<GpuBuffer>): void {
+  const { out, x, weight, rows, dim, eps } = args;
   const [input, done] = rt.unaliased(x, rows * dim, out);
   rt.run(
     rmsNormProgram,
@@ -142,7 +129,7 @@ export function rmsNorm(
 }
 
 /** Backend.addInPlace on `rt`. */
-export function addInPlace(rt: GpuRuntime, acc: GpuBuffer, x: GpuBuffer, length: number): void {
+export function addInPlace(rt: GpuRuntime, { acc, x, length }: AddArgs<GpuBuffer>): void {
   const [input, done] = rt.unaliased(x, length, acc);
   rt.run(addProgram, { n: length }, { 1: input, 2: acc.buffer }, grid(Math.ceil(length / 256)));
   done();

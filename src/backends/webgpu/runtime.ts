@@ -11,7 +11,7 @@
  * @module
  */
 
-import type { Recording } from "../../backend.ts";
+import type { CopyArgs, Recording } from "../../backend.ts";
 import { bufferSource, byteSize, GpuBuffer, type GpuMemory } from "./memory.ts";
 import { MAX_GROUPS, type Program } from "./program.ts";
 
@@ -284,7 +284,7 @@ export class GpuRuntime {
   }
 
   /** Records a copy of `length` floats, through a scratch buffer within one buffer. */
-  copy(dst: GpuBuffer, dstOffset: number, src: GpuBuffer, srcOffset: number, length: number): void {
+  copy({ dst, dstOffset = 0, src, srcOffset = 0, length }: CopyArgs<GpuBuffer>): void {
     if (length <= 0) return;
     if (dstOffset + length > dst.length || srcOffset + length > src.length) {
       throw new RangeError("copy past the end of a buffer");
