@@ -15,7 +15,7 @@
 // Measured max relative error against f64 Math.exp, over 2^20 evenly spaced
 // f32 inputs in [-87, 88]: 8.0e-8 (under one f32 ulp at 2^-23 = 1.19e-7);
 // checked by tests/wasm_kernels_test.ts. Used by silu (the conv's output and
-// the scan's z gate); the scan's own exp(dt·A) is the f64 exp2d below.
+// the scan's z gate); the scan's own exp(dt·A) is the f64 pow2dWith below.
 
 // The polynomial's constants, splatted, as mutable globals: V8 materializes a
 // v128.const in about four instructions inside every loop iteration, while a
@@ -139,47 +139,46 @@ export function mathTest(out: usize, x: usize, n: i32, which: i32): void {
 // are f64 inside a call; the state buffer between calls stays f32 (the Backend
 // layout), and silu(z) stays f32 (its error is relative and tiny on y).
 
-// exp(x) for f64x2: x = n·ln2 + r, |r| <= ln2/2, e^r = 1 + r + r²·q(r) with q
-// of degree 5, fitted (weighted least squares on the relative error of e^r at
-// Chebyshev nodes): max relative error 6.0e-11 on [-ln2/2, ln2/2], evaluated
-// in f64 (Taylor to r^9 did 1e-12 with two more terms, no need: an f32-accurate
-// exp, 6e-8, is what breaks the fixtures, by 1.6x, so 6e-11 leaves 1000x).
-// 2^n goes straight into the exponent bits.
+// 2^y for f64x2: y = n + f with n whole and |f| <= 1/2, 2^f = p(f) of
+// degree 7, and n added to p's exponent bits. p is e^r's polynomial fitted
+// (weighted least squares on the relative error at Chebyshev nodes) on
+// r = f·ln2 in [-ln2/2, ln2/2], its coefficients times ln2^k: max relative
+// error 6.0e-11, evaluated in f64 (an f32-accurate exp, 6e-8, is what breaks
+// the scan fixtures, by 1.6x). y is clamped to [-1021, 1023], where 2^n·p
+// stays a normal double, so adding n to the exponent bits is exact; the scan's
+// decays, already in units of log2 (A is scaled by log2(e) once), need no
+// multiply either side.
+let D_MAGIC = f64x2.splat(6755399441055744.0); // 1.5·2^52: t = y + MAGIC holds n in its low bits
+let D_LO = f64x2.splat(-1021);
+let D_HI = f64x2.splat(1023);
 let D_LOG2E = f64x2.splat(1.4426950408889634);
-let D_MAGIC = f64x2.splat(6755399441055744.0); // 1.5·2^52
-let D_NEG_LN2_HI = f64x2.splat(-0.6931471803691238);
-let D_NEG_LN2_LO = f64x2.splat(-1.9082149292705877e-10);
-let D_LO = f64x2.splat(-708);
-let D_HI = f64x2.splat(709);
 let D_ONE = f64x2.splat(1);
 let D_TWO = f64x2.splat(2);
 let D_ZERO = f64x2.splat(0);
-let D_BIAS1023 = i64x2.splat(1023);
-let D_C2 = f64x2.splat(0.5000000078145282);
-let D_C3 = f64x2.splat(0.1666666616382993);
-let D_C4 = f64x2.splat(0.04166627023443081);
-let D_C5 = f64x2.splat(0.00833342997708324);
-let D_C6 = f64x2.splat(0.0013946024441268932);
-let D_C7 = f64x2.splat(0.00019826502132408485);
+let D_K1 = f64x2.splat(0.6931471805599453);
+let D_K2 = f64x2.splat(0.24022651071361434);
+let D_K3 = f64x2.splat(0.05550410699025128);
+let D_K4 = f64x2.splat(0.009618037597154232);
+let D_K5 = f64x2.splat(0.0013333712779035507);
+let D_K6 = f64x2.splat(0.0001546689681705087);
+let D_K7 = f64x2.splat(1.5241381308279067e-5);
 
 /** Like setConstants, for the f64 constants. */
 export function setConstants64(scale: f64): void {
-  D_LOG2E = f64x2.splat(1.4426950408889634 * scale);
   D_MAGIC = f64x2.splat(6755399441055744.0 * scale);
-  D_NEG_LN2_HI = f64x2.splat(-0.6931471803691238 * scale);
-  D_NEG_LN2_LO = f64x2.splat(-1.9082149292705877e-10 * scale);
-  D_LO = f64x2.splat(-708 * scale);
-  D_HI = f64x2.splat(709 * scale);
+  D_LO = f64x2.splat(-1021 * scale);
+  D_HI = f64x2.splat(1023 * scale);
+  D_LOG2E = f64x2.splat(1.4426950408889634 * scale);
   D_ONE = f64x2.splat(scale);
   D_TWO = f64x2.splat(2 * scale);
   D_ZERO = f64x2.splat(0 * scale);
-  D_BIAS1023 = i64x2.splat(<i64>(<f64>1023 * scale));
-  D_C2 = f64x2.splat(0.5000000078145282 * scale);
-  D_C3 = f64x2.splat(0.1666666616382993 * scale);
-  D_C4 = f64x2.splat(0.04166627023443081 * scale);
-  D_C5 = f64x2.splat(0.00833342997708324 * scale);
-  D_C6 = f64x2.splat(0.0013946024441268932 * scale);
-  D_C7 = f64x2.splat(0.00019826502132408485 * scale);
+  D_K1 = f64x2.splat(0.6931471805599453 * scale);
+  D_K2 = f64x2.splat(0.24022651071361434 * scale);
+  D_K3 = f64x2.splat(0.05550410699025128 * scale);
+  D_K4 = f64x2.splat(0.009618037597154232 * scale);
+  D_K5 = f64x2.splat(0.0013333712779035507 * scale);
+  D_K6 = f64x2.splat(0.0001546689681705087 * scale);
+  D_K7 = f64x2.splat(1.5241381308279067e-5 * scale);
   S_1 = f64x2.splat(scale / 3);
   S_2 = f64x2.splat(scale / 5);
   S_3 = f64x2.splat(scale / 7);
@@ -200,41 +199,42 @@ function madd64(a: v128, b: v128, c: v128): v128 {
   return f64x2.add(f64x2.mul(a, b), c);
 }
 
+// e^x for f64x2.
 // @ts-ignore: decorator
 @inline
 function exp2d(x: v128): v128 {
-  return exp2dWith(x, D_LO, D_HI, D_LOG2E, D_MAGIC, D_NEG_LN2_HI, D_NEG_LN2_LO, D_C2, D_C3, D_C4, D_C5, D_C6, D_C7);
+  return pow2dWith(f64x2.mul(x, D_LOG2E), D_LO, D_HI, D_MAGIC, D_ONE, D_K1, D_K2, D_K3, D_K4, D_K5, D_K6, D_K7);
 }
 
-// exp2d on constants passed in: a loop that copies the globals into locals
+// 2^y on constants passed in: a loop that copies the globals into locals
 // first loads each once rather than once per iteration.
 // @ts-ignore: decorator
 @inline
-function exp2dWith(
-  x0: v128,
+function pow2dWith(
+  y0: v128,
   lo: v128,
   hi: v128,
-  log2e: v128,
   magic: v128,
-  negLn2Hi: v128,
-  negLn2Lo: v128,
-  c2: v128,
-  c3: v128,
-  c4: v128,
-  c5: v128,
-  c6: v128,
-  c7: v128,
+  one: v128,
+  k1: v128,
+  k2: v128,
+  k3: v128,
+  k4: v128,
+  k5: v128,
+  k6: v128,
+  k7: v128,
 ): v128 {
-  const x = f64x2.pmin(f64x2.pmax(x0, lo), hi);
-  const t = madd64(x, log2e, magic);
-  const n = f64x2.sub(t, magic);
-  const r = madd64(n, negLn2Lo, madd64(n, negLn2Hi, x));
-  // Estrin's scheme: a shorter dependency chain than Horner's.
-  const r2 = f64x2.mul(r, r);
-  const r4 = f64x2.mul(r2, r2);
-  const q = madd64(r4, madd64(c7, r, c6), madd64(r2, madd64(c5, r, c4), madd64(c3, r, c2)));
-  const p = f64x2.add(madd64(r2, q, r), D_ONE);
-  return f64x2.mul(p, i64x2.shl(i64x2.add(t, D_BIAS1023), 52));
+  const y = f64x2.pmin(f64x2.pmax(y0, lo), hi);
+  const t = f64x2.add(y, magic);
+  const f = f64x2.sub(y, f64x2.sub(t, magic)); // exact
+  let p = madd64(k7, f, k6);
+  p = madd64(p, f, k5);
+  p = madd64(p, f, k4);
+  p = madd64(p, f, k3);
+  p = madd64(p, f, k2);
+  p = madd64(p, f, k1);
+  p = madd64(p, f, one);
+  return i64x2.add(p, i64x2.shl(t, 52));
 }
 
 // softplus in f64: max(x, 0) + log1p(e^-|x|), log1p(e) = 2·atanh(s) with
@@ -383,6 +383,10 @@ export function scan(
     const tileState = state + <usize>tile * nBytes;
     widen64(scratch, tileState, channels * N);
     widen64(tileA, A + <usize>tile * nBytes, channels * N);
+    for (let i = 0; i < channels * N; i++) {
+      const p = tileA + (<usize>i << 3);
+      store<f64>(p, load<f64>(p) * 1.4426950408889634);
+    }
     for (let t = 0; t < len; t++) {
       widen64(bRow, B + <usize>t * nBytes, N);
       widen64(cRow, C + <usize>t * nBytes, N);
@@ -474,25 +478,26 @@ function stepSizes(
   }
 }
 
-// decays[c][n] = exp(dts[c]·A[c][n]) for `channels` rows of N (f64).
+// decays[c][n] = exp(dts[c]·A[c][n]) = 2^(dts[c]·A2[c][n]) for `channels`
+// rows of N (f64), A2 being A·log2(e).
 // @ts-ignore: decorator
 @inline
-function decay(decays: usize, A: usize, dts: usize, channels: i32, N: i32): void {
+function decay(decays: usize, A2: usize, dts: usize, channels: i32, N: i32): void {
   const hBytes = <usize>N << 3;
   const pairs = <usize>(N & ~1) << 3;
-  const lo = D_LO, hi = D_HI, log2e = D_LOG2E, magic = D_MAGIC;
-  const negLn2Hi = D_NEG_LN2_HI, negLn2Lo = D_NEG_LN2_LO;
-  const c2 = D_C2, c3 = D_C3, c4 = D_C4, c5 = D_C5, c6 = D_C6, c7 = D_C7;
+  const lo = D_LO, hi = D_HI, magic = D_MAGIC, one = D_ONE;
+  const k1 = D_K1, k2 = D_K2, k3 = D_K3, k4 = D_K4, k5 = D_K5, k6 = D_K6, k7 = D_K7;
   for (let c = 0; c < channels; c++) {
     const row = <usize>c * hBytes;
     const dtv = v128.load64_splat(dts + (<usize>c << 3));
     for (let o: usize = 0; o < pairs; o += 16) {
-      const x = f64x2.mul(dtv, v128.load(A + row + o));
-      v128.store(decays + row + o, exp2dWith(x, lo, hi, log2e, magic, negLn2Hi, negLn2Lo, c2, c3, c4, c5, c6, c7));
+      const y = f64x2.mul(dtv, v128.load(A2 + row + o));
+      v128.store(decays + row + o, pow2dWith(y, lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7));
     }
     if (N & 1) {
       const o = row + pairs;
-      store<f64>(decays + o, f64x2.extract_lane(exp2d(f64x2.mul(dtv, v128.load64_splat(A + o))), 0));
+      const y = f64x2.mul(dtv, v128.load64_splat(A2 + o));
+      store<f64>(decays + o, f64x2.extract_lane(pow2dWith(y, lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7), 0));
     }
   }
 }
