@@ -1795,9 +1795,12 @@ function packConvWeights(weight: usize, c: i32, kernel: i32, scratch: usize): vo
   }
 }
 
-// Causal depthwise conv with SiLU over channels [c0, c1), then the state update.
-// `scratch` holds kernel·4 floats, reused for each group of 4 channels: their
-// weights transposed to [kernel][4], so each tap is one vector load.
+// Causal depthwise conv with SiLU over channels [c0, c1) (c0 a multiple of
+// 16, as the threads' split is), then those channels' state update. Blocks of
+// 16 channels walk the tokens, so each token's row is read a whole cache line
+// at a time (4 channels alone used a quarter of each line they fetched);
+// `scratch` holds kernel·16 floats, the block's weights transposed to
+// [4][kernel][4], so each tap is one vector load.
 export function causalConv(
   out: usize,
   x: usize,
@@ -1808,11 +1811,38 @@ export function causalConv(
   channels: i32,
   kernel: i32,
   scratch: usize,
+  c0: i32,
+  c1: i32,
 ): void {
   const history = kernel - 1;
   const rowBytes = <usize> channels << 2;
-  const c4 = channels & ~3;
-  for (let c = 0; c < c4; c += 4) {
+  const groupBytes = <usize> kernel << 4;
+  let c = c0;
+  for (; c + 16 <= c1; c += 16) {
+    const col = <usize> c << 2;
+    for (let g = 0; g < 4; g++) packConvWeights(weight, c + 4 * g, kernel, scratch + <usize> g * groupBytes);
+    const b0 = bias ? v128.load(bias + col) : f32x4.splat(0);
+    const b1 = bias ? v128.load(bias + col, 16) : f32x4.splat(0);
+    const b2 = bias ? v128.load(bias + col, 32) : f32x4.splat(0);
+    const b3 = bias ? v128.load(bias + col, 48) : f32x4.splat(0);
+    for (let t = 0; t < len; t++) {
+      let s0 = b0, s1 = b1, s2 = b2, s3 = b3;
+      for (let k = 0; k < kernel; k++) {
+        const xp = convInput(x, state, t - history + k, history, rowBytes, col);
+        const w = scratch + (<usize> k << 4);
+        s0 = f32x4.add(s0, f32x4.mul(v128.load(w), v128.load(xp)));
+        s1 = f32x4.add(s1, f32x4.mul(v128.load(w + groupBytes), v128.load(xp, 16)));
+        s2 = f32x4.add(s2, f32x4.mul(v128.load(w + 2 * groupBytes), v128.load(xp, 32)));
+        s3 = f32x4.add(s3, f32x4.mul(v128.load(w + 3 * groupBytes), v128.load(xp, 48)));
+      }
+      const op = out + <usize> t * rowBytes + col;
+      v128.store(op, silu4(s0));
+      v128.store(op, silu4(s1), 16);
+      v128.store(op, silu4(s2), 32);
+      v128.store(op, silu4(s3), 48);
+    }
+  }
+  for (; c + 4 <= c1; c += 4) {
     const col = <usize> c << 2;
     packConvWeights(weight, c, kernel, scratch);
     const b = bias ? v128.load(bias + col) : f32x4.splat(0);
@@ -1825,7 +1855,7 @@ export function causalConv(
       v128.store(out + <usize> t * rowBytes + col, silu4(sum));
     }
   }
-  for (let c = c4; c < channels; c++) {
+  for (; c < c1; c++) {
     const col = <usize> c << 2;
     for (let t = 0; t < len; t++) {
       let sum: f32 = bias ? load<f32>(bias + col) : 0;
@@ -1836,13 +1866,15 @@ export function causalConv(
       store<f32>(out + <usize> t * rowBytes + col, silu1(sum));
     }
   }
-  // New state: the last `history` inputs. Ascending j reads rows at or after
-  // the one it writes, so the update can run in place.
+  // New state: the last `history` inputs of these channels. Ascending j reads
+  // rows at or after the one it writes, so the update can run in place.
+  const from = <usize> c0 << 2;
+  const bytes = <usize> (c1 - c0) << 2;
   for (let j = 0; j < history; j++) {
     const p = len - history + j;
-    const dst = state + <usize> j * rowBytes;
-    const src = p >= 0 ? x + <usize> p * rowBytes : state + <usize> (history + p) * rowBytes;
-    if (src != dst) memory.copy(dst, src, rowBytes);
+    const dst = state + <usize> j * rowBytes + from;
+    const src = (p >= 0 ? x + <usize> p * rowBytes : state + <usize> (history + p) * rowBytes) + from;
+    if (src != dst) memory.copy(dst, src, bytes);
   }
 }
 
@@ -2395,6 +2427,7 @@ const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
 const OP_LINEAR_BLOCKS = 7;
 const OP_LINEAR_HALF = 8;
+const OP_CONV = 9;
 
 // @ts-ignore: decorator
 @inline
@@ -2495,6 +2528,22 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       splitStart(outDim, part + 1, parts, align),
       arg(ctrl, 7) + part * halfScratchBytes(arg(ctrl, 5)),
       arg(ctrl, 8),
+    );
+  } else if (op == OP_CONV) {
+    const channels = arg(ctrl, 6);
+    const kernel = arg(ctrl, 7);
+    causalConv(
+      arg(ctrl, 0),
+      arg(ctrl, 1),
+      arg(ctrl, 2),
+      arg(ctrl, 3),
+      arg(ctrl, 4),
+      arg(ctrl, 5),
+      channels,
+      kernel,
+      arg(ctrl, 8) + part * (kernel << 6),
+      splitStart(channels, part, parts, 16),
+      splitStart(channels, part + 1, parts, 16),
     );
   } else if (op == OP_SCAN) {
     const dim = arg(ctrl, 12);

@@ -792,7 +792,7 @@ const KERNEL_CASES: KernelCase[] = [
     async run(be, fill) {
       const outs: Float32Array[] = [];
       for (const kernel of [1, 3, 4]) {
-        for (const channels of [5, 13, 300, 1536]) {
+        for (const channels of [5, 13, 300, 1001, 1536]) {
           const weight = be.upload(fill(channels * kernel));
           const bias = kernel === 3 ? null : be.upload(fill(channels));
           const state = be.upload(fill(Math.max(1, (kernel - 1) * channels)));

@@ -369,6 +369,8 @@ interface Kernels {
     channels: number,
     kernel: number,
     scratch: number,
+    c0: number,
+    c1: number,
   ): void;
   ssd(
     y: number,
@@ -473,6 +475,7 @@ const OP_LINEAR_BLOCKS = 7;
 /** linearBlocks' flag in blockType for relaxed SIMD's int8 dot products (asm/kernels.ts). */
 const RELAXED_DOT = 4;
 const OP_LINEAR_HALF = 8;
+const OP_CONV = 9;
 const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
@@ -1286,17 +1289,13 @@ export class WasmBackend implements Backend<WasmBuffer> {
       return convEachSequence(args, view, rows, (one) => this.causalConv(one));
     }
     const { out, x, weight, bias, state, len, channels, kernel } = args;
-    this.#kernels.causalConv(
-      out.ptr,
-      x.ptr,
-      weight.ptr,
-      bias ? bias.ptr : 0,
-      state.ptr,
-      len,
-      channels,
-      kernel,
-      this.#scratch("conv", kernel * 4).ptr,
-    );
+    const parallel = this.#ctrl !== null && len * channels * kernel >= MIN_PARALLEL_LINEAR &&
+      channels >= 32;
+    // Per thread: a block of 16 channels' weights, transposed.
+    const scratch = this.#scratch("conv", kernel * 16 * (parallel ? this.threads : 1)).ptr;
+    const operands = [out.ptr, x.ptr, weight.ptr, bias ? bias.ptr : 0, state.ptr, len] as const;
+    if (parallel) return this.#parallel(OP_CONV, [...operands, channels, kernel, scratch]);
+    this.#kernels.causalConv(...operands, channels, kernel, scratch, 0, channels);
   }
 
   supports(_op: OptionalOp): boolean {
