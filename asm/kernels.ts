@@ -291,11 +291,11 @@ const TILE: i32 = 128;
 
 /**
  * Bytes of f64 scratch one thread's scan needs for state size N: a tile's
- * state, rows of A and decays, its step sizes and their products with u,
- * then a token's rows of B and C.
+ * state, A and decays ([N][TILE] each), its step sizes, their products with
+ * u and its outputs ([TILE] each), then a token's rows of B and C.
  */
 export function scanScratchBytes(N: i32): i32 {
-  return (3 * TILE * N + 2 * TILE + 2 * N) * 8;
+  return (3 * TILE * N + 3 * TILE + 2 * N) * 8;
 }
 
 // n floats at src widened to f64 at dst.
@@ -343,11 +343,12 @@ function store4(base: usize, t: i32, d: i32, ts: i32, cs: i32, v: v128): void {
 // mamba_ssm lays them out, channel-major [dim, len] (ts = 1, cs = len); the
 // work per channel is the same, only their addresses differ.
 //
-// Each token runs three passes over the tile's channels, the paper's
-// discretization then its recurrence: the step sizes dt and dt·u, then every
-// decay exp(dt·A), then the states and outputs. The decays, most of the
-// arithmetic, are then one loop of independent exps, with its constants in
-// locals rather than loaded per exp.
+// Each token runs four passes over the tile's channels, the paper's
+// discretization then its recurrence: the step sizes dt and dt·u, every
+// decay exp(dt·A), the states and C·h, then the outputs. The decays, most of
+// the arithmetic, are one loop of independent exps. The tile holds states,
+// A and decays state-major ([N][TILE]), so each vector spans two channels:
+// a channel's C·h sums in its own lane, with no sum across lanes at the end.
 export function scan(
   y: usize,
   u: usize,
@@ -370,62 +371,69 @@ export function scan(
   scratch: usize,
 ): void {
   const nBytes = <usize>N << 2;
-  const hBytes = <usize>N << 3;
-  const tileA = scratch + <usize>TILE * hBytes;
-  const decays = tileA + <usize>TILE * hBytes;
-  const dts = decays + <usize>TILE * hBytes;
-  const dtus = dts + (<usize>TILE << 3);
-  const bRow = dtus + (<usize>TILE << 3);
-  const cRow = bRow + hBytes;
+  const plane = <usize>TILE << 3; // bytes of one state's row [TILE] in the tile
+  const tileA = scratch + <usize>N * plane;
+  const decays = tileA + <usize>N * plane;
+  const dts = decays + <usize>N * plane;
+  const dtus = dts + plane;
+  const ys = dtus + plane;
+  const bRow = ys + plane;
+  const cRow = bRow + (<usize>N << 3);
   for (let tile = d0; tile < d1; tile += TILE) {
-    const tileEnd = min(tile + TILE, d1);
-    const channels = tileEnd - tile;
-    const tileState = state + <usize>tile * nBytes;
-    widen64(scratch, tileState, channels * N);
-    widen64(tileA, A + <usize>tile * nBytes, channels * N);
-    for (let i = 0; i < channels * N; i++) {
-      const p = tileA + (<usize>i << 3);
-      store<f64>(p, load<f64>(p) * 1.4426950408889634);
+    const channels = min(TILE, d1 - tile);
+    // Whole groups of 8 channels; the padding's lanes are zeros and not stored.
+    const padded = (channels + 7) & ~7;
+    memory.fill(scratch, 0, <usize>(3 * N + 2) * plane);
+    for (let c = 0; c < channels; c++) {
+      const h = state + <usize>(tile + c) * nBytes;
+      const a = A + <usize>(tile + c) * nBytes;
+      for (let n = 0; n < N; n++) {
+        const at = <usize>n * plane + (<usize>c << 3);
+        store<f64>(scratch + at, <f64>load<f32>(h + (<usize>n << 2)));
+        store<f64>(tileA + at, <f64>load<f32>(a + (<usize>n << 2)) * 1.4426950408889634);
+      }
     }
     for (let t = 0; t < len; t++) {
       widen64(bRow, B + <usize>t * nBytes, N);
       widen64(cRow, C + <usize>t * nBytes, N);
-      stepSizes(dts, dtus, delta, u, bias, softplus, t, tile, tileEnd, ts, cs);
-      decay(decays, tileA, dts, channels, N);
+      stepSizes(dts, dtus, delta, u, bias, softplus, t, tile, tile + channels, ts, cs);
+      decay(decays, tileA, dts, padded, N, plane);
+      update(ys, scratch, decays, dtus, bRow, cRow, padded, N, plane);
       let d = tile;
+      const tileEnd = tile + channels;
       for (; d + 4 <= tileEnd; d += 4) {
-        const i = <usize>(d - tile);
-        const hp = scratch + i * hBytes;
-        const ep = decays + i * hBytes;
-        const dtu = dtus + (i << 3);
-        let y0 = updateChannel(hp, ep, bRow, cRow, N, load<f64>(dtu));
-        let y1 = updateChannel(hp + hBytes, ep + hBytes, bRow, cRow, N, load<f64>(dtu, 8));
-        let y2 = updateChannel(hp + 2 * hBytes, ep + 2 * hBytes, bRow, cRow, N, load<f64>(dtu, 16));
-        let y3 = updateChannel(hp + 3 * hBytes, ep + 3 * hBytes, bRow, cRow, N, load<f64>(dtu, 24));
+        const i = <usize>(d - tile) << 3;
+        let y01 = v128.load(ys + i);
+        let y23 = v128.load(ys + i, 16);
         if (D) {
-          const col = <usize>d << 2;
+          const dv = v128.load(D + (<usize>d << 2));
           const uv = load4(u, t, d, ts, cs);
-          y0 += <f64>load<f32>(D + col) * <f64>f32x4.extract_lane(uv, 0);
-          y1 += <f64>load<f32>(D + col, 4) * <f64>f32x4.extract_lane(uv, 1);
-          y2 += <f64>load<f32>(D + col, 8) * <f64>f32x4.extract_lane(uv, 2);
-          y3 += <f64>load<f32>(D + col, 12) * <f64>f32x4.extract_lane(uv, 3);
+          y01 = madd64(f64x2.promote_low_f32x4(dv), f64x2.promote_low_f32x4(uv), y01);
+          y23 = madd64(
+            f64x2.promote_low_f32x4(v128.shuffle<f32>(dv, dv, 2, 3, 0, 1)),
+            f64x2.promote_low_f32x4(v128.shuffle<f32>(uv, uv, 2, 3, 0, 1)),
+            y23,
+          );
         }
-        let out = f32x4(<f32>y0, <f32>y1, <f32>y2, <f32>y3);
+        const lo = f32x4.demote_f64x2_zero(y01);
+        let out = v128.shuffle<f32>(lo, f32x4.demote_f64x2_zero(y23), 0, 1, 4, 5);
         if (z) out = f32x4.mul(out, silu4(load4(z, t, d, ts, cs)));
         store4(y, t, d, ts, cs, out);
       }
-      // Channel tail (dim not a multiple of 4): one at a time, the same math.
+      // Channel tail (the tile's width not a multiple of 4): one at a time.
       for (; d < tileEnd; d++) {
-        const i = <usize>(d - tile);
-        let out = updateChannel(scratch + i * hBytes, decays + i * hBytes, bRow, cRow, N, load<f64>(dtus + (i << 3)));
+        let out = load<f64>(ys + (<usize>(d - tile) << 3));
         if (D) out += <f64>load<f32>(D + (<usize>d << 2)) * <f64>load<f32>(at(u, t, d, ts, cs));
         let o32 = <f32>out;
         if (z) o32 *= silu1(load<f32>(at(z, t, d, ts, cs)));
         store<f32>(at(y, t, d, ts, cs), o32);
       }
     }
-    for (let i = 0; i < channels * N; i++) {
-      store<f32>(tileState + (<usize>i << 2), <f32>load<f64>(scratch + (<usize>i << 3)));
+    for (let c = 0; c < channels; c++) {
+      const h = state + <usize>(tile + c) * nBytes;
+      for (let n = 0; n < N; n++) {
+        store<f32>(h + (<usize>n << 2), <f32>load<f64>(scratch + <usize>n * plane + (<usize>c << 3)));
+      }
     }
   }
 }
@@ -478,63 +486,71 @@ function stepSizes(
   }
 }
 
-// decays[c][n] = exp(dts[c]·A[c][n]) = 2^(dts[c]·A2[c][n]) for `channels`
-// rows of N (f64), A2 being A·log2(e).
+// decays[n][c] = exp(dts[c]·A[n][c]) = 2^(dts[c]·A2[n][c]) for channels
+// [0, channels) (even) of every state n, rows `plane` bytes apart, A2 being
+// A·log2(e): two channels per vector, each iteration independent.
 // @ts-ignore: decorator
 @inline
-function decay(decays: usize, A2: usize, dts: usize, channels: i32, N: i32): void {
-  const hBytes = <usize>N << 3;
-  const pairs = <usize>(N & ~1) << 3;
+function decay(decays: usize, A2: usize, dts: usize, channels: i32, N: i32, plane: usize): void {
   const lo = D_LO, hi = D_HI, magic = D_MAGIC, one = D_ONE;
   const k1 = D_K1, k2 = D_K2, k3 = D_K3, k4 = D_K4, k5 = D_K5, k6 = D_K6, k7 = D_K7;
-  for (let c = 0; c < channels; c++) {
-    const row = <usize>c * hBytes;
-    const dtv = v128.load64_splat(dts + (<usize>c << 3));
-    for (let o: usize = 0; o < pairs; o += 16) {
-      const y = f64x2.mul(dtv, v128.load(A2 + row + o));
+  const width = <usize>channels << 3;
+  for (let n = 0; n < N; n++) {
+    const row = <usize>n * plane;
+    for (let o: usize = 0; o < width; o += 16) {
+      const y = f64x2.mul(v128.load(dts + o), v128.load(A2 + row + o));
       v128.store(decays + row + o, pow2dWith(y, lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7));
-    }
-    if (N & 1) {
-      const o = row + pairs;
-      const y = f64x2.mul(dtv, v128.load64_splat(A2 + o));
-      store<f64>(decays + o, f64x2.extract_lane(pow2dWith(y, lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7), 0));
     }
   }
 }
 
-// One channel at one token, SIMD (f64x2) over N: h ← decay·h + dt·u·B in
-// place, returning C·h.
+// h[n][c] ← decays[n][c]·h[n][c] + dtus[c]·B[n] and ys[c] = Σ_n C[n]·h[n][c]
+// for channels [0, channels) (a multiple of 8): eight channels at a time,
+// four vectors whose sums are independent chains.
 // @ts-ignore: decorator
 @inline
-function updateChannel(hp: usize, ep: usize, bp: usize, cp: usize, N: i32, dtu: f64): f64 {
-  const dtuv = f64x2.splat(dtu);
-  let acc = D_ZERO;
-  let acc2 = D_ZERO;
-  let n = 0;
-  for (; n + 4 <= N; n += 4) {
-    const o = <usize>n << 3;
-    const h0 = madd64(v128.load(ep + o), v128.load(hp + o), f64x2.mul(dtuv, v128.load(bp + o)));
-    const h1 = madd64(v128.load(ep + o, 16), v128.load(hp + o, 16), f64x2.mul(dtuv, v128.load(bp + o, 16)));
-    v128.store(hp + o, h0);
-    v128.store(hp + o, h1, 16);
-    acc = madd64(h0, v128.load(cp + o), acc);
-    acc2 = madd64(h1, v128.load(cp + o, 16), acc2);
+function update(
+  ys: usize,
+  h: usize,
+  decays: usize,
+  dtus: usize,
+  bRow: usize,
+  cRow: usize,
+  channels: i32,
+  N: i32,
+  plane: usize,
+): void {
+  const width = <usize>channels << 3;
+  for (let o: usize = 0; o < width; o += 64) {
+    const u0 = v128.load(dtus + o);
+    const u1 = v128.load(dtus + o, 16);
+    const u2 = v128.load(dtus + o, 32);
+    const u3 = v128.load(dtus + o, 48);
+    let s0 = D_ZERO, s1 = D_ZERO, s2 = D_ZERO, s3 = D_ZERO;
+    for (let n = 0; n < N; n++) {
+      const at = <usize>n * plane + o;
+      const b = v128.load64_splat(bRow + (<usize>n << 3));
+      const c = v128.load64_splat(cRow + (<usize>n << 3));
+      const hp = h + at;
+      const ep = decays + at;
+      const h0 = madd64(v128.load(ep), v128.load(hp), f64x2.mul(u0, b));
+      const h1 = madd64(v128.load(ep, 16), v128.load(hp, 16), f64x2.mul(u1, b));
+      const h2 = madd64(v128.load(ep, 32), v128.load(hp, 32), f64x2.mul(u2, b));
+      const h3 = madd64(v128.load(ep, 48), v128.load(hp, 48), f64x2.mul(u3, b));
+      v128.store(hp, h0);
+      v128.store(hp, h1, 16);
+      v128.store(hp, h2, 32);
+      v128.store(hp, h3, 48);
+      s0 = madd64(h0, c, s0);
+      s1 = madd64(h1, c, s1);
+      s2 = madd64(h2, c, s2);
+      s3 = madd64(h3, c, s3);
+    }
+    v128.store(ys + o, s0);
+    v128.store(ys + o, s1, 16);
+    v128.store(ys + o, s2, 32);
+    v128.store(ys + o, s3, 48);
   }
-  acc = f64x2.add(acc, acc2);
-  for (; n + 2 <= N; n += 2) {
-    const o = <usize>n << 3;
-    const h = madd64(v128.load(ep + o), v128.load(hp + o), f64x2.mul(dtuv, v128.load(bp + o)));
-    v128.store(hp + o, h);
-    acc = madd64(h, v128.load(cp + o), acc);
-  }
-  let sum = f64x2.extract_lane(acc, 0) + f64x2.extract_lane(acc, 1);
-  if (n < N) {
-    const o = <usize>n << 3;
-    const h = load<f64>(ep + o) * load<f64>(hp + o) + dtu * load<f64>(bp + o);
-    store<f64>(hp + o, h);
-    sum += h * load<f64>(cp + o);
-  }
-  return sum;
 }
 
 // One channel's decode step in f32, four states per instruction: h ← exp(dt·A)·h
