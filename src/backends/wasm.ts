@@ -1094,14 +1094,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
     if (weight instanceof WasmHalfMatrix) {
       return this.#linearHalf(out, x, weight, biasPtr, rows, outDim);
     }
-    const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
-      outDim >= 8;
+    const parallel = this.#splitsLinear(rows, inDim, outDim);
     // Per thread: the matmul's panel of packed weight rows (rows > 1).
     const panel = rows > 1
-      ? this.#scratch(
-        "panel",
-        (this.#kernels.panelBytes(inDim) / 4) * (parallel ? this.threads : 1),
-      ).ptr
+      ? this.#threadScratch("panel", this.#kernels.panelBytes(inDim), parallel)
       : 0;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
     if (parallel) return this.#parallel(OP_LINEAR, [...operands, panel]);
@@ -1123,13 +1119,13 @@ export class WasmBackend implements Backend<WasmBuffer> {
         `A quantized matrix of ${weight.rows} rows cannot give ${outDim} outputs`,
       );
     }
-    const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
-      outDim >= 8;
+    const parallel = this.#splitsLinear(rows, inDim, outDim);
     // Per thread: rows of dequantized weights for the matmul, or the GEMV's rounded input.
-    const scratch = this.#scratch(
+    const scratch = this.#threadScratch(
       "dequant",
-      (this.#kernels.blocksScratchBytes(rows, inDim) / 4) * (parallel ? this.threads : 1),
-    ).ptr;
+      this.#kernels.blocksScratchBytes(rows, inDim),
+      parallel,
+    );
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
     // linearBlocks' blockType: 0 for Q8_0, 1 for Q4_0, 2 for Q4_K, with the dot products' flag.
     const blockType = { q8_0: 0, q4_0: 1, q4_k: 2 }[weight.type] | this.#relaxedDot;
@@ -1152,14 +1148,10 @@ export class WasmBackend implements Backend<WasmBuffer> {
         `An ${weight.format} matrix of ${weight.rows} rows cannot give ${outDim} outputs`,
       );
     }
-    const parallel = this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR &&
-      outDim >= 8;
+    const parallel = this.#splitsLinear(rows, inDim, outDim);
     // Per thread: a tile of weight rows widened to f32, where the matmul runs.
     const scratch = rows > 1
-      ? this.#scratch(
-        "dequant",
-        (this.#kernels.halfScratchBytes(inDim) / 4) * (parallel ? this.threads : 1),
-      ).ptr
+      ? this.#threadScratch("dequant", this.#kernels.halfScratchBytes(inDim), parallel)
       : 0;
     const operands = [out.ptr, x.ptr, weight.ptr, biasPtr, rows, inDim, outDim] as const;
     const bf16 = weight.format === "bf16" ? 1 : 0;
@@ -1292,7 +1284,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     const parallel = this.#ctrl !== null && len * channels * kernel >= MIN_PARALLEL_LINEAR &&
       channels >= 32;
     // Per thread: a block of 16 channels' weights, transposed.
-    const scratch = this.#scratch("conv", kernel * 16 * (parallel ? this.threads : 1)).ptr;
+    const scratch = this.#threadScratch("conv", kernel * 16 * 4, parallel);
     const operands = [out.ptr, x.ptr, weight.ptr, bias ? bias.ptr : 0, state.ptr, len] as const;
     if (parallel) return this.#parallel(OP_CONV, [...operands, channels, kernel, scratch]);
     this.#kernels.causalConv(...operands, channels, kernel, scratch, 0, channels);
@@ -1387,6 +1379,19 @@ export class WasmBackend implements Backend<WasmBuffer> {
     } else {
       this.#kernels.scanStep(...ptrs, 0, batch * dim);
     }
+  }
+
+  /** Whether a linear of this size is split over the threads rather than run here alone. */
+  #splitsLinear(rows: number, inDim: number, outDim: number): boolean {
+    return this.#ctrl !== null && rows * inDim * outDim >= MIN_PARALLEL_LINEAR && outDim >= 8;
+  }
+
+  /**
+   * The address of the scratch kept for `purpose`: `bytes` (a multiple of 4)
+   * for each thread where the work is split, else for this one.
+   */
+  #threadScratch(purpose: ScratchPurpose, bytes: number, parallel: boolean): number {
+    return this.#scratch(purpose, (bytes / 4) * (parallel ? this.threads : 1)).ptr;
   }
 
   /** The scratch buffer kept for `purpose`, at least `length` floats. */
