@@ -173,26 +173,18 @@ export function blockOp<Buf>(
         batch,
       });
     case "x_proj": { // dt, B, C = x_proj(xc)
-      if (mixerRmsEps === undefined) {
-        return be.linearSplit({
-          outs: [s.dt, s.B, s.C],
-          widths: [dtRank, dState, dState],
-          x: s.xc,
-          weight: w.xProj,
-          rows: L,
-          inDim: dInner,
-        });
-      }
       // Falcon-Mamba: dt, B, C = rmsNorm(x_proj(xc)) each, without weights.
-      const raw = s.mixerNorm!;
+      const split = mixerRmsEps === undefined ? s : s.mixerNorm!;
       be.linearSplit({
-        outs: [raw.dt, raw.B, raw.C],
+        outs: [split.dt, split.B, split.C],
         widths: [dtRank, dState, dState],
         x: s.xc,
         weight: w.xProj,
         rows: L,
         inDim: dInner,
       });
+      if (mixerRmsEps === undefined) return;
+      const raw = s.mixerNorm!;
       be.rmsNorm({
         out: s.dt,
         x: raw.dt,
