@@ -399,11 +399,13 @@ export class DecodeEngine<Buf> {
       len = next;
     }
     const ids = new Int32Array(group.length * len);
+    // Logits are only read once a prompt is done: a chunk that ends none skips the head.
+    const ending = group.some((item) => item.promptLeft.length === len);
     group.forEach((item, b) => {
       ids.set(item.promptLeft.subarray(0, len), b * len);
       item.promptLeft = item.promptLeft.subarray(len);
     });
-    this.#feedGroup(group.map((item) => item.slot), ids, len);
+    this.#feedGroup(group.map((item) => item.slot), ids, len, ending);
     for (const item of group) {
       if (item.promptLeft.length > 0) continue;
       this.#prompts.splice(this.#prompts.indexOf(item), 1);
@@ -414,13 +416,14 @@ export class DecodeEngine<Buf> {
 
   /**
    * Feeds `len` ids to each sequence of `slots` (ids [slots.length · len]),
-   * as `MambaModel.feed` does. Where the backend queues work and the chunk
-   * is short, it goes in pieces of {@link CAPTURED_PIECE} ids and then
-   * powers of two, each replayed from a recording made once per shape.
+   * as `MambaModel.feed` does, with logits where `withLogits`. Where the
+   * backend queues work and the chunk is short, it goes in pieces of
+   * {@link CAPTURED_PIECE} ids and then powers of two, each replayed from a
+   * recording made once per shape (with logits, whatever is asked).
    */
-  #feedGroup(slots: readonly number[], ids: Int32Array, len: number): void {
+  #feedGroup(slots: readonly number[], ids: Int32Array, len: number, withLogits: boolean): void {
     if (!this.#be.queued || len >= CAPTURED_PROMPT_LIMIT) {
-      this.#model.feed(slots, ids, len);
+      this.#model.feed(slots, ids, len, withLogits);
       return;
     }
     for (let from = 0; from < len;) {
@@ -797,7 +800,8 @@ export class DecodeEngine<Buf> {
       seq.settle(ending.error ?? { ids: seq.kept, stopped: ending.stopped });
     });
     for (const [len, { slots, ids }] of replays) {
-      this.#feedGroup(slots, Int32Array.from(ids), len);
+      // With logits: a session goes on from the slot's row after its kept ids.
+      this.#feedGroup(slots, Int32Array.from(ids), len, true);
     }
     if (round.checkpoint) this.#returnCopy(round.checkpoint as PoolCopy<Buf>);
   }

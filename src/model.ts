@@ -390,11 +390,13 @@ export class MambaModel<Buf> {
 
   /**
    * Feeds `len` ids to each sequence of `slots` (ids [slots.length · len],
-   * sequence b's from b · len), advancing their states in the pool; each
-   * slot's logits row then holds the logits after its last id. Issues the
-   * work without waiting for it. Ids must already be checked.
+   * sequence b's from b · len), advancing their states in the pool; with
+   * `withLogits`, each slot's logits row then holds the logits after its last
+   * id (a prompt's chunks but its last need none: the head is a GEMV over
+   * the whole vocabulary). Issues the work without waiting for it. Ids must
+   * already be checked.
    */
-  feed(slots: readonly number[], ids: Int32Array, len: number): void {
+  feed(slots: readonly number[], ids: Int32Array, len: number, withLogits = true): void {
     const be = this.backend;
     const batch = slots.length;
     if (batch === 0 || len === 0) return;
@@ -406,15 +408,15 @@ export class MambaModel<Buf> {
     const s = this.allocScratch(batch * len);
     const slotRows = be.upload(Float32Array.from(slots));
     const tokens = be.upload(Float32Array.from(ids));
-    const lastRows = this.lastRows(batch, len);
-    const logits = be.zeros(batch * this.config.vocabSize);
+    const lastRows = withLogits ? this.lastRows(batch, len) : null;
+    const logits = withLogits ? be.zeros(batch * this.config.vocabSize) : null;
     try {
       this.feedRows(s, batch, len, slotRows, tokens, lastRows, logits);
       be.flush();
     } finally {
       this.releaseScratch(s);
-      for (const buf of [slotRows, tokens, logits, ...(lastRows ? [lastRows] : [])]) {
-        be.release(buf);
+      for (const buf of [slotRows, tokens, logits, lastRows]) {
+        if (buf) be.release(buf);
       }
     }
   }
@@ -432,8 +434,8 @@ export class MambaModel<Buf> {
   /**
    * The work of {@link feed} on buffers: `batch` sequences on the slots
    * `slots[b]` are fed `len` ids each, `tokens[b · len + t]`; `lastRows` is
-   * {@link lastRows}'s buffer, and `logits` [batch, vocab] is scratch.
-   * Records nothing on the host and allocates nothing, so that a backend
+   * {@link lastRows}'s buffer, and `logits` [batch, vocab] is scratch (null:
+   * no logits, the head skipped). Records nothing on the host and allocates nothing, so that a backend
    * can capture it.
    */
   feedRows(
@@ -443,7 +445,7 @@ export class MambaModel<Buf> {
     slots: Buf,
     tokens: Buf,
     lastRows: Buf | null,
-    logits: Buf,
+    logits: Buf | null,
   ): void {
     const be = this.backend;
     const { dModel, vocabSize } = this.config;
@@ -455,6 +457,7 @@ export class MambaModel<Buf> {
       srcRows: { buf: tokens, offset: 0 },
     });
     this.blocks(s, slots, len, batch);
+    if (!logits) return;
     if (lastRows) {
       be.copyRows({
         dst: s.headIn,
