@@ -1811,11 +1811,16 @@ function packConvWeights(weight: usize, c: i32, kernel: i32, scratch: usize): vo
   }
 }
 
+/** Bytes of per-thread scratch causalConv needs: a block of 16 channels' weights. */
+export function convScratchBytes(kernel: i32): i32 {
+  return kernel * 16 * 4;
+}
+
 // Causal depthwise conv with SiLU over channels [c0, c1) (c0 a multiple of
 // 16, as the threads' split is), then those channels' state update. Blocks of
 // 16 channels walk the tokens, so each token's row is read a whole cache line
 // at a time (4 channels alone used a quarter of each line they fetched);
-// `scratch` holds kernel·16 floats, the block's weights transposed to
+// `scratch` holds convScratchBytes(kernel), the block's weights transposed to
 // [4][kernel][4], so each tap is one vector load.
 export function causalConv(
   out: usize,
@@ -2557,7 +2562,7 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
       arg(ctrl, 5),
       channels,
       kernel,
-      arg(ctrl, 8) + part * (kernel << 6),
+      arg(ctrl, 8) + part * convScratchBytes(kernel),
       splitStart(channels, part, parts, 16),
       splitStart(channels, part + 1, parts, 16),
     );

@@ -345,6 +345,8 @@ interface Kernels {
   ): void;
   /** Bytes of the matmul's per-thread panel for rows of inDim. */
   panelBytes(inDim: number): number;
+  /** Bytes of the conv's per-thread scratch for a kernel of `kernel` taps. */
+  convScratchBytes(kernel: number): number;
   rmsNorm(out: number, x: number, weight: number, rows: number, dim: number, eps: number): void;
   addInPlace(acc: number, x: number, n: number): void;
   convStep(
@@ -1284,7 +1286,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     const parallel = this.#ctrl !== null && len * channels * kernel >= MIN_PARALLEL_LINEAR &&
       channels >= 32;
     // Per thread: a block of 16 channels' weights, transposed.
-    const scratch = this.#threadScratch("conv", kernel * 16 * 4, parallel);
+    const scratch = this.#threadScratch("conv", this.#kernels.convScratchBytes(kernel), parallel);
     const operands = [out.ptr, x.ptr, weight.ptr, bias ? bias.ptr : 0, state.ptr, len] as const;
     if (parallel) return this.#parallel(OP_CONV, [...operands, channels, kernel, scratch]);
     this.#kernels.causalConv(...operands, channels, kernel, scratch, 0, channels);
