@@ -16,6 +16,7 @@ import { generate, type GenerateOptions, type Generation } from "./generate.ts";
 import { MambaModel } from "./model.ts";
 import { headerDtypes, parseShardIndex, SafetensorsFile } from "./safetensors.ts";
 import { Session } from "./session.ts";
+import { Sampler } from "./sampler.ts";
 import {
   type ByteAllocator,
   type LoadProgress,
@@ -74,9 +75,17 @@ export interface LoadOptions extends SourceOptions {
    * tokenizer.json. It is read and checked before any weights are.
    */
   tokenizer?: string | URL;
+  /**
+   * Run {@link Mamba.warmUp} before returning (default true), so that the
+   * first prompt does not pay for what a backend does once.
+   */
+  warmUp?: boolean;
 }
 
 export type { BackendName, LoadProgress };
+
+/** Prompt ids of {@link Mamba.warmUp}: enough rows to run the prefill's kernels. */
+export const WARM_UP_PROMPT = 8;
 
 /** A loaded Mamba language model with its tokenizer, if it has one. */
 export class Mamba {
@@ -186,6 +195,24 @@ export class Mamba {
   }
 
   /**
+   * Runs a short generation whose tokens are discarded ({@link WARM_UP_PROMPT}
+   * prompt ids, then a decode step through the engine), so that what a backend
+   * does once, such as compiling kernels or GPU pipelines, growing its scratch
+   * memory and first touching the weights, is paid now rather than by the
+   * first prompt. {@link loadModel} calls it unless told not to.
+   */
+  async warmUp(): Promise<void> {
+    const prompt = Array.from({ length: WARM_UP_PROMPT }, (_, i) => i % this.vocabSize);
+    const session = this.session();
+    try {
+      // The path of `generate`, without text: the prompt through the engine, then its rounds.
+      await session.decode({ prompt, maxTokens: 2, sampler: new Sampler({ temperature: 0 }) });
+    } finally {
+      session.dispose();
+    }
+  }
+
+  /**
    * Frees what the model holds on its backend (wasm memory and worker threads,
    * the GPU device with its buffers); the model must be idle and must not be
    * used afterwards. Calling it again does nothing.
@@ -222,11 +249,12 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
       halfWeights: loaded.halfWeights,
       matrixBlocks: loaded.matrixBlocks,
     });
-    return new Mamba(
+    const model = new Mamba(
       new MambaModel(backend, loaded.config, loaded.weights),
       loaded.tokenizer,
       report,
     );
+    return await warmedUp(model, options);
   }
   const dir = await openSource(source, options);
   const rawConfig = await readJson(dir, "config.json");
@@ -248,7 +276,22 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
   });
   const { store, vouched } = await readTensors(dir, (size) => backend.hostBytes(size));
   const weights = loadWeightsAsStored(store, config, dir.describe("config.json"), vouched);
-  return new Mamba(new MambaModel(backend, config, weights), tokenizer, report);
+  return await warmedUp(
+    new Mamba(new MambaModel(backend, config, weights), tokenizer, report),
+    options,
+  );
+}
+
+/** The model after {@link Mamba.warmUp} unless `options.warmUp` is false; disposed if that fails. */
+async function warmedUp(model: Mamba, options: LoadOptions): Promise<Mamba> {
+  if (options.warmUp === false) return model;
+  try {
+    await model.warmUp();
+  } catch (error) {
+    model.dispose();
+    throw error;
+  }
+  return model;
 }
 
 /** A checkpoint's normalized config and its checked float32 weights. */

@@ -6,7 +6,7 @@
 
 import { assert, assertEquals, assertRejects, assertStringIncludes } from "@std/assert";
 import { ModelFileError } from "../src/errors.ts";
-import { loadCheckpoint, loadModel } from "../src/load.ts";
+import { loadCheckpoint, loadModel, WARM_UP_PROMPT } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile, writeSafetensors } from "../src/safetensors.ts";
 import { JsBackend } from "../src/backends/js.ts";
@@ -363,7 +363,8 @@ Deno.test("session.step takes any row of the model and refuses ids past them at 
 
 Deno.test("an F16 checkpoint on wasm keeps its matrices and embedding 16-bit where the file was read", async () => {
   for (const threads of [1, 2]) {
-    const mamba = await loadModel(SHAKESPEARE, { backend: "wasm", threads });
+    // No warm-up: its runs upload ids and settings, which are not weights.
+    const mamba = await loadModel(SHAKESPEARE, { backend: "wasm", threads, warmUp: false });
     try {
       // Only the vectors (norms, conv, biases, A, D), widened to f32, were copied in: the
       // matrices and the embedding (shared by the tied lm_head) are the file's bytes.
@@ -398,5 +399,32 @@ Deno.test("a 16-bit weight holding NaN or Infinity is refused at load, naming th
         );
       }
     }
+  }
+});
+
+Deno.test("the warm-up runs a prefill and a decode step, and leaves no sequence behind", async () => {
+  const mamba = await loadModel(SHAKESPEARE, { backend: "wasm", threads: 2, warmUp: false });
+  try {
+    const backend = mamba.model.backend as WasmBackend;
+    // The lengths of the scans the model asks for (the backend's own calls to itself not counted).
+    const scans: number[] = [];
+    const selectiveScan = backend.selectiveScan.bind(backend);
+    let depth = 0;
+    backend.selectiveScan = (args) => {
+      if (depth++ === 0) scans.push(args.len);
+      try {
+        selectiveScan(args);
+      } finally {
+        depth--;
+      }
+    };
+    await mamba.warmUp();
+    const layers = mamba.config.nLayer;
+    assertEquals(scans.filter((len) => len === WARM_UP_PROMPT).length, layers, "prefill scans");
+    assert(scans.filter((len) => len === 1).length >= layers, "decode step scans");
+    await new Promise((resolve) => setTimeout(resolve, 0)); // A session gives its slot back after its calls.
+    assertEquals(mamba.model.pool.used, 0);
+  } finally {
+    mamba.dispose();
   }
 });

@@ -214,7 +214,8 @@ for (const type of ["q8_0", "q4_0", "q4_k"] as const) {
         `${blockBytes + f32Bytes} of ${allF32Bytes}`,
       );
       for (const threads of [1, 2]) {
-        await using model = await loadModel(file, { backend: "wasm", threads });
+        // No warm-up: its runs upload ids and settings, which are not weights.
+        await using model = await loadModel(file, { backend: "wasm", threads, warmUp: false });
         // The memory holds the blocks, not f32 matrices.
         const held = (model.model.backend as WasmBackend).copiedBytes;
         assertEquals(held, blockBytes + f32Bytes, `${threads} threads: bytes copied in at load`);
@@ -446,7 +447,12 @@ Deno.test("a Mamba-2 model quantizes to llama.cpp's mamba2 layout; its Q8_0 bloc
     // The js backend runs the dequantized blocks in f32, the reference.
     await using reference = await loadModel(`${dir}/q8_0.gguf`, { backend: "js" });
     const want = await reference.forward(ids);
-    await using model = await loadModel(`${dir}/q8_0.gguf`, { backend: "wasm", threads: 2 });
+    // No warm-up: its runs upload ids and settings, which are not weights.
+    await using model = await loadModel(`${dir}/q8_0.gguf`, {
+      backend: "wasm",
+      threads: 2,
+      warmUp: false,
+    });
     const held = (model.model.backend as WasmBackend).copiedBytes;
     // in_proj [392, 64], out_proj [64, 128] of both layers and the embedding [256, 64] as
     // 40-byte blocks of 32; the vectors in f32: per layer the norm (64), the conv's weights and
