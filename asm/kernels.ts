@@ -553,30 +553,80 @@ function update(
   }
 }
 
-// One channel's decode step in f32, four states per instruction: h ← exp(dt·A)·h
-// + dt·u·B over the N states at `hp`, returning C·h.
+// 2^y for f32x4 on constants passed in (see pow2dWith): y clamped to
+// [-125, 127], 2^f of its fraction f in [-0.5, 0.5] by the degree-7
+// polynomial of pow2dWith (truncation about 5e-9, under the f32 rounding),
+// 2^n added straight to the exponent bits.
 // @ts-ignore: decorator
 @inline
-function stepChannel(hp: usize, ap: usize, bRow: usize, cRow: usize, N: i32, dt: f32, dtu: f32): f32 {
-  const dtv = f32x4.splat(dt);
-  const dtuv = f32x4.splat(dtu);
-  let acc = f32x4.splat(0);
-  for (let n = 0; n < N; n += 4) {
-    const o = <usize>n << 2;
-    const h = madd(exp4(f32x4.mul(dtv, v128.load(ap + o))), v128.load(hp + o), f32x4.mul(dtuv, v128.load(bRow + o)));
-    v128.store(hp + o, h);
-    acc = madd(h, v128.load(cRow + o), acc);
-  }
-  return hsum(acc);
+function pow2With(
+  y0: v128,
+  lo: v128,
+  hi: v128,
+  magic: v128,
+  one: v128,
+  k1: v128,
+  k2: v128,
+  k3: v128,
+  k4: v128,
+  k5: v128,
+  k6: v128,
+  k7: v128,
+): v128 {
+  const y = f32x4.pmin(f32x4.pmax(y0, lo), hi);
+  const t = f32x4.add(y, magic);
+  const f = f32x4.sub(y, f32x4.sub(t, magic)); // exact
+  let p = madd(k7, f, k6);
+  p = madd(p, f, k5);
+  p = madd(p, f, k4);
+  p = madd(p, f, k3);
+  p = madd(p, f, k2);
+  p = madd(p, f, k1);
+  p = madd(p, f, one);
+  return i32x4.add(p, i32x4.shl(t, 23));
+}
+
+// The constants of pow2With for f32, globals as the others are.
+let F_LO = f32x4.splat(-125);
+let F_HI = f32x4.splat(127);
+let F_K1 = f32x4.splat(<f32>0.6931471805599453);
+let F_K2 = f32x4.splat(<f32>0.24022651071361434);
+let F_K3 = f32x4.splat(<f32>0.05550410699025128);
+let F_K4 = f32x4.splat(<f32>0.009618037597154232);
+let F_K5 = f32x4.splat(<f32>0.0013333712779035507);
+let F_K6 = f32x4.splat(<f32>0.0001546689681705087);
+let F_K7 = f32x4.splat(<f32>1.5241381308279067e-5);
+
+/** Like setConstants, for pow2With's f32 constants. */
+export function setPow2Constants(scale: f32): void {
+  F_LO = f32x4.splat(-125 * scale);
+  F_HI = f32x4.splat(127 * scale);
+  F_K1 = f32x4.splat(<f32>0.6931471805599453 * scale);
+  F_K2 = f32x4.splat(<f32>0.24022651071361434 * scale);
+  F_K3 = f32x4.splat(<f32>0.05550410699025128 * scale);
+  F_K4 = f32x4.splat(<f32>0.009618037597154232 * scale);
+  F_K5 = f32x4.splat(<f32>0.0013333712779035507 * scale);
+  F_K6 = f32x4.splat(<f32>0.0001546689681705087 * scale);
+  F_K7 = f32x4.splat(<f32>1.5241381308279067e-5 * scale);
+}
+
+// Lane k of the result is the sum of the lanes of the k-th argument.
+// @ts-ignore: decorator
+@inline
+function sums4(a: v128, b: v128, c: v128, d: v128): v128 {
+  const ab = f32x4.add(v128.shuffle<f32>(a, b, 0, 2, 4, 6), v128.shuffle<f32>(a, b, 1, 3, 5, 7));
+  const cd = f32x4.add(v128.shuffle<f32>(c, d, 0, 2, 4, 6), v128.shuffle<f32>(c, d, 1, 3, 5, 7));
+  return f32x4.add(v128.shuffle<f32>(ab, cd, 0, 2, 4, 6), v128.shuffle<f32>(ab, cd, 1, 3, 5, 7));
 }
 
 // One decode step (a single token) of `batch` sequences, the state of
 // sequence b being row slots[b] (a float) of the pool `state` [rows, dim, N]
 // (row b where slots is 0). With one token there is no recurrence within the
 // call for rounding to build up in (the f64 of `scan` is for long prompts):
-// f32 runs four states per instruction with a cheaper exp. Covers the units
-// [i0, i1) of batch·dim, a unit being channel d of sequence b at b·dim + d;
-// dim, N, i0 and i1 are multiples of 4.
+// f32 runs four states per instruction. The decays are 2^(dt·log2(e)·A),
+// with the exp's constants held in locals (a global is a load at every use).
+// Covers the units [i0, i1) of batch·dim, a unit being channel d of sequence
+// b at b·dim + d; dim, N, i0 and i1 are multiples of 4.
 export function scanStep(
   y: usize,
   u: usize,
@@ -596,8 +646,9 @@ export function scanStep(
   i0: i32,
   i1: i32,
 ): void {
+  const lo = F_LO, hi = F_HI, magic = MAGIC, one = ONE;
+  const k1 = F_K1, k2 = F_K2, k3 = F_K3, k4 = F_K4, k5 = F_K5, k6 = F_K6, k7 = F_K7;
   const nBytes = <usize>N << 2;
-  const hBytes = <usize>N << 2;
   for (let i = i0; i < i1; i += 4) {
     const b = i / dim;
     const d = i - b * dim;
@@ -609,15 +660,46 @@ export function scanStep(
     if (softplus) dt = softplus4(dt);
     const uv = v128.load(u + at);
     const dtu = f32x4.mul(dt, uv);
-    const hp = state + (<usize>row * <usize>dim + <usize>d) * hBytes;
-    const ap = A + <usize>d * nBytes;
+    const dt2 = f32x4.mul(dt, LOG2E);
     const bRow = B + <usize>b * nBytes;
     const cRow = C + <usize>b * nBytes;
-    const y0 = stepChannel(hp, ap, bRow, cRow, N, f32x4.extract_lane(dt, 0), f32x4.extract_lane(dtu, 0));
-    const y1 = stepChannel(hp + hBytes, ap + nBytes, bRow, cRow, N, f32x4.extract_lane(dt, 1), f32x4.extract_lane(dtu, 1));
-    const y2 = stepChannel(hp + 2 * hBytes, ap + 2 * nBytes, bRow, cRow, N, f32x4.extract_lane(dt, 2), f32x4.extract_lane(dtu, 2));
-    const y3 = stepChannel(hp + 3 * hBytes, ap + 3 * nBytes, bRow, cRow, N, f32x4.extract_lane(dt, 3), f32x4.extract_lane(dtu, 3));
-    let out = f32x4(y0, y1, y2, y3);
+    // Channel c's states at h + c·nBytes, its A at a + c·nBytes.
+    const h = state + (<usize>row * <usize>dim + <usize>d) * nBytes;
+    const a = A + <usize>d * nBytes;
+    let s0 = f32x4.splat(0), s1 = f32x4.splat(0), s2 = f32x4.splat(0), s3 = f32x4.splat(0);
+    const dt20 = f32x4.splat(f32x4.extract_lane(dt2, 0)), dtu0 = f32x4.splat(f32x4.extract_lane(dtu, 0));
+    const dt21 = f32x4.splat(f32x4.extract_lane(dt2, 1)), dtu1 = f32x4.splat(f32x4.extract_lane(dtu, 1));
+    const dt22 = f32x4.splat(f32x4.extract_lane(dt2, 2)), dtu2 = f32x4.splat(f32x4.extract_lane(dtu, 2));
+    const dt23 = f32x4.splat(f32x4.extract_lane(dt2, 3)), dtu3 = f32x4.splat(f32x4.extract_lane(dtu, 3));
+    for (let o: usize = 0; o < nBytes; o += 16) {
+      const bv = v128.load(bRow + o);
+      const cv = v128.load(cRow + o);
+      let p = h + o;
+      let q = a + o;
+      let e = pow2With(f32x4.mul(dt20, v128.load(q)), lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7);
+      let hv = madd(e, v128.load(p), f32x4.mul(dtu0, bv));
+      v128.store(p, hv);
+      s0 = madd(hv, cv, s0);
+      p += nBytes;
+      q += nBytes;
+      e = pow2With(f32x4.mul(dt21, v128.load(q)), lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7);
+      hv = madd(e, v128.load(p), f32x4.mul(dtu1, bv));
+      v128.store(p, hv);
+      s1 = madd(hv, cv, s1);
+      p += nBytes;
+      q += nBytes;
+      e = pow2With(f32x4.mul(dt22, v128.load(q)), lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7);
+      hv = madd(e, v128.load(p), f32x4.mul(dtu2, bv));
+      v128.store(p, hv);
+      s2 = madd(hv, cv, s2);
+      p += nBytes;
+      q += nBytes;
+      e = pow2With(f32x4.mul(dt23, v128.load(q)), lo, hi, magic, one, k1, k2, k3, k4, k5, k6, k7);
+      hv = madd(e, v128.load(p), f32x4.mul(dtu3, bv));
+      v128.store(p, hv);
+      s3 = madd(hv, cv, s3);
+    }
+    let out = sums4(s0, s1, s2, s3);
     if (D) out = madd(v128.load(D + col), uv, out);
     if (z) out = f32x4.mul(out, silu4(v128.load(z + at)));
     v128.store(y + at, out);
@@ -1797,10 +1879,22 @@ function convInput(
 }
 
 // Channels c .. c + 3's conv weights ([channels, kernel]) into `scratch` as
-// [kernel][4], so that each tap is one vector load.
+// [kernel][4], so that each tap is one vector load. Mamba's kernel of 4 is a
+// 4×4 transpose in registers (a decode step packs every group of channels).
 // @ts-ignore: decorator
 @inline
 function packConvWeights(weight: usize, c: i32, kernel: i32, scratch: usize): void {
+  if (kernel == 4) {
+    const w = weight + (<usize> c << 4);
+    const r0 = v128.load(w), r1 = v128.load(w, 16), r2 = v128.load(w, 32), r3 = v128.load(w, 48);
+    const t0 = v128.shuffle<f32>(r0, r1, 0, 4, 1, 5), t1 = v128.shuffle<f32>(r2, r3, 0, 4, 1, 5);
+    const t2 = v128.shuffle<f32>(r0, r1, 2, 6, 3, 7), t3 = v128.shuffle<f32>(r2, r3, 2, 6, 3, 7);
+    v128.store(scratch, v128.shuffle<f32>(t0, t1, 0, 1, 4, 5));
+    v128.store(scratch, v128.shuffle<f32>(t0, t1, 2, 3, 6, 7), 16);
+    v128.store(scratch, v128.shuffle<f32>(t2, t3, 0, 1, 4, 5), 32);
+    v128.store(scratch, v128.shuffle<f32>(t2, t3, 2, 3, 6, 7), 48);
+    return;
+  }
   for (let k = 0; k < kernel; k++) {
     for (let j = 0; j < 4; j++) {
       store<f32>(
