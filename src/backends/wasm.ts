@@ -453,6 +453,7 @@ interface Kernels {
     bf16: number,
   ): void;
   halfScratchBytes(inDim: number): number;
+  threadStride(bytes: number): number;
   widenHalfRow(out: number, src: number, n: number, bf16: number): void;
   runJob(ctrl: number, part: number, parts: number): void;
   mathTest(out: number, x: number, n: number, which: number): void;
@@ -1329,7 +1330,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
     const chunk = Math.min(args.chunkSize, SSD_CHUNK_MAX);
     const scratchBytes = this.#kernels.ssdScratchBytes(chunk, headDim);
-    const scratch = this.#scratch("ssd", (scratchBytes / 4) * this.threads).ptr;
+    const scratch =
+      this.#scratch("ssd", this.#kernels.threadStride(scratchBytes) / 4 * this.threads).ptr;
     const sizes = [len, heads, headDim, groups, dState, chunk] as const;
     if (parallel) {
       const [lo, hi] = dtLimit.map(floatBits);
@@ -1357,8 +1359,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
     const { len, dim, dState } = args;
     // f64 state of one tile per thread.
-    const scratchFloats = (this.#kernels.scanScratchBytes(dState) / 4) * this.threads;
-    const scratch = this.#scratch("scan", scratchFloats).ptr;
+    const scratchBytes = this.#kernels.threadStride(this.#kernels.scanScratchBytes(dState));
+    const scratch = this.#scratch("scan", scratchBytes / 4 * this.threads).ptr;
     // u, delta, z and y: token-major [len, dim], or mamba_ssm's [dim, len].
     const [tokenStride, channelStride] = args.channelMajor ? [1, len] : [dim, 1];
     const ptrs = [...scanOperands(args), len, dim, dState, tokenStride, channelStride] as const;
@@ -1390,10 +1392,12 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   /**
    * The address of the scratch kept for `purpose`: `bytes` (a multiple of 4)
-   * for each thread where the work is split, else for this one.
+   * for each thread where the work is split (at the kernels' `threadStride`),
+   * else for this one.
    */
   #threadScratch(purpose: ScratchPurpose, bytes: number, parallel: boolean): number {
-    return this.#scratch(purpose, (bytes / 4) * (parallel ? this.threads : 1)).ptr;
+    const floats = parallel ? this.#kernels.threadStride(bytes) / 4 * this.threads : bytes / 4;
+    return this.#scratch(purpose, floats).ptr;
   }
 
   /** The scratch buffer kept for `purpose`, at least `length` floats. */
