@@ -195,8 +195,8 @@ export class Mamba {
   }
 
   /**
-   * Runs a short generation whose tokens are discarded ({@link WARM_UP_PROMPT}
-   * prompt ids, then a decode step through the engine), so that what a backend
+   * Runs a short generation whose tokens are discarded (a prompt of a few
+   * ids, then a decode step through the engine), so that what a backend
    * does once, such as compiling kernels or GPU pipelines, growing its scratch
    * memory and first touching the weights, is paid now rather than by the
    * first prompt. {@link loadModel} calls it unless told not to.
