@@ -403,19 +403,13 @@ Deno.test({
         for (const batch of [1, 3, 70]) {
           const x = fill(batch * dim, rand);
           const bias = fill(rows, rand);
-          const want = new Float32Array(batch * rows);
-          js.linear({ out: want, x, weight: values, bias, rows: batch, inDim: dim, outDim: rows });
-          const out = gpu.zeros(batch * rows);
-          gpu.linear({
-            out,
-            x: gpu.upload(x),
-            weight: buffer,
-            bias: gpu.upload(bias),
-            rows: batch,
-            inDim: dim,
-            outDim: rows,
-          });
-          close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${batch} rows`);
+          await linearMatchesJs(
+            gpu,
+            buffer,
+            values,
+            { x, bias, rows: batch, inDim: dim, outDim: rows },
+            `linear ${label} over parts, ${batch} rows`,
+          );
         }
       }
       // Over 64 outputs the tiled matmul runs per part, writing at column offsets.
@@ -431,22 +425,40 @@ Deno.test({
         ] as const
       ) {
         assert(buffer.parts.length > 1, `${label}: expected a split, got ${buffer.parts.length}`);
-        const want = new Float32Array(batch * wide);
-        js.linear({ out: want, x, weight: values, bias, rows: batch, inDim: narrow, outDim: wide });
-        const out = gpu.zeros(batch * wide);
-        gpu.linear({
-          out,
-          x: gpu.upload(x),
-          weight: buffer,
-          bias: gpu.upload(bias),
-          rows: batch,
-          inDim: narrow,
-          outDim: wide,
-        });
-        close(await gpu.read(out), want, 1e-4, `linear ${label} over parts, ${wide} outputs`);
+        await linearMatchesJs(
+          gpu,
+          buffer,
+          values,
+          { x, bias, rows: batch, inDim: narrow, outDim: wide },
+          `linear ${label} over parts, ${wide} outputs`,
+        );
       }
     }, { splitMatricesOver: 1024 }),
 });
+
+/**
+ * Asserts that webgpu's `linear` over `weight` matches js's over `values`
+ * (the same matrix as floats) within 1e-4, with the same input and bias.
+ */
+async function linearMatchesJs(
+  gpu: WebGpuBackend,
+  weight: GpuBuffer,
+  values: Float32Array,
+  { x, bias, rows, inDim, outDim }: {
+    x: Float32Array;
+    bias: Float32Array;
+    rows: number;
+    inDim: number;
+    outDim: number;
+  },
+  what: string,
+): Promise<void> {
+  const want = new Float32Array(rows * outDim);
+  js.linear({ out: want, x, weight: values, bias, rows, inDim, outDim });
+  const out = gpu.zeros(rows * outDim);
+  gpu.linear({ out, x: gpu.upload(x), weight, bias: gpu.upload(bias), rows, inDim, outDim });
+  close(await gpu.read(out), want, 1e-4, what);
+}
 
 /** Asserts that `got` holds exactly `want`'s values. */
 function sameValues(got: Float32Array, want: Float32Array, what: string): void {
