@@ -184,17 +184,10 @@ export function blockOp<Buf>(
         inDim: dInner,
       });
       if (mixerRmsEps === undefined) return;
-      const raw = s.mixerNorm!;
-      be.rmsNorm({
-        out: s.dt,
-        x: raw.dt,
-        weight: raw.ones,
-        rows: L,
-        dim: dtRank,
-        eps: mixerRmsEps,
-      });
-      be.rmsNorm({ out: s.B, x: raw.B, weight: raw.ones, rows: L, dim: dState, eps: mixerRmsEps });
-      be.rmsNorm({ out: s.C, x: raw.C, weight: raw.ones, rows: L, dim: dState, eps: mixerRmsEps });
+      const norm = { weight: s.mixerNorm!.ones, rows: L, eps: mixerRmsEps };
+      be.rmsNorm({ ...norm, out: s.dt, x: split.dt, dim: dtRank });
+      be.rmsNorm({ ...norm, out: s.B, x: split.B, dim: dState });
+      be.rmsNorm({ ...norm, out: s.C, x: split.C, dim: dState });
       return;
     }
     case "dt_proj": // delta = dt_proj(dt), before its bias and softplus (the scan's)
