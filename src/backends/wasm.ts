@@ -1330,8 +1330,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
     const chunk = Math.min(args.chunkSize, SSD_CHUNK_MAX);
     const scratchBytes = this.#kernels.ssdScratchBytes(chunk, headDim);
-    const scratch =
-      this.#scratch("ssd", this.#kernels.threadStride(scratchBytes) / 4 * this.threads).ptr;
+    const scratch = this.#threadScratch("ssd", scratchBytes, parallel);
     const sizes = [len, heads, headDim, groups, dState, chunk] as const;
     if (parallel) {
       const [lo, hi] = dtLimit.map(floatBits);
@@ -1358,13 +1357,13 @@ export class WasmBackend implements Backend<WasmBuffer> {
       return scanEachSequence(args, view, rows, (one) => this.selectiveScan(one));
     }
     const { len, dim, dState } = args;
-    // f64 state of one tile per thread.
-    const scratchBytes = this.#kernels.threadStride(this.#kernels.scanScratchBytes(dState));
-    const scratch = this.#scratch("scan", scratchBytes / 4 * this.threads).ptr;
+    const parallel = this.#ctrl !== null && len * dim * dState >= MIN_PARALLEL_SCAN && dim >= 8;
+    // Per thread: the f64 state, A and decays of one tile.
+    const scratch = this.#threadScratch("scan", this.#kernels.scanScratchBytes(dState), parallel);
     // u, delta, z and y: token-major [len, dim], or mamba_ssm's [dim, len].
     const [tokenStride, channelStride] = args.channelMajor ? [1, len] : [dim, 1];
     const ptrs = [...scanOperands(args), len, dim, dState, tokenStride, channelStride] as const;
-    if (this.#ctrl && len * dim * dState >= MIN_PARALLEL_SCAN && dim >= 8) {
+    if (parallel) {
       this.#parallel(OP_SCAN, [...ptrs, scratch]);
     } else {
       this.#kernels.scan(...ptrs, 0, dim, scratch);
