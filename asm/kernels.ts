@@ -943,6 +943,160 @@ function matmul(
   }
 }
 
+// A batch of up to SMALL_BATCH rows (decode steps of a few concurrent
+// streams) skips the panels: packing one costs about what a few rows'
+// arithmetic on it does. Instead each weight row is read in place, one at a
+// time in the order gemv streams them (interleaved rows defeat the
+// prefetcher, see gemv), against every input row: dot products in two
+// accumulators per row, each 8 floats of K loading two weight vectors and
+// two of each input row. Past SMALL_BATCH rows the input rows' loads, two
+// vectors per row for every weight row, cost more than the panels' packing
+// (docs/performance.md has the speeds). The plain-SIMD build's multiply and
+// add need a register more per row, so it takes four rows.
+const SMALL_BATCH: i32 = ASC_FEATURE_RELAXED_SIMD ? 6 : 4;
+
+// Column o of out (rows <= SMALL_BATCH, a constant where inlined): weight
+// row o's dot products with every row of x, plus bias. Pointers past the
+// last row repeat it, so that every load of the K tail stays inside x.
+// @ts-ignore: decorator
+@inline
+function rowDots(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  inDim: i32,
+  outDim: i32,
+  rows: i32,
+  o: i32,
+): void {
+  const rowBytes = <usize> inDim << 2;
+  const last = rows - 1;
+  const x0 = x;
+  const x1 = x0 + <usize> min(1, last) * rowBytes;
+  const x2 = x0 + <usize> min(2, last) * rowBytes;
+  const x3 = x0 + <usize> min(3, last) * rowBytes;
+  const x4 = x0 + <usize> min(4, last) * rowBytes;
+  const x5 = x0 + <usize> min(5, last) * rowBytes;
+  const w0 = w + <usize> o * rowBytes;
+  let a0 = f32x4.splat(0), b0 = f32x4.splat(0);
+  let a1 = f32x4.splat(0), b1 = f32x4.splat(0);
+  let a2 = f32x4.splat(0), b2 = f32x4.splat(0);
+  let a3 = f32x4.splat(0), b3 = f32x4.splat(0);
+  let a4 = f32x4.splat(0), b4 = f32x4.splat(0);
+  let a5 = f32x4.splat(0), b5 = f32x4.splat(0);
+  const k8 = rowBytes & ~31;
+  let k: usize = 0;
+  for (; k < k8; k += 32) {
+    const v = v128.load(w0 + k);
+    const u = v128.load(w0 + k, 16);
+    a0 = madd(v128.load(x0 + k), v, a0);
+    b0 = madd(v128.load(x0 + k, 16), u, b0);
+    if (rows > 1) {
+      a1 = madd(v128.load(x1 + k), v, a1);
+      b1 = madd(v128.load(x1 + k, 16), u, b1);
+    }
+    if (rows > 2) {
+      a2 = madd(v128.load(x2 + k), v, a2);
+      b2 = madd(v128.load(x2 + k, 16), u, b2);
+    }
+    if (rows > 3) {
+      a3 = madd(v128.load(x3 + k), v, a3);
+      b3 = madd(v128.load(x3 + k, 16), u, b3);
+    }
+    if (rows > 4) {
+      a4 = madd(v128.load(x4 + k), v, a4);
+      b4 = madd(v128.load(x4 + k, 16), u, b4);
+    }
+    if (rows > 5) {
+      a5 = madd(v128.load(x5 + k), v, a5);
+      b5 = madd(v128.load(x5 + k, 16), u, b5);
+    }
+  }
+  if (k + 16 <= rowBytes) {
+    const v = v128.load(w0 + k);
+    a0 = madd(v128.load(x0 + k), v, a0);
+    a1 = madd(v128.load(x1 + k), v, a1);
+    a2 = madd(v128.load(x2 + k), v, a2);
+    a3 = madd(v128.load(x3 + k), v, a3);
+    a4 = madd(v128.load(x4 + k), v, a4);
+    a5 = madd(v128.load(x5 + k), v, a5);
+    k += 16;
+  }
+  // Lane i of lo: row i's dot product; lanes 0 and 1 of hi: rows 4 and 5's.
+  let lo = sums4(f32x4.add(a0, b0), f32x4.add(a1, b1), f32x4.add(a2, b2), f32x4.add(a3, b3));
+  let hi = sums4(f32x4.add(a4, b4), f32x4.add(a5, b5), a5, a5);
+  for (; k < rowBytes; k += 4) {
+    const wk = f32x4.splat(load<f32>(w0 + k));
+    lo = madd(lanesAt(x0 + k, x1 + k, x2 + k, x3 + k), wk, lo);
+    hi = madd(lanesAt(x4 + k, x5 + k, x5 + k, x5 + k), wk, hi);
+  }
+  if (bias) {
+    const b = f32x4.splat(load<f32>(bias + (<usize> o << 2)));
+    lo = f32x4.add(lo, b);
+    hi = f32x4.add(hi, b);
+  }
+  const outRow = <usize> outDim << 2;
+  const op = out + (<usize> o << 2);
+  store<f32>(op, f32x4.extract_lane(lo, 0));
+  if (rows > 1) store<f32>(op + outRow, f32x4.extract_lane(lo, 1));
+  if (rows > 2) store<f32>(op + 2 * outRow, f32x4.extract_lane(lo, 2));
+  if (rows > 3) store<f32>(op + 3 * outRow, f32x4.extract_lane(lo, 3));
+  if (rows > 4) store<f32>(op + 4 * outRow, f32x4.extract_lane(hi, 0));
+  if (rows > 5) store<f32>(op + 5 * outRow, f32x4.extract_lane(hi, 1));
+}
+
+// The floats at a, b, c and d as one vector.
+// @ts-ignore: decorator
+@inline
+function lanesAt(a: usize, b: usize, c: usize, d: usize): v128 {
+  let v = f32x4.replace_lane(f32x4.splat(load<f32>(a)), 1, load<f32>(b));
+  v = f32x4.replace_lane(v, 2, load<f32>(c));
+  return f32x4.replace_lane(v, 3, load<f32>(d));
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over output columns
+// [o0, o1), for 2 <= rows <= SMALL_BATCH: a weight row at a time, the row
+// count a constant in each copy of rowDots.
+function smallMatmul(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+): void {
+  for (let o = o0; o < o1; o++) {
+    if (rows == 6) rowDots(out, x, w, bias, inDim, outDim, 6, o);
+    else if (rows == 5) rowDots(out, x, w, bias, inDim, outDim, 5, o);
+    else if (rows == 4) rowDots(out, x, w, bias, inDim, outDim, 4, o);
+    else if (rows == 3) rowDots(out, x, w, bias, inDim, outDim, 3, o);
+    else rowDots(out, x, w, bias, inDim, outDim, 2, o);
+  }
+}
+
+// out [rows, outDim] = x [rows, inDim] · wᵀ + bias over output columns
+// [o0, o1), rows > 1: pairs of weight rows for a few rows, else panels
+// (through `panel`, panelBytes(inDim)).
+function matmulRows(
+  out: usize,
+  x: usize,
+  w: usize,
+  bias: usize,
+  rows: i32,
+  inDim: i32,
+  outDim: i32,
+  o0: i32,
+  o1: i32,
+  panel: usize,
+): void {
+  if (rows <= SMALL_BATCH) smallMatmul(out, x, w, bias, rows, inDim, outDim, o0, o1);
+  else matmul(out, x, w, bias, inDim, outDim, o0, o1, 0, rows, panel);
+}
+
 // out [rows, outDim] = x [rows, inDim] · wᵀ + bias, output columns [o0, o1),
 // with `panel` scratch of panelBytes(inDim) for more than one row.
 export function linear(
@@ -958,7 +1112,7 @@ export function linear(
   panel: usize,
 ): void {
   if (rows == 1) gemv(out, x, w, bias, inDim, o0, o1);
-  else matmul(out, x, w, bias, inDim, outDim, o0, o1, 0, rows, panel);
+  else matmulRows(out, x, w, bias, rows, inDim, outDim, o0, o1, panel);
 }
 
 // ------------------------------------------------------ Q8_0 weights ----
@@ -1657,7 +1811,7 @@ export function linearBlocks(
     // The f32 kernel addresses weight row o at w + o·f32Row: the tile, moved
     // back by ob rows (wrapping u32 arithmetic lands on the tile again).
     const panel = scratch + <usize> OB * f32Row;
-    matmul(out, x, scratch - <usize> ob * f32Row, bias, inDim, outDim, ob, obEnd, 0, rows, panel);
+    matmulRows(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd, panel);
   }
 }
 
@@ -1791,7 +1945,7 @@ function linearHalfOf<T>(
     }
     // The tile, moved back by ob rows, as in linearBlocks.
     const panel = scratch + <usize> OB * f32Row;
-    matmul(out, x, scratch - <usize> ob * f32Row, bias, inDim, outDim, ob, obEnd, 0, rows, panel);
+    matmulRows(out, x, scratch - <usize> ob * f32Row, bias, rows, inDim, outDim, ob, obEnd, panel);
   }
 }
 
@@ -2623,6 +2777,18 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
         arg(ctrl, 5),
         splitStart(outDim, part, parts, 4),
         splitStart(outDim, part + 1, parts, 4),
+      );
+    } else if (rows <= SMALL_BATCH) {
+      smallMatmul(
+        arg(ctrl, 0),
+        arg(ctrl, 1),
+        arg(ctrl, 2),
+        arg(ctrl, 3),
+        rows,
+        arg(ctrl, 5),
+        outDim,
+        splitStart(outDim, part, parts, 2),
+        splitStart(outDim, part + 1, parts, 2),
       );
     } else {
       linearPart(ctrl, rows, outDim, part, parts);

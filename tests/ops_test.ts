@@ -599,6 +599,8 @@ const LINEAR_SHAPES = [
   [5, 130, 71],
   [7, 48, 1536],
   [13, 769, 131],
+  // wasm: up to 6 rows (4 without relaxed SIMD) take one weight row at a time, more take panels.
+  [6, 37, 11],
   // GEMV in groups of 4 rows, the last one full or not.
   [16, 64, 50],
   [13, 40, 33],
