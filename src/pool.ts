@@ -64,6 +64,8 @@ export class StatePool<Buf> {
   #capacity = 0;
   /** Free slots; the lowest is handed out first, so the used ones stay dense. */
   readonly #free = new Set<number>();
+  /** Parked slots (see {@link park}), oldest first, with what gives each up. */
+  readonly #parked = new Map<number, () => void>();
   /** Zeros as long as the longest row, copied over a slot to reset it. */
   readonly #zeros: Buf;
 
@@ -104,9 +106,22 @@ export class StatePool<Buf> {
     return this.#layers * (this.#convLength + this.#ssmLength) + this.#vocab;
   }
 
-  /** A slot holding the start of a sequence: zero state, zero logits. The pool grows when full. */
+  /**
+   * A slot holding the start of a sequence: zero state, zero logits. When
+   * no slot is free the oldest parked one is taken back, and only without
+   * one does the pool grow.
+   */
   acquire(): number {
-    if (this.#free.size === 0) this.#grow(this.#capacity * 2);
+    if (this.#free.size === 0) {
+      const oldest = this.#parked.entries().next();
+      if (oldest.done) this.#grow(this.#capacity * 2);
+      else {
+        const [parked, giveUp] = oldest.value;
+        this.#parked.delete(parked);
+        giveUp();
+        this.#free.add(parked);
+      }
+    }
     const slot = Math.min(...this.#free);
     this.#free.delete(slot);
     this.reset(slot);
@@ -116,7 +131,23 @@ export class StatePool<Buf> {
   /** Gives a slot back for reuse. */
   release(slot: number): void {
     this.#check(slot);
+    this.#parked.delete(slot);
     this.#free.add(slot);
+  }
+
+  /**
+   * Marks a slot in use as one its owner can do without for now: when the
+   * pool runs out, {@link acquire} calls `giveUp` and hands the slot to a new
+   * owner rather than grow. {@link unpark} or {@link release} ends it.
+   */
+  park(slot: number, giveUp: () => void): void {
+    this.#check(slot);
+    this.#parked.set(slot, giveUp);
+  }
+
+  /** Keeps a parked slot with its owner again (see {@link park}). */
+  unpark(slot: number): void {
+    this.#parked.delete(slot);
   }
 
   /** Zeroes a slot's state and logits: the start of a sequence. */

@@ -91,7 +91,11 @@ const slotsLeft = new FinalizationRegistry<{ pool: StatePool<unknown>; slot: num
  */
 export class Session<Buf = unknown> {
   readonly #model: MambaModel<Buf>;
-  readonly #slot: number;
+  #slot: number;
+  /** Whether the slot is in use ("held"), may be taken back ("parked") or was ("given up"). */
+  #slotState: "held" | "parked" | "given up" = "held";
+  /** Whether {@link tokens} is every id since a zero state, so that feeding them again rebuilds it. */
+  readonly #wholeHistory: boolean;
   #tokens: number[] = [];
   /** Whether the slot's logits row holds the logits after the last id. */
   #hasLogits = false;
@@ -114,9 +118,8 @@ export class Session<Buf = unknown> {
     const data = snapshot === undefined || pending
       ? null
       : decodeSnapshot(asBytes(snapshot), model);
-    const pool = model.pool;
-    this.#slot = pool.acquire();
-    slotsLeft.register(this, { pool: pool as StatePool<unknown>, slot: this.#slot }, this);
+    this.#wholeHistory = snapshot === undefined;
+    this.#slot = this.#acquire();
     if (data) this.#restore(data);
     if (pending) {
       this.#pending = Promise.resolve(pending).then(
@@ -138,9 +141,30 @@ export class Session<Buf = unknown> {
     return this.#tokens;
   }
 
-  /** The session's slot in the model's state pool. */
+  /** The session's slot in the model's state pool; -1 while it is given up (see {@link park}). */
   get slot(): number {
     return this.#slot;
+  }
+
+  /**
+   * Lets the model's state pool take this session's slot back when it runs
+   * out of slots, rather than grow (the least recently parked first). A
+   * session that gave its slot up takes another on its next call and feeds
+   * its ids again first: it continues from the same ids, its state and
+   * logits equal up to float rounding (a prompt's path sums in another order
+   * than decode steps). Any call unparks it. `generate` parks the sessions
+   * it made itself while they are idle, so that finished generations hold no
+   * memory until they are collected. A session resumed from a snapshot,
+   * which holds only its last ids, keeps its slot.
+   */
+  park(): void {
+    if (!this.#wholeHistory) return;
+    // After the calls already made, which use the slot; not a call itself, so it does not unpark.
+    this.#queue = this.#queue.then(() => {
+      if (this.#disposed || this.#slotState !== "held") return;
+      this.#model.pool.park(this.#slot, () => this.#giveUp());
+      this.#slotState = "parked";
+    });
   }
 
   /**
@@ -337,9 +361,38 @@ export class Session<Buf = unknown> {
     this.#disposed = true;
     slotsLeft.unregister(this);
     // After the calls already made: the engine may still be using the slot.
+    this.#queue.then(() => this.#pending?.catch(() => {})).finally(() => {
+      if (this.#slotState !== "given up") this.#model.pool.release(this.#slot);
+    });
+  }
+
+  /** A slot of the pool for this session, given back to it if the session is collected first. */
+  #acquire(): number {
     const pool = this.#model.pool;
-    const slot = this.#slot;
-    this.#queue.then(() => this.#pending?.catch(() => {})).finally(() => pool.release(slot));
+    const slot = pool.acquire();
+    slotsLeft.register(this, { pool: pool as StatePool<unknown>, slot }, this);
+    return slot;
+  }
+
+  /** Called by the pool when it takes a parked slot back. */
+  #giveUp(): void {
+    slotsLeft.unregister(this);
+    this.#slotState = "given up";
+    this.#slot = -1;
+  }
+
+  /** Before any call: keeps the slot, or takes a new one and feeds the ids again. */
+  async #unpark(): Promise<void> {
+    if (this.#slotState === "parked") this.#model.pool.unpark(this.#slot);
+    if (this.#slotState !== "given up") {
+      this.#slotState = "held";
+      return;
+    }
+    this.#slot = this.#acquire();
+    this.#slotState = "held";
+    if (this.#tokens.length > 0) {
+      await engineFor(this.#model).feed(this.#slot, Int32Array.from(this.#tokens));
+    }
   }
 
   /** Feeds ids through the engine; the logits stay on the backend. */
@@ -368,6 +421,7 @@ export class Session<Buf = unknown> {
     const result = this.#queue.then(async () => {
       if (this.#pending) await this.#pending; // A snapshot that failed says why first.
       if (this.#disposed) throw new Error("The session was disposed");
+      await this.#unpark();
       return task();
     });
     this.#queue = result.catch(() => {});

@@ -235,6 +235,39 @@ for (const { label, name, options, ignore } of BACKENDS) {
     assertEquals(mamba.model.pool.capacity, capacity, "the pool did not grow: slots were reused");
   });
 
+  test("finished generations lend their slots to later ones and continue the greedy ids after", async (mamba) => {
+    const { prompts, greedy } = await reference();
+    const pool = mamba.model.pool;
+    const capacity = pool.capacity;
+    // Kept referenced, so the collector frees none of their sessions' slots.
+    const finished = [];
+    for (let i = 0; i < 3 * capacity; i++) {
+      const p = i % prompts.length;
+      const generation = mamba.generate(prompts[p], { temperature: 0, maxNewTokens: 6 });
+      const ids: number[] = [];
+      for await (const event of generation) ids.push(event.token);
+      assertEquals(ids, greedy[p].slice(0, 6), `generation ${i}`);
+      finished.push(generation);
+    }
+    assertEquals(pool.capacity, capacity, "the pool did not grow");
+    // The first one's slot went to a later generation: its session feeds its
+    // ids again and goes on with the reference's greedy ids, as does the last,
+    // which kept its slot.
+    assertEquals(finished[0].session.slot, -1);
+    assertEquals((await finished[0].session.greedy(5)).ids, greedy[0].slice(6, 11));
+    const last = finished.at(-1)!;
+    const p = (finished.length - 1) % prompts.length;
+    assertEquals((await last.session.greedy(5)).ids, greedy[p].slice(6, 11));
+    // A snapshot of a session that gave its slot up resumes the same ids too.
+    const snapshot = await finished[1].session.snapshot();
+    const resumed = mamba.session(snapshot);
+    assertEquals((await resumed.greedy(4)).ids, greedy[1].slice(6, 10));
+    resumed.dispose();
+    for (const generation of finished) generation.session.dispose();
+    await settled();
+    assertEquals(pool.used, 0);
+  });
+
   test("prompts of every piece shape give the teacher-forced logits, alone and together", async (mamba) => {
     const model = mamba.model;
     const expected = SafetensorsFile.parse(
