@@ -105,6 +105,8 @@ export class Session<Buf = unknown> {
   #pending: Promise<void> | null = null;
   /** Serializes calls so overlapping calls cannot interleave. */
   #queue: Promise<unknown> = Promise.resolve();
+  /** Calls made and not yet settled. */
+  #calls = 0;
   #disposed = false;
 
   /**
@@ -360,10 +362,13 @@ export class Session<Buf = unknown> {
     if (this.#disposed) return;
     this.#disposed = true;
     slotsLeft.unregister(this);
-    // After the calls already made: the engine may still be using the slot.
-    this.#queue.then(() => this.#pending?.catch(() => {})).finally(() => {
+    const release = () => {
       if (this.#slotState !== "given up") this.#model.pool.release(this.#slot);
-    });
+    };
+    // At once when idle, so that a session made next can take the slot.
+    if (this.#calls === 0 && this.#pending === null) return release();
+    // Else after the calls already made: the engine may still be using the slot.
+    this.#queue.then(() => this.#pending?.catch(() => {})).finally(release);
   }
 
   /** A slot of the pool for this session, given back to it if the session is collected first. */
@@ -418,13 +423,14 @@ export class Session<Buf = unknown> {
   }
 
   #enqueue<T>(task: () => Promise<T>): Promise<T> {
+    this.#calls++;
     const result = this.#queue.then(async () => {
       if (this.#pending) await this.#pending; // A snapshot that failed says why first.
       if (this.#disposed) throw new Error("The session was disposed");
       await this.#unpark();
       return task();
     });
-    this.#queue = result.catch(() => {});
+    this.#queue = result.catch(() => {}).finally(() => this.#calls--);
     return result;
   }
 

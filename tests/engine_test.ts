@@ -258,14 +258,20 @@ for (const { label, name, options, ignore } of BACKENDS) {
     const last = finished.at(-1)!;
     const p = (finished.length - 1) % prompts.length;
     assertEquals((await last.session.greedy(5)).ids, greedy[p].slice(6, 11));
-    // A snapshot of a session that gave its slot up resumes the same ids too.
+    // A snapshot of a session that gave its slot up resumes the same ids;
+    // it holds only the snapshot's last ids, so parking it keeps its slot.
     const snapshot = await finished[1].session.snapshot();
+    for (const generation of finished) generation.session.dispose();
     const resumed = mamba.session(snapshot);
+    resumed.park();
+    for (let i = 0; i < 2 * capacity; i++) {
+      for await (const _ of mamba.generate(prompts[0], { temperature: 0, maxNewTokens: 1 }));
+    }
+    assert(resumed.slot >= 0, "the resumed session kept its slot");
     assertEquals((await resumed.greedy(4)).ids, greedy[1].slice(6, 10));
     resumed.dispose();
-    for (const generation of finished) generation.session.dispose();
-    await settled();
-    assertEquals(pool.used, 0);
+    // The last generations' sessions stay parked on their slots until taken back or collected.
+    assertEquals(pool.capacity, capacity, "the pool never grew");
   });
 
   test("prompts of every piece shape give the teacher-forced logits, alone and together", async (mamba) => {
