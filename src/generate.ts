@@ -107,10 +107,9 @@ export function generate(
   const stops = (options.stop ?? []).filter((s) => s.length > 0);
   const sampler = new Sampler(options);
   const promptIds = typeof prompt === "string" ? model.tokenizer.encode(prompt) : [...prompt];
-  const ownSession = options.session === undefined;
   const session = options.session ?? model.session();
   // Its slot may serve others while it waits to run and once it is done (see Session.park).
-  if (ownSession) session.park();
+  if (!options.session) session.park();
   // Rows past the tokenizer's vocabulary (embedding padding) are never sampled.
   const limit = Math.min(model.tokenizer.vocabSize, model.vocabSize);
 
@@ -185,7 +184,6 @@ export function generate(
     } finally {
       // Also when the consumer stops iterating: the sequence ends at its next round.
       abandoned = true;
-      if (ownSession) session.park();
     }
     const end = performance.now();
     stats.prefillMs = (firstAt || end) - started;

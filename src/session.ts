@@ -107,6 +107,8 @@ export class Session<Buf = unknown> {
   #queue: Promise<unknown> = Promise.resolve();
   /** Calls made and not yet settled. */
   #calls = 0;
+  /** Whether the slot is parked whenever no call is running (see {@link park}). */
+  #parkWhenIdle = false;
   #disposed = false;
 
   /**
@@ -149,24 +151,21 @@ export class Session<Buf = unknown> {
   }
 
   /**
-   * Lets the model's state pool take this session's slot back when it runs
-   * out of slots, rather than grow (the least recently parked first). A
-   * session that gave its slot up takes another on its next call and feeds
-   * its ids again first: it continues from the same ids, its state and
-   * logits equal up to float rounding (a prompt's path sums in another order
-   * than decode steps). Any call unparks it. `generate` parks the sessions
-   * it made itself while they are idle, so that finished generations hold no
-   * memory until they are collected. A session resumed from a snapshot,
-   * which holds only its last ids, keeps its slot.
+   * From now on, lets the model's state pool take this session's slot back
+   * while no call of the session is running, when the pool runs out of slots
+   * (the slot parked longest ago first), rather than grow. A session that
+   * gave its slot up takes another at its next call and feeds its ids again
+   * first: it continues from the same ids, its state and logits equal up to
+   * float rounding (a prompt's path sums in another order than decode
+   * steps). `generate` parks the sessions it makes itself, so that finished
+   * generations hold no memory until they are collected. A session resumed
+   * from a snapshot holds only its last ids, so it keeps its slot.
    */
   park(): void {
     if (!this.#wholeHistory) return;
-    // After the calls already made, which use the slot; not a call itself, so it does not unpark.
-    this.#queue = this.#queue.then(() => {
-      if (this.#disposed || this.#slotState !== "held") return;
-      this.#model.pool.park(this.#slot, () => this.#giveUp());
-      this.#slotState = "parked";
-    });
+    this.#parkWhenIdle = true;
+    // After the calls already made, which use the slot.
+    this.#queue = this.#queue.then(() => this.#parkIfIdle());
   }
 
   /**
@@ -379,6 +378,12 @@ export class Session<Buf = unknown> {
     return slot;
   }
 
+  #parkIfIdle(): void {
+    if (!this.#parkWhenIdle || this.#disposed || this.#slotState !== "held") return;
+    this.#model.pool.park(this.#slot, () => this.#giveUp());
+    this.#slotState = "parked";
+  }
+
   /** Called by the pool when it takes a parked slot back. */
   #giveUp(): void {
     slotsLeft.unregister(this);
@@ -386,7 +391,7 @@ export class Session<Buf = unknown> {
     this.#slot = -1;
   }
 
-  /** Before any call: keeps the slot, or takes a new one and feeds the ids again. */
+  /** Before any call: keeps the slot while it runs, or takes a new one and feeds the ids again. */
   async #unpark(): Promise<void> {
     if (this.#slotState === "parked") this.#model.pool.unpark(this.#slot);
     if (this.#slotState !== "given up") {
@@ -425,12 +430,17 @@ export class Session<Buf = unknown> {
   #enqueue<T>(task: () => Promise<T>): Promise<T> {
     this.#calls++;
     const result = this.#queue.then(async () => {
-      if (this.#pending) await this.#pending; // A snapshot that failed says why first.
-      if (this.#disposed) throw new Error("The session was disposed");
-      await this.#unpark();
-      return task();
+      try {
+        if (this.#pending) await this.#pending; // A snapshot that failed says why first.
+        if (this.#disposed) throw new Error("The session was disposed");
+        await this.#unpark();
+        return await task();
+      } finally {
+        // Before the caller resumes, so that a dispose right after the await finds the session idle.
+        if (--this.#calls === 0) this.#parkIfIdle();
+      }
     });
-    this.#queue = result.catch(() => {}).finally(() => this.#calls--);
+    this.#queue = result.catch(() => {});
     return result;
   }
 
