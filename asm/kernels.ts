@@ -2787,8 +2787,8 @@ export function runJob(ctrl: usize, part: i32, parts: i32): void {
         rows,
         arg(ctrl, 5),
         outDim,
-        splitStart(outDim, part, parts, 2),
-        splitStart(outDim, part + 1, parts, 2),
+        splitStart(outDim, part, parts, 4),
+        splitStart(outDim, part + 1, parts, 4),
       );
     } else {
       linearPart(ctrl, rows, outDim, part, parts);
