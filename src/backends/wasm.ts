@@ -347,6 +347,7 @@ interface Kernels {
   panelBytes(inDim: number): number;
   /** Bytes of the conv's per-thread scratch for a kernel of `kernel` taps. */
   convScratchBytes(kernel: number): number;
+  convStepScratchBytes(channels: number, kernel: number): number;
   rmsNorm(out: number, x: number, weight: number, rows: number, dim: number, eps: number): void;
   addInPlace(acc: number, x: number, n: number): void;
   convStep(
@@ -1278,7 +1279,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
           batch,
           channels,
           kernel,
-          this.#scratch("conv", kernel * 4).ptr,
+          this.#scratch("conv", this.#kernels.convStepScratchBytes(channels, kernel) / 4).ptr,
         );
       }
       return convEachSequence(args, view, rows, (one) => this.causalConv(one));
