@@ -772,6 +772,10 @@ const KERNEL_CASES: KernelCase[] = [
         [129, 36, [130, 70]],
         [9, 261, [100, 60]],
         [1, 768, [1536, 1536]],
+        // Wide and narrow outputs in turn (adjacent narrow ones run as one), and x_proj's shape.
+        [3, 100, [70, 20, 13]],
+        [3, 100, [20, 13, 90]],
+        [16, 1536, [48, 16, 16]],
       ];
       for (const [rows, inDim, widths] of cases) {
         const outDim = widths.reduce((a, b) => a + b, 0);

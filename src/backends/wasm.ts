@@ -152,6 +152,13 @@ const packedRowBytes = (type: BlockType, cols: number) =>
  */
 const QUAD = 4;
 
+/**
+ * linearSplit runs one linear over every output when one of them is narrower
+ * than this (x_proj's dt, B and C): each copied column costs about one
+ * multiply-add in inDim, a call of its own costs a dispatch (docs/performance.md).
+ */
+const NARROW_OUTPUT = 64;
+
 /** Whether a format's rows are held in quads (see {@link QUAD}). */
 const inQuads = (type: BlockType) => type !== "q4_0";
 
@@ -1165,40 +1172,36 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   linearSplit({ outs, widths, x, weight, bias, rows, inDim }: LinearSplitArgs<WasmBuffer>): void {
     const starts = widths.map((_, i) => widths.slice(0, i).reduce((a, b) => a + b, 0));
-    if (
-      weight instanceof WasmQuantMatrix && inQuads(weight.type) &&
-      starts.some((start) => start % QUAD !== 0)
-    ) {
-      // A view of rows in quads must start a quad: here one linear over all the rows, then the
-      // outputs' columns copied out of its result.
-      const outDim = starts.at(-1)! + widths.at(-1)!;
-      const all = this.#scratch("split", rows * outDim);
-      this.linear({ out: all, x, weight, bias, rows, inDim, outDim });
-      const heap = this.#view();
-      outs.forEach((out, i) => {
-        for (let r = 0; r < rows; r++) {
-          const from = (all.ptr >>> 2) + r * outDim + starts[i];
-          heap.copyWithin((out.ptr >>> 2) + r * widths[i], from, from + widths[i]);
-        }
-      });
-      return;
-    }
-    // Each output's rows of the weight (and bias) are a view: no copy.
-    let first = 0;
-    outs.forEach((out, i) => {
-      const rowsOf = (buf: WasmBuffer, width: number) =>
-        view(buf, first * width, widths[i] * width);
-      this.linear({
-        out,
-        x,
-        weight: rowsOf(weight, inDim),
-        bias: bias && rowsOf(bias, 1),
-        rows,
-        inDim,
-        outDim: widths[i],
-      });
-      first += widths[i];
+    // Runs of outputs that one linear computes together, then their columns copied out: a view
+    // of rows in quads must start a quad, so then all of them; else adjacent narrow outputs, as
+    // a narrow output alone is a call of its own that runs on one thread or splits a few
+    // panels unevenly. A run of one output is written in place.
+    const runs: number[][] = [];
+    const misaligned = weight instanceof WasmQuantMatrix && inQuads(weight.type) &&
+      starts.some((start) => start % QUAD !== 0);
+    const narrow = (i: number) => widths[i] < NARROW_OUTPUT;
+    widths.forEach((_, i) => {
+      const last = runs.at(-1);
+      if (last && (misaligned || (narrow(i) && narrow(last.at(-1)!)))) last.push(i);
+      else runs.push([i]);
     });
+    for (const run of runs) {
+      const first = starts[run[0]];
+      const outDim = run.reduce((sum, i) => sum + widths[i], 0);
+      const rowsOf = (buf: WasmBuffer, width: number) => view(buf, first * width, outDim * width);
+      const one = run.length === 1;
+      const out = one ? outs[run[0]] : this.#scratch("split", rows * outDim);
+      const biasRows = bias && rowsOf(bias, 1);
+      this.linear({ out, x, weight: rowsOf(weight, inDim), bias: biasRows, rows, inDim, outDim });
+      if (one) continue;
+      const heap = this.#view();
+      for (const i of run) {
+        for (let r = 0; r < rows; r++) {
+          const from = (out.ptr >>> 2) + r * outDim + starts[i] - first;
+          heap.copyWithin((outs[i].ptr >>> 2) + r * widths[i], from, from + widths[i]);
+        }
+      }
+    }
   }
 
   /** Row `row` of a stored matrix into `out` (its `cols` floats, in this memory), as f32. */
