@@ -1,7 +1,8 @@
 /**
- * Builds the AssemblyScript kernels (asm/kernels.ts) with SIMD and writes the
- * wasm bytes, base64-encoded, into src/generated/kernels_wasm.ts, so that the
- * library needs no file reads at run time.
+ * Builds the AssemblyScript kernels (asm/kernels.ts, which exports those of
+ * asm/kernels/) with SIMD and writes the wasm bytes, base64-encoded, into
+ * src/generated/kernels_wasm.ts, so that the library needs no file reads at
+ * run time.
  *
  * - `deno task build` rebuilds and rewrites the generated module.
  * - `deno task build --check` rebuilds in memory and fails if the committed

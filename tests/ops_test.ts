@@ -579,7 +579,7 @@ function roundedTo(v: Float32Array, format: "f32" | HalfFormat): Float32Array {
     .map((x) => bf16ToF32(f32ToBf16(x)));
 }
 
-/** linear's shapes [rows, inDim, outDim]: each kernel's edges (see linear.ts and asm/kernels.ts). */
+/** linear's shapes [rows, inDim, outDim]: each kernel's edges (see linear.ts and asm/kernels/linear.ts). */
 const LINEAR_SHAPES = [
   [1, 1, 1],
   [1, 5, 3],

@@ -131,7 +131,7 @@ Deno.test("[wasm] exp, softplus and silu accuracy", async () => {
   for (let i = 0; i < count; i++) {
     worst = Math.max(worst, Math.abs(exp[i] - Math.exp(x[i])) / Math.exp(x[i]));
   }
-  // The documented bound of exp4 in asm/kernels.ts.
+  // The documented bound of exp4 in asm/kernels/math.ts.
   assert(worst < 1.5e-7, `exp: max relative error ${worst}`);
   const y = new Float32Array(count);
   for (let i = 0; i < count; i++) y[i] = -30 + (60 * i) / count;

@@ -1,5 +1,5 @@
 /**
- * The WebAssembly SIMD backend: AssemblyScript kernels (asm/kernels.ts, built
+ * The WebAssembly SIMD backend: AssemblyScript kernels (asm/kernels/, built
  * into src/generated/kernels_wasm.ts) over buffers that are ranges of one
  * `WebAssembly.Memory`, optionally split across worker threads that share it.
  *
@@ -118,7 +118,7 @@ export class WasmBuffer {
 
 /**
  * Bytes of a block as the wasm backend holds it, repacked at upload from
- * ggml's layout (see asm/kernels.ts): f32 scales, loaded with one
+ * ggml's layout (see asm/kernels/q8_0.ts, q4_0.ts and q4_k.ts): f32 scales, loaded with one
  * instruction, then the values. Q8_0: −16 times the sum of the values as an
  * i32 (the relaxed GEMV's offset input needs it), then the 32 int8 values in
  * order (40 bytes, against ggml's 34), which the GEMV multiplies as int8 or
@@ -200,7 +200,7 @@ export class WasmQuantMatrix extends WasmBuffer {
  * A weight matrix [rows, cols] of an F16 or BF16 checkpoint, kept 16-bit in
  * the module's memory, rows back to back: half the memory and half the bytes
  * a decode step streams. `linear` runs the 16-bit kernels on it (`linearHalf`
- * in asm/kernels.ts); `embed` and `copyRows` widen the rows they gather
+ * in asm/kernels/half.ts); `embed` and `copyRows` widen the rows they gather
  * (`widenHalfRow`). Its `length` counts its bytes in floats.
  */
 export class WasmHalfMatrix extends WasmBuffer {
@@ -469,7 +469,7 @@ interface Kernels {
   heapBase(): number;
 }
 
-// Control block (i32 words) shared with the workers; see runJob in asm/kernels.ts.
+// Control block (i32 words) shared with the workers; see runJob in asm/kernels/jobs.ts.
 const GEN = 0;
 const DONE = 1;
 const OP = 2;
@@ -483,7 +483,7 @@ const OP_SSD = 4;
 const OP_SSD_STEP = 5;
 const OP_GATED_NORM = 6;
 const OP_LINEAR_BLOCKS = 7;
-/** linearBlocks' flag in blockType for relaxed SIMD's int8 dot products (asm/kernels.ts). */
+/** linearBlocks' flag in blockType for relaxed SIMD's int8 dot products (asm/kernels/blocks.ts). */
 const RELAXED_DOT = 4;
 const OP_LINEAR_HALF = 8;
 const OP_CONV = 9;
@@ -920,7 +920,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   /**
    * Keeps an F16 or BF16 matrix 16-bit, for the 16-bit kernels of `linear`
-   * (`linearHalf` in asm/kernels.ts) and the gathers of `embed` and
+   * (`linearHalf` in asm/kernels/half.ts) and the gathers of `embed` and
    * `copyRows`: half the memory and half the bytes a decode step streams of
    * f32. Values the loader read into {@link hostBytes} stay where they are.
    */
@@ -1115,7 +1115,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     this.#kernels.linear(...operands, 0, outDim, panel);
   }
 
-  /** `linear` over quantized weights (`linearBlocks` in asm/kernels.ts), split as the f32 one. */
+  /** `linear` over quantized weights (`linearBlocks` in asm/kernels/blocks.ts), split as the f32 one. */
   #linearQuant(
     out: WasmBuffer,
     x: WasmBuffer,
@@ -1144,7 +1144,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     this.#kernels.linearBlocks(...operands, 0, outDim, scratch, blockType);
   }
 
-  /** `linear` over f16 weights (`linearHalf` in asm/kernels.ts), split as the f32 one. */
+  /** `linear` over f16 weights (`linearHalf` in asm/kernels/half.ts), split as the f32 one. */
   #linearHalf(
     out: WasmBuffer,
     x: WasmBuffer,
@@ -1303,7 +1303,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
 
   /**
    * Mamba-2's SSD: one token per sequence as the recurrence (`ssdStep` in
-   * asm/kernels.ts), longer calls in chunks (`ssd`); threads split the
+   * asm/kernels/mamba2.ts), longer calls in chunks (`ssd`); threads split the
    * (sequence, head) pairs.
    */
   ssdScan(args: SsdArgs<WasmBuffer>): void {
@@ -1374,7 +1374,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
     }
   }
 
-  /** A decode step of every sequence at once, in f32 (see `scanStep` in asm/kernels.ts). */
+  /** A decode step of every sequence at once, in f32 (see `scanStep` in asm/kernels/scan.ts). */
   #scanStep(args: ScanArgs<WasmBuffer>): void {
     const { state, slots, dim, dState } = args;
     const batch = args.batch ?? 1;
@@ -1484,7 +1484,7 @@ function checkRange(buf: WasmBuffer, offset: number, length: number): void {
 }
 
 /**
- * The operands `scan` and `scanStep` of asm/kernels.ts share, in their
+ * The operands `scan` and `scanStep` of asm/kernels/scan.ts share, in their
  * order: buffers as pointers (0 for none), softplus as 0 or 1.
  */
 function scanOperands(args: ScanArgs<WasmBuffer>) {
