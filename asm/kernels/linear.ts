@@ -116,8 +116,9 @@ function transpose4(src: usize, stride: usize, dst: usize): void {
 }
 
 // One tile: out[r .. r + rows, o .. o + cols] from a packed panel, rows <=
-// PANEL_ROWS and cols <= PANEL_COLS. Rows past the last are computed on the
-// last row's input again and not stored, so one kernel serves every tile.
+// computed <= PANEL_ROWS (computed 4 or PANEL_ROWS, a constant where
+// inlined) and cols <= PANEL_COLS. Rows from `rows` to `computed` are
+// computed on the last row's input again and not stored.
 // @ts-ignore: decorator
 @inline
 function panelTile(
@@ -127,6 +128,7 @@ function panelTile(
   inDim: i32,
   outDim: i32,
   r: i32,
+  computed: i32,
   rows: i32,
   o: i32,
   cols: i32,
@@ -161,7 +163,7 @@ function panelTile(
     b = v128.load32_splat(x3 + k);
     a30 = madd(b, w0, a30);
     a31 = madd(b, w1, a31);
-    if (PANEL_ROWS > 4) {
+    if (computed > 4) {
       b = v128.load32_splat(x4 + k);
       a40 = madd(b, w0, a40);
       a41 = madd(b, w1, a41);
@@ -182,6 +184,22 @@ function panelTile(
   if (rows > 3) storeTileRow(op + 3 * outRow, f32x4.add(a30, b0), f32x4.add(a31, b1), cols);
   if (rows > 4) storeTileRow(op + 4 * outRow, f32x4.add(a40, b0), f32x4.add(a41, b1), cols);
   if (rows > 5) storeTileRow(op + 5 * outRow, f32x4.add(a50, b0), f32x4.add(a51, b1), cols);
+}
+
+// A tile of up to PANEL_ROWS rows, and one of up to 4 rows that computes
+// only 4 (the last tile of 16 rows, say). Each is a function of its own:
+// with both copies inlined into matmul, V8 compiled even the full tiles'
+// copy slower (docs/performance.md).
+function fullTile(
+  out: usize, x: usize, panel: usize, inDim: i32, outDim: i32, r: i32, rows: i32, o: i32, cols: i32,
+): void {
+  panelTile(out, x, panel, inDim, outDim, r, PANEL_ROWS, rows, o, cols);
+}
+
+function shortTile(
+  out: usize, x: usize, panel: usize, inDim: i32, outDim: i32, r: i32, rows: i32, o: i32, cols: i32,
+): void {
+  panelTile(out, x, panel, inDim, outDim, r, 4, rows, o, cols);
 }
 
 // The first `cols` (<= 8) of the eight floats lo, hi at op.
@@ -221,7 +239,9 @@ export function matmul(
     const cols = min(PANEL_COLS, o1 - o);
     packPanel(panel, w, bias, inDim, o, cols);
     for (let r = r0; r < r1; r += PANEL_ROWS) {
-      panelTile(out, x, panel, inDim, outDim, r, min(PANEL_ROWS, r1 - r), o, cols);
+      const rows = min(PANEL_ROWS, r1 - r);
+      if (rows > 4) fullTile(out, x, panel, inDim, outDim, r, rows, o, cols);
+      else shortTile(out, x, panel, inDim, outDim, r, rows, o, cols);
     }
   }
 }
