@@ -46,24 +46,56 @@ import {
   type SsdArgs,
   stateRows,
 } from "../backend.ts";
-import {
-  KERNELS_PLAIN_SHARED_BASE64,
-  KERNELS_PLAIN_SINGLE_BASE64,
-  KERNELS_RELAXED_SHARED_BASE64,
-  KERNELS_RELAXED_SINGLE_BASE64,
-} from "../generated/kernels_wasm.ts";
 import { PickScratch } from "../sampler.ts";
-import {
-  BLOCK_BYTES,
-  BLOCK_ELEMENTS,
-  type BlockType,
-  type HalfFormat,
-  type HalfMatrix,
-  type QuantizedMatrix,
-} from "../quant.ts";
-import { q4KScaleMin } from "../gguf.ts";
-import { f16ToF32 } from "../safetensors.ts";
+import { BLOCK_ELEMENTS, type HalfMatrix, type QuantizedMatrix } from "../quant.ts";
 import { chooseOnHost, HostRecording } from "./host.ts";
+import {
+  blockOffset,
+  checkRange,
+  inQuads,
+  packBlocks,
+  packedBytes,
+  packedRowBytes,
+  Q4K_VALUES,
+  Q8_VALUES,
+  QUAD,
+  view,
+  WasmBuffer,
+  WasmHalfMatrix,
+  WasmQuantMatrix,
+} from "./wasm/memory.ts";
+import {
+  kernelModule,
+  type Kernels,
+  wasmRelaxedSimdSupported,
+  type WasmSimd,
+  wasmSimdSupported,
+} from "./wasm/module.ts";
+import {
+  ARGS,
+  canBlock,
+  CTRL_WORDS,
+  DONE,
+  ERROR,
+  finalizer,
+  GEN,
+  OP,
+  OP_CONV,
+  OP_GATED_NORM,
+  OP_LINEAR,
+  OP_LINEAR_BLOCKS,
+  OP_LINEAR_HALF,
+  OP_SCAN,
+  OP_SCAN_STEP,
+  OP_SSD,
+  OP_SSD_STEP,
+  startWorkers,
+  stopWorkers,
+  type ThreadHandle,
+} from "./wasm/threads.ts";
+
+export { WasmBuffer, WasmHalfMatrix, WasmQuantMatrix } from "./wasm/memory.ts";
+export { wasmRelaxedSimdSupported, type WasmSimd, wasmSimdSupported } from "./wasm/module.ts";
 
 /** Options of the wasm backend. */
 export interface WasmBackendOptions {
@@ -93,401 +125,17 @@ export interface WasmBackendOptions {
 }
 
 /**
- * The two builds of the same kernels: "relaxed" uses relaxed SIMD (fused
- * multiply-adds, whose last bit may differ between CPUs, and the Q8_0 GEMV's
- * int8 dot products); "plain" only fixed-width SIMD, multiplying and adding
- * separately, for runtimes that validate SIMD but not relaxed SIMD.
- */
-export type WasmSimd = "relaxed" | "plain";
-
-/** A buffer of the wasm backend: `length` floats at byte offset `ptr` of its memory. */
-export class WasmBuffer {
-  /** Byte offset in the module's memory (64-byte aligned; 4 for views of lent bytes). */
-  ptr: number;
-  /** Length in floats. */
-  readonly length: number;
-  /** Bytes reserved (the allocator's size class); 0 for a view of lent host bytes. */
-  readonly bytes: number;
-
-  constructor(ptr: number, length: number, bytes: number) {
-    this.ptr = ptr;
-    this.length = length;
-    this.bytes = bytes;
-  }
-}
-
-/**
- * Bytes of a block as the wasm backend holds it, repacked at upload from
- * ggml's layout (see asm/kernels/q8_0.ts, q4_0.ts and q4_k.ts): f32 scales, loaded with one
- * instruction, then the values. Q8_0: −16 times the sum of the values as an
- * i32 (the relaxed GEMV's offset input needs it), then the 32 int8 values in
- * order (40 bytes, against ggml's 34), which the GEMV multiplies as int8 or
- * widens to int16 as it loads them for integer dot products; Q4_0: the scale times 2^-28, then the 4-bit values as
- * four i32 lanes, lane j holding weight 4k + j at nibble k, as the signed
- * nibble u − 8 (20 bytes, against 18), so that a shift and a mask widen them
- * instead of byte shuffles. Q4_K (a super-block of 256): d and dmin as f32,
- * the 8 sub-blocks' 6-bit scales and then their mins a byte each, then each
- * sub-block's 32 values in 16 bytes as eight u16 lanes, lane k holding value
- * 8n + k at nibble n, which a shift and a mask give as int16 in order (152
- * bytes, against 144: 4.75 bits a weight).
- */
-const PACKED_BYTES: Record<BlockType, number> = { q8_0: 40, q4_0: 20, q4_k: 152 };
-
-/** Where a repacked Q8_0 block's values start, after d and −16 times their sum. */
-const Q8_VALUES = 8;
-
-/** Where a repacked Q4_K super-block's values start, after d, dmin, the scales and the mins. */
-const Q4K_VALUES = 24;
-
-/** Bytes of one repacked row of `cols` weights. */
-const packedRowBytes = (type: BlockType, cols: number) =>
-  (cols / BLOCK_ELEMENTS[type]) * PACKED_BYTES[type];
-
-/**
- * Q8_0 and Q4_K rows are held in quads, their blocks interleaved (block b of
- * row 4g + r at quad g's start + (4·b + r)·blockBytes) so that the GEMV's four
- * rows per pass are one sequential stream; the last quad is padded with zero
- * rows. Quad g starts where row 4g would in a plain layout, so a view from a
- * row that is a multiple of 4 is a matrix of the same layout.
- */
-const QUAD = 4;
-
-/**
  * linearSplit runs one linear over every output when one of them is narrower
  * than this (x_proj's dt, B and C): each copied column costs about one
  * multiply-add in inDim, a call of its own costs a dispatch (docs/performance.md).
  */
 const NARROW_OUTPUT = 64;
 
-/** Whether a format's rows are held in quads (see {@link QUAD}). */
-const inQuads = (type: BlockType) => type !== "q4_0";
-
-/** Byte offset of block `block` of row `row` in a repacked matrix of `cols` columns. */
-function blockOffset(type: BlockType, cols: number, row: number, block: number): number {
-  const blockBytes = PACKED_BYTES[type];
-  if (!inQuads(type)) return row * packedRowBytes(type, cols) + block * blockBytes;
-  const quad = row - (row % QUAD);
-  return quad * packedRowBytes(type, cols) + (block * QUAD + (row % QUAD)) * blockBytes;
-}
-
-/** Bytes a repacked matrix takes: rows in quads rounded up to whole quads. */
-const packedBytes = (type: BlockType, rows: number, cols: number) =>
-  (inQuads(type) ? Math.ceil(rows / QUAD) * QUAD : rows) * packedRowBytes(type, cols);
-
-/**
- * A weight matrix [rows, cols] kept as repacked Q8_0, Q4_0 or Q4_K blocks in the
- * module's memory: `linear` runs the kernels of its type on it, `embed` and
- * `copyRows` dequantize the rows they gather. Its `length` counts the bytes
- * of its rows in floats.
- */
-export class WasmQuantMatrix extends WasmBuffer {
-  /** The block format. */
-  readonly type: BlockType;
-  /** Output rows. */
-  readonly rows: number;
-  /** Elements per row, a multiple of the format's block (32, or 256 for Q4_K). */
-  readonly cols: number;
-
-  constructor(type: BlockType, ptr: number, rows: number, cols: number, bytes: number) {
-    super(ptr, (rows * packedRowBytes(type, cols)) / 4, bytes);
-    this.type = type;
-    this.rows = rows;
-    this.cols = cols;
-  }
-}
-
-/**
- * A weight matrix [rows, cols] of an F16 or BF16 checkpoint, kept 16-bit in
- * the module's memory, rows back to back: half the memory and half the bytes
- * a decode step streams. `linear` runs the 16-bit kernels on it (`linearHalf`
- * in asm/kernels/half.ts); `embed` and `copyRows` widen the rows they gather
- * (`widenHalfRow`). Its `length` counts its bytes in floats.
- */
-export class WasmHalfMatrix extends WasmBuffer {
-  /** Output rows. */
-  readonly rows: number;
-  /** Elements per row. */
-  readonly cols: number;
-  /** The 16-bit format of its values. */
-  readonly format: HalfFormat;
-
-  constructor(ptr: number, rows: number, cols: number, bytes: number, format: HalfFormat) {
-    super(ptr, Math.ceil((rows * cols) / 2), bytes);
-    this.rows = rows;
-    this.cols = cols;
-    this.format = format;
-  }
-}
-
-/**
- * ggml's blocks of a [rows, cols] matrix of `type` into `out` (zeroed, of
- * {@link packedBytes}) in the kernels' layout (see {@link PACKED_BYTES} and
- * {@link QUAD}).
- */
-function packBlocks(
-  type: BlockType,
-  rows: number,
-  cols: number,
-  blocks: Uint8Array,
-  out: Uint8Array,
-): void {
-  const scales = new DataView(out.buffer, out.byteOffset, out.byteLength);
-  const from = BLOCK_BYTES[type];
-  const perRow = cols / BLOCK_ELEMENTS[type];
-  for (let row = 0, at = 0; row < rows; row++) {
-    for (let block = 0; block < perRow; block++, at += from) {
-      const put = blockOffset(type, cols, row, block);
-      const d = f16ToF32(blocks[at] | (blocks[at + 1] << 8));
-      if (type === "q8_0") {
-        const values = new Int8Array(blocks.buffer, blocks.byteOffset + at + 2, from - 2);
-        scales.setFloat32(put, d, true);
-        scales.setInt32(put + 4, -16 * values.reduce((sum, q) => sum + q, 0), true);
-        out.set(blocks.subarray(at + 2, at + from), put + Q8_VALUES);
-        continue;
-      }
-      if (type === "q4_k") {
-        scales.setFloat32(put, d, true);
-        scales.setFloat32(put + 4, f16ToF32(blocks[at + 2] | (blocks[at + 3] << 8)), true);
-        for (let sub = 0; sub < 8; sub++) {
-          const [scale, min] = q4KScaleMin(blocks, at + 4, sub);
-          out[put + 8 + sub] = scale;
-          out[put + 16 + sub] = min;
-          // ggml's sub-block 2i is the low nibbles of bytes 32i..32i + 31, 2i + 1 the high ones.
-          const chunk = at + 16 + (sub >> 1) * 32, shift = (sub & 1) * 4;
-          for (let e = 0; e < 32; e++) {
-            const q = (blocks[chunk + e] >> shift) & 15;
-            // Value e = 8n + k goes to u16 lane k, nibble n (little-endian: byte 2k + (n >> 1)).
-            const n = e >> 3, k = e & 7;
-            out[put + Q4K_VALUES + 16 * sub + 2 * k + (n >> 1)] |= q << (4 * (n & 1));
-          }
-        }
-        continue;
-      }
-      scales.setFloat32(put, d * 2 ** -28, true);
-      for (let e = 0; e < 32; e++) {
-        const byte = blocks[at + 2 + (e & 15)];
-        const u = e < 16 ? byte & 0x0f : byte >> 4;
-        // u − 8 as a 4-bit two's complement is u ^ 8; weight e = 4k + j goes to lane j, nibble k.
-        const k = e >> 2, j = e & 3;
-        out[put + 4 + 4 * j + (k >> 1)] |= (u ^ 8) << (4 * (k & 1));
-      }
-    }
-  }
-}
-
 /** What the wasm backend keeps a scratch buffer for. */
 type ScratchPurpose = "linear" | "panel" | "conv" | "scan" | "ssd" | "dequant" | "split";
 
-/**
- * A view of `length` floats of `buf` from `offset` (never released on its
- * own); of a quantized matrix, the rows `offset / cols` on, `length / cols` of
- * them (for Q8_0 and Q4_K, from a multiple of 4: see {@link QUAD}).
- */
-const view = (buf: WasmBuffer, offset: number, length: number): WasmBuffer =>
-  buf instanceof WasmQuantMatrix
-    ? new WasmQuantMatrix(
-      buf.type,
-      buf.ptr + (offset / buf.cols) * packedRowBytes(buf.type, buf.cols),
-      length / buf.cols,
-      buf.cols,
-      0,
-    )
-    : buf instanceof WasmHalfMatrix
-    ? new WasmHalfMatrix(buf.ptr + offset * 2, length / buf.cols, buf.cols, 0, buf.format)
-    : new WasmBuffer(buf.ptr + offset * 4, length, 0);
-
-interface Kernels {
-  scan(
-    y: number,
-    u: number,
-    delta: number,
-    A: number,
-    B: number,
-    C: number,
-    D: number,
-    z: number,
-    bias: number,
-    softplus: number,
-    state: number,
-    len: number,
-    dim: number,
-    dState: number,
-    tokenStride: number,
-    channelStride: number,
-    d0: number,
-    d1: number,
-    scratch: number,
-  ): void;
-  scanScratchBytes(dState: number): number;
-  scanStep(
-    y: number,
-    u: number,
-    delta: number,
-    A: number,
-    B: number,
-    C: number,
-    D: number,
-    z: number,
-    bias: number,
-    softplus: number,
-    state: number,
-    slots: number,
-    batch: number,
-    dim: number,
-    dState: number,
-    i0: number,
-    i1: number,
-  ): void;
-  linear(
-    out: number,
-    x: number,
-    w: number,
-    bias: number,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    o0: number,
-    o1: number,
-    panel: number,
-  ): void;
-  /** Bytes of the matmul's per-thread panel for rows of inDim. */
-  panelBytes(inDim: number): number;
-  /** Bytes of the conv's per-thread scratch for a kernel of `kernel` taps. */
-  convScratchBytes(kernel: number): number;
-  convStepScratchBytes(channels: number, kernel: number): number;
-  rmsNorm(out: number, x: number, weight: number, rows: number, dim: number, eps: number): void;
-  addInPlace(acc: number, x: number, n: number): void;
-  convStep(
-    out: number,
-    x: number,
-    weight: number,
-    bias: number,
-    states: number,
-    slots: number,
-    batch: number,
-    channels: number,
-    kernel: number,
-    scratch: number,
-  ): void;
-  causalConv(
-    out: number,
-    x: number,
-    weight: number,
-    bias: number,
-    state: number,
-    len: number,
-    channels: number,
-    kernel: number,
-    scratch: number,
-    c0: number,
-    c1: number,
-  ): void;
-  ssd(
-    y: number,
-    xBC: number,
-    dt: number,
-    dtBias: number,
-    A: number,
-    D: number,
-    state: number,
-    slots: number,
-    len: number,
-    heads: number,
-    headDim: number,
-    groups: number,
-    dState: number,
-    chunk: number,
-    dtMin: number,
-    dtMax: number,
-    u0: number,
-    u1: number,
-    scratch: number,
-  ): void;
-  ssdScratchBytes(chunk: number, headDim: number): number;
-  ssdStep(
-    y: number,
-    xBC: number,
-    dt: number,
-    dtBias: number,
-    A: number,
-    D: number,
-    state: number,
-    slots: number,
-    heads: number,
-    headDim: number,
-    groups: number,
-    dState: number,
-    dtMin: number,
-    dtMax: number,
-    u0: number,
-    u1: number,
-  ): void;
-  gatedRmsNorm(
-    out: number,
-    x: number,
-    gate: number,
-    weight: number,
-    dim: number,
-    groupSize: number,
-    eps: number,
-    r0: number,
-    r1: number,
-  ): void;
-  linearBlocks(
-    out: number,
-    x: number,
-    w: number,
-    bias: number,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    o0: number,
-    o1: number,
-    scratch: number,
-    blockType: number,
-  ): void;
-  blocksScratchBytes(rows: number, inDim: number): number;
-  linearHalf(
-    out: number,
-    x: number,
-    w: number,
-    bias: number,
-    rows: number,
-    inDim: number,
-    outDim: number,
-    o0: number,
-    o1: number,
-    scratch: number,
-    bf16: number,
-  ): void;
-  halfScratchBytes(inDim: number): number;
-  threadStride(bytes: number): number;
-  widenHalfRow(out: number, src: number, n: number, bf16: number): void;
-  runJob(ctrl: number, part: number, parts: number): void;
-  mathTest(out: number, x: number, n: number, which: number): void;
-  mathTest64(out: number, x: number, n: number, which: number): void;
-  heapBase(): number;
-}
-
-// Control block (i32 words) shared with the workers; see runJob in asm/kernels/jobs.ts.
-const GEN = 0;
-const DONE = 1;
-const OP = 2;
-const ARGS = 3;
-const ERROR = 31;
-const CTRL_WORDS = 32;
-const OP_LINEAR = 1;
-const OP_SCAN = 2;
-const OP_SCAN_STEP = 3;
-const OP_SSD = 4;
-const OP_SSD_STEP = 5;
-const OP_GATED_NORM = 6;
-const OP_LINEAR_BLOCKS = 7;
 /** linearBlocks' flag in blockType for relaxed SIMD's int8 dot products (asm/kernels/blocks.ts). */
 const RELAXED_DOT = 4;
-const OP_LINEAR_HALF = 8;
-const OP_CONV = 9;
-const OP_EXIT = -1;
 
 /** Below these sizes (multiply-adds) an operation runs on the calling thread only. */
 const MIN_PARALLEL_LINEAR = 1 << 15;
@@ -512,228 +160,6 @@ const MAX_PAGES = 65536;
 /** Grow by at least this many pages (16 MiB) at a time. */
 const MIN_GROW_PAGES = 256;
 const ALIGN = 64;
-
-/**
- * A module of one function `() -> v128` whose body, without locals, is
- * `code`: a probe for {@link WebAssembly.validate}.
- */
-function probeModule(code: number[]): Uint8Array<ArrayBuffer> {
-  const body = [0x00, ...code, 0x0b]; // no locals, the code, end
-  // deno-fmt-ignore
-  return new Uint8Array([
-    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // "\0asm", version 1
-    0x01, 0x05, 0x01, 0x60, 0x00, 0x01, 0x7b, // types: () -> v128
-    0x03, 0x02, 0x01, 0x00, // functions: one, of type 0
-    0x0a, body.length + 2, 0x01, body.length, ...body, // code: one body
-  ]);
-}
-
-/** i32.const 0, i8x16.splat: a zero v128 on the stack. */
-const ZERO_V128 = [0x41, 0x00, 0xfd, 0x0f];
-
-/** Validates only where WebAssembly SIMD is supported: i8x16.popcnt of a zero vector. */
-const SIMD_PROBE = probeModule([...ZERO_V128, 0xfd, 0x62]);
-
-/**
- * Validates only where relaxed SIMD is supported too: the two relaxed
- * instructions the kernels use, f32x4.relaxed_madd(0, 0,
- * i32x4.relaxed_dot_i8x16_i7x16_add_s(0, 0, 0)).
- */
-const RELAXED_SIMD_PROBE = probeModule([
-  ...ZERO_V128,
-  ...ZERO_V128,
-  ...ZERO_V128,
-  ...ZERO_V128,
-  ...ZERO_V128,
-  ...[0xfd, 0x93, 0x02], // i32x4.relaxed_dot_i8x16_i7x16_add_s (0x113)
-  ...[0xfd, 0x85, 0x02], // f32x4.relaxed_madd (0x105)
-]);
-
-function validates(probe: Uint8Array<ArrayBuffer>): boolean {
-  try {
-    return typeof WebAssembly === "object" && WebAssembly.validate(probe);
-  } catch {
-    return false;
-  }
-}
-
-/** Whether this runtime supports WebAssembly SIMD (fixed-width, 128-bit). */
-export function wasmSimdSupported(): boolean {
-  return validates(SIMD_PROBE);
-}
-
-/**
- * Whether this runtime supports WebAssembly relaxed SIMD as well, so that the
- * wasm backend runs its relaxed-SIMD build (see {@link WasmSimd}).
- */
-export function wasmRelaxedSimdSupported(): boolean {
-  return validates(RELAXED_SIMD_PROBE);
-}
-
-function decodeBase64(text: string): Uint8Array<ArrayBuffer> {
-  const binary = atob(text);
-  const bytes = new Uint8Array(binary.length);
-  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
-  return bytes;
-}
-
-/** The generated modules, base64, by SIMD build and by memory. */
-const KERNELS: Record<WasmSimd, { shared: string; single: string }> = {
-  relaxed: { shared: KERNELS_RELAXED_SHARED_BASE64, single: KERNELS_RELAXED_SINGLE_BASE64 },
-  plain: { shared: KERNELS_PLAIN_SHARED_BASE64, single: KERNELS_PLAIN_SINGLE_BASE64 },
-};
-
-let compiled = new Map<string, Promise<WebAssembly.Module>>();
-
-function kernelModule(simd: WasmSimd, shared: boolean): Promise<WebAssembly.Module> {
-  const memory = shared ? "shared" : "single";
-  const key = `${simd} ${memory}`;
-  let module = compiled.get(key);
-  if (!module) {
-    module = WebAssembly.compile(decodeBase64(KERNELS[simd][memory])).catch((error) => {
-      compiled = new Map();
-      throw error;
-    });
-    compiled.set(key, module);
-  }
-  return module;
-}
-
-/**
- * The worker's source: instantiates the kernels on the shared memory, then
- * loops on the control block. Written to run both as a web module worker and
- * as a `node:worker_threads` eval worker (CommonJS).
- */
-const WORKER_SOURCE = `
-"use strict";
-const SPIN_MS = 2;
-function start(data, post) {
-  const { module, memory, ctrl, part, parts } = data;
-  const kernels = new WebAssembly.Instance(module, { env: { memory } }).exports;
-  const c = new Int32Array(memory.buffer, ctrl, ${CTRL_WORDS});
-  let seen = Atomics.load(c, ${GEN});
-  post("ready");
-  for (;;) {
-    let spins = 0;
-    let since = 0;
-    while (Atomics.load(c, ${GEN}) === seen) {
-      if ((++spins & 1023) === 0) {
-        const now = performance.now();
-        if (since === 0) since = now;
-        else if (now - since > SPIN_MS) Atomics.wait(c, ${GEN}, seen);
-      }
-    }
-    seen = Atomics.load(c, ${GEN});
-    if (Atomics.load(c, ${OP}) === ${OP_EXIT}) break;
-    try {
-      kernels.runJob(ctrl, part, parts);
-    } catch (_) {
-      Atomics.store(c, ${ERROR}, 1);
-    }
-    if (Atomics.add(c, ${DONE}, 1) === parts - 2) Atomics.notify(c, ${DONE});
-  }
-}
-if (typeof require === "function") {
-  const { parentPort } = require("node:worker_threads");
-  parentPort.once("message", (data) => start(data, (m) => parentPort.postMessage(m)));
-} else {
-  self.onmessage = (event) => start(event.data, (m) => self.postMessage(m));
-}
-`;
-
-/** What a worker handle must offer, whichever kind of worker it is. */
-interface ThreadHandle {
-  terminate(): void;
-  unref?(): void;
-}
-
-interface NodeWorker {
-  once(event: string, listener: (value: unknown) => void): void;
-  postMessage(value: unknown): void;
-  unref(): void;
-  terminate(): unknown;
-}
-
-function isServerRuntime(): boolean {
-  const g = globalThis as { Deno?: unknown; process?: { versions?: { node?: string } } };
-  return g.Deno !== undefined || g.process?.versions?.node !== undefined;
-}
-
-async function startWorkers(
-  module: WebAssembly.Module,
-  memory: WebAssembly.Memory,
-  ctrl: number,
-  parts: number,
-): Promise<ThreadHandle[]> {
-  const message = (part: number) => ({ module, memory, ctrl, part, parts });
-  const ready: Promise<unknown>[] = [];
-  const handles: ThreadHandle[] = [];
-  let url: string | undefined;
-  if (isServerRuntime()) {
-    // A computed specifier keeps bundlers for the web from resolving it.
-    const specifier = ["node", "worker_threads"].join(":");
-    const { Worker } = await import(specifier) as {
-      Worker: new (source: string, options: { eval: boolean }) => NodeWorker;
-    };
-    for (let part = 1; part < parts; part++) {
-      const worker = new Worker(WORKER_SOURCE, { eval: true });
-      ready.push(
-        new Promise((resolve, reject) => {
-          worker.once("message", resolve);
-          worker.once("error", reject);
-        }),
-      );
-      worker.postMessage(message(part));
-      // Unref'd once started (awaiting "ready" needs them referenced).
-      handles.push({ terminate: () => void worker.terminate(), unref: () => worker.unref() });
-    }
-  } else {
-    url = URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
-    for (let part = 1; part < parts; part++) {
-      const worker = new Worker(url, { type: "module" });
-      ready.push(
-        new Promise((resolve, reject) => {
-          worker.onmessage = resolve;
-          worker.onerror = reject;
-        }),
-      );
-      worker.postMessage(message(part));
-      handles.push(worker);
-    }
-  }
-  try {
-    await Promise.all(ready);
-  } catch (error) {
-    for (const handle of handles) handle.terminate();
-    throw new Error(`A wasm backend worker failed to start: ${error}`);
-  } finally {
-    if (url) URL.revokeObjectURL(url);
-  }
-  for (const handle of handles) handle.unref?.();
-  return handles;
-}
-
-/** Stops the workers of a backend that is disposed or garbage collected. */
-function stopWorkers(ctrl: Int32Array, handles: ThreadHandle[]): void {
-  Atomics.store(ctrl, OP, OP_EXIT);
-  Atomics.add(ctrl, GEN, 1);
-  Atomics.notify(ctrl, GEN);
-  for (const handle of handles) handle.terminate();
-}
-
-const finalizer = new FinalizationRegistry<{ ctrl: Int32Array; handles: ThreadHandle[] }>(
-  ({ ctrl, handles }) => stopWorkers(ctrl, handles),
-);
-
-/** Whether this thread may block in Atomics.wait (not a browser's main thread). */
-function canBlock(ctrl: Int32Array): boolean {
-  try {
-    Atomics.wait(ctrl, ERROR, 12345, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** The WebAssembly SIMD backend. Create it with {@link WasmBackend.create}. */
 export class WasmBackend implements Backend<WasmBuffer> {
@@ -1474,13 +900,6 @@ export function defaultThreads(): number {
   const n = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator
     ?.hardwareConcurrency;
   return typeof n === "number" && n >= 1 ? Math.floor(n) : 1;
-}
-
-function checkRange(buf: WasmBuffer, offset: number, length: number): void {
-  if (buf.ptr < 0) throw new Error("Buffer used after release");
-  if (offset < 0 || length < 0 || offset + length > buf.length) {
-    throw new RangeError(`Range [${offset}, ${offset + length}) outside a buffer of ${buf.length}`);
-  }
 }
 
 /**
