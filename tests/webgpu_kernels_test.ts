@@ -681,6 +681,154 @@ Deno.test({
 
 Deno.test({
   name:
+    "webgpu: a matmul split over K leaves its partial sums to the norm of its output (the residual) or to the conv step of its first output; any other reader gets them added up, against js",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(70);
+      // 40 rows of 256 k: a batch of decode steps, whose matmuls split K in two.
+      const rows = 40, inDim = 256, eps = 1e-5;
+
+      // out_proj: hidden += y · weightᵀ + bias, then the next layer's norm of hidden (wider
+      // than 128, which the skinny matmul would take whole).
+      const dim = 136;
+      const y = fill(rows * inDim, rand);
+      const outProj = fill(dim * inDim, rand, 0.1);
+      const hidden = fill(rows * dim, rand);
+      const normWeight = fill(dim, rand);
+      for (const bias of [null, fill(dim, rand)]) {
+        const wantHidden = hidden.slice();
+        const product = new Float32Array(rows * dim);
+        js.linear({ out: product, x: y, weight: outProj, bias, rows, inDim, outDim: dim });
+        wantHidden.forEach((v, i) => wantHidden[i] = v + product[i]);
+        const wantNormed = new Float32Array(rows * dim);
+        js.rmsNorm({ out: wantNormed, x: wantHidden, weight: normWeight, rows, dim, eps });
+        for (const normNext of [true, false]) {
+          const what = `out_proj ${bias ? "with" : "without"} bias, ${
+            normNext ? "then the norm" : "then a read"
+          }`;
+          const got = gpu.upload(hidden);
+          const normed = gpu.scratch(rows * dim);
+          const before = gpu.dispatches;
+          gpu.linear({
+            out: got,
+            x: gpu.upload(y),
+            weight: gpu.upload(outProj, inDim),
+            bias: bias && gpu.upload(bias),
+            rows,
+            inDim,
+            outDim: dim,
+            accumulate: true,
+          });
+          if (normNext) {
+            gpu.rmsNorm({ out: normed, x: got, weight: gpu.upload(normWeight), rows, dim, eps });
+            gpu.flush();
+            // The matmul, then the sums, the residual and the norm in one.
+            assertEquals(gpu.dispatches - before, 2, `${what}: dispatches`);
+            close(await gpu.read(normed), wantNormed, 1e-5, `${what}: the norm's output`);
+          }
+          close(await gpu.read(got), wantHidden, 1e-5, `${what}: the residual`);
+        }
+      }
+
+      // A plain product is held back for a scan to fold in, and run when something else comes:
+      // here a read, before which its sums must be added up too (lm_head's case).
+      {
+        const product = new Float32Array(rows * dim);
+        js.linear({ out: product, x: y, weight: outProj, rows, inDim, outDim: dim });
+        const got = gpu.zeros(rows * dim);
+        const weight = gpu.upload(outProj, inDim);
+        gpu.linear({ out: got, x: gpu.upload(y), weight, rows, inDim, outDim: dim });
+        close(await gpu.read(got), product, 1e-5, "a plain product, then a read");
+      }
+
+      // in_proj with a bias, then the conv step of x for sequences in slots of a pool (two
+      // workgroups of channels), then x_proj: the conv adds up the sums, x_proj reads its output.
+      const channels = 300, kernel = 4, widths = [8, 16, 16], poolSlots = rows + 3;
+      const normed = fill(rows * inDim, rand);
+      const inProj = fill(2 * channels * inDim, rand, 0.1);
+      const inBias = fill(2 * channels, rand);
+      const xProj = fill(40 * channels, rand, 0.1);
+      const convWeight = fill(channels * kernel, rand);
+      const convBias = fill(channels, rand);
+      const state = fill(poolSlots * (kernel - 1) * channels, rand);
+      // Sequence b in slot poolSlots - 1 - b: the pool's last rows, backwards.
+      const slots = Float32Array.from({ length: rows }, (_, b) => poolSlots - 1 - b);
+      const want = {
+        x: new Float32Array(rows * channels),
+        z: new Float32Array(rows * channels),
+        xc: new Float32Array(rows * channels),
+        state: state.slice(),
+        outs: widths.map((width) => new Float32Array(rows * width)),
+      };
+      js.linearSplit({
+        outs: [want.x, want.z],
+        widths: [channels, channels],
+        x: normed,
+        weight: inProj,
+        bias: inBias,
+        rows,
+        inDim,
+      });
+      const conv = { len: 1, channels, kernel, batch: rows };
+      js.causalConv({
+        ...conv,
+        out: want.xc,
+        x: want.x,
+        weight: convWeight,
+        bias: convBias,
+        state: want.state,
+        slots,
+      });
+      js.linearSplit({ outs: want.outs, widths, x: want.xc, weight: xProj, rows, inDim: channels });
+      const got = {
+        x: gpu.scratch(rows * channels),
+        z: gpu.zeros(rows * channels),
+        xc: gpu.zeros(rows * channels),
+        state: gpu.upload(state),
+        outs: widths.map((width) => gpu.zeros(rows * width)),
+      };
+      const before = gpu.dispatches;
+      gpu.linearSplit({
+        outs: [got.x, got.z],
+        widths: [channels, channels],
+        x: gpu.upload(normed),
+        weight: gpu.upload(inProj, inDim),
+        bias: gpu.upload(inBias),
+        rows,
+        inDim,
+      });
+      gpu.causalConv({
+        ...conv,
+        out: got.xc,
+        x: got.x,
+        weight: gpu.upload(convWeight),
+        bias: gpu.upload(convBias),
+        state: got.state,
+        slots: gpu.upload(slots),
+      });
+      gpu.linearSplit({
+        outs: got.outs,
+        widths,
+        x: got.xc,
+        weight: gpu.upload(xProj, channels),
+        rows,
+        inDim: channels,
+      });
+      gpu.flush();
+      // The matmul, the conv step with its sums, then x_proj.
+      assertEquals(gpu.dispatches - before, 3, "in_proj, conv, x_proj: dispatches");
+      close(await gpu.read(got.z), want.z, 1e-5, "in_proj's z");
+      close(await gpu.read(got.xc), want.xc, 1e-5, "conv out");
+      close(await gpu.read(got.state), want.state, 1e-5, "conv state");
+      for (let i = 0; i < widths.length; i++) {
+        close(await gpu.read(got.outs[i]), want.outs[i], 1e-4, `x_proj output ${i}`);
+      }
+    }),
+});
+
+Deno.test({
+  name:
     "webgpu: rmsNorm, linearSplit and a decode step's conv of its first output: one GEMV over scratch, or each on its own, against js",
   ignore,
   fn: () =>

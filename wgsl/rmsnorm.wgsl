@@ -1,16 +1,43 @@
 // out [rows, dim] = x / sqrt(mean(x²) + eps) * weight: one workgroup per row.
+//
+// Entry points:
+// - `main`: the norm of x.
+// - `residual`: first hidden += a product still in KPARTS partial sums (a
+//   matmul split over K, matmul_parts.wgsl) and its bias, then the norm of
+//   hidden: a batch of decode steps' out_proj, its residual connection and
+//   the next norm in one dispatch, the sums taken in matmul_sum.wgsl's order.
 struct Params {
   rows: u32,
   dim: u32,
   eps: f32,
+  hasBias: u32, // residual: the product has a bias
+  accumulate: u32, // residual: hidden += the product; else hidden = it
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> hidden: array<f32>;
+@group(0) @binding(5) var<storage, read> partial: array<f32>; // [KPARTS, rows, dim]
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
 
-var<workgroup> partial: array<f32, 256>;
+const KPARTS: u32 = 2u;
+
+var<workgroup> squares: array<f32, 256>;
+
+// 1 / sqrt(mean(v²) + eps) of a row, from each thread's sum of squares.
+fn scaleOf(li: u32, sum: f32) -> f32 {
+  squares[li] = sum;
+  workgroupBarrier();
+  for (var stride = 128u; stride > 0u; stride >>= 1u) {
+    if (li < stride) {
+      squares[li] += squares[li + stride];
+    }
+    workgroupBarrier();
+  }
+  return inverseSqrt(squares[0] / f32(p.dim) + p.eps);
+}
 
 @compute @workgroup_size(256)
 fn main(
@@ -28,16 +55,42 @@ fn main(
     let v = x[base + i];
     sum += v * v;
   }
-  partial[li] = sum;
-  workgroupBarrier();
-  for (var stride = 128u; stride > 0u; stride >>= 1u) {
-    if (li < stride) {
-      partial[li] += partial[li + stride];
-    }
-    workgroupBarrier();
-  }
-  let scale = inverseSqrt(partial[0] / f32(p.dim) + p.eps);
+  let scale = scaleOf(li, sum);
   for (var i = li; i < p.dim; i += 256u) {
     out[base + i] = x[base + i] * scale * weight[i];
+  }
+}
+
+@compute @workgroup_size(256)
+fn residual(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let row = wg.y * nwg.x + wg.x;
+  if (row >= p.rows) {
+    return;
+  }
+  let base = row * p.dim;
+  let size = p.rows * p.dim;
+  var sum = 0.0;
+  for (var i = li; i < p.dim; i += 256u) {
+    var product = 0.0;
+    for (var part = 0u; part < KPARTS; part++) {
+      product += partial[part * size + base + i];
+    }
+    if (p.hasBias != 0u) {
+      product += bias[i];
+    }
+    var v = product;
+    if (p.accumulate != 0u) {
+      v = hidden[base + i] + product;
+    }
+    hidden[base + i] = v;
+    sum += v * v;
+  }
+  let scale = scaleOf(li, sum);
+  for (var i = li; i < p.dim; i += 256u) {
+    out[base + i] = hidden[base + i] * scale * weight[i];
   }
 }

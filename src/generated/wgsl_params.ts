@@ -49,6 +49,22 @@ export interface ConvParams {
   hasSlots: number;
 }
 
+/** The `struct Params` of conv_step.wgsl, the uniform block of its dispatches. */
+export interface ConvStepParams {
+  /** u32: sequences, one token each */
+  rows: number;
+  /** u32: in_proj's x, and its z after it, are this wide */
+  channels: number;
+  /** u32 */
+  kernel: number;
+  /** u32 */
+  hasConvBias: number;
+  /** u32: the conv states are rows of a pool, named by slots */
+  hasSlots: number;
+  /** u32: in_proj's bias over its 2 · channels columns */
+  hasInBias: number;
+}
+
 /** The `struct Params` of copy_rows.wgsl, the uniform block of its dispatches. */
 export interface CopyRowsParams {
   /** u32 */
@@ -151,6 +167,10 @@ export interface RmsnormParams {
   dim: number;
   /** f32 */
   eps: number;
+  /** u32: residual: the product has a bias */
+  hasBias: number;
+  /** u32: residual: hidden += the product; else hidden = it */
+  accumulate: number;
 }
 
 /** The `struct Params` of scan.wgsl, the uniform block of its dispatches. */
@@ -250,6 +270,14 @@ export const PARAM_FIELDS: Readonly<Record<string, readonly ParamField[]>> = {
     ["hasBias", "u32"],
     ["hasSlots", "u32"],
   ],
+  conv_step: [
+    ["rows", "u32"],
+    ["channels", "u32"],
+    ["kernel", "u32"],
+    ["hasConvBias", "u32"],
+    ["hasSlots", "u32"],
+    ["hasInBias", "u32"],
+  ],
   copy_rows: [
     ["width", "u32"],
     ["count", "u32"],
@@ -289,7 +317,13 @@ export const PARAM_FIELDS: Readonly<Record<string, readonly ParamField[]>> = {
     ["split1", "u32"],
     ["split2", "u32"],
   ],
-  rmsnorm: [["rows", "u32"], ["dim", "u32"], ["eps", "f32"]],
+  rmsnorm: [
+    ["rows", "u32"],
+    ["dim", "u32"],
+    ["eps", "f32"],
+    ["hasBias", "u32"],
+    ["accumulate", "u32"],
+  ],
   scan: [
     ["len", "u32"],
     ["dim", "u32"],

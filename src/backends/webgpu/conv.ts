@@ -1,19 +1,23 @@
 /**
  * The causal depthwise convolution (conv.wgsl): a few tokens per sequence
  * (a decode step) in one sequential pass per channel; longer runs as all
- * outputs in parallel, then the state update.
+ * outputs in parallel, then the state update. And a batch of decode steps'
+ * conv on in_proj's product still in partial sums (conv_step.wgsl), which
+ * the linear kernels fold in.
  *
  * @module
  */
 
 import type { ConvArgs } from "../../backend.ts";
-import type { ConvParams } from "../../generated/wgsl_params.ts";
+import type { ConvParams, ConvStepParams } from "../../generated/wgsl_params.ts";
 import type { GpuBuffer } from "./memory.ts";
 import { grid, Program } from "./program.ts";
+import type { PartialProduct } from "./rows.ts";
 import type { GpuRuntime } from "./runtime.ts";
 
 const CONV_SEQUENTIAL_MAX_LEN = 4;
-const CONV_MAX_KERNEL = 9;
+/** The most taps of a conv. */
+export const CONV_MAX_KERNEL = 9;
 
 const CONV_PROGRAMS = {
   sequential: new Program<ConvParams>("conv", "sequential", [0, 1, 2, 3, 4, 5, 6]),
@@ -51,4 +55,46 @@ export function causalConv(
   if (kernel > 1) {
     rt.run(CONV_PROGRAMS.updateState, params, all, perSequence(grid(Math.ceil(channels / 256))));
   }
+}
+
+const convStepPrograms = new Map<number, Program<ConvStepParams>>();
+
+/**
+ * A decode step's conv (`args.len` 1) whose input x is the first half of
+ * in_proj's `product` [rows, 2 · channels], summed here: its second half goes
+ * to `z`, and x stays unwritten.
+ */
+export function convStepOnParts(
+  rt: GpuRuntime,
+  args: ConvArgs<GpuBuffer>,
+  product: PartialProduct,
+  z: GpuBuffer,
+): void {
+  const { out, weight, bias, state, slots, channels, kernel, batch = 1 } = args;
+  let program = convStepPrograms.get(product.kParts);
+  if (!program) {
+    const bindings = [0, 1, 2, 3, 4, 5, 6, 7, 8];
+    program = new Program("conv_step", "main", bindings, { KPARTS: product.kParts });
+    convStepPrograms.set(product.kParts, program);
+  }
+  const { absent } = rt.memory;
+  const params: ConvStepParams = {
+    rows: batch,
+    channels,
+    kernel,
+    hasConvBias: bias ? 1 : 0,
+    hasSlots: slots ? 1 : 0,
+    hasInBias: product.bias ? 1 : 0,
+  };
+  const buffers = {
+    1: product.partial.buffer,
+    2: weight.buffer,
+    3: bias?.buffer ?? absent,
+    4: out.buffer,
+    5: state.buffer,
+    6: slots?.buffer ?? absent,
+    7: z.buffer,
+    8: product.bias?.buffer ?? absent,
+  };
+  rt.run(program, params, buffers, [Math.ceil(channels / 256), batch, 1]);
 }

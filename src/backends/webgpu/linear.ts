@@ -8,7 +8,10 @@
  * up for any other reader; a gated RMSNorm of one group before it
  * (Mamba-2's before out_proj), held back until the GEMV reads its output
  * ({@link LinearKernels.deferGatedNorm}); and a product that a decode step's
- * scan folds in (dt_proj, {@link LinearKernels.product}).
+ * scan folds in (dt_proj, {@link LinearKernels.product}). A matmul split over
+ * K leaves its partial sums for the next kernel to add up where that kernel
+ * can: a norm of its output (out_proj's residual, then the next layer's norm),
+ * or a decode step's conv of its first output (in_proj's).
  *
  * @module
  */
@@ -22,8 +25,9 @@ import type {
 } from "../../backend.ts";
 import type { LinearIoParams, ProjectSumParams } from "../../generated/wgsl_params.ts";
 import { type GpuBuffer, isBlockFormat, type WeightFormat } from "./memory.ts";
+import { CONV_MAX_KERNEL, convStepOnParts } from "./conv.ts";
 import { grid, Program } from "./program.ts";
-import { rmsNorm } from "./rows.ts";
+import { type PartialProduct, residualNorm, rmsNorm } from "./rows.ts";
 import type { GpuRuntime } from "./runtime.ts";
 
 /** Rows up to which a product is a GEMV (gemv.wgsl for inputs whose width is not a multiple of 4). */
@@ -248,6 +252,13 @@ interface FoldedProjection {
   widths: readonly number[];
 }
 
+/** A matmul split over K whose partial sums are not added up yet, and how to add them up on their own. */
+interface PendingSum {
+  call: LinearCall;
+  product: PartialProduct;
+  run: () => void;
+}
+
 /** What one dispatch of {@link LinearKernels} folds in. */
 interface Folds {
   /** A norm of x, its output written too. */
@@ -291,16 +302,25 @@ export class LinearKernels {
   #pendingGemv: PendingGemv | null = null;
   /** A product without bias that the next scan may fold in (see {@link LinearKernels.product}). */
   #pendingProduct: PendingProduct | null = null;
+  /** A matmul's partial sums that the next norm or conv step may add up. */
+  #pendingSum: PendingSum | null = null;
   /** Whether {@link settle} is running what was held back. */
   #settling = false;
 
   constructor(readonly rt: GpuRuntime) {}
 
   /**
-   * Backend.rmsNorm: held back where a GEMV may fold it in (rows of whole
-   * vec4s, up to GEMV4_MAX_ROWS rows, not in place).
+   * Backend.rmsNorm: adds up a held-back matmul's partial sums into its
+   * input first where they are its input's; else held back where a GEMV may
+   * fold it in (rows of whole vec4s, up to GEMV4_MAX_ROWS rows, not in
+   * place).
    */
   rmsNorm(args: RmsNormArgs<GpuBuffer>): void {
+    const sum = this.#pendingSum;
+    if (sum && sumFoldsIntoNorm(sum.call, args)) {
+      this.#pendingSum = null;
+      return residualNorm(this.rt, args, sum.product, sum.call.accumulate);
+    }
     this.settle(); // whatever was held back runs first
     const { out, x, rows, dim } = args;
     if (dim % 4 !== 0 || rows > GEMV4_MAX_ROWS || out === x) return rmsNorm(this.rt, args);
@@ -342,6 +362,11 @@ export class LinearKernels {
    * output folds into it; anything else runs (`run`) after what is held.
    */
   causalConv(args: ConvArgs<GpuBuffer>, run: () => void): void {
+    const sum = this.#pendingSum;
+    if (sum && convStepFoldsSum(sum.call, args)) {
+      this.#pendingSum = null;
+      return convStepOnParts(this.rt, args, sum.product, sum.call.outs[1]);
+    }
     const held = this.#pendingGemv;
     const { x, len, channels, batch = 1 } = args;
     if (
@@ -427,7 +452,14 @@ export class LinearKernels {
       const withPartial = { ...bindings, 14: partial.buffer };
       rt.run(program, params, withPartial, linearGroups(program, rows, partDim));
       const sumGroups = grid(Math.ceil((rows * partDim) / 256));
-      rt.run(matmulSumProgram(kParts), params, withPartial, sumGroups);
+      const run = () => rt.run(matmulSumProgram(kParts), params, withPartial, sumGroups);
+      // Settling runs everything held back now, this product too.
+      if (weight.parts.length > 0 || this.#settling) {
+        run();
+        continue;
+      }
+      // Held back: the next norm or conv step may add the sums up itself.
+      this.#pendingSum = { call, product: { partial, kParts, bias: bias ?? null }, run };
     }
     done();
     if (project && parts) {
@@ -536,14 +568,17 @@ export class LinearKernels {
     const gemv = this.#pendingGemv;
     const shares = keepShares ? null : this.#pending;
     const product = this.#pendingProduct;
+    const sum = this.#pendingSum;
     this.#pendingGatedNorm =
       this.#pendingNorm =
       this.#pendingGemv =
       this.#pendingProduct =
         null;
+    this.#pendingSum = null;
     if (shares) this.#pending = null;
     this.#settling = true;
     try {
+      sum?.run();
       gated?.run();
       if (norm) rmsNorm(this.rt, norm);
       if (gemv) this.#runGemv(gemv, null);
@@ -598,4 +633,28 @@ export class LinearKernels {
       columnSplits(widths).total <= MAX_FUSED_PROJECTION && perGroup % 4 === 0 &&
       held.widths.length > 1 && held.widths[0] % perGroup === 0;
   }
+}
+
+/**
+ * Whether a norm (`norm`) of a held-back matmul's output (`call`, split over
+ * K) adds its partial sums up itself: one output, the norm's input, in full.
+ */
+function sumFoldsIntoNorm(call: LinearCall, norm: RmsNormArgs<GpuBuffer>): boolean {
+  const { x, out, rows, dim } = norm;
+  return call.outs.length === 1 && call.outs[0] === x && out !== x && rows === call.rows &&
+    dim === call.widths[0];
+}
+
+/**
+ * Whether a conv (`conv`) is a decode step's on the first output of a
+ * held-back matmul (`call`, in_proj split over K) whose two outputs, x in
+ * scratch and z, are the conv's width: conv_step.wgsl then adds up the sums.
+ */
+function convStepFoldsSum(call: LinearCall, conv: ConvArgs<GpuBuffer>): boolean {
+  const { x, out, state, len, channels, kernel, batch = 1 } = conv;
+  const { outs, widths } = call;
+  return len === 1 && kernel >= 1 && kernel <= CONV_MAX_KERNEL && batch === call.rows &&
+    !call.accumulate && outs.length === 2 &&
+    x === outs[0] && x.transient && widths[0] === channels && widths[1] === channels &&
+    !outs.includes(out) && !outs.includes(state);
 }

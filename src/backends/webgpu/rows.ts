@@ -1,7 +1,8 @@
 /**
  * Row-wise kernels: gathers of rows from a table in any weight format
  * (embed.wgsl for host ids, copy_rows.wgsl between buffers), RMSNorm
- * (rmsnorm.wgsl) and the residual add (add.wgsl).
+ * (rmsnorm.wgsl, also of a residual that a matmul split over K adds to
+ * first) and the residual add (add.wgsl).
  *
  * @module
  */
@@ -25,6 +26,7 @@ import type { GpuRuntime } from "./runtime.ts";
 
 const rmsNormProgram = new Program<RmsnormParams>("rmsnorm", "main", [0, 1, 2, 3]);
 const addProgram = new Program<AddParams>("add", "main", [0, 1, 2]);
+const residualNormPrograms = new Map<number, Program<RmsnormParams>>();
 
 /**
  * The gathers for a source in each format: they read it through the format's
@@ -121,11 +123,45 @@ export function rmsNorm(rt: GpuRuntime, args: RmsNormArgs<GpuBuffer>): void {
   const [input, done] = rt.unaliased(x, rows * dim, out);
   rt.run(
     rmsNormProgram,
-    { rows, dim, eps },
+    { rows, dim, eps, hasBias: 0, accumulate: 0 },
     { 1: input, 2: weight.buffer, 3: out.buffer },
     grid(rows),
   );
   done();
+}
+
+/** A product still in the partial sums of a matmul split over K, and its bias. */
+export interface PartialProduct {
+  /** [kParts, rows, dim]. */
+  partial: GpuBuffer;
+  kParts: number;
+  bias: GpuBuffer | null;
+}
+
+/**
+ * Backend.rmsNorm on `rt` of x after `product` is added to it (`accumulate`)
+ * or stored in it: x gets the sum, `out` its norm.
+ */
+export function residualNorm(
+  rt: GpuRuntime,
+  { out, x, weight, rows, dim, eps }: RmsNormArgs<GpuBuffer>,
+  { partial, kParts, bias }: PartialProduct,
+  accumulate: boolean,
+): void {
+  let program = residualNormPrograms.get(kParts);
+  if (!program) {
+    program = new Program("rmsnorm", "residual", [0, 2, 3, 4, 5, 6], { KPARTS: kParts });
+    residualNormPrograms.set(kParts, program);
+  }
+  const params = { rows, dim, eps, hasBias: bias ? 1 : 0, accumulate: accumulate ? 1 : 0 };
+  const buffers = {
+    2: weight.buffer,
+    3: out.buffer,
+    4: x.buffer,
+    5: partial.buffer,
+    6: bias?.buffer ?? rt.memory.absent,
+  };
+  rt.run(program, params, buffers, grid(rows));
 }
 
 /** Backend.addInPlace on `rt`. */
