@@ -9,12 +9,18 @@
 // - `update_state`: one thread per channel writes the new state.
 // - `sequential`: one thread per channel walks all tokens and updates the
 //   state itself (one dispatch: used for decode steps and short inputs).
+// - `step_on_parts`: a decode step (len 1) whose input is the first half of
+//   in_proj's product [batch, 2 · channels] while it is still KPARTS partial
+//   sums (a matmul split over K, matmul_parts.wgsl): each thread adds up its
+//   channel's x and z as matmul_sum.wgsl would (same order, bias after),
+//   stores z and steps the conv on x, which is scratch and stays unwritten.
 struct Params {
   len: u32,
   channels: u32,
   kernel: u32,
   hasBias: u32,
   hasSlots: u32,
+  hasInBias: u32, // step_on_parts: in_proj's bias over its 2 · channels columns
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -24,8 +30,12 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> state: array<f32>;
 @group(0) @binding(6) var<storage, read> slots: array<f32>;
+@group(0) @binding(7) var<storage, read> partial: array<f32>; // [KPARTS, batch, 2 · channels]
+@group(0) @binding(8) var<storage, read_write> z: array<f32>; // [batch, channels]
+@group(0) @binding(9) var<storage, read> inBias: array<f32>; // [2 · channels]
 
 const MAXK: u32 = 8u;
+const KPARTS: u32 = 2u; // step_on_parts
 
 fn silu(v: f32) -> f32 {
   return v / (1.0 + exp(-v));
@@ -137,4 +147,52 @@ fn sequential(
   for (var j = 0u; j < kept; j++) {
     state[s0 + j * p.channels + c] = window[j];
   }
+}
+
+// Element i of in_proj's product [batch, 2 · channels]: its partial sums in
+// order, then the bias.
+fn product(batch: u32, i: u32) -> f32 {
+  let size = batch * 2u * p.channels;
+  var sum = 0.0;
+  for (var part = 0u; part < KPARTS; part++) {
+    sum += partial[part * size + i];
+  }
+  if (p.hasInBias != 0u) {
+    sum += inBias[i % (2u * p.channels)];
+  }
+  return sum;
+}
+
+@compute @workgroup_size(256)
+fn step_on_parts(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let c = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
+  if (c >= p.channels) {
+    return;
+  }
+  let row = b * 2u * p.channels;
+  z[b * p.channels + c] = product(nwg.z, row + p.channels + c);
+  let v = product(nwg.z, row + c);
+  let kept = p.kernel - 1u;
+  let s0 = history(b) + c;
+  var sum = 0.0;
+  if (p.hasBias != 0u) {
+    sum = bias[c];
+  }
+  sum = fma(weight[c * p.kernel + kept], v, sum);
+  for (var k = 0u; k < kept; k++) {
+    sum = fma(weight[c * p.kernel + k], state[s0 + k * p.channels], sum);
+  }
+  // The window moves on by one input: the oldest leaves, v comes in.
+  for (var k = 0u; k + 1u < kept; k++) {
+    state[s0 + k * p.channels] = state[s0 + (k + 1u) * p.channels];
+  }
+  if (kept > 0u) {
+    state[s0 + (kept - 1u) * p.channels] = v;
+  }
+  out[b * p.channels + c] = silu(sum);
 }

@@ -47,21 +47,7 @@ export interface ConvParams {
   hasBias: number;
   /** u32 */
   hasSlots: number;
-}
-
-/** The `struct Params` of conv_step.wgsl, the uniform block of its dispatches. */
-export interface ConvStepParams {
-  /** u32: sequences, one token each */
-  rows: number;
-  /** u32: in_proj's x, and its z after it, are this wide */
-  channels: number;
-  /** u32 */
-  kernel: number;
-  /** u32 */
-  hasConvBias: number;
-  /** u32: the conv states are rows of a pool, named by slots */
-  hasSlots: number;
-  /** u32: in_proj's bias over its 2 · channels columns */
+  /** u32: step_on_parts: in_proj's bias over its 2 · channels columns */
   hasInBias: number;
 }
 
@@ -268,13 +254,6 @@ export const PARAM_FIELDS: Readonly<Record<string, readonly ParamField[]>> = {
     ["channels", "u32"],
     ["kernel", "u32"],
     ["hasBias", "u32"],
-    ["hasSlots", "u32"],
-  ],
-  conv_step: [
-    ["rows", "u32"],
-    ["channels", "u32"],
-    ["kernel", "u32"],
-    ["hasConvBias", "u32"],
     ["hasSlots", "u32"],
     ["hasInBias", "u32"],
   ],

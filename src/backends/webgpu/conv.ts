@@ -2,14 +2,14 @@
  * The causal depthwise convolution (conv.wgsl): a few tokens per sequence
  * (a decode step) in one sequential pass per channel; longer runs as all
  * outputs in parallel, then the state update. And a batch of decode steps'
- * conv on in_proj's product still in partial sums (conv_step.wgsl), which
+ * conv on in_proj's product still in partial sums (`step_on_parts`), which
  * the linear kernels fold in.
  *
  * @module
  */
 
 import type { ConvArgs } from "../../backend.ts";
-import type { ConvParams, ConvStepParams } from "../../generated/wgsl_params.ts";
+import type { ConvParams } from "../../generated/wgsl_params.ts";
 import type { GpuBuffer } from "./memory.ts";
 import { grid, Program } from "./program.ts";
 import type { PartialProduct } from "./rows.ts";
@@ -35,7 +35,14 @@ export function causalConv(
       `causalConv supports kernels of 1 to ${CONV_MAX_KERNEL} taps, got ${kernel}`,
     );
   }
-  const params = { len, channels, kernel, hasBias: bias ? 1 : 0, hasSlots: slots ? 1 : 0 };
+  const params = {
+    len,
+    channels,
+    kernel,
+    hasBias: bias ? 1 : 0,
+    hasSlots: slots ? 1 : 0,
+    hasInBias: 0,
+  };
   // Sequence b of a batch is workgroup z = b.
   const perSequence = ([gx, gy]: number[]): [number, number, number] => [gx, gy, batch];
   const all = {
@@ -57,7 +64,7 @@ export function causalConv(
   }
 }
 
-const convStepPrograms = new Map<number, Program<ConvStepParams>>();
+const convStepPrograms = new Map<number, Program<ConvParams>>();
 
 /**
  * A decode step's conv (`args.len` 1) whose input x is the first half of
@@ -73,28 +80,30 @@ export function convStepOnParts(
   const { out, weight, bias, state, slots, channels, kernel, batch = 1 } = args;
   let program = convStepPrograms.get(product.kParts);
   if (!program) {
-    const bindings = [0, 1, 2, 3, 4, 5, 6, 7, 8];
-    program = new Program("conv_step", "main", bindings, { KPARTS: product.kParts });
+    const bindings = [0, 2, 3, 4, 5, 6, 7, 8, 9];
+    program = new Program("conv", "step_on_parts", bindings, { KPARTS: product.kParts });
     convStepPrograms.set(product.kParts, program);
   }
   const { absent } = rt.memory;
-  const params: ConvStepParams = {
-    rows: batch,
+  const params = {
+    len: 1,
     channels,
     kernel,
-    hasConvBias: bias ? 1 : 0,
+    hasBias: bias ? 1 : 0,
     hasSlots: slots ? 1 : 0,
     hasInBias: product.bias ? 1 : 0,
   };
   const buffers = {
-    1: product.partial.buffer,
     2: weight.buffer,
     3: bias?.buffer ?? absent,
     4: out.buffer,
     5: state.buffer,
     6: slots?.buffer ?? absent,
-    7: z.buffer,
-    8: product.bias?.buffer ?? absent,
+    7: product.partial.buffer,
+    8: z.buffer,
+    9: product.bias?.buffer ?? absent,
   };
-  rt.run(program, params, buffers, [Math.ceil(channels / 256), batch, 1]);
+  // Sequence b of the batch is workgroup z = b, as in causalConv.
+  const [gx, gy] = grid(Math.ceil(channels / 256));
+  rt.run(program, params, buffers, [gx, gy, batch]);
 }

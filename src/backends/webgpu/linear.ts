@@ -648,7 +648,7 @@ function sumFoldsIntoNorm(call: LinearCall, norm: RmsNormArgs<GpuBuffer>): boole
 /**
  * Whether a conv (`conv`) is a decode step's on the first output of a
  * held-back matmul (`call`, in_proj split over K) whose two outputs, x in
- * scratch and z, are the conv's width: conv_step.wgsl then adds up the sums.
+ * scratch and z, are the conv's width: conv.wgsl's step_on_parts then adds up the sums.
  */
 function convStepFoldsSum(call: LinearCall, conv: ConvArgs<GpuBuffer>): boolean {
   const { x, out, state, len, channels, kernel, batch = 1 } = conv;
