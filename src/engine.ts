@@ -386,10 +386,22 @@ export class DecodeEngine<Buf> {
     }
   }
 
-  /** Feeds one chunk of the waiting prompts: the earliest ones, as many as fit the chunk. */
+  /**
+   * Feeds one chunk of the waiting prompts: at most `chunkTokens` ids, the
+   * earliest prompts first. A batched feed gives every sequence the same
+   * number of ids, so prompts of different lengths go in several groups
+   * within the chunk (all waiting prompts, then those longer than the
+   * shortest, and so on): all in this chunk, rather than one group between
+   * two rounds, so that a burst of requests with prompts of many lengths
+   * (an edge server's) joins the next round together.
+   */
   #feedChunk(): void {
-    if (this.#prompts.length === 0) return;
-    const budget = this.#chunkTokens;
+    let budget = this.#chunkTokens;
+    while (this.#prompts.length > 0 && budget > 0) budget -= this.#feedGroupOf(budget);
+  }
+
+  /** Feeds the earliest waiting prompts the same number of ids, at most `budget` in all; returns how many. */
+  #feedGroupOf(budget: number): number {
     const group: (Sequence | Feed)[] = [];
     let len = Infinity;
     for (const item of this.#prompts) {
@@ -399,7 +411,7 @@ export class DecodeEngine<Buf> {
       len = next;
     }
     const ids = new Int32Array(group.length * len);
-    // Logits are only read once a prompt is done: a chunk that ends none skips the head.
+    // Logits are only read once a prompt is done: a group that ends none skips the head.
     const ending = group.some((item) => item.promptLeft.length === len);
     group.forEach((item, b) => {
       ids.set(item.promptLeft.subarray(0, len), b * len);
@@ -412,6 +424,7 @@ export class DecodeEngine<Buf> {
       if (item instanceof Sequence) this.#joining.push(item);
       else item.settle(null);
     }
+    return ids.length;
   }
 
   /**

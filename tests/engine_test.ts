@@ -191,6 +191,29 @@ for (const { label, name, options, ignore } of BACKENDS) {
     assertEquals((await ending.session.greedy(3)).ids, greedy[p].slice(at, at + 3));
   });
 
+  test("a burst of prompts of different lengths joins one round, as one prompt does", async (mamba) => {
+    const engine = engineFor(mamba.model);
+    const { prompts, greedy } = await reference();
+    /** Rounds issued while greedy streams from prompts `which` (2, 9 and 8 ids) give 6 ids each. */
+    const run = async (which: number[]) => {
+      const rounds = engine.stats.rounds;
+      const ids = await Promise.all(which.map(async (p) => {
+        const generation = mamba.generate(prompts[p], { maxNewTokens: 6, temperature: 0 });
+        const picked: number[] = [];
+        for await (const event of generation) picked.push(event.token);
+        generation.session.dispose();
+        return picked;
+      }));
+      return { rounds: engine.stats.rounds - rounds, ids };
+    };
+    const alone = await run([1]);
+    const which = [0, 1, 2, 2, 1, 0];
+    const burst = await run(which);
+    burst.ids.forEach((ids, b) => assertEquals(ids, greedy[which[b]].slice(0, 6), `stream ${b}`));
+    // Fed in one chunk, the prompts start together: no stream waits a round for a shorter one.
+    assertEquals(burst.rounds, alone.rounds);
+  });
+
   test("a consumer that leaves or aborts ends its stream; slots are reused", async (mamba) => {
     const { prompts, greedy } = await reference();
     const prompt = prompts[1];
