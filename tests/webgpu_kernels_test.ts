@@ -596,6 +596,29 @@ Deno.test({
 });
 
 Deno.test({
+  name: "webgpu: released recordings' uniform blocks are taken again, and live ones keep theirs",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const ones = gpu.upload(new Float32Array(8).fill(1));
+      const acc = gpu.zeros(8);
+      /** A recording of one launch: acc[0, length) += 1. */
+      const add = (length: number) => gpu.capture(() => gpu.addInPlace({ acc, x: ones, length }));
+      // Recordings share uniform buffers of 4,096 launches: these fill one and start another.
+      const first = Array.from({ length: 5000 }, () => add(1));
+      const live = first.pop()!;
+      for (const recording of first) gpu.releaseRecording(recording);
+      // These fill the second buffer, then take the first one's slots again.
+      const later = Array.from({ length: 4000 }, (_, i) => add(2 + i % 6));
+      gpu.replay(live);
+      gpu.replay(later[0]);
+      gpu.replay(later[3999]);
+      assertEquals(Array.from(await gpu.read(acc)), [3, 2, 1, 1, 1, 0, 0, 0]);
+      for (const recording of [live, ...later]) gpu.releaseRecording(recording);
+    }),
+});
+
+Deno.test({
   name:
     "webgpu: rmsNorm into scratch then linearSplit: the GEMV folds the norm in; scalar GEMV, matmul and a plain buffer run it first",
   ignore,

@@ -21,6 +21,9 @@ const PARAM_SLOT = 256; // bytes per dispatch's uniform block (≥ minUniformBuf
 // names the arena buffer, stays the same from token to token and is reused.
 const PARAM_CHUNK = 1 << 22;
 const MAX_BIND_GROUPS = 4096; // cached bind groups before the cache is cleared
+// Launches per buffer of recordings' uniform blocks: a recorded decode step of
+// mamba-130m is about 200.
+const RECORDING_CHUNK_SLOTS = 4096;
 
 /** copyBufferToBuffer's arguments: source, its byte offset, destination, its byte offset, bytes. */
 type BufferCopy = [GPUBuffer, number, GPUBuffer, number, number];
@@ -38,12 +41,29 @@ type RecordedStep =
   }
   | { copy: BufferCopy };
 
-/** Work recorded by {@link GpuRuntime.capture}: ready-made launches and their own uniform block. */
+/**
+ * A uniform buffer that recordings share, each taking a run of its slots.
+ * Bind groups name the buffer, not the slot (a dynamic offset does), so a
+ * recording of the same kernels on the same storage buffers as an earlier
+ * one (the next step of a decode round, say) reuses that one's bind groups:
+ * creating them was most of what a capture cost the host. Its slots are
+ * taken afresh once every recording in it has been released.
+ */
+interface RecordingChunk {
+  readonly buffer: GPUBuffer;
+  readonly slots: number;
+  /** Slots taken since it was last empty. */
+  used: number;
+  /** Recordings holding slots in it. */
+  live: number;
+}
+
+/** Work recorded by {@link GpuRuntime.capture}: ready-made launches and their uniform blocks. */
 export class GpuRecording implements Recording {
   constructor(
     readonly steps: readonly RecordedStep[],
-    /** Holds every launch's parameters, written once. */
-    readonly params: GPUBuffer | null,
+    /** Holds every launch's parameters, written once; null for copies only. */
+    readonly chunk: RecordingChunk | null,
   ) {}
 
   get dispatches(): number {
@@ -154,6 +174,7 @@ export class GpuRuntime {
   readonly #paramWords: Uint32Array<ArrayBuffer>[] = [];
   readonly #paramFloats: Float32Array<ArrayBuffer>[] = [];
   #paramSlots = 0;
+  readonly #recordingChunks: RecordingChunk[] = [];
   /** Unmapped MAP_READ buffers for {@link read}, by byte size. */
   readonly #staging = new Map<number, GPUBuffer[]>();
   /** Launches and copies of a {@link capture} in progress, else null. */
@@ -398,28 +419,55 @@ export class GpuRuntime {
       this.#capturing = null;
     }
     const launches = log.filter((entry): entry is PendingLaunch => !("copy" in entry));
-    let params: GPUBuffer | null = null;
+    let chunk: RecordingChunk | null = null;
+    let slot = 0;
     if (launches.length > 0) {
+      chunk = this.#recordingChunk(launches.length);
+      slot = chunk.used;
+      chunk.used += launches.length;
+      chunk.live++;
       const words = new Uint32Array(launches.length * PARAM_SLOT / 4);
       launches.forEach((launch, i) => words.set(launch.words, i * PARAM_SLOT / 4));
-      params = this.device.createBuffer({
-        size: words.byteLength,
-        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
-      });
-      this.device.queue.writeBuffer(params, 0, words);
+      this.device.queue.writeBuffer(chunk.buffer, slot * PARAM_SLOT, words);
     }
-    let slot = 0;
     const steps = log.map((entry): RecordedStep => {
       if ("copy" in entry) return entry;
       return {
         label: `${entry.program.key} ${entry.groups.join("×")}`,
         pipeline: this.#pipeline(entry.program),
-        bindGroup: this.#bindGroup(entry.program, params!, entry.storage),
+        bindGroup: this.#bindGroup(entry.program, chunk!.buffer, entry.storage),
         offsets: Uint32Array.of(slot++ * PARAM_SLOT),
         groups: entry.groups,
       };
     });
-    return new GpuRecording(steps, params);
+    return new GpuRecording(steps, chunk);
+  }
+
+  /** A chunk with `slots` free slots: the last one made, an empty one, or a new one. */
+  #recordingChunk(slots: number): RecordingChunk {
+    const last = this.#recordingChunks.at(-1);
+    if (last && last.slots - last.used >= slots) return last;
+    let chunk = this.#recordingChunks.find((c) => c.live === 0 && c.slots >= slots);
+    if (chunk) {
+      // Replays of its released recordings may wait in the encoder: they run before it is rewritten.
+      this.flush();
+      chunk.used = 0;
+      // The chunk goes last, where the next captures look first.
+      this.#recordingChunks.splice(this.#recordingChunks.indexOf(chunk), 1);
+    } else {
+      const count = Math.max(slots, RECORDING_CHUNK_SLOTS);
+      chunk = {
+        buffer: this.device.createBuffer({
+          size: count * PARAM_SLOT,
+          usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+        }),
+        slots: count,
+        used: 0,
+        live: 0,
+      };
+    }
+    this.#recordingChunks.push(chunk);
+    return chunk;
   }
 
   /** Records the launches and copies of `recording` again. */
@@ -441,9 +489,9 @@ export class GpuRuntime {
     }
   }
 
-  /** Frees the uniform block of a recording. */
+  /** Gives back a recording's uniform blocks. */
   releaseRecording(recording: GpuRecording): void {
-    recording.params?.destroy();
+    if (recording.chunk) recording.chunk.live--;
   }
 
   // ---- caches -------------------------------------------------------------------------------
