@@ -38,7 +38,6 @@
  */
 
 import type { GenerationEvent, Mamba, Session } from "../../mod.ts";
-import { yieldToEventLoop } from "../../src/yield.ts";
 import { PrefixCache, type PrefixCacheStats } from "./prefix_cache.ts";
 import {
   type GenerationRequest,
@@ -482,8 +481,6 @@ export function createHandler(
     for await (const event of generation) {
       firstTokenMs ??= performance.now() - job.started;
       yield event;
-      // Lets the reply's bytes out between tokens, whatever the backend.
-      await yieldToEventLoop();
     }
     const finishReason = generation.stats.finishReason ?? "length";
     if (job.storeId !== null && finishReason !== "abort") {
