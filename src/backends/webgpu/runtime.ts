@@ -423,9 +423,7 @@ export class GpuRuntime {
     let slot = 0;
     if (launches.length > 0) {
       chunk = this.#recordingChunk(launches.length);
-      slot = chunk.used;
-      chunk.used += launches.length;
-      chunk.live++;
+      slot = chunk.used - launches.length;
       const words = new Uint32Array(launches.length * PARAM_SLOT / 4);
       launches.forEach((launch, i) => words.set(launch.words, i * PARAM_SLOT / 4));
       this.device.queue.writeBuffer(chunk.buffer, slot * PARAM_SLOT, words);
@@ -443,10 +441,20 @@ export class GpuRuntime {
     return new GpuRecording(steps, chunk);
   }
 
-  /** A chunk with `slots` free slots: the last one made, an empty one, or a new one. */
+  /**
+   * Takes `slots` slots for a new recording, at the end of the chunk it
+   * returns: the last one made, an empty one, or a new one.
+   */
   #recordingChunk(slots: number): RecordingChunk {
-    const last = this.#recordingChunks.at(-1);
-    if (last && last.slots - last.used >= slots) return last;
+    let chunk = this.#recordingChunks.at(-1);
+    if (!chunk || chunk.slots - chunk.used < slots) chunk = this.#freeRecordingChunk(slots);
+    chunk.used += slots;
+    chunk.live++;
+    return chunk;
+  }
+
+  /** An empty chunk of at least `slots` slots, made the last one: a released one, or a new one. */
+  #freeRecordingChunk(slots: number): RecordingChunk {
     let chunk = this.#recordingChunks.find((c) => c.live === 0 && c.slots >= slots);
     if (chunk) {
       // Replays of its released recordings may wait in the encoder: they run before it is rewritten.
