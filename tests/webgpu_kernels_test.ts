@@ -344,13 +344,14 @@ async function foldedDtProjMatches(
 
 Deno.test({
   name:
-    "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 48, 23 and 5, N 16 and 20, batches 1 to 3",
+    "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 48, 23 and 5, N 16, 20 and 7 (states as vec4s or not), batches 1 to 3",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(40);
       const dim = 130;
-      for (const [rank, dState, batch] of [[48, 16, 1], [5, 20, 3], [23, 16, 2], [48, 16, 3]]) {
+      const shapes = [[48, 16, 1], [5, 20, 3], [23, 16, 2], [48, 16, 3], [23, 7, 2]];
+      for (const [rank, dState, batch] of shapes) {
         for (const half of [null, "f16", "bf16"] as const) {
           const weight = exactIn(fill(dim * rank, rand, 0.3), half);
           const gpuWeight = half
@@ -966,6 +967,7 @@ Deno.test({
         [3, 512, 5, 20, "f16"],
         [3, 512, 5, 20, "bf16"],
         [4, 264, 23, 16, "f32"],
+        [2, 264, 23, 7, "f32"], // N not a multiple of 4: the step loads states one by one
         [1, 4096, 16, 16, "f16"],
         [1, 4096, 16, 16, "bf16"],
         [1, 512, 32, 16, "q8_0"],

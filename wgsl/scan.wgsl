@@ -30,6 +30,9 @@
 // computes delta itself from the low-rank dt and dt_proj's weight, which saves
 // a dispatch per layer. With PROJECTED it also adds up dt, B and C from the
 // shares of x_proj that in_proj's GEMV left (gemv4.wgsl), saving another.
+// `step_vec4`, the same for nState a multiple of 4, loads and stores each
+// thread's four states as one vec4 (through state4, a second view of the
+// buffer), which shortens the step where its states are many (docs/performance.md).
 //
 // WG and TT are specialised per pipeline by the backend, which prepends
 // scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl,
@@ -66,6 +69,8 @@ struct Params {
 @group(0) @binding(13) var<storage, read> dtLow: array<f32>; // step: dt [batch, rank]
 @group(0) @binding(14) var<storage, read> dtProj: array<u32>; // step: [dim, rank], in the format of p.flags
 @group(0) @binding(16) var<storage, read> slots: array<f32>; // with flag 32: sequence b's state row
+// step_vec4's view of state (the same buffer as binding 10, which it does not bind)
+@group(0) @binding(17) var<storage, read_write> state4: array<vec4<f32>>;
 
 const WG: u32 = 128u;
 const TT: u32 = 32u; // a multiple of 4, at most WG / 4
@@ -600,6 +605,66 @@ fn sumShares(li: u32, share: f32) -> f32 {
   return sum;
 }
 
+/** What a thread of `step` or `step_vec4` works on: channel d (dd clamped) of sequence b, lanes 4q … 4q+3. */
+struct StepTask {
+  d: u32,
+  dd: u32,
+  q: u32,
+  b: u32,
+  row: u32, // of u, z and y
+  held: u32, // of state
+}
+
+fn stepTask(wg: vec3u, li: u32) -> StepTask {
+  let d = wg.x * (WG / 4u) + li / 4u;
+  let dd = min(d, p.dim - 1u);
+  let b = wg.z;
+  return StepTask(d, dd, li % 4u, b, b * p.dim + dd, stateRow(b, dd));
+}
+
+/** A thread's new states, its channel's C·h (summed over the four threads) and its input u. */
+struct StepResult {
+  h: vec4<f32>,
+  sum: f32,
+  ur: f32,
+}
+
+/**
+ * The step from the thread's states h0, loaded by the caller first, so that
+ * everything but dt, B and C is in flight before the exchanges and the loads
+ * overlap the dt_proj product instead of waiting behind its barrier.
+ */
+fn stepStates(li: u32, t: StepTask, h0: vec4<f32>) -> StepResult {
+  let a2 = aQuad(t.dd, t.q);
+  let ur = u[t.row];
+  if (PROJECTED != 0u) {
+    sumProjection(t.b, li);
+  }
+  let bq = tokenQuad(t.b, t.q, false);
+  let cq = tokenQuad(t.b, t.q, true);
+  let dt = stepSize(sumShares(li, deltaShare(t.b, t.dd, t.q)), t.dd);
+  let h = fma(exp2(dt * a2), h0, dt * ur * bq);
+  return StepResult(h, sumShares(li, dot(h, cq)), ur);
+}
+
+/** y of the thread's channel from its C·h (thread 0 of the four). */
+fn stepOutput(t: StepTask, sum: f32, ur: f32) {
+  var acc = sum;
+  if (p.group != 0u) {
+    acc += y[t.row]; // the earlier groups' C·h
+  }
+  if (p.group + 1u == p.nGroups) {
+    if ((p.flags & 1u) != 0u) {
+      acc = fma(Dv[t.dd], ur, acc);
+    }
+    if ((p.flags & 2u) != 0u) {
+      let zi = z[t.row];
+      acc *= zi / (1.0 + exp(-zi));
+    }
+  }
+  y[t.row] = acc;
+}
+
 // Four threads per channel, thread q holding lanes 4q … 4q+3 of its 16
 // states: a decode step is latency-bound, and splitting a channel's loads and
 // its dt_proj product four ways shortens each thread's chain and spreads the
@@ -609,43 +674,39 @@ fn step(
   @builtin(workgroup_id) wg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let d = wg.x * (WG / 4u) + li / 4u;
-  let q = li % 4u;
-  let dd = min(d, p.dim - 1u);
-  let b = wg.z;
-  let row = b * p.dim + dd; // of u, z and y
-  let held = stateRow(b, dd);
-  // Everything but dt, B and C is loaded before the exchanges, so that the
-  // loads overlap the dt_proj product instead of waiting behind its barrier.
-  let a2 = aQuad(dd, q);
-  let h0 = stateQuad(held, q);
-  let ur = u[row];
-  if (PROJECTED != 0u) {
-    sumProjection(b, li);
-  }
-  let bq = tokenQuad(b, q, false);
-  let cq = tokenQuad(b, q, true);
-  let dt = stepSize(sumShares(li, deltaShare(b, dd, q)), dd);
-  let h = fma(exp2(dt * a2), h0, dt * ur * bq);
-  var acc = sumShares(li, dot(h, cq));
-  if (d >= p.dim) {
+  let t = stepTask(wg, li);
+  let r = stepStates(li, t, stateQuad(t.held, t.q));
+  if (t.d >= p.dim) {
     return;
   }
-  storeStateQuad(held, q, h);
-  if (q != 0u) {
+  storeStateQuad(t.held, t.q, r.h);
+  if (t.q == 0u) {
+    stepOutput(t, r.sum, r.ur);
+  }
+}
+
+// step for nState a multiple of 4: a thread's four states are one vec4 of
+// state4, one load and one store rather than four of each.
+@compute @workgroup_size(WG)
+fn step_vec4(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let t = stepTask(wg, li);
+  let n = p.group * 16u + t.q * 4u;
+  let at = (t.held * p.nState + n) / 4u;
+  var h0 = vec4<f32>(0.0);
+  if (n < p.nState) {
+    h0 = state4[at];
+  }
+  let r = stepStates(li, t, h0);
+  if (t.d >= p.dim) {
     return;
   }
-  if (p.group != 0u) {
-    acc += y[row]; // the earlier groups' C·h
+  if (n < p.nState) {
+    state4[at] = r.h;
   }
-  if (p.group + 1u == p.nGroups) {
-    if ((p.flags & 1u) != 0u) {
-      acc = fma(Dv[dd], ur, acc);
-    }
-    if ((p.flags & 2u) != 0u) {
-      let zi = z[row];
-      acc *= zi / (1.0 + exp(-zi));
-    }
+  if (t.q == 0u) {
+    stepOutput(t, r.sum, r.ur);
   }
-  y[row] = acc;
 }

@@ -52,6 +52,8 @@ const SCAN_PROGRAMS = (() => {
   const plain = ["blocks", "scan_no_shares"];
   // 16: the slots naming each sequence's state row in a pool.
   const step = [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 16];
+  // step_vec4 reaches the states through binding 17, a vec4 view of 10's buffer.
+  const stepVec4 = [...step.filter((binding) => binding !== 10), 17];
   const scan = (
     entry: string,
     bindings: number[],
@@ -66,6 +68,13 @@ const SCAN_PROGRAMS = (() => {
     stepProjected: scan(
       "step",
       [...step, 15],
+      { ...constants, WG: SCAN_PROJECTED_STEP_WG },
+      ["blocks", "scan_shares"],
+    ),
+    stepVec4: scan("step_vec4", stepVec4, { ...constants, WG: SCAN_STEP_WG }, plain),
+    stepProjectedVec4: scan(
+      "step_vec4",
+      [...stepVec4, 15],
       { ...constants, WG: SCAN_PROJECTED_STEP_WG },
       ["blocks", "scan_shares"],
     ),
@@ -139,8 +148,13 @@ export class ScanKernels {
         13: projection.dt.buffer,
         14: projection.weight.buffer,
         15: shares?.parts.buffer ?? rt.memory.absent,
+        17: args.state.buffer,
       };
-      const program = shares ? SCAN_PROGRAMS.stepProjected : SCAN_PROGRAMS.step;
+      // States in whole vec4s load and store as such (step_vec4).
+      const vec4 = dState % 4 === 0;
+      const program = shares
+        ? (vec4 ? SCAN_PROGRAMS.stepProjectedVec4 : SCAN_PROGRAMS.stepProjected)
+        : (vec4 ? SCAN_PROGRAMS.stepVec4 : SCAN_PROGRAMS.step);
       const channelsPerGroup = program.constants.WG / 4; // four threads per channel
       const blocks = shares?.blocks ?? 0;
       for (let group = 0; group < nGroups; group++) {
