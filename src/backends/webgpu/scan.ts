@@ -42,9 +42,9 @@ const SCAN_DT_FLAGS: Readonly<Record<WeightFormat, number>> = {
 
 /**
  * The three passes of the chunked scan, and the decode step that computes
- * delta itself: from dt, or (stepProjected) from the shares of x_proj that
+ * delta itself: from dt, or (projected) from the shares of x_proj that
  * in_proj's GEMV left, which every workgroup adds up, so it takes fewer and
- * larger ones.
+ * larger ones; each with states one float at a time or as vec4s.
  */
 const SCAN_PROGRAMS = (() => {
   const constants = { WG: SCAN_WG, TT: SCAN_TILE };
@@ -60,24 +60,22 @@ const SCAN_PROGRAMS = (() => {
     specialised: Record<string, number>,
     preludes: string[],
   ) => new Program<ScanParams>("scan", entry, bindings, specialised, preludes);
+  // A decode step's entry point reading delta's dt and dt_proj, or (projected) x_proj's shares.
+  const steps = (entry: string, bindings: number[]) => ({
+    plain: scan(entry, bindings, { ...constants, WG: SCAN_STEP_WG }, plain),
+    projected: scan(
+      entry,
+      [...bindings, 15],
+      { ...constants, WG: SCAN_PROJECTED_STEP_WG },
+      ["blocks", "scan_shares"],
+    ),
+  });
   return {
     chunkState: scan("chunk_state", [0, 1, 2, 3, 4, 5, 7, 8, 11, 12], constants, plain),
     carry: scan("carry", [0, 3, 10, 11, 12, 16], constants, plain),
     output: scan("output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16], constants, plain),
-    step: scan("step", step, { ...constants, WG: SCAN_STEP_WG }, plain),
-    stepProjected: scan(
-      "step",
-      [...step, 15],
-      { ...constants, WG: SCAN_PROJECTED_STEP_WG },
-      ["blocks", "scan_shares"],
-    ),
-    stepVec4: scan("step_vec4", stepVec4, { ...constants, WG: SCAN_STEP_WG }, plain),
-    stepProjectedVec4: scan(
-      "step_vec4",
-      [...stepVec4, 15],
-      { ...constants, WG: SCAN_PROJECTED_STEP_WG },
-      ["blocks", "scan_shares"],
-    ),
+    step: steps("step", step),
+    stepVec4: steps("step_vec4", stepVec4),
     doubleFloat: new Program<ScanDoubleFloatParams>(
       "scan_double_float",
       "main",
@@ -152,9 +150,8 @@ export class ScanKernels {
       };
       // States in whole vec4s load and store as such (step_vec4).
       const vec4 = dState % 4 === 0;
-      const program = shares
-        ? (vec4 ? SCAN_PROGRAMS.stepProjectedVec4 : SCAN_PROGRAMS.stepProjected)
-        : (vec4 ? SCAN_PROGRAMS.stepVec4 : SCAN_PROGRAMS.step);
+      const programs = vec4 ? SCAN_PROGRAMS.stepVec4 : SCAN_PROGRAMS.step;
+      const program = shares ? programs.projected : programs.plain;
       const channelsPerGroup = program.constants.WG / 4; // four threads per channel
       const blocks = shares?.blocks ?? 0;
       for (let group = 0; group < nGroups; group++) {
