@@ -45,7 +45,7 @@ const TN: u32 = 64u; // columns of out per workgroup of main (64 or 128)
 const KSPLIT: u32 = 1u; // thread groups per tile of main, 1 or 2 (with TN = 64)
 const KPARTS: u32 = 1u; // workgroups sharing one tile of main over K (grid z)
 const VEC4: u32 = 1u; // 1 when inDim % 4 == 0: rows of x and weight read as vec4s
-const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (4 to 64)
+const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (a power of two, 4 to 256)
 const BK: u32 = 8u; // k per slice: main's step() calls are written out
 const BLOCKS: u32 = TM * TN / 64u; // threads per group of main
 const THREADS: u32 = KSPLIT * BLOCKS;
@@ -410,13 +410,19 @@ fn skinny(
   red[4u * li + 2u] = sum4(acc4a, acc4b, acc5a, acc5b);
   red[4u * li + 3u] = sum4(acc6a, acc6b, acc7a, acc7b);
   workgroupBarrier();
-  // Lane i < 4 sums block row i over the lanes.
-  if (lane < 4u) {
-    let first = li - lane;
-    var v = vec4<f32>(0.0);
-    for (var l = 0u; l < LANES; l++) {
-      v += red[4u * (first + l) + lane];
+  // The lanes' sums meet pairwise (LANES is a power of two), so that many
+  // lanes do not make one thread's sum long; lane i < 4 stores block row i.
+  for (var stride = LANES / 2u; stride > 0u; stride >>= 1u) {
+    if (lane < stride) {
+      let other = 4u * (li + stride);
+      red[4u * li] += red[other];
+      red[4u * li + 1u] += red[other + 1u];
+      red[4u * li + 2u] += red[other + 2u];
+      red[4u * li + 3u] += red[other + 3u];
     }
-    put(r + lane, c, v);
+    workgroupBarrier();
+  }
+  if (lane < 4u) {
+    put(r + lane, c, red[4u * (li - lane) + lane]);
   }
 }

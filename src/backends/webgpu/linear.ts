@@ -46,6 +46,8 @@ export const LINEAR_MAX_OUTPUTS = 3;
  * an H100 it beats the tiled kernel 3 to 10 times up to 128 (x_proj's 16, 48, 80).
  */
 const SKINNY_MAX_OUT = 128;
+/** Threads that the skinny matmul aims for: a workgroup of 256 per SM of an H100, about. */
+const SKINNY_THREADS = 256 * 132;
 /**
  * Workgroups of the tiled matmul below which tiles get smaller and then K is
  * split over workgroups (two per SM of an H200's 132, about).
@@ -108,6 +110,17 @@ function gemvLanes(units: number): number {
 }
 
 /**
+ * Threads per 4×4 block of out in skinny, 16 to 128: enough that the blocks
+ * fill about SKINNY_THREADS threads. x_proj at 64 rows is 320 blocks, which 32
+ * lanes put on 40 workgroups for an H100's 132 SMs.
+ */
+function skinnyLanes(blocks: number): number {
+  let lanes = 16;
+  while (lanes < 128 && blocks * lanes < SKINNY_THREADS) lanes *= 2;
+  return lanes;
+}
+
+/**
  * The linear kernel for `rows` rows of input, `outDim` outputs and a weight
  * stored in `format`; with `fold` "project", the gemv4 that projects a
  * decode step's conv outputs (x_proj; see LinearKernels' foldsProjection),
@@ -139,7 +152,7 @@ function linearProgram(
     // More threads per 4×4 block of out when there are few blocks.
     const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
     entry = "skinny";
-    constants = { LANES: blocks < 2048 ? 32 : 16 };
+    constants = { LANES: skinnyLanes(blocks) };
   } else if (rows <= 64 || Math.ceil(rows / 128) * Math.ceil(outDim / 64) < MATMUL_MIN_TILES) {
     // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768), or
     // rows for half a 128-row tile at most (a batch of decode steps): 64×64
