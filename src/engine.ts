@@ -14,7 +14,9 @@
  *
  * Where the backend queues work on a device (webgpu), a read-back costs a
  * round trip (at least 10 ms in Deno), so the engine issues round r + 1
- * before it reads round r: the device never waits for the host. Sequences
+ * before it reads round r: the device never waits for the host. Round r's
+ * read starts once round r + 1's first step is on its way, since starting a
+ * read blocks the thread until the device is idle. Sequences
  * then run ahead of what the host has judged: each round starts by copying
  * the pool (a checkpoint), and a sequence that ends inside a round (an
  * end-of-sequence id, a stop string, its last token, an abort) is rewound
@@ -180,8 +182,14 @@ interface Feed {
   settle: (result: null | Error) => void;
 }
 
+/** A buffer that a round's ids are copied into, and the floats it holds. */
+interface IdsCopy<Buf> {
+  buf: Buf;
+  capacity: number;
+}
+
 /** A round issued on the backend, until its ids are judged. */
-interface Round {
+interface Round<Buf = unknown> {
   /** Row b's sequence; rows [0, joiners) make their first pick in this round. */
   rows: Sequence[];
   joiners: number;
@@ -190,6 +198,11 @@ interface Round {
   checkpoint: PoolCopy<unknown> | null;
   /** Per row, the ids fed on the backend when the round started. */
   fedAtStart: number[];
+  /**
+   * Where the round's ids wait for their read where it starts after the next
+   * round's first step (pipelined rounds), which writes the engine's ids buffer.
+   */
+  ids: IdsCopy<Buf> | null;
   /** Ids [steps + 1, rows]: row 0 each sequence's id fed first, row t + 1 its pick of step t. */
   read: Promise<Float32Array> | null;
 }
@@ -238,7 +251,7 @@ export class DecodeEngine<Buf> {
   /** Sequences that have made their first pick and have not ended. */
   #decoding: Sequence[] = [];
   /** The round issued last, until it is judged. */
-  #inFlight: Round | null = null;
+  #inFlight: Round<Buf> | null = null;
   /** Whether the loop runs (or is about to): it stops once there is no work left. */
   #running = false;
 
@@ -257,6 +270,8 @@ export class DecodeEngine<Buf> {
   #historyLength = 0;
   /** Pool copies not in use by a round. */
   #spareCopies: PoolCopy<Buf>[] = [];
+  /** Buffers for rounds' ids not in use by a round (see `#copyIds`). */
+  #spareIds: IdsCopy<Buf>[] = [];
   readonly #recordings = new Map<string, Recording>();
   /** Buffers of captured prompt pieces: rows [#feedRows], sequences [#feedBatch]. */
   #feedScratch: Scratch<Buf> | null = null;
@@ -334,6 +349,8 @@ export class DecodeEngine<Buf> {
     this.#feedLastRows.clear();
     for (const copy of this.#spareCopies) this.#model.pool.releaseCopy(copy);
     this.#spareCopies = [];
+    for (const ids of this.#spareIds) this.#be.release(ids.buf);
+    this.#spareIds = [];
     if (this.#history !== null) this.#be.release(this.#history);
     this.#history = null;
     this.#historyRows = this.#historyLength = 0;
@@ -357,24 +374,25 @@ export class DecodeEngine<Buf> {
       while (this.#hasWork()) {
         this.#feedChunk();
         await this.#fitHistory();
-        const round = this.#issueRound();
         const previous = this.#inFlight;
+        // The previous round's read starts once the new round's first step
+        // is on its way: starting a read blocks the thread until the device
+        // is idle (Deno's `mapAsync` polls the device before it returns), and
+        // the device then waits only for the host to issue the next step,
+        // not for the new round's setup and first step as well.
+        const round = this.#issueRound(() => {
+          if (previous) this.#startRead(previous);
+        });
         this.#inFlight = round;
         // While the device runs the new round, the previous one is judged.
         if (previous) {
           await this.#judge(previous, round);
-          // Its readers take their ids now: starting the next read blocks the
-          // thread until the device is done with the new round (Deno's
-          // `mapAsync` polls the device before it returns), and the round
-          // after is issued before the loop awaits again.
+          // Its readers take their ids now, before the next read blocks the thread.
           if (this.#be.queued) await yieldToEventLoop();
         }
-        if (round) {
-          this.#startRead(round);
-          if (!this.#pipelined) {
-            this.#inFlight = null;
-            await this.#judge(round, null);
-          }
+        if (round && !this.#pipelined) {
+          this.#inFlight = null;
+          await this.#judge(round, null);
         }
         if (!this.#be.queued) await yieldToEventLoop();
       }
@@ -579,8 +597,12 @@ export class DecodeEngine<Buf> {
     this.#be.write(this.#history!, row, seq.slot * length);
   }
 
-  /** Issues the next round over the joining and decoding sequences, or returns null when there are none. */
-  #issueRound(): Round | null {
+  /**
+   * Issues the next round over the joining and decoding sequences, or returns
+   * null when there are none; calls `started` once the round's first step
+   * (or, without steps, its first picks) is submitted.
+   */
+  #issueRound(started: () => void): Round<Buf> | null {
     const be = this.#be;
     const model = this.#model;
     const pool = model.pool;
@@ -660,6 +682,7 @@ export class DecodeEngine<Buf> {
     for (let t = 0; t < steps; t++) {
       be.replay(this.#recording(batch, t, features));
       be.flush();
+      if (t === 0) started();
     }
     if (steps > 0) {
       // What the next round feeds first, and the logits it picks from, go back to the pool.
@@ -680,17 +703,46 @@ export class DecodeEngine<Buf> {
       });
     }
     be.flush();
+    if (steps === 0) started();
+    const ids = this.#pipelined ? this.#copyIds((steps + 1) * batch) : null;
     this.stats.rounds++;
     this.stats.steps += steps;
     this.stats.rowSteps += steps * batch;
-    return { rows, joiners: joinCount, steps, checkpoint, fedAtStart, read: null };
+    return { rows, joiners: joinCount, steps, checkpoint, fedAtStart, ids, read: null };
+  }
+
+  /**
+   * Copies a pipelined round's `length` ids out of the engine's ids buffer,
+   * which the next round writes before this round's read starts.
+   */
+  #copyIds(length: number): IdsCopy<Buf> {
+    const be = this.#be;
+    let ids = this.#spareIds.pop();
+    if (ids && ids.capacity < length) {
+      be.release(ids.buf);
+      ids = undefined;
+    }
+    if (!ids) {
+      const capacity = (MAX_ROUND_STEPS + 1) * this.#rows;
+      ids = { buf: be.zeros(capacity), capacity };
+    }
+    be.copy({ dst: ids.buf, src: this.#ids!, length });
+    return ids;
   }
 
   /** Starts reading a round's ids back. */
-  #startRead(round: Round): void {
+  #startRead(round: Round<Buf>): Promise<Float32Array> {
     const length = (round.steps + 1) * round.rows.length;
-    round.read = this.#be.read(this.#ids!, 0, length);
-    round.read.catch(() => {}); // Reported where it is awaited.
+    const { ids } = round;
+    const read = this.#be.read(ids?.buf ?? this.#ids!, 0, length);
+    round.read = read;
+    read.catch(() => {}); // Reported where it is awaited.
+    if (ids) {
+      round.ids = null;
+      const giveBack = () => void this.#spareIds.push(ids);
+      read.then(giveBack, giveBack);
+    }
+    return read;
   }
 
   /** Steps of the next round, which holds sequences still decoding or only ones that just joined. */
@@ -753,8 +805,8 @@ export class DecodeEngine<Buf> {
    * those whose verdict or length says so, and rewinds them to the exact
    * id. `later` is the round issued after it, if any (it ran ahead).
    */
-  async #judge(round: Round, later: Round | null): Promise<void> {
-    const ids = await round.read!;
+  async #judge(round: Round<Buf>, later: Round<Buf> | null): Promise<void> {
+    const ids = await (round.read ?? this.#startRead(round));
     const batch = round.rows.length;
     /** Replays by length: the slots and their ids, one after the other. */
     const replays = new Map<number, { slots: number[]; ids: number[] }>();
@@ -826,9 +878,9 @@ export class DecodeEngine<Buf> {
    */
   #rewind(
     seq: Sequence,
-    round: Round,
+    round: Round<Buf>,
     row: number,
-    later: Round | null,
+    later: Round<Buf> | null,
     replays: Map<number, { slots: number[]; ids: number[] }>,
   ): void {
     const target = seq.start + seq.kept.length;
@@ -863,6 +915,7 @@ export class DecodeEngine<Buf> {
     this.#prompts = [];
     this.#joining = [];
     this.#decoding = [];
+    if (this.#inFlight?.ids) this.#spareIds.push(this.#inFlight.ids);
     this.#inFlight = null;
     for (const item of all) {
       if (item instanceof Sequence) {
