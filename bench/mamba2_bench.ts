@@ -8,7 +8,7 @@
  * - `model`: a mamba2-130m-shaped model with random weights (d_model 768, 24
  *   layers, d_state 128, head_dim 64, vocab 50277 padded to 50280, F32;
  *   `--mamba1` for mamba-130m's shape instead): a prompt of `--prefill` ids
- *   fed to one session, then at each of `--streams` concurrent streams, new
+ *   fed to one session (none with `--prefill 0`), then at each of `--streams` concurrent streams, new
  *   sessions given a 16-token prompt and `--decode` greedy ids each through
  *   the decode engine (the prompt inside the time, as `gpu_mamba2.py` times
  *   mamba_ssm's generate), in generated tokens/s.
@@ -146,13 +146,15 @@ async function modelFigures(be: Backend<unknown>): Promise<Record<string, number
   const vocab = model.config.vocabSize;
   const figures: Record<string, number> = {};
   const prefill = Number(flags.prefill);
-  const prompt = promptIds(prefill, vocab);
-  const prefillMs = await best(async () => {
-    const session = new Session(model);
-    await session.prefill(prompt);
-    session.dispose();
-  });
-  figures[`prefill ${prefill} tok/s`] = Math.round(prefill / (prefillMs / 1000));
+  if (prefill > 0) {
+    const prompt = promptIds(prefill, vocab);
+    const prefillMs = await best(async () => {
+      const session = new Session(model);
+      await session.prefill(prompt);
+      session.dispose();
+    });
+    figures[`prefill ${prefill} tok/s`] = Math.round(prefill / (prefillMs / 1000));
+  }
   const decode = Number(flags.decode);
   // As mamba_ssm's generate is timed: `streams` new sessions at once, each
   // fed a 16-token prompt, then `decode` greedy ids, through the engine.
