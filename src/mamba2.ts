@@ -169,7 +169,7 @@ export function allocMamba2Buffers<Buf>(
   const convDim = convChannels(config);
   return {
     z: be.zeros(rows * dInner),
-    xBC: be.zeros(rows * convDim),
+    xBC: be.scratch(rows * convDim), // only the conv reads it
     dt: be.zeros(rows * mamba2!.nHeads),
     xBCConv: be.zeros(rows * convDim),
     y: be.zeros(rows * dInner),

@@ -705,7 +705,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: a matmul split over K leaves its partial sums to the norm of its output (the residual) or to the conv step of its first output; any other reader gets them added up, against js",
+    "webgpu: a matmul split over K leaves its partial sums to the norm of its output (the residual) or to the conv step of one of its outputs; any other reader gets them added up, against js",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
@@ -847,6 +847,73 @@ Deno.test({
       close(await gpu.read(got.state), want.state, 1e-5, "conv state");
       for (let i = 0; i < widths.length; i++) {
         close(await gpu.read(got.outs[i]), want.outs[i], 1e-4, `x_proj output ${i}`);
+      }
+
+      // Mamba-2's in_proj, [z | xBC | dt] with a bias, then the conv step of xBC (its second
+      // output, the widest): the conv adds up xBC's sums and stores z's and dt's.
+      {
+        const zWidth = 200, dtWidth = 8;
+        const splits = [zWidth, channels, dtWidth];
+        const total = zWidth + channels + dtWidth;
+        const inProj2 = fill(total * inDim, rand, 0.1);
+        const inBias2 = fill(total, rand);
+        const want2 = {
+          z: new Float32Array(rows * zWidth),
+          xbc: new Float32Array(rows * channels),
+          dt: new Float32Array(rows * dtWidth),
+          xc: new Float32Array(rows * channels),
+          state: state.slice(),
+        };
+        js.linearSplit({
+          outs: [want2.z, want2.xbc, want2.dt],
+          widths: splits,
+          x: normed,
+          weight: inProj2,
+          bias: inBias2,
+          rows,
+          inDim,
+        });
+        js.causalConv({
+          ...conv,
+          out: want2.xc,
+          x: want2.xbc,
+          weight: convWeight,
+          bias: convBias,
+          state: want2.state,
+          slots,
+        });
+        const got2 = {
+          z: gpu.zeros(rows * zWidth),
+          xbc: gpu.scratch(rows * channels),
+          dt: gpu.zeros(rows * dtWidth),
+          xc: gpu.zeros(rows * channels),
+          state: gpu.upload(state),
+        };
+        const start = gpu.dispatches;
+        gpu.linearSplit({
+          outs: [got2.z, got2.xbc, got2.dt],
+          widths: splits,
+          x: gpu.upload(normed),
+          weight: gpu.upload(inProj2, inDim),
+          bias: gpu.upload(inBias2),
+          rows,
+          inDim,
+        });
+        gpu.causalConv({
+          ...conv,
+          out: got2.xc,
+          x: got2.xbc,
+          weight: gpu.upload(convWeight),
+          bias: gpu.upload(convBias),
+          state: got2.state,
+          slots: gpu.upload(slots),
+        });
+        gpu.flush();
+        assertEquals(gpu.dispatches - start, 2, "Mamba-2's in_proj and conv: dispatches");
+        close(await gpu.read(got2.z), want2.z, 1e-5, "Mamba-2's z");
+        close(await gpu.read(got2.dt), want2.dt, 1e-5, "Mamba-2's dt");
+        close(await gpu.read(got2.xc), want2.xc, 1e-5, "Mamba-2's conv out");
+        close(await gpu.read(got2.state), want2.state, 1e-5, "Mamba-2's conv state");
       }
     }),
 });

@@ -9,18 +9,26 @@
 // - `update_state`: one thread per channel writes the new state.
 // - `sequential`: one thread per channel walks all tokens and updates the
 //   state itself (one dispatch: used for decode steps and short inputs).
-// - `step_on_parts`: a decode step (len 1) whose input is the first half of
-//   in_proj's product [batch, 2 · channels] while it is still KPARTS partial
-//   sums (a matmul split over K, matmul_parts.wgsl): each thread adds up its
-//   channel's x and z as matmul_sum.wgsl would (same order, bias after),
-//   stores z and steps the conv on x, which is scratch and stays unwritten.
+// - `step_on_parts`: a decode step (len 1) whose input x is a block of
+//   columns of in_proj's product [batch, width] while it is still KPARTS
+//   partial sums (a matmul split over K, matmul_parts.wgsl): each thread adds
+//   up its channel's x as matmul_sum.wgsl would (same order, bias after) and
+//   steps the conv on it (x is scratch and stays unwritten), and stores its
+//   column of the product's other outputs, z and w, added up the same way:
+//   Mamba-1's in_proj is [x | z], Mamba-2's [z | xBC | dt].
 struct Params {
   len: u32,
   channels: u32,
   kernel: u32,
   hasBias: u32,
   hasSlots: u32,
-  hasInBias: u32, // step_on_parts: in_proj's bias over its 2 · channels columns
+  hasInBias: u32, // step_on_parts: in_proj's bias over its width columns
+  width: u32, // step_on_parts: columns of in_proj's product
+  xColumn: u32, // step_on_parts: x's first column in the product
+  zColumn: u32, // step_on_parts: z's first column in the product
+  zWidth: u32, // step_on_parts: z's columns, at most channels (0: no z)
+  wColumn: u32, // step_on_parts: w's first column in the product
+  wWidth: u32, // step_on_parts: w's columns, at most channels (0: no w)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,9 +38,10 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> state: array<f32>;
 @group(0) @binding(6) var<storage, read> slots: array<f32>;
-@group(0) @binding(7) var<storage, read> partial: array<f32>; // [KPARTS, batch, 2 · channels]
-@group(0) @binding(8) var<storage, read_write> z: array<f32>; // [batch, channels]
-@group(0) @binding(9) var<storage, read> inBias: array<f32>; // [2 · channels]
+@group(0) @binding(7) var<storage, read> partial: array<f32>; // [KPARTS, batch, width]
+@group(0) @binding(8) var<storage, read_write> z: array<f32>; // [batch, zWidth]
+@group(0) @binding(9) var<storage, read> inBias: array<f32>; // [width]
+@group(0) @binding(10) var<storage, read_write> w: array<f32>; // [batch, wWidth]
 
 const MAXK: u32 = 8u;
 const KPARTS: u32 = 2u; // step_on_parts
@@ -149,16 +158,17 @@ fn sequential(
   }
 }
 
-// Element i of in_proj's product [batch, 2 · channels]: its partial sums in
-// order, then the bias.
-fn product(batch: u32, i: u32) -> f32 {
-  let size = batch * 2u * p.channels;
+// Column `column` of row b of in_proj's product [batch, width]: its partial
+// sums in order, then the bias.
+fn product(batch: u32, b: u32, column: u32) -> f32 {
+  let size = batch * p.width;
+  let i = b * p.width + column;
   var sum = 0.0;
   for (var part = 0u; part < KPARTS; part++) {
     sum += partial[part * size + i];
   }
   if (p.hasInBias != 0u) {
-    sum += inBias[i % (2u * p.channels)];
+    sum += inBias[column];
   }
   return sum;
 }
@@ -174,9 +184,13 @@ fn step_on_parts(
   if (c >= p.channels) {
     return;
   }
-  let row = b * 2u * p.channels;
-  z[b * p.channels + c] = product(nwg.z, row + p.channels + c);
-  let v = product(nwg.z, row + c);
+  if (c < p.zWidth) {
+    z[b * p.zWidth + c] = product(nwg.z, b, p.zColumn + c);
+  }
+  if (c < p.wWidth) {
+    w[b * p.wWidth + c] = product(nwg.z, b, p.wColumn + c);
+  }
+  let v = product(nwg.z, b, p.xColumn + c);
   let kept = p.kernel - 1u;
   let s0 = history(b) + c;
   var sum = 0.0;

@@ -47,8 +47,20 @@ export interface ConvParams {
   hasBias: number;
   /** u32 */
   hasSlots: number;
-  /** u32: step_on_parts: in_proj's bias over its 2 · channels columns */
+  /** u32: step_on_parts: in_proj's bias over its width columns */
   hasInBias: number;
+  /** u32: step_on_parts: columns of in_proj's product */
+  width: number;
+  /** u32: step_on_parts: x's first column in the product */
+  xColumn: number;
+  /** u32: step_on_parts: z's first column in the product */
+  zColumn: number;
+  /** u32: step_on_parts: z's columns, at most channels (0: no z) */
+  zWidth: number;
+  /** u32: step_on_parts: w's first column in the product */
+  wColumn: number;
+  /** u32: step_on_parts: w's columns, at most channels (0: no w) */
+  wWidth: number;
 }
 
 /** The `struct Params` of copy_rows.wgsl, the uniform block of its dispatches. */
@@ -256,6 +268,12 @@ export const PARAM_FIELDS: Readonly<Record<string, readonly ParamField[]>> = {
     ["hasBias", "u32"],
     ["hasSlots", "u32"],
     ["hasInBias", "u32"],
+    ["width", "u32"],
+    ["xColumn", "u32"],
+    ["zColumn", "u32"],
+    ["zWidth", "u32"],
+    ["wColumn", "u32"],
+    ["wWidth", "u32"],
   ],
   copy_rows: [
     ["width", "u32"],

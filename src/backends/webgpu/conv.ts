@@ -19,6 +19,17 @@ const CONV_SEQUENTIAL_MAX_LEN = 4;
 /** The most taps of a conv. */
 export const CONV_MAX_KERNEL = 9;
 
+/** conv.wgsl's parameters that only `step_on_parts` reads. */
+const NOT_ON_PARTS = {
+  hasInBias: 0,
+  width: 0,
+  xColumn: 0,
+  zColumn: 0,
+  zWidth: 0,
+  wColumn: 0,
+  wWidth: 0,
+};
+
 const CONV_PROGRAMS = {
   sequential: new Program<ConvParams>("conv", "sequential", [0, 1, 2, 3, 4, 5, 6]),
   outputs: new Program<ConvParams>("conv", "outputs", [0, 1, 2, 3, 4, 5, 6]),
@@ -41,7 +52,7 @@ export function causalConv(
     kernel,
     hasBias: bias ? 1 : 0,
     hasSlots: slots ? 1 : 0,
-    hasInBias: 0,
+    ...NOT_ON_PARTS,
   };
   // Sequence b of a batch is workgroup z = b.
   const perSequence = ([gx, gy]: number[]): [number, number, number] => [gx, gy, batch];
@@ -66,25 +77,37 @@ export function causalConv(
 
 const convStepPrograms = new Map<number, Program<ConvParams>>();
 
+/** An output of in_proj's product that the conv step stores added up: its buffer and columns. */
+export interface ProductColumns {
+  out: GpuBuffer;
+  column: number;
+  width: number;
+}
+
 /**
- * A decode step's conv (`args.len` 1) whose input x is the first half of
- * in_proj's `product` [rows, 2 · channels], summed here: its second half goes
- * to `z`, and x stays unwritten.
+ * A decode step's conv (`args.len` 1) whose input x is the columns from
+ * `xColumn` of in_proj's `product` [rows, width], summed here, as are the
+ * columns of the product's other outputs (`others`, at most two, each at
+ * most `args.channels` wide), which are stored; x stays unwritten.
  */
 export function convStepOnParts(
   rt: GpuRuntime,
   args: ConvArgs<GpuBuffer>,
   product: PartialProduct,
-  z: GpuBuffer,
+  { width, xColumn, others }: { width: number; xColumn: number; others: ProductColumns[] },
 ): void {
   const { out, weight, bias, state, slots, channels, kernel, batch = 1 } = args;
+  if (others.length > 2 || others.some((other) => other.width > channels)) {
+    throw new RangeError("convStepOnParts stores at most two other outputs, each at most as wide");
+  }
   let program = convStepPrograms.get(product.kParts);
   if (!program) {
-    const bindings = [0, 2, 3, 4, 5, 6, 7, 8, 9];
+    const bindings = [0, 2, 3, 4, 5, 6, 7, 8, 9, 10];
     program = new Program("conv", "step_on_parts", bindings, { KPARTS: product.kParts });
     convStepPrograms.set(product.kParts, program);
   }
-  const { absent } = rt.memory;
+  const { absent, unused } = rt.memory;
+  const [z, w] = others;
   const params = {
     len: 1,
     channels,
@@ -92,6 +115,12 @@ export function convStepOnParts(
     hasBias: bias ? 1 : 0,
     hasSlots: slots ? 1 : 0,
     hasInBias: product.bias ? 1 : 0,
+    width,
+    xColumn,
+    zColumn: z?.column ?? 0,
+    zWidth: z?.width ?? 0,
+    wColumn: w?.column ?? 0,
+    wWidth: w?.width ?? 0,
   };
   const buffers = {
     2: weight.buffer,
@@ -100,8 +129,9 @@ export function convStepOnParts(
     5: state.buffer,
     6: slots?.buffer ?? absent,
     7: product.partial.buffer,
-    8: z.buffer,
+    8: z?.out.buffer ?? unused[0],
     9: product.bias?.buffer ?? absent,
+    10: w?.out.buffer ?? unused[1],
   };
   // Sequence b of the batch is workgroup z = b, as in causalConv.
   const [gx, gy] = grid(Math.ceil(channels / 256));

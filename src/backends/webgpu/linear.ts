@@ -11,7 +11,7 @@
  * scan folds in (dt_proj, {@link LinearKernels.product}). A matmul split over
  * K leaves its partial sums for the next kernel to add up where that kernel
  * can: a norm of its output (out_proj's residual, then the next layer's norm),
- * or a decode step's conv of its first output (in_proj's).
+ * or a decode step's conv of one of its outputs (in_proj's x or xBC).
  *
  * @module
  */
@@ -378,7 +378,7 @@ export class LinearKernels {
     const sum = this.#pendingSum;
     if (sum && convStepFoldsSum(sum.call, args)) {
       this.#pendingSum = null;
-      return convStepOnParts(this.rt, args, sum.product, sum.call.outs[1]);
+      return convStepOnParts(this.rt, args, sum.product, productLayout(sum.call, args.x));
     }
     const held = this.#pendingGemv;
     const { x, len, channels, batch = 1 } = args;
@@ -659,15 +659,29 @@ function sumFoldsIntoNorm(call: LinearCall, norm: RmsNormArgs<GpuBuffer>): boole
 }
 
 /**
- * Whether a conv (`conv`) is a decode step's on the first output of a
- * held-back matmul (`call`, in_proj split over K) whose two outputs, x in
- * scratch and z, are the conv's width: conv.wgsl's step_on_parts then adds up the sums.
+ * Whether a conv (`conv`) is a decode step's on an output of a held-back
+ * matmul (`call`, in_proj split over K) that is scratch, with no output wider
+ * than the conv (Mamba-1's x and z; Mamba-2's z, xBC and dt): conv.wgsl's
+ * step_on_parts then adds up the sums, the conv's input's and the others'.
  */
 function convStepFoldsSum(call: LinearCall, conv: ConvArgs<GpuBuffer>): boolean {
   const { x, out, state, len, channels, kernel, batch = 1 } = conv;
   const { outs, widths } = call;
+  const at = outs.indexOf(x);
   return len === 1 && kernel >= 1 && kernel <= CONV_MAX_KERNEL && batch === call.rows &&
-    !call.accumulate && outs.length === 2 &&
-    x === outs[0] && x.transient && widths[0] === channels && widths[1] === channels &&
-    !outs.includes(out) && !outs.includes(state);
+    !call.accumulate && at >= 0 && x.transient && widths[at] === channels &&
+    widths.every((width) => width <= channels) && !outs.includes(out) && !outs.includes(state);
+}
+
+/** Where x and the other outputs of `call` sit in its product's columns (convStepOnParts). */
+function productLayout(call: LinearCall, x: GpuBuffer) {
+  const columns = call.widths.map((_, i) => call.widths.slice(0, i).reduce((a, b) => a + b, 0));
+  const at = call.outs.indexOf(x);
+  return {
+    width: columnSplits(call.widths).total,
+    xColumn: columns[at],
+    others: call.outs.flatMap((out, i) =>
+      i === at ? [] : [{ out, column: columns[i], width: call.widths[i] }]
+    ),
+  };
 }
