@@ -199,8 +199,8 @@ interface Round<Buf = unknown> {
   /** Per row, the ids fed on the backend when the round started. */
   fedAtStart: number[];
   /**
-   * Where the round's ids wait for their read where it starts after the next
-   * round's first step (pipelined rounds), which writes the engine's ids buffer.
+   * A pipelined round's ids, copied out of the engine's ids buffer for their
+   * read, which starts after the next round has begun writing that buffer.
    */
   ids: IdsCopy<Buf> | null;
   /** Ids [steps + 1, rows]: row 0 each sequence's id fed first, row t + 1 its pick of step t. */

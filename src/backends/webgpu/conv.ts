@@ -98,7 +98,9 @@ export function convStepOnParts(
 ): void {
   const { out, weight, bias, state, slots, channels, kernel, batch = 1 } = args;
   if (others.length > 2 || others.some((other) => other.width > channels)) {
-    throw new RangeError("convStepOnParts stores at most two other outputs, each at most as wide");
+    throw new RangeError(
+      `The conv step stores at most two other outputs of in_proj, none wider than its ${channels} channels`,
+    );
   }
   let program = convStepPrograms.get(product.kParts);
   if (!program) {
