@@ -22,6 +22,7 @@
  */
 
 import { ModelFileError } from "./errors.ts";
+import { mayUse } from "./permissions.ts";
 
 /** Progress of one file's download or read. */
 export interface LoadProgress {
@@ -116,23 +117,6 @@ export async function readJson(source: ModelSource, name: string): Promise<unkno
       `Not valid JSON: ${(error as Error).message}`,
       { cause: error },
     );
-  }
-}
-
-/**
- * Whether an optional feature may use a permission: true where it is granted,
- * or where the runtime has no permission API to ask (the call then simply
- * fails or succeeds). "prompt" counts as no, so optional features never
- * interrupt an interactive run with a permission prompt.
- */
-function mayUse(descriptor: Deno.PermissionDescriptor): boolean {
-  if (typeof Deno === "undefined" || typeof Deno.permissions?.querySync !== "function") {
-    return true;
-  }
-  try {
-    return Deno.permissions.querySync(descriptor).state === "granted";
-  } catch {
-    return true; // A descriptor the runtime cannot query: let the call itself decide.
   }
 }
 

@@ -455,3 +455,37 @@ Deno.test("auto measures a quantized file's matrices as the same blocks, and cac
     new Set(["q4_k [1024, 256]", "q4_k [48, 512]", "q4_k [256, 512]", "q8_0 [64, 256]"]),
   );
 });
+
+Deno.test(
+  "probing WebGPU on Linux without XDG_RUNTIME_DIR prints no error and leaves no directory",
+  {
+    ignore: Deno.build.os !== "linux",
+  },
+  async () => {
+    // Mesa's drivers look for a Wayland display as the GPU instance starts; libwayland prints an
+    // error line for each adapter when XDG_RUNTIME_DIR is unset, unless the probe sets it first.
+    const registry = new URL("../src/backends/registry.ts", import.meta.url).href;
+    const script = `
+    const { probeCapabilities } = await import(${JSON.stringify(registry)});
+    const { gpu } = probeCapabilities();
+    await gpu?.requestAdapter();
+    console.log(Deno.env.get("XDG_RUNTIME_DIR") ?? "");
+  `;
+    const env: Record<string, string> = { ...Deno.env.toObject(), NO_COLOR: "1" };
+    delete env.XDG_RUNTIME_DIR;
+    const output = await new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--quiet", script],
+      clearEnv: true,
+      env,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stderr = new TextDecoder().decode(output.stderr);
+    assertEquals(output.code, 0, stderr);
+    assertFalse(stderr.includes("XDG_RUNTIME_DIR"), stderr);
+    const dir = new TextDecoder().decode(output.stdout).trim();
+    assertMatch(dir, /mamba-deno-runtime-/);
+    // Removed when the process ended.
+    await assertRejects(() => Deno.stat(dir), Deno.errors.NotFound);
+  },
+);

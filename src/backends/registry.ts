@@ -13,6 +13,7 @@
 import type { Backend } from "../backend.ts";
 import { JsBackend } from "./js.ts";
 import { describeAdapter, type ScanPrecision, WebGpuBackend } from "./webgpu/mod.ts";
+import { navigatorGpu } from "./webgpu/backend.ts";
 import {
   defaultThreads,
   WasmBackend,
@@ -62,7 +63,7 @@ export interface Capabilities {
 /** The capabilities of this runtime. */
 export function probeCapabilities(): Capabilities {
   return {
-    gpu: (globalThis.navigator as Navigator | undefined)?.gpu,
+    gpu: navigatorGpu(),
     wasmSimd: wasmSimdSupported(),
     wasmRelaxedSimd: wasmRelaxedSimdSupported(),
     threads: threadsAllowed(),

@@ -39,6 +39,7 @@ import type {
   ScanArgs,
   SsdArgs,
 } from "../../backend.ts";
+import { mayUse } from "../../permissions.ts";
 import type { HalfMatrix, QuantizedMatrix } from "../../quant.ts";
 import { causalConv } from "./conv.ts";
 import { LinearKernels } from "./linear.ts";
@@ -84,6 +85,48 @@ export class WebGpuUnavailableError extends Error {
   override name = "WebGpuUnavailableError";
 }
 
+/**
+ * `navigator.gpu`, or undefined where the runtime has none; the first access
+ * starts the GPU instance, after {@link quietWaylandLookup}.
+ */
+export function navigatorGpu(): GPU | undefined {
+  quietWaylandLookup();
+  return (globalThis.navigator as Navigator | undefined)?.gpu;
+}
+
+/** Whether {@link quietWaylandLookup} has run in this process. */
+let waylandLookupQuieted = false;
+
+/**
+ * On Linux without `XDG_RUNTIME_DIR` (a headless server, a container), Mesa's
+ * drivers look for a Wayland display as the first adapter is requested, and
+ * libwayland prints "error: XDG_RUNTIME_DIR is invalid or not set" for each
+ * one, which reads like a failure. Pointing the variable at an empty
+ * directory of the process's own (removed at exit) makes that lookup fail
+ * quietly. Only where the environment and temporary files may be written
+ * without a prompt; otherwise nothing changes.
+ */
+function quietWaylandLookup(): void {
+  if (waylandLookupQuieted || typeof Deno === "undefined" || Deno.build?.os !== "linux") return;
+  waylandLookupQuieted = true;
+  const variable = "XDG_RUNTIME_DIR";
+  if (!mayUse({ name: "env", variable }) || !mayUse({ name: "write" })) return;
+  try {
+    if (Deno.env.get(variable)) return;
+    const dir = Deno.makeTempDirSync({ prefix: "mamba-deno-runtime-" });
+    Deno.env.set(variable, dir);
+    globalThis.addEventListener("unload", () => {
+      try {
+        Deno.removeSync(dir);
+      } catch {
+        // Already gone: nothing to tidy.
+      }
+    });
+  } catch {
+    // No environment or temporary directory here: the lookup stays as it is.
+  }
+}
+
 /** The WebGPU backend; see the module documentation. */
 export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly name = "webgpu";
@@ -125,7 +168,7 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   /** Opens the default adapter with raised limits; fails clearly without WebGPU. */
   static async create(options: WebGpuOptions = {}): Promise<WebGpuBackend> {
     const alternatives = 'use backend "wasm" or "js" instead';
-    const gpu = (globalThis.navigator as Navigator | undefined)?.gpu;
+    const gpu = options.adapter ? undefined : navigatorGpu();
     if (!options.adapter && !gpu) {
       throw new WebGpuUnavailableError(
         `WebGPU is not available here (no navigator.gpu): ${alternatives}`,
