@@ -675,10 +675,11 @@ function convStepFoldsSum(call: LinearCall, conv: ConvArgs<GpuBuffer>): boolean 
 
 /** Where x and the other outputs of `call` sit in its product's columns (convStepOnParts). */
 function productLayout(call: LinearCall, x: GpuBuffer) {
-  const columns = call.widths.map((_, i) => call.widths.slice(0, i).reduce((a, b) => a + b, 0));
+  const { total, split1, split2 } = columnSplits(call.widths);
+  const columns = [0, split1, split2]; // where outs[0], [1] and [2] start
   const at = call.outs.indexOf(x);
   return {
-    width: columnSplits(call.widths).total,
+    width: total,
     xColumn: columns[at],
     others: call.outs.flatMap((out, i) =>
       i === at ? [] : [{ out, column: columns[i], width: call.widths[i] }]
