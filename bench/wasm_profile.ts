@@ -1,16 +1,19 @@
 /**
- * Where a prompt's prefill spends its time on the wasm backend: every
- * backend operation that the model issues is timed (the wasm backend has
- * finished an operation when it returns), outermost calls only, and summed
- * per operation and shape over `session.prefill` of a prompt.
+ * Where a prompt's prefill, or the decode of concurrent streams, spends its
+ * time on the wasm backend: every backend operation that the model issues is
+ * timed (the wasm backend has finished an operation when it returns),
+ * outermost calls only, and summed per operation and shape over
+ * `session.prefill` of a prompt, or over `--streams` concurrent `generate`
+ * calls of `--tokens` ids each after a 16-id prompt.
  *
  * ```sh
  * deno task make-random-model /tmp/m130
  * deno run -A bench/wasm_profile.ts --model=/tmp/m130 --threads=2 --prompt=512 --reps=3
+ * deno run -A bench/wasm_profile.ts --model=/tmp/m130 --streams=16 --tokens=64 --reps=3
  * ```
  *
- * Prints, per repetition, the prefill's tok/s and one line per operation:
- * its total milliseconds and calls. Without `--model`, the mamba-130m-shaped
+ * Prints, per repetition, the tok/s and one line per operation: its total
+ * milliseconds and calls. Without `--model`, the mamba-130m-shaped
  * random model is written to a temp dir first.
  *
  * @module
@@ -22,8 +25,8 @@ import type { Backend } from "../src/backend.ts";
 import { benchModelDir, promptIds } from "./make_random_model.ts";
 
 const flags = parseArgs(Deno.args, {
-  string: ["model", "threads", "prompt", "reps"],
-  default: { threads: "2", prompt: "512", reps: "3" },
+  string: ["model", "threads", "prompt", "reps", "streams", "tokens"],
+  default: { threads: "2", prompt: "512", reps: "3", tokens: "64" },
 });
 
 /** The operation's name with the shape that tells its calls apart. */
@@ -76,17 +79,35 @@ const model = await loadModel(flags.model ?? await benchModelDir(), {
 });
 const totals = new Map<string, { ms: number; calls: number }>();
 instrument(model.model.backend, totals);
-const prompt = promptIds(Number(flags.prompt), model.model.config.vocabSize);
+const vocab = model.model.config.vocabSize;
+const streams = flags.streams === undefined ? 0 : Number(flags.streams);
+const tokens = Number(flags.tokens);
+
+/** Prefills the prompt, or decodes the streams; answers the ids it made. */
+async function work(): Promise<number> {
+  if (streams === 0) {
+    const prompt = promptIds(Number(flags.prompt), vocab);
+    const session = model.session();
+    await session.prefill(prompt);
+    session.dispose();
+    return prompt.length;
+  }
+  await Promise.all(Array.from({ length: streams }, async (_, i) => {
+    const prompt = [...promptIds(16 + i, vocab).subarray(i)];
+    const generation = model.generate(prompt, { maxNewTokens: tokens, ignoreEos: true });
+    for await (const _ of generation);
+    generation.session.dispose();
+  }));
+  return streams * tokens;
+}
+
+if (streams > 0) await work(); // Warm-up: the threads start and the pool fills.
 for (let rep = 0; rep < Number(flags.reps); rep++) {
   totals.clear();
-  const session = model.session();
   const start = performance.now();
-  await session.prefill(prompt);
+  const ids = await work();
   const ms = performance.now() - start;
-  session.dispose();
-  console.log(
-    `rep ${rep}: ${ms.toFixed(0)} ms, ${(prompt.length / ms * 1000).toFixed(1)} tok/s`,
-  );
+  console.log(`rep ${rep}: ${ms.toFixed(0)} ms, ${(ids / ms * 1000).toFixed(1)} tok/s`);
   for (const [key, { ms, calls }] of [...totals].sort((a, b) => b[1].ms - a[1].ms)) {
     if (ms >= 0.5) console.log(`  ${key.padEnd(32)} ${ms.toFixed(1).padStart(8)} ms  ×${calls}`);
   }
