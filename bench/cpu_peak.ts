@@ -28,6 +28,11 @@ const maxThreads = Number(flags.threads);
 const reps = Number(flags.reps);
 const iterations = Number(flags.iterations);
 const CHAINS = 12;
+for (const [name, value] of Object.entries({ threads: maxThreads, reps, iterations })) {
+  if (!(Number.isInteger(value) && value > 0)) {
+    throw new Error(`--${name} must be a positive integer, got ${Deno.args.join(" ")}`);
+  }
+}
 
 /**
  * The AssemblyScript source: `peak(n)` runs n steps of the f32 matmul's inner
@@ -88,7 +93,7 @@ async function compile(relaxed: boolean): Promise<Uint8Array> {
   return wasm;
 }
 
-/** Each worker compiles the module, then runs `peak` on request and answers its milliseconds. */
+/** Each worker instantiates the module, then runs `peak` on request and answers its milliseconds. */
 const WORKER = `
 self.onmessage = async ({ data }) => {
   const { instance } = await WebAssembly.instantiate(data, { env: { abort() {} } });

@@ -29,6 +29,14 @@ const flags = parseArgs(Deno.args, {
   default: { threads: "2", prompt: "512", reps: "3", tokens: "64" },
 });
 
+const streams = flags.streams === undefined ? 0 : Number(flags.streams);
+const tokens = Number(flags.tokens);
+if (!(Number.isInteger(streams) && streams >= 0 && Number.isInteger(tokens) && tokens > 0)) {
+  throw new Error(
+    `--streams must be a whole number and --tokens a positive one, got ${flags.streams}, ${flags.tokens}`,
+  );
+}
+
 /** The operation's name with the shape that tells its calls apart. */
 function label(name: string, args: unknown[]): string {
   const first = args[0] as Record<string, unknown> | undefined;
@@ -80,8 +88,6 @@ const model = await loadModel(flags.model ?? await benchModelDir(), {
 const totals = new Map<string, { ms: number; calls: number }>();
 instrument(model.model.backend, totals);
 const vocab = model.model.config.vocabSize;
-const streams = flags.streams === undefined ? 0 : Number(flags.streams);
-const tokens = Number(flags.tokens);
 
 /** Prefills the prompt, or decodes the streams; answers the ids it made. */
 async function work(): Promise<number> {
