@@ -26,14 +26,34 @@ const SOURCE = "asm/kernels.ts";
 const ROOT = new URL("../", import.meta.url);
 const OUTPUT = new URL("src/generated/kernels_wasm.ts", ROOT);
 
-async function compile(shared: boolean, relaxed: boolean): Promise<Uint8Array> {
+/**
+ * Compiles the AssemblyScript module `entry` with asc's `options` (those
+ * after the entry and its output file) into wasm bytes. `readFile`, where
+ * given, serves the sources instead of the file system (asc's own hook:
+ * null for a file it does not hold).
+ */
+export async function compileAssemblyScript(
+  entry: string,
+  options: string[],
+  readFile?: (name: string) => string | null,
+): Promise<Uint8Array> {
   let wasm: Uint8Array | undefined;
   let log = "";
   const sink = { write: (text: string | Uint8Array) => (log += String(text), true) };
-  const { error } = await asc.main([
-    SOURCE,
-    "--outFile",
-    "kernels.wasm",
+  const { error } = await asc.main([entry, "--outFile", "out.wasm", ...options], {
+    stdout: sink,
+    stderr: sink,
+    ...(readFile ? { readFile } : {}),
+    writeFile(name: string, contents: Uint8Array | string) {
+      if (name.endsWith(".wasm") && typeof contents !== "string") wasm = contents;
+    },
+  });
+  if (error || !wasm) throw new Error(`asc failed: ${error?.message ?? "no output"}\n${log}`);
+  return wasm;
+}
+
+function compile(shared: boolean, relaxed: boolean): Promise<Uint8Array> {
+  return compileAssemblyScript(SOURCE, [
     "-O3",
     "--noAssert",
     "--runtime",
@@ -48,15 +68,7 @@ async function compile(shared: boolean, relaxed: boolean): Promise<Uint8Array> {
     "--initialMemory",
     "1",
     ...(shared ? ["--enable", "threads", "--sharedMemory", "--maximumMemory", "65536"] : []),
-  ], {
-    stdout: sink,
-    stderr: sink,
-    writeFile(name: string, contents: Uint8Array | string) {
-      if (name.endsWith(".wasm") && typeof contents !== "string") wasm = contents;
-    },
-  });
-  if (error || !wasm) throw new Error(`asc failed: ${error?.message ?? "no output"}\n${log}`);
-  return wasm;
+  ]);
 }
 
 function base64(bytes: Uint8Array): string {

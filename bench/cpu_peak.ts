@@ -18,7 +18,7 @@
  */
 
 import { parseArgs } from "@std/cli/parse-args";
-import asc from "assemblyscript/asc";
+import { compileAssemblyScript } from "../asm/build.ts";
 
 const flags = parseArgs(Deno.args, {
   string: ["threads", "reps", "iterations"],
@@ -67,30 +67,14 @@ export function peak(n: i32, seed: f32): f32 {
 `;
 }
 
-async function compile(relaxed: boolean): Promise<Uint8Array> {
-  let wasm: Uint8Array | undefined;
-  let log = "";
-  const sink = { write: (text: string | Uint8Array) => (log += String(text), true) };
-  const { error } = await asc.main([
+function compile(relaxed: boolean): Promise<Uint8Array> {
+  const options = ["-O3", "--runtime", "stub", "--enable", "simd"];
+  if (relaxed) options.push("--enable", "relaxed-simd");
+  return compileAssemblyScript(
     "peak.ts",
-    "--outFile",
-    "peak.wasm",
-    "-O3",
-    "--runtime",
-    "stub",
-    "--enable",
-    "simd",
-    ...(relaxed ? ["--enable", "relaxed-simd"] : []),
-  ], {
-    stdout: sink,
-    stderr: sink,
-    readFile: (name: string) => name === "peak.ts" ? source(relaxed) : null,
-    writeFile(name: string, contents: Uint8Array | string) {
-      if (name.endsWith(".wasm") && typeof contents !== "string") wasm = contents;
-    },
-  });
-  if (error || !wasm) throw new Error(`asc failed: ${error?.message ?? "no output"}\n${log}`);
-  return wasm;
+    options,
+    (name) => name === "peak.ts" ? source(relaxed) : null,
+  );
 }
 
 /** Each worker instantiates the module, then runs `peak` on request and answers its milliseconds. */
