@@ -8,7 +8,8 @@
  * - `model`: a mamba2-130m-shaped model with random weights (d_model 768, 24
  *   layers, d_state 128, head_dim 64, vocab 50277 padded to 50280, F32;
  *   `--mamba1` for mamba-130m's shape instead): a prompt of `--prefill` ids
- *   fed to one session (none with `--prefill 0`), then at each of `--streams` concurrent streams, new
+ *   fed to one session with its logits read back (none with `--prefill 0`),
+ *   and to `--prefill-sessions` sessions at once, then at each of `--streams` concurrent streams, new
  *   sessions given a 16-token prompt and `--decode` greedy ids each through
  *   the decode engine (the prompt inside the time, as `gpu_mamba2.py` times
  *   mamba_ssm's generate), in generated tokens/s.
@@ -43,12 +44,23 @@ import {
 import { loadCheckpoint } from "../src/load.ts";
 
 const flags = parseArgs(Deno.args, {
-  string: ["backend", "shapes", "prefill", "decode", "streams", "repeats", "threads", "ssd-chunk"],
+  string: [
+    "backend",
+    "shapes",
+    "prefill",
+    "prefill-sessions",
+    "decode",
+    "streams",
+    "repeats",
+    "threads",
+    "ssd-chunk",
+  ],
   boolean: ["mamba1", "no-ssd", "no-model"],
   default: {
     backend: "webgpu",
     shapes: "1x2048x24,1x16384x24,8x2048x24,1x4096x80",
     prefill: "2048",
+    "prefill-sessions": "5",
     decode: "64",
     streams: "1,16,64",
     repeats: "3",
@@ -147,13 +159,25 @@ async function modelFigures(be: Backend<unknown>): Promise<Record<string, number
   const figures: Record<string, number> = {};
   const prefill = Number(flags.prefill);
   if (prefill > 0) {
-    const prompt = promptIds(prefill, vocab);
-    const prefillMs = await best(async () => {
-      const session = new Session(model);
-      await session.prefill(prompt);
-      session.dispose();
-    });
-    figures[`prefill ${prefill} tok/s`] = Math.round(prefill / (prefillMs / 1000));
+    // One session alone, then `--prefill-sessions` sessions' prefills in
+    // flight at once, as mamba_ssm's prefill is timed (five forward passes,
+    // then one synchronisation).
+    const prefills = (sessions: number) =>
+      best(() =>
+        Promise.all(Array.from({ length: sessions }, async (_, i) => {
+          const session = new Session(model);
+          await session.prefill(promptIds(prefill, vocab).map((id) => (id + i) % vocab));
+          session.dispose();
+        })).then(() => {})
+      );
+    figures[`prefill ${prefill} tok/s`] = Math.round(prefill / (await prefills(1) / 1000));
+    const sessions = Number(flags["prefill-sessions"]);
+    if (sessions > 1) {
+      const ms = await prefills(sessions);
+      figures[`prefill ${prefill}, ${sessions} sessions in flight, tok/s`] = Math.round(
+        sessions * prefill / (ms / 1000),
+      );
+    }
   }
   const decode = Number(flags.decode);
   // As mamba_ssm's generate is timed: `streams` new sessions at once, each
