@@ -501,6 +501,14 @@ export interface Backend<Buf = unknown> {
   write(buf: Buf, data: Float32Array, offset?: number): void;
   /** Completes pending work and copies `length` floats from `offset` back to the host. */
   read(buf: Buf, offset?: number, length?: number): Promise<Float32Array>;
+  /**
+   * Copies `length` floats from `offset` back to the host as the work
+   * submitted so far (see {@link flush}) leaves them; work issued since stays
+   * unsubmitted until the next flush, ready to go the moment the read
+   * returns control. The caller makes sure that none of that work writes
+   * `buf`. Where nothing is queued it is {@link read}.
+   */
+  readSubmitted(buf: Buf, offset?: number, length?: number): Promise<Float32Array>;
   /** Copies `length` floats from src into dst, each from its offset (see {@link CopyArgs}). */
   copy(args: CopyArgs<Buf>): void;
   /** Gives the buffer's memory back; the handle must not be used again. */

@@ -376,10 +376,11 @@ export class DecodeEngine<Buf> {
         await this.#fitHistory();
         const previous = this.#inFlight;
         // The previous round's read starts once the new round's first step
-        // is on its way: starting a read blocks the thread until the device
-        // is idle (Deno's `mapAsync` polls the device before it returns), and
-        // the device then waits only for the host to issue the next step,
-        // not for the new round's setup and first step as well.
+        // is on its way and its second is issued, unsubmitted: starting a
+        // read blocks the thread until the device is idle (Deno's `mapAsync`
+        // polls the device before it returns), and the device then waits
+        // only for that step's submission, not for the new round's setup or
+        // for the host to issue a step.
         const round = this.#issueRound(() => {
           if (previous) this.#startRead(previous);
         });
@@ -681,8 +682,11 @@ export class DecodeEngine<Buf> {
     });
     for (let t = 0; t < steps; t++) {
       be.replay(this.#recording(batch, t, features));
+      // The read started here returns once the device is idle, with the
+      // second step issued but not yet submitted: it then goes at once.
+      if (t === 1) started();
       be.flush();
-      if (t === 0) started();
+      if (t === 0 && steps === 1) started();
     }
     if (steps > 0) {
       // What the next round feeds first, and the logits it picks from, go back to the pool.
@@ -702,9 +706,10 @@ export class DecodeEngine<Buf> {
         dstRows: { buf: this.#slots!, offset: 0 },
       });
     }
+    // The round's ids are submitted with it: its read submits nothing else.
+    const ids = this.#pipelined ? this.#copyIds((steps + 1) * batch) : null;
     be.flush();
     if (steps === 0) started();
-    const ids = this.#pipelined ? this.#copyIds((steps + 1) * batch) : null;
     this.stats.rounds++;
     this.stats.steps += steps;
     this.stats.rowSteps += steps * batch;
@@ -734,7 +739,8 @@ export class DecodeEngine<Buf> {
   #startRead(round: Round<Buf>): Promise<Float32Array> {
     const length = (round.steps + 1) * round.rows.length;
     const { ids } = round;
-    const read = this.#be.read(ids?.buf ?? this.#ids!, 0, length);
+    // Nothing unsubmitted writes a round's ids: the next round writes the engine's buffer, not its copy.
+    const read = this.#be.readSubmitted(ids?.buf ?? this.#ids!, 0, length);
     round.read = read;
     read.catch(() => {}); // Reported where it is awaited.
     if (ids) {

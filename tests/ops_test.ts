@@ -74,6 +74,30 @@ function opTest<Buf>(name: string, fn: (be: Backend<Buf>) => Promise<void>): voi
 }
 
 opTest(
+  "readSubmitted reads what submitted work left; work issued since runs at the next flush",
+  async (be) => {
+    const [acc, ones] = [be.zeros(6), be.zeros(6)];
+    be.write(acc, Float32Array.of(1, 2, 3, 4, 5, 6));
+    be.write(ones, new Float32Array(6).fill(1));
+    be.flush();
+    be.addInPlace({ acc, x: ones, length: 6 });
+    // A device queue still holds the add, unsubmitted; the host backends have run it.
+    const expected = be.queued ? [1, 2, 3, 4, 5, 6] : [2, 3, 4, 5, 6, 7];
+    assertEquals([...await be.readSubmitted(acc, 1, 4)], expected.slice(1, 5));
+    be.flush();
+    assertEquals([...await be.read(acc)], [2, 3, 4, 5, 6, 7]);
+    assertEquals([...await be.readSubmitted(acc, 6, 0)], []);
+    let failure: unknown = null;
+    try {
+      await be.readSubmitted(acc, 4, 3);
+    } catch (error) {
+      failure = error;
+    }
+    assert(failure instanceof RangeError, `a read past the end fails: ${failure}`);
+  },
+);
+
+opTest(
   "copyRows gathers and scatters by index, with offsets; bad rows copy nothing",
   async (be) => {
     const fill = filler(1);

@@ -87,7 +87,17 @@ export class JsBackend implements Backend<Float32Array> {
     buf.set(data, offset);
   }
 
+  /** Operations here complete when they return: everything issued is submitted. */
+  readSubmitted(buf: Float32Array, offset?: number, length?: number): Promise<Float32Array> {
+    return this.read(buf, offset, length);
+  }
+
   read(buf: Float32Array, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    if (offset < 0 || length < 0 || offset + length > buf.length) {
+      return Promise.reject(
+        new RangeError(`Range [${offset}, ${offset + length}) outside a buffer of ${buf.length}`),
+      );
+    }
     return Promise.resolve(buf.slice(offset, offset + length));
   }
 

@@ -406,6 +406,11 @@ export class WasmBackend implements Backend<WasmBuffer> {
     this.#view().set(data, (buf.ptr >>> 2) + offset);
   }
 
+  /** Operations here complete when they return: everything issued is submitted. */
+  readSubmitted(buf: WasmBuffer, offset?: number, length?: number): Promise<Float32Array> {
+    return this.read(buf, offset, length);
+  }
+
   read(buf: WasmBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
     checkRange(buf, offset, length);
     const start = (buf.ptr >>> 2) + offset;

@@ -272,6 +272,10 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     return this.#rt.read(buf, offset, length);
   }
 
+  readSubmitted(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    return this.#rt.readSubmitted(buf, offset, length);
+  }
+
   copy(args: CopyArgs<GpuBuffer>): void {
     this.#rt.copy(args);
   }

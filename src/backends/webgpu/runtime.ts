@@ -271,24 +271,51 @@ export class GpuRuntime {
   }
 
   /** Submits the recorded work and reads `length` floats of `buf` from `offset`. */
-  async read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+  read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    this.#checkRead(buf, offset, length);
+    this.beforeWork();
+    return this.#readBack(buf, offset, length, () => this.encoder(), () => this.flush());
+  }
+
+  /**
+   * Reads `length` floats of `buf` from `offset` as the work submitted so far
+   * leaves them: the copy goes in a submission of its own, and the recorded
+   * work stays unsubmitted until the next {@link flush}.
+   */
+  readSubmitted(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+    this.#checkRead(buf, offset, length);
+    if (this.#disposed) throw new Error("The WebGPU backend was disposed");
+    const encoder = this.device.createCommandEncoder();
+    return this.#readBack(buf, offset, length, () => encoder, () => {
+      this.device.queue.submit([encoder.finish()]);
+    });
+  }
+
+  #checkRead(buf: GpuBuffer, offset: number, length: number): void {
     this.notCapturing("A read to the host");
     if (offset < 0 || length < 0 || offset + length > buf.length) {
       throw new RangeError(
         `read of [${offset}, ${offset + length}) from a buffer of ${buf.length}`,
       );
     }
-    this.beforeWork();
+  }
+
+  /** Copies the floats into a staging buffer on `encoder()`, `submit`s that and maps the buffer. */
+  async #readBack(
+    buf: GpuBuffer,
+    offset: number,
+    length: number,
+    encoder: () => GPUCommandEncoder,
+    submit: () => void,
+  ): Promise<Float32Array> {
     // Staging buffers are kept by size: a decode step reads back every token.
     const bytes = Math.max(4, length * 4);
     const staging = this.#staging.get(bytes)?.pop() ?? this.device.createBuffer({
       size: bytes,
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
     });
-    if (length > 0) {
-      this.encoder().copyBufferToBuffer(buf.buffer, offset * 4, staging, 0, length * 4);
-    }
-    this.flush();
+    if (length > 0) encoder().copyBufferToBuffer(buf.buffer, offset * 4, staging, 0, length * 4);
+    submit();
     try {
       await staging.mapAsync(GPUMapMode.READ);
     } catch (error) {
