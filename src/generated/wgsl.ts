@@ -3656,7 +3656,7 @@ fn sumProjection(b: u32, li: u32) {
 // A prompt runs in the chunked ("SSD") form over chunks of CHUNK tokens (over
 // segments of a long prompt in turn, which bounds the chunk states kept),
 // with cs_t = Σ_{s<=t} Δ_s·A the log decay within a chunk, in five passes:
-//   decay        per (sequence, head, chunk), one thread: Δ and cs of each token;
+//   decay        per (sequence, head, chunk), a thread per token: Δ and cs;
 //   chunk_cb     per (chunk, group, 64 × 64 tile): C·Bᵀ of the chunk, shared by
 //                the group's heads;
 //   chunk_state  per (chunk, head, 64 × 128 tile of the state): the chunk's own
@@ -3854,22 +3854,36 @@ fn decayAt(b: u32, h: u32, t: u32) -> u32 {
   return (b * p.heads + h) * p.len + t;
 }
 
-@compute @workgroup_size(64)
-fn decay(@builtin(global_invocation_id) id: vec3u) {
-  let i = id.x;
-  if (i >= p.batch * p.heads * p.nChunks) {
-    return;
+// Grid: (nChunks, heads, batch), a thread per token of the chunk. cs is an
+// inclusive prefix sum of Δ·A over the chunk, taken in workgroup memory in
+// log2(CHUNK) rounds: one thread walking the chunk's tokens in turn waited on
+// each token's load.
+@compute @workgroup_size(256)
+fn decay(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li: u32) {
+  let c = wg.x;
+  let h = wg.y;
+  let b = wg.z;
+  let t = c * CHUNK + li;
+  let inChunk = li < chunkTokens(c);
+  var d = 0.0;
+  if (inChunk) {
+    d = delta(tokenRow(b, t), h);
   }
-  let c = i % p.nChunks;
-  let h = (i / p.nChunks) % p.heads;
-  let b = i / (p.nChunks * p.heads);
-  let t0 = c * CHUNK;
-  var cum = 0.0;
-  for (var s = 0u; s < chunkTokens(c); s++) {
-    let d = delta(tokenRow(b, t0 + s), h);
-    cum += d * A[h];
-    cs[decayAt(b, h, t0 + s)] = cum;
-    dl[decayAt(b, h, t0 + s)] = d;
+  var cum = d * A[h];
+  lanes[li] = cum;
+  for (var offset = 1u; offset < CHUNK; offset <<= 1u) {
+    workgroupBarrier();
+    var before = 0.0;
+    if (li >= offset) {
+      before = lanes[li - offset];
+    }
+    workgroupBarrier();
+    cum += before;
+    lanes[li] = cum;
+  }
+  if (inChunk) {
+    cs[decayAt(b, h, t)] = cum;
+    dl[decayAt(b, h, t)] = d;
   }
 }
 

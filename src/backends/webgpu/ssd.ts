@@ -145,7 +145,7 @@ export class SsdKernels {
       const nChunks = Math.ceil(segmentLen / chunk);
       const params = { ...common, len: segmentLen, nChunks, seqLen: len, start };
       const chunkTiles = tiles(chunk, 64);
-      rt.run(programs.decay, params, buffers, grid(tiles(batch * heads * nChunks, 64)));
+      rt.run(programs.decay, params, buffers, [nChunks, heads, batch]);
       rt.run(programs.chunkCb, params, buffers, [nChunks, groups * chunkTiles ** 2, batch]);
       const stateTiles = heads * tiles(headDim, 64) * tiles(dState, 128);
       rt.run(programs.chunkState, params, buffers, [nChunks, stateTiles, batch]);
