@@ -648,6 +648,9 @@ const LINEAR_SHAPES = [
   // Few tiles and a long K: split over workgroups, summed after.
   [9, 521, 136],
   [130, 400, 136],
+  // Half enough 128×64 tiles: two workgroups per tile over K (vec4 loads, then scalar ones).
+  [129, 260, 4100],
+  [130, 258, 4097],
 ];
 
 /** Scan cases: len, dim, N, optional inputs and softplus, sequences. */

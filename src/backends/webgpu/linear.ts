@@ -137,6 +137,7 @@ function linearProgram(
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
   const vec4 = inDim % 4 === 0;
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
+  const wideTiles = Math.ceil(rows / 128) * Math.ceil(outDim / 64);
   if (vec4 && rows > GEMV_MAX_ROWS && rows <= 32 && outDim >= WIDE_MATMUL_OUT) {
     // A wide matrix (lm_head) for a batch of decode steps: gemv4's groups of 4
     // rows would read all of it once per group; 32×64 tiles read it once.
@@ -153,7 +154,15 @@ function linearProgram(
     const blocks = Math.ceil(rows / 4) * Math.ceil(outDim / 4);
     entry = "skinny";
     constants = { LANES: skinnyLanes(blocks) };
-  } else if (rows <= 64 || Math.ceil(rows / 128) * Math.ceil(outDim / 64) < MATMUL_MIN_TILES) {
+  } else if (
+    rows > 64 && wideTiles >= MATMUL_MIN_TILES / 2 && wideTiles < MATMUL_MIN_TILES &&
+    Math.ceil(inDim / 8) >= 2 * MATMUL_MIN_PART_SLICES
+  ) {
+    // Half enough 128×64 tiles (a prompt's out_proj, 2048 × 768): two
+    // workgroups per tile, each half of K, beat 64×64 tiles on the H100
+    // (docs/performance.md).
+    constants = { TM: 128, TN: 64, KSPLIT: 1, KPARTS: 2, VEC4: vec4 ? 1 : 0 };
+  } else if (rows <= 64 || wideTiles < MATMUL_MIN_TILES) {
     // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768), or
     // rows for half a 128-row tile at most (a batch of decode steps): 64×64
     // tiles with k split over two thread groups have 4 times the threads, and
