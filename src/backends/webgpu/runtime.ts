@@ -271,7 +271,8 @@ export class GpuRuntime {
   }
 
   /** Submits the recorded work and reads `length` floats of `buf` from `offset`. */
-  read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+  // deno-lint-ignore require-await -- async so that a bad range or a capture rejects.
+  async read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
     this.#checkRead(buf, offset, length);
     this.beforeWork();
     return this.#readBack(buf, offset, length, () => this.encoder(), () => this.flush());
@@ -282,7 +283,12 @@ export class GpuRuntime {
    * leaves them: the copy goes in a submission of its own, and the recorded
    * work stays unsubmitted until the next {@link flush}.
    */
-  readSubmitted(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+  // deno-lint-ignore require-await -- as read.
+  async readSubmitted(
+    buf: GpuBuffer,
+    offset = 0,
+    length = buf.length - offset,
+  ): Promise<Float32Array> {
     this.#checkRead(buf, offset, length);
     if (this.#disposed) throw new Error("The WebGPU backend was disposed");
     const encoder = this.device.createCommandEncoder();
