@@ -15,8 +15,9 @@
  * Where the backend queues work on a device (webgpu), a read-back costs a
  * round trip (at least 10 ms in Deno), so the engine issues round r + 1
  * before it reads round r: the device never waits for the host. Round r's
- * read starts once round r + 1's first step is on its way, since starting a
- * read blocks the thread until the device is idle. Sequences
+ * read starts once round r + 1's first step is on its way and its second is
+ * issued, unsubmitted (`Backend.readSubmitted`), since starting a read blocks
+ * the thread until the device is idle. Sequences
  * then run ahead of what the host has judged: each round starts by copying
  * the pool (a checkpoint), and a sequence that ends inside a round (an
  * end-of-sequence id, a stop string, its last token, an abort) is rewound
