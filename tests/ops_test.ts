@@ -20,7 +20,7 @@
  * `webgpu_kernels_test.ts`.
  */
 
-import { assert, assertEquals } from "@std/assert";
+import { assert, assertEquals, assertRejects } from "@std/assert";
 import {
   type Backend,
   SAMPLING_SETTINGS,
@@ -87,13 +87,7 @@ opTest(
     be.flush();
     assertEquals([...await be.read(acc)], [2, 3, 4, 5, 6, 7]);
     assertEquals([...await be.readSubmitted(acc, 6, 0)], []);
-    let failure: unknown = null;
-    try {
-      await be.readSubmitted(acc, 4, 3);
-    } catch (error) {
-      failure = error;
-    }
-    assert(failure instanceof RangeError, `a read past the end fails: ${failure}`);
+    await assertRejects(() => be.readSubmitted(acc, 4, 3), RangeError);
   },
 );
 

@@ -411,10 +411,11 @@ export class WasmBackend implements Backend<WasmBuffer> {
     return this.read(buf, offset, length);
   }
 
-  read(buf: WasmBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
+  // deno-lint-ignore require-await -- async so that a bad range rejects, as on the other backends.
+  async read(buf: WasmBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
     checkRange(buf, offset, length);
     const start = (buf.ptr >>> 2) + offset;
-    return Promise.resolve(this.#view().slice(start, start + length));
+    return this.#view().slice(start, start + length);
   }
 
   copy({ dst, dstOffset = 0, src, srcOffset = 0, length }: CopyArgs<WasmBuffer>): void {
