@@ -557,6 +557,11 @@ Deno.test("edge: every bad request gets a 4xx with a JSON error", async () => {
       await expectError(await generatePost(chunked), 413, /over 4096 bytes/);
 
       await expectError(await fetch(`${base}/v1/generate`), 405, /Use POST/);
+      // Methods named as Object.prototype's members are no routes either.
+      for (const method of ["toString", "constructor", "valueOf", "hasOwnProperty"]) {
+        await expectError(await fetch(`${base}/v1/generate`, { method }), 405, /Use POST/);
+        await expectError(await fetch(`${base}/v1/stats`, { method }), 405, /Use GET/);
+      }
       await expectError(await fetch(`${base}/v1/nothing`), 404, /No endpoint at \/v1\/nothing/);
       await expectError(
         await fetch(`${base}/v1/sessions/abc`, { method: "GET" }),
@@ -567,6 +572,11 @@ Deno.test("edge: every bad request gets a 4xx with a JSON error", async () => {
         await fetch(`${base}/v1/sessions/abc`, { method: "DELETE" }),
         404,
         /Unknown session abc/,
+      );
+      await expectError(
+        await fetch(`${base}/v1/sessions/${"x".repeat(3000)}`, { method: "DELETE" }),
+        400,
+        /not one this server issues/,
       );
 
       // A session that is generating refuses a second request for it.

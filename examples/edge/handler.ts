@@ -42,6 +42,7 @@ import { PrefixCache, type PrefixCacheStats } from "./prefix_cache.ts";
 import {
   type GenerationRequest,
   HttpError,
+  isSessionId,
   parseCompletionsBody,
   parseGenerateBody,
   type RequestLimits,
@@ -657,6 +658,12 @@ export function createHandler(
     } catch {
       throw new HttpError(400, `The session id ${encodedId} is not valid percent-encoded UTF-8`);
     }
+    if (!isSessionId(id)) {
+      throw new HttpError(
+        400,
+        "The session id in the path is not one this server issues (1 to 128 letters, digits, _ or -)",
+      );
+    }
     let deleted: boolean;
     try {
       deleted = await sessions.delete(storeId(tenant, id));
@@ -681,9 +688,10 @@ export function createHandler(
         }
         return await deleteSession(tenant, session[1]);
       }
-      const route = routes[pathname];
+      // Own properties only: a path or method such as "constructor" is no route.
+      const route = Object.hasOwn(routes, pathname) ? routes[pathname] : undefined;
       if (!route) throw new HttpError(404, `No endpoint at ${pathname}`);
-      const handle = route[request.method];
+      const handle = Object.hasOwn(route, request.method) ? route[request.method] : undefined;
       if (!handle) {
         const allowed = Object.keys(route).join(", ");
         throw new HttpError(405, `Use ${allowed} on ${pathname}`, { allow: allowed });

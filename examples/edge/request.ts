@@ -59,6 +59,11 @@ export interface RequestLimits {
 /** Server-issued session ids are UUIDs; this also bounds what reaches a store's keys. */
 const SESSION_ID = /^[A-Za-z0-9_-]{1,128}$/;
 
+/** What a session id may be: letters, digits, `_` and `-`, 1 to 128 of them. */
+export function isSessionId(value: string): boolean {
+  return SESSION_ID.test(value);
+}
+
 type Json = Record<string, unknown>;
 
 /** Typed, range-checked access to the fields of a JSON object body. */
@@ -148,7 +153,7 @@ function objectBody(body: unknown): Json {
 function sessionRequest(value: string | undefined): SessionRequest {
   if (value === undefined) return { kind: "none" };
   if (value === "new") return { kind: "new" };
-  if (!SESSION_ID.test(value)) {
+  if (!isSessionId(value)) {
     throw new HttpError(400, `Field session must be "new" or a session id, got ${value}`);
   }
   return { kind: "continue", id: value };
