@@ -297,6 +297,85 @@ Deno.test("edge: session continuation, Deno KV store, across server restarts", a
   }
 });
 
+/**
+ * A new session's first turn on `a` (and `b`, another store on the same
+ * data, if given): its id is refused to begin, delete and create until the
+ * turn commits; a released first turn leaves the id unknown.
+ */
+async function checkFirstTurn(a: SessionStore, b: SessionStore = a): Promise<void> {
+  const first = await a.create("n");
+  await assertRejects(() => b.begin("n"), SessionBusyError);
+  await assertRejects(() => b.delete("n"), SessionBusyError);
+  await assertRejects(() => b.create("n"), SessionBusyError);
+  const v1 = randomBytes(1000);
+  await first.commit(v1);
+  await assertRejects(() => b.create("n"), Error, "Session n exists already");
+  const turn = (await b.begin("n"))!;
+  assertEquals(turn.snapshot, v1);
+  await turn.release();
+
+  const dropped = await a.create("m");
+  await dropped.release();
+  assertEquals(await b.begin("m"), null);
+  assertEquals(await b.delete("m"), false);
+  assertEquals(await b.delete("n"), true);
+}
+
+Deno.test("edge: a new session's first turn holds its id, in memory and in KV", async () => {
+  await checkFirstTurn(new MemorySessionStore());
+  await withTwoKvStores({}, async (a, b, kv) => {
+    await checkFirstTurn(a, b);
+    assertEquals(
+      (await retryWhileBusy(() => Array.fromAsync(kv.list({ prefix: ["t"] })))).length,
+      0,
+    );
+  });
+});
+
+/**
+ * During a new session's first streamed reply, a continue and a delete of
+ * its id get 409 (as during any later reply); once the reply ends, the
+ * session continues from it.
+ */
+async function checkFirstReplyHoldsSession(sessions: SessionStore): Promise<void> {
+  await withServer({ sessions }, async (base) => {
+    const response = await post(base, "/v1/generate", {
+      prompt: "ROMEO:",
+      max_new_tokens: 1000,
+      ignore_eos: true,
+      temperature: 0,
+      session: "new",
+    });
+    assertEquals(response.status, 200);
+    const id = response.headers.get("x-session-id")!;
+    const events = readSse(response);
+    assertEquals((await events.next()).value?.event, "message"); // The reply is under way.
+
+    const busyContinue = await post(base, "/v1/generate", { prompt: "", session: id });
+    assertEquals(busyContinue.status, 409, await busyContinue.clone().text());
+    await busyContinue.body?.cancel();
+    const busyDelete = await fetch(`${base}/v1/sessions/${id}`, { method: "DELETE" });
+    assertEquals(busyDelete.status, 409);
+    await busyDelete.body?.cancel();
+
+    let last: SseEvent | undefined;
+    for await (const event of events) last = event;
+    assertEquals(last?.event, "done");
+    const next = await generate(base, {
+      prompt: "",
+      max_new_tokens: 2,
+      temperature: 0,
+      session: id,
+    });
+    assertEquals(next.tokens.length, 2);
+  });
+}
+
+Deno.test("edge: a new session's first reply holds its id against continues and deletes", async () => {
+  await checkFirstReplyHoldsSession(new MemorySessionStore());
+  await withTempKv((kv) => checkFirstReplyHoldsSession(new KvSessionStore(kv)));
+});
+
 Deno.test("edge: the KV store splits large snapshots and replaces them atomically", async () => {
   const path = await Deno.makeTempFile({ suffix: ".kv" });
   const kv = await openKv(path);

@@ -51,6 +51,7 @@ import {
   MemorySessionStore,
   SessionBusyError,
   SessionConflictError,
+  type SessionSave,
   type SessionStore,
   type SessionStoreStats,
   type SessionTurn,
@@ -132,14 +133,17 @@ interface Job {
   ids: number[];
   /** Restored from the session store, from a cached prefix, or new. */
   session: Session;
-  /** The stored session's turn `session` continues, or null (the prefix cache applies then). */
-  turn: SessionTurn | null;
+  /** Whether `session` continues a stored session (else the prefix cache applies). */
+  continued: boolean;
+  /**
+   * The turn that saves the session when the reply completes: the stored
+   * session's, or a new session's first (its id reserved); null without a session.
+   */
+  save: SessionSave | null;
   /** Leading prompt ids already in `session` from the prefix cache. */
   cachedTokens: number;
   /** The session id the client sees, or null. */
   sessionId: string | null;
-  /** The key the session is saved under when the reply completes: the tenant's and the id. */
-  storeId: string | null;
   /** The prefix cache's namespace: the tenant's and the model's. */
   cacheScope: string;
   /** When the request arrived (performance.now()). */
@@ -370,7 +374,7 @@ export function createHandler(
     // Taken synchronously after the checks, so concurrent requests cannot both pass them.
     counters.active++;
     activeByTenant.set(tenant, tenantActive + 1);
-    let turn: SessionTurn | null = null;
+    let turn: SessionSave | null = null;
     let restored: Session | null = null;
     let released = false;
     const release = async () => {
@@ -402,16 +406,18 @@ export function createHandler(
         throw new HttpError(400, "Field prompt must not be empty unless continuing a session");
       }
       if (session.kind === "continue") {
+        let stored: SessionTurn | null;
         try {
           // The session's latest state, and the exclusive right to save the next one.
-          turn = await sessions.begin(storeId(tenant, session.id));
+          stored = await sessions.begin(storeId(tenant, session.id));
         } catch (error) {
           if (error instanceof SessionBusyError) throw new HttpError(409, error.message);
           throw error;
         }
-        if (turn === null) throw new HttpError(404, `Unknown session ${session.id}`);
+        if (stored === null) throw new HttpError(404, `Unknown session ${session.id}`);
+        turn = stored;
         try {
-          restored = model.session(turn.snapshot);
+          restored = model.session(stored.snapshot);
         } catch (error) {
           // Saved by another model, e.g. before a redeploy with a different one.
           throw new HttpError(
@@ -423,26 +429,29 @@ export function createHandler(
           request,
           ids,
           session: restored,
-          turn,
+          continued: true,
+          save: turn,
           cacheScope,
           cachedTokens: 0,
           sessionId: session.id,
-          storeId: storeId(tenant, session.id),
           started,
           release,
         };
       }
+      const sessionId = session.kind === "new" ? crypto.randomUUID() : null;
+      // The new id is taken before the client learns it, so that a continue or
+      // a delete of it during this first reply is refused as during later ones.
+      if (sessionId !== null) turn = await sessions.create(storeId(tenant, sessionId));
       const hit = prefixCache.lookup(cacheScope, ids);
       restored = model.session(hit?.snapshot);
-      const sessionId = session.kind === "new" ? crypto.randomUUID() : null;
       return {
         request,
         ids,
         session: restored,
-        turn: null,
+        continued: false,
+        save: turn,
         cachedTokens: hit?.ids.length ?? 0,
         sessionId,
-        storeId: sessionId === null ? null : storeId(tenant, sessionId),
         cacheScope,
         started,
         release,
@@ -461,7 +470,7 @@ export function createHandler(
     const { request, ids, session } = job;
     const prefillStart = performance.now();
     let prompt = ids.slice(job.cachedTokens);
-    if (prompt.length > 0 && job.turn === null && prefixCache.enabled) {
+    if (prompt.length > 0 && !job.continued && prefixCache.enabled) {
       // The prefix cache keeps the state after the prompt: feed it alone and
       // snapshot it. Otherwise the prompt goes to the decode engine with the
       // generation, which reads nothing back before the first ids.
@@ -484,11 +493,9 @@ export function createHandler(
       yield event;
     }
     const finishReason = generation.stats.finishReason ?? "length";
-    if (job.storeId !== null && finishReason !== "abort") {
-      const snapshot = await session.snapshot();
-      // A turn saves only over the state it began from; a new session's id is fresh.
-      if (job.turn !== null) await job.turn.commit(snapshot);
-      else await sessions.set(job.storeId, snapshot);
+    // A turn saves only over the state it began from (none, for a new session).
+    if (job.save !== null && finishReason !== "abort") {
+      await job.save.commit(await session.snapshot());
     }
     return {
       finishReason,

@@ -49,6 +49,7 @@ export {
   retryWhileBusy,
   SessionBusyError,
   SessionConflictError,
+  type SessionSave,
   type SessionStore,
   type SessionStoreStats,
   type SessionTurn,

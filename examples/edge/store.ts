@@ -51,12 +51,11 @@ export class SessionConflictError extends Error {
 }
 
 /**
- * One request's exclusive use of a stored session: no other turn on the same
- * id starts until this one commits or is released.
+ * One request's exclusive right to save a session's next state: no other
+ * turn on the same id starts, and the id cannot be deleted, until this one
+ * commits or is released.
  */
-export interface SessionTurn {
-  /** The session's latest snapshot when the turn began: the state to continue from. */
-  readonly snapshot: Uint8Array;
+export interface SessionSave {
   /**
    * Saves `snapshot` as the session's new state and ends the turn. Throws
    * {@link SessionConflictError} (saving nothing) when the session changed
@@ -67,9 +66,16 @@ export interface SessionTurn {
   release(): Promise<void>;
 }
 
+/** A turn on a stored session: the right to save its next state, and the state to continue from. */
+export interface SessionTurn extends SessionSave {
+  /** The session's latest snapshot when the turn began. */
+  readonly snapshot: Uint8Array;
+}
+
 /**
  * Counters and sizes a store reports in the server's `GET /v1/stats`. Both
- * stores here report `turns` (turns begun) and `busy` (turns and deletions
+ * stores here report `turns` (turns begun on stored sessions; a new
+ * session's first is not counted) and `busy` (turns and deletions
  * refused with {@link SessionBusyError}); {@link MemorySessionStore} adds
  * `sessions` and `bytes` held, {@link KvSessionStore} `conflicts` (commits
  * refused), `cacheHits` and `cacheMisses` (snapshots taken from this
@@ -83,7 +89,8 @@ export interface SessionStore {
   get(id: string): Promise<Uint8Array | null>;
   /**
    * Saves `snapshot` under `id`, replacing any earlier one as a whole,
-   * whatever turn is open on it (use it for new ids; continue through
+   * whatever turn is open on it (to seed a store; a server's sessions start
+   * through {@link SessionStore.create} and continue through
    * {@link SessionStore.begin}). The store may keep `snapshot` itself: do not
    * modify it afterwards.
    */
@@ -93,6 +100,15 @@ export interface SessionStore {
    * {@link SessionBusyError} while a turn holds it.
    */
   delete(id: string): Promise<boolean>;
+  /**
+   * Starts the first turn of a new session `id`, which has no state yet:
+   * until the turn commits (the first state) or is released (the id stays
+   * unknown), a `begin` or `delete` of `id` is refused with
+   * {@link SessionBusyError}, as during any later turn. Throws
+   * {@link SessionBusyError} while a turn holds `id`, and an `Error` where
+   * a session `id` exists.
+   */
+  create(id: string): Promise<SessionSave>;
   /**
    * Starts a turn on session `id`, with its latest snapshot; null when there
    * is no such session. Throws {@link SessionBusyError} while another turn
@@ -197,30 +213,20 @@ export class MemorySessionStore implements SessionStore {
     return Promise.resolve(this.#entries.delete(id));
   }
 
+  create(id: string): Promise<SessionSave> {
+    if (this.#turns.has(id)) return Promise.reject(this.#busy(id));
+    if (this.#entries.get(id) !== undefined) {
+      return Promise.reject(new Error(`Session ${id} exists already`));
+    }
+    return Promise.resolve(this.#turn(id));
+  }
+
   begin(id: string): Promise<SessionTurn | null> {
     if (this.#turns.has(id)) return Promise.reject(this.#busy(id));
     const snapshot = this.#entries.get(id);
     if (snapshot === undefined) return Promise.resolve(null);
-    this.#turns.add(id);
     this.#counters.turns++;
-    let open = true;
-    const end = () => {
-      const wasOpen = open;
-      open = false;
-      this.#turns.delete(id);
-      return wasOpen;
-    };
-    return Promise.resolve({
-      snapshot,
-      commit: (next: Uint8Array) => {
-        if (!end()) return Promise.reject(new Error(`The turn on session ${id} has ended`));
-        return this.set(id, next);
-      },
-      release: () => {
-        if (open) end();
-        return Promise.resolve();
-      },
-    });
+    return Promise.resolve({ ...this.#turn(id), snapshot });
   }
 
   stats(): SessionStoreStats {
@@ -230,6 +236,28 @@ export class MemorySessionStore implements SessionStore {
   #busy(id: string): SessionBusyError {
     this.#counters.busy++;
     return new SessionBusyError(id);
+  }
+
+  /** Holds `id` in a turn until the returned commit or release. */
+  #turn(id: string): SessionSave {
+    this.#turns.add(id);
+    let open = true;
+    const end = () => {
+      const wasOpen = open;
+      open = false;
+      this.#turns.delete(id);
+      return wasOpen;
+    };
+    return {
+      commit: (next: Uint8Array) => {
+        if (!end()) return Promise.reject(new Error(`The turn on session ${id} has ended`));
+        return this.set(id, next);
+      },
+      release: () => {
+        if (open) end();
+        return Promise.resolve();
+      },
+    };
   }
 }
 
@@ -371,7 +399,9 @@ class RetryingKv {
  * commit swaps the head only if it is still the one the turn began from (a
  * fencing check) and no other turn holds a live lease, so a process that
  * stalled past its lease cannot overwrite the work of the one that took
- * over: it gets {@link SessionConflictError} instead.
+ * over: it gets {@link SessionConflictError} instead. A new session's first
+ * turn ({@link KvSessionStore.create}) takes the lease while the session has
+ * no head yet, so a `begin` or `delete` of its id is refused meanwhile too.
  *
  * Cache. Snapshots read or written here are kept in this process under the
  * version they are; a turn or `get` first reads the head from KV (strongly
@@ -444,13 +474,14 @@ export class KvSessionStore implements SessionStore {
         this.#headKey(id),
         this.#leaseKey(id),
       ]);
-      if (head.value === null) {
-        this.#cache.delete(id);
-        return false;
-      }
+      // A new session's first turn holds the lease before any state exists.
       if (isLive(lease.value)) {
         this.#counters.busy++;
         throw new SessionBusyError(id);
+      }
+      if (head.value === null) {
+        this.#cache.delete(id);
+        return false;
       }
       const removed = await this.#kv.commit((op) =>
         op.check(head).check(lease).delete(this.#headKey(id)).delete(this.#leaseKey(id))
@@ -463,6 +494,36 @@ export class KvSessionStore implements SessionStore {
     }
   }
 
+  async create(id: string): Promise<SessionSave> {
+    const owner = crypto.randomUUID();
+    for (let attempt = 0; attempt < WRITE_ATTEMPTS; attempt++) {
+      const [head, lease] = await this.#kv.getMany<[KvHead, KvLease]>([
+        this.#headKey(id),
+        this.#leaseKey(id),
+      ]);
+      let leaseStamp: string;
+      if (lease.value?.owner === owner) {
+        // Taken by an attempt that reported a failure (retried while busy).
+        leaseStamp = lease.versionstamp!;
+      } else {
+        if (isLive(lease.value)) {
+          this.#counters.busy++;
+          throw new SessionBusyError(id);
+        }
+        if (head.value !== null) throw new Error(`Session ${id} exists already`);
+        // The lease, while the session still has no head.
+        const taken = await this.#kv.commit((op) =>
+          op.check(head).check(lease)
+            .set(this.#leaseKey(id), this.#leaseValue(owner), { expireIn: this.#leaseMs })
+        );
+        if (!taken.ok) continue; // Another request took it, or a save landed: look again.
+        leaseStamp = taken.versionstamp;
+      }
+      return this.#turn(id, owner, head, leaseStamp);
+    }
+    throw new Error(`Session ${id} kept changing while its first turn was starting`);
+  }
+
   async begin(id: string): Promise<SessionTurn | null> {
     const owner = crypto.randomUUID();
     for (let attempt = 0; attempt < WRITE_ATTEMPTS; attempt++) {
@@ -471,6 +532,11 @@ export class KvSessionStore implements SessionStore {
         this.#leaseKey(id),
       ]);
       if (head.value === null) {
+        // A new session's first turn holds the lease before any state exists.
+        if (isLive(lease.value)) {
+          this.#counters.busy++;
+          throw new SessionBusyError(id);
+        }
         this.#cache.delete(id);
         return null;
       }
@@ -491,7 +557,7 @@ export class KvSessionStore implements SessionStore {
         if (!taken.ok) continue; // Another turn took it, or a save landed: look again.
         leaseStamp = taken.versionstamp;
       }
-      const turn = this.#turn(id, owner, head as Deno.KvEntry<KvHead>, leaseStamp);
+      const turn = this.#turn(id, owner, head, leaseStamp);
       let snapshot: Uint8Array | null;
       try {
         snapshot = await this.#load(id, head.value);
@@ -521,14 +587,15 @@ export class KvSessionStore implements SessionStore {
 
   /**
    * The commit and release of a turn that holds the lease `[owner,
-   * leaseStamp]` over `head`; renews the lease until either is called.
+   * leaseStamp]` over `head` (no head: a new session's first turn); renews
+   * the lease until either is called.
    */
   #turn(
     id: string,
     owner: string,
-    head: Deno.KvEntry<KvHead>,
+    head: Deno.KvEntryMaybe<KvHead>,
     leaseStamp: string,
-  ): Omit<SessionTurn, "snapshot"> {
+  ): SessionSave {
     const kv = this.#kv;
     const leaseKey = this.#leaseKey(id);
     const leaseMs = this.#leaseMs;
@@ -610,7 +677,7 @@ export class KvSessionStore implements SessionStore {
         }
       }
       this.#remember(id, version, snapshot);
-      await this.#deleteVersion(id, head.value.version);
+      if (head.value !== null) await this.#deleteVersion(id, head.value.version);
     };
 
     const release = async () => {
