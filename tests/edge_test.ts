@@ -590,9 +590,14 @@ Deno.test("edge: every bad request gets a 4xx with a JSON error", async () => {
       await expectError(
         await generatePost({ prompt: "A", max_tokens: 5 }),
         400,
-        /Unknown field max_tokens/,
+        /Unknown field "max_tokens"/,
       );
       await expectError(await generatePost({ prompt: "" }), 400, /must not be empty/);
+      // A long bad value is repeated cut short, not whole.
+      const long = await generatePost({ prompt: "A", temperature: "9".repeat(3000) });
+      assertEquals(long.status, 400);
+      const { error: longError } = await long.json();
+      assertMatch(longError, /^Field temperature must be .*, got "9{79}… \(cut\)$/);
       await expectError(
         await generatePost({ prompt: "ROMEO: ".repeat(40) }),
         400,

@@ -66,6 +66,15 @@ export function isSessionId(value: string): boolean {
 
 type Json = Record<string, unknown>;
 
+/** Characters of a client's value that an error message repeats, at most. */
+const SHOWN_CHARS = 80;
+
+/** `value` as JSON for an error message, cut to SHOWN_CHARS (a body may be a megabyte). */
+function shown(value: unknown): string {
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length <= SHOWN_CHARS ? text : `${text.slice(0, SHOWN_CHARS)}… (cut)`;
+}
+
 /** Typed, range-checked access to the fields of a JSON object body. */
 class Fields {
   constructor(readonly body: Json) {}
@@ -79,7 +88,7 @@ class Fields {
     const value = this.#get(name);
     if (value === undefined) return undefined;
     if (typeof value !== "number" || !ok(value)) {
-      throw new HttpError(400, `Field ${name} must be ${rule}, got ${JSON.stringify(value)}`);
+      throw new HttpError(400, `Field ${name} must be ${rule}, got ${shown(value)}`);
     }
     return value;
   }
@@ -94,13 +103,13 @@ class Fields {
   string(name: string): string | undefined {
     const value = this.#get(name);
     if (value === undefined || typeof value === "string") return value;
-    throw new HttpError(400, `Field ${name} must be a string, got ${JSON.stringify(value)}`);
+    throw new HttpError(400, `Field ${name} must be a string, got ${shown(value)}`);
   }
 
   boolean(name: string): boolean | undefined {
     const value = this.#get(name);
     if (value === undefined || typeof value === "boolean") return value;
-    throw new HttpError(400, `Field ${name} must be true or false, got ${JSON.stringify(value)}`);
+    throw new HttpError(400, `Field ${name} must be true or false, got ${shown(value)}`);
   }
 
   /** A string or an array of strings (OpenAI's `stop`). */
@@ -154,7 +163,7 @@ function sessionRequest(value: string | undefined): SessionRequest {
   if (value === undefined) return { kind: "none" };
   if (value === "new") return { kind: "new" };
   if (!isSessionId(value)) {
-    throw new HttpError(400, `Field session must be "new" or a session id, got ${value}`);
+    throw new HttpError(400, `Field session must be "new" or a session id, got ${shown(value)}`);
   }
   return { kind: "continue", id: value };
 }
@@ -185,7 +194,7 @@ export function parseGenerateBody(body: unknown, limits: RequestLimits): Generat
   if (unknown.length > 0) {
     throw new HttpError(
       400,
-      `Unknown field ${unknown[0]}; known fields: ${[...GENERATE_FIELDS].join(", ")}`,
+      `Unknown field ${shown(unknown[0])}; known fields: ${[...GENERATE_FIELDS].join(", ")}`,
     );
   }
   const prompt = fields.string("prompt");
