@@ -501,24 +501,10 @@ export class KvSessionStore implements SessionStore {
         this.#headKey(id),
         this.#leaseKey(id),
       ]);
-      let leaseStamp: string;
-      if (lease.value?.owner === owner) {
-        // Taken by an attempt that reported a failure (retried while busy).
-        leaseStamp = lease.versionstamp!;
-      } else {
-        if (isLive(lease.value)) {
-          this.#counters.busy++;
-          throw new SessionBusyError(id);
-        }
-        if (head.value !== null) throw new Error(`Session ${id} exists already`);
-        // The lease, while the session still has no head.
-        const taken = await this.#kv.commit((op) =>
-          op.check(head).check(lease)
-            .set(this.#leaseKey(id), this.#leaseValue(owner), { expireIn: this.#leaseMs })
-        );
-        if (!taken.ok) continue; // Another request took it, or a save landed: look again.
-        leaseStamp = taken.versionstamp;
-      }
+      if (head.value !== null) throw new Error(`Session ${id} exists already`);
+      // The lease, while the session still has no head.
+      const leaseStamp = await this.#takeLease(id, owner, head, lease);
+      if (leaseStamp === null) continue; // Another request took it, or a save landed: look again.
       return this.#turn(id, owner, head, leaseStamp);
     }
     throw new Error(`Session ${id} kept changing while its first turn was starting`);
@@ -540,23 +526,8 @@ export class KvSessionStore implements SessionStore {
         this.#cache.delete(id);
         return null;
       }
-      let leaseStamp: string;
-      if (lease.value?.owner === owner) {
-        // Taken by an attempt that reported a failure (retried while busy).
-        leaseStamp = lease.versionstamp!;
-      } else {
-        if (isLive(lease.value)) {
-          this.#counters.busy++;
-          throw new SessionBusyError(id);
-        }
-        // Over no lease or a lapsed one, and only while the head is the one just read.
-        const taken = await this.#kv.commit((op) =>
-          op.check(head).check(lease)
-            .set(this.#leaseKey(id), this.#leaseValue(owner), { expireIn: this.#leaseMs })
-        );
-        if (!taken.ok) continue; // Another turn took it, or a save landed: look again.
-        leaseStamp = taken.versionstamp;
-      }
+      const leaseStamp = await this.#takeLease(id, owner, head, lease);
+      if (leaseStamp === null) continue; // Another turn took it, or a save landed: look again.
       const turn = this.#turn(id, owner, head, leaseStamp);
       let snapshot: Uint8Array | null;
       try {
@@ -583,6 +554,31 @@ export class KvSessionStore implements SessionStore {
       cachedSessions: this.#cache.size,
       cachedBytes: this.#cache.bytes,
     };
+  }
+
+  /**
+   * Takes the lease of session `id` for `owner`, over no lease or a lapsed
+   * one, and only while `head` and `lease` are as just read: its
+   * versionstamp, or null where another writer moved either first. Throws
+   * {@link SessionBusyError} while another turn's lease is live.
+   */
+  async #takeLease(
+    id: string,
+    owner: string,
+    head: Deno.KvEntryMaybe<KvHead>,
+    lease: Deno.KvEntryMaybe<KvLease>,
+  ): Promise<string | null> {
+    // Taken by an attempt that reported a failure (retried while busy).
+    if (lease.value?.owner === owner) return lease.versionstamp!;
+    if (isLive(lease.value)) {
+      this.#counters.busy++;
+      throw new SessionBusyError(id);
+    }
+    const taken = await this.#kv.commit((op) =>
+      op.check(head).check(lease)
+        .set(this.#leaseKey(id), this.#leaseValue(owner), { expireIn: this.#leaseMs })
+    );
+    return taken.ok ? taken.versionstamp : null;
   }
 
   /**
