@@ -229,7 +229,8 @@ export function readStateDict(
         const items = popMark();
         const list = top();
         if (!Array.isArray(list)) fail(`The pickle appends to something not a list at byte ${at}`);
-        (list as PickleValue[]).push(...items);
+        // One at a time: spreading a long run of items as arguments overflows the stack.
+        for (const item of items) (list as PickleValue[]).push(item);
         break;
       }
       case 0x73: { // SETITEM
@@ -319,7 +320,7 @@ export function readStateDict(
         const id = pop();
         if (
           !Array.isArray(id) || id.length !== 5 || id[0] !== "storage" || !isGlobal(id[1]) ||
-          typeof id[2] !== "string" || typeof id[4] !== "number"
+          typeof id[2] !== "string" || !Number.isSafeInteger(id[4]) || (id[4] as number) < 0
         ) {
           fail(`The pickle's persistent id at byte ${at - 1} is not a torch storage`);
         }
@@ -397,7 +398,8 @@ function reduce(
   const dims = (value: PickleValue) =>
     Array.isArray(value) &&
     value.every((d) => typeof d === "number" && Number.isSafeInteger(d) && d >= 0);
-  if (!isStorage(ref) || typeof offset !== "number" || !dims(shape) || !dims(stride)) {
+  const isOffset = typeof offset === "number" && Number.isSafeInteger(offset) && offset >= 0;
+  if (!isStorage(ref) || !isOffset || !dims(shape) || !dims(stride)) {
     return fail(
       `The pickle calls ${callable} with arguments that are not a storage, offset, size and stride`,
     );
@@ -413,14 +415,26 @@ function reduce(
       `Storage ${ref.key} holds ${bytes.length} bytes but names ${ref.numel} elements of ${ref.dtype}`,
     );
   }
+  const start = offset as number;
   const last = size.some((d) => d === 0)
-    ? offset - 1
-    : size.reduce((sum, d, i) => sum + (d - 1) * steps[i], offset);
-  if (offset < 0 || last >= ref.numel) {
+    ? start - 1
+    : size.reduce((sum, d, i) => sum + (d - 1) * steps[i], start);
+  if (last >= ref.numel) {
     fail(
       `A tensor of size [${
         size.join(", ")
-      }] at offset ${offset} reaches past its storage of ${ref.numel} elements`,
+      }] at offset ${start} reaches past its storage of ${ref.numel} elements`,
+    );
+  }
+  // A state_dict's tensors own their elements; more of them than the storage
+  // holds (zero strides) would let a small file make the loader allocate a
+  // tensor of any size.
+  const elements = size.reduce((product, d) => product * d, 1);
+  if (elements > ref.numel) {
+    fail(
+      `A tensor of size [${
+        size.join(", ")
+      }] has ${elements} elements, more than its storage's ${ref.numel}`,
     );
   }
   return { name: "", dtype: ref.dtype, shape: size, stride: steps, offset, storage: bytes };
@@ -479,11 +493,25 @@ function readZip(bytes: Uint8Array, fail: (problem: string) => never): Map<strin
     for (let e = at + 46 + nameLength; e + 4 <= at + 46 + nameLength + extraLength;) {
       const id = u16(e);
       const length = u16(e + 2);
+      if (e + 4 + length > at + 46 + nameLength + extraLength) {
+        fail(`The zip archive's directory entry ${i} has an extra field past its end`);
+      }
       if (id === 0x0001) {
         let field = e + 4;
-        if (size === 0xffffffff) (size = u64(field), field += 8);
-        if (compressed === 0xffffffff) (compressed = u64(field), field += 8);
-        if (local === 0xffffffff) local = u64(field);
+        // Each value must lie within the field's declared length.
+        const next = () => {
+          if (field + 8 > e + 4 + length) {
+            fail(
+              `The zip archive's directory entry ${i} has a zip64 field too short for its values`,
+            );
+          }
+          const value = u64(field);
+          field += 8;
+          return value;
+        };
+        if (size === 0xffffffff) size = next();
+        if (compressed === 0xffffffff) compressed = next();
+        if (local === 0xffffffff) local = next();
       }
       e += 4 + length;
     }
