@@ -320,7 +320,7 @@ export function readStateDict(
         const id = pop();
         if (
           !Array.isArray(id) || id.length !== 5 || id[0] !== "storage" || !isGlobal(id[1]) ||
-          typeof id[2] !== "string" || !Number.isSafeInteger(id[4]) || (id[4] as number) < 0
+          typeof id[2] !== "string" || !isCount(id[4])
         ) {
           fail(`The pickle's persistent id at byte ${at - 1} is not a torch storage`);
         }
@@ -365,6 +365,11 @@ export function readStateDict(
   }
 }
 
+/** Whether `value` is a count or an index: a whole number from 0, exactly representable. */
+function isCount(value: unknown): value is number {
+  return Number.isSafeInteger(value) && (value as number) >= 0;
+}
+
 function isGlobal(value: unknown): value is GlobalRef {
   return typeof value === "object" && value !== null && (value as GlobalRef).kind === "global";
 }
@@ -395,11 +400,8 @@ function reduce(
     fail(`The pickle calls ${callable}, which is not a function: refused`);
   }
   const [ref, offset, shape, stride] = args;
-  const dims = (value: PickleValue) =>
-    Array.isArray(value) &&
-    value.every((d) => typeof d === "number" && Number.isSafeInteger(d) && d >= 0);
-  const isOffset = typeof offset === "number" && Number.isSafeInteger(offset) && offset >= 0;
-  if (!isStorage(ref) || !isOffset || !dims(shape) || !dims(stride)) {
+  const dims = (value: PickleValue) => Array.isArray(value) && value.every(isCount);
+  if (!isStorage(ref) || !isCount(offset) || !dims(shape) || !dims(stride)) {
     return fail(
       `The pickle calls ${callable} with arguments that are not a storage, offset, size and stride`,
     );
@@ -415,15 +417,14 @@ function reduce(
       `Storage ${ref.key} holds ${bytes.length} bytes but names ${ref.numel} elements of ${ref.dtype}`,
     );
   }
-  const start = offset as number;
   const last = size.some((d) => d === 0)
-    ? start - 1
-    : size.reduce((sum, d, i) => sum + (d - 1) * steps[i], start);
+    ? offset - 1
+    : size.reduce((sum, d, i) => sum + (d - 1) * steps[i], offset);
   if (last >= ref.numel) {
     fail(
       `A tensor of size [${
         size.join(", ")
-      }] at offset ${start} reaches past its storage of ${ref.numel} elements`,
+      }] at offset ${offset} reaches past its storage of ${ref.numel} elements`,
     );
   }
   // A state_dict's tensors own their elements; more of them than the storage
