@@ -133,8 +133,6 @@ interface Job {
   ids: number[];
   /** Restored from the session store, from a cached prefix, or new. */
   session: Session;
-  /** Whether `session` continues a stored session (else the prefix cache applies). */
-  continued: boolean;
   /**
    * The turn that saves the session when the reply completes: the stored
    * session's, or a new session's first (its id reserved); null without a session.
@@ -429,7 +427,6 @@ export function createHandler(
           request,
           ids,
           session: restored,
-          continued: true,
           save: turn,
           cacheScope,
           cachedTokens: 0,
@@ -448,7 +445,6 @@ export function createHandler(
         request,
         ids,
         session: restored,
-        continued: false,
         save: turn,
         cachedTokens: hit?.ids.length ?? 0,
         sessionId,
@@ -470,7 +466,9 @@ export function createHandler(
     const { request, ids, session } = job;
     const prefillStart = performance.now();
     let prompt = ids.slice(job.cachedTokens);
-    if (prompt.length > 0 && !job.continued && prefixCache.enabled) {
+    // A continued session's state is its own; the prefix cache serves the others.
+    const continued = request.session.kind === "continue";
+    if (prompt.length > 0 && !continued && prefixCache.enabled) {
       // The prefix cache keeps the state after the prompt: feed it alone and
       // snapshot it. Otherwise the prompt goes to the decode engine with the
       // generation, which reads nothing back before the first ids.
