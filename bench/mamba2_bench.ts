@@ -21,6 +21,9 @@
  * ```
  *
  * `--ssd-chunk` sets webgpu's `ssdChunkLen` (tokens per chunk of its SSD scan).
+ * `--profile` (webgpu) also times each pass of the SSD scan with timestamp
+ * queries and prints GPU µs per scan by pass (`ssdPassMicroseconds`); each
+ * dispatch then runs in a pass of its own, so the rates read lower.
  *
  * Each figure is the best of `--repeats` runs after one warm-up run.
  *
@@ -55,7 +58,7 @@ const flags = parseArgs(Deno.args, {
     "threads",
     "ssd-chunk",
   ],
-  boolean: ["mamba1", "no-ssd", "no-model"],
+  boolean: ["mamba1", "no-ssd", "no-model", "profile"],
   default: {
     backend: "webgpu",
     shapes: "1x2048x24,1x16384x24,8x2048x24,1x4096x80",
@@ -84,6 +87,9 @@ async function best(run: () => Promise<void>): Promise<number> {
 
 /** SSD scans timed per read-back. */
 const CALLS = 20;
+
+/** GPU µs per SSD scan of each pass (entry point), with `--profile`. */
+const passMicroseconds: Record<string, Record<string, number>> = {};
 
 /** G elements/s of the SSD scan at each shape. */
 async function ssdFigures(be: Backend<unknown>): Promise<Record<string, number>> {
@@ -129,6 +135,19 @@ async function ssdFigures(be: Backend<unknown>): Promise<Record<string, number>>
       await be.read(y, 0, 1);
     }) - readMs) / CALLS;
     figures[shape] = Number(((batch * len * heads * headDim) / ms / 1e6).toFixed(3));
+    const profiled = flags.profile && be instanceof WebGpuBackend ? be : undefined;
+    if (profiled) {
+      await profiled.kernelTimes(); // drops those of the runs above
+      for (let i = 0; i < CALLS; i++) scan();
+      await be.read(y, 0, 1);
+      const passes: Record<string, number> = {};
+      for (const [label, { ns }] of await profiled.kernelTimes()) {
+        // A label is "shader:constants:entry grid".
+        const entry = label.slice(label.lastIndexOf(":") + 1).split(" ")[0];
+        passes[entry] = Number(((passes[entry] ?? 0) + ns / 1e3 / CALLS).toFixed(1));
+      }
+      passMicroseconds[shape] = passes;
+    }
     for (const buffer of [...buffers, y, state]) be.release(buffer);
   }
   return figures;
@@ -199,11 +218,14 @@ async function modelFigures(be: Backend<unknown>): Promise<Record<string, number
 }
 
 const ssdChunkLen = flags["ssd-chunk"] ? Number(flags["ssd-chunk"]) : undefined;
-const backend = ssdChunkLen && backendName === "webgpu"
-  ? await WebGpuBackend.create({ ssdChunkLen })
+const backend = (ssdChunkLen || flags.profile) && backendName === "webgpu"
+  ? await WebGpuBackend.create({ ssdChunkLen, profile: flags.profile })
   : await createBackend(backendName, backendOptions);
 const result: Record<string, unknown> = { backend: backendName, ...backendOptions, ssdChunkLen };
-if (!flags["no-ssd"]) result.ssdGElementsPerSecond = await ssdFigures(backend);
+if (!flags["no-ssd"]) {
+  result.ssdGElementsPerSecond = await ssdFigures(backend);
+  if (flags.profile) result.ssdPassMicroseconds = passMicroseconds;
+}
 if (!flags["no-model"]) {
   result[flags.mamba1 ? "mamba1_130m" : "mamba2_130m"] = await modelFigures(backend);
 }
