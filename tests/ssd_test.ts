@@ -205,7 +205,7 @@ Deno.test({
         assert(stateDiff <= 1e-5, `${c.name}, ${what}: state ${stateDiff}`);
       };
       await t.step(c.name, async () => {
-        for (const ssdChunkLen of [16, 128]) {
+        for (const ssdChunkLen of [16, 64, 128, 256]) {
           await check(`chunks of ${ssdChunkLen}`, { ssdChunkLen });
         }
         // Room for one chunk's states: every chunk is a segment of its own.

@@ -3659,20 +3659,21 @@ fn sumProjection(b: u32, li: u32) {
 //   decay        per (sequence, head, chunk), a thread per token: Δ and cs;
 //   chunk_cb     per (chunk, group, 64 × 64 tile): C·Bᵀ of the chunk, shared by
 //                the group's heads;
-//   chunk_state  per (chunk, head, 64 × 128 tile of the state): the chunk's own
+//   chunk_state  per (chunk, head, 128 states × 64 channels): the chunk's own
 //                state S = Σ_s exp(cs_last - cs_s)·Δ_s · x_s ⊗ B_s;
-//   carry        per state element: the inter-chunk recurrence, chunk by
+//   carry        per 4 state elements: the inter-chunk recurrence, chunk by
 //                chunk h_in(c) = h; h = exp(cs_last(c))·h + S(c), leaving each
 //                chunk's incoming state in place of S and the last in the pool;
-//   output       per (chunk, head, 64 tokens × 64 channels): the decay-masked
+//   output       per (chunk, head, 128 tokens × 64 channels): the decay-masked
 //                C·Bᵀ times the chunk's x, plus exp(cs_t)·C_t·h_in, plus D·x.
-// chunk_cb, chunk_state and output are products tiled in workgroup memory:
-// slices of KS along the summed dimension, each thread a 4 × 4 (4 × 8 for the
-// state) block of the tile in module-scope vec4s, read as vec4s, the KS steps
-// of a slice written out (a loop that the driver does not unroll, or an array
-// indexed in one, costs local memory and loop overhead: see matmul.wgsl).
-// Slices staged k-fastest (coalesced along the summed dimension in xBC) use
-// rows of ROW = 17 vec4s, so that the stores of a warp spread over the banks.
+// chunk_cb, chunk_state and output are products tiled in workgroup memory,
+// each thread's block of the tile in module-scope vec4s, read as vec4s, the
+// steps of a slice written out (a loop that the driver does not unroll, or an
+// array indexed in one, costs local memory and loop overhead: see
+// matmul.wgsl). chunk_cb takes 4 × 4 blocks over slices of KS; its slices,
+// staged k-fastest (coalesced along the summed dimension in xBC), use rows of
+// ROW = 17 vec4s, so that the stores of a warp spread over the banks.
+// chunk_state and output take 8 × 8 blocks (see above chunk_state).
 // A decode step (len 1) is \`step\`: the recurrence itself, STEP_LANES threads per channel;
 // \`step_vec4\` where dState, heads·headDim and xBC's rows are whole vec4s.
 
@@ -3680,6 +3681,7 @@ const CHUNK: u32 = 64u; // tokens per chunk: a multiple of KS
 const KS: u32 = 16u; // the summed dimension's slice staged at a time (the steps of *Slice)
 const ROW: u32 = 17u; // vec4s per staged row of 64 values: 16, and one of padding
 const WG: u32 = 256u;
+const VEC4: u32 = 0u; // 1 when headDim and dState are multiples of 4: xBC read as vec4s
 const STEP_WG: u32 = 256u;
 const STEP_LANES: u32 = 16u; // threads per channel in \`step\`
 
@@ -3707,43 +3709,34 @@ struct Params {
 @group(0) @binding(6) var<storage, read> slots: array<f32>;
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;
 @group(0) @binding(8) var<storage, read_write> state: array<f32>;
-// [batch, nChunks, heads, headDim, dState]: each chunk's own state, then its incoming one.
-@group(0) @binding(9) var<storage, read_write> chunkStates: array<f32>;
+// [batch, nChunks, heads, dState, P4] (P4: headDim rounded up to a multiple of
+// 4, the padding 0): each chunk's own state, transposed, then its incoming one.
+@group(0) @binding(9) var<storage, read_write> chunkStates: array<vec4<f32>>;
 // [batch, heads, len]: cs and Δ of each token.
 @group(0) @binding(10) var<storage, read_write> cs: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dl: array<f32>;
-// [batch, nChunks, groups, CHUNK, CHUNK]: C_t·B_s of each chunk, for s <= t.
-@group(0) @binding(12) var<storage, read_write> cb: array<f32>;
+// [batch, nChunks, groups, CHUNK (s), CHUNK (t)]: C_t·B_s of each chunk, for
+// s <= t (only tiles on or below the diagonal are written).
+@group(0) @binding(12) var<storage, read_write> cb: array<vec4<f32>>;
 // step_vec4's views of xBC and state (the same buffers as bindings 1 and 8).
 @group(0) @binding(13) var<storage, read> xBC4: array<vec4<f32>>;
 @group(0) @binding(14) var<storage, read_write> state4: array<vec4<f32>>;
 
-// Slices of the two factors of a tiled product, KS rows of vec4s each: ROW
-// vec4s (64 values and padding) per row, or 16 and 32 (64 and 128 values)
-// for chunk_state's x and B.
+// chunk_cb's slices of C and B, KS rows of ROW vec4s (64 values and padding).
 var<workgroup> tileA: array<vec4<f32>, 272>;
-var<workgroup> tileB: array<vec4<f32>, 512>;
+var<workgroup> tileB: array<vec4<f32>, 272>;
 
-// A thread's block of a tiled product: rows i of acc<i>, and for
-// chunk_state's second 64 states, hi<i>.
+// chunk_cb's 4 × 4 block of C·Bᵀ: rows i of acc<i>.
 var<private> acc0: vec4<f32>;
 var<private> acc1: vec4<f32>;
 var<private> acc2: vec4<f32>;
 var<private> acc3: vec4<f32>;
-var<private> hi0: vec4<f32>;
-var<private> hi1: vec4<f32>;
-var<private> hi2: vec4<f32>;
-var<private> hi3: vec4<f32>;
 
 fn clearBlock() {
   acc0 = vec4<f32>();
   acc1 = vec4<f32>();
   acc2 = vec4<f32>();
   acc3 = vec4<f32>();
-  hi0 = vec4<f32>();
-  hi1 = vec4<f32>();
-  hi2 = vec4<f32>();
-  hi3 = vec4<f32>();
 }
 
 // One step of a 4 × 4 block: column a of tileA's slice times row b of tileB's.
@@ -3776,41 +3769,6 @@ fn slice4(aCol: u32, bCol: u32) {
   step4(15u * ROW + aCol, 15u * ROW + bCol);
 }
 
-// One step of chunk_state's 4 × 8 block: x's rows of 16 vec4s, B's of 32.
-fn step8(k: u32, pRow: u32, nCol: u32) {
-  let xv = tileA[k * 16u + pRow];
-  let lo = tileB[k * 32u + nCol];
-  let up = tileB[k * 32u + 16u + nCol];
-  acc0 += xv.x * lo;
-  hi0 += xv.x * up;
-  acc1 += xv.y * lo;
-  hi1 += xv.y * up;
-  acc2 += xv.z * lo;
-  hi2 += xv.z * up;
-  acc3 += xv.w * lo;
-  hi3 += xv.w * up;
-}
-
-fn slice8(pRow: u32, nCol: u32) {
-  step8(0u, pRow, nCol);
-  step8(1u, pRow, nCol);
-  step8(2u, pRow, nCol);
-  step8(3u, pRow, nCol);
-  step8(4u, pRow, nCol);
-  step8(5u, pRow, nCol);
-  step8(6u, pRow, nCol);
-  step8(7u, pRow, nCol);
-  step8(8u, pRow, nCol);
-  step8(9u, pRow, nCol);
-  step8(10u, pRow, nCol);
-  step8(11u, pRow, nCol);
-  step8(12u, pRow, nCol);
-  step8(13u, pRow, nCol);
-  step8(14u, pRow, nCol);
-  step8(15u, pRow, nCol);
-}
-var<workgroup> chunkWeights: array<f32, CHUNK>;
-var<workgroup> tileDecay: array<f32, 64>;
 var<workgroup> lanes: array<f32, STEP_WG>;
 
 fn softplus(v: f32) -> f32 {
@@ -3939,78 +3897,231 @@ fn chunk_cb(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) l
     for (var j = 0u; j < 4u; j++) {
       let s = st * 64u + sCol * 4u + j;
       if (t < q && s < q) {
-        cb[base + t * CHUNK + s] = rows[i][j];
+        let at = base + s * CHUNK + t;
+        cb[at / 4u][at % 4u] = rows[i][j];
       }
     }
   }
 }
 
-// Grid: (nChunks, heads · ⌈headDim / 64⌉ · ⌈dState / 128⌉, batch).
-@compute @workgroup_size(WG)
+// chunk_state and output: products of 128 × 64 tiles on the scheme of
+// matmul.wgsl's main. Each of 128 threads takes an 8 × 8 block of the tile:
+// rows 4·ty … + 3 and 64 + 4·ty … + 3, columns 4·tx … + 3 and 32 + 4·tx … + 3,
+// with ty = li / 8, tx = li % 8. Slices of BK along the summed dimension are
+// staged k-major (slab rows of 128 and 64 values) in two buffers: the next
+// slice is fetched into registers before the current one is used and stored
+// after it, so one barrier per slice suffices and the fetch hides behind the
+// math. Their operands are laid out so that most of the staging is a copy of
+// vec4s: the chunk states as [n][p] (rows of P4 = headDim rounded up to a
+// multiple of 4), C·Bᵀ as [s][t].
+
+const BK: u32 = 8u; // the summed dimension's slice staged at a time (the steps of slice8x8)
+const TILE_THREADS: u32 = 128u;
+
+// [2][BK][128] and [2][BK][64] floats: the two staged slices of each factor.
+var<workgroup> slabA: array<vec4<f32>, 512>;
+var<workgroup> slabB: array<vec4<f32>, 256>;
+// cs and Δ of the chunk's tokens (output), or their weights in the chunk's state (chunk_state).
+var<workgroup> chunkCs: array<f32, CHUNK>;
+var<workgroup> chunkDl: array<f32, CHUNK>;
+
+// Row i of a thread's 8 × 8 block: acc<i>a (its first 4 columns) and acc<i>b.
+var<private> acc0a: vec4<f32>;
+var<private> acc0b: vec4<f32>;
+var<private> acc1a: vec4<f32>;
+var<private> acc1b: vec4<f32>;
+var<private> acc2a: vec4<f32>;
+var<private> acc2b: vec4<f32>;
+var<private> acc3a: vec4<f32>;
+var<private> acc3b: vec4<f32>;
+var<private> acc4a: vec4<f32>;
+var<private> acc4b: vec4<f32>;
+var<private> acc5a: vec4<f32>;
+var<private> acc5b: vec4<f32>;
+var<private> acc6a: vec4<f32>;
+var<private> acc6b: vec4<f32>;
+var<private> acc7a: vec4<f32>;
+var<private> acc7b: vec4<f32>;
+
+// One k of an 8 × 8 block: slab rows at vec4 a of slabA and b of slabB.
+fn step8x8(a: u32, b: u32) {
+  let r = slabA[a];
+  let r2 = slabA[a + 16u];
+  let c = slabB[b];
+  let c2 = slabB[b + 8u];
+  acc0a = fma(vec4<f32>(r.x), c, acc0a);
+  acc0b = fma(vec4<f32>(r.x), c2, acc0b);
+  acc1a = fma(vec4<f32>(r.y), c, acc1a);
+  acc1b = fma(vec4<f32>(r.y), c2, acc1b);
+  acc2a = fma(vec4<f32>(r.z), c, acc2a);
+  acc2b = fma(vec4<f32>(r.z), c2, acc2b);
+  acc3a = fma(vec4<f32>(r.w), c, acc3a);
+  acc3b = fma(vec4<f32>(r.w), c2, acc3b);
+  acc4a = fma(vec4<f32>(r2.x), c, acc4a);
+  acc4b = fma(vec4<f32>(r2.x), c2, acc4b);
+  acc5a = fma(vec4<f32>(r2.y), c, acc5a);
+  acc5b = fma(vec4<f32>(r2.y), c2, acc5b);
+  acc6a = fma(vec4<f32>(r2.z), c, acc6a);
+  acc6b = fma(vec4<f32>(r2.z), c2, acc6b);
+  acc7a = fma(vec4<f32>(r2.w), c, acc7a);
+  acc7b = fma(vec4<f32>(r2.w), c2, acc7b);
+}
+
+// The BK steps of buffer buf for thread (ty, tx).
+fn slice8x8(buf: u32, ty: u32, tx: u32) {
+  let a = buf * BK * 32u + ty;
+  let b = buf * BK * 16u + tx;
+  step8x8(a, b);
+  step8x8(a + 32u, b + 16u);
+  step8x8(a + 64u, b + 32u);
+  step8x8(a + 96u, b + 48u);
+  step8x8(a + 128u, b + 64u);
+  step8x8(a + 160u, b + 80u);
+  step8x8(a + 192u, b + 96u);
+  step8x8(a + 224u, b + 112u);
+}
+
+fn clearBlock8x8() {
+  acc0a = vec4<f32>();
+  acc0b = vec4<f32>();
+  acc1a = vec4<f32>();
+  acc1b = vec4<f32>();
+  acc2a = vec4<f32>();
+  acc2b = vec4<f32>();
+  acc3a = vec4<f32>();
+  acc3b = vec4<f32>();
+  acc4a = vec4<f32>();
+  acc4b = vec4<f32>();
+  acc5a = vec4<f32>();
+  acc5b = vec4<f32>();
+  acc6a = vec4<f32>();
+  acc6b = vec4<f32>();
+  acc7a = vec4<f32>();
+  acc7b = vec4<f32>();
+}
+
+// Row i (0..7) of the thread's block: its 8 values, first 4 columns then last 4.
+fn blockRow(i: u32) -> array<vec4<f32>, 2> {
+  switch (i) {
+    case 0u: { return array(acc0a, acc0b); }
+    case 1u: { return array(acc1a, acc1b); }
+    case 2u: { return array(acc2a, acc2b); }
+    case 3u: { return array(acc3a, acc3b); }
+    case 4u: { return array(acc4a, acc4b); }
+    case 5u: { return array(acc5a, acc5b); }
+    case 6u: { return array(acc6a, acc6b); }
+    default: { return array(acc7a, acc7b); }
+  }
+}
+
+// Row i of the block is row rowOf(ty, i) of the tile; column j is colOf(tx, j).
+fn rowOf(ty: u32, i: u32) -> u32 {
+  return select(4u * ty + i, 60u + 4u * ty + i, i >= 4u);
+}
+
+fn colOf(tx: u32, j: u32) -> u32 {
+  return select(4u * tx + j, 28u + 4u * tx + j, j >= 4u);
+}
+
+// headDim rounded up to whole vec4s: the chunk states' row length.
+fn paddedHeadDim() -> u32 {
+  return (p.headDim + 3u) / 4u * 4u;
+}
+
+// xBC[row, col … col + 3], the lanes from \`valid\` on 0 (vec4 loads where
+// VEC4: headDim and dState multiples of 4, so every such run is aligned).
+fn xBC4At(row: u32, col: u32, valid: u32) -> vec4<f32> {
+  if (valid == 0u) {
+    return vec4<f32>(0.0);
+  }
+  let i = row * width() + col;
+  if (VEC4 == 1u) {
+    return xBC4[i / 4u];
+  }
+  var v = vec4<f32>(0.0);
+  for (var l = 0u; l < min(valid, 4u); l++) {
+    v[l] = xBC[i + l];
+  }
+  return v;
+}
+
+// Grid: (nChunks, heads · ⌈dState / 128⌉ · ⌈headDim / 64⌉, batch). The chunk's
+// own state Sᵀ[n, p] = Σ_s B_s[n] · w_s·x_s[p], w_s = exp(cs_last - cs_s)·Δ_s:
+// rows n of B (a slice is BK tokens' B, 32 vec4s each), columns p of w·x.
+@compute @workgroup_size(TILE_THREADS)
 fn chunk_state(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li: u32) {
   let c = wg.x;
   let b = wg.z;
   let P = p.headDim;
   let N = p.dState;
-  let pTiles = (P + 63u) / 64u;
+  let P4 = paddedHeadDim();
+  let pTiles = (P4 + 63u) / 64u;
   let nTiles = (N + 127u) / 128u;
-  let h = wg.y / (pTiles * nTiles);
-  let p0 = ((wg.y / nTiles) % pTiles) * 64u;
-  let n0 = (wg.y % nTiles) * 128u;
+  let h = wg.y / (nTiles * pTiles);
+  let n0 = ((wg.y / pTiles) % nTiles) * 128u;
+  let p0 = (wg.y % pTiles) * 64u;
   let g = h / (p.heads / p.groups);
   let q = chunkTokens(c);
-  let W = width();
   let t0 = c * CHUNK;
-  if (li < q) {
-    let last = cs[decayAt(b, h, t0 + q - 1u)];
-    chunkWeights[li] = exp(last - cs[decayAt(b, h, t0 + li)]) * dl[decayAt(b, h, t0 + li)];
-  }
   let bCol = p.heads * P + g * N;
-  let pRow = li / 16u; // channels 4·pRow … + 3 of the tile
-  let nCol = li % 16u; // states 4·nCol … + 3 and 64 + 4·nCol … + 3
-  clearBlock();
-  for (var s0 = 0u; s0 < q; s0 += KS) {
-    workgroupBarrier();
-    // The weighted x of KS tokens × 64 channels, and their B × 128 states: [k][…].
-    for (var e = li; e < KS * 64u; e += WG) {
-      let k = e / 64u;
-      let j = e % 64u;
-      var v = 0.0;
-      if (s0 + k < q && p0 + j < P) {
-        v = chunkWeights[s0 + k] * xBC[tokenRow(b, t0 + s0 + k) * W + h * P + p0 + j];
-      }
-      tileA[k * 16u + j / 4u][j % 4u] = v;
-    }
-    for (var e = li; e < KS * 128u; e += WG) {
-      let k = e / 128u;
-      let j = e % 128u;
-      var v = 0.0;
-      if (s0 + k < q && n0 + j < N) {
-        v = xBC[tokenRow(b, t0 + s0 + k) * W + bCol + n0 + j];
-      }
-      tileB[k * 32u + j / 4u][j % 4u] = v;
-    }
-    workgroupBarrier();
-    slice8(pRow, nCol);
+  let last = cs[decayAt(b, h, t0 + q - 1u)];
+  for (var s = li; s < q; s += TILE_THREADS) {
+    chunkCs[s] = exp(last - cs[decayAt(b, h, t0 + s)]) * dl[decayAt(b, h, t0 + s)];
   }
-  let base = ((b * p.nChunks + c) * p.heads + h) * P * N;
-  let los = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-  let his = array<vec4<f32>, 4>(hi0, hi1, hi2, hi3);
-  for (var i = 0u; i < 4u; i++) {
-    let pc = p0 + pRow * 4u + i;
-    for (var j = 0u; j < 4u; j++) {
-      let nLo = n0 + nCol * 4u + j;
-      let nHi = nLo + 64u;
-      if (pc < P && nLo < N) {
-        chunkStates[base + pc * N + nLo] = los[i][j];
-      }
-      if (pc < P && nHi < N) {
-        chunkStates[base + pc * N + nHi] = his[i][j];
+  // Thread li fetches B's vec4s li and li + 128 of a slice (token k = e / 32,
+  // states 4·(e % 32) …) and w·x's vec4 li (token li / 16, channels 4·(li % 16) …).
+  let bN = n0 + 4u * (li % 32u);
+  let xK = li / 16u;
+  let xP = p0 + 4u * (li % 16u);
+  let bValid = select(0u, N - bN, bN < N);
+  let xValid = select(0u, P - xP, xP < P);
+  var fa0: vec4<f32>;
+  var fa1: vec4<f32>;
+  var fb: vec4<f32>;
+  clearBlock8x8();
+  workgroupBarrier();
+  let slices = (q + BK - 1u) / BK;
+  for (var i = 0u; i <= slices; i++) {
+    // Iteration i fetches slice i, stores it in buffer i % 2 and uses slice i - 1.
+    if (i < slices) {
+      let s0 = i * BK;
+      let ka = s0 + li / 32u;
+      let kb = ka + 4u;
+      fa0 = xBC4At(tokenRow(b, t0 + ka), bCol + bN, select(0u, bValid, ka < q));
+      fa1 = xBC4At(tokenRow(b, t0 + kb), bCol + bN, select(0u, bValid, kb < q));
+      fb = xBC4At(tokenRow(b, t0 + s0 + xK), h * P + xP, select(0u, xValid, s0 + xK < q));
+    }
+    if (i > 0u) {
+      slice8x8((i - 1u) % 2u, li / 8u, li % 8u);
+    }
+    if (i < slices) {
+      let buf = i % 2u;
+      slabA[buf * BK * 32u + li] = fa0;
+      slabA[buf * BK * 32u + 128u + li] = fa1;
+      let s = i * BK + xK;
+      slabB[buf * BK * 16u + li] = fb * select(0.0, chunkCs[min(s, CHUNK - 1u)], s < q);
+    }
+    workgroupBarrier();
+  }
+  let base = ((b * p.nChunks + c) * p.heads + h) * N * P4 / 4u;
+  let ty = li / 8u;
+  let tx = li % 8u;
+  for (var i = 0u; i < 8u; i++) {
+    let n = n0 + rowOf(ty, i);
+    let values = blockRow(i);
+    for (var j = 0u; j < 2u; j++) {
+      let pc = p0 + colOf(tx, 4u * j);
+      if (n < N && pc < P4) {
+        chunkStates[base + (n * P4 + pc) / 4u] = values[j];
       }
     }
   }
 }
 
+// Grid: ⌈batch · heads · dState · P4 / WG⌉ workgroups, a thread per element of
+// a chunk state: the inter-chunk recurrence. Each chunk's own state is loaded
+// before the previous chunk's incoming state is stored in its place, so that
+// the loads do not wait on the stores.
 @compute @workgroup_size(WG)
 fn carry(
   @builtin(workgroup_id) wg: vec3u,
@@ -4018,7 +4129,10 @@ fn carry(
   @builtin(local_invocation_index) li: u32,
 ) {
   let i = (wg.y * nwg.x + wg.x) * WG + li;
-  let perHead = p.headDim * p.dState;
+  let P = p.headDim;
+  let N = p.dState;
+  let P4 = paddedHeadDim();
+  let perHead = N * P4;
   let perSequence = p.heads * perHead;
   if (i >= p.batch * perSequence) {
     return;
@@ -4026,118 +4140,200 @@ fn carry(
   let b = i / perSequence;
   let e = i % perSequence;
   let h = e / perHead;
-  let at = stateRow(b) * perSequence + e;
-  var hv = state[at];
+  let n = (e % perHead) / P4;
+  let pc = e % P4;
+  // The pool holds [heads, headDim, dState]; padding channels stay 0.
+  let at = ((stateRow(b) * p.heads + h) * P + pc) * N + n;
+  var hv = 0.0;
+  if (pc < P) {
+    hv = state[at];
+  }
+  var k = ((b * p.nChunks) * p.heads + h) * perHead + e % perHead;
+  let stride = p.heads * perHead; // from one chunk's state to the next's
+  var own = chunkStates[k / 4u][k % 4u];
   for (var c = 0u; c < p.nChunks; c++) {
-    let k = ((b * p.nChunks + c) * p.heads + h) * perHead + e % perHead;
-    let own = chunkStates[k];
-    chunkStates[k] = hv;
+    var next = 0.0;
+    if (c + 1u < p.nChunks) {
+      next = chunkStates[(k + stride) / 4u][(k + stride) % 4u];
+    }
+    chunkStates[k / 4u][k % 4u] = hv;
     let lastT = c * CHUNK + chunkTokens(c) - 1u;
     hv = exp(cs[decayAt(b, h, lastT)]) * hv + own;
+    own = next;
+    k += stride;
   }
-  state[at] = hv;
+  if (pc < P) {
+    state[at] = hv;
+  }
 }
 
-// Grid: (nChunks, heads · ⌈headDim / 64⌉ · ⌈CHUNK / 64⌉, batch).
-@compute @workgroup_size(WG)
+// Grid: (nChunks, heads · ⌈P4 / 64⌉ · ⌈CHUNK / 128⌉, batch). y of 128 tokens
+// × 64 channels, rows t and columns p: first over the states n,
+// Σ_n C_t[n]·h_in[n, p], whose rows are then scaled by exp(cs_t); then over
+// the tokens s of the chunk up to the tile's last, Σ_s M[t, s]·x_s[p] with
+// M = C_t·B_s · exp(cs_t - cs_s)·Δ_s for s <= t, else 0; plus D·x.
+@compute @workgroup_size(TILE_THREADS)
 fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li: u32) {
   let c = wg.x;
   let b = wg.z;
   let P = p.headDim;
   let N = p.dState;
-  let pTiles = (P + 63u) / 64u;
-  let tTiles = (CHUNK + 63u) / 64u;
+  let P4 = paddedHeadDim();
+  let pTiles = (P4 + 63u) / 64u;
+  let tTiles = (CHUNK + 127u) / 128u;
   let h = wg.y / (pTiles * tTiles);
   let p0 = ((wg.y / tTiles) % pTiles) * 64u;
-  let tFirst = (wg.y % tTiles) * 64u; // the tile's first token in the chunk
+  let tFirst = (wg.y % tTiles) * 128u; // the tile's first token in the chunk
   let g = h / (p.heads / p.groups);
   let q = chunkTokens(c);
   if (tFirst >= q) {
     return;
   }
-  let W = width();
   let t0 = c * CHUNK;
   let cCol = p.heads * P + (p.groups + g) * N;
-  let cbBase = ((b * p.nChunks + c) * p.groups + g) * CHUNK * CHUNK;
-  let incoming = ((b * p.nChunks + c) * p.heads + h) * P * N;
-  if (li < 64u) {
-    var v = 0.0;
-    if (tFirst + li < q) {
-      v = cs[decayAt(b, h, t0 + tFirst + li)];
-    }
-    tileDecay[li] = v;
+  let cbBase = ((b * p.nChunks + c) * p.groups + g) * CHUNK * CHUNK / 4u;
+  let incoming = ((b * p.nChunks + c) * p.heads + h) * N * P4 / 4u;
+  for (var s = li; s < q; s += TILE_THREADS) {
+    chunkCs[s] = cs[decayAt(b, h, t0 + s)];
+    chunkDl[s] = dl[decayAt(b, h, t0 + s)];
   }
-  let tRow = li / 16u; // tokens tFirst + 4·tRow … + 3
-  let pCol = li % 16u; // channels p0 + 4·pCol … + 3
-  clearBlock();
-  // Within the chunk: Σ_{s<=t} C_t·B_s · exp(cs_t - cs_s)·Δ_s · x_s, over the
-  // tokens s up to the tile's last.
-  let sEnd = min(q, tFirst + 64u);
-  for (var s0 = 0u; s0 < sEnd; s0 += KS) {
-    workgroupBarrier();
-    for (var e = li; e < 64u * KS; e += WG) {
-      let k = e % KS;
-      let j = e / KS;
-      let t = tFirst + j;
-      let s = s0 + k;
-      var m = 0.0;
-      if (s <= t && t < q) {
-        let csS = cs[decayAt(b, h, t0 + s)];
-        m = cb[cbBase + t * CHUNK + s] * exp(tileDecay[j] - csS) * dl[decayAt(b, h, t0 + s)];
+  // Slices [0, over) run over the states n, the rest over the tokens s.
+  let over = (N + BK - 1u) / BK;
+  let sEnd = min(q, tFirst + 128u);
+  let slices = over + (sEnd + BK - 1u) / BK;
+  // Thread li fetches, over n, C's vec4s li and li + 128 of a slice (tokens
+  // tA = li / 2 and tA + 64, states 4·(li % 2) …), stored transposed, and
+  // h_in's vec4 li (state li / 16, channels 4·(li % 16) …); over s, C·Bᵀ's
+  // vec4s li and li + 128 (tokens s = e / 32, t = 4·(e % 32) …) and x's vec4
+  // li (token li / 16, channels 4·(li % 16) …).
+  let xK = li / 16u;
+  let xP = p0 + 4u * (li % 16u);
+  let xValid = select(0u, P - xP, xP < P);
+  let tA = li / 2u;
+  let tq = tFirst + 4u * (li % 32u);
+  var fa0: vec4<f32>;
+  var fa1: vec4<f32>;
+  var fb: vec4<f32>;
+  clearBlock8x8();
+  workgroupBarrier();
+  for (var i = 0u; i <= slices; i++) {
+    if (i < over) {
+      let n0 = i * BK;
+      let nq = n0 + 4u * (li % 2u);
+      let nValid = select(0u, N - nq, nq < N);
+      fa0 = xBC4At(tokenRow(b, t0 + tFirst + tA), cCol + nq, select(0u, nValid, tFirst + tA < q));
+      fa1 = xBC4At(tokenRow(b, t0 + tFirst + tA + 64u), cCol + nq, select(0u, nValid, tFirst + tA + 64u < q));
+      fb = vec4<f32>(0.0);
+      if (n0 + xK < N && xP < P4) {
+        fb = chunkStates[incoming + ((n0 + xK) * P4 + xP) / 4u];
       }
-      tileA[k * ROW + j / 4u][j % 4u] = m;
+    } else if (i < slices) {
+      let s0 = (i - over) * BK;
+      fa0 = vec4<f32>(0.0);
+      fa1 = vec4<f32>(0.0);
+      if (tq < CHUNK) {
+        fa0 = cb[cbBase + ((s0 + li / 32u) * CHUNK + tq) / 4u];
+        fa1 = cb[cbBase + ((s0 + 4u + li / 32u) * CHUNK + tq) / 4u];
+      }
+      fb = xBC4At(tokenRow(b, t0 + s0 + xK), h * P + xP, select(0u, xValid, s0 + xK < q));
     }
-    for (var e = li; e < KS * 64u; e += WG) {
-      let k = e / 64u;
-      let j = e % 64u;
-      var v = 0.0;
-      if (s0 + k < q && p0 + j < P) {
-        v = xBC[tokenRow(b, t0 + s0 + k) * W + h * P + p0 + j];
+    if (i > 0u) {
+      slice8x8((i - 1u) % 2u, li / 8u, li % 8u);
+      if (i == over) {
+        scaleRows(tFirst, li / 8u, q);
       }
-      tileB[k * ROW + j / 4u][j % 4u] = v;
+    }
+    let buf = i % 2u;
+    if (i < over) {
+      // C_t, transposed into [n][t].
+      let at = (buf * BK + 4u * (li % 2u)) * 128u + tA; // in floats
+      stashColumn(at, fa0);
+      stashColumn(at + 64u, fa1);
+      slabB[buf * BK * 16u + li] = fb;
+    } else if (i < slices) {
+      let s = (i - over) * BK + li / 32u;
+      slabA[buf * BK * 32u + li] = decayed(fa0, s, tq, q);
+      slabA[buf * BK * 32u + 128u + li] = decayed(fa1, s + 4u, tq, q);
+      slabB[buf * BK * 16u + li] = fb;
     }
     workgroupBarrier();
-    slice4(tRow, pCol);
-  }
-  // From the chunks before: exp(cs_t)·C_t · h_inᵀ, over the states.
-  for (var n0 = 0u; n0 < N; n0 += KS) {
-    workgroupBarrier();
-    for (var e = li; e < 64u * KS; e += WG) {
-      let k = e % KS;
-      let j = e / KS;
-      let t = tFirst + j;
-      var v = 0.0;
-      if (t < q && n0 + k < N) {
-        v = exp(tileDecay[j]) * xBC[tokenRow(b, t0 + t) * W + cCol + n0 + k];
-      }
-      tileA[k * ROW + j / 4u][j % 4u] = v;
-      var hv = 0.0;
-      if (p0 + j < P && n0 + k < N) {
-        hv = chunkStates[incoming + (p0 + j) * N + n0 + k];
-      }
-      tileB[k * ROW + j / 4u][j % 4u] = hv;
-    }
-    workgroupBarrier();
-    slice4(tRow, pCol);
   }
   var skip = 0.0;
   if ((p.flags & 1u) != 0u) {
     skip = Dv[h];
   }
-  let rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-  for (var i = 0u; i < 4u; i++) {
-    let t = tFirst + tRow * 4u + i;
+  let ty = li / 8u;
+  let tx = li % 8u;
+  for (var i = 0u; i < 8u; i++) {
+    let t = tFirst + rowOf(ty, i);
     if (t >= q) {
-      break;
+      continue;
     }
     let row = tokenRow(b, t0 + t);
-    for (var j = 0u; j < 4u; j++) {
-      let pc = p0 + pCol * 4u + j;
+    let values = blockRow(i);
+    for (var j = 0u; j < 8u; j++) {
+      let pc = p0 + colOf(tx, j);
       if (pc < P) {
-        y[row * (p.heads * P) + h * P + pc] = rows[i][j] + skip * xBC[row * W + h * P + pc];
+        let at = row * (p.heads * P) + h * P + pc;
+        y[at] = values[j / 4u][j % 4u] + skip * xBC[row * width() + h * P + pc];
       }
     }
   }
+}
+
+// Stores v's 4 values at floats at, at + 128, at + 256 and at + 384 of slabA:
+// one token's 4 states into 4 rows of [n][t].
+fn stashColumn(at: u32, v: vec4<f32>) {
+  let lane = at % 4u;
+  slabA[at / 4u][lane] = v.x;
+  slabA[at / 4u + 32u][lane] = v.y;
+  slabA[at / 4u + 64u][lane] = v.z;
+  slabA[at / 4u + 96u][lane] = v.w;
+}
+
+// Scales row t of the block by exp(cs_t): the carried state's decay to token t.
+fn scaleRows(tFirst: u32, ty: u32, q: u32) {
+  let last = q - 1u;
+  let e0 = exp(chunkCs[min(tFirst + rowOf(ty, 0u), last)]);
+  let e1 = exp(chunkCs[min(tFirst + rowOf(ty, 1u), last)]);
+  let e2 = exp(chunkCs[min(tFirst + rowOf(ty, 2u), last)]);
+  let e3 = exp(chunkCs[min(tFirst + rowOf(ty, 3u), last)]);
+  let e4 = exp(chunkCs[min(tFirst + rowOf(ty, 4u), last)]);
+  let e5 = exp(chunkCs[min(tFirst + rowOf(ty, 5u), last)]);
+  let e6 = exp(chunkCs[min(tFirst + rowOf(ty, 6u), last)]);
+  let e7 = exp(chunkCs[min(tFirst + rowOf(ty, 7u), last)]);
+  acc0a *= e0;
+  acc0b *= e0;
+  acc1a *= e1;
+  acc1b *= e1;
+  acc2a *= e2;
+  acc2b *= e2;
+  acc3a *= e3;
+  acc3b *= e3;
+  acc4a *= e4;
+  acc4b *= e4;
+  acc5a *= e5;
+  acc5b *= e5;
+  acc6a *= e6;
+  acc6b *= e6;
+  acc7a *= e7;
+  acc7b *= e7;
+}
+
+// M[t … t + 3, s] from C·Bᵀ's values there: C_t·B_s · exp(cs_t - cs_s)·Δ_s
+// where s <= t < q, else 0 (C·Bᵀ above the diagonal was never written).
+fn decayed(cbv: vec4<f32>, s: u32, t: u32, q: u32) -> vec4<f32> {
+  let last = q - 1u;
+  let csS = chunkCs[min(s, last)];
+  let dS = chunkDl[min(s, last)];
+  let ok = vec4<bool>(s <= t && t < q, s <= t + 1u && t + 1u < q, s <= t + 2u && t + 2u < q, s <= t + 3u && t + 3u < q);
+  let csT = vec4<f32>(
+    chunkCs[min(t, last)],
+    chunkCs[min(t + 1u, last)],
+    chunkCs[min(t + 2u, last)],
+    chunkCs[min(t + 3u, last)],
+  );
+  return select(vec4<f32>(0.0), cbv * exp(csT - csS) * dS, ok);
 }
 
 // One token per sequence: STEP_LANES threads per channel (b, h, p), lane l

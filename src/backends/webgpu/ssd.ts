@@ -34,16 +34,20 @@ const SSD_STATES_BYTES = 64 << 20;
 /** The largest finite f32: Δ's clamp bounds go to the kernel as finite numbers. */
 const F32_MAX = 3.4028234663852886e38;
 
-/** The entry points of ssd.wgsl (see its header) for chunks of `chunk` tokens. */
-function ssdPrograms(chunk: number) {
+/**
+ * The entry points of ssd.wgsl (see its header) for chunks of `chunk` tokens,
+ * the products reading xBC as vec4s where `vec4` (head_dim and d_state
+ * multiples of 4).
+ */
+function ssdPrograms(chunk: number, vec4: boolean) {
   const ssd = (entry: string, bindings: number[]) =>
-    new Program<SsdParams>("ssd", entry, bindings, { CHUNK: chunk });
+    new Program<SsdParams>("ssd", entry, bindings, { CHUNK: chunk, VEC4: vec4 ? 1 : 0 });
   return {
     decay: ssd("decay", [0, 2, 3, 4, 10, 11]),
     chunkCb: ssd("chunk_cb", [0, 1, 12]),
-    chunkState: ssd("chunk_state", [0, 1, 9, 10, 11]),
+    chunkState: ssd("chunk_state", [0, 1, 9, 10, 11, 13]),
     carry: ssd("carry", [0, 6, 8, 9, 10]),
-    output: ssd("output", [0, 1, 5, 7, 9, 10, 11, 12]),
+    output: ssd("output", [0, 1, 5, 7, 9, 10, 11, 12, 13]),
     step: ssd("step", [0, 1, 2, 3, 4, 5, 6, 7, 8]),
     stepVec4: ssd("step_vec4", [0, 1, 2, 3, 4, 5, 6, 7, 13, 14]),
   };
@@ -68,7 +72,8 @@ export interface SsdOptions {
 
 /** See the module documentation. */
 export class SsdKernels {
-  readonly #programs: ReturnType<typeof ssdPrograms>;
+  /** ssdPrograms(chunk, false) and (chunk, true). */
+  readonly #programs: ReturnType<typeof ssdPrograms>[];
   readonly #chunk: number;
   readonly #statesBytes: number;
 
@@ -78,7 +83,7 @@ export class SsdKernels {
       throw new RangeError(`ssdChunkLen must be a multiple of 16 from 16 to 256, got ${chunk}`);
     }
     this.#chunk = chunk;
-    this.#programs = ssdPrograms(chunk);
+    this.#programs = [ssdPrograms(chunk, false), ssdPrograms(chunk, true)];
     this.#statesBytes = options.ssdStatesBytes ?? SSD_STATES_BYTES;
   }
 
@@ -98,6 +103,8 @@ export class SsdKernels {
       7: y.buffer,
       8: state.buffer,
     };
+    const vec4 = headDim % 4 === 0 && dState % 4 === 0;
+    const programs = this.#programs[vec4 ? 1 : 0];
     const common = {
       batch,
       heads,
@@ -113,21 +120,21 @@ export class SsdKernels {
       const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_CHANNELS);
       // Whole vec4s of states, of B and C in every row of xBC: the vec4 loads,
       // for a batch of at least SSD_VEC4_STEP_ROWS steps.
-      const width = heads * headDim + 2 * groups * dState;
-      const whole = dState % 4 === 0 && (heads * headDim) % 4 === 0 && width % 4 === 0;
-      if (whole && batch >= SSD_VEC4_STEP_ROWS) {
+      if (vec4 && batch >= SSD_VEC4_STEP_ROWS) {
         const views = { ...buffers, 13: xBC.buffer, 14: state.buffer };
-        rt.run(this.#programs.stepVec4, params, views, grid(groupsNeeded));
+        rt.run(programs.stepVec4, params, views, grid(groupsNeeded));
       } else {
-        rt.run(this.#programs.step, params, buffers, grid(groupsNeeded));
+        rt.run(programs.step, params, buffers, grid(groupsNeeded));
       }
       return;
     }
     rt.notCapturing("A chunked SSD scan");
-    const programs = this.#programs;
+    buffers[13] = xBC.buffer;
     const chunk = this.#chunk;
-    // Segments of whole chunks whose chunk states fit the budget.
-    const chunkStateFloats = batch * heads * headDim * dState;
+    // Segments of whole chunks whose chunk states fit the budget; a chunk
+    // state's rows of head_dim are padded to whole vec4s.
+    const paddedHeadDim = Math.ceil(headDim / 4) * 4;
+    const chunkStateFloats = batch * heads * paddedHeadDim * dState;
     const chunksPerSegment = Math.max(1, Math.floor(this.#statesBytes / 4 / chunkStateFloats));
     const segment = Math.min(len, chunksPerSegment * chunk);
     const segmentChunks = Math.ceil(segment / chunk);
@@ -144,13 +151,12 @@ export class SsdKernels {
       const segmentLen = Math.min(segment, len - start);
       const nChunks = Math.ceil(segmentLen / chunk);
       const params = { ...common, len: segmentLen, nChunks, seqLen: len, start };
-      const chunkTiles = tiles(chunk, 64);
       rt.run(programs.decay, params, buffers, [nChunks, heads, batch]);
-      rt.run(programs.chunkCb, params, buffers, [nChunks, groups * chunkTiles ** 2, batch]);
-      const stateTiles = heads * tiles(headDim, 64) * tiles(dState, 128);
+      rt.run(programs.chunkCb, params, buffers, [nChunks, groups * tiles(chunk, 64) ** 2, batch]);
+      const stateTiles = heads * tiles(dState, 128) * tiles(paddedHeadDim, 64);
       rt.run(programs.chunkState, params, buffers, [nChunks, stateTiles, batch]);
       rt.run(programs.carry, params, buffers, carryGroups);
-      const outputTiles = heads * tiles(headDim, 64) * chunkTiles;
+      const outputTiles = heads * tiles(paddedHeadDim, 64) * tiles(chunk, 128);
       rt.run(programs.output, params, buffers, [nChunks, outputTiles, batch]);
     }
     for (const buffer of scratch) pool.release(buffer);
