@@ -200,21 +200,7 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
   }
 
   const epsKey = raw.layer_norm_epsilon != null ? "layer_norm_epsilon" : "norm_epsilon";
-  const epsRaw = raw[epsKey] ?? 1e-5;
-  if (typeof epsRaw !== "number" || !(epsRaw > 0) || !Number.isFinite(epsRaw)) {
-    throw new ModelFileError(
-      file,
-      `"${epsKey}" must be a positive number, got ${JSON.stringify(epsRaw)}`,
-    );
-  }
-  // RMSNorm adds epsilon to a mean square of order 1: past this it swamps the
-  // signal, below float32's smallest normal it vanishes.
-  if (epsRaw > MAX_EPSILON || epsRaw < MIN_EPSILON) {
-    throw new ModelFileError(
-      file,
-      `"${epsKey}" ${epsRaw} is implausible: expected between ${MIN_EPSILON} and ${MAX_EPSILON}`,
-    );
-  }
+  const epsRaw = normEpsilon(raw[epsKey] ?? 1e-5, `"${epsKey}"`, file);
 
   return {
     dModel,
@@ -237,14 +223,28 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
 
 /** Falcon-Mamba's `mixer_rms_eps` (transformers' default 1e-6). */
 function mixerRmsEps(raw: Json, file: string): number {
-  const eps = raw.mixer_rms_eps ?? 1e-6;
-  if (typeof eps !== "number" || !(eps > 0) || !Number.isFinite(eps)) {
+  return normEpsilon(raw.mixer_rms_eps ?? 1e-6, `"mixer_rms_eps"`, file);
+}
+
+/**
+ * An RMSNorm epsilon from `field` of `file` (the field as an error names it).
+ * RMSNorm adds epsilon to a mean square of order 1: past MAX_EPSILON it
+ * swamps the signal, below float32's smallest normal it vanishes.
+ *
+ * @throws {ModelFileError} For anything but a number in that range.
+ */
+export function normEpsilon(value: unknown, field: string, file: string): number {
+  if (typeof value !== "number" || !(value > 0) || !Number.isFinite(value)) {
+    const text = typeof value === "bigint" ? String(value) : JSON.stringify(value);
+    throw new ModelFileError(file, `${field} must be a positive number, got ${text}`);
+  }
+  if (value > MAX_EPSILON || value < MIN_EPSILON) {
     throw new ModelFileError(
       file,
-      `"mixer_rms_eps" must be a positive number, got ${JSON.stringify(eps)}`,
+      `${field} ${value} is implausible: expected between ${MIN_EPSILON} and ${MAX_EPSILON}`,
     );
   }
-  return eps;
+  return value;
 }
 
 /**

@@ -21,7 +21,7 @@
  * @module
  */
 
-import type { Mamba2Dims, MambaConfig } from "./config.ts";
+import { type Mamba2Dims, type MambaConfig, normEpsilon } from "./config.ts";
 import { ModelFileError } from "./errors.ts";
 import { GGML, type GgufFile, type GgufTensorInfo, type GgufValue } from "./gguf.ts";
 import { MambaTokenizer } from "./tokenizer.ts";
@@ -225,13 +225,7 @@ export function ggufConfig(gguf: GgufFile): MambaConfig {
   const dInner = positive(gguf, key("ssm.inner_size"));
   const embedding = gguf.info("token_embd.weight");
   const epsKey = key("attention.layer_norm_rms_epsilon");
-  const eps = gguf.metadata.get(epsKey) ?? 1e-5;
-  if (typeof eps !== "number" || !(eps > 0) || !Number.isFinite(eps)) {
-    throw new ModelFileError(
-      gguf.file,
-      `Metadata "${epsKey}" must be a positive number, got ${String(eps)}`,
-    );
-  }
+  const eps = normEpsilon(gguf.metadata.get(epsKey) ?? 1e-5, `Metadata "${epsKey}"`, gguf.file);
   const id = (key: string) => {
     const value = gguf.metadata.get(key);
     return typeof value === "number" && Number.isInteger(value) && value >= 0 ? value : undefined;

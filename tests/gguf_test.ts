@@ -185,6 +185,18 @@ Deno.test("bad GGUF files get an error naming the file and the field", async (t)
     assertEquals(gguf.info("w").shape, [2, 32]);
     assertEquals(gguf.float32("w").length, 64);
   });
+  await t.step("an implausible or malformed epsilon is named", async () => {
+    const epsKey = "mamba.attention.layer_norm_rms_epsilon";
+    for (
+      const [eps, fragment] of [[0.5, "0.5 is implausible"], [-1, "must be a positive number"]]
+    ) {
+      const gguf = GgufFile.parse(await Deno.readFile(`${FIXTURES}tiny-f32.gguf`), "eps.gguf");
+      gguf.metadata.set(epsKey, eps);
+      const error = assertThrows(() => ggufConfig(gguf), ModelFileError);
+      assertStringIncludes(error.message, "eps.gguf");
+      assertStringIncludes(error.message, `Metadata "${epsKey}" ${fragment}`);
+    }
+  });
   await t.step("another architecture is named", () => {
     const gguf = GgufFile.parse(smallGguf(), "arch.gguf");
     gguf.metadata.set("general.architecture", "llama");
