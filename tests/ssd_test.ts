@@ -7,11 +7,12 @@
  * carried states and Δ limits.
  */
 
-import { assert, assertRejects } from "@std/assert";
+import { assert, assertEquals, assertRejects } from "@std/assert";
 import type { Backend, SsdArgs } from "../src/backend.ts";
 import { JsBackend } from "../src/backends/js.ts";
 import { type BackendName, type BackendOptions, createBackend } from "../src/backends/registry.ts";
 import { WebGpuBackend, type WebGpuOptions } from "../src/backends/webgpu/mod.ts";
+import { defaultSsdChunk } from "../src/backends/webgpu/ssd.ts";
 import { maxAbsDiff, maxRelDiff } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
@@ -219,6 +220,16 @@ Deno.test({
       "ssdChunkLen must be a multiple of 16",
     );
   },
+});
+
+Deno.test("webgpu SSD: long scans take chunks of 256, a 2048-token prompt on 24 heads chunks of 128", () => {
+  // (batch, len, heads): issue 14's shapes, where 256 measured faster on an H100, and the prompt
+  // of the mamba2-130m prefill, where 128 did (docs/mamba2.md).
+  assertEquals(defaultSsdChunk(1, 2048, 24), 128);
+  assertEquals(defaultSsdChunk(1, 16384, 24), 256);
+  assertEquals(defaultSsdChunk(8, 2048, 24), 256);
+  assertEquals(defaultSsdChunk(1, 4096, 80), 256);
+  assertEquals(defaultSsdChunk(1, 150, 4), 128);
 });
 
 /** max |a - b| / max |b|. */

@@ -15,11 +15,11 @@
 //                the group's heads;
 //   chunk_state  per (chunk, head, 128 states × 64 channels): the chunk's own
 //                state S = Σ_s exp(cs_last - cs_s)·Δ_s · x_s ⊗ B_s;
-//   carry        per 4 state elements: the inter-chunk recurrence, chunk by
+//   carry        per state element: the inter-chunk recurrence, chunk by
 //                chunk h_in(c) = h; h = exp(cs_last(c))·h + S(c), leaving each
 //                chunk's incoming state in place of S and the last in the pool;
-//   output       per (chunk, head, 128 tokens × 64 channels): the decay-masked
-//                C·Bᵀ times the chunk's x, plus exp(cs_t)·C_t·h_in, plus D·x.
+//   output       per (chunk, head, 128 tokens × 64 channels): exp(cs_t)·C_t·h_in,
+//                plus the decay-masked C·Bᵀ times the chunk's x, plus D·x.
 // chunk_cb, chunk_state and output are products tiled in workgroup memory,
 // each thread's block of the tile in module-scope vec4s, read as vec4s, the
 // steps of a slice written out (a loop that the driver does not unroll, or an

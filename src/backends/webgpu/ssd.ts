@@ -15,10 +15,19 @@ import type { GpuRuntime } from "./runtime.ts";
 
 /**
  * Tokens per chunk of ssd.wgsl's chunked scan by default, whatever the
- * model's chunk_size: a multiple of 16, at most 256. Chosen on the H200
- * against 64 and 256 (docs/mamba2.md).
+ * model's chunk_size: chunks of 256 where a scan has that many
+ * (sequence, head, chunk) workgroups in its products, else of 128. Long
+ * scans run faster on the longer chunks (fewer chunk states, a shorter
+ * carry); a prompt of 2048 tokens on 24 heads has 192 such workgroups, too
+ * few to fill the GPU, and runs faster on the shorter ones (docs/mamba2.md,
+ * on an H100).
  */
-const SSD_CHUNK = 128;
+const SSD_LONG_CHUNK_GROUPS = 1024;
+
+/** Tokens per chunk of a scan of `batch` sequences of `len` tokens on `heads` heads by default. */
+export function defaultSsdChunk(batch: number, len: number, heads: number): 128 | 256 {
+  return batch * heads * Math.ceil(len / 256) >= SSD_LONG_CHUNK_GROUPS ? 256 : 128;
+}
 /** Threads per workgroup of ssd.wgsl's carry pass (its WG). */
 const SSD_WG = 256;
 /** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
@@ -59,7 +68,8 @@ const gatedNormProgram = new Program<GatedRmsnormParams>("gated_rmsnorm", "main"
 export interface SsdOptions {
   /**
    * Tokens per chunk of a chunked SSD scan (Mamba-2): a multiple of 16 from
-   * 16 to 256 (default 128), whatever the model's `chunk_size`.
+   * 16 to 256, whatever the model's `chunk_size`. By default 256 where a
+   * scan has at least 1024 (sequence, head, chunk of 256) workgroups, else 128.
    */
   ssdChunkLen?: number;
   /**
@@ -72,18 +82,21 @@ export interface SsdOptions {
 
 /** See the module documentation. */
 export class SsdKernels {
-  /** ssdPrograms(chunk, false) and (chunk, true). */
-  readonly #programs: ReturnType<typeof ssdPrograms>[];
-  readonly #chunk: number;
+  /** ssdPrograms(chunk, vec4) by `${chunk}:${vec4}`. */
+  readonly #programs = new Map<string, ReturnType<typeof ssdPrograms>>();
+  /** `ssdChunkLen`, if given. */
+  readonly #chunk?: number;
   readonly #statesBytes: number;
 
   constructor(readonly rt: GpuRuntime, options: SsdOptions = {}) {
-    const chunk = options.ssdChunkLen ?? SSD_CHUNK;
-    if (!(Number.isInteger(chunk) && chunk % 16 === 0 && chunk >= 16 && chunk <= 256)) {
+    const chunk = options.ssdChunkLen;
+    if (
+      chunk !== undefined &&
+      !(Number.isInteger(chunk) && chunk % 16 === 0 && chunk >= 16 && chunk <= 256)
+    ) {
       throw new RangeError(`ssdChunkLen must be a multiple of 16 from 16 to 256, got ${chunk}`);
     }
     this.#chunk = chunk;
-    this.#programs = [ssdPrograms(chunk, false), ssdPrograms(chunk, true)];
     this.#statesBytes = options.ssdStatesBytes ?? SSD_STATES_BYTES;
   }
 
@@ -104,7 +117,9 @@ export class SsdKernels {
       8: state.buffer,
     };
     const vec4 = headDim % 4 === 0 && dState % 4 === 0;
-    const programs = this.#programs[vec4 ? 1 : 0];
+    // A decode step's kernels do not depend on the chunk length.
+    const chunk = this.#chunk ?? (len === 1 ? 128 : defaultSsdChunk(batch, len, heads));
+    const programs = this.#programsFor(chunk, vec4);
     const common = {
       batch,
       heads,
@@ -130,7 +145,6 @@ export class SsdKernels {
     }
     rt.notCapturing("A chunked SSD scan");
     buffers[13] = xBC.buffer;
-    const chunk = this.#chunk;
     // Segments of whole chunks whose chunk states fit the budget; a chunk
     // state's rows of head_dim are padded to whole vec4s.
     const paddedHeadDim = Math.ceil(headDim / 4) * 4;
@@ -160,6 +174,16 @@ export class SsdKernels {
       rt.run(programs.output, params, buffers, [nChunks, outputTiles, batch]);
     }
     for (const buffer of scratch) pool.release(buffer);
+  }
+
+  #programsFor(chunk: number, vec4: boolean): ReturnType<typeof ssdPrograms> {
+    const key = `${chunk}:${vec4}`;
+    let programs = this.#programs.get(key);
+    if (!programs) {
+      programs = ssdPrograms(chunk, vec4);
+      this.#programs.set(key, programs);
+    }
+    return programs;
   }
 
   /** Backend.gatedRmsNorm. */
