@@ -12,7 +12,7 @@
 // with cs_t = Σ_{s<=t} Δ_s·A the log decay within a chunk, in five passes:
 //   decay        per (sequence, head, chunk), a thread per token: Δ and cs;
 //   chunk_cb     per (chunk, group, 64 × 64 tile): C·Bᵀ of the chunk, shared by
-//                the group's heads;
+//                the group's heads, and C transposed;
 //   chunk_state  per (chunk, head, 128 states × 64 channels): the chunk's own
 //                state S = Σ_s exp(cs_last - cs_s)·Δ_s · x_s ⊗ B_s;
 //   carry        per state element: the inter-chunk recurrence, chunk by
@@ -72,6 +72,8 @@ struct Params {
 // [batch, nChunks, groups, CHUNK (s), CHUNK (t)]: C_t·B_s of each chunk, for
 // s <= t (only tiles on or below the diagonal are written).
 @group(0) @binding(12) var<storage, read_write> cb: array<vec4<f32>>;
+// [batch, nChunks, groups, dState, CHUNK]: each chunk's C, transposed (0 past its tokens).
+@group(0) @binding(15) var<storage, read_write> ct: array<vec4<f32>>;
 // step_vec4's views of xBC and state (the same buffers as bindings 1 and 8).
 @group(0) @binding(13) var<storage, read> xBC4: array<vec4<f32>>;
 @group(0) @binding(14) var<storage, read_write> state4: array<vec4<f32>>;
@@ -240,6 +242,11 @@ fn chunk_cb(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) l
       }
       tileA[k * ROW + j / 4u][j % 4u] = cv;
       tileB[k * ROW + j / 4u][j % 4u] = bv;
+      // One tile per 64 tokens t writes their C transposed, for output.
+      if (st == 0u && n0 + k < N && t < CHUNK) {
+        let at = (((b * p.nChunks + c) * p.groups + g) * N + n0 + k) * CHUNK + t;
+        ct[at / 4u][at % 4u] = cv;
+      }
     }
     workgroupBarrier();
     slice4(tRow, sCol);
@@ -544,8 +551,8 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
     return;
   }
   let t0 = c * CHUNK;
-  let cCol = p.heads * P + (p.groups + g) * N;
   let cbBase = ((b * p.nChunks + c) * p.groups + g) * CHUNK * CHUNK / 4u;
+  let ctBase = ((b * p.nChunks + c) * p.groups + g) * N * CHUNK / 4u;
   let incoming = ((b * p.nChunks + c) * p.heads + h) * N * P4 / 4u;
   for (var s = li; s < q; s += TILE_THREADS) {
     chunkCs[s] = cs[decayAt(b, h, t0 + s)];
@@ -555,15 +562,14 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
   let over = (N + BK - 1u) / BK;
   let sEnd = min(q, tFirst + 128u);
   let slices = over + (sEnd + BK - 1u) / BK;
-  // Thread li fetches, over n, C's vec4s li and li + 128 of a slice (tokens
-  // tA = li / 2 and tA + 64, states 4·(li % 2) …), stored transposed, and
-  // h_in's vec4 li (state li / 16, channels 4·(li % 16) …); over s, C·Bᵀ's
-  // vec4s li and li + 128 (tokens s = e / 32, t = 4·(e % 32) …) and x's vec4
-  // li (token li / 16, channels 4·(li % 16) …).
+  // Thread li fetches, over n, Cᵀ's vec4s li and li + 128 of a slice (states
+  // n = e / 32, tokens t = 4·(e % 32) …) and h_in's vec4 li (state li / 16,
+  // channels 4·(li % 16) …); over s, C·Bᵀ's vec4s li and li + 128 (tokens
+  // s = e / 32, t = 4·(e % 32) …) and x's vec4 li (token li / 16, channels
+  // 4·(li % 16) …).
   let xK = li / 16u;
   let xP = p0 + 4u * (li % 16u);
   let xValid = select(0u, P - xP, xP < P);
-  let tA = li / 2u;
   let tq = tFirst + 4u * (li % 32u);
   var fa0: vec4<f32>;
   var fa1: vec4<f32>;
@@ -573,10 +579,16 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
   for (var i = 0u; i <= slices; i++) {
     if (i < over) {
       let n0 = i * BK;
-      let nq = n0 + 4u * (li % 2u);
-      let nValid = select(0u, N - nq, nq < N);
-      fa0 = xBC4At(tokenRow(b, t0 + tFirst + tA), cCol + nq, select(0u, nValid, tFirst + tA < q));
-      fa1 = xBC4At(tokenRow(b, t0 + tFirst + tA + 64u), cCol + nq, select(0u, nValid, tFirst + tA + 64u < q));
+      fa0 = vec4<f32>(0.0);
+      fa1 = vec4<f32>(0.0);
+      if (tq < CHUNK) {
+        if (n0 + li / 32u < N) {
+          fa0 = ct[ctBase + ((n0 + li / 32u) * CHUNK + tq) / 4u];
+        }
+        if (n0 + 4u + li / 32u < N) {
+          fa1 = ct[ctBase + ((n0 + 4u + li / 32u) * CHUNK + tq) / 4u];
+        }
+      }
       fb = vec4<f32>(0.0);
       if (n0 + xK < N && xP < P4) {
         fb = chunkStates[incoming + ((n0 + xK) * P4 + xP) / 4u];
@@ -599,10 +611,8 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
     }
     let buf = i % 2u;
     if (i < over) {
-      // C_t, transposed into [n][t].
-      let at = (buf * BK + 4u * (li % 2u)) * 128u + tA; // in floats
-      stashColumn(at, fa0);
-      stashColumn(at + 64u, fa1);
+      slabA[buf * BK * 32u + li] = fa0;
+      slabA[buf * BK * 32u + 128u + li] = fa1;
       slabB[buf * BK * 16u + li] = fb;
     } else if (i < slices) {
       let s = (i - over) * BK + li / 32u;
@@ -633,16 +643,6 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
       }
     }
   }
-}
-
-// Stores v's 4 values at floats at, at + 128, at + 256 and at + 384 of slabA:
-// one token's 4 states into 4 rows of [n][t].
-fn stashColumn(at: u32, v: vec4<f32>) {
-  let lane = at % 4u;
-  slabA[at / 4u][lane] = v.x;
-  slabA[at / 4u + 32u][lane] = v.y;
-  slabA[at / 4u + 64u][lane] = v.z;
-  slabA[at / 4u + 96u][lane] = v.w;
 }
 
 // Scales row t of the block by exp(cs_t): the carried state's decay to token t.

@@ -1,7 +1,7 @@
 /**
  * Mamba-2's operations: the SSD scan (ssd.wgsl; a decode step as the
  * recurrence, a prompt in chunks in five passes over scratch buffers of the
- * chunks' C·Bᵀ and states, a long prompt in segments of whole chunks) and
+ * chunks' C·Bᵀ, C transposed and states, a long prompt in segments of whole chunks) and
  * the gated RMSNorm (gated_rmsnorm.wgsl).
  *
  * @module
@@ -53,10 +53,10 @@ function ssdPrograms(chunk: number, vec4: boolean) {
     new Program<SsdParams>("ssd", entry, bindings, { CHUNK: chunk, VEC4: vec4 ? 1 : 0 });
   return {
     decay: ssd("decay", [0, 2, 3, 4, 10, 11]),
-    chunkCb: ssd("chunk_cb", [0, 1, 12]),
+    chunkCb: ssd("chunk_cb", [0, 1, 12, 15]),
     chunkState: ssd("chunk_state", [0, 1, 9, 10, 11, 13]),
     carry: ssd("carry", [0, 6, 8, 9, 10]),
-    output: ssd("output", [0, 1, 5, 7, 9, 10, 11, 12, 13]),
+    output: ssd("output", [0, 1, 5, 7, 9, 10, 11, 12, 13, 15]),
     step: ssd("step", [0, 1, 2, 3, 4, 5, 6, 7, 8]),
     stepVec4: ssd("step_vec4", [0, 1, 2, 3, 4, 5, 6, 7, 13, 14]),
   };
@@ -157,8 +157,9 @@ export class SsdKernels {
       batch * heads * segment,
       batch * heads * segment,
       batch * segmentChunks * groups * chunk * chunk,
+      batch * segmentChunks * groups * dState * chunk,
     ].map((floats) => pool.acquire(byteSize(floats), false));
-    [buffers[9], buffers[10], buffers[11], buffers[12]] = scratch;
+    [buffers[9], buffers[10], buffers[11], buffers[12], buffers[15]] = scratch;
     const carryGroups = grid(Math.ceil(chunkStateFloats / SSD_WG));
     const tiles = (size: number, tile: number) => Math.ceil(size / tile);
     for (let start = 0; start < len; start += segment) {
