@@ -242,13 +242,15 @@ fn chunk_cb(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) l
       }
       tileA[k * ROW + j / 4u][j % 4u] = cv;
       tileB[k * ROW + j / 4u][j % 4u] = bv;
-      // One tile per 64 tokens t writes their C transposed, for output.
-      if (st == 0u && n0 + k < N && t < CHUNK) {
-        let at = (((b * p.nChunks + c) * p.groups + g) * N + n0 + k) * CHUNK + t;
-        ct[at / 4u][at % 4u] = cv;
-      }
     }
     workgroupBarrier();
+    // One tile per 64 tokens t writes their C transposed, for output: a
+    // thread per vec4 of the staged slice, KS rows of 16.
+    let k = li / 16u;
+    let t = tt * 64u + 4u * (li % 16u);
+    if (st == 0u && k < KS && n0 + k < N && t < CHUNK) {
+      ct[((((b * p.nChunks + c) * p.groups + g) * N + n0 + k) * CHUNK + t) / 4u] = tileA[k * ROW + li % 16u];
+    }
     slice4(tRow, sCol);
   }
   let base = ((b * p.nChunks + c) * p.groups + g) * CHUNK * CHUNK;
