@@ -212,6 +212,11 @@ Deno.test({
         // Room for one chunk's states: every chunk is a segment of its own.
         const chunkStateBytes = c.batch * c.heads * c.headDim * c.dState * 4;
         await check("segments", { ssdChunkLen: 16, ssdStatesBytes: chunkStateBytes });
+        // Room for two chunks' C·Bᵀ, larger here than their states.
+        const cbBytes = c.batch * c.groups * 16 * 16 * 4;
+        if (cbBytes > chunkStateBytes) {
+          await check("segments bound by C·Bᵀ", { ssdChunkLen: 16, ssdStatesBytes: 2 * cbBytes });
+        }
       });
     }
     await assertRejects(

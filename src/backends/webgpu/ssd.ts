@@ -73,9 +73,10 @@ export interface SsdOptions {
    */
   ssdChunkLen?: number;
   /**
-   * Bytes of chunk states a chunked SSD scan keeps at once; a longer prompt
-   * runs in segments of whole chunks (default 64 MiB). Lets tests exercise
-   * the segmenting at small sizes.
+   * Bytes of chunk states a chunked SSD scan keeps at once, and of each of
+   * its other per-chunk scratch buffers (C·Bᵀ and C of every chunk); a longer
+   * prompt runs in segments of whole chunks (default 64 MiB). Lets tests
+   * exercise the segmenting at small sizes.
    */
   ssdStatesBytes?: number;
 }
@@ -145,11 +146,18 @@ export class SsdKernels {
     }
     rt.notCapturing("A chunked SSD scan");
     buffers[13] = xBC.buffer;
-    // Segments of whole chunks whose chunk states fit the budget; a chunk
-    // state's rows of head_dim are padded to whole vec4s.
+    // Segments of whole chunks whose scratch buffers each fit the budget (C·Bᵀ
+    // outgrows the chunk states where groups·chunk is large next to
+    // heads·head_dim·d_state / chunk); a chunk state's rows of head_dim are
+    // padded to whole vec4s.
     const paddedHeadDim = Math.ceil(headDim / 4) * 4;
     const chunkStateFloats = batch * heads * paddedHeadDim * dState;
-    const chunksPerSegment = Math.max(1, Math.floor(this.#statesBytes / 4 / chunkStateFloats));
+    const perChunkFloats = Math.max(
+      chunkStateFloats,
+      batch * heads * chunk, // cs and Δ
+      batch * groups * chunk * Math.max(chunk, dState),
+    );
+    const chunksPerSegment = Math.max(1, Math.floor(this.#statesBytes / 4 / perChunkFloats));
     const segment = Math.min(len, chunksPerSegment * chunk);
     const segmentChunks = Math.ceil(segment / chunk);
     const scratch = [
