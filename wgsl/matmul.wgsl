@@ -35,8 +35,9 @@
 // called with constant arguments: a private array indexed in a loop (or a k
 // loop that the driver does not unroll) would land in slow local memory.
 // Prepended by the backend: linear_io.wgsl (parameters, bias, outputs and
-// storeOut), weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors)
-// and matmul_whole.wgsl or matmul_parts.wgsl (where main's sums go: putSum).
+// storeOut), weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors),
+// block8x8.wgsl (the accumulators and their outer product) and
+// matmul_whole.wgsl or matmul_parts.wgsl (where main's sums go: putSum).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 
@@ -57,24 +58,8 @@ var<workgroup> ws: array<vec4<f32>, 2u * BK * TN / 4u>;
 // workgroup memory that its entry point uses).
 var<workgroup> red: array<vec4<f32>, 1024>;
 
-// Row i (0..7) of the thread's block is acc<i>a (its first 4 columns) and
-// acc<i>b (its last 4); skinny uses them differently (see skinnyStep).
-var<private> acc0a: vec4<f32>;
-var<private> acc0b: vec4<f32>;
-var<private> acc1a: vec4<f32>;
-var<private> acc1b: vec4<f32>;
-var<private> acc2a: vec4<f32>;
-var<private> acc2b: vec4<f32>;
-var<private> acc3a: vec4<f32>;
-var<private> acc3b: vec4<f32>;
-var<private> acc4a: vec4<f32>;
-var<private> acc4b: vec4<f32>;
-var<private> acc5a: vec4<f32>;
-var<private> acc5b: vec4<f32>;
-var<private> acc6a: vec4<f32>;
-var<private> acc6b: vec4<f32>;
-var<private> acc7a: vec4<f32>;
-var<private> acc7b: vec4<f32>;
+// The thread's block: acc0a … acc7b of block8x8.wgsl (prepended); skinny
+// uses them differently (see skinnyStep).
 
 // x[r, k], 0 past the end of the row.
 fn xAt(r: u32, k: u32) -> f32 {
@@ -151,26 +136,7 @@ fn stashW(b: u32, e: u32, v: vec4<f32>) {
 
 // One k of main: the outer product of the thread's 8 rows and 8 columns.
 fn step(xi: u32, wi: u32) {
-  let a = xs[xi];
-  let a2 = xs[xi + TM / 8u];
-  let b = ws[wi];
-  let b2 = ws[wi + TN / 8u];
-  acc0a = fma(vec4<f32>(a.x), b, acc0a);
-  acc0b = fma(vec4<f32>(a.x), b2, acc0b);
-  acc1a = fma(vec4<f32>(a.y), b, acc1a);
-  acc1b = fma(vec4<f32>(a.y), b2, acc1b);
-  acc2a = fma(vec4<f32>(a.z), b, acc2a);
-  acc2b = fma(vec4<f32>(a.z), b2, acc2b);
-  acc3a = fma(vec4<f32>(a.w), b, acc3a);
-  acc3b = fma(vec4<f32>(a.w), b2, acc3b);
-  acc4a = fma(vec4<f32>(a2.x), b, acc4a);
-  acc4b = fma(vec4<f32>(a2.x), b2, acc4b);
-  acc5a = fma(vec4<f32>(a2.y), b, acc5a);
-  acc5b = fma(vec4<f32>(a2.y), b2, acc5b);
-  acc6a = fma(vec4<f32>(a2.z), b, acc6a);
-  acc6b = fma(vec4<f32>(a2.z), b2, acc6b);
-  acc7a = fma(vec4<f32>(a2.w), b, acc7a);
-  acc7b = fma(vec4<f32>(a2.w), b2, acc7b);
+  outer8x8(xs[xi], xs[xi + TM / 8u], ws[wi], ws[wi + TN / 8u]);
 }
 
 // out[r, c..c+3] = v (+ bias, to whichever output holds the column: storeOut

@@ -111,6 +111,49 @@ fn main(
   }
 }
 `,
+  block8x8: `// A thread's 8 × 8 block of a tiled product (matmul.wgsl's main, ssd.wgsl's
+// chunk_state and output), prepended to those shaders. The block lives in 16
+// module-scope vec4s, which start at 0 in each invocation: a private array
+// indexed in a loop would land in slow local memory. Row i (0..7) of the block
+// is acc<i>a (its first 4 columns) and acc<i>b (its last 4).
+var<private> acc0a: vec4<f32>;
+var<private> acc0b: vec4<f32>;
+var<private> acc1a: vec4<f32>;
+var<private> acc1b: vec4<f32>;
+var<private> acc2a: vec4<f32>;
+var<private> acc2b: vec4<f32>;
+var<private> acc3a: vec4<f32>;
+var<private> acc3b: vec4<f32>;
+var<private> acc4a: vec4<f32>;
+var<private> acc4b: vec4<f32>;
+var<private> acc5a: vec4<f32>;
+var<private> acc5b: vec4<f32>;
+var<private> acc6a: vec4<f32>;
+var<private> acc6b: vec4<f32>;
+var<private> acc7a: vec4<f32>;
+var<private> acc7b: vec4<f32>;
+
+// One step of the block: the outer product of its rows' values (a for rows
+// 0..3, a2 for rows 4..7) and its columns' (b for columns 0..3, b2 for 4..7).
+fn outer8x8(a: vec4<f32>, a2: vec4<f32>, b: vec4<f32>, b2: vec4<f32>) {
+  acc0a = fma(vec4<f32>(a.x), b, acc0a);
+  acc0b = fma(vec4<f32>(a.x), b2, acc0b);
+  acc1a = fma(vec4<f32>(a.y), b, acc1a);
+  acc1b = fma(vec4<f32>(a.y), b2, acc1b);
+  acc2a = fma(vec4<f32>(a.z), b, acc2a);
+  acc2b = fma(vec4<f32>(a.z), b2, acc2b);
+  acc3a = fma(vec4<f32>(a.w), b, acc3a);
+  acc3b = fma(vec4<f32>(a.w), b2, acc3b);
+  acc4a = fma(vec4<f32>(a2.x), b, acc4a);
+  acc4b = fma(vec4<f32>(a2.x), b2, acc4b);
+  acc5a = fma(vec4<f32>(a2.y), b, acc5a);
+  acc5b = fma(vec4<f32>(a2.y), b2, acc5b);
+  acc6a = fma(vec4<f32>(a2.z), b, acc6a);
+  acc6b = fma(vec4<f32>(a2.z), b2, acc6b);
+  acc7a = fma(vec4<f32>(a2.w), b, acc7a);
+  acc7b = fma(vec4<f32>(a2.w), b2, acc7b);
+}
+`,
   blocks: `// Decoding of the quantized blocks that WebGpuBackend.uploadQuantizedMatrix
 // repacks (its BLOCK_WORDS; the layouts are described in weight_q8_0.wgsl,
 // weight_q4_0.wgsl and weight_q4_k.wgsl), in two steps, as WGSL functions
@@ -1186,8 +1229,9 @@ fn storeOut(r: u32, c: u32, sum: f32) {
 // called with constant arguments: a private array indexed in a loop (or a k
 // loop that the driver does not unroll) would land in slow local memory.
 // Prepended by the backend: linear_io.wgsl (parameters, bias, outputs and
-// storeOut), weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors)
-// and matmul_whole.wgsl or matmul_parts.wgsl (where main's sums go: putSum).
+// storeOut), weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors),
+// block8x8.wgsl (the accumulators and their outer product) and
+// matmul_whole.wgsl or matmul_parts.wgsl (where main's sums go: putSum).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 
@@ -1208,24 +1252,8 @@ var<workgroup> ws: array<vec4<f32>, 2u * BK * TN / 4u>;
 // workgroup memory that its entry point uses).
 var<workgroup> red: array<vec4<f32>, 1024>;
 
-// Row i (0..7) of the thread's block is acc<i>a (its first 4 columns) and
-// acc<i>b (its last 4); skinny uses them differently (see skinnyStep).
-var<private> acc0a: vec4<f32>;
-var<private> acc0b: vec4<f32>;
-var<private> acc1a: vec4<f32>;
-var<private> acc1b: vec4<f32>;
-var<private> acc2a: vec4<f32>;
-var<private> acc2b: vec4<f32>;
-var<private> acc3a: vec4<f32>;
-var<private> acc3b: vec4<f32>;
-var<private> acc4a: vec4<f32>;
-var<private> acc4b: vec4<f32>;
-var<private> acc5a: vec4<f32>;
-var<private> acc5b: vec4<f32>;
-var<private> acc6a: vec4<f32>;
-var<private> acc6b: vec4<f32>;
-var<private> acc7a: vec4<f32>;
-var<private> acc7b: vec4<f32>;
+// The thread's block: acc0a … acc7b of block8x8.wgsl (prepended); skinny
+// uses them differently (see skinnyStep).
 
 // x[r, k], 0 past the end of the row.
 fn xAt(r: u32, k: u32) -> f32 {
@@ -1302,26 +1330,7 @@ fn stashW(b: u32, e: u32, v: vec4<f32>) {
 
 // One k of main: the outer product of the thread's 8 rows and 8 columns.
 fn step(xi: u32, wi: u32) {
-  let a = xs[xi];
-  let a2 = xs[xi + TM / 8u];
-  let b = ws[wi];
-  let b2 = ws[wi + TN / 8u];
-  acc0a = fma(vec4<f32>(a.x), b, acc0a);
-  acc0b = fma(vec4<f32>(a.x), b2, acc0b);
-  acc1a = fma(vec4<f32>(a.y), b, acc1a);
-  acc1b = fma(vec4<f32>(a.y), b2, acc1b);
-  acc2a = fma(vec4<f32>(a.z), b, acc2a);
-  acc2b = fma(vec4<f32>(a.z), b2, acc2b);
-  acc3a = fma(vec4<f32>(a.w), b, acc3a);
-  acc3b = fma(vec4<f32>(a.w), b2, acc3b);
-  acc4a = fma(vec4<f32>(a2.x), b, acc4a);
-  acc4b = fma(vec4<f32>(a2.x), b2, acc4b);
-  acc5a = fma(vec4<f32>(a2.y), b, acc5a);
-  acc5b = fma(vec4<f32>(a2.y), b2, acc5b);
-  acc6a = fma(vec4<f32>(a2.z), b, acc6a);
-  acc6b = fma(vec4<f32>(a2.z), b2, acc6b);
-  acc7a = fma(vec4<f32>(a2.w), b, acc7a);
-  acc7b = fma(vec4<f32>(a2.w), b2, acc7b);
+  outer8x8(xs[xi], xs[xi + TM / 8u], ws[wi], ws[wi + TN / 8u]);
 }
 
 // out[r, c..c+3] = v (+ bias, to whichever output holds the column: storeOut
@@ -3734,13 +3743,6 @@ var<private> acc1: vec4<f32>;
 var<private> acc2: vec4<f32>;
 var<private> acc3: vec4<f32>;
 
-fn clearBlock() {
-  acc0 = vec4<f32>();
-  acc1 = vec4<f32>();
-  acc2 = vec4<f32>();
-  acc3 = vec4<f32>();
-}
-
 // One step of a 4 × 4 block: column a of tileA's slice times row b of tileB's.
 fn step4(a: u32, b: u32) {
   let av = tileA[a];
@@ -3867,7 +3869,6 @@ fn chunk_cb(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) l
   let first = c * CHUNK;
   let tRow = li / 16u; // this thread's tokens t: 4·tRow … + 3 of the tile
   let sCol = li % 16u; // and tokens s: 4·sCol … + 3
-  clearBlock();
   for (var n0 = 0u; n0 < N; n0 += KS) {
     workgroupBarrier();
     // Stage C and B of 64 tokens × KS states, transposed: [k][token].
@@ -3914,7 +3915,8 @@ fn chunk_cb(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) l
 }
 
 // chunk_state and output: products of 128 × 64 tiles on the scheme of
-// matmul.wgsl's main. Each of 128 threads takes an 8 × 8 block of the tile:
+// matmul.wgsl's main. Each of 128 threads takes an 8 × 8 block of the tile
+// (block8x8.wgsl, prepended by the backend):
 // rows 4·ty … + 3 and 64 + 4·ty … + 3, columns 4·tx … + 3 and 32 + 4·tx … + 3,
 // with ty = li / 8, tx = li % 8. Slices of BK along the summed dimension are
 // staged k-major (slab rows of 128 and 64 values) in two buffers: the next
@@ -3934,46 +3936,9 @@ var<workgroup> slabB: array<vec4<f32>, 256>;
 var<workgroup> chunkCs: array<f32, CHUNK>;
 var<workgroup> chunkDl: array<f32, CHUNK>;
 
-// Row i of a thread's 8 × 8 block: acc<i>a (its first 4 columns) and acc<i>b.
-var<private> acc0a: vec4<f32>;
-var<private> acc0b: vec4<f32>;
-var<private> acc1a: vec4<f32>;
-var<private> acc1b: vec4<f32>;
-var<private> acc2a: vec4<f32>;
-var<private> acc2b: vec4<f32>;
-var<private> acc3a: vec4<f32>;
-var<private> acc3b: vec4<f32>;
-var<private> acc4a: vec4<f32>;
-var<private> acc4b: vec4<f32>;
-var<private> acc5a: vec4<f32>;
-var<private> acc5b: vec4<f32>;
-var<private> acc6a: vec4<f32>;
-var<private> acc6b: vec4<f32>;
-var<private> acc7a: vec4<f32>;
-var<private> acc7b: vec4<f32>;
-
-// One k of an 8 × 8 block: slab rows at vec4 a of slabA and b of slabB.
+// One k of an 8 × 8 block (block8x8.wgsl): slab rows at vec4 a of slabA and b of slabB.
 fn step8x8(a: u32, b: u32) {
-  let r = slabA[a];
-  let r2 = slabA[a + 16u];
-  let c = slabB[b];
-  let c2 = slabB[b + 8u];
-  acc0a = fma(vec4<f32>(r.x), c, acc0a);
-  acc0b = fma(vec4<f32>(r.x), c2, acc0b);
-  acc1a = fma(vec4<f32>(r.y), c, acc1a);
-  acc1b = fma(vec4<f32>(r.y), c2, acc1b);
-  acc2a = fma(vec4<f32>(r.z), c, acc2a);
-  acc2b = fma(vec4<f32>(r.z), c2, acc2b);
-  acc3a = fma(vec4<f32>(r.w), c, acc3a);
-  acc3b = fma(vec4<f32>(r.w), c2, acc3b);
-  acc4a = fma(vec4<f32>(r2.x), c, acc4a);
-  acc4b = fma(vec4<f32>(r2.x), c2, acc4b);
-  acc5a = fma(vec4<f32>(r2.y), c, acc5a);
-  acc5b = fma(vec4<f32>(r2.y), c2, acc5b);
-  acc6a = fma(vec4<f32>(r2.z), c, acc6a);
-  acc6b = fma(vec4<f32>(r2.z), c2, acc6b);
-  acc7a = fma(vec4<f32>(r2.w), c, acc7a);
-  acc7b = fma(vec4<f32>(r2.w), c2, acc7b);
+  outer8x8(slabA[a], slabA[a + 16u], slabB[b], slabB[b + 8u]);
 }
 
 // The BK steps of buffer buf for thread (ty, tx).
@@ -3988,25 +3953,6 @@ fn slice8x8(buf: u32, ty: u32, tx: u32) {
   step8x8(a + 160u, b + 80u);
   step8x8(a + 192u, b + 96u);
   step8x8(a + 224u, b + 112u);
-}
-
-fn clearBlock8x8() {
-  acc0a = vec4<f32>();
-  acc0b = vec4<f32>();
-  acc1a = vec4<f32>();
-  acc1b = vec4<f32>();
-  acc2a = vec4<f32>();
-  acc2b = vec4<f32>();
-  acc3a = vec4<f32>();
-  acc3b = vec4<f32>();
-  acc4a = vec4<f32>();
-  acc4b = vec4<f32>();
-  acc5a = vec4<f32>();
-  acc5b = vec4<f32>();
-  acc6a = vec4<f32>();
-  acc6b = vec4<f32>();
-  acc7a = vec4<f32>();
-  acc7b = vec4<f32>();
 }
 
 // Row i (0..7) of the thread's block: its 8 values, first 4 columns then last 4.
@@ -4087,7 +4033,6 @@ fn chunk_state(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index
   var fa0: vec4<f32>;
   var fa1: vec4<f32>;
   var fb: vec4<f32>;
-  clearBlock8x8();
   workgroupBarrier();
   let slices = (q + BK - 1u) / BK;
   for (var i = 0u; i <= slices; i++) {
@@ -4222,7 +4167,6 @@ fn output(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) li:
   var fa0: vec4<f32>;
   var fa1: vec4<f32>;
   var fb: vec4<f32>;
-  clearBlock8x8();
   workgroupBarrier();
   for (var i = 0u; i <= slices; i++) {
     if (i < over) {

@@ -194,7 +194,7 @@ function linearProgram(
     } else if (shader === "matmul") {
       // Split over K, main writes partial sums (14) that matmulSum adds up.
       const split = (constants.KPARTS ?? 1) > 1;
-      preludes.push(split ? "matmul_parts" : "matmul_whole");
+      preludes.push("block8x8", split ? "matmul_parts" : "matmul_whole");
       if (split) bindings = [...LINEAR_BINDINGS, 14];
     }
     program = new Program(shader, entry, bindings, constants, preludes);

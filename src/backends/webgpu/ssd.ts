@@ -50,7 +50,9 @@ const F32_MAX = 3.4028234663852886e38;
  */
 function ssdPrograms(chunk: number, vec4: boolean) {
   const ssd = (entry: string, bindings: number[]) =>
-    new Program<SsdParams>("ssd", entry, bindings, { CHUNK: chunk, VEC4: vec4 ? 1 : 0 });
+    new Program<SsdParams>("ssd", entry, bindings, { CHUNK: chunk, VEC4: vec4 ? 1 : 0 }, [
+      "block8x8",
+    ]);
   return {
     decay: ssd("decay", [0, 2, 3, 4, 10, 11]),
     chunkCb: ssd("chunk_cb", [0, 1, 12, 15]),
