@@ -475,10 +475,7 @@ export class KvSessionStore implements SessionStore {
         this.#leaseKey(id),
       ]);
       // A new session's first turn holds the lease before any state exists.
-      if (isLive(lease.value)) {
-        this.#counters.busy++;
-        throw new SessionBusyError(id);
-      }
+      this.#refuseWhileLeased(id, lease.value);
       if (head.value === null) {
         this.#cache.delete(id);
         return false;
@@ -519,10 +516,7 @@ export class KvSessionStore implements SessionStore {
       ]);
       if (head.value === null) {
         // A new session's first turn holds the lease before any state exists.
-        if (isLive(lease.value)) {
-          this.#counters.busy++;
-          throw new SessionBusyError(id);
-        }
+        this.#refuseWhileLeased(id, lease.value);
         this.#cache.delete(id);
         return null;
       }
@@ -556,6 +550,14 @@ export class KvSessionStore implements SessionStore {
     };
   }
 
+  /** Throws {@link SessionBusyError} (and counts it) while `lease` is live. */
+  #refuseWhileLeased(id: string, lease: KvLease | null): void {
+    if (isLive(lease)) {
+      this.#counters.busy++;
+      throw new SessionBusyError(id);
+    }
+  }
+
   /**
    * Takes the lease of session `id` for `owner`, over no lease or a lapsed
    * one, and only while `head` and `lease` are as just read: its
@@ -570,10 +572,7 @@ export class KvSessionStore implements SessionStore {
   ): Promise<string | null> {
     // Taken by an attempt that reported a failure (retried while busy).
     if (lease.value?.owner === owner) return lease.versionstamp!;
-    if (isLive(lease.value)) {
-      this.#counters.busy++;
-      throw new SessionBusyError(id);
-    }
+    this.#refuseWhileLeased(id, lease.value);
     const taken = await this.#kv.commit((op) =>
       op.check(head).check(lease)
         .set(this.#leaseKey(id), this.#leaseValue(owner), { expireIn: this.#leaseMs })
