@@ -137,6 +137,16 @@ const CASES: SsdCase[] = [
     chunkSize: 256,
     slots: [1, 3],
   },
+  {
+    name: "a decode step at odd sizes: the GPU's scalar loads",
+    batch: 2,
+    len: 1,
+    heads: 3,
+    headDim: 5,
+    groups: 3,
+    dState: 7,
+    chunkSize: 256,
+  },
 ];
 
 /** Host arrays of a case: inputs drawn at random, the state nonzero (a carried one). */

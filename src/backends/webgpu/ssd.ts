@@ -32,12 +32,6 @@ export function defaultSsdChunk(batch: number, len: number, heads: number): 128 
 const SSD_WG = 256;
 /** Channels per workgroup of ssd.wgsl's step: STEP_WG threads, STEP_LANES per channel. */
 const SSD_STEP_CHANNELS = 256 / 16;
-/**
- * Decode steps from which the SSD step loads states, B and C as vec4s: on
- * the H200 that is faster at 64 steps and slower at 16 and 32, for reasons
- * not known (docs/mamba2.md); 33 to 63 were not measured.
- */
-const SSD_VEC4_STEP_ROWS = 64;
 /** Default of `ssdStatesBytes`: within any device's binding size limit. */
 const SSD_STATES_BYTES = 64 << 20;
 /** The largest finite f32: Δ's clamp bounds go to the kernel as finite numbers. */
@@ -136,9 +130,8 @@ export class SsdKernels {
     if (len === 1) {
       const params = { ...common, len: 1, nChunks: 1, seqLen: 1, start: 0 };
       const groupsNeeded = Math.ceil((batch * heads * headDim) / SSD_STEP_CHANNELS);
-      // Whole vec4s of states, of B and C in every row of xBC: the vec4 loads,
-      // for a batch of at least SSD_VEC4_STEP_ROWS steps.
-      if (vec4 && batch >= SSD_VEC4_STEP_ROWS) {
+      // Whole vec4s of states, of B and C in every row of xBC: the vec4 loads.
+      if (vec4) {
         const views = { ...buffers, 13: xBC.buffer, 14: state.buffer };
         rt.run(programs.stepVec4, params, views, grid(groupsNeeded));
       } else {
