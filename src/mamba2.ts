@@ -172,7 +172,7 @@ export function allocMamba2Buffers<Buf>(
     xBC: be.scratch(rows * convDim), // only the conv reads it
     dt: be.zeros(rows * mamba2!.nHeads),
     xBCConv: be.zeros(rows * convDim),
-    y: be.zeros(rows * dInner),
+    y: be.scratch(rows * dInner), // only the gated norm reads it
     yNorm: be.scratch(rows * dInner), // only out_proj reads it
   };
 }

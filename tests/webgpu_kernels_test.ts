@@ -1310,23 +1310,37 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: a gated RMSNorm of one group into scratch folds into the GEMV that reads it (Mamba-2's out_proj); otherwise it runs on its own",
+    "webgpu: a decode step's SSD step, gated RMSNorm of one group and GEMV (Mamba-2's out_proj) in two dispatches where y and the norm are scratch; otherwise as issued",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const js = new JsBackend();
       const rand = random(11);
-      const [dim, outDim] = [64, 50];
-      for (const [rows, groups] of [[1, 1], [2, 1], [3, 1], [16, 1], [1, 2]]) {
+      const [heads, headDim, dState, outDim] = [4, 16, 8, 50];
+      const dim = heads * headDim;
+      for (const [rows, groups] of [[1, 1], [3, 1], [16, 1], [40, 1], [1, 2]]) {
         const what = `${rows} rows, ${groups} groups`;
-        const x = fill(rows * dim, rand);
+        const width = dim + 2 * groups * dState;
+        const host = {
+          xBC: fill(rows * width, rand),
+          dt: fill(rows * heads, rand),
+          dtBias: fill(heads, rand),
+          A: fill(heads, rand).map((v) => -1 - Math.abs(v)),
+          D: fill(heads, rand),
+          state: fill(rows * dim * dState, rand),
+        };
+        const step = { dtLimit: [0, Infinity] as [number, number], len: 1, batch: rows, heads };
+        const sizes = { ...step, headDim, groups, dState, chunkSize: 256 };
         const gate = fill(rows * dim, rand, 2);
         const weight = fill(dim, rand);
         const w = fill(outDim * dim, rand, 0.2);
         const hidden = fill(rows * outDim, rand);
         const norm = { rows, dim, groupSize: dim / groups, eps: 1e-5 };
+
+        const y = new Float32Array(rows * dim);
+        js.ssdScan({ ...sizes, ...host, state: host.state.slice(), y });
         const wantNormed = new Float32Array(rows * dim);
-        js.gatedRmsNorm({ ...norm, out: wantNormed, x, gate, weight });
+        js.gatedRmsNorm({ ...norm, out: wantNormed, x: y, gate, weight });
         const want = hidden.slice();
         js.linear({
           out: want,
@@ -1339,24 +1353,41 @@ Deno.test({
         });
 
         const wb = gpu.upload(w);
-        const inputs = { x: gpu.upload(x), gate: gpu.upload(gate), weight: gpu.upload(weight) };
-        // Into scratch the norm folds where it can; into any other buffer it is written.
-        for (const out of [gpu.scratch(rows * dim), gpu.zeros(rows * dim)]) {
-          const args = { ...norm, ...inputs, out };
+        const [gateBuf, weightBuf] = [gpu.upload(gate), gpu.upload(weight)];
+        for (const scratch of [true, false]) {
+          const where = `${what}, ${scratch ? "scratch" : "plain buffers"}`;
+          const args = {
+            ...sizes,
+            xBC: gpu.upload(host.xBC),
+            dt: gpu.upload(host.dt),
+            dtBias: gpu.upload(host.dtBias),
+            A: gpu.upload(host.A),
+            D: gpu.upload(host.D),
+            state: gpu.upload(host.state),
+            y: scratch ? gpu.scratch(rows * dim) : gpu.zeros(rows * dim),
+          };
+          const out = scratch ? gpu.scratch(rows * dim) : gpu.zeros(rows * dim);
+          const normArgs = { ...norm, out, x: args.y, gate: gateBuf, weight: weightBuf };
           const got = gpu.upload(hidden);
           const before = gpu.dispatches;
-          gpu.gatedRmsNorm(args);
+          gpu.ssdScan(args);
+          gpu.gatedRmsNorm(normArgs);
           gpu.linear({ out: got, x: out, weight: wb, rows, inDim: dim, outDim, accumulate: true });
           await gpu.sync();
-          const folds = out.transient && groups === 1 && rows <= 2;
-          const where = `${what}, ${out.transient ? "scratch" : "a plain buffer"}`;
-          assertEquals(gpu.dispatches - before, folds ? 1 : 2, `${where}: dispatches`);
+          const folds = scratch && groups === 1 && rows <= 32;
+          assertEquals(gpu.dispatches - before, folds ? 2 : 3, `${where}: dispatches`);
           close(await gpu.read(got), want, 1e-4, `${where}: out_proj`);
-          if (!out.transient) close(await gpu.read(out), wantNormed, 1e-5, `${where}: the norm`);
+          if (!scratch) {
+            close(await gpu.read(args.y), y, 1e-5, `${where}: y`);
+            close(await gpu.read(out), wantNormed, 1e-5, `${where}: the norm`);
+          }
 
-          // Any other reader gets the norm run first.
-          gpu.gatedRmsNorm(args);
+          // Any other reader gets the step and the norm run first.
+          gpu.ssdScan({ ...args, state: gpu.upload(host.state) });
+          gpu.gatedRmsNorm(normArgs);
           close(await gpu.read(out), wantNormed, 1e-5, `${where}: the norm read back`);
+          gpu.ssdScan({ ...args, state: gpu.upload(host.state) });
+          close(await gpu.read(args.y), y, 1e-5, `${where}: a step read back`);
         }
       }
     }),

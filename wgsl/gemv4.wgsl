@@ -8,10 +8,9 @@
 // block of outputs in neighbouring workgroups, so that the later ones find the
 // block's weights in L2 (lm_head's 154 MB do not fit there whole).
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
-// block's norm before in_proj, norm_f before lm_head): each workgroup
-// computes its rows' scales itself, which costs less than a dispatch; with
-// GATED (gemv4_no_shares.wgsl), x's rows are x · silu(gate) first, so that
-// a gated RMSNorm of one group folds in as well (Mamba-2's out_proj). With
+// block's norm before in_proj, norm_f before lm_head, and Mamba-2's gated
+// norm before out_proj, whose gate the SSD step has applied): each workgroup
+// computes its rows' scales itself, which costs less than a dispatch. With
 // convKernel, out's columns take a decode step's causal conv (in_proj's x),
 // and with gemv4_shares.wgsl prepended, a projection of the conv's outputs
 // (x_proj) follows, as partial sums per workgroup that its reader adds up.

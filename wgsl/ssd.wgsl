@@ -47,7 +47,7 @@ struct Params {
   groups: u32,
   dState: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: slots
+  flags: u32, // 1: D, 2: slots, 4: gate (a decode step's y times silu(gate))
   seqLen: u32, // tokens per sequence in xBC, dt and y
   start: u32, // the segment's first token in each sequence
   dtMin: f32,
@@ -77,6 +77,9 @@ struct Params {
 // step_vec4's views of xBC and state (the same buffers as bindings 1 and 8).
 @group(0) @binding(13) var<storage, read> xBC4: array<vec4<f32>>;
 @group(0) @binding(14) var<storage, read_write> state4: array<vec4<f32>>;
+// With flag 4, a decode step's gate z [batch, heads·headDim]: y is stored
+// times silu(z), the first half of the gated RMSNorm after it.
+@group(0) @binding(16) var<storage, read> gate: array<f32>;
 
 // chunk_cb's slices of C and B, KS rows of ROW vec4s (64 values and padding).
 var<workgroup> tileA: array<vec4<f32>, 272>;
@@ -667,7 +670,8 @@ fn stepTask(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
 
 /**
  * y of the thread's channel: its lanes' parts of h·C (`part`) summed, plus
- * D·x. Every thread must call it (it reduces through workgroup memory).
+ * D·x, times silu(gate) with flag 4. Every thread must call it (it reduces
+ * through workgroup memory).
  */
 fn finishStep(li: u32, t: StepTask, part: f32) {
   lanes[li] = part;
@@ -682,6 +686,10 @@ fn finishStep(li: u32, t: StepTask, part: f32) {
     var out = lanes[li];
     if ((p.flags & 1u) != 0u) {
       out += Dv[(t.i % (p.heads * p.headDim)) / p.headDim] * t.xv;
+    }
+    if ((p.flags & 4u) != 0u) {
+      let g = gate[t.i];
+      out *= g / (1.0 + exp(-g));
     }
     y[t.i] = out;
   }

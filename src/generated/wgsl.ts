@@ -789,10 +789,9 @@ fn main(
 // block of outputs in neighbouring workgroups, so that the later ones find the
 // block's weights in L2 (lm_head's 154 MB do not fit there whole).
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
-// block's norm before in_proj, norm_f before lm_head): each workgroup
-// computes its rows' scales itself, which costs less than a dispatch; with
-// GATED (gemv4_no_shares.wgsl), x's rows are x · silu(gate) first, so that
-// a gated RMSNorm of one group folds in as well (Mamba-2's out_proj). With
+// block's norm before in_proj, norm_f before lm_head, and Mamba-2's gated
+// norm before out_proj, whose gate the SSD step has applied): each workgroup
+// computes its rows' scales itself, which costs less than a dispatch. With
 // convKernel, out's columns take a decode step's causal conv (in_proj's x),
 // and with gemv4_shares.wgsl prepended, a projection of the conv's outputs
 // (x_proj) follows, as partial sums per workgroup that its reader adds up.
@@ -992,24 +991,15 @@ fn main(
   projectBlock(flat / rowGroups, li);
 }
 `,
-  gemv4_no_shares: `// Prelude of gemv4.wgsl when nothing is projected (see gemv4_shares.wgsl): its
-// input may be gated instead (Mamba-2's out_proj after the gated RMSNorm).
-
-@group(0) @binding(15) var<storage, read> gate: array<vec4<f32>>; // [rows, inDim], where GATED
+  gemv4_no_shares: `// Prelude of gemv4.wgsl when nothing is projected (see gemv4_shares.wgsl).
 
 fn keepConvOut(j: u32, v: vec4<f32>) {}
 
 fn projectBlock(block: u32, li: u32) {}
 
-const GATED: u32 = 0u; // 1: x's rows are x · silu(gate) (specialised per pipeline)
-
-// vec4 i of x, times silu(gate) where GATED.
+// vec4 i of x.
 fn xAt(i: u32) -> vec4<f32> {
-  if (GATED == 0u) {
-    return x[i];
-  }
-  let g = gate[i];
-  return x[i] * g / (1.0 + exp(-g));
+  return x[i];
 }
 `,
   gemv4_shares: `// Prelude of gemv4.wgsl for a decode step's in_proj with x_proj folded in:
@@ -3702,7 +3692,7 @@ struct Params {
   groups: u32,
   dState: u32,
   nChunks: u32,
-  flags: u32, // 1: D, 2: slots
+  flags: u32, // 1: D, 2: slots, 4: gate (a decode step's y times silu(gate))
   seqLen: u32, // tokens per sequence in xBC, dt and y
   start: u32, // the segment's first token in each sequence
   dtMin: f32,
@@ -3732,6 +3722,9 @@ struct Params {
 // step_vec4's views of xBC and state (the same buffers as bindings 1 and 8).
 @group(0) @binding(13) var<storage, read> xBC4: array<vec4<f32>>;
 @group(0) @binding(14) var<storage, read_write> state4: array<vec4<f32>>;
+// With flag 4, a decode step's gate z [batch, heads·headDim]: y is stored
+// times silu(z), the first half of the gated RMSNorm after it.
+@group(0) @binding(16) var<storage, read> gate: array<f32>;
 
 // chunk_cb's slices of C and B, KS rows of ROW vec4s (64 values and padding).
 var<workgroup> tileA: array<vec4<f32>, 272>;
@@ -4322,7 +4315,8 @@ fn stepTask(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
 
 /**
  * y of the thread's channel: its lanes' parts of h·C (\`part\`) summed, plus
- * D·x. Every thread must call it (it reduces through workgroup memory).
+ * D·x, times silu(gate) with flag 4. Every thread must call it (it reduces
+ * through workgroup memory).
  */
 fn finishStep(li: u32, t: StepTask, part: f32) {
   lanes[li] = part;
@@ -4337,6 +4331,10 @@ fn finishStep(li: u32, t: StepTask, part: f32) {
     var out = lanes[li];
     if ((p.flags & 1u) != 0u) {
       out += Dv[(t.i % (p.heads * p.headDim)) / p.headDim] * t.xv;
+    }
+    if ((p.flags & 4u) != 0u) {
+      let g = gate[t.i];
+      out *= g / (1.0 + exp(-g));
     }
     y[t.i] = out;
   }

@@ -233,7 +233,7 @@ export interface SsdParams {
   dState: number;
   /** u32 */
   nChunks: number;
-  /** u32: 1: D, 2: slots */
+  /** u32: 1: D, 2: slots, 4: gate (a decode step's y times silu(gate)) */
   flags: number;
   /** u32: tokens per sequence in xBC, dt and y */
   seqLen: number;

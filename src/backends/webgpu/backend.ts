@@ -333,13 +333,17 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     return op !== "channelMajorScan";
   }
 
+  /** A decode step is held back for the gated RMSNorm after it; see LinearKernels. */
   ssdScan(args: SsdArgs<GpuBuffer>): void {
-    this.#ssd.ssdScan(args);
+    const { y, len, batch, heads, headDim } = args;
+    if (len !== 1) return this.#ssd.ssdScan(args);
+    const run = (gate: GpuBuffer | null) => this.#ssd.ssdScan(args, gate);
+    this.#linear.deferSsdStep({ y, rows: batch, dim: heads * headDim, run });
   }
 
-  /** Held back where the next GEMV (out_proj) can fold it in; see LinearKernels. */
+  /** Folds into the held-back SSD step and the next GEMV where it can; see LinearKernels. */
   gatedRmsNorm(args: GatedNormArgs<GpuBuffer>): void {
-    this.#linear.deferGatedNorm(args, () => this.#ssd.gatedRmsNorm(args));
+    this.#linear.gatedRmsNorm(args, () => this.#ssd.gatedRmsNorm(args));
   }
 
   // ---- submission and recordings ------------------------------------------------------------

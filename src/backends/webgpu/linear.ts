@@ -5,9 +5,10 @@
  * of its input, the conv step of its first output and the x_proj of the
  * conv's outputs, whose shares the scan step adds up itself
  * ({@link LinearKernels.takeShares}) or {@link LinearKernels.settle} adds
- * up for any other reader; a gated RMSNorm of one group before it
- * (Mamba-2's before out_proj), held back until the GEMV reads its output
- * ({@link LinearKernels.deferGatedNorm}); and a product that a decode step's
+ * up for any other reader; a decode step's SSD step, held back so that
+ * the gated RMSNorm of one group after it folds its gate into it and its
+ * norm into the GEMV that reads it (Mamba-2's out_proj;
+ * {@link LinearKernels.deferSsdStep}); and a product that a decode step's
  * scan folds in (dt_proj, {@link LinearKernels.product}). A matmul split over
  * K leaves its partial sums for the next kernel to add up where that kernel
  * can: a norm of its output (out_proj's residual, then the next layer's norm),
@@ -61,13 +62,6 @@ const MATMUL_MIN_TILES = 256;
 const WIDE_MATMUL_OUT = 16384;
 /** The fewest slices of 8 k that a part of a matmul split over K takes. */
 const MATMUL_MIN_PART_SLICES = 16;
-/**
- * Rows up to which a gated RMSNorm folds into the GEMV after it. The fold
- * computes x · silu(gate) once per output, not once per element, which
- * saving a dispatch repays at one and two rows but not at four on the H200
- * (docs/mamba2.md).
- */
-const GATED_FOLD_MAX_ROWS = 2;
 /** The widest projection (Σ widths) that gemv4 folds in. */
 const MAX_FUSED_PROJECTION = 256;
 
@@ -122,18 +116,16 @@ function skinnyLanes(blocks: number): number {
 
 /**
  * The linear kernel for `rows` rows of input, `outDim` outputs and a weight
- * stored in `format`; with `fold` "project", the gemv4 that projects a
- * decode step's conv outputs (x_proj; see LinearKernels' foldsProjection),
- * with "gate", the gemv4 whose input is gated (a held-back gated norm).
+ * stored in `format`; with `project`, the gemv4 that projects a
+ * decode step's conv outputs (x_proj; see LinearKernels' foldsProjection).
  */
 function linearProgram(
   rows: number,
   inDim: number,
   outDim: number,
   format: WeightFormat,
-  fold: "project" | "gate" | null = null,
+  project = false,
 ): Program<LinearIoParams> {
-  const project = fold === "project";
   // vec4 loads need rows of whole vec4s; other widths take scalar loads.
   const vec4 = inDim % 4 === 0;
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
@@ -147,7 +139,6 @@ function linearProgram(
     if (vec4) {
       const groupRows = Math.min(rows, GEMV_MAX_ROWS);
       constants = { ROWS: groupRows, LANES: gemvLanes(outDim * Math.ceil(rows / groupRows)) };
-      if (fold === "gate") constants.GATED = 1;
     }
   } else if (vec4 && outDim <= SKINNY_MAX_OUT) {
     // More threads per 4×4 block of out when there are few blocks.
@@ -179,7 +170,7 @@ function linearProgram(
   } else {
     constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
   }
-  const key = `${shader}:${entry}:${JSON.stringify(constants)}${format}${fold ?? ""}`;
+  const key = `${shader}:${entry}:${JSON.stringify(constants)}${format}${project ? "project" : ""}`;
   let program = linearPrograms.get(key);
   if (!program) {
     // blocks.wgsl decodes quantized weights: this matrix's, or a folded projection's.
@@ -188,9 +179,9 @@ function linearProgram(
     let bindings = LINEAR_BINDINGS;
     if (shader === "gemv4") {
       // gemv4 also folds in a norm (7), a decode step's conv (8 to 10, 13) and
-      // x_proj (11, 12), or else a gate (15).
+      // x_proj (11, 12).
       preludes.push(project ? "gemv4_shares" : "gemv4_no_shares");
-      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, 13, ...(project ? [11, 12] : [15])];
+      bindings = [...LINEAR_BINDINGS, 7, 8, 9, 10, 13, ...(project ? [11, 12] : [])];
     } else if (shader === "matmul") {
       // Split over K, main writes partial sums (14) that matmulSum adds up.
       const split = (constants.KPARTS ?? 1) > 1;
@@ -247,10 +238,15 @@ export interface PendingShares {
   parts: GpuBuffer;
 }
 
-/** A gated RMSNorm held back, and how to run it on its own. */
-interface PendingGatedNorm {
-  args: GatedNormArgs<GpuBuffer>;
-  run: () => void;
+/**
+ * A decode step's SSD step held back: its output y (rows × dim), and how to
+ * run it, storing y times silu(gate) where a gate is given.
+ */
+export interface PendingSsdStep {
+  y: GpuBuffer;
+  rows: number;
+  dim: number;
+  run: (gate: GpuBuffer | null) => void;
 }
 
 /** The arguments of one linear: Backend.linearSplit's, and whether outs accumulate the product. */
@@ -285,8 +281,6 @@ interface PendingSum {
 interface Folds {
   /** A norm of x, its output written too. */
   norm?: RmsNormArgs<GpuBuffer> | null;
-  /** A gated norm of x, its output written too. */
-  gated?: GatedNormArgs<GpuBuffer> | null;
   /** A conv step of the first output (whose values are written too). */
   conv?: ConvArgs<GpuBuffer> | null;
   /** x_proj of the conv's outputs, left as shares. */
@@ -316,8 +310,8 @@ export interface PendingProduct {
 export class LinearKernels {
   /** A folded x_proj whose shares (gemv4's projParts) are not added up yet. */
   #pending: PendingShares | null = null;
-  /** A gated RMSNorm that the next GEMV reading its output may fold in. */
-  #pendingGatedNorm: PendingGatedNorm | null = null;
+  /** A decode step's SSD step, whose gated RMSNorm may fold its gate into it. */
+  #pendingSsdStep: PendingSsdStep | null = null;
   /** An RMSNorm that the next GEMV reading its output may fold in. */
   #pendingNorm: RmsNormArgs<GpuBuffer> | null = null;
   /** A GEMV that the conv step of its first output may fold into. */
@@ -369,14 +363,13 @@ export class LinearKernels {
     const program = linearProgram(rows, inDim, columnSplits(widths).total, weight.format);
     const gemv4 = program.shader === "gemv4";
     const norm = gemv4 ? this.#takeNorm(x, rows, inDim, outs) : null;
-    const gated = gemv4 && !norm ? this.#takeGatedNorm(x, rows, inDim) : null;
-    if (gemv4 && !gated && !accumulate) {
+    if (gemv4 && !accumulate) {
       this.settle(); // what came before the norm, if anything
       // A copy: the conv step that folds in is set on it, not on the caller's object.
       this.#pendingGemv = { ...call, norm, conv: null };
       return;
     }
-    this.#dispatch(call, { norm, gated });
+    this.#dispatch(call, { norm });
   }
 
   /**
@@ -407,16 +400,15 @@ export class LinearKernels {
   }
 
   /** The linear kernels for `folds`, dispatched now. */
-  #dispatch(call: LinearCall, { norm, gated, conv, project }: Folds): void {
+  #dispatch(call: LinearCall, { norm, conv, project }: Folds): void {
     const { outs, widths, weight, bias, rows, inDim, accumulate } = call;
     const { rt } = this;
     const { absent, unused } = rt.memory;
     const { total: outDim, split1, split2 } = columnSplits(widths);
-    const fold = project ? "project" : gated ? "gate" : null;
-    const program = linearProgram(rows, inDim, outDim, weight.format, fold);
-    const normWeight = norm?.weight ?? gated?.weight ?? null;
+    const program = linearProgram(rows, inDim, outDim, weight.format, !!project);
+    const normWeight = norm?.weight ?? null;
     // A folded norm's input is the GEMV's (its output is left unwritten).
-    const x = gated?.x ?? norm?.x ?? call.x;
+    const x = norm?.x ?? call.x;
     const [input, done] = rt.unaliased(x, rows * inDim, ...outs, ...(conv ? [conv.out] : []));
     const projWidth = project ? columnSplits(project.widths).total : 0;
     // Shares of x_proj: one per block of 256 / LANES conv outputs, per row.
@@ -441,7 +433,6 @@ export class LinearKernels {
         11: project?.weight.buffer ?? absent,
         12: parts?.buffer ?? unused[3],
         13: conv?.slots?.buffer ?? absent,
-        15: gated?.gate.buffer ?? absent,
       };
       const params: LinearIoParams = {
         rows,
@@ -459,7 +450,7 @@ export class LinearKernels {
         projWidth,
         projFormat: project ? PROJ_FORMATS[project.weight.format] : 0,
         convSlots: conv?.slots ? 1 : 0,
-        normEps: norm?.eps ?? gated?.eps ?? 0,
+        normEps: norm?.eps ?? 0,
       };
       const kParts = program.constants.KPARTS ?? 1;
       if (kParts === 1) {
@@ -498,7 +489,7 @@ export class LinearKernels {
   product(args: LinearArgs<GpuBuffer>): void {
     const { out, x, weight, bias, rows, inDim, outDim, accumulate = false } = args;
     // A product of a held-back norm's output takes the GEMV that folds it in.
-    const normed = this.#pendingNorm?.out === x || this.#pendingGatedNorm?.args.out === x;
+    const normed = this.#pendingNorm?.out === x;
     if (bias || accumulate || weight.parts.length > 0 || normed) {
       const outs = [out], widths = [outDim];
       return this.linear({ outs, widths, x, weight, bias, rows, inDim, accumulate });
@@ -537,25 +528,31 @@ export class LinearKernels {
   }
 
   /**
-   * Holds back a gated RMSNorm (`run` runs it on its own) where a GEMV may
-   * fold it in: one group per row, rows of whole vec4s, up to
-   * GATED_FOLD_MAX_ROWS rows. Anything else runs at once.
+   * Holds back a decode step's SSD step whose output is scratch, for the
+   * gated RMSNorm after it ({@link gatedRmsNorm}); anything else runs it first.
    */
-  deferGatedNorm(args: GatedNormArgs<GpuBuffer>, run: () => void): void {
-    const { rows, dim, groupSize } = args;
-    if (!args.out.transient || groupSize !== dim || dim % 4 !== 0 || rows > GATED_FOLD_MAX_ROWS) {
-      return run();
-    }
+  deferSsdStep(step: PendingSsdStep): void {
+    if (!step.y.transient) return step.run(null);
     this.settle(); // whatever was pending runs first
-    this.#pendingGatedNorm = { args, run };
+    this.#pendingSsdStep = step;
   }
 
-  /** The held-back gated norm whose output is `x` (rows × dim), taken; else null. */
-  #takeGatedNorm(x: GpuBuffer, rows: number, dim: number): GatedNormArgs<GpuBuffer> | null {
-    const args = this.#pendingGatedNorm?.args;
-    if (!args || args.out !== x || args.rows !== rows || args.dim !== dim) return null;
-    this.#pendingGatedNorm = null;
-    return args;
+  /**
+   * Backend.gatedRmsNorm (`run` runs it on its own). Of one group, after a
+   * held-back SSD step that writes its input, it splits in two: the step
+   * stores y · silu(gate), and a plain RMSNorm of that follows, which the
+   * next GEMV may fold in as it folds the norm before in_proj. That saves
+   * the gated norm's dispatch at up to GEMV4_MAX_ROWS rows.
+   */
+  gatedRmsNorm(args: GatedNormArgs<GpuBuffer>, run: () => void): void {
+    const { out, x, gate, weight, rows, dim, groupSize, eps } = args;
+    const step = this.#pendingSsdStep;
+    if (!step || step.y !== x || step.rows !== rows || step.dim !== dim || groupSize !== dim) {
+      return run();
+    }
+    this.#pendingSsdStep = null;
+    step.run(gate);
+    this.rmsNorm({ out, x, weight, rows, dim, eps });
   }
 
   /** The held-back norm whose output is `x` (rows × dim), taken, unless it is one of `outs`; else null. */
@@ -575,7 +572,7 @@ export class LinearKernels {
   }
 
   /**
-   * Runs what is held back, in the order it was issued: the norms, the GEMV
+   * Runs what is held back, in the order it was issued: an SSD step, the norms, the GEMV
    * with what folded into it, the adding up of a folded x_proj's shares into
    * its outputs (unless `keepShares`), and a product; before anything but
    * the kernel folding them in could read their outputs, and before the
@@ -585,14 +582,14 @@ export class LinearKernels {
     // The work run here calls back (the runtime's beforeWork): everything is
     // taken first, so that it runs once and in order.
     if (this.#settling) return;
-    const gated = this.#pendingGatedNorm;
+    const ssdStep = this.#pendingSsdStep;
     const norm = this.#pendingNorm;
     const gemv = this.#pendingGemv;
     const shares = keepShares ? null : this.#pending;
     const product = this.#pendingProduct;
     const sum = this.#pendingSum;
-    this.#pendingGatedNorm =
-      this.#pendingNorm =
+    this.#pendingSsdStep = null;
+    this.#pendingNorm =
       this.#pendingGemv =
       this.#pendingProduct =
         null;
@@ -600,8 +597,8 @@ export class LinearKernels {
     if (shares) this.#pending = null;
     this.#settling = true;
     try {
+      ssdStep?.run(null);
       sum?.run();
-      gated?.run();
       if (norm) rmsNorm(this.rt, norm);
       if (gemv) this.#runGemv(gemv, null);
       if (shares) this.#sumShares(shares);
@@ -649,7 +646,7 @@ export class LinearKernels {
       return false;
     }
     const { total: outDim } = columnSplits(held.widths);
-    const program = linearProgram(rows, held.inDim, outDim, held.weight.format, "project");
+    const program = linearProgram(rows, held.inDim, outDim, held.weight.format, true);
     const perGroup = 256 / program.constants.LANES;
     return widths.length <= LINEAR_MAX_OUTPUTS &&
       columnSplits(widths).total <= MAX_FUSED_PROJECTION && perGroup % 4 === 0 &&

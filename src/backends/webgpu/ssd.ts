@@ -53,8 +53,8 @@ function ssdPrograms(chunk: number, vec4: boolean) {
     chunkState: ssd("chunk_state", [0, 1, 9, 10, 11, 13]),
     carry: ssd("carry", [0, 6, 8, 9, 10]),
     output: ssd("output", [0, 1, 5, 7, 9, 10, 11, 12, 13, 15]),
-    step: ssd("step", [0, 1, 2, 3, 4, 5, 6, 7, 8]),
-    stepVec4: ssd("step_vec4", [0, 1, 2, 3, 4, 5, 6, 7, 13, 14]),
+    step: ssd("step", [0, 1, 2, 3, 4, 5, 6, 7, 8, 16]),
+    stepVec4: ssd("step_vec4", [0, 1, 2, 3, 4, 5, 6, 7, 13, 14, 16]),
   };
 }
 
@@ -97,8 +97,12 @@ export class SsdKernels {
     this.#statesBytes = options.ssdStatesBytes ?? SSD_STATES_BYTES;
   }
 
-  /** Backend.ssdScan. */
-  ssdScan(args: SsdArgs<GpuBuffer>): void {
+  /**
+   * Backend.ssdScan; a decode step (len 1) with `gate` stores y times
+   * silu(gate), the gate of the gated RMSNorm after it (see
+   * LinearKernels.deferSsdStep).
+   */
+  ssdScan(args: SsdArgs<GpuBuffer>, gate: GpuBuffer | null = null): void {
     const { y, xBC, dt, dtBias, dtLimit, A, D, state, slots, len, batch } = args;
     const { heads, headDim, groups, dState } = args;
     const { rt } = this;
@@ -112,6 +116,7 @@ export class SsdKernels {
       6: slots?.buffer ?? absent,
       7: y.buffer,
       8: state.buffer,
+      16: gate?.buffer ?? absent,
     };
     const vec4 = headDim % 4 === 0 && dState % 4 === 0;
     // A decode step's kernels do not depend on the chunk length.
@@ -123,7 +128,7 @@ export class SsdKernels {
       headDim,
       groups,
       dState,
-      flags: (D ? 1 : 0) | (slots ? 2 : 0),
+      flags: (D ? 1 : 0) | (slots ? 2 : 0) | (gate ? 4 : 0),
       dtMin: Math.max(dtLimit[0], -F32_MAX),
       dtMax: Math.min(dtLimit[1], F32_MAX),
     };
