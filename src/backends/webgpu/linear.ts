@@ -242,7 +242,7 @@ export interface PendingShares {
  * A decode step's SSD step held back: its output y (rows × dim), and how to
  * run it, storing y times silu(gate) where a gate is given.
  */
-export interface PendingSsdStep {
+interface PendingSsdStep {
   y: GpuBuffer;
   rows: number;
   dim: number;
@@ -572,11 +572,11 @@ export class LinearKernels {
   }
 
   /**
-   * Runs what is held back, in the order it was issued: an SSD step, the norms, the GEMV
-   * with what folded into it, the adding up of a folded x_proj's shares into
-   * its outputs (unless `keepShares`), and a product; before anything but
-   * the kernel folding them in could read their outputs, and before the
-   * shares are overwritten.
+   * Runs what is held back, in the order it was issued: an SSD step, the
+   * norms, the GEMV with what folded into it, the adding up of a folded
+   * x_proj's shares into its outputs (unless `keepShares`), and a product;
+   * before anything but the kernel folding them in could read their
+   * outputs, and before the shares are overwritten.
    */
   settle(keepShares = false): void {
     // The work run here calls back (the runtime's beforeWork): everything is
