@@ -200,7 +200,7 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
   }
 
   const epsKey = raw.layer_norm_epsilon != null ? "layer_norm_epsilon" : "norm_epsilon";
-  const epsRaw = normEpsilon(raw[epsKey] ?? 1e-5, `"${epsKey}"`, file);
+  const eps = normEpsilon(raw[epsKey] ?? 1e-5, `"${epsKey}"`, file);
 
   return {
     dModel,
@@ -211,7 +211,7 @@ export function parseConfig(json: unknown, file: string): MambaConfig {
     dInner,
     dtRank,
     vocabSize,
-    eps: epsRaw,
+    eps,
     projBias: flag(raw, ["use_bias", "bias"], file, false),
     convBias: flag(raw, ["use_conv_bias", "conv_bias"], file, true),
     tieEmbeddings: flag(raw, ["tie_word_embeddings", "tie_embeddings"], file, true),

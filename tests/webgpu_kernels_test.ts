@@ -1329,8 +1329,17 @@ Deno.test({
           D: fill(heads, rand),
           state: fill(rows * dim * dState, rand),
         };
-        const step = { dtLimit: [0, Infinity] as [number, number], len: 1, batch: rows, heads };
-        const sizes = { ...step, headDim, groups, dState, chunkSize: 256 };
+        const dtLimit: [number, number] = [0, Infinity];
+        const sizes = {
+          dtLimit,
+          len: 1,
+          batch: rows,
+          heads,
+          headDim,
+          groups,
+          dState,
+          chunkSize: 256,
+        };
         const gate = fill(rows * dim, rand, 2);
         const weight = fill(dim, rand);
         const w = fill(outDim * dim, rand, 0.2);
