@@ -37,7 +37,7 @@ import { parseArgs } from "@std/cli/parse-args";
 import { formatBackendReport, loadModel, type Mamba } from "../mod.ts";
 import type { BackendName } from "../src/backends/registry.ts";
 import { median, startServer, timedStream } from "./edge_load.ts";
-import { benchModelDir, promptIds, withTokenizer } from "./make_random_model.ts";
+import { benchModelDir, promptIds, SAMPLED_OPTIONS, withTokenizer } from "./make_random_model.ts";
 
 const flags = parseArgs(Deno.args, {
   string: [
@@ -68,7 +68,6 @@ const flags = parseArgs(Deno.args, {
 const TOKENS = Number(flags.tokens);
 const PROMPT = Number(flags.prompt);
 const REPS = Number(flags.reps);
-const SAMPLED = { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05 };
 
 /** The model directory, with a tokenizer; a GGUF file carries its own. */
 async function modelDir(): Promise<string> {
@@ -181,7 +180,7 @@ async function main(): Promise<void> {
   for (const count of flags.streams.split(",").map(Number)) {
     const modes = count === 1 && flags.sampled ? ["greedy", "sampled"] : ["greedy"];
     for (const mode of modes) {
-      const options = mode === "greedy" ? { temperature: 0 } : SAMPLED;
+      const options = mode === "greedy" ? { temperature: 0 } : SAMPLED_OPTIONS;
       const best = await bestOf(() => runStreams(mamba, count, options));
       streams.push({
         streams: count,

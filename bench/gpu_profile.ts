@@ -2,7 +2,8 @@
  * Where a decode step's and a prefill's GPU time goes, kernel by kernel: the
  * WebGPU backend with `profile: true` times every dispatch with timestamp
  * queries, while the engine runs what `generate` runs (N new sessions, each a
- * 16-token prompt then `--tokens` greedy ids) and `session.prefill`.
+ * 16-token prompt then `--tokens` greedy ids, or with `--sampled` top-k 40
+ * sampled ones as `api_bench.ts` draws them) and `session.prefill`.
  *
  * ```sh
  * deno run -A bench/gpu_profile.ts --streams=1,64,256 --tokens=64 --prefill=2048
@@ -28,11 +29,12 @@ import {
   MAMBA2_130M_CONFIG,
   promptIds,
   randomMamba2Weights,
+  SAMPLED_OPTIONS,
 } from "./make_random_model.ts";
 
 const flags = parseArgs(Deno.args, {
   string: ["model", "streams", "tokens", "prefill", "top"],
-  boolean: ["mamba2"],
+  boolean: ["mamba2", "sampled"],
   default: { streams: "1,64,256", tokens: "64", prefill: "2048", top: "12" },
 });
 
@@ -49,13 +51,13 @@ if (flags.mamba2) {
 const vocab = model.config.vocabSize;
 const tokens = Number(flags.tokens);
 
-/** `streams` new sessions at once, each a 16-id prompt then `tokens` greedy ids. */
+/** `streams` new sessions at once, each a 16-id prompt then `tokens` greedy (or sampled) ids. */
 function decode(streams: number): Promise<unknown> {
   return Promise.all(Array.from({ length: streams }, (_, i) => {
     const session = new Session(model);
     return session.decode({
       prompt: promptIds(16, vocab).map((id) => (id + i) % vocab),
-      sampler: new Sampler({ temperature: 0 }),
+      sampler: new Sampler(flags.sampled ? { ...SAMPLED_OPTIONS, seed: i } : { temperature: 0 }),
       maxTokens: tokens,
     }).finally(() => session.dispose());
   }));

@@ -49,6 +49,9 @@ export function promptIds(count: number, vocab: number): Int32Array {
   return Int32Array.from({ length: count }, (_, i) => (i * 7919 + 13) % vocab);
 }
 
+/** The sampled benchmarks' options: top-k 40 with llama.cpp's default temperature, top-p and min-p. */
+export const SAMPLED_OPTIONS = { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05 };
+
 /**
  * A deterministic stream of uniform values from xorshift32 seeded with
  * `seed`: each call returns the next `length` of them in [lo, hi), for
