@@ -543,16 +543,53 @@ fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
 }
 
 /**
- * Thread q's share (q = 0 … 3) of channel d's raw delta for sequence b, dt[b]
- * · dt_proj[d]: the quads of terms 4q, 4q + 16, … (two per iteration, written
- * out, so that their loads are in flight together), and term 4⌊rank/4⌋ + q of
- * the tail. The four shares add up to the whole product.
+ * Thread q's first four quads of dt_proj's row d (terms 4q, 4q + 16, 4q + 32
+ * and 4q + 48; zero past the rank's whole quads). A decode step loads them
+ * before it waits for dt, so that their latency overlaps that wait.
  */
-fn deltaShare(b: u32, d: u32, q: u32) -> f32 {
+struct DeltaWeights {
+  q0: vec4<f32>,
+  q1: vec4<f32>,
+  q2: vec4<f32>,
+  q3: vec4<f32>,
+}
+
+/** dt_proj's quad at w + k, zero past the rank's whole quads. */
+fn deltaQuad(w: u32, k: u32) -> vec4<f32> {
+  if (k + 4u > p.rank) {
+    return vec4<f32>(0.0);
+  }
+  return dtProjQuad(w + k);
+}
+
+fn deltaWeights(d: u32, q: u32) -> DeltaWeights {
+  let w = d * p.rank;
+  let k = 4u * q;
+  return DeltaWeights(deltaQuad(w, k), deltaQuad(w, k + 16u), deltaQuad(w, k + 32u), deltaQuad(w, k + 48u));
+}
+
+/** dt[x + k … x + k + 3] times a quad of dt_proj, zero past the rank's whole quads. */
+fn deltaPart(x: u32, k: u32, weights: vec4<f32>) -> vec4<f32> {
+  if (k + 4u > p.rank) {
+    return vec4<f32>(0.0);
+  }
+  return vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u)) * weights;
+}
+
+/**
+ * Thread q's share (q = 0 … 3) of channel d's raw delta for sequence b, dt[b]
+ * · dt_proj[d]: the quads of terms 4q, 4q + 16, … (the first four from
+ * `first`, the rest two per iteration, written out, so that their loads are in
+ * flight together), and term 4⌊rank/4⌋ + q of the tail. The four shares add
+ * up to the whole product.
+ */
+fn deltaShare(b: u32, d: u32, q: u32, first: DeltaWeights) -> f32 {
   let x = b * p.rank;
   let w = d * p.rank;
-  var sums = vec4<f32>(0.0);
   var k = 4u * q;
+  var sums = (deltaPart(x, k, first.q0) + deltaPart(x, k + 16u, first.q1)) +
+    (deltaPart(x, k + 32u, first.q2) + deltaPart(x, k + 48u, first.q3));
+  k += 64u;
   for (; k + 20u <= p.rank; k += 32u) {
     sums += dtTerms(x, w, k) + dtTerms(x, w, k + 16u);
   }
@@ -622,44 +659,57 @@ fn stepTask(wg: vec3u, li: u32) -> StepTask {
   return StepTask(d, dd, li % 4u, b, b * p.dim + dd, stateRow(b, dd));
 }
 
-/** A thread's new states, its channel's C·h (summed over the four threads) and its input u. */
+/** A thread's new states, its channel's C·h (summed over the four threads), its input u, and D and z. */
 struct StepResult {
   h: vec4<f32>,
   sum: f32,
   ur: f32,
+  dv: f32,
+  zi: f32,
 }
 
 /**
- * The step from the thread's states h0, loaded by the caller first, so that
- * everything but dt, B and C is in flight before the exchanges and the loads
- * overlap the dt_proj product instead of waiting behind its barrier.
+ * The step from the thread's states h0, loaded by the caller first. Everything
+ * but dt, B and C (the states, A, u, the first quads of dt_proj, D and z) is
+ * in flight before the exchanges, so that those loads overlap the wait for dt
+ * rather than follow it.
  */
 fn stepStates(li: u32, t: StepTask, h0: vec4<f32>) -> StepResult {
   let a2 = aQuad(t.dd, t.q);
   let ur = u[t.row];
+  let weights = deltaWeights(t.dd, t.q);
+  var dv = 0.0;
+  var zi = 0.0;
+  if (p.group + 1u == p.nGroups) {
+    if ((p.flags & 1u) != 0u) {
+      dv = Dv[t.dd];
+    }
+    if ((p.flags & 2u) != 0u) {
+      zi = z[t.row];
+    }
+  }
   if (PROJECTED != 0u) {
     sumProjection(t.b, li);
   }
   let bq = tokenQuad(t.b, t.q, false);
   let cq = tokenQuad(t.b, t.q, true);
-  let dt = stepSize(sumShares(li, deltaShare(t.b, t.dd, t.q)), t.dd);
+  let dt = stepSize(sumShares(li, deltaShare(t.b, t.dd, t.q, weights)), t.dd);
   let h = fma(exp2(dt * a2), h0, dt * ur * bq);
-  return StepResult(h, sumShares(li, dot(h, cq)), ur);
+  return StepResult(h, sumShares(li, dot(h, cq)), ur, dv, zi);
 }
 
 /** y of the thread's channel from its C·h (thread 0 of the four). */
-fn stepOutput(t: StepTask, sum: f32, ur: f32) {
-  var acc = sum;
+fn stepOutput(t: StepTask, r: StepResult) {
+  var acc = r.sum;
   if (p.group != 0u) {
     acc += y[t.row]; // the earlier groups' C·h
   }
   if (p.group + 1u == p.nGroups) {
     if ((p.flags & 1u) != 0u) {
-      acc = fma(Dv[t.dd], ur, acc);
+      acc = fma(r.dv, r.ur, acc);
     }
     if ((p.flags & 2u) != 0u) {
-      let zi = z[t.row];
-      acc *= zi / (1.0 + exp(-zi));
+      acc *= r.zi / (1.0 + exp(-r.zi));
     }
   }
   y[t.row] = acc;
@@ -681,7 +731,7 @@ fn step(
   }
   storeStateQuad(t.held, t.q, r.h);
   if (t.q == 0u) {
-    stepOutput(t, r.sum, r.ur);
+    stepOutput(t, r);
   }
 }
 
@@ -707,6 +757,6 @@ fn step_vec4(
     state4[at] = r.h;
   }
   if (t.q == 0u) {
-    stepOutput(t, r.sum, r.ur);
+    stepOutput(t, r);
   }
 }
