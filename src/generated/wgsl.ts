@@ -1867,6 +1867,10 @@ var<workgroup> candKey: array<u32, MAX_K>;
 var<workgroup> candId: array<u32, MAX_K>;
 var<workgroup> sortedKey: array<u32, MAX_K>;
 var<workgroup> sortedId: array<u32, MAX_K>;
+// main: the weight of each of the row's top k (sortedWeight[j] of sortedId[j]),
+// each computed by a thread of its own, so that the one thread that draws
+// does not wait on a load of the logits per candidate and pass.
+var<workgroup> sortedWeight: array<f32, MAX_K>;
 
 // The list the selection runs over: \`count\` items from \`first\`, ids of the
 // logits (stage 0, \`slices\`) or pairs of \`found\` (stage 1, \`main\`).
@@ -2049,6 +2053,12 @@ fn main(
   let base = row * p.vocab;
   let nSlices = slicesOf(limitOf(row));
   let k = selectTop(Items(1u, row * p.maxSlices * MAX_K, nSlices * MAX_K, base), keptOf(row), li);
+  let temperature = temperatureOf(row);
+  // Temperature and softmax as weights relative to the top token.
+  if (li < k) {
+    sortedWeight[li] = weight(base, li, logits[base + sortedId[0]], temperature);
+  }
+  workgroupBarrier();
 
   if (li != 0u) {
     return;
@@ -2057,10 +2067,8 @@ fn main(
     ids[p.idsOffset + row] = -1.0;
     return;
   }
-  let temperature = temperatureOf(row);
   let topP = topPOf(row);
   let minP = minPOf(row);
-  // Temperature and softmax as weights relative to the top token.
   let top = logits[base + sortedId[0]];
   let u = randoms[p.randomOffset + row];
   var chosen = sortedId[0];
@@ -2068,14 +2076,14 @@ fn main(
     // Top-p and min-p keep the first \`count\`, then the draw walks them in order.
     var total = 0.0;
     for (var j = 0u; j < k; j++) {
-      total += weight(base, j, top, temperature);
+      total += sortedWeight[j];
     }
     var count = k;
     if (topP < 1.0) {
       let nucleus = topP * total;
       var mass = 0.0;
       for (var j = 0u; j < k; j++) {
-        let w = weight(base, j, top, temperature);
+        let w = sortedWeight[j];
         if (w < minP) {
           count = j;
           break;
@@ -2088,7 +2096,7 @@ fn main(
       }
     } else if (minP > 0.0) {
       for (var j = 0u; j < k; j++) {
-        if (weight(base, j, top, temperature) < minP) {
+        if (sortedWeight[j] < minP) {
           count = j;
           break;
         }
@@ -2096,11 +2104,11 @@ fn main(
     }
     var sum = 0.0;
     for (var j = 0u; j < count; j++) {
-      sum += weight(base, j, top, temperature);
+      sum += sortedWeight[j];
     }
     var r = u * sum;
     for (var j = 0u; j < count; j++) {
-      let w = weight(base, j, top, temperature);
+      let w = sortedWeight[j];
       if (w <= 0.0) {
         continue;
       }
