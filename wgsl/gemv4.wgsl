@@ -10,13 +10,18 @@
 // With hasNorm, x's rows are RMS-normalised with normWeight first (the
 // block's norm before in_proj, norm_f before lm_head, and Mamba-2's gated
 // norm before out_proj, whose gate the SSD step has applied): each workgroup
-// computes its rows' scales itself, which costs less than a dispatch. With
+// computes its rows' scales itself, which costs less than a dispatch. At one
+// row the lanes of its first output read every vec4 of x anyway, so they sum
+// the squares on the way and reduce them with their products (at more rows
+// that measured slower than a pass over x of its own, as did loading the
+// conv's inputs ahead). With
 // convKernel, out's columns take a decode step's causal conv (in_proj's x),
 // and with gemv4_shares.wgsl prepended, a projection of the conv's outputs
 // (x_proj) follows, as partial sums per workgroup that its reader adds up.
 // Prepended by the backend: linear_io.wgsl (parameters, bias, out),
 // weight_f32.wgsl or weight_f16.wgsl (the weight and its accessors), and
-// gemv4_shares.wgsl or gemv4_no_shares.wgsl (keepConvOut and projectBlock).
+// gemv4_shares.wgsl or gemv4_no_shares.wgsl (loadProjAhead, keepConvOut and
+// projectBlock).
 
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read> normWeight: array<vec4<f32>>;
@@ -30,21 +35,83 @@
 // last convKernel - 1 inputs convState holds in row convSlots[r] (with
 // p.convSlots, a pool of states), else in row r.
 //
+// Where sequence r's conv state starts, for channel c.
+fn convBase(r: u32, c: u32) -> u32 {
+  var held = r;
+  if (p.convSlots != 0u) {
+    held = u32(convSlots[r]);
+  }
+  return held * (p.convKernel - 1u) * p.split1 + c;
+}
+
+// convStep's loads at one row, made as the workgroup starts (loadConvAhead)
+// by the thread that stores the row's output, so that the conv does not wait
+// on them after the GEMV: the taps' weights, the bias and the held inputs
+// (oldest first), for kernels of at most 4 taps.
+var<private> convAhead: bool;
+var<private> convAheadWeights: vec4<f32>;
+var<private> convAheadBias: f32;
+var<private> convAheadHeld: vec4<f32>;
+
+// Component i of v, by selects: indexing a private vector in a loop would
+// move it to slow local memory.
+fn component(v: vec4<f32>, i: u32) -> f32 {
+  return select(select(v.x, v.y, i == 1u), select(v.z, v.w, i == 3u), i >= 2u);
+}
+
+fn loadConvAhead(c: u32) {
+  let taps = p.convKernel;
+  if (taps == 0u || taps > 4u || c >= p.split1) {
+    return;
+  }
+  convAhead = true;
+  let w = c * taps;
+  let base = convBase(row0, c);
+  convAheadWeights.x = convWeight[w];
+  if (taps > 1u) {
+    convAheadWeights.y = convWeight[w + 1u];
+    convAheadHeld.x = convState[base];
+  }
+  if (taps > 2u) {
+    convAheadWeights.z = convWeight[w + 2u];
+    convAheadHeld.y = convState[base + p.split1];
+  }
+  if (taps > 3u) {
+    convAheadWeights.w = convWeight[w + 3u];
+    convAheadHeld.z = convState[base + 2u * p.split1];
+  }
+  if (p.convHasBias != 0u) {
+    convAheadBias = convBias[c];
+  }
+}
+
 // silu(conv + bias) of channel c for sequence r, whose newest input is v;
 // shifts v into the sequence's conv state (oldest input first). Only the thread
 // storing (r, c) touches that channel's state.
 fn convStep(r: u32, c: u32, v: f32) -> f32 {
   let taps = p.convKernel;
   let channels = p.split1;
-  var sum = convWeight[c * taps + taps - 1u] * v;
+  let base = convBase(r, c);
+  var sum: f32;
+  if (convAhead) {
+    sum = component(convAheadWeights, taps - 1u) * v;
+    if (p.convHasBias != 0u) {
+      sum += convAheadBias;
+    }
+    for (var k = 0u; k + 1u < taps; k++) {
+      sum = fma(component(convAheadWeights, k), component(convAheadHeld, k), sum);
+      var next = v;
+      if (k + 2u < taps) {
+        next = component(convAheadHeld, k + 1u);
+      }
+      convState[base + k * channels] = next;
+    }
+    return sum / (1.0 + exp(-sum));
+  }
+  sum = convWeight[c * taps + taps - 1u] * v;
   if (p.convHasBias != 0u) {
     sum += convBias[c];
   }
-  var held = r;
-  if (p.convSlots != 0u) {
-    held = u32(convSlots[r]);
-  }
-  let base = held * (taps - 1u) * channels + c;
   for (var k = 0u; k + 1u < taps; k++) {
     let held = convState[base + k * channels];
     sum = fma(convWeight[c * taps + k], held, sum);
@@ -57,20 +124,23 @@ fn convStep(r: u32, c: u32, v: f32) -> f32 {
   return sum / (1.0 + exp(-sum));
 }
 
-
 const ROWS: u32 = 1u;
 const LANES: u32 = 32u; // threads per output, 8 to 256 (specialised per pipeline)
 const PER_GROUP: u32 = 256u / LANES; // outputs per workgroup
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
+var<workgroup> squares: array<vec4<f32>, LANES>; // with hasNorm at one row: its sum of squares
 
-// The group's first row, and row r's running sums (module scope, so madd can
-// update them).
+// The group's first row, row r's running sums and (in the lanes of the
+// workgroup's first output, with hasNorm) its sum of squares in component r
+// (module scope, so madd can update them).
 var<private> row0: u32;
 var<private> acc0: vec4<f32>;
 var<private> acc1: vec4<f32>;
 var<private> acc2: vec4<f32>;
 var<private> acc3: vec4<f32>;
+var<private> sumsSquares: bool;
+var<private> rowSquares: vec4<f32>;
 
 // Adds weight vec4 w times vec4 k of each row of x (times the norm's weight).
 fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
@@ -79,15 +149,25 @@ fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
     w *= normWeight[k];
   }
   let base = row0 * k4 + k;
-  acc0 = fma(w, xAt(base), acc0);
+  let x0 = xAt(base);
+  acc0 = fma(w, x0, acc0);
+  var x1 = vec4<f32>(0.0);
+  var x2 = vec4<f32>(0.0);
+  var x3 = vec4<f32>(0.0);
   if (hasRow(1u)) {
-    acc1 = fma(w, xAt(base + k4), acc1);
+    x1 = xAt(base + k4);
+    acc1 = fma(w, x1, acc1);
   }
   if (hasRow(2u)) {
-    acc2 = fma(w, xAt(base + 2u * k4), acc2);
+    x2 = xAt(base + 2u * k4);
+    acc2 = fma(w, x2, acc2);
   }
   if (hasRow(3u)) {
-    acc3 = fma(w, xAt(base + 3u * k4), acc3);
+    x3 = xAt(base + 3u * k4);
+    acc3 = fma(w, x3, acc3);
+  }
+  if (sumsSquares) {
+    rowSquares += vec4<f32>(dot(x0, x0), dot(x1, x1), dot(x2, x2), dot(x3, x3));
   }
 }
 
@@ -107,8 +187,9 @@ fn hasRow(r: u32) -> bool {
   return ROWS > r && row0 + r < p.rows;
 }
 
-// 1 / sqrt(mean(x²) + eps) of each row of the group, in component r; every
-// thread of the workgroup must call it (it reduces through workgroup memory).
+// 1 / sqrt(mean(x²) + eps) of each row of the group, in component r, from x
+// read again (ROWS > 1); every thread of the workgroup must call it (it
+// reduces through workgroup memory).
 fn rowScales(li: u32, k4: u32) -> vec4<f32> {
   var squares = vec4<f32>(0.0);
   for (var k = li; k < k4; k += 256u) {
@@ -153,6 +234,12 @@ fn main(
   let o = (flat / rowGroups) * PER_GROUP + li / LANES;
   row0 = (flat % rowGroups) * ROWS;
   let k4 = p.inDim / 4u;
+  // The first output's lanes cover x: the workgroup's first output is in range.
+  sumsSquares = ROWS == 1u && p.hasNorm != 0u && li < LANES;
+  loadProjAhead(flat / rowGroups, li);
+  if (ROWS == 1u && lane == 0u && o < p.outDim) {
+    loadConvAhead(p.colOffset + o);
+  }
   if (o < p.outDim) {
     let wBase = o * k4;
     // Four loads per iteration, written out: the driver does not unroll the
@@ -175,16 +262,26 @@ fn main(
   }
   let ones = vec4<f32>(1.0);
   var scales = ones;
-  if (p.hasNorm != 0u) {
+  if (ROWS > 1u && p.hasNorm != 0u) {
     scales = rowScales(li, k4);
   }
   red[li] = vec4<f32>(dot(acc0, ones), dot(acc1, ones), dot(acc2, ones), dot(acc3, ones));
+  if (sumsSquares) {
+    squares[li] = rowSquares;
+  }
   workgroupBarrier();
   for (var stride = LANES / 2u; stride > 0u; stride >>= 1u) {
     if (lane < stride) {
       red[li] += red[li + stride];
+      if (sumsSquares) {
+        squares[li] += squares[li + stride];
+      }
     }
     workgroupBarrier();
+  }
+  if (ROWS == 1u && p.hasNorm != 0u) {
+    // 1 / sqrt(mean(x²) + eps) of the row.
+    scales = inverseSqrt(squares[0] / f32(p.inDim) + p.normEps);
   }
   if (lane == 0u) {
     // Outputs past the end, and rows past the last, add nothing to the projection.

@@ -2,6 +2,8 @@
 
 fn keepConvOut(j: u32, v: vec4<f32>) {}
 
+fn loadProjAhead(block: u32, li: u32) {}
+
 fn projectBlock(block: u32, li: u32) {}
 
 // vec4 i of x.

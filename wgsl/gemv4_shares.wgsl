@@ -11,6 +11,12 @@
 
 var<workgroup> convOut: array<vec4<f32>, PER_GROUP>; // the conv's outputs, row r in component r
 
+// The weights of projected column li over this workgroup's conv outputs, for
+// PER_GROUP ≤ 8 (two quads): loaded as the workgroup starts (loadProjAhead),
+// so that projectBlock does not wait on them after the GEMV.
+var<private> projAhead0: vec4<f32>;
+var<private> projAhead1: vec4<f32>;
+
 // vec4 i of x (a projecting GEMV has no gate).
 fn xAt(i: u32) -> vec4<f32> {
   return x[i];
@@ -58,6 +64,26 @@ fn projQuad(i: u32) -> vec4<f32> {
   );
 }
 
+// Loads projAhead0 and projAhead1 for `block` (see projectBlock).
+fn loadProjAhead(block: u32, li: u32) {
+  let first = block * PER_GROUP;
+  if (PER_GROUP > 8u || first >= p.split1 || li >= p.projWidth) {
+    return;
+  }
+  projAhead0 = projQuad(li * p.split1 + first);
+  if (PER_GROUP == 8u) {
+    projAhead1 = projQuad(li * p.split1 + first + 4u);
+  }
+}
+
+// sum plus weights w times conv outputs j … j + 3.
+fn blockTerms(j: u32, w: vec4<f32>, sum: vec4<f32>) -> vec4<f32> {
+  var total = fma(vec4<f32>(w.x), convOut[j], sum);
+  total = fma(vec4<f32>(w.y), convOut[j + 1u], total);
+  total = fma(vec4<f32>(w.z), convOut[j + 2u], total);
+  return fma(vec4<f32>(w.w), convOut[j + 3u], total);
+}
+
 // The projection's share of `block`, this workgroup's PER_GROUP conv outputs
 // (in convOut): for each projected column m and row, Σ_j projWeight[m, first
 // + j] · output j. The reader adds the blocks' shares in a fixed order, so the
@@ -72,27 +98,21 @@ fn projectBlock(block: u32, li: u32) {
   let blocks = (p.split1 + PER_GROUP - 1u) / PER_GROUP;
   for (var m = li; m < stride; m += 256u) {
     var sum = vec4<f32>(0.0);
-    if (m < p.projWidth) {
+    if (m < p.projWidth && PER_GROUP <= 8u && m == li) {
+      sum = blockTerms(0u, projAhead0, sum);
+      if (PER_GROUP == 8u) {
+        sum = blockTerms(4u, projAhead1, sum);
+      }
+    } else if (m < p.projWidth) {
       // Eight weights per iteration, their loads in flight together.
       var j = 0u;
       for (; j + 8u <= PER_GROUP; j += 8u) {
         let w0 = projQuad(m * p.split1 + first + j);
         let w1 = projQuad(m * p.split1 + first + j + 4u);
-        sum = fma(vec4<f32>(w0.x), convOut[j], sum);
-        sum = fma(vec4<f32>(w0.y), convOut[j + 1u], sum);
-        sum = fma(vec4<f32>(w0.z), convOut[j + 2u], sum);
-        sum = fma(vec4<f32>(w0.w), convOut[j + 3u], sum);
-        sum = fma(vec4<f32>(w1.x), convOut[j + 4u], sum);
-        sum = fma(vec4<f32>(w1.y), convOut[j + 5u], sum);
-        sum = fma(vec4<f32>(w1.z), convOut[j + 6u], sum);
-        sum = fma(vec4<f32>(w1.w), convOut[j + 7u], sum);
+        sum = blockTerms(j + 4u, w1, blockTerms(j, w0, sum));
       }
       if (PER_GROUP % 8u != 0u) {
-        let w0 = projQuad(m * p.split1 + first + j);
-        sum = fma(vec4<f32>(w0.x), convOut[j], sum);
-        sum = fma(vec4<f32>(w0.y), convOut[j + 1u], sum);
-        sum = fma(vec4<f32>(w0.z), convOut[j + 2u], sum);
-        sum = fma(vec4<f32>(w0.w), convOut[j + 3u], sum);
+        sum = blockTerms(j, projQuad(m * p.split1 + first + j), sum);
       }
     }
     let at = (row0 * blocks + block) * stride + m;
