@@ -131,8 +131,8 @@ const PER_GROUP: u32 = 256u / LANES; // outputs per workgroup
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
 var<workgroup> squares: array<vec4<f32>, LANES>; // with hasNorm at one row: its sum of squares
 
-// The group's first row, row r's running sums and (in the lanes of the
-// workgroup's first output, with hasNorm) its sum of squares in component r
+// The group's first row, row r's running sums and, at one row with hasNorm
+// in the lanes of the workgroup's first output, the row's sum of squares
 // (module scope, so madd can update them).
 var<private> row0: u32;
 var<private> acc0: vec4<f32>;
