@@ -629,7 +629,7 @@ const LINEAR_SHAPES = [
   [18, 12, 165],
   [129, 12, 8200],
   [129, 13, 8200],
-  // A batch of decode steps over a wide matrix (lm_head): 32×64 and 64×64 tiles.
+  // A batch of decode steps over a wide matrix (lm_head): 32×64 and 64×128 tiles.
   [20, 40, 16400],
   [5, 36, 16400],
   [64, 40, 16400],

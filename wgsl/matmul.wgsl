@@ -14,8 +14,9 @@
 // vec4s, else bounds-checked scalars. 2 · 8 · (TM + TN) floats stay within the
 // 16 KiB that any WebGPU device allows. Large outputs take 128×64 tiles (128
 // threads; 128×128 measured about as fast), or for 64 rows at most (a batch
-// of decode steps) 64×64 ones, or 32×64 for 32 rows at most of a wide output
-// (lm_head), where gemv4 would read it once per 4 rows. 8×8 blocks leave few threads on
+// of decode steps) 64×64 ones, or 32×64 and 64×128 for 32 and 64 rows at most
+// of a wide output (lm_head), where gemv4 would read it once per 4 rows (and
+// 64×64 tiles would read x twice as often). 8×8 blocks leave few threads on
 // smaller outputs (512 × 1536 is 96 such tiles for 132 SMs), so there the
 // backend takes 64×64 tiles with KSPLIT = 2: two groups of threads take the
 // first and last 4 k of each slice, and the second hands its sums to the first

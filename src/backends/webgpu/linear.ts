@@ -130,10 +130,14 @@ function linearProgram(
   const vec4 = inDim % 4 === 0;
   let shader = "matmul", entry = "main", constants: Record<string, number> = {};
   const wideTiles = Math.ceil(rows / 128) * Math.ceil(outDim / 64);
-  if (vec4 && rows > GEMV_MAX_ROWS && rows <= 32 && outDim >= WIDE_MATMUL_OUT) {
+  if (vec4 && rows > GEMV_MAX_ROWS && rows <= 64 && outDim >= WIDE_MATMUL_OUT) {
     // A wide matrix (lm_head) for a batch of decode steps: gemv4's groups of 4
-    // rows would read all of it once per group; 32×64 tiles read it once.
-    constants = { TM: 32, TN: 64, KSPLIT: 2, KPARTS: 1, VEC4: 1 };
+    // rows would read all of it once per group; 32×64 tiles read it once. At
+    // 33 to 64 rows, 64×128 tiles (which read x half as often as 64×64 ones)
+    // made 48 and 64 streams 2 to 4% faster on an H100 (docs/performance.md).
+    constants = rows <= 32
+      ? { TM: 32, TN: 64, KSPLIT: 2, KPARTS: 1, VEC4: 1 }
+      : { TM: 64, TN: 128, KSPLIT: 1, KPARTS: 1, VEC4: 1 };
   } else if (rows <= GEMV_MAX_ROWS || (vec4 && rows <= GEMV4_MAX_ROWS)) {
     shader = vec4 ? "gemv4" : "gemv";
     if (vec4) {
