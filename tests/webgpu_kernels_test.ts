@@ -597,6 +597,52 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "webgpu: skipKernels leaves out the matching kernels, issued directly or replayed, until it is cleared",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const rand = random(41);
+      const [rows, inDim, outDim] = [1, 24, 10];
+      const x = gpu.upload(fill(rows * inDim, rand));
+      const weight = gpu.upload(fill(outDim * inDim, rand));
+      const acc = gpu.zeros(outDim);
+      const out = gpu.zeros(outDim);
+      const expected = new Float32Array(outDim);
+      js.linear({
+        out: expected,
+        x: await gpu.read(x),
+        weight: await gpu.read(weight),
+        rows,
+        inDim,
+        outDim,
+      });
+      const recording = gpu.capture(() => {
+        gpu.linear({ out, x, weight, rows, inDim, outDim });
+        gpu.addInPlace({ acc, x: out, length: outDim });
+      });
+      const zeros = new Array(outDim).fill(0);
+
+      // The GEMV is left out: out stays 0, and so does what the add adds to acc.
+      gpu.skipKernels(/gemv/g); // a global flag does not make the match depend on the last one
+      const dispatches = gpu.dispatches;
+      gpu.linear({ out, x, weight, rows, inDim, outDim });
+      gpu.linear({ out, x, weight, rows, inDim, outDim });
+      gpu.replay(recording);
+      assertEquals(gpu.dispatches - dispatches, 1, "only the replayed add is dispatched");
+      assertEquals(Array.from(await gpu.read(out)), zeros, "out, the GEMV left out");
+      assertEquals(Array.from(await gpu.read(acc)), zeros, "acc plus an out of zeros");
+
+      // Cleared: both run again, directly and replayed.
+      gpu.skipKernels(null);
+      gpu.replay(recording);
+      close(await gpu.read(out), expected, 1e-6, "out after clearing");
+      close(await gpu.read(acc), expected, 1e-6, "acc after clearing");
+      gpu.releaseRecording(recording);
+    }),
+});
+
+Deno.test({
   name: "webgpu: released recordings' uniform blocks are taken again, and live ones keep theirs",
   ignore,
   fn: () =>

@@ -232,6 +232,18 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     return this.#rt.kernelTimes();
   }
 
+  /**
+   * Leaves out, from now on, every kernel whose name (program key and grid,
+   * as in {@link kernelTimes}) matches `pattern`; null runs them all again.
+   * The time a workload saves without them is what they cost where they run,
+   * which kernels timed alone or one per pass do not show
+   * (`bench/gpu_ablate.ts`). Results are wrong meanwhile: for measurement
+   * only.
+   */
+  skipKernels(pattern: RegExp | null): void {
+    this.#rt.skipKernels(pattern);
+  }
+
   // ---- buffers ----------------------------------------------------------------------------
 
   upload(data: Float32Array, rowLength?: number): GpuBuffer {
