@@ -20,17 +20,7 @@
 
 import { parseArgs } from "@std/cli/parse-args";
 import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
-import { loadCheckpoint } from "../src/load.ts";
-import { MambaModel } from "../src/model.ts";
-import { Sampler } from "../src/sampler.ts";
-import { Session } from "../src/session.ts";
-import {
-  benchModelDir,
-  MAMBA2_130M_CONFIG,
-  promptIds,
-  randomMamba2Weights,
-  SAMPLED_OPTIONS,
-} from "./make_random_model.ts";
+import { benchModel, decodeStreams, prefillOnce } from "./gpu_workload.ts";
 
 const flags = parseArgs(Deno.args, {
   string: ["model", "streams", "tokens", "prefill", "top"],
@@ -39,35 +29,8 @@ const flags = parseArgs(Deno.args, {
 });
 
 const backend = await WebGpuBackend.create({ profile: true });
-let model: MambaModel<unknown>;
-let source = "random mamba2-130m";
-if (flags.mamba2) {
-  model = new MambaModel(backend, MAMBA2_130M_CONFIG, randomMamba2Weights(MAMBA2_130M_CONFIG));
-} else {
-  source = flags.model ?? await benchModelDir();
-  const checkpoint = await loadCheckpoint(source);
-  model = new MambaModel(backend, checkpoint.config, checkpoint.weights);
-}
-const vocab = model.config.vocabSize;
+const { model, source } = await benchModel(backend, flags);
 const tokens = Number(flags.tokens);
-
-/** `streams` new sessions at once, each a 16-id prompt then `tokens` greedy (or sampled) ids. */
-function decode(streams: number): Promise<unknown> {
-  return Promise.all(Array.from({ length: streams }, (_, i) => {
-    const session = new Session(model);
-    return session.decode({
-      prompt: promptIds(16, vocab).map((id) => (id + i) % vocab),
-      sampler: new Sampler(flags.sampled ? { ...SAMPLED_OPTIONS, seed: i } : { temperature: 0 }),
-      maxTokens: tokens,
-    }).finally(() => session.dispose());
-  }));
-}
-
-async function prefill(length: number): Promise<void> {
-  const session = new Session(model);
-  await session.prefill(promptIds(length, vocab));
-  session.dispose();
-}
 
 /** Kernel times of one timed run of `work` after a warm-up run, largest first. */
 async function profile(work: () => Promise<unknown>, steps: number) {
@@ -94,11 +57,14 @@ async function profile(work: () => Promise<unknown>, steps: number) {
 
 const result: Record<string, unknown> = { adapter: backend.adapterInfo, model: source };
 for (const streams of flags.streams.split(",").filter(Boolean).map(Number)) {
-  result[`decode ${streams} streams`] = await profile(() => decode(streams), tokens);
+  result[`decode ${streams} streams`] = await profile(
+    () => decodeStreams(model, streams, tokens, flags.sampled),
+    tokens,
+  );
 }
 const prefillLength = Number(flags.prefill);
 if (prefillLength > 0) {
-  result[`prefill ${prefillLength}`] = await profile(() => prefill(prefillLength), 1);
+  result[`prefill ${prefillLength}`] = await profile(() => prefillOnce(model, prefillLength), 1);
 }
 console.log(JSON.stringify(result, null, 2));
 backend.dispose();

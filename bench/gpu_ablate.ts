@@ -1,0 +1,92 @@
+/**
+ * What each kernel costs where it runs. The engine's decode workload (N new
+ * sessions at once, each a 16-id prompt then `--tokens` ids, greedy or with
+ * `--sampled` drawn as `api_bench.ts` draws them) is timed with every kernel,
+ * then with the kernels matching each `--skip` pattern left out
+ * (`WebGpuBackend.skipKernels`), then with every kernel again. The time a
+ * pattern saves is what its kernels cost in the step, their waits on memory
+ * and on the kernels before them included, which kernels timed alone or one
+ * per compute pass (`gpu_profile.ts`) do not show. The ids are wrong while
+ * kernels are left out; only the times mean something.
+ *
+ * ```sh
+ * deno run -A bench/gpu_ablate.ts --streams=1 --tokens=128 --reps=3 --sampled \
+ *   --skip=gemv4_shares --skip=scan_shares --skip=.
+ * ```
+ *
+ * A pattern is a regular expression over kernel names (program key and grid,
+ * as `gpu_profile.ts` prints them); without `--skip` it runs a default set of
+ * kernel families. The model is as in `gpu_profile.ts` (`--model`,
+ * `--mamba2`). Prints one JSON line per run: the pattern, the median wall ms
+ * of `--reps` runs, tok/s, the µs saved per step against the first run with
+ * every kernel, and the dispatches left out per step (the prompt's included).
+ *
+ * @module
+ */
+
+import { parseArgs } from "@std/cli/parse-args";
+import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
+import { median } from "./edge_load.ts";
+import { benchModel, decodeStreams } from "./gpu_workload.ts";
+
+/** Kernel families of a decode step, by the shaders in their program keys. */
+const FAMILIES = [
+  "gemv4_shares",
+  "gemv4_no_shares",
+  "matmul_parts|matmul_sum",
+  "matmul_whole",
+  "skinny",
+  "scan",
+  "ssd",
+  "conv",
+  "rmsnorm|residual",
+  "argmax|sample|penalize",
+  ".",
+];
+
+const flags = parseArgs(Deno.args, {
+  string: ["model", "streams", "tokens", "reps", "skip"],
+  boolean: ["mamba2", "sampled"],
+  collect: ["skip"],
+  default: { streams: "1", tokens: "128", reps: "3" },
+});
+const streams = Number(flags.streams);
+const tokens = Number(flags.tokens);
+const reps = Number(flags.reps);
+const patterns = (flags.skip as string[]).length > 0 ? flags.skip as string[] : FAMILIES;
+
+const backend = await WebGpuBackend.create();
+const { model, source } = await benchModel(backend, flags);
+console.log(JSON.stringify({ adapter: backend.adapterInfo, model: source, streams, tokens }));
+
+/** Median wall ms and dispatches per step of `reps` runs, kernels matching `pattern` left out. */
+async function timed(pattern: string | null) {
+  backend.skipKernels(pattern === null ? null : new RegExp(pattern));
+  await decodeStreams(model, streams, tokens, flags.sampled); // new recordings, clocks up
+  const walls: number[] = [];
+  const before = backend.dispatches;
+  for (let i = 0; i < reps; i++) {
+    const start = performance.now();
+    await decodeStreams(model, streams, tokens, flags.sampled);
+    walls.push(performance.now() - start);
+  }
+  backend.skipKernels(null);
+  return {
+    wallMs: median(walls),
+    dispatchesPerStep: (backend.dispatches - before) / reps / tokens,
+  };
+}
+
+const all = await timed(null);
+const report = (skip: string | null, run: { wallMs: number; dispatchesPerStep: number }) =>
+  console.log(JSON.stringify({
+    skip,
+    wallMs: +run.wallMs.toFixed(1),
+    tokPerS: Math.round(streams * tokens / (run.wallMs / 1000)),
+    savedUsPerStep: +((all.wallMs - run.wallMs) * 1000 / tokens).toFixed(1),
+    skippedPerStep: +(all.dispatchesPerStep - run.dispatchesPerStep).toFixed(1),
+  }));
+report(null, all);
+for (const pattern of patterns) report(pattern, await timed(pattern));
+report(null, await timed(null));
+backend.dispose();
