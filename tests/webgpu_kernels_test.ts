@@ -540,17 +540,21 @@ Deno.test({
   fn: () => withGpu((gpu) => matchesTinyShakespeare(gpu, 1e-3), { splitMatricesOver: 64 << 10 }),
 });
 
+/** A GEMV of one row (x [1, 24], weight [10, 24], drawn from `seed`) and two zeroed outputs of it. */
+function smallGemv(gpu: WebGpuBackend, seed: number) {
+  const rand = random(seed);
+  const [rows, inDim, outDim] = [1, 24, 10];
+  const x = gpu.upload(fill(rows * inDim, rand));
+  const weight = gpu.upload(fill(outDim * inDim, rand));
+  return { rows, inDim, outDim, x, weight, acc: gpu.zeros(outDim), out: gpu.zeros(outDim) };
+}
+
 Deno.test({
   name: "webgpu: a captured recording replays the same work; host transfers cannot be captured",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
-      const rand = random(40);
-      const [rows, inDim, outDim] = [1, 24, 10];
-      const x = gpu.upload(fill(rows * inDim, rand));
-      const weight = gpu.upload(fill(outDim * inDim, rand));
-      const acc = gpu.zeros(outDim);
-      const out = gpu.zeros(outDim);
+      const { rows, inDim, outDim, x, weight, acc, out } = smallGemv(gpu, 40);
       // acc += weight · x, twice: the replay sees the buffers' values at its turn.
       const recording = gpu.capture(() => {
         gpu.linear({ out, x, weight, rows, inDim, outDim });
@@ -602,12 +606,7 @@ Deno.test({
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
-      const rand = random(41);
-      const [rows, inDim, outDim] = [1, 24, 10];
-      const x = gpu.upload(fill(rows * inDim, rand));
-      const weight = gpu.upload(fill(outDim * inDim, rand));
-      const acc = gpu.zeros(outDim);
-      const out = gpu.zeros(outDim);
+      const { rows, inDim, outDim, x, weight, acc, out } = smallGemv(gpu, 41);
       const expected = new Float32Array(outDim);
       js.linear({
         out: expected,
