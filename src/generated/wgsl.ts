@@ -3312,10 +3312,9 @@ fn dtAt(x: u32, k: u32) -> f32 {
   return dtLow[x + k];
 }
 
-/** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3]. */
+/** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3], for k + 4 ≤ rank. */
 fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
-  let dt4 = vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u));
-  return dt4 * dtProjQuad(w + k);
+  return deltaPart(x, k, dtProjQuad(w + k));
 }
 
 /**
@@ -3338,6 +3337,7 @@ fn deltaQuad(w: u32, k: u32) -> vec4<f32> {
   return dtProjQuad(w + k);
 }
 
+/** The DeltaWeights of thread q of channel d. */
 fn deltaWeights(d: u32, q: u32) -> DeltaWeights {
   let w = d * p.rank;
   let k = 4u * q;
