@@ -642,6 +642,41 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "webgpu: bench/gpu_ablate.ts reports each pattern's kernels left out, and none for a pattern that matches none",
+  ignore,
+  async fn() {
+    const output = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        "bench/gpu_ablate.ts",
+        `--model=${SHARED}/models/tiny-shakespeare`,
+        "--streams=2",
+        "--tokens=4",
+        "--reps=1",
+        "--skip=gemv4",
+        "--skip=no kernel is named this",
+      ],
+      cwd: new URL("..", import.meta.url).pathname,
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(300_000),
+    }).output();
+    const decoder = new TextDecoder();
+    assertEquals(output.code, 0, decoder.decode(output.stderr));
+    const lines = decoder.decode(output.stdout).trim().split("\n").map((line) => JSON.parse(line));
+    assertEquals(lines[0].streams, 2);
+    const runs = lines.slice(1);
+    assertEquals(runs.map((run) => run.skip), [null, "gemv4", "no kernel is named this", null]);
+    assert(runs[1].skippedPerStep > 0, `gemv4 left out ${runs[1].skippedPerStep} per step`);
+    assertEquals(runs[2].skippedPerStep, 0);
+    assertEquals(runs[3].skippedPerStep, 0, "every kernel runs again at the end");
+    for (const run of runs) assert(run.wallMs > 0 && run.tokPerS > 0, JSON.stringify(run));
+  },
+});
+
+Deno.test({
   name: "webgpu: released recordings' uniform blocks are taken again, and live ones keep theirs",
   ignore,
   fn: () =>
