@@ -910,7 +910,7 @@ const LANES: u32 = 32u; // threads per output, 8 to 256 (specialised per pipelin
 const PER_GROUP: u32 = 256u / LANES; // outputs per workgroup
 
 var<workgroup> red: array<vec4<f32>, 256>; // row r's partial sum in component r
-var<workgroup> squares: array<vec4<f32>, LANES>; // with hasNorm at one row: its sum of squares
+var<workgroup> laneSquares: array<f32, LANES>; // with hasNorm at one row: the lanes' sums of squares
 
 // The group's first row, row r's running sums and, at one row with hasNorm
 // in the lanes of the workgroup's first output, the row's sum of squares
@@ -921,7 +921,7 @@ var<private> acc1: vec4<f32>;
 var<private> acc2: vec4<f32>;
 var<private> acc3: vec4<f32>;
 var<private> sumsSquares: bool;
-var<private> rowSquares: vec4<f32>;
+var<private> rowSquares: f32;
 
 // Adds weight vec4 w times vec4 k of each row of x (times the norm's weight).
 fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
@@ -932,23 +932,17 @@ fn madd(weight4: vec4<f32>, k: u32, k4: u32) {
   let base = row0 * k4 + k;
   let x0 = xAt(base);
   acc0 = fma(w, x0, acc0);
-  var x1 = vec4<f32>(0.0);
-  var x2 = vec4<f32>(0.0);
-  var x3 = vec4<f32>(0.0);
+  if (sumsSquares) {
+    rowSquares += dot(x0, x0); // one row: there is no other
+  }
   if (hasRow(1u)) {
-    x1 = xAt(base + k4);
-    acc1 = fma(w, x1, acc1);
+    acc1 = fma(w, xAt(base + k4), acc1);
   }
   if (hasRow(2u)) {
-    x2 = xAt(base + 2u * k4);
-    acc2 = fma(w, x2, acc2);
+    acc2 = fma(w, xAt(base + 2u * k4), acc2);
   }
   if (hasRow(3u)) {
-    x3 = xAt(base + 3u * k4);
-    acc3 = fma(w, x3, acc3);
-  }
-  if (sumsSquares) {
-    rowSquares += vec4<f32>(dot(x0, x0), dot(x1, x1), dot(x2, x2), dot(x3, x3));
+    acc3 = fma(w, xAt(base + 3u * k4), acc3);
   }
 }
 
@@ -1048,21 +1042,21 @@ fn main(
   }
   red[li] = vec4<f32>(dot(acc0, ones), dot(acc1, ones), dot(acc2, ones), dot(acc3, ones));
   if (sumsSquares) {
-    squares[li] = rowSquares;
+    laneSquares[li] = rowSquares;
   }
   workgroupBarrier();
   for (var stride = LANES / 2u; stride > 0u; stride >>= 1u) {
     if (lane < stride) {
       red[li] += red[li + stride];
       if (sumsSquares) {
-        squares[li] += squares[li + stride];
+        laneSquares[li] += laneSquares[li + stride];
       }
     }
     workgroupBarrier();
   }
   if (ROWS == 1u && p.hasNorm != 0u) {
     // 1 / sqrt(mean(x²) + eps) of the row.
-    scales = inverseSqrt(squares[0] / f32(p.inDim) + p.normEps);
+    scales = vec4<f32>(inverseSqrt(laneSquares[0] / f32(p.inDim) + p.normEps));
   }
   if (lane == 0u) {
     // Outputs past the end, and rows past the last, add nothing to the projection.
