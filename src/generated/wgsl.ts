@@ -1303,20 +1303,21 @@ fn storeOut(r: u32, c: u32, sum: f32) {
 // each thread an 8×8 block in 16 named vec4 accumulators: rows 4ty..4ty+3 and
 // TM/2+4ty.., columns 4tx..4tx+3 and TN/2+4tx... Per k, a thread reads 2 vec4s
 // of x and 2 of weight from workgroup memory for 64 FMAs (the old 4×4 blocks
-// read 8 scalars for 16). The k loop runs over slices of BK = 8, staged
+// read 8 scalars for 16). The k loop runs over slices of BK = 8 or 16, staged
 // transposed (k-major, so those reads are vec4s) in two buffers: the next slice
 // is fetched from global memory into registers before the current one is used
 // and stored after it, so the fetch latency hides behind the math and one
 // barrier per slice suffices. With inDim % 4 == 0 (VEC4 = 1) the fetches are
-// vec4s, else bounds-checked scalars. 2 · 8 · (TM + TN) floats stay within the
-// 16 KiB that any WebGPU device allows. Large outputs take 128×64 tiles (128
+// vec4s, else bounds-checked scalars. 2 · BK · (TM + TN) floats stay within the
+// 16 KiB that any WebGPU device allows: slices of 16 fit 64×64 tiles only, and
+// a thread fetches at most 2 vec4s of each per slice. Large outputs take 128×64 tiles (128
 // threads; 128×128 measured about as fast), or for 64 rows at most (a batch
 // of decode steps) 64×64 ones, or 32×64 and 64×128 for 32 and 64 rows at most
 // of a wide output (lm_head), where gemv4 would read it once per 4 rows (and
 // 64×64 tiles would read x twice as often). 8×8 blocks leave few threads on
 // smaller outputs (512 × 1536 is 96 such tiles for 132 SMs), so there the
 // backend takes 64×64 tiles with KSPLIT = 2: two groups of threads take the
-// first and last 4 k of each slice, and the second hands its sums to the first
+// first and last half of each slice, and the second hands its sums to the first
 // at the end (TN = 64 only, for the hand-over to fit in xs). Where even those
 // tiles are too few (a batch of decode steps: 64 × 3072, 64 × 768), K is split
 // over KPARTS workgroups too (the grid's z): each writes its partial sums to
@@ -1345,7 +1346,8 @@ const KSPLIT: u32 = 1u; // thread groups per tile of main, 1 or 2 (with TN = 64)
 const KPARTS: u32 = 1u; // workgroups sharing one tile of main over K (grid z)
 const VEC4: u32 = 1u; // 1 when inDim % 4 == 0: rows of x and weight read as vec4s
 const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (a power of two, 4 to 256)
-const BK: u32 = 8u; // k per slice: main's step() calls are written out
+const BK: u32 = 8u; // k per slice of main, 8 or 16, with BK / KSPLIT = 4 or 8: step() calls are written out
+const QUADS: u32 = BK / 4u; // vec4s of a row of x or weight in a slice
 const BLOCKS: u32 = TM * TN / 64u; // threads per group of main
 const THREADS: u32 = KSPLIT * BLOCKS;
 
@@ -1376,13 +1378,14 @@ fn wAt(c: u32, k: u32) -> f32 {
   return weightAt(c * p.inDim + k);
 }
 
-// A slice of x is 2·TM vec4s: element e is row e / 2, k 4·(e % 2), so pairs of
-// threads read 32 contiguous bytes. Elements past it (e ≥ 2·TM, where threads
-// outnumber them) fetch and stash nothing. Likewise fetchW over TN columns.
+// A slice of x is QUADS·TM vec4s: element e is row e / QUADS, k 4·(e % QUADS),
+// so QUADS threads read a row's BK contiguous floats. Elements past it
+// (e ≥ QUADS·TM, where threads outnumber them) fetch and stash nothing.
+// Likewise fetchW over TN columns.
 fn fetchX(e: u32, row0: u32, k0: u32) -> vec4<f32> {
-  let r = row0 + e / 2u;
-  let k = k0 + 4u * (e % 2u);
-  if (e >= 2u * TM || r >= p.rows) {
+  let r = row0 + e / QUADS;
+  let k = k0 + 4u * (e % QUADS);
+  if (e >= QUADS * TM || r >= p.rows) {
     return vec4<f32>(0.0);
   }
   if (VEC4 == 1u) {
@@ -1395,9 +1398,9 @@ fn fetchX(e: u32, row0: u32, k0: u32) -> vec4<f32> {
 }
 
 fn fetchW(e: u32, col0: u32, k0: u32) -> vec4<f32> {
-  let c = col0 + e / 2u;
-  let k = k0 + 4u * (e % 2u);
-  if (e >= 2u * TN || c >= p.outDim) {
+  let c = col0 + e / QUADS;
+  let k = k0 + 4u * (e % QUADS);
+  if (e >= QUADS * TN || c >= p.outDim) {
     return vec4<f32>(0.0);
   }
   if (VEC4 == 1u) {
@@ -1411,10 +1414,10 @@ fn fetchW(e: u32, col0: u32, k0: u32) -> vec4<f32> {
 
 // Stores fetchX's element e into buffer b of xs, transposed.
 fn stashX(b: u32, e: u32, v: vec4<f32>) {
-  if (e >= 2u * TM) {
+  if (e >= QUADS * TM) {
     return;
   }
-  let i = (b * BK + 4u * (e % 2u)) * TM + e / 2u; // float index of [b][k][m]
+  let i = (b * BK + 4u * (e % QUADS)) * TM + e / QUADS; // float index of [b][k][m]
   xs[i / 4u][i % 4u] = v.x;
   xs[(i + TM) / 4u][i % 4u] = v.y;
   xs[(i + 2u * TM) / 4u][i % 4u] = v.z;
@@ -1422,10 +1425,10 @@ fn stashX(b: u32, e: u32, v: vec4<f32>) {
 }
 
 fn stashW(b: u32, e: u32, v: vec4<f32>) {
-  if (e >= 2u * TN) {
+  if (e >= QUADS * TN) {
     return;
   }
-  let i = (b * BK + 4u * (e % 2u)) * TN + e / 2u;
+  let i = (b * BK + 4u * (e % QUADS)) * TN + e / QUADS;
   ws[i / 4u][i % 4u] = v.x;
   ws[(i + TN) / 4u][i % 4u] = v.y;
   ws[(i + 2u * TN) / 4u][i % 4u] = v.z;
@@ -1485,9 +1488,9 @@ fn main(
   let perPart = (slices + KPARTS - 1u) / KPARTS;
   let firstSlice = min(slices, wg.z * perPart);
   let endSlice = min(slices, firstSlice + perPart);
-  // Slice elements: 2·TM vec4s of x and 2·TN of weight, li and li + THREADS.
-  let twoX = 2u * TM > THREADS;
-  let twoW = 2u * TN > THREADS;
+  // Slice elements: QUADS·TM vec4s of x and QUADS·TN of weight, li and li + THREADS.
+  let twoX = QUADS * TM > THREADS;
+  let twoW = QUADS * TN > THREADS;
   var xv = fetchX(li, row0, firstSlice * BK);
   var xv2 = vec4<f32>(0.0);
   var wv = fetchW(li, col0, firstSlice * BK);
@@ -1528,7 +1531,7 @@ fn main(
     step(xi + TM / 4u, wi + TN / 4u);
     step(xi + 2u * TM / 4u, wi + 2u * TN / 4u);
     step(xi + 3u * TM / 4u, wi + 3u * TN / 4u);
-    if (KSPLIT == 1u) {
+    if (BK / KSPLIT == 8u) {
       step(xi + 4u * TM / 4u, wi + 4u * TN / 4u);
       step(xi + 5u * TM / 4u, wi + 5u * TN / 4u);
       step(xi + 6u * TM / 4u, wi + 6u * TN / 4u);

@@ -161,7 +161,9 @@ function linearProgram(
     // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768), or
     // rows for half a 128-row tile at most (a batch of decode steps): 64×64
     // tiles with k split over two thread groups have 4 times the threads, and
-    // where those are still too few, K is split over workgroups as well.
+    // where those are still too few, K is split over workgroups as well. Each
+    // group takes 8 k of a slice of 16 between barriers: 64 and 256 streams
+    // ran 2 to 4% faster than on slices of 8 on an H100 (docs/performance.md).
     const tiles = Math.ceil(rows / 64) * Math.ceil(outDim / 64);
     const kParts = Math.max(
       1,
@@ -170,7 +172,7 @@ function linearProgram(
         Math.floor(Math.ceil(inDim / 8) / MATMUL_MIN_PART_SLICES),
       ),
     );
-    constants = { TM: 64, TN: 64, KSPLIT: 2, KPARTS: kParts, VEC4: vec4 ? 1 : 0 };
+    constants = { TM: 64, TN: 64, KSPLIT: 2, KPARTS: kParts, VEC4: vec4 ? 1 : 0, BK: 16 };
   } else {
     constants = { TM: 128, TN: 64, KSPLIT: 1, VEC4: vec4 ? 1 : 0 };
   }
