@@ -639,6 +639,8 @@ const LINEAR_SHAPES = [
   [17, 36, 45],
   [67, 52, 128],
   [260, 8, 127],
+  // A batch of 33 to 64 rows through a narrow matrix with a long K (out_proj): skinny too.
+  [37, 1028, 130],
   // Few tiles and a long K: split over workgroups, summed after.
   [9, 521, 136],
   [130, 400, 136],
