@@ -49,8 +49,9 @@ const KSPLIT: u32 = 1u; // thread groups per tile of main, 1 or 2 (with TN = 64)
 const KPARTS: u32 = 1u; // workgroups sharing one tile of main over K (grid z)
 const VEC4: u32 = 1u; // 1 when inDim % 4 == 0: rows of x and weight read as vec4s
 const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (a power of two, 4 to 256)
-const BK: u32 = 8u; // k per slice of main, 8 or 16, with BK / KSPLIT = 4 or 8: step() calls are written out
-const QUADS: u32 = BK / 4u; // vec4s of a row of x or weight in a slice
+// k per slice of main, 8 or 16, with BK / KSPLIT = 4 or 8 (step() calls are written out)
+const BK: u32 = 8u;
+const QUADS: u32 = BK / 4u; // vec4s of a row of x or of the weight in a slice
 const BLOCKS: u32 = TM * TN / 64u; // threads per group of main
 const THREADS: u32 = KSPLIT * BLOCKS;
 

@@ -536,9 +536,14 @@ fn dtAt(x: u32, k: u32) -> f32 {
   return dtLow[x + k];
 }
 
+/** dt[x + k … x + k + 3] times a quad of dt_proj, for k + 4 ≤ rank. */
+fn dtTimes(x: u32, k: u32, weights: vec4<f32>) -> vec4<f32> {
+  return vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u)) * weights;
+}
+
 /** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3], for k + 4 ≤ rank. */
 fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
-  return deltaPart(x, k, dtProjQuad(w + k));
+  return dtTimes(x, k, dtProjQuad(w + k));
 }
 
 /**
@@ -573,7 +578,7 @@ fn deltaPart(x: u32, k: u32, weights: vec4<f32>) -> vec4<f32> {
   if (k + 4u > p.rank) {
     return vec4<f32>(0.0);
   }
-  return vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u)) * weights;
+  return dtTimes(x, k, weights);
 }
 
 /**

@@ -1346,8 +1346,9 @@ const KSPLIT: u32 = 1u; // thread groups per tile of main, 1 or 2 (with TN = 64)
 const KPARTS: u32 = 1u; // workgroups sharing one tile of main over K (grid z)
 const VEC4: u32 = 1u; // 1 when inDim % 4 == 0: rows of x and weight read as vec4s
 const LANES: u32 = 32u; // threads sharing one 4×4 block of out in skinny (a power of two, 4 to 256)
-const BK: u32 = 8u; // k per slice of main, 8 or 16, with BK / KSPLIT = 4 or 8: step() calls are written out
-const QUADS: u32 = BK / 4u; // vec4s of a row of x or weight in a slice
+// k per slice of main, 8 or 16, with BK / KSPLIT = 4 or 8 (step() calls are written out)
+const BK: u32 = 8u;
+const QUADS: u32 = BK / 4u; // vec4s of a row of x or of the weight in a slice
 const BLOCKS: u32 = TM * TN / 64u; // threads per group of main
 const THREADS: u32 = KSPLIT * BLOCKS;
 
@@ -3309,9 +3310,14 @@ fn dtAt(x: u32, k: u32) -> f32 {
   return dtLow[x + k];
 }
 
+/** dt[x + k … x + k + 3] times a quad of dt_proj, for k + 4 ≤ rank. */
+fn dtTimes(x: u32, k: u32, weights: vec4<f32>) -> vec4<f32> {
+  return vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u)) * weights;
+}
+
 /** dt[x + k … x + k + 3] · dt_proj[w + k … w + k + 3], for k + 4 ≤ rank. */
 fn dtTerms(x: u32, w: u32, k: u32) -> vec4<f32> {
-  return deltaPart(x, k, dtProjQuad(w + k));
+  return dtTimes(x, k, dtProjQuad(w + k));
 }
 
 /**
@@ -3346,7 +3352,7 @@ fn deltaPart(x: u32, k: u32, weights: vec4<f32>) -> vec4<f32> {
   if (k + 4u > p.rank) {
     return vec4<f32>(0.0);
   }
-  return vec4<f32>(dtAt(x, k), dtAt(x, k + 1u), dtAt(x, k + 2u), dtAt(x, k + 3u)) * weights;
+  return dtTimes(x, k, weights);
 }
 
 /**
