@@ -29,7 +29,11 @@ import { WebGpuBackend } from "../src/backends/webgpu/mod.ts";
 import { median } from "./edge_load.ts";
 import { benchModel, decodeStreams } from "./gpu_workload.ts";
 
-/** Kernel families of a decode step, by the shaders in their program keys. */
+/**
+ * Kernel families of a decode step, by the shaders in their program keys.
+ * `matmul_whole` is the prelude of every matmul not split over K: lm_head's
+ * tiles, and the skinny entry point too (x_proj; out_proj at 33 to 64 rows).
+ */
 const FAMILIES = [
   "gemv4_shares",
   "gemv4_no_shares",
