@@ -13,25 +13,27 @@
 // barrier per slice suffices. With inDim % 4 == 0 (VEC4 = 1) the fetches are
 // vec4s, else bounds-checked scalars. 2 · BK · (TM + TN) floats stay within the
 // 16 KiB that any WebGPU device allows: slices of 16 fit 64×64 tiles only, and
-// a thread fetches at most 2 vec4s of each per slice. Large outputs take 128×64 tiles (128
-// threads; 128×128 measured about as fast), or for 64 rows at most (a batch
-// of decode steps) 64×64 ones, or 32×64 and 64×128 for 32 and 64 rows at most
-// of a wide output (lm_head), where gemv4 would read it once per 4 rows (and
-// 64×64 tiles would read x twice as often). 8×8 blocks leave few threads on
-// smaller outputs (512 × 1536 is 96 such tiles for 132 SMs), so there the
+// a thread fetches at most 2 vec4s of each per slice. Large outputs take 128×64
+// tiles (128 threads; 128×128 measured about as fast), or for 64 rows at most
+// (a batch of decode steps) 64×64 ones, or 32×64 and 64×128 for 32 and 64 rows
+// at most of a wide output (lm_head), where gemv4 would read it once per 4 rows
+// (and 64×64 tiles would read x twice as often). 8×8 blocks leave few threads
+// on smaller outputs (512 × 1536 is 96 such tiles for 132 SMs), so there the
 // backend takes 64×64 tiles with KSPLIT = 2: two groups of threads take the
 // first and last half of each slice, and the second hands its sums to the first
 // at the end (TN = 64 only, for the hand-over to fit in xs). Where even those
 // tiles are too few (a batch of decode steps: 64 × 3072, 64 × 768), K is split
 // over KPARTS workgroups too (the grid's z): each writes its partial sums to
-// `partial` (matmul_parts.wgsl) and matmul_sum.wgsl adds them up, bias and
-// all; a tile then runs a short k loop instead of a long one on a few SMs.
+// `partial` (matmul_parts.wgsl) and matmul_sum.wgsl adds them up, bias and all;
+// a tile then runs a short k loop instead of a long one on a few SMs.
 //
 // skinny: outDim ≤ 128 (x_proj's 16 and 48 columns) gives main a handful of
 // tiles with a long k loop each, so each output is split over LANES threads
 // along K instead: a thread computes a 4×4 block of out over every LANES-th vec4
 // of K, straight from global memory (the weight is small and stays in cache),
 // then the lanes' partial sums meet in workgroup memory. Needs inDim % 4 == 0.
+// The backend also takes it for 33 to 64 rows through a narrow matrix with a
+// long K (out_proj), where main's few tiles would be split over K and summed.
 //
 // Accumulators are module-scope private vec4s, updated by small functions
 // called with constant arguments: a private array indexed in a loop (or a k
