@@ -50,10 +50,21 @@ const SKINNY_MAX_OUT = 128;
 /** Threads that the skinny matmul aims for: a workgroup of 256 per SM of an H100, about. */
 const SKINNY_THREADS = 256 * 132;
 /**
- * Workgroups of the tiled matmul below which tiles get smaller and then K is
- * split over workgroups (two per SM of an H200's 132, about).
+ * 128×64 tiles of the tiled matmul below which tiles get smaller, and K is
+ * split over workgroups where they still leave a wave unfilled (two per SM of
+ * an H200's 132, about; see MATMUL_SPLIT_WAVE).
  */
 const MATMUL_MIN_TILES = 256;
+/**
+ * Workgroups of 64×64 tiles that an H100 or H200 runs at once, about three per
+ * SM. A matmul split over K takes as many parts as fill this one wave: a
+ * second wave costs about as much as the first, so fewer, longer parts are
+ * slower and more parts are no faster (in_proj at 64 rows, out_proj at 256;
+ * docs/performance.md).
+ */
+const MATMUL_SPLIT_WAVE = 384;
+/** The fewest slices of 16 k that a part of 64×64 tiles split over K takes. */
+const SPLIT_MIN_PART_SLICES = 6;
 /**
  * Outputs from which a batch of up to 32 decode steps takes the tiled matmul
  * rather than gemv4 (lm_head's 50,280; not in_proj's 3,072, whose gemv4 folds
@@ -70,7 +81,7 @@ const WIDE_MATMUL_OUT = 16384;
  */
 const SKINNY_BATCH_MAX_OUT = 1024;
 const SKINNY_BATCH_MIN_IN = 1024;
-/** The fewest slices of 8 k that a part of a matmul split over K takes. */
+/** The fewest slices of 8 k that each half of a 128×64 tile split over K takes. */
 const MATMUL_MIN_PART_SLICES = 16;
 /** The widest projection (Σ widths) that gemv4 folds in. */
 const MAX_FUSED_PROJECTION = 256;
@@ -176,15 +187,16 @@ function linearProgram(
     // Too few 128×64 tiles to keep 132 SMs busy (512 × 1536, 2048 × 768), or
     // rows for half a 128-row tile at most (a batch of decode steps): 64×64
     // tiles with k split over two thread groups have 4 times the threads, and
-    // where those are still too few, K is split over workgroups as well. Each
-    // group takes 8 k of a slice of 16 between barriers: 64 and 256 streams
-    // ran 2 to 4% faster than on slices of 8 on an H100 (docs/performance.md).
+    // where those still leave a wave unfilled, K is split over workgroups as
+    // well. Each group takes 8 k of a slice of 16 between barriers: 64 and 256
+    // streams ran 2 to 4% faster than on slices of 8 on an H100
+    // (docs/performance.md).
     const tiles = Math.ceil(rows / 64) * Math.ceil(outDim / 64);
     const kParts = Math.max(
       1,
       Math.min(
-        Math.ceil(MATMUL_MIN_TILES / tiles),
-        Math.floor(Math.ceil(inDim / 8) / MATMUL_MIN_PART_SLICES),
+        Math.floor(MATMUL_SPLIT_WAVE / tiles),
+        Math.floor(Math.ceil(inDim / 16) / SPLIT_MIN_PART_SLICES),
       ),
     );
     constants = { TM: 64, TN: 64, KSPLIT: 2, KPARTS: kParts, VEC4: vec4 ? 1 : 0, BK: 16 };
