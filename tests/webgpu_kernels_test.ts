@@ -344,13 +344,22 @@ async function foldedDtProjMatches(
 
 Deno.test({
   name:
-    "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 48, 23 and 5, N 16, 20 and 7 (states as vec4s or not), batches 1 to 3",
+    "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 5 to 200, N 7 to 40 (states as vec4s or not), batches 1 to 3",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
       const rand = random(40);
       const dim = 130;
-      const shapes = [[48, 16, 1], [5, 20, 3], [23, 16, 2], [48, 16, 3], [23, 7, 2]];
+      // Ranks past 64 take the step's loop over dt_proj; N past 16 runs in groups of 16.
+      const shapes = [
+        [48, 16, 1],
+        [5, 20, 3],
+        [23, 16, 2],
+        [48, 16, 3],
+        [23, 7, 2],
+        [100, 32, 2],
+        [200, 40, 1],
+      ];
       for (const [rank, dState, batch] of shapes) {
         for (const half of [null, "f16", "bf16"] as const) {
           const weight = exactIn(fill(dim * rank, rand, 0.3), half);
