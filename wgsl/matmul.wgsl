@@ -22,10 +22,11 @@
 // backend takes 64×64 tiles with KSPLIT = 2: two groups of threads take the
 // first and last half of each slice, and the second hands its sums to the first
 // at the end (TN = 64 only, for the hand-over to fit in xs). Where even those
-// tiles are too few (a batch of decode steps: 64 × 3072, 64 × 768), K is split
-// over KPARTS workgroups too (the grid's z): each writes its partial sums to
-// `partial` (matmul_parts.wgsl) and matmul_sum.wgsl adds them up, bias and all;
-// a tile then runs a short k loop instead of a long one on a few SMs.
+// tiles are too few (a batch of decode steps: 64 × 3072, 256 × 768), K is split
+// over KPARTS workgroups too (the grid's z), as many as fill one wave of the
+// GPU: each writes its partial sums to `partial` (matmul_parts.wgsl) and
+// matmul_sum.wgsl adds them up, bias and all; a tile then runs a short k loop
+// instead of a long one on a few SMs.
 //
 // skinny: outDim ≤ 128 (x_proj's 16 and 48 columns) gives main a handful of
 // tiles with a long k loop each, so each output is split over LANES threads

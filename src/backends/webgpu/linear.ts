@@ -50,9 +50,9 @@ const SKINNY_MAX_OUT = 128;
 /** Threads that the skinny matmul aims for: a workgroup of 256 per SM of an H100, about. */
 const SKINNY_THREADS = 256 * 132;
 /**
- * 128×64 tiles of the tiled matmul below which tiles get smaller, and K is
- * split over workgroups where they still leave a wave unfilled (two per SM of
- * an H200's 132, about; see MATMUL_SPLIT_WAVE).
+ * 128×64 tiles of the tiled matmul (two per SM of an H200's 132, about) below
+ * which it takes 64×64 tiles instead; MATMUL_SPLIT_WAVE says how far those
+ * split K.
  */
 const MATMUL_MIN_TILES = 256;
 /**
