@@ -191,6 +191,24 @@ for (const { label, name, options, ignore } of BACKENDS) {
     assertEquals((await ending.session.greedy(3)).ids, greedy[p].slice(at, at + 3));
   });
 
+  test("40 concurrent greedy streams, a batch past 32 rows (webgpu's split-K matmuls with the norm folded in), give the greedy ids", async (mamba) => {
+    const { prompts, greedy } = await reference();
+    const count = 12;
+    const streams = Array.from({ length: 40 }, async (_, i) => {
+      const session = new Session(mamba.model);
+      const result = await session.decode({
+        prompt: prompts[i % prompts.length],
+        sampler: new Sampler({ temperature: 0 }),
+        maxTokens: count,
+      });
+      session.dispose();
+      return result.ids;
+    });
+    (await Promise.all(streams)).forEach((ids, i) =>
+      assertEquals(ids, greedy[i % prompts.length].slice(0, count), `stream ${i}`)
+    );
+  });
+
   test("a burst of prompts of different lengths joins one round, as one prompt does", async (mamba) => {
     const engine = engineFor(mamba.model);
     const { prompts, greedy } = await reference();
