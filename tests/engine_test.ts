@@ -191,7 +191,7 @@ for (const { label, name, options, ignore } of BACKENDS) {
     assertEquals((await ending.session.greedy(3)).ids, greedy[p].slice(at, at + 3));
   });
 
-  test("40 concurrent greedy streams, a batch past 32 rows (webgpu's split-K matmuls with the norm folded in), give the greedy ids", async (mamba) => {
+  test("40 concurrent greedy streams, a batch past 32 rows (on webgpu, matmuls split over K whose sums the conv step and the residual norm add up), give the greedy ids", async (mamba) => {
     const { prompts, greedy } = await reference();
     const count = 12;
     const streams = Array.from({ length: 40 }, async (_, i) => {
