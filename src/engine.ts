@@ -34,6 +34,7 @@
 
 import {
   type Backend,
+  flushesAfter,
   type Recording,
   SAMPLING_SETTINGS,
   type SamplingFeatures,
@@ -128,18 +129,6 @@ const CAPTURED_PROMPT_LIMIT = 128;
  * cannot capture), long enough that a prompt takes few pieces.
  */
 const CAPTURED_PIECE = 32;
-/**
- * Whether a round submits its steps so far after issuing step `t`: after steps
- * 0, 1, 3, 7, 15 and 31, so that each submission doubles what the round has
- * submitted. The first two go alone, for the read that starts between them;
- * after that the device has as many steps queued as the host is issuing. A
- * round of 32 then makes 6 submissions rather than 32, which measured 2 to 3%
- * faster at one stream on an H100: the device pauses at each submission
- * (docs/performance.md).
- */
-function submitsAfter(t: number): boolean {
-  return ((t + 1) & t) === 0;
-}
 /** Recorded steps kept; past it they are all released and recorded again as needed. */
 const MAX_RECORDINGS = 256;
 /** History ids kept per sequence at least (see {@link DecodeEngine}'s ring). */
@@ -698,7 +687,7 @@ export class DecodeEngine<Buf> {
       // The read started here returns once the device is idle, with the
       // second step issued but not yet submitted: it then goes at once.
       if (t === 1) started();
-      if (submitsAfter(t)) be.flush();
+      if (flushesAfter(t)) be.flush();
       if (t === 0 && steps === 1) started();
     }
     if (steps > 0) {

@@ -46,7 +46,7 @@
  * @module
  */
 
-import type { Backend } from "./backend.ts";
+import { type Backend, flushesAfter } from "./backend.ts";
 import type { MambaConfig } from "./config.ts";
 import {
   allocMamba2Buffers,
@@ -540,10 +540,10 @@ export class MambaModel<Buf> {
       } else {
         for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
       }
-      // A prompt's layers go to the device one by one, so that it runs each
-      // layer while the host records the next, rather than all once every
+      // A prompt's layers go to the device as they are recorded, so that it
+      // runs them while the host records the next, rather than all once every
       // layer is recorded. (Decode steps are started by their callers.)
-      if (len > 1) this.backend.flush();
+      if (len > 1 && flushesAfter(layer)) this.backend.flush();
     });
   }
 
