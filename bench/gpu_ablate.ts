@@ -125,20 +125,20 @@ async function timed(pattern: string | null) {
   backend.skipKernels(null);
   return {
     wallMs: median(walls),
-    dispatchesPerStep: (backend.dispatches - before) / reps / units,
+    dispatchesPerUnit: (backend.dispatches - before) / reps / units,
   };
 }
 
 const all = await timed(null);
-const report = (skip: string | null, run: { wallMs: number; dispatchesPerStep: number }) =>
+const report = (skip: string | null, run: { wallMs: number; dispatchesPerUnit: number }) =>
   console.log(JSON.stringify({
     skip,
     wallMs: +run.wallMs.toFixed(1),
     tokPerS: Math.round(streams * tokens / (run.wallMs / 1000)),
     [prefill > 0 ? "savedUsPerPrompt" : "savedUsPerStep"]: +((all.wallMs - run.wallMs) * 1000 /
       units).toFixed(1),
-    [prefill > 0 ? "skippedPerPrompt" : "skippedPerStep"]: +(all.dispatchesPerStep -
-      run.dispatchesPerStep).toFixed(1),
+    [prefill > 0 ? "skippedPerPrompt" : "skippedPerStep"]: +(all.dispatchesPerUnit -
+      run.dispatchesPerUnit).toFixed(1),
   }));
 report(null, all);
 for (const pattern of patterns) report(pattern, await timed(pattern));
