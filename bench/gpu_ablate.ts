@@ -84,10 +84,12 @@ const flags = parseArgs(Deno.args, {
 });
 const prefill = Number(flags.prefill);
 const sessions = Number(flags.sessions);
-// A step of the decode workload, or a prompt of the prefill one: what the savings are per.
-const streams = prefill > 0 ? sessions : Number(flags.streams);
-const tokens = prefill > 0 ? prefill : Number(flags.tokens);
+const streams = Number(flags.streams);
+const tokens = Number(flags.tokens);
+// What the savings are per: a decode step, or a prompt of the prefill workload.
 const units = prefill > 0 ? sessions : tokens;
+const unit = prefill > 0 ? "Prompt" : "Step";
+const idsPerRun = prefill > 0 ? sessions * prefill : streams * tokens;
 const reps = Number(flags.reps);
 const patterns = (flags.skip as string[]).length > 0
   ? flags.skip as string[]
@@ -134,11 +136,9 @@ const report = (skip: string | null, run: { wallMs: number; dispatchesPerUnit: n
   console.log(JSON.stringify({
     skip,
     wallMs: +run.wallMs.toFixed(1),
-    tokPerS: Math.round(streams * tokens / (run.wallMs / 1000)),
-    [prefill > 0 ? "savedUsPerPrompt" : "savedUsPerStep"]: +((all.wallMs - run.wallMs) * 1000 /
-      units).toFixed(1),
-    [prefill > 0 ? "skippedPerPrompt" : "skippedPerStep"]: +(all.dispatchesPerUnit -
-      run.dispatchesPerUnit).toFixed(1),
+    tokPerS: Math.round(idsPerRun / (run.wallMs / 1000)),
+    [`savedUsPer${unit}`]: +((all.wallMs - run.wallMs) * 1000 / units).toFixed(1),
+    [`skippedPer${unit}`]: +(all.dispatchesPerUnit - run.dispatchesPerUnit).toFixed(1),
   }));
 report(null, all);
 for (const pattern of patterns) report(pattern, await timed(pattern));

@@ -574,11 +574,10 @@ export type ViewOf<Buf> = (buf: Buf, offset: number, length: number) => Buf;
  * Whether a caller issuing a run of like pieces of work (a round's decode
  * steps, a prompt's layers) calls {@link Backend.flush} after piece `index`:
  * after pieces 0 and 1, then after every fourth (3, 7, 11, …). Where the
- * backend queues work each submission costs time: on an H100 one submission
- * per decode step cost one stream 2 to 4% of its speed, and one per layer
- * cost five prompts in flight 3 to 6%. Groups that doubled (1, 2, 4, 8, 16)
- * were as fast in most processes but 7 to 14% slower at one stream in 4 of
- * 14, groups of four in none of 9 (docs/performance.md).
+ * backend queues work each submission costs time, so fewer are faster; groups
+ * of four still keep the device ahead of a host issuing the rest, where larger
+ * or doubling groups sometimes left it waiting (docs/performance.md has the
+ * figures).
  */
 export function flushesAfter(index: number): boolean {
   return index <= 1 || (index + 1) % 4 === 0;

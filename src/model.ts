@@ -540,9 +540,10 @@ export class MambaModel<Buf> {
       } else {
         for (const op of BLOCK_OPS) blockOp(this.backend, this.config, op, w, s, sequences);
       }
-      // A prompt's layers go to the device as they are recorded, so that it
-      // runs them while the host records the next, rather than all once every
-      // layer is recorded. (Decode steps are started by their callers.)
+      // A prompt's layers go to the device in groups (flushesAfter) while the
+      // host records the rest, rather than all once every layer is recorded;
+      // the caller submits what is left. (Decode steps are started by their
+      // callers.)
       if (len > 1 && flushesAfter(layer)) this.backend.flush();
     });
   }
