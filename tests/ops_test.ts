@@ -825,7 +825,7 @@ const KERNEL_CASES: KernelCase[] = [
           const weight = be.upload(fill(channels * kernel));
           const bias = kernel === 3 ? null : be.upload(fill(channels));
           const state = be.upload(fill(Math.max(1, (kernel - 1) * channels)));
-          for (const len of [9, 2, 1, 1, 7]) {
+          for (const len of [9, 2, 1, 1, 7, 21]) {
             const out = be.zeros(len * channels);
             const x = be.upload(fill(len * channels));
             be.causalConv({ out, x, weight, bias, state, len, channels, kernel });
@@ -843,24 +843,29 @@ const KERNEL_CASES: KernelCase[] = [
     tolerance: 1e-5,
     async run(be, fill) {
       const outs: Float32Array[] = [];
-      const [batch, channels, kernel] = [3, 37, 4];
-      const weight = be.upload(fill(channels * kernel));
+      const [batch, kernel] = [3, 4];
+      // 40 channels are whole vec4s, 37 are not.
+      for (const channels of [37, 40]) {
+        const weight = be.upload(fill(channels * kernel));
+        const bias = be.upload(fill(channels));
+        const state = be.upload(fill(batch * (kernel - 1) * channels));
+        for (const len of [6, 2, 1, 19]) {
+          const out = be.zeros(batch * len * channels);
+          const x = be.upload(fill(batch * len * channels));
+          be.causalConv({ out, x, weight, bias, state, len, channels, kernel, batch });
+          outs.push(await be.read(out), await be.read(state));
+        }
+        // Two sequences whose states are rows 2 and 0 of the three: steps, then prompts.
+        const slots = be.upload(Float32Array.of(2, 0));
+        for (const len of [1, 1, 3, 11]) {
+          const out = be.zeros(2 * len * channels);
+          const x = be.upload(fill(2 * len * channels));
+          be.causalConv({ out, x, weight, bias, state, slots, len, channels, kernel, batch: 2 });
+          outs.push(await be.read(out), await be.read(state));
+        }
+      }
+      const channels = 37;
       const bias = be.upload(fill(channels));
-      const state = be.upload(fill(batch * (kernel - 1) * channels));
-      for (const len of [6, 2, 1]) {
-        const out = be.zeros(batch * len * channels);
-        const x = be.upload(fill(batch * len * channels));
-        be.causalConv({ out, x, weight, bias, state, len, channels, kernel, batch });
-        outs.push(await be.read(out), await be.read(state));
-      }
-      // Decode steps of two sequences whose states are rows 2 and 0 of the three.
-      const slots = be.upload(Float32Array.of(2, 0));
-      for (const len of [1, 1, 3]) {
-        const out = be.zeros(2 * len * channels);
-        const x = be.upload(fill(2 * len * channels));
-        be.causalConv({ out, x, weight, bias, state, slots, len, channels, kernel, batch: 2 });
-        outs.push(await be.read(out), await be.read(state));
-      }
       // One tap: no state at all.
       const out = be.zeros(batch * channels);
       const x = be.upload(fill(batch * channels));

@@ -7,6 +7,12 @@
 // Entry points:
 // - `outputs`: one thread per (token, channel), reads the old state; then
 // - `update_state`: one thread per channel writes the new state.
+// - `outputs_quads`: the same in one dispatch, for Mamba's kernel of 4 taps
+//   and channels in whole vec4s: a thread takes 4 channels over QUAD_TOKENS
+//   tokens, each input loaded once as a vec4 and kept for the taps after it.
+//   The thread of a sequence's first tokens, the only one that reads the old
+//   state, writes the new one after (longer inputs than `sequential` takes,
+//   whose new state is all x).
 // - `sequential`: one thread per channel walks all tokens and updates the
 //   state itself (one dispatch: used for decode steps and short inputs).
 // - `step_on_parts`: a decode step (len 1) whose input x is a block of
@@ -42,11 +48,21 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> z: array<f32>; // [batch, zWidth]
 @group(0) @binding(9) var<storage, read> inBias: array<f32>; // [width]
 @group(0) @binding(10) var<storage, read_write> w: array<f32>; // [batch, wWidth]
+// outputs_quads: x, weight, out and state as vec4s (weight: a channel's 4 taps).
+@group(0) @binding(11) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read> weight4: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> out4: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read_write> state4: array<vec4<f32>>;
 
 const MAXK: u32 = 8u;
 const KPARTS: u32 = 2u; // step_on_parts
+const QUAD_TOKENS: u32 = 8u; // outputs_quads: tokens per thread
 
 fn silu(v: f32) -> f32 {
+  return v / (1.0 + exp(-v));
+}
+
+fn silu4(v: vec4<f32>) -> vec4<f32> {
   return v / (1.0 + exp(-v));
 }
 
@@ -113,6 +129,68 @@ fn update_state(
   }
   for (var j = 0u; j < kept; j++) {
     state[history(b) + j * p.channels + c] = next[j];
+  }
+}
+
+// outputs_quads: the inputs of channels c..c+3 at position pos of sequence b
+// (negative positions reach into the state).
+fn inputQuad(b: u32, pos: i32, c: u32) -> vec4<f32> {
+  if (pos >= 0) {
+    return x4[(tokens(b) + u32(pos) * p.channels + c) / 4u];
+  }
+  return state4[(history(b) + u32(3 + pos) * p.channels + c) / 4u];
+}
+
+@compute @workgroup_size(256)
+fn outputs_quads(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(num_workgroups) nwg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let quads = p.channels / 4u;
+  let i = (wg.y * nwg.x + wg.x) * 256u + li;
+  let b = wg.z;
+  if (i >= quads * ((p.len + QUAD_TOKENS - 1u) / QUAD_TOKENS)) {
+    return;
+  }
+  let group = i / quads;
+  let c = 4u * (i - group * quads);
+  // Tap k of the 4 channels: column k of their rows of taps.
+  let r0 = weight4[c];
+  let r1 = weight4[c + 1u];
+  let r2 = weight4[c + 2u];
+  let r3 = weight4[c + 3u];
+  let tap0 = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
+  let tap1 = vec4<f32>(r0.y, r1.y, r2.y, r3.y);
+  let tap2 = vec4<f32>(r0.z, r1.z, r2.z, r3.z);
+  let tap3 = vec4<f32>(r0.w, r1.w, r2.w, r3.w);
+  var bias4 = vec4<f32>(0.0);
+  if (p.hasBias != 0u) {
+    bias4 = vec4<f32>(bias[c], bias[c + 1u], bias[c + 2u], bias[c + 3u]);
+  }
+  // The three inputs before the first token, oldest first.
+  let first = i32(group * QUAD_TOKENS);
+  var in0 = inputQuad(b, first - 3, c);
+  var in1 = inputQuad(b, first - 2, c);
+  var in2 = inputQuad(b, first - 1, c);
+  for (var t = 0u; t < QUAD_TOKENS; t++) {
+    // Past the last token, the last one again (loaded, not stored).
+    let pos = min(u32(first) + t, p.len - 1u);
+    let in3 = inputQuad(b, i32(pos), c);
+    let sum = fma(tap3, in3, fma(tap2, in2, fma(tap1, in1, fma(tap0, in0, bias4))));
+    if (u32(first) + t < p.len) {
+      out4[(tokens(b) + pos * p.channels + c) / 4u] = silu4(sum);
+    }
+    in0 = in1;
+    in1 = in2;
+    in2 = in3;
+  }
+  if (group == 0u) {
+    let s0 = history(b) + c;
+    let last = i32(p.len) - 3;
+    state4[s0 / 4u] = inputQuad(b, last, c);
+    state4[(s0 + p.channels) / 4u] = inputQuad(b, last + 1, c);
+    state4[(s0 + 2u * p.channels) / 4u] = inputQuad(b, last + 2, c);
   }
 }
 

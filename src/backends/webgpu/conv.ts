@@ -1,7 +1,8 @@
 /**
  * The causal depthwise convolution (conv.wgsl): a few tokens per sequence
  * (a decode step) in one sequential pass per channel; longer runs as all
- * outputs in parallel, then the state update. And a batch of decode steps'
+ * outputs in parallel, then the state update, or in one pass of vec4s for
+ * Mamba's kernel of 4 taps on channels in whole vec4s. And a batch of decode steps'
  * conv on in_proj's product still in partial sums (`step_on_parts`), which
  * the linear kernels fold in.
  *
@@ -16,6 +17,8 @@ import type { PartialProduct } from "./rows.ts";
 import type { GpuRuntime } from "./runtime.ts";
 
 const CONV_SEQUENTIAL_MAX_LEN = 4;
+/** Tokens per thread of `outputs_quads` (conv.wgsl's QUAD_TOKENS). */
+const CONV_QUAD_TOKENS = 8;
 /** The most taps of a conv. */
 export const CONV_MAX_KERNEL = 9;
 
@@ -34,6 +37,7 @@ const CONV_PROGRAMS = {
   sequential: new Program<ConvParams>("conv", "sequential", [0, 1, 2, 3, 4, 5, 6]),
   outputs: new Program<ConvParams>("conv", "outputs", [0, 1, 2, 3, 4, 5, 6]),
   updateState: new Program<ConvParams>("conv", "update_state", [0, 1, 5, 6]),
+  outputsQuads: new Program<ConvParams>("conv", "outputs_quads", [0, 3, 6, 11, 12, 13, 14]),
 };
 
 /** Backend.causalConv on `rt`. */
@@ -66,6 +70,20 @@ export function causalConv(
   };
   if (len <= CONV_SEQUENTIAL_MAX_LEN) {
     rt.run(CONV_PROGRAMS.sequential, params, all, perSequence(grid(Math.ceil(channels / 256))));
+    return;
+  }
+  if (kernel === 4 && channels % 4 === 0) {
+    // Mamba's kernel on channels in whole vec4s: one dispatch, each input loaded once.
+    const threads = (channels / 4) * Math.ceil(len / CONV_QUAD_TOKENS);
+    const quads = {
+      3: all[3],
+      6: all[6],
+      11: x.buffer,
+      12: weight.buffer,
+      13: out.buffer,
+      14: state.buffer,
+    };
+    rt.run(CONV_PROGRAMS.outputsQuads, params, quads, perSequence(grid(Math.ceil(threads / 256))));
     return;
   }
   const outputs = perSequence(grid(Math.ceil((len * channels) / 256)));
