@@ -803,50 +803,53 @@ Deno.test({
       const rows = 40, inDim = 256, eps = 1e-5;
 
       // out_proj: hidden += y · weightᵀ + bias, then the next layer's norm of hidden (wider
-      // than 128, which the skinny matmul would take whole).
-      const dim = 136;
+      // than 128, which the skinny matmul would take whole), on rows of whole vec4s or not.
       const y = fill(rows * inDim, rand);
-      const outProj = fill(dim * inDim, rand, 0.1);
-      const hidden = fill(rows * dim, rand);
-      const normWeight = fill(dim, rand);
-      for (const bias of [null, fill(dim, rand)]) {
-        const wantHidden = hidden.slice();
-        const product = new Float32Array(rows * dim);
-        js.linear({ out: product, x: y, weight: outProj, bias, rows, inDim, outDim: dim });
-        wantHidden.forEach((v, i) => wantHidden[i] = v + product[i]);
-        const wantNormed = new Float32Array(rows * dim);
-        js.rmsNorm({ out: wantNormed, x: wantHidden, weight: normWeight, rows, dim, eps });
-        for (const normNext of [true, false]) {
-          const what = `out_proj ${bias ? "with" : "without"} bias, ${
-            normNext ? "then the norm" : "then a read"
-          }`;
-          const got = gpu.upload(hidden);
-          const normed = gpu.scratch(rows * dim);
-          const before = gpu.dispatches;
-          gpu.linear({
-            out: got,
-            x: gpu.upload(y),
-            weight: gpu.upload(outProj, inDim),
-            bias: bias && gpu.upload(bias),
-            rows,
-            inDim,
-            outDim: dim,
-            accumulate: true,
-          });
-          if (normNext) {
-            gpu.rmsNorm({ out: normed, x: got, weight: gpu.upload(normWeight), rows, dim, eps });
-            gpu.flush();
-            // The matmul, then the sums, the residual and the norm in one.
-            assertEquals(gpu.dispatches - before, 2, `${what}: dispatches`);
-            close(await gpu.read(normed), wantNormed, 1e-5, `${what}: the norm's output`);
+      for (const dim of [136, 134]) {
+        const outProj = fill(dim * inDim, rand, 0.1);
+        const hidden = fill(rows * dim, rand);
+        const normWeight = fill(dim, rand);
+        for (const bias of [null, fill(dim, rand)]) {
+          const wantHidden = hidden.slice();
+          const product = new Float32Array(rows * dim);
+          js.linear({ out: product, x: y, weight: outProj, bias, rows, inDim, outDim: dim });
+          wantHidden.forEach((v, i) => wantHidden[i] = v + product[i]);
+          const wantNormed = new Float32Array(rows * dim);
+          js.rmsNorm({ out: wantNormed, x: wantHidden, weight: normWeight, rows, dim, eps });
+          for (const normNext of [true, false]) {
+            const what = `out_proj to ${dim} ${bias ? "with" : "without"} bias, ${
+              normNext ? "then the norm" : "then a read"
+            }`;
+            const got = gpu.upload(hidden);
+            const normed = gpu.scratch(rows * dim);
+            const before = gpu.dispatches;
+            gpu.linear({
+              out: got,
+              x: gpu.upload(y),
+              weight: gpu.upload(outProj, inDim),
+              bias: bias && gpu.upload(bias),
+              rows,
+              inDim,
+              outDim: dim,
+              accumulate: true,
+            });
+            if (normNext) {
+              gpu.rmsNorm({ out: normed, x: got, weight: gpu.upload(normWeight), rows, dim, eps });
+              gpu.flush();
+              // The matmul, then the sums, the residual and the norm in one.
+              assertEquals(gpu.dispatches - before, 2, `${what}: dispatches`);
+              close(await gpu.read(normed), wantNormed, 1e-5, `${what}: the norm's output`);
+            }
+            close(await gpu.read(got), wantHidden, 1e-5, `${what}: the residual`);
           }
-          close(await gpu.read(got), wantHidden, 1e-5, `${what}: the residual`);
         }
       }
 
       // A plain product is held back for a scan to fold in, and run when something else comes:
       // here a read, before which its sums must be added up too (lm_head's case).
       {
+        const dim = 136;
+        const outProj = fill(dim * inDim, rand, 0.1);
         const product = new Float32Array(rows * dim);
         js.linear({ out: product, x: y, weight: outProj, rows, inDim, outDim: dim });
         const got = gpu.zeros(rows * dim);

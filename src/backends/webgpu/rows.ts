@@ -24,9 +24,16 @@ import {
 import { grid, Program } from "./program.ts";
 import type { GpuRuntime } from "./runtime.ts";
 
-const rmsNormProgram = new Program<RmsnormParams>("rmsnorm", "main", [0, 1, 2, 3]);
+/** Threads per row of rmsnorm.wgsl's entry points on rows of whole vec4s. */
+const NORM_QUADS_WG = 64;
+const rmsNormPrograms = {
+  floats: new Program<RmsnormParams>("rmsnorm", "main", [0, 1, 2, 3]),
+  quads: new Program<RmsnormParams>("rmsnorm", "main_quads", [0, 7, 8, 9], {
+    WG: NORM_QUADS_WG,
+  }),
+};
 const addProgram = new Program<AddParams>("add", "main", [0, 1, 2]);
-const residualNormPrograms = new Map<number, Program<RmsnormParams>>();
+const residualNormPrograms = new Map<string, Program<RmsnormParams>>();
 
 /**
  * The gathers for a source in each format: they read it through the format's
@@ -121,12 +128,14 @@ export function copyRows(rt: GpuRuntime, args: CopyRowsArgs<GpuBuffer>): void {
 export function rmsNorm(rt: GpuRuntime, args: RmsNormArgs<GpuBuffer>): void {
   const { out, x, weight, rows, dim, eps } = args;
   const [input, done] = rt.unaliased(x, rows * dim, out);
-  rt.run(
-    rmsNormProgram,
-    { rows, dim, eps, hasBias: 0, accumulate: 0 },
-    { 1: input, 2: weight.buffer, 3: out.buffer },
-    grid(rows),
-  );
+  const params = { rows, dim, eps, hasBias: 0, accumulate: 0 };
+  if (dim % 4 === 0) {
+    const buffers = { 7: input, 8: weight.buffer, 9: out.buffer };
+    rt.run(rmsNormPrograms.quads, params, buffers, grid(rows));
+  } else {
+    const buffers = { 1: input, 2: weight.buffer, 3: out.buffer };
+    rt.run(rmsNormPrograms.floats, params, buffers, grid(rows));
+  }
   done();
 }
 
@@ -148,20 +157,29 @@ export function residualNorm(
   { partial, kParts, bias }: PartialProduct,
   accumulate: boolean,
 ): void {
-  let program = residualNormPrograms.get(kParts);
+  const quads = dim % 4 === 0;
+  const key = `${kParts}${quads ? " quads" : ""}`;
+  let program = residualNormPrograms.get(key);
   if (!program) {
-    program = new Program("rmsnorm", "residual", [0, 2, 3, 4, 5, 6], { KPARTS: kParts });
-    residualNormPrograms.set(kParts, program);
+    program = quads
+      ? new Program("rmsnorm", "residual_quads", [0, 8, 9, 10, 11, 12], {
+        KPARTS: kParts,
+        WG: NORM_QUADS_WG,
+      })
+      : new Program("rmsnorm", "residual", [0, 2, 3, 4, 5, 6], { KPARTS: kParts });
+    residualNormPrograms.set(key, program);
   }
   const params = { rows, dim, eps, hasBias: bias ? 1 : 0, accumulate: accumulate ? 1 : 0 };
-  const buffers = {
-    2: weight.buffer,
-    3: out.buffer,
-    4: x.buffer,
-    5: partial.buffer,
-    6: bias?.buffer ?? rt.memory.absent,
-  };
-  rt.run(program, params, buffers, grid(rows));
+  const buffers = [
+    weight.buffer,
+    out.buffer,
+    x.buffer,
+    partial.buffer,
+    bias?.buffer ?? rt.memory.absent,
+  ];
+  // Bindings 2 to 6 on floats, 8 to 12 on vec4s.
+  const first = quads ? 8 : 2;
+  rt.run(program, params, Object.fromEntries(buffers.map((b, i) => [first + i, b])), grid(rows));
 }
 
 /** Backend.addInPlace on `rt`. */
