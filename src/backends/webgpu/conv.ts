@@ -2,9 +2,9 @@
  * The causal depthwise convolution (conv.wgsl): a few tokens per sequence
  * (a decode step) in one sequential pass per channel; longer runs as all
  * outputs in parallel, then the state update, or in one pass of vec4s for
- * Mamba's kernel of 4 taps on channels in whole vec4s. And a batch of decode steps'
- * conv on in_proj's product still in partial sums (`step_on_parts`), which
- * the linear kernels fold in.
+ * Mamba's kernel of 4 taps on channels in whole vec4s. And a batch of decode
+ * steps' conv on in_proj's product still in partial sums (`step_on_parts`),
+ * which the linear kernels fold in.
  *
  * @module
  */

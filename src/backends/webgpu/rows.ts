@@ -170,16 +170,11 @@ export function residualNorm(
     residualNormPrograms.set(key, program);
   }
   const params = { rows, dim, eps, hasBias: bias ? 1 : 0, accumulate: accumulate ? 1 : 0 };
-  const buffers = [
-    weight.buffer,
-    out.buffer,
-    x.buffer,
-    partial.buffer,
-    bias?.buffer ?? rt.memory.absent,
-  ];
-  // Bindings 2 to 6 on floats, 8 to 12 on vec4s.
-  const first = quads ? 8 : 2;
-  rt.run(program, params, Object.fromEntries(buffers.map((b, i) => [first + i, b])), grid(rows));
+  const biasBuffer = bias?.buffer ?? rt.memory.absent;
+  const buffers: Record<number, GPUBuffer> = quads
+    ? { 8: weight.buffer, 9: out.buffer, 10: x.buffer, 11: partial.buffer, 12: biasBuffer }
+    : { 2: weight.buffer, 3: out.buffer, 4: x.buffer, 5: partial.buffer, 6: biasBuffer };
+  rt.run(program, params, buffers, grid(rows));
 }
 
 /** Backend.addInPlace on `rt`. */
