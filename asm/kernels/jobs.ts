@@ -34,7 +34,7 @@ function arg(ctrl: usize, i: i32): i32 {
 // Threads' pieces of a per-thread scratch buffer start threadStride(bytes)
 // apart: the bytes each needs, rounded up to 64 KiB. Laid back to back, one
 // thread's last lines next to the next one's first, the two-thread prefill
-// scan measured 9-16% slower (docs/performance.md).
+// scan ran slower (docs/performance.md).
 export function threadStride(bytes: i32): i32 {
   return (bytes + 0xffff) & ~0xffff;
 }

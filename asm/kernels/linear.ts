@@ -6,11 +6,10 @@ import { hsum, madd, sums4 } from "./math";
 
 // GEMV (rows = 1): out[o] = x · w[o] + bias[o] for o in [o0, o1), one weight
 // row at a time, 16 floats per step into four accumulators, so the weights
-// stream strictly sequentially, which every thread reads once. Measured on
-// 768 → 50280 (154 MB of weights, from DRAM), one thread: 31 GB/s this way;
-// 15 GB/s with four rows at a time (4 × 4 floats per step, one x load shared)
-// and 18 GB/s with four rows × 8 floats: interleaved streams defeat the
-// hardware prefetcher more than the shared x loads save.
+// stream strictly sequentially, which every thread reads once. On 768 → 50280
+// (weights from DRAM) this way streamed about twice as fast as four rows at a
+// time, with one x load shared (docs/performance.md): interleaved streams
+// defeat the hardware prefetcher more than the shared x loads save.
 export function gemv(out: usize, x: usize, w: usize, bias: usize, inDim: i32, o0: i32, o1: i32): void {
   const rowBytes = <usize>inDim << 2;
   const k16 = inDim & ~15;

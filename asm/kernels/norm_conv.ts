@@ -195,7 +195,7 @@ function convStateAt(states: usize, slots: usize, b: i32, stateBytes: usize): us
 // state rows front to back; sums run in causalConv's order. (Walking channels
 // outside and sequences inside touched 3·batch rows per group of 4 channels,
 // rows whose addresses are a multiple of 2 KiB apart, so they fought over two
-// L1 sets: 200 µs per call at 16 sequences of 1536 channels, against 58.)
+// L1 sets: over three times as slow, docs/performance.md.)
 export function convStep(
   out: usize,
   x: usize,

@@ -11,9 +11,9 @@ import { madd } from "./math";
 // rows in quads, block b of row 4g + r at 160·(g·blocks + b) + 40·r, so that
 // the GEMV, which takes four rows per pass (sharing the input's loads), reads
 // one sequential stream rather than four. A last partial quad is padded with
-// zero rows, which the GEMV reads and does not store. Measured on the 130m decode
-// shapes, one thread, one int16 term: four plain rows per pass took 2.2x the
-// time of one row per pass, four interleaved rows 0.64x.
+// zero rows, which the GEMV reads and does not store. On the 130m decode shapes,
+// four plain rows per pass were slower than one row per pass, four interleaved
+// rows faster than either (docs/performance.md).
 export const Q8_BLOCK_BYTES: i32 = 40;
 export const Q8_QUAD_BYTES: i32 = 4 * Q8_BLOCK_BYTES;
 // Where a repacked Q8_0 block's values start, after d and −16·Σ q.

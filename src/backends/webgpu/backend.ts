@@ -132,8 +132,9 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
   readonly name = "webgpu";
   readonly queued = true;
   /**
-   * A prompt's tokens per chunk: on an H100 the projections of 2048 rows run
-   * twice as fast per row as those of 512 (more tiles than SMs).
+   * A prompt's tokens per chunk: the projections of 512 rows leave most of an
+   * H100's SMs idle, those of 2048 have more tiles than SMs
+   * (docs/performance.md).
    */
   readonly chunkTokens = 2048;
   /** The device; destroyed by {@link dispose}. */

@@ -35,16 +35,17 @@ import type { GpuRuntime } from "./runtime.ts";
 const GEMV_MAX_ROWS = 4;
 // gemv4 takes up to this many rows in groups of 4, reading the weight once per
 // group (mostly from L2 after the first): a small batch of decode steps. Past
-// it the tiled matmul, split over K where its tiles are few, wins: on the H200
-// a 130m-shaped step of 64 rows took 2.68 ms against gemv4's 3.59, of 32 rows
-// 2.42 against 2.25 (docs/performance.md).
+// it the tiled matmul, split over K where its tiles are few, wins: a 130m-shaped
+// step of 64 rows ran faster on it than on gemv4, one of 32 rows slower
+// (docs/performance.md).
 const GEMV4_MAX_ROWS = 32;
 const LINEAR_BINDINGS = [0, 1, 2, 3, 4, 5, 6];
 /** out, out2, out3 of linear_io.wgsl. */
 export const LINEAR_MAX_OUTPUTS = 3;
 /**
- * Widest output that the split-K `skinny` entry point of matmul.wgsl takes: on
- * an H100 it beats the tiled kernel 3 to 10 times up to 128 (x_proj's 16, 48, 80).
+ * Widest output that the split-K `skinny` entry point of matmul.wgsl takes: up
+ * to 128 columns (x_proj's 16, 48, 80) it beat the tiled kernel on an H100,
+ * whose few tiles each run a long k loop (docs/performance.md).
  */
 const SKINNY_MAX_OUT = 128;
 /** Threads that the skinny matmul aims for: a workgroup of 256 per SM of an H100, about. */
@@ -76,7 +77,7 @@ const WIDE_MATMUL_OUT = 16384;
  * (out_proj, 1536 → 768) takes skinny with 16 lanes, up to these outputs and
  * from these inputs: 64×64 tiles would be a dozen, split over K a dozen
  * times and summed after, where skinny's 4×4 blocks read the weight once per
- * 4 rows, mostly from L2. 64 streams ran 4 to 8% faster on an H100
+ * 4 rows, mostly from L2. 64 streams ran faster so on an H100
  * (docs/performance.md).
  */
 const SKINNY_BATCH_MAX_OUT = 1024;
@@ -154,8 +155,8 @@ function linearProgram(
   if (vec4 && rows > GEMV_MAX_ROWS && rows <= 64 && outDim >= WIDE_MATMUL_OUT) {
     // A wide matrix (lm_head) for a batch of decode steps: gemv4's groups of 4
     // rows would read all of it once per group; 32×64 tiles read it once. At
-    // 33 to 64 rows, 64×128 tiles (which read x half as often as 64×64 ones)
-    // made 48 and 64 streams 2 to 4% faster on an H100 (docs/performance.md).
+    // 33 to 64 rows, 64×128 tiles read x half as often as 64×64 ones, which
+    // made 48 and 64 streams faster on an H100 (docs/performance.md).
     constants = rows <= 32
       ? { TM: 32, TN: 64, KSPLIT: 2, KPARTS: 1, VEC4: 1 }
       : { TM: 64, TN: 128, KSPLIT: 1, KPARTS: 1, VEC4: 1 };
@@ -188,8 +189,8 @@ function linearProgram(
     // rows for half a 128-row tile at most (a batch of decode steps): 64×64
     // tiles with k split over two thread groups have 4 times the threads, and
     // where those still leave a wave unfilled, K is split over workgroups as
-    // well. Each group takes 8 k of a slice of 16 between barriers: 64 and 256
-    // streams ran 2 to 4% faster than on slices of 8 on an H100
+    // well. Each group takes 8 k of a slice of 16 between barriers, half the
+    // barriers of slices of 8: 64 and 256 streams ran faster so on an H100
     // (docs/performance.md).
     const tiles = Math.ceil(rows / 64) * Math.ceil(outDim / 64);
     const kParts = Math.max(

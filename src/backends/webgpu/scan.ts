@@ -18,10 +18,9 @@ import type { GpuRuntime } from "./runtime.ts";
 const SCAN_WG = 128;
 const SCAN_TILE = 32; // tokens staged at a time in scan.wgsl: a multiple of 4, at most SCAN_WG / 4
 const SCAN_LANES = 16; // states per thread in scan.wgsl
-// The shortest chunk the default chunking makes. Measured on an H200 at (1,
-// 1536, 2048), where the thread target asks for shorter ones: chunks of 48
-// tokens scanned 29.9 to 31.3 G elements/s (5 runs), of 64 27.8 to 29.9 (8),
-// of 40 29.8 and 31.1.
+// The shortest chunk the default chunking makes: at (1, 1536, 2048), where the
+// thread target asks for shorter ones, chunks of 48 tokens scanned faster than
+// chunks of 64 on an H200, and chunks of 40 no faster (docs/performance.md).
 const SCAN_MIN_CHUNK = 48;
 const DOUBLE_FLOAT_SCAN_WG = 64; // @workgroup_size of scan_double_float.wgsl
 // Threads per workgroup of a decode step's scan (four per channel): a step is
