@@ -104,10 +104,11 @@ export interface EngineOptions {
  * The most steps in one round. A pipelined round must keep the device busy
  * for longer than a read-back takes (Deno's is 10 ms or more) and the host's
  * work between rounds, or the device waits: 32 steps of mamba-130m at one
- * sequence outlast a read-back on an H200 (docs/engine.md). Timing rounds to size them is not
- * reliable (when a read returns says little about when the device finished),
- * and a round shorter than a read-back leaves the device idle for the rest
- * of it, so every round takes this many but a first one (see FIRST_ROUND_STEPS).
+ * sequence outlast a read-back on an H200 (docs/engine.md). Timing rounds to
+ * size them is not reliable (when a read returns says little about when the
+ * device finished), and a round shorter than a read-back leaves the device
+ * idle for the rest of it, so every round takes this many but a first one
+ * (see FIRST_ROUND_STEPS).
  */
 const MAX_ROUND_STEPS = 32;
 /**
