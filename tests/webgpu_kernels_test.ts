@@ -344,7 +344,7 @@ async function foldedDtProjMatches(
 
 Deno.test({
   name:
-    "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 5 to 200, N 7 to 40 (states as vec4s or not), batches 1 to 3",
+    "webgpu: a decode step's scan with dt_proj folded in: f32, f16 and bf16 weights, ranks 5 to 200, N 7 to 40 (states as vec4s or not; with f32, ranks and N multiples of 4, every input as vec4s), batches 1 to 3",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {

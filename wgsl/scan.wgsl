@@ -33,6 +33,8 @@
 // `step_vec4`, the same for nState a multiple of 4, loads and stores each
 // thread's four states as one vec4 (through state4, a second view of the
 // buffer), which shortens the step where its states are many (docs/performance.md).
+// `step_quads`, for step_vec4's plain case where the rank is a multiple of 4
+// and dt_proj is f32, also loads A, B, C, dt and dt_proj as vec4s.
 //
 // WG and TT are specialised per pipeline by the backend, which prepends
 // scan_shares.wgsl (PROJECTED, for the decode step) or scan_no_shares.wgsl,
@@ -71,6 +73,13 @@ struct Params {
 @group(0) @binding(16) var<storage, read> slots: array<f32>; // with flag 32: sequence b's state row
 // step_vec4's view of state (the same buffer as binding 10, which it does not bind)
 @group(0) @binding(17) var<storage, read_write> state4: array<vec4<f32>>;
+// step_quads's views of A, B, C, dt and an f32 dt_proj as vec4s (the buffers of
+// bindings 3, 4, 5, 13 and 14, which it does not bind)
+@group(0) @binding(18) var<storage, read> A4: array<vec4<f32>>;
+@group(0) @binding(19) var<storage, read> B4: array<vec4<f32>>;
+@group(0) @binding(20) var<storage, read> C4: array<vec4<f32>>;
+@group(0) @binding(21) var<storage, read> dtLow4: array<vec4<f32>>;
+@group(0) @binding(22) var<storage, read> dtProj4: array<vec4<f32>>;
 
 const WG: u32 = 128u;
 const TT: u32 = 32u; // a multiple of 4, at most WG / 4
@@ -759,6 +768,74 @@ fn step_vec4(
     return;
   }
   if (n < p.nState) {
+    state4[at] = r.h;
+  }
+  if (t.q == 0u) {
+    stepOutput(t, r);
+  }
+}
+
+/**
+ * Thread q's share of channel d's raw delta for sequence b (as deltaShare),
+ * from whole vec4s of dt and an f32 dt_proj: quads q, q + 4, q + 8, … of the
+ * rank's, three loads of each in flight at a time.
+ */
+fn deltaShareQuads(b: u32, d: u32, q: u32) -> f32 {
+  let quads = p.rank / 4u;
+  let x = b * quads;
+  let w = d * quads;
+  var sums = vec4<f32>(0.0);
+  var k = q;
+  for (; k + 8u < quads; k += 12u) {
+    sums += (dtLow4[x + k] * dtProj4[w + k] + dtLow4[x + k + 4u] * dtProj4[w + k + 4u]) +
+      dtLow4[x + k + 8u] * dtProj4[w + k + 8u];
+  }
+  for (; k < quads; k += 4u) {
+    sums += dtLow4[x + k] * dtProj4[w + k];
+  }
+  return (sums.x + sums.y) + (sums.z + sums.w);
+}
+
+// step_vec4 where A, B, C and dt are whole vec4s and dt_proj is f32: each of
+// those is one vec4 load rather than four scalar ones, which at large batches
+// spend the step's time in the cache (docs/performance.md).
+@compute @workgroup_size(WG)
+fn step_quads(
+  @builtin(workgroup_id) wg: vec3u,
+  @builtin(local_invocation_index) li: u32,
+) {
+  let t = stepTask(wg, li);
+  let n = p.group * 16u + t.q * 4u;
+  let valid = n < p.nState;
+  let at = (t.held * p.nState + n) / 4u;
+  var h0 = vec4<f32>(0.0);
+  var a2 = vec4<f32>(0.0);
+  var bq = vec4<f32>(0.0);
+  var cq = vec4<f32>(0.0);
+  if (valid) {
+    h0 = state4[at];
+    a2 = A4[(t.dd * p.nState + n) / 4u] * LOG2E;
+    bq = B4[(t.b * p.nState + n) / 4u];
+    cq = C4[(t.b * p.nState + n) / 4u];
+  }
+  let ur = u[t.row];
+  var dv = 0.0;
+  var zi = 0.0;
+  if (p.group + 1u == p.nGroups) {
+    if ((p.flags & 1u) != 0u) {
+      dv = Dv[t.dd];
+    }
+    if ((p.flags & 2u) != 0u) {
+      zi = z[t.row];
+    }
+  }
+  let dt = stepSize(sumShares(li, deltaShareQuads(t.b, t.dd, t.q)), t.dd);
+  let h = fma(exp2(dt * a2), h0, dt * ur * bq);
+  let r = StepResult(h, sumShares(li, dot(h, cq)), ur, dv, zi);
+  if (t.d >= p.dim) {
+    return;
+  }
+  if (valid) {
     state4[at] = r.h;
   }
   if (t.q == 0u) {

@@ -53,6 +53,8 @@ const SCAN_PROGRAMS = (() => {
   const step = [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 16];
   // step_vec4 reaches the states through binding 17, a vec4 view of 10's buffer.
   const stepVec4 = [...step.filter((binding) => binding !== 10), 17];
+  // step_quads reaches A, B, C, dt and dt_proj (3, 4, 5, 13, 14) through vec4 views 18 to 22.
+  const stepQuads = [0, 1, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22];
   const scan = (
     entry: string,
     bindings: number[],
@@ -75,6 +77,7 @@ const SCAN_PROGRAMS = (() => {
     output: scan("output", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16], constants, plain),
     step: steps("step", step),
     stepVec4: steps("step_vec4", stepVec4),
+    stepQuads: scan("step_quads", stepQuads, { ...constants, WG: SCAN_STEP_WG }, plain),
     doubleFloat: new Program<ScanDoubleFloatParams>(
       "scan_double_float",
       "main",
@@ -146,11 +149,21 @@ export class ScanKernels {
         14: projection.weight.buffer,
         15: shares?.parts.buffer ?? rt.memory.absent,
         17: args.state.buffer,
+        18: args.A.buffer,
+        19: args.B.buffer,
+        20: args.C.buffer,
+        21: projection.dt.buffer,
+        22: projection.weight.buffer,
       };
-      // States in whole vec4s load and store as such (step_vec4).
+      // States in whole vec4s load and store as such (step_vec4); where the
+      // rows of dt and of an f32 dt_proj are whole vec4s too, so do A, B, C,
+      // dt and dt_proj (step_quads).
       const vec4 = dState % 4 === 0;
+      const quads = vec4 && projection.weight.format === "f32" && projection.rank % 4 === 0;
       const programs = vec4 ? SCAN_PROGRAMS.stepVec4 : SCAN_PROGRAMS.step;
-      const program = shares ? programs.projected : programs.plain;
+      let program = programs.plain;
+      if (shares) program = programs.projected;
+      else if (quads) program = SCAN_PROGRAMS.stepQuads;
       const channelsPerGroup = program.constants.WG / 4; // four threads per channel
       const blocks = shares?.blocks ?? 0;
       for (let group = 0; group < nGroups; group++) {
