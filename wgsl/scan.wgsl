@@ -692,16 +692,7 @@ fn stepStates(li: u32, t: StepTask, h0: vec4<f32>) -> StepResult {
   let a2 = aQuad(t.dd, t.q);
   let ur = u[t.row];
   let weights = deltaWeights(t.dd, t.q);
-  var dv = 0.0;
-  var zi = 0.0;
-  if (p.group + 1u == p.nGroups) {
-    if ((p.flags & 1u) != 0u) {
-      dv = Dv[t.dd];
-    }
-    if ((p.flags & 2u) != 0u) {
-      zi = z[t.row];
-    }
-  }
+  let dz = skipAndGate(t);
   if (PROJECTED != 0u) {
     sumProjection(t.b, li);
   }
@@ -709,7 +700,21 @@ fn stepStates(li: u32, t: StepTask, h0: vec4<f32>) -> StepResult {
   let cq = tokenQuad(t.b, t.q, true);
   let dt = stepSize(sumShares(li, deltaShare(t.b, t.dd, t.q, weights)), t.dd);
   let h = fma(exp2(dt * a2), h0, dt * ur * bq);
-  return StepResult(h, sumShares(li, dot(h, cq)), ur, dv, zi);
+  return StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y);
+}
+
+/** D and z of the thread's channel where its last group applies them, else 0. */
+fn skipAndGate(t: StepTask) -> vec2<f32> {
+  var dz = vec2<f32>(0.0);
+  if (p.group + 1u == p.nGroups) {
+    if ((p.flags & 1u) != 0u) {
+      dz.x = Dv[t.dd];
+    }
+    if ((p.flags & 2u) != 0u) {
+      dz.y = z[t.row];
+    }
+  }
+  return dz;
 }
 
 /** y of the thread's channel from its C·h (thread 0 of the four). */
@@ -819,19 +824,10 @@ fn step_quads(
     cq = C4[(t.b * p.nState + n) / 4u];
   }
   let ur = u[t.row];
-  var dv = 0.0;
-  var zi = 0.0;
-  if (p.group + 1u == p.nGroups) {
-    if ((p.flags & 1u) != 0u) {
-      dv = Dv[t.dd];
-    }
-    if ((p.flags & 2u) != 0u) {
-      zi = z[t.row];
-    }
-  }
+  let dz = skipAndGate(t);
   let dt = stepSize(sumShares(li, deltaShareQuads(t.b, t.dd, t.q)), t.dd);
   let h = fma(exp2(dt * a2), h0, dt * ur * bq);
-  let r = StepResult(h, sumShares(li, dot(h, cq)), ur, dv, zi);
+  let r = StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y);
   if (t.d >= p.dim) {
     return;
   }
