@@ -768,11 +768,15 @@ fn step_vec4(
   if (n < p.nState) {
     h0 = state4[at];
   }
-  let r = stepStates(li, t, h0);
+  finishQuadStep(t, at, n < p.nState, stepStates(li, t, h0));
+}
+
+/** The end of step_vec4 and step_quads: the thread's four states (if `valid`) back at `at`, y. */
+fn finishQuadStep(t: StepTask, at: u32, valid: bool, r: StepResult) {
   if (t.d >= p.dim) {
     return;
   }
-  if (n < p.nState) {
+  if (valid) {
     state4[at] = r.h;
   }
   if (t.q == 0u) {
@@ -827,14 +831,5 @@ fn step_quads(
   let dz = skipAndGate(t);
   let dt = stepSize(sumShares(li, deltaShareQuads(t.b, t.dd, t.q)), t.dd);
   let h = fma(exp2(dt * a2), h0, dt * ur * bq);
-  let r = StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y);
-  if (t.d >= p.dim) {
-    return;
-  }
-  if (valid) {
-    state4[at] = r.h;
-  }
-  if (t.q == 0u) {
-    stepOutput(t, r);
-  }
+  finishQuadStep(t, at, valid, StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y));
 }

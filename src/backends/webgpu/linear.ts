@@ -77,7 +77,7 @@ const WIDE_MATMUL_OUT = 16384;
  * (out_proj, 1536 → 768) takes skinny with 16 lanes, up to these outputs and
  * from these inputs: 64×64 tiles would be a dozen, split over K a dozen
  * times and summed after, where skinny's 4×4 blocks read the weight once per
- * 4 rows, mostly from L2. 64 streams ran faster so on an H100
+ * 4 rows, mostly from L2; 64 streams ran faster with it on an H100
  * (docs/performance.md).
  */
 const SKINNY_BATCH_MAX_OUT = 1024;
@@ -189,9 +189,9 @@ function linearProgram(
     // rows for half a 128-row tile at most (a batch of decode steps): 64×64
     // tiles with k split over two thread groups have 4 times the threads, and
     // where those still leave a wave unfilled, K is split over workgroups as
-    // well. Each group takes 8 k of a slice of 16 between barriers, half the
-    // barriers of slices of 8: 64 and 256 streams ran faster so on an H100
-    // (docs/performance.md).
+    // well. Each group takes 8 k of a slice of 16 between barriers, half as
+    // many barriers as slices of 8 need; 64 and 256 streams ran faster that
+    // way on an H100 (docs/performance.md).
     const tiles = Math.ceil(rows / 64) * Math.ceil(outDim / 64);
     const kParts = Math.max(
       1,
