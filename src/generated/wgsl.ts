@@ -3685,22 +3685,35 @@ fn step_vec4(
   @builtin(local_invocation_index) li: u32,
 ) {
   let t = stepTask(wg, li);
+  let held = heldQuad(t);
+  finishQuadStep(t, held, stepStates(li, t, held.h0));
+}
+
+/** A thread's four states in state4, for step_vec4 and step_quads. */
+struct HeldQuad {
+  n: u32, // the first of them, within the channel's nState
+  at: u32, // their index in state4
+  valid: bool, // n < nState: the thread holds states of this group
+  h0: vec4<f32>, // their values, 0 where not valid
+}
+
+fn heldQuad(t: StepTask) -> HeldQuad {
   let n = p.group * 16u + t.q * 4u;
   let at = (t.held * p.nState + n) / 4u;
   var h0 = vec4<f32>(0.0);
   if (n < p.nState) {
     h0 = state4[at];
   }
-  finishQuadStep(t, at, n < p.nState, stepStates(li, t, h0));
+  return HeldQuad(n, at, n < p.nState, h0);
 }
 
-/** The end of step_vec4 and step_quads: the thread's four states (if \`valid\`) back at \`at\`, y. */
-fn finishQuadStep(t: StepTask, at: u32, valid: bool, r: StepResult) {
+/** The end of step_vec4 and step_quads: the thread's new states (if valid) back in state4, y. */
+fn finishQuadStep(t: StepTask, held: HeldQuad, r: StepResult) {
   if (t.d >= p.dim) {
     return;
   }
-  if (valid) {
-    state4[at] = r.h;
+  if (held.valid) {
+    state4[held.at] = r.h;
   }
   if (t.q == 0u) {
     stepOutput(t, r);
@@ -3737,24 +3750,20 @@ fn step_quads(
   @builtin(local_invocation_index) li: u32,
 ) {
   let t = stepTask(wg, li);
-  let n = p.group * 16u + t.q * 4u;
-  let valid = n < p.nState;
-  let at = (t.held * p.nState + n) / 4u;
-  var h0 = vec4<f32>(0.0);
+  let held = heldQuad(t);
   var a2 = vec4<f32>(0.0);
   var bq = vec4<f32>(0.0);
   var cq = vec4<f32>(0.0);
-  if (valid) {
-    h0 = state4[at];
-    a2 = A4[(t.dd * p.nState + n) / 4u] * LOG2E;
-    bq = B4[(t.b * p.nState + n) / 4u];
-    cq = C4[(t.b * p.nState + n) / 4u];
+  if (held.valid) {
+    a2 = A4[(t.dd * p.nState + held.n) / 4u] * LOG2E;
+    bq = B4[(t.b * p.nState + held.n) / 4u];
+    cq = C4[(t.b * p.nState + held.n) / 4u];
   }
   let ur = u[t.row];
   let dz = skipAndGate(t);
   let dt = stepSize(sumShares(li, deltaShareQuads(t.b, t.dd, t.q)), t.dd);
-  let h = fma(exp2(dt * a2), h0, dt * ur * bq);
-  finishQuadStep(t, at, valid, StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y));
+  let h = fma(exp2(dt * a2), held.h0, dt * ur * bq);
+  finishQuadStep(t, held, StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y));
 }
 `,
   scan_double_float: `// The selective scan of scan.wgsl in double-float arithmetic, for results
