@@ -449,6 +449,12 @@ export interface Backend<Buf = unknown> {
    */
   readonly chunkTokens: number;
   /**
+   * Rows of a chunk while no sequence decodes (prompts that arrive together,
+   * with no stream waiting on them): several prompts in one chunk share each
+   * kernel launch, which pays on a GPU. At least `chunkTokens`.
+   */
+  readonly idleChunkTokens: number;
+  /**
    * Whether operations are queued for a device that runs them while the host
    * goes on (webgpu): a read then costs a round trip, so the decode engine
    * overlaps it with the next round. False where an operation has completed

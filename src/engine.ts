@@ -96,8 +96,13 @@ export interface EngineOptions {
   roundSteps?: number;
   /** Issue each round before the previous one is read back (default: where the backend queues work). */
   pipelined?: boolean;
-  /** Prompt rows fed per chunk (default: the backend's `chunkTokens`). */
+  /** Prompt rows fed per chunk while sequences decode (default: the backend's `chunkTokens`). */
   chunkTokens?: number;
+  /**
+   * Prompt rows fed per chunk while none decodes (default: the backend's
+   * `idleChunkTokens`, within {@link IDLE_CHUNK_BYTES} of activations).
+   */
+  idleChunkTokens?: number;
 }
 
 /**
@@ -130,6 +135,12 @@ const CAPTURED_PROMPT_LIMIT = 128;
  * cannot capture), long enough that a prompt takes few pieces.
  */
 const CAPTURED_PIECE = 32;
+/**
+ * Bytes of activations that a chunk fed while no sequence decodes may take
+ * (`MambaModel.activationFloatsPerRow`): mamba-130m's 10,240 rows take 412
+ * MB, and larger models take fewer rows, down to `chunkTokens`.
+ */
+const IDLE_CHUNK_BYTES = 512 * 2 ** 20;
 /** Recorded steps kept; past it they are all released and recorded again as needed. */
 const MAX_RECORDINGS = 256;
 /** History ids kept per sequence at least (see {@link DecodeEngine}'s ring). */
@@ -238,7 +249,15 @@ export class DecodeEngine<Buf> {
    * Rounds issued so far, and the sequence-steps they held (their ratio is
    * the mean batch); rewinds; prompt pieces replayed from a recording.
    */
-  readonly stats = { rounds: 0, steps: 0, rowSteps: 0, rewinds: 0, replayedPieces: 0 };
+  readonly stats = {
+    rounds: 0,
+    steps: 0,
+    rowSteps: 0,
+    rewinds: 0,
+    replayedPieces: 0,
+    /** Prompt chunks fed (see `#feedChunk`). */
+    chunks: 0,
+  };
 
   readonly #model: MambaModel<Buf>;
   readonly #be: Backend<Buf>;
@@ -246,6 +265,7 @@ export class DecodeEngine<Buf> {
   readonly #fixedSteps: number | undefined;
   readonly #checkpoints: boolean;
   readonly #chunkTokens: number;
+  readonly #idleChunkTokens: number;
 
   /** Sequences and feeds whose prompt is being fed, in arrival order. */
   #prompts: (Sequence | Feed)[] = [];
@@ -306,6 +326,11 @@ export class DecodeEngine<Buf> {
     // Sequences run ahead of the host's verdicts where rounds are pipelined or take several steps.
     this.#checkpoints = this.#pipelined || (this.#fixedSteps ?? 2) > 1;
     this.#chunkTokens = options.chunkTokens ?? this.#be.chunkTokens;
+    const fitting = Math.floor(IDLE_CHUNK_BYTES / (4 * model.activationFloatsPerRow));
+    this.#idleChunkTokens = Math.max(
+      this.#chunkTokens,
+      options.idleChunkTokens ?? Math.min(this.#be.idleChunkTokens, fitting),
+    );
   }
 
   /** Whether any sequence or feed is in the engine. */
@@ -410,15 +435,19 @@ export class DecodeEngine<Buf> {
 
   /**
    * Feeds one chunk of the waiting prompts: at most `chunkTokens` ids, the
-   * earliest prompts first. A batched feed gives every sequence the same
-   * number of ids, so prompts of different lengths go in several groups
-   * within the chunk (all waiting prompts, then those longer than the
-   * shortest, and so on): all in this chunk, rather than one group between
-   * two rounds, so that a burst of requests with prompts of many lengths
-   * (an edge server's) joins the next round together.
+   * earliest prompts first, or `idleChunkTokens` while no sequence decodes
+   * (no stream then waits for the chunk, and prompts that arrive together,
+   * such as concurrent prefills, share each kernel launch). A batched feed
+   * gives every sequence the same number of ids, so prompts of different
+   * lengths go in several groups within the chunk (all waiting prompts, then
+   * those longer than the shortest, and so on): all in this chunk, rather
+   * than one group between two rounds, so that a burst of requests with
+   * prompts of many lengths (an edge server's) joins the next round together.
    */
   #feedChunk(): void {
-    let budget = this.#chunkTokens;
+    if (this.#prompts.length === 0) return;
+    this.stats.chunks++;
+    let budget = this.#decoding.length > 0 ? this.#chunkTokens : this.#idleChunkTokens;
     while (this.#prompts.length > 0 && budget > 0) budget -= this.#feedGroupOf(budget);
   }
 

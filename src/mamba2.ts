@@ -159,6 +159,11 @@ export interface Mamba2Buffers<Buf> {
   yNorm: Buf;
 }
 
+/** Floats per row of {@link allocMamba2Buffers}' buffers: z, y and yNorm; xBC and xBCConv; dt. */
+export function mamba2ActivationFloats(config: MambaConfig): number {
+  return 3 * config.dInner + 2 * convChannels(config) + config.mamba2!.nHeads;
+}
+
 /** The Mamba-2 buffers of `rows` rows but `hidden` and `normed` (the model's), zeroed. */
 export function allocMamba2Buffers<Buf>(
   be: Backend<Buf>,

@@ -53,6 +53,7 @@ import {
   checkMamba2Support,
   isMamba2Layer,
   MAMBA2_OPS,
+  mamba2ActivationFloats,
   mamba2BlockOp,
   type Mamba2Buffers,
   type Mamba2LayerWeights,
@@ -551,6 +552,19 @@ export class MambaModel<Buf> {
   /** logits [count, vocab] = lm_head(rmsNorm_f(rows [0, count) of `input`)), on `s`'s norm buffer. */
   head(s: Scratch<Buf>, logits: Buf, input: Buf, count: number): void {
     projectLogits(this.backend, this.config, logits, input, s.normed, this.#weights, count);
+  }
+
+  /**
+   * Floats that {@link allocScratch} takes per row: what each row of a
+   * prompt's chunk costs in activations.
+   */
+  get activationFloatsPerRow(): number {
+    const { dModel, dInner, dState, dtRank, mixerRmsEps } = this.config;
+    const blockIo = 3 * dModel; // hidden, normed, headIn
+    if (this.config.mamba2) return blockIo + mamba2ActivationFloats(this.config);
+    // x, z, xc, delta, y; dt, B, C; and Falcon-Mamba's normed dt, B, C.
+    const mixer = 5 * dInner + dtRank + 2 * dState;
+    return blockIo + (mixerRmsEps === undefined ? mixer : mixer + dtRank + 2 * dState);
   }
 
   /** Scratch activations for up to `rows` rows; give them back with {@link releaseScratch}. */

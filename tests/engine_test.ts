@@ -351,6 +351,51 @@ for (const { label, name, options, ignore } of BACKENDS) {
     }
   });
 
+  test("prompts fed while none decodes share an idle chunk, and a newcomer's prompt beside a stream takes chunks of chunkTokens; each gives the teacher-forced logits", async (mamba) => {
+    const model = mamba.model;
+    const expected = SafetensorsFile.parse(
+      await Deno.readFile(`${TINY}/expected.safetensors`),
+      TINY,
+    );
+    const vocab = model.config.vocabSize;
+    const sequences = [0, 1, 2].map((i) => expected.int32(`prompt${i}_greedy_ids`));
+    const lastLogits = (i: number) => {
+      const logits = expected.float32(`prompt${i}_logits`);
+      return logits.subarray(logits.length - vocab);
+    };
+    // The warm-up at load may still be ending its engine's loop.
+    while (engineFor(model).busy) await settled();
+    const engine = engineFor(model, { chunkTokens: 16, idleChunkTokens: 200 });
+    // 50, 57 and 56 ids: 163 rows, one idle chunk (chunks of 16 would take 11).
+    let chunks = engine.stats.chunks;
+    const sessions = sequences.map(() => new Session(model));
+    const together = await Promise.all(sessions.map((s, i) => s.prefill(sequences[i])));
+    assertEquals(engine.stats.chunks - chunks, 1, "one chunk for the three prompts");
+    together.forEach((got, i) => {
+      const diff = maxAbsDiff(got, lastLogits(i));
+      assert(diff <= 1e-3, `prompt ${i} in the idle chunk: max abs diff ${diff}`);
+    });
+    for (const session of sessions) session.dispose();
+    // While a stream decodes (long enough to outlast them), a newcomer's 57
+    // ids go in chunks of 16 between its rounds.
+    const { prompts, greedy } = await reference();
+    const stream = mamba.generate(prompts[0], { temperature: 0, maxNewTokens: 200 });
+    const streamIds: number[] = [];
+    let late: Promise<Float32Array> | undefined;
+    for await (const event of stream) {
+      streamIds.push(event.token);
+      if (streamIds.length === 1) {
+        chunks = engine.stats.chunks;
+        const session = new Session(model);
+        late = session.prefill(sequences[1]).finally(() => session.dispose());
+      }
+    }
+    const diff = maxAbsDiff(await late!, lastLogits(1));
+    assert(diff <= 1e-3, `the newcomer's prompt: max abs diff ${diff}`);
+    assertEquals(engine.stats.chunks - chunks, Math.ceil(57 / 16), "chunks of 16 beside a stream");
+    assertEquals(streamIds.slice(0, 48), greedy[0]);
+  });
+
   test("a snapshot taken mid-batch continues identically in a new session", async (mamba) => {
     const { prompts, greedy } = await reference();
     const model = mamba.model;
@@ -493,4 +538,38 @@ Deno.test("engine: rounds of 4 steps issued ahead of their read-back rewind to t
     "prefill the session first",
   );
   engine.dispose();
+});
+
+Deno.test("activationFloatsPerRow counts the floats allocScratch takes (Mamba-1, Falcon-Mamba, Mamba-2)", async () => {
+  const dirs = [
+    TINY,
+    `${SHARED}/fixtures/hf-oracle/falcon-mamba-tiny`,
+    `${SHARED}/fixtures/mamba2/tiny-groups2`,
+  ];
+  for (const dir of dirs) {
+    const { config, weights } = await loadCheckpoint(dir);
+    const backend = await createBackend("js");
+    const model = new MambaModel(backend, config, weights);
+    // Counted once each, though the js backend's scratch takes its buffers from zeros.
+    let floats = 0;
+    let inScratch = false;
+    const zeros = backend.zeros.bind(backend);
+    const scratch = backend.scratch.bind(backend);
+    backend.zeros = (length) => {
+      if (!inScratch) floats += length;
+      return zeros(length);
+    };
+    backend.scratch = (length) => {
+      floats += length;
+      inScratch = true;
+      try {
+        return scratch(length);
+      } finally {
+        inScratch = false;
+      }
+    };
+    model.releaseScratch(model.allocScratch(7));
+    assertEquals(floats, 7 * model.activationFloatsPerRow, dir);
+    backend.dispose();
+  }
 });

@@ -54,6 +54,7 @@ function rowAt(index: RowIndex<Float32Array> | undefined, r: number): number {
 export class JsBackend implements Backend<Float32Array> {
   readonly name: string = "js";
   readonly chunkTokens = 64;
+  readonly idleChunkTokens = 64;
   readonly queued = false;
   readonly #scratch = new PickScratch();
 

@@ -169,6 +169,8 @@ export class WasmBackend implements Backend<WasmBuffer> {
    * rows on, and other sequences' decoding waits at most one chunk.
    */
   readonly chunkTokens = 128;
+  /** As chunkTokens: five prompts of 512 ids in one chunk ran no faster (docs/performance.md). */
+  readonly idleChunkTokens = 128;
   readonly queued = false;
   /** Threads that split the large operations, the calling one included. */
   readonly threads: number;
