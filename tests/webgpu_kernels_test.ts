@@ -10,6 +10,7 @@
 import { assert, assertEquals, assertRejects } from "@std/assert";
 import { JsBackend } from "../src/backends/js.ts";
 import { type GpuBuffer, WebGpuBackend, type WeightFormat } from "../src/backends/webgpu/mod.ts";
+import { BufferPool, pooledBytes } from "../src/backends/webgpu/memory.ts";
 import { loadCheckpoint } from "../src/load.ts";
 import { MambaModel } from "../src/model.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, SafetensorsFile } from "../src/safetensors.ts";
@@ -1492,4 +1493,42 @@ Deno.test({
         }
       }
     }),
+});
+
+Deno.test("webgpu: pooled buffers from a MiB take their size class, at most a quarter more, within the limit", () => {
+  const MiB = 2 ** 20;
+  assertEquals(pooledBytes(1000, Infinity), 1000, "exact below a MiB");
+  assertEquals(pooledBytes(MiB, Infinity), MiB);
+  assertEquals(pooledBytes(MiB + 16, Infinity), 1.25 * MiB);
+  assertEquals(pooledBytes(5 * MiB + 16, Infinity), 6 * MiB);
+  assertEquals(pooledBytes(5 * MiB + 16, 5.5 * MiB), 5.5 * MiB, "the class is cut at the limit");
+  assertEquals(pooledBytes(6 * MiB, 5 * MiB), 6 * MiB, "never less than asked");
+  for (let bytes = MiB; bytes < 64 * MiB; bytes = Math.ceil(bytes * 1.07 / 16) * 16) {
+    const pooled = pooledBytes(bytes, Infinity);
+    assert(pooled >= bytes && pooled <= 1.25 * bytes, `${bytes} bytes took ${pooled}`);
+  }
+});
+
+Deno.test({
+  name: "webgpu: buffers of nearby sizes from a MiB share one pooled buffer",
+  ignore,
+  fn: async () => {
+    const device = await adapter!.requestDevice();
+    try {
+      const pool = new BufferPool(device);
+      // Activations of prompts of 200 to 211 rows: one class, one buffer.
+      for (let rows = 200; rows < 212; rows++) {
+        const buffer = pool.acquire(rows * 1536 * 4, false);
+        assert(buffer.size >= rows * 1536 * 4);
+        pool.release(buffer);
+        pool.submitted();
+      }
+      assertEquals(pool.created, 1);
+      // Below a MiB sizes stay exact: each its own buffer.
+      for (const bytes of [1000, 1008]) pool.release(pool.acquire(bytes, false));
+      assertEquals(pool.created, 3);
+    } finally {
+      device.destroy();
+    }
+  },
 });

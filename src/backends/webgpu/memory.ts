@@ -126,10 +126,29 @@ export class GpuBuffer {
 }
 
 /**
- * Storage buffers by exact byte size. A buffer released while commands that use
- * it are still being recorded may be reused at once by recorded GPU work (which
- * runs in order), but not for a host write (`queue.writeBuffer` would overtake
- * the recorded commands): those wait for the next submission.
+ * Bytes from which the pool rounds a buffer up to its size class, a quarter of
+ * its power of two: a prompt's chunk of every length takes activations of a
+ * different size, which kept buffers of each size forever; below it (a decode
+ * step's buffers) sizes are few and kept exact.
+ */
+const SIZE_CLASSES_FROM = 2 ** 20;
+
+/**
+ * The bytes of the buffer that the pool gives for `bytes`: the size class
+ * (at most a quarter more) from {@link SIZE_CLASSES_FROM} on, within `limit`.
+ */
+export function pooledBytes(bytes: number, limit: number): number {
+  if (bytes < SIZE_CLASSES_FROM) return bytes;
+  const step = 2 ** (Math.floor(Math.log2(bytes)) - 2);
+  return Math.max(bytes, Math.min(Math.ceil(bytes / step) * step, limit));
+}
+
+/**
+ * Storage buffers by size: exact below a MiB, size classes above
+ * ({@link pooledBytes}). A buffer released while commands that use it are
+ * still being recorded may be reused at once by recorded GPU work (which runs
+ * in order), but not for a host write (`queue.writeBuffer` would overtake the
+ * recorded commands): those wait for the next submission.
  */
 export class BufferPool {
   readonly #device: GPUDevice;
@@ -142,8 +161,13 @@ export class BufferPool {
     this.#device = device;
   }
 
-  /** A buffer of `bytes`; `hostWrite` when the caller writes it with `queue.writeBuffer`. */
-  acquire(bytes: number, hostWrite: boolean): GPUBuffer {
+  /** A buffer of `bytes` or more; `hostWrite` when the caller writes it with `queue.writeBuffer`. */
+  acquire(requested: number, hostWrite: boolean): GPUBuffer {
+    const limits = this.#device.limits;
+    const bytes = pooledBytes(
+      requested,
+      Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize),
+    );
     const recycled = hostWrite ? undefined : this.#recycled.get(bytes);
     const buffer = recycled?.length ? recycled.pop() : this.#free.get(bytes)?.pop();
     if (buffer) return buffer;
