@@ -127,9 +127,10 @@ export class GpuBuffer {
 
 /**
  * Bytes from which the pool rounds a buffer up to its size class, a quarter of
- * its power of two: a prompt's chunk of every length takes activations of a
- * different size, which kept buffers of each size forever; below it (a decode
- * step's buffers) sizes are few and kept exact.
+ * its power of two. The pool keeps what it is given back for the backend's
+ * life, and a prompt's chunk of each length takes activations of another
+ * size: without classes each length would keep buffers of its own. Below it
+ * (a decode step's buffers) sizes are few, and stay exact.
  */
 const SIZE_CLASSES_FROM = 2 ** 20;
 
@@ -161,7 +162,7 @@ export class BufferPool {
     this.#device = device;
   }
 
-  /** A buffer of `bytes` or more; `hostWrite` when the caller writes it with `queue.writeBuffer`. */
+  /** A buffer of `requested` bytes or more; `hostWrite` when the caller writes it with `queue.writeBuffer`. */
   acquire(requested: number, hostWrite: boolean): GPUBuffer {
     const limits = this.#device.limits;
     const bytes = pooledBytes(
