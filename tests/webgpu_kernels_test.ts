@@ -1515,7 +1515,7 @@ Deno.test({
   fn: async () => {
     const device = await adapter!.requestDevice();
     try {
-      const pool = new BufferPool(device);
+      const pool = new BufferPool(device, Infinity);
       // Activations of prompts of 200 to 211 rows: one class, one buffer.
       for (let rows = 200; rows < 212; rows++) {
         const buffer = pool.acquire(rows * 1536 * 4, false);

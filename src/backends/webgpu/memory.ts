@@ -158,17 +158,17 @@ export class BufferPool {
   /** Buffers created so far. */
   created = 0;
 
-  constructor(device: GPUDevice) {
+  constructor(
+    device: GPUDevice,
+    /** The largest buffer one binding takes, which no size class exceeds. */
+    readonly bindingLimit: number,
+  ) {
     this.#device = device;
   }
 
   /** A buffer of `requested` bytes or more; `hostWrite` when the caller writes it with `queue.writeBuffer`. */
   acquire(requested: number, hostWrite: boolean): GPUBuffer {
-    const limits = this.#device.limits;
-    const bytes = pooledBytes(
-      requested,
-      Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize),
-    );
+    const bytes = pooledBytes(requested, this.bindingLimit);
     const recycled = hostWrite ? undefined : this.#recycled.get(bytes);
     const buffer = recycled?.length ? recycled.pop() : this.#free.get(bytes)?.pop();
     if (buffer) return buffer;
@@ -234,7 +234,7 @@ export class GpuMemory {
     /** Bytes above which a matrix is split by rows, below the binding limit. */
     readonly splitMatricesOver = Infinity,
   ) {
-    this.pool = new BufferPool(device);
+    this.pool = new BufferPool(device, this.bindingLimit);
     const small = () => device.createBuffer({ size: 16, usage: STORAGE_USAGE });
     this.absent = small();
     this.unused = [small(), small(), small(), small()];
