@@ -30,7 +30,9 @@
 @group(0) @binding(2) var<storage, read_write> ids: array<f32>;
 @group(0) @binding(4) var<storage, read> randoms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> history: array<f32>;
-// Each slice's selection: MAX_K (key, id) pairs per slice, key 0 past its end.
+// Each slice's selection: a row's slices take keptOf(row) (key, id) pairs
+// each, one after the other from the row's MAX_K · maxSlices (key 0 past the
+// slice's selection), so that main reads no more than the row can keep.
 @group(0) @binding(7) var<storage, read_write> found: array<vec2<u32>>;
 
 const THREADS: u32 = 256u;
@@ -94,6 +96,24 @@ fn weight(base: u32, j: u32, top: f32, temperature: f32) -> f32 {
   return weightOf(logits[base + sortedId[j]], top, temperature);
 }
 
+// Counts a key that matches the digits found so far in the bin of its next digit.
+fn countKey(key: u32, mask: u32, prefix: u32, shift: u32) {
+  if (key != 0u && (key & mask) == prefix) {
+    atomicAdd(&hist[(key >> shift) & 255u], 1u);
+  }
+}
+
+// Takes an item above the threshold T into the candidates; returns 1 for a
+// key equal to T (a tie, taken in list order afterwards), else 0.
+fn gather(it: vec2<u32>, threshold: u32) -> u32 {
+  if (it.x > threshold) {
+    let slot = atomicAdd(&candidates, 1u);
+    candKey[slot] = it.x;
+    candId[slot] = it.y;
+  }
+  return select(0u, 1u, it.x == threshold);
+}
+
 // Selects the top min(topK, valid items) of the list into sortedKey and
 // sortedId (larger key first, the lower id on ties: ids rise along the list
 // among equal keys) and returns how many.
@@ -108,11 +128,22 @@ fn selectTop(list: Items, topK: u32, li: u32) -> u32 {
     let shift = 24u - 8u * round;
     atomicStore(&hist[li], 0u);
     workgroupBarrier();
-    for (var i = li; i < list.count; i += THREADS) {
-      let key = item(list, i).x;
-      if (key != 0u && (key & mask) == prefix) {
-        atomicAdd(&hist[(key >> shift) & 255u], 1u);
-      }
+    // Four loads in flight per iteration, as in the gather below: a loop
+    // that waits on each load in turn idles for every load's latency (the
+    // loop is not unrolled for us).
+    var i = li;
+    for (; i + 3u * THREADS < list.count; i += 4u * THREADS) {
+      let k0 = item(list, i).x;
+      let k1 = item(list, i + THREADS).x;
+      let k2 = item(list, i + 2u * THREADS).x;
+      let k3 = item(list, i + 3u * THREADS).x;
+      countKey(k0, mask, prefix, shift);
+      countKey(k1, mask, prefix, shift);
+      countKey(k2, mask, prefix, shift);
+      countKey(k3, mask, prefix, shift);
+    }
+    for (; i < list.count; i += THREADS) {
+      countKey(item(list, i).x, mask, prefix, shift);
     }
     workgroupBarrier();
     sums[li] = atomicLoad(&hist[li]);
@@ -151,15 +182,17 @@ fn selectTop(list: Items, topK: u32, li: u32) -> u32 {
   let last = min(first + run, list.count);
   var myTies = 0u;
   if (k > 0u) {
-    for (var i = first; i < last; i++) {
-      let it = item(list, i);
-      if (it.x > threshold) {
-        let slot = atomicAdd(&candidates, 1u);
-        candKey[slot] = it.x;
-        candId[slot] = it.y;
-      } else if (it.x == threshold) {
-        myTies++;
-      }
+    var i = first;
+    for (; i + 3u < last; i += 4u) {
+      let it0 = item(list, i);
+      let it1 = item(list, i + 1u);
+      let it2 = item(list, i + 2u);
+      let it3 = item(list, i + 3u);
+      myTies += gather(it0, threshold) + gather(it1, threshold) + gather(it2, threshold) +
+        gather(it3, threshold);
+    }
+    for (; i < last; i++) {
+      myTies += gather(item(list, i), threshold);
     }
   }
   sums[li] = myTies;
@@ -209,13 +242,14 @@ fn slices(
   }
   let first = slice * SLICE;
   let list = Items(0u, first, min(first + SLICE, limit) - first, row * p.vocab);
-  let k = selectTop(list, keptOf(row), li);
-  if (li < MAX_K) {
+  let kept = keptOf(row);
+  let k = selectTop(list, kept, li);
+  if (li < kept) {
     var pair = vec2<u32>(0u);
     if (li < k) {
       pair = vec2<u32>(sortedKey[li], sortedId[li]);
     }
-    found[(row * p.maxSlices + slice) * MAX_K + li] = pair;
+    found[row * p.maxSlices * MAX_K + slice * kept + li] = pair;
   }
 }
 
@@ -230,7 +264,8 @@ fn main(
   }
   let base = row * p.vocab;
   let nSlices = slicesOf(limitOf(row));
-  let k = selectTop(Items(1u, row * p.maxSlices * MAX_K, nSlices * MAX_K, base), keptOf(row), li);
+  let kept = keptOf(row);
+  let k = selectTop(Items(1u, row * p.maxSlices * MAX_K, nSlices * kept, base), kept, li);
   let temperature = temperatureOf(row);
   // Temperature and softmax as weights relative to the top token.
   if (li < k) {
