@@ -402,6 +402,30 @@ opTest("chooseTokens samples rows of 200, 50,280 and 70,000 ids as pickToken doe
   }
 });
 
+opTest("chooseTokens picks greedily over rows of 70,000 ids as pickToken does", async (be) => {
+  const vocab = 70000;
+  // Two equal maxima far apart (the lower id wins); the maximum at the last id below a limit;
+  // NaN and +Infinity; a row whose only numbers lie past its limit; a limit of one id. (Five
+  // rows: chooseAsPickToken's slots collide for a multiple of four.)
+  const rows = [vocab, vocab - 3, vocab, 5000, 1].map((limit) => ({
+    options: { temperature: 0 },
+    history: [],
+    limit,
+  }));
+  const logits = filler(11)(rows.length * vocab, 10);
+  const at = (r: number, id: number) => r * vocab + id;
+  logits[at(0, 4200)] = 20; // past the first 4,096 ids: a thread of webgpu's argmax reads it later
+  logits[at(0, 69000)] = 20;
+  logits[at(1, vocab - 4)] = 20;
+  logits[at(1, vocab - 1)] = 30;
+  logits[at(2, 5)] = NaN;
+  logits[at(2, 40000)] = Infinity;
+  logits.fill(-Infinity, at(3, 0), at(3, 5000));
+  logits[at(3, 5000)] = 1;
+  const want = await chooseAsPickToken(be, vocab, rows, logits, spreadRandoms(rows.length));
+  assertEquals(want, [4200, vocab - 4, 40000, -1, 0]);
+});
+
 opTest("conv and scan on pool slots match each sequence run alone", async (be) => {
   // Mamba's kernel of 4, and 2, where the state is one row.
   for (const kernel of [4, 2]) await poolSlotsCase(be, kernel);
@@ -922,7 +946,7 @@ const KERNEL_CASES: KernelCase[] = [
     tolerance: 1e-5,
     async run(be, fill) {
       const outs: Float32Array[] = [];
-      for (const [rows, dim] of [[1, 7], [3, 7], [5, 1], [5, 300], [3, 768], [1, 768]]) {
+      for (const [rows, dim] of [[1, 7], [3, 7], [5, 1], [5, 300], [3, 768], [1, 768], [2, 1100]]) {
         const x = be.upload(fill(rows * dim, 3));
         const w = be.upload(fill(dim));
         const out = be.zeros(rows * dim);

@@ -804,9 +804,10 @@ Deno.test({
       const rows = 40, inDim = 256, eps = 1e-5;
 
       // out_proj: hidden += y · weightᵀ + bias, then the next layer's norm of hidden (wider
-      // than 128, which the skinny matmul would take whole), on rows of whole vec4s or not.
+      // than 128, which the skinny matmul would take whole), on rows of whole vec4s or not, and
+      // of more vec4s than four per thread of the norm.
       const y = fill(rows * inDim, rand);
-      for (const dim of [136, 134]) {
+      for (const dim of [136, 134, 1100]) {
         const outProj = fill(dim * inDim, rand, 0.1);
         const hidden = fill(rows * dim, rand);
         const normWeight = fill(dim, rand);
@@ -1007,6 +1008,39 @@ Deno.test({
         close(await gpu.read(got2.dt), want2.dt, 1e-5, "Mamba-2's dt");
         close(await gpu.read(got2.xc), want2.xc, 1e-5, "Mamba-2's conv out");
         close(await gpu.read(got2.state), want2.state, 1e-5, "Mamba-2's conv state");
+      }
+
+      // A conv of 3 taps, no bias, rows in order: the step's general loop rather than the
+      // taps of 4 loaded ahead.
+      {
+        const conv3 = { len: 1, channels, kernel: 3, batch: rows, bias: null };
+        const weight3 = fill(channels * 3, rand);
+        const state3 = fill(rows * 2 * channels, rand);
+        const want3 = { xc: new Float32Array(rows * channels), state: state3.slice() };
+        js.causalConv({ ...conv3, out: want3.xc, x: want.x, weight: weight3, state: want3.state });
+        const got3 = { x: gpu.scratch(rows * channels), xc: gpu.zeros(rows * channels) };
+        const gotState3 = gpu.upload(state3);
+        const start = gpu.dispatches;
+        gpu.linearSplit({
+          outs: [got3.x, gpu.zeros(rows * channels)],
+          widths: [channels, channels],
+          x: gpu.upload(normed),
+          weight: gpu.upload(inProj, inDim),
+          bias: gpu.upload(inBias),
+          rows,
+          inDim,
+        });
+        gpu.causalConv({
+          ...conv3,
+          out: got3.xc,
+          x: got3.x,
+          weight: gpu.upload(weight3),
+          state: gotState3,
+        });
+        gpu.flush();
+        assertEquals(gpu.dispatches - start, 2, "in_proj and a conv of 3 taps: dispatches");
+        close(await gpu.read(got3.xc), want3.xc, 1e-5, "the conv of 3 taps' out");
+        close(await gpu.read(gotState3), want3.state, 1e-5, "the conv of 3 taps' state");
       }
     }),
 });
