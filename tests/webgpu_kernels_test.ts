@@ -906,16 +906,19 @@ Deno.test({
         state: gpu.upload(state),
         outs: widths.map((width) => gpu.zeros(rows * width)),
       };
+      // Mamba-1's in_proj [x | z] on the device, its matmul split over K.
+      const inProjOnGpu = (x: GpuBuffer, z: GpuBuffer) =>
+        gpu.linearSplit({
+          outs: [x, z],
+          widths: [channels, channels],
+          x: gpu.upload(normed),
+          weight: gpu.upload(inProj, inDim),
+          bias: gpu.upload(inBias),
+          rows,
+          inDim,
+        });
       const before = gpu.dispatches;
-      gpu.linearSplit({
-        outs: [got.x, got.z],
-        widths: [channels, channels],
-        x: gpu.upload(normed),
-        weight: gpu.upload(inProj, inDim),
-        bias: gpu.upload(inBias),
-        rows,
-        inDim,
-      });
+      inProjOnGpu(got.x, got.z);
       gpu.causalConv({
         ...conv,
         out: got.xc,
@@ -1021,15 +1024,7 @@ Deno.test({
         const got3 = { x: gpu.scratch(rows * channels), xc: gpu.zeros(rows * channels) };
         const gotState3 = gpu.upload(state3);
         const start = gpu.dispatches;
-        gpu.linearSplit({
-          outs: [got3.x, gpu.zeros(rows * channels)],
-          widths: [channels, channels],
-          x: gpu.upload(normed),
-          weight: gpu.upload(inProj, inDim),
-          bias: gpu.upload(inBias),
-          rows,
-          inDim,
-        });
+        inProjOnGpu(got3.x, gpu.zeros(rows * channels));
         gpu.causalConv({
           ...conv3,
           out: got3.xc,
