@@ -159,9 +159,23 @@ export interface Mamba2Buffers<Buf> {
   yNorm: Buf;
 }
 
-/** Floats per row of {@link allocMamba2Buffers}' buffers: z, y and yNorm; xBC and xBCConv; dt. */
+/** Floats per row of each of {@link allocMamba2Buffers}' buffers. */
+function mamba2RowWidths(config: MambaConfig) {
+  const convDim = convChannels(config);
+  const { dInner } = config;
+  return {
+    z: dInner,
+    xBC: convDim,
+    dt: config.mamba2!.nHeads,
+    xBCConv: convDim,
+    y: dInner,
+    yNorm: dInner,
+  };
+}
+
+/** Floats per row of {@link allocMamba2Buffers}' buffers, all together. */
 export function mamba2ActivationFloats(config: MambaConfig): number {
-  return 3 * config.dInner + 2 * convChannels(config) + config.mamba2!.nHeads;
+  return Object.values(mamba2RowWidths(config)).reduce((sum, width) => sum + width, 0);
 }
 
 /** The Mamba-2 buffers of `rows` rows but `hidden` and `normed` (the model's), zeroed. */
@@ -170,15 +184,14 @@ export function allocMamba2Buffers<Buf>(
   config: MambaConfig,
   rows: number,
 ): Omit<Mamba2Buffers<Buf>, "hidden" | "normed"> {
-  const { dInner, mamba2 } = config;
-  const convDim = convChannels(config);
+  const width = mamba2RowWidths(config);
   return {
-    z: be.zeros(rows * dInner),
-    xBC: be.scratch(rows * convDim), // only the conv reads it
-    dt: be.zeros(rows * mamba2!.nHeads),
-    xBCConv: be.zeros(rows * convDim),
-    y: be.scratch(rows * dInner), // only the gated norm reads it
-    yNorm: be.scratch(rows * dInner), // only out_proj reads it
+    z: be.zeros(rows * width.z),
+    xBC: be.scratch(rows * width.xBC), // only the conv reads it
+    dt: be.zeros(rows * width.dt),
+    xBCConv: be.zeros(rows * width.xBCConv),
+    y: be.scratch(rows * width.y), // only the gated norm reads it
+    yNorm: be.scratch(rows * width.yNorm), // only out_proj reads it
   };
 }
 

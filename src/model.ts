@@ -559,59 +559,63 @@ export class MambaModel<Buf> {
    * prompt's chunk costs in activations.
    */
   get activationFloatsPerRow(): number {
-    const { dModel, dInner, dState, dtRank, mixerRmsEps } = this.config;
-    const blockIo = 3 * dModel; // hidden, normed, headIn
-    if (this.config.mamba2) return blockIo + mamba2ActivationFloats(this.config);
-    // x, z, xc, delta, y; dt, B, C; and Falcon-Mamba's normed dt, B, C.
-    const mixer = 5 * dInner + dtRank + 2 * dState;
-    return blockIo + (mixerRmsEps === undefined ? mixer : mixer + dtRank + 2 * dState);
+    const { block, mixer, mixerNorm } = this.#scratchRowWidths();
+    const sum = (widths: Record<string, number>) =>
+      Object.values(widths).reduce((total, width) => total + width, 0);
+    const mamba = this.config.mamba2 ? mamba2ActivationFloats(this.config) : sum(mixer);
+    return sum(block) + mamba + (mixerNorm ? sum(mixerNorm) : 0);
+  }
+
+  /**
+   * Floats per row of each of {@link allocScratch}'s buffers: the block's
+   * input and output; Mamba-1's mixer (empty for Mamba-2, whose buffers
+   * mamba2.ts sizes); Falcon-Mamba's normed dt, B and C.
+   */
+  #scratchRowWidths() {
+    const { dModel, dInner, dState, dtRank, mamba2, mixerRmsEps } = this.config;
+    const [inner, rank, state] = mamba2 ? [0, 0, 0] : [dInner, dtRank, dState];
+    const mixer = {
+      x: inner,
+      z: inner,
+      xc: inner,
+      dt: rank,
+      B: state,
+      C: state,
+      delta: inner,
+      y: inner,
+    };
+    const mixerNorm = mamba2 || mixerRmsEps === undefined
+      ? undefined
+      : { dt: dtRank, B: dState, C: dState };
+    return { block: { hidden: dModel, normed: dModel, headIn: dModel }, mixer, mixerNorm };
   }
 
   /** Scratch activations for up to `rows` rows; give them back with {@link releaseScratch}. */
   allocScratch(rows: number): Scratch<Buf> {
-    const { dModel, dInner, dState, dtRank, mamba2 } = this.config;
-    const z = (n: number) => this.backend.zeros(n);
+    const { dtRank, dState, mamba2 } = this.config;
+    const { block, mixer, mixerNorm } = this.#scratchRowWidths();
+    const z = (width: number) => this.backend.zeros(rows * width);
     // What only the next operation reads, which a backend may fold away.
-    const scratch = (n: number) => this.backend.scratch(n);
-    const hidden = z(rows * dModel);
-    const normed = scratch(rows * dModel);
-    const headIn = z(rows * dModel);
-    if (mamba2) {
-      const none = () => z(0);
-      return {
-        rows,
-        hidden,
-        normed,
-        headIn,
-        x: none(),
-        z: none(),
-        xc: none(),
-        dt: none(),
-        B: none(),
-        C: none(),
-        delta: none(),
-        y: none(),
-        mamba2: allocMamba2Buffers(this.backend, this.config, rows),
-      };
-    }
+    const scratch = (width: number) => this.backend.scratch(rows * width);
     return {
       rows,
-      hidden,
-      normed,
-      headIn,
-      x: scratch(rows * dInner),
-      z: z(rows * dInner),
-      xc: z(rows * dInner),
-      dt: scratch(rows * dtRank),
-      B: scratch(rows * dState),
-      C: scratch(rows * dState),
-      delta: scratch(rows * dInner),
-      y: z(rows * dInner),
-      ...(this.config.mixerRmsEps === undefined ? {} : {
+      hidden: z(block.hidden),
+      normed: scratch(block.normed),
+      headIn: z(block.headIn),
+      x: scratch(mixer.x),
+      z: z(mixer.z),
+      xc: z(mixer.xc),
+      dt: scratch(mixer.dt),
+      B: scratch(mixer.B),
+      C: scratch(mixer.C),
+      delta: scratch(mixer.delta),
+      y: z(mixer.y),
+      ...(mamba2 && { mamba2: allocMamba2Buffers(this.backend, this.config, rows) }),
+      ...(mixerNorm && {
         mixerNorm: {
-          dt: z(rows * dtRank),
-          B: z(rows * dState),
-          C: z(rows * dState),
+          dt: z(mixerNorm.dt),
+          B: z(mixerNorm.B),
+          C: z(mixerNorm.C),
           ones: this.backend.upload(new Float32Array(Math.max(dtRank, dState)).fill(1)),
         },
       }),
