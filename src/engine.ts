@@ -410,7 +410,7 @@ export class DecodeEngine<Buf> {
         // only for that step's submission, not for the new round's setup or
         // for the host to issue a step.
         const round = this.#issueRound(() => {
-          if (previous) this.#startRead(previous);
+          if (previous) this.#startRead(previous, true);
         });
         this.#inFlight = round;
         // While the device runs the new round, the previous one is judged.
@@ -767,12 +767,19 @@ export class DecodeEngine<Buf> {
     return ids;
   }
 
-  /** Starts reading a round's ids back. */
-  #startRead(round: Round<Buf>): Promise<Float32Array> {
+  /**
+   * Starts reading a round's ids back: with `readSubmitted` where the next
+   * round runs meanwhile (`overlapped`), else with `read`, which on a device
+   * returns as soon as the device is idle: nothing runs after the round.
+   */
+  #startRead(round: Round<Buf>, overlapped: boolean): Promise<Float32Array> {
     const length = (round.steps + 1) * round.rows.length;
     const { ids } = round;
     // Nothing unsubmitted writes a round's ids: the next round writes the engine's buffer, not its copy.
-    const read = this.#be.readSubmitted(ids?.buf ?? this.#ids!, 0, length);
+    const buf = ids?.buf ?? this.#ids!;
+    const read = overlapped
+      ? this.#be.readSubmitted(buf, 0, length)
+      : this.#be.read(buf, 0, length);
     round.read = read;
     read.catch(() => {}); // Reported where it is awaited.
     if (ids) {
@@ -844,7 +851,7 @@ export class DecodeEngine<Buf> {
    * id. `later` is the round issued after it, if any (it ran ahead).
    */
   async #judge(round: Round<Buf>, later: Round<Buf> | null): Promise<void> {
-    const ids = await (round.read ?? this.#startRead(round));
+    const ids = await (round.read ?? this.#startRead(round, false));
     const batch = round.rows.length;
     /** Replays by length: the slots and their ids, one after the other. */
     const replays = new Map<number, { slots: number[]; ids: number[] }>();

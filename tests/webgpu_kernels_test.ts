@@ -612,6 +612,37 @@ Deno.test({
 
 Deno.test({
   name:
+    "webgpu: a read takes its floats from its staging buffer once the map is in place, before Deno's mapAsync resolves",
+  ignore,
+  fn: () =>
+    withGpu(async (gpu) => {
+      const acc = gpu.upload(Float32Array.of(1, 2, 3, 4, 5));
+      const ones = gpu.upload(new Float32Array(5).fill(1));
+      const before = gpu.earlyReads;
+      // Reads of one size back to back: each staging buffer is away until its
+      // mapping resolves, so new ones are made, and read early from the first.
+      const seen: number[][] = [];
+      for (let i = 0; i < 6; i++) {
+        gpu.addInPlace({ acc, x: ones, length: 5 });
+        seen.push(Array.from(await gpu.read(acc, 1, 3)));
+      }
+      assertEquals(seen, [3, 4, 5, 6, 7, 8].map((v) => [v, v + 1, v + 2]));
+      await new Promise((resolve) => setTimeout(resolve, 50)); // the mappings resolve
+      assertEquals(Array.from(await gpu.read(acc)), [7, 8, 9, 10, 11]);
+      assertEquals(
+        Array.from(await gpu.read(acc, 1, 3)),
+        [8, 9, 10],
+        "a staging buffer used again",
+      );
+      assertEquals(Array.from(await gpu.read(acc, 5, 0)), []);
+      // On this Deno every read is early (where a runtime's mapAsync did not
+      // poll the device before it returns, they would wait for the promise).
+      assertEquals(gpu.earlyReads - before, 9);
+    }),
+});
+
+Deno.test({
+  name:
     "webgpu: skipKernels leaves out the matching kernels, issued directly or replayed, until it is cleared",
   ignore,
   fn: () =>

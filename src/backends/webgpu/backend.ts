@@ -230,6 +230,11 @@ export class WebGpuBackend implements Backend<GpuBuffer> {
     return this.#rt.submissions;
   }
 
+  /** Reads that took their floats before Deno's `mapAsync` resolved (for tests). */
+  get earlyReads(): number {
+    return this.#rt.earlyReads;
+  }
+
   /**
    * GPU time per kernel (program key and grid) of the work done since the
    * last call; needs the option `profile`.

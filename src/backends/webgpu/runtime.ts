@@ -159,6 +159,8 @@ export class GpuRuntime {
   dispatches = 0;
   /** Submissions so far. */
   submissions = 0;
+  /** Reads that took their floats before Deno's `mapAsync` resolved (see {@link #readBack}). */
+  earlyReads = 0;
   /**
    * Runs before any recorded work and any transfer: a backend finishes here
    * what it deferred in the hope of fusing it into the next kernel.
@@ -295,13 +297,18 @@ export class GpuRuntime {
   async read(buf: GpuBuffer, offset = 0, length = buf.length - offset): Promise<Float32Array> {
     this.#checkRead(buf, offset, length);
     this.beforeWork();
-    return this.#readBack(buf, offset, length, () => this.encoder(), () => this.flush());
+    return this.#readBack(buf, offset, length, () => this.encoder(), () => this.flush(), true);
   }
 
   /**
    * Reads `length` floats of `buf` from `offset` as the work submitted so far
    * leaves them: the copy goes in a submission of its own, and the recorded
-   * work stays unsubmitted until the next {@link flush}.
+   * work stays unsubmitted until the next {@link flush}. Unlike {@link read},
+   * it resolves when Deno's `mapAsync` does, 10 ms or more after the device is
+   * idle: it is the decode engine's read of a round while the next one runs,
+   * and that wait leaves the thread to other requests and lets newcomers
+   * gather to join together (taken early, the edge server's concurrent
+   * streams ran slower: docs/performance.md).
    */
   // deno-lint-ignore require-await -- as read.
   async readSubmitted(
@@ -314,7 +321,7 @@ export class GpuRuntime {
     const encoder = this.device.createCommandEncoder();
     return this.#readBack(buf, offset, length, () => encoder, () => {
       this.device.queue.submit([encoder.finish()]);
-    });
+    }, false);
   }
 
   #checkRead(buf: GpuBuffer, offset: number, length: number): void {
@@ -326,35 +333,79 @@ export class GpuRuntime {
     }
   }
 
-  /** Copies the floats into a staging buffer on `encoder()`, `submit`s that and maps the buffer. */
+  /**
+   * Copies the floats into a staging buffer on `encoder()`, `submit`s that and
+   * maps the buffer.
+   *
+   * Deno's `mapAsync` blocks until the device is idle and then resolves 10 ms
+   * later, whatever the work (ext/webgpu/buffer.rs: a blocking poll, then a
+   * sleep before it looks at the map's result). The mapping itself is in place
+   * once the poll returns, so with `early` the floats are taken from it as soon
+   * as the call returns, where `getMappedRange` allows it; the staging buffer
+   * goes back to the pool when the promise resolves. Deno's `getMappedRange` takes the
+   * map's mode from the last mapping that resolved and has none before the
+   * first, so a staging buffer is made mapped (at creation) and unmapped
+   * at once: its first read is early too.
+   */
   async #readBack(
     buf: GpuBuffer,
     offset: number,
     length: number,
     encoder: () => GPUCommandEncoder,
     submit: () => void,
+    early: boolean,
   ): Promise<Float32Array> {
     // Staging buffers are kept by size: a decode step reads back every token.
     const bytes = Math.max(4, length * 4);
-    const staging = this.#staging.get(bytes)?.pop() ?? this.device.createBuffer({
-      size: bytes,
-      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-    });
+    const staging = this.#staging.get(bytes)?.pop() ?? this.#newStaging(bytes);
     if (length > 0) encoder().copyBufferToBuffer(buf.buffer, offset * 4, staging, 0, length * 4);
     submit();
+    const mapped = staging.mapAsync(GPUMapMode.READ);
+    const floats = early ? this.#mappedFloats(staging, length) : null;
+    if (floats) {
+      this.earlyReads++;
+      mapped
+        .then(() => this.#returnStaging(staging, bytes))
+        .catch(() => staging.destroy()); // the device was lost or destroyed meanwhile
+      this.throwIfFailed();
+      return floats;
+    }
     try {
-      await staging.mapAsync(GPUMapMode.READ);
+      await mapped;
     } catch (error) {
       staging.destroy();
       throw error;
     }
     const out = new Float32Array(staging.getMappedRange().slice(0, length * 4));
+    this.#returnStaging(staging, bytes);
+    this.throwIfFailed();
+    return out;
+  }
+
+  #newStaging(bytes: number): GPUBuffer {
+    const staging = this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+      mappedAtCreation: true,
+    });
+    staging.unmap();
+    return staging;
+  }
+
+  /** The first `length` floats of `staging` if its mapping is in place already, else null. */
+  #mappedFloats(staging: GPUBuffer, length: number): Float32Array | null {
+    try {
+      return new Float32Array(staging.getMappedRange().slice(0, length * 4));
+    } catch {
+      return null; // not mapped yet: the promise will say when
+    }
+  }
+
+  #returnStaging(staging: GPUBuffer, bytes: number): void {
     staging.unmap();
     const free = this.#staging.get(bytes);
     if (free) free.push(staging);
     else this.#staging.set(bytes, [staging]);
-    this.throwIfFailed();
-    return out;
   }
 
   /** Records a copy of `length` floats, through a scratch buffer within one buffer. */
