@@ -612,7 +612,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "webgpu: a read takes its floats from its staging buffer once the map is in place, before Deno's mapAsync resolves",
+    "webgpu: a read takes its floats from its staging buffer once the map is in place, before Deno's mapAsync resolves; readSubmitted waits for it",
   ignore,
   fn: () =>
     withGpu(async (gpu) => {
@@ -637,6 +637,11 @@ Deno.test({
       assertEquals(Array.from(await gpu.read(acc, 5, 0)), []);
       // On this Deno every read is early (where a runtime's mapAsync did not
       // poll the device before it returns, they would wait for the promise).
+      assertEquals(gpu.earlyReads - before, 9);
+      // readSubmitted, the engine's read while its next round runs, waits for the promise.
+      gpu.addInPlace({ acc, x: ones, length: 5 });
+      gpu.flush();
+      assertEquals(Array.from(await gpu.readSubmitted(acc, 0, 2)), [8, 9]);
       assertEquals(gpu.earlyReads - before, 9);
     }),
 });
