@@ -160,7 +160,7 @@ export interface Mamba2Buffers<Buf> {
 }
 
 /** Floats per row of each of {@link allocMamba2Buffers}' buffers. */
-function mamba2RowWidths(config: MambaConfig) {
+export function mamba2RowWidths(config: MambaConfig): Record<string, number> {
   const convDim = convChannels(config);
   const { dInner } = config;
   return {
@@ -171,11 +171,6 @@ function mamba2RowWidths(config: MambaConfig) {
     y: dInner,
     yNorm: dInner,
   };
-}
-
-/** Floats per row of {@link allocMamba2Buffers}' buffers, all together. */
-export function mamba2ActivationFloats(config: MambaConfig): number {
-  return Object.values(mamba2RowWidths(config)).reduce((sum, width) => sum + width, 0);
 }
 
 /** The Mamba-2 buffers of `rows` rows but `hidden` and `normed` (the model's), zeroed. */

@@ -53,10 +53,10 @@ import {
   checkMamba2Support,
   isMamba2Layer,
   MAMBA2_OPS,
-  mamba2ActivationFloats,
   mamba2BlockOp,
   type Mamba2Buffers,
   type Mamba2LayerWeights,
+  mamba2RowWidths,
 } from "./mamba2.ts";
 import { StatePool } from "./pool.ts";
 import type { HostWeights, LayerWeights, MambaWeights } from "./weights.ts";
@@ -559,17 +559,17 @@ export class MambaModel<Buf> {
    * prompt's chunk costs in activations.
    */
   get activationFloatsPerRow(): number {
-    const { block, mixer, mixerNorm } = this.#scratchRowWidths();
-    const sum = (widths: Record<string, number>) =>
-      Object.values(widths).reduce((total, width) => total + width, 0);
-    const mamba = this.config.mamba2 ? mamba2ActivationFloats(this.config) : sum(mixer);
-    return sum(block) + mamba + (mixerNorm ? sum(mixerNorm) : 0);
+    const groups = Object.values(this.#scratchRowWidths());
+    return groups.reduce(
+      (total, widths) => Object.values(widths ?? {}).reduce((sum, width) => sum + width, total),
+      0,
+    );
   }
 
   /**
    * Floats per row of each of {@link allocScratch}'s buffers: the block's
-   * input and output; Mamba-1's mixer (empty for Mamba-2, whose buffers
-   * mamba2.ts sizes); Falcon-Mamba's normed dt, B and C.
+   * input and output; Mamba-1's mixer (empty for Mamba-2); Falcon-Mamba's
+   * normed dt, B and C; Mamba-2's buffers (mamba2.ts).
    */
   #scratchRowWidths() {
     const { dModel, dInner, dState, dtRank, mamba2, mixerRmsEps } = this.config;
@@ -587,7 +587,12 @@ export class MambaModel<Buf> {
     const mixerNorm = mamba2 || mixerRmsEps === undefined
       ? undefined
       : { dt: dtRank, B: dState, C: dState };
-    return { block: { hidden: dModel, normed: dModel, headIn: dModel }, mixer, mixerNorm };
+    return {
+      block: { hidden: dModel, normed: dModel, headIn: dModel },
+      mixer,
+      mixerNorm,
+      mamba2: mamba2 ? mamba2RowWidths(this.config) : undefined,
+    };
   }
 
   /** Scratch activations for up to `rows` rows; give them back with {@link releaseScratch}. */
