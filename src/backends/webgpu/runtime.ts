@@ -153,6 +153,20 @@ function dispatchLabel(program: Program, groups: readonly number[]): string {
   return `${program.key} ${groups.join("×")}`;
 }
 
+/** A copy of the first `length` floats of a mapped staging buffer (its range detaches at unmap). */
+function mappedFloats(staging: GPUBuffer, length: number): Float32Array {
+  return new Float32Array(staging.getMappedRange().slice(0, length * 4));
+}
+
+/** {@link mappedFloats} if the buffer's mapping is in place already, else null. */
+function mappedFloatsIfReady(staging: GPUBuffer, length: number): Float32Array | null {
+  try {
+    return mappedFloats(staging, length);
+  } catch {
+    return null; // not mapped yet: the promise will say when
+  }
+}
+
 /** See the module documentation. */
 export class GpuRuntime {
   /** Compute dispatches recorded so far (for benchmarks and tests). */
@@ -361,7 +375,7 @@ export class GpuRuntime {
     if (length > 0) encoder().copyBufferToBuffer(buf.buffer, offset * 4, staging, 0, length * 4);
     submit();
     const mapped = staging.mapAsync(GPUMapMode.READ);
-    const floats = early ? this.#mappedFloats(staging, length) : null;
+    const floats = early ? mappedFloatsIfReady(staging, length) : null;
     if (floats) {
       this.earlyReads++;
       mapped
@@ -376,7 +390,7 @@ export class GpuRuntime {
       staging.destroy();
       throw error;
     }
-    const out = new Float32Array(staging.getMappedRange().slice(0, length * 4));
+    const out = mappedFloats(staging, length);
     this.#returnStaging(staging, bytes);
     this.throwIfFailed();
     return out;
@@ -390,15 +404,6 @@ export class GpuRuntime {
     });
     staging.unmap();
     return staging;
-  }
-
-  /** The first `length` floats of `staging` if its mapping is in place already, else null. */
-  #mappedFloats(staging: GPUBuffer, length: number): Float32Array | null {
-    try {
-      return new Float32Array(staging.getMappedRange().slice(0, length * 4));
-    } catch {
-      return null; // not mapped yet: the promise will say when
-    }
   }
 
   #returnStaging(staging: GPUBuffer, bytes: number): void {
