@@ -486,6 +486,7 @@ export class DecodeEngine<Buf> {
    * recording made once per shape (with logits, whatever is asked).
    */
   #feedGroup(slots: readonly number[], ids: Int32Array, len: number, withLogits: boolean): void {
+    this.#model.pool.zeroAcquired(); // the new sequences' slots, before the pieces replayed below
     if (!this.#be.queued || len >= CAPTURED_PROMPT_LIMIT) {
       this.#model.feed(slots, ids, len, withLogits);
       return;
@@ -639,6 +640,7 @@ export class DecodeEngine<Buf> {
     const be = this.#be;
     const model = this.#model;
     const pool = model.pool;
+    pool.zeroAcquired(); // a sequence that joins with no prompt picks from its slot's zero logits
     const joiners = this.#joining;
     const continuing = this.#decoding.filter((seq) => !seq.ended && seq.issued < seq.job.maxTokens);
     // Without checkpoints a first pick is judged before it is fed: joiners take a round of their own.

@@ -399,6 +399,7 @@ export class MambaModel<Buf> {
         `${batch} sequences of ${len} ids need ${batch * len} ids, got ${ids.length}`,
       );
     }
+    this.pool.zeroAcquired();
     const s = this.allocScratch(batch * len);
     const slotRows = be.upload(Float32Array.from(slots));
     const tokens = be.upload(Float32Array.from(ids));
@@ -479,6 +480,7 @@ export class MambaModel<Buf> {
     const be = this.backend;
     const { vocabSize, dModel } = this.config;
     const logits = new Float32Array(ids.length * vocabSize);
+    this.pool.zeroAcquired();
     const slotRows = be.upload(Float32Array.of(slot));
     try {
       for (let start = 0; start < ids.length; start += FORWARD_CHUNK) {

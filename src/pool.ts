@@ -66,8 +66,14 @@ export class StatePool<Buf> {
   readonly #free = new Set<number>();
   /** Parked slots (see {@link park}), oldest first, with what gives each up. */
   readonly #parked = new Map<number, () => void>();
-  /** Zeros as long as the longest row, copied over a slot to reset it. */
+  /** Zeros as long as the longest row: the row scattered over slots to zero them. */
   readonly #zeros: Buf;
+  /** Slots acquired since the last {@link zeroAcquired}: their rows still hold earlier sequences' states. */
+  readonly #unzeroed = new Set<number>();
+  /** [capacity] zeros: the source row (row 0 of {@link #zeros}) of every slot that {@link zeroAcquired} zeroes. */
+  #zeroRows: Buf;
+  /** [capacity] the slots {@link zeroAcquired} zeroes, as floats. */
+  #unzeroedRows: Buf;
 
   /** An empty pool for a model of `config` on `backend`. */
   constructor(backend: Backend<Buf>, config: MambaConfig) {
@@ -80,6 +86,8 @@ export class StatePool<Buf> {
     this.#zeros = backend.zeros(Math.max(this.#convLength, this.#ssmLength, vocabSize, 1));
     this.logits = backend.zeros(0);
     this.next = backend.zeros(0);
+    this.#zeroRows = backend.zeros(0);
+    this.#unzeroedRows = backend.zeros(0);
     this.#grow(INITIAL_SLOTS);
   }
 
@@ -107,9 +115,10 @@ export class StatePool<Buf> {
   }
 
   /**
-   * A slot holding the start of a sequence: zero state, zero logits. When
-   * no slot is free the oldest parked one is taken back, and only without
-   * one does the pool grow.
+   * A slot for the start of a sequence: zero state, zero logits, once
+   * {@link zeroAcquired} has run (whatever reads or writes the pool's rows
+   * calls it first). When no slot is free the oldest parked one is taken
+   * back, and only without one does the pool grow.
    */
   acquire(): number {
     if (this.#free.size === 0) {
@@ -124,8 +133,37 @@ export class StatePool<Buf> {
     }
     const slot = Math.min(...this.#free);
     this.#free.delete(slot);
-    this.reset(slot);
+    this.#unzeroed.add(slot);
     return slot;
+  }
+
+  /**
+   * Zeroes the state and logits of every slot acquired since the last call:
+   * one scatter of a zero row per buffer, however many slots. Acquiring only
+   * marks a slot, so that a burst of new sequences (256 concurrent `generate`
+   * calls, an edge server's requests) costs a launch per buffer rather than
+   * a copy per buffer and sequence, which on a GPU took longer than the
+   * burst's prompts (docs/performance.md). The decode engine and the model
+   * call it before they feed or step; the pool's own reads, writes and
+   * copies of rows call it first. Never call it inside a capture: replays
+   * would zero slots again.
+   */
+  zeroAcquired(): void {
+    if (this.#unzeroed.size === 0) return;
+    const be = this.#be;
+    const slots = Float32Array.from(this.#unzeroed);
+    this.#unzeroed.clear();
+    be.write(this.#unzeroedRows, slots);
+    this.#forEachRow((buf, length) =>
+      be.copyRows({
+        dst: buf,
+        src: this.#zeros,
+        width: length,
+        count: slots.length,
+        srcRows: { buf: this.#zeroRows, offset: 0 },
+        dstRows: { buf: this.#unzeroedRows, offset: 0 },
+      })
+    );
   }
 
   /** Gives a slot back for reuse. */
@@ -150,17 +188,10 @@ export class StatePool<Buf> {
     this.#parked.delete(slot);
   }
 
-  /** Zeroes a slot's state and logits: the start of a sequence. */
-  reset(slot: number): void {
-    this.#check(slot);
-    this.#forEachRow((buf, length) =>
-      this.#be.copy({ dst: buf, dstOffset: slot * length, src: this.#zeros, length })
-    );
-  }
-
   /** Reads a slot's state and logits to the host: one staged copy, one read. */
   async read(slot: number): Promise<SlotContents> {
     this.#check(slot);
+    this.zeroAcquired();
     const be = this.#be;
     const stage = be.zeros(this.slotFloats);
     try {
@@ -187,6 +218,7 @@ export class StatePool<Buf> {
   /** Overwrites a slot's state and logits from the host: one write, then copies on the backend. */
   write(slot: number, contents: SlotContents): void {
     this.#check(slot);
+    this.zeroAcquired(); // before, not after, the write: zeroing must not undo it
     const be = this.#be;
     const all = new Float32Array(this.slotFloats);
     let at = 0;
@@ -235,6 +267,7 @@ export class StatePool<Buf> {
     if (rows > copy.capacity) {
       throw new RangeError(`A copy of ${copy.capacity} slots cannot hold ${rows}`);
     }
+    this.zeroAcquired();
     const be = this.#be;
     this.#forEachRow((buf, length, i) =>
       be.copy({ dst: this.#rowsOf(copy, i), src: buf, length: rows * length })
@@ -248,6 +281,7 @@ export class StatePool<Buf> {
     if (slot >= copy.capacity) {
       throw new RangeError(`Slot ${slot} is outside a copy of ${copy.capacity}`);
     }
+    this.zeroAcquired();
     const be = this.#be;
     this.#forEachRow((buf, length, i) =>
       be.copy({
@@ -263,7 +297,8 @@ export class StatePool<Buf> {
 
   /** Frees every buffer; the pool must not be used afterwards. */
   dispose(): void {
-    for (const buf of [...this.conv, ...this.ssm, this.logits, this.next, this.#zeros]) {
+    const own = [this.#zeros, this.#zeroRows, this.#unzeroedRows];
+    for (const buf of [...this.conv, ...this.ssm, this.logits, this.next, ...own]) {
       this.#be.release(buf);
     }
   }
@@ -302,6 +337,11 @@ export class StatePool<Buf> {
     this.ssm = Array.from({ length: this.#layers }, (_, l) => regrow(this.ssm[l], this.#ssmLength));
     this.logits = regrow(this.logits, this.#vocab);
     this.next = regrow(this.next, 1);
+    // Slots acquired but not yet zeroed keep their marks: zeroAcquired zeroes them in the new buffers.
+    be.release(this.#zeroRows);
+    be.release(this.#unzeroedRows);
+    this.#zeroRows = be.zeros(capacity);
+    this.#unzeroedRows = be.zeros(capacity);
     for (let slot = old; slot < capacity; slot++) this.#free.add(slot);
     this.#capacity = capacity;
     this.version++;

@@ -315,6 +315,34 @@ for (const { label, name, options, ignore } of BACKENDS) {
     assertEquals(pool.capacity, capacity, "the pool never grew");
   });
 
+  test("a burst of new streams on slots that an earlier burst left dirty starts each from zero: the greedy ids", async (mamba) => {
+    const { prompts, greedy } = await reference();
+    const pool = mamba.model.pool;
+    const burst = async (count: number, label: string) => {
+      const streams = Array.from({ length: count }, async (_, i) => {
+        const generation = mamba.generate(prompts[i % prompts.length], {
+          temperature: 0,
+          maxNewTokens: 10,
+        });
+        const ids: number[] = [];
+        for await (const event of generation) ids.push(event.token);
+        generation.session.dispose();
+        return ids;
+      });
+      (await Promise.all(streams)).forEach((ids, i) =>
+        assertEquals(ids, greedy[i % prompts.length].slice(0, 10), `${label}: stream ${i}`)
+      );
+      await settled();
+    };
+    await burst(9, "first burst");
+    const capacity = pool.capacity;
+    // Every slot of the second burst held a sequence of the first, which the
+    // pool zeroes together when the burst's prompts are fed.
+    await burst(9, "second burst");
+    assertEquals(pool.capacity, capacity, "the second burst took the first one's slots");
+    assertEquals(pool.used, 0);
+  });
+
   test("prompts of every piece shape give the teacher-forced logits, alone and together", async (mamba) => {
     const model = mamba.model;
     const expected = SafetensorsFile.parse(
