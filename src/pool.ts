@@ -139,20 +139,27 @@ export class StatePool<Buf> {
 
   /**
    * Zeroes the state and logits of every slot acquired since the last call:
-   * one scatter of a zero row per buffer, however many slots. Acquiring only
-   * marks a slot, so that a burst of new sequences (256 concurrent `generate`
-   * calls, an edge server's requests) costs a launch per buffer rather than
-   * a copy per buffer and sequence, which on a GPU took longer than the
-   * burst's prompts (docs/performance.md). The decode engine and the model
-   * call it before they feed or step; the pool's own reads, writes and
-   * copies of rows call it first. Never call it inside a capture: replays
-   * would zero slots again.
+   * for one slot a copy of zeros per buffer, for several one scatter of a
+   * zero row per buffer. Acquiring only marks a slot, so that a burst of new
+   * sequences (256 concurrent `generate` calls, an edge server's requests)
+   * costs a launch per buffer rather than a copy per buffer and sequence,
+   * which on a GPU took longer than the burst's prompts; a lone sequence
+   * keeps the copies, which cost a GPU less than launches do
+   * (docs/performance.md). The decode engine and the model call it before
+   * they feed or step; the pool's own reads, writes and copies of rows call
+   * it first. Never call it inside a capture: replays would zero slots again.
    */
   zeroAcquired(): void {
     if (this.#unzeroed.size === 0) return;
     const be = this.#be;
     const slots = Float32Array.from(this.#unzeroed);
     this.#unzeroed.clear();
+    if (slots.length === 1) {
+      this.#forEachRow((buf, length) =>
+        be.copy({ dst: buf, dstOffset: slots[0] * length, src: this.#zeros, length })
+      );
+      return;
+    }
     be.write(this.#unzeroedRows, slots);
     this.#forEachRow((buf, length) =>
       be.copyRows({
