@@ -66,7 +66,7 @@ export class StatePool<Buf> {
   readonly #free = new Set<number>();
   /** Parked slots (see {@link park}), oldest first, with what gives each up. */
   readonly #parked = new Map<number, () => void>();
-  /** Zeros as long as the longest row: the row scattered over slots to zero them. */
+  /** Zeros as long as the longest row: copied over a lone slot, or scattered over several, to zero them. */
   readonly #zeros: Buf;
   /** Slots acquired since the last {@link zeroAcquired}: their rows still hold earlier sequences' states. */
   readonly #unzeroed = new Set<number>();
