@@ -15,6 +15,8 @@ import { MambaModel } from "../src/model.ts";
 import { SafetensorsFile } from "../src/safetensors.ts";
 import { Sampler, type SamplingOptions } from "../src/sampler.ts";
 import { Session } from "../src/session.ts";
+import { StatePool } from "../src/pool.ts";
+import { parseConfig } from "../src/config.ts";
 import { maxAbsDiff, readSamples, SHARED } from "./helpers.ts";
 
 const adapter = await navigator.gpu?.requestAdapter();
@@ -600,4 +602,21 @@ Deno.test("activationFloatsPerRow counts the floats allocScratch takes (Mamba-1,
     assertEquals(floats, 7 * model.activationFloatsPerRow, dir);
     backend.dispose();
   }
+});
+
+Deno.test("the state pool hands out the lowest free slot, after releases and when it grows", async () => {
+  const config = parseConfig({ d_model: 8, n_layer: 2, vocab_size: 16, d_state: 4 }, "config.json");
+  const pool = new StatePool(await createBackend("js"), config);
+  const first = Array.from({ length: pool.capacity }, () => pool.acquire());
+  assertEquals(first, [0, 1, 2, 3]);
+  pool.release(3);
+  pool.release(1);
+  assertEquals([pool.acquire(), pool.acquire()], [1, 3]);
+  // Full: the pool doubles and hands out its new slots in order.
+  assertEquals([pool.acquire(), pool.acquire()], [4, 5]);
+  assertEquals(pool.capacity, 8);
+  pool.release(0);
+  pool.release(5);
+  assertEquals([pool.acquire(), pool.acquire(), pool.acquire()], [0, 5, 6]);
+  assertEquals(pool.used, 7);
 });
