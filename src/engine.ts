@@ -618,17 +618,31 @@ export class DecodeEngine<Buf> {
     this.#historyRows = pool.capacity;
     this.#historyLength = length;
     this.#clearRecordings();
-    if (rewrite) { for (const seq of this.#decoding) this.#writeHistory(seq); }
+    if (rewrite) this.#writeHistories(this.#decoding);
   }
 
-  /** Writes a sequence's last ids (up to the ring's length) into its row of the ring. */
-  #writeHistory(seq: Sequence): void {
+  /**
+   * Writes each sequence's last ids (up to the ring's length) into its row of
+   * the ring, one write per run of consecutive slots: a burst of new streams
+   * holds consecutive slots, and a write per stream cost the host a call each.
+   */
+  #writeHistories(seqs: readonly Sequence[]): void {
     const length = this.#historyLength;
-    const known = [...seq.tokens];
-    const first = Math.max(0, known.length - length);
-    const row = new Float32Array(length);
-    for (let p = first; p < known.length; p++) row[p % length] = known[p];
-    this.#be.write(this.#history!, row, seq.slot * length);
+    const bySlot = [...seqs].sort((a, b) => a.slot - b.slot);
+    for (let start = 0; start < bySlot.length;) {
+      let end = start + 1;
+      while (end < bySlot.length && bySlot[end].slot === bySlot[end - 1].slot + 1) end++;
+      const rows = new Float32Array((end - start) * length);
+      for (let i = start; i < end; i++) {
+        const known = [...bySlot[i].tokens];
+        const row = rows.subarray((i - start) * length, (i - start + 1) * length);
+        for (let p = Math.max(0, known.length - length); p < known.length; p++) {
+          row[p % length] = known[p];
+        }
+      }
+      this.#be.write(this.#history!, rows, bySlot[start].slot * length);
+      start = end;
+    }
   }
 
   /**
@@ -649,10 +663,8 @@ export class DecodeEngine<Buf> {
     if (rows.length === 0) return null;
     this.#joining = [];
     const joinCount = joiners.length;
-    for (const seq of joiners) {
-      this.#decoding.push(seq);
-      this.#writeHistory(seq);
-    }
+    this.#decoding.push(...joiners);
+    this.#writeHistories(joiners);
     // Steps: none for a round of joins, else as many as the longest remaining sequence needs, at most k.
     const remaining = Math.max(
       ...rows.map((seq, b) => seq.job.maxTokens - seq.issued - (b < joinCount ? 1 : 0)),

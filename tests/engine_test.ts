@@ -128,6 +128,22 @@ for (const { label, name, options, ignore } of BACKENDS) {
       assertEquals(ids, wanted[i % STREAM_OPTIONS.length].ids, `stream ${i} in the batch`)
     );
     await settled();
+    // All at once: they join one round together, on consecutive slots, with
+    // their rings of recent ids (the repetition penalty's) written together.
+    const together = [...STREAM_OPTIONS, ...STREAM_OPTIONS].map(async (streamOptions, i) => {
+      const session = new Session(model);
+      const result = await session.decode({
+        prompt: prompts[i % STREAM_OPTIONS.length % prompts.length],
+        sampler: new Sampler(streamOptions),
+        maxTokens: count,
+      });
+      session.dispose();
+      return result.ids;
+    });
+    (await Promise.all(together)).forEach((ids, i) =>
+      assertEquals(ids, wanted[i % STREAM_OPTIONS.length].ids, `stream ${i} joining together`)
+    );
+    await settled();
     assertEquals(model.pool.used, 0, "every slot is free again");
   });
 
