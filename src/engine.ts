@@ -663,11 +663,12 @@ export class DecodeEngine<Buf> {
     if (rows.length === 0) return null;
     this.#joining = [];
     const joinCount = joiners.length;
-    this.#decoding.push(...joiners);
+    for (const seq of joiners) this.#decoding.push(seq);
     this.#writeHistories(joiners);
     // Steps: none for a round of joins, else as many as the longest remaining sequence needs, at most k.
-    const remaining = Math.max(
-      ...rows.map((seq, b) => seq.job.maxTokens - seq.issued - (b < joinCount ? 1 : 0)),
+    const remaining = rows.reduce(
+      (most, seq, b) => Math.max(most, seq.job.maxTokens - seq.issued - (b < joinCount ? 1 : 0)),
+      -Infinity,
     );
     const steps = separateJoins ? 0 : Math.min(this.#roundSteps(continuing.length > 0), remaining);
     const batch = rows.length;

@@ -64,7 +64,10 @@ export class StatePool<Buf> {
   #capacity = 0;
   /** Free slots; the lowest is handed out first, so the used ones stay dense. */
   readonly #free = new Set<number>();
-  /** No slot below this one is free: where {@link acquire} starts its search, so a burst costs each acquire O(1), not O(capacity). */
+  /**
+   * No slot below this one is free: where {@link acquire} starts its search,
+   * so that a burst of N new sequences costs O(N) in all, not O(N · capacity).
+   */
   #noFreeBelow = 0;
   /** Parked slots (see {@link park}), oldest first, with what gives each up. */
   readonly #parked = new Map<number, () => void>();

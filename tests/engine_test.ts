@@ -112,38 +112,29 @@ for (const { label, name, options, ignore } of BACKENDS) {
       assertEquals(sampler.state(), wanted[i].sampler.state(), `stream ${i}'s sampler`);
       session.dispose();
     }
-    // Together, each twice, joining one after the other.
-    const streams = [...STREAM_OPTIONS, ...STREAM_OPTIONS].map(async (streamOptions, i) => {
-      await new Promise((resolve) => setTimeout(resolve, 3 * i));
-      const session = new Session(model);
-      const result = await session.decode({
-        prompt: prompts[i % STREAM_OPTIONS.length % prompts.length],
-        sampler: new Sampler(streamOptions),
-        maxTokens: count,
+    // Together, each twice: stream i starts after delayMs(i).
+    const together = async (delayMs: (i: number) => number, how: string) => {
+      const streams = [...STREAM_OPTIONS, ...STREAM_OPTIONS].map(async (streamOptions, i) => {
+        const delay = delayMs(i);
+        if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
+        const session = new Session(model);
+        const result = await session.decode({
+          prompt: prompts[i % STREAM_OPTIONS.length % prompts.length],
+          sampler: new Sampler(streamOptions),
+          maxTokens: count,
+        });
+        session.dispose();
+        return result.ids;
       });
-      session.dispose();
-      return result.ids;
-    });
-    (await Promise.all(streams)).forEach((ids, i) =>
-      assertEquals(ids, wanted[i % STREAM_OPTIONS.length].ids, `stream ${i} in the batch`)
-    );
-    await settled();
-    // All at once: they join one round together, on consecutive slots, with
-    // their rings of recent ids (the repetition penalty's) written together.
-    const together = [...STREAM_OPTIONS, ...STREAM_OPTIONS].map(async (streamOptions, i) => {
-      const session = new Session(model);
-      const result = await session.decode({
-        prompt: prompts[i % STREAM_OPTIONS.length % prompts.length],
-        sampler: new Sampler(streamOptions),
-        maxTokens: count,
-      });
-      session.dispose();
-      return result.ids;
-    });
-    (await Promise.all(together)).forEach((ids, i) =>
-      assertEquals(ids, wanted[i % STREAM_OPTIONS.length].ids, `stream ${i} joining together`)
-    );
-    await settled();
+      (await Promise.all(streams)).forEach((ids, i) =>
+        assertEquals(ids, wanted[i % STREAM_OPTIONS.length].ids, `stream ${i} ${how}`)
+      );
+      await settled();
+    };
+    await together((i) => 3 * i, "joining one after the other");
+    // All at once, they join one round on consecutive slots, and their rings
+    // of recent ids (the repetition penalty's) are written together.
+    await together(() => 0, "joining together");
     assertEquals(model.pool.used, 0, "every slot is free again");
   });
 
