@@ -634,10 +634,10 @@ export class DecodeEngine<Buf> {
       while (end < bySlot.length && bySlot[end].slot === bySlot[end - 1].slot + 1) end++;
       const rows = new Float32Array((end - start) * length);
       for (let i = start; i < end; i++) {
-        const known = [...bySlot[i].tokens];
+        const { tokens } = bySlot[i];
         const row = rows.subarray((i - start) * length, (i - start + 1) * length);
-        for (let p = Math.max(0, known.length - length); p < known.length; p++) {
-          row[p % length] = known[p];
+        for (let p = Math.max(0, tokens.length - length); p < tokens.length; p++) {
+          row[p % length] = tokens[p];
         }
       }
       this.#be.write(this.#history!, rows, bySlot[start].slot * length);
