@@ -594,7 +594,7 @@ export class DecodeEngine<Buf> {
    */
   async #fitHistory(): Promise<void> {
     const pool = this.#model.pool;
-    const needed = Math.max(MIN_HISTORY, ...this.#joining.map((s) => s.historyNeeded));
+    const needed = this.#joining.reduce((most, s) => Math.max(most, s.historyNeeded), MIN_HISTORY);
     let length = this.#historyLength;
     if (needed > length) length = 2 ** Math.ceil(Math.log2(needed));
     if (length === this.#historyLength && pool.capacity <= this.#historyRows) return;
