@@ -182,6 +182,7 @@ export class MambaTokenizer {
     file: string,
     config: Record<string, unknown>,
     sliceable: boolean,
+    byteLevelAddedTokens: readonly { content: string }[] | null,
   ) {
     this.#tokenizer = tokenizer;
     this.#file = file;
@@ -201,6 +202,9 @@ export class MambaTokenizer {
     this.eosTokenId = idOf(config.eos_token);
     this.#addBos = config.add_bos_token === true;
     this.#cleanUp = config.clean_up_tokenization_spaces === true;
+    if (byteLevelAddedTokens) {
+      byteLevelPieces.set(this, new ByteLevelPieces(vocab, byteLevelAddedTokens));
+    }
     if (this.#addBos && this.bosTokenId === undefined) {
       throw new ModelFileError(
         file,
@@ -309,7 +313,9 @@ export class MambaTokenizer {
     if (!Array.isArray(tokenizer.model?.vocab)) {
       throw new ModelFileError(file, "Cannot build the tokenizer: the model has no vocabulary");
     }
-    return new MambaTokenizer(tokenizer, file, config, canSlice(json, config));
+    // Byte-level decoding gives the streaming decoder each id's piece (see ByteLevelPieces).
+    const added = isByteLevel(json, config) ? addedTokens as { content: string }[] : null;
+    return new MambaTokenizer(tokenizer, file, config, canSlice(json, config), added);
   }
 
   /**
@@ -396,7 +402,7 @@ export class MambaTokenizer {
    * @throws {RangeError} For an id that is negative or not an integer.
    */
   decode(ids: readonly number[]): string {
-    for (const id of ids) this.#check(id);
+    for (const id of ids) checkId(id);
     const known = ids.filter((id) => this.#isKnown(id));
     if (known.length === 0) return "";
     return this.#tokenizer.decode(known, {
@@ -407,12 +413,75 @@ export class MambaTokenizer {
   #isKnown(id: number): boolean {
     return Number.isInteger(id) && id >= 0 && id < this.vocabSize && this.#known[id] === 1;
   }
+}
 
-  #check(id: number): void {
-    if (Number.isInteger(id) && id >= 0) return;
-    throw new RangeError(`Unknown token id ${id}: token ids are non-negative integers`);
+/** Throws the RangeError of {@link MambaTokenizer.decode} for an id that is negative or not an integer. */
+function checkId(id: number): void {
+  if (Number.isInteger(id) && id >= 0) return;
+  throw new RangeError(`Unknown token id ${id}: token ids are non-negative integers`);
+}
+
+/**
+ * Whether the library decodes ids as byte-level BPE does, piece by piece: a
+ * ByteLevel decoder on its own, no end-of-word suffix and no clean-up of
+ * spaces (which looks across tokens).
+ */
+function isByteLevel(json: Record<string, unknown>, config: Record<string, unknown>): boolean {
+  const decoder = json.decoder as Record<string, unknown> | null;
+  const model = json.model as Record<string, unknown>;
+  return decoder?.type === "ByteLevel" && !model.end_of_word_suffix &&
+    config.clean_up_tokenization_spaces !== true;
+}
+
+/**
+ * GPT-2's table from the characters of byte-level tokens to the bytes they
+ * stand for: printable bytes stand for themselves, the other 68 (controls,
+ * space, 127 to 160 and 173) for U+0100 on, in order.
+ */
+const BYTE_OF_CHAR: ReadonlyMap<string, number> = (() => {
+  const table = new Map<string, number>();
+  let next = 256;
+  for (let byte = 0; byte < 256; byte++) {
+    const printable = (byte >= 33 && byte <= 126) || (byte >= 161 && byte <= 172) || byte >= 174;
+    table.set(String.fromCodePoint(printable ? byte : next++), byte);
+  }
+  return table;
+})();
+
+/**
+ * What each id adds to a byte-level decode, as the library builds it: the
+ * bytes its token's characters stand for (a character outside the table as
+ * 0, as the library's Uint8Array makes it), or, for a token whose text is an
+ * added token's, that text itself, which ends the bytes before it. Built per
+ * id on first use.
+ */
+class ByteLevelPieces {
+  readonly #vocab: readonly unknown[];
+  readonly #added: ReadonlySet<string>;
+  readonly #pieces: (Uint8Array | string | null | undefined)[] = [];
+
+  constructor(vocab: readonly unknown[], addedTokens: readonly { content: string }[]) {
+    this.#vocab = vocab;
+    this.#added = new Set(addedTokens.map((token) => token.content));
+  }
+
+  /** The piece of `id`; null for an id without a token, which decodes as nothing. */
+  of(id: number): Uint8Array | string | null {
+    checkId(id);
+    let piece = this.#pieces[id];
+    if (piece === undefined) {
+      const token = this.#vocab[id];
+      if (typeof token !== "string") piece = null;
+      else if (this.#added.has(token)) piece = token;
+      else piece = Uint8Array.from(token, (char) => BYTE_OF_CHAR.get(char) ?? 0);
+      if (id < this.#vocab.length) this.#pieces[id] = piece;
+    }
+    return piece;
   }
 }
+
+/** The pieces of each tokenizer whose decoding is byte-level (see isByteLevel). */
+const byteLevelPieces = new WeakMap<MambaTokenizer, ByteLevelPieces>();
 
 /**
  * The first place at or after `from` where a text may be cut (see canSlice):
@@ -433,25 +502,20 @@ const PROMPT_CONTEXT = 5;
 /**
  * Turns a stream of ids into text deltas that are always complete UTF-8.
  *
- * Byte-level BPE can split one character across several tokens; while the
- * decoded tail ends with U+FFFD the text is held back, and released once the
- * character is complete (or by {@link StreamingDecoder.flush}). Each delta is
- * the difference between decoding a short window of ids with and without the
- * new ones, so context-dependent decoders (leading spaces) come out right and
- * the cost per id stays constant.
+ * Byte-level BPE can split one character across several tokens; the text is
+ * held back until the character is complete (or {@link StreamingDecoder.flush}
+ * releases it). Where decoding is byte-level (GPT-NeoX's tokenizer), each id's
+ * bytes go through a streaming UTF-8 decoder; otherwise each delta is the
+ * difference between decoding a short window of ids with and without the new
+ * ones, so context-dependent decoders (leading spaces) come out right. Either
+ * way the cost per id stays constant.
  *
  * Concatenating every `push` and the final `flush` gives `decode(ids)`,
  * exactly when the tokenizer does not clean up tokenization spaces (the
  * default): with clean-up on, a space already streamed cannot be taken back.
  */
 export class StreamingDecoder {
-  readonly #tokenizer: MambaTokenizer;
-  /** Ids from the start of the context window on. */
-  #ids: number[];
-  /** Ids of #ids already turned into text. */
-  #read: number;
-  /** The decode of #ids[0, #read). */
-  #prefixText: string;
+  readonly #stream: IdStream;
 
   /**
    * Starts a stream, optionally after prompt ids.
@@ -462,10 +526,9 @@ export class StreamingDecoder {
    * @throws {RangeError} For a prompt id the tokenizer does not know.
    */
   constructor(tokenizer: MambaTokenizer, promptIds: readonly number[] = []) {
-    this.#tokenizer = tokenizer;
-    this.#ids = promptIds.slice(Math.max(0, promptIds.length - PROMPT_CONTEXT));
-    this.#read = this.#ids.length;
-    this.#prefixText = tokenizer.decode(this.#ids);
+    const context = promptIds.slice(Math.max(0, promptIds.length - PROMPT_CONTEXT));
+    const pieces = byteLevelPieces.get(tokenizer);
+    this.#stream = pieces ? new ByteStream(pieces, context) : new WindowStream(tokenizer, context);
   }
 
   /**
@@ -475,13 +538,82 @@ export class StreamingDecoder {
    * @throws {RangeError} For an id the tokenizer does not know (nothing is added).
    */
   push(id: number): string {
+    return this.#stream.push(id);
+  }
+
+  /** Returns whatever is held back (an incomplete character comes out as U+FFFD). */
+  flush(): string {
+    return this.#stream.flush();
+  }
+}
+
+/** A {@link StreamingDecoder}'s way of turning ids into text deltas. */
+interface IdStream {
+  push(id: number): string;
+  flush(): string;
+}
+
+/**
+ * Byte-level decoding, id by id: each id's bytes go into a streaming UTF-8
+ * decoder, which holds back a character split across tokens until it is
+ * complete. The library decodes the same bytes in one call per run between
+ * added tokens, and a streaming decoder's chunks add up to that call's output
+ * (the Encoding standard); an added token's text ends the run before it, as
+ * in the library. A delta costs a lookup rather than two decodes of a window,
+ * which a server streaming hundreds of sequences feels (docs/performance.md).
+ */
+class ByteStream implements IdStream {
+  readonly #pieces: ByteLevelPieces;
+  // As the library's: U+FFFD for invalid bytes, a byte order mark kept as text.
+  readonly #utf8 = new TextDecoder("utf-8", { ignoreBOM: true });
+
+  /** `context`: the prompt's last ids, whose text is not emitted (they may start a character). */
+  constructor(pieces: ByteLevelPieces, context: readonly number[]) {
+    this.#pieces = pieces;
+    for (const id of context) this.push(id);
+  }
+
+  push(id: number): string {
+    const piece = this.#pieces.of(id);
+    if (piece === null) return "";
+    if (typeof piece === "string") return this.#utf8.decode() + piece;
+    return this.#utf8.decode(piece, { stream: true });
+  }
+
+  flush(): string {
+    return this.#utf8.decode();
+  }
+}
+
+/**
+ * Any other decoding: each delta is what decoding a short window of ids with
+ * the new one adds to decoding it without; while that ends with U+FFFD the
+ * text is held back.
+ */
+class WindowStream implements IdStream {
+  readonly #tokenizer: MambaTokenizer;
+  /** Ids from the start of the context window on. */
+  #ids: number[];
+  /** Ids of #ids already turned into text. */
+  #read: number;
+  /** The decode of #ids[0, #read). */
+  #prefixText: string;
+
+  /** `context`: the prompt's last ids, whose text is not emitted. */
+  constructor(tokenizer: MambaTokenizer, context: number[]) {
+    this.#tokenizer = tokenizer;
+    this.#ids = context;
+    this.#read = this.#ids.length;
+    this.#prefixText = tokenizer.decode(this.#ids);
+  }
+
+  push(id: number): string {
     const text = this.#tokenizer.decode([...this.#ids, id]);
     this.#ids.push(id);
     if (text.endsWith("\uFFFD")) return "";
     return this.#advance(text);
   }
 
-  /** Returns whatever is held back (an incomplete character comes out as U+FFFD). */
   flush(): string {
     if (this.#read === this.#ids.length) return "";
     return this.#advance(this.#tokenizer.decode(this.#ids));

@@ -45,6 +45,20 @@ for (const [name, dir] of Object.entries(DIRS)) {
 const NEOX = TOKENIZERS["gpt-neox-20b"];
 const SHAKESPEARE = TOKENIZERS["tiny-shakespeare"];
 const NEOX_FILE = `${DIRS["gpt-neox-20b"]}/tokenizer.json`;
+// The same tokenizer with its ByteLevel decoder inside a Sequence: it decodes
+// alike, but the streaming decoder then takes its general path (windows of ids).
+const NEOX_JSON = JSONS["gpt-neox-20b"] as Record<string, unknown>;
+const NEOX_WINDOWS = MambaTokenizer.fromJSON(
+  { ...NEOX_JSON, decoder: { type: "Sequence", decoders: [NEOX_JSON.decoder] } },
+  CONFIGS["gpt-neox-20b"],
+  NEOX_FILE,
+);
+/** The tokenizers the streaming tests run on, and whose fixture cases they take. */
+const STREAMED: [string, MambaTokenizer, Case[]][] = [
+  ["gpt-neox-20b", NEOX, CASES["gpt-neox-20b"]],
+  ["tiny-shakespeare", SHAKESPEARE, CASES["tiny-shakespeare"]],
+  ["gpt-neox-20b decoded in windows", NEOX_WINDOWS, CASES["gpt-neox-20b"]],
+];
 
 /** Streams `ids` through a decoder, returning every delta (the flush last). */
 function stream(tokenizer: MambaTokenizer, ids: readonly number[], prompt?: number[]): string[] {
@@ -71,9 +85,10 @@ for (const [name, cases] of Object.entries(CASES)) {
       assertEquals(tokenizer.decode(ids), decoded, `decode of ${JSON.stringify(text)}`);
     }
   });
+}
 
+for (const [name, tokenizer, cases] of STREAMED) {
   Deno.test(`${name}: streaming every fixture id by id gives decode(ids), never a partial character`, () => {
-    const tokenizer = TOKENIZERS[name];
     for (const { text, ids } of cases) {
       const full = tokenizer.decode(ids);
       const deltas = stream(tokenizer, ids);
@@ -87,7 +102,6 @@ for (const [name, cases] of Object.entries(CASES)) {
   });
 
   Deno.test(`${name}: streaming after a prompt emits only the continuation`, () => {
-    const tokenizer = TOKENIZERS[name];
     for (const { ids } of cases) {
       for (let split = 1; split < ids.length; split++) {
         const prompt = ids.slice(0, split);
@@ -100,6 +114,38 @@ for (const [name, cases] of Object.entries(CASES)) {
   });
 }
 
+Deno.test("byte-level streaming gives decode(ids) for every id alone and for random runs", () => {
+  const neox = NEOX_JSON.model as { vocab: Record<string, number> };
+  const added = (NEOX_JSON.added_tokens as { id: number }[]).map((token) => token.id);
+  // Tokens of one byte from 0x80 on: lead and continuation bytes, which split and break UTF-8.
+  const bytes = Object.entries(neox.vocab)
+    .filter(([token]) => [...token].length === 1 && token.codePointAt(0)! >= 0xa1)
+    .map(([, id]) => id);
+  assert(added.length > 10 && bytes.length > 50);
+  for (let id = 0; id < NEOX.vocabSize + 2; id++) {
+    assertEquals(stream(NEOX, [id]).join(""), NEOX.decode([id]), `id ${id}`);
+  }
+  let seed = 12345;
+  const next = (n: number) => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % n;
+  const draw = () => {
+    const kind = next(10);
+    if (kind < 4) return bytes[next(bytes.length)];
+    if (kind < 5) return added[next(added.length)];
+    if (kind < 6) return NEOX.vocabSize + next(3); // no token: decodes as nothing
+    return next(NEOX.vocabSize);
+  };
+  for (let run = 0; run < 400; run++) {
+    const ids = Array.from({ length: 1 + next(24) }, draw);
+    assertEquals(stream(NEOX, ids).join(""), NEOX.decode(ids), `ids ${ids}`);
+    const split = next(ids.length);
+    const prompt = ids.slice(0, split);
+    if (!NEOX.decode(prompt).endsWith("\uFFFD")) {
+      const continued = NEOX.decode(prompt) + stream(NEOX, ids.slice(split), prompt).join("");
+      assertEquals(continued, NEOX.decode(ids), `ids ${ids} after ${split}`);
+    }
+  }
+});
+
 Deno.test("streaming holds back a character split across tokens", () => {
   // "🤖" is split over several byte-level tokens by gpt-neox-20b.
   const ids = NEOX.encode("🤖🚀");
@@ -109,6 +155,15 @@ Deno.test("streaming holds back a character split across tokens", () => {
   assert(deltas.slice(0, -1).includes(""), "some push returns nothing");
   assertEquals(deltas.join(""), "🤖🚀");
   for (const delta of deltas) assert(!delta.includes("\uFFFD"));
+});
+
+Deno.test("a character split between the prompt and the first ids comes out whole", () => {
+  const ids = NEOX.encode("Hi 🤖");
+  const split = ids.length - 1;
+  assert(NEOX.decode(ids.slice(0, split)).endsWith("\uFFFD"), "the prompt ends mid-character");
+  for (const tokenizer of [NEOX, NEOX_WINDOWS]) {
+    assertEquals(stream(tokenizer, ids.slice(split), ids.slice(0, split)).join(""), "🤖");
+  }
 });
 
 Deno.test("flush releases an incomplete character as U+FFFD", () => {
