@@ -117,7 +117,8 @@ for (const [name, tokenizer, cases] of STREAMED) {
 Deno.test("byte-level streaming gives decode(ids) for every id alone and for random runs", () => {
   const neox = NEOX_JSON.model as { vocab: Record<string, number> };
   const added = (NEOX_JSON.added_tokens as { id: number }[]).map((token) => token.id);
-  // Tokens of one byte from 0x80 on: lead and continuation bytes, which split and break UTF-8.
+  // Single-character tokens past printable ASCII: most stand for one byte of 0x80 or more
+  // (UTF-8's lead and continuation bytes, which split characters and break them).
   const bytes = Object.entries(neox.vocab)
     .filter(([token]) => [...token].length === 1 && token.codePointAt(0)! >= 0xa1)
     .map(([, id]) => id);
