@@ -31,7 +31,7 @@
 
 // A full specifier: the library is imported by URL, where no import map applies.
 // deno-lint-ignore no-import-prefix
-import { Tokenizer } from "npm:@huggingface/tokenizers@0.2.0";
+import { ByteLevelDecoder, Tokenizer } from "npm:@huggingface/tokenizers@0.2.0";
 import { ModelFileError } from "./errors.ts";
 import { yieldToEventLoop } from "./yield.ts";
 
@@ -182,7 +182,6 @@ export class MambaTokenizer {
     file: string,
     config: Record<string, unknown>,
     sliceable: boolean,
-    byteLevelAddedTokens: readonly { content: string }[] | null,
   ) {
     this.#tokenizer = tokenizer;
     this.#file = file;
@@ -202,9 +201,6 @@ export class MambaTokenizer {
     this.eosTokenId = idOf(config.eos_token);
     this.#addBos = config.add_bos_token === true;
     this.#cleanUp = config.clean_up_tokenization_spaces === true;
-    if (byteLevelAddedTokens) {
-      byteLevelPieces.set(this, new ByteLevelPieces(vocab, byteLevelAddedTokens));
-    }
     if (this.#addBos && this.bosTokenId === undefined) {
       throw new ModelFileError(
         file,
@@ -313,9 +309,13 @@ export class MambaTokenizer {
     if (!Array.isArray(tokenizer.model?.vocab)) {
       throw new ModelFileError(file, "Cannot build the tokenizer: the model has no vocabulary");
     }
-    // Byte-level decoding gives the streaming decoder each id's piece (see ByteLevelPieces).
-    const added = isByteLevel(json, config) ? addedTokens as { content: string }[] : null;
-    return new MambaTokenizer(tokenizer, file, config, canSlice(json, config), added);
+    const result = new MambaTokenizer(tokenizer, file, config, canSlice(json, config));
+    if (isByteLevel(json, config)) {
+      // The streaming decoder then takes each id's piece (see ByteLevelPieces).
+      const added = addedTokens as { content: string }[];
+      byteLevelPieces.set(result, new ByteLevelPieces(tokenizer.model.vocab, added));
+    }
+    return result;
   }
 
   /**
@@ -433,20 +433,9 @@ function isByteLevel(json: Record<string, unknown>, config: Record<string, unkno
     config.clean_up_tokenization_spaces !== true;
 }
 
-/**
- * GPT-2's table from the characters of byte-level tokens to the bytes they
- * stand for: printable bytes stand for themselves, the other 68 (controls,
- * space, 127 to 160 and 173) for U+0100 on, in order.
- */
-const BYTE_OF_CHAR: ReadonlyMap<string, number> = (() => {
-  const table = new Map<string, number>();
-  let next = 256;
-  for (let byte = 0; byte < 256; byte++) {
-    const printable = (byte >= 33 && byte <= 126) || (byte >= 161 && byte <= 172) || byte >= 174;
-    table.set(String.fromCodePoint(printable ? byte : next++), byte);
-  }
-  return table;
-})();
+/** The library's own table from the characters of byte-level tokens to the bytes they stand for. */
+const BYTE_OF_CHAR: Readonly<Record<string, number>> =
+  new ByteLevelDecoder({ type: "ByteLevel" }).byte_decoder;
 
 /**
  * What each id adds to a byte-level decode, as the library builds it: the
@@ -458,11 +447,16 @@ const BYTE_OF_CHAR: ReadonlyMap<string, number> = (() => {
 class ByteLevelPieces {
   readonly #vocab: readonly unknown[];
   readonly #added: ReadonlySet<string>;
-  readonly #pieces: (Uint8Array | string | null | undefined)[] = [];
+  /**
+   * Each id's piece, undefined until built. Sized and filled up front: scattered
+   * writes into an empty array would leave it in slow dictionary elements.
+   */
+  readonly #pieces: (Uint8Array | string | null | undefined)[];
 
   constructor(vocab: readonly unknown[], addedTokens: readonly { content: string }[]) {
     this.#vocab = vocab;
     this.#added = new Set(addedTokens.map((token) => token.content));
+    this.#pieces = new Array(vocab.length).fill(undefined);
   }
 
   /** The piece of `id`; null for an id without a token, which decodes as nothing. */
@@ -473,7 +467,7 @@ class ByteLevelPieces {
       const token = this.#vocab[id];
       if (typeof token !== "string") piece = null;
       else if (this.#added.has(token)) piece = token;
-      else piece = Uint8Array.from(token, (char) => BYTE_OF_CHAR.get(char) ?? 0);
+      else piece = Uint8Array.from(token, (char) => BYTE_OF_CHAR[char] ?? 0);
       if (id < this.#vocab.length) this.#pieces[id] = piece;
     }
     return piece;
