@@ -96,6 +96,8 @@ export interface EngineOptions {
   roundSteps?: number;
   /** Issue each round before the previous one is read back (default: where the backend queues work). */
   pipelined?: boolean;
+  /** Recordings kept before the least recently used is released (default {@link MAX_RECORDINGS}). */
+  keptRecordings?: number;
   /** Prompt rows fed per chunk while sequences decode (default: the backend's `chunkTokens`). */
   chunkTokens?: number;
   /**
@@ -141,8 +143,13 @@ const CAPTURED_PIECE = 32;
  * MB, and larger models take fewer rows, down to `chunkTokens`.
  */
 const IDLE_CHUNK_BYTES = 512 * 2 ** 20;
-/** Recorded steps kept; past it they are all released and recorded again as needed. */
-const MAX_RECORDINGS = 256;
+/**
+ * Recordings kept (a round's steps at one batch size take up to
+ * {@link MAX_ROUND_STEPS}); past it the least recently used is released.
+ */
+const MAX_RECORDINGS = 1024;
+/** The sampling features of greedy rows only. */
+const GREEDY: SamplingFeatures = { greedy: true, sampled: false, penalized: false, widestTopK: 0 };
 /** History ids kept per sequence at least (see {@link DecodeEngine}'s ring). */
 const MIN_HISTORY = 64;
 
@@ -262,6 +269,7 @@ export class DecodeEngine<Buf> {
   readonly #model: MambaModel<Buf>;
   readonly #be: Backend<Buf>;
   readonly #pipelined: boolean;
+  readonly #keptRecordings: number;
   readonly #fixedSteps: number | undefined;
   readonly #checkpoints: boolean;
   readonly #chunkTokens: number;
@@ -277,6 +285,8 @@ export class DecodeEngine<Buf> {
   #inFlight: Round<Buf> | null = null;
   /** Whether the loop runs (or is about to): it stops once there is no work left. */
   #running = false;
+  /** What waits for the loop to stop (see {@link prepare}). */
+  #whenIdle: (() => void)[] = [];
 
   /** Rows the round buffers hold. */
   #rows = 0;
@@ -314,6 +324,12 @@ export class DecodeEngine<Buf> {
     this.#model = model;
     this.#be = model.backend;
     this.#pipelined = options.pipelined ?? this.#be.queued;
+    this.#keptRecordings = options.keptRecordings ?? MAX_RECORDINGS;
+    if (!(Number.isInteger(this.#keptRecordings) && this.#keptRecordings >= 1)) {
+      throw new RangeError(
+        `keptRecordings must be a positive integer, got ${this.#keptRecordings}`,
+      );
+    }
     const steps = options.roundSteps;
     if (
       steps !== undefined && !(Number.isInteger(steps) && steps >= 1 && steps <= MAX_ROUND_STEPS)
@@ -367,6 +383,50 @@ export class DecodeEngine<Buf> {
       else this.#joining.push(sequence);
       this.#start();
     });
+  }
+
+  /**
+   * Records now what rounds of 1 to `streams` sequences run (a greedy step at
+   * each batch; sampled ones at one: top-k 40, none, and top-k 40 with a
+   * repetition penalty) and, where the
+   * backend queues work, the pieces that short prompts of up to `streams`
+   * sequences are fed in. A backend that makes a kernel for each shape on
+   * first use (webgpu compiles a pipeline per choice of tiles) then makes
+   * them here, not while a server's streams wait on a batch size it has not
+   * run before. It waits for the sequences in the engine to end; those
+   * submitted meanwhile start once it is done.
+   */
+  async prepare(streams: number): Promise<void> {
+    if (!(Number.isInteger(streams) && streams >= 1)) {
+      throw new RangeError(`streams must be a positive integer, got ${streams}`);
+    }
+    while (this.#running) await new Promise<void>((resolve) => this.#whenIdle.push(resolve));
+    this.#running = true;
+    try {
+      this.#model.pool.reserve(streams);
+      await this.#fitHistory();
+      this.#fitBuffers(streams);
+      // Sampling's kernels do not depend on the batch: its usual features at one.
+      const vocab = this.#model.config.vocabSize;
+      const sampled = { greedy: false, sampled: true, penalized: false, widestTopK: 40 };
+      for (
+        const features of [sampled, { ...sampled, widestTopK: vocab }, {
+          ...sampled,
+          penalized: true,
+        }]
+      ) {
+        this.#recording(1, 0, features);
+      }
+      if (this.#be.queued) this.#fitFeedBuffers(streams, streams * CAPTURED_PIECE);
+      for (let batch = 1; batch <= streams; batch++) {
+        this.#recording(batch, 0, GREEDY);
+        if (!this.#be.queued) continue;
+        for (let piece = 1; piece <= CAPTURED_PIECE; piece *= 2) this.#feedRecording(batch, piece);
+      }
+    } finally {
+      this.#running = false;
+      if (this.#hasWork()) this.#start();
+    }
   }
 
   /** Frees the engine's buffers; it must be idle. */
@@ -430,6 +490,7 @@ export class DecodeEngine<Buf> {
     } finally {
       // Synchronously after the last check for work: a later submission starts a new loop.
       this.#running = false;
+      for (const resolve of this.#whenIdle.splice(0)) resolve();
     }
   }
 
@@ -531,9 +592,8 @@ export class DecodeEngine<Buf> {
     if (this.#uncaptured.has(shape)) return null;
     this.#fitFeedBuffers(batch, batch * len);
     const key = `feed:${shape}:${this.#model.pool.version}:${this.#feedVersion}`;
-    let recording = this.#recordings.get(key);
+    let recording = this.#recalled(key);
     if (recording) return recording;
-    if (this.#recordings.size >= MAX_RECORDINGS) this.#clearRecordings();
     if (!this.#feedLastRows.has(shape)) {
       this.#feedLastRows.set(shape, this.#model.lastRows(batch, len));
     }
@@ -555,7 +615,7 @@ export class DecodeEngine<Buf> {
       this.#uncaptured.add(shape);
       return null;
     }
-    this.#recordings.set(key, recording);
+    this.#keep(key, recording);
     return recording;
   }
 
@@ -823,16 +883,40 @@ export class DecodeEngine<Buf> {
       this.#model.pool.version,
       this.#buffersVersion,
     ].join(":");
-    let recording = this.#recordings.get(key);
+    let recording = this.#recalled(key);
     if (!recording) {
-      if (this.#recordings.size >= MAX_RECORDINGS) this.#clearRecordings();
       recording = this.#be.capture(() => {
         this.#model.step(this.#scratch!, batch, this.#slots!, this.#ids!, t * batch, this.#logits!);
         this.#choose(batch, features, t, (t + 1) * batch, (t + 1) * batch);
       });
+      this.#keep(key, recording);
+    }
+    return recording;
+  }
+
+  /** The recording kept under `key`, now the most recently used, or undefined. */
+  #recalled(key: string): Recording | undefined {
+    const recording = this.#recordings.get(key);
+    if (recording) {
+      // A Map iterates in insertion order: the least recently used comes first.
+      this.#recordings.delete(key);
       this.#recordings.set(key, recording);
     }
     return recording;
+  }
+
+  /**
+   * Keeps `recording` under `key`, releasing the least recently used one
+   * when the engine keeps all it may: a server's batch sizes come and go,
+   * and releasing them all made every size in use record its steps again.
+   */
+  #keep(key: string, recording: Recording): void {
+    if (this.#recordings.size >= this.#keptRecordings) {
+      const [oldestKey, oldest] = this.#recordings.entries().next().value!;
+      this.#be.releaseRecording(oldest);
+      this.#recordings.delete(oldestKey);
+    }
+    this.#recordings.set(key, recording);
   }
 
   /** Picks for rows [0, rows) from the round's logits, at `step` from each row's position. */

@@ -13,6 +13,7 @@ import type { WasmSimd } from "./backends/wasm.ts";
 import { type MambaConfig, parseConfig } from "./config.ts";
 import { type BackendCache, type BackendReport, selectBackend } from "./dispatch.ts";
 import { generate, type GenerateOptions, type Generation } from "./generate.ts";
+import { engineFor } from "./engine.ts";
 import { MambaModel } from "./model.ts";
 import { headerDtypes, parseShardIndex, SafetensorsFile } from "./safetensors.ts";
 import { Session } from "./session.ts";
@@ -63,7 +64,8 @@ export interface LoadOptions extends SourceOptions {
   remeasure?: boolean;
   /**
    * Streams expected to decode at once (default 1): "auto" measures decoding
-   * at this batch. A server passes its concurrency.
+   * at this batch, and the warm-up prepares every batch up to it (see
+   * {@link Mamba.warmUp}). A server passes its concurrency.
    */
   batch?: number;
   /** Also `console.warn` when "auto" passes over a backend that failed (the report always says). */
@@ -199,9 +201,20 @@ export class Mamba {
    * ids, then a decode step through the engine), so that what a backend
    * does once, such as compiling kernels or GPU pipelines, growing its scratch
    * memory and first touching the weights, is paid now rather than by the
-   * first prompt. {@link loadModel} calls it unless told not to.
+   * first prompt. {@link loadModel} calls it unless told not to, with its
+   * `batch` as `streams`.
+   *
+   * With `streams` above 1 it also prepares the decode engine for up to that
+   * many streams at once: the steps of every batch size and the pieces of
+   * short prompts fed together are recorded, which on webgpu compiles the
+   * kernels each of them picks (seconds on a GPU, for a server that will
+   * see every batch size; nothing is computed).
    */
-  async warmUp(): Promise<void> {
+  async warmUp(options: { streams?: number } = {}): Promise<void> {
+    const { streams = 1 } = options;
+    if (!(Number.isInteger(streams) && streams >= 1)) {
+      throw new RangeError(`streams must be a positive integer, got ${streams}`);
+    }
     const prompt = Array.from({ length: WARM_UP_PROMPT }, (_, i) => i % this.vocabSize);
     const session = this.session();
     try {
@@ -210,6 +223,7 @@ export class Mamba {
     } finally {
       session.dispose();
     }
+    if (streams > 1) await engineFor(this.model).prepare(streams);
   }
 
   /**
@@ -286,7 +300,7 @@ export async function loadModel(source: string | URL, options: LoadOptions = {})
 async function warmedUp(model: Mamba, options: LoadOptions): Promise<Mamba> {
   if (options.warmUp === false) return model;
   try {
-    await model.warmUp();
+    await model.warmUp({ streams: options.batch });
   } catch (error) {
     model.dispose();
     throw error;

@@ -181,6 +181,17 @@ export class StatePool<Buf> {
     );
   }
 
+  /**
+   * Grows the pool, as {@link acquire} would, until it holds at least
+   * `slots` slots, so that what depends on its buffers (recorded steps)
+   * can be made now and stay valid.
+   */
+  reserve(slots: number): void {
+    let capacity = this.#capacity;
+    while (capacity < slots) capacity *= 2;
+    if (capacity > this.#capacity) this.#grow(capacity);
+  }
+
   /** Gives a slot back for reuse. */
   release(slot: number): void {
     this.#check(slot);

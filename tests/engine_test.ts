@@ -90,6 +90,33 @@ for (const { label, name, options, ignore } of BACKENDS) {
       },
     });
 
+  Deno.test({
+    name:
+      `[${label}] loaded for 4 streams, the steps and prompt pieces recorded ahead give the reference ids`,
+    ignore,
+    fn: async () => {
+      // The warm-up records every batch's step and short prompts' pieces up to 4 streams.
+      const mamba = await loadModel(TINY, { backend: name, ...options, batch: 4 });
+      try {
+        const { prompts, greedy } = await reference();
+        const streams = Array.from({ length: 4 }, async (_, i) => {
+          const ids: number[] = [];
+          const generation = mamba.generate(prompts[i % prompts.length], {
+            maxNewTokens: 6 + 5 * i,
+            temperature: 0,
+          });
+          for await (const event of generation) ids.push(event.token);
+          return ids;
+        });
+        (await Promise.all(streams)).forEach((ids, i) =>
+          assertEquals(ids, greedy[i % prompts.length].slice(0, 6 + 5 * i), `stream ${i}`)
+        );
+      } finally {
+        mamba.dispose();
+      }
+    },
+  });
+
   test("a seeded stream draws the host path's ids alone, in two calls, and inside a batch", async (mamba) => {
     const model = mamba.model;
     const { prompts } = await reference();
@@ -575,6 +602,61 @@ Deno.test("engine: rounds of 4 steps issued ahead of their read-back rewind to t
     "prefill the session first",
   );
   engine.dispose();
+});
+
+Deno.test("engine: prepared batches record nothing more, and the least recently used recording goes first (js)", async () => {
+  const { config, weights } = await loadCheckpoint(TINY);
+  const backend = await createBackend("js");
+  const model = new MambaModel(backend, config, weights);
+  let captures = 0;
+  const capture = backend.capture.bind(backend);
+  backend.capture = (ops) => {
+    captures++;
+    return capture(ops);
+  };
+  const engine = engineFor(model, { keptRecordings: 9 });
+  await engine.prepare(6);
+  // A greedy step at batches 1 to 6; sampled ones at 1: top-k 40, none, and 40 with a penalty.
+  assertEquals(captures, 9);
+  const { prompts, greedy } = await reference();
+  /** `count` streams of `options` that end one after the other; greedy ones checked. */
+  const streams = (count: number, options: SamplingOptions) =>
+    Promise.all(Array.from({ length: count }, async (_, i) => {
+      const session = new Session(model);
+      const result = await session.decode({
+        prompt: prompts[i % prompts.length],
+        sampler: new Sampler(options),
+        maxTokens: 2 + 2 * i,
+      });
+      session.dispose();
+      if (options.temperature === 0) {
+        assertEquals(result.ids, greedy[i % prompts.length].slice(0, 2 + 2 * i), `stream ${i}`);
+      }
+    }));
+  const sampled = (topK: number) => streams(1, { temperature: 0.8, topK, seed: 1 });
+  // Rounds of 6, then 5, ... 1 streams (the js backend's rounds are one step): all recorded ahead.
+  await streams(6, { temperature: 0 });
+  await sampled(40);
+  assertEquals(captures, 9, "every step was recorded ahead");
+  // Least recently used first: the whole vocabulary's, the penalized one, batches 6 to 1, top-k 40.
+  await sampled(5);
+  assertEquals(captures, 10, "top-k 5 is recorded; the whole vocabulary's goes");
+  await sampled(40);
+  assertEquals(captures, 10, "top-k 40's is kept");
+  await sampled(3);
+  assertEquals(captures, 11, "top-k 3 is recorded; the penalized one goes");
+  await streams(5, { temperature: 0 });
+  assertEquals(captures, 11, "batches 5 to 1 are kept");
+  await sampled(7);
+  assertEquals(captures, 12, "top-k 7 is recorded; batch 6's goes");
+  await streams(6, { temperature: 0 });
+  assertEquals(captures, 13, "batch 6's is recorded again; top-k 5's goes");
+  await sampled(40);
+  assertEquals(captures, 13, "top-k 40's is kept");
+  await sampled(5);
+  assertEquals(captures, 14, "top-k 5's is recorded again");
+  engine.dispose();
+  backend.dispose();
 });
 
 Deno.test("activationFloatsPerRow counts the floats allocScratch takes (Mamba-1, Falcon-Mamba, Mamba-2)", async () => {

@@ -144,7 +144,8 @@ export async function main(): Promise<void> {
   const model = await loadModel(location, {
     backend,
     threads,
-    // "auto" measures decoding at the batch the server runs at most (the handler's default: 8).
+    // "auto" measures decoding at the batch the server runs at most (the handler's default: 8),
+    // and the warm-up compiles the kernels of every batch up to it before the server listens.
     batch: maxConcurrent ?? 8,
   });
   const options: HandlerOptions = {
