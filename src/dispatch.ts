@@ -315,6 +315,15 @@ const memoryStore: BackendCache = {
   setItem: (key, value) => void memoryCache.set(key, value),
 };
 
+/** `batch` (streams expected to decode at once), 1 if undefined; a RangeError unless a positive integer. */
+export function checkedBatch(batch: number | undefined): number {
+  if (batch === undefined) return 1;
+  if (!(Number.isInteger(batch) && batch >= 1)) {
+    throw new RangeError(`batch must be a positive integer, got ${batch}`);
+  }
+  return batch;
+}
+
 /**
  * Creates the backend a model with `config` runs on: the one named, or for
  * "auto" the one with the lowest measured cost (see the module documentation).
@@ -340,10 +349,7 @@ export async function selectBackend(
       },
     };
   }
-  const batch = options.batch ?? 1;
-  if (!(Number.isInteger(batch) && batch >= 1)) {
-    throw new RangeError(`batch must be a positive integer, got ${batch}`);
-  }
+  const batch = checkedBatch(options.batch);
 
   const warn = options.verbose ? (message: string) => console.warn(message) : () => {};
   const probes = await Promise.all(candidates.map(async (candidate) => {

@@ -388,13 +388,12 @@ export class DecodeEngine<Buf> {
   /**
    * Records now what rounds of 1 to `streams` sequences run (a greedy step at
    * each batch; sampled ones at one: top-k 40, none, and top-k 40 with a
-   * repetition penalty) and, where the
-   * backend queues work, the pieces that short prompts of up to `streams`
-   * sequences are fed in. A backend that makes a kernel for each shape on
-   * first use (webgpu compiles a pipeline per choice of tiles) then makes
-   * them here, not while a server's streams wait on a batch size it has not
-   * run before. It waits for the sequences in the engine to end; those
-   * submitted meanwhile start once it is done.
+   * repetition penalty) and, where the backend queues work, the pieces that
+   * short prompts of up to `streams` sequences are fed in. A backend that
+   * makes a kernel for each shape on first use (webgpu compiles a pipeline
+   * per choice of tiles) then makes them here, not while a server's streams
+   * wait on a batch size it has not run before. It waits for the sequences
+   * in the engine to end; those submitted meanwhile start once it is done.
    */
   async prepare(streams: number): Promise<void> {
     if (!(Number.isInteger(streams) && streams >= 1)) {
@@ -407,21 +406,20 @@ export class DecodeEngine<Buf> {
       await this.#fitHistory();
       this.#fitBuffers(streams);
       // Sampling's kernels do not depend on the batch: its usual features at one.
-      const vocab = this.#model.config.vocabSize;
       const sampled = { greedy: false, sampled: true, penalized: false, widestTopK: 40 };
-      for (
-        const features of [sampled, { ...sampled, widestTopK: vocab }, {
-          ...sampled,
-          penalized: true,
-        }]
-      ) {
+      const wholeVocab = { ...sampled, widestTopK: this.#model.config.vocabSize };
+      for (const features of [sampled, wholeVocab, { ...sampled, penalized: true }]) {
         this.#recording(1, 0, features);
       }
-      if (this.#be.queued) this.#fitFeedBuffers(streams, streams * CAPTURED_PIECE);
+      // A group of prompts fed together takes at most a chunk's rows.
+      const pieceRows = Math.min(streams * CAPTURED_PIECE, this.#idleChunkTokens);
+      if (this.#be.queued) this.#fitFeedBuffers(streams, pieceRows);
       for (let batch = 1; batch <= streams; batch++) {
         this.#recording(batch, 0, GREEDY);
         if (!this.#be.queued) continue;
-        for (let piece = 1; piece <= CAPTURED_PIECE; piece *= 2) this.#feedRecording(batch, piece);
+        for (let piece = 1; piece <= CAPTURED_PIECE && batch * piece <= pieceRows; piece *= 2) {
+          this.#feedRecording(batch, piece);
+        }
       }
     } finally {
       this.#running = false;

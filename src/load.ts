@@ -11,7 +11,7 @@ import type { HalfFormat } from "./quant.ts";
 import type { BackendName } from "./backends/registry.ts";
 import type { WasmSimd } from "./backends/wasm.ts";
 import { type MambaConfig, parseConfig } from "./config.ts";
-import { type BackendCache, type BackendReport, selectBackend } from "./dispatch.ts";
+import { type BackendCache, type BackendReport, checkedBatch, selectBackend } from "./dispatch.ts";
 import { generate, type GenerateOptions, type Generation } from "./generate.ts";
 import { engineFor } from "./engine.ts";
 import { MambaModel } from "./model.ts";
@@ -207,8 +207,7 @@ export class Mamba {
    * With `streams` above 1 it also prepares the decode engine for up to that
    * many streams at once: the steps of every batch size and the pieces of
    * short prompts fed together are recorded, which on webgpu compiles the
-   * kernels each of them picks (seconds on a GPU, for a server that will
-   * see every batch size; nothing is computed).
+   * kernels each of them picks; nothing is computed.
    */
   async warmUp(options: { streams?: number } = {}): Promise<void> {
     const { streams = 1 } = options;
@@ -249,6 +248,7 @@ export class Mamba {
  * `owner/name/file.gguf` on the hub), which holds the tokenizer too.
  */
 export async function loadModel(source: string | URL, options: LoadOptions = {}): Promise<Mamba> {
+  checkedBatch(options.batch);
   const gguf = singleFile(source, ".gguf");
   if (gguf) {
     const dir = await openSource(gguf.dir, options);

@@ -370,6 +370,12 @@ Deno.test("batch must be a positive integer", async () => {
     RangeError,
     "batch must be a positive integer, got 0",
   );
+  // Also where the backend is named, which measures nothing but warms up at the batch.
+  await assertRejects(
+    () => loadModel(`${SHARED}/models/tiny-shakespeare`, { backend: "js", batch: 2.5 }),
+    RangeError,
+    "batch must be a positive integer, got 2.5",
+  );
 });
 
 Deno.test("the CLI's --verbose prints the report on stderr and leaves stdout alone", async () => {
