@@ -422,7 +422,7 @@ export class DecodeEngine<Buf> {
         }
       }
     } finally {
-      this.#running = false;
+      this.#stopped();
       if (this.#hasWork()) this.#start();
     }
   }
@@ -487,9 +487,14 @@ export class DecodeEngine<Buf> {
       this.#failAll(asError(error));
     } finally {
       // Synchronously after the last check for work: a later submission starts a new loop.
-      this.#running = false;
-      for (const resolve of this.#whenIdle.splice(0)) resolve();
+      this.#stopped();
     }
+  }
+
+  /** Marks the loop (or a {@link prepare}) stopped, and wakes what waits for that. */
+  #stopped(): void {
+    this.#running = false;
+    for (const resolve of this.#whenIdle.splice(0)) resolve();
   }
 
   /**

@@ -615,7 +615,8 @@ Deno.test("engine: prepared batches record nothing more, and the least recently 
     return capture(ops);
   };
   const engine = engineFor(model, { keptRecordings: 9 });
-  await engine.prepare(6);
+  // The second call waits for the first, then finds everything recorded.
+  await Promise.all([engine.prepare(6), engine.prepare(6)]);
   // A greedy step at batches 1 to 6; sampled ones at 1: top-k 40, none, and 40 with a penalty.
   assertEquals(captures, 9);
   const { prompts, greedy } = await reference();
@@ -708,4 +709,9 @@ Deno.test("the state pool hands out the lowest free slot, after releases and whe
   pool.release(5);
   assertEquals([pool.acquire(), pool.acquire(), pool.acquire()], [0, 5, 6]);
   assertEquals(pool.used, 7);
+  // Reserved ahead, it doubles as acquiring would; the slots in use stay.
+  pool.reserve(20);
+  assertEquals(pool.capacity, 32);
+  assertEquals([pool.acquire(), pool.acquire()], [7, 8]);
+  assertEquals(pool.used, 9);
 });
