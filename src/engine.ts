@@ -43,7 +43,7 @@ import {
 } from "./backend.ts";
 import type { MambaModel, Scratch } from "./model.ts";
 import type { PoolCopy } from "./pool.ts";
-import { penalizes, type Sampler, type SamplingOptions } from "./sampler.ts";
+import { penalizes, type Sampler, SAMPLING_DEFAULTS, type SamplingOptions } from "./sampler.ts";
 import { yieldToEventLoop } from "./yield.ts";
 
 /**
@@ -148,8 +148,6 @@ const IDLE_CHUNK_BYTES = 512 * 2 ** 20;
  * {@link MAX_ROUND_STEPS}); past it the least recently used is released.
  */
 const MAX_RECORDINGS = 1024;
-/** The sampling features of greedy rows only. */
-const GREEDY: SamplingFeatures = { greedy: true, sampled: false, penalized: false, widestTopK: 0 };
 /** History ids kept per sequence at least (see {@link DecodeEngine}'s ring). */
 const MIN_HISTORY = 64;
 
@@ -387,8 +385,8 @@ export class DecodeEngine<Buf> {
 
   /**
    * Records now what rounds of 1 to `streams` sequences run (a greedy step at
-   * each batch; sampled ones at one: top-k 40, none, and top-k 40 with a
-   * repetition penalty) and, where the backend queues work, the pieces that
+   * each batch; sampled ones at one, with the default options, without
+   * top-k, and with a repetition penalty) and, where the backend queues work, the pieces that
    * short prompts of up to `streams` sequences are fed in. A backend that
    * makes a kernel for each shape on first use (webgpu compiles a pipeline
    * per choice of tiles) then makes them here, not while a server's streams
@@ -405,17 +403,19 @@ export class DecodeEngine<Buf> {
       this.#model.pool.reserve(streams);
       await this.#fitHistory();
       this.#fitBuffers(streams);
-      // Sampling's kernels do not depend on the batch: its usual features at one.
-      const sampled = { greedy: false, sampled: true, penalized: false, widestTopK: 40 };
-      const wholeVocab = { ...sampled, widestTopK: this.#model.config.vocabSize };
-      for (const features of [sampled, wholeVocab, { ...sampled, penalized: true }]) {
-        this.#recording(1, 0, features);
+      // Sampling's kernels do not depend on the batch: the usual options at one.
+      const sampled = { ...SAMPLING_DEFAULTS, limit: this.#model.config.vocabSize };
+      for (
+        const row of [sampled, { ...sampled, topK: 0 }, { ...sampled, repetitionPenalty: 1.1 }]
+      ) {
+        this.#recording(1, 0, samplingFeatures([row]));
       }
+      const greedy = samplingFeatures([{ ...sampled, temperature: 0 }]);
       // A group of prompts fed together takes at most a chunk's rows.
       const pieceRows = Math.min(streams * CAPTURED_PIECE, this.#idleChunkTokens);
       if (this.#be.queued) this.#fitFeedBuffers(streams, pieceRows);
       for (let batch = 1; batch <= streams; batch++) {
-        this.#recording(batch, 0, GREEDY);
+        this.#recording(batch, 0, greedy);
         if (!this.#be.queued) continue;
         for (let piece = 1; piece <= CAPTURED_PIECE && batch * piece <= pieceRows; piece *= 2) {
           this.#feedRecording(batch, piece);

@@ -211,9 +211,6 @@ export class Mamba {
    */
   async warmUp(options: { streams?: number } = {}): Promise<void> {
     const { streams = 1 } = options;
-    if (!(Number.isInteger(streams) && streams >= 1)) {
-      throw new RangeError(`streams must be a positive integer, got ${streams}`);
-    }
     const prompt = Array.from({ length: WARM_UP_PROMPT }, (_, i) => i % this.vocabSize);
     const session = this.session();
     try {
@@ -222,7 +219,8 @@ export class Mamba {
     } finally {
       session.dispose();
     }
-    if (streams > 1) await engineFor(this.model).prepare(streams);
+    // prepare checks streams.
+    if (streams !== 1) await engineFor(this.model).prepare(streams);
   }
 
   /**
