@@ -89,9 +89,9 @@ export interface DecodeResult {
 export interface EngineOptions {
   /**
    * Steps per decode round: default 1 where the backend runs each operation
-   * at once, else {@link FIRST_ROUND_STEPS} for a round of sequences that
-   * have just joined (none still decoding) and {@link MAX_ROUND_STEPS} for
-   * the others.
+   * at once, else {@link FIRST_ROUND_STEPS} for a round that sequences join
+   * while at least half of its rows wait for their first ids, and
+   * {@link MAX_ROUND_STEPS} for the others.
    */
   roundSteps?: number;
   /** Issue each round before the previous one is read back (default: where the backend queues work). */
@@ -119,9 +119,11 @@ export interface EngineOptions {
  */
 const MAX_ROUND_STEPS = 32;
 /**
- * Steps of a round of sequences that have just joined, none still decoding
- * (the engine was idle, or its last stream has just ended), so that their
- * first ids come back soon.
+ * Steps of a round that sequences join while at least half of its rows wait
+ * for their first ids (the engine was idle, or a burst of requests arrives
+ * over several rounds, as an edge server's do), so that those ids come back
+ * soon; a lone newcomer among decoding streams joins a full round, which
+ * keeps the device busy over the read-back.
  */
 const FIRST_ROUND_STEPS = 4;
 /**
@@ -733,7 +735,12 @@ export class DecodeEngine<Buf> {
       (most, seq, b) => Math.max(most, seq.job.maxTokens - seq.issued - (b < joinCount ? 1 : 0)),
       -Infinity,
     );
-    const steps = separateJoins ? 0 : Math.min(this.#roundSteps(continuing.length > 0), remaining);
+    // Rows still without their first ids: the joiners, and sequences of rounds not judged yet.
+    const waiting = rows.filter((seq) => seq.kept.length === 0).length;
+    const steps = separateJoins ? 0 : Math.min(
+      this.#roundSteps(joinCount > 0 && 2 * waiting >= rows.length),
+      remaining,
+    );
     const batch = rows.length;
     this.#fitBuffers(batch);
 
@@ -868,10 +875,10 @@ export class DecodeEngine<Buf> {
     return read;
   }
 
-  /** Steps of the next round, which holds sequences still decoding or only ones that just joined. */
-  #roundSteps(decoding: boolean): number {
+  /** Steps of the next round: short where it serves mostly first ids. */
+  #roundSteps(mostlyFirstIds: boolean): number {
     if (this.#fixedSteps !== undefined) return this.#fixedSteps;
-    return decoding ? MAX_ROUND_STEPS : FIRST_ROUND_STEPS;
+    return mostlyFirstIds ? FIRST_ROUND_STEPS : MAX_ROUND_STEPS;
   }
 
   /** The step `t` of a round of `batch` rows, recorded once and replayed after. */

@@ -715,3 +715,58 @@ Deno.test("the state pool hands out the lowest free slot, after releases and whe
   assertEquals([pool.acquire(), pool.acquire()], [7, 8]);
   assertEquals(pool.used, 9);
 });
+
+Deno.test("engine: a burst of newcomers joins short rounds, a lone newcomer among decoding streams a full one (js)", async () => {
+  // The js backend made to run as a device would, with the engine's own round lengths.
+  const dir = `${SHARED}/fixtures/hf-oracle/odd-bf16`;
+  const { config, weights } = await loadCheckpoint(dir);
+  const model = new MambaModel(await createBackend("js"), config, weights);
+  const engine = engineFor(model, { pipelined: true });
+  const expected = SafetensorsFile.parse(await Deno.readFile(`${dir}/expected.safetensors`), dir);
+  const [, promptLen] = expected.info("input_ids").shape;
+  const totalLen = expected.info("greedy_ids").shape[1];
+  const prompt = expected.int32("input_ids").subarray(0, promptLen);
+  const want = [...expected.int32("greedy_ids").subarray(promptLen, totalLen)];
+  const running: Promise<void>[] = [];
+  /** Starts a greedy stream; `onPick(n)` runs once its n-th pick is judged. */
+  const start = (onPick: (n: number) => void) => {
+    running.push((async () => {
+      const session = new Session(model);
+      let picks = 0;
+      const { ids } = await session.decode({
+        prompt,
+        sampler: new Sampler({ temperature: 0 }),
+        maxTokens: 200,
+        judge: () => {
+          onPick(++picks);
+          return "continue";
+        },
+      });
+      session.dispose();
+      assertEquals(ids.slice(0, want.length), want);
+    })());
+  };
+  /** Starts a stream now and notes the steps issued until its first pick is judged. */
+  const newcomer = (steps: number[]) => {
+    const before = engine.stats.steps;
+    start((n) => n === 1 && steps.push(engine.stats.steps - before));
+  };
+  const burst: number[] = [];
+  start((n) => {
+    // Two newcomers beside one decoding stream: at least half of their rounds wait for first ids.
+    if (n === 1) { for (let i = 0; i < 2; i++) newcomer(burst); }
+  });
+  /** Waits for every stream, those started meanwhile included. */
+  const finish = async () => {
+    while (running.length > 0) await Promise.all(running.splice(0));
+  };
+  await finish();
+  const lone: number[] = [];
+  // Three streams well into decoding, then one newcomer.
+  for (let i = 0; i < 3; i++) start((n) => i === 0 && n === 40 && newcomer(lone));
+  await finish();
+  assertEquals(burst.length, 2);
+  assertEquals(lone.length, 1);
+  // Each waits for the round in flight when it joins, then its own, which is short for the burst.
+  for (const steps of burst) assert(steps < lone[0], `burst ${burst}, lone ${lone}`);
+});
