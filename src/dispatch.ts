@@ -113,6 +113,7 @@ import {
 } from "./quant.ts";
 import { quantize, QUANTIZED_TYPES } from "./gguf_write.ts";
 import { f32BitsToBf16, packHalves } from "./safetensors.ts";
+import { checkPositiveInteger } from "./errors.ts";
 
 /** Prompt ids per stream of the scored workload, and of the measured prompt chunk. */
 export const PREFILL_TOKENS = 64;
@@ -317,11 +318,7 @@ const memoryStore: BackendCache = {
 
 /** `batch` (streams expected to decode at once), 1 if undefined; a RangeError unless a positive integer. */
 export function checkedBatch(batch: number | undefined): number {
-  if (batch === undefined) return 1;
-  if (!(Number.isInteger(batch) && batch >= 1)) {
-    throw new RangeError(`batch must be a positive integer, got ${batch}`);
-  }
-  return batch;
+  return batch === undefined ? 1 : checkPositiveInteger("batch", batch);
 }
 
 /**

@@ -45,6 +45,7 @@ import type { MambaModel, Scratch } from "./model.ts";
 import type { PoolCopy } from "./pool.ts";
 import { penalizes, type Sampler, SAMPLING_DEFAULTS, type SamplingOptions } from "./sampler.ts";
 import { yieldToEventLoop } from "./yield.ts";
+import { checkPositiveInteger } from "./errors.ts";
 
 /**
  * What a decoding sequence's owner says of each id picked for it, in order:
@@ -324,12 +325,10 @@ export class DecodeEngine<Buf> {
     this.#model = model;
     this.#be = model.backend;
     this.#pipelined = options.pipelined ?? this.#be.queued;
-    this.#keptRecordings = options.keptRecordings ?? MAX_RECORDINGS;
-    if (!(Number.isInteger(this.#keptRecordings) && this.#keptRecordings >= 1)) {
-      throw new RangeError(
-        `keptRecordings must be a positive integer, got ${this.#keptRecordings}`,
-      );
-    }
+    this.#keptRecordings = checkPositiveInteger(
+      "keptRecordings",
+      options.keptRecordings ?? MAX_RECORDINGS,
+    );
     const steps = options.roundSteps;
     if (
       steps !== undefined && !(Number.isInteger(steps) && steps >= 1 && steps <= MAX_ROUND_STEPS)
@@ -396,9 +395,7 @@ export class DecodeEngine<Buf> {
    * in the engine to end; those submitted meanwhile start once it is done.
    */
   async prepare(streams: number): Promise<void> {
-    if (!(Number.isInteger(streams) && streams >= 1)) {
-      throw new RangeError(`streams must be a positive integer, got ${streams}`);
-    }
+    checkPositiveInteger("streams", streams);
     while (this.#running) await new Promise<void>((resolve) => this.#whenIdle.push(resolve));
     this.#running = true;
     try {
@@ -736,11 +733,9 @@ export class DecodeEngine<Buf> {
       -Infinity,
     );
     // Rows still without their first ids: the joiners, and sequences of rounds not judged yet.
-    const waiting = rows.filter((seq) => seq.kept.length === 0).length;
-    const steps = separateJoins ? 0 : Math.min(
-      this.#roundSteps(joinCount > 0 && 2 * waiting >= rows.length),
-      remaining,
-    );
+    const mostlyFirstIds = joinCount > 0 &&
+      2 * rows.filter((seq) => seq.kept.length === 0).length >= rows.length;
+    const steps = separateJoins ? 0 : Math.min(this.#roundSteps(mostlyFirstIds), remaining);
     const batch = rows.length;
     this.#fitBuffers(batch);
 

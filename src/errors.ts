@@ -46,3 +46,11 @@ export class BackendUnavailableError extends Error {
     this.backend = backend;
   }
 }
+
+/** `value` if it is a positive integer; otherwise a RangeError naming the option `name`. */
+export function checkPositiveInteger(name: string, value: number): number {
+  if (!(Number.isInteger(value) && value >= 1)) {
+    throw new RangeError(`${name} must be a positive integer, got ${value}`);
+  }
+  return value;
+}

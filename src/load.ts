@@ -14,6 +14,7 @@ import { type MambaConfig, parseConfig } from "./config.ts";
 import { type BackendCache, type BackendReport, checkedBatch, selectBackend } from "./dispatch.ts";
 import { generate, type GenerateOptions, type Generation } from "./generate.ts";
 import { engineFor } from "./engine.ts";
+import { checkPositiveInteger } from "./errors.ts";
 import { MambaModel } from "./model.ts";
 import { headerDtypes, parseShardIndex, SafetensorsFile } from "./safetensors.ts";
 import { Session } from "./session.ts";
@@ -210,7 +211,7 @@ export class Mamba {
    * kernels each of them picks; nothing is computed.
    */
   async warmUp(options: { streams?: number } = {}): Promise<void> {
-    const { streams = 1 } = options;
+    const streams = checkPositiveInteger("streams", options.streams ?? 1);
     const prompt = Array.from({ length: WARM_UP_PROMPT }, (_, i) => i % this.vocabSize);
     const session = this.session();
     try {
@@ -219,8 +220,7 @@ export class Mamba {
     } finally {
       session.dispose();
     }
-    // prepare checks streams.
-    if (streams !== 1) await engineFor(this.model).prepare(streams);
+    if (streams > 1) await engineFor(this.model).prepare(streams);
   }
 
   /**

@@ -28,6 +28,7 @@
 
 import type { Backend } from "./backend.ts";
 import { type BackendName, type BackendOptions, createBackend } from "./backends/registry.ts";
+import { checkPositiveInteger } from "./errors.ts";
 
 /** Inputs in mamba_ssm's layouts. */
 export interface SelectiveScanArgs {
@@ -157,9 +158,7 @@ export async function selectiveScan(
 ): Promise<SelectiveScanResult> {
   const { batch, dim, len, dState } = args;
   for (const [name, value] of Object.entries({ batch, dim, len, dState })) {
-    if (!Number.isInteger(value) || value <= 0) {
-      throw new RangeError(`${name} must be a positive integer, got ${value}`);
-    }
+    checkPositiveInteger(name, value);
   }
   checkLength("u", args.u, batch * dim * len);
   checkLength("delta", args.delta, batch * dim * len);

@@ -32,7 +32,7 @@
 // A full specifier: the library is imported by URL, where no import map applies.
 // deno-lint-ignore no-import-prefix
 import { ByteLevelDecoder, Tokenizer } from "npm:@huggingface/tokenizers@0.2.0";
-import { ModelFileError } from "./errors.ts";
+import { checkPositiveInteger, ModelFileError } from "./errors.ts";
 import { yieldToEventLoop } from "./yield.ts";
 
 /** Keys of tokenizer_config.json that name a special token (a string or `{content}`). */
@@ -360,10 +360,7 @@ export class MambaTokenizer {
     text: string,
     options: { sliceLength?: number } = {},
   ): Promise<number[]> {
-    const sliceLength = options.sliceLength ?? SLICE_LENGTH;
-    if (!Number.isInteger(sliceLength) || sliceLength < 1) {
-      throw new RangeError(`sliceLength must be a positive integer, got ${sliceLength}`);
-    }
+    const sliceLength = checkPositiveInteger("sliceLength", options.sliceLength ?? SLICE_LENGTH);
     if (!this.#sliceable) return this.encode(text);
     const ids = this.#addBos ? [this.bosTokenId as number] : [];
     let start = 0;

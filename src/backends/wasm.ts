@@ -93,6 +93,7 @@ import {
   stopWorkers,
   type ThreadHandle,
 } from "./wasm/threads.ts";
+import { checkPositiveInteger } from "../errors.ts";
 
 export { WasmBuffer, WasmHalfMatrix, WasmQuantMatrix } from "./wasm/memory.ts";
 export { wasmRelaxedSimdSupported, type WasmSimd, wasmSimdSupported } from "./wasm/module.ts";
@@ -221,10 +222,7 @@ export class WasmBackend implements Backend<WasmBuffer> {
           '(or "auto", which picks "js" here).',
       );
     }
-    const threads = options.threads ?? defaultThreads();
-    if (!Number.isInteger(threads) || threads < 1) {
-      throw new RangeError(`threads must be a positive integer, got ${threads}`);
-    }
+    const threads = checkPositiveInteger("threads", options.threads ?? defaultThreads());
     const shared = options.sharedMemory ?? typeof SharedArrayBuffer !== "undefined";
     if (threads > 1 && !shared) {
       throw new Error(
