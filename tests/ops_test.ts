@@ -946,7 +946,12 @@ const KERNEL_CASES: KernelCase[] = [
     tolerance: 1e-5,
     async run(be, fill) {
       const outs: Float32Array[] = [];
-      for (const [rows, dim] of [[1, 7], [3, 7], [5, 1], [5, 300], [3, 768], [1, 768], [2, 1100]]) {
+      for (
+        const [rows, dim] of [[1, 7], [3, 7], [5, 1], [5, 300], [3, 768], [1, 768], [2, 1100], [
+          2,
+          2200,
+        ]]
+      ) {
         const x = be.upload(fill(rows * dim, 3));
         const w = be.upload(fill(dim));
         const out = be.zeros(rows * dim);

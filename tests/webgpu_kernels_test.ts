@@ -840,22 +840,33 @@ Deno.test({
       const rows = 40, inDim = 256, eps = 1e-5;
 
       // out_proj: hidden += y · weightᵀ + bias, then the next layer's norm of hidden (wider
-      // than 128, which the skinny matmul would take whole), on rows of whole vec4s or not, and
-      // of more vec4s than four per thread of the norm.
+      // than 128, which the skinny matmul would take whole), on rows of whole vec4s or not, of
+      // two vec4s per thread of the norm and of more; K of 400, 768 and 1152 splits into 4, 8
+      // and 12 parts, which the norm adds up four and eight at a time.
       const y = fill(rows * inDim, rand);
-      for (const dim of [136, 134, 1100]) {
-        const outProj = fill(dim * inDim, rand, 0.1);
+      const outProjShapes = [
+        [136, inDim],
+        [134, inDim],
+        [1100, inDim],
+        [2200, inDim],
+        [136, 400],
+        [136, 768],
+        [1100, 1152],
+      ];
+      for (const [dim, k] of outProjShapes) {
+        const x = k === inDim ? y : fill(rows * k, rand);
+        const outProj = fill(dim * k, rand, 0.1);
         const hidden = fill(rows * dim, rand);
         const normWeight = fill(dim, rand);
         for (const bias of [null, fill(dim, rand)]) {
           const wantHidden = hidden.slice();
           const product = new Float32Array(rows * dim);
-          js.linear({ out: product, x: y, weight: outProj, bias, rows, inDim, outDim: dim });
+          js.linear({ out: product, x, weight: outProj, bias, rows, inDim: k, outDim: dim });
           wantHidden.forEach((v, i) => wantHidden[i] = v + product[i]);
           const wantNormed = new Float32Array(rows * dim);
           js.rmsNorm({ out: wantNormed, x: wantHidden, weight: normWeight, rows, dim, eps });
           for (const normNext of [true, false]) {
-            const what = `out_proj to ${dim} ${bias ? "with" : "without"} bias, ${
+            const what = `out_proj ${k} to ${dim} ${bias ? "with" : "without"} bias, ${
               normNext ? "then the norm" : "then a read"
             }`;
             const got = gpu.upload(hidden);
@@ -863,11 +874,11 @@ Deno.test({
             const before = gpu.dispatches;
             gpu.linear({
               out: got,
-              x: gpu.upload(y),
-              weight: gpu.upload(outProj, inDim),
+              x: gpu.upload(x),
+              weight: gpu.upload(outProj, k),
               bias: bias && gpu.upload(bias),
               rows,
-              inDim,
+              inDim: k,
               outDim: dim,
               accumulate: true,
             });

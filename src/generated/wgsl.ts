@@ -1925,8 +1925,7 @@ fn main(@builtin(global_invocation_id) id: vec3u) {
   rmsnorm: `// out [rows, dim] = x / sqrt(mean(x²) + eps) * weight: one workgroup per row.
 //
 // Entry points (main_quads and residual_quads do the same as main and
-// residual on rows of whole vec4s, read as such by 64 threads a row rather
-// than as floats by 256: mamba-130m's 768 is 3 vec4s a thread):
+// residual on rows of whole vec4s, read as such):
 // - \`main\`: the norm of x.
 // - \`residual\`: first hidden += a product still in KPARTS partial sums (a
 //   matmul split over K, matmul_parts.wgsl) and its bias, then the norm of
@@ -1995,6 +1994,33 @@ fn main(
   }
 }
 
+// main_quads and residual_quads: thread li holds quads li and li + WG of the
+// row in registers (every quad of rows up to 8·WG wide), loaded together and
+// with their weights before the sum of squares, so that a row takes one wait
+// on memory before the exchanges and none after; quads past 2·WG go in a loop
+// that loads them again.
+struct HeldQuads {
+  v0: vec4<f32>,
+  v1: vec4<f32>,
+  w0: vec4<f32>,
+  w1: vec4<f32>,
+}
+
+/** Where the weights of quads li and li + WG are, clamped into the row (nothing is stored past it). */
+fn heldWeights(li: u32, quads: u32) -> vec2<u32> {
+  return vec2<u32>(min(li, quads - 1u), min(li + WG, quads - 1u));
+}
+
+/** y = v · scale · w of the held quads, stored in out4 at base. */
+fn storeHeld(base: u32, li: u32, quads: u32, held: HeldQuads, scale: f32) {
+  if (li < quads) {
+    out4[base + li] = held.v0 * scale * held.w0;
+  }
+  if (li + WG < quads) {
+    out4[base + li + WG] = held.v1 * scale * held.w1;
+  }
+}
+
 @compute @workgroup_size(WG)
 fn main_quads(
   @builtin(workgroup_id) wg: vec3u,
@@ -2007,13 +2033,24 @@ fn main_quads(
   }
   let quads = p.dim / 4u;
   let base = row * quads;
-  var sum = 0.0;
-  for (var i = li; i < quads; i += WG) {
+  var held = HeldQuads(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+  let w = heldWeights(li, quads);
+  held.w0 = weight4[w.x];
+  held.w1 = weight4[w.y];
+  if (li < quads) {
+    held.v0 = x4[base + li];
+  }
+  if (li + WG < quads) {
+    held.v1 = x4[base + li + WG];
+  }
+  var sum = dot(held.v0, held.v0) + dot(held.v1, held.v1);
+  for (var i = li + 2u * WG; i < quads; i += WG) {
     let v = x4[base + i];
     sum += dot(v, v);
   }
   let scale = scaleOf(li, sum);
-  for (var i = li; i < quads; i += WG) {
+  storeHeld(base, li, quads, held, scale);
+  for (var i = li + 2u * WG; i < quads; i += WG) {
     out4[base + i] = x4[base + i] * scale * weight4[i];
   }
 }
@@ -2052,6 +2089,49 @@ fn residual(
   }
 }
 
+/**
+ * hidden4 at \`at\` (of \`size\` per part; quad i of its row) after the product
+ * is added to it (or stored in it): the product's KPARTS partial sums added in
+ * order (as matmul_sum.wgsl adds them), eight or four loads issued at a time
+ * after hidden's and the bias's, then the bias.
+ */
+fn residualQuad(at: u32, size: u32, i: u32) -> vec4<f32> {
+  var old = vec4<f32>(0.0);
+  if (p.accumulate != 0u) {
+    old = hidden4[at];
+  }
+  var biasQuad = vec4<f32>(0.0);
+  if (p.hasBias != 0u) {
+    biasQuad = bias4[i];
+  }
+  var product = vec4<f32>(0.0);
+  var part = 0u;
+  for (; part + 8u <= KPARTS; part += 8u) {
+    let a = partial4[part * size + at];
+    let b = partial4[(part + 1u) * size + at];
+    let c = partial4[(part + 2u) * size + at];
+    let d = partial4[(part + 3u) * size + at];
+    let e = partial4[(part + 4u) * size + at];
+    let f = partial4[(part + 5u) * size + at];
+    let g = partial4[(part + 6u) * size + at];
+    let h = partial4[(part + 7u) * size + at];
+    product = (((((((product + a) + b) + c) + d) + e) + f) + g) + h;
+  }
+  for (; part + 4u <= KPARTS; part += 4u) {
+    let a = partial4[part * size + at];
+    let b = partial4[(part + 1u) * size + at];
+    let c = partial4[(part + 2u) * size + at];
+    let d = partial4[(part + 3u) * size + at];
+    product = (((product + a) + b) + c) + d;
+  }
+  for (; part < KPARTS; part++) {
+    product += partial4[part * size + at];
+  }
+  let v = (product + biasQuad) + old;
+  hidden4[at] = v;
+  return v;
+}
+
 @compute @workgroup_size(WG)
 fn residual_quads(
   @builtin(workgroup_id) wg: vec3u,
@@ -2065,24 +2145,24 @@ fn residual_quads(
   let quads = p.dim / 4u;
   let base = row * quads;
   let size = p.rows * quads;
-  var sum = 0.0;
-  for (var i = li; i < quads; i += WG) {
-    var product = vec4<f32>(0.0);
-    for (var part = 0u; part < KPARTS; part++) {
-      product += partial4[part * size + base + i];
-    }
-    if (p.hasBias != 0u) {
-      product += bias4[i];
-    }
-    var v = product;
-    if (p.accumulate != 0u) {
-      v = hidden4[base + i] + product;
-    }
-    hidden4[base + i] = v;
+  var held = HeldQuads(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+  let w = heldWeights(li, quads);
+  held.w0 = weight4[w.x];
+  held.w1 = weight4[w.y];
+  if (li < quads) {
+    held.v0 = residualQuad(base + li, size, li);
+  }
+  if (li + WG < quads) {
+    held.v1 = residualQuad(base + li + WG, size, li + WG);
+  }
+  var sum = dot(held.v0, held.v0) + dot(held.v1, held.v1);
+  for (var i = li + 2u * WG; i < quads; i += WG) {
+    let v = residualQuad(base + i, size, i);
     sum += dot(v, v);
   }
   let scale = scaleOf(li, sum);
-  for (var i = li; i < quads; i += WG) {
+  storeHeld(base, li, quads, held, scale);
+  for (var i = li + 2u * WG; i < quads; i += WG) {
     out4[base + i] = hidden4[base + i] * scale * weight4[i];
   }
 }

@@ -24,8 +24,12 @@ import {
 import { grid, Program } from "./program.ts";
 import type { GpuRuntime } from "./runtime.ts";
 
-/** Threads per row of rmsnorm.wgsl's entry points on rows of whole vec4s. */
-const NORM_QUADS_WG = 64;
+/**
+ * Threads per row of rmsnorm.wgsl's entry points on rows of whole vec4s: each
+ * holds two quads at most of a row up to 2048 wide (mamba-130m's 768 and
+ * d_inner 1536), so that the row waits on memory once.
+ */
+const NORM_QUADS_WG = 256;
 const rmsNormPrograms = {
   floats: new Program<RmsnormParams>("rmsnorm", "main", [0, 1, 2, 3]),
   quads: new Program<RmsnormParams>("rmsnorm", "main_quads", [0, 7, 8, 9], {
