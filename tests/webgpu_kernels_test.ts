@@ -1084,6 +1084,67 @@ Deno.test({
         close(await gpu.read(got3.xc), want3.xc, 1e-5, "the conv of 3 taps' out");
         close(await gpu.read(gotState3), want3.state, 1e-5, "the conv of 3 taps' state");
       }
+
+      // K of 400 and 768: in_proj splits into 4 and 8 parts, which the conv step adds up four
+      // at a time.
+      for (const k of [400, 768]) {
+        const normedK = fill(rows * k, rand);
+        const inProjK = fill(2 * channels * k, rand, 0.1);
+        const wantK = {
+          x: new Float32Array(rows * channels),
+          z: new Float32Array(rows * channels),
+          xc: new Float32Array(rows * channels),
+          state: state.slice(),
+        };
+        js.linearSplit({
+          outs: [wantK.x, wantK.z],
+          widths: [channels, channels],
+          x: normedK,
+          weight: inProjK,
+          bias: inBias,
+          rows,
+          inDim: k,
+        });
+        js.causalConv({
+          ...conv,
+          out: wantK.xc,
+          x: wantK.x,
+          weight: convWeight,
+          bias: convBias,
+          state: wantK.state,
+          slots,
+        });
+        const gotK = {
+          x: gpu.scratch(rows * channels),
+          z: gpu.zeros(rows * channels),
+          xc: gpu.zeros(rows * channels),
+          state: gpu.upload(state),
+        };
+        const start = gpu.dispatches;
+        gpu.linearSplit({
+          outs: [gotK.x, gotK.z],
+          widths: [channels, channels],
+          x: gpu.upload(normedK),
+          weight: gpu.upload(inProjK, k),
+          bias: gpu.upload(inBias),
+          rows,
+          inDim: k,
+        });
+        gpu.causalConv({
+          ...conv,
+          out: gotK.xc,
+          x: gotK.x,
+          weight: gpu.upload(convWeight),
+          bias: gpu.upload(convBias),
+          state: gotK.state,
+          slots: gpu.upload(slots),
+        });
+        gpu.flush();
+        assertEquals(gpu.dispatches - start, 2, `in_proj of K ${k} and the conv: dispatches`);
+        close(await gpu.read(gotK.z), wantK.z, 1e-5, `in_proj of K ${k}: z`);
+        close(await gpu.read(gotK.xc), wantK.xc, 1e-5, `in_proj of K ${k}: conv out`);
+        close(await gpu.read(gotK.state), wantK.state, 1e-5, `in_proj of K ${k}: conv state`);
+      }
     }),
 });
 

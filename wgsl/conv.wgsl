@@ -236,17 +236,30 @@ fn sequential(
   }
 }
 
-// Column `column` of row b of in_proj's product [batch, width]: its partial
-// sums in order, then the bias.
-fn product(batch: u32, b: u32, column: u32) -> f32 {
+// Columns `columns` (z's, w's and x's) of row b of in_proj's product [batch,
+// width]: each one's partial sums in order, then the bias. The parts of all
+// three are loaded four at a time, so that a thread waits on memory once per
+// four parts rather than once per part and column.
+fn products(batch: u32, b: u32, columns: vec3<u32>) -> vec3<f32> {
   let size = batch * p.width;
-  let i = b * p.width + column;
-  var sum = 0.0;
-  for (var part = 0u; part < KPARTS; part++) {
-    sum += partial[part * size + i];
+  let at = b * p.width + columns;
+  var sum = vec3<f32>(0.0);
+  var part = 0u;
+  for (; part + 4u <= KPARTS; part += 4u) {
+    let o = part * size;
+    let a = vec3<f32>(partial[o + at.x], partial[o + at.y], partial[o + at.z]);
+    let b1 = vec3<f32>(partial[o + size + at.x], partial[o + size + at.y], partial[o + size + at.z]);
+    let o2 = o + 2u * size;
+    let c = vec3<f32>(partial[o2 + at.x], partial[o2 + at.y], partial[o2 + at.z]);
+    let d = vec3<f32>(partial[o2 + size + at.x], partial[o2 + size + at.y], partial[o2 + size + at.z]);
+    sum = (((sum + a) + b1) + c) + d;
+  }
+  for (; part < KPARTS; part++) {
+    let o = part * size;
+    sum += vec3<f32>(partial[o + at.x], partial[o + at.y], partial[o + at.z]);
   }
   if (p.hasInBias != 0u) {
-    sum += inBias[column];
+    sum += vec3<f32>(inBias[columns.x], inBias[columns.y], inBias[columns.z]);
   }
   return sum;
 }
@@ -262,29 +275,53 @@ fn step_on_parts(
   if (c >= p.channels) {
     return;
   }
-  if (c < p.zWidth) {
-    z[b * p.zWidth + c] = product(nwg.z, b, p.zColumn + c);
-  }
-  if (c < p.wWidth) {
-    w[b * p.wWidth + c] = product(nwg.z, b, p.wColumn + c);
-  }
-  let v = product(nwg.z, b, p.xColumn + c);
   let kept = p.kernel - 1u;
   let s0 = history(b) + c;
+  // Mamba's 4 taps: the taps and the 3 inputs of the window are loaded before
+  // the product's parts, so that their waits overlap.
+  let four = p.kernel == 4u;
+  var taps = vec4<f32>(0.0);
+  var window = vec3<f32>(0.0);
+  if (four) {
+    taps = vec4<f32>(weight[c * 4u], weight[c * 4u + 1u], weight[c * 4u + 2u], weight[c * 4u + 3u]);
+    window = vec3<f32>(state[s0], state[s0 + p.channels], state[s0 + 2u * p.channels]);
+  }
   var sum = 0.0;
   if (p.hasBias != 0u) {
     sum = bias[c];
   }
-  sum = fma(weight[c * p.kernel + kept], v, sum);
-  for (var k = 0u; k < kept; k++) {
-    sum = fma(weight[c * p.kernel + k], state[s0 + k * p.channels], sum);
+  // z's and w's columns where the thread has them, else x's again (not stored).
+  let x = p.xColumn + c;
+  let zColumn = select(x, p.zColumn + c, c < p.zWidth);
+  let wColumn = select(x, p.wColumn + c, c < p.wWidth);
+  let values = products(nwg.z, b, vec3<u32>(zColumn, wColumn, x));
+  if (c < p.zWidth) {
+    z[b * p.zWidth + c] = values.x;
   }
-  // The window moves on by one input: the oldest leaves, v comes in.
-  for (var k = 0u; k + 1u < kept; k++) {
-    state[s0 + k * p.channels] = state[s0 + (k + 1u) * p.channels];
+  if (c < p.wWidth) {
+    w[b * p.wWidth + c] = values.y;
   }
-  if (kept > 0u) {
-    state[s0 + (kept - 1u) * p.channels] = v;
+  let v = values.z;
+  if (four) {
+    sum = fma(taps.w, v, sum);
+    sum = fma(taps.x, window.x, sum);
+    sum = fma(taps.y, window.y, sum);
+    sum = fma(taps.z, window.z, sum);
+    state[s0] = window.y;
+    state[s0 + p.channels] = window.z;
+    state[s0 + 2u * p.channels] = v;
+  } else {
+    sum = fma(weight[c * p.kernel + kept], v, sum);
+    for (var k = 0u; k < kept; k++) {
+      sum = fma(weight[c * p.kernel + k], state[s0 + k * p.channels], sum);
+    }
+    // The window moves on by one input: the oldest leaves, v comes in.
+    for (var k = 0u; k + 1u < kept; k++) {
+      state[s0 + k * p.channels] = state[s0 + (k + 1u) * p.channels];
+    }
+    if (kept > 0u) {
+      state[s0 + (kept - 1u) * p.channels] = v;
+    }
   }
   out[b * p.channels + c] = silu(sum);
 }
