@@ -4852,6 +4852,11 @@ struct StepTask {
 }
 
 fn stepTask(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
+  return withDecay(stepPlace(wg, nwg, li));
+}
+
+/** A StepTask's channel, lane and addresses, its decay and x not yet loaded. */
+fn stepPlace(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
   let inner = p.heads * p.headDim;
   let i = (wg.y * nwg.x + wg.x) * (STEP_WG / STEP_LANES) + li / STEP_LANES;
   var t = StepTask(i, li % STEP_LANES, i < p.batch * inner, 0.0, 0.0, 0.0, 0u, 0u, 0u);
@@ -4861,13 +4866,25 @@ fn stepTask(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
     let h = channel / p.headDim;
     let g = h / (p.heads / p.groups);
     let row = b * width();
-    let d = delta(b, h);
-    t.decay = exp(d * A[h]);
-    t.xv = xBC[row + channel];
-    t.dx = d * t.xv;
     t.base = (stateRow(b) * inner + channel) * p.dState;
     t.bCol = row + inner + g * p.dState;
     t.cCol = row + inner + (p.groups + g) * p.dState;
+  }
+  return t;
+}
+
+/** The task \`t\` of stepPlace with its decay, x and Δ·x. */
+fn withDecay(place: StepTask) -> StepTask {
+  var t = place;
+  if (t.valid) {
+    let inner = p.heads * p.headDim;
+    let b = t.i / inner;
+    let channel = t.i % inner;
+    let h = channel / p.headDim;
+    let d = delta(b, h);
+    t.decay = exp(d * A[h]);
+    t.xv = xBC[b * width() + channel];
+    t.dx = d * t.xv;
   }
   return t;
 }
@@ -4918,7 +4935,7 @@ fn step(
 }
 
 // step over vec4s of state, B and C: each of a channel's STEP_LANES threads
-// takes 4 consecutive states per load and two such loads at a time (a
+// takes 4 consecutive states per load, two such loads issued first (a
 // decode step's cost is reading and writing the states).
 @compute @workgroup_size(STEP_WG)
 fn step_vec4(
@@ -4926,26 +4943,50 @@ fn step_vec4(
   @builtin(num_workgroups) nwg: vec3u,
   @builtin(local_invocation_index) li: u32,
 ) {
-  let t = stepTask(wg, nwg, li);
+  // The thread's first two quads of states, B and C are loaded before Δ, so
+  // that the wait for them overlaps Δ's chain (dt, softplus, exp) rather than
+  // following it.
+  let place = stepPlace(wg, nwg, li);
   let quads = p.dState / 4u;
-  var acc = vec4<f32>(0.0);
+  let base = place.base / 4u;
+  let bCol = place.bCol / 4u;
+  let cCol = place.cCol / 4u;
+  let q = place.lane;
+  let q2 = q + STEP_LANES;
+  let first = place.valid && q < quads;
+  let second = place.valid && q2 < quads;
+  var s0 = vec4<f32>(0.0);
+  var b0 = vec4<f32>(0.0);
+  var c0 = vec4<f32>(0.0);
+  var s1 = vec4<f32>(0.0);
+  var b1 = vec4<f32>(0.0);
+  var c1 = vec4<f32>(0.0);
+  if (first) {
+    s0 = state4[base + q];
+    b0 = xBC4[bCol + q];
+    c0 = xBC4[cCol + q];
+  }
+  if (second) {
+    s1 = state4[base + q2];
+    b1 = xBC4[bCol + q2];
+    c1 = xBC4[cCol + q2];
+  }
+  let t = withDecay(place);
+  let h0 = t.decay * s0 + t.dx * b0;
+  let h1 = t.decay * s1 + t.dx * b1;
+  if (first) {
+    state4[base + q] = h0;
+  }
+  if (second) {
+    state4[base + q2] = h1;
+  }
+  var acc = h0 * c0 + h1 * c1;
   if (t.valid) {
-    let base = t.base / 4u;
-    let bCol = t.bCol / 4u;
-    let cCol = t.cCol / 4u;
-    var q = t.lane;
-    for (; q + STEP_LANES < quads; q += 2u * STEP_LANES) {
-      let q2 = q + STEP_LANES;
-      let h0 = t.decay * state4[base + q] + t.dx * xBC4[bCol + q];
-      let h1 = t.decay * state4[base + q2] + t.dx * xBC4[bCol + q2];
-      state4[base + q] = h0;
-      state4[base + q2] = h1;
-      acc += h0 * xBC4[cCol + q] + h1 * xBC4[cCol + q2];
-    }
-    if (q < quads) {
-      let h0 = t.decay * state4[base + q] + t.dx * xBC4[bCol + q];
-      state4[base + q] = h0;
-      acc += h0 * xBC4[cCol + q];
+    // d_state past 8·STEP_LANES: the rest a quad at a time.
+    for (var r = q + 2u * STEP_LANES; r < quads; r += STEP_LANES) {
+      let h = t.decay * state4[base + r] + t.dx * xBC4[bCol + r];
+      state4[base + r] = h;
+      acc += h * xBC4[cCol + r];
     }
   }
   finishStep(li, t, dot(acc, vec4<f32>(1.0)));
