@@ -3209,12 +3209,21 @@ fn softplus(v: f32) -> f32 {
 }
 
 fn stepSize(raw: f32, d: u32) -> f32 {
-  var v = raw;
+  return stepSizeBiased(raw + biasOf(d));
+}
+
+/** Channel d's delta bias (0 without flag 4). A decode step loads it before its exchanges, off the chain after them. */
+fn biasOf(d: u32) -> f32 {
   if ((p.flags & 4u) != 0u) {
-    v += deltaBias[d];
+    return deltaBias[d];
   }
+  return 0.0;
+}
+
+/** dt from a raw delta with its bias added: softplus with flag 8. */
+fn stepSizeBiased(v: f32) -> f32 {
   if ((p.flags & 8u) != 0u) {
-    v = softplus(v);
+    return softplus(v);
   }
   return v;
 }
@@ -3768,12 +3777,13 @@ fn stepStates(li: u32, t: StepTask, h0: vec4<f32>) -> StepResult {
   let ur = u[t.row];
   let weights = deltaWeights(t.dd, t.q);
   let dz = skipAndGate(t);
+  let bias = biasOf(t.dd);
   if (PROJECTED != 0u) {
     sumProjection(t.b, li);
   }
   let bq = tokenQuad(t.b, t.q, false);
   let cq = tokenQuad(t.b, t.q, true);
-  let dt = stepSize(sumShares(li, deltaShare(t.b, t.dd, t.q, weights)), t.dd);
+  let dt = stepSizeBiased(sumShares(li, deltaShare(t.b, t.dd, t.q, weights)) + bias);
   let h = fma(exp2(dt * a2), h0, dt * ur * bq);
   return StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y);
 }
@@ -3913,7 +3923,8 @@ fn step_quads(
   }
   let ur = u[t.row];
   let dz = skipAndGate(t);
-  let dt = stepSize(sumShares(li, deltaShareQuads(t.b, t.dd, t.q)), t.dd);
+  let bias = biasOf(t.dd);
+  let dt = stepSizeBiased(sumShares(li, deltaShareQuads(t.b, t.dd, t.q)) + bias);
   let h = fma(exp2(dt * a2), held.h0, dt * ur * bq);
   finishQuadStep(t, held, StepResult(h, sumShares(li, dot(h, cq)), ur, dz.x, dz.y));
 }
