@@ -236,23 +236,23 @@ fn sequential(
   }
 }
 
-// Columns `columns` (z's, w's and x's) of row b of in_proj's product [batch,
+// Columns `columns` (z's, w's and x's) of row `seq` of in_proj's product [batch,
 // width]: each one's partial sums in order, then the bias. The parts of all
 // three are loaded four at a time, so that a thread waits on memory once per
 // four parts rather than once per part and column.
-fn products(batch: u32, b: u32, columns: vec3<u32>) -> vec3<f32> {
+fn products(batch: u32, seq: u32, columns: vec3<u32>) -> vec3<f32> {
   let size = batch * p.width;
-  let at = b * p.width + columns;
+  let at = seq * p.width + columns;
   var sum = vec3<f32>(0.0);
   var part = 0u;
   for (; part + 4u <= KPARTS; part += 4u) {
     let o = part * size;
     let a = vec3<f32>(partial[o + at.x], partial[o + at.y], partial[o + at.z]);
-    let b1 = vec3<f32>(partial[o + size + at.x], partial[o + size + at.y], partial[o + size + at.z]);
+    let b = vec3<f32>(partial[o + size + at.x], partial[o + size + at.y], partial[o + size + at.z]);
     let o2 = o + 2u * size;
     let c = vec3<f32>(partial[o2 + at.x], partial[o2 + at.y], partial[o2 + at.z]);
     let d = vec3<f32>(partial[o2 + size + at.x], partial[o2 + size + at.y], partial[o2 + size + at.z]);
-    sum = (((sum + a) + b1) + c) + d;
+    sum = (((sum + a) + b) + c) + d;
   }
   for (; part < KPARTS; part++) {
     let o = part * size;

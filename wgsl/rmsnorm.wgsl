@@ -82,7 +82,10 @@ struct HeldQuads {
   w1: vec4<f32>,
 }
 
-/** Where the weights of quads li and li + WG are, clamped into the row (nothing is stored past it). */
+/**
+ * Where the weights of quads li and li + WG are, clamped into the row
+ * (nothing is stored past it).
+ */
 fn heldWeights(li: u32, quads: u32) -> vec2<u32> {
   return vec2<u32>(min(li, quads - 1u), min(li + WG, quads - 1u));
 }
@@ -168,8 +171,8 @@ fn residual(
 /**
  * hidden4 at `at` (of `size` per part; quad i of its row) after the product
  * is added to it (or stored in it): the product's KPARTS partial sums added in
- * order (as matmul_sum.wgsl adds them), eight or four loads issued at a time
- * after hidden's and the bias's, then the bias.
+ * order (as matmul_sum.wgsl adds them), eight or four loads at a time, then
+ * its bias, then hidden's old value (hidden's and the bias's loads go first).
  */
 fn residualQuad(at: u32, size: u32, i: u32) -> vec4<f32> {
   var old = vec4<f32>(0.0);

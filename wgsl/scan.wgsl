@@ -137,7 +137,10 @@ fn stepSize(raw: f32, d: u32) -> f32 {
   return stepSizeBiased(raw + biasOf(d));
 }
 
-/** Channel d's delta bias (0 without flag 4). A decode step loads it before its exchanges, off the chain after them. */
+/**
+ * Channel d's delta bias (0 without flag 4). A decode step loads it before its
+ * exchanges, so that the wait for it is not on the chain after them.
+ */
 fn biasOf(d: u32) -> f32 {
   if ((p.flags & 4u) != 0u) {
     return deltaBias[d];

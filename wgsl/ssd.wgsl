@@ -669,7 +669,7 @@ fn stepPlace(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
   return t;
 }
 
-/** The task `t` of stepPlace with its decay, x and Δ·x. */
+/** `place` (a stepPlace) with its decay, x and Δ·x. */
 fn withDecay(place: StepTask) -> StepTask {
   var t = place;
   if (t.valid) {

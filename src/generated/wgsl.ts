@@ -584,23 +584,23 @@ fn sequential(
   }
 }
 
-// Columns \`columns\` (z's, w's and x's) of row b of in_proj's product [batch,
+// Columns \`columns\` (z's, w's and x's) of row \`seq\` of in_proj's product [batch,
 // width]: each one's partial sums in order, then the bias. The parts of all
 // three are loaded four at a time, so that a thread waits on memory once per
 // four parts rather than once per part and column.
-fn products(batch: u32, b: u32, columns: vec3<u32>) -> vec3<f32> {
+fn products(batch: u32, seq: u32, columns: vec3<u32>) -> vec3<f32> {
   let size = batch * p.width;
-  let at = b * p.width + columns;
+  let at = seq * p.width + columns;
   var sum = vec3<f32>(0.0);
   var part = 0u;
   for (; part + 4u <= KPARTS; part += 4u) {
     let o = part * size;
     let a = vec3<f32>(partial[o + at.x], partial[o + at.y], partial[o + at.z]);
-    let b1 = vec3<f32>(partial[o + size + at.x], partial[o + size + at.y], partial[o + size + at.z]);
+    let b = vec3<f32>(partial[o + size + at.x], partial[o + size + at.y], partial[o + size + at.z]);
     let o2 = o + 2u * size;
     let c = vec3<f32>(partial[o2 + at.x], partial[o2 + at.y], partial[o2 + at.z]);
     let d = vec3<f32>(partial[o2 + size + at.x], partial[o2 + size + at.y], partial[o2 + size + at.z]);
-    sum = (((sum + a) + b1) + c) + d;
+    sum = (((sum + a) + b) + c) + d;
   }
   for (; part < KPARTS; part++) {
     let o = part * size;
@@ -2043,7 +2043,10 @@ struct HeldQuads {
   w1: vec4<f32>,
 }
 
-/** Where the weights of quads li and li + WG are, clamped into the row (nothing is stored past it). */
+/**
+ * Where the weights of quads li and li + WG are, clamped into the row
+ * (nothing is stored past it).
+ */
 fn heldWeights(li: u32, quads: u32) -> vec2<u32> {
   return vec2<u32>(min(li, quads - 1u), min(li + WG, quads - 1u));
 }
@@ -2129,8 +2132,8 @@ fn residual(
 /**
  * hidden4 at \`at\` (of \`size\` per part; quad i of its row) after the product
  * is added to it (or stored in it): the product's KPARTS partial sums added in
- * order (as matmul_sum.wgsl adds them), eight or four loads issued at a time
- * after hidden's and the bias's, then the bias.
+ * order (as matmul_sum.wgsl adds them), eight or four loads at a time, then
+ * its bias, then hidden's old value (hidden's and the bias's loads go first).
  */
 fn residualQuad(at: u32, size: u32, i: u32) -> vec4<f32> {
   var old = vec4<f32>(0.0);
@@ -3212,7 +3215,10 @@ fn stepSize(raw: f32, d: u32) -> f32 {
   return stepSizeBiased(raw + biasOf(d));
 }
 
-/** Channel d's delta bias (0 without flag 4). A decode step loads it before its exchanges, off the chain after them. */
+/**
+ * Channel d's delta bias (0 without flag 4). A decode step loads it before its
+ * exchanges, so that the wait for it is not on the chain after them.
+ */
 fn biasOf(d: u32) -> f32 {
   if ((p.flags & 4u) != 0u) {
     return deltaBias[d];
@@ -4884,7 +4890,7 @@ fn stepPlace(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
   return t;
 }
 
-/** The task \`t\` of stepPlace with its decay, x and Δ·x. */
+/** \`place\` (a stepPlace) with its decay, x and Δ·x. */
 fn withDecay(place: StepTask) -> StepTask {
   var t = place;
   if (t.valid) {
