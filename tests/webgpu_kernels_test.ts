@@ -919,32 +919,39 @@ Deno.test({
       const state = fill(poolSlots * (kernel - 1) * channels, rand);
       // Sequence b in slot poolSlots - 1 - b: the pool's last rows, backwards.
       const slots = Float32Array.from({ length: rows }, (_, b) => poolSlots - 1 - b);
+      const conv = { len: 1, channels, kernel, batch: rows };
+      // js's conv step of `x` on the pool's slots, from `state`: its output and new state.
+      const wantConv = (x: Float32Array) => {
+        const wanted = { xc: new Float32Array(rows * channels), state: state.slice() };
+        js.causalConv({
+          ...conv,
+          out: wanted.xc,
+          x,
+          weight: convWeight,
+          bias: convBias,
+          state: wanted.state,
+          slots,
+        });
+        return wanted;
+      };
+      // js's Mamba-1 in_proj [x | z] of `k` inputs, then the conv step of x.
+      const wantInProjConv = (x: Float32Array, weight: Float32Array, k: number) => {
+        const [xOut, z] = [new Float32Array(rows * channels), new Float32Array(rows * channels)];
+        js.linearSplit({
+          outs: [xOut, z],
+          widths: [channels, channels],
+          x,
+          weight,
+          bias: inBias,
+          rows,
+          inDim: k,
+        });
+        return { x: xOut, z, ...wantConv(xOut) };
+      };
       const want = {
-        x: new Float32Array(rows * channels),
-        z: new Float32Array(rows * channels),
-        xc: new Float32Array(rows * channels),
-        state: state.slice(),
+        ...wantInProjConv(normed, inProj, inDim),
         outs: widths.map((width) => new Float32Array(rows * width)),
       };
-      js.linearSplit({
-        outs: [want.x, want.z],
-        widths: [channels, channels],
-        x: normed,
-        weight: inProj,
-        bias: inBias,
-        rows,
-        inDim,
-      });
-      const conv = { len: 1, channels, kernel, batch: rows };
-      js.causalConv({
-        ...conv,
-        out: want.xc,
-        x: want.x,
-        weight: convWeight,
-        bias: convBias,
-        state: want.state,
-        slots,
-      });
       js.linearSplit({ outs: want.outs, widths, x: want.xc, weight: xProj, rows, inDim: channels });
       const got = {
         x: gpu.scratch(rows * channels),
@@ -953,28 +960,37 @@ Deno.test({
         state: gpu.upload(state),
         outs: widths.map((width) => gpu.zeros(rows * width)),
       };
-      // Mamba-1's in_proj [x | z] on the device, its matmul split over K.
-      const inProjOnGpu = (x: GpuBuffer, z: GpuBuffer) =>
+      // Mamba-1's in_proj [x | z] of `k` inputs on the device, its matmul split over K.
+      const inProjOnGpu = (
+        x: GpuBuffer,
+        z: GpuBuffer,
+        input = normed,
+        weight = inProj,
+        k = inDim,
+      ) =>
         gpu.linearSplit({
           outs: [x, z],
           widths: [channels, channels],
-          x: gpu.upload(normed),
-          weight: gpu.upload(inProj, inDim),
+          x: gpu.upload(input),
+          weight: gpu.upload(weight, k),
           bias: gpu.upload(inBias),
           rows,
-          inDim,
+          inDim: k,
+        });
+      // The device's conv step of `x` into `out`, on the pool's slots of `convState`.
+      const convOnGpu = (x: GpuBuffer, out: GpuBuffer, convState: GpuBuffer) =>
+        gpu.causalConv({
+          ...conv,
+          out,
+          x,
+          weight: gpu.upload(convWeight),
+          bias: gpu.upload(convBias),
+          state: convState,
+          slots: gpu.upload(slots),
         });
       const before = gpu.dispatches;
       inProjOnGpu(got.x, got.z);
-      gpu.causalConv({
-        ...conv,
-        out: got.xc,
-        x: got.x,
-        weight: gpu.upload(convWeight),
-        bias: gpu.upload(convBias),
-        state: got.state,
-        slots: gpu.upload(slots),
-      });
+      convOnGpu(got.x, got.xc, got.state);
       gpu.linearSplit({
         outs: got.outs,
         widths,
@@ -1001,15 +1017,9 @@ Deno.test({
         const total = zWidth + channels + dtWidth;
         const inProj2 = fill(total * inDim, rand, 0.1);
         const inBias2 = fill(total, rand);
-        const want2 = {
-          z: new Float32Array(rows * zWidth),
-          xbc: new Float32Array(rows * channels),
-          dt: new Float32Array(rows * dtWidth),
-          xc: new Float32Array(rows * channels),
-          state: state.slice(),
-        };
+        const [wantZ, wantXbc, wantDt] = splits.map((width) => new Float32Array(rows * width));
         js.linearSplit({
-          outs: [want2.z, want2.xbc, want2.dt],
+          outs: [wantZ, wantXbc, wantDt],
           widths: splits,
           x: normed,
           weight: inProj2,
@@ -1017,15 +1027,7 @@ Deno.test({
           rows,
           inDim,
         });
-        js.causalConv({
-          ...conv,
-          out: want2.xc,
-          x: want2.xbc,
-          weight: convWeight,
-          bias: convBias,
-          state: want2.state,
-          slots,
-        });
+        const want2 = { z: wantZ, dt: wantDt, ...wantConv(wantXbc) };
         const got2 = {
           z: gpu.zeros(rows * zWidth),
           xbc: gpu.scratch(rows * channels),
@@ -1043,15 +1045,7 @@ Deno.test({
           rows,
           inDim,
         });
-        gpu.causalConv({
-          ...conv,
-          out: got2.xc,
-          x: got2.xbc,
-          weight: gpu.upload(convWeight),
-          bias: gpu.upload(convBias),
-          state: got2.state,
-          slots: gpu.upload(slots),
-        });
+        convOnGpu(got2.xbc, got2.xc, got2.state);
         gpu.flush();
         assertEquals(gpu.dispatches - start, 2, "Mamba-2's in_proj and conv: dispatches");
         close(await gpu.read(got2.z), want2.z, 1e-5, "Mamba-2's z");
@@ -1090,30 +1084,7 @@ Deno.test({
       for (const k of [400, 768]) {
         const normedK = fill(rows * k, rand);
         const inProjK = fill(2 * channels * k, rand, 0.1);
-        const wantK = {
-          x: new Float32Array(rows * channels),
-          z: new Float32Array(rows * channels),
-          xc: new Float32Array(rows * channels),
-          state: state.slice(),
-        };
-        js.linearSplit({
-          outs: [wantK.x, wantK.z],
-          widths: [channels, channels],
-          x: normedK,
-          weight: inProjK,
-          bias: inBias,
-          rows,
-          inDim: k,
-        });
-        js.causalConv({
-          ...conv,
-          out: wantK.xc,
-          x: wantK.x,
-          weight: convWeight,
-          bias: convBias,
-          state: wantK.state,
-          slots,
-        });
+        const wantK = wantInProjConv(normedK, inProjK, k);
         const gotK = {
           x: gpu.scratch(rows * channels),
           z: gpu.zeros(rows * channels),
@@ -1121,24 +1092,8 @@ Deno.test({
           state: gpu.upload(state),
         };
         const start = gpu.dispatches;
-        gpu.linearSplit({
-          outs: [gotK.x, gotK.z],
-          widths: [channels, channels],
-          x: gpu.upload(normedK),
-          weight: gpu.upload(inProjK, k),
-          bias: gpu.upload(inBias),
-          rows,
-          inDim: k,
-        });
-        gpu.causalConv({
-          ...conv,
-          out: gotK.xc,
-          x: gotK.x,
-          weight: gpu.upload(convWeight),
-          bias: gpu.upload(convBias),
-          state: gotK.state,
-          slots: gpu.upload(slots),
-        });
+        inProjOnGpu(gotK.x, gotK.z, normedK, inProjK, k);
+        convOnGpu(gotK.x, gotK.xc, gotK.state);
         gpu.flush();
         assertEquals(gpu.dispatches - start, 2, `in_proj of K ${k} and the conv: dispatches`);
         close(await gpu.read(gotK.z), wantK.z, 1e-5, `in_proj of K ${k}: z`);

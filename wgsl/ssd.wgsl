@@ -643,8 +643,11 @@ struct StepTask {
   xv: f32, // x
   dx: f32, // Δ·x
   base: u32, // the channel's first state in `state`
+  xCol: u32, // its x in xBC
   bCol: u32, // its B's first element in xBC
   cCol: u32, // its C's
+  head: u32,
+  b: u32, // its sequence
 }
 
 fn stepTask(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
@@ -655,13 +658,16 @@ fn stepTask(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
 fn stepPlace(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
   let inner = p.heads * p.headDim;
   let i = (wg.y * nwg.x + wg.x) * (STEP_WG / STEP_LANES) + li / STEP_LANES;
-  var t = StepTask(i, li % STEP_LANES, i < p.batch * inner, 0.0, 0.0, 0.0, 0u, 0u, 0u);
+  var t = StepTask(i, li % STEP_LANES, i < p.batch * inner, 0.0, 0.0, 0.0, 0u, 0u, 0u, 0u, 0u, 0u);
   if (t.valid) {
     let b = i / inner;
     let channel = i % inner; // h·P + p
     let h = channel / p.headDim;
     let g = h / (p.heads / p.groups);
     let row = b * width();
+    t.b = b;
+    t.head = h;
+    t.xCol = row + channel;
     t.base = (stateRow(b) * inner + channel) * p.dState;
     t.bCol = row + inner + g * p.dState;
     t.cCol = row + inner + (p.groups + g) * p.dState;
@@ -673,13 +679,9 @@ fn stepPlace(wg: vec3u, nwg: vec3u, li: u32) -> StepTask {
 fn withDecay(place: StepTask) -> StepTask {
   var t = place;
   if (t.valid) {
-    let inner = p.heads * p.headDim;
-    let b = t.i / inner;
-    let channel = t.i % inner;
-    let h = channel / p.headDim;
-    let d = delta(b, h);
-    t.decay = exp(d * A[h]);
-    t.xv = xBC[b * width() + channel];
+    let d = delta(t.b, t.head);
+    t.decay = exp(d * A[t.head]);
+    t.xv = xBC[t.xCol];
     t.dx = d * t.xv;
   }
   return t;
@@ -702,7 +704,7 @@ fn finishStep(li: u32, t: StepTask, part: f32) {
   if (t.valid && t.lane == 0u) {
     var out = lanes[li];
     if ((p.flags & 1u) != 0u) {
-      out += Dv[(t.i % (p.heads * p.headDim)) / p.headDim] * t.xv;
+      out += Dv[t.head] * t.xv;
     }
     if ((p.flags & 4u) != 0u) {
       let g = gate[t.i];
