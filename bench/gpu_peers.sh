@@ -1,24 +1,66 @@
 #!/usr/bin/env bash
-# The project beside mamba_ssm on the GPU machine, in one device call (ratios count only within one call).
-#   Here, once:   bash bench/gpu_peers.sh prepare
-#   There (carry [".device"]):   bash bench/gpu_peers.sh
-# prints one table of ratios (bench/peers.ts) and leaves both sides' JSON in $OUT (or .device/out).
+# The project beside mamba_ssm on the GPU machine, in one device call (ratios count only within one call):
+# every speed goal of issues 13 and 14 that mamba_ssm's scripts measure, for one or more builds of ours.
+#   Here, once:   bash bench/gpu_peers.sh prepare [REF ...]
+#     bundles the working tree as build "tree" and each git REF (a commit or branch) as a build of its
+#     own, so that a change and its base run in the same call.
+#   There (carry [".device"]):   bash bench/gpu_peers.sh [decode]
+#     runs our builds in turn, then mamba_ssm's scripts, then our builds again in the other order, and
+#     prints one table of ratios per build (bench/peers.ts). `decode` leaves out the prompts and the SSD
+#     scan alone on our side. Both sides' JSON stays in $OUT (or .device/out).
+# A call's limit is 10 minutes: the peers take about 5 (their CUDA kernels build first), so keep to one or
+# two builds, or ROUNDS=1 (one round of ours, before the peers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
+  shift
   bash ../shared/device/prepare.sh
-  rm -rf .device/peers .device/tokenizer && cp -r ../shared/device/peers .device/peers
-  mkdir -p .device/tokenizer && cp ../shared/tokenizers/gpt-neox-20b/tokenizer*.json .device/tokenizer/
-  ../shared/jsr/with-jsr.sh deno bundle --platform deno -o .device/api_bench.js bench/api_bench.ts
-  ../shared/jsr/with-jsr.sh deno bundle --platform deno -o .device/peers.js bench/peers.ts
-  echo "ready: run 'bash bench/gpu_peers.sh' on the GPU machine with carry [\".device\"]"
+  rm -rf .device/peers .device/tokenizer .device/builds && cp -r ../shared/device/peers .device/peers
+  mkdir -p .device/tokenizer .device/builds && cp ../shared/tokenizers/gpt-neox-20b/tokenizer*.json .device/tokenizer/
+  root=$PWD
+  bundle() { "$root/../shared/jsr/with-jsr.sh" deno bundle --platform deno -o "$2" "$1" >/dev/null; }
+  bundle_build() { # $1: a checkout, $2: the build's name
+    mkdir -p ".device/builds/$2"
+    for bench in api_bench mamba2_bench; do
+      (cd "$1" && bundle "bench/$bench.ts" "$root/.device/builds/$2/$bench.js")
+    done
+  }
+  bundle_build . tree
+  for ref in "$@"; do
+    checkout=$(mktemp -d)
+    git worktree add --detach -q "$checkout" "$ref"
+    bundle_build "$checkout" "${ref//\//_}"
+    git worktree remove --force "$checkout"
+  done
+  bundle bench/peers.ts .device/peers.js
+  bundle bench/make_random_model.ts .device/make_random_model.js
+  echo "ready (builds: $(ls .device/builds | tr '\n' ' ')): run 'bash bench/gpu_peers.sh' on the GPU machine with carry [\".device\"]"
   exit 0
 fi
 out=${OUT:-.device/out}
 mkdir -p "$out"
 source .device/setup.sh
 export TORCH_EXTENSIONS_DIR=$PWD/.device/torch-ext PYTHONUNBUFFERED=1
-python3 .device/peers/gpu_e2e_anchor.py .device/peers/mamba_ssm "$out/mamba_ssm.json" >&2
-deno run -A .device/api_bench.js --backend=webgpu --streams=1,16 --sampled=false --prefill=2048 \
-  --tokens=128 --reps=3 --tokenizer=.device/tokenizer > "$out/ours.json"
-deno run -A .device/peers.js --mamba-ssm="$out/mamba_ssm.json" --ours="$out/ours.json" | tee "$out/table.txt"
+model=/tmp/mamba-130m-random
+deno run -A .device/make_random_model.js "$model" >/dev/null && cp .device/tokenizer/tokenizer*.json "$model/"
+if [ "${1:-}" = decode ]; then
+  api_args="--streams=1,16,64,256 --prefill=0" m2_args="--no-ssd --prefill 0"
+else
+  api_args="--streams=1,16,64,256 --prefill=2048" m2_args=""
+fi
+ours() { # $1: round; the builds in name order, or reversed with "reverse"
+  for build in $(ls .device/builds | sort ${2:+-r}); do
+    echo "== $build, round $1" >&2
+    timeout 150 deno run -A ".device/builds/$build/api_bench.js" --backend=webgpu --model="$model" $api_args \
+      --tokens=128 --reps=2 --sampled > "$out/$build.api.$1.json" || echo "api_bench of $build failed" >&2
+    timeout 150 deno run -A ".device/builds/$build/mamba2_bench.js" --backend webgpu --decode 128 \
+      --streams 1,16,64 --repeats 2 $m2_args > "$out/$build.mamba2.$1.json" || echo "mamba2_bench of $build failed" >&2
+  done
+}
+ours 1
+peer() { timeout "$1" python3 ".device/peers/$2" "${@:3}" >&2 || echo "$2 failed" >&2; }
+peer 300 gpu_e2e_anchor.py .device/peers/mamba_ssm "$out/mamba_ssm_e2e.json"
+peer 150 gpu_batch_anchor.py .device/peers/mamba_ssm "$out/mamba_ssm_batch.json"
+peer 150 gpu_mamba2.py .device/peers/mamba_ssm NONE "$out"
+if [ "${ROUNDS:-2}" -ge 2 ]; then ours 2 reverse; fi
+deno run -A .device/peers.js --gpu-out="$out" | tee "$out/table.txt"
