@@ -185,7 +185,10 @@ function greedyStreams(report: ApiReport, count: number): number {
   return run.totalTokPerS;
 }
 
-/** A JSON file's object, or undefined where the file is not there. */
+/**
+ * A JSON file's object, or undefined where the file is not there or empty
+ * (gpu_peers.sh leaves a run that failed as an empty file).
+ */
 async function readJson<T>(path: string): Promise<T | undefined> {
   let text: string;
   try {
@@ -194,6 +197,7 @@ async function readJson<T>(path: string): Promise<T | undefined> {
     if (error instanceof Deno.errors.NotFound) return undefined;
     throw error;
   }
+  if (text.trim() === "") return undefined;
   try {
     return JSON.parse(text) as T;
   } catch (error) {

@@ -91,7 +91,8 @@ Deno.test("bench peers: the GPU tables divide each round of ours by mamba_ssm's,
   ]);
   assertEquals(row("prefill 2048 tok").slice(2), ["0.90x", "0.9 met"]);
   assertEquals(row("prefill 2048 tok, sessions in flight").slice(2), ["1.50x"]);
-  assertEquals(row("Mamba-2 decode, 1 stream").slice(2), ["1.50x", "1.0 met"]);
+  // tree.mamba2.2.json is empty, as a failed run leaves it: one round of Mamba-2.
+  assertEquals(row("Mamba-2 decode, 1 stream").slice(0, 3), ["1350.0", "900.0", "1.50x"]);
   assertEquals(row("Mamba-2 decode, 64 streams").slice(2), ["0.96x", "1.0 not met"]);
   assertEquals(row("Mamba-2 prefill 2048 tok").slice(2), ["2.00x", "1.0 met"]);
   // fp32 rows of the SSD kernel only; a shape the peer failed on has no row.
