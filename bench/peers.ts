@@ -68,9 +68,11 @@ export function formatPeerTable(peerName: string, ourName: string, rows: PeerRow
 
 /** Our figures from `bench/api_bench.ts`'s JSON report. */
 export interface ApiReport {
-  streams: { streams: number; mode: string; totalTokPerS: number }[];
+  streams: { streams: number; mode: string; totalTokPerS: number; firstTokenMsMedian?: number }[];
   prefill?: { tokens: number; tokPerS: number };
   prefillInFlight?: { sessions: number; tokens: number; totalTokPerS: number };
+  http?: { streams: number; totalTokPerS: number; firstTokenMsMedian: number }[];
+  auto?: { picked: string; report: string };
 }
 
 /** Our figures from `bench/mamba2_bench.ts`'s JSON report. */
@@ -93,10 +95,15 @@ export interface GpuReports {
   ours2: Mamba2Report[];
 }
 
-/** The rows of a GPU table and the metrics left out because a side has no figure. */
+/**
+ * The rows of a GPU table, the metrics left out because a side has no figure,
+ * and our figures that the peer has no counterpart for (the edge server over
+ * HTTP, the first token, what `auto` picks), one line each.
+ */
 export interface GpuTable {
   rows: PeerRow[];
   missing: string[];
+  oursOnly: string[];
 }
 
 /**
@@ -176,7 +183,26 @@ export function gpuRows(reports: GpuReports): GpuTable {
       1,
     );
   }
-  return { rows, missing };
+  const oursOnly: string[] = [];
+  const rounds = (values: (string | undefined)[]) => values.filter(Boolean).join(" / ");
+  const firstToken = rounds(api.map((report) => {
+    const ms = report.streams.find((entry) => entry.streams === 64 && entry.mode === "greedy")
+      ?.firstTokenMsMedian;
+    return ms === undefined ? undefined : `${ms} ms`;
+  }));
+  if (firstToken) oursOnly.push(`first token at 64 streams, median: ${firstToken}`);
+  for (const count of [16, 64]) {
+    const http = rounds(api.map((report) => {
+      const run = report.http?.find((entry) => entry.streams === count);
+      return run &&
+        `${run.totalTokPerS.toFixed(1)} tok/s (first token ${run.firstTokenMsMedian} ms)`;
+    }));
+    if (http) oursOnly.push(`edge server over HTTP, ${count} streams: ${http}`);
+  }
+  for (const report of api) {
+    if (report.auto) oursOnly.push(`auto picks ${report.auto.picked}:\n${report.auto.report}`);
+  }
+  return { rows, missing, oursOnly };
 }
 
 function greedyStreams(report: ApiReport, count: number): number {
@@ -243,6 +269,7 @@ export async function gpuTables(dir: string): Promise<string> {
       formatPeerTable("mamba_ssm", "mamba webgpu", table.rows),
     ];
     if (table.missing.length > 0) lines.push(`no figure on one side: ${table.missing.join("; ")}`);
+    lines.push(...table.oursOnly);
     tables.push(lines.join("\n"));
   }
   return tables.join("\n\n");

@@ -60,7 +60,7 @@ Deno.test("bench compare: input that is not deno bench output is named in the er
   );
 });
 
-Deno.test("bench peers: the GPU tables divide each round of ours by mamba_ssm's, against the bars", async () => {
+Deno.test("bench peers: the GPU tables divide each round of ours by mamba_ssm's, against the bars, then list ours alone", async () => {
   const text = await gpuTables(new URL("gpu_out", fixtures).pathname);
   const lines = text.split("\n");
   assertEquals(lines[0], "GPU: NVIDIA H200, fp32, 130m shapes, build tree (its rounds in order)");
@@ -98,7 +98,15 @@ Deno.test("bench peers: the GPU tables divide each round of ours by mamba_ssm's,
   // fp32 rows of the SSD kernel only; a shape the peer failed on has no row.
   assertEquals(row("SSD scan 1x2048x24, G elements/s").slice(0, 3), ["8.0", "4.0", "2.00x"]);
   assertEquals(lines.filter((line) => line.startsWith("SSD scan")).length, 1);
-  assertEquals(lines.length, 14);
+  // Our figures without a peer: the first token, the edge server over HTTP, what auto picks.
+  assertEquals(lines.slice(14), [
+    "first token at 64 streams, median: 48.2 ms / 52 ms",
+    "edge server over HTTP, 16 streams: 8000.0 tok/s (first token 110.5 ms)",
+    "edge server over HTTP, 64 streams: 20000.0 tok/s (first token 160 ms)",
+    "auto picks webgpu:",
+    "webgpu: 2.1 ms a round (picked)",
+    "wasm: 40.2 ms a round",
+  ]);
 });
 
 Deno.test("bench peers: a metric without a figure on either side is listed, not guessed", () => {
