@@ -75,6 +75,11 @@ export interface ApiReport {
   auto?: { picked: string; report: string };
 }
 
+/** The report's run of `count` streams in `mode` ("greedy" or "sampled"), if it has one. */
+function streamRun(report: ApiReport, count: number, mode = "greedy") {
+  return report.streams.find((entry) => entry.streams === count && entry.mode === mode);
+}
+
 /** Our figures from `bench/mamba2_bench.ts`'s JSON report. */
 export interface Mamba2Report {
   ssdGElementsPerSecond?: Record<string, number>;
@@ -125,9 +130,7 @@ export function gpuRows(reports: GpuReports): GpuTable {
   };
   const { e2e = {}, batch = {}, mamba2 = {}, api, ours2 } = reports;
   const streams = (count: number, mode: string) =>
-    api.map((report) =>
-      report.streams.find((entry) => entry.streams === count && entry.mode === mode)?.totalTokPerS
-    );
+    api.map((report) => streamRun(report, count, mode)?.totalTokPerS);
   add("decode 128 tok, 1 stream", e2e.decode_b1_tok_per_s_float32, streams(1, "greedy"), 1.3);
   add(
     "1 stream, top-k 40 sampled (peer greedy)",
@@ -186,8 +189,7 @@ export function gpuRows(reports: GpuReports): GpuTable {
   const oursOnly: string[] = [];
   const rounds = (values: (string | undefined)[]) => values.filter(Boolean).join(" / ");
   const firstToken = rounds(api.map((report) => {
-    const ms = report.streams.find((entry) => entry.streams === 64 && entry.mode === "greedy")
-      ?.firstTokenMsMedian;
+    const ms = streamRun(report, 64)?.firstTokenMsMedian;
     return ms === undefined ? undefined : `${ms} ms`;
   }));
   if (firstToken) oursOnly.push(`first token at 64 streams, median: ${firstToken}`);
@@ -206,7 +208,7 @@ export function gpuRows(reports: GpuReports): GpuTable {
 }
 
 function greedyStreams(report: ApiReport, count: number): number {
-  const run = report.streams.find((entry) => entry.streams === count && entry.mode === "greedy");
+  const run = streamRun(report, count);
   if (!run) throw new Error(`The api_bench report has no greedy run of ${count} stream(s)`);
   return run.totalTokPerS;
 }
